@@ -1,0 +1,234 @@
+"""NumPy reference ops: the living definition of every op in LeNet-5.
+
+Pure functions on NumPy arrays in NCHW layout, for any float dtype (float32 or float64); each returns
+new arrays and computes in the dtype of its inputs. Every kernel of every backend is tested against
+these, in float64. Nothing here loops over pixels or images in Python.
+
+Conventions (DESIGN.md §3):
+- convolution is "valid" cross-correlation with stride 1: y[n,k,i,j] = b[k] + Σ_{c,r,s} w[k,c,r,s]·x[n,c,i+r,j+s]
+- 2×2 subsampling has stride 2; an odd trailing row/column is dropped (as in PyTorch)
+- activation derivatives are written in terms of the activated output y, so a backward pass never
+  needs the pre-activation
+- ``softmax_xent`` returns the mean loss over the batch and the gradient of that mean
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+ACTIVATIONS = ("identity", "relu", "tanh", "lecun_tanh", "sigmoid")
+POOL_MODES = ("max", "avg")
+
+#: LeCun's scaled tanh, f(x) = A·tanh(S·x) (LeCun et al. 1998, appendix A)
+LECUN_A = 1.7159
+LECUN_S = 2.0 / 3.0
+
+
+def _check_act(act: str) -> None:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {', '.join(ACTIVATIONS)}")
+
+
+def activate(z: np.ndarray, act: str) -> np.ndarray:
+    """Apply activation ``act`` elementwise (returns a new array of z's dtype)."""
+    _check_act(act)
+    if act == "identity":
+        return z.copy()
+    if act == "relu":
+        return np.maximum(z, z.dtype.type(0))
+    if act == "tanh":
+        return np.tanh(z)
+    if act == "lecun_tanh":
+        return z.dtype.type(LECUN_A) * np.tanh(z.dtype.type(LECUN_S) * z)
+    # sigmoid, written so that large |z| neither overflows nor loses the tiny side
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(z.dtype, copy=False)
+
+
+def activation_grad(y: np.ndarray, act: str) -> np.ndarray:
+    """d act / d z expressed through the activated output y = act(z)."""
+    _check_act(act)
+    t = y.dtype.type
+    if act == "identity":
+        return np.ones_like(y)
+    if act == "relu":
+        return (y > 0).astype(y.dtype)
+    if act == "tanh":
+        return 1 - y * y
+    if act == "lecun_tanh":
+        # f = A tanh(Sz) → f' = A S (1 - tanh²) = S (A - f²/A)
+        return t(LECUN_S) * (t(LECUN_A) - y * y / t(LECUN_A))
+    return y * (1 - y)  # sigmoid
+
+
+# ---------------------------------------------------------------------------------------------- conv2d
+
+
+def conv2d_fwd(x: np.ndarray, w: np.ndarray, b: np.ndarray, act: str = "identity") -> np.ndarray:
+    """Valid 2-D convolution, stride 1, plus bias, then activation.
+
+    x (N,C,H,W), w (K,C,R,S), b (K,) → y (N,K,H-R+1,W-S+1)
+    """
+    n, c, h, wd = x.shape
+    k, c2, r, s = w.shape
+    if c != c2 or b.shape != (k,):
+        raise ValueError(f"conv2d_fwd: shapes do not agree: x {x.shape}, w {w.shape}, b {b.shape}")
+    if h < r or wd < s:
+        raise ValueError(f"conv2d_fwd: input {h}x{wd} smaller than filter {r}x{s}")
+    win = sliding_window_view(x, (r, s), axis=(2, 3))  # (N,C,Ho,Wo,R,S), a view
+    z = np.tensordot(win, w, axes=([1, 4, 5], [1, 2, 3]))  # (N,Ho,Wo,K)
+    z = z.transpose(0, 3, 1, 2) + b.reshape(1, k, 1, 1)
+    return activate(np.ascontiguousarray(z, dtype=x.dtype), act)
+
+
+def conv2d_bwd(
+    x: np.ndarray, w: np.ndarray, y: np.ndarray, dy: np.ndarray, act: str = "identity"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of conv2d_fwd. y is the activated output, dy = dL/dy. Returns (dx, dw, db)."""
+    k, c, r, s = w.shape
+    dz = dy * activation_grad(y, act)  # dL/d(pre-activation)
+    db = dz.sum(axis=(0, 2, 3))
+    win = sliding_window_view(x, (r, s), axis=(2, 3))  # (N,C,Ho,Wo,R,S)
+    dw = np.tensordot(dz, win, axes=([0, 2, 3], [0, 2, 3]))  # (K,C,R,S)
+    # dx is the "full" correlation of dz with the flipped filters
+    dzp = np.pad(dz, ((0, 0), (0, 0), (r - 1, r - 1), (s - 1, s - 1)))
+    dwin = sliding_window_view(dzp, (r, s), axis=(2, 3))  # (N,K,H,W,R,S)
+    dx = np.tensordot(dwin, w[:, :, ::-1, ::-1], axes=([1, 4, 5], [0, 2, 3]))  # (N,H,W,C)
+    dx = np.ascontiguousarray(dx.transpose(0, 3, 1, 2))
+    return dx.astype(x.dtype, copy=False), dw.astype(w.dtype, copy=False), db.astype(w.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------------------- pool2x2
+
+
+def _windows2x2(x: np.ndarray) -> np.ndarray:
+    """(N,C,H,W) → (N,C,H//2,W//2,4), the 4 taps of each window in row-major order."""
+    n, c, h, w = x.shape
+    ho, wo = h // 2, w // 2
+    if ho == 0 or wo == 0:
+        raise ValueError(f"pool2x2: input {h}x{w} is smaller than the 2x2 window")
+    v = x[:, :, : 2 * ho, : 2 * wo].reshape(n, c, ho, 2, wo, 2).transpose(0, 1, 2, 4, 3, 5)
+    return v.reshape(n, c, ho, wo, 4)
+
+
+def pool2x2_fwd(x: np.ndarray, mode: str = "max") -> tuple[np.ndarray, np.ndarray | None]:
+    """2×2 subsampling with stride 2. Returns (y, argmax).
+
+    argmax is uint8 in 0..3, the row-major position inside the window of the first maximum
+    (flat backgrounds make ties common, so the rule matters); None for mode "avg".
+    """
+    win = _windows2x2(x)
+    if mode == "max":
+        am = np.argmax(win, axis=-1)  # first occurrence wins
+        y = np.take_along_axis(win, am[..., None], axis=-1)[..., 0]
+        return np.ascontiguousarray(y), am.astype(np.uint8)
+    if mode == "avg":
+        return (win.sum(axis=-1) * x.dtype.type(0.25)).astype(x.dtype), None
+    raise ValueError(f"unknown pool mode {mode!r}; expected one of {', '.join(POOL_MODES)}")
+
+
+def pool2x2_bwd(
+    dy: np.ndarray,
+    argmax: np.ndarray | None,
+    mode: str = "max",
+    out_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Gradient of pool2x2_fwd: route dy to the argmax tap (max) or spread it as dy/4 (avg).
+
+    out_shape (H, W) of the pooled input defaults to twice dy's; an odd input size needs it.
+    """
+    n, c, ho, wo = dy.shape
+    h, w = out_shape if out_shape is not None else (2 * ho, 2 * wo)
+    if mode == "max":
+        if argmax is None or argmax.shape != dy.shape:
+            raise ValueError("pool2x2_bwd: max mode needs argmax with the shape of dy")
+        taps = (np.arange(4, dtype=np.uint8) == argmax[..., None]) * dy[..., None]
+    elif mode == "avg":
+        taps = np.broadcast_to((dy * dy.dtype.type(0.25))[..., None], dy.shape + (4,))
+    else:
+        raise ValueError(f"unknown pool mode {mode!r}; expected one of {', '.join(POOL_MODES)}")
+    dx = np.zeros((n, c, h, w), dtype=dy.dtype)
+    dx[:, :, : 2 * ho, : 2 * wo] = (
+        taps.reshape(n, c, ho, wo, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * ho, 2 * wo)
+    )
+    return dx
+
+
+# ----------------------------------------------------------------------------------------------- dense
+
+
+def dense_fwd(x: np.ndarray, w: np.ndarray, b: np.ndarray, act: str = "identity") -> np.ndarray:
+    """y = act(x·wᵀ + b); x (N,I), w (O,I), b (O,) → (N,O)."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or b.shape != (w.shape[0],):
+        raise ValueError(f"dense_fwd: shapes do not agree: x {x.shape}, w {w.shape}, b {b.shape}")
+    return activate((x @ w.T + b).astype(x.dtype, copy=False), act)
+
+
+def dense_bwd(
+    x: np.ndarray, w: np.ndarray, y: np.ndarray, dy: np.ndarray, act: str = "identity"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of dense_fwd. y is the activated output, dy = dL/dy. Returns (dx, dw, db)."""
+    dz = dy * activation_grad(y, act)
+    return dz @ w, dz.T @ x, dz.sum(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def softmax_xent(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean softmax cross-entropy over the batch and its gradient w.r.t. the logits.
+
+    Stable for any finite logits (the row maximum is subtracted first).
+    """
+    n = logits.shape[0]
+    labels = np.asarray(labels).astype(np.int64)
+    if labels.shape != (n,) or labels.min(initial=0) < 0 or labels.max(initial=0) >= logits.shape[1]:
+        raise ValueError("softmax_xent: labels must be (N,) class ids in range")
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    se = e.sum(axis=1, keepdims=True)
+    rows = np.arange(n)
+    loss = float(np.mean(np.log(se[:, 0]) - z[rows, labels]))
+    d = e / se
+    d[rows, labels] -= 1
+    return loss, (d / n).astype(logits.dtype, copy=False)
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+
+
+def adam_update(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    t: int,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One Adam step (t counts from 1), L2 weight decay added to the gradient as torch.optim.Adam does.
+
+    Returns new (p, m, v).
+    """
+    g = g + weight_decay * p
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    mhat = m / (1 - beta1**t)
+    vhat = v / (1 - beta2**t)
+    return p - lr * mhat / (np.sqrt(vhat) + eps), m, v
+
+
+def sgd_update(
+    p: np.ndarray, g: np.ndarray, buf: np.ndarray, lr: float, momentum: float = 0.9, weight_decay: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """One SGD step with (heavy-ball) momentum, as torch.optim.SGD: buf = μ·buf + g; p -= lr·buf.
+
+    Returns new (p, buf). buf starts at zero, which equals torch's first-step buf = g.
+    """
+    g = g + weight_decay * p
+    buf = momentum * buf + g
+    return p - lr * buf, buf
