@@ -143,19 +143,19 @@ MNIST_SAMPLE_DIR: Path = Path(__file__).resolve().parent / "datasets" / "mnist-s
 MNIST_SAMPLE_IDX_SHA256: dict[str, tuple[int, str]] = {
     "train-images-idx3-ubyte": (
         3_136_016,
-        "0000000000000000000000000000000000000000000000000000000000000000",
+        "07c0d9a96d5429326c783f18a79a8c188cb33f2ebb48c113fcab19c6ffde54e1",
     ),
     "train-labels-idx1-ubyte": (
         4_008,
-        "0000000000000000000000000000000000000000000000000000000000000000",
+        "b89c3c1ef8efc5a48b3ee98c2d20ebcaa457b1bf05433960022eec83454e9fe5",
     ),
     "t10k-images-idx3-ubyte": (
         784_016,
-        "0000000000000000000000000000000000000000000000000000000000000000",
+        "f6d10943538967e1af8547532ef7d8c97ed5e8cff79d40805c8455dbee14f98a",
     ),
     "t10k-labels-idx1-ubyte": (
         1_008,
-        "0000000000000000000000000000000000000000000000000000000000000000",
+        "f035da5bf3facf4c08c944277a1bcf5394661eaf23aa7fbf98ed10ea20f031a2",
     ),
 }
 
@@ -278,10 +278,13 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
     got = len(data) - header
     shape = "x".join(map(str, dims))
     if got < expected:
-        raise DataError(f"{path}: truncated: shape {shape} needs {expected} bytes of data, the file has {got}")
+        raise DataError(
+            f"{path}: truncated: shape {shape} needs {expected} bytes of data, the file has {got}"
+        )
     if got > expected:
         raise DataError(
-            f"{path}: {got - expected} trailing bytes after the {expected} bytes of data that shape {shape} declares"
+            f"{path}: {got - expected} trailing bytes after the {expected} bytes of data "
+            f"that shape {shape} declares"
         )
     return np.frombuffer(data, dtype=np.uint8, count=expected, offset=header).reshape(dims).copy()
 
@@ -303,7 +306,9 @@ def _validate_split(
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{img_path}: images must be N x 28 x 28, this file holds shape {images.shape}")
     if labels.ndim != 1:
-        raise DataError(f"{lbl_path}: labels must be one-dimensional (IDX1), this file holds shape {labels.shape}")
+        raise DataError(
+            f"{lbl_path}: labels must be one-dimensional (IDX1), this file holds shape {labels.shape}"
+        )
     if images.shape[0] != labels.shape[0]:
         raise DataError(
             f"{img_path} holds {images.shape[0]} images but {lbl_path} holds {labels.shape[0]} labels"
@@ -349,7 +354,9 @@ def _load_files(
 def _find_idx_files(folder: Path) -> dict[str, Path]:
     """The four IDX files in ``folder`` (raw preferred over ``.gz``); DataError naming what is missing."""
     if not folder.is_dir():
-        raise DataError(f"data dir {folder}: not a directory" if folder.exists() else f"data dir {folder}: does not exist")
+        raise DataError(
+            f"data dir {folder}: not a directory" if folder.exists() else f"data dir {folder}: does not exist"
+        )
     found: dict[str, Path] = {}
     missing = []
     for base in IDX_FILES:
@@ -543,7 +550,9 @@ def _download(url: str, dest: Path, check: Callable[[Path], str | None], *, prog
                         try:
                             chunk = resp.read(_CHUNK)
                         except TimeoutError:
-                            raise _MirrorError(f"stalled for {READ_TIMEOUT:g} s after {n} bytes", dead=True) from None
+                            raise _MirrorError(
+                                f"stalled for {READ_TIMEOUT:g} s after {n} bytes", dead=True
+                            ) from None
                         except (OSError, http.client.HTTPException) as e:
                             raise _MirrorError(f"connection lost after {n} bytes: {e!r}") from None
                         if not chunk:
@@ -579,6 +588,10 @@ def _fetch_all(
     connect_timeout: float,
 ) -> None:
     """Download each ``(file name, check)`` into ``folder``, trying mirrors in turn."""
+    dead = _probe(mirrors, connect_timeout)
+    if len(dead) == len(mirrors):
+        lines = "\n".join(f"  - {m}: {dead[m]}" for m in mirrors)
+        raise DataError(f"cannot download {dataset}: no mirror is reachable:\n{lines}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -586,10 +599,6 @@ def _fetch_all(
             f"cannot create the cache dir {folder}: {e.strerror or e} (set ${ENV_DATA} or pass cache_dir)"
         ) from None
     _remove_stale_temps(folder)
-    dead = _probe(mirrors, connect_timeout)
-    if len(dead) == len(mirrors):
-        lines = "\n".join(f"  - {m}: {dead[m]}" for m in mirrors)
-        raise DataError(f"cannot download {dataset}: no mirror is reachable:\n{lines}")
     for fname, check in needed:
         failures = []
         for m in mirrors:
@@ -610,7 +619,9 @@ def _fetch_all(
             break
         else:
             lines = "\n".join(f"  - {f}" for f in failures)
-            raise DataError(f"cannot download {fname} ({dataset}) from any of {len(mirrors)} mirrors:\n{lines}")
+            raise DataError(
+                f"cannot download {fname} ({dataset}) from any of {len(mirrors)} mirrors:\n{lines}"
+            )
 
 
 def _load_cached(
@@ -708,7 +719,9 @@ def _load_fashion(
         if not sysdir.is_dir():
             continue
         try:
-            ds = _load_files("fashion-mnist", str(sysdir), FASHION_MNIST_CLASSES, _find_idx_files(sysdir), verify)
+            ds = _load_files(
+                "fashion-mnist", str(sysdir), FASHION_MNIST_CLASSES, _find_idx_files(sysdir), verify
+            )
         except DataError as e:
             log.warning("not using %s: %s", sysdir, e)
             continue
@@ -734,14 +747,22 @@ def _load_sample() -> Dataset:
     files = {base: d / (base + ".gz") for base in IDX_FILES}
     missing = [p.name for p in files.values() if not p.is_file()]
     if missing:
-        raise DataError(f"mnist-sample: the bundled files are missing from {d}: {', '.join(missing)} (broken install?)")
-    return _load_files("mnist-sample", str(d), MNIST_CLASSES, files, _payload_verifier(MNIST_SAMPLE_IDX_SHA256))
+        raise DataError(
+            f"mnist-sample: the bundled files are missing from {d}: {', '.join(missing)} (broken install?)"
+        )
+    return _load_files(
+        "mnist-sample", str(d), MNIST_CLASSES, files, _payload_verifier(MNIST_SAMPLE_IDX_SHA256)
+    )
 
 
 def _load_auto(cache_root: Path, *, download: bool, progress: bool, mirrors: Sequence[str] | None) -> Dataset:
     try:
         ds = _load_mnist(
-            cache_root, download=download, progress=progress, mirrors=mirrors, connect_timeout=AUTO_CONNECT_TIMEOUT
+            cache_root,
+            download=download,
+            progress=progress,
+            mirrors=mirrors,
+            connect_timeout=AUTO_CONNECT_TIMEOUT,
         )
     except DataError as e:
         reason = str(e)
