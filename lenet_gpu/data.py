@@ -395,13 +395,19 @@ def _payload_verifier(table: Mapping[str, tuple[int, str]]) -> _Verify:
     return verify
 
 
-def _check_cached(path: Path, expected: tuple[int, str], payload: bool) -> str | None:
-    """None if ``path`` matches ``expected`` (of the file, or of its decompressed payload), else why not."""
+def _check_cached(
+    path: Path, expected: tuple[int, str], payload: bool, name: Path | None = None
+) -> str | None:
+    """None if ``path`` matches ``expected`` (of the file, or of its decompressed payload), else why not.
+
+    ``name``: the path whose suffix decides whether to gunzip (a download's temp file has its own).
+    """
+    name = name or path
     try:
         raw = _read_bytes(path)
-        data = _decompress(raw, path) if payload else raw
+        data = _decompress(raw, name) if payload else raw
     except DataError as e:
-        return str(e).removeprefix(f"{path}: ")
+        return str(e).removeprefix(f"{path}: ").removeprefix(f"{name}: ")
     return _check_bytes(data, expected)
 
 
@@ -646,11 +652,11 @@ def _load_cached(
     for base in IDX_FILES:
         fname = base + ".gz"
         exp = expected[base]
-
-        def check(p: Path, exp: tuple[int, str] = exp) -> str | None:
-            return _check_cached(p, exp, payload)
-
         path = folder / fname
+
+        def check(p: Path, exp: tuple[int, str] = exp, dest: Path = path) -> str | None:
+            return _check_cached(p, exp, payload, name=dest)
+
         if path.is_file():
             err = check(path)
             if err is None:
