@@ -135,6 +135,7 @@ class LeNet5:
         self._pv = views(self.params, self.cfg)
         self._gv = views(self.grads, self.cfg)
         self._ws: dict[int, _Workspace] = {}
+        self._eval_stats = None
         self._fused = "conv2d_pool_fwd" in getattr(be, "variants", {})
 
     # ------------------------------------------------------------------ info
@@ -252,6 +253,24 @@ class LeNet5:
         host = self.backend.to_host(self.stats)
         if reset:
             self.backend.upload(self.stats, np.zeros(2, np.float32))
+        return float(host[0]), int(round(float(host[1])))
+
+    def evaluate(self, data: DeviceData, batch_size: int = 1000) -> tuple[float, int]:
+        """(loss sum, correct count) over a device-resident dataset in its stored order (syncs once).
+
+        Uses the forward pass and softmax_xent of the training step; the last, smaller batch gets a
+        workspace of its own size. Training statistics are left alone.
+        """
+        if self._eval_stats is None:
+            self._eval_stats = self.backend.zeros((2,))
+        be = self.backend
+        be.upload(self._eval_stats, np.zeros(2, np.float32))
+        for off in range(0, data.n, batch_size):
+            ws = self.workspace(min(batch_size, data.n - off))
+            self._prepare(ws, data.images, data.labels, data.perm, off)
+            self._forward(ws)
+            be.softmax_xent(ws.logits, ws.y, ws.dlogits, self._eval_stats)
+        host = be.to_host(self._eval_stats)
         return float(host[0]), int(round(float(host[1])))
 
     # ------------------------------------------------------------------ host-batch API

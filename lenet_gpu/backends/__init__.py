@@ -31,7 +31,7 @@ def _make(name: str, **kwargs) -> Backend:
     except ImportError as e:
         raise BackendUnavailable(
             f"backend {name!r} needs packages that are not installed ({e.name or e}); "
-            "install them with: pip install 'lenet_gpu[cuda12]'"
+            "install them with pip install 'lenet_gpu[cuda12]', or use --backend numpy"
         ) from e
     return getattr(mod, cls)(**{**defaults, **kwargs})
 

@@ -1,0 +1,148 @@
+"""The numpy backend, op by op, against the float64 reference (the same checks the GPU backends get)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lenet_gpu import reference as R
+from lenet_gpu.backends import get_backend
+
+from .parity import TOL, assert_close, assert_equal, nan_like, rand
+
+ACTS = R.ACTIVATIONS
+BE = get_backend("numpy")
+CONV_SHAPES = [  # (N, C, H, W, K, R, S): LeNet's C1 and C3, batch 1, odd sizes
+    (1, 1, 32, 32, 6, 5, 5),
+    (3, 6, 14, 14, 16, 5, 5),
+    (2, 3, 9, 7, 5, 3, 4),
+]
+
+
+def f64(*arrays):
+    return [a.astype(np.float64) for a in arrays]
+
+
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+@pytest.mark.parametrize("act", ACTS)
+def test_conv2d(shape, act):
+    n, c, h, w, k, r, s = shape
+    x, wt, b = rand((n, c, h, w), 1), rand((k, c, r, s), 2, 0.3), rand((k,), 3, 0.1)
+    y = nan_like((n, k, h - r + 1, w - s + 1))
+    BE.conv2d_fwd(x, wt, b, y, act)
+    ref = R.conv2d_fwd(*f64(x, wt, b), act)
+    assert_close(y, ref, *TOL["conv2d_fwd"], what=f"conv2d_fwd {shape} {act}")
+    dz = rand(y.shape, 4)
+    dx = nan_like(x.shape)
+    dw, db = nan_like(wt.shape), nan_like(b.shape)
+    BE.conv2d_bwd_data(dz, wt, dx)
+    BE.conv2d_bwd_weight(x, dz, dw, db)
+    rdx, rdw, rdb = R.conv2d_bwd(*f64(x, wt), ref, dz.astype(np.float64), "identity")
+    assert_close(dx, rdx, *TOL["conv2d_bwd_data"], what="conv2d_bwd_data")
+    assert_close(dw, rdw, *TOL["conv2d_bwd_weight"], what="conv2d_bwd_weight dw")
+    assert_close(db, rdb, *TOL["conv2d_bwd_weight"], what="conv2d_bwd_weight db")
+
+
+@pytest.mark.parametrize("mode", R.POOL_MODES)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(1, 6, 28, 28), (3, 16, 10, 10), (2, 3, 7, 9)])
+def test_pool2x2(shape, act, mode):
+    n, c, h, w = shape
+    yconv = R.activate(rand(shape, 5).astype(np.float64), act).astype(np.float32)
+    yconv[0, 0, :4, :4] = yconv[0, 0, 0, 0]  # a flat patch: ties, first maximum wins
+    out = nan_like((n, c, h // 2, w // 2))
+    am = nan_like(out.shape, np.uint8)
+    BE.pool2x2_fwd(yconv, out, am, mode)
+    ref, ram = R.pool2x2_fwd(yconv.astype(np.float64), mode)
+    assert_close(out, ref, *TOL["pool2x2_fwd"], what=f"pool2x2_fwd {mode}")
+    if mode == "max":
+        assert_equal(am, ram, what="argmax")
+    dy = rand(out.shape, 6)
+    dz = nan_like(shape)
+    BE.pool2x2_bwd(dy, am, yconv, dz, mode, act)
+    rdz = R.pool2x2_bwd(dy.astype(np.float64), ram, mode, out_shape=(h, w)) * R.activation_grad(
+        yconv.astype(np.float64), act
+    )
+    assert_close(dz, rdz, *TOL["pool2x2_bwd"], what=f"pool2x2_bwd {mode} {act}")
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(1, 400, 120), (5, 120, 84), (3, 17, 10)])
+def test_dense(shape, act):
+    n, i, o = shape
+    x, w, b = rand((n, i), 7), rand((o, i), 8, 0.2), rand((o,), 9, 0.1)
+    y = nan_like((n, o))
+    BE.dense_fwd(x, w, b, y, act)
+    ref = R.dense_fwd(*f64(x, w, b), act)
+    assert_close(y, ref, *TOL["dense_fwd"], what=f"dense_fwd {act}")
+    dy = rand((n, o), 10)
+    dx, dw, db = nan_like(x.shape), nan_like(w.shape), nan_like(b.shape)
+    BE.dense_bwd(x, w, y, dy, dx, dw, db, act)
+    rdx, rdw, rdb = R.dense_bwd(*f64(x, w, y, dy), act)
+    for got, want, name in ((dx, rdx, "dx"), (dw, rdw, "dw"), (db, rdb, "db")):
+        assert_close(got, want, *TOL["dense_bwd"], what=f"dense_bwd {name} {act}")
+    dw2, db2 = nan_like(w.shape), nan_like(b.shape)
+    BE.dense_bwd(x, w, y, dy, None, dw2, db2, act)  # dx is optional
+    assert_equal(dw2, dw)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_softmax_xent(n):
+    logits = rand((n, 10), 11, 4.0)
+    logits[0, :] = 0.0  # a row of ties: the first maximum (class 0) is the prediction
+    labels = np.random.default_rng(12).integers(0, 10, n).astype(np.int32)
+    d = nan_like(logits.shape)
+    stats = np.array([1.5, 2.0], np.float32)  # accumulates onto what is there
+    BE.softmax_xent(logits, labels, d, stats)
+    loss, rd = R.softmax_xent(logits.astype(np.float64), labels)
+    assert_close(d, rd, *TOL["softmax_xent"], what="dlogits")
+    assert_close(stats[0], 1.5 + loss * n, *TOL["softmax_xent"], what="loss sum")
+    assert stats[1] == 2.0 + int((np.argmax(logits, axis=1) == labels).sum())
+
+
+def test_softmax_xent_extreme_logits():
+    logits = np.array([[1e4, -1e4] + [0] * 8, [-1e4, 1e4] + [0] * 8], np.float32)
+    d = nan_like(logits.shape)
+    stats = np.zeros(2, np.float32)
+    BE.softmax_xent(logits, np.array([0, 0], np.int32), d, stats)
+    assert np.all(np.isfinite(d)) and np.isfinite(stats[0])
+    assert stats[1] == 1
+
+
+def test_batch_prepare():
+    rng = np.random.default_rng(13)
+    images = rng.integers(0, 256, (9, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 9).astype(np.uint8)
+    perm = np.array([4, 2, 8, 0, 1], np.int32)
+    x, y = nan_like((3, 1, 32, 32)), nan_like((3,), np.int32)
+    BE.batch_prepare(images, labels, perm, 1, x, y, 0.1307, 0.3081)
+    padded = np.pad(images[[2, 8, 0]].astype(np.float64), ((0, 0), (2, 2), (2, 2)))
+    ref = ((padded / 255.0 - 0.1307) / 0.3081)[:, None]
+    assert_close(x, ref, *TOL["batch_prepare"], what="batch_prepare x")
+    assert_equal(y, labels[[2, 8, 0]].astype(np.int32), what="labels")
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_optimizers(wd):
+    p, g = rand((70,), 14), rand((70,), 15)
+    m, v = rand((70,), 16, 0.1), np.abs(rand((70,), 17, 0.1))
+    p1, m1, v1 = p.copy(), m.copy(), v.copy()
+    t = 3
+    BE.adam_step(p1, g, m1, v1, 1e-2, 0.9, 0.999, 1e-8, wd, 1 - 0.9**t, 1 - 0.999**t)
+    rp, rm, rv = R.adam_update(*f64(p, g, m, v), t=t, lr=1e-2, weight_decay=wd)
+    for got, want, name in ((p1, rp, "p"), (m1, rm, "m"), (v1, rv, "v")):
+        assert_close(got, want, *TOL["adam_step"], what=f"adam {name}")
+    p2, m2 = p.copy(), m.copy()
+    BE.sgd_step(p2, g, m2, 0.05, 0.9, wd)
+    rp, rm = R.sgd_update(*f64(p, g, m), lr=0.05, momentum=0.9, weight_decay=wd)
+    assert_close(p2, rp, *TOL["sgd_step"], what="sgd p")
+    assert_close(m2, rm, *TOL["sgd_step"], what="sgd m")
+
+
+def test_bad_options_are_rejected():
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="pool mode"):
+        BE.pool2x2_fwd(x, np.zeros((1, 1, 2, 2), np.float32), np.zeros((1, 1, 2, 2), np.uint8), "min")
+    with pytest.raises(ValueError, match="activation"):
+        BE.dense_fwd(np.zeros((1, 2), np.float32), np.zeros((2, 2), np.float32), np.zeros(2, np.float32),
+                     np.zeros((1, 2), np.float32), "gelu")
