@@ -1,15 +1,18 @@
 """The numpy backend: every op of the protocol in vectorised float32 NumPy on the CPU.
 
 It is the CPU product (train and evaluate anywhere) and the second oracle for whole-step parity of
-the GPU backends. Convolutions are im2col + one BLAS matrix product; the col matrix a forward pass
-builds for its input is kept and reused by the weight gradient of the same input. NumPy temporaries
-inside an op are not counted as allocations (there is no device memory here); ``empty``/``zeros``/
-``to_device`` are.
+the GPU backends. Convolutions are im2col (one strided copy per filter tap) + one BLAS product per
+image, written straight into NCHW; the weight gradient rebuilds the col matrix rather than caching it
+from the forward pass (a cache could go stale if a caller changed x in between). Batch-sized ops run
+on all cores by splitting the batch. NumPy temporaries inside an op are not counted as allocations
+(there is no device memory here); ``empty``/``zeros``/``to_device`` are.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,7 @@ from .base import OPS, Counters, check_act, check_mode
 F32 = np.float32
 LECUN_A = F32(1.7159)
 LECUN_S = F32(2.0 / 3.0)
+MIN_CHUNK = 8  # images per thread below which splitting a batch costs more than it saves
 
 
 def _activate_(z: np.ndarray, act: str) -> None:
@@ -60,24 +64,52 @@ def _mul_act_grad_(dz: np.ndarray, y: np.ndarray, act: str) -> None:
 
 
 def _im2col(x: np.ndarray, r: int, s: int) -> np.ndarray:
-    """(B,C,H,W) → (B·Ho·Wo, C·R·S): each row one receptive field, in (c, r, s) order."""
+    """(B,C,H,W) → cols (B, C·R·S, Ho·Wo): for each image, one row per filter tap (c, r, s) holding
+    the input pixels that tap sees at every output position. Built with one strided copy per tap
+    (R·S copies of B·C·Ho·Wo floats), which beats a 6-D transpose by about 2×."""
     b, c, h, w = x.shape
     ho, wo = h - r + 1, w - s + 1
-    win = sliding_window_view(x, (r, s), axis=(2, 3))  # (B,C,Ho,Wo,R,S) view
-    return np.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5)).reshape(b * ho * wo, c * r * s)
+    cols = np.empty((b, c, r, s, ho, wo), dtype=x.dtype)
+    for i in range(r):
+        for j in range(s):
+            cols[:, :, i, j] = x[:, :, i : i + ho, j : j + wo]
+    return cols.reshape(b, c * r * s, ho * wo)
+
+
+def _default_threads() -> int:
+    env = os.environ.get("LENET_GPU_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 class NumpyBackend:
-    """CPU backend in NumPy. All arrays are NumPy arrays; ``to_device`` is a copy."""
+    """CPU backend in NumPy. All arrays are NumPy arrays; ``to_device`` is a copy.
+
+    The batch-sized ops split the batch into ``threads`` contiguous chunks that run in parallel
+    (NumPy's loops and BLAS release the GIL). The chunking depends only on the batch size and
+    ``threads``, and partial sums are added in chunk order, so results repeat bit for bit for a given
+    thread count (``LENET_GPU_NUM_THREADS``, default: the usable cores, at most 4).
+    """
 
     name = "numpy"
     is_gpu = False
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self.counters = Counters()
         self.variants: dict[str, tuple[str, ...]] = {op: ("v1",) for op in OPS}
         self.default_variants: dict[str, str] = {op: "v1" for op in OPS}
-        self._cols_cache: tuple[Any, ...] | None = None  # (x, version, cols) of the last forward
+        self.threads = threads or _default_threads()
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lenet-np") if self.threads > 1 else None
+
+    def _chunks(self, n: int, fn: Callable[[slice], Any]) -> list[Any]:
+        """Run fn over ``threads`` contiguous slices of range(n) (inline when small); results in order."""
+        parts = min(self.threads, n // MIN_CHUNK) if self._pool is not None else 1
+        if parts <= 1:
+            return [fn(slice(0, n))]
+        bounds = [n * i // parts for i in range(parts + 1)]
+        futures = [self._pool.submit(fn, slice(bounds[i], bounds[i + 1])) for i in range(parts)]
+        return [f.result() for f in futures]
 
     # ------------------------------------------------------------------ memory
     def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
@@ -130,74 +162,102 @@ class NumpyBackend:
         self.counters.launches += 1
         k, c, r, s = w.shape
         bsz, _, ho, wo = y.shape
-        cols = _im2col(x, r, s)
-        self._cols_cache = (x, r, s, cols)
-        z = cols @ w.reshape(k, c * r * s).T  # (B·Ho·Wo, K)
-        np.add(z.reshape(bsz, ho, wo, k).transpose(0, 3, 1, 2), b.reshape(1, k, 1, 1), out=y)
-        _activate_(y, act)
+        wm = w.reshape(k, c * r * s)
+        ym = y.reshape(bsz, k, ho * wo)
 
-    def _cols_for(self, x: np.ndarray, r: int, s: int) -> np.ndarray:
-        cached = self._cols_cache
-        if cached is not None and cached[0] is x and cached[1:3] == (r, s):
-            return cached[3]
-        return _im2col(x, r, s)
+        def part(sl: slice) -> None:
+            # one (K × CRS)·(CRS × HoWo) product per image, written straight into NCHW y
+            np.matmul(wm, _im2col(x[sl], r, s), out=ym[sl])
+            ym[sl] += b.reshape(1, k, 1)
+            _activate_(ym[sl], act)
+
+        self._chunks(bsz, part)
 
     def conv2d_bwd_weight(self, x, dz, dw, db, variant=None) -> None:
         self.counters.launches += 1
         k, c, r, s = dw.shape
         bsz, _, ho, wo = dz.shape
-        cols = self._cols_for(x, r, s)
-        dzm = np.ascontiguousarray(dz.transpose(1, 0, 2, 3)).reshape(k, bsz * ho * wo)
-        np.matmul(dzm, cols, out=dw.reshape(k, c * r * s))
-        np.sum(dzm, axis=1, out=db)
+        dzm = dz.reshape(bsz, k, ho * wo)
+
+        def part(sl: slice) -> tuple[np.ndarray, np.ndarray]:
+            cols = _im2col(x[sl], r, s)  # (b, CRS, HoWo)
+            # Σ_b dz_b · cols_bᵀ: per-image products summed over the chunk's images
+            return np.matmul(dzm[sl], cols.transpose(0, 2, 1)).sum(axis=0), dzm[sl].sum(axis=(0, 2))
+
+        parts = self._chunks(bsz, part)
+        dwm = dw.reshape(k, c * r * s)
+        dwm[...] = parts[0][0]
+        db[...] = parts[0][1]
+        for pw, pb in parts[1:]:  # fixed order: bit-for-bit repeatable
+            dwm += pw
+            db += pb
 
     def conv2d_bwd_data(self, dz, w, dx, variant=None) -> None:
         self.counters.launches += 1
         k, c, r, s = w.shape
         bsz, _, ho, wo = dz.shape
-        # col2im: every output gradient times its filter, scattered back over its receptive field
-        dzm = np.ascontiguousarray(dz.transpose(0, 2, 3, 1)).reshape(bsz * ho * wo, k)
-        dcols = (dzm @ w.reshape(k, c * r * s)).reshape(bsz, ho, wo, c, r, s).transpose(0, 3, 4, 5, 1, 2)
-        dx[...] = 0
-        for i in range(r):
-            for j in range(s):
-                dx[:, :, i : i + ho, j : j + wo] += dcols[:, :, i, j]
+        wt = w.reshape(k, c * r * s).T
+        dzm = dz.reshape(bsz, k, ho * wo)
+
+        def part(sl: slice) -> None:
+            # col2im: every output gradient times its filter, scattered back over its receptive field
+            dcols = np.matmul(wt, dzm[sl]).reshape(-1, c, r, s, ho, wo)
+            d = dx[sl]
+            d[...] = 0
+            for i in range(r):
+                for j in range(s):
+                    d[:, :, i : i + ho, j : j + wo] += dcols[:, :, i, j]
+
+        self._chunks(bsz, part)
 
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
         self.counters.launches += 1
         check_mode(mode)
         ho, wo = y.shape[2], y.shape[3]
-        t0 = x[:, :, 0 : 2 * ho : 2, 0 : 2 * wo : 2]
-        t1 = x[:, :, 0 : 2 * ho : 2, 1 : 2 * wo : 2]
-        t2 = x[:, :, 1 : 2 * ho : 2, 0 : 2 * wo : 2]
-        t3 = x[:, :, 1 : 2 * ho : 2, 1 : 2 * wo : 2]
-        if mode == "avg":
-            np.add(t0, t1, out=y)
-            y += t2
-            y += t3
-            y *= F32(0.25)
-            return
-        np.maximum(t0, t1, out=y)
-        np.maximum(y, t2, out=y)
-        np.maximum(y, t3, out=y)
-        # first maximum wins: test the taps from last to first so the earliest match overwrites
-        argmax[...] = 3
-        argmax[t2 == y] = 2
-        argmax[t1 == y] = 1
-        argmax[t0 == y] = 0
+
+        def part(sl: slice) -> None:
+            xs, ys, am = x[sl], y[sl], argmax[sl]
+            t0 = xs[:, :, 0 : 2 * ho : 2, 0 : 2 * wo : 2]
+            t1 = xs[:, :, 0 : 2 * ho : 2, 1 : 2 * wo : 2]
+            t2 = xs[:, :, 1 : 2 * ho : 2, 0 : 2 * wo : 2]
+            t3 = xs[:, :, 1 : 2 * ho : 2, 1 : 2 * wo : 2]
+            if mode == "avg":
+                np.add(t0, t1, out=ys)
+                ys += t2
+                ys += t3
+                ys *= F32(0.25)
+                return
+            np.maximum(t0, t1, out=ys)
+            np.maximum(ys, t2, out=ys)
+            np.maximum(ys, t3, out=ys)
+            # first maximum wins: the index is the number of leading taps that are not the maximum
+            miss = t0 != ys
+            np.copyto(am, miss)
+            miss &= t1 != ys
+            am += miss
+            miss &= t2 != ys
+            am += miss
+
+        self._chunks(x.shape[0], part)
 
     def pool2x2_bwd(self, dy, argmax, yconv, dz, mode, act, variant=None) -> None:
         self.counters.launches += 1
         check_mode(mode)
         ho, wo = dy.shape[2], dy.shape[3]
-        dz[...] = 0
-        for t, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-            tap = dz[:, :, i : 2 * ho : 2, j : 2 * wo : 2]
-            if mode == "max":
-                np.multiply(dy, argmax == t, out=tap)
-            else:
-                np.multiply(dy, F32(0.25), out=tap)
-        _mul_act_grad_(dz, yconv, act)
+
+        def part(sl: slice) -> None:
+            d, g, am = dz[sl], dy[sl], argmax[sl]
+            if 2 * ho != d.shape[2] or 2 * wo != d.shape[3]:
+                d[...] = 0  # the odd trailing row/column belongs to no window
+            for t, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+                tap = d[:, :, i : 2 * ho : 2, j : 2 * wo : 2]
+                if mode == "max":
+                    np.multiply(g, am == t, out=tap)
+                else:
+                    np.multiply(g, F32(0.25), out=tap)
+            _mul_act_grad_(d, yconv[sl], act)
+
+        self._chunks(dy.shape[0], part)
 
     def dense_fwd(self, x, w, b, y, act, variant=None) -> None:
         self.counters.launches += 1
