@@ -1,0 +1,385 @@
+"""NumbaBackend: the Backend protocol (lenet_gpu.backends.base) over the Numba CUDA kernels of this
+package — device memory, counters, and one thin launch wrapper per op.
+
+Each wrapper checks shapes, dtypes, contiguity and that every array is a device array (Numba would
+silently copy a host NumPy array to the device and back), takes the preallocated output, computes the
+grid with ``ceil_div``, passes explicitly typed scalars (np.float32 / np.int32, so a launch never
+types a scalar as float64 or int64), and launches once. Everything runs on the default stream, so a
+training step needs no synchronisation. Under ``NUMBA_ENABLE_CUDASIM=1`` the same code runs in
+Numba's CUDA simulator (``is_gpu`` is False then).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ..base import ACT_CODES, OPS, POOL_CODES, BackendUnavailable, Counters, check_act, check_mode
+from . import batch, conv2d, dense, loss, optim, pool2x2
+from .common import ceil_div
+
+MODULES = (batch, conv2d, pool2x2, dense, loss, optim)
+#: every kernel by name (``<op>_v<N>``) and the launch signature the wrappers use
+KERNELS: dict[str, Any] = {}
+SIGNATURES: dict[str, str] = {}
+VARIANTS: dict[str, tuple[str, ...]] = {}
+for _m in MODULES:
+    KERNELS.update(_m.KERNELS)
+    SIGNATURES.update(_m.SIGNATURES)
+    VARIANTS.update(_m.VARIANTS)
+assert set(VARIANTS) == set(OPS), sorted(set(OPS) ^ set(VARIANTS))
+assert set(KERNELS) == set(SIGNATURES) == {f"{op}_{v}" for op, vs in VARIANTS.items() for v in vs}
+
+#: the variant each op uses by default: the faster design where there is one (chosen by design; the
+#: benchmarks on a GPU decide in the end)
+DEFAULT_VARIANTS = {op: vs[-1] for op, vs in VARIANTS.items()}
+
+#: threads per block of the one-thread-per-element (grid-stride) kernels
+THREADS = 256
+#: conv2d_fwd_v2 threads per block (pixels of one image plane per work item)
+CONV_FWD_V2_THREADS = 128
+#: the most dynamic shared memory a launch may ask for without opting in
+MAX_DYNAMIC_SMEM = 48 * 1024
+
+UNAVAILABLE = (
+    "numba backend: no CUDA GPU found (numba.cuda.is_available() is False); use --backend numpy, "
+    "or set NUMBA_ENABLE_CUDASIM=1 for tiny debugging runs in Numba's CUDA simulator"
+)
+
+
+def simulator_enabled() -> bool:
+    return bool(numba.config.ENABLE_CUDASIM)
+
+
+if simulator_enabled():
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray as _DeviceArray
+else:
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DeviceArray
+
+
+def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, Any, int]:
+    """(blocks, block, dynamic shared bytes) of a launch of ``op``/``variant`` at the given shapes,
+    before any cap on the grid. ``shapes`` names the arrays of the op as the wrappers do."""
+    if op == "batch_prepare":
+        return ceil_div(math.prod(shapes["x"]), THREADS), THREADS, 0
+    if op == "conv2d_fwd":
+        n, k, ho, wo = shapes["y"]
+        if variant == "v1":
+            return ceil_div(n * k * ho * wo, THREADS), THREADS, 0
+        _, c, r, s = shapes["w"]
+        cb = max(1, min(c, conv2d.FWD_SMEM_FLOATS // (conv2d.KB * r * s)))
+        items = n * ceil_div(k, conv2d.KB) * ceil_div(ho * wo, CONV_FWD_V2_THREADS)
+        return items, CONV_FWD_V2_THREADS, conv2d.KB * cb * r * s * 4
+    if op == "conv2d_bwd_data":
+        return ceil_div(math.prod(shapes["dx"]), THREADS), THREADS, 0
+    if op == "conv2d_bwd_weight":
+        k, c, r, s = shapes["dw"]
+        if variant == "v1":
+            return ceil_div(k * (c * r * s + 1), THREADS), THREADS, 0
+        return k * ceil_div(c * r * s + 1, conv2d.BW_COLS), conv2d.BW_THREADS, 0
+    if op == "pool2x2_fwd":
+        return ceil_div(math.prod(shapes["y"]), THREADS), THREADS, 0
+    if op == "pool2x2_bwd":
+        return ceil_div(math.prod(shapes["dz"]), THREADS), THREADS, 0
+    if op == "dense_fwd":
+        n, o = shapes["y"]
+        if variant == "v1":
+            return ceil_div(n * o, THREADS), THREADS, 0
+        return ceil_div(n, dense.TILE) * ceil_div(o, dense.TILE), (dense.TILE, dense.TILE), 0
+    if op == "dense_bwd":
+        n, i = shapes["x"]
+        o = shapes["w"][0]
+        return ceil_div((n * i if shapes.get("dx") else 0) + o * i + o, THREADS), THREADS, 0
+    if op == "softmax_xent":
+        return 1, loss.SM_THREADS, 0
+    if op in ("adam_step", "sgd_step"):
+        return ceil_div(shapes["p"][0], THREADS), THREADS, 0
+    raise ValueError(f"unknown op {op!r}")
+
+
+class NumbaBackend:
+    """Numba CUDA kernels on a GPU, or in the CUDA simulator under ``NUMBA_ENABLE_CUDASIM=1``.
+
+    ``max_blocks`` caps the grid of every launch (every kernel loops over its work with a grid- or
+    block-stride loop, so any grid is correct); it exists for the simulator, which runs one Python
+    thread per CUDA thread. ``debug=True`` synchronises after each launch so an error names its op.
+    """
+
+    name = "numba"
+
+    def __init__(self, max_blocks: int | None = None, debug: bool = False) -> None:
+        self.simulator = simulator_enabled()
+        if not self.simulator and not cuda.is_available():
+            raise BackendUnavailable(UNAVAILABLE)
+        self.is_gpu = not self.simulator
+        self.counters = Counters()
+        self.variants: dict[str, tuple[str, ...]] = dict(VARIANTS)
+        self.default_variants: dict[str, str] = dict(DEFAULT_VARIANTS)
+        self.max_blocks = max_blocks
+        self.debug = debug
+        #: when a list, every launch appends (kernel name, Numba types of its arguments): the tests
+        #: compare them with SIGNATURES, the types the compile checks use
+        self.launch_log: list[tuple[str, tuple[Any, ...]]] | None = None
+        self._dummy_u8: Any = None  # argmax stand-in for avg pooling when the caller passes None
+        self._flat: dict[int, tuple[Any, Any]] = {}  # id(x) → (x, flat view of x)
+
+    # ------------------------------------------------------------------ memory
+    def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+        self.counters.allocs += 1
+        return cuda.device_array(tuple(int(s) for s in np.atleast_1d(shape)), dtype=np.dtype(dtype))
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+        # Numba has no device memset: the zeros are copied from the host (one allocation + one h2d)
+        self.counters.allocs += 1
+        self.counters.h2d += 1
+        return cuda.to_device(np.zeros(shape, dtype=dtype))
+
+    def to_device(self, host: np.ndarray) -> Any:
+        if not isinstance(host, np.ndarray):
+            raise TypeError(f"to_device takes a NumPy array, got {type(host).__name__}")
+        self.counters.allocs += 1
+        self.counters.h2d += 1
+        return cuda.to_device(np.ascontiguousarray(host))
+
+    def upload(self, dst: Any, host: np.ndarray) -> None:
+        host = np.asarray(host)
+        if tuple(dst.shape) != host.shape:
+            raise ValueError(f"upload: shape {host.shape} does not match {tuple(dst.shape)}")
+        self.counters.h2d += 1
+        dst.copy_to_device(np.ascontiguousarray(host, dtype=dst.dtype))
+
+    def to_host(self, arr: Any) -> np.ndarray:
+        self.counters.d2h += 1
+        return arr.copy_to_host()
+
+    def synchronize(self) -> None:
+        self.counters.syncs += 1
+        cuda.synchronize()
+
+    def graph(self, fn: Callable[[], None]) -> Callable[[], None]:
+        return fn  # Numba has no CUDA graph capture
+
+    # ------------------------------------------------------------------ launch plumbing
+    def _variant(self, op: str, variant: str | None) -> str:
+        v = self.default_variants[op] if variant is None else variant
+        if v not in self.variants[op]:
+            raise ValueError(f"{op}: unknown variant {v!r}; choose one of {', '.join(self.variants[op])}")
+        return v
+
+    def _launch(self, op: str, variant: str, grid: int, block: Any, shmem: int, *args: Any) -> None:
+        name = f"{op}_{variant}"
+        if self.max_blocks is not None:
+            grid = min(grid, self.max_blocks)
+        self.counters.launches += 1
+        if self.launch_log is not None:
+            self.launch_log.append((name, tuple(numba.typeof(a) for a in args)))
+        KERNELS[name][max(1, grid), block, 0, shmem](*args)
+        if self.debug:
+            cuda.synchronize()
+
+    def _flat_view(self, x: Any) -> Any:
+        hit = self._flat.get(id(x))
+        if hit is None or hit[0] is not x:
+            hit = self._flat[id(x)] = (x, x.reshape(x.size))
+        return hit[1]
+
+    def _uint8_dummy(self) -> Any:
+        if self._dummy_u8 is None:
+            self._dummy_u8 = self.empty((1, 1, 1, 1), np.uint8)
+        return self._dummy_u8
+
+    # ------------------------------------------------------------------ ops
+    def batch_prepare(self, images, labels, perm, offset, x, y, mean, std, variant=None) -> None:
+        v = self._variant("batch_prepare", variant)
+        _dev("images", images, np.uint8, 3)
+        _dev("labels", labels, np.uint8, 1)
+        _dev("perm", perm, np.int32, 1)
+        _dev("x", x, np.float32, 4)
+        _dev("y", y, np.int32, 1)
+        b = x.shape[0]
+        _shape("x", x, (b, 1, x.shape[2], x.shape[3]))
+        _shape("y", y, (b,))
+        if x.shape[2] < images.shape[1] or x.shape[3] < images.shape[2]:
+            raise ValueError(f"batch_prepare: x {x.shape} is smaller than the images {images.shape}")
+        if int(offset) < 0 or int(offset) + b > perm.shape[0]:
+            raise IndexError(f"batch_prepare: perm has {perm.shape[0]} entries, need {int(offset) + b}")
+        scale, shift = np.float32(1.0 / (255.0 * std)), np.float32(-mean / std)
+        grid, block, sh = launch_config("batch_prepare", v, {"x": x.shape})
+        self._launch("batch_prepare", v, grid, block, sh, images, labels, perm, np.int32(offset), x, y,
+                     scale, shift)
+
+    def conv2d_fwd(self, x, w, b, y, act, variant=None) -> None:
+        v = self._variant("conv2d_fwd", variant)
+        check_act(act)
+        _dev("x", x, np.float32, 4)
+        _dev("w", w, np.float32, 4)
+        _dev("b", b, np.float32, 1)
+        _dev("y", y, np.float32, 4)
+        n, c, h, wd = x.shape
+        k, _, r, s = w.shape
+        _shape("w", w, (k, c, r, s))
+        _shape("b", b, (k,))
+        _shape("y", y, (n, k, h - r + 1, wd - s + 1))
+        grid, block, sh = launch_config("conv2d_fwd", v, {"y": y.shape, "w": w.shape})
+        act_code = np.int32(ACT_CODES[act])
+        if v == "v1":
+            self._launch("conv2d_fwd", v, grid, block, sh, x, w, b, y, act_code)
+        else:
+            if sh > MAX_DYNAMIC_SMEM:
+                raise ValueError(f"conv2d_fwd_v2: a {r}x{s} filter slice needs {sh} bytes of shared memory")
+            cb = sh // (4 * conv2d.KB * r * s)
+            self._launch("conv2d_fwd", v, grid, block, sh, x, w, b, y, act_code, np.int32(cb))
+
+    def conv2d_bwd_data(self, dz, w, dx, variant=None) -> None:
+        v = self._variant("conv2d_bwd_data", variant)
+        _dev("dz", dz, np.float32, 4)
+        _dev("w", w, np.float32, 4)
+        _dev("dx", dx, np.float32, 4)
+        n, c, h, wd = dx.shape
+        k, _, r, s = w.shape
+        _shape("w", w, (k, c, r, s))
+        _shape("dz", dz, (n, k, h - r + 1, wd - s + 1))
+        grid, block, sh = launch_config("conv2d_bwd_data", v, {"dx": dx.shape})
+        self._launch("conv2d_bwd_data", v, grid, block, sh, dz, w, dx)
+
+    def conv2d_bwd_weight(self, x, dz, dw, db, variant=None) -> None:
+        v = self._variant("conv2d_bwd_weight", variant)
+        _dev("x", x, np.float32, 4)
+        _dev("dz", dz, np.float32, 4)
+        _dev("dw", dw, np.float32, 4)
+        _dev("db", db, np.float32, 1)
+        n, c, h, wd = x.shape
+        k, _, r, s = dw.shape
+        _shape("dw", dw, (k, c, r, s))
+        _shape("db", db, (k,))
+        _shape("dz", dz, (n, k, h - r + 1, wd - s + 1))
+        grid, block, sh = launch_config("conv2d_bwd_weight", v, {"dw": dw.shape})
+        xa = x if v == "v1" else self._flat_view(x)
+        self._launch("conv2d_bwd_weight", v, grid, block, sh, xa, dz, dw, db)
+
+    def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
+        v = self._variant("pool2x2_fwd", variant)
+        check_mode(mode)
+        _dev("x", x, np.float32, 4)
+        _dev("y", y, np.float32, 4)
+        n, c, h, wd = x.shape
+        _shape("y", y, (n, c, h // 2, wd // 2))
+        if argmax is None:
+            if mode == "max":
+                raise ValueError("pool2x2_fwd: max pooling needs an argmax output")
+            argmax = self._uint8_dummy()
+        else:
+            _dev("argmax", argmax, np.uint8, 4)
+            if mode == "max":
+                _shape("argmax", argmax, y.shape)
+        grid, block, sh = launch_config("pool2x2_fwd", v, {"y": y.shape})
+        self._launch("pool2x2_fwd", v, grid, block, sh, x, y, argmax, np.int32(POOL_CODES[mode]))
+
+    def pool2x2_bwd(self, dy, argmax, yconv, dz, mode, act, variant=None) -> None:
+        v = self._variant("pool2x2_bwd", variant)
+        check_mode(mode)
+        check_act(act)
+        _dev("dy", dy, np.float32, 4)
+        _dev("yconv", yconv, np.float32, 4)
+        _dev("dz", dz, np.float32, 4)
+        n, c, h, wd = dz.shape
+        _shape("yconv", yconv, dz.shape)
+        _shape("dy", dy, (n, c, h // 2, wd // 2))
+        if argmax is None:
+            if mode == "max":
+                raise ValueError("pool2x2_bwd: max pooling needs the forward pass's argmax")
+            argmax = self._uint8_dummy()
+        else:
+            _dev("argmax", argmax, np.uint8, 4)
+            if mode == "max":
+                _shape("argmax", argmax, dy.shape)
+        grid, block, sh = launch_config("pool2x2_bwd", v, {"dz": dz.shape})
+        self._launch("pool2x2_bwd", v, grid, block, sh, dy, argmax, yconv, dz, np.int32(POOL_CODES[mode]),
+                     np.int32(ACT_CODES[act]))
+
+    def dense_fwd(self, x, w, b, y, act, variant=None) -> None:
+        v = self._variant("dense_fwd", variant)
+        check_act(act)
+        _dev("x", x, np.float32, 2)
+        _dev("w", w, np.float32, 2)
+        _dev("b", b, np.float32, 1)
+        _dev("y", y, np.float32, 2)
+        n, i = x.shape
+        o = w.shape[0]
+        _shape("w", w, (o, i))
+        _shape("b", b, (o,))
+        _shape("y", y, (n, o))
+        grid, block, sh = launch_config("dense_fwd", v, {"y": y.shape})
+        self._launch("dense_fwd", v, grid, block, sh, x, w, b, y, np.int32(ACT_CODES[act]))
+
+    def dense_bwd(self, x, w, y, dy, dx, dw, db, act, variant=None) -> None:
+        v = self._variant("dense_bwd", variant)
+        check_act(act)
+        for label, a in (("x", x), ("w", w), ("y", y), ("dy", dy), ("dw", dw)):
+            _dev(label, a, np.float32, 2)
+        _dev("db", db, np.float32, 1)
+        n, i = x.shape
+        o = w.shape[0]
+        _shape("w", w, (o, i))
+        _shape("y", y, (n, o))
+        _shape("dy", dy, (n, o))
+        _shape("dw", dw, (o, i))
+        _shape("db", db, (o,))
+        if dx is not None:
+            _dev("dx", dx, np.float32, 2)
+            _shape("dx", dx, (n, i))
+        grid, block, sh = launch_config("dense_bwd", v, {"x": x.shape, "w": w.shape, "dx": dx is not None})
+        self._launch("dense_bwd", v, grid, block, sh, x, w, y, dy, dw if dx is None else dx, dw, db,
+                     np.int32(ACT_CODES[act]), np.int32(dx is not None))
+
+    def softmax_xent(self, logits, labels, dlogits, stats, variant=None) -> None:
+        v = self._variant("softmax_xent", variant)
+        _dev("logits", logits, np.float32, 2)
+        _dev("labels", labels, np.int32, 1)
+        _dev("dlogits", dlogits, np.float32, 2)
+        _dev("stats", stats, np.float32, 1)
+        _shape("labels", labels, (logits.shape[0],))
+        _shape("dlogits", dlogits, logits.shape)
+        _shape("stats", stats, (2,))
+        grid, block, sh = launch_config("softmax_xent", v, {})
+        self._launch("softmax_xent", v, grid, block, sh, logits, labels, dlogits, stats)
+
+    def adam_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2, variant=None) -> None:
+        var = self._variant("adam_step", variant)
+        for label, a in (("p", p), ("g", g), ("m", m), ("v", v)):
+            _dev(label, a, np.float32, 1)
+            _shape(label, a, p.shape)
+        f = np.float32
+        grid, block, sh = launch_config("adam_step", var, {"p": p.shape})
+        self._launch("adam_step", var, grid, block, sh, p, g, m, v, f(lr), f(beta1), f(1.0 - beta1), f(beta2),
+                     f(1.0 - beta2), f(eps), f(weight_decay), f(bc1), f(bc2))
+
+    def sgd_step(self, p, g, m, lr, momentum, weight_decay, variant=None) -> None:
+        var = self._variant("sgd_step", variant)
+        for label, a in (("p", p), ("g", g), ("m", m)):
+            _dev(label, a, np.float32, 1)
+            _shape(label, a, p.shape)
+        f = np.float32
+        grid, block, sh = launch_config("sgd_step", var, {"p": p.shape})
+        self._launch("sgd_step", var, grid, block, sh, p, g, m, f(lr), f(momentum), f(weight_decay))
+
+
+def _dev(label: str, a: Any, dtype: Any, ndim: int) -> None:
+    """A C-contiguous device array of the given dtype and rank (never a host array)."""
+    if not isinstance(a, _DeviceArray):
+        kind = "a host NumPy array" if isinstance(a, np.ndarray) else type(a).__name__
+        raise TypeError(f"{label}: expected a device array of this backend, got {kind} (use to_device)")
+    if a.dtype != np.dtype(dtype) or a.ndim != ndim:
+        raise TypeError(f"{label}: expected {ndim}-d {np.dtype(dtype)}, got {a.ndim}-d {a.dtype}")
+    if not a.flags["C_CONTIGUOUS"]:
+        raise ValueError(f"{label}: must be C-contiguous")
+
+
+def _shape(label: str, a: Any, shape: tuple[int, ...]) -> None:
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{label}: shape {tuple(a.shape)} does not match the expected {tuple(shape)}")

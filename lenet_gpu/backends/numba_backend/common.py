@@ -1,0 +1,75 @@
+"""Device functions and conventions shared by every Numba kernel module (the Numba face of the
+CUDA C shared header).
+
+- Activations are selected by the integer codes of ``lenet_gpu.backends.base.ACT_CODES``, passed to
+  kernels as int32 (uniform across a launch, so the branch never diverges).
+- Every derivative is written through the activated output y (DESIGN.md §3).
+- float32 only: every constant is a float32 so nothing is promoted to float64 (the compile tests grep
+  the PTX for ``.f64``).
+- Device functions are ``inline="always"``: inlined at compile time, so ``compile_ptx`` never needs a
+  device to compile them lazily (shared/HARNESS.md).
+- Kernels walk their work with grid-stride (or block-stride) loops, so any grid size is correct: the
+  backend launches enough blocks to cover the work on a GPU and may cap the grid (the simulator).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from ..base import ACT_CODES, POOL_CODES
+
+ACT_IDENTITY = 0
+ACT_RELU = 1
+ACT_TANH = 2
+ACT_LECUN_TANH = 3
+ACT_SIGMOID = 4
+POOL_MAX = 0
+POOL_AVG = 1
+assert ACT_CODES == {"identity": 0, "relu": 1, "tanh": 2, "lecun_tanh": 3, "sigmoid": 4}
+assert POOL_CODES == {"max": 0, "avg": 1}
+
+LECUN_A = np.float32(1.7159)
+LECUN_S = np.float32(2.0 / 3.0)
+LECUN_AS = np.float32(1.7159 * 2.0 / 3.0)  # f'(z) = S·(A − y²/A) = A·S − (S/A)·y²
+LECUN_S_OVER_A = np.float32((2.0 / 3.0) / 1.7159)
+ZERO = np.float32(0.0)
+ONE = np.float32(1.0)
+
+
+@cuda.jit(device=True, inline="always")
+def activate(z, act):
+    """act(z) for a float32 z and an activation code."""
+    if act == ACT_RELU:
+        return z if z > ZERO else ZERO
+    if act == ACT_TANH:
+        return math.tanh(z)
+    if act == ACT_LECUN_TANH:
+        return LECUN_A * math.tanh(LECUN_S * z)
+    if act == ACT_SIGMOID:
+        # stable on both sides: e = exp(−|z|) never overflows
+        e = math.exp(-abs(z))
+        if z >= ZERO:
+            return ONE / (ONE + e)
+        return e / (ONE + e)
+    return z
+
+
+@cuda.jit(device=True, inline="always")
+def act_grad(y, act):
+    """d act/dz written through the activated output y."""
+    if act == ACT_RELU:
+        return ONE if y > ZERO else ZERO
+    if act == ACT_TANH:
+        return ONE - y * y
+    if act == ACT_LECUN_TANH:
+        return LECUN_AS - LECUN_S_OVER_A * (y * y)
+    if act == ACT_SIGMOID:
+        return y * (ONE - y)
+    return ONE
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-int(a) // int(b))

@@ -1,0 +1,255 @@
+"""conv2d: valid 2-D cross-correlation, stride 1, NCHW, with bias and activation fused (forward),
+and its two gradients.
+
+  fwd:         y[n,k,i,j] = act(b[k] + Σ_{c,r,s} w[k,c,r,s]·x[n,c,i+r,j+s])
+               x (N,C,H,W), w (K,C,R,S), b (K,) → y (N,K,Ho,Wo), Ho = H−R+1, Wo = W−S+1
+  bwd_data:    dx[n,c,h,v] = Σ_{k,r,s} dz[n,k,h−r,v−s]·w[k,c,r,s]   (taps outside dz count 0)
+  bwd_weight:  dw[k,c,r,s] = Σ_{n,i,j} dz[n,k,i,j]·x[n,c,i+r,j+s];  db[k] = Σ_{n,i,j} dz[n,k,i,j]
+dz is the gradient w.r.t. the pre-activation (pool2x2_bwd has already applied act').
+
+Versions:
+- conv2d_fwd_v1: one thread per output, consecutive threads → consecutive output columns (coalesced).
+- conv2d_fwd_v2: the block's slice of weights (KB filters × a chunk of channels) in shared memory,
+  read as warp broadcasts; register blocking: each thread computes KB output channels of one pixel,
+  so every input load feeds KB FMAs.
+- conv2d_bwd_data_v1: one thread per input-gradient element (a gather: no atomics).
+- conv2d_bwd_weight_v1: one thread per weight (and one per bias), each summing over N·Ho·Wo in order.
+- conv2d_bwd_weight_v2: one block per (k, chunk of BW_COLS columns of c·r·s, the bias as one more
+  column); its threads stride over the N·Ho·Wo positions (coalesced), each keeping BW_COLS partial
+  sums in registers, then a fixed-order shared-memory tree reduction: deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+from numba import cuda, float32, int32
+
+from .common import ZERO, activate
+
+#: conv2d_fwd_v2: output channels per thread (register blocking)
+KB = 8
+#: conv2d_fwd_v2: shared-memory budget for one weight slice (KB × channel chunk × R × S floats)
+FWD_SMEM_FLOATS = 4096
+#: conv2d_bwd_weight_v2: threads per block (a power of two: the tree reduction halves it)
+BW_THREADS = 128
+#: conv2d_bwd_weight_v2: columns of c·r·s (+ the bias) reduced by one block
+BW_COLS = 16
+
+# ---------------------------------------------------------------------------------------------- fwd
+
+
+@cuda.jit
+def conv2d_fwd_v1(x, w, b, y, act):
+    nb, kout, ho, wo = y.shape
+    cin, r_, s_ = w.shape[1], w.shape[2], w.shape[3]
+    total = nb * kout * ho * wo
+    for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
+        j = idx % wo
+        t = idx // wo
+        i = t % ho
+        t = t // ho
+        k = t % kout
+        n = t // kout
+        acc = b[k]
+        for c in range(cin):
+            for r in range(r_):
+                for s in range(s_):
+                    acc += x[n, c, i + r, j + s] * w[k, c, r, s]
+        y[n, k, i, j] = activate(acc, act)
+
+
+@cuda.jit
+def conv2d_fwd_v2(x, w, b, y, act, cb):
+    # dynamic shared memory: KB·cb·R·S floats (the launch passes its size)
+    sw = cuda.shared.array(0, float32)
+    acc = cuda.local.array(KB, float32)
+    nb, kout, ho, wo = y.shape
+    cin, r_, s_ = w.shape[1], w.shape[2], w.shape[3]
+    rs = r_ * s_
+    plane = ho * wo
+    nthreads = cuda.blockDim.x
+    tid = cuda.threadIdx.x
+    nchunks = (plane + nthreads - 1) // nthreads
+    nkg = (kout + KB - 1) // KB
+    nitems = nb * nkg * nchunks
+    # work item = (image n, group of KB filters, chunk of blockDim pixels); block-stride loop
+    for item in range(cuda.blockIdx.x, nitems, cuda.gridDim.x):
+        pc = item % nchunks
+        t = item // nchunks
+        kg = t % nkg
+        n = t // nkg
+        k0 = kg * KB
+        pos = pc * nthreads + tid
+        valid = pos < plane
+        i = pos // wo
+        j = pos % wo
+        for q in range(KB):
+            acc[q] = b[k0 + q] if k0 + q < kout else ZERO
+        for c0 in range(0, cin, cb):
+            cn = min(cb, cin - c0)
+            span = cn * rs
+            cuda.syncthreads()  # nobody still reads the previous slice
+            for e in range(tid, KB * span, nthreads):
+                q = e // span
+                rem = e - q * span
+                c = c0 + rem // rs
+                rem = rem % rs
+                if k0 + q < kout:
+                    sw[e] = w[k0 + q, c, rem // s_, rem % s_]
+                else:
+                    sw[e] = ZERO
+            cuda.syncthreads()
+            if valid:
+                for c in range(cn):
+                    for r in range(r_):
+                        for s in range(s_):
+                            xv = x[n, c0 + c, i + r, j + s]
+                            off = (c * r_ + r) * s_ + s
+                            for q in range(KB):
+                                acc[q] += xv * sw[q * span + off]
+        if valid:
+            for q in range(KB):
+                if k0 + q < kout:
+                    y[n, k0 + q, i, j] = activate(acc[q], act)
+
+
+# ----------------------------------------------------------------------------------------- bwd data
+
+
+@cuda.jit
+def conv2d_bwd_data_v1(dz, w, dx):
+    nb, cin, h, wd = dx.shape
+    kout, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
+    ho, wo = dz.shape[2], dz.shape[3]
+    total = nb * cin * h * wd
+    for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
+        v = idx % wd
+        t = idx // wd
+        u = t % h
+        t = t // h
+        c = t % cin
+        n = t // cin
+        acc = ZERO
+        for k in range(kout):
+            for r in range(r_):
+                i = u - r
+                if i >= 0 and i < ho:
+                    for s in range(s_):
+                        j = v - s
+                        if j >= 0 and j < wo:
+                            acc += dz[n, k, i, j] * w[k, c, r, s]
+        dx[n, c, u, v] = acc
+
+
+# --------------------------------------------------------------------------------------- bwd weight
+
+
+@cuda.jit
+def conv2d_bwd_weight_v1(x, dz, dw, db):
+    nb, kout, ho, wo = dz.shape
+    cin, r_, s_ = dw.shape[1], dw.shape[2], dw.shape[3]
+    rs = r_ * s_
+    crs = cin * rs
+    total = kout * (crs + 1)
+    for idx in range(cuda.grid(1), total, cuda.gridsize(1)):
+        q = idx % (crs + 1)
+        k = idx // (crs + 1)
+        acc = ZERO
+        if q == crs:  # the bias column
+            for n in range(nb):
+                for i in range(ho):
+                    for j in range(wo):
+                        acc += dz[n, k, i, j]
+            db[k] = acc
+        else:
+            c = q // rs
+            r = (q % rs) // s_
+            s = q % s_
+            for n in range(nb):
+                for i in range(ho):
+                    for j in range(wo):
+                        acc += dz[n, k, i, j] * x[n, c, i + r, j + s]
+            dw[k, c, r, s] = acc
+
+
+@cuda.jit
+def conv2d_bwd_weight_v2(xf, dz, dw, db):
+    # xf: x (N,C,H,W) as a flat view, so a column's tap is one precomputed offset
+    part = cuda.shared.array((BW_COLS, BW_THREADS), float32)
+    acc = cuda.local.array(BW_COLS, float32)
+    xoff = cuda.local.array(BW_COLS, int32)
+    nb, kout, ho, wo = dz.shape
+    cin, r_, s_ = dw.shape[1], dw.shape[2], dw.shape[3]
+    wd = wo + s_ - 1
+    hw = (ho + r_ - 1) * wd
+    rs = r_ * s_
+    crs = cin * rs
+    plane = ho * wo
+    nchunks = (crs + 1 + BW_COLS - 1) // BW_COLS
+    tid = cuda.threadIdx.x
+    for item in range(cuda.blockIdx.x, kout * nchunks, cuda.gridDim.x):
+        q0 = (item % nchunks) * BW_COLS
+        k = item // nchunks
+        # column q0+p reads x[n, c, i+r, j+s], at offset c·H·W + r·W + s from x[n, 0, i, j];
+        # −1 marks the bias column, −2 a column past the end
+        for p in range(BW_COLS):
+            q = q0 + p
+            acc[p] = ZERO
+            if q < crs:
+                xoff[p] = (q // rs) * hw + ((q % rs) // s_) * wd + q % s_
+            elif q == crs:
+                xoff[p] = -1
+            else:
+                xoff[p] = -2
+        for m in range(tid, nb * plane, BW_THREADS):
+            n = m // plane
+            pos = m % plane
+            i = pos // wo
+            base = n * cin * hw + i * wd + (pos - i * wo)
+            g = dz[n, k, i, pos - i * wo]
+            for p in range(BW_COLS):
+                o = xoff[p]
+                if o >= 0:
+                    acc[p] += g * xf[base + o]
+                elif o == -1:
+                    acc[p] += g
+        for p in range(BW_COLS):
+            part[p, tid] = acc[p]
+        cuda.syncthreads()
+        stride = BW_THREADS // 2
+        while stride > 0:
+            if tid < stride:
+                for p in range(BW_COLS):
+                    part[p, tid] += part[p, tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        if tid < BW_COLS:
+            q = q0 + tid
+            if q < crs:
+                dw[k, q // rs, (q % rs) // s_, q % s_] = part[tid, 0]
+            elif q == crs:
+                db[k] = part[tid, 0]
+        cuda.syncthreads()  # part is reused by the block's next item
+
+
+# ------------------------------------------------------------------------------------ variant table
+
+_X4 = "float32[:,:,:,::1]"
+SIGNATURES = {
+    "conv2d_fwd_v1": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32)",
+    "conv2d_fwd_v2": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32, int32)",
+    "conv2d_bwd_data_v1": f"void({_X4}, {_X4}, {_X4})",
+    "conv2d_bwd_weight_v1": f"void({_X4}, {_X4}, {_X4}, float32[::1])",
+    "conv2d_bwd_weight_v2": f"void(float32[::1], {_X4}, {_X4}, float32[::1])",
+}
+KERNELS = {
+    "conv2d_fwd_v1": conv2d_fwd_v1,
+    "conv2d_fwd_v2": conv2d_fwd_v2,
+    "conv2d_bwd_data_v1": conv2d_bwd_data_v1,
+    "conv2d_bwd_weight_v1": conv2d_bwd_weight_v1,
+    "conv2d_bwd_weight_v2": conv2d_bwd_weight_v2,
+}
+VARIANTS = {
+    "conv2d_fwd": ("v1", "v2"),
+    "conv2d_bwd_data": ("v1",),
+    "conv2d_bwd_weight": ("v1", "v2"),
+}
