@@ -1,0 +1,174 @@
+"""The command-line programs end to end: train, evaluate, interrupt and resume, errors, the accuracy gate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lenet_gpu.model import read_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = ["--dataset", "mnist-sample", "--backend", "numpy", "--no-progress"]
+
+
+def run(module: str, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "LENET_GPU_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          env=e, cwd=ROOT)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, code: int = 2, match: str = "") -> None:
+    assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert match in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("module", ["lenet_gpu.train", "lenet_gpu.evaluate"])
+def test_help(module):
+    p = run(module, "--help")
+    assert p.returncode == 0 and "usage:" in p.stdout and "--backend" in p.stdout
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--epochs", "0"], "--epochs must be > 0"),
+        (["--batch-size", "-3"], "--batch-size must be > 0"),
+        (["--lr", "nan"], "--lr"),
+        (["--backend", "opencl"], "invalid choice"),
+        (["--activation", "gelu"], "invalid choice"),
+        (["--epochs", "two"], "invalid int value"),
+        (["--data-dir", "/no/such/dir"], "/no/such/dir"),
+        (["--dataset", "cifar"], "cifar"),
+        (["--resume", "/no/such/ckpt.npz"], "no such checkpoint"),
+    ],
+)
+def test_train_bad_arguments_give_one_line(args, match, tmp_path):
+    p = run("lenet_gpu.train", *QUICK, "--checkpoint", str(tmp_path / "c.npz"), *args)
+    assert_one_line_error(p, 2, match)
+    assert not (tmp_path / "c.npz").exists()
+
+
+def test_train_bad_data_dir_file_is_one_line(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (d / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    p = run("lenet_gpu.train", "--data-dir", str(d), "--backend", "numpy", "--checkpoint", str(tmp_path / "c.npz"))
+    assert_one_line_error(p, 2, "train-images-idx3-ubyte")
+
+
+def test_train_evaluate_end_to_end(tmp_path):
+    ck = tmp_path / "run" / "ck.npz"
+    p = run("lenet_gpu.train", *QUICK, "--limit", "320", "--epochs", "2", "--batch-size", "32", "--checkpoint",
+            str(ck))
+    assert p.returncode == 0, p.stderr
+    assert "dataset: mnist-sample" in p.stdout and "backend: numpy" in p.stdout
+    assert "epoch   2/2" in p.stdout and "done: test accuracy" in p.stdout
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert [r["epoch"] for r in recs] == [1, 2]
+    for r in recs:
+        assert {"loss", "train_acc", "test_acc", "images_per_s", "seconds"} <= r.keys()
+        assert 0 <= r["test_acc"] <= 1 and r["images_per_s"] > 0 and r["dataset"] == "mnist-sample"
+    assert recs[1]["loss"] < recs[0]["loss"]
+    ckd = read_checkpoint(ck)
+    assert ckd["extra"]["dataset"] == "mnist-sample" and ckd["extra"]["epoch"] == 2
+    e = run("lenet_gpu.evaluate", str(ck), "--backend", "numpy", "--limit", "320", "--json")
+    assert e.returncode == 0, e.stderr
+    res = json.loads(e.stdout)
+    assert res["accuracy"] == pytest.approx(recs[-1]["test_acc"], abs=1e-9)
+    assert np.array(res["confusion"]).sum() == 320
+    e2 = run("lenet_gpu.evaluate", str(ck), "--backend", "numpy", "--limit", "320")
+    assert e2.returncode == 0 and "test accuracy" in e2.stdout and "true \\ pred" in e2.stdout
+
+
+def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    assert_one_line_error(run("lenet_gpu.evaluate", str(bad)), 2, "not a lenet_gpu checkpoint")
+    assert_one_line_error(run("lenet_gpu.evaluate", str(tmp_path / "none.npz")), 2, "no such checkpoint")
+
+
+def _params(path: Path) -> np.ndarray:
+    return read_checkpoint(path)["params"]
+
+
+def test_interrupt_and_resume_reach_the_same_parameters(tmp_path):
+    common = [*QUICK, "--limit", "256", "--epochs", "2", "--batch-size", "32"]
+    full = tmp_path / "full.npz"
+    assert run("lenet_gpu.train", *common, "--checkpoint", str(full)).returncode == 0
+    part = tmp_path / "part.npz"
+    p = run("lenet_gpu.train", *common, "--checkpoint", str(part), "--stop-after", "11")  # mid epoch 2
+    assert p.returncode == 130, p.stderr
+    assert "interrupted at epoch 2, step 3/8" in p.stderr and "--resume" in p.stderr
+    assert "Traceback" not in p.stderr
+    state = read_checkpoint(part)["extra"]["state"]
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 3)
+    r = run("lenet_gpu.train", "--resume", str(part), "--backend", "numpy", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stdout
+    np.testing.assert_array_equal(_params(part), _params(full))
+    # the resumed run's metrics are the uninterrupted run's
+    m_full = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert m_full[-1]["epoch"] == 2
+    # a resumed run keeps its options
+    bad = run("lenet_gpu.train", "--resume", str(part), "--lr", "0.5", "--backend", "numpy")
+    assert_one_line_error(bad, 2, "keeps its options")
+
+
+def test_real_ctrl_c_saves_and_resume_matches(tmp_path):
+    common = [*QUICK, "--limit", "1024", "--epochs", "3", "--batch-size", "16"]
+    full = tmp_path / "a" / "full.npz"
+    assert run("lenet_gpu.train", *common, "--checkpoint", str(full)).returncode == 0
+    part = tmp_path / "b" / "part.npz"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LENET_GPU_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lenet_gpu.train", *common, "--checkpoint", str(part)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    metrics = part.parent / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:  # finished before the signal landed: nothing to resume, still equal
+        np.testing.assert_array_equal(_params(part), _params(full))
+        return
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "saved" in err
+    r = run("lenet_gpu.train", "--resume", str(part), "--backend", "numpy", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(_params(part), _params(full))
+
+
+def test_non_finite_loss_stops_and_names_the_step(tmp_path):
+    ck = tmp_path / "ck.npz"
+    p = run("lenet_gpu.train", *QUICK, "--limit", "256", "--epochs", "1", "--batch-size", "16", "--optimizer", "sgd",
+            "--lr", "1e9", "--schedule", "constant", "--checkpoint", str(ck))
+    assert p.returncode == 3, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr
+    assert "the loss became" in p.stderr and "at step " in p.stderr
+    assert not ck.exists()
+
+
+@pytest.mark.slow
+def test_accuracy_gate_numpy_mnist_sample(tmp_path):
+    """The default recipe on the bundled mnist-sample reaches at least 96.5 % test accuracy."""
+    ck = tmp_path / "ck.npz"
+    p = run("lenet_gpu.train", *QUICK, "--checkpoint", str(ck), timeout=900)
+    assert p.returncode == 0, p.stderr
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["test_acc"] >= 0.965, p.stdout
