@@ -87,11 +87,11 @@ inline uchar4 make_uchar4(unsigned char x, unsigned char y, unsigned char z, uns
 }
 
 // ---------------------------------------------------------------------------- built-in variables
-// Per kernel module (hidden symbols): the module's launch trampoline sets them for each thread.
+// Per kernel module (hidden symbols), per thread: the module's launch trampoline sets them.
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
-inline dim3 blockDim;
-inline dim3 gridDim;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
 constexpr int warpSize = 32;
 
 // ---------------------------------------------------------------------------- runtime interface
@@ -358,9 +358,9 @@ int launch(void (*kernel)(A...), const char* name, const unsigned* grid, const u
     struct Ctx {
         void (*kernel)(A...);
         void** args;
-    } ctx{kernel, args};
-    gridDim = dim3(grid[0], grid[1], grid[2]);
-    blockDim = dim3(block[0], block[1], block[2]);
+        dim3 grid;
+        dim3 block;
+    } ctx{kernel, args, dim3(grid[0], grid[1], grid[2]), dim3(block[0], block[1], block[2])};
     LaunchConfig cfg{};
     cfg.kernel = name;
     for (int i = 0; i < 3; ++i) {
@@ -374,9 +374,11 @@ int launch(void (*kernel)(A...), const char* name, const unsigned* grid, const u
     cfg.timeout_s = timeout_s;
     cfg.ctx = &ctx;
     cfg.thread_fn = [](void* p, uint3 thread, uint3 block_index) {
+        auto* c = static_cast<Ctx*>(p);
         threadIdx = thread;
         blockIdx = block_index;
-        auto* c = static_cast<Ctx*>(p);
+        blockDim = c->block;
+        gridDim = c->grid;
         invoke(c->kernel, c->args, std::index_sequence_for<A...>{});
     };
     return run_grid(cfg);

@@ -119,7 +119,8 @@ _GLOBAL_KW = re.compile(r"\b__global__\b")
 _LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\s*\([^()]*\)")
 _VARIABLE = re.compile(
     r"(?:^|[;}])\s*(?:static\s+)?(?:__device__\s+)?__(?:constant|device)__\s+(?:__device__\s+)?"
-    r"[^;(){}=]*?\b(\w+)\s*(?:\[[^\]]*\]\s*)*(?:=[^;]*)?;"
+    r"[^;(){}=]*?\b(\w+)\s*(?:\[[^\]]*\]\s*)*(?:=[^;]*)?;",
+    re.MULTILINE,
 )
 
 # NVRTC-only options that mean nothing to g++: accepted and ignored, so that one option tuple
@@ -495,18 +496,28 @@ class CpuModule:
             )
         self.sanitize = sanitize
 
-        plain, templated = _find_kernels(code)
+        cxx_defs, opt_includes = _translate_options(self.options)
+        inc_dirs = [Path(d).resolve() for d in include_dirs] + [d.resolve() for d in opt_includes]
+        if self.path is not None:
+            inc_dirs.insert(0, self.path.parent)
+        deps = _local_includes(code, self.path.parent if self.path else None, inc_dirs)
+        dep_texts = {d: d.read_text(errors="replace") for d in deps}
+        for d, t in dep_texts.items():
+            if _EXTERN_SHARED.search(_strip_comments(t)):
+                raise CudaCpuError(
+                    f"{d}: `extern __shared__` in an included header is not supported by the CPU harness; "
+                    "declare it in the .cu file"
+                )
+        # kernels and variables of the translation unit: the source and its local headers
+        unit = "\n".join([code, *dep_texts.values()])
+        plain, templated = _find_kernels(unit)
         template_names = {e.split("<", 1)[0].strip() for e in self.name_expressions}
         missing = template_names - set(templated) - set(plain)
         if missing:
             raise CudaCpuError(f"name_expressions refer to unknown kernels: {sorted(missing)}")
         self._entries: list[str] = plain + [e for e in self.name_expressions if e not in plain]
-        self._globals = _find_globals(code)
+        self._globals = _find_globals(unit)
 
-        cxx_defs, opt_includes = _translate_options(self.options)
-        inc_dirs = [Path(d).resolve() for d in include_dirs] + [d.resolve() for d in opt_includes]
-        if self.path is not None:
-            inc_dirs.insert(0, self.path.parent)
         san_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
 
         source_name = str(self.path) if self.path is not None else "<cudacpu-code>"
@@ -536,7 +547,6 @@ class CpuModule:
         cxx = _cxx()
         runtime = _runtime_library(san_flags)
         flags = [*_BASE_FLAGS, *san_flags, *extra_cxx_flags, *cxx_defs, *(f"-I{d}" for d in inc_dirs)]
-        deps = _local_includes(code, self.path.parent if self.path else None, inc_dirs)
         key = _digest(
             text,
             HEADER.read_bytes(),
@@ -544,7 +554,7 @@ class CpuModule:
             " ".join(flags),
             _compiler_id(cxx),
             runtime.name,
-            *(f"{d}\n{d.read_text(errors='replace')}" for d in deps),
+            *(f"{d}\n{t}" for d, t in dep_texts.items()),
         )
         self.so_path = cache_dir() / f"k_{key}.so"
         self.build_log = _build(

@@ -1,0 +1,119 @@
+"""Sanitizer builds of the CPU harness find memory errors and races in kernels, and stay quiet on
+correct ones. Each case runs in a subprocess: ASan aborts the process at the first error, and ASan
+and TSan must be preloaded before Python starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lenet_gpu.harness.cudacpu import CpuModule, CudaCpuError, sanitizer_env, sanitizer_runtime_loaded
+
+from .helpers import BAD_CU, OK_CU, needs_gxx, run_python
+
+pytestmark = needs_gxx
+
+
+def line_of(path: object, marker: str) -> int:
+    """1-based line number of the first line of ``path`` that contains ``marker``."""
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if marker in line:
+            return i
+    raise AssertionError(f"{marker!r} not in {path}")
+
+
+def run_sanitized(kind: str, body: str) -> tuple[int, str]:
+    code = (
+        "import numpy as np\n"
+        "from lenet_gpu.harness.cudacpu import CpuModule\n"
+        f"ok = CpuModule({str(OK_CU)!r})\n"
+        f"bad = CpuModule({str(BAD_CU)!r})\n"
+        "f32, i32 = np.float32, np.int32\n" + body + "\nprint('FINISHED')\n"
+    )
+    r = run_python(code, env=sanitizer_env(kind))
+    return r.returncode, r.stdout + r.stderr
+
+
+CLEAN_RUNS = """
+rng = np.random.default_rng(0)
+x = rng.standard_normal(1000).astype(f32); out = np.zeros(8, f32)
+ok.get_function("block_sum")((8,), (128,), (x, out, i32(1000)), shared_mem=512)
+a = rng.standard_normal((37, 45)).astype(f32); b = rng.standard_normal((45, 29)).astype(f32)
+c = np.zeros((37, 29), f32)
+ok.get_function("tiled_matmul")((2, 3), (16, 16), (a, b, c, i32(37), i32(29), i32(45)))
+assert np.allclose(c, a @ b, atol=1e-4)
+d = np.zeros(32, f32); xa = np.zeros(1000, f32)
+ok.get_function("warp_sums")((8,), (128,), (x, d, xa, i32(1000)))
+v = np.zeros(4, np.uint32); ok.get_function("votes")((1,), (64,), (v,))
+s = np.zeros(1, f32); ok.get_function("atomic_sum")((4,), (256,), (x, s, i32(1000)))
+p = np.zeros(128, f32); ok.get_function("read_dynamic_smem")((2,), (64,), (p,), shared_mem=256)
+"""
+
+
+def test_sanitizer_build_needs_the_preloaded_runtime() -> None:
+    if sanitizer_runtime_loaded("address"):
+        pytest.skip("this process already runs under ASan")
+    with pytest.raises(CudaCpuError, match="LD_PRELOAD=.*libasan"):
+        CpuModule(OK_CU, sanitize="address")
+    with pytest.raises(CudaCpuError, match="unknown sanitizer"):
+        CpuModule(OK_CU, sanitize="memory")
+
+
+def test_asan_finds_global_out_of_bounds_write() -> None:
+    rc, out = run_sanitized("address", 'bad.get_function("global_oob")((2,), (256,), (np.zeros(256, f32), i32(256)))')
+    assert rc != 0 and "FINISHED" not in out
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in out
+    assert f"harness_bad.cu:{line_of(BAD_CU, '// off by one')}" in out
+    assert "in global_oob" in out
+
+
+def test_asan_finds_dynamic_shared_memory_overrun() -> None:
+    rc, out = run_sanitized(
+        "address", 'bad.get_function("smem_overrun")((1,), (64,), (np.zeros(64, f32), i32(64)), shared_mem=64)'
+    )
+    assert rc != 0 and "FINISHED" not in out
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in out
+    assert f"harness_bad.cu:{line_of(BAD_CU, 'buf[threadIdx.x] = 1.0f;')}" in out
+
+
+def test_asan_is_quiet_on_correct_kernels() -> None:
+    rc, out = run_sanitized("address", CLEAN_RUNS)
+    assert rc == 0, out
+    assert "FINISHED" in out and "AddressSanitizer" not in out
+
+
+def test_tsan_finds_missing_barrier() -> None:
+    rc, out = run_sanitized(
+        "thread",
+        """
+a = np.ones((64, 64), f32); b = np.ones((64, 64), f32); c = np.zeros((64, 64), f32)
+bad.get_function("matmul_missing_sync")((4, 4), (16, 16), (a, b, c, i32(64), i32(64), i32(64)))
+""",
+    )
+    assert "WARNING: ThreadSanitizer: data race" in out
+    assert "in matmul_missing_sync" in out or "matmul_missing_sync " in out
+    racy_lines = {
+        line_of(BAD_CU, "sA[ty][tx] = (row < M"),
+        line_of(BAD_CU, "sB[ty][tx] = (t * TILE"),
+        line_of(BAD_CU, "acc += sA[ty][k] * sB[k][tx]"),
+    }
+    assert any(f"harness_bad.cu:{n}" in out for n in racy_lines), out[-3000:]
+    assert "FINISHED" in out  # TSan reports and goes on; the exit status says races were found
+    assert rc != 0
+
+
+def test_tsan_is_quiet_on_correct_kernels() -> None:
+    """The harness's own synchronisation (pool, barriers, shuffles) must not produce reports."""
+    rc, out = run_sanitized("thread", CLEAN_RUNS)
+    assert "ThreadSanitizer" not in out, out[-4000:]
+    assert rc == 0 and "FINISHED" in out
+
+
+def test_ubsan_finds_signed_overflow() -> None:
+    rc, out = run_sanitized(
+        "undefined", 'bad.get_function("int_overflow")((1,), (4,), (np.zeros(4, i32), i32(2**31 - 2)))'
+    )
+    assert "runtime error: signed integer overflow" in out
+    assert f"harness_bad.cu:{line_of(BAD_CU, 'big + (int)threadIdx.x')}" in out
+    assert "FINISHED" in out
