@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 from numba import cuda
 
@@ -73,3 +74,12 @@ def act_grad(y, act):
 
 def ceil_div(a: int, b: int) -> int:
     return -(-int(a) // int(b))
+
+
+if numba.config.ENABLE_CUDASIM:
+    # The simulator calls a device function through a context manager that rescans its module's
+    # globals on every call (~150 µs, the main cost of a simulated step). These two use no cuda.*
+    # API, so the simulator may run them as the plain Python functions they are; compiled code
+    # (GPU, compile_ptx) always inlines the decorated versions above.
+    activate = activate.py_func  # noqa: F811
+    act_grad = act_grad.py_func  # noqa: F811
