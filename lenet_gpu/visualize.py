@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .backends import BACKENDS
+from .predict import softmax
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -63,11 +64,12 @@ class VisualizeError(Exception):
     """A problem the command line reports in one line (bad file, bad option value, ...)."""
 
 
-def figure_size(name: str, n: int = 0) -> tuple[float, float]:
-    """The size in inches of figure ``name``; for ``mistakes``, with ``n`` images in the grid."""
+def figure_size(name: str, n: int = 0, long_names: bool = False) -> tuple[float, float]:
+    """The size in inches of figure ``name``; for ``mistakes``, with ``n`` images in the grid (and
+    two-line titles when class names are long)."""
     if name == "mistakes":
         rows = max(1, math.ceil(n / MISTAKE_COLS))
-        return (11.0, 0.9 + 1.55 * rows)
+        return (11.0, 0.9 + (1.75 if long_names else 1.55) * rows)
     return FIGSIZES[name]
 
 
@@ -101,14 +103,6 @@ def _frame(ax: Any, color: str = "#adb5bd") -> None:
     for s in ax.spines.values():
         s.set_color(color)
         s.set_linewidth(0.6)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,20 +530,23 @@ def render_mistakes(
     conf = probs[wrong, preds[wrong]]
     order = wrong[np.argsort(-conf, kind="stable")][:count]
     shown = len(order)
-    fig = _new_figure(figure_size("mistakes", max(shown, 1)), dpi)
+    long_names = max(len(str(c)) for c in classes) > 2
+    size = figure_size("mistakes", max(shown, 1), long_names)
+    fig = _new_figure(size, dpi)
     rows = max(1, math.ceil(shown / MISTAKE_COLS))
-    h_in = figure_size("mistakes", max(shown, 1))[1]
-    top = 1 - 0.9 / h_in
+    h_in = size[1]
+    top = 1 - (1.05 if long_names else 0.9) / h_in
     gs = fig.add_gridspec(rows, MISTAKE_COLS, left=0.02, right=0.98, top=top, bottom=0.02, wspace=0.25,
-                          hspace=0.55)
+                          hspace=0.75 if long_names else 0.55)
     for n, i in enumerate(order):
         ax = fig.add_subplot(gs[n // MISTAKE_COLS, n % MISTAKE_COLS])
         ax.imshow(images[i], cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
         _frame(ax)
         ax.set_box_aspect(1)
         p = preds[i]
-        ax.set_title(f"{classes[labels[i]]} → {classes[p]}  {100 * probs[i, p]:.0f}%", fontsize=8.5,
-                     color=INK, pad=3)
+        sep = " →\n" if long_names else " → "
+        ax.set_title(f"{classes[labels[i]]}{sep}{classes[p]}  {100 * probs[i, p]:.0f}%", fontsize=8.5,
+                     color=INK, pad=3, linespacing=1.15)
         ax.set_xlabel(f"test #{i}", fontsize=7, color=MUTED, labelpad=2)
     if shown == 0:
         ax = fig.add_subplot(gs[0, :])
