@@ -16,6 +16,7 @@ Must run in a process where NUMBA_ENABLE_CUDASIM is not set (the simulator has n
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -76,8 +77,9 @@ def f64_lines(ptx: str) -> list[str]:
     return out
 
 
+@functools.cache
 def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[str, str]:
-    """(PTX, ptxas -v log) of kernel ``name`` for ``arch`` (e.g. "sm_90")."""
+    """(PTX, ptxas -v log) of kernel ``name`` for ``arch`` (e.g. "sm_90"); cached per process."""
     from numba import cuda
 
     cc = (int(arch[3:-1]), int(arch[-1]))

@@ -1,0 +1,107 @@
+"""Static checks of every Numba kernel, with no GPU: compile_ptx for sm_80 and sm_90 with the exact
+signature its launches use, no float64 in the PTX, no register spills (ptxas -v), and the
+compile_report table and CLI. Runs in the main pytest process, where the simulator is off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    pytest.skip("compile checks need the real compiler (NUMBA_ENABLE_CUDASIM is set)", allow_module_level=True)
+pytest.importorskip("numba.cuda")
+
+from lenet_gpu.backends.numba_backend import KERNELS, SIGNATURES, VARIANTS  # noqa: E402
+from lenet_gpu.backends.numba_backend import compile_report as cr  # noqa: E402
+
+ARCHS = ("sm_80", "sm_90")
+KERNEL_NAMES = sorted(KERNELS)
+
+
+@pytest.fixture(scope="module")
+def report() -> dict[tuple[str, str], dict]:
+    """Every kernel compiled once per arch for the whole module (compile_ptx is ~1 s a kernel)."""
+    try:
+        cr.ptxas_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return {(r["kernel"], r["arch"]): r for r in cr.compile_report(ARCHS, include_ptx=True)}
+
+
+def test_every_kernel_has_a_signature_and_a_variant_entry():
+    assert set(KERNELS) == set(SIGNATURES)
+    assert set(KERNELS) == {f"{op}_{v}" for op, vs in VARIANTS.items() for v in vs}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
+def test_compiles_without_float64_or_spills(report, kernel, arch):
+    r = report[(kernel, arch)]
+    assert f".target {arch}" in r["ptx"]
+    assert ".entry" in r["ptx"]
+    bad = cr.f64_lines(r["ptx"])
+    assert not bad, f"{kernel} ({arch}) has float64 in its PTX:\n" + "\n".join(bad[:10])
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, f"{kernel} ({arch}) spills: {r}"
+    assert r["stack_bytes"] == 0, f"{kernel} ({arch}) uses a stack frame (local arrays not in registers?): {r}"
+    assert 0 < r["registers"] <= 128, r
+    assert 0 < r["occupancy"] <= 1 and r["block_threads"] > 0, r
+
+
+def test_report_records_have_the_documented_fields(report):
+    keys = {"backend", "op", "kernel", "variant", "arch", "registers", "shared_bytes", "stack_bytes",
+            "spill_stores", "spill_loads", "block_threads", "occupancy"}
+    assert len(report) == len(KERNEL_NAMES) * len(ARCHS)
+    for r in report.values():
+        assert keys <= set(r), sorted(keys - set(r))
+        assert r["backend"] == "numba" and r["kernel"] == f"{r['op']}_{r['variant']}"
+    # kernels that stage data in shared memory report it (static, or dynamic at LeNet shapes)
+    for k in ("conv2d_fwd_v2", "conv2d_bwd_weight_v2", "dense_fwd_v2", "softmax_xent_v1"):
+        assert report[(k, "sm_90")]["shared_bytes"] > 0, k
+
+
+def test_f64_lint_catches_a_float64_kernel():
+    """The lint has teeth: a bare Python float literal promotes float32 arithmetic to float64."""
+    from numba import cuda
+
+    def leaky(a):
+        i = cuda.grid(1)
+        if i < a.shape[0]:
+            a[i] = a[i] * 0.5 + 1.0  # Python floats are float64 in Numba
+
+    ptx, _ = cuda.compile_ptx(leaky, "void(float32[::1])", cc=(9, 0))
+    assert any("f64" in line for line in cr.f64_lines(ptx)), "a float64 kernel passed the lint"
+
+
+def test_parse_ptxas():
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90'\n"
+        "ptxas info    : Function properties for k\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+        "ptxas info    : Used 40 registers, used 1 barriers, 2112 bytes smem, 400 bytes cmem[0]\n"
+    )
+    assert cr.parse_ptxas(log) == {"registers": 40, "shared_bytes": 2112, "stack_bytes": 8,
+                                   "spill_stores": 4, "spill_loads": 4}
+
+
+def test_cli_writes_json(tmp_path, report, capsys):
+    """The CLI entry on one arch (in-process: compile_kernel's cache reuses the fixture's builds)."""
+    out = tmp_path / "numba_kernels.json"
+    assert cr.main(["--arch", "sm_90", "--json", str(out)]) == 0
+    assert "conv2d_fwd_v2" in capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert {r["kernel"] for r in records} == set(KERNEL_NAMES)
+    assert all(r["arch"] == "sm_90" for r in records)
+    for r in records:
+        assert r["registers"] == report[(r["kernel"], "sm_90")]["registers"]
+
+
+def test_cli_help():
+    res = subprocess.run(
+        [sys.executable, "-m", "lenet_gpu.backends.numba_backend.compile_report", "--help"],
+        capture_output=True, text=True, check=False,
+    )
+    assert res.returncode == 0 and "--json" in res.stdout
