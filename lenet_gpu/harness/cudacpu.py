@@ -210,7 +210,8 @@ def sanitizer_env(kind: str, env: Mapping[str, str] | None = None) -> dict[str, 
 
     Sets ``CUDACPU_SANITIZE``, preloads the ASan/TSan runtime (``g++ -print-file-name``), and
     chooses options: no leak checking (Python itself leaks by design), a longer watchdog, symbolized
-    reports. ``env`` defaults to ``os.environ``; existing sanitizer options are kept and extended.
+    reports. ``env`` defaults to ``os.environ``; existing options are kept (they come later, so they
+    win). Applying it twice changes nothing.
     """
     if kind not in SANITIZERS:
         raise ValueError(f"unknown sanitizer {kind!r}; expected one of {SANITIZERS}")
@@ -219,18 +220,17 @@ def sanitizer_env(kind: str, env: Mapping[str, str] | None = None) -> dict[str, 
     out.setdefault("CUDACPU_TIMEOUT", "120")
     if kind in _SANITIZER_RUNTIMES:
         lib = _sanitizer_library(kind, _cxx())
-        preload = out.get("LD_PRELOAD", "")
-        out["LD_PRELOAD"] = lib + (" " + preload if preload else "")
-    if kind == "address":
-        out["ASAN_OPTIONS"] = ":".join(
-            filter(None, ["detect_leaks=0", "abort_on_error=0", "print_summary=1", out.get("ASAN_OPTIONS", "")])
-        )
-    elif kind == "thread":
-        out["TSAN_OPTIONS"] = ":".join(
-            filter(None, ["second_deadlock_stack=1", "report_signal_unsafe=0", out.get("TSAN_OPTIONS", "")])
-        )
-    else:
-        out["UBSAN_OPTIONS"] = ":".join(filter(None, ["print_stacktrace=1", out.get("UBSAN_OPTIONS", "")]))
+        preload = out.get("LD_PRELOAD", "").split()
+        if lib not in preload:
+            out["LD_PRELOAD"] = " ".join([lib, *preload])
+    defaults = {
+        "address": ("ASAN_OPTIONS", ["detect_leaks=0", "abort_on_error=0", "print_summary=1"]),
+        "thread": ("TSAN_OPTIONS", ["second_deadlock_stack=1", "report_signal_unsafe=0"]),
+        "undefined": ("UBSAN_OPTIONS", ["print_stacktrace=1"]),
+    }
+    var, options = defaults[kind]
+    current = [o for o in out.get(var, "").split(":") if o]
+    out[var] = ":".join([o for o in options if o not in current] + current)
     return out
 
 
@@ -269,10 +269,13 @@ def _find_kernels(src: str) -> tuple[list[str], list[str]]:
     plain: dict[str, None] = {}
     templated: dict[str, None] = {}
     for m in _GLOBAL_KW.finditer(code):
-        # the declaration runs from the previous ';', '{', '}' or preprocessor line to the '('
-        start = max(code.rfind(c, 0, m.start()) for c in ";{}")
-        head_start = max(start, code.rfind("\n#", 0, m.start()))
-        tail = _LAUNCH_BOUNDS.sub(" ", code[m.end() : m.end() + 2000])
+        line_start = code.rfind("\n", 0, m.start()) + 1
+        if code[line_start : m.start()].lstrip().startswith("#"):
+            continue  # inside a macro definition: the expansion site is not visible here
+        # the declaration runs from the previous ';', '{', '}' or line start to its '(' (before any '{' / ';')
+        head_start = max(code.rfind(c, 0, m.start()) for c in ";{}")
+        end = min((i for i in (code.find("{", m.end()), code.find(";", m.end())) if i >= 0), default=len(code))
+        tail = _LAUNCH_BOUNDS.sub(" ", code[m.end() : end])
         name_match = re.search(r"\bvoid\b\s*(?:__\w+__\s*)*(\w+)\s*\(", tail)
         if not name_match:
             continue
