@@ -399,16 +399,21 @@ def render_curves(records: Sequence[dict[str, Any]], *, dpi: int = DEFAULT_DPI, 
             return None
         return np.array([np.nan if v is None else float(v) for v in vals])
 
-    loss, train_acc, test_acc = series("loss"), series("train_acc"), series("test_acc")
+    loss, test_loss = series("loss"), series("test_loss")
+    train_acc, test_acc = series("train_acc"), series("test_acc")
     fig = _new_figure(figure_size("curves"), dpi)
     gs = fig.add_gridspec(1, 2, left=0.07, right=0.98, top=0.77, bottom=0.13, wspace=0.22)
     marker = "o" if len(epochs) <= 30 else None
 
     ax = fig.add_subplot(gs[0])
-    ax.plot(epochs, loss, marker=marker, ms=4, color="#1c7ed6", lw=2, label="training loss")
-    ax.set_title("loss (cross-entropy, mean over the epoch)", fontsize=10.5, color=INK)
+    ax.plot(epochs, loss, marker=marker, ms=4, color="#1c7ed6", lw=2, label="training loss (mean over the epoch)")
+    if test_loss is not None:
+        ax.plot(epochs, test_loss, marker=marker, ms=4, color=ACCENT, lw=2, ls="--", label="test loss")
+        ax.legend(loc="upper right", fontsize=9, frameon=False)
+    ax.set_title("loss (cross-entropy)", fontsize=10.5, color=INK)
     ax.set_xlabel("epoch")
-    if np.nanmin(loss) > 0 and np.nanmax(loss) / np.nanmin(loss) > 20:
+    both = loss if test_loss is None else np.concatenate([loss, test_loss])
+    if np.nanmin(both) > 0 and np.nanmax(both) / np.nanmin(both) > 20:
         ax.set_yscale("log")
     ax.annotate(f"{loss[-1]:.4f}", (epochs[-1], loss[-1]), textcoords="offset points",
                 xytext=(-6, 8) if len(epochs) > 1 else (0, 8), ha="right" if len(epochs) > 1 else "center",

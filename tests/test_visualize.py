@@ -39,7 +39,8 @@ def run_dir(tmp_path_factory) -> Path:
         model.train_step(ds.train_images[idx], ds.train_labels[idx])
     model.save(folder / "model.npz", extra={"dataset": "mnist-sample", "data_dir": None, "epoch": 3})
     lines = [
-        {"epoch": e, "loss": loss, "train_acc": acc - 0.02, "test_acc": acc, "images_per_s": 400.0 + e,
+        {"epoch": e, "loss": loss, "train_acc": acc - 0.02, "test_loss": loss * 0.8, "test_acc": acc,
+         "images_per_s": 400.0 + e,
          "seconds": 10.0, "lr": 1e-3, "dataset": "mnist-sample", "backend": "numpy"}
         for e, loss, acc in ((1, 1.9, 0.55), (2, 0.9, 0.71), (3, 0.6, 0.78))
     ]
