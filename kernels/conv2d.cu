@@ -1,0 +1,339 @@
+// conv2d.cu -- valid 2-D convolution (cross-correlation), stride 1, NCHW, float32.
+//
+//   forward        y[n,k,p,q]  = act(b[k] + sum_{c,r,s} w[k,c,r,s] * x[n,c,p+r,q+s])
+//   fused forward  the same, then 2x2/2 subsampling of y (max with argmax, or mean) in one launch
+//   input grad     dx[n,c,h,v] = sum_{k,r,s} dz[n,k,h-r,v-s] * w[k,c,r,s]   (taps inside dz only)
+//   weight grad    dw[k,c,r,s] = sum_{n,p,q} dz[n,k,p,q] * x[n,c,p+r,q+s];  db[k] = sum_{n,p,q} dz[n,k,p,q]
+//
+// Shapes: x (N,C,H,W), w (K,C,R,S), b (K,), y and dz (N,K,P,Q) with P = H-R+1, Q = W-S+1,
+// pooled (N,K,P/2,Q/2) (an odd trailing row/column of y is not pooled). dz is the gradient w.r.t.
+// the pre-activation. Any N, C, H, W, K, R, S; sizes are int (N*K*P*Q < 2^31).
+//
+// Versions:
+//   conv2d_fwd_v1         one thread per output, operands straight from global memory (baseline).
+//   conv2d_fwd_v2         a block owns ROWS full output rows of one image and K_BLOCK filters: the input
+//                         rows (+ halo) and the filters are staged in shared memory (coalesced copies,
+//                         C_chunk channels at a time); each thread keeps K_BLOCK accumulators, so one
+//                         shared load of x feeds K_BLOCK FMAs and the filter reads are broadcasts.
+//   conv2d_pool_fwd_v1    fusion: one thread per 2x2 window computes its 4 outputs, writes them
+//                         (needed for act'), pools them and writes argmax: no second launch, no re-read.
+//   conv2d_pool_fwd_v2    the v2 tiling (shared input rows + filters, K_BLOCK register blocking) with the
+//                         pooling fused: a block owns 2*ROWS2 conv rows; one thread per 2x2 window.
+//   conv2d_bwd_data_v1    one thread per input-gradient element, gathering (no atomics).
+//   conv2d_bwd_weight_v1  one thread per dw / db element looping over batch x positions (baseline).
+//   conv2d_bwd_weight_v2  one block per (k, J_BLOCK taps of c*r*s): threads stride over batch x positions
+//                         (coalesced dz and x reads), J_BLOCK (+ db) register accumulators, then one
+//                         barrier and a fixed-order warp reduction (shared rows + xor shuffles):
+//                         deterministic, no float atomics.
+//
+// Launch shapes (see lenet_gpu/backends/cupy_backend/backend.py): v1 kernels 1-D grids of 256
+// threads; conv2d_fwd_v2 grid (N*tiles, ceil(K/K_BLOCK)), 1-D block >= ROWS*Q rounded to a warp, dynamic
+// smem (C_chunk*(ROWS+R-1)*W + C_chunk*R*S*K_BLOCK) floats; conv2d_bwd_weight_v2 grid
+// (ceil(C*R*S/J_BLOCK), K), block BWD_THREADS.
+#include "common.cuh"
+
+#ifndef K_BLOCK
+#define K_BLOCK 8  // filters per block in conv2d_fwd_v2 / conv2d_pool_fwd_v2 (register accumulators)
+#endif
+#ifndef J_BLOCK
+#define J_BLOCK 16  // weight taps per block in conv2d_bwd_weight_v2
+#endif
+#ifndef BWD_THREADS
+#define BWD_THREADS 256  // block size of conv2d_bwd_weight_v2 (whole warps)
+#endif
+static_assert(BWD_THREADS % 32 == 0 && BWD_THREADS <= 1024, "BWD_THREADS: whole warps, at most 1024");
+
+// ------------------------------------------------------------------------------------------ v1
+extern "C" __global__ void conv2d_fwd_v1(const float* __restrict__ x, const float* __restrict__ w,
+                                         const float* __restrict__ b, float* __restrict__ y,
+                                         int N, int C, int H, int W, int K, int R, int S, int act) {
+    const int P = H - R + 1, Q = W - S + 1;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * K * P * Q) return;
+    const int q = idx % Q, p = (idx / Q) % P, k = (idx / (P * Q)) % K, n = idx / (K * P * Q);
+    float acc = b[k];
+    for (int c = 0; c < C; ++c)
+        for (int r = 0; r < R; ++r)
+            for (int s = 0; s < S; ++s)
+                acc += x[((n * C + c) * H + p + r) * W + q + s] * w[((k * C + c) * R + r) * S + s];
+    y[idx] = act_fwd(acc, act);
+}
+
+// ------------------------------------------------------------------------------------------ v2
+// Stage C_chunk channels of input rows [p0, p0+rows+R-1) (full width) and the K_BLOCK filters' taps for
+// those channels. s_w is laid out [c][r][s][kk] so the K_BLOCK weights of one tap are contiguous.
+__device__ __forceinline__ void conv_stage(const float* __restrict__ x, const float* __restrict__ w,
+                                           float* s_x, float* s_w, int n, int c0, int cn, int p0, int in_rows,
+                                           int k0, int C, int H, int W, int K, int R, int S) {
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const int plane = in_rows * W;
+    for (int i = tid; i < cn * plane; i += nt) {  // contiguous rows of each channel: coalesced
+        const int c = i / plane, rem = i - c * plane;
+        const int row = p0 + rem / W;
+        s_x[i] = row < H ? x[((size_t)(n * C + c0 + c) * H + p0) * W + rem] : 0.0f;
+    }
+    const int taps = cn * R * S;
+    for (int i = tid; i < taps * K_BLOCK; i += nt) {  // i = kk*taps + t: reads runs of taps per filter
+        const int kk = i / taps, t = i - kk * taps;
+        const int k = k0 + kk;
+        s_w[t * K_BLOCK + kk] = k < K ? w[(size_t)k * C * R * S + c0 * R * S + t] : 0.0f;
+    }
+}
+
+// Grid (N*tiles, ceil(K/K_BLOCK)); a tile = `rows` output rows; blockDim.x threads cover rows*Q pixels
+// (looping if fewer). Dynamic smem: (c_chunk*(rows+R-1)*W + c_chunk*R*S*K_BLOCK) floats.
+extern "C" __global__ void __launch_bounds__(1024)
+conv2d_fwd_v2(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+              float* __restrict__ y, int N, int C, int H, int W, int K, int R, int S, int act, int rows,
+              int c_chunk) {
+    extern __shared__ float smem[];
+    const int P = H - R + 1, Q = W - S + 1;
+    const int tiles = ceil_div(P, rows);
+    const int n = blockIdx.x / tiles, p0 = (blockIdx.x - n * tiles) * rows;
+    const int k0 = blockIdx.y * K_BLOCK;
+    const int in_rows = rows + R - 1;
+    float* s_x = smem;
+    float* s_w = smem + c_chunk * in_rows * W;
+    const int npix = min(rows, P - p0) * Q;
+    for (int t0 = 0; t0 < rows * Q; t0 += blockDim.x) {  // usually one pass: blockDim.x >= rows*Q
+        const int t = t0 + threadIdx.x;
+        const int pr = t / Q, q = t - (t / Q) * Q;
+        float acc[K_BLOCK];
+#pragma unroll
+        for (int kk = 0; kk < K_BLOCK; ++kk) acc[kk] = 0.0f;
+        for (int c0 = 0; c0 < C; c0 += c_chunk) {
+            const int cn = min(c_chunk, C - c0);
+            __syncthreads();  // the previous chunk's readers are done
+            conv_stage(x, w, s_x, s_w, n, c0, cn, p0, in_rows, k0, C, H, W, K, R, S);
+            __syncthreads();
+            if (t < npix) {
+                for (int c = 0; c < cn; ++c)
+                    for (int r = 0; r < R; ++r) {
+                        const float* xr = s_x + (c * in_rows + pr + r) * W + q;
+                        const float* wr = s_w + (c * R + r) * S * K_BLOCK;
+                        for (int s = 0; s < S; ++s) {
+                            const float xv = xr[s];
+#pragma unroll
+                            for (int kk = 0; kk < K_BLOCK; ++kk) acc[kk] += xv * wr[s * K_BLOCK + kk];
+                        }
+                    }
+            }
+        }
+        if (t < npix) {
+#pragma unroll
+            for (int kk = 0; kk < K_BLOCK; ++kk) {
+                const int k = k0 + kk;
+                if (k < K) y[((size_t)(n * K + k) * P + p0 + pr) * Q + q] = act_fwd(acc[kk] + b[k], act);
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------- fused conv+pool
+// Pool one 2x2 window of activated outputs v[0..3] (row-major taps); first maximum wins.
+__device__ __forceinline__ float pool_window(const float v[4], int mode, unsigned char* am) {
+    if (mode == POOL_AVG) return (v[0] + v[1] + v[2] + v[3]) * 0.25f;
+    float m = v[0];
+    unsigned char a = 0;
+    for (int t = 1; t < 4; ++t)
+        if (v[t] > m) { m = v[t]; a = (unsigned char)t; }
+    *am = a;
+    return m;
+}
+
+// One thread per 2x2 window (n,k,i,j), i < ceil(P/2), j < ceil(Q/2): windows cut by an odd edge only
+// write their conv outputs. yconv may be NULL (inference): then only ypool/argmax are written.
+// argmax is written for mode max only.
+extern "C" __global__ void conv2d_pool_fwd_v1(const float* __restrict__ x, const float* __restrict__ w,
+                                              const float* __restrict__ b, float* __restrict__ yconv,
+                                              float* __restrict__ ypool, unsigned char* __restrict__ argmax,
+                                              int N, int C, int H, int W, int K, int R, int S, int act, int mode) {
+    const int P = H - R + 1, Q = W - S + 1;
+    const int PH = P / 2, PW = Q / 2, WH = (P + 1) / 2, WW = (Q + 1) / 2;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * K * WH * WW) return;
+    const int j = idx % WW, i = (idx / WW) % WH, k = (idx / (WH * WW)) % K, n = idx / (K * WH * WW);
+    float v[4];
+    for (int t = 0; t < 4; ++t) {
+        const int p = 2 * i + (t >> 1), q = 2 * j + (t & 1);
+        v[t] = 0.0f;
+        if (p >= P || q >= Q) continue;
+        float acc = b[k];
+        for (int c = 0; c < C; ++c)
+            for (int r = 0; r < R; ++r)
+                for (int s = 0; s < S; ++s)
+                    acc += x[((n * C + c) * H + p + r) * W + q + s] * w[((k * C + c) * R + r) * S + s];
+        v[t] = act_fwd(acc, act);
+        if (yconv) yconv[((n * K + k) * P + p) * Q + q] = v[t];
+    }
+    if (i < PH && j < PW) {
+        const int o = ((n * K + k) * PH + i) * PW + j;
+        unsigned char a = 0;
+        ypool[o] = pool_window(v, mode, &a);
+        if (mode == POOL_MAX) argmax[o] = a;
+    }
+}
+
+// The v2 tiling with pooling fused. A tile = 2*rows2 conv rows (rows2 pooled rows); one thread per
+// 2x2 window of the tile (WW = ceil(Q/2) windows per row pair). Grid (N*tiles, ceil(K/K_BLOCK)),
+// dynamic smem (c_chunk*(2*rows2+R-1)*W + c_chunk*R*S*K_BLOCK) floats.
+extern "C" __global__ void __launch_bounds__(1024)
+conv2d_pool_fwd_v2(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                   float* __restrict__ yconv, float* __restrict__ ypool, unsigned char* __restrict__ argmax,
+                   int N, int C, int H, int W, int K, int R, int S, int act, int mode, int rows2, int c_chunk) {
+    extern __shared__ float smem[];
+    const int P = H - R + 1, Q = W - S + 1;
+    const int PH = P / 2, PW = Q / 2, WH = (P + 1) / 2, WW = (Q + 1) / 2;
+    const int tiles = ceil_div(WH, rows2);
+    const int n = blockIdx.x / tiles, i0 = (blockIdx.x - n * tiles) * rows2;
+    const int k0 = blockIdx.y * K_BLOCK;
+    const int rows = 2 * rows2, p0 = 2 * i0, in_rows = rows + R - 1;
+    float* s_x = smem;
+    float* s_w = smem + c_chunk * in_rows * W;
+    const int nwin = min(rows2, WH - i0) * WW;
+    for (int t0 = 0; t0 < rows2 * WW; t0 += blockDim.x) {
+        const int t = t0 + threadIdx.x;
+        const int il = t / WW, j = t - (t / WW) * WW;
+        float acc[4][K_BLOCK];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+            for (int kk = 0; kk < K_BLOCK; ++kk) acc[u][kk] = 0.0f;
+        for (int c0 = 0; c0 < C; c0 += c_chunk) {
+            const int cn = min(c_chunk, C - c0);
+            __syncthreads();
+            conv_stage(x, w, s_x, s_w, n, c0, cn, p0, in_rows, k0, C, H, W, K, R, S);
+            __syncthreads();
+            if (t < nwin) {
+                for (int c = 0; c < cn; ++c)
+                    for (int r = 0; r < R; ++r) {
+                        // rows 2*il+r and 2*il+1+r, columns 2j+s and 2j+1+s (clamped reads past Q are unused)
+                        const float* x0 = s_x + (c * in_rows + 2 * il + r) * W + 2 * j;
+                        const float* x1 = x0 + W;
+                        const float* wr = s_w + (c * R + r) * S * K_BLOCK;
+                        for (int s = 0; s < S; ++s) {
+                            const bool in1 = 2 * j + 1 + s < W;
+                            const float a0 = x0[s], a1 = in1 ? x0[s + 1] : 0.0f;
+                            const float c0v = x1[s], c1v = in1 ? x1[s + 1] : 0.0f;
+#pragma unroll
+                            for (int kk = 0; kk < K_BLOCK; ++kk) {
+                                const float wv = wr[s * K_BLOCK + kk];
+                                acc[0][kk] += a0 * wv;
+                                acc[1][kk] += a1 * wv;
+                                acc[2][kk] += c0v * wv;
+                                acc[3][kk] += c1v * wv;
+                            }
+                        }
+                    }
+            }
+        }
+        if (t < nwin) {
+            const int i = i0 + il;
+#pragma unroll
+            for (int kk = 0; kk < K_BLOCK; ++kk) {
+                const int k = k0 + kk;
+                if (k >= K) continue;
+                float v[4];
+                for (int u = 0; u < 4; ++u) {
+                    const int p = 2 * i + (u >> 1), q = 2 * j + (u & 1);
+                    v[u] = act_fwd(acc[u][kk] + b[k], act);
+                    if (yconv && p < P && q < Q) yconv[((size_t)(n * K + k) * P + p) * Q + q] = v[u];
+                }
+                if (i < PH && j < PW) {
+                    const size_t o = ((size_t)(n * K + k) * PH + i) * PW + j;
+                    unsigned char a = 0;
+                    ypool[o] = pool_window(v, mode, &a);
+                    if (mode == POOL_MAX) argmax[o] = a;
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------- backward, data
+extern "C" __global__ void conv2d_bwd_data_v1(const float* __restrict__ dz, const float* __restrict__ w,
+                                              float* __restrict__ dx, int N, int C, int H, int W, int K,
+                                              int R, int S) {
+    const int P = H - R + 1, Q = W - S + 1;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * C * H * W) return;
+    const int v = idx % W, h = (idx / W) % H, c = (idx / (H * W)) % C, n = idx / (C * H * W);
+    float acc = 0.0f;
+    for (int k = 0; k < K; ++k)
+        for (int r = max(0, h - P + 1); r <= min(R - 1, h); ++r)
+            for (int s = max(0, v - Q + 1); s <= min(S - 1, v); ++s)
+                acc += dz[((n * K + k) * P + h - r) * Q + v - s] * w[((k * C + c) * R + r) * S + s];
+    dx[idx] = acc;
+}
+
+// ------------------------------------------------------------------------------- backward, weight
+// One thread per element of [dw (K*C*R*S) | db (K)].
+extern "C" __global__ void conv2d_bwd_weight_v1(const float* __restrict__ x, const float* __restrict__ dz,
+                                                float* __restrict__ dw, float* __restrict__ db, int N, int C,
+                                                int H, int W, int K, int R, int S) {
+    const int P = H - R + 1, Q = W - S + 1, CRS = C * R * S;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= K * CRS + K) return;
+    if (idx >= K * CRS) {
+        const int k = idx - K * CRS;
+        float acc = 0.0f;
+        for (int n = 0; n < N; ++n)
+            for (int pq = 0; pq < P * Q; ++pq) acc += dz[(n * K + k) * P * Q + pq];
+        db[k] = acc;
+        return;
+    }
+    const int s = idx % S, r = (idx / S) % R, c = (idx / (R * S)) % C, k = idx / CRS;
+    float acc = 0.0f;
+    for (int n = 0; n < N; ++n)
+        for (int p = 0; p < P; ++p)
+            for (int q = 0; q < Q; ++q)
+                acc += dz[((n * K + k) * P + p) * Q + q] * x[((n * C + c) * H + p + r) * W + q + s];
+    dw[idx] = acc;
+}
+
+// Grid (ceil(C*R*S/J_BLOCK), K), block BWD_THREADS. Blocks with blockIdx.x == 0 also reduce db[k].
+extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+conv2d_bwd_weight_v2(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
+                     float* __restrict__ db, int N, int C, int H, int W, int K, int R, int S) {
+    __shared__ float s_red[J_BLOCK + 1][BWD_THREADS];
+    const int P = H - R + 1, Q = W - S + 1, PQ = P * Q, CRS = C * R * S;
+    const int k = blockIdx.y, j0 = blockIdx.x * J_BLOCK, tid = threadIdx.x;
+    const bool with_db = blockIdx.x == 0;
+    int xoff[J_BLOCK];  // offset of tap j inside one image of x, relative to (p, q)
+#pragma unroll
+    for (int j = 0; j < J_BLOCK; ++j) {
+        const int t = min(j0 + j, CRS - 1);  // clamp: out-of-range taps are computed but never stored
+        const int c = t / (R * S), r = (t / S) % R, s = t % S;
+        xoff[j] = (c * H + r) * W + s;
+    }
+    float acc[J_BLOCK + 1];
+#pragma unroll
+    for (int j = 0; j <= J_BLOCK; ++j) acc[j] = 0.0f;
+    // threads stride over the flattened (n, p, q): consecutive threads read consecutive dz and x
+    for (int pos = tid; pos < N * PQ; pos += BWD_THREADS) {
+        const int n = pos / PQ, pq = pos - n * PQ;
+        const int p = pq / Q, q = pq - p * Q;
+        const float d = dz[(size_t)(n * K + k) * PQ + pq];
+        const float* xp = x + (size_t)n * C * H * W + p * W + q;
+#pragma unroll
+        for (int j = 0; j < J_BLOCK; ++j) acc[j] += d * xp[xoff[j]];
+        acc[J_BLOCK] += d;
+    }
+#pragma unroll
+    for (int j = 0; j <= J_BLOCK; ++j) s_red[j][tid] = acc[j];
+    __syncthreads();
+    // fixed-order reduction, one barrier: warp w owns sums j = w, w + nwarps, ...; lane l adds the
+    // BWD_THREADS/32 partials l, l+32, ... (conflict-free rows), then a fixed xor-shuffle tree
+    const int lane = tid & 31, warp = tid >> 5;
+    for (int j = warp; j <= J_BLOCK; j += BWD_THREADS / 32) {
+        float v = 0.0f;
+#pragma unroll
+        for (int m = 0; m < BWD_THREADS / 32; ++m) v += s_red[j][lane + 32 * m];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0) {
+            if (j < J_BLOCK && j0 + j < CRS) dw[(size_t)k * CRS + j0 + j] = v;
+            if (j == J_BLOCK && with_db) db[k] = v;
+        }
+    }
+}

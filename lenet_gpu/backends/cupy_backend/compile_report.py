@@ -1,0 +1,136 @@
+"""Static report of the cupy backend's kernels: NVRTC + ptxas resources joined with the launch shapes the
+backend really uses at LeNet sizes. Needs no GPU.
+
+How the launch shapes are found: a LeNet5 model runs training steps on a CupyBackend whose Runtime only
+records launches (``RecordingRuntime``: kernel, block, dynamic shared memory; nothing is computed), once
+per variant set (all v1, then each op's v2, v3 where it has one), fused and unfused, adam and sgd.
+Each kernel is then compiled with NVRTC, with exactly the options the backend loads it with, for each
+architecture, and the ptxas report (registers, static shared memory, stack, spills) is joined with the
+recorded launch: ``shared_bytes`` = static + the largest dynamic shared memory of its LeNet launches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .backend import OP_KERNELS, CupyBackend
+from .runtime import Runtime, define_options, kernel_source
+
+#: Batch size of the recorded LeNet launches (launch shapes other than grids do not depend on it).
+REPORT_BATCH = 64
+
+
+class _RecordedKernel:
+    def __init__(self, stem: str, name: str, options: tuple[str, ...]) -> None:
+        self.stem, self.name, self.options = stem, name, options
+
+
+class RecordingRuntime(Runtime):
+    """A Runtime that computes nothing: arrays are uninitialised NumPy arrays, launches are recorded."""
+
+    name = "recording"
+    is_gpu = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: (stem, options, kernel) → list of (grid, block, shared_mem)
+        self.launched: dict[tuple[str, tuple[str, ...], str], list[tuple[tuple, tuple, int]]] = {}
+        self._stems: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    def get_kernel(self, stem: str, name: str, options: Sequence[str] = ()) -> Any:
+        return _RecordedKernel(stem, name, tuple(options))
+
+    def _launch(self, kernel, grid, block, args, shared_mem) -> None:
+        key = (kernel.stem, kernel.options, kernel.name)
+        self.launched.setdefault(key, []).append((tuple(grid), tuple(block), shared_mem))
+
+    def _empty(self, shape, dtype):
+        return np.empty(shape, dtype=dtype)
+
+    def _zeros(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    def _to_device(self, host):
+        return np.array(host, copy=True)
+
+    def _upload(self, dst, host) -> None:
+        dst[...] = host
+
+    def _to_host(self, arr):
+        return np.array(arr, copy=True)
+
+
+def record_lenet_launches(
+    batch: int = REPORT_BATCH, defines: dict[str, dict[str, int]] | None = None
+) -> dict[tuple[str, tuple[str, ...], str], list[tuple[tuple, tuple, int]]]:
+    """Every kernel launch of LeNet training steps over all variants: (stem, options, kernel) → launches."""
+    from ...model import LeNet5
+
+    rt = RecordingRuntime()
+    depth = max(len(vs) for _, vs in OP_KERNELS.values())
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(batch, 28, 28)).astype(np.uint8)
+    labels = rng.integers(0, 10, size=batch).astype(np.uint8)
+    for i in range(depth):
+        chosen = {op: vs[min(i, len(vs) - 1)] for op, (_, vs) in OP_KERNELS.items()}
+        for fused, optimizer in ((True, "adam"), (False, "sgd")):
+            be = CupyBackend(runtime=rt, fused=fused, variants=chosen, defines=defines, graphs=False)
+            model = LeNet5(backend=be, optimizer=optimizer, use_graphs=False)
+            data = model.upload_dataset(images, labels)
+            model.step(data, 0, batch)
+    return rt.launched
+
+
+def compile_report(archs: Sequence[str] = ("sm_80", "sm_90"), batch: int = REPORT_BATCH,
+                   defines: dict[str, dict[str, int]] | None = None) -> list[dict]:
+    """One record per (kernel, arch): backend, op, kernel, variant, arch, registers, shared_bytes (static +
+    the dynamic smem of its LeNet launches), stack_bytes, spill_stores, spill_loads, block_threads,
+    occupancy; plus static/dynamic shared bytes, barriers and the compile options."""
+    from ...harness.nvrtc import compile_cuda, theoretical_occupancy
+
+    launched = record_lenet_launches(batch, defines)
+    modules: dict[tuple[str, tuple[str, ...]], dict[str, list]] = {}
+    for (stem, options, name), launches in launched.items():
+        modules.setdefault((stem, options), {})[name] = launches
+    records = []
+    for (stem, options), kernels in sorted(modules.items()):
+        src = kernel_source(stem)
+        for arch in archs:
+            res = compile_cuda(src, arch=arch, options=options)
+            by_name = {k.kernel: k for k in res.kernels}
+            for name in sorted(kernels):
+                k = by_name[name]
+                # the launch needing the most dynamic shared memory (then the most threads)
+                grid, block, dyn = max(kernels[name], key=lambda g: (g[2], int(np.prod(g[1]))))
+                threads = int(np.prod(block))
+                smem = k.shared_bytes + dyn
+                op, variant = name.rsplit("_", 1)
+                records.append({
+                    "backend": "cupy",
+                    "op": op,
+                    "kernel": name,
+                    "variant": variant,
+                    "arch": arch,
+                    "registers": k.registers,
+                    "shared_bytes": smem,
+                    "stack_bytes": k.stack_bytes,
+                    "spill_stores": k.spill_stores,
+                    "spill_loads": k.spill_loads,
+                    "block_threads": threads,
+                    "occupancy": round(theoretical_occupancy(k.registers, smem, threads, arch), 4),
+                    "static_shared_bytes": k.shared_bytes,
+                    "dynamic_shared_bytes": dyn,
+                    "barriers": k.barriers,
+                    "file": f"kernels/{stem}.cu",
+                    "options": list(options),
+                })
+    return records
+
+
+def module_option_sets(defines: dict[str, dict[str, int]] | None = None) -> dict[str, tuple[str, ...]]:
+    """kernel file stem → the options the backend compiles it with."""
+    be = CupyBackend(runtime=RecordingRuntime(), defines=defines)
+    return {stem: define_options(d) for stem, d in be.defines.items()}

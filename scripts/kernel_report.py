@@ -1,0 +1,87 @@
+"""Static kernel report: registers, shared memory, stack, spills, block size and theoretical occupancy of
+every kernel of the cupy (CUDA C, NVRTC) and numba backends, at the launch shapes the backends use at
+LeNet sizes. Needs no GPU.
+
+Writes reports/kernels.json (one record per backend × kernel × arch) and reports/kernels.md (a table).
+
+    python scripts/kernel_report.py                 # both backends, sm_80 and sm_90
+    python scripts/kernel_report.py --arch sm_90 --backend cupy
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BACKEND_MODULES = {
+    "cupy": "lenet_gpu.backends.cupy_backend.compile_report",
+    "numba": "lenet_gpu.backends.numba_backend.compile_report",
+}
+COLUMNS = ("backend", "kernel", "arch", "registers", "shared_bytes", "stack_bytes", "spill_stores", "spill_loads",
+           "block_threads", "occupancy")
+
+
+def collect(backends: Sequence[str], archs: Sequence[str]) -> tuple[list[dict], list[str]]:
+    """Records of every backend whose compile_report can be imported, and notes on those skipped."""
+    records, notes = [], []
+    for name in backends:
+        try:
+            mod = importlib.import_module(BACKEND_MODULES[name])
+        except ImportError as e:
+            notes.append(f"{name}: skipped ({e})")
+            continue
+        records += mod.compile_report(archs=tuple(archs))
+    return records, notes
+
+
+def markdown(records: list[dict], notes: Sequence[str] = ()) -> str:
+    lines = [
+        "# Kernel resources (static: NVRTC / Numba + ptxas, no GPU)",
+        "",
+        "shared_bytes = static + dynamic shared memory of the launch at LeNet sizes; occupancy = theoretical",
+        "(resident warps / max warps per SM) from registers, shared memory and block size.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "| " + " | ".join("---" for _ in COLUMNS) + " |",
+    ]
+    for r in sorted(records, key=lambda r: (r["backend"], r["op"], r["kernel"], r["arch"])):
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |")
+    spills = [r for r in records if r.get("spill_stores") or r.get("spill_loads")]
+    lines += ["", f"{len(records)} records; {len(spills)} with spills."]
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Writes OUT/kernels.json and OUT/kernels.md.",
+    )
+    p.add_argument("--arch", nargs="+", default=["sm_80", "sm_90"], help="architectures (default: sm_80 sm_90)")
+    p.add_argument("--backend", nargs="+", choices=sorted(BACKEND_MODULES), default=sorted(BACKEND_MODULES),
+                   help="backends to report (default: all whose compile_report imports)")
+    p.add_argument("--out", type=Path, default=ROOT / "reports", help="output folder (default: reports/)")
+    args = p.parse_args(argv)
+    records, notes = collect(args.backend, args.arch)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(records, indent=1) + "\n")
+    md = markdown(records, notes)
+    (args.out / "kernels.md").write_text(md)
+    print(md)
+    bad = [r["kernel"] for r in records if r.get("spill_stores") or r.get("spill_loads")]
+    if bad:
+        print(f"spills in: {', '.join(sorted(set(bad)))}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""Every kernels/*.cu compiles with NVRTC for sm_80 and sm_90 with each option set the cupy backend uses
+(a warning is a failure), and the ptxas report of the kernels at their LeNet launch shapes has no spills
+and fits the shared memory a block gets without an opt-in. No GPU needed."""
+
+from __future__ import annotations
+
+import pytest
+
+from lenet_gpu.backends.cupy_backend import OP_KERNELS, kernel_source, kernels_dir
+from lenet_gpu.backends.cupy_backend.compile_report import compile_report, module_option_sets
+
+nvrtc = pytest.importorskip("lenet_gpu.harness.nvrtc")
+if not nvrtc.nvrtc_available():
+    pytest.skip("NVRTC (cuda-bindings with nvidia-cuda-nvrtc) is not installed", allow_module_level=True)
+
+ARCHS = ("sm_80", "sm_90")
+#: The option sets of the backend, plus the non-default ones the parity tests use.
+ALT = {
+    "conv2d": {"K_BLOCK": 4, "J_BLOCK": 3, "BWD_THREADS": 64},
+    "dense": {"TILE_O": 8, "TILE_N": 4, "RN": 3, "TILE_I": 5},
+    "loss": {"LOSS_THREADS": 32},
+}
+OPTION_SETS = sorted({(stem, opts) for d in (None, ALT) for stem, opts in module_option_sets(d).items()})
+
+
+def test_every_kernel_file_is_covered():
+    stems = {p.stem for p in kernels_dir().glob("*.cu")}
+    assert stems == {stem for stem, _ in OPTION_SETS}
+    assert stems == {stem for stem, _ in OP_KERNELS.values()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("stem,options", OPTION_SETS, ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_compiles_without_warnings(stem, options, arch):
+    res = nvrtc.compile_cuda(kernel_source(stem), arch=arch, options=options, warnings_as_errors=True)
+    names = {k.kernel for k in res.kernels}
+    want = {f"{op}_{v}" for op, (s, vs) in OP_KERNELS.items() if s == stem for v in vs}
+    assert want <= names, f"{stem}.cu lacks kernels {sorted(want - names)}"
+    for k in res.kernels:
+        assert k.spill_stores == 0 and k.spill_loads == 0, f"{k.kernel} spills on {arch}: {k}"
+
+
+def test_compile_errors_are_readable():
+    with pytest.raises(nvrtc.NvrtcError, match="undefined_thing"):
+        nvrtc.compile_cuda('extern "C" __global__ void k(float* a) { a[0] = undefined_thing; }', arch="sm_90")
+
+
+@pytest.fixture(scope="module")
+def report():
+    return compile_report(archs=ARCHS)
+
+
+def test_report_covers_every_kernel(report):
+    want = {f"{op}_{v}" for op, (_, vs) in OP_KERNELS.items() for v in vs}
+    for arch in ARCHS:
+        assert {r["kernel"] for r in report if r["arch"] == arch} == want
+
+
+def test_report_resources(report):
+    keys = {"backend", "op", "kernel", "variant", "arch", "registers", "shared_bytes", "stack_bytes",
+            "spill_stores", "spill_loads", "block_threads", "occupancy"}
+    for r in report:
+        assert keys <= r.keys()
+        assert r["backend"] == "cupy"
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["shared_bytes"] <= 48 * 1024, r  # no launch opts in to more
+        assert 32 <= r["block_threads"] <= 1024, r
+        assert r["registers"] * r["block_threads"] <= 65536, r
+        assert r["occupancy"] > 0, r
