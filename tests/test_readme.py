@@ -1,0 +1,57 @@
+"""The README cannot rot: every command it names exists and answers --help, and what it quotes is true."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def modules_in_readme() -> list[str]:
+    return sorted(set(re.findall(r"python -m ([\w.]+)", README)) - {"pytest", "pip"})
+
+
+@pytest.mark.parametrize("module", modules_in_readme())
+def test_every_readme_command_has_help(module):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"}
+    p = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "usage" in p.stdout.lower()
+
+
+def test_readme_options_exist_in_train_help():
+    from lenet_gpu.train import build_parser
+
+    help_text = build_parser().format_help()
+    section = README.split("### `python -m lenet_gpu.train`")[1].split("###")[0]
+    for opt in set(re.findall(r"`(--[a-z0-9-]+)", section)):
+        assert opt in help_text, f"README documents {opt}, which train --help does not have"
+
+
+def test_readme_quotes_the_real_no_gpu_error(monkeypatch):
+    """The error line quoted in the README is the one users get (on a machine without a GPU)."""
+    from lenet_gpu.backends import BackendUnavailable, get_backend
+
+    monkeypatch.delenv("NUMBA_ENABLE_CUDASIM", raising=False)
+    quoted = re.search(r"lenet_gpu\.train: error: (.*)", README)
+    assert quoted, "README quotes no error line"
+    try:
+        get_backend("numba")
+    except BackendUnavailable as e:
+        assert quoted.group(1).strip() == str(e)
+    else:
+        pytest.skip("a CUDA device is present: the no-GPU error cannot be produced here")
+
+
+def test_readme_parameter_count_is_true():
+    from lenet_gpu.spec import num_parameters
+
+    assert f"{num_parameters():,} parameters" in README
