@@ -503,31 +503,42 @@ class CpuModule:
         inc_dirs = [Path(d).resolve() for d in include_dirs] + [d.resolve() for d in opt_includes]
         if self.path is not None:
             inc_dirs.insert(0, self.path.parent)
-        deps = _local_includes(code, self.path.parent if self.path else None, inc_dirs)
-        dep_texts = {d: d.read_text(errors="replace") for d in deps}
-        for d, t in dep_texts.items():
+        deps = self._scan_unit(inc_dirs)
+        san_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
+        flags = [*_BASE_FLAGS, *san_flags, *extra_cxx_flags, *cxx_defs, *(f"-I{d}" for d in inc_dirs)]
+        self._build(flags, san_flags, deps)
+        self._lib = _load(self.so_path)
+        self._lib.cudacpu_last_error.restype = ctypes.c_char_p
+        self._kernels: dict[str, CpuKernel] = {}
+
+    def _scan_unit(self, inc_dirs: list[Path]) -> dict[Path, str]:
+        """Finds the kernels and device variables of the source and its local headers; returns the
+        headers' texts (part of the cache key)."""
+        base = self.path.parent if self.path else None
+        deps = {d: d.read_text(errors="replace") for d in _local_includes(self.code, base, inc_dirs)}
+        for d, t in deps.items():
             if _EXTERN_SHARED.search(_strip_comments(t)):
                 raise CudaCpuError(
                     f"{d}: `extern __shared__` in an included header is not supported by the CPU harness; "
                     "declare it in the .cu file"
                 )
-        # kernels and variables of the translation unit: the source and its local headers
-        unit = "\n".join([code, *dep_texts.values()])
+        unit = "\n".join([self.code, *deps.values()])
         plain, templated = _find_kernels(unit)
         template_names = {e.split("<", 1)[0].strip() for e in self.name_expressions}
         missing = template_names - set(templated) - set(plain)
         if missing:
             raise CudaCpuError(f"name_expressions refer to unknown kernels: {sorted(missing)}")
-        self._entries: list[str] = plain + [e for e in self.name_expressions if e not in plain]
+        self._entries = plain + [e for e in self.name_expressions if e not in plain]
         self._globals = _find_globals(unit)
+        return deps
 
-        san_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"] if sanitize else []
-
+    def _generated_source(self) -> str:
+        """The translation unit g++ compiles: header, rewritten source, exported wrappers."""
         source_name = str(self.path) if self.path is not None else "<cudacpu-code>"
         gen = [
             f'#include "{HEADER}"',
             f'#line 1 "{source_name}"',
-            _translate(code),
+            _translate(self.code),
             '#line 1 "<cudacpu-generated>"',
             'extern "C" CUDACPU_API const char* cudacpu_last_error() { return cudacpu::last_error(); }',
         ]
@@ -545,11 +556,13 @@ class CpuModule:
                 f'extern "C" CUDACPU_API void* cudacpu_global_{i}(size_t* size) '
                 f"{{ *size = sizeof({var}); return (void*)&{var}; }}"
             )
-        text = "\n".join(gen) + "\n"
+        return "\n".join(gen) + "\n"
 
+    def _build(self, flags: list[str], san_flags: list[str], deps: dict[Path, str]) -> None:
+        """Builds (or finds in the cache) the module's shared library; sets so_path and build_log."""
+        text = self._generated_source()
         cxx = _cxx()
         runtime = _runtime_library(san_flags)
-        flags = [*_BASE_FLAGS, *san_flags, *extra_cxx_flags, *cxx_defs, *(f"-I{d}" for d in inc_dirs)]
         key = _digest(
             text,
             HEADER.read_bytes(),
@@ -557,20 +570,13 @@ class CpuModule:
             " ".join(flags),
             _compiler_id(cxx),
             runtime.name,
-            *(f"{d}\n{t}" for d, t in dep_texts.items()),
+            *(f"{d}\n{t}" for d, t in deps.items()),
         )
         self.so_path = cache_dir() / f"k_{key}.so"
-        self.build_log = _build(
-            self.so_path,
-            text,
-            [cxx, *flags, "-shared"],
-            [str(runtime), "-Wl,-rpath,$ORIGIN"],
-        )
+        self.build_log = _build(self.so_path, text, [cxx, *flags, "-shared"], [str(runtime), "-Wl,-rpath,$ORIGIN"])
         if self.build_log.strip():
-            warnings.warn(f"{cxx} warnings for {source_name}:\n{self.build_log}", CudaCpuWarning, stacklevel=2)
-        self._lib = _load(self.so_path)
-        self._lib.cudacpu_last_error.restype = ctypes.c_char_p
-        self._kernels: dict[str, CpuKernel] = {}
+            source_name = str(self.path) if self.path is not None else "<code>"
+            warnings.warn(f"{cxx} warnings for {source_name}:\n{self.build_log}", CudaCpuWarning, stacklevel=3)
 
     @property
     def kernel_names(self) -> list[str]:
