@@ -62,6 +62,23 @@ else:
     from numba.cuda.cudadrv.devicearray import DeviceNDArray as _DeviceArray
 
 
+def _band_rows(ho: int, wo: int, r: int) -> int:
+    """conv2d_fwd_v3: the most input rows a chunk of CONV_FWD_V2_THREADS output pixels reads."""
+    return min(ho, (CONV_FWD_V2_THREADS - 1) // wo + 2) + r - 1
+
+
+def conv_fwd_chunks(variant: str, yshape: tuple[int, ...], wshape: tuple[int, ...]) -> tuple[int, int]:
+    """(channels per shared-memory chunk, floats of the weight slot) of conv2d_fwd_v2/v3."""
+    _, _, ho, wo = yshape
+    _, c, r, s = wshape
+    if variant == "v2":
+        cb = max(1, min(c, conv2d.FWD_SMEM_FLOATS // (conv2d.KB * r * s)))
+    else:
+        per_channel = conv2d.KB * r * s + _band_rows(ho, wo, r) * (wo + s - 1)
+        cb = max(1, min(c, conv2d.V3_SMEM_FLOATS // per_channel))
+    return cb, conv2d.KB * cb * r * s
+
+
 def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, Any, int]:
     """(blocks, block, dynamic shared bytes) of a launch of ``op``/``variant`` at the given shapes,
     before any cap on the grid. ``shapes`` names the arrays of the op as the wrappers do."""
@@ -71,10 +88,12 @@ def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> 
         n, k, ho, wo = shapes["y"]
         if variant == "v1":
             return ceil_div(n * k * ho * wo, THREADS), THREADS, 0
-        _, c, r, s = shapes["w"]
-        cb = max(1, min(c, conv2d.FWD_SMEM_FLOATS // (conv2d.KB * r * s)))
         items = n * ceil_div(k, conv2d.KB) * ceil_div(ho * wo, CONV_FWD_V2_THREADS)
-        return items, CONV_FWD_V2_THREADS, conv2d.KB * cb * r * s * 4
+        cb, wslot = conv_fwd_chunks(variant, shapes["y"], shapes["w"])
+        if variant == "v2":
+            return items, CONV_FWD_V2_THREADS, wslot * 4
+        _, _, r, s = shapes["w"]
+        return items, CONV_FWD_V2_THREADS, (wslot + cb * _band_rows(ho, wo, r) * (wo + s - 1)) * 4
     if op == "conv2d_bwd_data":
         return ceil_div(math.prod(shapes["dx"]), THREADS), THREADS, 0
     if op == "conv2d_bwd_weight":
@@ -227,15 +246,24 @@ class NumbaBackend:
         _shape("w", w, (k, c, r, s))
         _shape("b", b, (k,))
         _shape("y", y, (n, k, h - r + 1, wd - s + 1))
-        grid, block, sh = launch_config("conv2d_fwd", v, {"y": y.shape, "w": w.shape})
+        shapes = {"y": y.shape, "w": w.shape}
+        if variant is None and launch_config("conv2d_fwd", v, shapes)[2] > MAX_DYNAMIC_SMEM:
+            # the default's shared memory does not fit these shapes: the next variant down that fits
+            order = self.variants["conv2d_fwd"]
+            v = next(c for c in order[order.index(v) :: -1] if launch_config("conv2d_fwd", c, shapes)[2]
+                     <= MAX_DYNAMIC_SMEM)
+        grid, block, sh = launch_config("conv2d_fwd", v, shapes)
         act_code = np.int32(ACT_CODES[act])
         if v == "v1":
             self._launch("conv2d_fwd", v, grid, block, sh, x, w, b, y, act_code)
-        else:
-            if sh > MAX_DYNAMIC_SMEM:
-                raise ValueError(f"conv2d_fwd_v2: a {r}x{s} filter slice needs {sh} bytes of shared memory")
-            cb = sh // (4 * conv2d.KB * r * s)
+            return
+        if sh > MAX_DYNAMIC_SMEM:
+            raise ValueError(f"conv2d_fwd_{v}: these shapes need {sh} bytes of shared memory (> {MAX_DYNAMIC_SMEM})")
+        cb, wslot = conv_fwd_chunks(v, y.shape, w.shape)
+        if v == "v2":
             self._launch("conv2d_fwd", v, grid, block, sh, x, w, b, y, act_code, np.int32(cb))
+        else:
+            self._launch("conv2d_fwd", v, grid, block, sh, x, w, b, y, act_code, np.int32(cb), np.int32(wslot))
 
     def conv2d_bwd_data(self, dz, w, dx, variant=None) -> None:
         v = self._variant("conv2d_bwd_data", variant)

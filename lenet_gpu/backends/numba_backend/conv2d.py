@@ -12,6 +12,9 @@ Versions:
 - conv2d_fwd_v2: the block's slice of weights (KB filters × a chunk of channels) in shared memory,
   read as warp broadcasts; register blocking: each thread computes KB output channels of one pixel,
   so every input load feeds KB FMAs.
+- conv2d_fwd_v3: v2 plus the input in shared memory too: the block stages the band of input rows
+  its pixels read (coalesced: a channel's band is contiguous), so each input element is loaded once
+  per block and then read R·S times from shared memory, conflict-free along a row.
 - conv2d_bwd_data_v1: one thread per input-gradient element (a gather: no atomics).
 - conv2d_bwd_weight_v1: one thread per weight (and one per bias), each summing over N·Ho·Wo in order.
 - conv2d_bwd_weight_v2: one block per (k, chunk of BW_COLS columns of c·r·s, the bias as one more
@@ -29,6 +32,8 @@ from .common import ZERO, activate
 KB = 8
 #: conv2d_fwd_v2: shared-memory budget for one weight slice (KB × channel chunk × R × S floats)
 FWD_SMEM_FLOATS = 4096
+#: conv2d_fwd_v3: shared-memory budget for one channel chunk (weights + input band), in floats
+V3_SMEM_FLOATS = 8192
 #: conv2d_bwd_weight_v2: threads per block (a power of two: the tree reduction halves it)
 BW_THREADS = 128
 #: conv2d_bwd_weight_v2: columns of c·r·s (+ the bias) reduced by one block
@@ -106,6 +111,69 @@ def conv2d_fwd_v2(x, w, b, y, act, cb):
                             off = (c * r_ + r) * s_ + s
                             for q in range(KB):
                                 acc[q] += xv * sw[q * span + off]
+        if valid:
+            for q in range(KB):
+                if k0 + q < kout:
+                    y[n, k0 + q, i, j] = activate(acc[q], act)
+
+
+@cuda.jit
+def conv2d_fwd_v3(x, w, b, y, act, cb, wslot):
+    # dynamic shared memory: [weights: KB·cb·R·S floats (wslot)][input band: cb·band·W floats]
+    sm = cuda.shared.array(0, float32)
+    acc = cuda.local.array(KB, float32)
+    nb, kout, ho, wo = y.shape
+    cin, wd = x.shape[1], x.shape[3]
+    r_, s_ = w.shape[2], w.shape[3]
+    rs = r_ * s_
+    plane = ho * wo
+    nthreads = cuda.blockDim.x
+    tid = cuda.threadIdx.x
+    nchunks = (plane + nthreads - 1) // nthreads
+    nkg = (kout + KB - 1) // KB
+    nitems = nb * nkg * nchunks
+    for item in range(cuda.blockIdx.x, nitems, cuda.gridDim.x):
+        pc = item % nchunks
+        t = item // nchunks
+        kg = t % nkg
+        n = t // nkg
+        k0 = kg * KB
+        pos = pc * nthreads + tid
+        valid = pos < plane
+        i = pos // wo
+        j = pos % wo
+        row0 = (pc * nthreads) // wo  # first output row of the chunk = first input row it reads
+        nrows = (min(pc * nthreads + nthreads, plane) - 1) // wo - row0 + r_  # input rows it reads
+        for q in range(KB):
+            acc[q] = b[k0 + q] if k0 + q < kout else ZERO
+        for c0 in range(0, cin, cb):
+            cn = min(cb, cin - c0)
+            span = cn * rs
+            cuda.syncthreads()  # nobody still reads the previous chunk
+            for e in range(tid, KB * span, nthreads):
+                q = e // span
+                rem = e - q * span
+                c = c0 + rem // rs
+                rem = rem % rs
+                if k0 + q < kout:
+                    sm[e] = w[k0 + q, c, rem // s_, rem % s_]
+                else:
+                    sm[e] = ZERO
+            band = nrows * wd
+            for e in range(tid, cn * band, nthreads):
+                c = e // band
+                rem = e - c * band
+                sm[wslot + e] = x[n, c0 + c, row0 + rem // wd, rem % wd]
+            cuda.syncthreads()
+            if valid:
+                for c in range(cn):
+                    for r in range(r_):
+                        base = wslot + (c * nrows + i - row0 + r) * wd + j
+                        for s in range(s_):
+                            xv = sm[base + s]
+                            off = (c * r_ + r) * s_ + s
+                            for q in range(KB):
+                                acc[q] += xv * sm[q * span + off]
         if valid:
             for q in range(KB):
                 if k0 + q < kout:
@@ -237,6 +305,7 @@ _X4 = "float32[:,:,:,::1]"
 SIGNATURES = {
     "conv2d_fwd_v1": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32)",
     "conv2d_fwd_v2": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32, int32)",
+    "conv2d_fwd_v3": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32, int32, int32)",
     "conv2d_bwd_data_v1": f"void({_X4}, {_X4}, {_X4})",
     "conv2d_bwd_weight_v1": f"void({_X4}, {_X4}, {_X4}, float32[::1])",
     "conv2d_bwd_weight_v2": f"void(float32[::1], {_X4}, {_X4}, float32[::1])",
@@ -244,12 +313,13 @@ SIGNATURES = {
 KERNELS = {
     "conv2d_fwd_v1": conv2d_fwd_v1,
     "conv2d_fwd_v2": conv2d_fwd_v2,
+    "conv2d_fwd_v3": conv2d_fwd_v3,
     "conv2d_bwd_data_v1": conv2d_bwd_data_v1,
     "conv2d_bwd_weight_v1": conv2d_bwd_weight_v1,
     "conv2d_bwd_weight_v2": conv2d_bwd_weight_v2,
 }
 VARIANTS = {
-    "conv2d_fwd": ("v1", "v2"),
+    "conv2d_fwd": ("v1", "v2", "v3"),
     "conv2d_bwd_data": ("v1",),
     "conv2d_bwd_weight": ("v1", "v2"),
 }
