@@ -215,7 +215,10 @@ class NumbaBackend:
         return self._dummy_u8
 
     # ------------------------------------------------------------------ ops
-    def batch_prepare(self, images, labels, perm, offset, x, y, mean, std, variant=None) -> None:
+    def batch_prepare(
+        self, images: Any, labels: Any, perm: Any, offset: int, x: Any, y: Any, mean: float, std: float,
+        variant: str | None = None,
+    ) -> None:
         v = self._variant("batch_prepare", variant)
         _dev("images", images, np.uint8, 3)
         _dev("labels", labels, np.uint8, 1)
@@ -234,7 +237,7 @@ class NumbaBackend:
         self._launch("batch_prepare", v, grid, block, sh, images, labels, perm, np.int32(offset), x, y,
                      scale, shift)
 
-    def conv2d_fwd(self, x, w, b, y, act, variant=None) -> None:
+    def conv2d_fwd(self, x: Any, w: Any, b: Any, y: Any, act: str, variant: str | None = None) -> None:
         v = self._variant("conv2d_fwd", variant)
         check_act(act)
         _dev("x", x, np.float32, 4)
@@ -265,7 +268,7 @@ class NumbaBackend:
         else:
             self._launch("conv2d_fwd", v, grid, block, sh, x, w, b, y, act_code, np.int32(cb), np.int32(wslot))
 
-    def conv2d_bwd_data(self, dz, w, dx, variant=None) -> None:
+    def conv2d_bwd_data(self, dz: Any, w: Any, dx: Any, variant: str | None = None) -> None:
         v = self._variant("conv2d_bwd_data", variant)
         _dev("dz", dz, np.float32, 4)
         _dev("w", w, np.float32, 4)
@@ -277,7 +280,7 @@ class NumbaBackend:
         grid, block, sh = launch_config("conv2d_bwd_data", v, {"dx": dx.shape})
         self._launch("conv2d_bwd_data", v, grid, block, sh, dz, w, dx)
 
-    def conv2d_bwd_weight(self, x, dz, dw, db, variant=None) -> None:
+    def conv2d_bwd_weight(self, x: Any, dz: Any, dw: Any, db: Any, variant: str | None = None) -> None:
         v = self._variant("conv2d_bwd_weight", variant)
         _dev("x", x, np.float32, 4)
         _dev("dz", dz, np.float32, 4)
@@ -292,7 +295,7 @@ class NumbaBackend:
         xa = x if v == "v1" else self._flat_view(x)
         self._launch("conv2d_bwd_weight", v, grid, block, sh, xa, dz, dw, db)
 
-    def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
+    def pool2x2_fwd(self, x: Any, y: Any, argmax: Any, mode: str, variant: str | None = None) -> None:
         v = self._variant("pool2x2_fwd", variant)
         check_mode(mode)
         _dev("x", x, np.float32, 4)
@@ -310,7 +313,9 @@ class NumbaBackend:
         grid, block, sh = launch_config("pool2x2_fwd", v, {"y": y.shape})
         self._launch("pool2x2_fwd", v, grid, block, sh, x, y, argmax, np.int32(POOL_CODES[mode]))
 
-    def pool2x2_bwd(self, dy, argmax, yconv, dz, mode, act, variant=None) -> None:
+    def pool2x2_bwd(
+        self, dy: Any, argmax: Any, yconv: Any, dz: Any, mode: str, act: str, variant: str | None = None
+    ) -> None:
         v = self._variant("pool2x2_bwd", variant)
         check_mode(mode)
         check_act(act)
@@ -332,7 +337,7 @@ class NumbaBackend:
         self._launch("pool2x2_bwd", v, grid, block, sh, dy, argmax, yconv, dz, np.int32(POOL_CODES[mode]),
                      np.int32(ACT_CODES[act]))
 
-    def dense_fwd(self, x, w, b, y, act, variant=None) -> None:
+    def dense_fwd(self, x: Any, w: Any, b: Any, y: Any, act: str, variant: str | None = None) -> None:
         v = self._variant("dense_fwd", variant)
         check_act(act)
         _dev("x", x, np.float32, 2)
@@ -347,7 +352,10 @@ class NumbaBackend:
         grid, block, sh = launch_config("dense_fwd", v, {"y": y.shape})
         self._launch("dense_fwd", v, grid, block, sh, x, w, b, y, np.int32(ACT_CODES[act]))
 
-    def dense_bwd(self, x, w, y, dy, dx, dw, db, act, variant=None) -> None:
+    def dense_bwd(
+        self, x: Any, w: Any, y: Any, dy: Any, dx: Any | None, dw: Any, db: Any, act: str,
+        variant: str | None = None,
+    ) -> None:
         v = self._variant("dense_bwd", variant)
         check_act(act)
         for label, a in (("x", x), ("w", w), ("y", y), ("dy", dy), ("dw", dw)):
@@ -367,7 +375,7 @@ class NumbaBackend:
         self._launch("dense_bwd", v, grid, block, sh, x, w, y, dy, dw if dx is None else dx, dw, db,
                      np.int32(ACT_CODES[act]), np.int32(dx is not None))
 
-    def softmax_xent(self, logits, labels, dlogits, stats, variant=None) -> None:
+    def softmax_xent(self, logits: Any, labels: Any, dlogits: Any, stats: Any, variant: str | None = None) -> None:
         v = self._variant("softmax_xent", variant)
         _dev("logits", logits, np.float32, 2)
         _dev("labels", labels, np.int32, 1)
@@ -379,7 +387,10 @@ class NumbaBackend:
         grid, block, sh = launch_config("softmax_xent", v, {})
         self._launch("softmax_xent", v, grid, block, sh, logits, labels, dlogits, stats)
 
-    def adam_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2, variant=None) -> None:
+    def adam_step(
+        self, p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: float, eps: float,
+        weight_decay: float, bc1: float, bc2: float, variant: str | None = None,
+    ) -> None:
         var = self._variant("adam_step", variant)
         for label, a in (("p", p), ("g", g), ("m", m), ("v", v)):
             _dev(label, a, np.float32, 1)
@@ -389,7 +400,10 @@ class NumbaBackend:
         self._launch("adam_step", var, grid, block, sh, p, g, m, v, f(lr), f(beta1), f(1.0 - beta1), f(beta2),
                      f(1.0 - beta2), f(eps), f(weight_decay), f(bc1), f(bc2))
 
-    def sgd_step(self, p, g, m, lr, momentum, weight_decay, variant=None) -> None:
+    def sgd_step(
+        self, p: Any, g: Any, m: Any, lr: float, momentum: float, weight_decay: float,
+        variant: str | None = None,
+    ) -> None:
         var = self._variant("sgd_step", variant)
         for label, a in (("p", p), ("g", g), ("m", m)):
             _dev(label, a, np.float32, 1)
