@@ -43,6 +43,8 @@ DEFAULT_VARIANTS = {op: vs[-1] for op, vs in VARIANTS.items()}
 THREADS = 256
 #: conv2d_fwd_v2 threads per block (pixels of one image plane per work item)
 CONV_FWD_V2_THREADS = 128
+#: conv2d_bwd_data_v2 threads per block (pixels of one input plane per work item)
+CONV_BWD_DATA_V2_THREADS = 128
 #: the most dynamic shared memory a launch may ask for without opting in
 MAX_DYNAMIC_SMEM = 48 * 1024
 
@@ -79,6 +81,12 @@ def conv_fwd_chunks(variant: str, yshape: tuple[int, ...], wshape: tuple[int, ..
     return cb, conv2d.KB * cb * r * s
 
 
+def bwd_data_chunk(wshape: tuple[int, ...]) -> int:
+    """conv2d_bwd_data_v2: filters per shared-memory chunk."""
+    k, _, r, s = wshape
+    return max(1, min(k, conv2d.BWD_DATA_SMEM_FLOATS // (conv2d.CB * r * s)))
+
+
 def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, Any, int]:
     """(blocks, block, dynamic shared bytes) of a launch of ``op``/``variant`` at the given shapes,
     before any cap on the grid. ``shapes`` names the arrays of the op as the wrappers do."""
@@ -95,7 +103,11 @@ def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> 
         _, _, r, s = shapes["w"]
         return items, CONV_FWD_V2_THREADS, (wslot + cb * _band_rows(ho, wo, r) * (wo + s - 1)) * 4
     if op == "conv2d_bwd_data":
-        return ceil_div(math.prod(shapes["dx"]), THREADS), THREADS, 0
+        if variant == "v1":
+            return ceil_div(math.prod(shapes["dx"]), THREADS), THREADS, 0
+        n, c, h, wd = shapes["dx"]
+        items = n * ceil_div(c, conv2d.CB) * ceil_div(h * wd, CONV_BWD_DATA_V2_THREADS)
+        return items, CONV_BWD_DATA_V2_THREADS, conv2d.CB * bwd_data_chunk(shapes["w"]) * 4 * math.prod(shapes["w"][2:])
     if op == "conv2d_bwd_weight":
         k, c, r, s = shapes["dw"]
         if variant == "v1":
@@ -277,8 +289,18 @@ class NumbaBackend:
         k, _, r, s = w.shape
         _shape("w", w, (k, c, r, s))
         _shape("dz", dz, (n, k, h - r + 1, wd - s + 1))
-        grid, block, sh = launch_config("conv2d_bwd_data", v, {"dx": dx.shape})
-        self._launch("conv2d_bwd_data", v, grid, block, sh, dz, w, dx)
+        grid, block, sh = launch_config("conv2d_bwd_data", v, {"dx": dx.shape, "w": w.shape})
+        if v == "v1":
+            self._launch("conv2d_bwd_data", v, grid, block, sh, dz, w, dx)
+            return
+        if sh > MAX_DYNAMIC_SMEM:
+            if variant is not None:
+                raise ValueError(f"conv2d_bwd_data_{v}: a {r}x{s} filter needs {sh} bytes of shared memory")
+            v = "v1"  # the default does not fit: the simple variant needs no shared memory
+            grid, block, sh = launch_config("conv2d_bwd_data", v, {"dx": dx.shape, "w": w.shape})
+            self._launch("conv2d_bwd_data", v, grid, block, sh, dz, w, dx)
+            return
+        self._launch("conv2d_bwd_data", v, grid, block, sh, dz, w, dx, np.int32(bwd_data_chunk(w.shape)))
 
     def conv2d_bwd_weight(self, x: Any, dz: Any, dw: Any, db: Any, variant: str | None = None) -> None:
         v = self._variant("conv2d_bwd_weight", variant)

@@ -16,6 +16,9 @@ Versions:
   its pixels read (coalesced: a channel's band is contiguous), so each input element is loaded once
   per block and then read R·S times from shared memory, conflict-free along a row.
 - conv2d_bwd_data_v1: one thread per input-gradient element (a gather: no atomics).
+- conv2d_bwd_data_v2: the weights of CB input channels in shared memory (broadcast reads) and
+  register blocking: each thread computes CB input channels of one pixel, so every dz load feeds
+  CB FMAs (the mirror of conv2d_fwd_v2).
 - conv2d_bwd_weight_v1: one thread per weight (and one per bias), each summing over N·Ho·Wo in order.
 - conv2d_bwd_weight_v2: one block per (k, chunk of BW_COLS columns of c·r·s, the bias as one more
   column); its threads stride over the N·Ho·Wo positions (coalesced), each keeping BW_COLS partial
@@ -34,6 +37,10 @@ KB = 8
 FWD_SMEM_FLOATS = 4096
 #: conv2d_fwd_v3: shared-memory budget for one channel chunk (weights + input band), in floats
 V3_SMEM_FLOATS = 8192
+#: conv2d_bwd_data_v2: input channels per thread (register blocking)
+CB = 8
+#: conv2d_bwd_data_v2: shared-memory budget for one weight slice (CB × filter chunk × R × S floats)
+BWD_DATA_SMEM_FLOATS = 4096
 #: conv2d_bwd_weight_v2: threads per block (a power of two: the tree reduction halves it)
 BW_THREADS = 128
 #: conv2d_bwd_weight_v2: columns of c·r·s (+ the bias) reduced by one block
@@ -208,6 +215,64 @@ def conv2d_bwd_data_v1(dz, w, dx):
         dx[n, c, u, v] = acc
 
 
+@cuda.jit
+def conv2d_bwd_data_v2(dz, w, dx, kb):
+    # dynamic shared memory: CB·kb·R·S floats (the launch passes its size)
+    sw = cuda.shared.array(0, float32)
+    acc = cuda.local.array(CB, float32)
+    nb, cin, h, wd = dx.shape
+    kout, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
+    ho, wo = dz.shape[2], dz.shape[3]
+    rs = r_ * s_
+    plane = h * wd
+    nthreads = cuda.blockDim.x
+    tid = cuda.threadIdx.x
+    nchunks = (plane + nthreads - 1) // nthreads
+    ncg = (cin + CB - 1) // CB
+    # work item = (image n, group of CB input channels, chunk of blockDim pixels); block-stride loop
+    for item in range(cuda.blockIdx.x, nb * ncg * nchunks, cuda.gridDim.x):
+        pc = item % nchunks
+        t = item // nchunks
+        c0 = (t % ncg) * CB
+        n = t // ncg
+        pos = pc * nthreads + tid
+        valid = pos < plane
+        u = pos // wd
+        v = pos % wd
+        for q in range(CB):
+            acc[q] = ZERO
+        for k0 in range(0, kout, kb):
+            kn = min(kb, kout - k0)
+            span = kn * rs
+            cuda.syncthreads()  # nobody still reads the previous slice
+            for e in range(tid, CB * span, nthreads):
+                q = e // span
+                rem = e - q * span
+                k = k0 + rem // rs
+                rem = rem % rs
+                if c0 + q < cin:
+                    sw[e] = w[k, c0 + q, rem // s_, rem % s_]
+                else:
+                    sw[e] = ZERO
+            cuda.syncthreads()
+            if valid:
+                for kk in range(kn):
+                    for r in range(r_):
+                        i = u - r
+                        if i >= 0 and i < ho:
+                            for s in range(s_):
+                                j = v - s
+                                if j >= 0 and j < wo:
+                                    g = dz[n, k0 + kk, i, j]
+                                    off = (kk * r_ + r) * s_ + s
+                                    for q in range(CB):
+                                        acc[q] += g * sw[q * span + off]
+        if valid:
+            for q in range(CB):
+                if c0 + q < cin:
+                    dx[n, c0 + q, u, v] = acc[q]
+
+
 # --------------------------------------------------------------------------------------- bwd weight
 
 
@@ -307,6 +372,7 @@ SIGNATURES = {
     "conv2d_fwd_v2": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32, int32)",
     "conv2d_fwd_v3": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32, int32, int32)",
     "conv2d_bwd_data_v1": f"void({_X4}, {_X4}, {_X4})",
+    "conv2d_bwd_data_v2": f"void({_X4}, {_X4}, {_X4}, int32)",
     "conv2d_bwd_weight_v1": f"void({_X4}, {_X4}, {_X4}, float32[::1])",
     "conv2d_bwd_weight_v2": f"void(float32[::1], {_X4}, {_X4}, float32[::1])",
 }
@@ -315,11 +381,12 @@ KERNELS = {
     "conv2d_fwd_v2": conv2d_fwd_v2,
     "conv2d_fwd_v3": conv2d_fwd_v3,
     "conv2d_bwd_data_v1": conv2d_bwd_data_v1,
+    "conv2d_bwd_data_v2": conv2d_bwd_data_v2,
     "conv2d_bwd_weight_v1": conv2d_bwd_weight_v1,
     "conv2d_bwd_weight_v2": conv2d_bwd_weight_v2,
 }
 VARIANTS = {
     "conv2d_fwd": ("v1", "v2", "v3"),
-    "conv2d_bwd_data": ("v1",),
+    "conv2d_bwd_data": ("v1", "v2"),
     "conv2d_bwd_weight": ("v1", "v2"),
 }
