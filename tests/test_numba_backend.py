@@ -248,8 +248,17 @@ def test_sim_dense_fwd_one_block_many_tiles(be1):
 @sim
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("with_dx", [True, False])
-def test_sim_dense_bwd(be, act, with_dx):
-    H.check_dense_bwd(be, *DENSE_SHAPES[ACTS.index(act) % 2], act, with_dx, "v1")
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_sim_dense_bwd(be, variant, act, with_dx):
+    if variant != "v1" and not with_dx and act != "sigmoid":
+        pytest.skip("tiled variants: every activation with dx, one without (barriers are slow here)")
+    H.check_dense_bwd(be, *DENSE_SHAPES[ACTS.index(act) % 2], act, with_dx, variant)
+
+
+@sim
+def test_sim_dense_bwd_one_block_many_tiles(be1):
+    # 17 rows, 16 inputs (+ the bias column: 2 column tiles), 18 outputs: 2·1 dx + 2·2 dw tiles
+    H.check_dense_bwd(be1, 17, 16, 18, "relu", True, "v2")
 
 
 @sim
@@ -279,9 +288,9 @@ def test_sim_grid_stride_with_one_block(be1):
 def _sim_backend():
     be = NumbaBackend(max_blocks=2)
     # Kernels with barriers cost ~50 ms per block and barrier in the simulator (conv2d_bwd_weight_v2
-    # would take ~40 s of a step, dense_fwd_v2 ~20 s); their v1 is used for the whole-step runs, and
-    # the op tests above check every variant against the reference.
-    be.default_variants.update(conv2d_bwd_weight="v1", dense_fwd="v1")
+    # would take ~40 s of a step, dense_fwd_v2 ~20 s, dense_bwd_v2 more); their v1 is used for the
+    # whole-step runs, and the op tests above check every variant against the reference.
+    be.default_variants.update(conv2d_bwd_weight="v1", dense_fwd="v1", dense_bwd="v1")
     return be
 
 
@@ -370,8 +379,9 @@ def test_gpu_dense(gbe, n, act):
     for i, o in ((400, 120), (120, 84), (84, 10), (37, 19)):
         for variant in ("v1", "v2"):
             H.check_dense_fwd(gbe, n, i, o, act, variant)
-        H.check_dense_bwd(gbe, n, i, o, act, True, "v1")
-        H.check_dense_bwd(gbe, n, i, o, act, False, "v1")
+        for variant in ("v1", "v2"):
+            H.check_dense_bwd(gbe, n, i, o, act, True, variant)
+            H.check_dense_bwd(gbe, n, i, o, act, False, variant)
 
 
 @gpu

@@ -125,7 +125,11 @@ def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> 
     if op == "dense_bwd":
         n, i = shapes["x"]
         o = shapes["w"][0]
-        return ceil_div((n * i if shapes.get("dx") else 0) + o * i + o, THREADS), THREADS, 0
+        if variant == "v1":
+            return ceil_div((n * i if shapes.get("dx") else 0) + o * i + o, THREADS), THREADS, 0
+        t = dense.TILE
+        tiles = (ceil_div(n, t) * ceil_div(i, t) if shapes.get("dx") else 0) + ceil_div(o, t) * ceil_div(i + 1, t)
+        return tiles, (t, t), 0
     if op == "softmax_xent":
         return 1, loss.SM_THREADS, 0
     if op in ("adam_step", "sgd_step"):
