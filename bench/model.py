@@ -1,0 +1,354 @@
+"""End to end: forward and training-step throughput, epochs, time to accuracy, counters.
+
+All of it uses the device-resident path of the training program: the dataset is uploaded once as
+uint8, and each forward pass or step gathers its batch on the device (batch_prepare) from a
+permutation. A forward pass is batch_prepare + the forward launches (the model's ``_prepare`` and
+``_forward``); a training step is ``LeNet5.step`` (prepare, forward, backward, optimizer).
+
+Before anything is timed at a batch size, the backend's logits (forward) or gradients (training
+step) at that batch are checked against a float64 composition of lenet_gpu.reference's ops.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lenet_gpu import reference as ref
+from lenet_gpu.model import LeNet5
+from lenet_gpu.spec import NetConfig, views
+
+#: whole-network checks: float32 against float64 through 8 layers (relative to the largest value)
+FORWARD_TOL = 1e-4
+GRAD_TOL = 1e-3
+
+#: The default training recipe, taken from lenet_gpu.train when it is there.
+FALLBACK_RECIPE = {"epochs": 15, "batch_size": 64, "optimizer": "adam", "lr": 2e-3, "schedule": "onecycle", "seed": 0}
+
+
+def default_recipe() -> dict[str, Any]:
+    """The training program's defaults (epochs, batch, optimizer, peak lr, schedule, seed)."""
+    try:
+        from lenet_gpu import train
+    except ImportError:
+        return dict(FALLBACK_RECIPE)
+    d = dict(getattr(train, "DEFAULTS", FALLBACK_RECIPE))
+    if d.get("lr") is None:
+        d["lr"] = getattr(train, "DEFAULT_LR", {}).get(d.get("optimizer", "adam"), 2e-3)
+    return {k: d.get(k, FALLBACK_RECIPE[k]) for k in FALLBACK_RECIPE}
+
+
+def lr_at(step: int, total: int, peak: float, schedule: str) -> float:
+    """The recipe's learning rate at a step (lenet_gpu.train.lr_at when available)."""
+    try:
+        from lenet_gpu.train import lr_at as _lr_at
+    except ImportError:
+        return peak
+    return float(_lr_at(step, total, peak, schedule))
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class BenchData:
+    """Images to run on (tiled from a dataset's training images up to ``n``) and the stats used."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    mean: float
+    std: float
+
+    @classmethod
+    def from_dataset(cls, train_images: np.ndarray, train_labels: np.ndarray, n: int) -> BenchData:
+        reps = max(1, math.ceil(n / train_images.shape[0]))
+        images = np.ascontiguousarray(np.tile(train_images, (reps, 1, 1))[: max(n, train_images.shape[0])])
+        labels = np.ascontiguousarray(np.tile(train_labels, reps)[: images.shape[0]])
+        pix = train_images.astype(np.float32) / 255.0
+        return cls(images, labels, float(pix.mean()), float(pix.std()))
+
+    def normalized(self, start: int, batch: int) -> np.ndarray:
+        """(batch,1,32,32) float64: the reference batch_prepare of images[start:start+batch]."""
+        x = np.pad(self.images[start : start + batch].astype(np.float64), ((0, 0), (2, 2), (2, 2)))
+        return ((x / 255.0 - self.mean) / self.std)[:, None]
+
+
+# ---------------------------------------------------------------------------------------- reference
+
+
+def reference_forward(p: dict[str, np.ndarray], x: np.ndarray, cfg: NetConfig) -> dict[str, Any]:
+    """Every activation of the float64 forward pass (for logits and for the backward pass)."""
+    act, mode = cfg.activation, cfg.pool
+    a1 = ref.conv2d_fwd(x, p["c1.w"], p["c1.b"], act)
+    p1, m1 = ref.pool2x2_fwd(a1, mode)
+    a3 = ref.conv2d_fwd(p1, p["c3.w"], p["c3.b"], act)
+    p3, m3 = ref.pool2x2_fwd(a3, mode)
+    f = p3.reshape(x.shape[0], 400)
+    a5 = ref.dense_fwd(f, p["c5.w"], p["c5.b"], act)
+    a6 = ref.dense_fwd(a5, p["f6.w"], p["f6.b"], act)
+    logits = ref.dense_fwd(a6, p["out.w"], p["out.b"], "identity")
+    return {"x": x, "a1": a1, "p1": p1, "m1": m1, "a3": a3, "p3": p3, "m3": m3, "f": f, "a5": a5, "a6": a6,
+            "logits": logits}
+
+
+def reference_grads(
+    p: dict[str, np.ndarray], x: np.ndarray, labels: np.ndarray, cfg: NetConfig
+) -> dict[str, np.ndarray]:
+    """Gradients of the mean cross-entropy w.r.t. every parameter tensor, in float64."""
+    act, mode = cfg.activation, cfg.pool
+    s = reference_forward(p, x, cfg)
+    _, dl = ref.softmax_xent(s["logits"], labels)
+    g: dict[str, np.ndarray] = {}
+    da6, g["out.w"], g["out.b"] = ref.dense_bwd(s["a6"], p["out.w"], s["logits"], dl, "identity")
+    da5, g["f6.w"], g["f6.b"] = ref.dense_bwd(s["a5"], p["f6.w"], s["a6"], da6, act)
+    df, g["c5.w"], g["c5.b"] = ref.dense_bwd(s["f"], p["c5.w"], s["a5"], da5, act)
+    da3 = ref.pool2x2_bwd(df.reshape(s["p3"].shape), s["m3"], mode, s["a3"].shape[2:])
+    dp1, g["c3.w"], g["c3.b"] = ref.conv2d_bwd(s["p1"], p["c3.w"], s["a3"], da3, act)
+    da1 = ref.pool2x2_bwd(dp1, s["m1"], mode, s["a1"].shape[2:])
+    _, g["c1.w"], g["c1.b"] = ref.conv2d_bwd(x, p["c1.w"], s["a1"], da1, act)
+    return g
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got.astype(np.float64) - want)) / max(1e-30, float(np.max(np.abs(want)))))
+
+
+# ---------------------------------------------------------------------------------------- our model
+
+
+class OurNet:
+    """LeNet5 on a backend with a resident bench dataset; offsets cycle through it."""
+
+    def __init__(self, backend: Any, cfg: NetConfig, data: BenchData, seed: int = 0, lr: float = 1e-3) -> None:
+        self.model = LeNet5(backend=backend, activation=cfg.activation, pool=cfg.pool, f6=cfg.f6, seed=seed,
+                            lr=lr, mean=data.mean, std=data.std)
+        self.backend = self.model.backend
+        self.cfg = cfg
+        self.bench = data
+        self.data = self.model.upload_dataset(data.images, data.labels)
+        self._next: dict[int, int] = {}
+
+    def _offset(self, batch: int) -> int:
+        k = self._next.get(batch, 0)
+        nb = max(1, self.data.n // batch)
+        self._next[batch] = (k + 1) % nb
+        return k * batch
+
+    def forward(self, batch: int, offset: int | None = None) -> None:
+        m = self.model
+        ws = m.workspace(batch)
+        off = self._offset(batch) if offset is None else offset
+        m._prepare(ws, self.data.images, self.data.labels, self.data.perm, off)
+        m._forward(ws)
+
+    def train_step(self, batch: int) -> None:
+        self.model.step(self.data, self._offset(batch), batch)
+
+    def synchronize(self) -> None:
+        self.backend.synchronize()
+
+    def check_forward(self, batch: int, cache: dict[tuple[str, int], Any]) -> float:
+        """Max relative error of the logits at ``batch`` against the float64 reference (raises if off)."""
+        m = self.model
+        self.forward(batch, offset=0)
+        got = self.backend.to_host(m.workspace(batch).logits)
+        key = ("fwd", batch)
+        if key not in cache:
+            p = {k: v.astype(np.float64) for k, v in m.param_dict().items()}
+            cache[key] = reference_forward(p, self.bench.normalized(0, batch), self.cfg)["logits"]
+        err = _rel_err(got, cache[key])
+        if not err <= FORWARD_TOL:
+            raise AssertionError(f"{self.backend.name} forward at batch {batch}: logits off by {err:.2e} (relative)")
+        return err
+
+    def check_grads(self, batch: int, cache: dict[tuple[str, int], Any]) -> float:
+        """Max relative error (per tensor, vs its largest entry) of one step's gradients (raises if off)."""
+        m = self.model
+        ws = m.workspace(batch)
+        m._prepare(ws, self.data.images, self.data.labels, self.data.perm, 0)
+        ws.fwd_bwd()
+        grads = views(self.backend.to_host(m.grads), self.cfg)
+        key = ("grad", batch)
+        if key not in cache:
+            p = {k: v.astype(np.float64) for k, v in m.param_dict().items()}
+            cache[key] = reference_grads(p, self.bench.normalized(0, batch), self.bench.labels[:batch], self.cfg)
+        errs = {k: _rel_err(np.asarray(grads[k]), cache[key][k]) for k in cache[key]}
+        worst = max(errs, key=errs.get)
+        if not errs[worst] <= GRAD_TOL:
+            raise AssertionError(
+                f"{self.backend.name} training step at batch {batch}: gradient {worst} off by {errs[worst]:.2e}"
+            )
+        return errs[worst]
+
+
+# ---------------------------------------------------------------------------------------- interleaved timing
+
+
+def pick_number(
+    fn: Callable[[], None], sync: Callable[[], None], min_sample_s: float, warmup: int = 2
+) -> tuple[int, float]:
+    """Warm up and return (calls per sample so that a sample lasts ≥ min_sample_s, seconds per call)."""
+    t = 0.0
+    for _ in range(max(1, warmup)):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        t = time.perf_counter() - t0
+    return max(1, math.ceil(min_sample_s / max(t, 1e-9))), t
+
+
+def interleaved(
+    contenders: dict[str, tuple[Callable[[], None], Callable[[], None]]],
+    rounds: int,
+    min_sample_s: float,
+) -> dict[str, Any]:
+    """Time contenders in alternating rounds (A B, B A, A B, ...) with perf_counter + their sync.
+
+    Returns per contender the per-call samples, and ``numbers`` (calls per sample). Ratios between
+    contenders are taken round by round, so slow drifts of the machine cancel.
+    """
+    numbers = {}
+    for name, (fn, sync) in contenders.items():
+        numbers[name] = pick_number(fn, sync, min_sample_s)[0]
+    names = list(contenders)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn, sync = contenders[name]
+            k = numbers[name]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) / k)
+    return {"samples": samples, "numbers": numbers}
+
+
+def ratio_stats(ours: list[float], theirs: list[float]) -> dict[str, float]:
+    """Throughput ratio ours/theirs (= their time / our time) per round: median, p20, p80."""
+    r = np.asarray(theirs) / np.asarray(ours)
+    p20, med, p80 = np.percentile(r, [20, 50, 80])
+    return {"median": float(med), "p20": float(p20), "p80": float(p80)}
+
+
+# ---------------------------------------------------------------------------------------- counters
+
+
+def count(backend: Any, fn: Callable[[], None]) -> dict[str, int]:
+    """What one call of ``fn`` did on the backend (launches, h2d, d2h, allocs, syncs)."""
+    before = backend.counters.snapshot()
+    fn()
+    return backend.counters.since(before)
+
+
+def counters_for(net: OurNet, batch: int) -> dict[str, dict[str, int]]:
+    """Counters of one training step and one forward pass (device-resident, after warm-up), and of the
+    host-batch API (train_step on host arrays, logits)."""
+    m = net.model
+    imgs, labs = net.bench.images[:batch], net.bench.labels[:batch]
+    net.train_step(batch)  # warm-up: workspace, compilation, graph capture
+    net.forward(batch)
+    m.train_step(imgs, labs)
+    m.logits(imgs, batch_size=batch)
+    net.synchronize()
+    return {
+        "train_step": count(net.backend, lambda: net.train_step(batch)),
+        "forward": count(net.backend, lambda: net.forward(batch)),
+        "train_step_host_batch": count(net.backend, lambda: m.train_step(imgs, labs)),
+        "logits_host_batch": count(net.backend, lambda: m.logits(imgs, batch_size=batch)),
+    }
+
+
+# ---------------------------------------------------------------------------------------- epochs
+
+
+def epochs_to_accuracy(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    runner: EpochRunner,
+    recipe: dict[str, Any],
+    max_epochs: int,
+    target: float,
+) -> dict[str, Any]:
+    """Train with the recipe (its schedule spans recipe['epochs']), evaluating after every epoch, until
+    the test accuracy reaches ``target`` or ``max_epochs`` have run. Times exclude evaluation."""
+    n = train_images.shape[0]
+    batch = min(int(recipe["batch_size"]), n)
+    steps = n // batch
+    total = steps * int(recipe["epochs"])
+    out: dict[str, Any] = {"batch": batch, "steps_per_epoch": steps, "epochs": []}
+    cum = 0.0
+    for epoch in range(max_epochs):
+        perm = np.random.default_rng([int(recipe["seed"]), epoch]).permutation(n).astype(np.int32)
+        runner.begin_epoch(perm)
+        t0 = time.perf_counter()
+        for s in range(steps):
+            runner.step(s * batch, batch, lr_at(epoch * steps + s, total, float(recipe["lr"]), recipe["schedule"]))
+        runner.synchronize()
+        dt = time.perf_counter() - t0
+        cum += dt
+        acc = runner.accuracy(test_images, test_labels)
+        out["epochs"].append({"epoch": epoch + 1, "seconds": dt, "test_acc": acc, "images_per_s": steps * batch / dt})
+        if acc >= target and "time_to_target_s" not in out:
+            out["time_to_target_s"] = cum
+            out["epochs_to_target"] = epoch + 1
+            break
+    out["epoch_s_median"] = float(np.median([e["seconds"] for e in out["epochs"]]))
+    out["final_test_acc"] = out["epochs"][-1]["test_acc"]
+    out["reached_target"] = "time_to_target_s" in out
+    return out
+
+
+class EpochRunner:
+    """What epochs_to_accuracy drives: begin_epoch(perm), step(offset, batch, lr), synchronize, accuracy."""
+
+    def begin_epoch(self, perm: np.ndarray) -> None: ...
+    def step(self, offset: int, batch: int, lr: float) -> None: ...
+    def synchronize(self) -> None: ...
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float: ...
+
+
+class OurEpochRunner(EpochRunner):
+    def __init__(self, backend: Any, cfg: NetConfig, train_images: np.ndarray, train_labels: np.ndarray,
+                 recipe: dict[str, Any]) -> None:
+        pix = train_images.astype(np.float32) / 255.0
+        self.model = LeNet5(backend=backend, activation=cfg.activation, pool=cfg.pool, f6=cfg.f6,
+                            seed=int(recipe["seed"]), optimizer=recipe["optimizer"], lr=float(recipe["lr"]),
+                            mean=float(pix.mean()), std=float(pix.std()))
+        self.data = self.model.upload_dataset(train_images, train_labels)
+
+    def begin_epoch(self, perm: np.ndarray) -> None:
+        self.model.begin_epoch(self.data, perm)
+
+    def step(self, offset: int, batch: int, lr: float) -> None:
+        self.model.step(self.data, offset, batch, lr)
+
+    def synchronize(self) -> None:
+        self.model.backend.synchronize()
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
+        return float((self.model.predict(images, batch_size=1000) == labels).mean())
+
+
+class TorchEpochRunner(EpochRunner):
+    def __init__(self, peer: Any) -> None:
+        self.peer = peer
+
+    def begin_epoch(self, perm: np.ndarray) -> None:
+        self.peer.set_perm(perm)
+
+    def step(self, offset: int, batch: int, lr: float) -> None:
+        self.peer.train_step(offset, batch, lr)
+
+    def synchronize(self) -> None:
+        self.peer.synchronize()
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
+        return self.peer.accuracy(images, labels)

@@ -1,0 +1,500 @@
+"""The ops of LeNet-5 as benchmark cases: what each costs (FLOPs, bytes) and how to run and check it.
+
+Costs. One function per op, the formula in its docstring. Conventions:
+
+- a multiply-add is 2 FLOPs; a bias add, a comparison, a select and a scale are 1 FLOP each;
+- an activation costs ``ACT_FWD_FLOPS[act]`` per element forward (exp/tanh count as one op) and
+  ``ACT_BWD_FLOPS[act]`` per element backward (evaluating act'(y) from y and multiplying it in);
+- bytes are the compulsory traffic: every input read once and every output written once (float32 =
+  4 bytes, uint8 argmax / image pixels = 1 byte, int32 labels and indices = 4 bytes). A kernel that
+  re-reads data from DRAM moves more; one that hits in cache may move less of the re-reads, never less
+  than this.
+
+The floor of an op on an H100 is ``max(flops / H100_FP32_FLOPS, bytes / H100_HBM_BYTES_PER_S)``, the time
+a perfect kernel bounded by either the FP32 (non-tensor) pipes or HBM would take. It ignores launch
+latency (a few µs per kernel), which dominates every LeNet op at small batches.
+
+Hand check against LeNet counts (B = batch), default network (relu, max, F6 = 84):
+
+====================== ======================================= ===========================
+op at its site          FLOPs                                   bytes
+====================== ======================================= ===========================
+conv2d_fwd C1           2·B·6·28·28·25 + 2·B·4704 = 244,608·B     4·(1024·B + 156 + 4704·B)
+conv2d_fwd C3           2·B·16·10·10·150 + 2·B·1600 = 483,200·B   4·(1176·B + 2416 + 1600·B)
+dense_fwd C5            2·B·400·120 + 2·B·120 = 96,240·B          4·(400·B + 48,120 + 120·B)
+forward (convs+dense)   2·(117,600 + 240,000 + 48,000 + 10,080 + 840) = 833,040·B (spec.forward_flops)
+====================== ======================================= ===========================
+
+Cases. ``build_case(backend, op, site, batch, variant)`` makes seeded inputs at the LeNet shape of a
+call site (C1, C3, S2, ...), allocates the outputs on the backend, and returns an ``OpCase`` whose
+``validate()`` re-uploads the inputs, poisons the outputs with NaN, launches once and compares every
+output with the float64 reference (tests/parity.py's tolerances), and whose ``launch()`` is the bare
+launch that gets timed. Sites are where the model calls the op in a training step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lenet_gpu import reference as ref
+from lenet_gpu.backends.base import OPS, OPTIONAL_OPS
+from lenet_gpu.model import MNIST_MEAN, MNIST_STD
+from lenet_gpu.spec import NetConfig, param_layout
+from tests.parity import TOL, assert_close, assert_equal, nan_like
+
+#: H100 SXM5 datasheet rates used for the floors: FP32 (non-tensor) 66.9 TFLOP/s, HBM3 3.35 TB/s.
+H100_FP32_FLOPS = 67e12
+H100_HBM_BYTES_PER_S = 3.35e12
+H100_NOTE = (
+    "H100 SXM5 datasheet: FP32 non-tensor 67 TFLOP/s, HBM3 3.35 TB/s; "
+    "floor = max(FLOPs / 67e12, bytes / 3.35e12), launch latency not included"
+)
+
+F4 = 4  # bytes of a float32 / int32
+ACT_FWD_FLOPS = {"identity": 0, "relu": 1, "tanh": 1, "lecun_tanh": 3, "sigmoid": 3}
+ACT_BWD_FLOPS = {"identity": 0, "relu": 1, "tanh": 3, "lecun_tanh": 4, "sigmoid": 3}
+#: ops whose size does not depend on the batch (one launch over the flat parameter buffer)
+PER_STEP_OPS = ("adam_step", "sgd_step")
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: int
+    bytes: int
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.flops + other.flops, self.bytes + other.bytes)
+
+
+def floor_seconds(cost: Cost) -> float:
+    """The H100 floor of an op: max(flops / FP32 peak, bytes / HBM bandwidth)."""
+    return max(cost.flops / H100_FP32_FLOPS, cost.bytes / H100_HBM_BYTES_PER_S)
+
+
+# ------------------------------------------------------------------------------------------ costs
+
+
+def batch_prepare_cost(b: int) -> Cost:
+    """Gather, pad 28→32, normalise.
+
+    FLOPs = 2·B·32·32 (one multiply and one add per output pixel, the padding included).
+    Bytes = B·28·28 (uint8 pixels) + B (uint8 label) + 4·B (int32 perm entry)
+            + 4·B·32·32 (x) + 4·B (int32 y).
+    """
+    return Cost(2 * b * 32 * 32, b * 28 * 28 + b + F4 * b + F4 * b * 32 * 32 + F4 * b)
+
+
+def conv2d_fwd_cost(b: int, c: int, h: int, w: int, k: int, r: int, s: int, act: str) -> Cost:
+    """Direct valid convolution + bias + activation, Ho = H−R+1, Wo = W−S+1.
+
+    FLOPs = 2·B·K·Ho·Wo·C·R·S + B·K·Ho·Wo·(1 + act_fwd).
+    Bytes = 4·(B·C·H·W + K·C·R·S + K + B·K·Ho·Wo).
+    C1: 2·B·6·28·28·25 = 235,200·B, plus 2·4,704·B for bias and relu = 244,608·B.
+    """
+    ho, wo = h - r + 1, w - s + 1
+    out = b * k * ho * wo
+    return Cost(2 * out * c * r * s + out * (1 + ACT_FWD_FLOPS[act]), F4 * (b * c * h * w + k * c * r * s + k + out))
+
+
+def conv2d_bwd_data_cost(b: int, c: int, h: int, w: int, k: int, r: int, s: int) -> Cost:
+    """dx = full correlation of dz with the flipped filters.
+
+    FLOPs = 2·B·K·Ho·Wo·C·R·S (each dz element meets each of its C·R·S taps once; the zero padding of
+    the full correlation is not counted). C3: 2·B·16·10·10·150 = 480,000·B.
+    Bytes = 4·(B·K·Ho·Wo + K·C·R·S + B·C·H·W).
+    """
+    ho, wo = h - r + 1, w - s + 1
+    return Cost(2 * b * k * ho * wo * c * r * s, F4 * (b * k * ho * wo + k * c * r * s + b * c * h * w))
+
+
+def conv2d_bwd_weight_cost(b: int, c: int, h: int, w: int, k: int, r: int, s: int) -> Cost:
+    """dw = Σ_{b,i,j} dz·x over every output position, db = Σ dz.
+
+    FLOPs = 2·B·K·Ho·Wo·C·R·S + B·K·Ho·Wo. C1: 235,200·B + 4,704·B.
+    Bytes = 4·(B·C·H·W + B·K·Ho·Wo + K·C·R·S + K).
+    """
+    ho, wo = h - r + 1, w - s + 1
+    out = b * k * ho * wo
+    return Cost(2 * out * c * r * s + out, F4 * (b * c * h * w + out + k * c * r * s + k))
+
+
+def pool2x2_fwd_cost(b: int, c: int, h: int, w: int, mode: str) -> Cost:
+    """2×2 stride-2 subsampling, Ho = H//2, Wo = W//2.
+
+    FLOPs = 3·B·C·Ho·Wo (max: three comparisons) or 4·B·C·Ho·Wo (avg: three adds and a scale).
+    Bytes = 4·B·C·H·W + 4·B·C·Ho·Wo + (max: B·C·Ho·Wo uint8 argmax).
+    """
+    out = b * c * (h // 2) * (w // 2)
+    return Cost((3 if mode == "max" else 4) * out, F4 * b * c * h * w + F4 * out + (out if mode == "max" else 0))
+
+
+def pool2x2_bwd_cost(b: int, c: int, h: int, w: int, mode: str, act: str) -> Cost:
+    """Route dy to its tap (or spread dy/4), times act'(yconv) of the convolution below.
+
+    FLOPs = B·C·H·W·(1 + act_bwd) (one select or scale per tap, then the derivative).
+    Bytes = 4·B·C·Ho·Wo (dy) + (max: B·C·Ho·Wo argmax) + 4·B·C·H·W (yconv) + 4·B·C·H·W (dz).
+    """
+    out = b * c * (h // 2) * (w // 2)
+    full = b * c * h * w
+    return Cost(full * (1 + ACT_BWD_FLOPS[act]), F4 * out + (out if mode == "max" else 0) + 2 * F4 * full)
+
+
+def dense_fwd_cost(b: int, i: int, o: int, act: str) -> Cost:
+    """y = act(x·wᵀ + b). FLOPs = 2·B·I·O + B·O·(1 + act_fwd). Bytes = 4·(B·I + O·I + O + B·O).
+
+    C5: 2·B·400·120 + 2·B·120 = 96,240·B.
+    """
+    return Cost(2 * b * i * o + b * o * (1 + ACT_FWD_FLOPS[act]), F4 * (b * i + o * i + o + b * o))
+
+
+def dense_bwd_cost(b: int, i: int, o: int, act: str, with_dx: bool = True) -> Cost:
+    """dz = dy·act'(y); dw = dzᵀ·x; db = Σ_b dz; dx = dz·w (when asked).
+
+    FLOPs = B·O·act_bwd + 2·B·O·I (dw) + B·O (db) + 2·B·O·I (dx).
+    Bytes = 4·(B·I (x) + 2·B·O (y, dy) + O·I + O (dw, db)) + 4·(O·I (w) + B·I (dx)) when dx is asked.
+    """
+    flops = b * o * ACT_BWD_FLOPS[act] + 2 * b * o * i + b * o + (2 * b * o * i if with_dx else 0)
+    nbytes = F4 * (b * i + 2 * b * o + o * i + o) + (F4 * (o * i + b * i) if with_dx else 0)
+    return Cost(flops, nbytes)
+
+
+def softmax_xent_cost(b: int, n: int = 10) -> Cost:
+    """Row max, subtract, exp, sum, divide, minus one-hot, scale by 1/B, loss and argmax.
+
+    FLOPs = 6·B·N + 4·B (log, pick, add to the loss, compare to the label).
+    Bytes = 4·B·N (logits) + 4·B (labels) + 4·B·N (dlogits) + 2·2·4 (stats read and written).
+    """
+    return Cost(6 * b * n + 4 * b, F4 * (2 * b * n + b) + 16)
+
+
+def adam_step_cost(n: int) -> Cost:
+    """Adam over n parameters: weight decay 2, m 3, v 4, bias corrections 2, sqrt 1, +eps 1,
+    divide 1, ×lr 1, subtract 1 = 16 FLOPs per parameter. Bytes = 4·n·(4 read: p, g, m, v + 3 written)."""
+    return Cost(16 * n, F4 * 7 * n)
+
+
+def sgd_step_cost(n: int) -> Cost:
+    """SGD with momentum over n parameters: m = μ·m + g + wd·p (4), p −= lr·m (2) = 6 FLOPs per
+    parameter. Bytes = 4·n·(3 read: p, g, m + 2 written)."""
+    return Cost(6 * n, F4 * 5 * n)
+
+
+def conv2d_pool_fwd_cost(b: int, c: int, h: int, w: int, k: int, r: int, s: int, act: str, mode: str) -> Cost:
+    """Fused convolution + pooling: the convolution's FLOPs plus the pooling's; bytes as the
+    convolution's (its output yconv is still written: backward needs it) plus ypool and argmax written
+    (the pooling's read of yconv is saved)."""
+    conv = conv2d_fwd_cost(b, c, h, w, k, r, s, act)
+    ho, wo = h - r + 1, w - s + 1
+    pool = pool2x2_fwd_cost(b, k, ho, wo, mode)
+    return Cost(conv.flops + pool.flops, conv.bytes + pool.bytes - F4 * b * k * ho * wo)
+
+
+# ------------------------------------------------------------------------------------------ sites
+
+
+@dataclass(frozen=True)
+class ConvSite:
+    c: int
+    h: int
+    k: int
+    r: int
+
+    @property
+    def ho(self) -> int:
+        return self.h - self.r + 1
+
+
+CONV_SITES = {"C1": ConvSite(1, 32, 6, 5), "C3": ConvSite(6, 14, 16, 5)}
+POOL_SITES = {"S2": (6, 28), "S4": (16, 10)}  # (channels, input size)
+
+
+def dense_sites(cfg: NetConfig) -> dict[str, tuple[int, int, str]]:
+    """(in, out, activation) of the three dense layers."""
+    return {"C5": (400, 120, cfg.activation), "F6": (120, cfg.f6, cfg.activation), "OUT": (cfg.f6, 10, "identity")}
+
+
+def sites(op: str, cfg: NetConfig) -> list[str]:
+    """Where a training step calls ``op`` (empty for an op this module has no case for)."""
+    return {
+        "batch_prepare": ["input"],
+        "conv2d_fwd": ["C1", "C3"],
+        "conv2d_pool_fwd": ["C1+S2", "C3+S4"],
+        "pool2x2_fwd": ["S2", "S4"],
+        "dense_fwd": ["C5", "F6", "OUT"],
+        "softmax_xent": ["OUT"],
+        "dense_bwd": ["OUT", "F6", "C5"],
+        "pool2x2_bwd": ["S4", "S2"],
+        "conv2d_bwd_data": ["C3"],
+        "conv2d_bwd_weight": ["C3", "C1"],
+        "adam_step": ["params"],
+        "sgd_step": ["params"],
+    }.get(op, [])
+
+
+def op_cost(op: str, site: str, batch: int, cfg: NetConfig) -> Cost:
+    """FLOPs and bytes of one call of ``op`` at ``site`` (batch ignored for the optimizer ops)."""
+    act, mode = cfg.activation, cfg.pool
+    if op == "batch_prepare":
+        return batch_prepare_cost(batch)
+    if op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight", "conv2d_pool_fwd"):
+        cs = CONV_SITES[site.split("+")[0]]
+        geo = (batch, cs.c, cs.h, cs.h, cs.k, cs.r, cs.r)
+        if op == "conv2d_fwd":
+            return conv2d_fwd_cost(*geo, act)
+        if op == "conv2d_bwd_data":
+            return conv2d_bwd_data_cost(*geo)
+        if op == "conv2d_bwd_weight":
+            return conv2d_bwd_weight_cost(*geo)
+        return conv2d_pool_fwd_cost(*geo, act, mode)
+    if op in ("pool2x2_fwd", "pool2x2_bwd"):
+        c, h = POOL_SITES[site]
+        if op == "pool2x2_fwd":
+            return pool2x2_fwd_cost(batch, c, h, h, mode)
+        return pool2x2_bwd_cost(batch, c, h, h, mode, act)
+    if op in ("dense_fwd", "dense_bwd"):
+        i, o, a = dense_sites(cfg)[site]
+        return dense_fwd_cost(batch, i, o, a) if op == "dense_fwd" else dense_bwd_cost(batch, i, o, a)
+    if op == "softmax_xent":
+        return softmax_xent_cost(batch)
+    n = param_layout(cfg)[1]
+    if op == "adam_step":
+        return adam_step_cost(n)
+    if op == "sgd_step":
+        return sgd_step_cost(n)
+    raise KeyError(f"no cost formula for op {op!r}")
+
+
+def all_ops(backend: Any) -> list[str]:
+    """The ops a backend offers, in training-step order (protocol ops, then optional, then any other)."""
+    have = list(getattr(backend, "variants", {}))
+    known = [op for op in (*OPS, *OPTIONAL_OPS) if op in have]
+    return known + [op for op in have if op not in known]
+
+
+# ------------------------------------------------------------------------------------------ cases
+
+
+@dataclass
+class Spec:
+    """Host-side inputs, output shapes, the reference answer and how to call the op."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, tuple[tuple[int, ...], Any]]
+    expect: dict[str, np.ndarray]
+    call: Callable[[Any, dict[str, Any], str], None]
+    tol: dict[str, tuple[float, float]] = field(default_factory=dict)
+    exact: tuple[str, ...] = ()  # outputs compared for equality
+
+
+def _rng(op: str, site: str, batch: int | None) -> np.random.Generator:
+    key = [sum(map(ord, op)), sum(map(ord, site)), batch or 0]
+    return np.random.default_rng(key)
+
+
+def _randn(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return a.astype(np.float64)
+
+
+def make_spec(op: str, site: str, batch: int, cfg: NetConfig) -> Spec:
+    """Seeded inputs at the LeNet shape of ``site`` and the float64 reference answer."""
+    rng = _rng(op, site, batch)
+    act, mode, b = cfg.activation, cfg.pool, batch
+    t = TOL.get(op, (1e-5, 1e-5))
+
+    if op == "batch_prepare":
+        n = b + 7  # a dataset a little larger than the batch, read at an offset through a permutation
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        perm = rng.permutation(n).astype(np.int32)
+        off = 3 if n - 3 >= b else 0
+        idx = perm[off : off + b]
+        x = (np.pad(images[idx].astype(np.float64), ((0, 0), (2, 2), (2, 2))) / 255.0 - MNIST_MEAN) / MNIST_STD
+        return Spec(
+            {"images": images, "labels": labels, "perm": perm},
+            {"x": ((b, 1, 32, 32), np.float32), "y": ((b,), np.int32)},
+            {"x": x[:, None], "y": labels[idx].astype(np.int32)},
+            lambda be, a, v: be.batch_prepare(
+                a["images"], a["labels"], a["perm"], off, a["x"], a["y"], MNIST_MEAN, MNIST_STD, variant=v
+            ),
+            {"x": t},
+            exact=("y",),
+        )
+
+    if op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight", "conv2d_pool_fwd"):
+        cs = CONV_SITES[site.split("+")[0]]
+        xs, ws, ys = (b, cs.c, cs.h, cs.h), (cs.k, cs.c, cs.r, cs.r), (b, cs.k, cs.ho, cs.ho)
+        w = _randn(rng, ws, (1.0 / (cs.c * cs.r * cs.r)) ** 0.5)
+        if op == "conv2d_fwd":
+            x, bias = _randn(rng, xs), _randn(rng, (cs.k,), 0.1)
+            y = ref.conv2d_fwd(_f64(x), _f64(w), _f64(bias), act)
+            return Spec(
+                {"x": x, "w": w, "b": bias}, {"y": (ys, np.float32)}, {"y": y},
+                lambda be, a, v: be.conv2d_fwd(a["x"], a["w"], a["b"], a["y"], act, variant=v), {"y": t},
+            )
+        if op == "conv2d_pool_fwd":
+            x, bias = _randn(rng, xs), _randn(rng, (cs.k,), 0.1)
+            y = ref.conv2d_fwd(_f64(x), _f64(w), _f64(bias), act)
+            yp, am = ref.pool2x2_fwd(y, mode)
+            ps = (b, cs.k, cs.ho // 2, cs.ho // 2)
+            outs = {"yconv": (ys, np.float32), "ypool": (ps, np.float32), "argmax": (ps, np.uint8)}
+            expect = {"yconv": y, "ypool": yp}
+            if mode == "max":
+                expect["argmax"] = am
+            return Spec(
+                {"x": x, "w": w, "b": bias}, outs, expect,
+                lambda be, a, v: be.conv2d_pool_fwd(
+                    a["x"], a["w"], a["b"], a["yconv"], a["ypool"], a["argmax"], act, mode, variant=v
+                ),
+                {"yconv": TOL["conv2d_fwd"], "ypool": TOL["conv2d_fwd"]},
+                exact=("argmax",),
+            )
+        dz = _randn(rng, ys)
+        x = _randn(rng, xs)
+        dx, dw, db = ref.conv2d_bwd(_f64(x), _f64(w), _f64(dz), _f64(dz), "identity")
+        if op == "conv2d_bwd_data":
+            return Spec(
+                {"dz": dz, "w": w}, {"dx": (xs, np.float32)}, {"dx": dx},
+                lambda be, a, v: be.conv2d_bwd_data(a["dz"], a["w"], a["dx"], variant=v), {"dx": t},
+            )
+        return Spec(
+            {"x": x, "dz": dz}, {"dw": (ws, np.float32), "db": ((cs.k,), np.float32)}, {"dw": dw, "db": db},
+            lambda be, a, v: be.conv2d_bwd_weight(a["x"], a["dz"], a["dw"], a["db"], variant=v),
+            {"dw": t, "db": t},
+        )
+
+    if op in ("pool2x2_fwd", "pool2x2_bwd"):
+        c, h = POOL_SITES[site]
+        xs, ps = (b, c, h, h), (b, c, h // 2, h // 2)
+        x = _randn(rng, xs)
+        yp, am = ref.pool2x2_fwd(_f64(x), mode)
+        if op == "pool2x2_fwd":
+            expect = {"y": yp}
+            if mode == "max":
+                expect["argmax"] = am
+            return Spec(
+                {"x": x}, {"y": (ps, np.float32), "argmax": (ps, np.uint8)}, expect,
+                lambda be, a, v: be.pool2x2_fwd(a["x"], a["y"], a["argmax"], mode, variant=v),
+                {"y": t}, exact=("argmax",),
+            )
+        dy = _randn(rng, ps)
+        yconv = ref.activate(_randn(rng, xs), act).astype(np.float32)
+        argmax = am if am is not None else np.zeros(ps, np.uint8)
+        dz = ref.pool2x2_bwd(_f64(dy), am, mode, (h, h)) * ref.activation_grad(_f64(yconv), act)
+        return Spec(
+            {"dy": dy, "argmax": argmax, "yconv": yconv}, {"dz": (xs, np.float32)}, {"dz": dz},
+            lambda be, a, v: be.pool2x2_bwd(a["dy"], a["argmax"], a["yconv"], a["dz"], mode, act, variant=v),
+            {"dz": t},
+        )
+
+    if op in ("dense_fwd", "dense_bwd"):
+        i, o, a_ = dense_sites(cfg)[site]
+        x, w, bias = _randn(rng, (b, i)), _randn(rng, (o, i), (1.0 / i) ** 0.5), _randn(rng, (o,), 0.1)
+        if op == "dense_fwd":
+            return Spec(
+                {"x": x, "w": w, "b": bias}, {"y": ((b, o), np.float32)},
+                {"y": ref.dense_fwd(_f64(x), _f64(w), _f64(bias), a_)},
+                lambda be, a, v: be.dense_fwd(a["x"], a["w"], a["b"], a["y"], a_, variant=v), {"y": t},
+            )
+        y = ref.activate(_randn(rng, (b, o)), a_).astype(np.float32)
+        dy = _randn(rng, (b, o))
+        dx, dw, db = ref.dense_bwd(_f64(x), _f64(w), _f64(y), _f64(dy), a_)
+        return Spec(
+            {"x": x, "w": w, "y": y, "dy": dy},
+            {"dx": ((b, i), np.float32), "dw": ((o, i), np.float32), "db": ((o,), np.float32)},
+            {"dx": dx, "dw": dw, "db": db},
+            lambda be, a, v: be.dense_bwd(a["x"], a["w"], a["y"], a["dy"], a["dx"], a["dw"], a["db"], a_, variant=v),
+            {"dx": t, "dw": t, "db": t},
+        )
+
+    if op == "softmax_xent":
+        logits = _randn(rng, (b, 10), 3.0)
+        labels = rng.integers(0, 10, b).astype(np.int32)
+        loss, dlogits = ref.softmax_xent(_f64(logits), labels)
+        first_max = np.argmax(logits, axis=1)
+        stats = np.array([loss * b, float((first_max == labels).sum())])
+        return Spec(
+            {"logits": logits, "labels": labels, "stats": np.zeros(2, np.float32)},
+            {"dlogits": ((b, 10), np.float32)},
+            {"dlogits": dlogits, "stats": stats},
+            lambda be, a, v: be.softmax_xent(a["logits"], a["labels"], a["dlogits"], a["stats"], variant=v),
+            # the loss sum is a float32 sum of B terms: allow a relative 1e-5·log2(B)-ish slack
+            {"dlogits": t, "stats": (1e-4, 1e-4)},
+        )
+
+    if op in ("adam_step", "sgd_step"):
+        n = param_layout(cfg)[1]
+        p, g = _randn(rng, (n,), 0.1), _randn(rng, (n,), 0.01)
+        if op == "adam_step":
+            m, v2 = _randn(rng, (n,), 1e-3), np.abs(_randn(rng, (n,), 1e-4))
+            step, lr, b1, b2, eps, wd = 3, 1e-3, 0.9, 0.999, 1e-8, 0.0
+            bc1, bc2 = 1.0 - b1**step, 1.0 - b2**step
+            pe, me, ve = ref.adam_update(_f64(p), _f64(g), _f64(m), _f64(v2), step, lr, b1, b2, eps, wd)
+            return Spec(
+                {"p": p, "g": g, "m": m, "v": v2}, {}, {"p": pe, "m": me, "v": ve},
+                lambda be, a, v: be.adam_step(a["p"], a["g"], a["m"], a["v"], lr, b1, b2, eps, wd, bc1, bc2, variant=v),
+                {"p": t, "m": t, "v": t},
+            )
+        m = _randn(rng, (n,), 1e-3)
+        lr, mom, wd = 0.05, 0.9, 0.0
+        pe, me = ref.sgd_update(_f64(p), _f64(g), _f64(m), lr, mom, wd)
+        return Spec(
+            {"p": p, "g": g, "m": m}, {}, {"p": pe, "m": me},
+            lambda be, a, v: be.sgd_step(a["p"], a["g"], a["m"], lr, mom, wd, variant=v),
+            {"p": t, "m": t},
+        )
+
+    raise KeyError(f"no benchmark case for op {op!r}")
+
+
+@dataclass
+class OpCase:
+    """One op at one site, batch and variant on one backend: ``validate()`` then time ``launch()``."""
+
+    op: str
+    site: str
+    batch: int | None
+    variant: str
+    cost: Cost
+    launch: Callable[[], None]
+    validate: Callable[[], None]
+
+
+def build_case(
+    backend: Any, op: str, site: str, batch: int | None, variant: str, cfg: NetConfig, spec: Spec | None = None
+) -> OpCase:
+    """Upload ``spec``'s inputs (``make_spec`` when not given), allocate outputs, bind the launch."""
+    b = 1 if batch is None else batch
+    spec = spec or make_spec(op, site, b, cfg)
+    be = backend
+    arrays: dict[str, Any] = {k: be.to_device(v) for k, v in spec.inputs.items()}
+    for name, (shape, dtype) in spec.outputs.items():
+        arrays[name] = be.to_device(nan_like(shape, dtype))
+
+    def launch() -> None:
+        spec.call(be, arrays, variant)
+
+    def validate() -> None:
+        for k, v in spec.inputs.items():
+            be.upload(arrays[k], v)
+        for name, (shape, dtype) in spec.outputs.items():
+            be.upload(arrays[name], nan_like(shape, dtype))
+        launch()
+        be.synchronize()
+        where = f"{be.name} {op} {site} batch {batch} variant {variant}"
+        for name, want in spec.expect.items():
+            got = be.to_host(arrays[name])
+            if name in spec.exact:
+                assert_equal(got, want, f"{where}: {name}")
+            else:
+                atol, rtol = spec.tol.get(name, TOL.get(op, (1e-5, 1e-5)))
+                assert_close(got, want, atol, rtol, f"{where}: {name}")
+
+    return OpCase(op, site, batch, variant, op_cost(op, site, b, cfg), launch, validate)

@@ -1,0 +1,352 @@
+"""Write the benchmark results: ``results.json`` (every number), ``report.md`` and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: non-finite floats become None, tuples lists, numpy scalars Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        try:
+            obj = obj.item()
+        except (AttributeError, ValueError):
+            pass
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_all(results: dict[str, Any], out: Path, plots: bool = True) -> list[Path]:
+    """Write results.json, report.md and (unless ``plots`` is False) the PNGs; return their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    if plots:
+        try:
+            results["plots"] = [p.name for p in write_plots(results, out)]
+        except ImportError as e:
+            results["plots"] = []
+            results.setdefault("errors", []).append({"section": "plots", "error": f"matplotlib missing: {e}"})
+    js = out / "results.json"
+    js.write_text(json.dumps(_clean(results), indent=1, allow_nan=False) + "\n")
+    paths.append(js)
+    md = out / "report.md"
+    md.write_text(markdown(results))
+    paths.append(md)
+    paths += [out / p for p in results.get("plots", [])]
+    return paths
+
+
+# ---------------------------------------------------------------------------------------- formatting
+
+
+def _si(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "—"
+    for scale, pre in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {pre}{unit}"
+    return f"{v:.3g} {unit}".strip()
+
+
+def _t(s: float | None) -> str:
+    """Seconds as µs / ms / s with 3 significant digits."""
+    if s is None:
+        return "—"
+    if s < 1e-3:
+        return f"{s * 1e6:.3g} µs"
+    if s < 1:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s:.3g} s"
+
+
+def _rate(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _cell(r: dict[str, Any], c: str) -> str:
+    v = r.get(c)
+    if v is None:
+        return "—"
+    if c == "occupancy" and isinstance(v, float) and v <= 1:
+        return f"{v:.0%}"
+    return str(v)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _e2e_table(rows: list[dict[str, Any]], forward: bool) -> str:
+    peer_names = sorted({p for r in rows for p in r.get("peers", {})})
+    head = ["backend", "batch", "ours images/s (p20–p80)"]
+    for p in peer_names:
+        head += [f"{p} images/s", f"ours/{p} (p20–p80)"]
+    if forward:
+        head.append("ours GFLOP/s")
+    out = []
+    for r in rows:
+        line = [r["backend"], str(r["batch"]),
+                f"{_rate(r['images_per_s'])} ({_rate(r['images_per_s_p20'])}–{_rate(r['images_per_s_p80'])})"]
+        for p in peer_names:
+            pv = r.get("peers", {}).get(p)
+            if pv is None:
+                line += ["—", "—"]
+            else:
+                q = pv["ratio"]
+                line += [_rate(pv["images_per_s"]), f"**{q['median']:.2f}** ({q['p20']:.2f}–{q['p80']:.2f})"]
+        if forward:
+            line.append(f"{r.get('gflops', 0):.2f}")
+        out.append(line)
+    return _table(head, out)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res.get("machine", {})
+    tor = res.get("torch")
+    load = res.get("load", {})
+    s: list[str] = ["# lenet_gpu benchmark report\n"]
+    s.append(f"- date: {res.get('date')} (UTC), {res.get('wall_s', 0):.0f} s in all\n")
+    s.append(f"- command: `{res.get('command')}`\n")
+    git = m.get("git") or {}
+    s.append(f"- code: commit {git.get('commit', '?')[:12]} on {git.get('branch', '?')}"
+             f"{' (with uncommitted changes)' if git.get('dirty') else ''}\n")
+    s.append(f"- machine: {m.get('cpu')}, {m.get('cpus_usable')} usable of {m.get('cpus')} CPUs, "
+             f"{m.get('memory_gb')} GB; {m.get('platform')}; Python {m.get('python')}, NumPy {m.get('numpy')} "
+             f"(BLAS {m.get('blas', {}).get('name')} {m.get('blas', {}).get('version')}, threads: "
+             f"{m.get('blas', {}).get('threads')})\n")
+    gpu = m.get("gpu")
+    s.append(f"- GPU: {gpu['name']} (sm_{gpu['sm']}, {gpu['memory_gb']} GB)\n" if gpu else "- GPU: none\n")
+    if tor:
+        s.append(f"- peer: PyTorch {tor['version']}, torch.get_num_threads() = {tor['threads']} "
+                 f"(interop {tor['interop_threads']}), mkldnn {tor['mkldnn']}"
+                 f"{', cuDNN ' + str(tor.get('cudnn')) if tor.get('cuda') else ''}\n")
+    else:
+        s.append(f"- peer: {res.get('torch_note')}\n")
+    busy = "**busy**" if load.get("busy") else "quiet"
+    lb, la = load.get("loadavg_before"), load.get("loadavg_after")
+    other = load.get("other_processes_cpu_frac")
+    s.append(
+        f"- machine load: {busy} — {load.get('note')}. 1-min load average {f'{lb[0]:.2f}' if lb else '?'} before, "
+        f"{f'{la[0]:.2f}' if la else '?'} after (includes this run); other processes used "
+        f"{'?' if other is None else f'{other:.0%}'} of the CPUs; calibration workload "
+        f"{_t(load.get('calibration_start_s'))} at start, {_t(load.get('calibration_end_s'))} at end "
+        f"({load.get('calibration_drift', 0):+.1%})\n"
+    )
+    s.append(f"- floors: {res.get('peaks', {}).get('note')}\n")
+    ds = res.get("dataset")
+    if ds:
+        s.append(f"- end-to-end data: {ds['name']} training images ({ds['images_resident']} resident on the "
+                 f"backend, normalised with mean {ds['mean']:.4f}, std {ds['std']:.4f})\n")
+    s.append("\nRatios are throughput ours/peer (> 1: ours is faster), taken round by round from alternating "
+             "rounds (ours, peer, peer, ours, …) in this one run; the median and p20–p80 of the per-round "
+             "ratios are shown.\n")
+
+    for b, info in res.get("backends", {}).items():
+        if not info.get("available"):
+            s.append(f"\n> backend **{b}** not measured: {info.get('reason')}\n")
+
+    if res.get("forward"):
+        s.append("\n## Forward pass (device-resident batch_prepare + forward), images/s\n\n")
+        s.append(_e2e_table(res["forward"], True))
+    if res.get("train"):
+        s.append("\n## Training step (batch_prepare, forward, backward, Adam), images/s\n\n")
+        s.append(_e2e_table(res["train"], False))
+
+    ep = res.get("epoch")
+    if ep:
+        r = ep["recipe"]
+        s.append(f"\n## Epochs and time to {ep['target_acc']:.0%} test accuracy\n\n")
+        s.append(f"{ep['dataset']}: {ep['train_images']} training / {ep['test_images']} test images; recipe: "
+                 f"{r['optimizer']} peak lr {r['lr']:g} {r['schedule']} over {r['epochs']} epochs, batch "
+                 f"{r['batch_size']}, seed {r['seed']}, last partial batch dropped; at most {ep['max_epochs']} "
+                 "epochs run here. Times are training only (evaluation after each epoch excluded); the "
+                 "PyTorch run starts from the same initial parameters and sees the same batches.\n\n")
+        rows = []
+        for name, run in ep["runs"].items():
+            rows.append([name, _t(run["epoch_s_median"]), _rate(run["epochs"][0]["images_per_s"]),
+                         str(len(run["epochs"])), f"{run['final_test_acc']:.4f}",
+                         _t(run.get("time_to_target_s")) if run["reached_target"] else "not reached",
+                         str(run.get("epochs_to_target", "—"))])
+        s.append(_table(["run", "epoch time (median)", "images/s (epoch 1)", "epochs run", "final test acc",
+                         "time to target", "epochs to target"], rows))
+        for sk in ep.get("skipped", []):
+            s.append(f"\n- {sk['backend']}: skipped ({sk['reason']})")
+        s.append("\n")
+
+    cnt = res.get("counters")
+    if cnt and cnt.get("backends"):
+        s.append(f"\n## Counters (batch {cnt['batch']}, after warm-up)\n\n")
+        rows = []
+        for name, d in cnt["backends"].items():
+            for what, c in d.items():
+                rows.append([name, what, str(c["launches"]), str(c["h2d"]), str(c["d2h"]), str(c["allocs"]),
+                             str(c["syncs"])])
+        s.append(_table(["backend", "what", "launches", "h2d copies", "d2h copies", "allocations", "syncs"], rows))
+        s.append("\n`train_step` and `forward` are the device-resident path of the training program; the "
+                 "`host_batch` rows use the host-array API (train_step(images, labels), logits(images)).\n")
+        for sk in cnt.get("skipped", []):
+            s.append(f"- {sk['backend']}: skipped ({sk['reason']})\n")
+
+    if res.get("ops"):
+        s.append("\n## Per-op kernels\n\n")
+        s.append("Each op at each LeNet call site (C1 … OUT), validated against the float64 reference before "
+                 "it is timed. GFLOP/s and GB/s use the formulas in bench/ops.py (compulsory traffic); "
+                 "'floor' is the H100 floor of that op; 'floor/time' is how close the measured time is to it. "
+                 "`*` marks the backend's default variant. GPU rows: one launch per sample, L2 flushed "
+                 "before each; the 'hot' column is back-to-back launches.\n")
+        by_backend: dict[str, list[dict[str, Any]]] = {}
+        for r in res["ops"]:
+            by_backend.setdefault(r["backend"], []).append(r)
+        for name, rows_ in by_backend.items():
+            gpu_rows = any("hot_median_s" in r for r in rows_)
+            head = ["op", "site", "variant", "batch", "median (p20–p80)"]
+            if gpu_rows:
+                head.append("hot")
+            head += ["GFLOP/s", "GB/s", "H100 floor", "floor/time"]
+            out = []
+            for r in rows_:
+                line = [r["op"], r["site"], r["variant"] + ("*" if r.get("default") else ""),
+                        "—" if r["batch"] is None else str(r["batch"]),
+                        f"{_t(r['median_s'])} ({_t(r['p20_s'])}–{_t(r['p80_s'])})"]
+                if gpu_rows:
+                    line.append(_t(r.get("hot_median_s")))
+                line += [f"{r['gflops']:.3g}", f"{r['gbs']:.3g}", _t(r["floor_s"]), f"{r['floor_frac']:.2%}"]
+                out.append(line)
+            s.append(f"\n### {name} ({rows_[0]['timer']})\n\n")
+            s.append(_table(head, out))
+
+    k = res.get("kernels")
+    if k is not None:
+        s.append("\n## Static kernel table (sm_90)\n\n")
+        if not k.get("available"):
+            s.append(f"Not available: {k.get('note')}\n")
+        else:
+            s.append(f"From {k.get('source')}: {k.get('note')}.\n\n")
+            cols = ["backend", "op", "kernel", "variant", "registers", "shared_bytes", "stack_bytes",
+                    "spill_stores", "spill_loads", "block_threads", "occupancy"]
+            rows = []
+            for r in k["records"]:
+                rows.append([_cell(r, c) for c in cols])
+            s.append(_table(cols, rows))
+
+    sk = res.get("skipped", [])
+    if sk:
+        s.append("\n## Skipped and failed cases\n\n")
+        for r in sk:
+            keys = ("section", "backend", "op", "site", "variant", "batch")
+            where = " ".join(str(r[k]) for k in keys if r.get(k) is not None)
+            s.append(f"- {where}: {r['reason'].splitlines()[0]}\n")
+    for note in res.get("peer_notes", []):
+        s.append(f"- peer: {note}\n")
+    if res.get("errors"):
+        s.append("\n## Errors\n\n")
+        for e in res["errors"]:
+            s.append(f"- section {e['section']}: {e['error']}\n")
+
+    s.append("\n## Method\n\n")
+    s.append(
+        "- CPU: `time.perf_counter` around N calls then `backend.synchronize()`, N chosen so a sample lasts "
+        "≥ 1 ms (per op) or ≥ the end-to-end sample time; warm-up first; median with p20/p80.\n"
+        "- GPU per op: device events on the backend's stream around one launch, the L2 flushed (2× its size, "
+        "written several times so the device is busy while the launch is enqueued) before each; warm-up; "
+        "median with p20/p80. End to end: perf_counter around N steps plus a device sync.\n"
+        "- Validation: every op at every site, batch and variant is checked against lenet_gpu.reference "
+        "(float64) with tests/parity.py's tolerances, outputs NaN-poisoned first; the forward logits and one "
+        "step's gradients at every end-to-end batch size are checked against a float64 composition of the "
+        "reference ops; the PyTorch model's logits against the same reference.\n"
+        "- Cases whose estimated time exceeds the per-case budget (from the same series at a smaller batch) "
+        "are skipped and listed above.\n"
+    )
+    return "".join(s)
+
+
+# ---------------------------------------------------------------------------------------- plots
+
+
+def write_plots(res: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    # throughput vs batch size, per backend and peer
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, kind, title in ((axes[0], "forward", "forward pass"), (axes[1], "train", "training step")):
+        rows = res.get(kind) or []
+        series: dict[str, list[tuple[int, float, float, float]]] = {}
+        for r in rows:
+            series.setdefault(r["backend"], []).append(
+                (r["batch"], r["images_per_s"], r["images_per_s_p20"], r["images_per_s_p80"]))
+            for p, v in r.get("peers", {}).items():
+                ips = v["images_per_s"]
+                lo, hi = r["batch"] / v["p80_s"], r["batch"] / v["p20_s"]
+                series.setdefault(p, [])
+                if all(b != r["batch"] for b, *_ in series[p]):
+                    series[p].append((r["batch"], ips, lo, hi))
+        for name, pts in series.items():
+            pts.sort()
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name,
+                        linestyle="--" if name.startswith("torch") else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images/s")
+        ax.set_title(f"LeNet-5 {title}")
+        ax.grid(True, which="both", alpha=0.3)
+        if series:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    p = out / "throughput.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    # per-kernel bars, one figure per backend, at the largest batch measured for every op of it
+    by_backend: dict[str, list[dict[str, Any]]] = {}
+    for r in res.get("ops") or []:
+        by_backend.setdefault(r["backend"], []).append(r)
+    for name, rows in by_backend.items():
+        batches = sorted({r["batch"] for r in rows if r["batch"] is not None})
+        pick = batches[-1] if batches else None
+        sel = [r for r in rows if r["batch"] in (pick, None)]
+        labels = [f"{r['op']} {r['site']} {r['variant']}{'*' if r.get('default') else ''}" for r in sel]
+        times = [r["median_s"] * 1e6 for r in sel]
+        floors = [r["floor_s"] * 1e6 for r in sel]
+        fig, ax = plt.subplots(figsize=(9, 0.32 * len(sel) + 1.6))
+        ys = list(range(len(sel)))
+        ax.barh(ys, times, color="tab:blue", label="measured (median)")
+        ax.errorbar(times, ys, xerr=[[r["median_s"] * 1e6 - r["p20_s"] * 1e6 for r in sel],
+                                     [r["p80_s"] * 1e6 - r["median_s"] * 1e6 for r in sel]],
+                    fmt="none", ecolor="black", capsize=2)
+        ax.scatter(floors, ys, color="tab:red", marker="|", s=200, zorder=3, label="H100 floor")
+        ax.set_yticks(ys)
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("µs per call")
+        ax.set_title(f"{name}: per-kernel time at batch {pick} (optimizer ops: whole parameter buffer)")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        fig.tight_layout()
+        p = out / f"ops_{name}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths

@@ -1,0 +1,653 @@
+"""Run the benchmarks and write the report: ``python -m bench.run [--quick] [options]``.
+
+Sections (all by default): ``ops`` (every op × site × variant × backend × batch, validated, then
+timed), ``forward`` and ``train`` (end-to-end images/s, ours against PyTorch in alternating rounds),
+``epoch`` (full-epoch time and time to a target test accuracy with the default recipe), ``counters``
+(launches, copies, allocations, syncs per step and per forward pass), ``kernels`` (the static compile
+table). Output: ``results.json``, ``report.md`` and PNG plots in ``--out`` (default reports/bench/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lenet_gpu.backends import BACKENDS, BackendUnavailable, get_backend
+from lenet_gpu.spec import NetConfig, forward_flops
+
+from . import kernels as kernels_mod
+from . import model as e2e
+from . import ops as opsmod
+from . import peer as peermod
+from .report import write_all
+from .timing import CpuTimer, GpuEventTimer, LoadMonitor, TimingConfig, gpu_library, wait_for_quiet
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("ops", "forward", "train", "epoch", "counters", "kernels")
+FULL = {
+    "batches": [1, 64, 256, 1024, 4096],
+    "train_batches": [64, 128, 256],
+    "rounds": 10,
+    "min_sample_s": 0.05,
+    "target_s": 0.3,
+    "max_case_s": 10.0,
+    "max_epochs": None,  # the recipe's epoch count
+    "target_acc": 0.96,
+    "epoch_budget_s": 900.0,
+}
+QUICK = {
+    "batches": [1, 64, 256],
+    "train_batches": [64, 128],
+    "rounds": 4,
+    "min_sample_s": 0.02,
+    "target_s": 0.05,
+    "max_case_s": 2.0,
+    "max_epochs": 1,
+    "target_acc": 0.96,
+    "epoch_budget_s": 60.0,
+}
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return sorted(set(vals))
+
+
+def _names(s: str) -> list[str]:
+    return [v.strip() for v in s.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Benchmark lenet_gpu: per-op kernels (FLOPs, bytes, H100 floor), end-to-end forward and "
+        "training throughput, epochs and time to accuracy, against the same LeNet-5 in PyTorch. "
+        "Writes results.json, report.md and PNG plots.",
+        epilog="Examples: python -m bench.run --quick;  python -m bench.run --backends numpy --batches 1,64,256 "
+        "--train-batches 128;  NUMBA_ENABLE_CUDASIM=1 python -m bench.run --backends numba --batches 1 "
+        "--sections ops --ops dense_fwd",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="short run: batches 1,64,256; training 64,128; fewer rounds; one capped epoch")
+    p.add_argument("--backends", type=_names, default=None,
+                   help=f"comma-separated backends (default: every registered one that can run here: "
+                        f"{', '.join(b for b in BACKENDS if b != 'auto')})")
+    p.add_argument("--batches", type=_ints, default=None,
+                   help="batch sizes of the per-op and forward benchmarks (default 1,64,256,1024,4096)")
+    p.add_argument("--train-batches", type=_ints, default=None, help="training-step batch sizes (default 64,128,256)")
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench", help="output folder (default reports/bench)")
+    p.add_argument("--sections", type=_names, default=list(SECTIONS),
+                   help=f"what to run (default all: {','.join(SECTIONS)})")
+    p.add_argument("--ops", type=_names, default=None, help="only these ops (default: every op of every backend)")
+    p.add_argument("--no-peer", action="store_true", help="do not run PyTorch even when it is installed")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch.set_num_threads (default: the CPUs this process may use, as NumPy's BLAS uses)")
+    p.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
+                   help="also time torch.compile on a GPU (auto: on a GPU in a full run)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds of the end-to-end timings")
+    p.add_argument("--min-samples", type=int, default=5, help="timed samples per op at least (default 5)")
+    p.add_argument("--max-case-s", type=float, default=None,
+                   help="skip a case whose estimated time exceeds this (default 10 s, quick 2 s)")
+    p.add_argument("--dataset", default="mnist-sample", help="dataset of the end-to-end runs (default mnist-sample)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="most epochs of the time-to-accuracy run (default: the recipe's; quick: 1)")
+    p.add_argument("--epoch-samples", type=int, default=None,
+                   help="use only the first N training images for the epoch run (default: all)")
+    p.add_argument("--target-acc", type=float, default=None,
+                   help="target test accuracy (default 0.96: mnist-sample's 4,000 training images top out near "
+                        "96.5%% with the default recipe; use 0.97+ with --dataset mnist)")
+    p.add_argument("--activation", default="relu", help="network activation (default relu)")
+    p.add_argument("--pool", default="max", help="network subsampling (default max)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="first wait up to SECONDS for other processes to use < 25%% of the CPUs (default 0)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _blas() -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    try:
+        cfg = np.show_config(mode="dicts")
+        b = cfg.get("Build Dependencies", {}).get("blas", {})
+        info = {"name": b.get("name"), "version": b.get("version")}
+    except Exception:  # noqa: BLE001 - old NumPy
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["threads"] = [t.get("num_threads") for t in threadpool_info() if t.get("user_api") == "blas"]
+    except ImportError:
+        keys = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+        env = {k: os.environ[k] for k in keys if k in os.environ}
+        info["threads"] = env or "library default (one per usable CPU)"
+    return info
+
+
+def _git() -> dict[str, Any]:
+    def run(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"commit": run("rev-parse", "HEAD"), "branch": run("rev-parse", "--abbrev-ref", "HEAD"),
+                "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def machine_info() -> dict[str, Any]:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "cpus_usable": usable,
+        "memory_gb": _mem_gb(),
+        "numpy": np.__version__,
+        "blas": _blas(),
+        "gpu": None,
+        "git": _git(),
+    }
+    try:
+        import cupy
+
+        if cupy.cuda.is_available():
+            props = cupy.cuda.runtime.getDeviceProperties(0)
+            info["gpu"] = {"name": props["name"].decode(), "sm": f"{props['major']}{props['minor']}",
+                           "memory_gb": round(props["totalGlobalMem"] / 2**30, 1),
+                           "l2_bytes": props.get("l2CacheSize")}
+    except Exception:  # noqa: BLE001 - no usable GPU
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def open_backends(names: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Instantiate each backend; unavailable ones are recorded with their one-line reason."""
+    live: dict[str, Any] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            be = get_backend(name)
+        except BackendUnavailable as e:
+            info[name] = {"available": False, "reason": str(e)}
+            log(f"backend {name}: unavailable: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001 - a backend that breaks on construction is reported, not fatal
+            info[name] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
+            log(f"backend {name}: failed to start: {e}")
+            continue
+        live[name] = be
+        info[name] = {
+            "available": True,
+            "is_gpu": bool(be.is_gpu),
+            "variants": {k: list(v) for k, v in be.variants.items()},
+            "default_variants": dict(be.default_variants),
+            "simulator": os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and name == "numba",
+        }
+        log(f"backend {name}: {'GPU' if be.is_gpu else 'CPU'}, {sum(len(v) for v in be.variants.values())} variants")
+    return live, info
+
+
+class Budget:
+    """Estimates a case's time from the same series at a smaller batch; skips what would overrun."""
+
+    def __init__(self, max_case_s: float) -> None:
+        self.max_case_s = max_case_s
+        self.last: dict[tuple, tuple[int, float]] = {}
+
+    def estimate(self, key: tuple, batch: int, calls: int) -> float | None:
+        prev = self.last.get(key)
+        if prev is None:
+            return None
+        b0, t0 = prev
+        return t0 * max(1.0, batch / b0) * calls
+
+    def too_long(self, key: tuple, batch: int, calls: int) -> str | None:
+        est = self.estimate(key, batch, calls)
+        if est is not None and est > self.max_case_s:
+            return f"estimated {est:.1f} s > --max-case-s {self.max_case_s:g} s"
+        return None
+
+    def record(self, key: tuple, batch: int, seconds: float) -> None:
+        self.last[key] = (batch, seconds)
+
+
+# ---------------------------------------------------------------------------------------- sections
+
+
+def bench_ops(
+    backends: dict[str, Any], cfg: NetConfig, batches: list[int], only: list[str] | None, tcfg: TimingConfig,
+    budget: Budget,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    timers: dict[str, Any] = {}
+    for name, be in backends.items():
+        lib = gpu_library(be)
+        timers[name] = GpuEventTimer(be, lib) if lib else CpuTimer(be.synchronize)
+    op_names: list[str] = []
+    for be in backends.values():
+        op_names += [op for op in opsmod.all_ops(be) if op not in op_names]
+    if only:
+        op_names = [op for op in op_names if op in only]
+    for op in op_names:
+        site_list = opsmod.sites(op, cfg)
+        if not site_list:
+            skipped.append({"op": op, "reason": "no benchmark case is defined for this op (bench/ops.py)"})
+            continue
+        op_batches: list[int | None] = [None] if op in opsmod.PER_STEP_OPS else list(batches)
+        for site in site_list:
+            for batch in op_batches:
+                spec = None
+                for name, be in backends.items():
+                    for variant in be.variants.get(op, ()):
+                        key = (name, op, site, variant)
+                        where = {"backend": name, "op": op, "site": site, "variant": variant, "batch": batch}
+                        why = budget.too_long(key, batch or 1, 2 + tcfg.min_warmup + tcfg.min_samples)
+                        if why:
+                            skipped.append({**where, "reason": why})
+                            continue
+                        try:
+                            if spec is None:
+                                spec = opsmod.make_spec(op, site, batch or 1, cfg)
+                            case = opsmod.build_case(be, op, site, batch, variant, cfg, spec)
+                            t0 = time.perf_counter()
+                            case.validate()
+                            t_val = time.perf_counter() - t0
+                        except AssertionError as e:
+                            skipped.append({**where, "reason": f"FAILED validation: {e}"})
+                            log(f"  {name} {op} {site} {variant} batch {batch}: FAILED validation")
+                            continue
+                        except Exception as e:  # noqa: BLE001 - a broken variant must not stop the run
+                            skipped.append({**where, "reason": f"error: {type(e).__name__}: {e}"})
+                            log(f"  {name} {op} {site} {variant} batch {batch}: error {e}")
+                            continue
+                        if t_val * (tcfg.min_warmup + tcfg.min_samples) > budget.max_case_s * 2:
+                            why = f"one validated call took {t_val:.2f} s; timing it would exceed the budget"
+                            skipped.append({**where, "reason": why})
+                            budget.record(key, batch or 1, t_val)
+                            continue
+                        timer = timers[name]
+                        row = {**where, "default": be.default_variants.get(op) == variant, "validated": True,
+                               "flops": case.cost.flops, "bytes": case.cost.bytes,
+                               "floor_s": opsmod.floor_seconds(case.cost), "timer": timer.kind}
+                        if isinstance(timer, GpuEventTimer):
+                            cold, hot = timer.measure(case.launch, tcfg)
+                            row.update(cold.to_dict())
+                            row.update(hot.to_dict("hot_"))
+                            row["l2_flush_bytes"] = timer.flush_bytes
+                            st = cold
+                        else:
+                            st = timer.measure(case.launch, tcfg)
+                            row.update(st.to_dict())
+                        budget.record(key, batch or 1, st.median)
+                        row["gflops"] = case.cost.flops / st.median / 1e9
+                        row["gbs"] = case.cost.bytes / st.median / 1e9
+                        row["floor_frac"] = row["floor_s"] / st.median
+                        rows.append(row)
+                        log(f"  {name:9s} {op:18s} {site:6s} {variant:4s} b={batch!s:5s} "
+                            f"{st.median * 1e6:10.1f} µs  {row['gflops']:7.2f} GFLOP/s")
+    return rows, skipped
+
+
+class Peers:
+    """PyTorch peers by device (cpu, cuda, cuda+compile), built on first use."""
+
+    def __init__(self, torch: Any, cfg: NetConfig, compile_mode: str, quick: bool) -> None:
+        self.torch, self.cfg = torch, cfg
+        self.compile_mode, self.quick = compile_mode, quick
+        self.cache: dict[tuple[str, int], Any] = {}
+        self.notes: list[str] = []
+
+    def for_backend(self, net: e2e.OurNet) -> dict[str, Any]:
+        """Contender name → TorchLeNet, for the device our backend runs on."""
+        if self.torch is None:
+            return {}
+        gpu = bool(net.backend.is_gpu) and self.torch.cuda.is_available()
+        kinds = ["torch-cuda"] if gpu else ["torch-cpu"]
+        if gpu and (self.compile_mode == "on" or (self.compile_mode == "auto" and not self.quick)):
+            kinds.append("torch-compile")
+        if gpu:
+            self.torch.backends.cudnn.benchmark = True
+        out = {}
+        params = net.model.param_dict()
+        for kind in kinds:
+            key = (kind, id(net.bench))
+            if key not in self.cache:
+                try:
+                    self.cache[key] = peermod.TorchLeNet(
+                        self.cfg, params, net.bench.images, net.bench.labels, net.bench.mean, net.bench.std,
+                        device="cuda" if gpu else "cpu", lr=net.model.lr, compile_model=kind == "torch-compile")
+                except Exception as e:  # noqa: BLE001
+                    self.notes.append(f"{kind}: could not be built ({type(e).__name__}: {e})")
+                    self.cache[key] = None
+            if self.cache[key] is not None:
+                out[kind] = self.cache[key]
+        return out
+
+
+def _cycle(batch: int, n: int) -> Any:
+    state = {"k": 0}
+    nb = max(1, n // batch)
+
+    def nxt() -> int:
+        k = state["k"]
+        state["k"] = (k + 1) % nb
+        return k * batch
+
+    return nxt
+
+
+def bench_e2e(
+    kind: str, nets: dict[str, e2e.OurNet], peers: Peers, batches: list[int], rounds: int, min_sample_s: float,
+    budget: Budget, ref_cache: dict,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """kind 'forward' or 'train': for each backend and batch, validate, then time ours and the peers in
+    alternating rounds. Rows hold ours and each peer with images/s and ratios ours/peer."""
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    checked_peers: set[tuple[str, int]] = set()
+    for name, net in nets.items():
+        peer_map = peers.for_backend(net)
+        for batch in batches:
+            where = {"backend": name, "batch": batch}
+            key = (kind, name)
+            why = budget.too_long(key, batch, rounds + 4)
+            if why:
+                skipped.append({**where, "section": kind, "reason": why})
+                continue
+            try:
+                err = (net.check_forward if kind == "forward" else net.check_grads)(batch, ref_cache)
+            except AssertionError as e:
+                skipped.append({**where, "section": kind, "reason": f"FAILED validation: {e}"})
+                log(f"  {name} {kind} batch {batch}: FAILED validation: {e}")
+                continue
+            contenders: dict[str, tuple[Any, Any]] = {}
+            if kind == "forward":
+                contenders[name] = (lambda n=net, b=batch: n.forward(b), net.synchronize)
+            else:
+                contenders[name] = (lambda n=net, b=batch: n.train_step(b), net.synchronize)
+            peer_err: dict[str, float] = {}
+            for pname, pr in peer_map.items():
+                nxt = _cycle(batch, net.data.n)
+                if kind == "forward":
+                    fn = lambda p=pr, b=batch, nx=nxt: p.forward(nx(), b)  # noqa: E731
+                else:
+                    fn = lambda p=pr, b=batch, nx=nxt: p.train_step(nx(), b)  # noqa: E731
+                if (pname, batch) not in checked_peers and ("fwd", batch) in ref_cache:
+                    # the peer is the same network: its logits at this batch match the float64 reference
+                    pr.set_parameters(net.model.param_dict())
+                    peer_err[pname] = e2e._rel_err(pr.logits(0, batch), ref_cache[("fwd", batch)])
+                    checked_peers.add((pname, batch))
+                contenders[pname] = (fn, pr.synchronize)
+            t0 = time.perf_counter()
+            res = e2e.interleaved(contenders, rounds, min_sample_s)
+            samples = res["samples"]
+            ours = samples[name]
+            st = np.percentile(ours, [20, 50, 80])
+            budget.record(key, batch, float(st[1]))
+            row: dict[str, Any] = {
+                **where, "validation_rel_err": err, "rounds": rounds, "number": res["numbers"][name],
+                "median_s": float(st[1]), "p20_s": float(st[0]), "p80_s": float(st[2]),
+                "images_per_s": batch / float(st[1]),
+                "images_per_s_p20": batch / float(st[2]), "images_per_s_p80": batch / float(st[0]),
+                "peers": {},
+            }
+            if kind == "forward":
+                row["gflops"] = forward_flops(net.cfg) * batch / float(st[1]) / 1e9
+            for pname in peer_map:
+                ps = np.percentile(samples[pname], [20, 50, 80])
+                row["peers"][pname] = {
+                    "median_s": float(ps[1]), "p20_s": float(ps[0]), "p80_s": float(ps[2]),
+                    "images_per_s": batch / float(ps[1]), "number": res["numbers"][pname],
+                    "ratio": e2e.ratio_stats(ours, samples[pname]),
+                    **({"validation_rel_err": peer_err[pname]} if pname in peer_err else {}),
+                }
+            rows.append(row)
+            extra = "  ".join(
+                f"{p}: {v['images_per_s']:,.0f} img/s (ours/{p} {v['ratio']['median']:.2f})"
+                for p, v in row["peers"].items()
+            )
+            log(f"  {kind:7s} {name:9s} b={batch:<5d} {row['images_per_s']:12,.0f} img/s  {extra}  "
+                f"[{time.perf_counter() - t0:.1f} s]")
+    return rows, skipped
+
+
+def bench_epochs(
+    backends: dict[str, Any], cfg: NetConfig, ds: Any, torch: Any, args: argparse.Namespace, settings: dict[str, Any],
+    train_rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    recipe = e2e.default_recipe()
+    n = args.epoch_samples or ds.train_images.shape[0]
+    tr_x, tr_y = ds.train_images[:n], ds.train_labels[:n]
+    max_epochs = args.epochs or settings["max_epochs"] or int(recipe["epochs"])
+    target = args.target_acc if args.target_acc is not None else settings["target_acc"]
+    out: dict[str, Any] = {"dataset": ds.name, "train_images": int(n), "test_images": int(ds.test_images.shape[0]),
+                           "recipe": recipe, "max_epochs": max_epochs, "target_acc": target, "runs": {}, "skipped": []}
+    steps = n // min(int(recipe["batch_size"]), n)
+    for name, be in backends.items():
+        per_step = next((r["median_s"] for r in train_rows
+                         if r["backend"] == name and r["batch"] == recipe["batch_size"]), None)
+        if per_step is not None and per_step * steps * max_epochs > settings["epoch_budget_s"]:
+            out["skipped"].append({"backend": name, "reason": f"estimated {per_step * steps * max_epochs:.0f} s > "
+                                                             f"{settings['epoch_budget_s']:.0f} s budget"})
+            continue
+        if per_step is None and not be.is_gpu and name != "numpy":
+            out["skipped"].append({"backend": name,
+                                   "reason": "no training-step timing to estimate from (slow backend)"})
+            continue
+        log(f"epochs: {name} ...")
+        runner = e2e.OurEpochRunner(be, cfg, tr_x, tr_y, recipe)
+        init = runner.model.param_dict()
+        out["runs"][name] = e2e.epochs_to_accuracy(tr_x, tr_y, ds.test_images, ds.test_labels, runner, recipe,
+                                                   max_epochs, target)
+        if torch is not None and not args.no_peer and "torch-" + ("cuda" if be.is_gpu else "cpu") not in out["runs"]:
+            pname = "torch-" + ("cuda" if be.is_gpu and torch.cuda.is_available() else "cpu")
+            pr = peermod.TorchLeNet(cfg, init, tr_x, tr_y, runner.model.mean, runner.model.std,
+                                    device="cuda" if pname == "torch-cuda" else "cpu", lr=float(recipe["lr"]))
+            log(f"epochs: {pname} ...")
+            out["runs"][pname] = e2e.epochs_to_accuracy(tr_x, tr_y, ds.test_images, ds.test_labels,
+                                                        e2e.TorchEpochRunner(pr), recipe, max_epochs, target)
+    return out
+
+
+def bench_counters(nets: dict[str, e2e.OurNet], batch: int, budget: Budget) -> dict[str, Any]:
+    """Counters at ``batch``; a slow backend (estimated > 5× the per-case budget, at least 60 s) is skipped."""
+    out: dict[str, Any] = {"batch": batch, "backends": {}, "skipped": []}
+    lenient = Budget(max(60.0, 5 * budget.max_case_s))
+    lenient.last = budget.last
+    for name, net in nets.items():
+        why = lenient.too_long(("train", name), batch, 8) or lenient.too_long(("forward", name), batch, 8)
+        if why:
+            out["skipped"].append({"backend": name, "reason": why})
+            continue
+        try:
+            out["backends"][name] = e2e.counters_for(net, batch)
+        except Exception as e:  # noqa: BLE001
+            out["skipped"].append({"backend": name, "reason": f"error: {type(e).__name__}: {e}"})
+    return out
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = dict(QUICK if args.quick else FULL)
+    if args.batches:
+        settings["batches"] = args.batches
+    if args.train_batches:
+        settings["train_batches"] = args.train_batches
+    if args.rounds:
+        settings["rounds"] = args.rounds
+    if args.max_case_s:
+        settings["max_case_s"] = args.max_case_s
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"bench.run: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    cfg = NetConfig(activation=args.activation, pool=args.pool)
+    names = args.backends or [b for b in BACKENDS if b != "auto"]
+    argv = sys.argv[1:] if args._from_cli else args._argv
+    started = _dt.datetime.now(_dt.timezone.utc)
+    log(f"bench: {' '.join(sys.argv)}  (out {args.out})")
+    waited = wait_for_quiet(args.wait_quiet, log=log) if args.wait_quiet > 0 else None
+    monitor = LoadMonitor()
+    monitor.start()
+
+    backends, binfo = open_backends(names)
+    torch = None if args.no_peer else peermod.torch_or_none()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if torch is not None:
+        torch.set_num_threads(args.torch_threads or usable)
+    tcfg = TimingConfig(target_s=settings["target_s"], min_samples=args.min_samples,
+                        max_samples=max(args.min_samples, 50))
+    budget = Budget(settings["max_case_s"])
+    results: dict[str, Any] = {
+        "schema": 1,
+        "date": started.isoformat(timespec="seconds"),
+        "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv),
+        "machine": machine_info(),
+        "settings": {**settings, "sections": args.sections, "ops": args.ops, "activation": cfg.activation,
+                     "pool": cfg.pool, "f6": cfg.f6, "timing": tcfg.__dict__},
+        "peaks": {"h100_fp32_flops": opsmod.H100_FP32_FLOPS, "h100_hbm_bytes_per_s": opsmod.H100_HBM_BYTES_PER_S,
+                  "note": opsmod.H100_NOTE},
+        "backends": binfo,
+        "torch": peermod.torch_info(torch) if torch is not None else None,
+        "torch_note": None if torch is not None else
+        ("--no-peer given" if args.no_peer else "PyTorch is not installed: no peer figures"),
+        "skipped": [],
+        "errors": [],
+    }
+
+    def section(name: str, fn: Any) -> None:
+        if name not in args.sections:
+            return
+        log(f"== {name}")
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - one broken section must not lose the others
+            results["errors"].append({"section": name, "error": f"{type(e).__name__}: {e}",
+                                      "traceback": traceback.format_exc()})
+            log(f"section {name} failed: {e}")
+        log(f"== {name} done in {time.perf_counter() - t0:.1f} s")
+
+    def do_ops() -> None:
+        rows, skipped = bench_ops(backends, cfg, settings["batches"], args.ops, tcfg, budget)
+        results["ops"] = rows
+        results["skipped"] += [{"section": "ops", **s} for s in skipped]
+
+    ds = None
+    nets: dict[str, e2e.OurNet] = {}
+    ref_cache: dict = {}
+    peers = Peers(torch, cfg, args.torch_compile, args.quick)
+
+    def need_nets() -> None:
+        nonlocal ds
+        if nets or not backends:
+            return
+        from lenet_gpu import load_dataset
+
+        ds = load_dataset(args.dataset, progress=False)
+        n = max([*settings["batches"], *settings["train_batches"], ds.train_images.shape[0]])
+        data = e2e.BenchData.from_dataset(ds.train_images, ds.train_labels, n)
+        results["dataset"] = {"name": ds.name, "source": ds.source, "images_resident": int(data.images.shape[0]),
+                              "mean": data.mean, "std": data.std}
+        for name, be in backends.items():
+            nets[name] = e2e.OurNet(be, cfg, data)
+
+    def do_e2e(kind: str) -> None:
+        need_nets()
+        b = settings["batches"] if kind == "forward" else settings["train_batches"]
+        rows, skipped = bench_e2e(kind, nets, peers, b, settings["rounds"], settings["min_sample_s"], budget, ref_cache)
+        results[kind] = rows
+        results["skipped"] += [{"section": kind, **s} for s in skipped]
+
+    def do_counters() -> None:
+        need_nets()
+        results["counters"] = bench_counters(nets, min(settings["train_batches"]), budget)
+
+    def do_epochs() -> None:
+        need_nets()
+        if ds is None:
+            return
+        results["epoch"] = bench_epochs(backends, cfg, ds, None if args.no_peer else torch, args, settings,
+                                        results.get("train", []))
+
+    def do_kernels() -> None:
+        results["kernels"] = kernels_mod.load_kernel_table(allow_build=not args.quick)
+
+    section("ops", do_ops)
+    section("forward", lambda: do_e2e("forward"))
+    section("train", lambda: do_e2e("train"))
+    section("counters", do_counters)
+    section("epoch", do_epochs)
+    section("kernels", do_kernels)
+    results["peer_notes"] = peers.notes
+    results["load"] = monitor.stop()
+    results["load"]["wait_quiet"] = waited
+    results["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    results["wall_s"] = (_dt.datetime.now(_dt.timezone.utc) - started).total_seconds()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args._from_cli = argv is None
+    args._argv = list(argv or [])
+    results = run(args)
+    paths = write_all(results, args.out, plots=not args.no_plots)
+    log(f"wrote {', '.join(str(p) for p in paths)}")
+    if results["load"]["busy"]:
+        log(f"note: the machine was busy: {results['load']['note']}")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,317 @@
+"""Timing done right, on the CPU and on a GPU.
+
+- CPU backends (numpy, cupy-host, the Numba simulator) and end-to-end throughput: ``time.perf_counter``
+  around ``number`` calls followed by ``backend.synchronize()``, after warm-up; ``number`` is chosen so
+  a sample lasts at least ``min_sample_s`` (timer resolution and call overhead amortised).
+- GPU backends, per op: device events recorded on the backend's stream around each launch, after
+  warm-up, with the L2 cache flushed before every repeat (a write of 2× the L2 size, repeated so the
+  device is still busy flushing while the host enqueues the launch: host launch overhead stays out of
+  the event interval). A second figure, ``hot``, times ``number`` back-to-back launches with one pair of
+  events (warm L2, launch-rate bound at small sizes).
+- Statistics: median with p20/p80 over the samples.
+- Machine load: 1-minute load average before and after, the CPU time other processes used during the
+  run (from /proc/stat minus this process's own CPU time), and a fixed calibration workload timed at
+  the start and the end; a run is flagged busy when either says so.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Stats:
+    """Seconds per call: median, p20, p80 over ``n`` samples."""
+
+    median: float
+    p20: float
+    p80: float
+    n: int
+    number: int  # calls per sample
+
+    def to_dict(self, prefix: str = "") -> dict[str, float | int]:
+        return {
+            f"{prefix}median_s": self.median,
+            f"{prefix}p20_s": self.p20,
+            f"{prefix}p80_s": self.p80,
+            f"{prefix}samples": self.n,
+            f"{prefix}number": self.number,
+        }
+
+
+def summarize(per_call: list[float] | np.ndarray, number: int = 1) -> Stats:
+    """Median, p20 and p80 of per-call times."""
+    a = np.asarray(per_call, dtype=np.float64)
+    p20, med, p80 = np.percentile(a, [20, 50, 80])
+    return Stats(float(med), float(p20), float(p80), int(a.size), int(number))
+
+
+@dataclass
+class TimingConfig:
+    """How long to measure: warm-up time, samples (min..max) and the time budget per measurement."""
+
+    warmup_s: float = 0.05
+    min_warmup: int = 1
+    min_samples: int = 5
+    max_samples: int = 50
+    target_s: float = 0.5  # total time of the timed samples
+    min_sample_s: float = 1e-3  # a CPU sample lasts at least this long (number of calls per sample)
+
+
+# ---------------------------------------------------------------------------------------- CPU timer
+
+
+class CpuTimer:
+    """perf_counter around ``number`` calls + ``backend.synchronize()`` (also used for GPU end to end)."""
+
+    kind = "perf_counter"
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+
+    def sample(self, fn: Callable[[], None], number: int = 1) -> float:
+        """Seconds for ``number`` calls (synchronized at the end)."""
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        self.sync()
+        return time.perf_counter() - t0
+
+    def measure(self, fn: Callable[[], None], cfg: TimingConfig) -> Stats:
+        """Warm up, pick ``number``, take samples until ``cfg.target_s`` (within min..max samples)."""
+        t_call = _warmup(self.sample, fn, cfg)
+        number = max(1, int(np.ceil(cfg.min_sample_s / max(t_call, 1e-9)))) if t_call < cfg.min_sample_s else 1
+        samples: list[float] = []
+        t_end = time.perf_counter() + cfg.target_s
+        while len(samples) < cfg.max_samples and (len(samples) < cfg.min_samples or time.perf_counter() < t_end):
+            samples.append(self.sample(fn, number) / number)
+        return summarize(samples, number)
+
+
+def _warmup(sample: Callable[[Callable[[], None], int], float], fn: Callable[[], None], cfg: TimingConfig) -> float:
+    """Run ``fn`` at least ``cfg.min_warmup`` times and for ``cfg.warmup_s``; return the last call's time."""
+    t_call, spent, k = 0.0, 0.0, 0
+    while k < cfg.min_warmup or spent < cfg.warmup_s:
+        t_call = sample(fn, 1)
+        spent += t_call
+        k += 1
+        if k >= 1000:
+            break
+    return t_call
+
+
+# ---------------------------------------------------------------------------------------- GPU timer
+
+
+def gpu_library(backend: Any) -> str | None:
+    """Which CUDA library owns the backend's arrays: 'cupy', 'numba' or None (not a GPU backend)."""
+    if not getattr(backend, "is_gpu", False):
+        return None
+    probe = backend.empty((1,))
+    mod = type(probe).__module__
+    if mod.startswith("cupy"):
+        return "cupy"
+    if mod.startswith("numba"):
+        return "numba"
+    return None
+
+
+class GpuEventTimer:
+    """Device events around each launch on the backend's stream, L2 flushed before every repeat."""
+
+    kind = "cuda-events"
+
+    def __init__(self, backend: Any, lib: str, flush_passes: int = 4) -> None:
+        self.backend = backend
+        self.lib = lib
+        self.flush_passes = flush_passes
+        stream = getattr(backend, "stream", None)
+        if lib == "cupy":
+            import cupy as cp
+
+            self._cp = cp
+            self.stream = stream if stream is not None else cp.cuda.get_current_stream()
+            self.l2_bytes = int(cp.cuda.Device().attributes.get("L2CacheSize", 50 * 2**20))
+            self._flush_buf = cp.empty(2 * self.l2_bytes, dtype=cp.uint8)
+        else:
+            from numba import cuda
+
+            self._cuda = cuda
+            self.stream = stream if stream is not None else cuda.default_stream()
+            dev = cuda.get_current_device()
+            self.l2_bytes = int(getattr(dev, "L2_CACHE_SIZE", 50 * 2**20))
+            self._flush_src = cuda.device_array(2 * self.l2_bytes, dtype=np.uint8, stream=self.stream)
+            self._flush_dst = cuda.device_array(2 * self.l2_bytes, dtype=np.uint8, stream=self.stream)
+
+    @property
+    def flush_bytes(self) -> int:
+        return 2 * self.l2_bytes
+
+    def flush(self) -> None:
+        """Write 2× L2 (``flush_passes`` times) on the timing stream."""
+        for _ in range(self.flush_passes):
+            if self.lib == "cupy":
+                with self.stream:
+                    self._flush_buf.fill(1)
+            else:
+                self._flush_dst.copy_to_device(self._flush_src, stream=self.stream)
+
+    def _events(self) -> tuple[Any, Any]:
+        if self.lib == "cupy":
+            return self._cp.cuda.Event(), self._cp.cuda.Event()
+        return self._cuda.event(timing=True), self._cuda.event(timing=True)
+
+    def _record(self, ev: Any) -> None:
+        if self.lib == "cupy":
+            ev.record(self.stream)
+        else:
+            ev.record(stream=self.stream)
+
+    def _elapsed_s(self, a: Any, b: Any) -> float:
+        b.synchronize()
+        if self.lib == "cupy":
+            return float(self._cp.cuda.get_elapsed_time(a, b)) * 1e-3
+        return float(self._cuda.event_elapsed_time(a, b)) * 1e-3
+
+    def sample(self, fn: Callable[[], None], number: int = 1, flush: bool = False) -> float:
+        if flush:
+            self.flush()
+        a, b = self._events()
+        self._record(a)
+        for _ in range(number):
+            fn()
+        self._record(b)
+        return self._elapsed_s(a, b)
+
+    def measure(self, fn: Callable[[], None], cfg: TimingConfig) -> tuple[Stats, Stats]:
+        """(cold: one launch per sample after an L2 flush, hot: back-to-back launches)."""
+        _warmup(lambda f, n: self.sample(f, n), fn, cfg)
+        cold: list[float] = []
+        t_end = time.perf_counter() + cfg.target_s / 2
+        while len(cold) < cfg.max_samples and (len(cold) < cfg.min_samples or time.perf_counter() < t_end):
+            cold.append(self.sample(fn, 1, flush=True))
+        t1 = float(np.median(cold))
+        number = max(1, min(1000, int(np.ceil(1e-3 / max(t1, 1e-9)))))
+        hot: list[float] = []
+        t_end = time.perf_counter() + cfg.target_s / 2
+        while len(hot) < cfg.max_samples and (len(hot) < cfg.min_samples or time.perf_counter() < t_end):
+            hot.append(self.sample(fn, number) / number)
+        return summarize(cold, 1), summarize(hot, number)
+
+
+# ---------------------------------------------------------------------------------------- machine load
+
+
+def _proc_stat_busy() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()
+    except OSError:
+        return None
+    if not parts or parts[0] != "cpu":
+        return None
+    vals = [float(v) for v in parts[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return (sum(vals) - idle) / hz, sum(vals) / hz
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def busy_fraction(window_s: float = 2.0) -> float | None:
+    """Fraction of the machine's CPUs that other processes kept busy over the next ``window_s``."""
+    a, own0, t0 = _proc_stat_busy(), _own_cpu_s(), time.perf_counter()
+    if a is None:
+        return None
+    time.sleep(window_s)
+    b = _proc_stat_busy()
+    if b is None:
+        return None
+    wall = time.perf_counter() - t0
+    return max(0.0, (b[0] - a[0] - (_own_cpu_s() - own0)) / (wall * (os.cpu_count() or 1)))
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.25, log: Callable[[str], None] | None = None) -> dict:
+    """Wait (up to ``max_wait_s``) until other processes use less than ``threshold`` of the CPUs."""
+    t0 = time.perf_counter()
+    frac = busy_fraction()
+    while frac is not None and frac >= threshold and time.perf_counter() - t0 < max_wait_s:
+        if log:
+            log(f"waiting for a quiet machine: other processes use {frac:.0%} of the CPUs")
+        time.sleep(5.0)
+        frac = busy_fraction()
+    return {"waited_s": time.perf_counter() - t0, "busy_fraction_at_start": frac,
+            "quiet": frac is not None and frac < threshold}
+
+
+def calibration_s(repeats: int = 5) -> float:
+    """Median time of a fixed workload (a 256×256 float32 matmul chain plus a Python loop)."""
+    a = np.full((256, 256), 1.0 / 256, dtype=np.float32)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        b = a
+        for _ in range(20):
+            b = b @ a
+        s = 0
+        for i in range(50_000):
+            s += i
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+class LoadMonitor:
+    """Load average, other processes' CPU use and a calibration workload, from start() to stop()."""
+
+    BUSY_OTHER_FRAC = 0.10  # other processes used more than 10 % of the machine's CPU
+    BUSY_CALIBRATION = 0.10  # the calibration workload changed by more than 10 %
+
+    def __init__(self) -> None:
+        self.result: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+        self._stat0 = _proc_stat_busy()
+        self._own0 = _own_cpu_s()
+        self.result = {
+            "loadavg_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "calibration_start_s": calibration_s(),
+        }
+
+    def stop(self) -> dict[str, Any]:
+        r = self.result
+        r["calibration_end_s"] = calibration_s()
+        r["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+        wall = time.perf_counter() - self._t0
+        stat1 = _proc_stat_busy()
+        ncpu = os.cpu_count() or 1
+        other = None
+        if self._stat0 is not None and stat1 is not None and wall > 0:
+            busy = stat1[0] - self._stat0[0]
+            own = _own_cpu_s() - self._own0
+            other = max(0.0, (busy - own) / (wall * ncpu))
+        r["wall_s"] = wall
+        r["other_processes_cpu_frac"] = other
+        drift = r["calibration_end_s"] / r["calibration_start_s"] - 1.0
+        r["calibration_drift"] = drift
+        reasons = []
+        if other is not None and other > self.BUSY_OTHER_FRAC:
+            reasons.append(f"other processes used {other:.0%} of the {ncpu} CPUs during the run")
+        if abs(drift) > self.BUSY_CALIBRATION:
+            reasons.append(f"the calibration workload changed by {drift:+.0%} between start and end")
+        lb = r["loadavg_before"]
+        if lb is not None and lb[0] > 0.5 * ncpu:
+            reasons.append(f"1-minute load average was {lb[0]:.2f} before the run ({ncpu} CPUs)")
+        r["busy"] = bool(reasons)
+        r["note"] = "; ".join(reasons) if reasons else "machine quiet (no other load detected)"
+        return r
