@@ -66,8 +66,11 @@ class Outcome:
     log: Path | None = None
 
 
+EXTRA_ENV: dict[str, str] = {}  # --env NAME=VALUE
+
+
 def _env(kind: str) -> dict[str, str]:
-    env = sanitizer_env(kind)
+    env = sanitizer_env(kind, {**os.environ, **EXTRA_ENV})
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     env.setdefault("PYTHONFAULTHANDLER", "1")
     return env
@@ -143,7 +146,8 @@ def build_step(files: list[Path], kinds: list[str], options: list[str], log_dir:
 def pytest_step(args: list[str], kinds: list[str], log_dir: Path, timeout: float) -> list[Outcome]:
     outcomes = []
     for kind in kinds:
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+        # the sanitizers slow everything down: pytest-timeout follows --timeout
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", f"timeout={timeout:.0f}", *args]
         log = log_dir / f"pytest-{kind}.log"
         rc, out = _run(cmd, kind, log, timeout)
         totals = PYTEST_TOTALS.findall(out)
@@ -274,11 +278,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "-O", "--option", dest="options", action="append", default=[], metavar="OPT", help="kernel build option (-D...)"
     )
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess (default 1800)")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the subprocesses, e.g. LENET_CUPY_HOST_K='conv2d_fwd or dense_bwd' to narrow "
+        "the cupy-host child suite (sanitized runs are 5-20x slower)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3600, help="seconds per subprocess and per test (default 3600)"
+    )
     parser.add_argument("--log-dir", type=Path, default=ROOT / "reports" / "sanitize", help="where logs go")
     parser.add_argument("-v", "--verbose", action="store_true", help="list every report, not the first three")
     args = parser.parse_args(argv)
 
+    for item in args.env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--env expects NAME=VALUE, got {item!r}")
+        EXTRA_ENV[name] = value
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         print("no C++ compiler: install g++ (>= 12) or set CXX", file=sys.stderr)
         return 2
