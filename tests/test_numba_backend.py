@@ -211,8 +211,8 @@ def test_sim_conv2d_bwd_weight(be, variant, shapes):
 
 @sim
 def test_sim_conv2d_bwd_weight_one_block_many_items(be1):
-    # K=2 × ceil((2·2·3·3 + 1)/16) = 3 column chunks: one block reduces all 6 items in turn
-    H.check_conv2d_bwd_weight(be1, (1, 2, 4, 5), (2, 2, 3, 3), "v2")
+    # K=2 × ceil((1·3·3 + 1)/BW_COLS=8) = 2 column chunks: one block reduces all 4 items in turn
+    H.check_conv2d_bwd_weight(be1, (1, 1, 4, 5), (2, 1, 3, 3), "v2")
 
 
 @sim

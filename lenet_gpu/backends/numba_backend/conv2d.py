@@ -44,7 +44,7 @@ BWD_DATA_SMEM_FLOATS = 4096
 #: conv2d_bwd_weight_v2: threads per block (a power of two: the tree reduction halves it)
 BW_THREADS = 128
 #: conv2d_bwd_weight_v2: columns of c·r·s (+ the bias) reduced by one block
-BW_COLS = 16
+BW_COLS = 8
 
 # ---------------------------------------------------------------------------------------------- fwd
 
