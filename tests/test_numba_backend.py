@@ -312,23 +312,30 @@ def test_sim_three_training_steps_match_numpy():
 
 @sim
 def test_sim_step_counters():
-    """After one warm-up step, a device-resident step is 18 launches and nothing else."""
+    """After one warm-up step, a device-resident step is 18 launches and nothing else; the
+    device-resident path (tanh, avg pooling, SGD with weight decay) matches the numpy backend."""
     from lenet_gpu.data import load_dataset
     from lenet_gpu.model import LeNet5
+    from tests.parity import assert_close
 
     ds = load_dataset("mnist-sample")
     be = _sim_backend()
-    model = LeNet5(backend=be, seed=5, activation="tanh", pool="avg", optimizer="sgd")
-    data = model.upload_dataset(ds.train_images[:6], ds.train_labels[:6])
-    model.begin_epoch(data, np.array([4, 1, 5, 0, 2, 3], np.int32))
-    model.step(data, 0, 1)  # warm-up: allocates the workspace of batch 1
+    opts = dict(seed=5, activation="tanh", pool="avg", optimizer="sgd", lr=0.05, weight_decay=1e-3)
+    models = [LeNet5(backend=be, **opts), LeNet5(backend="numpy", **opts)]
+    datas = [m.upload_dataset(ds.train_images[:6], ds.train_labels[:6]) for m in models]
+    for m, d in zip(models, datas):
+        m.begin_epoch(d, np.array([4, 1, 5, 0, 2, 3], np.int32))
+        m.step(d, 0, 1)  # warm-up: allocates the workspace of batch 1
     before = be.counters.snapshot()
-    model.step(data, 1, 1)
+    models[0].step(datas[0], 1, 1)
     # batch 1 + forward 7 (conv, pool, conv, pool, 3 dense) + softmax 1 + backward 8 (3 dense,
     # 2 pool, 2 conv weight, 1 conv data) + optimizer 1
     assert be.counters.since(before) == {"launches": 18, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
-    loss_sum, correct = model.read_stats()
-    assert np.isfinite(loss_sum) and loss_sum > 0 and 0 <= correct <= 2
+    models[1].step(datas[1], 1, 1)
+    stats = [m.read_stats() for m in models]
+    assert_close(stats[0][0], stats[1][0], 1e-6, 1e-5, "loss sum of two steps")
+    assert stats[0][1] == stats[1][1]
+    assert_close(models[0].parameters(), models[1].parameters(), 1e-6, 1e-4, "parameters after two SGD steps")
 
 
 # ------------------------------------------------------------------------------- GPU: same checks
