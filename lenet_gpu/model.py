@@ -238,6 +238,13 @@ class LeNet5:
             raise ValueError(f"perm must have shape ({data.n},)")
         self.backend.upload(data.perm, perm)
 
+    def replace_images(self, data: DeviceData, images: np.ndarray) -> None:
+        """Overwrite the device images of ``data`` in place (e.g. an epoch's augmented copy): one copy."""
+        images, _ = _check_batch(images, None)
+        if images.shape[0] != data.n:
+            raise ValueError(f"replace_images: need {data.n} images, got {images.shape[0]}")
+        self.backend.upload(data.images, images)
+
     def step(self, data: DeviceData, offset: int, batch: int, lr: float | None = None) -> None:
         """One training step on samples perm[offset:offset+batch] of device data.
 

@@ -1,8 +1,9 @@
 """Train LeNet-5: ``python -m lenet_gpu.train [options]``.
 
 The dataset is uploaded to the backend once; each step gathers its batch on the device from a
-per-epoch permutation, so a step makes no host↔device copy. The loss is read back only when the
-progress bar is refreshed. Ctrl-C saves a checkpoint at the last finished step and exits; ``--resume``
+per-epoch permutation, so a step makes no host↔device copy. With ``--augment`` (on by default) each
+epoch first uploads a freshly shifted copy of the training images: one copy per epoch, none per step.
+The loss is read back only when the progress bar is refreshed. Ctrl-C saves a checkpoint at the last finished step and exits; ``--resume``
 continues from it and reaches the same parameters as an uninterrupted run with the same seed.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .augment import random_shifts
 from .backends import BACKENDS, BackendUnavailable, get_backend
 from .model import OPTIMIZERS, CheckpointError, LeNet5, read_checkpoint
 
@@ -35,6 +37,7 @@ DEFAULTS = {
     "pool": "max",
     "f6": 84,
     "seed": 0,
+    "augment": 2,
 }
 DEFAULT_LR = {"adam": 2e-3, "sgd": 0.05}
 # options that define a run: a resumed run takes them from its checkpoint
@@ -86,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=None, metavar="N",
                    help="use only the first N training and N test images (quick runs)")
     d.add_argument("--no-download", action="store_true", help="never download; use cached or bundled data")
+    d.add_argument("--augment", type=int, default=None, metavar="PX",
+                   help="shift each training image by up to PX pixels in x and y, fresh every epoch "
+                   "(default 2; 0 turns augmentation off)")
     m = p.add_argument_group("model")
     m.add_argument("--activation", choices=("relu", "tanh", "lecun_tanh", "sigmoid"), default=None,
                    help="activation of C1, C3, C5, F6 (default relu)")
@@ -153,8 +159,10 @@ def _resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | N
             opts["lr"] = DEFAULT_LR[opts["optimizer"]]
     for k in ("epochs", "batch_size", "f6", "limit"):
         _positive(k, opts.get(k))
-    for k in ("lr", "weight_decay", "momentum"):
+    for k in ("lr", "weight_decay", "momentum", "augment"):
         _positive(k, opts.get(k), allow_zero=k != "lr")
+    if opts.get("augment", 0) > 4:
+        raise UsageError(f"--augment must be at most 4 pixels (got {opts['augment']})")
     _positive("eval_batch_size", args.eval_batch_size)
     return opts, resume_state
 
@@ -212,7 +220,8 @@ def run(argv: list[str] | None = None) -> int:
     print(f"dataset: {ds.name} ({n_train} train / {test_x.shape[0]} test images) from {ds.source}")
     print(f"backend: {be.name}   model: LeNet-5 {model.activation}/{model.pool}/F6={model.cfg.f6}, "
           f"{model.num_parameters:,} parameters   optimizer: {opts['optimizer']} lr {opts['lr']:g} "
-          f"{opts['schedule']}, batch {batch}, {opts['epochs']} epochs")
+          f"{opts['schedule']}, batch {batch}, {opts['epochs']} epochs, "
+          f"{'shifts up to ' + str(opts['augment']) + ' px' if opts.get('augment') else 'no augmentation'}")
 
     train_data = model.upload_dataset(train_x, train_y)
     test_data = model.upload_dataset(test_x, test_y)
@@ -251,6 +260,9 @@ def run(argv: list[str] | None = None) -> int:
         for epoch in range(start_epoch, opts["epochs"]):
             perm = np.random.default_rng([opts["seed"], epoch]).permutation(n_train).astype(np.int32)
             model.begin_epoch(train_data, perm)
+            if opts.get("augment"):  # this epoch's shifted copy of the training images (one copy per epoch)
+                model.replace_images(train_data, random_shifts(train_x, np.random.default_rng([opts["seed"], epoch, 1]),
+                                                               opts["augment"]))
             first = start_step if epoch == start_epoch else 0
             loss_sum, correct, seconds = carry if epoch == start_epoch else (0.0, 0, 0.0)
             model.read_stats()  # reset the device accumulators
