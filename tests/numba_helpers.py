@@ -184,3 +184,35 @@ def check_sgd_step(be, size, weight_decay, variant, seed=0):
     rp, rm = R.sgd_update(*_f64(p, g, m), 1e-2, 0.9, weight_decay)
     assert_close(be.to_host(dm), rm, *TOL["sgd_step"], "sgd m")
     assert_close(be.to_host(dp), rp, *TOL["sgd_step"], "sgd p")
+
+
+def check_conv2d_pool_fwd(be, xshape, wshape, act, mode, variant, with_y=True, seed=0):
+    """The fused op: y against the reference convolution; the pooled output and argmax against the
+    pooling of the kernel's own y (so max and argmax are exact), and the pooled output against the
+    reference too."""
+    x, w, b = rand(xshape, seed), rand(wshape, seed + 1, 0.5), rand(wshape[:1], seed + 2)
+    if act == "relu":
+        b -= 2.0  # many zeros after relu: ties inside windows, where the first maximum must win
+    n, _, h, wd = xshape
+    yshape = (n, wshape[0], h - wshape[2] + 1, wd - wshape[3] + 1)
+    pshape = (n, wshape[0], yshape[2] // 2, yshape[3] // 2)
+    y = be.to_device(nan_like(yshape)) if with_y else None
+    yp = be.to_device(nan_like(pshape))
+    am = be.to_device(nan_like(pshape, np.uint8))
+    launched(be, be.conv2d_pool_fwd, be.to_device(x), be.to_device(w), be.to_device(b), y, yp, am, act, mode,
+             variant=variant)
+    what = f"conv2d_pool_fwd {variant} {act} {mode} {xshape} {wshape}"
+    ref_y = R.conv2d_fwd(*_f64(x, w, b), act)
+    ref_p, _ = R.pool2x2_fwd(ref_y, mode)
+    assert_close(be.to_host(yp), ref_p, *TOL["conv2d_fwd"], what + " pooled vs reference")
+    if not with_y:
+        return
+    got_y = be.to_host(y)
+    assert_close(got_y, ref_y, *TOL["conv2d_fwd"], what + " y")
+    own_p, own_am = R.pool2x2_fwd(got_y.astype(F64), mode)
+    if mode == "max":
+        assert_close(be.to_host(yp), own_p, 0.0, 0.0, what + " pooled vs its own y")
+        assert_equal(be.to_host(am), own_am, what + " argmax")
+    else:
+        assert_close(be.to_host(yp), own_p, *POOL_AVG_TOL, what + " pooled vs its own y")
+        assert np.all(be.to_host(am) == 255), what + ": avg pooling wrote argmax"

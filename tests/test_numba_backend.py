@@ -97,11 +97,11 @@ def be1():
 @sim
 def test_sim_backend_facts(be):
     from lenet_gpu.backends import get_backend
-    from lenet_gpu.backends.base import OPS, Backend
+    from lenet_gpu.backends.base import OPS, OPTIONAL_OPS, Backend
 
     assert isinstance(be, Backend)
     assert be.name == "numba" and be.is_gpu is False
-    assert set(be.variants) == set(OPS)
+    assert set(be.variants) == set(OPS) | set(OPTIONAL_OPS)  # conv2d_pool_fwd: the model fuses
     for op in OPS:
         assert be.default_variants[op] in be.variants[op]
     for op in ("conv2d_fwd", "conv2d_bwd_weight", "dense_fwd"):
@@ -183,6 +183,27 @@ def test_sim_conv2d_fwd_default_falls_back_when_shared_memory_is_short(be):
     H.check_conv2d_fwd(be, (1, 1, 45, 45), (1, 1, 45, 44), "identity", None)
     with pytest.raises(ValueError, match="shared memory"):
         H.check_conv2d_fwd(be, (1, 1, 45, 45), (1, 1, 45, 44), "identity", "v3")
+
+
+# odd conv outputs (a trailing row or column that is written but not pooled), batch 1
+POOL_CONV_SHAPES = [((2, 3, 8, 10), (5, 3, 3, 2)), ((1, 2, 8, 6), (9, 2, 2, 3))]
+
+
+@sim
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_sim_conv2d_pool_fwd(be, variant, mode, act):
+    xs, ws = POOL_CONV_SHAPES[ACTS.index(act) % 2]
+    H.check_conv2d_pool_fwd(be, xs, ws, act, mode, variant)
+
+
+@sim
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_sim_conv2d_pool_fwd_without_y_and_one_block(be1, variant):
+    H.check_conv2d_pool_fwd(be1, (2, 2, 8, 6), (9, 2, 2, 3), "relu", "max", variant, with_y=False)
+    # a 19×32 output has 10×16 = 160 windows: two chunks of 128, the second starting mid-row
+    H.check_conv2d_pool_fwd(be1, (1, 1, 21, 34), (2, 1, 3, 3), "tanh", "avg", variant)
 
 
 @sim
@@ -312,7 +333,7 @@ def test_sim_three_training_steps_match_numpy():
 
 @sim
 def test_sim_step_counters():
-    """After one warm-up step, a device-resident step is 18 launches and nothing else; the
+    """After one warm-up step, a device-resident step is 16 launches and nothing else; the
     device-resident path (tanh, avg pooling, SGD with weight decay) matches the numpy backend."""
     from lenet_gpu.data import load_dataset
     from lenet_gpu.model import LeNet5
@@ -328,9 +349,9 @@ def test_sim_step_counters():
         m.step(d, 0, 1)  # warm-up: allocates the workspace of batch 1
     before = be.counters.snapshot()
     models[0].step(datas[0], 1, 1)
-    # batch 1 + forward 7 (conv, pool, conv, pool, 3 dense) + softmax 1 + backward 8 (3 dense,
-    # 2 pool, 2 conv weight, 1 conv data) + optimizer 1
-    assert be.counters.since(before) == {"launches": 18, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+    # batch 1 + forward 5 (2 fused conv+pool, 3 dense) + softmax 1 + backward 8 (3 dense, 2 pool,
+    # 2 conv weight, 1 conv data) + optimizer 1; 18 without the fused conv2d_pool_fwd
+    assert be.counters.since(before) == {"launches": 16, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
     models[1].step(datas[1], 1, 1)
     stats = [m.read_stats() for m in models]
     assert_close(stats[0][0], stats[1][0], 1e-6, 1e-5, "loss sum of two steps")
@@ -366,6 +387,17 @@ def test_gpu_conv2d(gbe, variant, n, act):
             H.check_conv2d_bwd_data(gbe, xs, ws, "v1" if variant == "v1" else "v2")
             # dz of a mean loss is O(1/B): so scaled, batch 64's 50k-term sums stay within TOL
             H.check_conv2d_bwd_weight(gbe, xs, ws, "v1" if variant == "v1" else "v2", dz_scale=1.0 / n)
+
+
+@gpu
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", GPU_BATCHES)
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_gpu_conv2d_pool_fwd(gbe, variant, n, mode, act):
+    for xs, ws in (((n, 1, 32, 32), (6, 1, 5, 5)), ((n, 6, 14, 14), (16, 6, 5, 5)), ((n, 3, 8, 10), (5, 3, 3, 2))):
+        H.check_conv2d_pool_fwd(gbe, xs, ws, act, mode, variant)
+    H.check_conv2d_pool_fwd(gbe, (n, 6, 14, 14), (16, 6, 5, 5), act, mode, variant, with_y=False)
 
 
 @gpu
@@ -435,4 +467,4 @@ def test_gpu_step_counters():
     model.step(data, 0, 64)
     before = be.counters.snapshot()
     model.step(data, 64, 64)
-    assert be.counters.since(before) == {"launches": 18, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+    assert be.counters.since(before) == {"launches": 16, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}

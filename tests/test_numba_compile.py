@@ -59,8 +59,8 @@ def test_report_records_have_the_documented_fields(report):
         assert keys <= set(r), sorted(keys - set(r))
         assert r["backend"] == "numba" and r["kernel"] == f"{r['op']}_{r['variant']}"
     # kernels that stage data in shared memory report it (static, or dynamic at LeNet shapes)
-    for k in ("conv2d_fwd_v2", "conv2d_fwd_v3", "conv2d_bwd_data_v2", "conv2d_bwd_weight_v2", "dense_fwd_v2",
-              "dense_bwd_v2", "softmax_xent_v1"):
+    for k in ("conv2d_fwd_v2", "conv2d_fwd_v3", "conv2d_pool_fwd_v2", "conv2d_bwd_data_v2", "conv2d_bwd_weight_v2",
+              "dense_fwd_v2", "dense_bwd_v2", "softmax_xent_v1"):
         assert report[(k, "sm_90")]["shared_bytes"] > 0, k
 
 

@@ -7,6 +7,8 @@ Kernels (``<op>_v<N>``, the same names as the CUDA C kernels; the default is the
   batch_prepare      v1 one thread per output pixel
   conv2d_fwd         v1 one thread per output; v2 weights in shared memory + 8 filters per thread;
                      v3 v2 + the input rows in shared memory (default; steps down if shared is short)
+  conv2d_pool_fwd    (the optional fused conv + 2×2 pooling: the model then makes 16 launches a step,
+                     not 18) v1 one thread per window; v2 v3's shared tiling, 4 taps × 4 filters a thread
   conv2d_bwd_data    v1 one thread per dx (gather); v2 weights in shared + 8 channels per thread
   conv2d_bwd_weight  v1 one thread per weight; v2 one block per (k, 8 columns of c·r·s + bias),
                      fixed-order shared-memory tree reduction over batch × positions

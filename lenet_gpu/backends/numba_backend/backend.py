@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from ..base import ACT_CODES, OPS, POOL_CODES, BackendUnavailable, Counters, check_act, check_mode
+from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, BackendUnavailable, Counters, check_act, check_mode
 from . import batch, conv2d, dense, loss, optim, pool2x2
 from .common import ceil_div
 
@@ -32,7 +32,7 @@ for _m in MODULES:
     KERNELS.update(_m.KERNELS)
     SIGNATURES.update(_m.SIGNATURES)
     VARIANTS.update(_m.VARIANTS)
-assert set(VARIANTS) == set(OPS), sorted(set(OPS) ^ set(VARIANTS))
+assert set(OPS) <= set(VARIANTS) <= set(OPS) | set(OPTIONAL_OPS), sorted(set(OPS) ^ set(VARIANTS))
 assert set(KERNELS) == set(SIGNATURES) == {f"{op}_{v}" for op, vs in VARIANTS.items() for v in vs}
 
 #: the variant each op uses by default: the faster design where there is one (chosen by design; the
@@ -81,6 +81,21 @@ def conv_fwd_chunks(variant: str, yshape: tuple[int, ...], wshape: tuple[int, ..
     return cb, conv2d.KB * cb * r * s
 
 
+def _pool_band_rows(ho: int, wo: int, r: int) -> int:
+    """conv2d_pool_fwd_v2: the most input rows a chunk of CONV_FWD_V2_THREADS windows reads."""
+    return min(ho, 2 * ((CONV_FWD_V2_THREADS - 1) // ((wo + 1) // 2) + 2)) + r - 1
+
+
+def conv_pool_chunks(yshape: tuple[int, ...], wshape: tuple[int, ...]) -> tuple[int, int, int]:
+    """conv2d_pool_fwd_v2: (channels per chunk, floats of the weight slot, shared bytes)."""
+    _, _, ho, wo = yshape
+    _, c, r, s = wshape
+    band = _pool_band_rows(ho, wo, r) * (wo + s - 1)
+    cb = max(1, min(c, conv2d.V3_SMEM_FLOATS // (conv2d.PKB * r * s + band)))
+    wslot = conv2d.PKB * cb * r * s
+    return cb, wslot, (wslot + cb * band) * 4
+
+
 def bwd_data_chunk(wshape: tuple[int, ...]) -> int:
     """conv2d_bwd_data_v2: filters per shared-memory chunk."""
     k, _, r, s = wshape
@@ -102,6 +117,13 @@ def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> 
             return items, CONV_FWD_V2_THREADS, wslot * 4
         _, _, r, s = shapes["w"]
         return items, CONV_FWD_V2_THREADS, (wslot + cb * _band_rows(ho, wo, r) * (wo + s - 1)) * 4
+    if op == "conv2d_pool_fwd":
+        n, k, ho, wo = shapes["y"]
+        windows = ((ho + 1) // 2) * ((wo + 1) // 2)
+        if variant == "v1":
+            return ceil_div(n * k * windows, THREADS), THREADS, 0
+        items = n * ceil_div(k, conv2d.PKB) * ceil_div(windows, CONV_FWD_V2_THREADS)
+        return items, CONV_FWD_V2_THREADS, conv_pool_chunks(shapes["y"], shapes["w"])[2]
     if op == "conv2d_bwd_data":
         if variant == "v1":
             return ceil_div(math.prod(shapes["dx"]), THREADS), THREADS, 0
@@ -283,6 +305,51 @@ class NumbaBackend:
             self._launch("conv2d_fwd", v, grid, block, sh, x, w, b, y, act_code, np.int32(cb))
         else:
             self._launch("conv2d_fwd", v, grid, block, sh, x, w, b, y, act_code, np.int32(cb), np.int32(wslot))
+
+    def conv2d_pool_fwd(
+        self, x: Any, w: Any, b: Any, yconv: Any | None, ypool: Any, argmax: Any | None, act: str, mode: str,
+        variant: str | None = None,
+    ) -> None:
+        """conv2d_fwd and pool2x2_fwd in one launch: yconv (B,K,Ho,Wo) = act(conv(x, w) + b) (not
+        written when None), ypool (B,K,Ho//2,Wo//2) and, for max, argmax = its 2×2/2 subsampling."""
+        v = self._variant("conv2d_pool_fwd", variant)
+        check_act(act)
+        check_mode(mode)
+        _dev("x", x, np.float32, 4)
+        _dev("w", w, np.float32, 4)
+        _dev("b", b, np.float32, 1)
+        _dev("ypool", ypool, np.float32, 4)
+        n, c, h, wd = x.shape
+        k, _, r, s = w.shape
+        _shape("w", w, (k, c, r, s))
+        _shape("b", b, (k,))
+        yshape = (n, k, h - r + 1, wd - s + 1)
+        _shape("ypool", ypool, (n, k, yshape[2] // 2, yshape[3] // 2))
+        if yconv is not None:
+            _dev("yconv", yconv, np.float32, 4)
+            _shape("yconv", yconv, yshape)
+        if argmax is None:
+            if mode == "max":
+                raise ValueError("conv2d_pool_fwd: max pooling needs an argmax output")
+            argmax = self._uint8_dummy()
+        else:
+            _dev("argmax", argmax, np.uint8, 4)
+            if mode == "max":
+                _shape("argmax", argmax, ypool.shape)
+        shapes = {"y": yshape, "w": w.shape}
+        grid, block, sh = launch_config("conv2d_pool_fwd", v, shapes)
+        if v != "v1" and sh > MAX_DYNAMIC_SMEM:
+            if variant is not None:
+                raise ValueError(f"conv2d_pool_fwd_{v}: these shapes need {sh} bytes of shared memory")
+            v = "v1"  # the default does not fit: the simple variant needs no shared memory
+            grid, block, sh = launch_config("conv2d_pool_fwd", v, shapes)
+        args = (x, w, b, ypool if yconv is None else yconv, ypool, argmax, np.int32(ACT_CODES[act]),
+                np.int32(POOL_CODES[mode]), np.int32(yconv is not None))
+        if v == "v1":
+            self._launch("conv2d_pool_fwd", v, grid, block, sh, *args)
+        else:
+            cb, wslot, _ = conv_pool_chunks(yshape, w.shape)
+            self._launch("conv2d_pool_fwd", v, grid, block, sh, *args, np.int32(cb), np.int32(wslot))
 
     def conv2d_bwd_data(self, dz: Any, w: Any, dx: Any, variant: str | None = None) -> None:
         v = self._variant("conv2d_bwd_data", variant)

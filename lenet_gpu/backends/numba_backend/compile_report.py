@@ -36,6 +36,7 @@ from .backend import KERNELS, SIGNATURES, VARIANTS, launch_config
 LENET_LAUNCHES: dict[str, list[dict[str, Any]]] = {
     "batch_prepare": [{"x": (64, 1, 32, 32)}],
     "conv2d_fwd": [{"y": (64, 6, 28, 28), "w": (6, 1, 5, 5)}, {"y": (64, 16, 10, 10), "w": (16, 6, 5, 5)}],
+    "conv2d_pool_fwd": [{"y": (64, 6, 28, 28), "w": (6, 1, 5, 5)}, {"y": (64, 16, 10, 10), "w": (16, 6, 5, 5)}],
     "conv2d_bwd_data": [{"dx": (64, 6, 14, 14), "w": (16, 6, 5, 5)}],
     "conv2d_bwd_weight": [{"dw": (6, 1, 5, 5)}, {"dw": (16, 6, 5, 5)}],
     "pool2x2_fwd": [{"y": (64, 6, 14, 14)}, {"y": (64, 16, 5, 5)}],

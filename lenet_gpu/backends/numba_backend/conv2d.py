@@ -5,6 +5,9 @@ and its two gradients.
                x (N,C,H,W), w (K,C,R,S), b (K,) → y (N,K,Ho,Wo), Ho = H−R+1, Wo = W−S+1
   bwd_data:    dx[n,c,h,v] = Σ_{k,r,s} dz[n,k,h−r,v−s]·w[k,c,r,s]   (taps outside dz count 0)
   bwd_weight:  dw[k,c,r,s] = Σ_{n,i,j} dz[n,k,i,j]·x[n,c,i+r,j+s];  db[k] = Σ_{n,i,j} dz[n,k,i,j]
+  pool_fwd:    the forward with the 2×2/2 subsampling fused (the optional op conv2d_pool_fwd):
+               y as above (written unless the caller passes none: backward needs it for act'),
+               yp (N,K,Ho//2,Wo//2) = max (argmax: first maximum's row-major tap) or mean of y's windows
 dz is the gradient w.r.t. the pre-activation (pool2x2_bwd has already applied act').
 
 Versions:
@@ -15,6 +18,11 @@ Versions:
 - conv2d_fwd_v3: v2 plus the input in shared memory too: the block stages the band of input rows
   its pixels read (coalesced: a channel's band is contiguous), so each input element is loaded once
   per block and then read R·S times from shared memory, conflict-free along a row.
+- conv2d_pool_fwd_v1: fusion: one thread per 2×2 window computes its 4 outputs, writes them, pools
+  them and writes the argmax: one launch instead of two, and y is never read back.
+- conv2d_pool_fwd_v2: the v3 tiling (input band + weights in shared memory) with the pooling fused:
+  one thread per window keeps 4 taps × PKB filters of accumulators, so each weight read from shared
+  memory feeds 4 FMAs and each input read PKB.
 - conv2d_bwd_data_v1: one thread per input-gradient element (a gather: no atomics).
 - conv2d_bwd_data_v2: the weights of CB input channels in shared memory (broadcast reads) and
   register blocking: each thread computes CB input channels of one pixel, so every dz load feeds
@@ -27,9 +35,9 @@ Versions:
 
 from __future__ import annotations
 
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, uint8
 
-from .common import ZERO, activate
+from .common import POOL_MAX, ZERO, activate
 
 #: conv2d_fwd_v2: output channels per thread (register blocking)
 KB = 8
@@ -37,6 +45,9 @@ KB = 8
 FWD_SMEM_FLOATS = 4096
 #: conv2d_fwd_v3: shared-memory budget for one channel chunk (weights + input band), in floats
 V3_SMEM_FLOATS = 8192
+#: conv2d_pool_fwd_v2: filters per thread (× 4 window taps = 16 accumulators in registers)
+PKB = 4
+QUARTER = float32(0.25)
 #: conv2d_bwd_data_v2: input channels per thread (register blocking)
 CB = 8
 #: conv2d_bwd_data_v2: shared-memory budget for one weight slice (CB × filter chunk × R × S floats)
@@ -185,6 +196,159 @@ def conv2d_fwd_v3(x, w, b, y, act, cb, wslot):
             for q in range(KB):
                 if k0 + q < kout:
                     y[n, k0 + q, i, j] = activate(acc[q], act)
+
+
+@cuda.jit
+def conv2d_pool_fwd_v1(x, w, b, y, yp, argmax, act, mode, has_y):
+    nb, kout = x.shape[0], w.shape[0]
+    cin, r_, s_ = w.shape[1], w.shape[2], w.shape[3]
+    ho, wo = x.shape[2] - r_ + 1, x.shape[3] - s_ + 1
+    hp, wp = yp.shape[2], yp.shape[3]
+    hw2 = (ho + 1) // 2  # windows over y, with an odd trailing row/column (written, not pooled)
+    ww2 = (wo + 1) // 2
+    for idx in range(cuda.grid(1), nb * kout * hw2 * ww2, cuda.gridsize(1)):
+        j2 = idx % ww2
+        t = idx // ww2
+        i2 = t % hw2
+        t = t // hw2
+        k = t % kout
+        n = t // kout
+        best = ZERO
+        tap_best = 0
+        total = ZERO
+        for tap in range(4):
+            i = 2 * i2 + tap // 2
+            j = 2 * j2 + tap % 2
+            if i < ho and j < wo:
+                acc = b[k]
+                for c in range(cin):
+                    for r in range(r_):
+                        for s in range(s_):
+                            acc += x[n, c, i + r, j + s] * w[k, c, r, s]
+                v = activate(acc, act)
+                if has_y:
+                    y[n, k, i, j] = v
+                if tap == 0 or v > best:  # the first maximum wins
+                    best = v
+                    tap_best = tap
+                total += v
+        if i2 < hp and j2 < wp:
+            if mode == POOL_MAX:
+                yp[n, k, i2, j2] = best
+                argmax[n, k, i2, j2] = uint8(tap_best)
+            else:
+                yp[n, k, i2, j2] = total * QUARTER
+
+
+@cuda.jit
+def conv2d_pool_fwd_v2(x, w, b, y, yp, argmax, act, mode, has_y, cb, wslot):
+    # dynamic shared memory: [weights: PKB·cb·R·S floats (wslot)][input band: cb·rows·W floats]
+    sm = cuda.shared.array(0, float32)
+    a0 = cuda.local.array(PKB, float32)  # the window's 4 taps × PKB filters
+    a1 = cuda.local.array(PKB, float32)
+    a2 = cuda.local.array(PKB, float32)
+    a3 = cuda.local.array(PKB, float32)
+    nb, cin, wd = x.shape[0], x.shape[1], x.shape[3]
+    kout, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
+    ho, wo = x.shape[2] - r_ + 1, wd - s_ + 1
+    hp, wp = yp.shape[2], yp.shape[3]
+    hw2 = (ho + 1) // 2
+    ww2 = (wo + 1) // 2
+    plane2 = hw2 * ww2
+    rs = r_ * s_
+    nthreads = cuda.blockDim.x
+    tid = cuda.threadIdx.x
+    nchunks = (plane2 + nthreads - 1) // nthreads
+    nkg = (kout + PKB - 1) // PKB
+    for item in range(cuda.blockIdx.x, nb * nkg * nchunks, cuda.gridDim.x):
+        pc = item % nchunks
+        t = item // nchunks
+        k0 = (t % nkg) * PKB
+        n = t // nkg
+        pos = pc * nthreads + tid
+        valid = pos < plane2
+        i2 = pos // ww2
+        j2 = pos % ww2
+        row0 = 2 * ((pc * nthreads) // ww2)  # first conv row = first input row of the band
+        nrows = min(2 * ((min(pc * nthreads + nthreads, plane2) - 1) // ww2) + 2, ho) - row0 + r_ - 1
+        down = 2 * i2 + 1 < ho  # the window's second row / column exist
+        right = 2 * j2 + 1 < wo
+        for q in range(PKB):
+            bias = b[k0 + q] if k0 + q < kout else ZERO
+            a0[q] = bias
+            a1[q] = bias
+            a2[q] = bias
+            a3[q] = bias
+        for c0 in range(0, cin, cb):
+            cn = min(cb, cin - c0)
+            span = cn * rs
+            cuda.syncthreads()  # nobody still reads the previous chunk
+            for e in range(tid, PKB * span, nthreads):
+                q = e // span
+                rem = e - q * span
+                c = c0 + rem // rs
+                rem = rem % rs
+                if k0 + q < kout:
+                    sm[e] = w[k0 + q, c, rem // s_, rem % s_]
+                else:
+                    sm[e] = ZERO
+            band = nrows * wd
+            for e in range(tid, cn * band, nthreads):
+                c = e // band
+                rem = e - c * band
+                sm[wslot + e] = x[n, c0 + c, row0 + rem // wd, rem % wd]
+            cuda.syncthreads()
+            if valid:
+                for c in range(cn):
+                    for r in range(r_):
+                        base = wslot + (c * nrows + 2 * i2 - row0 + r) * wd + 2 * j2
+                        for s in range(s_):
+                            x0 = sm[base + s]
+                            x1 = sm[base + s + 1] if right else ZERO
+                            x2 = sm[base + wd + s] if down else ZERO
+                            x3 = sm[base + wd + s + 1] if down and right else ZERO
+                            off = (c * r_ + r) * s_ + s
+                            for q in range(PKB):
+                                wv = sm[q * span + off]
+                                a0[q] += x0 * wv
+                                a1[q] += x1 * wv
+                                a2[q] += x2 * wv
+                                a3[q] += x3 * wv
+        if valid:
+            i = 2 * i2
+            j = 2 * j2
+            for q in range(PKB):
+                k = k0 + q
+                if k < kout:
+                    v0 = activate(a0[q], act)
+                    v1 = activate(a1[q], act)
+                    v2 = activate(a2[q], act)
+                    v3 = activate(a3[q], act)
+                    if has_y:
+                        y[n, k, i, j] = v0
+                        if right:
+                            y[n, k, i, j + 1] = v1
+                        if down:
+                            y[n, k, i + 1, j] = v2
+                            if right:
+                                y[n, k, i + 1, j + 1] = v3
+                    if i2 < hp and j2 < wp:
+                        if mode == POOL_MAX:
+                            best = v0
+                            tap = 0
+                            if v1 > best:
+                                best = v1
+                                tap = 1
+                            if v2 > best:
+                                best = v2
+                                tap = 2
+                            if v3 > best:
+                                best = v3
+                                tap = 3
+                            yp[n, k, i2, j2] = best
+                            argmax[n, k, i2, j2] = uint8(tap)
+                        else:
+                            yp[n, k, i2, j2] = (v0 + v1 + v2 + v3) * QUARTER
 
 
 # ----------------------------------------------------------------------------------------- bwd data
@@ -371,6 +535,9 @@ SIGNATURES = {
     "conv2d_fwd_v1": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32)",
     "conv2d_fwd_v2": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32, int32)",
     "conv2d_fwd_v3": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32, int32, int32)",
+    "conv2d_pool_fwd_v1": f"void({_X4}, {_X4}, float32[::1], {_X4}, {_X4}, uint8[:,:,:,::1], int32, int32, int32)",
+    "conv2d_pool_fwd_v2": f"void({_X4}, {_X4}, float32[::1], {_X4}, {_X4}, uint8[:,:,:,::1], int32, int32, int32, "
+    "int32, int32)",
     "conv2d_bwd_data_v1": f"void({_X4}, {_X4}, {_X4})",
     "conv2d_bwd_data_v2": f"void({_X4}, {_X4}, {_X4}, int32)",
     "conv2d_bwd_weight_v1": f"void({_X4}, {_X4}, {_X4}, float32[::1])",
@@ -380,6 +547,8 @@ KERNELS = {
     "conv2d_fwd_v1": conv2d_fwd_v1,
     "conv2d_fwd_v2": conv2d_fwd_v2,
     "conv2d_fwd_v3": conv2d_fwd_v3,
+    "conv2d_pool_fwd_v1": conv2d_pool_fwd_v1,
+    "conv2d_pool_fwd_v2": conv2d_pool_fwd_v2,
     "conv2d_bwd_data_v1": conv2d_bwd_data_v1,
     "conv2d_bwd_data_v2": conv2d_bwd_data_v2,
     "conv2d_bwd_weight_v1": conv2d_bwd_weight_v1,
@@ -387,6 +556,7 @@ KERNELS = {
 }
 VARIANTS = {
     "conv2d_fwd": ("v1", "v2", "v3"),
+    "conv2d_pool_fwd": ("v1", "v2"),
     "conv2d_bwd_data": ("v1", "v2"),
     "conv2d_bwd_weight": ("v1", "v2"),
 }
