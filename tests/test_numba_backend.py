@@ -306,8 +306,8 @@ def test_sim_grid_stride_with_one_block(be1):
 # ------------------------------------------------------------------------ simulator: whole training
 
 
-def _sim_backend():
-    be = NumbaBackend(max_blocks=2)
+def _sim_backend(fuse_conv_pool: bool = True):
+    be = NumbaBackend(max_blocks=2, fuse_conv_pool=fuse_conv_pool)
     # Kernels with barriers cost ~50 ms per block and barrier in the simulator (conv2d_bwd_weight_v2
     # would take ~40 s of a step, dense_fwd_v2 ~20 s, dense_bwd_v2 more); their v1 is used for the
     # whole-step runs, and the op tests above check every variant against the reference.
@@ -332,15 +332,17 @@ def test_sim_three_training_steps_match_numpy():
 
 
 @sim
-def test_sim_step_counters():
-    """After one warm-up step, a device-resident step is 16 launches and nothing else; the
-    device-resident path (tanh, avg pooling, SGD with weight decay) matches the numpy backend."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_sim_step_counters(fused):
+    """After one warm-up step, a device-resident step is 16 launches (18 without the fused
+    conv2d_pool_fwd) and nothing else; the device-resident path (tanh, avg pooling, SGD with weight
+    decay) matches the numpy backend."""
     from lenet_gpu.data import load_dataset
     from lenet_gpu.model import LeNet5
     from tests.parity import assert_close
 
     ds = load_dataset("mnist-sample")
-    be = _sim_backend()
+    be = _sim_backend(fused)
     opts = dict(seed=5, activation="tanh", pool="avg", optimizer="sgd", lr=0.05, weight_decay=1e-3)
     models = [LeNet5(backend=be, **opts), LeNet5(backend="numpy", **opts)]
     datas = [m.upload_dataset(ds.train_images[:6], ds.train_labels[:6]) for m in models]
@@ -349,9 +351,10 @@ def test_sim_step_counters():
         m.step(d, 0, 1)  # warm-up: allocates the workspace of batch 1
     before = be.counters.snapshot()
     models[0].step(datas[0], 1, 1)
-    # batch 1 + forward 5 (2 fused conv+pool, 3 dense) + softmax 1 + backward 8 (3 dense, 2 pool,
-    # 2 conv weight, 1 conv data) + optimizer 1; 18 without the fused conv2d_pool_fwd
-    assert be.counters.since(before) == {"launches": 16, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+    # batch 1 + forward 5 (2 fused conv+pool, 3 dense; 7 unfused: conv, pool, conv, pool, 3 dense) +
+    # softmax 1 + backward 8 (3 dense, 2 pool, 2 conv weight, 1 conv data) + optimizer 1
+    launches = 16 if fused else 18
+    assert be.counters.since(before) == {"launches": launches, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
     models[1].step(datas[1], 1, 1)
     stats = [m.read_stats() for m in models]
     assert_close(stats[0][0], stats[1][0], 1e-6, 1e-5, "loss sum of two steps")
@@ -444,7 +447,8 @@ def test_gpu_training_steps_match_numpy_and_repeat(n):
     from tests.parity import assert_close
 
     ds = load_dataset("mnist-sample")
-    models = [LeNet5(backend=b, seed=3) for b in (NumbaBackend(), "numpy", NumbaBackend())]
+    backends = (NumbaBackend(), "numpy", NumbaBackend(), NumbaBackend(fuse_conv_pool=False))
+    models = [LeNet5(backend=b, seed=3) for b in backends]
     for step in range(3):
         im, lab = ds.train_images[n * step : n * (step + 1)], ds.train_labels[n * step : n * (step + 1)]
         losses = [m.train_step(im, lab) for m in models]
@@ -452,19 +456,22 @@ def test_gpu_training_steps_match_numpy_and_repeat(n):
         p = [m.parameters() for m in models]
         assert_close(p[0], p[1], 1e-5, 1e-4, f"parameters after step {step}")
         np.testing.assert_array_equal(p[0], p[2])  # bit-for-bit repeatable
+        assert_close(p[3], p[1], 1e-5, 1e-4, f"unfused path: parameters after step {step}")
 
 
 @gpu
-def test_gpu_step_counters():
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpu_step_counters(fused):
     from lenet_gpu.data import load_dataset
     from lenet_gpu.model import LeNet5
 
     ds = load_dataset("mnist-sample")
-    be = NumbaBackend()
+    be = NumbaBackend(fuse_conv_pool=fused)
     model = LeNet5(backend=be, seed=0)
     data = model.upload_dataset(ds.train_images[:256], ds.train_labels[:256])
     model.begin_epoch(data, np.arange(256, dtype=np.int32))
     model.step(data, 0, 64)
     before = be.counters.snapshot()
     model.step(data, 64, 64)
-    assert be.counters.since(before) == {"launches": 16, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+    launches = 16 if fused else 18
+    assert be.counters.since(before) == {"launches": launches, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}

@@ -165,11 +165,13 @@ class NumbaBackend:
     ``max_blocks`` caps the grid of every launch (every kernel loops over its work with a grid- or
     block-stride loop, so any grid is correct); it exists for the simulator, which runs one Python
     thread per CUDA thread. ``debug=True`` synchronises after each launch so an error names its op.
+    ``fuse_conv_pool=False`` leaves out the optional fused op conv2d_pool_fwd, so the model launches
+    conv2d_fwd and pool2x2_fwd separately (18 launches a training step instead of 16).
     """
 
     name = "numba"
 
-    def __init__(self, max_blocks: int | None = None, debug: bool = False) -> None:
+    def __init__(self, max_blocks: int | None = None, debug: bool = False, fuse_conv_pool: bool = True) -> None:
         self.simulator = simulator_enabled()
         if not self.simulator and not cuda.is_available():
             raise BackendUnavailable(UNAVAILABLE)
@@ -177,6 +179,8 @@ class NumbaBackend:
         self.counters = Counters()
         self.variants: dict[str, tuple[str, ...]] = dict(VARIANTS)
         self.default_variants: dict[str, str] = dict(DEFAULT_VARIANTS)
+        if not fuse_conv_pool:  # the model fuses conv + pool when the backend lists the op
+            del self.variants["conv2d_pool_fwd"], self.default_variants["conv2d_pool_fwd"]
         self.max_blocks = max_blocks
         self.debug = debug
         #: when a list, every launch appends (kernel name, Numba types of its arguments): the tests
