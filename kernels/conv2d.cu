@@ -11,25 +11,31 @@
 //
 // Versions:
 //   conv2d_fwd_v1         one thread per output, operands straight from global memory (baseline).
-//   conv2d_fwd_v2         a block owns ROWS full output rows of one image and K_BLOCK filters: the input
-//                         rows (+ halo) and the filters are staged in shared memory (coalesced copies,
-//                         C_chunk channels at a time); each thread keeps K_BLOCK accumulators, so one
-//                         shared load of x feeds K_BLOCK FMAs and the filter reads are broadcasts.
+//   conv2d_fwd_v2         a block owns `rows` full output rows of one image (or whole small maps of `imgs`
+//                         images) and K_BLOCK filters: the input rows (+ halo) and the filters are staged
+//                         in shared memory (coalesced copies, c_chunk channels at a time); each thread
+//                         keeps K_BLOCK accumulators, so one shared load of x feeds K_BLOCK FMAs and the
+//                         filter reads are broadcasts. Consecutive threads = consecutive output pixels
+//                         (coalesced stores; smem reads conflict-free within a row).
 //   conv2d_pool_fwd_v1    fusion: one thread per 2x2 window computes its 4 outputs, writes them
 //                         (needed for act'), pools them and writes argmax: no second launch, no re-read.
 //   conv2d_pool_fwd_v2    the v2 tiling (shared input rows + filters, K_BLOCK register blocking) with the
-//                         pooling fused: a block owns 2*ROWS2 conv rows; one thread per 2x2 window.
+//                         pooling fused: a block owns 2*rows2 conv rows (of `imgs` images); one thread per
+//                         2x2 window computes its 4 outputs x K_BLOCK filters (each weight load feeds 4 FMAs).
 //   conv2d_bwd_data_v1    one thread per input-gradient element, gathering (no atomics).
 //   conv2d_bwd_weight_v1  one thread per dw / db element looping over batch x positions (baseline).
 //   conv2d_bwd_weight_v2  one block per (k, J_BLOCK taps of c*r*s): threads stride over batch x positions
 //                         (coalesced dz and x reads), J_BLOCK (+ db) register accumulators, then one
 //                         barrier and a fixed-order warp reduction (shared rows + xor shuffles):
 //                         deterministic, no float atomics.
+//   conv2d_bwd_weight_v3  v2 split over the batch too (grid.z): enough blocks to fill the GPU when
+//                         K*C*R*S is small and N*P*Q large (C1 at batch 4096); per-split partial sums,
+//                         and the last block per column (integer ticket) adds them in a fixed order.
 //
-// Launch shapes (see lenet_gpu/backends/cupy_backend/backend.py): v1 kernels 1-D grids of 256
-// threads; conv2d_fwd_v2 grid (N*tiles, ceil(K/K_BLOCK)), 1-D block >= ROWS*Q rounded to a warp, dynamic
-// smem (C_chunk*(ROWS+R-1)*W + C_chunk*R*S*K_BLOCK) floats; conv2d_bwd_weight_v2 grid
-// (ceil(C*R*S/J_BLOCK), K), block BWD_THREADS.
+// Launch shapes (launch_plan in lenet_gpu/backends/cupy_backend/backend.py): v1 kernels 1-D grids of 256
+// threads; conv2d_fwd_v2 grid (ceil(N/imgs)*tiles, ceil(K/K_BLOCK)), 1-D block >= imgs*rows*Q rounded to a
+// warp, dynamic smem (imgs*c_chunk*(rows+R-1)*W + c_chunk*R*S*K_BLOCK) floats, the tile chosen for ~256
+// threads and <= 24 KiB; conv2d_bwd_weight_v2/v3 grid (ceil(C*R*S/J_BLOCK), K[, splits]), block BWD_THREADS.
 #include "common.cuh"
 
 #ifndef K_BLOCK
@@ -60,17 +66,19 @@ extern "C" __global__ void conv2d_fwd_v1(const float* __restrict__ x, const floa
 }
 
 // ------------------------------------------------------------------------------------------ v2
-// Stage C_chunk channels of input rows [p0, p0+rows+R-1) (full width) and the K_BLOCK filters' taps for
-// those channels. s_w is laid out [c][r][s][kk] so the K_BLOCK weights of one tap are contiguous.
+// Stage C_chunk channels of input rows [p0, p0+in_rows) (full width) of images n0 .. n0+imgs-1 (those < N)
+// and the K_BLOCK filters' taps for those channels. s_x is [img][c][row][col]; s_w is [c][r][s][kk], so the
+// K_BLOCK weights of one tap are contiguous (one broadcast vector load).
 __device__ __forceinline__ void conv_stage(const float* __restrict__ x, const float* __restrict__ w,
-                                           float* s_x, float* s_w, int n, int c0, int cn, int p0, int in_rows,
-                                           int k0, int C, int H, int W, int K, int R, int S) {
+                                           float* s_x, float* s_w, int n0, int imgs, int c0, int cn, int p0,
+                                           int in_rows, int k0, int N, int C, int H, int W, int K, int R, int S) {
     const int tid = threadIdx.x, nt = blockDim.x;
     const int plane = in_rows * W;
-    for (int i = tid; i < cn * plane; i += nt) {  // contiguous rows of each channel: coalesced
-        const int c = i / plane, rem = i - c * plane;
-        const int row = p0 + rem / W;
-        s_x[i] = row < H ? x[((size_t)(n * C + c0 + c) * H + p0) * W + rem] : 0.0f;
+    for (int i = tid; i < imgs * cn * plane; i += nt) {  // contiguous rows of each channel: coalesced
+        const int ic = i / plane, rem = i - ic * plane;
+        const int img = ic / cn, c = ic - img * cn;
+        const int n = n0 + img, row = p0 + rem / W;
+        s_x[i] = (n < N && row < H) ? x[((size_t)(n * C + c0 + c) * H + p0) * W + rem] : 0.0f;
     }
     const int taps = cn * R * S;
     for (int i = tid; i < taps * K_BLOCK; i += nt) {  // i = kk*taps + t: reads runs of taps per filter
@@ -80,36 +88,40 @@ __device__ __forceinline__ void conv_stage(const float* __restrict__ x, const fl
     }
 }
 
-// Grid (N*tiles, ceil(K/K_BLOCK)); a tile = `rows` output rows; blockDim.x threads cover rows*Q pixels
-// (looping if fewer). Dynamic smem: (c_chunk*(rows+R-1)*W + c_chunk*R*S*K_BLOCK) floats.
+// Grid (ceil(N/imgs)*tiles, ceil(K/K_BLOCK)). A block owns `rows` output rows (a tile) of `imgs` images
+// (imgs > 1 only when one tile is the whole image: small maps such as C3's 10x10 fill a block with
+// several images). blockDim.x threads cover imgs*rows*Q pixels, looping if fewer. Dynamic smem:
+// (imgs*c_chunk*(rows+R-1)*W + c_chunk*R*S*K_BLOCK) floats.
 extern "C" __global__ void __launch_bounds__(1024)
 conv2d_fwd_v2(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
               float* __restrict__ y, int N, int C, int H, int W, int K, int R, int S, int act, int rows,
-              int c_chunk) {
+              int c_chunk, int imgs) {
     extern __shared__ float smem[];
     const int P = H - R + 1, Q = W - S + 1;
     const int tiles = ceil_div(P, rows);
-    const int n = blockIdx.x / tiles, p0 = (blockIdx.x - n * tiles) * rows;
+    const int nb = blockIdx.x / tiles, p0 = (blockIdx.x - nb * tiles) * rows, n0 = nb * imgs;
     const int k0 = blockIdx.y * K_BLOCK;
     const int in_rows = rows + R - 1;
     float* s_x = smem;
-    float* s_w = smem + c_chunk * in_rows * W;
-    const int npix = min(rows, P - p0) * Q;
-    for (int t0 = 0; t0 < rows * Q; t0 += blockDim.x) {  // usually one pass: blockDim.x >= rows*Q
+    float* s_w = smem + imgs * c_chunk * in_rows * W;
+    const int tile_pix = rows * Q, valid_rows = min(rows, P - p0);
+    for (int t0 = 0; t0 < imgs * tile_pix; t0 += blockDim.x) {  // usually one pass
         const int t = t0 + threadIdx.x;
-        const int pr = t / Q, q = t - (t / Q) * Q;
+        const int img = t / tile_pix, rem = t - img * tile_pix;
+        const int pr = rem / Q, q = rem - pr * Q;
+        const bool live = img < imgs && n0 + img < N && pr < valid_rows;
         float acc[K_BLOCK];
 #pragma unroll
         for (int kk = 0; kk < K_BLOCK; ++kk) acc[kk] = 0.0f;
         for (int c0 = 0; c0 < C; c0 += c_chunk) {
             const int cn = min(c_chunk, C - c0);
             __syncthreads();  // the previous chunk's readers are done
-            conv_stage(x, w, s_x, s_w, n, c0, cn, p0, in_rows, k0, C, H, W, K, R, S);
+            conv_stage(x, w, s_x, s_w, n0, imgs, c0, cn, p0, in_rows, k0, N, C, H, W, K, R, S);
             __syncthreads();
-            if (t < npix) {
+            if (live) {
                 for (int c = 0; c < cn; ++c)
                     for (int r = 0; r < R; ++r) {
-                        const float* xr = s_x + (c * in_rows + pr + r) * W + q;
+                        const float* xr = s_x + ((img * cn + c) * in_rows + pr + r) * W + q;
                         const float* wr = s_w + (c * R + r) * S * K_BLOCK;
                         for (int s = 0; s < S; ++s) {
                             const float xv = xr[s];
@@ -119,7 +131,8 @@ conv2d_fwd_v2(const float* __restrict__ x, const float* __restrict__ w, const fl
                     }
             }
         }
-        if (t < npix) {
+        if (live) {
+            const int n = n0 + img;
 #pragma unroll
             for (int kk = 0; kk < K_BLOCK; ++kk) {
                 const int k = k0 + kk;
@@ -174,26 +187,29 @@ extern "C" __global__ void conv2d_pool_fwd_v1(const float* __restrict__ x, const
     }
 }
 
-// The v2 tiling with pooling fused. A tile = 2*rows2 conv rows (rows2 pooled rows); one thread per
-// 2x2 window of the tile (WW = ceil(Q/2) windows per row pair). Grid (N*tiles, ceil(K/K_BLOCK)),
-// dynamic smem (c_chunk*(2*rows2+R-1)*W + c_chunk*R*S*K_BLOCK) floats.
+// The v2 tiling with pooling fused. A tile = 2*rows2 conv rows (rows2 pooled rows) of `imgs` images; one
+// thread per 2x2 window (WW = ceil(Q/2) windows per row pair). Grid (ceil(N/imgs)*tiles, ceil(K/K_BLOCK)),
+// dynamic smem (imgs*c_chunk*(2*rows2+R-1)*W + c_chunk*R*S*K_BLOCK) floats.
 extern "C" __global__ void __launch_bounds__(1024)
 conv2d_pool_fwd_v2(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
                    float* __restrict__ yconv, float* __restrict__ ypool, unsigned char* __restrict__ argmax,
-                   int N, int C, int H, int W, int K, int R, int S, int act, int mode, int rows2, int c_chunk) {
+                   int N, int C, int H, int W, int K, int R, int S, int act, int mode, int rows2, int c_chunk,
+                   int imgs) {
     extern __shared__ float smem[];
     const int P = H - R + 1, Q = W - S + 1;
     const int PH = P / 2, PW = Q / 2, WH = (P + 1) / 2, WW = (Q + 1) / 2;
     const int tiles = ceil_div(WH, rows2);
-    const int n = blockIdx.x / tiles, i0 = (blockIdx.x - n * tiles) * rows2;
+    const int nb = blockIdx.x / tiles, i0 = (blockIdx.x - nb * tiles) * rows2, n0 = nb * imgs;
     const int k0 = blockIdx.y * K_BLOCK;
-    const int rows = 2 * rows2, p0 = 2 * i0, in_rows = rows + R - 1;
+    const int p0 = 2 * i0, in_rows = 2 * rows2 + R - 1;
     float* s_x = smem;
-    float* s_w = smem + c_chunk * in_rows * W;
-    const int nwin = min(rows2, WH - i0) * WW;
-    for (int t0 = 0; t0 < rows2 * WW; t0 += blockDim.x) {
+    float* s_w = smem + imgs * c_chunk * in_rows * W;
+    const int tile_win = rows2 * WW, valid_rows2 = min(rows2, WH - i0);
+    for (int t0 = 0; t0 < imgs * tile_win; t0 += blockDim.x) {
         const int t = t0 + threadIdx.x;
-        const int il = t / WW, j = t - (t / WW) * WW;
+        const int img = t / tile_win, rem = t - img * tile_win;
+        const int il = rem / WW, j = rem - il * WW;
+        const bool live = img < imgs && n0 + img < N && il < valid_rows2;
         float acc[4][K_BLOCK];
 #pragma unroll
         for (int u = 0; u < 4; ++u)
@@ -202,13 +218,13 @@ conv2d_pool_fwd_v2(const float* __restrict__ x, const float* __restrict__ w, con
         for (int c0 = 0; c0 < C; c0 += c_chunk) {
             const int cn = min(c_chunk, C - c0);
             __syncthreads();
-            conv_stage(x, w, s_x, s_w, n, c0, cn, p0, in_rows, k0, C, H, W, K, R, S);
+            conv_stage(x, w, s_x, s_w, n0, imgs, c0, cn, p0, in_rows, k0, N, C, H, W, K, R, S);
             __syncthreads();
-            if (t < nwin) {
+            if (live) {
                 for (int c = 0; c < cn; ++c)
                     for (int r = 0; r < R; ++r) {
-                        // rows 2*il+r and 2*il+1+r, columns 2j+s and 2j+1+s (clamped reads past Q are unused)
-                        const float* x0 = s_x + (c * in_rows + 2 * il + r) * W + 2 * j;
+                        // rows 2*il+r and 2*il+1+r, columns 2j+s and 2j+1+s (reads past the row are unused)
+                        const float* x0 = s_x + ((img * cn + c) * in_rows + 2 * il + r) * W + 2 * j;
                         const float* x1 = x0 + W;
                         const float* wr = s_w + (c * R + r) * S * K_BLOCK;
                         for (int s = 0; s < S; ++s) {
@@ -227,8 +243,8 @@ conv2d_pool_fwd_v2(const float* __restrict__ x, const float* __restrict__ w, con
                     }
             }
         }
-        if (t < nwin) {
-            const int i = i0 + il;
+        if (live) {
+            const int n = n0 + img, i = i0 + il;
 #pragma unroll
             for (int kk = 0; kk < K_BLOCK; ++kk) {
                 const int k = k0 + kk;
@@ -336,4 +352,76 @@ conv2d_bwd_weight_v2(const float* __restrict__ x, const float* __restrict__ dz, 
             if (j == J_BLOCK && with_db) db[k] = v;
         }
     }
+}
+
+// Grid (ceil(C*R*S/J_BLOCK), K, splits), block BWD_THREADS. Split z reduces images [z*chunk, (z+1)*chunk)
+// like v2 and stores its J_BLOCK (+ db) sums in partial[z][k][0..CRS] (db at index CRS); the last block of
+// each (x, k) column to finish (an integer ticket, not a float atomic) adds the `splits` partials in
+// order z = 0, 1, ... and resets its ticket to 0 for the next launch. Deterministic whatever the block
+// order. partial: splits*K*(CRS+1) floats; tickets: gridDim.x*K ints, zero before the first launch.
+extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
+                     float* __restrict__ db, float* partial, unsigned int* tickets, int N, int C, int H, int W,
+                     int K, int R, int S, int chunk) {
+    __shared__ float s_red[J_BLOCK + 1][BWD_THREADS];
+    __shared__ bool s_last;
+    const int P = H - R + 1, Q = W - S + 1, PQ = P * Q, CRS = C * R * S;
+    const int k = blockIdx.y, j0 = blockIdx.x * J_BLOCK, tid = threadIdx.x;
+    const int splits = gridDim.z, z = blockIdx.z;
+    const int n0 = z * chunk, n1 = min(N, n0 + chunk);
+    int xoff[J_BLOCK];
+#pragma unroll
+    for (int j = 0; j < J_BLOCK; ++j) {
+        const int t = min(j0 + j, CRS - 1);
+        const int c = t / (R * S), r = (t / S) % R, s = t % S;
+        xoff[j] = (c * H + r) * W + s;
+    }
+    float acc[J_BLOCK + 1];
+#pragma unroll
+    for (int j = 0; j <= J_BLOCK; ++j) acc[j] = 0.0f;
+    for (int pos = n0 * PQ + tid; pos < n1 * PQ; pos += BWD_THREADS) {
+        const int n = pos / PQ, pq = pos - n * PQ;
+        const int p = pq / Q, q = pq - p * Q;
+        const float d = dz[(size_t)(n * K + k) * PQ + pq];
+        const float* xp = x + (size_t)n * C * H * W + p * W + q;
+#pragma unroll
+        for (int j = 0; j < J_BLOCK; ++j) acc[j] += d * xp[xoff[j]];
+        acc[J_BLOCK] += d;
+    }
+#pragma unroll
+    for (int j = 0; j <= J_BLOCK; ++j) s_red[j][tid] = acc[j];
+    __syncthreads();
+    const int lane = tid & 31, warp = tid >> 5;
+    float* part = partial + ((size_t)z * K + k) * (CRS + 1);
+    for (int j = warp; j <= J_BLOCK; j += BWD_THREADS / 32) {
+        float v = 0.0f;
+#pragma unroll
+        for (int m = 0; m < BWD_THREADS / 32; ++m) v += s_red[j][lane + 32 * m];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (lane == 0) {
+            if (j < J_BLOCK && j0 + j < CRS) part[j0 + j] = v;
+            if (j == J_BLOCK && blockIdx.x == 0) part[CRS] = v;
+        }
+    }
+    __threadfence();  // this block's partials are visible device-wide before its ticket is taken
+    __syncthreads();
+    if (tid == 0) {
+        const unsigned int ticket = atomicAdd(&tickets[k * gridDim.x + blockIdx.x], 1u);
+        s_last = ticket == (unsigned int)(splits - 1);
+    }
+    __syncthreads();
+    if (!s_last) return;  // block-uniform
+    __threadfence();
+    if (tid <= J_BLOCK) {
+        const int t = tid < J_BLOCK ? j0 + tid : CRS;  // tap, or db
+        if ((tid < J_BLOCK && t < CRS) || (tid == J_BLOCK && blockIdx.x == 0)) {
+            float v = 0.0f;
+            for (int zz = 0; zz < splits; ++zz)  // fixed order: deterministic
+                v += ((volatile const float*)partial)[((size_t)zz * K + k) * (CRS + 1) + t];
+            if (tid < J_BLOCK) dw[(size_t)k * CRS + t] = v;
+            else db[k] = v;
+        }
+    }
+    if (tid == 0) tickets[k * gridDim.x + blockIdx.x] = 0u;  // ready for the next launch (and graph replay)
 }

@@ -142,6 +142,8 @@ DENSE = [(1, 400, 120), (3, 120, 84), (8, 84, 10), (8, 400, 120), (37, 29, 45), 
 @pytest.mark.parametrize("variant", variants("dense_fwd"))
 @pytest.mark.parametrize("n,i,o", DENSE)
 def test_dense_fwd_shapes(be, variant, n, i, o):
+    if variant == "v3" and n * o > 1000 and not be.is_gpu:
+        pytest.skip("v3 (a warp per output, for small batches) at this size is slow on the CPU harness")
     H.check_dense_fwd(be, variant, n, i, o, "relu")
 
 
@@ -178,8 +180,8 @@ def test_conv2d_bwd_weight(be, variant, xs, ws):
 
 @pytest.mark.parametrize("variant", variants("conv2d_bwd_weight"))
 def test_conv2d_bwd_weight_is_deterministic(be, variant):
-    a = H.check_conv2d_bwd_weight(be, variant, (3, 6, 14, 14), (16, 6, 5, 5), seed=7)
-    b = H.check_conv2d_bwd_weight(be, variant, (3, 6, 14, 14), (16, 6, 5, 5), seed=7)
+    a = H.check_conv2d_bwd_weight(be, variant, (3, 3, 12, 9), (5, 3, 3, 3), seed=7)
+    b = H.check_conv2d_bwd_weight(be, variant, (3, 3, 12, 9), (5, 3, 3, 3), seed=7)
     for u, v in zip(a, b):
         assert np.array_equal(u, v)
 
@@ -223,13 +225,18 @@ ALT_DEFINES = {
 def test_other_compile_time_parameters(be):
     """The kernels are general in their UPPER_CASE parameters too, not only at the defaults."""
     alt = CupyBackend(host=not be.is_gpu, defines=ALT_DEFINES)
+    be_packed = CupyBackend(host=not be.is_gpu, min_blocks=1)  # conv v2 packs small maps: imgs > 1
     for v in variants("conv2d_fwd"):
         H.check_conv2d_fwd(alt, v, (2, 6, 14, 14), (16, 6, 5, 5), "relu")
         H.check_conv2d_fwd(alt, v, (1, 2, 7, 40), (9, 2, 2, 3), "sigmoid")
+    for v in variants("conv2d_fwd"):
+        H.check_conv2d_fwd(be_packed, v, (3, 6, 14, 14), (16, 6, 5, 5), "relu")  # 2 maps per block, 1 left
     for v in variants("conv2d_pool_fwd"):
         H.check_conv2d_pool_fwd(alt, v, (1, 2, 10, 9), (9, 2, 2, 2), "tanh", "max")
+        H.check_conv2d_pool_fwd(be_packed, v, (11, 6, 14, 14), (16, 6, 5, 5), "relu", "max")  # 10 + 1 maps
     for v in variants("conv2d_bwd_weight"):
         H.check_conv2d_bwd_weight(alt, v, (2, 6, 14, 14), (16, 6, 5, 5))
+        H.check_conv2d_bwd_weight(alt, v, (8, 1, 32, 32), (6, 1, 5, 5))  # v3: 8 batch splits
     for v in variants("dense_fwd"):
         H.check_dense_fwd(alt, v, 37, 29, 45, "relu")
     H.check_softmax_xent(alt, "v1", 70, 10)

@@ -51,7 +51,7 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dense_bwd": ("dense", ("v1",)),
     "pool2x2_bwd": ("pool2x2", ("v1",)),
     "conv2d_bwd_data": ("conv2d", ("v1",)),
-    "conv2d_bwd_weight": ("conv2d", ("v1", "v2")),
+    "conv2d_bwd_weight": ("conv2d", ("v1", "v2", "v3")),
     "adam_step": ("optim", ("v1",)),
     "sgd_step": ("optim", ("v1",)),
 }
@@ -63,6 +63,8 @@ DEFAULT_VARIANTS["dense_fwd"] = "v2"  # v3 (warp per output) only pays off at ba
 THREADS = 256  # block size of the 1-D elementwise kernels
 SMEM_LIMIT = 48 * 1024  # dynamic + static shared memory per block without an opt-in
 _TILE_TARGET = 256  # pixels (threads) a conv tile aims for
+_SMEM_TARGET = 24 * 1024  # shared memory a conv tile aims for (several blocks per SM)
+_FILL_BLOCKS = 4 * 132  # blocks that fill an H100 (132 SMs) a few times over
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -87,26 +89,40 @@ def _grid1d(n: int, threads: int = THREADS) -> Launch:
     return Launch((max(1, ceil_div(n, threads)), 1, 1), (threads, 1, 1))
 
 
-def _conv_tile(rows_total: int, row_len: int, in_extra_rows: int, rows_mult: int, W: int, C: int, R: int,
-               S: int, k_block: int) -> tuple[int, int, int, int]:
-    """Tile ``rows_total`` rows of ``row_len`` threads into tiles of ≈ _TILE_TARGET threads; returns
-    (rows, tiles, c_chunk, smem_bytes) with smem ≤ SMEM_LIMIT."""
+def _conv_tile(rows_total: int, row_len: int, in_extra_rows: int, rows_mult: int, N: int, W: int, C: int, R: int,
+               S: int, K: int, k_block: int, min_blocks: int) -> tuple[int, int, int, int, int]:
+    """Tile ``rows_total`` rows of ``row_len`` threads into blocks of ≈ _TILE_TARGET threads: ``rows`` rows
+    per tile (``tiles`` per image), or, when one tile is a whole small map, ``imgs`` images per block (but
+    not so many that the grid drops under ``min_blocks`` blocks); the
+    ``c_chunk`` channels staged at a time keep shared memory ≤ _SMEM_TARGET (always ≤ SMEM_LIMIT).
+    Returns (rows, tiles, imgs, c_chunk, smem_bytes)."""
     rows = max(1, min(rows_total, _TILE_TARGET // max(1, row_len)))
     tiles = ceil_div(rows_total, rows)
     rows = ceil_div(rows_total, tiles)  # balance: the last tile is not a sliver
-    per_c = (rows * rows_mult + in_extra_rows) * W + R * S * k_block  # floats per staged channel
-    c_chunk = max(1, min(C, (SMEM_LIMIT // 4) // per_c))
+    imgs = 1
+    if tiles == 1:
+        fill = max(1, N * ceil_div(K, k_block) // min_blocks)  # images per block that still fill the GPU
+        imgs = max(1, min(N, _TILE_TARGET // (rows * row_len), fill))
+    in_rows = rows * rows_mult + in_extra_rows
+    while True:
+        per_c = imgs * in_rows * W + R * S * k_block  # floats per staged channel
+        if 4 * per_c <= _SMEM_TARGET or imgs == 1:
+            break
+        imgs = max(1, imgs // 2)
+    c_chunk = max(1, min(C, (_SMEM_TARGET // 4) // per_c))
     smem = 4 * c_chunk * per_c
     if smem > SMEM_LIMIT:
-        raise ValueError(f"conv2d: one input channel of {rows * rows_mult}+{in_extra_rows} rows x {W} does not "
-                         f"fit {SMEM_LIMIT} bytes of shared memory; use variant v1")
-    return rows, tiles, c_chunk, smem
+        raise ValueError(f"conv2d: one input channel of {in_rows} rows x {W} does not fit {SMEM_LIMIT} bytes of "
+                         "shared memory; use variant v1")
+    return rows, tiles, imgs, c_chunk, smem
 
 
 def launch_plan(
-    op: str, variant: str, shapes: dict[str, int], defines: dict[str, dict[str, int]] | None = None
+    op: str, variant: str, shapes: dict[str, int], defines: dict[str, dict[str, int]] | None = None,
+    min_blocks: int = _FILL_BLOCKS,
 ) -> Launch:
-    """The launch shape of ``op``/``variant`` at the given sizes (N, C, H, W, K, R, S, I, O, n, B, ...)."""
+    """The launch shape of ``op``/``variant`` at the given sizes (N, C, H, W, K, R, S, I, O, n, B, ...).
+    ``min_blocks``: the conv tiles pack several small maps per block only while the grid keeps this many."""
     d = {**MODULE_DEFINES, **(defines or {})}
     g = shapes.get
     if op == "batch_prepare":
@@ -118,20 +134,30 @@ def launch_plan(
         if op == "conv2d_fwd" and variant == "v1":
             return _grid1d(N * K * P * Q)
         if op == "conv2d_fwd":
-            rows, tiles, c_chunk, smem = _conv_tile(P, Q, R - 1, 1, W, C, R, S, kb)
-            return Launch((N * tiles, ceil_div(K, kb), 1), (_round_warp(rows * Q), 1, 1), smem, (rows, c_chunk))
+            rows, tiles, imgs, c_chunk, smem = _conv_tile(P, Q, R - 1, 1, N, W, C, R, S, K, kb, min_blocks)
+            return Launch((ceil_div(N, imgs) * tiles, ceil_div(K, kb), 1), (_round_warp(imgs * rows * Q), 1, 1),
+                          smem, (rows, c_chunk, imgs))
         if op == "conv2d_pool_fwd" and variant == "v1":
             return _grid1d(N * K * ceil_div(P, 2) * ceil_div(Q, 2))
         if op == "conv2d_pool_fwd":
             ww = ceil_div(Q, 2)
-            rows2, tiles, c_chunk, smem = _conv_tile(ceil_div(P, 2), ww, R - 1, 2, W, C, R, S, kb)
-            return Launch((N * tiles, ceil_div(K, kb), 1), (_round_warp(rows2 * ww), 1, 1), smem, (rows2, c_chunk))
+            rows2, tiles, imgs, c_chunk, smem = _conv_tile(
+                ceil_div(P, 2), ww, R - 1, 2, N, W, C, R, S, K, kb, min_blocks
+            )
+            return Launch((ceil_div(N, imgs) * tiles, ceil_div(K, kb), 1), (_round_warp(imgs * rows2 * ww), 1, 1),
+                          smem, (rows2, c_chunk, imgs))
         if op == "conv2d_bwd_data":
             return _grid1d(N * C * H * W)
         if variant == "v1":
             return _grid1d(K * C * R * S + K)
         jb, bt = d["conv2d"]["J_BLOCK"], d["conv2d"]["BWD_THREADS"]
-        return Launch((ceil_div(C * R * S, jb), K, 1), (bt, 1, 1))
+        base = ceil_div(C * R * S, jb) * K
+        if variant == "v2":
+            return Launch((ceil_div(C * R * S, jb), K, 1), (bt, 1, 1))
+        # v3: split the batch so that ≈ _FILL_BLOCKS blocks run, each with ≥ 8 positions per thread
+        splits = max(1, min(N, ceil_div(_FILL_BLOCKS, base), (N * P * Q) // (bt * 8), 65535))
+        chunk = ceil_div(N, splits)
+        return Launch((ceil_div(C * R * S, jb), K, ceil_div(N, chunk)), (bt, 1, 1), 0, (chunk,))
     if op in ("pool2x2_fwd",):
         return _grid1d(g("NC") * (g("H") // 2) * (g("W") // 2))
     if op == "pool2x2_bwd":
@@ -177,6 +203,10 @@ class CupyBackend:
         variants: op → variant overriding ``DEFAULT_VARIANTS``.
         defines: kernel file stem → {NAME: value} overriding ``MODULE_DEFINES``.
         runtime: a Runtime to use instead of the one ``host`` selects (e.g. for reports).
+        sanitize: the harness sanitizer for ``host`` ("address", "thread", "undefined"; default from
+            $CUDACPU_SANITIZE).
+        min_blocks: conv v2 tiles pack several small maps into one block only while the grid keeps at
+            least this many blocks (default: enough to fill an H100 a few times over).
     """
 
     def __init__(
@@ -188,6 +218,7 @@ class CupyBackend:
         defines: dict[str, dict[str, int]] | None = None,
         runtime: Runtime | None = None,
         sanitize: str | None = None,
+        min_blocks: int = _FILL_BLOCKS,
     ) -> None:
         if runtime is None:
             runtime = HostRuntime(sanitize=sanitize) if host else CupyRuntime(graphs=graphs)
@@ -196,6 +227,8 @@ class CupyBackend:
         self.is_gpu = runtime.is_gpu
         self.counters = runtime.counters
         self.graphs = graphs
+        self._scratch: dict[tuple, tuple[Any, ...]] = {}  # per-shape kernel workspaces
+        self.min_blocks = int(min_blocks)
         self.defines = {stem: {**d, **(defines or {}).get(stem, {})} for stem, d in MODULE_DEFINES.items()}
         ops = [*OPS, *(("conv2d_pool_fwd",) if fused else ())]
         self.variants: dict[str, tuple[str, ...]] = {op: OP_KERNELS[op][1] for op in ops}
@@ -241,7 +274,7 @@ class CupyBackend:
                             launch.shared_mem)
 
     def plan(self, op: str, variant: str, **shapes: int) -> Launch:
-        return launch_plan(op, variant, shapes, self.defines)
+        return launch_plan(op, variant, shapes, self.defines, self.min_blocks)
 
     # ------------------------------------------------------------------ ops
     def batch_prepare(self, images, labels, perm, offset, x, y, mean, std, variant=None) -> None:
@@ -322,7 +355,18 @@ class CupyBackend:
         _check(dw, "dw", (k, c, r, s))
         _check(db, "db", (k,))
         plan = self.plan("conv2d_bwd_weight", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
-        self._launch("conv2d_bwd_weight", v, plan, (x, dz, dw, db, *(i32(e) for e in (n, c, h, wd, k, r, s))))
+        shapes = tuple(i32(e) for e in (n, c, h, wd, k, r, s))
+        if v != "v3":
+            self._launch("conv2d_bwd_weight", v, plan, (x, dz, dw, db, *shapes))
+            return
+        # per-split partial sums and the tickets of the last-block reduction: allocated on the first call
+        # at a shape (warm-up), reused after; the kernel leaves the tickets at zero
+        key = ("conv2d_bwd_weight", n, c, h, wd, k, r, s)
+        ws = self._scratch.get(key)
+        if ws is None:
+            ws = self._scratch[key] = (self.runtime.empty((plan.grid[2] * k * (c * r * s + 1),)),
+                                       self.runtime.zeros((plan.grid[0] * k,), np.uint32))
+        self._launch("conv2d_bwd_weight", v, plan, (x, dz, dw, db, *ws, *shapes))
 
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
         v = self._variant("pool2x2_fwd", variant)
