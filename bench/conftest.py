@@ -70,14 +70,15 @@ def op_params() -> list[Any]:
     for name in bench_backends():
         be = backend_or_reason(name)
         if isinstance(be, str):
-            out.append(pytest.param(name, None, None, None, None, id=f"{name}-unavailable",
+            out.append(pytest.param((name, None, None, None, None), id=f"{name}-unavailable",
                                     marks=pytest.mark.skip(reason=be)))
             continue
         for op in opsmod.all_ops(be):
             for site in opsmod.sites(op, CFG):
                 for variant in be.variants[op]:
                     for b in [None] if op in opsmod.PER_STEP_OPS else batches():
-                        out.append(pytest.param(name, op, site, variant, b, id=f"{name}-{op}-{site}-{variant}-b{b}"))
+                        key = (name, op, site, variant, b)
+                        out.append(pytest.param(key, id=f"{name}-{op}-{site}-{variant}-b{b}"))
     return out
 
 

@@ -111,6 +111,31 @@ def _e2e_table(rows: list[dict[str, Any]], forward: bool) -> str:
     return _table(head, out)
 
 
+def _summary(res: dict[str, Any]) -> str:
+    """One line per training batch size and per largest forward batch: ours, the peer, the ratio."""
+    lines = []
+    fwd = res.get("forward") or []
+    picks = [("training step", r) for r in res.get("train") or []]
+    for name in dict.fromkeys(r["backend"] for r in fwd):
+        rows = [r for r in fwd if r["backend"] == name]
+        picks.append(("forward", max(rows, key=lambda r: r["batch"])))
+    for what, r in picks:
+        line = (f"- {r['backend']} {what}, batch {r['batch']}: **{_rate(r['images_per_s'])} images/s** "
+                f"(p20–p80 {_rate(r['images_per_s_p20'])}–{_rate(r['images_per_s_p80'])})")
+        for p, v in r.get("peers", {}).items():
+            q = v["ratio"]
+            line += (f"; {p} {_rate(v['images_per_s'])} images/s; ours/{p} **{q['median']:.2f}** "
+                     f"(p20–p80 {q['p20']:.2f}–{q['p80']:.2f})")
+        lines.append(line + "\n")
+    ep = res.get("epoch") or {}
+    for name, run in (ep.get("runs") or {}).items():
+        tt = (f"{_t(run['time_to_target_s'])} to {ep['target_acc']:.0%} ({run['epochs_to_target']} epochs)"
+              if run.get("reached_target") else f"{ep['target_acc']:.0%} not reached in {len(run['epochs'])} epochs")
+        lines.append(f"- {name} epoch ({ep['train_images']} images, batch {run['batch']}): "
+                     f"{_t(run['epoch_s_median'])}; {tt}\n")
+    return "".join(lines)
+
+
 def markdown(res: dict[str, Any]) -> str:
     m = res.get("machine", {})
     tor = res.get("torch")
@@ -151,6 +176,10 @@ def markdown(res: dict[str, Any]) -> str:
     s.append("\nRatios are throughput ours/peer (> 1: ours is faster), taken round by round from alternating "
              "rounds (ours, peer, peer, ours, …) in this one run; the median and p20–p80 of the per-round "
              "ratios are shown.\n")
+
+    summary = _summary(res)
+    if summary:
+        s.append("\n## Summary\n\n" + summary)
 
     for b, info in res.get("backends", {}).items():
         if not info.get("available"):
@@ -235,10 +264,20 @@ def markdown(res: dict[str, Any]) -> str:
             s.append(f"From {k.get('source')}: {k.get('note')}.\n\n")
             cols = ["backend", "op", "kernel", "variant", "registers", "shared_bytes", "stack_bytes",
                     "spill_stores", "spill_loads", "block_threads", "occupancy"]
+            # beside each kernel: its measured time on the GPU (largest batch, first site), when there is one
+            measured: dict[tuple, dict[str, Any]] = {}
+            for r in res.get("ops") or []:
+                if r.get("timer") != "cuda-events":
+                    continue
+                key = (r["backend"], r["op"], r["variant"])
+                if key not in measured or (r["batch"] or 0) > (measured[key]["batch"] or 0):
+                    measured[key] = r
             rows = []
             for r in k["records"]:
-                rows.append([_cell(r, c) for c in cols])
-            s.append(_table(cols, rows))
+                m = measured.get((r.get("backend"), r.get("op"), r.get("variant")))
+                t = f"{_t(m['median_s'])} ({m['site']}, b={m['batch']})" if m else "—"
+                rows.append([_cell(r, c) for c in cols] + [t])
+            s.append(_table([*cols, "measured on GPU"], rows))
 
     sk = res.get("skipped", [])
     if sk:
