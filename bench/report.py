@@ -122,10 +122,14 @@ def _summary(res: dict[str, Any]) -> str:
     for what, r in picks:
         line = (f"- {r['backend']} {what}, batch {r['batch']}: **{_rate(r['images_per_s'])} images/s** "
                 f"(p20–p80 {_rate(r['images_per_s_p20'])}–{_rate(r['images_per_s_p80'])})")
+        if "images_per_s_best" in r:
+            line += f", best sample {_rate(r['images_per_s_best'])}"
         for p, v in r.get("peers", {}).items():
             q = v["ratio"]
-            line += (f"; {p} {_rate(v['images_per_s'])} images/s; ours/{p} **{q['median']:.2f}** "
-                     f"(p20–p80 {q['p20']:.2f}–{q['p80']:.2f})")
+            line += (f"; {p} {_rate(v['images_per_s'])} images/s"
+                     + (f" (best {_rate(v['images_per_s_best'])})" if "images_per_s_best" in v else "")
+                     + f"; ours/{p} **{q['median']:.2f}** (p20–p80 {q['p20']:.2f}–{q['p80']:.2f}"
+                     + (f"; best/best {v['ratio_best']:.2f})" if "ratio_best" in v else ")"))
         lines.append(line + "\n")
     ep = res.get("epoch") or {}
     for name, run in (ep.get("runs") or {}).items():

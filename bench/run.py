@@ -466,6 +466,7 @@ def bench_e2e(
                 "median_s": float(st[1]), "p20_s": float(st[0]), "p80_s": float(st[2]),
                 "images_per_s": batch / float(st[1]),
                 "images_per_s_p20": batch / float(st[2]), "images_per_s_p80": batch / float(st[0]),
+                "min_s": float(np.min(ours)), "images_per_s_best": batch / float(np.min(ours)),
                 "peers": {},
             }
             if kind == "forward":
@@ -475,6 +476,8 @@ def bench_e2e(
                 row["peers"][pname] = {
                     "median_s": float(ps[1]), "p20_s": float(ps[0]), "p80_s": float(ps[2]),
                     "images_per_s": batch / float(ps[1]), "number": res["numbers"][pname],
+                    "min_s": float(np.min(samples[pname])), "images_per_s_best": batch / float(np.min(samples[pname])),
+                    "ratio_best": float(np.min(samples[pname]) / np.min(ours)),
                     "ratio": e2e.ratio_stats(ours, samples[pname]),
                     **({"validation_rel_err": peer_err[pname]} if pname in peer_err else {}),
                 }
