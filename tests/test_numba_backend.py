@@ -37,6 +37,7 @@ if SIM:
 # ------------------------------------------------------------------------------------- main process
 
 
+@pytest.mark.sim
 def test_simulator_suite():
     """Run the sim_* tests of this file in a subprocess with the CUDA simulator on."""
     if SIM:
