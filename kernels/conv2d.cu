@@ -25,8 +25,8 @@
 //   conv2d_bwd_data_v1    one thread per input-gradient element, gathering (no atomics).
 //   conv2d_bwd_weight_v1  one thread per dw / db element looping over batch x positions (baseline).
 //   conv2d_bwd_weight_v2  one block per (k, J_BLOCK taps of c*r*s): threads stride over batch x positions
-//                         (coalesced dz and x reads), J_BLOCK (+ db) register accumulators, then one
-//                         barrier and a fixed-order warp reduction (shared rows + xor shuffles):
+//                         (coalesced dz and x reads), J_BLOCK (+ db) register accumulators, then a
+//                         fixed-order two-stage shared-memory reduction (2 barriers, conflict-free):
 //                         deterministic, no float atomics.
 //   conv2d_bwd_weight_v3  v2 split over the batch too (grid.z): enough blocks to fill the GPU when
 //                         K*C*R*S is small and N*P*Q large (C1 at batch 4096); per-split partial sums,
@@ -48,6 +48,7 @@
 #define BWD_THREADS 256  // block size of conv2d_bwd_weight_v2 (whole warps)
 #endif
 static_assert(BWD_THREADS % 32 == 0 && BWD_THREADS <= 1024, "BWD_THREADS: whole warps, at most 1024");
+static_assert(J_BLOCK >= 1 && J_BLOCK < BWD_THREADS, "J_BLOCK: 1 .. BWD_THREADS-1");
 
 // ------------------------------------------------------------------------------------------ v1
 extern "C" __global__ void conv2d_fwd_v1(const float* __restrict__ x, const float* __restrict__ w,
@@ -307,11 +308,35 @@ extern "C" __global__ void conv2d_bwd_weight_v1(const float* __restrict__ x, con
     dw[idx] = acc;
 }
 
+// Rows of per-thread partial sums: BWD_THREADS values + 8 slots for the second stage. The +8 pad makes the
+// first stage conflict-free: a warp's 32 threads (4 rows x 8 segments) read 32 distinct banks.
+#define RED_STRIDE (BWD_THREADS + 8)
+
+// Block-wide sums of acc[0..J_BLOCK] in a fixed order (deterministic), two barriers and no shuffles:
+// every thread stores its J_BLOCK+1 partials; thread (j, seg) adds partials seg, seg+8, ... of row j; thread j
+// adds the 8 segment sums. Returns the sum of row j to thread j (j <= J_BLOCK); other threads get 0.
+__device__ __forceinline__ float block_sum_rows(float (*s_red)[RED_STRIDE], const float* acc, int tid) {
+#pragma unroll
+    for (int j = 0; j <= J_BLOCK; ++j) s_red[j][tid] = acc[j];
+    __syncthreads();
+    for (int e = tid; e < (J_BLOCK + 1) * 8; e += BWD_THREADS) {
+        const int j = e >> 3, seg = e & 7;
+        float v = 0.0f;
+        for (int m = 0; m < BWD_THREADS / 8; ++m) v += s_red[j][m * 8 + seg];
+        s_red[j][BWD_THREADS + seg] = v;
+    }
+    __syncthreads();
+    float v = 0.0f;
+    if (tid <= J_BLOCK)
+        for (int seg = 0; seg < 8; ++seg) v += s_red[tid][BWD_THREADS + seg];
+    return v;
+}
+
 // Grid (ceil(C*R*S/J_BLOCK), K), block BWD_THREADS. Blocks with blockIdx.x == 0 also reduce db[k].
 extern "C" __global__ void __launch_bounds__(BWD_THREADS)
 conv2d_bwd_weight_v2(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
                      float* __restrict__ db, int N, int C, int H, int W, int K, int R, int S) {
-    __shared__ float s_red[J_BLOCK + 1][BWD_THREADS];
+    __shared__ float s_red[J_BLOCK + 1][RED_STRIDE];
     const int P = H - R + 1, Q = W - S + 1, PQ = P * Q, CRS = C * R * S;
     const int k = blockIdx.y, j0 = blockIdx.x * J_BLOCK, tid = threadIdx.x;
     const bool with_db = blockIdx.x == 0;
@@ -335,23 +360,9 @@ conv2d_bwd_weight_v2(const float* __restrict__ x, const float* __restrict__ dz, 
         for (int j = 0; j < J_BLOCK; ++j) acc[j] += d * xp[xoff[j]];
         acc[J_BLOCK] += d;
     }
-#pragma unroll
-    for (int j = 0; j <= J_BLOCK; ++j) s_red[j][tid] = acc[j];
-    __syncthreads();
-    // fixed-order reduction, one barrier: warp w owns sums j = w, w + nwarps, ...; lane l adds the
-    // BWD_THREADS/32 partials l, l+32, ... (conflict-free rows), then a fixed xor-shuffle tree
-    const int lane = tid & 31, warp = tid >> 5;
-    for (int j = warp; j <= J_BLOCK; j += BWD_THREADS / 32) {
-        float v = 0.0f;
-#pragma unroll
-        for (int m = 0; m < BWD_THREADS / 32; ++m) v += s_red[j][lane + 32 * m];
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) {
-            if (j < J_BLOCK && j0 + j < CRS) dw[(size_t)k * CRS + j0 + j] = v;
-            if (j == J_BLOCK && with_db) db[k] = v;
-        }
-    }
+    const float v = block_sum_rows(s_red, acc, tid);  // thread j <= J_BLOCK: the sum of row j
+    if (tid < J_BLOCK && j0 + tid < CRS) dw[(size_t)k * CRS + j0 + tid] = v;
+    if (tid == J_BLOCK && with_db) db[k] = v;
 }
 
 // Grid (ceil(C*R*S/J_BLOCK), K, splits), block BWD_THREADS. Split z reduces images [z*chunk, (z+1)*chunk)
@@ -363,7 +374,7 @@ extern "C" __global__ void __launch_bounds__(BWD_THREADS)
 conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
                      float* __restrict__ db, float* partial, unsigned int* tickets, int N, int C, int H, int W,
                      int K, int R, int S, int chunk) {
-    __shared__ float s_red[J_BLOCK + 1][BWD_THREADS];
+    __shared__ float s_red[J_BLOCK + 1][RED_STRIDE];
     __shared__ bool s_last;
     const int P = H - R + 1, Q = W - S + 1, PQ = P * Q, CRS = C * R * S;
     const int k = blockIdx.y, j0 = blockIdx.x * J_BLOCK, tid = threadIdx.x;
@@ -388,22 +399,10 @@ conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, 
         for (int j = 0; j < J_BLOCK; ++j) acc[j] += d * xp[xoff[j]];
         acc[J_BLOCK] += d;
     }
-#pragma unroll
-    for (int j = 0; j <= J_BLOCK; ++j) s_red[j][tid] = acc[j];
-    __syncthreads();
-    const int lane = tid & 31, warp = tid >> 5;
+    const float bsum = block_sum_rows(s_red, acc, tid);
     float* part = partial + ((size_t)z * K + k) * (CRS + 1);
-    for (int j = warp; j <= J_BLOCK; j += BWD_THREADS / 32) {
-        float v = 0.0f;
-#pragma unroll
-        for (int m = 0; m < BWD_THREADS / 32; ++m) v += s_red[j][lane + 32 * m];
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-        if (lane == 0) {
-            if (j < J_BLOCK && j0 + j < CRS) part[j0 + j] = v;
-            if (j == J_BLOCK && blockIdx.x == 0) part[CRS] = v;
-        }
-    }
+    if (tid < J_BLOCK && j0 + tid < CRS) part[j0 + tid] = bsum;
+    if (tid == J_BLOCK && blockIdx.x == 0) part[CRS] = bsum;
     __threadfence();  // this block's partials are visible device-wide before its ticket is taken
     __syncthreads();
     if (tid == 0) {

@@ -18,6 +18,9 @@
 //                 meant for batches too small to fill a GPU with v2's tiles.
 //   dense_bwd_v1  one launch for dx, dw and db over the concatenated index space [dx | dw | db], one thread
 //                 per element, act' recomputed from y on the fly; every sum has a fixed order.
+//   dense_bwd_v2  the same single launch, each thread computing VEC consecutive i of a dx or dw row: the
+//                 dz = dy*act'(y) value (two loads + act') is shared by VEC outputs and a warp still reads
+//                 consecutive addresses; VEC times fewer threads and blocks.
 #include "common.cuh"
 
 #ifndef TILE_O
@@ -31,6 +34,9 @@
 #endif
 #ifndef TILE_I
 #define TILE_I 32  // reduction slice staged per step in dense_fwd_v2 (fewer barriers per I)
+#endif
+#ifndef VEC
+#define VEC 4  // consecutive outputs per thread in dense_bwd_v2
 #endif
 static_assert(TILE_O * TILE_N <= 1024, "dense_fwd_v2: TILE_O*TILE_N threads per block");
 
@@ -133,6 +139,58 @@ extern "C" __global__ void dense_bwd_v1(const float* __restrict__ x, const float
         return;
     }
     idx -= O * I;
+    if (idx < O) {
+        float acc = 0.0f;
+        for (int n = 0; n < N; ++n) {
+            const int e = n * O + idx;
+            acc += dy[e] * act_grad(y[e], act);
+        }
+        db[idx] = acc;
+    }
+}
+
+// One thread per VEC consecutive elements of a row of [dx (N rows of I, only when dx != NULL) | dw (O rows
+// of I)], then one thread per db element. A row of length I has ceil(I/VEC) groups.
+extern "C" __global__ void dense_bwd_v2(const float* __restrict__ x, const float* __restrict__ w,
+                                        const float* __restrict__ y, const float* __restrict__ dy,
+                                        float* __restrict__ dx, float* __restrict__ dw, float* __restrict__ db,
+                                        int N, int I, int O, int act) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    const int G = (I + VEC - 1) / VEC;  // groups per row
+    const int ndx = dx ? N * G : 0;
+    if (idx < ndx + O * G) {
+        const bool is_dx = idx < ndx;
+        const int e = is_dx ? idx : idx - ndx;
+        const int row = e / G, i0 = (e - row * G) * VEC;
+        float acc[VEC];
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) acc[u] = 0.0f;
+        if (is_dx) {  // dx[row=n, i] = sum_o dz[n,o] w[o,i]
+            for (int o = 0; o < O; ++o) {
+                const int ez = row * O + o;
+                const float d = dy[ez] * act_grad(y[ez], act);
+                const float* wr = w + (size_t)o * I + i0;
+#pragma unroll
+                for (int u = 0; u < VEC; ++u)
+                    if (i0 + u < I) acc[u] += d * wr[u];
+            }
+        } else {  // dw[row=o, i] = sum_n dz[n,o] x[n,i]
+            for (int n = 0; n < N; ++n) {
+                const int ez = n * O + row;
+                const float d = dy[ez] * act_grad(y[ez], act);
+                const float* xr = x + (size_t)n * I + i0;
+#pragma unroll
+                for (int u = 0; u < VEC; ++u)
+                    if (i0 + u < I) acc[u] += d * xr[u];
+            }
+        }
+        float* out = (is_dx ? dx : dw) + (size_t)row * I + i0;
+#pragma unroll
+        for (int u = 0; u < VEC; ++u)
+            if (i0 + u < I) out[u] = acc[u];
+        return;
+    }
+    idx -= ndx + O * G;
     if (idx < O) {
         float acc = 0.0f;
         for (int n = 0; n < N; ++n) {

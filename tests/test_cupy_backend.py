@@ -217,7 +217,7 @@ def test_batch_prepare_rejects_short_perm(be):
 # ------------------------------------------------------------------- other compile-time parameters
 ALT_DEFINES = {
     "conv2d": {"K_BLOCK": 4, "J_BLOCK": 3, "BWD_THREADS": 64},
-    "dense": {"TILE_O": 8, "TILE_N": 4, "RN": 3, "TILE_I": 5},
+    "dense": {"TILE_O": 8, "TILE_N": 4, "RN": 3, "TILE_I": 5, "VEC": 3},
     "loss": {"LOSS_THREADS": 32},
 }
 
@@ -239,6 +239,8 @@ def test_other_compile_time_parameters(be):
         H.check_conv2d_bwd_weight(alt, v, (8, 1, 32, 32), (6, 1, 5, 5))  # v3: 8 batch splits
     for v in variants("dense_fwd"):
         H.check_dense_fwd(alt, v, 37, 29, 45, "relu")
+    for v in variants("dense_bwd"):
+        H.check_dense_bwd(alt, v, 5, 29, 7, "tanh", True)
     H.check_softmax_xent(alt, "v1", 70, 10)
 
 

@@ -35,7 +35,7 @@ MODULE_DEFINES: dict[str, dict[str, int]] = {
     "batch": {},
     "conv2d": {"K_BLOCK": 8, "J_BLOCK": 16, "BWD_THREADS": 256},
     "pool2x2": {},
-    "dense": {"TILE_O": 16, "TILE_N": 16, "RN": 4, "TILE_I": 32},
+    "dense": {"TILE_O": 16, "TILE_N": 16, "RN": 4, "TILE_I": 32, "VEC": 4},
     "loss": {"LOSS_THREADS": 256},
     "optim": {},
 }
@@ -48,12 +48,12 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pool2x2_fwd": ("pool2x2", ("v1",)),
     "dense_fwd": ("dense", ("v1", "v2", "v3")),
     "softmax_xent": ("loss", ("v1",)),
-    "dense_bwd": ("dense", ("v1",)),
+    "dense_bwd": ("dense", ("v1", "v2")),
     "pool2x2_bwd": ("pool2x2", ("v1",)),
     "conv2d_bwd_data": ("conv2d", ("v1",)),
     "conv2d_bwd_weight": ("conv2d", ("v1", "v2", "v3")),
-    "adam_step": ("optim", ("v1",)),
-    "sgd_step": ("optim", ("v1",)),
+    "adam_step": ("optim", ("v1", "v2")),
+    "sgd_step": ("optim", ("v1", "v2")),
 }
 
 #: The default variant per op (the fastest by design; to be confirmed by the GPU benchmarks).
@@ -173,11 +173,13 @@ def launch_plan(
         return Launch((ceil_div(N * O, THREADS // 32), 1, 1), (THREADS, 1, 1))
     if op == "dense_bwd":
         N, I, O = g("N"), g("I"), g("O")
-        return _grid1d((N * I if g("dx", 1) else 0) + O * I + O)
+        row = I if variant == "v1" else ceil_div(I, d["dense"]["VEC"])  # threads per row of dx / dw
+        return _grid1d((N * row if g("dx", 1) else 0) + O * row + O)
     if op == "softmax_xent":
         return Launch((1, 1, 1), (d["loss"]["LOSS_THREADS"], 1, 1))
     if op in ("adam_step", "sgd_step"):
-        return Launch((max(1, min(ceil_div(g("n"), THREADS), 4096)), 1, 1), (THREADS, 1, 1))
+        per_thread = 1 if variant == "v1" else 4  # v2: one float4 per thread
+        return Launch((max(1, min(ceil_div(g("n"), THREADS * per_thread), 4096)), 1, 1), (THREADS, 1, 1))
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -190,6 +192,17 @@ def _check(arr: Any, name: str, shape: tuple[int, ...], dtype: Any = np.float32)
         raise TypeError(f"{name}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
     if not arr.flags.c_contiguous:
         raise ValueError(f"{name}: not C-contiguous")
+
+
+def _address(arr: Any) -> int:
+    data = getattr(arr, "data", None)
+    ptr = getattr(data, "ptr", None)  # CuPy
+    return int(ptr) if ptr is not None else int(arr.ctypes.data)
+
+
+def _check_aligned(arr: Any, name: str, nbytes: int) -> None:
+    if _address(arr) % nbytes:
+        raise ValueError(f"{name}: address not {nbytes}-byte aligned (vectorised variant); use variant v1")
 
 
 class CupyBackend:
@@ -437,6 +450,8 @@ class CupyBackend:
         (size,) = p.shape
         for name, a in (("p", p), ("g", g), ("m", m), ("v", v)):
             _check(a, name, (size,))
+            if var != "v1":
+                _check_aligned(a, name, 16)
         self._launch("adam_step", var, self.plan("adam_step", var, n=size),
                      (p, g, m, v, i32(size), f32(lr), f32(beta1), f32(beta2), f32(eps), f32(weight_decay), f32(bc1),
                       f32(bc2)))
@@ -446,5 +461,7 @@ class CupyBackend:
         (size,) = p.shape
         for name, a in (("p", p), ("g", g), ("m", m)):
             _check(a, name, (size,))
+            if var != "v1":
+                _check_aligned(a, name, 16)
         self._launch("sgd_step", var, self.plan("sgd_step", var, n=size),
                      (p, g, m, i32(size), f32(lr), f32(momentum), f32(weight_decay)))
