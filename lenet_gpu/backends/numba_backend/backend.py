@@ -12,6 +12,7 @@ Numba's CUDA simulator (``is_gpu`` is False then).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -176,6 +177,8 @@ class NumbaBackend:
         if not self.simulator and not cuda.is_available():
             raise BackendUnavailable(UNAVAILABLE)
         self.is_gpu = not self.simulator
+        if self.is_gpu and "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
+            _quiet_low_occupancy_warnings()
         self.counters = Counters()
         self.variants: dict[str, tuple[str, ...]] = dict(VARIANTS)
         self.default_variants: dict[str, str] = dict(DEFAULT_VARIANTS)
@@ -508,6 +511,17 @@ class NumbaBackend:
         f = np.float32
         grid, block, sh = launch_config("sgd_step", var, {"p": p.shape})
         self._launch("sgd_step", var, grid, block, sh, p, g, m, f(lr), f(momentum), f(weight_decay))
+
+
+def _quiet_low_occupancy_warnings() -> None:
+    """LeNet's launches are small by nature (softmax_xent is one block, batch 1 steps a few blocks):
+    Numba's "grid of fewer than 128 blocks" performance warning would fire on most of them. The
+    environment variable NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=1 keeps it on."""
+    try:
+        from numba.cuda.core import config as cuda_config
+    except ImportError:  # older numba-cuda: the setting lives in numba.core.config
+        cuda_config = numba.config
+    cuda_config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
 
 def _dev(label: str, a: Any, dtype: Any, ndim: int) -> None:
