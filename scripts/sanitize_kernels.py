@@ -53,7 +53,11 @@ REPORT_PATTERNS = {
     "undefined": re.compile(r".*runtime error: .*"),
 }
 SUMMARY_LINE = re.compile(r"^SUMMARY: (?:Address|Thread|UndefinedBehavior)Sanitizer: .*$", re.MULTILINE)
-PYTEST_TOTALS = re.compile(r"=+ (.*?(?:passed|failed|error|skipped|deselected|no tests ran).*?) in [\d.]+s")
+PYTEST_TOTALS = re.compile(
+    r"^(?:=+ )?((?:\d+ (?:passed|failed|errors?|skipped|deselected|xfailed|xpassed|warnings?)|no tests ran)"
+    r"[^\n]*?) in [\d.]+s",
+    re.MULTILINE,
+)
 
 
 @dataclass
@@ -69,22 +73,30 @@ class Outcome:
 EXTRA_ENV: dict[str, str] = {}  # --env NAME=VALUE
 
 
-def _env(kind: str) -> dict[str, str]:
-    env = sanitizer_env(kind, {**os.environ, **EXTRA_ENV})
+def _env(kind: str, report_dir: Path) -> dict[str, str]:
+    env = sanitizer_env(kind, {**os.environ, **EXTRA_ENV}, report_dir=report_dir)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     env.setdefault("PYTHONFAULTHANDLER", "1")
     return env
 
 
 def _run(cmd: list[str], kind: str, log: Path, timeout: float) -> tuple[int | None, str]:
-    """Runs ``cmd`` under sanitizer ``kind``; returns (exit status or None on timeout, output)."""
+    """Runs ``cmd`` under sanitizer ``kind``; returns (exit status or None on timeout, output).
+
+    The sanitizer reports of every process of the run (pytest children included) go to files in
+    ``<log>.reports/`` (pytest would swallow them from stderr) and are appended to the output.
+    """
+    report_dir = log.with_suffix(".reports")
+    shutil.rmtree(report_dir, ignore_errors=True)
     t0 = time.perf_counter()
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=_env(kind), cwd=ROOT, timeout=timeout)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=_env(kind, report_dir), cwd=ROOT, timeout=timeout)
         rc, out = r.returncode, r.stdout + r.stderr
     except subprocess.TimeoutExpired as e:
         rc = None
         out = _text(e.stdout) + _text(e.stderr) + f"\n[timed out after {timeout:.0f} s]\n"
+    for f in sorted(report_dir.glob("*")) if report_dir.is_dir() else []:
+        out += f"\n----- sanitizer report file {f.name} -----\n" + f.read_text(errors="replace")
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"$ {shlex.join(cmd)}\n# {kind}, {time.perf_counter() - t0:.1f} s, exit {rc}\n\n{out}")
     return rc, out

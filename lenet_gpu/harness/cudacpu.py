@@ -205,13 +205,20 @@ def sanitizer_runtime_loaded(kind: str) -> bool:
     return lib.removesuffix(".so") in maps
 
 
-def sanitizer_env(kind: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+def sanitizer_env(
+    kind: str, env: Mapping[str, str] | None = None, report_dir: str | os.PathLike[str] | None = None
+) -> dict[str, str]:
     """Environment for a subprocess that runs kernels under sanitizer ``kind``.
 
     Sets ``CUDACPU_SANITIZE``, preloads the ASan/TSan runtime (``g++ -print-file-name``), and
     chooses options: no leak checking (Python itself leaks by design), a longer watchdog, symbolized
-    reports. ``env`` defaults to ``os.environ``; existing options are kept (they come later, so they
-    win). Applying it twice changes nothing.
+    reports; for TSan, single-threaded BLAS/OpenMP (their pools give false reports). ``env``
+    defaults to ``os.environ``; existing options are kept (they come later, so they win). Applying
+    it twice changes nothing.
+
+    ``report_dir``: write the reports to ``<report_dir>/<kind>.<pid>`` files instead of stderr
+    (the runtimes' ``log_path``). Use it under pytest, which captures stderr per test and drops it
+    for tests that pass (and loses it when ASan aborts the process).
     """
     if kind not in SANITIZERS:
         raise ValueError(f"unknown sanitizer {kind!r}; expected one of {SANITIZERS}")
@@ -228,8 +235,17 @@ def sanitizer_env(kind: str, env: Mapping[str, str] | None = None) -> dict[str, 
         "thread": ("TSAN_OPTIONS", ["second_deadlock_stack=1", "report_signal_unsafe=0"]),
         "undefined": ("UBSAN_OPTIONS", ["print_stacktrace=1"]),
     }
+    if kind == "thread":
+        # BLAS thread pools (NumPy's reference matmuls) synchronise in ways TSan cannot see: their
+        # reports would be false positives, not kernel races
+        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            out.setdefault(name, "1")
     var, options = defaults[kind]
     current = [o for o in out.get(var, "").split(":") if o]
+    if report_dir is not None:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)
+        current = [o for o in current if not o.startswith("log_path=")]
+        current.append(f"log_path={Path(report_dir).resolve() / kind}")
     out[var] = ":".join([o for o in options if o not in current] + current)
     return out
 

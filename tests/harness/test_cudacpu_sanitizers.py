@@ -23,7 +23,7 @@ def line_of(path: object, marker: str) -> int:
     raise AssertionError(f"{marker!r} not in {path}")
 
 
-def run_sanitized(kind: str, body: str) -> tuple[int, str]:
+def run_sanitized(kind: str, body: str, report_dir: Path | None = None) -> tuple[int, str]:
     # build only the modules the body uses: every sanitizer build costs seconds
     modules = "".join(
         f"{var} = CpuModule({str(path)!r})\n" for var, path in (("ok", OK_CU), ("bad", BAD_CU)) if f"{var}." in body
@@ -36,7 +36,7 @@ def run_sanitized(kind: str, body: str) -> tuple[int, str]:
         + body
         + "\nprint('FINISHED')\n"
     )
-    r = run_python(code, env=sanitizer_env(kind))
+    r = run_python(code, env=sanitizer_env(kind, report_dir=report_dir))
     return r.returncode, r.stdout + r.stderr
 
 
@@ -88,14 +88,20 @@ def test_asan_is_quiet_on_correct_kernels() -> None:
     assert "FINISHED" in out and "AddressSanitizer" not in out
 
 
-def test_tsan_finds_missing_barrier() -> None:
-    rc, out = run_sanitized(
+def test_tsan_finds_missing_barrier(tmp_path: Path) -> None:
+    # reports go to files (report_dir), as under pytest, which would swallow them from stderr
+    rc, stdio = run_sanitized(
         "thread",
         """
 a = np.ones((64, 64), f32); b = np.ones((64, 64), f32); c = np.zeros((64, 64), f32)
 bad.get_function("matmul_missing_sync")((4, 4), (16, 16), (a, b, c, i32(64), i32(64), i32(64)))
 """,
+        report_dir=tmp_path,
     )
+    files = list(tmp_path.glob("thread.*"))
+    assert len(files) == 1, stdio
+    out = files[0].read_text() + stdio
+    assert "WARNING: ThreadSanitizer" not in stdio
     assert "WARNING: ThreadSanitizer: data race" in out
     assert "in matmul_missing_sync" in out or "matmul_missing_sync " in out
     racy_lines = {
