@@ -42,7 +42,7 @@
 #define K_BLOCK 8  // filters per block in conv2d_fwd_v2 / conv2d_pool_fwd_v2 (register accumulators)
 #endif
 #ifndef J_BLOCK
-#define J_BLOCK 16  // weight taps per block in conv2d_bwd_weight_v2
+#define J_BLOCK 13  // weight taps per block in conv2d_bwd_weight_v2/v3 (25 = 2x13-1, 150 = 12x13-6)
 #endif
 #ifndef BWD_THREADS
 #define BWD_THREADS 256  // block size of conv2d_bwd_weight_v2 (whole warps)
@@ -333,7 +333,8 @@ __device__ __forceinline__ float block_sum_rows(float (*s_red)[RED_STRIDE], cons
 }
 
 // Grid (ceil(C*R*S/J_BLOCK), K), block BWD_THREADS. Blocks with blockIdx.x == 0 also reduce db[k].
-extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+// The launch bound asks for half an SM of resident threads (<= 64 registers at 256 threads, no spills).
+extern "C" __global__ void __launch_bounds__(BWD_THREADS, 2048 / BWD_THREADS / 2)
 conv2d_bwd_weight_v2(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
                      float* __restrict__ db, int N, int C, int H, int W, int K, int R, int S) {
     __shared__ float s_red[J_BLOCK + 1][RED_STRIDE];
@@ -370,7 +371,7 @@ conv2d_bwd_weight_v2(const float* __restrict__ x, const float* __restrict__ dz, 
 // each (x, k) column to finish (an integer ticket, not a float atomic) adds the `splits` partials in
 // order z = 0, 1, ... and resets its ticket to 0 for the next launch. Deterministic whatever the block
 // order. partial: splits*K*(CRS+1) floats; tickets: gridDim.x*K ints, zero before the first launch.
-extern "C" __global__ void __launch_bounds__(BWD_THREADS)
+extern "C" __global__ void __launch_bounds__(BWD_THREADS, 2048 / BWD_THREADS / 2)
 conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
                      float* __restrict__ db, float* partial, unsigned int* tickets, int N, int C, int H, int W,
                      int K, int R, int S, int chunk) {

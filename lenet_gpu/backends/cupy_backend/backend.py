@@ -33,7 +33,7 @@ i32, f32 = np.int32, np.float32
 #: Compile-time parameters per kernel file (the #ifndef defaults at the top of each .cu, made explicit).
 MODULE_DEFINES: dict[str, dict[str, int]] = {
     "batch": {},
-    "conv2d": {"K_BLOCK": 8, "J_BLOCK": 16, "BWD_THREADS": 256},
+    "conv2d": {"K_BLOCK": 8, "J_BLOCK": 13, "BWD_THREADS": 256},
     "pool2x2": {},
     "dense": {"TILE_O": 16, "TILE_N": 16, "RN": 4, "TILE_I": 32, "VEC": 4},
     "loss": {"LOSS_THREADS": 256},
