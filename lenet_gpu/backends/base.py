@@ -107,6 +107,11 @@ class Backend(Protocol):
         (the padding is pixel value 0); y[r] (B,) int32 = labels[j]."""
     def conv2d_fwd(self, x: Any, w: Any, b: Any, y: Any, act: str, variant: str | None = None) -> None:
         """y (B,K,H-R+1,W-S+1) = act(conv(x (B,C,H,W), w (K,C,R,S)) + b (K,))."""
+    # optional (listed in ``variants`` when present): the fused forward of C1+S2 and C3+S4
+    # def conv2d_pool_fwd(self, x, w, b, yconv: Any | None, ypool, argmax, act, mode, variant=None) -> None:
+    #     """ypool, argmax = pool2x2_fwd(conv2d_fwd(x, w, b, act), mode) in one launch; also writes the
+    #     activated conv output yconv (which the backward pass needs for act') unless it is None."""
+
     def conv2d_bwd_data(self, dz: Any, w: Any, dx: Any, variant: str | None = None) -> None:
         """dx (B,C,H,W) = full correlation of dz (B,K,Ho,Wo) with the flipped w: the input gradient.
         dz is the gradient w.r.t. the convolution's pre-activation."""
