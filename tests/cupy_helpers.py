@@ -20,6 +20,11 @@ def d64(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=F64)
 
 
+def _wscale(ws: tuple[int, ...]) -> float:
+    """Weights scaled like the network's init (1/sqrt(fan_in)), so outputs stay O(1) at any C·R·S."""
+    return float(1.0 / np.sqrt(np.prod(ws[1:])))
+
+
 def activated(shape: tuple[int, ...], act: str, seed: int) -> np.ndarray:
     """A plausible activated output of ``act`` (so that act'(y) is meaningful), float32."""
     return ref.activate(rand(shape, seed), act).astype(np.float32)
@@ -40,7 +45,7 @@ class Dev:
 
 def check_conv2d_fwd(be: Any, variant: str, xs: tuple, ws: tuple, act: str, seed: int = 0) -> None:
     d = Dev(be)
-    x, w, b = rand(xs, seed), rand(ws, seed + 1, 0.3), rand((ws[0],), seed + 2)
+    x, w, b = rand(xs, seed), rand(ws, seed + 1, _wscale(ws)), rand((ws[0],), seed + 2)
     n, _, h, wd = xs
     k, _, r, s = ws
     y = d.put(nan_like((n, k, h - r + 1, wd - s + 1)))
@@ -51,7 +56,7 @@ def check_conv2d_fwd(be: Any, variant: str, xs: tuple, ws: tuple, act: str, seed
 
 def check_conv2d_pool_fwd(be: Any, variant: str, xs: tuple, ws: tuple, act: str, mode: str, seed: int = 0) -> None:
     d = Dev(be)
-    x, w, b = rand(xs, seed), rand(ws, seed + 1, 0.3), rand((ws[0],), seed + 2)
+    x, w, b = rand(xs, seed), rand(ws, seed + 1, _wscale(ws)), rand((ws[0],), seed + 2)
     n, _, h, wd = xs
     k, _, r, s = ws
     p, q = h - r + 1, wd - s + 1
@@ -139,7 +144,7 @@ def check_conv2d_bwd_data(be: Any, variant: str, xs: tuple, ws: tuple, seed: int
     n, c, h, wd = xs
     k, _, r, s = ws
     dzs = (n, k, h - r + 1, wd - s + 1)
-    dz, w = rand(dzs, seed), rand(ws, seed + 1, 0.3)
+    dz, w = rand(dzs, seed), rand(ws, seed + 1, _wscale(ws))
     dx = d.put(nan_like(xs))
     be.conv2d_bwd_data(d.put(dz), d.put(w), dx, variant=variant)
     want, _, _ = ref.conv2d_bwd(np.zeros(xs), d64(w), np.zeros(dzs), d64(dz), "identity")

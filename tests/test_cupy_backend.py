@@ -214,6 +214,24 @@ def test_batch_prepare_rejects_short_perm(be):
         be.batch_prepare(imgs, labs, perm, 2, x, y, 0.0, 1.0)
 
 
+def test_wide_and_deep_shapes(be):
+    """Rows longer than a block (the tile loops), many channels (several staged chunks), long reductions."""
+    for v in variants("conv2d_fwd"):
+        H.check_conv2d_fwd(be, v, (1, 2, 3, 1100), (3, 2, 2, 2), "relu")
+        H.check_conv2d_fwd(be, v, (2, 300, 9, 9), (3, 300, 5, 5), "identity")
+    for v in variants("conv2d_pool_fwd"):
+        H.check_conv2d_pool_fwd(be, v, (1, 2, 3, 1100), (3, 2, 2, 2), "relu", "max")
+        H.check_conv2d_pool_fwd(be, v, (1, 300, 9, 9), (3, 300, 4, 4), "relu", "avg")
+    for v in variants("conv2d_bwd_weight"):
+        H.check_conv2d_bwd_weight(be, v, (2, 300, 9, 9), (3, 300, 5, 5))
+        H.check_conv2d_bwd_weight(be, v, (33, 1, 12, 12), (2, 1, 3, 3))
+    for v in variants("dense_fwd"):
+        H.check_dense_fwd(be, v, 1, 2000, 7, "tanh")
+    for v in variants("dense_bwd"):
+        H.check_dense_bwd(be, v, 9, 1001, 3, "sigmoid", True)
+    H.check_softmax_xent(be, "v1", 1000, 3)
+
+
 # ------------------------------------------------------------------- other compile-time parameters
 ALT_DEFINES = {
     "conv2d": {"K_BLOCK": 4, "J_BLOCK": 3, "BWD_THREADS": 64},
