@@ -356,7 +356,9 @@ def make_spec(op: str, site: str, batch: int, cfg: NetConfig) -> Spec:
                 {"yconv": TOL["conv2d_fwd"], "ypool": TOL["conv2d_fwd"]},
                 exact=("argmax",),
             )
-        dz = _randn(rng, ys)
+        # upstream gradients carry the 1/B of the mean loss, as in training: the batch-long reductions of
+        # the weight gradient then stay O(1) and parity.TOL holds at every batch size
+        dz = _randn(rng, ys, 1.0 / b)
         x = _randn(rng, xs)
         dx, dw, db = ref.conv2d_bwd(_f64(x), _f64(w), _f64(dz), _f64(dz), "identity")
         if op == "conv2d_bwd_data":
@@ -404,7 +406,7 @@ def make_spec(op: str, site: str, batch: int, cfg: NetConfig) -> Spec:
                 lambda be, a, v: be.dense_fwd(a["x"], a["w"], a["b"], a["y"], a_, variant=v), {"y": t},
             )
         y = ref.activate(_randn(rng, (b, o)), a_).astype(np.float32)
-        dy = _randn(rng, (b, o))
+        dy = _randn(rng, (b, o), 1.0 / b)  # the 1/B of the mean loss, as in training
         dx, dw, db = ref.dense_bwd(_f64(x), _f64(w), _f64(y), _f64(dy), a_)
         return Spec(
             {"x": x, "w": w, "y": y, "dy": dy},

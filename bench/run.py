@@ -582,7 +582,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "schema": 1,
         "date": started.isoformat(timespec="seconds"),
-        "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv),
+        "command": " ".join(["python -m bench.run", *(shlex.quote(a) for a in argv)]),
         "machine": machine_info(),
         "settings": {**settings, "sections": args.sections, "ops": args.ops, "activation": cfg.activation,
                      "pool": cfg.pool, "f6": cfg.f6, "timing": tcfg.__dict__},
