@@ -23,6 +23,9 @@
 //                         pooling fused: a block owns 2*rows2 conv rows (of `imgs` images); one thread per
 //                         2x2 window computes its 4 outputs x K_BLOCK filters (each weight load feeds 4 FMAs).
 //   conv2d_bwd_data_v1    one thread per input-gradient element, gathering (no atomics).
+//   conv2d_bwd_data_v2    the v2 tiling for the full correlation: a block stages zero-padded dz rows and the
+//                         filters of C_BLOCK channels in shared memory (k_chunk filters at a time); each
+//                         thread keeps C_BLOCK accumulators (one shared dz load feeds C_BLOCK FMAs).
 //   conv2d_bwd_weight_v1  one thread per dw / db element looping over batch x positions (baseline).
 //   conv2d_bwd_weight_v2  one block per (k, J_BLOCK taps of c*r*s): threads stride over batch x positions
 //                         (coalesced dz and x reads), J_BLOCK (+ db) register accumulators, then a
@@ -40,6 +43,9 @@
 
 #ifndef K_BLOCK
 #define K_BLOCK 8  // filters per block in conv2d_fwd_v2 / conv2d_pool_fwd_v2 (register accumulators)
+#endif
+#ifndef C_BLOCK
+#define C_BLOCK 6  // input channels per block in conv2d_bwd_data_v2 (register accumulators; LeNet C3 has 6)
 #endif
 #ifndef J_BLOCK
 #define J_BLOCK 13  // weight taps per block in conv2d_bwd_weight_v2/v3 (25 = 2x13-1, 150 = 12x13-6)
@@ -281,6 +287,67 @@ extern "C" __global__ void conv2d_bwd_data_v1(const float* __restrict__ dz, cons
             for (int s = max(0, v - Q + 1); s <= min(S - 1, v); ++s)
                 acc += dz[((n * K + k) * P + h - r) * Q + v - s] * w[((k * C + c) * R + r) * S + s];
     dx[idx] = acc;
+}
+
+// Grid (N*tiles, ceil(C/C_BLOCK)), 1-D block >= rows*W. A block owns `rows` rows of dx for C_BLOCK channels
+// of one image. Per chunk of k_chunk filters it stages the dz rows [h0-R+1, h0+rows) zero-padded by S-1
+// columns on each side (so the full correlation needs no bounds tests) and w[k][c][r][s] as
+// s_w[k][r][s][cc]; each thread keeps C_BLOCK accumulators. Dynamic smem:
+// (k_chunk*(rows+R-1)*(Q+2S-2) + k_chunk*R*S*C_BLOCK) floats.
+extern "C" __global__ void __launch_bounds__(1024)
+conv2d_bwd_data_v2(const float* __restrict__ dz, const float* __restrict__ w, float* __restrict__ dx, int N,
+                   int C, int H, int W, int K, int R, int S, int rows, int k_chunk) {
+    extern __shared__ float smem[];
+    const int P = H - R + 1, Q = W - S + 1, QS = Q + 2 * (S - 1), in_rows = rows + R - 1;
+    const int tiles = ceil_div(H, rows);
+    const int n = blockIdx.x / tiles, h0 = (blockIdx.x - n * tiles) * rows;
+    const int c0 = blockIdx.y * C_BLOCK;
+    float* s_dz = smem;                           // [k][row][QS], row i <-> dz row h0 - R + 1 + i
+    float* s_w = smem + k_chunk * in_rows * QS;   // [k][r][s][cc]
+    const int valid_rows = min(rows, H - h0);
+    for (int t0 = 0; t0 < rows * W; t0 += blockDim.x) {
+        const int t = t0 + threadIdx.x;
+        const int hr = t / W, v = t - hr * W;
+        const bool live = hr < valid_rows;
+        float acc[C_BLOCK];
+#pragma unroll
+        for (int cc = 0; cc < C_BLOCK; ++cc) acc[cc] = 0.0f;
+        for (int k0 = 0; k0 < K; k0 += k_chunk) {
+            const int kn = min(k_chunk, K - k0);
+            __syncthreads();
+            for (int i = threadIdx.x; i < kn * in_rows * QS; i += blockDim.x) {  // rows of dz: coalesced
+                const int kr = i / QS, col = i - kr * QS;
+                const int kk = kr / in_rows, row = h0 - R + 1 + (kr - kk * in_rows), q = col - (S - 1);
+                s_dz[i] = (row >= 0 && row < P && q >= 0 && q < Q)
+                              ? dz[((size_t)(n * K + k0 + kk) * P + row) * Q + q] : 0.0f;
+            }
+            for (int i = threadIdx.x; i < kn * C_BLOCK * R * S; i += blockDim.x) {  // runs of R*S taps
+                const int kc = i / (R * S), rs = i - kc * (R * S);
+                const int kk = kc / C_BLOCK, cc = kc - kk * C_BLOCK, c = c0 + cc;
+                s_w[(kk * R * S + rs) * C_BLOCK + cc] =
+                    c < C ? w[((size_t)(k0 + kk) * C + c) * R * S + rs] : 0.0f;
+            }
+            __syncthreads();
+            if (live) {
+                for (int kk = 0; kk < kn; ++kk)
+                    for (int r = 0; r < R; ++r) {
+                        // dz row h - r  <->  staged row hr + R - 1 - r; column v - s <-> v + S - 1 - s
+                        const float* dr = s_dz + (kk * in_rows + hr + R - 1 - r) * QS + v + S - 1;
+                        const float* wr = s_w + (kk * R + r) * S * C_BLOCK;
+                        for (int s = 0; s < S; ++s) {
+                            const float g = dr[-s];
+#pragma unroll
+                            for (int cc = 0; cc < C_BLOCK; ++cc) acc[cc] += g * wr[s * C_BLOCK + cc];
+                        }
+                    }
+            }
+        }
+        if (live) {
+#pragma unroll
+            for (int cc = 0; cc < C_BLOCK; ++cc)
+                if (c0 + cc < C) dx[((size_t)(n * C + c0 + cc) * H + h0 + hr) * W + v] = acc[cc];
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------- backward, weight

@@ -222,6 +222,9 @@ def test_wide_and_deep_shapes(be):
     for v in variants("conv2d_pool_fwd"):
         H.check_conv2d_pool_fwd(be, v, (1, 2, 3, 1100), (3, 2, 2, 2), "relu", "max")
         H.check_conv2d_pool_fwd(be, v, (1, 300, 9, 9), (3, 300, 4, 4), "relu", "avg")
+    for v in variants("conv2d_bwd_data"):
+        H.check_conv2d_bwd_data(be, v, (1, 7, 3, 300), (5, 7, 2, 3))
+        H.check_conv2d_bwd_data(be, v, (1, 3, 9, 9), (300, 3, 5, 5))
     for v in variants("conv2d_bwd_weight"):
         H.check_conv2d_bwd_weight(be, v, (2, 300, 9, 9), (3, 300, 5, 5))
         H.check_conv2d_bwd_weight(be, v, (33, 1, 12, 12), (2, 1, 3, 3))
@@ -234,7 +237,7 @@ def test_wide_and_deep_shapes(be):
 
 # ------------------------------------------------------------------- other compile-time parameters
 ALT_DEFINES = {
-    "conv2d": {"K_BLOCK": 4, "J_BLOCK": 3, "BWD_THREADS": 64},
+    "conv2d": {"K_BLOCK": 4, "C_BLOCK": 4, "J_BLOCK": 3, "BWD_THREADS": 64},
     "dense": {"TILE_O": 8, "TILE_N": 4, "RN": 3, "TILE_I": 5, "VEC": 3},
     "loss": {"LOSS_THREADS": 32},
 }
@@ -252,6 +255,8 @@ def test_other_compile_time_parameters(be):
     for v in variants("conv2d_pool_fwd"):
         H.check_conv2d_pool_fwd(alt, v, (1, 2, 10, 9), (9, 2, 2, 2), "tanh", "max")
         H.check_conv2d_pool_fwd(be_packed, v, (11, 6, 14, 14), (16, 6, 5, 5), "relu", "max")  # 10 + 1 maps
+    for v in variants("conv2d_bwd_data"):
+        H.check_conv2d_bwd_data(alt, v, (3, 6, 14, 14), (16, 6, 5, 5))  # C_BLOCK 4: a partial channel block
     for v in variants("conv2d_bwd_weight"):
         H.check_conv2d_bwd_weight(alt, v, (2, 6, 14, 14), (16, 6, 5, 5))
         H.check_conv2d_bwd_weight(alt, v, (8, 1, 32, 32), (6, 1, 5, 5))  # v3: 8 batch splits

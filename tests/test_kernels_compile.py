@@ -16,7 +16,7 @@ if not nvrtc.nvrtc_available():
 ARCHS = ("sm_80", "sm_90")
 #: The option sets of the backend, plus the non-default ones the parity tests use.
 ALT = {
-    "conv2d": {"K_BLOCK": 4, "J_BLOCK": 3, "BWD_THREADS": 64},
+    "conv2d": {"K_BLOCK": 4, "C_BLOCK": 4, "J_BLOCK": 3, "BWD_THREADS": 64},
     "dense": {"TILE_O": 8, "TILE_N": 4, "RN": 3, "TILE_I": 5, "VEC": 3},
     "loss": {"LOSS_THREADS": 32},
 }

@@ -33,7 +33,7 @@ i32, f32 = np.int32, np.float32
 #: Compile-time parameters per kernel file (the #ifndef defaults at the top of each .cu, made explicit).
 MODULE_DEFINES: dict[str, dict[str, int]] = {
     "batch": {},
-    "conv2d": {"K_BLOCK": 8, "J_BLOCK": 13, "BWD_THREADS": 256},
+    "conv2d": {"K_BLOCK": 8, "C_BLOCK": 6, "J_BLOCK": 13, "BWD_THREADS": 256},
     "pool2x2": {},
     "dense": {"TILE_O": 16, "TILE_N": 16, "RN": 4, "TILE_I": 32, "VEC": 4},
     "loss": {"LOSS_THREADS": 256},
@@ -50,7 +50,7 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "softmax_xent": ("loss", ("v1",)),
     "dense_bwd": ("dense", ("v1", "v2")),
     "pool2x2_bwd": ("pool2x2", ("v1",)),
-    "conv2d_bwd_data": ("conv2d", ("v1",)),
+    "conv2d_bwd_data": ("conv2d", ("v1", "v2")),
     "conv2d_bwd_weight": ("conv2d", ("v1", "v2", "v3")),
     "adam_step": ("optim", ("v1", "v2")),
     "sgd_step": ("optim", ("v1", "v2")),
@@ -146,8 +146,19 @@ def launch_plan(
             )
             return Launch((ceil_div(N, imgs) * tiles, ceil_div(K, kb), 1), (_round_warp(imgs * rows2 * ww), 1, 1),
                           smem, (rows2, c_chunk, imgs))
-        if op == "conv2d_bwd_data":
+        if op == "conv2d_bwd_data" and variant == "v1":
             return _grid1d(N * C * H * W)
+        if op == "conv2d_bwd_data":
+            cb = d["conv2d"]["C_BLOCK"]
+            rows = max(1, min(H, _TILE_TARGET // W))
+            tiles = ceil_div(H, rows)
+            rows = ceil_div(H, tiles)
+            per_k = (rows + R - 1) * (Q + 2 * (S - 1)) + R * S * cb  # floats per staged filter
+            k_chunk = max(1, min(K, (_SMEM_TARGET // 4) // per_k))
+            if 4 * k_chunk * per_k > SMEM_LIMIT:
+                raise ValueError("conv2d_bwd_data: one staged filter does not fit shared memory; use variant v1")
+            return Launch((N * tiles, ceil_div(C, cb), 1), (_round_warp(rows * W), 1, 1), 4 * k_chunk * per_k,
+                          (rows, k_chunk))
         if variant == "v1":
             return _grid1d(K * C * R * S + K)
         jb, bt = d["conv2d"]["J_BLOCK"], d["conv2d"]["BWD_THREADS"]
