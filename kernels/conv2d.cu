@@ -21,7 +21,8 @@
 //                         (needed for act'), pools them and writes argmax: no second launch, no re-read.
 //   conv2d_pool_fwd_v2    the v2 tiling (shared input rows + filters, K_BLOCK register blocking) with the
 //                         pooling fused: a block owns 2*rows2 conv rows (of `imgs` images); one thread per
-//                         2x2 window computes its 4 outputs x K_BLOCK filters (each weight load feeds 4 FMAs).
+//                         2x2 window computes its 4 outputs x K_BLOCK filters (each weight load feeds 4 FMAs);
+//                         input rows staged de-interleaved (even | odd columns): conflict-free stride-2 taps.
 //   conv2d_bwd_data_v1    one thread per input-gradient element, gathering (no atomics).
 //   conv2d_bwd_data_v2    the v2 tiling for the full correlation: a block stages zero-padded dz rows and the
 //                         filters of C_BLOCK channels in shared memory (k_chunk filters at a time); each
@@ -78,14 +79,21 @@ extern "C" __global__ void conv2d_fwd_v1(const float* __restrict__ x, const floa
 // K_BLOCK weights of one tap are contiguous (one broadcast vector load).
 __device__ __forceinline__ void conv_stage(const float* __restrict__ x, const float* __restrict__ w,
                                            float* s_x, float* s_w, int n0, int imgs, int c0, int cn, int p0,
-                                           int in_rows, int k0, int N, int C, int H, int W, int K, int R, int S) {
+                                           int in_rows, int k0, int N, int C, int H, int W, int K, int R, int S,
+                                           bool deinterleave) {
     const int tid = threadIdx.x, nt = blockDim.x;
-    const int plane = in_rows * W;
+    const int plane = in_rows * W, half = (W + 1) / 2;
     for (int i = tid; i < imgs * cn * plane; i += nt) {  // contiguous rows of each channel: coalesced
         const int ic = i / plane, rem = i - ic * plane;
         const int img = ic / cn, c = ic - img * cn;
         const int n = n0 + img, row = p0 + rem / W;
-        s_x[i] = (n < N && row < H) ? x[((size_t)(n * C + c0 + c) * H + p0) * W + rem] : 0.0f;
+        const float v = (n < N && row < H) ? x[((size_t)(n * C + c0 + c) * H + p0) * W + rem] : 0.0f;
+        if (deinterleave) {  // a staged row = its even columns, then its odd columns
+            const int col = rem % W;
+            s_x[i - col + ((col & 1) ? half + (col >> 1) : (col >> 1))] = v;
+        } else {
+            s_x[i] = v;
+        }
     }
     const int taps = cn * R * S;
     for (int i = tid; i < taps * K_BLOCK; i += nt) {  // i = kk*taps + t: reads runs of taps per filter
@@ -123,7 +131,7 @@ conv2d_fwd_v2(const float* __restrict__ x, const float* __restrict__ w, const fl
         for (int c0 = 0; c0 < C; c0 += c_chunk) {
             const int cn = min(c_chunk, C - c0);
             __syncthreads();  // the previous chunk's readers are done
-            conv_stage(x, w, s_x, s_w, n0, imgs, c0, cn, p0, in_rows, k0, N, C, H, W, K, R, S);
+            conv_stage(x, w, s_x, s_w, n0, imgs, c0, cn, p0, in_rows, k0, N, C, H, W, K, R, S, false);
             __syncthreads();
             if (live) {
                 for (int c = 0; c < cn; ++c)
@@ -208,7 +216,7 @@ conv2d_pool_fwd_v2(const float* __restrict__ x, const float* __restrict__ w, con
     const int tiles = ceil_div(WH, rows2);
     const int nb = blockIdx.x / tiles, i0 = (blockIdx.x - nb * tiles) * rows2, n0 = nb * imgs;
     const int k0 = blockIdx.y * K_BLOCK;
-    const int p0 = 2 * i0, in_rows = 2 * rows2 + R - 1;
+    const int p0 = 2 * i0, in_rows = 2 * rows2 + R - 1, half = (W + 1) / 2;
     float* s_x = smem;
     float* s_w = smem + imgs * c_chunk * in_rows * W;
     const int tile_win = rows2 * WW, valid_rows2 = min(rows2, WH - i0);
@@ -225,19 +233,23 @@ conv2d_pool_fwd_v2(const float* __restrict__ x, const float* __restrict__ w, con
         for (int c0 = 0; c0 < C; c0 += c_chunk) {
             const int cn = min(c_chunk, C - c0);
             __syncthreads();
-            conv_stage(x, w, s_x, s_w, n0, imgs, c0, cn, p0, in_rows, k0, N, C, H, W, K, R, S);
+            conv_stage(x, w, s_x, s_w, n0, imgs, c0, cn, p0, in_rows, k0, N, C, H, W, K, R, S, true);
             __syncthreads();
             if (live) {
                 for (int c = 0; c < cn; ++c)
                     for (int r = 0; r < R; ++r) {
-                        // rows 2*il+r and 2*il+1+r, columns 2j+s and 2j+1+s (reads past the row are unused)
-                        const float* x0 = s_x + ((img * cn + c) * in_rows + 2 * il + r) * W + 2 * j;
+                        // rows 2*il+r and 2*il+1+r, columns 2j+s and 2j+1+s. The rows are staged
+                        // de-interleaved (even columns, then odd), so column 2j+s of thread j sits at
+                        // j + const: consecutive threads read consecutive words (no 2-way bank conflict).
+                        const float* x0 = s_x + ((img * cn + c) * in_rows + 2 * il + r) * W;
                         const float* x1 = x0 + W;
                         const float* wr = s_w + (c * R + r) * S * K_BLOCK;
                         for (int s = 0; s < S; ++s) {
-                            const bool in1 = 2 * j + 1 + s < W;
-                            const float a0 = x0[s], a1 = in1 ? x0[s + 1] : 0.0f;
-                            const float c0v = x1[s], c1v = in1 ? x1[s + 1] : 0.0f;
+                            const bool in1 = 2 * j + 1 + s < W;  // column 2j+1+s exists (else unused)
+                            const int ia = (s & 1) ? half + j + (s >> 1) : j + (s >> 1);  // column 2j+s
+                            const int ib = (s & 1) ? j + ((s + 1) >> 1) : half + j + (s >> 1);  // 2j+1+s
+                            const float a0 = x0[ia], a1 = in1 ? x0[ib] : 0.0f;
+                            const float c0v = x1[ia], c1v = in1 ? x1[ib] : 0.0f;
 #pragma unroll
                             for (int kk = 0; kk < K_BLOCK; ++kk) {
                                 const float wv = wr[s * K_BLOCK + kk];
