@@ -278,6 +278,7 @@ class CupyRuntime(Runtime):
 
     def __init__(self, graphs: bool = True) -> None:
         super().__init__()
+        _import_cupy()  # not installed: its own one-line message (install the cuda12 extra)
         ok, why = cuda_device_available()
         if not ok:
             raise BackendUnavailable(
