@@ -10,6 +10,9 @@
 //   softmax_xent_v1  one block of LOSS_THREADS threads: threads stride over rows (a row's max, sum and
 //                    gradient are computed by one thread), then a fixed shared-memory tree adds the
 //                    per-thread loss and correct counts: deterministic, no atomics, one launch.
+//   softmax_xent_v2  one row per thread over ceil(N/LOSS_THREADS) blocks (a big batch no longer runs on one
+//                    SM), block sums to a partial buffer, and the last block (integer ticket, no float
+//                    atomics) adds them in block order: still deterministic and one launch.
 #include "common.cuh"
 
 #ifndef LOSS_THREADS
@@ -17,29 +20,23 @@
 #endif
 static_assert((LOSS_THREADS & (LOSS_THREADS - 1)) == 0 && LOSS_THREADS <= 1024, "LOSS_THREADS: a power of two <= 1024");
 
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
-softmax_xent_v1(const float* __restrict__ logits, const int* __restrict__ labels, float* __restrict__ dlogits,
-                float* __restrict__ stats, int N, int NC) {
-    __shared__ float s_loss[LOSS_THREADS];
-    __shared__ float s_hit[LOSS_THREADS];
-    const int tid = threadIdx.x;
-    const float inv_n = 1.0f / (float)N;
-    float loss = 0.0f, hit = 0.0f;
-    for (int n = tid; n < N; n += LOSS_THREADS) {
-        const float* z = logits + (size_t)n * NC;
-        float* d = dlogits + (size_t)n * NC;
-        const int lab = labels[n];
-        float m = z[0];
-        int am = 0;
-        for (int c = 1; c < NC; ++c)
-            if (z[c] > m) { m = z[c]; am = c; }
-        float se = 0.0f;
-        for (int c = 0; c < NC; ++c) se += expf(z[c] - m);
-        loss += logf(se) - (z[lab] - m);
-        hit += am == lab ? 1.0f : 0.0f;
-        const float inv_se = 1.0f / se;
-        for (int c = 0; c < NC; ++c) d[c] = (expf(z[c] - m) * inv_se - (c == lab ? 1.0f : 0.0f)) * inv_n;
-    }
+// One row: writes dlogits[n,:], returns its loss and adds 1 to *hit when the first maximal logit is the label.
+__device__ __forceinline__ float xent_row(const float* __restrict__ z, int lab, float* __restrict__ d, int NC,
+                                          float inv_n, float* hit) {
+    float m = z[0];
+    int am = 0;
+    for (int c = 1; c < NC; ++c)
+        if (z[c] > m) { m = z[c]; am = c; }
+    float se = 0.0f;
+    for (int c = 0; c < NC; ++c) se += expf(z[c] - m);
+    *hit += am == lab ? 1.0f : 0.0f;
+    const float inv_se = 1.0f / se;
+    for (int c = 0; c < NC; ++c) d[c] = (expf(z[c] - m) * inv_se - (c == lab ? 1.0f : 0.0f)) * inv_n;
+    return logf(se) - (z[lab] - m);
+}
+
+// Fixed-order tree over the block's LOSS_THREADS (loss, hit) pairs; thread 0 gets the sums.
+__device__ __forceinline__ void xent_block_sum(float* s_loss, float* s_hit, float loss, float hit, int tid) {
     s_loss[tid] = loss;
     s_hit[tid] = hit;
     __syncthreads();
@@ -50,8 +47,55 @@ softmax_xent_v1(const float* __restrict__ logits, const int* __restrict__ labels
         }
         __syncthreads();
     }
+}
+
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
+softmax_xent_v1(const float* __restrict__ logits, const int* __restrict__ labels, float* __restrict__ dlogits,
+                float* __restrict__ stats, int N, int NC) {
+    __shared__ float s_loss[LOSS_THREADS];
+    __shared__ float s_hit[LOSS_THREADS];
+    const int tid = threadIdx.x;
+    const float inv_n = 1.0f / (float)N;
+    float loss = 0.0f, hit = 0.0f;
+    for (int n = tid; n < N; n += LOSS_THREADS)
+        loss += xent_row(logits + (size_t)n * NC, labels[n], dlogits + (size_t)n * NC, NC, inv_n, &hit);
+    xent_block_sum(s_loss, s_hit, loss, hit, tid);
     if (tid == 0) {
         stats[0] += s_loss[0];
         stats[1] += s_hit[0];
+    }
+}
+
+// Grid ceil(N/LOSS_THREADS): one row per thread. Each block stores its (loss, hit) sums in partial[2*b..];
+// the last block to finish (integer ticket) adds the partials in block order to stats and resets the ticket.
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
+softmax_xent_v2(const float* __restrict__ logits, const int* __restrict__ labels, float* __restrict__ dlogits,
+                float* __restrict__ stats, float* partial, unsigned int* ticket, int N, int NC) {
+    __shared__ float s_loss[LOSS_THREADS];
+    __shared__ float s_hit[LOSS_THREADS];
+    __shared__ bool s_last;
+    const int tid = threadIdx.x, n = blockIdx.x * LOSS_THREADS + tid;
+    float loss = 0.0f, hit = 0.0f;
+    if (n < N)
+        loss = xent_row(logits + (size_t)n * NC, labels[n], dlogits + (size_t)n * NC, NC, 1.0f / (float)N, &hit);
+    xent_block_sum(s_loss, s_hit, loss, hit, tid);
+    if (tid == 0) {
+        partial[2 * blockIdx.x] = s_loss[0];
+        partial[2 * blockIdx.x + 1] = s_hit[0];
+        __threadfence();  // the partials are visible device-wide before the ticket is taken
+        s_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (s_last && tid == 0) {
+        __threadfence();
+        const volatile float* vp = partial;
+        float l = 0.0f, h = 0.0f;
+        for (int b = 0; b < (int)gridDim.x; ++b) {  // block order: deterministic
+            l += vp[2 * b];
+            h += vp[2 * b + 1];
+        }
+        stats[0] += l;
+        stats[1] += h;
+        *ticket = 0u;  // ready for the next launch (and graph replays)
     }
 }

@@ -232,7 +232,8 @@ def test_wide_and_deep_shapes(be):
         H.check_dense_fwd(be, v, 1, 2000, 7, "tanh")
     for v in variants("dense_bwd"):
         H.check_dense_bwd(be, v, 9, 1001, 3, "sigmoid", True)
-    H.check_softmax_xent(be, "v1", 1000, 3)
+    for v in variants("softmax_xent"):
+        H.check_softmax_xent(be, v, 1000, 3)
 
 
 # ------------------------------------------------------------------- other compile-time parameters
@@ -264,7 +265,8 @@ def test_other_compile_time_parameters(be):
         H.check_dense_fwd(alt, v, 37, 29, 45, "relu")
     for v in variants("dense_bwd"):
         H.check_dense_bwd(alt, v, 5, 29, 7, "tanh", True)
-    H.check_softmax_xent(alt, "v1", 70, 10)
+    for v in variants("softmax_xent"):
+        H.check_softmax_xent(alt, v, 70, 10)  # LOSS_THREADS 32: 3 blocks for v2
 
 
 # ------------------------------------------------------------------------------ whole training steps

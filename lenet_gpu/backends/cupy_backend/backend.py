@@ -47,7 +47,7 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "conv2d_pool_fwd": ("conv2d", ("v1", "v2")),
     "pool2x2_fwd": ("pool2x2", ("v1",)),
     "dense_fwd": ("dense", ("v1", "v2", "v3")),
-    "softmax_xent": ("loss", ("v1",)),
+    "softmax_xent": ("loss", ("v1", "v2")),
     "dense_bwd": ("dense", ("v1", "v2")),
     "pool2x2_bwd": ("pool2x2", ("v1",)),
     "conv2d_bwd_data": ("conv2d", ("v1", "v2")),
@@ -187,7 +187,8 @@ def launch_plan(
         row = I if variant == "v1" else ceil_div(I, d["dense"]["VEC"])  # threads per row of dx / dw
         return _grid1d((N * row if g("dx", 1) else 0) + O * row + O)
     if op == "softmax_xent":
-        return Launch((1, 1, 1), (d["loss"]["LOSS_THREADS"], 1, 1))
+        lt = d["loss"]["LOSS_THREADS"]
+        return Launch((1 if variant == "v1" else ceil_div(g("N"), lt), 1, 1), (lt, 1, 1))
     if op in ("adam_step", "sgd_step"):
         per_thread = 1 if variant == "v1" else 4  # v2: one float4 per thread
         return Launch((max(1, min(ceil_div(g("n"), THREADS * per_thread), 4096)), 1, 1), (THREADS, 1, 1))
@@ -453,8 +454,13 @@ class CupyBackend:
         _check(labels, "labels", (n,), np.int32)
         _check(dlogits, "dlogits", (n, nc))
         _check(stats, "stats", (2,))
-        self._launch("softmax_xent", v, self.plan("softmax_xent", v, N=n),
-                     (logits, labels, dlogits, stats, i32(n), i32(nc)))
+        plan = self.plan("softmax_xent", v, N=n)
+        scratch: tuple = ()
+        if v == "v2":  # block partials and the last-block ticket: allocated at the first call at this batch
+            key = ("softmax_xent", plan.grid[0])
+            scratch = self._scratch.get(key) or self._scratch.setdefault(
+                key, (self.runtime.empty((2 * plan.grid[0],)), self.runtime.zeros((1,), np.uint32)))
+        self._launch("softmax_xent", v, plan, (logits, labels, dlogits, stats, *scratch, i32(n), i32(nc)))
 
     def adam_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2, variant=None) -> None:
         var = self._variant("adam_step", variant)
