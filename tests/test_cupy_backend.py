@@ -405,3 +405,26 @@ def test_cupy_not_installed(monkeypatch):
     with pytest.raises(BackendUnavailable) as e:
         rt.CupyRuntime()
     assert "\n" not in str(e.value) and "cuda12" in str(e.value)
+
+
+@parent_only
+@pytest.mark.gpu
+def test_gpu_graph_replay_equals_eager_bit_for_bit():
+    """On a GPU: training with the forward+backward captured as a CUDA graph gives exactly the parameters
+    of eager launches (same kernels, same order, fixed-order reductions), and repeats bit for bit."""
+    from lenet_gpu.model import LeNet5
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(256, 28, 28)).astype(np.uint8)
+    labels = rng.integers(0, 10, size=256).astype(np.uint8)
+    results = []
+    for graphs in (True, False, True):
+        model = LeNet5(backend=CupyBackend(graphs=graphs), seed=3)
+        data = model.upload_dataset(images, labels)
+        model.begin_epoch(data, np.arange(256, dtype=np.int32))
+        for step in range(4):
+            model.step(data, step * 64, 64)
+        results.append((model.parameters(), model.read_stats()))
+    for params, stats in results[1:]:
+        assert np.array_equal(params, results[0][0])
+        assert stats == results[0][1]
