@@ -21,6 +21,10 @@
 //   dense_bwd_v2  the same single launch, each thread computing VEC consecutive i of a dx or dw row: the
 //                 dz = dy*act'(y) value (two loads + act') is shared by VEC outputs and a warp still reads
 //                 consecutive addresses; VEC times fewer threads and blocks.
+//   dense_bwd_v3  shared-memory tiled GEMMs in one launch: blocks of the grid are dx tiles (dz . w), then
+//                 dw tiles (dz^T . x), then db blocks. A block stages BT_K-deep slices of dz (computed as
+//                 dy*act'(y) once per element while staging) and of w or x, padded (conflict-free reads);
+//                 each thread accumulates 4 outputs of a BT_M x BT_N tile (dz from shared is a broadcast).
 #include "common.cuh"
 
 #ifndef TILE_O
@@ -39,6 +43,11 @@
 #define VEC 4  // consecutive outputs per thread in dense_bwd_v2
 #endif
 static_assert(TILE_O * TILE_N <= 1024, "dense_fwd_v2: TILE_O*TILE_N threads per block");
+// dense_bwd_v3 tiles: 256 threads = 32 columns x 8 rows, each thread 4 rows of a 32 x 32 output tile.
+#define BT_M 32
+#define BT_N 32
+#define BT_K 16
+#define BT_THREADS 256
 
 extern "C" __global__ void dense_fwd_v1(const float* __restrict__ x, const float* __restrict__ w,
                                         const float* __restrict__ b, float* __restrict__ y, int N, int I, int O,
@@ -198,5 +207,81 @@ extern "C" __global__ void dense_bwd_v2(const float* __restrict__ x, const float
             acc += dy[e] * act_grad(y[e], act);
         }
         db[idx] = acc;
+    }
+}
+
+// One BT_M x BT_N tile of C = A^T-or-A . B over k, where B(k, n) = b[k*ldb + n] (row-major, k-major) and
+// A(k, m) = dz at element e = a_kmajor ? k*O + m : m*O + k, dz[e] = dy[e]*act'(y[e]).
+//   dw: C = dw (O x I), m = o, n = i, k = batch row:  A k-major, B = x.
+//   dx: C = dx (N x I), m = batch row, n = i, k = o:   A m-major, B = w.
+__device__ __forceinline__ void bwd_gemm_tile(float (*s_a)[BT_M + 1], float (*s_b)[BT_N + 1],
+                                              const float* __restrict__ dy, const float* __restrict__ y, int act,
+                                              int O, bool a_kmajor, const float* __restrict__ bmat, int ldb,
+                                              float* __restrict__ c, int M, int Ncols, int Kdim, int m0, int n0) {
+    const int tid = threadIdx.x, tx = tid % BT_N, ty = tid / BT_N;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k0 = 0; k0 < Kdim; k0 += BT_K) {
+        for (int e = tid; e < BT_K * BT_M; e += BT_THREADS) {
+            // k-major A: consecutive threads take consecutive m (contiguous in dz); m-major: consecutive k
+            const int kk = a_kmajor ? e / BT_M : e % BT_K, mm = a_kmajor ? e % BT_M : e / BT_K;
+            const int k = k0 + kk, m = m0 + mm;
+            float v = 0.0f;
+            if (k < Kdim && m < M) {
+                const int ez = a_kmajor ? k * O + m : m * O + k;
+                v = dy[ez] * act_grad(y[ez], act);
+            }
+            s_a[kk][mm] = v;
+        }
+        for (int e = tid; e < BT_K * BT_N; e += BT_THREADS) {  // rows of b: coalesced
+            const int kk = e / BT_N, nn = e % BT_N;
+            const int k = k0 + kk, n = n0 + nn;
+            s_b[kk][nn] = (k < Kdim && n < Ncols) ? bmat[(size_t)k * ldb + n] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BT_K; ++kk) {
+            const float bv = s_b[kk][tx];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) acc[u] += s_a[kk][ty + 8 * u] * bv;  // same ty in a warp: broadcast
+        }
+        __syncthreads();
+    }
+    const int n = n0 + tx;
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+        const int m = m0 + ty + 8 * u;
+        if (m < M && n < Ncols) c[(size_t)m * Ncols + n] = acc[u];
+    }
+}
+
+// 1-D grid of BT_THREADS blocks: [dx tiles (ceil(N/32)*ceil(I/32), when dx != NULL) | dw tiles
+// (ceil(O/32)*ceil(I/32)) | db blocks (ceil(O/BT_THREADS))]. The region is block-uniform.
+extern "C" __global__ void __launch_bounds__(BT_THREADS)
+dense_bwd_v3(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ y,
+             const float* __restrict__ dy, float* __restrict__ dx, float* __restrict__ dw, float* __restrict__ db,
+             int N, int I, int O, int act) {
+    __shared__ float s_a[BT_K][BT_M + 1];  // dz slice, [k][m]
+    __shared__ float s_b[BT_K][BT_N + 1];  // w or x slice, [k][n]
+    const int tn = (I + BT_N - 1) / BT_N;
+    const int ndx = dx ? ((N + BT_M - 1) / BT_M) * tn : 0, ndw = ((O + BT_M - 1) / BT_M) * tn;
+    int b = blockIdx.x;
+    if (b < ndx) {
+        bwd_gemm_tile(s_a, s_b, dy, y, act, O, false, w, I, dx, N, I, O, (b / tn) * BT_M, (b % tn) * BT_N);
+        return;
+    }
+    b -= ndx;
+    if (b < ndw) {
+        bwd_gemm_tile(s_a, s_b, dy, y, act, O, true, x, I, dw, O, I, N, (b / tn) * BT_M, (b % tn) * BT_N);
+        return;
+    }
+    b -= ndw;
+    const int o = b * BT_THREADS + threadIdx.x;
+    if (o < O) {
+        float acc = 0.0f;
+        for (int n = 0; n < N; ++n) {
+            const int e = n * O + o;
+            acc += dy[e] * act_grad(y[e], act);
+        }
+        db[o] = acc;
     }
 }

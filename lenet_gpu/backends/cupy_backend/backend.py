@@ -48,7 +48,7 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "pool2x2_fwd": ("pool2x2", ("v1",)),
     "dense_fwd": ("dense", ("v1", "v2", "v3")),
     "softmax_xent": ("loss", ("v1", "v2")),
-    "dense_bwd": ("dense", ("v1", "v2")),
+    "dense_bwd": ("dense", ("v1", "v2", "v3")),
     "pool2x2_bwd": ("pool2x2", ("v1",)),
     "conv2d_bwd_data": ("conv2d", ("v1", "v2")),
     "conv2d_bwd_weight": ("conv2d", ("v1", "v2", "v3")),
@@ -184,6 +184,10 @@ def launch_plan(
         return Launch((ceil_div(N * O, THREADS // 32), 1, 1), (THREADS, 1, 1))
     if op == "dense_bwd":
         N, I, O = g("N"), g("I"), g("O")
+        if variant == "v3":  # 32 x 32 tiles of dx and dw, then db blocks (BT_* are fixed in dense.cu)
+            tn = ceil_div(I, 32)
+            blocks = (ceil_div(N, 32) * tn if g("dx", 1) else 0) + ceil_div(O, 32) * tn + ceil_div(O, THREADS)
+            return Launch((blocks, 1, 1), (THREADS, 1, 1))
         row = I if variant == "v1" else ceil_div(I, d["dense"]["VEC"])  # threads per row of dx / dw
         return _grid1d((N * row if g("dx", 1) else 0) + O * row + O)
     if op == "softmax_xent":
