@@ -23,6 +23,8 @@ from lenet_gpu import reference as ref
 from lenet_gpu.model import LeNet5
 from lenet_gpu.spec import NetConfig, views
 
+from .timing import now
+
 #: whole-network checks: float32 against float64 through 8 layers (relative to the largest value)
 FORWARD_TOL = 1e-4
 GRAD_TOL = 1e-3
@@ -207,7 +209,7 @@ def interleaved(
     rounds: int,
     min_sample_s: float,
 ) -> dict[str, Any]:
-    """Time contenders in alternating rounds (A B, B A, A B, ...) with perf_counter + their sync.
+    """Time contenders in alternating rounds (A B, B A, A B, ...) with the bench clock + their sync.
 
     Returns per contender the per-call samples, and ``numbers`` (calls per sample). Ratios between
     contenders are taken round by round, so slow drifts of the machine cancel.
@@ -221,11 +223,11 @@ def interleaved(
         for name in names if r % 2 == 0 else names[::-1]:
             fn, sync = contenders[name]
             k = numbers[name]
-            t0 = time.perf_counter()
+            t0 = now()
             for _ in range(k):
                 fn()
             sync()
-            samples[name].append((time.perf_counter() - t0) / k)
+            samples[name].append((now() - t0) / k)
     return {"samples": samples, "numbers": numbers}
 
 
@@ -288,11 +290,11 @@ def epochs_to_accuracy(
     for epoch in range(max_epochs):
         perm = np.random.default_rng([int(recipe["seed"]), epoch]).permutation(n).astype(np.int32)
         runner.begin_epoch(perm)
-        t0 = time.perf_counter()
+        t0 = now()
         for s in range(steps):
             runner.step(s * batch, batch, lr_at(epoch * steps + s, total, float(recipe["lr"]), recipe["schedule"]))
         runner.synchronize()
-        dt = time.perf_counter() - t0
+        dt = now() - t0
         cum += dt
         acc = runner.accuracy(test_images, test_labels)
         out["epochs"].append({"epoch": epoch + 1, "seconds": dt, "test_acc": acc, "images_per_s": steps * batch / dt})

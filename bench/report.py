@@ -172,6 +172,13 @@ def markdown(res: dict[str, Any]) -> str:
         f"{_t(load.get('calibration_start_s'))} at start, {_t(load.get('calibration_end_s'))} at end "
         f"({load.get('calibration_drift', 0):+.1%})\n"
     )
+    st = res.get("settings", {})
+    if st.get("clock") == "cpu":
+        s.append("- clock: **CPU time of this process** (time.process_time) with one thread everywhere "
+                 "(OPENBLAS/OMP/MKL_NUM_THREADS=1, torch.set_num_threads(1)): what the work costs on one core, "
+                 "largely independent of other load on the machine; images/s are per core\n")
+    else:
+        s.append("- clock: wall time (time.perf_counter) on the CPU; device events per op on a GPU\n")
     s.append(f"- floors: {res.get('peaks', {}).get('note')}\n")
     ds = res.get("dataset")
     if ds:

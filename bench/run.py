@@ -31,7 +31,16 @@ from . import model as e2e
 from . import ops as opsmod
 from . import peer as peermod
 from .report import write_all
-from .timing import CpuTimer, GpuEventTimer, LoadMonitor, TimingConfig, gpu_library, wait_for_quiet
+from .timing import (
+    CpuTimer,
+    GpuEventTimer,
+    LoadMonitor,
+    TimingConfig,
+    clock_name,
+    gpu_library,
+    set_clock,
+    wait_for_quiet,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("ops", "forward", "train", "epoch", "counters", "kernels")
@@ -115,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", default="relu", help="network activation (default relu)")
     p.add_argument("--pool", default="max", help="network subsampling (default max)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--single-thread", action="store_true",
+                   help="one thread everywhere (OpenBLAS/OpenMP/MKL and torch; the process re-executes itself "
+                        "with the variables set) and CPU-time clocks: figures that hold on a busy shared machine")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="first wait up to SECONDS for other processes to use < 25%% of the CPUs (default 0)")
     return p
@@ -581,10 +593,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     monitor.start()
 
     backends, binfo = open_backends(names, named=bool(args.backends))
+    if args.single_thread and any(be.is_gpu for be in backends.values()):
+        raise SystemExit("bench.run: --single-thread measures CPU time: use it for CPU backends only")
     torch = None if args.no_peer else peermod.torch_or_none()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.single_thread:
+        set_clock("cpu")
     if torch is not None:
-        torch.set_num_threads(args.torch_threads or usable)
+        torch.set_num_threads(1 if args.single_thread else (args.torch_threads or usable))
     tcfg = TimingConfig(target_s=settings["target_s"], min_samples=args.min_samples,
                         max_samples=max(args.min_samples, 50))
     budget = Budget(settings["max_case_s"])
@@ -593,7 +609,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "date": started.isoformat(timespec="seconds"),
         "command": " ".join(["python -m bench.run", *(shlex.quote(a) for a in argv)]),
         "machine": machine_info(),
-        "settings": {**settings, "sections": args.sections, "ops": args.ops, "activation": cfg.activation,
+        "settings": {**settings, "clock": clock_name(), "single_thread": bool(args.single_thread),
+                     "sections": args.sections, "ops": args.ops, "activation": cfg.activation,
                      "pool": cfg.pool, "f6": cfg.f6, "timing": tcfg.__dict__},
         "peaks": {"h100_fp32_flops": opsmod.H100_FP32_FLOPS, "h100_hbm_bytes_per_s": opsmod.H100_HBM_BYTES_PER_S,
                   "note": opsmod.H100_NOTE},
@@ -677,9 +694,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+SINGLE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.single_thread and argv is None and any(os.environ.get(k) != v for k, v in SINGLE_THREAD_ENV.items()):
+        # BLAS thread pools are sized when NumPy is imported: start again with the variables set
+        os.execve(sys.executable, [sys.executable, "-m", "bench.run", *sys.argv[1:]],
+                  {**os.environ, **SINGLE_THREAD_ENV})
     args._from_cli = argv is None
     args._argv = list(argv or [])
     results = run(args)
