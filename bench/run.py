@@ -597,8 +597,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("bench.run: --single-thread measures CPU time: use it for CPU backends only")
     torch = None if args.no_peer else peermod.torch_or_none()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if args.single_thread:
-        set_clock("cpu")
+    set_clock("cpu" if args.single_thread else "wall")
     if torch is not None:
         torch.set_num_threads(1 if args.single_thread else (args.torch_threads or usable))
     tcfg = TimingConfig(target_s=settings["target_s"], min_samples=args.min_samples,

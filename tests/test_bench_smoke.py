@@ -119,6 +119,21 @@ def test_bench_smoke_numpy(tmp_path: Path) -> None:
         assert "torch-cpu" in res["epoch"]["runs"]
 
 
+def test_bench_smoke_single_thread_clock(tmp_path: Path) -> None:
+    """--single-thread measures CPU time (in-process it cannot re-size BLAS pools, but the clock switches)."""
+    from bench.run import main
+
+    out = tmp_path / "bench"
+    rc = main(["--single-thread", "--backends", "numpy", "--batches", "2", "--train-batches", "2", "--rounds", "2",
+               "--sections", "forward,train", "--no-plots", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["clock"] == "cpu" and res["settings"]["single_thread"] is True
+    for kind in ("forward", "train"):
+        _finite_positive(res[kind][0]["images_per_s"], kind)
+    assert "CPU time of this process" in (out / "report.md").read_text()
+
+
 def _subprocess_run(tmp_path: Path, backend: str, extra_env: dict[str, str], args: list[str], timeout: float) -> Path:
     out = tmp_path / "bench"
     env = {**os.environ, **extra_env, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
