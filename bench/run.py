@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="short run: batches 1,64,256; training 64,128; fewer rounds; one capped epoch")
     p.add_argument("--backends", type=_names, default=None,
-                   help=f"comma-separated backends (default: every registered one that can run here: "
-                        f"{', '.join(b for b in BACKENDS if b != 'auto')})")
+                   help=f"comma-separated backends (default: every registered one that can run here — "
+                        f"{', '.join(b for b in BACKENDS if b != 'auto')} — except CPU emulators such as "
+                        "cupy-host and the Numba simulator, which run only when named)")
     p.add_argument("--batches", type=_ints, default=None,
                    help="batch sizes of the per-op and forward benchmarks (default 1,64,256,1024,4096)")
     p.add_argument("--train-batches", type=_ints, default=None, help="training-step batch sizes (default 64,128,256)")
