@@ -3,8 +3,9 @@
 The dataset is uploaded to the backend once; each step gathers its batch on the device from a
 per-epoch permutation, so a step makes no host↔device copy. With ``--augment`` (on by default) each
 epoch first uploads a freshly shifted copy of the training images: one copy per epoch, none per step.
-The loss is read back only when the progress bar is refreshed. Ctrl-C saves a checkpoint at the last finished step and exits; ``--resume``
-continues from it and reaches the same parameters as an uninterrupted run with the same seed.
+The loss is read back only when the progress bar is refreshed. Ctrl-C saves a checkpoint at the last
+finished step and exits; ``--resume`` continues from it and reaches the same parameters as an
+uninterrupted run with the same seed.
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read the loss back every N steps (default: every step on the CPU, 50 on a GPU)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulated Ctrl-C
     return p
+
+
+def _rate(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def _positive(name: str, value: int | float | None, allow_zero: bool = False) -> None:
@@ -319,7 +324,7 @@ def run(argv: list[str] | None = None) -> int:
                                                     total_steps, opts["lr"], opts["schedule"]),
                    "dataset": opts["dataset"], "backend": be.name}
             print(f"epoch {epoch + 1:3d}/{opts['epochs']}  loss {rec['loss']:.4f}  train {rec['train_acc']:.4f}  "
-                  f"test {test_acc:.4f}  {rate:,.0f} img/s  {seconds:.1f}s")
+                  f"test {test_acc:.4f}  {_rate(rate)} img/s  {seconds:.1f}s")
             save(epoch + 1, 0, 0.0, 0, 0.0)
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(metrics_path, "a" if (epoch > 0 or resume) else "w") as f:
@@ -330,7 +335,7 @@ def run(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_run
     overall = steps_done_run * batch / max(train_seconds_total, 1e-9)
     print(f"done: test accuracy {test_acc:.4f} on {ds.name} after {opts['epochs']} epochs; "
-          f"training {overall:,.0f} img/s on {be.name}; {wall:.1f}s in all; checkpoint {ckpt}, "
+          f"training {_rate(overall)} img/s on {be.name}; {wall:.1f}s in all; checkpoint {ckpt}, "
           f"metrics {metrics_path}")
     return 0
 

@@ -18,7 +18,7 @@ BACKENDS = ("numpy", "numba", "cupy", "cupy-host", "auto")
 # name → (module, class, keyword arguments)
 _REGISTRY = {
     "numpy": ("lenet_gpu.backends.numpy_backend", "NumpyBackend", {}),
-    "numba": ("lenet_gpu.backends.numba_backend", "NumbaBackend", {}),
+    "numba": ("lenet_gpu.backends.numba_backend", "NumbaBackend", {"quick_simulation": True}),
     "cupy": ("lenet_gpu.backends.cupy_backend", "CupyBackend", {}),
     "cupy-host": ("lenet_gpu.backends.cupy_backend", "CupyBackend", {"host": True}),
 }
