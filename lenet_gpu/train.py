@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default onecycle)")
     t.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay (default 0)")
     t.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
+    t.add_argument("--cuda-graphs", action="store_true",
+                   help="cupy backend: capture each step's forward+backward once as a CUDA graph and replay it "
+                   "(not yet proven on a GPU, hence off by default)")
     t.add_argument("--eval-batch-size", type=int, default=1000, help="batch size of evaluation (default 1000)")
     o = p.add_argument_group("output")
     o.add_argument("--checkpoint", default="runs/lenet5.npz",
@@ -185,6 +189,8 @@ def run(argv: list[str] | None = None) -> int:
 
     from .data import DataError, load_dataset
 
+    if args.cuda_graphs:
+        os.environ["LENET_GPU_CUDA_GRAPHS"] = "1"
     try:  # before any data work, so a missing GPU is reported at once
         backend = get_backend(args.backend)
     except BackendUnavailable as e:
