@@ -108,6 +108,7 @@ class LeNet5:
         mean: float = MNIST_MEAN,
         std: float = MNIST_STD,
         use_graphs: bool = True,
+        init: str = "torch",
     ) -> None:
         self.cfg = NetConfig(activation=activation, pool=pool, f6=f6)
         if optimizer not in OPTIMIZERS:
@@ -126,7 +127,8 @@ class LeNet5:
         self.use_graphs = use_graphs
         self.specs, self.size = param_layout(self.cfg)
         be = self.backend
-        self.params = be.to_device(init_params(self.cfg, self.seed))
+        self.init = init
+        self.params = be.to_device(init_params(self.cfg, self.seed, init))
         self.grads = be.zeros((self.size,))
         self.m = be.zeros((self.size,))
         self.v = be.zeros((self.size,)) if optimizer == "adam" else None
@@ -165,6 +167,7 @@ class LeNet5:
             "eps": self.eps,
             "mean": self.mean,
             "std": self.std,
+            "init": self.init,
         }
 
     # ------------------------------------------------------------------ workspaces

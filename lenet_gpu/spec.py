@@ -119,20 +119,32 @@ def layout_signature(cfg: NetConfig | None = None) -> np.ndarray:
     return np.array([[s.offset, s.size] for s in specs] + [[total, 0]], dtype=np.int64)
 
 
-def init_params(cfg: NetConfig, seed: int) -> np.ndarray:
-    """A fresh flat float32 parameter buffer.
+INIT_SCHEMES = ("torch", "he")
 
-    Weights are drawn from N(0, gain/fan_in) — He init (gain 2) for relu, LeCun init (gain 1) for
-    the tanh family and sigmoid; biases are zero. The draws are fixed by ``seed``.
+
+def init_params(cfg: NetConfig, seed: int, scheme: str = "torch") -> np.ndarray:
+    """A fresh flat float32 parameter buffer, fixed by ``seed``.
+
+    - ``torch``: PyTorch's default for Conv2d and Linear, He-uniform with a = √5: weights and biases
+      uniform in ±1/√fan_in. On Fashion-MNIST with Adam 1e-3, batch 64, it tracks PyTorch's LeNet-5
+      (test accuracy 0.905 against PyTorch's 0.906 at epoch 9, 0.901 against 0.902 at epoch 10), where ``he``
+      reached 0.897 and 0.895. On mnist-sample both reach 0.980 with the default recipe.
+    - ``he``: N(0, gain/fan_in) weights — He (gain 2) for relu, LeCun (gain 1) for the tanh family and
+      sigmoid, 1 for the logits layer — and zero biases.
     """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init scheme must be one of {', '.join(INIT_SCHEMES)} (got {scheme!r})")
     specs, total = param_layout(cfg)
-    gain = 2.0 if cfg.activation == "relu" else 1.0
     rng = np.random.default_rng(seed)
     flat = np.zeros(total, dtype=np.float32)
     for s in specs:
-        if s.name.endswith(".w"):
-            g = 1.0 if s.name == "out.w" else gain  # the logits layer has no activation
-            flat[s.offset : s.offset + s.size] = rng.normal(0.0, np.sqrt(g / s.fan_in), s.size)
+        view = flat[s.offset : s.offset + s.size]
+        if scheme == "torch":
+            bound = 1.0 / np.sqrt(s.fan_in)
+            view[:] = rng.uniform(-bound, bound, s.size)
+        elif s.name.endswith(".w"):
+            gain = 1.0 if (s.name == "out.w" or cfg.activation != "relu") else 2.0
+            view[:] = rng.normal(0.0, np.sqrt(gain / s.fan_in), s.size)
     return flat
 
 

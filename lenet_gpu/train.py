@@ -40,6 +40,7 @@ DEFAULTS = {
     "f6": 84,
     "seed": 0,
     "augment": 2,
+    "init": "torch",
 }
 DEFAULT_LR = {"adam": 2e-3, "sgd": 0.05}
 # options that define a run: a resumed run takes them from its checkpoint
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation of C1, C3, C5, F6 (default relu)")
     m.add_argument("--pool", choices=("max", "avg"), default=None, help="subsampling S2/S4 (default max)")
     m.add_argument("--f6", type=int, default=None, help="width of F6 (default 84)")
+    m.add_argument("--init", choices=("torch", "he"), default=None,
+                   help="initial weights: torch (PyTorch's default, uniform ±1/sqrt(fan_in); default) or he "
+                   "(He/LeCun normal)")
     m.add_argument("--seed", type=int, default=None, help="seed of the initial weights and the shuffles (default 0)")
     t = p.add_argument_group("training")
     t.add_argument("--backend", choices=BACKENDS, default="auto",
@@ -214,7 +218,7 @@ def run(argv: list[str] | None = None) -> int:
     del pixels
 
     model_opts = {k: opts[k] for k in ("activation", "pool", "f6", "seed", "optimizer", "lr", "weight_decay",
-                                        "momentum")}
+                                        "momentum", "init")}
     try:
         if resume:
             model, _ = LeNet5.load_with_extra(resume["path"], backend=backend)

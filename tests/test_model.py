@@ -221,3 +221,24 @@ def test_save_failure_leaves_no_partial_file(tmp_path, monkeypatch):
         model.save(target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.npz"]
+
+
+def test_init_schemes():
+    from lenet_gpu.spec import init_params
+
+    cfg = NetConfig()
+    specs, _ = param_layout(cfg)
+    torch_like = init_params(cfg, 0, "torch")
+    he = init_params(cfg, 0, "he")
+    for s in specs:
+        t = torch_like[s.offset : s.offset + s.size]
+        assert np.abs(t).max() <= 1 / np.sqrt(s.fan_in) and np.abs(t).max() > 0.9 / np.sqrt(s.fan_in)
+        h = he[s.offset : s.offset + s.size]
+        if s.name.endswith(".b"):
+            assert not h.any()
+        elif s.name != "out.w":
+            assert np.std(h) == pytest.approx(np.sqrt(2 / s.fan_in), rel=0.2)
+    np.testing.assert_array_equal(init_params(cfg, 0), torch_like)  # the default, and seeded
+    assert not np.array_equal(init_params(cfg, 1), torch_like)
+    with pytest.raises(ValueError, match="init scheme"):
+        init_params(cfg, 0, "xavier")
