@@ -408,6 +408,17 @@ class NumbaBackend:
         xa = x if v == "v1" else self._flat_view(x)
         self._launch("conv2d_bwd_weight", v, grid, block, sh, xa, dz, dw, db)
 
+    def _argmax_arg(self, op: str, argmax: Any, mode: str, shape: tuple[int, ...]) -> Any:
+        """The argmax array to launch with: checked for max pooling, a dummy when avg passes None."""
+        if argmax is None:
+            if mode == "max":
+                raise ValueError(f"{op}: max pooling needs an argmax array")
+            return self._uint8_dummy()
+        _dev("argmax", argmax, np.uint8, 4)
+        if mode == "max":
+            _shape("argmax", argmax, shape)
+        return argmax
+
     def pool2x2_fwd(self, x: Any, y: Any, argmax: Any, mode: str, variant: str | None = None) -> None:
         v = self._variant("pool2x2_fwd", variant)
         check_mode(mode)
@@ -415,14 +426,7 @@ class NumbaBackend:
         _dev("y", y, np.float32, 4)
         n, c, h, wd = x.shape
         _shape("y", y, (n, c, h // 2, wd // 2))
-        if argmax is None:
-            if mode == "max":
-                raise ValueError("pool2x2_fwd: max pooling needs an argmax output")
-            argmax = self._uint8_dummy()
-        else:
-            _dev("argmax", argmax, np.uint8, 4)
-            if mode == "max":
-                _shape("argmax", argmax, y.shape)
+        argmax = self._argmax_arg("pool2x2_fwd", argmax, mode, y.shape)
         grid, block, sh = launch_config("pool2x2_fwd", v, {"y": y.shape})
         self._launch("pool2x2_fwd", v, grid, block, sh, x, y, argmax, np.int32(POOL_CODES[mode]))
 
@@ -438,14 +442,7 @@ class NumbaBackend:
         n, c, h, wd = dz.shape
         _shape("yconv", yconv, dz.shape)
         _shape("dy", dy, (n, c, h // 2, wd // 2))
-        if argmax is None:
-            if mode == "max":
-                raise ValueError("pool2x2_bwd: max pooling needs the forward pass's argmax")
-            argmax = self._uint8_dummy()
-        else:
-            _dev("argmax", argmax, np.uint8, 4)
-            if mode == "max":
-                _shape("argmax", argmax, dy.shape)
+        argmax = self._argmax_arg("pool2x2_bwd", argmax, mode, dy.shape)
         grid, block, sh = launch_config("pool2x2_bwd", v, {"dz": dz.shape})
         self._launch("pool2x2_bwd", v, grid, block, sh, dy, argmax, yconv, dz, np.int32(POOL_CODES[mode]),
                      np.int32(ACT_CODES[act]))

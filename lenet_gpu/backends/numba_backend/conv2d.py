@@ -135,6 +135,32 @@ def conv2d_fwd_v2(x, w, b, y, act, cb):
                     y[n, k0 + q, i, j] = activate(acc[q], act)
 
 
+@cuda.jit(device=True, inline="always")
+def _stage_chunk(x, w, sm, n, c0, cn, k0, kb, row0, nrows, wslot):
+    """Stage, with the whole block, the kb filters' taps of channels c0..c0+cn (sm[0 : kb·cn·R·S],
+    filter-major) and input rows row0..row0+nrows of those channels of image n (from sm[wslot])."""
+    kout, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
+    wd = x.shape[3]
+    rs = r_ * s_
+    span = cn * rs
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    for e in range(tid, kb * span, nthreads):
+        q = e // span
+        rem = e - q * span
+        c = c0 + rem // rs
+        rem = rem % rs
+        if k0 + q < kout:
+            sm[e] = w[k0 + q, c, rem // s_, rem % s_]
+        else:
+            sm[e] = ZERO
+    band = nrows * wd
+    for e in range(tid, cn * band, nthreads):
+        c = e // band
+        rem = e - c * band
+        sm[wslot + e] = x[n, c0 + c, row0 + rem // wd, rem % wd]
+
+
 @cuda.jit
 def conv2d_fwd_v3(x, w, b, y, act, cb, wslot):
     # dynamic shared memory: [weights: KB·cb·R·S floats (wslot)][input band: cb·band·W floats]
@@ -168,20 +194,7 @@ def conv2d_fwd_v3(x, w, b, y, act, cb, wslot):
             cn = min(cb, cin - c0)
             span = cn * rs
             cuda.syncthreads()  # nobody still reads the previous chunk
-            for e in range(tid, KB * span, nthreads):
-                q = e // span
-                rem = e - q * span
-                c = c0 + rem // rs
-                rem = rem % rs
-                if k0 + q < kout:
-                    sm[e] = w[k0 + q, c, rem // s_, rem % s_]
-                else:
-                    sm[e] = ZERO
-            band = nrows * wd
-            for e in range(tid, cn * band, nthreads):
-                c = e // band
-                rem = e - c * band
-                sm[wslot + e] = x[n, c0 + c, row0 + rem // wd, rem % wd]
+            _stage_chunk(x, w, sm, n, c0, cn, k0, KB, row0, nrows, wslot)
             cuda.syncthreads()
             if valid:
                 for c in range(cn):
@@ -283,20 +296,7 @@ def conv2d_pool_fwd_v2(x, w, b, y, yp, argmax, act, mode, has_y, cb, wslot):
             cn = min(cb, cin - c0)
             span = cn * rs
             cuda.syncthreads()  # nobody still reads the previous chunk
-            for e in range(tid, PKB * span, nthreads):
-                q = e // span
-                rem = e - q * span
-                c = c0 + rem // rs
-                rem = rem % rs
-                if k0 + q < kout:
-                    sm[e] = w[k0 + q, c, rem // s_, rem % s_]
-                else:
-                    sm[e] = ZERO
-            band = nrows * wd
-            for e in range(tid, cn * band, nthreads):
-                c = e // band
-                rem = e - c * band
-                sm[wslot + e] = x[n, c0 + c, row0 + rem // wd, rem % wd]
+            _stage_chunk(x, w, sm, n, c0, cn, k0, PKB, row0, nrows, wslot)
             cuda.syncthreads()
             if valid:
                 for c in range(cn):
