@@ -296,7 +296,7 @@ class LeNet5:
         self._prepare(ws, ws.host_images, ws.host_labels, ws.identity, 0)
         ws.fwd_bwd()
         self._optimize(self.lr if lr is None else lr)
-        loss_sum, _ = self.read_stats()
+        loss_sum, _ = self.read_stats(reset=False)  # zeroed above: one h2d, not two
         return loss_sum / n
 
     def logits(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
