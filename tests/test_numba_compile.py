@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("compile checks need the real compiler (NUMBA_ENABLE_CUDASIM is set)", allow_module_level=True)
 pytest.importorskip("numba.cuda")
@@ -106,3 +108,37 @@ def test_cli_help():
         capture_output=True, text=True, check=False,
     )
     assert res.returncode == 0 and "--json" in res.stdout
+
+
+_ROW_STACK_PROBE = """
+import numpy as np
+delattr(np, "row_stack")  # as NumPy 2.5 does
+{setup}
+from numba import cuda
+
+def k(a):
+    i = cuda.grid(1)
+    if i < a.size:
+        a[i] = np.float32(1)
+
+cuda.compile_ptx(k, "void(float32[::1])", cc=(9, 0))
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("patched", [True, False])
+def test_kernels_compile_when_numpy_has_no_row_stack(patched):
+    """NumPy 2.5 removed np.row_stack, which numba-cuda 0.30 still names: the first compile failed on the
+    first real GPU. Importing the backend patches it; without the patch the same compile fails."""
+    import numpy as np
+
+    if not hasattr(np, "row_stack"):  # noqa: NPY201
+        pytest.skip("this NumPy has no row_stack to take away")
+    setup = "import lenet_gpu.backends.numba_backend" if patched else ""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    p = subprocess.run([sys.executable, "-W", "ignore", "-c", _ROW_STACK_PROBE.format(setup=setup)],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    if patched:
+        assert p.returncode == 0 and "compiled" in p.stdout, p.stderr[-2000:]
+    else:
+        assert p.returncode != 0 and "row_stack" in p.stderr, (p.stdout, p.stderr[-2000:])

@@ -22,7 +22,11 @@ from numba import cuda
 
 from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, BackendUnavailable, Counters, check_act, check_mode
 from . import batch, conv2d, dense, loss, optim, pool2x2
+from ._compat import import_cuda_array_module
 from .common import ceil_div
+
+if not numba.config.ENABLE_CUDASIM:
+    import_cuda_array_module()  # before the first compile: NumPy 2.5 and numba-cuda 0.30 (see _compat)
 
 MODULES = (batch, conv2d, pool2x2, dense, loss, optim)
 #: every kernel by name (``<op>_v<N>``) and the launch signature the wrappers use
