@@ -18,7 +18,7 @@ def import_cuda_array_module() -> None:
     under the simulator, or where numba-cuda's layout differs)."""
     if hasattr(np, "row_stack"):  # noqa: NPY201 - the alias is what numba-cuda needs
         return
-    setattr(np, "row_stack", np.vstack)
+    np.row_stack = np.vstack  # noqa: NPY201
     try:
         import numba.cuda.np.arrayobj  # noqa: F401
     except ImportError:  # the simulator, or another numba-cuda layout: nothing to patch
