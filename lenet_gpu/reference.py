@@ -232,3 +232,151 @@ def sgd_update(
     g = g + weight_decay * p
     buf = momentum * buf + g
     return p - lr * buf, buf
+
+
+# ------------------------------------------------------------------------------- batch (augmentation)
+#
+# Augmentation is a pure function of (seed, epoch, sample index): a counter-based hash, in 32-bit
+# unsigned integer arithmetic only, so every backend (NumPy, Numba, CUDA C, the CPU kernels) draws
+# exactly the same shifts with no random-number state and no host work per epoch.
+
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """The 32-bit integer mixer "lowbias32" (C. Wellons): x ^= x>>16; x *= 0x7feb352d; x ^= x>>15;
+    x *= 0x846ca68b; x ^= x>>16, all modulo 2³². Works on Python ints and on NumPy uint64 arrays."""
+    x = x & MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def augment_shift(seed: int, epoch: int, index, max_shift: int):
+    """The random shift (dy, dx) of sample ``index`` (the sample's index in the dataset, an int or an
+    integer array) in epoch ``epoch`` of a run seeded with ``seed``; each uniform in [−max_shift, max_shift].
+
+        h0 = mix32(seed);  h1 = mix32(h0 + epoch);  h = mix32(h1 + index)        (all mod 2³²)
+        dy = (h & 0xFFFF) % (2·max_shift + 1) − max_shift;  dx = (h >> 16) % (2·max_shift + 1) − max_shift
+
+    seed and epoch enter as their low 32 bits (two's complement for negative values), as an int32
+    state word would carry them."""
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0 (got {max_shift})")
+    span = 2 * int(max_shift) + 1
+    h1 = mix32(mix32(int(seed) & MASK32) + (int(epoch) & MASK32))
+    idx = np.asarray(index).astype(np.uint64) & np.uint64(MASK32)
+    h = mix32((np.uint64(h1) + idx) & np.uint64(MASK32))
+    dy = (h & np.uint64(0xFFFF)) % np.uint64(span)
+    dx = (h >> np.uint64(16)) % np.uint64(span)
+    return dy.astype(np.int64) - max_shift, dx.astype(np.int64) - max_shift
+
+
+def batch_prepare(
+    images: np.ndarray, labels: np.ndarray, perm: np.ndarray, offset: int, batch: int, mean: float, std: float,
+    seed: int = 0, epoch: int = 0, max_shift: int = 0, pad: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gather, shift, pad and normalise one batch (float64): for r < batch, j = perm[offset + r]:
+
+        x[r, 0, h, v] = (p / 255 − mean) / std,  p = images[j, h − pad − dy_j, v − pad − dx_j]
+                        (0 where that pixel lies outside the image)
+        y[r] = labels[j]
+
+    with (dy_j, dx_j) = augment_shift(seed, epoch, j, max_shift), (0, 0) when max_shift is 0. So a digit
+    moves on the padded canvas by up to max_shift pixels each way; pixels moved in from outside are
+    0 (the background). Returns x (batch,1,H+2pad,W+2pad) and y (batch,) int32."""
+    n, ih, iw = images.shape
+    if offset < 0 or offset + batch > perm.shape[0]:
+        raise IndexError(f"batch_prepare: perm has {perm.shape[0]} entries, need {offset + batch}")
+    j = perm[offset : offset + batch].astype(np.int64)
+    if max_shift > 0:
+        dy, dx = augment_shift(seed, epoch, j, max_shift)
+    else:
+        dy = dx = np.zeros(batch, np.int64)
+    xh, xw = ih + 2 * pad, iw + 2 * pad
+    src_h = np.arange(xh)[None, :] - pad - dy[:, None]  # (B, XH)
+    src_w = np.arange(xw)[None, :] - pad - dx[:, None]  # (B, XW)
+    ok = ((src_h >= 0) & (src_h < ih))[:, :, None] & ((src_w >= 0) & (src_w < iw))[:, None, :]
+    pix = images[j[:, None, None], np.clip(src_h, 0, ih - 1)[:, :, None], np.clip(src_w, 0, iw - 1)[:, None, :]]
+    p = np.where(ok, pix.astype(np.float64), 0.0)
+    x = ((p / 255.0 - mean) / std)[:, None]
+    return x, labels[j].astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- fused ops (compositions)
+#
+# The fused ops of the GPU issue are defined here as compositions of the ops above, so each fused
+# kernel is checked against exactly the unfused computation it replaces.
+
+
+def conv2d_bwd_data_pool(
+    dz: np.ndarray, w: np.ndarray, argmax: np.ndarray | None, yconv: np.ndarray, mode: str = "max",
+    act: str = "identity",
+) -> np.ndarray:
+    """The data gradient of a convolution routed back through the pooling below it:
+    pool2x2_bwd(conv2d_bwd data-gradient(dz, w), argmax, mode) · act'(yconv).
+
+    dz (N,K,Ho,Wo) is the gradient at the convolution's pre-activation; w (K,C,R,S); the convolution's
+    input is the pooled map (N,C,Ho+R−1,Wo+S−1) of yconv (N,C,H,W) (the activated output of the layer
+    below, whose act' this applies). Returns dz_below (N,C,H,W)."""
+    k, c, r, s = w.shape
+    n, _, ho, wo = dz.shape
+    x_shape = (n, c, ho + r - 1, wo + s - 1)
+    zeros = np.zeros(x_shape, dtype=dz.dtype)
+    dx, _, _ = conv2d_bwd(zeros, w, np.zeros_like(dz), dz, "identity")
+    return pool2x2_bwd(dx, argmax, mode, out_shape=yconv.shape[2:]) * activation_grad(yconv, act)
+
+
+def head_fwd(
+    x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, w3: np.ndarray,
+    b3: np.ndarray, act: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The dense head C5 → F6 → output: x (N,I) (S4 flattened) → (h1 (N,H1), h2 (N,H2), logits (N,NC))."""
+    h1 = dense_fwd(x, w1, b1, act)
+    h2 = dense_fwd(h1, w2, b2, act)
+    return h1, h2, dense_fwd(h2, w3, b3, "identity")
+
+
+def head_train(
+    x: np.ndarray, labels: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray,
+    w3: np.ndarray, b3: np.ndarray, argmax: np.ndarray | None, yconv: np.ndarray, act: str, mode: str = "max",
+) -> dict:
+    """Forward, loss and backward of the dense head in one: x (N,C,Hp,Wp) is the pooled map S4 (read as
+    (N, C·Hp·Wp)); yconv (N,C,H,W) and argmax (N,C,Hp,Wp) are the conv output C3 it pools and its argmax.
+
+    Returns a dict: h1, h2, logits (the forward); loss_sum (Σ over rows of the per-row loss) and correct
+    (rows whose first maximal logit is the label); dlogits; dw1, db1, dw2, db2, dw3, db3; dx (N,C,Hp,Wp),
+    the gradient at S4; dz_conv (N,C,H,W) = pool2x2_bwd(dx) · act'(yconv), the gradient at C3's
+    pre-activation."""
+    n = x.shape[0]
+    xf = x.reshape(n, -1)
+    h1, h2, logits = head_fwd(xf, w1, b1, w2, b2, w3, b3, act)
+    loss, dlogits = softmax_xent(logits, labels)
+    lab = np.asarray(labels).astype(np.int64)
+    correct = int((np.argmax(logits, axis=1) == lab).sum())
+    d2, dw3, db3 = dense_bwd(h2, w3, logits, dlogits, "identity")
+    d1, dw2, db2 = dense_bwd(h1, w2, h2, d2, act)
+    dxf, dw1, db1 = dense_bwd(xf, w1, h1, d1, act)
+    dx = dxf.reshape(x.shape)
+    dz_conv = pool2x2_bwd(dx, argmax, mode, out_shape=yconv.shape[2:]) * activation_grad(yconv, act)
+    return {"h1": h1, "h2": h2, "logits": logits, "loss_sum": loss * n, "correct": correct, "dlogits": dlogits,
+            "dw1": dw1, "db1": db1, "dw2": dw2, "db2": db2, "dw3": dw3, "db3": db3, "dx": dx, "dz_conv": dz_conv}
+
+
+def lenet_fwd(
+    images: np.ndarray, params: dict[str, np.ndarray], mean: float, std: float, act: str = "relu",
+    mode: str = "max", pad: int = 2,
+) -> np.ndarray:
+    """The whole network's forward pass, uint8 images (N,28,28) → logits (N,10): normalisation, C1, S2,
+    C3, S4, C5, F6, output. ``params`` maps c1.w, c1.b, ..., out.b to arrays (spec.views)."""
+    n = images.shape[0]
+    x, _ = batch_prepare(images, np.zeros(n, np.uint8), np.arange(n), 0, n, mean, std, pad=pad)
+    p = {k: v.astype(np.float64) for k, v in params.items()}
+    a1 = conv2d_fwd(x, p["c1.w"], p["c1.b"], act)
+    s2, _ = pool2x2_fwd(a1, mode)
+    a3 = conv2d_fwd(s2, p["c3.w"], p["c3.b"], act)
+    s4, _ = pool2x2_fwd(a3, mode)
+    return head_fwd(s4.reshape(n, -1), p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"], p["out.w"], p["out.b"], act)[2]

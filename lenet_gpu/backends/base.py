@@ -1,14 +1,16 @@
-"""The Backend protocol: what every backend (numpy, numba, cupy, cupy-host) provides.
+"""The Backend protocol: what every backend (numpy, cpu, numba, cupy, cupy-host) provides.
 
 A backend owns memory and runs ops. Every op writes into preallocated outputs and never allocates
 (after its first call, when a backend may compile or cache). Arrays are "device arrays" of the
-backend: NumPy arrays for numpy and cupy-host, Numba device arrays for numba, CuPy arrays for cupy.
-All float data is float32, C-contiguous, NCHW.
+backend: NumPy arrays for numpy, cpu and cupy-host, Numba device arrays for numba, CuPy arrays for
+cupy. All float data is float32, C-contiguous, NCHW.
 
-Per-step scalars are explicit arguments (offset into the permutation, learning rate, Adam's bias
-corrections), so a training step needs no host↔device copy. A backend that can capture a CUDA graph
-does so for the forward+backward part only (see ``Backend.graph``); the batch gather and the
-optimizer, whose scalars change every step, are launched normally around the replay.
+Nothing that changes from step to step is a kernel argument. The step counter, the batch's offset in
+the permutation, the epoch, the learning rate and Adam's bias corrections live in device buffers
+(lenet_gpu.stepstate: ``state``, ``sched``, ``stats``) that the kernels read, and ``step_advance``
+moves the counters on at the end of a step. So the launches of a step are the same at every step:
+``record`` replays them with no per-launch work on the host, and ``graph`` captures many steps as one
+CUDA graph.
 
 Reductions (dw, db, loss) run in a fixed order with no float atomics, so a run repeats bit for bit on
 the same device.
@@ -22,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-#: The ops of the protocol, in the order a training step launches them.
+#: The ops of the protocol, in the order an unfused training step launches them.
 OPS = (
     "batch_prepare",
     "conv2d_fwd",
@@ -35,9 +37,13 @@ OPS = (
     "conv2d_bwd_weight",
     "adam_step",
     "sgd_step",
+    "step_advance",
 )
-#: Optional ops a backend may add; the model uses them when present in ``backend.variants``.
-OPTIONAL_OPS = ("conv2d_pool_fwd",)
+#: Optional fused ops a backend may add; the model uses each one when it is in ``backend.variants``:
+#: conv2d_pool_fwd (conv2d_fwd + pool2x2_fwd), head_train (C5 → F6 → output → loss → their backward,
+#: down to C3's pre-activation gradient), conv2d_bwd_data_pool (conv2d_bwd_data + pool2x2_bwd) and
+#: lenet_fwd (the whole forward pass, for inference).
+OPTIONAL_OPS = ("conv2d_pool_fwd", "head_train", "conv2d_bwd_data_pool", "lenet_fwd")
 
 
 class BackendUnavailable(RuntimeError):
@@ -93,25 +99,29 @@ class Backend(Protocol):
     def to_host(self, arr: Any) -> np.ndarray:
         """A host copy of ``arr`` (a d2h copy; waits for the work that writes it)."""
     def synchronize(self) -> None: ...
-    def graph(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """A callable equivalent to ``fn`` (no arguments, launches only). A GPU backend may capture
-        it once as a CUDA graph and replay it; others return ``fn``."""
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """A callable equivalent to ``fn``: no arguments, ops only, and the same arguments at every call
+        (what changes lives in the step state). A GPU backend runs fn once, recording each launch
+        (kernel, grid, block, shared memory, typed arguments), and later calls replay that list with
+        no checks, plans or conversions: the cheapest eager dispatch. CPU backends return fn."""
+    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
+        """A callable that runs ``fn`` ``steps`` times in a row as one CUDA graph, captured at its first
+        call and replayed after; None where the backend cannot capture graphs. fn as for ``record``,
+        and already run once (warm-up: compiles and first-call allocations happen outside capture)."""
 
     # ---- ops
     def batch_prepare(
-        self, images: Any, labels: Any, perm: Any, offset: int, x: Any, y: Any, mean: float, std: float,
+        self, images: Any, labels: Any, perm: Any, state: Any, x: Any, y: Any, mean: float, std: float,
         variant: str | None = None,
     ) -> None:
-        """Gather a batch on the device. images (N,28,28) uint8, labels (N,) uint8, perm (M,) int32.
-        For r < B: j = perm[offset + r]; x[r,0] (B,1,32,32) = (pad2(images[j])/255 − mean)/std
-        (the padding is pixel value 0); y[r] (B,) int32 = labels[j]."""
+        """Gather a batch on the device (reference.batch_prepare). images (N,28,28) uint8, labels (N,)
+        uint8, perm (M,) int32, state (STATE_WORDS,) int32. For r < B: j = perm[(OFFSET + r) mod M] (the
+        host never asks past M; the modulo keeps a stale state in bounds); (dy, dx) =
+        reference.augment_shift(SEED, EPOCH, j, SHIFT), (0, 0) when SHIFT is 0;
+        x[r,0,h,v] (B,1,32,32) = (p/255 − mean)/std with p = images[j, h−2−dy, v−2−dx], 0 outside the
+        image; y[r] (B,) int32 = labels[j]. mean and std are fixed for a run."""
     def conv2d_fwd(self, x: Any, w: Any, b: Any, y: Any, act: str, variant: str | None = None) -> None:
         """y (B,K,H-R+1,W-S+1) = act(conv(x (B,C,H,W), w (K,C,R,S)) + b (K,))."""
-    # optional (listed in ``variants`` when present): the fused forward of C1+S2 and C3+S4
-    # def conv2d_pool_fwd(self, x, w, b, yconv: Any | None, ypool, argmax, act, mode, variant=None) -> None:
-    #     """ypool, argmax = pool2x2_fwd(conv2d_fwd(x, w, b, act), mode) in one launch; also writes the
-    #     activated conv output yconv (which the backward pass needs for act') unless it is None."""
-
     def conv2d_bwd_data(self, dz: Any, w: Any, dx: Any, variant: str | None = None) -> None:
         """dx (B,C,H,W) = full correlation of dz (B,K,Ho,Wo) with the flipped w: the input gradient.
         dz is the gradient w.r.t. the convolution's pre-activation."""
@@ -132,20 +142,44 @@ class Backend(Protocol):
         variant: str | None = None,
     ) -> None:
         """dz = dy·act'(y); dx (B,I) = dz·w (skipped when dx is None); dw (O,I) = dzᵀ·x; db = Σ_b dz."""
-    def softmax_xent(self, logits: Any, labels: Any, dlogits: Any, stats: Any, variant: str | None = None) -> None:
-        """dlogits (B,10) = (softmax(logits) − onehot(labels))/B; stats (2,) float32 += [Σ_b loss_b,
-        number of rows whose first maximal logit is the label]."""
-    def adam_step(
-        self, p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: float, eps: float,
-        weight_decay: float, bc1: float, bc2: float, variant: str | None = None,
+    def softmax_xent(
+        self, logits: Any, labels: Any, dlogits: Any, stats: Any, state: Any, variant: str | None = None
     ) -> None:
-        """One launch over the flat buffers: g' = g + wd·p; m = β1·m + (1−β1)·g'; v = β2·v + (1−β2)·g'²;
-        p −= lr·(m/bc1)/(√(v/bc2) + eps), with bc1 = 1−β1^t, bc2 = 1−β2^t computed by the caller."""
+        """dlogits (B,NC) = (softmax(logits) − onehot(labels))/B; stats (S,2) float32: row
+        STEP_IN_EPOCH mod S = [Σ_b loss_b, number of rows whose first maximal logit is the label]
+        (overwritten, summed in a fixed order)."""
+    def adam_step(
+        self, p: Any, g: Any, m: Any, v: Any, sched: Any, state: Any, beta1: float, beta2: float, eps: float,
+        weight_decay: float, variant: str | None = None,
+    ) -> None:
+        """One launch over the flat buffers, with [lr, bc1, bc2] = sched[clamp(STEP − SCHED_BASE, 0, T−1), :3]:
+        g' = g + wd·p; m = β1·m + (1−β1)·g'; v = β2·v + (1−β2)·g'²; p −= lr·(m/bc1)/(√(v/bc2) + eps)."""
     def sgd_step(
-        self, p: Any, g: Any, m: Any, lr: float, momentum: float, weight_decay: float,
+        self, p: Any, g: Any, m: Any, sched: Any, state: Any, momentum: float, weight_decay: float,
         variant: str | None = None,
     ) -> None:
-        """g' = g + wd·p; m = momentum·m + g'; p −= lr·m."""
+        """lr = sched[clamp(STEP − SCHED_BASE, 0, T−1), 0]; g' = g + wd·p; m = momentum·m + g'; p −= lr·m."""
+    def step_advance(self, state: Any, batch: int, variant: str | None = None) -> None:
+        """One thread: STEP += 1; STEP_IN_EPOCH += 1; OFFSET += batch; when STEP_IN_EPOCH reaches
+        STEPS_PER_EPOCH: STEP_IN_EPOCH = 0, OFFSET = 0, EPOCH += 1 (lenet_gpu.stepstate.advance)."""
+
+    # optional fused ops (listed in ``variants`` when present):
+    # def conv2d_pool_fwd(self, x, w, b, yconv: Any | None, ypool, argmax, act, mode, variant=None) -> None:
+    #     """ypool, argmax = pool2x2_fwd(conv2d_fwd(x, w, b, act), mode) in one launch; also writes the
+    #     activated conv output yconv (which the backward pass needs for act') unless it is None."""
+    # def conv2d_bwd_data_pool(self, dz, w, argmax, yconv, dz_below, mode, act, variant=None) -> None:
+    #     """dz_below (yconv's shape) = pool2x2_bwd(conv2d_bwd_data(dz, w), argmax, yconv, mode, act):
+    #     the data gradient of a convolution routed through the pooling below it and that layer's
+    #     activation (reference.conv2d_bwd_data_pool). argmax is None for avg."""
+    # def head_train(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
+    #                dw1, db1, dw2, db2, dw3, db3, stats, state, act, mode, variant=None) -> None:
+    #     """reference.head_train as one op: x (B,C,Hp,Wp) pooled map (read as (B,I)), labels (B,) int32;
+    #     writes the activations h1 (B,H1), h2 (B,H2), logits (B,NC); the loss statistics into stats row
+    #     STEP_IN_EPOCH as softmax_xent does; the gradients dw1..db3 (overwritten); and dz_conv (yconv's
+    #     shape) = pool2x2_bwd(dL/dx, argmax, yconv, mode, act). argmax is None for avg."""
+    # def lenet_fwd(self, images, params: dict, logits, mean, std, act, mode, variant=None) -> None:
+    #     """reference.lenet_fwd: uint8 images (N,28,28) → logits (N,NC), the whole forward pass in one op
+    #     (one launch per batch tile on a GPU). params maps c1.w ... out.b to device arrays."""
 
 
 def check_act(act: str) -> None:

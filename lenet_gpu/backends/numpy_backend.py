@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ..reference import augment_shift
+from ..stepstate import EPOCH, OFFSET, SCHED_BASE, SEED, SHIFT, STEP, STEP_IN_EPOCH, STEPS_PER_EPOCH
 from .base import OPS, Counters, check_act, check_mode
 
 F32 = np.float32
@@ -148,25 +150,36 @@ class NumpyBackend:
     def synchronize(self) -> None:
         self.counters.syncs += 1
 
-    def graph(self, fn: Callable[[], None]) -> Callable[[], None]:
-        return fn
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        return fn  # a NumPy op's Python overhead is small beside its work
+
+    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
+        return None  # no graphs on the CPU
 
     # ------------------------------------------------------------------ ops
-    def batch_prepare(self, images, labels, perm, offset, x, y, mean, std, variant=None) -> None:
+    def batch_prepare(self, images, labels, perm, state, x, y, mean, std, variant=None) -> None:
         self.counters.launches += 1
-        b = x.shape[0]
-        idx = perm[int(offset) : int(offset) + b]
-        if idx.shape[0] != b:
-            raise IndexError(f"batch_prepare: perm has {perm.shape[0]} entries, need {int(offset) + b}")
+        b, _, xh, xw = x.shape
+        n, ih, iw = images.shape
+        pad = (xh - ih) // 2
+        m = perm.shape[0]
+        j = perm[(int(state[OFFSET]) + np.arange(b)) % m]
         scale, shift = F32(1.0 / (255.0 * std)), F32(-mean / std)
-        x[:, 0, :2, :] = shift
-        x[:, 0, 30:, :] = shift
-        x[:, 0, 2:30, :2] = shift
-        x[:, 0, 2:30, 30:] = shift
-        inner = x[:, 0, 2:30, 2:30]
-        np.multiply(images[idx], scale, out=inner, casting="unsafe")
-        inner += shift
-        y[...] = labels[idx]
+        x[...] = shift
+        y[...] = labels[j]
+        max_shift = int(state[SHIFT])
+        if max_shift == 0:
+            np.multiply(images[j], scale, out=x[:, 0, pad : pad + ih, pad : pad + iw], casting="unsafe")
+            x[:, 0, pad : pad + ih, pad : pad + iw] += shift
+            return
+        dy, dx = augment_shift(int(state[SEED]), int(state[EPOCH]), j, max_shift)
+        for r in range(b):  # x[r, 0, h, v] = p(images[j, h − pad − dy, v − pad − dx])
+            h0, v0 = pad + int(dy[r]), pad + int(dx[r])
+            hs, vs = max(0, h0), max(0, v0)  # the part of the shifted image inside the canvas
+            he, ve = min(xh, h0 + ih), min(xw, v0 + iw)
+            dst = x[r, 0, hs:he, vs:ve]
+            np.multiply(images[j[r], hs - h0 : he - h0, vs - v0 : ve - v0], scale, out=dst, casting="unsafe")
+            dst += shift
 
     def conv2d_fwd(self, x, w, b, y, act, variant=None) -> None:
         self.counters.launches += 1
@@ -284,7 +297,7 @@ class NumpyBackend:
         if dx is not None:
             np.matmul(dz, w, out=dx)
 
-    def softmax_xent(self, logits, labels, dlogits, stats, variant=None) -> None:
+    def softmax_xent(self, logits, labels, dlogits, stats, state, variant=None) -> None:
         self.counters.launches += 1
         n = logits.shape[0]
         rows = np.arange(n)
@@ -298,24 +311,40 @@ class NumpyBackend:
         dlogits /= dlogits.sum(axis=1, keepdims=True)
         dlogits[rows, lab] -= F32(1)
         dlogits *= F32(1.0 / n)
-        stats[0] += F32(loss_sum)
-        stats[1] += F32(correct)
+        stats[int(state[STEP_IN_EPOCH]) % stats.shape[0]] = (F32(loss_sum), F32(correct))
 
-    def adam_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2, variant=None) -> None:
+    @staticmethod
+    def _sched(sched, state) -> np.ndarray:
+        i = int(state[STEP]) - int(state[SCHED_BASE])
+        return sched[min(max(i, 0), sched.shape[0] - 1)]
+
+    def adam_step(self, p, g, m, v, sched, state, beta1, beta2, eps, weight_decay, variant=None) -> None:
         self.counters.launches += 1
+        lr, bc1, bc2 = self._sched(sched, state)[:3]
         gg = g + F32(weight_decay) * p if weight_decay else g
         m *= F32(beta1)
         m += F32(1 - beta1) * gg
         v *= F32(beta2)
         v += F32(1 - beta2) * gg * gg
-        denom = np.sqrt(v / F32(bc2))
+        denom = np.sqrt(v / bc2)
         denom += F32(eps)
-        p -= F32(lr) * (m / F32(bc1)) / denom
+        p -= lr * (m / bc1) / denom
 
-    def sgd_step(self, p, g, m, lr, momentum, weight_decay, variant=None) -> None:
+    def sgd_step(self, p, g, m, sched, state, momentum, weight_decay, variant=None) -> None:
         self.counters.launches += 1
+        lr = self._sched(sched, state)[0]
         m *= F32(momentum)
         m += g
         if weight_decay:
             m += F32(weight_decay) * p
-        p -= F32(lr) * m
+        p -= lr * m
+
+    def step_advance(self, state, batch, variant=None) -> None:
+        self.counters.launches += 1
+        state[STEP] += 1
+        state[STEP_IN_EPOCH] += 1
+        state[OFFSET] += batch
+        if state[STEP_IN_EPOCH] == state[STEPS_PER_EPOCH]:
+            state[STEP_IN_EPOCH] = 0
+            state[OFFSET] = 0
+            state[EPOCH] += 1
