@@ -21,6 +21,7 @@ import numpy as np
 
 from lenet_gpu import reference as ref
 from lenet_gpu.model import LeNet5
+from lenet_gpu.schedule import lr_at
 from lenet_gpu.spec import NetConfig, views
 
 from .timing import now
@@ -43,15 +44,6 @@ def default_recipe() -> dict[str, Any]:
     if d.get("lr") is None:
         d["lr"] = getattr(train, "DEFAULT_LR", {}).get(d.get("optimizer", "adam"), 2e-3)
     return {k: d.get(k, FALLBACK_RECIPE[k]) for k in FALLBACK_RECIPE}
-
-
-def lr_at(step: int, total: int, peak: float, schedule: str) -> float:
-    """The recipe's learning rate at a step (lenet_gpu.train.lr_at when available)."""
-    try:
-        from lenet_gpu.train import lr_at as _lr_at
-    except ImportError:
-        return peak
-    return float(_lr_at(step, total, peak, schedule))
 
 
 # ---------------------------------------------------------------------------------------- data
