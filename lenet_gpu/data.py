@@ -52,6 +52,7 @@ __all__ = [
     "default_cache_dir",
     "load_dataset",
     "read_idx",
+    "stratified_indices",
 ]
 
 log = logging.getLogger(__name__)
@@ -825,3 +826,41 @@ def load_dataset(
     if name == "fashion-mnist":
         return _load_fashion(cache_root, download=download, progress=progress, mirrors=mirrors)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, 'auto', or a data dir")
+
+
+# --------------------------------------------------------------------------------------------------
+# Subsets
+# --------------------------------------------------------------------------------------------------
+
+
+def stratified_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of a fixed-seed sample of ``n`` items with the classes in the proportions of ``labels``.
+
+    What ``--limit N`` uses, so that a small run sees every class as often as the whole set does
+    (the first N images of a file need not). Each class c with ``k_c`` of the ``len(labels)`` items
+    gets ``floor(n * k_c / len(labels))`` places, and the places left over go to the classes with the
+    largest remainders (ties: the lower label). Within a class the items are drawn without replacement
+    by ``numpy.random.default_rng(seed)``, one permutation per class in label order.
+
+    Returns a 1-D int64 array, **sorted ascending** (the sample keeps the dataset's order; shuffling
+    is the training loop's business). Deterministic for a given (labels, n, seed). ``n`` at or above
+    ``len(labels)`` returns every index, ``arange(len(labels))``. Raises ValueError for ``n < 1`` or
+    labels that are not a 1-D integer array.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be a 1-D integer array (got shape {labels.shape}, dtype {labels.dtype})")
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer (got {n!r})")
+    total = labels.shape[0]
+    if n >= total:
+        return np.arange(total, dtype=np.int64)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts.astype(np.int64) * int(n)
+    take = quota // total
+    remainder = quota - take * total
+    order = np.lexsort((classes, -remainder))  # largest remainder first, then the lower label
+    take[order[: int(n) - int(take.sum())]] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(picked)).astype(np.int64)

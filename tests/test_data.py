@@ -719,3 +719,52 @@ def test_fashion_bad_system_copy_falls_through_to_download(
         load_dataset("fashion-mnist", cache_dir=cache2, mirrors=[url2], progress=False)
     assert "fashion-mnist/train-labels-idx1-ubyte.gz" not in all_files(cache2)
     assert not [f for f in all_files(cache2) if f.endswith(".part")]
+
+
+# --------------------------------------------------------------------------------------------------
+# stratified_indices (what --limit N samples)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_stratified_indices_proportions() -> None:
+    # unbalanced classes, labels sorted by class, as the first N of such a file would fail badly
+    labels = np.repeat(np.arange(10, dtype=np.uint8), [50, 150, 100, 100, 100, 100, 100, 100, 100, 100])
+    idx = data.stratified_indices(labels, 100, seed=0)
+    assert idx.dtype == np.int64 and idx.shape == (100,)
+    assert np.array_equal(idx, np.unique(idx))  # sorted ascending, no repeats
+    got = np.bincount(labels[idx], minlength=10)
+    assert got.tolist() == [5, 15, 10, 10, 10, 10, 10, 10, 10, 10]
+    # remainders: 7 of 3 classes with counts 1/3 each -> 7/3 = 2.33 each; largest remainder, then lower label
+    labels3 = np.repeat(np.array([0, 1, 2]), 10)
+    assert np.bincount(labels3[data.stratified_indices(labels3, 7)]).tolist() == [3, 2, 2]
+    # every class within one of its exact share, on a real dataset
+    ds = load_dataset("mnist-sample")
+    for n in (1, 37, 500, 3999):
+        idx = data.stratified_indices(ds.train_labels, n, seed=3)
+        share = n * np.bincount(ds.train_labels, minlength=10) / len(ds.train_labels)
+        got = np.bincount(ds.train_labels[idx], minlength=10)
+        assert got.sum() == n and np.all(np.abs(got - share) < 1), (n, got, share)
+
+
+def test_stratified_indices_deterministic_and_seeded() -> None:
+    labels = np.random.default_rng(5).integers(0, 10, 1000).astype(np.uint8)
+    a = data.stratified_indices(labels, 123, seed=0)
+    assert np.array_equal(a, data.stratified_indices(labels.copy(), 123, seed=0))
+    b = data.stratified_indices(labels, 123, seed=1)
+    assert not np.array_equal(a, b)
+    assert np.array_equal(np.bincount(labels[a], minlength=10), np.bincount(labels[b], minlength=10))
+    # a sample, not a prefix: it reaches across the whole set
+    assert a.max() > 500
+
+
+def test_stratified_indices_everything_and_errors() -> None:
+    labels = np.array([3, 1, 3, 2], np.int32)
+    for n in (4, 5, 10**6):
+        assert np.array_equal(data.stratified_indices(labels, n), np.arange(4))
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            data.stratified_indices(labels, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="1-D integer"):
+        data.stratified_indices(labels.reshape(2, 2), 1)
+    with pytest.raises(ValueError, match="1-D integer"):
+        data.stratified_indices(labels.astype(np.float32), 1)
