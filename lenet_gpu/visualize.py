@@ -8,10 +8,11 @@ Commands (default ``all``):
   every stage, left to right: input 32×32, C1 6@28×28, S2 6@14×14, C3 16@10×10, S4 16@5×5, C5 120
   values, F6 84 values, and the 10 output probabilities with the prediction marked;
 - ``filters``: the learned C1 kernels (6 of 5×5) and C3 kernels (16×6 of 5×5);
-- ``curves``: loss and accuracy per epoch from the training run's metrics file (JSON lines);
+- ``curves``: loss and accuracy per epoch from the training run's metrics file (JSON lines,
+  ``runs/lenet5.npz`` → ``runs/lenet5.metrics.jsonl``), only the lines of the checkpoint's run;
 - ``confusion``: the confusion matrix on the test set, and a grid of the most confidently
   misclassified test images;
-- ``all``: every one of them (``curves`` is skipped with a note when there is no metrics file).
+- ``all``: every one of them (``curves`` is skipped with a note when there are no metrics of this run).
 
 The activations come from ``LeNet5.activations``: the same backend code that trains. Figures are
 drawn with Matplotlib's Agg canvas (no display needed). Matplotlib and Pillow are the optional
@@ -27,7 +28,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -356,20 +357,36 @@ def render_filters(model: LeNet5, *, dpi: int = DEFAULT_DPI, caption: str = "") 
 # --------------------------------------------------------------------------------------------------
 
 
-def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+class NoMetrics(VisualizeError):
+    """No epochs of this run to draw: the metrics file is missing, or none of its lines is this run's."""
+
+
+def metrics_path_for(checkpoint: str | os.PathLike[str]) -> Path:
+    """Where the training program writes a run's metrics: ``runs/lenet5.npz`` → ``runs/lenet5.metrics.jsonl``
+    (the checkpoint's name without ``.npz``, plus ``.metrics.jsonl``)."""
+    ck = Path(checkpoint)
+    stem = ck.name[: -len(".npz")] if ck.name.endswith(".npz") else ck.name
+    return ck.with_name(stem + ".metrics.jsonl")
+
+
+def read_metrics(path: str | os.PathLike[str], run_id: str | None = None) -> list[dict[str, Any]]:
     """Epoch records from a training run's metrics file (JSON lines, one object per epoch).
 
-    Blank lines are skipped; when an epoch appears twice (a resumed run) the later record wins.
-    Raises :class:`VisualizeError` naming the file (and line) for anything unreadable.
+    With ``run_id`` (the checkpoint's), a line that carries another ``run_id`` is left out, so the
+    curves never mix runs; a line without one is kept (files written before runs had ids). Blank
+    lines are skipped; when an epoch appears twice (a resumed run) the later record wins.
+    Raises :class:`NoMetrics` when the file is missing or no line is this run's, and
+    :class:`VisualizeError` naming the file (and line) for anything unreadable.
     """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise VisualizeError(f"{path}: metrics file not found") from None
+        raise NoMetrics(f"{path}: metrics file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise VisualizeError(f"{path}: cannot read metrics file: {getattr(e, 'strerror', None) or e}") from None
     by_epoch: dict[int, dict[str, Any]] = {}
+    others: dict[str, int] = {}  # run_id -> lines of other runs
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -381,10 +398,25 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             rec.get("loss"), (int, float)
         ):
             raise VisualizeError(f"{path}, line {n}: expected an object with an integer 'epoch' and a 'loss'")
+        line_run = rec.get("run_id")
+        if run_id is not None and line_run is not None and line_run != run_id:
+            others[str(line_run)] = others.get(str(line_run), 0) + 1
+            continue
         by_epoch[rec["epoch"]] = rec
+    if not by_epoch and others:
+        ids = ", ".join(sorted(others)[:3]) + (", ..." if len(others) > 3 else "")
+        raise NoMetrics(f"{path}: no line is from this checkpoint's run {run_id} (its {sum(others.values())} "
+                        f"lines are from run {ids}); pass --metrics PATH")
     if not by_epoch:
-        raise VisualizeError(f"{path}: metrics file holds no epochs")
+        raise NoMetrics(f"{path}: metrics file holds no epochs")
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _end_label(ax: Any, x: float, y: float, text: str, color: str) -> None:
+    """The final value of a curve, written just right of its last point (the curves end there, so
+    nothing is drawn over it; render_curves leaves room for it)."""
+    ax.annotate(text, (x, y), textcoords="offset points", xytext=(7, 0), ha="left", va="center", fontsize=8.5,
+                color=color, fontweight="bold")
 
 
 def render_curves(records: Sequence[dict[str, Any]], *, dpi: int = DEFAULT_DPI, caption: str = "") -> Figure:
@@ -409,15 +441,13 @@ def render_curves(records: Sequence[dict[str, Any]], *, dpi: int = DEFAULT_DPI, 
     ax.plot(epochs, loss, marker=marker, ms=4, color="#1c7ed6", lw=2, label="training loss (mean over the epoch)")
     if test_loss is not None:
         ax.plot(epochs, test_loss, marker=marker, ms=4, color=ACCENT, lw=2, ls="--", label="test loss")
-        ax.legend(loc="upper right", fontsize=9, frameon=False)
+        ax.legend(loc="best", fontsize=9, frameon=False)  # "best" avoids the points, so the end label too
     ax.set_title("loss (cross-entropy)", fontsize=10.5, color=INK)
     ax.set_xlabel("epoch")
     both = loss if test_loss is None else np.concatenate([loss, test_loss])
     if np.nanmin(both) > 0 and np.nanmax(both) / np.nanmin(both) > 20:
         ax.set_yscale("log")
-    ax.annotate(f"{loss[-1]:.4f}", (epochs[-1], loss[-1]), textcoords="offset points",
-                xytext=(-6, 8) if len(epochs) > 1 else (0, 8), ha="right" if len(epochs) > 1 else "center",
-                fontsize=8.5, color="#1c7ed6")
+    _end_label(ax, epochs[-1], loss[-1], f"{loss[-1]:.4f}", "#1c7ed6")
     ax.margins(y=0.12)
 
     ax2 = fig.add_subplot(gs[1])
@@ -428,26 +458,28 @@ def render_curves(records: Sequence[dict[str, Any]], *, dpi: int = DEFAULT_DPI, 
     if test_acc is not None and np.isfinite(test_acc).any():
         i = int(np.nanargmax(test_acc))
         best = f"best test accuracy {100 * test_acc[i]:.2f}% (epoch {epochs[i]})"
-        at_end = i == len(epochs) - 1 and len(epochs) > 1
-        ax2.annotate(f"best {100 * test_acc[i]:.2f}%", (epochs[i], 100 * test_acc[i]), textcoords="offset points",
-                     xytext=(-8, 8) if at_end else (0, 8), ha="right" if at_end else "center", fontsize=8.5,
-                     color=ACCENT)
+        if i != len(epochs) - 1:  # a ring on the best epoch; its value is in the header
+            ax2.plot(epochs[i], 100 * test_acc[i], "o", ms=10, mfc="none", mec=ACCENT, mew=1.5)
+        if np.isfinite(test_acc[-1]):
+            _end_label(ax2, epochs[-1], 100 * test_acc[-1], f"{100 * test_acc[-1]:.2f}%", ACCENT)
         ax2.margins(y=0.12)
     ax2.set_title("accuracy", fontsize=10.5, color=INK)
     ax2.set_xlabel("epoch")
     ax2.yaxis.set_major_formatter(PercentFormatter(decimals=0 if len(epochs) < 2 else None))
     if ax2.lines:
-        ax2.legend(loc="lower right", fontsize=9, frameon=False)
+        ax2.legend(loc="best", fontsize=9, frameon=False)
     else:
         ax2.text(0.5, 0.5, "no accuracy in the metrics file", ha="center", va="center", color=MUTED,
                  transform=ax2.transAxes)
     for a in (ax, ax2):
-        a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.grid(alpha=0.3)
         for s in ("top", "right"):
             a.spines[s].set_visible(False)
-        if len(epochs) == 1:
-            a.set_xlim(epochs[0] - 1, epochs[0] + 1)
+        # room right of the last epoch for the final values, which sit there, clear of every line
+        span = max(1, int(epochs[-1] - epochs[0]))
+        a.set_xlim(epochs[0] - (1 if len(epochs) == 1 else 0.04 * span), epochs[-1] + max(1.0, 0.16 * span))
+        a.set_xticks([t for t in MaxNLocator(integer=True).tick_values(epochs[0], epochs[-1])
+                      if epochs[0] <= t <= epochs[-1]])  # no tick for an epoch that did not run
 
     last = records[-1]
     facts = [f"{len(records)} epoch{'s' if len(records) != 1 else ''}"]
@@ -574,8 +606,14 @@ def render_mistakes(
 # --------------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not the usage block
+        _say_error(f"{message} (see --help)")
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m lenet_gpu.visualize",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
@@ -586,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  filters      the learned C1 kernels (6 of 5x5) and C3 kernels (16x6 of 5x5)\n"
             "  curves       loss and accuracy per epoch from the run's metrics file (--metrics)\n"
             "  confusion    confusion matrix on the test set + the most confident mistakes\n"
-            "  all          every figure above (curves skipped with a note if there is no metrics file)"
+            "  all          every figure above (curves skipped with a note if there are no metrics of this run)"
         ),
         epilog=(
             "Files are named <checkpoint stem>-<figure>.png, e.g. lenet5-filters.png.\n\n"
@@ -626,7 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="your own picture of a digit (PNG, JPEG, ...), prepared as lenet_gpu.predict does")
     g = p.add_argument_group("curves")
     g.add_argument("--metrics", metavar="PATH",
-                   help="the training run's metrics file (default: metrics.jsonl next to the checkpoint)")
+                   help="the training run's metrics file (default: the checkpoint's name without .npz plus "
+                        ".metrics.jsonl, e.g. runs/lenet5.metrics.jsonl); only lines of the checkpoint's run are "
+                        "drawn")
     g = p.add_argument_group("confusion")
     g.add_argument("--limit", type=int, metavar="N", help="use only the first N test images (default: all)")
     g.add_argument("--mistakes", type=int, default=24, metavar="K",
@@ -734,11 +774,12 @@ def _filters(s: _Session, out: Path) -> list[Path]:
 
 
 def _metrics_path(s: _Session) -> Path:
-    return Path(s.args.metrics) if s.args.metrics else Path(s.args.checkpoint).parent / "metrics.jsonl"
+    return Path(s.args.metrics) if s.args.metrics else metrics_path_for(s.args.checkpoint)
 
 
 def _curves(s: _Session, out: Path) -> list[Path]:
-    records = read_metrics(_metrics_path(s))
+    run_id = s.extra.get("run_id")
+    records = read_metrics(_metrics_path(s), run_id=run_id if isinstance(run_id, str) else None)
     fig = render_curves(records, dpi=s.args.dpi, caption=s.caption)
     return [save_figure(fig, out / f"{s.stem}-curves.png")]
 
@@ -773,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.checkpoint, commands[0] = commands[0], args.checkpoint  # "visualize walkthrough CKPT" works too
     bad = [c for c in commands if c not in COMMANDS]
     if bad:
-        parser.error(f"unknown command {bad[0]!r} (choose from {', '.join(COMMANDS)})")
+        parser.error(f"unknown figure {bad[0]!r} (choose from {', '.join(COMMANDS)})")
     if "all" in commands:
         commands = ["walkthrough", "filters", "curves", "confusion"]
     commands = list(dict.fromkeys(commands))
@@ -817,13 +858,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     explicit_all = "curves" not in args.commands and "curves" in commands
     status = EXIT_OK
     for cmd in commands:
-        if cmd == "curves" and explicit_all and not args.metrics and not _metrics_path(session).exists():
-            print(f"skipping curves: no metrics file at {_metrics_path(session)} (pass --metrics PATH)",
-                  file=sys.stderr)
-            continue
         try:
             for path in _RUNNERS[cmd](session, out):
                 print(f"wrote {path}")
+        except NoMetrics as e:
+            if cmd == "curves" and explicit_all and not args.metrics:  # "all" draws what there is
+                print(f"skipping curves: {e}", file=sys.stderr)
+            else:
+                _say_error(f"{cmd}: {e}")
+                status = EXIT_FAILED
         except VisualizeError as e:
             _say_error(f"{cmd}: {e}")
             status = EXIT_FAILED

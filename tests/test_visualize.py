@@ -37,15 +37,19 @@ def run_dir(tmp_path_factory) -> Path:
     for _ in range(30):
         idx = rng.choice(len(ds.train_labels), 32, replace=False)
         model.train_step(ds.train_images[idx], ds.train_labels[idx])
-    model.save(folder / "model.npz", extra={"dataset": "mnist-sample", "data_dir": None, "epoch": 3})
-    lines = [
-        {"epoch": e, "loss": loss, "train_acc": acc - 0.02, "test_loss": loss * 0.8, "test_acc": acc,
-         "images_per_s": 400.0 + e,
-         "seconds": 10.0, "lr": 1e-3, "dataset": "mnist-sample", "backend": "numpy"}
-        for e, loss, acc in ((1, 1.9, 0.55), (2, 0.9, 0.71), (3, 0.6, 0.78))
-    ]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    model.save(folder / "model.npz", extra={"dataset": "mnist-sample", "data_dir": None, "epoch": 3,
+                                            "run_id": "run-b"})
+    (folder / "model.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metric_lines("run-b")))
     return folder
+
+
+def metric_lines(run_id: str | None, acc0: float = 0.55) -> list[dict]:
+    return [
+        {"epoch": e, "loss": loss, "train_acc": acc - 0.02, "test_loss": loss * 0.8, "test_acc": acc,
+         "images_per_s": 400.0 + e, "seconds": 10.0, "lr": 1e-3, "dataset": "mnist-sample", "backend": "numpy",
+         **({"run_id": run_id} if run_id else {})}
+        for e, loss, acc in ((1, 1.9, acc0), (2, 0.9, acc0 + 0.16), (3, 0.6, acc0 + 0.23))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -139,18 +143,22 @@ def test_command_first_order_and_bad_values(run_dir: Path, tmp_path: Path, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "metrics file not found" in err[0]
     ran = []
-    stubs = {k: (lambda s, out, k=k: ran.append(k) or [out / k]) for k in visualize._RUNNERS}
-    monkeypatch.setattr(visualize, "_RUNNERS", stubs)  # the dispatcher only; figures are tested above
+    stubs = {k: (lambda s, out, k=k: ran.append(k) or [out / k]) for k in ("walkthrough", "filters", "confusion")}
+    monkeypatch.setattr(visualize, "_RUNNERS", {**visualize._RUNNERS, **stubs})  # figures are tested above
     assert visualize.main([str(lonely / "m.npz"), "all"]) == 0
     captured = capsys.readouterr()
     assert "skipping curves" in captured.err and ran == ["walkthrough", "filters", "confusion"]
-    # unknown command and bad option values are usage errors (argparse: exit 2)
-    for argv in ([ck, "histogram"], [ck, "filters", "--dpi", "0"], [ck, "confusion", "--limit", "0"],
-                 [ck, "walkthrough", "--index", "1", "--digit", "2"]):
+    # unknown figure and bad option values are usage errors: one line (no usage block), exit 2
+    for argv, words in (([ck, "histogram"], "unknown figure 'histogram' (choose from walkthrough, filters,"),
+                        ([ck, "filters", "--dpi", "0"], "--dpi must be between"),
+                        ([ck, "confusion", "--limit", "0"], "--limit must be at least 1"),
+                        ([ck, "walkthrough", "--index", "1", "--digit", "2"], "not allowed with argument"),
+                        ([ck, "--dpi", "many"], "invalid int value")):
         with pytest.raises(SystemExit) as e:
             visualize.main(argv)
         assert e.value.code == 2
-    capsys.readouterr()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and err[0].startswith("lenet_gpu.visualize: error: "), err
 
 
 def test_dataset_override_and_missing_dataset(run_dir: Path, tmp_path: Path, model: LeNet5, capsys) -> None:
@@ -184,6 +192,52 @@ def test_read_metrics(tmp_path: Path) -> None:
         visualize.read_metrics(p)
     with pytest.raises(visualize.VisualizeError, match="not found"):
         visualize.read_metrics(tmp_path / "nope.jsonl")
+
+
+def test_metrics_path_for() -> None:
+    assert visualize.metrics_path_for("runs/lenet5.npz") == Path("runs/lenet5.metrics.jsonl")
+    assert visualize.metrics_path_for("a/b.v2.npz") == Path("a/b.v2.metrics.jsonl")
+    assert visualize.metrics_path_for("model") == Path("model.metrics.jsonl")
+
+
+def test_read_metrics_keeps_only_this_run(tmp_path: Path) -> None:
+    p = tmp_path / "m.metrics.jsonl"
+    lines = metric_lines("old", acc0=0.1) + metric_lines("new")[:2] + metric_lines(None)[2:]
+    p.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    recs = visualize.read_metrics(p, run_id="new")
+    assert [r["epoch"] for r in recs] == [1, 2, 3]
+    assert [r.get("run_id") for r in recs] == ["new", "new", None]  # a line without an id is kept
+    assert recs[0]["test_acc"] == 0.55
+    # without a run id (an older checkpoint), every line; later epochs win
+    assert [r["test_acc"] for r in visualize.read_metrics(p)] == pytest.approx([0.55, 0.71, 0.78])
+    with pytest.raises(visualize.NoMetrics, match=r"no line is from this checkpoint's run zzz \(its 6 lines are "
+                       r"from run new, old\); pass --metrics"):
+        p.write_text("".join(json.dumps(r) + "\n" for r in metric_lines("old") + metric_lines("new")))
+        visualize.read_metrics(p, run_id="zzz")
+
+
+def test_curves_never_show_another_run(run_dir: Path, tmp_path: Path, model: LeNet5, capsys, monkeypatch) -> None:
+    ck = tmp_path / "other.npz"
+    model.save(ck, extra={"dataset": "mnist-sample", "epoch": 3, "run_id": "run-c"})
+    # the file beside it holds another run only: one line of error, exit 1; "all" skips curves with a note
+    (tmp_path / "other.metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metric_lines("run-b")))
+    assert visualize.main([str(ck), "curves", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no line is from this checkpoint's run run-c" in err[0], err
+    assert not (tmp_path / "other-curves.png").exists()
+    seen = []
+    monkeypatch.setattr(visualize, "render_curves", lambda recs, **kw: seen.append(recs) or visualize._new_figure(
+        (2, 2), 20))
+    stubs = {k: (lambda s, out, k=k: [out / k]) for k in ("walkthrough", "filters", "confusion")}
+    monkeypatch.setattr(visualize, "_RUNNERS", {**visualize._RUNNERS, **stubs})
+    assert visualize.main([str(ck), "all", "--out", str(tmp_path)]) == 0
+    assert "skipping curves: " in capsys.readouterr().err and not seen
+    # mixed: only run-c's epochs are drawn; --metrics points elsewhere
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in metric_lines("run-b") + metric_lines("run-c", 0.3)[:2]))
+    assert visualize.main([str(ck), "curves", "--metrics", str(mixed), "--out", str(tmp_path)]) == 0
+    assert [(r["epoch"], r["run_id"]) for r in seen[0]] == [(1, "run-c"), (2, "run-c")]
+    assert [r["test_acc"] for r in seen[0]] == pytest.approx([0.3, 0.46])
 
 
 def test_curves_single_epoch_and_no_accuracy(tmp_path: Path) -> None:
