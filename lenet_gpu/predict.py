@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
             "     the other images are still classified)\n"
             "  2  bad command line, unreadable checkpoint, or missing packages\n\n"
             "example:\n"
+            "  python -m lenet_gpu.predict runs/lenet5.npz docs/sample_digit.png   # a photo-like 3, shipped\n"
             "  python -m lenet_gpu.predict runs/lenet5.npz my_digit.png photo.jpg --top 3"
         ),
     )

@@ -308,3 +308,24 @@ def test_cli_without_pillow(checkpoint: Path, tmp_path: Path) -> None:
     r = _run(str(checkpoint), str(tmp_path / "x.png"), code=block)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "pip install 'lenet_gpu[viz]'" in r.stderr
+
+
+def test_readme_sample_digit_is_the_real_test_digit() -> None:
+    """docs/sample_digit.png (the README's predict example) is mnist-sample test image #92 (a 3), dark on
+    light: prepared the MNIST way it is that digit again (and `python docs/make_sample_digit.py` rebuilds it)."""
+    from lenet_gpu.data import load_dataset
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "sample_digit.png"
+    ds = load_dataset("mnist-sample")
+    assert ds.test_labels[92] == 3
+    got = prepare_digit(load_image(path)).astype(np.float64)
+
+    def match(i: int) -> float:  # correlation with test image i, at the best shift of up to 2 px
+        want = ds.test_images[i].astype(np.float64).ravel()
+        return max(np.corrcoef(np.roll(got, (dy, dx), (0, 1)).ravel(), want)[0, 1]
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+
+    corr, others = match(92), max(match(i) for i in range(60))
+    assert corr > 0.97 and corr - others > 0.1, (corr, others)
+    with Image.open(path) as im:
+        assert im.size[0] >= 200 and np.asarray(im.convert("L")).mean() > 150  # large, light paper
