@@ -17,7 +17,8 @@ Environment:
     CUDACPU_SANITIZE  default sanitizer: ``address``, ``thread`` or ``undefined``
     CUDACPU_STRICT    ``0`` turns off divergent-barrier / exited-lane checks (default on)
     CUDACPU_TIMEOUT   per-block watchdog in seconds (default 10) that turns a deadlock into an error
-    CXX               the C++ compiler (default ``g++``; needs C++20 and libstdc++ >= 11)
+    CXX               the C++ compiler (default ``g++``; needs g++ >= 12: C++20, libstdc++ >= 12);
+                      without one, :class:`CompilerUnavailable` (a ``BackendUnavailable``) in one line
 
 Limits: Linux only; blocks run one at a time; warp intrinsics need full-warp participation;
 no half precision, cooperative groups, inline PTX, textures or ``__CUDA_ARCH__`` paths; x86
@@ -45,12 +46,16 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.base import BackendUnavailable
+
 __all__ = [
+    "CompilerUnavailable",
     "CpuKernel",
     "CpuModule",
     "CudaCpuError",
     "CudaCpuWarning",
     "cache_dir",
+    "check_compiler",
     "sanitizer_env",
     "sanitizer_runtime_loaded",
 ]
@@ -142,6 +147,11 @@ class CudaCpuError(RuntimeError):
     """A build, argument, launch-configuration or device-side error of the CPU harness."""
 
 
+class CompilerUnavailable(CudaCpuError, BackendUnavailable):
+    """No usable C++ compiler: the harness (backend ``cupy-host``) cannot run here. One line of message,
+    and a BackendUnavailable, so the programs report it as they report a missing GPU."""
+
+
 class CudaCpuWarning(UserWarning):
     """The C++ compiler warned about a kernel module."""
 
@@ -173,8 +183,21 @@ def _compiler_id(cxx: str) -> str:
     try:
         out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
-        raise CudaCpuError(f"C++ compiler {cxx!r} not usable (set CXX to a g++ >= 12): {e}") from e
+        where = "$CXX" if os.environ.get("CXX") else "the default"
+        why = (f"exits with status {e.returncode} on --version" if isinstance(e, subprocess.CalledProcessError)
+               else "is not found" if isinstance(e, FileNotFoundError) else f"cannot run ({e.strerror or e})")
+        raise CompilerUnavailable(
+            f"backend 'cupy-host' compiles the CUDA C kernels with g++ >= 12 (C++20), but {cxx!r} ({where}) "
+            f"{why}; install g++ (Debian/Ubuntu: apt install g++) or set CXX, or use --backend numpy"
+        ) from None
     return out.splitlines()[0] if out else cxx
+
+
+def check_compiler() -> str:
+    """The first line of ``$CXX --version`` (default g++); raises :class:`CompilerUnavailable` (one line)
+    when there is no such compiler. Cheap after the first call: a runtime can call it when it starts,
+    so a missing compiler is reported before any work."""
+    return _compiler_id(_cxx())
 
 
 @functools.lru_cache(maxsize=8)

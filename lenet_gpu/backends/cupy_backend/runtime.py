@@ -185,11 +185,12 @@ class Runtime:
 # ---------------------------------------------------------------------------------------------- host
 def _cpu_module_class() -> Any:
     try:
-        from lenet_gpu.harness.cudacpu import CpuModule
+        from lenet_gpu.harness.cudacpu import CpuModule, check_compiler
     except ImportError as e:
         raise BackendUnavailable(
             f"backend 'cupy-host' needs the CPU harness lenet_gpu.harness.cudacpu ({e}); use --backend numpy"
         ) from e
+    check_compiler()  # no C++ compiler: one line now (a BackendUnavailable), not a traceback at the first launch
     return CpuModule
 
 
