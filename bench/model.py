@@ -269,10 +269,11 @@ def epochs_to_accuracy(
     runner: EpochRunner,
     recipe: dict[str, Any],
     max_epochs: int,
-    target: float,
+    target: float | None,
 ) -> dict[str, Any]:
     """Train with the recipe (its schedule spans recipe['epochs']), evaluating after every epoch, until
-    the test accuracy reaches ``target`` or ``max_epochs`` have run. Times exclude evaluation."""
+    the test accuracy reaches ``target`` or ``max_epochs`` have run (all of them when ``target`` is None).
+    Times exclude evaluation."""
     n = train_images.shape[0]
     batch = min(int(recipe["batch_size"]), n)
     steps = n // batch
@@ -290,7 +291,7 @@ def epochs_to_accuracy(
         cum += dt
         acc = runner.accuracy(test_images, test_labels)
         out["epochs"].append({"epoch": epoch + 1, "seconds": dt, "test_acc": acc, "images_per_s": steps * batch / dt})
-        if acc >= target and "time_to_target_s" not in out:
+        if target is not None and acc >= target and "time_to_target_s" not in out:
             out["time_to_target_s"] = cum
             out["epochs_to_target"] = epoch + 1
             break

@@ -87,13 +87,27 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _e2e_table(rows: list[dict[str, Any]], forward: bool) -> str:
+def _is_gpu(res: dict[str, Any], backend: str) -> bool:
+    return bool((res.get("backends") or {}).get(backend, {}).get("is_gpu"))
+
+
+def _peak_of(res: dict[str, Any], backend: str) -> tuple[float | None, str]:
+    """The FP32 peak a backend's GFLOP/s are set beside: an H100's for a GPU backend, the CPU's own
+    (estimated) for a CPU backend."""
+    peaks = res.get("peaks") or {}
+    if _is_gpu(res, backend):
+        return peaks.get("h100_fp32_flops"), "H100 FP32"
+    cpu = peaks.get("cpu_fp32") or {}
+    return cpu.get("flops"), "CPU FP32 (est.)"
+
+
+def _e2e_table(rows: list[dict[str, Any]], forward: bool, res: dict[str, Any] | None = None) -> str:
     peer_names = sorted({p for r in rows for p in r.get("peers", {})})
     head = ["backend", "batch", "ours images/s (p20–p80)"]
     for p in peer_names:
         head += [f"{p} images/s", f"ours/{p} (p20–p80)"]
     if forward:
-        head.append("ours GFLOP/s")
+        head += ["ours GFLOP/s", "of the peak (CPU: its own, est.; GPU: H100)"]
     out = []
     for r in rows:
         line = [r["backend"], str(r["batch"]),
@@ -106,7 +120,8 @@ def _e2e_table(rows: list[dict[str, Any]], forward: bool) -> str:
                 q = pv["ratio"]
                 line += [_rate(pv["images_per_s"]), f"**{q['median']:.2f}** ({q['p20']:.2f}–{q['p80']:.2f})"]
         if forward:
-            line.append(f"{r.get('gflops', 0):.2f}")
+            peak, _ = _peak_of(res or {}, r["backend"])
+            line += [f"{r.get('gflops', 0):.2f}", f"{r.get('gflops', 0) * 1e9 / peak:.2%}" if peak else "—"]
         out.append(line)
     return _table(head, out)
 
@@ -133,8 +148,12 @@ def _summary(res: dict[str, Any]) -> str:
         lines.append(line + "\n")
     ep = res.get("epoch") or {}
     for name, run in (ep.get("runs") or {}).items():
-        tt = (f"{_t(run['time_to_target_s'])} to {ep['target_acc']:.0%} ({run['epochs_to_target']} epochs)"
-              if run.get("reached_target") else f"{ep['target_acc']:.0%} not reached in {len(run['epochs'])} epochs")
+        if ep.get("target_acc") is None:
+            tt = f"test accuracy {run['final_test_acc']:.4f} after {len(run['epochs'])} epoch(s)"
+        elif run.get("reached_target"):
+            tt = f"{_t(run['time_to_target_s'])} to {ep['target_acc']:.1%} ({run['epochs_to_target']} epochs)"
+        else:
+            tt = f"{ep['target_acc']:.1%} not reached in {len(run['epochs'])} epochs"
         lines.append(f"- {name} epoch ({ep['train_images']} images, batch {run['batch']}): "
                      f"{_t(run['epoch_s_median'])}; {tt}\n")
     return "".join(lines)
@@ -162,15 +181,14 @@ def markdown(res: dict[str, Any]) -> str:
                  f"{', cuDNN ' + str(tor.get('cudnn')) if tor.get('cuda') else ''}\n")
     else:
         s.append(f"- peer: {res.get('torch_note')}\n")
-    busy = "**busy**" if load.get("busy") else "quiet"
+    note = str(load.get("note") or "")
+    if load.get("busy") and note.startswith("busy"):
+        note = "**busy**" + note[len("busy"):]
     lb, la = load.get("loadavg_before"), load.get("loadavg_after")
-    other = load.get("other_processes_cpu_frac")
     s.append(
-        f"- machine load: {busy} — {load.get('note')}. 1-min load average {f'{lb[0]:.2f}' if lb else '?'} before, "
-        f"{f'{la[0]:.2f}' if la else '?'} after (includes this run); other processes used "
-        f"{'?' if other is None else f'{other:.0%}'} of the CPUs; calibration workload "
-        f"{_t(load.get('calibration_start_s'))} at start, {_t(load.get('calibration_end_s'))} at end "
-        f"({load.get('calibration_drift', 0):+.1%})\n"
+        f"- machine load: {note}. Calibration workload {_t(load.get('calibration_start_s'))} at start, "
+        f"{_t(load.get('calibration_end_s'))} at end; 1-minute load average {f'{lb[0]:.2f}' if lb else '?'} "
+        f"before, {f'{la[0]:.2f}' if la else '?'} after (this run included)\n"
     )
     st = res.get("settings", {})
     if st.get("clock") == "cpu":
@@ -179,7 +197,15 @@ def markdown(res: dict[str, Any]) -> str:
                  "largely independent of other load on the machine; images/s are per core\n")
     else:
         s.append("- clock: wall time (time.perf_counter) on the CPU; device events per op on a GPU\n")
-    s.append(f"- floors: {res.get('peaks', {}).get('note')}\n")
+    peaks = res.get("peaks", {})
+    measured = [b for b, i in res.get("backends", {}).items() if i.get("available")]
+    cpu_peak = peaks.get("cpu_fp32")
+    if any(not _is_gpu(res, b) for b in measured) or not measured:
+        s.append(f"- CPU FP32 peak, an estimate from /proc/cpuinfo: {cpu_peak['formula']} (clock: "
+                 f"{cpu_peak['clock_source']}); the CPU backends' GFLOP/s are set beside it\n" if cpu_peak else
+                 "- CPU FP32 peak: not estimated (no /proc/cpuinfo with flags and clock)\n")
+    if any(_is_gpu(res, b) for b in measured):
+        s.append(f"- GPU floors: {peaks.get('note')}\n")
     ds = res.get("dataset")
     if ds:
         s.append(f"- end-to-end data: {ds['name']} training images ({ds['images_resident']} resident on the "
@@ -198,7 +224,7 @@ def markdown(res: dict[str, Any]) -> str:
 
     if res.get("forward"):
         s.append("\n## Forward pass (device-resident batch_prepare + forward), images/s\n\n")
-        s.append(_e2e_table(res["forward"], True))
+        s.append(_e2e_table(res["forward"], True, res))
     if res.get("train"):
         s.append("\n## Training step (batch_prepare, forward, backward, Adam), images/s\n\n")
         s.append(_e2e_table(res["train"], False))
@@ -206,7 +232,9 @@ def markdown(res: dict[str, Any]) -> str:
     ep = res.get("epoch")
     if ep:
         r = ep["recipe"]
-        s.append(f"\n## Epochs and time to {ep['target_acc']:.0%} test accuracy\n\n")
+        target = ep.get("target_acc")
+        s.append(f"\n## Epochs and time to {target:.1%} test accuracy\n\n" if target is not None else
+                 "\n## Epoch time\n\n(--quick: one epoch; time to accuracy is measured by the full run)\n\n")
         s.append(f"{ep['dataset']}: {ep['train_images']} training / {ep['test_images']} test images; recipe: "
                  f"{r['optimizer']} peak lr {r['lr']:g} {r['schedule']} over {r['epochs']} epochs, batch "
                  f"{r['batch_size']}, seed {r['seed']}, last partial batch dropped; at most {ep['max_epochs']} "
@@ -215,11 +243,11 @@ def markdown(res: dict[str, Any]) -> str:
         rows = []
         for name, run in ep["runs"].items():
             rows.append([name, _t(run["epoch_s_median"]), _rate(run["epochs"][0]["images_per_s"]),
-                         str(len(run["epochs"])), f"{run['final_test_acc']:.4f}",
-                         _t(run.get("time_to_target_s")) if run["reached_target"] else "not reached",
-                         str(run.get("epochs_to_target", "—"))])
-        s.append(_table(["run", "epoch time (median)", "images/s (epoch 1)", "epochs run", "final test acc",
-                         "time to target", "epochs to target"], rows))
+                         str(len(run["epochs"])), f"{run['final_test_acc']:.4f}"]
+                        + ([_t(run.get("time_to_target_s")) if run["reached_target"] else "not reached",
+                            str(run.get("epochs_to_target", "—"))] if target is not None else []))
+        s.append(_table(["run", "epoch time (median)", "images/s (epoch 1)", "epochs run", "final test acc"]
+                        + (["time to target", "epochs to target"] if target is not None else []), rows))
         for sk in ep.get("skipped", []):
             s.append(f"\n- {sk['backend']}: skipped ({sk['reason']})")
         s.append("\n")
@@ -241,8 +269,9 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("ops"):
         s.append("\n## Per-op kernels\n\n")
         s.append("Each op at each LeNet call site (C1 … OUT), validated against the float64 reference before "
-                 "it is timed. GFLOP/s and GB/s use the formulas in bench/ops.py (compulsory traffic); "
-                 "'floor' is the H100 floor of that op; 'floor/time' is how close the measured time is to it. "
+                 "it is timed. GFLOP/s and GB/s use the formulas in bench/ops.py (compulsory traffic). "
+                 "A CPU backend's GFLOP/s are set beside this CPU's own FP32 peak (the estimate above); a GPU "
+                 "backend's time beside the H100 floor of that op ('floor/time': how close it comes). "
                  "`*` marks the backend's default variant. GPU rows: one launch per sample, L2 flushed "
                  "before each; the 'hot' column is back-to-back launches.\n")
         by_backend: dict[str, list[dict[str, Any]]] = {}
@@ -250,10 +279,11 @@ def markdown(res: dict[str, Any]) -> str:
             by_backend.setdefault(r["backend"], []).append(r)
         for name, rows_ in by_backend.items():
             gpu_rows = any("hot_median_s" in r for r in rows_)
+            on_gpu = _is_gpu(res, name) or gpu_rows
             head = ["op", "site", "variant", "batch", "median (p20–p80)"]
             if gpu_rows:
                 head.append("hot")
-            head += ["GFLOP/s", "GB/s", "H100 floor", "floor/time"]
+            head += ["GFLOP/s", "GB/s"] + (["H100 floor", "floor/time"] if on_gpu else ["of CPU FP32 peak (est.)"])
             out = []
             for r in rows_:
                 line = [r["op"], r["site"], r["variant"] + ("*" if r.get("default") else ""),
@@ -261,7 +291,11 @@ def markdown(res: dict[str, Any]) -> str:
                         f"{_t(r['median_s'])} ({_t(r['p20_s'])}–{_t(r['p80_s'])})"]
                 if gpu_rows:
                     line.append(_t(r.get("hot_median_s")))
-                line += [f"{r['gflops']:.3g}", f"{r['gbs']:.3g}", _t(r["floor_s"]), f"{r['floor_frac']:.2%}"]
+                line += [f"{r['gflops']:.3g}", f"{r['gbs']:.3g}"]
+                if on_gpu:
+                    line += [_t(r["floor_s"]), f"{r['floor_frac']:.2%}"]
+                else:
+                    line.append(f"{r['cpu_peak_frac']:.1%}" if r.get("cpu_peak_frac") is not None else "—")
                 out.append(line)
             s.append(f"\n### {name} ({rows_[0]['timer']})\n\n")
             s.append(_table(head, out))
@@ -378,14 +412,21 @@ def write_plots(res: dict[str, Any], out: Path) -> list[Path]:
         sel = [r for r in rows if r["batch"] in (pick, None)]
         labels = [f"{r['op']} {r['site']} {r['variant']}{'*' if r.get('default') else ''}" for r in sel]
         times = [r["median_s"] * 1e6 for r in sel]
-        floors = [r["floor_s"] * 1e6 for r in sel]
+        peak, peak_name = _peak_of(res, name)
+        if _is_gpu(res, name):
+            floors, floor_label = [r["floor_s"] * 1e6 for r in sel], "H100 floor"
+        elif peak:
+            floors, floor_label = [r["flops"] / peak * 1e6 for r in sel], "at this CPU's FP32 peak (est.)"
+        else:
+            floors, floor_label = [], ""
         fig, ax = plt.subplots(figsize=(9, 0.32 * len(sel) + 1.6))
         ys = list(range(len(sel)))
         ax.barh(ys, times, color="tab:blue", label="measured (median)")
         ax.errorbar(times, ys, xerr=[[r["median_s"] * 1e6 - r["p20_s"] * 1e6 for r in sel],
                                      [r["p80_s"] * 1e6 - r["median_s"] * 1e6 for r in sel]],
                     fmt="none", ecolor="black", capsize=2)
-        ax.scatter(floors, ys, color="tab:red", marker="|", s=200, zorder=3, label="H100 floor")
+        if floors:
+            ax.scatter(floors, ys, color="tab:red", marker="|", s=200, zorder=3, label=floor_label)
         ax.set_yticks(ys)
         ax.set_yticklabels(labels, fontsize=8)
         ax.invert_yaxis()

@@ -37,6 +37,7 @@ from .timing import (
     LoadMonitor,
     TimingConfig,
     clock_name,
+    cpu_fp32_peak,
     gpu_library,
     set_clock,
     wait_for_quiet,
@@ -52,7 +53,7 @@ FULL = {
     "target_s": 0.3,
     "max_case_s": 10.0,
     "max_epochs": None,  # the recipe's epoch count
-    "target_acc": 0.96,
+    "target_acc": 0.97,  # mnist-sample, default recipe: about epoch 8 of 15 (98% at the end)
     "epoch_budget_s": 900.0,
 }
 QUICK = {
@@ -63,7 +64,7 @@ QUICK = {
     "target_s": 0.05,
     "max_case_s": 2.0,
     "max_epochs": 1,
-    "target_acc": 0.96,
+    "target_acc": None,  # one epoch is timed; time to accuracy is the full run's (or give --target-acc)
     "epoch_budget_s": 60.0,
 }
 
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sections ops --ops dense_fwd",
     )
     p.add_argument("--quick", action="store_true",
-                   help="short run: batches 1,64,256; training 64,128; fewer rounds; one capped epoch")
+                   help="short run: batches 1,64,256; training 64,128; fewer rounds; one epoch timed (no time to "
+                        "accuracy)")
     p.add_argument("--backends", type=_names, default=None,
                    help=f"comma-separated backends (default: every registered one that can run here — "
                         f"{', '.join(b for b in BACKENDS if b != 'auto')} — except CPU emulators such as "
@@ -120,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-samples", type=int, default=None,
                    help="use only the first N training images for the epoch run (default: all)")
     p.add_argument("--target-acc", type=float, default=None,
-                   help="target test accuracy (default 0.96: mnist-sample's 4,000 training images top out near "
-                        "96.5%% with the default recipe; use 0.97+ with --dataset mnist)")
+                   help="target test accuracy of the time-to-accuracy run (default 0.97, not in --quick: the "
+                        "default recipe takes mnist-sample's 4,000 training images to about 98%% in its 15 "
+                        "epochs, past 97%% near epoch 8; use 0.985 or more with --dataset mnist)")
     p.add_argument("--activation", default="relu", help="network activation (default relu)")
     p.add_argument("--pool", default="max", help="network subsampling (default max)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -314,8 +317,10 @@ class Budget:
 
 def bench_ops(
     backends: dict[str, Any], cfg: NetConfig, batches: list[int], only: list[str] | None, tcfg: TimingConfig,
-    budget: Budget,
+    budget: Budget, cpu_peak_flops: float | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every op × site × variant × backend × batch, validated, then timed. A GPU row is set beside the H100
+    floor of its op (floor_s, floor_frac); a CPU row beside the CPU's own FP32 peak (cpu_peak_frac)."""
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     timers: dict[str, Any] = {}
@@ -381,6 +386,8 @@ def bench_ops(
                         row["gflops"] = case.cost.flops / st.median / 1e9
                         row["gbs"] = case.cost.bytes / st.median / 1e9
                         row["floor_frac"] = row["floor_s"] / st.median
+                        if not be.is_gpu and cpu_peak_flops:
+                            row["cpu_peak_frac"] = case.cost.flops / st.median / cpu_peak_flops
                         rows.append(row)
                         log(f"  {name:9s} {op:18s} {site:6s} {variant:4s} b={batch!s:5s} "
                             f"{st.median * 1e6:10.1f} µs  {row['gflops']:7.2f} GFLOP/s")
@@ -613,7 +620,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "sections": args.sections, "ops": args.ops, "activation": cfg.activation,
                      "pool": cfg.pool, "f6": cfg.f6, "timing": tcfg.__dict__},
         "peaks": {"h100_fp32_flops": opsmod.H100_FP32_FLOPS, "h100_hbm_bytes_per_s": opsmod.H100_HBM_BYTES_PER_S,
-                  "note": opsmod.H100_NOTE},
+                  "note": opsmod.H100_NOTE, "cpu_fp32": cpu_fp32_peak()},
         "backends": binfo,
         "torch": peermod.torch_info(torch) if torch is not None else None,
         "torch_note": None if torch is not None else
@@ -636,7 +643,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"== {name} done in {time.perf_counter() - t0:.1f} s")
 
     def do_ops() -> None:
-        rows, skipped = bench_ops(backends, cfg, settings["batches"], args.ops, tcfg, budget)
+        peak = results["peaks"]["cpu_fp32"]
+        rows, skipped = bench_ops(backends, cfg, settings["batches"], args.ops, tcfg, budget,
+                                  peak["flops"] if peak else None)
         results["ops"] = rows
         results["skipped"] += [{"section": "ops", **s} for s in skipped]
 
@@ -678,7 +687,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                         results.get("train", []))
 
     def do_kernels() -> None:
-        results["kernels"] = kernels_mod.load_kernel_table(allow_build=not args.quick)
+        # built in this run (NVRTC + ptxas over every kernel), never read from an older report
+        results["kernels"] = kernels_mod.load_kernel_table(build=True)
 
     section("ops", do_ops)
     section("forward", lambda: do_e2e("forward"))
@@ -710,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_all(results, args.out, plots=not args.no_plots)
     log(f"wrote {', '.join(str(p) for p in paths)}")
     if results["load"]["busy"]:
-        log(f"note: the machine was busy: {results['load']['note']}")
+        log(f"note: the machine was {results['load']['note']}")
     return 1 if results["errors"] else 0
 
 

@@ -9,9 +9,11 @@
   the event interval). A second figure, ``hot``, times ``number`` back-to-back launches with one pair of
   events (warm L2, launch-rate bound at small sizes).
 - Statistics: median with p20/p80 over the samples.
-- Machine load: 1-minute load average before and after, the CPU time other processes used during the
-  run (from /proc/stat minus this process's own CPU time), and a fixed calibration workload timed at
-  the start and the end; a run is flagged busy when either says so.
+- Machine load: the CPU time other processes used during the run (from /proc/stat minus this
+  process's own CPU time), the hypervisor's steal, and a fixed calibration workload timed at the start
+  and the end; a run is flagged busy when one of them says so. The load average is shown as context.
+- The CPU's FP32 peak, estimated from /proc/cpuinfo (``cpu_fp32_peak``): what a CPU backend's
+  GFLOP/s are compared with (a GPU backend's are compared with an H100's floor, bench/ops.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -245,8 +248,9 @@ class GpuEventTimer:
 # ---------------------------------------------------------------------------------------- machine load
 
 
-def _proc_stat_busy() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+def _proc_stat_busy() -> tuple[float, float, float] | None:
+    """(busy, total, steal) CPU seconds of the whole machine since boot, from /proc/stat. Steal is time the
+    hypervisor gave this machine's virtual CPUs to someone else (it is not counted as busy)."""
     try:
         with open("/proc/stat") as f:
             parts = f.readline().split()
@@ -256,8 +260,9 @@ def _proc_stat_busy() -> tuple[float, float] | None:
         return None
     vals = [float(v) for v in parts[1:]]
     idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)  # idle + iowait
+    steal = vals[7] if len(vals) > 7 else 0.0
     hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    return (sum(vals) - idle) / hz, sum(vals) / hz
+    return (sum(vals) - idle - steal) / hz, sum(vals) / hz, steal / hz
 
 
 def _own_cpu_s() -> float:
@@ -308,9 +313,13 @@ def calibration_s(repeats: int = 5) -> float:
 
 
 class LoadMonitor:
-    """Load average, other processes' CPU use and a calibration workload, from start() to stop()."""
+    """Whether other work competed with this run, measured during it: other processes' CPU time and the
+    hypervisor's steal (both from /proc/stat, this process excluded), and a calibration workload timed at
+    start and end. The load average before the run is reported beside them, as context only: it is a
+    decaying average of runnable and waiting tasks, and can be high while nothing else runs."""
 
     BUSY_OTHER_FRAC = 0.10  # other processes used more than 10 % of the machine's CPU
+    BUSY_STEAL_FRAC = 0.10  # the hypervisor took more than 10 % of the CPU time
     BUSY_CALIBRATION = 0.10  # the calibration workload changed by more than 10 %
 
     def __init__(self) -> None:
@@ -332,23 +341,126 @@ class LoadMonitor:
         wall = time.perf_counter() - self._t0
         stat1 = _proc_stat_busy()
         ncpu = os.cpu_count() or 1
-        other = None
+        other = steal = None
         if self._stat0 is not None and stat1 is not None and wall > 0:
-            busy = stat1[0] - self._stat0[0]
             own = _own_cpu_s() - self._own0
-            other = max(0.0, (busy - own) / (wall * ncpu))
+            other = max(0.0, (stat1[0] - self._stat0[0] - own) / (wall * ncpu))
+            steal = max(0.0, (stat1[2] - self._stat0[2]) / (wall * ncpu))
         r["wall_s"] = wall
         r["other_processes_cpu_frac"] = other
+        r["steal_cpu_frac"] = steal
         drift = r["calibration_end_s"] / r["calibration_start_s"] - 1.0
         r["calibration_drift"] = drift
-        reasons = []
-        if other is not None and other > self.BUSY_OTHER_FRAC:
-            reasons.append(f"other processes used {other:.0%} of the {ncpu} CPUs during the run")
-        if abs(drift) > self.BUSY_CALIBRATION:
-            reasons.append(f"the calibration workload changed by {drift:+.0%} between start and end")
-        lb = r["loadavg_before"]
-        if lb is not None and lb[0] > 0.5 * ncpu:
-            reasons.append(f"1-minute load average was {lb[0]:.2f} before the run ({ncpu} CPUs)")
-        r["busy"] = bool(reasons)
-        r["note"] = "; ".join(reasons) if reasons else "machine quiet (no other load detected)"
+        r["busy"], r["note"] = load_verdict(other, steal, drift, r["loadavg_before"], ncpu)
         return r
+
+
+def load_verdict(
+    other: float | None, steal: float | None, drift: float, loadavg: list[float] | None, ncpu: int
+) -> tuple[bool, str]:
+    """(busy, one sentence): busy when a measure taken during the run says so; the sentence gives the
+    measures that decided, and never calls a run busy or quiet against its own figures."""
+    reasons = []
+    if other is not None and other > LoadMonitor.BUSY_OTHER_FRAC:
+        reasons.append(f"other processes used {other:.0%} of the {ncpu} CPUs during the run")
+    if steal is not None and steal > LoadMonitor.BUSY_STEAL_FRAC:
+        reasons.append(f"the hypervisor took {steal:.0%} of the CPU time (steal)")
+    if abs(drift) > LoadMonitor.BUSY_CALIBRATION:
+        reasons.append(f"a fixed calibration workload took {drift:.0%} longer at the end than at the start"
+                       if drift > 0 else f"a fixed calibration workload took {-drift:.0%} less time at the end "
+                       "than at the start")
+    measured = []
+    if other is not None and other <= LoadMonitor.BUSY_OTHER_FRAC:
+        measured.append(f"other processes used {other:.0%} of the {ncpu} CPUs")
+    if steal is not None and steal <= LoadMonitor.BUSY_STEAL_FRAC and steal > 0.005:
+        measured.append(f"steal {steal:.0%}")
+    context = ""
+    if loadavg is not None and loadavg[0] > 0.5 * ncpu and not reasons:
+        context = (f" (the 1-minute load average was {loadavg[0]:.2f} on {ncpu} CPUs before the run, but that "
+                   "counts waiting tasks and decays slowly; the measures above, taken during the run, decide)")
+    if reasons:
+        return True, "busy: " + "; ".join(reasons)
+    what = ", ".join(measured) if measured else "no other load measured"
+    return False, f"quiet: {what}, calibration drift {drift:+.0%}{context}"
+
+
+# ---------------------------------------------------------------------------------------- CPU peak
+
+
+def _cpuinfo_fields(text: str) -> dict[str, list[str]]:
+    fields: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            fields.setdefault(k.strip(), []).append(v.strip())
+    return fields
+
+
+def _max_freq_ghz() -> tuple[float | None, str]:
+    """The highest clock the kernel reports (cpufreq's cpuinfo_max_freq), if it reports one."""
+    try:
+        khz = int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text().split()[0])
+        return khz / 1e6, "cpufreq cpuinfo_max_freq"
+    except (OSError, ValueError, IndexError):
+        return None, ""
+
+
+def cpu_fp32_peak(
+    cpuinfo: str | None = None, usable_cpus: int | None = None, max_ghz: float | None = None
+) -> dict[str, Any] | None:
+    """An **estimate** of the FP32 peak of the CPUs this process may use, from /proc/cpuinfo:
+
+        peak = cores × FMA units per core × SIMD lanes (FP32) × 2 (an FMA is 2 FLOPs) × GHz
+
+    - cores: the usable logical CPUs × (``cpu cores`` / ``siblings``): SMT siblings share a core's units;
+    - SIMD lanes: 16 with ``avx512f``, 8 with ``avx``/``avx2``, 4 with SSE;
+    - FMA units: 2 where there is ``fma`` (Intel since Haswell, AMD Zen); AMD's 512-bit operations issue
+      on its two 256-bit units together (Zen 4), counted as 16 lanes × 1 unit; without ``fma``, 1 (an
+      add and a multiply pipe, the same 2 FLOPs a cycle);
+    - GHz: cpufreq's maximum when the kernel exposes it, else the highest ``cpu MHz`` (the current
+      clock: turbo above it is not counted).
+
+    Real chips vary (some Xeons have one 512-bit unit; clocks drop under AVX-512), hence an estimate:
+    it says what fraction of the machine's arithmetic a kernel uses, within a factor of about two.
+    Returns None when /proc/cpuinfo cannot be read or lacks what the formula needs (not Linux x86).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    f = _cpuinfo_fields(cpuinfo)
+    flags = set((f.get("flags") or [""])[0].split())
+    mhz = [float(v) for v in f.get("cpu MHz", []) if v.replace(".", "", 1).isdigit()]
+    if not flags or not (mhz or max_ghz):
+        return None
+    if usable_cpus is None:
+        usable_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        smt = max(1, int(f["siblings"][0]) // max(1, int(f["cpu cores"][0])))
+    except (KeyError, ValueError, IndexError):
+        smt = 1
+    cores = max(1.0, usable_cpus / smt)
+    amd = (f.get("vendor_id") or [""])[0] == "AuthenticAMD"
+    if "avx512f" in flags:
+        isa, lanes, units = "AVX-512", 16, (1 if amd else 2)
+    elif "avx" in flags or "avx2" in flags:
+        isa, lanes, units = ("AVX2" if "avx2" in flags else "AVX"), 8, (2 if "fma" in flags else 1)
+    else:
+        isa, lanes, units = "SSE", 4, 1
+    if "fma" not in flags and isa != "SSE":
+        units = 1
+    clock_src = ""
+    if max_ghz is None:
+        max_ghz, clock_src = _max_freq_ghz()
+    if max_ghz is None:
+        max_ghz, clock_src = max(mhz) / 1e3, "/proc/cpuinfo cpu MHz (current clock)"
+    flops = cores * units * lanes * 2 * max_ghz * 1e9
+    cores_txt = f"{cores:g}" + (f" (of {usable_cpus} logical CPUs, {smt} per core)" if smt > 1 else "")
+    return {
+        "flops": flops, "cores": cores, "fma_units": units, "simd_lanes": lanes, "isa": isa, "ghz": max_ghz,
+        "clock_source": clock_src or "given",
+        "formula": f"{cores_txt} cores × {units} FMA unit{'s' if units > 1 else ''} × {lanes} FP32 lanes ({isa}) "
+                   f"× 2 × {max_ghz:.2f} GHz = {flops / 1e9:,.0f} GFLOP/s",
+        "note": "an estimate from /proc/cpuinfo (flags, clock), not a measured or datasheet figure",
+    }
