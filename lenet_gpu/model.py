@@ -44,6 +44,8 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 OPTIMIZERS = ("adam", "sgd")
 #: Steps per CUDA graph (and per read of the statistics) on a GPU backend.
 GRAPH_STEPS = 100
+#: Fewer steps than this run as replayed launches rather than as a graph of their own.
+MIN_GRAPH_STEPS = 8
 
 #: backend name → (ok, message) of the graph self-check, done once per process and backend
 _GRAPH_CHECKS: dict[str, tuple[bool, str]] = {}
@@ -95,13 +97,13 @@ class _Workspace:
 
 
 class _Program:
-    """The recorded launches of one training step over one dataset, and the graph of K such steps."""
+    """The recorded launches of one training step over one dataset, and graphs of several such steps
+    (by their number of steps: K, and the epoch's tail)."""
 
     def __init__(self, eager: Callable[[], None], batch: int) -> None:
         self.eager = eager
         self.batch = batch
-        self.graph: Callable[[], None] | None = None
-        self.graph_steps = 0
+        self.graphs: dict[int, Callable[[], None] | None] = {}  # steps → graph (None: could not be made)
         self.warm = False
 
 
@@ -342,37 +344,44 @@ class LeNet5:
             prog.warm = True
             done = 1
         k = self.graph_steps
-        if count - done >= k and self.use_graphs and prog.graph is None and prog.graph_steps == 0:
-            self._make_graph(prog, data)
-        while prog.graph is not None and count - done >= prog.graph_steps:
-            prog.graph()
-            done += prog.graph_steps
+        while count - done >= k and (graph := self._graph(prog, k)) is not None:
+            graph()
+            done += k
+        rest = count - done
+        if rest >= MIN_GRAPH_STEPS and (graph := self._graph(prog, rest)) is not None:
+            graph()  # an epoch's tail: the same number of steps every epoch, so one more graph
+            done += rest
         while done < count:
             prog.eager()
             done += 1
         self._run.issued(batch, count)
         self.step_count += count
 
-    def _make_graph(self, prog: _Program, data: DeviceData) -> None:
-        """Capture K steps as one graph, once the backend's graphs passed the self-check in this process."""
-        prog.graph_steps = -1  # tried: never again for this program
+    def _graph(self, prog: _Program, steps: int) -> Callable[[], None] | None:
+        """The graph of ``steps`` steps of ``prog`` (captured at its first call), once the backend's graphs
+        passed the self-check in this process; None where graphs are off or unavailable."""
+        if not self.use_graphs:
+            return None
+        if steps in prog.graphs:
+            return prog.graphs[steps]
         be = self.backend
-        graph = be.graph(prog.eager, self.graph_steps)
+        graph = prog.graphs[steps] = be.graph(prog.eager, steps)
         if graph is None:
-            return
+            return None
         ok, msg = _GRAPH_CHECKS.get(be.name, (None, ""))
         if ok is None:
-            ok, msg = self._graph_self_check(prog, graph)
+            ok, msg = self._graph_self_check(prog, graph, steps)
             _GRAPH_CHECKS[be.name] = (ok, msg)
         if not ok:
             self.graph_note = msg
-            return
-        prog.graph, prog.graph_steps = graph, self.graph_steps
+            prog.graphs[steps] = None
+            self.use_graphs = False
+            return None
+        return graph
 
-    def _graph_self_check(self, prog: _Program, graph: Callable[[], None]) -> tuple[bool, str]:
-        """K steps replayed through ``graph`` against the same K steps launched eagerly, bit for bit, from
+    def _graph_self_check(self, prog: _Program, graph: Callable[[], None], k: int) -> tuple[bool, str]:
+        """k steps replayed through ``graph`` against the same k steps launched eagerly, bit for bit, from
         the same starting point (parameters, moments, state), which is restored afterwards."""
-        k = self.graph_steps
         saved = self._snapshot()
         try:
             for _ in range(k):

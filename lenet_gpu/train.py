@@ -237,7 +237,7 @@ def run(argv: list[str] | None = None) -> int:
         raise UsageError(str(e)) from None
 
     be = model.backend
-    chunk = args.log_every or (GPU_CHUNK if be.is_gpu else CPU_CHUNK)
+    chunk = min(args.log_every or (GPU_CHUNK if be.is_gpu else CPU_CHUNK), steps_per_epoch)
     model.graph_steps = chunk
     show = not args.no_progress
     print(f"dataset: {ds.name} ({n_train} train / {test_x.shape[0]} test images) from {ds.source}")

@@ -273,3 +273,48 @@ def test_init_schemes():
     assert not np.array_equal(init_params(cfg, 1), torch_like)
     with pytest.raises(ValueError, match="init scheme"):
         init_params(cfg, 0, "xavier")
+
+
+# ----------------------------------------------------------------------------- graphs (model logic)
+
+
+class _GraphingNumpy:
+    """The numpy backend with a stand-in for CUDA graphs: ``graph(fn, steps)`` returns a callable that runs
+    fn ``steps`` times (``broken``: one time too few), so the model's graph logic runs on the CPU."""
+
+    def __new__(cls, name: str, broken: bool = False):
+        from lenet_gpu.backends.numpy_backend import NumpyBackend
+
+        be = NumpyBackend(threads=1)
+        be.name = name
+        be.captures = []
+
+        def graph(fn, steps=1):
+            be.captures.append(steps)
+            return lambda: [fn() for _ in range(steps - (1 if broken else 0))]
+
+        be.graph = graph
+        return be
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_graphs_replay_chunks_and_a_bad_graph_falls_back_to_eager(broken):
+    images, labels = batch(96, seed=11)
+    results = []
+    for graphs in (False, True):
+        be = _GraphingNumpy(f"graph-test-{broken}-{graphs}", broken)
+        m = LeNet5(backend=be, seed=3, use_graphs=graphs, graph_steps=4)
+        data = m.upload_dataset(images, labels)
+        m.begin_run(data, 8, np.linspace(1e-3, 3e-3, 30), shift=1)
+        m.begin_epoch(data, np.random.default_rng(2).permutation(96))
+        m.run_steps(data, 11)  # 1 recording step, 2 graphs of 4, 2 replayed steps (fewer than MIN_GRAPH_STEPS)
+        m.begin_epoch(data, np.random.default_rng(3).permutation(96))
+        m.run_steps(data, 12)
+        results.append((m.parameters(), m.step_stats(0, 11), m.run_position))
+        if graphs:
+            ok, msg = m.graph_check()
+            assert ok is (not broken) and ("bit for bit" in msg if ok else "differ" in msg)
+            assert be.captures[0] == 4 and (m.graph_note is None) is (not broken)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2] and results[0][2].step == 23 and results[0][2].epoch == 1
