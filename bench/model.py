@@ -1,9 +1,10 @@
 """End to end: forward and training-step throughput, epochs, time to accuracy, counters.
 
 All of it uses the device-resident path of the training program: the dataset is uploaded once as
-uint8, and each forward pass or step gathers its batch on the device (batch_prepare) from a
-permutation. A forward pass is batch_prepare + the forward launches (the model's ``_prepare`` and
-``_forward``); a training step is ``LeNet5.step`` (prepare, forward, backward, optimizer).
+uint8, and each forward pass or step gathers its batch on the device from a permutation. A forward
+pass is what the model runs for inference (``lenet_fwd``, or batch_prepare + the forward ops); a
+training step is a step of a run (``LeNet5.begin_run`` once, then ``run_steps``: batch_prepare,
+forward, backward, optimizer, step_advance, all reading the device step state).
 
 Before anything is timed at a batch size, the backend's logits (forward) or gradients (training
 step) at that batch are checked against a float64 composition of lenet_gpu.reference's ops.
@@ -23,6 +24,7 @@ from lenet_gpu import reference as ref
 from lenet_gpu.model import LeNet5
 from lenet_gpu.schedule import lr_at
 from lenet_gpu.spec import NetConfig, views
+from lenet_gpu.stepstate import HostState, StepState
 
 from .timing import now
 
@@ -116,7 +118,13 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 class OurNet:
-    """LeNet5 on a backend with a resident bench dataset; offsets cycle through it."""
+    """LeNet5 on a backend with a resident bench dataset (in stored order: the permutation is the identity).
+
+    A forward pass is what the model runs for inference over device data: ``lenet_fwd`` where the backend
+    has it, else batch_prepare + the forward ops (+ step_advance of a state of its own, which moves the
+    offset on); a training step is one step of a run (``begin_run`` once per batch size, then
+    ``run_steps``), exactly as the training program issues them. On a GPU with CUDA graphs a timed call is
+    ``steps_per_call`` steps (one graph of K steps), and the figures are per step."""
 
     def __init__(self, backend: Any, cfg: NetConfig, data: BenchData, seed: int = 0, lr: float = 1e-3) -> None:
         self.model = LeNet5(backend=backend, activation=cfg.activation, pool=cfg.pool, f6=cfg.f6, seed=seed,
@@ -125,7 +133,11 @@ class OurNet:
         self.cfg = cfg
         self.bench = data
         self.data = self.model.upload_dataset(data.images, data.labels)
+        self.steps_per_call = self.model.graph_steps if (self.backend.is_gpu and self.model.use_graphs) else 1
+        self._fwd = StepState(self.backend)
+        self._fwd_batch = 0
         self._next: dict[int, int] = {}
+        self._run_key: tuple[int, float] | None = None
 
     def _offset(self, batch: int) -> int:
         k = self._next.get(batch, 0)
@@ -133,15 +145,40 @@ class OurNet:
         self._next[batch] = (k + 1) % nb
         return k * batch
 
-    def forward(self, batch: int, offset: int | None = None) -> None:
-        m = self.model
+    def forward(self, batch: int, restart: bool = False) -> None:
+        """One forward pass of ``batch`` images, the next ones in the resident data (from the first with
+        ``restart``); the logits stay on the device (``model.workspace(batch).logits``)."""
+        m, be = self.model, self.backend
         ws = m.workspace(batch)
-        off = self._offset(batch) if offset is None else offset
-        m._prepare(ws, self.data.images, self.data.labels, self.data.perm, off)
-        m._forward(ws)
+        if restart:
+            self._next[batch] = 0
+        if m.fused["lenet_fwd"]:
+            off = self._offset(batch)
+            be.lenet_fwd(self.data.images[off : off + batch], m._pv, ws.logits, m.mean, m.std, self.cfg.activation,
+                         self.cfg.pool)
+            return
+        if restart or self._fwd_batch != batch:  # one small upload, when the batch size changes
+            self._fwd.set(HostState(steps_per_epoch=max(1, self.data.n // batch)))
+            self._fwd_batch = batch
+        be.batch_prepare(self.data.images, self.data.labels, self.data.perm, self._fwd.state, ws.x, ws.y, m.mean,
+                         m.std)
+        m._forward_convs(ws)
+        m._forward_dense(ws)
+        be.step_advance(self._fwd.state, batch)
+
+    def _begin(self, batch: int, lr: float) -> None:
+        if self._run_key != (batch, lr):  # the schedule and state uploads of a run: once per batch size
+            self.model.begin_run(self.data, batch, lrs=lr)
+            self._run_key = (batch, lr)
+
+    def train_steps(self, batch: int, steps: int) -> None:
+        """``steps`` training steps at ``batch`` (no copy, no sync)."""
+        self._begin(batch, self.model.lr)
+        self.model.run_steps(self.data, steps)
 
     def train_step(self, batch: int) -> None:
-        self.model.step(self.data, self._offset(batch), batch)
+        """One timed call: ``steps_per_call`` steps."""
+        self.train_steps(batch, self.steps_per_call)
 
     def synchronize(self) -> None:
         self.backend.synchronize()
@@ -149,7 +186,7 @@ class OurNet:
     def check_forward(self, batch: int, cache: dict[tuple[str, int], Any]) -> float:
         """Max relative error of the logits at ``batch`` against the float64 reference (raises if off)."""
         m = self.model
-        self.forward(batch, offset=0)
+        self.forward(batch, restart=True)
         got = self.backend.to_host(m.workspace(batch).logits)
         key = ("fwd", batch)
         if key not in cache:
@@ -161,15 +198,18 @@ class OurNet:
         return err
 
     def check_grads(self, batch: int, cache: dict[tuple[str, int], Any]) -> float:
-        """Max relative error (per tensor, vs its largest entry) of one step's gradients (raises if off)."""
+        """Max relative error (per tensor, vs its largest entry) of one step's gradients (raises if off).
+
+        The step is a real one of a run at learning rate 0 (the parameters stay as they are; the gradient
+        buffer keeps the step's gradients): the first batch of the data, no augmentation."""
         m = self.model
-        ws = m.workspace(batch)
-        m._prepare(ws, self.data.images, self.data.labels, self.data.perm, 0)
-        ws.fwd_bwd()
+        p = {k: v.astype(np.float64) for k, v in m.param_dict().items()}
+        m.begin_run(self.data, batch, lrs=0.0)
+        self._run_key = (batch, 0.0)
+        m.run_steps(self.data, 1)
         grads = views(self.backend.to_host(m.grads), self.cfg)
         key = ("grad", batch)
         if key not in cache:
-            p = {k: v.astype(np.float64) for k, v in m.param_dict().items()}
             cache[key] = reference_grads(p, self.bench.normalized(0, batch), self.bench.labels[:batch], self.cfg)
         errs = {k: _rel_err(np.asarray(grads[k]), cache[key][k]) for k in cache[key]}
         worst = max(errs, key=errs.get)
@@ -245,13 +285,13 @@ def counters_for(net: OurNet, batch: int) -> dict[str, dict[str, int]]:
     host-batch API (train_step on host arrays, logits)."""
     m = net.model
     imgs, labs = net.bench.images[:batch], net.bench.labels[:batch]
-    net.train_step(batch)  # warm-up: workspace, compilation, graph capture
+    net.train_steps(batch, 1)  # warm-up: workspace, compilation, recording
     net.forward(batch)
     m.train_step(imgs, labs)
     m.logits(imgs, batch_size=batch)
     net.synchronize()
     return {
-        "train_step": count(net.backend, lambda: net.train_step(batch)),
+        "train_step": count(net.backend, lambda: net.train_steps(batch, 1)),
         "forward": count(net.backend, lambda: net.forward(batch)),
         "train_step_host_batch": count(net.backend, lambda: m.train_step(imgs, labs)),
         "logits_host_batch": count(net.backend, lambda: m.logits(imgs, batch_size=batch)),
@@ -277,15 +317,13 @@ def epochs_to_accuracy(
     n = train_images.shape[0]
     batch = min(int(recipe["batch_size"]), n)
     steps = n // batch
-    total = steps * int(recipe["epochs"])
     out: dict[str, Any] = {"batch": batch, "steps_per_epoch": steps, "epochs": []}
     cum = 0.0
     for epoch in range(max_epochs):
         perm = np.random.default_rng([int(recipe["seed"]), epoch]).permutation(n).astype(np.int32)
         runner.begin_epoch(perm)
         t0 = now()
-        for s in range(steps):
-            runner.step(s * batch, batch, lr_at(epoch * steps + s, total, float(recipe["lr"]), recipe["schedule"]))
+        runner.train_epoch(epoch, steps, batch)
         runner.synchronize()
         dt = now() - t0
         cum += dt
@@ -301,16 +339,27 @@ def epochs_to_accuracy(
     return out
 
 
+def recipe_lrs(recipe: dict[str, Any], steps_per_epoch: int) -> np.ndarray:
+    """The learning rate of every step of the recipe (its schedule over recipe['epochs'] epochs)."""
+    total = steps_per_epoch * int(recipe["epochs"])
+    return np.array([lr_at(t, total, float(recipe["lr"]), recipe["schedule"]) for t in range(max(total, 1))])
+
+
 class EpochRunner:
-    """What epochs_to_accuracy drives: begin_epoch(perm), step(offset, batch, lr), synchronize, accuracy."""
+    """What epochs_to_accuracy drives: begin_epoch(perm), train_epoch(epoch, steps, batch), synchronize,
+    accuracy. The recipe's learning rate at every step is the runner's business."""
 
     def begin_epoch(self, perm: np.ndarray) -> None: ...
-    def step(self, offset: int, batch: int, lr: float) -> None: ...
+    def train_epoch(self, epoch: int, steps: int, batch: int) -> None: ...
     def synchronize(self) -> None: ...
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float: ...
 
 
 class OurEpochRunner(EpochRunner):
+    """The training program's loop: one run (schedule table uploaded once), one permutation upload per
+    epoch, then the epoch's steps issued by ``run_steps`` (graphs of K steps where the backend has them).
+    No augmentation, so that the PyTorch peer sees the same batches."""
+
     def __init__(self, backend: Any, cfg: NetConfig, train_images: np.ndarray, train_labels: np.ndarray,
                  recipe: dict[str, Any]) -> None:
         pix = train_images.astype(np.float32) / 255.0
@@ -318,12 +367,15 @@ class OurEpochRunner(EpochRunner):
                             seed=int(recipe["seed"]), optimizer=recipe["optimizer"], lr=float(recipe["lr"]),
                             mean=float(pix.mean()), std=float(pix.std()))
         self.data = self.model.upload_dataset(train_images, train_labels)
+        batch = min(int(recipe["batch_size"]), self.data.n)
+        self.model.begin_run(self.data, batch, lrs=recipe_lrs(recipe, self.data.n // batch),
+                             seed=int(recipe["seed"]), shift=0)
 
     def begin_epoch(self, perm: np.ndarray) -> None:
         self.model.begin_epoch(self.data, perm)
 
-    def step(self, offset: int, batch: int, lr: float) -> None:
-        self.model.step(self.data, offset, batch, lr)
+    def train_epoch(self, epoch: int, steps: int, batch: int) -> None:
+        self.model.run_steps(self.data, steps)
 
     def synchronize(self) -> None:
         self.model.backend.synchronize()
@@ -333,14 +385,20 @@ class OurEpochRunner(EpochRunner):
 
 
 class TorchEpochRunner(EpochRunner):
-    def __init__(self, peer: Any) -> None:
+    def __init__(self, peer: Any, recipe: dict[str, Any]) -> None:
         self.peer = peer
+        self.recipe = recipe
+        self.lrs: np.ndarray | None = None
 
     def begin_epoch(self, perm: np.ndarray) -> None:
         self.peer.set_perm(perm)
 
-    def step(self, offset: int, batch: int, lr: float) -> None:
-        self.peer.train_step(offset, batch, lr)
+    def train_epoch(self, epoch: int, steps: int, batch: int) -> None:
+        if self.lrs is None:
+            self.lrs = recipe_lrs(self.recipe, steps)
+        last = self.lrs.shape[0] - 1
+        for s in range(steps):
+            self.peer.train_step(s * batch, batch, float(self.lrs[min(epoch * steps + s, last)]))
 
     def synchronize(self) -> None:
         self.peer.synchronize()

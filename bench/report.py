@@ -121,7 +121,7 @@ def _e2e_table(rows: list[dict[str, Any]], forward: bool, res: dict[str, Any] | 
                 line += [_rate(pv["images_per_s"]), f"**{q['median']:.2f}** ({q['p20']:.2f}–{q['p80']:.2f})"]
         if forward:
             peak, _ = _peak_of(res or {}, r["backend"])
-            line += [f"{r.get('gflops', 0):.2f}", f"{r.get('gflops', 0) * 1e9 / peak:.2%}" if peak else "—"]
+            line += [f"{r.get('gflops', 0):.2f}", f"{100 * r.get('gflops', 0) * 1e9 / peak:.2g}%" if peak else "—"]
         out.append(line)
     return _table(head, out)
 
@@ -223,7 +223,8 @@ def markdown(res: dict[str, Any]) -> str:
             s.append(f"\n> backend **{b}** not measured: {info.get('reason')}\n")
 
     if res.get("forward"):
-        s.append("\n## Forward pass (device-resident batch_prepare + forward), images/s\n\n")
+        s.append("\n## Forward pass (device-resident: lenet_fwd where the backend has it, else batch_prepare + "
+                 "the forward ops), images/s\n\n")
         s.append(_e2e_table(res["forward"], True, res))
     if res.get("train"):
         s.append("\n## Training step (batch_prepare, forward, backward, Adam), images/s\n\n")
@@ -238,8 +239,9 @@ def markdown(res: dict[str, Any]) -> str:
         s.append(f"{ep['dataset']}: {ep['train_images']} training / {ep['test_images']} test images; recipe: "
                  f"{r['optimizer']} peak lr {r['lr']:g} {r['schedule']} over {r['epochs']} epochs, batch "
                  f"{r['batch_size']}, seed {r['seed']}, last partial batch dropped; at most {ep['max_epochs']} "
-                 "epochs run here. Times are training only (evaluation after each epoch excluded); the "
-                 "PyTorch run starts from the same initial parameters and sees the same batches.\n\n")
+                 "epochs run here; no augmentation. Times are training only (evaluation after each epoch "
+                 "excluded); the PyTorch run starts from the same initial parameters and sees the same "
+                 "batches.\n\n")
         rows = []
         for name, run in ep["runs"].items():
             rows.append([name, _t(run["epoch_s_median"]), _rate(run["epochs"][0]["images_per_s"]),
@@ -295,7 +297,7 @@ def markdown(res: dict[str, Any]) -> str:
                 if on_gpu:
                     line += [_t(r["floor_s"]), f"{r['floor_frac']:.2%}"]
                 else:
-                    line.append(f"{r['cpu_peak_frac']:.1%}" if r.get("cpu_peak_frac") is not None else "—")
+                    line.append(f"{100 * r['cpu_peak_frac']:.2g}%" if r.get("cpu_peak_frac") is not None else "—")
                 out.append(line)
             s.append(f"\n### {name} ({rows_[0]['timer']})\n\n")
             s.append(_table(head, out))

@@ -487,11 +487,15 @@ def bench_e2e(
             t0 = time.perf_counter()
             res = e2e.interleaved(contenders, rounds, min_sample_s)
             samples = res["samples"]
+            spc = net.steps_per_call if kind == "train" else 1
+            if spc > 1:  # a call was one graph of spc steps: per-step figures, as the peer's
+                samples[name] = [t / spc for t in samples[name]]
             ours = samples[name]
             st = np.percentile(ours, [20, 50, 80])
             budget.record(key, batch, float(st[1]))
             row: dict[str, Any] = {
                 **where, "validation_rel_err": err, "rounds": rounds, "number": res["numbers"][name],
+                "steps_per_call": spc,
                 "median_s": float(st[1]), "p20_s": float(st[0]), "p80_s": float(st[2]),
                 "images_per_s": batch / float(st[1]),
                 "images_per_s_p20": batch / float(st[2]), "images_per_s_p80": batch / float(st[0]),
@@ -554,7 +558,7 @@ def bench_epochs(
                                     device="cuda" if pname == "torch-cuda" else "cpu", lr=float(recipe["lr"]))
             log(f"epochs: {pname} ...")
             out["runs"][pname] = e2e.epochs_to_accuracy(tr_x, tr_y, ds.test_images, ds.test_labels,
-                                                        e2e.TorchEpochRunner(pr), recipe, max_epochs, target)
+                                                        e2e.TorchEpochRunner(pr, recipe), recipe, max_epochs, target)
     return out
 
 
