@@ -363,10 +363,10 @@ class NoMetrics(VisualizeError):
 
 def metrics_path_for(checkpoint: str | os.PathLike[str]) -> Path:
     """Where the training program writes a run's metrics: ``runs/lenet5.npz`` → ``runs/lenet5.metrics.jsonl``
-    (the checkpoint's name without ``.npz``, plus ``.metrics.jsonl``)."""
-    ck = Path(checkpoint)
-    stem = ck.name[: -len(".npz")] if ck.name.endswith(".npz") else ck.name
-    return ck.with_name(stem + ".metrics.jsonl")
+    (the writer's own rule, lenet_gpu.train.metrics_path_for)."""
+    from .train import metrics_path_for as writer_rule
+
+    return writer_rule(checkpoint)
 
 
 def read_metrics(path: str | os.PathLike[str], run_id: str | None = None) -> list[dict[str, Any]]:
