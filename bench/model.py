@@ -36,13 +36,15 @@ GRAD_TOL = 1e-3
 FALLBACK_RECIPE = {"epochs": 15, "batch_size": 64, "optimizer": "adam", "lr": 2e-3, "schedule": "onecycle", "seed": 0}
 
 
-def default_recipe() -> dict[str, Any]:
-    """The training program's defaults (epochs, batch, optimizer, peak lr, schedule, seed)."""
+def default_recipe(dataset: str | None = None) -> dict[str, Any]:
+    """The training program's defaults (epochs, batch, optimizer, peak lr, schedule, seed), with the
+    dataset's own where the program has per-dataset defaults (``train.DATASET_DEFAULTS[dataset]``)."""
     try:
         from lenet_gpu import train
     except ImportError:
         return dict(FALLBACK_RECIPE)
     d = dict(getattr(train, "DEFAULTS", FALLBACK_RECIPE))
+    d.update(getattr(train, "DATASET_DEFAULTS", {}).get(dataset, {}))
     if d.get("lr") is None:
         d["lr"] = getattr(train, "DEFAULT_LR", {}).get(d.get("optimizer", "adam"), 2e-3)
     return {k: d.get(k, FALLBACK_RECIPE[k]) for k in FALLBACK_RECIPE}

@@ -528,7 +528,7 @@ def bench_epochs(
     backends: dict[str, Any], cfg: NetConfig, ds: Any, torch: Any, args: argparse.Namespace, settings: dict[str, Any],
     train_rows: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    recipe = e2e.default_recipe()
+    recipe = e2e.default_recipe(ds.name)
     n = args.epoch_samples or ds.train_images.shape[0]
     tr_x, tr_y = ds.train_images[:n], ds.train_labels[:n]
     max_epochs = args.epochs or settings["max_epochs"] or int(recipe["epochs"])
