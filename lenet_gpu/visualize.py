@@ -608,6 +608,8 @@ def render_mistakes(
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not the usage block
+        # parse_intermixed_args lists the optional COMMAND among the missing when nothing is given
+        message = message.replace("CHECKPOINT, COMMAND", "CHECKPOINT")
         _say_error(f"{message} (see --help)")
         raise SystemExit(EXIT_USAGE)
 

@@ -153,7 +153,8 @@ def test_command_first_order_and_bad_values(run_dir: Path, tmp_path: Path, monke
                         ([ck, "filters", "--dpi", "0"], "--dpi must be between"),
                         ([ck, "confusion", "--limit", "0"], "--limit must be at least 1"),
                         ([ck, "walkthrough", "--index", "1", "--digit", "2"], "not allowed with argument"),
-                        ([ck, "--dpi", "many"], "invalid int value")):
+                        ([ck, "--dpi", "many"], "invalid int value"),
+                        ([], "the following arguments are required: CHECKPOINT (see --help)")):
         with pytest.raises(SystemExit) as e:
             visualize.main(argv)
         assert e.value.code == 2
