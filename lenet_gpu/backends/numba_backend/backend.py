@@ -5,8 +5,10 @@ Each wrapper checks shapes, dtypes, contiguity and that every array is a device 
 silently copy a host NumPy array to the device and back), takes the preallocated output, computes the
 grid with ``ceil_div``, passes explicitly typed scalars (np.float32 / np.int32, so a launch never
 types a scalar as float64 or int64), and launches once. Everything runs on the default stream, so a
-training step needs no synchronisation. Under ``NUMBA_ENABLE_CUDASIM=1`` the same code runs in
-Numba's CUDA simulator (``is_gpu`` is False then).
+training step needs no synchronisation. Nothing that changes from step to step is an argument: the
+ops read the step state (lenet_gpu.stepstate) on the device, so ``record`` replays a step's launches
+with no per-launch work on the host and ``graph`` captures many steps as one CUDA graph (launch.py).
+Under ``NUMBA_ENABLE_CUDASIM=1`` the same code runs in Numba's CUDA simulator (``is_gpu`` is False then).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import numba
 import numpy as np
 from numba import cuda
 
+from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, BackendUnavailable, Counters, check_act, check_mode
 from . import batch, conv2d, dense, loss, optim, pool2x2
+from . import launch as _launchmod
 from ._compat import import_cuda_array_module
 from .common import ceil_div
 
@@ -159,6 +163,8 @@ def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> 
         return tiles, (t, t), 0
     if op == "softmax_xent":
         return 1, loss.SM_THREADS, 0
+    if op == "step_advance":
+        return 1, 1, 0
     if op in ("adam_step", "sgd_step"):
         return ceil_div(shapes["p"][0], THREADS), THREADS, 0
     raise ValueError(f"unknown op {op!r}")
@@ -208,6 +214,12 @@ class NumbaBackend:
         self.launch_log: list[tuple[str, tuple[Any, ...]]] | None = None
         self._dummy_u8: Any = None  # argmax stand-in for avg pooling when the caller passes None
         self._flat: dict[int, tuple[Any, Any]] = {}  # id(x) → (x, flat view of x)
+        #: while ``record`` runs a step for the first time: the prepared launches, in order
+        self._recording: list[Any] | None = None
+        #: while ``graph`` captures: the capturing stream (launches go there, prepared, not through Numba)
+        self._capture: Any = None
+        self._default_stream: Any = _launchmod.cu_stream(0) if self.is_gpu and _launchmod.bindings_available() else None
+        self._capture_stream: Any = None  # the Numba stream graphs are captured on (created at first use)
 
     # ------------------------------------------------------------------ memory
     def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
@@ -242,8 +254,75 @@ class NumbaBackend:
         self.counters.syncs += 1
         cuda.synchronize()
 
-    def graph(self, fn: Callable[[], None]) -> Callable[[], None]:
-        return fn  # Numba has no CUDA graph capture
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """A callable equivalent to ``fn`` (ops only, the same arguments at every call). Its first call runs
+        ``fn`` and prepares each launch (launch.PreparedLaunch: the compiled kernel, its parameters packed
+        once); later calls issue the prepared launches with one cuLaunchKernel each, no typing, checks or
+        conversions. Under the simulator a replay calls the simulated kernels with the recorded arguments.
+        The counters count every replayed launch."""
+        return _Recorded(self, fn)
+
+    def _replay_fn(self, launches: list[Any]) -> Callable[[], None]:
+        if not self.is_gpu:
+            def replay_sim() -> None:
+                for name, grid, block, sh, args in launches:
+                    KERNELS[name][grid, block, 0, sh](*args)
+
+            return replay_sim
+        if self._default_stream is None or self.debug:
+            def replay_slow() -> None:  # cuda.bindings missing, or debug: each launch is checked
+                for p in launches:
+                    p.issue(self._current_stream())
+                    if self.debug:
+                        cuda.synchronize()
+
+            return replay_slow
+        return _launchmod.replay_fn(launches, self._current_stream)
+
+    def _current_stream(self) -> Any:
+        return self._default_stream if self._capture is None else self._capture
+
+    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
+        """A callable that runs ``fn`` ``steps`` times as one CUDA graph: at its first call the launches of
+        ``steps`` calls of fn are captured on a private stream (prepared launches, as ``record`` issues
+        them) and the graph is instantiated; every call (the first included) is one cuGraphLaunch on the
+        default stream. fn must have run once before (compiles). None under the simulator or where the
+        CUDA driver bindings are missing. The counters count the graph's kernels as launches."""
+        steps = int(steps)
+        if steps < 1:
+            raise ValueError(f"graph: steps must be >= 1, got {steps}")
+        if not self.is_gpu or self._default_stream is None:
+            return None
+        slot: dict[str, Any] = {}
+
+        def run() -> None:
+            g = slot.get("graph")
+            if g is None:
+                g = slot["graph"] = self._capture_graph(fn, steps)
+            else:
+                self.counters.launches += g.launches
+            g.launch(self._current_stream())
+
+        return run
+
+    def _capture_graph(self, fn: Callable[[], None], steps: int) -> Any:
+        if self._capture is not None:
+            raise RuntimeError("graph: already capturing (a graph inside a graph is not supported)")
+        if self._capture_stream is None:
+            self._capture_stream = cuda.stream()  # blocking: ordered with the legacy default stream
+        stream = _launchmod.cu_stream(int(self._capture_stream.handle))
+        before = self.counters.launches
+        _launchmod.begin_capture(stream)
+        self._capture = stream
+        ok = False
+        try:
+            for _ in range(steps):
+                fn()
+            ok = True
+        finally:
+            self._capture = None
+            g = _launchmod.end_capture(stream, self.counters.launches - before, ok)
+        return g
 
     # ------------------------------------------------------------------ launch plumbing
     def _variant(self, op: str, variant: str | None) -> str:
@@ -253,15 +332,31 @@ class NumbaBackend:
         return v
 
     def _launch(self, op: str, variant: str, grid: int, block: Any, shmem: int, *args: Any) -> None:
+        """Launch kernel ``<op>_<variant>`` (every launch of the backend, and of the fused-op modules, goes
+        through here): eagerly through Numba; while ``record`` records, also prepared for replay; while
+        ``graph`` captures, prepared and issued onto the capturing stream."""
         name = f"{op}_{variant}"
         if self.max_blocks is not None:
             grid = min(grid, self.max_blocks)
+        grid = max(1, grid)
         self.counters.launches += 1
         if self.launch_log is not None:
             self.launch_log.append((name, tuple(numba.typeof(a) for a in args)))
-        KERNELS[name][max(1, grid), block, 0, shmem](*args)
-        if self.debug:
-            cuda.synchronize()
+        if self._capture is not None:
+            prepared = _launchmod.PreparedLaunch.for_gpu(name, KERNELS[name], grid, block, shmem, args)
+            prepared.issue(self._capture)
+        else:
+            KERNELS[name][grid, block, 0, shmem](*args)
+            if self.debug:
+                cuda.synchronize()
+            if self._recording is None:
+                return
+            if self.is_gpu:
+                prepared = _launchmod.PreparedLaunch.for_gpu(name, KERNELS[name], grid, block, shmem, args)
+            else:
+                prepared = (name, grid, block, shmem, args)
+        if self._recording is not None:
+            self._recording.append(prepared)
 
     def _flat_view(self, x: Any) -> Any:
         hit = self._flat.get(id(x))
@@ -278,26 +373,27 @@ class NumbaBackend:
 
     # ------------------------------------------------------------------ ops
     def batch_prepare(
-        self, images: Any, labels: Any, perm: Any, offset: int, x: Any, y: Any, mean: float, std: float,
+        self, images: Any, labels: Any, perm: Any, state: Any, x: Any, y: Any, mean: float, std: float,
         variant: str | None = None,
     ) -> None:
         v = self._variant("batch_prepare", variant)
         _dev("images", images, np.uint8, 3)
         _dev("labels", labels, np.uint8, 1)
         _dev("perm", perm, np.int32, 1)
+        _state("state", state)
         _dev("x", x, np.float32, 4)
         _dev("y", y, np.int32, 1)
         b = x.shape[0]
         _shape("x", x, (b, 1, x.shape[2], x.shape[3]))
         _shape("y", y, (b,))
+        _shape("labels", labels, (images.shape[0],))
         if x.shape[2] < images.shape[1] or x.shape[3] < images.shape[2]:
             raise ValueError(f"batch_prepare: x {x.shape} is smaller than the images {images.shape}")
-        if int(offset) < 0 or int(offset) + b > perm.shape[0]:
-            raise IndexError(f"batch_prepare: perm has {perm.shape[0]} entries, need {int(offset) + b}")
+        if perm.shape[0] == 0:
+            raise ValueError("batch_prepare: perm is empty")
         scale, shift = np.float32(1.0 / (255.0 * std)), np.float32(-mean / std)
         grid, block, sh = launch_config("batch_prepare", v, {"x": x.shape})
-        self._launch("batch_prepare", v, grid, block, sh, images, labels, perm, np.int32(offset), x, y,
-                     scale, shift)
+        self._launch("batch_prepare", v, grid, block, sh, images, labels, perm, state, x, y, scale, shift)
 
     def conv2d_fwd(self, x: Any, w: Any, b: Any, y: Any, act: str, variant: str | None = None) -> None:
         v = self._variant("conv2d_fwd", variant)
@@ -397,12 +493,18 @@ class NumbaBackend:
             return
         self._launch("conv2d_bwd_data", v, grid, block, sh, dz, w, dx, np.int32(bwd_data_chunk(w.shape)))
 
-    def conv2d_bwd_weight(self, x: Any, dz: Any, dw: Any, db: Any, variant: str | None = None) -> None:
+    def conv2d_bwd_weight(
+        self, x: Any, dz: Any, dw: Any, db: Any, state: Any = None, variant: str | None = None
+    ) -> None:
+        """dw, db of a convolution (overwritten). ``state`` is the step state: variants whose reduction
+        takes a last-block ticket tag it with the state's STEP; the others ignore it."""
         v = self._variant("conv2d_bwd_weight", variant)
         _dev("x", x, np.float32, 4)
         _dev("dz", dz, np.float32, 4)
         _dev("dw", dw, np.float32, 4)
         _dev("db", db, np.float32, 1)
+        if state is not None:
+            _state("state", state)
         n, c, h, wd = x.shape
         k, _, r, s = dw.shape
         _shape("dw", dw, (k, c, r, s))
@@ -489,42 +591,90 @@ class NumbaBackend:
         self._launch("dense_bwd", v, grid, block, sh, x, w, y, dy, dw if dx is None else dx, dw, db,
                      np.int32(ACT_CODES[act]), np.int32(dx is not None))
 
-    def softmax_xent(self, logits: Any, labels: Any, dlogits: Any, stats: Any, variant: str | None = None) -> None:
+    def softmax_xent(
+        self, logits: Any, labels: Any, dlogits: Any, stats: Any, state: Any, variant: str | None = None
+    ) -> None:
         v = self._variant("softmax_xent", variant)
         _dev("logits", logits, np.float32, 2)
         _dev("labels", labels, np.int32, 1)
         _dev("dlogits", dlogits, np.float32, 2)
-        _dev("stats", stats, np.float32, 1)
+        _dev("stats", stats, np.float32, 2)
+        _state("state", state)
         _shape("labels", labels, (logits.shape[0],))
         _shape("dlogits", dlogits, logits.shape)
-        _shape("stats", stats, (2,))
+        if stats.shape[1] != 2 or stats.shape[0] < 1:
+            raise ValueError(f"stats: shape {tuple(stats.shape)} is not (S, 2) with S >= 1")
         grid, block, sh = launch_config("softmax_xent", v, {})
-        self._launch("softmax_xent", v, grid, block, sh, logits, labels, dlogits, stats)
+        self._launch("softmax_xent", v, grid, block, sh, logits, labels, dlogits, stats, state)
 
     def adam_step(
-        self, p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: float, eps: float,
-        weight_decay: float, bc1: float, bc2: float, variant: str | None = None,
+        self, p: Any, g: Any, m: Any, v: Any, sched: Any, state: Any, beta1: float, beta2: float, eps: float,
+        weight_decay: float, variant: str | None = None,
     ) -> None:
         var = self._variant("adam_step", variant)
         for label, a in (("p", p), ("g", g), ("m", m), ("v", v)):
             _dev(label, a, np.float32, 1)
             _shape(label, a, p.shape)
+        _sched("sched", sched)
+        _state("state", state)
         f = np.float32
         grid, block, sh = launch_config("adam_step", var, {"p": p.shape})
-        self._launch("adam_step", var, grid, block, sh, p, g, m, v, f(lr), f(beta1), f(1.0 - beta1), f(beta2),
-                     f(1.0 - beta2), f(eps), f(weight_decay), f(bc1), f(bc2))
+        self._launch("adam_step", var, grid, block, sh, p, g, m, v, sched, state, f(beta1), f(1.0 - beta1),
+                     f(beta2), f(1.0 - beta2), f(eps), f(weight_decay))
 
     def sgd_step(
-        self, p: Any, g: Any, m: Any, lr: float, momentum: float, weight_decay: float,
+        self, p: Any, g: Any, m: Any, sched: Any, state: Any, momentum: float, weight_decay: float,
         variant: str | None = None,
     ) -> None:
         var = self._variant("sgd_step", variant)
         for label, a in (("p", p), ("g", g), ("m", m)):
             _dev(label, a, np.float32, 1)
             _shape(label, a, p.shape)
+        _sched("sched", sched)
+        _state("state", state)
         f = np.float32
         grid, block, sh = launch_config("sgd_step", var, {"p": p.shape})
-        self._launch("sgd_step", var, grid, block, sh, p, g, m, f(lr), f(momentum), f(weight_decay))
+        self._launch("sgd_step", var, grid, block, sh, p, g, m, sched, state, f(momentum), f(weight_decay))
+
+    def step_advance(self, state: Any, batch: int, variant: str | None = None) -> None:
+        v = self._variant("step_advance", variant)
+        _state("state", state)
+        if int(batch) < 1:
+            raise ValueError(f"step_advance: batch must be >= 1, got {batch}")
+        grid, block, sh = launch_config("step_advance", v, {})
+        self._launch("step_advance", v, grid, block, sh, state, np.int32(batch))
+
+
+class _Recorded:
+    """What ``NumbaBackend.record`` returns: the first call runs fn and records its launches
+    (``launches``: launch.PreparedLaunch objects on a GPU, (name, grid, block, shmem, args) under the
+    simulator); later calls replay them."""
+
+    def __init__(self, be: NumbaBackend, fn: Callable[[], None]) -> None:
+        self.be = be
+        self.fn = fn
+        self.launches: list[Any] | None = None
+        self._replay: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        be = self.be
+        if self._replay is not None:
+            if be._recording is not None:  # replayed inside another recording: part of it
+                be._recording.extend(self.launches)
+            self._replay()
+            be.counters.launches += len(self.launches)
+            return
+        outer = be._recording
+        be._recording = []
+        try:
+            self.fn()
+            launches = be._recording
+        finally:
+            be._recording = outer
+        if outer is not None:
+            outer.extend(launches)
+        self.launches = launches
+        self._replay = be._replay_fn(launches)
 
 
 def _quiet_low_occupancy_warnings() -> None:
@@ -547,6 +697,19 @@ def _dev(label: str, a: Any, dtype: Any, ndim: int) -> None:
         raise TypeError(f"{label}: expected {ndim}-d {np.dtype(dtype)}, got {a.ndim}-d {a.dtype}")
     if not a.flags["C_CONTIGUOUS"]:
         raise ValueError(f"{label}: must be C-contiguous")
+
+
+def _state(label: str, a: Any) -> None:
+    """The int32 step state (lenet_gpu.stepstate)."""
+    _dev(label, a, np.int32, 1)
+    _shape(label, a, (STATE_WORDS,))
+
+
+def _sched(label: str, a: Any) -> None:
+    """The float32 (T, 4) schedule table (lenet_gpu.stepstate)."""
+    _dev(label, a, np.float32, 2)
+    if a.shape[0] < 1 or a.shape[1] != SCHED_COLS:
+        raise ValueError(f"{label}: shape {tuple(a.shape)} is not (T, {SCHED_COLS}) with T >= 1")
 
 
 def _shape(label: str, a: Any, shape: tuple[int, ...]) -> None:

@@ -46,6 +46,7 @@ LENET_LAUNCHES: dict[str, list[dict[str, Any]]] = {
     "softmax_xent": [{}],
     "adam_step": [{"p": (62080,)}],
     "sgd_step": [{"p": (62080,)}],
+    "step_advance": [{}],
 }
 
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
