@@ -138,6 +138,25 @@ def check_conv2d_bwd_weight(be, xshape, wshape, variant, seed=0, dz_scale=1.0, s
     assert_close(be.to_host(db), rdb, *TOL["conv2d_bwd_weight"], what + " db")
 
 
+def check_conv2d_bwd_data_pool(be, yshape, wshape, mode, act, variant, seed=0):
+    """The fused data gradient through pooling against reference.conv2d_bwd_data_pool. yshape (N,C,H,W) is
+    the lower layer's conv output (odd H or W: a trailing row/column that no window owns); the
+    convolution's input is the pooled map (N,C,H//2,W//2)."""
+    n, c, h, wd = yshape
+    k, _, r, s = wshape
+    dzshape = (n, k, h // 2 - r + 1, wd // 2 - s + 1)
+    dz, w = rand(dzshape, seed), rand(wshape, seed + 1, 0.3)
+    yconv = R.activate(rand(yshape, seed + 2).astype(F64), act).astype(np.float32)
+    _, am = R.pool2x2_fwd(_pool_input(yshape, seed + 3).astype(F64), "max")
+    am = am.astype(np.uint8) if mode == "max" else None
+    dzb = be.to_device(nan_like(yshape))
+    launched(be, be.conv2d_bwd_data_pool, be.to_device(dz), be.to_device(w), None if am is None else be.to_device(am),
+             be.to_device(yconv), dzb, mode, act, variant=variant)
+    ref = R.conv2d_bwd_data_pool(dz.astype(F64), w.astype(F64), am, yconv.astype(F64), mode, act)
+    assert_close(be.to_host(dzb), ref, *TOL["conv2d_bwd_data"],
+                 f"conv2d_bwd_data_pool {variant} {mode} {act} {yshape} {wshape}")
+
+
 def _pool_input(shape, seed):
     """Small integers: many ties inside windows, so the first-maximum rule is exercised."""
     return np.random.default_rng(seed).integers(-2, 3, shape).astype(np.float32)
@@ -309,7 +328,8 @@ class StepRig:
     row, step_advance moves the state on. Every launch has the same arguments at every step, so the step
     can be recorded (``be.record``) and captured (``be.graph``). Works on any backend.
 
-    ``net="lenet"``: LeNet-5 (the fused conv2d_pool_fwd where the backend lists it). ``net="tiny"``: the
+    ``net="lenet"``: LeNet-5 (the fused conv2d_pool_fwd and conv2d_bwd_data_pool where the backend lists
+    them). ``net="tiny"``: the
     same state-driven ops around one dense layer on the 32×32 canvas (batch_prepare → dense_fwd →
     softmax_xent → dense_bwd → conv2d_bwd_weight of a 1→2 channel 3×3 filter on the canvas → optimizer →
     step_advance): small enough for the simulator. The dataset is random digits-shaped data; n // batch
@@ -393,8 +413,12 @@ class StepRig:
             be.dense_bwd(self.p3_flat, p["c5.w"], self.a5, self.da5, self.dp3_flat, g["c5.w"], g["c5.b"], act)
             be.pool2x2_bwd(self.dp3, self.m3, self.a3, self.dz3, mode, act)
             be.conv2d_bwd_weight(self.p1, self.dz3, g["c3.w"], g["c3.b"], self.state)
-            be.conv2d_bwd_data(self.dz3, p["c3.w"], self.dp1)
-            be.pool2x2_bwd(self.dp1, self.m1, self.a1, self.dz1, mode, act)
+            if "conv2d_bwd_data_pool" in be.variants:
+                am1 = self.m1 if mode == "max" else None
+                be.conv2d_bwd_data_pool(self.dz3, p["c3.w"], am1, self.a1, self.dz1, mode, act)
+            else:
+                be.conv2d_bwd_data(self.dz3, p["c3.w"], self.dp1)
+                be.pool2x2_bwd(self.dp1, self.m1, self.a1, self.dz1, mode, act)
             be.conv2d_bwd_weight(self.x, self.dz1, g["c1.w"], g["c1.b"], self.state)
         else:
             be.dense_fwd(self.x_flat, p["w"], p["b"], self.logits, "identity")
@@ -411,7 +435,8 @@ class StepRig:
     def snapshot(self) -> dict:
         """Host copies of everything a step changes."""
         be = self.be
-        return {k: be.to_host(getattr(self, k)) for k in ("params", "m", "v", "state", "stats", "x", "y", "logits")}
+        return {k: be.to_host(getattr(self, k)) for k in ("params", "grads", "m", "v", "state", "stats", "x", "y",
+                                                         "logits")}
 
 
 def assert_snapshots_equal(a: dict, b: dict, what: str) -> None:
@@ -525,4 +550,41 @@ def dispatch_figures(be, repeats: int = 200, k: int = 8) -> dict[str, float]:
                                              sync)
     out["noop_cuda_core"] = _per_call_us(lambda: nd.launch(stream, config, core_kernel, *kernelargs), reps, sync)
     out["noop_prepared"] = _per_call_us(lambda: prepared.issue(s0), reps, sync)
+    # host time only: few enough launches that the launch queue never fills, no sync inside the timing
+    for key, fn in (("noop_numba_host", lambda: noop[1, 32](arr)),
+                    ("noop_cuda_core_host", lambda: nd.launch(stream, config, core_kernel, *kernelargs)),
+                    ("noop_prepared_host", lambda: prepared.issue(s0))):
+        sync()
+        out[key] = _per_call_us(fn, 200)
+    sync()
     return out
+
+
+def kernel_times(be, batch: int, reps: int = 50, k: int = 8) -> dict:
+    """Device µs of each launch of a recorded LeNet-5 training step at ``batch`` (each prepared launch
+    issued ``reps`` times between two CUDA events) and of a whole step (a graph of k steps, replayed)."""
+    from numba import cuda
+
+    rig = StepRig(be, net="lenet", n=batch * 8, batch=batch)
+    rig.step()
+    rec = be.record(rig.step)
+    rec()
+    stream = be._default_stream
+    e0, e1 = cuda.event(), cuda.event()
+    per_launch = []
+    for p in rec.launches:
+        e0.record()
+        for _ in range(reps):
+            p.issue(stream)
+        e1.record()
+        e1.synchronize()
+        per_launch.append((p.name, p.grid[0] * p.grid[1], round(cuda.event_elapsed_time(e0, e1) * 1e3 / reps, 2)))
+    g = be.graph(rec, k)
+    g()
+    e0.record()
+    for _ in range(reps // k + 1):
+        g()
+    e1.record()
+    e1.synchronize()
+    step = cuda.event_elapsed_time(e0, e1) * 1e3 / ((reps // k + 1) * k)
+    return {"batch": batch, "step_us": round(step, 1), "launches": per_launch}
