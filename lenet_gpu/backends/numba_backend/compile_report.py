@@ -46,6 +46,8 @@ LENET_LAUNCHES: dict[str, list[dict[str, Any]]] = {
     "softmax_xent": [{}],
     "adam_step": [{"p": (62080,)}],
     "sgd_step": [{"p": (62080,)}],
+    "step_advance": [{}],
+    "conv2d_bwd_data_pool": [{"dzb": (64, 6, 28, 28), "w": (16, 6, 5, 5)}],
 }
 
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
