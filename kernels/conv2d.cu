@@ -34,7 +34,8 @@
 //                         deterministic, no float atomics.
 //   conv2d_bwd_weight_v3  v2 split over the batch too (grid.z): enough blocks to fill the GPU when
 //                         K*C*R*S is small and N*P*Q large (C1 at batch 4096); per-split partial sums,
-//                         and the last block per column (integer ticket) adds them in a fixed order.
+//                         and the last block per column (an integer ticket tagged with the state's STEP:
+//                         never relies on the previous launch having reset it) adds them in a fixed order.
 //
 // Launch shapes (launch_plan in lenet_gpu/backends/cupy_backend/backend.py): v1 kernels 1-D grids of 256
 // threads; conv2d_fwd_v2 grid (ceil(N/imgs)*tiles, ceil(K/K_BLOCK)), 1-D block >= imgs*rows*Q rounded to a
@@ -447,13 +448,14 @@ conv2d_bwd_weight_v2(const float* __restrict__ x, const float* __restrict__ dz, 
 
 // Grid (ceil(C*R*S/J_BLOCK), K, splits), block BWD_THREADS. Split z reduces images [z*chunk, (z+1)*chunk)
 // like v2 and stores its J_BLOCK (+ db) sums in partial[z][k][0..CRS] (db at index CRS); the last block of
-// each (x, k) column to finish (an integer ticket, not a float atomic) adds the `splits` partials in
-// order z = 0, 1, ... and resets its ticket to 0 for the next launch. Deterministic whatever the block
-// order. partial: splits*K*(CRS+1) floats; tickets: gridDim.x*K ints, zero before the first launch.
+// each (x, k) column to finish (an integer ticket, not a float atomic: common.cuh ticket_take, tagged with
+// the state's STEP, or 0 when state is NULL) adds the `splits` partials in order z = 0, 1, ... and resets
+// its ticket. Deterministic whatever the block order. partial: splits*K*(CRS+1) floats; tickets:
+// gridDim.x*K 64-bit words holding anything but a stale count of the same STEP (zeros at first).
 extern "C" __global__ void __launch_bounds__(BWD_THREADS, 2048 / BWD_THREADS / 2)
 conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
-                     float* __restrict__ db, float* partial, unsigned int* tickets, int N, int C, int H, int W,
-                     int K, int R, int S, int chunk) {
+                     float* __restrict__ db, const int* __restrict__ state, float* partial,
+                     unsigned long long* tickets, int N, int C, int H, int W, int K, int R, int S, int chunk) {
     __shared__ float s_red[J_BLOCK + 1][RED_STRIDE];
     __shared__ bool s_last;
     const int P = H - R + 1, Q = W - S + 1, PQ = P * Q, CRS = C * R * S;
@@ -485,10 +487,9 @@ conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, 
     if (tid == J_BLOCK && blockIdx.x == 0) part[CRS] = bsum;
     __threadfence();  // this block's partials are visible device-wide before its ticket is taken
     __syncthreads();
-    if (tid == 0) {
-        const unsigned int ticket = atomicAdd(&tickets[k * gridDim.x + blockIdx.x], 1u);
-        s_last = ticket == (unsigned int)(splits - 1);
-    }
+    const unsigned int gen = ticket_generation(state);
+    unsigned long long* ticket = &tickets[k * gridDim.x + blockIdx.x];
+    if (tid == 0) s_last = ticket_take(ticket, gen, (unsigned int)splits);
     __syncthreads();
     if (!s_last) return;  // block-uniform
     __threadfence();
@@ -502,5 +503,5 @@ conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, 
             else db[k] = v;
         }
     }
-    if (tid == 0) tickets[k * gridDim.x + blockIdx.x] = 0u;  // ready for the next launch (and graph replay)
+    if (tid == 0) ticket_reset(ticket, gen);  // count 0: a repeated launch at the same STEP works too
 }

@@ -4,18 +4,21 @@
 ``cupy-host`` backend — runs the same kernels, launched by the same code below, on the CPU harness
 (HostRuntime). Each op is a thin launch wrapper (STYLE.md §4): check shapes, dtypes and contiguity,
 take the preallocated outputs, compute the grid with ceil_div, pass explicitly typed scalars, launch
-once. No op allocates, copies or synchronises.
+once. No op allocates (after its first call at a shape: the scratch of a last-block reduction), copies
+or synchronises. Nothing that changes from step to step is a kernel argument: the kernels read the step
+state (lenet_gpu.stepstate) from the device.
 
 Compile-time parameters of each kernel file are set per module in ``MODULE_DEFINES`` (``-DNAME=VALUE``);
 ``launch_plan`` computes every launch shape from the op's shapes (and is what the static compile report
 uses to know each kernel's block size and dynamic shared memory).
 
-CUDA Graphs: on a GPU, ``graph(fn)`` runs fn once eagerly, then captures it once on the backend's
-non-default stream and replays the graph on every later call. It is OFF by default until it has been
-proven on a GPU (this project's CI has none; the `gpu` test "graph replay equals eager launches bit for
-bit" is the proof to run): turn it on with ``graphs=True`` or ``LENET_GPU_CUDA_GRAPHS=1`` (the training
-program's ``--cuda-graphs``). On the CPU harness ``graph`` returns fn wrapped so that
-any allocation, copy or sync inside it raises, as it would under capture.
+Cheap launches. The first call of an op at given shapes, variant and options builds a plan entry
+(kernel handle, grid, block, shared memory, the typed scalar arguments, the expected array shapes); a
+later call with the same key checks its arrays against the entry and launches. ``record(fn)`` goes
+further: the runtime keeps fn's launches (final typed arguments) and replays them with no checks at all.
+``graph(fn, steps)`` captures ``steps`` calls of fn as one CUDA graph (on by default; off with
+``graphs=False`` or LENET_GPU_CUDA_GRAPHS=0, and then ``graph`` returns None); on the CPU harness the
+"graph" runs fn with the capture rules enforced on every call (no allocation, copy or sync).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, POOL_CODES, check_act, check_mode
 from .runtime import CupyRuntime, HostRuntime, Runtime, define_options
 
@@ -56,6 +60,7 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "conv2d_bwd_weight": ("conv2d", ("v1", "v2", "v3")),
     "adam_step": ("optim", ("v1", "v2")),
     "sgd_step": ("optim", ("v1", "v2")),
+    "step_advance": ("optim", ("v1",)),
 }
 
 #: The default variant per op (the fastest by design; to be confirmed by the GPU benchmarks).
@@ -195,6 +200,8 @@ def launch_plan(
     if op == "softmax_xent":
         lt = d["loss"]["LOSS_THREADS"]
         return Launch((1 if variant == "v1" else ceil_div(g("N"), lt), 1, 1), (lt, 1, 1))
+    if op == "step_advance":
+        return Launch((1, 1, 1), (1, 1, 1))  # one thread
     if op in ("adam_step", "sgd_step"):
         per_thread = 1 if variant == "v1" else 4  # v2: one float4 per thread
         return Launch((max(1, min(ceil_div(g("n"), THREADS * per_thread), 4096)), 1, 1), (THREADS, 1, 1))
@@ -223,18 +230,39 @@ def _check_aligned(arr: Any, name: str, nbytes: int) -> None:
         raise ValueError(f"{name}: address not {nbytes}-byte aligned (vectorised variant); use variant v1")
 
 
+class _Entry:
+    """A cached launch: kernel handle, grid, block, shared memory, the typed trailing scalar arguments,
+    the scratch buffers of a last-block reduction, and (name, shape, dtype) of each array argument
+    (None: not checked, e.g. an optional array that is absent)."""
+
+    __slots__ = ("kernel", "grid", "block", "shared_mem", "tail", "scratch", "expect", "launch", "aligned")
+
+    def __init__(self, kernel: Any, launch: Launch, tail: tuple, expect: tuple, scratch: tuple = (),
+                 aligned: int = 0) -> None:
+        self.kernel, self.launch = kernel, launch
+        self.grid, self.block, self.shared_mem = launch.grid, launch.block, launch.shared_mem
+        self.tail = tail + tuple(i32(e) for e in launch.extra)
+        self.scratch = scratch
+        self.expect = expect
+        self.aligned = aligned  # the first `aligned` arrays must be 16-byte aligned (float4 variants)
+
+
+def _arg(name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> tuple[str, tuple[int, ...], np.dtype]:
+    return (name, tuple(int(d) for d in shape), np.dtype(dtype))
+
+
 class CupyBackend:
     """CUDA C kernels (kernels/*.cu) on the GPU through CuPy, or on the CPU harness with ``host=True``.
 
     Args:
         host: run on the CPU harness (the ``cupy-host`` backend) instead of the GPU.
-        graphs: capture the forward+backward part as a CUDA graph (GPU only; see the module doc).
-            Default: off, unless the environment sets LENET_GPU_CUDA_GRAPHS=1.
-        fused: offer the fused ``conv2d_pool_fwd`` op (the model then uses it: 16 launches per step
-            instead of 18).
+        graphs: ``graph(fn, steps)`` captures CUDA graphs (on the harness: runs fn under the capture
+            rules). Default: on, unless the environment sets LENET_GPU_CUDA_GRAPHS=0; off: ``graph``
+            returns None.
+        fused: offer the fused ``conv2d_pool_fwd`` op (the model then uses it).
         variants: op → variant overriding ``DEFAULT_VARIANTS``.
         defines: kernel file stem → {NAME: value} overriding ``MODULE_DEFINES``.
-        runtime: a Runtime to use instead of the one ``host`` selects (e.g. for reports).
+        runtime: a Runtime to use instead of the one ``host`` selects (e.g. for reports, host timing).
         sanitize: the harness sanitizer for ``host`` ("address", "thread", "undefined"; default from
             $CUDACPU_SANITIZE).
         min_blocks: conv v2 tiles pack several small maps into one block only while the grid keeps at
@@ -253,17 +281,19 @@ class CupyBackend:
         min_blocks: int = _FILL_BLOCKS,
     ) -> None:
         if graphs is None:
-            graphs = os.environ.get("LENET_GPU_CUDA_GRAPHS", "0") == "1"
+            graphs = os.environ.get("LENET_GPU_CUDA_GRAPHS", "1") != "0"
         if runtime is None:
             runtime = HostRuntime(sanitize=sanitize) if host else CupyRuntime(graphs=graphs)
         self.runtime = runtime
         self.name = "cupy" if runtime.is_gpu else "cupy-host"
         self.is_gpu = runtime.is_gpu
         self.counters = runtime.counters
-        self.graphs = graphs
-        self._scratch: dict[tuple, tuple[Any, ...]] = {}  # per-shape kernel workspaces
+        self.graphs = bool(graphs)
         self.min_blocks = int(min_blocks)
         self.defines = {stem: {**d, **(defines or {}).get(stem, {})} for stem, d in MODULE_DEFINES.items()}
+        self._options = {stem: define_options(d) for stem, d in self.defines.items()}
+        self._kernels: dict[tuple[str, str], Any] = {}
+        self._plans: dict[tuple, _Entry] = {}
         ops = [*OPS, *(("conv2d_pool_fwd",) if fused else ())]
         self.variants: dict[str, tuple[str, ...]] = {op: OP_KERNELS[op][1] for op in ops}
         self.default_variants: dict[str, str] = {op: DEFAULT_VARIANTS[op] for op in ops}
@@ -291,10 +321,15 @@ class CupyBackend:
     def synchronize(self) -> None:
         self.runtime.synchronize()
 
-    def graph(self, fn: Callable[[], None]) -> Callable[[], None]:
-        # the harness always applies the capture rules (no allocation, copy or sync inside fn), so every
-        # cupy-host step in CI proves the step could be captured; on a GPU only when graphs are on
-        return self.runtime.graph(fn) if (self.graphs or not self.is_gpu) else fn
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """fn's launches recorded at its first call (kernel, grid, block, shared memory, typed arguments) and
+        replayed as they are on later calls: no checks, plans or conversions."""
+        return self.runtime.record(fn)
+
+    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
+        """``steps`` consecutive calls of fn as one CUDA graph, captured at the first call and replayed after
+        (fn already warmed up); None when graphs are off. On the CPU harness: fn under the capture rules."""
+        return self.runtime.graph(fn, steps) if self.graphs else None
 
     # ------------------------------------------------------------------ launch helpers
     def _variant(self, op: str, variant: str | None) -> str:
@@ -303,193 +338,245 @@ class CupyBackend:
             raise ValueError(f"{op}: unknown variant {v!r}; this backend has {self.variants.get(op, ())}")
         return v
 
+    def _kernel(self, op: str, variant: str) -> Any:
+        k = self._kernels.get((op, variant))
+        if k is None:
+            stem = OP_KERNELS[op][0]
+            k = self._kernels[(op, variant)] = self.runtime.get_kernel(stem, f"{op}_{variant}", self._options[stem])
+        return k
+
     def _launch(self, op: str, variant: str, launch: Launch, args: tuple) -> None:
-        stem = OP_KERNELS[op][0]
-        kernel = self.runtime.get_kernel(stem, f"{op}_{variant}", define_options(self.defines[stem]))
-        self.runtime.launch(kernel, launch.grid, launch.block, args + tuple(i32(e) for e in launch.extra),
-                            launch.shared_mem)
+        """Launch ``{op}_{variant}`` with ``args`` followed by the plan's typed tile arguments."""
+        self.runtime.launch(self._kernel(op, variant), launch.grid, launch.block,
+                            args + tuple(i32(e) for e in launch.extra), launch.shared_mem)
 
     def plan(self, op: str, variant: str, **shapes: int) -> Launch:
         return launch_plan(op, variant, shapes, self.defines, self.min_blocks)
 
+    def _entry(self, op: str, variant: str, tail: tuple, expect: tuple, scratch: tuple = (), **shapes: int) -> _Entry:
+        return _Entry(self._kernel(op, variant), self.plan(op, variant, **shapes), tail, expect, scratch)
+
+    def _run(self, e: _Entry, arrays: tuple) -> None:
+        for a, ex in zip(arrays, e.expect):
+            if ex is not None and (a is None or a.shape != ex[1] or a.dtype != ex[2] or not a.flags.c_contiguous):
+                _check(a, *ex)
+        for a, ex in zip(arrays[: e.aligned], e.expect):
+            _check_aligned(a, ex[0], 16)
+        self.runtime.launch(e.kernel, e.grid, e.block, arrays + e.scratch + e.tail, e.shared_mem)
+
+    def ticket_buffers(self, op: str) -> list[Any]:
+        """The last-block ticket buffers (uint64) of ``op``'s cached launches (softmax_xent v2,
+        conv2d_bwd_weight v3): for tests that poison them and for debugging."""
+        return [e.scratch[-1] for key, e in self._plans.items() if key[0] == op and e.scratch]
+
     # ------------------------------------------------------------------ ops
-    def batch_prepare(self, images, labels, perm, offset, x, y, mean, std, variant=None) -> None:
-        v = self._variant("batch_prepare", variant)
-        n, ih, iw = images.shape
-        b, _, xh, xw = x.shape
-        pad = (xh - ih) // 2
-        _check(images, "images", (n, ih, iw), np.uint8)
-        _check(labels, "labels", (n,), np.uint8)
-        _check(perm, "perm", (perm.shape[0],), np.int32)
-        _check(x, "x", (b, 1, ih + 2 * pad, iw + 2 * pad))
-        _check(y, "y", (b,), np.int32)
-        offset = int(offset)
-        if offset < 0 or offset + b > perm.shape[0]:
-            raise IndexError(f"batch_prepare: perm has {perm.shape[0]} entries, need {offset + b}")
-        scale, shift = f32(1.0 / (255.0 * std)), f32(-mean / std)
-        self._launch("batch_prepare", v, self.plan("batch_prepare", v, B=b, XH=xh, XW=xw),
-                     (images, labels, perm, i32(offset), x, y, i32(b), i32(ih), i32(iw), i32(pad), scale, shift))
+    def batch_prepare(self, images, labels, perm, state, x, y, mean, std, variant=None) -> None:
+        key = ("batch_prepare", variant, images.shape, perm.shape, x.shape, float(mean), float(std))
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("batch_prepare", variant)
+            n, ih, iw = images.shape
+            b, _, xh, xw = x.shape
+            pad = (xh - ih) // 2
+            if xh != ih + 2 * pad or xw != iw + 2 * pad or pad < 0:
+                raise ValueError(f"batch_prepare: x {tuple(x.shape)} is not images {tuple(images.shape)} padded")
+            (m,) = perm.shape
+            if m < 1:
+                raise ValueError("batch_prepare: empty permutation")
+            expect = (_arg("images", (n, ih, iw), np.uint8), _arg("labels", (n,), np.uint8),
+                      _arg("perm", (m,), np.int32), _arg("state", (STATE_WORDS,), np.int32),
+                      _arg("x", (b, 1, xh, xw)), _arg("y", (b,), np.int32))
+            tail = (i32(m), i32(b), i32(ih), i32(iw), i32(pad), f32(1.0 / (255.0 * std)), f32(-mean / std))
+            e = self._plans[key] = self._entry("batch_prepare", v, tail, expect, B=b, XH=xh, XW=xw)
+        self._run(e, (images, labels, perm, state, x, y))
 
     def _conv_shapes(self, x, w, b) -> tuple[int, ...]:
         n, c, h, wd = x.shape
         k, c2, r, s = w.shape
         if c2 != c or h < r or wd < s:
             raise ValueError(f"conv2d: x {tuple(x.shape)} and w {tuple(w.shape)} do not agree")
-        _check(x, "x", (n, c, h, wd))
-        _check(w, "w", (k, c, r, s))
-        if b is not None:
-            _check(b, "b", (k,))
         return n, c, h, wd, k, r, s
 
     def conv2d_fwd(self, x, w, b, y, act, variant=None) -> None:
-        v = self._variant("conv2d_fwd", variant)
-        check_act(act)
-        n, c, h, wd, k, r, s = self._conv_shapes(x, w, b)
-        _check(y, "y", (n, k, h - r + 1, wd - s + 1))
-        plan = self.plan("conv2d_fwd", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
-        self._launch("conv2d_fwd", v, plan,
-                     (x, w, b, y, *(i32(e) for e in (n, c, h, wd, k, r, s)), i32(ACT_CODES[act])))
+        key = ("conv2d_fwd", variant, x.shape, w.shape, act)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_fwd", variant)
+            check_act(act)
+            n, c, h, wd, k, r, s = dims = self._conv_shapes(x, w, b)
+            expect = (_arg("x", (n, c, h, wd)), _arg("w", (k, c, r, s)), _arg("b", (k,)),
+                      _arg("y", (n, k, h - r + 1, wd - s + 1)))
+            tail = (*(i32(d) for d in dims), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("conv2d_fwd", v, tail, expect, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
+        self._run(e, (x, w, b, y))
 
     def conv2d_pool_fwd(self, x, w, b, yconv, ypool, argmax, act, mode, variant=None) -> None:
         """Fused conv2d_fwd + pool2x2_fwd: yconv (may be None: not written) = act(conv + b); ypool and,
         for max, argmax = the 2×2/2 subsampling of it."""
-        v = self._variant("conv2d_pool_fwd", variant)
-        check_act(act)
-        check_mode(mode)
-        n, c, h, wd, k, r, s = self._conv_shapes(x, w, b)
-        p, q = h - r + 1, wd - s + 1
-        if yconv is not None:
-            _check(yconv, "yconv", (n, k, p, q))
-        _check(ypool, "ypool", (n, k, p // 2, q // 2))
-        if mode == "max":
-            _check(argmax, "argmax", (n, k, p // 2, q // 2), np.uint8)
-        plan = self.plan("conv2d_pool_fwd", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
-        self._launch("conv2d_pool_fwd", v, plan,
-                     (x, w, b, yconv, ypool, argmax if mode == "max" else None,
-                      *(i32(e) for e in (n, c, h, wd, k, r, s)), i32(ACT_CODES[act]), i32(POOL_CODES[mode])))
+        key = ("conv2d_pool_fwd", variant, x.shape, w.shape, act, mode, yconv is None)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_pool_fwd", variant)
+            check_act(act)
+            check_mode(mode)
+            n, c, h, wd, k, r, s = dims = self._conv_shapes(x, w, b)
+            p, q = h - r + 1, wd - s + 1
+            expect = (_arg("x", (n, c, h, wd)), _arg("w", (k, c, r, s)), _arg("b", (k,)),
+                      None if yconv is None else _arg("yconv", (n, k, p, q)), _arg("ypool", (n, k, p // 2, q // 2)),
+                      _arg("argmax", (n, k, p // 2, q // 2), np.uint8) if mode == "max" else None)
+            tail = (*(i32(d) for d in dims), i32(ACT_CODES[act]), i32(POOL_CODES[mode]))
+            e = self._plans[key] = self._entry("conv2d_pool_fwd", v, tail, expect, N=n, C=c, H=h, W=wd, K=k, R=r,
+                                               S=s)
+        self._run(e, (x, w, b, yconv, ypool, argmax if mode == "max" else None))
 
     def conv2d_bwd_data(self, dz, w, dx, variant=None) -> None:
-        v = self._variant("conv2d_bwd_data", variant)
-        n, c, h, wd = dx.shape
-        k, c2, r, s = w.shape
-        if c2 != c:
-            raise ValueError(f"conv2d_bwd_data: w {tuple(w.shape)} and dx {tuple(dx.shape)} do not agree")
-        _check(dz, "dz", (n, k, h - r + 1, wd - s + 1))
-        _check(w, "w", (k, c, r, s))
-        _check(dx, "dx", (n, c, h, wd))
-        plan = self.plan("conv2d_bwd_data", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
-        self._launch("conv2d_bwd_data", v, plan, (dz, w, dx, *(i32(e) for e in (n, c, h, wd, k, r, s))))
+        key = ("conv2d_bwd_data", variant, dx.shape, w.shape)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_bwd_data", variant)
+            n, c, h, wd = dims = dx.shape
+            k, c2, r, s = w.shape
+            if c2 != c or h < r or wd < s:
+                raise ValueError(f"conv2d_bwd_data: w {tuple(w.shape)} and dx {tuple(dx.shape)} do not agree")
+            expect = (_arg("dz", (n, k, h - r + 1, wd - s + 1)), _arg("w", (k, c, r, s)), _arg("dx", dims))
+            tail = tuple(i32(d) for d in (n, c, h, wd, k, r, s))
+            e = self._plans[key] = self._entry("conv2d_bwd_data", v, tail, expect, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
+        self._run(e, (dz, w, dx))
 
-    def conv2d_bwd_weight(self, x, dz, dw, db, variant=None) -> None:
-        v = self._variant("conv2d_bwd_weight", variant)
-        n, c, h, wd = x.shape
-        k, c2, r, s = dw.shape
-        if c2 != c:
-            raise ValueError(f"conv2d_bwd_weight: x {tuple(x.shape)} and dw {tuple(dw.shape)} do not agree")
-        _check(x, "x", (n, c, h, wd))
-        _check(dz, "dz", (n, k, h - r + 1, wd - s + 1))
-        _check(dw, "dw", (k, c, r, s))
-        _check(db, "db", (k,))
-        plan = self.plan("conv2d_bwd_weight", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
-        shapes = tuple(i32(e) for e in (n, c, h, wd, k, r, s))
-        if v != "v3":
-            self._launch("conv2d_bwd_weight", v, plan, (x, dz, dw, db, *shapes))
-            return
-        # per-split partial sums and the tickets of the last-block reduction: allocated on the first call
-        # at a shape (warm-up), reused after; the kernel leaves the tickets at zero
-        key = ("conv2d_bwd_weight", n, c, h, wd, k, r, s)
-        ws = self._scratch.get(key)
-        if ws is None:
-            ws = self._scratch[key] = (self.runtime.empty((plan.grid[2] * k * (c * r * s + 1),)),
-                                       self.runtime.zeros((plan.grid[0] * k,), np.uint32))
-        self._launch("conv2d_bwd_weight", v, plan, (x, dz, dw, db, *ws, *shapes))
+    def conv2d_bwd_weight(self, x, dz, dw, db, state=None, variant=None) -> None:
+        """dw, db of a convolution. ``state``: the step state, whose STEP tags the last-block ticket of v3 (a
+        launch never relies on the previous one having reset it); None: generation 0."""
+        key = ("conv2d_bwd_weight", variant, x.shape, dw.shape, state is None)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_bwd_weight", variant)
+            n, c, h, wd = x.shape
+            k, c2, r, s = dw.shape
+            if c2 != c or h < r or wd < s:
+                raise ValueError(f"conv2d_bwd_weight: x {tuple(x.shape)} and dw {tuple(dw.shape)} do not agree")
+            expect = (_arg("x", (n, c, h, wd)), _arg("dz", (n, k, h - r + 1, wd - s + 1)), _arg("dw", (k, c, r, s)),
+                      _arg("db", (k,)))
+            tail = tuple(i32(d) for d in (n, c, h, wd, k, r, s))
+            plan = self.plan("conv2d_bwd_weight", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
+            scratch: tuple = ()
+            if v == "v3":  # per-split partial sums and the column tickets: allocated once per shape
+                scratch = (self.runtime.empty((plan.grid[2] * k * (c * r * s + 1),)),
+                           self.runtime.zeros((plan.grid[0] * k,), np.uint64))
+                expect += (None if state is None else _arg("state", (STATE_WORDS,), np.int32),)
+            e = self._plans[key] = _Entry(self._kernel("conv2d_bwd_weight", v), plan, tail, expect, scratch)
+        self._run(e, (x, dz, dw, db, state) if e.scratch else (x, dz, dw, db))
 
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
-        v = self._variant("pool2x2_fwd", variant)
-        check_mode(mode)
-        n, c, h, wd = x.shape
-        _check(x, "x", (n, c, h, wd))
-        _check(y, "y", (n, c, h // 2, wd // 2))
-        if mode == "max":
-            _check(argmax, "argmax", (n, c, h // 2, wd // 2), np.uint8)
-        plan = self.plan("pool2x2_fwd", v, NC=n * c, H=h, W=wd)
-        self._launch("pool2x2_fwd", v, plan, (x, y, argmax if mode == "max" else None, i32(n * c), i32(h), i32(wd),
-                                              i32(POOL_CODES[mode])))
+        key = ("pool2x2_fwd", variant, x.shape, mode)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("pool2x2_fwd", variant)
+            check_mode(mode)
+            n, c, h, wd = x.shape
+            expect = (_arg("x", (n, c, h, wd)), _arg("y", (n, c, h // 2, wd // 2)),
+                      _arg("argmax", (n, c, h // 2, wd // 2), np.uint8) if mode == "max" else None)
+            tail = (i32(n * c), i32(h), i32(wd), i32(POOL_CODES[mode]))
+            e = self._plans[key] = self._entry("pool2x2_fwd", v, tail, expect, NC=n * c, H=h, W=wd)
+        self._run(e, (x, y, argmax if mode == "max" else None))
 
     def pool2x2_bwd(self, dy, argmax, yconv, dz, mode, act, variant=None) -> None:
-        v = self._variant("pool2x2_bwd", variant)
-        check_mode(mode)
-        check_act(act)
-        n, c, h, wd = dz.shape
-        _check(dz, "dz", (n, c, h, wd))
-        _check(yconv, "yconv", (n, c, h, wd))
-        _check(dy, "dy", (n, c, h // 2, wd // 2))
-        if mode == "max":
-            _check(argmax, "argmax", (n, c, h // 2, wd // 2), np.uint8)
-        plan = self.plan("pool2x2_bwd", v, NC=n * c, H=h, W=wd)
-        self._launch("pool2x2_bwd", v, plan, (dy, argmax if mode == "max" else None, yconv, dz, i32(n * c), i32(h),
-                                              i32(wd), i32(POOL_CODES[mode]), i32(ACT_CODES[act])))
+        key = ("pool2x2_bwd", variant, dz.shape, mode, act)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("pool2x2_bwd", variant)
+            check_mode(mode)
+            check_act(act)
+            n, c, h, wd = dz.shape
+            expect = (_arg("dy", (n, c, h // 2, wd // 2)),
+                      _arg("argmax", (n, c, h // 2, wd // 2), np.uint8) if mode == "max" else None,
+                      _arg("yconv", (n, c, h, wd)), _arg("dz", (n, c, h, wd)))
+            tail = (i32(n * c), i32(h), i32(wd), i32(POOL_CODES[mode]), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("pool2x2_bwd", v, tail, expect, NC=n * c, H=h, W=wd)
+        self._run(e, (dy, argmax if mode == "max" else None, yconv, dz))
 
     def dense_fwd(self, x, w, b, y, act, variant=None) -> None:
-        v = self._variant("dense_fwd", variant)
-        check_act(act)
-        n, i = x.shape
-        o = w.shape[0]
-        _check(x, "x", (n, i))
-        _check(w, "w", (o, i))
-        _check(b, "b", (o,))
-        _check(y, "y", (n, o))
-        plan = self.plan("dense_fwd", v, N=n, I=i, O=o)
-        self._launch("dense_fwd", v, plan, (x, w, b, y, i32(n), i32(i), i32(o), i32(ACT_CODES[act])))
+        key = ("dense_fwd", variant, x.shape, w.shape, act)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("dense_fwd", variant)
+            check_act(act)
+            n, i = x.shape
+            o = w.shape[0]
+            expect = (_arg("x", (n, i)), _arg("w", (o, i)), _arg("b", (o,)), _arg("y", (n, o)))
+            tail = (i32(n), i32(i), i32(o), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("dense_fwd", v, tail, expect, N=n, I=i, O=o)
+        self._run(e, (x, w, b, y))
 
     def dense_bwd(self, x, w, y, dy, dx, dw, db, act, variant=None) -> None:
-        v = self._variant("dense_bwd", variant)
-        check_act(act)
-        n, i = x.shape
-        o = w.shape[0]
-        _check(x, "x", (n, i))
-        _check(w, "w", (o, i))
-        _check(y, "y", (n, o))
-        _check(dy, "dy", (n, o))
-        if dx is not None:
-            _check(dx, "dx", (n, i))
-        _check(dw, "dw", (o, i))
-        _check(db, "db", (o,))
-        plan = self.plan("dense_bwd", v, N=n, I=i, O=o, dx=int(dx is not None))
-        self._launch("dense_bwd", v, plan, (x, w, y, dy, dx, dw, db, i32(n), i32(i), i32(o), i32(ACT_CODES[act])))
+        key = ("dense_bwd", variant, x.shape, w.shape, act, dx is None)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("dense_bwd", variant)
+            check_act(act)
+            n, i = x.shape
+            o = w.shape[0]
+            expect = (_arg("x", (n, i)), _arg("w", (o, i)), _arg("y", (n, o)), _arg("dy", (n, o)),
+                      None if dx is None else _arg("dx", (n, i)), _arg("dw", (o, i)), _arg("db", (o,)))
+            tail = (i32(n), i32(i), i32(o), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("dense_bwd", v, tail, expect, N=n, I=i, O=o, dx=int(dx is not None))
+        self._run(e, (x, w, y, dy, dx, dw, db))
 
-    def softmax_xent(self, logits, labels, dlogits, stats, variant=None) -> None:
-        v = self._variant("softmax_xent", variant)
-        n, nc = logits.shape
-        _check(logits, "logits", (n, nc))
-        _check(labels, "labels", (n,), np.int32)
-        _check(dlogits, "dlogits", (n, nc))
-        _check(stats, "stats", (2,))
-        plan = self.plan("softmax_xent", v, N=n)
-        scratch: tuple = ()
-        if v == "v2":  # block partials and the last-block ticket: allocated at the first call at this batch
-            key = ("softmax_xent", plan.grid[0])
-            scratch = self._scratch.get(key) or self._scratch.setdefault(
-                key, (self.runtime.empty((2 * plan.grid[0],)), self.runtime.zeros((1,), np.uint32)))
-        self._launch("softmax_xent", v, plan, (logits, labels, dlogits, stats, *scratch, i32(n), i32(nc)))
+    def softmax_xent(self, logits, labels, dlogits, stats, state, variant=None) -> None:
+        """dlogits and the step's [Σ loss, correct] into stats row STEP_IN_EPOCH mod S (overwritten)."""
+        key = ("softmax_xent", variant, logits.shape, stats.shape)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("softmax_xent", variant)
+            n, nc = logits.shape
+            if stats.ndim != 2 or stats.shape[1] != 2 or stats.shape[0] < 1:
+                raise ValueError(f"softmax_xent: stats must be (S, 2), got {tuple(stats.shape)}")
+            rows = stats.shape[0]
+            expect = (_arg("logits", (n, nc)), _arg("labels", (n,), np.int32), _arg("dlogits", (n, nc)),
+                      _arg("stats", (rows, 2)), _arg("state", (STATE_WORDS,), np.int32))
+            plan = self.plan("softmax_xent", v, N=n)
+            scratch: tuple = ()
+            if v == "v2":  # block partials and the last-block ticket: allocated at the first call at this shape
+                scratch = (self.runtime.empty((2 * plan.grid[0],)), self.runtime.zeros((1,), np.uint64))
+            e = self._plans[key] = _Entry(self._kernel("softmax_xent", v), plan, (i32(rows), i32(n), i32(nc)),
+                                          expect, scratch)
+        self._run(e, (logits, labels, dlogits, stats, state))
 
-    def adam_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2, variant=None) -> None:
-        var = self._variant("adam_step", variant)
-        (size,) = p.shape
-        for name, a in (("p", p), ("g", g), ("m", m), ("v", v)):
-            _check(a, name, (size,))
-            if var != "v1":
-                _check_aligned(a, name, 16)
-        self._launch("adam_step", var, self.plan("adam_step", var, n=size),
-                     (p, g, m, v, i32(size), f32(lr), f32(beta1), f32(beta2), f32(eps), f32(weight_decay), f32(bc1),
-                      f32(bc2)))
+    def _optim_entry(self, op: str, variant: str | None, names: tuple[str, ...], size: int, sched: Any,
+                     hyper: tuple[float, ...]) -> _Entry:
+        v = self._variant(op, variant)
+        if sched.ndim != 2 or sched.shape[1] != SCHED_COLS or sched.shape[0] < 1:
+            raise ValueError(f"{op}: sched must be (T, {SCHED_COLS}), got {tuple(sched.shape)}")
+        expect = (*(_arg(nm, (size,)) for nm in names), _arg("sched", tuple(sched.shape)),
+                  _arg("state", (STATE_WORDS,), np.int32))
+        tail = (i32(size), i32(sched.shape[0]), *(f32(h) for h in hyper))
+        # the float4 variants need 16-byte aligned buffers (the flat parameter buffers are)
+        aligned = 0 if v == "v1" else len(names)
+        return _Entry(self._kernel(op, v), self.plan(op, v, n=size), tail, expect, aligned=aligned)
 
-    def sgd_step(self, p, g, m, lr, momentum, weight_decay, variant=None) -> None:
-        var = self._variant("sgd_step", variant)
-        (size,) = p.shape
-        for name, a in (("p", p), ("g", g), ("m", m)):
-            _check(a, name, (size,))
-            if var != "v1":
-                _check_aligned(a, name, 16)
-        self._launch("sgd_step", var, self.plan("sgd_step", var, n=size),
-                     (p, g, m, i32(size), f32(lr), f32(momentum), f32(weight_decay)))
+    def adam_step(self, p, g, m, v, sched, state, beta1, beta2, eps, weight_decay, variant=None) -> None:
+        """One Adam step over the flat buffers; [lr, bc1, bc2] from sched's row of this step (device)."""
+        key = ("adam_step", variant, p.shape, sched.shape, beta1, beta2, eps, weight_decay)
+        e = self._plans.get(key)
+        if e is None:
+            e = self._plans[key] = self._optim_entry("adam_step", variant, ("p", "g", "m", "v"), p.shape[0], sched,
+                                                     (beta1, beta2, eps, weight_decay))
+        self._run(e, (p, g, m, v, sched, state))
+
+    def sgd_step(self, p, g, m, sched, state, momentum, weight_decay, variant=None) -> None:
+        """One SGD-with-momentum step over the flat buffers; lr from sched's row of this step (device)."""
+        key = ("sgd_step", variant, p.shape, sched.shape, momentum, weight_decay)
+        e = self._plans.get(key)
+        if e is None:
+            e = self._plans[key] = self._optim_entry("sgd_step", variant, ("p", "g", "m"), p.shape[0], sched,
+                                                     (momentum, weight_decay))
+        self._run(e, (p, g, m, sched, state))
+
+    def step_advance(self, state, batch, variant=None) -> None:
+        """One thread moves the step state on (lenet_gpu.stepstate.advance)."""
+        key = ("step_advance", variant, int(batch))
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("step_advance", variant)
+            e = self._plans[key] = self._entry("step_advance", v, (i32(batch),),
+                                               (_arg("state", (STATE_WORDS,), np.int32),))
+        self._run(e, (state,))
