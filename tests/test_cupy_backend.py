@@ -591,3 +591,22 @@ def test_gpu_bwd_weight_v3_split_path_is_deterministic(batch):
     H.poison_tickets(be, "conv2d_bwd_weight", GARBAGE)
     for g, w in zip(run(), want):
         H.assert_equal(g, w, "v3 after poisoning")
+
+
+@parent_only
+def test_host_overhead_bench():
+    """bench/host.py: every mode times; a replayed launch costs the host well under 5 µs (no-op runtime,
+    targets: ≤ 5 µs per replayed launch, ≤ 10 µs per step for graphs amortised)."""
+    from bench.host import bench_host, markdown
+
+    rows = bench_host(quick=True, repeats=3)
+    modes = {r["mode"]: r for r in rows}
+    assert any("eager" in m for m in modes) and any("graph" in m for m in modes)
+    for r in rows:
+        assert r["us_per_step"] > 0
+    replay = modes["cupy eager (recorded replay)"]
+    assert replay["kernels_per_step"] == replay["launches_per_step"] == 17
+    assert replay["us_per_launch"] <= 5.0, replay
+    graph = next(r for m, r in modes.items() if "graph" in m)
+    assert graph["launches_per_step"] == 0.01 and graph["us_per_step"] <= 10.0, graph
+    assert "| cupy eager (recorded replay) |" in markdown(rows)

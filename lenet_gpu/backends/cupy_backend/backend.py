@@ -32,7 +32,7 @@ import numpy as np
 
 from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, POOL_CODES, check_act, check_mode
-from .runtime import CupyRuntime, HostRuntime, Runtime, define_options
+from .runtime import NULL_POINTER, CupyRuntime, HostRuntime, Runtime, define_options
 
 i32, f32 = np.int32, np.float32
 
@@ -235,7 +235,8 @@ class _Entry:
     the scratch buffers of a last-block reduction, and (name, shape, dtype) of each array argument
     (None: not checked, e.g. an optional array that is absent)."""
 
-    __slots__ = ("kernel", "grid", "block", "shared_mem", "tail", "scratch", "expect", "launch", "aligned")
+    __slots__ = ("kernel", "grid", "block", "shared_mem", "tail", "scratch", "expect", "launch", "aligned",
+                 "optional")
 
     def __init__(self, kernel: Any, launch: Launch, tail: tuple, expect: tuple, scratch: tuple = (),
                  aligned: int = 0) -> None:
@@ -244,6 +245,7 @@ class _Entry:
         self.tail = tail + tuple(i32(e) for e in launch.extra)
         self.scratch = scratch
         self.expect = expect
+        self.optional = any(ex is None for ex in expect)
         self.aligned = aligned  # the first `aligned` arrays must be 16-byte aligned (float4 variants)
 
 
@@ -357,12 +359,17 @@ class CupyBackend:
         return _Entry(self._kernel(op, variant), self.plan(op, variant, **shapes), tail, expect, scratch)
 
     def _run(self, e: _Entry, arrays: tuple) -> None:
+        """Check the arrays against the cached entry and issue its launch (the scalars are typed already)."""
         for a, ex in zip(arrays, e.expect):
-            if ex is not None and (a is None or a.shape != ex[1] or a.dtype != ex[2] or not a.flags.c_contiguous):
+            if ex is None:
+                continue
+            if a is None or a.shape != ex[1] or a.dtype != ex[2] or not a.flags.c_contiguous:
                 _check(a, *ex)
         for a, ex in zip(arrays[: e.aligned], e.expect):
             _check_aligned(a, ex[0], 16)
-        self.runtime.launch(e.kernel, e.grid, e.block, arrays + e.scratch + e.tail, e.shared_mem)
+        if e.optional:  # an optional array: absent is a null pointer
+            arrays = tuple(NULL_POINTER if a is None else a for a in arrays)
+        self.runtime.issue(e.kernel, e.grid, e.block, arrays + e.scratch + e.tail, e.shared_mem)
 
     def ticket_buffers(self, op: str) -> list[Any]:
         """The last-block ticket buffers (uint64) of ``op``'s cached launches (softmax_xent v2,

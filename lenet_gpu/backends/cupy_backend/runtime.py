@@ -131,11 +131,15 @@ class Runtime:
                 raise TypeError(f"kernel argument {a!r} is a Python {type(a).__name__}; pass np.int32/np.float32")
         if min(grid) < 1 or min(block) < 1:
             raise ValueError(f"empty launch: grid {grid}, block {block}")
-        self.counters.launches += 1
         # an absent optional pointer (None) goes as a null pointer value, as CuPy and the harness take it
         if has_null:
-            args = tuple(_NULL if a is None else a for a in args)
-        shared_mem = int(shared_mem)
+            args = tuple(NULL_POINTER if a is None else a for a in args)
+        self.issue(kernel, grid, block, args, int(shared_mem))
+
+    def issue(self, kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int) -> None:
+        """``launch`` without its checks, for callers whose arguments are already final (typed scalars, no
+        None, a legal grid): the backend's cached launch plans."""
+        self.counters.launches += 1
         if self._recording is not None:
             self._recording.append((kernel, grid, block, args, shared_mem))
         self._launch(kernel, grid, block, args, shared_mem)
@@ -259,7 +263,8 @@ class Runtime:
 
 
 # ---------------------------------------------------------------------------------------------- host
-_NULL = np.uintp(0)
+#: the value a null pointer argument (an absent optional array) is passed as
+NULL_POINTER = np.uintp(0)
 
 
 def _check_steps(steps: int) -> int:
