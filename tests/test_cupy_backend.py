@@ -380,15 +380,26 @@ def test_other_compile_time_parameters(be):
 
 
 # ------------------------------------------------------------------------------ whole training steps
-def _programs(be, optimizer: str, fused: bool, act: str, pool: str, batch: int = 2, n: int = 7):
-    from lenet_gpu.backends.cupy_backend.lenet_program import LeNetProgram
-    from lenet_gpu.backends.numpy_backend import NumpyBackend
-    from lenet_gpu.spec import NetConfig
+def _models(be, optimizer: str, fused: bool, act: str, pool: str, **kw):
+    from lenet_gpu.model import LeNet5
 
-    cfg = NetConfig(activation=act, pool=pool)
+    opts = dict(activation=act, pool=pool, seed=1, optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 1e-3)
     cu = be if fused else CupyBackend(host=not be.is_gpu, fused=False)
-    kw = dict(cfg=cfg, optimizer=optimizer, n=n, seed=1, shift=2, lr=0.01 if optimizer == "sgd" else 1e-3)
-    return LeNetProgram(cu, batch, **kw), LeNetProgram(NumpyBackend(threads=1), batch, **kw)
+    return LeNet5(backend=cu, fused=fused, **opts, **kw), LeNet5(backend="numpy", **opts)
+
+
+def _start(models, n: int = 7, batch: int = 2):
+    """Both models on the same 7 images, batch 2 (3 steps an epoch), augmentation on."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+    perm = rng.permutation(n).astype(np.int32)
+    datas = []
+    for m in models:
+        d = m.upload_dataset(images, labels)
+        m.begin_run(d, batch, seed=5, shift=2)
+        m.begin_epoch(d, perm)
+        datas.append(d)
+    return datas
 
 
 @pytest.mark.parametrize(
@@ -397,16 +408,17 @@ def _programs(be, optimizer: str, fused: bool, act: str, pool: str, batch: int =
      ("adam", True, "lecun_tanh", "avg")],
 )
 def test_training_steps_match_numpy(be, optimizer, fused, act, pool):
-    """4 state-driven steps (batch 2 of 7 resident images: the epoch wraps after 3 steps, augmentation on)
-    on the cupy backend and on the numpy backend: parameters, state and per-step stats agree."""
-    cu, ref = _programs(be, optimizer, fused, act, pool)
+    """4 state-driven steps of the model (batch 2 of 7 images: the epoch wraps after 3 steps, augmentation
+    on) on the cupy backend and on the numpy backend: parameters, device state and per-step stats agree."""
+    cu, ref = _models(be, optimizer, fused, act, pool)
+    datas = _start((cu, ref))
     for step in range(4):
-        cu.step()
-        ref.step()
-        H.assert_close(cu.be.to_host(cu.params), ref.be.to_host(ref.params), 2e-5, 2e-4,
-                       what=f"parameters after step {step + 1}")
-        H.assert_equal(cu.be.to_host(cu.state), ref.be.to_host(ref.state), f"state after step {step + 1}")
-    got, want = cu.be.to_host(cu.stats), ref.be.to_host(ref.stats)
+        for m, d in zip((cu, ref), datas):
+            m.run_steps(d, 1)
+        H.assert_close(cu.parameters(), ref.parameters(), 2e-5, 2e-4, what=f"parameters after step {step + 1}")
+        H.assert_equal(cu.backend.to_host(cu._run.state), ref.backend.to_host(ref._run.state),
+                       f"state after step {step + 1}")
+    got, want = cu.step_stats(0, 3), ref.step_stats(0, 3)
     H.assert_equal(got[:, 1], want[:, 1], "correct counts per step")
     H.assert_close(got[:, 0], want[:, 0], 1e-4, 1e-4, what="loss sums per step")
 
@@ -414,45 +426,54 @@ def test_training_steps_match_numpy(be, optimizer, fused, act, pool):
 @pytest.mark.parametrize("fused,expected,optimizer", [(True, 17, "adam"), (False, 19, "sgd")])
 def test_step_counters(be, fused, expected, optimizer):
     """After warm-up a step is launches only: 1 gather + 7 (5 fused) forward + 1 loss + 8 backward +
-    1 optimizer + 1 step_advance, and no allocation, copy or sync: directly, recorded and replayed, or as a
-    graph of 3 steps."""
-    from lenet_gpu.backends.cupy_backend.lenet_program import LeNetProgram
+    1 optimizer + 1 step_advance, and no allocation, copy or sync: as a recorded replay, and as a graph
+    of 3 steps (after the model's self-check)."""
+    from lenet_gpu.model import LeNet5
 
     b = be if fused else CupyBackend(host=not be.is_gpu, fused=False)
     assert ("conv2d_pool_fwd" in b.variants) == fused
-    prog = LeNetProgram(b, 2, optimizer=optimizer, n=8)
-    prog.step()  # warm-up: compile, first-call scratch
-    for fn, steps in ((prog.step, 1), (b.record(prog.step), 1), (b.graph(prog.step, 3), 3)):
-        fn()  # a recording / a capture
+    model = LeNet5(backend=b, optimizer=optimizer, fused=fused, graph_steps=3)
+    assert model.launches_per_step() == expected
+    rng = np.random.default_rng(0)
+    data = model.upload_dataset(rng.integers(0, 256, (16, 28, 28)).astype(np.uint8), np.zeros(16, np.uint8))
+    model.begin_run(data, 2)
+    model.run_steps(data, 1)  # warm-up: compile, first-call scratch, the recording
+    model.run_steps(data, 3)  # the graph's self-check and capture
+    assert model.graph_check()[0], model.graph_check()
+    for count in (1, 3):
         before = b.counters.snapshot()
-        fn()
+        model.run_steps(data, count)
         delta = b.counters.since(before)
-        assert delta == {"launches": expected * steps, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+        assert delta == {"launches": expected * count, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+
+
+class _Unrecorded(CupyBackend):
+    def record(self, fn):
+        return fn
 
 
 def test_record_replays_launches_without_checks(be, monkeypatch):
     """record(fn): the first call runs fn and keeps its launches; later calls replay them (no op code runs)
-    and compute what eager calls compute, bit for bit."""
-    from lenet_gpu.backends.cupy_backend.lenet_program import LeNetProgram
+    and compute what direct op calls compute, bit for bit."""
+    from lenet_gpu.model import LeNet5
 
-    eager = LeNetProgram(CupyBackend(host=not be.is_gpu), 2, n=6)
-    rec = LeNetProgram(be, 2, n=6)
-    eager.step()
-    rec.step()  # warm-up
-    step = be.record(rec.step)
-    step()  # records (and runs)
-    eager.step()
+    rec = LeNet5(backend=be, seed=2, use_graphs=False)
+    eager = LeNet5(backend=_Unrecorded(host=not be.is_gpu), seed=2, use_graphs=False)
+    datas = _start((rec, eager))
+    for m, d in zip((rec, eager), datas):
+        m.run_steps(d, 1)  # rec: records
 
     def no_op_code(*a, **k):
         raise AssertionError("a replay must not run op code")
 
     monkeypatch.setattr(be, "_run", no_op_code)
-    for _ in range(3):
-        step()
-        eager.step()
+    rec.run_steps(datas[0], 4)
     monkeypatch.undo()
-    for name in ("params", "m", "v", "state", "stats"):
-        H.assert_equal(be.to_host(getattr(rec, name)), eager.be.to_host(getattr(eager, name)), f"recorded {name}")
+    eager.run_steps(datas[1], 4)
+    H.assert_equal(rec.parameters(), eager.parameters(), "recorded parameters")
+    for name in ("state", "stats"):
+        H.assert_equal(be.to_host(getattr(rec._run, name)), eager.backend.to_host(getattr(eager._run, name)),
+                       f"recorded {name}")
 
 
 def test_record_refuses_copies_and_syncs(be):
@@ -550,21 +571,26 @@ def test_cupy_not_installed(monkeypatch):
 @parent_only
 @pytest.mark.gpu
 def test_gpu_graph_replay_equals_eager_bit_for_bit():
-    """On a GPU: 6 training steps as two CUDA graphs of 3 steps, as recorded replays, and as direct op
-    calls give exactly the same parameters, state and per-step stats (same kernels, same order, fixed-order
-    reductions, the state on the device), with the epoch wrapping inside a graph."""
-    from lenet_gpu.backends.cupy_backend.lenet_program import LeNetProgram
+    """On a GPU: 7 training steps of the model as a recorded step + two CUDA graphs of 3 steps, as
+    recorded replays, and as direct op calls give exactly the same parameters, state and per-step stats
+    (same kernels, same order, fixed-order reductions, the state on the device), the epoch wrapping
+    inside a graph; the model's own self-check passes."""
+    from lenet_gpu.model import LeNet5
 
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (256, 28, 28)).astype(np.uint8), rng.integers(0, 10, 256).astype(np.uint8)
     results = []
-    for mode in ("eager", "graph", "record", "graph"):
-        be = CupyBackend()
-        prog = LeNetProgram(be, 64, n=256, seed=3)  # 4 steps per epoch
-        prog.step()  # warm-up
-        fn, calls = {"eager": (prog.step, 6), "record": (be.record(prog.step), 6),
-                     "graph": (be.graph(prog.step, 3), 2)}[mode]
-        for _ in range(calls):
-            fn()
-        results.append([be.to_host(a) for a in (prog.params, prog.state, prog.stats)])
+    for mode in ("direct", "graph", "record", "graph"):
+        be = _Unrecorded() if mode == "direct" else CupyBackend()
+        model = LeNet5(backend=be, seed=3, use_graphs=mode == "graph", graph_steps=3)
+        data = model.upload_dataset(images, labels)
+        model.begin_run(data, 64, seed=1, shift=2)  # 4 steps an epoch
+        model.begin_epoch(data, np.arange(256, dtype=np.int32))
+        for count in (1, 3, 3):
+            model.run_steps(data, count)
+        if mode == "graph":
+            assert model.graph_check()[0], model.graph_check()
+        results.append([be.to_host(a) for a in (model.params, model._run.state, model._run.stats)])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert np.array_equal(a, b)

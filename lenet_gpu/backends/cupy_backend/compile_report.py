@@ -1,9 +1,9 @@
 """Static report of the cupy backend's kernels: NVRTC + ptxas resources joined with the launch shapes the
 backend really uses at LeNet sizes. Needs no GPU.
 
-How the launch shapes are found: LeNet training steps (lenet_program.LeNetProgram) run on a CupyBackend
-whose Runtime only records launches (``RecordingRuntime``: kernel, block, dynamic shared memory; nothing
-is computed), once per variant set (all v1, then each op's v2, v3 where it has one), fused and unfused, adam and sgd.
+How the launch shapes are found: LeNet5 training steps (``run_steps``) run on a CupyBackend whose Runtime
+only records launches (``RecordingRuntime``: kernel, block, dynamic shared memory; nothing is computed),
+once per variant set (all v1, then each op's v2, v3 where it has one), fused and unfused, adam and sgd.
 Each kernel is then compiled with NVRTC, with exactly the options the backend loads it with, for each
 architecture, and the ptxas report (registers, static shared memory, stack, spills) is joined with the
 recorded launch: ``shared_bytes`` = static + the largest dynamic shared memory of its LeNet launches.
@@ -67,15 +67,20 @@ def record_lenet_launches(
     batch: int = REPORT_BATCH, defines: dict[str, dict[str, int]] | None = None
 ) -> dict[tuple[str, tuple[str, ...], str], list[tuple[tuple, tuple, int]]]:
     """Every kernel launch of LeNet training steps over all variants: (stem, options, kernel) → launches."""
-    from .lenet_program import LeNetProgram
+    from ...model import LeNet5
 
     rt = RecordingRuntime()
     depth = max(len(vs) for _, vs in OP_KERNELS.values())
+    images = np.zeros((2 * batch, 28, 28), np.uint8)
+    labels = np.zeros(2 * batch, np.uint8)
     for i in range(depth):
         chosen = {op: vs[min(i, len(vs) - 1)] for op, (_, vs) in OP_KERNELS.items()}
         for fused, optimizer in ((True, "adam"), (False, "sgd")):
             be = CupyBackend(runtime=rt, fused=fused, variants=chosen, defines=defines, graphs=False)
-            LeNetProgram(be, batch, optimizer=optimizer).step()
+            model = LeNet5(backend=be, optimizer=optimizer, use_graphs=False, fused=fused)
+            data = model.upload_dataset(images, labels)
+            model.begin_run(data, batch, shift=2)
+            model.run_steps(data, 1)
     return rt.launched
 
 
