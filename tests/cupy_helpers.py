@@ -152,6 +152,26 @@ def check_conv2d_bwd_data(be: Any, variant: str, xs: tuple, ws: tuple, seed: int
     assert_close(d.get(dx), want, *TOL["conv2d_bwd_data"], what=f"conv2d_bwd_data_{variant} x{xs} w{ws}")
 
 
+def check_conv2d_bwd_data_pool(be: Any, variant: str, ys: tuple, ws: tuple, mode: str, act: str,
+                               seed: int = 0) -> None:
+    """dz_below (yconv's shape ys) = reference.conv2d_bwd_data_pool: the data gradient of a convolution over
+    the 2×2 pooling of yconv, routed back through that pooling, times act'(yconv). NaN-poisoned output."""
+    d = Dev(be)
+    n, c, h, wd = ys
+    k, _, r, s = ws
+    hp, wp = h // 2, wd // 2
+    dzs = (n, k, hp - r + 1, wp - s + 1)
+    dz, w = rand(dzs, seed), rand(ws, seed + 1, _wscale(ws))
+    yconv = activated(ys, act, seed + 2)
+    am = np.random.default_rng(seed).integers(0, 4, size=(n, c, hp, wp)).astype(np.uint8)
+    out = d.put(nan_like(ys))
+    be.conv2d_bwd_data_pool(d.put(dz), d.put(w), d.put(am) if mode == "max" else None, d.put(yconv), out, mode, act,
+                            variant=variant)
+    want = ref.conv2d_bwd_data_pool(d64(dz), d64(w), am if mode == "max" else None, d64(yconv), mode, act)
+    assert_close(d.get(out), want, *TOL["conv2d_bwd_data"],
+                 what=f"conv2d_bwd_data_pool_{variant} {mode} {act} yconv{ys} w{ws}")
+
+
 def check_conv2d_bwd_weight(be: Any, variant: str, xs: tuple, ws: tuple, seed: int = 0) -> tuple:
     d = Dev(be)
     n, c, h, wd = xs

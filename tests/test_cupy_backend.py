@@ -174,6 +174,27 @@ def test_conv2d_bwd_data(be, variant, xs, ws):
     H.check_conv2d_bwd_data(be, variant, xs, ws)
 
 
+BWD_POOL = [
+    ((1, 6, 28, 28), (16, 6, 5, 5)),  # LeNet C3 -> S2 -> C1, batch 1
+    ((3, 6, 28, 28), (16, 6, 5, 5)),
+    ((2, 3, 13, 11), (5, 3, 3, 2)),  # odd yconv: a trailing row and column in no window
+    ((1, 7, 9, 12), (9, 7, 2, 3)),  # C not a multiple of any C_BLOCK, odd height
+]
+
+
+@pytest.mark.parametrize("variant", variants("conv2d_bwd_data_pool"))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ys,ws", BWD_POOL)
+def test_conv2d_bwd_data_pool(be, variant, mode, ys, ws):
+    H.check_conv2d_bwd_data_pool(be, variant, ys, ws, mode, "relu")
+
+
+@pytest.mark.parametrize("variant", variants("conv2d_bwd_data_pool"))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_conv2d_bwd_data_pool_acts(be, variant, act):
+    H.check_conv2d_bwd_data_pool(be, variant, (2, 3, 11, 10), (4, 3, 3, 3), "max", act, seed=6)
+
+
 @pytest.mark.parametrize("variant", variants("conv2d_bwd_weight"))
 @pytest.mark.parametrize("xs,ws", LENET_CONV + ODD_CONV)
 def test_conv2d_bwd_weight(be, variant, xs, ws):
@@ -357,17 +378,22 @@ ALT_DEFINES = {
 def test_other_compile_time_parameters(be):
     """The kernels are general in their UPPER_CASE parameters too, not only at the defaults."""
     alt = CupyBackend(host=not be.is_gpu, defines=ALT_DEFINES)
-    be_packed = CupyBackend(host=not be.is_gpu, min_blocks=1)  # conv v2 packs small maps: imgs > 1
+    be_packed = CupyBackend(host=not be.is_gpu, sm_count=1)  # filling 1 SM: conv v2 packs small maps (imgs > 1)
+    for n in (7, 11):
+        plan = be_packed.plan("conv2d_pool_fwd", "v2", N=n, C=6, H=14, W=14, K=16, R=5, S=5)
+        assert 1 < plan.extra[2] < n and n % plan.extra[2], plan  # several maps a block, a partial last block
     for v in variants("conv2d_fwd"):
         H.check_conv2d_fwd(alt, v, (2, 6, 14, 14), (16, 6, 5, 5), "relu")
         H.check_conv2d_fwd(alt, v, (1, 2, 7, 40), (9, 2, 2, 3), "sigmoid")
     for v in variants("conv2d_fwd"):
-        H.check_conv2d_fwd(be_packed, v, (3, 6, 14, 14), (16, 6, 5, 5), "relu")  # 2 maps per block, 1 left
+        H.check_conv2d_fwd(be_packed, v, (7, 6, 14, 14), (16, 6, 5, 5), "relu")
     for v in variants("conv2d_pool_fwd"):
         H.check_conv2d_pool_fwd(alt, v, (1, 2, 10, 9), (9, 2, 2, 2), "tanh", "max")
-        H.check_conv2d_pool_fwd(be_packed, v, (11, 6, 14, 14), (16, 6, 5, 5), "relu", "max")  # 10 + 1 maps
+        H.check_conv2d_pool_fwd(be_packed, v, (11, 6, 14, 14), (16, 6, 5, 5), "relu", "max")  # 5 + 5 + 1 maps
     for v in variants("conv2d_bwd_data"):
         H.check_conv2d_bwd_data(alt, v, (3, 6, 14, 14), (16, 6, 5, 5))  # C_BLOCK 4: a partial channel block
+    for v in variants("conv2d_bwd_data_pool"):
+        H.check_conv2d_bwd_data_pool(alt, v, (3, 6, 29, 28), (16, 6, 5, 5), "max", "tanh")
     for v in variants("conv2d_bwd_weight"):
         H.check_conv2d_bwd_weight(alt, v, (2, 6, 14, 14), (16, 6, 5, 5))
         H.check_conv2d_bwd_weight(alt, v, (8, 1, 32, 32), (6, 1, 5, 5))  # v3: 8 batch splits
@@ -423,11 +449,11 @@ def test_training_steps_match_numpy(be, optimizer, fused, act, pool):
     H.assert_close(got[:, 0], want[:, 0], 1e-4, 1e-4, what="loss sums per step")
 
 
-@pytest.mark.parametrize("fused,expected,optimizer", [(True, 17, "adam"), (False, 19, "sgd")])
+@pytest.mark.parametrize("fused,expected,optimizer", [(True, 16, "adam"), (False, 19, "sgd")])
 def test_step_counters(be, fused, expected, optimizer):
-    """After warm-up a step is launches only: 1 gather + 7 (5 fused) forward + 1 loss + 8 backward +
-    1 optimizer + 1 step_advance, and no allocation, copy or sync: as a recorded replay, and as a graph
-    of 3 steps (after the model's self-check)."""
+    """After warm-up a step is launches only: 1 gather + 7 (5 fused) forward + 1 loss + 8 (7 fused)
+    backward + 1 optimizer + 1 step_advance, and no allocation, copy or sync: as a recorded replay, and as a
+    graph of 3 steps (after the model's self-check)."""
     from lenet_gpu.model import LeNet5
 
     b = be if fused else CupyBackend(host=not be.is_gpu, fused=False)
@@ -514,15 +540,25 @@ def test_python_scalars_are_rejected(be):
 
 # --------------------------------------------------------------------------------- no device needed
 @parent_only
-@pytest.mark.parametrize("batch", [1, 2, 3, 8, 64, 255, 256, 1000, 4096])
-def test_launch_shapes_at_lenet_sizes(batch):
-    """Every launch at LeNet sizes is legal (block ≤ 1024, grid within limits, smem ≤ 48 KiB) and at
-    batch ≥ 256 the big ops launch enough blocks to fill a GPU (≥ 132 SMs)."""
+@pytest.mark.parametrize("sm_count", [132, 78, 16])
+@pytest.mark.parametrize("batch", [1, 2, 3, 8, 64, 128, 255, 256, 1000, 4096])
+def test_launch_shapes_at_lenet_sizes(batch, sm_count):
+    """Every launch at LeNet sizes is legal (block ≤ 1024, grid within limits, smem ≤ 48 KiB); the conv tile
+    kernels (v2) run blocks of ≥ 4 warps and, at batch ≥ 128, at least one block per SM; C1's tiles waste no
+    register-blocking lane (K_BLOCK divides 6); the optimizer's grid covers the SMs."""
     layers = [dict(N=batch, C=1, H=32, W=32, K=6, R=5, S=5), dict(N=batch, C=6, H=14, W=14, K=16, R=5, S=5)]
     plans = []
     for op in ("conv2d_fwd", "conv2d_pool_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"):
         for v in variants(op):
-            plans += [(op, v, launch_plan(op, v, s)) for s in layers]
+            for s in layers:
+                p = launch_plan(op, v, s, sm_count=sm_count)
+                plans.append((op, v, p))
+                if "K_BLOCK" in dict(p.defines):  # C1 (K = 6) and C3 (K = 16): no wasted accumulator
+                    assert s["K"] % dict(p.defines)["K_BLOCK"] == 0, (op, v, s, p)
+    for v in variants("conv2d_bwd_data_pool"):  # C3's data gradient through S2 into C1
+        plans.append(("conv2d_bwd_data_pool", v, launch_plan("conv2d_bwd_data_pool", v,
+                                                             dict(N=batch, C=6, H=28, W=28, K=16, R=5, S=5),
+                                                             sm_count=sm_count)))
     for op, v in (("dense_fwd", v) for v in variants("dense_fwd")):
         plans += [(op, v, launch_plan(op, v, dict(N=batch, I=i, O=o))) for i, o in ((400, 120), (120, 84), (84, 10))]
     plans.append(("dense_bwd", "v1", launch_plan("dense_bwd", "v1", dict(N=batch, I=400, O=120))))
@@ -530,14 +566,19 @@ def test_launch_shapes_at_lenet_sizes(batch):
     plans.append(("pool2x2_bwd", "v1", launch_plan("pool2x2_bwd", "v1", dict(NC=batch * 6, H=28, W=28))))
     plans.append(("batch_prepare", "v1", launch_plan("batch_prepare", "v1", dict(B=batch, XH=32, XW=32))))
     plans.append(("softmax_xent", "v1", launch_plan("softmax_xent", "v1", dict(N=batch))))
-    plans.append(("adam_step", "v1", launch_plan("adam_step", "v1", dict(n=61888))))
+    for v in variants("adam_step"):
+        plans.append(("adam_step", v, launch_plan("adam_step", v, dict(n=61888), sm_count=sm_count)))
     for op, v, p in plans:
-        threads = p.block[0] * p.block[1] * p.block[2]
-        assert 1 <= threads <= 1024 and threads % 32 == 0, (op, v, p)
+        assert 1 <= p.threads <= 1024 and p.threads % 32 == 0, (op, v, p)
         assert p.grid[0] < 2**31 and p.grid[1] <= 65535 and p.grid[2] <= 65535, (op, v, p)
         assert p.shared_mem <= 48 * 1024, (op, v, p)
-        if batch >= 256 and op in ("conv2d_fwd", "conv2d_pool_fwd", "conv2d_bwd_data", "pool2x2_fwd"):
-            assert p.grid[0] * p.grid[1] >= 132, (op, v, p)
+        tiled = v == "v2" and op in ("conv2d_fwd", "conv2d_pool_fwd", "conv2d_bwd_data", "conv2d_bwd_data_pool")
+        if tiled and batch >= 8:
+            assert p.threads >= 128, (op, v, p)
+        if tiled and batch >= 128:
+            assert p.blocks >= sm_count, (op, v, p)
+        if batch >= 256 and op in ("conv2d_fwd", "conv2d_pool_fwd", "conv2d_bwd_data", "pool2x2_fwd", "adam_step"):
+            assert p.blocks >= sm_count, (op, v, p)
 
 
 @parent_only
@@ -631,7 +672,7 @@ def test_host_overhead_bench():
     for r in rows:
         assert r["us_per_step"] > 0
     replay = modes["cupy eager (recorded replay)"]
-    assert replay["kernels_per_step"] == replay["launches_per_step"] == 17
+    assert replay["kernels_per_step"] == replay["launches_per_step"] == 16  # the fused step
     assert replay["us_per_launch"] <= 5.0, replay
     graph = next(r for m, r in modes.items() if "graph" in m)
     assert graph["launches_per_step"] == 0.01 and graph["us_per_step"] <= 10.0, graph

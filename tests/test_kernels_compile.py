@@ -20,7 +20,9 @@ ALT = {
     "dense": {"TILE_O": 8, "TILE_N": 4, "RN": 3, "TILE_I": 5, "VEC": 3},
     "loss": {"LOSS_THREADS": 32},
 }
-OPTION_SETS = sorted({(stem, opts) for d in (None, ALT) for stem, opts in module_option_sets(d).items()})
+OPTION_SETS = sorted(
+    {(stem, opts) for d in (None, ALT) for stem, sets in module_option_sets(d).items() for opts in sets}
+)
 
 
 def test_every_kernel_file_is_covered():

@@ -32,19 +32,23 @@ import numpy as np
 
 from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, POOL_CODES, check_act, check_mode
-from .runtime import NULL_POINTER, CupyRuntime, HostRuntime, Runtime, define_options
+from .runtime import DEFAULT_SM_COUNT, NULL_POINTER, CupyRuntime, HostRuntime, Runtime, define_options
 
 i32, f32 = np.int32, np.float32
 
 #: Compile-time parameters per kernel file (the #ifndef defaults at the top of each .cu, made explicit).
+#: 0 = chosen per launch by ``launch_plan`` (K_BLOCK of the conv v2 kernels, C_BLOCK of bwd_data v2).
 MODULE_DEFINES: dict[str, dict[str, int]] = {
     "batch": {},
-    "conv2d": {"K_BLOCK": 8, "C_BLOCK": 6, "J_BLOCK": 13, "BWD_THREADS": 256},
+    "conv2d": {"K_BLOCK": 0, "C_BLOCK": 0, "J_BLOCK": 13, "BWD_THREADS": 256},
     "pool2x2": {},
     "dense": {"TILE_O": 16, "TILE_N": 16, "RN": 4, "TILE_I": 32, "VEC": 4},
     "loss": {"LOSS_THREADS": 256},
     "optim": {},
 }
+#: Register-blocking widths the planner picks from when K_BLOCK / C_BLOCK are 0 (auto).
+K_BLOCKS = (8, 6, 4, 2)
+C_BLOCKS = (8, 6, 4, 2)
 
 #: op → (kernel file stem, variants). Kernel name = f"{op}_{variant}".
 OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -57,6 +61,7 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dense_bwd": ("dense", ("v1", "v2", "v3")),
     "pool2x2_bwd": ("pool2x2", ("v1",)),
     "conv2d_bwd_data": ("conv2d", ("v1", "v2")),
+    "conv2d_bwd_data_pool": ("conv2d", ("v1", "v2")),
     "conv2d_bwd_weight": ("conv2d", ("v1", "v2", "v3")),
     "adam_step": ("optim", ("v1", "v2")),
     "sgd_step": ("optim", ("v1", "v2")),
@@ -69,9 +74,10 @@ DEFAULT_VARIANTS["dense_fwd"] = "v2"  # v3 (warp per output) only pays off at ba
 
 THREADS = 256  # block size of the 1-D elementwise kernels
 SMEM_LIMIT = 48 * 1024  # dynamic + static shared memory per block without an opt-in
-_TILE_TARGET = 256  # pixels (threads) a conv tile aims for
-_SMEM_TARGET = 24 * 1024  # shared memory a conv tile aims for (several blocks per SM)
-_FILL_BLOCKS = 4 * 132  # blocks that fill an H100 (132 SMs) a few times over
+SM_COUNT = DEFAULT_SM_COUNT  # planned for where no device says otherwise (H100 SXM / H200: 132)
+MIN_WARPS = 4  # a conv tile block aims for at least this many warps (several images packed when small)
+_TILE_THREADS = 256  # the threads a conv tile block aims for at most (more, smaller blocks fill the SMs evenly)
+_SMEM_TARGET = 32 * 1024  # shared memory a conv tile aims for (several blocks per SM)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -84,96 +90,153 @@ def _round_warp(n: int) -> int:
 
 @dataclass(frozen=True)
 class Launch:
-    """One launch's shape: grid, block, dynamic shared memory bytes and the tile arguments it implies."""
+    """One launch's shape: grid, block, dynamic shared memory bytes, the tile arguments it implies, and the
+    compile-time parameters its kernel is built with for this launch (e.g. K_BLOCK chosen for the shape)."""
 
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_mem: int = 0
     extra: tuple[int, ...] = ()  # trailing int arguments of the kernel (tile rows, channel chunk)
+    defines: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def blocks(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def threads(self) -> int:
+        return self.block[0] * self.block[1] * self.block[2]
 
 
 def _grid1d(n: int, threads: int = THREADS) -> Launch:
     return Launch((max(1, ceil_div(n, threads)), 1, 1), (threads, 1, 1))
 
 
-def _conv_tile(rows_total: int, row_len: int, in_extra_rows: int, rows_mult: int, N: int, W: int, C: int, R: int,
-               S: int, K: int, k_block: int, min_blocks: int) -> tuple[int, int, int, int, int]:
-    """Tile ``rows_total`` rows of ``row_len`` threads into blocks of ≈ _TILE_TARGET threads: ``rows`` rows
-    per tile (``tiles`` per image), or, when one tile is a whole small map, ``imgs`` images per block (but
-    not so many that the grid drops under ``min_blocks`` blocks); the
-    ``c_chunk`` channels staged at a time keep shared memory ≤ _SMEM_TARGET (always ≤ SMEM_LIMIT).
-    Returns (rows, tiles, imgs, c_chunk, smem_bytes)."""
-    rows = max(1, min(rows_total, _TILE_TARGET // max(1, row_len)))
-    tiles = ceil_div(rows_total, rows)
-    rows = ceil_div(rows_total, tiles)  # balance: the last tile is not a sliver
-    imgs = 1
-    if tiles == 1:
-        fill = max(1, N * ceil_div(K, k_block) // min_blocks)  # images per block that still fill the GPU
-        imgs = max(1, min(N, _TILE_TARGET // (rows * row_len), fill))
-    in_rows = rows * rows_mult + in_extra_rows
-    while True:
-        per_c = imgs * in_rows * W + R * S * k_block  # floats per staged channel
-        if 4 * per_c <= _SMEM_TARGET or imgs == 1:
-            break
-        imgs = max(1, imgs // 2)
-    c_chunk = max(1, min(C, (_SMEM_TARGET // 4) // per_c))
-    smem = 4 * c_chunk * per_c
-    if smem > SMEM_LIMIT:
-        raise ValueError(f"conv2d: one input channel of {in_rows} rows x {W} does not fit {SMEM_LIMIT} bytes of "
-                         "shared memory; use variant v1")
-    return rows, tiles, imgs, c_chunk, smem
+def _row_splits(rows_total: int) -> list[tuple[int, int]]:
+    """(rows, tiles) for each distinct balanced split of rows_total rows into tiles."""
+    out, seen = [], set()
+    for tiles in range(1, rows_total + 1):
+        rows = ceil_div(rows_total, tiles)
+        if rows not in seen:
+            seen.add(rows)
+            out.append((rows, ceil_div(rows_total, rows)))
+    return out
+
+
+def _best(cands: list[tuple[tuple, Any]]) -> Any:
+    if not cands:
+        raise ValueError("no launch shape fits the shared memory; use variant v1")
+    return max(cands, key=lambda c: c[0])[1]
+
+
+def _score(threads: int, used: int, blocks: int, waste: int, width: int, sm_count: int) -> tuple:
+    """Launch shapes are ranked by: a block of >= MIN_WARPS warps; the grid filling the SMs (blocks / SMs,
+    up to 1); no register-blocking lane wasted (K or C a multiple of the width); a wider register block
+    (more reuse per load); fewer idle threads; more blocks."""
+    return (threads >= 32 * MIN_WARPS, min(1.0, blocks / sm_count), -waste, width, used / threads, blocks)
+
+
+def _conv_fwd_tiles(N: int, C: int, H: int, W: int, K: int, R: int, S: int, pooled: bool, widths: tuple[int, ...],
+                    sm_count: int) -> tuple[int, int, int, int, int, int]:
+    """The tile of conv2d_fwd_v2 / conv2d_pool_fwd_v2: (K_BLOCK, rows, tiles, imgs, c_chunk, smem bytes).
+    A block owns ``rows`` output rows (pooled rows: 2 conv rows each) of ``imgs`` images (imgs > 1 only when a
+    tile is a whole map) for K_BLOCK filters; it stages c_chunk input channels at a time."""
+    P, Q = H - R + 1, W - S + 1
+    rows_total, row_len, mult = (ceil_div(P, 2), ceil_div(Q, 2), 2) if pooled else (P, Q, 1)
+    cap = max(_TILE_THREADS, _round_warp(row_len))
+    cands = []
+    for kb in widths:
+        groups = ceil_div(K, kb)
+        for rows, tiles in _row_splits(rows_total):
+            tile = rows * row_len  # more than 1024: the block's threads loop over it
+            if tile > cap and rows > 1:
+                continue
+            for imgs in range(1, (max(1, min(N, cap // tile)) if tiles == 1 else 1) + 1):
+                threads = _round_warp(imgs * tile)
+                per_c = imgs * (rows * mult + R - 1) * W + R * S * kb  # floats per staged channel
+                if 4 * per_c > SMEM_LIMIT:
+                    continue
+                c_chunk = max(1, min(C, (_SMEM_TARGET // 4) // per_c))
+                blocks = ceil_div(N, imgs) * tiles * groups
+                cands.append((_score(threads, imgs * tile, blocks, groups * kb - K, kb, sm_count),
+                              (kb, rows, tiles, imgs, c_chunk, 4 * c_chunk * per_c)))
+    return _best(cands)
+
+
+def _bwd_data_tiles(N: int, C: int, H: int, W: int, K: int, R: int, S: int, widths: tuple[int, ...], sm_count: int,
+                    max_threads: int) -> tuple[int, int, int, int, int]:
+    """The tile of conv2d_bwd_data_v2 / conv2d_bwd_data_pool_v2 over dx (H x W): (C_BLOCK, rows, tiles,
+    k_chunk, smem bytes). A block owns ``rows`` rows of dx of one image for C_BLOCK channels."""
+    Q = W - S + 1
+    cap = min(max_threads, max(_TILE_THREADS, _round_warp(W)))
+    cands = []
+    for cb in widths:
+        groups = ceil_div(C, cb)
+        for rows, tiles in _row_splits(H):
+            threads = min(cap, _round_warp(rows * W))  # a row longer than that: the threads loop over it
+            if rows * W > cap and rows > 1:
+                continue
+            per_k = (rows + R - 1) * (Q + 2 * (S - 1)) + R * S * cb  # floats per staged filter
+            if 4 * per_k > SMEM_LIMIT:
+                continue
+            k_chunk = max(1, min(K, (_SMEM_TARGET // 4) // per_k))
+            cands.append((_score(threads, rows * W, N * tiles * groups, groups * cb - C, cb, sm_count),
+                          (cb, rows, tiles, k_chunk, 4 * k_chunk * per_k)))
+    return _best(cands)
+
+
+def _widths(fixed: int, candidates: tuple[int, ...]) -> tuple[int, ...]:
+    return (fixed,) if fixed else candidates
 
 
 def launch_plan(
     op: str, variant: str, shapes: dict[str, int], defines: dict[str, dict[str, int]] | None = None,
-    min_blocks: int = _FILL_BLOCKS,
+    sm_count: int = SM_COUNT,
 ) -> Launch:
-    """The launch shape of ``op``/``variant`` at the given sizes (N, C, H, W, K, R, S, I, O, n, B, ...).
-    ``min_blocks``: the conv tiles pack several small maps per block only while the grid keeps this many."""
-    d = {**MODULE_DEFINES, **(defines or {})}
+    """The launch shape of ``op``/``variant`` at the given sizes (N, C, H, W, K, R, S, I, O, n, B, ...) on a
+    device of ``sm_count`` SMs: conv tiles of >= MIN_WARPS warps (small maps packed several to a block) that
+    fill the SMs where the batch allows, register-blocking widths (K_BLOCK, C_BLOCK) chosen per launch unless
+    ``defines`` fixes them, and optimizer grids that cover the SMs."""
+    d = {stem: {**v, **(defines or {}).get(stem, {})} for stem, v in MODULE_DEFINES.items()}
     g = shapes.get
     if op == "batch_prepare":
         return _grid1d(g("B") * g("XH") * g("XW"))
-    if op in ("conv2d_fwd", "conv2d_pool_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"):
+    if op in ("conv2d_fwd", "conv2d_pool_fwd", "conv2d_bwd_data", "conv2d_bwd_data_pool", "conv2d_bwd_weight"):
         N, C, H, W, K, R, S = (g(k) for k in "NCHWKRS")
         P, Q = H - R + 1, W - S + 1
-        kb = d["conv2d"]["K_BLOCK"]
+        dc = d["conv2d"]
         if op == "conv2d_fwd" and variant == "v1":
             return _grid1d(N * K * P * Q)
-        if op == "conv2d_fwd":
-            rows, tiles, imgs, c_chunk, smem = _conv_tile(P, Q, R - 1, 1, N, W, C, R, S, K, kb, min_blocks)
-            return Launch((ceil_div(N, imgs) * tiles, ceil_div(K, kb), 1), (_round_warp(imgs * rows * Q), 1, 1),
-                          smem, (rows, c_chunk, imgs))
         if op == "conv2d_pool_fwd" and variant == "v1":
             return _grid1d(N * K * ceil_div(P, 2) * ceil_div(Q, 2))
-        if op == "conv2d_pool_fwd":
-            ww = ceil_div(Q, 2)
-            rows2, tiles, imgs, c_chunk, smem = _conv_tile(
-                ceil_div(P, 2), ww, R - 1, 2, N, W, C, R, S, K, kb, min_blocks
-            )
-            return Launch((ceil_div(N, imgs) * tiles, ceil_div(K, kb), 1), (_round_warp(imgs * rows2 * ww), 1, 1),
-                          smem, (rows2, c_chunk, imgs))
+        if op in ("conv2d_fwd", "conv2d_pool_fwd"):
+            pooled = op == "conv2d_pool_fwd"
+            kb, rows, tiles, imgs, c_chunk, smem = _conv_fwd_tiles(N, C, H, W, K, R, S, pooled,
+                                                                   _widths(dc["K_BLOCK"], K_BLOCKS), sm_count)
+            row_len = ceil_div(Q, 2) if pooled else Q
+            return Launch((ceil_div(N, imgs) * tiles, ceil_div(K, kb), 1), (_round_warp(imgs * rows * row_len), 1, 1),
+                          smem, (rows, c_chunk, imgs), (("K_BLOCK", kb),))
         if op == "conv2d_bwd_data" and variant == "v1":
             return _grid1d(N * C * H * W)
-        if op == "conv2d_bwd_data":
-            cb = d["conv2d"]["C_BLOCK"]
-            rows = max(1, min(H, _TILE_TARGET // W))
-            tiles = ceil_div(H, rows)
-            rows = ceil_div(H, tiles)
-            per_k = (rows + R - 1) * (Q + 2 * (S - 1)) + R * S * cb  # floats per staged filter
-            k_chunk = max(1, min(K, (_SMEM_TARGET // 4) // per_k))
-            if 4 * k_chunk * per_k > SMEM_LIMIT:
-                raise ValueError("conv2d_bwd_data: one staged filter does not fit shared memory; use variant v1")
-            return Launch((N * tiles, ceil_div(C, cb), 1), (_round_warp(rows * W), 1, 1), 4 * k_chunk * per_k,
-                          (rows, k_chunk))
+        if op == "conv2d_bwd_data_pool" and variant == "v1":
+            return _grid1d(N * C * (H // 2) * (W // 2))
+        if op in ("conv2d_bwd_data", "conv2d_bwd_data_pool"):
+            # H, W are dx's (the convolution's input): for the fused op, the pooled map of yconv
+            if op == "conv2d_bwd_data_pool":
+                H, W = H // 2, W // 2
+            cap = 512 if op == "conv2d_bwd_data_pool" else 1024  # the kernels' launch bounds
+            cb, rows, tiles, k_chunk, smem = _bwd_data_tiles(N, C, H, W, K, R, S, _widths(dc["C_BLOCK"], C_BLOCKS),
+                                                             sm_count, cap)
+            return Launch((N * tiles, ceil_div(C, cb), 1), (min(cap, _round_warp(rows * W)), 1, 1), smem,
+                          (rows, k_chunk), (("C_BLOCK", cb),))
         if variant == "v1":
             return _grid1d(K * C * R * S + K)
-        jb, bt = d["conv2d"]["J_BLOCK"], d["conv2d"]["BWD_THREADS"]
+        jb, bt = dc["J_BLOCK"], dc["BWD_THREADS"]
         base = ceil_div(C * R * S, jb) * K
         if variant == "v2":
             return Launch((ceil_div(C * R * S, jb), K, 1), (bt, 1, 1))
-        # v3: split the batch so that ≈ _FILL_BLOCKS blocks run, each with ≥ 8 positions per thread
-        splits = max(1, min(N, ceil_div(_FILL_BLOCKS, base), (N * P * Q) // (bt * 8), 65535))
+        # v3: split the batch so that a few blocks per SM run, each with >= 8 positions per thread
+        splits = max(1, min(N, ceil_div(4 * sm_count, base), (N * P * Q) // (bt * 8), 65535))
         chunk = ceil_div(N, splits)
         return Launch((ceil_div(C * R * S, jb), K, ceil_div(N, chunk)), (bt, 1, 1), 0, (chunk,))
     if op in ("pool2x2_fwd",):
@@ -203,8 +266,11 @@ def launch_plan(
     if op == "step_advance":
         return Launch((1, 1, 1), (1, 1, 1))  # one thread
     if op in ("adam_step", "sgd_step"):
-        per_thread = 1 if variant == "v1" else 4  # v2: one float4 per thread
-        return Launch((max(1, min(ceil_div(g("n"), THREADS * per_thread), 4096)), 1, 1), (THREADS, 1, 1))
+        # one element (v1) or float4 (v2) per thread, blocks sized so the grid covers the SMs: a block gets
+        # items / SMs threads rounded down to warps (32..256), so a small buffer still spreads over every SM
+        items = ceil_div(g("n"), 1 if variant == "v1" else 4)
+        threads = max(32, min(THREADS, (items // sm_count) // 32 * 32))
+        return Launch((max(1, min(ceil_div(items, threads), 65535)), 1, 1), (threads, 1, 1))
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -261,14 +327,14 @@ class CupyBackend:
         graphs: ``graph(fn, steps)`` captures CUDA graphs (on the harness: runs fn under the capture
             rules). Default: on, unless the environment sets LENET_GPU_CUDA_GRAPHS=0; off: ``graph``
             returns None.
-        fused: offer the fused ``conv2d_pool_fwd`` op (the model then uses it).
+        fused: offer the fused ops ``conv2d_pool_fwd`` and ``conv2d_bwd_data_pool`` (the model then uses them).
         variants: op → variant overriding ``DEFAULT_VARIANTS``.
         defines: kernel file stem → {NAME: value} overriding ``MODULE_DEFINES``.
         runtime: a Runtime to use instead of the one ``host`` selects (e.g. for reports, host timing).
         sanitize: the harness sanitizer for ``host`` ("address", "thread", "undefined"; default from
             $CUDACPU_SANITIZE).
-        min_blocks: conv v2 tiles pack several small maps into one block only while the grid keeps at
-            least this many blocks (default: enough to fill an H100 a few times over).
+        sm_count: the SM count launch shapes are planned for (default: the device's, queried once; 132 where
+            there is no device).
     """
 
     def __init__(
@@ -280,7 +346,7 @@ class CupyBackend:
         defines: dict[str, dict[str, int]] | None = None,
         runtime: Runtime | None = None,
         sanitize: str | None = None,
-        min_blocks: int = _FILL_BLOCKS,
+        sm_count: int | None = None,
     ) -> None:
         if graphs is None:
             graphs = os.environ.get("LENET_GPU_CUDA_GRAPHS", "1") != "0"
@@ -291,12 +357,11 @@ class CupyBackend:
         self.is_gpu = runtime.is_gpu
         self.counters = runtime.counters
         self.graphs = bool(graphs)
-        self.min_blocks = int(min_blocks)
+        self.sm_count = int(sm_count or runtime.sm_count)
         self.defines = {stem: {**d, **(defines or {}).get(stem, {})} for stem, d in MODULE_DEFINES.items()}
-        self._options = {stem: define_options(d) for stem, d in self.defines.items()}
-        self._kernels: dict[tuple[str, str], Any] = {}
+        self._kernels: dict[tuple, Any] = {}
         self._plans: dict[tuple, _Entry] = {}
-        ops = [*OPS, *(("conv2d_pool_fwd",) if fused else ())]
+        ops = [*OPS, *(("conv2d_pool_fwd", "conv2d_bwd_data_pool") if fused else ())]
         self.variants: dict[str, tuple[str, ...]] = {op: OP_KERNELS[op][1] for op in ops}
         self.default_variants: dict[str, str] = {op: DEFAULT_VARIANTS[op] for op in ops}
         for op, v in (variants or {}).items():
@@ -340,23 +405,33 @@ class CupyBackend:
             raise ValueError(f"{op}: unknown variant {v!r}; this backend has {self.variants.get(op, ())}")
         return v
 
-    def _kernel(self, op: str, variant: str) -> Any:
-        k = self._kernels.get((op, variant))
+    def options(self, stem: str, launch_defines: tuple[tuple[str, int], ...] = ()) -> tuple[str, ...]:
+        """The compile options of kernels/<stem>.cu for a launch: the module's defines (those set to 0, chosen
+        per launch, left out) with the launch's own (e.g. the K_BLOCK its shape was planned with)."""
+        merged = {k: v for k, v in self.defines[stem].items() if v}
+        merged.update(launch_defines)
+        return define_options(merged)
+
+    def _kernel(self, op: str, variant: str, launch_defines: tuple[tuple[str, int], ...] = ()) -> Any:
+        key = (op, variant, launch_defines)
+        k = self._kernels.get(key)
         if k is None:
             stem = OP_KERNELS[op][0]
-            k = self._kernels[(op, variant)] = self.runtime.get_kernel(stem, f"{op}_{variant}", self._options[stem])
+            k = self._kernels[key] = self.runtime.get_kernel(stem, f"{op}_{variant}",
+                                                              self.options(stem, launch_defines))
         return k
 
     def _launch(self, op: str, variant: str, launch: Launch, args: tuple) -> None:
         """Launch ``{op}_{variant}`` with ``args`` followed by the plan's typed tile arguments."""
-        self.runtime.launch(self._kernel(op, variant), launch.grid, launch.block,
+        self.runtime.launch(self._kernel(op, variant, launch.defines), launch.grid, launch.block,
                             args + tuple(i32(e) for e in launch.extra), launch.shared_mem)
 
     def plan(self, op: str, variant: str, **shapes: int) -> Launch:
-        return launch_plan(op, variant, shapes, self.defines, self.min_blocks)
+        return launch_plan(op, variant, shapes, self.defines, self.sm_count)
 
     def _entry(self, op: str, variant: str, tail: tuple, expect: tuple, scratch: tuple = (), **shapes: int) -> _Entry:
-        return _Entry(self._kernel(op, variant), self.plan(op, variant, **shapes), tail, expect, scratch)
+        plan = self.plan(op, variant, **shapes)
+        return _Entry(self._kernel(op, variant, plan.defines), plan, tail, expect, scratch)
 
     def _run(self, e: _Entry, arrays: tuple) -> None:
         """Check the arrays against the cached entry and issue its launch (the scalars are typed already)."""
@@ -450,6 +525,30 @@ class CupyBackend:
             e = self._plans[key] = self._entry("conv2d_bwd_data", v, tail, expect, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
         self._run(e, (dz, w, dx))
 
+    def conv2d_bwd_data_pool(self, dz, w, argmax, yconv, dz_below, mode, act, variant=None) -> None:
+        """Fused conv2d_bwd_data + pool2x2_bwd: dz_below (yconv's shape) = the data gradient of the convolution
+        (whose input is the 2×2 pooling of yconv) routed through that pooling and multiplied by act'(yconv)
+        (reference.conv2d_bwd_data_pool). argmax is None for avg."""
+        key = ("conv2d_bwd_data_pool", variant, dz.shape, w.shape, yconv.shape, mode, act)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_bwd_data_pool", variant)
+            check_mode(mode)
+            check_act(act)
+            n, c, h, wd = yconv.shape
+            k, c2, r, s = w.shape
+            hp, wp = h // 2, wd // 2
+            if c2 != c or hp < r or wp < s:
+                raise ValueError(f"conv2d_bwd_data_pool: w {tuple(w.shape)} and yconv {tuple(yconv.shape)} "
+                                 "do not agree")
+            expect = (_arg("dz", (n, k, hp - r + 1, wp - s + 1)), _arg("w", (k, c, r, s)),
+                      _arg("argmax", (n, c, hp, wp), np.uint8) if mode == "max" else None,
+                      _arg("yconv", (n, c, h, wd)), _arg("dz_below", (n, c, h, wd)))
+            tail = (*(i32(d) for d in (n, c, h, wd, k, r, s)), i32(POOL_CODES[mode]), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("conv2d_bwd_data_pool", v, tail, expect, N=n, C=c, H=h, W=wd, K=k,
+                                               R=r, S=s)
+        self._run(e, (dz, w, argmax if mode == "max" else None, yconv, dz_below))
+
     def conv2d_bwd_weight(self, x, dz, dw, db, state=None, variant=None) -> None:
         """dw, db of a convolution. ``state``: the step state, whose STEP tags the last-block ticket of v3 (a
         launch never relies on the previous one having reset it); None: generation 0."""
@@ -470,7 +569,8 @@ class CupyBackend:
                 scratch = (self.runtime.empty((plan.grid[2] * k * (c * r * s + 1),)),
                            self.runtime.zeros((plan.grid[0] * k,), np.uint64))
                 expect += (None if state is None else _arg("state", (STATE_WORDS,), np.int32),)
-            e = self._plans[key] = _Entry(self._kernel("conv2d_bwd_weight", v), plan, tail, expect, scratch)
+            e = self._plans[key] = _Entry(self._kernel("conv2d_bwd_weight", v, plan.defines), plan, tail, expect,
+                                          scratch)
         self._run(e, (x, dz, dw, db, state) if e.scratch else (x, dz, dw, db))
 
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
@@ -544,8 +644,8 @@ class CupyBackend:
             scratch: tuple = ()
             if v == "v2":  # block partials and the last-block ticket: allocated at the first call at this shape
                 scratch = (self.runtime.empty((2 * plan.grid[0],)), self.runtime.zeros((1,), np.uint64))
-            e = self._plans[key] = _Entry(self._kernel("softmax_xent", v), plan, (i32(rows), i32(n), i32(nc)),
-                                          expect, scratch)
+            e = self._plans[key] = _Entry(self._kernel("softmax_xent", v, plan.defines), plan,
+                                          (i32(rows), i32(n), i32(nc)), expect, scratch)
         self._run(e, (logits, labels, dlogits, stats, state))
 
     def _optim_entry(self, op: str, variant: str | None, names: tuple[str, ...], size: int, sched: Any,
@@ -558,7 +658,8 @@ class CupyBackend:
         tail = (i32(size), i32(sched.shape[0]), *(f32(h) for h in hyper))
         # the float4 variants need 16-byte aligned buffers (the flat parameter buffers are)
         aligned = 0 if v == "v1" else len(names)
-        return _Entry(self._kernel(op, v), self.plan(op, v, n=size), tail, expect, aligned=aligned)
+        plan = self.plan(op, v, n=size)
+        return _Entry(self._kernel(op, v, plan.defines), plan, tail, expect, aligned=aligned)
 
     def adam_step(self, p, g, m, v, sched, state, beta1, beta2, eps, weight_decay, variant=None) -> None:
         """One Adam step over the flat buffers; [lr, bc1, bc2] from sched's row of this step (device)."""

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import OP_KERNELS, CupyBackend
-from .runtime import Runtime, define_options, kernel_source
+from .backend import C_BLOCKS, K_BLOCKS, OP_KERNELS, CupyBackend
+from .runtime import Runtime, kernel_source
 
 #: Batch size of the recorded LeNet launches (launch shapes other than grids do not depend on it).
 REPORT_BATCH = 64
@@ -130,7 +130,15 @@ def compile_report(archs: Sequence[str] = ("sm_80", "sm_90"), batch: int = REPOR
     return records
 
 
-def module_option_sets(defines: dict[str, dict[str, int]] | None = None) -> dict[str, tuple[str, ...]]:
-    """kernel file stem → the options the backend compiles it with."""
+def module_option_sets(defines: dict[str, dict[str, int]] | None = None) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """kernel file stem → every option set the backend may compile it with: the module's defines, and for each
+    parameter chosen per launch (K_BLOCK, C_BLOCK set to 0) one set per width the planner picks from."""
     be = CupyBackend(runtime=RecordingRuntime(), defines=defines)
-    return {stem: define_options(d) for stem, d in be.defines.items()}
+    widths = {"K_BLOCK": K_BLOCKS, "C_BLOCK": C_BLOCKS}
+    out = {}
+    for stem, d in be.defines.items():
+        sets = [be.options(stem)]
+        for name in (k for k, v in d.items() if not v):
+            sets += [be.options(stem, ((name, w),)) for w in widths[name]]
+        out[stem] = tuple(dict.fromkeys(sets))
+    return out
