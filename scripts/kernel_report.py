@@ -2,10 +2,15 @@
 every kernel of the cupy (CUDA C, NVRTC) and numba backends, at the launch shapes the backends use at
 LeNet sizes. Needs no GPU.
 
-Writes reports/kernels.json (one record per backend × kernel × arch) and reports/kernels.md (a table).
+Writes reports/kernels.json (one record per backend × kernel × arch) and reports/kernels.md (a table); with
+the cupy backend also the fill table, reports/fill.json and reports/fill.md: every launch of one training
+step and one inference pass at batch 64, 128, 256 and 1024 with its blocks, threads, registers, shared
+memory, resident blocks per SM, theoretical occupancy and waves on 132 SMs, and per pass how many launches
+leave SMs without a block.
 
-    python scripts/kernel_report.py                 # both backends, sm_80 and sm_90
+    python scripts/kernel_report.py                 # both backends, sm_80 and sm_90, and the fill table
     python scripts/kernel_report.py --arch sm_90 --backend cupy
+    python scripts/kernel_report.py --backend cupy --fill-batches 256 --sm-count 132
 """
 
 from __future__ import annotations
@@ -60,6 +65,23 @@ def markdown(records: list[dict], notes: Sequence[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_fill(out: Path, batches: Sequence[int], arch: str, sm_count: int) -> list[dict]:
+    """The cupy fill table (lenet_gpu.backends.cupy_backend.compile_report.fill_table) to OUT/fill.json and
+    OUT/fill.md; prints its summary."""
+    try:
+        mod = importlib.import_module(BACKEND_MODULES["cupy"])
+        rows = mod.fill_table(batches, arch=arch, sm_count=sm_count)
+    except ImportError as e:
+        print(f"fill table skipped ({e})", file=sys.stderr)
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fill.json").write_text(json.dumps({"rows": rows, "summary": mod.fill_summary(rows)}, indent=1) + "\n")
+    md = mod.fill_markdown(rows)
+    (out / "fill.md").write_text(md)
+    print(md.split("\n\nwaves =")[0] + "\n")
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -70,7 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backend", nargs="+", choices=sorted(BACKEND_MODULES), default=sorted(BACKEND_MODULES),
                    help="backends to report (default: all whose compile_report imports)")
     p.add_argument("--out", type=Path, default=ROOT / "reports", help="output folder (default: reports/)")
+    p.add_argument("--fill-batches", type=lambda v: [int(x) for x in v.split(",")], default=[64, 128, 256, 1024],
+                   help="batch sizes of the cupy fill table (default 64,128,256,1024; empty: no table)")
+    p.add_argument("--sm-count", type=int, default=132, help="SMs the fill table plans for (default 132, an H100)")
+    p.add_argument("--fill-arch", default="sm_90", help="architecture of the fill table's registers (default sm_90)")
     args = p.parse_args(argv)
+    if "cupy" in args.backend and args.fill_batches:
+        write_fill(args.out, args.fill_batches, args.fill_arch, args.sm_count)
     records, notes = collect(args.backend, args.arch)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(records, indent=1) + "\n")
