@@ -43,17 +43,19 @@
 //                         and the last block per column (an integer ticket tagged with the state's STEP:
 //                         never relies on the previous launch having reset it) adds them in a fixed order.
 //
-// Launch shapes (launch_plan in lenet_gpu/backends/cupy_backend/backend.py): v1 kernels 1-D grids of 256
-// threads; conv2d_fwd_v2 grid (ceil(N/imgs)*tiles, ceil(K/K_BLOCK)), 1-D block >= imgs*rows*Q rounded to a
-// warp, dynamic smem (imgs*c_chunk*(rows+R-1)*W + c_chunk*R*S*K_BLOCK) floats, the tile chosen for ~256
-// threads and <= 24 KiB; conv2d_bwd_weight_v2/v3 grid (ceil(C*R*S/J_BLOCK), K[, splits]), block BWD_THREADS.
+// Launch shapes (launch_plan in lenet_gpu/backends/cupy_backend/backend.py, from the device's SM count): v1
+// kernels 1-D grids of 256 threads; conv2d_fwd_v2 grid (ceil(N/imgs)*tiles, ceil(K/K_BLOCK)), 1-D block >=
+// imgs*rows*Q rounded to a warp, dynamic smem (imgs*c_chunk*(rows+R-1)*W + c_chunk*R*S*K_BLOCK) floats; the
+// planner picks K_BLOCK (a divisor of K where it can: C1 6, C3 8/4/2), C_BLOCK, rows and imgs per launch for
+// blocks of >= 4 warps that give every SM a block where the batch allows, and compiles the module with them;
+// conv2d_bwd_weight_v2/v3 grid (ceil(C*R*S/J_BLOCK), K[, splits]), block BWD_THREADS.
 #include "common.cuh"
 
 #ifndef K_BLOCK
-#define K_BLOCK 8  // filters per block in conv2d_fwd_v2 / conv2d_pool_fwd_v2 (register accumulators)
+#define K_BLOCK 8  // filters per block in conv2d_fwd_v2 / conv2d_pool_fwd_v2 (register accumulators; per launch)
 #endif
 #ifndef C_BLOCK
-#define C_BLOCK 6  // input channels per block in conv2d_bwd_data_v2 (register accumulators; LeNet C3 has 6)
+#define C_BLOCK 6  // input channels per block in conv2d_bwd_data(_pool)_v2 (register accumulators; per launch)
 #endif
 #ifndef J_BLOCK
 #define J_BLOCK 13  // weight taps per block in conv2d_bwd_weight_v2/v3 (25 = 2x13-1, 150 = 12x13-6)
