@@ -2,14 +2,15 @@
 every kernel of the cupy (CUDA C, NVRTC) and numba backends, at the launch shapes the backends use at
 LeNet sizes. Needs no GPU.
 
-Writes reports/kernels.json (one record per backend × kernel × arch) and reports/kernels.md (a table).
-With --fill, also the fill table: every launch of one training step and one inference pass at batch
-64, 128, 256 and 1024 with its grid, block, waves on the SMs, registers, shared memory and theoretical
-occupancy (reports/fill.json, reports/fill.md).
+Writes reports/kernels.json (one record per backend × kernel × arch) and reports/kernels.md (a table); with
+the cupy backend also the fill table, reports/fill.json and reports/fill.md: every launch of one training
+step and one inference pass at batch 64, 128, 256 and 1024 with its blocks, threads, registers, shared
+memory, resident blocks per SM, theoretical occupancy and waves on 132 SMs, and per pass how many launches
+leave SMs without a block.
 
-    python scripts/kernel_report.py                 # both backends, sm_80 and sm_90
+    python scripts/kernel_report.py                 # both backends, sm_80 and sm_90, and the fill table
     python scripts/kernel_report.py --arch sm_90 --backend cupy
-    python scripts/kernel_report.py --fill --arch sm_90 --backend numba
+    python scripts/kernel_report.py --backend cupy --fill-batches 256 --sm-count 132
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,63 +65,21 @@ def markdown(records: list[dict], notes: Sequence[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------ fill table
-#
-# One record per launch: backend, pass ("train": one training step, "infer": one inference pass), batch,
-# index (launch order), kernel, grid_blocks, block_threads, waves, registers, shared_bytes (static +
-# dynamic), occupancy (theoretical, on the arch). waves = grid blocks / (SMs × blocks resident per SM at
-# that occupancy): 1.0 fills every SM once. Each backend adds a ``<backend>_fill_records`` function.
-
-FILL_BATCHES = (64, 128, 256, 1024)
-FILL_SMS = 132  # an H100 / H200 SXM
-FILL_COLUMNS = ("backend", "pass", "batch", "index", "kernel", "grid_blocks", "block_threads", "waves", "registers",
-                "shared_bytes", "occupancy")
-
-
-def _waves(grid: int, threads: int, occupancy: float, sms: int) -> float:
-    per_sm = occupancy * 64 / math.ceil(threads / 32)  # resident blocks per SM (64 warp slots)
-    return round(grid / (sms * per_sm), 3) if per_sm > 0 else math.inf
-
-
-def numba_fill_records(batches: Sequence[int] = FILL_BATCHES, arch: str = "sm_90", sms: int = FILL_SMS) -> list[dict]:
-    """The numba backend's launches (backend.lenet_launches: the default variants, both fused ops) with
-    each kernel's ptxas figures (compile_report.compile_kernel, cached per process)."""
-    from lenet_gpu.backends.numba_backend import compile_report as ncr
-    from lenet_gpu.backends.numba_backend.backend import lenet_launches
-
-    records = []
-    for batch in batches:
-        for pass_name, training in (("train", True), ("infer", False)):
-            for index, (op, variant, grid, block, dyn) in enumerate(lenet_launches(batch, training)):
-                name = f"{op}_{variant}"
-                res = ncr.parse_ptxas(ncr.compile_kernel(name, arch)[1])
-                threads = math.prod(block) if isinstance(block, tuple) else int(block)
-                shared = res["shared_bytes"] + dyn
-                occ = ncr._occupancy(res["registers"], shared, threads, arch)
-                records.append({
-                    "backend": "numba", "pass": pass_name, "batch": batch, "index": index, "kernel": name,
-                    "grid_blocks": grid, "block_threads": threads, "waves": _waves(grid, threads, occ, sms),
-                    "registers": res["registers"], "shared_bytes": shared, "occupancy": round(occ, 4),
-                })
-    return records
-
-
-FILL_BACKENDS = {"numba": numba_fill_records}
-
-
-def fill_markdown(records: list[dict], arch: str, sms: int = FILL_SMS) -> str:
-    lines = [
-        f"# Launch fill ({arch}, {sms} SMs; static: grids from the launch plans, registers from ptxas)",
-        "",
-        "waves = grid blocks / (SMs × blocks resident per SM at the theoretical occupancy); 1.0 fills every SM",
-        "once. One training step and one inference pass per batch size, launches in order.",
-        "",
-        "| " + " | ".join(FILL_COLUMNS) + " |",
-        "| " + " | ".join("---" for _ in FILL_COLUMNS) + " |",
-    ]
-    for r in records:
-        lines.append("| " + " | ".join(str(r[c]) for c in FILL_COLUMNS) + " |")
-    return "\n".join(lines) + "\n"
+def write_fill(out: Path, batches: Sequence[int], arch: str, sm_count: int) -> list[dict]:
+    """The cupy fill table (lenet_gpu.backends.cupy_backend.compile_report.fill_table) to OUT/fill.json and
+    OUT/fill.md; prints its summary."""
+    try:
+        mod = importlib.import_module(BACKEND_MODULES["cupy"])
+        rows = mod.fill_table(batches, arch=arch, sm_count=sm_count)
+    except ImportError as e:
+        print(f"fill table skipped ({e})", file=sys.stderr)
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fill.json").write_text(json.dumps({"rows": rows, "summary": mod.fill_summary(rows)}, indent=1) + "\n")
+    md = mod.fill_markdown(rows)
+    (out / "fill.md").write_text(md)
+    print(md.split("\n\nwaves =")[0] + "\n")
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -134,20 +92,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backend", nargs="+", choices=sorted(BACKEND_MODULES), default=sorted(BACKEND_MODULES),
                    help="backends to report (default: all whose compile_report imports)")
     p.add_argument("--out", type=Path, default=ROOT / "reports", help="output folder (default: reports/)")
-    p.add_argument("--fill", action="store_true", help="also the fill table of every launch (first --arch)")
+    p.add_argument("--fill-batches", type=lambda v: [int(x) for x in v.split(",")], default=[64, 128, 256, 1024],
+                   help="batch sizes of the cupy fill table (default 64,128,256,1024; empty: no table)")
+    p.add_argument("--sm-count", type=int, default=132, help="SMs the fill table plans for (default 132, an H100)")
+    p.add_argument("--fill-arch", default="sm_90", help="architecture of the fill table's registers (default sm_90)")
     args = p.parse_args(argv)
+    if "cupy" in args.backend and args.fill_batches:
+        write_fill(args.out, args.fill_batches, args.fill_arch, args.sm_count)
     records, notes = collect(args.backend, args.arch)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(records, indent=1) + "\n")
     md = markdown(records, notes)
     (args.out / "kernels.md").write_text(md)
     print(md)
-    if args.fill:
-        fill = [r for b in args.backend if b in FILL_BACKENDS for r in FILL_BACKENDS[b](arch=args.arch[0])]
-        (args.out / "fill.json").write_text(json.dumps(fill, indent=1) + "\n")
-        fmd = fill_markdown(fill, args.arch[0])
-        (args.out / "fill.md").write_text(fmd)
-        print(fmd)
     bad = [r["kernel"] for r in records if r.get("spill_stores") or r.get("spill_loads")]
     if bad:
         print(f"spills in: {', '.join(sorted(set(bad)))}", file=sys.stderr)
