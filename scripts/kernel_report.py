@@ -3,7 +3,7 @@ every kernel of the cupy (CUDA C, NVRTC) and numba backends, at the launch shape
 LeNet sizes. Needs no GPU.
 
 Writes reports/kernels.json (one record per backend × kernel × arch) and reports/kernels.md (a table); with
-the cupy backend also the fill table, reports/fill.json and reports/fill.md: every launch of one training
+the fill table of both backends, reports/fill.json and reports/fill.md: every launch of one training
 step and one inference pass at batch 64, 128, 256 and 1024 with its blocks, threads, registers, shared
 memory, resident blocks per SM, theoretical occupancy and waves on 132 SMs, and per pass how many launches
 leave SMs without a block.
@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+#: backend → (module, function) giving its kernel table at LeNet's launch shapes
 BACKEND_MODULES = {
-    "cupy": "lenet_gpu.backends.cupy_backend.compile_report",
-    "numba": "lenet_gpu.backends.numba_backend.compile_report",
+    "cupy": ("bench.launches", "cupy_kernel_records"),
+    "numba": ("lenet_gpu.backends.numba_backend.compile_report", "compile_report"),
 }
 COLUMNS = ("backend", "kernel", "arch", "registers", "shared_bytes", "stack_bytes", "spill_stores", "spill_loads",
            "block_threads", "occupancy")
@@ -38,12 +39,12 @@ def collect(backends: Sequence[str], archs: Sequence[str]) -> tuple[list[dict], 
     """Records of every backend whose compile_report can be imported, and notes on those skipped."""
     records, notes = [], []
     for name in backends:
+        module, func = BACKEND_MODULES[name]
         try:
-            mod = importlib.import_module(BACKEND_MODULES[name])
+            mod = importlib.import_module(module)
+            records += getattr(mod, func)(archs=tuple(archs))
         except ImportError as e:
             notes.append(f"{name}: skipped ({e})")
-            continue
-        records += mod.compile_report(archs=tuple(archs))
     return records, notes
 
 
@@ -65,18 +66,16 @@ def markdown(records: list[dict], notes: Sequence[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_fill(out: Path, batches: Sequence[int], arch: str, sm_count: int) -> list[dict]:
-    """The cupy fill table (lenet_gpu.backends.cupy_backend.compile_report.fill_table) to OUT/fill.json and
-    OUT/fill.md; prints its summary."""
-    try:
-        mod = importlib.import_module(BACKEND_MODULES["cupy"])
-        rows = mod.fill_table(batches, arch=arch, sm_count=sm_count)
-    except ImportError as e:
-        print(f"fill table skipped ({e})", file=sys.stderr)
-        return []
+def write_fill(out: Path, backends: Sequence[str], batches: Sequence[int], arch: str, sm_count: int) -> list[dict]:
+    """The fill table of every launch of a training step and an inference pass (bench.launches) to
+    OUT/fill.json and OUT/fill.md; prints its summary."""
+    from bench.launches import fill_markdown, fill_records, fill_summary
+
+    rows, notes = fill_records(backends, batches, arch, sm_count)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fill.json").write_text(json.dumps({"rows": rows, "summary": mod.fill_summary(rows)}, indent=1) + "\n")
-    md = mod.fill_markdown(rows)
+    (out / "fill.json").write_text(json.dumps({"rows": rows, "summary": fill_summary(rows), "notes": notes},
+                                              indent=1) + "\n")
+    md = fill_markdown(rows, notes)
     (out / "fill.md").write_text(md)
     print(md.split("\n\nwaves =")[0] + "\n")
     return rows
@@ -92,13 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backend", nargs="+", choices=sorted(BACKEND_MODULES), default=sorted(BACKEND_MODULES),
                    help="backends to report (default: all whose compile_report imports)")
     p.add_argument("--out", type=Path, default=ROOT / "reports", help="output folder (default: reports/)")
-    p.add_argument("--fill-batches", type=lambda v: [int(x) for x in v.split(",")], default=[64, 128, 256, 1024],
-                   help="batch sizes of the cupy fill table (default 64,128,256,1024; empty: no table)")
+    p.add_argument("--fill-batches", type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+                   default=[64, 128, 256, 1024],
+                   help="batch sizes of the fill table (default 64,128,256,1024; an empty string: no table)")
     p.add_argument("--sm-count", type=int, default=132, help="SMs the fill table plans for (default 132, an H100)")
     p.add_argument("--fill-arch", default="sm_90", help="architecture of the fill table's registers (default sm_90)")
     args = p.parse_args(argv)
-    if "cupy" in args.backend and args.fill_batches:
-        write_fill(args.out, args.fill_batches, args.fill_arch, args.sm_count)
+    if args.fill_batches:
+        write_fill(args.out, args.backend, args.fill_batches, args.fill_arch, args.sm_count)
     records, notes = collect(args.backend, args.arch)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(records, indent=1) + "\n")
