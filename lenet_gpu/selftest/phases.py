@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import FAIL, PASS, PhaseRecorder, backend_name, first_lines, make_backend
+from .common import FAIL, PASS, SKIP, PhaseRecorder, backend_name, first_lines, make_backend
 
 # ------------------------------------------------------------------------------------ shared helpers
 _BACKENDS: dict[str, Any] = {}
@@ -352,24 +352,6 @@ def phase_op_parity(ctx: dict, rec: PhaseRecorder) -> None:
 
 
 # ------------------------------------------------------------------------------------ 4. whole steps
-class Unfused:
-    """A backend seen without its optional fused ops, so the model runs the unfused baseline step."""
-
-    def __init__(self, be: Any) -> None:
-        from ..backends.base import OPTIONAL_OPS
-
-        self._be = be
-        self._hidden = set(OPTIONAL_OPS)
-        self.variants = {op: v for op, v in be.variants.items() if op not in self._hidden}
-        self.default_variants = {op: v for op, v in getattr(be, "default_variants", {}).items()
-                                 if op not in self._hidden}
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self._hidden:
-            raise AttributeError(name)
-        return getattr(self._be, name)
-
-
 def _require_model_api() -> Any:
     from ..model import LeNet5
 
@@ -393,16 +375,16 @@ def begin(model: Any, images: np.ndarray, labels: np.ndarray, batch: int, steps:
     return data
 
 
-def steps_vs_numpy(be: Any, optimizer: str, act: str, pool: str, batch: int, steps: int, images: np.ndarray,
-                   labels: np.ndarray) -> dict[str, Any]:
-    """``steps`` steps on ``be`` and on the numpy backend from the same initial parameters and data: the
-    parameters agree after every step (tolerances of tests/test_cupy_backend.py's whole-step test) and the
-    per-step statistics agree at the end."""
+def steps_vs_numpy(be: Any, optimizer: str, act: str, pool: str, fused: bool, batch: int, steps: int,
+                   images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """``steps`` steps on ``be`` (with its fused ops, or the unfused baseline) and on the numpy backend from
+    the same initial parameters and data, augmentation on: the parameters agree after every step
+    (tolerances of tests/test_cupy_backend.py's whole-step test) and the per-step statistics at the end."""
     from ..parity import error_stats
 
     lr = 0.01 if optimizer == "sgd" else 1e-3
     kw = dict(activation=act, pool=pool, seed=1, optimizer=optimizer, lr=lr)
-    dev, cpu = new_model(be, **kw), new_model("numpy", **kw)
+    dev, cpu = new_model(be, fused=fused, **kw), new_model("numpy", **kw)
     perm = np.random.default_rng(0).permutation(images.shape[0]).astype(np.int32)
     datas = [begin(m, images, labels, batch, steps, lr, perm) for m in (dev, cpu)]
     worst = 0.0
@@ -436,14 +418,30 @@ def _graph_backends(label: str) -> tuple[Any, bool]:
     return be, can
 
 
-def graph_vs_eager(label: str, images: np.ndarray, labels: np.ndarray, batch: int, steps: int) -> dict[str, Any]:
-    """K graph-replayed steps against K eager steps on two models from the same start: bit for bit."""
+def graph_check(label: str, images: np.ndarray, labels: np.ndarray, batch: int, k: int) -> dict[str, Any]:
+    """The model's graph self-check (run when it first captures K steps: K replayed steps against K eager
+    ones, bit for bit); skipped where the backend has no graphs."""
+    be, _ = _graph_backends(label)
+    m = new_model(be, seed=6, graph_steps=k)
+    d = begin(m, images, labels, batch, 2 * k + 1, 1e-3)
+    m.run_steps(d, k + 1)
+    ok, msg = m.graph_check()
+    if ok:
+        return {"message": msg}
+    if msg.startswith("CUDA graphs off"):
+        raise AssertionError(f"graph_check: {msg}")
+    return {"status": SKIP, "reason": f"no graphs on this backend ({msg})"}
+
+
+def graph_vs_eager(label: str, images: np.ndarray, labels: np.ndarray, batch: int, k: int, steps: int
+                   ) -> dict[str, Any]:
+    """``steps`` steps through graphs of K steps (and the tail's graph) against the same steps launched
+    eagerly on a second model from the same start: parameters and statistics bit for bit."""
     be, can = _graph_backends(label)
-    kw = dict(seed=2, optimizer="adam", lr=1e-3)
-    try:
-        g, e = new_model(be, use_graphs=True, **kw), new_model(be, use_graphs=False, **kw)
-    except TypeError as err:
-        raise RuntimeError("LeNet5 has no use_graphs option: cannot force an eager model") from err
+    if not can:
+        return {"status": SKIP, "reason": "no graphs on this backend (both runs would be eager)"}
+    kw = dict(seed=2, optimizer="adam", lr=1e-3, graph_steps=k)
+    g, e = new_model(be, use_graphs=True, **kw), new_model(be, use_graphs=False, **kw)
     dg = begin(g, images, labels, batch, steps, 1e-3)
     de = begin(e, images, labels, batch, steps, 1e-3)
     g.run_steps(dg, steps)
@@ -455,7 +453,9 @@ def graph_vs_eager(label: str, images: np.ndarray, labels: np.ndarray, batch: in
     sg, se = np.asarray(g.step_stats(0, steps)), np.asarray(e.step_stats(0, steps))
     if not np.array_equal(sg, se):
         raise AssertionError(f"per-step statistics differ: graph {sg.tolist()} vs eager {se.tolist()}")
-    return {"graphs": can, "steps": steps, "note": "" if can else "this backend has no graphs: both runs are eager"}
+    if not g.use_graphs:
+        raise AssertionError(f"the graph model fell back to eager launches: {g.graph_note}")
+    return {"steps": steps, "graph_steps": k}
 
 
 def determinism(label: str, images: np.ndarray, labels: np.ndarray, batch: int, steps: int) -> dict[str, Any]:
@@ -523,40 +523,33 @@ def phase_whole_step(ctx: dict, rec: PhaseRecorder) -> None:
             if rec.out_of_time():
                 rec.skip(name, "out of time", backend=label, check="vs_numpy")
                 continue
-            dev_be = be if fused else Unfused(be)
-            rec.run(name, lambda dev_be=dev_be, opt=opt, act=act, pool=pool:
-                    steps_vs_numpy(dev_be, opt, act, pool, 2, 3, train_x[:12], train_y[:12]),
+            rec.run(name, lambda be=be, opt=opt, act=act, pool=pool, fused=fused:
+                    steps_vs_numpy(be, opt, act, pool, fused, 2, 3, train_x[:12], train_y[:12]),
                     backend=label, check="vs_numpy", fused=fused)
         if not tiny:
             name = f"{label} steps vs numpy: sgd relu max fused, batch 33, 4 steps"
             if rec.out_of_time():
                 rec.skip(name, "out of time", backend=label, check="vs_numpy")
             else:
-                rec.run(name, lambda be=be: steps_vs_numpy(be, "sgd", "relu", "max", 33, 4, train_x[:200],
+                rec.run(name, lambda be=be: steps_vs_numpy(be, "sgd", "relu", "max", True, 33, 4, train_x[:200],
                                                            train_y[:200]), backend=label, check="vs_numpy")
-        # graphs: the model's own self-check, then K graph-replayed steps against K eager steps
-        name = f"{label} graph_check (one graph-replayed step == one eager step)"
+        # graphs: the model's own self-check, then graph-replayed steps against eager steps on two models
+        k, gb = (2, 4) if tiny else (10, 64)
+        name = f"{label} model.graph_check ({k} graph-replayed steps == {k} eager steps)"
         if rec.out_of_time():
             rec.skip(name, "out of time", backend=label, check="graph")
         else:
-            def gc(label: str = label, gb: int = 4 if tiny else 32) -> dict[str, Any]:
-                be_g, _ = _graph_backends(label)
-                m = new_model(be_g, seed=6)
-                begin(m, train_x[:64], train_y[:64], gb, 4, 1e-3)
-                ok, msg = m.graph_check()
-                if not ok:
-                    raise AssertionError(f"graph_check: {msg}")
-                return {"message": msg}
-            rec.run(name, gc, backend=label, check="graph")
-        k = 2 if tiny else 24
-        name = f"{label} {k} graph-replayed steps == {k} eager steps"
-        if rec.out_of_time():
-            rec.skip(name, "out of time", backend=label, check="graph")
-        else:
-            gb = 4 if tiny else 64
-            gx, gy = tiled(train_x, train_y, gb * (k + 1))
-            rec.run(name, lambda label=label, gx=gx, gy=gy, gb=gb, k=k: graph_vs_eager(label, gx, gy, gb, k),
+            gx, gy = tiled(train_x, train_y, gb * (2 * k + 2))
+            rec.run(name, lambda label=label, gx=gx, gy=gy, gb=gb, k=k: graph_check(label, gx, gy, gb, k),
                     backend=label, check="graph")
+        steps = 2 * k + (1 if tiny else 9)  # two K-step graphs, then a tail (its own graph when ≥ 8 steps)
+        name = f"{label} {steps} steps in {k}-step graphs == {steps} eager steps"
+        if rec.out_of_time():
+            rec.skip(name, "out of time", backend=label, check="graph")
+        else:
+            gx, gy = tiled(train_x, train_y, gb * (steps + 1))
+            rec.run(name, lambda label=label, gx=gx, gy=gy, gb=gb, k=k, steps=steps:
+                    graph_vs_eager(label, gx, gy, gb, k, steps), backend=label, check="graph")
         # determinism: batch ≥ 64 so that the split reductions are used (the emulators: tiny)
         db, dn = (4, 1) if tiny else (128, 20)
         name = f"{label} two runs bit for bit (batch {db}, {dn} steps)"
