@@ -22,9 +22,12 @@ TITLES = {
     "benchmark": "Benchmark",
     "summary": "Summary",
 }
-#: Share of the time budget each phase gets (of what is left when it starts; see runner.allocate).
+#: Share of the time budget each phase gets (of what is left when it starts; see runner.allocate), on a GPU
+#: and on the emulators (where a training step takes seconds and timings mean little).
 SHARES = {"environment": 0.05, "compile": 0.14, "op_parity": 0.15, "whole_step": 0.13, "training": 0.30,
           "benchmark": 0.23}
+SHARES_EMULATED = {"environment": 0.05, "compile": 0.11, "op_parity": 0.14, "whole_step": 0.27, "training": 0.28,
+                   "benchmark": 0.15}
 
 #: Backend labels: the GPU backends, their emulators, and the numpy backend (a hidden debug option).
 GPU_LABELS = ("cupy", "numba")

@@ -476,10 +476,11 @@ def determinism(label: str, images: np.ndarray, labels: np.ndarray, batch: int, 
     return {"batch": batch, "steps": steps}
 
 
-def counters_per_step(be: Any, images: np.ndarray, labels: np.ndarray, batch: int, steps: int) -> dict[str, Any]:
-    """After warm-up, ``steps`` steps make launches only: no allocation, copy or synchronisation. Also the
-    time per step (wall clock around run_steps + one synchronize)."""
-    m = new_model(be, seed=5, optimizer="adam", lr=1e-3)
+def counters_per_step(be: Any, images: np.ndarray, labels: np.ndarray, batch: int, steps: int, k: int
+                      ) -> dict[str, Any]:
+    """After warm-up, ``steps`` steps (in graphs of ``k`` where the backend has graphs) make launches only: no
+    allocation, copy or synchronisation. Also the time per step (wall clock around run_steps + a sync)."""
+    m = new_model(be, seed=5, optimizer="adam", lr=1e-3, graph_steps=k)
     d = begin(m, images, labels, batch, 3 * steps, 1e-3)
     m.run_steps(d, steps)  # warm-up: workspaces, compiles, graph capture
     be.synchronize()
@@ -499,65 +500,78 @@ def counters_per_step(be: Any, images: np.ndarray, labels: np.ndarray, batch: in
     return figures
 
 
+#: seconds per training step at batch 2 assumed for an emulator before one was measured (a small busy CPU)
+PRIOR_STEP_S = {"cupy-host": 3.0, "numba-sim": 12.0, "numpy": 0.05}
+EMULATORS = ("cupy-host", "numba-sim")
+
+
+def step_cost(rec: PhaseRecorder, label: str, batch: int) -> float:
+    """Expected seconds of one training step of ``label`` at ``batch``: measured in this phase when it was,
+    else a prior (a GPU: 0.05 s, a compile included)."""
+    m = rec.data.get("step_seconds", {}).get(label)
+    if m:
+        return m["seconds"] * max(1.0, batch / m["batch"])
+    return PRIOR_STEP_S.get(label, 0.05) * max(1.0, batch / 2)
+
+
+def run_if_time(rec: PhaseRecorder, name: str, est_s: float, fn: Any, **fields: Any) -> dict[str, Any]:
+    """Run a case only if its expected cost fits the time left (else record it as skipped)."""
+    left = rec.time_left()
+    if left < est_s or left <= 0:
+        return rec.skip(name, f"out of time (needs about {est_s:.0f} s, {max(left, 0):.0f} s left)", **fields)
+    return rec.run(name, fn, **fields)
+
+
 def phase_whole_step(ctx: dict, rec: PhaseRecorder) -> None:
     emulate = ctx["mode"] == "emulate"
     bes = available_backends(ctx, rec)
     train_x, train_y, _, _ = mnist_sample()
     rec.data["step_seconds"] = {}
     for label, be in bes.items():
-        tiny = label in ("cupy-host", "numba-sim")
-        # counters and the step time first: the training phase sizes its emulated runs from the step time
-        b = 4 if label == "numba-sim" else (8 if tiny else 64)
-        n = 2 if tiny else 50
+        tiny = label in EMULATORS
+        # counters and the step time first: later cases (and the training phase) size themselves from it
+        b, n, k = (2, 1, 10) if tiny else (64, 40, 10)
         x, y = tiled(train_x, train_y, b * (4 * n + 2))
-        r = rec.run(f"{label} counters per step (batch {b})", lambda be=be, x=x, y=y, b=b, n=n:
-                    counters_per_step(be, x, y, b, n), backend=label, check="counters")
+        r = run_if_time(rec, f"{label} counters per step (batch {b}, {n} steps after warm-up)",
+                        (2 * n + 1) * step_cost(rec, label, b) + 1,
+                        lambda be=be, x=x, y=y, b=b, n=n, k=k: counters_per_step(be, x, y, b, n, k),
+                        backend=label, check="counters")
         if "step_seconds" in r:
             rec.data["step_seconds"][label] = {"batch": b, "seconds": r["step_seconds"]}
         configs = [("sgd", "relu", "max", True), ("adam", "tanh", "avg", False), ("sgd", "sigmoid", "max", False),
                    ("adam", "lecun_tanh", "avg", True)]
         if emulate:
-            configs = configs[:1] if label == "numba-sim" else configs[:2]
+            configs = configs[:2]
         for opt, act, pool, fused in configs:
-            name = f"{label} steps vs numpy: {opt} {act} {pool} {'fused' if fused else 'unfused'}, batch 2, 3 steps"
-            if rec.out_of_time():
-                rec.skip(name, "out of time", backend=label, check="vs_numpy")
-                continue
-            rec.run(name, lambda be=be, opt=opt, act=act, pool=pool, fused=fused:
-                    steps_vs_numpy(be, opt, act, pool, fused, 2, 3, train_x[:12], train_y[:12]),
-                    backend=label, check="vs_numpy", fused=fused)
+            run_if_time(rec, f"{label} steps vs numpy: {opt} {act} {pool} {'fused' if fused else 'unfused'}, "
+                        "batch 2, 3 steps", 3 * step_cost(rec, label, 2) + 1,
+                        lambda be=be, opt=opt, act=act, pool=pool, fused=fused:
+                        steps_vs_numpy(be, opt, act, pool, fused, 2, 3, train_x[:12], train_y[:12]),
+                        backend=label, check="vs_numpy", fused=fused)
         if not tiny:
-            name = f"{label} steps vs numpy: sgd relu max fused, batch 33, 4 steps"
-            if rec.out_of_time():
-                rec.skip(name, "out of time", backend=label, check="vs_numpy")
-            else:
-                rec.run(name, lambda be=be: steps_vs_numpy(be, "sgd", "relu", "max", True, 33, 4, train_x[:200],
-                                                           train_y[:200]), backend=label, check="vs_numpy")
+            run_if_time(rec, f"{label} steps vs numpy: sgd relu max fused, batch 33, 4 steps",
+                        4 * step_cost(rec, label, 33) + 1,
+                        lambda be=be: steps_vs_numpy(be, "sgd", "relu", "max", True, 33, 4, train_x[:200],
+                                                     train_y[:200]), backend=label, check="vs_numpy")
         # graphs: the model's own self-check, then graph-replayed steps against eager steps on two models
-        k, gb = (2, 4) if tiny else (10, 64)
-        name = f"{label} model.graph_check ({k} graph-replayed steps == {k} eager steps)"
-        if rec.out_of_time():
-            rec.skip(name, "out of time", backend=label, check="graph")
-        else:
-            gx, gy = tiled(train_x, train_y, gb * (2 * k + 2))
-            rec.run(name, lambda label=label, gx=gx, gy=gy, gb=gb, k=k: graph_check(label, gx, gy, gb, k),
+        k, gb = (2, 2) if tiny else (10, 64)
+        gx, gy = tiled(train_x, train_y, gb * (2 * k + 2))
+        run_if_time(rec, f"{label} model.graph_check ({k} graph-replayed steps == {k} eager steps)",
+                    (3 * k + 1) * step_cost(rec, label, gb) + 1,
+                    lambda label=label, gx=gx, gy=gy, gb=gb, k=k: graph_check(label, gx, gy, gb, k),
                     backend=label, check="graph")
         steps = 2 * k + (1 if tiny else 9)  # two K-step graphs, then a tail (its own graph when ≥ 8 steps)
-        name = f"{label} {steps} steps in {k}-step graphs == {steps} eager steps"
-        if rec.out_of_time():
-            rec.skip(name, "out of time", backend=label, check="graph")
-        else:
-            gx, gy = tiled(train_x, train_y, gb * (steps + 1))
-            rec.run(name, lambda label=label, gx=gx, gy=gy, gb=gb, k=k, steps=steps:
+        gx, gy = tiled(train_x, train_y, gb * (steps + 1))
+        run_if_time(rec, f"{label} {steps} steps in {k}-step graphs == {steps} eager steps",
+                    2 * steps * step_cost(rec, label, gb) + 1,
+                    lambda label=label, gx=gx, gy=gy, gb=gb, k=k, steps=steps:
                     graph_vs_eager(label, gx, gy, gb, k, steps), backend=label, check="graph")
         # determinism: batch ≥ 64 so that the split reductions are used (the emulators: tiny)
-        db, dn = (4, 1) if tiny else (128, 20)
-        name = f"{label} two runs bit for bit (batch {db}, {dn} steps)"
-        if rec.out_of_time():
-            rec.skip(name, "out of time", backend=label, check="determinism")
-        else:
-            dx, dy = tiled(train_x, train_y, db * (dn + 1))
-            rec.run(name, lambda label=label, dx=dx, dy=dy, db=db, dn=dn: determinism(label, dx, dy, db, dn),
+        db, dn = (2, 1) if tiny else (128, 20)
+        dx, dy = tiled(train_x, train_y, db * (dn + 1))
+        run_if_time(rec, f"{label} two runs bit for bit (batch {db}, {dn} steps)",
+                    2 * dn * step_cost(rec, label, db) + 1,
+                    lambda label=label, dx=dx, dy=dy, db=db, dn=dn: determinism(label, dx, dy, db, dn),
                     backend=label, check="determinism")
 
 
@@ -579,10 +593,10 @@ SAMPLE_GATE = 0.97
 def training_runs(ctx: dict) -> list[dict[str, Any]]:
     runs = []
     for label in ctx["backends"]:
-        if label == "numba-sim":
-            extra = ["--limit", "8", "--epochs", "1", "--batch-size", "4"]
+        if label == "numba-sim":  # one step and a forward pass of 2 images: seconds in the simulator
+            extra = ["--limit", "2", "--epochs", "1", "--batch-size", "2"]
         elif label == "cupy-host":
-            extra = ["--limit", "64", "--epochs", "1", "--batch-size", "8"]
+            extra = ["--limit", "8", "--epochs", "1", "--batch-size", "4"]
         elif ctx["mode"] == "emulate":
             extra = ["--limit", "256", "--epochs", "1"]
         else:
@@ -596,16 +610,24 @@ def training_runs(ctx: dict) -> list[dict[str, Any]]:
     return runs
 
 
-def _estimate_s(run: dict, ctx: dict) -> float | None:
-    """A run's expected seconds on an emulator, from the step time the whole-step phase measured."""
+def prev_step_cost(ctx: dict, label: str, batch: int) -> float:
+    """Expected seconds of a training step, from the step time the whole-step phase measured (else a prior)."""
     prev = ((ctx.get("previous") or {}).get("whole_step") or {}).get("data", {}).get("step_seconds", {})
-    st = prev.get(run["backend"])
-    if not st or "--limit" not in run["args"]:
-        return None
+    st = prev.get(label) or {"batch": 2, "seconds": PRIOR_STEP_S.get(label, 0.05)}
+    return st["seconds"] * max(1.0, batch / st["batch"])
+
+
+def _estimate_s(run: dict, ctx: dict) -> float | None:
+    """A short (--limit) run's expected seconds: start-up, its steps, and a forward pass over the test images
+    (about half a step at that batch); None for the full recipe (on a GPU: tens of seconds)."""
     a = run["args"]
-    limit, batch = int(a[a.index("--limit") + 1]), int(a[a.index("--batch-size") + 1]) if "--batch-size" in a else 64
-    per_image = st["seconds"] / st["batch"]
-    return 8.0 + 1.6 * per_image * limit * (1 + 0.5 * min(batch, limit) / max(batch, 1))  # steps + a forward-only eval
+    if "--limit" not in a:
+        return None
+    limit = int(a[a.index("--limit") + 1])
+    batch = int(a[a.index("--batch-size") + 1]) if "--batch-size" in a else 64
+    steps = limit // min(batch, limit)
+    return 5.0 + 1.2 * steps * prev_step_cost(ctx, run["backend"], batch) + 0.5 * prev_step_cost(ctx, run["backend"],
+                                                                                                   limit)
 
 
 def train_once(run: dict, ctx: dict, timeout_s: float) -> dict[str, Any]:
@@ -691,27 +713,32 @@ def _bench_ops(label: str, be: Any, batch: int, rec: PhaseRecorder, default_only
         for v in variants:
             for layer, iset in lenet_sets(op, batch):
                 name = f"{label} {op}_{v} {layer} batch {batch}"
-                if rec.out_of_time(5):
+                if rec.out_of_time(5 if be.is_gpu else max(5.0, 0.15 * rec.budget_s)):
                     rec.skip(name, "out of time", backend=label, kind="op", op=op, variant=v, layer=layer)
                     continue
-                rec.run(name, lambda v=v, iset=iset, op=op: timer.measure(timing_call(be, op, v, iset),
-                                                                          target_s=0.1 if be.is_gpu else 0.02),
+                kw = {"target_s": 0.1} if be.is_gpu else {"target_s": 0.0, "min_samples": 1, "warmup": 1}
+                rec.run(name, lambda v=v, iset=iset, op=op, kw=kw: timer.measure(timing_call(be, op, v, iset), **kw),
                         backend=label, kind="op", op=op, variant=v, layer=layer, batch=batch)
                 iset.release()
 
 
 def _bench_model(label: str, be: Any, batch: int, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Training images/s (run_steps over a resident dataset, graphs where the backend has them) and inference
+    images/s (evaluate over it) at one batch size."""
     m = new_model(be, seed=0)
     d = begin(m, images, labels, batch, 10_000, 1e-3)
     n_img = images.shape[0]
     per_epoch = n_img // batch
-    m.run_steps(d, min(3, per_epoch))  # warm-up
+    if be.is_gpu:
+        m.run_steps(d, min(per_epoch // 2, 2 * m.graph_steps + 1))  # warm-up: compiles, graph capture
+    else:
+        m.run_steps(d, 1)  # an emulator: one step of warm-up, one timed
     be.synchronize()
     t0 = time.perf_counter()
     m.run_steps(d, 1)
     be.synchronize()
     t1 = max(time.perf_counter() - t0, 1e-6)
-    steps = int(min(max(1, per_epoch - 4), max(1, 0.3 / t1 if be.is_gpu else 1)))
+    steps = int(min(max(1, per_epoch // 2 - 1), max(1, 0.3 / t1))) if be.is_gpu else 1
     t0 = time.perf_counter()
     m.run_steps(d, steps)
     be.synchronize()
@@ -769,30 +796,37 @@ def phase_benchmark(ctx: dict, rec: PhaseRecorder) -> None:
     emulate, quick = ctx["mode"] == "emulate", ctx.get("quick", False)
     bes = available_backends(ctx, rec)
     op_batch = 2 if emulate else 64
-    batches = [4] if emulate else ([256] if quick else [64, 256, 1024, 4096])
+    batches = [2] if emulate else ([256] if quick else [64, 256, 1024, 4096])
     rec.data.update({"op_batch": op_batch, "batches": batches})
     if emulate:
         rec.note("emulated backends: timings are of CPU emulation, not of a GPU; they only show the phase runs")
     train_x, train_y, _, _ = mnist_sample()
-    # per-op timings at the training batch (defaults first, so a short budget still times every op)
+    # per-op timings at the training batch (defaults first, so a short budget still times every op); the
+    # emulators: the model first (the op timings of an emulator mean little)
+    if emulate:
+        _bench_e2e(ctx, rec, bes, batches, train_x, train_y)
     for label, be in bes.items():
         _bench_ops(label, be, op_batch, rec, default_only=True)
     if not emulate and not quick:
         for label, be in bes.items():
             _bench_ops(label, be, op_batch, rec, default_only=False)
-    # end to end: training steps and inference, images/s over batch sizes
-    for b in batches:
-        x, y = tiled(train_x, train_y, max(train_x.shape[0], 8 * b) if not emulate else 4 * b)
-        for label, be in bes.items():
-            name = f"{label} model batch {b}"
-            if rec.out_of_time(5):
-                rec.skip(name, "out of time", backend=label, kind="model", batch=b)
-                continue
-            rec.run(name, lambda label=label, be=be, b=b, x=x, y=y: _bench_model(label, be, b, x, y), backend=label,
-                    kind="model", batch=b)
+    if not emulate:
+        _bench_e2e(ctx, rec, bes, batches, train_x, train_y)
     n = max(train_x.shape[0], 8 * max(batches)) if not emulate else 64
     px, py = tiled(train_x, train_y, n)
     _bench_peer(batches, px, py, rec, on_gpu=not emulate, quick=quick or emulate)
+
+
+def _bench_e2e(ctx: dict, rec: PhaseRecorder, bes: dict[str, Any], batches: list[int], train_x: np.ndarray,
+               train_y: np.ndarray) -> None:
+    """End to end: training steps and inference, images/s over batch sizes."""
+    emulate = ctx["mode"] == "emulate"
+    for b in batches:
+        x, y = tiled(train_x, train_y, max(train_x.shape[0], 8 * b) if not emulate else 2 * b)
+        for label, be in bes.items():
+            run_if_time(rec, f"{label} model batch {b}", 4 * prev_step_cost(ctx, label, b) + 3,
+                        lambda label=label, be=be, b=b, x=x, y=y: _bench_model(label, be, b, x, y), backend=label,
+                        kind="model", batch=b)
 
 
 PHASE_FUNCS = {"environment": phase_environment, "compile": phase_compile, "op_parity": phase_op_parity,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .common import EMULATED_LABELS, GPU_LABELS, LABELS, PHASES, SHARES, first_lines
+from .common import EMULATED_LABELS, GPU_LABELS, LABELS, PHASES, SHARES, SHARES_EMULATED, first_lines
 
 PROG = "python -m lenet_gpu.selftest"
 DEFAULT_BUDGET, QUICK_BUDGET = 420.0, 120.0
@@ -180,10 +180,11 @@ def run_phase(phase: str, ctx: dict[str, Any], soft_s: float, hard_s: float, out
 
 
 # ------------------------------------------------------------------------------------ the run
-def allocate(phase: str, remaining: list[str], left_s: float) -> tuple[float, float]:
+def allocate(phase: str, remaining: list[str], left_s: float, shares: dict[str, float] = SHARES
+             ) -> tuple[float, float]:
     """(soft, hard) seconds for ``phase`` out of ``left_s``: its share of what is left among the phases still
     to run; the phase stops starting new cases at the soft limit and is killed at the hard one."""
-    share = SHARES[phase] / sum(SHARES[p] for p in remaining)
+    share = shares[phase] / sum(shares[p] for p in remaining)
     if phase == remaining[-1]:
         hard = max(left_s, 5.0)
         return max(1.0, hard * 0.85), hard
@@ -235,7 +236,7 @@ def run(argv: list[str] | None = None) -> int:
           f"report in {out}/report.md", flush=True)
     code = 0
     for i, phase in enumerate(phases):
-        soft, hard = allocate(phase, phases[i:], end - time.monotonic())
+        soft, hard = allocate(phase, phases[i:], end - time.monotonic(), SHARES if mode == "gpu" else SHARES_EMULATED)
         print(f"[{i + 1}/{len(phases) + 1}] {phase} (budget {soft:.0f} s) ...", end=" ", flush=True)
         res = run_phase(phase, ctx, soft, hard, out)
         results["phases"][phase] = res

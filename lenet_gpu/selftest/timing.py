@@ -58,9 +58,10 @@ class WallTimer:
         return time.perf_counter() - t0
 
     def measure(self, fn: Callable[[], None], target_s: float = 0.2, min_samples: int = 3,
-                max_samples: int = 30) -> dict[str, Any]:
-        t1 = self._sample(fn, 1)  # warm-up (compiles, first-call allocations)
-        t1 = self._sample(fn, 1)
+                max_samples: int = 30, warmup: int = 2) -> dict[str, Any]:
+        t1 = 0.0
+        for _ in range(max(1, warmup)):  # warm-up (compiles, first-call allocations)
+            t1 = self._sample(fn, 1)
         number = max(1, int(1e-3 / max(t1, 1e-9))) if t1 < 1e-3 else 1
         samples: list[float] = []
         t_end = time.perf_counter() + target_s
@@ -133,8 +134,8 @@ class EventTimer:
         return float(a.elapsed_time(b)) * 1e-3
 
     def measure(self, fn: Callable[[], None], target_s: float = 0.2, min_samples: int = 5,
-                max_samples: int = 50) -> dict[str, Any]:
-        for _ in range(3):
+                max_samples: int = 50, warmup: int = 3) -> dict[str, Any]:
+        for _ in range(max(1, warmup)):
             self._sample(fn, 1, False)  # warm-up
         cold: list[float] = []
         t_end = time.perf_counter() + target_s / 2
