@@ -540,13 +540,14 @@ def phase_whole_step(ctx: dict, rec: PhaseRecorder) -> None:
             rec.data["step_seconds"][label] = {"batch": b, "seconds": r["step_seconds"]}
         configs = [("sgd", "relu", "max", True), ("adam", "tanh", "avg", False), ("sgd", "sigmoid", "max", False),
                    ("adam", "lecun_tanh", "avg", True)]
+        vs = 2 if tiny else 3  # steps compared with numpy
         if emulate:
             configs = configs[:2]
         for opt, act, pool, fused in configs:
             run_if_time(rec, f"{label} steps vs numpy: {opt} {act} {pool} {'fused' if fused else 'unfused'}, "
-                        "batch 2, 3 steps", 3 * step_cost(rec, label, 2) + 1,
-                        lambda be=be, opt=opt, act=act, pool=pool, fused=fused:
-                        steps_vs_numpy(be, opt, act, pool, fused, 2, 3, train_x[:12], train_y[:12]),
+                        f"batch 2, {vs} steps", vs * step_cost(rec, label, 2) + 1,
+                        lambda be=be, opt=opt, act=act, pool=pool, fused=fused, vs=vs:
+                        steps_vs_numpy(be, opt, act, pool, fused, 2, vs, train_x[:12], train_y[:12]),
                         backend=label, check="vs_numpy", fused=fused)
         if not tiny:
             run_if_time(rec, f"{label} steps vs numpy: sgd relu max fused, batch 33, 4 steps",
@@ -593,10 +594,8 @@ SAMPLE_GATE = 0.97
 def training_runs(ctx: dict) -> list[dict[str, Any]]:
     runs = []
     for label in ctx["backends"]:
-        if label == "numba-sim":  # one step and a forward pass of 2 images: seconds in the simulator
+        if label in EMULATORS:  # one step and a forward pass of 2 images: seconds on an emulator
             extra = ["--limit", "2", "--epochs", "1", "--batch-size", "2"]
-        elif label == "cupy-host":
-            extra = ["--limit", "8", "--epochs", "1", "--batch-size", "4"]
         elif ctx["mode"] == "emulate":
             extra = ["--limit", "256", "--epochs", "1"]
         else:
