@@ -243,6 +243,36 @@ def test_report_names_every_failure(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["phases"]["op_parity"]["status"] == "FAIL"
 
 
+def test_whole_step_checks_on_the_numpy_backend():
+    """The whole-step checks drive the model's step-state API: numpy against itself agrees bit for bit, two
+    runs repeat, a step after warm-up is launches only, and graphs are skipped where there are none."""
+    from lenet_gpu.selftest import phases as P
+
+    x, y, _, _ = P.mnist_sample()
+    be = NumpyBackend(threads=1)
+    assert P.steps_vs_numpy(be, "adam", "tanh", "avg", False, 2, 2, x[:12], y[:12])["worst_ratio"] == 0.0
+    c = P.counters_per_step(be, *P.tiled(x, y, 40), 4, 3, 10)
+    assert c["per_step"] == {"launches": 19.0, "h2d": 0.0, "d2h": 0.0, "allocs": 0.0, "syncs": 0.0}
+    assert P.determinism("numpy", *P.tiled(x, y, 12), 4, 2) == {"batch": 4, "steps": 2}
+    assert P.graph_check("numpy", x[:16], y[:16], 4, 1)["status"] == "skip"
+    assert P.graph_vs_eager("numpy", x[:16], y[:16], 4, 1, 3)["status"] == "skip"
+
+
+def test_a_training_run_and_its_figures(tmp_path):
+    from lenet_gpu.selftest import phases as P
+
+    run = {"backend": "numpy", "dataset": "mnist-sample", "gate": None,
+           "args": ["--dataset", "mnist-sample", "--limit", "64", "--epochs", "2", "--batch-size", "16"]}
+    fig = P.train_once(run, {"out": str(tmp_path)}, timeout_s=120)
+    assert fig["returncode"] == 0 and fig["epochs"] == 2 and 0 <= fig["final_test_acc"] <= 1
+    assert len(fig["test_acc_per_epoch"]) == 2 and (tmp_path / "train" / "numpy-mnist-sample" / "log.txt").is_file()
+    with pytest.raises(AssertionError, match="final test accuracy .* < 0.99"):
+        P.train_once({**run, "gate": 0.99}, {"out": str(tmp_path)}, timeout_s=120)
+    epochs = [{"seconds": 1.0, "test_acc": 0.95}, {"seconds": 2.0, "test_acc": 0.975},
+              {"seconds": 2.0, "test_acc": 0.98}]
+    assert (P.time_to(epochs, 0.97), P.time_to(epochs, 0.98), P.time_to(epochs, 0.99)) == (3.0, 5.0, None)
+
+
 def test_kernel_names_finds_every_kernel():
     from lenet_gpu.backends.cupy_backend.runtime import kernels_dir
     from lenet_gpu.selftest.phases import kernel_names
@@ -355,27 +385,32 @@ def test_bad_arguments_are_one_line(tmp_path):
 
 
 def test_emulate_end_to_end(tmp_path):
-    """What CI runs: every phase on cupy-host and the Numba simulator at tiny sizes, inside its budget."""
+    """What CI runs: every phase on cupy-host and the Numba simulator at tiny sizes, inside its budget.
+
+    A training step takes seconds on the emulators (more on a busy machine), so the phases that run whole
+    steps may skip what does not fit the budget: skipped, never failed; the cheap phases must pass."""
     out = tmp_path / "selftest"
     t0 = time.monotonic()
-    p = _run("--emulate", "--budget", "70", "--out", str(out), timeout=200)
+    p = _run("--emulate", "--budget", "75", "--out", str(out), timeout=200)
     wall = time.monotonic() - t0
     res = json.loads((out / "results.json").read_text())
     md = (out / "report.md").read_text()
     assert p.returncode == 0, p.stdout + p.stderr + md[:3000]
     assert wall < 95, f"took {wall:.0f} s"
     assert res["format"] == "lenet_gpu-selftest" and res["mode"] == "emulate" and res["status"] == "PASS"
-    assert res["backends"] == ["cupy-host", "numba-sim"]
+    assert res["backends"] == ["cupy-host", "numba-sim"] and res["finished"]
     assert list(res["phases"]) == list(report.PHASES)
     for name in report.PHASES[:-1]:
         ph = res["phases"][name]
-        assert ph["status"] == "PASS", (name, ph.get("counts"), ph.get("crash"), ph.get("killed"))
-        assert ph["counts"]["fail"] == 0 and ph["done"]
+        assert ph["status"] in (("PASS",) if name in ("environment", "compile", "op_parity") else ("PASS", "SKIP")), \
+            (name, ph.get("counts"), ph.get("crash"), ph.get("killed"))
+        assert ph["counts"]["fail"] == 0 and ph["done"] and not ph.get("killed")
+        assert all(c["reason"].startswith("out of time") for c in ph["cases"] if c["status"] == "skip"), name
     assert res["phases"]["summary"]["status"] == "PASS" and not res["phases"]["summary"]["failures"]
-    parity = res["phases"]["op_parity"]["cases"]
-    for label in ("cupy-host", "numba-sim"):
-        assert any(c.get("backend") == label and c["status"] == "pass" for c in parity), label
-    assert any(c["status"] == "pass" for c in res["phases"]["training"]["cases"])
+    for name, label in (("environment", "cupy-host"), ("environment", "numba-sim"), ("compile", "cupy-host"),
+                        ("compile", "numba-sim"), ("op_parity", "cupy-host"), ("op_parity", "numba-sim")):
+        assert any(c.get("backend") == label and c["status"] == "pass" for c in res["phases"][name]["cases"]), \
+            (name, label)
     for i, title in enumerate(report.TITLES.values(), 1):
-        assert re.search(rf"^\| {i}\. {re.escape(title)} \| PASS \|", md, re.M), title
-    assert "## Failures" not in md
+        assert re.search(rf"^\| {i}\. {re.escape(title)} \| (PASS|SKIP) \|", md, re.M), title
+    assert "## Failures" not in md and "## 3. Op parity against the float64 reference — PASS" in md

@@ -555,7 +555,7 @@ def phase_whole_step(ctx: dict, rec: PhaseRecorder) -> None:
                         lambda be=be: steps_vs_numpy(be, "sgd", "relu", "max", True, 33, 4, train_x[:200],
                                                      train_y[:200]), backend=label, check="vs_numpy")
         # graphs: the model's own self-check, then graph-replayed steps against eager steps on two models
-        k, gb = (2, 2) if tiny else (10, 64)
+        k, gb = (1, 2) if tiny else (10, 64)
         gx, gy = tiled(train_x, train_y, gb * (2 * k + 2))
         run_if_time(rec, f"{label} model.graph_check ({k} graph-replayed steps == {k} eager steps)",
                     (3 * k + 1) * step_cost(rec, label, gb) + 1,
