@@ -61,20 +61,24 @@ class TorchLeNet:
             x = F.pad(self.images[idx], (2, 2, 2, 2)).unsqueeze(1).float() * self.scale - self.shift
             return x, self.labels[idx]
 
+        # torch.compile wraps the module (its forward, and through AOTAutograd its backward); the batch
+        # gather, the optimizer and no_grad stay outside the compiled region (a compiled function that enters
+        # inference_mode itself failed in inductor on torch 2.11 + CUDA 13)
+        net = torch.compile(self.net) if compile_model else self.net
+
         def train_step(offset: int, b: int) -> Any:
             x, y = batch(offset, b)
             self.opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(self.net(x), y)
+            loss = F.cross_entropy(net(x), y)
             loss.backward()
             self.opt.step()
             return loss
 
         def infer(offset: int, b: int) -> Any:
-            with torch.inference_mode():
-                return self.net(batch(offset, b)[0]).argmax(1)
+            with torch.no_grad():
+                return net(batch(offset, b)[0]).argmax(1)
 
-        self.train_step = torch.compile(train_step) if compile_model else train_step
-        self.infer = torch.compile(infer) if compile_model else infer
+        self.train_step, self.infer = train_step, infer
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

@@ -500,18 +500,32 @@ def counters_per_step(be: Any, images: np.ndarray, labels: np.ndarray, batch: in
     return figures
 
 
-#: seconds per training step at batch 2 assumed for an emulator before one was measured (a small busy CPU)
-PRIOR_STEP_S = {"cupy-host": 3.0, "numba-sim": 12.0, "numpy": 0.05}
+#: (batch, seconds) of a training step assumed before one was measured: the emulators on a small busy CPU,
+#: numpy, and a GPU (an H200 took 0.2 ms (cupy) to 0.5 ms (numba) at batch 64, flat up to a few hundred)
+PRIOR_STEP = {"cupy-host": (2, 3.0), "numba-sim": (2, 12.0), "numpy": (64, 0.03)}
+GPU_PRIOR_STEP = (256, 0.003)
 EMULATORS = ("cupy-host", "numba-sim")
+#: the first steps on a GPU compile (Numba JIT, NVRTC from cache): seconds allowed for it in estimates
+GPU_FIRST_STEPS_S = 10.0
 
 
-def step_cost(rec: PhaseRecorder, label: str, batch: int) -> float:
-    """Expected seconds of one training step of ``label`` at ``batch``: measured in this phase when it was,
-    else a prior (a GPU: 0.05 s, a compile included)."""
-    m = rec.data.get("step_seconds", {}).get(label)
-    if m:
-        return m["seconds"] * max(1.0, batch / m["batch"])
-    return PRIOR_STEP_S.get(label, 0.05) * max(1.0, batch / 2)
+def expected_step_s(measured: dict[str, dict], label: str, batch: int) -> float:
+    """Expected seconds of one training step of ``label`` at ``batch``: from the step time measured in the
+    whole-step phase when there is one, else a prior; linear in the batch above the measured (or, on a GPU,
+    above 256) batch."""
+    m = measured.get(label)
+    ref_batch, seconds = (m["batch"], m["seconds"]) if m else PRIOR_STEP.get(label, GPU_PRIOR_STEP)
+    if label not in EMULATORS and label != "numpy":
+        ref_batch = max(ref_batch, 256)
+    return seconds * max(1.0, batch / ref_batch)
+
+
+def case_cost(rec: PhaseRecorder, label: str, batch: int, steps: int) -> float:
+    """Expected seconds of a case of ``steps`` training steps (from this phase's own measurements), plus
+    the first compile on a GPU until a step was measured, plus a second for the set-up."""
+    measured = rec.data.get("step_seconds", {})
+    first = GPU_FIRST_STEPS_S if label not in EMULATORS and label != "numpy" and label not in measured else 0.0
+    return steps * expected_step_s(measured, label, batch) + first + 1.0
 
 
 def run_if_time(rec: PhaseRecorder, name: str, est_s: float, fn: Any, **fields: Any) -> dict[str, Any]:
@@ -533,7 +547,7 @@ def phase_whole_step(ctx: dict, rec: PhaseRecorder) -> None:
         b, n, k = (2, 1, 10) if tiny else (64, 40, 10)
         x, y = tiled(train_x, train_y, b * (4 * n + 2))
         r = run_if_time(rec, f"{label} counters per step (batch {b}, {n} steps after warm-up)",
-                        (2 * n + 1) * step_cost(rec, label, b) + 1,
+                        case_cost(rec, label, b, 2 * n + 1),
                         lambda be=be, x=x, y=y, b=b, n=n, k=k: counters_per_step(be, x, y, b, n, k),
                         backend=label, check="counters")
         if "step_seconds" in r:
@@ -545,33 +559,33 @@ def phase_whole_step(ctx: dict, rec: PhaseRecorder) -> None:
             configs = configs[:2]
         for opt, act, pool, fused in configs:
             run_if_time(rec, f"{label} steps vs numpy: {opt} {act} {pool} {'fused' if fused else 'unfused'}, "
-                        f"batch 2, {vs} steps", vs * step_cost(rec, label, 2) + 1,
+                        f"batch 2, {vs} steps", case_cost(rec, label, 2, vs),
                         lambda be=be, opt=opt, act=act, pool=pool, fused=fused, vs=vs:
                         steps_vs_numpy(be, opt, act, pool, fused, 2, vs, train_x[:12], train_y[:12]),
                         backend=label, check="vs_numpy", fused=fused)
         if not tiny:
             run_if_time(rec, f"{label} steps vs numpy: sgd relu max fused, batch 33, 4 steps",
-                        4 * step_cost(rec, label, 33) + 1,
+                        case_cost(rec, label, 33, 4),
                         lambda be=be: steps_vs_numpy(be, "sgd", "relu", "max", True, 33, 4, train_x[:200],
                                                      train_y[:200]), backend=label, check="vs_numpy")
         # graphs: the model's own self-check, then graph-replayed steps against eager steps on two models
         k, gb = (1, 2) if tiny else (10, 64)
         gx, gy = tiled(train_x, train_y, gb * (2 * k + 2))
         run_if_time(rec, f"{label} model.graph_check ({k} graph-replayed steps == {k} eager steps)",
-                    (3 * k + 1) * step_cost(rec, label, gb) + 1,
+                    case_cost(rec, label, gb, 3 * k + 1),
                     lambda label=label, gx=gx, gy=gy, gb=gb, k=k: graph_check(label, gx, gy, gb, k),
                     backend=label, check="graph")
         steps = 2 * k + (1 if tiny else 9)  # two K-step graphs, then a tail (its own graph when ≥ 8 steps)
         gx, gy = tiled(train_x, train_y, gb * (steps + 1))
         run_if_time(rec, f"{label} {steps} steps in {k}-step graphs == {steps} eager steps",
-                    2 * steps * step_cost(rec, label, gb) + 1,
+                    case_cost(rec, label, gb, 2 * steps),
                     lambda label=label, gx=gx, gy=gy, gb=gb, k=k, steps=steps:
                     graph_vs_eager(label, gx, gy, gb, k, steps), backend=label, check="graph")
         # determinism: batch ≥ 64 so that the split reductions are used (the emulators: tiny)
         db, dn = (2, 1) if tiny else (128, 20)
         dx, dy = tiled(train_x, train_y, db * (dn + 1))
         run_if_time(rec, f"{label} two runs bit for bit (batch {db}, {dn} steps)",
-                    2 * dn * step_cost(rec, label, db) + 1,
+                    case_cost(rec, label, db, 2 * dn),
                     lambda label=label, dx=dx, dy=dy, db=db, dn=dn: determinism(label, dx, dy, db, dn),
                     backend=label, check="determinism")
 
@@ -612,8 +626,7 @@ def training_runs(ctx: dict) -> list[dict[str, Any]]:
 def prev_step_cost(ctx: dict, label: str, batch: int) -> float:
     """Expected seconds of a training step, from the step time the whole-step phase measured (else a prior)."""
     prev = ((ctx.get("previous") or {}).get("whole_step") or {}).get("data", {}).get("step_seconds", {})
-    st = prev.get(label) or {"batch": 2, "seconds": PRIOR_STEP_S.get(label, 0.05)}
-    return st["seconds"] * max(1.0, batch / st["batch"])
+    return expected_step_s(prev, label, batch)
 
 
 def _estimate_s(run: dict, ctx: dict) -> float | None:
@@ -659,6 +672,7 @@ def train_once(run: dict, ctx: dict, timeout_s: float) -> dict[str, Any]:
         figures.update({
             "final_test_acc": last.get("test_acc"), "final_loss": last.get("loss"),
             "train_seconds": round(sum(float(r.get("seconds", 0)) for r in epochs), 3),
+            "first_epoch_s": round(float(epochs[0].get("seconds", 0)), 3),
             "images_per_s": round(float(np.median([r.get("images_per_s", 0) for r in epochs])), 1),
             "time_to_90": time_to(epochs, 0.90), "time_to_97": time_to(epochs, 0.97),
             "time_to_98": time_to(epochs, 0.98),
@@ -777,20 +791,24 @@ def _bench_peer(batches: list[int], images: np.ndarray, labels: np.ndarray, rec:
     pix = images.astype(np.float32) / 255.0
     mean, std = float(pix.mean()), float(pix.std())
     modes = [("eager", False)] + ([("compile", True)] if device == "cuda" and not quick else [])
+    t = 0.3 if device == "cuda" else 0.1
     for mode, comp in modes:
+        peers: dict[str, Any] = {}  # one model per mode over all batch sizes (torch.compile: few recompiles)
         for b in batches:
             name = f"torch {mode} ({device}) batch {b}"
-            if rec.out_of_time(45 if comp else 5):
+            if rec.out_of_time(45 if comp and not peers else 5):
                 rec.skip(name, "out of time", kind="peer", mode=mode, batch=b)
                 continue
 
-            def one(b: int = b, comp: bool = comp) -> dict[str, Any]:
-                peer = TorchLeNet(params, images, labels, mean, std, device, compile_model=comp)
-                t = 0.3 if device == "cuda" else 0.1
+            def one(b: int = b, comp: bool = comp, peers: dict = peers) -> dict[str, Any]:
+                if "peer" not in peers:
+                    peers["peer"] = TorchLeNet(params, images, labels, mean, std, device, compile_model=comp)
+                peer = peers["peer"]
                 tr = throughput(peer.train_step, peer.synchronize, b, images.shape[0], t)
                 inf = throughput(peer.infer, peer.synchronize, b, images.shape[0], t)
                 return {"train_images_per_s": round(tr["images_per_s"], 1),
-                        "infer_images_per_s": round(inf["images_per_s"], 1), "first_call_s": tr["first_call_s"]}
+                        "infer_images_per_s": round(inf["images_per_s"], 1),
+                        "first_call_s": round(tr["first_call_s"] + inf["first_call_s"], 3)}
             rec.run(name, one, kind="peer", mode=mode, device=device, batch=b)
 
 
@@ -826,7 +844,8 @@ def _bench_e2e(ctx: dict, rec: PhaseRecorder, bes: dict[str, Any], batches: list
     for b in batches:
         x, y = tiled(train_x, train_y, max(train_x.shape[0], 8 * b) if not emulate else 2 * b)
         for label, be in bes.items():
-            run_if_time(rec, f"{label} model batch {b}", 4 * prev_step_cost(ctx, label, b) + 3,
+            est = (4 if label in EMULATORS else 60) * prev_step_cost(ctx, label, b) + 3
+            run_if_time(rec, f"{label} model batch {b}", est,
                         lambda label=label, be=be, b=b, x=x, y=y: _bench_model(label, be, b, x, y), backend=label,
                         kind="model", batch=b)
 

@@ -168,12 +168,13 @@ def _whole_step_section(res: dict) -> list[str]:
 
 def _training_section(res: dict) -> list[str]:
     rows = [[c.get("backend"), c.get("dataset"), c["status"].upper(), c.get("epochs"), c.get("final_test_acc"),
-             c.get("time_to_97"), c.get("time_to_98"), c.get("images_per_s"), c.get("train_seconds"), c.get("wall_s")]
-            for c in _cases(res)]
+             c.get("time_to_97"), c.get("time_to_98"), c.get("images_per_s"), c.get("first_epoch_s"),
+             c.get("train_seconds"), c.get("wall_s")] for c in _cases(res)]
     note = ["Time to 97 % / 98 % test accuracy: training seconds (the metrics' per-epoch seconds, summed) until the "
-            "end of the first epoch that reaches it. Each run's checkpoint, metrics and log are under train/.", ""]
+            "end of the first epoch that reaches it; the first epoch includes compiling the kernels (Numba's JIT). "
+            "Each run's checkpoint, metrics and log are under train/.", ""]
     return note + _table(["backend", "dataset", "status", "epochs", "final test acc", "s to 97 %", "s to 98 %",
-                          "img/s (median epoch)", "train s", "wall s"], rows)
+                          "img/s (median epoch)", "1st epoch s", "train s", "wall s"], rows)
 
 
 def _bench_section(res: dict) -> list[str]:
@@ -184,8 +185,10 @@ def _bench_section(res: dict) -> list[str]:
              else c.get("reason", c.get("error", "")), c.get("hot_median_us")] for c in ops]
     lines = [f"Per-op times at batch {d.get('op_batch')} (timers: "
              f"{', '.join(f'{k} {v}' for k, v in (d.get('timers') or {}).items())}): median (p20–p80) µs per launch. "
-             "cuda-events: cold = one launch after an L2 flush, hot = back-to-back launches; perf_counter: host "
-             "wall clock around calls and a synchronize.", ""]
+             "cuda-events: cold = one launch after an L2 flush (the device's time, unless the host takes longer to "
+             "issue the launch than the flush takes to run); hot = back-to-back launches (for small kernels, the "
+             "host's launch rate); perf_counter: host wall clock around calls and a synchronize. The first call "
+             "of torch.compile (compilation) is in 'first call s'.", ""]
     lines += _table(["op", "layer", "variant", "backend", "status", "µs cold", "µs hot"], rows)
     model = [c for c in _cases(res) if c.get("kind") in ("model", "peer")]
     mrows = [[c.get("batch"), c.get("backend") or f"torch {c.get('mode')} ({c.get('device', '')})", c["status"].upper(),
