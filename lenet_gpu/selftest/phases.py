@@ -7,8 +7,8 @@ quick, out (the report folder), data_dir, and the results of earlier phases (``p
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata as md
+import importlib.util
 import json
 import os
 import platform
