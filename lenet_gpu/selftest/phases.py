@@ -28,6 +28,25 @@ from .common import FAIL, PASS, SKIP, PhaseRecorder, backend_name, first_lines, 
 _BACKENDS: dict[str, Any] = {}
 
 
+class Costs:
+    """How long cases of a kind took so far (the largest, to be safe): a case starts only if the time left
+    covers what the slowest of its kind took, or a prior before there is one."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Any, float] = {}
+
+    def expect(self, key: Any, prior: float) -> float:
+        return self.seen.get(key, prior)
+
+    def observe(self, key: Any, case: dict[str, Any]) -> None:
+        if "seconds" in case:
+            self.seen[key] = max(self.seen.get(key, 0.0), float(case["seconds"]))
+
+
+def _prior(label: str, gpu_s: float, emulated_s: float) -> float:
+    return emulated_s if label in ("cupy-host", "numba-sim") else gpu_s
+
+
 def backend(label: str, **kwargs: Any) -> Any:
     """One backend per label and process (modules compile once)."""
     if kwargs:
@@ -223,6 +242,7 @@ def _compile_cupy(label: str, rec: PhaseRecorder) -> None:
 
         arch = f"sm_{cp.cuda.Device().compute_capability}"
         rec.data.setdefault("arch", {})[label] = arch
+    costs = Costs()
     for path in sorted(kernels_dir().glob("*.cu")):
         stem = path.stem
         src = kernel_source(stem)
@@ -232,9 +252,11 @@ def _compile_cupy(label: str, rec: PhaseRecorder) -> None:
             rec.add(f"{label} {stem}.cu", FAIL, error="no extern \"C\" __global__ kernel found in the file",
                     backend=label, module=stem)
             continue
-        for name in names:
+        # the first kernel of a module builds it (NVRTC, or g++ on the harness: seconds each)
+        build_s = costs.expect("module", _prior(label, 5.0, 8.0))
+        for i, name in enumerate(names):
             case = f"{label} {stem}.cu {name}"
-            if rec.out_of_time():
+            if rec.out_of_time(build_s if i == 0 else 0.0):
                 rec.skip(case, "out of time", backend=label, module=stem, kernel=name)
                 continue
 
@@ -249,7 +271,9 @@ def _compile_cupy(label: str, rec: PhaseRecorder) -> None:
                     if isinstance(v, (int, np.integer)):
                         facts[key] = int(v)
                 return facts
-            rec.run(case, load, backend=label, module=stem, kernel=name)
+            r = rec.run(case, load, backend=label, module=stem, kernel=name)
+            if i == 0:
+                costs.observe("module", r)
 
 
 def _compile_numba(label: str, rec: PhaseRecorder) -> None:
@@ -272,9 +296,10 @@ def _compile_numba(label: str, rec: PhaseRecorder) -> None:
         rec.note("numba-sim: kernels compiled with numba.cuda.compile_ptx for sm_90 (no device needed); the "
                  "simulator itself compiles nothing")
     rec.data.setdefault("arch", {})[label] = f"sm_{cc[0]}{cc[1]}"
+    costs = Costs()
     for name in sorted(KERNELS):
         case = f"{label} {name}"
-        if rec.out_of_time():
+        if rec.out_of_time(costs.expect("kernel", 3.0)):
             rec.skip(case, "out of time", backend=label, kernel=name)
             continue
 
@@ -293,7 +318,7 @@ def _compile_numba(label: str, rec: PhaseRecorder) -> None:
             if f64:
                 raise AssertionError(f"{name}: {len(f64)} PTX lines use float64 in a float32 kernel, e.g. {f64[0]}")
             return facts
-        rec.run(case, comp, backend=label, kernel=name, signature=SIGNATURES[name])
+        costs.observe("kernel", rec.run(case, comp, backend=label, kernel=name, signature=SIGNATURES[name]))
 
 
 def phase_compile(ctx: dict, rec: PhaseRecorder) -> None:
@@ -336,16 +361,18 @@ def phase_op_parity(ctx: dict, rec: PhaseRecorder) -> None:
     sets = input_sets([op for op in ops if op in KNOWN_OPS], ctx["profile"], ctx.get("max_tier", 3))
     rec.data["input_sets"] = len(sets)
     skipped: dict[tuple[str, str, str], int] = {}
+    costs = Costs()
     for iset in sets:
         for label, be in bes.items():
             for v in be.variants.get(iset.op, ()):
-                if rec.out_of_time():
+                if rec.out_of_time(costs.expect((label, iset.op), _prior(label, 0.5, 1.0))):
                     key = (label, iset.op, v)
                     skipped[key] = skipped.get(key, 0) + 1
                     continue
                 name = f"{label} {iset.op}_{v} {iset.desc}" + "".join(f" {x}" for x in (iset.act, iset.pool) if x)
-                rec.run(name, lambda be=be, v=v, iset=iset: run_case(be, iset.op, v, iset), backend=label, op=iset.op,
-                        variant=v, act=iset.act, pool=iset.pool, shape=iset.desc, tier=iset.tier)
+                r = rec.run(name, lambda be=be, v=v, iset=iset: run_case(be, iset.op, v, iset), backend=label,
+                            op=iset.op, variant=v, act=iset.act, pool=iset.pool, shape=iset.desc, tier=iset.tier)
+                costs.observe((label, iset.op), r)
         iset.release()
     for (label, op, v), n in skipped.items():
         rec.skip(f"{label} {op}_{v}: {n} input sets", "out of time", backend=label, op=op, variant=v, count=n)
