@@ -253,7 +253,7 @@ def _compile_cupy(label: str, rec: PhaseRecorder) -> None:
                     backend=label, module=stem)
             continue
         # the first kernel of a module builds it (NVRTC, or g++ on the harness: seconds each)
-        build_s = costs.expect("module", _prior(label, 5.0, 8.0))
+        build_s = costs.expect("module", _prior(label, 5.0, 4.0))
         for i, name in enumerate(names):
             case = f"{label} {stem}.cu {name}"
             if rec.out_of_time(build_s if i == 0 else 0.0):
@@ -365,7 +365,7 @@ def phase_op_parity(ctx: dict, rec: PhaseRecorder) -> None:
     for iset in sets:
         for label, be in bes.items():
             for v in be.variants.get(iset.op, ()):
-                if rec.out_of_time(costs.expect((label, iset.op), _prior(label, 0.5, 1.0))):
+                if rec.out_of_time(costs.expect((label, iset.op), _prior(label, 0.5, 2.0))):
                     key = (label, iset.op, v)
                     skipped[key] = skipped.get(key, 0) + 1
                     continue
