@@ -174,7 +174,9 @@ def run_phase(phase: str, ctx: dict[str, Any], soft_s: float, hard_s: float, out
                          f"finished are kept. Last output:\n{_tail(log_path, 6)}")
     if interrupted:
         res["interrupted"] = "interrupted (Ctrl-C)"
-    if res.get("missing") or (rc not in (0, None) and not res.get("crash") and not killed and not interrupted):
+    if killed or interrupted:
+        res.pop("missing", None)  # one failure to report: the kill
+    elif res.get("missing") or (rc != 0 and not res.get("crash")):
         res["crash"] = res.get("crash") or f"the phase process exited with status {rc}:\n{_tail(log_path, 12)}"
     return res
 
@@ -242,7 +244,9 @@ def run(argv: list[str] | None = None) -> int:
         res = run_phase(phase, ctx, soft, hard, out)
         results["phases"][phase] = res
         results["elapsed_s"] = round(time.monotonic() - t_start, 1)
-        ctx["previous"][phase] = {"data": res.get("data", {})} if phase in ("environment", "whole_step") else {}
+        if phase in ("compile", "whole_step"):  # what later phases size their cases from
+            keep = ("unbuilt_modules", "module_build_s", "step_seconds")
+            ctx["previous"][phase] = {"data": {k: v for k, v in res.get("data", {}).items() if k in keep}}
         report.write(out, results)
         c = res.get("counts", {})
         print(f"{report.phase_status(res)} ({res['seconds']:.0f} s: {c.get('pass', 0)} passed, {c.get('fail', 0)} "
