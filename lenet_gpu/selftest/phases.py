@@ -589,13 +589,23 @@ def phase_whole_step(ctx: dict, rec: PhaseRecorder) -> None:
     rec.data["step_seconds"] = {}
     for label, be in bes.items():
         tiny = label in EMULATORS
+        ran: list[dict] = []  # the cases that ran steps: until one has, modules may still need building
+
+        def cost(batch: int, steps: int, label: str = label, ran: list = ran) -> float:
+            built = any(c["status"] != SKIP for c in ran)
+            return case_cost(rec, label, batch, steps) + (0.0 if built else module_allowance(ctx, label))
+
+        def go(name: str, est_s: float, fn: Any, ran: list = ran, **fields: Any) -> dict[str, Any]:
+            r = run_if_time(rec, name, est_s, fn, **fields)
+            ran.append(r)
+            return r
+
         # counters and the step time first: later cases (and the training phase) size themselves from it
         b, n, k = (2, 1, 10) if tiny else (64, 40, 10)
         x, y = tiled(train_x, train_y, b * (4 * n + 2))
-        r = run_if_time(rec, f"{label} counters per step (batch {b}, {n} steps after warm-up)",
-                        case_cost(rec, label, b, 2 * n + 1) + module_allowance(ctx, label),
-                        lambda be=be, x=x, y=y, b=b, n=n, k=k: counters_per_step(be, x, y, b, n, k),
-                        backend=label, check="counters")
+        r = go(f"{label} counters per step (batch {b}, {n} steps after warm-up)", cost(b, 2 * n + 1),
+               lambda be=be, x=x, y=y, b=b, n=n, k=k: counters_per_step(be, x, y, b, n, k),
+               backend=label, check="counters")
         if "step_seconds" in r:
             rec.data["step_seconds"][label] = {"batch": b, "seconds": r["step_seconds"]}
         configs = [("sgd", "relu", "max", True), ("adam", "tanh", "avg", False), ("sgd", "sigmoid", "max", False),
@@ -604,36 +614,31 @@ def phase_whole_step(ctx: dict, rec: PhaseRecorder) -> None:
         if emulate:
             configs = configs[:2]
         for opt, act, pool, fused in configs:
-            run_if_time(rec, f"{label} steps vs numpy: {opt} {act} {pool} {'fused' if fused else 'unfused'}, "
-                        f"batch 2, {vs} steps", case_cost(rec, label, 2, vs),
-                        lambda be=be, opt=opt, act=act, pool=pool, fused=fused, vs=vs:
-                        steps_vs_numpy(be, opt, act, pool, fused, 2, vs, train_x[:12], train_y[:12]),
-                        backend=label, check="vs_numpy", fused=fused)
+            go(f"{label} steps vs numpy: {opt} {act} {pool} {'fused' if fused else 'unfused'}, batch 2, {vs} steps",
+               cost(2, vs), lambda be=be, opt=opt, act=act, pool=pool, fused=fused, vs=vs:
+               steps_vs_numpy(be, opt, act, pool, fused, 2, vs, train_x[:12], train_y[:12]),
+               backend=label, check="vs_numpy", fused=fused)
         if not tiny:
-            run_if_time(rec, f"{label} steps vs numpy: sgd relu max fused, batch 33, 4 steps",
-                        case_cost(rec, label, 33, 4),
-                        lambda be=be: steps_vs_numpy(be, "sgd", "relu", "max", True, 33, 4, train_x[:200],
-                                                     train_y[:200]), backend=label, check="vs_numpy")
+            go(f"{label} steps vs numpy: sgd relu max fused, batch 33, 4 steps", cost(33, 4),
+               lambda be=be: steps_vs_numpy(be, "sgd", "relu", "max", True, 33, 4, train_x[:200], train_y[:200]),
+               backend=label, check="vs_numpy")
         # graphs: the model's own self-check, then graph-replayed steps against eager steps on two models
         k, gb = (1, 2) if tiny else (10, 64)
         gx, gy = tiled(train_x, train_y, gb * (2 * k + 2))
-        run_if_time(rec, f"{label} model.graph_check ({k} graph-replayed steps == {k} eager steps)",
-                    case_cost(rec, label, gb, 3 * k + 1),
-                    lambda label=label, gx=gx, gy=gy, gb=gb, k=k: graph_check(label, gx, gy, gb, k),
-                    backend=label, check="graph")
+        go(f"{label} model.graph_check ({k} graph-replayed steps == {k} eager steps)", cost(gb, 3 * k + 1),
+           lambda label=label, gx=gx, gy=gy, gb=gb, k=k: graph_check(label, gx, gy, gb, k),
+           backend=label, check="graph")
         steps = 2 * k + (1 if tiny else 9)  # two K-step graphs, then a tail (its own graph when ≥ 8 steps)
         gx, gy = tiled(train_x, train_y, gb * (steps + 1))
-        run_if_time(rec, f"{label} {steps} steps in {k}-step graphs == {steps} eager steps",
-                    case_cost(rec, label, gb, 2 * steps),
-                    lambda label=label, gx=gx, gy=gy, gb=gb, k=k, steps=steps:
-                    graph_vs_eager(label, gx, gy, gb, k, steps), backend=label, check="graph")
+        go(f"{label} {steps} steps in {k}-step graphs == {steps} eager steps", cost(gb, 2 * steps),
+           lambda label=label, gx=gx, gy=gy, gb=gb, k=k, steps=steps: graph_vs_eager(label, gx, gy, gb, k, steps),
+           backend=label, check="graph")
         # determinism: batch ≥ 64 so that the split reductions are used (the emulators: tiny)
         db, dn = (2, 1) if tiny else (128, 20)
         dx, dy = tiled(train_x, train_y, db * (dn + 1))
-        run_if_time(rec, f"{label} two runs bit for bit (batch {db}, {dn} steps)",
-                    case_cost(rec, label, db, 2 * dn),
-                    lambda label=label, dx=dx, dy=dy, db=db, dn=dn: determinism(label, dx, dy, db, dn),
-                    backend=label, check="determinism")
+        go(f"{label} two runs bit for bit (batch {db}, {dn} steps)", cost(db, 2 * dn),
+           lambda label=label, dx=dx, dy=dy, db=db, dn=dn: determinism(label, dx, dy, db, dn),
+           backend=label, check="determinism")
 
 
 # ------------------------------------------------------------------------------------ 5. training
