@@ -25,17 +25,18 @@
 //                          (intermediates in the outputs and the scratch; barriers between phases); wgrad: one
 //                          thread per weight-gradient element looping over the batch. The readable baseline.
 //   head_train_v2 / head_train_wgrad_v2  rows: the block's rows and every intermediate in shared memory; the
-//                          three forward products warp-cooperative (lanes stride the reduction axis: coalesced
-//                          weight rows, each weight feeding `rows` FMAs; a butterfly transpose-reduction of 32
-//                          partial sums in 31 shuffles, fixed order); the backward products one thread per column
-//                          with `rows` register accumulators (coalesced weight reads). wgrad: 16x32 output tiles
-//                          (bias = a column of ones) over 32-row chunks staged in shared memory, 2x2 outputs per
-//                          thread; one more block sums the stats with a fixed-order tree.
+//                          three forward products warp-cooperative (rows_gemv.cuh: a warp per HEAD_F outputs, lanes
+//                          stride the reduction axis: coalesced weight rows, each weight feeding `rows` FMAs; a
+//                          butterfly transpose-reduction of the partial sums, fixed order); the backward products
+//                          one thread per column with `rows` register accumulators (coalesced weight reads).
+//                          wgrad: 16x32 output tiles (bias = a column of ones) over 32-row chunks staged in shared
+//                          memory, 2x2 outputs per thread; one more block sums the stats with a fixed-order tree.
 //
-// Launch shapes (lenet_gpu/backends/cupy_backend/fused.py): rows kernels grid ceil(B/rows), block HEAD_THREADS,
-// v2 dynamic smem rows*(I + 2*H1 + 2*H2 + 2*NC) floats (rows in 1,2,4,8: fewer rows per block at small batches
-// so the batch spreads over the GPU); wgrad v1 a 1-D grid over H1*(I+1) + H2*(H1+1) + NC*(H2+1) + 1 threads,
-// v2 one block per 16x32 tile of [dw|db] of each layer + 1, block WG_THREADS.
+// Launch shapes (lenet_gpu/backends/cupy_backend/fused.py): rows kernels grid ceil(B/rows), block HEAD_THREADS;
+// v1 takes `rows` as an argument, v2 as the compile-time HEAD_ROWS (1, 2, 4 or 8: fewer rows per block at small
+// batches so the batch spreads over the GPU), dynamic smem HEAD_ROWS*(I + 2*H1 + 2*H2 + 2*NC) floats; wgrad v1 a
+// 1-D grid over H1*(I+1) + H2*(H1+1) + NC*(H2+1) + 1 threads, v2 one block per 16x32 tile of [dw|db] of each layer
+// + 1, block WG_THREADS.
 #include "common.cuh"
 #include "rows_gemv.cuh"
 
@@ -47,7 +48,15 @@
 #define WG_TI 32        // wgrad v2 tile: columns of [dw | db] per block
 #define WG_KC 32        // wgrad v2: batch rows staged per chunk
 #define STATE_STEP_IN_EPOCH 2  // lenet_gpu.stepstate.STEP_IN_EPOCH
-#define HEAD_MIN_BLOCKS (768 / HEAD_THREADS > 0 ? 768 / HEAD_THREADS : 1)  // v2: >= 768 threads an SM (<= 85 regs)
+#ifndef HEAD_ROWS
+#define HEAD_ROWS 8  // head_train_v2: rows of the batch a block owns (1, 2, 4 or 8; the launcher picks per batch)
+#endif
+static_assert(HEAD_ROWS == 1 || HEAD_ROWS == 2 || HEAD_ROWS == 4 || HEAD_ROWS == 8, "HEAD_ROWS: 1, 2, 4 or 8");
+// v2's register budget: >= 768 threads an SM (<= 85 registers) where the batch is big enough to fill the GPU with
+// blocks (4, 8 rows); 512 (<= 128 registers: room for more loads in flight) at 1 or 2 rows, where <= 2 blocks an SM
+// are launched anyway
+#define HEAD_SM_THREADS (HEAD_ROWS <= 2 ? 512 : 768)
+#define HEAD_MIN_BLOCKS (HEAD_SM_THREADS / HEAD_THREADS > 0 ? HEAD_SM_THREADS / HEAD_THREADS : 1)
 static_assert(HEAD_THREADS % 32 == 0 && HEAD_THREADS <= 1024, "HEAD_THREADS: whole warps, at most 1024");
 
 // The stats row a launch writes: state[STEP_IN_EPOCH] mod S (never out of bounds, even for a stale state).
@@ -298,7 +307,7 @@ __device__ __forceinline__ void head_rows_v2(const float* __restrict__ x, const 
     head_zero_trailing(dz_conv, r0, nr, C, H, W);
 }
 
-// `rows` (1, 2, 4 or 8) is uniform over the launch: one specialised body runs.
+// One kernel per HEAD_ROWS (a compile-time parameter: each gets its own register allocation and launch bounds).
 extern "C" __global__ void __launch_bounds__(HEAD_THREADS, HEAD_MIN_BLOCKS)
 head_train_v2(const float* __restrict__ x, const int* __restrict__ labels, const float* __restrict__ w1,
               const float* __restrict__ b1, const float* __restrict__ w2, const float* __restrict__ b2,
@@ -306,16 +315,9 @@ head_train_v2(const float* __restrict__ x, const int* __restrict__ labels, const
               float* __restrict__ h2, float* __restrict__ logits, const unsigned char* __restrict__ argmax,
               const float* __restrict__ yconv, float* __restrict__ dz_conv, float* __restrict__ dz1,
               float* __restrict__ dz2, float* __restrict__ dz3, float* __restrict__ rowstat, int B, int I, int H1,
-              int H2, int NC, int C, int H, int W, int act, int mode, int rows) {
-#define HEAD_ROWS_ARGS x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3, \
-                       rowstat, B, I, H1, H2, NC, C, H, W, act, mode
-    switch (rows) {
-        case 1: head_rows_v2<1>(HEAD_ROWS_ARGS); break;
-        case 2: head_rows_v2<2>(HEAD_ROWS_ARGS); break;
-        case 4: head_rows_v2<4>(HEAD_ROWS_ARGS); break;
-        default: head_rows_v2<8>(HEAD_ROWS_ARGS); break;
-    }
-#undef HEAD_ROWS_ARGS
+              int H2, int NC, int C, int H, int W, int act, int mode) {
+    head_rows_v2<HEAD_ROWS>(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
+                            rowstat, B, I, H1, H2, NC, C, H, W, act, mode);
 }
 
 // ------------------------------------------------------------------------------------------ v2: wgrad

@@ -58,7 +58,7 @@ __device__ __forceinline__ void rows_gemv(const float* __restrict__ Wt, const fl
         for (int j = 0; j < N; ++j) v[j] = 0.0f;
         const float* wb = Wt + (size_t)o0 * K;
         const int last = O - 1 - o0;  // outputs past O re-read the last row (their sums are not written)
-#pragma unroll 1  // (unrolled, the hoisted loads spill under the 85-register cap)
+#pragma unroll(N * F <= 32 ? 4 : 1)  // more loads in flight where registers allow (more unrolled, they spill)
         for (int k = lane; k < K; k += 32) {
             float xin[R];
 #pragma unroll

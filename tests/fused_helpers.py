@@ -198,3 +198,130 @@ def check_lenet_fwd(be: Any, fn: Callable[..., None], variant: str | None, n: in
     got = d.get(logits)
     assert_close(got, want, *TOL_LENET_FWD, what=f"lenet_fwd_{variant} {act} {mode} N={n} f6={h2}")
     return got
+
+
+# ------------------------------------------------------------------------------------------- GPU timing
+def _graph_time(rt: Any, op: Callable[[], None], inner: int = 20, reps: int = 15) -> dict[str, float]:
+    """Seconds per call of ``op`` on the GPU: ``inner`` calls captured as one CUDA graph (no host launch cost in
+    the figure), replayed ``reps`` times between CUDA events; median, p20 and p80 over the replays."""
+    import cupy as cp
+
+    def many() -> None:
+        for _ in range(inner):
+            op()
+
+    graphs_before = rt.graphs
+    rt.graphs = True
+    try:
+        g = rt.graph(many)
+        g()  # warm-up (eager): compiles, first-call allocations
+        g()  # capture + first replay
+    finally:
+        rt.graphs = graphs_before
+    times = []
+    for _ in range(reps):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record(rt.stream)
+        g()
+        end.record(rt.stream)
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end) / 1e3 / inner)
+    t = np.array(times)
+    return {"median_s": float(np.median(t)), "p20_s": float(np.percentile(t, 20)), "p80_s": float(np.percentile(t, 80))}
+
+
+def bench_gpu(out_path: str | None = None) -> list[dict]:
+    """Time the fused CUDA C kernels on a GPU (cupy): lenet_fwd images/s at 10,000 and 60,000 images for each
+    variant and tuning, head_train µs per call at batch 64 .. 4096, and PyTorch's fp32 LeNet-5 forward as the peer.
+    Prints one line per figure; writes JSON when out_path is given."""
+    import json
+    from functools import partial
+
+    from lenet_gpu.backends.cupy_backend import fused
+    from lenet_gpu.backends.cupy_backend.runtime import CupyRuntime
+
+    rt = CupyRuntime(graphs=False)
+    be = RuntimeShim(rt)
+    d = Dev(be)
+    rng = np.random.default_rng(0)
+    rows: list[dict] = []
+
+    def emit(rec: dict) -> None:
+        rows.append(rec)
+        print(json.dumps(rec), flush=True)
+
+    params = lenet_params(84)
+    dpar = {k: d.put(v) for k, v in params.items()}
+    base_defines = dict(fused.DEFINES["lenet_fwd"])
+    tunings = {"v1": [base_defines], "v2": [base_defines, {"LF_KB3": 8, "LF_F": 8, "LF_MIN_BLOCKS": 3},
+                                           {"LF_KB3": 8, "LF_F": 4, "LF_MIN_BLOCKS": 3}]}
+    for n in (10_000, 60_000):
+        images = d.put(rng.integers(0, 256, size=(n, 28, 28)).astype(np.uint8))
+        logits = be.runtime.empty((n, 10))
+        for v, defs in tunings.items():
+            for de in defs:
+                fused.DEFINES["lenet_fwd"] = de
+                try:
+                    op = partial(fused.lenet_fwd, be, images, dpar, logits, 0.1307, 0.3081, "relu", "max", variant=v)
+                    t = _graph_time(rt, op, inner=5, reps=10)
+                finally:
+                    fused.DEFINES["lenet_fwd"] = base_defines
+                emit({"op": "lenet_fwd", "backend": "cupy", "variant": v, "defines": de, "n": n, **t,
+                      "images_per_s": n / t["median_s"], "gflops": n * 833_000 / t["median_s"] / 1e9})
+    for b in (64, 256, 1024, 4096):
+        inp = head_inputs(b, 16, 10, 10, 120, 84, 10, "relu", "max")
+        dev = {k: d.put(inp[k]) for k in ("x", "labels", "w1", "b1", "w2", "b2", "w3", "b3", "yconv", "argmax")}
+        outs = [be.runtime.empty(s) for s in ((b, 120), (b, 84), (b, 10), (b, 16, 10, 10), (120, 400), (120,),
+                                              (84, 120), (84,), (10, 84), (10,))]
+        stats = d.put(np.zeros((4, 2), np.float32))
+        state = d.put(np.zeros(8, np.int32))
+        for v in fused.VARIANTS["head_train"]:
+            op = partial(fused.head_train, be, dev["x"], dev["labels"], dev["w1"], dev["b1"], dev["w2"], dev["b2"],
+                         dev["w3"], dev["b3"], outs[0], outs[1], outs[2], dev["argmax"], dev["yconv"], outs[3],
+                         *outs[4:], stats, state, "relu", "max", variant=v)
+            t = _graph_time(rt, op)
+            emit({"op": "head_train", "backend": "cupy", "variant": v, "batch": b, **t, "us": t["median_s"] * 1e6,
+                  "rows_per_s": b / t["median_s"]})
+    try:
+        emit(_torch_peer(params))
+    except Exception as e:  # noqa: BLE001 - the peer is optional
+        print(f"torch peer skipped: {type(e).__name__}: {e}")
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def _torch_peer(params: dict[str, np.ndarray], n: int = 60_000) -> dict:
+    """PyTorch (cuDNN, fp32 without TF32) LeNet-5 forward on n normalised images: the peer figure."""
+    import torch
+    import torch.nn.functional as tf
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    dev = torch.device("cuda")
+    p = {k: torch.from_numpy(v).to(dev) for k, v in params.items()}
+    x = torch.rand((n, 1, 32, 32), device=dev)
+
+    def fwd() -> torch.Tensor:
+        y = tf.max_pool2d(torch.relu(tf.conv2d(x, p["c1.w"], p["c1.b"])), 2)
+        y = tf.max_pool2d(torch.relu(tf.conv2d(y, p["c3.w"], p["c3.b"])), 2)
+        y = torch.relu(tf.linear(y.flatten(1), p["c5.w"], p["c5.b"]))
+        y = torch.relu(tf.linear(y, p["f6.w"], p["f6.b"]))
+        return tf.linear(y, p["out.w"], p["out.b"])
+
+    with torch.no_grad():
+        for _ in range(3):
+            fwd()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fwd()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+    med = float(np.median(times))
+    return {"op": "lenet_fwd", "backend": "torch-cudnn-fp32", "n": n, "median_s": med, "images_per_s": n / med}

@@ -77,11 +77,11 @@ def test_head_plan_rows_spread_the_batch():
     memory fits 48 KiB, also at F6 = 4096 (one row a block)."""
     for b, rows in ((1, 1), (64, 1), (264, 1), (265, 2), (1000, 4), (1056, 4), (1057, 8), (4096, 8)):
         a, w = fused.head_plan("v2", b, 400, 120, 84, 10)
-        assert a.extra == (rows,) and a.grid[0] == -(-b // rows), (b, a)
+        assert a.defines == (("HEAD_ROWS", rows),) and a.grid[0] == -(-b // rows), (b, a)
         assert a.shared_mem <= fused.SMEM_LIMIT
         assert w.grid[0] == 8 * 13 + 6 * 4 + 1 * 3 + 1  # 16x32 tiles of [dw|db] of each layer, + the stats block
     a, _ = fused.head_plan("v2", 4096, 400, 120, 4096, 10)
-    assert a.extra == (1,) and a.shared_mem <= fused.SMEM_LIMIT
+    assert a.defines == (("HEAD_ROWS", 1),) and a.shared_mem <= fused.SMEM_LIMIT
     with pytest.raises(ValueError, match="use v1"):
         fused.head_plan("v2", 8, 400, 120, 6000, 10)
     a, w = fused.head_plan("v1", 8, 400, 120, 6000, 10)
@@ -105,9 +105,9 @@ if not IN_CHILD:
     except ImportError:  # pragma: no cover - the harness ships with the package
         nvrtc = None
 
-#: option sets compiled: the defaults the wrappers use, and the alternative tunings
+#: option sets compiled: those the wrappers use (head_train_v2 once per rows-per-block), and the other tuning
 OPTION_SETS = [
-    ("head", fused.DEFINES["head"]),
+    *(("head", {**fused.DEFINES["head"], "HEAD_ROWS": r}) for r in (1, 2, 4, 8)),
     ("lenet_fwd", fused.DEFINES["lenet_fwd"]),
     ("lenet_fwd", {"LF_KB3": 8, "LF_F": 8, "LF_MIN_BLOCKS": 3}),
 ]
@@ -126,9 +126,9 @@ def _options(defines: dict[str, int]) -> tuple[str, ...]:
 _COMPILED: dict[tuple, object] = {}
 
 
-def _compile(stem: str, defines: dict[str, int], arch: str):
+def _compile(stem: str, defines: dict[str, int] | tuple[str, ...], arch: str):
     """NVRTC's result for kernels/<stem>.cu (cached per process: a compile takes seconds)."""
-    key = (stem, _options(defines), arch)
+    key = (stem, defines if isinstance(defines, tuple) else _options(defines), arch)
     if key not in _COMPILED:
         _COMPILED[key] = _nvrtc_or_skip().compile_cuda(kernel_source(stem), arch=arch, options=key[1],
                                                        warnings_as_errors=True)
@@ -161,14 +161,13 @@ def fused_resource_report(archs=ARCHS) -> list[dict]:
     launches += [fused.lenet_fwd_plan(v, 10_000, 120, 84) for v in fused.VARIANTS["lenet_fwd"]]
     rows = []
     for arch in archs:
-        res = {}
-        for stem in ("head", "lenet_fwd"):
-            res.update({k.kernel: k for k in _compile(stem, fused.DEFINES[stem], arch).kernels})
         for la in launches:
-            k = res[la.kernel]
+            stem = "lenet_fwd" if la.kernel.startswith("lenet_fwd") else "head"
+            k = next(k for k in _compile(stem, la.options(stem), arch).kernels if k.kernel == la.kernel)
             threads = la.block[0] * la.block[1] * la.block[2]
             smem = k.shared_bytes + la.shared_mem
-            rows.append({"kernel": la.kernel, "arch": arch, "grid": la.grid[0], "block": threads,
+            rows.append({"kernel": la.kernel, "defines": dict(la.defines), "arch": arch, "grid": la.grid[0],
+                         "block": threads,
                          "registers": k.registers, "shared_bytes": smem,
                          "blocks_per_sm": nv.max_active_blocks(k.registers, smem, threads, arch)[0],
                          "occupancy": round(nv.theoretical_occupancy(k.registers, smem, threads, arch), 3)})
@@ -236,7 +235,7 @@ def test_host_head_train_v2_rows_per_block(hbe, monkeypatch, fill, rows):
     """v2's 2-, 4- and 8-row bodies (normally chosen at batches > 264), forced by a smaller fill target; 9 rows
     leave a partial last block."""
     monkeypatch.setattr(fused, "HEAD_FILL_BLOCKS", fill)
-    assert fused.head_plan("v2", 9, 50, 7, 5, 3)[0].extra == (rows,)
+    assert fused.head_plan("v2", 9, 50, 7, 5, 3)[0].defines == (("HEAD_ROWS", rows),)
     F.check_head_train(hbe, fused.head_train, "v2", 9, 2, 10, 10, 7, 5, 3, "sigmoid", "max", seed=rows)
     F.check_head_train(hbe, fused.head_train, "v2", 9, 2, 10, 10, 7, 5, 3, "lecun_tanh", "avg", seed=rows + 1)
 

@@ -60,13 +60,19 @@ def _round4(n: int) -> int:
 
 @dataclass(frozen=True)
 class FusedLaunch:
-    """One launch: grid, block, dynamic shared memory bytes and the trailing int arguments of the kernel."""
+    """One launch: the kernel, grid, block, dynamic shared memory bytes, the trailing int arguments of the kernel
+    and the compile-time parameters it is specialised on (added to DEFINES of its file)."""
 
     kernel: str
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_mem: int = 0
     extra: tuple[int, ...] = ()
+    defines: tuple[tuple[str, int], ...] = ()
+
+    def options(self, stem: str) -> tuple[str, ...]:
+        """The NVRTC options of the module this launch needs."""
+        return define_options({**DEFINES[stem], **dict(self.defines)})
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
@@ -79,7 +85,7 @@ def _variant(be: Any, op: str, variant: str | None) -> str:
 
 def _launch(be: Any, op: str, launch: FusedLaunch, args: tuple) -> None:
     stem = STEMS[op]
-    kernel = be.runtime.get_kernel(stem, launch.kernel, define_options(DEFINES[stem]))
+    kernel = be.runtime.get_kernel(stem, launch.kernel, launch.options(stem))
     be.runtime.launch(kernel, launch.grid, launch.block, args + tuple(i32(e) for e in launch.extra), launch.shared_mem)
 
 
@@ -122,8 +128,9 @@ def head_v2_smem(rows: int, i: int, h1: int, h2: int, nc: int) -> int:
 
 
 def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int) -> tuple[FusedLaunch, FusedLaunch]:  # noqa: E741, N803
-    """The two launches of head_train: (rows kernel, weight-gradient kernel). Raises ValueError when v2's rows do
-    not fit shared memory even one row per block (v1 needs none)."""
+    """The two launches of head_train: (rows kernel, weight-gradient kernel). v1's rows kernel takes its rows per
+    block as an argument, v2's is compiled for it (HEAD_ROWS). Raises ValueError when v2's rows do not fit shared
+    memory even one row per block (v1 needs none)."""
     threads = DEFINES["head"]["HEAD_THREADS"]
     if variant == "v1":
         rows = max(1, min(8, ceil_div(B, HEAD_FILL_BLOCKS)))
@@ -136,7 +143,7 @@ def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int) -> tuple[
     smem = head_v2_smem(rows, I, H1, H2, NC)
     if smem > SMEM_LIMIT:
         raise ValueError(f"head_train_v2: one row needs {smem} bytes of shared memory (> {SMEM_LIMIT}); use v1")
-    a = FusedLaunch("head_train_v2", (ceil_div(B, rows), 1, 1), (threads, 1, 1), smem, (rows,))
+    a = FusedLaunch("head_train_v2", (ceil_div(B, rows), 1, 1), (threads, 1, 1), smem, (), (("HEAD_ROWS", rows),))
     tiles = sum(ceil_div(o, HEAD_WG_TO) * ceil_div(k + 1, HEAD_WG_TI) for o, k in ((H1, I), (H2, H1), (NC, H2)))
     return a, FusedLaunch("head_train_wgrad_v2", (tiles + 1, 1, 1), (HEAD_WG_THREADS, 1, 1))
 
