@@ -30,20 +30,21 @@
 //                          butterfly transpose-reduction of the partial sums, fixed order); the backward products
 //                          one thread per column with `rows` register accumulators (coalesced weight reads).
 //                          wgrad: 16x32 output tiles (bias = a column of ones) over 32-row chunks staged in shared
-//                          memory, 2x2 outputs per thread; one more block sums the stats with a fixed-order tree.
+//                          memory, 2x2 outputs per thread, 4 groups of threads splitting the batch (partials added
+//                          in group order); one more block sums the stats with a fixed-order tree.
 //
 // Launch shapes (lenet_gpu/backends/cupy_backend/fused.py): rows kernels grid ceil(B/rows), block HEAD_THREADS;
 // v1 takes `rows` as an argument, v2 as the compile-time HEAD_ROWS (1, 2, 4 or 8: fewer rows per block at small
 // batches so the batch spreads over the GPU), dynamic smem HEAD_ROWS*(I + 2*H1 + 2*H2 + 2*NC) floats; wgrad v1 a
 // 1-D grid over H1*(I+1) + H2*(H1+1) + NC*(H2+1) + 1 threads, v2 one block per 16x32 tile of [dw|db] of each layer
-// + 1, block WG_THREADS.
+// + 1, block WG_THREADS (v1) / WG2_THREADS (v2).
 #include "common.cuh"
 #include "rows_gemv.cuh"
 
 #ifndef HEAD_THREADS
 #define HEAD_THREADS 256  // block size of the rows kernels (whole warps)
 #endif
-#define WG_THREADS 128  // wgrad v1/v2 block size: v2 is 8 x 16 threads of 2x2 outputs (fixed by the tile)
+#define WG_THREADS 128  // wgrad v1 block size; v2: threads of one batch group (8 x 16 of 2x2 outputs: the tile)
 #define WG_TO 16        // wgrad v2 tile: outputs (rows of dw) per block
 #define WG_TI 32        // wgrad v2 tile: columns of [dw | db] per block
 #define WG_KC 32        // wgrad v2: batch rows staged per chunk
@@ -322,48 +323,63 @@ head_train_v2(const float* __restrict__ x, const int* __restrict__ labels, const
 
 // ------------------------------------------------------------------------------------------ v2: wgrad
 // Block b < tiles: one WG_TO x WG_TI tile of [dw|db] of one layer (layers in order 1, 2, 3, tiles row-major);
-// the block after them: the stats row. 8 x 16 threads, 2x2 outputs each; chunks of WG_KC batch rows of dz and of
-// the input (plus the column of ones) staged in shared memory. Each output sums b = 0..B-1 in order.
+// the block after them: the stats row. WG2_GROUPS groups of 8 x 16 threads split the batch: group g takes chunks
+// g, g + WG2_GROUPS, ... of WG_KC rows (dz and the input, plus the column of ones, staged in shared memory) and
+// keeps 2x2 partial sums per thread (each in row order); group 0 then adds the groups' partials in group order.
+// A fixed order: bit-for-bit repeatable. (More warps per tile than v1's one output per thread, so the latency of
+// the staging loads is hidden with one block per SM.)
+#define WG2_GROUPS 4
+#define WG2_THREADS (WG_THREADS * WG2_GROUPS)
 __device__ __forceinline__ void head_wgrad_tile(const float* __restrict__ dz, const float* __restrict__ a, int B, int O,
                                                 int A, int tile, float* __restrict__ dw, float* __restrict__ db,
-                                                float (*s_dz)[WG_TO], float (*s_a)[WG_TI]) {
+                                                float (*s_dz)[WG_KC][WG_TO], float (*s_a)[WG_KC][WG_TI],
+                                                float* s_part) {
     const int tiles_i = ceil_div(A + 1, WG_TI);
     const int o0 = (tile / tiles_i) * WG_TO, i0 = (tile % tiles_i) * WG_TI;
-    const int tid = threadIdx.x, ty = tid / (WG_TI / 2), tx = tid % (WG_TI / 2);
-    float acc00 = 0.0f, acc01 = 0.0f, acc10 = 0.0f, acc11 = 0.0f;
-    for (int b0 = 0; b0 < B; b0 += WG_KC) {
-        for (int t = tid; t < WG_KC * WG_TO; t += WG_THREADS) {
+    const int g = threadIdx.x / WG_THREADS, lt = threadIdx.x % WG_THREADS;
+    const int ty = lt / (WG_TI / 2), tx = lt % (WG_TI / 2);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int rounds = ceil_div(ceil_div(B, WG_KC), WG2_GROUPS);
+    for (int rd = 0; rd < rounds; ++rd) {  // every thread runs every round: the barriers are block-wide
+        const int b0 = (rd * WG2_GROUPS + g) * WG_KC;  // this group's chunk (past the batch: nothing to add)
+        for (int t = lt; t < WG_KC * WG_TO; t += WG_THREADS) {
             const int k = t / WG_TO, o = o0 + t % WG_TO, b = b0 + k;
-            s_dz[k][t % WG_TO] = (b < B && o < O) ? dz[(size_t)b * O + o] : 0.0f;
+            s_dz[g][k][t % WG_TO] = (b < B && o < O) ? dz[(size_t)b * O + o] : 0.0f;
         }
-        for (int t = tid; t < WG_KC * WG_TI; t += WG_THREADS) {
+        for (int t = lt; t < WG_KC * WG_TI; t += WG_THREADS) {
             const int k = t / WG_TI, i = i0 + t % WG_TI, b = b0 + k;
-            s_a[k][t % WG_TI] = b < B ? (i < A ? a[(size_t)b * A + i] : (i == A ? 1.0f : 0.0f)) : 0.0f;
+            s_a[g][k][t % WG_TI] = b < B ? (i < A ? a[(size_t)b * A + i] : (i == A ? 1.0f : 0.0f)) : 0.0f;
         }
         __syncthreads();
-        const int kn = min(WG_KC, B - b0);
+        const int kn = max(0, min(WG_KC, B - b0));
         for (int k = 0; k < kn; ++k) {
-            const float2 d = *reinterpret_cast<const float2*>(&s_dz[k][2 * ty]);
-            const float2 v = *reinterpret_cast<const float2*>(&s_a[k][2 * tx]);
-            acc00 = fmaf(d.x, v.x, acc00);
-            acc01 = fmaf(d.x, v.y, acc01);
-            acc10 = fmaf(d.y, v.x, acc10);
-            acc11 = fmaf(d.y, v.y, acc11);
+            const float2 d = *reinterpret_cast<const float2*>(&s_dz[g][k][2 * ty]);
+            const float2 v = *reinterpret_cast<const float2*>(&s_a[g][k][2 * tx]);
+            acc[0] = fmaf(d.x, v.x, acc[0]);
+            acc[1] = fmaf(d.x, v.y, acc[1]);
+            acc[2] = fmaf(d.y, v.x, acc[2]);
+            acc[3] = fmaf(d.y, v.y, acc[3]);
         }
         __syncthreads();
     }
-    const float accs[2][2] = {{acc00, acc01}, {acc10, acc11}};
+    if (g > 0) {
 #pragma unroll
-    for (int u = 0; u < 2; ++u)
+        for (int q = 0; q < 4; ++q) s_part[((g - 1) * WG_THREADS + lt) * 4 + q] = acc[q];
+    }
+    __syncthreads();
+    if (g == 0) {
 #pragma unroll
-        for (int v = 0; v < 2; ++v) {
-            const int o = o0 + 2 * ty + u, i = i0 + 2 * tx + v;
-            if (o < O && i < A) dw[(size_t)o * A + i] = accs[u][v];
-            else if (o < O && i == A) db[o] = accs[u][v];
+        for (int q = 0; q < 4; ++q) {
+            float sum = acc[q];
+            for (int gg = 1; gg < WG2_GROUPS; ++gg) sum += s_part[((gg - 1) * WG_THREADS + lt) * 4 + q];
+            const int o = o0 + 2 * ty + (q >> 1), i = i0 + 2 * tx + (q & 1);
+            if (o < O && i < A) dw[(size_t)o * A + i] = sum;
+            else if (o < O && i == A) db[o] = sum;
         }
+    }
 }
 
-extern "C" __global__ void __launch_bounds__(WG_THREADS)
+extern "C" __global__ void __launch_bounds__(WG2_THREADS)
 head_train_wgrad_v2(const float* __restrict__ x, const float* __restrict__ h1, const float* __restrict__ h2,
                     const float* __restrict__ dz1, const float* __restrict__ dz2, const float* __restrict__ dz3,
                     const float* __restrict__ rowstat, float* __restrict__ dw1, float* __restrict__ db1,
@@ -372,24 +388,25 @@ head_train_wgrad_v2(const float* __restrict__ x, const float* __restrict__ h1, c
                     int H1, int H2, int NC, int S) {
     const int t1 = ceil_div(H1, WG_TO) * ceil_div(I + 1, WG_TI), t2 = ceil_div(H2, WG_TO) * ceil_div(H1 + 1, WG_TI);
     const int t3 = ceil_div(NC, WG_TO) * ceil_div(H2 + 1, WG_TI);
-    __shared__ __align__(16) float s_dz[WG_KC][WG_TO];
-    __shared__ __align__(16) float s_a[WG_KC][WG_TI];
+    __shared__ __align__(16) float s_dz[WG2_GROUPS][WG_KC][WG_TO];
+    __shared__ __align__(16) float s_a[WG2_GROUPS][WG_KC][WG_TI];
+    __shared__ float s_part[(WG2_GROUPS - 1) * WG_THREADS * 4];
     int tile = blockIdx.x;  // block-uniform branches: the barriers inside are reached by the whole block
-    if (tile < t1) { head_wgrad_tile(dz1, x, B, H1, I, tile, dw1, db1, s_dz, s_a); return; }
+    if (tile < t1) { head_wgrad_tile(dz1, x, B, H1, I, tile, dw1, db1, s_dz, s_a, s_part); return; }
     tile -= t1;
-    if (tile < t2) { head_wgrad_tile(dz2, h1, B, H2, H1, tile, dw2, db2, s_dz, s_a); return; }
+    if (tile < t2) { head_wgrad_tile(dz2, h1, B, H2, H1, tile, dw2, db2, s_dz, s_a, s_part); return; }
     tile -= t2;
-    if (tile < t3) { head_wgrad_tile(dz3, h2, B, NC, H2, tile, dw3, db3, s_dz, s_a); return; }
+    if (tile < t3) { head_wgrad_tile(dz3, h2, B, NC, H2, tile, dw3, db3, s_dz, s_a, s_part); return; }
     // the stats row: thread t sums a contiguous run of rows in order, then a fixed tree over the threads
-    __shared__ float s_l[WG_THREADS];
-    __shared__ float s_h[WG_THREADS];
-    const int tid = threadIdx.x, per = ceil_div(B, WG_THREADS);
+    float* s_l = s_part;
+    float* s_h = s_part + WG2_THREADS;
+    const int tid = threadIdx.x, per = ceil_div(B, WG2_THREADS);
     float l = 0.0f, h = 0.0f;
     for (int b = tid * per; b < min(B, (tid + 1) * per); ++b) { l += rowstat[2 * b]; h += rowstat[2 * b + 1]; }
     s_l[tid] = l;
     s_h[tid] = h;
     __syncthreads();
-    for (int half = WG_THREADS / 2; half > 0; half >>= 1) {
+    for (int half = WG2_THREADS / 2; half > 0; half >>= 1) {
         if (tid < half) { s_l[tid] += s_l[tid + half]; s_h[tid] += s_h[tid + half]; }
         __syncthreads();
     }

@@ -34,9 +34,8 @@ STEMS: dict[str, str] = {"head_train": "head", "lenet_fwd": "lenet_fwd"}
 DEFINES: dict[str, dict[str, int]] = {"head": {"HEAD_THREADS": 256}, "lenet_fwd": {}}
 
 SMEM_LIMIT = 48 * 1024  # static + dynamic shared memory of a block without an opt-in
-HEAD_WG_THREADS = 128  # head.cu WG_THREADS
+HEAD_WG_THREADS = {"v1": 128, "v2": 512}  # head.cu WG_THREADS, WG2_THREADS
 HEAD_WG_TO, HEAD_WG_TI = 16, 32  # head.cu wgrad v2 tile
-HEAD_WG_STATIC_SMEM = 4 * (32 * 16 + 32 * 32 + 2 * 128)  # head_train_wgrad_v2's static shared memory (bytes)
 #: head_train v2 picks the fewest rows per block (1, 2, 4, 8) that keeps the grid within this many blocks: two
 #: blocks per SM of an H100 (132 SMs) before a block takes more rows
 HEAD_FILL_BLOCKS = 2 * 132
@@ -136,7 +135,8 @@ def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int) -> tuple[
         rows = max(1, min(8, ceil_div(B, HEAD_FILL_BLOCKS)))
         a = FusedLaunch("head_train_v1", (ceil_div(B, rows), 1, 1), (threads, 1, 1), 0, (rows,))
         total = H1 * (I + 1) + H2 * (H1 + 1) + NC * (H2 + 1) + 1
-        return a, FusedLaunch("head_train_wgrad_v1", (ceil_div(total, HEAD_WG_THREADS), 1, 1), (HEAD_WG_THREADS, 1, 1))
+        wt = HEAD_WG_THREADS["v1"]
+        return a, FusedLaunch("head_train_wgrad_v1", (ceil_div(total, wt), 1, 1), (wt, 1, 1))
     rows = head_rows_per_block(B)
     while rows > 1 and head_v2_smem(rows, I, H1, H2, NC) > SMEM_LIMIT:
         rows //= 2
@@ -145,7 +145,7 @@ def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int) -> tuple[
         raise ValueError(f"head_train_v2: one row needs {smem} bytes of shared memory (> {SMEM_LIMIT}); use v1")
     a = FusedLaunch("head_train_v2", (ceil_div(B, rows), 1, 1), (threads, 1, 1), smem, (), (("HEAD_ROWS", rows),))
     tiles = sum(ceil_div(o, HEAD_WG_TO) * ceil_div(k + 1, HEAD_WG_TI) for o, k in ((H1, I), (H2, H1), (NC, H2)))
-    return a, FusedLaunch("head_train_wgrad_v2", (tiles + 1, 1, 1), (HEAD_WG_THREADS, 1, 1))
+    return a, FusedLaunch("head_train_wgrad_v2", (tiles + 1, 1, 1), (HEAD_WG_THREADS["v2"], 1, 1))
 
 
 def head_train(
