@@ -21,12 +21,13 @@ F64 = np.float64
 
 #: Tolerances (atol, rtol) of the fused ops, float32 kernels against the float64 reference. Every output of the
 #: head is a chain of at most three dense products (sums of ≤ 400 O(1) terms, ~1e-7 relative rounding per term,
-#: weights scaled 1/sqrt(fan-in) so each layer's values stay O(1)); the weight gradients add a sum over the batch
-#: of terms that are O(1/B) (dz carries the 1/B of the mean loss). So the dense tolerance of 1e-5 holds for each;
-#: the loss sum adds B row losses of O(1).
+#: weights scaled 1/sqrt(fan-in) so each layer's values stay O(1)): the dense tolerance (1e-5, 1e-5). The gradients
+#: are smaller: dz carries the 1/B of the mean loss, so dw/db (O(0.1)) and dz_conv (O(0.01)) get a smaller atol.
+#: Measured on the harness (B = 7, LeNet sizes): h ≤ 2e-6, dw/db ≤ 1.4e-7, dz_conv ≤ 5e-9. The loss sum adds B
+#: row losses of O(1).
 TOL_HEAD = {
     "h1": (1e-5, 1e-5), "h2": (1e-5, 1e-5), "logits": (1e-5, 1e-5),
-    "dw": (1e-5, 1e-5), "db": (1e-5, 1e-5), "dz_conv": (1e-6, 1e-5), "loss_sum": (1e-5, 1e-5),
+    "dw": (2e-6, 1e-5), "db": (2e-6, 1e-5), "dz_conv": (1e-6, 1e-5), "loss_sum": (1e-5, 1e-5),
 }
 #: lenet_fwd: the whole forward pass, five stages of sums of 25 to 400 O(1) terms: TOL["conv2d_fwd"] /
 #: TOL["dense_fwd"] (1e-5, 1e-5) hold for the logits too (measured on the harness: errors ≤ 1e-6 at O(1) logits).
