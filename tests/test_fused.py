@@ -235,6 +235,14 @@ def test_host_head_train_f6_and_batch_1(hbe, variant, b, c, h1, h2):
 
 
 @host
+@pytest.mark.parametrize("variant", fused.VARIANTS["head_train"])
+@pytest.mark.parametrize("b", [97, 161])
+def test_host_head_train_batch_over_many_chunks(hbe, variant, b):
+    """Batches that fill every batch group of wgrad v2 (4 groups x 32-row chunks) and go round twice (161)."""
+    F.check_head_train(hbe, fused.head_train, variant, b, 2, 10, 10, 7, 5, 3, "tanh", "max", seed=b)
+
+
+@host
 @pytest.mark.parametrize("fill,rows", [(5, 2), (3, 4), (1, 8)])
 def test_host_head_train_v2_rows_per_block(hbe, monkeypatch, fill, rows):
     """v2's 2-, 4- and 8-row bodies (normally chosen at batches > 264), forced by a smaller fill target; 9 rows
