@@ -32,6 +32,7 @@ import numpy as np
 
 from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, POOL_CODES, check_act, check_mode
+from . import fused
 from .runtime import DEFAULT_SM_COUNT, NULL_POINTER, CupyRuntime, HostRuntime, Runtime, define_options
 
 i32, f32 = np.int32, np.float32
@@ -66,7 +67,13 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "adam_step": ("optim", ("v1", "v2")),
     "sgd_step": ("optim", ("v1", "v2")),
     "step_advance": ("optim", ("v1",)),
+    # the fused ops of fused.py (two and one launches of their own; listed here for the compile checks)
+    "head_train": (fused.STEMS["head_train"], fused.VARIANTS["head_train"]),
+    "lenet_fwd": (fused.STEMS["lenet_fwd"], fused.VARIANTS["lenet_fwd"]),
 }
+MODULE_DEFINES.update(fused.DEFINES)
+#: ops whose launches fused.py makes (the rest launch through CupyBackend._launch)
+FUSED_OPS = ("conv2d_pool_fwd", "conv2d_bwd_data_pool", "head_train", "lenet_fwd")
 
 #: The default variant per op (the fastest by design; to be confirmed by the GPU benchmarks).
 DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, (_, vs) in OP_KERNELS.items()}
@@ -327,7 +334,8 @@ class CupyBackend:
         graphs: ``graph(fn, steps)`` captures CUDA graphs (on the harness: runs fn under the capture
             rules). Default: on, unless the environment sets LENET_GPU_CUDA_GRAPHS=0; off: ``graph``
             returns None.
-        fused: offer the fused ops ``conv2d_pool_fwd`` and ``conv2d_bwd_data_pool`` (the model then uses them).
+        fused: offer the fused ops ``conv2d_pool_fwd``, ``conv2d_bwd_data_pool``, ``head_train`` and
+            ``lenet_fwd`` (the model then uses them: 10 launches a training step instead of 19).
         variants: op → variant overriding ``DEFAULT_VARIANTS``.
         defines: kernel file stem → {NAME: value} overriding ``MODULE_DEFINES``.
         runtime: a Runtime to use instead of the one ``host`` selects (e.g. for reports, host timing).
@@ -361,7 +369,7 @@ class CupyBackend:
         self.defines = {stem: {**d, **(defines or {}).get(stem, {})} for stem, d in MODULE_DEFINES.items()}
         self._kernels: dict[tuple, Any] = {}
         self._plans: dict[tuple, _Entry] = {}
-        ops = [*OPS, *(("conv2d_pool_fwd", "conv2d_bwd_data_pool") if fused else ())]
+        ops = [*OPS, *(FUSED_OPS if fused else ())]
         self.variants: dict[str, tuple[str, ...]] = {op: OP_KERNELS[op][1] for op in ops}
         self.default_variants: dict[str, str] = {op: DEFAULT_VARIANTS[op] for op in ops}
         for op, v in (variants or {}).items():
@@ -491,6 +499,11 @@ class CupyBackend:
             tail = (*(i32(d) for d in dims), i32(ACT_CODES[act]))
             e = self._plans[key] = self._entry("conv2d_fwd", v, tail, expect, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
         self._run(e, (x, w, b, y))
+
+    #: the fused dense head (kernels/head.cu, two launches) and the whole-network inference pass
+    #: (kernels/lenet_fwd.cu, one launch): their wrappers live in fused.py
+    head_train = fused.head_train
+    lenet_fwd = fused.lenet_fwd
 
     def conv2d_pool_fwd(self, x, w, b, yconv, ypool, argmax, act, mode, variant=None) -> None:
         """Fused conv2d_fwd + pool2x2_fwd: yconv (may be None: not written) = act(conv + b); ypool and,

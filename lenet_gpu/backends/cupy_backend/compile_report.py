@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from . import fused
 from .backend import C_BLOCKS, K_BLOCKS, CupyBackend
-from .runtime import Runtime, kernel_source
+from .runtime import Runtime, define_options, kernel_source
 
 
 class _RecordedKernel:
@@ -112,6 +113,13 @@ def module_option_sets(defines: dict[str, dict[str, int]] | None = None) -> dict
     widths = {"K_BLOCK": K_BLOCKS, "C_BLOCK": C_BLOCKS}
     out = {}
     for stem, d in be.defines.items():
+        if stem in fused.DEFINES:  # fused.py's modules: its defines, and head_train_v2 per rows per block
+            base = {**fused.DEFINES[stem], **(defines or {}).get(stem, {})}
+            sets = [define_options(base)]
+            if stem == fused.STEMS["head_train"]:
+                sets += [define_options({**base, "HEAD_ROWS": r}) for r in fused.HEAD_ROWS_CHOICES]
+            out[stem] = tuple(dict.fromkeys(sets))
+            continue
         sets = [be.options(stem)]
         for name in (k for k, v in d.items() if not v):
             sets += [be.options(stem, ((name, w),)) for w in widths[name]]

@@ -111,6 +111,10 @@ def _check(arr: Any, name: str, shape: tuple[int, ...], dtype: Any = np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- head_train
+#: the rows per block head_train_v2 is compiled for (HEAD_ROWS)
+HEAD_ROWS_CHOICES = (1, 2, 4, 8)
+
+
 def head_rows_per_block(batch: int, fill_blocks: int | None = None) -> int:
     """head_train v2: rows per block, the fewest of 1, 2, 4, 8 that keep the grid within ``fill_blocks`` blocks
     (default HEAD_FILL_BLOCKS)."""

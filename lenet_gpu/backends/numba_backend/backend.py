@@ -25,7 +25,9 @@ from numba import cuda
 from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, BackendUnavailable, Counters, check_act, check_mode
 from . import batch, conv2d, dense, loss, optim, pool2x2
+from . import head as _head
 from . import launch as _launchmod
+from . import lenet_fwd as _lenet_fwd
 from ._compat import import_cuda_array_module
 from .common import ceil_div
 
@@ -47,6 +49,16 @@ assert set(KERNELS) == set(SIGNATURES) == {f"{op}_{v}" for op, vs in VARIANTS.it
 #: the variant each op uses by default: the faster design where there is one (chosen by design; the
 #: benchmarks on a GPU decide in the end)
 DEFAULT_VARIANTS = {op: vs[-1] for op, vs in VARIANTS.items()}
+
+#: the fused dense head (head.py: head_train, two kernels) and the whole-network forward (lenet_fwd.py): their
+#: kernels launch through NumbaBackend._launch too, found here by name (their compile checks are their own)
+FUSED_KERNELS: dict[str, Any] = {**_head.KERNELS, **_lenet_fwd.KERNELS}
+FUSED_VARIANTS: dict[str, tuple[str, ...]] = {**_head.VARIANTS, **_lenet_fwd.VARIANTS}
+
+
+def _kernel(name: str) -> Any:
+    k = KERNELS.get(name)
+    return FUSED_KERNELS[name] if k is None else k
 
 #: threads per block of the one-thread-per-element (grid-stride) kernels
 THREADS = 256
@@ -309,8 +321,9 @@ class NumbaBackend:
         if self.is_gpu and "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
             _quiet_low_occupancy_warnings()
         self.counters = Counters()
-        self.variants: dict[str, tuple[str, ...]] = dict(VARIANTS)
-        self.default_variants: dict[str, str] = dict(DEFAULT_VARIANTS)
+        self.variants: dict[str, tuple[str, ...]] = {**VARIANTS, **FUSED_VARIANTS}
+        self.default_variants: dict[str, str] = {**DEFAULT_VARIANTS,
+                                                 **{op: vs[-1] for op, vs in FUSED_VARIANTS.items()}}
         for op, keep in (("conv2d_pool_fwd", fuse_conv_pool), ("conv2d_bwd_data_pool", fuse_bwd_data_pool)):
             if not keep:  # the model uses a fused op when the backend lists it
                 del self.variants[op], self.default_variants[op]
@@ -378,7 +391,7 @@ class NumbaBackend:
         if not self.is_gpu:
             def replay_sim() -> None:
                 for name, grid, block, sh, args in launches:
-                    KERNELS[name][grid, block, 0, sh](*args)
+                    _kernel(name)[grid, block, 0, sh](*args)
 
             return replay_sim
         if self._default_stream is None or self.debug:
@@ -455,16 +468,16 @@ class NumbaBackend:
         if self.launch_log is not None:
             self.launch_log.append((name, tuple(numba.typeof(a) for a in args)))
         if self._capture is not None:
-            prepared = _launchmod.PreparedLaunch.for_gpu(name, KERNELS[name], grid, block, shmem, args)
+            prepared = _launchmod.PreparedLaunch.for_gpu(name, _kernel(name), grid, block, shmem, args)
             prepared.issue(self._capture)
         else:
-            KERNELS[name][grid, block, 0, shmem](*args)
+            _kernel(name)[grid, block, 0, shmem](*args)
             if self.debug:
                 cuda.synchronize()
             if self._recording is None:
                 return
             if self.is_gpu:
-                prepared = _launchmod.PreparedLaunch.for_gpu(name, KERNELS[name], grid, block, shmem, args)
+                prepared = _launchmod.PreparedLaunch.for_gpu(name, _kernel(name), grid, block, shmem, args)
             else:
                 prepared = (name, grid, block, shmem, args)
         if self._recording is not None:
@@ -549,6 +562,10 @@ class NumbaBackend:
             self._launch("conv2d_fwd", v, grid, block, sh, *args)
         else:
             self._launch("conv2d_fwd", v, grid, block, sh, *args, np.int32(wslot))
+
+    #: the fused dense head and the whole-network forward pass (head.py, lenet_fwd.py)
+    head_train = _head.head_train
+    lenet_fwd = _lenet_fwd.lenet_fwd
 
     def conv2d_pool_fwd(
         self, x: Any, w: Any, b: Any, yconv: Any | None, ypool: Any, argmax: Any | None, act: str, mode: str,

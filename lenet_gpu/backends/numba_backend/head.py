@@ -216,10 +216,14 @@ _DUMMY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def launch_kernel(be: Any, name: str, kernel: Any, grid: int, block: int, shmem: int, *args: Any) -> None:
-    """Launch ``kernel`` (named ``name``) as the backend's ``_launch`` does: the grid capped at ``be.max_blocks``
-    (every fused kernel loops over its work), the launch counted in ``be.counters``, logged in ``be.launch_log``
-    when that is a list (name, argument types: the tests compare them with SIGNATURES), synchronised when
-    ``be.debug``."""
+    """Launch ``kernel`` (named ``name``) through the backend's ``_launch`` (which finds it in FUSED_KERNELS),
+    so counters, the launch log, ``record`` and ``graph`` see it like every other launch. A backend without
+    ``_launch`` gets the same treatment here: the grid capped at ``be.max_blocks`` (every fused kernel loops
+    over its work), the launch counted, logged when ``be.launch_log`` is a list, synchronised when ``be.debug``."""
+    if hasattr(be, "_launch"):
+        op, variant = name.rsplit("_", 1)
+        be._launch(op, variant, grid, block, shmem, *args)
+        return
     cap = getattr(be, "max_blocks", None)
     if cap is not None:
         grid = min(grid, cap)
