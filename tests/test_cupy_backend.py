@@ -449,11 +449,13 @@ def test_training_steps_match_numpy(be, optimizer, fused, act, pool):
     H.assert_close(got[:, 0], want[:, 0], 1e-4, 1e-4, what="loss sums per step")
 
 
-@pytest.mark.parametrize("fused,expected,optimizer", [(True, 16, "adam"), (False, 19, "sgd")])
+@pytest.mark.parametrize("fused,expected,optimizer", [(True, 10, "adam"), (False, 19, "sgd")])
 def test_step_counters(be, fused, expected, optimizer):
-    """After warm-up a step is launches only: 1 gather + 7 (5 fused) forward + 1 loss + 8 (7 fused)
-    backward + 1 optimizer + 1 step_advance, and no allocation, copy or sync: as a recorded replay, and as a
-    graph of 3 steps (after the model's self-check)."""
+    """After warm-up a step is launches only — unfused: 1 gather + 4 conv/pool + 3 dense + 1 loss + 3 dense
+    backward + 1 pool backward + 2 bwd_weight + bwd_data + pool backward + 1 optimizer + 1 step_advance (19);
+    fused: gather, 2 conv_pool, head_train (2 kernels), 2 bwd_weight, bwd_data_pool, optimizer, step_advance
+    (10) — and no allocation, copy or sync: as a recorded replay, and as a graph of 3 steps (after the
+    model's self-check)."""
     from lenet_gpu.model import LeNet5
 
     b = be if fused else CupyBackend(host=not be.is_gpu, fused=False)
@@ -672,7 +674,7 @@ def test_host_overhead_bench():
     for r in rows:
         assert r["us_per_step"] > 0
     replay = modes["cupy eager (recorded replay)"]
-    assert replay["kernels_per_step"] == replay["launches_per_step"] == 16  # the fused step
+    assert replay["kernels_per_step"] == replay["launches_per_step"] == 10  # the fused step
     assert replay["us_per_launch"] <= 5.0, replay
     graph = next(r for m, r in modes.items() if "graph" in m)
     assert graph["launches_per_step"] == 0.01 and graph["us_per_step"] <= 10.0, graph
