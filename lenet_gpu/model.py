@@ -211,7 +211,7 @@ class LeNet5:
             "init": self.init,
         }
 
-    def launches_per_step(self) -> int:
+    def ops_per_step(self) -> int:
         """Backend op calls of one training step with the ops this model uses (a fused op may launch more
         than one kernel: head_train launches two on the GPU backends; the counters count kernels)."""
         f = self.fused
