@@ -211,8 +211,9 @@ class LeNet5:
             "init": self.init,
         }
 
-    def launches_per_step(self) -> int:
-        """Kernel launches (backend op calls) of one training step with the ops this model uses."""
+    def ops_per_step(self) -> int:
+        """Backend op calls of one training step with the ops this model uses (a fused op may launch more
+        than one kernel: head_train launches two on the GPU backends; the counters count kernels)."""
         f = self.fused
         fwd = 2 if f["conv2d_pool_fwd"] else 4
         head = 1 if f["head_train"] else 8  # 3 dense_fwd, softmax_xent, 3 dense_bwd, pool2x2_bwd

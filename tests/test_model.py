@@ -104,7 +104,7 @@ def test_device_step_makes_no_copy_alloc_or_sync():
     model.run_steps(data, 3)
     d = model.backend.counters.since(before)
     assert d == {"launches": 3 * 19, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
-    assert model.launches_per_step() == 19 and model.step_count == 4
+    assert model.ops_per_step() == 19 and model.step_count == 4
 
 
 def test_device_path_equals_host_path():
