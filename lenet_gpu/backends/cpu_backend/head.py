@@ -1,0 +1,124 @@
+"""head: the dense head's forward, loss and backward in one op (reference.head_train).
+
+  head_train_v1  lanes: per chunk of 16 images (prange), C5 → F6 → output as register-blocked lane
+                 kernels, the softmax and its statistics per image, the backward pass down to dS4, and the
+                 route through S4's pooling into C3's pre-activation gradient (NCHW); then the three
+                 weight gradients as row kernels over the whole batch in order (prange over blocks of 8
+                 rows × ≤ 80 columns), so no weight gradient depends on the chunking or the threads
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import get_thread_id, njit, prange
+
+from ...stepstate import STEP_IN_EPOCH
+from .common import IDENTITY, JIT, L, act_grad
+from .conv2d import _route
+from .dense import OB, lane_dense, lane_dense_t, rows_dw
+from .loss import softmax_row
+
+#: columns per weight-gradient task (a multiple of 16): tasks of about equal work for the threads
+TASK_COLS = 80
+
+
+def dw_tasks(shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The weight-gradient tasks of head_train: rows [matrix, first row, first column, end column] over
+    blocks of OB rows × TASK_COLS columns of each (rows, columns) shape in turn."""
+    tasks = []
+    for m, (rows, cols) in enumerate(shapes):
+        for o0 in range(0, rows, OB):
+            for i0 in range(0, cols, TASK_COLS):
+                tasks.append((m, o0, i0, min(cols, i0 + TASK_COLS)))
+    return np.array(tasks, dtype=np.int64)
+
+
+@njit(parallel=True, **JIT)
+def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
+                  dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode,
+                  ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks):
+    B = x.shape[0]
+    C4, Hp, Wp = x.shape[1], x.shape[2], x.shape[3]
+    H2c, W2c = yconv.shape[2], yconv.shape[3]
+    xf = x.reshape((B, C4 * Hp * Wp))
+    I = xf.shape[1]
+    H1, H2, NC = w1.shape[0], w2.shape[0], w3.shape[0]
+    inv_n = np.float32(1.0 / B)
+    nch = (B + L - 1) // L
+    for ci in prange(nch):
+        tid = get_thread_id()
+        xt = ws_x[tid]
+        h1t = ws_h1[tid]
+        h2t = ws_h2[tid]
+        zt = ws_z[tid]
+        dxt = ws_dx[tid]
+        dxw = ws_dxw[tid]
+        d1t = ws_d1[tid]
+        d2t = ws_d2[tid]
+        b0 = ci * L
+        nb = min(L, B - b0)
+        for lane in range(nb):
+            xr = xf[b0 + lane]
+            for i in range(I):
+                xt[i, lane] = xr[i]
+        lane_dense(w1, b1, xt, h1t, act_code)
+        lane_dense(w2, b2, h1t, h2t, act_code)
+        lane_dense(w3, b3, h2t, zt, IDENTITY)
+        s = 0.0
+        c = 0
+        for lane in range(nb):
+            bb = b0 + lane
+            for o in range(H1):
+                h1[bb, o] = h1t[o, lane]
+            for o in range(H2):
+                h2[bb, o] = h2t[o, lane]
+            for o in range(NC):
+                logits[bb, o] = zt[o, lane]
+            loss, ok = softmax_row(logits[bb], labels[bb], dz3r[bb], inv_n)
+            s += np.float64(loss)
+            c += ok
+            for o in range(NC):
+                zt[o, lane] = dz3r[bb, o]
+        part[ci, 0] = s
+        part[ci, 1] = c
+        # backward: d2 = (w3ᵀ d3)·act'(h2), d1 = (w2ᵀ d2)·act'(h1), dx = w1ᵀ d1
+        lane_dense_t(w3, zt, d2t)
+        for o in range(H2):
+            for lane in range(L):
+                d2t[o, lane] = act_grad(d2t[o, lane], h2t[o, lane], act_code)
+        lane_dense_t(w2, d2t, d1t)
+        for o in range(H1):
+            for lane in range(L):
+                d1t[o, lane] = act_grad(d1t[o, lane], h1t[o, lane], act_code)
+        lane_dense_t(w1, d1t, dxt)
+        dxf = dxw.reshape((C4 * Hp * Wp,))
+        for lane in range(nb):
+            bb = b0 + lane
+            for o in range(H2):
+                dz2r[bb, o] = d2t[o, lane]
+            for o in range(H1):
+                dz1r[bb, o] = d1t[o, lane]
+            for i in range(I):
+                dxf[i] = dxt[i, lane]
+            _route(dxw, argmax, yconv, dz_conv, bb, C4, Hp, Wp, H2c, W2c, mode, act_code)
+    s = 0.0
+    c = 0.0
+    for ci in range(nch):
+        s += part[ci, 0]
+        c += part[ci, 1]
+    row = state[STEP_IN_EPOCH] % stats.shape[0]
+    stats[row, 0] = np.float32(s)
+    stats[row, 1] = np.float32(c)
+    # weight gradients over the whole batch, b in order
+    for t in prange(tasks.shape[0]):
+        m = tasks[t, 0]
+        dzr, xr, dw, db = dz1r, xf, dw1, db1
+        if m == 1:
+            dzr, xr, dw, db = dz2r, h1, dw2, db2
+        elif m == 2:
+            dzr, xr, dw, db = dz3r, h2, dw3, db3
+        rows_dw(dzr, xr, dw, db, tasks[t, 1], tasks[t, 2], tasks[t, 3], B)
+
+
+KERNELS = {"head_train_v1": head_train_v1}
+VARIANTS = {"head_train": ("v1",)}
