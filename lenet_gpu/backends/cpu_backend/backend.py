@@ -3,8 +3,8 @@
 Arrays are NumPy arrays. Each op wrapper looks up a plan for its argument shapes (the kernel, compiled on
 first use or loaded from Numba's disk cache, and its workspaces), made once per shape: the checks run
 then, and the workspaces are allocated then (counted in ``counters.allocs``), so a training step after
-warm-up allocates nothing. Kernels run on ``threads`` threads (Numba's OpenMP/TBB pool); their results do
-not depend on that number (see common.py).
+warm-up allocates nothing. Kernels run on Numba's thread pool (``threads``, else LENET_GPU_NUM_THREADS, else Numba's
+default); their results do not depend on the number of threads (see common.py).
 """
 
 from __future__ import annotations
@@ -58,12 +58,9 @@ DEFAULT_VARIANTS = {op: ("auto" if len(vs) > 1 else vs[0]) for op, vs in VARIANT
 ROWS_MIN_WIDTH = 24
 
 
-def _default_threads() -> int:
+def _default_threads() -> int | None:
     env = os.environ.get("LENET_GPU_NUM_THREADS")
-    if env:
-        return max(1, int(env))
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, n))
+    return max(1, int(env)) if env else None
 
 
 def _act(act: str) -> int:
@@ -110,8 +107,10 @@ class CpuBackend:
         self.counters = Counters()
         self.variants: dict[str, tuple[str, ...]] = dict(VARIANTS)
         self.default_variants: dict[str, str] = dict(DEFAULT_VARIANTS)
-        self.threads = min(threads or _default_threads(), numba.config.NUMBA_NUM_THREADS)
-        numba.set_num_threads(self.threads)
+        threads = threads or _default_threads()
+        if threads:  # else Numba's own setting (NUMBA_NUM_THREADS, default: the cores)
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        self.threads = numba.get_num_threads()
         #: per-thread workspaces are sized for every thread Numba may run
         self._slots = numba.config.NUMBA_NUM_THREADS
         self._plans: dict[tuple, tuple] = {}

@@ -38,8 +38,9 @@ FASTMATH = {"contract"}
 #: options of every kernel: cached on disk (a second run starts fast), no bounds checks, the NumPy
 #: error model (a float division never raises, so it never blocks vectorisation)
 JIT: dict[str, Any] = {"cache": True, "boundscheck": False, "fastmath": FASTMATH, "error_model": "numpy"}
-#: the same, exact IEEE arithmetic (no contraction): ops that mirror the numpy backend bit for bit
-JIT_EXACT: dict[str, Any] = {"cache": True, "boundscheck": False, "error_model": "numpy"}
+#: the same, exact IEEE arithmetic (no contraction): ops that mirror the numpy backend bit for bit. fastmath
+#: is given explicitly (False): a function that does not set it inherits its caller's
+JIT_EXACT: dict[str, Any] = {"cache": True, "boundscheck": False, "fastmath": False, "error_model": "numpy"}
 
 F32 = np.float32
 ZERO = F32(0.0)

@@ -6,7 +6,7 @@ chunk order, so no result depends on the thread count.
 
   conv2d_fwd_v1          one output row at a time: the row is the accumulator, the loop along it innermost
   conv2d_bwd_data_v1     dx as the scatter of each dz row times each tap, row loops innermost
-  conv2d_bwd_weight_v1   one dw element at a time, a scalar sum over the chunk's images and pixels
+  conv2d_bwd_weight_v1   one dw element at a time: sums along each row, then over rows and images
   conv2d_bwd_weight_v2   lanes: 16 images a vector; KB filters × 5 taps of accumulators in registers
   conv2d_bwd_weight_v3   rows: 16 columns a vector (wide maps); the same blocking, images of a chunk in turn
   conv2d_pool_fwd_v1     lanes: conv + bias + act + 2×2 pool; one pooling window × KB filters in registers
@@ -100,14 +100,21 @@ def conv2d_bwd_weight_v1(x, dz, dw, db, part):
                         a = ZERO
                         for bb in range(ci * L, b1):
                             for i in range(Ho):
+                                g = dz[bb, k, i]
+                                xr = x[bb, c, i + r]
+                                t = ZERO  # a row's sum first: short sums, small rounding errors
                                 for j in range(Wo):
-                                    a += dz[bb, k, i, j] * x[bb, c, i + r, j + s]
+                                    t += g[j] * xr[j + s]
+                                a += t
                         p[((k * C + c) * R + r) * S + s] = a
             a = ZERO
             for bb in range(ci * L, b1):
                 for i in range(Ho):
+                    g = dz[bb, k, i]
+                    t = ZERO
                     for j in range(Wo):
-                        a += dz[bb, k, i, j]
+                        t += g[j]
+                    a += t
             p[n + k] = a
     _sum_parts(part, nch, dw, db)
 
@@ -192,7 +199,6 @@ def window_lanes(xt, w, k0, i, j, acc, KB):
             x0 = xt[c, i + r]
             x1 = xt[c, i + 1 + r]
             for s in range(S):
-                wv = w[k0 : k0 + KB, c, r, s]
                 p00 = x0[j + s]
                 p01 = x0[j + s + 1]
                 p10 = x1[j + s]
@@ -203,7 +209,7 @@ def window_lanes(xt, w, k0, i, j, acc, KB):
                     v10 = p10[lane]
                     v11 = p11[lane]
                     for q in range(KB):
-                        wq = wv[q]
+                        wq = w[np.uint64(k0 + q), c, r, s]
                         acc[4 * q, lane] += wq * v00
                         acc[4 * q + 1, lane] += wq * v01
                         acc[4 * q + 2, lane] += wq * v10
@@ -213,7 +219,8 @@ def window_lanes(xt, w, k0, i, j, acc, KB):
 @njit(inline="always")
 def window_rows(xp, w, k0, i, j, a0, b0, a1, b1, a2, b2, a3, b3, acc, KB):
     """acc[4q + t] += Σ_{c,r,s} w[k0+q, c, r, s] · xp[c, i+a_t+r, j+b_t+s : +16] for four 16-column
-    vectors at row/column offsets (a_t, b_t) of an NCHW map, KB filters."""
+    vectors at row/column offsets (a_t, b_t) of an NCHW map, KB filters. (Unsigned indices: no
+    negative-index fix-ups in the loop, so the lane loop is one plain vector load per vector.)"""
     C = xp.shape[0]
     R, S = w.shape[2], w.shape[3]
     for c in range(C):
@@ -223,18 +230,17 @@ def window_rows(xp, w, k0, i, j, a0, b0, a1, b1, a2, b2, a3, b3, acc, KB):
             x2 = xp[c, i + a2 + r]
             x3 = xp[c, i + a3 + r]
             for s in range(S):
-                wv = w[k0 : k0 + KB, c, r, s]
-                p0 = x0[j + b0 + s : j + b0 + s + L]
-                p1 = x1[j + b1 + s : j + b1 + s + L]
-                p2 = x2[j + b2 + s : j + b2 + s + L]
-                p3 = x3[j + b3 + s : j + b3 + s + L]
+                o0 = j + b0 + s
+                o1 = j + b1 + s
+                o2 = j + b2 + s
+                o3 = j + b3 + s
                 for lane in range(L):
-                    v0 = p0[lane]
-                    v1 = p1[lane]
-                    v2 = p2[lane]
-                    v3 = p3[lane]
+                    v0 = x0[np.uint64(o0 + lane)]
+                    v1 = x1[np.uint64(o1 + lane)]
+                    v2 = x2[np.uint64(o2 + lane)]
+                    v3 = x3[np.uint64(o3 + lane)]
                     for q in range(KB):
-                        wq = wv[q]
+                        wq = w[np.uint64(k0 + q), c, r, s]
                         acc[4 * q, lane] += wq * v0
                         acc[4 * q + 1, lane] += wq * v1
                         acc[4 * q + 2, lane] += wq * v2
@@ -465,21 +471,20 @@ def make_conv2d_bwd_weight_v2(KB: int) -> Any:
                             for lane in range(L):
                                 acc[e, lane] = ZERO
                         for i in range(Ho):
+                            x0 = xt[c, i + r0]
+                            x1 = xt[c, i + r1]
+                            x2 = xt[c, i + r2]
+                            x3 = xt[c, i + r3]
+                            x4 = xt[c, i + r4]
                             for j in range(Wo):
-                                g = dzt[k0 : k0 + KB, i, j]
-                                x0 = xt[c, i + r0, j + s0]
-                                x1 = xt[c, i + r1, j + s1]
-                                x2 = xt[c, i + r2, j + s2]
-                                x3 = xt[c, i + r3, j + s3]
-                                x4 = xt[c, i + r4, j + s4]
                                 for lane in range(L):
-                                    v0 = x0[lane]
-                                    v1 = x1[lane]
-                                    v2 = x2[lane]
-                                    v3 = x3[lane]
-                                    v4 = x4[lane]
+                                    v0 = x0[np.uint64(j + s0), lane]
+                                    v1 = x1[np.uint64(j + s1), lane]
+                                    v2 = x2[np.uint64(j + s2), lane]
+                                    v3 = x3[np.uint64(j + s3), lane]
+                                    v4 = x4[np.uint64(j + s4), lane]
                                     for q in range(KB):
-                                        d = g[q, lane]
+                                        d = dzt[np.uint64(k0 + q), i, j, lane]
                                         acc[TB * q, lane] += d * v0
                                         acc[TB * q + 1, lane] += d * v1
                                         acc[TB * q + 2, lane] += d * v2
@@ -576,21 +581,20 @@ def make_conv2d_bwd_weight_v3(KB: int) -> Any:
                                 acc[e, lane] = ZERO
                         for e in range(nb):
                             for i in range(Ho):
+                                x0 = xs[e, c, i + r0]
+                                x1 = xs[e, c, i + r1]
+                                x2 = xs[e, c, i + r2]
+                                x3 = xs[e, c, i + r3]
+                                x4 = xs[e, c, i + r4]
                                 for j in range(0, NV * L, L):
-                                    g = ds[e, k0 : k0 + KB, i, j : j + L]
-                                    x0 = xs[e, c, i + r0, j + s0 : j + s0 + L]
-                                    x1 = xs[e, c, i + r1, j + s1 : j + s1 + L]
-                                    x2 = xs[e, c, i + r2, j + s2 : j + s2 + L]
-                                    x3 = xs[e, c, i + r3, j + s3 : j + s3 + L]
-                                    x4 = xs[e, c, i + r4, j + s4 : j + s4 + L]
                                     for lane in range(L):
-                                        v0 = x0[lane]
-                                        v1 = x1[lane]
-                                        v2 = x2[lane]
-                                        v3 = x3[lane]
-                                        v4 = x4[lane]
+                                        v0 = x0[np.uint64(j + s0 + lane)]
+                                        v1 = x1[np.uint64(j + s1 + lane)]
+                                        v2 = x2[np.uint64(j + s2 + lane)]
+                                        v3 = x3[np.uint64(j + s3 + lane)]
+                                        v4 = x4[np.uint64(j + s4 + lane)]
                                         for q in range(KB):
-                                            d = g[q, lane]
+                                            d = ds[e, np.uint64(k0 + q), i, np.uint64(j + lane)]
                                             acc[TB * q, lane] += d * v0
                                             acc[TB * q + 1, lane] += d * v1
                                             acc[TB * q + 2, lane] += d * v2
@@ -603,10 +607,10 @@ def make_conv2d_bwd_weight_v3(KB: int) -> Any:
                     sv[lane] = ZERO
                 for e in range(nb):
                     for i in range(Ho):
+                        g1 = ds[e, k, i]
                         for j in range(0, NV * L, L):
-                            g1 = ds[e, k, i, j : j + L]
                             for lane in range(L):
-                                sv[lane] += g1[lane]
+                                sv[lane] += g1[np.uint64(j + lane)]
                 a = ZERO
                 for lane in range(L):
                     a += sv[lane]

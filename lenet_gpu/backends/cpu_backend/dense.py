@@ -70,75 +70,47 @@ def dense_bwd_v1(x, w, y, dy, dx, dw, db, act_code, want_dx):
 
 @njit(inline="always")
 def lane_dense(w, b, xt, yt, act_code):
-    """yt (O, L) = act(w (O, I) · xt (I, L) + b): blocks of 8 outputs, one output at a time for the rest."""
+    """yt (O, L) = act(w (O, I) · xt (I, L) + b) in blocks of 8 outputs; the last block repeats row O − 1
+    where it runs past O (every block is the same vector code) and stores only the rows that exist."""
     O, I = w.shape
     acc = carray(stack_tile(OB_TILE), (OB, L))
-    nfull = O - O % OB
-    for o0 in range(0, nfull, OB):
+    for o0 in range(0, O, OB):
         for q in range(OB):
-            bq = b[o0 + q]
+            bq = b[min(o0 + q, O - 1)]
             for lane in range(L):
                 acc[q, lane] = bq
         for i in range(I):
             xv = xt[i]
-            wv = w[o0 : o0 + OB, i]
             for lane in range(L):
                 v = xv[lane]
                 for q in range(OB):
-                    acc[q, lane] += wv[q] * v
-        for q in range(OB):
+                    acc[q, lane] += w[min(o0 + q, O - 1), i] * v
+        for q in range(min(OB, O - o0)):
             yr = yt[o0 + q]
             for lane in range(L):
                 yr[lane] = act(acc[q, lane], act_code)
-    a1 = carray(stack_tile(L), (L,))
-    for o in range(nfull, O):
-        bo = b[o]
-        for lane in range(L):
-            a1[lane] = bo
-        wr = w[o]
-        for i in range(I):
-            xv = xt[i]
-            wi = wr[i]
-            for lane in range(L):
-                a1[lane] += wi * xv[lane]
-        yr = yt[o]
-        for lane in range(L):
-            yr[lane] = act(a1[lane], act_code)
 
 
 @njit(inline="always")
 def lane_dense_t(w, dt, yt):
-    """yt (I, L) = wᵀ (I, O) · dt (O, L): the input gradient of a dense layer; blocks of 8 inputs."""
+    """yt (I, L) = wᵀ (I, O) · dt (O, L): the input gradient of a dense layer, in blocks of 8 inputs (the
+    last block as in lane_dense)."""
     O, I = w.shape
     acc = carray(stack_tile(OB_TILE), (OB, L))
-    nfull = I - I % OB
-    for i0 in range(0, nfull, OB):
+    for i0 in range(0, I, OB):
         for q in range(OB):
             for lane in range(L):
                 acc[q, lane] = ZERO
         for o in range(O):
             dv = dt[o]
-            wv = w[o, i0 : i0 + OB]
             for lane in range(L):
                 v = dv[lane]
                 for q in range(OB):
-                    acc[q, lane] += wv[q] * v
-        for q in range(OB):
+                    acc[q, lane] += w[o, min(i0 + q, I - 1)] * v
+        for q in range(min(OB, I - i0)):
             yr = yt[i0 + q]
             for lane in range(L):
                 yr[lane] = acc[q, lane]
-    a1 = carray(stack_tile(L), (L,))
-    for i in range(nfull, I):
-        for lane in range(L):
-            a1[lane] = ZERO
-        for o in range(O):
-            dv = dt[o]
-            wi = w[o, i]
-            for lane in range(L):
-                a1[lane] += wi * dv[lane]
-        yr = yt[i]
-        for lane in range(L):
-            yr[lane] = a1[lane]
 
 
 @njit(inline="always")

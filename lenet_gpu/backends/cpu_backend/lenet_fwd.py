@@ -1,7 +1,8 @@
 """lenet_fwd: the whole forward pass, uint8 images → logits, in one op (reference.lenet_fwd).
 
   lenet_fwd_v1  lanes: per chunk of 16 images (prange), everything in the lane layout of one thread's
-                workspace: normalise onto the canvas, C1 + act + S2 and C3 + act + S4 as register-blocked
+                workspace: normalise onto the canvas (the bits of batch_prepare), C1 + act + S2 and C3 + act + S4
+                as register-blocked
                 pooling windows (only the pooled maps are kept), then C5 → F6 → output as lane kernels;
                 the logits are the only output written
 """
@@ -10,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from numba import carray, get_thread_id, njit, prange
 
+from .batch import canvas_lane
 from .common import IDENTITY, JIT, L, act, stack_tile
 from .conv2d import _pad_weights, bias_init, pool4, window_lanes
 from .dense import lane_dense
@@ -71,16 +72,7 @@ def make_lenet_fwd_v1(KB1: int, KB3: int) -> Any:
             b0 = ci * L
             nb = min(L, N - b0)
             for lane in range(nb):
-                img = images[b0 + lane]
-                for h in range(XH):
-                    row = xt[0, h]
-                    ih = h - pad
-                    for v in range(XW):
-                        iv = v - pad
-                        if ih >= 0 and ih < IH and iv >= 0 and iv < IW:
-                            row[v, lane] = np.float32(img[ih, iv]) * scale + shift
-                        else:
-                            row[v, lane] = shift
+                canvas_lane(images[b0 + lane], xt[0], lane, pad, scale, shift)
             s2f = s2.reshape((s2.shape[0] * s2.shape[1] * s2.shape[2], L))
             _pool_layer(xt, wp1, bp1, K1, H2, W2, s2f, act_code, mode, acc, KB1)
             _pool_layer(s2, wp3, bp3, K3, H4, W4, s4, act_code, mode, acc, KB3)
