@@ -470,6 +470,7 @@ def test_register_blocked_kernels_use_packed_fma(kernel):
     the lane loops vectorised and the accumulator tiles became registers."""
     be = CpuBackend()
     s = Step(be, batch=3)
+    s.step()  # every buffer holds what a step leaves there
     T = numba.config.NUMBA_NUM_THREADS
     L = common.L
     f32 = np.float32

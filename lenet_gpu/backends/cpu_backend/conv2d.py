@@ -686,34 +686,40 @@ def make_conv2d_bwd_data_pool_v1(KB: int) -> Any:
 @njit(inline="always")
 def _route(dxw, argmax, yconv, dzb, bb, C, Hx, Wx, H2, W2, mode, act_code):
     """dzb[bb] = pool2x2_bwd(dx, argmax) · act'(yconv[bb]): every 2×2 window gets its dx at the argmax tap
-    (max) or a quarter of it at every tap (avg), times the derivative there; uncovered taps get 0."""
+    (max) or a quarter of it at every tap (avg), times the derivative there; uncovered taps get 0.
+    Max: the plane is zeroed (one vector loop) and each window's one value stored."""
     for c in range(C):
-        for i in range(Hx):
-            d = dxw[c, i]
-            ya = yconv[bb, c, 2 * i]
-            yb = yconv[bb, c, 2 * i + 1]
-            oa = dzb[bb, c, 2 * i]
-            ob = dzb[bb, c, 2 * i + 1]
-            if mode == MAX:
+        plane = dzb[bb, c]
+        if mode == MAX:
+            flat = plane.reshape(H2 * W2)
+            for e in range(H2 * W2):
+                flat[e] = ZERO
+            y = yconv[bb, c]
+            for i in range(Hx):
+                d = dxw[c, i]
                 am = argmax[bb, c, i]
                 for j in range(Wx):
-                    g = d[j]
-                    a = am[j]
-                    oa[2 * j] = act_grad(g, ya[2 * j], act_code) if a == 0 else ZERO
-                    oa[2 * j + 1] = act_grad(g, ya[2 * j + 1], act_code) if a == 1 else ZERO
-                    ob[2 * j] = act_grad(g, yb[2 * j], act_code) if a == 2 else ZERO
-                    ob[2 * j + 1] = act_grad(g, yb[2 * j + 1], act_code) if a == 3 else ZERO
-            else:
+                    a = am[j] & 3  # a corrupt argmax stays inside its window
+                    h = 2 * i + (a >> 1)
+                    v = 2 * j + (a & 1)
+                    plane[h, v] = act_grad(d[j], y[h, v], act_code)
+        else:
+            for i in range(Hx):
+                d = dxw[c, i]
+                ya = yconv[bb, c, 2 * i]
+                yb = yconv[bb, c, 2 * i + 1]
+                oa = plane[2 * i]
+                ob = plane[2 * i + 1]
                 for j in range(Wx):
                     g = d[j] * QUARTER
                     oa[2 * j] = act_grad(g, ya[2 * j], act_code)
                     oa[2 * j + 1] = act_grad(g, ya[2 * j + 1], act_code)
                     ob[2 * j] = act_grad(g, yb[2 * j], act_code)
                     ob[2 * j + 1] = act_grad(g, yb[2 * j + 1], act_code)
-            if W2 > 2 * Wx:
-                oa[W2 - 1] = ZERO
-                ob[W2 - 1] = ZERO
-        if H2 > 2 * Hx:
-            o = dzb[bb, c, H2 - 1]
-            for v in range(W2):
-                o[v] = ZERO
+                if W2 > 2 * Wx:
+                    oa[W2 - 1] = ZERO
+                    ob[W2 - 1] = ZERO
+            if H2 > 2 * Hx:
+                o = plane[H2 - 1]
+                for v in range(W2):
+                    o[v] = ZERO
