@@ -290,6 +290,11 @@ def markdown(res: dict[str, Any]) -> str:
                 rows.append([_cell(r, c) for c in cols] + [t])
             s.append(_table([*cols, "measured on GPU"], rows))
 
+    if res.get("host"):
+        from .host import markdown as host_markdown
+
+        s.append(host_markdown(res["host"]))
+
     sk = res.get("skipped", [])
     if sk:
         s.append("\n## Skipped and failed cases\n\n")

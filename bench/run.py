@@ -4,7 +4,8 @@ Sections (all by default): ``ops`` (every op × site × variant × backend × ba
 timed), ``forward`` and ``train`` (end-to-end images/s, ours against PyTorch in alternating rounds),
 ``epoch`` (full-epoch time and time to a target test accuracy with the default recipe), ``counters``
 (launches, copies, allocations, syncs per step and per forward pass), ``kernels`` (the static compile
-table). Output: ``results.json``, ``report.md`` and PNG plots in ``--out`` (default reports/bench/).
+table), ``host`` (the host's µs per training step with the device taken away: bench/host.py; ``--host``
+runs it alone). Output: ``results.json``, ``report.md`` and PNG plots in ``--out`` (default reports/bench/).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from lenet_gpu.backends import BACKENDS, BackendUnavailable, get_backend
 from lenet_gpu.spec import NetConfig, forward_flops
 
+from . import host as host_mod
 from . import kernels as kernels_mod
 from . import model as e2e
 from . import ops as opsmod
@@ -43,7 +45,7 @@ from .timing import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("ops", "forward", "train", "epoch", "counters", "kernels")
+SECTIONS = ("ops", "forward", "train", "epoch", "counters", "kernels", "host")
 FULL = {
     "batches": [1, 64, 256, 1024, 4096],
     "train_batches": [64, 128, 256],
@@ -104,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "bench", help="output folder (default reports/bench)")
     p.add_argument("--sections", type=_names, default=list(SECTIONS),
                    help=f"what to run (default all: {','.join(SECTIONS)})")
+    p.add_argument("--host", action="store_true",
+                   help="only the host-overhead section: host µs per training step over a no-op runtime")
     p.add_argument("--ops", type=_names, default=None, help="only these ops (default: every op of every backend)")
     p.add_argument("--no-peer", action="store_true", help="do not run PyTorch even when it is installed")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -581,6 +585,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         settings["rounds"] = args.rounds
     if args.max_case_s:
         settings["max_case_s"] = args.max_case_s
+    if args.host:
+        args.sections = ["host"]
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"bench.run: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
@@ -686,6 +692,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     section("counters", do_counters)
     section("epoch", do_epochs)
     section("kernels", do_kernels)
+    section("host", lambda: results.__setitem__("host", host_mod.bench_host(quick=args.quick)))
     results["peer_notes"] = peers.notes
     results["load"] = monitor.stop()
     results["load"]["wait_quiet"] = waited

@@ -40,3 +40,61 @@ __device__ __forceinline__ float act_grad(float y, int act) {
         default: return 1.0f;
     }
 }
+
+// ------------------------------------------------------------------------------------- step state
+// Words of the int32 step state (lenet_gpu.stepstate: STEP, SCHED_BASE, ...). Kernels read what changes
+// from step to step from it, so no kernel argument changes from step to step.
+#define ST_STEP 0
+#define ST_SCHED_BASE 1
+#define ST_STEP_IN_EPOCH 2
+#define ST_OFFSET 3
+#define ST_EPOCH 4
+#define ST_STEPS_PER_EPOCH 5
+#define ST_SEED 6
+#define ST_SHIFT 7
+
+// a mod m in [0, m) for any int a (m > 0).
+__device__ __forceinline__ int pos_mod(long long a, int m) {
+    const long long r = a % m;
+    return (int)(r < 0 ? r + m : r);
+}
+
+// The 32-bit mixer "lowbias32" (reference.mix32): unsigned arithmetic is modulo 2^32 in C.
+__device__ __forceinline__ unsigned int mix32(unsigned int x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+// ------------------------------------------------------------------------- last-block tickets
+// A one-launch fixed-order reduction: every block writes its partial sums, then takes a ticket; the block
+// that takes the last ticket adds the partials in block order. The ticket word is 64-bit: the generation
+// (high 32 bits: the step state's STEP) and the count of blocks arrived (low 32 bits). The first block of
+// a new generation replaces whatever count it finds (a stale count left by an aborted launch, or garbage)
+// with 1 in one compare-and-swap, so a launch never relies on the previous one having reset the ticket;
+// the last block still resets it (count 0), so repeated launches at the same STEP work too. Only a stale
+// count of the very same generation (an aborted launch at this STEP) could mislead it.
+// Call from one thread per block; returns true to the thread of the last block to arrive.
+__device__ __forceinline__ bool ticket_take(unsigned long long* ticket, unsigned int gen, unsigned int blocks) {
+    unsigned long long seen = atomicCAS(ticket, 0ull, 0ull);  // an atomic read (changes nothing)
+    unsigned long long assumed, next;
+    do {
+        assumed = seen;
+        next = (unsigned int)(assumed >> 32) == gen ? assumed + 1ull : (((unsigned long long)gen << 32) | 1ull);
+        seen = atomicCAS(ticket, assumed, next);
+    } while (seen != assumed);
+    return (unsigned int)(next & 0xFFFFFFFFull) == blocks;
+}
+
+// The last block's reset: count 0 of this generation.
+__device__ __forceinline__ void ticket_reset(unsigned long long* ticket, unsigned int gen) {
+    atomicExch(ticket, (unsigned long long)gen << 32);
+}
+
+// The generation of a reduction: the state's STEP, or 0 without a state.
+__device__ __forceinline__ unsigned int ticket_generation(const int* state) {
+    return state ? (unsigned int)state[ST_STEP] : 0u;
+}

@@ -3,6 +3,8 @@
 //   forward        y[n,k,p,q]  = act(b[k] + sum_{c,r,s} w[k,c,r,s] * x[n,c,p+r,q+s])
 //   fused forward  the same, then 2x2/2 subsampling of y (max with argmax, or mean) in one launch
 //   input grad     dx[n,c,h,v] = sum_{k,r,s} dz[n,k,h-r,v-s] * w[k,c,r,s]   (taps inside dz only)
+//   fused input grad  dz_below = pool2x2_bwd(dx, argmax) * act'(yconv): through the pooling below (yconv is
+//                  the activated output the pooled input came from: (N,C,2H(+1),2W(+1)))
 //   weight grad    dw[k,c,r,s] = sum_{n,p,q} dz[n,k,p,q] * x[n,c,p+r,q+s];  db[k] = sum_{n,p,q} dz[n,k,p,q]
 //
 // Shapes: x (N,C,H,W), w (K,C,R,S), b (K,), y and dz (N,K,P,Q) with P = H-R+1, Q = W-S+1,
@@ -27,6 +29,10 @@
 //   conv2d_bwd_data_v2    the v2 tiling for the full correlation: a block stages zero-padded dz rows and the
 //                         filters of C_BLOCK channels in shared memory (k_chunk filters at a time); each
 //                         thread keeps C_BLOCK accumulators (one shared dz load feeds C_BLOCK FMAs).
+//   conv2d_bwd_data_pool_v1  fusion of conv2d_bwd_data + pool2x2_bwd (+ act' of the layer below): one thread
+//                         per pooled pixel gathers its input gradient and routes it into its 2x2 window.
+//   conv2d_bwd_data_pool_v2  the bwd_data_v2 tiling over the pooled map, each thread routing its C_BLOCK
+//                         gradients: one launch instead of two, and dx never goes to memory.
 //   conv2d_bwd_weight_v1  one thread per dw / db element looping over batch x positions (baseline).
 //   conv2d_bwd_weight_v2  one block per (k, J_BLOCK taps of c*r*s): threads stride over batch x positions
 //                         (coalesced dz and x reads), J_BLOCK (+ db) register accumulators, then a
@@ -34,19 +40,22 @@
 //                         deterministic, no float atomics.
 //   conv2d_bwd_weight_v3  v2 split over the batch too (grid.z): enough blocks to fill the GPU when
 //                         K*C*R*S is small and N*P*Q large (C1 at batch 4096); per-split partial sums,
-//                         and the last block per column (integer ticket) adds them in a fixed order.
+//                         and the last block per column (an integer ticket tagged with the state's STEP:
+//                         never relies on the previous launch having reset it) adds them in a fixed order.
 //
-// Launch shapes (launch_plan in lenet_gpu/backends/cupy_backend/backend.py): v1 kernels 1-D grids of 256
-// threads; conv2d_fwd_v2 grid (ceil(N/imgs)*tiles, ceil(K/K_BLOCK)), 1-D block >= imgs*rows*Q rounded to a
-// warp, dynamic smem (imgs*c_chunk*(rows+R-1)*W + c_chunk*R*S*K_BLOCK) floats, the tile chosen for ~256
-// threads and <= 24 KiB; conv2d_bwd_weight_v2/v3 grid (ceil(C*R*S/J_BLOCK), K[, splits]), block BWD_THREADS.
+// Launch shapes (launch_plan in lenet_gpu/backends/cupy_backend/backend.py, from the device's SM count): v1
+// kernels 1-D grids of 256 threads; conv2d_fwd_v2 grid (ceil(N/imgs)*tiles, ceil(K/K_BLOCK)), 1-D block >=
+// imgs*rows*Q rounded to a warp, dynamic smem (imgs*c_chunk*(rows+R-1)*W + c_chunk*R*S*K_BLOCK) floats; the
+// planner picks K_BLOCK (a divisor of K where it can: C1 6, C3 8/4/2), C_BLOCK, rows and imgs per launch for
+// blocks of >= 4 warps that give every SM a block where the batch allows, and compiles the module with them;
+// conv2d_bwd_weight_v2/v3 grid (ceil(C*R*S/J_BLOCK), K[, splits]), block BWD_THREADS.
 #include "common.cuh"
 
 #ifndef K_BLOCK
-#define K_BLOCK 8  // filters per block in conv2d_fwd_v2 / conv2d_pool_fwd_v2 (register accumulators)
+#define K_BLOCK 8  // filters per block in conv2d_fwd_v2 / conv2d_pool_fwd_v2 (register accumulators; per launch)
 #endif
 #ifndef C_BLOCK
-#define C_BLOCK 6  // input channels per block in conv2d_bwd_data_v2 (register accumulators; LeNet C3 has 6)
+#define C_BLOCK 6  // input channels per block in conv2d_bwd_data(_pool)_v2 (register accumulators; per launch)
 #endif
 #ifndef J_BLOCK
 #define J_BLOCK 13  // weight taps per block in conv2d_bwd_weight_v2/v3 (25 = 2x13-1, 150 = 12x13-6)
@@ -301,19 +310,17 @@ extern "C" __global__ void conv2d_bwd_data_v1(const float* __restrict__ dz, cons
     dx[idx] = acc;
 }
 
-// Grid (N*tiles, ceil(C/C_BLOCK)), 1-D block >= rows*W. A block owns `rows` rows of dx for C_BLOCK channels
-// of one image. Per chunk of k_chunk filters it stages the dz rows [h0-R+1, h0+rows) zero-padded by S-1
-// columns on each side (so the full correlation needs no bounds tests) and w[k][c][r][s] as
-// s_w[k][r][s][cc]; each thread keeps C_BLOCK accumulators. Dynamic smem:
-// (k_chunk*(rows+R-1)*(Q+2S-2) + k_chunk*R*S*C_BLOCK) floats.
-extern "C" __global__ void __launch_bounds__(1024)
-conv2d_bwd_data_v2(const float* __restrict__ dz, const float* __restrict__ w, float* __restrict__ dx, int N,
-                   int C, int H, int W, int K, int R, int S, int rows, int k_chunk) {
-    extern __shared__ float smem[];
+// The v2 tiling of the full correlation, for dx of one image, C_BLOCK channels and `rows` rows of dx (H x W
+// is dx's size: the convolution's input). Per chunk of k_chunk filters it stages the dz rows
+// [h0-R+1, h0+rows) zero-padded by S-1 columns on each side (so the full correlation needs no bounds tests)
+// and w[k][c][r][s] as s_w[k][r][s][cc]; each thread keeps C_BLOCK accumulators for one dx pixel and hands
+// them to `store(h, v, acc)` (h, v: the pixel in dx; the store also sees channels c0.. c0+C_BLOCK-1).
+// Grid (N*tiles, ceil(C/C_BLOCK)); dynamic smem (k_chunk*(rows+R-1)*(Q+2S-2) + k_chunk*R*S*C_BLOCK) floats.
+template <class Store>
+__device__ __forceinline__ void bwd_data_tile(const float* __restrict__ dz, const float* __restrict__ w, int N,
+                                              int C, int H, int W, int K, int R, int S, int rows, int k_chunk,
+                                              float* smem, int n, int h0, int c0, Store store) {
     const int P = H - R + 1, Q = W - S + 1, QS = Q + 2 * (S - 1), in_rows = rows + R - 1;
-    const int tiles = ceil_div(H, rows);
-    const int n = blockIdx.x / tiles, h0 = (blockIdx.x - n * tiles) * rows;
-    const int c0 = blockIdx.y * C_BLOCK;
     float* s_dz = smem;                           // [k][row][QS], row i <-> dz row h0 - R + 1 + i
     float* s_w = smem + k_chunk * in_rows * QS;   // [k][r][s][cc]
     const int valid_rows = min(rows, H - h0);
@@ -354,12 +361,100 @@ conv2d_bwd_data_v2(const float* __restrict__ dz, const float* __restrict__ w, fl
                     }
             }
         }
-        if (live) {
-#pragma unroll
-            for (int cc = 0; cc < C_BLOCK; ++cc)
-                if (c0 + cc < C) dx[((size_t)(n * C + c0 + cc) * H + h0 + hr) * W + v] = acc[cc];
-        }
+        if (live) store(h0 + hr, v, acc);  // acc by reference: stays in registers once inlined
     }
+}
+
+// Grid (N*tiles, ceil(C/C_BLOCK)), 1-D block >= rows*W (rows of dx of one image, C_BLOCK channels).
+extern "C" __global__ void __launch_bounds__(1024)
+conv2d_bwd_data_v2(const float* __restrict__ dz, const float* __restrict__ w, float* __restrict__ dx, int N,
+                   int C, int H, int W, int K, int R, int S, int rows, int k_chunk) {
+    extern __shared__ float smem[];
+    const int tiles = ceil_div(H, rows);
+    const int n = blockIdx.x / tiles, h0 = (blockIdx.x - n * tiles) * rows;
+    const int c0 = blockIdx.y * C_BLOCK;
+    bwd_data_tile(dz, w, N, C, H, W, K, R, S, rows, k_chunk, smem, n, h0, c0, [&](int h, int v, const float (&acc)[C_BLOCK]) {
+#pragma unroll
+        for (int cc = 0; cc < C_BLOCK; ++cc)
+            if (c0 + cc < C) dx[((size_t)(n * C + c0 + cc) * H + h) * W + v] = acc[cc];
+    });
+}
+
+// ------------------------------------------------------------------- backward, data, through the pooling
+// dz_below[n,c,h,v] = route(dx)[n,c,h,v] * act'(yconv[n,c,h,v]), dx = the data gradient of the convolution
+// (its input is the pooled map, Hp x Wp = H/2 x W/2 of yconv): dx[i,j] goes to the argmax tap of window
+// (i,j) (max) or dx/4 to each of its taps (avg); the odd trailing row/column of yconv, in no window, gets 0.
+// This is conv2d_bwd_data + pool2x2_bwd in one launch: dx never goes to memory.
+
+// Route one pooled pixel's gradient g into its window (2i..2i+1, 2j..2j+1) of one plane of dz_below, times
+// act'(yconv); the last window of a row / column also writes the odd trailing column / row (0: in no window),
+// so every element of dz_below is written exactly once. a: the window's argmax tap (max).
+__device__ __forceinline__ void route_window(float g, unsigned char a, const float* __restrict__ yc,
+                                             float* __restrict__ out, int i, int j, int Hp, int Wp, int H, int W,
+                                             int mode, int act) {
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        const int o = (2 * i + (t >> 1)) * W + 2 * j + (t & 1);
+        const float gg = mode == POOL_AVG ? g * 0.25f : (a == (unsigned char)t ? g : 0.0f);
+        out[o] = gg * act_grad(yc[o], act);
+    }
+    if (i == Hp - 1 && H > 2 * Hp) {  // the trailing row under this window (and the corner)
+        const int v_end = j == Wp - 1 ? W : 2 * j + 2;
+        for (int v = 2 * j; v < v_end; ++v) out[(H - 1) * W + v] = 0.0f * act_grad(yc[(H - 1) * W + v], act);
+    }
+    if (j == Wp - 1 && W > 2 * Wp)  // the trailing column beside it
+        for (int h = 2 * i; h < 2 * i + 2; ++h) out[h * W + W - 1] = 0.0f * act_grad(yc[h * W + W - 1], act);
+}
+
+// v1: one thread per pooled pixel (n, c, i, j) of the convolution's input (Hp = H/2, Wp = W/2): the full
+// correlation gathered from global memory, then routed into its window. argmax may be NULL (avg).
+extern "C" __global__ void conv2d_bwd_data_pool_v1(const float* __restrict__ dz, const float* __restrict__ w,
+                                                   const unsigned char* __restrict__ argmax,
+                                                   const float* __restrict__ yconv, float* __restrict__ dz_below,
+                                                   int N, int C, int H, int W, int K, int R, int S, int mode,
+                                                   int act) {
+    const int Hp = H / 2, Wp = W / 2, P = Hp - R + 1, Q = Wp - S + 1;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * C * Hp * Wp) return;
+    const int j = idx % Wp, i = (idx / Wp) % Hp, c = (idx / (Hp * Wp)) % C, n = idx / (C * Hp * Wp);
+    float g = 0.0f;
+    for (int k = 0; k < K; ++k)
+        for (int r = max(0, i - P + 1); r <= min(R - 1, i); ++r)
+            for (int s = max(0, j - Q + 1); s <= min(S - 1, j); ++s)
+                g += dz[((n * K + k) * P + i - r) * Q + j - s] * w[((k * C + c) * R + r) * S + s];
+    const size_t plane = (size_t)(n * C + c) * H * W;
+    route_window(g, mode == POOL_MAX ? argmax[idx] : (unsigned char)0, yconv + plane, dz_below + plane, i, j, Hp,
+                 Wp, H, W, mode, act);
+}
+
+// v2: conv2d_bwd_data_v2's tiling over the pooled map (rows of Hp x Wp of one image, C_BLOCK channels, dz and
+// the filters staged in shared memory), each thread routing its C_BLOCK gradients into their windows.
+// Grid (N*tiles, ceil(C/C_BLOCK)) with tiles = ceil(Hp/rows); smem as conv2d_bwd_data_v2 at H, W = Hp, Wp.
+// At most 512 threads a block, one block per SM at least (the routing epilogue needs up to ~128 registers:
+// with a bound of 64 it spills).
+extern "C" __global__ void __launch_bounds__(512, 1)
+conv2d_bwd_data_pool_v2(const float* __restrict__ dz, const float* __restrict__ w,
+                        const unsigned char* __restrict__ argmax, const float* __restrict__ yconv,
+                        float* __restrict__ dz_below, int N, int C, int H, int W, int K, int R, int S, int mode,
+                        int act, int rows, int k_chunk) {
+    extern __shared__ float smem[];
+    const int Hp = H / 2, Wp = W / 2;
+    const int tiles = ceil_div(Hp, rows);
+    const int n = blockIdx.x / tiles, h0 = (blockIdx.x - n * tiles) * rows;
+    const int c0 = blockIdx.y * C_BLOCK;
+    bwd_data_tile(dz, w, N, C, Hp, Wp, K, R, S, rows, k_chunk, smem, n, h0, c0,
+                  [&](int i, int j, const float (&acc)[C_BLOCK]) {
+#pragma unroll
+                      for (int cc = 0; cc < C_BLOCK; ++cc) {
+                          const int c = c0 + cc;
+                          if (c < C) {
+                              const size_t pooled = (size_t)(n * C + c) * Hp * Wp + (size_t)i * Wp + j;
+                              const size_t plane = (size_t)(n * C + c) * H * W;
+                              route_window(acc[cc], mode == POOL_MAX ? argmax[pooled] : (unsigned char)0,
+                                           yconv + plane, dz_below + plane, i, j, Hp, Wp, H, W, mode, act);
+                          }
+                      }
+                  });
 }
 
 // ------------------------------------------------------------------------------- backward, weight
@@ -447,13 +542,14 @@ conv2d_bwd_weight_v2(const float* __restrict__ x, const float* __restrict__ dz, 
 
 // Grid (ceil(C*R*S/J_BLOCK), K, splits), block BWD_THREADS. Split z reduces images [z*chunk, (z+1)*chunk)
 // like v2 and stores its J_BLOCK (+ db) sums in partial[z][k][0..CRS] (db at index CRS); the last block of
-// each (x, k) column to finish (an integer ticket, not a float atomic) adds the `splits` partials in
-// order z = 0, 1, ... and resets its ticket to 0 for the next launch. Deterministic whatever the block
-// order. partial: splits*K*(CRS+1) floats; tickets: gridDim.x*K ints, zero before the first launch.
+// each (x, k) column to finish (an integer ticket, not a float atomic: common.cuh ticket_take, tagged with
+// the state's STEP, or 0 when state is NULL) adds the `splits` partials in order z = 0, 1, ... and resets
+// its ticket. Deterministic whatever the block order. partial: splits*K*(CRS+1) floats; tickets:
+// gridDim.x*K 64-bit words holding anything but a stale count of the same STEP (zeros at first).
 extern "C" __global__ void __launch_bounds__(BWD_THREADS, 2048 / BWD_THREADS / 2)
 conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, float* __restrict__ dw,
-                     float* __restrict__ db, float* partial, unsigned int* tickets, int N, int C, int H, int W,
-                     int K, int R, int S, int chunk) {
+                     float* __restrict__ db, const int* __restrict__ state, float* partial,
+                     unsigned long long* tickets, int N, int C, int H, int W, int K, int R, int S, int chunk) {
     __shared__ float s_red[J_BLOCK + 1][RED_STRIDE];
     __shared__ bool s_last;
     const int P = H - R + 1, Q = W - S + 1, PQ = P * Q, CRS = C * R * S;
@@ -485,22 +581,32 @@ conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, 
     if (tid == J_BLOCK && blockIdx.x == 0) part[CRS] = bsum;
     __threadfence();  // this block's partials are visible device-wide before its ticket is taken
     __syncthreads();
-    if (tid == 0) {
-        const unsigned int ticket = atomicAdd(&tickets[k * gridDim.x + blockIdx.x], 1u);
-        s_last = ticket == (unsigned int)(splits - 1);
-    }
+    const unsigned int gen = ticket_generation(state);
+    unsigned long long* ticket = &tickets[k * gridDim.x + blockIdx.x];
+    if (tid == 0) s_last = ticket_take(ticket, gen, (unsigned int)splits);
     __syncthreads();
     if (!s_last) return;  // block-uniform
     __threadfence();
-    if (tid <= J_BLOCK) {
-        const int t = tid < J_BLOCK ? j0 + tid : CRS;  // tap, or db
-        if ((tid < J_BLOCK && t < CRS) || (tid == J_BLOCK && blockIdx.x == 0)) {
-            float v = 0.0f;
-            for (int zz = 0; zz < splits; ++zz)  // fixed order: deterministic
+    // The whole block adds the `splits` partials of its J_BLOCK taps (+ db), in a fixed order: thread
+    // (seg, j) sums splits seg, seg + SEGS, ... of column j (consecutive threads: consecutive columns, so the
+    // reads of one split are coalesced), then thread j adds its SEGS segment sums in order.
+    constexpr int COLS = J_BLOCK + 1, SEGS = BWD_THREADS / COLS;
+    const int j = tid % COLS, seg = tid / COLS;
+    const int t = j < J_BLOCK ? j0 + j : CRS;  // tap, or db
+    const bool col_valid = j < J_BLOCK ? t < CRS : blockIdx.x == 0;
+    if (seg < SEGS) {
+        float v = 0.0f;
+        if (col_valid)
+            for (int zz = seg; zz < splits; zz += SEGS)
                 v += ((volatile const float*)partial)[((size_t)zz * K + k) * (CRS + 1) + t];
-            if (tid < J_BLOCK) dw[(size_t)k * CRS + t] = v;
-            else db[k] = v;
-        }
+        s_red[j][seg] = v;  // s_red is free again: the block's own sums were read before the ticket
     }
-    if (tid == 0) tickets[k * gridDim.x + blockIdx.x] = 0u;  // ready for the next launch (and graph replay)
+    __syncthreads();
+    if (tid < COLS && col_valid) {
+        float v = 0.0f;
+        for (int sg = 0; sg < SEGS; ++sg) v += s_red[tid][sg];  // fixed order: deterministic
+        if (tid < J_BLOCK) dw[(size_t)k * CRS + t] = v;
+        else db[k] = v;
+    }
+    if (tid == 0) ticket_reset(ticket, gen);  // count 0: a repeated launch at the same STEP works too
 }

@@ -1,17 +1,19 @@
 // loss.cu -- softmax cross-entropy over a batch of logits, float32.
 //
 //   dlogits[n,c] = (softmax(logits[n])[c] - [c == label[n]]) / N
-//   stats[0] += sum_n (logsumexp(logits[n]) - logits[n,label[n]]);  stats[1] += #rows whose first maximal
-//   logit is the label. The host divides by N when it logs (one read per logging interval).
+//   stats[row] = [sum_n (logsumexp(logits[n]) - logits[n,label[n]]), #rows whose first maximal logit is the
+//   label] with row = STEP_IN_EPOCH mod S of the int32 step state (overwritten: one row per step, so the
+//   host reads a chunk of steps with one copy, and a NaN names its step).
 //
-// Shapes: logits, dlogits (N,NC); labels (N,) int32; stats (2,). Any N, NC.
+// Shapes: logits, dlogits (N,NC); labels (N,) int32; stats (S,2); state (8,) int32. Any N, NC.
 //
 // Versions:
 //   softmax_xent_v1  one block of LOSS_THREADS threads: threads stride over rows (a row's max, sum and
 //                    gradient are computed by one thread), then a fixed shared-memory tree adds the
 //                    per-thread loss and correct counts: deterministic, no atomics, one launch.
 //   softmax_xent_v2  one row per thread over ceil(N/LOSS_THREADS) blocks (a big batch no longer runs on one
-//                    SM), block sums to a partial buffer, and the last block (integer ticket, no float
+//                    SM), block sums to a partial buffer, and the last block (a generation-tagged integer
+//                    ticket, common.cuh: never relies on the previous launch having reset it; no float
 //                    atomics) adds them in block order: still deterministic and one launch.
 #include "common.cuh"
 
@@ -49,9 +51,14 @@ __device__ __forceinline__ void xent_block_sum(float* s_loss, float* s_hit, floa
     }
 }
 
+// Row of stats this step writes.
+__device__ __forceinline__ float* stats_row(float* stats, int S, const int* state) {
+    return stats + 2 * pos_mod(state[ST_STEP_IN_EPOCH], S);
+}
+
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
 softmax_xent_v1(const float* __restrict__ logits, const int* __restrict__ labels, float* __restrict__ dlogits,
-                float* __restrict__ stats, int N, int NC) {
+                float* __restrict__ stats, const int* __restrict__ state, int S, int N, int NC) {
     __shared__ float s_loss[LOSS_THREADS];
     __shared__ float s_hit[LOSS_THREADS];
     const int tid = threadIdx.x;
@@ -61,16 +68,18 @@ softmax_xent_v1(const float* __restrict__ logits, const int* __restrict__ labels
         loss += xent_row(logits + (size_t)n * NC, labels[n], dlogits + (size_t)n * NC, NC, inv_n, &hit);
     xent_block_sum(s_loss, s_hit, loss, hit, tid);
     if (tid == 0) {
-        stats[0] += s_loss[0];
-        stats[1] += s_hit[0];
+        float* row = stats_row(stats, S, state);
+        row[0] = s_loss[0];
+        row[1] = s_hit[0];
     }
 }
 
 // Grid ceil(N/LOSS_THREADS): one row per thread. Each block stores its (loss, hit) sums in partial[2*b..];
-// the last block to finish (integer ticket) adds the partials in block order to stats and resets the ticket.
+// the last block to arrive (ticket tagged with STEP) adds the partials in block order into the stats row.
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
 softmax_xent_v2(const float* __restrict__ logits, const int* __restrict__ labels, float* __restrict__ dlogits,
-                float* __restrict__ stats, float* partial, unsigned int* ticket, int N, int NC) {
+                float* __restrict__ stats, const int* __restrict__ state, float* partial,
+                unsigned long long* ticket, int S, int N, int NC) {
     __shared__ float s_loss[LOSS_THREADS];
     __shared__ float s_hit[LOSS_THREADS];
     __shared__ bool s_last;
@@ -79,11 +88,12 @@ softmax_xent_v2(const float* __restrict__ logits, const int* __restrict__ labels
     if (n < N)
         loss = xent_row(logits + (size_t)n * NC, labels[n], dlogits + (size_t)n * NC, NC, 1.0f / (float)N, &hit);
     xent_block_sum(s_loss, s_hit, loss, hit, tid);
+    const unsigned int gen = ticket_generation(state);
     if (tid == 0) {
         partial[2 * blockIdx.x] = s_loss[0];
         partial[2 * blockIdx.x + 1] = s_hit[0];
         __threadfence();  // the partials are visible device-wide before the ticket is taken
-        s_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+        s_last = ticket_take(ticket, gen, gridDim.x);
     }
     __syncthreads();
     if (s_last && tid == 0) {
@@ -94,8 +104,9 @@ softmax_xent_v2(const float* __restrict__ logits, const int* __restrict__ labels
             l += vp[2 * b];
             h += vp[2 * b + 1];
         }
-        stats[0] += l;
-        stats[1] += h;
-        *ticket = 0u;  // ready for the next launch (and graph replays)
+        float* row = stats_row(stats, S, state);
+        row[0] = l;
+        row[1] = h;
+        ticket_reset(ticket, gen);
     }
 }

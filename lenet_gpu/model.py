@@ -1,15 +1,24 @@
-"""LeNet5: parameters, gradients, optimizer state and workspaces; forward, backward and training steps
-over any backend.
+"""LeNet5: parameters, gradients, optimizer state, workspaces and the step state; forward, backward and
+training steps over any backend.
 
 The model talks to the Backend protocol only (lenet_gpu.backends.base); it knows nothing of CUDA.
 Parameters, gradients and optimizer moments are each one flat float32 device buffer with per-layer
 views (lenet_gpu.spec), so the optimizer is one launch and a checkpoint is one array plus its layout.
 
+A training step takes no host scalar: what changes from step to step (the step counter, the batch's
+offset in the permutation, the epoch for augmentation, the learning rate and Adam's bias corrections)
+lives in the device step state (lenet_gpu.stepstate), and the step's last launch advances it. So the
+launches of a step are the same at every step: the model records them once and replays them
+(``backend.record``: no checks or plans per launch), and on a backend with CUDA graphs captures K
+steps as one graph and replays that (``backend.graph``), after a bit-for-bit self-check against
+eager launches.
+
 Two ways to train:
 - ``train_step(images_u8, labels)``: one step on a host batch (uploads the batch, reads the loss back);
-- the device-resident path the training program uses: ``upload_dataset`` once, then per epoch
-  ``begin_epoch(data, perm)`` and ``step(data, offset, lr)`` for each batch — a step makes no
-  allocation, no host↔device copy and no synchronisation — and ``read_stats()`` when logging.
+- the device-resident path the training program uses: ``upload_dataset`` once, ``begin_run`` once
+  (schedule, augmentation, where the run starts), then per epoch ``begin_epoch(data, perm)`` (one
+  upload) and ``run_steps(data, count)`` per chunk — no allocation, copy or synchronisation —, and
+  ``step_stats(first, count)`` when logging: each step's [loss sum, correct count].
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +35,20 @@ import numpy as np
 
 from .backends import Backend, get_backend
 from .spec import IMAGE_HW, INPUT_HW, NUM_CLASSES, NetConfig, init_params, layout_signature, param_layout, views
+from .stepstate import NO_WRAP, HostState, StepState, schedule_table
 
 CHECKPOINT_FORMAT = "lenet_gpu-checkpoint"
 CHECKPOINT_VERSION = 1
 #: MNIST's pixel statistics (on [0,1]); the training program replaces them with the training set's.
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 OPTIMIZERS = ("adam", "sgd")
+#: Steps per CUDA graph (and per read of the statistics) on a GPU backend.
+GRAPH_STEPS = 100
+#: Fewer steps than this run as replayed launches rather than as a graph of their own.
+MIN_GRAPH_STEPS = 8
+
+#: backend name → (ok, message) of the graph self-check, done once per process and backend
+_GRAPH_CHECKS: dict[str, tuple[bool, str]] = {}
 
 
 class CheckpointError(ValueError):
@@ -76,15 +94,25 @@ class _Workspace:
         # S4 flattened is C5's input (C5 is the 5×5 convolution on the 5×5 map = a dense layer)
         self.p3_flat = self.p3.reshape(batch, 400)
         self.dp3_flat = self.dp3.reshape(batch, 400)
-        # staging for host batches (train_step / logits on host arrays)
-        self.host_images = e((batch, IMAGE_HW, IMAGE_HW), np.uint8)
-        self.host_labels = e((batch,), np.uint8)
-        self.identity = be.to_device(np.arange(batch, dtype=np.int32))
-        self.fwd_bwd = None  # the (possibly graph-captured) forward+backward callable
+
+
+class _Program:
+    """The recorded launches of one training step over one dataset, and graphs of several such steps
+    (by their number of steps: K, and the epoch's tail)."""
+
+    def __init__(self, eager: Callable[[], None], batch: int) -> None:
+        self.eager = eager
+        self.batch = batch
+        self.graphs: dict[int, Callable[[], None] | None] = {}  # steps → graph (None: could not be made)
+        self.warm = False
 
 
 class LeNet5:
     """LeNet-5 (DESIGN.md §1) on a backend.
+
+    ``fused=False`` makes the model use only the unfused ops of the protocol even where the backend
+    offers fused ones (the readable baseline; tests compare the two). ``use_graphs=False`` never
+    captures CUDA graphs; ``graph_steps`` is K, the steps per graph.
 
     >>> model = LeNet5(backend="numpy", seed=0)
     >>> model.num_parameters
@@ -109,6 +137,8 @@ class LeNet5:
         std: float = MNIST_STD,
         use_graphs: bool = True,
         init: str = "torch",
+        fused: bool = True,
+        graph_steps: int = GRAPH_STEPS,
     ) -> None:
         self.cfg = NetConfig(activation=activation, pool=pool, f6=f6)
         if optimizer not in OPTIMIZERS:
@@ -118,13 +148,18 @@ class LeNet5:
                 raise ValueError(f"{label} must be a finite number >= 0 (got {val!r})")
         if not std > 0:
             raise ValueError(f"std must be > 0 (got {std!r})")
+        if int(graph_steps) < 1:
+            raise ValueError(f"graph_steps must be >= 1 (got {graph_steps!r})")
         self.backend: Backend = get_backend(backend)
         self.seed = int(seed)
         self.optimizer = optimizer
         self.lr, self.weight_decay, self.momentum = float(lr), float(weight_decay), float(momentum)
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.mean, self.std = float(mean), float(std)
-        self.use_graphs = use_graphs
+        self.use_graphs = bool(use_graphs)
+        self.graph_steps = int(graph_steps)
+        #: why graphs are not used (None while they are, or before the first attempt)
+        self.graph_note: str | None = None
         self.specs, self.size = param_layout(self.cfg)
         be = self.backend
         self.init = init
@@ -132,13 +167,19 @@ class LeNet5:
         self.grads = be.zeros((self.size,))
         self.m = be.zeros((self.size,))
         self.v = be.zeros((self.size,)) if optimizer == "adam" else None
-        self.stats = be.zeros((2,))  # [loss sum, correct] since the last read_stats
-        self.step_count = 0  # optimizer steps taken
         self._pv = views(self.params, self.cfg)
         self._gv = views(self.grads, self.cfg)
         self._ws: dict[int, _Workspace] = {}
-        self._eval_stats = None
-        self._fused = "conv2d_pool_fwd" in getattr(be, "variants", {})
+        self._programs: dict[tuple[int, int], _Program] = {}
+        self._run = StepState(be)  # the device-resident training run
+        self._host = StepState(be)  # host batches (train_step)
+        self._eval = StepState(be)  # evaluation and inference over device data
+        self._host_data: dict[int, DeviceData] = {}  # staging for host batches, by batch size
+        self._run_batch = 0
+        ops = getattr(be, "variants", {}) if fused else {}
+        self.fused = {op: op in ops for op in ("conv2d_pool_fwd", "head_train", "conv2d_bwd_data_pool", "lenet_fwd")}
+        #: optimizer steps taken (Adam's t)
+        self.step_count = 0
 
     # ------------------------------------------------------------------ info
     @property
@@ -170,22 +211,26 @@ class LeNet5:
             "init": self.init,
         }
 
+    def launches_per_step(self) -> int:
+        """Backend op calls of one training step with the ops this model uses (a fused op may launch more
+        than one kernel: head_train launches two on the GPU backends; the counters count kernels)."""
+        f = self.fused
+        fwd = 2 if f["conv2d_pool_fwd"] else 4
+        head = 1 if f["head_train"] else 8  # 3 dense_fwd, softmax_xent, 3 dense_bwd, pool2x2_bwd
+        bwd_data = 1 if f["conv2d_bwd_data_pool"] else 2
+        return 1 + fwd + head + 1 + bwd_data + 1 + 1 + 1  # batch, ..., 2 bwd_weight, optimizer, advance
+
     # ------------------------------------------------------------------ workspaces
     def workspace(self, batch: int) -> _Workspace:
         ws = self._ws.get(batch)
         if ws is None:
             ws = self._ws[batch] = _Workspace(self.backend, batch, self.cfg)
-            fn = lambda: self._forward_backward(ws)  # noqa: E731
-            ws.fwd_bwd = self.backend.graph(fn) if self.use_graphs else fn
         return ws
 
-    # ------------------------------------------------------------------ passes
-    def _prepare(self, ws: _Workspace, images: Any, labels: Any, perm: Any, offset: int) -> None:
-        self.backend.batch_prepare(images, labels, perm, offset, ws.x, ws.y, self.mean, self.std)
-
-    def _forward(self, ws: _Workspace) -> None:
+    # ------------------------------------------------------------------ the ops of a step
+    def _forward_convs(self, ws: _Workspace) -> None:
         be, p, act, pool = self.backend, self._pv, self.cfg.activation, self.cfg.pool
-        if self._fused:
+        if self.fused["conv2d_pool_fwd"]:
             be.conv2d_pool_fwd(ws.x, p["c1.w"], p["c1.b"], ws.a1, ws.p1, ws.m1, act, pool)
             be.conv2d_pool_fwd(ws.p1, p["c3.w"], p["c3.b"], ws.a3, ws.p3, ws.m3, act, pool)
         else:
@@ -193,46 +238,91 @@ class LeNet5:
             be.pool2x2_fwd(ws.a1, ws.p1, ws.m1, pool)
             be.conv2d_fwd(ws.p1, p["c3.w"], p["c3.b"], ws.a3, act)
             be.pool2x2_fwd(ws.a3, ws.p3, ws.m3, pool)
+
+    def _forward_dense(self, ws: _Workspace) -> None:
+        be, p, act = self.backend, self._pv, self.cfg.activation
         be.dense_fwd(ws.p3_flat, p["c5.w"], p["c5.b"], ws.a5, act)
         be.dense_fwd(ws.a5, p["f6.w"], p["f6.b"], ws.a6, act)
         be.dense_fwd(ws.a6, p["out.w"], p["out.b"], ws.logits, "identity")
 
-    def _backward(self, ws: _Workspace) -> None:
+    def _train_ops(self, ws: _Workspace, data: DeviceData, ss: StepState) -> None:
+        """Every launch of one training step, in order. All per-step values come from ``ss``."""
         be, p, g, act, pool = self.backend, self._pv, self._gv, self.cfg.activation, self.cfg.pool
-        be.softmax_xent(ws.logits, ws.y, ws.dlogits, self.stats)
-        be.dense_bwd(ws.a6, p["out.w"], ws.logits, ws.dlogits, ws.da6, g["out.w"], g["out.b"], "identity")
-        be.dense_bwd(ws.a5, p["f6.w"], ws.a6, ws.da6, ws.da5, g["f6.w"], g["f6.b"], act)
-        be.dense_bwd(ws.p3_flat, p["c5.w"], ws.a5, ws.da5, ws.dp3_flat, g["c5.w"], g["c5.b"], act)
-        be.pool2x2_bwd(ws.dp3, ws.m3, ws.a3, ws.dz3, pool, act)
-        be.conv2d_bwd_weight(ws.p1, ws.dz3, g["c3.w"], g["c3.b"])
-        be.conv2d_bwd_data(ws.dz3, p["c3.w"], ws.dp1)
-        be.pool2x2_bwd(ws.dp1, ws.m1, ws.a1, ws.dz1, pool, act)
-        be.conv2d_bwd_weight(ws.x, ws.dz1, g["c1.w"], g["c1.b"])
-
-    def _forward_backward(self, ws: _Workspace) -> None:
-        self._forward(ws)
-        self._backward(ws)
-
-    def _optimize(self, lr: float) -> None:
-        be = self.backend
-        self.step_count += 1
-        if self.optimizer == "adam":
-            t = self.step_count
-            bc1, bc2 = 1.0 - self.beta1**t, 1.0 - self.beta2**t
-            be.adam_step(
-                self.params, self.grads, self.m, self.v, lr, self.beta1, self.beta2, self.eps,
-                self.weight_decay, bc1, bc2,
-            )
+        m1 = ws.m1 if pool == "max" else None
+        m3 = ws.m3 if pool == "max" else None
+        be.batch_prepare(data.images, data.labels, data.perm, ss.state, ws.x, ws.y, self.mean, self.std)
+        self._forward_convs(ws)
+        if self.fused["head_train"]:
+            be.head_train(ws.p3, ws.y, p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"], p["out.w"], p["out.b"],
+                          ws.a5, ws.a6, ws.logits, m3, ws.a3, ws.dz3, g["c5.w"], g["c5.b"], g["f6.w"], g["f6.b"],
+                          g["out.w"], g["out.b"], ss.stats, ss.state, act, pool)
         else:
-            be.sgd_step(self.params, self.grads, self.m, lr, self.momentum, self.weight_decay)
+            self._forward_dense(ws)
+            be.softmax_xent(ws.logits, ws.y, ws.dlogits, ss.stats, ss.state)
+            be.dense_bwd(ws.a6, p["out.w"], ws.logits, ws.dlogits, ws.da6, g["out.w"], g["out.b"], "identity")
+            be.dense_bwd(ws.a5, p["f6.w"], ws.a6, ws.da6, ws.da5, g["f6.w"], g["f6.b"], act)
+            be.dense_bwd(ws.p3_flat, p["c5.w"], ws.a5, ws.da5, ws.dp3_flat, g["c5.w"], g["c5.b"], act)
+            be.pool2x2_bwd(ws.dp3, m3, ws.a3, ws.dz3, pool, act)
+        be.conv2d_bwd_weight(ws.p1, ws.dz3, g["c3.w"], g["c3.b"], state=ss.state)
+        if self.fused["conv2d_bwd_data_pool"]:
+            be.conv2d_bwd_data_pool(ws.dz3, p["c3.w"], m1, ws.a1, ws.dz1, pool, act)
+        else:
+            be.conv2d_bwd_data(ws.dz3, p["c3.w"], ws.dp1)
+            be.pool2x2_bwd(ws.dp1, m1, ws.a1, ws.dz1, pool, act)
+        be.conv2d_bwd_weight(ws.x, ws.dz1, g["c1.w"], g["c1.b"], state=ss.state)
+        if self.optimizer == "adam":
+            be.adam_step(self.params, self.grads, self.m, self.v, ss.sched, ss.state, self.beta1, self.beta2,
+                         self.eps, self.weight_decay)
+        else:
+            be.sgd_step(self.params, self.grads, self.m, ss.sched, ss.state, self.momentum, self.weight_decay)
+        be.step_advance(ss.state, ws.batch)
+
+    def _program(self, data: DeviceData, batch: int, ss: StepState) -> _Program:
+        key = (id(data), batch)
+        prog = self._programs.get(key)
+        if prog is None:
+            ws = self.workspace(batch)
+            prog = self._programs[key] = _Program(self.backend.record(lambda: self._train_ops(ws, data, ss)), batch)
+            prog.data = data  # keeps id(data) from being reused while the program lives
+        return prog
 
     # ------------------------------------------------------------------ device-resident training
     def upload_dataset(self, images: np.ndarray, labels: np.ndarray) -> DeviceData:
-        """Upload a dataset once as uint8 (images (N,28,28), labels (N,))."""
+        """Upload a dataset once as uint8 (images (N,28,28), labels (N,)); its order starts as stored."""
         images, labels = _check_batch(images, labels)
         be = self.backend
         n = images.shape[0]
         return DeviceData(be.to_device(images), be.to_device(labels), be.to_device(np.arange(n, dtype=np.int32)), n)
+
+    def begin_run(
+        self, data: DeviceData, batch: int, lrs: np.ndarray | float | None = None, seed: int = 0, shift: int = 0,
+        epoch: int = 0, step_in_epoch: int = 0,
+    ) -> None:
+        """Set up a training run over ``data`` at ``batch`` images a step (the last partial batch of an
+        epoch is dropped): ``lrs`` the learning rate of every step from the model's current step on (an
+        array), or one value for all (default: the model's lr); augmentation ``shift`` (pixels, 0 = off)
+        drawn from ``seed``; the run starts at ``epoch``, ``step_in_epoch``. Uploads the schedule table
+        and the state words (once per run)."""
+        batch = int(batch)
+        if not 1 <= batch <= data.n:
+            raise ValueError(f"batch must be in 1..{data.n} (got {batch})")
+        spe = data.n // batch
+        if not 0 <= step_in_epoch < spe:
+            raise ValueError(f"step_in_epoch must be in 0..{spe - 1} (got {step_in_epoch})")
+        lrs = np.atleast_1d(np.asarray(self.lr if lrs is None else lrs, dtype=np.float64))
+        if not np.all(np.isfinite(lrs)) or (lrs < 0).any():
+            raise ValueError("learning rates must be finite and >= 0")
+        self._run.set_schedule(schedule_table(lrs, self.step_count, self.beta1, self.beta2))
+        self._run.ensure_stats(spe)
+        self._run.set(HostState(step=self.step_count, sched_base=self.step_count, step_in_epoch=int(step_in_epoch),
+                                offset=int(step_in_epoch) * batch, epoch=int(epoch), steps_per_epoch=spe,
+                                seed=int(seed), shift=int(shift)))
+        self._run_batch = batch
+
+    @property
+    def run_position(self) -> HostState:
+        """Where the run stands (the host's mirror of the device state: epoch, step_in_epoch, step)."""
+        return HostState(**vars(self._run.host))
 
     def begin_epoch(self, data: DeviceData, perm: np.ndarray) -> None:
         """Install this epoch's order of the samples (one copy per epoch)."""
@@ -241,63 +331,175 @@ class LeNet5:
             raise ValueError(f"perm must have shape ({data.n},)")
         self.backend.upload(data.perm, perm)
 
-    def replace_images(self, data: DeviceData, images: np.ndarray) -> None:
-        """Overwrite the device images of ``data`` in place (e.g. an epoch's augmented copy): one copy."""
-        images, _ = _check_batch(images, None)
-        if images.shape[0] != data.n:
-            raise ValueError(f"replace_images: need {data.n} images, got {images.shape[0]}")
-        self.backend.upload(data.images, images)
+    def run_steps(self, data: DeviceData, count: int) -> None:
+        """Issue ``count`` training steps of the run set up by ``begin_run``: whole graphs of K steps where
+        the backend has them, replayed recorded launches for the rest. No allocation (after the first
+        steps at a batch size), copy or synchronisation."""
+        if self._run_batch == 0:
+            raise RuntimeError("run_steps: call begin_run first")
+        batch = self._run_batch
+        prog = self._program(data, batch, self._run)
+        done = 0
+        if not prog.warm and count > 0:  # the first call records (and compiles, allocates scratch)
+            prog.eager()
+            prog.warm = True
+            done = 1
+        k = self.graph_steps
+        while count - done >= k and (graph := self._graph(prog, k)) is not None:
+            graph()
+            done += k
+        rest = count - done
+        if rest >= MIN_GRAPH_STEPS and (graph := self._graph(prog, rest)) is not None:
+            graph()  # an epoch's tail: the same number of steps every epoch, so one more graph
+            done += rest
+        while done < count:
+            prog.eager()
+            done += 1
+        self._run.issued(batch, count)
+        self.step_count += count
 
-    def step(self, data: DeviceData, offset: int, batch: int, lr: float | None = None) -> None:
-        """One training step on samples perm[offset:offset+batch] of device data.
+    def _graph(self, prog: _Program, steps: int) -> Callable[[], None] | None:
+        """The graph of ``steps`` steps of ``prog`` (captured at its first call), once the backend's graphs
+        passed the self-check in this process; None where graphs are off or unavailable."""
+        if not self.use_graphs:
+            return None
+        if steps in prog.graphs:
+            return prog.graphs[steps]
+        be = self.backend
+        graph = prog.graphs[steps] = be.graph(prog.eager, steps)
+        if graph is None:
+            return None
+        ok, msg = _GRAPH_CHECKS.get(be.name, (None, ""))
+        if ok is None:
+            ok, msg = self._graph_self_check(prog, graph, steps)
+            _GRAPH_CHECKS[be.name] = (ok, msg)
+        if not ok:
+            self.graph_note = msg
+            prog.graphs[steps] = None
+            self.use_graphs = False
+            return None
+        return graph
 
-        Launches only: no allocation (after the first step at this batch size), copy or sync.
-        """
-        ws = self.workspace(batch)
-        self._prepare(ws, data.images, data.labels, data.perm, offset)
-        ws.fwd_bwd()
-        self._optimize(self.lr if lr is None else lr)
+    def _graph_self_check(self, prog: _Program, graph: Callable[[], None], k: int) -> tuple[bool, str]:
+        """k steps replayed through ``graph`` against the same k steps launched eagerly, bit for bit, from
+        the same starting point (parameters, moments, state), which is restored afterwards."""
+        saved = self._snapshot()
+        try:
+            for _ in range(k):
+                prog.eager()
+            eager = self._snapshot()
+            self._restore(saved)
+            graph()  # captures, then replays
+            replay = self._snapshot()
+        except Exception as e:  # noqa: BLE001 - capture can fail in many ways; training goes on eagerly
+            self._restore(saved)
+            return False, f"CUDA graphs off: capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        self._restore(saved)
+        bad = [name for name in eager if not np.array_equal(eager[name], replay[name], equal_nan=True)]
+        if bad:
+            return False, f"CUDA graphs off: {k} replayed steps differ from {k} eager steps in {', '.join(bad)}"
+        return True, f"CUDA graphs on: {k} replayed steps equal {k} eager steps bit for bit"
 
-    def read_stats(self, reset: bool = True) -> tuple[float, int]:
-        """(loss sum, correct count) accumulated by training steps since the last reset (syncs)."""
-        host = self.backend.to_host(self.stats)
-        if reset:
-            self.backend.upload(self.stats, np.zeros(2, np.float32))
-        return float(host[0]), int(round(float(host[1])))
+    def graph_check(self) -> tuple[bool, str]:
+        """The graph self-check's verdict in this process ((False, why) where none ran or none applies)."""
+        be = self.backend
+        if be.name in _GRAPH_CHECKS:
+            return _GRAPH_CHECKS[be.name]
+        return False, self.graph_note or f"no CUDA graph has been captured on {be.name}"
+
+    def _snapshot(self) -> dict[str, np.ndarray]:
+        be = self.backend
+        snap = {"params": be.to_host(self.params), "m": be.to_host(self.m), "state": be.to_host(self._run.state),
+                "stats": be.to_host(self._run.stats), "grads": be.to_host(self.grads)}
+        if self.v is not None:
+            snap["v"] = be.to_host(self.v)
+        return snap
+
+    def _restore(self, snap: dict[str, np.ndarray]) -> None:
+        be = self.backend
+        be.upload(self.params, snap["params"])
+        be.upload(self.m, snap["m"])
+        be.upload(self._run.state, snap["state"])
+        be.upload(self._run.stats, snap["stats"])
+        be.upload(self.grads, snap["grads"])
+        if self.v is not None:
+            be.upload(self.v, snap["v"])
+
+    def step_stats(self, first: int, count: int) -> np.ndarray:
+        """(count, 2) float64: [loss sum, correct count] of the run's steps first .. first+count−1 of the
+        current epoch (one copy; waits for them)."""
+        return self._run.read_stats(first, count)
 
     def evaluate(self, data: DeviceData, batch_size: int = 1000) -> tuple[float, int]:
-        """(loss sum, correct count) over a device-resident dataset in its stored order (syncs once).
+        """(loss sum, correct count) over a device-resident dataset in its stored order.
 
-        Uses the forward pass and softmax_xent of the training step; the last, smaller batch gets a
-        workspace of its own size. Training statistics are left alone.
-        """
-        if self._eval_stats is None:
-            self._eval_stats = self.backend.zeros((2,))
+        The logits come from the backend (lenet_fwd where it has it); the loss and the count are
+        summed on the host in float64. Training state is left alone."""
+        logits = self._device_logits(data.images, data.n, batch_size)
+        labels = self.backend.to_host(data.labels)
+        return _loss_and_correct(logits, labels)
+
+    def _device_logits(self, images: Any, n: int, batch_size: int) -> np.ndarray:
+        """(n, 10) host logits of device images in stored order."""
         be = self.backend
-        be.upload(self._eval_stats, np.zeros(2, np.float32))
-        for off in range(0, data.n, batch_size):
-            ws = self.workspace(min(batch_size, data.n - off))
-            self._prepare(ws, data.images, data.labels, data.perm, off)
-            self._forward(ws)
-            be.softmax_xent(ws.logits, ws.y, ws.dlogits, self._eval_stats)
-        host = be.to_host(self._eval_stats)
-        return float(host[0]), int(round(float(host[1])))
+        out = np.empty((n, NUM_CLASSES), np.float32)
+        if self.fused["lenet_fwd"]:
+            for s in range(0, n, batch_size):
+                b = min(batch_size, n - s)
+                ws = self.workspace(b)
+                be.lenet_fwd(images[s : s + b], self._pv, ws.logits, self.mean, self.std, self.cfg.activation,
+                             self.cfg.pool)
+                out[s : s + b] = be.to_host(ws.logits)
+            return out
+        labels = self._eval_labels(n)
+        perm = self._eval_perm(n)
+        self._eval.set(HostState(steps_per_epoch=NO_WRAP))
+        for s in range(0, n, batch_size):
+            b = min(batch_size, n - s)
+            ws = self.workspace(b)
+            be.batch_prepare(images, labels, perm, self._eval.state, ws.x, ws.y, self.mean, self.std)
+            self._forward_convs(ws)
+            self._forward_dense(ws)
+            be.step_advance(self._eval.state, b)
+            out[s : s + b] = be.to_host(ws.logits)
+        return out
+
+    def _eval_perm(self, n: int) -> Any:
+        perm = getattr(self, "_eval_perm_buf", None)
+        if perm is None or perm.shape[0] != n:
+            perm = self._eval_perm_buf = self.backend.to_device(np.arange(n, dtype=np.int32))
+        return perm
+
+    def _eval_labels(self, n: int) -> Any:
+        lab = getattr(self, "_eval_labels_buf", None)
+        if lab is None or lab.shape[0] != n:
+            lab = self._eval_labels_buf = self.backend.zeros((n,), np.uint8)
+        return lab
 
     # ------------------------------------------------------------------ host-batch API
+    def _staging(self, n: int) -> DeviceData:
+        d = self._host_data.get(n)
+        if d is None:
+            be = self.backend
+            d = self._host_data[n] = DeviceData(be.empty((n, IMAGE_HW, IMAGE_HW), np.uint8), be.zeros((n,), np.uint8),
+                                                be.to_device(np.arange(n, dtype=np.int32)), n)
+        return d
+
     def train_step(self, images_u8: np.ndarray, labels: np.ndarray, lr: float | None = None) -> float:
-        """One optimizer step on a host batch (N,28,28) uint8; returns the batch's mean loss."""
+        """One optimizer step on a host batch (N,28,28) uint8, without augmentation; returns the batch's
+        mean loss."""
         images_u8, labels = _check_batch(images_u8, labels)
         n = images_u8.shape[0]
-        ws = self.workspace(n)
         be = self.backend
-        be.upload(ws.host_images, images_u8)
-        be.upload(ws.host_labels, labels)
-        be.upload(self.stats, np.zeros(2, np.float32))
-        self._prepare(ws, ws.host_images, ws.host_labels, ws.identity, 0)
-        ws.fwd_bwd()
-        self._optimize(self.lr if lr is None else lr)
-        loss_sum, _ = self.read_stats(reset=False)  # zeroed above: one h2d, not two
-        return loss_sum / n
+        data = self._staging(n)
+        be.upload(data.images, images_u8)
+        be.upload(data.labels, labels)
+        ss = self._host
+        ss.set_schedule(schedule_table([self.lr if lr is None else lr], self.step_count, self.beta1, self.beta2))
+        ss.set(HostState(step=self.step_count, sched_base=self.step_count, steps_per_epoch=NO_WRAP))
+        self._program(data, n, ss).eager()
+        self.step_count += 1
+        return float(ss.read_stats(0, 1)[0, 0]) / n
 
     def logits(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """(N,10) float32 logits for uint8 images (N,28,28)."""
@@ -305,11 +507,9 @@ class LeNet5:
         out = np.empty((images.shape[0], NUM_CLASSES), np.float32)
         for s in range(0, images.shape[0], batch_size):
             chunk = images[s : s + batch_size]
-            ws = self.workspace(chunk.shape[0])
-            self.backend.upload(ws.host_images, chunk)
-            self._prepare(ws, ws.host_images, ws.host_labels, ws.identity, 0)
-            self._forward(ws)
-            out[s : s + chunk.shape[0]] = self.backend.to_host(ws.logits)
+            data = self._staging(chunk.shape[0])
+            self.backend.upload(data.images, chunk)
+            out[s : s + chunk.shape[0]] = self._device_logits(data.images, chunk.shape[0], chunk.shape[0])
         return out
 
     def predict(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
@@ -322,11 +522,15 @@ class LeNet5:
         Keys: input (N,1,32,32), C1, S2, C3, S4, C5, F6, output (logits).
         """
         images, _ = _check_batch(images, None)
-        ws = self.workspace(images.shape[0])
+        n = images.shape[0]
+        ws = self.workspace(n)
         be = self.backend
-        be.upload(ws.host_images, images)
-        self._prepare(ws, ws.host_images, ws.host_labels, ws.identity, 0)
-        self._forward(ws)
+        data = self._staging(n)
+        be.upload(data.images, images)
+        self._eval.set(HostState(steps_per_epoch=NO_WRAP))
+        be.batch_prepare(data.images, data.labels, data.perm, self._eval.state, ws.x, ws.y, self.mean, self.std)
+        self._forward_convs(ws)
+        self._forward_dense(ws)
         pairs = (("input", ws.x), ("C1", ws.a1), ("S2", ws.p1), ("C3", ws.a3), ("S4", ws.p3),
                  ("C5", ws.a5), ("F6", ws.a6), ("output", ws.logits))
         return {k: be.to_host(v) for k, v in pairs}
@@ -459,3 +663,13 @@ def _check_batch(images: Any, labels: Any) -> tuple[np.ndarray, np.ndarray | Non
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise ValueError("labels must be class ids in 0..9")
     return images, np.ascontiguousarray(labels, dtype=np.uint8)
+
+
+def _loss_and_correct(logits: np.ndarray, labels: np.ndarray) -> tuple[float, int]:
+    """(Σ softmax cross-entropy, rows whose first maximal logit is the label), in float64 on the host."""
+    z = logits.astype(np.float64)
+    lab = np.asarray(labels).astype(np.intp)
+    mx = z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z - mx).sum(axis=1)) + mx[:, 0]
+    loss = float((lse - z[np.arange(z.shape[0]), lab]).sum())
+    return loss, int((np.argmax(logits, axis=1) == lab).sum())

@@ -107,3 +107,60 @@ def sched_row(state_arr: np.ndarray, sched: np.ndarray) -> np.ndarray:
     """The schedule row a step with this state reads (the clamp the kernels apply)."""
     i = int(state_arr[STEP]) - int(state_arr[SCHED_BASE])
     return sched[min(max(i, 0), sched.shape[0] - 1)]
+
+
+def advance_by(state: HostState, batch: int, count: int) -> HostState:
+    """``count`` calls of ``advance`` at once (closed form; every batch of a run has the same size)."""
+    s = HostState(**vars(state))
+    s.step += count
+    total = s.step_in_epoch + count
+    if s.steps_per_epoch > 0 and total >= s.steps_per_epoch:
+        s.epoch += total // s.steps_per_epoch
+        total %= s.steps_per_epoch
+        s.offset = total * batch
+    else:
+        s.offset += count * batch
+    s.step_in_epoch = total
+    return s
+
+
+class StepState:
+    """The three device buffers of a run's step state (``state``, ``sched``, ``stats``) and a host mirror
+    of the state words, which the host advances as it issues steps, so it knows where a run stands
+    without reading the device."""
+
+    def __init__(self, backend, sched_rows: int = 1, stats_rows: int = 1) -> None:
+        self.backend = backend
+        self.host = HostState()
+        self.state = backend.zeros((STATE_WORDS,), np.int32)
+        self.sched = backend.zeros((sched_rows, SCHED_COLS))
+        self.stats = backend.zeros((stats_rows, 2))
+
+    def set(self, host: HostState) -> None:
+        """Write the state words (one small upload)."""
+        self.host = HostState(**vars(host))
+        self.backend.upload(self.state, host.to_array())
+
+    def set_schedule(self, table: np.ndarray) -> None:
+        """Install a (T, 4) schedule table (reallocated when T changes: once per run)."""
+        table = np.asarray(table, np.float32)
+        if tuple(self.sched.shape) != table.shape:
+            self.sched = self.backend.empty(table.shape)
+        self.backend.upload(self.sched, table)
+
+    def ensure_stats(self, rows: int) -> None:
+        if self.stats.shape[0] != rows:
+            self.stats = self.backend.zeros((rows, 2))
+
+    def issued(self, batch: int, count: int) -> None:
+        """The host has issued ``count`` steps of ``batch`` images: move the mirror on."""
+        self.host = advance_by(self.host, batch, count)
+
+    def read_stats(self, first: int, count: int) -> np.ndarray:
+        """Rows first .. first+count−1 of the per-step statistics (one copy; waits for the steps)."""
+        rows = self.backend.to_host(self.stats)
+        return rows[first : first + count].astype(np.float64)
+
+    def read_state(self) -> HostState:
+        """The device's state words (one copy; waits)."""
+        return HostState.from_array(self.backend.to_host(self.state))

@@ -1,10 +1,12 @@
 """Train LeNet-5: ``python -m lenet_gpu.train [options]``.
 
-The dataset is uploaded to the backend once; each step gathers its batch on the device from a
-per-epoch permutation, so a step makes no host↔device copy. With ``--augment`` (on by default) each
-epoch first uploads a freshly shifted copy of the training images: one copy per epoch, none per step.
-The loss is read back only when the progress bar is refreshed. Ctrl-C saves a checkpoint at the last
-finished step and exits; ``--resume`` continues from it and reaches the same parameters as an
+The dataset is uploaded to the backend once. Each step gathers its batch on the device from the
+epoch's permutation (the only upload of an epoch) and draws its augmentation shifts on the device
+from (seed, epoch, sample); the step counter, learning rate and Adam's bias corrections live on the
+device too, so the host only issues steps: chunks of K steps, each one CUDA graph on a GPU backend
+that has them. Per-step loss and accuracy are read back once per chunk (``--log-every``), which is
+also when the progress bar moves and a NaN is found (naming its step). Ctrl-C saves a checkpoint at
+the end of the chunk and exits; ``--resume`` continues from it and reaches the same parameters as an
 uninterrupted run with the same seed.
 """
 
@@ -16,13 +18,14 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .augment import random_shifts
 from .backends import BACKENDS, BackendUnavailable, get_backend
 from .model import OPTIMIZERS, CheckpointError, LeNet5, read_checkpoint
 
@@ -46,6 +49,7 @@ DEFAULT_LR = {"adam": 2e-3, "sgd": 0.05}
 # options that define a run: a resumed run takes them from its checkpoint
 RUN_OPTIONS = tuple(DEFAULTS) + ("dataset", "data_dir", "limit")
 EXIT_INTERRUPTED, EXIT_NONFINITE = 130, 3
+GPU_CHUNK, CPU_CHUNK = 100, 10  # steps per chunk (per graph; per read of the statistics)
 
 
 class UsageError(Exception):
@@ -115,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=SCHEDULES, default=None, help="learning-rate schedule (default onecycle)")
     t.add_argument("--weight-decay", type=float, default=None, help="L2 weight decay (default 0)")
     t.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
-    t.add_argument("--cuda-graphs", action="store_true",
-                   help="cupy backend: capture each step's forward+backward once as a CUDA graph and replay it "
-                   "(not yet proven on a GPU, hence off by default)")
+    t.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture --log-every steps as one CUDA graph and replay it (default: on where the backend "
+                   "has graphs — cupy —, after a bit-for-bit check against eager launches; --no-cuda-graphs: off)")
     t.add_argument("--eval-batch-size", type=int, default=1000, help="batch size of evaluation (default 1000)")
     o = p.add_argument_group("output")
     o.add_argument("--checkpoint", default="runs/lenet5.npz",
@@ -125,10 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue the run saved in --checkpoint (or in CHECKPOINT)")
     o.add_argument("--metrics", default=None,
-                   help="JSON-lines metrics file, one line per epoch (default: metrics.jsonl beside the checkpoint)")
+                   help="JSON-lines metrics file, one line per epoch (default: the checkpoint's name with "
+                   ".metrics.jsonl, e.g. runs/lenet5.metrics.jsonl)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     o.add_argument("--log-every", type=int, default=None,
-                   help="read the loss back every N steps (default: every step on the CPU, 50 on a GPU)")
+                   help="steps per chunk: the host issues this many steps (one CUDA graph where graphs are on), "
+                   f"then reads their loss and accuracy back (default {GPU_CHUNK} on a GPU, {CPU_CHUNK} on the CPU)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulated Ctrl-C
     return p
 
@@ -193,12 +199,14 @@ def run(argv: list[str] | None = None) -> int:
 
     from .data import DataError, load_dataset
 
-    if args.cuda_graphs:
-        os.environ["LENET_GPU_CUDA_GRAPHS"] = "1"
     try:  # before any data work, so a missing GPU is reported at once
         backend = get_backend(args.backend)
     except BackendUnavailable as e:
         raise UsageError(str(e)) from None
+    ckpt = Path(args.checkpoint)
+    metrics_path = Path(args.metrics) if args.metrics else metrics_path_for(ckpt)
+    for path in (ckpt, metrics_path):
+        _check_writable(path)
     try:
         ds = load_dataset(opts["dataset"], data_dir=opts["data_dir"], download=not args.no_download,
                           progress=not args.no_progress)
@@ -217,40 +225,48 @@ def run(argv: list[str] | None = None) -> int:
     mean, std = float(pixels.mean()), float(pixels.std())
     del pixels
 
+    graphs = args.cuda_graphs if args.cuda_graphs is not None else True
     model_opts = {k: opts[k] for k in ("activation", "pool", "f6", "seed", "optimizer", "lr", "weight_decay",
                                         "momentum", "init")}
     try:
         if resume:
-            model, _ = LeNet5.load_with_extra(resume["path"], backend=backend)
+            model, _ = LeNet5.load_with_extra(resume["path"], backend=backend, use_graphs=graphs)
         else:
-            model = LeNet5(backend=backend, mean=mean, std=std, **model_opts)
+            model = LeNet5(backend=backend, mean=mean, std=std, use_graphs=graphs, **model_opts)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
 
     be = model.backend
-    ckpt = Path(args.checkpoint)
-    metrics_path = Path(args.metrics) if args.metrics else ckpt.parent / "metrics.jsonl"
-    log_every = args.log_every or (50 if be.is_gpu else 1)
+    chunk = min(args.log_every or (GPU_CHUNK if be.is_gpu else CPU_CHUNK), steps_per_epoch)
+    model.graph_steps = chunk
     show = not args.no_progress
     print(f"dataset: {ds.name} ({n_train} train / {test_x.shape[0]} test images) from {ds.source}")
     print(f"backend: {be.name}   model: LeNet-5 {model.activation}/{model.pool}/F6={model.cfg.f6}, "
           f"{model.num_parameters:,} parameters   optimizer: {opts['optimizer']} lr {opts['lr']:g} "
           f"{opts['schedule']}, batch {batch}, {opts['epochs']} epochs, "
           f"{'shifts up to ' + str(opts['augment']) + ' px' if opts.get('augment') else 'no augmentation'}")
+    if args.cuda_graphs and be.graph(lambda: None, 1) is None:
+        print(f"note: the {be.name} backend has no CUDA graphs; --cuda-graphs changes nothing here")
 
     train_data = model.upload_dataset(train_x, train_y)
     test_data = model.upload_dataset(test_x, test_y)
 
     start_epoch, start_step, carry = 0, 0, (0.0, 0, 0.0)
+    run_id = uuid.uuid4().hex[:12]
     if resume:
         start_epoch, start_step = int(resume["epoch"]), int(resume["step_in_epoch"])
         carry = (float(resume["loss_sum"]), int(resume["correct"]), float(resume["seconds"]))
+        run_id = str(resume.get("run_id") or run_id)
         if model.step_count != start_epoch * steps_per_epoch + start_step:
             raise UsageError(f"cannot resume: {resume['path']} does not match its recorded position")
         print(f"resuming {resume['path']} at epoch {start_epoch + 1}, step {start_step}")
         if start_epoch >= opts["epochs"]:
             print("this run is already complete")
             return 0
+    first_global = start_epoch * steps_per_epoch + start_step
+    lrs = [lr_at(t, total_steps, opts["lr"], opts["schedule"]) for t in range(first_global, max(total_steps, 1))]
+    model.begin_run(train_data, batch, lrs or [opts["lr"]], seed=opts["seed"], shift=opts.get("augment") or 0,
+                    epoch=start_epoch, step_in_epoch=start_step)
 
     interrupted = {"flag": False}
 
@@ -262,97 +278,113 @@ def run(argv: list[str] | None = None) -> int:
     old_handler = signal.signal(signal.SIGINT, on_sigint)
 
     def save(epoch: int, step_in_epoch: int, loss_sum: float, correct: int, seconds: float) -> None:
-        extra = {"dataset": opts["dataset"], "data_dir": opts["data_dir"], "epoch": epoch,
+        extra = {"dataset": opts["dataset"], "data_dir": opts["data_dir"], "epoch": epoch, "run_id": run_id,
                  "run": opts, "state": {"epoch": epoch, "step_in_epoch": step_in_epoch, "loss_sum": loss_sum,
-                                        "correct": correct, "seconds": seconds}}
+                                        "correct": correct, "seconds": seconds, "run_id": run_id}}
         model.save(ckpt, extra=extra)
 
     steps_done_run = 0
-    test_acc, rate = float("nan"), float("nan")
+    test_acc = float("nan")
     t_run = time.perf_counter()
     train_seconds_total = 0.0
+    graph_told = False
     try:
         for epoch in range(start_epoch, opts["epochs"]):
             perm = np.random.default_rng([opts["seed"], epoch]).permutation(n_train).astype(np.int32)
             model.begin_epoch(train_data, perm)
-            if opts.get("augment"):  # this epoch's shifted copy of the training images (one copy per epoch)
-                model.replace_images(train_data, random_shifts(train_x, np.random.default_rng([opts["seed"], epoch, 1]),
-                                                               opts["augment"]))
             first = start_step if epoch == start_epoch else 0
             loss_sum, correct, seconds = carry if epoch == start_epoch else (0.0, 0, 0.0)
-            model.read_stats()  # reset the device accumulators
             bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{opts['epochs']}", show)
             bar.update(first)
             t0 = time.perf_counter()
-            last_read = first
             s = first
             while s < steps_per_epoch:
-                gstep = epoch * steps_per_epoch + s
-                model.step(train_data, s * batch, batch, lr_at(gstep, total_steps, opts["lr"], opts["schedule"]))
-                s += 1
-                steps_done_run += 1
-                if s - last_read >= log_every or s == steps_per_epoch:
-                    ls, c = model.read_stats()
-                    if not math.isfinite(ls):
-                        bar.close()
-                        where = (f"step {gstep + 1}" if s - last_read == 1
-                                 else f"steps {gstep + 2 - (s - last_read)}–{gstep + 1}")
-                        print(f"error: the loss became {ls} at {where} (epoch {epoch + 1}); stopping. "
-                              f"Try a lower --lr. The last checkpoint ({ckpt}) is left as it was.",
-                              file=sys.stderr)
-                        return EXIT_NONFINITE
-                    loss_sum += ls
-                    correct += c
-                    bar.set_postfix(loss=f"{loss_sum / (s * batch):.4f}", acc=f"{correct / (s * batch):.3f}")
-                    bar.update(s - last_read)
-                    last_read = s
+                count = min(chunk, steps_per_epoch - s)
+                model.run_steps(train_data, count)
+                rows = model.step_stats(s, count)  # waits for the chunk: one copy
+                if not graph_told and model.graph_note:
+                    print(f"note: {model.graph_note}; running eagerly", file=sys.stderr)
+                    graph_told = True
+                bad = np.flatnonzero(~np.isfinite(rows[:, 0]))
+                if bad.size:
+                    bar.close()
+                    gstep = epoch * steps_per_epoch + s + int(bad[0])
+                    print(f"error: the loss became {rows[bad[0], 0]} at step {gstep + 1} (epoch {epoch + 1}); "
+                          f"stopping. Try a lower --lr. The last checkpoint ({ckpt}) is left as it was.",
+                          file=sys.stderr)
+                    return EXIT_NONFINITE
+                loss_sum += float(rows[:, 0].sum())
+                correct += int(round(float(rows[:, 1].sum())))
+                s += count
+                steps_done_run += count
+                bar.set_postfix(loss=f"{loss_sum / (s * batch):.4f}", acc=f"{correct / (s * batch):.3f}")
+                bar.update(count)
                 if args.stop_after is not None and steps_done_run >= args.stop_after:
                     interrupted["flag"] = True
                 if interrupted["flag"]:
                     break
-            if interrupted["flag"]:
-                # fold what was not yet read into the saved totals, then save at this step boundary
-                ls, c = model.read_stats()
-                be.synchronize()
-                elapsed = seconds + time.perf_counter() - t0
-                bar.close()
-                save(epoch, s, loss_sum + ls, correct + c, elapsed)
+            elapsed = time.perf_counter() - t0  # the chunk's statistics were read: its steps are done
+            seconds += elapsed
+            train_seconds_total += elapsed
+            bar.close()
+            if interrupted["flag"] and s < steps_per_epoch:
+                save(epoch, s, loss_sum, correct, seconds)
                 print(f"\ninterrupted at epoch {epoch + 1}, step {s}/{steps_per_epoch}: saved {ckpt}; "
                       f"continue with --resume", file=sys.stderr)
                 return EXIT_INTERRUPTED
-            be.synchronize()
-            seconds += time.perf_counter() - t0
-            train_seconds_total += time.perf_counter() - t0
-            bar.close()
             n_seen = steps_per_epoch * batch
             test_loss, test_correct = model.evaluate(test_data, args.eval_batch_size)
             test_acc = test_correct / test_data.n
-            rate = (steps_per_epoch - first) * batch / max(time.perf_counter() - t0, 1e-9)
+            rate = (steps_per_epoch - first) * batch / max(elapsed, 1e-9)
             rec = {"epoch": epoch + 1, "loss": loss_sum / n_seen, "train_acc": correct / n_seen,
                    "test_loss": test_loss / test_data.n, "test_acc": test_acc, "images_per_s": rate,
                    "seconds": seconds, "lr": lr_at(min(total_steps - 1, (epoch + 1) * steps_per_epoch - 1),
                                                     total_steps, opts["lr"], opts["schedule"]),
-                   "dataset": opts["dataset"], "backend": be.name}
+                   "dataset": opts["dataset"], "backend": be.name, "run_id": run_id}
             print(f"epoch {epoch + 1:3d}/{opts['epochs']}  loss {rec['loss']:.4f}  train {rec['train_acc']:.4f}  "
-                  f"test {test_acc:.4f}  {_rate(rate)} img/s  {seconds:.1f}s")
+                  f"test {test_acc:.4f}  {_rate(rate)} img/s training  {seconds:.1f}s")
             save(epoch + 1, 0, 0.0, 0, 0.0)
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with open(metrics_path, "a" if (epoch > 0 or resume) else "w") as f:
                 f.write(json.dumps(rec) + "\n")
+            if interrupted["flag"]:
+                print(f"\ninterrupted after epoch {epoch + 1}: saved {ckpt}; continue with --resume", file=sys.stderr)
+                return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, old_handler)
 
     wall = time.perf_counter() - t_run
     overall = steps_done_run * batch / max(train_seconds_total, 1e-9)
     print(f"done: test accuracy {test_acc:.4f} on {ds.name} after {opts['epochs']} epochs; "
-          f"training {_rate(overall)} img/s on {be.name}; {wall:.1f}s in all; checkpoint {ckpt}, "
-          f"metrics {metrics_path}")
+          f"{_rate(overall)} img/s training on {be.name} (training steps only, evaluation excluded, as each "
+          f"epoch's figure); {wall:.1f}s in all; checkpoint {ckpt}, metrics {metrics_path}")
     return 0
+
+
+def metrics_path_for(checkpoint: str | os.PathLike) -> Path:
+    """The metrics file of a checkpoint: runs/lenet5.npz → runs/lenet5.metrics.jsonl."""
+    p = Path(checkpoint)
+    stem = p.name[: -len(p.suffix)] if p.suffix else p.name
+    return p.with_name(stem + ".metrics.jsonl")
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before any work when ``path`` cannot be written (its folder cannot be made or written)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: it is a directory")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run(argv)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # a NaN stop says what happened
+            return run(argv)
     except UsageError as e:
         print(f"lenet_gpu.train: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from lenet_gpu import reference as ref
+from lenet_gpu.stepstate import HostState, advance, schedule_table
 from tests.parity import TOL, assert_close, assert_equal, nan_like, rand
 
 F64 = np.float64
@@ -151,6 +152,26 @@ def check_conv2d_bwd_data(be: Any, variant: str, xs: tuple, ws: tuple, seed: int
     assert_close(d.get(dx), want, *TOL["conv2d_bwd_data"], what=f"conv2d_bwd_data_{variant} x{xs} w{ws}")
 
 
+def check_conv2d_bwd_data_pool(be: Any, variant: str, ys: tuple, ws: tuple, mode: str, act: str,
+                               seed: int = 0) -> None:
+    """dz_below (yconv's shape ys) = reference.conv2d_bwd_data_pool: the data gradient of a convolution over
+    the 2×2 pooling of yconv, routed back through that pooling, times act'(yconv). NaN-poisoned output."""
+    d = Dev(be)
+    n, c, h, wd = ys
+    k, _, r, s = ws
+    hp, wp = h // 2, wd // 2
+    dzs = (n, k, hp - r + 1, wp - s + 1)
+    dz, w = rand(dzs, seed), rand(ws, seed + 1, _wscale(ws))
+    yconv = activated(ys, act, seed + 2)
+    am = np.random.default_rng(seed).integers(0, 4, size=(n, c, hp, wp)).astype(np.uint8)
+    out = d.put(nan_like(ys))
+    be.conv2d_bwd_data_pool(d.put(dz), d.put(w), d.put(am) if mode == "max" else None, d.put(yconv), out, mode, act,
+                            variant=variant)
+    want = ref.conv2d_bwd_data_pool(d64(dz), d64(w), am if mode == "max" else None, d64(yconv), mode, act)
+    assert_close(d.get(out), want, *TOL["conv2d_bwd_data"],
+                 what=f"conv2d_bwd_data_pool_{variant} {mode} {act} yconv{ys} w{ws}")
+
+
 def check_conv2d_bwd_weight(be: Any, variant: str, xs: tuple, ws: tuple, seed: int = 0) -> tuple:
     d = Dev(be)
     n, c, h, wd = xs
@@ -167,58 +188,118 @@ def check_conv2d_bwd_weight(be: Any, variant: str, xs: tuple, ws: tuple, seed: i
     return got_dw, got_db
 
 
-def check_softmax_xent(be: Any, variant: str, n: int, nc: int, seed: int = 0) -> None:
+def state_array(**words: int) -> np.ndarray:
+    """An int32 step state (lenet_gpu.stepstate.HostState fields as keywords; the seed may be any int)."""
+    return HostState(**words).to_array()
+
+
+def schedule(rows: int, first_step: int, beta1: float = 0.9, beta2: float = 0.999, seed: int = 0) -> np.ndarray:
+    """A (rows, 4) schedule table with distinct learning rates per row."""
+    lrs = 1e-3 * (1.0 + np.random.default_rng(seed).random(rows))
+    return schedule_table(lrs, first_step, beta1, beta2)
+
+
+def check_softmax_xent(be: Any, variant: str, n: int, nc: int, seed: int = 0, rows: int = 3,
+                       step_in_epoch: int = 4, step: int = 11) -> tuple[np.ndarray, np.ndarray]:
+    """dlogits, and the stats row STEP_IN_EPOCH mod S overwritten with [Σ loss, correct]; the other rows
+    untouched. Returns the host (dlogits, stats)."""
     d = Dev(be)
     logits = rand((n, nc), seed, 3.0)
     logits[0, :] = 1.0  # a row of ties: the first maximum is the prediction
     labels = np.random.default_rng(seed).integers(0, nc, size=n).astype(np.int32)
     labels[0] = 0
     dl = d.put(nan_like((n, nc)))
-    stats0 = np.array([1.5, 2.0], np.float32)
+    stats0 = np.full((rows, 2), 7.5, np.float32)  # stale values: the row must be overwritten, not added to
     stats = d.put(stats0)
-    be.softmax_xent(d.put(logits), d.put(labels), dl, stats, variant=variant)
+    state = d.put(state_array(step=step, step_in_epoch=step_in_epoch))
+    be.softmax_xent(d.put(logits), d.put(labels), dl, stats, state, variant=variant)
     loss, want = ref.softmax_xent(d64(logits), labels)
     what = f"softmax_xent_{variant} ({n},{nc})"
-    assert_close(d.get(dl), want, *TOL["softmax_xent"], what=what + " dlogits")
+    got_dl = d.get(dl)
+    assert_close(got_dl, want, *TOL["softmax_xent"], what=what + " dlogits")
     correct = int((np.argmax(logits, axis=1) == labels).sum())
     got = d.get(stats)
-    assert_close(got, np.array([1.5 + loss * n, 2.0 + correct]), 1e-5, 1e-5, what=what + " stats")
+    row = step_in_epoch % rows
+    assert_close(got[row], np.array([loss * n, correct]), 1e-5, 1e-5, what=what + f" stats[{row}]")
+    others = np.delete(got, row, axis=0)
+    assert_equal(others, np.delete(stats0, row, axis=0), what + " other stats rows")
+    return got_dl, got
 
 
 def check_adam(be: Any, variant: str, size: int, seed: int = 0) -> None:
+    """The row of the schedule table the state selects: STEP − SCHED_BASE inside, below and past the table."""
     d = Dev(be)
-    p, g, m = rand((size,), seed), rand((size,), seed + 1), rand((size,), seed + 2, 0.1)
-    v = np.abs(rand((size,), seed + 3, 0.01))
-    t, lr, b1, b2, eps, wd = 3, 1e-3, 0.9, 0.999, 1e-8, 0.01
-    dp, dm, dv = d.put(p), d.put(m), d.put(v)
-    be.adam_step(dp, d.put(g), dm, dv, lr, b1, b2, eps, wd, 1 - b1**t, 1 - b2**t, variant=variant)
-    wp, wm, wv = ref.adam_update(d64(p), d64(g), d64(m), d64(v), t, lr, b1, b2, eps, wd)
-    what = f"adam_step_{variant} n={size}"
-    for name, got, want in (("p", dp, wp), ("m", dm, wm), ("v", dv, wv)):
-        assert_close(d.get(got), want, *TOL["adam_step"], what=f"{what} {name}")
+    b1, b2, eps, wd = 0.9, 0.999, 1e-8, 0.01
+    base, rows = 5, 4
+    sched = schedule(rows, base, b1, b2, seed)
+    dsched = d.put(sched)
+    for step, row in ((base + 2, 2), (base - 3, 0), (base + 9, rows - 1)):
+        p, g, m = rand((size,), seed), rand((size,), seed + 1), rand((size,), seed + 2, 0.1)
+        v = np.abs(rand((size,), seed + 3, 0.01))
+        dp, dm, dv = d.put(p), d.put(m), d.put(v)
+        state = d.put(state_array(step=step, sched_base=base))
+        be.adam_step(dp, d.put(g), dm, dv, dsched, state, b1, b2, eps, wd, variant=variant)
+        t = base + row + 1
+        wp, wm, wv = ref.adam_update(d64(p), d64(g), d64(m), d64(v), t, float(sched[row, 0]), b1, b2, eps, wd)
+        what = f"adam_step_{variant} n={size} step={step} (row {row})"
+        for name, got, want in (("p", dp, wp), ("m", dm, wm), ("v", dv, wv)):
+            assert_close(d.get(got), want, *TOL["adam_step"], what=f"{what} {name}")
 
 
 def check_sgd(be: Any, variant: str, size: int, seed: int = 0) -> None:
     d = Dev(be)
-    p, g, m = rand((size,), seed), rand((size,), seed + 1), rand((size,), seed + 2, 0.1)
-    lr, mom, wd = 0.05, 0.9, 0.01
-    dp, dm = d.put(p), d.put(m)
-    be.sgd_step(dp, d.put(g), dm, lr, mom, wd, variant=variant)
-    wp, wm = ref.sgd_update(d64(p), d64(g), d64(m), lr, mom, wd)
-    for name, got, want in (("p", dp, wp), ("m", dm, wm)):
-        assert_close(d.get(got), want, *TOL["sgd_step"], what=f"sgd_step_{variant} n={size} {name}")
+    mom, wd = 0.9, 0.01
+    base, rows = 2, 3
+    sched = schedule(rows, base, seed=seed)
+    dsched = d.put(sched)
+    for step, row in ((base + 1, 1), (base - 2, 0), (base + 7, rows - 1)):
+        p, g, m = rand((size,), seed), rand((size,), seed + 1), rand((size,), seed + 2, 0.1)
+        dp, dm = d.put(p), d.put(m)
+        state = d.put(state_array(step=step, sched_base=base))
+        be.sgd_step(dp, d.put(g), dm, dsched, state, mom, wd, variant=variant)
+        wp, wm = ref.sgd_update(d64(p), d64(g), d64(m), float(sched[row, 0]), mom, wd)
+        for name, got, want in (("p", dp, wp), ("m", dm, wm)):
+            assert_close(d.get(got), want, *TOL["sgd_step"], what=f"sgd_step_{variant} n={size} step={step} {name}")
 
 
-def check_batch_prepare(be: Any, variant: str, n: int, b: int, offset: int, seed: int = 0) -> None:
+def check_batch_prepare(be: Any, variant: str, n: int, b: int, offset: int, seed: int = 0, aug_seed: int = 0,
+                        epoch: int = 0, shift: int = 0, m: int | None = None) -> None:
+    """j = perm[(OFFSET + r) mod M], shifted by reference.augment_shift(SEED, EPOCH, j, SHIFT). Random
+    pixels: a shift off by one pixel, or a wrong sample, fails the comparison."""
     d = Dev(be)
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, 28, 28)).astype(np.uint8)
     labels = rng.integers(0, 10, size=n).astype(np.uint8)
-    perm = rng.permutation(n).astype(np.int32)
+    m = n if m is None else m
+    perm = rng.integers(0, n, size=m).astype(np.int32)
     mean, std = 0.1307, 0.3081
     x, y = d.put(nan_like((b, 1, 32, 32))), d.put(nan_like((b,), np.int32))
-    be.batch_prepare(d.put(images), d.put(labels), d.put(perm), offset, x, y, mean, std, variant=variant)
-    idx = perm[offset : offset + b]
-    want = (np.pad(d64(images[idx]), ((0, 0), (2, 2), (2, 2)))[:, None] / 255.0 - mean) / std
-    assert_close(d.get(x), want, *TOL["batch_prepare"], what=f"batch_prepare_{variant} x")
-    assert_equal(d.get(y), labels[idx].astype(np.int32), f"batch_prepare_{variant} y")
+    state = d.put(state_array(offset=offset, epoch=epoch, seed=aug_seed, shift=shift))
+    be.batch_prepare(d.put(images), d.put(labels), d.put(perm), state, x, y, mean, std, variant=variant)
+    taken = perm[(offset + np.arange(b)) % m]  # the modulo keeps a stale offset in bounds
+    want_x, want_y = ref.batch_prepare(images, labels, taken, 0, b, mean, std, seed=aug_seed, epoch=epoch,
+                                       max_shift=shift)
+    what = f"batch_prepare_{variant} seed={aug_seed} epoch={epoch} shift={shift} offset={offset}"
+    assert_close(d.get(x), want_x, *TOL["batch_prepare"], what=what + " x")
+    assert_equal(d.get(y), want_y, what + " y")
+
+
+def check_step_advance(be: Any, variant: str, words: dict[str, int], batch: int, steps: int = 1) -> None:
+    """The device state after ``steps`` step_advance launches equals stepstate.advance applied as often."""
+    d = Dev(be)
+    host = HostState(**words)
+    state = d.put(host.to_array())
+    for _ in range(steps):
+        be.step_advance(state, batch, variant=variant)
+        host = advance(host, batch)
+    assert_equal(d.get(state), host.to_array(), f"step_advance_{variant} from {words} batch {batch} x{steps}")
+
+
+def poison_tickets(be: Any, op: str, value: int) -> int:
+    """Overwrite the last-block tickets of every cached ``op`` launch with ``value`` (as an aborted launch
+    could leave them). Returns how many ticket buffers were poisoned."""
+    count = 0
+    for tickets in be.ticket_buffers(op):
+        be.upload(tickets, np.full(tickets.shape, value, np.uint64))
+        count += 1
+    return count

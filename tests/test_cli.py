@@ -76,15 +76,17 @@ def test_train_evaluate_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "dataset: mnist-sample" in p.stdout and "backend: numpy" in p.stdout
     assert "epoch   2/2" in p.stdout and "done: test accuracy" in p.stdout
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / "run" / "ck.metrics.jsonl").read_text().splitlines()
     recs = [json.loads(x) for x in lines]
     assert [r["epoch"] for r in recs] == [1, 2]
+    assert len({r["run_id"] for r in recs}) == 1
     for r in recs:
         assert {"loss", "train_acc", "test_acc", "images_per_s", "seconds"} <= r.keys()
         assert 0 <= r["test_acc"] <= 1 and r["images_per_s"] > 0 and r["dataset"] == "mnist-sample"
     assert recs[1]["loss"] < recs[0]["loss"]
     ckd = read_checkpoint(ck)
     assert ckd["extra"]["dataset"] == "mnist-sample" and ckd["extra"]["epoch"] == 2
+    assert ckd["extra"]["run_id"] == recs[0]["run_id"]
     e = run("lenet_gpu.evaluate", str(ck), "--backend", "numpy", "--limit", "320", "--json")
     assert e.returncode == 0, e.stderr
     res = json.loads(e.stdout)
@@ -92,6 +94,26 @@ def test_train_evaluate_end_to_end(tmp_path):
     assert np.array(res["confusion"]).sum() == 320
     e2 = run("lenet_gpu.evaluate", str(ck), "--backend", "numpy", "--limit", "320")
     assert e2.returncode == 0 and "test accuracy" in e2.stdout and "true \\ pred" in e2.stdout
+
+
+def test_two_runs_in_one_folder_keep_their_own_metrics(tmp_path):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    for ck, epochs in ((a, "1"), (b, "2")):
+        p = run("lenet_gpu.train", *QUICK, "--limit", "64", "--epochs", epochs, "--batch-size", "32", "--checkpoint",
+                str(ck))
+        assert p.returncode == 0, p.stderr
+    ra = [json.loads(x) for x in (tmp_path / "a.metrics.jsonl").read_text().splitlines()]
+    rb = [json.loads(x) for x in (tmp_path / "b.metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in ra] == [1] and [r["epoch"] for r in rb] == [1, 2]
+    assert ra[0]["run_id"] != rb[0]["run_id"]
+
+
+def test_unwritable_checkpoint_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    p = run("lenet_gpu.train", *QUICK, "--limit", "64", "--epochs", "1", "--checkpoint", str(blocker / "ck.npz"))
+    assert_one_line_error(p, 2, "cannot write")
+    assert "dataset:" not in p.stdout  # nothing was loaded or trained
 
 
 def test_evaluate_bad_checkpoint_is_one_line(tmp_path):
@@ -106,7 +128,7 @@ def _params(path: Path) -> np.ndarray:
 
 
 def test_interrupt_and_resume_reach_the_same_parameters(tmp_path):
-    common = [*QUICK, "--limit", "256", "--epochs", "2", "--batch-size", "32"]
+    common = [*QUICK, "--limit", "256", "--epochs", "2", "--batch-size", "32", "--log-every", "1"]
     full = tmp_path / "full.npz"
     assert run("lenet_gpu.train", *common, "--checkpoint", str(full)).returncode == 0
     part = tmp_path / "part.npz"
@@ -121,7 +143,7 @@ def test_interrupt_and_resume_reach_the_same_parameters(tmp_path):
     assert "resuming" in r.stdout
     np.testing.assert_array_equal(_params(part), _params(full))
     # the resumed run's metrics are the uninterrupted run's
-    m_full = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    m_full = [json.loads(x) for x in (tmp_path / "full.metrics.jsonl").read_text().splitlines()]
     assert m_full[-1]["epoch"] == 2
     # a resumed run keeps its options
     bad = run("lenet_gpu.train", "--resume", str(part), "--lr", "0.5", "--backend", "numpy")
@@ -136,7 +158,7 @@ def test_real_ctrl_c_saves_and_resume_matches(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LENET_GPU_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lenet_gpu.train", *common, "--checkpoint", str(part)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    metrics = part.parent / "metrics.jsonl"
+    metrics = part.parent / "part.metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -173,7 +195,7 @@ def test_accuracy_gate_numpy_mnist_sample(tmp_path):
     ck = tmp_path / "ck.npz"
     p = run("lenet_gpu.train", *QUICK, "--checkpoint", str(ck), timeout=900)
     assert p.returncode == 0, p.stderr
-    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    last = json.loads((tmp_path / "ck.metrics.jsonl").read_text().splitlines()[-1])
     assert last["test_acc"] >= 0.97, p.stdout
 
 

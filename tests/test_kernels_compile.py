@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from lenet_gpu.backends.cupy_backend import OP_KERNELS, kernel_source, kernels_dir
-from lenet_gpu.backends.cupy_backend.compile_report import compile_report, module_option_sets
+from lenet_gpu.backends.cupy_backend.compile_report import module_option_sets
 
 nvrtc = pytest.importorskip("lenet_gpu.harness.nvrtc")
 if not nvrtc.nvrtc_available():
@@ -20,7 +20,9 @@ ALT = {
     "dense": {"TILE_O": 8, "TILE_N": 4, "RN": 3, "TILE_I": 5, "VEC": 3},
     "loss": {"LOSS_THREADS": 32},
 }
-OPTION_SETS = sorted({(stem, opts) for d in (None, ALT) for stem, opts in module_option_sets(d).items()})
+OPTION_SETS = sorted(
+    {(stem, opts) for d in (None, ALT) for stem, sets in module_option_sets(d).items() for opts in sets}
+)
 
 
 def test_every_kernel_file_is_covered():
@@ -47,7 +49,9 @@ def test_compile_errors_are_readable():
 
 @pytest.fixture(scope="module")
 def report():
-    return compile_report(archs=ARCHS)
+    from bench.launches import cupy_kernel_records
+
+    return cupy_kernel_records(archs=ARCHS)
 
 
 def test_report_covers_every_kernel(report):
@@ -64,6 +68,40 @@ def test_report_resources(report):
         assert r["backend"] == "cupy"
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["shared_bytes"] <= 48 * 1024, r  # no launch opts in to more
-        assert 32 <= r["block_threads"] <= 1024, r
+        assert 32 <= r["block_threads"] <= 1024 or r["kernel"] == "step_advance_v1", r  # that one: 1 thread
         assert r["registers"] * r["block_threads"] <= 65536, r
         assert r["occupancy"] > 0, r
+
+
+def test_state_words_match_stepstate():
+    """common.cuh's ST_* word indices are lenet_gpu.stepstate's (the kernels read the same state)."""
+    import re
+
+    from lenet_gpu import stepstate
+
+    text = (kernels_dir() / "common.cuh").read_text()
+    words = {m[1]: int(m[2]) for m in re.finditer(r"#define ST_([A-Z_]+) (\d+)", text)}
+    want = {f.upper(): getattr(stepstate, f.upper()) for f in stepstate.FIELDS}
+    assert words == want
+
+
+def test_fill_table():
+    """The fill table (scripts/kernel_report.py): every launch of a training step and an inference pass at
+    batch 256 with its grid, registers from ptxas and a positive occupancy; the conv tile launches give every
+    one of 132 SMs a block; the summary counts the launches under one block per SM."""
+    from bench.launches import cupy_fill_records, fill_markdown, fill_summary
+
+    rows = cupy_fill_records(batches=(256,), arch="sm_90", sm_count=132)
+    train = [r for r in rows if r["pass"] == "train"]
+    assert [r["index"] for r in train] == list(range(len(train))) and len(train) >= 10
+    assert {r["pass"] for r in rows} == {"train", "infer"}
+    for r in rows:
+        assert r["registers"] > 0 and r["occupancy"] > 0 and r["resident_blocks_per_sm"] >= 1, r
+        assert r["backend"] == "cupy" and r["waves"] == round(r["blocks"] / (132 * r["resident_blocks_per_sm"]), 3)
+        if r["op"] in ("conv2d_pool_fwd", "conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_data_pool",
+                       "conv2d_bwd_weight", "batch_prepare", "adam_step"):
+            assert r["blocks"] >= 132, r
+    summary = {(s["pass"], s["batch"]): s for s in fill_summary(rows) if s["backend"] == "cupy"}
+    assert summary[("train", 256)]["launches"] == len(train)
+    assert summary[("train", 256)]["under_one_block_per_sm"] == sum(r["blocks"] < 132 for r in train)
+    assert "| cupy | train | 256 |" in fill_markdown(rows)

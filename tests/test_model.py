@@ -97,25 +97,56 @@ def test_device_step_makes_no_copy_alloc_or_sync():
     model = LeNet5(backend="numpy")
     images, labels = batch(40)
     data = model.upload_dataset(images, labels)
+    model.begin_run(data, 8, shift=2)
     model.begin_epoch(data, np.arange(40))
-    model.step(data, 0, 8)  # warm-up: allocates the workspace
+    model.run_steps(data, 1)  # warm-up: allocates the workspace
     before = model.backend.counters.snapshot()
-    model.step(data, 8, 8)
+    model.run_steps(data, 3)
     d = model.backend.counters.since(before)
-    assert d == {"launches": 18, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+    assert d == {"launches": 3 * 19, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+    assert model.launches_per_step() == 19 and model.step_count == 4
 
 
 def test_device_path_equals_host_path():
+    """A device-resident run without augmentation takes exactly the steps train_step takes on the same
+    batches: the schedule table and the state reproduce the host's per-step values."""
     images, labels = batch(12, seed=4)
     a, b = LeNet5(backend="numpy", seed=9), LeNet5(backend="numpy", seed=9)
     data = a.upload_dataset(images, labels)
     perm = np.random.default_rng(0).permutation(12)
+    lrs = [1e-3, 2e-3, 5e-4]
+    a.begin_run(data, 4, lrs)
     a.begin_epoch(data, perm)
+    a.run_steps(data, 3)
+    stats = a.step_stats(0, 3)
     for s in range(3):
-        a.step(data, 4 * s, 4)
         idx = perm[4 * s : 4 * s + 4]
-        b.train_step(images[idx], labels[idx])
+        loss = b.train_step(images[idx], labels[idx], lr=lrs[s])
+        assert stats[s, 0] / 4 == pytest.approx(loss, rel=1e-6)
     np.testing.assert_array_equal(a.parameters(), b.parameters())
+    assert a.run_position.epoch == 1 and a.run_position.step_in_epoch == 0  # 3 steps of 4 = one epoch
+
+
+def test_run_steps_in_chunks_equals_one_by_one_and_augmentation_is_applied():
+    images, labels = batch(40, seed=6)
+    runs = []
+    for chunks in ([5], [1, 1, 1, 1, 1], [2, 3]):
+        m = LeNet5(backend="numpy", seed=2)
+        data = m.upload_dataset(images, labels)
+        m.begin_run(data, 8, np.linspace(1e-3, 2e-3, 5), seed=4, shift=2)
+        m.begin_epoch(data, np.random.default_rng(1).permutation(40))
+        for c in chunks:
+            m.run_steps(data, c)
+        runs.append((m.parameters(), m.step_stats(0, 5)))
+    for p, st in runs[1:]:
+        np.testing.assert_array_equal(p, runs[0][0])
+        np.testing.assert_array_equal(st, runs[0][1])
+    m = LeNet5(backend="numpy", seed=2)  # the same run without shifts ends elsewhere
+    data = m.upload_dataset(images, labels)
+    m.begin_run(data, 8, np.linspace(1e-3, 2e-3, 5), seed=4, shift=0)
+    m.begin_epoch(data, np.random.default_rng(1).permutation(40))
+    m.run_steps(data, 5)
+    assert not np.array_equal(m.parameters(), runs[0][0])
 
 
 def test_predict_logits_and_evaluate_agree():
@@ -242,3 +273,48 @@ def test_init_schemes():
     assert not np.array_equal(init_params(cfg, 1), torch_like)
     with pytest.raises(ValueError, match="init scheme"):
         init_params(cfg, 0, "xavier")
+
+
+# ----------------------------------------------------------------------------- graphs (model logic)
+
+
+class _GraphingNumpy:
+    """The numpy backend with a stand-in for CUDA graphs: ``graph(fn, steps)`` returns a callable that runs
+    fn ``steps`` times (``broken``: one time too few), so the model's graph logic runs on the CPU."""
+
+    def __new__(cls, name: str, broken: bool = False):
+        from lenet_gpu.backends.numpy_backend import NumpyBackend
+
+        be = NumpyBackend(threads=1)
+        be.name = name
+        be.captures = []
+
+        def graph(fn, steps=1):
+            be.captures.append(steps)
+            return lambda: [fn() for _ in range(steps - (1 if broken else 0))]
+
+        be.graph = graph
+        return be
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_graphs_replay_chunks_and_a_bad_graph_falls_back_to_eager(broken):
+    images, labels = batch(96, seed=11)
+    results = []
+    for graphs in (False, True):
+        be = _GraphingNumpy(f"graph-test-{broken}-{graphs}", broken)
+        m = LeNet5(backend=be, seed=3, use_graphs=graphs, graph_steps=4)
+        data = m.upload_dataset(images, labels)
+        m.begin_run(data, 8, np.linspace(1e-3, 3e-3, 30), shift=1)
+        m.begin_epoch(data, np.random.default_rng(2).permutation(96))
+        m.run_steps(data, 11)  # 1 recording step, 2 graphs of 4, 2 replayed steps (fewer than MIN_GRAPH_STEPS)
+        m.begin_epoch(data, np.random.default_rng(3).permutation(96))
+        m.run_steps(data, 12)
+        results.append((m.parameters(), m.step_stats(0, 11), m.run_position))
+        if graphs:
+            ok, msg = m.graph_check()
+            assert ok is (not broken) and ("bit for bit" in msg if ok else "differ" in msg)
+            assert be.captures[0] == 4 and (m.graph_note is None) is (not broken)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2] and results[0][2].step == 23 and results[0][2].epoch == 1

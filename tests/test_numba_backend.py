@@ -69,6 +69,64 @@ def test_unavailable_without_gpu_is_one_clear_line():
     assert get_backend("auto").name != "numba"
 
 
+# ------------------------------------------------------------- main process: prepared launches (no GPU)
+
+
+@pytest.mark.skipif(SIM, reason="the GPU launch path (cuda.bindings), exercised with a fake driver")
+def test_prepared_launch_packs_numba_kernel_arguments():
+    """Numba's kernel arguments (ints are intptr_t, as cuda.core passes them; ctypes scalars as they are)
+    become one void*[] whose entries point at exactly those values."""
+    import ctypes
+
+    from lenet_gpu.backends.numba_backend import launch as L
+
+    vals = [0, 0, 12, 4, 0x7F0000001000, 3, 4, 16, 4, ctypes.c_int32(-7), ctypes.c_float(0.25), np.int64(9)]
+    cvals, params = L._pack(vals)
+    addrs = [params[i] for i in range(len(vals))]
+    ints = [ctypes.c_ssize_t.from_address(a).value for a in addrs[:9] + addrs[11:]]
+    assert ints == [0, 0, 12, 4, 0x7F0000001000, 3, 4, 16, 4, 9]
+    assert ctypes.c_int32.from_address(addrs[9]).value == -7
+    assert ctypes.c_float.from_address(addrs[10]).value == 0.25
+    with pytest.raises(TypeError, match="float"):
+        L._pack([1.5])
+
+
+@pytest.mark.skipif(SIM, reason="the GPU launch path (cuda.bindings), exercised with a fake driver")
+def test_replay_issues_every_prepared_launch_in_order(monkeypatch):
+    """A replay is one cuLaunchKernel per prepared launch, in order, on the stream current at the call
+    (the capturing stream during a graph capture); a driver error names the kernel."""
+    from lenet_gpu.backends.numba_backend import launch as L
+
+    calls, result = [], [0]
+
+    class FakeDriver:
+        @staticmethod
+        def cuLaunchKernel(*args):  # noqa: N802
+            calls.append(args)
+            return (result[0],)
+
+    monkeypatch.setattr(L, "_drv", FakeDriver)
+    launches = []
+    for name, grid, block in (("a_v1", 3, 128), ("b_v2", (2, 5), (16, 16))):
+        p = L.PreparedLaunch(name, grid, block, 64, ())
+        p.call, p.params_ptr = (f"func_{name}", *p.grid, *p.block, p.shmem), 1000 + len(launches)
+        launches.append(p)
+    stream = ["default"]
+    replay = L.replay_fn(launches, lambda: stream[0])
+    replay()
+    stream[0] = "capturing"
+    replay()
+    assert calls == [
+        ("func_a_v1", 3, 1, 1, 128, 1, 1, 64, "default", 1000, 0),
+        ("func_b_v2", 2, 5, 1, 16, 16, 1, 64, "default", 1001, 0),
+        ("func_a_v1", 3, 1, 1, 128, 1, 1, 64, "capturing", 1000, 0),
+        ("func_b_v2", 2, 5, 1, 16, 16, 1, 64, "capturing", 1001, 0),
+    ]
+    result[0] = 700  # CUDA_ERROR_ILLEGAL_ADDRESS
+    with pytest.raises(L.LaunchError, match="a_v1"):
+        replay()
+
+
 # -------------------------------------------------------------------------------- simulator: setup
 
 try:
@@ -102,14 +160,15 @@ def test_sim_backend_facts(be):
 
     assert isinstance(be, Backend)
     assert be.name == "numba" and be.is_gpu is False
-    assert set(be.variants) == set(OPS) | set(OPTIONAL_OPS)  # conv2d_pool_fwd: the model fuses
+    assert set(OPS) <= set(be.variants) <= set(OPS) | set(OPTIONAL_OPS)
+    assert "conv2d_pool_fwd" in be.variants  # the model fuses
     for op in OPS:
         assert be.default_variants[op] in be.variants[op]
     for op in ("conv2d_fwd", "conv2d_bwd_weight", "dense_fwd"):
         assert len(be.variants[op]) >= 2 and be.default_variants[op] != "v1"
     assert get_backend("numba").name == "numba"
     assert get_backend("auto").name != "numba"  # the simulator is not a GPU
-    assert be.graph(print) is print
+    assert be.graph(print) is None  # no CUDA graphs in the simulator
 
 
 @sim
@@ -126,15 +185,58 @@ def test_sim_wrappers_reject_host_arrays_and_bad_shapes(be):
         be.conv2d_fwd(be.to_device(x), w, b, y, "relu", variant="v9")
     with pytest.raises(ValueError, match="activation"):
         be.conv2d_fwd(be.to_device(x), w, b, y, "swish")
-    with pytest.raises(IndexError):
-        be.batch_prepare(be.zeros((3, 28, 28), np.uint8), be.zeros((3,), np.uint8), be.zeros((3,), np.int32), 2,
-                         be.empty((2, 1, 32, 32)), be.empty((2,), np.int32), 0.0, 1.0)
+    images, labels, perm = be.zeros((3, 28, 28), np.uint8), be.zeros((3,), np.uint8), be.zeros((3,), np.int32)
+    with pytest.raises(TypeError, match="int32"):  # the state is int32 words
+        be.batch_prepare(images, labels, perm, be.zeros((8,), np.int64), be.empty((2, 1, 32, 32)),
+                         be.empty((2,), np.int32), 0.0, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        be.step_advance(be.zeros((7,), np.int32), 4)
+    with pytest.raises(TypeError, match="2-d"):  # stats is (S, 2)
+        be.softmax_xent(be.zeros((2, 3)), be.zeros((2,), np.int32), be.empty((2, 3)), be.zeros((4,)),
+                        be.zeros((8,), np.int32))
+    with pytest.raises(ValueError, match="shape"):
+        be.softmax_xent(be.zeros((2, 3)), be.zeros((2,), np.int32), be.empty((2, 3)), be.zeros((4, 3)),
+                        be.zeros((8,), np.int32))
+    with pytest.raises(ValueError, match="shape"):  # the schedule is (T, 4)
+        be.sgd_step(be.zeros((5,)), be.zeros((5,)), be.zeros((5,)), be.zeros((3, 3)), be.zeros((8,), np.int32),
+                    0.9, 0.0)
+
+
+# (n, b, offset, seed, epoch, shift): no augmentation; a seed ≥ 2³¹ (a negative int32 word), epochs > 0,
+# the largest shift; an offset whose batch runs past the permutation's end (wraps); batch 1
+BATCH_CASES = [
+    (7, 3, 2, 0, 0, 0),
+    (7, 3, 1, 2**31 + 12345, 3, 2),
+    (9, 2, 8, 2**32 - 1, 70001, 3),
+    (4, 1, 3, 17, 1, 1),
+]
 
 
 @sim
-@pytest.mark.parametrize("n,b,offset", [(7, 3, 2), (4, 1, 3)])
-def test_sim_batch_prepare(be, n, b, offset):
-    H.check_batch_prepare(be, n, b, offset)
+@pytest.mark.parametrize("n,b,offset,seed,epoch,shift", BATCH_CASES)
+def test_sim_batch_prepare(be, n, b, offset, seed, epoch, shift):
+    H.check_batch_prepare(be, n, b, offset, seed=seed, epoch=epoch, shift=shift)
+
+
+#: (seed, epoch, max shift): seeds and epochs at the int32 edges (as the state words carry them)
+SHIFT_CASES = [(0, 0, 2), (2**31 + 99, 5, 2), (2**32 - 1, 2**31 - 1, 3), (12345, 1, 1), (7, 3, 0)]
+
+
+@sim
+@pytest.mark.parametrize("seed,epoch,shift", SHIFT_CASES)
+def test_sim_augment_shift_is_the_reference_hash(seed, epoch, shift):
+    idx = np.r_[0:100, 2**31 - 1, 2**31 - 2, 60000, 65535, 65536]
+    H.check_augment_shift(seed, epoch, idx, shift)
+
+
+@sim
+@pytest.mark.parametrize("words", [
+    dict(step=0, step_in_epoch=0, offset=0, steps_per_epoch=3),
+    dict(step=41, step_in_epoch=2, offset=10, epoch=6, steps_per_epoch=3, sched_base=40),  # wraps
+    dict(step=5, step_in_epoch=5, offset=20, steps_per_epoch=2**31 - 1, seed=-3, shift=2),  # never wraps
+])
+def test_sim_step_advance(be, words):
+    H.check_step_advance(be, 5, **words)
 
 
 # conv shapes: (x shape, w shape), odd sizes, a non-square filter, batch 1
@@ -232,9 +334,78 @@ def test_sim_conv2d_bwd_weight(be, variant, shapes):
 
 
 @sim
+def test_sim_conv2d_bwd_weight_state_is_optional(be):
+    from tests.parity import nan_like
+
+    x, dz = be.zeros((1, 1, 4, 4)), be.zeros((1, 2, 2, 2))
+    dw, db = be.to_device(nan_like((2, 1, 3, 3))), be.to_device(nan_like((2,)))
+    be.conv2d_bwd_weight(x, dz, dw, db, variant="v1")  # no state: the ticket-free variants ignore it
+    assert np.all(be.to_host(dw) == 0) and np.all(be.to_host(db) == 0)
+
+
+@sim
+@pytest.mark.parametrize("shapes", [((2, 2, 5, 6), (3, 2, 2, 3)), ((1, 1, 6, 7), (2, 1, 3, 3))])
+def test_sim_conv2d_bwd_weight_v3(be, shapes):
+    H.check_conv2d_bwd_weight(be, *shapes, "v3", state=H.state_array(step=12))
+
+
+@sim
+def test_sim_conv2d_bwd_weight_v3_splits_and_tickets(be, monkeypatch):
+    """Several splits per item, summed in a fixed order by the item's last block; the same arrays
+    launched again at the same STEP and at a new STEP; a ticket word left by another step's unfinished
+    launch (or garbage) does not poison a launch."""
+    from lenet_gpu import reference as R
+    from lenet_gpu.backends.numba_backend import backend as B
+    from tests.parity import TOL, assert_close, nan_like, rand
+
+    monkeypatch.setattr(B, "BW_MIN_PER_THREAD", 1)
+    xs, ws, dzs = (2, 1, 18, 18), (1, 1, 3, 3), (2, 1, 16, 16)  # 512 positions: 4 splits, 2 column chunks
+    assert B.bw_splits(ws, dzs) == 4
+    x, dz = rand(xs, 1), rand(dzs, 2)
+    _, rdw, rdb = R.conv2d_bwd(x.astype(np.float64), np.zeros(ws), np.zeros(dzs), dz.astype(np.float64), "identity")
+    dx, ddz = be.to_device(x), be.to_device(dz)
+    dw, db = be.to_device(nan_like(ws)), be.to_device(nan_like((1,)))
+    state = be.to_device(H.state_array(step=7))
+    results = []
+    for step, poison in ((7, None), (7, None), (8, None), (9, [(8 << 32) | 3, -1])):
+        state.copy_to_device(H.state_array(step=step))
+        if poison is not None:
+            _, tickets = be._bw_scratch(dw, 4)
+            tickets.copy_to_device(np.array(poison, np.int64))
+        dw.copy_to_device(nan_like(ws))
+        be.conv2d_bwd_weight(dx, ddz, dw, db, state, variant="v3")
+        assert_close(be.to_host(dw), rdw, *TOL["conv2d_bwd_weight"], f"dw at step {step}")
+        assert_close(be.to_host(db), rdb, *TOL["conv2d_bwd_weight"], f"db at step {step}")
+        results.append(be.to_host(dw))
+        _, tickets = be._bw_scratch(dw, 4)
+        np.testing.assert_array_equal(be.to_host(tickets), np.full(2, step << 32, np.int64))  # count back to 0
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])  # fixed order: bit for bit, whichever block is last
+
+
+@sim
 def test_sim_conv2d_bwd_weight_one_block_many_items(be1):
     # K=2 × ceil((1·3·3 + 1)/BW_COLS=8) = 2 column chunks: one block reduces all 4 items in turn
     H.check_conv2d_bwd_weight(be1, (1, 1, 4, 5), (2, 1, 3, 3), "v2")
+
+
+# (yconv shape, w shape): odd H and W (a trailing row and column no window owns), batch 1; C > CB
+BWD_POOL_SHAPES = [((2, 3, 9, 11), (2, 3, 2, 3)), ((1, 2, 8, 6), (3, 2, 3, 2))]
+
+
+@sim
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_sim_conv2d_bwd_data_pool(be, variant, mode, act):
+    H.check_conv2d_bwd_data_pool(be, *BWD_POOL_SHAPES[ACTS.index(act) % 2], mode, act, variant)
+
+
+@sim
+@pytest.mark.parametrize("mode", MODES)
+def test_sim_conv2d_bwd_data_pool_one_block_channel_groups(be1, mode):
+    # C=9 > CB=8: two channel groups, one block loops over both
+    H.check_conv2d_bwd_data_pool(be1, (1, 9, 7, 6), (2, 9, 2, 2), mode, "tanh", "v2")
 
 
 @sim
@@ -284,16 +455,17 @@ def test_sim_dense_bwd_one_block_many_tiles(be1):
 
 
 @sim
-@pytest.mark.parametrize("n,ncls", [(5, 10), (1, 3), (131, 4)])
-def test_sim_softmax_xent(be, n, ncls):
-    H.check_softmax_xent(be, n, ncls, "v1")  # 131 rows > 128 threads: a thread owns two rows
+@pytest.mark.parametrize("n,ncls,rows,step_in_epoch", [(5, 10, 3, 4), (1, 3, 1, 0), (131, 4, 5, 2)])
+def test_sim_softmax_xent(be, n, ncls, rows, step_in_epoch):
+    H.check_softmax_xent(be, n, ncls, "v1", rows=rows, step_in_epoch=step_in_epoch)  # 131 rows > 128 threads
 
 
 @sim
+@pytest.mark.parametrize("step,sched_base", H.SCHED_CASES if H else [])
 @pytest.mark.parametrize("wd", [0.0, 0.01])
-def test_sim_optimizers(be, wd):
-    H.check_adam_step(be, 37, wd, "v1")
-    H.check_sgd_step(be, 37, wd, "v1")
+def test_sim_optimizers(be, wd, step, sched_base):
+    H.check_adam_step(be, 37, wd, "v1", step=step, sched_base=sched_base)
+    H.check_sgd_step(be, 37, wd, "v1", step=step, sched_base=sched_base)
 
 
 @sim
@@ -316,51 +488,100 @@ def _sim_backend(fuse_conv_pool: bool = True):
     return be
 
 
+TINY = dict(net="tiny", n=6, batch=3, shift=2, epoch=1, sched_rows=2)  # an epoch every 2 steps
+
+
 @sim
-def test_sim_three_training_steps_match_numpy():
-    from lenet_gpu.data import load_dataset
-    from lenet_gpu.model import LeNet5
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_sim_state_driven_steps_match_numpy(optimizer):
+    """Four steps of the state-driven ops (two epochs: the state wraps; augmentation with a seed ≥ 2³¹;
+    the schedule's clamp) on numba and on numpy: the same state, stats and parameters."""
+    from lenet_gpu.backends.numpy_backend import NumpyBackend
     from tests.parity import assert_close
 
-    ds = load_dataset("mnist-sample")
-    models = [LeNet5(backend=b, seed=3) for b in (_sim_backend(), "numpy")]
-    for step in range(3):
-        im, lab = ds.train_images[2 * step : 2 * step + 2], ds.train_labels[2 * step : 2 * step + 2]
-        losses = [m.train_step(im, lab) for m in models]
-        assert_close(losses[0], losses[1], 1e-6, 1e-5, f"loss at step {step}")
-        # Adam moves every weight by about lr·sign(m): 1e-5 is 1% of one step
-        assert_close(models[0].parameters(), models[1].parameters(), 1e-5, 1e-4, f"parameters after step {step}")
+    rigs = [H.StepRig(b, optimizer=optimizer, **TINY) for b in (_sim_backend(), NumpyBackend(threads=1))]
+    for k in range(4):
+        for r in rigs:
+            r.step()
+        a, b = (r.snapshot() for r in rigs)
+        np.testing.assert_array_equal(a["state"], b["state"], err_msg=f"state after step {k}")
+        np.testing.assert_array_equal(a["y"], b["y"], err_msg=f"labels of step {k}")
+        assert_close(a["x"], b["x"], 1e-6, 1e-6, f"batch of step {k}")
+        assert_close(a["stats"][: k + 1], b["stats"][: k + 1], 1e-5, 1e-5, f"stats after step {k}")
+        assert_close(a["grads"], b["grads"], 1e-6, 1e-4, f"gradients of step {k}")
+        assert_close(a["params"], b["params"], 1e-5, 1e-4, f"parameters after step {k}")  # as above
 
 
 @sim
+def test_sim_record_replays_the_eager_steps_bit_for_bit():
+    """A recorded step (the first call records, later calls replay the prepared launches) reaches exactly
+    what the same number of eager steps reaches; a replay counts its launches and nothing else."""
+    eager, rec = H.StepRig(_sim_backend(), **TINY), H.StepRig(_sim_backend(), **TINY)
+    replay = rec.be.record(rec.step)
+    before = eager.be.counters.snapshot()
+    eager.step()
+    per_step = eager.be.counters.since(before)
+    assert per_step == {"launches": 7, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+    replay()  # records
+    assert rec.snapshot()["state"][0] == 1
+    for k in range(3):
+        before = rec.be.counters.snapshot()
+        replay()
+        assert rec.be.counters.since(before) == per_step
+        eager.step()
+        H.assert_snapshots_equal(eager.snapshot(), rec.snapshot(), f"after {k + 2} steps")
+
+
+@sim
+def test_sim_record_nested_and_reentrant():
+    """A recorded callable replayed inside another recording becomes part of it."""
+    be = _sim_backend()
+    state = be.to_device(H.state_array(steps_per_epoch=100))
+    inner = be.record(lambda: be.step_advance(state, 2))
+    inner()  # records: step 1
+    outer = be.record(lambda: (inner(), be.step_advance(state, 3)))
+    outer()  # records (replays inner): step 3
+    outer()
+    got = be.to_host(state)
+    assert got[0] == 5 and got[3] == 2 + 2 + 3 + 2 + 3
+
+
+@sim
+@pytest.mark.parametrize("batch", [1, 64, 1024])
 @pytest.mark.parametrize("fused", [True, False])
-def test_sim_step_counters(fused):
-    """After one warm-up step, a device-resident step is 16 launches (18 without the fused
-    conv2d_pool_fwd) and nothing else; the device-resident path (tanh, avg pooling, SGD with weight
-    decay) matches the numpy backend."""
-    from lenet_gpu.data import load_dataset
-    from lenet_gpu.model import LeNet5
+def test_sim_lenet_launch_plan_is_what_a_step_launches(monkeypatch, batch, fused):
+    """backend.lenet_launches (the fill table's source) lists exactly the launches a LeNet-5 training step
+    makes through the wrappers, with their grids, blocks and shared memory (kernels not run: the
+    launches are only logged)."""
+    from lenet_gpu.backends.numba_backend.backend import lenet_launches
+
+    be = NumbaBackend(fuse_conv_pool=fused, fuse_bwd_data_pool=fused)
+    log = []
+    monkeypatch.setattr(NumbaBackend, "_launch", lambda self, op, v, grid, block, sh, *a: log.append(
+        (op, v, grid, block, sh)))
+    rig = H.StepRig(be, net="lenet", n=2 * batch, batch=batch)
+    rig.step()
+    assert log == lenet_launches(batch, variants=be.default_variants)
+    assert len(log) == (16 if fused else 19)
+
+
+@sim
+def test_sim_lenet_step_matches_numpy():
+    """One whole LeNet-5 step (batch 2) through the protocol on numba and numpy."""
+    from lenet_gpu.backends.numpy_backend import NumpyBackend
     from tests.parity import assert_close
 
-    ds = load_dataset("mnist-sample")
-    be = _sim_backend(fused)
-    opts = dict(seed=5, activation="tanh", pool="avg", optimizer="sgd", lr=0.05, weight_decay=1e-3)
-    models = [LeNet5(backend=be, **opts), LeNet5(backend="numpy", **opts)]
-    datas = [m.upload_dataset(ds.train_images[:6], ds.train_labels[:6]) for m in models]
-    for m, d in zip(models, datas):
-        m.begin_epoch(d, np.array([4, 1, 5, 0, 2, 3], np.int32))
-        m.step(d, 0, 1)  # warm-up: allocates the workspace of batch 1
-    before = be.counters.snapshot()
-    models[0].step(datas[0], 1, 1)
-    # batch 1 + forward 5 (2 fused conv+pool, 3 dense; 7 unfused: conv, pool, conv, pool, 3 dense) +
-    # softmax 1 + backward 8 (3 dense, 2 pool, 2 conv weight, 1 conv data) + optimizer 1
-    launches = 16 if fused else 18
-    assert be.counters.since(before) == {"launches": launches, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
-    models[1].step(datas[1], 1, 1)
-    stats = [m.read_stats() for m in models]
-    assert_close(stats[0][0], stats[1][0], 1e-6, 1e-5, "loss sum of two steps")
-    assert stats[0][1] == stats[1][1]
-    assert_close(models[0].parameters(), models[1].parameters(), 1e-6, 1e-4, "parameters after two SGD steps")
+    rigs = [H.StepRig(b, net="lenet", n=4, batch=2, act="tanh", mode="max") for b in
+            (_sim_backend(), NumpyBackend(threads=1))]
+    for r in rigs:
+        r.step()
+    a, b = (r.snapshot() for r in rigs)
+    np.testing.assert_array_equal(a["state"], b["state"])
+    assert_close(a["stats"][0], b["stats"][0], 1e-5, 1e-5, "stats")
+    assert_close(a["grads"], b["grads"], 1e-6, 1e-4, "gradients")
+    # Adam's first step moves a weight by lr·g/(|g| + eps): where g is within a few eps of 0, float32
+    # differences in g move it by up to lr (2e-3); 1e-5 is 0.5% of a step
+    assert_close(a["params"], b["params"], 1e-5, 1e-4, "parameters")
 
 
 # ------------------------------------------------------------------------------- GPU: same checks
@@ -377,7 +598,22 @@ def gbe():
 @gpu
 @pytest.mark.parametrize("n", GPU_BATCHES)
 def test_gpu_batch_prepare(gbe, n):
-    H.check_batch_prepare(gbe, n + 5, n, 5)
+    for case in BATCH_CASES:
+        _, _, offset, seed, epoch, shift = case
+        H.check_batch_prepare(gbe, n + 5, n, offset, seed=seed, epoch=epoch, shift=shift)
+
+
+@gpu
+@pytest.mark.parametrize("seed,epoch,shift", SHIFT_CASES)
+def test_gpu_augment_shift_is_the_reference_hash(seed, epoch, shift):
+    idx = np.r_[0:60000:7, 2**31 - 1, 2**31 - 2, 65535, 65536]
+    H.check_augment_shift(seed, epoch, idx, shift)
+
+
+@gpu
+def test_gpu_step_advance(gbe):
+    H.check_step_advance(gbe, 64, step=41, step_in_epoch=2, offset=128, epoch=6, steps_per_epoch=3)
+    H.check_step_advance(gbe, 64, step=0, steps_per_epoch=5)
 
 
 @gpu
@@ -390,7 +626,8 @@ def test_gpu_conv2d(gbe, variant, n, act):
         if act == "identity":
             H.check_conv2d_bwd_data(gbe, xs, ws, "v1" if variant == "v1" else "v2")
             # dz of a mean loss is O(1/B): so scaled, batch 64's 50k-term sums stay within TOL
-            H.check_conv2d_bwd_weight(gbe, xs, ws, "v1" if variant == "v1" else "v2", dz_scale=1.0 / n)
+            for wv in gbe.variants["conv2d_bwd_weight"]:
+                H.check_conv2d_bwd_weight(gbe, xs, ws, wv, dz_scale=1.0 / n)
 
 
 @gpu
@@ -402,6 +639,38 @@ def test_gpu_conv2d_pool_fwd(gbe, variant, n, mode, act):
     for xs, ws in (((n, 1, 32, 32), (6, 1, 5, 5)), ((n, 6, 14, 14), (16, 6, 5, 5)), ((n, 3, 8, 10), (5, 3, 3, 2))):
         H.check_conv2d_pool_fwd(gbe, xs, ws, act, mode, variant)
     H.check_conv2d_pool_fwd(gbe, (n, 6, 14, 14), (16, 6, 5, 5), act, mode, variant, with_y=False)
+
+
+@gpu
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", GPU_BATCHES)
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_gpu_conv2d_bwd_data_pool(gbe, variant, n, mode, act):
+    for ys, ws in (((n, 6, 28, 28), (16, 6, 5, 5)), ((n, 3, 9, 11), (2, 3, 2, 3)), ((n, 9, 7, 6), (2, 9, 2, 2))):
+        H.check_conv2d_bwd_data_pool(gbe, ys, ws, mode, act, variant)
+
+
+@gpu
+@pytest.mark.parametrize("n", (1, 64, 1024))
+def test_gpu_conv2d_bwd_weight_v3_repeats_bit_for_bit(gbe, n):
+    """Many splits (C1 at batch 1024: about a wave of blocks), launched repeatedly at new and equal STEPs:
+    the same bits every time (fixed-order sum whichever block is last) and within TOL of v1."""
+    from tests.parity import rand
+
+    x, dz = gbe.to_device(rand((n, 1, 32, 32), 1)), gbe.to_device(rand((n, 6, 28, 28), 2, 1.0 / n))
+    outs = []
+    for variant, step in (("v1", 0), ("v3", 5), ("v3", 5), ("v3", 6)):
+        dw, db = gbe.zeros((6, 1, 5, 5)), gbe.zeros((6,))
+        gbe.conv2d_bwd_weight(x, dz, dw, db, gbe.to_device(H.state_array(step=step)), variant=variant)
+        outs.append((gbe.to_host(dw), gbe.to_host(db)))
+    from tests.parity import TOL, assert_close
+
+    assert_close(outs[1][0], outs[0][0], *TOL["conv2d_bwd_weight"], "v3 against v1: dw")
+    assert_close(outs[1][1], outs[0][1], *TOL["conv2d_bwd_weight"], "v3 against v1: db")
+    for o in outs[2:]:
+        np.testing.assert_array_equal(o[0], outs[1][0])
+        np.testing.assert_array_equal(o[1], outs[1][1])
 
 
 @gpu
@@ -434,45 +703,104 @@ def test_gpu_softmax_xent(gbe, n):
 
 
 @gpu
+@pytest.mark.parametrize("step,sched_base", H.SCHED_CASES if H else [])
 @pytest.mark.parametrize("wd", [0.0, 5e-4])
-def test_gpu_optimizers(gbe, wd):
-    H.check_adam_step(gbe, 62080, wd, "v1")
-    H.check_sgd_step(gbe, 62080, wd, "v1")
+def test_gpu_optimizers(gbe, wd, step, sched_base):
+    H.check_adam_step(gbe, 62080, wd, "v1", step=step, sched_base=sched_base)
+    H.check_sgd_step(gbe, 62080, wd, "v1", step=step, sched_base=sched_base)
+
+
+GPU_RIG = dict(net="lenet", n=256, batch=64, shift=2, epoch=3)  # an epoch every 4 steps
 
 
 @gpu
-@pytest.mark.parametrize("n", (3, 64))
-def test_gpu_training_steps_match_numpy_and_repeat(n):
-    from lenet_gpu.data import load_dataset
-    from lenet_gpu.model import LeNet5
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_gpu_lenet_steps_match_numpy_and_repeat(optimizer):
+    """Three LeNet-5 steps (batch 64) on numba, fused and unfused, against numpy; two numba runs repeat
+    bit for bit."""
+    from lenet_gpu.backends.numpy_backend import NumpyBackend
     from tests.parity import assert_close
 
-    ds = load_dataset("mnist-sample")
-    backends = (NumbaBackend(), "numpy", NumbaBackend(), NumbaBackend(fuse_conv_pool=False))
-    models = [LeNet5(backend=b, seed=3) for b in backends]
-    for step in range(3):
-        im, lab = ds.train_images[n * step : n * (step + 1)], ds.train_labels[n * step : n * (step + 1)]
-        losses = [m.train_step(im, lab) for m in models]
-        assert_close(losses[0], losses[1], 1e-6, 1e-5, f"loss at step {step}")
-        p = [m.parameters() for m in models]
-        assert_close(p[0], p[1], 1e-5, 1e-4, f"parameters after step {step}")
-        np.testing.assert_array_equal(p[0], p[2])  # bit-for-bit repeatable
-        assert_close(p[3], p[1], 1e-5, 1e-4, f"unfused path: parameters after step {step}")
+    backends = (NumbaBackend(), NumpyBackend(), NumbaBackend(), NumbaBackend(fuse_conv_pool=False))
+    rigs = [H.StepRig(b, optimizer=optimizer, **GPU_RIG) for b in backends]
+    for k in range(3):
+        for r in rigs:
+            r.step()
+        snaps = [r.snapshot() for r in rigs]
+        for i in (0, 3):
+            np.testing.assert_array_equal(snaps[i]["state"], snaps[1]["state"])
+            assert_close(snaps[i]["stats"][: k + 1], snaps[1]["stats"][: k + 1], 1e-4, 1e-5, f"stats, step {k}")
+            assert_close(snaps[i]["params"], snaps[1]["params"], 1e-5, 1e-4, f"parameters after step {k}")
+        H.assert_snapshots_equal(snaps[0], snaps[2], f"two numba runs, step {k}")
 
 
 @gpu
 @pytest.mark.parametrize("fused", [True, False])
-def test_gpu_step_counters(fused):
-    from lenet_gpu.data import load_dataset
-    from lenet_gpu.model import LeNet5
+def test_gpu_step_counters_and_record(fused):
+    """A step is 16 launches (19 unfused) and nothing else, eager or replayed; a recorded step replays
+    bit for bit what eager steps compute."""
+    eager, rec = (H.StepRig(NumbaBackend(fuse_conv_pool=fused, fuse_bwd_data_pool=fused), **GPU_RIG) for _ in range(2))
+    eager.step()  # warm-up: compiles
+    replay = rec.be.record(rec.step)
+    replay()  # records
+    launches = 16 if fused else 19
+    for k in range(5):
+        for r, fn in ((eager, eager.step), (rec, replay)):
+            before = r.be.counters.snapshot()
+            fn()
+            assert r.be.counters.since(before) == {"launches": launches, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+        H.assert_snapshots_equal(eager.snapshot(), rec.snapshot(), f"recorded vs eager, step {k + 2}")
 
-    ds = load_dataset("mnist-sample")
-    be = NumbaBackend(fuse_conv_pool=fused)
-    model = LeNet5(backend=be, seed=0)
-    data = model.upload_dataset(ds.train_images[:256], ds.train_labels[:256])
-    model.begin_epoch(data, np.arange(256, dtype=np.int32))
-    model.step(data, 0, 64)
-    before = be.counters.snapshot()
-    model.step(data, 64, 64)
-    launches = 16 if fused else 18
-    assert be.counters.since(before) == {"launches": launches, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+
+@gpu
+@pytest.mark.parametrize("k", [1, 3])
+def test_gpu_graph_replays_the_eager_steps_bit_for_bit(k):
+    """K graph-replayed steps equal K eager steps bit for bit, across an epoch boundary; two graph runs
+    repeat bit for bit; the graph's launches count."""
+    rigs = [H.StepRig(NumbaBackend(), **GPU_RIG) for _ in range(3)]
+    for r in rigs:
+        r.step()  # warm-up (compiles), the same first step for all
+    eager, graphs = rigs[0], rigs[1:]
+    fns = []
+    for r in graphs:
+        g = r.be.graph(r.be.record(r.step), k)
+        assert g is not None, "numba backend: graph capture unavailable on a GPU"
+        fns.append(g)
+    for rounds in range(3):
+        for _ in range(k):
+            eager.step()
+        for r, g in zip(graphs, fns):
+            before = r.be.counters.snapshot()
+            g()
+            assert r.be.counters.since(before) == {"launches": 16 * k, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+        want = eager.snapshot()
+        H.assert_snapshots_equal(want, graphs[0].snapshot(), f"graph of {k} steps, round {rounds}")
+        H.assert_snapshots_equal(want, graphs[1].snapshot(), f"second graph run, round {rounds}")
+
+
+@gpu
+def test_gpu_record_and_graph_dispatch_figures(capsys):
+    """Host µs per launch: Numba's launch, a recorded replay, a graph (printed for the report; the replay
+    must be cheaper than Numba's launch)."""
+    figures = H.dispatch_figures(NumbaBackend(), repeats=200)
+    with capsys.disabled():
+        print("\nnumba dispatch, host µs:", {k: round(v, 2) for k, v in figures.items()})
+    assert figures["record_per_launch"] < figures["numba_per_launch"]
+
+
+@gpu
+def test_gpu_kernel_times(capsys):
+    """Device µs of every launch of a training step, the defaults against the previous defaults (v2 weight
+    gradients, unfused backward through the pooling) at batch 64, 128 and 256 (printed for the report)."""
+    for batch in (64, 128, 256):
+        for label, be in (("default", NumbaBackend()), ("previous", _previous_defaults())):
+            t = H.kernel_times(be, batch)
+            with capsys.disabled():
+                print(f"\n{label} batch {batch}: step {t['step_us']} us;", t["launches"])
+            assert t["step_us"] > 0
+
+
+def _previous_defaults():
+    be = NumbaBackend(fuse_bwd_data_pool=False)
+    be.default_variants["conv2d_bwd_weight"] = "v2"
+    return be

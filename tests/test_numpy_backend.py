@@ -7,6 +7,7 @@ import pytest
 
 from lenet_gpu import reference as R
 from lenet_gpu.backends import get_backend
+from lenet_gpu.stepstate import HostState, advance, advance_by, schedule_table
 
 from .parity import TOL, assert_close, assert_equal, nan_like, rand
 
@@ -86,40 +87,47 @@ def test_dense(shape, act):
     assert_equal(dw2, dw)
 
 
+def _state(**kw) -> np.ndarray:
+    return HostState(**kw).to_array()
+
+
 @pytest.mark.parametrize("n", [1, 7, 64])
 def test_softmax_xent(n):
     logits = rand((n, 10), 11, 4.0)
     logits[0, :] = 0.0  # a row of ties: the first maximum (class 0) is the prediction
     labels = np.random.default_rng(12).integers(0, 10, n).astype(np.int32)
     d = nan_like(logits.shape)
-    stats = np.array([1.5, 2.0], np.float32)  # accumulates onto what is there
-    BE.softmax_xent(logits, labels, d, stats)
+    stats = nan_like((5, 2))
+    BE.softmax_xent(logits, labels, d, stats, _state(step_in_epoch=7))  # row 7 mod 5 = 2, overwritten
     loss, rd = R.softmax_xent(logits.astype(np.float64), labels)
     assert_close(d, rd, *TOL["softmax_xent"], what="dlogits")
-    assert_close(stats[0], 1.5 + loss * n, *TOL["softmax_xent"], what="loss sum")
-    assert stats[1] == 2.0 + int((np.argmax(logits, axis=1) == labels).sum())
+    assert_close(stats[2, 0], loss * n, *TOL["softmax_xent"], what="loss sum")
+    assert stats[2, 1] == int((np.argmax(logits, axis=1) == labels).sum())
+    assert np.isnan(np.delete(stats, 2, axis=0)).all()  # the other rows are untouched
 
 
 def test_softmax_xent_extreme_logits():
     logits = np.array([[1e4, -1e4] + [0] * 8, [-1e4, 1e4] + [0] * 8], np.float32)
     d = nan_like(logits.shape)
-    stats = np.zeros(2, np.float32)
-    BE.softmax_xent(logits, np.array([0, 0], np.int32), d, stats)
-    assert np.all(np.isfinite(d)) and np.isfinite(stats[0])
-    assert stats[1] == 1
+    stats = np.zeros((1, 2), np.float32)
+    BE.softmax_xent(logits, np.array([0, 0], np.int32), d, stats, _state())
+    assert np.all(np.isfinite(d)) and np.isfinite(stats[0, 0])
+    assert stats[0, 1] == 1
 
 
-def test_batch_prepare():
+@pytest.mark.parametrize("shift", [0, 2, 4])
+def test_batch_prepare(shift):
     rng = np.random.default_rng(13)
     images = rng.integers(0, 256, (9, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, 9).astype(np.uint8)
     perm = np.array([4, 2, 8, 0, 1], np.int32)
     x, y = nan_like((3, 1, 32, 32)), nan_like((3,), np.int32)
-    BE.batch_prepare(images, labels, perm, 1, x, y, 0.1307, 0.3081)
-    padded = np.pad(images[[2, 8, 0]].astype(np.float64), ((0, 0), (2, 2), (2, 2)))
-    ref = ((padded / 255.0 - 0.1307) / 0.3081)[:, None]
+    BE.batch_prepare(images, labels, perm, _state(offset=1, epoch=5, seed=2**31 + 3, shift=shift), x, y, 0.1307,
+                     0.3081)
+    ref, ry = R.batch_prepare(images, labels, perm, 1, 3, 0.1307, 0.3081, seed=2**31 + 3, epoch=5, max_shift=shift)
     assert_close(x, ref, *TOL["batch_prepare"], what="batch_prepare x")
     assert_equal(y, labels[[2, 8, 0]].astype(np.int32), what="labels")
+    assert_equal(y, ry, what="labels vs reference")
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.01])
@@ -127,16 +135,28 @@ def test_optimizers(wd):
     p, g = rand((70,), 14), rand((70,), 15)
     m, v = rand((70,), 16, 0.1), np.abs(rand((70,), 17, 0.1))
     p1, m1, v1 = p.copy(), m.copy(), v.copy()
-    t = 3
-    BE.adam_step(p1, g, m1, v1, 1e-2, 0.9, 0.999, 1e-8, wd, 1 - 0.9**t, 1 - 0.999**t)
+    t = 3  # the state's STEP is t − 1 = 2; the table starts at step 1, so row 1 is read
+    sched = schedule_table([5e-3, 1e-2, 7e-3], 1, 0.9, 0.999)
+    BE.adam_step(p1, g, m1, v1, sched, _state(step=t - 1, sched_base=1), 0.9, 0.999, 1e-8, wd)
     rp, rm, rv = R.adam_update(*f64(p, g, m, v), t=t, lr=1e-2, weight_decay=wd)
     for got, want, name in ((p1, rp, "p"), (m1, rm, "m"), (v1, rv, "v")):
         assert_close(got, want, *TOL["adam_step"], what=f"adam {name}")
     p2, m2 = p.copy(), m.copy()
-    BE.sgd_step(p2, g, m2, 0.05, 0.9, wd)
+    BE.sgd_step(p2, g, m2, schedule_table([0.05], 0, 0.9, 0.999), _state(step=40), 0.9, wd)  # clamped: row 0
     rp, rm = R.sgd_update(*f64(p, g, m), lr=0.05, momentum=0.9, weight_decay=wd)
     assert_close(p2, rp, *TOL["sgd_step"], what="sgd p")
     assert_close(m2, rm, *TOL["sgd_step"], what="sgd m")
+
+
+def test_step_advance_wraps_at_the_end_of_an_epoch():
+    st = _state(step=10, step_in_epoch=2, offset=16, epoch=4, steps_per_epoch=3, seed=9, shift=2)
+    BE.step_advance(st, 8)
+    assert HostState.from_array(st) == HostState(step=11, step_in_epoch=0, offset=0, epoch=5, steps_per_epoch=3,
+                                                 seed=9, shift=2)
+    BE.step_advance(st, 8)
+    assert HostState.from_array(st) == advance(HostState(step=11, epoch=5, steps_per_epoch=3, seed=9, shift=2), 8)
+    assert advance_by(HostState(step_in_epoch=1, steps_per_epoch=3), 8, 7) == HostState(
+        step=7, step_in_epoch=2, offset=16, epoch=2, steps_per_epoch=3)
 
 
 def test_bad_options_are_rejected():

@@ -219,3 +219,65 @@ def test_optimizers_match_torch_formulas():
     p2, buf = R.sgd_update(p, g, np.zeros(2), lr=0.1, momentum=0.9, weight_decay=0.5)
     np.testing.assert_allclose(buf, g + 0.5 * p)
     np.testing.assert_allclose(p2, p - 0.1 * (g + 0.5 * p))
+
+
+# ------------------------------------------------------------------------- fused-op compositions
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "sigmoid"])
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_head_train_matches_finite_differences(act, mode):
+    """head_train's gradients (the weights, and dz_conv at the conv's pre-activation below the pooling)
+    against central differences of its own loss: x = pool(act(z)) with z the conv pre-activation."""
+    rng = np.random.default_rng(5)
+    n, c, h, w, h1, h2 = 3, 2, 4, 6, 5, 4
+    z = away_from_kinks(rng.standard_normal((n, c, h, w)), act)
+    labels = rng.integers(0, 10, n)
+    w1, b1 = rng.standard_normal((h1, c * 2 * 3)) * 0.5, rng.standard_normal(h1) * 0.1
+    w2, b2 = rng.standard_normal((h2, h1)) * 0.5, rng.standard_normal(h2) * 0.1
+    w3, b3 = rng.standard_normal((10, h2)) * 0.5, rng.standard_normal(10) * 0.1
+
+    def run():
+        yconv = R.activate(z, act)
+        x, am = R.pool2x2_fwd(yconv, mode)
+        return R.head_train(x, labels, w1, b1, w2, b2, w3, b3, am, yconv, act, mode)
+
+    out = run()
+    loss = lambda: run()["loss_sum"] / n  # noqa: E731 - the gradients are of the mean loss
+    assert rel_err(out["dz_conv"], num_grad(loss, z)) < 1e-5
+    for name, p in (("dw1", w1), ("db1", b1), ("dw2", w2), ("db3", b3)):
+        assert rel_err(out[name], num_grad(loss, p)) < 1e-5, name
+    assert out["correct"] == int((np.argmax(out["logits"], 1) == labels).sum())
+
+
+@pytest.mark.parametrize("act", ["relu", "lecun_tanh"])
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_conv2d_bwd_data_pool_matches_finite_differences(act, mode):
+    """dz_below of L = Σ g·conv(pool(act(z_below))) w.r.t. z_below equals conv2d_bwd_data_pool(g, ...)."""
+    rng = np.random.default_rng(6)
+    z = away_from_kinks(rng.standard_normal((2, 3, 9, 10)), act)  # odd height: a row no window covers
+    wt, b = rng.standard_normal((4, 3, 3, 2)), np.zeros(4)
+    g = rng.standard_normal((2, 4, 2, 4))  # conv output of the (2,3,4,5) pooled map
+
+    def loss():
+        pooled, _ = R.pool2x2_fwd(R.activate(z, act), mode)
+        return float((g * R.conv2d_fwd(pooled, wt, b)).sum())
+
+    yconv = R.activate(z, act)
+    _, am = R.pool2x2_fwd(yconv, mode)
+    got = R.conv2d_bwd_data_pool(g, wt, am, yconv, mode, act)
+    assert got.shape == z.shape
+    assert rel_err(got, num_grad(loss, z)) < 1e-6
+
+
+def test_lenet_fwd_is_the_model_forward():
+    from lenet_gpu import LeNet5
+    from lenet_gpu.spec import views
+
+    rng = np.random.default_rng(8)
+    images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    for act, mode in (("relu", "max"), ("tanh", "avg")):
+        model = LeNet5(backend="numpy", activation=act, pool=mode, seed=4, mean=0.2, std=0.35)
+        params = views(model.parameters(), model.cfg)
+        got = R.lenet_fwd(images, params, 0.2, 0.35, act, mode)
+        np.testing.assert_allclose(got, model.logits(images), rtol=1e-4, atol=1e-5)

@@ -125,8 +125,12 @@ class Backend(Protocol):
     def conv2d_bwd_data(self, dz: Any, w: Any, dx: Any, variant: str | None = None) -> None:
         """dx (B,C,H,W) = full correlation of dz (B,K,Ho,Wo) with the flipped w: the input gradient.
         dz is the gradient w.r.t. the convolution's pre-activation."""
-    def conv2d_bwd_weight(self, x: Any, dz: Any, dw: Any, db: Any, variant: str | None = None) -> None:
-        """dw (K,C,R,S) = Σ_{b,i,j} dz[b,k,i,j]·x[b,c,i+r,j+s]; db (K,) = Σ dz. Overwrites dw, db."""
+    def conv2d_bwd_weight(
+        self, x: Any, dz: Any, dw: Any, db: Any, state: Any | None = None, variant: str | None = None
+    ) -> None:
+        """dw (K,C,R,S) = Σ_{b,i,j} dz[b,k,i,j]·x[b,c,i+r,j+s]; db (K,) = Σ dz. Overwrites dw, db.
+        A backend whose fixed-order reduction ends in a last-block ticket tags the ticket with the
+        state's STEP, so a launch aborted midway cannot poison later ones."""
     def pool2x2_fwd(self, x: Any, y: Any, argmax: Any, mode: str, variant: str | None = None) -> None:
         """y (B,C,H//2,W//2) = 2×2/2 max or mean of x; for max, argmax (uint8, y's shape) = the
         row-major tap 0..3 of the first maximum. avg leaves argmax untouched."""

@@ -196,7 +196,7 @@ class NumpyBackend:
 
         self._chunks(bsz, part)
 
-    def conv2d_bwd_weight(self, x, dz, dw, db, variant=None) -> None:
+    def conv2d_bwd_weight(self, x, dz, dw, db, state=None, variant=None) -> None:
         self.counters.launches += 1
         k, c, r, s = dw.shape
         bsz, _, ho, wo = dz.shape
@@ -269,7 +269,7 @@ class NumpyBackend:
         ho, wo = dy.shape[2], dy.shape[3]
 
         def part(sl: slice) -> None:
-            d, g, am = dz[sl], dy[sl], argmax[sl]
+            d, g, am = dz[sl], dy[sl], (argmax[sl] if argmax is not None else None)
             if 2 * ho != d.shape[2] or 2 * wo != d.shape[3]:
                 d[...] = 0  # the odd trailing row/column belongs to no window
             for t, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):

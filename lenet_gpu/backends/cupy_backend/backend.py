@@ -4,18 +4,21 @@
 ``cupy-host`` backend — runs the same kernels, launched by the same code below, on the CPU harness
 (HostRuntime). Each op is a thin launch wrapper (STYLE.md §4): check shapes, dtypes and contiguity,
 take the preallocated outputs, compute the grid with ceil_div, pass explicitly typed scalars, launch
-once. No op allocates, copies or synchronises.
+once. No op allocates (after its first call at a shape: the scratch of a last-block reduction), copies
+or synchronises. Nothing that changes from step to step is a kernel argument: the kernels read the step
+state (lenet_gpu.stepstate) from the device.
 
 Compile-time parameters of each kernel file are set per module in ``MODULE_DEFINES`` (``-DNAME=VALUE``);
 ``launch_plan`` computes every launch shape from the op's shapes (and is what the static compile report
 uses to know each kernel's block size and dynamic shared memory).
 
-CUDA Graphs: on a GPU, ``graph(fn)`` runs fn once eagerly, then captures it once on the backend's
-non-default stream and replays the graph on every later call. It is OFF by default until it has been
-proven on a GPU (this project's CI has none; the `gpu` test "graph replay equals eager launches bit for
-bit" is the proof to run): turn it on with ``graphs=True`` or ``LENET_GPU_CUDA_GRAPHS=1`` (the training
-program's ``--cuda-graphs``). On the CPU harness ``graph`` returns fn wrapped so that
-any allocation, copy or sync inside it raises, as it would under capture.
+Cheap launches. The first call of an op at given shapes, variant and options builds a plan entry
+(kernel handle, grid, block, shared memory, the typed scalar arguments, the expected array shapes); a
+later call with the same key checks its arrays against the entry and launches. ``record(fn)`` goes
+further: the runtime keeps fn's launches (final typed arguments) and replays them with no checks at all.
+``graph(fn, steps)`` captures ``steps`` calls of fn as one CUDA graph (on by default; off with
+``graphs=False`` or LENET_GPU_CUDA_GRAPHS=0, and then ``graph`` returns None); on the CPU harness the
+"graph" runs fn with the capture rules enforced on every call (no allocation, copy or sync).
 """
 
 from __future__ import annotations
@@ -27,20 +30,26 @@ from typing import Any
 
 import numpy as np
 
+from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, POOL_CODES, check_act, check_mode
-from .runtime import CupyRuntime, HostRuntime, Runtime, define_options
+from . import fused
+from .runtime import DEFAULT_SM_COUNT, NULL_POINTER, CupyRuntime, HostRuntime, Runtime, define_options
 
 i32, f32 = np.int32, np.float32
 
 #: Compile-time parameters per kernel file (the #ifndef defaults at the top of each .cu, made explicit).
+#: 0 = chosen per launch by ``launch_plan`` (K_BLOCK of the conv v2 kernels, C_BLOCK of bwd_data v2).
 MODULE_DEFINES: dict[str, dict[str, int]] = {
     "batch": {},
-    "conv2d": {"K_BLOCK": 8, "C_BLOCK": 6, "J_BLOCK": 13, "BWD_THREADS": 256},
+    "conv2d": {"K_BLOCK": 0, "C_BLOCK": 0, "J_BLOCK": 13, "BWD_THREADS": 256},
     "pool2x2": {},
     "dense": {"TILE_O": 16, "TILE_N": 16, "RN": 4, "TILE_I": 32, "VEC": 4},
     "loss": {"LOSS_THREADS": 256},
     "optim": {},
 }
+#: Register-blocking widths the planner picks from when K_BLOCK / C_BLOCK are 0 (auto).
+K_BLOCKS = (8, 6, 4, 2)
+C_BLOCKS = (8, 6, 4, 2)
 
 #: op → (kernel file stem, variants). Kernel name = f"{op}_{variant}".
 OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -53,10 +62,18 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "dense_bwd": ("dense", ("v1", "v2", "v3")),
     "pool2x2_bwd": ("pool2x2", ("v1",)),
     "conv2d_bwd_data": ("conv2d", ("v1", "v2")),
+    "conv2d_bwd_data_pool": ("conv2d", ("v1", "v2")),
     "conv2d_bwd_weight": ("conv2d", ("v1", "v2", "v3")),
     "adam_step": ("optim", ("v1", "v2")),
     "sgd_step": ("optim", ("v1", "v2")),
+    "step_advance": ("optim", ("v1",)),
+    # the fused ops of fused.py (two and one launches of their own; listed here for the compile checks)
+    "head_train": (fused.STEMS["head_train"], fused.VARIANTS["head_train"]),
+    "lenet_fwd": (fused.STEMS["lenet_fwd"], fused.VARIANTS["lenet_fwd"]),
 }
+MODULE_DEFINES.update(fused.DEFINES)
+#: ops whose launches fused.py makes (the rest launch through CupyBackend._launch)
+FUSED_OPS = ("conv2d_pool_fwd", "conv2d_bwd_data_pool", "head_train", "lenet_fwd")
 
 #: The default variant per op (the fastest by design; to be confirmed by the GPU benchmarks).
 DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, (_, vs) in OP_KERNELS.items()}
@@ -64,9 +81,10 @@ DEFAULT_VARIANTS["dense_fwd"] = "v2"  # v3 (warp per output) only pays off at ba
 
 THREADS = 256  # block size of the 1-D elementwise kernels
 SMEM_LIMIT = 48 * 1024  # dynamic + static shared memory per block without an opt-in
-_TILE_TARGET = 256  # pixels (threads) a conv tile aims for
-_SMEM_TARGET = 24 * 1024  # shared memory a conv tile aims for (several blocks per SM)
-_FILL_BLOCKS = 4 * 132  # blocks that fill an H100 (132 SMs) a few times over
+SM_COUNT = DEFAULT_SM_COUNT  # planned for where no device says otherwise (H100 SXM / H200: 132)
+MIN_WARPS = 4  # a conv tile block aims for at least this many warps (several images packed when small)
+_TILE_THREADS = 256  # the threads a conv tile block aims for at most (more, smaller blocks fill the SMs evenly)
+_SMEM_TARGET = 32 * 1024  # shared memory a conv tile aims for (several blocks per SM)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -79,96 +97,153 @@ def _round_warp(n: int) -> int:
 
 @dataclass(frozen=True)
 class Launch:
-    """One launch's shape: grid, block, dynamic shared memory bytes and the tile arguments it implies."""
+    """One launch's shape: grid, block, dynamic shared memory bytes, the tile arguments it implies, and the
+    compile-time parameters its kernel is built with for this launch (e.g. K_BLOCK chosen for the shape)."""
 
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_mem: int = 0
     extra: tuple[int, ...] = ()  # trailing int arguments of the kernel (tile rows, channel chunk)
+    defines: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def blocks(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def threads(self) -> int:
+        return self.block[0] * self.block[1] * self.block[2]
 
 
 def _grid1d(n: int, threads: int = THREADS) -> Launch:
     return Launch((max(1, ceil_div(n, threads)), 1, 1), (threads, 1, 1))
 
 
-def _conv_tile(rows_total: int, row_len: int, in_extra_rows: int, rows_mult: int, N: int, W: int, C: int, R: int,
-               S: int, K: int, k_block: int, min_blocks: int) -> tuple[int, int, int, int, int]:
-    """Tile ``rows_total`` rows of ``row_len`` threads into blocks of ≈ _TILE_TARGET threads: ``rows`` rows
-    per tile (``tiles`` per image), or, when one tile is a whole small map, ``imgs`` images per block (but
-    not so many that the grid drops under ``min_blocks`` blocks); the
-    ``c_chunk`` channels staged at a time keep shared memory ≤ _SMEM_TARGET (always ≤ SMEM_LIMIT).
-    Returns (rows, tiles, imgs, c_chunk, smem_bytes)."""
-    rows = max(1, min(rows_total, _TILE_TARGET // max(1, row_len)))
-    tiles = ceil_div(rows_total, rows)
-    rows = ceil_div(rows_total, tiles)  # balance: the last tile is not a sliver
-    imgs = 1
-    if tiles == 1:
-        fill = max(1, N * ceil_div(K, k_block) // min_blocks)  # images per block that still fill the GPU
-        imgs = max(1, min(N, _TILE_TARGET // (rows * row_len), fill))
-    in_rows = rows * rows_mult + in_extra_rows
-    while True:
-        per_c = imgs * in_rows * W + R * S * k_block  # floats per staged channel
-        if 4 * per_c <= _SMEM_TARGET or imgs == 1:
-            break
-        imgs = max(1, imgs // 2)
-    c_chunk = max(1, min(C, (_SMEM_TARGET // 4) // per_c))
-    smem = 4 * c_chunk * per_c
-    if smem > SMEM_LIMIT:
-        raise ValueError(f"conv2d: one input channel of {in_rows} rows x {W} does not fit {SMEM_LIMIT} bytes of "
-                         "shared memory; use variant v1")
-    return rows, tiles, imgs, c_chunk, smem
+def _row_splits(rows_total: int) -> list[tuple[int, int]]:
+    """(rows, tiles) for each distinct balanced split of rows_total rows into tiles."""
+    out, seen = [], set()
+    for tiles in range(1, rows_total + 1):
+        rows = ceil_div(rows_total, tiles)
+        if rows not in seen:
+            seen.add(rows)
+            out.append((rows, ceil_div(rows_total, rows)))
+    return out
+
+
+def _best(cands: list[tuple[tuple, Any]]) -> Any:
+    if not cands:
+        raise ValueError("no launch shape fits the shared memory; use variant v1")
+    return max(cands, key=lambda c: c[0])[1]
+
+
+def _score(threads: int, used: int, blocks: int, waste: int, width: int, sm_count: int) -> tuple:
+    """Launch shapes are ranked by: a block of >= MIN_WARPS warps; the grid filling the SMs (blocks / SMs,
+    up to 1); no register-blocking lane wasted (K or C a multiple of the width); a wider register block
+    (more reuse per load); fewer idle threads; more blocks."""
+    return (threads >= 32 * MIN_WARPS, min(1.0, blocks / sm_count), -waste, width, used / threads, blocks)
+
+
+def _conv_fwd_tiles(N: int, C: int, H: int, W: int, K: int, R: int, S: int, pooled: bool, widths: tuple[int, ...],
+                    sm_count: int) -> tuple[int, int, int, int, int, int]:
+    """The tile of conv2d_fwd_v2 / conv2d_pool_fwd_v2: (K_BLOCK, rows, tiles, imgs, c_chunk, smem bytes).
+    A block owns ``rows`` output rows (pooled rows: 2 conv rows each) of ``imgs`` images (imgs > 1 only when a
+    tile is a whole map) for K_BLOCK filters; it stages c_chunk input channels at a time."""
+    P, Q = H - R + 1, W - S + 1
+    rows_total, row_len, mult = (ceil_div(P, 2), ceil_div(Q, 2), 2) if pooled else (P, Q, 1)
+    cap = max(_TILE_THREADS, _round_warp(row_len))
+    cands = []
+    for kb in widths:
+        groups = ceil_div(K, kb)
+        for rows, tiles in _row_splits(rows_total):
+            tile = rows * row_len  # more than 1024: the block's threads loop over it
+            if tile > cap and rows > 1:
+                continue
+            for imgs in range(1, (max(1, min(N, cap // tile)) if tiles == 1 else 1) + 1):
+                threads = _round_warp(imgs * tile)
+                per_c = imgs * (rows * mult + R - 1) * W + R * S * kb  # floats per staged channel
+                if 4 * per_c > SMEM_LIMIT:
+                    continue
+                c_chunk = max(1, min(C, (_SMEM_TARGET // 4) // per_c))
+                blocks = ceil_div(N, imgs) * tiles * groups
+                cands.append((_score(threads, imgs * tile, blocks, groups * kb - K, kb, sm_count),
+                              (kb, rows, tiles, imgs, c_chunk, 4 * c_chunk * per_c)))
+    return _best(cands)
+
+
+def _bwd_data_tiles(N: int, C: int, H: int, W: int, K: int, R: int, S: int, widths: tuple[int, ...], sm_count: int,
+                    max_threads: int) -> tuple[int, int, int, int, int]:
+    """The tile of conv2d_bwd_data_v2 / conv2d_bwd_data_pool_v2 over dx (H x W): (C_BLOCK, rows, tiles,
+    k_chunk, smem bytes). A block owns ``rows`` rows of dx of one image for C_BLOCK channels."""
+    Q = W - S + 1
+    cap = min(max_threads, max(_TILE_THREADS, _round_warp(W)))
+    cands = []
+    for cb in widths:
+        groups = ceil_div(C, cb)
+        for rows, tiles in _row_splits(H):
+            threads = min(cap, _round_warp(rows * W))  # a row longer than that: the threads loop over it
+            if rows * W > cap and rows > 1:
+                continue
+            per_k = (rows + R - 1) * (Q + 2 * (S - 1)) + R * S * cb  # floats per staged filter
+            if 4 * per_k > SMEM_LIMIT:
+                continue
+            k_chunk = max(1, min(K, (_SMEM_TARGET // 4) // per_k))
+            cands.append((_score(threads, rows * W, N * tiles * groups, groups * cb - C, cb, sm_count),
+                          (cb, rows, tiles, k_chunk, 4 * k_chunk * per_k)))
+    return _best(cands)
+
+
+def _widths(fixed: int, candidates: tuple[int, ...]) -> tuple[int, ...]:
+    return (fixed,) if fixed else candidates
 
 
 def launch_plan(
     op: str, variant: str, shapes: dict[str, int], defines: dict[str, dict[str, int]] | None = None,
-    min_blocks: int = _FILL_BLOCKS,
+    sm_count: int = SM_COUNT,
 ) -> Launch:
-    """The launch shape of ``op``/``variant`` at the given sizes (N, C, H, W, K, R, S, I, O, n, B, ...).
-    ``min_blocks``: the conv tiles pack several small maps per block only while the grid keeps this many."""
-    d = {**MODULE_DEFINES, **(defines or {})}
+    """The launch shape of ``op``/``variant`` at the given sizes (N, C, H, W, K, R, S, I, O, n, B, ...) on a
+    device of ``sm_count`` SMs: conv tiles of >= MIN_WARPS warps (small maps packed several to a block) that
+    fill the SMs where the batch allows, register-blocking widths (K_BLOCK, C_BLOCK) chosen per launch unless
+    ``defines`` fixes them, and optimizer grids that cover the SMs."""
+    d = {stem: {**v, **(defines or {}).get(stem, {})} for stem, v in MODULE_DEFINES.items()}
     g = shapes.get
     if op == "batch_prepare":
         return _grid1d(g("B") * g("XH") * g("XW"))
-    if op in ("conv2d_fwd", "conv2d_pool_fwd", "conv2d_bwd_data", "conv2d_bwd_weight"):
+    if op in ("conv2d_fwd", "conv2d_pool_fwd", "conv2d_bwd_data", "conv2d_bwd_data_pool", "conv2d_bwd_weight"):
         N, C, H, W, K, R, S = (g(k) for k in "NCHWKRS")
         P, Q = H - R + 1, W - S + 1
-        kb = d["conv2d"]["K_BLOCK"]
+        dc = d["conv2d"]
         if op == "conv2d_fwd" and variant == "v1":
             return _grid1d(N * K * P * Q)
-        if op == "conv2d_fwd":
-            rows, tiles, imgs, c_chunk, smem = _conv_tile(P, Q, R - 1, 1, N, W, C, R, S, K, kb, min_blocks)
-            return Launch((ceil_div(N, imgs) * tiles, ceil_div(K, kb), 1), (_round_warp(imgs * rows * Q), 1, 1),
-                          smem, (rows, c_chunk, imgs))
         if op == "conv2d_pool_fwd" and variant == "v1":
             return _grid1d(N * K * ceil_div(P, 2) * ceil_div(Q, 2))
-        if op == "conv2d_pool_fwd":
-            ww = ceil_div(Q, 2)
-            rows2, tiles, imgs, c_chunk, smem = _conv_tile(
-                ceil_div(P, 2), ww, R - 1, 2, N, W, C, R, S, K, kb, min_blocks
-            )
-            return Launch((ceil_div(N, imgs) * tiles, ceil_div(K, kb), 1), (_round_warp(imgs * rows2 * ww), 1, 1),
-                          smem, (rows2, c_chunk, imgs))
+        if op in ("conv2d_fwd", "conv2d_pool_fwd"):
+            pooled = op == "conv2d_pool_fwd"
+            kb, rows, tiles, imgs, c_chunk, smem = _conv_fwd_tiles(N, C, H, W, K, R, S, pooled,
+                                                                   _widths(dc["K_BLOCK"], K_BLOCKS), sm_count)
+            row_len = ceil_div(Q, 2) if pooled else Q
+            return Launch((ceil_div(N, imgs) * tiles, ceil_div(K, kb), 1), (_round_warp(imgs * rows * row_len), 1, 1),
+                          smem, (rows, c_chunk, imgs), (("K_BLOCK", kb),))
         if op == "conv2d_bwd_data" and variant == "v1":
             return _grid1d(N * C * H * W)
-        if op == "conv2d_bwd_data":
-            cb = d["conv2d"]["C_BLOCK"]
-            rows = max(1, min(H, _TILE_TARGET // W))
-            tiles = ceil_div(H, rows)
-            rows = ceil_div(H, tiles)
-            per_k = (rows + R - 1) * (Q + 2 * (S - 1)) + R * S * cb  # floats per staged filter
-            k_chunk = max(1, min(K, (_SMEM_TARGET // 4) // per_k))
-            if 4 * k_chunk * per_k > SMEM_LIMIT:
-                raise ValueError("conv2d_bwd_data: one staged filter does not fit shared memory; use variant v1")
-            return Launch((N * tiles, ceil_div(C, cb), 1), (_round_warp(rows * W), 1, 1), 4 * k_chunk * per_k,
-                          (rows, k_chunk))
+        if op == "conv2d_bwd_data_pool" and variant == "v1":
+            return _grid1d(N * C * (H // 2) * (W // 2))
+        if op in ("conv2d_bwd_data", "conv2d_bwd_data_pool"):
+            # H, W are dx's (the convolution's input): for the fused op, the pooled map of yconv
+            if op == "conv2d_bwd_data_pool":
+                H, W = H // 2, W // 2
+            cap = 512 if op == "conv2d_bwd_data_pool" else 1024  # the kernels' launch bounds
+            cb, rows, tiles, k_chunk, smem = _bwd_data_tiles(N, C, H, W, K, R, S, _widths(dc["C_BLOCK"], C_BLOCKS),
+                                                             sm_count, cap)
+            return Launch((N * tiles, ceil_div(C, cb), 1), (min(cap, _round_warp(rows * W)), 1, 1), smem,
+                          (rows, k_chunk), (("C_BLOCK", cb),))
         if variant == "v1":
             return _grid1d(K * C * R * S + K)
-        jb, bt = d["conv2d"]["J_BLOCK"], d["conv2d"]["BWD_THREADS"]
+        jb, bt = dc["J_BLOCK"], dc["BWD_THREADS"]
         base = ceil_div(C * R * S, jb) * K
         if variant == "v2":
             return Launch((ceil_div(C * R * S, jb), K, 1), (bt, 1, 1))
-        # v3: split the batch so that ≈ _FILL_BLOCKS blocks run, each with ≥ 8 positions per thread
-        splits = max(1, min(N, ceil_div(_FILL_BLOCKS, base), (N * P * Q) // (bt * 8), 65535))
+        # v3: split the batch so that a few blocks per SM run, each with >= 8 positions per thread
+        splits = max(1, min(N, ceil_div(4 * sm_count, base), (N * P * Q) // (bt * 8), 65535))
         chunk = ceil_div(N, splits)
         return Launch((ceil_div(C * R * S, jb), K, ceil_div(N, chunk)), (bt, 1, 1), 0, (chunk,))
     if op in ("pool2x2_fwd",):
@@ -195,9 +270,14 @@ def launch_plan(
     if op == "softmax_xent":
         lt = d["loss"]["LOSS_THREADS"]
         return Launch((1 if variant == "v1" else ceil_div(g("N"), lt), 1, 1), (lt, 1, 1))
+    if op == "step_advance":
+        return Launch((1, 1, 1), (1, 1, 1))  # one thread
     if op in ("adam_step", "sgd_step"):
-        per_thread = 1 if variant == "v1" else 4  # v2: one float4 per thread
-        return Launch((max(1, min(ceil_div(g("n"), THREADS * per_thread), 4096)), 1, 1), (THREADS, 1, 1))
+        # one element (v1) or float4 (v2) per thread, blocks sized so the grid covers the SMs: a block gets
+        # items / SMs threads rounded down to warps (32..256), so a small buffer still spreads over every SM
+        items = ceil_div(g("n"), 1 if variant == "v1" else 4)
+        threads = max(32, min(THREADS, (items // sm_count) // 32 * 32))
+        return Launch((max(1, min(ceil_div(items, threads), 65535)), 1, 1), (threads, 1, 1))
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -223,22 +303,46 @@ def _check_aligned(arr: Any, name: str, nbytes: int) -> None:
         raise ValueError(f"{name}: address not {nbytes}-byte aligned (vectorised variant); use variant v1")
 
 
+class _Entry:
+    """A cached launch: kernel handle, grid, block, shared memory, the typed trailing scalar arguments,
+    the scratch buffers of a last-block reduction, and (name, shape, dtype) of each array argument
+    (None: not checked, e.g. an optional array that is absent)."""
+
+    __slots__ = ("kernel", "grid", "block", "shared_mem", "tail", "scratch", "expect", "launch", "aligned",
+                 "optional")
+
+    def __init__(self, kernel: Any, launch: Launch, tail: tuple, expect: tuple, scratch: tuple = (),
+                 aligned: int = 0) -> None:
+        self.kernel, self.launch = kernel, launch
+        self.grid, self.block, self.shared_mem = launch.grid, launch.block, launch.shared_mem
+        self.tail = tail + tuple(i32(e) for e in launch.extra)
+        self.scratch = scratch
+        self.expect = expect
+        self.optional = any(ex is None for ex in expect)
+        self.aligned = aligned  # the first `aligned` arrays must be 16-byte aligned (float4 variants)
+
+
+def _arg(name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> tuple[str, tuple[int, ...], np.dtype]:
+    return (name, tuple(int(d) for d in shape), np.dtype(dtype))
+
+
 class CupyBackend:
     """CUDA C kernels (kernels/*.cu) on the GPU through CuPy, or on the CPU harness with ``host=True``.
 
     Args:
         host: run on the CPU harness (the ``cupy-host`` backend) instead of the GPU.
-        graphs: capture the forward+backward part as a CUDA graph (GPU only; see the module doc).
-            Default: off, unless the environment sets LENET_GPU_CUDA_GRAPHS=1.
-        fused: offer the fused ``conv2d_pool_fwd`` op (the model then uses it: 16 launches per step
-            instead of 18).
+        graphs: ``graph(fn, steps)`` captures CUDA graphs (on the harness: runs fn under the capture
+            rules). Default: on, unless the environment sets LENET_GPU_CUDA_GRAPHS=0; off: ``graph``
+            returns None.
+        fused: offer the fused ops ``conv2d_pool_fwd``, ``conv2d_bwd_data_pool``, ``head_train`` and
+            ``lenet_fwd`` (the model then uses them: 10 launches a training step instead of 19).
         variants: op → variant overriding ``DEFAULT_VARIANTS``.
         defines: kernel file stem → {NAME: value} overriding ``MODULE_DEFINES``.
-        runtime: a Runtime to use instead of the one ``host`` selects (e.g. for reports).
+        runtime: a Runtime to use instead of the one ``host`` selects (e.g. for reports, host timing).
         sanitize: the harness sanitizer for ``host`` ("address", "thread", "undefined"; default from
             $CUDACPU_SANITIZE).
-        min_blocks: conv v2 tiles pack several small maps into one block only while the grid keeps at
-            least this many blocks (default: enough to fill an H100 a few times over).
+        sm_count: the SM count launch shapes are planned for (default: the device's, queried once; 132 where
+            there is no device).
     """
 
     def __init__(
@@ -250,21 +354,22 @@ class CupyBackend:
         defines: dict[str, dict[str, int]] | None = None,
         runtime: Runtime | None = None,
         sanitize: str | None = None,
-        min_blocks: int = _FILL_BLOCKS,
+        sm_count: int | None = None,
     ) -> None:
         if graphs is None:
-            graphs = os.environ.get("LENET_GPU_CUDA_GRAPHS", "0") == "1"
+            graphs = os.environ.get("LENET_GPU_CUDA_GRAPHS", "1") != "0"
         if runtime is None:
             runtime = HostRuntime(sanitize=sanitize) if host else CupyRuntime(graphs=graphs)
         self.runtime = runtime
         self.name = "cupy" if runtime.is_gpu else "cupy-host"
         self.is_gpu = runtime.is_gpu
         self.counters = runtime.counters
-        self.graphs = graphs
-        self._scratch: dict[tuple, tuple[Any, ...]] = {}  # per-shape kernel workspaces
-        self.min_blocks = int(min_blocks)
+        self.graphs = bool(graphs)
+        self.sm_count = int(sm_count or runtime.sm_count)
         self.defines = {stem: {**d, **(defines or {}).get(stem, {})} for stem, d in MODULE_DEFINES.items()}
-        ops = [*OPS, *(("conv2d_pool_fwd",) if fused else ())]
+        self._kernels: dict[tuple, Any] = {}
+        self._plans: dict[tuple, _Entry] = {}
+        ops = [*OPS, *(FUSED_OPS if fused else ())]
         self.variants: dict[str, tuple[str, ...]] = {op: OP_KERNELS[op][1] for op in ops}
         self.default_variants: dict[str, str] = {op: DEFAULT_VARIANTS[op] for op in ops}
         for op, v in (variants or {}).items():
@@ -291,10 +396,15 @@ class CupyBackend:
     def synchronize(self) -> None:
         self.runtime.synchronize()
 
-    def graph(self, fn: Callable[[], None]) -> Callable[[], None]:
-        # the harness always applies the capture rules (no allocation, copy or sync inside fn), so every
-        # cupy-host step in CI proves the step could be captured; on a GPU only when graphs are on
-        return self.runtime.graph(fn) if (self.graphs or not self.is_gpu) else fn
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """fn's launches recorded at its first call (kernel, grid, block, shared memory, typed arguments) and
+        replayed as they are on later calls: no checks, plans or conversions."""
+        return self.runtime.record(fn)
+
+    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
+        """``steps`` consecutive calls of fn as one CUDA graph, captured at the first call and replayed after
+        (fn already warmed up); None when graphs are off. On the CPU harness: fn under the capture rules."""
+        return self.runtime.graph(fn, steps) if self.graphs else None
 
     # ------------------------------------------------------------------ launch helpers
     def _variant(self, op: str, variant: str | None) -> str:
@@ -303,193 +413,291 @@ class CupyBackend:
             raise ValueError(f"{op}: unknown variant {v!r}; this backend has {self.variants.get(op, ())}")
         return v
 
+    def options(self, stem: str, launch_defines: tuple[tuple[str, int], ...] = ()) -> tuple[str, ...]:
+        """The compile options of kernels/<stem>.cu for a launch: the module's defines (those set to 0, chosen
+        per launch, left out) with the launch's own (e.g. the K_BLOCK its shape was planned with)."""
+        merged = {k: v for k, v in self.defines[stem].items() if v}
+        merged.update(launch_defines)
+        return define_options(merged)
+
+    def _kernel(self, op: str, variant: str, launch_defines: tuple[tuple[str, int], ...] = ()) -> Any:
+        key = (op, variant, launch_defines)
+        k = self._kernels.get(key)
+        if k is None:
+            stem = OP_KERNELS[op][0]
+            k = self._kernels[key] = self.runtime.get_kernel(stem, f"{op}_{variant}",
+                                                              self.options(stem, launch_defines))
+        return k
+
     def _launch(self, op: str, variant: str, launch: Launch, args: tuple) -> None:
-        stem = OP_KERNELS[op][0]
-        kernel = self.runtime.get_kernel(stem, f"{op}_{variant}", define_options(self.defines[stem]))
-        self.runtime.launch(kernel, launch.grid, launch.block, args + tuple(i32(e) for e in launch.extra),
-                            launch.shared_mem)
+        """Launch ``{op}_{variant}`` with ``args`` followed by the plan's typed tile arguments."""
+        self.runtime.launch(self._kernel(op, variant, launch.defines), launch.grid, launch.block,
+                            args + tuple(i32(e) for e in launch.extra), launch.shared_mem)
 
     def plan(self, op: str, variant: str, **shapes: int) -> Launch:
-        return launch_plan(op, variant, shapes, self.defines, self.min_blocks)
+        return launch_plan(op, variant, shapes, self.defines, self.sm_count)
+
+    def _entry(self, op: str, variant: str, tail: tuple, expect: tuple, scratch: tuple = (), **shapes: int) -> _Entry:
+        plan = self.plan(op, variant, **shapes)
+        return _Entry(self._kernel(op, variant, plan.defines), plan, tail, expect, scratch)
+
+    def _run(self, e: _Entry, arrays: tuple) -> None:
+        """Check the arrays against the cached entry and issue its launch (the scalars are typed already)."""
+        for a, ex in zip(arrays, e.expect):
+            if ex is None:
+                continue
+            if a is None or a.shape != ex[1] or a.dtype != ex[2] or not a.flags.c_contiguous:
+                _check(a, *ex)
+        for a, ex in zip(arrays[: e.aligned], e.expect):
+            _check_aligned(a, ex[0], 16)
+        if e.optional:  # an optional array: absent is a null pointer
+            arrays = tuple(NULL_POINTER if a is None else a for a in arrays)
+        self.runtime.issue(e.kernel, e.grid, e.block, arrays + e.scratch + e.tail, e.shared_mem)
+
+    def ticket_buffers(self, op: str) -> list[Any]:
+        """The last-block ticket buffers (uint64) of ``op``'s cached launches (softmax_xent v2,
+        conv2d_bwd_weight v3): for tests that poison them and for debugging."""
+        return [e.scratch[-1] for key, e in self._plans.items() if key[0] == op and e.scratch]
 
     # ------------------------------------------------------------------ ops
-    def batch_prepare(self, images, labels, perm, offset, x, y, mean, std, variant=None) -> None:
-        v = self._variant("batch_prepare", variant)
-        n, ih, iw = images.shape
-        b, _, xh, xw = x.shape
-        pad = (xh - ih) // 2
-        _check(images, "images", (n, ih, iw), np.uint8)
-        _check(labels, "labels", (n,), np.uint8)
-        _check(perm, "perm", (perm.shape[0],), np.int32)
-        _check(x, "x", (b, 1, ih + 2 * pad, iw + 2 * pad))
-        _check(y, "y", (b,), np.int32)
-        offset = int(offset)
-        if offset < 0 or offset + b > perm.shape[0]:
-            raise IndexError(f"batch_prepare: perm has {perm.shape[0]} entries, need {offset + b}")
-        scale, shift = f32(1.0 / (255.0 * std)), f32(-mean / std)
-        self._launch("batch_prepare", v, self.plan("batch_prepare", v, B=b, XH=xh, XW=xw),
-                     (images, labels, perm, i32(offset), x, y, i32(b), i32(ih), i32(iw), i32(pad), scale, shift))
+    def batch_prepare(self, images, labels, perm, state, x, y, mean, std, variant=None) -> None:
+        key = ("batch_prepare", variant, images.shape, perm.shape, x.shape, float(mean), float(std))
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("batch_prepare", variant)
+            n, ih, iw = images.shape
+            b, _, xh, xw = x.shape
+            pad = (xh - ih) // 2
+            if xh != ih + 2 * pad or xw != iw + 2 * pad or pad < 0:
+                raise ValueError(f"batch_prepare: x {tuple(x.shape)} is not images {tuple(images.shape)} padded")
+            (m,) = perm.shape
+            if m < 1:
+                raise ValueError("batch_prepare: empty permutation")
+            expect = (_arg("images", (n, ih, iw), np.uint8), _arg("labels", (n,), np.uint8),
+                      _arg("perm", (m,), np.int32), _arg("state", (STATE_WORDS,), np.int32),
+                      _arg("x", (b, 1, xh, xw)), _arg("y", (b,), np.int32))
+            tail = (i32(m), i32(b), i32(ih), i32(iw), i32(pad), f32(1.0 / (255.0 * std)), f32(-mean / std))
+            e = self._plans[key] = self._entry("batch_prepare", v, tail, expect, B=b, XH=xh, XW=xw)
+        self._run(e, (images, labels, perm, state, x, y))
 
     def _conv_shapes(self, x, w, b) -> tuple[int, ...]:
         n, c, h, wd = x.shape
         k, c2, r, s = w.shape
         if c2 != c or h < r or wd < s:
             raise ValueError(f"conv2d: x {tuple(x.shape)} and w {tuple(w.shape)} do not agree")
-        _check(x, "x", (n, c, h, wd))
-        _check(w, "w", (k, c, r, s))
-        if b is not None:
-            _check(b, "b", (k,))
         return n, c, h, wd, k, r, s
 
     def conv2d_fwd(self, x, w, b, y, act, variant=None) -> None:
-        v = self._variant("conv2d_fwd", variant)
-        check_act(act)
-        n, c, h, wd, k, r, s = self._conv_shapes(x, w, b)
-        _check(y, "y", (n, k, h - r + 1, wd - s + 1))
-        plan = self.plan("conv2d_fwd", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
-        self._launch("conv2d_fwd", v, plan,
-                     (x, w, b, y, *(i32(e) for e in (n, c, h, wd, k, r, s)), i32(ACT_CODES[act])))
+        key = ("conv2d_fwd", variant, x.shape, w.shape, act)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_fwd", variant)
+            check_act(act)
+            n, c, h, wd, k, r, s = dims = self._conv_shapes(x, w, b)
+            expect = (_arg("x", (n, c, h, wd)), _arg("w", (k, c, r, s)), _arg("b", (k,)),
+                      _arg("y", (n, k, h - r + 1, wd - s + 1)))
+            tail = (*(i32(d) for d in dims), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("conv2d_fwd", v, tail, expect, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
+        self._run(e, (x, w, b, y))
+
+    #: the fused dense head (kernels/head.cu, two launches) and the whole-network inference pass
+    #: (kernels/lenet_fwd.cu, one launch): their wrappers live in fused.py
+    head_train = fused.head_train
+    lenet_fwd = fused.lenet_fwd
 
     def conv2d_pool_fwd(self, x, w, b, yconv, ypool, argmax, act, mode, variant=None) -> None:
         """Fused conv2d_fwd + pool2x2_fwd: yconv (may be None: not written) = act(conv + b); ypool and,
         for max, argmax = the 2×2/2 subsampling of it."""
-        v = self._variant("conv2d_pool_fwd", variant)
-        check_act(act)
-        check_mode(mode)
-        n, c, h, wd, k, r, s = self._conv_shapes(x, w, b)
-        p, q = h - r + 1, wd - s + 1
-        if yconv is not None:
-            _check(yconv, "yconv", (n, k, p, q))
-        _check(ypool, "ypool", (n, k, p // 2, q // 2))
-        if mode == "max":
-            _check(argmax, "argmax", (n, k, p // 2, q // 2), np.uint8)
-        plan = self.plan("conv2d_pool_fwd", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
-        self._launch("conv2d_pool_fwd", v, plan,
-                     (x, w, b, yconv, ypool, argmax if mode == "max" else None,
-                      *(i32(e) for e in (n, c, h, wd, k, r, s)), i32(ACT_CODES[act]), i32(POOL_CODES[mode])))
+        key = ("conv2d_pool_fwd", variant, x.shape, w.shape, act, mode, yconv is None)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_pool_fwd", variant)
+            check_act(act)
+            check_mode(mode)
+            n, c, h, wd, k, r, s = dims = self._conv_shapes(x, w, b)
+            p, q = h - r + 1, wd - s + 1
+            expect = (_arg("x", (n, c, h, wd)), _arg("w", (k, c, r, s)), _arg("b", (k,)),
+                      None if yconv is None else _arg("yconv", (n, k, p, q)), _arg("ypool", (n, k, p // 2, q // 2)),
+                      _arg("argmax", (n, k, p // 2, q // 2), np.uint8) if mode == "max" else None)
+            tail = (*(i32(d) for d in dims), i32(ACT_CODES[act]), i32(POOL_CODES[mode]))
+            e = self._plans[key] = self._entry("conv2d_pool_fwd", v, tail, expect, N=n, C=c, H=h, W=wd, K=k, R=r,
+                                               S=s)
+        self._run(e, (x, w, b, yconv, ypool, argmax if mode == "max" else None))
 
     def conv2d_bwd_data(self, dz, w, dx, variant=None) -> None:
-        v = self._variant("conv2d_bwd_data", variant)
-        n, c, h, wd = dx.shape
-        k, c2, r, s = w.shape
-        if c2 != c:
-            raise ValueError(f"conv2d_bwd_data: w {tuple(w.shape)} and dx {tuple(dx.shape)} do not agree")
-        _check(dz, "dz", (n, k, h - r + 1, wd - s + 1))
-        _check(w, "w", (k, c, r, s))
-        _check(dx, "dx", (n, c, h, wd))
-        plan = self.plan("conv2d_bwd_data", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
-        self._launch("conv2d_bwd_data", v, plan, (dz, w, dx, *(i32(e) for e in (n, c, h, wd, k, r, s))))
+        key = ("conv2d_bwd_data", variant, dx.shape, w.shape)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_bwd_data", variant)
+            n, c, h, wd = dims = dx.shape
+            k, c2, r, s = w.shape
+            if c2 != c or h < r or wd < s:
+                raise ValueError(f"conv2d_bwd_data: w {tuple(w.shape)} and dx {tuple(dx.shape)} do not agree")
+            expect = (_arg("dz", (n, k, h - r + 1, wd - s + 1)), _arg("w", (k, c, r, s)), _arg("dx", dims))
+            tail = tuple(i32(d) for d in (n, c, h, wd, k, r, s))
+            e = self._plans[key] = self._entry("conv2d_bwd_data", v, tail, expect, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
+        self._run(e, (dz, w, dx))
 
-    def conv2d_bwd_weight(self, x, dz, dw, db, variant=None) -> None:
-        v = self._variant("conv2d_bwd_weight", variant)
-        n, c, h, wd = x.shape
-        k, c2, r, s = dw.shape
-        if c2 != c:
-            raise ValueError(f"conv2d_bwd_weight: x {tuple(x.shape)} and dw {tuple(dw.shape)} do not agree")
-        _check(x, "x", (n, c, h, wd))
-        _check(dz, "dz", (n, k, h - r + 1, wd - s + 1))
-        _check(dw, "dw", (k, c, r, s))
-        _check(db, "db", (k,))
-        plan = self.plan("conv2d_bwd_weight", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
-        shapes = tuple(i32(e) for e in (n, c, h, wd, k, r, s))
-        if v != "v3":
-            self._launch("conv2d_bwd_weight", v, plan, (x, dz, dw, db, *shapes))
-            return
-        # per-split partial sums and the tickets of the last-block reduction: allocated on the first call
-        # at a shape (warm-up), reused after; the kernel leaves the tickets at zero
-        key = ("conv2d_bwd_weight", n, c, h, wd, k, r, s)
-        ws = self._scratch.get(key)
-        if ws is None:
-            ws = self._scratch[key] = (self.runtime.empty((plan.grid[2] * k * (c * r * s + 1),)),
-                                       self.runtime.zeros((plan.grid[0] * k,), np.uint32))
-        self._launch("conv2d_bwd_weight", v, plan, (x, dz, dw, db, *ws, *shapes))
+    def conv2d_bwd_data_pool(self, dz, w, argmax, yconv, dz_below, mode, act, variant=None) -> None:
+        """Fused conv2d_bwd_data + pool2x2_bwd: dz_below (yconv's shape) = the data gradient of the convolution
+        (whose input is the 2×2 pooling of yconv) routed through that pooling and multiplied by act'(yconv)
+        (reference.conv2d_bwd_data_pool). argmax is None for avg."""
+        key = ("conv2d_bwd_data_pool", variant, dz.shape, w.shape, yconv.shape, mode, act)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_bwd_data_pool", variant)
+            check_mode(mode)
+            check_act(act)
+            n, c, h, wd = yconv.shape
+            k, c2, r, s = w.shape
+            hp, wp = h // 2, wd // 2
+            if c2 != c or hp < r or wp < s:
+                raise ValueError(f"conv2d_bwd_data_pool: w {tuple(w.shape)} and yconv {tuple(yconv.shape)} "
+                                 "do not agree")
+            expect = (_arg("dz", (n, k, hp - r + 1, wp - s + 1)), _arg("w", (k, c, r, s)),
+                      _arg("argmax", (n, c, hp, wp), np.uint8) if mode == "max" else None,
+                      _arg("yconv", (n, c, h, wd)), _arg("dz_below", (n, c, h, wd)))
+            tail = (*(i32(d) for d in (n, c, h, wd, k, r, s)), i32(POOL_CODES[mode]), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("conv2d_bwd_data_pool", v, tail, expect, N=n, C=c, H=h, W=wd, K=k,
+                                               R=r, S=s)
+        self._run(e, (dz, w, argmax if mode == "max" else None, yconv, dz_below))
+
+    def conv2d_bwd_weight(self, x, dz, dw, db, state=None, variant=None) -> None:
+        """dw, db of a convolution. ``state``: the step state, whose STEP tags the last-block ticket of v3 (a
+        launch never relies on the previous one having reset it); None: generation 0."""
+        key = ("conv2d_bwd_weight", variant, x.shape, dw.shape, state is None)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_bwd_weight", variant)
+            n, c, h, wd = x.shape
+            k, c2, r, s = dw.shape
+            if c2 != c or h < r or wd < s:
+                raise ValueError(f"conv2d_bwd_weight: x {tuple(x.shape)} and dw {tuple(dw.shape)} do not agree")
+            expect = (_arg("x", (n, c, h, wd)), _arg("dz", (n, k, h - r + 1, wd - s + 1)), _arg("dw", (k, c, r, s)),
+                      _arg("db", (k,)))
+            tail = tuple(i32(d) for d in (n, c, h, wd, k, r, s))
+            plan = self.plan("conv2d_bwd_weight", v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
+            scratch: tuple = ()
+            if v == "v3":  # per-split partial sums and the column tickets: allocated once per shape
+                scratch = (self.runtime.empty((plan.grid[2] * k * (c * r * s + 1),)),
+                           self.runtime.zeros((plan.grid[0] * k,), np.uint64))
+                expect += (None if state is None else _arg("state", (STATE_WORDS,), np.int32),)
+            e = self._plans[key] = _Entry(self._kernel("conv2d_bwd_weight", v, plan.defines), plan, tail, expect,
+                                          scratch)
+        self._run(e, (x, dz, dw, db, state) if e.scratch else (x, dz, dw, db))
 
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
-        v = self._variant("pool2x2_fwd", variant)
-        check_mode(mode)
-        n, c, h, wd = x.shape
-        _check(x, "x", (n, c, h, wd))
-        _check(y, "y", (n, c, h // 2, wd // 2))
-        if mode == "max":
-            _check(argmax, "argmax", (n, c, h // 2, wd // 2), np.uint8)
-        plan = self.plan("pool2x2_fwd", v, NC=n * c, H=h, W=wd)
-        self._launch("pool2x2_fwd", v, plan, (x, y, argmax if mode == "max" else None, i32(n * c), i32(h), i32(wd),
-                                              i32(POOL_CODES[mode])))
+        key = ("pool2x2_fwd", variant, x.shape, mode)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("pool2x2_fwd", variant)
+            check_mode(mode)
+            n, c, h, wd = x.shape
+            expect = (_arg("x", (n, c, h, wd)), _arg("y", (n, c, h // 2, wd // 2)),
+                      _arg("argmax", (n, c, h // 2, wd // 2), np.uint8) if mode == "max" else None)
+            tail = (i32(n * c), i32(h), i32(wd), i32(POOL_CODES[mode]))
+            e = self._plans[key] = self._entry("pool2x2_fwd", v, tail, expect, NC=n * c, H=h, W=wd)
+        self._run(e, (x, y, argmax if mode == "max" else None))
 
     def pool2x2_bwd(self, dy, argmax, yconv, dz, mode, act, variant=None) -> None:
-        v = self._variant("pool2x2_bwd", variant)
-        check_mode(mode)
-        check_act(act)
-        n, c, h, wd = dz.shape
-        _check(dz, "dz", (n, c, h, wd))
-        _check(yconv, "yconv", (n, c, h, wd))
-        _check(dy, "dy", (n, c, h // 2, wd // 2))
-        if mode == "max":
-            _check(argmax, "argmax", (n, c, h // 2, wd // 2), np.uint8)
-        plan = self.plan("pool2x2_bwd", v, NC=n * c, H=h, W=wd)
-        self._launch("pool2x2_bwd", v, plan, (dy, argmax if mode == "max" else None, yconv, dz, i32(n * c), i32(h),
-                                              i32(wd), i32(POOL_CODES[mode]), i32(ACT_CODES[act])))
+        key = ("pool2x2_bwd", variant, dz.shape, mode, act)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("pool2x2_bwd", variant)
+            check_mode(mode)
+            check_act(act)
+            n, c, h, wd = dz.shape
+            expect = (_arg("dy", (n, c, h // 2, wd // 2)),
+                      _arg("argmax", (n, c, h // 2, wd // 2), np.uint8) if mode == "max" else None,
+                      _arg("yconv", (n, c, h, wd)), _arg("dz", (n, c, h, wd)))
+            tail = (i32(n * c), i32(h), i32(wd), i32(POOL_CODES[mode]), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("pool2x2_bwd", v, tail, expect, NC=n * c, H=h, W=wd)
+        self._run(e, (dy, argmax if mode == "max" else None, yconv, dz))
 
     def dense_fwd(self, x, w, b, y, act, variant=None) -> None:
-        v = self._variant("dense_fwd", variant)
-        check_act(act)
-        n, i = x.shape
-        o = w.shape[0]
-        _check(x, "x", (n, i))
-        _check(w, "w", (o, i))
-        _check(b, "b", (o,))
-        _check(y, "y", (n, o))
-        plan = self.plan("dense_fwd", v, N=n, I=i, O=o)
-        self._launch("dense_fwd", v, plan, (x, w, b, y, i32(n), i32(i), i32(o), i32(ACT_CODES[act])))
+        key = ("dense_fwd", variant, x.shape, w.shape, act)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("dense_fwd", variant)
+            check_act(act)
+            n, i = x.shape
+            o = w.shape[0]
+            expect = (_arg("x", (n, i)), _arg("w", (o, i)), _arg("b", (o,)), _arg("y", (n, o)))
+            tail = (i32(n), i32(i), i32(o), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("dense_fwd", v, tail, expect, N=n, I=i, O=o)
+        self._run(e, (x, w, b, y))
 
     def dense_bwd(self, x, w, y, dy, dx, dw, db, act, variant=None) -> None:
-        v = self._variant("dense_bwd", variant)
-        check_act(act)
-        n, i = x.shape
-        o = w.shape[0]
-        _check(x, "x", (n, i))
-        _check(w, "w", (o, i))
-        _check(y, "y", (n, o))
-        _check(dy, "dy", (n, o))
-        if dx is not None:
-            _check(dx, "dx", (n, i))
-        _check(dw, "dw", (o, i))
-        _check(db, "db", (o,))
-        plan = self.plan("dense_bwd", v, N=n, I=i, O=o, dx=int(dx is not None))
-        self._launch("dense_bwd", v, plan, (x, w, y, dy, dx, dw, db, i32(n), i32(i), i32(o), i32(ACT_CODES[act])))
+        key = ("dense_bwd", variant, x.shape, w.shape, act, dx is None)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("dense_bwd", variant)
+            check_act(act)
+            n, i = x.shape
+            o = w.shape[0]
+            expect = (_arg("x", (n, i)), _arg("w", (o, i)), _arg("y", (n, o)), _arg("dy", (n, o)),
+                      None if dx is None else _arg("dx", (n, i)), _arg("dw", (o, i)), _arg("db", (o,)))
+            tail = (i32(n), i32(i), i32(o), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("dense_bwd", v, tail, expect, N=n, I=i, O=o, dx=int(dx is not None))
+        self._run(e, (x, w, y, dy, dx, dw, db))
 
-    def softmax_xent(self, logits, labels, dlogits, stats, variant=None) -> None:
-        v = self._variant("softmax_xent", variant)
-        n, nc = logits.shape
-        _check(logits, "logits", (n, nc))
-        _check(labels, "labels", (n,), np.int32)
-        _check(dlogits, "dlogits", (n, nc))
-        _check(stats, "stats", (2,))
-        plan = self.plan("softmax_xent", v, N=n)
-        scratch: tuple = ()
-        if v == "v2":  # block partials and the last-block ticket: allocated at the first call at this batch
-            key = ("softmax_xent", plan.grid[0])
-            scratch = self._scratch.get(key) or self._scratch.setdefault(
-                key, (self.runtime.empty((2 * plan.grid[0],)), self.runtime.zeros((1,), np.uint32)))
-        self._launch("softmax_xent", v, plan, (logits, labels, dlogits, stats, *scratch, i32(n), i32(nc)))
+    def softmax_xent(self, logits, labels, dlogits, stats, state, variant=None) -> None:
+        """dlogits and the step's [Σ loss, correct] into stats row STEP_IN_EPOCH mod S (overwritten)."""
+        key = ("softmax_xent", variant, logits.shape, stats.shape)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("softmax_xent", variant)
+            n, nc = logits.shape
+            if stats.ndim != 2 or stats.shape[1] != 2 or stats.shape[0] < 1:
+                raise ValueError(f"softmax_xent: stats must be (S, 2), got {tuple(stats.shape)}")
+            rows = stats.shape[0]
+            expect = (_arg("logits", (n, nc)), _arg("labels", (n,), np.int32), _arg("dlogits", (n, nc)),
+                      _arg("stats", (rows, 2)), _arg("state", (STATE_WORDS,), np.int32))
+            plan = self.plan("softmax_xent", v, N=n)
+            scratch: tuple = ()
+            if v == "v2":  # block partials and the last-block ticket: allocated at the first call at this shape
+                scratch = (self.runtime.empty((2 * plan.grid[0],)), self.runtime.zeros((1,), np.uint64))
+            e = self._plans[key] = _Entry(self._kernel("softmax_xent", v, plan.defines), plan,
+                                          (i32(rows), i32(n), i32(nc)), expect, scratch)
+        self._run(e, (logits, labels, dlogits, stats, state))
 
-    def adam_step(self, p, g, m, v, lr, beta1, beta2, eps, weight_decay, bc1, bc2, variant=None) -> None:
-        var = self._variant("adam_step", variant)
-        (size,) = p.shape
-        for name, a in (("p", p), ("g", g), ("m", m), ("v", v)):
-            _check(a, name, (size,))
-            if var != "v1":
-                _check_aligned(a, name, 16)
-        self._launch("adam_step", var, self.plan("adam_step", var, n=size),
-                     (p, g, m, v, i32(size), f32(lr), f32(beta1), f32(beta2), f32(eps), f32(weight_decay), f32(bc1),
-                      f32(bc2)))
+    def _optim_entry(self, op: str, variant: str | None, names: tuple[str, ...], size: int, sched: Any,
+                     hyper: tuple[float, ...]) -> _Entry:
+        v = self._variant(op, variant)
+        if sched.ndim != 2 or sched.shape[1] != SCHED_COLS or sched.shape[0] < 1:
+            raise ValueError(f"{op}: sched must be (T, {SCHED_COLS}), got {tuple(sched.shape)}")
+        expect = (*(_arg(nm, (size,)) for nm in names), _arg("sched", tuple(sched.shape)),
+                  _arg("state", (STATE_WORDS,), np.int32))
+        tail = (i32(size), i32(sched.shape[0]), *(f32(h) for h in hyper))
+        # the float4 variants need 16-byte aligned buffers (the flat parameter buffers are)
+        aligned = 0 if v == "v1" else len(names)
+        plan = self.plan(op, v, n=size)
+        return _Entry(self._kernel(op, v, plan.defines), plan, tail, expect, aligned=aligned)
 
-    def sgd_step(self, p, g, m, lr, momentum, weight_decay, variant=None) -> None:
-        var = self._variant("sgd_step", variant)
-        (size,) = p.shape
-        for name, a in (("p", p), ("g", g), ("m", m)):
-            _check(a, name, (size,))
-            if var != "v1":
-                _check_aligned(a, name, 16)
-        self._launch("sgd_step", var, self.plan("sgd_step", var, n=size),
-                     (p, g, m, i32(size), f32(lr), f32(momentum), f32(weight_decay)))
+    def adam_step(self, p, g, m, v, sched, state, beta1, beta2, eps, weight_decay, variant=None) -> None:
+        """One Adam step over the flat buffers; [lr, bc1, bc2] from sched's row of this step (device)."""
+        key = ("adam_step", variant, p.shape, sched.shape, beta1, beta2, eps, weight_decay)
+        e = self._plans.get(key)
+        if e is None:
+            e = self._plans[key] = self._optim_entry("adam_step", variant, ("p", "g", "m", "v"), p.shape[0], sched,
+                                                     (beta1, beta2, eps, weight_decay))
+        self._run(e, (p, g, m, v, sched, state))
+
+    def sgd_step(self, p, g, m, sched, state, momentum, weight_decay, variant=None) -> None:
+        """One SGD-with-momentum step over the flat buffers; lr from sched's row of this step (device)."""
+        key = ("sgd_step", variant, p.shape, sched.shape, momentum, weight_decay)
+        e = self._plans.get(key)
+        if e is None:
+            e = self._plans[key] = self._optim_entry("sgd_step", variant, ("p", "g", "m"), p.shape[0], sched,
+                                                     (momentum, weight_decay))
+        self._run(e, (p, g, m, sched, state))
+
+    def step_advance(self, state, batch, variant=None) -> None:
+        """One thread moves the step state on (lenet_gpu.stepstate.advance)."""
+        key = ("step_advance", variant, int(batch))
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("step_advance", variant)
+            e = self._plans[key] = self._entry("step_advance", v, (i32(batch),),
+                                               (_arg("state", (STATE_WORDS,), np.int32),))
+        self._run(e, (state,))

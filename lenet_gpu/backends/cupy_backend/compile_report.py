@@ -1,12 +1,11 @@
-"""Static report of the cupy backend's kernels: NVRTC + ptxas resources joined with the launch shapes the
-backend really uses at LeNet sizes. Needs no GPU.
+"""Static report tools for the cupy backend's kernels: NVRTC + ptxas resources joined with recorded launch
+shapes. Needs no GPU, and knows nothing of LeNet: bench/launches.py drives the model over a
+``RecordingRuntime`` (a Runtime that computes nothing and records each launch: kernel, grid, block,
+dynamic shared memory) and hands the recorded launches to ``kernel_records``.
 
-How the launch shapes are found: a LeNet5 model runs training steps on a CupyBackend whose Runtime only
-records launches (``RecordingRuntime``: kernel, block, dynamic shared memory; nothing is computed), once
-per variant set (all v1, then each op's v2, v3 where it has one), fused and unfused, adam and sgd.
-Each kernel is then compiled with NVRTC, with exactly the options the backend loads it with, for each
+Each kernel is compiled with NVRTC, with exactly the options the backend loads it with, for each
 architecture, and the ptxas report (registers, static shared memory, stack, spills) is joined with the
-recorded launch: ``shared_bytes`` = static + the largest dynamic shared memory of its LeNet launches.
+recorded launches: ``shared_bytes`` = static + the largest dynamic shared memory of its launches.
 """
 
 from __future__ import annotations
@@ -16,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .backend import OP_KERNELS, CupyBackend
+from . import fused
+from .backend import C_BLOCKS, K_BLOCKS, CupyBackend
 from .runtime import Runtime, define_options, kernel_source
-
-#: Batch size of the recorded LeNet launches (launch shapes other than grids do not depend on it).
-REPORT_BATCH = 64
 
 
 class _RecordedKernel:
@@ -63,35 +60,14 @@ class RecordingRuntime(Runtime):
         return np.array(arr, copy=True)
 
 
-def record_lenet_launches(
-    batch: int = REPORT_BATCH, defines: dict[str, dict[str, int]] | None = None
-) -> dict[tuple[str, tuple[str, ...], str], list[tuple[tuple, tuple, int]]]:
-    """Every kernel launch of LeNet training steps over all variants: (stem, options, kernel) → launches."""
-    from ...model import LeNet5
-
-    rt = RecordingRuntime()
-    depth = max(len(vs) for _, vs in OP_KERNELS.values())
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(batch, 28, 28)).astype(np.uint8)
-    labels = rng.integers(0, 10, size=batch).astype(np.uint8)
-    for i in range(depth):
-        chosen = {op: vs[min(i, len(vs) - 1)] for op, (_, vs) in OP_KERNELS.items()}
-        for fused, optimizer in ((True, "adam"), (False, "sgd")):
-            be = CupyBackend(runtime=rt, fused=fused, variants=chosen, defines=defines, graphs=False)
-            model = LeNet5(backend=be, optimizer=optimizer, use_graphs=False)
-            data = model.upload_dataset(images, labels)
-            model.step(data, 0, batch)
-    return rt.launched
-
-
-def compile_report(archs: Sequence[str] = ("sm_80", "sm_90"), batch: int = REPORT_BATCH,
-                   defines: dict[str, dict[str, int]] | None = None) -> list[dict]:
-    """One record per (kernel, arch): backend, op, kernel, variant, arch, registers, shared_bytes (static +
-    the dynamic smem of its LeNet launches), stack_bytes, spill_stores, spill_loads, block_threads,
-    occupancy; plus static/dynamic shared bytes, barriers and the compile options."""
+def kernel_records(launched: dict[tuple[str, tuple[str, ...], str], list[tuple[tuple, tuple, int]]],
+                   archs: Sequence[str] = ("sm_80", "sm_90")) -> list[dict]:
+    """One record per (recorded kernel, arch): backend, op, kernel, variant, arch, registers, shared_bytes
+    (static + the dynamic smem of its recorded launches), stack_bytes, spill_stores, spill_loads,
+    block_threads, occupancy; plus static/dynamic shared bytes, barriers and the compile options.
+    ``launched`` is a RecordingRuntime's ``launched``."""
     from ...harness.nvrtc import compile_cuda, theoretical_occupancy
 
-    launched = record_lenet_launches(batch, defines)
     modules: dict[tuple[str, tuple[str, ...]], dict[str, list]] = {}
     for (stem, options, name), launches in launched.items():
         modules.setdefault((stem, options), {})[name] = launches
@@ -130,7 +106,35 @@ def compile_report(archs: Sequence[str] = ("sm_80", "sm_90"), batch: int = REPOR
     return records
 
 
-def module_option_sets(defines: dict[str, dict[str, int]] | None = None) -> dict[str, tuple[str, ...]]:
-    """kernel file stem → the options the backend compiles it with."""
+def module_option_sets(defines: dict[str, dict[str, int]] | None = None) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """kernel file stem → every option set the backend may compile it with: the module's defines, and for each
+    parameter chosen per launch (K_BLOCK, C_BLOCK set to 0) one set per width the planner picks from."""
     be = CupyBackend(runtime=RecordingRuntime(), defines=defines)
-    return {stem: define_options(d) for stem, d in be.defines.items()}
+    widths = {"K_BLOCK": K_BLOCKS, "C_BLOCK": C_BLOCKS}
+    out = {}
+    for stem, d in be.defines.items():
+        if stem in fused.DEFINES:  # fused.py's modules: its defines, and head_train_v2 per rows per block
+            base = {**fused.DEFINES[stem], **(defines or {}).get(stem, {})}
+            sets = [define_options(base)]
+            if stem == fused.STEMS["head_train"]:
+                sets += [define_options({**base, "HEAD_ROWS": r}) for r in fused.HEAD_ROWS_CHOICES]
+            out[stem] = tuple(dict.fromkeys(sets))
+            continue
+        sets = [be.options(stem)]
+        for name in (k for k, v in d.items() if not v):
+            sets += [be.options(stem, ((name, w),)) for w in widths[name]]
+        out[stem] = tuple(dict.fromkeys(sets))
+    return out
+
+
+class SequenceRuntime(RecordingRuntime):
+    """A RecordingRuntime that also keeps the launches in issue order: (stem, options, kernel, grid, block,
+    dynamic shared memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sequence: list[tuple[str, tuple[str, ...], str, tuple, tuple, int]] = []
+
+    def _launch(self, kernel, grid, block, args, shared_mem) -> None:
+        super()._launch(kernel, grid, block, args, shared_mem)
+        self.sequence.append((kernel.stem, kernel.options, kernel.name, tuple(grid), tuple(block), int(shared_mem)))

@@ -10,6 +10,12 @@ work is issued.
 - ``HostRuntime``: the CPU harness (lenet_gpu.harness.cudacpu): the unchanged kernels/*.cu compiled
   by g++; arrays are NumPy arrays, "device memory" is host memory.
 
+Cheap repeated launches: ``record(fn)`` runs fn once and keeps each launch it made (kernel handle, grid,
+block, shared memory, the final typed argument tuple); later calls replay that list with no checks,
+plans or conversions. ``graph(fn, steps)`` captures ``steps`` consecutive calls of fn as one CUDA graph
+at its first call and replays the graph after (on the harness: runs fn with the capture rules enforced
+on every call: no allocation, copy or sync).
+
 The same backend code drives both, so the CPU tests exercise the real launch code: grid maths,
 argument types (every scalar must be an explicit np.int32/np.float32; the harness rejects others)
 and shared-memory sizes.
@@ -27,6 +33,8 @@ import numpy as np
 
 from ..base import BackendUnavailable, Counters
 
+#: The SM count assumed where there is no device (an H100 SXM / H200 has 132).
+DEFAULT_SM_COUNT = 132
 #: The repository's kernels/ dir (the fallback when the package resources are not installed).
 _REPO_KERNELS = Path(__file__).resolve().parents[3] / "kernels"
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
@@ -84,6 +92,13 @@ class Runtime:
         self._kernels: dict[tuple[str, tuple[str, ...], str], Any] = {}
         #: set while a graph is being captured: allocations, copies and syncs raise (as under CUDA capture)
         self.capturing = False
+        #: the launches of the ``record`` call in progress (None when not recording)
+        self._recording: list[tuple] | None = None
+
+    @property
+    def sm_count(self) -> int:
+        """Streaming multiprocessors of the device (DEFAULT_SM_COUNT where there is none)."""
+        return DEFAULT_SM_COUNT
 
     # ---- modules and kernels
     def _load(self, stem: str, options: tuple[str, ...]) -> Any:
@@ -108,15 +123,67 @@ class Runtime:
         self, kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0
     ) -> None:
         """Launch ``kernel`` on the runtime's stream. Scalars in ``args`` must be np.int32/np.float32."""
+        has_null = False
         for a in args:
-            if isinstance(a, (int, float, bool)):
+            if a is None:
+                has_null = True
+            elif isinstance(a, (int, float, bool)):
                 raise TypeError(f"kernel argument {a!r} is a Python {type(a).__name__}; pass np.int32/np.float32")
         if min(grid) < 1 or min(block) < 1:
             raise ValueError(f"empty launch: grid {grid}, block {block}")
-        self.counters.launches += 1
         # an absent optional pointer (None) goes as a null pointer value, as CuPy and the harness take it
-        args = tuple(np.uintp(0) if a is None else a for a in args)
-        self._launch(kernel, grid, block, args, int(shared_mem))
+        if has_null:
+            args = tuple(NULL_POINTER if a is None else a for a in args)
+        self.issue(kernel, grid, block, args, int(shared_mem))
+
+    def issue(self, kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int) -> None:
+        """``launch`` without its checks, for callers whose arguments are already final (typed scalars, no
+        None, a legal grid): the backend's cached launch plans."""
+        self.counters.launches += 1
+        if self._recording is not None:
+            self._recording.append((kernel, grid, block, args, shared_mem))
+        self._launch(kernel, grid, block, args, shared_mem)
+
+    # ---- recorded launches
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """A callable equivalent to ``fn`` (no arguments, launches only, the same arguments at every call):
+        its first call runs fn and records every launch; later calls replay the recorded launches."""
+        entries: tuple[tuple, ...] | None = None
+
+        def run() -> None:
+            nonlocal entries
+            if entries is None:
+                entries = self.record_launches(fn)
+            else:
+                self.replay(entries)
+
+        return run
+
+    def record_launches(self, fn: Callable[[], None]) -> tuple[tuple, ...]:
+        """Run fn once and return its launches as (kernel, grid, block, args, shared_mem) tuples. fn may
+        allocate (first-call workspaces) but not copy or synchronise: those would not be replayed."""
+        outer = self._recording
+        self._recording = []
+        before = (self.counters.h2d, self.counters.d2h, self.counters.syncs)
+        try:
+            fn()
+            entries = tuple(self._recording)
+        finally:
+            self._recording = outer
+        if (self.counters.h2d, self.counters.d2h, self.counters.syncs) != before:
+            raise RuntimeError("record: fn copied or synchronised; only its kernel launches would be replayed")
+        if outer is not None:
+            outer.extend(entries)
+        return entries
+
+    def replay(self, entries: Sequence[tuple]) -> None:
+        """Launch recorded (kernel, grid, block, args, shared_mem) tuples as they are: no checks."""
+        self.counters.launches += len(entries)
+        if self._recording is not None:
+            self._recording.extend(entries)
+        launch = self._launch
+        for kernel, grid, block, args, shared_mem in entries:
+            launch(kernel, grid, block, args, shared_mem)
 
     def _launch(self, kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int) -> None:
         raise NotImplementedError
@@ -160,8 +227,21 @@ class Runtime:
         self.counters.syncs += 1
         self._synchronize()
 
-    def graph(self, fn: Callable[[], None]) -> Callable[[], None]:
-        return fn
+    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None]:
+        """A callable that runs fn ``steps`` times in a row, with the capture rules enforced on every call
+        (an allocation, copy or sync inside raises, where CUDA stream capture would fail). Runtimes with
+        real graphs (CupyRuntime) capture instead."""
+        steps = _check_steps(steps)
+
+        def run() -> None:
+            self.capturing = True
+            try:
+                for _ in range(steps):
+                    fn()
+            finally:
+                self.capturing = False
+
+        return run
 
     def _empty(self, shape, dtype):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -183,6 +263,16 @@ class Runtime:
 
 
 # ---------------------------------------------------------------------------------------------- host
+#: the value a null pointer argument (an absent optional array) is passed as
+NULL_POINTER = np.uintp(0)
+
+
+def _check_steps(steps: int) -> int:
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"graph: steps must be a positive int, got {steps!r}")
+    return int(steps)
+
+
 def _cpu_module_class() -> Any:
     try:
         from lenet_gpu.harness.cudacpu import CpuModule
@@ -225,24 +315,6 @@ class HostRuntime(Runtime):
     def _to_host(self, arr) -> np.ndarray:
         return np.array(arr, copy=True)
 
-    def graph(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """``fn`` itself, but after its first (warm-up) call every call runs with ``capturing`` set, so an
-        allocation, copy or sync inside it raises here exactly where CUDA stream capture would fail."""
-        state = {"warm": False}
-
-        def run() -> None:
-            if not state["warm"]:
-                fn()
-                state["warm"] = True
-                return
-            self.capturing = True
-            try:
-                fn()
-            finally:
-                self.capturing = False
-
-        return run
-
 
 # ---------------------------------------------------------------------------------------------- GPU
 def _import_cupy() -> Any:
@@ -276,7 +348,7 @@ class CupyRuntime(Runtime):
     name = "cupy"
     is_gpu = True
 
-    def __init__(self, graphs: bool = True) -> None:
+    def __init__(self, graphs: bool = True) -> None:  # graphs: kept for callers; the backend decides
         super().__init__()
         _import_cupy()  # not installed: its own one-line message (install the cuda12 extra)
         ok, why = cuda_device_available()
@@ -289,6 +361,16 @@ class CupyRuntime(Runtime):
         self.cp = cupy
         self.stream = cupy.cuda.Stream(non_blocking=True)
         self.graphs = graphs
+        self._sm_count: int | None = None
+
+    @property
+    def sm_count(self) -> int:
+        if self._sm_count is None:
+            try:
+                self._sm_count = int(self.cp.cuda.Device().attributes["MultiProcessorCount"])
+            except Exception:  # noqa: BLE001 - an attribute query that fails: plan for the default
+                self._sm_count = DEFAULT_SM_COUNT
+        return self._sm_count
 
     def _load(self, stem: str, options: tuple[str, ...]) -> Any:
         return self.cp.RawModule(code=kernel_source(stem), options=("-std=c++17", *options))
@@ -322,26 +404,31 @@ class CupyRuntime(Runtime):
     def _synchronize(self) -> None:
         self.stream.synchronize()
 
-    def graph(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """Run ``fn`` once eagerly (warm-up: compiles, first-call allocations), then capture it once on
-        the runtime's stream into a CUDA graph and replay that graph on every later call."""
-        if not self.graphs:
-            return fn
-        state: dict[str, Any] = {"calls": 0, "graph": None}
+    def replay(self, entries: Sequence[tuple]) -> None:
+        self.counters.launches += len(entries)
+        if self._recording is not None:
+            self._recording.extend(entries)
+        with self.stream:  # entered once for the whole list
+            for kernel, grid, block, args, shared_mem in entries:
+                kernel(grid, block, args, shared_mem=shared_mem)
+
+    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None]:
+        """Capture ``steps`` consecutive calls of fn as one CUDA graph on the runtime's stream at the first
+        call (fn already warmed up: compiled, workspaces allocated), launch it, and replay it on every later
+        call. Capture records without executing, so the first call launches the graph too."""
+        steps = _check_steps(steps)
+        state: dict[str, Any] = {"graph": None, "launches": 0}
 
         def run() -> None:
             if state["graph"] is None:
-                if state["calls"] == 0:
-                    state["calls"] = 1
-                    fn()
-                    return
                 before = self.counters.launches
                 self.capturing = True
                 try:
                     with self.stream:
                         self.stream.begin_capture()
                         try:
-                            fn()
+                            for _ in range(steps):
+                                fn()
                         finally:
                             g = self.stream.end_capture()
                 finally:
@@ -350,7 +437,6 @@ class CupyRuntime(Runtime):
             else:
                 # a replay runs the captured kernels: count them as the launches they are
                 self.counters.launches += state["launches"]
-            # capture records without executing, so the capturing call replays too
             state["graph"].launch(stream=self.stream)
 
         return run

@@ -5,8 +5,10 @@ Each wrapper checks shapes, dtypes, contiguity and that every array is a device 
 silently copy a host NumPy array to the device and back), takes the preallocated output, computes the
 grid with ``ceil_div``, passes explicitly typed scalars (np.float32 / np.int32, so a launch never
 types a scalar as float64 or int64), and launches once. Everything runs on the default stream, so a
-training step needs no synchronisation. Under ``NUMBA_ENABLE_CUDASIM=1`` the same code runs in
-Numba's CUDA simulator (``is_gpu`` is False then).
+training step needs no synchronisation. Nothing that changes from step to step is an argument: the
+ops read the step state (lenet_gpu.stepstate) on the device, so ``record`` replays a step's launches
+with no per-launch work on the host and ``graph`` captures many steps as one CUDA graph (launch.py).
+Under ``NUMBA_ENABLE_CUDASIM=1`` the same code runs in Numba's CUDA simulator (``is_gpu`` is False then).
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ import numba
 import numpy as np
 from numba import cuda
 
+from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, BackendUnavailable, Counters, check_act, check_mode
 from . import batch, conv2d, dense, loss, optim, pool2x2
+from . import head as _head
+from . import launch as _launchmod
+from . import lenet_fwd as _lenet_fwd
 from ._compat import import_cuda_array_module
 from .common import ceil_div
 
@@ -43,6 +49,16 @@ assert set(KERNELS) == set(SIGNATURES) == {f"{op}_{v}" for op, vs in VARIANTS.it
 #: the variant each op uses by default: the faster design where there is one (chosen by design; the
 #: benchmarks on a GPU decide in the end)
 DEFAULT_VARIANTS = {op: vs[-1] for op, vs in VARIANTS.items()}
+
+#: the fused dense head (head.py: head_train, two kernels) and the whole-network forward (lenet_fwd.py): their
+#: kernels launch through NumbaBackend._launch too, found here by name (their compile checks are their own)
+FUSED_KERNELS: dict[str, Any] = {**_head.KERNELS, **_lenet_fwd.KERNELS}
+FUSED_VARIANTS: dict[str, tuple[str, ...]] = {**_head.VARIANTS, **_lenet_fwd.VARIANTS}
+
+
+def _kernel(name: str) -> Any:
+    k = KERNELS.get(name)
+    return FUSED_KERNELS[name] if k is None else k
 
 #: threads per block of the one-thread-per-element (grid-stride) kernels
 THREADS = 256
@@ -98,13 +114,59 @@ def conv_pool_chunks(yshape: tuple[int, ...], wshape: tuple[int, ...]) -> tuple[
     band = _pool_band_rows(ho, wo, r) * (wo + s - 1)
     cb = max(1, min(c, conv2d.V3_SMEM_FLOATS // (conv2d.PKB * r * s + band)))
     wslot = conv2d.PKB * cb * r * s
-    return cb, wslot, (wslot + cb * band) * 4
+    # + one input row and one float: the missing tap of an odd output's last window reads past the band
+    return cb, wslot, (wslot + cb * band + wo + s) * 4
 
 
 def bwd_data_chunk(wshape: tuple[int, ...]) -> int:
-    """conv2d_bwd_data_v2: filters per shared-memory chunk."""
+    """conv2d_bwd_data_v2 and conv2d_bwd_data_pool_v2: filters per shared-memory chunk."""
     k, _, r, s = wshape
     return max(1, min(k, conv2d.BWD_DATA_SMEM_FLOATS // (conv2d.CB * r * s)))
+
+
+#: the SM count launch shapes are sized for where no device can be asked (an H100 / H200 SXM)
+DEFAULT_SM_COUNT = 132
+_sm_count: int | None = None
+
+
+def sm_count() -> int:
+    """The current device's multiprocessor count, asked once; DEFAULT_SM_COUNT without a device (and in
+    the simulator)."""
+    global _sm_count
+    if _sm_count is None:
+        n = DEFAULT_SM_COUNT
+        if not simulator_enabled():
+            try:
+                if cuda.is_available():
+                    n = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+            except Exception:  # noqa: BLE001 - no usable device: the documented default
+                pass
+        _sm_count = n
+    return _sm_count
+
+
+#: the occupancy the int32 kernels are built for (≤ 64 registers: half of an SM's 2048 threads)
+TARGET_OCCUPANCY = 0.5
+
+
+def wave_blocks(block_threads: int) -> int:
+    """Blocks of ``block_threads`` that fill every SM to TARGET_OCCUPANCY once: one wave."""
+    return sm_count() * max(1, int(2048 * TARGET_OCCUPANCY) // block_threads)
+
+
+#: conv2d_bwd_weight_v3: the fewest positions a thread reduces in a split (below, the split's own
+#: tree reduction and ticket cost more than they save)
+BW_MIN_PER_THREAD = 8
+
+
+def bw_splits(dw_shape: tuple[int, ...], dz_shape: tuple[int, ...]) -> int:
+    """conv2d_bwd_weight_v3: splits of the batch's positions per (k, column chunk) item, so that the grid
+    is about a wave (wave_blocks) and each thread still reduces BW_MIN_PER_THREAD positions or more."""
+    k, c, r, s = dw_shape
+    n, _, ho, wo = dz_shape
+    items = k * ceil_div(c * r * s + 1, conv2d.BW_COLS)
+    most = max(1, n * ho * wo // (conv2d.BW_THREADS * BW_MIN_PER_THREAD))
+    return max(1, min(ceil_div(wave_blocks(conv2d.BW_THREADS), items), most))
 
 
 def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, Any, int]:
@@ -139,7 +201,18 @@ def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> 
         k, c, r, s = shapes["dw"]
         if variant == "v1":
             return ceil_div(k * (c * r * s + 1), THREADS), THREADS, 0
-        return k * ceil_div(c * r * s + 1, conv2d.BW_COLS), conv2d.BW_THREADS, 0
+        items = k * ceil_div(c * r * s + 1, conv2d.BW_COLS)
+        if variant == "v2":
+            return items, conv2d.BW_THREADS, 0
+        splits = bw_splits(shapes["dw"], shapes["dz"]) if "dz" in shapes else 1
+        return items * splits, conv2d.BW_THREADS, 0
+    if op == "conv2d_bwd_data_pool":
+        if variant == "v1":
+            return ceil_div(math.prod(shapes["dzb"]), THREADS), THREADS, 0
+        n, c, h, wd = shapes["dzb"]
+        k, _, r, s = shapes["w"]
+        items = ceil_div(c, conv2d.CB) * ceil_div(n * (h // 2) * (wd // 2), CONV_BWD_DATA_V2_THREADS)
+        return items, CONV_BWD_DATA_V2_THREADS, conv2d.CB * bwd_data_chunk(shapes["w"]) * r * s * 4
     if op == "pool2x2_fwd":
         return ceil_div(math.prod(shapes["y"]), THREADS), THREADS, 0
     if op == "pool2x2_bwd":
@@ -159,9 +232,61 @@ def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> 
         return tiles, (t, t), 0
     if op == "softmax_xent":
         return 1, loss.SM_THREADS, 0
+    if op == "step_advance":
+        return 1, 1, 0
     if op in ("adam_step", "sgd_step"):
         return ceil_div(shapes["p"][0], THREADS), THREADS, 0
     raise ValueError(f"unknown op {op!r}")
+
+
+def lenet_launches(
+    batch: int, training: bool = True, variants: dict[str, str] | None = None, f6: int = 84, optimizer: str = "adam"
+) -> list[tuple[str, str, int, Any, int]]:
+    """(op, variant, grid blocks, block, dynamic shared bytes) of every launch of one LeNet-5 training step
+    (or, ``training=False``, one inference pass: batch_prepare, the two conv+pool layers, the three dense
+    layers), as the wrappers launch them with ``variants`` (op → variant; default DEFAULT_VARIANTS; an
+    optional op missing from it is not fused). Grids before any cap. The simulator tests compare this plan
+    with the launches a step makes."""
+    v = dict(DEFAULT_VARIANTS if variants is None else variants)
+    b = batch
+    out: list[tuple[str, str, int, Any, int]] = []
+
+    def add(op: str, **shapes: Any) -> None:
+        var = v[op]
+        grid, block, sh = launch_config(op, var, shapes)
+        if var != "v1" and sh > MAX_DYNAMIC_SMEM:  # the wrappers step down to a variant that fits
+            var = "v1" if op != "conv2d_fwd" else next(
+                c for c in ("v3", "v2", "v1") if launch_config(op, c, shapes)[2] <= MAX_DYNAMIC_SMEM)
+            grid, block, sh = launch_config(op, var, shapes)
+        out.append((op, var, grid, block, sh))
+
+    add("batch_prepare", x=(b, 1, 32, 32))
+    for yshape, wshape in (((b, 6, 28, 28), (6, 1, 5, 5)), ((b, 16, 10, 10), (16, 6, 5, 5))):
+        if "conv2d_pool_fwd" in v:
+            add("conv2d_pool_fwd", y=yshape, w=wshape)
+        else:
+            add("conv2d_fwd", y=yshape, w=wshape)
+            add("pool2x2_fwd", y=(b, yshape[1], yshape[2] // 2, yshape[3] // 2))
+    for o in (120, f6, 10):
+        add("dense_fwd", y=(b, o))
+    if not training:
+        return out
+    add("softmax_xent")
+    for i, o in ((f6, 10), (120, f6), (400, 120)):
+        add("dense_bwd", x=(b, i), w=(o, i), dx=True)
+    add("pool2x2_bwd", dz=(b, 16, 10, 10))
+    add("conv2d_bwd_weight", dw=(16, 6, 5, 5), dz=(b, 16, 10, 10))
+    if "conv2d_bwd_data_pool" in v:
+        add("conv2d_bwd_data_pool", dzb=(b, 6, 28, 28), w=(16, 6, 5, 5))
+    else:
+        add("conv2d_bwd_data", dx=(b, 6, 14, 14), w=(16, 6, 5, 5))
+        add("pool2x2_bwd", dz=(b, 6, 28, 28))
+    add("conv2d_bwd_weight", dw=(6, 1, 5, 5), dz=(b, 6, 28, 28))
+    from ...spec import NetConfig, param_layout
+
+    add("adam_step" if optimizer == "adam" else "sgd_step", p=(param_layout(NetConfig(f6=f6))[1],))
+    add("step_advance")
+    return out
 
 
 class NumbaBackend:
@@ -171,7 +296,8 @@ class NumbaBackend:
     block-stride loop, so any grid is correct); it exists for the simulator, which runs one Python
     thread per CUDA thread. ``debug=True`` synchronises after each launch so an error names its op.
     ``fuse_conv_pool=False`` leaves out the optional fused op conv2d_pool_fwd, so the model launches
-    conv2d_fwd and pool2x2_fwd separately (18 launches a training step instead of 16).
+    conv2d_fwd and pool2x2_fwd separately; ``fuse_bwd_data_pool=False`` leaves out conv2d_bwd_data_pool
+    (conv2d_bwd_data and pool2x2_bwd then); a step of the unfused ops is 19 launches, 16 with both.
     ``quick_simulation=True`` (what ``get_backend("numba")`` passes) makes a simulator run practical:
     under ``NUMBA_ENABLE_CUDASIM=1`` every op defaults to its v1 kernel and a launch has at most 2
     blocks (the simulator runs a Python thread per CUDA thread and a barrier of a faster variant costs
@@ -186,6 +312,7 @@ class NumbaBackend:
         debug: bool = False,
         fuse_conv_pool: bool = True,
         quick_simulation: bool = False,
+        fuse_bwd_data_pool: bool = True,
     ) -> None:
         self.simulator = simulator_enabled()
         if not self.simulator and not cuda.is_available():
@@ -194,10 +321,12 @@ class NumbaBackend:
         if self.is_gpu and "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
             _quiet_low_occupancy_warnings()
         self.counters = Counters()
-        self.variants: dict[str, tuple[str, ...]] = dict(VARIANTS)
-        self.default_variants: dict[str, str] = dict(DEFAULT_VARIANTS)
-        if not fuse_conv_pool:  # the model fuses conv + pool when the backend lists the op
-            del self.variants["conv2d_pool_fwd"], self.default_variants["conv2d_pool_fwd"]
+        self.variants: dict[str, tuple[str, ...]] = {**VARIANTS, **FUSED_VARIANTS}
+        self.default_variants: dict[str, str] = {**DEFAULT_VARIANTS,
+                                                 **{op: vs[-1] for op, vs in FUSED_VARIANTS.items()}}
+        for op, keep in (("conv2d_pool_fwd", fuse_conv_pool), ("conv2d_bwd_data_pool", fuse_bwd_data_pool)):
+            if not keep:  # the model uses a fused op when the backend lists it
+                del self.variants[op], self.default_variants[op]
         self.max_blocks = max_blocks
         if self.simulator and quick_simulation:
             self.default_variants = {op: "v1" for op in self.default_variants}
@@ -208,6 +337,14 @@ class NumbaBackend:
         self.launch_log: list[tuple[str, tuple[Any, ...]]] | None = None
         self._dummy_u8: Any = None  # argmax stand-in for avg pooling when the caller passes None
         self._flat: dict[int, tuple[Any, Any]] = {}  # id(x) → (x, flat view of x)
+        self._scratch: dict[tuple[int, int], tuple[Any, Any, Any]] = {}  # conv2d_bwd_weight_v3's, per dw
+        self._state0: Any = None  # the state conv2d_bwd_weight_v3 tags its tickets with when given none
+        #: while ``record`` runs a step for the first time: the prepared launches, in order
+        self._recording: list[Any] | None = None
+        #: while ``graph`` captures: the capturing stream (launches go there, prepared, not through Numba)
+        self._capture: Any = None
+        self._default_stream: Any = _launchmod.cu_stream(0) if self.is_gpu and _launchmod.bindings_available() else None
+        self._capture_stream: Any = None  # the Numba stream graphs are captured on (created at first use)
 
     # ------------------------------------------------------------------ memory
     def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
@@ -242,8 +379,75 @@ class NumbaBackend:
         self.counters.syncs += 1
         cuda.synchronize()
 
-    def graph(self, fn: Callable[[], None]) -> Callable[[], None]:
-        return fn  # Numba has no CUDA graph capture
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """A callable equivalent to ``fn`` (ops only, the same arguments at every call). Its first call runs
+        ``fn`` and prepares each launch (launch.PreparedLaunch: the compiled kernel, its parameters packed
+        once); later calls issue the prepared launches with one cuLaunchKernel each, no typing, checks or
+        conversions. Under the simulator a replay calls the simulated kernels with the recorded arguments.
+        The counters count every replayed launch."""
+        return _Recorded(self, fn)
+
+    def _replay_fn(self, launches: list[Any]) -> Callable[[], None]:
+        if not self.is_gpu:
+            def replay_sim() -> None:
+                for name, grid, block, sh, args in launches:
+                    _kernel(name)[grid, block, 0, sh](*args)
+
+            return replay_sim
+        if self._default_stream is None or self.debug:
+            def replay_slow() -> None:  # cuda.bindings missing, or debug: each launch is checked
+                for p in launches:
+                    p.issue(self._current_stream())
+                    if self.debug:
+                        cuda.synchronize()
+
+            return replay_slow
+        return _launchmod.replay_fn(launches, self._current_stream)
+
+    def _current_stream(self) -> Any:
+        return self._default_stream if self._capture is None else self._capture
+
+    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
+        """A callable that runs ``fn`` ``steps`` times as one CUDA graph: at its first call the launches of
+        ``steps`` calls of fn are captured on a private stream (prepared launches, as ``record`` issues
+        them) and the graph is instantiated; every call (the first included) is one cuGraphLaunch on the
+        default stream. fn must have run once before (compiles). None under the simulator or where the
+        CUDA driver bindings are missing. The counters count the graph's kernels as launches."""
+        steps = int(steps)
+        if steps < 1:
+            raise ValueError(f"graph: steps must be >= 1, got {steps}")
+        if not self.is_gpu or self._default_stream is None:
+            return None
+        slot: dict[str, Any] = {}
+
+        def run() -> None:
+            g = slot.get("graph")
+            if g is None:
+                g = slot["graph"] = self._capture_graph(fn, steps)
+            else:
+                self.counters.launches += g.launches
+            g.launch(self._current_stream())
+
+        return run
+
+    def _capture_graph(self, fn: Callable[[], None], steps: int) -> Any:
+        if self._capture is not None:
+            raise RuntimeError("graph: already capturing (a graph inside a graph is not supported)")
+        if self._capture_stream is None:
+            self._capture_stream = cuda.stream()  # blocking: ordered with the legacy default stream
+        stream = _launchmod.cu_stream(int(self._capture_stream.handle))
+        before = self.counters.launches
+        _launchmod.begin_capture(stream)
+        self._capture = stream
+        ok = False
+        try:
+            for _ in range(steps):
+                fn()
+            ok = True
+        finally:
+            self._capture = None
+            g = _launchmod.end_capture(stream, self.counters.launches - before, ok)
+        return g
 
     # ------------------------------------------------------------------ launch plumbing
     def _variant(self, op: str, variant: str | None) -> str:
@@ -253,15 +457,31 @@ class NumbaBackend:
         return v
 
     def _launch(self, op: str, variant: str, grid: int, block: Any, shmem: int, *args: Any) -> None:
+        """Launch kernel ``<op>_<variant>`` (every launch of the backend, and of the fused-op modules, goes
+        through here): eagerly through Numba; while ``record`` records, also prepared for replay; while
+        ``graph`` captures, prepared and issued onto the capturing stream."""
         name = f"{op}_{variant}"
         if self.max_blocks is not None:
             grid = min(grid, self.max_blocks)
+        grid = max(1, grid)
         self.counters.launches += 1
         if self.launch_log is not None:
             self.launch_log.append((name, tuple(numba.typeof(a) for a in args)))
-        KERNELS[name][max(1, grid), block, 0, shmem](*args)
-        if self.debug:
-            cuda.synchronize()
+        if self._capture is not None:
+            prepared = _launchmod.PreparedLaunch.for_gpu(name, _kernel(name), grid, block, shmem, args)
+            prepared.issue(self._capture)
+        else:
+            _kernel(name)[grid, block, 0, shmem](*args)
+            if self.debug:
+                cuda.synchronize()
+            if self._recording is None:
+                return
+            if self.is_gpu:
+                prepared = _launchmod.PreparedLaunch.for_gpu(name, _kernel(name), grid, block, shmem, args)
+            else:
+                prepared = (name, grid, block, shmem, args)
+        if self._recording is not None:
+            self._recording.append(prepared)
 
     def _flat_view(self, x: Any) -> Any:
         hit = self._flat.get(id(x))
@@ -278,26 +498,36 @@ class NumbaBackend:
 
     # ------------------------------------------------------------------ ops
     def batch_prepare(
-        self, images: Any, labels: Any, perm: Any, offset: int, x: Any, y: Any, mean: float, std: float,
+        self, images: Any, labels: Any, perm: Any, state: Any, x: Any, y: Any, mean: float, std: float,
         variant: str | None = None,
     ) -> None:
         v = self._variant("batch_prepare", variant)
         _dev("images", images, np.uint8, 3)
         _dev("labels", labels, np.uint8, 1)
         _dev("perm", perm, np.int32, 1)
+        _state("state", state)
         _dev("x", x, np.float32, 4)
         _dev("y", y, np.int32, 1)
         b = x.shape[0]
         _shape("x", x, (b, 1, x.shape[2], x.shape[3]))
         _shape("y", y, (b,))
+        _shape("labels", labels, (images.shape[0],))
         if x.shape[2] < images.shape[1] or x.shape[3] < images.shape[2]:
             raise ValueError(f"batch_prepare: x {x.shape} is smaller than the images {images.shape}")
-        if int(offset) < 0 or int(offset) + b > perm.shape[0]:
-            raise IndexError(f"batch_prepare: perm has {perm.shape[0]} entries, need {int(offset) + b}")
+        if perm.shape[0] == 0:
+            raise ValueError("batch_prepare: perm is empty")
         scale, shift = np.float32(1.0 / (255.0 * std)), np.float32(-mean / std)
         grid, block, sh = launch_config("batch_prepare", v, {"x": x.shape})
-        self._launch("batch_prepare", v, grid, block, sh, images, labels, perm, np.int32(offset), x, y,
-                     scale, shift)
+        self._launch("batch_prepare", v, grid, block, sh, images, labels, perm, state, x, y, scale, shift)
+
+    def _int32_variant(self, op: str, v: str, variant: str | None, *arrays: Any) -> str:
+        """The int32-offset variants (all but v1) need every array under 2³¹ elements: otherwise the
+        default steps down to v1 (int64 indexing); an explicitly asked variant is an error."""
+        if v == "v1" or all(a.size < 2**31 for a in arrays):
+            return v
+        if variant is not None:
+            raise ValueError(f"{op}_{v}: an array has 2³¹ elements or more (int32 offsets); use v1")
+        return "v1"
 
     def conv2d_fwd(self, x: Any, w: Any, b: Any, y: Any, act: str, variant: str | None = None) -> None:
         v = self._variant("conv2d_fwd", variant)
@@ -317,6 +547,7 @@ class NumbaBackend:
             order = self.variants["conv2d_fwd"]
             v = next(c for c in order[order.index(v) :: -1] if launch_config("conv2d_fwd", c, shapes)[2]
                      <= MAX_DYNAMIC_SMEM)
+        v = self._int32_variant("conv2d_fwd", v, variant, x, y)
         grid, block, sh = launch_config("conv2d_fwd", v, shapes)
         act_code = np.int32(ACT_CODES[act])
         if v == "v1":
@@ -325,10 +556,16 @@ class NumbaBackend:
         if sh > MAX_DYNAMIC_SMEM:
             raise ValueError(f"conv2d_fwd_{v}: these shapes need {sh} bytes of shared memory (> {MAX_DYNAMIC_SMEM})")
         cb, wslot = conv_fwd_chunks(v, y.shape, w.shape)
+        args = (self._flat_view(x), self._flat_view(w), b, self._flat_view(y), *_i32(n, c, h, wd, k, r, s), act_code,
+                np.int32(cb))
         if v == "v2":
-            self._launch("conv2d_fwd", v, grid, block, sh, x, w, b, y, act_code, np.int32(cb))
+            self._launch("conv2d_fwd", v, grid, block, sh, *args)
         else:
-            self._launch("conv2d_fwd", v, grid, block, sh, x, w, b, y, act_code, np.int32(cb), np.int32(wslot))
+            self._launch("conv2d_fwd", v, grid, block, sh, *args, np.int32(wslot))
+
+    #: the fused dense head and the whole-network forward pass (head.py, lenet_fwd.py)
+    head_train = _head.head_train
+    lenet_fwd = _lenet_fwd.lenet_fwd
 
     def conv2d_pool_fwd(
         self, x: Any, w: Any, b: Any, yconv: Any | None, ypool: Any, argmax: Any | None, act: str, mode: str,
@@ -366,14 +603,17 @@ class NumbaBackend:
             if variant is not None:
                 raise ValueError(f"conv2d_pool_fwd_{v}: these shapes need {sh} bytes of shared memory")
             v = "v1"  # the default does not fit: the simple variant needs no shared memory
-            grid, block, sh = launch_config("conv2d_pool_fwd", v, shapes)
-        args = (x, w, b, ypool if yconv is None else yconv, ypool, argmax, np.int32(ACT_CODES[act]),
-                np.int32(POOL_CODES[mode]), np.int32(yconv is not None))
+        ys = ypool if yconv is None else yconv
+        v = self._int32_variant("conv2d_pool_fwd", v, variant, x, ys)
+        grid, block, sh = launch_config("conv2d_pool_fwd", v, shapes)
+        codes = (np.int32(ACT_CODES[act]), np.int32(POOL_CODES[mode]), np.int32(yconv is not None))
         if v == "v1":
-            self._launch("conv2d_pool_fwd", v, grid, block, sh, *args)
+            self._launch("conv2d_pool_fwd", v, grid, block, sh, x, w, b, ys, ypool, argmax, *codes)
         else:
             cb, wslot, _ = conv_pool_chunks(yshape, w.shape)
-            self._launch("conv2d_pool_fwd", v, grid, block, sh, *args, np.int32(cb), np.int32(wslot))
+            f = self._flat_view
+            self._launch("conv2d_pool_fwd", v, grid, block, sh, f(x), f(w), b, f(ys), f(ypool), f(argmax),
+                         *_i32(n, c, h, wd, k, r, s), *codes, np.int32(cb), np.int32(wslot))
 
     def conv2d_bwd_data(self, dz: Any, w: Any, dx: Any, variant: str | None = None) -> None:
         v = self._variant("conv2d_bwd_data", variant)
@@ -385,32 +625,108 @@ class NumbaBackend:
         _shape("w", w, (k, c, r, s))
         _shape("dz", dz, (n, k, h - r + 1, wd - s + 1))
         grid, block, sh = launch_config("conv2d_bwd_data", v, {"dx": dx.shape, "w": w.shape})
-        if v == "v1":
-            self._launch("conv2d_bwd_data", v, grid, block, sh, dz, w, dx)
-            return
-        if sh > MAX_DYNAMIC_SMEM:
+        if v != "v1" and sh > MAX_DYNAMIC_SMEM:
             if variant is not None:
                 raise ValueError(f"conv2d_bwd_data_{v}: a {r}x{s} filter needs {sh} bytes of shared memory")
             v = "v1"  # the default does not fit: the simple variant needs no shared memory
-            grid, block, sh = launch_config("conv2d_bwd_data", v, {"dx": dx.shape, "w": w.shape})
+        v = self._int32_variant("conv2d_bwd_data", v, variant, dz, dx)
+        grid, block, sh = launch_config("conv2d_bwd_data", v, {"dx": dx.shape, "w": w.shape})
+        if v == "v1":
             self._launch("conv2d_bwd_data", v, grid, block, sh, dz, w, dx)
             return
-        self._launch("conv2d_bwd_data", v, grid, block, sh, dz, w, dx, np.int32(bwd_data_chunk(w.shape)))
+        f = self._flat_view
+        self._launch("conv2d_bwd_data", v, grid, block, sh, f(dz), f(w), f(dx), *_i32(n, c, h, wd, k, r, s),
+                     np.int32(bwd_data_chunk(w.shape)))
 
-    def conv2d_bwd_weight(self, x: Any, dz: Any, dw: Any, db: Any, variant: str | None = None) -> None:
+    def conv2d_bwd_weight(
+        self, x: Any, dz: Any, dw: Any, db: Any, state: Any = None, variant: str | None = None
+    ) -> None:
+        """dw, db of a convolution (overwritten). ``state`` is the step state: v3's last-block ticket is
+        tagged with its STEP (without one, a private zero state: the ticket still resets itself); the
+        other variants ignore it."""
         v = self._variant("conv2d_bwd_weight", variant)
         _dev("x", x, np.float32, 4)
         _dev("dz", dz, np.float32, 4)
         _dev("dw", dw, np.float32, 4)
         _dev("db", db, np.float32, 1)
+        if state is not None:
+            _state("state", state)
         n, c, h, wd = x.shape
         k, _, r, s = dw.shape
         _shape("dw", dw, (k, c, r, s))
         _shape("db", db, (k,))
         _shape("dz", dz, (n, k, h - r + 1, wd - s + 1))
-        grid, block, sh = launch_config("conv2d_bwd_weight", v, {"dw": dw.shape})
-        xa = x if v == "v1" else self._flat_view(x)
-        self._launch("conv2d_bwd_weight", v, grid, block, sh, xa, dz, dw, db)
+        if v == "v3":
+            v = self._int32_variant("conv2d_bwd_weight", v, variant, x, dz)
+        grid, block, sh = launch_config("conv2d_bwd_weight", v, {"dw": dw.shape, "dz": dz.shape})
+        if v == "v1":
+            self._launch("conv2d_bwd_weight", v, grid, block, sh, x, dz, dw, db)
+        elif v == "v2":
+            self._launch("conv2d_bwd_weight", v, grid, block, sh, self._flat_view(x), dz, dw, db)
+        else:
+            splits = bw_splits(dw.shape, dz.shape)
+            partial, tickets = self._bw_scratch(dw, splits)
+            if state is None:
+                state = self._zero_state()
+            self._launch("conv2d_bwd_weight", v, grid, block, sh, self._flat_view(x), self._flat_view(dz), dw, db,
+                         partial, tickets, state, *_i32(n, c, h, wd, k, r, s), np.int32(splits))
+
+    def _bw_scratch(self, dw: Any, splits: int) -> tuple[Any, Any]:
+        """conv2d_bwd_weight_v3's partials and tickets for this dw (one pair per call site, allocated at its
+        first call; the tickets start at 0 and every launch leaves them at count 0)."""
+        key = (id(dw), splits)
+        hit = self._scratch.get(key)
+        if hit is None or hit[0] is not dw:
+            k, c, r, s = dw.shape
+            items = k * ceil_div(c * r * s + 1, conv2d.BW_COLS)
+            hit = self._scratch[key] = (dw, self.empty((items * splits * conv2d.BW_COLS,)),
+                                        self.zeros((items,), np.int64))
+        return hit[1], hit[2]
+
+    def _zero_state(self) -> Any:
+        if self._state0 is None:
+            self._state0 = self.zeros((STATE_WORDS,), np.int32)
+        return self._state0
+
+    def conv2d_bwd_data_pool(
+        self, dz: Any, w: Any, argmax: Any | None, yconv: Any, dz_below: Any, mode: str, act: str,
+        variant: str | None = None,
+    ) -> None:
+        """dz_below (yconv's shape (B,C,H,W)) = pool2x2_bwd(conv2d_bwd_data(dz, w), argmax, yconv, mode, act):
+        the convolution's data gradient routed through the 2×2 pooling below it and that layer's
+        activation, in one launch (reference.conv2d_bwd_data_pool). The convolution's input is the
+        pooled map (B,C,H//2,W//2); argmax (its shape) is None for avg."""
+        v = self._variant("conv2d_bwd_data_pool", variant)
+        check_mode(mode)
+        check_act(act)
+        _dev("dz", dz, np.float32, 4)
+        _dev("w", w, np.float32, 4)
+        _dev("yconv", yconv, np.float32, 4)
+        _dev("dz_below", dz_below, np.float32, 4)
+        n, c, h, wd = yconv.shape
+        k, _, r, s = w.shape
+        _shape("w", w, (k, c, r, s))
+        _shape("dz_below", dz_below, yconv.shape)
+        hp, wp = h // 2, wd // 2
+        if hp < r or wp < s:
+            raise ValueError(f"conv2d_bwd_data_pool: the pooled map {(hp, wp)} is smaller than the filter {(r, s)}")
+        _shape("dz", dz, (n, k, hp - r + 1, wp - s + 1))
+        argmax = self._argmax_arg("conv2d_bwd_data_pool", argmax, mode, (n, c, hp, wp))
+        shapes = {"dzb": dz_below.shape, "w": w.shape}
+        grid, block, sh = launch_config("conv2d_bwd_data_pool", v, shapes)
+        if v != "v1" and sh > MAX_DYNAMIC_SMEM:
+            if variant is not None:
+                raise ValueError(f"conv2d_bwd_data_pool_{v}: a {r}x{s} filter needs {sh} bytes of shared memory")
+            v = "v1"
+        v = self._int32_variant("conv2d_bwd_data_pool", v, variant, dz, dz_below)
+        grid, block, sh = launch_config("conv2d_bwd_data_pool", v, shapes)
+        codes = (np.int32(POOL_CODES[mode]), np.int32(ACT_CODES[act]))
+        if v == "v1":
+            self._launch("conv2d_bwd_data_pool", v, grid, block, sh, dz, w, argmax, yconv, dz_below, *codes)
+            return
+        f = self._flat_view
+        self._launch("conv2d_bwd_data_pool", v, grid, block, sh, f(dz), f(w), f(argmax), f(yconv), f(dz_below),
+                     *_i32(n, c, h, wd, k, r, s), *codes, np.int32(bwd_data_chunk(w.shape)))
 
     def _argmax_arg(self, op: str, argmax: Any, mode: str, shape: tuple[int, ...]) -> Any:
         """The argmax array to launch with: checked for max pooling, a dummy when avg passes None."""
@@ -489,42 +805,90 @@ class NumbaBackend:
         self._launch("dense_bwd", v, grid, block, sh, x, w, y, dy, dw if dx is None else dx, dw, db,
                      np.int32(ACT_CODES[act]), np.int32(dx is not None))
 
-    def softmax_xent(self, logits: Any, labels: Any, dlogits: Any, stats: Any, variant: str | None = None) -> None:
+    def softmax_xent(
+        self, logits: Any, labels: Any, dlogits: Any, stats: Any, state: Any, variant: str | None = None
+    ) -> None:
         v = self._variant("softmax_xent", variant)
         _dev("logits", logits, np.float32, 2)
         _dev("labels", labels, np.int32, 1)
         _dev("dlogits", dlogits, np.float32, 2)
-        _dev("stats", stats, np.float32, 1)
+        _dev("stats", stats, np.float32, 2)
+        _state("state", state)
         _shape("labels", labels, (logits.shape[0],))
         _shape("dlogits", dlogits, logits.shape)
-        _shape("stats", stats, (2,))
+        if stats.shape[1] != 2 or stats.shape[0] < 1:
+            raise ValueError(f"stats: shape {tuple(stats.shape)} is not (S, 2) with S >= 1")
         grid, block, sh = launch_config("softmax_xent", v, {})
-        self._launch("softmax_xent", v, grid, block, sh, logits, labels, dlogits, stats)
+        self._launch("softmax_xent", v, grid, block, sh, logits, labels, dlogits, stats, state)
 
     def adam_step(
-        self, p: Any, g: Any, m: Any, v: Any, lr: float, beta1: float, beta2: float, eps: float,
-        weight_decay: float, bc1: float, bc2: float, variant: str | None = None,
+        self, p: Any, g: Any, m: Any, v: Any, sched: Any, state: Any, beta1: float, beta2: float, eps: float,
+        weight_decay: float, variant: str | None = None,
     ) -> None:
         var = self._variant("adam_step", variant)
         for label, a in (("p", p), ("g", g), ("m", m), ("v", v)):
             _dev(label, a, np.float32, 1)
             _shape(label, a, p.shape)
+        _sched("sched", sched)
+        _state("state", state)
         f = np.float32
         grid, block, sh = launch_config("adam_step", var, {"p": p.shape})
-        self._launch("adam_step", var, grid, block, sh, p, g, m, v, f(lr), f(beta1), f(1.0 - beta1), f(beta2),
-                     f(1.0 - beta2), f(eps), f(weight_decay), f(bc1), f(bc2))
+        self._launch("adam_step", var, grid, block, sh, p, g, m, v, sched, state, f(beta1), f(1.0 - beta1),
+                     f(beta2), f(1.0 - beta2), f(eps), f(weight_decay))
 
     def sgd_step(
-        self, p: Any, g: Any, m: Any, lr: float, momentum: float, weight_decay: float,
+        self, p: Any, g: Any, m: Any, sched: Any, state: Any, momentum: float, weight_decay: float,
         variant: str | None = None,
     ) -> None:
         var = self._variant("sgd_step", variant)
         for label, a in (("p", p), ("g", g), ("m", m)):
             _dev(label, a, np.float32, 1)
             _shape(label, a, p.shape)
+        _sched("sched", sched)
+        _state("state", state)
         f = np.float32
         grid, block, sh = launch_config("sgd_step", var, {"p": p.shape})
-        self._launch("sgd_step", var, grid, block, sh, p, g, m, f(lr), f(momentum), f(weight_decay))
+        self._launch("sgd_step", var, grid, block, sh, p, g, m, sched, state, f(momentum), f(weight_decay))
+
+    def step_advance(self, state: Any, batch: int, variant: str | None = None) -> None:
+        v = self._variant("step_advance", variant)
+        _state("state", state)
+        if int(batch) < 1:
+            raise ValueError(f"step_advance: batch must be >= 1, got {batch}")
+        grid, block, sh = launch_config("step_advance", v, {})
+        self._launch("step_advance", v, grid, block, sh, state, np.int32(batch))
+
+
+class _Recorded:
+    """What ``NumbaBackend.record`` returns: the first call runs fn and records its launches
+    (``launches``: launch.PreparedLaunch objects on a GPU, (name, grid, block, shmem, args) under the
+    simulator); later calls replay them."""
+
+    def __init__(self, be: NumbaBackend, fn: Callable[[], None]) -> None:
+        self.be = be
+        self.fn = fn
+        self.launches: list[Any] | None = None
+        self._replay: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        be = self.be
+        if self._replay is not None:
+            if be._recording is not None:  # replayed inside another recording: part of it
+                be._recording.extend(self.launches)
+            self._replay()
+            be.counters.launches += len(self.launches)
+            return
+        outer = be._recording
+        be._recording = []
+        try:
+            self.fn()
+            launches = be._recording
+        finally:
+            be._recording = outer
+        if outer is not None:
+            outer.extend(launches)
+        self.launches = launches
+        self._replay = be._replay_fn(launches)
 
 
 def _quiet_low_occupancy_warnings() -> None:
@@ -547,6 +911,23 @@ def _dev(label: str, a: Any, dtype: Any, ndim: int) -> None:
         raise TypeError(f"{label}: expected {ndim}-d {np.dtype(dtype)}, got {a.ndim}-d {a.dtype}")
     if not a.flags["C_CONTIGUOUS"]:
         raise ValueError(f"{label}: must be C-contiguous")
+
+
+def _i32(*values: int) -> tuple[np.int32, ...]:
+    return tuple(np.int32(v) for v in values)
+
+
+def _state(label: str, a: Any) -> None:
+    """The int32 step state (lenet_gpu.stepstate)."""
+    _dev(label, a, np.int32, 1)
+    _shape(label, a, (STATE_WORDS,))
+
+
+def _sched(label: str, a: Any) -> None:
+    """The float32 (T, 4) schedule table (lenet_gpu.stepstate)."""
+    _dev(label, a, np.float32, 2)
+    if a.shape[0] < 1 or a.shape[1] != SCHED_COLS:
+        raise ValueError(f"{label}: shape {tuple(a.shape)} is not (T, {SCHED_COLS}) with T >= 1")
 
 
 def _shape(label: str, a: Any, shape: tuple[int, ...]) -> None:

@@ -1,7 +1,7 @@
 """Static compile checks for the Numba kernels, with no GPU: every kernel is compiled to PTX by
 ``numba.cuda.compile_ptx`` with the exact signature its launches use (``SIGNATURES``), for each
-architecture, then assembled by ptxas (from the nvidia-cuda-nvcc-cu12 wheel) with ``-v`` for its
-resource report.
+architecture, then assembled by ptxas with ``-v`` for its resource report: the ptxas of the same CUDA
+as the NVVM that made the PTX (``find_ptxas``: the CUDA 12 and CUDA 13 wheel layouts, $CUDA_HOME, PATH).
 
 Each record: backend, op, kernel, variant, arch, registers, shared_bytes (static, plus the dynamic
 shared memory the launch asks for at LeNet-5 shapes), stack_bytes, spill_stores, spill_loads,
@@ -20,12 +20,14 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,8 @@ LENET_LAUNCHES: dict[str, list[dict[str, Any]]] = {
     "softmax_xent": [{}],
     "adam_step": [{"p": (62080,)}],
     "sgd_step": [{"p": (62080,)}],
+    "step_advance": [{}],
+    "conv2d_bwd_data_pool": [{"dzb": (64, 6, 28, 28), "w": (16, 6, 5, 5)}],
 }
 
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -54,17 +58,158 @@ _SMEM = re.compile(r"(\d+) bytes smem")
 _F64 = re.compile(r"\.f64\b")
 
 
+# ------------------------------------------------------------------------------------ which ptxas
+#
+# numba-cuda compiles with the libNVVM it finds (cuda-pathfinder: the wheels first, then CUDA_HOME and the
+# system), and that NVVM decides the PTX ISA version of the output (CUDA 12.9: .version 8.8; CUDA 13.x:
+# .version 9.x). A ptxas older than the NVVM refuses it ("Unsupported .version 9.5"), so the ptxas must
+# come from the same CUDA as the NVVM. Where the wheels keep them:
+#   CUDA 12: nvidia-cuda-nvcc-cu12    → nvidia/cuda_nvcc/bin/ptxas, NVVM in nvidia/cuda_nvcc/nvvm/lib64/
+#   CUDA 13: nvidia-cuda-nvcc (13.x)  → nvidia/cu13/bin/ptxas, NVVM (nvidia-nvvm) in nvidia/cu13/lib/
+#   (numba-cuda[cu13] brings NVVM but no ptxas: cuda-toolkit[nvcc]==13.* adds it)
+# A toolkit install keeps both under one root: <root>/bin/ptxas and <root>/nvvm/lib64/libnvvm.so.
+
+#: ptxas relative to the ``nvidia`` namespace package, in the wheel layouts above, newest CUDA first
+WHEEL_PTXAS = ("cu13/bin/ptxas", "cuda_nvcc/bin/ptxas")
+_RELEASE = re.compile(r"release (\d+)\.(\d+)")
+_PTX_VERSION = re.compile(r"^\s*\.version\s+(\d+)\.(\d+)", re.M)
+
+
+class PtxasMismatch(RuntimeError):
+    """No ptxas here can assemble the PTX that the NVVM in use makes. The message is one line."""
+
+
+@dataclass(frozen=True)
+class Ptxas:
+    """A ptxas binary, the CUDA release it belongs to (None where ``--version`` said nothing readable), and
+    where it was found."""
+
+    path: str
+    version: tuple[int, int] | None
+    origin: str
+
+    @property
+    def version_str(self) -> str:
+        return "CUDA " + ".".join(map(str, self.version)) if self.version else "CUDA version unknown"
+
+
+def ptx_isa(ptx: str) -> tuple[int, int] | None:
+    """The PTX ISA version a PTX text declares (``.version 9.5`` → (9, 5))."""
+    m = _PTX_VERSION.search(ptx)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def min_cuda_for_isa(isa: tuple[int, int]) -> tuple[int, int]:
+    """The first CUDA release whose ptxas accepts PTX ISA ``isa`` (PTX ISA 9.x is CUDA 13.x; 8.0–8.5 are
+    CUDA 12.0–12.5, 8.6 12.7, 8.7 12.8, 8.8 12.9; 7.x is CUDA 11.x)."""
+    major, minor = isa
+    if major >= 9:
+        return (major + 4, minor)
+    if major == 8:
+        return {6: (12, 7), 7: (12, 8), 8: (12, 9)}.get(minor, (12, minor) if minor <= 5 else (12, 9))
+    if major == 7:
+        return (11, minor)
+    return (10, 0)
+
+
+@functools.cache
+def ptxas_version(exe: str) -> tuple[int, int] | None:
+    """The CUDA release of a ptxas binary, from ``ptxas --version`` ("... release 13.5, V13.5.37")."""
+    try:
+        res = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = _RELEASE.search(res.stdout + res.stderr)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def nvvm_in_use() -> Path | None:
+    """The libNVVM numba-cuda compiles with (None where it cannot be found)."""
+    try:
+        from numba.cuda.cuda_paths import get_cuda_paths
+
+        info = get_cuda_paths()["nvvm"].info
+    except Exception:  # noqa: BLE001 - no NVVM, or another numba-cuda layout
+        return None
+    return Path(info) if info else None
+
+
+def nvidia_roots() -> list[Path]:
+    """The folders of the ``nvidia`` namespace package (where the CUDA wheels install)."""
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    return [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+
+
+def ptxas_candidates(nvvm: Path | None = None, roots: Sequence[Path] | None = None, cuda_home: str | None = None,
+                     path_env: str | None = None) -> list[Ptxas]:
+    """Every ptxas here, most fitting first: beside the NVVM in use (the same CUDA), then the wheel layouts
+    (newest CUDA first), then $CUDA_HOME/$CUDA_PATH, then PATH. Defaults: what this process uses."""
+    found: list[tuple[Path, str]] = []
+    if nvvm is not None:  # <root>/lib/libnvvm.so (CUDA 13 wheel) or <root>/nvvm/lib64/libnvvm.so
+        for parent in list(Path(nvvm).parents)[1:4]:
+            found.append((parent / "bin" / "ptxas", f"beside the NVVM in use ({nvvm})"))
+    for root in nvidia_roots() if roots is None else roots:
+        for rel in WHEEL_PTXAS:
+            found.append((Path(root) / rel, f"wheel layout nvidia/{rel}"))
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = cuda_home if var == "CUDA_HOME" and cuda_home is not None else os.environ.get(var)
+        if home:
+            found.append((Path(home) / "bin" / "ptxas", f"${var}"))
+    on_path = shutil.which("ptxas", path=path_env)
+    if on_path:
+        found.append((Path(on_path), "PATH"))
+    out, seen = [], set()
+    for exe, origin in found:
+        if exe.is_file() and os.access(exe, os.X_OK):
+            key = exe.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(Ptxas(str(exe), ptxas_version(str(exe)), origin))
+    return out
+
+
+_AUTO = Path("<the NVVM numba-cuda uses>")
+
+
+def find_ptxas(ptx: str | None = None, *, nvvm: Path | None = _AUTO, roots: Sequence[Path] | None = None,
+               cuda_home: str | None = None, path_env: str | None = None) -> Ptxas:
+    """The ptxas to assemble ``ptx`` with: the first candidate (ptxas_candidates) whose CUDA release accepts
+    the PTX's ISA version; without ``ptx``, the first candidate. ``nvvm`` defaults to the NVVM numba-cuda
+    uses (None: none). Raises FileNotFoundError (no ptxas at all) or PtxasMismatch (none new enough), each
+    one line."""
+    nvvm = nvvm_in_use() if nvvm is _AUTO else nvvm
+    cands = ptxas_candidates(nvvm, roots, cuda_home, path_env)
+    if not cands:
+        raise FileNotFoundError(
+            "ptxas not found: install the ptxas of the CUDA that NVVM comes from (CUDA 12: nvidia-cuda-nvcc-cu12, "
+            "the cuda12 extra; CUDA 13: cuda-toolkit[nvcc]==13.*), or put one on PATH")
+    isa = ptx_isa(ptx) if ptx else None
+    if isa is None:
+        return cands[0]
+    need = min_cuda_for_isa(isa)
+    for c in cands:
+        if c.version is not None and c.version >= need:
+            return c
+    for c in cands:
+        if c.version is None:
+            return c  # cannot tell: let it try (compile_kernel turns a refusal into PtxasMismatch)
+    raise PtxasMismatch(_mismatch(isa, need, nvvm, cands))
+
+
+def _mismatch(isa: tuple[int, int], need: tuple[int, int], nvvm: Path | None, cands: Sequence[Ptxas]) -> str:
+    have = ", ".join(f"{c.path} ({c.version_str})" for c in cands)
+    wheel = (f"cuda-toolkit[nvcc]=={need[0]}.* (ptxas in nvidia/cu{need[0]}/bin)" if need[0] >= 13
+             else "nvidia-cuda-nvcc-cu12 (ptxas in nvidia/cuda_nvcc/bin)")
+    return (f"no ptxas here can assemble PTX ISA {isa[0]}.{isa[1]} from NVVM {nvvm or '(unknown)'}: it needs CUDA >= "
+            f"{need[0]}.{need[1]}, found {have}; install {wheel}, the same CUDA as the NVVM")
+
+
 def ptxas_path() -> str:
-    """ptxas from the nvidia-cuda-nvcc-cu12 wheel, else from PATH."""
-    spec = importlib.util.find_spec("nvidia.cuda_nvcc")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        exe = Path(root) / "bin" / "ptxas"
-        if exe.is_file():
-            return str(exe)
-    exe = shutil.which("ptxas")
-    if exe is None:
-        raise FileNotFoundError("ptxas not found: install nvidia-cuda-nvcc-cu12 (the cuda12 extra)")
-    return exe
+    """The first ptxas candidate (see find_ptxas; FileNotFoundError where there is none)."""
+    return find_ptxas().path
 
 
 def f64_lines(ptx: str) -> list[str]:
@@ -85,14 +230,18 @@ def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[
 
     cc = (int(arch[3:-1]), int(arch[-1]))
     ptx, _ = cuda.compile_ptx(KERNELS[name].py_func, signature or SIGNATURES[name], cc=cc)
+    ptxas = find_ptxas(ptx)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{name}.ptx"
         src.write_text(ptx)
         res = subprocess.run(
-            [ptxas_path(), f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / f"{name}.cubin")],
+            [ptxas.path, f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / f"{name}.cubin")],
             capture_output=True, text=True, check=False,
         )
     if res.returncode != 0:
+        isa = ptx_isa(ptx)
+        if "Unsupported .version" in res.stderr and isa is not None:
+            raise PtxasMismatch(_mismatch(isa, min_cuda_for_isa(isa), nvvm_in_use(), [ptxas]))
         raise RuntimeError(f"ptxas failed for {name} ({arch}):\n{res.stderr}")
     return ptx, res.stderr
 

@@ -8,13 +8,21 @@ and its two gradients.
   pool_fwd:    the forward with the 2×2/2 subsampling fused (the optional op conv2d_pool_fwd):
                y as above (written unless the caller passes none: backward needs it for act'),
                yp (N,K,Ho//2,Wo//2) = max (argmax: first maximum's row-major tap) or mean of y's windows
+  bwd_data_pool: the data gradient routed through the 2×2 pooling below and that layer's activation
+               (the optional op conv2d_bwd_data_pool, reference.conv2d_bwd_data_pool):
+               dzb (N,C,H,W) = pool2x2_bwd(bwd_data(dz, w), argmax, mode)·act'(yconv), the convolution's
+               input being the pooled map (N,C,H//2,W//2) of yconv (N,C,H,W)
 dz is the gradient w.r.t. the pre-activation (pool2x2_bwd has already applied act').
+
+The faster variants take flat arrays and int32 sizes and compute every offset in int32 (Numba widens
+integer arithmetic to int64, and 64-bit indexing took 91–121 registers; the backend checks that every
+array has fewer than 2³¹ elements). Their launches are sized from the SM count (backend.sm_count).
 
 Versions:
 - conv2d_fwd_v1: one thread per output, consecutive threads → consecutive output columns (coalesced).
 - conv2d_fwd_v2: the block's slice of weights (KB filters × a chunk of channels) in shared memory,
   read as warp broadcasts; register blocking: each thread computes KB output channels of one pixel,
-  so every input load feeds KB FMAs.
+  so every input load feeds KB FMAs; int32 offsets.
 - conv2d_fwd_v3: v2 plus the input in shared memory too: the block stages the band of input rows
   its pixels read (coalesced: a channel's band is contiguous), so each input element is loaded once
   per block and then read R·S times from shared memory, conflict-free along a row.
@@ -31,13 +39,23 @@ Versions:
 - conv2d_bwd_weight_v2: one block per (k, chunk of BW_COLS columns of c·r·s, the bias as one more
   column); its threads stride over the N·Ho·Wo positions (coalesced), each keeping BW_COLS partial
   sums in registers, then a fixed-order shared-memory tree reduction: deterministic, no atomics.
+- conv2d_bwd_weight_v3: v2 split over the batch: each (item, split) block reduces its share of the
+  positions into partials; the item's last block (an int64 compare-and-swap ticket tagged with the
+  step state's STEP) sums the splits in a fixed order. C1's 24 blocks of 784 positions a thread
+  become about a wave of blocks; int32 offsets.
+- conv2d_bwd_data_pool_v1: one thread per element of dzb: the bwd_data sum of its pooled position
+  when it is the routed tap (max) or always (avg), times act'.
+- conv2d_bwd_data_pool_v2: one thread per pooled position of the batch with CB channels in registers
+  and the weights in shared memory (as conv2d_bwd_data_v2): each dx is computed once and written to
+  its 4 taps; no dx round trip through memory, one launch instead of two.
 """
 
 from __future__ import annotations
 
-from numba import cuda, float32, int32, uint8
+from numba import cuda, float32, int32, int64, uint8
 
-from .common import POOL_MAX, ZERO, activate
+from ...stepstate import STEP
+from .common import POOL_MAX, ZERO, act_grad, activate
 
 #: conv2d_fwd_v2: output channels per thread (register blocking)
 KB = 8
@@ -45,8 +63,9 @@ KB = 8
 FWD_SMEM_FLOATS = 4096
 #: conv2d_fwd_v3: shared-memory budget for one channel chunk (weights + input band), in floats
 V3_SMEM_FLOATS = 8192
-#: conv2d_pool_fwd_v2: filters per thread (× 4 window taps = 16 accumulators in registers)
-PKB = 4
+#: conv2d_pool_fwd_v2: filters per thread (× 4 window taps = 12 accumulators in registers; 4 took 66
+#: registers on sm_90, 3 takes 63, and divides C1's 6 filters)
+PKB = 3
 QUARTER = float32(0.25)
 #: conv2d_bwd_data_v2: input channels per thread (register blocking)
 CB = 8
@@ -81,134 +100,126 @@ def conv2d_fwd_v1(x, w, b, y, act):
 
 
 @cuda.jit
-def conv2d_fwd_v2(x, w, b, y, act, cb):
-    # dynamic shared memory: KB·cb·R·S floats (the launch passes its size)
+def conv2d_fwd_v2(xf, wf, b, yf, nb, cin, h, wd, kout, r_, s_, act, cb):
+    # flat arrays, int32 offsets; dynamic shared memory: KB·cb·R·S floats (the launch passes its size)
     sw = cuda.shared.array(0, float32)
     acc = cuda.local.array(KB, float32)
-    nb, kout, ho, wo = y.shape
-    cin, r_, s_ = w.shape[1], w.shape[2], w.shape[3]
-    rs = r_ * s_
-    plane = ho * wo
+    ho = int32(h - r_ + 1)
+    wo = int32(wd - s_ + 1)
+    rs = int32(r_ * s_)
+    crs = int32(cin * rs)
+    plane = int32(ho * wo)
     nthreads = cuda.blockDim.x
     tid = cuda.threadIdx.x
-    nchunks = (plane + nthreads - 1) // nthreads
-    nkg = (kout + KB - 1) // KB
-    nitems = nb * nkg * nchunks
+    nchunks = int32((plane + nthreads - 1) // nthreads)
+    nkg = int32((kout + KB - 1) // KB)
     # work item = (image n, group of KB filters, chunk of blockDim pixels); block-stride loop
-    for item in range(cuda.blockIdx.x, nitems, cuda.gridDim.x):
-        pc = item % nchunks
-        t = item // nchunks
-        kg = t % nkg
-        n = t // nkg
-        k0 = kg * KB
-        pos = pc * nthreads + tid
+    for item in range(cuda.blockIdx.x, int32(nb * nkg * nchunks), cuda.gridDim.x):
+        pc = int32(item % nchunks)
+        t = int32(item // nchunks)
+        k0 = int32((t % nkg) * KB)
+        n = int32(t // nkg)
+        pos = int32(pc * nthreads + tid)
         valid = pos < plane
-        i = pos // wo
-        j = pos % wo
+        i = int32(pos // wo)
+        j = int32(pos - i * wo)
         for q in range(KB):
             acc[q] = b[k0 + q] if k0 + q < kout else ZERO
-        for c0 in range(0, cin, cb):
-            cn = min(cb, cin - c0)
-            span = cn * rs
+        for c0 in range(int32(0), cin, cb):
+            cn = int32(min(cb, cin - c0))
+            span = int32(cn * rs)
             cuda.syncthreads()  # nobody still reads the previous slice
-            for e in range(tid, KB * span, nthreads):
-                q = e // span
-                rem = e - q * span
-                c = c0 + rem // rs
-                rem = rem % rs
-                if k0 + q < kout:
-                    sw[e] = w[k0 + q, c, rem // s_, rem % s_]
-                else:
-                    sw[e] = ZERO
+            _stage_weights(wf, sw, k0, KB, kout, int32(k0 * crs + c0 * rs), crs, span)
             cuda.syncthreads()
             if valid:
                 for c in range(cn):
                     for r in range(r_):
+                        xrow = int32(((n * cin + c0 + c) * h + i + r) * wd + j)
+                        off0 = int32((c * r_ + r) * s_)
                         for s in range(s_):
-                            xv = x[n, c0 + c, i + r, j + s]
-                            off = (c * r_ + r) * s_ + s
+                            xv = xf[int32(xrow + s)]
                             for q in range(KB):
-                                acc[q] += xv * sw[q * span + off]
+                                acc[q] += xv * sw[int32(q * span + off0 + s)]
         if valid:
             for q in range(KB):
                 if k0 + q < kout:
-                    y[n, k0 + q, i, j] = activate(acc[q], act)
+                    yf[int32(((n * kout + k0 + q) * ho + i) * wo + j)] = activate(acc[q], act)
 
 
 @cuda.jit(device=True, inline="always")
-def _stage_chunk(x, w, sm, n, c0, cn, k0, kb, row0, nrows, wslot):
-    """Stage, with the whole block, the kb filters' taps of channels c0..c0+cn (sm[0 : kb·cn·R·S],
-    filter-major) and input rows row0..row0+nrows of those channels of image n (from sm[wslot])."""
-    kout, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
-    wd = x.shape[3]
-    rs = r_ * s_
-    span = cn * rs
+def _stage_weights(wf, sm, k0, kb, kout, wbase, crs, span):
+    """Stage, with the whole block, kb filters' taps of a channel chunk (span = channels·R·S floats per
+    filter, from wf[wbase + q·crs]) into sm[0 : kb·span], filter-major; filters past kout are 0."""
     tid = cuda.threadIdx.x
     nthreads = cuda.blockDim.x
-    for e in range(tid, kb * span, nthreads):
-        q = e // span
-        rem = e - q * span
-        c = c0 + rem // rs
-        rem = rem % rs
+    for e in range(tid, int32(kb * span), nthreads):
+        q = int32(e // span)
         if k0 + q < kout:
-            sm[e] = w[k0 + q, c, rem // s_, rem % s_]
+            sm[e] = wf[int32(wbase + q * crs + (e - q * span))]
         else:
             sm[e] = ZERO
-    band = nrows * wd
-    for e in range(tid, cn * band, nthreads):
-        c = e // band
-        rem = e - c * band
-        sm[wslot + e] = x[n, c0 + c, row0 + rem // wd, rem % wd]
+
+
+@cuda.jit(device=True, inline="always")
+def _stage_band(xf, sm, xbase, hw, band, cn, wslot):
+    """Stage, with the whole block, cn channels' bands of ``band`` contiguous input floats (from
+    xf[xbase + c·hw]) into sm[wslot:], channel-major."""
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    for e in range(tid, int32(cn * band), nthreads):
+        c = int32(e // band)
+        sm[int32(wslot + e)] = xf[int32(xbase + c * hw + (e - c * band))]
 
 
 @cuda.jit
-def conv2d_fwd_v3(x, w, b, y, act, cb, wslot):
-    # dynamic shared memory: [weights: KB·cb·R·S floats (wslot)][input band: cb·band·W floats]
+def conv2d_fwd_v3(xf, wf, b, yf, nb, cin, h, wd, kout, r_, s_, act, cb, wslot):
+    # dynamic shared memory: [weights: KB·cb·R·S floats (wslot)][input band: cb·rows·W floats]
     sm = cuda.shared.array(0, float32)
     acc = cuda.local.array(KB, float32)
-    nb, kout, ho, wo = y.shape
-    cin, wd = x.shape[1], x.shape[3]
-    r_, s_ = w.shape[2], w.shape[3]
-    rs = r_ * s_
-    plane = ho * wo
+    ho = int32(h - r_ + 1)
+    wo = int32(wd - s_ + 1)
+    rs = int32(r_ * s_)
+    crs = int32(cin * rs)
+    hw = int32(h * wd)
+    plane = int32(ho * wo)
     nthreads = cuda.blockDim.x
     tid = cuda.threadIdx.x
-    nchunks = (plane + nthreads - 1) // nthreads
-    nkg = (kout + KB - 1) // KB
-    nitems = nb * nkg * nchunks
-    for item in range(cuda.blockIdx.x, nitems, cuda.gridDim.x):
-        pc = item % nchunks
-        t = item // nchunks
-        kg = t % nkg
-        n = t // nkg
-        k0 = kg * KB
-        pos = pc * nthreads + tid
+    nchunks = int32((plane + nthreads - 1) // nthreads)
+    nkg = int32((kout + KB - 1) // KB)
+    for item in range(cuda.blockIdx.x, int32(nb * nkg * nchunks), cuda.gridDim.x):
+        pc = int32(item % nchunks)
+        t = int32(item // nchunks)
+        k0 = int32((t % nkg) * KB)
+        n = int32(t // nkg)
+        pos = int32(pc * nthreads + tid)
         valid = pos < plane
-        i = pos // wo
-        j = pos % wo
-        row0 = (pc * nthreads) // wo  # first output row of the chunk = first input row it reads
-        nrows = (min(pc * nthreads + nthreads, plane) - 1) // wo - row0 + r_  # input rows it reads
+        i = int32(pos // wo)
+        j = int32(pos - i * wo)
+        row0 = int32((pc * nthreads) // wo)  # first output row of the chunk = first input row it reads
+        nrows = int32((min(pc * nthreads + nthreads, plane) - 1) // wo - row0 + r_)  # input rows it reads
+        band = int32(nrows * wd)
         for q in range(KB):
             acc[q] = b[k0 + q] if k0 + q < kout else ZERO
-        for c0 in range(0, cin, cb):
-            cn = min(cb, cin - c0)
-            span = cn * rs
+        for c0 in range(int32(0), cin, cb):
+            cn = int32(min(cb, cin - c0))
+            span = int32(cn * rs)
             cuda.syncthreads()  # nobody still reads the previous chunk
-            _stage_chunk(x, w, sm, n, c0, cn, k0, KB, row0, nrows, wslot)
+            _stage_weights(wf, sm, k0, KB, kout, int32(k0 * crs + c0 * rs), crs, span)
+            _stage_band(xf, sm, int32((n * cin + c0) * hw + row0 * wd), hw, band, cn, wslot)
             cuda.syncthreads()
             if valid:
                 for c in range(cn):
                     for r in range(r_):
-                        base = wslot + (c * nrows + i - row0 + r) * wd + j
+                        base = int32(wslot + (c * nrows + i - row0 + r) * wd + j)
+                        off0 = int32((c * r_ + r) * s_)
                         for s in range(s_):
-                            xv = sm[base + s]
-                            off = (c * r_ + r) * s_ + s
+                            xv = sm[int32(base + s)]
                             for q in range(KB):
-                                acc[q] += xv * sm[q * span + off]
+                                acc[q] += xv * sm[int32(q * span + off0 + s)]
         if valid:
             for q in range(KB):
                 if k0 + q < kout:
-                    y[n, k0 + q, i, j] = activate(acc[q], act)
+                    yf[int32(((n * kout + k0 + q) * ho + i) * wo + j)] = activate(acc[q], act)
 
 
 @cuda.jit
@@ -254,36 +265,39 @@ def conv2d_pool_fwd_v1(x, w, b, y, yp, argmax, act, mode, has_y):
 
 
 @cuda.jit
-def conv2d_pool_fwd_v2(x, w, b, y, yp, argmax, act, mode, has_y, cb, wslot):
+def conv2d_pool_fwd_v2(xf, wf, b, yf, ypf, amf, nb, cin, h, wd, kout, r_, s_, act, mode, has_y, cb, wslot):
     # dynamic shared memory: [weights: PKB·cb·R·S floats (wslot)][input band: cb·rows·W floats]
     sm = cuda.shared.array(0, float32)
     a0 = cuda.local.array(PKB, float32)  # the window's 4 taps × PKB filters
     a1 = cuda.local.array(PKB, float32)
     a2 = cuda.local.array(PKB, float32)
     a3 = cuda.local.array(PKB, float32)
-    nb, cin, wd = x.shape[0], x.shape[1], x.shape[3]
-    kout, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
-    ho, wo = x.shape[2] - r_ + 1, wd - s_ + 1
-    hp, wp = yp.shape[2], yp.shape[3]
-    hw2 = (ho + 1) // 2
-    ww2 = (wo + 1) // 2
-    plane2 = hw2 * ww2
-    rs = r_ * s_
+    ho = int32(h - r_ + 1)
+    wo = int32(wd - s_ + 1)
+    hp = int32(ho // 2)
+    wp = int32(wo // 2)
+    hw2 = int32((ho + 1) // 2)  # windows over y, with an odd trailing row/column (written, not pooled)
+    ww2 = int32((wo + 1) // 2)
+    plane2 = int32(hw2 * ww2)
+    rs = int32(r_ * s_)
+    crs = int32(cin * rs)
+    hw = int32(h * wd)
     nthreads = cuda.blockDim.x
     tid = cuda.threadIdx.x
-    nchunks = (plane2 + nthreads - 1) // nthreads
-    nkg = (kout + PKB - 1) // PKB
-    for item in range(cuda.blockIdx.x, nb * nkg * nchunks, cuda.gridDim.x):
-        pc = item % nchunks
-        t = item // nchunks
-        k0 = (t % nkg) * PKB
-        n = t // nkg
-        pos = pc * nthreads + tid
+    nchunks = int32((plane2 + nthreads - 1) // nthreads)
+    nkg = int32((kout + PKB - 1) // PKB)
+    for item in range(cuda.blockIdx.x, int32(nb * nkg * nchunks), cuda.gridDim.x):
+        pc = int32(item % nchunks)
+        t = int32(item // nchunks)
+        k0 = int32((t % nkg) * PKB)
+        n = int32(t // nkg)
+        pos = int32(pc * nthreads + tid)
         valid = pos < plane2
-        i2 = pos // ww2
-        j2 = pos % ww2
-        row0 = 2 * ((pc * nthreads) // ww2)  # first conv row = first input row of the band
-        nrows = min(2 * ((min(pc * nthreads + nthreads, plane2) - 1) // ww2) + 2, ho) - row0 + r_ - 1
+        i2 = int32(pos // ww2)
+        j2 = int32(pos - i2 * ww2)
+        row0 = int32(2 * ((pc * nthreads) // ww2))  # first conv row = first input row of the band
+        nrows = int32(min(2 * ((min(pc * nthreads + nthreads, plane2) - 1) // ww2) + 2, ho) - row0 + r_ - 1)
+        band = int32(nrows * wd)
         down = 2 * i2 + 1 < ho  # the window's second row / column exist
         right = 2 * j2 + 1 < wo
         for q in range(PKB):
@@ -292,47 +306,52 @@ def conv2d_pool_fwd_v2(x, w, b, y, yp, argmax, act, mode, has_y, cb, wslot):
             a1[q] = bias
             a2[q] = bias
             a3[q] = bias
-        for c0 in range(0, cin, cb):
-            cn = min(cb, cin - c0)
-            span = cn * rs
+        for c0 in range(int32(0), cin, cb):
+            cn = int32(min(cb, cin - c0))
+            span = int32(cn * rs)
             cuda.syncthreads()  # nobody still reads the previous chunk
-            _stage_chunk(x, w, sm, n, c0, cn, k0, PKB, row0, nrows, wslot)
+            _stage_weights(wf, sm, k0, PKB, kout, int32(k0 * crs + c0 * rs), crs, span)
+            _stage_band(xf, sm, int32((n * cin + c0) * hw + row0 * wd), hw, band, cn, wslot)
             cuda.syncthreads()
             if valid:
                 for c in range(cn):
                     for r in range(r_):
-                        base = wslot + (c * nrows + 2 * i2 - row0 + r) * wd + 2 * j2
+                        base = int32(wslot + (c * nrows + 2 * i2 - row0 + r) * wd + 2 * j2)
+                        off0 = int32((c * r_ + r) * s_)
                         for s in range(s_):
-                            x0 = sm[base + s]
-                            x1 = sm[base + s + 1] if right else ZERO
-                            x2 = sm[base + wd + s] if down else ZERO
-                            x3 = sm[base + wd + s + 1] if down and right else ZERO
-                            off = (c * r_ + r) * s_ + s
+                            # a window's missing column / row (odd conv output) reads past the band
+                            # (the launch pads it): those taps are never written nor pooled
+                            x0 = sm[int32(base + s)]
+                            x1 = sm[int32(base + s + 1)]
+                            x2 = sm[int32(base + wd + s)]
+                            x3 = sm[int32(base + wd + s + 1)]
                             for q in range(PKB):
-                                wv = sm[q * span + off]
+                                wv = sm[int32(q * span + off0 + s)]
                                 a0[q] += x0 * wv
                                 a1[q] += x1 * wv
                                 a2[q] += x2 * wv
                                 a3[q] += x3 * wv
         if valid:
-            i = 2 * i2
-            j = 2 * j2
+            i = int32(2 * i2)
+            j = int32(2 * j2)
             for q in range(PKB):
-                k = k0 + q
+                k = int32(k0 + q)
                 if k < kout:
                     v0 = activate(a0[q], act)
                     v1 = activate(a1[q], act)
                     v2 = activate(a2[q], act)
                     v3 = activate(a3[q], act)
                     if has_y:
-                        y[n, k, i, j] = v0
+                        yo = int32(((n * kout + k) * ho + i) * wo + j)
+                        yf[yo] = v0
                         if right:
-                            y[n, k, i, j + 1] = v1
+                            yf[int32(yo + 1)] = v1
                         if down:
-                            y[n, k, i + 1, j] = v2
+                            yf[int32(yo + wo)] = v2
                             if right:
-                                y[n, k, i + 1, j + 1] = v3
+                                yf[int32(yo + wo + 1)] = v3
                     if i2 < hp and j2 < wp:
+                        po = int32(((n * kout + k) * hp + i2) * wp + j2)
                         if mode == POOL_MAX:
                             best = v0
                             tap = 0
@@ -345,10 +364,10 @@ def conv2d_pool_fwd_v2(x, w, b, y, yp, argmax, act, mode, has_y, cb, wslot):
                             if v3 > best:
                                 best = v3
                                 tap = 3
-                            yp[n, k, i2, j2] = best
-                            argmax[n, k, i2, j2] = uint8(tap)
+                            ypf[po] = best
+                            amf[po] = uint8(tap)
                         else:
-                            yp[n, k, i2, j2] = (v0 + v1 + v2 + v3) * QUARTER
+                            ypf[po] = (v0 + v1 + v2 + v3) * QUARTER
 
 
 # ----------------------------------------------------------------------------------------- bwd data
@@ -380,61 +399,69 @@ def conv2d_bwd_data_v1(dz, w, dx):
 
 
 @cuda.jit
-def conv2d_bwd_data_v2(dz, w, dx, kb):
-    # dynamic shared memory: CB·kb·R·S floats (the launch passes its size)
+def conv2d_bwd_data_v2(dzf, wf, dxf, nb, cin, h, wd, kout, r_, s_, kb):
+    # flat arrays, int32 offsets; dynamic shared memory: CB·kb·R·S floats (the launch passes its size)
     sw = cuda.shared.array(0, float32)
     acc = cuda.local.array(CB, float32)
-    nb, cin, h, wd = dx.shape
-    kout, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
-    ho, wo = dz.shape[2], dz.shape[3]
-    rs = r_ * s_
-    plane = h * wd
+    ho = int32(h - r_ + 1)
+    wo = int32(wd - s_ + 1)
+    rs = int32(r_ * s_)
+    plane = int32(h * wd)
     nthreads = cuda.blockDim.x
     tid = cuda.threadIdx.x
-    nchunks = (plane + nthreads - 1) // nthreads
-    ncg = (cin + CB - 1) // CB
+    nchunks = int32((plane + nthreads - 1) // nthreads)
+    ncg = int32((cin + CB - 1) // CB)
     # work item = (image n, group of CB input channels, chunk of blockDim pixels); block-stride loop
-    for item in range(cuda.blockIdx.x, nb * ncg * nchunks, cuda.gridDim.x):
-        pc = item % nchunks
-        t = item // nchunks
-        c0 = (t % ncg) * CB
-        n = t // ncg
-        pos = pc * nthreads + tid
+    for item in range(cuda.blockIdx.x, int32(nb * ncg * nchunks), cuda.gridDim.x):
+        pc = int32(item % nchunks)
+        t = int32(item // nchunks)
+        c0 = int32((t % ncg) * CB)
+        n = int32(t // ncg)
+        pos = int32(pc * nthreads + tid)
         valid = pos < plane
-        u = pos // wd
-        v = pos % wd
+        u = int32(pos // wd)
+        v = int32(pos - u * wd)
         for q in range(CB):
             acc[q] = ZERO
-        for k0 in range(0, kout, kb):
-            kn = min(kb, kout - k0)
-            span = kn * rs
+        for k0 in range(int32(0), kout, kb):
+            kn = int32(min(kb, kout - k0))
+            span = int32(kn * rs)
             cuda.syncthreads()  # nobody still reads the previous slice
-            for e in range(tid, CB * span, nthreads):
-                q = e // span
-                rem = e - q * span
-                k = k0 + rem // rs
-                rem = rem % rs
-                if c0 + q < cin:
-                    sw[e] = w[k, c0 + q, rem // s_, rem % s_]
-                else:
-                    sw[e] = ZERO
+            _stage_weights_t(wf, sw, c0, cin, k0, rs, span)
             cuda.syncthreads()
             if valid:
                 for kk in range(kn):
+                    dzb = int32((n * kout + k0 + kk) * ho * wo)
                     for r in range(r_):
-                        i = u - r
+                        i = int32(u - r)
                         if i >= 0 and i < ho:
+                            off0 = int32((kk * r_ + r) * s_)
                             for s in range(s_):
-                                j = v - s
+                                j = int32(v - s)
                                 if j >= 0 and j < wo:
-                                    g = dz[n, k0 + kk, i, j]
-                                    off = (kk * r_ + r) * s_ + s
+                                    g = dzf[int32(dzb + i * wo + j)]
                                     for q in range(CB):
-                                        acc[q] += g * sw[q * span + off]
+                                        acc[q] += g * sw[int32(q * span + off0 + s)]
         if valid:
             for q in range(CB):
                 if c0 + q < cin:
-                    dx[n, c0 + q, u, v] = acc[q]
+                    dxf[int32(((n * cin + c0 + q) * h + u) * wd + v)] = acc[q]
+
+
+@cuda.jit(device=True, inline="always")
+def _stage_weights_t(wf, sm, c0, cin, k0, rs, span):
+    """Stage, with the whole block, the taps of CB input channels c0.. of filters k0..k0+span/rs into
+    sm[0 : CB·span], channel-major (w (K,C,R,S) read transposed); channels past cin are 0."""
+    tid = cuda.threadIdx.x
+    nthreads = cuda.blockDim.x
+    for e in range(tid, int32(CB * span), nthreads):
+        q = int32(e // span)
+        rem = int32(e - q * span)
+        kk = int32(rem // rs)
+        if c0 + q < cin:
+            sm[e] = wf[int32(((k0 + kk) * cin + c0 + q) * rs + rem - kk * rs)]
+        else:
+            sm[e] = ZERO
 
 
 # --------------------------------------------------------------------------------------- bwd weight
@@ -528,20 +555,240 @@ def conv2d_bwd_weight_v2(xf, dz, dw, db):
         cuda.syncthreads()  # part is reused by the block's next item
 
 
+@cuda.jit(device=True, inline="always")
+def _last_arrival(tickets, item, tag, arrivals):
+    """Count this block's arrival at work item ``item`` and return 1 for the last of ``arrivals``. The
+    ticket word is (tag << 32) | count, tag = the step state's STEP: a word with another tag (left by an
+    earlier step, or never written) counts as 0, and the last arrival resets the count to 0, so neither
+    a stale nor a garbage word from another step can make a block last too early or never."""
+    base = int64(tag) << 32
+    while True:
+        old = tickets[item]
+        count = int64(0)
+        if (old >> 32) == int64(tag):
+            count = old & int64(0xFFFFFFFF)
+        count += 1
+        new = base if count == arrivals else base | count
+        if cuda.atomic.cas(tickets, item, old, new) == old:
+            return 1 if count == arrivals else 0
+
+
+@cuda.jit
+def conv2d_bwd_weight_v3(xf, dzf, dw, db, partial, tickets, state, nb, cin, h, wd, kout, r_, s_, splits):
+    # per-split partials of v2's (k, column chunk) items, then a fixed-order sum over the splits by the
+    # item's last block (ticket): the same result whichever block arrives last. The inner loop has no
+    # branch: every column reads x at its offset, and the bias column keeps Σ dz on the side
+    part = cuda.shared.array((BW_COLS, BW_THREADS), float32)
+    last = cuda.shared.array(1, int32)
+    xoff = cuda.shared.array(BW_COLS, int32)  # the item's column offsets, read as broadcasts
+    acc = cuda.local.array(BW_COLS, float32)
+    ho = int32(h - r_ + 1)
+    wo = int32(wd - s_ + 1)
+    rs = int32(r_ * s_)
+    crs = int32(cin * rs)
+    hw = int32(h * wd)
+    plane = int32(ho * wo)
+    total = int32(nb * plane)
+    per = int32((total + splits - 1) // splits)
+    nchunks = int32((crs + 1 + BW_COLS - 1) // BW_COLS)
+    tag = state[STEP]
+    tid = cuda.threadIdx.x
+    for work in range(cuda.blockIdx.x, int32(kout * nchunks * splits), cuda.gridDim.x):
+        item = int32(work // splits)
+        sp = int32(work - item * splits)
+        q0 = int32((item % nchunks) * BW_COLS)
+        k = int32(item // nchunks)
+        # column q0+p reads x[n, c, i+r, j+s], at offset c·H·W + r·W + s from x[n, 0, i, j];
+        # −1 marks the bias column, −2 a column past the end
+        # the bias column and columns past the end read offset 0 (their products are dropped)
+        if tid < BW_COLS:
+            q = int32(q0 + tid)
+            xoff[tid] = 0
+            if q < crs:
+                c = int32(q // rs)
+                t = int32(q - c * rs)
+                r = int32(t // s_)
+                xoff[tid] = int32(c * hw + r * wd + t - r * s_)
+        for p in range(BW_COLS):
+            acc[p] = ZERO
+        gsum = ZERO  # Σ dz: the bias column
+        cuda.syncthreads()
+        m1 = int32(min(total, sp * per + per))
+        for m in range(int32(sp * per + tid), m1, BW_THREADS):
+            n = int32(m // plane)
+            pos = int32(m - n * plane)
+            i = int32(pos // wo)
+            base = int32(n * cin * hw + i * wd + pos - i * wo)
+            g = dzf[int32((n * kout + k) * plane + pos)]
+            gsum += g
+            for p in range(BW_COLS):
+                acc[p] += g * xf[int32(base + xoff[p])]
+        for p in range(BW_COLS):
+            part[p, tid] = gsum if q0 + p == crs else acc[p]
+        cuda.syncthreads()
+        stride = BW_THREADS // 2
+        while stride > 0:
+            if tid < stride:
+                for p in range(BW_COLS):
+                    part[p, tid] += part[p, tid + stride]
+            cuda.syncthreads()
+            stride //= 2
+        if tid < BW_COLS:
+            partial[int32((item * splits + sp) * BW_COLS + tid)] = part[tid, 0]
+        cuda.threadfence()  # the partials are visible before the ticket says so
+        cuda.syncthreads()
+        if tid == 0:
+            last[0] = _last_arrival(tickets, item, tag, splits)
+        cuda.syncthreads()
+        if last[0] == 1:
+            cuda.threadfence()
+            if tid < BW_COLS:
+                q = int32(q0 + tid)
+                s = ZERO
+                for sp2 in range(splits):  # fixed order
+                    s += partial[int32((item * splits + sp2) * BW_COLS + tid)]
+                if q < crs:
+                    c = int32(q // rs)
+                    t = int32(q - c * rs)
+                    dw[k, c, t // s_, t % s_] = s
+                elif q == crs:
+                    db[k] = s
+        cuda.syncthreads()  # part and last are reused by the block's next item
+
+
+# ------------------------------------------------------------------------------- bwd data + pooling
+
+
+@cuda.jit
+def conv2d_bwd_data_pool_v1(dz, w, argmax, yconv, dzb, mode, act):
+    nb, cin, hh, ww = dzb.shape
+    kout, r_, s_ = w.shape[0], w.shape[2], w.shape[3]
+    ho, wo = dz.shape[2], dz.shape[3]
+    hp, wp = hh // 2, ww // 2  # the pooled map: the convolution's input
+    for idx in range(cuda.grid(1), nb * cin * hh * ww, cuda.gridsize(1)):
+        v = idx % ww
+        t = idx // ww
+        u = t % hh
+        t = t // hh
+        c = t % cin
+        n = t // cin
+        pu = u // 2
+        pv = v // 2
+        g = ZERO
+        if pu < hp and pv < wp:  # an odd trailing row/column belongs to no window: 0
+            if mode != POOL_MAX or argmax[n, c, pu, pv] == (u % 2) * 2 + v % 2:
+                for k in range(kout):
+                    for r in range(r_):
+                        i = pu - r
+                        if i >= 0 and i < ho:
+                            for s in range(s_):
+                                j = pv - s
+                                if j >= 0 and j < wo:
+                                    g += dz[n, k, i, j] * w[k, c, r, s]
+                if mode != POOL_MAX:
+                    g *= QUARTER
+        dzb[n, c, u, v] = g * act_grad(yconv[n, c, u, v], act)
+
+
+@cuda.jit
+def conv2d_bwd_data_pool_v2(dzf, wf, amf, ycf, dzbf, nb, cin, hh, ww, kout, r_, s_, mode, act, kb):
+    # flat arrays, int32 offsets; dynamic shared memory: CB·kb·R·S floats (the launch passes its size)
+    sw = cuda.shared.array(0, float32)
+    acc = cuda.local.array(CB, float32)
+    hp = int32(hh // 2)
+    wp = int32(ww // 2)
+    ho = int32(hp - r_ + 1)
+    wo = int32(wp - s_ + 1)
+    rs = int32(r_ * s_)
+    pplane = int32(hp * wp)
+    total = int32(nb * pplane)
+    nthreads = cuda.blockDim.x
+    tid = cuda.threadIdx.x
+    nchunks = int32((total + nthreads - 1) // nthreads)
+    ncg = int32((cin + CB - 1) // CB)
+    # work item = (group of CB channels, chunk of blockDim pooled positions of the whole batch)
+    for item in range(cuda.blockIdx.x, int32(ncg * nchunks), cuda.gridDim.x):
+        c0 = int32((item // nchunks) * CB)
+        m = int32((item % nchunks) * nthreads + tid)
+        valid = m < total
+        n = int32(m // pplane)
+        pos = int32(m - n * pplane)
+        pu = int32(pos // wp)
+        pv = int32(pos - pu * wp)
+        for q in range(CB):
+            acc[q] = ZERO
+        for k0 in range(int32(0), kout, kb):
+            kn = int32(min(kb, kout - k0))
+            span = int32(kn * rs)
+            cuda.syncthreads()  # nobody still reads the previous slice
+            _stage_weights_t(wf, sw, c0, cin, k0, rs, span)
+            cuda.syncthreads()
+            if valid:
+                for kk in range(kn):
+                    dzbase = int32((n * kout + k0 + kk) * ho * wo)
+                    for r in range(r_):
+                        i = int32(pu - r)
+                        if i >= 0 and i < ho:
+                            off0 = int32((kk * r_ + r) * s_)
+                            for s in range(s_):
+                                j = int32(pv - s)
+                                if j >= 0 and j < wo:
+                                    g = dzf[int32(dzbase + i * wo + j)]
+                                    for q in range(CB):
+                                        acc[q] += g * sw[int32(q * span + off0 + s)]
+        if valid:
+            for q in range(CB):
+                c = int32(c0 + q)
+                if c < cin:
+                    _route_window(amf, ycf, dzbf, acc[q], int32((n * cin + c) * pplane + pos),
+                                  int32((n * cin + c) * hh), pu, pv, hp, wp, hh, ww, mode, act)
+
+
+@cuda.jit(device=True, inline="always")
+def _route_window(amf, ycf, dzbf, dx, pidx, plane0, pu, pv, hp, wp, hh, ww, mode, act):
+    """Write the 4 taps of pooled position (pu, pv) (flat index pidx; its plane starts at row plane0 of
+    dzb): dx to the argmax tap (max) or dx/4 to every tap (avg), times act'(yconv); an odd trailing
+    row / column of the plane gets 0."""
+    tap = -1  # avg: every tap
+    gv = dx * QUARTER
+    if mode == POOL_MAX:
+        tap = int32(amf[pidx])
+        gv = dx
+    o = int32((plane0 + 2 * pu) * ww + 2 * pv)
+    dzbf[o] = (gv if tap < 0 or tap == 0 else ZERO) * act_grad(ycf[o], act)
+    dzbf[o + 1] = (gv if tap < 0 or tap == 1 else ZERO) * act_grad(ycf[o + 1], act)
+    dzbf[o + ww] = (gv if tap < 0 or tap == 2 else ZERO) * act_grad(ycf[o + ww], act)
+    dzbf[o + ww + 1] = (gv if tap < 0 or tap == 3 else ZERO) * act_grad(ycf[o + ww + 1], act)
+    if pu == hp - 1 and hh > 2 * hp:
+        o2 = int32((plane0 + hh - 1) * ww + 2 * pv)
+        dzbf[o2] = ZERO
+        dzbf[o2 + 1] = ZERO
+    if pv == wp - 1 and ww > 2 * wp:
+        o2 = int32((plane0 + 2 * pu) * ww + ww - 1)
+        dzbf[o2] = ZERO
+        dzbf[o2 + ww] = ZERO
+        if pu == hp - 1 and hh > 2 * hp:
+            dzbf[int32((plane0 + hh - 1) * ww + ww - 1)] = ZERO
+
+
 # ------------------------------------------------------------------------------------ variant table
 
 _X4 = "float32[:,:,:,::1]"
+_F = "float32[::1]"
+_I7 = ", ".join(["int32"] * 7)  # nb, cin, h, w, kout, r, s
 SIGNATURES = {
     "conv2d_fwd_v1": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32)",
-    "conv2d_fwd_v2": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32, int32)",
-    "conv2d_fwd_v3": f"void({_X4}, {_X4}, float32[::1], {_X4}, int32, int32, int32)",
+    "conv2d_fwd_v2": f"void({_F}, {_F}, {_F}, {_F}, {_I7}, int32, int32)",
+    "conv2d_fwd_v3": f"void({_F}, {_F}, {_F}, {_F}, {_I7}, int32, int32, int32)",
     "conv2d_pool_fwd_v1": f"void({_X4}, {_X4}, float32[::1], {_X4}, {_X4}, uint8[:,:,:,::1], int32, int32, int32)",
-    "conv2d_pool_fwd_v2": f"void({_X4}, {_X4}, float32[::1], {_X4}, {_X4}, uint8[:,:,:,::1], int32, int32, int32, "
-    "int32, int32)",
+    "conv2d_pool_fwd_v2": f"void({_F}, {_F}, {_F}, {_F}, {_F}, uint8[::1], {_I7}, int32, int32, int32, int32, int32)",
     "conv2d_bwd_data_v1": f"void({_X4}, {_X4}, {_X4})",
-    "conv2d_bwd_data_v2": f"void({_X4}, {_X4}, {_X4}, int32)",
+    "conv2d_bwd_data_v2": f"void({_F}, {_F}, {_F}, {_I7}, int32)",
     "conv2d_bwd_weight_v1": f"void({_X4}, {_X4}, {_X4}, float32[::1])",
     "conv2d_bwd_weight_v2": f"void(float32[::1], {_X4}, {_X4}, float32[::1])",
+    "conv2d_bwd_weight_v3": f"void({_F}, {_F}, {_X4}, {_F}, {_F}, int64[::1], int32[::1], {_I7}, int32)",
+    "conv2d_bwd_data_pool_v1": f"void({_X4}, {_X4}, uint8[:,:,:,::1], {_X4}, {_X4}, int32, int32)",
+    "conv2d_bwd_data_pool_v2": f"void({_F}, {_F}, uint8[::1], {_F}, {_F}, {_I7}, int32, int32, int32)",
 }
 KERNELS = {
     "conv2d_fwd_v1": conv2d_fwd_v1,
@@ -553,10 +800,14 @@ KERNELS = {
     "conv2d_bwd_data_v2": conv2d_bwd_data_v2,
     "conv2d_bwd_weight_v1": conv2d_bwd_weight_v1,
     "conv2d_bwd_weight_v2": conv2d_bwd_weight_v2,
+    "conv2d_bwd_weight_v3": conv2d_bwd_weight_v3,
+    "conv2d_bwd_data_pool_v1": conv2d_bwd_data_pool_v1,
+    "conv2d_bwd_data_pool_v2": conv2d_bwd_data_pool_v2,
 }
 VARIANTS = {
     "conv2d_fwd": ("v1", "v2", "v3"),
     "conv2d_pool_fwd": ("v1", "v2"),
     "conv2d_bwd_data": ("v1", "v2"),
-    "conv2d_bwd_weight": ("v1", "v2"),
+    "conv2d_bwd_weight": ("v1", "v2", "v3"),
+    "conv2d_bwd_data_pool": ("v1", "v2"),
 }

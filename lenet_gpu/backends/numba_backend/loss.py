@@ -1,14 +1,15 @@
 """loss: softmax cross-entropy over a batch, with the loss and the correct count kept on the device.
 
   dlogits (B,K) = (softmax(logits) − onehot(labels)) / B
-  stats (2,) += [Σ_b (logsumexp(logits[b]) − logits[b, labels[b]]),  #{b : first argmax of logits[b]
-                 == labels[b]}]
-logits (B,K) float32, labels (B,) int32, stats float32 accumulators the host reads when it logs.
+  stats[STEP_IN_EPOCH mod S] = [Σ_b (logsumexp(logits[b]) − logits[b, labels[b]]),
+                                #{b : first argmax of logits[b] == labels[b]}]   (overwritten)
+logits (B,K) float32, labels (B,) int32, stats (S,2) float32 (one row per step of an epoch, read by the
+host when it logs), state (STATE_WORDS,) int32 (lenet_gpu.stepstate).
 
 Versions:
 - softmax_xent_v1: one block; each thread owns rows b = tid, tid + T, … (max-subtracted, so any
   finite logits are safe) and keeps its partial loss and count in order; a fixed-order shared-memory
-  tree reduction and one thread's update of stats follow: deterministic, no atomics.
+  tree reduction and one thread's write of the step's stats row follow: deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 
 from numba import cuda, float32
 
+from ...stepstate import STEP_IN_EPOCH
 from .common import ONE, ZERO
 
 #: threads of the single block (a power of two: the tree reduction halves it)
@@ -26,7 +28,7 @@ SM_THREADS = 128
 
 
 @cuda.jit
-def softmax_xent_v1(logits, labels, dlogits, stats):
+def softmax_xent_v1(logits, labels, dlogits, stats, state):
     sloss = cuda.shared.array(SM_THREADS, float32)
     scorrect = cuda.shared.array(SM_THREADS, float32)
     nb, ncls = logits.shape
@@ -66,12 +68,13 @@ def softmax_xent_v1(logits, labels, dlogits, stats):
         cuda.syncthreads()
         stride //= 2
     if tid == 0:
-        stats[0] += sloss[0]
-        stats[1] += scorrect[0]
+        row = state[STEP_IN_EPOCH] % stats.shape[0]
+        stats[row, 0] = sloss[0]
+        stats[row, 1] = scorrect[0]
 
 
 # ------------------------------------------------------------------------------------ variant table
 
-SIGNATURES = {"softmax_xent_v1": "void(float32[:,::1], int32[::1], float32[:,::1], float32[::1])"}
+SIGNATURES = {"softmax_xent_v1": "void(float32[:,::1], int32[::1], float32[:,::1], float32[:,::1], int32[::1])"}
 KERNELS = {"softmax_xent_v1": softmax_xent_v1}
 VARIANTS = {"softmax_xent": ("v1",)}

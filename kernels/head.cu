@@ -1,0 +1,418 @@
+// head.cu -- LeNet-5's dense head trained as one op: C5 -> F6 -> output -> softmax cross-entropy -> back to C3.
+//
+//   h1  = act(x w1^T + b1)   (B,H1)         x = the pooled map S4 (B,C,Hp,Wp) read as (B,I), I = C*Hp*Wp
+//   h2  = act(h1 w2^T + b2)  (B,H2)
+//   z   = h2 w3^T + b3       (B,NC)         logits
+//   dz3 = (softmax(z) - onehot(label)) / B;  loss_b = logsumexp(z_b) - z_b[label_b];  hit_b = [first argmax == label]
+//   dz2 = (dz3 w3) * act'(h2);   dz1 = (dz2 w2) * act'(h1);   dx = dz1 w1  (B,I), the gradient at S4
+//   dw3 = dz3^T h2, db3 = sum_b dz3;  dw2 = dz2^T h1, db2;  dw1 = dz1^T x, db1          (overwritten)
+//   dz_conv (B,C,H,W) = route(dx) * act'(yconv): max -> the argmax tap of each 2x2 window, avg -> dx/4 to each
+//                       tap; taps outside every window (an odd trailing row/column) 0. C3's pre-activation grad.
+//   stats[STEP_IN_EPOCH mod S] = [sum_b loss_b, sum_b hit_b]                              (overwritten)
+//
+// Shapes: w1 (H1,I), w2 (H2,H1), w3 (NC,H2); labels (B,) int32; argmax (B,C,Hp,Wp) uint8 (max only); yconv and
+// dz_conv (B,C,H,W) with Hp = H/2, Wp = W/2; state (8,) int32 (lenet_gpu.stepstate); stats (S,2). Any sizes.
+//
+// Two launches, no atomics, no tickets (nothing a failed launch could leave half-done for the next one):
+//   head_train_v<N>        "rows": a block owns `rows` rows of the batch and runs the whole chain for them:
+//                          h1, h2, logits, the loss row, dz3, dz2, dz1 (to scratch) and the rows of dz_conv.
+//   head_train_wgrad_v<N>  the weight gradients: every element a sum over all B rows in row order; the last
+//                          block sums the per-row loss/hit in row order into the stats row.
+// Scratch (the launcher allocates it at the first call at a shape): dz1 (B,H1), dz2 (B,H2), dz3 (B,NC), rowstat (B,2).
+//
+// Versions:
+//   head_train_v1 / head_train_wgrad_v1  one thread per output of each phase, operands from global memory
+//                          (intermediates in the outputs and the scratch; barriers between phases); wgrad: one
+//                          thread per weight-gradient element looping over the batch. The readable baseline.
+//   head_train_v2 / head_train_wgrad_v2  rows: the block's rows and every intermediate in shared memory; the
+//                          three forward products warp-cooperative (rows_gemv.cuh: a warp per HEAD_F outputs, lanes
+//                          stride the reduction axis: coalesced weight rows, each weight feeding `rows` FMAs; a
+//                          butterfly transpose-reduction of the partial sums, fixed order); the backward products
+//                          one thread per column with `rows` register accumulators (coalesced weight reads).
+//                          wgrad: 16x32 output tiles (bias = a column of ones) over 32-row chunks staged in shared
+//                          memory, 2x2 outputs per thread, 4 groups of threads splitting the batch (partials added
+//                          in group order); one more block sums the stats with a fixed-order tree.
+//
+// Launch shapes (lenet_gpu/backends/cupy_backend/fused.py): rows kernels grid ceil(B/rows), block HEAD_THREADS;
+// v1 takes `rows` as an argument, v2 as the compile-time HEAD_ROWS (1, 2, 4 or 8: fewer rows per block at small
+// batches so the batch spreads over the GPU), dynamic smem HEAD_ROWS*(I + 2*H1 + 2*H2 + 2*NC) floats; wgrad v1 a
+// 1-D grid over H1*(I+1) + H2*(H1+1) + NC*(H2+1) + 1 threads, v2 one block per 16x32 tile of [dw|db] of each layer
+// + 1, block WG_THREADS (v1) / WG2_THREADS (v2).
+#include "common.cuh"
+#include "rows_gemv.cuh"
+
+#ifndef HEAD_THREADS
+#define HEAD_THREADS 256  // block size of the rows kernels (whole warps)
+#endif
+#define WG_THREADS 128  // wgrad v1 block size; v2: threads of one batch group (8 x 16 of 2x2 outputs: the tile)
+#define WG_TO 16        // wgrad v2 tile: outputs (rows of dw) per block
+#define WG_TI 32        // wgrad v2 tile: columns of [dw | db] per block
+#define WG_KC 32        // wgrad v2: batch rows staged per chunk
+#define STATE_STEP_IN_EPOCH 2  // lenet_gpu.stepstate.STEP_IN_EPOCH
+#ifndef HEAD_ROWS
+#define HEAD_ROWS 8  // head_train_v2: rows of the batch a block owns (1, 2, 4 or 8; the launcher picks per batch)
+#endif
+static_assert(HEAD_ROWS == 1 || HEAD_ROWS == 2 || HEAD_ROWS == 4 || HEAD_ROWS == 8, "HEAD_ROWS: 1, 2, 4 or 8");
+// v2's register budget: >= 768 threads an SM (<= 85 registers) where the batch is big enough to fill the GPU with
+// blocks (4, 8 rows); 512 (<= 128 registers: room for more loads in flight) at 1 or 2 rows, where <= 2 blocks an SM
+// are launched anyway
+#define HEAD_SM_THREADS (HEAD_ROWS <= 2 ? 512 : 768)
+#define HEAD_MIN_BLOCKS (HEAD_SM_THREADS / HEAD_THREADS > 0 ? HEAD_SM_THREADS / HEAD_THREADS : 1)
+static_assert(HEAD_THREADS % 32 == 0 && HEAD_THREADS <= 1024, "HEAD_THREADS: whole warps, at most 1024");
+
+// The stats row a launch writes: state[STEP_IN_EPOCH] mod S (never out of bounds, even for a stale state).
+__device__ __forceinline__ int stats_row(const int* __restrict__ state, int S) {
+    const int r = state[STATE_STEP_IN_EPOCH] % S;
+    return r < 0 ? r + S : r;
+}
+
+// One row of the softmax cross-entropy: d[c] = (p_c - [c == lab]) * inv_b; returns the loss; *hit = first argmax == lab.
+__device__ __forceinline__ float head_xent_row(const float* z, int lab, float* d, int dstride, int NC, float inv_b,
+                                               float* hit) {
+    float m = z[0];
+    int am = 0;
+    for (int c = 1; c < NC; ++c)
+        if (z[c] > m) { m = z[c]; am = c; }
+    float se = 0.0f;
+    for (int c = 0; c < NC; ++c) se += expf(z[c] - m);
+    *hit = am == lab ? 1.0f : 0.0f;
+    const float inv_se = 1.0f / se;
+    for (int c = 0; c < NC; ++c) d[c * dstride] = (expf(z[c] - m) * inv_se - (c == lab ? 1.0f : 0.0f)) * inv_b;
+    return logf(se) - (z[lab] - m);
+}
+
+// dz_conv of the 2x2 window of pooled element i (c, hp, wp) of one row: route g = dL/dS4[i], times act'(yconv).
+__device__ __forceinline__ void head_route(float g, int i, const unsigned char* __restrict__ am_row,
+                                           const float* __restrict__ yc_row, float* __restrict__ dz_row, int Hp,
+                                           int Wp, int H, int W, int act, int mode) {
+    const int c = i / (Hp * Wp), rem = i - c * Hp * Wp, hp = rem / Wp, wp = rem - hp * Wp;
+    const int tap_max = mode == POOL_MAX ? (int)am_row[i] : -1;
+    const float avg = 0.25f * g;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        const int idx = (c * H + 2 * hp + (t >> 1)) * W + 2 * wp + (t & 1);
+        const float v = mode == POOL_MAX ? (t == tap_max ? g : 0.0f) : avg;
+        dz_row[idx] = v * act_grad(yc_row[idx], act);
+    }
+}
+
+// Zero the taps of rows [r0, r0+nr) of dz_conv that no 2x2 window covers (odd H or W only).
+__device__ __forceinline__ void head_zero_trailing(float* __restrict__ dz_conv, int r0, int nr, int C, int H, int W) {
+    const int Hp = H / 2, Wp = W / 2;
+    if (2 * Hp == H && 2 * Wp == W) return;
+    const int per = C * H * W;
+    for (int t = threadIdx.x; t < nr * per; t += blockDim.x) {
+        const int rem = t % per, h = (rem / W) % H, w = rem % W;
+        if (h >= 2 * Hp || w >= 2 * Wp) dz_conv[(size_t)r0 * per + t] = 0.0f;
+    }
+}
+
+// ------------------------------------------------------------------------------------------ v1: rows
+extern "C" __global__ void __launch_bounds__(HEAD_THREADS)
+head_train_v1(const float* __restrict__ x, const int* __restrict__ labels, const float* __restrict__ w1,
+              const float* __restrict__ b1, const float* __restrict__ w2, const float* __restrict__ b2,
+              const float* __restrict__ w3, const float* __restrict__ b3, float* __restrict__ h1,
+              float* __restrict__ h2, float* __restrict__ logits, const unsigned char* __restrict__ argmax,
+              const float* __restrict__ yconv, float* __restrict__ dz_conv, float* __restrict__ dz1,
+              float* __restrict__ dz2, float* __restrict__ dz3, float* __restrict__ rowstat, int B, int I, int H1,
+              int H2, int NC, int C, int H, int W, int act, int mode, int rows) {
+    const int r0 = blockIdx.x * rows, nr = min(rows, B - r0), tid = threadIdx.x, nt = blockDim.x;
+    const int Hp = H / 2, Wp = W / 2;
+    for (int t = tid; t < nr * H1; t += nt) {  // h1 = act(x w1^T + b1)
+        const int r = r0 + t / H1, o = t % H1;
+        float acc = b1[o];
+        for (int i = 0; i < I; ++i) acc += x[(size_t)r * I + i] * w1[(size_t)o * I + i];
+        h1[(size_t)r * H1 + o] = act_fwd(acc, act);
+    }
+    __syncthreads();
+    for (int t = tid; t < nr * H2; t += nt) {  // h2 = act(h1 w2^T + b2)
+        const int r = r0 + t / H2, j = t % H2;
+        float acc = b2[j];
+        for (int o = 0; o < H1; ++o) acc += h1[(size_t)r * H1 + o] * w2[(size_t)j * H1 + o];
+        h2[(size_t)r * H2 + j] = act_fwd(acc, act);
+    }
+    __syncthreads();
+    for (int t = tid; t < nr * NC; t += nt) {  // logits = h2 w3^T + b3
+        const int r = r0 + t / NC, c = t % NC;
+        float acc = b3[c];
+        for (int j = 0; j < H2; ++j) acc += h2[(size_t)r * H2 + j] * w3[(size_t)c * H2 + j];
+        logits[(size_t)r * NC + c] = acc;
+    }
+    __syncthreads();
+    for (int r = r0 + tid; r < r0 + nr; r += nt) {  // the loss row and dz3 = dlogits
+        float hit;
+        rowstat[2 * r] = head_xent_row(logits + (size_t)r * NC, labels[r], dz3 + (size_t)r * NC, 1, NC,
+                                       1.0f / (float)B, &hit);
+        rowstat[2 * r + 1] = hit;
+    }
+    __syncthreads();
+    for (int t = tid; t < nr * H2; t += nt) {  // dz2 = (dz3 w3) * act'(h2)
+        const int r = r0 + t / H2, j = t % H2;
+        float acc = 0.0f;
+        for (int c = 0; c < NC; ++c) acc += dz3[(size_t)r * NC + c] * w3[(size_t)c * H2 + j];
+        dz2[(size_t)r * H2 + j] = acc * act_grad(h2[(size_t)r * H2 + j], act);
+    }
+    __syncthreads();
+    for (int t = tid; t < nr * H1; t += nt) {  // dz1 = (dz2 w2) * act'(h1)
+        const int r = r0 + t / H1, o = t % H1;
+        float acc = 0.0f;
+        for (int j = 0; j < H2; ++j) acc += dz2[(size_t)r * H2 + j] * w2[(size_t)j * H1 + o];
+        dz1[(size_t)r * H1 + o] = acc * act_grad(h1[(size_t)r * H1 + o], act);
+    }
+    __syncthreads();
+    const int per = C * H * W;
+    for (int t = tid; t < nr * I; t += nt) {  // dx = dz1 w1, routed through S4's pooling into dz_conv
+        const int r = r0 + t / I, i = t % I;
+        float acc = 0.0f;
+        for (int o = 0; o < H1; ++o) acc += dz1[(size_t)r * H1 + o] * w1[(size_t)o * I + i];
+        head_route(acc, i, argmax == nullptr ? nullptr : argmax + (size_t)r * I, yconv + (size_t)r * per,
+                   dz_conv + (size_t)r * per, Hp, Wp, H, W, act, mode);
+    }
+    head_zero_trailing(dz_conv, r0, nr, C, H, W);
+}
+
+// ------------------------------------------------------------------------------------------ v1: wgrad
+// One thread per element of [dw1|db1] (H1 x (I+1)), then [dw2|db2] (H2 x (H1+1)), [dw3|db3] (NC x (H2+1)),
+// then one thread for the stats row. Column A of a layer's [dw|db] is the bias: the input read as a column of ones.
+__device__ __forceinline__ void head_wgrad_elem(const float* __restrict__ dz, const float* __restrict__ a, int B, int O,
+                                                int A, int e, float* __restrict__ dw, float* __restrict__ db) {
+    const int o = e / (A + 1), i = e - o * (A + 1);
+    float acc = 0.0f;
+    if (i < A) {
+        for (int b = 0; b < B; ++b) acc += dz[(size_t)b * O + o] * a[(size_t)b * A + i];
+        dw[(size_t)o * A + i] = acc;
+    } else {
+        for (int b = 0; b < B; ++b) acc += dz[(size_t)b * O + o];
+        db[o] = acc;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS)
+head_train_wgrad_v1(const float* __restrict__ x, const float* __restrict__ h1, const float* __restrict__ h2,
+                    const float* __restrict__ dz1, const float* __restrict__ dz2, const float* __restrict__ dz3,
+                    const float* __restrict__ rowstat, float* __restrict__ dw1, float* __restrict__ db1,
+                    float* __restrict__ dw2, float* __restrict__ db2, float* __restrict__ dw3,
+                    float* __restrict__ db3, float* __restrict__ stats, const int* __restrict__ state, int B, int I,
+                    int H1, int H2, int NC, int S) {
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    const int n1 = H1 * (I + 1), n2 = H2 * (H1 + 1), n3 = NC * (H2 + 1);
+    if (e < n1) { head_wgrad_elem(dz1, x, B, H1, I, e, dw1, db1); return; }
+    e -= n1;
+    if (e < n2) { head_wgrad_elem(dz2, h1, B, H2, H1, e, dw2, db2); return; }
+    e -= n2;
+    if (e < n3) { head_wgrad_elem(dz3, h2, B, NC, H2, e, dw3, db3); return; }
+    if (e == n3) {  // the stats row: row order
+        float l = 0.0f, h = 0.0f;
+        for (int b = 0; b < B; ++b) { l += rowstat[2 * b]; h += rowstat[2 * b + 1]; }
+        const int row = stats_row(state, S);
+        stats[2 * row] = l;
+        stats[2 * row + 1] = h;
+    }
+}
+
+// ------------------------------------------------------------------------------------------ v2: rows
+#define HEAD_F 4  // v2: outputs a warp computes at once in the forward products (x R rows = the values per lane)
+
+template <int R>
+__device__ __forceinline__ void head_rows_v2(const float* __restrict__ x, const int* __restrict__ labels,
+                                             const float* __restrict__ w1, const float* __restrict__ b1,
+                                             const float* __restrict__ w2, const float* __restrict__ b2,
+                                             const float* __restrict__ w3, const float* __restrict__ b3,
+                                             float* __restrict__ h1, float* __restrict__ h2,
+                                             float* __restrict__ logits, const unsigned char* __restrict__ argmax,
+                                             const float* __restrict__ yconv, float* __restrict__ dz_conv,
+                                             float* __restrict__ dz1, float* __restrict__ dz2,
+                                             float* __restrict__ dz3, float* __restrict__ rowstat, int B, int I,
+                                             int H1, int H2, int NC, int C, int H, int W, int act, int mode) {
+    extern __shared__ float smem[];
+    float* s_x = smem;               // [R][I]
+    float* s_h1 = s_x + R * I;       // [R][H1]
+    float* s_h2 = s_h1 + R * H1;     // [R][H2]
+    float* s_z = s_h2 + R * H2;      // [R][NC]
+    float* s_d3 = s_z + R * NC;      // [NC][R]  (backward operands: the R rows of a column side by side)
+    float* s_d2 = s_d3 + NC * R;     // [H2][R]
+    float* s_d1 = s_d2 + H2 * R;     // [H1][R]
+    const int r0 = blockIdx.x * R, nr = min(R, B - r0), tid = threadIdx.x, nt = blockDim.x;
+    for (int t = tid; t < R * I; t += nt)  // rows past the batch are zeros: every phase may run all R rows
+        s_x[t] = t < nr * I ? x[(size_t)r0 * I + t] : 0.0f;
+    __syncthreads();
+    rows_gemv<R, HEAD_F>(w1, b1, H1, I, s_x, I, s_h1, H1, h1 + (size_t)r0 * H1, nr, act);
+    __syncthreads();
+    rows_gemv<R, HEAD_F>(w2, b2, H2, H1, s_h1, H1, s_h2, H2, h2 + (size_t)r0 * H2, nr, act);
+    __syncthreads();
+    rows_gemv<R, HEAD_F>(w3, b3, NC, H2, s_h2, H2, s_z, NC, logits + (size_t)r0 * NC, nr, ACT_IDENTITY);
+    __syncthreads();
+    if (tid < R) {  // one thread per row: the loss row and dz3 (zeros for rows past the batch)
+        if (tid < nr) {
+            float hit;
+            const float loss = head_xent_row(s_z + tid * NC, labels[r0 + tid], s_d3 + tid, R, NC, 1.0f / (float)B,
+                                             &hit);
+            rowstat[2 * (r0 + tid)] = loss;
+            rowstat[2 * (r0 + tid) + 1] = hit;
+            for (int c = 0; c < NC; ++c) dz3[(size_t)(r0 + tid) * NC + c] = s_d3[c * R + tid];
+        } else {
+            for (int c = 0; c < NC; ++c) s_d3[c * R + tid] = 0.0f;
+        }
+    }
+    __syncthreads();
+    for (int j = tid; j < H2; j += nt) {  // dz2 = (dz3 w3) * act'(h2): a column per thread, R rows in registers
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+        for (int c = 0; c < NC; ++c) {
+            const float w = __ldg(w3 + (size_t)c * H2 + j);
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r] = fmaf(s_d3[c * R + r], w, acc[r]);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const float d = acc[r] * act_grad(s_h2[r * H2 + j], act);
+            s_d2[j * R + r] = d;
+            if (r < nr) dz2[(size_t)(r0 + r) * H2 + j] = d;
+        }
+    }
+    __syncthreads();
+    for (int o = tid; o < H1; o += nt) {  // dz1 = (dz2 w2) * act'(h1)
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+        for (int j = 0; j < H2; ++j) {
+            const float w = __ldg(w2 + (size_t)j * H1 + o);
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r] = fmaf(s_d2[j * R + r], w, acc[r]);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const float d = acc[r] * act_grad(s_h1[r * H1 + o], act);
+            s_d1[o * R + r] = d;
+            if (r < nr) dz1[(size_t)(r0 + r) * H1 + o] = d;
+        }
+    }
+    __syncthreads();
+    const int Hp = H / 2, Wp = W / 2, per = C * H * W;
+    for (int i = tid; i < I; i += nt) {  // dx = dz1 w1, routed through S4's pooling into dz_conv
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+        for (int o = 0; o < H1; ++o) {
+            const float w = __ldg(w1 + (size_t)o * I + i);
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r] = fmaf(s_d1[o * R + r], w, acc[r]);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            if (r < nr)
+                head_route(acc[r], i, argmax == nullptr ? nullptr : argmax + (size_t)(r0 + r) * I,
+                           yconv + (size_t)(r0 + r) * per, dz_conv + (size_t)(r0 + r) * per, Hp, Wp, H, W, act, mode);
+    }
+    head_zero_trailing(dz_conv, r0, nr, C, H, W);
+}
+
+// One kernel per HEAD_ROWS (a compile-time parameter: each gets its own register allocation and launch bounds).
+extern "C" __global__ void __launch_bounds__(HEAD_THREADS, HEAD_MIN_BLOCKS)
+head_train_v2(const float* __restrict__ x, const int* __restrict__ labels, const float* __restrict__ w1,
+              const float* __restrict__ b1, const float* __restrict__ w2, const float* __restrict__ b2,
+              const float* __restrict__ w3, const float* __restrict__ b3, float* __restrict__ h1,
+              float* __restrict__ h2, float* __restrict__ logits, const unsigned char* __restrict__ argmax,
+              const float* __restrict__ yconv, float* __restrict__ dz_conv, float* __restrict__ dz1,
+              float* __restrict__ dz2, float* __restrict__ dz3, float* __restrict__ rowstat, int B, int I, int H1,
+              int H2, int NC, int C, int H, int W, int act, int mode) {
+    head_rows_v2<HEAD_ROWS>(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
+                            rowstat, B, I, H1, H2, NC, C, H, W, act, mode);
+}
+
+// ------------------------------------------------------------------------------------------ v2: wgrad
+// Block b < tiles: one WG_TO x WG_TI tile of [dw|db] of one layer (layers in order 1, 2, 3, tiles row-major);
+// the block after them: the stats row. WG2_GROUPS groups of 8 x 16 threads split the batch: group g takes chunks
+// g, g + WG2_GROUPS, ... of WG_KC rows (dz and the input, plus the column of ones, staged in shared memory) and
+// keeps 2x2 partial sums per thread (each in row order); group 0 then adds the groups' partials in group order.
+// A fixed order: bit-for-bit repeatable. (More warps per tile than v1's one output per thread, so the latency of
+// the staging loads is hidden with one block per SM.)
+#define WG2_GROUPS 4
+#define WG2_THREADS (WG_THREADS * WG2_GROUPS)
+__device__ __forceinline__ void head_wgrad_tile(const float* __restrict__ dz, const float* __restrict__ a, int B, int O,
+                                                int A, int tile, float* __restrict__ dw, float* __restrict__ db,
+                                                float (*s_dz)[WG_KC][WG_TO], float (*s_a)[WG_KC][WG_TI],
+                                                float* s_part) {
+    const int tiles_i = ceil_div(A + 1, WG_TI);
+    const int o0 = (tile / tiles_i) * WG_TO, i0 = (tile % tiles_i) * WG_TI;
+    const int g = threadIdx.x / WG_THREADS, lt = threadIdx.x % WG_THREADS;
+    const int ty = lt / (WG_TI / 2), tx = lt % (WG_TI / 2);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int rounds = ceil_div(ceil_div(B, WG_KC), WG2_GROUPS);
+    for (int rd = 0; rd < rounds; ++rd) {  // every thread runs every round: the barriers are block-wide
+        const int b0 = (rd * WG2_GROUPS + g) * WG_KC;  // this group's chunk (past the batch: nothing to add)
+        for (int t = lt; t < WG_KC * WG_TO; t += WG_THREADS) {
+            const int k = t / WG_TO, o = o0 + t % WG_TO, b = b0 + k;
+            s_dz[g][k][t % WG_TO] = (b < B && o < O) ? dz[(size_t)b * O + o] : 0.0f;
+        }
+        for (int t = lt; t < WG_KC * WG_TI; t += WG_THREADS) {
+            const int k = t / WG_TI, i = i0 + t % WG_TI, b = b0 + k;
+            s_a[g][k][t % WG_TI] = b < B ? (i < A ? a[(size_t)b * A + i] : (i == A ? 1.0f : 0.0f)) : 0.0f;
+        }
+        __syncthreads();
+        const int kn = max(0, min(WG_KC, B - b0));
+        for (int k = 0; k < kn; ++k) {
+            const float2 d = *reinterpret_cast<const float2*>(&s_dz[g][k][2 * ty]);
+            const float2 v = *reinterpret_cast<const float2*>(&s_a[g][k][2 * tx]);
+            acc[0] = fmaf(d.x, v.x, acc[0]);
+            acc[1] = fmaf(d.x, v.y, acc[1]);
+            acc[2] = fmaf(d.y, v.x, acc[2]);
+            acc[3] = fmaf(d.y, v.y, acc[3]);
+        }
+        __syncthreads();
+    }
+    if (g > 0) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) s_part[((g - 1) * WG_THREADS + lt) * 4 + q] = acc[q];
+    }
+    __syncthreads();
+    if (g == 0) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float sum = acc[q];
+            for (int gg = 1; gg < WG2_GROUPS; ++gg) sum += s_part[((gg - 1) * WG_THREADS + lt) * 4 + q];
+            const int o = o0 + 2 * ty + (q >> 1), i = i0 + 2 * tx + (q & 1);
+            if (o < O && i < A) dw[(size_t)o * A + i] = sum;
+            else if (o < O && i == A) db[o] = sum;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WG2_THREADS)
+head_train_wgrad_v2(const float* __restrict__ x, const float* __restrict__ h1, const float* __restrict__ h2,
+                    const float* __restrict__ dz1, const float* __restrict__ dz2, const float* __restrict__ dz3,
+                    const float* __restrict__ rowstat, float* __restrict__ dw1, float* __restrict__ db1,
+                    float* __restrict__ dw2, float* __restrict__ db2, float* __restrict__ dw3,
+                    float* __restrict__ db3, float* __restrict__ stats, const int* __restrict__ state, int B, int I,
+                    int H1, int H2, int NC, int S) {
+    const int t1 = ceil_div(H1, WG_TO) * ceil_div(I + 1, WG_TI), t2 = ceil_div(H2, WG_TO) * ceil_div(H1 + 1, WG_TI);
+    const int t3 = ceil_div(NC, WG_TO) * ceil_div(H2 + 1, WG_TI);
+    __shared__ __align__(16) float s_dz[WG2_GROUPS][WG_KC][WG_TO];
+    __shared__ __align__(16) float s_a[WG2_GROUPS][WG_KC][WG_TI];
+    __shared__ float s_part[(WG2_GROUPS - 1) * WG_THREADS * 4];
+    int tile = blockIdx.x;  // block-uniform branches: the barriers inside are reached by the whole block
+    if (tile < t1) { head_wgrad_tile(dz1, x, B, H1, I, tile, dw1, db1, s_dz, s_a, s_part); return; }
+    tile -= t1;
+    if (tile < t2) { head_wgrad_tile(dz2, h1, B, H2, H1, tile, dw2, db2, s_dz, s_a, s_part); return; }
+    tile -= t2;
+    if (tile < t3) { head_wgrad_tile(dz3, h2, B, NC, H2, tile, dw3, db3, s_dz, s_a, s_part); return; }
+    // the stats row: thread t sums a contiguous run of rows in order, then a fixed tree over the threads
+    float* s_l = s_part;
+    float* s_h = s_part + WG2_THREADS;
+    const int tid = threadIdx.x, per = ceil_div(B, WG2_THREADS);
+    float l = 0.0f, h = 0.0f;
+    for (int b = tid * per; b < min(B, (tid + 1) * per); ++b) { l += rowstat[2 * b]; h += rowstat[2 * b + 1]; }
+    s_l[tid] = l;
+    s_h[tid] = h;
+    __syncthreads();
+    for (int half = WG2_THREADS / 2; half > 0; half >>= 1) {
+        if (tid < half) { s_l[tid] += s_l[tid + half]; s_h[tid] += s_h[tid + half]; }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        const int row = stats_row(state, S);
+        stats[2 * row] = s_l[0];
+        stats[2 * row + 1] = s_h[0];
+    }
+}

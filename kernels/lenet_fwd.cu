@@ -1,0 +1,303 @@
+// lenet_fwd.cu -- the whole LeNet-5 forward pass (inference) in one launch: uint8 images -> logits.
+//
+//   x   = pad2(image) * scale + shift          (1,32,32)   scale = 1/(255 std), shift = -mean/std (as batch_prepare)
+//   S2  = pool(act(conv5x5(x; c1.w, c1.b)))    (6,14,14)   C1: 6 filters 1x5x5 -> (6,28,28), then 2x2/2 max or mean
+//   S4  = pool(act(conv5x5(S2; c3.w, c3.b)))   (16,5,5)    C3: 16 filters 6x5x5 -> (16,10,10)
+//   h1  = act(S4 c5.w^T + c5.b)                (H1)        S4 flattened (400); H1 = 120 in LeNet-5
+//   h2  = act(h1 f6.w^T + f6.b)                (H2)        F6, any width
+//   out = h2 out.w^T + out.b                   (NC)        logits
+//
+// The convolutions have LeNet-5's fixed geometry (the LF_* constants); H1, H2 and NC are arguments. images (N,28,28)
+// uint8, logits (N,NC) float32; c5.w (H1,400), f6.w (H2,H1), out.w (NC,H2).
+//
+// One launch: a block owns a tile of `imgs` images and runs every stage for them. Each image has two regions of
+// shared memory: X (the padded input; then S4 and h1) and Y (S2; then h2), so every intermediate stays on chip; C1's
+// and C3's weights are staged in shared memory once per block; C5's, F6's and the output's weights are read through
+// the read-only cache (they are reused by the images of the tile). Barriers separate the stages.
+//
+// Versions:
+//   lenet_fwd_v1  one thread per output of each stage (a pooled output computes its 2x2 conv outputs), operands
+//                 from shared memory / the read-only cache in the natural layouts. The readable baseline.
+//   lenet_fwd_v2  register blocking: C1 a thread per pooled pixel x all 6 filters (24 accumulators: each input load
+//                 feeds 6-12 FMAs, the 6 weights of a tap one float4 + one float2 broadcast), C3 a thread per pooled
+//                 pixel x 8 filters (32 accumulators, weights as two float4 broadcasts), both sliding a 2-row window
+//                 of the input; C5/F6/output one warp per 8 outputs with the tile's images as the rows
+//                 (rows_gemv.cuh: coalesced weight rows, each weight feeding `imgs` FMAs). 224 threads: the 4-image
+//                 tile's 784 C1 items take 4 rounds and its 200 C3 items one.
+//
+// Launch (lenet_gpu/backends/cupy_backend/fused.py lenet_fwd_plan): grid ceil(N/imgs), block LF_THREADS_V1/_V2,
+// dynamic smem (LF_W_V1/_V2 + imgs*(X + Y)) floats, X = round4(max(1024, 400 + H1)), Y = round4(max(1176, H2));
+// imgs = 4 (2, 1 when F6 is very wide) keeps it <= 48 KiB.
+#include "common.cuh"
+#include "rows_gemv.cuh"
+
+#define LF_IH 28                        // input image side
+#define LF_X 32                         // padded input side (pad 2)
+#define LF_PAD 2
+#define LF_K1 6                         // C1 filters
+#define LF_R 5                          // filter side (C1 and C3)
+#define LF_P2 14                        // S2 side
+#define LF_K3 16                        // C3 filters
+#define LF_P4 5                         // S4 side
+#define LF_I5 (LF_K3 * LF_P4 * LF_P4)   // 400: S4 flattened
+#define LF_S2 (LF_K1 * LF_P2 * LF_P2)   // 1176: S2 floats
+#define LF_THREADS_V1 256
+#define LF_THREADS_V2 224
+#define LF_W_V1 2576                    // v1 staged weights: 150 + 6 + 2400 + 16, rounded up to a multiple of 4
+#define LF_W_V2 2624                    // v2: [25][8] + 8 + [6][25][16] + 16
+
+// v2 tuning (compile-time parameters, -DNAME=value):
+#ifndef LF_MIN_BLOCKS
+#define LF_MIN_BLOCKS 4  // blocks of 224 threads an SM the registers must allow (4: <= 72 registers)
+#endif
+#ifndef LF_KB3
+#define LF_KB3 4  // C3 filters per thread (x a 2x2 window = 4*LF_KB3 accumulators): 4 or 8
+#endif
+#ifndef LF_F
+#define LF_F 4  // dense stages: outputs a warp computes at once (x the tile's images = partial sums per lane)
+#endif
+static_assert(LF_KB3 == 4 || LF_KB3 == 8, "LF_KB3: 4 or 8");
+
+__device__ __forceinline__ int lf_round4(int n) { return (n + 3) & ~3; }
+__device__ __forceinline__ int lf_region_x(int H1) { return lf_round4(max(LF_X * LF_X, LF_I5 + H1)); }
+__device__ __forceinline__ int lf_region_y(int H2) { return lf_round4(max(LF_S2, H2)); }
+
+__device__ __forceinline__ float lf_pool(float a, float b, float c, float d, int mode) {
+    if (mode == POOL_MAX) return fmaxf(fmaxf(a, b), fmaxf(c, d));
+    return (a + b + c + d) * 0.25f;
+}
+
+// Stage the tile's images, padded and normalised, into the X region of each image (zeros past the batch).
+__device__ __forceinline__ void lf_stage_images(const unsigned char* __restrict__ images, float* s_img, int IS, int n0,
+                                                int ni, int imgs, float scale, float shift) {
+    for (int t = threadIdx.x; t < imgs * LF_X * LF_X; t += blockDim.x) {
+        const int m = t / (LF_X * LF_X), p = t - m * LF_X * LF_X;
+        const int ih = p / LF_X - LF_PAD, iw = p % LF_X - LF_PAD;
+        float pix = 0.0f;
+        if (m < ni && ih >= 0 && ih < LF_IH && iw >= 0 && iw < LF_IH)
+            pix = (float)images[(size_t)(n0 + m) * LF_IH * LF_IH + ih * LF_IH + iw];
+        s_img[m * IS + p] = pix * scale + shift;
+    }
+}
+
+// ------------------------------------------------------------------------------------------ v1
+extern "C" __global__ void __launch_bounds__(LF_THREADS_V1)
+lenet_fwd_v1(const unsigned char* __restrict__ images, const float* __restrict__ c1w, const float* __restrict__ c1b,
+             const float* __restrict__ c3w, const float* __restrict__ c3b, const float* __restrict__ c5w,
+             const float* __restrict__ c5b, const float* __restrict__ f6w, const float* __restrict__ f6b,
+             const float* __restrict__ ow, const float* __restrict__ ob, float* __restrict__ logits, int N, int H1,
+             int H2, int NC, int act, int mode, float scale, float shift, int imgs) {
+    extern __shared__ float smem[];
+    float* s_w1 = smem;                          // [6][25]
+    float* s_b1 = s_w1 + LF_K1 * 25;             // [6]
+    float* s_w3 = s_b1 + LF_K1;                  // [16][6][25]
+    float* s_b3 = s_w3 + LF_K3 * LF_K1 * 25;     // [16]
+    float* s_img = smem + LF_W_V1;               // image m: X at s_img + m*IS, Y at s_img + m*IS + XR
+    const int XR = lf_region_x(H1), YR = lf_region_y(H2), IS = XR + YR;
+    const int n0 = blockIdx.x * imgs, ni = min(imgs, N - n0), tid = threadIdx.x, nt = blockDim.x;
+    for (int t = tid; t < LF_K1 * 25; t += nt) s_w1[t] = c1w[t];
+    for (int t = tid; t < LF_K1; t += nt) s_b1[t] = c1b[t];
+    for (int t = tid; t < LF_K3 * LF_K1 * 25; t += nt) s_w3[t] = c3w[t];
+    for (int t = tid; t < LF_K3; t += nt) s_b3[t] = c3b[t];
+    lf_stage_images(images, s_img, IS, n0, ni, imgs, scale, shift);
+    __syncthreads();
+    for (int t = tid; t < imgs * LF_S2; t += nt) {  // C1 + act + pool -> S2 (Y): a thread per pooled output
+        const int m = t / LF_S2, e = t - m * LF_S2, k = e / (LF_P2 * LF_P2), pp = e % (LF_P2 * LF_P2);
+        const int ph = pp / LF_P2, pw = pp % LF_P2;
+        const float* xin = s_img + m * IS;
+        float o[4];
+        for (int q = 0; q < 4; ++q) {
+            const int oh = 2 * ph + (q >> 1), owc = 2 * pw + (q & 1);
+            float acc = s_b1[k];
+            for (int r = 0; r < LF_R; ++r)
+                for (int s = 0; s < LF_R; ++s) acc += xin[(oh + r) * LF_X + owc + s] * s_w1[(k * LF_R + r) * LF_R + s];
+            o[q] = act_fwd(acc, act);
+        }
+        s_img[m * IS + XR + e] = lf_pool(o[0], o[1], o[2], o[3], mode);
+    }
+    __syncthreads();
+    for (int t = tid; t < imgs * LF_I5; t += nt) {  // C3 + act + pool -> S4 (X, [0, 400))
+        const int m = t / LF_I5, e = t - m * LF_I5, k = e / (LF_P4 * LF_P4), pp = e % (LF_P4 * LF_P4);
+        const int ph = pp / LF_P4, pw = pp % LF_P4;
+        const float* s2 = s_img + m * IS + XR;
+        float o[4];
+        for (int q = 0; q < 4; ++q) {
+            const int oh = 2 * ph + (q >> 1), owc = 2 * pw + (q & 1);
+            float acc = s_b3[k];
+            for (int c = 0; c < LF_K1; ++c)
+                for (int r = 0; r < LF_R; ++r)
+                    for (int s = 0; s < LF_R; ++s)
+                        acc += s2[(c * LF_P2 + oh + r) * LF_P2 + owc + s] * s_w3[((k * LF_K1 + c) * LF_R + r) * LF_R + s];
+            o[q] = act_fwd(acc, act);
+        }
+        s_img[m * IS + e] = lf_pool(o[0], o[1], o[2], o[3], mode);
+    }
+    __syncthreads();
+    for (int t = tid; t < imgs * H1; t += nt) {  // C5 -> h1 (X, [400, 400 + H1))
+        const int m = t / H1, o = t - m * H1;
+        const float* s4 = s_img + m * IS;
+        float acc = c5b[o];
+        for (int i = 0; i < LF_I5; ++i) acc += __ldg(c5w + (size_t)o * LF_I5 + i) * s4[i];
+        s_img[m * IS + LF_I5 + o] = act_fwd(acc, act);
+    }
+    __syncthreads();
+    for (int t = tid; t < imgs * H2; t += nt) {  // F6 -> h2 (Y, [0, H2))
+        const int m = t / H2, j = t - m * H2;
+        const float* hh = s_img + m * IS + LF_I5;
+        float acc = f6b[j];
+        for (int o = 0; o < H1; ++o) acc += __ldg(f6w + (size_t)j * H1 + o) * hh[o];
+        s_img[m * IS + XR + j] = act_fwd(acc, act);
+    }
+    __syncthreads();
+    for (int t = tid; t < ni * NC; t += nt) {  // output -> logits
+        const int m = t / NC, c = t - m * NC;
+        const float* hh = s_img + m * IS + XR;
+        float acc = ob[c];
+        for (int j = 0; j < H2; ++j) acc += __ldg(ow + (size_t)c * H2 + j) * hh[j];
+        logits[(size_t)(n0 + m) * NC + c] = acc;
+    }
+}
+
+// ------------------------------------------------------------------------------------------ v2
+template <int NI>
+__device__ __forceinline__ void lenet_fwd_v2_tile(const unsigned char* __restrict__ images,
+                                                  const float* __restrict__ c1w, const float* __restrict__ c1b,
+                                                  const float* __restrict__ c3w, const float* __restrict__ c3b,
+                                                  const float* __restrict__ c5w, const float* __restrict__ c5b,
+                                                  const float* __restrict__ f6w, const float* __restrict__ f6b,
+                                                  const float* __restrict__ ow, const float* __restrict__ ob,
+                                                  float* __restrict__ logits, int N, int H1, int H2, int NC, int act,
+                                                  int mode, float scale, float shift, float* smem) {
+    float* s_w1 = smem;                    // [25 taps][8]: the 6 filters' weights of a tap, then 2 zeros
+    float* s_b1 = s_w1 + 25 * 8;           // [8]
+    float* s_w3 = s_b1 + 8;                // [6 channels][25 taps][16 filters]
+    float* s_b3 = s_w3 + LF_K1 * 25 * LF_K3;  // [16]
+    float* s_img = smem + LF_W_V2;
+    const int XR = lf_region_x(H1), YR = lf_region_y(H2), IS = XR + YR;
+    const int n0 = blockIdx.x * NI, ni = min(NI, N - n0), tid = threadIdx.x, nt = blockDim.x;
+    for (int t = tid; t < 25 * 8; t += nt) {
+        const int tap = t / 8, k = t % 8;
+        s_w1[t] = k < LF_K1 ? c1w[k * 25 + tap] : 0.0f;
+    }
+    for (int t = tid; t < 8; t += nt) s_b1[t] = t < LF_K1 ? c1b[t] : 0.0f;
+    for (int t = tid; t < LF_K1 * 25 * LF_K3; t += nt) {
+        const int k = t % LF_K3, ct = t / LF_K3;  // ct = c*25 + tap
+        s_w3[t] = c3w[(size_t)k * LF_K1 * 25 + ct];
+    }
+    for (int t = tid; t < LF_K3; t += nt) s_b3[t] = c3b[t];
+    lf_stage_images(images, s_img, IS, n0, ni, NI, scale, shift);
+    __syncthreads();
+
+    // C1 + act + pool -> S2 (Y): a thread per (image, pooled pixel), all 6 filters, its 2x2 window of conv outputs
+    for (int it = tid; it < NI * LF_P2 * LF_P2; it += nt) {
+        const int m = it / (LF_P2 * LF_P2), pp = it % (LF_P2 * LF_P2), ph = pp / LF_P2, pw = pp % LF_P2;
+        const float* xin = s_img + m * IS + 2 * ph * LF_X + 2 * pw;
+        float acc[4][LF_K1];
+#pragma unroll
+        for (int k = 0; k < LF_K1; ++k) acc[0][k] = acc[1][k] = acc[2][k] = acc[3][k] = s_b1[k];
+        float ra[LF_R + 1], rb[LF_R + 1];  // two input rows of the window (6 wide: 2 outputs x 5 taps)
+#pragma unroll
+        for (int j = 0; j <= LF_R; ++j) ra[j] = xin[j];
+#pragma unroll
+        for (int r = 0; r < LF_R; ++r) {
+#pragma unroll
+            for (int j = 0; j <= LF_R; ++j) rb[j] = xin[(r + 1) * LF_X + j];
+#pragma unroll
+            for (int s = 0; s < LF_R; ++s) {
+                const float4 wa = *reinterpret_cast<const float4*>(s_w1 + (r * LF_R + s) * 8);
+                const float2 wb = *reinterpret_cast<const float2*>(s_w1 + (r * LF_R + s) * 8 + 4);
+                const float w[LF_K1] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y};
+#pragma unroll
+                for (int k = 0; k < LF_K1; ++k) {
+                    acc[0][k] = fmaf(ra[s], w[k], acc[0][k]);
+                    acc[1][k] = fmaf(ra[s + 1], w[k], acc[1][k]);
+                    acc[2][k] = fmaf(rb[s], w[k], acc[2][k]);
+                    acc[3][k] = fmaf(rb[s + 1], w[k], acc[3][k]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j <= LF_R; ++j) ra[j] = rb[j];
+        }
+        float* s2 = s_img + m * IS + XR + pp;
+#pragma unroll
+        for (int k = 0; k < LF_K1; ++k)
+            s2[k * LF_P2 * LF_P2] = lf_pool(act_fwd(acc[0][k], act), act_fwd(acc[1][k], act), act_fwd(acc[2][k], act),
+                                            act_fwd(acc[3][k], act), mode);
+    }
+    __syncthreads();
+
+    // C3 + act + pool -> S4 (X, [0, 400)): a thread per (image, LF_KB3 filters, pooled pixel)
+    constexpr int KG = LF_K3 / LF_KB3;  // filter groups
+    for (int it = tid; it < NI * KG * LF_P4 * LF_P4; it += nt) {
+        const int m = it / (KG * LF_P4 * LF_P4), kg = (it / (LF_P4 * LF_P4)) % KG, pp = it % (LF_P4 * LF_P4);
+        const int ph = pp / LF_P4, pw = pp % LF_P4;
+        float acc[4][LF_KB3];
+#pragma unroll
+        for (int k = 0; k < LF_KB3; ++k) acc[0][k] = acc[1][k] = acc[2][k] = acc[3][k] = s_b3[LF_KB3 * kg + k];
+        const float* s2 = s_img + m * IS + XR + 2 * ph * LF_P2 + 2 * pw;
+#pragma unroll 1
+        for (int c = 0; c < LF_K1; ++c) {
+            const float* xin = s2 + c * LF_P2 * LF_P2;
+            const float* wc = s_w3 + c * 25 * LF_K3 + LF_KB3 * kg;
+            float ra[LF_R + 1], rb[LF_R + 1];
+#pragma unroll
+            for (int j = 0; j <= LF_R; ++j) ra[j] = xin[j];
+#pragma unroll
+            for (int r = 0; r < LF_R; ++r) {
+#pragma unroll
+                for (int j = 0; j <= LF_R; ++j) rb[j] = xin[(r + 1) * LF_P2 + j];
+#pragma unroll
+                for (int s = 0; s < LF_R; ++s) {
+                    float w[LF_KB3];
+#pragma unroll
+                    for (int q = 0; q < LF_KB3; q += 4) {
+                        const float4 w4 = *reinterpret_cast<const float4*>(wc + (r * LF_R + s) * LF_K3 + q);
+                        w[q] = w4.x;
+                        w[q + 1] = w4.y;
+                        w[q + 2] = w4.z;
+                        w[q + 3] = w4.w;
+                    }
+#pragma unroll
+                    for (int k = 0; k < LF_KB3; ++k) {
+                        acc[0][k] = fmaf(ra[s], w[k], acc[0][k]);
+                        acc[1][k] = fmaf(ra[s + 1], w[k], acc[1][k]);
+                        acc[2][k] = fmaf(rb[s], w[k], acc[2][k]);
+                        acc[3][k] = fmaf(rb[s + 1], w[k], acc[3][k]);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j <= LF_R; ++j) ra[j] = rb[j];
+            }
+        }
+        float* s4 = s_img + m * IS + LF_KB3 * kg * LF_P4 * LF_P4 + pp;
+#pragma unroll
+        for (int k = 0; k < LF_KB3; ++k)
+            s4[k * LF_P4 * LF_P4] = lf_pool(act_fwd(acc[0][k], act), act_fwd(acc[1][k], act), act_fwd(acc[2][k], act),
+                                            act_fwd(acc[3][k], act), mode);
+    }
+    __syncthreads();
+
+    // the dense stages: the tile's images are the rows (images past the batch compute on zeros, never written)
+    rows_gemv<NI, LF_F>(c5w, c5b, H1, LF_I5, s_img, IS, s_img + LF_I5, IS, nullptr, ni, act);
+    __syncthreads();
+    rows_gemv<NI, LF_F>(f6w, f6b, H2, H1, s_img + LF_I5, IS, s_img + XR, IS, nullptr, ni, act);
+    __syncthreads();
+    rows_gemv<NI, LF_F>(ow, ob, NC, H2, s_img + XR, IS, nullptr, 0, logits + (size_t)n0 * NC, ni, ACT_IDENTITY);
+}
+
+// `imgs` (1, 2 or 4) is uniform over the launch: one specialised body runs.
+extern "C" __global__ void __launch_bounds__(LF_THREADS_V2, LF_MIN_BLOCKS)
+lenet_fwd_v2(const unsigned char* __restrict__ images, const float* __restrict__ c1w, const float* __restrict__ c1b,
+             const float* __restrict__ c3w, const float* __restrict__ c3b, const float* __restrict__ c5w,
+             const float* __restrict__ c5b, const float* __restrict__ f6w, const float* __restrict__ f6b,
+             const float* __restrict__ ow, const float* __restrict__ ob, float* __restrict__ logits, int N, int H1,
+             int H2, int NC, int act, int mode, float scale, float shift, int imgs) {
+    extern __shared__ float smem[];
+#define LF_ARGS images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, N, H1, H2, NC, act, mode, scale, shift, smem
+    switch (imgs) {
+        case 1: lenet_fwd_v2_tile<1>(LF_ARGS); break;
+        case 2: lenet_fwd_v2_tile<2>(LF_ARGS); break;
+        default: lenet_fwd_v2_tile<4>(LF_ARGS); break;
+    }
+#undef LF_ARGS
+}

@@ -1,0 +1,270 @@
+"""The fused ops of the cupy backend: ``head_train`` (kernels/head.cu) and ``lenet_fwd`` (kernels/lenet_fwd.cu).
+
+Each is a function whose first parameter is the backend and whose others are those of the protocol's optional op
+(lenet_gpu.backends.base), so a backend class binds it as a method with one line (``head_train = fused.head_train``)
+and lists its variants with ``variants.update(fused.VARIANTS)``. They launch through the backend's runtime
+(``runtime.get_kernel`` + ``runtime.launch``), so the counters, the capture rules and the CPU harness apply as to
+every other op. Like every op wrapper: check shapes, dtypes and contiguity, take the preallocated outputs, compute
+the launch shape (``head_plan``, ``lenet_fwd_plan``), pass explicitly typed scalars, launch.
+
+head_train makes two launches (rows: forward, loss, backward data and dz_conv; then the weight gradients and the
+stats row) and keeps its scratch (dz of each layer, the per-row loss) in ``be._scratch``, allocated at the first
+call at a shape. lenet_fwd makes one launch.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
+from .runtime import define_options
+
+i32, f32 = np.int32, np.float32
+
+#: op → its variants (v1 the readable baseline); the default is the last
+VARIANTS: dict[str, tuple[str, ...]] = {"head_train": ("v1", "v2"), "lenet_fwd": ("v1", "v2")}
+DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, vs in VARIANTS.items()}
+#: op → the kernel file stem (kernels/<stem>.cu)
+STEMS: dict[str, str] = {"head_train": "head", "lenet_fwd": "lenet_fwd"}
+#: compile-time parameters per kernel file (the #ifndef defaults of each .cu, made explicit)
+DEFINES: dict[str, dict[str, int]] = {"head": {"HEAD_THREADS": 256}, "lenet_fwd": {}}
+
+SMEM_LIMIT = 48 * 1024  # static + dynamic shared memory of a block without an opt-in
+HEAD_WG_THREADS = {"v1": 128, "v2": 512}  # head.cu WG_THREADS, WG2_THREADS
+HEAD_WG_TO, HEAD_WG_TI = 16, 32  # head.cu wgrad v2 tile
+#: head_train v2 picks the fewest rows per block (1, 2, 4, 8) that keeps the grid within this many blocks: two
+#: blocks per SM of an H100 (132 SMs) before a block takes more rows
+HEAD_FILL_BLOCKS = 2 * 132
+
+# lenet_fwd.cu's fixed LeNet-5 geometry and tile parameters
+LF_IMAGE = 28  # input images 28 x 28, padded by 2 to 32 x 32
+LF_SHAPES = {"c1.w": (6, 1, 5, 5), "c1.b": (6,), "c3.w": (16, 6, 5, 5), "c3.b": (16,)}
+LF_I5 = 16 * 5 * 5  # S4 flattened: the input width of C5
+LF_THREADS = {"v1": 256, "v2": 224}  # lenet_fwd.cu LF_THREADS_V1 / LF_THREADS_V2
+LF_WEIGHT_FLOATS = {"v1": 2576, "v2": 2624}  # C1 + C3 weights and biases as staged (lenet_fwd.cu LF_W_V1 / LF_W_V2)
+LF_MAX_IMGS = 4  # images per block at most (the v2 kernel is specialised for 1, 2, 4)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round4(n: int) -> int:
+    return ceil_div(n, 4) * 4
+
+
+@dataclass(frozen=True)
+class FusedLaunch:
+    """One launch: the kernel, grid, block, dynamic shared memory bytes, the trailing int arguments of the kernel
+    and the compile-time parameters it is specialised on (added to DEFINES of its file)."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem: int = 0
+    extra: tuple[int, ...] = ()
+    defines: tuple[tuple[str, int], ...] = ()
+
+    def options(self, stem: str) -> tuple[str, ...]:
+        """The NVRTC options of the module this launch needs."""
+        return define_options({**DEFINES[stem], **dict(self.defines)})
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
+def _variant(be: Any, op: str, variant: str | None) -> str:
+    v = variant or getattr(be, "default_variants", {}).get(op) or DEFAULT_VARIANTS[op]
+    if v not in VARIANTS[op]:
+        raise ValueError(f"{op}: unknown variant {v!r}; this backend has {VARIANTS[op]}")
+    return v
+
+
+def _launch(be: Any, op: str, launch: FusedLaunch, args: tuple) -> None:
+    stem = STEMS[op]
+    kernel = be.runtime.get_kernel(stem, launch.kernel, launch.options(stem))
+    be.runtime.launch(kernel, launch.grid, launch.block, args + tuple(i32(e) for e in launch.extra), launch.shared_mem)
+
+
+_SCRATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _scratch(be: Any) -> dict:
+    """The backend's per-shape kernel workspaces (``be._scratch``, or a dict of our own keyed by the backend)."""
+    d = getattr(be, "_scratch", None)
+    if isinstance(d, dict):
+        return d
+    return _SCRATCH.setdefault(be, {})
+
+
+def _check(arr: Any, name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> None:
+    if arr is None:
+        raise ValueError(f"{name}: missing array")
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    if arr.dtype != np.dtype(dtype):
+        raise TypeError(f"{name}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: not C-contiguous")
+
+
+# ---------------------------------------------------------------------------------------------- head_train
+#: the rows per block head_train_v2 is compiled for (HEAD_ROWS)
+HEAD_ROWS_CHOICES = (1, 2, 4, 8)
+
+
+def head_rows_per_block(batch: int, fill_blocks: int | None = None) -> int:
+    """head_train v2: rows per block, the fewest of 1, 2, 4, 8 that keep the grid within ``fill_blocks`` blocks
+    (default HEAD_FILL_BLOCKS)."""
+    fill_blocks = HEAD_FILL_BLOCKS if fill_blocks is None else fill_blocks
+    for r in (1, 2, 4):
+        if ceil_div(batch, r) <= fill_blocks:
+            return r
+    return 8
+
+
+def head_v2_smem(rows: int, i: int, h1: int, h2: int, nc: int) -> int:
+    """Dynamic shared memory of head_train_v2 (bytes): the rows and every intermediate of the block."""
+    return 4 * rows * (i + 2 * h1 + 2 * h2 + 2 * nc)
+
+
+def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int) -> tuple[FusedLaunch, FusedLaunch]:  # noqa: E741, N803
+    """The two launches of head_train: (rows kernel, weight-gradient kernel). v1's rows kernel takes its rows per
+    block as an argument, v2's is compiled for it (HEAD_ROWS). Raises ValueError when v2's rows do not fit shared
+    memory even one row per block (v1 needs none)."""
+    threads = DEFINES["head"]["HEAD_THREADS"]
+    if variant == "v1":
+        rows = max(1, min(8, ceil_div(B, HEAD_FILL_BLOCKS)))
+        a = FusedLaunch("head_train_v1", (ceil_div(B, rows), 1, 1), (threads, 1, 1), 0, (rows,))
+        total = H1 * (I + 1) + H2 * (H1 + 1) + NC * (H2 + 1) + 1
+        wt = HEAD_WG_THREADS["v1"]
+        return a, FusedLaunch("head_train_wgrad_v1", (ceil_div(total, wt), 1, 1), (wt, 1, 1))
+    rows = head_rows_per_block(B)
+    while rows > 1 and head_v2_smem(rows, I, H1, H2, NC) > SMEM_LIMIT:
+        rows //= 2
+    smem = head_v2_smem(rows, I, H1, H2, NC)
+    if smem > SMEM_LIMIT:
+        raise ValueError(f"head_train_v2: one row needs {smem} bytes of shared memory (> {SMEM_LIMIT}); use v1")
+    a = FusedLaunch("head_train_v2", (ceil_div(B, rows), 1, 1), (threads, 1, 1), smem, (), (("HEAD_ROWS", rows),))
+    tiles = sum(ceil_div(o, HEAD_WG_TO) * ceil_div(k + 1, HEAD_WG_TI) for o, k in ((H1, I), (H2, H1), (NC, H2)))
+    return a, FusedLaunch("head_train_wgrad_v2", (tiles + 1, 1, 1), (HEAD_WG_THREADS["v2"], 1, 1))
+
+
+def head_train(
+    be: Any, x: Any, labels: Any, w1: Any, b1: Any, w2: Any, b2: Any, w3: Any, b3: Any, h1: Any, h2: Any,
+    logits: Any, argmax: Any, yconv: Any, dz_conv: Any, dw1: Any, db1: Any, dw2: Any, db2: Any, dw3: Any, db3: Any,
+    stats: Any, state: Any, act: str, mode: str, variant: str | None = None,
+) -> None:
+    """reference.head_train as one op (two launches): x (B,C,Hp,Wp) the pooled map S4 (read as (B,I)), labels (B,)
+    int32; writes h1 (B,H1), h2 (B,H2), logits (B,NC); stats[STEP_IN_EPOCH mod S] = [Σ loss, correct] (S,2);
+    dw1..db3 (overwritten); dz_conv (yconv's shape (B,C,H,W)) = pool2x2_bwd(dL/dx, argmax, mode) · act'(yconv).
+    argmax (B,C,Hp,Wp) uint8 for max, None for avg. state (8,) int32 (lenet_gpu.stepstate)."""
+    v = _variant(be, "head_train", variant)
+    check_act(act)
+    check_mode(mode)
+    n, c, hp, wp = x.shape
+    i = c * hp * wp
+    h1n, h2n, nc = w1.shape[0], w2.shape[0], w3.shape[0]
+    _check(x, "x", (n, c, hp, wp))
+    _check(labels, "labels", (n,), np.int32)
+    _check(w1, "w1", (h1n, i))
+    _check(b1, "b1", (h1n,))
+    _check(w2, "w2", (h2n, h1n))
+    _check(b2, "b2", (h2n,))
+    _check(w3, "w3", (nc, h2n))
+    _check(b3, "b3", (nc,))
+    _check(h1, "h1", (n, h1n))
+    _check(h2, "h2", (n, h2n))
+    _check(logits, "logits", (n, nc))
+    hc, wc = yconv.shape[2], yconv.shape[3]
+    if (hc // 2, wc // 2) != (hp, wp):
+        raise ValueError(f"head_train: yconv {tuple(yconv.shape)} does not pool to x {tuple(x.shape)}")
+    _check(yconv, "yconv", (n, c, hc, wc))
+    _check(dz_conv, "dz_conv", (n, c, hc, wc))
+    if mode == "max":
+        _check(argmax, "argmax", (n, c, hp, wp), np.uint8)
+    for name, a, shape in (("dw1", dw1, w1.shape), ("db1", db1, b1.shape), ("dw2", dw2, w2.shape),
+                           ("db2", db2, b2.shape), ("dw3", dw3, w3.shape), ("db3", db3, b3.shape)):
+        _check(a, name, tuple(shape))
+    s = stats.shape[0]
+    _check(stats, "stats", (s, 2))
+    _check(state, "state", (state.shape[0],), np.int32)
+    if n < 1 or s < 1 or state.shape[0] < 3:
+        raise ValueError("head_train: needs a batch of at least one row, one stats row and a full step state")
+    try:
+        rows_launch, wgrad_launch = head_plan(v, n, i, h1n, h2n, nc)
+    except ValueError:
+        if variant is not None:
+            raise
+        v = "v1"  # the default does not fit shared memory at these sizes: the baseline needs none
+        rows_launch, wgrad_launch = head_plan(v, n, i, h1n, h2n, nc)
+    key = ("head_train", n, h1n, h2n, nc)
+    ws = _scratch(be).get(key)
+    if ws is None:  # dz1, dz2, dz3 and the per-row [loss, hit]: allocated at the first call at a shape
+        rt = be.runtime
+        ws = _scratch(be)[key] = (rt.empty((n, h1n)), rt.empty((n, h2n)), rt.empty((n, nc)), rt.empty((n, 2)))
+    dz1, dz2, dz3, rowstat = ws
+    dims = tuple(i32(e) for e in (n, i, h1n, h2n, nc))
+    _launch(be, "head_train", rows_launch,
+            (x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax if mode == "max" else None, yconv, dz_conv,
+             dz1, dz2, dz3, rowstat, *dims, i32(c), i32(hc), i32(wc), i32(ACT_CODES[act]), i32(POOL_CODES[mode])))
+    _launch(be, "head_train", wgrad_launch,
+            (x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, *dims, i32(s)))
+
+
+# ---------------------------------------------------------------------------------------------- lenet_fwd
+def lenet_fwd_regions(h1: int, h2: int) -> tuple[int, int]:
+    """Floats of an image's two shared regions in lenet_fwd: X (the padded input, then S4 and C5's output) and
+    Y (S2, then F6's output), each a multiple of 4 (float4 alignment)."""
+    return _round4(max(32 * 32, LF_I5 + h1)), _round4(max(6 * 14 * 14, h2))
+
+
+def lenet_fwd_smem(variant: str, imgs: int, h1: int, h2: int) -> int:
+    x, y = lenet_fwd_regions(h1, h2)
+    return 4 * (LF_WEIGHT_FLOATS[variant] + imgs * (x + y))
+
+
+def lenet_fwd_plan(variant: str, N: int, H1: int, H2: int) -> FusedLaunch:  # noqa: N803
+    """The one launch of lenet_fwd: a block per tile of ``imgs`` images (4, else 2, else 1: what fits 48 KiB of
+    shared memory)."""
+    imgs = LF_MAX_IMGS
+    while imgs > 1 and lenet_fwd_smem(variant, imgs, H1, H2) > SMEM_LIMIT:
+        imgs //= 2
+    smem = lenet_fwd_smem(variant, imgs, H1, H2)
+    if smem > SMEM_LIMIT:
+        raise ValueError(f"lenet_fwd: one image needs {smem} bytes of shared memory (> {SMEM_LIMIT})")
+    t = LF_THREADS[variant]
+    return FusedLaunch(f"lenet_fwd_{variant}", (ceil_div(N, imgs), 1, 1), (t, 1, 1), smem, (imgs,))
+
+
+def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std: float, act: str, mode: str,
+              variant: str | None = None) -> None:
+    """reference.lenet_fwd in one launch: uint8 images (N,28,28) → logits (N,NC). params maps c1.w, c1.b, c3.w,
+    c3.b, c5.w (H1,400), c5.b, f6.w (H2,H1), f6.b, out.w (NC,H2), out.b to device arrays. The input is normalised
+    as batch_prepare does: pixel·scale + shift with scale = 1/(255·std), shift = −mean/std in float32."""
+    v = _variant(be, "lenet_fwd", variant)
+    check_act(act)
+    check_mode(mode)
+    n = images.shape[0]
+    _check(images, "images", (n, LF_IMAGE, LF_IMAGE), np.uint8)
+    for k, shape in LF_SHAPES.items():
+        _check(params[k], k, shape)
+    h1n, h2n, nc = params["c5.w"].shape[0], params["f6.w"].shape[0], params["out.w"].shape[0]
+    _check(params["c5.w"], "c5.w", (h1n, LF_I5))
+    _check(params["c5.b"], "c5.b", (h1n,))
+    _check(params["f6.w"], "f6.w", (h2n, h1n))
+    _check(params["f6.b"], "f6.b", (h2n,))
+    _check(params["out.w"], "out.w", (nc, h2n))
+    _check(params["out.b"], "out.b", (nc,))
+    _check(logits, "logits", (n, nc))
+    if n < 1:
+        raise ValueError("lenet_fwd: needs at least one image")
+    scale, shift = f32(1.0 / (255.0 * std)), f32(-mean / std)
+    plan = lenet_fwd_plan(v, n, h1n, h2n)
+    p = params
+    _launch(be, "lenet_fwd", plan,
+            (images, p["c1.w"], p["c1.b"], p["c3.w"], p["c3.b"], p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"],
+             p["out.w"], p["out.b"], logits, i32(n), i32(h1n), i32(h2n), i32(nc), i32(ACT_CODES[act]),
+             i32(POOL_CODES[mode]), scale, shift))

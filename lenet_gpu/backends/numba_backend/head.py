@@ -1,0 +1,307 @@
+"""head: LeNet-5's dense head trained as one op (the Numba face of kernels/head.cu).
+
+  h1 = act(x·w1ᵀ + b1) (B,H1); h2 = act(h1·w2ᵀ + b2) (B,H2); logits = h2·w3ᵀ + b3 (B,NC)
+  dz3 = (softmax(logits) − onehot(labels))/B; dz2 = (dz3·w3)·act'(h2); dz1 = (dz2·w2)·act'(h1); dx = dz1·w1
+  dw3 = dz3ᵀ·h2, db3 = Σ dz3; dw2 = dz2ᵀ·h1, db2; dw1 = dz1ᵀ·x, db1 (overwritten)
+  dz_conv (B,C,H,W) = route(dx through S4's 2×2 pooling: the argmax tap, or dx/4 each) · act'(yconv); 0 off-window
+  stats[STEP_IN_EPOCH mod S] = [Σ_b loss_b, #rows whose first maximal logit is the label] (overwritten)
+x (B,C,Hp,Wp) is the pooled map S4, read as (B,I); labels (B,) int32; argmax (B,C,Hp,Wp) uint8 (max only).
+
+Two launches, no atomics, no tickets:
+- head_train_v1 ("rows"): a block owns ``rows`` rows of the batch (tiles of rows, block-stride over the grid)
+  and runs the whole chain for them, one thread per output of each phase, operands from global memory, the
+  intermediates in the outputs and in scratch (dz1, dz2, dz3, the per-row [loss, hit]); barriers between phases.
+- head_train_wgrad_v1: one thread per element of [dw1|db1], [dw2|db2], [dw3|db3] (the bias = a column of ones),
+  each a sum over the batch in row order; one more thread sums the per-row loss and hit in row order.
+
+``head_train(be, ...)`` is the launch wrapper with the protocol's signature (first parameter the backend), so a
+backend binds it as a method with one line. It launches the kernel objects itself (they are not in the backend's
+KERNELS table) and counts each launch in ``be.counters``; scratch is allocated at the first call at a shape.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import numba
+import numpy as np
+from numba import cuda, float32
+
+from ...stepstate import STEP_IN_EPOCH
+from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
+from ._compat import import_cuda_array_module
+from .common import ONE, POOL_MAX, ZERO, act_grad, activate, ceil_div
+
+if not numba.config.ENABLE_CUDASIM:
+    import_cuda_array_module()  # before the first compile (NumPy 2.5 with numba-cuda 0.30: see _compat)
+
+QUARTER = np.float32(0.25)
+#: threads per block of the rows kernel and of the weight-gradient kernel
+HEAD_THREADS = 128
+WG_THREADS = 128
+#: rows per block: the fewest of 1..8 that keep the grid within this many blocks (two per SM of an H100)
+FILL_BLOCKS = 2 * 132
+
+# ---------------------------------------------------------------------------------------------- v1: rows
+
+
+@cuda.jit
+def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
+                  rowstat, act, mode, rows):
+    nb, ni = x.shape
+    nh1, nh2, nc = w1.shape[0], w2.shape[0], w3.shape[0]
+    cc, hh, ww = yconv.shape[1], yconv.shape[2], yconv.shape[3]
+    hp, wp = hh // 2, ww // 2
+    tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+    inv_b = ONE / float32(nb)
+    for tile in range(cuda.blockIdx.x, (nb + rows - 1) // rows, cuda.gridDim.x):  # block-uniform
+        r0 = tile * rows
+        nr = min(rows, nb - r0)
+        for t in range(tid, nr * nh1, nt):  # h1 = act(x w1ᵀ + b1)
+            r = r0 + t // nh1
+            o = t % nh1
+            acc = b1[o]
+            for i in range(ni):
+                acc += x[r, i] * w1[o, i]
+            h1[r, o] = activate(acc, act)
+        cuda.syncthreads()
+        for t in range(tid, nr * nh2, nt):  # h2 = act(h1 w2ᵀ + b2)
+            r = r0 + t // nh2
+            j = t % nh2
+            acc = b2[j]
+            for o in range(nh1):
+                acc += h1[r, o] * w2[j, o]
+            h2[r, j] = activate(acc, act)
+        cuda.syncthreads()
+        for t in range(tid, nr * nc, nt):  # logits = h2 w3ᵀ + b3
+            r = r0 + t // nc
+            c = t % nc
+            acc = b3[c]
+            for j in range(nh2):
+                acc += h2[r, j] * w3[c, j]
+            logits[r, c] = acc
+        cuda.syncthreads()
+        for r in range(r0 + tid, r0 + nr, nt):  # the loss row and dz3 = dlogits
+            mx = logits[r, 0]
+            best = 0
+            for c in range(1, nc):
+                if logits[r, c] > mx:
+                    mx = logits[r, c]
+                    best = c
+            se = ZERO
+            for c in range(nc):
+                se += math.exp(logits[r, c] - mx)
+            lab = labels[r]
+            inv_se = ONE / se
+            for c in range(nc):
+                p = math.exp(logits[r, c] - mx) * inv_se
+                if c == lab:
+                    p -= ONE
+                dz3[r, c] = p * inv_b
+            rowstat[r, 0] = math.log(se) - (logits[r, lab] - mx)
+            rowstat[r, 1] = ONE if best == lab else ZERO
+        cuda.syncthreads()
+        for t in range(tid, nr * nh2, nt):  # dz2 = (dz3 w3)·act'(h2)
+            r = r0 + t // nh2
+            j = t % nh2
+            acc = ZERO
+            for c in range(nc):
+                acc += dz3[r, c] * w3[c, j]
+            dz2[r, j] = acc * act_grad(h2[r, j], act)
+        cuda.syncthreads()
+        for t in range(tid, nr * nh1, nt):  # dz1 = (dz2 w2)·act'(h1)
+            r = r0 + t // nh1
+            o = t % nh1
+            acc = ZERO
+            for j in range(nh2):
+                acc += dz2[r, j] * w2[j, o]
+            dz1[r, o] = acc * act_grad(h1[r, o], act)
+        cuda.syncthreads()
+        for t in range(tid, nr * ni, nt):  # dx = dz1 w1, routed through S4's pooling into dz_conv
+            r = r0 + t // ni
+            i = t % ni
+            g = ZERO
+            for o in range(nh1):
+                g += dz1[r, o] * w1[o, i]
+            c = i // (hp * wp)
+            ph = (i // wp) % hp
+            pw = i % wp
+            for tap in range(4):
+                yy = 2 * ph + tap // 2
+                xx = 2 * pw + tap % 2
+                if mode == POOL_MAX:
+                    v = g if argmax[r, i] == tap else ZERO
+                else:
+                    v = g * QUARTER
+                dz_conv[r, c, yy, xx] = v * act_grad(yconv[r, c, yy, xx], act)
+        if 2 * hp != hh or 2 * wp != ww:  # taps no window covers (odd H or W): 0
+            per = cc * hh * ww
+            for t in range(tid, nr * per, nt):
+                r = r0 + t // per
+                e = t % per
+                yy = (e // ww) % hh
+                xx = e % ww
+                if yy >= 2 * hp or xx >= 2 * wp:
+                    dz_conv[r, e // (hh * ww), yy, xx] = ZERO
+        cuda.syncthreads()  # the next tile's phases read this tile's nothing, but keep the phases apart
+
+
+# ---------------------------------------------------------------------------------------------- v1: wgrad
+
+
+@cuda.jit(device=True, inline="always")
+def _wgrad_elem(dz, a, o, i, dw, db):
+    nb, na = a.shape
+    acc = ZERO
+    if i < na:
+        for b in range(nb):
+            acc += dz[b, o] * a[b, i]
+        dw[o, i] = acc
+    else:
+        for b in range(nb):
+            acc += dz[b, o]
+        db[o] = acc
+
+
+@cuda.jit
+def head_train_wgrad_v1(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state):
+    nb, ni = x.shape
+    nh1, nh2, nc = dw1.shape[0], dw2.shape[0], dw3.shape[0]
+    n1 = nh1 * (ni + 1)
+    n2 = nh2 * (nh1 + 1)
+    n3 = nc * (nh2 + 1)
+    for e in range(cuda.grid(1), n1 + n2 + n3 + 1, cuda.gridsize(1)):
+        if e < n1:
+            _wgrad_elem(dz1, x, e // (ni + 1), e % (ni + 1), dw1, db1)
+        elif e < n1 + n2:
+            f = e - n1
+            _wgrad_elem(dz2, h1, f // (nh1 + 1), f % (nh1 + 1), dw2, db2)
+        elif e < n1 + n2 + n3:
+            f = e - n1 - n2
+            _wgrad_elem(dz3, h2, f // (nh2 + 1), f % (nh2 + 1), dw3, db3)
+        else:  # the stats row, summed in row order
+            loss = ZERO
+            hit = ZERO
+            for b in range(nb):
+                loss += rowstat[b, 0]
+                hit += rowstat[b, 1]
+            s = stats.shape[0]
+            row = state[STEP_IN_EPOCH] % s  # Python-style modulo: never negative
+            stats[row, 0] = loss
+            stats[row, 1] = hit
+
+
+# ------------------------------------------------------------------------------------ variant table
+
+_F2 = "float32[:,::1]"
+_F1 = "float32[::1]"
+_F4 = "float32[:,:,:,::1]"
+SIGNATURES = {
+    "head_train_v1": f"void({_F2}, int32[::1], {_F2}, {_F1}, {_F2}, {_F1}, {_F2}, {_F1}, {_F2}, {_F2}, {_F2}, "
+    f"uint8[:,::1], {_F4}, {_F4}, {_F2}, {_F2}, {_F2}, {_F2}, int32, int32, int32)",
+    "head_train_wgrad_v1": f"void({_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F1}, {_F2}, {_F1}, "
+    f"{_F2}, {_F1}, {_F2}, int32[::1])",
+}
+KERNELS = {"head_train_v1": head_train_v1, "head_train_wgrad_v1": head_train_wgrad_v1}
+LAUNCH_BOUNDS: dict[str, tuple[int, ...]] = {}
+VARIANTS = {"head_train": ("v1",)}
+DEFAULT_VARIANTS = {"head_train": "v1"}
+
+# ------------------------------------------------------------------------------------------ launch wrapper
+
+_SCRATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DUMMY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def launch_kernel(be: Any, name: str, kernel: Any, grid: int, block: int, shmem: int, *args: Any) -> None:
+    """Launch ``kernel`` (named ``name``) through the backend's ``_launch`` (which finds it in FUSED_KERNELS),
+    so counters, the launch log, ``record`` and ``graph`` see it like every other launch. A backend without
+    ``_launch`` gets the same treatment here: the grid capped at ``be.max_blocks`` (every fused kernel loops
+    over its work), the launch counted, logged when ``be.launch_log`` is a list, synchronised when ``be.debug``."""
+    if hasattr(be, "_launch"):
+        op, variant = name.rsplit("_", 1)
+        be._launch(op, variant, grid, block, shmem, *args)
+        return
+    cap = getattr(be, "max_blocks", None)
+    if cap is not None:
+        grid = min(grid, cap)
+    be.counters.launches += 1
+    log = getattr(be, "launch_log", None)
+    if log is not None:
+        log.append((name, tuple(numba.typeof(a) for a in args)))
+    kernel[max(1, grid), block, 0, shmem](*args)
+    if getattr(be, "debug", False):
+        cuda.synchronize()
+
+
+def _check(a: Any, name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> None:
+    if a is None:
+        raise ValueError(f"{name}: missing array")
+    if isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a device array of this backend, got a host NumPy array (use to_device)")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(a.shape)} does not match the expected {tuple(shape)}")
+    if a.dtype != np.dtype(dtype):
+        raise TypeError(f"{name}: dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if not a.flags["C_CONTIGUOUS"]:
+        raise ValueError(f"{name}: must be C-contiguous")
+
+
+def rows_per_block(batch: int) -> int:
+    """Rows a block of head_train_v1 owns: 1 until the grid reaches FILL_BLOCKS blocks, then more (at most 8)."""
+    return max(1, min(8, ceil_div(batch, FILL_BLOCKS)))
+
+
+def head_train(
+    be: Any, x: Any, labels: Any, w1: Any, b1: Any, w2: Any, b2: Any, w3: Any, b3: Any, h1: Any, h2: Any,
+    logits: Any, argmax: Any, yconv: Any, dz_conv: Any, dw1: Any, db1: Any, dw2: Any, db2: Any, dw3: Any, db3: Any,
+    stats: Any, state: Any, act: str, mode: str, variant: str | None = None,
+) -> None:
+    """reference.head_train as one op (two launches); the protocol's optional op (lenet_gpu.backends.base)."""
+    v = variant or getattr(be, "default_variants", {}).get("head_train") or DEFAULT_VARIANTS["head_train"]
+    if v not in VARIANTS["head_train"]:
+        raise ValueError(f"head_train: unknown variant {v!r}; choose one of {', '.join(VARIANTS['head_train'])}")
+    check_act(act)
+    check_mode(mode)
+    n, c, hp, wp = x.shape
+    ni = c * hp * wp
+    nh1, nh2, nc = w1.shape[0], w2.shape[0], w3.shape[0]
+    hc, wc = yconv.shape[2], yconv.shape[3]
+    if (hc // 2, wc // 2) != (hp, wp):
+        raise ValueError(f"head_train: yconv {tuple(yconv.shape)} does not pool to x {tuple(x.shape)}")
+    for name, a, shape in (
+        ("x", x, (n, c, hp, wp)), ("w1", w1, (nh1, ni)), ("b1", b1, (nh1,)), ("w2", w2, (nh2, nh1)),
+        ("b2", b2, (nh2,)), ("w3", w3, (nc, nh2)), ("b3", b3, (nc,)), ("h1", h1, (n, nh1)), ("h2", h2, (n, nh2)),
+        ("logits", logits, (n, nc)), ("yconv", yconv, (n, c, hc, wc)), ("dz_conv", dz_conv, (n, c, hc, wc)),
+        ("dw1", dw1, (nh1, ni)), ("db1", db1, (nh1,)), ("dw2", dw2, (nh2, nh1)), ("db2", db2, (nh2,)),
+        ("dw3", dw3, (nc, nh2)), ("db3", db3, (nc,)),
+    ):
+        _check(a, name, shape)
+    _check(labels, "labels", (n,), np.int32)
+    _check(stats, "stats", (stats.shape[0], 2))
+    _check(state, "state", (state.shape[0],), np.int32)
+    if n < 1 or stats.shape[0] < 1 or state.shape[0] <= STEP_IN_EPOCH:
+        raise ValueError("head_train: needs a batch of at least one row, one stats row and a full step state")
+    if mode == "max":
+        _check(argmax, "argmax", (n, c, hp, wp), np.uint8)
+        am2 = argmax.reshape(n, ni)
+    else:  # avg never reads argmax: a one-element stand-in of the declared type
+        am2 = _DUMMY.get(be)
+        if am2 is None:
+            am2 = _DUMMY[be] = be.empty((1, 1), np.uint8)
+    key = (n, nh1, nh2, nc)
+    per_be = _SCRATCH.setdefault(be, {})
+    ws = per_be.get(key)
+    if ws is None:  # dz1, dz2, dz3 and the per-row [loss, hit]: allocated at the first call at a shape
+        ws = per_be[key] = (be.empty((n, nh1)), be.empty((n, nh2)), be.empty((n, nc)), be.empty((n, 2)))
+    dz1, dz2, dz3, rowstat = ws
+    x2 = x.reshape(n, ni)
+    rows = rows_per_block(n)
+    launch_kernel(be, "head_train_v1", head_train_v1, ceil_div(n, rows), HEAD_THREADS, 0, x2, labels, w1, b1, w2, b2,
+                  w3, b3, h1, h2, logits, am2, yconv, dz_conv, dz1, dz2, dz3, rowstat, np.int32(ACT_CODES[act]),
+                  np.int32(POOL_CODES[mode]), np.int32(rows))
+    total = nh1 * (ni + 1) + nh2 * (nh1 + 1) + nc * (nh2 + 1) + 1
+    launch_kernel(be, "head_train_wgrad_v1", head_train_wgrad_v1, ceil_div(total, WG_THREADS), WG_THREADS, 0, x2, h1,
+                  h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state)

@@ -1,0 +1,906 @@
+"""The phases of the self-test. Each runs in a child process of its own (lenet_gpu.selftest.child) with a
+time budget, and records its cases in a PhaseRecorder that writes them to disk as they finish.
+
+``ctx`` (from the runner) holds: mode ("gpu" or "emulate"), backends (labels), profile ("full", "tiny"),
+quick, out (the report folder), data_dir, and the results of earlier phases (``previous``).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import importlib.util
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import FAIL, PASS, SKIP, PhaseRecorder, backend_name, first_lines, make_backend
+
+# ------------------------------------------------------------------------------------ shared helpers
+_BACKENDS: dict[str, Any] = {}
+
+
+class Costs:
+    """How long cases of a kind took so far (the largest, to be safe): a case starts only if the time left
+    covers what the slowest of its kind took, or a prior before there is one."""
+
+    def __init__(self) -> None:
+        self.seen: dict[Any, float] = {}
+
+    def expect(self, key: Any, prior: float) -> float:
+        return self.seen.get(key, prior)
+
+    def observe(self, key: Any, case: dict[str, Any]) -> None:
+        if "seconds" in case:
+            self.seen[key] = max(self.seen.get(key, 0.0), float(case["seconds"]))
+
+
+def _prior(label: str, gpu_s: float, emulated_s: float) -> float:
+    return emulated_s if label in ("cupy-host", "numba-sim") else gpu_s
+
+
+def module_allowance(ctx: dict, label: str) -> float:
+    """Seconds to allow for building the kernel modules the compile phase did not get to (a module is built
+    once: g++ on the harness, NVRTC on a GPU, then cached on disk), until a phase has run a step."""
+    prev = ctx.get("previous") or {}
+    if label in ((prev.get("whole_step") or {}).get("data", {}).get("step_seconds") or {}):
+        return 0.0
+    d = (prev.get("compile") or {}).get("data", {})
+    return float((d.get("unbuilt_modules") or {}).get(label, 0)) * float((d.get("module_build_s") or {}).get(label, 0))
+
+
+def backend(label: str, **kwargs: Any) -> Any:
+    """One backend per label and process (modules compile once)."""
+    if kwargs:
+        return make_backend(label, **kwargs)
+    if label not in _BACKENDS:
+        _BACKENDS[label] = make_backend(label)
+    return _BACKENDS[label]
+
+
+def available_backends(ctx: dict, rec: PhaseRecorder) -> dict[str, Any]:
+    """label → backend for each requested backend that can run here; the others are skipped with why."""
+    out = {}
+    for label in ctx["backends"]:
+        try:
+            out[label] = backend(label)
+        except Exception as e:  # noqa: BLE001 - BackendUnavailable, ImportError, driver errors
+            rec.skip(f"{label}", f"backend unavailable: {first_lines(str(e), 2)}", backend=label)
+    return out
+
+
+def mnist_sample() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from ..data import load_dataset
+
+    ds = load_dataset("mnist-sample", download=False, progress=False)
+    return ds.train_images, ds.train_labels, ds.test_images, ds.test_labels
+
+
+def tiled(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    reps = -(-n // images.shape[0])
+    return (np.ascontiguousarray(np.tile(images, (reps, 1, 1))[:n]), np.ascontiguousarray(np.tile(labels, reps)[:n]))
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """End a child we started in its own session, and whatever it started (its process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            p.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# ------------------------------------------------------------------------------------ 1. environment
+DISTRIBUTIONS = ("numpy", "cupy-cuda13x", "cupy-cuda12x", "cupy", "numba", "numba-cuda", "torch", "cuda-bindings",
+                 "cuda-core", "cuda-pathfinder", "cuda-toolkit", "nvidia-nvvm", "nvidia-cuda-nvcc",
+                 "nvidia-cuda-nvcc-cu12", "nvidia-cuda-nvrtc", "nvidia-cuda-nvrtc-cu12", "nvidia-cuda-runtime",
+                 "nvidia-cuda-runtime-cu12", "nvidia-nvjitlink", "nvidia-nvjitlink-cu12", "pytest", "tqdm",
+                 "threadpoolctl", "matplotlib", "pillow")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in DISTRIBUTIONS:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def gpu_facts_cupy() -> dict[str, Any]:
+    import cupy as cp
+
+    rt = cp.cuda.runtime
+    n = rt.getDeviceCount()
+    p = rt.getDeviceProperties(0)
+    name = p.get("name", b"")
+    return {
+        "via": "cupy", "devices": n, "name": name.decode() if isinstance(name, bytes) else str(name),
+        "compute_capability": f"{p['major']}.{p['minor']}", "sm_count": p.get("multiProcessorCount"),
+        "memory_gib": round(p.get("totalGlobalMem", 0) / 2**30, 1), "l2_mib": round(p.get("l2CacheSize", 0) / 2**20, 1),
+        "driver": _cuda_version(rt.driverGetVersion()), "runtime": _cuda_version(rt.runtimeGetVersion()),
+        "nvrtc": ".".join(map(str, cp.cuda.nvrtc.getVersion())),
+    }
+
+
+def gpu_facts_numba() -> dict[str, Any]:
+    from numba import cuda
+
+    dev = cuda.get_current_device()
+    name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+    facts: dict[str, Any] = {"via": "numba", "name": name,
+                             "compute_capability": ".".join(map(str, dev.compute_capability)),
+                             "sm_count": dev.MULTIPROCESSOR_COUNT}
+    try:
+        facts["driver"] = ".".join(map(str, cuda.cudadrv.driver.driver.get_version()))
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        facts["runtime"] = ".".join(map(str, cuda.runtime.get_version()))
+    except Exception:  # noqa: BLE001
+        pass
+    return facts
+
+
+def nvvm_facts() -> dict[str, Any]:
+    """Where numba-cuda's NVVM is, and the ptxas the compile checks would pair with it."""
+    out: dict[str, Any] = {}
+    try:
+        from numba.cuda.cuda_paths import get_cuda_paths
+
+        out["nvvm"] = str(get_cuda_paths()["nvvm"].info)
+    except Exception as e:  # noqa: BLE001
+        out["nvvm"] = f"not found ({first_lines(str(e), 1)})"
+    try:
+        from ..backends.numba_backend.compile_report import find_ptxas
+
+        found = find_ptxas()
+        out["ptxas"] = found.path
+        out["ptxas_cuda"] = found.version_str
+    except Exception as e:  # noqa: BLE001
+        out["ptxas"] = f"not usable: {first_lines(str(e), 1)}"
+    return out
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        r = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                           timeout=5, check=False)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (r.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")) or None
+
+
+def phase_environment(ctx: dict, rec: PhaseRecorder) -> None:
+    import lenet_gpu
+
+    rec.data.update({
+        "python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "packages": package_versions(),
+        "lenet_gpu": {"version": getattr(lenet_gpu, "__version__", None), "path": str(Path(lenet_gpu.__file__).parent),
+                      "commit": git_commit()},
+        "matplotlib": "installed" if importlib.util.find_spec("matplotlib") else "not installed (optional)",
+        "NUMBA_ENABLE_CUDASIM": os.environ.get("NUMBA_ENABLE_CUDASIM", ""),
+    })
+    if ctx["mode"] == "gpu":
+        gpus: dict[str, Any] = {}
+        for via, fn in (("cupy", gpu_facts_cupy), ("numba", gpu_facts_numba)):
+            if via in ctx["backends"]:
+                r = rec.run(f"GPU seen by {via}", lambda fn=fn: {"facts": fn()})
+                if r["status"] == PASS:
+                    gpus[via] = r["facts"]
+        rec.data["gpu"] = gpus.get("cupy") or gpus.get("numba")
+        if "numba" in ctx["backends"]:
+            rec.data["numba_toolchain"] = nvvm_facts()
+    else:
+        rec.data["gpu"] = None
+        rec.note("emulated run: no GPU used; cupy-host runs the CUDA C kernels on CPU threads, numba-sim runs the "
+                 "Numba kernels in Numba's CUDA simulator, both at tiny sizes")
+    for label in ctx["backends"]:
+        def facts(label: str = label) -> dict[str, Any]:
+            be = backend(label)
+            if ctx["mode"] == "gpu" and label in ("cupy", "numba") and not be.is_gpu:
+                raise AssertionError(f"backend {label} is not on a GPU (is_gpu is False)")
+            return {"is_gpu": bool(be.is_gpu), "backend_class": type(be).__name__,
+                    "variants": {op: list(v) for op, v in be.variants.items()},
+                    "defaults": dict(getattr(be, "default_variants", {}))}
+        rec.run(f"backend {label}", facts, backend=label)
+
+
+# ------------------------------------------------------------------------------------ 2. compile
+_KERNEL_NAME = re.compile(
+    r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s*)?(\w+)\s*\(')
+
+
+def kernel_names(source: str) -> list[str]:
+    """The ``extern "C" __global__`` kernels of a CUDA C source, in order."""
+    return _KERNEL_NAME.findall(source)
+
+
+def _compile_cupy(label: str, rec: PhaseRecorder) -> None:
+    from ..backends.cupy_backend.runtime import define_options, kernel_source, kernels_dir
+
+    be = backend(label)
+    rt = be.runtime
+    defines = getattr(be, "defines", {}) or {}
+    arch = None
+    if be.is_gpu:
+        import cupy as cp
+
+        arch = f"sm_{cp.cuda.Device().compute_capability}"
+        rec.data.setdefault("arch", {})[label] = arch
+    costs = Costs()
+    built: set[str] = set()
+    unbuilt = 0
+    for path in sorted(kernels_dir().glob("*.cu")):
+        stem = path.stem
+        src = kernel_source(stem)
+        names = kernel_names(src)
+        opts = define_options(defines.get(stem, {}))
+        if not names:
+            rec.add(f"{label} {stem}.cu", FAIL, error="no extern \"C\" __global__ kernel found in the file",
+                    backend=label, module=stem)
+            continue
+        # the first kernel of a module builds it (NVRTC, or g++ on the harness: seconds each)
+        build_s = costs.expect("module", _prior(label, 5.0, 4.0))
+        for i, name in enumerate(names):
+            case = f"{label} {stem}.cu {name}"
+            if rec.out_of_time(build_s if i == 0 else 0.0):
+                rec.skip(case, "out of time", backend=label, module=stem, kernel=name)
+                continue
+
+            def load(stem: str = stem, name: str = name, opts: tuple = opts) -> dict[str, Any]:
+                k = rt.get_kernel(stem, name, opts)
+                facts: dict[str, Any] = {"options": list(opts)}
+                if arch:
+                    facts["arch"] = arch
+                for attr, key in (("num_regs", "registers"), ("shared_size_bytes", "static_shared_bytes"),
+                                  ("local_size_bytes", "local_bytes"), ("max_threads_per_block", "max_threads")):
+                    v = getattr(k, attr, None)
+                    if isinstance(v, (int, np.integer)):
+                        facts[key] = int(v)
+                return facts
+            r = rec.run(case, load, backend=label, module=stem, kernel=name)
+            if i == 0:
+                costs.observe("module", r)
+                built.add(stem)
+        if stem not in built:
+            unbuilt += 1
+    rec.data.setdefault("unbuilt_modules", {})[label] = unbuilt
+    rec.data.setdefault("module_build_s", {})[label] = costs.expect("module", _prior(label, 5.0, 4.0))
+
+
+def _compile_numba(label: str, rec: PhaseRecorder) -> None:
+    """On a GPU: every kernel compiled at its launch signature for the device and loaded (Dispatcher.compile
+    binds it to the context). Emulated: compile_ptx for sm_90 (no device needed; the simulator cannot
+    compile), in a child where NUMBA_ENABLE_CUDASIM is unset."""
+    from ..backends.numba_backend.backend import KERNELS, SIGNATURES
+    from ..backends.numba_backend.compile_report import f64_lines
+
+    on_gpu = label == "numba"
+    if on_gpu:
+        from numba import cuda
+
+        cc = cuda.get_current_device().compute_capability
+        backend(label)  # the backend's own checks (a GPU present; compatibility imports)
+    else:
+        from numba import cuda
+
+        cc = (9, 0)
+        rec.note("numba-sim: kernels compiled with numba.cuda.compile_ptx for sm_90 (no device needed); the "
+                 "simulator itself compiles nothing")
+    rec.data.setdefault("arch", {})[label] = f"sm_{cc[0]}{cc[1]}"
+    costs = Costs()
+    for name in sorted(KERNELS):
+        case = f"{label} {name}"
+        if rec.out_of_time(costs.expect("kernel", 3.0)):
+            rec.skip(case, "out of time", backend=label, kernel=name)
+            continue
+
+        def comp(name: str = name) -> dict[str, Any]:
+            sig = SIGNATURES[name]
+            if on_gpu:
+                k = KERNELS[name].compile(sig)
+                ptx = k.inspect_asm(cc)
+                facts = {"registers": k.regs_per_thread, "static_shared_bytes": k.shared_mem_per_block,
+                         "local_bytes": k.local_mem_per_thread, "max_threads": k.max_threads_per_block}
+            else:
+                ptx, _ = cuda.compile_ptx(KERNELS[name].py_func, sig, cc=cc)
+                facts = {}
+            f64 = f64_lines(ptx)
+            facts["f64_instructions"] = len(f64)
+            if f64:
+                raise AssertionError(f"{name}: {len(f64)} PTX lines use float64 in a float32 kernel, e.g. {f64[0]}")
+            return facts
+        costs.observe("kernel", rec.run(case, comp, backend=label, kernel=name, signature=SIGNATURES[name]))
+
+
+def phase_compile(ctx: dict, rec: PhaseRecorder) -> None:
+    for label in ctx["backends"]:
+        try:
+            if label in ("cupy", "cupy-host"):
+                _compile_cupy(label, rec)
+            elif label in ("numba", "numba-sim"):
+                _compile_numba(label, rec)
+            else:
+                rec.skip(label, "no kernels to compile (NumPy ops)", backend=label)
+        except Exception as e:  # noqa: BLE001 - one backend failing to start is its failure, not the phase's end
+            from .common import describe_exception
+
+            rec.add(f"{label} (compile setup)", FAIL, error=describe_exception(e), backend=label)
+
+
+# ------------------------------------------------------------------------------------ 3. op parity
+def ordered_ops(backends: dict[str, Any]) -> list[str]:
+    from ..backends.base import OPS, OPTIONAL_OPS
+
+    seen: list[str] = []
+    for op in (*OPS, *OPTIONAL_OPS, *(op for be in backends.values() for op in be.variants)):
+        if op not in seen and any(op in be.variants for be in backends.values()):
+            seen.append(op)
+    return seen
+
+
+def phase_op_parity(ctx: dict, rec: PhaseRecorder) -> None:
+    from .checks import KNOWN_OPS, input_sets, run_case
+
+    bes = available_backends(ctx, rec)
+    ops = ordered_ops(bes)
+    for op in ops:
+        if op not in KNOWN_OPS:
+            for label, be in bes.items():
+                if op in be.variants:
+                    rec.skip(f"{label} {op}", "no parity builder for this op (add one to lenet_gpu/selftest/checks.py)",
+                             backend=label, op=op)
+    sets = input_sets([op for op in ops if op in KNOWN_OPS], ctx["profile"], ctx.get("max_tier", 3))
+    rec.data["input_sets"] = len(sets)
+    skipped: dict[tuple[str, str, str], int] = {}
+    costs = Costs()
+    build_s = ((ctx.get("previous") or {}).get("compile") or {}).get("data", {}).get("module_build_s") or {}
+    for iset in sets:
+        for label, be in bes.items():
+            for v in be.variants.get(iset.op, ()):
+                first = max(_prior(label, 0.5, 2.0), module_allowance(ctx, label) and build_s.get(label, 0.0))
+                if rec.out_of_time(costs.expect((label, iset.op), first)):
+                    key = (label, iset.op, v)
+                    skipped[key] = skipped.get(key, 0) + 1
+                    continue
+                name = f"{label} {iset.op}_{v} {iset.desc}" + "".join(f" {x}" for x in (iset.act, iset.pool) if x)
+                r = rec.run(name, lambda be=be, v=v, iset=iset: run_case(be, iset.op, v, iset), backend=label,
+                            op=iset.op, variant=v, act=iset.act, pool=iset.pool, shape=iset.desc, tier=iset.tier)
+                costs.observe((label, iset.op), r)
+        iset.release()
+    for (label, op, v), n in skipped.items():
+        rec.skip(f"{label} {op}_{v}: {n} input sets", "out of time", backend=label, op=op, variant=v, count=n)
+
+
+# ------------------------------------------------------------------------------------ 4. whole steps
+def _require_model_api() -> Any:
+    from ..model import LeNet5
+
+    missing = [m for m in ("begin_run", "begin_epoch", "run_steps", "step_stats", "graph_check", "upload_dataset")
+               if not hasattr(LeNet5, m)]
+    if missing:
+        raise RuntimeError(f"lenet_gpu.model.LeNet5 lacks {', '.join(missing)} (the step-state model API)")
+    return LeNet5
+
+
+def new_model(be: Any, **kw: Any) -> Any:
+    LeNet5 = _require_model_api()  # noqa: N806
+    return LeNet5(backend=be, **kw)
+
+
+def begin(model: Any, images: np.ndarray, labels: np.ndarray, batch: int, steps: int, lr: float,
+          perm: np.ndarray | None = None, seed: int = 3, shift: int = 2) -> Any:
+    data = model.upload_dataset(images, labels)
+    model.begin_run(data, batch, np.full(max(1, steps), lr, np.float32), seed=seed, shift=shift)
+    model.begin_epoch(data, np.arange(images.shape[0], dtype=np.int32) if perm is None else perm)
+    return data
+
+
+def steps_vs_numpy(be: Any, optimizer: str, act: str, pool: str, fused: bool, batch: int, steps: int,
+                   images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """``steps`` steps on ``be`` (with its fused ops, or the unfused baseline) and on the numpy backend from
+    the same initial parameters and data, augmentation on: the parameters agree after every step
+    (tolerances of tests/test_cupy_backend.py's whole-step test) and the per-step statistics at the end."""
+    from ..parity import error_stats
+
+    lr = 0.01 if optimizer == "sgd" else 1e-3
+    kw = dict(activation=act, pool=pool, seed=1, optimizer=optimizer, lr=lr)
+    dev, cpu = new_model(be, fused=fused, **kw), new_model("numpy", **kw)
+    perm = np.random.default_rng(0).permutation(images.shape[0]).astype(np.int32)
+    datas = [begin(m, images, labels, batch, steps, lr, perm) for m in (dev, cpu)]
+    worst = 0.0
+    for s in range(steps):
+        for m, d in zip((dev, cpu), datas):
+            m.run_steps(d, 1)
+        st = error_stats(dev.parameters(), cpu.parameters(), 2e-5, 2e-4)
+        worst = max(worst, st["ratio"])
+        if st["bad"]:
+            raise AssertionError(f"parameters after step {s + 1}: {st['bad']} of {st['size']} out of tolerance "
+                                 f"(atol 2e-5, rtol 2e-4), largest |diff| {st['max_abs']:.3g} at flat index "
+                                 f"{st['worst']}")
+    a, b = np.asarray(dev.step_stats(0, steps)), np.asarray(cpu.step_stats(0, steps))
+    if not np.array_equal(a[:, 1], b[:, 1]):
+        raise AssertionError(f"correct counts per step differ: {a[:, 1].tolist()} vs numpy {b[:, 1].tolist()}")
+    if not np.allclose(a[:, 0], b[:, 0], rtol=1e-4, atol=1e-4):
+        raise AssertionError(f"loss sums per step differ: {a[:, 0].tolist()} vs numpy {b[:, 0].tolist()}")
+    return {"worst_ratio": worst, "loss_sums": a[:, 0].tolist()}
+
+
+def _graph_backends(label: str) -> tuple[Any, bool]:
+    """A backend of ``label`` with CUDA graphs on where the backend has the switch; and whether it can graph."""
+    try:
+        be = make_backend(label, graphs=True)
+    except TypeError:
+        be = backend(label)
+    try:
+        can = be.graph(lambda: None, 1) is not None
+    except TypeError:  # the older graph(fn) signature
+        can = bool(getattr(be, "graphs", False)) and bool(be.is_gpu)
+    return be, can
+
+
+def graph_check(label: str, images: np.ndarray, labels: np.ndarray, batch: int, k: int) -> dict[str, Any]:
+    """The model's graph self-check (run when it first captures K steps: K replayed steps against K eager
+    ones, bit for bit); skipped where the backend has no graphs."""
+    be, _ = _graph_backends(label)
+    m = new_model(be, seed=6, graph_steps=k)
+    d = begin(m, images, labels, batch, 2 * k + 1, 1e-3)
+    m.run_steps(d, k + 1)
+    ok, msg = m.graph_check()
+    if ok:
+        return {"message": msg}
+    if msg.startswith("CUDA graphs off"):
+        raise AssertionError(f"graph_check: {msg}")
+    return {"status": SKIP, "reason": f"no graphs on this backend ({msg})"}
+
+
+def graph_vs_eager(label: str, images: np.ndarray, labels: np.ndarray, batch: int, k: int, steps: int
+                   ) -> dict[str, Any]:
+    """``steps`` steps through graphs of K steps (and the tail's graph) against the same steps launched
+    eagerly on a second model from the same start: parameters and statistics bit for bit."""
+    be, can = _graph_backends(label)
+    if not can:
+        return {"status": SKIP, "reason": "no graphs on this backend (both runs would be eager)"}
+    kw = dict(seed=2, optimizer="adam", lr=1e-3, graph_steps=k)
+    g, e = new_model(be, use_graphs=True, **kw), new_model(be, use_graphs=False, **kw)
+    dg = begin(g, images, labels, batch, steps, 1e-3)
+    de = begin(e, images, labels, batch, steps, 1e-3)
+    g.run_steps(dg, steps)
+    e.run_steps(de, steps)
+    pg, pe = g.parameters(), e.parameters()
+    if not np.array_equal(pg, pe):
+        bad = int(np.sum(pg != pe))
+        raise AssertionError(f"after {steps} steps, graph-replayed and eager parameters differ in {bad} of {pg.size}")
+    sg, se = np.asarray(g.step_stats(0, steps)), np.asarray(e.step_stats(0, steps))
+    if not np.array_equal(sg, se):
+        raise AssertionError(f"per-step statistics differ: graph {sg.tolist()} vs eager {se.tolist()}")
+    if not g.use_graphs:
+        raise AssertionError(f"the graph model fell back to eager launches: {g.graph_note}")
+    return {"steps": steps, "graph_steps": k}
+
+
+def determinism(label: str, images: np.ndarray, labels: np.ndarray, batch: int, steps: int) -> dict[str, Any]:
+    """Two runs from the same start on two backend instances: parameters and statistics bit for bit."""
+    params, stats = [], []
+    for _ in range(2):
+        be = make_backend(label)
+        m = new_model(be, seed=4, optimizer="adam", lr=2e-3)
+        d = begin(m, images, labels, batch, steps, 2e-3)
+        m.run_steps(d, steps)
+        params.append(m.parameters())
+        stats.append(np.asarray(m.step_stats(0, steps)))
+    if not np.array_equal(params[0], params[1]):
+        raise AssertionError(f"two runs of {steps} steps at batch {batch} differ in "
+                             f"{int(np.sum(params[0] != params[1]))} of {params[0].size} parameters")
+    if not np.array_equal(stats[0], stats[1]):
+        raise AssertionError("two runs give different per-step statistics")
+    return {"batch": batch, "steps": steps}
+
+
+def counters_per_step(be: Any, images: np.ndarray, labels: np.ndarray, batch: int, steps: int, k: int
+                      ) -> dict[str, Any]:
+    """After warm-up, ``steps`` steps (in graphs of ``k`` where the backend has graphs) make launches only: no
+    allocation, copy or synchronisation. Also the time per step (wall clock around run_steps + a sync)."""
+    m = new_model(be, seed=5, optimizer="adam", lr=1e-3, graph_steps=k)
+    d = begin(m, images, labels, batch, 3 * steps, 1e-3)
+    m.run_steps(d, steps)  # warm-up: workspaces, compiles, graph capture
+    be.synchronize()
+    before = be.counters.snapshot()
+    t0 = time.perf_counter()
+    m.run_steps(d, steps)
+    delta = be.counters.since(before)
+    be.synchronize()
+    dt = time.perf_counter() - t0
+    per = {k: v / steps for k, v in delta.items()}
+    figures = {"batch": batch, "steps": steps, "per_step": per, "step_seconds": dt / steps,
+               "images_per_s": batch * steps / dt}
+    extra = {k: v for k, v in delta.items() if k != "launches" and v}
+    if extra:
+        raise AssertionError(f"{steps} steps after warm-up made {extra} (must be launches only); "
+                             f"launches per step {per['launches']:.1f}")
+    return figures
+
+
+#: (batch, seconds) of a training step assumed before one was measured: the emulators on a small busy CPU,
+#: numpy, and a GPU (an H200 took 0.2 ms (cupy) to 0.5 ms (numba) at batch 64, flat up to a few hundred)
+PRIOR_STEP = {"cupy-host": (2, 3.0), "numba-sim": (2, 12.0), "numpy": (64, 0.03)}
+GPU_PRIOR_STEP = (256, 0.003)
+EMULATORS = ("cupy-host", "numba-sim")
+#: the first steps on a GPU compile (Numba JIT, NVRTC from cache): seconds allowed for it in estimates
+GPU_FIRST_STEPS_S = 10.0
+
+
+def expected_step_s(measured: dict[str, dict], label: str, batch: int) -> float:
+    """Expected seconds of one training step of ``label`` at ``batch``: from the step time measured in the
+    whole-step phase when there is one, else a prior; linear in the batch above the measured (or, on a GPU,
+    above 256) batch."""
+    m = measured.get(label)
+    ref_batch, seconds = (m["batch"], m["seconds"]) if m else PRIOR_STEP.get(label, GPU_PRIOR_STEP)
+    if label not in EMULATORS and label != "numpy":
+        ref_batch = max(ref_batch, 256)
+    return seconds * max(1.0, batch / ref_batch)
+
+
+def case_cost(rec: PhaseRecorder, label: str, batch: int, steps: int) -> float:
+    """Expected seconds of a case of ``steps`` training steps (from this phase's own measurements), plus
+    the first compile on a GPU until a step was measured, plus a second for the set-up."""
+    measured = rec.data.get("step_seconds", {})
+    first = GPU_FIRST_STEPS_S if label not in EMULATORS and label != "numpy" and label not in measured else 0.0
+    return steps * expected_step_s(measured, label, batch) + first + 1.0
+
+
+def run_if_time(rec: PhaseRecorder, name: str, est_s: float, fn: Any, **fields: Any) -> dict[str, Any]:
+    """Run a case only if its expected cost fits the time left (else record it as skipped)."""
+    left = rec.time_left()
+    if left < est_s or left <= 0:
+        return rec.skip(name, f"out of time (needs about {est_s:.0f} s, {max(left, 0):.0f} s left)", **fields)
+    return rec.run(name, fn, **fields)
+
+
+def phase_whole_step(ctx: dict, rec: PhaseRecorder) -> None:
+    emulate = ctx["mode"] == "emulate"
+    bes = available_backends(ctx, rec)
+    train_x, train_y, _, _ = mnist_sample()
+    rec.data["step_seconds"] = {}
+    for label, be in bes.items():
+        tiny = label in EMULATORS
+        ran: list[dict] = []  # the cases that ran steps: until one has, modules may still need building
+
+        def cost(batch: int, steps: int, label: str = label, ran: list = ran) -> float:
+            built = any(c["status"] != SKIP for c in ran)
+            return case_cost(rec, label, batch, steps) + (0.0 if built else module_allowance(ctx, label))
+
+        def go(name: str, est_s: float, fn: Any, ran: list = ran, **fields: Any) -> dict[str, Any]:
+            r = run_if_time(rec, name, est_s, fn, **fields)
+            ran.append(r)
+            return r
+
+        # counters and the step time first: later cases (and the training phase) size themselves from it
+        b, n, k = (2, 1, 10) if tiny else (64, 40, 10)
+        x, y = tiled(train_x, train_y, b * (4 * n + 2))
+        r = go(f"{label} counters per step (batch {b}, {n} steps after warm-up)", cost(b, 2 * n + 1),
+               lambda be=be, x=x, y=y, b=b, n=n, k=k: counters_per_step(be, x, y, b, n, k),
+               backend=label, check="counters")
+        if "step_seconds" in r:
+            rec.data["step_seconds"][label] = {"batch": b, "seconds": r["step_seconds"]}
+        configs = [("sgd", "relu", "max", True), ("adam", "tanh", "avg", False), ("sgd", "sigmoid", "max", False),
+                   ("adam", "lecun_tanh", "avg", True)]
+        vs = 2 if tiny else 3  # steps compared with numpy
+        if emulate:
+            configs = configs[:2]
+        for opt, act, pool, fused in configs:
+            go(f"{label} steps vs numpy: {opt} {act} {pool} {'fused' if fused else 'unfused'}, batch 2, {vs} steps",
+               cost(2, vs), lambda be=be, opt=opt, act=act, pool=pool, fused=fused, vs=vs:
+               steps_vs_numpy(be, opt, act, pool, fused, 2, vs, train_x[:12], train_y[:12]),
+               backend=label, check="vs_numpy", fused=fused)
+        if not tiny:
+            go(f"{label} steps vs numpy: sgd relu max fused, batch 33, 4 steps", cost(33, 4),
+               lambda be=be: steps_vs_numpy(be, "sgd", "relu", "max", True, 33, 4, train_x[:200], train_y[:200]),
+               backend=label, check="vs_numpy")
+        # graphs: the model's own self-check, then graph-replayed steps against eager steps on two models
+        k, gb = (1, 2) if tiny else (10, 64)
+        gx, gy = tiled(train_x, train_y, gb * (2 * k + 2))
+        go(f"{label} model.graph_check ({k} graph-replayed steps == {k} eager steps)", cost(gb, 3 * k + 1),
+           lambda label=label, gx=gx, gy=gy, gb=gb, k=k: graph_check(label, gx, gy, gb, k),
+           backend=label, check="graph")
+        steps = 2 * k + (1 if tiny else 9)  # two K-step graphs, then a tail (its own graph when ≥ 8 steps)
+        gx, gy = tiled(train_x, train_y, gb * (steps + 1))
+        go(f"{label} {steps} steps in {k}-step graphs == {steps} eager steps", cost(gb, 2 * steps),
+           lambda label=label, gx=gx, gy=gy, gb=gb, k=k, steps=steps: graph_vs_eager(label, gx, gy, gb, k, steps),
+           backend=label, check="graph")
+        # determinism: batch ≥ 64 so that the split reductions are used (the emulators: tiny)
+        db, dn = (2, 1) if tiny else (128, 20)
+        dx, dy = tiled(train_x, train_y, db * (dn + 1))
+        go(f"{label} two runs bit for bit (batch {db}, {dn} steps)", cost(db, 2 * dn),
+           lambda label=label, dx=dx, dy=dy, db=db, dn=dn: determinism(label, dx, dy, db, dn),
+           backend=label, check="determinism")
+
+
+# ------------------------------------------------------------------------------------ 5. training
+def time_to(epochs: list[dict], threshold: float) -> float | None:
+    """Training seconds (the metrics' per-epoch ``seconds``, summed) until test accuracy first reaches it."""
+    total = 0.0
+    for r in epochs:
+        total += float(r.get("seconds", 0.0))
+        if float(r.get("test_acc", 0.0)) >= threshold:
+            return round(total, 3)
+    return None
+
+
+#: the test accuracy the default recipe must reach on mnist-sample (the CI gate of tests/test_cli.py)
+SAMPLE_GATE = 0.97
+
+
+def training_runs(ctx: dict) -> list[dict[str, Any]]:
+    runs = []
+    for label in ctx["backends"]:
+        if label in EMULATORS:  # one step and a forward pass of 2 images: seconds on an emulator
+            extra = ["--limit", "2", "--epochs", "1", "--batch-size", "2"]
+        elif ctx["mode"] == "emulate":
+            extra = ["--limit", "256", "--epochs", "1"]
+        else:
+            extra = []  # the default recipe
+        runs.append({"backend": label, "dataset": "mnist-sample", "args": ["--dataset", "mnist-sample", *extra],
+                     "gate": SAMPLE_GATE if not extra else None})
+    if ctx.get("data_dir") and ctx["mode"] == "gpu":
+        for label in ctx["backends"]:
+            runs.append({"backend": label, "dataset": f"data-dir {Path(ctx['data_dir']).name}",
+                         "args": ["--data-dir", str(ctx["data_dir"])], "gate": None})
+    return runs
+
+
+def prev_step_cost(ctx: dict, label: str, batch: int) -> float:
+    """Expected seconds of a training step, from the step time the whole-step phase measured (else a prior)."""
+    prev = ((ctx.get("previous") or {}).get("whole_step") or {}).get("data", {}).get("step_seconds", {})
+    return expected_step_s(prev, label, batch)
+
+
+def _estimate_s(run: dict, ctx: dict) -> float | None:
+    """A short (--limit) run's expected seconds: start-up, its steps, and a forward pass over the test images
+    (about half a step at that batch); None for the full recipe (on a GPU: tens of seconds)."""
+    a = run["args"]
+    if "--limit" not in a:
+        return None
+    limit = int(a[a.index("--limit") + 1])
+    batch = int(a[a.index("--batch-size") + 1]) if "--batch-size" in a else 64
+    steps = limit // min(batch, limit)
+    label = run["backend"]
+    return (5.0 + 1.2 * steps * prev_step_cost(ctx, label, batch) + 0.5 * prev_step_cost(ctx, label, limit)
+            + module_allowance(ctx, label))
+
+
+def train_once(run: dict, ctx: dict, timeout_s: float) -> dict[str, Any]:
+    label = run["backend"]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{label}-{run['dataset']}")
+    folder = Path(ctx["out"]) / "train" / slug
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = folder / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()
+    cmd = [sys.executable, "-m", "lenet_gpu.train", "--backend", backend_name(label), *run["args"], "--no-progress",
+           "--no-download", "--checkpoint", str(folder / "lenet5.npz"), "--metrics", str(metrics)]
+    t0 = time.perf_counter()
+    with open(folder / "log.txt", "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(p)
+            rc = None
+    wall = time.perf_counter() - t0
+    text = (folder / "log.txt").read_text(errors="replace")
+    epochs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
+    figures: dict[str, Any] = {"command": " ".join(cmd[1:]), "wall_s": round(wall, 2), "folder": str(folder),
+                               "epochs": len(epochs), "returncode": rc}
+    if epochs:
+        last = epochs[-1]
+        figures.update({
+            "final_test_acc": last.get("test_acc"), "final_loss": last.get("loss"),
+            "train_seconds": round(sum(float(r.get("seconds", 0)) for r in epochs), 3),
+            "first_epoch_s": round(float(epochs[0].get("seconds", 0)), 3),
+            "images_per_s": round(float(np.median([r.get("images_per_s", 0) for r in epochs])), 1),
+            "time_to_90": time_to(epochs, 0.90), "time_to_97": time_to(epochs, 0.97),
+            "time_to_98": time_to(epochs, 0.98),
+            "test_acc_per_epoch": [r.get("test_acc") for r in epochs],
+        })
+    if rc is None:
+        if epochs:  # slow, not hung: out of time, with the figures of the epochs that finished
+            return {**figures, "status": SKIP, "reason": f"out of time: stopped after {timeout_s:.0f} s, at epoch "
+                    f"{len(epochs)} (the figures are of the epochs that finished)"}
+        raise AssertionError(f"training did not finish an epoch within {timeout_s:.0f} s (killed); last output:\n"
+                             + first_lines("\n".join(text.splitlines()[-6:]), 6))
+    if rc != 0:
+        raise AssertionError(f"training exited with status {rc}:\n" + first_lines("\n".join(text.splitlines()[-8:]), 8))
+    if not epochs:
+        raise AssertionError("training wrote no metrics")
+    if not all(np.isfinite(float(r.get("loss", np.nan))) for r in epochs):
+        raise AssertionError("a non-finite loss in the metrics")
+    if run["gate"] is not None and float(epochs[-1]["test_acc"]) < run["gate"]:
+        raise AssertionError(f"final test accuracy {epochs[-1]['test_acc']:.4f} < {run['gate']} (the default recipe's "
+                             "gate on mnist-sample)")
+    return figures
+
+
+def phase_training(ctx: dict, rec: PhaseRecorder) -> None:
+    runs = training_runs(ctx)
+    for i, run in enumerate(runs):
+        how = " (default recipe)" if run["gate"] else (f" ({' '.join(run['args'][2:])})" if run["args"][2:] else "")
+        name = f"{run['backend']} {run['dataset']}{how}"
+        left = rec.time_left()
+        est = _estimate_s(run, ctx)
+        if left < 5 or (est is not None and est > left):
+            why = "out of time" + (f" (estimated {est:.0f} s from the measured step time, {left:.0f} s left)"
+                                   if est is not None else "")
+            rec.skip(name, why, backend=run["backend"], dataset=run["dataset"])
+            continue
+        # the runs still to come each keep a share of what is left
+        timeout = max(5.0, left if i == len(runs) - 1 else left - 0.5 * left * (len(runs) - i - 1) / (len(runs) - i))
+        rec.run(name, lambda run=run, timeout=timeout: train_once(run, ctx, timeout), backend=run["backend"],
+                dataset=run["dataset"], gate=run["gate"])
+
+
+# ------------------------------------------------------------------------------------ 6. benchmark
+def _bench_ops(label: str, be: Any, batch: int, rec: PhaseRecorder, default_only: bool) -> None:
+    from .checks import lenet_sets, timing_call
+    from .timing import make_timer
+
+    timer = make_timer(be)
+    rec.data.setdefault("timers", {})[label] = timer.kind
+    ops = ordered_ops({label: be})
+    for op in ops:
+        variants = be.variants[op]
+        if default_only:
+            variants = (getattr(be, "default_variants", {}).get(op, variants[-1]),)
+        for v in variants:
+            for layer, iset in lenet_sets(op, batch):
+                name = f"{label} {op}_{v} {layer} batch {batch}"
+                if rec.out_of_time(5 if be.is_gpu else max(5.0, 0.15 * rec.budget_s)):
+                    rec.skip(name, "out of time", backend=label, kind="op", op=op, variant=v, layer=layer)
+                    continue
+                kw = {"target_s": 0.1} if be.is_gpu else {"target_s": 0.0, "min_samples": 1, "warmup": 1}
+                rec.run(name, lambda v=v, iset=iset, op=op, kw=kw: timer.measure(timing_call(be, op, v, iset), **kw),
+                        backend=label, kind="op", op=op, variant=v, layer=layer, batch=batch)
+                iset.release()
+
+
+def _bench_model(label: str, be: Any, batch: int, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Training images/s (run_steps over a resident dataset, graphs where the backend has them) and inference
+    images/s (evaluate over it) at one batch size."""
+    m = new_model(be, seed=0)
+    d = begin(m, images, labels, batch, 10_000, 1e-3)
+    n_img = images.shape[0]
+    per_epoch = n_img // batch
+    if be.is_gpu:
+        m.run_steps(d, min(per_epoch // 2, 2 * m.graph_steps + 1))  # warm-up: compiles, graph capture
+    else:
+        m.run_steps(d, 1)  # an emulator: one step of warm-up, one timed
+    be.synchronize()
+    t0 = time.perf_counter()
+    m.run_steps(d, 1)
+    be.synchronize()
+    t1 = max(time.perf_counter() - t0, 1e-6)
+    steps = int(min(max(1, per_epoch // 2 - 1), max(1, 0.3 / t1))) if be.is_gpu else 1
+    t0 = time.perf_counter()
+    m.run_steps(d, steps)
+    be.synchronize()
+    train = batch * steps / (time.perf_counter() - t0)
+    m.evaluate(d, batch)  # warm-up of the inference workspace
+    t0 = time.perf_counter()
+    reps = 0
+    while True:
+        m.evaluate(d, batch)
+        reps += 1
+        if time.perf_counter() - t0 > (0.3 if be.is_gpu else 0.0) or reps >= 20:
+            break
+    infer = reps * n_img / (time.perf_counter() - t0)
+    return {"train_images_per_s": round(train, 1), "infer_images_per_s": round(infer, 1), "train_steps": steps}
+
+
+def _bench_peer(batches: list[int], images: np.ndarray, labels: np.ndarray, rec: PhaseRecorder, on_gpu: bool,
+                quick: bool) -> None:
+    from ..spec import NetConfig, init_params, views
+    from .peer import TorchLeNet, throughput, torch_or_none
+
+    if rec.out_of_time(10):
+        rec.skip("torch peer", "out of time", kind="peer")
+        return
+    torch = torch_or_none()
+    if torch is None:
+        rec.skip("torch peer", "PyTorch is not installed", kind="peer")
+        return
+    device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    rec.data["torch"] = {"version": torch.__version__, "device": device,
+                         "cudnn": torch.backends.cudnn.version() if device == "cuda" else None}
+    cfg = NetConfig()
+    params = views(init_params(cfg, 0), cfg)
+    pix = images.astype(np.float32) / 255.0
+    mean, std = float(pix.mean()), float(pix.std())
+    modes = [("eager", False)] + ([("compile", True)] if device == "cuda" and not quick else [])
+    t = 0.3 if device == "cuda" else 0.1
+    for mode, comp in modes:
+        peers: dict[str, Any] = {}  # one model per mode over all batch sizes (torch.compile: few recompiles)
+        for b in batches:
+            name = f"torch {mode} ({device}) batch {b}"
+            if rec.out_of_time(45 if comp and not peers else 5):
+                rec.skip(name, "out of time", kind="peer", mode=mode, batch=b)
+                continue
+
+            def one(b: int = b, comp: bool = comp, peers: dict = peers) -> dict[str, Any]:
+                if "peer" not in peers:
+                    peers["peer"] = TorchLeNet(params, images, labels, mean, std, device, compile_model=comp)
+                peer = peers["peer"]
+                tr = throughput(peer.train_step, peer.synchronize, b, images.shape[0], t)
+                inf = throughput(peer.infer, peer.synchronize, b, images.shape[0], t)
+                return {"train_images_per_s": round(tr["images_per_s"], 1),
+                        "infer_images_per_s": round(inf["images_per_s"], 1),
+                        "first_call_s": round(tr["first_call_s"] + inf["first_call_s"], 3)}
+            rec.run(name, one, kind="peer", mode=mode, device=device, batch=b)
+
+
+def phase_benchmark(ctx: dict, rec: PhaseRecorder) -> None:
+    emulate, quick = ctx["mode"] == "emulate", ctx.get("quick", False)
+    bes = available_backends(ctx, rec)
+    op_batch = 2 if emulate else 64
+    batches = [2] if emulate else ([256] if quick else [64, 256, 1024, 4096])
+    rec.data.update({"op_batch": op_batch, "batches": batches})
+    if emulate:
+        rec.note("emulated backends: timings are of CPU emulation, not of a GPU; they only show the phase runs")
+    train_x, train_y, _, _ = mnist_sample()
+    # per-op timings at the training batch (defaults first, so a short budget still times every op); the
+    # emulators: the model first (the op timings of an emulator mean little)
+    if emulate:
+        _bench_e2e(ctx, rec, bes, batches, train_x, train_y)
+    for label, be in bes.items():
+        _bench_ops(label, be, op_batch, rec, default_only=True)
+    if not emulate and not quick:
+        for label, be in bes.items():
+            _bench_ops(label, be, op_batch, rec, default_only=False)
+    if not emulate:
+        _bench_e2e(ctx, rec, bes, batches, train_x, train_y)
+    n = max(train_x.shape[0], 8 * max(batches)) if not emulate else 64
+    px, py = tiled(train_x, train_y, n)
+    _bench_peer(batches, px, py, rec, on_gpu=not emulate, quick=quick or emulate)
+
+
+def _bench_e2e(ctx: dict, rec: PhaseRecorder, bes: dict[str, Any], batches: list[int], train_x: np.ndarray,
+               train_y: np.ndarray) -> None:
+    """End to end: training steps and inference, images/s over batch sizes."""
+    emulate = ctx["mode"] == "emulate"
+    for b in batches:
+        x, y = tiled(train_x, train_y, max(train_x.shape[0], 8 * b) if not emulate else 2 * b)
+        for label, be in bes.items():
+            est = (4 if label in EMULATORS else 60) * prev_step_cost(ctx, label, b) + 3 + module_allowance(ctx, label)
+            run_if_time(rec, f"{label} model batch {b}", est,
+                        lambda label=label, be=be, b=b, x=x, y=y: _bench_model(label, be, b, x, y), backend=label,
+                        kind="model", batch=b)
+
+
+PHASE_FUNCS = {"environment": phase_environment, "compile": phase_compile, "op_parity": phase_op_parity,
+               "whole_step": phase_whole_step, "training": phase_training, "benchmark": phase_benchmark}

@@ -1,0 +1,251 @@
+"""results.json and report.md of the self-test: PASS or FAIL per phase, the first lines of every failure,
+and each phase's figures as tables. Both are rewritten (atomically) after every phase."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import FAIL, PASS, PHASES, SKIP, TITLES, atomic_write, first_lines, to_jsonable
+
+FORMAT = "lenet_gpu-selftest"
+VERSION = 1
+
+
+def phase_status(res: dict[str, Any] | None) -> str:
+    """PASS (something passed and nothing failed), FAIL (a case failed, or the phase crashed, was killed or
+    left no results), SKIP (nothing ran: all skipped), NOT RUN."""
+    if not res:
+        return "NOT RUN"
+    if res.get("crash") or res.get("killed") or res.get("missing") or res.get("interrupted"):
+        return "FAIL"
+    counts = res.get("counts", {})
+    if counts.get(FAIL, 0):
+        return "FAIL"
+    if counts.get(PASS, 0):
+        return "PASS"
+    return "SKIP"
+
+
+def failures(results: dict[str, Any]) -> list[dict[str, str]]:
+    """Every failure: (phase, what, first lines)."""
+    out = []
+    for name in PHASES:
+        res = results["phases"].get(name)
+        if not res:
+            continue
+        for key, what in (("crash", "the phase crashed"), ("killed", "the phase was killed"),
+                          ("missing", "the phase left no results"), ("interrupted", "interrupted")):
+            if res.get(key):
+                text = res[key] if isinstance(res[key], str) else res.get("log_tail", "")
+                out.append({"phase": name, "what": what, "lines": first_lines(text, 12)})
+        for c in res.get("cases", []):
+            if c.get("status") == FAIL:
+                out.append({"phase": name, "what": c["name"], "lines": first_lines(c.get("error", ""), 12)})
+    return out
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """The summary phase: overall status, counts over all phases, every failure."""
+    statuses = {name: phase_status(results["phases"].get(name)) for name in PHASES if name != "summary"}
+    counts = {s: 0 for s in (PASS, FAIL, SKIP)}
+    for name in statuses:
+        for s, n in (results["phases"].get(name) or {}).get("counts", {}).items():
+            counts[s] = counts.get(s, 0) + n
+    ran = [s for s in statuses.values() if s != "NOT RUN"]
+    overall = "FAIL" if "FAIL" in ran else ("PASS" if "PASS" in ran else "SKIP")
+    return {"status": overall, "phase_statuses": statuses, "counts": counts, "failures": failures(results)}
+
+
+def write(out: Path, results: dict[str, Any]) -> None:
+    """results.json and report.md, each atomically."""
+    for name, res in results["phases"].items():
+        if name != "summary" and res is not None:
+            res["status"] = phase_status(res)
+    atomic_write(out / "results.json", json.dumps(to_jsonable(results), indent=1) + "\n")
+    atomic_write(out / "report.md", render(results))
+
+
+# ------------------------------------------------------------------------------------ markdown
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
+    return lines + [""]
+
+
+def _cases(res: dict | None) -> list[dict]:
+    return (res or {}).get("cases", [])
+
+
+def _env_section(res: dict) -> list[str]:
+    d = res.get("data", {})
+    gpu = d.get("gpu") or {}
+    rows = []
+    if gpu:
+        rows += [["GPU", f"{gpu.get('name')} (compute capability {gpu.get('compute_capability')}, "
+                         f"{gpu.get('sm_count')} SMs, {gpu.get('memory_gib', '?')} GiB)"],
+                 ["CUDA driver / runtime / NVRTC",
+                  f"{gpu.get('driver')} / {gpu.get('runtime')} / {gpu.get('nvrtc', '–')}"]]
+    else:
+        rows.append(["GPU", "none (emulated run)" if "gpu" in d else "–"])
+    rows += [["Python", d.get("python")], ["platform", d.get("platform")], ["CPUs", d.get("cpu_count")]]
+    lg = d.get("lenet_gpu") or {}
+    rows.append(["lenet_gpu", f"{lg.get('version')} at {lg.get('path')}" + (f" (commit {lg['commit']})"
+                                                                           if lg.get("commit") else "")])
+    for k, v in (d.get("packages") or {}).items():
+        rows.append([k, v])
+    tc = d.get("numba_toolchain") or {}
+    for k, v in tc.items():
+        rows.append([f"numba {k}", v])
+    lines = _table(["", ""], rows)
+    be_rows = [[c.get("backend"), c["status"].upper(), c.get("backend_class"), c.get("is_gpu"),
+                ", ".join(f"{op} {'/'.join(v)}" for op, v in (c.get("variants") or {}).items()) or c.get("error", "")]
+               for c in _cases(res) if c.get("backend")]
+    return lines + _table(["backend", "status", "class", "GPU", "ops and variants"], be_rows)
+
+
+def _compile_section(res: dict) -> list[str]:
+    rows = [[c.get("backend"), c.get("module", ""), c.get("kernel", c["name"]), c["status"].upper(),
+             c.get("registers"), c.get("static_shared_bytes"), c.get("local_bytes"), c.get("f64_instructions"),
+             c.get("seconds")] for c in _cases(res)]
+    arch = (res.get("data") or {}).get("arch") or {}
+    head = [f"Architectures: {', '.join(f'{k} {v}' for k, v in arch.items())}.", ""] if arch else []
+    return head + _table(["backend", "module", "kernel", "status", "registers", "static smem (B)", "local (B)",
+                          "f64 lines", "s"], rows)
+
+
+def _parity_section(res: dict) -> list[str]:
+    groups: dict[tuple, dict[str, Any]] = {}
+    for c in _cases(res):
+        if not c.get("op"):
+            continue
+        g = groups.setdefault((c["op"], c.get("variant") or "", c.get("backend")),
+                              {PASS: 0, FAIL: 0, SKIP: 0, "ratio": 0.0, "abs": 0.0})
+        g[c["status"]] += int(c.get("count", 1))
+        if c["status"] == PASS:
+            g["ratio"] = max(g["ratio"], float(c.get("worst_ratio") or 0.0))
+            g["abs"] = max(g["abs"], float(c.get("max_abs") or 0.0))
+    rows = [[op, v, be, g[PASS], g[FAIL], g[SKIP], g["ratio"], g["abs"]] for (op, v, be), g in groups.items()]
+    note = ["Worst error per op × variant × backend over its passing cases: |out − ref| / (atol + rtol·|ref|) "
+            "(≤ 1 passes; results.json has every case) and the largest |out − ref|.", ""]
+    return note + _table(["op", "variant", "backend", "pass", "fail", "skip", "worst err / bound", "max |err|"], rows)
+
+
+def _whole_step_section(res: dict) -> list[str]:
+    rows = []
+    for c in _cases(res):
+        fig = ""
+        if c.get("per_step"):
+            ps = c["per_step"]
+            fig = (f"{ps.get('launches', 0):.1f} launches/step, allocs {ps.get('allocs', 0):g}, "
+                   f"h2d {ps.get('h2d', 0):g}, d2h {ps.get('d2h', 0):g}, syncs {ps.get('syncs', 0):g}; "
+                   f"{c['step_seconds'] * 1e3:.3g} ms/step "
+                   f"({_fmt(c.get('images_per_s'))} img/s)")
+        elif "worst_ratio" in c:
+            fig = f"worst err/bound {_fmt(c['worst_ratio'])}"
+        elif c.get("message") or c.get("note"):
+            fig = c.get("message") or c.get("note")
+        rows.append([c["name"], c["status"].upper(), fig or c.get("reason", ""), c.get("seconds")])
+    return _table(["check", "status", "figures", "s"], rows)
+
+
+def _training_section(res: dict) -> list[str]:
+    rows = [[c.get("backend"), c.get("dataset"), c["status"].upper(), c.get("epochs"), c.get("final_test_acc"),
+             c.get("time_to_97"), c.get("time_to_98"), c.get("images_per_s"), c.get("first_epoch_s"),
+             c.get("train_seconds"), c.get("wall_s")] for c in _cases(res)]
+    note = ["Time to 97 % / 98 % test accuracy: training seconds (the metrics' per-epoch seconds, summed) until the "
+            "end of the first epoch that reaches it; the first epoch includes compiling the kernels (Numba's JIT). "
+            "Each run's checkpoint, metrics and log are under train/.", ""]
+    return note + _table(["backend", "dataset", "status", "epochs", "final test acc", "s to 97 %", "s to 98 %",
+                          "img/s (median epoch)", "1st epoch s", "train s", "wall s"], rows)
+
+
+def _bench_section(res: dict) -> list[str]:
+    d = res.get("data") or {}
+    ops = [c for c in _cases(res) if c.get("kind") == "op"]
+    rows = [[c.get("op"), c.get("layer"), c.get("variant"), c.get("backend"), c["status"].upper(),
+             f"{_fmt(c.get('median_us'))} ({_fmt(c.get('p20_us'))}–{_fmt(c.get('p80_us'))})" if "median_us" in c
+             else c.get("reason", c.get("error", "")), c.get("hot_median_us")] for c in ops]
+    lines = [f"Per-op times at batch {d.get('op_batch')} (timers: "
+             f"{', '.join(f'{k} {v}' for k, v in (d.get('timers') or {}).items())}): median (p20–p80) µs per launch. "
+             "cuda-events: cold = one launch after an L2 flush (the device's time, unless the host takes longer to "
+             "issue the launch than the flush takes to run); hot = back-to-back launches (for small kernels, the "
+             "host's launch rate); perf_counter: host wall clock around calls and a synchronize. The first call "
+             "of torch.compile (compilation) is in 'first call s'.", ""]
+    lines += _table(["op", "layer", "variant", "backend", "status", "µs cold", "µs hot"], rows)
+    model = [c for c in _cases(res) if c.get("kind") in ("model", "peer")]
+    mrows = [[c.get("batch"), c.get("backend") or f"torch {c.get('mode')} ({c.get('device', '')})", c["status"].upper(),
+              c.get("train_images_per_s"), c.get("infer_images_per_s"), c.get("first_call_s")] for c in model]
+    torch = d.get("torch")
+    if torch:
+        lines += [f"PyTorch {torch.get('version')} on {torch.get('device')}"
+                  + (f", cuDNN {torch['cudnn']}" if torch.get("cudnn") else "") + ".", ""]
+    return lines + _table(["batch", "who", "status", "training img/s", "inference img/s", "first call s"], mrows)
+
+
+SECTIONS = {"environment": _env_section, "compile": _compile_section, "op_parity": _parity_section,
+            "whole_step": _whole_step_section, "training": _training_section, "benchmark": _bench_section}
+
+
+def render(results: dict[str, Any]) -> str:
+    summ = summarize(results)
+    env = (results["phases"].get("environment") or {}).get("data") or {}
+    gpu = env.get("gpu")
+    where = (f"{gpu.get('name')} (sm {gpu.get('compute_capability')}, {gpu.get('sm_count')} SMs, driver "
+             f"{gpu.get('driver')}, runtime {gpu.get('runtime')})" if gpu else
+             (f"no GPU: emulated ({', '.join(results.get('backends', []))})" if results.get("mode") == "emulate"
+              else "–"))
+    lines = [
+        "# lenet_gpu self-test", "",
+        f"**{summ['status']}** — {results.get('started', '')}; {where}; "
+        f"backends {', '.join(results.get('backends', []))}; "
+        f"budget {results.get('budget_s')} s, {_fmt(results.get('elapsed_s'))} s so far"
+        + (" (finished)" if results.get("finished") else " (running)") + ".", "",
+        f"Command: `{results.get('command', '')}`", "",
+    ]
+    rows = []
+    for i, name in enumerate(PHASES, 1):
+        res = results["phases"].get(name)
+        if name == "summary":
+            rows.append([f"{i}. {TITLES[name]}", summ["status"] if results.get("finished") else "NOT RUN", "", "", "",
+                         "", "", ""])
+            continue
+        c = (res or {}).get("counts", {})
+        note = "; ".join((res or {}).get("notes", [])[:1]) if res else ""
+        rows.append([f"{i}. {TITLES[name]}", phase_status(res), (res or {}).get("seconds"), (res or {}).get("budget_s"),
+                     c.get(PASS), c.get(FAIL), c.get(SKIP), note])
+    lines += _table(["phase", "status", "s", "budget s", "pass", "fail", "skip", "note"], rows)
+    if summ["failures"]:
+        lines += ["## Failures", ""]
+        for f in summ["failures"]:
+            lines += [f"- **{f['phase']}**: {f['what']}", "", "  ```", *("  " + ln for ln in f["lines"].splitlines()),
+                      "  ```", ""]
+    for i, name in enumerate(PHASES, 1):
+        res = results["phases"].get(name)
+        if name == "summary" or not res:
+            continue
+        lines += [f"## {i}. {TITLES[name]} — {phase_status(res)}", ""]
+        for n in res.get("notes", []):
+            lines += [f"_{n}_", ""]
+        try:
+            lines += SECTIONS[name](res)
+        except Exception as e:  # noqa: BLE001 - a report must render whatever a phase left
+            lines += [f"(could not render this section: {type(e).__name__}: {e})", ""]
+    return "\n".join(lines).rstrip() + "\n"
