@@ -552,3 +552,91 @@ def test_get_backend_and_auto(monkeypatch):
     assert get_backend("auto").name == "cpu"
     no_gpu.add("cpu")
     assert get_backend("auto").name == "numpy"
+
+
+# ------------------------------------------------------------------------------ the model on the cpu backend
+
+
+def _batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+
+
+@pytest.mark.parametrize("act,pool", [("relu", "max"), ("tanh", "avg"), ("sigmoid", "max"), ("lecun_tanh", "avg")])
+def test_model_step_matches_reference(act, pool):
+    from lenet_gpu import LeNet5
+
+    from .test_model import reference_step
+
+    model = LeNet5(backend="cpu", activation=act, pool=pool, seed=3)
+    assert all(model.fused.values()), model.fused
+    images, labels = _batch(19, seed=1)
+    p0 = model.parameters()
+    loss = model.train_step(images, labels)
+    rloss, rg = reference_step(model, p0, images, labels)
+    assert loss == pytest.approx(rloss, rel=1e-5)
+    assert_close(model.backend.to_host(model.grads), rg, atol=1e-6 * np.abs(rg).max(), rtol=1e-4,
+                 what=f"grads {act}/{pool}")
+
+
+@pytest.mark.parametrize("act,pool", [("relu", "max"), ("tanh", "avg")])
+def test_model_run_matches_numpy_and_unfused(act, pool):
+    """A device-resident run with augmentation: the cpu backend's fused step, its unfused step and the numpy
+    backend reach the same parameters and per-step statistics (float32 sums in other orders: close, not equal)."""
+    from lenet_gpu import LeNet5
+
+    images, labels = _batch(100, seed=4)
+    runs = {}
+    for name, backend, fused in (("cpu", "cpu", True), ("cpu-unfused", "cpu", False), ("numpy", "numpy", True)):
+        m = LeNet5(backend=backend, activation=act, pool=pool, seed=2, fused=fused)
+        data = m.upload_dataset(images, labels)
+        m.begin_run(data, 32, np.linspace(1e-3, 2e-3, 6), seed=5, shift=2)
+        m.begin_epoch(data, np.random.default_rng(1).permutation(100))
+        m.run_steps(data, 3)
+        m.begin_epoch(data, np.random.default_rng(2).permutation(100))
+        m.run_steps(data, 3)
+        runs[name] = (m.parameters(), m.step_stats(0, 3), m.logits(images[:40], batch_size=16))
+    p_np, st_np, lg_np = runs["numpy"]
+    for name in ("cpu", "cpu-unfused"):
+        p, st, lg = runs[name]
+        assert_close(p, p_np, atol=2e-5, rtol=1e-4, what=f"{name} params vs numpy")
+        assert_close(st, st_np, atol=1e-4, rtol=1e-4, what=f"{name} stats vs numpy")
+        assert_close(lg, lg_np, atol=1e-4, rtol=1e-4, what=f"{name} logits vs numpy")
+
+
+def test_model_counters_and_repeatability():
+    from lenet_gpu import LeNet5
+
+    images, labels = _batch(80, seed=6)
+    params = []
+    for _ in range(2):
+        m = LeNet5(backend="cpu", seed=1)
+        data = m.upload_dataset(images, labels)
+        m.begin_run(data, 16, 1e-3, seed=3, shift=2)
+        m.begin_epoch(data, np.arange(80))
+        m.run_steps(data, 1)  # warm-up: the workspaces
+        before = m.backend.counters.snapshot()
+        m.run_steps(data, 4)
+        d = m.backend.counters.since(before)
+        assert d == {"launches": 4 * 9, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}, d
+        assert m.launches_per_step() == 9
+        params.append(m.parameters())
+    assert_equal(params[0], params[1], what="two runs")
+
+
+def test_train_cli_interrupt_and_resume_are_bit_exact(tmp_path):
+    from lenet_gpu.model import read_checkpoint
+
+    from .test_cli import run
+
+    common = ["--dataset", "mnist-sample", "--backend", "cpu", "--no-progress", "--limit", "256", "--epochs", "2",
+              "--batch-size", "32", "--log-every", "1"]
+    full = tmp_path / "full.npz"
+    p = run("lenet_gpu.train", *common, "--checkpoint", str(full))
+    assert p.returncode == 0, p.stderr
+    part = tmp_path / "part.npz"
+    p = run("lenet_gpu.train", *common, "--checkpoint", str(part), "--stop-after", "11")  # mid epoch 2
+    assert p.returncode == 130, p.stderr
+    r = run("lenet_gpu.train", "--resume", str(part), "--backend", "cpu", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert_equal(read_checkpoint(part)["params"], read_checkpoint(full)["params"], what="resumed vs uninterrupted")
