@@ -71,7 +71,7 @@ def stack_tile(typingctx: Any, n: Any) -> Any:
     return types.CPointer(types.float32)(n), codegen
 
 
-@njit(inline="always")
+@njit(**JIT)
 def act(z: float, code: int) -> float:
     """The activation (float32 in, float32 out), as the numpy backend computes it."""
     if code == RELU:
@@ -86,7 +86,7 @@ def act(z: float, code: int) -> float:
     return z
 
 
-@njit(inline="always")
+@njit(**JIT)
 def act_grad(d: float, y: float, code: int) -> float:
     """d · act'(z) with the derivative written through the activated output y."""
     if code == RELU:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import carray, get_thread_id, njit, prange
+from numba import carray, get_thread_id, literally, njit, prange
 
 from .common import AVG, JIT, MAX, QUARTER, ZERO, L, act, act_grad, stack_tile
 
@@ -119,7 +119,7 @@ def conv2d_bwd_weight_v1(x, dz, dw, db, part):
     _sum_parts(part, nch, dw, db)
 
 
-@njit(inline="always")
+@njit(**JIT)
 def _sum_parts(part, nch, dw, db):
     """dw, db = Σ over the chunks, in chunk order, of part[ci] = [dw (flat) | db]."""
     K = dw.shape[0]
@@ -141,7 +141,7 @@ def _sum_parts(part, nch, dw, db):
 # ------------------------------------------------------------------------------- shared by the fast kernels
 
 
-@njit(inline="always")
+@njit(**JIT)
 def _pad_weights(w, b, wp, bp):
     """wp[:K], bp[:K] = w, b (the rest of wp/bp stays zero: filters that pad K to the block size)."""
     K, C, R, S = w.shape
@@ -153,7 +153,7 @@ def _pad_weights(w, b, wp, bp):
                     wp[k, c, r, s] = w[k, c, r, s]
 
 
-@njit(inline="always")
+@njit(**JIT)
 def _flip_weights(w, wf):
     """wf[c, k, r, s] = w[k, c, R−1−r, S−1−s]: the data gradient as a forward convolution."""
     K, C, R, S = w.shape
@@ -164,7 +164,7 @@ def _flip_weights(w, wf):
                     wf[c, k, r, s] = w[k, c, R - 1 - r, S - 1 - s]
 
 
-@njit(inline="always")
+@njit(**JIT)
 def to_lanes(src, b0, nb, dst):
     """dst[c, h, v, l] = src[b0 + l, c, h, v] for l < nb (src (B,C,H,W) NCHW, dst (≥C, ≥H, ≥W, L))."""
     _, C, H, W = src.shape
@@ -177,7 +177,7 @@ def to_lanes(src, b0, nb, dst):
                     d[v, l] = s[v]
 
 
-@njit(inline="always")
+@njit(**JIT)
 def zero_lanes(dst, nb):
     """dst[..., l] = 0 for l ≥ nb (dst (C,H,W,L)): spare lanes of a partial chunk, before a reduction."""
     C, H, W, _ = dst.shape
@@ -256,7 +256,7 @@ def bias_init(acc, bp, k0, KB):
                 acc[4 * q + t, lane] = bq
 
 
-@njit(inline="always")
+@njit(**JIT)
 def pool4(y0, y1, y2, y3, mode):
     """(pooled value, argmax tap) of the four taps of a window: the first maximum wins; avg sums in order."""
     if mode == AVG:
@@ -285,217 +285,241 @@ def block_size(n: int, sizes: tuple[int, ...] = (6, 4)) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------ conv2d_pool_fwd: lanes and rows
+#
+# Each fast kernel is a small parallel function (``make_*(KB)``, a closure over the block size, cached per
+# KB) whose prange body calls the serial chunk function below with KB; the chunk function asks for KB as a
+# literal (``literally``), so its loops over the block are unrolled and its accumulator tile becomes
+# registers. Keeping the parallel function small keeps Numba's parfor passes cheap: compile time is mostly
+# the chunk functions', compiled once per KB.
 
+#: the largest register block: accumulator tiles are sized for it (the unused part is optimised away)
+KB_MAX = 6
+W_TILE = 4 * KB_MAX * L  # a window's four pixels × KB filters × 16 lanes
+P_TILE = 2 * KB_MAX * L
+BW_TILE = 4 * TB * L  # the weight-gradient block: up to 4 filters × TB taps
 _MADE: dict[tuple[str, int], Any] = {}
+
+
+@njit(**JIT)
+def _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv, xt, b0, K, KB):
+    literally(KB)
+    B, C, H, W = x.shape
+    R, S = wp.shape[2], wp.shape[3]
+    Ho, Wo = H - R + 1, W - S + 1
+    Hp, Wp = Ho // 2, Wo // 2
+    Kp = wp.shape[0]
+    nb = min(L, B - b0)
+    to_lanes(x, b0, nb, xt)
+    acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
+    vt = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
+    pt = carray(stack_tile(P_TILE), (2 * KB_MAX, L))
+    for wi in range((Ho + 1) // 2):
+        i = 2 * wi
+        for wj in range((Wo + 1) // 2):
+            j = 2 * wj
+            for k0 in range(0, Kp, KB):
+                bias_init(acc, bp, k0, KB)
+                window_lanes(xt, wp, k0, i, j, acc, KB)
+                for q in range(KB):
+                    for lane in range(L):
+                        y0 = act(acc[4 * q, lane], act_code)
+                        y1 = act(acc[4 * q + 1, lane], act_code)
+                        y2 = act(acc[4 * q + 2, lane], act_code)
+                        y3 = act(acc[4 * q + 3, lane], act_code)
+                        vt[4 * q, lane] = y0
+                        vt[4 * q + 1, lane] = y1
+                        vt[4 * q + 2, lane] = y2
+                        vt[4 * q + 3, lane] = y3
+                        m, a = pool4(y0, y1, y2, y3, mode)
+                        pt[2 * q, lane] = m
+                        pt[2 * q + 1, lane] = a
+                pooled = wi < Hp and wj < Wp
+                jn = j + 1 < Wo
+                inx = i + 1 < Ho
+                for q in range(min(KB, K - k0)):
+                    k = k0 + q
+                    for lane in range(nb):
+                        bb = b0 + lane
+                        if write_conv:
+                            yc = yconv[bb, k]
+                            yc[i, j] = vt[4 * q, lane]
+                            if jn:
+                                yc[i, j + 1] = vt[4 * q + 1, lane]
+                            if inx:
+                                yc[i + 1, j] = vt[4 * q + 2, lane]
+                                if jn:
+                                    yc[i + 1, j + 1] = vt[4 * q + 3, lane]
+                        if pooled:
+                            ypool[bb, k, wi, wj] = pt[2 * q, lane]
+                            if mode == MAX:
+                                argmax[bb, k, wi, wj] = np.uint8(pt[2 * q + 1, lane])
 
 
 def make_conv2d_pool_fwd_v1(KB: int) -> Any:
     """conv2d_pool_fwd_v1 (lanes) for blocks of KB filters."""
     key = ("conv2d_pool_fwd_v1", KB)
-    if key in _MADE:
-        return _MADE[key]
-    ACC = 4 * KB * L
-    PT = 2 * KB * L
+    if key not in _MADE:
 
-    @njit(parallel=True, **JIT)
-    def conv2d_pool_fwd_v1(x, w, b, yconv, ypool, argmax, act_code, mode, write_conv, ws_x, wp, bp):
-        B, C, H, W = x.shape
-        K, _, R, S = w.shape
-        Ho, Wo = H - R + 1, W - S + 1
-        Hp, Wp = Ho // 2, Wo // 2
-        Kp = wp.shape[0]
-        _pad_weights(w, b, wp, bp)
-        for ci in prange((B + L - 1) // L):
-            xt = ws_x[get_thread_id()]
-            b0 = ci * L
-            nb = min(L, B - b0)
-            to_lanes(x, b0, nb, xt)
-            acc = carray(stack_tile(ACC), (4 * KB, L))
-            vt = carray(stack_tile(ACC), (4 * KB, L))
-            pt = carray(stack_tile(PT), (2 * KB, L))
-            for wi in range((Ho + 1) // 2):
-                i = 2 * wi
-                for wj in range((Wo + 1) // 2):
-                    j = 2 * wj
-                    for k0 in range(0, Kp, KB):
-                        bias_init(acc, bp, k0, KB)
-                        window_lanes(xt, wp, k0, i, j, acc, KB)
-                        for q in range(KB):
-                            for lane in range(L):
-                                y0 = act(acc[4 * q, lane], act_code)
-                                y1 = act(acc[4 * q + 1, lane], act_code)
-                                y2 = act(acc[4 * q + 2, lane], act_code)
-                                y3 = act(acc[4 * q + 3, lane], act_code)
-                                vt[4 * q, lane] = y0
-                                vt[4 * q + 1, lane] = y1
-                                vt[4 * q + 2, lane] = y2
-                                vt[4 * q + 3, lane] = y3
-                                m, a = pool4(y0, y1, y2, y3, mode)
-                                pt[2 * q, lane] = m
-                                pt[2 * q + 1, lane] = a
-                        pooled = wi < Hp and wj < Wp
-                        jn = j + 1 < Wo
-                        inx = i + 1 < Ho
-                        for q in range(min(KB, K - k0)):
-                            k = k0 + q
-                            for lane in range(nb):
-                                bb = b0 + lane
-                                if write_conv:
-                                    yc = yconv[bb, k]
-                                    yc[i, j] = vt[4 * q, lane]
-                                    if jn:
-                                        yc[i, j + 1] = vt[4 * q + 1, lane]
-                                    if inx:
-                                        yc[i + 1, j] = vt[4 * q + 2, lane]
-                                        if jn:
-                                            yc[i + 1, j + 1] = vt[4 * q + 3, lane]
-                                if pooled:
-                                    ypool[bb, k, wi, wj] = pt[2 * q, lane]
-                                    if mode == MAX:
-                                        argmax[bb, k, wi, wj] = np.uint8(pt[2 * q + 1, lane])
+        @njit(parallel=True, **JIT)
+        def conv2d_pool_fwd_v1(x, w, b, yconv, ypool, argmax, act_code, mode, write_conv, ws_x, wp, bp):
+            B = x.shape[0]
+            _pad_weights(w, b, wp, bp)
+            for ci in prange((B + L - 1) // L):
+                _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv,
+                                      ws_x[get_thread_id()], np.int64(ci) * L, w.shape[0], KB)
 
-    _MADE[key] = conv2d_pool_fwd_v1
-    return conv2d_pool_fwd_v1
+        _MADE[key] = conv2d_pool_fwd_v1
+    return _MADE[key]
+
+
+@njit(**JIT)
+def _pool_fwd_rows_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv, xp, b0, K, KB):
+    literally(KB)
+    B, C, H, W = x.shape
+    R, S = wp.shape[2], wp.shape[3]
+    Ho, Wo = H - R + 1, W - S + 1
+    Hp, Wp = Ho // 2, Wo // 2
+    Kp = wp.shape[0]
+    acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
+    vt = carray(stack_tile(W_TILE), (KB_MAX, 2, 2 * L))
+    for bb in range(b0, min(B, b0 + L)):
+        for c in range(C):
+            for h in range(H):
+                s_ = x[bb, c, h]
+                d_ = xp[c, h]
+                for v in range(W):
+                    d_[v] = s_[v]
+        for wi in range((Ho + 1) // 2):
+            i = 2 * wi
+            for j0 in range(0, Wo, 2 * L):
+                ncol = min(2 * L, Wo - j0)
+                npool = min(L, Wp - j0 // 2)
+                for k0 in range(0, Kp, KB):
+                    bias_init(acc, bp, k0, KB)
+                    window_rows(xp, wp, k0, i, j0, 0, 0, 0, L, 1, 0, 1, L, acc, KB)
+                    for q in range(KB):
+                        for lane in range(L):
+                            vt[q, 0, lane] = act(acc[4 * q, lane], act_code)
+                            vt[q, 0, L + lane] = act(acc[4 * q + 1, lane], act_code)
+                            vt[q, 1, lane] = act(acc[4 * q + 2, lane], act_code)
+                            vt[q, 1, L + lane] = act(acc[4 * q + 3, lane], act_code)
+                    for q in range(min(KB, K - k0)):
+                        k = k0 + q
+                        r0 = vt[q, 0]
+                        r1 = vt[q, 1]
+                        if write_conv:
+                            yr = yconv[bb, k, i, j0 : j0 + ncol]
+                            for jj in range(ncol):
+                                yr[jj] = r0[jj]
+                            if i + 1 < Ho:
+                                yr = yconv[bb, k, i + 1, j0 : j0 + ncol]
+                                for jj in range(ncol):
+                                    yr[jj] = r1[jj]
+                        if wi < Hp and npool > 0:
+                            pr = ypool[bb, k, wi, j0 // 2 : j0 // 2 + npool]
+                            if mode == MAX:
+                                ar = argmax[bb, k, wi, j0 // 2 : j0 // 2 + npool]
+                                for m in range(npool):
+                                    v, a = pool4(r0[2 * m], r0[2 * m + 1], r1[2 * m], r1[2 * m + 1], MAX)
+                                    pr[m] = v
+                                    ar[m] = np.uint8(a)
+                            else:
+                                for m in range(npool):
+                                    v, _ = pool4(r0[2 * m], r0[2 * m + 1], r1[2 * m], r1[2 * m + 1], AVG)
+                                    pr[m] = v
 
 
 def make_conv2d_pool_fwd_v2(KB: int) -> Any:
     """conv2d_pool_fwd_v2 (rows) for blocks of KB filters."""
     key = ("conv2d_pool_fwd_v2", KB)
-    if key in _MADE:
-        return _MADE[key]
-    ACC = 4 * KB * L
+    if key not in _MADE:
 
-    @njit(parallel=True, **JIT)
-    def conv2d_pool_fwd_v2(x, w, b, yconv, ypool, argmax, act_code, mode, write_conv, ws_x, wp, bp):
-        B, C, H, W = x.shape
-        K, _, R, S = w.shape
-        Ho, Wo = H - R + 1, W - S + 1
-        Hp, Wp = Ho // 2, Wo // 2
-        Kp = wp.shape[0]
-        _pad_weights(w, b, wp, bp)
-        for ci in prange((B + L - 1) // L):
-            xp = ws_x[get_thread_id()]
-            acc = carray(stack_tile(ACC), (4 * KB, L))
-            vt = carray(stack_tile(ACC), (KB, 2, 2 * L))
-            for bb in range(ci * L, min(B, ci * L + L)):
-                for c in range(C):
-                    for h in range(H):
-                        s_ = x[bb, c, h]
-                        d_ = xp[c, h]
-                        for v in range(W):
-                            d_[v] = s_[v]
-                for wi in range((Ho + 1) // 2):
-                    i = 2 * wi
-                    for j0 in range(0, Wo, 2 * L):
-                        ncol = min(2 * L, Wo - j0)
-                        npool = min(L, Wp - j0 // 2)
-                        for k0 in range(0, Kp, KB):
-                            bias_init(acc, bp, k0, KB)
-                            window_rows(xp, wp, k0, i, j0, 0, 0, 0, L, 1, 0, 1, L, acc, KB)
-                            for q in range(KB):
-                                for lane in range(L):
-                                    vt[q, 0, lane] = act(acc[4 * q, lane], act_code)
-                                    vt[q, 0, L + lane] = act(acc[4 * q + 1, lane], act_code)
-                                    vt[q, 1, lane] = act(acc[4 * q + 2, lane], act_code)
-                                    vt[q, 1, L + lane] = act(acc[4 * q + 3, lane], act_code)
-                            for q in range(min(KB, K - k0)):
-                                k = k0 + q
-                                r0 = vt[q, 0]
-                                r1 = vt[q, 1]
-                                if write_conv:
-                                    yr = yconv[bb, k, i, j0 : j0 + ncol]
-                                    for jj in range(ncol):
-                                        yr[jj] = r0[jj]
-                                    if i + 1 < Ho:
-                                        yr = yconv[bb, k, i + 1, j0 : j0 + ncol]
-                                        for jj in range(ncol):
-                                            yr[jj] = r1[jj]
-                                if wi < Hp and npool > 0:
-                                    pr = ypool[bb, k, wi, j0 // 2 : j0 // 2 + npool]
-                                    if mode == MAX:
-                                        ar = argmax[bb, k, wi, j0 // 2 : j0 // 2 + npool]
-                                        for m in range(npool):
-                                            v, a = pool4(r0[2 * m], r0[2 * m + 1], r1[2 * m], r1[2 * m + 1], MAX)
-                                            pr[m] = v
-                                            ar[m] = np.uint8(a)
-                                    else:
-                                        for m in range(npool):
-                                            v, _ = pool4(r0[2 * m], r0[2 * m + 1], r1[2 * m], r1[2 * m + 1], AVG)
-                                            pr[m] = v
+        @njit(parallel=True, **JIT)
+        def conv2d_pool_fwd_v2(x, w, b, yconv, ypool, argmax, act_code, mode, write_conv, ws_x, wp, bp):
+            B = x.shape[0]
+            _pad_weights(w, b, wp, bp)
+            for ci in prange((B + L - 1) // L):
+                _pool_fwd_rows_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv,
+                                     ws_x[get_thread_id()], np.int64(ci) * L, w.shape[0], KB)
 
-    _MADE[key] = conv2d_pool_fwd_v2
-    return conv2d_pool_fwd_v2
+        _MADE[key] = conv2d_pool_fwd_v2
+    return _MADE[key]
 
 
 # -------------------------------------------------------------------- conv2d_bwd_weight: lanes and rows
 
 
+@njit(**JIT)
+def _taps(t0, S, ntap):
+    """The (r, s) of taps t0 .. t0+4 (taps past R·S read tap 0; their sums are dropped)."""
+    r0, s0 = divmod(t0, S) if t0 < ntap else (0, 0)
+    r1, s1 = divmod(t0 + 1, S) if t0 + 1 < ntap else (0, 0)
+    r2, s2 = divmod(t0 + 2, S) if t0 + 2 < ntap else (0, 0)
+    r3, s3 = divmod(t0 + 3, S) if t0 + 3 < ntap else (0, 0)
+    r4, s4 = divmod(t0 + 4, S) if t0 + 4 < ntap else (0, 0)
+    return r0, s0, r1, s1, r2, s2, r3, s3, r4, s4
+
+
+@njit(**JIT)
+def _bwd_weight_lanes_chunk(x, dz, xt, dzt, p, b0, K, KB):
+    literally(KB)
+    B, C, H, W = x.shape
+    Ho, Wo = dz.shape[2], dz.shape[3]
+    Kp = dzt.shape[0]
+    R, S = H - Ho + 1, W - Wo + 1
+    ntap = R * S
+    nb = min(L, B - b0)
+    to_lanes(x, b0, nb, xt)
+    to_lanes(dz, b0, nb, dzt)
+    if nb < L:
+        zero_lanes(dzt, nb)
+    acc = carray(stack_tile(BW_TILE), (4 * TB, L))
+    for k0 in range(0, Kp, KB):
+        for c in range(C):
+            for t0 in range(0, ntap, TB):
+                r0, s0, r1, s1, r2, s2, r3, s3, r4, s4 = _taps(t0, S, ntap)
+                for e in range(KB * TB):
+                    for lane in range(L):
+                        acc[e, lane] = ZERO
+                for i in range(Ho):
+                    x0 = xt[c, i + r0]
+                    x1 = xt[c, i + r1]
+                    x2 = xt[c, i + r2]
+                    x3 = xt[c, i + r3]
+                    x4 = xt[c, i + r4]
+                    for j in range(Wo):
+                        for lane in range(L):
+                            v0 = x0[np.uint64(j + s0), lane]
+                            v1 = x1[np.uint64(j + s1), lane]
+                            v2 = x2[np.uint64(j + s2), lane]
+                            v3 = x3[np.uint64(j + s3), lane]
+                            v4 = x4[np.uint64(j + s4), lane]
+                            for q in range(KB):
+                                d = dzt[np.uint64(k0 + q), i, j, lane]
+                                acc[TB * q, lane] += d * v0
+                                acc[TB * q + 1, lane] += d * v1
+                                acc[TB * q + 2, lane] += d * v2
+                                acc[TB * q + 3, lane] += d * v3
+                                acc[TB * q + 4, lane] += d * v4
+                _store_taps(acc, p, k0, c, t0, K, C, ntap, KB)
+    _store_bias(dzt, p, K * C * ntap, K, Ho, Wo)
+
+
 def make_conv2d_bwd_weight_v2(KB: int) -> Any:
     """conv2d_bwd_weight_v2 (lanes) for blocks of KB filters × TB taps."""
     key = ("conv2d_bwd_weight_v2", KB)
-    if key in _MADE:
-        return _MADE[key]
-    ACC = KB * TB * L
+    if key not in _MADE:
 
-    @njit(parallel=True, **JIT)
-    def conv2d_bwd_weight_v2(x, dz, dw, db, ws_x, ws_dz, part):
-        B, C, H, W = x.shape
-        K, _, R, S = dw.shape
-        Ho, Wo = dz.shape[2], dz.shape[3]
-        Kp = ws_dz.shape[1]
-        n = K * C * R * S
-        ntap = R * S
-        nch = (B + L - 1) // L
-        for ci in prange(nch):
-            tid = get_thread_id()
-            xt = ws_x[tid]
-            dzt = ws_dz[tid]
-            b0 = ci * L
-            nb = min(L, B - b0)
-            to_lanes(x, b0, nb, xt)
-            to_lanes(dz, b0, nb, dzt)
-            if nb < L:
-                zero_lanes(dzt, nb)
-            p = part[ci]
-            acc = carray(stack_tile(ACC), (KB * TB, L))
-            for k0 in range(0, Kp, KB):
-                for c in range(C):
-                    for t0 in range(0, ntap, TB):
-                        # the block's taps (r_t, s_t); taps past R·S read tap 0 and are dropped
-                        r0, s0 = divmod(t0, S) if t0 < ntap else (0, 0)
-                        r1, s1 = divmod(t0 + 1, S) if t0 + 1 < ntap else (0, 0)
-                        r2, s2 = divmod(t0 + 2, S) if t0 + 2 < ntap else (0, 0)
-                        r3, s3 = divmod(t0 + 3, S) if t0 + 3 < ntap else (0, 0)
-                        r4, s4 = divmod(t0 + 4, S) if t0 + 4 < ntap else (0, 0)
-                        for e in range(KB * TB):
-                            for lane in range(L):
-                                acc[e, lane] = ZERO
-                        for i in range(Ho):
-                            x0 = xt[c, i + r0]
-                            x1 = xt[c, i + r1]
-                            x2 = xt[c, i + r2]
-                            x3 = xt[c, i + r3]
-                            x4 = xt[c, i + r4]
-                            for j in range(Wo):
-                                for lane in range(L):
-                                    v0 = x0[np.uint64(j + s0), lane]
-                                    v1 = x1[np.uint64(j + s1), lane]
-                                    v2 = x2[np.uint64(j + s2), lane]
-                                    v3 = x3[np.uint64(j + s3), lane]
-                                    v4 = x4[np.uint64(j + s4), lane]
-                                    for q in range(KB):
-                                        d = dzt[np.uint64(k0 + q), i, j, lane]
-                                        acc[TB * q, lane] += d * v0
-                                        acc[TB * q + 1, lane] += d * v1
-                                        acc[TB * q + 2, lane] += d * v2
-                                        acc[TB * q + 3, lane] += d * v3
-                                        acc[TB * q + 4, lane] += d * v4
-                        _store_taps(acc, p, k0, c, t0, K, C, ntap, KB)
-            _store_bias(dzt, p, n, K, Ho, Wo)
-        _sum_parts(part, nch, dw, db)
+        @njit(parallel=True, **JIT)
+        def conv2d_bwd_weight_v2(x, dz, dw, db, ws_x, ws_dz, part):
+            nch = (x.shape[0] + L - 1) // L
+            for ci in prange(nch):
+                tid = get_thread_id()
+                _bwd_weight_lanes_chunk(x, dz, ws_x[tid], ws_dz[tid], part[ci], np.int64(ci) * L, dw.shape[0], KB)
+            _sum_parts(part, nch, dw, db)
 
-    _MADE[key] = conv2d_bwd_weight_v2
-    return conv2d_bwd_weight_v2
+        _MADE[key] = conv2d_bwd_weight_v2
+    return _MADE[key]
 
 
 @njit(inline="always")
@@ -512,7 +536,7 @@ def _store_taps(acc, p, k0, c, t0, K, C, ntap, KB):
                     p[(k * C + c) * ntap + t0 + t] = a
 
 
-@njit(inline="always")
+@njit(**JIT)
 def _store_bias(dzt, p, n, K, Ho, Wo):
     """p[n + k] = Σ_{i,j,lanes} dzt[k, i, j] (lanes summed in order at the end)."""
     s = carray(stack_tile(L), (L,))
@@ -530,160 +554,158 @@ def _store_bias(dzt, p, n, K, Ho, Wo):
         p[n + k] = a
 
 
+@njit(**JIT)
+def _bwd_weight_rows_chunk(x, dz, xs, ds, p, b0, K, KB):
+    literally(KB)
+    B, C, H, W = x.shape
+    Ho, Wo = dz.shape[2], dz.shape[3]
+    Kp = ds.shape[1]
+    NV = ds.shape[3] // L
+    R, S = H - Ho + 1, W - Wo + 1
+    ntap = R * S
+    nb = min(L, B - b0)
+    for e in range(nb):  # the chunk's images: x zero past column W, dz zero past column Wo and filter K
+        for c in range(C):
+            for h in range(H):
+                s_ = x[b0 + e, c, h]
+                d_ = xs[e, c, h]
+                for v in range(W):
+                    d_[v] = s_[v]
+        for k in range(K):
+            for h in range(Ho):
+                s_ = dz[b0 + e, k, h]
+                d_ = ds[e, k, h]
+                for v in range(Wo):
+                    d_[v] = s_[v]
+    acc = carray(stack_tile(BW_TILE), (4 * TB, L))
+    for k0 in range(0, Kp, KB):
+        for c in range(C):
+            for t0 in range(0, ntap, TB):
+                r0, s0, r1, s1, r2, s2, r3, s3, r4, s4 = _taps(t0, S, ntap)
+                for e in range(KB * TB):
+                    for lane in range(L):
+                        acc[e, lane] = ZERO
+                for e in range(nb):
+                    for i in range(Ho):
+                        x0 = xs[e, c, i + r0]
+                        x1 = xs[e, c, i + r1]
+                        x2 = xs[e, c, i + r2]
+                        x3 = xs[e, c, i + r3]
+                        x4 = xs[e, c, i + r4]
+                        for j in range(0, NV * L, L):
+                            for lane in range(L):
+                                v0 = x0[np.uint64(j + s0 + lane)]
+                                v1 = x1[np.uint64(j + s1 + lane)]
+                                v2 = x2[np.uint64(j + s2 + lane)]
+                                v3 = x3[np.uint64(j + s3 + lane)]
+                                v4 = x4[np.uint64(j + s4 + lane)]
+                                for q in range(KB):
+                                    d = ds[e, np.uint64(k0 + q), i, np.uint64(j + lane)]
+                                    acc[TB * q, lane] += d * v0
+                                    acc[TB * q + 1, lane] += d * v1
+                                    acc[TB * q + 2, lane] += d * v2
+                                    acc[TB * q + 3, lane] += d * v3
+                                    acc[TB * q + 4, lane] += d * v4
+                _store_taps(acc, p, k0, c, t0, K, C, ntap, KB)
+    sv = carray(stack_tile(L), (L,))
+    for k in range(K):
+        for lane in range(L):
+            sv[lane] = ZERO
+        for e in range(nb):
+            for i in range(Ho):
+                g1 = ds[e, k, i]
+                for j in range(0, NV * L, L):
+                    for lane in range(L):
+                        sv[lane] += g1[np.uint64(j + lane)]
+        a = ZERO
+        for lane in range(L):
+            a += sv[lane]
+        p[K * C * ntap + k] = a
+
+
 def make_conv2d_bwd_weight_v3(KB: int) -> Any:
     """conv2d_bwd_weight_v3 (rows) for blocks of KB filters × TB taps."""
     key = ("conv2d_bwd_weight_v3", KB)
-    if key in _MADE:
-        return _MADE[key]
-    ACC = KB * TB * L
+    if key not in _MADE:
 
-    @njit(parallel=True, **JIT)
-    def conv2d_bwd_weight_v3(x, dz, dw, db, ws_x, ws_dz, part):
-        B, C, H, W = x.shape
-        K, _, R, S = dw.shape
-        Ho, Wo = dz.shape[2], dz.shape[3]
-        Kp = ws_dz.shape[2]
-        NV = ws_dz.shape[4] // L
-        n = K * C * R * S
-        ntap = R * S
-        nch = (B + L - 1) // L
-        for ci in prange(nch):
-            tid = get_thread_id()
-            xs = ws_x[tid]  # (L, C, H, ≥ NV·L + S − 1): the chunk's images, zero past column W
-            ds = ws_dz[tid]  # (L, Kp, Ho, NV·L): the chunk's dz, zero past column Wo and past filter K
-            b0 = ci * L
-            nb = min(L, B - b0)
-            for e in range(nb):
-                for c in range(C):
-                    for h in range(H):
-                        s_ = x[b0 + e, c, h]
-                        d_ = xs[e, c, h]
-                        for v in range(W):
-                            d_[v] = s_[v]
-                for k in range(K):
-                    for h in range(Ho):
-                        s_ = dz[b0 + e, k, h]
-                        d_ = ds[e, k, h]
-                        for v in range(Wo):
-                            d_[v] = s_[v]
-            p = part[ci]
-            acc = carray(stack_tile(ACC), (KB * TB, L))
-            for k0 in range(0, Kp, KB):
-                for c in range(C):
-                    for t0 in range(0, ntap, TB):
-                        r0, s0 = divmod(t0, S) if t0 < ntap else (0, 0)
-                        r1, s1 = divmod(t0 + 1, S) if t0 + 1 < ntap else (0, 0)
-                        r2, s2 = divmod(t0 + 2, S) if t0 + 2 < ntap else (0, 0)
-                        r3, s3 = divmod(t0 + 3, S) if t0 + 3 < ntap else (0, 0)
-                        r4, s4 = divmod(t0 + 4, S) if t0 + 4 < ntap else (0, 0)
-                        for e in range(KB * TB):
-                            for lane in range(L):
-                                acc[e, lane] = ZERO
-                        for e in range(nb):
-                            for i in range(Ho):
-                                x0 = xs[e, c, i + r0]
-                                x1 = xs[e, c, i + r1]
-                                x2 = xs[e, c, i + r2]
-                                x3 = xs[e, c, i + r3]
-                                x4 = xs[e, c, i + r4]
-                                for j in range(0, NV * L, L):
-                                    for lane in range(L):
-                                        v0 = x0[np.uint64(j + s0 + lane)]
-                                        v1 = x1[np.uint64(j + s1 + lane)]
-                                        v2 = x2[np.uint64(j + s2 + lane)]
-                                        v3 = x3[np.uint64(j + s3 + lane)]
-                                        v4 = x4[np.uint64(j + s4 + lane)]
-                                        for q in range(KB):
-                                            d = ds[e, np.uint64(k0 + q), i, np.uint64(j + lane)]
-                                            acc[TB * q, lane] += d * v0
-                                            acc[TB * q + 1, lane] += d * v1
-                                            acc[TB * q + 2, lane] += d * v2
-                                            acc[TB * q + 3, lane] += d * v3
-                                            acc[TB * q + 4, lane] += d * v4
-                        _store_taps(acc, p, k0, c, t0, K, C, ntap, KB)
-            sv = carray(stack_tile(L), (L,))
-            for k in range(K):
-                for lane in range(L):
-                    sv[lane] = ZERO
-                for e in range(nb):
-                    for i in range(Ho):
-                        g1 = ds[e, k, i]
-                        for j in range(0, NV * L, L):
-                            for lane in range(L):
-                                sv[lane] += g1[np.uint64(j + lane)]
-                a = ZERO
-                for lane in range(L):
-                    a += sv[lane]
-                p[n + k] = a
-        _sum_parts(part, nch, dw, db)
+        @njit(parallel=True, **JIT)
+        def conv2d_bwd_weight_v3(x, dz, dw, db, ws_x, ws_dz, part):
+            nch = (x.shape[0] + L - 1) // L
+            for ci in prange(nch):
+                tid = get_thread_id()
+                _bwd_weight_rows_chunk(x, dz, ws_x[tid], ws_dz[tid], part[ci], np.int64(ci) * L, dw.shape[0], KB)
+            _sum_parts(part, nch, dw, db)
 
-    _MADE[key] = conv2d_bwd_weight_v3
-    return conv2d_bwd_weight_v3
+        _MADE[key] = conv2d_bwd_weight_v3
+    return _MADE[key]
 
 
 # -------------------------------------------------------------------------------- conv2d_bwd_data_pool
 
 
+@njit(**JIT)
+def _bwd_data_pool_chunk(dz, wf, argmax, yconv, dzb, mode, act_code, dzp, dxw, b0, C, KB):
+    literally(KB)
+    B, K, Ho, Wo = dz.shape
+    R, S = wf.shape[2], wf.shape[3]
+    Hx, Wx = Ho + R - 1, Wo + S - 1
+    H2, W2 = yconv.shape[2], yconv.shape[3]
+    Cp = wf.shape[0]
+    tall = Wx <= L  # blocks of 4 rows × 16 columns; else 2 rows × 32 columns
+    acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
+    for bb in range(b0, min(B, b0 + L)):
+        for k in range(K):  # dz framed by R−1 rows and S−1 columns of zeros (the frame is never written)
+            for a in range(Ho):
+                s_ = dz[bb, k, a]
+                d_ = dzp[k, R - 1 + a, S - 1 : S - 1 + Wo]
+                for v in range(Wo):
+                    d_[v] = s_[v]
+        if tall:
+            for i0 in range(0, Hx, 4):
+                for c0 in range(0, Cp, KB):
+                    for e in range(4 * KB):
+                        for lane in range(L):
+                            acc[e, lane] = ZERO
+                    window_rows(dzp, wf, c0, i0, 0, 0, 0, 1, 0, 2, 0, 3, 0, acc, KB)
+                    for q in range(KB):
+                        for t in range(4):
+                            d_ = dxw[c0 + q, i0 + t]
+                            for lane in range(L):
+                                d_[lane] = acc[4 * q + t, lane]
+        else:
+            for i0 in range(0, Hx, 2):
+                for j0 in range(0, Wx, 2 * L):
+                    for c0 in range(0, Cp, KB):
+                        for e in range(4 * KB):
+                            for lane in range(L):
+                                acc[e, lane] = ZERO
+                        window_rows(dzp, wf, c0, i0, j0, 0, 0, 0, L, 1, 0, 1, L, acc, KB)
+                        for q in range(KB):
+                            for t in range(4):
+                                d_ = dxw[c0 + q, i0 + t // 2, j0 + L * (t % 2) : j0 + L * (t % 2) + L]
+                                for lane in range(L):
+                                    d_[lane] = acc[4 * q + t, lane]
+        _route(dxw, argmax, yconv, dzb, bb, C, Hx, Wx, H2, W2, mode, act_code)
+
+
 def make_conv2d_bwd_data_pool_v1(KB: int) -> Any:
     """conv2d_bwd_data_pool_v1 (rows) for blocks of KB channels."""
     key = ("conv2d_bwd_data_pool_v1", KB)
-    if key in _MADE:
-        return _MADE[key]
-    ACC = 4 * KB * L
+    if key not in _MADE:
 
-    @njit(parallel=True, **JIT)
-    def conv2d_bwd_data_pool_v1(dz, w, argmax, yconv, dzb, mode, act_code, ws_dz, ws_dx, wf):
-        B, K, Ho, Wo = dz.shape
-        _, C, R, S = w.shape
-        Hx, Wx = Ho + R - 1, Wo + S - 1
-        H2, W2 = yconv.shape[2], yconv.shape[3]
-        Cp = wf.shape[0]
-        tall = Wx <= L  # blocks of 4 rows × 16 columns; else 2 rows × 32 columns
-        _flip_weights(w, wf)
-        for ci in prange((B + L - 1) // L):
-            tid = get_thread_id()
-            dzp = ws_dz[tid]  # (K, ·, ·): dz framed by R−1 rows and S−1 columns of zeros
-            dxw = ws_dx[tid]  # (Cp, ·, ·): dx of one image, in rows of whole vectors
-            acc = carray(stack_tile(ACC), (4 * KB, L))
-            for bb in range(ci * L, min(B, ci * L + L)):
-                for k in range(K):
-                    for a in range(Ho):
-                        s_ = dz[bb, k, a]
-                        d_ = dzp[k, R - 1 + a, S - 1 : S - 1 + Wo]
-                        for v in range(Wo):
-                            d_[v] = s_[v]
-                if tall:
-                    for i0 in range(0, Hx, 4):
-                        for c0 in range(0, Cp, KB):
-                            for e in range(4 * KB):
-                                for lane in range(L):
-                                    acc[e, lane] = ZERO
-                            window_rows(dzp, wf, c0, i0, 0, 0, 0, 1, 0, 2, 0, 3, 0, acc, KB)
-                            for q in range(KB):
-                                for t in range(4):
-                                    d_ = dxw[c0 + q, i0 + t]
-                                    for lane in range(L):
-                                        d_[lane] = acc[4 * q + t, lane]
-                else:
-                    for i0 in range(0, Hx, 2):
-                        for j0 in range(0, Wx, 2 * L):
-                            for c0 in range(0, Cp, KB):
-                                for e in range(4 * KB):
-                                    for lane in range(L):
-                                        acc[e, lane] = ZERO
-                                window_rows(dzp, wf, c0, i0, j0, 0, 0, 0, L, 1, 0, 1, L, acc, KB)
-                                for q in range(KB):
-                                    for t in range(4):
-                                        d_ = dxw[c0 + q, i0 + t // 2, j0 + L * (t % 2) : j0 + L * (t % 2) + L]
-                                        for lane in range(L):
-                                            d_[lane] = acc[4 * q + t, lane]
-                _route(dxw, argmax, yconv, dzb, bb, C, Hx, Wx, H2, W2, mode, act_code)
+        @njit(parallel=True, **JIT)
+        def conv2d_bwd_data_pool_v1(dz, w, argmax, yconv, dzb, mode, act_code, ws_dz, ws_dx, wf):
+            _flip_weights(w, wf)
+            for ci in prange((dz.shape[0] + L - 1) // L):
+                tid = get_thread_id()
+                _bwd_data_pool_chunk(dz, wf, argmax, yconv, dzb, mode, act_code, ws_dz[tid], ws_dx[tid],
+                                     np.int64(ci) * L, w.shape[1], KB)
 
-    _MADE[key] = conv2d_bwd_data_pool_v1
-    return conv2d_bwd_data_pool_v1
+        _MADE[key] = conv2d_bwd_data_pool_v1
+    return _MADE[key]
 
 
-@njit(inline="always")
+@njit(**JIT)
 def _route(dxw, argmax, yconv, dzb, bb, C, Hx, Wx, H2, W2, mode, act_code):
     """dzb[bb] = pool2x2_bwd(dx, argmax) · act'(yconv[bb]): every 2×2 window gets its dx at the argmax tap
     (max) or a quarter of it at every tap (avg), times the derivative there; uncovered taps get 0.

@@ -12,6 +12,7 @@ the batch in order, 8 rows × 16 columns in registers).
 
 from __future__ import annotations
 
+import numpy as np
 from numba import carray, njit, prange
 
 from .common import JIT, ZERO, L, act, act_grad, stack_tile
@@ -68,7 +69,7 @@ def dense_bwd_v1(x, w, y, dy, dx, dw, db, act_code, want_dx):
 # ------------------------------------------------------------------------------------------ lane kernels
 
 
-@njit(inline="always")
+@njit(**JIT)
 def lane_dense(w, b, xt, yt, act_code):
     """yt (O, L) = act(w (O, I) · xt (I, L) + b) in blocks of 8 outputs; the last block repeats row O − 1
     where it runs past O (every block is the same vector code) and stores only the rows that exist."""
@@ -91,7 +92,7 @@ def lane_dense(w, b, xt, yt, act_code):
                 yr[lane] = act(acc[q, lane], act_code)
 
 
-@njit(inline="always")
+@njit(**JIT)
 def lane_dense_t(w, dt, yt):
     """yt (I, L) = wᵀ (I, O) · dt (O, L): the input gradient of a dense layer, in blocks of 8 inputs (the
     last block as in lane_dense)."""
@@ -113,31 +114,36 @@ def lane_dense_t(w, dt, yt):
                 yr[lane] = acc[q, lane]
 
 
-@njit(inline="always")
+@njit(**JIT)
 def rows_dw(dzr, xr, dw, db, o0, i0, i1, B):
     """dw[o0:o0+8, i0:i1] = Σ_b dzr[b, o0:o0+8]ᵀ · xr[b, i0:i1] (b in order), and db[o0:o0+8] = Σ_b dzr[b]
-    when i0 == 0. Rows past dw's end are dropped: dzr must have columns up to o0 + 8 (zero past O)."""
-    O = dw.shape[0]
+    when i0 == 0. Rows past dw's end are dropped: dzr must have columns up to o0 + 8 (zero past O). The
+    columns past the last whole vector are one more vector ending at i1 (overlapping the one before it;
+    only its new columns are stored), or scalar sums where the matrix is narrower than a vector."""
+    O, I = dw.shape
     nq = min(OB, O - o0)
     acc = carray(stack_tile(OB_TILE), (OB, L))
     i = i0
-    while i + L <= i1:
+    while i < i1:
+        j = i if i + L <= i1 else i1 - L
+        if j < 0:
+            break
         for q in range(OB):
             for lane in range(L):
                 acc[q, lane] = ZERO
         for bb in range(B):
-            xv = xr[bb, i : i + L]
-            dv = dzr[bb, o0 : o0 + OB]
+            xv = xr[bb]
+            dv = dzr[bb]
             for lane in range(L):
-                v = xv[lane]
+                v = xv[np.uint64(j + lane)]
                 for q in range(OB):
-                    acc[q, lane] += dv[q] * v
+                    acc[q, lane] += dv[np.uint64(o0 + q)] * v
         for q in range(nq):
-            d = dw[o0 + q, i : i + L]
-            for lane in range(L):
-                d[lane] = acc[q, lane]
-        i += L
-    for q in range(nq):  # the columns past the last whole vector
+            d = dw[o0 + q]
+            for lane in range(i - j, L):
+                d[np.uint64(j + lane)] = acc[q, lane]
+        i = j + L
+    for q in range(nq):  # only where the matrix is narrower than a vector
         for ii in range(i, i1):
             a = ZERO
             for bb in range(B):

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from numba import carray, get_thread_id, njit, prange
+import numpy as np
+from numba import carray, get_thread_id, literally, njit, prange
 
 from .batch import canvas_lane
 from .common import IDENTITY, JIT, L, act, stack_tile
-from .conv2d import _pad_weights, bias_init, pool4, window_lanes
+from .conv2d import KB_MAX, W_TILE, _pad_weights, bias_init, pool4, window_lanes
 from .dense import lane_dense
 
 _MADE: dict[tuple[int, int], Any] = {}
@@ -40,48 +41,48 @@ def _pool_layer(xt, wp, bp, K, Hp, Wp, out, act_code, mode, acc, KB):
                             o[lane] = m
 
 
+@njit(**JIT)
+def _lenet_chunk(images, wp1, bp1, wp3, bp3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
+                 xt, s2, s4, h1t, h2t, zt, b0, K1, K3, KB1, KB3):
+    literally(KB1)
+    literally(KB3)
+    N, IH, IW = images.shape
+    R1, S1 = wp1.shape[2], wp1.shape[3]
+    R3, S3 = wp3.shape[2], wp3.shape[3]
+    XH, XW = xt.shape[1], xt.shape[2]  # the canvas (images padded)
+    pad = (XH - IH) // 2
+    H2, W2 = (XH - R1 + 1) // 2, (XW - S1 + 1) // 2
+    H4, W4 = (H2 - R3 + 1) // 2, (W2 - S3 + 1) // 2
+    NC = w7.shape[0]
+    acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
+    nb = min(L, N - b0)
+    for lane in range(nb):
+        canvas_lane(images[b0 + lane], xt[0], lane, pad, scale, shift)
+    s2f = s2.reshape((s2.shape[0] * s2.shape[1] * s2.shape[2], L))
+    _pool_layer(xt, wp1, bp1, K1, H2, W2, s2f, act_code, mode, acc, KB1)
+    _pool_layer(s2, wp3, bp3, K3, H4, W4, s4, act_code, mode, acc, KB3)
+    lane_dense(w5, b5, s4, h1t, act_code)
+    lane_dense(w6, b6, h1t, h2t, act_code)
+    lane_dense(w7, b7, h2t, zt, IDENTITY)
+    for lane in range(nb):
+        for o in range(NC):
+            logits[b0 + lane, o] = zt[o, lane]
+
+
 def make_lenet_fwd_v1(KB1: int, KB3: int) -> Any:
     """lenet_fwd_v1 for blocks of KB1 filters in C1 and KB3 in C3."""
-    if (KB1, KB3) in _MADE:
-        return _MADE[(KB1, KB3)]
-    KBM = max(KB1, KB3)
-    ACC = 4 * KBM * L
+    if (KB1, KB3) not in _MADE:
 
-    @njit(parallel=True, **JIT)
-    def lenet_fwd_v1(images, w1, b1, w3, b3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
-                     ws_x, ws_s2, ws_s4, ws_h1, ws_h2, ws_z, wp1, bp1, wp3, bp3):
-        N, IH, IW = images.shape
-        K1, _, R1, S1 = w1.shape
-        K3, _, R3, S3 = w3.shape
-        XH, XW = ws_x.shape[2], ws_x.shape[3]  # the canvas (images padded)
-        pad = (XH - IH) // 2
-        H2, W2 = (XH - R1 + 1) // 2, (XW - S1 + 1) // 2
-        H4, W4 = (H2 - R3 + 1) // 2, (W2 - S3 + 1) // 2
-        NC = w7.shape[0]
-        _pad_weights(w1, b1, wp1, bp1)
-        _pad_weights(w3, b3, wp3, bp3)
-        for ci in prange((N + L - 1) // L):
-            tid = get_thread_id()
-            xt = ws_x[tid]
-            s2 = ws_s2[tid]
-            s4 = ws_s4[tid]
-            h1t = ws_h1[tid]
-            h2t = ws_h2[tid]
-            zt = ws_z[tid]
-            acc = carray(stack_tile(ACC), (4 * KBM, L))
-            b0 = ci * L
-            nb = min(L, N - b0)
-            for lane in range(nb):
-                canvas_lane(images[b0 + lane], xt[0], lane, pad, scale, shift)
-            s2f = s2.reshape((s2.shape[0] * s2.shape[1] * s2.shape[2], L))
-            _pool_layer(xt, wp1, bp1, K1, H2, W2, s2f, act_code, mode, acc, KB1)
-            _pool_layer(s2, wp3, bp3, K3, H4, W4, s4, act_code, mode, acc, KB3)
-            lane_dense(w5, b5, s4, h1t, act_code)
-            lane_dense(w6, b6, h1t, h2t, act_code)
-            lane_dense(w7, b7, h2t, zt, IDENTITY)
-            for lane in range(nb):
-                for o in range(NC):
-                    logits[b0 + lane, o] = zt[o, lane]
+        @njit(parallel=True, **JIT)
+        def lenet_fwd_v1(images, w1, b1, w3, b3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
+                         ws_x, ws_s2, ws_s4, ws_h1, ws_h2, ws_z, wp1, bp1, wp3, bp3):
+            _pad_weights(w1, b1, wp1, bp1)
+            _pad_weights(w3, b3, wp3, bp3)
+            for ci in prange((images.shape[0] + L - 1) // L):
+                tid = get_thread_id()
+                _lenet_chunk(images, wp1, bp1, wp3, bp3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code,
+                             mode, ws_x[tid], ws_s2[tid], ws_s4[tid], ws_h1[tid], ws_h2[tid], ws_z[tid],
+                             np.int64(ci) * L, w1.shape[0], w3.shape[0], KB1, KB3)
 
-    _MADE[(KB1, KB3)] = lenet_fwd_v1
-    return lenet_fwd_v1
+        _MADE[(KB1, KB3)] = lenet_fwd_v1
+    return _MADE[(KB1, KB3)]

@@ -15,7 +15,7 @@ from ...stepstate import STEP_IN_EPOCH
 from .common import JIT_EXACT, ONE, L
 
 
-@njit(inline="always")
+@njit(**JIT_EXACT)
 def softmax_row(z, label, d, inv_n):
     """d = (softmax(z) − onehot(label))·inv_n; returns (loss of the row, 1 if its first maximum is label)."""
     nc = z.shape[0]
