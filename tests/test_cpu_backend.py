@@ -16,7 +16,7 @@ from numba import njit
 from lenet_gpu import backends, spec
 from lenet_gpu import reference as R
 from lenet_gpu.backends import BackendUnavailable, get_backend
-from lenet_gpu.backends.cpu_backend import VARIANTS, CpuBackend, common, conv2d, lenet_fwd
+from lenet_gpu.backends.cpu_backend import VARIANTS, CpuBackend, common
 from lenet_gpu.backends.numpy_backend import NumpyBackend
 from lenet_gpu.stepstate import STATE_WORDS, HostState, advance, sched_row, schedule_table
 
@@ -466,47 +466,35 @@ def _host_has_fma() -> bool:
 @pytest.mark.parametrize("kernel", ["conv2d_pool_fwd_v1", "conv2d_pool_fwd_v2", "conv2d_bwd_weight_v2",
                                     "conv2d_bwd_weight_v3", "conv2d_bwd_data_pool_v1", "lenet_fwd_v1"])
 def test_register_blocked_kernels_use_packed_fma(kernel):
-    """The register-blocked kernels, compiled afresh (serially, no cache), hold packed FMAs and none scalar:
-    the lane loops vectorised and the accumulator tiles became registers."""
+    """The register-blocked kernels, compiled afresh (serially, no cache) with the arguments a training step
+    gives them, hold packed FMAs and no scalar ones: the lane loops vectorised and the accumulator tiles
+    became registers."""
     be = CpuBackend()
     s = Step(be, batch=3)
-    s.step()  # every buffer holds what a step leaves there
-    T = numba.config.NUMBA_NUM_THREADS
-    L = common.L
-    f32 = np.float32
-
-    def fresh(fn):
-        opts = dict(common.JIT, cache=False)
-        return njit(**opts)(fn.py_func)
-
-    if kernel == "conv2d_pool_fwd_v1":
-        fn = fresh(conv2d.make_conv2d_pool_fwd_v1(4))
-        fn(s.s2, s.P["c3.w"], s.P["c3.b"], s.a3, s.s4, s.am3, 1, 0, True, np.zeros((T, 6, 14, 14, L), f32),
-           np.zeros((16, 6, 5, 5), f32), np.zeros(16, f32))
-    elif kernel == "conv2d_pool_fwd_v2":
-        fn = fresh(conv2d.make_conv2d_pool_fwd_v2(6))
-        fn(s.x, s.P["c1.w"], s.P["c1.b"], s.a1, s.s2, s.am1, 1, 0, True, np.zeros((T, 1, 32, 68), f32),
-           np.zeros((6, 1, 5, 5), f32), np.zeros(6, f32))
-    elif kernel == "conv2d_bwd_weight_v2":
-        fn = fresh(conv2d.make_conv2d_bwd_weight_v2(4))
-        fn(s.s2, s.dz3, s.G["c3.w"], s.G["c3.b"], np.zeros((T, 6, 14, 14, L), f32),
-           np.zeros((T, 16, 10, 10, L), f32), np.zeros((1, 2416), f32))
-    elif kernel == "conv2d_bwd_weight_v3":
-        fn = fresh(conv2d.make_conv2d_bwd_weight_v3(3))
-        fn(s.x, s.dz1, s.G["c1.w"], s.G["c1.b"], np.zeros((T, L, 1, 32, 36), f32),
-           np.zeros((T, L, 6, 28, 32), f32), np.zeros((1, 156), f32))
-    elif kernel == "conv2d_bwd_data_pool_v1":
-        fn = fresh(conv2d.make_conv2d_bwd_data_pool_v1(6))
-        fn(s.dz3, s.P["c3.w"], s.am1, s.a1, s.dz1, 0, 1, np.zeros((T, 16, 20, 20), f32),
-           np.zeros((T, 6, 16, L), f32), np.zeros((6, 16, 5, 5), f32))
-    else:
-        fn = fresh(lenet_fwd.make_lenet_fwd_v1(6, 4))
-        p = [s.P[k] for k in ("c1.w", "c1.b", "c3.w", "c3.b", "c5.w", "c5.b", "f6.w", "f6.b", "out.w", "out.b")]
-        fn(np.asarray(s.images)[:3], *p, nan_like((3, 10)), f32(0.01), f32(-0.4), 1, 0,
-           np.zeros((T, 1, 32, 32, L), f32), np.zeros((T, 6, 14, 14, L), f32), np.zeros((T, 400, L), f32),
-           np.zeros((T, 120, L), f32), np.zeros((T, 84, L), f32), np.zeros((T, 10, L), f32),
-           np.zeros((6, 1, 5, 5), f32), np.zeros(6, f32), np.zeros((16, 6, 5, 5), f32), np.zeros(16, f32))
-    counts = common.inspect_fma(fn)
+    s.step()  # every buffer holds what a step leaves there; the plans exist
+    calls = {
+        "conv2d_pool_fwd_v1": lambda: be.conv2d_pool_fwd(s.s2, s.P["c3.w"], s.P["c3.b"], s.a3, s.s4, s.am3, "relu",
+                                                         "max", variant="v1"),
+        "conv2d_pool_fwd_v2": lambda: be.conv2d_pool_fwd(s.x, s.P["c1.w"], s.P["c1.b"], s.a1, s.s2, s.am1, "relu",
+                                                         "max", variant="v2"),
+        "conv2d_bwd_weight_v2": lambda: be.conv2d_bwd_weight(s.s2, s.dz3, s.G["c3.w"], s.G["c3.b"], variant="v2"),
+        "conv2d_bwd_weight_v3": lambda: be.conv2d_bwd_weight(s.x, s.dz1, s.G["c1.w"], s.G["c1.b"], variant="v3"),
+        "conv2d_bwd_data_pool_v1": lambda: be.conv2d_bwd_data_pool(s.dz3, s.P["c3.w"], s.am1, s.a1, s.dz1, "max",
+                                                                   "relu"),
+        "lenet_fwd_v1": lambda: be.lenet_fwd(np.asarray(s.images)[:3], s.P, nan_like((3, 10)), 0.13, 0.31, "relu",
+                                             "max"),
+    }
+    calls[kernel]()  # makes the plan
+    seen = []
+    for key, plan in be._plans.items():  # wrap the planned kernel to catch its arguments
+        if plan and getattr(plan[0], "py_func", None) is not None and plan[0].py_func.__name__ == kernel:
+            fn = plan[0]
+            be._plans[key] = (lambda *a, _fn=fn: (seen.append(a), _fn(*a))[1], *plan[1:])
+    calls[kernel]()
+    assert seen, f"{kernel} was not called"
+    fresh = njit(**dict(common.JIT, cache=False))(fn.py_func)
+    fresh(*seen[0])
+    counts = common.inspect_fma(fresh)
     block = {"conv2d_pool_fwd_v1": 16, "conv2d_pool_fwd_v2": 24, "conv2d_bwd_weight_v2": 20,
              "conv2d_bwd_weight_v3": 15, "conv2d_bwd_data_pool_v1": 24, "lenet_fwd_v1": 24}[kernel]
     assert counts["fma_zmm"] + counts["fma_ymm"] >= block, counts  # one register block's FMAs at least

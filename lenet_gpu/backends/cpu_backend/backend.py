@@ -379,13 +379,12 @@ class CpuBackend:
             _check_arrays(op, argmax=argmax)
         kb, cp = conv2d.block_size(C)
         T = self._slots
-        if Wx <= L:
-            hxp = -(-Hx // 4) * 4
-            ws_dz, ws_dx = self._ws(T, K, hxp + R - 1, L + S - 1), self._ws(T, cp, hxp, L)
+        hxp = Hx + Hx % 2  # whole pairs of rows
+        if Wx <= L:  # two images' framed dz one above the other; dx of both
+            ws_dz, ws_dx = self._ws(T, K, 2 * (hxp + R - 1), L + S - 1), self._ws(T, 2, cp, hxp, L)
         else:
-            hxp = -(-Hx // 2) * 2
             nv2 = 2 * -(-Wx // (2 * L))
-            ws_dz, ws_dx = self._ws(T, K, hxp + R - 1, nv2 * L + S - 1), self._ws(T, cp, hxp, nv2 * L)
+            ws_dz, ws_dx = self._ws(T, K, hxp + R - 1, nv2 * L + S - 1), self._ws(T, 1, cp, hxp, nv2 * L)
         return conv2d.make_conv2d_bwd_data_pool_v1(kb), ws_dz, ws_dx, self._ws(cp, K, R, S)
 
     def head_train(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,

@@ -24,7 +24,7 @@ SH15 = np.uint64(15)
 SH16 = np.uint64(16)
 
 
-@njit(**JIT_EXACT)
+@njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def mix32(h):
     """reference.mix32 on a uint64 holding any value (its low 32 bits are mixed)."""
     h = h & MASK32
@@ -36,13 +36,13 @@ def mix32(h):
     return h
 
 
-@njit(**JIT_EXACT)
+@njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def word32(v):
     """The low 32 bits of an int32 state word (two's complement) as a uint64."""
     return np.uint64(np.int64(v) & np.int64(0xFFFFFFFF))
 
 
-@njit(**JIT_EXACT)
+@njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def augment_shift(h1, index, max_shift):
     """(dy, dx) of sample ``index`` given h1 = mix32(mix32(seed) + epoch) (reference.augment_shift)."""
     span = np.uint64(2 * max_shift + 1)
@@ -86,7 +86,7 @@ def batch_prepare_v1(images, labels, perm, state, x, y, scale, shift):
                         xr[v] = shift
 
 
-@njit(**JIT_EXACT)
+@njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def canvas_lane(img, xt, lane, pad, scale, shift):
     """xt[h, v, lane] (a (H, W, L) canvas) = img (uint8) padded by ``pad`` and normalised: p·scale + shift,
     shift outside the image. A function of its own, compiled without contraction: the same bits as

@@ -11,8 +11,8 @@ chunk order, so no result depends on the thread count.
   conv2d_bwd_weight_v3   rows: 16 columns a vector (wide maps); the same blocking, images of a chunk in turn
   conv2d_pool_fwd_v1     lanes: conv + bias + act + 2×2 pool; one pooling window × KB filters in registers
   conv2d_pool_fwd_v2     rows: 2 rows × 32 columns × KB filters in registers, pooled in the epilogue (wide maps)
-  conv2d_bwd_data_pool_v1  rows: dx in blocks of 4 rows (or 2 rows × 32 columns) × KB channels in registers,
-                         then routed through the 2×2 pool's argmax and the activation's derivative
+  conv2d_bwd_data_pool_v1  rows: dx in blocks of 2 rows of two images (or 2 rows × 32 columns) × KB channels in
+                         registers, then routed through the 2×2 pool's argmax and the activation's derivative
 
 "Lanes" kernels transpose their inputs into a per-thread workspace (C, H, W, 16) and scatter their
 outputs back to NCHW; "rows" kernels read NCHW directly and waste the columns a vector runs past the
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from numba import carray, get_thread_id, literally, njit, prange
 
-from .common import AVG, JIT, MAX, QUARTER, ZERO, L, act, act_grad, stack_tile
+from .common import AVG, JIT, JIT_INLINE, JIT_INNER, MAX, QUARTER, ZERO, L, act, act_grad, stack_tile
 
 #: taps per block in the weight-gradient kernels (a block holds KB filters × TB taps of accumulators)
 TB = 5
@@ -119,7 +119,7 @@ def conv2d_bwd_weight_v1(x, dz, dw, db, part):
     _sum_parts(part, nch, dw, db)
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _sum_parts(part, nch, dw, db):
     """dw, db = Σ over the chunks, in chunk order, of part[ci] = [dw (flat) | db]."""
     K = dw.shape[0]
@@ -141,7 +141,7 @@ def _sum_parts(part, nch, dw, db):
 # ------------------------------------------------------------------------------- shared by the fast kernels
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _pad_weights(w, b, wp, bp):
     """wp[:K], bp[:K] = w, b (the rest of wp/bp stays zero: filters that pad K to the block size)."""
     K, C, R, S = w.shape
@@ -153,7 +153,7 @@ def _pad_weights(w, b, wp, bp):
                     wp[k, c, r, s] = w[k, c, r, s]
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _flip_weights(w, wf):
     """wf[c, k, r, s] = w[k, c, R−1−r, S−1−s]: the data gradient as a forward convolution."""
     K, C, R, S = w.shape
@@ -164,7 +164,7 @@ def _flip_weights(w, wf):
                     wf[c, k, r, s] = w[k, c, R - 1 - r, S - 1 - s]
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def to_lanes(src, b0, nb, dst):
     """dst[c, h, v, l] = src[b0 + l, c, h, v] for l < nb (src (B,C,H,W) NCHW, dst (≥C, ≥H, ≥W, L))."""
     _, C, H, W = src.shape
@@ -177,7 +177,7 @@ def to_lanes(src, b0, nb, dst):
                     d[v, l] = s[v]
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def zero_lanes(dst, nb):
     """dst[..., l] = 0 for l ≥ nb (dst (C,H,W,L)): spare lanes of a partial chunk, before a reduction."""
     C, H, W, _ = dst.shape
@@ -188,7 +188,7 @@ def zero_lanes(dst, nb):
                     dst[c, h, v, l] = ZERO
 
 
-@njit(inline="always")
+@njit(**JIT_INLINE)
 def window_lanes(xt, w, k0, i, j, acc, KB):
     """acc[4q + t] += Σ_{c,r,s} w[k0+q, c, r, s] · xt[c, i+di+r, j+dj+s] for the four pixels
     t = (di, dj) = (0,0), (0,1), (1,0), (1,1) of a 2×2 window, 16 images a vector, KB filters."""
@@ -216,15 +216,16 @@ def window_lanes(xt, w, k0, i, j, acc, KB):
                         acc[4 * q + 3, lane] += wq * v11
 
 
-@njit(inline="always")
-def window_rows(xp, w, k0, i, j, a0, b0, a1, b1, a2, b2, a3, b3, acc, KB):
-    """acc[4q + t] += Σ_{c,r,s} w[k0+q, c, r, s] · xp[c, i+a_t+r, j+b_t+s : +16] for four 16-column
-    vectors at row/column offsets (a_t, b_t) of an NCHW map, KB filters. (Unsigned indices: no
-    negative-index fix-ups in the loop, so the lane loop is one plain vector load per vector.)"""
+@njit(**JIT_INLINE)
+def window_rows(xp, w, k0, i, j, a0, b0, a1, b1, a2, b2, a3, b3, r_lo, r_hi, acc, KB):
+    """acc[4q + t] += Σ_{c, r_lo ≤ r < r_hi, s} w[k0+q, c, r, s] · xp[c, i+a_t+r, j+b_t+s : +16] for four
+    16-column vectors at row/column offsets (a_t, b_t) of an NCHW map, KB filters (taps of rows that are all
+    zero may be left out by the caller: r_lo, r_hi). Unsigned indices: no negative-index fix-ups in the
+    loop, so the lane loop is one plain vector load per vector."""
     C = xp.shape[0]
-    R, S = w.shape[2], w.shape[3]
+    S = w.shape[3]
     for c in range(C):
-        for r in range(R):
+        for r in range(r_lo, r_hi):
             x0 = xp[c, i + a0 + r]
             x1 = xp[c, i + a1 + r]
             x2 = xp[c, i + a2 + r]
@@ -247,7 +248,7 @@ def window_rows(xp, w, k0, i, j, a0, b0, a1, b1, a2, b2, a3, b3, acc, KB):
                         acc[4 * q + 3, lane] += wq * v3
 
 
-@njit(inline="always")
+@njit(**JIT_INLINE)
 def bias_init(acc, bp, k0, KB):
     for q in range(KB):
         bq = bp[k0 + q]
@@ -256,7 +257,7 @@ def bias_init(acc, bp, k0, KB):
                 acc[4 * q + t, lane] = bq
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def pool4(y0, y1, y2, y3, mode):
     """(pooled value, argmax tap) of the four taps of a window: the first maximum wins; avg sums in order."""
     if mode == AVG:
@@ -300,7 +301,7 @@ BW_TILE = 4 * TB * L  # the weight-gradient block: up to 4 filters × TB taps
 _MADE: dict[tuple[str, int], Any] = {}
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv, xt, b0, K, KB):
     literally(KB)
     B, C, H, W = x.shape
@@ -372,7 +373,7 @@ def make_conv2d_pool_fwd_v1(KB: int) -> Any:
     return _MADE[key]
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _pool_fwd_rows_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv, xp, b0, K, KB):
     literally(KB)
     B, C, H, W = x.shape
@@ -396,7 +397,7 @@ def _pool_fwd_rows_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_
                 npool = min(L, Wp - j0 // 2)
                 for k0 in range(0, Kp, KB):
                     bias_init(acc, bp, k0, KB)
-                    window_rows(xp, wp, k0, i, j0, 0, 0, 0, L, 1, 0, 1, L, acc, KB)
+                    window_rows(xp, wp, k0, i, j0, 0, 0, 0, L, 1, 0, 1, L, 0, R, acc, KB)
                     for q in range(KB):
                         for lane in range(L):
                             vt[q, 0, lane] = act(acc[4 * q, lane], act_code)
@@ -449,7 +450,7 @@ def make_conv2d_pool_fwd_v2(KB: int) -> Any:
 # -------------------------------------------------------------------- conv2d_bwd_weight: lanes and rows
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _taps(t0, S, ntap):
     """The (r, s) of taps t0 .. t0+4 (taps past R·S read tap 0; their sums are dropped)."""
     r0, s0 = divmod(t0, S) if t0 < ntap else (0, 0)
@@ -460,7 +461,7 @@ def _taps(t0, S, ntap):
     return r0, s0, r1, s1, r2, s2, r3, s3, r4, s4
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _bwd_weight_lanes_chunk(x, dz, xt, dzt, p, b0, K, KB):
     literally(KB)
     B, C, H, W = x.shape
@@ -522,7 +523,7 @@ def make_conv2d_bwd_weight_v2(KB: int) -> Any:
     return _MADE[key]
 
 
-@njit(inline="always")
+@njit(**JIT_INLINE)
 def _store_taps(acc, p, k0, c, t0, K, C, ntap, KB):
     """p[dw index of (k0+q, c, tap t0+t)] = Σ_lanes acc[TB q + t] (lanes summed in order)."""
     for q in range(KB):
@@ -536,7 +537,7 @@ def _store_taps(acc, p, k0, c, t0, K, C, ntap, KB):
                     p[(k * C + c) * ntap + t0 + t] = a
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _store_bias(dzt, p, n, K, Ho, Wo):
     """p[n + k] = Σ_{i,j,lanes} dzt[k, i, j] (lanes summed in order at the end)."""
     s = carray(stack_tile(L), (L,))
@@ -554,7 +555,7 @@ def _store_bias(dzt, p, n, K, Ho, Wo):
         p[n + k] = a
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _bwd_weight_rows_chunk(x, dz, xs, ds, p, b0, K, KB):
     literally(KB)
     B, C, H, W = x.shape
@@ -643,7 +644,7 @@ def make_conv2d_bwd_weight_v3(KB: int) -> Any:
 # -------------------------------------------------------------------------------- conv2d_bwd_data_pool
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _bwd_data_pool_chunk(dz, wf, argmax, yconv, dzb, mode, act_code, dzp, dxw, b0, C, KB):
     literally(KB)
     B, K, Ho, Wo = dz.shape
@@ -651,41 +652,64 @@ def _bwd_data_pool_chunk(dz, wf, argmax, yconv, dzb, mode, act_code, dzp, dxw, b
     Hx, Wx = Ho + R - 1, Wo + S - 1
     H2, W2 = yconv.shape[2], yconv.shape[3]
     Cp = wf.shape[0]
-    tall = Wx <= L  # blocks of 4 rows × 16 columns; else 2 rows × 32 columns
+    b1 = min(B, b0 + L)
     acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
-    for bb in range(b0, min(B, b0 + L)):
-        for k in range(K):  # dz framed by R−1 rows and S−1 columns of zeros (the frame is never written)
-            for a in range(Ho):
-                s_ = dz[bb, k, a]
-                d_ = dzp[k, R - 1 + a, S - 1 : S - 1 + Wo]
-                for v in range(Wo):
-                    d_[v] = s_[v]
-        if tall:
-            for i0 in range(0, Hx, 4):
+    if Wx <= L:
+        # narrow maps: a block is 2 rows × 16 columns of two images at once (their framed dz one above the
+        # other in dzp, Hd rows apart), × KB channels: no wasted rows, only the columns past Wx
+        Hd = dzp.shape[1] // 2
+        for e0 in range(b0, b1, 2):
+            for h in range(2):
+                if e0 + h < b1:
+                    _frame(dz[e0 + h], dzp, h * Hd, R, S)
+            for i0 in range(0, Hx, 2):
+                # the block's two rows read framed rows i0 + r and i0 + 1 + r: taps whose both rows are frame
+                # (zero) are left out (a quarter of them at LeNet's sizes)
+                r_lo, r_hi = max(0, R - 2 - i0), min(R, R - 1 + Ho - i0)
                 for c0 in range(0, Cp, KB):
                     for e in range(4 * KB):
                         for lane in range(L):
                             acc[e, lane] = ZERO
-                    window_rows(dzp, wf, c0, i0, 0, 0, 0, 1, 0, 2, 0, 3, 0, acc, KB)
+                    window_rows(dzp, wf, c0, i0, 0, 0, 0, 1, 0, Hd, 0, Hd + 1, 0, r_lo, r_hi, acc, KB)
                     for q in range(KB):
                         for t in range(4):
-                            d_ = dxw[c0 + q, i0 + t]
+                            d_ = dxw[t // 2, c0 + q, i0 + t % 2]
                             for lane in range(L):
                                 d_[lane] = acc[4 * q + t, lane]
-        else:
+            for h in range(2):
+                if e0 + h < b1:
+                    _route(dxw[h], argmax, yconv, dzb, e0 + h, C, Hx, Wx, H2, W2, mode, act_code)
+    else:
+        # wide maps: 2 rows × 32 columns of one image
+        for bb in range(b0, b1):
+            _frame(dz[bb], dzp, 0, R, S)
             for i0 in range(0, Hx, 2):
+                r_lo, r_hi = max(0, R - 2 - i0), min(R, R - 1 + Ho - i0)
                 for j0 in range(0, Wx, 2 * L):
                     for c0 in range(0, Cp, KB):
                         for e in range(4 * KB):
                             for lane in range(L):
                                 acc[e, lane] = ZERO
-                        window_rows(dzp, wf, c0, i0, j0, 0, 0, 0, L, 1, 0, 1, L, acc, KB)
+                        window_rows(dzp, wf, c0, i0, j0, 0, 0, 0, L, 1, 0, 1, L, r_lo, r_hi, acc, KB)
                         for q in range(KB):
                             for t in range(4):
-                                d_ = dxw[c0 + q, i0 + t // 2, j0 + L * (t % 2) : j0 + L * (t % 2) + L]
+                                d_ = dxw[0, c0 + q, i0 + t // 2, j0 + L * (t % 2) : j0 + L * (t % 2) + L]
                                 for lane in range(L):
                                     d_[lane] = acc[4 * q + t, lane]
-        _route(dxw, argmax, yconv, dzb, bb, C, Hx, Wx, H2, W2, mode, act_code)
+            _route(dxw[0], argmax, yconv, dzb, bb, C, Hx, Wx, H2, W2, mode, act_code)
+
+
+@njit(**JIT_INNER)
+def _frame(g, dzp, h0, R, S):
+    """dzp[k, h0 + R−1 + a, S−1 + b] = g[k, a, b]: dz framed by R−1 rows and S−1 columns of zeros (the frame
+    is never written, so it stays zero)."""
+    K, Ho, Wo = g.shape
+    for k in range(K):
+        for a in range(Ho):
+            s_ = g[k, a]
+            d_ = dzp[k, h0 + R - 1 + a]
+            for v in range(Wo):
+                d_[S - 1 + v] = s_[v]
 
 
 def make_conv2d_bwd_data_pool_v1(KB: int) -> Any:
@@ -705,7 +729,7 @@ def make_conv2d_bwd_data_pool_v1(KB: int) -> Any:
     return _MADE[key]
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _route(dxw, argmax, yconv, dzb, bb, C, Hx, Wx, H2, W2, mode, act_code):
     """dzb[bb] = pool2x2_bwd(dx, argmax) · act'(yconv[bb]): every 2×2 window gets its dx at the argmax tap
     (max) or a quarter of it at every tap (avg), times the derivative there; uncovered taps get 0.

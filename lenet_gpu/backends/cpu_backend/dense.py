@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, njit, prange
 
-from .common import JIT, ZERO, L, act, act_grad, stack_tile
+from .common import JIT, JIT_INNER, ZERO, L, act, act_grad, stack_tile
 
 #: outputs per register block of the lane kernels
 OB = 8
@@ -69,7 +69,7 @@ def dense_bwd_v1(x, w, y, dy, dx, dw, db, act_code, want_dx):
 # ------------------------------------------------------------------------------------------ lane kernels
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def lane_dense(w, b, xt, yt, act_code):
     """yt (O, L) = act(w (O, I) · xt (I, L) + b) in blocks of 8 outputs; the last block repeats row O − 1
     where it runs past O (every block is the same vector code) and stores only the rows that exist."""
@@ -92,7 +92,7 @@ def lane_dense(w, b, xt, yt, act_code):
                 yr[lane] = act(acc[q, lane], act_code)
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def lane_dense_t(w, dt, yt):
     """yt (I, L) = wᵀ (I, O) · dt (O, L): the input gradient of a dense layer, in blocks of 8 inputs (the
     last block as in lane_dense)."""
@@ -114,7 +114,7 @@ def lane_dense_t(w, dt, yt):
                 yr[lane] = acc[q, lane]
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def rows_dw(dzr, xr, dw, db, o0, i0, i1, B):
     """dw[o0:o0+8, i0:i1] = Σ_b dzr[b, o0:o0+8]ᵀ · xr[b, i0:i1] (b in order), and db[o0:o0+8] = Σ_b dzr[b]
     when i0 == 0. Rows past dw's end are dropped: dzr must have columns up to o0 + 8 (zero past O). The

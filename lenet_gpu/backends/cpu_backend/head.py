@@ -13,7 +13,7 @@ import numpy as np
 from numba import get_thread_id, njit, prange
 
 from ...stepstate import STEP_IN_EPOCH
-from .common import IDENTITY, JIT, L, act_grad
+from .common import IDENTITY, JIT, JIT_INNER, L, act_grad
 from .conv2d import _route
 from .dense import OB, lane_dense, lane_dense_t, rows_dw
 from .loss import softmax_row
@@ -33,7 +33,7 @@ def dw_tasks(shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
     return np.array(tasks, dtype=np.int64)
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, act_code, mode,
                 xt, h1t, h2t, zt, d1t, d2t, dxt, dxw, dz1r, dz2r, dz3r, b0, inv_n):
     """Forward, loss and backward of images b0 .. b0+15; returns (Σ loss (float64), correct count)."""
@@ -86,7 +86,7 @@ def _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, ycon
     return s, c
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _head_dw_task(task, xf, h1, h2, dz1r, dz2r, dz3r, dw1, db1, dw2, db2, dw3, db3):
     """One weight-gradient task: [matrix, first row, first column, end column] (see dw_tasks)."""
     m = task[0]

@@ -15,14 +15,14 @@ import numpy as np
 from numba import carray, get_thread_id, literally, njit, prange
 
 from .batch import canvas_lane
-from .common import IDENTITY, JIT, L, act, stack_tile
+from .common import IDENTITY, JIT, JIT_INLINE, JIT_INNER, L, act, stack_tile
 from .conv2d import KB_MAX, W_TILE, _pad_weights, bias_init, pool4, window_lanes
 from .dense import lane_dense
 
 _MADE: dict[tuple[int, int], Any] = {}
 
 
-@njit(inline="always")
+@njit(**JIT_INLINE)
 def _pool_layer(xt, wp, bp, K, Hp, Wp, out, act_code, mode, acc, KB):
     """out[k, i, j] (a (K, Hp, Wp, L) view or the flat (K·Hp·Wp, L) one, via index) = pool(act(conv))."""
     Kp = wp.shape[0]
@@ -41,7 +41,7 @@ def _pool_layer(xt, wp, bp, K, Hp, Wp, out, act_code, mode, acc, KB):
                             o[lane] = m
 
 
-@njit(**JIT)
+@njit(**JIT_INNER)
 def _lenet_chunk(images, wp1, bp1, wp3, bp3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
                  xt, s2, s4, h1t, h2t, zt, b0, K1, K3, KB1, KB3):
     literally(KB1)

@@ -15,7 +15,7 @@ from ...stepstate import STEP_IN_EPOCH
 from .common import JIT_EXACT, ONE, L
 
 
-@njit(**JIT_EXACT)
+@njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def softmax_row(z, label, d, inv_n):
     """d = (softmax(z) − onehot(label))·inv_n; returns (loss of the row, 1 if its first maximum is label)."""
     nc = z.shape[0]

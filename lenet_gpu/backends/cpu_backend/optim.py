@@ -14,7 +14,7 @@ from ...stepstate import SCHED_BASE, STEP
 from .common import JIT_EXACT
 
 
-@njit(**JIT_EXACT)
+@njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
 def sched_index(sched, state):
     i = np.int64(state[STEP]) - np.int64(state[SCHED_BASE])
     return min(max(i, 0), sched.shape[0] - 1)
