@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ghz = measured_clock_ghz()
     out["measured_clock_ghz"] = ghz
     print(f"CPU {info['model']}; FP32 peak {formula}; measured clock {ghz:.2f} GHz "
-          f"(peak at that clock {peak * ghz / (info['mhz'] / 1000):.0f} GFLOP/s)")
+          f"(peak at that clock {peak * ghz / (info['mhz'] / 1000) / 1e9:.0f} GFLOP/s)")
 
     tr_x, tr_y, te_x, _ = load_images()
     be = get_backend("cpu")

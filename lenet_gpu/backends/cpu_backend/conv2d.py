@@ -311,6 +311,9 @@ def _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write
     Kp = wp.shape[0]
     nb = min(L, B - b0)
     to_lanes(x, b0, nb, xt)
+    yf = yconv.reshape(yconv.size)
+    pf = ypool.reshape(ypool.size)
+    af = argmax.reshape(argmax.size)
     acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
     vt = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
     pt = carray(stack_tile(P_TILE), (2 * KB_MAX, L))
@@ -335,25 +338,28 @@ def _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write
                         pt[2 * q, lane] = m
                         pt[2 * q + 1, lane] = a
                 pooled = wi < Hp and wj < Wp
-                jn = j + 1 < Wo
-                inx = i + 1 < Ho
+                full = j + 1 < Wo and i + 1 < Ho
                 for q in range(min(KB, K - k0)):
                     k = k0 + q
-                    for lane in range(nb):
+                    for lane in range(nb):  # flat offsets, unsigned: a few integer ops a store
                         bb = b0 + lane
                         if write_conv:
-                            yc = yconv[bb, k]
-                            yc[i, j] = vt[4 * q, lane]
-                            if jn:
-                                yc[i, j + 1] = vt[4 * q + 1, lane]
-                            if inx:
-                                yc[i + 1, j] = vt[4 * q + 2, lane]
-                                if jn:
-                                    yc[i + 1, j + 1] = vt[4 * q + 3, lane]
+                            o = np.uint64(((bb * K + k) * Ho + i) * Wo + j)
+                            yf[o] = vt[4 * q, lane]
+                            if full:
+                                yf[o + 1] = vt[4 * q + 1, lane]
+                                yf[o + Wo] = vt[4 * q + 2, lane]
+                                yf[o + Wo + 1] = vt[4 * q + 3, lane]
+                            else:
+                                if j + 1 < Wo:
+                                    yf[o + 1] = vt[4 * q + 1, lane]
+                                if i + 1 < Ho:
+                                    yf[o + Wo] = vt[4 * q + 2, lane]
                         if pooled:
-                            ypool[bb, k, wi, wj] = pt[2 * q, lane]
+                            op = np.uint64(((bb * K + k) * Hp + wi) * Wp + wj)
+                            pf[op] = pt[2 * q, lane]
                             if mode == MAX:
-                                argmax[bb, k, wi, wj] = np.uint8(pt[2 * q + 1, lane])
+                                af[op] = np.uint8(pt[2 * q + 1, lane])
 
 
 def make_conv2d_pool_fwd_v1(KB: int) -> Any:
