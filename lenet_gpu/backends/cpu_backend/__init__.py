@@ -19,6 +19,14 @@ results repeat bit for bit whatever the number of threads. Compiled with ``cache
 compiles (seconds), later runs load the machine code from Numba's cache.
 """
 
-from .backend import DEFAULT_VARIANTS, KERNELS, VARIANTS, CpuBackend
+import os
+
+# Numba's OpenMP threading layer reads this when it first loads. OpenMP's default lets idle threads spin,
+# which on a machine with other busy processes (or PyTorch's own OpenMP pool in the same process) made
+# both Numba and PyTorch about 10x slower (measured on 2 shared cores); passive threads sleep at once.
+# Set OMP_WAIT_POLICY yourself to choose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .backend import DEFAULT_VARIANTS, KERNELS, VARIANTS, CpuBackend  # noqa: E402
 
 __all__ = ["DEFAULT_VARIANTS", "KERNELS", "VARIANTS", "CpuBackend"]
