@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rate(x: float) -> str:
+    if not math.isfinite(x):
+        return "–"
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
@@ -287,6 +289,7 @@ def run(argv: list[str] | None = None) -> int:
     test_acc = float("nan")
     t_run = time.perf_counter()
     train_seconds_total = 0.0
+    warm_s = 0.0  # the run's first step: compiles the kernels (and records the step), timed apart
     graph_told = False
     try:
         for epoch in range(start_epoch, opts["epochs"]):
@@ -297,11 +300,15 @@ def run(argv: list[str] | None = None) -> int:
             bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{opts['epochs']}", show)
             bar.update(first)
             t0 = time.perf_counter()
+            epoch_warm = 0.0
             s = first
             while s < steps_per_epoch:
-                count = min(chunk, steps_per_epoch - s)
+                count = 1 if steps_done_run == 0 else min(chunk, steps_per_epoch - s)
+                tc = time.perf_counter()
                 model.run_steps(train_data, count)
                 rows = model.step_stats(s, count)  # waits for the chunk: one copy
+                if steps_done_run == 0:
+                    warm_s = epoch_warm = time.perf_counter() - tc
                 if not graph_told and model.graph_note:
                     print(f"note: {model.graph_note}; running eagerly", file=sys.stderr)
                     graph_told = True
@@ -335,9 +342,11 @@ def run(argv: list[str] | None = None) -> int:
             n_seen = steps_per_epoch * batch
             test_loss, test_correct = model.evaluate(test_data, args.eval_batch_size)
             test_acc = test_correct / test_data.n
-            rate = (steps_per_epoch - first) * batch / max(elapsed, 1e-9)
+            timed_steps = steps_per_epoch - first - (1 if epoch_warm else 0)
+            rate = timed_steps * batch / max(elapsed - epoch_warm, 1e-9) if timed_steps else float("nan")
             rec = {"epoch": epoch + 1, "loss": loss_sum / n_seen, "train_acc": correct / n_seen,
-                   "test_loss": test_loss / test_data.n, "test_acc": test_acc, "images_per_s": rate,
+                   "test_loss": test_loss / test_data.n, "test_acc": test_acc,
+                   "images_per_s": rate if math.isfinite(rate) else None,
                    "seconds": seconds, "lr": lr_at(min(total_steps - 1, (epoch + 1) * steps_per_epoch - 1),
                                                     total_steps, opts["lr"], opts["schedule"]),
                    "dataset": opts["dataset"], "backend": be.name, "run_id": run_id}
@@ -354,10 +363,12 @@ def run(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, old_handler)
 
     wall = time.perf_counter() - t_run
-    overall = steps_done_run * batch / max(train_seconds_total, 1e-9)
+    overall = ((steps_done_run - 1) * batch / max(train_seconds_total - warm_s, 1e-9) if steps_done_run > 1
+               else float("nan"))
     print(f"done: test accuracy {test_acc:.4f} on {ds.name} after {opts['epochs']} epochs; "
-          f"{_rate(overall)} img/s training on {be.name} (training steps only, evaluation excluded, as each "
-          f"epoch's figure); {wall:.1f}s in all; checkpoint {ckpt}, metrics {metrics_path}")
+          f"{_rate(overall)} img/s training on {be.name} (as each epoch's figure: training steps only, without "
+          f"evaluation and without the run's first step, {warm_s:.1f}s, which compiles the kernels); "
+          f"{wall:.1f}s in all; checkpoint {ckpt}, metrics {metrics_path}")
     return 0
 
 

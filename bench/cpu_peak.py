@@ -1,0 +1,317 @@
+"""The cpu backend beside PyTorch on this CPU, measured in one run: training steps, inference, the fraction
+of FP32 peak, the first run's compile time and a cached run's start.
+
+    python -m bench.cpu_peak                    # everything: batch 128, 1,000-image inference, 5 rounds
+    python -m bench.cpu_peak --no-startup       # skip the two child processes (compile, cached start)
+    python -m bench.cpu_peak --json out.json
+
+Training step: the ops in the order of the model's fused step (batch_prepare → conv2d_pool_fwd C1 →
+conv2d_pool_fwd C3 → head_train → conv2d_bwd_weight C3 → conv2d_bwd_data_pool → conv2d_bwd_weight C1 →
+adam_step → step_advance) on mnist-sample with augmentation, against PyTorch's LeNet-5 with Adam
+(bench/peer.py: same layers, same initial parameters, same resident uint8 data). Inference: lenet_fwd on
+1,000 images against PyTorch's forward pass over the same 1,000 (gather, pad, normalise included).
+
+Two clocks, each in alternating rounds (ours, torch, ours, torch, ...) so that both see the same load:
+- wall: both on ``--threads`` threads (default 2), images per second of wall-clock time;
+- cpu: both on one thread, images per second of this process's CPU time (what the work costs whatever
+  else the machine runs).
+Ratios are taken per round (ours/torch) and their median reported. OMP_WAIT_POLICY defaults to PASSIVE here
+(see below); the peak fractions use the nominal clock, and ``measured_clock_ghz`` says how fast the core
+really ran.
+
+FP32 peak = cores × FMA units × SIMD lanes × 2 × clock (``fp32_peak``): the flags and clock from
+/proc/cpuinfo, two FMA units a core (every x86 core with FMA since Haswell and Zen), 16 lanes with a
+512-bit datapath, 8 with AVX2 or with AVX-512 on AMD Zen 4 (family 0x19: 512-bit ops run on 256-bit units).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lenet_gpu import spec
+from lenet_gpu.stepstate import HostState, schedule_table
+
+ROOT = Path(__file__).resolve().parent.parent
+#: OpenMP threads that wait for work by spinning steal a shared core from whoever else runs there: on this
+#: busy 2-core machine two spinning threads made both Numba and PyTorch 10x slower than one thread. Both
+#: libraries read this before their thread pools start (set before either is imported; yours wins if set).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# ---------------------------------------------------------------------------------------- the machine
+
+
+def cpu_info() -> dict[str, Any]:
+    """Model, vendor, family, clock (MHz), flags of the first CPU in /proc/cpuinfo, and the usable cores."""
+    info: dict[str, Any] = {"model": "unknown", "vendor": "", "family": 0, "mhz": 0.0, "flags": set()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, val = line.partition(":")
+        key, val = key.strip(), val.strip()
+        if key == "model name":
+            info["model"] = val
+        elif key == "vendor_id":
+            info["vendor"] = val
+        elif key == "cpu family":
+            info["family"] = int(val)
+        elif key == "cpu MHz":
+            info["mhz"] = float(val)
+        elif key == "flags":
+            info["flags"] = set(val.split())
+    info["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return info
+
+
+def fp32_peak(info: dict[str, Any], cores: int | None = None) -> tuple[float, str]:
+    """(FLOP/s, the formula with its numbers): cores × FMA units × SIMD lanes × 2 × clock."""
+    flags = info["flags"]
+    units = 2 if "fma" in flags else 1
+    if "avx512f" in flags and not (info["vendor"] == "AuthenticAMD" and info["family"] == 0x19):
+        lanes = 16
+    elif "avx2" in flags or "avx" in flags:
+        lanes = 8
+    else:
+        lanes = 4
+    n = cores or info["cores"]
+    ghz = info["mhz"] / 1000.0
+    peak = n * units * lanes * 2 * ghz * 1e9
+    return peak, f"{n} cores × {units} FMA units × {lanes} lanes × 2 × {ghz:.3f} GHz = {peak / 1e9:.1f} GFLOP/s"
+
+
+def measured_clock_ghz(n: int = 20_000_000) -> float:
+    """The core clock while busy, from a chain of n dependent FMAs (4 cycles each on Zen 4 and on Intel cores
+    since Skylake): /proc/cpuinfo gives the nominal clock, and a boosting core runs faster."""
+    from numba import njit
+
+    @njit(fastmath={"contract"}, cache=False)
+    def chain(x, a, b, n):
+        for _ in range(n):
+            x = x * a + b
+        return x
+
+    chain(np.float32(1.0), np.float32(0.5), np.float32(0.25), 10)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        chain(np.float32(1.0), np.float32(0.5), np.float32(0.25), n)
+        best = min(best, time.perf_counter() - t0)
+    return 4 * n / best / 1e9
+
+
+def train_flops(cfg: spec.NetConfig | None = None) -> int:
+    """FLOPs of one training step per image: the forward pass, then the weight gradients of every layer and
+    the data gradients of all but C1 (which needs none)."""
+    f6 = (cfg or spec.NetConfig()).f6
+    c1, c3 = 6 * 28 * 28 * 25, 16 * 10 * 10 * 150
+    dense = 400 * 120 + 120 * f6 + f6 * spec.NUM_CLASSES
+    return spec.forward_flops(cfg) + 2 * (c1 + 2 * c3 + 2 * dense)
+
+
+# ------------------------------------------------------------------------------------ our training step
+
+
+class CpuStep:
+    """The training step of the fused ops on a backend (the model's step, written out)."""
+
+    def __init__(self, be: Any, images: np.ndarray, labels: np.ndarray, batch: int, seed: int = 0,
+                 shift: int = 2, act: str = "relu", mode: str = "max") -> None:
+        self.be, self.batch, self.act, self.mode = be, batch, act, mode
+        cfg = spec.NetConfig(activation=act, pool=mode)
+        n = images.shape[0]
+        self.mean = float(images.mean() / 255.0)
+        self.std = float(images.std() / 255.0)
+        self.init = spec.init_params(cfg, seed)
+        self.images, self.labels = be.to_device(images), be.to_device(labels)
+        self.perm = be.to_device(np.random.default_rng(seed).permutation(n).astype(np.int32))
+        steps = n // batch
+        self.state = be.to_device(HostState(steps_per_epoch=steps, seed=seed, shift=shift).to_array())
+        self.sched = be.to_device(schedule_table(np.full(10**5, 1e-3), 0, 0.9, 0.999))
+        self.stats = be.zeros((steps, 2))
+        total = self.init.size
+        self.p = be.to_device(self.init)
+        self.g, self.m, self.v = be.zeros((total,)), be.zeros((total,)), be.zeros((total,))
+        self.P, self.G = spec.views(self.p, cfg), spec.views(self.g, cfg)
+        B, f6 = batch, cfg.f6
+        self.x, self.y = be.empty((B, 1, 32, 32)), be.empty((B,), np.int32)
+        self.a1, self.s2 = be.empty((B, 6, 28, 28)), be.empty((B, 6, 14, 14))
+        self.a3, self.s4 = be.empty((B, 16, 10, 10)), be.empty((B, 16, 5, 5))
+        self.am1, self.am3 = be.empty((B, 6, 14, 14), np.uint8), be.empty((B, 16, 5, 5), np.uint8)
+        self.h1, self.h2, self.logits = be.empty((B, 120)), be.empty((B, f6)), be.empty((B, 10))
+        self.dz3, self.dz1 = be.empty((B, 16, 10, 10)), be.empty((B, 6, 28, 28))
+
+    def step(self) -> None:
+        be, P, G, act, mode = self.be, self.P, self.G, self.act, self.mode
+        be.batch_prepare(self.images, self.labels, self.perm, self.state, self.x, self.y, self.mean, self.std)
+        be.conv2d_pool_fwd(self.x, P["c1.w"], P["c1.b"], self.a1, self.s2, self.am1, act, mode)
+        be.conv2d_pool_fwd(self.s2, P["c3.w"], P["c3.b"], self.a3, self.s4, self.am3, act, mode)
+        be.head_train(self.s4, self.y, P["c5.w"], P["c5.b"], P["f6.w"], P["f6.b"], P["out.w"], P["out.b"],
+                      self.h1, self.h2, self.logits, self.am3, self.a3, self.dz3, G["c5.w"], G["c5.b"], G["f6.w"],
+                      G["f6.b"], G["out.w"], G["out.b"], self.stats, self.state, act, mode)
+        be.conv2d_bwd_weight(self.s2, self.dz3, G["c3.w"], G["c3.b"], self.state)
+        be.conv2d_bwd_data_pool(self.dz3, P["c3.w"], self.am1, self.a1, self.dz1, mode, act)
+        be.conv2d_bwd_weight(self.x, self.dz1, G["c1.w"], G["c1.b"], self.state)
+        be.adam_step(self.p, self.g, self.m, self.v, self.sched, self.state, 0.9, 0.999, 1e-8, 0.0)
+        be.step_advance(self.state, self.batch)
+
+
+def load_images(limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from lenet_gpu.data import load_dataset
+
+    ds = load_dataset("mnist-sample")
+    return ds.train_images[:limit], ds.train_labels[:limit], ds.test_images, ds.test_labels
+
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def _set_threads(n: int, torch: Any) -> None:
+    import numba
+
+    numba.set_num_threads(n)
+    torch.set_num_threads(n)
+
+
+def compare(clock: str, threads: int, rounds: int, ours: Any, theirs: Any, images_per_call: int,
+            calls: int, torch: Any) -> dict[str, Any]:
+    """Alternating rounds of ``calls`` calls each; images/s per round and the per-round ratios."""
+    _set_threads(threads, torch)
+    tick = time.perf_counter if clock == "wall" else time.process_time
+    ours(), theirs()  # warm
+    rows = []
+    for _ in range(rounds):
+        r = {}
+        for name, fn in (("ours", ours), ("torch", theirs)):
+            t0 = tick()
+            for _ in range(calls):
+                fn()
+            r[name] = images_per_call * calls / (tick() - t0)
+        rows.append(r)
+    o = np.array([r["ours"] for r in rows])
+    t = np.array([r["torch"] for r in rows])
+    return {"clock": clock, "threads": threads, "rounds": rounds, "calls_per_round": calls,
+            "ours_img_s": float(np.median(o)), "torch_img_s": float(np.median(t)),
+            "ratio": float(np.median(o / t)), "ratio_min": float((o / t).min()), "ratio_max": float((o / t).max())}
+
+
+def startup(tmp: str, batch: int) -> dict[str, float]:
+    """Seconds from interpreter start to the end of the first training step, in a child process with an
+    empty Numba cache (the first run: compiles) and again with that cache (a cached run)."""
+    code = (
+        "import time; t0 = time.perf_counter(); c0 = time.process_time()\n"
+        "from lenet_gpu.backends import get_backend\n"
+        "from bench.cpu_peak import CpuStep, load_images\n"
+        "im, lb, _, _ = load_images(1024)\n"
+        f"s = CpuStep(get_backend('cpu'), im, lb, {batch})\n"
+        "s.step()\n"
+        "print(time.perf_counter() - t0, time.process_time() - c0)\n"
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=tmp, PYTHONPATH=str(ROOT))
+    out: dict[str, float] = {}
+    for name in ("first_run", "cached_run"):
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        wall, cpu = (float(v) for v in res.stdout.split())
+        out[f"{name}_to_first_step_s"] = wall
+        out[f"{name}_cpu_s"] = cpu
+        out[f"{name}_process_s"] = time.perf_counter() - t0
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--infer", type=int, default=1000, help="images per inference call")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20, help="training steps per round")
+    ap.add_argument("--threads", type=int, default=2, help="threads of both for the wall-clock figures")
+    ap.add_argument("--no-startup", action="store_true", help="skip the compile and cached-start children")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from bench.peer import TorchLeNet
+    from lenet_gpu.backends import get_backend
+
+    info = cpu_info()
+    peak, formula = fp32_peak(info)
+    peak1, formula1 = fp32_peak(info, cores=1)
+    out: dict[str, Any] = {"cpu": info["model"], "peak_formula": formula, "peak_formula_1core": formula1,
+                           "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    ghz = measured_clock_ghz()
+    out["measured_clock_ghz"] = ghz
+    print(f"CPU {info['model']}; FP32 peak {formula}; measured clock {ghz:.2f} GHz "
+          f"(peak at that clock {peak * ghz / (info['mhz'] / 1000) / 1e9:.0f} GFLOP/s)")
+
+    tr_x, tr_y, te_x, _ = load_images()
+    be = get_backend("cpu")
+    ours = CpuStep(be, tr_x, tr_y, args.batch)
+    cfg = spec.NetConfig()
+    peer = TorchLeNet(cfg, spec.views(ours.init, cfg), tr_x, tr_y, ours.mean, ours.std, lr=1e-3)
+    nsteps = tr_x.shape[0] // args.batch
+    pos = {"i": 0}
+
+    def torch_step() -> None:
+        peer.train_step((pos["i"] % nsteps) * args.batch, args.batch)
+        pos["i"] += 1
+
+    inf_x = te_x[: args.infer]
+    logits = be.empty((inf_x.shape[0], 10))
+    params = ours.P
+    peer_inf = TorchLeNet(cfg, spec.views(ours.init, cfg), inf_x, np.zeros(inf_x.shape[0], np.uint8), ours.mean,
+                          ours.std)
+
+    def our_infer() -> None:
+        be.lenet_fwd(inf_x, params, logits, ours.mean, ours.std, "relu", "max")
+
+    def torch_infer() -> None:
+        peer_inf.forward(0, inf_x.shape[0])
+
+    tf, ff = train_flops(cfg), spec.forward_flops(cfg)
+    out["train_flops_per_image"], out["forward_flops_per_image"] = tf, ff
+    results = []
+    for clock, threads in (("wall", args.threads), ("cpu", 1)):
+        p = peak if clock == "wall" else peak1
+        p = p * min(threads, info["cores"]) / (info["cores"] if clock == "wall" else 1)
+        for kind, fo, ft, n_img, calls, flops in (
+            ("train", ours.step, torch_step, args.batch, args.steps, tf),
+            ("infer", our_infer, torch_infer, inf_x.shape[0], max(1, args.steps // 4), ff),
+        ):
+            r = compare(clock, threads, args.rounds, fo, ft, n_img, calls, torch)
+            r["kind"] = kind
+            r["batch"] = n_img
+            r["ours_peak_fraction"] = r["ours_img_s"] * flops / p
+            r["torch_peak_fraction"] = r["torch_img_s"] * flops / p
+            results.append(r)
+            print(f"{kind:5s} {clock:4s} {threads} thr: ours {r['ours_img_s']:9.0f} img/s "
+                  f"({100 * r['ours_peak_fraction']:4.1f}% of peak)  torch {r['torch_img_s']:9.0f} img/s "
+                  f"({100 * r['torch_peak_fraction']:4.1f}%)  ratio {r['ratio']:.2f} "
+                  f"[{r['ratio_min']:.2f}..{r['ratio_max']:.2f}]")
+    out["results"] = results
+    if not args.no_startup:
+        with tempfile.TemporaryDirectory() as tmp:
+            out["startup"] = startup(tmp, args.batch)
+        s = out["startup"]
+        print(f"first run: first step after {s['first_run_to_first_step_s']:.1f} s "
+              f"({s['first_run_cpu_s']:.1f} s CPU); cached run: after {s['cached_run_to_first_step_s']:.2f} s "
+              f"({s['cached_run_cpu_s']:.2f} s CPU)")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""CpuBackend: the Backend protocol (lenet_gpu.backends.base) over the Numba @njit kernels of this package.
+
+Arrays are NumPy arrays. Each op wrapper looks up a plan for its argument shapes (the kernel, compiled on
+first use or loaded from Numba's disk cache, and its workspaces), made once per shape: the checks run
+then, and the workspaces are allocated then (counted in ``counters.allocs``), so a training step after
+warm-up allocates nothing. Kernels run on Numba's thread pool (``threads``, else LENET_GPU_NUM_THREADS, else Numba's
+default); their results do not depend on the number of threads (see common.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numba
+import numpy as np
+
+from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, Counters, check_act, check_mode
+from . import batch, conv2d, dense, head, lenet_fwd, loss, optim, pool2x2
+from .common import L, nchunks
+
+F32 = np.float32
+
+#: kernels of fixed shape, by name; the register-blocked ones are made per block size (conv2d.make_*)
+KERNELS: dict[str, Any] = {}
+for _m in (batch, loss, optim, pool2x2, dense, head):
+    KERNELS.update(_m.KERNELS)
+KERNELS.update({
+    "conv2d_fwd_v1": conv2d.conv2d_fwd_v1,
+    "conv2d_bwd_data_v1": conv2d.conv2d_bwd_data_v1,
+    "conv2d_bwd_weight_v1": conv2d.conv2d_bwd_weight_v1,
+})
+
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "batch_prepare": ("v1",),
+    "conv2d_fwd": ("v1",),
+    "pool2x2_fwd": ("v1",),
+    "dense_fwd": ("v1",),
+    "softmax_xent": ("v1",),
+    "dense_bwd": ("v1",),
+    "pool2x2_bwd": ("v1",),
+    "conv2d_bwd_data": ("v1",),
+    "conv2d_bwd_weight": ("v1", "v2", "v3"),
+    "adam_step": ("v1",),
+    "sgd_step": ("v1",),
+    "step_advance": ("v1",),
+    "conv2d_pool_fwd": ("v1", "v2"),
+    "head_train": ("v1",),
+    "conv2d_bwd_data_pool": ("v1",),
+    "lenet_fwd": ("v1",),
+}
+assert set(OPS) | set(OPTIONAL_OPS) == set(VARIANTS)
+
+#: "auto": the kernel is chosen by shape: the lanes kernel for narrow maps, the rows kernel for wide ones
+DEFAULT_VARIANTS = {op: ("auto" if len(vs) > 1 else vs[0]) for op, vs in VARIANTS.items()}
+#: output maps at least this wide use the rows kernels (LeNet: C1's 28 columns; C3's 10 use lanes)
+ROWS_MIN_WIDTH = 24
+
+
+def _default_threads() -> int | None:
+    env = os.environ.get("LENET_GPU_NUM_THREADS")
+    return max(1, int(env)) if env else None
+
+
+def _act(act: str) -> int:
+    code = ACT_CODES.get(act)
+    if code is None:
+        check_act(act)  # raises
+    return code
+
+
+def _mode(mode: str) -> int:
+    code = POOL_CODES.get(mode)
+    if code is None:
+        check_mode(mode)  # raises
+    return code
+
+
+def _need(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{op}: {msg}")
+
+
+def _check_arrays(op: str, **arrays: Any) -> None:
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        _need(isinstance(a, np.ndarray), op, f"{name} must be a NumPy array, got {type(a).__name__}")
+        _need(a.flags.c_contiguous, op, f"{name} must be C-contiguous")
+
+
+def _check_f32(op: str, **arrays: Any) -> None:
+    _check_arrays(op, **arrays)
+    for name, a in arrays.items():
+        if a is not None:
+            _need(a.dtype == np.float32, op, f"{name} must be float32, got {a.dtype}")
+
+
+class CpuBackend:
+    """The CPU backend in Numba @njit kernels (see the package docstring)."""
+
+    name = "cpu"
+    is_gpu = False
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.counters = Counters()
+        self.variants: dict[str, tuple[str, ...]] = dict(VARIANTS)
+        self.default_variants: dict[str, str] = dict(DEFAULT_VARIANTS)
+        threads = threads or _default_threads()
+        if threads:  # else Numba's own setting (NUMBA_NUM_THREADS, default: the cores)
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        self.threads = numba.get_num_threads()
+        #: per-thread workspaces are sized for every thread Numba may run
+        self._slots = numba.config.NUMBA_NUM_THREADS
+        self._plans: dict[tuple, tuple] = {}
+        self._dummy_f = np.zeros((1, 1, 1, 1), np.float32)
+        self._dummy_u8 = np.zeros((1, 1, 1, 1), np.uint8)
+
+    # ------------------------------------------------------------------ memory
+    def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        self.counters.allocs += 1
+        return np.empty(shape, dtype=dtype)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        self.counters.allocs += 1
+        return np.zeros(shape, dtype=dtype)
+
+    def to_device(self, host: np.ndarray) -> np.ndarray:
+        self.counters.allocs += 1
+        self.counters.h2d += 1
+        return np.array(host, copy=True, order="C")
+
+    def upload(self, dst: np.ndarray, host: np.ndarray) -> None:
+        if dst.shape != np.shape(host):
+            raise ValueError(f"upload: shape {np.shape(host)} does not match {dst.shape}")
+        self.counters.h2d += 1
+        dst[...] = host
+
+    def to_host(self, arr: np.ndarray) -> np.ndarray:
+        self.counters.d2h += 1
+        return np.array(arr, copy=True)
+
+    def synchronize(self) -> None:
+        self.counters.syncs += 1
+
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        return fn  # a kernel call is already the cheapest dispatch there is here
+
+    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
+        return None  # no graphs on the CPU
+
+    def _ws(self, *shape: int, dtype: Any = np.float32) -> np.ndarray:
+        """A zeroed workspace (counted as an allocation; made once per plan)."""
+        self.counters.allocs += 1
+        return np.zeros(shape, dtype=dtype)
+
+    def _variant(self, op: str, variant: str | None, width: int) -> str:
+        v = variant or self.default_variants[op]
+        if v == "auto":
+            return self.variants[op][-1] if width >= ROWS_MIN_WIDTH else self.variants[op][-2]
+        if v not in self.variants[op]:
+            raise ValueError(f"{op}: unknown variant {v!r}; expected one of {', '.join(self.variants[op])} or auto")
+        return v
+
+    # ------------------------------------------------------------------ ops: batch, loss, optimizers
+    def batch_prepare(self, images, labels, perm, state, x, y, mean, std, variant=None) -> None:
+        self.counters.launches += 1
+        key = ("batch_prepare", images.shape, perm.shape, x.shape, y.shape)
+        if key not in self._plans:
+            op = "batch_prepare"
+            _check_arrays(op, images=images, labels=labels, perm=perm, state=state, x=x, y=y)
+            _need(images.dtype == np.uint8 and labels.dtype == np.uint8, op, "images and labels must be uint8")
+            _need(perm.dtype == np.int32 and state.dtype == np.int32 and y.dtype == np.int32, op,
+                  "perm, state and y must be int32")
+            _need(x.dtype == np.float32 and x.ndim == 4 and x.shape[1] == 1 and y.shape == (x.shape[0],), op,
+                  f"x must be (B,1,H,W) float32 and y (B,), got {x.shape}, {y.shape}")
+            _need(x.shape[2] >= images.shape[1] and x.shape[3] >= images.shape[2], op, "x smaller than the images")
+            self._plans[key] = ()
+        batch.batch_prepare_v1(images, labels, perm, state, x, y, F32(1.0 / (255.0 * std)), F32(-mean / std))
+
+    def step_advance(self, state, batch_size, variant=None) -> None:
+        self.counters.launches += 1
+        batch.step_advance_v1(state, batch_size)
+
+    def softmax_xent(self, logits, labels, dlogits, stats, state, variant=None) -> None:
+        self.counters.launches += 1
+        key = ("softmax_xent", logits.shape, stats.shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            _check_f32("softmax_xent", logits=logits, dlogits=dlogits, stats=stats)
+            _need(labels.shape == (logits.shape[0],) and dlogits.shape == logits.shape, "softmax_xent",
+                  "labels (B,) and dlogits (B, NC) must match logits")
+            plan = self._plans[key] = (self._ws(nchunks(logits.shape[0]), 2, dtype=np.float64),)
+        loss.softmax_xent_v1(logits, labels, dlogits, stats, state, plan[0])
+
+    def adam_step(self, p, g, m, v, sched, state, beta1, beta2, eps, weight_decay, variant=None) -> None:
+        self.counters.launches += 1
+        key = ("adam_step", p.shape)
+        if key not in self._plans:
+            _check_f32("adam_step", p=p, g=g, m=m, v=v, sched=sched)
+            _need(p.shape == g.shape == m.shape == v.shape, "adam_step", "p, g, m, v must have one shape")
+            self._plans[key] = ()
+        optim.adam_step_v1(p, g, m, v, sched, state, F32(beta1), F32(beta2), F32(eps), F32(weight_decay),
+                           F32(1 - beta1), F32(1 - beta2))
+
+    def sgd_step(self, p, g, m, sched, state, momentum, weight_decay, variant=None) -> None:
+        self.counters.launches += 1
+        key = ("sgd_step", p.shape)
+        if key not in self._plans:
+            _check_f32("sgd_step", p=p, g=g, m=m, sched=sched)
+            _need(p.shape == g.shape == m.shape, "sgd_step", "p, g, m must have one shape")
+            self._plans[key] = ()
+        optim.sgd_step_v1(p, g, m, sched, state, F32(momentum), F32(weight_decay))
+
+    # ------------------------------------------------------------------ ops: unfused layers (v1)
+    def conv2d_fwd(self, x, w, b, y, act, variant=None) -> None:
+        self.counters.launches += 1
+        code = _act(act)
+        self._check_conv("conv2d_fwd", x, w, y, b=b)
+        conv2d.conv2d_fwd_v1(x, w, b, y, code)
+
+    def conv2d_bwd_data(self, dz, w, dx, variant=None) -> None:
+        self.counters.launches += 1
+        self._check_conv("conv2d_bwd_data", dx, w, dz)
+        conv2d.conv2d_bwd_data_v1(dz, w, dx)
+
+    def conv2d_bwd_weight(self, x, dz, dw, db, state=None, variant=None) -> None:
+        self.counters.launches += 1
+        v = self._variant("conv2d_bwd_weight", variant, dz.shape[3])
+        key = ("conv2d_bwd_weight", v, x.shape, dz.shape, dw.shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan_bwd_weight(v, x, dz, dw, db)
+        fn, *ws = plan
+        fn(x, dz, dw, db, *ws)
+
+    def _check_conv(self, op: str, x, w, y, b=None) -> None:
+        key = (op, x.shape, w.shape, y.shape)
+        if key in self._plans:
+            return
+        _check_f32(op, x=x, w=w, y=y, b=b)
+        _need(x.ndim == 4 and w.ndim == 4 and x.shape[1] == w.shape[1], op, f"x {x.shape} and w {w.shape} disagree")
+        ho, wo = x.shape[2] - w.shape[2] + 1, x.shape[3] - w.shape[3] + 1
+        want = (x.shape[0], w.shape[0], ho, wo)
+        _need(y.shape == want, op, f"output shape {y.shape}, want {want}")
+        _need(b is None or b.shape == (w.shape[0],), op, "b must be (K,)")
+        self._plans[key] = ()
+
+    def _plan_bwd_weight(self, v: str, x, dz, dw, db) -> tuple:
+        op = "conv2d_bwd_weight"
+        self._check_conv(op, x, dw, dz)
+        _check_f32(op, db=db)
+        _need(db.shape == (dw.shape[0],), op, "db must be (K,)")
+        B, C, H, W = x.shape
+        K, _, R, S = dw.shape
+        Ho, Wo = dz.shape[2], dz.shape[3]
+        part = self._ws(nchunks(B), K * C * R * S + K)
+        if v == "v1":
+            return conv2d.conv2d_bwd_weight_v1, part
+        kb, kp = conv2d.block_size(K, (4, 3))
+        T = self._slots
+        if v == "v2":
+            fn = conv2d.make_conv2d_bwd_weight_v2(kb)
+            return fn, self._ws(T, C, H, W, L), self._ws(T, kp, Ho, Wo, L), part
+        nv = -(-Wo // L)
+        fn = conv2d.make_conv2d_bwd_weight_v3(kb)
+        return fn, self._ws(T, L, C, H, nv * L + S - 1), self._ws(T, L, kp, Ho, nv * L), part
+
+    def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
+        self.counters.launches += 1
+        code = _mode(mode)
+        self._check_pool("pool2x2_fwd", x, y, argmax, mode)
+        pool2x2.pool2x2_fwd_v1(x, y, argmax if argmax is not None else self._dummy_u8, code)
+
+    def pool2x2_bwd(self, dy, argmax, yconv, dz, mode, act, variant=None) -> None:
+        self.counters.launches += 1
+        code, acode = _mode(mode), _act(act)
+        self._check_pool("pool2x2_bwd", yconv, dy, argmax, mode)
+        _need(dz.shape == yconv.shape, "pool2x2_bwd", "dz must have yconv's shape")
+        pool2x2.pool2x2_bwd_v1(dy, argmax if argmax is not None else self._dummy_u8, yconv, dz, code, acode)
+
+    def _check_pool(self, op: str, x, y, argmax, mode: str) -> None:
+        key = (op, x.shape, y.shape, mode)
+        if key in self._plans:
+            return
+        _check_f32(op, x=x, y=y)
+        n, c, h, w = x.shape
+        _need(y.shape == (n, c, h // 2, w // 2) and h >= 2 and w >= 2, op, f"pooled shape {y.shape} for {x.shape}")
+        if mode == "max":
+            _need(argmax is not None and argmax.shape == y.shape and argmax.dtype == np.uint8, op,
+                  "max pooling needs a uint8 argmax with the pooled shape")
+            _check_arrays(op, argmax=argmax)
+        self._plans[key] = ()
+
+    def dense_fwd(self, x, w, b, y, act, variant=None) -> None:
+        self.counters.launches += 1
+        code = _act(act)
+        self._check_dense("dense_fwd", x, w, y, b=b)
+        dense.dense_fwd_v1(x, w, b, y, code)
+
+    def dense_bwd(self, x, w, y, dy, dx, dw, db, act, variant=None) -> None:
+        self.counters.launches += 1
+        code = _act(act)
+        self._check_dense("dense_bwd", x, w, y, dy=dy, dx=dx, dw=dw, db=db)
+        dense.dense_bwd_v1(x, w, y, dy, dx if dx is not None else x, dw, db, code, dx is not None)
+
+    def _check_dense(self, op: str, x, w, y, b=None, dy=None, dx=None, dw=None, db=None) -> None:
+        key = (op, x.shape, w.shape, y.shape, dx is None)
+        if key in self._plans:
+            return
+        _check_f32(op, x=x, w=w, y=y, b=b, dy=dy, dx=dx, dw=dw, db=db)
+        _need(x.ndim == 2 and w.ndim == 2 and x.shape[1] == w.shape[1], op, f"x {x.shape} and w {w.shape} disagree")
+        _need(y.shape == (x.shape[0], w.shape[0]), op, f"y must be {(x.shape[0], w.shape[0])}")
+        for name, a, want in (("b", b, (w.shape[0],)), ("dy", dy, y.shape), ("dx", dx, x.shape),
+                              ("dw", dw, w.shape), ("db", db, (w.shape[0],))):
+            _need(a is None or a.shape == want, op, f"{name} must be {want}")
+        self._plans[key] = ()
+
+    # ------------------------------------------------------------------ fused ops
+    def conv2d_pool_fwd(self, x, w, b, yconv, ypool, argmax, act, mode, variant=None) -> None:
+        self.counters.launches += 1
+        acode, mcode = _act(act), _mode(mode)
+        v = self._variant("conv2d_pool_fwd", variant, x.shape[3] - w.shape[3] + 1)
+        key = ("conv2d_pool_fwd", v, x.shape, w.shape, ypool.shape, yconv is None, mode)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan_conv_pool(v, x, w, b, yconv, ypool, argmax, mode)
+        fn, *ws = plan
+        fn(x, w, b, yconv if yconv is not None else self._dummy_f, ypool,
+           argmax if argmax is not None else self._dummy_u8, acode, mcode, yconv is not None, *ws)
+
+    def _plan_conv_pool(self, v: str, x, w, b, yconv, ypool, argmax, mode: str) -> tuple:
+        op = "conv2d_pool_fwd"
+        B, C, H, W = x.shape
+        K, _, R, S = w.shape
+        Ho, Wo = H - R + 1, W - S + 1
+        _check_f32(op, x=x, w=w, b=b, yconv=yconv, ypool=ypool)
+        _need(x.ndim == 4 and w.ndim == 4 and C == w.shape[1] and Ho >= 2 and Wo >= 2, op,
+              f"x {x.shape} and w {w.shape} disagree")
+        _need(b.shape == (K,), op, "b must be (K,)")
+        _need(yconv is None or yconv.shape == (B, K, Ho, Wo), op, f"yconv must be {(B, K, Ho, Wo)}")
+        _need(ypool.shape == (B, K, Ho // 2, Wo // 2), op, f"ypool must be {(B, K, Ho // 2, Wo // 2)}")
+        if mode == "max":
+            _need(argmax is not None and argmax.shape == ypool.shape and argmax.dtype == np.uint8, op,
+                  "max pooling needs a uint8 argmax with ypool's shape")
+            _check_arrays(op, argmax=argmax)
+        kb, kp = conv2d.block_size(K)
+        T = self._slots
+        wp, bp = self._ws(kp, C, R, S), self._ws(kp)
+        if v == "v1":
+            return conv2d.make_conv2d_pool_fwd_v1(kb), self._ws(T, C, H + Ho % 2, W + Wo % 2, L), wp, bp
+        nvp = -(-Wo // (2 * L))
+        return conv2d.make_conv2d_pool_fwd_v2(kb), self._ws(T, C, Ho + Ho % 2 + R - 1, nvp * 2 * L + S - 1), wp, bp
+
+    def conv2d_bwd_data_pool(self, dz, w, argmax, yconv, dz_below, mode, act, variant=None) -> None:
+        self.counters.launches += 1
+        acode, mcode = _act(act), _mode(mode)
+        key = ("conv2d_bwd_data_pool", dz.shape, w.shape, yconv.shape, mode)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan_bwd_data_pool(dz, w, argmax, yconv, dz_below, mode)
+        fn, *ws = plan
+        fn(dz, w, argmax if argmax is not None else self._dummy_u8, yconv, dz_below, mcode, acode, *ws)
+
+    def _plan_bwd_data_pool(self, dz, w, argmax, yconv, dz_below, mode: str) -> tuple:
+        op = "conv2d_bwd_data_pool"
+        _check_f32(op, dz=dz, w=w, yconv=yconv, dz_below=dz_below)
+        B, K, Ho, Wo = dz.shape
+        _need(w.ndim == 4 and w.shape[0] == K, op, f"w {w.shape} and dz {dz.shape} disagree")
+        _, C, R, S = w.shape
+        Hx, Wx = Ho + R - 1, Wo + S - 1
+        _need(yconv.shape[:2] == (B, C) and yconv.shape[2] // 2 == Hx and yconv.shape[3] // 2 == Wx, op,
+              f"yconv {yconv.shape} is not the map the pooled input {(B, C, Hx, Wx)} came from")
+        _need(dz_below.shape == yconv.shape, op, "dz_below must have yconv's shape")
+        if mode == "max":
+            _need(argmax is not None and argmax.shape == (B, C, Hx, Wx) and argmax.dtype == np.uint8, op,
+                  f"max pooling needs a uint8 argmax {(B, C, Hx, Wx)}")
+            _check_arrays(op, argmax=argmax)
+        kb, cp = conv2d.block_size(C)
+        T = self._slots
+        hxp = Hx + Hx % 2  # whole pairs of rows
+        if Wx <= L:  # two images' framed dz one above the other; dx of both
+            ws_dz, ws_dx = self._ws(T, K, 2 * (hxp + R - 1), L + S - 1), self._ws(T, 2, cp, hxp, L)
+        else:
+            nv2 = 2 * -(-Wx // (2 * L))
+            ws_dz, ws_dx = self._ws(T, K, hxp + R - 1, nv2 * L + S - 1), self._ws(T, 1, cp, hxp, nv2 * L)
+        return conv2d.make_conv2d_bwd_data_pool_v1(kb), ws_dz, ws_dx, self._ws(cp, K, R, S)
+
+    def head_train(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
+                   dw1, db1, dw2, db2, dw3, db3, stats, state, act, mode, variant=None) -> None:
+        self.counters.launches += 1
+        acode, mcode = _act(act), _mode(mode)
+        key = ("head_train", x.shape, w1.shape, w2.shape, w3.shape, yconv.shape, stats.shape, mode)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan_head(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax,
+                                                      yconv, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, mode)
+        head.head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits,
+                           argmax if argmax is not None else self._dummy_u8, yconv, dz_conv,
+                           dw1, db1, dw2, db2, dw3, db3, stats, state, acode, mcode, *plan)
+
+    def _plan_head(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
+                   dw1, db1, dw2, db2, dw3, db3, stats, mode: str) -> tuple:
+        op = "head_train"
+        _check_f32(op, x=x, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3, h1=h1, h2=h2, logits=logits, yconv=yconv,
+                   dz_conv=dz_conv, dw1=dw1, db1=db1, dw2=dw2, db2=db2, dw3=dw3, db3=db3, stats=stats)
+        B, C, Hp, Wp = x.shape
+        I = C * Hp * Wp
+        H1, H2, NC = w1.shape[0], w2.shape[0], w3.shape[0]
+        _need(w1.shape == (H1, I) and w2.shape == (H2, H1) and w3.shape == (NC, H2), op,
+              f"weights {w1.shape}, {w2.shape}, {w3.shape} do not chain from {I} inputs")
+        for name, a, want in (("b1", b1, (H1,)), ("b2", b2, (H2,)), ("b3", b3, (NC,)), ("h1", h1, (B, H1)),
+                              ("h2", h2, (B, H2)), ("logits", logits, (B, NC)), ("labels", labels, (B,)),
+                              ("dw1", dw1, w1.shape), ("db1", db1, (H1,)), ("dw2", dw2, w2.shape),
+                              ("db2", db2, (H2,)), ("dw3", dw3, w3.shape), ("db3", db3, (NC,))):
+            _need(a.shape == want, op, f"{name} must be {want}, got {a.shape}")
+        _need(yconv.shape[:2] == (B, C) and yconv.shape[2] // 2 == Hp and yconv.shape[3] // 2 == Wp, op,
+              f"yconv {yconv.shape} is not the map x {x.shape} pools")
+        _need(dz_conv.shape == yconv.shape, op, "dz_conv must have yconv's shape")
+        _need(stats.ndim == 2 and stats.shape[1] == 2, op, "stats must be (S, 2)")
+        if mode == "max":
+            _need(argmax is not None and argmax.shape == x.shape and argmax.dtype == np.uint8, op,
+                  "max pooling needs a uint8 argmax with x's shape")
+            _check_arrays(op, argmax=argmax)
+        T = self._slots
+
+        def pad8(n: int) -> int:
+            return -(-n // dense.OB) * dense.OB
+
+        return (self._ws(T, I, L), self._ws(T, H1, L), self._ws(T, H2, L), self._ws(T, NC, L),
+                self._ws(T, H1, L), self._ws(T, H2, L), self._ws(T, I, L), self._ws(T, C, Hp, Wp),
+                self._ws(B, pad8(H1)), self._ws(B, pad8(H2)), self._ws(B, pad8(NC)),
+                self._ws(nchunks(B), 2, dtype=np.float64), head.dw_tasks(((H1, I), (H2, H1), (NC, H2))))
+
+    def lenet_fwd(self, images, params: dict, logits, mean, std, act, mode, variant=None) -> None:
+        self.counters.launches += 1
+        acode, mcode = _act(act), _mode(mode)
+        p = [params[k] for k in ("c1.w", "c1.b", "c3.w", "c3.b", "c5.w", "c5.b", "f6.w", "f6.b", "out.w", "out.b")]
+        key = ("lenet_fwd", images.shape, p[0].shape, p[2].shape, p[6].shape, logits.shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan_lenet_fwd(images, p, logits)
+        fn, *ws = plan
+        fn(images, *p, logits, F32(1.0 / (255.0 * std)), F32(-mean / std), acode, mcode, *ws)
+
+    def _plan_lenet_fwd(self, images, p: list, logits) -> tuple:
+        op = "lenet_fwd"
+        _check_arrays(op, images=images)
+        _need(images.dtype == np.uint8 and images.ndim == 3, op, "images must be (N, H, W) uint8")
+        _check_f32(op, logits=logits, **{f"p{i}": a for i, a in enumerate(p)})
+        w1, w3, w5, w6, w7 = p[0], p[2], p[4], p[6], p[8]
+        N, IH, IW = images.shape
+        XH, XW = IH + 4, IW + 4  # the canvas: pad 2 (spec.PAD)
+        K1, C1, R1, S1 = w1.shape
+        K3, C3, R3, S3 = w3.shape
+        H2, W2 = (XH - R1 + 1) // 2, (XW - S1 + 1) // 2
+        H4, W4 = (H2 - R3 + 1) // 2, (W2 - S3 + 1) // 2
+        _need(C1 == 1 and C3 == K1, op, f"c1.w {w1.shape} and c3.w {w3.shape} disagree")
+        _need(w5.shape[1] == K3 * H4 * W4 and w6.shape[1] == w5.shape[0] and w7.shape[1] == w6.shape[0], op,
+              "the dense layers do not chain")
+        _need(logits.shape == (N, w7.shape[0]), op, f"logits must be {(N, w7.shape[0])}")
+        kb1, k1p = conv2d.block_size(K1)
+        kb3, k3p = conv2d.block_size(K3)
+        T = self._slots
+        return (lenet_fwd.make_lenet_fwd_v1(kb1, kb3), self._ws(T, 1, XH, XW, L), self._ws(T, K1, H2, W2, L),
+                self._ws(T, K3 * H4 * W4, L), self._ws(T, w5.shape[0], L), self._ws(T, w6.shape[0], L),
+                self._ws(T, w7.shape[0], L), self._ws(k1p, C1, R1, S1), self._ws(k1p), self._ws(k3p, C3, R3, S3),
+                self._ws(k3p))

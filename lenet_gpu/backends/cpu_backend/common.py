@@ -1,0 +1,122 @@
+"""What the cpu backend's kernels share: the lane layout, a stack tile for accumulators, activations.
+
+The lane layout. The fast kernels work on chunks of ``L`` = 16 images, and inside a chunk they keep the
+images innermost: a (C, H, W) map of 16 images is a (C, H, W, L) array, so one pixel of the chunk is one
+16-float vector (one AVX-512 register, two AVX2 registers). A convolution then is, for every output
+pixel, a sum of weight × input-vector products: the loop over the 16 lanes is the one LLVM vectorises,
+every weight is a broadcast, and no lane ever waits for another. The last chunk of a batch may hold fewer
+than 16 images; its spare lanes compute garbage that is never written out (and are zero where a
+reduction would see them).
+
+Register blocking. A kernel's accumulators (a few output pixels × a few filters, 16 lanes each) live in
+a ``stack_tile``: a float32 array on the stack of the kernel, not the heap. LLVM knows such a tile
+aliases nothing else, so it vectorises the lane loop without run-time checks, and once the lane loop is
+one vector wide it promotes the tile to registers for the whole reduction (``np.empty`` inside @njit is
+a heap array, which LLVM must keep in memory). ``inspect_fma`` checks the machine code for it.
+
+Determinism. Work is split into fixed chunks of images (``prange`` over chunks, never a prange
+reduction); a reduction over the batch is summed per chunk, then over the chunks in chunk order. So a
+result does not depend on the number of threads. ``FASTMATH`` allows only FMA contraction, which is
+fixed at compile time: a build repeats bit for bit.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+#: lanes: images per chunk, the vector width of the fast kernels
+L = 16
+#: FMA contraction only (no reassociation, no approximations): deterministic for a given build
+FASTMATH = {"contract"}
+#: options of every kernel: cached on disk (a second run starts fast), no bounds checks, the NumPy
+#: error model (a float division never raises, so it never blocks vectorisation)
+JIT: dict[str, Any] = {"cache": True, "boundscheck": False, "fastmath": FASTMATH, "error_model": "numpy",
+                       "forceinline": False}
+#: functions called only from other kernels: no Python or C entry points to generate
+JIT_INNER: dict[str, Any] = {**JIT, "no_cpython_wrapper": True, "no_cfunc_wrapper": True}
+#: helpers that touch a caller's accumulator tile: inlined into the caller's Numba IR, so the tile is the
+#: caller's and becomes registers there (measured faster than LLVM's alwaysinline of a compiled helper)
+JIT_INLINE: dict[str, Any] = {"inline": "always"}
+#: the same, exact IEEE arithmetic (no contraction): ops that mirror the numpy backend bit for bit. fastmath
+#: is given explicitly (False): a function that does not set it inherits its caller's
+JIT_EXACT: dict[str, Any] = {"cache": True, "boundscheck": False, "fastmath": False, "error_model": "numpy",
+                             "forceinline": False}
+
+F32 = np.float32
+ZERO = F32(0.0)
+ONE = F32(1.0)
+QUARTER = F32(0.25)
+LECUN_A = F32(1.7159)
+LECUN_S = F32(2.0 / 3.0)
+CLIP = F32(88.0)
+
+# activation codes (lenet_gpu.backends.base.ACT_CODES) and pool codes (POOL_CODES)
+IDENTITY, RELU, TANH, LECUN_TANH, SIGMOID = 0, 1, 2, 3, 4
+MAX, AVG = 0, 1
+
+
+@intrinsic(prefer_literal=True)
+def stack_tile(typingctx: Any, n: Any) -> Any:
+    """A pointer to ``n`` float32 on the stack of the calling kernel (n a compile-time constant);
+    wrap it with ``numba.carray(ptr, shape)``. Uninitialised."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    count = n.literal_value
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        ptr = cgutils.alloca_once(builder, ir.FloatType(), size=count)
+        ptr.align = 64
+        return ptr
+
+    return types.CPointer(types.float32)(n), codegen
+
+
+@njit(**JIT_INNER)
+def act(z: float, code: int) -> float:
+    """The activation (float32 in, float32 out), as the numpy backend computes it."""
+    if code == RELU:
+        return z if z > ZERO else ZERO
+    if code == TANH:
+        return np.tanh(z)
+    if code == LECUN_TANH:
+        return LECUN_A * np.tanh(z * LECUN_S)
+    if code == SIGMOID:
+        c = min(max(z, -CLIP), CLIP)
+        return ONE / (np.exp(-c) + ONE)
+    return z
+
+
+@njit(**JIT_INNER)
+def act_grad(d: float, y: float, code: int) -> float:
+    """d · act'(z) with the derivative written through the activated output y."""
+    if code == RELU:
+        return d if y > ZERO else ZERO
+    if code == TANH:
+        return d * (ONE - y * y)
+    if code == LECUN_TANH:
+        return d * (LECUN_S * (LECUN_A - y * y / LECUN_A))
+    if code == SIGMOID:
+        return d * (y * (ONE - y))
+    return d
+
+
+def nchunks(n: int) -> int:
+    return (n + L - 1) // L
+
+
+def inspect_fma(fn: Any) -> dict[str, int]:
+    """Count packed FMAs (zmm, ymm), scalar FMAs and stack loads/stores in the machine code of every
+    compiled signature of ``fn``: the register-blocked kernels must show packed FMAs."""
+    asm = "\n".join(fn.inspect_asm().values())
+    return {
+        "fma_zmm": len(re.findall(r"vfmadd\w*ps\s[^\n]*zmm", asm)),
+        "fma_ymm": len(re.findall(r"vfmadd\w*ps\s[^\n]*ymm", asm)),
+        "fma_scalar": len(re.findall(r"vfmadd\w*ss\s", asm)),
+    }

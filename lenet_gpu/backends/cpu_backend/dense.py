@@ -1,0 +1,161 @@
+"""dense: fully connected layers (reference.dense_fwd / dense_bwd), and the lane kernels the head and the
+whole-network forward pass are made of.
+
+  dense_fwd_v1  one output per iteration, a dot product of a row of x with a row of w (prange over chunks)
+  dense_bwd_v1  dz = dy·act'(y) recomputed where used; dx rows as sums of w rows (prange over chunks of
+                images), dw rows as sums of x rows over the batch in order (prange over outputs), db likewise
+
+Lane kernels (16 images a vector, see common.py): ``lane_dense`` y = act(w·x + b) and ``lane_dense_t``
+y = wᵀ·d with 8 outputs × 16 images of accumulators in registers, and ``rows_dw`` (dw = Σ_b dz_bᵀ x_b over
+the batch in order, 8 rows × 16 columns in registers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit, prange
+
+from .common import JIT, JIT_INNER, ZERO, L, act, act_grad, stack_tile
+
+#: outputs per register block of the lane kernels
+OB = 8
+OB_TILE = OB * L
+
+
+@njit(parallel=True, **JIT)
+def dense_fwd_v1(x, w, b, y, act_code):
+    B, I = x.shape
+    O = w.shape[0]
+    for ci in prange((B + L - 1) // L):
+        for bb in range(ci * L, min(B, ci * L + L)):
+            xr = x[bb]
+            for o in range(O):
+                wr = w[o]
+                a = b[o]
+                for i in range(I):
+                    a += xr[i] * wr[i]
+                y[bb, o] = act(a, act_code)
+
+
+@njit(parallel=True, **JIT)
+def dense_bwd_v1(x, w, y, dy, dx, dw, db, act_code, want_dx):
+    B, I = x.shape
+    O = w.shape[0]
+    if want_dx:
+        for ci in prange((B + L - 1) // L):
+            for bb in range(ci * L, min(B, ci * L + L)):
+                d = dx[bb]
+                for i in range(I):
+                    d[i] = ZERO
+                for o in range(O):
+                    g = act_grad(dy[bb, o], y[bb, o], act_code)
+                    wr = w[o]
+                    for i in range(I):
+                        d[i] += g * wr[i]
+    for o in prange(O):
+        d = dw[o]
+        for i in range(I):
+            d[i] = ZERO
+        s = ZERO
+        for bb in range(B):
+            g = act_grad(dy[bb, o], y[bb, o], act_code)
+            s += g
+            xr = x[bb]
+            for i in range(I):
+                d[i] += g * xr[i]
+        db[o] = s
+
+
+# ------------------------------------------------------------------------------------------ lane kernels
+
+
+@njit(**JIT_INNER)
+def lane_dense(w, b, xt, yt, act_code):
+    """yt (O, L) = act(w (O, I) · xt (I, L) + b) in blocks of 8 outputs; the last block repeats row O − 1
+    where it runs past O (every block is the same vector code) and stores only the rows that exist."""
+    O, I = w.shape
+    acc = carray(stack_tile(OB_TILE), (OB, L))
+    for o0 in range(0, O, OB):
+        for q in range(OB):
+            bq = b[min(o0 + q, O - 1)]
+            for lane in range(L):
+                acc[q, lane] = bq
+        for i in range(I):
+            xv = xt[i]
+            for lane in range(L):
+                v = xv[lane]
+                for q in range(OB):
+                    acc[q, lane] += w[min(o0 + q, O - 1), i] * v
+        for q in range(min(OB, O - o0)):
+            yr = yt[o0 + q]
+            for lane in range(L):
+                yr[lane] = act(acc[q, lane], act_code)
+
+
+@njit(**JIT_INNER)
+def lane_dense_t(w, dt, yt):
+    """yt (I, L) = wᵀ (I, O) · dt (O, L): the input gradient of a dense layer, in blocks of 8 inputs (the
+    last block as in lane_dense)."""
+    O, I = w.shape
+    acc = carray(stack_tile(OB_TILE), (OB, L))
+    for i0 in range(0, I, OB):
+        for q in range(OB):
+            for lane in range(L):
+                acc[q, lane] = ZERO
+        for o in range(O):
+            dv = dt[o]
+            for lane in range(L):
+                v = dv[lane]
+                for q in range(OB):
+                    acc[q, lane] += w[o, min(i0 + q, I - 1)] * v
+        for q in range(min(OB, I - i0)):
+            yr = yt[i0 + q]
+            for lane in range(L):
+                yr[lane] = acc[q, lane]
+
+
+@njit(**JIT_INNER)
+def rows_dw(dzr, xr, dw, db, o0, i0, i1, B):
+    """dw[o0:o0+8, i0:i1] = Σ_b dzr[b, o0:o0+8]ᵀ · xr[b, i0:i1] (b in order), and db[o0:o0+8] = Σ_b dzr[b]
+    when i0 == 0. Rows past dw's end are dropped: dzr must have columns up to o0 + 8 (zero past O). The
+    columns past the last whole vector are one more vector ending at i1 (overlapping the one before it;
+    only its new columns are stored), or scalar sums where the matrix is narrower than a vector."""
+    O, I = dw.shape
+    nq = min(OB, O - o0)
+    acc = carray(stack_tile(OB_TILE), (OB, L))
+    i = i0
+    while i < i1:
+        j = i if i + L <= i1 else i1 - L
+        if j < 0:
+            break
+        for q in range(OB):
+            for lane in range(L):
+                acc[q, lane] = ZERO
+        for bb in range(B):
+            xv = xr[bb]
+            dv = dzr[bb]
+            for lane in range(L):
+                v = xv[np.uint64(j + lane)]
+                for q in range(OB):
+                    acc[q, lane] += dv[np.uint64(o0 + q)] * v
+        for q in range(nq):
+            d = dw[o0 + q]
+            for lane in range(i - j, L):
+                d[np.uint64(j + lane)] = acc[q, lane]
+        i = j + L
+    for q in range(nq):  # only where the matrix is narrower than a vector
+        for ii in range(i, i1):
+            a = ZERO
+            for bb in range(B):
+                a += dzr[bb, o0 + q] * xr[bb, ii]
+            dw[o0 + q, ii] = a
+    if i0 == 0:
+        for q in range(nq):
+            a = ZERO
+            for bb in range(B):
+                a += dzr[bb, o0 + q]
+            db[o0 + q] = a
+
+
+KERNELS = {"dense_fwd_v1": dense_fwd_v1, "dense_bwd_v1": dense_bwd_v1}
+VARIANTS = {"dense_fwd": ("v1",), "dense_bwd": ("v1",)}

@@ -1,0 +1,130 @@
+"""head: the dense head's forward, loss and backward in one op (reference.head_train).
+
+  head_train_v1  lanes: per chunk of 16 images (prange), C5 → F6 → output as register-blocked lane
+                 kernels, the softmax and its statistics per image, the backward pass down to dS4, and the
+                 route through S4's pooling into C3's pre-activation gradient (NCHW); then the three
+                 weight gradients as row kernels over the whole batch in order (prange over blocks of 8
+                 rows × ≤ 80 columns), so no weight gradient depends on the chunking or the threads
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import get_thread_id, njit, prange
+
+from ...stepstate import STEP_IN_EPOCH
+from .common import IDENTITY, JIT, JIT_INNER, L, act_grad
+from .conv2d import _route
+from .dense import OB, lane_dense, lane_dense_t, rows_dw
+from .loss import softmax_row
+
+#: columns per weight-gradient task (a multiple of 16): tasks of about equal work for the threads
+TASK_COLS = 80
+
+
+def dw_tasks(shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The weight-gradient tasks of head_train: rows [matrix, first row, first column, end column] over
+    blocks of OB rows × TASK_COLS columns of each (rows, columns) shape in turn."""
+    tasks = []
+    for m, (rows, cols) in enumerate(shapes):
+        for o0 in range(0, rows, OB):
+            for i0 in range(0, cols, TASK_COLS):
+                tasks.append((m, o0, i0, min(cols, i0 + TASK_COLS)))
+    return np.array(tasks, dtype=np.int64)
+
+
+@njit(**JIT_INNER)
+def _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, act_code, mode,
+                xt, h1t, h2t, zt, d1t, d2t, dxt, dxw, dz1r, dz2r, dz3r, b0, inv_n):
+    """Forward, loss and backward of images b0 .. b0+15; returns (Σ loss (float64), correct count)."""
+    B, I = xf.shape
+    C4, Hp, Wp = dxw.shape
+    H1, H2, NC = w1.shape[0], w2.shape[0], w3.shape[0]
+    nb = min(L, B - b0)
+    for lane in range(nb):
+        xr = xf[b0 + lane]
+        for i in range(I):
+            xt[i, lane] = xr[i]
+    lane_dense(w1, b1, xt, h1t, act_code)
+    lane_dense(w2, b2, h1t, h2t, act_code)
+    lane_dense(w3, b3, h2t, zt, IDENTITY)
+    s = 0.0
+    c = 0
+    for lane in range(nb):
+        bb = b0 + lane
+        for o in range(H1):
+            h1[bb, o] = h1t[o, lane]
+        for o in range(H2):
+            h2[bb, o] = h2t[o, lane]
+        for o in range(NC):
+            logits[bb, o] = zt[o, lane]
+        loss, ok = softmax_row(logits[bb], labels[bb], dz3r[bb], inv_n)
+        s += np.float64(loss)
+        c += ok
+        for o in range(NC):
+            zt[o, lane] = dz3r[bb, o]
+    # backward: d2 = (w3ᵀ d3)·act'(h2), d1 = (w2ᵀ d2)·act'(h1), dx = w1ᵀ d1
+    lane_dense_t(w3, zt, d2t)
+    for o in range(H2):
+        for lane in range(L):
+            d2t[o, lane] = act_grad(d2t[o, lane], h2t[o, lane], act_code)
+    lane_dense_t(w2, d2t, d1t)
+    for o in range(H1):
+        for lane in range(L):
+            d1t[o, lane] = act_grad(d1t[o, lane], h1t[o, lane], act_code)
+    lane_dense_t(w1, d1t, dxt)
+    dxf = dxw.reshape((C4 * Hp * Wp,))
+    for lane in range(nb):
+        bb = b0 + lane
+        for o in range(H2):
+            dz2r[bb, o] = d2t[o, lane]
+        for o in range(H1):
+            dz1r[bb, o] = d1t[o, lane]
+        for i in range(I):
+            dxf[i] = dxt[i, lane]
+        _route(dxw, argmax, yconv, dz_conv, bb, C4, Hp, Wp, yconv.shape[2], yconv.shape[3], mode, act_code)
+    return s, c
+
+
+@njit(**JIT_INNER)
+def _head_dw_task(task, xf, h1, h2, dz1r, dz2r, dz3r, dw1, db1, dw2, db2, dw3, db3):
+    """One weight-gradient task: [matrix, first row, first column, end column] (see dw_tasks)."""
+    m = task[0]
+    dzr, xr, dw, db = dz1r, xf, dw1, db1
+    if m == 1:
+        dzr, xr, dw, db = dz2r, h1, dw2, db2
+    elif m == 2:
+        dzr, xr, dw, db = dz3r, h2, dw3, db3
+    rows_dw(dzr, xr, dw, db, task[1], task[2], task[3], xf.shape[0])
+
+
+@njit(parallel=True, **JIT)
+def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
+                  dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode,
+                  ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks):
+    B = x.shape[0]
+    xf = x.reshape((B, x.shape[1] * x.shape[2] * x.shape[3]))
+    inv_n = np.float32(1.0 / B)
+    nch = (B + L - 1) // L
+    for ci in prange(nch):
+        tid = get_thread_id()
+        s, c = _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, act_code,
+                           mode, ws_x[tid], ws_h1[tid], ws_h2[tid], ws_z[tid], ws_d1[tid], ws_d2[tid], ws_dx[tid],
+                           ws_dxw[tid], dz1r, dz2r, dz3r, np.int64(ci) * L, inv_n)
+        part[ci, 0] = s
+        part[ci, 1] = c
+    s = 0.0
+    c = 0.0
+    for ci in range(nch):
+        s += part[ci, 0]
+        c += part[ci, 1]
+    row = state[STEP_IN_EPOCH] % stats.shape[0]
+    stats[row, 0] = np.float32(s)
+    stats[row, 1] = np.float32(c)
+    # weight gradients over the whole batch, b in order
+    for t in prange(tasks.shape[0]):
+        _head_dw_task(tasks[t], xf, h1, h2, dz1r, dz2r, dz3r, dw1, db1, dw2, db2, dw3, db3)
+
+
+KERNELS = {"head_train_v1": head_train_v1}
+VARIANTS = {"head_train": ("v1",)}

@@ -1,0 +1,88 @@
+"""lenet_fwd: the whole forward pass, uint8 images → logits, in one op (reference.lenet_fwd).
+
+  lenet_fwd_v1  lanes: per chunk of 16 images (prange), everything in the lane layout of one thread's
+                workspace: normalise onto the canvas (the bits of batch_prepare), C1 + act + S2 and C3 + act + S4
+                as register-blocked
+                pooling windows (only the pooled maps are kept), then C5 → F6 → output as lane kernels;
+                the logits are the only output written
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import carray, get_thread_id, literally, njit, prange
+
+from .batch import canvas_lane
+from .common import IDENTITY, JIT, JIT_INLINE, JIT_INNER, L, act, stack_tile
+from .conv2d import KB_MAX, W_TILE, _pad_weights, bias_init, pool4, window_lanes
+from .dense import lane_dense
+
+_MADE: dict[tuple[int, int], Any] = {}
+
+
+@njit(**JIT_INLINE)
+def _pool_layer(xt, wp, bp, K, Hp, Wp, out, act_code, mode, acc, KB):
+    """out[k, i, j] (a (K, Hp, Wp, L) view or the flat (K·Hp·Wp, L) one, via index) = pool(act(conv))."""
+    Kp = wp.shape[0]
+    for wi in range(Hp):
+        for wj in range(Wp):
+            for k0 in range(0, Kp, KB):
+                bias_init(acc, bp, k0, KB)
+                window_lanes(xt, wp, k0, 2 * wi, 2 * wj, acc, KB)
+                for q in range(KB):
+                    if k0 + q < K:
+                        o = out[((k0 + q) * Hp + wi) * Wp + wj]
+                        for lane in range(L):
+                            m, _ = pool4(act(acc[4 * q, lane], act_code), act(acc[4 * q + 1, lane], act_code),
+                                         act(acc[4 * q + 2, lane], act_code), act(acc[4 * q + 3, lane], act_code),
+                                         mode)
+                            o[lane] = m
+
+
+@njit(**JIT_INNER)
+def _lenet_chunk(images, wp1, bp1, wp3, bp3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
+                 xt, s2, s4, h1t, h2t, zt, b0, K1, K3, KB1, KB3):
+    literally(KB1)
+    literally(KB3)
+    N, IH, IW = images.shape
+    R1, S1 = wp1.shape[2], wp1.shape[3]
+    R3, S3 = wp3.shape[2], wp3.shape[3]
+    XH, XW = xt.shape[1], xt.shape[2]  # the canvas (images padded)
+    pad = (XH - IH) // 2
+    H2, W2 = (XH - R1 + 1) // 2, (XW - S1 + 1) // 2
+    H4, W4 = (H2 - R3 + 1) // 2, (W2 - S3 + 1) // 2
+    NC = w7.shape[0]
+    acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
+    nb = min(L, N - b0)
+    for lane in range(nb):
+        canvas_lane(images[b0 + lane], xt[0], lane, pad, scale, shift)
+    s2f = s2.reshape((s2.shape[0] * s2.shape[1] * s2.shape[2], L))
+    _pool_layer(xt, wp1, bp1, K1, H2, W2, s2f, act_code, mode, acc, KB1)
+    _pool_layer(s2, wp3, bp3, K3, H4, W4, s4, act_code, mode, acc, KB3)
+    lane_dense(w5, b5, s4, h1t, act_code)
+    lane_dense(w6, b6, h1t, h2t, act_code)
+    lane_dense(w7, b7, h2t, zt, IDENTITY)
+    for lane in range(nb):
+        for o in range(NC):
+            logits[b0 + lane, o] = zt[o, lane]
+
+
+def make_lenet_fwd_v1(KB1: int, KB3: int) -> Any:
+    """lenet_fwd_v1 for blocks of KB1 filters in C1 and KB3 in C3."""
+    if (KB1, KB3) not in _MADE:
+
+        @njit(parallel=True, **JIT)
+        def lenet_fwd_v1(images, w1, b1, w3, b3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
+                         ws_x, ws_s2, ws_s4, ws_h1, ws_h2, ws_z, wp1, bp1, wp3, bp3):
+            _pad_weights(w1, b1, wp1, bp1)
+            _pad_weights(w3, b3, wp3, bp3)
+            for ci in prange((images.shape[0] + L - 1) // L):
+                tid = get_thread_id()
+                _lenet_chunk(images, wp1, bp1, wp3, bp3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code,
+                             mode, ws_x[tid], ws_s2[tid], ws_s4[tid], ws_h1[tid], ws_h2[tid], ws_z[tid],
+                             np.int64(ci) * L, w1.shape[0], w3.shape[0], KB1, KB3)
+
+        _MADE[(KB1, KB3)] = lenet_fwd_v1
+    return _MADE[(KB1, KB3)]
