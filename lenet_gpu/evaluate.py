@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="a folder holding the four IDX files")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="where to run (default auto)")
     p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size (default 1000)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N test images")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="a fixed sample of N test images, the classes in their proportions (the sample that the "
+                   "training program's --limit N evaluates)")
     p.add_argument("--no-download", action="store_true", help="never download data")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     return p
@@ -66,7 +68,10 @@ def run(argv: list[str] | None = None) -> int:
     ds = load_dataset(name, data_dir=data_dir, download=not args.no_download, progress=not args.json)
     images, labels = ds.test_images, ds.test_labels
     if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
+        from .data import stratified_indices
+
+        keep = stratified_indices(labels, args.limit)
+        images, labels = images[keep], labels[keep]
     logits = model.logits(images, batch_size=args.batch_size)
     pred = np.argmax(logits, axis=1)
     z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)

@@ -10,7 +10,7 @@ from lenet_gpu.schedule import SCHEDULES, lr_at
 
 
 def test_names() -> None:
-    assert SCHEDULES == ("onecycle", "cosine", "constant")
+    assert SCHEDULES == ("onecycle", "cosine", "constant", "hold")
 
 
 def test_constant_and_single_step() -> None:
@@ -43,6 +43,15 @@ def test_onecycle_short_run() -> None:
     # 2 steps: int(0.6) = 0 warm-up steps is raised to 1
     assert lr_at(0, 2, 1.0, "onecycle") == pytest.approx(1 / 25)
     assert lr_at(1, 2, 1.0, "onecycle") == pytest.approx(1.0)
+
+
+def test_hold_shape() -> None:
+    peak, total = 1e-3, 1000
+    lrs = [lr_at(s, total, peak, "hold") for s in range(total)]
+    assert lrs[:700] == [peak] * 700  # held at the peak for 70 % of the steps
+    assert all(a > b for a, b in zip(lrs[700:-1], lrs[701:]))  # then annealed
+    assert lrs[850] == pytest.approx(peak / 100 + (peak - peak / 100) / 2)  # half-way down the cosine
+    assert lr_at(total, total, peak, "hold") == pytest.approx(peak / 100)
 
 
 def test_unknown() -> None:
