@@ -326,6 +326,12 @@ def markdown(res: dict[str, Any]) -> str:
                 rows.append([_cell(r, c) for c in cols] + [t])
             s.append(_table([*cols, "measured on GPU"], rows))
 
+    if res.get("fill") is not None:
+        from .launches import fill_markdown
+
+        md = fill_markdown(res["fill"]["rows"], res["fill"].get("notes", ()))
+        s.append("\n" + md.replace("# Launch fill", "## Launch fill", 1))
+
     if res.get("host"):
         from .host import markdown as host_markdown
 

@@ -699,6 +699,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def do_kernels() -> None:
         # built in this run (NVRTC + ptxas over every kernel), never read from an older report
         results["kernels"] = kernels_mod.load_kernel_table(build=True)
+        # the fill table: every launch of a training step and an inference pass, both GPU backends
+        from .launches import fill_records, fill_summary
+
+        batches = (64, 256) if args.quick else (64, 128, 256, 1024)
+        try:
+            rows, notes = fill_records(("cupy", "numba"), batches)
+        except Exception as e:  # noqa: BLE001 - the table is optional: say why it is missing
+            rows, notes = [], [f"fill table failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
+        results["fill"] = {"rows": rows, "summary": fill_summary(rows), "notes": notes}
 
     section("ops", do_ops)
     section("forward", lambda: do_e2e("forward"))

@@ -607,7 +607,7 @@ def test_model_counters_and_repeatability():
         m.run_steps(data, 4)
         d = m.backend.counters.since(before)
         assert d == {"launches": 4 * 9, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}, d
-        assert m.launches_per_step() == 9
+        assert m.ops_per_step() == 9
         params.append(m.parameters())
     assert_equal(params[0], params[1], what="two runs")
 

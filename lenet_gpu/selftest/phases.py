@@ -721,11 +721,13 @@ def train_once(run: dict, ctx: dict, timeout_s: float) -> dict[str, Any]:
                                "epochs": len(epochs), "returncode": rc}
     if epochs:
         last = epochs[-1]
+        # an epoch whose only step was the run's first (compiling) step has no rate (None)
+        rates = [float(r["images_per_s"]) for r in epochs if r.get("images_per_s") is not None]
         figures.update({
             "final_test_acc": last.get("test_acc"), "final_loss": last.get("loss"),
             "train_seconds": round(sum(float(r.get("seconds", 0)) for r in epochs), 3),
             "first_epoch_s": round(float(epochs[0].get("seconds", 0)), 3),
-            "images_per_s": round(float(np.median([r.get("images_per_s", 0) for r in epochs])), 1),
+            "images_per_s": round(float(np.median(rates)), 1) if rates else None,
             "time_to_90": time_to(epochs, 0.90), "time_to_97": time_to(epochs, 0.97),
             "time_to_98": time_to(epochs, 0.98),
             "test_acc_per_epoch": [r.get("test_acc") for r in epochs],
