@@ -560,9 +560,33 @@ def test_sim_lenet_launch_plan_is_what_a_step_launches(monkeypatch, batch, fused
     monkeypatch.setattr(NumbaBackend, "_launch", lambda self, op, v, grid, block, sh, *a: log.append(
         (op, v, grid, block, sh)))
     rig = H.StepRig(be, net="lenet", n=2 * batch, batch=batch)
-    rig.step()
-    assert log == lenet_launches(batch, variants=be.default_variants)
+    rig.step()  # the rig calls the protocol's ops, not the fused head (the model's step: the next test)
+    ops = {k: v for k, v in be.default_variants.items() if k not in ("head_train", "lenet_fwd")}
+    assert log == lenet_launches(batch, variants=ops)
     assert len(log) == (16 if fused else 19)
+
+
+@sim
+@pytest.mark.parametrize("batch", [3, 64])
+def test_sim_lenet_launch_plan_is_what_a_model_step_launches(monkeypatch, batch):
+    """With every fused op (the fused head too), the plan is what LeNet5's training step and inference pass
+    launch: 10 kernels a step, one for inference."""
+    from lenet_gpu.backends.numba_backend.backend import lenet_launches
+    from lenet_gpu.model import LeNet5
+
+    be = NumbaBackend()
+    model = LeNet5(backend=be, use_graphs=False)
+    images = np.zeros((2 * batch, 28, 28), np.uint8)
+    data = model.upload_dataset(images, np.zeros(2 * batch, np.uint8))
+    model.begin_run(data, batch)
+    log = []
+    monkeypatch.setattr(NumbaBackend, "_launch", lambda self, op, v, grid, block, sh, *a: log.append(
+        (op, v, grid, block, sh)))
+    model._train_ops(model.workspace(batch), data, model._run)  # the step's ops, as run_steps records them
+    assert log == lenet_launches(batch, variants=be.default_variants) and len(log) == 10
+    del log[:]
+    be.lenet_fwd(data.images[:batch], model._pv, model.workspace(batch).logits, 0.1, 0.3, "relu", "max")
+    assert log == lenet_launches(batch, training=False, variants=be.default_variants)
 
 
 @sim

@@ -243,11 +243,12 @@ def lenet_launches(
     batch: int, training: bool = True, variants: dict[str, str] | None = None, f6: int = 84, optimizer: str = "adam"
 ) -> list[tuple[str, str, int, Any, int]]:
     """(op, variant, grid blocks, block, dynamic shared bytes) of every launch of one LeNet-5 training step
-    (or, ``training=False``, one inference pass: batch_prepare, the two conv+pool layers, the three dense
-    layers), as the wrappers launch them with ``variants`` (op → variant; default DEFAULT_VARIANTS; an
-    optional op missing from it is not fused). Grids before any cap. The simulator tests compare this plan
-    with the launches a step makes."""
-    v = dict(DEFAULT_VARIANTS if variants is None else variants)
+    (or, ``training=False``, one inference pass: lenet_fwd, or batch_prepare, the two conv+pool layers and
+    the three dense layers), as the wrappers launch them with ``variants`` (op → variant; default: every
+    op of the backend with its default; an optional op missing from it is not fused). Grids before any
+    cap. The simulator tests compare this plan with the launches a step makes."""
+    v = dict({**DEFAULT_VARIANTS, **{op: vs[-1] for op, vs in FUSED_VARIANTS.items()}} if variants is None
+             else variants)
     b = batch
     out: list[tuple[str, str, int, Any, int]] = []
 
@@ -260,6 +261,10 @@ def lenet_launches(
             grid, block, sh = launch_config(op, var, shapes)
         out.append((op, var, grid, block, sh))
 
+    if not training and "lenet_fwd" in v:  # the whole forward pass in one launch
+        blocks, _, smem = _lenet_fwd.plan(b, 120, f6)
+        out.append(("lenet_fwd", v["lenet_fwd"], blocks, _lenet_fwd.THREADS, smem))
+        return out
     add("batch_prepare", x=(b, 1, 32, 32))
     for yshape, wshape in (((b, 6, 28, 28), (6, 1, 5, 5)), ((b, 16, 10, 10), (16, 6, 5, 5))):
         if "conv2d_pool_fwd" in v:
@@ -267,14 +272,19 @@ def lenet_launches(
         else:
             add("conv2d_fwd", y=yshape, w=wshape)
             add("pool2x2_fwd", y=(b, yshape[1], yshape[2] // 2, yshape[3] // 2))
-    for o in (120, f6, 10):
-        add("dense_fwd", y=(b, o))
-    if not training:
-        return out
-    add("softmax_xent")
-    for i, o in ((f6, 10), (120, f6), (400, 120)):
-        add("dense_bwd", x=(b, i), w=(o, i), dx=True)
-    add("pool2x2_bwd", dz=(b, 16, 10, 10))
+    if training and "head_train" in v:  # C5 → F6 → output → loss → back to C3: two kernels
+        total = 120 * 401 + f6 * 121 + 10 * (f6 + 1) + 1
+        out.append(("head_train", v["head_train"], ceil_div(b, _head.rows_per_block(b)), _head.HEAD_THREADS, 0))
+        out.append(("head_train_wgrad", v["head_train"], ceil_div(total, _head.WG_THREADS), _head.WG_THREADS, 0))
+    else:
+        for o in (120, f6, 10):
+            add("dense_fwd", y=(b, o))
+        if not training:
+            return out
+        add("softmax_xent")
+        for i, o in ((f6, 10), (120, f6), (400, 120)):
+            add("dense_bwd", x=(b, i), w=(o, i), dx=True)
+        add("pool2x2_bwd", dz=(b, 16, 10, 10))
     add("conv2d_bwd_weight", dw=(16, 6, 5, 5), dz=(b, 16, 10, 10))
     if "conv2d_bwd_data_pool" in v:
         add("conv2d_bwd_data_pool", dzb=(b, 6, 28, 28), w=(16, 6, 5, 5))

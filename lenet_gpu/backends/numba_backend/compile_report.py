@@ -228,8 +228,12 @@ def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[
     """(PTX, ptxas -v log) of kernel ``name`` for ``arch`` (e.g. "sm_90"); cached per process."""
     from numba import cuda
 
+    from . import head, lenet_fwd
+
     cc = (int(arch[3:-1]), int(arch[-1]))
-    ptx, _ = cuda.compile_ptx(KERNELS[name].py_func, signature or SIGNATURES[name], cc=cc)
+    kernels = {**KERNELS, **head.KERNELS, **lenet_fwd.KERNELS}  # the fused ops' kernels have their own tables
+    signatures = {**SIGNATURES, **head.SIGNATURES, **lenet_fwd.SIGNATURES}
+    ptx, _ = cuda.compile_ptx(kernels[name].py_func, signature or signatures[name], cc=cc)
     ptxas = find_ptxas(ptx)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{name}.ptx"
