@@ -186,6 +186,45 @@ class Backend(Protocol):
     #     (one launch per batch tile on a GPU). params maps c1.w ... out.b to device arrays."""
 
 
+class HostMemory:
+    """The memory half of the protocol for the CPU backends (numpy, cpu): "device" arrays are NumPy arrays,
+    and every allocation, copy and synchronisation is counted in ``self.counters`` as on a GPU."""
+
+    counters: Counters
+
+    def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        self.counters.allocs += 1
+        return np.empty(shape, dtype=dtype)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+        self.counters.allocs += 1
+        return np.zeros(shape, dtype=dtype)
+
+    def to_device(self, host: np.ndarray) -> np.ndarray:
+        self.counters.allocs += 1
+        self.counters.h2d += 1
+        return np.array(host, copy=True, order="C")
+
+    def upload(self, dst: np.ndarray, host: np.ndarray) -> None:
+        if dst.shape != np.shape(host):
+            raise ValueError(f"upload: shape {np.shape(host)} does not match {dst.shape}")
+        self.counters.h2d += 1
+        dst[...] = host
+
+    def to_host(self, arr: np.ndarray) -> np.ndarray:
+        self.counters.d2h += 1
+        return np.array(arr, copy=True)
+
+    def synchronize(self) -> None:
+        self.counters.syncs += 1
+
+    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
+        return fn  # a CPU op's dispatch is small beside its work: nothing to record
+
+    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
+        return None  # no graphs on the CPU
+
+
 def check_act(act: str) -> None:
     from ..reference import ACTIVATIONS
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..reference import augment_shift
 from ..stepstate import EPOCH, OFFSET, SCHED_BASE, SEED, SHIFT, STEP, STEP_IN_EPOCH, STEPS_PER_EPOCH
-from .base import OPS, Counters, check_act, check_mode
+from .base import OPS, Counters, HostMemory, check_act, check_mode
 
 F32 = np.float32
 LECUN_A = F32(1.7159)
@@ -84,7 +84,7 @@ def _default_threads() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-class NumpyBackend:
+class NumpyBackend(HostMemory):
     """CPU backend in NumPy. All arrays are NumPy arrays; ``to_device`` is a copy.
 
     The batch-sized ops work on chunks of ``CHUNK`` images, spread over ``threads`` threads (NumPy's
@@ -122,39 +122,6 @@ class NumpyBackend:
         # 4,400 img/s with single-threaded BLAS inside the chunks, 2,500 without)
         with self._blas_single():
             return list(self._pool.map(fn, slices))
-
-    # ------------------------------------------------------------------ memory
-    def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
-        self.counters.allocs += 1
-        return np.empty(shape, dtype=dtype)
-
-    def zeros(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
-        self.counters.allocs += 1
-        return np.zeros(shape, dtype=dtype)
-
-    def to_device(self, host: np.ndarray) -> np.ndarray:
-        self.counters.allocs += 1
-        self.counters.h2d += 1
-        return np.array(host, copy=True, order="C")
-
-    def upload(self, dst: np.ndarray, host: np.ndarray) -> None:
-        if dst.shape != np.shape(host):
-            raise ValueError(f"upload: shape {np.shape(host)} does not match {dst.shape}")
-        self.counters.h2d += 1
-        dst[...] = host
-
-    def to_host(self, arr: np.ndarray) -> np.ndarray:
-        self.counters.d2h += 1
-        return np.array(arr, copy=True)
-
-    def synchronize(self) -> None:
-        self.counters.syncs += 1
-
-    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
-        return fn  # a NumPy op's Python overhead is small beside its work
-
-    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
-        return None  # no graphs on the CPU
 
     # ------------------------------------------------------------------ ops
     def batch_prepare(self, images, labels, perm, state, x, y, mean, std, variant=None) -> None:

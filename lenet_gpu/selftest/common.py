@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -172,3 +174,17 @@ class PhaseRecorder:
     def finish(self) -> None:
         self.done = True
         self.flush(force=True)
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """End a child we started in its own session, and whatever it started (its process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            p.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import FAIL, PASS, SKIP, PhaseRecorder, backend_name, first_lines, make_backend
+from .common import FAIL, PASS, SKIP, PhaseRecorder, backend_name, first_lines, kill_group, make_backend
 
 # ------------------------------------------------------------------------------------ shared helpers
 _BACKENDS: dict[str, Any] = {}
@@ -89,18 +88,6 @@ def tiled(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, n
     return (np.ascontiguousarray(np.tile(images, (reps, 1, 1))[:n]), np.ascontiguousarray(np.tile(labels, reps)[:n]))
 
 
-def _kill_group(p: subprocess.Popen) -> None:
-    """End a child we started in its own session, and whatever it started (its process group)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(p.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            p.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # ------------------------------------------------------------------------------------ 1. environment
@@ -712,7 +699,7 @@ def train_once(run: dict, ctx: dict, timeout_s: float) -> dict[str, Any]:
         try:
             rc = p.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(p)
+            kill_group(p)
             rc = None
     wall = time.perf_counter() - t0
     text = (folder / "log.txt").read_text(errors="replace")

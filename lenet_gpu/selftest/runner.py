@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report
-from .common import EMULATED_LABELS, GPU_LABELS, LABELS, PHASES, SHARES, SHARES_EMULATED, first_lines
+from .common import EMULATED_LABELS, GPU_LABELS, LABELS, PHASES, SHARES, SHARES_EMULATED, first_lines, kill_group
 
 PROG = "python -m lenet_gpu.selftest"
 DEFAULT_BUDGET, QUICK_BUDGET = 420.0, 120.0
@@ -116,17 +115,6 @@ def child_env(mode: str, phase: str, backends: list[str]) -> dict[str, str]:
     return env
 
 
-def _kill_group(p: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(p.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            p.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _tail(path: Path, n: int = 20) -> str:
@@ -157,10 +145,10 @@ def run_phase(phase: str, ctx: dict[str, Any], soft_s: float, hard_s: float, out
         try:
             rc = p.wait(timeout=max(1.0, hard_s))
         except subprocess.TimeoutExpired:
-            _kill_group(p)
+            kill_group(p)
             rc, killed = p.returncode, True
         except KeyboardInterrupt:
-            _kill_group(p)
+            kill_group(p)
             rc, interrupted = p.returncode, True
     seconds = time.monotonic() - t0
     try:

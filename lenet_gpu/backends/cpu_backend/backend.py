@@ -10,13 +10,12 @@ default); their results do not depend on the number of threads (see common.py).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numba
 import numpy as np
 
-from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, Counters, check_act, check_mode
+from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, Counters, HostMemory, check_act, check_mode
 from . import batch, conv2d, dense, head, lenet_fwd, loss, optim, pool2x2
 from .common import L, nchunks
 
@@ -97,7 +96,7 @@ def _check_f32(op: str, **arrays: Any) -> None:
             _need(a.dtype == np.float32, op, f"{name} must be float32, got {a.dtype}")
 
 
-class CpuBackend:
+class CpuBackend(HostMemory):
     """The CPU backend in Numba @njit kernels (see the package docstring)."""
 
     name = "cpu"
@@ -116,39 +115,6 @@ class CpuBackend:
         self._plans: dict[tuple, tuple] = {}
         self._dummy_f = np.zeros((1, 1, 1, 1), np.float32)
         self._dummy_u8 = np.zeros((1, 1, 1, 1), np.uint8)
-
-    # ------------------------------------------------------------------ memory
-    def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
-        self.counters.allocs += 1
-        return np.empty(shape, dtype=dtype)
-
-    def zeros(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
-        self.counters.allocs += 1
-        return np.zeros(shape, dtype=dtype)
-
-    def to_device(self, host: np.ndarray) -> np.ndarray:
-        self.counters.allocs += 1
-        self.counters.h2d += 1
-        return np.array(host, copy=True, order="C")
-
-    def upload(self, dst: np.ndarray, host: np.ndarray) -> None:
-        if dst.shape != np.shape(host):
-            raise ValueError(f"upload: shape {np.shape(host)} does not match {dst.shape}")
-        self.counters.h2d += 1
-        dst[...] = host
-
-    def to_host(self, arr: np.ndarray) -> np.ndarray:
-        self.counters.d2h += 1
-        return np.array(arr, copy=True)
-
-    def synchronize(self) -> None:
-        self.counters.syncs += 1
-
-    def record(self, fn: Callable[[], None]) -> Callable[[], None]:
-        return fn  # a kernel call is already the cheapest dispatch there is here
-
-    def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
-        return None  # no graphs on the CPU
 
     def _ws(self, *shape: int, dtype: Any = np.float32) -> np.ndarray:
         """A zeroed workspace (counted as an allocation; made once per plan)."""
