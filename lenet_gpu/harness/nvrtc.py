@@ -119,9 +119,11 @@ def supported_archs() -> list[str]:
 
 def _get_bytes(prog: Any, size_fn: Any, get_fn: Any, what: str) -> bytes:
     size = _check(size_fn(prog), what)
-    buf = b" " * size
+    # a mutable buffer: NVRTC writes into it. (Writing into ``b" " * size`` corrupted Python: for an empty
+    # log, size 1, that is the interned single-space bytes object shared by the whole process.)
+    buf = bytearray(size)
     _check(get_fn(prog, buf), what)
-    return buf
+    return bytes(buf)
 
 
 def _clean_log(raw: bytes) -> str:

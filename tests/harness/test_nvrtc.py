@@ -178,3 +178,13 @@ def test_command_line_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert rc == 0
     assert "harness_ok.cu:tiled_matmul" in out and "occ@128" in out and "fill<float>" in out
     assert nvrtc.main([str(OK_CU), "--arch", "sm_90", "-D", "SCALE=(", "--block", "64"]) == 1
+
+
+@needs_nvrtc
+def test_an_empty_log_leaves_python_intact() -> None:
+    """NVRTC writes each output into the buffer it is given. A one-byte log (just its NUL) once went into
+    ``b" " * 1`` — CPython's interned single-space bytes object — so every later ``b" "`` in the process
+    was a NUL byte, and NumPy wrote .npy headers padded with NULs that it could not read back."""
+    res = compile_cuda('extern "C" __global__ void k(float* a) { a[0] = 1.0f; }', arch="compute_90")
+    assert ".entry k" in res.ptx  # PTX only: no ptxas report, so the log is empty
+    assert b" " * 3 == bytes([32, 32, 32])
