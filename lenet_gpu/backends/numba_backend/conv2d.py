@@ -405,7 +405,6 @@ def conv2d_bwd_data_v2(dzf, wf, dxf, nb, cin, h, wd, kout, r_, s_, kb):
     acc = cuda.local.array(CB, float32)
     ho = int32(h - r_ + 1)
     wo = int32(wd - s_ + 1)
-    rs = int32(r_ * s_)
     plane = int32(h * wd)
     nthreads = cuda.blockDim.x
     tid = cuda.threadIdx.x
@@ -421,27 +420,7 @@ def conv2d_bwd_data_v2(dzf, wf, dxf, nb, cin, h, wd, kout, r_, s_, kb):
         valid = pos < plane
         u = int32(pos // wd)
         v = int32(pos - u * wd)
-        for q in range(CB):
-            acc[q] = ZERO
-        for k0 in range(int32(0), kout, kb):
-            kn = int32(min(kb, kout - k0))
-            span = int32(kn * rs)
-            cuda.syncthreads()  # nobody still reads the previous slice
-            _stage_weights_t(wf, sw, c0, cin, k0, rs, span)
-            cuda.syncthreads()
-            if valid:
-                for kk in range(kn):
-                    dzb = int32((n * kout + k0 + kk) * ho * wo)
-                    for r in range(r_):
-                        i = int32(u - r)
-                        if i >= 0 and i < ho:
-                            off0 = int32((kk * r_ + r) * s_)
-                            for s in range(s_):
-                                j = int32(v - s)
-                                if j >= 0 and j < wo:
-                                    g = dzf[int32(dzb + i * wo + j)]
-                                    for q in range(CB):
-                                        acc[q] += g * sw[int32(q * span + off0 + s)]
+        _accumulate_dx(dzf, wf, sw, acc, n, c0, cin, u, v, valid, kout, kb, ho, wo, r_, s_)
         if valid:
             for q in range(CB):
                 if c0 + q < cin:
@@ -465,6 +444,35 @@ def _stage_weights_t(wf, sm, c0, cin, k0, rs, span):
 
 
 # --------------------------------------------------------------------------------------- bwd weight
+
+
+@cuda.jit(device=True, inline="always")
+def _accumulate_dx(dzf, wf, sw, acc, n, c0, cin, u, v, valid, kout, kb, ho, wo, r_, s_):
+    """acc[q] = the data gradient of channel c0 + q at (u, v) of image n: Σ_k Σ_{r,s} dz[n,k,u−r,v−s]·w[k,c,r,s],
+    the filters staged in shared memory kb at a time (every thread of the block calls it: it has barriers).
+    Shared by conv2d_bwd_data_v2 and conv2d_bwd_data_pool_v2."""
+    rs = int32(r_ * s_)
+    for q in range(CB):
+        acc[q] = ZERO
+    for k0 in range(int32(0), kout, kb):
+        kn = int32(min(kb, kout - k0))
+        span = int32(kn * rs)
+        cuda.syncthreads()  # nobody still reads the previous slice
+        _stage_weights_t(wf, sw, c0, cin, k0, rs, span)
+        cuda.syncthreads()
+        if valid:
+            for kk in range(kn):
+                dzb = int32((n * kout + k0 + kk) * ho * wo)
+                for r in range(r_):
+                    i = int32(u - r)
+                    if i >= 0 and i < ho:
+                        off0 = int32((kk * r_ + r) * s_)
+                        for s in range(s_):
+                            j = int32(v - s)
+                            if j >= 0 and j < wo:
+                                g = dzf[int32(dzb + i * wo + j)]
+                                for q in range(CB):
+                                    acc[q] += g * sw[int32(q * span + off0 + s)]
 
 
 @cuda.jit
@@ -699,7 +707,6 @@ def conv2d_bwd_data_pool_v2(dzf, wf, amf, ycf, dzbf, nb, cin, hh, ww, kout, r_, 
     wp = int32(ww // 2)
     ho = int32(hp - r_ + 1)
     wo = int32(wp - s_ + 1)
-    rs = int32(r_ * s_)
     pplane = int32(hp * wp)
     total = int32(nb * pplane)
     nthreads = cuda.blockDim.x
@@ -715,27 +722,7 @@ def conv2d_bwd_data_pool_v2(dzf, wf, amf, ycf, dzbf, nb, cin, hh, ww, kout, r_, 
         pos = int32(m - n * pplane)
         pu = int32(pos // wp)
         pv = int32(pos - pu * wp)
-        for q in range(CB):
-            acc[q] = ZERO
-        for k0 in range(int32(0), kout, kb):
-            kn = int32(min(kb, kout - k0))
-            span = int32(kn * rs)
-            cuda.syncthreads()  # nobody still reads the previous slice
-            _stage_weights_t(wf, sw, c0, cin, k0, rs, span)
-            cuda.syncthreads()
-            if valid:
-                for kk in range(kn):
-                    dzbase = int32((n * kout + k0 + kk) * ho * wo)
-                    for r in range(r_):
-                        i = int32(pu - r)
-                        if i >= 0 and i < ho:
-                            off0 = int32((kk * r_ + r) * s_)
-                            for s in range(s_):
-                                j = int32(pv - s)
-                                if j >= 0 and j < wo:
-                                    g = dzf[int32(dzbase + i * wo + j)]
-                                    for q in range(CB):
-                                        acc[q] += g * sw[int32(q * span + off0 + s)]
+        _accumulate_dx(dzf, wf, sw, acc, n, c0, cin, pu, pv, valid, kout, kb, ho, wo, r_, s_)
         if valid:
             for q in range(CB):
                 c = int32(c0 + q)
