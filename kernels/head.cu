@@ -213,6 +213,31 @@ head_train_wgrad_v1(const float* __restrict__ x, const float* __restrict__ h1, c
 // ------------------------------------------------------------------------------------------ v2: rows
 #define HEAD_F 4  // v2: outputs a warp computes at once in the forward products (x R rows = the values per lane)
 
+// One dense layer's backward for a block's R rows: d_in[j] = (Σ_o d_out[o] · w[o, j]) · act'(h[j]) for each input
+// column j of the layer (a column per thread, the R rows in registers); d_out and d_in are [column][row] in shared
+// memory, h is [row][column]; the block's nr real rows also go to dz (rows r0.., row stride NIN) for the wgrad kernel.
+template <int R>
+__device__ __forceinline__ void head_back_layer(const float* s_dout, const float* __restrict__ w, int NOUT, int NIN,
+                                                const float* s_h, float* s_din, float* __restrict__ dz, int r0, int nr,
+                                                int act, int tid, int nt) {
+    for (int j = tid; j < NIN; j += nt) {
+        float acc[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+        for (int o = 0; o < NOUT; ++o) {
+            const float wv = __ldg(w + (size_t)o * NIN + j);
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[r] = fmaf(s_dout[o * R + r], wv, acc[r]);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const float d = acc[r] * act_grad(s_h[r * NIN + j], act);
+            s_din[j * R + r] = d;
+            if (r < nr) dz[(size_t)(r0 + r) * NIN + j] = d;
+        }
+    }
+}
+
 template <int R>
 __device__ __forceinline__ void head_rows_v2(const float* __restrict__ x, const int* __restrict__ labels,
                                              const float* __restrict__ w1, const float* __restrict__ b1,
@@ -255,39 +280,9 @@ __device__ __forceinline__ void head_rows_v2(const float* __restrict__ x, const 
         }
     }
     __syncthreads();
-    for (int j = tid; j < H2; j += nt) {  // dz2 = (dz3 w3) * act'(h2): a column per thread, R rows in registers
-        float acc[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-        for (int c = 0; c < NC; ++c) {
-            const float w = __ldg(w3 + (size_t)c * H2 + j);
-#pragma unroll
-            for (int r = 0; r < R; ++r) acc[r] = fmaf(s_d3[c * R + r], w, acc[r]);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const float d = acc[r] * act_grad(s_h2[r * H2 + j], act);
-            s_d2[j * R + r] = d;
-            if (r < nr) dz2[(size_t)(r0 + r) * H2 + j] = d;
-        }
-    }
+    head_back_layer<R>(s_d3, w3, NC, H2, s_h2, s_d2, dz2, r0, nr, act, tid, nt);  // dz2 = (dz3 w3) * act'(h2)
     __syncthreads();
-    for (int o = tid; o < H1; o += nt) {  // dz1 = (dz2 w2) * act'(h1)
-        float acc[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-        for (int j = 0; j < H2; ++j) {
-            const float w = __ldg(w2 + (size_t)j * H1 + o);
-#pragma unroll
-            for (int r = 0; r < R; ++r) acc[r] = fmaf(s_d2[j * R + r], w, acc[r]);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const float d = acc[r] * act_grad(s_h1[r * H1 + o], act);
-            s_d1[o * R + r] = d;
-            if (r < nr) dz1[(size_t)(r0 + r) * H1 + o] = d;
-        }
-    }
+    head_back_layer<R>(s_d2, w2, H2, H1, s_h1, s_d1, dz1, r0, nr, act, tid, nt);  // dz1 = (dz2 w2) * act'(h1)
     __syncthreads();
     const int Hp = H / 2, Wp = W / 2, per = C * H * W;
     for (int i = tid; i < I; i += nt) {  // dx = dz1 w1, routed through S4's pooling into dz_conv
