@@ -12,11 +12,10 @@ from __future__ import annotations
 import numpy as np
 from numba import get_thread_id, njit, prange
 
-from ...stepstate import STEP_IN_EPOCH
 from .common import IDENTITY, JIT, JIT_INNER, L, act_grad
 from .conv2d import _route
 from .dense import OB, lane_dense, lane_dense_t, rows_dw
-from .loss import softmax_row
+from .loss import softmax_row, write_stats_row
 
 #: columns per weight-gradient task (a multiple of 16): tasks of about equal work for the threads
 TASK_COLS = 80
@@ -113,14 +112,7 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
                            ws_dxw[tid], dz1r, dz2r, dz3r, np.int64(ci) * L, inv_n)
         part[ci, 0] = s
         part[ci, 1] = c
-    s = 0.0
-    c = 0.0
-    for ci in range(nch):
-        s += part[ci, 0]
-        c += part[ci, 1]
-    row = state[STEP_IN_EPOCH] % stats.shape[0]
-    stats[row, 0] = np.float32(s)
-    stats[row, 1] = np.float32(c)
+    write_stats_row(part, nch, stats, state)
     # weight gradients over the whole batch, b in order
     for t in prange(tasks.shape[0]):
         _head_dw_task(tasks[t], xf, h1, h2, dz1r, dz2r, dz3r, dw1, db1, dw2, db2, dw3, db3)

@@ -39,6 +39,19 @@ def softmax_row(z, label, d, inv_n):
     return loss, 1 if am == label else 0
 
 
+@njit(**JIT_EXACT)
+def write_stats_row(part, nch, stats, state):
+    """stats[STEP_IN_EPOCH mod S] = the chunks' [loss sum, correct] added in chunk order (deterministic)."""
+    s = 0.0
+    c = 0.0
+    for ci in range(nch):
+        s += part[ci, 0]
+        c += part[ci, 1]
+    row = state[STEP_IN_EPOCH] % stats.shape[0]
+    stats[row, 0] = np.float32(s)
+    stats[row, 1] = np.float32(c)
+
+
 @njit(parallel=True, **JIT_EXACT)
 def softmax_xent_v1(logits, labels, dlogits, stats, state, part):
     n = logits.shape[0]
@@ -53,14 +66,7 @@ def softmax_xent_v1(logits, labels, dlogits, stats, state, part):
             c += ok
         part[ci, 0] = s
         part[ci, 1] = c
-    s = 0.0
-    c = 0.0
-    for ci in range(nch):
-        s += part[ci, 0]
-        c += part[ci, 1]
-    row = state[STEP_IN_EPOCH] % stats.shape[0]
-    stats[row, 0] = np.float32(s)
-    stats[row, 1] = np.float32(c)
+    write_stats_row(part, nch, stats, state)
 
 
 KERNELS = {"softmax_xent_v1": softmax_xent_v1}

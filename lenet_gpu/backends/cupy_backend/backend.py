@@ -34,6 +34,7 @@ from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, POOL_CODES, check_act, check_mode
 from . import fused
 from .runtime import DEFAULT_SM_COUNT, NULL_POINTER, CupyRuntime, HostRuntime, Runtime, define_options
+from .runtime import check_array as _check
 
 i32, f32 = np.int32, np.float32
 
@@ -279,17 +280,6 @@ def launch_plan(
         threads = max(32, min(THREADS, (items // sm_count) // 32 * 32))
         return Launch((max(1, min(ceil_div(items, threads), 65535)), 1, 1), (threads, 1, 1))
     raise ValueError(f"unknown op {op!r}")
-
-
-def _check(arr: Any, name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> None:
-    if arr is None:
-        raise ValueError(f"{name}: missing array")
-    if tuple(arr.shape) != tuple(shape):
-        raise ValueError(f"{name}: shape {tuple(arr.shape)}, expected {tuple(shape)}")
-    if arr.dtype != np.dtype(dtype):
-        raise TypeError(f"{name}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{name}: not C-contiguous")
 
 
 def _address(arr: Any) -> int:

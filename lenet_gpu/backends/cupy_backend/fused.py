@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
+from .runtime import check_array as _check
 from .runtime import define_options
 
 i32, f32 = np.int32, np.float32
@@ -97,17 +98,6 @@ def _scratch(be: Any) -> dict:
     if isinstance(d, dict):
         return d
     return _SCRATCH.setdefault(be, {})
-
-
-def _check(arr: Any, name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> None:
-    if arr is None:
-        raise ValueError(f"{name}: missing array")
-    if tuple(arr.shape) != tuple(shape):
-        raise ValueError(f"{name}: shape {tuple(arr.shape)}, expected {tuple(shape)}")
-    if arr.dtype != np.dtype(dtype):
-        raise TypeError(f"{name}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{name}: not C-contiguous")
 
 
 # ---------------------------------------------------------------------------------------------- head_train

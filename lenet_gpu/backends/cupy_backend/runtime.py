@@ -75,6 +75,18 @@ def kernel_source(stem: str) -> str:
     return expand(f"{stem}.cu")
 
 
+def check_array(arr: Any, name: str, shape: tuple[int, ...], dtype: Any = np.float32) -> None:
+    """An op wrapper's check of one array: present, of this shape and dtype, C-contiguous (one line if not)."""
+    if arr is None:
+        raise ValueError(f"{name}: missing array")
+    if tuple(arr.shape) != tuple(shape):
+        raise ValueError(f"{name}: shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    if arr.dtype != np.dtype(dtype):
+        raise TypeError(f"{name}: dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: not C-contiguous")
+
+
 def define_options(defines: dict[str, int]) -> tuple[str, ...]:
     """{"K_BLOCK": 8} → ("-DK_BLOCK=8",) in a stable order."""
     return tuple(f"-D{k}={v}" for k, v in sorted(defines.items()))
