@@ -327,6 +327,46 @@ def test_sim_conv2d_bwd_data_one_block_and_filter_chunks(be1, monkeypatch):
 
 
 @sim
+@pytest.mark.parametrize("fixed", [True, False])
+def test_sim_shared_array_is_one_per_block(fixed):
+    """The simulator's cuda.shared.array looked its array up and stored a new one in two steps, so two of
+    a block's threads could each keep a private array (CI: garbage in conv2d_bwd_weight_v2's dw once).
+    A lookup that waits after every miss makes every thread miss before any stores: the simulator's
+    own method then hands out several arrays, the backend's fix (_compat) one."""
+    import threading
+    import time
+
+    from numba.cuda.simulator import kernelapi
+
+    from lenet_gpu.backends.numba_backend import _compat
+
+    array = kernelapi.FakeCUDAShared.array if fixed else _compat.SIMULATOR_SHARED_ARRAY
+    assert array is not None and getattr(kernelapi.FakeCUDAShared.array, "_lenet_gpu_fixed", False)
+
+    class SlowMiss(dict):
+        def get(self, key, default=None):
+            hit = super().get(key, default)
+            time.sleep(0.02)
+            return hit
+
+    shared = kernelapi.FakeCUDAShared(0)
+    shared._allocations = SlowMiss()
+    got = []
+
+    def thread():
+        got.append(array(shared, (8, 4), np.float32))  # one source line, as in a kernel
+
+    threads = [threading.Thread(target=thread) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    distinct = len({id(a) for a in got})
+    assert len(got) == 8
+    assert distinct == 1 if fixed else distinct > 1, distinct
+
+
+@sim
 @pytest.mark.parametrize("shapes", [((2, 2, 5, 6), (3, 2, 2, 3)), ((1, 1, 6, 7), (2, 1, 3, 3))])
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_sim_conv2d_bwd_weight(be, variant, shapes):

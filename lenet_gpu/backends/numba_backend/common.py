@@ -21,6 +21,7 @@ import numpy as np
 from numba import cuda
 
 from ..base import ACT_CODES, POOL_CODES
+from ._compat import fix_simulator_shared_arrays
 
 ACT_IDENTITY = 0
 ACT_RELU = 1
@@ -77,6 +78,7 @@ def ceil_div(a: int, b: int) -> int:
 
 
 if numba.config.ENABLE_CUDASIM:
+    fix_simulator_shared_arrays()  # one shared array per block, whatever the thread interleaving
     # The simulator calls a device function through a context manager that rescans its module's
     # globals on every call (~150 µs, the main cost of a simulated step). These two use no cuda.*
     # API, so the simulator may run them as the plain Python functions they are; compiled code
