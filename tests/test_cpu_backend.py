@@ -11,7 +11,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from numba import njit
 
 from lenet_gpu import backends, spec
 from lenet_gpu import reference as R
@@ -466,9 +465,9 @@ def _host_has_fma() -> bool:
 @pytest.mark.parametrize("kernel", ["conv2d_pool_fwd_v1", "conv2d_pool_fwd_v2", "conv2d_bwd_weight_v2",
                                     "conv2d_bwd_weight_v3", "conv2d_bwd_data_pool_v1", "lenet_fwd_v1"])
 def test_register_blocked_kernels_use_packed_fma(kernel):
-    """The register-blocked kernels, compiled afresh (serially, no cache) with the arguments a training step
-    gives them, hold packed FMAs and no scalar ones: the lane loops vectorised and the accumulator tiles
-    became registers."""
+    """The register-blocked kernels, compiled afresh (serially, no cache, at the backend's optimisation level)
+    with the arguments a training step gives them, hold packed FMAs and no scalar ones: the lane loops
+    vectorised and the accumulator tiles became registers."""
     be = CpuBackend()
     s = Step(be, batch=3)
     s.step()  # every buffer holds what a step leaves there; the plans exist
@@ -492,7 +491,7 @@ def test_register_blocked_kernels_use_packed_fma(kernel):
             be._plans[key] = (lambda *a, _fn=fn: (seen.append(a), _fn(*a))[1], *plan[1:])
     calls[kernel]()
     assert seen, f"{kernel} was not called"
-    fresh = njit(**dict(common.JIT, cache=False))(fn.py_func)
+    fresh = common.njit(**dict(common.JIT, cache=False))(fn.py_func)  # at the backend's OPT_LEVEL
     fresh(*seen[0])
     counts = common.inspect_fma(fresh)
     block = {"conv2d_pool_fwd_v1": 16, "conv2d_pool_fwd_v2": 24, "conv2d_bwd_weight_v2": 20,
@@ -502,6 +501,37 @@ def test_register_blocked_kernels_use_packed_fma(kernel):
 
 
 # ------------------------------------------------------------------------------------------- misc
+
+
+def test_kernels_compile_at_the_backend_opt_level():
+    """common.njit compiles at OPT_LEVEL (and puts Numba's level back after); numba.njit is untouched."""
+    import numba
+    from numba.core import codegen, config
+
+    seen: list[int] = []
+    orig = codegen.JITCPUCodegen._pass_builder
+
+    def spy(self, **kw):
+        seen.append(int(kw.get("opt", config.OPT)))
+        return orig(self, **kw)
+
+    def add(a, b):
+        return a + b
+
+    before = int(config.OPT)
+    codegen.JITCPUCodegen._pass_builder = spy
+    try:
+        common.njit(cache=False)(add)(1, 2)
+        ours = set(seen) - {0}  # the cheap pre-pass runs at 0 whatever the level
+        seen.clear()
+        numba.njit(cache=False)(add)(1.0, 2.0)
+        theirs = set(seen) - {0}
+    finally:
+        codegen.JITCPUCodegen._pass_builder = orig
+    assert int(config.OPT) == before
+    want = int(common.OPT_LEVEL) if common.OPT_LEVEL is not None else before
+    assert ours == {want}, ours
+    assert theirs == {before}, theirs
 
 
 def test_bad_options_are_rejected():

@@ -11,10 +11,10 @@ batch is bit-identical to the numpy backend's.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ...stepstate import EPOCH, OFFSET, SEED, SHIFT, STEP, STEP_IN_EPOCH, STEPS_PER_EPOCH
-from .common import JIT_EXACT
+from .common import JIT_EXACT, njit
 
 MASK32 = np.uint64(0xFFFFFFFF)
 M1 = np.uint64(0x7FEB352D)

@@ -25,9 +25,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import carray, get_thread_id, literally, njit, prange
+from numba import carray, get_thread_id, literally, prange
 
-from .common import AVG, JIT, JIT_INLINE, JIT_INNER, MAX, QUARTER, ZERO, L, act, act_grad, stack_tile
+from .common import AVG, JIT, JIT_INLINE, JIT_INNER, MAX, QUARTER, ZERO, L, act, act_grad, njit, stack_tile
 
 #: taps per block in the weight-gradient kernels (a block holds KB filters × TB taps of accumulators)
 TB = 5

@@ -13,9 +13,9 @@ the batch in order, 8 rows × 16 columns in registers).
 from __future__ import annotations
 
 import numpy as np
-from numba import carray, njit, prange
+from numba import carray, prange
 
-from .common import JIT, JIT_INNER, ZERO, L, act, act_grad, stack_tile
+from .common import JIT, JIT_INNER, ZERO, L, act, act_grad, njit, stack_tile
 
 #: outputs per register block of the lane kernels
 OB = 8

@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import get_thread_id, njit, prange
+from numba import get_thread_id, prange
 
-from .common import IDENTITY, JIT, JIT_INNER, L, act_grad
+from .common import IDENTITY, JIT, JIT_INNER, L, act_grad, njit
 from .conv2d import _route
 from .dense import OB, lane_dense, lane_dense_t, rows_dw
 from .loss import softmax_row, write_stats_row

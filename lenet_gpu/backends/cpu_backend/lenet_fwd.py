@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import carray, get_thread_id, literally, njit, prange
+from numba import carray, get_thread_id, literally, prange
 
 from .batch import canvas_lane
-from .common import IDENTITY, JIT, JIT_INLINE, JIT_INNER, L, act, stack_tile
+from .common import IDENTITY, JIT, JIT_INLINE, JIT_INNER, L, act, njit, stack_tile
 from .conv2d import KB_MAX, W_TILE, _pad_weights, bias_init, pool4, window_lanes
 from .dense import lane_dense
 

@@ -9,10 +9,10 @@ A row's arithmetic is the numpy backend's: z − max, exp, the sum, log; dlogits
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ...stepstate import STEP_IN_EPOCH
-from .common import JIT_EXACT, ONE, L
+from .common import JIT_EXACT, ONE, L, njit
 
 
 @njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)

@@ -8,10 +8,9 @@ from the schedule table row clamp(STEP − SCHED_BASE, 0, T − 1).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from ...stepstate import SCHED_BASE, STEP
-from .common import JIT_EXACT
+from .common import JIT_EXACT, njit
 
 
 @njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)

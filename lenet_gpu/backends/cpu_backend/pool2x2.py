@@ -8,9 +8,9 @@
 
 from __future__ import annotations
 
-from numba import njit, prange
+from numba import prange
 
-from .common import JIT_EXACT, MAX, QUARTER, ZERO, L, act_grad
+from .common import JIT_EXACT, MAX, QUARTER, ZERO, L, act_grad, njit
 from .conv2d import pool4
 
 
