@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, get_backend
+from .backends.base import COMPILE_AHEAD
 from .spec import IMAGE_HW, INPUT_HW, NUM_CLASSES, NetConfig, init_params, layout_signature, param_layout, views
 from .stepstate import NO_WRAP, HostState, StepState, schedule_table
 
@@ -281,6 +282,9 @@ class LeNet5:
         key = (id(data), batch)
         prog = self._programs.get(key)
         if prog is None:
+            ahead = getattr(self.backend, COMPILE_AHEAD, None)
+            if ahead is not None and not self._programs:
+                ahead(self.options(), any(self.fused.values()))
             ws = self.workspace(batch)
             prog = self._programs[key] = _Program(self.backend.record(lambda: self._train_ops(ws, data, ss)), batch)
             prog.data = data  # keeps id(data) from being reused while the program lives

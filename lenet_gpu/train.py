@@ -257,6 +257,9 @@ def run(argv: list[str] | None = None) -> int:
 
     train_data = model.upload_dataset(train_x, train_y)
     test_data = model.upload_dataset(test_x, test_y)
+    first_run = getattr(be, "first_run_note", None)
+    if first_run is not None and (note := first_run()):
+        print(f"note: {note}")
 
     start_epoch, start_step, carry = 0, 0, (0.0, 0, 0.0)
     run_id = uuid.uuid4().hex[:12]

@@ -44,6 +44,10 @@ OPS = (
 #: down to C3's pre-activation gradient), conv2d_bwd_data_pool (conv2d_bwd_data + pool2x2_bwd) and
 #: lenet_fwd (the whole forward pass, for inference).
 OPTIONAL_OPS = ("conv2d_pool_fwd", "head_train", "conv2d_bwd_data_pool", "lenet_fwd")
+#: Optional hook: ``backend.compile_ahead(options, fused)``, called by the model before its first step
+#: with ``LeNet5.options()`` and whether it uses the fused ops; a backend that compiles on first use may
+#: compile that model's kernels then (the cpu backend: on two cores, cpu_backend/warm.py).
+COMPILE_AHEAD = "compile_ahead"
 
 
 class BackendUnavailable(RuntimeError):

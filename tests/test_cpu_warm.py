@@ -1,0 +1,102 @@
+"""Compiling ahead on two cores (cpu_backend/warm.py): a first run with an empty Numba cache compiles the
+helper's share in another process, the step then loads it from the cache, and the trained parameters are
+the same bits as a run that compiled everything itself; a helper that fails leaves its share to this
+process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lenet_gpu.backends.cpu_backend import warm
+from lenet_gpu.model import LeNet5
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: a first run in a fresh process: one training step, then what warm did, whether the helper's kernels came
+#: from the cache, and the parameters' bytes
+FIRST_RUN = """
+import hashlib, json
+import numpy as np
+from lenet_gpu.model import LeNet5
+from lenet_gpu.backends.cpu_backend import conv2d, head, warm
+m = LeNet5(backend="cpu", activation="tanh", optimizer="sgd", seed=3)
+rng = np.random.default_rng(7)
+x = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+y = rng.integers(0, 10, 40).astype(np.uint8)
+loss = m.train_step(x, y)
+made = [f for (name, _), f in conv2d._MADE.items() if name.startswith("conv2d_bwd_weight")]
+helper = [head.head_train_v1, *made]
+print(json.dumps({
+    "report": warm.last_report,
+    "loaded": [sum(f.stats.cache_hits.values()) for f in helper],
+    "compiled_here": [sum(f.stats.cache_misses.values()) for f in helper],
+    "loss": loss,
+    "params": hashlib.sha256(m.parameters().tobytes()).hexdigest(),
+}))
+"""
+
+
+def _first_run(tmp_path: Path, ahead: str) -> dict:
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / f"cache-{ahead}"), PYTHONPATH=str(ROOT),
+               LENET_GPU_COMPILE_AHEAD=ahead)
+    res = subprocess.run([sys.executable, "-c", FIRST_RUN], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_first_run_compiles_on_two_processes_and_trains_the_same(tmp_path):
+    got = _first_run(tmp_path, "1")
+    report = got["report"]
+    assert report["ran"] is True, report
+    assert report["helper"].startswith("ok"), report
+    assert all(n > 0 for n in got["loaded"]), got  # the helper's kernels came from the cache it filled
+    assert not any(got["compiled_here"]), got
+    # the same step here, with kernels compiled (or cached) by this process as usual
+    m = LeNet5(backend="cpu", activation="tanh", optimizer="sgd", seed=3)
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    loss = m.train_step(x, rng.integers(0, 10, 40).astype(np.uint8))
+    assert got["loss"] == loss
+    assert got["params"] == hashlib.sha256(m.parameters().tobytes()).hexdigest()
+
+
+def test_a_failing_helper_is_reported_and_not_fatal():
+    bad = subprocess.Popen([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert warm._wait(bad) == "failed (exit 3): boom"
+    assert warm._wait(None) == "not started"
+
+
+def test_scratch_step_runs_only_its_share(monkeypatch):
+    """The scratch model runs the ops of its share and none of the others."""
+    from lenet_gpu.backends.cpu_backend import backend as cpu
+
+    calls: list[str] = []
+    for op in ("batch_prepare", "conv2d_pool_fwd", "head_train", "conv2d_bwd_data_pool", "conv2d_bwd_weight",
+               "adam_step", "step_advance", "lenet_fwd"):
+        orig = getattr(cpu.CpuBackend, op)
+        monkeypatch.setattr(cpu.CpuBackend, op, lambda self, *a, _op=op, _f=orig, **k: (calls.append(_op),
+                                                                                        _f(self, *a, **k))[1])
+    options = LeNet5(backend="numpy").options()
+    warm.scratch_step(options, True, {"head_train", "conv2d_bwd_weight"}, set(), 1)
+    assert sorted(set(calls)) == ["conv2d_bwd_weight", "head_train"] and calls.count("conv2d_bwd_weight") == 2
+    calls.clear()
+    warm.scratch_step(options, True, None, set(warm.HELPER_OPS), 1)
+    assert set(calls) == {"batch_prepare", "conv2d_pool_fwd", "conv2d_bwd_data_pool", "adam_step", "step_advance",
+                          "lenet_fwd"}, calls
+
+
+def test_nothing_runs_twice_or_when_switched_off(monkeypatch):
+    monkeypatch.setattr(warm, "_done", False)
+    monkeypatch.setenv("LENET_GPU_COMPILE_AHEAD", "0")
+    assert warm.compile_ahead({}, True, 1) == {"ran": False, "why": "LENET_GPU_COMPILE_AHEAD=0"}
+    assert warm.compile_ahead({}, True, 1)["ran"] is False  # once per process
+    assert isinstance(warm.cache_is_cold(), bool)
