@@ -15,8 +15,10 @@ Kernels (``<op>_v<N>``, the names of the GPU kernels; "auto" picks lanes or rows
   adam_step_v1, sgd_step_v1, step_advance_v1
 
 Parallel over fixed chunks of 16 images (``prange``); sums over the batch per chunk, then in chunk order:
-results repeat bit for bit whatever the number of threads. Compiled with ``cache=True``: the first run
-compiles (seconds), later runs load the machine code from Numba's cache.
+results repeat bit for bit whatever the number of threads. Compiled with ``cache=True`` at LLVM -O2
+(common.OPT_LEVEL: the speed of -O3 in two thirds of the compile time): the first run compiles, on two
+cores when it can (warm.py: a helper process compiles part of the step into the cache), and later runs
+load the machine code from Numba's cache.
 """
 
 import os

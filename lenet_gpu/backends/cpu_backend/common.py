@@ -54,11 +54,13 @@ JIT_INLINE: dict[str, Any] = {"inline": "always"}
 JIT_EXACT: dict[str, Any] = {"cache": True, "boundscheck": False, "fastmath": False, "error_model": "numpy",
                              "forceinline": False}
 
-#: LLVM's optimisation level for these kernels' compiles (Numba's default is 3). -O2 runs the same loop
-#: and SLP vectorisers; on this project's kernels it compiles a training step in about two thirds of
-#: the time (first run, 2 cores: 36.7 s → 23.8 s) at the same speed (bench.cpu_peak, one run each:
-#: training 29.4k vs 28.9k img/s, inference 120k vs 131k). -O1 halves the speed. A NUMBA_OPT set in
-#: the environment wins over it. Machine code (the target machine) keeps Numba's level.
+#: LLVM's optimisation level for these kernels' compiles (Numba's default is 3). A trade, measured on this
+#: project's 2-core machine: -O2 compiles a training step in two thirds of the time (first run, one core:
+#: 36.7 s → 23.8 s; on two cores with warm.py 21.3 s → 15.4 s) and trains about 14% slower on one thread
+#: (interleaved runs of the same step: 19.3k against 22.5k img/s at batch 128; still 1.8× PyTorch), with
+#: inference within noise. -O1 halves the speed. For long runs, NUMBA_OPT=3 in the environment wins over
+#: it (everything at -O3, the target machine included); the cache does not tell the levels apart, so clear
+#: Numba's cache (the __pycache__ folders of lenet_gpu/backends/cpu_backend) when switching.
 OPT_LEVEL: int | None = None if "NUMBA_OPT" in os.environ else 2
 
 
