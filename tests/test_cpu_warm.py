@@ -10,9 +10,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from lenet_gpu.backends.cpu_backend import warm
 from lenet_gpu.model import LeNet5
@@ -100,3 +102,22 @@ def test_nothing_runs_twice_or_when_switched_off(monkeypatch):
     assert warm.compile_ahead({}, True, 1) == {"ran": False, "why": "LENET_GPU_COMPILE_AHEAD=0"}
     assert warm.compile_ahead({}, True, 1)["ran"] is False  # once per process
     assert isinstance(warm.cache_is_cold(), bool)
+
+
+def test_an_interrupted_first_run_stops_the_helper(monkeypatch):
+    """Ctrl-C while this process compiles its share: the helper is killed at once, the interrupt goes on."""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(warm, "_done", False)
+    monkeypatch.setenv("LENET_GPU_COMPILE_AHEAD", "1")
+    monkeypatch.setattr(warm, "cache_is_cold", lambda: True)
+    monkeypatch.setattr(warm, "_start_helper", lambda *a: sleeper)
+    monkeypatch.setattr(warm, "scratch_step", interrupted)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        warm.compile_ahead({}, True, 1)
+    assert sleeper.poll() is not None and time.perf_counter() - t0 < 30

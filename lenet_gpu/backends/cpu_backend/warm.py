@@ -107,9 +107,13 @@ def compile_ahead(options: dict[str, Any], fused: bool, threads: int) -> dict[st
     report: dict[str, Any] = {"ran": True, "helper_ops": list(HELPER_OPS)}
     try:
         scratch_step(options, fused, None, set(HELPER_OPS) if helper is not None else set(), threads)
-    finally:
-        report["own_share_s"] = round(time.perf_counter() - t0, 2)
-        report["helper"] = _wait(helper)
+    except BaseException:  # Ctrl-C or an error: stop the helper now rather than wait for it
+        if helper is not None:
+            helper.kill()
+            helper.communicate()
+        raise
+    report["own_share_s"] = round(time.perf_counter() - t0, 2)
+    report["helper"] = _wait(helper)
     report["total_s"] = round(time.perf_counter() - t0, 2)
     last_report = report
     return report
