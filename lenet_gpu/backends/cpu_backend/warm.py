@@ -50,6 +50,13 @@ def enabled() -> bool:
     return os.environ.get("LENET_GPU_COMPILE_AHEAD", "1") not in ("0", "false", "no", "off")
 
 
+def _cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cache_is_cold() -> bool:
     """Whether Numba's cache has no usable entry for the head kernel (the largest of a step): a first
     run, or the first after the kernels' source changed. False where the cache cannot be read."""
@@ -102,6 +109,9 @@ def compile_ahead(options: dict[str, Any], fused: bool, threads: int) -> dict[st
         return last_report
     if not cache_is_cold():
         last_report = {"ran": False, "why": "cache warm"}
+        return last_report
+    if _cores() < 2:
+        last_report = {"ran": False, "why": "one core: nothing to compile on in parallel"}
         return last_report
     helper = _start_helper(options, fused, threads)
     report: dict[str, Any] = {"ran": True, "helper_ops": list(HELPER_OPS)}
