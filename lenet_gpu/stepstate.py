@@ -89,6 +89,18 @@ def advance(state: HostState, batch: int) -> HostState:
     return s
 
 
+def step_advance_words(state: np.ndarray, batch: int) -> None:
+    """``step_advance`` on the int32 state words in place: the numpy backend's op, and the cpu backend's
+    kernel (this function compiled by Numba). ``advance`` is its reference on a HostState."""
+    state[STEP] += 1
+    state[STEP_IN_EPOCH] += 1
+    state[OFFSET] += batch
+    if state[STEP_IN_EPOCH] == state[STEPS_PER_EPOCH]:
+        state[STEP_IN_EPOCH] = 0
+        state[OFFSET] = 0
+        state[EPOCH] += 1
+
+
 def schedule_table(lrs: np.ndarray, first_step: int, beta1: float, beta2: float) -> np.ndarray:
     """The float32 (T, 4) schedule for steps first_step .. first_step + T − 1: [lr, 1 − β1^t, 1 − β2^t, 0]
     with t = step + 1, in float64 and rounded once."""

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..reference import augment_shift
-from ..stepstate import EPOCH, OFFSET, SCHED_BASE, SEED, SHIFT, STEP, STEP_IN_EPOCH, STEPS_PER_EPOCH
+from ..stepstate import EPOCH, OFFSET, SCHED_BASE, SEED, SHIFT, STEP, STEP_IN_EPOCH, step_advance_words
 from .base import OPS, Counters, HostMemory, check_act, check_mode
 
 F32 = np.float32
@@ -308,10 +308,4 @@ class NumpyBackend(HostMemory):
 
     def step_advance(self, state, batch, variant=None) -> None:
         self.counters.launches += 1
-        state[STEP] += 1
-        state[STEP_IN_EPOCH] += 1
-        state[OFFSET] += batch
-        if state[STEP_IN_EPOCH] == state[STEPS_PER_EPOCH]:
-            state[STEP_IN_EPOCH] = 0
-            state[OFFSET] = 0
-            state[EPOCH] += 1
+        step_advance_words(state, batch)

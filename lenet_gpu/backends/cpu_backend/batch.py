@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ...stepstate import EPOCH, OFFSET, SEED, SHIFT, STEP, STEP_IN_EPOCH, STEPS_PER_EPOCH
+from ...stepstate import EPOCH, OFFSET, SEED, SHIFT, step_advance_words
 from .common import JIT_EXACT, njit
 
 MASK32 = np.uint64(0xFFFFFFFF)
@@ -103,15 +103,8 @@ def canvas_lane(img, xt, lane, pad, scale, shift):
                 row[v, lane] = shift
 
 
-@njit(**JIT_EXACT)
-def step_advance_v1(state, batch):
-    state[STEP] += 1
-    state[STEP_IN_EPOCH] += 1
-    state[OFFSET] += batch
-    if state[STEP_IN_EPOCH] == state[STEPS_PER_EPOCH]:
-        state[STEP_IN_EPOCH] = 0
-        state[OFFSET] = 0
-        state[EPOCH] += 1
+#: the numpy backend's step_advance, compiled
+step_advance_v1 = njit(**JIT_EXACT)(step_advance_words)
 
 
 KERNELS = {"batch_prepare_v1": batch_prepare_v1, "step_advance_v1": step_advance_v1}
