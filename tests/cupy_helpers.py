@@ -32,7 +32,7 @@ def activated(shape: tuple[int, ...], act: str, seed: int) -> np.ndarray:
 
 
 class Dev:
-    """Moves arrays to and from a backend's device and runs one op."""
+    """Moves arrays to and from a backend's device (the cupy and fused op checks)."""
 
     def __init__(self, be: Any) -> None:
         self.be = be

@@ -15,6 +15,7 @@ import numpy as np
 
 from lenet_gpu import reference as ref
 from lenet_gpu.stepstate import STATE_WORDS, STEP, STEP_IN_EPOCH
+from tests.cupy_helpers import Dev
 from tests.parity import assert_close, assert_equal, nan_like, rand
 
 F64 = np.float64
@@ -84,19 +85,6 @@ class NumbaShim:
     def to_host(self, a: Any) -> np.ndarray:
         self.counters.d2h += 1
         return a.copy_to_host()
-
-
-class Dev:
-    """Moves arrays to and from a backend's device."""
-
-    def __init__(self, be: Any) -> None:
-        self.be = be
-
-    def put(self, a: np.ndarray | None) -> Any:
-        return None if a is None else self.be.to_device(np.ascontiguousarray(a))
-
-    def get(self, a: Any) -> np.ndarray:
-        return self.be.to_host(a)
 
 
 def head_inputs(b: int, c: int, h: int, w: int, h1: int, h2: int, nc: int, act: str, mode: str, seed: int = 0):

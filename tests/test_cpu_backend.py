@@ -19,6 +19,8 @@ from lenet_gpu.backends.cpu_backend import VARIANTS, CpuBackend, common
 from lenet_gpu.backends.numpy_backend import NumpyBackend
 from lenet_gpu.stepstate import STATE_WORDS, HostState, advance, sched_row, schedule_table
 
+from . import host_checks as H
+from .host_checks import activated, f64
 from .parity import TOL, assert_close, assert_equal, nan_like, rand
 
 ACTS = R.ACTIVATIONS
@@ -46,17 +48,11 @@ CONV_SHAPES = [
 ]
 
 
-def f64(*arrays):
-    return [a.astype(np.float64) for a in arrays]
-
 
 def conv_case(shape, seed=1):
     n, c, h, w, k, r, s = shape
     return rand((n, c, h, w), seed), rand((k, c, r, s), seed + 1, 0.3), rand((k,), seed + 2, 0.1)
 
-
-def activated(shape, act, seed):
-    return R.activate(rand(shape, seed).astype(np.float64), act).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------- conv2d
@@ -235,42 +231,13 @@ def test_lenet_fwd(n, f6, act, mode):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", [(1, 6, 28, 28), (17, 16, 10, 10), (2, 3, 7, 9)])
 def test_pool2x2(shape, act, mode):
-    n, c, h, w = shape
-    yconv = activated(shape, act, 5)
-    yconv[0, 0, :4, :4] = yconv[0, 0, 0, 0]
-    out = nan_like((n, c, h // 2, w // 2))
-    am = nan_like(out.shape, np.uint8)
-    BE.pool2x2_fwd(yconv, out, am, mode)
-    ref, ram = R.pool2x2_fwd(yconv.astype(np.float64), mode)
-    assert_close(out, ref, *TOL["pool2x2_fwd"], what=f"pool2x2_fwd {mode}")
-    if mode == "max":
-        assert_equal(am, ram, what="argmax")
-    dy = rand(out.shape, 6)
-    dz = nan_like(shape)
-    BE.pool2x2_bwd(dy, am if mode == "max" else None, yconv, dz, mode, act)
-    rdz = R.pool2x2_bwd(dy.astype(np.float64), ram, mode, out_shape=(h, w)) * R.activation_grad(
-        yconv.astype(np.float64), act)
-    assert_close(dz, rdz, *TOL["pool2x2_bwd"], what=f"pool2x2_bwd {mode} {act}")
+    H.check_pool2x2(BE, shape, act, mode)
 
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", [(1, 400, 120), (17, 120, 84), (3, 17, 10)])
 def test_dense(shape, act):
-    n, i, o = shape
-    x, w, b = rand((n, i), 7), rand((o, i), 8, 0.2), rand((o,), 9, 0.1)
-    y = nan_like((n, o))
-    BE.dense_fwd(x, w, b, y, act)
-    ref = R.dense_fwd(*f64(x, w, b), act)
-    assert_close(y, ref, *TOL["dense_fwd"], what=f"dense_fwd {act}")
-    dy = rand((n, o), 10)
-    dx, dw, db = nan_like(x.shape), nan_like(w.shape), nan_like(b.shape)
-    BE.dense_bwd(x, w, y, dy, dx, dw, db, act)
-    rdx, rdw, rdb = R.dense_bwd(*f64(x, w, y, dy), act)
-    for got, want, name in ((dx, rdx, "dx"), (dw, rdw, "dw"), (db, rdb, "db")):
-        assert_close(got, want, *TOL["dense_bwd"], what=f"dense_bwd {name} {act}")
-    dw2, db2 = nan_like(w.shape), nan_like(b.shape)
-    BE.dense_bwd(x, w, y, dy, None, dw2, db2, act)
-    assert_equal(dw2, dw)
+    H.check_dense(BE, shape, act)
 
 
 # ------------------------------------------------------------------------- state-driven ops, bit-exact
@@ -278,26 +245,11 @@ def test_dense(shape, act):
 
 @pytest.mark.parametrize("n", [1, 7, 64])
 def test_softmax_xent(n):
-    logits = rand((n, 10), 11, 4.0)
-    logits[0, :] = 0.0  # a row of ties: the first maximum (class 0) is the prediction
-    labels = np.random.default_rng(12).integers(0, 10, n).astype(np.int32)
-    d = nan_like(logits.shape)
-    stats = np.full((5, 2), -1.0, np.float32)
-    state = HostState(step_in_epoch=7).to_array()
-    BE.softmax_xent(logits, labels, d, stats, state)
-    loss, rd = R.softmax_xent(logits.astype(np.float64), labels)
-    assert_close(d, rd, *TOL["softmax_xent"], what="dlogits")
-    assert_close(stats[2, 0], loss * n, *TOL["softmax_xent"], what="loss sum")
-    assert stats[2, 1] == int((np.argmax(logits, axis=1) == labels).sum())
-    assert np.all(np.delete(stats, 2, axis=0) == -1.0)
+    H.check_softmax_xent(BE, n)
 
 
 def test_softmax_xent_extreme_logits():
-    logits = np.array([[1e4, -1e4] + [0] * 8, [-1e4, 1e4] + [0] * 8], np.float32)
-    d, stats = nan_like(logits.shape), np.zeros((1, 2), np.float32)
-    BE.softmax_xent(logits, np.array([0, 0], np.int32), d, stats, HostState().to_array())
-    assert np.all(np.isfinite(d)) and np.isfinite(stats[0, 0])
-    assert stats[0, 1] == 1
+    H.check_softmax_xent_extreme_logits(BE)
 
 
 @pytest.mark.parametrize("shift", [0, 2, 3])

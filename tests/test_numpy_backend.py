@@ -9,6 +9,8 @@ from lenet_gpu import reference as R
 from lenet_gpu.backends import get_backend
 from lenet_gpu.stepstate import HostState, advance, advance_by, schedule_table
 
+from . import host_checks as H
+from .host_checks import f64
 from .parity import TOL, assert_close, assert_equal, nan_like, rand
 
 ACTS = R.ACTIVATIONS
@@ -19,9 +21,6 @@ CONV_SHAPES = [  # (N, C, H, W, K, R, S): LeNet's C1 and C3, batch 1, odd sizes
     (2, 3, 9, 7, 5, 3, 4),
 ]
 
-
-def f64(*arrays):
-    return [a.astype(np.float64) for a in arrays]
 
 
 @pytest.mark.parametrize("shape", CONV_SHAPES)
@@ -48,43 +47,13 @@ def test_conv2d(shape, act):
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", [(1, 6, 28, 28), (3, 16, 10, 10), (2, 3, 7, 9)])
 def test_pool2x2(shape, act, mode):
-    n, c, h, w = shape
-    yconv = R.activate(rand(shape, 5).astype(np.float64), act).astype(np.float32)
-    yconv[0, 0, :4, :4] = yconv[0, 0, 0, 0]  # a flat patch: ties, first maximum wins
-    out = nan_like((n, c, h // 2, w // 2))
-    am = nan_like(out.shape, np.uint8)
-    BE.pool2x2_fwd(yconv, out, am, mode)
-    ref, ram = R.pool2x2_fwd(yconv.astype(np.float64), mode)
-    assert_close(out, ref, *TOL["pool2x2_fwd"], what=f"pool2x2_fwd {mode}")
-    if mode == "max":
-        assert_equal(am, ram, what="argmax")
-    dy = rand(out.shape, 6)
-    dz = nan_like(shape)
-    BE.pool2x2_bwd(dy, am, yconv, dz, mode, act)
-    rdz = R.pool2x2_bwd(dy.astype(np.float64), ram, mode, out_shape=(h, w)) * R.activation_grad(
-        yconv.astype(np.float64), act
-    )
-    assert_close(dz, rdz, *TOL["pool2x2_bwd"], what=f"pool2x2_bwd {mode} {act}")
+    H.check_pool2x2(BE, shape, act, mode)
 
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", [(1, 400, 120), (5, 120, 84), (3, 17, 10)])
 def test_dense(shape, act):
-    n, i, o = shape
-    x, w, b = rand((n, i), 7), rand((o, i), 8, 0.2), rand((o,), 9, 0.1)
-    y = nan_like((n, o))
-    BE.dense_fwd(x, w, b, y, act)
-    ref = R.dense_fwd(*f64(x, w, b), act)
-    assert_close(y, ref, *TOL["dense_fwd"], what=f"dense_fwd {act}")
-    dy = rand((n, o), 10)
-    dx, dw, db = nan_like(x.shape), nan_like(w.shape), nan_like(b.shape)
-    BE.dense_bwd(x, w, y, dy, dx, dw, db, act)
-    rdx, rdw, rdb = R.dense_bwd(*f64(x, w, y, dy), act)
-    for got, want, name in ((dx, rdx, "dx"), (dw, rdw, "dw"), (db, rdb, "db")):
-        assert_close(got, want, *TOL["dense_bwd"], what=f"dense_bwd {name} {act}")
-    dw2, db2 = nan_like(w.shape), nan_like(b.shape)
-    BE.dense_bwd(x, w, y, dy, None, dw2, db2, act)  # dx is optional
-    assert_equal(dw2, dw)
+    H.check_dense(BE, shape, act)
 
 
 def _state(**kw) -> np.ndarray:
@@ -93,26 +62,11 @@ def _state(**kw) -> np.ndarray:
 
 @pytest.mark.parametrize("n", [1, 7, 64])
 def test_softmax_xent(n):
-    logits = rand((n, 10), 11, 4.0)
-    logits[0, :] = 0.0  # a row of ties: the first maximum (class 0) is the prediction
-    labels = np.random.default_rng(12).integers(0, 10, n).astype(np.int32)
-    d = nan_like(logits.shape)
-    stats = nan_like((5, 2))
-    BE.softmax_xent(logits, labels, d, stats, _state(step_in_epoch=7))  # row 7 mod 5 = 2, overwritten
-    loss, rd = R.softmax_xent(logits.astype(np.float64), labels)
-    assert_close(d, rd, *TOL["softmax_xent"], what="dlogits")
-    assert_close(stats[2, 0], loss * n, *TOL["softmax_xent"], what="loss sum")
-    assert stats[2, 1] == int((np.argmax(logits, axis=1) == labels).sum())
-    assert np.isnan(np.delete(stats, 2, axis=0)).all()  # the other rows are untouched
+    H.check_softmax_xent(BE, n)
 
 
 def test_softmax_xent_extreme_logits():
-    logits = np.array([[1e4, -1e4] + [0] * 8, [-1e4, 1e4] + [0] * 8], np.float32)
-    d = nan_like(logits.shape)
-    stats = np.zeros((1, 2), np.float32)
-    BE.softmax_xent(logits, np.array([0, 0], np.int32), d, stats, _state())
-    assert np.all(np.isfinite(d)) and np.isfinite(stats[0, 0])
-    assert stats[0, 1] == 1
+    H.check_softmax_xent_extreme_logits(BE)
 
 
 @pytest.mark.parametrize("shift", [0, 2, 4])
