@@ -32,7 +32,7 @@ from numba import cuda, float32
 from ...stepstate import STEP_IN_EPOCH
 from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
 from ._compat import import_cuda_array_module
-from .common import ONE, POOL_MAX, ZERO, act_grad, activate, ceil_div
+from .common import ACT_IDENTITY, ONE, POOL_MAX, ZERO, act_grad, activate, ceil_div
 
 if not numba.config.ENABLE_CUDASIM:
     import_cuda_array_module()  # before the first compile (NumPy 2.5 with numba-cuda 0.30: see _compat)
@@ -47,6 +47,32 @@ FILL_BLOCKS = 2 * 132
 # ---------------------------------------------------------------------------------------------- v1: rows
 
 
+@cuda.jit(device=True, inline="always")
+def _fwd_layer(a, w, b, out, r0, nr, nout, nin, act, tid, nt):
+    """out[r, o] = act(Σ_i a[r, i] w[o, i] + b[o]) for o < nout, i < nin and the tile's rows r0 .. r0+nr−1,
+    threads striding."""
+    for t in range(tid, nr * nout, nt):
+        r = r0 + t // nout
+        o = t % nout
+        acc = b[o]
+        for i in range(nin):
+            acc += a[r, i] * w[o, i]
+        out[r, o] = activate(acc, act)
+
+
+@cuda.jit(device=True, inline="always")
+def _back_layer(dz, w, h, dz_below, r0, nr, nout, nin, act, tid, nt):
+    """dz_below[r, i] = (Σ_o dz[r, o] w[o, i]) · act'(h[r, i]) for o < nout, i < nin and the tile's rows,
+    threads striding."""
+    for t in range(tid, nr * nin, nt):
+        r = r0 + t // nin
+        i = t % nin
+        acc = ZERO
+        for o in range(nout):
+            acc += dz[r, o] * w[o, i]
+        dz_below[r, i] = acc * act_grad(h[r, i], act)
+
+
 @cuda.jit
 def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
                   rowstat, act, mode, rows):
@@ -59,29 +85,11 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
     for tile in range(cuda.blockIdx.x, (nb + rows - 1) // rows, cuda.gridDim.x):  # block-uniform
         r0 = tile * rows
         nr = min(rows, nb - r0)
-        for t in range(tid, nr * nh1, nt):  # h1 = act(x w1ᵀ + b1)
-            r = r0 + t // nh1
-            o = t % nh1
-            acc = b1[o]
-            for i in range(ni):
-                acc += x[r, i] * w1[o, i]
-            h1[r, o] = activate(acc, act)
+        _fwd_layer(x, w1, b1, h1, r0, nr, nh1, ni, act, tid, nt)  # h1 = act(x w1ᵀ + b1)
         cuda.syncthreads()
-        for t in range(tid, nr * nh2, nt):  # h2 = act(h1 w2ᵀ + b2)
-            r = r0 + t // nh2
-            j = t % nh2
-            acc = b2[j]
-            for o in range(nh1):
-                acc += h1[r, o] * w2[j, o]
-            h2[r, j] = activate(acc, act)
+        _fwd_layer(h1, w2, b2, h2, r0, nr, nh2, nh1, act, tid, nt)  # h2 = act(h1 w2ᵀ + b2)
         cuda.syncthreads()
-        for t in range(tid, nr * nc, nt):  # logits = h2 w3ᵀ + b3
-            r = r0 + t // nc
-            c = t % nc
-            acc = b3[c]
-            for j in range(nh2):
-                acc += h2[r, j] * w3[c, j]
-            logits[r, c] = acc
+        _fwd_layer(h2, w3, b3, logits, r0, nr, nc, nh2, ACT_IDENTITY, tid, nt)  # logits = h2 w3ᵀ + b3
         cuda.syncthreads()
         for r in range(r0 + tid, r0 + nr, nt):  # the loss row and dz3 = dlogits
             mx = logits[r, 0]
@@ -103,21 +111,9 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
             rowstat[r, 0] = math.log(se) - (logits[r, lab] - mx)
             rowstat[r, 1] = ONE if best == lab else ZERO
         cuda.syncthreads()
-        for t in range(tid, nr * nh2, nt):  # dz2 = (dz3 w3)·act'(h2)
-            r = r0 + t // nh2
-            j = t % nh2
-            acc = ZERO
-            for c in range(nc):
-                acc += dz3[r, c] * w3[c, j]
-            dz2[r, j] = acc * act_grad(h2[r, j], act)
+        _back_layer(dz3, w3, h2, dz2, r0, nr, nc, nh2, act, tid, nt)  # dz2 = (dz3 w3)·act'(h2)
         cuda.syncthreads()
-        for t in range(tid, nr * nh1, nt):  # dz1 = (dz2 w2)·act'(h1)
-            r = r0 + t // nh1
-            o = t % nh1
-            acc = ZERO
-            for j in range(nh2):
-                acc += dz2[r, j] * w2[j, o]
-            dz1[r, o] = acc * act_grad(h1[r, o], act)
+        _back_layer(dz2, w2, h1, dz1, r0, nr, nh2, nh1, act, tid, nt)  # dz1 = (dz2 w2)·act'(h1)
         cuda.syncthreads()
         for t in range(tid, nr * ni, nt):  # dx = dz1 w1, routed through S4's pooling into dz_conv
             r = r0 + t // ni
