@@ -66,6 +66,36 @@ def _pool(a, b, c, d, mode):
     return (a + b + c + d) * QUARTER
 
 
+@cuda.jit(device=True, inline="always")
+def _conv_pool(sm, xb, xh, xw, wb, bb, cin, k, ph, pw, act, mode):
+    """The pooled output (ph, pw) of filter k: the four 5×5 convolutions of its window, each + bias and
+    activated, then pooled. In shared memory: the input's channel c, row y at xb + (c·xh + y)·xw, the
+    filter's weights at wb + ((k·cin + c)·RS + r)·RS + s, its bias at bb + k."""
+    o0 = float32(0.0)
+    o1 = float32(0.0)
+    o2 = float32(0.0)
+    o3 = float32(0.0)
+    for q in range(4):
+        oh = 2 * ph + q // 2
+        owc = 2 * pw + q % 2
+        acc = sm[bb + k]
+        for c in range(cin):
+            for r in range(RS):
+                for s in range(RS):
+                    wv = sm[wb + ((k * cin + c) * RS + r) * RS + s]
+                    acc += sm[xb + (c * xh + oh + r) * xw + owc + s] * wv
+        v = activate(acc, act)
+        if q == 0:
+            o0 = v
+        elif q == 1:
+            o1 = v
+        elif q == 2:
+            o2 = v
+        else:
+            o3 = v
+    return _pool(o0, o1, o2, o3, mode)
+
+
 # (the simulator's cuda.jit takes no launch bounds)
 @(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["lenet_fwd_v1"]))
 def lenet_fwd_v1(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, act, mode, scale, shift, imgs,
@@ -104,28 +134,7 @@ def lenet_fwd_v1(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits,
             k = e // (P2 * P2)
             ph = (e // P2) % P2
             pw = e % P2
-            xin = WEIGHTS + m * isz
-            o0 = float32(0.0)
-            o1 = float32(0.0)
-            o2 = float32(0.0)
-            o3 = float32(0.0)
-            for q in range(4):
-                oh = 2 * ph + q // 2
-                owc = 2 * pw + q % 2
-                acc = sm[ob1 + k]
-                for r in range(RS):
-                    for s in range(RS):
-                        acc += sm[xin + (oh + r) * XS + owc + s] * sm[(k * RS + r) * RS + s]
-                v = activate(acc, act)
-                if q == 0:
-                    o0 = v
-                elif q == 1:
-                    o1 = v
-                elif q == 2:
-                    o2 = v
-                else:
-                    o3 = v
-            sm[WEIGHTS + m * isz + xr + e] = _pool(o0, o1, o2, o3, mode)
+            sm[WEIGHTS + m * isz + xr + e] = _conv_pool(sm, WEIGHTS + m * isz, 0, XS, 0, ob1, 1, k, ph, pw, act, mode)
         cuda.syncthreads()
         for t in range(tid, imgs * I5, nt):  # C3 + act + pool -> S4 (X, [0, 400))
             m = t // I5
@@ -133,30 +142,8 @@ def lenet_fwd_v1(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits,
             k = e // (P4 * P4)
             ph = (e // P4) % P4
             pw = e % P4
-            s2 = WEIGHTS + m * isz + xr
-            o0 = float32(0.0)
-            o1 = float32(0.0)
-            o2 = float32(0.0)
-            o3 = float32(0.0)
-            for q in range(4):
-                oh = 2 * ph + q // 2
-                owc = 2 * pw + q % 2
-                acc = sm[ob3 + k]
-                for c in range(K1):
-                    for r in range(RS):
-                        for s in range(RS):
-                            wv = sm[ow3 + ((k * K1 + c) * RS + r) * RS + s]
-                            acc += sm[s2 + (c * P2 + oh + r) * P2 + owc + s] * wv
-                v = activate(acc, act)
-                if q == 0:
-                    o0 = v
-                elif q == 1:
-                    o1 = v
-                elif q == 2:
-                    o2 = v
-                else:
-                    o3 = v
-            sm[WEIGHTS + m * isz + e] = _pool(o0, o1, o2, o3, mode)
+            sm[WEIGHTS + m * isz + e] = _conv_pool(sm, WEIGHTS + m * isz + xr, P2, P2, ow3, ob3, K1, k, ph, pw, act,
+                                                  mode)
         cuda.syncthreads()
         for t in range(tid, imgs * nh1, nt):  # C5 -> h1 (X, [400, 400 + H1))
             m = t // nh1
