@@ -159,6 +159,29 @@ lenet_fwd_v1(const unsigned char* __restrict__ images, const float* __restrict__
 }
 
 // ------------------------------------------------------------------------------------------ v2
+// v2's register block: the 2x2 window's four outputs (rows ra, rb of the input; columns s, s + 1) for K
+// filters, acc[output][filter] += input · w[filter]
+template <int K>
+__device__ __forceinline__ void lf_window_fma(float (&acc)[4][K], const float (&ra)[LF_R + 1],
+                                              const float (&rb)[LF_R + 1], int s, const float (&w)[K]) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        acc[0][k] = fmaf(ra[s], w[k], acc[0][k]);
+        acc[1][k] = fmaf(ra[s + 1], w[k], acc[1][k]);
+        acc[2][k] = fmaf(rb[s], w[k], acc[2][k]);
+        acc[3][k] = fmaf(rb[s + 1], w[k], acc[3][k]);
+    }
+}
+
+// the block's K pooled outputs, activated then pooled, filter k's at out[k * plane]
+template <int K>
+__device__ __forceinline__ void lf_store_pooled(float* out, int plane, const float (&acc)[4][K], int act, int mode) {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+        out[k * plane] = lf_pool(act_fwd(acc[0][k], act), act_fwd(acc[1][k], act), act_fwd(acc[2][k], act),
+                                 act_fwd(acc[3][k], act), mode);
+}
+
 template <int NI>
 __device__ __forceinline__ void lenet_fwd_v2_tile(const unsigned char* __restrict__ images,
                                                   const float* __restrict__ c1w, const float* __restrict__ c1b,
@@ -207,22 +230,13 @@ __device__ __forceinline__ void lenet_fwd_v2_tile(const unsigned char* __restric
                 const float4 wa = *reinterpret_cast<const float4*>(s_w1 + (r * LF_R + s) * 8);
                 const float2 wb = *reinterpret_cast<const float2*>(s_w1 + (r * LF_R + s) * 8 + 4);
                 const float w[LF_K1] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y};
-#pragma unroll
-                for (int k = 0; k < LF_K1; ++k) {
-                    acc[0][k] = fmaf(ra[s], w[k], acc[0][k]);
-                    acc[1][k] = fmaf(ra[s + 1], w[k], acc[1][k]);
-                    acc[2][k] = fmaf(rb[s], w[k], acc[2][k]);
-                    acc[3][k] = fmaf(rb[s + 1], w[k], acc[3][k]);
-                }
+                lf_window_fma<LF_K1>(acc, ra, rb, s, w);
             }
 #pragma unroll
             for (int j = 0; j <= LF_R; ++j) ra[j] = rb[j];
         }
         float* s2 = s_img + m * IS + XR + pp;
-#pragma unroll
-        for (int k = 0; k < LF_K1; ++k)
-            s2[k * LF_P2 * LF_P2] = lf_pool(act_fwd(acc[0][k], act), act_fwd(acc[1][k], act), act_fwd(acc[2][k], act),
-                                            act_fwd(acc[3][k], act), mode);
+        lf_store_pooled<LF_K1>(s2, LF_P2 * LF_P2, acc, act, mode);
     }
     __syncthreads();
 
@@ -257,23 +271,14 @@ __device__ __forceinline__ void lenet_fwd_v2_tile(const unsigned char* __restric
                         w[q + 2] = w4.z;
                         w[q + 3] = w4.w;
                     }
-#pragma unroll
-                    for (int k = 0; k < LF_KB3; ++k) {
-                        acc[0][k] = fmaf(ra[s], w[k], acc[0][k]);
-                        acc[1][k] = fmaf(ra[s + 1], w[k], acc[1][k]);
-                        acc[2][k] = fmaf(rb[s], w[k], acc[2][k]);
-                        acc[3][k] = fmaf(rb[s + 1], w[k], acc[3][k]);
-                    }
+                    lf_window_fma<LF_KB3>(acc, ra, rb, s, w);
                 }
 #pragma unroll
                 for (int j = 0; j <= LF_R; ++j) ra[j] = rb[j];
             }
         }
         float* s4 = s_img + m * IS + LF_KB3 * kg * LF_P4 * LF_P4 + pp;
-#pragma unroll
-        for (int k = 0; k < LF_KB3; ++k)
-            s4[k * LF_P4 * LF_P4] = lf_pool(act_fwd(acc[0][k], act), act_fwd(acc[1][k], act), act_fwd(acc[2][k], act),
-                                            act_fwd(acc[3][k], act), mode);
+        lf_store_pooled<LF_KB3>(s4, LF_P4 * LF_P4, acc, act, mode);
     }
     __syncthreads();
 
