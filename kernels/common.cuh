@@ -59,6 +59,28 @@ __device__ __forceinline__ int pos_mod(long long a, int m) {
     return (int)(r < 0 ? r + m : r);
 }
 
+// The row of ``stats`` (S rows of [loss sum, hit count]) a step writes: STEP_IN_EPOCH mod S (in bounds even
+// for a stale state). The loss kernels and the fused head write it.
+__device__ __forceinline__ float* stats_row(float* stats, int S, const int* state) {
+    return stats + 2 * pos_mod(state[ST_STEP_IN_EPOCH], S);
+}
+
+// One row of the softmax cross-entropy: d[c * dstride] = (p_c - [c == lab]) * inv_n; returns the row's loss
+// logsumexp(z) - z[lab]; *hit = 1 when the first maximal logit is the label, else 0.
+__device__ __forceinline__ float xent_row(const float* __restrict__ z, int lab, float* __restrict__ d, int dstride,
+                                          int NC, float inv_n, float* hit) {
+    float m = z[0];
+    int am = 0;
+    for (int c = 1; c < NC; ++c)
+        if (z[c] > m) { m = z[c]; am = c; }
+    float se = 0.0f;
+    for (int c = 0; c < NC; ++c) se += expf(z[c] - m);
+    *hit = am == lab ? 1.0f : 0.0f;
+    const float inv_se = 1.0f / se;
+    for (int c = 0; c < NC; ++c) d[c * dstride] = (expf(z[c] - m) * inv_se - (c == lab ? 1.0f : 0.0f)) * inv_n;
+    return logf(se) - (z[lab] - m);
+}
+
 // The 32-bit mixer "lowbias32" (reference.mix32): unsigned arithmetic is modulo 2^32 in C.
 __device__ __forceinline__ unsigned int mix32(unsigned int x) {
     x ^= x >> 16;

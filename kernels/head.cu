@@ -48,7 +48,6 @@
 #define WG_TO 16        // wgrad v2 tile: outputs (rows of dw) per block
 #define WG_TI 32        // wgrad v2 tile: columns of [dw | db] per block
 #define WG_KC 32        // wgrad v2: batch rows staged per chunk
-#define STATE_STEP_IN_EPOCH 2  // lenet_gpu.stepstate.STEP_IN_EPOCH
 #ifndef HEAD_ROWS
 #define HEAD_ROWS 8  // head_train_v2: rows of the batch a block owns (1, 2, 4 or 8; the launcher picks per batch)
 #endif
@@ -59,27 +58,6 @@ static_assert(HEAD_ROWS == 1 || HEAD_ROWS == 2 || HEAD_ROWS == 4 || HEAD_ROWS ==
 #define HEAD_SM_THREADS (HEAD_ROWS <= 2 ? 512 : 768)
 #define HEAD_MIN_BLOCKS (HEAD_SM_THREADS / HEAD_THREADS > 0 ? HEAD_SM_THREADS / HEAD_THREADS : 1)
 static_assert(HEAD_THREADS % 32 == 0 && HEAD_THREADS <= 1024, "HEAD_THREADS: whole warps, at most 1024");
-
-// The stats row a launch writes: state[STEP_IN_EPOCH] mod S (never out of bounds, even for a stale state).
-__device__ __forceinline__ int stats_row(const int* __restrict__ state, int S) {
-    const int r = state[STATE_STEP_IN_EPOCH] % S;
-    return r < 0 ? r + S : r;
-}
-
-// One row of the softmax cross-entropy: d[c] = (p_c - [c == lab]) * inv_b; returns the loss; *hit = first argmax == lab.
-__device__ __forceinline__ float head_xent_row(const float* z, int lab, float* d, int dstride, int NC, float inv_b,
-                                               float* hit) {
-    float m = z[0];
-    int am = 0;
-    for (int c = 1; c < NC; ++c)
-        if (z[c] > m) { m = z[c]; am = c; }
-    float se = 0.0f;
-    for (int c = 0; c < NC; ++c) se += expf(z[c] - m);
-    *hit = am == lab ? 1.0f : 0.0f;
-    const float inv_se = 1.0f / se;
-    for (int c = 0; c < NC; ++c) d[c * dstride] = (expf(z[c] - m) * inv_se - (c == lab ? 1.0f : 0.0f)) * inv_b;
-    return logf(se) - (z[lab] - m);
-}
 
 // dz_conv of the 2x2 window of pooled element i (c, hp, wp) of one row: route g = dL/dS4[i], times act'(yconv).
 __device__ __forceinline__ void head_route(float g, int i, const unsigned char* __restrict__ am_row,
@@ -141,8 +119,8 @@ head_train_v1(const float* __restrict__ x, const int* __restrict__ labels, const
     __syncthreads();
     for (int r = r0 + tid; r < r0 + nr; r += nt) {  // the loss row and dz3 = dlogits
         float hit;
-        rowstat[2 * r] = head_xent_row(logits + (size_t)r * NC, labels[r], dz3 + (size_t)r * NC, 1, NC,
-                                       1.0f / (float)B, &hit);
+        rowstat[2 * r] = xent_row(logits + (size_t)r * NC, labels[r], dz3 + (size_t)r * NC, 1, NC, 1.0f / (float)B,
+                                  &hit);
         rowstat[2 * r + 1] = hit;
     }
     __syncthreads();
@@ -204,9 +182,9 @@ head_train_wgrad_v1(const float* __restrict__ x, const float* __restrict__ h1, c
     if (e == n3) {  // the stats row: row order
         float l = 0.0f, h = 0.0f;
         for (int b = 0; b < B; ++b) { l += rowstat[2 * b]; h += rowstat[2 * b + 1]; }
-        const int row = stats_row(state, S);
-        stats[2 * row] = l;
-        stats[2 * row + 1] = h;
+        float* row = stats_row(stats, S, state);
+        row[0] = l;
+        row[1] = h;
     }
 }
 
@@ -270,8 +248,7 @@ __device__ __forceinline__ void head_rows_v2(const float* __restrict__ x, const 
     if (tid < R) {  // one thread per row: the loss row and dz3 (zeros for rows past the batch)
         if (tid < nr) {
             float hit;
-            const float loss = head_xent_row(s_z + tid * NC, labels[r0 + tid], s_d3 + tid, R, NC, 1.0f / (float)B,
-                                             &hit);
+            const float loss = xent_row(s_z + tid * NC, labels[r0 + tid], s_d3 + tid, R, NC, 1.0f / (float)B, &hit);
             rowstat[2 * (r0 + tid)] = loss;
             rowstat[2 * (r0 + tid) + 1] = hit;
             for (int c = 0; c < NC; ++c) dz3[(size_t)(r0 + tid) * NC + c] = s_d3[c * R + tid];
@@ -406,8 +383,8 @@ head_train_wgrad_v2(const float* __restrict__ x, const float* __restrict__ h1, c
         __syncthreads();
     }
     if (tid == 0) {
-        const int row = stats_row(state, S);
-        stats[2 * row] = s_l[0];
-        stats[2 * row + 1] = s_h[0];
+        float* row = stats_row(stats, S, state);
+        row[0] = s_l[0];
+        row[1] = s_h[0];
     }
 }

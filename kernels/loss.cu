@@ -22,21 +22,6 @@
 #endif
 static_assert((LOSS_THREADS & (LOSS_THREADS - 1)) == 0 && LOSS_THREADS <= 1024, "LOSS_THREADS: a power of two <= 1024");
 
-// One row: writes dlogits[n,:], returns its loss and adds 1 to *hit when the first maximal logit is the label.
-__device__ __forceinline__ float xent_row(const float* __restrict__ z, int lab, float* __restrict__ d, int NC,
-                                          float inv_n, float* hit) {
-    float m = z[0];
-    int am = 0;
-    for (int c = 1; c < NC; ++c)
-        if (z[c] > m) { m = z[c]; am = c; }
-    float se = 0.0f;
-    for (int c = 0; c < NC; ++c) se += expf(z[c] - m);
-    *hit += am == lab ? 1.0f : 0.0f;
-    const float inv_se = 1.0f / se;
-    for (int c = 0; c < NC; ++c) d[c] = (expf(z[c] - m) * inv_se - (c == lab ? 1.0f : 0.0f)) * inv_n;
-    return logf(se) - (z[lab] - m);
-}
-
 // Fixed-order tree over the block's LOSS_THREADS (loss, hit) pairs; thread 0 gets the sums.
 __device__ __forceinline__ void xent_block_sum(float* s_loss, float* s_hit, float loss, float hit, int tid) {
     s_loss[tid] = loss;
@@ -51,11 +36,6 @@ __device__ __forceinline__ void xent_block_sum(float* s_loss, float* s_hit, floa
     }
 }
 
-// Row of stats this step writes.
-__device__ __forceinline__ float* stats_row(float* stats, int S, const int* state) {
-    return stats + 2 * pos_mod(state[ST_STEP_IN_EPOCH], S);
-}
-
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
 softmax_xent_v1(const float* __restrict__ logits, const int* __restrict__ labels, float* __restrict__ dlogits,
                 float* __restrict__ stats, const int* __restrict__ state, int S, int N, int NC) {
@@ -64,8 +44,11 @@ softmax_xent_v1(const float* __restrict__ logits, const int* __restrict__ labels
     const int tid = threadIdx.x;
     const float inv_n = 1.0f / (float)N;
     float loss = 0.0f, hit = 0.0f;
-    for (int n = tid; n < N; n += LOSS_THREADS)
-        loss += xent_row(logits + (size_t)n * NC, labels[n], dlogits + (size_t)n * NC, NC, inv_n, &hit);
+    for (int n = tid; n < N; n += LOSS_THREADS) {
+        float h;
+        loss += xent_row(logits + (size_t)n * NC, labels[n], dlogits + (size_t)n * NC, 1, NC, inv_n, &h);
+        hit += h;
+    }
     xent_block_sum(s_loss, s_hit, loss, hit, tid);
     if (tid == 0) {
         float* row = stats_row(stats, S, state);
@@ -86,7 +69,7 @@ softmax_xent_v2(const float* __restrict__ logits, const int* __restrict__ labels
     const int tid = threadIdx.x, n = blockIdx.x * LOSS_THREADS + tid;
     float loss = 0.0f, hit = 0.0f;
     if (n < N)
-        loss = xent_row(logits + (size_t)n * NC, labels[n], dlogits + (size_t)n * NC, NC, 1.0f / (float)N, &hit);
+        loss = xent_row(logits + (size_t)n * NC, labels[n], dlogits + (size_t)n * NC, 1, NC, 1.0f / (float)N, &hit);
     xent_block_sum(s_loss, s_hit, loss, hit, tid);
     const unsigned int gen = ticket_generation(state);
     if (tid == 0) {
