@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lenet_gpu import recipe
 from lenet_gpu import reference as ref
 from lenet_gpu.model import LeNet5
 from lenet_gpu.schedule import lr_at
@@ -32,22 +33,14 @@ from .timing import now
 FORWARD_TOL = 1e-4
 GRAD_TOL = 1e-3
 
-#: The default training recipe, taken from lenet_gpu.train when it is there.
-FALLBACK_RECIPE = {"epochs": 15, "batch_size": 64, "optimizer": "adam", "lr": 2e-3, "schedule": "onecycle", "seed": 0}
-
-
 def default_recipe(dataset: str | None = None) -> dict[str, Any]:
     """The training program's defaults (epochs, batch, optimizer, peak lr, schedule, seed), with the
-    dataset's own where the program has per-dataset defaults (``train.DATASET_DEFAULTS[dataset]``)."""
-    try:
-        from lenet_gpu import train
-    except ImportError:
-        return dict(FALLBACK_RECIPE)
-    d = dict(getattr(train, "DEFAULTS", FALLBACK_RECIPE))
-    d.update(getattr(train, "DATASET_DEFAULTS", {}).get(dataset, {}))
+    dataset's own (``lenet_gpu.recipe.DATASET_DEFAULTS[dataset]``)."""
+    d = dict(recipe.DEFAULTS)
+    d.update(recipe.DATASET_DEFAULTS.get(dataset or "", {}))
     if d.get("lr") is None:
-        d["lr"] = getattr(train, "DEFAULT_LR", {}).get(d.get("optimizer", "adam"), 2e-3)
-    return {k: d.get(k, FALLBACK_RECIPE[k]) for k in FALLBACK_RECIPE}
+        d["lr"] = recipe.DEFAULT_LR[d["optimizer"]]
+    return {k: d[k] for k in ("epochs", "batch_size", "optimizer", "lr", "schedule", "seed")}
 
 
 # ---------------------------------------------------------------------------------------- data
