@@ -284,7 +284,7 @@ class LeNet5:
         if prog is None:
             ahead = getattr(self.backend, COMPILE_AHEAD, None)
             if ahead is not None and not self._programs:
-                ahead(self.options(), any(self.fused.values()))
+                ahead(self.options(), any(self.fused.values()), scratch_step)
             ws = self.workspace(batch)
             prog = self._programs[key] = _Program(self.backend.record(lambda: self._train_ops(ws, data, ss)), batch)
             prog.data = data  # keeps id(data) from being reused while the program lives
@@ -626,9 +626,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"{path}: not a lenet_gpu checkpoint (cannot read it as .npz: {e})") from None
+        raise CheckpointError(f"{path}: not a lenet_gpu checkpoint ({_npz_reason(e)})") from None
     except Exception as e:  # zipfile.BadZipFile and friends
-        raise CheckpointError(f"{path}: not a lenet_gpu checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{path}: not a lenet_gpu checkpoint ({_npz_reason(e)})") from None
     if "format" not in arrays or str(arrays["format"]) != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a lenet_gpu checkpoint (it was written by another program)")
     if int(arrays.get("version", -1)) != CHECKPOINT_VERSION:
@@ -650,6 +650,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not np.all(np.isfinite(params)):
         raise CheckpointError(f"{path}: parameters contain NaN or inf")
     return {"options": options, "extra": extra, "layout": arrays["layout"], "params": params, "arrays": arrays}
+
+
+def _npz_reason(e: BaseException) -> str:
+    """Why NumPy could not read a file as a checkpoint, in a few words of one line (NumPy's own message about
+    pickles advises allow_pickle=True, which a checkpoint never needs and this program never does)."""
+    text = str(e)
+    if "allow_pickle" in text:
+        return "it holds pickled Python objects, which are never loaded"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"cannot read it as .npz: {first[:120]}"
 
 
 def _check_batch(images: Any, labels: Any) -> tuple[np.ndarray, np.ndarray | None]:
@@ -677,3 +687,14 @@ def _loss_and_correct(logits: np.ndarray, labels: np.ndarray) -> tuple[float, in
     lse = np.log(np.exp(z - mx).sum(axis=1)) + mx[:, 0]
     loss = float((lse - z[np.arange(z.shape[0]), lab]).sum())
     return loss, int((np.argmax(logits, axis=1) == lab).sum())
+
+
+def scratch_step(backend: Backend, options: dict, fused: bool, batch: int) -> None:
+    """One training step and one inference of a model with ``options`` on ``backend``, on zero images: the
+    model's half of a backend's ``compile_ahead`` hook (backends/base.py), which compiles a model's kernels
+    ahead of its first step without knowing the model (cpu_backend/warm.py runs it, here or in a helper
+    process that imports it by name)."""
+    model = LeNet5(backend=backend, **options, fused=fused, use_graphs=False)
+    images = np.zeros((batch, IMAGE_HW, IMAGE_HW), np.uint8)
+    model.train_step(images, np.zeros(batch, np.uint8))
+    model.logits(images, batch_size=batch)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from lenet_gpu.backends.cpu_backend import warm
-from lenet_gpu.model import LeNet5
+from lenet_gpu.model import LeNet5, scratch_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -88,10 +88,10 @@ def test_scratch_step_runs_only_its_share(monkeypatch):
         monkeypatch.setattr(cpu.CpuBackend, op, lambda self, *a, _op=op, _f=orig, **k: (calls.append(_op),
                                                                                         _f(self, *a, **k))[1])
     options = LeNet5(backend="numpy").options()
-    warm.scratch_step(options, True, {"head_train", "conv2d_bwd_weight"}, set(), 1)
+    warm.scratch_step(scratch_step, options, True, {"head_train", "conv2d_bwd_weight"}, set(), 1)
     assert sorted(set(calls)) == ["conv2d_bwd_weight", "head_train"] and calls.count("conv2d_bwd_weight") == 2
     calls.clear()
-    warm.scratch_step(options, True, None, set(warm.HELPER_OPS), 1)
+    warm.scratch_step(scratch_step, options, True, None, set(warm.HELPER_OPS), 1)
     assert set(calls) == {"batch_prepare", "conv2d_pool_fwd", "conv2d_bwd_data_pool", "adam_step", "step_advance",
                           "lenet_fwd"}, calls
 
@@ -99,8 +99,8 @@ def test_scratch_step_runs_only_its_share(monkeypatch):
 def test_nothing_runs_twice_or_when_switched_off(monkeypatch):
     monkeypatch.setattr(warm, "_done", False)
     monkeypatch.setenv("LENET_GPU_COMPILE_AHEAD", "0")
-    assert warm.compile_ahead({}, True, 1) == {"ran": False, "why": "LENET_GPU_COMPILE_AHEAD=0"}
-    assert warm.compile_ahead({}, True, 1)["ran"] is False  # once per process
+    assert warm.compile_ahead({}, True, 1, scratch_step) == {"ran": False, "why": "LENET_GPU_COMPILE_AHEAD=0"}
+    assert warm.compile_ahead({}, True, 1, scratch_step)["ran"] is False  # once per process
     assert isinstance(warm.cache_is_cold(), bool)
 
 
@@ -119,5 +119,13 @@ def test_an_interrupted_first_run_stops_the_helper(monkeypatch):
     monkeypatch.setattr(warm, "scratch_step", interrupted)
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
-        warm.compile_ahead({}, True, 1)
+        warm.compile_ahead({}, True, 1, scratch_step)
     assert sleeper.poll() is not None and time.perf_counter() - t0 < 30
+
+
+def test_the_helper_finds_the_step_by_its_name():
+    """The backend knows nothing of the model: the helper process imports the model's scratch step by name."""
+    assert warm.step_name(scratch_step) == "lenet_gpu.model:scratch_step"
+    assert warm.step_by_name("lenet_gpu.model:scratch_step") is scratch_step
+    with pytest.raises(ValueError, match="module-level"):
+        warm.step_name(lambda be, options, fused, batch: None)

@@ -24,6 +24,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..errors import BackendUnavailable as BackendUnavailable  # defined below the backends (and the harness)
+
 #: The ops of the protocol, in the order an unfused training step launches them.
 OPS = (
     "batch_prepare",
@@ -44,14 +46,12 @@ OPS = (
 #: down to C3's pre-activation gradient), conv2d_bwd_data_pool (conv2d_bwd_data + pool2x2_bwd) and
 #: lenet_fwd (the whole forward pass, for inference).
 OPTIONAL_OPS = ("conv2d_pool_fwd", "head_train", "conv2d_bwd_data_pool", "lenet_fwd")
-#: Optional hook: ``backend.compile_ahead(options, fused)``, called by the model before its first step
-#: with ``LeNet5.options()`` and whether it uses the fused ops; a backend that compiles on first use may
-#: compile that model's kernels then (the cpu backend: on two cores, cpu_backend/warm.py).
+#: Optional hook: ``backend.compile_ahead(options, fused, step)``, called by the model before its first step
+#: with ``LeNet5.options()``, whether it uses the fused ops, and the model's scratch step (a module-level
+#: ``step(backend, options, fused, batch)``: one training step and one inference of such a model on that
+#: backend); a backend that compiles on first use may compile that model's kernels then, knowing nothing of
+#: the model (the cpu backend: on two cores, cpu_backend/warm.py).
 COMPILE_AHEAD = "compile_ahead"
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend cannot run here (no CUDA device, package missing). The message is one clear line."""
 
 
 @dataclass

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.base import BackendUnavailable
+from ..errors import BackendUnavailable
 
 __all__ = [
     "CompilerUnavailable",

@@ -124,10 +124,11 @@ class CpuBackend(HostMemory):
         return (f"first run: the first step compiles the cpu kernels into Numba's cache ({took}); later runs "
                 "load them in under a second")
 
-    def compile_ahead(self, options: dict[str, Any], fused: bool) -> None:
+    def compile_ahead(self, options: dict[str, Any], fused: bool, step: warm.ScratchStep) -> None:
         """Before a model's first step: with an empty Numba cache, compile its step's kernels on two cores
-        (warm.compile_ahead; once per process, nothing when the cache is warm)."""
-        warm.compile_ahead(options, fused, self.threads)
+        through the model's scratch ``step`` (warm.compile_ahead; once per process, nothing when the cache is
+        warm)."""
+        warm.compile_ahead(options, fused, self.threads, step)
 
     def _ws(self, *shape: int, dtype: Any = np.float32) -> np.ndarray:
         """A zeroed workspace (counted as an allocation; made once per plan)."""

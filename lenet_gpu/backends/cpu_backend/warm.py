@@ -12,6 +12,11 @@ would have written reads zeros: valid indices, no garbage). Numba specialises ke
 not sizes, and the cpu backend picks its variants by map widths, which a scratch step shares with the real
 one; so the real step finds its kernels compiled.
 
+The backend knows nothing of LeNet (docs/DESIGN.md §2): the model hands its own scratch step in, a function
+``step(backend, options, fused, batch)`` at the top level of a module (``lenet_gpu.model.scratch_step``), and the
+helper process imports that function by its name. This module builds the backend, makes the other share's ops
+no-ops and zeroes the buffers; the step builds the model and runs it.
+
 It changes nothing but the time to the first step: a helper that fails, or takes too long, leaves its share
 to be compiled here as before (``last_report`` says what happened). Set LENET_GPU_COMPILE_AHEAD=0 to compile
 serially.
@@ -21,15 +26,19 @@ serially.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+#: a model's scratch step: ``step(backend, options, fused, batch)`` runs one training step and one inference of
+#: a model with these options on ``backend`` (lenet_gpu.model.scratch_step)
+ScratchStep = Callable[[Any, dict, bool, int], None]
 
 #: the helper's share, by op name. Compile times of the step's ops at the first run (2 cores, OPT_LEVEL 2,
 #: one run, both variants where a step uses two): head_train 7.8 s, conv2d_bwd_weight 4.8 s,
@@ -72,16 +81,17 @@ def cache_is_cold() -> bool:
         return False
 
 
-def scratch_step(options: dict[str, Any], fused: bool, run: set[str] | None, skip: set[str], threads: int) -> None:
-    """One training step (and one inference) of a scratch model with these options, running only the ops
-    in ``run`` (None: all) and not in ``skip``: compiles their kernels into the cache."""
-    from ...model import LeNet5
+def scratch_step(step: ScratchStep, options: dict[str, Any], fused: bool, run: set[str] | None, skip: set[str],
+                 threads: int) -> None:
+    """One training step (and one inference) of a scratch model with these options, through the model's
+    ``step``, running only the ops in ``run`` (None: all) and not in ``skip``: compiles their kernels into the
+    cache."""
+    from .. import get_backend
     from ..base import OPS, OPTIONAL_OPS
-    from .backend import CpuBackend
 
-    be = CpuBackend(threads=threads)
+    be = get_backend("cpu", threads=threads)
     be.empty = be.zeros  # type: ignore[method-assign] - zeros wherever a skipped op would have written
-    be.compile_ahead = lambda options, fused: None  # type: ignore[method-assign] - the scratch model is the warm-up
+    be.compile_ahead = lambda *a, **k: None  # type: ignore[method-assign] - the scratch model is the warm-up
 
     def skipped(*args: Any, **kwargs: Any) -> None:
         return None
@@ -89,16 +99,26 @@ def scratch_step(options: dict[str, Any], fused: bool, run: set[str] | None, ski
     for op in (*OPS, *OPTIONAL_OPS):
         if (run is not None and op not in run) or op in skip:
             setattr(be, op, skipped)
-    model = LeNet5(backend=be, **options, fused=fused, use_graphs=False)
-    images = np.zeros((SCRATCH_BATCH, 28, 28), np.uint8)
-    model.train_step(images, np.zeros(SCRATCH_BATCH, np.uint8))
-    model.logits(images, batch_size=SCRATCH_BATCH)
+    step(be, options, fused, SCRATCH_BATCH)
 
 
-def compile_ahead(options: dict[str, Any], fused: bool, threads: int) -> dict[str, Any]:
+def step_name(step: ScratchStep) -> str:
+    """``module:function``, how the helper process finds the step (a function at the top of a module)."""
+    name = f"{step.__module__}:{step.__qualname__}"
+    if "<" in step.__qualname__ or "." in step.__qualname__:
+        raise ValueError(f"the scratch step must be a module-level function (got {name})")
+    return name
+
+
+def step_by_name(name: str) -> ScratchStep:
+    module, _, func = name.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def compile_ahead(options: dict[str, Any], fused: bool, threads: int, step: ScratchStep) -> dict[str, Any]:
     """Before the first step of a model with these options: with an empty cache, compile the step's kernels
-    on two cores (see the module docstring). Once per process; returns (and keeps in ``last_report``) what
-    it did."""
+    on two cores, each share through the model's scratch ``step`` (see the module docstring). Once per
+    process; returns (and keeps in ``last_report``) what it did."""
     global _done, last_report
     if _done:
         return last_report or {"ran": False, "why": "done before"}
@@ -113,10 +133,10 @@ def compile_ahead(options: dict[str, Any], fused: bool, threads: int) -> dict[st
     if _cores() < 2:
         last_report = {"ran": False, "why": "one core: nothing to compile on in parallel"}
         return last_report
-    helper = _start_helper(options, fused, threads)
+    helper = _start_helper(options, fused, threads, step_name(step))
     report: dict[str, Any] = {"ran": True, "helper_ops": list(HELPER_OPS)}
     try:
-        scratch_step(options, fused, None, set(HELPER_OPS) if helper is not None else set(), threads)
+        scratch_step(step, options, fused, None, set(HELPER_OPS) if helper is not None else set(), threads)
     except BaseException:  # Ctrl-C or an error: stop the helper now rather than wait for it
         if helper is not None:
             helper.kill()
@@ -129,7 +149,7 @@ def compile_ahead(options: dict[str, Any], fused: bool, threads: int) -> dict[st
     return report
 
 
-def _start_helper(options: dict[str, Any], fused: bool, threads: int) -> subprocess.Popen | None:
+def _start_helper(options: dict[str, Any], fused: bool, threads: int, step: str) -> subprocess.Popen | None:
     import numba
 
     root = str(Path(__file__).resolve().parents[3])  # the directory holding the lenet_gpu package
@@ -137,7 +157,8 @@ def _start_helper(options: dict[str, Any], fused: bool, threads: int) -> subproc
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     if numba.config.CACHE_DIR:
         env["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR
-    arg = json.dumps({"options": options, "fused": fused, "threads": threads, "ops": list(HELPER_OPS)})
+    arg = json.dumps({"options": options, "fused": fused, "threads": threads, "ops": list(HELPER_OPS),
+                      "step": step})
     try:
         return subprocess.Popen([sys.executable, "-m", __name__, arg], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -163,7 +184,8 @@ def _wait(helper: subprocess.Popen | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     args = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    scratch_step(args["options"], bool(args["fused"]), set(args["ops"]), set(), int(args["threads"]))
+    scratch_step(step_by_name(args["step"]), args["options"], bool(args["fused"]), set(args["ops"]), set(),
+                 int(args["threads"]))
     print(f"{time.perf_counter() - t0:.2f} s after its imports")
     return 0
 
