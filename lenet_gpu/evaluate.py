@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: ``python -m lenet_gpu.evaluate CHECKPOINT``.
+"""Evaluate a checkpoint: ``python -m lenet_gpu.evaluate [CHECKPOINT]`` (default: the latest run in runs/).
 
 Prints the test accuracy, the mean loss, per-class accuracy and the confusion matrix (rows: true
 class, columns: predicted class). The test set is the checkpoint's own dataset unless
@@ -26,7 +26,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m lenet_gpu.evaluate",
                 description="Report test accuracy and the confusion matrix of a trained LeNet-5 checkpoint.")
-    p.add_argument("checkpoint", help="a checkpoint written by python -m lenet_gpu.train")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a checkpoint written by python -m lenet_gpu.train (default: the latest run, the most "
+                   "recently written runs/*.npz)")
     p.add_argument("--dataset", default=None, help="mnist, mnist-sample, fashion-mnist (default: the checkpoint's)")
     p.add_argument("--data-dir", default=None, help="a folder holding the four IDX files")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="where to run (default auto)")
@@ -61,7 +63,10 @@ def run(argv: list[str] | None = None) -> int:
     if args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
         raise ValueError("--batch-size and --limit must be > 0")
     from .data import load_dataset
+    from .runs import latest_checkpoint
 
+    if args.checkpoint is None:
+        args.checkpoint = str(latest_checkpoint())
     model, extra = LeNet5.load_with_extra(args.checkpoint, backend=args.backend)
     name = args.dataset or (None if args.data_dir else extra.get("dataset"))
     data_dir = args.data_dir or (None if args.dataset else extra.get("data_dir"))
@@ -94,10 +99,11 @@ def run(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
+    from .runs import NoRun
 
     try:
         return run(argv)
-    except (CheckpointError, DataError, BackendUnavailable, ValueError, OSError) as e:
+    except (CheckpointError, DataError, BackendUnavailable, NoRun, ValueError, OSError) as e:
         print(f"lenet_gpu.evaluate: error: {e}", file=sys.stderr)
         return 2
 

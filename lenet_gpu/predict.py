@@ -1,6 +1,9 @@
 """Classify pictures of hand-written digits with a trained checkpoint.
 
-    python -m lenet_gpu.predict CHECKPOINT IMAGE... [--top K] [--json] [--backend NAME]
+    python -m lenet_gpu.predict [CHECKPOINT] IMAGE... [--top K] [--json] [--backend NAME]
+
+Without a CHECKPOINT (a first argument that does not end in .npz), the latest run: the most recently written
+checkpoint in runs/.
 
 Each image (PNG, JPEG, or anything Pillow reads; any size; dark ink on light paper or light on
 dark) is prepared the MNIST way by :func:`lenet_gpu.imageprep.prepare_digit` and classified. One
@@ -57,13 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
             "  1  some image could not be read or was blank (one line each on stderr;\n"
             "     the other images are still classified)\n"
             "  2  bad command line, unreadable checkpoint, or missing packages\n\n"
-            "example:\n"
-            "  python -m lenet_gpu.predict runs/lenet5.npz docs/sample_digit.png   # a photo-like 3, shipped\n"
+            "examples:\n"
+            "  python -m lenet_gpu.predict docs/sample_digit.png   # the latest run; a photo-like 3, shipped\n"
+            "  python -m lenet_gpu.predict runs/lenet5.npz docs/sample_digit.png\n"
             "  python -m lenet_gpu.predict runs/lenet5.npz my_digit.png photo.jpg --top 3"
         ),
     )
     p.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="checkpoint file (.npz) written by python -m lenet_gpu.train"
+        "checkpoint", metavar="CHECKPOINT", nargs="?", default=None,
+        help="checkpoint file (.npz) written by python -m lenet_gpu.train (default: the latest run, the most "
+        "recently written runs/*.npz)",
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s) of one digit each")
     p.add_argument(
@@ -93,6 +99,9 @@ def _fail(msg: str, code: int = EXIT_USAGE) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command-line program; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.checkpoint is not None and not args.checkpoint.lower().endswith(".npz"):
+        args.images.insert(0, args.checkpoint)  # pictures only: the latest run classifies them
+        args.checkpoint = None
     if not 1 <= args.top <= 10:
         return _fail(f"--top must be between 1 and 10 (got {args.top})")
     try:
@@ -103,10 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .backends import BackendUnavailable
     from .imageprep import ImagePrepError, load_image, prepare_digit
     from .model import CheckpointError, LeNet5
+    from .runs import NoRun, latest_checkpoint
 
     try:
+        if args.checkpoint is None:
+            args.checkpoint = str(latest_checkpoint())
         model, extra = LeNet5.load_with_extra(args.checkpoint, backend=args.backend)
-    except (CheckpointError, BackendUnavailable) as e:
+    except (CheckpointError, BackendUnavailable, NoRun) as e:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"{args.checkpoint}: cannot read checkpoint: {e.strerror or e}")

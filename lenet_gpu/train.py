@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import numpy as np
 from .backends import BACKENDS, BackendUnavailable, get_backend
 from .model import OPTIMIZERS, CheckpointError, LeNet5, read_checkpoint
 from .recipe import DATASET_DEFAULTS, DEFAULT_LR, DEFAULTS, DIR_DEFAULTS
+from .runs import RUNS_DIR, NoRun, latest_checkpoint, metrics_path_for, new_checkpoint
 from .schedule import SCHEDULES, lr_at
 
 # options that define a run: a resumed run takes them from its checkpoint
@@ -96,10 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "has graphs — cupy —, after a bit-for-bit check against eager launches; --no-cuda-graphs: off)")
     t.add_argument("--eval-batch-size", type=int, default=1000, help="batch size of evaluation (default 1000)")
     o = p.add_argument_group("output")
-    o.add_argument("--checkpoint", default="runs/lenet5.npz",
-                   help="checkpoint written after every epoch and on Ctrl-C (default runs/lenet5.npz)")
+    o.add_argument("--checkpoint", default=None,
+                   help="checkpoint written after every epoch and on Ctrl-C (default: a new file for each run, "
+                   "runs/lenet5.npz, then runs/lenet5-2.npz, ...). An existing one is refused unless --overwrite "
+                   "or --resume")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --checkpoint and its metrics file (otherwise refused)")
     o.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue the run saved in --checkpoint (or in CHECKPOINT)")
+                   help="continue the run saved in CHECKPOINT (default: --checkpoint, or the latest run in runs/)")
     o.add_argument("--metrics", default=None,
                    help="JSON-lines metrics file, one line per epoch (default: the checkpoint's name with "
                    ".metrics.jsonl, e.g. runs/lenet5.metrics.jsonl)")
@@ -125,13 +129,21 @@ def _positive(name: str, value: int | float | None, allow_zero: bool = False) ->
 
 
 def _resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | None]:
-    """Merge defaults, the command line and, when resuming, the checkpoint's run. The dataset's own
-    defaults (DATASET_DEFAULTS) are applied once the dataset is known (``_dataset_defaults``)."""
+    """Merge defaults, the command line and, when resuming, the checkpoint's run (by default the latest run).
+    The dataset's own defaults (DATASET_DEFAULTS) are applied once the dataset is known (``_dataset_defaults``)."""
     given = {k: getattr(args, k) for k in RUN_OPTIONS if getattr(args, k, None) is not None}
     args.given = set(given)
     resume_state = None
     if args.resume is not None:
-        path = Path(args.checkpoint if args.resume is True else args.resume)
+        if args.resume is not True:
+            path = Path(args.resume)
+        elif args.checkpoint is not None:
+            path = Path(args.checkpoint)
+        else:
+            try:
+                path = latest_checkpoint(RUNS_DIR)
+            except NoRun as e:
+                raise UsageError(f"cannot resume: {e}") from None
         try:
             ck = read_checkpoint(path)
         except CheckpointError as e:
@@ -179,10 +191,17 @@ def run(argv: list[str] | None = None) -> int:
         backend = get_backend(args.backend)
     except BackendUnavailable as e:
         raise UsageError(str(e)) from None
+    if args.checkpoint is None:  # a new run: a name no run has taken
+        args.checkpoint = str(new_checkpoint(RUNS_DIR))
     ckpt = Path(args.checkpoint)
     metrics_path = Path(args.metrics) if args.metrics else metrics_path_for(ckpt)
     for path in (ckpt, metrics_path):
         _check_writable(path)
+    if not resume and not args.overwrite:  # never replace another run's files without being told
+        for path, what in ((ckpt, "checkpoint"), (metrics_path, "metrics file")):
+            if path.exists():
+                raise UsageError(f"{path} exists (another run's {what}); pass --overwrite to replace it, --resume to "
+                                 "continue that run, or another --checkpoint")
     try:
         ds = load_dataset(opts["dataset"], data_dir=opts["data_dir"], download=not args.no_download,
                           progress=not args.no_progress)
@@ -227,6 +246,8 @@ def run(argv: list[str] | None = None) -> int:
           f"{model.num_parameters:,} parameters   optimizer: {opts['optimizer']} lr {opts['lr']:g} "
           f"{opts['schedule']}, batch {batch}, {opts['epochs']} epochs, "
           f"{'shifts up to ' + str(opts['augment']) + ' px' if opts.get('augment') else 'no augmentation'}")
+    print(f"writes: {ckpt} (checkpoint, after every epoch) and {metrics_path} (metrics)"
+          + (f"; resuming {resume['path']}" if resume else ""))
     if args.cuda_graphs and be.graph(lambda: None, 1) is None:
         print(f"note: the {be.name} backend has no CUDA graphs; --cuda-graphs changes nothing here")
 
@@ -353,13 +374,6 @@ def run(argv: list[str] | None = None) -> int:
           f"evaluation and without the run's first step, {warm_s:.1f}s, which compiles the kernels); "
           f"{wall:.1f}s in all; checkpoint {ckpt}, metrics {metrics_path}")
     return 0
-
-
-def metrics_path_for(checkpoint: str | os.PathLike) -> Path:
-    """The metrics file of a checkpoint: runs/lenet5.npz → runs/lenet5.metrics.jsonl."""
-    p = Path(checkpoint)
-    stem = p.name[: -len(p.suffix)] if p.suffix else p.name
-    return p.with_name(stem + ".metrics.jsonl")
 
 
 def _check_writable(path: Path) -> None:

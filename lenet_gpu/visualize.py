@@ -1,6 +1,8 @@
 """See inside the network: figures of a trained checkpoint, written as PNG files.
 
-    python -m lenet_gpu.visualize CHECKPOINT [COMMAND ...] [options]
+    python -m lenet_gpu.visualize [CHECKPOINT] [COMMAND ...] [options]
+
+Without a CHECKPOINT, the latest run: the most recently written checkpoint in runs/.
 
 Commands (default ``all``):
 
@@ -363,8 +365,8 @@ class NoMetrics(VisualizeError):
 
 def metrics_path_for(checkpoint: str | os.PathLike[str]) -> Path:
     """Where the training program writes a run's metrics: ``runs/lenet5.npz`` → ``runs/lenet5.metrics.jsonl``
-    (the writer's own rule, lenet_gpu.train.metrics_path_for)."""
-    from .train import metrics_path_for as writer_rule
+    (the writer's own rule, lenet_gpu.runs.metrics_path_for)."""
+    from .runs import metrics_path_for as writer_rule
 
     return writer_rule(checkpoint)
 
@@ -635,14 +637,17 @@ def build_parser() -> argparse.ArgumentParser:
             "  1  a figure could not be made (bad --index, missing metrics file, unreadable data, ...)\n"
             "  2  bad command line, unreadable checkpoint, or missing packages\n\n"
             "examples:\n"
-            "  python -m lenet_gpu.visualize runs/lenet5.npz                       # every figure\n"
+            "  python -m lenet_gpu.visualize                                       # every figure, latest run\n"
+            "  python -m lenet_gpu.visualize runs/lenet5.npz                       # every figure of that run\n"
             "  python -m lenet_gpu.visualize runs/lenet5.npz walkthrough --digit 7\n"
             "  python -m lenet_gpu.visualize runs/lenet5.npz walkthrough --image my_digit.png\n"
             "  python -m lenet_gpu.visualize runs/lenet5.npz confusion --out figures/"
         ),
     )
     p.add_argument(
-        "checkpoint", metavar="CHECKPOINT", help="checkpoint file (.npz) written by python -m lenet_gpu.train"
+        "checkpoint", metavar="CHECKPOINT", nargs="?", default=None,
+        help="checkpoint file (.npz) written by python -m lenet_gpu.train (default: the latest run, the most "
+        "recently written runs/*.npz)",
     )
     p.add_argument("commands", nargs="*", metavar="COMMAND",
                    help="one or more of: walkthrough, filters, curves, confusion, all (default all)")
@@ -814,6 +819,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = list(args.commands) or ["all"]
     if args.checkpoint in COMMANDS and commands and commands[0] not in COMMANDS:
         args.checkpoint, commands[0] = commands[0], args.checkpoint  # "visualize walkthrough CKPT" works too
+    elif args.checkpoint in COMMANDS:  # figures only: of the latest run
+        commands = args.commands = [args.checkpoint] + list(args.commands)
+        args.checkpoint = None
     bad = [c for c in commands if c not in COMMANDS]
     if bad:
         parser.error(f"unknown figure {bad[0]!r} (choose from {', '.join(COMMANDS)})")
@@ -838,10 +846,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .backends import BackendUnavailable
     from .model import CheckpointError, LeNet5
+    from .runs import NoRun, latest_checkpoint
 
     try:
+        if args.checkpoint is None:
+            args.checkpoint = str(latest_checkpoint())
         model, extra = LeNet5.load_with_extra(args.checkpoint, backend=args.backend)
-    except (CheckpointError, BackendUnavailable) as e:
+    except (CheckpointError, BackendUnavailable, NoRun) as e:
         _say_error(str(e))
         return EXIT_USAGE
     except OSError as e:

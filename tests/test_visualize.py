@@ -153,13 +153,17 @@ def test_command_first_order_and_bad_values(run_dir: Path, tmp_path: Path, monke
                         ([ck, "filters", "--dpi", "0"], "--dpi must be between"),
                         ([ck, "confusion", "--limit", "0"], "--limit must be at least 1"),
                         ([ck, "walkthrough", "--index", "1", "--digit", "2"], "not allowed with argument"),
-                        ([ck, "--dpi", "many"], "invalid int value"),
-                        ([], "the following arguments are required: CHECKPOINT (see --help)")):
+                        ([ck, "--dpi", "many"], "invalid int value")):
         with pytest.raises(SystemExit) as e:
             visualize.main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0] and err[0].startswith("lenet_gpu.visualize: error: "), err
+    # no checkpoint named and no run yet: one line, exit 2
+    monkeypatch.chdir(tmp_path)
+    assert visualize.main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint in runs/" in err[0], err
 
 
 def test_dataset_override_and_missing_dataset(run_dir: Path, tmp_path: Path, model: LeNet5, capsys) -> None:

@@ -690,7 +690,7 @@ def train_once(run: dict, ctx: dict, timeout_s: float) -> dict[str, Any]:
     if metrics.exists():
         metrics.unlink()
     cmd = [sys.executable, "-m", "lenet_gpu.train", "--backend", backend_name(label), *run["args"], "--no-progress",
-           "--no-download", "--checkpoint", str(folder / "lenet5.npz"), "--metrics", str(metrics)]
+           "--no-download", "--checkpoint", str(folder / "lenet5.npz"), "--metrics", str(metrics), "--overwrite"]
     t0 = time.perf_counter()
     with open(folder / "log.txt", "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
