@@ -49,11 +49,15 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m lenet_gpu.train",
-        description="Train LeNet-5 on MNIST-style digits with hand-written kernels "
-        "(numpy on the CPU; numba or cupy on a CUDA GPU).",
+        description="Train LeNet-5 on MNIST-style 28x28 images with hand-written kernels: CUDA C (cupy) or "
+        "Numba (numba) on a CUDA GPU; Numba @njit kernels (cpu) or plain NumPy (numpy) on the CPU. Prints a "
+        "progress bar and a line per epoch (loss, train and test accuracy, images/s) and writes a checkpoint "
+        "and a metrics file.",
         epilog="With no arguments: full MNIST if it is cached or can be downloaded, otherwise the bundled "
-        "mnist-sample (the default recipe reaches about 98%% test accuracy on it); backend auto; writes "
-        "runs/lenet5.npz and runs/lenet5.metrics.jsonl.",
+        "mnist-sample (5,000 digits; the default recipe reaches about 98% test accuracy on it); backend auto; "
+        "writes runs/lenet5.npz and runs/lenet5.metrics.jsonl, or runs/lenet5-2.npz, ... when an earlier run "
+        "holds that name (runs never overwrite each other). evaluate, visualize and predict then take the latest "
+        "run.",
     )
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default=None, help="mnist, mnist-sample, fashion-mnist (default: auto)")
@@ -78,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=None, help="seed of the initial weights and the shuffles (default 0)")
     t = p.add_argument_group("training")
     t.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="where the kernels run (default auto: cupy, then numba, on a GPU; numpy otherwise)")
+                   help="where the kernels run (default auto: cupy, then numba, when a CUDA GPU is present; cpu "
+                   "otherwise, numpy where Numba is not installed)")
     t.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULTS['epochs']}")
     t.add_argument("--batch-size", type=int, default=None, help=f"default {DEFAULTS['batch_size']}")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help="default adam")
@@ -93,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
     t.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture --log-every steps as one CUDA graph and replay it (default: on where the backend "
-                   "has graphs — cupy —, after a bit-for-bit check against eager launches; --no-cuda-graphs: off)")
+                   "has graphs, cupy and numba on a GPU, after a bit-for-bit check against eager launches; "
+                   "--no-cuda-graphs: off)")
     t.add_argument("--eval-batch-size", type=int, default=1000, help="batch size of evaluation (default 1000)")
     o = p.add_argument_group("output")
     o.add_argument("--checkpoint", default=None,
@@ -174,11 +180,29 @@ def _resolve_options(args: argparse.Namespace) -> tuple[dict[str, Any], dict | N
     return opts, resume_state
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0, file: Any = None):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", leave=False, disable=not enabled, dynamic_ncols=True,
-                file=sys.stderr)
+                file=file or sys.stderr, initial=initial)
+
+
+def _finish(bar: Any) -> None:
+    """Draw the bar's last count (100% at the end of an epoch) even when it came sooner than tqdm redraws,
+    then close it."""
+    if not bar.disable:
+        bar.refresh()
+    bar.close()
+
+
+def _restart_clock(bar: Any) -> None:
+    """Start the bar's clock again from where it is: its rate and ETA leave out the steps before (the run's
+    first step, which compiles the kernels and would make the ETA of a 3-second epoch read half an hour)."""
+    done = bar.n
+    bar.reset()
+    bar.initial = bar.n = bar.last_print_n = done
+    if not bar.disable:
+        bar.refresh()
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -301,8 +325,7 @@ def run(argv: list[str] | None = None) -> int:
             model.begin_epoch(train_data, perm)
             first = start_step if epoch == start_epoch else 0
             loss_sum, correct, seconds = carry if epoch == start_epoch else (0.0, 0, 0.0)
-            bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{opts['epochs']}", show)
-            bar.update(first)
+            bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{opts['epochs']}", show, initial=first)
             t0 = time.perf_counter()
             epoch_warm = 0.0
             s = first
@@ -330,6 +353,8 @@ def run(argv: list[str] | None = None) -> int:
                 steps_done_run += count
                 bar.set_postfix(loss=f"{loss_sum / (s * batch):.4f}", acc=f"{correct / (s * batch):.3f}")
                 bar.update(count)
+                if steps_done_run == 1:  # the run's first step (compiling): off the clock
+                    _restart_clock(bar)
                 if args.stop_after is not None and steps_done_run >= args.stop_after:
                     interrupted["flag"] = True
                 if interrupted["flag"]:
@@ -337,7 +362,7 @@ def run(argv: list[str] | None = None) -> int:
             elapsed = time.perf_counter() - t0  # the chunk's statistics were read: its steps are done
             seconds += elapsed
             train_seconds_total += elapsed
-            bar.close()
+            _finish(bar)
             if interrupted["flag"] and s < steps_per_epoch:
                 save(epoch, s, loss_sum, correct, seconds)
                 print(f"\ninterrupted at epoch {epoch + 1}, step {s}/{steps_per_epoch}: saved {ckpt}; "

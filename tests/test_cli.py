@@ -216,3 +216,54 @@ def test_cupy_host_backend_trains_end_to_end(tmp_path):
             "--epochs", "1", "--batch-size", "8", "--checkpoint", str(ck))
     assert p.returncode == 0, p.stderr
     assert "backend: cupy-host" in p.stdout and "done: test accuracy" in p.stdout
+
+
+def test_train_help_says_what_it_does():
+    p = run("lenet_gpu.train", "--help")
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    assert "%%" not in text and "98% test accuracy" in text
+    assert "cpu otherwise, numpy where Numba is not installed" in text  # get_backend("auto")'s order
+    assert "cupy and numba on a GPU" in text  # both GPU backends have graphs
+
+
+def test_progress_bar_ends_at_100_percent(tmp_path):
+    p = run("lenet_gpu.train", "--dataset", "mnist-sample", "--backend", "numpy", "--limit", "640", "--epochs", "2",
+            "--batch-size", "32", "--log-every", "1", "--checkpoint", str(tmp_path / "c.npz"))
+    assert p.returncode == 0, p.stderr
+    for epoch in (1, 2):  # 20 steps an epoch, each faster than tqdm redraws; the last draw of each bar shows them all
+        draws = [d for d in p.stderr.replace("\r", "\n").splitlines() if d.startswith(f"epoch {epoch}/2")]
+        assert draws and "100%" in draws[-1] and "20/20" in draws[-1], draws
+
+
+def test_progress_bar_draws_its_last_count():
+    import io
+
+    from lenet_gpu.train import _finish, _progress
+
+    out = io.StringIO()
+    bar = _progress(20, "epoch 1/1", True, file=out)
+    bar.mininterval = 60.0  # steps far faster than redraws
+    for _ in range(20):
+        bar.update(1)
+    _finish(bar)
+    assert "20/20" in out.getvalue() and "100%" in out.getvalue()
+
+
+def test_progress_eta_leaves_out_the_first_step():
+    """A slow first step (compiling) does not make the ETA of fast steps read minutes."""
+    import io
+
+    from lenet_gpu.train import _progress, _restart_clock
+
+    bar = _progress(1000, "epoch 1/1", True, file=io.StringIO())
+    time.sleep(0.5)  # the first step: compiling
+    bar.update(1)
+    _restart_clock(bar)
+    for _ in range(2):  # the ETA as the bar shows it just after the first step
+        time.sleep(0.002)
+        bar.update(1)
+    d = bar.format_dict
+    rate = d["rate"] or (d["n"] - d["initial"]) / d["elapsed"]
+    assert (1000 - bar.n) / rate < 60, rate  # 997 steps at about 2 ms each, not at a share of the first's 0.5 s
+    bar.close()
