@@ -1,7 +1,7 @@
 """LeNet launch profiles: what one training step and one inference pass launch on each GPU backend, and
 the static kernel tables joined with those launches. Needs no GPU.
 
-This lives in bench/ because it drives the model: a backend knows nothing of LeNet (DESIGN.md §2).
+This lives in bench/ because it drives the model: a backend knows nothing of LeNet (docs/DESIGN.md §2).
 
 - cupy: LeNet5 runs over a CupyBackend whose Runtime computes nothing and records each launch
   (cupy_backend.compile_report.RecordingRuntime / SequenceRuntime): the launches are exactly the ones a

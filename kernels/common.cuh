@@ -1,7 +1,7 @@
 // common.cuh -- helpers shared by every kernel file of lenet_gpu (CUDA C, NVRTC and the CPU harness).
 //
 // Activation codes match lenet_gpu.backends.base.ACT_CODES, pool codes POOL_CODES. Every activation
-// derivative is written through the activated output y (DESIGN.md §3), so no backward kernel needs
+// derivative is written through the activated output y (docs/DESIGN.md §3), so no backward kernel needs
 // the pre-activation.
 #pragma once
 

@@ -1,6 +1,6 @@
 """Datasets: strict IDX parsing, a small registry, and download + verify + atomic cache.
 
-Datasets (DESIGN.md §7):
+Datasets (docs/DESIGN.md §7):
 
 - ``mnist``: the four ``.gz`` files from the usual mirrors, SHA-256 checked, cached atomically under
   ``default_cache_dir() / "mnist"``.
@@ -58,7 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
-# Registry and facts (DESIGN.md §7)
+# Registry and facts (docs/DESIGN.md §7)
 # --------------------------------------------------------------------------------------------------
 
 DATASETS: tuple[str, ...] = ("mnist", "mnist-sample", "fashion-mnist")

@@ -109,7 +109,7 @@ class _Program:
 
 
 class LeNet5:
-    """LeNet-5 (DESIGN.md §1) on a backend.
+    """LeNet-5 (docs/DESIGN.md §1) on a backend.
 
     ``fused=False`` makes the model use only the unfused ops of the protocol even where the backend
     offers fused ones (the readable baseline; tests compare the two). ``use_graphs=False`` never

@@ -4,7 +4,7 @@ Pure functions on NumPy arrays in NCHW layout, for any float dtype (float32 or f
 new arrays and computes in the dtype of its inputs. Every kernel of every backend is tested against
 these, in float64. Nothing here loops over pixels or images in Python.
 
-Conventions (DESIGN.md §3):
+Conventions (docs/DESIGN.md §3):
 - convolution is "valid" cross-correlation with stride 1: y[n,k,i,j] = b[k] + Σ_{c,r,s} w[k,c,r,s]·x[n,c,i+r,j+s]
 - 2×2 subsampling has stride 2; an odd trailing row/column is dropped (as in PyTorch)
 - activation derivatives are written in terms of the activated output y, so a backward pass never

@@ -22,7 +22,7 @@ NUM_CLASSES = 10
 
 @dataclass(frozen=True)
 class NetConfig:
-    """The options of the network (DESIGN.md §1)."""
+    """The options of the network (docs/DESIGN.md §1)."""
 
     activation: str = "relu"
     pool: str = "max"

@@ -3,7 +3,7 @@
 A training step takes no host scalar. Its kernels read what changes from step to step from three
 device buffers, and one kernel (``step_advance``) moves the counters on at the end of the step. So
 every launch of a step has the same arguments at every step, and one step, or many, can be recorded
-once and replayed, or captured as one CUDA graph (DESIGN.md §4a).
+once and replayed, or captured as one CUDA graph (docs/DESIGN.md §4a).
 
 ``state``: int32 (STATE_WORDS,)
 

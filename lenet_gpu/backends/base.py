@@ -79,7 +79,7 @@ class Counters:
 
 @runtime_checkable
 class Backend(Protocol):
-    """The contract between the model and a backend (DESIGN.md §3).
+    """The contract between the model and a backend (docs/DESIGN.md §3).
 
     Shapes use B = batch, and every op takes ``variant=None`` (the backend's default, the best
     measured) or one of ``variants[op]``.

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: The phases, in order (DESIGN.md §4d, tracker issue 11).
+#: The phases, in order (docs/DESIGN.md §4d).
 PHASES = ("environment", "compile", "op_parity", "whole_step", "training", "benchmark", "summary")
 TITLES = {
     "environment": "Environment",

@@ -3,7 +3,7 @@ CUDA C shared header).
 
 - Activations are selected by the integer codes of ``lenet_gpu.backends.base.ACT_CODES``, passed to
   kernels as int32 (uniform across a launch, so the branch never diverges).
-- Every derivative is written through the activated output y (DESIGN.md §3).
+- Every derivative is written through the activated output y (docs/DESIGN.md §3).
 - float32 only: every constant is a float32 so nothing is promoted to float64 (the compile tests grep
   the PTX for ``.f64``).
 - Device functions are ``inline="always"``: inlined at compile time, so ``compile_ptx`` never needs a
