@@ -72,3 +72,37 @@ def test_design_citations_point_at_sections_that_exist():
     assert cited, "nothing cites docs/DESIGN.md"
     missing = {sec: files for sec, files in cited.items() if sec not in sections}
     assert not missing, missing
+
+
+def readme_block_after(marker: str) -> list[str]:
+    """The commands of the first ```bash block after ``marker`` in the README, without comments."""
+    rest = README.split(marker, 1)[1]
+    block = rest.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.split("#", 1)[0].strip()]
+
+
+def test_readme_examples_after_training_run_as_written(tmp_path):
+    """The README's evaluate / visualize / predict examples, run as written (less `uv run ...`) after a tiny
+    training run in a fresh folder: they take the latest run, and the named one."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("PIL")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "LENET_GPU_OFFLINE": "1"}
+    (tmp_path / "docs").symlink_to(ROOT / "docs")  # the README's relative docs/sample_digit.png
+    train = [sys.executable, "-m", "lenet_gpu.train", "--dataset", "mnist-sample", "--backend", "numpy", "--limit",
+             "64", "--epochs", "1", "--batch-size", "32", "--no-progress"]
+    p = subprocess.run(train, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    commands = readme_block_after("**Runs never overwrite each other.**")
+    assert any("lenet_gpu.predict" in c for c in commands) and any("lenet_gpu.visualize" in c for c in commands)
+    for command in commands:
+        args = command.split()
+        args = args[args.index("python"):]  # drop "uv run [--extra viz]"
+        args += ["--backend", "numpy"]  # and small sizes: the commands, not the figures' detail, are tested here
+        if "lenet_gpu.evaluate" in args:
+            args += ["--limit", "64"]
+        if "lenet_gpu.visualize" in args:
+            args += ["--limit", "64", "--mistakes", "8", "--dpi", "30"]
+        p = subprocess.run([sys.executable, *args[1:]], capture_output=True, text=True, cwd=tmp_path, env=env,
+                           timeout=300)
+        assert p.returncode == 0, (command, p.stderr)
+    assert (tmp_path / "runs" / "figures" / "lenet5-filters.png").is_file()
