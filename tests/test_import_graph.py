@@ -13,6 +13,7 @@ a lazy one inside a function as much as one at the top of a module (it is the sa
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
     mods = all_modules()
     known = set(mods)
