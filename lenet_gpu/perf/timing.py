@@ -69,6 +69,16 @@ class Stats:
         }
 
 
+#: A ratio of two timings is reliable when each side's p20–p80 spread is at most this fraction of its median.
+RATIO_MAX_SPREAD = 0.25
+
+
+def spread(samples: list[float] | np.ndarray) -> float:
+    """(p80 − p20) / median of a set of timings: how much repeated rounds of one measurement disagree."""
+    p20, med, p80 = np.percentile(np.asarray(samples, dtype=np.float64), [20, 50, 80])
+    return float((p80 - p20) / med) if med > 0 else float("inf")
+
+
 def summarize(per_call: list[float] | np.ndarray, number: int = 1) -> Stats:
     """Median, p20 and p80 of per-call times."""
     a = np.asarray(per_call, dtype=np.float64)
