@@ -258,6 +258,33 @@ def interleaved(
     return {"samples": samples, "numbers": numbers}
 
 
+def rounds_throughput(
+    fn: Callable[[], None], sync: Callable[[], None], images_per_call: int, rounds: int = 5, min_sample_s: float = 0.05,
+    warmup: int = 2,
+) -> dict[str, Any]:
+    """Images/s of ``fn`` from ``rounds`` timed samples of N calls and one sync each (N so that a sample lasts
+    ≥ ``min_sample_s``), after warm-up; the first call's time (compiles, captures) is ``first_call_s``.
+    Returns images_per_s (the median sample), its p20–p80, the spread (None under 3 rounds) and the per-call
+    samples."""
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0
+    number, _ = pick_number(fn, sync, min_sample_s, warmup)
+    samples = []
+    for _ in range(max(1, rounds)):
+        t0 = now()
+        for _ in range(number):
+            fn()
+        sync()
+        samples.append((now() - t0) / number)
+    p20, med, p80 = np.percentile(samples, [20, 50, 80])
+    return {"images_per_s": round(images_per_call / med, 1), "images_per_s_p20": round(images_per_call / p80, 1),
+            "images_per_s_p80": round(images_per_call / p20, 1),
+            "spread": round(spread(samples), 4) if len(samples) >= 3 else None,  # fewer rounds: no spread to tell
+            "rounds": len(samples), "number": number, "first_call_s": round(first, 4), "samples_s": samples}
+
+
 def ratio_stats(ours: list[float], theirs: list[float]) -> dict[str, Any]:
     """Throughput ratio ours/theirs (= their time / our time) per round: median, p20, p80; the spread of
     each side ((p80 − p20) / median of its samples) and ``reliable``: False when either side spreads more

@@ -68,6 +68,16 @@ class Stats:
             f"{prefix}number": self.number,
         }
 
+    def to_us(self, prefix: str = "") -> dict[str, float | int]:
+        """The same in microseconds, rounded to ns (the self-test's tables)."""
+        return {
+            f"{prefix}median_us": round(self.median * 1e6, 3),
+            f"{prefix}p20_us": round(self.p20 * 1e6, 3),
+            f"{prefix}p80_us": round(self.p80 * 1e6, 3),
+            f"{prefix}samples": self.n,
+            f"{prefix}number": self.number,
+        }
+
 
 #: A ratio of two timings is reliable when each side's p20–p80 spread is at most this fraction of its median.
 RATIO_MAX_SPREAD = 0.25
@@ -253,6 +263,20 @@ class GpuEventTimer:
         while len(hot) < cfg.max_samples and (len(hot) < cfg.min_samples or time.perf_counter() < t_end):
             hot.append(self.sample(fn, number) / number)
         return summarize(cold, 1), summarize(hot, number)
+
+
+def make_timer(backend: Any) -> CpuTimer | GpuEventTimer:
+    """Device events (L2 flushed) on a GPU backend, the CPU clock around calls + synchronize otherwise."""
+    lib = gpu_library(backend)
+    return GpuEventTimer(backend, lib) if lib else CpuTimer(backend.synchronize)
+
+
+def measure_us(timer: CpuTimer | GpuEventTimer, fn: Callable[[], None], cfg: TimingConfig) -> dict[str, Any]:
+    """``timer.measure`` in microseconds: median, p20, p80 (a GPU timer: cold, and hot_ for back to back)."""
+    if isinstance(timer, GpuEventTimer):
+        cold, hot = timer.measure(fn, cfg)
+        return {"clock": timer.kind, **cold.to_us(), **hot.to_us("hot_")}
+    return {"clock": timer.kind, **timer.measure(fn, cfg).to_us()}
 
 
 # ---------------------------------------------------------------------------------------- machine load
