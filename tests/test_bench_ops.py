@@ -95,3 +95,20 @@ def test_ratio_marks_wide_spreads_unreliable() -> None:
     assert e2e.ratio_stats(steady, [2.0, 2.02, 1.98, 2.0, 2.0])["reliable"] is True
     q = e2e.ratio_stats(steady, [1.0, 2.0, 3.0, 4.0, 5.0])
     assert q["reliable"] is False and q["theirs_spread"] > 0.25
+
+
+def test_the_library_imports_no_script_and_no_test() -> None:
+    """lenet_gpu (the perf core included) and bench/ import nothing from scripts/ or tests/."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    bad = []
+    for path in [*root.joinpath("lenet_gpu").rglob("*.py"), *root.joinpath("bench").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            names += [a.value for a in ast.walk(node) if isinstance(node, ast.Call) and isinstance(a, ast.Constant)
+                      and isinstance(a.value, str) and a.value.startswith(("scripts.", "tests."))]
+            bad += [f"{path.relative_to(root)}: {n}" for n in names if n.split(".")[0] in ("scripts", "tests")]
+    assert bad == []
