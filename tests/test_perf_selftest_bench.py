@@ -54,3 +54,18 @@ def test_headline_against_the_fastest_mode() -> None:
     assert "| 256 | cupy | 9,000 ±2% | torch graph | 4,500 ±30% | unreliable: 2.00" in head
     assert "**2.00**" not in md
     assert head.count("ours against the fastest PyTorch mode") == 3  # training and both inference figures
+
+
+def test_kernel_profile_rendering_and_reasons() -> None:
+    from lenet_gpu.perf import profile
+
+    assert "PyTorch is not installed" in profile.unavailable(None)
+    prof = {"kernels": [{"kernel": "conv_fwd", "calls": 1.0, "device_us": 30.0},
+                        {"kernel": "adam", "calls": 1.0, "device_us": 10.0}],
+            "device_us_sum": 40.0, "wall_us": 50.0, "device_fraction": 0.8, "source": "CUPTI via torch.profiler"}
+    assert profile.top(prof) == "conv_fwd 30.0 µs (75%); adam 10.0 µs (25%)"
+    cases = [{"name": "profile cupy train batch 64", "status": PASS, "kind": "profile", "what": "train", **prof},
+             {"name": "profile numba train batch 64", "status": SKIP, "kind": "profile", "reason": "no torch"}]
+    md = "\n".join(report._bench_section({"cases": cases, "data": {}}))
+    assert "kernels 40 µs of device time per step against 50 µs of wall time (0.8 of it)" in md
+    assert "| conv_fwd | 1 | 30 |" in md and "profile numba train batch 64: SKIP (no torch)" in md

@@ -903,6 +903,50 @@ def phase_benchmark(ctx: dict, rec: PhaseRecorder) -> None:
     n = max(train_x.shape[0], 8 * max(batches)) if not emulate else 64
     px, py = tiled(train_x, train_y, n)
     _bench_peer(batches, px, py, rec, on_gpu=not emulate, quick=quick or emulate)
+    if not emulate:
+        _bench_profile(rec, bes, train_x, train_y, [b for b in PROFILE_BATCHES if b in batches] or [max(batches)])
+
+
+#: batch sizes of the per-kernel profile
+PROFILE_BATCHES = (64, 4096)
+
+
+def _bench_profile(rec: PhaseRecorder, bes: dict[str, Any], images: np.ndarray, labels: np.ndarray,
+                   batches: list[int]) -> None:
+    """Device µs per kernel inside the graphed training step and the inference pass of each GPU backend (CUPTI
+    through torch.profiler, lenet_gpu.perf.profile), their sum against the wall time per step; the top 3
+    kernels of each go into the phase's notes."""
+    from ..perf.model import BenchData, OurNet
+    from ..perf.peer import torch_or_none
+    from ..perf.profile import kernel_profile, top, unavailable
+    from ..spec import NetConfig
+
+    torch = torch_or_none()
+    why = unavailable(torch)
+    for label, be in bes.items():
+        if not be.is_gpu:
+            continue
+        for b in batches:
+            nets: dict[str, Any] = {}
+            for what in ("train", "infer"):
+                name = f"profile {label} {what} batch {b}"
+                if why or rec.out_of_time(20):
+                    rec.skip(name, why or "out of time", kind="profile", backend=label, what=what, batch=b)
+                    continue
+
+                def one(be: Any = be, b: int = b, what: str = what, nets: dict = nets) -> dict[str, Any]:
+                    if "net" not in nets:
+                        x, y = tiled(images, labels, max(images.shape[0], 8 * b))
+                        nets["net"] = OurNet(be, NetConfig(), BenchData.from_dataset(x, y, x.shape[0]))
+                    net = nets["net"]
+                    if what == "train":
+                        prof = kernel_profile(torch, lambda: net.train_step(b), net.synchronize, 3, net.steps_per_call)
+                    else:
+                        prof = kernel_profile(torch, lambda: net.forward(b), net.synchronize, 20)
+                    return {**prof, "top3": top(prof)}
+                case = rec.run(name, one, kind="profile", backend=label, what=what, batch=b)
+                if case.get("top3"):
+                    rec.note(f"{name}: top kernels {case['top3']}")
 
 
 def _bench_e2e(ctx: dict, rec: PhaseRecorder, bes: dict[str, Any], batches: list[int], train_x: np.ndarray,

@@ -227,6 +227,21 @@ def _headline(model: list[dict], peers: list[dict]) -> list[str]:
     return lines
 
 
+def _profile_lines(cases: list[dict]) -> list[str]:
+    """Device µs per kernel inside a step (CUPTI via torch.profiler): the sum against the wall time, the top 10."""
+    lines: list[str] = []
+    for c in cases:
+        if c["status"] != PASS:
+            lines += [f"- {c['name']}: {c['status'].upper()} ({c.get('reason') or first_lines(c.get('error', ''), 2)})"]
+            continue
+        lines += ["", f"**{c['name']}** ({c.get('source')}): kernels {_fmt(c.get('device_us_sum'))} µs of device time "
+                  f"per {'step' if c.get('what') == 'train' else 'pass'} against {_fmt(c.get('wall_us'))} µs of wall "
+                  f"time ({_fmt(c.get('device_fraction'))} of it).", ""]
+        lines += _table(["kernel", "calls", "device µs"],
+                        [[k["kernel"], k["calls"], k["device_us"]] for k in (c.get("kernels") or [])[:10]])
+    return lines + ([""] if lines else [])
+
+
 def _bench_section(res: dict) -> list[str]:
     d = res.get("data") or {}
     model = [c for c in _cases(res) if c.get("kind") == "model"]
@@ -249,6 +264,7 @@ def _bench_section(res: dict) -> list[str]:
                                                     else "torch"), c["status"].upper(),
               *(_ips(c, p) for p, _ in THROUGHPUTS), c.get("infer_device_api") or c.get("reason") or c.get("error", ""),
               c.get("train_first_call_s")] for c in model + peers]
+    lines += _profile_lines([c for c in _cases(res) if c.get("kind") == "profile"])
     torch = d.get("torch")
     lines += ["End to end, images/s (median of the timed rounds, ±half their p20–p80 spread). Training: steps over a "
               "resident dataset (ours: graphs of K steps where the backend has them; torch graph: the whole step — "
