@@ -44,7 +44,7 @@ from .. import reference as ref
 from ..backends.base import OPS, OPTIONAL_OPS
 from ..model import MNIST_MEAN, MNIST_STD
 from ..parity import TOL, assert_close, assert_equal, nan_like
-from ..spec import NetConfig, param_layout
+from ..spec import NetConfig, init_params, param_layout, views
 from ..stepstate import HostState, advance, schedule_table
 
 #: H100 SXM5 datasheet rates used for the floors: FP32 (non-tensor) 66.9 TFLOP/s, HBM3 3.35 TB/s.
@@ -186,6 +186,30 @@ def sgd_step_cost(n: int) -> Cost:
     return Cost(6 * n, F4 * 5 * n)
 
 
+def lenet_fwd_cost(b: int, cfg: NetConfig) -> Cost:
+    """The whole forward pass from uint8 images to logits (one op): the layers' FLOPs (convolutions, pools,
+    dense layers, with bias and activation, and the normalisation's 2 per input pixel); bytes = the images,
+    the parameters and the logits only (the activations stay on chip: that is the point of the fusion)."""
+    act, mode = cfg.activation, cfg.pool
+    flops = (2 * b * 32 * 32 + conv2d_fwd_cost(b, 1, 32, 32, 6, 5, 5, act).flops
+             + pool2x2_fwd_cost(b, 6, 28, 28, mode).flops + conv2d_fwd_cost(b, 6, 14, 14, 16, 5, 5, act).flops
+             + pool2x2_fwd_cost(b, 16, 10, 10, mode).flops + dense_fwd_cost(b, 400, 120, act).flops
+             + dense_fwd_cost(b, 120, cfg.f6, act).flops + dense_fwd_cost(b, cfg.f6, 10, "identity").flops)
+    return Cost(flops, b * 28 * 28 + F4 * param_layout(cfg)[1] + F4 * b * 10)
+
+
+def conv2d_bwd_data_pool_cost(b: int, c: int, h: int, k: int, r: int, mode: str, act: str) -> Cost:
+    """conv2d_bwd_data into the pooled map (C, h/2 − … ) routed through pool2x2_bwd and act' in one launch:
+    the two ops' FLOPs; bytes = dz, w, argmax, yconv read and dz_below written (the pooled-size data
+    gradient between them never reaches memory). h is yconv's size (28 at S2), the convolution's input
+    is h/2."""
+    hp = h // 2
+    data = conv2d_bwd_data_cost(b, c, hp, hp, k, r, r)
+    pool = pool2x2_bwd_cost(b, c, h, h, mode, act)
+    inter = F4 * b * c * hp * hp  # dx at the pooled size: written by one, read by the other when unfused
+    return Cost(data.flops + pool.flops, data.bytes + pool.bytes - 2 * inter)
+
+
 def step_advance_cost() -> Cost:
     """One thread moves the step state on: 3 increments, a compare, at most 3 writes more = 7 integer ops
     (counted as FLOPs). Bytes = 4·8 (the state words read) + 4·8 (written back)."""
@@ -242,6 +266,8 @@ def sites(op: str, cfg: NetConfig) -> list[str]:
         "adam_step": ["params"],
         "sgd_step": ["params"],
         "step_advance": ["state"],
+        "conv2d_bwd_data_pool": ["C3+S2"],
+        "lenet_fwd": ["network"],
     }.get(op, [])
 
 
@@ -272,6 +298,10 @@ def op_cost(op: str, site: str, batch: int, cfg: NetConfig) -> Cost:
         return softmax_xent_cost(batch)
     if op == "step_advance":
         return step_advance_cost()
+    if op == "lenet_fwd":
+        return lenet_fwd_cost(batch, cfg)
+    if op == "conv2d_bwd_data_pool":
+        return conv2d_bwd_data_pool_cost(batch, 6, 28, 16, 5, mode, act)
     n = param_layout(cfg)[1]
     if op == "adam_step":
         return adam_step_cost(n)
@@ -469,6 +499,34 @@ def make_spec(op: str, site: str, batch: int, cfg: NetConfig) -> Spec:
             {"p": p, "g": g, "m": m, "sched": sched, "state": HostState().to_array()}, {}, {"p": pe, "m": me},
             lambda be, a, v: be.sgd_step(a["p"], a["g"], a["m"], a["sched"], a["state"], mom, wd, variant=v),
             {"p": t, "m": t},
+        )
+
+    if op == "lenet_fwd":
+        images = rng.integers(0, 256, (b, 28, 28), dtype=np.uint8)
+        params = {k: np.ascontiguousarray(v) for k, v in views(init_params(cfg, 0), cfg).items()}
+        logits = ref.lenet_fwd(images, params, MNIST_MEAN, MNIST_STD, act, mode)
+        return Spec(
+            {"images": images, **params}, {"logits": ((b, 10), np.float32)}, {"logits": logits},
+            lambda be, a, v: be.lenet_fwd(a["images"], {k: a[k] for k in params}, a["logits"], MNIST_MEAN, MNIST_STD,
+                                          act, mode, variant=v),
+            {"logits": TOL["lenet_fwd"]},
+        )
+
+    if op == "conv2d_bwd_data_pool":
+        # C3's pre-activation gradient routed down through S2 and C1's activation: dz (B,16,10,10), yconv C1's
+        # activated output (B,6,28,28) and the argmax of its pooling
+        yconv = ref.activate(_randn(rng, (b, 6, 28, 28)), act).astype(np.float32)
+        _, am = ref.pool2x2_fwd(_f64(yconv), mode)
+        w = _randn(rng, (16, 6, 5, 5), (1.0 / 150) ** 0.5)
+        dz = _randn(rng, (b, 16, 10, 10), 1.0 / b)
+        argmax = am if am is not None else np.zeros((b, 6, 14, 14), np.uint8)
+        want = ref.conv2d_bwd_data_pool(_f64(dz), _f64(w), am, _f64(yconv), mode, act)
+        return Spec(
+            {"dz": dz, "w": w, "argmax": argmax, "yconv": yconv}, {"dz_below": ((b, 6, 28, 28), np.float32)},
+            {"dz_below": want},
+            lambda be, a, v: be.conv2d_bwd_data_pool(a["dz"], a["w"], None if mode == "avg" else a["argmax"],
+                                                     a["yconv"], a["dz_below"], mode, act, variant=v),
+            {"dz_below": TOL["conv2d_bwd_data_pool"]},
         )
 
     if op == "step_advance":
