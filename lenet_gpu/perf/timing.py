@@ -59,24 +59,15 @@ class Stats:
     n: int
     number: int  # calls per sample
 
-    def to_dict(self, prefix: str = "") -> dict[str, float | int]:
-        return {
-            f"{prefix}median_s": self.median,
-            f"{prefix}p20_s": self.p20,
-            f"{prefix}p80_s": self.p80,
-            f"{prefix}samples": self.n,
-            f"{prefix}number": self.number,
-        }
+    def to_dict(self, prefix: str = "", unit: str = "s") -> dict[str, float | int]:
+        """median, p20, p80 in seconds (``unit`` "s") or microseconds rounded to ns ("us"), samples, number."""
+        conv = (lambda v: v) if unit == "s" else (lambda v: round(v * 1e6, 3))
+        out: dict[str, float | int] = {f"{prefix}{k}_{unit}": conv(getattr(self, k)) for k in ("median", "p20", "p80")}
+        return {**out, f"{prefix}samples": self.n, f"{prefix}number": self.number}
 
     def to_us(self, prefix: str = "") -> dict[str, float | int]:
-        """The same in microseconds, rounded to ns (the self-test's tables)."""
-        return {
-            f"{prefix}median_us": round(self.median * 1e6, 3),
-            f"{prefix}p20_us": round(self.p20 * 1e6, 3),
-            f"{prefix}p80_us": round(self.p80 * 1e6, 3),
-            f"{prefix}samples": self.n,
-            f"{prefix}number": self.number,
-        }
+        """The same in microseconds (the self-test's tables)."""
+        return self.to_dict(prefix, "us")
 
 
 #: A ratio of two timings is reliable when each side's p20–p80 spread is at most this fraction of its median.
