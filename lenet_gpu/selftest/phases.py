@@ -845,14 +845,16 @@ def _bench_peer(batches: list[int], images: np.ndarray, labels: np.ndarray, rec:
     mean, std = float(pix.mean()), float(pix.std())
     gpu = device == "cuda"
     rounds, min_s, warm = (5, 0.05, 2) if gpu else (2, 0.0, 1)
-    for mode in ("eager", "graph", "compile"):
-        why = mode_unavailable(torch, mode, device) or ("a quick run leaves torch.compile out (it compiles for "
-                                                         "minutes)" if mode == "compile" and quick else None)
+    # the modes that exist here: graphs need CUDA; a quick run leaves torch.compile out (it compiles for minutes)
+    modes = [m for m in ("eager", "graph", "compile") if not mode_unavailable(torch, m, device)
+             and not (m == "compile" and quick)]
+    rec.data["torch"]["modes"] = modes
+    for mode in modes:
         peers: dict[str, Any] = {}  # one model per mode over all batch sizes (torch.compile: few recompiles)
         for b in batches:
             name = f"torch {mode} ({device}) batch {b}"
-            if why or rec.out_of_time(45 if mode == "compile" and not peers else 5):
-                rec.skip(name, why or "out of time", kind="peer", mode=mode, device=device, batch=b)
+            if rec.out_of_time(45 if mode == "compile" and not peers else 5):
+                rec.skip(name, "out of time", kind="peer", mode=mode, device=device, batch=b)
                 continue
 
             def one(b: int = b, mode: str = mode, peers: dict = peers) -> dict[str, Any]:

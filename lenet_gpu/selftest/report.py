@@ -274,7 +274,8 @@ def _bench_section(res: dict) -> list[str]:
               "on the host. The first call (compilation, graph capture) is in 'first call s'.", ""]
     if torch:
         lines += [f"PyTorch {torch.get('version')} on {torch.get('device')}"
-                  + (f", cuDNN {torch['cudnn']}" if torch.get("cudnn") else "") + ".", ""]
+                  + (f", cuDNN {torch['cudnn']}" if torch.get("cudnn") else "")
+                  + (f"; modes {', '.join(torch['modes'])}" if torch.get("modes") else "") + ".", ""]
     return lines + _table(["batch", "who", "status", "training", "inference: kernel only",
                            "inference: API, host arrays", "inference: API, device arrays", "first call s"], mrows)
 
