@@ -110,7 +110,9 @@ def test_bench_smoke_numpy(tmp_path: Path) -> None:
     from bench.run import main
 
     out = tmp_path / "bench"
-    sections = ("ops", "forward", "train", "counters", "epoch", "kernels")
+    # not "kernels": it compiles every kernel with NVRTC and ptxas (minutes on two cores), which
+    # tests/test_kernels_compile.py does already; test_kernel_table_reads_a_report covers its reading
+    sections = ("ops", "forward", "train", "counters", "epoch")
     rc = main(["--quick", "--backends", "numpy", "--batches", "1,3", "--train-batches", "2", "--rounds", "2",
                "--min-samples", "2", "--epochs", "1", "--epoch-samples", "128", "--max-case-s", "30",
                "--sections", ",".join(sections), "--out", str(out)])
@@ -120,6 +122,17 @@ def test_bench_smoke_numpy(tmp_path: Path) -> None:
         assert "torch-cpu" in res["train"][0]["peers"]
         assert res["forward"][0]["peers"]["torch-cpu"]["validation_rel_err"] < 1e-4
         assert "torch-cpu" in res["epoch"]["runs"]
+
+
+def test_kernel_table_reads_a_report(tmp_path: Path) -> None:
+    from bench.kernels import load_kernel_table
+
+    missing = load_kernel_table(tmp_path / "none.json", allow_build=False)
+    assert missing["available"] is False and "does not exist" in missing["note"]
+    rec = {"backend": "cupy", "op": "dense_fwd", "kernel": "k", "variant": "v1", "arch": "sm_90", "registers": 32}
+    (tmp_path / "k.json").write_text(json.dumps([rec, {**rec, "arch": "sm_80"}]))
+    table = load_kernel_table(tmp_path / "k.json")
+    assert table["available"] and [r["arch"] for r in table["records"]] == ["sm_90"]
 
 
 def test_bench_quick_numpy_runs_every_case(tmp_path: Path) -> None:
