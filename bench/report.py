@@ -137,7 +137,8 @@ def _status(res: dict[str, Any]) -> str:
 def _headline(res: dict[str, Any]) -> str:
     """Each of our backends against the FASTEST PyTorch mode measured beside it, at each batch size."""
     out = []
-    for kind, title in (("train", "training step"), ("forward", "inference (kernel only, device-resident)")):
+    for kind, title in (("train", "training step"), ("forward", "inference (kernel only, device-resident)"),
+                        ("infer-host", "inference through the API from host arrays (copies included)")):
         rows = [r for r in res.get(kind) or [] if r.get("fastest_peer")]
         if not rows:
             continue
@@ -277,9 +278,15 @@ def markdown(res: dict[str, Any]) -> str:
             s.append(f"\n> backend **{b}** not measured: {info.get('reason')}\n")
 
     if res.get("forward"):
-        s.append("\n## Forward pass (device-resident: lenet_fwd where the backend has it, else batch_prepare + "
-                 "the forward ops), images/s\n\n")
+        s.append("\n## Inference, kernel only (device-resident uint8 images in, logits left on the device, one sync "
+                 "per timed block: lenet_fwd where the backend has it, else batch_prepare + the forward ops), "
+                 "images/s\n\n")
         s.append(_e2e_table(res["forward"], True, res))
+    if res.get("infer-host"):
+        s.append("\n## Inference through the API from host arrays (host uint8 images in, host logits out, copies "
+                 "included: ours `model.logits`, PyTorch `.to(device)` → network → `.cpu()`), images/s\n\n"
+                 "(The API from device arrays is not offered yet: no row for it.)\n\n")
+        s.append(_e2e_table(res["infer-host"], True, res))
     if res.get("train"):
         s.append("\n## Training step (batch_prepare, forward, backward, Adam), images/s\n\n")
         s.append(_e2e_table(res["train"], False))

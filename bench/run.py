@@ -47,7 +47,7 @@ from . import kernels as kernels_mod
 from .report import write_all
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("ops", "forward", "train", "epoch", "counters", "kernels", "host")
+SECTIONS = ("ops", "forward", "infer-host", "train", "epoch", "counters", "kernels", "host")
 FULL = {
     "batches": [1, 64, 256, 1024, 4096],
     "train_batches": [64, 128, 256],
@@ -535,13 +535,23 @@ def bench_e2e(
 
 def _e2e_row(kind: str, name: str, net: e2e.OurNet, peer_map: dict[str, Any], peers: Peers, batch: int, rounds: int,
              min_sample_s: float, budget: Budget, key: tuple) -> dict[str, Any]:
-    if kind == "forward":
-        err, ref_logits = net.check_forward(batch)
-    else:
+    """One row: kind 'forward' (inference, kernel only: resident uint8 images in, logits left on the device),
+    'infer-host' (inference through the API from host arrays: host uint8 in, host logits out, copies included)
+    or 'train' (a training step)."""
+    host_x = np.ascontiguousarray(net.bench.images[:batch])
+    if kind == "train":
         err, ref_logits = net.check_grads(batch), None
+    else:
+        err, ref_logits = net.check_forward(batch)
+    if kind == "infer-host":  # the API path too, against the same reference
+        err = max(err, e2e._rel_err(net.model.logits(host_x, batch_size=batch), ref_logits))
+        if not err <= e2e.FORWARD_TOL:
+            raise AssertionError(f"{name} logits(host images) at batch {batch}: off by {err:.2e} (relative)")
     contenders: dict[str, tuple[Any, Any]] = {}
     if kind == "forward":
         contenders[name] = (lambda n=net, b=batch: n.forward(b), net.synchronize)
+    elif kind == "infer-host":
+        contenders[name] = (lambda n=net, b=batch, x=host_x: n.model.logits(x, batch_size=b), net.synchronize)
     else:
         contenders[name] = (lambda n=net, b=batch: n.train_step(b), net.synchronize)
     peer_err: dict[str, float] = {}
@@ -549,13 +559,16 @@ def _e2e_row(kind: str, name: str, net: e2e.OurNet, peer_map: dict[str, Any], pe
         nxt = _cycle(batch, net.data.n)
         if kind == "forward":
             fn = lambda p=pr, b=batch, nx=nxt: p.forward(nx(), b)  # noqa: E731
+        elif kind == "infer-host":
+            fn = lambda p=pr, x=host_x: p.logits_from_host(x)  # noqa: E731
         else:
             fn = lambda p=pr, b=batch, nx=nxt: p.train_step(nx(), b)  # noqa: E731
         try:
             if ref_logits is not None:
                 # the peer is the same network: given our parameters, its logits match the same reference
                 pr.set_parameters(net.model.param_dict())
-                peer_err[pname] = e2e._rel_err(pr.logits(0, batch), ref_logits)
+                got = pr.logits(0, batch) if kind == "forward" else pr.logits_from_host(host_x)
+                peer_err[pname] = e2e._rel_err(got, ref_logits)
             fn()  # a first call (compiles, captures) outside the timed rounds: a mode that fails is skipped
             pr.synchronize()
         except Exception as e:  # noqa: BLE001 - PyTorch's failure, not ours
@@ -571,7 +584,7 @@ def _e2e_row(kind: str, name: str, net: e2e.OurNet, peer_map: dict[str, Any], pe
     row: dict[str, Any] = {"backend": name, "batch": batch, "validation_rel_err": err, "rounds": rounds,
                            "number": res["numbers"][name], "steps_per_call": spc, **_side(ours, batch), "peers": {}}
     budget.record(key, batch, row["median_s"])
-    if kind == "forward":
+    if kind != "train":
         row["gflops"] = forward_flops(net.cfg) * batch / row["median_s"] / 1e9
     for pname in contenders:
         if pname == name:
@@ -745,7 +758,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def do_e2e(kind: str) -> None:
         need_nets()
-        b = settings["batches"] if kind == "forward" else settings["train_batches"]
+        b = settings["train_batches"] if kind == "train" else settings["batches"]
         rows, skipped, failed = bench_e2e(kind, nets, peers, b, settings["rounds"], settings["min_sample_s"], budget)
         results[kind] = rows
         results["skipped"] += skipped
@@ -778,6 +791,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     section("ops", do_ops)
     section("forward", lambda: do_e2e("forward"))
+    section("infer-host", lambda: do_e2e("infer-host"))
     section("train", lambda: do_e2e("train"))
     section("counters", do_counters)
     section("epoch", do_epochs)

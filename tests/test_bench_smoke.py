@@ -141,7 +141,8 @@ def test_bench_quick_numpy_runs_every_case(tmp_path: Path) -> None:
 
     out = tmp_path / "bench"
     rc = main(["--quick", "--backends", "numpy", "--batches", "1,2", "--train-batches", "2,3", "--rounds", "2",
-               "--min-samples", "2", "--sections", "ops,forward,train,counters", "--no-plots", "--out", str(out)])
+               "--min-samples", "2", "--sections", "ops,forward,infer-host,train,counters", "--no-plots", "--out",
+               str(out)])
     res = json.loads((out / "results.json").read_text())
     assert rc == 0, res["errors"]
     assert res["errors"] == []
@@ -150,6 +151,9 @@ def test_bench_quick_numpy_runs_every_case(tmp_path: Path) -> None:
 
     assert ops_run == set(OPS), set(OPS) - ops_run  # every op of the protocol ran (none skipped, none crashed)
     assert {r["batch"] for r in res["train"]} == {2, 3}
+    assert {r["batch"] for r in res["infer-host"]} == {1, 2}
+    assert all(r["validation_rel_err"] < 1e-4 and r["images_per_s"] > 0 for r in res["infer-host"])
+    assert "## Inference through the API from host arrays" in (out / "report.md").read_text()
 
 
 def test_bench_fails_loudly_on_a_crashed_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
