@@ -2,7 +2,7 @@
 
     python -m bench.peer_recipe fashion-mnist --seeds 0,1,2      # one JSON line per epoch and seed
 
-The same network as bench/peer.py (conv 5×5 1→6, relu, max-pool 2, conv 5×5 6→16, relu, max-pool 2,
+The same network as lenet_gpu/perf/peer.py (conv 5×5 1→6, relu, max-pool 2, conv 5×5 6→16, relu, max-pool 2,
 dense 400→120→84→10 with relu), PyTorch's default initialisation, Adam (lr 1e-3, torch defaults
 otherwise), batch 128, a fresh shuffle every epoch (the last partial batch kept, as DataLoader does), no
 augmentation, a constant learning rate; input padded 28→32 and normalised by the training set's
@@ -21,9 +21,10 @@ import numpy as np
 def run(dataset: str, seed: int, epochs: int = 10, batch: int = 128, lr: float = 1e-3) -> list[dict]:
     import torch
     import torch.nn.functional as F  # noqa: N812
-    from torch import nn
 
     from lenet_gpu.data import load_dataset
+    from lenet_gpu.perf.peer import lenet_module
+    from lenet_gpu.spec import NetConfig
 
     torch.manual_seed(seed)
     ds = load_dataset(dataset, download=False, progress=False)
@@ -34,18 +35,7 @@ def run(dataset: str, seed: int, epochs: int = 10, batch: int = 128, lr: float =
         x = torch.from_numpy(u8).float().div_(255.0).sub_(mean).div_(std)
         return F.pad(x, (2, 2, 2, 2)).unsqueeze(1)
 
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.c1, self.c3 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 16, 5)
-            self.c5, self.f6, self.out = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, 10)
-
-        def forward(self, x):
-            x = F.max_pool2d(F.relu(self.c1(x)), 2)
-            x = F.max_pool2d(F.relu(self.c3(x)), 2).flatten(1)
-            return self.out(F.relu(self.f6(F.relu(self.c5(x)))))
-
-    net = Net()
+    net = lenet_module(NetConfig())  # the peer's network (lenet_gpu.perf.peer), PyTorch's default init
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     xtr, ytr = prep(ds.train_images), torch.from_numpy(ds.train_labels.astype(np.int64))
     xte, yte = prep(ds.test_images), torch.from_numpy(ds.test_labels.astype(np.int64))

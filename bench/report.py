@@ -101,6 +101,59 @@ def _peak_of(res: dict[str, Any], backend: str) -> tuple[float | None, str]:
     return cpu.get("flops"), "CPU FP32 (est.)"
 
 
+def _ratio(q: dict[str, Any]) -> str:
+    """A throughput ratio with its p20–p80; marked unreliable, never bare, when either side's rounds spread more
+    than 25 % (lenet_gpu.perf.timing.RATIO_MAX_SPREAD)."""
+    txt = f"{q['median']:.2f} ({q['p20']:.2f}–{q['p80']:.2f})"
+    if q.get("reliable", True):
+        return f"**{txt}**"
+    return (f"unreliable: {txt}, rounds spread {q.get('ours_spread', float('nan')):.0%} (ours) / "
+            f"{q.get('theirs_spread', float('nan')):.0%} (peer)")
+
+
+def _spread(v: dict[str, Any]) -> str:
+    return f" ±{v['spread'] / 2:.0%}" if v.get("spread") is not None else ""
+
+
+def _where(r: dict[str, Any]) -> str:
+    keys = ("section", "backend", "peer", "op", "site", "variant", "batch")
+    return " ".join(f"{k} {r[k]}" if k == "batch" else str(r[k]) for k in keys if r.get(k) is not None)
+
+
+def _status(res: dict[str, Any]) -> str:
+    """The verdict at the top: FAILED with every failure, or OK."""
+    errs = res.get("errors") or []
+    if errs:
+        lines = [f"\n**FAILED: {len(errs)} failure{'s' if len(errs) > 1 else ''}** (a case that crashed or failed "
+                 "its validation, or a section that raised; exit status 1):\n\n"]
+        lines += [f"- {_where(e)}: {str(e.get('error', '')).splitlines()[0] if e.get('error') else ''}\n"
+                  for e in errs]
+        return "".join(lines)
+    n = len(res.get("skipped") or [])
+    return (f"\n**OK**: every case ran and passed its validation, or was skipped for a reason that is not an error "
+            f"({n} skipped, listed below).\n")
+
+
+def _headline(res: dict[str, Any]) -> str:
+    """Each of our backends against the FASTEST PyTorch mode measured beside it, at each batch size."""
+    out = []
+    for kind, title in (("train", "training step"), ("forward", "inference (kernel only, device-resident)"),
+                        ("infer-host", "inference through the API from host arrays (copies included)")):
+        rows = [r for r in res.get(kind) or [] if r.get("fastest_peer")]
+        if not rows:
+            continue
+        lines = []
+        for r in rows:
+            p = r["fastest_peer"]
+            v = r["peers"][p]
+            lines.append([r["backend"], str(r["batch"]), f"{_rate(r['images_per_s'])}{_spread(r)}", p,
+                          f"{_rate(v['images_per_s'])}{_spread(v)}", _ratio(v["ratio"])])
+        out.append(f"\n### {title}: ours / fastest PyTorch mode, images/s\n\n")
+        out.append(_table(["backend", "batch", "ours img/s", "fastest PyTorch", "its img/s", "ours/it (p20–p80)"],
+                          lines))
+    return "".join(out)
+
+
 def _e2e_table(rows: list[dict[str, Any]], forward: bool, res: dict[str, Any] | None = None) -> str:
     peer_names = sorted({p for r in rows for p in r.get("peers", {})})
     head = ["backend", "batch", "ours images/s (p20–p80)"]
@@ -111,14 +164,14 @@ def _e2e_table(rows: list[dict[str, Any]], forward: bool, res: dict[str, Any] | 
     out = []
     for r in rows:
         line = [r["backend"], str(r["batch"]),
-                f"{_rate(r['images_per_s'])} ({_rate(r['images_per_s_p20'])}–{_rate(r['images_per_s_p80'])})"]
+                f"{_rate(r['images_per_s'])} ({_rate(r['images_per_s_p20'])}–{_rate(r['images_per_s_p80'])})"
+                f"{_spread(r)}"]
         for p in peer_names:
             pv = r.get("peers", {}).get(p)
             if pv is None:
                 line += ["—", "—"]
             else:
-                q = pv["ratio"]
-                line += [_rate(pv["images_per_s"]), f"**{q['median']:.2f}** ({q['p20']:.2f}–{q['p80']:.2f})"]
+                line += [f"{_rate(pv['images_per_s'])}{_spread(pv)}", _ratio(pv["ratio"])]
         if forward:
             peak, _ = _peak_of(res or {}, r["backend"])
             line += [f"{r.get('gflops', 0):.2f}", f"{100 * r.get('gflops', 0) * 1e9 / peak:.2g}%" if peak else "—"]
@@ -140,11 +193,9 @@ def _summary(res: dict[str, Any]) -> str:
         if "images_per_s_best" in r:
             line += f", best sample {_rate(r['images_per_s_best'])}"
         for p, v in r.get("peers", {}).items():
-            q = v["ratio"]
-            line += (f"; {p} {_rate(v['images_per_s'])} images/s"
+            line += (f"; {p} {_rate(v['images_per_s'])} images/s{_spread(v)}"
                      + (f" (best {_rate(v['images_per_s_best'])})" if "images_per_s_best" in v else "")
-                     + f"; ours/{p} **{q['median']:.2f}** (p20–p80 {q['p20']:.2f}–{q['p80']:.2f}"
-                     + (f"; best/best {v['ratio_best']:.2f})" if "ratio_best" in v else ")"))
+                     + f"; ours/{p} {_ratio(v['ratio'])}")
         lines.append(line + "\n")
     ep = res.get("epoch") or {}
     for name, run in (ep.get("runs") or {}).items():
@@ -163,7 +214,7 @@ def markdown(res: dict[str, Any]) -> str:
     m = res.get("machine", {})
     tor = res.get("torch")
     load = res.get("load", {})
-    s: list[str] = ["# lenet_gpu benchmark report\n"]
+    s: list[str] = ["# lenet_gpu benchmark report\n", _status(res), "\n"]
     s.append(f"- date: {res.get('date')} (UTC), {res.get('wall_s', 0):.0f} s in all\n")
     s.append(f"- command: `{res.get('command')}`\n")
     git = m.get("git") or {}
@@ -212,7 +263,11 @@ def markdown(res: dict[str, Any]) -> str:
                  f"backend, normalised with mean {ds['mean']:.4f}, std {ds['std']:.4f})\n")
     s.append("\nRatios are throughput ours/peer (> 1: ours is faster), taken round by round from alternating "
              "rounds (ours, peer, peer, ours, …) in this one run; the median and p20–p80 of the per-round "
-             "ratios are shown.\n")
+             "ratios are shown. ±x% after a figure is half its p20–p80 spread over the rounds; a ratio whose "
+             "either side spreads more than 25% is marked unreliable.\n")
+    headline = _headline(res)
+    if headline:
+        s.append("\n## Headline\n" + headline)
 
     summary = _summary(res)
     if summary:
@@ -223,9 +278,15 @@ def markdown(res: dict[str, Any]) -> str:
             s.append(f"\n> backend **{b}** not measured: {info.get('reason')}\n")
 
     if res.get("forward"):
-        s.append("\n## Forward pass (device-resident: lenet_fwd where the backend has it, else batch_prepare + "
-                 "the forward ops), images/s\n\n")
+        s.append("\n## Inference, kernel only (device-resident uint8 images in, logits left on the device, one sync "
+                 "per timed block: lenet_fwd where the backend has it, else batch_prepare + the forward ops), "
+                 "images/s\n\n")
         s.append(_e2e_table(res["forward"], True, res))
+    if res.get("infer-host"):
+        s.append("\n## Inference through the API from host arrays (host uint8 images in, host logits out, copies "
+                 "included: ours `model.logits`, PyTorch `.to(device)` → network → `.cpu()`), images/s\n\n"
+                 "(The API from device arrays is not offered yet: no row for it.)\n\n")
+        s.append(_e2e_table(res["infer-host"], True, res))
     if res.get("train"):
         s.append("\n## Training step (batch_prepare, forward, backward, Adam), images/s\n\n")
         s.append(_e2e_table(res["train"], False))
@@ -271,7 +332,7 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("ops"):
         s.append("\n## Per-op kernels\n\n")
         s.append("Each op at each LeNet call site (C1 … OUT), validated against the float64 reference before "
-                 "it is timed. GFLOP/s and GB/s use the formulas in bench/ops.py (compulsory traffic). "
+                 "it is timed. GFLOP/s and GB/s use the formulas in lenet_gpu/perf/ops.py (compulsory traffic). "
                  "A CPU backend's GFLOP/s are set beside this CPU's own FP32 peak (the estimate above); a GPU "
                  "backend's time beside the H100 floor of that op ('floor/time': how close it comes). "
                  "`*` marks the backend's default variant. GPU rows: one launch per sample, L2 flushed "
@@ -339,17 +400,17 @@ def markdown(res: dict[str, Any]) -> str:
 
     sk = res.get("skipped", [])
     if sk:
-        s.append("\n## Skipped and failed cases\n\n")
+        s.append("\n## Skipped cases (reasons that are not errors)\n\n")
         for r in sk:
-            keys = ("section", "backend", "op", "site", "variant", "batch")
-            where = " ".join(str(r[k]) for k in keys if r.get(k) is not None)
-            s.append(f"- {where}: {r['reason'].splitlines()[0]}\n")
+            s.append(f"- {_where(r)}: {r['reason'].splitlines()[0]}\n")
     for note in res.get("peer_notes", []):
         s.append(f"- peer: {note}\n")
     if res.get("errors"):
-        s.append("\n## Errors\n\n")
+        s.append("\n## Failures\n\n")
         for e in res["errors"]:
-            s.append(f"- section {e['section']}: {e['error']}\n")
+            s.append(f"- {_where(e)}: {e['error']}\n")
+            if e.get("traceback"):
+                s.append("\n```\n" + e["traceback"].rstrip() + "\n```\n\n")
 
     s.append("\n## Method\n\n")
     s.append(
@@ -359,9 +420,10 @@ def markdown(res: dict[str, Any]) -> str:
         "written several times so the device is busy while the launch is enqueued) before each; warm-up; "
         "median with p20/p80. End to end: perf_counter around N steps plus a device sync.\n"
         "- Validation: every op at every site, batch and variant is checked against lenet_gpu.reference "
-        "(float64) with tests/parity.py's tolerances, outputs NaN-poisoned first; the forward logits and one "
+        "(float64) with lenet_gpu/parity.py's tolerances, outputs NaN-poisoned first; the forward logits and one "
         "step's gradients at every end-to-end batch size are checked against a float64 composition of the "
-        "reference ops; the PyTorch model's logits against the same reference.\n"
+        "reference ops, computed afresh from that backend's own parameters; the PyTorch model's logits against "
+        "the same reference.\n"
         "- Cases whose estimated time exceeds the per-case budget (from the same series at a smaller batch) "
         "are skipped and listed above.\n"
     )

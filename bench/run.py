@@ -25,15 +25,10 @@ from typing import Any
 import numpy as np
 
 from lenet_gpu.backends import BACKENDS, BackendUnavailable, get_backend
-from lenet_gpu.spec import NetConfig, forward_flops
-
-from . import host as host_mod
-from . import kernels as kernels_mod
-from . import model as e2e
-from . import ops as opsmod
-from . import peer as peermod
-from .report import write_all
-from .timing import (
+from lenet_gpu.perf import model as e2e
+from lenet_gpu.perf import ops as opsmod
+from lenet_gpu.perf import peer as peermod
+from lenet_gpu.perf.timing import (
     CpuTimer,
     GpuEventTimer,
     LoadMonitor,
@@ -42,11 +37,17 @@ from .timing import (
     cpu_fp32_peak,
     gpu_library,
     set_clock,
+    spread,
     wait_for_quiet,
 )
+from lenet_gpu.spec import NetConfig, forward_flops
+
+from . import host as host_mod
+from . import kernels as kernels_mod
+from .report import write_all
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("ops", "forward", "train", "epoch", "counters", "kernels", "host")
+SECTIONS = ("ops", "forward", "infer-host", "train", "epoch", "counters", "kernels", "host")
 FULL = {
     "batches": [1, 64, 256, 1024, 4096],
     "train_batches": [64, 128, 256],
@@ -264,16 +265,19 @@ def open_backends(names: list[str], named: bool = True) -> tuple[dict[str, Any],
             info[name] = {"available": False, "reason": str(e)}
             log(f"backend {name}: unavailable: {e}")
             continue
-        except Exception as e:  # noqa: BLE001 - a backend that breaks on construction is reported, not fatal
-            info[name] = {"available": False, "reason": f"{type(e).__name__}: {e}"}
-            log(f"backend {name}: failed to start: {e}")
+        except Exception as e:  # noqa: BLE001 - a backend that breaks on construction is a failure of the run
+            info[name] = {"available": False, "failed": True, "reason": f"{type(e).__name__}: {e}",
+                          "traceback": traceback.format_exc()}
+            log(f"backend {name}: FAILED to start: {e}")
             continue
         if ref_probe is not None and not be.is_gpu and name != "numpy":
             try:
                 t = probe_seconds(be)
-            except Exception as e:  # noqa: BLE001
-                t = float("inf")
-                log(f"backend {name}: probe failed: {e}")
+            except Exception as e:  # noqa: BLE001 - a probe that crashes or fails validation is a failure
+                info[name] = {"available": False, "failed": True, "reason": f"probe failed: {type(e).__name__}: {e}",
+                              "traceback": traceback.format_exc()}
+                log(f"backend {name}: FAILED its probe: {e}")
+                continue
             if t > EMULATED_FACTOR * ref_probe:
                 info[name] = {"available": False, "reason": f"emulated on the CPU (a small pool launch takes "
                               f"{t * 1e3:.2f} ms, {t / ref_probe:.0f}× NumPy's): left out of a default run; "
@@ -322,11 +326,14 @@ class Budget:
 def bench_ops(
     backends: dict[str, Any], cfg: NetConfig, batches: list[int], only: list[str] | None, tcfg: TimingConfig,
     budget: Budget, cpu_peak_flops: float | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Every op × site × variant × backend × batch, validated, then timed. A GPU row is set beside the H100
-    floor of its op (floor_s, floor_frac); a CPU row beside the CPU's own FP32 peak (cpu_peak_frac)."""
+    floor of its op (floor_s, floor_frac); a CPU row beside the CPU's own FP32 peak (cpu_peak_frac).
+    Returns (rows, skipped, failed): a skip has a reason that is not an error (no case defined, over the time
+    budget); a case that raises or fails its validation is a failure."""
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     timers: dict[str, Any] = {}
     for name, be in backends.items():
         lib = gpu_library(be)
@@ -339,7 +346,7 @@ def bench_ops(
     for op in op_names:
         site_list = opsmod.sites(op, cfg)
         if not site_list:
-            skipped.append({"op": op, "reason": "no benchmark case is defined for this op (bench/ops.py)"})
+            skipped.append({"op": op, "reason": "no benchmark case is defined for this op (lenet_gpu/perf/ops.py)"})
             continue
         op_batches: list[int | None] = [None] if op in opsmod.PER_STEP_OPS else list(batches)
         for site in site_list:
@@ -360,78 +367,111 @@ def bench_ops(
                             t0 = time.perf_counter()
                             case.validate()
                             t_val = time.perf_counter() - t0
+                            if t_val * (tcfg.min_warmup + tcfg.min_samples) > budget.max_case_s * 2:
+                                # the first call may have compiled (Numba's JIT): what counts is a warm launch
+                                t0 = time.perf_counter()
+                                case.launch()
+                                be.synchronize()
+                                t_val = time.perf_counter() - t0
                         except AssertionError as e:
-                            skipped.append({**where, "reason": f"FAILED validation: {e}"})
+                            failed.append({**where, "error": f"FAILED validation: {e}"})
                             log(f"  {name} {op} {site} {variant} batch {batch}: FAILED validation")
                             continue
-                        except Exception as e:  # noqa: BLE001 - a broken variant must not stop the run
-                            skipped.append({**where, "reason": f"error: {type(e).__name__}: {e}"})
-                            log(f"  {name} {op} {site} {variant} batch {batch}: error {e}")
+                        except Exception as e:  # noqa: BLE001 - a broken variant fails, and the run goes on
+                            failed.append({**where, "error": f"crashed: {type(e).__name__}: {e}",
+                                           "traceback": traceback.format_exc()})
+                            log(f"  {name} {op} {site} {variant} batch {batch}: CRASHED: {type(e).__name__}: {e}")
                             continue
                         if t_val * (tcfg.min_warmup + tcfg.min_samples) > budget.max_case_s * 2:
-                            why = f"one validated call took {t_val:.2f} s; timing it would exceed the budget"
+                            why = f"one warm call took {t_val:.2f} s; timing it would exceed the budget"
                             skipped.append({**where, "reason": why})
                             budget.record(key, batch or 1, t_val)
                             continue
-                        timer = timers[name]
-                        row = {**where, "default": be.default_variants.get(op) == variant, "validated": True,
-                               "flops": case.cost.flops, "bytes": case.cost.bytes,
-                               "floor_s": opsmod.floor_seconds(case.cost), "timer": timer.kind}
-                        if isinstance(timer, GpuEventTimer):
-                            cold, hot = timer.measure(case.launch, tcfg)
-                            row.update(cold.to_dict())
-                            row.update(hot.to_dict("hot_"))
-                            row["l2_flush_bytes"] = timer.flush_bytes
-                            st = cold
-                        else:
-                            st = timer.measure(case.launch, tcfg)
-                            row.update(st.to_dict())
-                        budget.record(key, batch or 1, st.median)
-                        row["gflops"] = case.cost.flops / st.median / 1e9
-                        row["gbs"] = case.cost.bytes / st.median / 1e9
-                        row["floor_frac"] = row["floor_s"] / st.median
-                        if not be.is_gpu and cpu_peak_flops:
-                            row["cpu_peak_frac"] = case.cost.flops / st.median / cpu_peak_flops
-                        rows.append(row)
+                        try:
+                            rows.append(_time_case(be, case, timers[name], where, tcfg, budget, key, cpu_peak_flops))
+                        except Exception as e:  # noqa: BLE001
+                            failed.append({**where, "error": f"crashed while timed: {type(e).__name__}: {e}",
+                                           "traceback": traceback.format_exc()})
+                            log(f"  {name} {op} {site} {variant} batch {batch}: CRASHED while timed: {e}")
+                            continue
+                        row = rows[-1]
                         log(f"  {name:9s} {op:18s} {site:6s} {variant:4s} b={batch!s:5s} "
-                            f"{st.median * 1e6:10.1f} µs  {row['gflops']:7.2f} GFLOP/s")
-    return rows, skipped
+                            f"{row['median_s'] * 1e6:10.1f} µs  {row['gflops']:7.2f} GFLOP/s")
+    return rows, skipped, failed
+
+
+def _time_case(be: Any, case: Any, timer: Any, where: dict[str, Any], tcfg: TimingConfig, budget: Budget, key: tuple,
+               cpu_peak_flops: float | None) -> dict[str, Any]:
+    """Time one validated op case; its row."""
+    op, variant, batch = where["op"], where["variant"], where["batch"]
+    row = {**where, "default": be.default_variants.get(op) == variant, "validated": True,
+           "flops": case.cost.flops, "bytes": case.cost.bytes,
+           "floor_s": opsmod.floor_seconds(case.cost), "timer": timer.kind}
+    if isinstance(timer, GpuEventTimer):
+        cold, hot = timer.measure(case.launch, tcfg)
+        row.update(cold.to_dict())
+        row.update(hot.to_dict("hot_"))
+        row["l2_flush_bytes"] = timer.flush_bytes
+        st = cold
+    else:
+        st = timer.measure(case.launch, tcfg)
+        row.update(st.to_dict())
+    budget.record(key, batch or 1, st.median)
+    row["gflops"] = case.cost.flops / st.median / 1e9
+    row["gbs"] = case.cost.bytes / st.median / 1e9
+    row["floor_frac"] = row["floor_s"] / st.median
+    if not be.is_gpu and cpu_peak_flops:
+        row["cpu_peak_frac"] = case.cost.flops / st.median / cpu_peak_flops
+    return row
 
 
 class Peers:
-    """PyTorch peers by device (cpu, cuda, cuda+compile), built on first use."""
+    """PyTorch peers by device and mode, built on first use: on the CPU ``torch-cpu`` (eager); on a GPU
+    ``torch-cuda`` (eager), ``torch-graph`` (the whole step as one CUDA graph) and ``torch-compile``
+    (torch.compile; by default in a full run only: it compiles for minutes). A mode that cannot be built
+    is skipped with its reason (``skipped``), never silently."""
+
+    GPU_MODES = {"torch-cuda": "eager", "torch-graph": "graph", "torch-compile": "compile"}
 
     def __init__(self, torch: Any, cfg: NetConfig, compile_mode: str, quick: bool) -> None:
         self.torch, self.cfg = torch, cfg
         self.compile_mode, self.quick = compile_mode, quick
         self.cache: dict[tuple[str, int], Any] = {}
         self.notes: list[str] = []
+        self.skipped: list[dict[str, Any]] = []
+
+    def kinds(self, gpu: bool) -> dict[str, str]:
+        """Contender name → peer mode for a backend on the GPU (``gpu``) or the CPU."""
+        if not gpu:
+            return {"torch-cpu": "eager"}
+        compile_on = self.compile_mode == "on" or (self.compile_mode == "auto" and not self.quick)
+        return {k: m for k, m in self.GPU_MODES.items() if m != "compile" or compile_on}
 
     def for_backend(self, net: e2e.OurNet) -> dict[str, Any]:
         """Contender name → TorchLeNet, for the device our backend runs on."""
         if self.torch is None:
             return {}
         gpu = bool(net.backend.is_gpu) and self.torch.cuda.is_available()
-        kinds = ["torch-cuda"] if gpu else ["torch-cpu"]
-        if gpu and (self.compile_mode == "on" or (self.compile_mode == "auto" and not self.quick)):
-            kinds.append("torch-compile")
-        if gpu:
-            self.torch.backends.cudnn.benchmark = True
         out = {}
         params = net.model.param_dict()
-        for kind in kinds:
+        for kind, mode in self.kinds(gpu).items():
             key = (kind, id(net.bench))
             if key not in self.cache:
                 try:
                     self.cache[key] = peermod.TorchLeNet(
                         self.cfg, params, net.bench.images, net.bench.labels, net.bench.mean, net.bench.std,
-                        device="cuda" if gpu else "cpu", lr=net.model.lr, compile_model=kind == "torch-compile")
-                except Exception as e:  # noqa: BLE001
-                    self.notes.append(f"{kind}: could not be built ({type(e).__name__}: {e})")
+                        device="cuda" if gpu else "cpu", lr=net.model.lr, mode=mode)
+                except Exception as e:  # noqa: BLE001 - PyTorch's failure: the peer is skipped with its reason
+                    self.skip(kind, None, f"could not be built ({type(e).__name__}: {e})")
                     self.cache[key] = None
             if self.cache[key] is not None:
                 out[kind] = self.cache[key]
         return out
+
+    def skip(self, kind: str, batch: int | None, reason: str) -> None:
+        self.skipped.append({"peer": kind, "batch": batch, "reason": f"PyTorch peer {kind}: {reason}"})
+        self.notes.append(f"{kind}{'' if batch is None else f' batch {batch}'}: {reason}")
+        log(f"  peer {kind}: skipped: {reason}")
 
 
 def _cycle(batch: int, n: int) -> Any:
@@ -446,86 +486,120 @@ def _cycle(batch: int, n: int) -> Any:
     return nxt
 
 
+def _side(samples: list[float], batch: int) -> dict[str, Any]:
+    """A contender's figures from its per-call samples: median, p20, p80, images/s, best, spread."""
+    st = np.percentile(samples, [20, 50, 80])
+    return {"median_s": float(st[1]), "p20_s": float(st[0]), "p80_s": float(st[2]),
+            "images_per_s": batch / float(st[1]), "images_per_s_p20": batch / float(st[2]),
+            "images_per_s_p80": batch / float(st[0]), "min_s": float(np.min(samples)),
+            "images_per_s_best": batch / float(np.min(samples)), "spread": spread(samples)}
+
+
 def bench_e2e(
     kind: str, nets: dict[str, e2e.OurNet], peers: Peers, batches: list[int], rounds: int, min_sample_s: float,
-    budget: Budget, ref_cache: dict,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """kind 'forward' or 'train': for each backend and batch, validate, then time ours and the peers in
-    alternating rounds. Rows hold ours and each peer with images/s and ratios ours/peer."""
+    budget: Budget,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """kind 'forward' or 'train': for each backend and batch, validate against a reference computed afresh
+    from that backend's parameters, then time ours and the peers in interleaved rounds. Rows hold ours and
+    each peer with images/s, spreads and ratios ours/peer. Returns (rows, skipped, failed)."""
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    checked_peers: set[tuple[str, int]] = set()
+    failed: list[dict[str, Any]] = []
     for name, net in nets.items():
         peer_map = peers.for_backend(net)
         for batch in batches:
-            where = {"backend": name, "batch": batch}
+            where = {"backend": name, "batch": batch, "section": kind}
             key = (kind, name)
             why = budget.too_long(key, batch, rounds + 4)
             if why:
-                skipped.append({**where, "section": kind, "reason": why})
+                skipped.append({**where, "reason": why})
                 continue
             try:
-                err = (net.check_forward if kind == "forward" else net.check_grads)(batch, ref_cache)
+                row = _e2e_row(kind, name, net, peer_map, peers, batch, rounds, min_sample_s, budget, key)
             except AssertionError as e:
-                skipped.append({**where, "section": kind, "reason": f"FAILED validation: {e}"})
+                failed.append({**where, "error": f"FAILED validation: {e}"})
                 log(f"  {name} {kind} batch {batch}: FAILED validation: {e}")
                 continue
-            contenders: dict[str, tuple[Any, Any]] = {}
-            if kind == "forward":
-                contenders[name] = (lambda n=net, b=batch: n.forward(b), net.synchronize)
-            else:
-                contenders[name] = (lambda n=net, b=batch: n.train_step(b), net.synchronize)
-            peer_err: dict[str, float] = {}
-            for pname, pr in peer_map.items():
-                nxt = _cycle(batch, net.data.n)
-                if kind == "forward":
-                    fn = lambda p=pr, b=batch, nx=nxt: p.forward(nx(), b)  # noqa: E731
-                else:
-                    fn = lambda p=pr, b=batch, nx=nxt: p.train_step(nx(), b)  # noqa: E731
-                if (pname, batch) not in checked_peers and ("fwd", batch) in ref_cache:
-                    # the peer is the same network: its logits at this batch match the float64 reference
-                    pr.set_parameters(net.model.param_dict())
-                    peer_err[pname] = e2e._rel_err(pr.logits(0, batch), ref_cache[("fwd", batch)])
-                    checked_peers.add((pname, batch))
-                contenders[pname] = (fn, pr.synchronize)
-            t0 = time.perf_counter()
-            res = e2e.interleaved(contenders, rounds, min_sample_s)
-            samples = res["samples"]
-            spc = net.steps_per_call if kind == "train" else 1
-            if spc > 1:  # a call was one graph of spc steps: per-step figures, as the peer's
-                samples[name] = [t / spc for t in samples[name]]
-            ours = samples[name]
-            st = np.percentile(ours, [20, 50, 80])
-            budget.record(key, batch, float(st[1]))
-            row: dict[str, Any] = {
-                **where, "validation_rel_err": err, "rounds": rounds, "number": res["numbers"][name],
-                "steps_per_call": spc,
-                "median_s": float(st[1]), "p20_s": float(st[0]), "p80_s": float(st[2]),
-                "images_per_s": batch / float(st[1]),
-                "images_per_s_p20": batch / float(st[2]), "images_per_s_p80": batch / float(st[0]),
-                "min_s": float(np.min(ours)), "images_per_s_best": batch / float(np.min(ours)),
-                "peers": {},
-            }
-            if kind == "forward":
-                row["gflops"] = forward_flops(net.cfg) * batch / float(st[1]) / 1e9
-            for pname in peer_map:
-                ps = np.percentile(samples[pname], [20, 50, 80])
-                row["peers"][pname] = {
-                    "median_s": float(ps[1]), "p20_s": float(ps[0]), "p80_s": float(ps[2]),
-                    "images_per_s": batch / float(ps[1]), "number": res["numbers"][pname],
-                    "min_s": float(np.min(samples[pname])), "images_per_s_best": batch / float(np.min(samples[pname])),
-                    "ratio_best": float(np.min(samples[pname]) / np.min(ours)),
-                    "ratio": e2e.ratio_stats(ours, samples[pname]),
-                    **({"validation_rel_err": peer_err[pname]} if pname in peer_err else {}),
-                }
+            except Exception as e:  # noqa: BLE001 - our crash is a failure; the run goes on
+                failed.append({**where, "error": f"crashed: {type(e).__name__}: {e}",
+                               "traceback": traceback.format_exc()})
+                log(f"  {name} {kind} batch {batch}: CRASHED: {type(e).__name__}: {e}")
+                continue
             rows.append(row)
             extra = "  ".join(
-                f"{p}: {v['images_per_s']:,.0f} img/s (ours/{p} {v['ratio']['median']:.2f})"
-                for p, v in row["peers"].items()
-            )
-            log(f"  {kind:7s} {name:9s} b={batch:<5d} {row['images_per_s']:12,.0f} img/s  {extra}  "
-                f"[{time.perf_counter() - t0:.1f} s]")
-    return rows, skipped
+                f"{p}: {v['images_per_s']:,.0f} img/s (ours/{p} {v['ratio']['median']:.2f}"
+                f"{'' if v['ratio']['reliable'] else ', unreliable'})" for p, v in row["peers"].items())
+            log(f"  {kind:7s} {name:9s} b={batch:<5d} {row['images_per_s']:12,.0f} img/s  {extra}")
+    return rows, skipped, failed
+
+
+def _e2e_row(kind: str, name: str, net: e2e.OurNet, peer_map: dict[str, Any], peers: Peers, batch: int, rounds: int,
+             min_sample_s: float, budget: Budget, key: tuple) -> dict[str, Any]:
+    """One row: kind 'forward' (inference, kernel only: resident uint8 images in, logits left on the device),
+    'infer-host' (inference through the API from host arrays: host uint8 in, host logits out, copies included)
+    or 'train' (a training step)."""
+    host_x = np.ascontiguousarray(net.bench.images[:batch])
+    if kind == "train":
+        err, ref_logits = net.check_grads(batch), None
+    else:
+        err, ref_logits = net.check_forward(batch)
+    if kind == "infer-host":  # the API path too, against the same reference
+        err = max(err, e2e._rel_err(net.model.logits(host_x, batch_size=batch), ref_logits))
+        if not err <= e2e.FORWARD_TOL:
+            raise AssertionError(f"{name} logits(host images) at batch {batch}: off by {err:.2e} (relative)")
+    contenders: dict[str, tuple[Any, Any]] = {}
+    if kind == "forward":
+        contenders[name] = (lambda n=net, b=batch: n.forward(b), net.synchronize)
+    elif kind == "infer-host":
+        contenders[name] = (lambda n=net, b=batch, x=host_x: n.model.logits(x, batch_size=b), net.synchronize)
+    else:
+        contenders[name] = (lambda n=net, b=batch: n.train_step(b), net.synchronize)
+    peer_err: dict[str, float] = {}
+    for pname, pr in peer_map.items():
+        nxt = _cycle(batch, net.data.n)
+        if kind == "forward":
+            fn = lambda p=pr, b=batch, nx=nxt: p.forward(nx(), b)  # noqa: E731
+        elif kind == "infer-host":
+            fn = lambda p=pr, x=host_x: p.logits_from_host(x)  # noqa: E731
+        else:
+            fn = lambda p=pr, b=batch, nx=nxt: p.train_step(nx(), b)  # noqa: E731
+        try:
+            if ref_logits is not None:
+                # the peer is the same network: given our parameters, its logits match the same reference
+                pr.set_parameters(net.model.param_dict())
+                got = pr.logits(0, batch) if kind == "forward" else pr.logits_from_host(host_x)
+                peer_err[pname] = e2e._rel_err(got, ref_logits)
+            fn()  # a first call (compiles, captures) outside the timed rounds: a mode that fails is skipped
+            pr.synchronize()
+        except Exception as e:  # noqa: BLE001 - PyTorch's failure, not ours
+            peers.skip(pname, batch, f"failed at {kind} batch {batch} ({type(e).__name__}: {str(e).splitlines()[0]})")
+            continue
+        contenders[pname] = (fn, pr.synchronize)
+    res = e2e.interleaved(contenders, rounds, min_sample_s)
+    samples = res["samples"]
+    spc = net.steps_per_call if kind == "train" else 1
+    if spc > 1:  # a call was one graph of spc steps: per-step figures, as the peer's
+        samples[name] = [t / spc for t in samples[name]]
+    ours = samples[name]
+    row: dict[str, Any] = {"backend": name, "batch": batch, "validation_rel_err": err, "rounds": rounds,
+                           "number": res["numbers"][name], "steps_per_call": spc, **_side(ours, batch), "peers": {}}
+    budget.record(key, batch, row["median_s"])
+    if kind != "train":
+        row["gflops"] = forward_flops(net.cfg) * batch / row["median_s"] / 1e9
+    for pname in contenders:
+        if pname == name:
+            continue
+        theirs = samples[pname]
+        row["peers"][pname] = {
+            **_side(theirs, batch), "number": res["numbers"][pname],
+            "ratio_best": float(np.min(theirs) / np.min(ours)),
+            "ratio": e2e.ratio_stats(ours, theirs),
+            **({"validation_rel_err": peer_err[pname]} if pname in peer_err else {}),
+        }
+    if row["peers"]:  # the headline: ours against the fastest PyTorch mode at this batch
+        fastest = max(row["peers"], key=lambda p: row["peers"][p]["images_per_s"])
+        row["fastest_peer"] = fastest
+    return row
 
 
 def bench_epochs(
@@ -568,7 +642,7 @@ def bench_epochs(
 
 def bench_counters(nets: dict[str, e2e.OurNet], batch: int, budget: Budget) -> dict[str, Any]:
     """Counters at ``batch``; a slow backend (estimated > 5× the per-case budget, at least 60 s) is skipped."""
-    out: dict[str, Any] = {"batch": batch, "backends": {}, "skipped": []}
+    out: dict[str, Any] = {"batch": batch, "backends": {}, "skipped": [], "failed": []}
     lenient = Budget(max(60.0, 5 * budget.max_case_s))
     lenient.last = budget.last
     for name, net in nets.items():
@@ -578,8 +652,9 @@ def bench_counters(nets: dict[str, e2e.OurNet], batch: int, budget: Budget) -> d
             continue
         try:
             out["backends"][name] = e2e.counters_for(net, batch)
-        except Exception as e:  # noqa: BLE001
-            out["skipped"].append({"backend": name, "reason": f"error: {type(e).__name__}: {e}"})
+        except Exception as e:  # noqa: BLE001 - a crash is a failure of the run, listed with the others
+            out["failed"].append({"backend": name, "error": f"crashed: {type(e).__name__}: {e}",
+                                  "traceback": traceback.format_exc()})
     return out
 
 
@@ -636,7 +711,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "torch_note": None if torch is not None else
         ("--no-peer given" if args.no_peer else "PyTorch is not installed: no peer figures"),
         "skipped": [],
-        "errors": [],
+        # every failure of the run: a case that crashed or failed its validation, a section that raised, a
+        # backend that broke on construction. Any entry makes the exit status 1 and heads the report.
+        "errors": [{"section": "backends", "backend": b, "error": i["reason"], "traceback": i.get("traceback")}
+                   for b, i in binfo.items() if i.get("failed")],
     }
 
     def section(name: str, fn: Any) -> None:
@@ -654,14 +732,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def do_ops() -> None:
         peak = results["peaks"]["cpu_fp32"]
-        rows, skipped = bench_ops(backends, cfg, settings["batches"], args.ops, tcfg, budget,
-                                  peak["flops"] if peak else None)
+        rows, skipped, failed = bench_ops(backends, cfg, settings["batches"], args.ops, tcfg, budget,
+                                          peak["flops"] if peak else None)
         results["ops"] = rows
         results["skipped"] += [{"section": "ops", **s} for s in skipped]
+        results["errors"] += [{"section": "ops", **f} for f in failed]
 
     ds = None
     nets: dict[str, e2e.OurNet] = {}
-    ref_cache: dict = {}
     peers = Peers(torch, cfg, args.torch_compile, args.quick)
 
     def need_nets() -> None:
@@ -680,14 +758,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def do_e2e(kind: str) -> None:
         need_nets()
-        b = settings["batches"] if kind == "forward" else settings["train_batches"]
-        rows, skipped = bench_e2e(kind, nets, peers, b, settings["rounds"], settings["min_sample_s"], budget, ref_cache)
+        b = settings["train_batches"] if kind == "train" else settings["batches"]
+        rows, skipped, failed = bench_e2e(kind, nets, peers, b, settings["rounds"], settings["min_sample_s"], budget)
         results[kind] = rows
-        results["skipped"] += [{"section": kind, **s} for s in skipped]
+        results["skipped"] += skipped
+        results["errors"] += failed
 
     def do_counters() -> None:
         need_nets()
         results["counters"] = bench_counters(nets, min(settings["train_batches"]), budget)
+        results["errors"] += [{"section": "counters", **f} for f in results["counters"].pop("failed")]
 
     def do_epochs() -> None:
         need_nets()
@@ -711,12 +791,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     section("ops", do_ops)
     section("forward", lambda: do_e2e("forward"))
+    section("infer-host", lambda: do_e2e("infer-host"))
     section("train", lambda: do_e2e("train"))
     section("counters", do_counters)
     section("epoch", do_epochs)
     section("kernels", do_kernels)
     section("host", lambda: results.__setitem__("host", host_mod.bench_host(quick=args.quick)))
     results["peer_notes"] = peers.notes
+    results["skipped"] += [{"section": "peer", **sk} for sk in peers.skipped]
     results["load"] = monitor.stop()
     results["load"]["wait_quiet"] = waited
     results["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

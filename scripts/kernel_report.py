@@ -16,7 +16,6 @@ leave SMs without a block.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from collections.abc import Sequence
@@ -26,59 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-#: backend → (module, function) giving its kernel table at LeNet's launch shapes
-BACKEND_MODULES = {
-    "cupy": ("bench.launches", "cupy_kernel_records"),
-    "numba": ("lenet_gpu.backends.numba_backend.compile_report", "compile_report"),
-}
-COLUMNS = ("backend", "kernel", "arch", "registers", "shared_bytes", "stack_bytes", "spill_stores", "spill_loads",
-           "block_threads", "occupancy")
-
-
-def collect(backends: Sequence[str], archs: Sequence[str]) -> tuple[list[dict], list[str]]:
-    """Records of every backend whose compile_report can be imported, and notes on those skipped."""
-    records, notes = [], []
-    for name in backends:
-        module, func = BACKEND_MODULES[name]
-        try:
-            mod = importlib.import_module(module)
-            records += getattr(mod, func)(archs=tuple(archs))
-        except ImportError as e:
-            notes.append(f"{name}: skipped ({e})")
-    return records, notes
-
-
-def markdown(records: list[dict], notes: Sequence[str] = ()) -> str:
-    lines = [
-        "# Kernel resources (static: NVRTC / Numba + ptxas, no GPU)",
-        "",
-        "shared_bytes = static + dynamic shared memory of the launch at LeNet sizes; occupancy = theoretical",
-        "(resident warps / max warps per SM) from registers, shared memory and block size.",
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "| " + " | ".join("---" for _ in COLUMNS) + " |",
-    ]
-    for r in sorted(records, key=lambda r: (r["backend"], r["op"], r["kernel"], r["arch"])):
-        lines.append("| " + " | ".join(str(r.get(c, "")) for c in COLUMNS) + " |")
-    spills = [r for r in records if r.get("spill_stores") or r.get("spill_loads")]
-    lines += ["", f"{len(records)} records; {len(spills)} with spills."]
-    lines += [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
-
-
-def write_fill(out: Path, backends: Sequence[str], batches: Sequence[int], arch: str, sm_count: int) -> list[dict]:
-    """The fill table of every launch of a training step and an inference pass (bench.launches) to
-    OUT/fill.json and OUT/fill.md; prints its summary."""
-    from bench.launches import fill_markdown, fill_records, fill_summary
-
-    rows, notes = fill_records(backends, batches, arch, sm_count)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fill.json").write_text(json.dumps({"rows": rows, "summary": fill_summary(rows), "notes": notes},
-                                              indent=1) + "\n")
-    md = fill_markdown(rows, notes)
-    (out / "fill.md").write_text(md)
-    print(md.split("\n\nwaves =")[0] + "\n")
-    return rows
+from bench.kernels import BACKEND_MODULES, collect, markdown, write_fill  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

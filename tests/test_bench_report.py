@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import report
-from bench.timing import cpu_fp32_peak, load_verdict
+from lenet_gpu.perf.timing import cpu_fp32_peak, load_verdict
 
 CPUINFO = """processor\t: 0
 vendor_id\t: {vendor}
@@ -112,3 +112,39 @@ def test_quick_epoch_section_has_no_target() -> None:
     assert "numpy epoch (4000 images, batch 64): 2 s; test accuracy 0.8000 after 1 epoch(s)" in md
     md = report.markdown({**_results({"numpy": False}), "epoch": {**ep, "target_acc": 0.97}})
     assert "## Epochs and time to 97.0% test accuracy" in md and "97.0% not reached in 1 epochs" in md
+
+
+def _e2e_row(backend: str, batch: int, ours_ips: float, peers: dict[str, tuple[float, bool]]) -> dict:
+    def side(ips: float) -> dict:
+        return {"images_per_s": ips, "images_per_s_p20": ips * 0.95, "images_per_s_p80": ips * 1.05,
+                "median_s": batch / ips, "p20_s": batch / ips * 0.95, "p80_s": batch / ips * 1.05, "spread": 0.1}
+
+    row = {"backend": backend, "batch": batch, **side(ours_ips), "peers": {}}
+    for p, (ips, reliable) in peers.items():
+        r = ours_ips / ips
+        row["peers"][p] = {**side(ips), "ratio": {"median": r, "p20": r * 0.9, "p80": r * 1.1, "reliable": reliable,
+                                                  "ours_spread": 0.1, "theirs_spread": 0.1 if reliable else 0.6}}
+    row["fastest_peer"] = max(row["peers"], key=lambda p: row["peers"][p]["images_per_s"])
+    return row
+
+
+def test_headline_against_the_fastest_peer_and_unreliable_ratios() -> None:
+    res = {**_results({"cupy": True}), "ops": [],
+           "train": [_e2e_row("cupy", 64, 9000.0, {"torch-cuda": (1000.0, True), "torch-graph": (3000.0, True)}),
+                     _e2e_row("cupy", 256, 9000.0, {"torch-cuda": (4500.0, False)})]}
+    md = report.markdown(res)
+    head = md.split("## Headline")[1].split("\n## ")[0]
+    assert "| cupy | 64 | 9,000 ±5% | torch-graph | 3,000 ±5% | **3.00 (2.70–3.30)** |" in head
+    assert "| cupy | 256 |" in head and "unreliable: 2.00 (1.80–2.20), rounds spread 10% (ours) / 60% (peer)" in head
+    assert "**2.00" not in md  # an unreliable ratio is never printed bare
+    assert md.split("\n")[2].startswith("**OK**")
+
+
+def test_failures_head_the_report() -> None:
+    res = {**_results({"numpy": False}),
+           "errors": [{"section": "ops", "backend": "numpy", "op": "adam_step", "site": "params", "variant": "v1",
+                       "batch": None, "error": "crashed: TypeError: bad call", "traceback": "Traceback ..."}]}
+    md = report.markdown(res)
+    top = md.split("- date")[0]
+    assert "**FAILED: 1 failure**" in top and "ops numpy adam_step params v1: crashed: TypeError: bad call" in top
+    assert "## Failures" in md and "Traceback ..." in md

@@ -33,12 +33,15 @@ def check_report(out: Path, backend: str, sections: tuple[str, ...]) -> dict[str
     res = json.loads((out / "results.json").read_text())
     for key in ("schema", "date", "command", "machine", "settings", "peaks", "backends", "load", "skipped", "errors"):
         assert key in res, f"results.json lacks {key!r}"
-    assert res["errors"] == [], res["errors"]
+    assert res["errors"] == [], [(e.get("error"), e.get("traceback")) for e in res["errors"]]
     info = res["backends"][backend]
     if not info["available"]:
         pytest.skip(f"backend {backend} cannot run here: {info['reason']}")
-    failed = [s for s in res["skipped"] if "FAILED" in s.get("reason", "")]
-    assert not failed, failed
+    # a skip is for a reason that is not an error: no crash, no failed validation hides among them
+    bad = [s for s in res["skipped"] if any(w in s.get("reason", "") for w in ("FAILED", "Error", "error", "crash"))]
+    assert not bad, bad
+    md_head = (out / "report.md").read_text().split("\n- date")[0]
+    assert "**OK**" in md_head and "FAILED" not in md_head
     _finite_positive(res["load"]["calibration_start_s"], "calibration")
 
     if "ops" in sections:
@@ -81,8 +84,8 @@ def check_report(out: Path, backend: str, sections: tuple[str, ...]) -> dict[str
 
 
 def test_cost_formulas_match_lenet_counts() -> None:
-    """The per-op formulas, hand-checked against LeNet's counts (bench/ops.py's docstring table)."""
-    from bench import ops
+    """The per-op formulas, hand-checked against LeNet's counts (lenet_gpu/perf/ops.py's docstring table)."""
+    from lenet_gpu.perf import ops
     from lenet_gpu.spec import NetConfig, forward_flops
 
     cfg, b = NetConfig(), 7
@@ -107,7 +110,9 @@ def test_bench_smoke_numpy(tmp_path: Path) -> None:
     from bench.run import main
 
     out = tmp_path / "bench"
-    sections = ("ops", "forward", "train", "counters", "epoch", "kernels")
+    # not "kernels": it compiles every kernel with NVRTC and ptxas (minutes on two cores), which
+    # tests/test_kernels_compile.py does already; test_kernel_table_reads_a_report covers its reading
+    sections = ("ops", "forward", "train", "counters", "epoch")
     rc = main(["--quick", "--backends", "numpy", "--batches", "1,3", "--train-batches", "2", "--rounds", "2",
                "--min-samples", "2", "--epochs", "1", "--epoch-samples", "128", "--max-case-s", "30",
                "--sections", ",".join(sections), "--out", str(out)])
@@ -117,6 +122,65 @@ def test_bench_smoke_numpy(tmp_path: Path) -> None:
         assert "torch-cpu" in res["train"][0]["peers"]
         assert res["forward"][0]["peers"]["torch-cpu"]["validation_rel_err"] < 1e-4
         assert "torch-cpu" in res["epoch"]["runs"]
+
+
+def test_kernel_table_reads_a_report(tmp_path: Path) -> None:
+    from bench.kernels import load_kernel_table
+
+    missing = load_kernel_table(tmp_path / "none.json", allow_build=False)
+    assert missing["available"] is False and "does not exist" in missing["note"]
+    rec = {"backend": "cupy", "op": "dense_fwd", "kernel": "k", "variant": "v1", "arch": "sm_90", "registers": 32}
+    (tmp_path / "k.json").write_text(json.dumps([rec, {**rec, "arch": "sm_80"}]))
+    table = load_kernel_table(tmp_path / "k.json")
+    assert table["available"] and [r["arch"] for r in table["records"]] == ["sm_90"]
+
+
+def test_bench_quick_numpy_runs_every_case(tmp_path: Path) -> None:
+    """`--quick` over the op and end-to-end sections: no case crashes, no validation fails, exit status 0."""
+    from bench.run import main
+
+    out = tmp_path / "bench"
+    rc = main(["--quick", "--backends", "numpy", "--batches", "1,2", "--train-batches", "2,3", "--rounds", "2",
+               "--min-samples", "2", "--sections", "ops,forward,infer-host,train,counters", "--no-plots", "--out",
+               str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert rc == 0, res["errors"]
+    assert res["errors"] == []
+    ops_run = {r["op"] for r in res["ops"]}
+    from lenet_gpu.backends.base import OPS
+
+    assert ops_run == set(OPS), set(OPS) - ops_run  # every op of the protocol ran (none skipped, none crashed)
+    assert {r["batch"] for r in res["train"]} == {2, 3}
+    assert {r["batch"] for r in res["infer-host"]} == {1, 2}
+    assert all(r["validation_rel_err"] < 1e-4 and r["images_per_s"] > 0 for r in res["infer-host"])
+    assert "## Inference through the API from host arrays" in (out / "report.md").read_text()
+
+
+def test_bench_fails_loudly_on_a_crashed_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A case that raises is a failure: listed in results.json's errors, named at the top of the report, exit 1."""
+    from bench.run import main
+    from lenet_gpu.perf import ops as opsmod
+
+    real = opsmod.make_spec
+
+    def broken(op: str, *a: Any, **k: Any) -> Any:
+        if op == "sgd_step":
+            raise TypeError("sgd_step() takes a signature from another age")
+        return real(op, *a, **k)
+
+    monkeypatch.setattr(opsmod, "make_spec", broken)
+    out = tmp_path / "bench"
+    rc = main(["--backends", "numpy", "--batches", "1", "--min-samples", "1", "--sections", "ops",
+               "--ops", "sgd_step,dense_fwd", "--no-plots", "--out", str(out)])
+    assert rc == 1
+    res = json.loads((out / "results.json").read_text())
+    assert [(e["op"], e["error"].split(":")[0]) for e in res["errors"]] == [("sgd_step", "crashed")]
+    assert "TypeError" in res["errors"][0]["traceback"]
+    assert not any(s.get("op") == "sgd_step" for s in res["skipped"])
+    assert {r["op"] for r in res["ops"]} == {"dense_fwd"}
+    md = (out / "report.md").read_text()
+    assert md.split("\n")[2].startswith("**FAILED: 1 failure**")
+    assert "sgd_step" in md.split("- date")[0]
 
 
 def test_bench_smoke_single_thread_clock(tmp_path: Path) -> None:

@@ -756,12 +756,19 @@ def phase_training(ctx: dict, rec: PhaseRecorder) -> None:
 
 
 # ------------------------------------------------------------------------------------ 6. benchmark
+#: inference through the model API from device arrays: not offered yet (another change adds DLPack input)
+DEVICE_API_SKIP = "model API does not accept device arrays yet"
+
+
 def _bench_ops(label: str, be: Any, batch: int, rec: PhaseRecorder, default_only: bool) -> None:
+    from ..perf.timing import TimingConfig, make_timer, measure_us
     from .checks import lenet_sets, timing_call
-    from .timing import make_timer
 
     timer = make_timer(be)
     rec.data.setdefault("timers", {})[label] = timer.kind
+    # an emulator: one warm-up call and one timed (its op timings only show the phase runs)
+    tcfg = TimingConfig(target_s=0.1) if be.is_gpu else TimingConfig(
+        warmup_s=0.0, min_warmup=1, min_samples=1, max_samples=1, target_s=0.0, min_sample_s=0.0)
     ops = ordered_ops({label: be})
     for op in ops:
         variants = be.variants[op]
@@ -773,49 +780,54 @@ def _bench_ops(label: str, be: Any, batch: int, rec: PhaseRecorder, default_only
                 if rec.out_of_time(5 if be.is_gpu else max(5.0, 0.15 * rec.budget_s)):
                     rec.skip(name, "out of time", backend=label, kind="op", op=op, variant=v, layer=layer)
                     continue
-                kw = {"target_s": 0.1} if be.is_gpu else {"target_s": 0.0, "min_samples": 1, "warmup": 1}
-                rec.run(name, lambda v=v, iset=iset, op=op, kw=kw: timer.measure(timing_call(be, op, v, iset), **kw),
+                rec.run(name, lambda v=v, iset=iset, op=op: measure_us(timer, timing_call(be, op, v, iset), tcfg),
                         backend=label, kind="op", op=op, variant=v, layer=layer, batch=batch)
                 iset.release()
 
 
+def _throughputs(prefix: str, res: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}images_per_s": res["images_per_s"], f"{prefix}spread": res["spread"],
+            f"{prefix}first_call_s": res["first_call_s"]}
+
+
 def _bench_model(label: str, be: Any, batch: int, images: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Training images/s (run_steps over a resident dataset, graphs where the backend has them) and inference
-    images/s (evaluate over it) at one batch size."""
-    m = new_model(be, seed=0)
-    d = begin(m, images, labels, batch, 10_000, 1e-3)
-    n_img = images.shape[0]
-    per_epoch = n_img // batch
-    if be.is_gpu:
-        m.run_steps(d, min(per_epoch // 2, 2 * m.graph_steps + 1))  # warm-up: compiles, graph capture
-    else:
-        m.run_steps(d, 1)  # an emulator: one step of warm-up, one timed
-    be.synchronize()
-    t0 = time.perf_counter()
-    m.run_steps(d, 1)
-    be.synchronize()
-    t1 = max(time.perf_counter() - t0, 1e-6)
-    steps = int(min(max(1, per_epoch // 2 - 1), max(1, 0.3 / t1))) if be.is_gpu else 1
-    t0 = time.perf_counter()
-    m.run_steps(d, steps)
-    be.synchronize()
-    train = batch * steps / (time.perf_counter() - t0)
-    m.evaluate(d, batch)  # warm-up of the inference workspace
-    t0 = time.perf_counter()
-    reps = 0
-    while True:
-        m.evaluate(d, batch)
-        reps += 1
-        if time.perf_counter() - t0 > (0.3 if be.is_gpu else 0.0) or reps >= 20:
-            break
-    infer = reps * n_img / (time.perf_counter() - t0)
-    return {"train_images_per_s": round(train, 1), "infer_images_per_s": round(infer, 1), "train_steps": steps}
+    """Ours at one batch size (lenet_gpu.perf, the benchmark's core), after checking the logits (and on a GPU
+    one step's gradients) against a float64 reference of this model's own parameters:
+
+    - training: images/s of run_steps over the resident dataset (graphs of K steps where the backend has them);
+    - inference, kernel only: device-resident uint8 images in, logits left on the device, one sync per timed
+      block (lenet_fwd, or batch_prepare + the forward ops);
+    - inference through the API from host arrays: ``model.logits(host uint8 images)``, copies both ways included;
+    - inference through the API from device arrays: not offered yet (``DEVICE_API_SKIP``).
+    No figure includes a loss computed on the host."""
+    from ..perf.model import BenchData, OurNet, rounds_throughput
+    from ..spec import NetConfig
+
+    gpu = bool(be.is_gpu)
+    net = OurNet(be, NetConfig(), BenchData.from_dataset(images, labels, images.shape[0]))
+    err_fwd, _ = net.check_forward(batch)
+    err_grad = net.check_grads(batch) if gpu else None
+    # an emulator: one timed round (its figures only show the phase runs, no spread to tell)
+    rounds, min_s, warm = (5, 0.05, 2) if gpu else ((1, 0.0, 1) if label in EMULATORS else (3, 0.0, 1))
+    spc = net.steps_per_call
+    host_x = np.ascontiguousarray(images[:batch])
+    tr = rounds_throughput(lambda: net.train_step(batch), net.synchronize, batch * spc, rounds, min_s, warm)
+    kern = rounds_throughput(lambda: net.forward(batch), net.synchronize, batch, rounds, min_s, warm)
+    host = rounds_throughput(lambda: net.model.logits(host_x, batch_size=batch), lambda: None, batch, rounds, min_s,
+                             warm)
+    return {**_throughputs("train_", tr), "train_steps_per_call": spc, **_throughputs("infer_kernel_", kern),
+            **_throughputs("infer_host_api_", host), "infer_device_api": DEVICE_API_SKIP,
+            "check_forward_rel_err": err_fwd, "check_grads_rel_err": err_grad}
 
 
 def _bench_peer(batches: list[int], images: np.ndarray, labels: np.ndarray, rec: PhaseRecorder, on_gpu: bool,
                 quick: bool) -> None:
+    """The same LeNet-5 in PyTorch (lenet_gpu.perf.peer), timed as ours: eager, the whole training step as one
+    CUDA graph, and torch.compile (not in a quick run) at every batch size. A mode that cannot run, or fails,
+    is a skip with its reason: it is PyTorch's, not ours."""
+    from ..perf.model import rounds_throughput
+    from ..perf.peer import TorchLeNet, mode_unavailable, torch_or_none
     from ..spec import NetConfig, init_params, views
-    from .peer import TorchLeNet, throughput, torch_or_none
 
     if rec.out_of_time(10):
         rec.skip("torch peer", "out of time", kind="peer")
@@ -831,25 +843,42 @@ def _bench_peer(batches: list[int], images: np.ndarray, labels: np.ndarray, rec:
     params = views(init_params(cfg, 0), cfg)
     pix = images.astype(np.float32) / 255.0
     mean, std = float(pix.mean()), float(pix.std())
-    modes = [("eager", False)] + ([("compile", True)] if device == "cuda" and not quick else [])
-    t = 0.3 if device == "cuda" else 0.1
-    for mode, comp in modes:
+    gpu = device == "cuda"
+    rounds, min_s, warm = (5, 0.05, 2) if gpu else (2, 0.0, 1)
+    # the modes that exist here: graphs need CUDA; a quick run leaves torch.compile out (it compiles for minutes)
+    modes = [m for m in ("eager", "graph", "compile") if not mode_unavailable(torch, m, device)
+             and not (m == "compile" and quick)]
+    rec.data["torch"]["modes"] = modes
+    for mode in modes:
         peers: dict[str, Any] = {}  # one model per mode over all batch sizes (torch.compile: few recompiles)
         for b in batches:
             name = f"torch {mode} ({device}) batch {b}"
-            if rec.out_of_time(45 if comp and not peers else 5):
-                rec.skip(name, "out of time", kind="peer", mode=mode, batch=b)
+            if rec.out_of_time(45 if mode == "compile" and not peers else 5):
+                rec.skip(name, "out of time", kind="peer", mode=mode, device=device, batch=b)
                 continue
 
-            def one(b: int = b, comp: bool = comp, peers: dict = peers) -> dict[str, Any]:
-                if "peer" not in peers:
-                    peers["peer"] = TorchLeNet(params, images, labels, mean, std, device, compile_model=comp)
-                peer = peers["peer"]
-                tr = throughput(peer.train_step, peer.synchronize, b, images.shape[0], t)
-                inf = throughput(peer.infer, peer.synchronize, b, images.shape[0], t)
-                return {"train_images_per_s": round(tr["images_per_s"], 1),
-                        "infer_images_per_s": round(inf["images_per_s"], 1),
-                        "first_call_s": round(tr["first_call_s"] + inf["first_call_s"], 3)}
+            def one(b: int = b, mode: str = mode, peers: dict = peers) -> dict[str, Any]:
+                try:
+                    if "peer" not in peers:
+                        peers["peer"] = TorchLeNet(cfg, params, images, labels, mean, std, device, mode=mode)
+                    peer = peers["peer"]
+                    pos = {"k": 0}
+                    nb = max(1, images.shape[0] // b)
+
+                    def nxt() -> int:
+                        pos["k"] = (pos["k"] + 1) % nb
+                        return pos["k"] * b
+
+                    host_x = np.ascontiguousarray(images[:b])
+                    tr = rounds_throughput(lambda: peer.train_step(nxt(), b), peer.synchronize, b, rounds, min_s, warm)
+                    kern = rounds_throughput(lambda: peer.forward(nxt(), b), peer.synchronize, b, rounds, min_s, warm)
+                    host = rounds_throughput(lambda: peer.logits_from_host(host_x), lambda: None, b, rounds, min_s,
+                                             warm)
+                except Exception as e:  # noqa: BLE001 - a PyTorch mode that fails here is skipped, with its reason
+                    why = first_lines(f"{type(e).__name__}: {e}", 3)
+                    return {"status": SKIP, "reason": f"PyTorch {mode} failed: {why}"}
+                return {**_throughputs("train_", tr), **_throughputs("infer_kernel_", kern),
+                        **_throughputs("infer_host_api_", host), "infer_device_api": DEVICE_API_SKIP}
             rec.run(name, one, kind="peer", mode=mode, device=device, batch=b)
 
 
@@ -876,16 +905,61 @@ def phase_benchmark(ctx: dict, rec: PhaseRecorder) -> None:
     n = max(train_x.shape[0], 8 * max(batches)) if not emulate else 64
     px, py = tiled(train_x, train_y, n)
     _bench_peer(batches, px, py, rec, on_gpu=not emulate, quick=quick or emulate)
+    if not emulate:
+        _bench_profile(rec, bes, train_x, train_y, [b for b in PROFILE_BATCHES if b in batches] or [max(batches)])
+
+
+#: batch sizes of the per-kernel profile
+PROFILE_BATCHES = (64, 4096)
+
+
+def _bench_profile(rec: PhaseRecorder, bes: dict[str, Any], images: np.ndarray, labels: np.ndarray,
+                   batches: list[int]) -> None:
+    """Device µs per kernel inside the graphed training step and the inference pass of each GPU backend (CUPTI
+    through torch.profiler, lenet_gpu.perf.profile), their sum against the wall time per step; the top 3
+    kernels of each go into the phase's notes."""
+    from ..perf.model import BenchData, OurNet
+    from ..perf.peer import torch_or_none
+    from ..perf.profile import kernel_profile, top, unavailable
+    from ..spec import NetConfig
+
+    torch = torch_or_none()
+    why = unavailable(torch)
+    for label, be in bes.items():
+        if not be.is_gpu:
+            continue
+        for b in batches:
+            nets: dict[str, Any] = {}
+            for what in ("train", "infer"):
+                name = f"profile {label} {what} batch {b}"
+                if why or rec.out_of_time(20):
+                    rec.skip(name, why or "out of time", kind="profile", backend=label, what=what, batch=b)
+                    continue
+
+                def one(be: Any = be, b: int = b, what: str = what, nets: dict = nets) -> dict[str, Any]:
+                    if "net" not in nets:
+                        x, y = tiled(images, labels, max(images.shape[0], 8 * b))
+                        nets["net"] = OurNet(be, NetConfig(), BenchData.from_dataset(x, y, x.shape[0]))
+                    net = nets["net"]
+                    if what == "train":
+                        prof = kernel_profile(torch, lambda: net.train_step(b), net.synchronize, 3, net.steps_per_call)
+                    else:
+                        prof = kernel_profile(torch, lambda: net.forward(b), net.synchronize, 20)
+                    return {**prof, "top3": top(prof)}
+                case = rec.run(name, one, kind="profile", backend=label, what=what, batch=b)
+                if case.get("top3"):
+                    rec.note(f"{name}: top kernels {case['top3']}")
 
 
 def _bench_e2e(ctx: dict, rec: PhaseRecorder, bes: dict[str, Any], batches: list[int], train_x: np.ndarray,
                train_y: np.ndarray) -> None:
-    """End to end: training steps and inference, images/s over batch sizes."""
+    """End to end: training steps and inference (kernel only; API from host arrays), images/s over batch sizes."""
     emulate = ctx["mode"] == "emulate"
     for b in batches:
         x, y = tiled(train_x, train_y, max(train_x.shape[0], 8 * b) if not emulate else 2 * b)
         for label, be in bes.items():
-            est = (4 if label in EMULATORS else 60) * prev_step_cost(ctx, label, b) + 3 + module_allowance(ctx, label)
+            # an emulator: 3 training steps and 6 forward passes (≈ 2 steps) after the check
+            est = (6 if label in EMULATORS else 60) * prev_step_cost(ctx, label, b) + 3 + module_allowance(ctx, label)
             run_if_time(rec, f"{label} model batch {b}", est,
                         lambda label=label, be=be, b=b, x=x, y=y: _bench_model(label, be, b, x, y), backend=label,
                         kind="model", batch=b)

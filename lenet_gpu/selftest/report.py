@@ -177,27 +177,107 @@ def _training_section(res: dict) -> list[str]:
                           "img/s (median epoch)", "1st epoch s", "train s", "wall s"], rows)
 
 
+#: a ratio of two throughputs is unreliable when either side's rounds spread (p80 − p20)/median more than this
+#: (lenet_gpu.perf.timing.RATIO_MAX_SPREAD)
+RATIO_MAX_SPREAD = 0.25
+#: the throughput figures of a model or peer case: (field prefix, title)
+THROUGHPUTS = (("train_", "training step"), ("infer_kernel_", "inference, kernel only (device-resident)"),
+               ("infer_host_api_", "inference through the API from host arrays (copies included)"))
+
+
+def _ips(c: dict, prefix: str) -> str:
+    v = c.get(f"{prefix}images_per_s")
+    if v is None:
+        return "–"
+    sp = c.get(f"{prefix}spread")
+    return _fmt(v) + (f" ±{sp / 2:.0%}" if isinstance(sp, (int, float)) else "")
+
+
+def _ratio_cell(ours: dict, peer: dict, prefix: str) -> str:
+    a, b = ours.get(f"{prefix}images_per_s"), peer.get(f"{prefix}images_per_s")
+    if not a or not b:
+        return "–"
+    r = f"{a / b:.2f}"
+    sa, sb = ours.get(f"{prefix}spread"), peer.get(f"{prefix}spread")
+    if sa is None or sb is None or sa > RATIO_MAX_SPREAD or sb > RATIO_MAX_SPREAD:
+        return f"unreliable: {r} (rounds spread {_fmt(sa)} / {_fmt(sb)})"
+    return f"**{r}**"
+
+
+def _headline(model: list[dict], peers: list[dict]) -> list[str]:
+    """Each of our backends against the FASTEST PyTorch mode at each batch size, for each way of timing."""
+    lines: list[str] = []
+    for prefix, title in THROUGHPUTS:
+        rows = []
+        for c in model:
+            if c["status"] != PASS:
+                continue
+            cands = [p for p in peers if p["status"] == PASS and p.get("batch") == c.get("batch")
+                     and p.get(f"{prefix}images_per_s")]
+            if not cands:
+                continue
+            best = max(cands, key=lambda p: p[f"{prefix}images_per_s"])
+            rows.append([c.get("batch"), c.get("backend"), _ips(c, prefix), f"torch {best.get('mode')}",
+                         _ips(best, prefix), _ratio_cell(c, best, prefix)])
+        if rows:
+            lines += [f"**{title}**: ours against the fastest PyTorch mode at each batch size (images/s; ±x % is half "
+                      "the p20–p80 spread of the timed rounds; a ratio is marked unreliable when either side "
+                      f"spreads more than {RATIO_MAX_SPREAD:.0%}).", ""]
+            lines += _table(["batch", "ours", "ours img/s", "fastest PyTorch", "its img/s", "ours / it"], rows)
+    return lines
+
+
+def _profile_lines(cases: list[dict]) -> list[str]:
+    """Device µs per kernel inside a step (CUPTI via torch.profiler): the sum against the wall time, the top 10."""
+    lines: list[str] = []
+    for c in cases:
+        if c["status"] != PASS:
+            lines += [f"- {c['name']}: {c['status'].upper()} ({c.get('reason') or first_lines(c.get('error', ''), 2)})"]
+            continue
+        lines += ["", f"**{c['name']}** ({c.get('source')}): kernels {_fmt(c.get('device_us_sum'))} µs of device time "
+                  f"per {'step' if c.get('what') == 'train' else 'pass'} against {_fmt(c.get('wall_us'))} µs of wall "
+                  f"time ({_fmt(c.get('device_fraction'))} of it).", ""]
+        lines += _table(["kernel", "calls", "device µs"],
+                        [[k["kernel"], k["calls"], k["device_us"]] for k in (c.get("kernels") or [])[:10]])
+    return lines + ([""] if lines else [])
+
+
 def _bench_section(res: dict) -> list[str]:
     d = res.get("data") or {}
+    model = [c for c in _cases(res) if c.get("kind") == "model"]
+    peers = [c for c in _cases(res) if c.get("kind") == "peer"]
+    lines: list[str] = []
+    head = _headline(model, peers)
+    if head:
+        lines += ["### Headline", ""] + head
     ops = [c for c in _cases(res) if c.get("kind") == "op"]
     rows = [[c.get("op"), c.get("layer"), c.get("variant"), c.get("backend"), c["status"].upper(),
              f"{_fmt(c.get('median_us'))} ({_fmt(c.get('p20_us'))}–{_fmt(c.get('p80_us'))})" if "median_us" in c
              else c.get("reason", c.get("error", "")), c.get("hot_median_us")] for c in ops]
-    lines = [f"Per-op times at batch {d.get('op_batch')} (timers: "
-             f"{', '.join(f'{k} {v}' for k, v in (d.get('timers') or {}).items())}): median (p20–p80) µs per launch. "
-             "cuda-events: cold = one launch after an L2 flush (the device's time, unless the host takes longer to "
-             "issue the launch than the flush takes to run); hot = back-to-back launches (for small kernels, the "
-             "host's launch rate); perf_counter: host wall clock around calls and a synchronize. The first call "
-             "of torch.compile (compilation) is in 'first call s'.", ""]
+    lines += [f"Per-op times at batch {d.get('op_batch')} (timers: "
+              f"{', '.join(f'{k} {v}' for k, v in (d.get('timers') or {}).items())}): median (p20–p80) µs per launch. "
+              "cuda-events: cold = one launch after an L2 flush (the device's time, unless the host takes longer to "
+              "issue the launch than the flush takes to run); hot = back-to-back launches (for small kernels, the "
+              "host's launch rate); perf_counter: host wall clock around calls and a synchronize.", ""]
     lines += _table(["op", "layer", "variant", "backend", "status", "µs cold", "µs hot"], rows)
-    model = [c for c in _cases(res) if c.get("kind") in ("model", "peer")]
-    mrows = [[c.get("batch"), c.get("backend") or f"torch {c.get('mode')} ({c.get('device', '')})", c["status"].upper(),
-              c.get("train_images_per_s"), c.get("infer_images_per_s"), c.get("first_call_s")] for c in model]
+    mrows = [[c.get("batch"), c.get("backend") or (f"torch {c['mode']} ({c.get('device', '')})" if c.get("mode")
+                                                    else "torch"), c["status"].upper(),
+              *(_ips(c, p) for p, _ in THROUGHPUTS), c.get("infer_device_api") or c.get("reason") or c.get("error", ""),
+              c.get("train_first_call_s")] for c in model + peers]
+    lines += _profile_lines([c for c in _cases(res) if c.get("kind") == "profile"])
     torch = d.get("torch")
+    lines += ["End to end, images/s (median of the timed rounds, ±half their p20–p80 spread). Training: steps over a "
+              "resident dataset (ours: graphs of K steps where the backend has them; torch graph: the whole step — "
+              "gather, forward, loss, backward, Adam — as one CUDA graph). Inference, kernel only: resident uint8 "
+              "images in, logits left on the device, one sync per timed block. Inference through the API from host "
+              "arrays: host uint8 images in, host logits out, copies included. No figure includes a loss computed "
+              "on the host. The first call (compilation, graph capture) is in 'first call s'.", ""]
     if torch:
         lines += [f"PyTorch {torch.get('version')} on {torch.get('device')}"
-                  + (f", cuDNN {torch['cudnn']}" if torch.get("cudnn") else "") + ".", ""]
-    return lines + _table(["batch", "who", "status", "training img/s", "inference img/s", "first call s"], mrows)
+                  + (f", cuDNN {torch['cudnn']}" if torch.get("cudnn") else "")
+                  + (f"; modes {', '.join(torch['modes'])}" if torch.get("modes") else "") + ".", ""]
+    return lines + _table(["batch", "who", "status", "training", "inference: kernel only",
+                           "inference: API, host arrays", "inference: API, device arrays", "first call s"], mrows)
 
 
 SECTIONS = {"environment": _env_section, "compile": _compile_section, "op_parity": _parity_section,

@@ -40,11 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from lenet_gpu import reference as ref
-from lenet_gpu.backends.base import OPS, OPTIONAL_OPS
-from lenet_gpu.model import MNIST_MEAN, MNIST_STD
-from lenet_gpu.spec import NetConfig, param_layout
-from tests.parity import TOL, assert_close, assert_equal, nan_like
+from .. import reference as ref
+from ..backends.base import OPS, OPTIONAL_OPS
+from ..model import MNIST_MEAN, MNIST_STD
+from ..parity import TOL, assert_close, assert_equal, nan_like
+from ..spec import NetConfig, init_params, param_layout, views
+from ..stepstate import HostState, advance, schedule_table
 
 #: H100 SXM5 datasheet rates used for the floors: FP32 (non-tensor) 66.9 TFLOP/s, HBM3 3.35 TB/s.
 H100_FP32_FLOPS = 67e12
@@ -58,7 +59,9 @@ F4 = 4  # bytes of a float32 / int32
 ACT_FWD_FLOPS = {"identity": 0, "relu": 1, "tanh": 1, "lecun_tanh": 3, "sigmoid": 3}
 ACT_BWD_FLOPS = {"identity": 0, "relu": 1, "tanh": 3, "lecun_tanh": 4, "sigmoid": 3}
 #: ops whose size does not depend on the batch (one launch over the flat parameter buffer)
-PER_STEP_OPS = ("adam_step", "sgd_step")
+PER_STEP_OPS = ("adam_step", "sgd_step", "step_advance")
+#: the batch step_advance's case moves the offset on by
+STEP_ADVANCE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,36 @@ def sgd_step_cost(n: int) -> Cost:
     return Cost(6 * n, F4 * 5 * n)
 
 
+def lenet_fwd_cost(b: int, cfg: NetConfig) -> Cost:
+    """The whole forward pass from uint8 images to logits (one op): the layers' FLOPs (convolutions, pools,
+    dense layers, with bias and activation, and the normalisation's 2 per input pixel); bytes = the images,
+    the parameters and the logits only (the activations stay on chip: that is the point of the fusion)."""
+    act, mode = cfg.activation, cfg.pool
+    flops = (2 * b * 32 * 32 + conv2d_fwd_cost(b, 1, 32, 32, 6, 5, 5, act).flops
+             + pool2x2_fwd_cost(b, 6, 28, 28, mode).flops + conv2d_fwd_cost(b, 6, 14, 14, 16, 5, 5, act).flops
+             + pool2x2_fwd_cost(b, 16, 10, 10, mode).flops + dense_fwd_cost(b, 400, 120, act).flops
+             + dense_fwd_cost(b, 120, cfg.f6, act).flops + dense_fwd_cost(b, cfg.f6, 10, "identity").flops)
+    return Cost(flops, b * 28 * 28 + F4 * param_layout(cfg)[1] + F4 * b * 10)
+
+
+def conv2d_bwd_data_pool_cost(b: int, c: int, h: int, k: int, r: int, mode: str, act: str) -> Cost:
+    """conv2d_bwd_data into the pooled map (C, h/2 − … ) routed through pool2x2_bwd and act' in one launch:
+    the two ops' FLOPs; bytes = dz, w, argmax, yconv read and dz_below written (the pooled-size data
+    gradient between them never reaches memory). h is yconv's size (28 at S2), the convolution's input
+    is h/2."""
+    hp = h // 2
+    data = conv2d_bwd_data_cost(b, c, hp, hp, k, r, r)
+    pool = pool2x2_bwd_cost(b, c, h, h, mode, act)
+    inter = F4 * b * c * hp * hp  # dx at the pooled size: written by one, read by the other when unfused
+    return Cost(data.flops + pool.flops, data.bytes + pool.bytes - 2 * inter)
+
+
+def step_advance_cost() -> Cost:
+    """One thread moves the step state on: 3 increments, a compare, at most 3 writes more = 7 integer ops
+    (counted as FLOPs). Bytes = 4·8 (the state words read) + 4·8 (written back)."""
+    return Cost(7, 2 * F4 * 8)
+
+
 def conv2d_pool_fwd_cost(b: int, c: int, h: int, w: int, k: int, r: int, s: int, act: str, mode: str) -> Cost:
     """Fused convolution + pooling: the convolution's FLOPs plus the pooling's; bytes as the
     convolution's (its output yconv is still written: backward needs it) plus ypool and argmax written
@@ -232,6 +265,9 @@ def sites(op: str, cfg: NetConfig) -> list[str]:
         "conv2d_bwd_weight": ["C3", "C1"],
         "adam_step": ["params"],
         "sgd_step": ["params"],
+        "step_advance": ["state"],
+        "conv2d_bwd_data_pool": ["C3+S2"],
+        "lenet_fwd": ["network"],
     }.get(op, [])
 
 
@@ -260,6 +296,12 @@ def op_cost(op: str, site: str, batch: int, cfg: NetConfig) -> Cost:
         return dense_fwd_cost(batch, i, o, a) if op == "dense_fwd" else dense_bwd_cost(batch, i, o, a)
     if op == "softmax_xent":
         return softmax_xent_cost(batch)
+    if op == "step_advance":
+        return step_advance_cost()
+    if op == "lenet_fwd":
+        return lenet_fwd_cost(batch, cfg)
+    if op == "conv2d_bwd_data_pool":
+        return conv2d_bwd_data_pool_cost(batch, 6, 28, 16, 5, mode, act)
     n = param_layout(cfg)[1]
     if op == "adam_step":
         return adam_step_cost(n)
@@ -317,12 +359,13 @@ def make_spec(op: str, site: str, batch: int, cfg: NetConfig) -> Spec:
         off = 3 if n - 3 >= b else 0
         idx = perm[off : off + b]
         x = (np.pad(images[idx].astype(np.float64), ((0, 0), (2, 2), (2, 2))) / 255.0 - MNIST_MEAN) / MNIST_STD
+        state = HostState(offset=off).to_array()  # the batch's offset lives in the device step state
         return Spec(
-            {"images": images, "labels": labels, "perm": perm},
+            {"images": images, "labels": labels, "perm": perm, "state": state},
             {"x": ((b, 1, 32, 32), np.float32), "y": ((b,), np.int32)},
             {"x": x[:, None], "y": labels[idx].astype(np.int32)},
             lambda be, a, v: be.batch_prepare(
-                a["images"], a["labels"], a["perm"], off, a["x"], a["y"], MNIST_MEAN, MNIST_STD, variant=v
+                a["images"], a["labels"], a["perm"], a["state"], a["x"], a["y"], MNIST_MEAN, MNIST_STD, variant=v
             ),
             {"x": t},
             exact=("y",),
@@ -421,12 +464,13 @@ def make_spec(op: str, site: str, batch: int, cfg: NetConfig) -> Spec:
         labels = rng.integers(0, 10, b).astype(np.int32)
         loss, dlogits = ref.softmax_xent(_f64(logits), labels)
         first_max = np.argmax(logits, axis=1)
-        stats = np.array([loss * b, float((first_max == labels).sum())])
+        # one stats row: the op writes row STEP_IN_EPOCH mod 1 = 0 (STEP_IN_EPOCH 3 checks the modulo)
+        stats = np.array([[loss * b, float((first_max == labels).sum())]])
         return Spec(
-            {"logits": logits, "labels": labels, "stats": np.zeros(2, np.float32)},
-            {"dlogits": ((b, 10), np.float32)},
+            {"logits": logits, "labels": labels, "state": HostState(step_in_epoch=3).to_array()},
+            {"dlogits": ((b, 10), np.float32), "stats": ((1, 2), np.float32)},
             {"dlogits": dlogits, "stats": stats},
-            lambda be, a, v: be.softmax_xent(a["logits"], a["labels"], a["dlogits"], a["stats"], variant=v),
+            lambda be, a, v: be.softmax_xent(a["logits"], a["labels"], a["dlogits"], a["stats"], a["state"], variant=v),
             # the loss sum is a float32 sum of B terms: allow a relative 1e-5·log2(B)-ish slack
             {"dlogits": t, "stats": (1e-4, 1e-4)},
         )
@@ -437,20 +481,63 @@ def make_spec(op: str, site: str, batch: int, cfg: NetConfig) -> Spec:
         if op == "adam_step":
             m, v2 = _randn(rng, (n,), 1e-3), np.abs(_randn(rng, (n,), 1e-4))
             step, lr, b1, b2, eps, wd = 3, 1e-3, 0.9, 0.999, 1e-8, 0.0
-            bc1, bc2 = 1.0 - b1**step, 1.0 - b2**step
+            # Adam's t = 3: the state's STEP is 2, and the schedule's one row (lr, bc1, bc2) is that step's
+            sched = schedule_table(np.array([lr]), step - 1, b1, b2)
+            state = HostState(step=step - 1, sched_base=step - 1).to_array()
             pe, me, ve = ref.adam_update(_f64(p), _f64(g), _f64(m), _f64(v2), step, lr, b1, b2, eps, wd)
             return Spec(
-                {"p": p, "g": g, "m": m, "v": v2}, {}, {"p": pe, "m": me, "v": ve},
-                lambda be, a, v: be.adam_step(a["p"], a["g"], a["m"], a["v"], lr, b1, b2, eps, wd, bc1, bc2, variant=v),
+                {"p": p, "g": g, "m": m, "v": v2, "sched": sched, "state": state}, {}, {"p": pe, "m": me, "v": ve},
+                lambda be, a, v: be.adam_step(a["p"], a["g"], a["m"], a["v"], a["sched"], a["state"], b1, b2, eps, wd,
+                                              variant=v),
                 {"p": t, "m": t, "v": t},
             )
         m = _randn(rng, (n,), 1e-3)
         lr, mom, wd = 0.05, 0.9, 0.0
         pe, me = ref.sgd_update(_f64(p), _f64(g), _f64(m), lr, mom, wd)
+        sched = schedule_table(np.array([lr]), 0, 0.9, 0.999)  # sgd reads the lr column only
         return Spec(
-            {"p": p, "g": g, "m": m}, {}, {"p": pe, "m": me},
-            lambda be, a, v: be.sgd_step(a["p"], a["g"], a["m"], lr, mom, wd, variant=v),
+            {"p": p, "g": g, "m": m, "sched": sched, "state": HostState().to_array()}, {}, {"p": pe, "m": me},
+            lambda be, a, v: be.sgd_step(a["p"], a["g"], a["m"], a["sched"], a["state"], mom, wd, variant=v),
             {"p": t, "m": t},
+        )
+
+    if op == "lenet_fwd":
+        images = rng.integers(0, 256, (b, 28, 28), dtype=np.uint8)
+        params = {k: np.ascontiguousarray(v) for k, v in views(init_params(cfg, 0), cfg).items()}
+        logits = ref.lenet_fwd(images, params, MNIST_MEAN, MNIST_STD, act, mode)
+        return Spec(
+            {"images": images, **params}, {"logits": ((b, 10), np.float32)}, {"logits": logits},
+            lambda be, a, v: be.lenet_fwd(a["images"], {k: a[k] for k in params}, a["logits"], MNIST_MEAN, MNIST_STD,
+                                          act, mode, variant=v),
+            {"logits": TOL["lenet_fwd"]},
+        )
+
+    if op == "conv2d_bwd_data_pool":
+        # C3's pre-activation gradient routed down through S2 and C1's activation: dz (B,16,10,10), yconv C1's
+        # activated output (B,6,28,28) and the argmax of its pooling
+        yconv = ref.activate(_randn(rng, (b, 6, 28, 28)), act).astype(np.float32)
+        _, am = ref.pool2x2_fwd(_f64(yconv), mode)
+        w = _randn(rng, (16, 6, 5, 5), (1.0 / 150) ** 0.5)
+        dz = _randn(rng, (b, 16, 10, 10), 1.0 / b)
+        argmax = am if am is not None else np.zeros((b, 6, 14, 14), np.uint8)
+        want = ref.conv2d_bwd_data_pool(_f64(dz), _f64(w), am, _f64(yconv), mode, act)
+        return Spec(
+            {"dz": dz, "w": w, "argmax": argmax, "yconv": yconv}, {"dz_below": ((b, 6, 28, 28), np.float32)},
+            {"dz_below": want},
+            lambda be, a, v: be.conv2d_bwd_data_pool(a["dz"], a["w"], None if mode == "avg" else a["argmax"],
+                                                     a["yconv"], a["dz_below"], mode, act, variant=v),
+            {"dz_below": TOL["conv2d_bwd_data_pool"]},
+        )
+
+    if op == "step_advance":
+        # the last step of an epoch: the counters move on and wrap to the next epoch
+        before = HostState(step=41, sched_base=3, step_in_epoch=6, offset=6 * STEP_ADVANCE_BATCH, epoch=2,
+                           steps_per_epoch=7, seed=5, shift=2)
+        after = advance(before, STEP_ADVANCE_BATCH)
+        return Spec(
+            {"state": before.to_array()}, {}, {"state": after.to_array()},
+            lambda be, a, v: be.step_advance(a["state"], STEP_ADVANCE_BATCH, variant=v),
+            exact=("state",),
         )
 
     raise KeyError(f"no benchmark case for op {op!r}")

@@ -7,7 +7,9 @@ training step is a step of a run (``LeNet5.begin_run`` once, then ``run_steps``:
 forward, backward, optimizer, step_advance, all reading the device step state).
 
 Before anything is timed at a batch size, the backend's logits (forward) or gradients (training
-step) at that batch are checked against a float64 composition of lenet_gpu.reference's ops.
+step) at that batch are checked against a float64 composition of lenet_gpu.reference's ops, computed
+afresh from that backend's own parameters at that moment (never shared between backends or batch sizes:
+timing trains the parameters, so two backends at the same batch size hold different ones).
 """
 
 from __future__ import annotations
@@ -20,14 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from lenet_gpu import recipe
-from lenet_gpu import reference as ref
-from lenet_gpu.model import LeNet5
-from lenet_gpu.schedule import lr_at
-from lenet_gpu.spec import NetConfig, views
-from lenet_gpu.stepstate import HostState, StepState
-
-from .timing import now
+from .. import recipe
+from .. import reference as ref
+from ..model import LeNet5
+from ..schedule import lr_at
+from ..spec import NetConfig, views
+from ..stepstate import HostState, StepState
+from .timing import RATIO_MAX_SPREAD, now, spread
 
 #: whole-network checks: float32 against float64 through 8 layers (relative to the largest value)
 FORWARD_TOL = 1e-4
@@ -178,22 +179,23 @@ class OurNet:
     def synchronize(self) -> None:
         self.backend.synchronize()
 
-    def check_forward(self, batch: int, cache: dict[tuple[str, int], Any]) -> float:
-        """Max relative error of the logits at ``batch`` against the float64 reference (raises if off)."""
+    def check_forward(self, batch: int) -> tuple[float, np.ndarray]:
+        """Max relative error of the logits at ``batch`` (the first ``batch`` resident images) against the
+        float64 reference computed from this net's parameters now (raises if off); returns it and the
+        reference logits (for checking a peer that holds the same parameters)."""
         m = self.model
         self.forward(batch, restart=True)
         got = self.backend.to_host(m.workspace(batch).logits)
-        key = ("fwd", batch)
-        if key not in cache:
-            p = {k: v.astype(np.float64) for k, v in m.param_dict().items()}
-            cache[key] = reference_forward(p, self.bench.normalized(0, batch), self.cfg)["logits"]
-        err = _rel_err(got, cache[key])
+        p = {k: v.astype(np.float64) for k, v in m.param_dict().items()}
+        want = reference_forward(p, self.bench.normalized(0, batch), self.cfg)["logits"]
+        err = _rel_err(got, want)
         if not err <= FORWARD_TOL:
             raise AssertionError(f"{self.backend.name} forward at batch {batch}: logits off by {err:.2e} (relative)")
-        return err
+        return err, want
 
-    def check_grads(self, batch: int, cache: dict[tuple[str, int], Any]) -> float:
-        """Max relative error (per tensor, vs its largest entry) of one step's gradients (raises if off).
+    def check_grads(self, batch: int) -> float:
+        """Max relative error (per tensor, vs its largest entry) of one step's gradients (raises if off),
+        against the float64 reference computed from this net's parameters as the step found them.
 
         The step is a real one of a run at learning rate 0 (the parameters stay as they are; the gradient
         buffer keeps the step's gradients): the first batch of the data, no augmentation."""
@@ -203,10 +205,8 @@ class OurNet:
         self._run_key = (batch, 0.0)
         m.run_steps(self.data, 1)
         grads = views(self.backend.to_host(m.grads), self.cfg)
-        key = ("grad", batch)
-        if key not in cache:
-            cache[key] = reference_grads(p, self.bench.normalized(0, batch), self.bench.labels[:batch], self.cfg)
-        errs = {k: _rel_err(np.asarray(grads[k]), cache[key][k]) for k in cache[key]}
+        want = reference_grads(p, self.bench.normalized(0, batch), self.bench.labels[:batch], self.cfg)
+        errs = {k: _rel_err(np.asarray(grads[k]), want[k]) for k in want}
         worst = max(errs, key=errs.get)
         if not errs[worst] <= GRAD_TOL:
             raise AssertionError(
@@ -258,11 +258,42 @@ def interleaved(
     return {"samples": samples, "numbers": numbers}
 
 
-def ratio_stats(ours: list[float], theirs: list[float]) -> dict[str, float]:
-    """Throughput ratio ours/theirs (= their time / our time) per round: median, p20, p80."""
+def rounds_throughput(
+    fn: Callable[[], None], sync: Callable[[], None], images_per_call: int, rounds: int = 5, min_sample_s: float = 0.05,
+    warmup: int = 2,
+) -> dict[str, Any]:
+    """Images/s of ``fn`` from ``rounds`` timed samples of N calls and one sync each (N so that a sample lasts
+    ≥ ``min_sample_s``), after warm-up; the first call's time (compiles, captures) is ``first_call_s``.
+    Returns images_per_s (the median sample), its p20–p80, the spread (None under 3 rounds) and the per-call
+    samples."""
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0
+    number, _ = pick_number(fn, sync, min_sample_s, warmup)
+    samples = []
+    for _ in range(max(1, rounds)):
+        t0 = now()
+        for _ in range(number):
+            fn()
+        sync()
+        samples.append((now() - t0) / number)
+    p20, med, p80 = np.percentile(samples, [20, 50, 80])
+    return {"images_per_s": round(images_per_call / med, 1), "images_per_s_p20": round(images_per_call / p80, 1),
+            "images_per_s_p80": round(images_per_call / p20, 1),
+            "spread": round(spread(samples), 4) if len(samples) >= 3 else None,  # fewer rounds: no spread to tell
+            "rounds": len(samples), "number": number, "first_call_s": round(first, 4), "samples_s": samples}
+
+
+def ratio_stats(ours: list[float], theirs: list[float]) -> dict[str, Any]:
+    """Throughput ratio ours/theirs (= their time / our time) per round: median, p20, p80; the spread of
+    each side ((p80 − p20) / median of its samples) and ``reliable``: False when either side spreads more
+    than RATIO_MAX_SPREAD (the report then marks the ratio unreliable instead of printing it bare)."""
     r = np.asarray(theirs) / np.asarray(ours)
     p20, med, p80 = np.percentile(r, [20, 50, 80])
-    return {"median": float(med), "p20": float(p20), "p80": float(p80)}
+    so, st = spread(ours), spread(theirs)
+    return {"median": float(med), "p20": float(p20), "p80": float(p80), "ours_spread": so, "theirs_spread": st,
+            "reliable": bool(so <= RATIO_MAX_SPREAD and st <= RATIO_MAX_SPREAD)}
 
 
 # ---------------------------------------------------------------------------------------- counters

@@ -59,14 +59,25 @@ class Stats:
     n: int
     number: int  # calls per sample
 
-    def to_dict(self, prefix: str = "") -> dict[str, float | int]:
-        return {
-            f"{prefix}median_s": self.median,
-            f"{prefix}p20_s": self.p20,
-            f"{prefix}p80_s": self.p80,
-            f"{prefix}samples": self.n,
-            f"{prefix}number": self.number,
-        }
+    def to_dict(self, prefix: str = "", unit: str = "s") -> dict[str, float | int]:
+        """median, p20, p80 in seconds (``unit`` "s") or microseconds rounded to ns ("us"), samples, number."""
+        conv = (lambda v: v) if unit == "s" else (lambda v: round(v * 1e6, 3))
+        out: dict[str, float | int] = {f"{prefix}{k}_{unit}": conv(getattr(self, k)) for k in ("median", "p20", "p80")}
+        return {**out, f"{prefix}samples": self.n, f"{prefix}number": self.number}
+
+    def to_us(self, prefix: str = "") -> dict[str, float | int]:
+        """The same in microseconds (the self-test's tables)."""
+        return self.to_dict(prefix, "us")
+
+
+#: A ratio of two timings is reliable when each side's p20–p80 spread is at most this fraction of its median.
+RATIO_MAX_SPREAD = 0.25
+
+
+def spread(samples: list[float] | np.ndarray) -> float:
+    """(p80 − p20) / median of a set of timings: how much repeated rounds of one measurement disagree."""
+    p20, med, p80 = np.percentile(np.asarray(samples, dtype=np.float64), [20, 50, 80])
+    return float((p80 - p20) / med) if med > 0 else float("inf")
 
 
 def summarize(per_call: list[float] | np.ndarray, number: int = 1) -> Stats:
@@ -243,6 +254,20 @@ class GpuEventTimer:
         while len(hot) < cfg.max_samples and (len(hot) < cfg.min_samples or time.perf_counter() < t_end):
             hot.append(self.sample(fn, number) / number)
         return summarize(cold, 1), summarize(hot, number)
+
+
+def make_timer(backend: Any) -> CpuTimer | GpuEventTimer:
+    """Device events (L2 flushed) on a GPU backend, the CPU clock around calls + synchronize otherwise."""
+    lib = gpu_library(backend)
+    return GpuEventTimer(backend, lib) if lib else CpuTimer(backend.synchronize)
+
+
+def measure_us(timer: CpuTimer | GpuEventTimer, fn: Callable[[], None], cfg: TimingConfig) -> dict[str, Any]:
+    """``timer.measure`` in microseconds: median, p20, p80 (a GPU timer: cold, and hot_ for back to back)."""
+    if isinstance(timer, GpuEventTimer):
+        cold, hot = timer.measure(fn, cfg)
+        return {"clock": timer.kind, **cold.to_us(), **hot.to_us("hot_")}
+    return {"clock": timer.kind, **timer.measure(fn, cfg).to_us()}
 
 
 # ---------------------------------------------------------------------------------------- machine load
