@@ -389,3 +389,51 @@ lenet_fwd_v3(const void* __restrict__ images, int in_f32, const float* __restric
 #undef LF_V3
 #undef LF_ARGS
 }
+
+// ------------------------------------------------------------------------------------------ evaluation
+// lenet_eval_v1: out[0] = sum over n of the softmax cross-entropy of logits[n] (N,NC) against labels[n] (uint8),
+// out[1] = the rows whose first maximal logit (as np.argmax) is the label; both in double, in a fixed order: thread
+// t takes rows t, t + T, ... in turn, then a fixed tree over the block's threads. One block (LF_EVAL_THREADS): an
+// evaluation pass ends with one launch and one 16-byte copy back.
+#define LF_EVAL_THREADS 256
+// (No __launch_bounds__: with it, ptxas for sm_90 spilled 8 bytes of exp/log's double temporaries; without, 44
+// registers and no spill.)
+extern "C" __global__ void lenet_eval_v1(const float* __restrict__ logits, const unsigned char* __restrict__ labels, int N, int NC,
+              double* __restrict__ out) {
+    __shared__ double s_loss[LF_EVAL_THREADS];
+    __shared__ double s_hit[LF_EVAL_THREADS];
+    double loss = 0.0, hit = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        const float* z = logits + (size_t)n * NC;
+        float bv = z[0];
+        int best = 0;
+        double m = (double)z[0];
+        for (int c = 1; c < NC; ++c) {
+            const float v = z[c];
+            if (v > bv || (v != v && bv == bv)) {
+                bv = v;
+                best = c;
+            }
+            m = fmax(m, (double)v);
+        }
+        double s = 0.0;
+        for (int c = 0; c < NC; ++c) s += exp((double)z[c] - m);
+        const int y = labels[n];
+        loss += log(s) + m - (double)z[y];
+        hit += best == y ? 1.0 : 0.0;
+    }
+    s_loss[threadIdx.x] = loss;
+    s_hit[threadIdx.x] = hit;
+    __syncthreads();
+    for (int h = LF_EVAL_THREADS / 2; h > 0; h >>= 1) {
+        if ((int)threadIdx.x < h) {
+            s_loss[threadIdx.x] += s_loss[threadIdx.x + h];
+            s_hit[threadIdx.x] += s_hit[threadIdx.x + h];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[0] = s_loss[0];
+        out[1] = s_hit[0];
+    }
+}

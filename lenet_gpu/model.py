@@ -438,11 +438,30 @@ class LeNet5:
     def evaluate(self, data: DeviceData, batch_size: int = 1000) -> tuple[float, int]:
         """(loss sum, correct count) over a device-resident dataset in its stored order.
 
-        The logits come from the backend (lenet_fwd where it has it); the loss and the count are
-        summed on the host in float64. Training state is left alone."""
+        Where the backend has lenet_fwd and lenet_eval (cupy), the whole set runs on the device: one lenet_fwd
+        launch into a logits buffer kept per size, one lenet_eval launch that sums the loss and the correct
+        count in double in a fixed order, one 16-byte copy back (``batch_size`` is not used). Elsewhere the
+        logits come from the backend ``batch_size`` images at a time and are summed on the host in float64.
+        Training state is left alone."""
+        be = self.backend
+        ev = getattr(be, "lenet_eval", None)
+        if ev is not None and self.fused["lenet_fwd"]:
+            logits, out = self._eval_buffers(data.n)
+            be.lenet_fwd(data.images, self._pv, logits, self.mean, self.std, self.cfg.activation, self.cfg.pool)
+            ev(logits, data.labels, out)
+            loss, correct = be.to_host(out)
+            return float(loss), int(correct)
         logits = self._device_logits(data.images, data.n, batch_size)
-        labels = self.backend.to_host(data.labels)
+        labels = be.to_host(data.labels)
         return _loss_and_correct(logits, labels)
+
+    def _eval_buffers(self, n: int) -> tuple[Any, Any]:
+        """Device logits (n,10) and the (2,) float64 sums of evaluation, allocated at the first pass of a size."""
+        bufs = getattr(self, "_eval_bufs", None)
+        if bufs is None or bufs[0].shape[0] != n:
+            be = self.backend
+            bufs = self._eval_bufs = (be.empty((n, NUM_CLASSES)), be.empty((2,), np.float64))
+        return bufs
 
     def _device_logits(self, images: Any, n: int, batch_size: int) -> np.ndarray:
         """(n, 10) host logits of device images in stored order."""
@@ -506,18 +525,19 @@ class LeNet5:
         self.step_count += 1
         return float(ss.read_stats(0, 1)[0, 0]) / n
 
-    def logits(self, images: Any, batch_size: int = 1024) -> Any:
+    def logits(self, images: Any, batch_size: int | None = None) -> Any:
         """(N,10) float32 logits of images (N,28,28): uint8 pixels, or float32 already normalised as
         ``(p/255 - mean)/std`` (lenet_gpu.arrays). A host array (NumPy, or a CPU DLPack producer) gives a NumPy
         array; a device array on the model's GPU (CuPy, PyTorch, JAX through DLPack; Numba and others through
         ``__cuda_array_interface__``) gives an array of the same kind, computed on the device without a host
-        copy. ``batch_size`` tiles host inputs only."""
+        copy. ``batch_size`` tiles host inputs only (default: the backend's choice; on cupy, chunks of
+        cupy_backend.staging.CHUNK images through pinned buffers, copies overlapped with compute)."""
         inc = self._incoming(images)
         if inc.where == "device":
             return arrays.export(self.forward_device(inc), inc.kind)
         return self._host_logits(inc, batch_size)
 
-    def predict(self, images: Any, batch_size: int = 1024) -> Any:
+    def predict(self, images: Any, batch_size: int | None = None) -> Any:
         """Class ids (N,) int64 (the first maximal logit) of images as for ``logits``: a NumPy array for a host
         input, an array of the input's kind for a device input (where the backend fuses the argmax into the
         forward kernel, no logits are written)."""
@@ -559,10 +579,19 @@ class LeNet5:
         be = self.backend
         return arrays.classify(images, arrays.backend_device(be), be.name, arrays.pointer_device(be))
 
-    def _host_logits(self, inc: arrays.Incoming, batch_size: int) -> np.ndarray:
+    def _host_logits(self, inc: arrays.Incoming, batch_size: int | None) -> np.ndarray:
         """(N,10) host logits of a host input, ``batch_size`` images an upload."""
         images = np.ascontiguousarray(inc.host)
         n = images.shape[0]
+        be = self.backend
+        stager = getattr(be, "stager", None)
+        if stager is not None and images.dtype == np.uint8 and self.fused["lenet_fwd"]:
+            # chunks through pinned buffers, copy overlapped with compute, one copy back (cupy_backend/staging.py)
+            st = stager()
+            pv, mean, std, act, pool = self._pv, self.mean, self.std, self.cfg.activation, self.cfg.pool
+            return st.run(images, st.output(n, NUM_CLASSES),
+                          lambda x, out: be.lenet_fwd(x, pv, out, mean, std, act, pool), batch_size)
+        batch_size = batch_size or 1024
         out = np.empty((n, NUM_CLASSES), np.float32)
         if images.dtype == np.float32:
             self._host_float_logits(images, out, batch_size)

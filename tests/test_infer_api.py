@@ -181,3 +181,54 @@ def test_gpu_cupy_and_torch_in_give_the_same_kind_out_without_host_copies():
     out = model.logits(t)
     assert isinstance(out, torch.Tensor) and out.is_cuda
     np.testing.assert_array_equal(out.cpu().numpy(), want)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def test_evaluate_sums_on_the_device_with_one_copy_back():
+    from lenet_gpu.backends import get_backend
+
+    try:
+        be = get_backend("cupy-host")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"cupy-host unavailable: {e}")
+    model = LeNet5(backend=be, seed=4)
+    labels = RNG.integers(0, 10, size=IMAGES.shape[0]).astype(np.uint8)
+    data = model.upload_dataset(IMAGES, labels)
+    model.evaluate(data)  # first pass: compiles, allocates the buffers
+    before = be.counters.snapshot()
+    loss, correct = model.evaluate(data)
+    d = be.counters.since(before)
+    assert (d["launches"], d["d2h"], d["h2d"], d["allocs"]) == (2, 1, 0, 0), d
+    lg = model.logits(IMAGES)
+    want_loss, want_correct = __import__("lenet_gpu.model", fromlist=["x"])._loss_and_correct(lg, labels)
+    assert correct == want_correct and loss == pytest.approx(want_loss, rel=1e-12, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- staging
+def test_chunk_plan():
+    from lenet_gpu.backends.cupy_backend.staging import plan_chunks
+
+    assert plan_chunks(1, 4) == [(0, 1)]
+    assert plan_chunks(10, 4) == [(0, 4), (4, 4), (8, 2)]
+    assert plan_chunks(8, 4) == [(0, 4), (4, 4)]
+    with pytest.raises(ValueError):
+        plan_chunks(0, 4)
+
+
+def test_host_batches_are_staged_in_chunks_with_one_copy_back():
+    """cupy-host: the staging loop (chunks, offsets, one copy back, buffers reused) with plain arrays."""
+    from lenet_gpu.backends import get_backend
+
+    try:
+        be = get_backend("cupy-host")
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"cupy-host unavailable: {e}")
+    model = LeNet5(backend=be, seed=6)
+    want = np.concatenate([model.logits(IMAGES[i : i + 1]) for i in range(IMAGES.shape[0])])
+    model.logits(IMAGES, batch_size=3)  # the first call at a size allocates
+    before = be.counters.snapshot()
+    got = model.logits(IMAGES, batch_size=3)
+    d = be.counters.since(before)
+    assert (d["h2d"], d["launches"], d["d2h"], d["allocs"]) == (3, 3, 1, 0), d  # chunks of 3, 3, 1
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(model.predict(IMAGES, batch_size=2), np.argmax(want, axis=1))

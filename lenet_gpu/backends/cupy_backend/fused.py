@@ -291,3 +291,19 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
 
 #: what the model may ask of this lenet_fwd beyond the protocol (LeNet5.forward_device reads it)
 lenet_fwd.features = ("float32", "classes")
+
+
+LF_EVAL_THREADS = 256  # lenet_fwd.cu LF_EVAL_THREADS
+
+
+def lenet_eval(be: Any, logits: Any, labels: Any, out: Any) -> None:
+    """out (2,) float64 = [Σ softmax cross-entropy of logits (N,NC) against labels (N,) uint8, the rows whose first
+    maximal logit is the label], summed in double on the device in a fixed order (one launch, one block)."""
+    n, nc = logits.shape
+    _check(logits, "logits", (n, nc))
+    _check(labels, "labels", (n,), np.uint8)
+    _check(out, "out", (2,), np.float64)
+    if n < 1:
+        raise ValueError("lenet_eval: needs at least one row")
+    _launch(be, "lenet_fwd", FusedLaunch("lenet_eval_v1", (1, 1, 1), (LF_EVAL_THREADS, 1, 1)),
+            (logits, labels, i32(n), i32(nc), out))
