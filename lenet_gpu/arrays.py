@@ -258,12 +258,21 @@ def adopt(backend: Any, inc: Incoming) -> Any:
     raise ArrayInputError(f"images: device arrays need a GPU backend (cupy or numba); this model runs on {name}")
 
 
-def export(out: Any, kind: str) -> Any:
+def export(out: Any, kind: str, backend: Any = None) -> Any:
     """A device result as the kind of array the caller gave (no copy): cupy, torch (DLPack), numba (CUDA array
-    interface), jax (DLPack); "other" keeps the backend's own array."""
+    interface), jax (DLPack); "other" keeps the backend's own array. On the cupy backend the hand-over happens with
+    the backend's stream current, so the consumer's stream waits for the kernels that wrote ``out`` (DLPack's
+    stream argument; the CUDA array interface's ``stream`` key)."""
     native = producer_kind(out)
     if kind in (native, "other"):
         return out
+    if getattr(backend, "name", "") == "cupy":
+        with backend.runtime.stream:
+            return _export(out, kind)
+    return _export(out, kind)
+
+
+def _export(out: Any, kind: str) -> Any:
     if kind == "torch":
         import torch
 

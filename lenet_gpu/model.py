@@ -534,7 +534,7 @@ class LeNet5:
         cupy_backend.staging.CHUNK images through pinned buffers, copies overlapped with compute)."""
         inc = self._incoming(images)
         if inc.where == "device":
-            return arrays.export(self.forward_device(inc), inc.kind)
+            return arrays.export(self.forward_device(inc), inc.kind, self.backend)
         return self._host_logits(inc, batch_size)
 
     def predict(self, images: Any, batch_size: int | None = None) -> Any:
@@ -543,7 +543,7 @@ class LeNet5:
         forward kernel, no logits are written)."""
         inc = self._incoming(images)
         if inc.where == "device":
-            return arrays.export(self.forward_device(inc, classes=True), inc.kind)
+            return arrays.export(self.forward_device(inc, classes=True), inc.kind, self.backend)
         return np.argmax(self._host_logits(inc, batch_size), axis=1)
 
     def forward_device(self, images: Any, classes: bool = False) -> Any:

@@ -232,3 +232,30 @@ def test_host_batches_are_staged_in_chunks_with_one_copy_back():
     assert (d["h2d"], d["launches"], d["d2h"], d["allocs"]) == (3, 3, 1, 0), d  # chunks of 3, 3, 1
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(model.predict(IMAGES, batch_size=2), np.argmax(want, axis=1))
+
+
+# ---------------------------------------------------------------------------------------------- predict CLI
+def test_predict_cli_batches_files(tmp_path, capsys):
+    """Files classified --batch-size at a time give the same lines, in order, as one batch; a bad file in the
+    middle gets its line on stderr and the others still run."""
+    pil = pytest.importorskip("PIL.Image")
+    from lenet_gpu.predict import main
+
+    ck = LeNet5(backend="numpy", seed=7).save(tmp_path / "m.npz")
+    files = []
+    for i in range(5):
+        img = np.full((40, 40), 255, np.uint8)
+        img[8 + i : 30, 12 + 2 * i : 18 + 2 * i] = 0  # a dark stroke on light paper
+        files.append(str(tmp_path / f"d{i}.png"))
+        pil.fromarray(img).save(files[-1])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    files.insert(2, str(bad))
+    outs = []
+    for bs in ("1024", "2"):
+        assert main(["--backend", "numpy", "--batch-size", bs, str(ck), *files]) == 1
+        cap = capsys.readouterr()
+        outs.append(cap.out)
+        assert "bad.png" in cap.err
+    assert outs[0] == outs[1] and outs[0].count("\n") == 5
+    assert main(["--batch-size", "0", str(ck), *files]) == 2
