@@ -47,7 +47,7 @@ _DL_NAMES = {1: "CPU", 2: "CUDA", 3: "CUDA host (pinned)", 4: "OpenCL", 7: "Vulk
 INPUT_DTYPES = ("uint8", "float32")
 #: module root of an array's type → the kind of array returned for it
 _KINDS = {"numpy": "numpy", "torch": "torch", "cupy": "cupy", "cupy_backends": "cupy", "numba": "numba",
-          "jax": "jax", "jaxlib": "jax"}
+          "numba_cuda": "numba", "jax": "jax", "jaxlib": "jax"}
 
 
 class ArrayInputError(ValueError):
@@ -233,14 +233,31 @@ def _is_contiguous_attr(obj: Any) -> bool:
 def adopt(backend: Any, inc: Incoming) -> Any:
     """The backend's device array over a device input, without a copy where its layout allows (a C-contiguous
     array is wrapped; any other layout is copied once on the device into a contiguous array)."""
+    try:
+        return _adopt(backend, inc)
+    except ArrayInputError:
+        raise
+    except (TypeError, ValueError, RuntimeError, BufferError) as e:  # e.g. torch: a tensor that requires grad
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ArrayInputError(f"images: cannot use {_describe(inc.obj)} in place ({msg})") from None
+
+
+def _adopt(backend: Any, inc: Incoming) -> Any:
     name = getattr(backend, "name", "")
     if name == "cupy":
         import cupy
 
-        stream = backend.runtime.stream
-        with stream:  # the producer's pending work is ordered before ours (DLPack's stream argument)
-            arr = cupy.from_dlpack(inc.obj) if inc.protocol == "dlpack" else cupy.asarray(inc.obj)
-            return arr if arr.flags.c_contiguous else cupy.ascontiguousarray(arr)
+        if isinstance(inc.obj, cupy.ndarray):
+            arr = inc.obj
+            # the caller's stream (where the array was written) before the backend's: an event, no host sync
+            backend.runtime.stream.wait_event(cupy.cuda.get_current_stream().record())
+        else:
+            with backend.runtime.stream:  # the producer's pending work is ordered before ours (DLPack's stream)
+                arr = cupy.from_dlpack(inc.obj) if inc.protocol == "dlpack" else cupy.asarray(inc.obj)
+        if not arr.flags.c_contiguous:
+            with backend.runtime.stream:
+                arr = cupy.ascontiguousarray(arr)  # one device-side copy (documented)
+        return arr
     if name == "numba":
         from numba import cuda
 
@@ -263,12 +280,18 @@ def export(out: Any, kind: str, backend: Any = None) -> Any:
     interface), jax (DLPack); "other" keeps the backend's own array. On the cupy backend the hand-over happens with
     the backend's stream current, so the consumer's stream waits for the kernels that wrote ``out`` (DLPack's
     stream argument; the CUDA array interface's ``stream`` key)."""
-    native = producer_kind(out)
-    if kind in (native, "other"):
-        return out
     if getattr(backend, "name", "") == "cupy":
+        import cupy
+
+        # the caller's current stream waits for the backend's (an event, no host sync): any use of the result
+        # there sees it written; DLPack consumers get the same through the stream argument
+        cupy.cuda.get_current_stream().wait_event(backend.runtime.stream.record())
+        if kind in (producer_kind(out), "other"):
+            return out
         with backend.runtime.stream:
             return _export(out, kind)
+    if kind in (producer_kind(out), "other"):
+        return out
     return _export(out, kind)
 
 

@@ -176,11 +176,20 @@ def test_gpu_cupy_and_torch_in_give_the_same_kind_out_without_host_copies():
     assert isinstance(got, cp.ndarray) and (d["h2d"], d["d2h"]) == (0, 0), d
     np.testing.assert_array_equal(cp.asnumpy(got), want)
     np.testing.assert_array_equal(cp.asnumpy(model.predict(dimg)), np.argmax(want, axis=1))
+    from numba import cuda
+
+    nb = cuda.to_device(IMAGES)
+    out = model.logits(nb)
+    assert cuda.is_cuda_array(out) and not isinstance(out, cp.ndarray)
+    np.testing.assert_array_equal(out.copy_to_host(), want)
+    x32 = cp.asarray(((IMAGES / 255.0 - model.mean) / model.std).astype(np.float32))
+    np.testing.assert_allclose(cp.asnumpy(model.logits(x32)), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
     torch = pytest.importorskip("torch")
     t = torch.from_dlpack(dimg)
     out = model.logits(t)
     assert isinstance(out, torch.Tensor) and out.is_cuda
     np.testing.assert_array_equal(out.cpu().numpy(), want)
+    np.testing.assert_array_equal(model.predict(t).cpu().numpy(), np.argmax(want, axis=1))
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
