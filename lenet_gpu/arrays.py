@@ -202,6 +202,50 @@ def classify(obj: Any, device_id: int | None, backend_name: str = "this backend"
     return inc
 
 
+#: label dtypes a scoring call takes (class ids 0..9)
+LABEL_DTYPES = ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64")
+
+
+def classify_labels(obj: Any, n: int, inc: Incoming) -> Incoming:
+    """Labels (n,) of integer class ids beside images ``inc``: on the same side (host with host images, the same
+    device with device images), read the same way. One ArrayInputError otherwise."""
+    what = _describe(obj)
+    if inc.where == "host":
+        if isinstance(obj, np.ndarray):
+            arr = obj
+        elif hasattr(obj, "__dlpack_device__") and hasattr(obj, "__dlpack__") and int(obj.__dlpack_device__()[0]) \
+                == KDL_CPU:
+            arr = np.from_dlpack(obj)
+        elif hasattr(obj, "__dlpack_device__") or _safe_has_cai(obj):
+            raise ArrayInputError(f"labels: {what} is a device array but the images are on the host")
+        else:
+            arr = np.asarray(obj)
+        shape, dtype = tuple(arr.shape), arr.dtype.name
+        lab = Incoming("host", producer_kind(obj), "numpy", obj, arr, None, dtype, shape, bool(arr.flags.c_contiguous))
+    else:
+        if hasattr(obj, "__dlpack_device__") and hasattr(obj, "__dlpack__"):
+            dev_type, dev_id = (int(v) for v in obj.__dlpack_device__())
+            if dev_type == KDL_CPU:
+                raise ArrayInputError(f"labels: {what} is a host array but the images are on CUDA device "
+                                      f"{inc.device_id}; give both on the same side")
+            if dev_type not in (KDL_CUDA, KDL_CUDA_MANAGED):
+                raise ArrayInputError(f"labels: {what} is not a CUDA array but the images are")
+            shape, dtype, proto = tuple(int(s) for s in obj.shape), _dtype_name(obj.dtype), "dlpack"
+        elif _safe_has_cai(obj):
+            cai = obj.__cuda_array_interface__
+            shape, dtype, proto = tuple(int(s) for s in cai["shape"]), _dtype_name(cai["typestr"]), "cai"
+            dev_id = inc.device_id
+        else:
+            raise ArrayInputError(f"labels: {what} is a host array but the images are on CUDA device "
+                                  f"{inc.device_id}; give both on the same side")
+        if dev_id is not None and inc.device_id is not None and dev_id != inc.device_id:
+            raise ArrayInputError(f"labels: {what} is on CUDA device {dev_id}, the images on {inc.device_id}")
+        lab = Incoming("device", producer_kind(obj), proto, obj, None, dev_id, dtype, shape, True)
+    if lab.shape != (n,) or lab.dtype not in LABEL_DTYPES:
+        raise ArrayInputError(f"labels must be integer class ids of shape ({n},); got {what} {lab.dtype} {lab.shape}")
+    return lab
+
+
 def _strides_of(obj: Any) -> tuple[int, ...] | None:
     """Byte strides of a DLPack producer where it exposes them cheaply (CAI, or NumPy-like .strides in bytes);
     None where unknown (torch's .stride() counts elements: read through _is_contiguous_attr)."""

@@ -575,6 +575,35 @@ class LeNet5:
             return _device_argmax(out)
         return out
 
+    def score(self, images: Any, labels: Any, batch_size: int | None = None) -> tuple[float, int]:
+        """(Σ softmax cross-entropy, correct count) of images and their labels (N,) class ids, of any kind
+        ``logits`` takes (both on the host, or both on the model's device). On a device with lenet_eval (cupy):
+        one forward launch, one lenet_eval launch summing in double in a fixed order, one 16-byte copy back
+        (non-uint8 labels are converted on the device: one documented copy). On the host: the logits of
+        ``logits`` summed in float64 on the host."""
+        inc = self._incoming(images)
+        lab = arrays.classify_labels(labels, inc.n, inc)
+        if inc.where == "host":
+            y = np.asarray(lab.host)
+            if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
+                raise arrays.ArrayInputError("labels must be class ids in 0..9")
+            return _loss_and_correct(self._host_logits(inc, batch_size), y)
+        be = self.backend
+        logits = self.forward_device(inc)
+        adopt = getattr(be, "adopt_array", None)
+        y = adopt(lab) if adopt is not None else arrays.adopt(be, lab)
+        ev = getattr(be, "lenet_eval", None)
+        if ev is None:  # no device reduction on this backend: the logits come back once
+            return _loss_and_correct(be.to_host(logits), be.to_host(y))
+        if y.dtype != np.uint8:
+            y = y.astype(np.uint8)  # one device-side conversion (class ids 0..9 fit)
+        out = getattr(self, "_score_out", None)
+        if out is None:
+            out = self._score_out = be.empty((2,), np.float64)
+        ev(logits, y, out)
+        loss, correct = be.to_host(out)
+        return float(loss), int(correct)
+
     def _incoming(self, images: Any) -> arrays.Incoming:
         be = self.backend
         return arrays.classify(images, arrays.backend_device(be), be.name, arrays.pointer_device(be))

@@ -268,3 +268,26 @@ def test_predict_cli_batches_files(tmp_path, capsys):
         assert "bad.png" in cap.err
     assert outs[0] == outs[1] and outs[0].count("\n") == 5
     assert main(["--batch-size", "0", str(ck), *files]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- score
+def test_score_host_and_device_agree_and_refuse_mixed_sides():
+    be = _gpu_like_harness_backend()
+    model = LeNet5(backend=be, seed=8)
+    labels = RNG.integers(0, 10, size=IMAGES.shape[0]).astype(np.uint8)
+    want = model.score(IMAGES, labels)
+    assert want[1] == int((model.predict(IMAGES) == labels).sum())
+    model.score(FakeCAI(IMAGES), FakeCAI(labels))  # first call: compiles, allocates
+    before = be.counters.snapshot()
+    got = model.score(FakeCAI(IMAGES), FakeCAI(labels))
+    d = be.counters.since(before)
+    assert (d["h2d"], d["d2h"], d["launches"]) == (0, 1, 2), d  # forward, lenet_eval, one copy of two numbers
+    assert got[1] == want[1] and got[0] == pytest.approx(want[0], rel=1e-12, abs=1e-9)
+    with pytest.raises(ArrayInputError, match="host array but the images are on CUDA"):
+        model.score(FakeCAI(IMAGES), labels)
+    with pytest.raises(ArrayInputError, match="device array but the images are on the host"):
+        model.score(IMAGES, FakeCAI(labels))
+    with pytest.raises(ArrayInputError, match=r"shape \(7,\)"):
+        model.score(IMAGES, labels[:3])
+    with pytest.raises(ArrayInputError, match="0..9"):
+        model.score(IMAGES, labels + 10)
