@@ -24,8 +24,15 @@
 //                 of the input; C5/F6/output one warp per 8 outputs with the tile's images as the rows
 //                 (rows_gemv.cuh: coalesced weight rows, each weight feeding `imgs` FMAs). 224 threads: the 4-image
 //                 tile's 784 C1 items take 4 rounds and its 200 C3 items one.
+//   lenet_fwd_v3  v2's register blocking, planned by batch size and with more outputs: a block per image while N is
+//                 at most 2 x SMs (2 images up to 4 x SMs, else 4), so a small batch fills the SMs; the dense stages
+//                 with F = 8/imgs outputs per warp and their k loop unrolled 4 deep (v2 at 4 images: not unrolled);
+//                 C3's weights staged with coalesced global reads; the input uint8 pixels or float32 already
+//                 normalised (in_f32; the border padded with `pad`); and the argmax fused: with `classes` (N,) int64
+//                 the logits go to shared memory and one thread per image writes the first maximal class (as
+//                 np.argmax, a NaN wins), and `logits` may be null (no logits written).
 //
-// Launch (lenet_gpu/backends/cupy_backend/fused.py lenet_fwd_plan): grid ceil(N/imgs), block LF_THREADS_V1/_V2,
+// Launch (lenet_gpu/backends/cupy_backend/fused.py lenet_fwd_plan): grid ceil(N/imgs), block LF_THREADS_V1/_V2 (v3: _V2),
 // dynamic smem (LF_W_V1/_V2 + imgs*(X + Y)) floats, X = round4(max(1024, 400 + H1)), Y = round4(max(1176, H2));
 // imgs = 4 (2, 1 when F6 is very wide) keeps it <= 48 KiB.
 #include "common.cuh"
@@ -44,7 +51,7 @@
 #define LF_THREADS_V1 256
 #define LF_THREADS_V2 224
 #define LF_W_V1 2576                    // v1 staged weights: 150 + 6 + 2400 + 16, rounded up to a multiple of 4
-#define LF_W_V2 2624                    // v2: [25][8] + 8 + [6][25][16] + 16
+#define LF_W_V2 2624                    // v2 and v3: [25][8] + 8 + [6][25][16] + 16
 
 // v2 tuning (compile-time parameters, -DNAME=value):
 #ifndef LF_MIN_BLOCKS
@@ -67,17 +74,25 @@ __device__ __forceinline__ float lf_pool(float a, float b, float c, float d, int
     return (a + b + c + d) * 0.25f;
 }
 
-// Stage the tile's images, padded and normalised, into the X region of each image (zeros past the batch).
-__device__ __forceinline__ void lf_stage_images(const unsigned char* __restrict__ images, float* s_img, int IS, int n0,
-                                                int ni, int imgs, float scale, float shift) {
+// Stage the tile's images, padded and normalised, into the X region of each image: value * scale + shift inside the
+// image, `pad` on the border and past the batch (uint8 pixels: pad = shift, the normalised pixel 0; float32 inputs
+// already normalised: scale 1, shift 0, pad -mean/std).
+template <typename T>
+__device__ __forceinline__ void lf_stage_input(const T* __restrict__ images, float* s_img, int IS, int n0, int ni,
+                                               int imgs, float scale, float shift, float pad) {
     for (int t = threadIdx.x; t < imgs * LF_X * LF_X; t += blockDim.x) {
         const int m = t / (LF_X * LF_X), p = t - m * LF_X * LF_X;
         const int ih = p / LF_X - LF_PAD, iw = p % LF_X - LF_PAD;
-        float pix = 0.0f;
+        float v = pad;
         if (m < ni && ih >= 0 && ih < LF_IH && iw >= 0 && iw < LF_IH)
-            pix = (float)images[(size_t)(n0 + m) * LF_IH * LF_IH + ih * LF_IH + iw];
-        s_img[m * IS + p] = pix * scale + shift;
+            v = (float)images[(size_t)(n0 + m) * LF_IH * LF_IH + ih * LF_IH + iw] * scale + shift;
+        s_img[m * IS + p] = v;
     }
+}
+
+__device__ __forceinline__ void lf_stage_images(const unsigned char* __restrict__ images, float* s_img, int IS, int n0,
+                                                int ni, int imgs, float scale, float shift) {
+    lf_stage_input<unsigned char>(images, s_img, IS, n0, ni, imgs, scale, shift, shift);
 }
 
 // ------------------------------------------------------------------------------------------ v1
@@ -182,15 +197,18 @@ __device__ __forceinline__ void lf_store_pooled(float* out, int plane, const flo
                                  act_fwd(acc[3][k], act), mode);
 }
 
-template <int NI>
-__device__ __forceinline__ void lenet_fwd_v2_tile(const unsigned char* __restrict__ images,
-                                                  const float* __restrict__ c1w, const float* __restrict__ c1b,
-                                                  const float* __restrict__ c3w, const float* __restrict__ c3b,
-                                                  const float* __restrict__ c5w, const float* __restrict__ c5b,
-                                                  const float* __restrict__ f6w, const float* __restrict__ f6b,
-                                                  const float* __restrict__ ow, const float* __restrict__ ob,
-                                                  float* __restrict__ logits, int N, int H1, int H2, int NC, int act,
-                                                  int mode, float scale, float shift, float* smem) {
+// v2's and v3's tile: NI images, the dense stages F outputs a warp with their k loop unrolled U deep; T the input
+// type (unsigned char pixels, or float already normalised); V3: C3's weights staged with coalesced reads, and the
+// fused argmax (classes not null: logits kept in shared memory, classes[n] written; logits written unless null).
+template <int NI, int F, int U, typename T, bool V3>
+__device__ __forceinline__ void lenet_fwd_tile(const T* __restrict__ images, const float* __restrict__ c1w,
+                                               const float* __restrict__ c1b, const float* __restrict__ c3w,
+                                               const float* __restrict__ c3b, const float* __restrict__ c5w,
+                                               const float* __restrict__ c5b, const float* __restrict__ f6w,
+                                               const float* __restrict__ f6b, const float* __restrict__ ow,
+                                               const float* __restrict__ ob, float* __restrict__ logits,
+                                               long long* __restrict__ classes, int N, int H1, int H2, int NC,
+                                               int act, int mode, float scale, float shift, float pad, float* smem) {
     float* s_w1 = smem;                    // [25 taps][8]: the 6 filters' weights of a tap, then 2 zeros
     float* s_b1 = s_w1 + 25 * 8;           // [8]
     float* s_w3 = s_b1 + 8;                // [6 channels][25 taps][16 filters]
@@ -203,12 +221,19 @@ __device__ __forceinline__ void lenet_fwd_v2_tile(const unsigned char* __restric
         s_w1[t] = k < LF_K1 ? c1w[k * 25 + tap] : 0.0f;
     }
     for (int t = tid; t < 8; t += nt) s_b1[t] = t < LF_K1 ? c1b[t] : 0.0f;
-    for (int t = tid; t < LF_K1 * 25 * LF_K3; t += nt) {
-        const int k = t % LF_K3, ct = t / LF_K3;  // ct = c*25 + tap
-        s_w3[t] = c3w[(size_t)k * LF_K1 * 25 + ct];
+    if constexpr (V3) {  // read c3.w in its own order (coalesced), scatter to [ct][k]
+        for (int t = tid; t < LF_K1 * 25 * LF_K3; t += nt) {
+            const int k = t / (LF_K1 * 25), ct = t - k * (LF_K1 * 25);
+            s_w3[ct * LF_K3 + k] = c3w[t];
+        }
+    } else {
+        for (int t = tid; t < LF_K1 * 25 * LF_K3; t += nt) {
+            const int k = t % LF_K3, ct = t / LF_K3;  // ct = c*25 + tap
+            s_w3[t] = c3w[(size_t)k * LF_K1 * 25 + ct];
+        }
     }
     for (int t = tid; t < LF_K3; t += nt) s_b3[t] = c3b[t];
-    lf_stage_images(images, s_img, IS, n0, ni, NI, scale, shift);
+    lf_stage_input<T>(images, s_img, IS, n0, ni, NI, scale, shift, pad);
     __syncthreads();
 
     // C1 + act + pool -> S2 (Y): a thread per (image, pooled pixel), all 6 filters, its 2x2 window of conv outputs
@@ -283,11 +308,31 @@ __device__ __forceinline__ void lenet_fwd_v2_tile(const unsigned char* __restric
     __syncthreads();
 
     // the dense stages: the tile's images are the rows (images past the batch compute on zeros, never written)
-    rows_gemv<NI, LF_F>(c5w, c5b, H1, LF_I5, s_img, IS, s_img + LF_I5, IS, nullptr, ni, act);
+    rows_gemv<NI, F, U>(c5w, c5b, H1, LF_I5, s_img, IS, s_img + LF_I5, IS, nullptr, ni, act);
     __syncthreads();
-    rows_gemv<NI, LF_F>(f6w, f6b, H2, H1, s_img + LF_I5, IS, s_img + XR, IS, nullptr, ni, act);
+    rows_gemv<NI, F, U>(f6w, f6b, H2, H1, s_img + LF_I5, IS, s_img + XR, IS, nullptr, ni, act);
     __syncthreads();
-    rows_gemv<NI, LF_F>(ow, ob, NC, H2, s_img + XR, IS, nullptr, 0, logits + (size_t)n0 * NC, ni, ACT_IDENTITY);
+    float* g_logits = logits != nullptr ? logits + (size_t)n0 * NC : nullptr;
+    if (!V3 || classes == nullptr) {
+        rows_gemv<NI, F, U>(ow, ob, NC, H2, s_img + XR, IS, nullptr, 0, g_logits, ni, ACT_IDENTITY);
+        return;
+    }
+    // the logits into X[0, NC) (S4's place, free after C5), then the first maximal class of each image
+    rows_gemv<NI, F, U>(ow, ob, NC, H2, s_img + XR, IS, s_img, IS, g_logits, ni, ACT_IDENTITY);
+    __syncthreads();
+    if (tid < ni) {
+        const float* z = s_img + tid * IS;
+        int best = 0;
+        float bv = z[0];
+        for (int c = 1; c < NC; ++c) {
+            const float v = z[c];
+            if (v > bv || (v != v && bv == bv)) {  // as np.argmax: the first maximum, the first NaN wins
+                bv = v;
+                best = c;
+            }
+        }
+        classes[n0 + tid] = best;
+    }
 }
 
 // `imgs` (1, 2 or 4) is uniform over the launch: one specialised body runs.
@@ -298,11 +343,97 @@ lenet_fwd_v2(const unsigned char* __restrict__ images, const float* __restrict__
              const float* __restrict__ ow, const float* __restrict__ ob, float* __restrict__ logits, int N, int H1,
              int H2, int NC, int act, int mode, float scale, float shift, int imgs) {
     extern __shared__ float smem[];
-#define LF_ARGS images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, N, H1, H2, NC, act, mode, scale, shift, smem
+#define LF_ARGS images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, nullptr, N, H1, H2, NC, act, mode, \
+                scale, shift, shift, smem
+#define LF_V2(NI) lenet_fwd_tile<NI, LF_F, (NI * LF_F * LF_F <= 32 ? 4 : 1), unsigned char, false>(LF_ARGS)
     switch (imgs) {
-        case 1: lenet_fwd_v2_tile<1>(LF_ARGS); break;
-        case 2: lenet_fwd_v2_tile<2>(LF_ARGS); break;
-        default: lenet_fwd_v2_tile<4>(LF_ARGS); break;
+        case 1: LF_V2(1); break;
+        case 2: LF_V2(2); break;
+        default: LF_V2(4); break;
     }
+#undef LF_V2
 #undef LF_ARGS
+}
+
+// ------------------------------------------------------------------------------------------ v3
+#ifndef LF_U3
+#define LF_U3 4  // v3: the dense stages' k-loop unroll
+#endif
+
+// `imgs` (1, 2 or 4) and `in_f32` are uniform over the launch: one of six specialised bodies runs. images: (N,28,28)
+// uint8 (in_f32 = 0) or float32 (in_f32 = 1); logits (N,NC) or null; classes (N,) int64 or null (not both null).
+extern "C" __global__ void __launch_bounds__(LF_THREADS_V2, LF_MIN_BLOCKS)
+lenet_fwd_v3(const void* __restrict__ images, int in_f32, const float* __restrict__ c1w,
+             const float* __restrict__ c1b, const float* __restrict__ c3w, const float* __restrict__ c3b,
+             const float* __restrict__ c5w, const float* __restrict__ c5b, const float* __restrict__ f6w,
+             const float* __restrict__ f6b, const float* __restrict__ ow, const float* __restrict__ ob,
+             float* __restrict__ logits, long long* __restrict__ classes, int N, int H1, int H2, int NC, int act,
+             int mode, float scale, float shift, float pad, int imgs) {
+    extern __shared__ float smem[];
+#define LF_ARGS(T) static_cast<const T*>(images), c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, classes, N, \
+                   H1, H2, NC, act, mode, scale, shift, pad, smem
+#define LF_V3(NI, T) lenet_fwd_tile<NI, 8 / NI, LF_U3, T, true>(LF_ARGS(T))
+    if (in_f32) {
+        switch (imgs) {
+            case 1: LF_V3(1, float); break;
+            case 2: LF_V3(2, float); break;
+            default: LF_V3(4, float); break;
+        }
+    } else {
+        switch (imgs) {
+            case 1: LF_V3(1, unsigned char); break;
+            case 2: LF_V3(2, unsigned char); break;
+            default: LF_V3(4, unsigned char); break;
+        }
+    }
+#undef LF_V3
+#undef LF_ARGS
+}
+
+// ------------------------------------------------------------------------------------------ evaluation
+// lenet_eval_v1: out[0] = sum over n of the softmax cross-entropy of logits[n] (N,NC) against labels[n] (uint8),
+// out[1] = the rows whose first maximal logit (as np.argmax) is the label; both in double, in a fixed order: thread
+// t takes rows t, t + T, ... in turn, then a fixed tree over the block's threads. One block (LF_EVAL_THREADS): an
+// evaluation pass ends with one launch and one 16-byte copy back.
+#define LF_EVAL_THREADS 256
+// (No __launch_bounds__: with it, ptxas for sm_90 spilled 8 bytes of exp/log's double temporaries; without, 44
+// registers and no spill.)
+extern "C" __global__ void lenet_eval_v1(const float* __restrict__ logits, const unsigned char* __restrict__ labels, int N, int NC,
+              double* __restrict__ out) {
+    __shared__ double s_loss[LF_EVAL_THREADS];
+    __shared__ double s_hit[LF_EVAL_THREADS];
+    double loss = 0.0, hit = 0.0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        const float* z = logits + (size_t)n * NC;
+        float bv = z[0];
+        int best = 0;
+        double m = (double)z[0];
+        for (int c = 1; c < NC; ++c) {
+            const float v = z[c];
+            if (v > bv || (v != v && bv == bv)) {
+                bv = v;
+                best = c;
+            }
+            m = fmax(m, (double)v);
+        }
+        double s = 0.0;
+        for (int c = 0; c < NC; ++c) s += exp((double)z[c] - m);
+        const int y = labels[n];
+        loss += log(s) + m - (double)z[y];
+        hit += best == y ? 1.0 : 0.0;
+    }
+    s_loss[threadIdx.x] = loss;
+    s_hit[threadIdx.x] = hit;
+    __syncthreads();
+    for (int h = LF_EVAL_THREADS / 2; h > 0; h >>= 1) {
+        if ((int)threadIdx.x < h) {
+            s_loss[threadIdx.x] += s_loss[threadIdx.x + h];
+            s_hit[threadIdx.x] += s_hit[threadIdx.x + h];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        out[0] = s_loss[0];
+        out[1] = s_hit[0];
+    }
 }

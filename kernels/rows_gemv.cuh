@@ -45,7 +45,8 @@ __device__ __forceinline__ float warp_transpose_sum(float (&v)[N], int lane) {
 // anything finite). Writes s_out[r * out_stride + o] for every r < R (when s_out is not null) and
 // g_out[r * O + o] for r < nr (when g_out is not null). Call with the whole block (warp-uniform loops: every lane
 // reaches every shuffle); the caller puts a barrier between layers.
-template <int R, int F>
+// U: the k loop's unroll (default: 4 where registers allow, else 1; lenet_fwd_v3 passes its own).
+template <int R, int F, int U = (R * F * F <= 32 ? 4 : 1)>
 __device__ __forceinline__ void rows_gemv(const float* __restrict__ Wt, const float* __restrict__ bias, int O, int K,
                                           const float* s_in, int in_stride, float* s_out, int out_stride,
                                           float* __restrict__ g_out, int nr, int act) {
@@ -58,7 +59,7 @@ __device__ __forceinline__ void rows_gemv(const float* __restrict__ Wt, const fl
         for (int j = 0; j < N; ++j) v[j] = 0.0f;
         const float* wb = Wt + (size_t)o0 * K;
         const int last = O - 1 - o0;  // outputs past O re-read the last row (their sums are not written)
-#pragma unroll(N * F <= 32 ? 4 : 1)  // more loads in flight where registers allow (more unrolled, they spill)
+#pragma unroll(U)  // more loads in flight where registers allow (more unrolled, they spill)
         for (int k = lane; k < K; k += 32) {
             float xin[R];
 #pragma unroll

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from . import arrays
 from .backends import Backend, get_backend
 from .backends.base import COMPILE_AHEAD
 from .spec import IMAGE_HW, INPUT_HW, NUM_CLASSES, NetConfig, init_params, layout_signature, param_layout, views
@@ -437,11 +438,30 @@ class LeNet5:
     def evaluate(self, data: DeviceData, batch_size: int = 1000) -> tuple[float, int]:
         """(loss sum, correct count) over a device-resident dataset in its stored order.
 
-        The logits come from the backend (lenet_fwd where it has it); the loss and the count are
-        summed on the host in float64. Training state is left alone."""
+        Where the backend has lenet_fwd and lenet_eval (cupy), the whole set runs on the device: one lenet_fwd
+        launch into a logits buffer kept per size, one lenet_eval launch that sums the loss and the correct
+        count in double in a fixed order, one 16-byte copy back (``batch_size`` is not used). Elsewhere the
+        logits come from the backend ``batch_size`` images at a time and are summed on the host in float64.
+        Training state is left alone."""
+        be = self.backend
+        ev = getattr(be, "lenet_eval", None)
+        if ev is not None and self.fused["lenet_fwd"]:
+            logits, out = self._eval_buffers(data.n)
+            be.lenet_fwd(data.images, self._pv, logits, self.mean, self.std, self.cfg.activation, self.cfg.pool)
+            ev(logits, data.labels, out)
+            loss, correct = be.to_host(out)
+            return float(loss), int(correct)
         logits = self._device_logits(data.images, data.n, batch_size)
-        labels = self.backend.to_host(data.labels)
+        labels = be.to_host(data.labels)
         return _loss_and_correct(logits, labels)
+
+    def _eval_buffers(self, n: int) -> tuple[Any, Any]:
+        """Device logits (n,10) and the (2,) float64 sums of evaluation, allocated at the first pass of a size."""
+        bufs = getattr(self, "_eval_bufs", None)
+        if bufs is None or bufs[0].shape[0] != n:
+            be = self.backend
+            bufs = self._eval_bufs = (be.empty((n, NUM_CLASSES)), be.empty((2,), np.float64))
+        return bufs
 
     def _device_logits(self, images: Any, n: int, batch_size: int) -> np.ndarray:
         """(n, 10) host logits of device images in stored order."""
@@ -505,20 +525,128 @@ class LeNet5:
         self.step_count += 1
         return float(ss.read_stats(0, 1)[0, 0]) / n
 
-    def logits(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        """(N,10) float32 logits for uint8 images (N,28,28)."""
-        images, _ = _check_batch(images, None)
-        out = np.empty((images.shape[0], NUM_CLASSES), np.float32)
-        for s in range(0, images.shape[0], batch_size):
+    def logits(self, images: Any, batch_size: int | None = None) -> Any:
+        """(N,10) float32 logits of images (N,28,28): uint8 pixels, or float32 already normalised as
+        ``(p/255 - mean)/std`` (lenet_gpu.arrays). A host array (NumPy, or a CPU DLPack producer) gives a NumPy
+        array; a device array on the model's GPU (CuPy, PyTorch, JAX through DLPack; Numba and others through
+        ``__cuda_array_interface__``) gives an array of the same kind, computed on the device without a host
+        copy. ``batch_size`` tiles host inputs only (default: the backend's choice; on cupy, chunks of
+        cupy_backend.staging.CHUNK images through pinned buffers, copies overlapped with compute)."""
+        inc = self._incoming(images)
+        if inc.where == "device":
+            return arrays.export(self.forward_device(inc), inc.kind, self.backend)
+        return self._host_logits(inc, batch_size)
+
+    def predict(self, images: Any, batch_size: int | None = None) -> Any:
+        """Class ids (N,) int64 (the first maximal logit) of images as for ``logits``: a NumPy array for a host
+        input, an array of the input's kind for a device input (where the backend fuses the argmax into the
+        forward kernel, no logits are written)."""
+        inc = self._incoming(images)
+        if inc.where == "device":
+            return arrays.export(self.forward_device(inc, classes=True), inc.kind, self.backend)
+        return np.argmax(self._host_logits(inc, batch_size), axis=1)
+
+    def forward_device(self, images: Any, classes: bool = False) -> Any:
+        """The backend's own device array of logits (N,10) float32, or of class ids (N,) int64 with
+        ``classes``, for a device input on the model's device (an ``arrays.Incoming`` or any array
+        ``logits`` takes): one launch over the whole batch where the backend has lenet_fwd, no host copy,
+        no synchronisation, one allocation (the result). What the benchmarks time."""
+        inc = images if isinstance(images, arrays.Incoming) else self._incoming(images)
+        if inc.where != "device":
+            raise arrays.ArrayInputError("forward_device: images must be a device array on the model's device")
+        be = self.backend
+        adopt = getattr(be, "adopt_array", None)
+        x = adopt(inc) if adopt is not None else arrays.adopt(be, inc)
+        n = inc.n
+        fwd = getattr(be, "lenet_fwd", None) if self.fused["lenet_fwd"] else None
+        feats = getattr(fwd, "features", ())
+        if fwd is not None and (inc.dtype == "uint8" or "float32" in feats):
+            if classes and "classes" in feats:
+                out = be.empty((n,), np.int64)
+                fwd(x, self._pv, None, self.mean, self.std, self.cfg.activation, self.cfg.pool, classes=out)
+                return out
+            out = be.empty((n, NUM_CLASSES))
+            fwd(x, self._pv, out, self.mean, self.std, self.cfg.activation, self.cfg.pool)
+        else:
+            raise arrays.ArrayInputError(
+                f"images: {inc.dtype} device arrays need the fused lenet_fwd of the cupy backend; "
+                f"{be.name} has {'no lenet_fwd' if fwd is None else 'a uint8-only lenet_fwd'}")
+        if classes:
+            return _device_argmax(out)
+        return out
+
+    def score(self, images: Any, labels: Any, batch_size: int | None = None) -> tuple[float, int]:
+        """(Σ softmax cross-entropy, correct count) of images and their labels (N,) class ids, of any kind
+        ``logits`` takes (both on the host, or both on the model's device). On a device with lenet_eval (cupy):
+        one forward launch, one lenet_eval launch summing in double in a fixed order, one 16-byte copy back
+        (non-uint8 labels are converted on the device: one documented copy). On the host: the logits of
+        ``logits`` summed in float64 on the host."""
+        inc = self._incoming(images)
+        lab = arrays.classify_labels(labels, inc.n, inc)
+        if inc.where == "host":
+            y = np.asarray(lab.host)
+            if y.size and (y.min() < 0 or y.max() >= NUM_CLASSES):
+                raise arrays.ArrayInputError("labels must be class ids in 0..9")
+            return _loss_and_correct(self._host_logits(inc, batch_size), y)
+        be = self.backend
+        logits = self.forward_device(inc)
+        adopt = getattr(be, "adopt_array", None)
+        y = adopt(lab) if adopt is not None else arrays.adopt(be, lab)
+        ev = getattr(be, "lenet_eval", None)
+        if ev is None:  # no device reduction on this backend: the logits come back once
+            return _loss_and_correct(be.to_host(logits), be.to_host(y))
+        if y.dtype != np.uint8:
+            y = y.astype(np.uint8)  # one device-side conversion (class ids 0..9 fit)
+        out = getattr(self, "_score_out", None)
+        if out is None:
+            out = self._score_out = be.empty((2,), np.float64)
+        ev(logits, y, out)
+        loss, correct = be.to_host(out)
+        return float(loss), int(correct)
+
+    def _incoming(self, images: Any) -> arrays.Incoming:
+        be = self.backend
+        return arrays.classify(images, arrays.backend_device(be), be.name, arrays.pointer_device(be))
+
+    def _host_logits(self, inc: arrays.Incoming, batch_size: int | None) -> np.ndarray:
+        """(N,10) host logits of a host input, ``batch_size`` images an upload."""
+        images = np.ascontiguousarray(inc.host)
+        n = images.shape[0]
+        be = self.backend
+        stager = getattr(be, "stager", None)
+        if stager is not None and images.dtype == np.uint8 and self.fused["lenet_fwd"]:
+            # chunks through pinned buffers, copy overlapped with compute, one copy back (cupy_backend/staging.py)
+            st = stager()
+            pv, mean, std, act, pool = self._pv, self.mean, self.std, self.cfg.activation, self.cfg.pool
+            return st.run(images, st.output(n, NUM_CLASSES),
+                          lambda x, out: be.lenet_fwd(x, pv, out, mean, std, act, pool), batch_size)
+        batch_size = batch_size or 1024
+        out = np.empty((n, NUM_CLASSES), np.float32)
+        if images.dtype == np.float32:
+            self._host_float_logits(images, out, batch_size)
+            return out
+        for s in range(0, n, batch_size):
             chunk = images[s : s + batch_size]
             data = self._staging(chunk.shape[0])
             self.backend.upload(data.images, chunk)
             out[s : s + chunk.shape[0]] = self._device_logits(data.images, chunk.shape[0], chunk.shape[0])
         return out
 
-    def predict(self, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-        """Class ids (N,) int64 for uint8 images (N,28,28)."""
-        return np.argmax(self.logits(images, batch_size), axis=1)
+    def _host_float_logits(self, images: np.ndarray, out: np.ndarray, batch_size: int) -> None:
+        """Normalised float32 images (N,28,28): padded on the host with the normalised value of pixel 0
+        (-mean/std) into the workspace's input, then the layer-by-layer forward pass."""
+        be = self.backend
+        pad = np.float32(-self.mean / self.std)
+        for s in range(0, images.shape[0], batch_size):
+            chunk = images[s : s + batch_size]
+            b = chunk.shape[0]
+            x = np.full((b, 1, INPUT_HW, INPUT_HW), pad, np.float32)
+            x[:, 0, 2 : 2 + IMAGE_HW, 2 : 2 + IMAGE_HW] = chunk
+            ws = self.workspace(b)
+            be.upload(ws.x, x)
+            self._forward_convs(ws)
+            self._forward_dense(ws)
+            out[s : s + b] = be.to_host(ws.logits)
 
     def activations(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every stage's output for a few images, from the same backend code that trains.
@@ -698,3 +826,14 @@ def scratch_step(backend: Backend, options: dict, fused: bool, batch: int) -> No
     images = np.zeros((batch, IMAGE_HW, IMAGE_HW), np.uint8)
     model.train_step(images, np.zeros(batch, np.uint8))
     model.logits(images, batch_size=batch)
+
+
+def _device_argmax(logits: Any) -> Any:
+    """Class ids (N,) int64 of device logits (the first maximal logit, as np.argmax), on the device."""
+    if isinstance(logits, np.ndarray):  # a host backend's "device" array (the harness)
+        return np.argmax(logits, axis=1)
+    if arrays.producer_kind(logits) == "cupy":
+        return logits.argmax(axis=1)
+    import cupy  # a numba device array: CuPy reads it through __cuda_array_interface__ without a copy
+
+    return cupy.asarray(logits).argmax(axis=1)

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="backend that runs the network (default numpy: no start-up cost for a few images)",
     )
     p.add_argument(
+        "--batch-size", type=int, default=1024, metavar="N",
+        help="images prepared and classified per batch (one call of the model's inference path; default 1024)",
+    )
+    p.add_argument(
         "--save-prepared", metavar="DIR",
         help="also write each prepared 28x28 image as DIR/<name>.28x28.png, to see what the network sees",
     )
@@ -104,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.checkpoint = None
     if not 1 <= args.top <= 10:
         return _fail(f"--top must be between 1 and 10 (got {args.top})")
+    if args.batch_size < 1:
+        return _fail(f"--batch-size must be >= 1 (got {args.batch_size})")
     try:
         import PIL  # noqa: F401
     except ImportError:
@@ -132,41 +138,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             return _fail(f"--save-prepared {save_dir}: cannot create folder: {e.strerror or e}")
 
-    # Prepare every file first (errors reported in order), then classify them in one batch.
-    prepared: list[tuple[str, np.ndarray]] = []
+    # Batches of --batch-size files: prepare each file (errors reported in order), then classify the batch with
+    # one call of the model's inference path (LeNet5.logits: on cupy, pinned staging and one launch per chunk).
     failed = 0
-    for path in args.images:
-        try:
-            digit = prepare_digit(load_image(path))
-        except ImagePrepError as e:
-            print(f"{path}: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        except MemoryError:
-            print(f"{path}: image too large to process", file=sys.stderr)
-            failed += 1
-            continue
-        prepared.append((path, digit))
-        if save_dir is not None:
-            _save_prepared(save_dir, path, digit)
-
-    if prepared:
-        probs = softmax(model.logits(np.stack([d for _, d in prepared])))
-        for (path, _), p in zip(prepared, probs):
-            order = np.argsort(-p, kind="stable")[: args.top]
-            if args.json:
-                record = {
-                    "file": path,
-                    "prediction": int(order[0]),
-                    "label": names[order[0]],
-                    "top": [{"class": int(k), "label": names[k], "prob": round(float(p[k]), 6)} for k in order],
-                }
-                print(json.dumps(record))
-            else:
-                tops = ", ".join(f"{names[k]} {100 * p[k]:.1f}%" for k in order)
-                print(f"{path}: {names[order[0]]}  ({tops})")
+    for start in range(0, len(args.images), args.batch_size):
+        prepared: list[tuple[str, np.ndarray]] = []
+        for path in args.images[start : start + args.batch_size]:
+            try:
+                digit = prepare_digit(load_image(path))
+            except ImagePrepError as e:
+                print(f"{path}: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            except MemoryError:
+                print(f"{path}: image too large to process", file=sys.stderr)
+                failed += 1
+                continue
+            prepared.append((path, digit))
+            if save_dir is not None:
+                _save_prepared(save_dir, path, digit)
+        if prepared:
+            _report(prepared, softmax(model.logits(np.stack([d for _, d in prepared]))), names, args)
     sys.stdout.flush()
     return EXIT_FILE_FAILED if failed else EXIT_OK
+
+
+def _report(prepared: list[tuple[str, np.ndarray]], probs: np.ndarray, names: Sequence[str],
+            args: argparse.Namespace) -> None:
+    """One line (or JSON object) per classified image, in the order given."""
+    for (path, _), p in zip(prepared, probs):
+        order = np.argsort(-p, kind="stable")[: args.top]
+        if args.json:
+            record = {
+                "file": path,
+                "prediction": int(order[0]),
+                "label": names[order[0]],
+                "top": [{"class": int(k), "label": names[k], "prob": round(float(p[k]), 6)} for k in order],
+            }
+            print(json.dumps(record))
+        else:
+            tops = ", ".join(f"{names[k]} {100 * p[k]:.1f}%" for k in order)
+            print(f"{path}: {names[order[0]]}  ({tops})")
 
 
 def _save_prepared(folder: Path, path: str, digit: np.ndarray) -> None:

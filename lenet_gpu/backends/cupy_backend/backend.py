@@ -32,7 +32,7 @@ import numpy as np
 
 from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, POOL_CODES, check_act, check_mode
-from . import fused
+from . import fused, staging
 from .runtime import DEFAULT_SM_COUNT, NULL_POINTER, CupyRuntime, HostRuntime, Runtime, define_options
 from .runtime import check_array as _check
 
@@ -494,6 +494,8 @@ class CupyBackend:
     #: (kernels/lenet_fwd.cu, one launch): their wrappers live in fused.py
     head_train = fused.head_train
     lenet_fwd = fused.lenet_fwd
+    lenet_eval = fused.lenet_eval  # evaluation's loss and correct count, summed on the device
+    stager = staging.stager  # host batches for inference through pinned, overlapped staging
 
     def conv2d_pool_fwd(self, x, w, b, yconv, ypool, argmax, act, mode, variant=None) -> None:
         """Fused conv2d_fwd + pool2x2_fwd: yconv (may be None: not written) = act(conv + b); ypool and,

@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 
 from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
+from .runtime import DEFAULT_SM_COUNT, define_options
 from .runtime import check_array as _check
-from .runtime import define_options
 
 i32, f32 = np.int32, np.float32
 
 #: op → its variants (v1 the readable baseline); the default is the last
-VARIANTS: dict[str, tuple[str, ...]] = {"head_train": ("v1", "v2"), "lenet_fwd": ("v1", "v2")}
+VARIANTS: dict[str, tuple[str, ...]] = {"head_train": ("v1", "v2"), "lenet_fwd": ("v1", "v2", "v3")}
 DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, vs in VARIANTS.items()}
 #: op → the kernel file stem (kernels/<stem>.cu)
 STEMS: dict[str, str] = {"head_train": "head", "lenet_fwd": "lenet_fwd"}
@@ -45,8 +45,8 @@ HEAD_FILL_BLOCKS = 2 * 132
 LF_IMAGE = 28  # input images 28 x 28, padded by 2 to 32 x 32
 LF_SHAPES = {"c1.w": (6, 1, 5, 5), "c1.b": (6,), "c3.w": (16, 6, 5, 5), "c3.b": (16,)}
 LF_I5 = 16 * 5 * 5  # S4 flattened: the input width of C5
-LF_THREADS = {"v1": 256, "v2": 224}  # lenet_fwd.cu LF_THREADS_V1 / LF_THREADS_V2
-LF_WEIGHT_FLOATS = {"v1": 2576, "v2": 2624}  # C1 + C3 weights and biases as staged (lenet_fwd.cu LF_W_V1 / LF_W_V2)
+LF_THREADS = {"v1": 256, "v2": 224, "v3": 224}  # lenet_fwd.cu LF_THREADS_V1 / LF_THREADS_V2
+LF_WEIGHT_FLOATS = {"v1": 2576, "v2": 2624, "v3": 2624}  # C1 + C3 weights and biases as staged (LF_W_V1 / LF_W_V2)
 LF_MAX_IMGS = 4  # images per block at most (the v2 kernel is specialised for 1, 2, 4)
 
 
@@ -216,10 +216,20 @@ def lenet_fwd_smem(variant: str, imgs: int, h1: int, h2: int) -> int:
     return 4 * (LF_WEIGHT_FLOATS[variant] + imgs * (x + y))
 
 
-def lenet_fwd_plan(variant: str, N: int, H1: int, H2: int) -> FusedLaunch:  # noqa: N803
-    """The one launch of lenet_fwd: a block per tile of ``imgs`` images (4, else 2, else 1: what fits 48 KiB of
-    shared memory)."""
-    imgs = LF_MAX_IMGS
+def lenet_fwd_imgs(variant: str, N: int, sm_count: int | None = None) -> int:  # noqa: N803
+    """Images per block before the shared-memory limit: v1 and v2 always 4; v3 by batch size: 1 while N is at most
+    2 x SMs (a block per image: a small batch spreads over the GPU), 2 up to 4 x SMs, else 4 (the dense weights
+    streamed once per 4 images)."""
+    if variant != "v3":
+        return LF_MAX_IMGS
+    sms = sm_count or DEFAULT_SM_COUNT
+    return 1 if N <= 2 * sms else 2 if N <= 4 * sms else 4
+
+
+def lenet_fwd_plan(variant: str, N: int, H1: int, H2: int, sm_count: int | None = None) -> FusedLaunch:  # noqa: N803
+    """The one launch of lenet_fwd: a block per tile of ``imgs`` images (``lenet_fwd_imgs``, halved until the tile
+    fits 48 KiB of shared memory)."""
+    imgs = lenet_fwd_imgs(variant, N, sm_count)
     while imgs > 1 and lenet_fwd_smem(variant, imgs, H1, H2) > SMEM_LIMIT:
         imgs //= 2
     smem = lenet_fwd_smem(variant, imgs, H1, H2)
@@ -230,15 +240,23 @@ def lenet_fwd_plan(variant: str, N: int, H1: int, H2: int) -> FusedLaunch:  # no
 
 
 def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std: float, act: str, mode: str,
-              variant: str | None = None) -> None:
-    """reference.lenet_fwd in one launch: uint8 images (N,28,28) → logits (N,NC). params maps c1.w, c1.b, c3.w,
-    c3.b, c5.w (H1,400), c5.b, f6.w (H2,H1), f6.b, out.w (NC,H2), out.b to device arrays. The input is normalised
-    as batch_prepare does: pixel·scale + shift with scale = 1/(255·std), shift = −mean/std in float32."""
+              variant: str | None = None, classes: Any = None) -> None:
+    """reference.lenet_fwd in one launch: images (N,28,28) → logits (N,NC) and/or classes (N,) int64 (the first
+    maximal logit, as np.argmax). params maps c1.w, c1.b, c3.w, c3.b, c5.w (H1,400), c5.b, f6.w (H2,H1), f6.b,
+    out.w (NC,H2), out.b to device arrays. uint8 images are normalised as batch_prepare does: pixel·scale + shift
+    with scale = 1/(255·std), shift = −mean/std in float32, the border the normalised pixel 0. v3 also takes float32
+    images already normalised (the border −mean/std), and ``classes`` (the argmax fused; ``logits`` may then be
+    None: no logits written); v1 and v2 take uint8 and logits only."""
     v = _variant(be, "lenet_fwd", variant)
     check_act(act)
     check_mode(mode)
     n = images.shape[0]
-    _check(images, "images", (n, LF_IMAGE, LF_IMAGE), np.uint8)
+    in_f32 = images.dtype == np.float32
+    if (in_f32 or classes is not None or logits is None) and v != "v3":
+        if variant is not None:
+            raise ValueError(f"lenet_fwd_{v}: float32 images, classes and logits=None need v3")
+        v = "v3"
+    _check(images, "images", (n, LF_IMAGE, LF_IMAGE), np.float32 if in_f32 else np.uint8)
     for k, shape in LF_SHAPES.items():
         _check(params[k], k, shape)
     h1n, h2n, nc = params["c5.w"].shape[0], params["f6.w"].shape[0], params["out.w"].shape[0]
@@ -248,13 +266,44 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
     _check(params["f6.b"], "f6.b", (h2n,))
     _check(params["out.w"], "out.w", (nc, h2n))
     _check(params["out.b"], "out.b", (nc,))
-    _check(logits, "logits", (n, nc))
+    if logits is None and classes is None:
+        raise ValueError("lenet_fwd: give logits, classes or both")
+    if logits is not None:
+        _check(logits, "logits", (n, nc))
+    if classes is not None:
+        _check(classes, "classes", (n,), np.int64)
     if n < 1:
         raise ValueError("lenet_fwd: needs at least one image")
     scale, shift = f32(1.0 / (255.0 * std)), f32(-mean / std)
-    plan = lenet_fwd_plan(v, n, h1n, h2n)
+    plan = lenet_fwd_plan(v, n, h1n, h2n, getattr(be, "sm_count", None))
     p = params
-    _launch(be, "lenet_fwd", plan,
-            (images, p["c1.w"], p["c1.b"], p["c3.w"], p["c3.b"], p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"],
-             p["out.w"], p["out.b"], logits, i32(n), i32(h1n), i32(h2n), i32(nc), i32(ACT_CODES[act]),
-             i32(POOL_CODES[mode]), scale, shift))
+    weights = (p["c1.w"], p["c1.b"], p["c3.w"], p["c3.b"], p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"], p["out.w"],
+               p["out.b"])
+    tail = (i32(n), i32(h1n), i32(h2n), i32(nc), i32(ACT_CODES[act]), i32(POOL_CODES[mode]))
+    if v != "v3":
+        _launch(be, "lenet_fwd", plan, (images, *weights, logits, *tail, scale, shift))
+        return
+    if in_f32:
+        scale, shift = f32(1.0), f32(0.0)
+    pad = f32(-mean / std)  # the normalised pixel 0 (for uint8: equal to shift)
+    _launch(be, "lenet_fwd", plan, (images, i32(in_f32), *weights, logits, classes, *tail, scale, shift, pad))
+
+
+#: what the model may ask of this lenet_fwd beyond the protocol (LeNet5.forward_device reads it)
+lenet_fwd.features = ("float32", "classes")
+
+
+LF_EVAL_THREADS = 256  # lenet_fwd.cu LF_EVAL_THREADS
+
+
+def lenet_eval(be: Any, logits: Any, labels: Any, out: Any) -> None:
+    """out (2,) float64 = [Σ softmax cross-entropy of logits (N,NC) against labels (N,) uint8, the rows whose first
+    maximal logit is the label], summed in double on the device in a fixed order (one launch, one block)."""
+    n, nc = logits.shape
+    _check(logits, "logits", (n, nc))
+    _check(labels, "labels", (n,), np.uint8)
+    _check(out, "out", (2,), np.float64)
+    if n < 1:
+        raise ValueError("lenet_eval: needs at least one row")
+    _launch(be, "lenet_fwd", FusedLaunch("lenet_eval_v1", (1, 1, 1), (LF_EVAL_THREADS, 1, 1)),
+            (logits, labels, i32(n), i32(nc), out))
