@@ -21,7 +21,8 @@ from lenet_gpu.backends.numba_backend import KERNELS, SIGNATURES, VARIANTS  # no
 from lenet_gpu.backends.numba_backend import compile_report as cr  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90")
-KERNEL_NAMES = sorted(KERNELS)
+#: the backend's kernels and the routed backward's (the report covers both: cr.REPORT_VARIANTS)
+KERNEL_NAMES = sorted({f"{op}_{v}" for op, vs in cr.REPORT_VARIANTS.items() for v in vs})
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@
   dz3 = (softmax(logits) − onehot(labels))/B; dz2 = (dz3·w3)·act'(h2); dz1 = (dz2·w2)·act'(h1); dx = dz1·w1
   dw3 = dz3ᵀ·h2, db3 = Σ dz3; dw2 = dz2ᵀ·h1, db2; dw1 = dz1ᵀ·x, db1 (overwritten)
   dz_conv (B,C,H,W) = route(dx through S4's 2×2 pooling: the argmax tap, or dx/4 each) · act'(yconv); 0 off-window
+  yconv=None (max only, the routed step of docs/routed_backward.md): dz_conv (B,C,Hp,Wp) = gz = dx · act'(x)
   stats[STEP_IN_EPOCH mod S] = [Σ_b loss_b, #rows whose first maximal logit is the label] (overwritten)
 x (B,C,Hp,Wp) is the pooled map S4, read as (B,I); labels (B,) int32; argmax (B,C,Hp,Wp) uint8 (max only).
 
@@ -38,6 +39,8 @@ if not numba.config.ENABLE_CUDASIM:
     import_cuda_array_module()  # before the first compile (NumPy 2.5 with numba-cuda 0.30: see _compat)
 
 QUARTER = np.float32(0.25)
+#: head_train_v1's mode code for max pooling with the routed backward (yconv=None: dz_conv at x's shape)
+POOL_ROUTED = 2
 #: threads per block of the rows kernel and of the weight-gradient kernel
 HEAD_THREADS = 128
 WG_THREADS = 128
@@ -80,6 +83,8 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
     nh1, nh2, nc = w1.shape[0], w2.shape[0], w3.shape[0]
     cc, hh, ww = yconv.shape[1], yconv.shape[2], yconv.shape[3]
     hp, wp = hh // 2, ww // 2
+    if mode == POOL_ROUTED:  # yconv is x itself (B,C,Hp,Wp): dz_conv receives gz = dx·act'(x) at x's shape
+        hp, wp = hh, ww
     tid, nt = cuda.threadIdx.x, cuda.blockDim.x
     inv_b = ONE / float32(nb)
     for tile in range(cuda.blockIdx.x, (nb + rows - 1) // rows, cuda.gridDim.x):  # block-uniform
@@ -124,6 +129,9 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
             c = i // (hp * wp)
             ph = (i // wp) % hp
             pw = i % wp
+            if mode == POOL_ROUTED:  # the routed gradient: max pooling's act' at the routed tap is act'(x)
+                dz_conv[r, c, ph, pw] = g * act_grad(yconv[r, c, ph, pw], act)
+                continue
             for tap in range(4):
                 yy = 2 * ph + tap // 2
                 xx = 2 * pw + tap % 2
@@ -132,7 +140,7 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
                 else:
                     v = g * QUARTER
                 dz_conv[r, c, yy, xx] = v * act_grad(yconv[r, c, yy, xx], act)
-        if 2 * hp != hh or 2 * wp != ww:  # taps no window covers (odd H or W): 0
+        if mode != POOL_ROUTED and (2 * hp != hh or 2 * wp != ww):  # taps no window covers (odd H or W): 0
             per = cc * hh * ww
             for t in range(tid, nr * per, nt):
                 r = r0 + t // per
@@ -261,11 +269,17 @@ def head_train(
         raise ValueError(f"head_train: unknown variant {v!r}; choose one of {', '.join(VARIANTS['head_train'])}")
     check_act(act)
     check_mode(mode)
+    if yconv is None and mode != "max":
+        raise ValueError("head_train: yconv=None (the routed gradient) needs max pooling")
     n, c, hp, wp = x.shape
     ni = c * hp * wp
     nh1, nh2, nc = w1.shape[0], w2.shape[0], w3.shape[0]
-    hc, wc = yconv.shape[2], yconv.shape[3]
-    if (hc // 2, wc // 2) != (hp, wp):
+    if yconv is None:  # the routed step (docs/routed_backward.md): dz_conv receives gz at x's shape
+        yconv, hc, wc = x, hp, wp
+    else:
+        hc, wc = yconv.shape[2], yconv.shape[3]
+    routed = yconv is x
+    if not routed and (hc // 2, wc // 2) != (hp, wp):
         raise ValueError(f"head_train: yconv {tuple(yconv.shape)} does not pool to x {tuple(x.shape)}")
     for name, a, shape in (
         ("x", x, (n, c, hp, wp)), ("w1", w1, (nh1, ni)), ("b1", b1, (nh1,)), ("w2", w2, (nh2, nh1)),
@@ -297,7 +311,7 @@ def head_train(
     rows = rows_per_block(n)
     launch_kernel(be, "head_train_v1", head_train_v1, ceil_div(n, rows), HEAD_THREADS, 0, x2, labels, w1, b1, w2, b2,
                   w3, b3, h1, h2, logits, am2, yconv, dz_conv, dz1, dz2, dz3, rowstat, np.int32(ACT_CODES[act]),
-                  np.int32(POOL_CODES[mode]), np.int32(rows))
+                  np.int32(POOL_ROUTED if routed else POOL_CODES[mode]), np.int32(rows))
     total = nh1 * (ni + 1) + nh2 * (nh1 + 1) + nc * (nh2 + 1) + 1
     launch_kernel(be, "head_train_wgrad_v1", head_train_wgrad_v1, ceil_div(total, WG_THREADS), WG_THREADS, 0, x2, h1,
                   h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state)
