@@ -30,7 +30,7 @@ from . import launch as _launchmod
 from . import lenet_fwd as _lenet_fwd
 from . import routed as _routed
 from ._compat import import_cuda_array_module
-from .common import ceil_div
+from .common import ceil_div, div_magic
 
 if not numba.config.ENABLE_CUDASIM:
     import_cuda_array_module()  # before the first compile: NumPy 2.5 and numba-cuda 0.30 (see _compat)
@@ -801,7 +801,8 @@ class NumbaBackend:
             state = self._zero_state()
         f = self._flat_view
         self._launch("conv2d_bwd_weight_routed", v, grid, block, sh, f(x), f(gz), f(argmax), f(dw), db, partial,
-                     tickets, state, *_i32(n, c, h, wd, k, r, s), np.int32(splits))
+                     tickets, state, *_i32(n, c, h, wd, k, r, s), np.int32(splits), *div_magic(hp * wp),
+                     *div_magic(wp))
 
     def conv2d_bwd_data_routed(
         self, gz: Any, w: Any, argmax: Any, y_below: Any, gz_below: Any, act: str, variant: str | None = None
@@ -832,7 +833,8 @@ class NumbaBackend:
             raise ValueError(f"conv2d_bwd_data_routed_{v}: a {r}x{s} filter needs {sh} bytes of shared memory")
         f = self._flat_view
         self._launch("conv2d_bwd_data_routed", v, grid, block, sh, f(gz), f(w), f(argmax), f(y_below), f(gz_below),
-                     *_i32(n, c, h, wd, k, r, s), np.int32(ACT_CODES[act]), np.int32(_routed.data_chunk(w.shape)))
+                     *_i32(n, c, h, wd, k, r, s), np.int32(ACT_CODES[act]), np.int32(_routed.data_chunk(w.shape)),
+                     *div_magic(h * wd), *div_magic(wd))
 
     def _argmax_arg(self, op: str, argmax: Any, mode: str, shape: tuple[int, ...]) -> Any:
         """The argmax array to launch with: checked for max pooling, a dummy when avg passes None."""

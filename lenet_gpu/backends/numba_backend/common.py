@@ -18,7 +18,7 @@ import math
 
 import numba
 import numpy as np
-from numba import cuda
+from numba import cuda, uint32, uint64
 
 from ..base import ACT_CODES, POOL_CODES
 from ._compat import fix_simulator_shared_arrays
@@ -77,6 +77,23 @@ def ceil_div(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
+def div_magic(d: int) -> tuple[np.uint32, np.uint32]:
+    """(M, shift) with x // d == (x · M) >> shift for every 0 <= x < 2³¹ (1 <= d < 2³¹): the round-up method
+    (Granlund–Montgomery), l = ⌈log₂ d⌉, M = ⌈2^(31+l) / d⌉ < 2³², shift = 31 + l. A kernel divides a run-time
+    index by a run-time size with one 32×32→64 multiply and a shift (``fast_div``) instead of a division."""
+    d = int(d)
+    if not 1 <= d < 2**31:
+        raise ValueError(f"div_magic: divisor {d} is outside 1 .. 2^31-1")
+    lg = (d - 1).bit_length()
+    return np.uint32(-(-(1 << (31 + lg)) // d)), np.uint32(31 + lg)
+
+
+@cuda.jit(device=True, inline="always")
+def fast_div(x, m, sh):
+    """x // d for a uint32 x < 2³¹ and (m, sh) = div_magic(d) (uint32): mul.wide.u32 and a shift."""
+    return uint32((uint64(x) * uint64(m)) >> uint64(sh))
+
+
 if numba.config.ENABLE_CUDASIM:
     fix_simulator_shared_arrays()  # one shared array per block, whatever the thread interleaving
     # The simulator calls a device function through a context manager that rescans its module's
@@ -85,3 +102,4 @@ if numba.config.ENABLE_CUDASIM:
     # (GPU, compile_ptx) always inlines the decorated versions above.
     activate = activate.py_func  # noqa: F811
     act_grad = act_grad.py_func  # noqa: F811
+    fast_div = fast_div.py_func  # noqa: F811

@@ -230,6 +230,30 @@ def f64_lines(ptx: str) -> list[str]:
     return out
 
 
+_OPCODE = re.compile(r"^\s*(?:@%p\d+\s+)?([a-z]+(?:\.[a-z0-9]+)*)", re.M)
+
+
+def int_arith_stats(ptx: str) -> dict[str, int]:
+    """Counts of the PTX instructions that betray 64-bit or signed index arithmetic in a Numba kernel: integer
+    divisions and remainders by width and sign (``div.s64`` ... ``rem.u32``; a division by a constant becomes
+    a multiply, so these are divisions by run-time values), ``selp`` (Numba's wraparound of signed subscripts
+    and Python's floor-division fix-ups compile to selects), and 64-bit integer arithmetic (``add``, ``sub``,
+    ``mul``, ``mad``, ``shl``, ``shr`` on .s64/.u64, which includes the address arithmetic of every load)."""
+    ops = _OPCODE.findall(ptx[ptx.find(".entry"):])
+    out = {f"{d}.{t}": 0 for d in ("div", "rem") for t in ("s64", "u64", "s32", "u32")}
+    out.update(selp=0, int64_ops=0)
+    for op in ops:
+        parts = op.split(".")
+        key = f"{parts[0]}.{parts[-1]}"
+        if key in out:
+            out[key] += 1
+        if parts[0] == "selp":
+            out["selp"] += 1
+        if parts[0] in ("add", "sub", "mul", "mad", "shl", "shr") and parts[-1] in ("s64", "u64"):
+            out["int64_ops"] += 1
+    return out
+
+
 @functools.cache
 def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[str, str]:
     """(PTX, ptxas -v log) of kernel ``name`` for ``arch`` (e.g. "sm_90"); cached per process."""

@@ -7,9 +7,13 @@ size plus the routes (argmax), so only the routed positions are touched.
                             the filter only) · act'(y_below[b,c,u,v])
 Both equal the dense ops on the scattered gradient dz = pool2x2_bwd(gz, argmax, "max", (Ho, Wo)).
 
-Every array is a flat view and every size an int32 argument; offsets are int32 (the backend checks that no
-array has 2³¹ elements) and nonnegative by construction. Deterministic: every sum has a fixed order, no
-float atomics.
+Every array is a flat view and every size an int32 argument; every index and size inside is uint32 (the
+backend checks that no array has 2³¹ elements): unsigned subscripts need no wraparound select, unsigned
+`//` no floor fix-up, and nothing is widened to int64 (Numba widens int32 arithmetic; uint32(…) of each
+intermediate lets LLVM keep it 32-bit). A difference that could go negative is compared first. The hot
+loops divide by run-time sizes with common.fast_div (magic numbers from the host), and block-stride loops
+are while loops (a range() with a run-time step divides in 64 bits for its trip count). Deterministic:
+every sum has a fixed order, no float atomics.
 
 - conv2d_bwd_weight_routed_v1: conv2d_bwd_weight_v3's work split, at the pooled size: one block per
   (filter k, chunk of RW_COLS columns of c·r·s + the bias, split of the batch's pooled positions); a thread
@@ -26,12 +30,15 @@ float atomics.
 
 from __future__ import annotations
 
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, uint32
 
 from ...stepstate import STEP
-from .common import ZERO, act_grad
+from .common import ZERO, act_grad, fast_div
 from .conv2d import _last_arrival
 
+U = uint32  # every index and size: unsigned 32-bit, so no wraparound selects, floor fix-ups or int64
+U0 = uint32(0)
+U1 = uint32(1)
 #: conv2d_bwd_weight_routed_v1: threads per block (RW_GROUPS groups of RW_COLS threads in the reduction)
 RW_THREADS = 128
 #: conv2d_bwd_weight_routed_v1: columns of c·r·s (+ the bias) per block (the dense v3's BW_COLS: the backend
@@ -48,161 +55,185 @@ RD_SMEM_FLOATS = 4096
 
 @cuda.jit
 def conv2d_bwd_weight_routed_v1(xf, gzf, amf, dw, db, partial, tickets, state, nb, cin, h, wd, kout, r_, s_,
-                                splits):
+                                splits, mpp, shpp, mwp, shwp):
+    # (mpp, shpp), (mwp, shwp): common.div_magic of the pooled plane Hp·Wp and of Wp
     part = cuda.shared.array((RW_COLS, RW_THREADS), float32)
     part2 = cuda.shared.array((RW_COLS, RW_GROUPS), float32)
     last = cuda.shared.array(1, int32)
     acc = cuda.local.array(RW_COLS, float32)
-    xoff = cuda.local.array(RW_COLS, int32)  # unrolled: registers
-    hp = int32((h - r_ + 1) >> 1)
-    wp = int32((wd - s_ + 1) >> 1)
-    rs = int32(r_ * s_)
-    crs = int32(cin * rs)
-    hw = int32(h * wd)
-    pplane = int32(hp * wp)
-    total = int32(nb * pplane)
-    per = int32((total + splits - 1) // splits)
-    nchunks = int32((crs + RW_COLS) // RW_COLS)  # ceil((crs + 1) / RW_COLS)
+    xoff = cuda.local.array(RW_COLS, uint32)  # unrolled: registers
+    hp = U((U(h) - U(r_) + U1) >> U1)
+    wp = U((U(wd) - U(s_) + U1) >> U1)
+    ns = U(splits)
+    ur, us, uw = U(r_), U(s_), U(wd)
+    rs = U(ur * us)
+    crs = U(U(cin) * rs)
+    hw = U(U(h) * uw)
+    chw = U(U(cin) * hw)
+    pplane = U(hp * wp)
+    kpp = U(U(kout) * pplane)
+    total = U(U(nb) * pplane)
+    per = U(U(total + ns - U1) // ns)
+    nchunks = U(U(crs + U(RW_COLS)) // U(RW_COLS))  # ceil((crs + 1) / RW_COLS)
     tag = state[STEP]
-    tid = int32(cuda.threadIdx.x)
-    for work in range(int32(cuda.blockIdx.x), int32(kout * nchunks * splits), int32(cuda.gridDim.x)):
-        item = int32(work // splits)
-        sp = int32(work - item * splits)
-        k = int32(item // nchunks)
-        q0 = int32((item - k * nchunks) * RW_COLS)
+    tid = U(cuda.threadIdx.x)
+    nwork = U(U(kout) * nchunks * ns)
+    work = U(cuda.blockIdx.x)
+    # block-stride loops are while loops: a range() with a run-time step computes its trip count with a
+    # 64-bit division
+    while work < nwork:
+        item = U(work // ns)
+        sp = U(work - item * ns)
+        k = U(item // nchunks)
+        q0 = U((item - k * nchunks) * U(RW_COLS))
         # column q0+p reads x[b, c, t+r, t'+s], at offset c·H·W + r·W + s from x[b, 0, t, t'] (t, t' the
         # routed tap); the bias column and columns past the end read offset 0 (their products are dropped)
         for p in range(RW_COLS):
-            q = int32(q0 + p)
+            q = U(q0 + U(p))
             acc[p] = ZERO
-            xoff[p] = 0
+            xoff[p] = U0
             if q < crs:
-                c = int32(q // rs)
-                t = int32(q - c * rs)
-                r = int32(t // s_)
-                xoff[p] = int32(c * hw + r * wd + t - r * s_)
+                c = U(q // rs)
+                t = U(q - c * rs)
+                r = U(t // us)
+                xoff[p] = U(c * hw + r * uw + t - r * us)
         gsum = ZERO  # Σ gz: the bias column
-        m0 = int32(sp * per)
-        m1 = int32(min(total, m0 + per))
-        for m in range(int32(m0 + tid), m1, RW_THREADS):
-            n = int32(m // pplane)
-            pos = int32(m - n * pplane)
-            i = int32(pos // wp)
-            j = int32(pos - i * wp)
-            gi = int32((n * kout + k) * pplane + pos)
+        m0 = U(sp * per)
+        m1 = U(min(total, U(m0 + per)))
+        m = U(m0 + tid)
+        while m < m1:
+            n = fast_div(m, mpp, shpp)
+            pos = U(m - n * pplane)
+            i = fast_div(pos, mwp, shwp)
+            j = U(pos - i * wp)
+            gi = U(n * kpp + k * pplane + pos)
             g = gzf[gi]
-            a = int32(amf[gi])
-            base = int32(n * cin * hw + (2 * i + (a >> 1)) * wd + 2 * j + (a & 1))
+            a = U(amf[gi])
+            base = U(n * chw + (U(i + i) + (a >> U1)) * uw + U(j + j) + (a & U1))
             gsum += g
             for p in range(RW_COLS):
-                acc[p] += g * xf[int32(base + xoff[p])]
+                acc[p] += g * xf[U(base + xoff[p])]
+            m = U(m + U(RW_THREADS))
         for p in range(RW_COLS):
-            part[p, tid] = gsum if q0 + p == crs else acc[p]
+            part[p, tid] = gsum if q0 + U(p) == crs else acc[p]
         cuda.syncthreads()
         # fixed-order reduction: thread (p, grp) sums part[p, 8·grp .. 8·grp+7], then thread p the 16 groups
-        p = int32(tid & (RW_COLS - 1))
-        grp = int32(tid >> 3)
+        pc = U(tid & U(RW_COLS - 1))
+        grp = U(tid >> U(3))
         s8 = ZERO
         for e in range(RW_COLS):
-            s8 += part[p, grp * RW_COLS + e]
-        part2[p, grp] = s8
+            s8 += part[pc, U(grp * U(RW_COLS) + U(e))]
+        part2[pc, grp] = s8
         cuda.syncthreads()
-        if tid < RW_COLS:
+        if tid < U(RW_COLS):
             s16 = ZERO
             for e in range(RW_GROUPS):
-                s16 += part2[tid, e]
-            partial[int32((item * splits + sp) * RW_COLS + tid)] = s16
-        if splits == 1:  # no other block shares the item: write it
-            if tid < RW_COLS:
-                _store_column(dw, db, int32(q0 + tid), crs, rs, k, s_, partial[int32(item * RW_COLS + tid)])
-            cuda.syncthreads()  # part, part2 are reused by the block's next item
-            continue
-        cuda.threadfence()  # the partials are visible before the ticket says so
-        cuda.syncthreads()
-        if tid == 0:
-            last[0] = _last_arrival(tickets, item, tag, splits)
-        cuda.syncthreads()
-        if last[0] == 1:
-            cuda.threadfence()
-            if tid < RW_COLS:
-                s = ZERO
-                for sp2 in range(splits):  # fixed order
-                    s += partial[int32((item * splits + sp2) * RW_COLS + tid)]
-                _store_column(dw, db, int32(q0 + tid), crs, rs, k, s_, s)
+                s16 += part2[tid, U(e)]
+            partial[U((item * ns + sp) * U(RW_COLS) + tid)] = s16
+        if ns == U1:  # no other block shares the item: write it
+            if tid < U(RW_COLS):
+                _store_column(dw, db, U(q0 + tid), crs, k, partial[U(item * U(RW_COLS) + tid)])
+        else:
+            cuda.threadfence()  # the partials are visible before the ticket says so
+            cuda.syncthreads()
+            if tid == U0:
+                last[0] = _last_arrival(tickets, int32(item), tag, splits)
+            cuda.syncthreads()
+            if last[0] == 1:
+                cuda.threadfence()
+                if tid < U(RW_COLS):
+                    s = ZERO
+                    for sp2 in range(ns):  # fixed order
+                        s += partial[U((item * ns + U(sp2)) * U(RW_COLS) + tid)]
+                    _store_column(dw, db, U(q0 + tid), crs, k, s)
         cuda.syncthreads()  # part, part2 and last are reused by the block's next item
+        work = U(work + U(cuda.gridDim.x))
 
 
 @cuda.jit(device=True, inline="always")
-def _store_column(dw, db, q, crs, rs, k, s_, v):
+def _store_column(dw, db, q, crs, k, v):
     """dw's column q of filter k (flat over c·r·s), or db[k] for the bias column q == crs."""
     if q < crs:
-        dw[int32(k * crs + q)] = v
+        dw[U(k * crs + q)] = v
     elif q == crs:
         db[k] = v
 
 
 @cuda.jit
-def conv2d_bwd_data_routed_v1(gzf, wf, amf, ybf, gzbf, nb, cin, h, wd, kout, r_, s_, act, kb):
+def conv2d_bwd_data_routed_v1(gzf, wf, amf, ybf, gzbf, nb, cin, h, wd, kout, r_, s_, act, kb, mpl, shpl, mw,
+                              shw):
+    # (mpl, shpl), (mw, shw): common.div_magic of the plane H·W and of W
     # dynamic shared memory: kb·R·S·RCB floats, [k][r][s][q] (the launch passes its size)
     sw = cuda.shared.array(0, float32)
     acc = cuda.local.array(RCB, float32)
-    hp = int32((h - r_ + 1) >> 1)
-    wp = int32((wd - s_ + 1) >> 1)
-    pplane = int32(hp * wp)
-    plane = int32(h * wd)
-    rs = int32(r_ * s_)
-    total = int32(nb * plane)
-    nthreads = int32(cuda.blockDim.x)
-    tid = int32(cuda.threadIdx.x)
-    nchunks = int32((total + nthreads - 1) // nthreads)
-    ncg = int32((cin + RCB - 1) // RCB)
-    for item in range(int32(cuda.blockIdx.x), int32(ncg * nchunks), int32(cuda.gridDim.x)):
-        cg = int32(item // nchunks)  # block-uniform: the channel group
-        c0 = int32(cg * RCB)
-        m = int32((item - cg * nchunks) * nthreads + tid)
+    ur, us, uw, uc = U(r_), U(s_), U(wd), U(cin)
+    hp = U((U(h) - ur + U1) >> U1)
+    wp = U((uw - us + U1) >> U1)
+    pplane = U(hp * wp)
+    plane = U(U(h) * uw)
+    rs = U(ur * us)
+    total = U(U(nb) * plane)
+    nthreads = U(cuda.blockDim.x)
+    tid = U(cuda.threadIdx.x)
+    nchunks = U(U(total + nthreads - U1) // nthreads)
+    ncg = U(U(uc + U(RCB - 1)) // U(RCB))
+    nitems = U(ncg * nchunks)
+    item = U(cuda.blockIdx.x)
+    while item < nitems:  # block-stride (a while loop: see conv2d_bwd_weight_routed_v1)
+        cg = U(item // nchunks)  # block-uniform: the channel group
+        c0 = U(cg * U(RCB))
+        m = U((item - cg * nchunks) * nthreads + tid)
         valid = m < total
-        n = int32(m // plane)
-        pos = int32(m - n * plane)
-        u = int32(pos // wd)
-        v = int32(pos - u * wd)
+        n = fast_div(m, mpl, shpl)
+        pos = U(m - n * plane)
+        u = fast_div(pos, mw, shw)
+        v = U(pos - u * uw)
         # the pooled windows (i, j) whose routed tap (2i + a//2, 2j + a%2) can lie in rows u−R+1 .. u and
         # columns v−S+1 .. v: i from ⌈(u−R)/2⌉ to ⌊u/2⌋ (within the map), likewise j
-        i0 = int32((u - r_ + 1) >> 1) if u + 1 >= r_ else int32(0)
-        i1 = int32(min(hp - 1, u >> 1))
-        j0 = int32((v - s_ + 1) >> 1) if v + 1 >= s_ else int32(0)
-        j1 = int32(min(wp - 1, v >> 1))
+        i0 = U((u + U1 - ur) >> U1) if u + U1 >= ur else U0
+        i1 = U(min(U(hp - U1), U(u >> U1)))
+        j0 = U((v + U1 - us) >> U1) if v + U1 >= us else U0
+        j1 = U(min(U(wp - U1), U(v >> U1)))
         for q in range(RCB):
             acc[q] = ZERO
-        for k0 in range(int32(0), kout, kb):
-            kn = int32(min(kb, kout - k0))
+        k0 = U0
+        while k0 < U(kout):
+            kn = U(min(U(kb), U(U(kout) - k0)))
             cuda.syncthreads()  # nobody still reads the previous chunk
-            for e in range(tid, int32(kn * rs * RCB), nthreads):  # sw[(kk·rs + t)·RCB + q] = w[k0+kk, c0+q, t]
-                q = int32(e % RCB)
-                f = int32(e // RCB)
-                kk = int32(f // rs)
-                c = int32(c0 + q)
-                sw[e] = wf[int32(((k0 + kk) * cin + c) * rs + f - kk * rs)] if c < cin else ZERO
+            e = tid
+            while e < U(kn * rs * U(RCB)):  # sw[(kk·rs + t)·RCB + q] = w[k0+kk, c0+q, t]
+                f = U(e // U(RCB))
+                q = U(e - f * U(RCB))
+                kk = U(f // rs)
+                c = U(c0 + q)
+                sw[e] = wf[U(((k0 + kk) * uc + c) * rs + f - kk * rs)] if c < uc else ZERO
+                e = U(e + nthreads)
             cuda.syncthreads()
             if valid:
                 for kk in range(kn):
-                    gbase = int32((n * kout + k0 + kk) * pplane)
-                    for i in range(i0, i1 + 1):
-                        for j in range(j0, j1 + 1):
-                            gi = int32(gbase + i * wp + j)
-                            a = int32(amf[gi])
-                            r = int32(u - 2 * i - (a >> 1))
-                            s = int32(v - 2 * j - (a & 1))
-                            if r >= 0 and r < r_ and s >= 0 and s < s_:
-                                g = gzf[gi]
-                                wo = int32(((kk * r_ + r) * s_ + s) * RCB)
-                                for q in range(RCB):
-                                    acc[q] += g * sw[int32(wo + q)]
+                    gbase = U((n * U(kout) + k0 + U(kk)) * pplane)
+                    for i in range(i0, U(i1 + U1)):
+                        for j in range(j0, U(j1 + U1)):
+                            gi = U(gbase + U(i) * wp + U(j))
+                            a = U(amf[gi])
+                            t = U(U(i + i) + (a >> U1))  # the routed tap's row and column
+                            t2 = U(U(j + j) + (a & U1))
+                            if t <= u and t2 <= v:
+                                r = U(u - t)
+                                s = U(v - t2)
+                                if r < ur and s < us:
+                                    g = gzf[gi]
+                                    wo = U((U(U(kk) * ur + r) * us + s) * U(RCB))
+                                    for q in range(RCB):
+                                        acc[q] += g * sw[U(wo + U(q))]
+            k0 = U(k0 + U(kb))
         if valid:
             for q in range(RCB):
-                c = int32(c0 + q)
-                if c < cin:
-                    o = int32((n * cin + c) * plane + pos)
+                c = U(c0 + U(q))
+                if c < uc:
+                    o = U((n * uc + c) * plane + pos)
                     gzbf[o] = acc[q] * act_grad(ybf[o], act)
+        item = U(item + U(cuda.gridDim.x))
 
 
 # ------------------------------------------------------------------------------------ variant table
@@ -211,8 +242,9 @@ _F = "float32[::1]"
 _I7 = ", ".join(["int32"] * 7)  # nb, cin, h, w, kout, r, s
 SIGNATURES = {
     "conv2d_bwd_weight_routed_v1": f"void({_F}, {_F}, uint8[::1], {_F}, {_F}, {_F}, int64[::1], int32[::1], {_I7}, "
-    "int32)",
-    "conv2d_bwd_data_routed_v1": f"void({_F}, {_F}, uint8[::1], {_F}, {_F}, {_I7}, int32, int32)",
+    "int32, uint32, uint32, uint32, uint32)",
+    "conv2d_bwd_data_routed_v1": f"void({_F}, {_F}, uint8[::1], {_F}, {_F}, {_I7}, int32, int32, uint32, uint32, "
+    "uint32, uint32)",
 }
 KERNELS = {
     "conv2d_bwd_weight_routed_v1": conv2d_bwd_weight_routed_v1,
