@@ -88,3 +88,120 @@ def test_div_magic_divides_exactly():
         assert np.array_equal(got, xs // np.uint64(d)), d
     with pytest.raises(ValueError):
         div_magic(0)
+
+
+# ------------------------------------------------------------------------------------------ the kernel cache
+#
+# kernel_cache.py turns on numba-cuda's on-disk kernel cache with a locator that keys the directory on every
+# source a kernel depends on. Without a GPU nothing compiles for a device, so these tests check the wiring
+# (every dispatcher cached, where, with which stamp, the directory's key) in fresh processes; that a second
+# process *loads* the kernels is test_gpu_second_process_loads_kernels_from_the_cache (GPU only).
+
+_CACHE_PROBE = """
+import json, sys
+from numba.cuda.dispatcher import CUDACache
+from lenet_gpu.backends.numba_backend import backend as B, kernel_cache as kc
+ds = B.all_dispatchers()
+n = kc.enable(ds)
+root = str(kc.cache_dir())
+on = [d for d in ds if isinstance(d._cache, CUDACache)]
+print(json.dumps({
+    "n": n, "dispatchers": len(ds), "dir": root, "cached": len(on),
+    "under_dir": all(d._cache.cache_path.startswith(root) for d in on),
+    "locators": sorted({type(d._cache._impl.locator).__name__ for d in on}),
+    "stamps": sorted({str(d._cache._impl.locator.get_source_stamp()) for d in on}),
+    "bases": len({(d._cache.cache_path, d._cache._impl.filename_base) for d in on}),
+}))
+"""
+
+
+def _probe(env_extra, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_ENABLE_CUDASIM", "LENET_GPU_NUMBA_CACHE")}
+    env.update({"LENET_GPU_NUMBA_CACHE_DIR": str(tmp_path), **env_extra})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-W", "ignore", "-c", _CACHE_PROBE], capture_output=True, text=True, env=env,
+                       cwd=root, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_kernel_cache_covers_every_kernel_with_the_dependency_stamp(tmp_path):
+    """In two fresh processes: every kernel dispatcher gets numba-cuda's CUDACache, located by the package
+    locator under one directory named by the dependency hash (the same in both processes), each kernel with
+    its own index, the hash as its source stamp."""
+    a = _probe({}, tmp_path)
+    b = _probe({}, tmp_path)
+    assert a["n"] == a["dispatchers"] >= 28, a
+    assert a["cached"] == a["dispatchers"] and a["under_dir"], a
+    assert a["locators"] == ["PackageCacheLocator"], a
+    assert a["stamps"] == [os.path.basename(a["dir"])], a
+    assert a["bases"] == a["dispatchers"], a
+    assert a["dir"] == b["dir"] and os.path.isdir(a["dir"]), (a, b)
+
+
+def test_kernel_cache_switch_off(tmp_path):
+    out = _probe({"LENET_GPU_NUMBA_CACHE": "0"}, tmp_path)
+    assert out["n"] == 0 and out["cached"] == 0, out
+
+
+def test_kernel_cache_dir_follows_every_dependency(tmp_path):
+    """The directory key changes with any dependency's bytes (a device function in common.py: the case
+    numba-cuda's own stamp, the kernel's file only, misses) and with the compiler settings; not otherwise."""
+    import shutil
+
+    from lenet_gpu.backends.numba_backend import kernel_cache as kc
+
+    files = []
+    for p in kc.dependency_files():
+        q = tmp_path / p.name
+        shutil.copy(p, q)
+        files.append(q)
+    h0 = kc.sources_hash(files, "s")
+    assert kc.sources_hash(files, "s") == h0
+    assert kc.sources_hash(files, "s2") != h0
+    common = tmp_path / "common.py"
+    common.write_text(common.read_text() + "\n# changed\n")
+    assert kc.sources_hash(files, "s") != h0
+    assert any(p.name == "stepstate.py" for p in files) and any(p.name == "routed.py" for p in files)
+
+
+_STEP_PROBE = """
+import json, time
+t0 = time.perf_counter()
+from lenet_gpu.backends.numba_backend import NumbaBackend, backend as B, kernel_cache as kc
+from tests.numba_helpers import StepRig
+be = NumbaBackend()
+rig = StepRig(be, net="lenet", n=16, batch=8)
+rig.step()
+be.synchronize()
+print(json.dumps({"first_step_s": time.perf_counter() - t0, "cached": be.cached_kernels,
+                  **kc.cache_stats(B.all_dispatchers())}))
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_second_process_loads_kernels_from_the_cache(tmp_path):
+    """Two processes, one cache directory: the first compiles (misses, no hits), the second loads every
+    kernel it launches (hits, no misses) and reaches the end of its first step sooner."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["LENET_GPU_NUMBA_CACHE_DIR"] = str(tmp_path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = []
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-W", "ignore", "-c", _STEP_PROBE], capture_output=True, text=True,
+                           env=env, cwd=root, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    print(f"cold {cold}\nwarm {warm}")
+    assert cold["misses"] > 0 and cold["hits"] == 0, cold
+    assert warm["hits"] >= cold["misses"] and warm["misses"] == 0, warm
+    assert warm["first_step_s"] < cold["first_step_s"], runs

@@ -26,6 +26,7 @@ from ...stepstate import SCHED_COLS, STATE_WORDS
 from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, BackendUnavailable, Counters, check_act, check_mode
 from . import batch, conv2d, dense, loss, optim, pool2x2
 from . import head as _head
+from . import kernel_cache as _kernel_cache
 from . import launch as _launchmod
 from . import lenet_fwd as _lenet_fwd
 from . import routed as _routed
@@ -59,6 +60,11 @@ FUSED_KERNELS: dict[str, Any] = {**_head.KERNELS, **_lenet_fwd.KERNELS, **_route
 ROUTED_OPS: tuple[str, ...] = tuple(op for op in _routed.VARIANTS if op in OPTIONAL_OPS)
 FUSED_VARIANTS: dict[str, tuple[str, ...]] = {**_head.VARIANTS, **_lenet_fwd.VARIANTS,
                                               **{op: _routed.VARIANTS[op] for op in ROUTED_OPS}}
+
+
+def all_dispatchers() -> list[Any]:
+    """Every kernel dispatcher of the backend (its ops', the fused ops' and the routed ops')."""
+    return list({id(k): k for k in (*KERNELS.values(), *FUSED_KERNELS.values())}.values())
 
 
 def _kernel(name: str) -> Any:
@@ -351,6 +357,8 @@ class NumbaBackend:
         self.is_gpu = not self.simulator
         if self.is_gpu and "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
             _quiet_low_occupancy_warnings()
+        #: kernels whose compiled code is cached on disk (kernel_cache.py; 0 in the simulator or when off)
+        self.cached_kernels = _kernel_cache.enable(all_dispatchers()) if self.is_gpu else 0
         self.counters = Counters()
         self.variants: dict[str, tuple[str, ...]] = {**VARIANTS, **FUSED_VARIANTS}
         self.default_variants: dict[str, str] = {**DEFAULT_VARIANTS,
