@@ -7,9 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lenet_gpu import LeNet5, get_backend
 from lenet_gpu import reference as R
+from lenet_gpu.spec import views
 
-from .parity import assert_close
+from .parity import TOL, assert_close, assert_equal, nan_like
 
 ACTS = ("relu", "tanh", "lecun_tanh", "sigmoid")
 RNG = np.random.default_rng(2026)
@@ -124,3 +126,123 @@ def test_routed_backward_of_two_layers_matches_finite_differences(act):
         num = num_grad(loss, param)
         assert np.abs(num).max() > 1e-3, name  # the check can fail: the gradient is not trivially 0
         assert_close(got, num, atol=1e-7, rtol=1e-5, what=name)
+
+
+# ------------------------------------------------------------------------------------------ numpy backend
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("n", [1, 37])  # batch 1; two chunks of the numpy backend (32 + 5)
+def test_numpy_routed_ops_match_reference(act, n):
+    be = get_backend("numpy")
+    x, wt, y, _, m, gz = routed_case(n, 3, 12, 11, 5, 3, 2, act, seed=n)
+    y_below = R.activate(np.random.default_rng(1).standard_normal(x.shape), act)
+    f = np.float32
+    dw, db = nan_like(wt.shape), nan_like((wt.shape[0],))
+    be.conv2d_bwd_weight_routed(x.astype(f), gz.astype(f), m, dw, db)
+    rdw, rdb = R.conv2d_bwd_weight_routed(x.astype(f).astype(np.float64), gz.astype(f).astype(np.float64), m, 3, 2)
+    assert_close(dw, rdw, *TOL["conv2d_bwd_weight"], what="dw")
+    assert_close(db, rdb, *TOL["conv2d_bwd_weight"], what="db")
+    out = nan_like(x.shape)
+    be.conv2d_bwd_data_routed(gz.astype(f), wt.astype(f), m, y_below.astype(f), out, act)
+    ref = R.conv2d_bwd_data_routed(gz.astype(f).astype(np.float64), wt.astype(f).astype(np.float64), m,
+                                   y_below.astype(f).astype(np.float64), act)
+    assert_close(out, ref, *TOL["conv2d_bwd_data"], what="gz_below")
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_numpy_fused_ops_without_yconv(act):
+    """conv2d_pool_fwd with yconv=None pools the same map; head_train with yconv=None gives the routed
+    gradient, and its other outputs equal the dense call's bit for bit."""
+    be = get_backend("numpy")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 2, 9, 10)).astype(np.float32)
+    w, b = (rng.standard_normal((4, 2, 3, 3)) * 0.4).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    yconv, p, m, p2, m2 = nan_like((3, 4, 7, 8)), nan_like((3, 4, 3, 4)), np.zeros((3, 4, 3, 4), np.uint8), \
+        nan_like((3, 4, 3, 4)), np.zeros((3, 4, 3, 4), np.uint8)
+    be.conv2d_pool_fwd(x, w, b, yconv, p, m, act, "max")
+    be.conv2d_pool_fwd(x, w, b, None, p2, m2, act, "max")
+    assert_equal(p2, p, "ypool without yconv")
+    assert_equal(m2, m, "argmax without yconv")
+    i, h1n, h2n, nc = 48, 7, 5, 4
+    ws = [(rng.standard_normal(sh) * 0.3).astype(np.float32) for sh in ((h1n, i), (h1n,), (h2n, h1n), (h2n,),
+                                                                      (nc, h2n), (nc,))]
+    labels = rng.integers(0, nc, 3).astype(np.int32)
+    state = np.zeros(16, np.int32)
+    outs = {}
+    for key, yc, dz in (("dense", yconv, nan_like(yconv.shape)), ("routed", None, nan_like(p.shape))):
+        o = [nan_like(s) for s in ((3, h1n), (3, h2n), (3, nc))] + [dz] + [nan_like(a.shape) for a in ws] + \
+            [nan_like((4, 2))]
+        be.head_train(p, labels, *ws, *o[:3], m, yc, o[3], *o[4:10], o[10], state, act, "max")
+        outs[key] = o
+    for a, b_ in zip(outs["dense"][:3] + outs["dense"][4:10], outs["routed"][:3] + outs["routed"][4:10],
+                     strict=True):
+        assert_equal(b_, a, "head_train outputs other than dz_conv")
+    assert_equal(outs["routed"][10][0], outs["dense"][10][0], "stats row 0")
+    ref = R.head_train(p.astype(np.float64), labels, *[a.astype(np.float64) for a in ws], m, None, act, "max")
+    assert_close(outs["routed"][3], ref["dz_conv"], *TOL["head_train"], what="routed gz")
+    assert_close(R.pool2x2_bwd(outs["routed"][3], m, "max", (7, 8)), outs["dense"][3], 1e-7, 1e-6,
+                 what="scattered gz vs dense dz_conv")
+    with pytest.raises(ValueError, match="max pooling"):
+        be.head_train(p, labels, *ws, *outs["routed"][:3], None, None, outs["routed"][3], *outs["routed"][4:10],
+                      outs["routed"][10], state, act, "avg")
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def batch(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, 10, n).astype(np.uint8)
+
+
+def test_routed_mode_selection():
+    assert LeNet5(backend="numpy").routed
+    assert not LeNet5(backend="numpy", routed=False).routed
+    assert not LeNet5(backend="numpy", pool="avg").routed  # "auto": the dense step for avg
+    assert not LeNet5(backend="numpy", fused=False).routed
+    with pytest.raises(ValueError, match="max pooling"):
+        LeNet5(backend="numpy", pool="avg", routed=True)
+    with pytest.raises(ValueError, match="lacks"):
+        LeNet5(backend="numpy", fused=False, routed=True)
+    with pytest.raises(ValueError, match="routed must be"):
+        LeNet5(backend="numpy", routed="yes")
+    ws = LeNet5(backend="numpy").workspace(3)
+    assert ws.a1 is None and ws.a3 is None and ws.dz1 is None and ws.dz3 is None
+    assert ws.gz3.shape == (3, 16, 5, 5) and ws.gz1.shape == (3, 6, 14, 14)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_numpy_routed_step_equals_dense_step(act):
+    """Three steps of the routed step and of the dense step from the same start: the same losses and
+    gradients up to float32 summation order, and the parameters after them."""
+    images, labels = batch(6, seed=2)
+    models = [LeNet5(backend="numpy", activation=act, seed=4, routed=r) for r in (True, False)]
+    for step in range(3):
+        losses = [mdl.train_step(images, labels) for mdl in models]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6), step
+        g = [mdl.backend.to_host(mdl.grads) for mdl in models]
+        gv = [views(gg, models[0].cfg) for gg in g]
+        for name in gv[0]:
+            scale = np.abs(gv[1][name]).max()
+            assert_close(gv[0][name], gv[1][name], atol=1e-5 * scale + 1e-12, rtol=1e-4, what=f"{name} step {step}")
+    assert_close(models[0].parameters(), models[1].parameters(), atol=1e-6, rtol=1e-5, what="params")
+
+
+def test_numpy_routed_run_is_deterministic_and_activations_work():
+    images, labels = batch(40, seed=3)
+    snaps = []
+    for _ in range(2):
+        model = LeNet5(backend="numpy", seed=1)
+        data = model.upload_dataset(images, labels)
+        model.begin_run(data, 8, shift=2)
+        model.begin_epoch(data, np.random.default_rng(0).permutation(40))
+        model.run_steps(data, 5)
+        snaps.append((model.parameters(), model.step_stats(0, 5), model.backend.to_host(model.m)))
+    for a, b in zip(snaps[0], snaps[1], strict=True):
+        assert_equal(a, b, "two routed runs")
+    dense = LeNet5(backend="numpy", seed=1, routed=False)
+    dense.set_parameters(snaps[0][0])
+    acts, ref = model.activations(images[:3]), dense.activations(images[:3])
+    for k in ref:
+        assert_equal(acts[k], ref[k], f"activations {k}")
