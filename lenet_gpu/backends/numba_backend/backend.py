@@ -23,6 +23,7 @@ import numpy as np
 from numba import cuda
 
 from ...stepstate import SCHED_COLS, STATE_WORDS
+from .. import base as _base
 from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, BackendUnavailable, Counters, check_act, check_mode
 from . import batch, conv2d, dense, loss, optim, pool2x2
 from . import head as _head
@@ -55,9 +56,9 @@ DEFAULT_VARIANTS = {op: vs[-1] for op, vs in VARIANTS.items()}
 #: the fused dense head (head.py: head_train, two kernels) and the whole-network forward (lenet_fwd.py): their
 #: kernels launch through NumbaBackend._launch too, found here by name (their compile checks are their own)
 FUSED_KERNELS: dict[str, Any] = {**_head.KERNELS, **_lenet_fwd.KERNELS, **_routed.KERNELS}
-#: the routed backward (routed.py, docs/routed_backward.md): its ops are advertised (in ``variants``, so the
-#: model takes the routed step) once the protocol lists them among its optional ops
-ROUTED_OPS: tuple[str, ...] = tuple(op for op in _routed.VARIANTS if op in OPTIONAL_OPS)
+#: the routed backward (routed.py, docs/routed_backward.md): its ops are advertised in ``variants`` (so the
+#: model takes the routed step with max pooling) as the protocol names them (base.ROUTED_OPS)
+ROUTED_OPS: tuple[str, ...] = tuple(op for op in _routed.VARIANTS if op in getattr(_base, "ROUTED_OPS", ()))
 FUSED_VARIANTS: dict[str, tuple[str, ...]] = {**_head.VARIANTS, **_lenet_fwd.VARIANTS,
                                               **{op: _routed.VARIANTS[op] for op in ROUTED_OPS}}
 
