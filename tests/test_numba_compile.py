@@ -58,7 +58,7 @@ def test_compiles_without_float64_or_spills(report, kernel, arch):
 #: 128-thread blocks reach half of an SM's warps (the occupancy their launch shapes are sized for).
 #: (sm_80's ptxas gives conv2d_pool_fwd_v2 66: occupancy 0.44 there.)
 HOT_KERNELS = ("conv2d_fwd_v3", "conv2d_pool_fwd_v2", "conv2d_bwd_data_v2", "conv2d_bwd_weight_v3",
-               "conv2d_bwd_data_pool_v2", "conv2d_bwd_weight_routed_v1", "conv2d_bwd_data_routed_v1")
+               "conv2d_bwd_data_pool_v2", "conv2d_bwd_weight_routed_v2", "conv2d_bwd_data_routed_v1")
 
 
 @pytest.mark.parametrize("kernel", HOT_KERNELS)

@@ -33,9 +33,11 @@ def test_routed_simulator_suite():
     """Run the sim_* tests of this file in a subprocess with the CUDA simulator on."""
     if SIM:
         pytest.skip("this is the simulator run")
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    # true uint32 scalars in the simulated kernels (routed.py): wraparound would show
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT), "LENET_GPU_SIM_UINT32": "1"}
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-           "-k", "sim_", "--durations=5", "-o", "addopts=", "-W", "ignore::DeprecationWarning"]
+           "-k", "sim_", "--durations=5", "-o", "addopts=", "-W", "ignore::DeprecationWarning",
+           "-W", "error::RuntimeWarning"]  # a uint32 overflow in a simulated kernel fails
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     out = res.stdout[-20000:] + ("\n--- stderr ---\n" + res.stderr[-5000:] if res.stderr.strip() else "")
     assert res.returncode == 0, f"routed simulator suite failed (exit {res.returncode}):\n{out}"
@@ -60,7 +62,7 @@ def _routed_inputs(n, k, ho, wo, seed, relu_ties=False):
     return gz, am.astype(np.uint8)
 
 
-def check_bwd_weight_routed(be, xshape, wshape, seed=0, state=None):
+def check_bwd_weight_routed(be, xshape, wshape, seed=0, state=None, variant="v2"):
     from lenet_gpu import reference as R
     from lenet_gpu.stepstate import STATE_WORDS
     from tests.parity import TOL, assert_close, nan_like, rand
@@ -74,11 +76,11 @@ def check_bwd_weight_routed(be, xshape, wshape, seed=0, state=None):
     db = be.to_device(nan_like((k,)))
     dstate = be.to_device(np.zeros(STATE_WORDS, np.int32) if state is None else state)
     be.launch_log = []
-    be.conv2d_bwd_weight_routed(be.to_device(x), be.to_device(gz), be.to_device(am), dw, db, dstate)
-    _check_log(be, "conv2d_bwd_weight_routed_v1")
+    be.conv2d_bwd_weight_routed(be.to_device(x), be.to_device(gz), be.to_device(am), dw, db, dstate, variant=variant)
+    _check_log(be, f"conv2d_bwd_weight_routed_{variant}")
     dz = R.pool2x2_bwd(gz.astype(F64), am, "max", (ho, wo))
     _, rdw, rdb = R.conv2d_bwd(x.astype(F64), np.zeros(wshape), np.zeros(dz.shape), dz, "identity")
-    what = f"conv2d_bwd_weight_routed {xshape} {wshape}"
+    what = f"conv2d_bwd_weight_routed_{variant} {xshape} {wshape}"
     assert_close(be.to_host(dw), rdw, *TOL["conv2d_bwd_weight"], what + " dw")
     assert_close(be.to_host(db), rdb, *TOL["conv2d_bwd_weight"], what + " db")
     return be.to_host(dw), be.to_host(db)
@@ -179,6 +181,7 @@ def _backend(max_blocks=2):
 def test_sim_bwd_weight_routed(xshape, wshape, max_blocks):
     be = _backend(max_blocks)
     check_bwd_weight_routed(be, xshape, wshape, seed=sum(xshape))
+    check_bwd_weight_routed(be, xshape, wshape, seed=sum(xshape), variant="v1")
 
 
 @sim
@@ -241,8 +244,9 @@ def test_gpu_routed_ops_at_lenet_sizes(batch):
     from lenet_gpu.backends.numba_backend import NumbaBackend
 
     be = NumbaBackend()
-    check_bwd_weight_routed(be, (batch, 6, 14, 14), (16, 6, 5, 5), seed=batch)
-    check_bwd_weight_routed(be, (batch, 1, 32, 32), (6, 1, 5, 5), seed=batch + 1)
+    for v in ("v1", "v2"):
+        check_bwd_weight_routed(be, (batch, 6, 14, 14), (16, 6, 5, 5), seed=batch, variant=v)
+        check_bwd_weight_routed(be, (batch, 1, 32, 32), (6, 1, 5, 5), seed=batch + 1, variant=v)
     for act in ACTS:
         check_bwd_data_routed(be, (batch, 6, 14, 14), (16, 6, 5, 5), act, seed=batch)
         check_head_train_routed(be, batch, 16, 10, 10, 120, 84, 10, act, seed=batch)
@@ -254,7 +258,7 @@ def test_gpu_routed_ops_at_lenet_sizes(batch):
 def test_gpu_model_routed_step_equals_numpy_routed_step(act, batch):
     """Two LeNet-5 training steps through the model's routed step on numba and on numpy (routed too): the same
     losses and, to float32 summation order, the same gradients and parameters. (In the simulator, batch 3,
-    relu and lecun_tanh, it passed once in 380 s: conv2d_bwd_weight_routed_v1's barriers take 69 s of a
+    relu and lecun_tanh, it passed once in 380 s: conv2d_bwd_weight_routed_v2's barriers take 69 s of a
     simulated step, too slow for the suite.)"""
     from lenet_gpu.backends import get_backend
     from lenet_gpu.model import LeNet5

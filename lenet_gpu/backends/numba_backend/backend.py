@@ -227,6 +227,8 @@ def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> 
         return items, CONV_BWD_DATA_V2_THREADS, conv2d.CB * bwd_data_chunk(shapes["w"]) * r * s * 4
     if op == "conv2d_bwd_weight_routed":  # shapes: dw, and gz (the pooled gradient) when known
         k, c, r, s = shapes["dw"]
+        if variant == "v1":
+            return ceil_div(k * (c * r * s + 1), THREADS), THREADS, 0
         items = k * ceil_div(c * r * s + 1, _routed.RW_COLS)
         splits = bw_splits(shapes["dw"], shapes["gz"]) if "gz" in shapes else 1
         return items * splits, _routed.RW_THREADS, 0
@@ -804,11 +806,15 @@ class NumbaBackend:
         _int32_sizes("conv2d_bwd_weight_routed", x, gz)
         shapes = {"dw": dw.shape, "gz": gz.shape}
         grid, block, sh = launch_config("conv2d_bwd_weight_routed", v, shapes)
+        f = self._flat_view
+        if v == "v1":
+            self._launch("conv2d_bwd_weight_routed", v, grid, block, sh, f(x), f(gz), f(argmax), f(dw), db,
+                         *_i32(n, c, h, wd, k, r, s))
+            return
         splits = bw_splits(dw.shape, gz.shape)
         partial, tickets = self._bw_scratch(dw, splits)
         if state is None:
             state = self._zero_state()
-        f = self._flat_view
         self._launch("conv2d_bwd_weight_routed", v, grid, block, sh, f(x), f(gz), f(argmax), f(dw), db, partial,
                      tickets, state, *_i32(n, c, h, wd, k, r, s), np.int32(splits), *div_magic(hp * wp),
                      *div_magic(wp))

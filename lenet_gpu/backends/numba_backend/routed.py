@@ -15,7 +15,9 @@ loops divide by run-time sizes with common.fast_div (magic numbers from the host
 are while loops (a range() with a run-time step divides in 64 bits for its trip count). Deterministic:
 every sum has a fixed order, no float atomics.
 
-- conv2d_bwd_weight_routed_v1: conv2d_bwd_weight_v3's work split, at the pooled size: one block per
+- conv2d_bwd_weight_routed_v1: one thread per weight (and one per bias), each summing over the batch's
+  pooled positions in order: no barriers (the simulator's choice: quick_simulation makes v1 the default).
+- conv2d_bwd_weight_routed_v2: conv2d_bwd_weight_v3's work split, at the pooled size: one block per
   (filter k, chunk of RW_COLS columns of c·r·s + the bias, split of the batch's pooled positions); a thread
   strides over the split's positions, reads gz and its route once and feeds RW_COLS FMAs from x at the
   routed tap (the column offsets live in registers, not shared memory); the block reduces in a fixed
@@ -30,6 +32,9 @@ every sum has a fixed order, no float atomics.
 
 from __future__ import annotations
 
+import os
+
+import numba
 from numba import cuda, float32, int32, uint32
 
 from ...stepstate import STEP
@@ -39,9 +44,17 @@ from .conv2d import _last_arrival
 U = uint32  # every index and size: unsigned 32-bit, so no wraparound selects, floor fix-ups or int64
 U0 = uint32(0)
 U1 = uint32(1)
-#: conv2d_bwd_weight_routed_v1: threads per block (RW_GROUPS groups of RW_COLS threads in the reduction)
+if numba.config.ENABLE_CUDASIM and os.environ.get("LENET_GPU_SIM_UINT32", "0") != "1":
+    # the simulator runs these kernels as Python: NumPy uint32 scalars make every index operation ~10x slower
+    # than a Python int (a simulated routed step at batch 3: 36 s → 14 s). No intermediate is negative by construction
+    # (a difference that could be is compared first), so Python ints give the same indices;
+    # LENET_GPU_SIM_UINT32=1 keeps true uint32 scalars (tests/test_numba_routed.py runs its kernel checks so).
+    U = int  # noqa: F811
+    U0 = 0
+    U1 = 1
+#: conv2d_bwd_weight_routed_v2: threads per block (RW_GROUPS groups of RW_COLS threads in the reduction)
 RW_THREADS = 128
-#: conv2d_bwd_weight_routed_v1: columns of c·r·s (+ the bias) per block (the dense v3's BW_COLS: the backend
+#: conv2d_bwd_weight_routed_v2: columns of c·r·s (+ the bias) per block (the dense v3's BW_COLS: the backend
 #: shares its partials/tickets scratch)
 RW_COLS = 8
 RW_GROUPS = RW_THREADS // RW_COLS
@@ -54,7 +67,41 @@ RD_SMEM_FLOATS = 4096
 
 
 @cuda.jit
-def conv2d_bwd_weight_routed_v1(xf, gzf, amf, dw, db, partial, tickets, state, nb, cin, h, wd, kout, r_, s_,
+def conv2d_bwd_weight_routed_v1(xf, gzf, amf, dw, db, nb, cin, h, wd, kout, r_, s_):
+    hp = U((U(h) - U(r_) + U1) >> U1)
+    wp = U((U(wd) - U(s_) + U1) >> U1)
+    rs = U(U(r_) * U(s_))
+    crs = U(U(cin) * rs)
+    hw = U(U(h) * U(wd))
+    total = U(U(kout) * U(crs + U1))
+    idx = U(cuda.grid(1))
+    while idx < total:
+        k = U(idx // U(crs + U1))
+        q = U(idx - k * U(crs + U1))
+        off = U0  # the column's offset from the routed tap (0 for the bias column, whose product is dropped)
+        if q < crs:
+            c = U(q // rs)
+            t = U(q - c * rs)
+            r = U(t // U(s_))
+            off = U(c * hw + r * U(wd) + t - r * U(s_))
+        acc = ZERO
+        for n in range(U(nb)):
+            for i in range(hp):
+                for j in range(wp):
+                    gi = U(((n * U(kout) + k) * hp + U(i)) * wp + U(j))
+                    g = gzf[gi]
+                    if q == crs:
+                        acc += g
+                    else:
+                        a = U(amf[gi])
+                        acc += g * xf[U(U(n) * U(cin) * hw + (U(i + i) + (a >> U1)) * U(wd) + U(j + j) + (a & U1)
+                                        + off)]
+        _store_column(dw, db, q, crs, k, acc)
+        idx = U(idx + U(cuda.gridsize(1)))
+
+
+@cuda.jit
+def conv2d_bwd_weight_routed_v2(xf, gzf, amf, dw, db, partial, tickets, state, nb, cin, h, wd, kout, r_, s_,
                                 splits, mpp, shpp, mwp, shwp):
     # (mpp, shpp), (mwp, shwp): common.div_magic of the pooled plane Hp·Wp and of Wp
     part = cuda.shared.array((RW_COLS, RW_THREADS), float32)
@@ -179,7 +226,7 @@ def conv2d_bwd_data_routed_v1(gzf, wf, amf, ybf, gzbf, nb, cin, h, wd, kout, r_,
     ncg = U(U(uc + U(RCB - 1)) // U(RCB))
     nitems = U(ncg * nchunks)
     item = U(cuda.blockIdx.x)
-    while item < nitems:  # block-stride (a while loop: see conv2d_bwd_weight_routed_v1)
+    while item < nitems:  # block-stride (a while loop: see conv2d_bwd_weight_routed_v2)
         cg = U(item // nchunks)  # block-uniform: the channel group
         c0 = U(cg * U(RCB))
         m = U((item - cg * nchunks) * nthreads + tid)
@@ -241,17 +288,19 @@ def conv2d_bwd_data_routed_v1(gzf, wf, amf, ybf, gzbf, nb, cin, h, wd, kout, r_,
 _F = "float32[::1]"
 _I7 = ", ".join(["int32"] * 7)  # nb, cin, h, w, kout, r, s
 SIGNATURES = {
-    "conv2d_bwd_weight_routed_v1": f"void({_F}, {_F}, uint8[::1], {_F}, {_F}, {_F}, int64[::1], int32[::1], {_I7}, "
+    "conv2d_bwd_weight_routed_v1": f"void({_F}, {_F}, uint8[::1], {_F}, {_F}, {_I7})",
+    "conv2d_bwd_weight_routed_v2": f"void({_F}, {_F}, uint8[::1], {_F}, {_F}, {_F}, int64[::1], int32[::1], {_I7}, "
     "int32, uint32, uint32, uint32, uint32)",
     "conv2d_bwd_data_routed_v1": f"void({_F}, {_F}, uint8[::1], {_F}, {_F}, {_I7}, int32, int32, uint32, uint32, "
     "uint32, uint32)",
 }
 KERNELS = {
     "conv2d_bwd_weight_routed_v1": conv2d_bwd_weight_routed_v1,
+    "conv2d_bwd_weight_routed_v2": conv2d_bwd_weight_routed_v2,
     "conv2d_bwd_data_routed_v1": conv2d_bwd_data_routed_v1,
 }
 LAUNCH_BOUNDS: dict[str, tuple[int, ...]] = {}
-VARIANTS = {"conv2d_bwd_weight_routed": ("v1",), "conv2d_bwd_data_routed": ("v1",)}
+VARIANTS = {"conv2d_bwd_weight_routed": ("v1", "v2"), "conv2d_bwd_data_routed": ("v1",)}
 DEFAULT_VARIANTS = {op: vs[-1] for op, vs in VARIANTS.items()}
 
 
