@@ -16,8 +16,9 @@ pytest.importorskip("numba.cuda")
 
 from lenet_gpu.backends.numba_backend import compile_report as cr  # noqa: E402
 
-#: kernels whose index arithmetic is uint32 (routed.py: every index and size, and common.fast_div)
-UINT32_KERNELS = ("conv2d_bwd_weight_routed_v2", "conv2d_bwd_data_routed_v1")
+#: kernels whose index arithmetic is uint32 (routed.py, head.py's head_train_v1: every index and size; common.U,
+#: common.fast_div)
+UINT32_KERNELS = ("conv2d_bwd_weight_routed_v2", "conv2d_bwd_data_routed_v1", "head_train_v1")
 DIV64 = ("div.s64", "div.u64", "rem.s64", "rem.u64")
 
 

@@ -12,6 +12,8 @@ Two launches, no atomics, no tickets:
 - head_train_v1 ("rows"): a block owns ``rows`` rows of the batch (tiles of rows, block-stride over the grid)
   and runs the whole chain for them, one thread per output of each phase, operands from global memory, the
   intermediates in the outputs and in scratch (dz1, dz2, dz3, the per-row [loss, hit]); barriers between phases.
+  Every array flat, every index uint32 (common.U): no int64 index arithmetic, no 64-bit division, no wraparound
+  selects (sm_90: 89 → 48 registers).
 - head_train_wgrad_v1: one thread per element of [dw1|db1], [dw2|db2], [dw3|db3] (the bias = a column of ones),
   each a sum over the batch in row order; one more thread sums the per-row loss and hit in row order.
 
@@ -33,7 +35,7 @@ from numba import cuda, float32
 from ...stepstate import STEP_IN_EPOCH
 from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
 from ._compat import import_cuda_array_module
-from .common import ACT_IDENTITY, ONE, POOL_MAX, ZERO, act_grad, activate, ceil_div
+from .common import ACT_IDENTITY, ONE, POOL_MAX, U0, U1, ZERO, U, act_grad, activate, ceil_div
 
 if not numba.config.ENABLE_CUDASIM:
     import_cuda_array_module()  # before the first compile (NumPy 2.5 with numba-cuda 0.30: see _compat)
@@ -53,103 +55,136 @@ FILL_BLOCKS = 2 * 132
 @cuda.jit(device=True, inline="always")
 def _fwd_layer(a, w, b, out, r0, nr, nout, nin, act, tid, nt):
     """out[r, o] = act(Σ_i a[r, i] w[o, i] + b[o]) for o < nout, i < nin and the tile's rows r0 .. r0+nr−1,
-    threads striding."""
-    for t in range(tid, nr * nout, nt):
-        r = r0 + t // nout
-        o = t % nout
+    threads striding (flat row-major arrays, uint32 offsets)."""
+    t = tid
+    while t < U(nr * nout):
+        rr = U(t // nout)
+        o = U(t - rr * nout)
+        r = U(r0 + rr)
+        abase = U(r * nin)
+        wbase = U(o * nin)
         acc = b[o]
         for i in range(nin):
-            acc += a[r, i] * w[o, i]
-        out[r, o] = activate(acc, act)
+            acc += a[U(abase + U(i))] * w[U(wbase + U(i))]
+        out[U(r * nout + o)] = activate(acc, act)
+        t = U(t + nt)
 
 
 @cuda.jit(device=True, inline="always")
 def _back_layer(dz, w, h, dz_below, r0, nr, nout, nin, act, tid, nt):
     """dz_below[r, i] = (Σ_o dz[r, o] w[o, i]) · act'(h[r, i]) for o < nout, i < nin and the tile's rows,
-    threads striding."""
-    for t in range(tid, nr * nin, nt):
-        r = r0 + t // nin
-        i = t % nin
+    threads striding (consecutive threads: consecutive i, so the w reads coalesce)."""
+    t = tid
+    while t < U(nr * nin):
+        rr = U(t // nin)
+        i = U(t - rr * nin)
+        r = U(r0 + rr)
+        dbase = U(r * nout)
         acc = ZERO
         for o in range(nout):
-            acc += dz[r, o] * w[o, i]
-        dz_below[r, i] = acc * act_grad(h[r, i], act)
+            acc += dz[U(dbase + U(o))] * w[U(U(o) * nin + i)]
+        e = U(r * nin + i)
+        dz_below[e] = acc * act_grad(h[e], act)
+        t = U(t + nt)
 
 
 @cuda.jit
 def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
-                  rowstat, act, mode, rows):
-    nb, ni = x.shape
-    nh1, nh2, nc = w1.shape[0], w2.shape[0], w3.shape[0]
-    cc, hh, ww = yconv.shape[1], yconv.shape[2], yconv.shape[3]
-    hp, wp = hh // 2, ww // 2
+                  rowstat, nb, cc, hh, ww, nh1, nh2, nc, act, mode, rows):
+    # every array flat (row-major), every index uint32 (common.U); x (B, I) with I = cc·hp·wp; yconv, dz_conv
+    # (B, cc, hh, ww) — in routed mode x itself and dz_conv at x's shape (hh, ww = hp, wp)
+    unb, u1, u2, uc = U(nb), U(nh1), U(nh2), U(nc)
+    uhh, uww = U(hh), U(ww)
+    hp = U(uhh >> U1)
+    wp = U(uww >> U1)
     if mode == POOL_ROUTED:  # yconv is x itself (B,C,Hp,Wp): dz_conv receives gz = dx·act'(x) at x's shape
-        hp, wp = hh, ww
-    tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+        hp = uhh
+        wp = uww
+    pp = U(hp * wp)
+    ni = U(U(cc) * pp)
+    plane = U(uhh * uww)
+    tid, nt = U(cuda.threadIdx.x), U(cuda.blockDim.x)
+    urows = U(rows)
+    ntiles = U(U(unb + urows - U1) // urows)
     inv_b = ONE / float32(nb)
-    for tile in range(cuda.blockIdx.x, (nb + rows - 1) // rows, cuda.gridDim.x):  # block-uniform
-        r0 = tile * rows
-        nr = min(rows, nb - r0)
-        _fwd_layer(x, w1, b1, h1, r0, nr, nh1, ni, act, tid, nt)  # h1 = act(x w1ᵀ + b1)
+    tile = U(cuda.blockIdx.x)
+    while tile < ntiles:  # block-uniform
+        r0 = U(tile * urows)
+        nr = U(min(urows, U(unb - r0)))
+        _fwd_layer(x, w1, b1, h1, r0, nr, u1, ni, act, tid, nt)  # h1 = act(x w1ᵀ + b1)
         cuda.syncthreads()
-        _fwd_layer(h1, w2, b2, h2, r0, nr, nh2, nh1, act, tid, nt)  # h2 = act(h1 w2ᵀ + b2)
+        _fwd_layer(h1, w2, b2, h2, r0, nr, u2, u1, act, tid, nt)  # h2 = act(h1 w2ᵀ + b2)
         cuda.syncthreads()
-        _fwd_layer(h2, w3, b3, logits, r0, nr, nc, nh2, ACT_IDENTITY, tid, nt)  # logits = h2 w3ᵀ + b3
+        _fwd_layer(h2, w3, b3, logits, r0, nr, uc, u2, ACT_IDENTITY, tid, nt)  # logits = h2 w3ᵀ + b3
         cuda.syncthreads()
-        for r in range(r0 + tid, r0 + nr, nt):  # the loss row and dz3 = dlogits
-            mx = logits[r, 0]
-            best = 0
-            for c in range(1, nc):
-                if logits[r, c] > mx:
-                    mx = logits[r, c]
-                    best = c
+        r = U(r0 + tid)
+        while r < U(r0 + nr):  # the loss row and dz3 = dlogits
+            lb = U(r * uc)
+            mx = logits[lb]
+            best = U0
+            for c in range(U1, uc):
+                if logits[U(lb + U(c))] > mx:
+                    mx = logits[U(lb + U(c))]
+                    best = U(c)
             se = ZERO
-            for c in range(nc):
-                se += math.exp(logits[r, c] - mx)
-            lab = labels[r]
+            for c in range(uc):
+                se += math.exp(logits[U(lb + U(c))] - mx)
+            lab = U(labels[r])
             inv_se = ONE / se
-            for c in range(nc):
-                p = math.exp(logits[r, c] - mx) * inv_se
-                if c == lab:
+            for c in range(uc):
+                p = math.exp(logits[U(lb + U(c))] - mx) * inv_se
+                if U(c) == lab:
                     p -= ONE
-                dz3[r, c] = p * inv_b
-            rowstat[r, 0] = math.log(se) - (logits[r, lab] - mx)
-            rowstat[r, 1] = ONE if best == lab else ZERO
+                dz3[U(lb + U(c))] = p * inv_b
+            rowstat[U(r + r)] = math.log(se) - (logits[U(lb + lab)] - mx)
+            rowstat[U(r + r + U1)] = ONE if best == lab else ZERO
+            r = U(r + nt)
         cuda.syncthreads()
-        _back_layer(dz3, w3, h2, dz2, r0, nr, nc, nh2, act, tid, nt)  # dz2 = (dz3 w3)·act'(h2)
+        _back_layer(dz3, w3, h2, dz2, r0, nr, uc, u2, act, tid, nt)  # dz2 = (dz3 w3)·act'(h2)
         cuda.syncthreads()
-        _back_layer(dz2, w2, h1, dz1, r0, nr, nh2, nh1, act, tid, nt)  # dz1 = (dz2 w2)·act'(h1)
+        _back_layer(dz2, w2, h1, dz1, r0, nr, u2, u1, act, tid, nt)  # dz1 = (dz2 w2)·act'(h1)
         cuda.syncthreads()
-        for t in range(tid, nr * ni, nt):  # dx = dz1 w1, routed through S4's pooling into dz_conv
-            r = r0 + t // ni
-            i = t % ni
+        t = tid
+        while t < U(nr * ni):  # dx = dz1 w1, routed through S4's pooling into dz_conv
+            rr = U(t // ni)
+            i = U(t - rr * ni)
+            r = U(r0 + rr)
+            db1 = U(r * u1)
             g = ZERO
-            for o in range(nh1):
-                g += dz1[r, o] * w1[o, i]
-            c = i // (hp * wp)
-            ph = (i // wp) % hp
-            pw = i % wp
+            for o in range(u1):
+                g += dz1[U(db1 + U(o))] * w1[U(U(o) * ni + i)]
+            e = U(r * ni + i)
             if mode == POOL_ROUTED:  # the routed gradient: max pooling's act' at the routed tap is act'(x)
-                dz_conv[r, c, ph, pw] = g * act_grad(yconv[r, c, ph, pw], act)
-                continue
-            for tap in range(4):
-                yy = 2 * ph + tap // 2
-                xx = 2 * pw + tap % 2
-                if mode == POOL_MAX:
-                    v = g if argmax[r, i] == tap else ZERO
-                else:
-                    v = g * QUARTER
-                dz_conv[r, c, yy, xx] = v * act_grad(yconv[r, c, yy, xx], act)
-        if mode != POOL_ROUTED and (2 * hp != hh or 2 * wp != ww):  # taps no window covers (odd H or W): 0
-            per = cc * hh * ww
-            for t in range(tid, nr * per, nt):
-                r = r0 + t // per
-                e = t % per
-                yy = (e // ww) % hh
-                xx = e % ww
-                if yy >= 2 * hp or xx >= 2 * wp:
-                    dz_conv[r, e // (hh * ww), yy, xx] = ZERO
+                dz_conv[e] = g * act_grad(yconv[e], act)
+            else:
+                c = U(i // pp)
+                q = U(i - c * pp)
+                ph = U(q // wp)
+                pw = U(q - ph * wp)
+                base = U((r * U(cc) + c) * plane + U(ph + ph) * uww + U(pw + pw))
+                am = U(argmax[e]) if mode == POOL_MAX else U0
+                for tap in range(4):
+                    o = U(base + U(tap >> 1) * uww + U(tap & 1))
+                    if mode == POOL_MAX:
+                        v = g if am == U(tap) else ZERO
+                    else:
+                        v = g * QUARTER
+                    dz_conv[o] = v * act_grad(yconv[o], act)
+            t = U(t + nt)
+        if mode != POOL_ROUTED and (U(hp + hp) != uhh or U(wp + wp) != uww):  # taps no window covers: 0
+            per = U(U(cc) * plane)
+            t = tid
+            while t < U(nr * per):
+                rr = U(t // per)
+                e = U(t - rr * per)
+                e2 = U(e // uww)
+                yy = U(e2 - U(e2 // uhh) * uhh)
+                xx = U(e - e2 * uww)
+                if yy >= U(hp + hp) or xx >= U(wp + wp):
+                    dz_conv[U((r0 + rr) * per + e)] = ZERO
+                t = U(t + nt)
         cuda.syncthreads()  # the next tile's phases read this tile's nothing, but keep the phases apart
+        tile = U(tile + U(cuda.gridDim.x))
 
 
 # ---------------------------------------------------------------------------------------------- v1: wgrad
@@ -203,8 +238,8 @@ _F2 = "float32[:,::1]"
 _F1 = "float32[::1]"
 _F4 = "float32[:,:,:,::1]"
 SIGNATURES = {
-    "head_train_v1": f"void({_F2}, int32[::1], {_F2}, {_F1}, {_F2}, {_F1}, {_F2}, {_F1}, {_F2}, {_F2}, {_F2}, "
-    f"uint8[:,::1], {_F4}, {_F4}, {_F2}, {_F2}, {_F2}, {_F2}, int32, int32, int32)",
+    "head_train_v1": f"void({_F1}, int32[::1], {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, "
+    f"uint8[::1], {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {', '.join(['int32'] * 10)})",
     "head_train_wgrad_v1": f"void({_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F1}, {_F2}, {_F1}, "
     f"{_F2}, {_F1}, {_F2}, int32[::1])",
 }
@@ -296,11 +331,11 @@ def head_train(
         raise ValueError("head_train: needs a batch of at least one row, one stats row and a full step state")
     if mode == "max":
         _check(argmax, "argmax", (n, c, hp, wp), np.uint8)
-        am2 = argmax.reshape(n, ni)
+        am1 = argmax.reshape(n * ni)
     else:  # avg never reads argmax: a one-element stand-in of the declared type
-        am2 = _DUMMY.get(be)
-        if am2 is None:
-            am2 = _DUMMY[be] = be.empty((1, 1), np.uint8)
+        am1 = _DUMMY.get(be)
+        if am1 is None:
+            am1 = _DUMMY[be] = be.empty((1,), np.uint8)
     key = (n, nh1, nh2, nc)
     per_be = _SCRATCH.setdefault(be, {})
     ws = per_be.get(key)
@@ -309,9 +344,14 @@ def head_train(
     dz1, dz2, dz3, rowstat = ws
     x2 = x.reshape(n, ni)
     rows = rows_per_block(n)
-    launch_kernel(be, "head_train_v1", head_train_v1, ceil_div(n, rows), HEAD_THREADS, 0, x2, labels, w1, b1, w2, b2,
-                  w3, b3, h1, h2, logits, am2, yconv, dz_conv, dz1, dz2, dz3, rowstat, np.int32(ACT_CODES[act]),
-                  np.int32(POOL_ROUTED if routed else POOL_CODES[mode]), np.int32(rows))
+
+    def flat(a: Any) -> Any:
+        return a.reshape(a.size)
+
+    launch_kernel(be, "head_train_v1", head_train_v1, ceil_div(n, rows), HEAD_THREADS, 0, flat(x), labels, flat(w1),
+                  b1, flat(w2), b2, flat(w3), b3, flat(h1), flat(h2), flat(logits), am1, flat(yconv), flat(dz_conv),
+                  flat(dz1), flat(dz2), flat(dz3), flat(rowstat), *(np.int32(v) for v in (n, c, hc, wc, nh1, nh2, nc)),
+                  np.int32(ACT_CODES[act]), np.int32(POOL_ROUTED if routed else POOL_CODES[mode]), np.int32(rows))
     total = nh1 * (ni + 1) + nh2 * (nh1 + 1) + nc * (nh2 + 1) + 1
     launch_kernel(be, "head_train_wgrad_v1", head_train_wgrad_v1, ceil_div(total, WG_THREADS), WG_THREADS, 0, x2, h1,
                   h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state)

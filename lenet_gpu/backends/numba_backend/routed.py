@@ -32,26 +32,12 @@ every sum has a fixed order, no float atomics.
 
 from __future__ import annotations
 
-import os
-
-import numba
 from numba import cuda, float32, int32, uint32
 
 from ...stepstate import STEP
-from .common import ZERO, act_grad, fast_div
+from .common import U0, U1, ZERO, U, act_grad, fast_div
 from .conv2d import _last_arrival
 
-U = uint32  # every index and size: unsigned 32-bit, so no wraparound selects, floor fix-ups or int64
-U0 = uint32(0)
-U1 = uint32(1)
-if numba.config.ENABLE_CUDASIM and os.environ.get("LENET_GPU_SIM_UINT32", "0") != "1":
-    # the simulator runs these kernels as Python: NumPy uint32 scalars make every index operation ~10x slower
-    # than a Python int (a simulated routed step at batch 3: 36 s → 14 s). No intermediate is negative by construction
-    # (a difference that could be is compared first), so Python ints give the same indices;
-    # LENET_GPU_SIM_UINT32=1 keeps true uint32 scalars (tests/test_numba_routed.py runs its kernel checks so).
-    U = int  # noqa: F811
-    U0 = 0
-    U1 = 1
 #: conv2d_bwd_weight_routed_v2: threads per block (RW_GROUPS groups of RW_COLS threads in the reduction)
 RW_THREADS = 128
 #: conv2d_bwd_weight_routed_v2: columns of c·r·s (+ the bias) per block (the dense v3's BW_COLS: the backend
