@@ -191,45 +191,56 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
 
 
 @cuda.jit(device=True, inline="always")
-def _wgrad_elem(dz, a, o, i, dw, db):
-    nb, na = a.shape
+def _wgrad_elem(dz, a, o, i, dw, db, nb, nout, na):
+    """dw[o, i] = Σ_b dz[b, o] a[b, i] (i < na), or db[o] = Σ_b dz[b, o] (i == na), rows in order (flat arrays,
+    uint32 offsets walked by adding the row lengths)."""
     acc = ZERO
+    pd = o
     if i < na:
-        for b in range(nb):
-            acc += dz[b, o] * a[b, i]
-        dw[o, i] = acc
+        pa = i
+        for _ in range(nb):
+            acc += dz[pd] * a[pa]
+            pd = U(pd + nout)
+            pa = U(pa + na)
+        dw[U(o * na + i)] = acc
     else:
-        for b in range(nb):
-            acc += dz[b, o]
+        for _ in range(nb):
+            acc += dz[pd]
+            pd = U(pd + nout)
         db[o] = acc
 
 
 @cuda.jit
-def head_train_wgrad_v1(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state):
-    nb, ni = x.shape
-    nh1, nh2, nc = dw1.shape[0], dw2.shape[0], dw3.shape[0]
-    n1 = nh1 * (ni + 1)
-    n2 = nh2 * (nh1 + 1)
-    n3 = nc * (nh2 + 1)
-    for e in range(cuda.grid(1), n1 + n2 + n3 + 1, cuda.gridsize(1)):
+def head_train_wgrad_v1(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, nb, ni, nh1,
+                        nh2, nc):
+    unb, uni, u1, u2, uc = U(nb), U(ni), U(nh1), U(nh2), U(nc)
+    n1 = U(u1 * U(uni + U1))
+    n2 = U(u2 * U(u1 + U1))
+    n3 = U(uc * U(u2 + U1))
+    e = U(cuda.grid(1))
+    while e < U(n1 + n2 + n3 + U1):
         if e < n1:
-            _wgrad_elem(dz1, x, e // (ni + 1), e % (ni + 1), dw1, db1)
-        elif e < n1 + n2:
-            f = e - n1
-            _wgrad_elem(dz2, h1, f // (nh1 + 1), f % (nh1 + 1), dw2, db2)
-        elif e < n1 + n2 + n3:
-            f = e - n1 - n2
-            _wgrad_elem(dz3, h2, f // (nh2 + 1), f % (nh2 + 1), dw3, db3)
+            o = U(e // U(uni + U1))
+            _wgrad_elem(dz1, x, o, U(e - o * U(uni + U1)), dw1, db1, unb, u1, uni)
+        elif e < U(n1 + n2):
+            f = U(e - n1)
+            o = U(f // U(u1 + U1))
+            _wgrad_elem(dz2, h1, o, U(f - o * U(u1 + U1)), dw2, db2, unb, u2, u1)
+        elif e < U(n1 + n2 + n3):
+            f = U(e - n1 - n2)
+            o = U(f // U(u2 + U1))
+            _wgrad_elem(dz3, h2, o, U(f - o * U(u2 + U1)), dw3, db3, unb, uc, u2)
         else:  # the stats row, summed in row order
             loss = ZERO
             hit = ZERO
-            for b in range(nb):
-                loss += rowstat[b, 0]
-                hit += rowstat[b, 1]
+            for b in range(unb):
+                loss += rowstat[U(U(b) + U(b))]
+                hit += rowstat[U(U(b) + U(b) + U1)]
             s = stats.shape[0]
             row = state[STEP_IN_EPOCH] % s  # Python-style modulo: never negative
             stats[row, 0] = loss
             stats[row, 1] = hit
+        e = U(e + U(cuda.gridsize(1)))
 
 
 # ------------------------------------------------------------------------------------ variant table
@@ -240,8 +251,8 @@ _F4 = "float32[:,:,:,::1]"
 SIGNATURES = {
     "head_train_v1": f"void({_F1}, int32[::1], {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, "
     f"uint8[::1], {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {', '.join(['int32'] * 10)})",
-    "head_train_wgrad_v1": f"void({_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F2}, {_F1}, {_F2}, {_F1}, "
-    f"{_F2}, {_F1}, {_F2}, int32[::1])",
+    "head_train_wgrad_v1": f"void({_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, "
+    f"{_F1}, {_F1}, {_F2}, int32[::1], int32, int32, int32, int32, int32)",
 }
 KERNELS = {"head_train_v1": head_train_v1, "head_train_wgrad_v1": head_train_wgrad_v1}
 LAUNCH_BOUNDS: dict[str, tuple[int, ...]] = {}
@@ -342,7 +353,6 @@ def head_train(
     if ws is None:  # dz1, dz2, dz3 and the per-row [loss, hit]: allocated at the first call at a shape
         ws = per_be[key] = (be.empty((n, nh1)), be.empty((n, nh2)), be.empty((n, nc)), be.empty((n, 2)))
     dz1, dz2, dz3, rowstat = ws
-    x2 = x.reshape(n, ni)
     rows = rows_per_block(n)
 
     def flat(a: Any) -> Any:
@@ -353,5 +363,6 @@ def head_train(
                   flat(dz1), flat(dz2), flat(dz3), flat(rowstat), *(np.int32(v) for v in (n, c, hc, wc, nh1, nh2, nc)),
                   np.int32(ACT_CODES[act]), np.int32(POOL_ROUTED if routed else POOL_CODES[mode]), np.int32(rows))
     total = nh1 * (ni + 1) + nh2 * (nh1 + 1) + nc * (nh2 + 1) + 1
-    launch_kernel(be, "head_train_wgrad_v1", head_train_wgrad_v1, ceil_div(total, WG_THREADS), WG_THREADS, 0, x2, h1,
-                  h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state)
+    launch_kernel(be, "head_train_wgrad_v1", head_train_wgrad_v1, ceil_div(total, WG_THREADS), WG_THREADS, 0, flat(x),
+                  flat(h1), flat(h2), flat(dz1), flat(dz2), flat(dz3), flat(rowstat), flat(dw1), db1, flat(dw2), db2,
+                  flat(dw3), db3, stats, state, *(np.int32(v) for v in (n, ni, nh1, nh2, nc)))
