@@ -276,3 +276,20 @@ def test_gpu_model_routed_step_equals_numpy_routed_step(act, batch):
         g = [m.backend.to_host(m.grads) for m in models]
         assert_close(g[0], g[1], atol=1e-5 * float(np.abs(g[1]).max()), rtol=1e-4, what=f"grads step {step}")
     assert_close(models[0].parameters(), models[1].parameters(), atol=1e-5, rtol=1e-4, what="params")
+
+
+@sim
+@pytest.mark.parametrize("staged", [True, False])
+def test_sim_head_train_c5_chunks(monkeypatch, staged):
+    """head_train_v1's C5 layer with its weights staged in shared memory C5_CHUNK columns at a time: x of 60
+    features (a full and a partial chunk) against reference.head_train, dense (avg) and routed (max); staged=False
+    forces the plain loop (what a C5 too wide for shared memory takes)."""
+    from lenet_gpu.backends.numba_backend import head
+    from tests.fused_helpers import check_head_train
+
+    if not staged:
+        monkeypatch.setattr(head, "C5_MAX_SMEM", 0)
+    assert (head.c5_smem(7) > 0) == staged
+    be = _backend(2)
+    check_head_train(be, lambda b, *a, **k: b.head_train(*a, **k), None, 3, 3, 8, 11, 7, 5, 4, "tanh", "avg")
+    check_head_train_routed(be, 2, 3, 8, 10, 7, 5, 4, "sigmoid", seed=3)

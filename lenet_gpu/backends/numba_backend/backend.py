@@ -299,7 +299,8 @@ def lenet_launches(
     routed = training and "head_train" in v and all(op in v for op in _routed.VARIANTS)
     if training and "head_train" in v:  # C5 → F6 → output → loss → back to C3: two kernels
         total = 120 * 401 + f6 * 121 + 10 * (f6 + 1) + 1
-        out.append(("head_train", v["head_train"], ceil_div(b, _head.rows_per_block(b)), _head.HEAD_THREADS, 0))
+        out.append(("head_train", v["head_train"], ceil_div(b, _head.rows_per_block(b)), _head.HEAD_THREADS,
+                    _head.c5_smem(120)))
         out.append(("head_train_wgrad", v["head_train"], ceil_div(total, _head.WG_THREADS), _head.WG_THREADS, 0))
         if routed:  # the routed step (docs/routed_backward.md): gradients at the pooled size + the routes
             add("conv2d_bwd_weight_routed", dw=(16, 6, 5, 5), gz=(b, 16, 5, 5))

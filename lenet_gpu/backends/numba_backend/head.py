@@ -13,7 +13,9 @@ Two launches, no atomics, no tickets:
   and runs the whole chain for them, one thread per output of each phase, operands from global memory, the
   intermediates in the outputs and in scratch (dz1, dz2, dz3, the per-row [loss, hit]); barriers between phases.
   Every array flat, every index uint32 (common.U): no int64 index arithmetic, no 64-bit division, no wraparound
-  selects (sm_90: 89 → 48 registers).
+  selects (sm_90: 89 → 40 registers). C5's weights are read coalesced: C5_CHUNK columns at a time staged in
+  shared memory by consecutive threads (the plain loop's lanes read w1 400 floats apart), each output still
+  summed in input order.
 - head_train_wgrad_v1: one thread per element of [dw1|db1], [dw2|db2], [dw3|db3] (the bias = a column of ones),
   each a sum over the batch in row order; one more thread sums the per-row loss and hit in row order.
 
@@ -46,6 +48,10 @@ POOL_ROUTED = 2
 #: threads per block of the rows kernel and of the weight-gradient kernel
 HEAD_THREADS = 128
 WG_THREADS = 128
+#: head_train_v1: columns of C5's weights staged in shared memory at a time (coalesced reads), and the most
+#: dynamic shared memory that staging may take (otherwise the plain loop)
+C5_CHUNK = 32
+C5_MAX_SMEM = 48 * 1024
 #: rows per block: the fewest of 1..8 that keep the grid within this many blocks (two per SM of an H100)
 FILL_BLOCKS = 2 * 132
 
@@ -71,6 +77,51 @@ def _fwd_layer(a, w, b, out, r0, nr, nout, nin, act, tid, nt):
 
 
 @cuda.jit(device=True, inline="always")
+def _fwd_layer_staged(a, w, b, out, sw, r0, nr, nout, nin, act, tid, nt):
+    """_fwd_layer with w read coalesced (C5: lanes of the plain loop read w 400 floats apart): chunks of C5_CHUNK
+    columns of w are staged in shared memory by consecutive threads (row o at o·(C5_CHUNK+1): the padding keeps
+    the reads of consecutive o conflict-free); the partial sums wait in out between chunks (each thread keeps
+    the same outputs), so each output still sums i in order, as _fwd_layer does."""
+    t = tid
+    while t < U(nr * nout):
+        rr = U(t // nout)
+        o = U(t - rr * nout)
+        out[U((r0 + rr) * nout + o)] = b[o]
+        t = U(t + nt)
+    i0 = U0
+    while i0 < nin:
+        ic = U(min(U(C5_CHUNK), U(nin - i0)))
+        cuda.syncthreads()  # nobody still reads the previous chunk
+        e = tid
+        while e < U(nout * ic):
+            o = U(e // ic)
+            ii = U(e - o * ic)
+            sw[U(o * U(C5_CHUNK + 1) + ii)] = w[U(o * nin + i0 + ii)]
+            e = U(e + nt)
+        cuda.syncthreads()
+        t = tid
+        while t < U(nr * nout):
+            rr = U(t // nout)
+            o = U(t - rr * nout)
+            r = U(r0 + rr)
+            po = U(r * nout + o)
+            abase = U(r * nin + i0)
+            sbase = U(o * U(C5_CHUNK + 1))
+            acc = out[po]
+            for ii in range(ic):
+                acc += a[U(abase + U(ii))] * sw[U(sbase + U(ii))]
+            out[po] = acc
+            t = U(t + nt)
+        i0 = U(i0 + U(C5_CHUNK))
+    t = tid
+    while t < U(nr * nout):
+        rr = U(t // nout)
+        po = U((r0 + rr) * nout + t - rr * nout)
+        out[po] = activate(out[po], act)
+        t = U(t + nt)
+
+
+@cuda.jit(device=True, inline="always")
 def _back_layer(dz, w, h, dz_below, r0, nr, nout, nin, act, tid, nt):
     """dz_below[r, i] = (Σ_o dz[r, o] w[o, i]) · act'(h[r, i]) for o < nout, i < nin and the tile's rows,
     threads striding (consecutive threads: consecutive i, so the w reads coalesce)."""
@@ -90,7 +141,9 @@ def _back_layer(dz, w, h, dz_below, r0, nr, nout, nin, act, tid, nt):
 
 @cuda.jit
 def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
-                  rowstat, nb, cc, hh, ww, nh1, nh2, nc, act, mode, rows):
+                  rowstat, nb, cc, hh, ww, nh1, nh2, nc, act, mode, rows, staged):
+    # dynamic shared memory (staged == 1): nh1·(C5_CHUNK+1) floats, the C5 weights' chunk
+    sw = cuda.shared.array(0, float32)
     # every array flat (row-major), every index uint32 (common.U); x (B, I) with I = cc·hp·wp; yconv, dz_conv
     # (B, cc, hh, ww) — in routed mode x itself and dz_conv at x's shape (hh, ww = hp, wp)
     unb, u1, u2, uc = U(nb), U(nh1), U(nh2), U(nc)
@@ -111,7 +164,10 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
     while tile < ntiles:  # block-uniform
         r0 = U(tile * urows)
         nr = U(min(urows, U(unb - r0)))
-        _fwd_layer(x, w1, b1, h1, r0, nr, u1, ni, act, tid, nt)  # h1 = act(x w1ᵀ + b1)
+        if staged == 1:  # h1 = act(x w1ᵀ + b1)
+            _fwd_layer_staged(x, w1, b1, h1, sw, r0, nr, u1, ni, act, tid, nt)
+        else:
+            _fwd_layer(x, w1, b1, h1, r0, nr, u1, ni, act, tid, nt)
         cuda.syncthreads()
         _fwd_layer(h1, w2, b2, h2, r0, nr, u2, u1, act, tid, nt)  # h2 = act(h1 w2ᵀ + b2)
         cuda.syncthreads()
@@ -250,7 +306,7 @@ _F1 = "float32[::1]"
 _F4 = "float32[:,:,:,::1]"
 SIGNATURES = {
     "head_train_v1": f"void({_F1}, int32[::1], {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, "
-    f"uint8[::1], {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {', '.join(['int32'] * 10)})",
+    f"uint8[::1], {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {', '.join(['int32'] * 11)})",
     "head_train_wgrad_v1": f"void({_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, "
     f"{_F1}, {_F1}, {_F2}, int32[::1], int32, int32, int32, int32, int32)",
 }
@@ -297,6 +353,12 @@ def _check(a: Any, name: str, shape: tuple[int, ...], dtype: Any = np.float32) -
         raise TypeError(f"{name}: dtype {a.dtype}, expected {np.dtype(dtype)}")
     if not a.flags["C_CONTIGUOUS"]:
         raise ValueError(f"{name}: must be C-contiguous")
+
+
+def c5_smem(nh1: int) -> int:
+    """head_train_v1's dynamic shared memory: C5's staged weight chunk, or 0 (the plain loop) when too big."""
+    need = nh1 * (C5_CHUNK + 1) * 4
+    return need if need <= C5_MAX_SMEM else 0
 
 
 def rows_per_block(batch: int) -> int:
@@ -358,10 +420,12 @@ def head_train(
     def flat(a: Any) -> Any:
         return a.reshape(a.size)
 
-    launch_kernel(be, "head_train_v1", head_train_v1, ceil_div(n, rows), HEAD_THREADS, 0, flat(x), labels, flat(w1),
+    smem = c5_smem(nh1)
+    launch_kernel(be, "head_train_v1", head_train_v1, ceil_div(n, rows), HEAD_THREADS, smem, flat(x), labels, flat(w1),
                   b1, flat(w2), b2, flat(w3), b3, flat(h1), flat(h2), flat(logits), am1, flat(yconv), flat(dz_conv),
                   flat(dz1), flat(dz2), flat(dz3), flat(rowstat), *(np.int32(v) for v in (n, c, hc, wc, nh1, nh2, nc)),
-                  np.int32(ACT_CODES[act]), np.int32(POOL_ROUTED if routed else POOL_CODES[mode]), np.int32(rows))
+                  np.int32(ACT_CODES[act]), np.int32(POOL_ROUTED if routed else POOL_CODES[mode]), np.int32(rows),
+                  np.int32(smem > 0))
     total = nh1 * (ni + 1) + nh2 * (nh1 + 1) + nc * (nh2 + 1) + 1
     launch_kernel(be, "head_train_wgrad_v1", head_train_wgrad_v1, ceil_div(total, WG_THREADS), WG_THREADS, 0, flat(x),
                   flat(h1), flat(h2), flat(dz1), flat(dz2), flat(dz3), flat(rowstat), flat(dw1), db1, flat(dw2), db2,
