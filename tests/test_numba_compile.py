@@ -21,7 +21,8 @@ from lenet_gpu.backends.numba_backend import KERNELS, SIGNATURES, VARIANTS  # no
 from lenet_gpu.backends.numba_backend import compile_report as cr  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90")
-KERNEL_NAMES = sorted(KERNELS)
+#: the backend's kernels and the routed backward's (the report covers both: cr.REPORT_VARIANTS)
+KERNEL_NAMES = sorted({f"{op}_{v}" for op, vs in cr.REPORT_VARIANTS.items() for v in vs})
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_compiles_without_float64_or_spills(report, kernel, arch):
 #: 128-thread blocks reach half of an SM's warps (the occupancy their launch shapes are sized for).
 #: (sm_80's ptxas gives conv2d_pool_fwd_v2 66: occupancy 0.44 there.)
 HOT_KERNELS = ("conv2d_fwd_v3", "conv2d_pool_fwd_v2", "conv2d_bwd_data_v2", "conv2d_bwd_weight_v3",
-               "conv2d_bwd_data_pool_v2")
+               "conv2d_bwd_data_pool_v2", "conv2d_bwd_weight_routed_v2", "conv2d_bwd_data_routed_v1")
 
 
 @pytest.mark.parametrize("kernel", HOT_KERNELS)

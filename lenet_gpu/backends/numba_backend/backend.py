@@ -23,13 +23,16 @@ import numpy as np
 from numba import cuda
 
 from ...stepstate import SCHED_COLS, STATE_WORDS
+from .. import base as _base
 from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, BackendUnavailable, Counters, check_act, check_mode
 from . import batch, conv2d, dense, loss, optim, pool2x2
 from . import head as _head
+from . import kernel_cache as _kernel_cache
 from . import launch as _launchmod
 from . import lenet_fwd as _lenet_fwd
+from . import routed as _routed
 from ._compat import import_cuda_array_module
-from .common import ceil_div
+from .common import ceil_div, div_magic
 
 if not numba.config.ENABLE_CUDASIM:
     import_cuda_array_module()  # before the first compile: NumPy 2.5 and numba-cuda 0.30 (see _compat)
@@ -52,8 +55,17 @@ DEFAULT_VARIANTS = {op: vs[-1] for op, vs in VARIANTS.items()}
 
 #: the fused dense head (head.py: head_train, two kernels) and the whole-network forward (lenet_fwd.py): their
 #: kernels launch through NumbaBackend._launch too, found here by name (their compile checks are their own)
-FUSED_KERNELS: dict[str, Any] = {**_head.KERNELS, **_lenet_fwd.KERNELS}
-FUSED_VARIANTS: dict[str, tuple[str, ...]] = {**_head.VARIANTS, **_lenet_fwd.VARIANTS}
+FUSED_KERNELS: dict[str, Any] = {**_head.KERNELS, **_lenet_fwd.KERNELS, **_routed.KERNELS}
+#: the routed backward (routed.py, docs/routed_backward.md): its ops are advertised in ``variants`` (so the
+#: model takes the routed step with max pooling) as the protocol names them (base.ROUTED_OPS)
+ROUTED_OPS: tuple[str, ...] = tuple(op for op in _routed.VARIANTS if op in getattr(_base, "ROUTED_OPS", ()))
+FUSED_VARIANTS: dict[str, tuple[str, ...]] = {**_head.VARIANTS, **_lenet_fwd.VARIANTS,
+                                              **{op: _routed.VARIANTS[op] for op in ROUTED_OPS}}
+
+
+def all_dispatchers() -> list[Any]:
+    """Every kernel dispatcher of the backend (its ops', the fused ops' and the routed ops')."""
+    return list({id(k): k for k in (*KERNELS.values(), *FUSED_KERNELS.values())}.values())
 
 
 def _kernel(name: str) -> Any:
@@ -213,6 +225,18 @@ def launch_config(op: str, variant: str, shapes: dict[str, tuple[int, ...]]) -> 
         k, _, r, s = shapes["w"]
         items = ceil_div(c, conv2d.CB) * ceil_div(n * (h // 2) * (wd // 2), CONV_BWD_DATA_V2_THREADS)
         return items, CONV_BWD_DATA_V2_THREADS, conv2d.CB * bwd_data_chunk(shapes["w"]) * r * s * 4
+    if op == "conv2d_bwd_weight_routed":  # shapes: dw, and gz (the pooled gradient) when known
+        k, c, r, s = shapes["dw"]
+        if variant == "v1":
+            return ceil_div(k * (c * r * s + 1), THREADS), THREADS, 0
+        items = k * ceil_div(c * r * s + 1, _routed.RW_COLS)
+        splits = bw_splits(shapes["dw"], shapes["gz"]) if "gz" in shapes else 1
+        return items * splits, _routed.RW_THREADS, 0
+    if op == "conv2d_bwd_data_routed":  # shapes: gzb (the gradient below: the conv's input), w
+        n, c, h, wd = shapes["gzb"]
+        k, _, r, s = shapes["w"]
+        items = ceil_div(c, _routed.RCB) * ceil_div(n * h * wd, _routed.RD_THREADS)
+        return items, _routed.RD_THREADS, _routed.RCB * _routed.data_chunk(shapes["w"]) * r * s * 4
     if op == "pool2x2_fwd":
         return ceil_div(math.prod(shapes["y"]), THREADS), THREADS, 0
     if op == "pool2x2_bwd":
@@ -272,10 +296,16 @@ def lenet_launches(
         else:
             add("conv2d_fwd", y=yshape, w=wshape)
             add("pool2x2_fwd", y=(b, yshape[1], yshape[2] // 2, yshape[3] // 2))
+    routed = training and "head_train" in v and all(op in v for op in _routed.VARIANTS)
     if training and "head_train" in v:  # C5 → F6 → output → loss → back to C3: two kernels
         total = 120 * 401 + f6 * 121 + 10 * (f6 + 1) + 1
-        out.append(("head_train", v["head_train"], ceil_div(b, _head.rows_per_block(b)), _head.HEAD_THREADS, 0))
+        out.append(("head_train", v["head_train"], ceil_div(b, _head.rows_per_block(b)), _head.HEAD_THREADS,
+                    _head.c5_smem(120)))
         out.append(("head_train_wgrad", v["head_train"], ceil_div(total, _head.WG_THREADS), _head.WG_THREADS, 0))
+        if routed:  # the routed step (docs/routed_backward.md): gradients at the pooled size + the routes
+            add("conv2d_bwd_weight_routed", dw=(16, 6, 5, 5), gz=(b, 16, 5, 5))
+            add("conv2d_bwd_data_routed", gzb=(b, 6, 14, 14), w=(16, 6, 5, 5))
+            add("conv2d_bwd_weight_routed", dw=(6, 1, 5, 5), gz=(b, 6, 14, 14))
     else:
         for o in (120, f6, 10):
             add("dense_fwd", y=(b, o))
@@ -285,13 +315,14 @@ def lenet_launches(
         for i, o in ((f6, 10), (120, f6), (400, 120)):
             add("dense_bwd", x=(b, i), w=(o, i), dx=True)
         add("pool2x2_bwd", dz=(b, 16, 10, 10))
-    add("conv2d_bwd_weight", dw=(16, 6, 5, 5), dz=(b, 16, 10, 10))
-    if "conv2d_bwd_data_pool" in v:
-        add("conv2d_bwd_data_pool", dzb=(b, 6, 28, 28), w=(16, 6, 5, 5))
-    else:
-        add("conv2d_bwd_data", dx=(b, 6, 14, 14), w=(16, 6, 5, 5))
-        add("pool2x2_bwd", dz=(b, 6, 28, 28))
-    add("conv2d_bwd_weight", dw=(6, 1, 5, 5), dz=(b, 6, 28, 28))
+    if not routed:
+        add("conv2d_bwd_weight", dw=(16, 6, 5, 5), dz=(b, 16, 10, 10))
+        if "conv2d_bwd_data_pool" in v:
+            add("conv2d_bwd_data_pool", dzb=(b, 6, 28, 28), w=(16, 6, 5, 5))
+        else:
+            add("conv2d_bwd_data", dx=(b, 6, 14, 14), w=(16, 6, 5, 5))
+            add("pool2x2_bwd", dz=(b, 6, 28, 28))
+        add("conv2d_bwd_weight", dw=(6, 1, 5, 5), dz=(b, 6, 28, 28))
     from ...spec import NetConfig, param_layout
 
     add("adam_step" if optimizer == "adam" else "sgd_step", p=(param_layout(NetConfig(f6=f6))[1],))
@@ -330,6 +361,8 @@ class NumbaBackend:
         self.is_gpu = not self.simulator
         if self.is_gpu and "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
             _quiet_low_occupancy_warnings()
+        #: kernels whose compiled code is cached on disk (kernel_cache.py; 0 in the simulator or when off)
+        self.cached_kernels = _kernel_cache.enable(all_dispatchers()) if self.is_gpu else 0
         self.counters = Counters()
         self.variants: dict[str, tuple[str, ...]] = {**VARIANTS, **FUSED_VARIANTS}
         self.default_variants: dict[str, str] = {**DEFAULT_VARIANTS,
@@ -738,6 +771,87 @@ class NumbaBackend:
         self._launch("conv2d_bwd_data_pool", v, grid, block, sh, f(dz), f(w), f(argmax), f(yconv), f(dz_below),
                      *_i32(n, c, h, wd, k, r, s), *codes, np.int32(bwd_data_chunk(w.shape)))
 
+    def _routed_variant(self, op: str, variant: str | None) -> str:
+        """The routed ops' variant: from ``variants`` where they are advertised, else routed.py's table (the
+        ops work before the protocol lists them)."""
+        if op in self.variants:
+            return self._variant(op, variant)
+        v = _routed.DEFAULT_VARIANTS[op] if variant is None else variant
+        if v not in _routed.VARIANTS[op]:
+            raise ValueError(f"{op}: unknown variant {v!r}; choose one of {', '.join(_routed.VARIANTS[op])}")
+        return v
+
+    def conv2d_bwd_weight_routed(
+        self, x: Any, gz: Any, argmax: Any, dw: Any, db: Any, state: Any = None, variant: str | None = None
+    ) -> None:
+        """dw, db of a conv + 2×2 max-pool layer from its routed gradient gz (B,K,Hp,Wp) and routes argmax
+        (docs/routed_backward.md; overwritten): the dense conv2d_bwd_weight of the scattered gradient,
+        touching only the routed taps. ``state`` as for conv2d_bwd_weight (the split's ticket tag)."""
+        v = self._routed_variant("conv2d_bwd_weight_routed", variant)
+        _dev("x", x, np.float32, 4)
+        _dev("gz", gz, np.float32, 4)
+        _dev("argmax", argmax, np.uint8, 4)
+        _dev("dw", dw, np.float32, 4)
+        _dev("db", db, np.float32, 1)
+        if state is not None:
+            _state("state", state)
+        n, c, h, wd = x.shape
+        k, _, r, s = dw.shape
+        _shape("dw", dw, (k, c, r, s))
+        _shape("db", db, (k,))
+        hp, wp = (h - r + 1) // 2, (wd - s + 1) // 2
+        if hp < 1 or wp < 1:
+            raise ValueError(f"conv2d_bwd_weight_routed: the conv output of x {tuple(x.shape)} has no 2x2 window")
+        _shape("gz", gz, (n, k, hp, wp))
+        _shape("argmax", argmax, gz.shape)
+        _int32_sizes("conv2d_bwd_weight_routed", x, gz)
+        shapes = {"dw": dw.shape, "gz": gz.shape}
+        grid, block, sh = launch_config("conv2d_bwd_weight_routed", v, shapes)
+        f = self._flat_view
+        if v == "v1":
+            self._launch("conv2d_bwd_weight_routed", v, grid, block, sh, f(x), f(gz), f(argmax), f(dw), db,
+                         *_i32(n, c, h, wd, k, r, s))
+            return
+        splits = bw_splits(dw.shape, gz.shape)
+        partial, tickets = self._bw_scratch(dw, splits)
+        if state is None:
+            state = self._zero_state()
+        self._launch("conv2d_bwd_weight_routed", v, grid, block, sh, f(x), f(gz), f(argmax), f(dw), db, partial,
+                     tickets, state, *_i32(n, c, h, wd, k, r, s), np.int32(splits), *div_magic(hp * wp),
+                     *div_magic(wp))
+
+    def conv2d_bwd_data_routed(
+        self, gz: Any, w: Any, argmax: Any, y_below: Any, gz_below: Any, act: str, variant: str | None = None
+    ) -> None:
+        """gz_below (y_below's shape (B,C,H,W)) = the data gradient of the conv whose input is y_below, from
+        its routed gradient gz and routes argmax (B,K,Hp,Wp), times act'(y_below): the routed gradient of the
+        layer below (docs/routed_backward.md)."""
+        v = self._routed_variant("conv2d_bwd_data_routed", variant)
+        check_act(act)
+        _dev("gz", gz, np.float32, 4)
+        _dev("w", w, np.float32, 4)
+        _dev("argmax", argmax, np.uint8, 4)
+        _dev("y_below", y_below, np.float32, 4)
+        _dev("gz_below", gz_below, np.float32, 4)
+        n, c, h, wd = y_below.shape
+        k, _, r, s = w.shape
+        _shape("w", w, (k, c, r, s))
+        _shape("gz_below", gz_below, y_below.shape)
+        hp, wp = (h - r + 1) // 2, (wd - s + 1) // 2
+        if hp < 1 or wp < 1:
+            raise ValueError(f"conv2d_bwd_data_routed: the conv output of {tuple(y_below.shape)} has no 2x2 window")
+        _shape("gz", gz, (n, k, hp, wp))
+        _shape("argmax", argmax, gz.shape)
+        _int32_sizes("conv2d_bwd_data_routed", gz, gz_below)
+        shapes = {"gzb": gz_below.shape, "w": w.shape}
+        grid, block, sh = launch_config("conv2d_bwd_data_routed", v, shapes)
+        if sh > MAX_DYNAMIC_SMEM:
+            raise ValueError(f"conv2d_bwd_data_routed_{v}: a {r}x{s} filter needs {sh} bytes of shared memory")
+        f = self._flat_view
+        self._launch("conv2d_bwd_data_routed", v, grid, block, sh, f(gz), f(w), f(argmax), f(y_below), f(gz_below),
+                     *_i32(n, c, h, wd, k, r, s), np.int32(ACT_CODES[act]), np.int32(_routed.data_chunk(w.shape)),
+                     *div_magic(h * wd), *div_magic(wd))
+
     def _argmax_arg(self, op: str, argmax: Any, mode: str, shape: tuple[int, ...]) -> Any:
         """The argmax array to launch with: checked for max pooling, a dummy when avg passes None."""
         if argmax is None:
@@ -921,6 +1035,12 @@ def _dev(label: str, a: Any, dtype: Any, ndim: int) -> None:
         raise TypeError(f"{label}: expected {ndim}-d {np.dtype(dtype)}, got {a.ndim}-d {a.dtype}")
     if not a.flags["C_CONTIGUOUS"]:
         raise ValueError(f"{label}: must be C-contiguous")
+
+
+def _int32_sizes(op: str, *arrays: Any) -> None:
+    """Kernels with int32 offsets only (the routed ops): every array under 2³¹ elements."""
+    if any(a.size >= 2**31 for a in arrays):
+        raise ValueError(f"{op}: an array has 2³¹ elements or more (the kernel's offsets are int32)")
 
 
 def _i32(*values: int) -> tuple[np.int32, ...]:

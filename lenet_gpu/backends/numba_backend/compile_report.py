@@ -31,7 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import routed as _routed
 from .backend import KERNELS, SIGNATURES, VARIANTS, launch_config
+
+#: the ops the report covers: the backend's table and the routed backward (routed.py, an optional op pair)
+REPORT_VARIANTS: dict[str, tuple[str, ...]] = {**VARIANTS, **_routed.VARIANTS}
 
 #: one launch of each op per LeNet-5 layer that uses it, at batch 64 (for block size and dynamic
 #: shared memory)
@@ -50,6 +54,9 @@ LENET_LAUNCHES: dict[str, list[dict[str, Any]]] = {
     "sgd_step": [{"p": (62080,)}],
     "step_advance": [{}],
     "conv2d_bwd_data_pool": [{"dzb": (64, 6, 28, 28), "w": (16, 6, 5, 5)}],
+    "conv2d_bwd_weight_routed": [{"dw": (16, 6, 5, 5), "gz": (64, 16, 5, 5)},
+                                 {"dw": (6, 1, 5, 5), "gz": (64, 6, 14, 14)}],
+    "conv2d_bwd_data_routed": [{"gzb": (64, 6, 14, 14), "w": (16, 6, 5, 5)}],
 }
 
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -223,6 +230,30 @@ def f64_lines(ptx: str) -> list[str]:
     return out
 
 
+_OPCODE = re.compile(r"^\s*(?:@%p\d+\s+)?([a-z]+(?:\.[a-z0-9]+)*)", re.M)
+
+
+def int_arith_stats(ptx: str) -> dict[str, int]:
+    """Counts of the PTX instructions that betray 64-bit or signed index arithmetic in a Numba kernel: integer
+    divisions and remainders by width and sign (``div.s64`` ... ``rem.u32``; a division by a constant becomes
+    a multiply, so these are divisions by run-time values), ``selp`` (Numba's wraparound of signed subscripts
+    and Python's floor-division fix-ups compile to selects), and 64-bit integer arithmetic (``add``, ``sub``,
+    ``mul``, ``mad``, ``shl``, ``shr`` on .s64/.u64, which includes the address arithmetic of every load)."""
+    ops = _OPCODE.findall(ptx[ptx.find(".entry"):])
+    out = {f"{d}.{t}": 0 for d in ("div", "rem") for t in ("s64", "u64", "s32", "u32")}
+    out.update(selp=0, int64_ops=0)
+    for op in ops:
+        parts = op.split(".")
+        key = f"{parts[0]}.{parts[-1]}"
+        if key in out:
+            out[key] += 1
+        if parts[0] == "selp":
+            out["selp"] += 1
+        if parts[0] in ("add", "sub", "mul", "mad", "shl", "shr") and parts[-1] in ("s64", "u64"):
+            out["int64_ops"] += 1
+    return out
+
+
 @functools.cache
 def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[str, str]:
     """(PTX, ptxas -v log) of kernel ``name`` for ``arch`` (e.g. "sm_90"); cached per process."""
@@ -231,8 +262,9 @@ def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[
     from . import head, lenet_fwd
 
     cc = (int(arch[3:-1]), int(arch[-1]))
-    kernels = {**KERNELS, **head.KERNELS, **lenet_fwd.KERNELS}  # the fused ops' kernels have their own tables
-    signatures = {**SIGNATURES, **head.SIGNATURES, **lenet_fwd.SIGNATURES}
+    # the fused ops' and the routed ops' kernels have their own tables
+    kernels = {**KERNELS, **head.KERNELS, **lenet_fwd.KERNELS, **_routed.KERNELS}
+    signatures = {**SIGNATURES, **head.SIGNATURES, **lenet_fwd.SIGNATURES, **_routed.SIGNATURES}
     ptx, _ = cuda.compile_ptx(kernels[name].py_func, signature or signatures[name], cc=cc)
     ptxas = find_ptxas(ptx)
     with tempfile.TemporaryDirectory() as tmp:
@@ -296,7 +328,7 @@ def _launch_facts(op: str, variant: str) -> tuple[int, int]:
 def compile_report(archs: Sequence[str] = ("sm_80", "sm_90"), include_ptx: bool = False) -> list[dict]:
     """One record per kernel × arch (see the module docstring). ``include_ptx`` adds the PTX text."""
     records = []
-    for op, variants in VARIANTS.items():
+    for op, variants in REPORT_VARIANTS.items():
         for variant in variants:
             name = f"{op}_{variant}"
             threads, dyn = _launch_facts(op, variant)
