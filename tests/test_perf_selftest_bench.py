@@ -18,7 +18,7 @@ def test_bench_model_times_training_and_inference_three_ways() -> None:
     r = P._bench_model("numpy", NumpyBackend(), 2, images, labels)
     for prefix in ("train_", "infer_kernel_", "infer_host_api_"):
         assert r[f"{prefix}images_per_s"] > 0 and r[f"{prefix}spread"] >= 0
-    assert r["infer_device_api"] == P.DEVICE_API_SKIP
+    assert r["infer_device_api"] == P.HOST_DEVICE_API
     assert r["check_forward_rel_err"] < 1e-4
 
 

@@ -756,8 +756,10 @@ def phase_training(ctx: dict, rec: PhaseRecorder) -> None:
 
 
 # ------------------------------------------------------------------------------------ 6. benchmark
-#: inference through the model API from device arrays: not offered yet (another change adds DLPack input)
-DEVICE_API_SKIP = "model API does not accept device arrays yet"
+#: the PyTorch peer's inference through its API from device tensors is what "kernel only" times for it
+PEER_DEVICE_API = "as kernel only: PyTorch's API takes the device tensors the kernel-only figure times"
+#: a host backend has no device arrays to hand the model
+HOST_DEVICE_API = "no device arrays on a host backend"
 
 
 def _bench_ops(label: str, be: Any, batch: int, rec: PhaseRecorder, default_only: bool) -> None:
@@ -798,7 +800,9 @@ def _bench_model(label: str, be: Any, batch: int, images: np.ndarray, labels: np
     - inference, kernel only: device-resident uint8 images in, logits left on the device, one sync per timed
       block (lenet_fwd, or batch_prepare + the forward ops);
     - inference through the API from host arrays: ``model.logits(host uint8 images)``, copies both ways included;
-    - inference through the API from device arrays: not offered yet (``DEVICE_API_SKIP``).
+    - inference through the API from device arrays: ``model.logits(device uint8 images)`` (a CuPy array for
+      cupy, a Numba device array for numba), the logits left on the device as an array of the input's kind,
+      one sync per timed block.
     No figure includes a loss computed on the host."""
     from ..perf.model import BenchData, OurNet, rounds_throughput
     from ..spec import NetConfig
@@ -815,8 +819,14 @@ def _bench_model(label: str, be: Any, batch: int, images: np.ndarray, labels: np
     kern = rounds_throughput(lambda: net.forward(batch), net.synchronize, batch, rounds, min_s, warm)
     host = rounds_throughput(lambda: net.model.logits(host_x, batch_size=batch), lambda: None, batch, rounds, min_s,
                              warm)
+    if gpu:
+        dev_x = be.to_device(host_x)
+        dev = _throughputs("infer_device_api_", rounds_throughput(lambda: net.model.logits(dev_x), net.synchronize,
+                                                                  batch, rounds, min_s, warm))
+    else:
+        dev = {"infer_device_api": HOST_DEVICE_API}
     return {**_throughputs("train_", tr), "train_steps_per_call": spc, **_throughputs("infer_kernel_", kern),
-            **_throughputs("infer_host_api_", host), "infer_device_api": DEVICE_API_SKIP,
+            **_throughputs("infer_host_api_", host), **dev,
             "check_forward_rel_err": err_fwd, "check_grads_rel_err": err_grad}
 
 
@@ -878,7 +888,7 @@ def _bench_peer(batches: list[int], images: np.ndarray, labels: np.ndarray, rec:
                     why = first_lines(f"{type(e).__name__}: {e}", 3)
                     return {"status": SKIP, "reason": f"PyTorch {mode} failed: {why}"}
                 return {**_throughputs("train_", tr), **_throughputs("infer_kernel_", kern),
-                        **_throughputs("infer_host_api_", host), "infer_device_api": DEVICE_API_SKIP}
+                        **_throughputs("infer_host_api_", host), "infer_device_api": PEER_DEVICE_API}
             rec.run(name, one, kind="peer", mode=mode, device=device, batch=b)
 
 

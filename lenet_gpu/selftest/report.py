@@ -262,14 +262,18 @@ def _bench_section(res: dict) -> list[str]:
     lines += _table(["op", "layer", "variant", "backend", "status", "µs cold", "µs hot"], rows)
     mrows = [[c.get("batch"), c.get("backend") or (f"torch {c['mode']} ({c.get('device', '')})" if c.get("mode")
                                                     else "torch"), c["status"].upper(),
-              *(_ips(c, p) for p, _ in THROUGHPUTS), c.get("infer_device_api") or c.get("reason") or c.get("error", ""),
+              *(_ips(c, p) for p, _ in THROUGHPUTS),
+              _ips(c, "infer_device_api_") if c.get("infer_device_api_images_per_s")
+              else c.get("infer_device_api") or c.get("reason") or c.get("error", ""),
               c.get("train_first_call_s")] for c in model + peers]
     lines += _profile_lines([c for c in _cases(res) if c.get("kind") == "profile"])
     torch = d.get("torch")
     lines += ["End to end, images/s (median of the timed rounds, ±half their p20–p80 spread). Training: steps over a "
               "resident dataset (ours: graphs of K steps where the backend has them; torch graph: the whole step — "
               "gather, forward, loss, backward, Adam — as one CUDA graph). Inference, kernel only: resident uint8 "
-              "images in, logits left on the device, one sync per timed block. Inference through the API from host "
+              "images in, logits left on the device, one sync per timed block. Inference through the API from device "
+              "arrays: model.logits on a device uint8 array, logits returned as an array of the same kind. "
+              "Inference through the API from host "
               "arrays: host uint8 images in, host logits out, copies included. No figure includes a loss computed "
               "on the host. The first call (compilation, graph capture) is in 'first call s'.", ""]
     if torch:
