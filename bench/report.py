@@ -138,7 +138,8 @@ def _headline(res: dict[str, Any]) -> str:
     """Each of our backends against the FASTEST PyTorch mode measured beside it, at each batch size."""
     out = []
     for kind, title in (("train", "training step"), ("forward", "inference (kernel only, device-resident)"),
-                        ("infer-host", "inference through the API from host arrays (copies included)")):
+                        ("infer-host", "inference through the API from host arrays (copies included)"),
+                        ("infer-device", "inference through the API from device arrays (no host copy)")):
         rows = [r for r in res.get(kind) or [] if r.get("fastest_peer")]
         if not rows:
             continue
@@ -284,9 +285,13 @@ def markdown(res: dict[str, Any]) -> str:
         s.append(_e2e_table(res["forward"], True, res))
     if res.get("infer-host"):
         s.append("\n## Inference through the API from host arrays (host uint8 images in, host logits out, copies "
-                 "included: ours `model.logits`, PyTorch `.to(device)` → network → `.cpu()`), images/s\n\n"
-                 "(The API from device arrays is not offered yet: no row for it.)\n\n")
+                 "included: ours `model.logits`, PyTorch `.to(device)` → network → `.cpu()`), images/s\n\n")
         s.append(_e2e_table(res["infer-host"], True, res))
+    if res.get("infer-device"):
+        s.append("\n## Inference through the API from device arrays (a device uint8 array in, logits of the same kind "
+                 "out, no host copy: ours `model.logits` on a CuPy / Numba device array; PyTorch its network on "
+                 "resident device tensors), images/s\n\n")
+        s.append(_e2e_table(res["infer-device"], True, res))
     if res.get("train"):
         s.append("\n## Training step (batch_prepare, forward, backward, Adam), images/s\n\n")
         s.append(_e2e_table(res["train"], False))

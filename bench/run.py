@@ -47,7 +47,7 @@ from . import kernels as kernels_mod
 from .report import write_all
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("ops", "forward", "infer-host", "train", "epoch", "counters", "kernels", "host")
+SECTIONS = ("ops", "forward", "infer-host", "infer-device", "train", "epoch", "counters", "kernels", "host")
 FULL = {
     "batches": [1, 64, 256, 1024, 4096],
     "train_batches": [64, 128, 256],
@@ -510,6 +510,9 @@ def bench_e2e(
         for batch in batches:
             where = {"backend": name, "batch": batch, "section": kind}
             key = (kind, name)
+            if kind == "infer-device" and not net.backend.is_gpu:
+                skipped.append({**where, "reason": "no device arrays on a host backend"})
+                continue
             why = budget.too_long(key, batch, rounds + 4)
             if why:
                 skipped.append({**where, "reason": why})
@@ -536,9 +539,11 @@ def bench_e2e(
 def _e2e_row(kind: str, name: str, net: e2e.OurNet, peer_map: dict[str, Any], peers: Peers, batch: int, rounds: int,
              min_sample_s: float, budget: Budget, key: tuple) -> dict[str, Any]:
     """One row: kind 'forward' (inference, kernel only: resident uint8 images in, logits left on the device),
-    'infer-host' (inference through the API from host arrays: host uint8 in, host logits out, copies included)
-    or 'train' (a training step)."""
+    'infer-host' (inference through the API from host arrays: host uint8 in, host logits out, copies included),
+    'infer-device' (through the API from device arrays: a device uint8 array in, logits of the same kind out,
+    no host copy; PyTorch: its network on resident device tensors) or 'train' (a training step)."""
     host_x = np.ascontiguousarray(net.bench.images[:batch])
+    dev_x = net.backend.to_device(host_x) if kind == "infer-device" else None
     if kind == "train":
         err, ref_logits = net.check_grads(batch), None
     else:
@@ -547,17 +552,23 @@ def _e2e_row(kind: str, name: str, net: e2e.OurNet, peer_map: dict[str, Any], pe
         err = max(err, e2e._rel_err(net.model.logits(host_x, batch_size=batch), ref_logits))
         if not err <= e2e.FORWARD_TOL:
             raise AssertionError(f"{name} logits(host images) at batch {batch}: off by {err:.2e} (relative)")
+    if kind == "infer-device":  # the device path, against the same reference
+        err = max(err, e2e._rel_err(net.backend.to_host(net.model.forward_device(dev_x)), ref_logits))
+        if not err <= e2e.FORWARD_TOL:
+            raise AssertionError(f"{name} logits(device images) at batch {batch}: off by {err:.2e} (relative)")
     contenders: dict[str, tuple[Any, Any]] = {}
     if kind == "forward":
         contenders[name] = (lambda n=net, b=batch: n.forward(b), net.synchronize)
     elif kind == "infer-host":
         contenders[name] = (lambda n=net, b=batch, x=host_x: n.model.logits(x, batch_size=b), net.synchronize)
+    elif kind == "infer-device":
+        contenders[name] = (lambda n=net, x=dev_x: n.model.logits(x), net.synchronize)
     else:
         contenders[name] = (lambda n=net, b=batch: n.train_step(b), net.synchronize)
     peer_err: dict[str, float] = {}
     for pname, pr in peer_map.items():
         nxt = _cycle(batch, net.data.n)
-        if kind == "forward":
+        if kind in ("forward", "infer-device"):  # PyTorch's API takes device tensors: its kernel-only path
             fn = lambda p=pr, b=batch, nx=nxt: p.forward(nx(), b)  # noqa: E731
         elif kind == "infer-host":
             fn = lambda p=pr, x=host_x: p.logits_from_host(x)  # noqa: E731
@@ -567,7 +578,7 @@ def _e2e_row(kind: str, name: str, net: e2e.OurNet, peer_map: dict[str, Any], pe
             if ref_logits is not None:
                 # the peer is the same network: given our parameters, its logits match the same reference
                 pr.set_parameters(net.model.param_dict())
-                got = pr.logits(0, batch) if kind == "forward" else pr.logits_from_host(host_x)
+                got = pr.logits(0, batch) if kind != "infer-host" else pr.logits_from_host(host_x)
                 peer_err[pname] = e2e._rel_err(got, ref_logits)
             fn()  # a first call (compiles, captures) outside the timed rounds: a mode that fails is skipped
             pr.synchronize()
@@ -792,6 +803,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     section("ops", do_ops)
     section("forward", lambda: do_e2e("forward"))
     section("infer-host", lambda: do_e2e("infer-host"))
+    section("infer-device", lambda: do_e2e("infer-device"))
     section("train", lambda: do_e2e("train"))
     section("counters", do_counters)
     section("epoch", do_epochs)
