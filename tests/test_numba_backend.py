@@ -55,12 +55,10 @@ def test_simulator_suite():
 @pytest.mark.skipif(SIM, reason="needs the real CUDA driver check")
 def test_unavailable_without_gpu_is_one_clear_line():
     from lenet_gpu.backends import BackendUnavailable, get_backend
+    from tests.conftest import HAS_GPU, require
 
-    try:
-        from numba import cuda
-    except ImportError:
-        pytest.skip("numba is not installed")
-    if cuda.is_available():
+    require("numba")
+    if HAS_GPU:
         pytest.skip("a CUDA device is present")
     with pytest.raises(BackendUnavailable) as e:
         get_backend("numba")
