@@ -27,8 +27,10 @@ import pytest
 
 from lenet_gpu.backends import BackendUnavailable, get_backend
 from lenet_gpu.backends.cupy_backend import DEFAULT_VARIANTS, OP_KERNELS, CupyBackend, launch_plan
+from lenet_gpu.backends.cupy_backend.fused import VARIANTS as FUSED_VARIANTS
 from lenet_gpu.reference import ACTIVATIONS
 from tests import cupy_helpers as H
+from tests.matrix import check_matrix, matrix_ops
 
 CHILD_ENV = "LENET_CUPY_HOST_CHILD"
 IN_CHILD = os.environ.get(CHILD_ENV) == "1"
@@ -73,6 +75,24 @@ def test_host_suite_in_subprocess():
     out = r.stdout + r.stderr
     print(out[-4000:])
     assert r.returncode == 0, f"cupy-host child pytest exited with {r.returncode}:\n{out[-12000:]}"
+
+
+# ------------------------------------------------------------------ the activation × pool-mode matrix
+#: every op of the kernel table that takes an activation or a pool mode, except the fused ops of fused.py, whose
+#: matrix (every variant × activation × pool mode) tests/test_fused.py runs on the harness at LeNet sizes
+MATRIX_OPS = [op for op in matrix_ops({op: vs for op, (_, vs) in OP_KERNELS.items()}) if op not in FUSED_VARIANTS]
+
+
+@pytest.mark.parametrize("op", MATRIX_OPS)
+def test_act_pool_matrix(be, op):
+    """Every variant × activation × pool mode of ``op`` at the parity helper's cheapest shapes (tests/matrix.py)."""
+    assert check_matrix(be, op) > 0
+
+
+@pytest.mark.parametrize("variant", variants("dense_bwd"))
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_dense_bwd_without_dx_acts(be, variant, act):
+    H.check_dense_bwd(be, variant, 3, 84, 10, act, False, seed=8)
 
 
 # ------------------------------------------------------------------------------------------ op parity

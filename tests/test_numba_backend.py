@@ -127,11 +127,15 @@ def test_replay_issues_every_prepared_launch_in_order(monkeypatch):
 
 # -------------------------------------------------------------------------------- simulator: setup
 
-try:
-    from lenet_gpu.backends.numba_backend import NumbaBackend
+from tests.conftest import _installed  # noqa: E402
+
+if _installed("numba"):  # an import error in the project's code fails collection, it is not a skip
+    from lenet_gpu.backends.numba_backend import VARIANTS, NumbaBackend
+    from lenet_gpu.backends.numba_backend.backend import FUSED_VARIANTS
     from tests import numba_helpers as H
-except ImportError:  # numba not installed: test_unavailable... and the skips still run
+else:  # numba not installed: test_unavailable... and the skips still run
     NumbaBackend = H = None
+    VARIANTS = FUSED_VARIANTS = {}
 
 ACTS = ("identity", "relu", "tanh", "lecun_tanh", "sigmoid")
 MODES = ("max", "avg")
@@ -149,6 +153,26 @@ def be1():
 
 
 # ---------------------------------------------------------------------------- simulator: op parity
+
+
+#: the ops with act × pool × variant tests of their own below (with more shapes); every other op of the variant
+#: tables that takes an activation or a pool mode (the fused head_train and lenet_fwd, and any op added later)
+#: runs the whole matrix of tests/matrix.py here
+OWN_MATRIX = ("conv2d_fwd", "conv2d_pool_fwd", "conv2d_bwd_data_pool", "pool2x2_bwd", "dense_fwd", "dense_bwd")
+
+
+def _matrix_ops() -> list[str]:
+    from tests.matrix import matrix_ops
+
+    return [op for op in matrix_ops({**VARIANTS, **FUSED_VARIANTS}) if op not in OWN_MATRIX]
+
+
+@sim
+@pytest.mark.parametrize("op", _matrix_ops())
+def test_sim_act_pool_matrix(be, op):
+    from tests.matrix import check_matrix
+
+    assert check_matrix(be, op) > 0
 
 
 @sim
@@ -243,7 +267,7 @@ CONV_SHAPES = [((2, 3, 7, 9), (5, 3, 3, 2)), ((1, 2, 6, 5), (9, 2, 2, 3))]
 
 @sim
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("variant", VARIANTS.get("conv2d_fwd", ()))
 def test_sim_conv2d_fwd(be, variant, act):
     xs, ws = CONV_SHAPES[ACTS.index(act) % 2]
     H.check_conv2d_fwd(be, xs, ws, act, variant)
@@ -293,7 +317,7 @@ POOL_CONV_SHAPES = [((2, 3, 8, 10), (5, 3, 3, 2)), ((1, 2, 8, 6), (9, 2, 2, 3))]
 @sim
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("variant", VARIANTS.get("conv2d_pool_fwd", ()))
 def test_sim_conv2d_pool_fwd(be, variant, mode, act):
     xs, ws = POOL_CONV_SHAPES[ACTS.index(act) % 2]
     H.check_conv2d_pool_fwd(be, xs, ws, act, mode, variant)
@@ -434,7 +458,7 @@ BWD_POOL_SHAPES = [((2, 3, 9, 11), (2, 3, 2, 3)), ((1, 2, 8, 6), (3, 2, 3, 2))]
 @sim
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("variant", VARIANTS.get("conv2d_bwd_data_pool", ()))
 def test_sim_conv2d_bwd_data_pool(be, variant, mode, act):
     H.check_conv2d_bwd_data_pool(be, *BWD_POOL_SHAPES[ACTS.index(act) % 2], mode, act, variant)
 
@@ -466,7 +490,7 @@ DENSE_SHAPES = [(3, 13, 7), (1, 19, 17)]
 
 @sim
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("variant", VARIANTS.get("dense_fwd", ()))
 def test_sim_dense_fwd(be, variant, act):
     H.check_dense_fwd(be, *DENSE_SHAPES[ACTS.index(act) % 2], act, variant)
 
@@ -479,7 +503,7 @@ def test_sim_dense_fwd_one_block_many_tiles(be1):
 @sim
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("with_dx", [True, False])
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("variant", VARIANTS.get("dense_bwd", ()))
 def test_sim_dense_bwd(be, variant, act, with_dx):
     if variant != "v1" and not with_dx and act != "sigmoid":
         pytest.skip("tiled variants: every activation with dx, one without (barriers are slow here)")
