@@ -208,6 +208,20 @@ def test_out_of_budget_cases_are_skipped_not_failed(tmp_path):
     assert report.phase_status(res) in ("PASS", "SKIP")
 
 
+def test_complete_runs_every_case_whatever_the_clock(tmp_path):
+    """ctx["complete"]: op parity and whole steps run every case with the budget already spent, so coverage does
+    not depend on the machine's speed (the emulators' cases: tests/test_matrix.py and its children)."""
+    from lenet_gpu.selftest.phases import phase_op_parity, run_if_time
+
+    rec = PhaseRecorder("op_parity", tmp_path / "r.json", budget_s=0.0)
+    phase_op_parity({"backends": ["numpy"], "profile": "tiny", "max_tier": 3, "complete": True}, rec)
+    r = rec.result()
+    assert r["counts"]["skip"] == 0 and r["counts"]["fail"] == 0 and r["counts"]["pass"] == rec.data["input_sets"]
+    rec = PhaseRecorder("whole_step", tmp_path / "w.json", budget_s=0.0)  # the whole-step phase's gate
+    assert run_if_time(rec, "late", 1e9, lambda: None)["status"] == "skip"
+    assert run_if_time(rec, "late", 1e9, lambda: None, complete=True)["status"] == "pass"
+
+
 def test_a_phase_past_its_hard_limit_is_killed_and_keeps_its_cases(tmp_path):
     from lenet_gpu.selftest import runner
 
@@ -257,6 +271,39 @@ def test_whole_step_checks_on_the_numpy_backend():
     assert P.determinism("numpy", *P.tiled(x, y, 12), 4, 2) == {"batch": 4, "steps": 2}
     assert P.graph_check("numpy", x[:16], y[:16], 4, 1)["status"] == "skip"
     assert P.graph_vs_eager("numpy", x[:16], y[:16], 4, 1, 3)["status"] == "skip"
+
+
+class _WrongSteps(NumpyBackend):
+    """A numpy backend with one deliberate error in a training step (steps_vs_numpy must catch each)."""
+
+    def __init__(self, bug: str) -> None:
+        super().__init__(threads=1)
+        self.bug = bug
+
+    def adam_step(self, p, g, m, v, *a, **k) -> None:
+        super().adam_step(p, g, m, v, *a, **k)
+        if self.bug == "param" and p.size > 100:
+            p[p.size // 2] += F32(1e-3)  # one parameter off by 1e-3: far outside atol 2e-5 + rtol 2e-4
+
+    def softmax_xent(self, logits, labels, dlogits, stats, state, variant=None) -> None:
+        super().softmax_xent(logits, labels, dlogits, stats, state)
+        row = int(state[2]) % stats.shape[0]
+        if self.bug == "count":
+            stats[row, 1] += 1  # one more correct prediction than there were
+        elif self.bug == "loss":
+            stats[row, 0] *= F32(1.01)
+
+
+@pytest.mark.parametrize("bug,msg", [("param", "parameters after step 1"), ("count", "correct counts per step"),
+                                     ("loss", "loss sums per step")])
+def test_steps_vs_numpy_fails_on_a_wrong_backend(bug, msg):
+    """The whole-step check compares against a separate numpy model, not against itself: a backend with one
+    wrong parameter, one wrong count or a loss 1 % off fails it."""
+    from lenet_gpu.selftest import phases as P
+
+    x, y, _, _ = P.mnist_sample()
+    with pytest.raises(AssertionError, match=msg):
+        P.steps_vs_numpy(_WrongSteps(bug), "adam", "tanh", "avg", False, 2, 2, x[:12], y[:12])
 
 
 def test_a_training_run_and_its_figures(tmp_path):
@@ -405,7 +452,9 @@ def test_emulate_end_to_end(tmp_path):
     """What CI runs: every phase on cupy-host and the Numba simulator at tiny sizes, inside its budget.
 
     A training step takes seconds on the emulators (more on a busy machine), so the phases that run whole
-    steps may skip what does not fit the budget: skipped, never failed; the cheap phases must pass."""
+    steps may skip what does not fit the budget: skipped, never failed; the cheap phases must pass. This test is
+    not relied on for coverage: every op-parity case runs, with no skip for time, in tests/test_matrix.py and its
+    cupy-host / simulator children (and ``complete`` runs the phases' every case: test_complete_runs_every_case...)."""
     _warm_harness_cache()
     out = tmp_path / "selftest"
     t0 = time.monotonic()
