@@ -252,9 +252,12 @@ def test_host_head_train_v2_rows_per_block(hbe, monkeypatch, fill, rows):
 
 @host
 @pytest.mark.parametrize("variant", fused.VARIANTS["head_train"])
-def test_host_head_train_repeats_bit_for_bit_and_counts(hbe, variant):
+def test_host_head_train_repeats_bit_for_bit_and_counts(variant):
     """Two launches a call; the scratch is allocated at the first call at a shape only; a second call gives the
-    same bits (fixed-order sums, no atomics)."""
+    same bits (fixed-order sums, no atomics). A runtime of its own: the counts do not depend on other tests."""
+    from lenet_gpu.backends.cupy_backend.runtime import HostRuntime
+
+    hbe = F.RuntimeShim(HostRuntime())
     shape = (6, 3, 6, 6, 11, 9 + fused.VARIANTS["head_train"].index(variant), 5)  # a shape of its own
     first: dict = {}
     F.check_head_train(hbe, fused.head_train, variant, *shape, "tanh", "max", seed=3, used=first)
