@@ -93,13 +93,20 @@ def run_one(m: Mutation, timeout: float) -> tuple[str, str, float]:
     with tempfile.TemporaryDirectory(prefix="lenet-mutate-") as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(ROOT, copy, ignore=IGNORE, symlinks=True)
+        # an editable install maps lenet_gpu.kernels to the original kernels/ (a meta-path finder after sys.path):
+        # in the copy the package is found first, as the copy's own kernels/
+        (copy / "kernels" / "__init__.py").touch()
+        if not (copy / "lenet_gpu" / "kernels").exists():
+            (copy / "lenet_gpu" / "kernels").symlink_to(copy / "kernels", target_is_directory=True)
         target = copy / m.path
         target.write_text(src.replace(m.old, m.new, 1))
         env = {**os.environ, **m.env, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
-        where = subprocess.run([sys.executable, "-c", "import lenet_gpu; print(lenet_gpu.__file__)"], cwd=copy,
-                               env=env, capture_output=True, text=True, check=False).stdout.strip()
-        if not where.startswith(str(copy)):
-            return "error", f"the copy's lenet_gpu is not the one imported ({where})", time.monotonic() - t0
+        probe = ("import lenet_gpu; from lenet_gpu.backends.cupy_backend.runtime import kernels_dir; "
+                 "print(lenet_gpu.__file__); print(kernels_dir())")
+        where = subprocess.run([sys.executable, "-c", probe], cwd=copy, env=env, capture_output=True, text=True,
+                               check=False).stdout.split()
+        if len(where) != 2 or not all(w.startswith(str(copy)) for w in where):
+            return "error", f"the copy's lenet_gpu / kernels are not the ones used ({where})", time.monotonic() - t0
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-o", "addopts=", *m.pytest_args]
         try:
             r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout, check=False)
