@@ -130,12 +130,14 @@ def test_ubsan_finds_signed_overflow() -> None:
     assert "FINISHED" in out
 
 
-# the production kernels under the sanitizers: the act × pool matrix of the fused conv ops (shared memory tiles,
-# barriers, odd trailing rows) through tests/test_cupy_backend.py's cupy-host child, which preloads the runtime
-# (CUDACPU_SANITIZE). A subset: a sanitizer build of a kernel module takes tens of seconds, and TSan runs slowly.
+# the production kernels under the sanitizers: the act × pool × variant matrix of the dense kernels (v2/v3: shared
+# memory tiles, barriers, warp shuffles) through tests/test_cupy_backend.py's cupy-host child, which preloads the
+# runtime (CUDACPU_SANITIZE). A subset that fits the suite's budget: a sanitizer build of the conv2d module alone
+# takes minutes on two cores (the whole cupy-host suite: CUDACPU_SANITIZE=address|thread pytest
+# tests/test_cupy_backend.py -k host, see that file's docstring).
 PRODUCTION_SUBSET = {
-    "address": "act_pool_matrix and (conv2d_bwd_data_pool or conv2d_pool_fwd)",
-    "thread": "act_pool_matrix and conv2d_pool_fwd",
+    "address": "act_pool_matrix and (dense_fwd or dense_bwd or pool2x2_bwd)",
+    "thread": "act_pool_matrix and dense_bwd",
 }
 
 
