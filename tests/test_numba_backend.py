@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lenet_gpu import reference as R
+
+F64 = np.float64
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -397,12 +400,16 @@ def test_sim_conv2d_bwd_weight(be, variant, shapes):
 
 @sim
 def test_sim_conv2d_bwd_weight_state_is_optional(be):
-    from tests.parity import nan_like
+    from tests.parity import TOL, assert_close, nan_like, rand
 
-    x, dz = be.zeros((1, 1, 4, 4)), be.zeros((1, 2, 2, 2))
-    dw, db = be.to_device(nan_like((2, 1, 3, 3))), be.to_device(nan_like((2,)))
-    be.conv2d_bwd_weight(x, dz, dw, db, variant="v1")  # no state: the ticket-free variants ignore it
-    assert np.all(be.to_host(dw) == 0) and np.all(be.to_host(db) == 0)
+    hx, hdz = rand((1, 1, 4, 4), 3), rand((1, 2, 2, 2), 4)  # random inputs: an all-zero output proves nothing
+    _, rdw, rdb = R.conv2d_bwd(hx.astype(F64), np.zeros((2, 1, 3, 3)), np.zeros(hdz.shape), hdz.astype(F64),
+                               "identity")
+    for v in VARIANTS["conv2d_bwd_weight"]:  # v3 without a state: a private zero state (its ticket still resets)
+        dw, db = be.to_device(nan_like((2, 1, 3, 3))), be.to_device(nan_like((2,)))
+        be.conv2d_bwd_weight(be.to_device(hx), be.to_device(hdz), dw, db, variant=v)  # no state: ignored
+        assert_close(be.to_host(dw), rdw, *TOL["conv2d_bwd_weight"], f"{v} without a state: dw")
+        assert_close(be.to_host(db), rdb, *TOL["conv2d_bwd_weight"], f"{v} without a state: db")
 
 
 @sim
@@ -742,18 +749,20 @@ def test_gpu_conv2d_bwd_data_pool(gbe, variant, n, mode, act):
 def test_gpu_conv2d_bwd_weight_v3_repeats_bit_for_bit(gbe, n):
     """Many splits (C1 at batch 1024: about a wave of blocks), launched repeatedly at new and equal STEPs:
     the same bits every time (fixed-order sum whichever block is last) and within TOL of v1."""
-    from tests.parity import rand
+    from tests.parity import TOL, assert_close, nan_like, rand
 
-    x, dz = gbe.to_device(rand((n, 1, 32, 32), 1)), gbe.to_device(rand((n, 6, 28, 28), 2, 1.0 / n))
+    hx, hdz = rand((n, 1, 32, 32), 1), rand((n, 6, 28, 28), 2, 1.0 / n)
+    _, rdw, rdb = R.conv2d_bwd(hx.astype(F64), np.zeros((6, 1, 5, 5)), np.zeros(hdz.shape), hdz.astype(F64),
+                               "identity")
+    x, dz = gbe.to_device(hx), gbe.to_device(hdz)
     outs = []
     for variant, step in (("v1", 0), ("v3", 5), ("v3", 5), ("v3", 6)):
-        dw, db = gbe.zeros((6, 1, 5, 5)), gbe.zeros((6,))
+        dw, db = gbe.to_device(nan_like((6, 1, 5, 5))), gbe.to_device(nan_like((6,)))  # unwritten elements show
         gbe.conv2d_bwd_weight(x, dz, dw, db, gbe.to_device(H.state_array(step=step)), variant=variant)
         outs.append((gbe.to_host(dw), gbe.to_host(db)))
-    from tests.parity import TOL, assert_close
-
-    assert_close(outs[1][0], outs[0][0], *TOL["conv2d_bwd_weight"], "v3 against v1: dw")
-    assert_close(outs[1][1], outs[0][1], *TOL["conv2d_bwd_weight"], "v3 against v1: db")
+    for variant, (dw, db) in zip(("v1", "v3"), outs):  # each against the float64 reference, not v3 against v1
+        assert_close(dw, rdw, *TOL["conv2d_bwd_weight"], f"{variant} n={n}: dw")
+        assert_close(db, rdb, *TOL["conv2d_bwd_weight"], f"{variant} n={n}: db")
     for o in outs[2:]:
         np.testing.assert_array_equal(o[0], outs[1][0])
         np.testing.assert_array_equal(o[1], outs[1][1])
