@@ -161,11 +161,14 @@ def test_pool2x2_bwd_shapes(be, mode, zs):
 DENSE = [(1, 400, 120), (3, 120, 84), (8, 84, 10), (8, 400, 120), (37, 29, 45), (70, 3, 130), (5, 33, 1)]
 
 
-@pytest.mark.parametrize("variant", variants("dense_fwd"))
-@pytest.mark.parametrize("n,i,o", DENSE)
+#: v3 (a warp per output, for small batches) on the harness (the child): every shape but the 9,100-warp one
+#: (minutes there); (37, 29, 45) keeps it above n·o = 1000. On a GPU: every shape.
+DENSE_FWD = [(v, *shape) for v in variants("dense_fwd") for shape in DENSE
+             if not (IN_CHILD and v == "v3" and shape == (70, 3, 130))]
+
+
+@pytest.mark.parametrize("variant,n,i,o", DENSE_FWD)
 def test_dense_fwd_shapes(be, variant, n, i, o):
-    if variant == "v3" and n * o > 1000 and not be.is_gpu:
-        pytest.skip("v3 (a warp per output, for small batches) at this size is slow on the CPU harness")
     H.check_dense_fwd(be, variant, n, i, o, "relu")
 
 
