@@ -1,7 +1,19 @@
-"""Shared test configuration: GPU tests skip with a clear reason where there is no CUDA device."""
+"""Shared test configuration: GPU tests skip, with a clear reason, where there is no CUDA device, and fail where
+CUDA is there but broken.
+
+Three states, told apart explicitly (never by catching whatever an import raises):
+- ``present``: a CUDA device answers (CuPy's ``getDeviceCount() > 0``, or Numba's driver where CuPy is not
+  installed);
+- ``absent``: no device to use (neither CuPy nor Numba installed; ``cudaErrorNoDevice`` or
+  ``cudaErrorInsufficientDriver`` (no driver library) from the CUDA runtime; Numba's "driver library cannot be
+  found"; or the CUDA simulator switched on): the ``gpu`` tests skip, naming it;
+- ``broken``: anything else (a CUDA package that does not import, a driver that fails to initialise): the ``gpu``
+  tests fail with that message instead of skipping.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -12,34 +24,79 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+#: CUDA runtime errors that mean "no device here" (the rest mean a CUDA stack that is present but broken)
+NO_DEVICE_ERRORS = ("cudaErrorNoDevice", "cudaErrorInsufficientDriver")
+#: Numba's driver-init messages that mean "no driver / no device"
+NUMBA_NO_DEVICE = ("CUDA driver library cannot be found", "no CUDA-capable device", "CUDA_ERROR_NO_DEVICE")
+NO_GPU = "no CUDA device on this machine (run `pytest -m gpu` on a GPU machine)"
 
-def _cuda_device_present() -> tuple[bool, str]:
+
+def _installed(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def cuda_state() -> tuple[str, str]:
+    """("present" | "absent" | "broken", why). Errors other than the named "no device" ones are "broken"."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return False, "NUMBA_ENABLE_CUDASIM=1 is set (simulator, not a GPU)"
-    try:
-        import cupy
+        return "absent", "NUMBA_ENABLE_CUDASIM=1 is set (simulator, not a GPU)"
+    if _installed("cupy"):
+        try:
+            import cupy
+            from cupy_backends.cuda.api.runtime import CUDARuntimeError
 
-        if cupy.cuda.is_available():
-            return True, ""
-    except Exception:  # noqa: BLE001 - any failure means no usable device
-        pass
-    try:
-        from numba import cuda
+            runtime = cupy.cuda.runtime
+        except Exception as e:  # noqa: BLE001 - installed but does not import: broken, reported with the error
+            return "broken", f"cupy is installed but does not import: {type(e).__name__}: {e}"
+        try:
+            n = runtime.getDeviceCount()
+        except CUDARuntimeError as e:
+            if str(e).startswith(NO_DEVICE_ERRORS):
+                return "absent", f"{NO_GPU}: {str(e).split(':')[0]}"
+            return "broken", f"CUDA is present but broken: cupy getDeviceCount() raised {e}"
+        return ("present", "") if n > 0 else ("absent", NO_GPU)
+    if _installed("numba.cuda"):
+        try:
+            from numba.cuda.cudadrv import driver
+            from numba.cuda.cudadrv.error import CudaSupportError
+        except Exception as e:  # noqa: BLE001 - installed but does not import: broken
+            return "broken", f"numba.cuda is installed but does not import: {type(e).__name__}: {e}"
+        try:
+            n = driver.driver.get_device_count()
+        except CudaSupportError as e:
+            if any(s in str(e) for s in NUMBA_NO_DEVICE):
+                return "absent", NO_GPU
+            return "broken", f"CUDA is present but broken: numba's driver init raised {e}"
+        return ("present", "") if n > 0 else ("absent", NO_GPU)
+    return "absent", f"{NO_GPU}: neither cupy nor numba-cuda is installed"
 
-        if cuda.is_available():
-            return True, ""
-    except Exception:  # noqa: BLE001
-        pass
-    return False, "no CUDA device on this machine (run `pytest -m gpu` on a GPU machine)"
 
-
-HAS_GPU, NO_GPU_REASON = _cuda_device_present()
+CUDA_STATE, CUDA_REASON = cuda_state()
+HAS_GPU = CUDA_STATE == "present"
+NO_GPU_REASON = CUDA_REASON
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
+    if CUDA_STATE != "absent":
         return
     skip = pytest.mark.skip(reason=NO_GPU_REASON)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    if CUDA_STATE == "broken" and "gpu" in item.keywords:
+        pytest.fail(CUDA_REASON, pytrace=False)
+
+
+def require(module: str, why: str = "") -> object:
+    """Import ``module``, skipping the test only where it is not installed (``find_spec`` finds nothing); an
+    installed module that raises on import fails the test with its error, as does any error in project code."""
+    if not _installed(module):
+        pytest.skip(f"{module} is not installed{': ' + why if why else ''}", allow_module_level=True)
+    return importlib.import_module(module)

@@ -193,8 +193,12 @@ def test_head_train(n, f6, act, mode):
     x, labels, ws, am, yconv = head_case(n, f6, act, mode)
     out = run_head(BE, x, labels, ws, am, yconv, act, mode, step_in_epoch=6)
     ref = R.head_train(x.astype(np.float64), labels, *f64(*ws), am, yconv.astype(np.float64), act, mode)
+    rtol = FUSED_TOL["head_train"][1]
     for key in ("h1", "h2", "logits", "dz_conv", "dw1", "db1", "dw2", "db2", "dw3", "db3"):
-        assert_close(out[key], ref[key], *FUSED_TOL["head_train"], what=f"head_train {key} n={n} {act} {mode}")
+        # atol scaled to the output: a float32 chain's rounding is relative to the size of what it sums, and the
+        # gradients of the mean loss are small (a fixed 1e-5 would pass most of dz_conv unchecked at small sizes)
+        atol = rtol * float(np.abs(ref[key]).max())
+        assert_close(out[key], ref[key], atol, rtol, what=f"head_train {key} n={n} {act} {mode}")
     row = 6 % 4
     assert_close(out["stats"][row, 0], ref["loss_sum"], *TOL["softmax_xent"], what="loss sum")
     assert out["stats"][row, 1] == int((np.argmax(out["logits"], axis=1) == labels).sum())
@@ -404,13 +408,10 @@ def test_same_bits_on_one_and_two_threads(act, mode):
 
 
 def _host_has_fma() -> bool:
-    try:
-        import llvmlite.binding as ll
+    import llvmlite.binding as ll  # numba's dependency: installed with the cpu backend
 
-        feats = ll.get_host_cpu_features()
-        return bool(feats.get("fma", False)) and bool(feats.get("avx2", False))
-    except Exception:  # noqa: BLE001
-        return False
+    feats = ll.get_host_cpu_features()
+    return bool(feats.get("fma", False)) and bool(feats.get("avx2", False))
 
 
 @pytest.mark.skipif(not _host_has_fma(), reason="the host CPU has no AVX2/FMA")

@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lenet_gpu import reference as R
+
+F64 = np.float64
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,12 +58,10 @@ def test_simulator_suite():
 @pytest.mark.skipif(SIM, reason="needs the real CUDA driver check")
 def test_unavailable_without_gpu_is_one_clear_line():
     from lenet_gpu.backends import BackendUnavailable, get_backend
+    from tests.conftest import HAS_GPU, require
 
-    try:
-        from numba import cuda
-    except ImportError:
-        pytest.skip("numba is not installed")
-    if cuda.is_available():
+    require("numba")
+    if HAS_GPU:
         pytest.skip("a CUDA device is present")
     with pytest.raises(BackendUnavailable) as e:
         get_backend("numba")
@@ -129,11 +130,15 @@ def test_replay_issues_every_prepared_launch_in_order(monkeypatch):
 
 # -------------------------------------------------------------------------------- simulator: setup
 
-try:
-    from lenet_gpu.backends.numba_backend import NumbaBackend
+from tests.conftest import _installed  # noqa: E402
+
+if _installed("numba"):  # an import error in the project's code fails collection, it is not a skip
+    from lenet_gpu.backends.numba_backend import VARIANTS, NumbaBackend
+    from lenet_gpu.backends.numba_backend.backend import FUSED_VARIANTS
     from tests import numba_helpers as H
-except ImportError:  # numba not installed: test_unavailable... and the skips still run
+else:  # numba not installed: test_unavailable... and the skips still run
     NumbaBackend = H = None
+    VARIANTS = FUSED_VARIANTS = {}
 
 ACTS = ("identity", "relu", "tanh", "lecun_tanh", "sigmoid")
 MODES = ("max", "avg")
@@ -151,6 +156,26 @@ def be1():
 
 
 # ---------------------------------------------------------------------------- simulator: op parity
+
+
+#: the ops with act × pool × variant tests of their own below (with more shapes); every other op of the variant
+#: tables that takes an activation or a pool mode (the fused head_train and lenet_fwd, and any op added later)
+#: runs the whole matrix of tests/matrix.py here
+OWN_MATRIX = ("conv2d_fwd", "conv2d_pool_fwd", "conv2d_bwd_data_pool", "pool2x2_bwd", "dense_fwd", "dense_bwd")
+
+
+def _matrix_ops() -> list[str]:
+    from tests.matrix import matrix_ops
+
+    return [op for op in matrix_ops({**VARIANTS, **FUSED_VARIANTS}) if op not in OWN_MATRIX]
+
+
+@sim
+@pytest.mark.parametrize("op", _matrix_ops())
+def test_sim_act_pool_matrix(be, op):
+    from tests.matrix import check_matrix
+
+    assert check_matrix(be, op) > 0
 
 
 @sim
@@ -245,7 +270,7 @@ CONV_SHAPES = [((2, 3, 7, 9), (5, 3, 3, 2)), ((1, 2, 6, 5), (9, 2, 2, 3))]
 
 @sim
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
+@pytest.mark.parametrize("variant", VARIANTS.get("conv2d_fwd", ()))
 def test_sim_conv2d_fwd(be, variant, act):
     xs, ws = CONV_SHAPES[ACTS.index(act) % 2]
     H.check_conv2d_fwd(be, xs, ws, act, variant)
@@ -295,7 +320,7 @@ POOL_CONV_SHAPES = [((2, 3, 8, 10), (5, 3, 3, 2)), ((1, 2, 8, 6), (9, 2, 2, 3))]
 @sim
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("variant", VARIANTS.get("conv2d_pool_fwd", ()))
 def test_sim_conv2d_pool_fwd(be, variant, mode, act):
     xs, ws = POOL_CONV_SHAPES[ACTS.index(act) % 2]
     H.check_conv2d_pool_fwd(be, xs, ws, act, mode, variant)
@@ -375,12 +400,16 @@ def test_sim_conv2d_bwd_weight(be, variant, shapes):
 
 @sim
 def test_sim_conv2d_bwd_weight_state_is_optional(be):
-    from tests.parity import nan_like
+    from tests.parity import TOL, assert_close, nan_like, rand
 
-    x, dz = be.zeros((1, 1, 4, 4)), be.zeros((1, 2, 2, 2))
-    dw, db = be.to_device(nan_like((2, 1, 3, 3))), be.to_device(nan_like((2,)))
-    be.conv2d_bwd_weight(x, dz, dw, db, variant="v1")  # no state: the ticket-free variants ignore it
-    assert np.all(be.to_host(dw) == 0) and np.all(be.to_host(db) == 0)
+    hx, hdz = rand((1, 1, 4, 4), 3), rand((1, 2, 2, 2), 4)  # random inputs: an all-zero output proves nothing
+    _, rdw, rdb = R.conv2d_bwd(hx.astype(F64), np.zeros((2, 1, 3, 3)), np.zeros(hdz.shape), hdz.astype(F64),
+                               "identity")
+    for v in VARIANTS["conv2d_bwd_weight"]:  # v3 without a state: a private zero state (its ticket still resets)
+        dw, db = be.to_device(nan_like((2, 1, 3, 3))), be.to_device(nan_like((2,)))
+        be.conv2d_bwd_weight(be.to_device(hx), be.to_device(hdz), dw, db, variant=v)  # no state: ignored
+        assert_close(be.to_host(dw), rdw, *TOL["conv2d_bwd_weight"], f"{v} without a state: dw")
+        assert_close(be.to_host(db), rdb, *TOL["conv2d_bwd_weight"], f"{v} without a state: db")
 
 
 @sim
@@ -436,7 +465,7 @@ BWD_POOL_SHAPES = [((2, 3, 9, 11), (2, 3, 2, 3)), ((1, 2, 8, 6), (3, 2, 3, 2))]
 @sim
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("variant", VARIANTS.get("conv2d_bwd_data_pool", ()))
 def test_sim_conv2d_bwd_data_pool(be, variant, mode, act):
     H.check_conv2d_bwd_data_pool(be, *BWD_POOL_SHAPES[ACTS.index(act) % 2], mode, act, variant)
 
@@ -468,7 +497,7 @@ DENSE_SHAPES = [(3, 13, 7), (1, 19, 17)]
 
 @sim
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("variant", VARIANTS.get("dense_fwd", ()))
 def test_sim_dense_fwd(be, variant, act):
     H.check_dense_fwd(be, *DENSE_SHAPES[ACTS.index(act) % 2], act, variant)
 
@@ -481,7 +510,7 @@ def test_sim_dense_fwd_one_block_many_tiles(be1):
 @sim
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("with_dx", [True, False])
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("variant", VARIANTS.get("dense_bwd", ()))
 def test_sim_dense_bwd(be, variant, act, with_dx):
     if variant != "v1" and not with_dx and act != "sigmoid":
         pytest.skip("tiled variants: every activation with dx, one without (barriers are slow here)")
@@ -720,18 +749,20 @@ def test_gpu_conv2d_bwd_data_pool(gbe, variant, n, mode, act):
 def test_gpu_conv2d_bwd_weight_v3_repeats_bit_for_bit(gbe, n):
     """Many splits (C1 at batch 1024: about a wave of blocks), launched repeatedly at new and equal STEPs:
     the same bits every time (fixed-order sum whichever block is last) and within TOL of v1."""
-    from tests.parity import rand
+    from tests.parity import TOL, assert_close, nan_like, rand
 
-    x, dz = gbe.to_device(rand((n, 1, 32, 32), 1)), gbe.to_device(rand((n, 6, 28, 28), 2, 1.0 / n))
+    hx, hdz = rand((n, 1, 32, 32), 1), rand((n, 6, 28, 28), 2, 1.0 / n)
+    _, rdw, rdb = R.conv2d_bwd(hx.astype(F64), np.zeros((6, 1, 5, 5)), np.zeros(hdz.shape), hdz.astype(F64),
+                               "identity")
+    x, dz = gbe.to_device(hx), gbe.to_device(hdz)
     outs = []
     for variant, step in (("v1", 0), ("v3", 5), ("v3", 5), ("v3", 6)):
-        dw, db = gbe.zeros((6, 1, 5, 5)), gbe.zeros((6,))
+        dw, db = gbe.to_device(nan_like((6, 1, 5, 5))), gbe.to_device(nan_like((6,)))  # unwritten elements show
         gbe.conv2d_bwd_weight(x, dz, dw, db, gbe.to_device(H.state_array(step=step)), variant=variant)
         outs.append((gbe.to_host(dw), gbe.to_host(db)))
-    from tests.parity import TOL, assert_close
-
-    assert_close(outs[1][0], outs[0][0], *TOL["conv2d_bwd_weight"], "v3 against v1: dw")
-    assert_close(outs[1][1], outs[0][1], *TOL["conv2d_bwd_weight"], "v3 against v1: db")
+    for variant, (dw, db) in zip(("v1", "v3"), outs):  # each against the float64 reference, not v3 against v1
+        assert_close(dw, rdw, *TOL["conv2d_bwd_weight"], f"{variant} n={n}: dw")
+        assert_close(db, rdb, *TOL["conv2d_bwd_weight"], f"{variant} n={n}: db")
     for o in outs[2:]:
         np.testing.assert_array_equal(o[0], outs[1][0])
         np.testing.assert_array_equal(o[1], outs[1][1])

@@ -11,11 +11,13 @@ import sys
 
 import pytest
 
+from tests.conftest import require
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("compile checks need the real compiler (NUMBA_ENABLE_CUDASIM is set)", allow_module_level=True)
-pytest.importorskip("numba.cuda")
+require("numba.cuda")
 
 from lenet_gpu.backends.numba_backend import KERNELS, SIGNATURES, VARIANTS  # noqa: E402
 from lenet_gpu.backends.numba_backend import compile_report as cr  # noqa: E402

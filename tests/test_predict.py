@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("PIL")
+from tests.conftest import require
+
+require("PIL")
 
 from PIL import Image, ImageDraw, ImageOps  # noqa: E402
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("PIL")
+from tests.conftest import require
+
+require("matplotlib")
+require("PIL")
 
 from PIL import Image  # noqa: E402
 

@@ -128,3 +128,32 @@ def test_ubsan_finds_signed_overflow() -> None:
     assert "runtime error: signed integer overflow" in out
     assert f"harness_bad.cu:{line_of(BAD_CU, 'big + (int)threadIdx.x')}" in out
     assert "FINISHED" in out
+
+
+# the production kernels under the sanitizers: the act × pool × variant matrix of the dense kernels (v2/v3: shared
+# memory tiles, barriers, warp shuffles) through tests/test_cupy_backend.py's cupy-host child, which preloads the
+# runtime (CUDACPU_SANITIZE). A subset that fits the suite's budget: a sanitizer build of the conv2d module alone
+# takes minutes on two cores (the whole cupy-host suite: CUDACPU_SANITIZE=address|thread pytest
+# tests/test_cupy_backend.py -k host, see that file's docstring).
+PRODUCTION_SUBSET = {
+    "address": "act_pool_matrix and (dense_fwd or dense_bwd or pool2x2_bwd)",
+    "thread": "act_pool_matrix and dense_bwd",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PRODUCTION_SUBSET))
+def test_production_kernels_under_sanitizer(kind: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "CUDACPU_SANITIZE": kind, "LENET_CUPY_HOST_K": PRODUCTION_SUBSET[kind],
+           "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           str(root / "tests" / "test_cupy_backend.py"), "-k", "host_suite"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    assert "1 passed" in out, out[-3000:]
+    assert "Sanitizer" not in out, out[-6000:]
