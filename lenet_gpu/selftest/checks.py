@@ -308,6 +308,38 @@ def _conv2d_bwd_data_pool(dzs: tuple, ws: tuple, ys: tuple, act: str, mode: str,
                 expect=[Expect("dz_below", want, *TOL["conv2d_bwd_data_pool"])])
 
 
+def _routed_inputs(xs: tuple, ws: tuple, s: int) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """The routed gradient gz (N,K,Hp,Wp) of a conv of ``xs`` by ``ws`` + 2x2 max pool, and random routes."""
+    n, _, h, wd = xs
+    k, _, r, q = ws
+    gs = (n, k, (h - r + 1) // 2, (wd - q + 1) // 2)
+    gz = rand(gs, s + 1, 0.1)
+    am = np.random.default_rng(s + 2).integers(0, 4, size=gs).astype(np.uint8)
+    return gs, gz, am
+
+
+def _conv2d_bwd_weight_routed(xs: tuple, ws: tuple, s: int) -> Spec:
+    k, _, r, q = ws
+    x = rand(xs, s)
+    _, gz, am = _routed_inputs(xs, ws, s)
+    wdw, wdb = ref.conv2d_bwd_weight_routed(_d64(x), _d64(gz), am, r, q)
+    tol = TOL["conv2d_bwd_weight_routed"]
+    return Spec(args=[Arg("in", "x", x), Arg("in", "gz", gz), Arg("in", "argmax", am), Arg("out", "dw", nan_like(ws)),
+                      Arg("out", "db", nan_like((k,)))],
+                expect=[Expect("dw", wdw, *tol), Expect("db", wdb, *tol)],
+                state_kw=_state(step=7), repeat=True)
+
+
+def _conv2d_bwd_data_routed(xs: tuple, ws: tuple, act: str, s: int) -> Spec:
+    _, gz, am = _routed_inputs(xs, ws, s)
+    w = rand(ws, s + 3, _wscale(ws))
+    y_below = _activated(xs, act, s + 4)
+    want = ref.conv2d_bwd_data_routed(_d64(gz), _d64(w), am, _d64(y_below), act)
+    return Spec(args=[Arg("in", "gz", gz), Arg("in", "w", w), Arg("in", "argmax", am), Arg("in", "y_below", y_below),
+                      Arg("out", "gz_below", nan_like(xs)), Arg("value", "act", act)],
+                expect=[Expect("gz_below", want, *TOL["conv2d_bwd_data_routed"])], repeat=True)
+
+
 def _softmax_xent(n: int, nc: int, s: int) -> Spec:
     logits = rand((n, nc), s, 3.0)
     logits[0, :] = 1.0  # a row of ties: the first maximum is the prediction
@@ -367,7 +399,8 @@ def _step_advance(batch: int, wrap: bool) -> Spec:
 
 
 def _head_train(b: int, c: int, hp: int, wp: int, h: int, w: int, h1: int, h2: int, act: str, mode: str,
-                s: int) -> Spec:
+                s: int, routed: bool = False) -> Spec:
+    """routed (max only): yconv=None, and dz_conv at x's shape receives the routed gradient dx·act'(x)."""
     nc = 10
     i = c * hp * wp
     x = rand((b, c, hp, wp), s)
@@ -378,7 +411,7 @@ def _head_train(b: int, c: int, hp: int, wp: int, h: int, w: int, h1: int, h2: i
     am = np.random.default_rng(s + 7).integers(0, 4, size=(b, c, hp, wp)).astype(np.uint8)
     yconv = _activated((b, c, h, w), act, s + 8)
     r = ref.head_train(_d64(x), labels, *map(_d64, (w1, b1, w2, b2, w3, b3)), am if mode == "max" else None,
-                       _d64(yconv), act, mode)
+                       None if routed else _d64(yconv), act, mode)
     rows, step_in_epoch = 4, 6
     stats_want = _stats(rows).astype(F64)
     stats_want[step_in_epoch % rows] = (r["loss_sum"], r["correct"])
@@ -391,7 +424,8 @@ def _head_train(b: int, c: int, hp: int, wp: int, h: int, w: int, h1: int, h2: i
               Arg("in", "w2", w2), Arg("in", "b2", b2), Arg("in", "w3", w3), Arg("in", "b3", b3),
               *(Arg("out", nm, nan_like(sh)) for nm, sh in outs),
               Arg("in", "argmax", am) if mode == "max" else Arg("none", "argmax"),
-              Arg("in", "yconv", yconv), Arg("out", "dz_conv", nan_like(yconv.shape)),
+              Arg("none", "yconv") if routed else Arg("in", "yconv", yconv),
+              Arg("out", "dz_conv", nan_like(x.shape if routed else yconv.shape)),
               *(Arg("out", nm, nan_like(sh)) for nm, sh in grads),
               Arg("inout", "stats", _stats(rows)), Arg("in", "state", _state(step_in_epoch=step_in_epoch)),
               Arg("value", "act", act), Arg("value", "mode", mode)],
@@ -518,6 +552,14 @@ def _sets_for(op: str, sh: dict[str, list]) -> Iterator[tuple[int, str, str | No
             yield tier, f"dz{dzs} w{ws} yconv{ys}", a, m, \
                 (lambda dzs=dzs, ws=ws, ys=ys, a=a, m=m:
                  _conv2d_bwd_data_pool(dzs, ws, ys, a, m, _seed(op, dzs, ws, a, m)))
+    elif op == "conv2d_bwd_weight_routed":  # max pooling only: the routes are its pooling
+        for tier, (xs, ws), _, _ in grid(sh["conv_pool"], (), ()):
+            yield tier, f"x{xs} dw{ws} routed", None, None, \
+                (lambda xs=xs, ws=ws: _conv2d_bwd_weight_routed(xs, ws, _seed(op, xs, ws)))
+    elif op == "conv2d_bwd_data_routed":
+        for tier, (xs, ws), a, _ in grid(sh["conv_pool"], ACTS, ()):
+            yield tier, f"y_below{xs} w{ws} routed", a, None, \
+                (lambda xs=xs, ws=ws, a=a: _conv2d_bwd_data_routed(xs, ws, a, _seed(op, xs, ws, a)))
     elif op == "softmax_xent":
         for tier, (n, nc), _, _ in grid(sh["softmax"], (), ()):
             yield tier, f"({n},{nc})", None, None, (lambda n=n, nc=nc: _softmax_xent(n, nc, _seed(op, n, nc)))
@@ -538,6 +580,9 @@ def _sets_for(op: str, sh: dict[str, list]) -> Iterator[tuple[int, str, str | No
             b, c, hp, wp, h, w, h1, h2 = dims
             yield tier, f"x({b},{c},{hp},{wp}) yconv({h},{w}) {c * hp * wp}->{h1}->{h2}->10", a, m, \
                 (lambda dims=dims, a=a, m=m: _head_train(*dims, a, m, _seed(op, dims, a, m)))
+            if m == "max" and tier in (0, 1):  # the routed form (the routed step): gz at x's shape
+                yield tier + 2, f"x({b},{c},{hp},{wp}) yconv=None (routed) {c * hp * wp}->{h1}->{h2}->10", a, m, \
+                    (lambda dims=dims, a=a: _head_train(*dims, a, "max", _seed(op, dims, a, "routed"), routed=True))
     elif op == "lenet_fwd":
         for tier, b, a, m in grid(sh["lenet"], MODEL_ACTS, MODES):
             yield tier, f"images({b},28,28)", a, m, (lambda b=b, a=a, m=m: _lenet_fwd(b, a, m, _seed(op, b, a, m)))
@@ -546,7 +591,7 @@ def _sets_for(op: str, sh: dict[str, list]) -> Iterator[tuple[int, str, str | No
 #: every op a builder knows
 KNOWN_OPS = ("batch_prepare", "conv2d_fwd", "conv2d_pool_fwd", "pool2x2_fwd", "pool2x2_bwd", "dense_fwd", "dense_bwd",
              "conv2d_bwd_data", "conv2d_bwd_weight", "conv2d_bwd_data_pool", "softmax_xent", "adam_step", "sgd_step",
-             "step_advance", "head_train", "lenet_fwd")
+             "step_advance", "head_train", "lenet_fwd", "conv2d_bwd_weight_routed", "conv2d_bwd_data_routed")
 
 
 def input_sets(ops: list[str], profile: str, max_tier: int = 3) -> list[InputSet]:
@@ -702,6 +747,11 @@ def lenet_sets(op: str, batch: int) -> list[tuple[str, InputSet]]:
                               ("C3", lambda: _conv2d_bwd_weight((b, 6, 14, 14), (16, 6, 5, 5), 2))],
         "conv2d_bwd_data_pool": [("C3->S2->C1", lambda: _conv2d_bwd_data_pool((b, 16, 10, 10), (16, 6, 5, 5),
                                                                               (b, 6, 28, 28), "relu", "max", 1))],
+        "conv2d_bwd_weight_routed": [
+            ("C1", lambda: _conv2d_bwd_weight_routed((b, 1, 32, 32), (6, 1, 5, 5), 1)),
+            ("C3", lambda: _conv2d_bwd_weight_routed((b, 6, 14, 14), (16, 6, 5, 5), 2))],
+        "conv2d_bwd_data_routed": [
+            ("C3->S2", lambda: _conv2d_bwd_data_routed((b, 6, 14, 14), (16, 6, 5, 5), "relu", 1))],
         "softmax_xent": [("loss", lambda: _softmax_xent(b, 10, 1))],
         "adam_step": [("params", lambda: _adam_step(P, 0.0, False, 1))],
         "sgd_step": [("params", lambda: _sgd_step(P, 0.0, False, 1))],
