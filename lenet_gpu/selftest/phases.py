@@ -283,12 +283,13 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
     def nvrtc_compile(stem: str, opts: tuple, arch: str) -> Any:
         return nv.compile_cuda(kernel_source(stem), arch=arch, options=opts, warnings_as_errors=False)
 
-    defaults = {stem: define_options(d) for stem, d in be.defines.items()}
+    # MODULE_DEFINES as written; the modules with a define chosen per launch (0) first
+    defaults = {stem: define_options(d) for stem, d in sorted(be.defines.items(), key=lambda kv: all(kv[1].values()))}
     if nv is not None:  # the cheap checks first (an #error stops at once), then the sets in the order used
         for stem, opts in defaults.items():
             futures[(stem, opts, archs[0])] = pool.submit(nvrtc_compile, stem, opts, archs[0])
-        for arch in archs:
-            for stem, opts in sets:
+        for stem, opts in sets:
+            for arch in archs:
                 if (stem, opts, arch) not in futures:
                     futures[(stem, opts, arch)] = pool.submit(nvrtc_compile, stem, opts, arch)
 
@@ -299,6 +300,8 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
         """The NVRTC result (raises NvrtcError with the log; FutureTimeout when out of time)."""
         return futures[(stem, opts, arch)].result(timeout=max(0.1, left()))
 
+    costs = Costs()
+    built: set[tuple] = set()
     try:
         for stem, opts in defaults.items():
             zero = [k for k, v in be.defines[stem].items() if not v]
@@ -323,7 +326,6 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
                     raise AssertionError(f"{stem}.cu with {' '.join(opts) or 'no options'}: {how}")
                 return {"outcome": how, "options": list(opts)}
             rec.run(case, check, backend=label, module=stem, check="defaults", defines=short_defines(opts))
-        costs = Costs()
         for (stem, opts), names in sets.items():
             for i, name in enumerate(names):
                 case = f"{label} {stem}.cu {name}" + (f" [{short_defines(opts)}]" if opts else "")
@@ -357,8 +359,13 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
                 r = rec.run(case, load, backend=label, module=stem, kernel=name, defines=short_defines(opts))
                 if i == 0:
                     costs.observe("module", r)
+                    if r["status"] != SKIP:
+                        built.add((stem, opts))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        # what later phases allow for the modules not built here (module_allowance)
+        rec.data.setdefault("unbuilt_modules", {})[label] = len(set(sets) - built)
+        rec.data.setdefault("module_build_s", {})[label] = costs.expect("module", _prior(label, 3.0, 2.0))
 
 
 def _compile_numba(label: str, rec: PhaseRecorder) -> None:
@@ -406,11 +413,17 @@ def _compile_numba(label: str, rec: PhaseRecorder) -> None:
         costs.observe("kernel", rec.run(case, comp, backend=label, kernel=name, signature=SIGNATURES[name]))
 
 
+#: the compile phase's time per backend, relative
+COMPILE_WEIGHT = {"cupy": 1.5, "numba": 1.0, "cupy-host": 1.0, "numba-sim": 1.0}
+
+
 def phase_compile(ctx: dict, rec: PhaseRecorder) -> None:
     labels = list(ctx["backends"])
     for i, label in enumerate(labels):
-        # each backend keeps a share of the time: the first does not starve the second
-        deadline = time.monotonic() + rec.time_left() / (len(labels) - i)
+        # each backend keeps a share of the time (the first does not starve the second): cupy builds more (a
+        # module per define set) than Numba compiles
+        weights = [COMPILE_WEIGHT.get(b, 1.0) for b in labels[i:]]
+        deadline = time.monotonic() + rec.time_left() * weights[0] / sum(weights)
         try:
             if label in ("cupy", "cupy-host"):
                 _compile_cupy(label, rec, deadline)
