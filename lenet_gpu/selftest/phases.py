@@ -302,11 +302,53 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
 
     costs = Costs()
     built: set[tuple] = set()
+    wait = be.is_gpu  # on a GPU each kernel's row waits for its ptxas report; emulated, it takes it if ready
     try:
+        # 1. every kernel of every planned set, loaded through the runtime
+        for (stem, opts), names in sets.items():
+            for i, name in enumerate(names):
+                case = f"{label} {stem}.cu {name}" + (f" [{short_defines(opts)}]" if opts else "")
+                need = costs.expect("module", _prior(label, 3.0, 2.0)) if i == 0 else 0.0
+                if left() <= need:
+                    rec.skip(case, "out of time", backend=label, module=stem, kernel=name,
+                             defines=short_defines(opts))
+                    continue
+
+                def load(stem: str = stem, name: str = name, opts: tuple = opts) -> dict[str, Any]:
+                    k = rt.get_kernel(stem, name, opts)
+                    facts: dict[str, Any] = {"options": list(opts)}
+                    for attr, key in (("num_regs", "registers"), ("shared_size_bytes", "static_shared_bytes"),
+                                      ("local_size_bytes", "local_bytes"), ("max_threads_per_block", "max_threads")):
+                        v = getattr(k, attr, None)
+                        if isinstance(v, (int, np.integer)):
+                            facts[key] = int(v)
+                    keys = [(stem, opts, a) for a in archs]
+                    if nv is None or not (wait or all(futures[key].done() for key in keys)):
+                        return facts
+                    try:
+                        per_arch = ptxas_facts({a: result(stem, opts, a) for a in archs}, name)
+                    except FutureTimeout:
+                        return facts  # its set's NVRTC case below says so
+                    except nv.NvrtcError:
+                        return facts  # its set's NVRTC case below fails with the log
+                    facts["ptxas"] = per_arch
+                    first = per_arch[archs[0]]
+                    facts.setdefault("registers", first["registers"])
+                    facts.setdefault("static_shared_bytes", first["static_shared_bytes"])
+                    facts.setdefault("local_bytes", first["stack_bytes"])
+                    facts["spill_stores"] = max(f["spill_stores"] for f in per_arch.values())
+                    facts["spill_loads"] = max(f["spill_loads"] for f in per_arch.values())
+                    return facts
+                r = rec.run(case, load, backend=label, module=stem, kernel=name, defines=short_defines(opts))
+                if i == 0:
+                    costs.observe("module", r)
+                    if r["status"] != SKIP:
+                        built.add((stem, opts))
+        # 2. MODULE_DEFINES as written: compiles, or one #error per define set to 0
         for stem, opts in defaults.items():
             zero = [k for k, v in be.defines[stem].items() if not v]
             case = f"{label} {stem}.cu with MODULE_DEFINES as written" + (f" ({', '.join(zero)} = 0)" if zero else "")
-            if left() <= 0.5:
+            if left() <= 0.2:
                 rec.skip(case, "out of time", backend=label, module=stem, check="defaults")
                 continue
 
@@ -326,41 +368,23 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
                     raise AssertionError(f"{stem}.cu with {' '.join(opts) or 'no options'}: {how}")
                 return {"outcome": how, "options": list(opts)}
             rec.run(case, check, backend=label, module=stem, check="defaults", defines=short_defines(opts))
-        for (stem, opts), names in sets.items():
-            for i, name in enumerate(names):
-                case = f"{label} {stem}.cu {name}" + (f" [{short_defines(opts)}]" if opts else "")
-                need = costs.expect("module", _prior(label, 3.0, 2.0)) if i == 0 else 0.0
-                if left() <= need:
-                    rec.skip(case, "out of time", backend=label, module=stem, kernel=name,
-                             defines=short_defines(opts))
+        # 3. NVRTC (the compiler CuPy uses) of every planned set, for each architecture
+        for stem, opts in (sets if nv is not None else {}):
+            for arch in archs:
+                case = f"{label} {stem}.cu NVRTC {arch}" + (f" [{short_defines(opts)}]" if opts else "")
+                if left() <= 0.2:
+                    rec.skip(case, "out of time", backend=label, module=stem, check="nvrtc", arch=arch)
                     continue
 
-                def load(stem: str = stem, name: str = name, opts: tuple = opts) -> dict[str, Any]:
-                    k = rt.get_kernel(stem, name, opts)
-                    facts: dict[str, Any] = {"options": list(opts)}
-                    for attr, key in (("num_regs", "registers"), ("shared_size_bytes", "static_shared_bytes"),
-                                      ("local_size_bytes", "local_bytes"), ("max_threads_per_block", "max_threads")):
-                        v = getattr(k, attr, None)
-                        if isinstance(v, (int, np.integer)):
-                            facts[key] = int(v)
-                    if nv is not None:
-                        try:
-                            per_arch = ptxas_facts({a: result(stem, opts, a) for a in archs}, name)
-                        except FutureTimeout:
-                            return {"status": SKIP, "reason": "out of time (NVRTC's ptxas report did not finish)"}
-                        facts["ptxas"] = per_arch
-                        first = per_arch[archs[0]]
-                        facts.setdefault("registers", first["registers"])
-                        facts.setdefault("static_shared_bytes", first["static_shared_bytes"])
-                        facts.setdefault("local_bytes", first["stack_bytes"])
-                        facts["spill_stores"] = max(f["spill_stores"] for f in per_arch.values())
-                        facts["spill_loads"] = max(f["spill_loads"] for f in per_arch.values())
-                    return facts
-                r = rec.run(case, load, backend=label, module=stem, kernel=name, defines=short_defines(opts))
-                if i == 0:
-                    costs.observe("module", r)
-                    if r["status"] != SKIP:
-                        built.add((stem, opts))
+                def nvrtc_case(stem: str = stem, opts: tuple = opts, arch: str = arch) -> dict[str, Any]:
+                    try:
+                        res = result(stem, opts, arch)
+                    except FutureTimeout:
+                        return {"status": SKIP, "reason": "out of time (NVRTC did not finish)"}
+                    return {"kernels": len(res.kernels), "max_registers": max(k.registers for k in res.kernels),
+                            "spills": sum(k.spill_stores + k.spill_loads for k in res.kernels)}
+                rec.run(case, nvrtc_case, backend=label, module=stem, check="nvrtc", arch=arch,
+                        defines=short_defines(opts))
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         # what later phases allow for the modules not built here (module_allowance)

@@ -136,7 +136,7 @@ def _spills(c: dict) -> Any:
 
 def _compile_section(res: dict) -> list[str]:
     cases = _cases(res)
-    kernels = [c for c in cases if c.get("check") != "defaults"]
+    kernels = [c for c in cases if c.get("check") not in ("defaults", "nvrtc")]
     rows = [[c.get("backend"), c.get("module", ""), c.get("defines", ""), c.get("kernel", c["name"]),
              c["status"].upper(), c.get("registers"), c.get("static_shared_bytes"), c.get("local_bytes"), _spills(c),
              c.get("f64_instructions"), c.get("seconds")] for c in kernels]
@@ -155,6 +155,13 @@ def _compile_section(res: dict) -> list[str]:
         lines += _table(["backend", "module", "defines", "status", "outcome"],
                         [[c.get("backend"), c.get("module"), c.get("defines", ""), c["status"].upper(),
                           c.get("outcome") or c.get("error") or c.get("reason", "")] for c in defaults])
+    nvrtc = [c for c in cases if c.get("check") == "nvrtc"]
+    if nvrtc:
+        lines += ["NVRTC (no GPU needed) of each define set, per architecture:", ""]
+        lines += _table(["backend", "module", "defines", "arch", "status", "kernels", "max registers", "spills (B)",
+                         "s"], [[c.get("backend"), c.get("module"), c.get("defines", ""), c.get("arch"),
+                                 c["status"].upper(), c.get("kernels"), c.get("max_registers"), c.get("spills"),
+                                 c.get("seconds")] for c in nvrtc])
     return lines
 
 
