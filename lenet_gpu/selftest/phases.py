@@ -285,13 +285,19 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
 
     # MODULE_DEFINES as written; the modules with a define chosen per launch (0) first
     defaults = {stem: define_options(d) for stem, d in sorted(be.defines.items(), key=lambda kv: all(kv[1].values()))}
-    if nv is not None:  # the cheap checks first (an #error stops at once), then the sets in the order used
+    def submit_all() -> None:
+        """Queue the NVRTC compiles: the defaults first (an #error stops at once), then the sets in order."""
+        if nv is None or futures:
+            return
         for stem, opts in defaults.items():
             futures[(stem, opts, archs[0])] = pool.submit(nvrtc_compile, stem, opts, archs[0])
         for stem, opts in sets:
             for arch in archs:
                 if (stem, opts, arch) not in futures:
                     futures[(stem, opts, arch)] = pool.submit(nvrtc_compile, stem, opts, arch)
+
+    if be.is_gpu:  # beside CuPy's own compiles (many cores); emulated, after the loads (a small busy CPU)
+        submit_all()
 
     def left() -> float:
         return min(rec.time_left(), deadline - time.monotonic())
@@ -308,7 +314,7 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
         for (stem, opts), names in sets.items():
             for i, name in enumerate(names):
                 case = f"{label} {stem}.cu {name}" + (f" [{short_defines(opts)}]" if opts else "")
-                need = costs.expect("module", _prior(label, 3.0, 2.0)) if i == 0 else 0.0
+                need = costs.expect("module", _prior(label, 3.0, 0.5)) if i == 0 else 0.0
                 if left() <= need:
                     rec.skip(case, "out of time", backend=label, module=stem, kernel=name,
                              defines=short_defines(opts))
@@ -323,7 +329,7 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
                         if isinstance(v, (int, np.integer)):
                             facts[key] = int(v)
                     keys = [(stem, opts, a) for a in archs]
-                    if nv is None or not (wait or all(futures[key].done() for key in keys)):
+                    if nv is None or not (wait or all(key in futures and futures[key].done() for key in keys)):
                         return facts
                     try:
                         per_arch = ptxas_facts({a: result(stem, opts, a) for a in archs}, name)
@@ -344,6 +350,7 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
                     costs.observe("module", r)
                     if r["status"] != SKIP:
                         built.add((stem, opts))
+        submit_all()
         # 2. MODULE_DEFINES as written: compiles, or one #error per define set to 0
         for stem, opts in defaults.items():
             zero = [k for k, v in be.defines[stem].items() if not v]
@@ -389,7 +396,7 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
         pool.shutdown(wait=False, cancel_futures=True)
         # what later phases allow for the modules not built here (module_allowance)
         rec.data.setdefault("unbuilt_modules", {})[label] = len(set(sets) - built)
-        rec.data.setdefault("module_build_s", {})[label] = costs.expect("module", _prior(label, 3.0, 2.0))
+        rec.data.setdefault("module_build_s", {})[label] = costs.expect("module", _prior(label, 5.0, 4.0))
 
 
 def _compile_numba(label: str, rec: PhaseRecorder) -> None:
