@@ -356,7 +356,7 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
             zero = [k for k, v in be.defines[stem].items() if not v]
             case = f"{label} {stem}.cu with MODULE_DEFINES as written" + (f" ({', '.join(zero)} = 0)" if zero else "")
             if left() <= 0.2:
-                rec.skip(case, "out of time", backend=label, module=stem, check="defaults")
+                rec.skip(case, "out of time", backend=label, module=stem, check="defaults", defines=short_defines(opts))
                 continue
 
             def check(stem: str = stem, opts: tuple = opts) -> dict[str, Any]:
@@ -380,7 +380,8 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
             for arch in archs:
                 case = f"{label} {stem}.cu NVRTC {arch}" + (f" [{short_defines(opts)}]" if opts else "")
                 if left() <= 0.2:
-                    rec.skip(case, "out of time", backend=label, module=stem, check="nvrtc", arch=arch)
+                    rec.skip(case, "out of time", backend=label, module=stem, check="nvrtc", arch=arch,
+                             defines=short_defines(opts))
                     continue
 
                 def nvrtc_case(stem: str = stem, opts: tuple = opts, arch: str = arch) -> dict[str, Any]:
@@ -905,7 +906,8 @@ def phase_training(ctx: dict, rec: PhaseRecorder) -> None:
     waived = [f"{r['backend']} {r['dataset']}: {r['waived']}" for r in runs if r.get("waived")]
     if waived:
         rec.data["waived_gates"] = waived
-        rec.note("waived gates: " + "; ".join(waived))
+        rec.note(f"{len(waived)} gate{'s' if len(waived) > 1 else ''} waived (listed under Waived gates): the "
+                 f"{SAMPLE_GATE:.0%} accuracy gate does not apply to a short emulated run")
     first_step_labels = [b for b in ctx["backends"] if b in ("cupy", "numba")]  # on a GPU only
     reserve = sum(FIRST_STEP_PRIOR_S.get(b, 30.0) for b in first_step_labels)
     for i, run in enumerate(runs):
@@ -917,7 +919,8 @@ def phase_training(ctx: dict, rec: PhaseRecorder) -> None:
         if left < 5 or (est is not None and est > left):
             why = "out of time" + (f" (estimated {est:.0f} s from the measured step time, {left:.0f} s left)"
                                    if est is not None else "")
-            rec.skip(name, why, backend=run["backend"], dataset=run["dataset"])
+            rec.skip(name, why, backend=run["backend"], dataset=run["dataset"],
+                     **({"waived": run["waived"]} if run.get("waived") else {}))
             continue
         # the runs still to come each keep a share of what is left
         timeout = max(5.0, left if i == len(runs) - 1 else left - 0.5 * left * (len(runs) - i - 1) / (len(runs) - i))
