@@ -285,26 +285,38 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
 
     # MODULE_DEFINES as written; the modules with a define chosen per launch (0) first
     defaults = {stem: define_options(d) for stem, d in sorted(be.defines.items(), key=lambda kv: all(kv[1].values()))}
-    def submit_all() -> None:
-        """Queue the NVRTC compiles: the defaults first (an #error stops at once), then the sets in order."""
-        if nv is None or futures:
-            return
-        for stem, opts in defaults.items():
-            futures[(stem, opts, archs[0])] = pool.submit(nvrtc_compile, stem, opts, archs[0])
-        for stem, opts in sets:
-            for arch in archs:
-                if (stem, opts, arch) not in futures:
-                    futures[(stem, opts, arch)] = pool.submit(nvrtc_compile, stem, opts, arch)
+    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    # the NVRTC compiles in order: the defaults first (an #error stops at once), then the sets
+    order = [(stem, opts, archs[0]) for stem, opts in defaults.items()]
+    order += [(stem, opts, arch) for stem, opts in sets for arch in archs if (stem, opts, arch) not in order]
+    queued = [0]
 
-    if be.is_gpu:  # beside CuPy's own compiles (many cores); emulated, after the loads (a small busy CPU)
-        submit_all()
+    def feed() -> None:
+        """Queue the next compiles: on a GPU all at once (beside CuPy's own, on many cores); emulated, a few
+        at a time and only while a compile can still finish (one running at the end holds the exit up)."""
+        while nv is not None and queued[0] < len(order):
+            if not be.is_gpu and (left() < 3.0 or sum(not f.done() for f in futures.values()) >= workers):
+                return
+            key = order[queued[0]]
+            queued[0] += 1
+            if key not in futures:
+                futures[key] = pool.submit(nvrtc_compile, *key)
 
     def left() -> float:
         return min(rec.time_left(), deadline - time.monotonic())
 
+    if be.is_gpu:
+        feed()
+
     def result(stem: str, opts: tuple, arch: str) -> Any:
         """The NVRTC result (raises NvrtcError with the log; FutureTimeout when out of time)."""
-        return futures[(stem, opts, arch)].result(timeout=max(0.1, left()))
+        key = (stem, opts, arch)
+        if key not in futures:
+            if not be.is_gpu and left() < 3.0:
+                raise FutureTimeout
+            futures[key] = pool.submit(nvrtc_compile, *key)
+        feed()
+        return futures[key].result(timeout=max(0.1, left()))
 
     costs = Costs()
     built: set[tuple] = set()
@@ -350,7 +362,7 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
                     costs.observe("module", r)
                     if r["status"] != SKIP:
                         built.add((stem, opts))
-        submit_all()
+        feed()
         # 2. MODULE_DEFINES as written: compiles, or one #error per define set to 0
         for stem, opts in defaults.items():
             zero = [k for k, v in be.defines[stem].items() if not v]
@@ -400,7 +412,7 @@ def _compile_cupy(label: str, rec: PhaseRecorder, deadline: float) -> None:
         rec.data.setdefault("module_build_s", {})[label] = costs.expect("module", _prior(label, 5.0, 4.0))
 
 
-def _compile_numba(label: str, rec: PhaseRecorder) -> None:
+def _compile_numba(label: str, rec: PhaseRecorder, deadline: float | None = None) -> None:
     """On a GPU: every kernel compiled at its launch signature for the device and loaded (Dispatcher.compile
     binds it to the context). Emulated: compile_ptx for sm_90 (no device needed; the simulator cannot
     compile), in a child where NUMBA_ENABLE_CUDASIM is unset."""
@@ -421,9 +433,11 @@ def _compile_numba(label: str, rec: PhaseRecorder) -> None:
                  "simulator itself compiles nothing")
     rec.data.setdefault("arch", {})[label] = f"sm_{cc[0]}{cc[1]}"
     costs = Costs()
-    for name in sorted(KERNELS):
+    for i, name in enumerate(sorted(KERNELS)):
         case = f"{label} {name}"
-        if rec.out_of_time(costs.expect("kernel", 3.0)):
+        need = costs.expect("kernel", 2.0)
+        # the first kernel runs whenever the phase has time (the imports above may have used this share)
+        if rec.out_of_time(need) or (i and deadline is not None and time.monotonic() + need > deadline):
             rec.skip(case, "out of time", backend=label, kernel=name)
             continue
 
@@ -447,20 +461,24 @@ def _compile_numba(label: str, rec: PhaseRecorder) -> None:
 
 #: the compile phase's time per backend, relative
 COMPILE_WEIGHT = {"cupy": 1.5, "numba": 1.0, "cupy-host": 1.0, "numba-sim": 1.0}
+#: seconds the compile phase keeps for each backend still to come (its first kernel)
+COMPILE_MIN_S = 5.0
 
 
 def phase_compile(ctx: dict, rec: PhaseRecorder) -> None:
-    labels = list(ctx["backends"])
+    # Numba first: its imports cost seconds before its first kernel, cupy's first loads are cheap
+    labels = sorted(ctx["backends"], key=lambda b: b not in ("numba", "numba-sim"))
     for i, label in enumerate(labels):
         # each backend keeps a share of the time (the first does not starve the second): cupy builds more (a
         # module per define set) than Numba compiles
         weights = [COMPILE_WEIGHT.get(b, 1.0) for b in labels[i:]]
-        deadline = time.monotonic() + rec.time_left() * weights[0] / sum(weights)
+        keep = COMPILE_MIN_S * (len(labels) - i - 1)  # the backends after this one: enough for a first case each
+        deadline = time.monotonic() + min(rec.time_left() * weights[0] / sum(weights), rec.time_left() - keep)
         try:
             if label in ("cupy", "cupy-host"):
                 _compile_cupy(label, rec, deadline)
             elif label in ("numba", "numba-sim"):
-                _compile_numba(label, rec)
+                _compile_numba(label, rec, deadline)
             else:
                 rec.skip(label, "no kernels to compile (NumPy ops)", backend=label)
         except Exception as e:  # noqa: BLE001 - one backend failing to start is its failure, not the phase's end
