@@ -63,6 +63,19 @@
 #ifndef BWD_THREADS
 #define BWD_THREADS 256  // block size of conv2d_bwd_weight_v2 (whole warps)
 #endif
+// K_BLOCK / C_BLOCK = 0 is the backend's "chosen per launch" (MODULE_DEFINES): the module is then built with the
+// launch plan's width (CupyBackend.options(stem, launch.defines)), never with 0. Each guard is the only error
+// a 0 gives (the width is reset to 1 after it, so no zero-size array errors follow).
+#if K_BLOCK < 1
+#error "K_BLOCK must be >= 1: 0 means chosen per launch; compile with the launch plan's -DK_BLOCK (8, 6, 4 or 2), or leave it undefined (8)"
+#undef K_BLOCK
+#define K_BLOCK 1
+#endif
+#if C_BLOCK < 1
+#error "C_BLOCK must be >= 1: 0 means chosen per launch; compile with the launch plan's -DC_BLOCK (8, 6, 4 or 2), or leave it undefined (6)"
+#undef C_BLOCK
+#define C_BLOCK 1
+#endif
 static_assert(BWD_THREADS % 32 == 0 && BWD_THREADS <= 1024, "BWD_THREADS: whole warps, at most 1024");
 static_assert(J_BLOCK >= 1 && J_BLOCK < BWD_THREADS, "J_BLOCK: 1 .. BWD_THREADS-1");
 

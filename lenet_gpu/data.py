@@ -396,6 +396,30 @@ def _payload_verifier(table: Mapping[str, tuple[int, str]]) -> _Verify:
     return verify
 
 
+def _digest_recorder(out: dict[str, tuple[str, str]]) -> _Verify:
+    """A verifier that accepts everything and records (SHA-256 of the file, of its IDX payload) per base name."""
+
+    def record(base: str, raw: bytes, payload: bytes) -> None:
+        raw_sha = hashlib.sha256(raw).hexdigest()
+        out[base] = (raw_sha, raw_sha if payload is raw or payload == raw else hashlib.sha256(payload).hexdigest())
+        return None
+
+    return record
+
+
+def recognize(digests: Mapping[str, tuple[str, str]]) -> str | None:
+    """"fashion-mnist" when the four IDX payloads are Fashion-MNIST's (by SHA-256), "mnist" when the four files
+    are MNIST's ``.gz`` files as the mirrors serve them, else None. ``digests``: base name → (SHA-256 of the
+    file, SHA-256 of its decompressed payload)."""
+    if set(digests) != set(IDX_FILES):
+        return None
+    if all(digests[b][1] == FASHION_MNIST_IDX_SHA256[b][1] for b in IDX_FILES):
+        return "fashion-mnist"
+    if all(digests[b][0] == MNIST_GZ_SHA256[b + ".gz"][1] for b in IDX_FILES):
+        return "mnist"
+    return None
+
+
 def _check_cached(
     path: Path, expected: tuple[int, str], payload: bool, name: Path | None = None
 ) -> str | None:
@@ -812,7 +836,12 @@ def load_dataset(
         folder = Path(data_dir).expanduser()
         label = name if name not in (None, "auto") else f"dir:{folder}"
         classes = FASHION_MNIST_CLASSES if name == "fashion-mnist" else MNIST_CLASSES
-        return _load_files(label, str(folder), classes, _find_idx_files(folder))
+        digests: dict[str, tuple[str, str]] = {}
+        ds = _load_files(label, str(folder), classes, _find_idx_files(folder), _digest_recorder(digests))
+        known = recognize(digests) if name in (None, "auto") else None
+        if known is not None:  # a folder holding MNIST or Fashion-MNIST gets that dataset's name (and defaults)
+            ds = replace(ds, name=known, classes=FASHION_MNIST_CLASSES if known == "fashion-mnist" else MNIST_CLASSES)
+        return ds
 
     cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if name is None or name == "auto":

@@ -81,6 +81,9 @@ _BASE_FLAGS = (
     "-fno-strict-aliasing",  # CUDA code type-puns (float4 loads from float arrays)
     "-ffp-contract=off",
     "-Wall",
+    # ISO C++ only, as NVRTC accepts: GNU extensions (a zero-length array, a variable-length array, ...)
+    # compile on g++ but not for the GPU, so they are errors here too
+    "-pedantic-errors",
     "-Wno-unknown-pragmas",  # #pragma unroll
     "-Wno-sign-compare",  # threadIdx.x < n
     "-Wno-unused-function",

@@ -175,3 +175,20 @@ def test_wild_pointer_crash_names_the_thread() -> None:
     assert "survived" not in r.stdout
     assert "illegal memory access (SIGSEGV" in r.stderr
     assert "kernel 'wild_write', thread (7,0,0) of block (2,0,0)" in r.stderr
+
+
+# ------------------------------------------------------------------------------------ ISO C++ only
+
+
+@pytest.mark.parametrize(
+    "body, expect",
+    [
+        ("float acc[0]; acc[0] = 1.0f; a[0] = 0.0f;", "zero-size array"),  # NVRTC: "size of an array ... zero"
+        ("float acc[n]; acc[0] = 1.0f; a[0] = acc[0];", "variable length array"),  # NVRTC: no VLAs either
+    ],
+)
+def test_gnu_extensions_that_nvrtc_rejects_fail_the_build(body: str, expect: str) -> None:
+    """g++ builds with -pedantic-errors: what compiles here must compile for the GPU (issue 16)."""
+    code = f'extern "C" __global__ void k(float* a, int n) {{ {body} }}'
+    with pytest.raises(CudaCpuError, match=expect):
+        CpuModule(code=code)
