@@ -610,3 +610,89 @@ conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, 
     }
     if (tid == 0) ticket_reset(ticket, gen);  // count 0: a repeated launch at the same STEP works too
 }
+
+// =====================================================================================================
+// Routed backward (max pooling's sparsity; the op contract: docs/routed_backward.md).
+//
+//   gz (N,K,Hp,Wp): the routed gradient at the POOLED size, dL/d(pooled output) * act'(pooled output);
+//   argmax (N,K,Hp,Wp) uint8: the tap 0..3 (row-major) of each 2x2 window the forward pass chose, so the conv
+//   output it routes to is (p, q) = (2i + a/2, 2j + a%2), Hp = (H-R+1)/2, Wp = (W-S+1)/2.
+//   weight grad  dw[k,c,r,s] = sum_{n,i,j} gz[n,k,i,j] * x[n,c,2i+a/2+r,2j+a%2+s];  db[k] = sum gz
+//   data grad    gz_below[n,c,h,v] = (sum of gz[n,k,i,j] * w[k,c,h-p,v-q] over the routed (p,q) of every k
+//                window within the filter's reach) * act'(y_below[n,c,h,v]); y_below = x, the conv's input
+//                (itself the pooled activated map of the layer below), so gz_below is that layer's gz.
+// Only routed positions are touched: a quarter of the dense ops' multiply-adds (C3 + C1 of LeNet-5: 598K ->
+// 149K MAC per image for the two weight gradients and C3's data gradient), and no un-pooled map is read.
+// No float atomics: every sum runs in a fixed order (deterministic).
+//
+// Versions:
+//   conv2d_bwd_weight_routed_v1  one thread per dw element (K*C*R*S) and per db element (K), each looping
+//                         over (n, i, j) in order, operands from global memory. The readable baseline:
+//                         K*C*R*S threads (C3: 2,400; C1: 150) each a serial chain of N*Hp*Wp FMAs.
+//                         Per image: C3 60,000 MAC + C1 29,400 MAC; gz/argmax re-read by every (c,r,s)
+//                         thread of a filter (from L1/L2), x gathered.
+//                         Estimate (H200, chain length): the C1 chain is N*196 dependent FMAs with a gather
+//                         each (~ 30 cycles an iteration from L1): batch 64 ~ 0.2 ms, batch 4096 ~ 13 ms
+//                         (C3: N*25 iterations over 2,400 threads: ~ 25 us / ~ 1.6 ms). A baseline only.
+//   conv2d_bwd_data_routed_v1    one thread per gz_below element gathering over (k, r, s): the tap's conv
+//                         output (h-r, v-s) counts when it lies in a pooled window and is that window's
+//                         route. Per image (C3 of LeNet-5): 1,176 threads x 400 tap checks, 30,000 MAC.
+//                         Estimate (H200, issue slots): ~ 12 instructions a tap check -> 5.6 M thread-
+//                         instructions = 176 K warp-instructions an image; at ~ 2 warp-instructions a clock
+//                         an SM: batch 64 ~ 45 us (1 wave of 75,264 threads), batch 4096 ~ 1.4 ms.
+// =====================================================================================================
+
+extern "C" __global__ void conv2d_bwd_weight_routed_v1(const float* __restrict__ x, const float* __restrict__ gz,
+                                                       const unsigned char* __restrict__ argmax,
+                                                       float* __restrict__ dw, float* __restrict__ db, int N, int C,
+                                                       int H, int W, int K, int R, int S) {
+    const int Hp = (H - R + 1) / 2, Wp = (W - S + 1) / 2, CRS = C * R * S;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= K * CRS + K) return;
+    if (idx >= K * CRS) {  // db[k]: the plain sum of gz, (n, i, j) in order
+        const int k = idx - K * CRS;
+        float acc = 0.0f;
+        for (int n = 0; n < N; ++n)
+            for (int e = 0; e < Hp * Wp; ++e) acc += gz[(size_t)(n * K + k) * Hp * Wp + e];
+        db[k] = acc;
+        return;
+    }
+    const int k = idx / CRS, t = idx - k * CRS, c = t / (R * S), r = (t / S) % R, s = t % S;
+    float acc = 0.0f;
+    for (int n = 0; n < N; ++n) {
+        const size_t g0 = (size_t)(n * K + k) * Hp * Wp;
+        const float* xp = x + ((size_t)(n * C + c) * H + r) * W + s;
+        for (int i = 0; i < Hp; ++i)
+            for (int j = 0; j < Wp; ++j) {
+                const int a = argmax[g0 + i * Wp + j];
+                acc = fmaf(gz[g0 + i * Wp + j], xp[(2 * i + (a >> 1)) * W + 2 * j + (a & 1)], acc);
+            }
+    }
+    dw[idx] = acc;
+}
+
+extern "C" __global__ void conv2d_bwd_data_routed_v1(const float* __restrict__ gz, const float* __restrict__ w,
+                                                     const unsigned char* __restrict__ argmax,
+                                                     const float* __restrict__ y_below, float* __restrict__ gz_below,
+                                                     int N, int C, int H, int W, int K, int R, int S, int act) {
+    const int Hp = (H - R + 1) / 2, Wp = (W - S + 1) / 2;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * C * H * W) return;
+    const int v = idx % W, h = (idx / W) % H, c = (idx / (H * W)) % C, n = idx / (C * H * W);
+    float acc = 0.0f;
+    for (int k = 0; k < K; ++k) {
+        const size_t g0 = (size_t)(n * K + k) * Hp * Wp;
+        for (int r = 0; r < R; ++r) {
+            const int p = h - r;  // the conv output row this tap reads x from
+            if (p < 0 || p >= 2 * Hp) continue;  // outside the map, or its odd trailing row (in no window)
+            for (int s = 0; s < S; ++s) {
+                const int q = v - s;
+                if (q < 0 || q >= 2 * Wp) continue;
+                const size_t e = g0 + (p >> 1) * Wp + (q >> 1);
+                if (argmax[e] == (unsigned char)(((p & 1) << 1) | (q & 1)))
+                    acc = fmaf(gz[e], w[((k * C + c) * R + r) * S + s], acc);
+            }
+        }
+    }
+    gz_below[idx] = acc * act_grad(y_below[idx], act);
+}

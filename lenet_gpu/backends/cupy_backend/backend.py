@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ...stepstate import SCHED_COLS, STATE_WORDS
-from ..base import ACT_CODES, OPS, POOL_CODES, check_act, check_mode
+from ..base import ACT_CODES, OPS, POOL_CODES, ROUTED_OPS, check_act, check_mode
 from . import fused
 from .runtime import DEFAULT_SM_COUNT, NULL_POINTER, CupyRuntime, HostRuntime, Runtime, define_options
 from .runtime import check_array as _check
@@ -65,6 +65,9 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "conv2d_bwd_data": ("conv2d", ("v1", "v2")),
     "conv2d_bwd_data_pool": ("conv2d", ("v1", "v2")),
     "conv2d_bwd_weight": ("conv2d", ("v1", "v2", "v3")),
+    # the routed backward of max pooling (docs/routed_backward.md)
+    "conv2d_bwd_weight_routed": ("conv2d", ("v1",)),
+    "conv2d_bwd_data_routed": ("conv2d", ("v1",)),
     "adam_step": ("optim", ("v1", "v2")),
     "sgd_step": ("optim", ("v1", "v2")),
     "step_advance": ("optim", ("v1",)),
@@ -75,6 +78,7 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
 MODULE_DEFINES.update(fused.DEFINES)
 #: ops whose launches fused.py makes (the rest launch through CupyBackend._launch)
 FUSED_OPS = ("conv2d_pool_fwd", "conv2d_bwd_data_pool", "head_train", "lenet_fwd")
+assert set(ROUTED_OPS) <= set(OP_KERNELS)
 
 #: The default variant per op (the fastest by design; to be confirmed by the GPU benchmarks).
 DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, (_, vs) in OP_KERNELS.items()}
@@ -247,6 +251,10 @@ def launch_plan(
         splits = max(1, min(N, ceil_div(4 * sm_count, base), (N * P * Q) // (bt * 8), 65535))
         chunk = ceil_div(N, splits)
         return Launch((ceil_div(C * R * S, jb), K, ceil_div(N, chunk)), (bt, 1, 1), 0, (chunk,))
+    if op == "conv2d_bwd_weight_routed":  # v1: a thread per dw / db element
+        return _grid1d(g("K") * g("C") * g("R") * g("S") + g("K"))
+    if op == "conv2d_bwd_data_routed":  # v1: a thread per gz_below element
+        return _grid1d(g("N") * g("C") * g("H") * g("W"))
     if op in ("pool2x2_fwd",):
         return _grid1d(g("NC") * (g("H") // 2) * (g("W") // 2))
     if op == "pool2x2_bwd":
@@ -325,7 +333,9 @@ class CupyBackend:
             rules). Default: on, unless the environment sets LENET_GPU_CUDA_GRAPHS=0; off: ``graph``
             returns None.
         fused: offer the fused ops ``conv2d_pool_fwd``, ``conv2d_bwd_data_pool``, ``head_train`` and
-            ``lenet_fwd`` (the model then uses them: 10 launches a training step instead of 19).
+            ``lenet_fwd`` (the model then uses them: 10 launches a training step instead of 19), and the
+            routed ops ``conv2d_bwd_weight_routed`` and ``conv2d_bwd_data_routed`` (with max pooling the model
+            then takes the routed step, docs/routed_backward.md: 10 launches, no un-pooled map kept).
         variants: op → variant overriding ``DEFAULT_VARIANTS``.
         defines: kernel file stem → {NAME: value} overriding ``MODULE_DEFINES``.
         runtime: a Runtime to use instead of the one ``host`` selects (e.g. for reports, host timing).
@@ -359,7 +369,7 @@ class CupyBackend:
         self.defines = {stem: {**d, **(defines or {}).get(stem, {})} for stem, d in MODULE_DEFINES.items()}
         self._kernels: dict[tuple, Any] = {}
         self._plans: dict[tuple, _Entry] = {}
-        ops = [*OPS, *(FUSED_OPS if fused else ())]
+        ops = [*OPS, *((*FUSED_OPS, *ROUTED_OPS) if fused else ())]
         self.variants: dict[str, tuple[str, ...]] = {op: OP_KERNELS[op][1] for op in ops}
         self.default_variants: dict[str, str] = {op: DEFAULT_VARIANTS[op] for op in ops}
         for op, v in (variants or {}).items():
@@ -575,6 +585,54 @@ class CupyBackend:
             e = self._plans[key] = _Entry(self._kernel("conv2d_bwd_weight", v, plan.defines), plan, tail, expect,
                                           scratch)
         self._run(e, (x, dz, dw, db, state) if e.scratch else (x, dz, dw, db))
+
+    # ------------------------------------------------------------------ routed ops (docs/routed_backward.md)
+    def _routed_dims(self, op: str, x_shape: tuple, w_shape: tuple, gz_shape: tuple) -> tuple[int, ...]:
+        n, c, h, wd = x_shape
+        k, c2, r, s = w_shape
+        if c2 != c or h < r or wd < s:
+            raise ValueError(f"{op}: the conv input {tuple(x_shape)} and w {tuple(w_shape)} do not agree")
+        hp, wp = (h - r + 1) // 2, (wd - s + 1) // 2
+        if hp < 1 or wp < 1:
+            raise ValueError(f"{op}: the conv output {h - r + 1}x{wd - s + 1} is smaller than a 2x2 window")
+        if tuple(gz_shape) != (n, k, hp, wp):
+            raise ValueError(f"{op}: gz {tuple(gz_shape)} is not the pooled conv output {(n, k, hp, wp)}")
+        return n, c, h, wd, k, r, s
+
+    def conv2d_bwd_weight_routed(self, x, gz, argmax, dw, db, state=None, variant=None) -> None:
+        """dw, db of a conv + 2x2 max pool from the routed gradient gz (B,K,Hp,Wp) and the routes
+        (reference.conv2d_bwd_weight_routed). Overwrites dw, db. ``state`` is accepted for the protocol
+        (no launch of this op keeps a ticket)."""
+        key = ("conv2d_bwd_weight_routed", variant, x.shape, dw.shape)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_bwd_weight_routed", variant)
+            n, c, h, wd, k, r, s = dims = self._routed_dims("conv2d_bwd_weight_routed", x.shape, dw.shape, gz.shape)
+            hp, wp = (h - r + 1) // 2, (wd - s + 1) // 2
+            expect = (_arg("x", (n, c, h, wd)), _arg("gz", (n, k, hp, wp)), _arg("argmax", (n, k, hp, wp), np.uint8),
+                      _arg("dw", (k, c, r, s)), _arg("db", (k,)))
+            tail = tuple(i32(d) for d in dims)
+            e = self._plans[key] = self._entry("conv2d_bwd_weight_routed", v, tail, expect, N=n, C=c, H=h, W=wd, K=k,
+                                               R=r, S=s)
+        self._run(e, (x, gz, argmax, dw, db))
+
+    def conv2d_bwd_data_routed(self, gz, w, argmax, y_below, gz_below, act, variant=None) -> None:
+        """gz_below (y_below's shape, the conv's input) = the data gradient of the scattered routed gradient
+        gz times act'(y_below): the routed gradient of the layer below (reference.conv2d_bwd_data_routed)."""
+        key = ("conv2d_bwd_data_routed", variant, y_below.shape, w.shape, act)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("conv2d_bwd_data_routed", variant)
+            check_act(act)
+            n, c, h, wd, k, r, s = dims = self._routed_dims("conv2d_bwd_data_routed", y_below.shape, w.shape,
+                                                            gz.shape)
+            hp, wp = (h - r + 1) // 2, (wd - s + 1) // 2
+            expect = (_arg("gz", (n, k, hp, wp)), _arg("w", (k, c, r, s)), _arg("argmax", (n, k, hp, wp), np.uint8),
+                      _arg("y_below", (n, c, h, wd)), _arg("gz_below", (n, c, h, wd)))
+            tail = (*(i32(d) for d in dims), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("conv2d_bwd_data_routed", v, tail, expect, N=n, C=c, H=h, W=wd, K=k,
+                                               R=r, S=s)
+        self._run(e, (gz, w, argmax, y_below, gz_below))
 
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
         key = ("pool2x2_fwd", variant, x.shape, mode)
