@@ -66,8 +66,8 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "conv2d_bwd_data_pool": ("conv2d", ("v1", "v2")),
     "conv2d_bwd_weight": ("conv2d", ("v1", "v2", "v3")),
     # the routed backward of max pooling (docs/routed_backward.md)
-    "conv2d_bwd_weight_routed": ("conv2d", ("v1",)),
-    "conv2d_bwd_data_routed": ("conv2d", ("v1",)),
+    "conv2d_bwd_weight_routed": ("conv2d", ("v1", "v2")),
+    "conv2d_bwd_data_routed": ("conv2d", ("v1", "v2")),
     "adam_step": ("optim", ("v1", "v2")),
     "sgd_step": ("optim", ("v1", "v2")),
     "step_advance": ("optim", ("v1",)),
@@ -90,6 +90,18 @@ SM_COUNT = DEFAULT_SM_COUNT  # planned for where no device says otherwise (H100 
 MIN_WARPS = 4  # a conv tile block aims for at least this many warps (several images packed when small)
 _TILE_THREADS = 256  # the threads a conv tile block aims for at most (more, smaller blocks fill the SMs evenly)
 _SMEM_TARGET = 32 * 1024  # shared memory a conv tile aims for (several blocks per SM)
+
+
+#: conv2d.cu's routed v2 kernels: block sizes, and the limits of their compile-time geometry (register
+#: accumulators: R*S + 1 per wgrad thread, its (R*S + 1) * 8 reduction segments within one block; C per dgrad thread)
+RT_THREADS, RT_DATA_THREADS = 256, 128
+RT_MAX_TAPS = RT_THREADS // 8 - 1
+RT_MAX_C = 16
+
+
+def routed_v2_fits(op: str, C: int, R: int, S: int) -> bool:  # noqa: N803
+    """Whether the routed v2 kernel of ``op`` compiles for this geometry (else v1 runs)."""
+    return R * S <= RT_MAX_TAPS and (op != "conv2d_bwd_data_routed" or C <= RT_MAX_C)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -251,10 +263,22 @@ def launch_plan(
         splits = max(1, min(N, ceil_div(4 * sm_count, base), (N * P * Q) // (bt * 8), 65535))
         chunk = ceil_div(N, splits)
         return Launch((ceil_div(C * R * S, jb), K, ceil_div(N, chunk)), (bt, 1, 1), 0, (chunk,))
-    if op == "conv2d_bwd_weight_routed":  # v1: a thread per dw / db element
-        return _grid1d(g("K") * g("C") * g("R") * g("S") + g("K"))
-    if op == "conv2d_bwd_data_routed":  # v1: a thread per gz_below element
-        return _grid1d(g("N") * g("C") * g("H") * g("W"))
+    if op in ("conv2d_bwd_weight_routed", "conv2d_bwd_data_routed"):
+        N, C, H, W, K, R, S = (g(k) for k in "NCHWKRS")
+        if op == "conv2d_bwd_weight_routed":
+            if variant == "v1":  # a thread per dw / db element
+                return _grid1d(K * C * R * S + K)
+            # v2 phase 0 (the partials): a block per (k, c, batch split); enough splits for ~4 blocks an SM, each
+            # thread keeping >= 4 routed windows; phase 1 (the ordered sum of the splits): routed_wgrad_reduce
+            hw = ((H - R + 1) // 2) * ((W - S + 1) // 2)
+            splits = max(1, min(N, ceil_div(4 * sm_count, K * C), (N * hw) // (RT_THREADS * 4), 65535))
+            chunk = ceil_div(N, splits)
+            return Launch((K, C, ceil_div(N, chunk)), (RT_THREADS, 1, 1), 0, (chunk, ceil_div(N, chunk), 0),
+                          (("RT_R", R), ("RT_S", S)))
+        if variant == "v1":  # a thread per gz_below element
+            return _grid1d(N * C * H * W)
+        return Launch((ceil_div(N * H * W, RT_DATA_THREADS), 1, 1), (RT_DATA_THREADS, 1, 1), 0, (),
+                      (("RT_C", C), ("RT_R", R), ("RT_S", S)))
     if op in ("pool2x2_fwd",):
         return _grid1d(g("NC") * (g("H") // 2) * (g("W") // 2))
     if op == "pool2x2_bwd":
@@ -288,6 +312,13 @@ def launch_plan(
         threads = max(32, min(THREADS, (items // sm_count) // 32 * 32))
         return Launch((max(1, min(ceil_div(items, threads), 65535)), 1, 1), (threads, 1, 1))
     raise ValueError(f"unknown op {op!r}")
+
+
+def routed_wgrad_reduce(part: Launch, K: int, C: int, R: int, S: int) -> Launch:  # noqa: N803
+    """conv2d_bwd_weight_routed_v2's second launch (phase 1): a thread per dw / db element adding the splits."""
+    chunk, splits, _ = part.extra
+    return Launch((ceil_div(K * C * R * S + K, RT_THREADS), 1, 1), (RT_THREADS, 1, 1), 0, (chunk, splits, 1),
+                  part.defines)
 
 
 def _address(arr: Any) -> int:
@@ -603,18 +634,36 @@ class CupyBackend:
         """dw, db of a conv + 2x2 max pool from the routed gradient gz (B,K,Hp,Wp) and the routes
         (reference.conv2d_bwd_weight_routed). Overwrites dw, db. ``state`` is accepted for the protocol
         (no launch of this op keeps a ticket)."""
-        key = ("conv2d_bwd_weight_routed", variant, x.shape, dw.shape)
+        op = "conv2d_bwd_weight_routed"
+        key = (op, variant, x.shape, dw.shape)
         e = self._plans.get(key)
         if e is None:
-            v = self._variant("conv2d_bwd_weight_routed", variant)
-            n, c, h, wd, k, r, s = dims = self._routed_dims("conv2d_bwd_weight_routed", x.shape, dw.shape, gz.shape)
+            n, c, h, wd, k, r, s = dims = self._routed_dims(op, x.shape, dw.shape, gz.shape)
+            v = self._routed_variant(op, variant, c, r, s)
             hp, wp = (h - r + 1) // 2, (wd - s + 1) // 2
             expect = (_arg("x", (n, c, h, wd)), _arg("gz", (n, k, hp, wp)), _arg("argmax", (n, k, hp, wp), np.uint8),
                       _arg("dw", (k, c, r, s)), _arg("db", (k,)))
-            tail = tuple(i32(d) for d in dims)
-            e = self._plans[key] = self._entry("conv2d_bwd_weight_routed", v, tail, expect, N=n, C=c, H=h, W=wd, K=k,
-                                               R=r, S=s)
-        self._run(e, (x, gz, argmax, dw, db))
+            if v == "v1":
+                e = self._plans[key] = (self._entry(op, v, tuple(i32(d) for d in dims), expect, N=n, C=c, H=h, W=wd,
+                                                    K=k, R=r, S=s),)
+            else:  # two launches of one kernel: the partials (phase 0), their ordered sum (phase 1)
+                part = self.plan(op, v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
+                scratch = (self.runtime.empty((part.grid[2] * k * (c * r * s + 1),)),)  # once per shape
+                kern = self._kernel(op, v, part.defines)
+                tail = tuple(i32(d) for d in (n, c, h, wd, k))
+                e = self._plans[key] = (_Entry(kern, part, tail, expect, scratch),
+                                        _Entry(kern, routed_wgrad_reduce(part, k, c, r, s), tail, expect, scratch))
+        for entry in e:
+            self._run(entry, (x, gz, argmax, dw, db))
+
+    def _routed_variant(self, op: str, variant: str | None, c: int, r: int, s: int) -> str:
+        v = self._variant(op, variant)
+        if v == "v2" and not routed_v2_fits(op, c, r, s):
+            if variant is not None:
+                raise ValueError(f"{op}_v2: compiled for at most {RT_MAX_TAPS} filter taps"
+                                 f"{f' and {RT_MAX_C} channels' if op == 'conv2d_bwd_data_routed' else ''}; use v1")
+            v = "v1"  # the default does not fit this geometry: the baseline takes any
+        return v
 
     def conv2d_bwd_data_routed(self, gz, w, argmax, y_below, gz_below, act, variant=None) -> None:
         """gz_below (y_below's shape, the conv's input) = the data gradient of the scattered routed gradient
@@ -622,14 +671,15 @@ class CupyBackend:
         key = ("conv2d_bwd_data_routed", variant, y_below.shape, w.shape, act)
         e = self._plans.get(key)
         if e is None:
-            v = self._variant("conv2d_bwd_data_routed", variant)
             check_act(act)
             n, c, h, wd, k, r, s = dims = self._routed_dims("conv2d_bwd_data_routed", y_below.shape, w.shape,
                                                             gz.shape)
+            v = self._routed_variant("conv2d_bwd_data_routed", variant, c, r, s)
             hp, wp = (h - r + 1) // 2, (wd - s + 1) // 2
             expect = (_arg("gz", (n, k, hp, wp)), _arg("w", (k, c, r, s)), _arg("argmax", (n, k, hp, wp), np.uint8),
                       _arg("y_below", (n, c, h, wd)), _arg("gz_below", (n, c, h, wd)))
-            tail = (*(i32(d) for d in dims), i32(ACT_CODES[act]))
+            # v2 has C, R, S compiled in (RT_C, RT_R, RT_S)
+            tail = (*(i32(d) for d in (dims if v == "v1" else (n, h, wd, k))), i32(ACT_CODES[act]))
             e = self._plans[key] = self._entry("conv2d_bwd_data_routed", v, tail, expect, N=n, C=c, H=h, W=wd, K=k,
                                                R=r, S=s)
         self._run(e, (gz, w, argmax, y_below, gz_below))
