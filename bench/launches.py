@@ -46,9 +46,10 @@ def cupy_recorded_launches(batch: int = REPORT_BATCH, defines: dict[str, dict[st
     labels = np.zeros(2 * batch, np.uint8)
     for i in range(depth):
         chosen = {op: vs[min(i, len(vs) - 1)] for op, (_, vs) in OP_KERNELS.items()}
-        for fused, optimizer in ((True, "adam"), (False, "sgd")):
+        # the routed step (the default with max pooling), the dense fused step and the unfused one
+        for fused, optimizer, routed in ((True, "adam", True), (True, "adam", False), (False, "sgd", False)):
             be = CupyBackend(runtime=rt, fused=fused, variants=chosen, defines=defines, graphs=False)
-            model = LeNet5(backend=be, optimizer=optimizer, use_graphs=False, fused=fused)
+            model = LeNet5(backend=be, optimizer=optimizer, use_graphs=False, fused=fused, routed=routed)
             data = model.upload_dataset(images, labels)
             model.begin_run(data, batch, shift=2)
             model.run_steps(data, 1)

@@ -623,3 +623,221 @@ conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, 
     }
     if (tid == 0) ticket_reset(ticket, gen);  // count 0: a repeated launch at the same STEP works too
 }
+
+// =====================================================================================================
+// Routed backward (max pooling's sparsity; the op contract: docs/routed_backward.md).
+//
+//   gz (N,K,Hp,Wp): the routed gradient at the POOLED size, dL/d(pooled output) * act'(pooled output);
+//   argmax (N,K,Hp,Wp) uint8: the tap 0..3 (row-major) of each 2x2 window the forward pass chose, so the conv
+//   output it routes to is (p, q) = (2i + a/2, 2j + a%2), Hp = (H-R+1)/2, Wp = (W-S+1)/2.
+//   weight grad  dw[k,c,r,s] = sum_{n,i,j} gz[n,k,i,j] * x[n,c,2i+a/2+r,2j+a%2+s];  db[k] = sum gz
+//   data grad    gz_below[n,c,h,v] = (sum of gz[n,k,i,j] * w[k,c,h-p,v-q] over the routed (p,q) of every k
+//                window within the filter's reach) * act'(y_below[n,c,h,v]); y_below = x, the conv's input
+//                (itself the pooled activated map of the layer below), so gz_below is that layer's gz.
+// Only routed positions are touched: a quarter of the dense ops' multiply-adds (C3 + C1 of LeNet-5: 598K ->
+// 149K MAC per image for the two weight gradients and C3's data gradient), and no un-pooled map is read.
+// No float atomics: every sum runs in a fixed order (deterministic).
+//
+// Versions:
+//   conv2d_bwd_weight_routed_v1  one thread per dw element (K*C*R*S) and per db element (K), each looping
+//                         over (n, i, j) in order, operands from global memory. The readable baseline:
+//                         K*C*R*S threads (C3: 2,400; C1: 150) each a serial chain of N*Hp*Wp FMAs.
+//                         Per image: C3 60,000 MAC + C1 29,400 MAC; gz/argmax re-read by every (c,r,s)
+//                         thread of a filter (from L1/L2), x gathered.
+//                         Estimate (H200, chain length): the C1 chain is N*196 dependent FMAs with a gather
+//                         each (~ 30 cycles an iteration from L1): batch 64 ~ 0.2 ms, batch 4096 ~ 13 ms
+//                         (C3: N*25 iterations over 2,400 threads: ~ 25 us / ~ 1.6 ms). A baseline only.
+//   conv2d_bwd_data_routed_v1    one thread per gz_below element gathering over (k, r, s): the tap's conv
+//                         output (h-r, v-s) counts when it lies in a pooled window and is that window's
+//                         route. Per image (C3 of LeNet-5): 1,176 threads x 400 tap checks, 30,000 MAC.
+//                         Estimate (H200, issue slots): ~ 12 instructions a tap check -> 5.6 M thread-
+//                         instructions = 176 K warp-instructions an image; at ~ 2 warp-instructions a clock
+//                         an SM: batch 64 ~ 45 us (1 wave of 75,264 threads), batch 4096 ~ 1.4 ms.
+// =====================================================================================================
+
+extern "C" __global__ void conv2d_bwd_weight_routed_v1(const float* __restrict__ x, const float* __restrict__ gz,
+                                                       const unsigned char* __restrict__ argmax,
+                                                       float* __restrict__ dw, float* __restrict__ db, int N, int C,
+                                                       int H, int W, int K, int R, int S) {
+    const int Hp = (H - R + 1) / 2, Wp = (W - S + 1) / 2, CRS = C * R * S;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= K * CRS + K) return;
+    if (idx >= K * CRS) {  // db[k]: the plain sum of gz, (n, i, j) in order
+        const int k = idx - K * CRS;
+        float acc = 0.0f;
+        for (int n = 0; n < N; ++n)
+            for (int e = 0; e < Hp * Wp; ++e) acc += gz[(size_t)(n * K + k) * Hp * Wp + e];
+        db[k] = acc;
+        return;
+    }
+    const int k = idx / CRS, t = idx - k * CRS, c = t / (R * S), r = (t / S) % R, s = t % S;
+    float acc = 0.0f;
+    for (int n = 0; n < N; ++n) {
+        const size_t g0 = (size_t)(n * K + k) * Hp * Wp;
+        const float* xp = x + ((size_t)(n * C + c) * H + r) * W + s;
+        for (int i = 0; i < Hp; ++i)
+            for (int j = 0; j < Wp; ++j) {
+                const int a = argmax[g0 + i * Wp + j];
+                acc = fmaf(gz[g0 + i * Wp + j], xp[(2 * i + (a >> 1)) * W + 2 * j + (a & 1)], acc);
+            }
+    }
+    dw[idx] = acc;
+}
+
+extern "C" __global__ void conv2d_bwd_data_routed_v1(const float* __restrict__ gz, const float* __restrict__ w,
+                                                     const unsigned char* __restrict__ argmax,
+                                                     const float* __restrict__ y_below, float* __restrict__ gz_below,
+                                                     int N, int C, int H, int W, int K, int R, int S, int act) {
+    const int Hp = (H - R + 1) / 2, Wp = (W - S + 1) / 2;
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= N * C * H * W) return;
+    const int v = idx % W, h = (idx / W) % H, c = (idx / (H * W)) % C, n = idx / (C * H * W);
+    float acc = 0.0f;
+    for (int k = 0; k < K; ++k) {
+        const size_t g0 = (size_t)(n * K + k) * Hp * Wp;
+        for (int r = 0; r < R; ++r) {
+            const int p = h - r;  // the conv output row this tap reads x from
+            if (p < 0 || p >= 2 * Hp) continue;  // outside the map, or its odd trailing row (in no window)
+            for (int s = 0; s < S; ++s) {
+                const int q = v - s;
+                if (q < 0 || q >= 2 * Wp) continue;
+                const size_t e = g0 + (p >> 1) * Wp + (q >> 1);
+                if (argmax[e] == (unsigned char)(((p & 1) << 1) | (q & 1)))
+                    acc = fmaf(gz[e], w[((k * C + c) * R + r) * S + s], acc);
+            }
+        }
+    }
+    gz_below[idx] = acc * act_grad(y_below[idx], act);
+}
+
+// ----------------------------------------------------------------------------------- routed, v2
+// Compile-time geometry, set per launch by the planner (-D): RT_R x RT_S filters, RT_C input channels (data
+// gradient); every tap loop unrolls.
+//   conv2d_bwd_weight_routed_v2  two launches of one kernel, no atomics, no tickets.
+//                         phase 0, grid (K, C, splits): block (k, c, z) strides over the routed windows (n, i, j)
+//                         of images [z*chunk, (z+1)*chunk); a thread keeps RT_R*RT_S (+ db) accumulators, one
+//                         gz and one route per window feeding RT_R*RT_S FMAs on the routed patch of x (L1);
+//                         a fixed-order two-stage block reduction writes partial[z][k][c*R*S + t] (db: [CRS]).
+//                         phase 1, a thread per dw / db element: the `splits` partials added in order z = 0, 1...
+//                         Per image: C3 60,000 + C1 29,400 MAC (vs 240,000 + 117,600 dense), gz + routes 1 B +
+//                         4 B a window. Estimate (H200, issue slots: ~ 2.2 instructions a MAC, ~ 2 warp-
+//                         instructions a clock an SM): batch 4096, C3 576 blocks ~ 35 us + C1 528 blocks ~ 17 us;
+//                         batch 64 ~ 4-6 us a layer (one partial wave: latency-bound) + ~ 3 us a reduce launch.
+//   conv2d_bwd_data_routed_v2    a thread per (n, h, v) of gz_below with RT_C channel accumulators: for each
+//                         filter k it visits only the <= ((RT_R+2)/2) x ((RT_S+2)/2) pooled windows whose 2x2
+//                         taps its filter can reach (9 for 5x5, instead of 25 taps) and adds gz * w[k, :, r, s]
+//                         where the window's route falls inside the filter; every channel shares the route test.
+//                         Per image (C3): 196 threads x 16 x 9 window tests, 30,000 MAC. Estimate (H200, issue
+//                         slots: ~ 2.5 K instructions a thread): batch 4096 ~ 0.15 ms, batch 64 ~ 15 us
+//                         (latency-bound: 98 blocks of 128 threads).
+#ifndef RT_R
+#define RT_R 5  // filter rows (routed v2; per launch)
+#endif
+#ifndef RT_S
+#define RT_S 5  // filter columns (routed v2; per launch)
+#endif
+#ifndef RT_C
+#define RT_C 6  // input channels (conv2d_bwd_data_routed_v2; per launch)
+#endif
+#define RT_THREADS 256      // conv2d_bwd_weight_routed_v2 block size
+#define RT_DATA_THREADS 128  // conv2d_bwd_data_routed_v2 block size
+#define RT_RS (RT_R * RT_S)
+#define RT_STRIDE (RT_THREADS + 8)  // a row of per-thread partials + 8 segment sums (conflict-free stage 1)
+static_assert(RT_RS + 1 <= RT_THREADS / 8, "routed v2: (R*S + 1) * 8 reduction segments must fit one pass");
+
+extern "C" __global__ void __launch_bounds__(RT_THREADS)
+conv2d_bwd_weight_routed_v2(const float* __restrict__ x, const float* __restrict__ gz,
+                            const unsigned char* __restrict__ argmax, float* __restrict__ dw, float* __restrict__ db,
+                            float* __restrict__ partial, int N, int C, int H, int W, int K, int chunk, int splits,
+                            int phase) {
+    const int Hp = (H - RT_R + 1) / 2, Wp = (W - RT_S + 1) / 2, HW = Hp * Wp, CRS = C * RT_RS;
+    const int tid = threadIdx.x;
+    if (phase == 1) {  // the partials of every split, added in split order
+        const int idx = blockIdx.x * RT_THREADS + tid;
+        if (idx >= K * CRS + K) return;
+        const bool is_db = idx >= K * CRS;
+        const int k = is_db ? idx - K * CRS : idx / CRS, t = is_db ? CRS : idx - k * CRS;
+        float v = 0.0f;
+        for (int z = 0; z < splits; ++z) v += partial[((size_t)z * K + k) * (CRS + 1) + t];
+        if (is_db) db[k] = v;
+        else dw[idx] = v;
+        return;
+    }
+    __shared__ float s_red[RT_RS + 1][RT_STRIDE];
+    const int k = blockIdx.x, c = blockIdx.y, z = blockIdx.z;
+    const int n0 = z * chunk, n1 = min(N, n0 + chunk);
+    float acc[RT_RS + 1];
+#pragma unroll
+    for (int t = 0; t <= RT_RS; ++t) acc[t] = 0.0f;
+    for (int pos = n0 * HW + tid; pos < n1 * HW; pos += RT_THREADS) {  // routed windows (n, i, j), in order
+        const int n = pos / HW, e = pos - n * HW, i = e / Wp, j = e - i * Wp;
+        const size_t gi = (size_t)(n * K + k) * HW + e;
+        const float g = gz[gi];
+        const int a = argmax[gi];
+        const float* xp = x + ((size_t)(n * C + c) * H + 2 * i + (a >> 1)) * W + 2 * j + (a & 1);
+#pragma unroll
+        for (int r = 0; r < RT_R; ++r)
+#pragma unroll
+            for (int s = 0; s < RT_S; ++s) acc[r * RT_S + s] = fmaf(g, __ldg(xp + r * W + s), acc[r * RT_S + s]);
+        acc[RT_RS] += g;
+    }
+    // fixed-order block sums: thread (t, seg) adds partials seg, seg + 8, ... of row t; thread t the 8 segments
+#pragma unroll
+    for (int t = 0; t <= RT_RS; ++t) s_red[t][tid] = acc[t];
+    __syncthreads();
+    if (tid < (RT_RS + 1) * 8) {
+        const int t = tid >> 3, seg = tid & 7;
+        float v = 0.0f;
+        for (int m = 0; m < RT_THREADS / 8; ++m) v += s_red[t][m * 8 + seg];
+        s_red[t][RT_THREADS + seg] = v;
+    }
+    __syncthreads();
+    if (tid <= RT_RS && (tid < RT_RS || c == 0)) {
+        float v = 0.0f;
+        for (int seg = 0; seg < 8; ++seg) v += s_red[tid][RT_THREADS + seg];
+        partial[((size_t)z * K + k) * (CRS + 1) + (tid < RT_RS ? c * RT_RS + tid : CRS)] = v;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(RT_DATA_THREADS)
+conv2d_bwd_data_routed_v2(const float* __restrict__ gz, const float* __restrict__ w,
+                          const unsigned char* __restrict__ argmax, const float* __restrict__ y_below,
+                          float* __restrict__ gz_below, int N, int H, int W, int K, int act) {
+    constexpr int NI = (RT_R + 2) / 2, NJ = (RT_S + 2) / 2;  // windows a filter row / column can reach
+    const int Hp = (H - RT_R + 1) / 2, Wp = (W - RT_S + 1) / 2, HW = Hp * Wp;
+    const int idx = blockIdx.x * RT_DATA_THREADS + threadIdx.x;
+    if (idx >= N * H * W) return;
+    const int v = idx % W, h = (idx / W) % H, n = idx / (H * W);
+    // windows i whose rows {2i, 2i+1} meet [h-R+1, h]: floor((h-R+1)/2) <= i <= floor(h/2); j likewise
+    const int i0 = max(0, (h - RT_R + 1) / 2), i1 = min(Hp - 1, h / 2);
+    const int j0 = max(0, (v - RT_S + 1) / 2), j1 = min(Wp - 1, v / 2);
+    float acc[RT_C];
+#pragma unroll
+    for (int c = 0; c < RT_C; ++c) acc[c] = 0.0f;
+    for (int k = 0; k < K; ++k) {
+        const size_t g0 = (size_t)(n * K + k) * HW;
+#pragma unroll
+        for (int di = 0; di < NI; ++di) {
+            const int i = i0 + di;
+#pragma unroll
+            for (int dj = 0; dj < NJ; ++dj) {
+                const int j = j0 + dj;
+                if (i <= i1 && j <= j1) {
+                    const int a = argmax[g0 + i * Wp + j];
+                    const int r = h - 2 * i - (a >> 1), s = v - 2 * j - (a & 1);
+                    if (r >= 0 && r < RT_R && s >= 0 && s < RT_S) {  // the route lies under the filter
+                        const float g = gz[g0 + i * Wp + j];
+                        const float* wk = w + ((size_t)k * RT_C * RT_R + r) * RT_S + s;
+#pragma unroll
+                        for (int c = 0; c < RT_C; ++c) acc[c] = fmaf(g, __ldg(wk + c * RT_RS), acc[c]);
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < RT_C; ++c) {
+        const size_t o = ((size_t)(n * RT_C + c) * H + h) * W + v;
+        gz_below[o] = acc[c] * act_grad(y_below[o], act);
+    }
+}

@@ -8,6 +8,9 @@
 //   dw3 = dz3^T h2, db3 = sum_b dz3;  dw2 = dz2^T h1, db2;  dw1 = dz1^T x, db1          (overwritten)
 //   dz_conv (B,C,H,W) = route(dx) * act'(yconv): max -> the argmax tap of each 2x2 window, avg -> dx/4 to each
 //                       tap; taps outside every window (an odd trailing row/column) 0. C3's pre-activation grad.
+//   yconv == NULL (max only; the routed step, docs/routed_backward.md): dz_conv (B,C,Hp,Wp) has x's shape and
+//                       gets the routed gradient gz = dx * act'(x) (the pooled value is yconv at the routed tap),
+//                       for conv2d_bwd_weight_routed / conv2d_bwd_data_routed; argmax is not read.
 //   stats[STEP_IN_EPOCH mod S] = [sum_b loss_b, sum_b hit_b]                              (overwritten)
 //
 // Shapes: w1 (H1,I), w2 (H2,H1), w3 (NC,H2); labels (B,) int32; argmax (B,C,Hp,Wp) uint8 (max only); yconv and
@@ -143,10 +146,13 @@ head_train_v1(const float* __restrict__ x, const int* __restrict__ labels, const
         const int r = r0 + t / I, i = t % I;
         float acc = 0.0f;
         for (int o = 0; o < H1; ++o) acc += dz1[(size_t)r * H1 + o] * w1[(size_t)o * I + i];
-        head_route(acc, i, argmax == nullptr ? nullptr : argmax + (size_t)r * I, yconv + (size_t)r * per,
-                   dz_conv + (size_t)r * per, Hp, Wp, H, W, act, mode);
+        if (yconv == nullptr)  // the routed gradient at S4's shape (block-uniform branch)
+            dz_conv[(size_t)r * I + i] = acc * act_grad(x[(size_t)r * I + i], act);
+        else
+            head_route(acc, i, argmax == nullptr ? nullptr : argmax + (size_t)r * I, yconv + (size_t)r * per,
+                       dz_conv + (size_t)r * per, Hp, Wp, H, W, act, mode);
     }
-    head_zero_trailing(dz_conv, r0, nr, C, H, W);
+    if (yconv != nullptr) head_zero_trailing(dz_conv, r0, nr, C, H, W);
 }
 
 // ------------------------------------------------------------------------------------------ v1: wgrad
@@ -273,11 +279,16 @@ __device__ __forceinline__ void head_rows_v2(const float* __restrict__ x, const 
         }
 #pragma unroll
         for (int r = 0; r < R; ++r)
-            if (r < nr)
-                head_route(acc[r], i, argmax == nullptr ? nullptr : argmax + (size_t)(r0 + r) * I,
-                           yconv + (size_t)(r0 + r) * per, dz_conv + (size_t)(r0 + r) * per, Hp, Wp, H, W, act, mode);
+            if (r < nr) {
+                if (yconv == nullptr)  // the routed gradient at S4's shape (block-uniform branch)
+                    dz_conv[(size_t)(r0 + r) * I + i] = acc[r] * act_grad(s_x[r * I + i], act);
+                else
+                    head_route(acc[r], i, argmax == nullptr ? nullptr : argmax + (size_t)(r0 + r) * I,
+                               yconv + (size_t)(r0 + r) * per, dz_conv + (size_t)(r0 + r) * per, Hp, Wp, H, W, act,
+                               mode);
+            }
     }
-    head_zero_trailing(dz_conv, r0, nr, C, H, W);
+    if (yconv != nullptr) head_zero_trailing(dz_conv, r0, nr, C, H, W);
 }
 
 // One kernel per HEAD_ROWS (a compile-time parameter: each gets its own register allocation and launch bounds).

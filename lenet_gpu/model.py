@@ -124,10 +124,10 @@ class LeNet5:
     offers fused ones (the readable baseline; tests compare the two). ``routed`` ("auto", True, False):
     with max pooling, train through the routed backward (docs/routed_backward.md: the gradients at the
     pooled size plus the routes, no un-pooled conv outputs kept) where the backend has the routed ops and
-    conv2d_pool_fwd/head_train; "auto" does so wherever it can, True insists (an error where it cannot),
-    False keeps the dense step. It gives the dense step's gradients up to float32 summation order and is
-    not stored in checkpoints. ``use_graphs=False`` never
-    captures CUDA graphs; ``graph_steps`` is K, the steps per graph.
+    conv2d_pool_fwd/head_train; "auto" does so wherever it can (unless the environment sets
+    LENET_GPU_ROUTED=0), True insists (an error where it cannot), False keeps the dense step. It gives
+    the dense step's gradients up to float32 summation order and is not stored in checkpoints.
+    ``use_graphs=False`` never captures CUDA graphs; ``graph_steps`` is K, the steps per graph.
 
     >>> model = LeNet5(backend="numpy", seed=0)
     >>> model.num_parameters
@@ -202,6 +202,8 @@ class LeNet5:
     def _use_routed(self, routed: bool | str, ops: dict) -> bool:
         if routed not in ("auto", True, False):
             raise ValueError(f"routed must be 'auto', True or False (got {routed!r})")
+        if routed == "auto" and os.environ.get("LENET_GPU_ROUTED", "1") == "0":
+            routed = False  # the dense step everywhere (A/B measurements without code changes)
         if routed is False:
             return False
         need = ("conv2d_pool_fwd", "head_train", *ROUTED_OPS)

@@ -207,6 +207,9 @@ def test_routed_mode_selection():
         LeNet5(backend="numpy", fused=False, routed=True)
     with pytest.raises(ValueError, match="routed must be"):
         LeNet5(backend="numpy", routed="yes")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LENET_GPU_ROUTED", "0")
+        assert not LeNet5(backend="numpy").routed and LeNet5(backend="numpy", routed=True).routed
     ws = LeNet5(backend="numpy").workspace(3)
     assert ws.a1 is None and ws.a3 is None and ws.dz1 is None and ws.dz3 is None
     assert ws.gz3.shape == (3, 16, 5, 5) and ws.gz1.shape == (3, 6, 14, 14)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ...stepstate import SCHED_COLS, STATE_WORDS
-from ..base import ACT_CODES, OPS, POOL_CODES, check_act, check_mode
+from ..base import ACT_CODES, OPS, POOL_CODES, ROUTED_OPS, check_act, check_mode
 from . import fused, staging
 from .runtime import DEFAULT_SM_COUNT, NULL_POINTER, CupyRuntime, HostRuntime, Runtime, define_options
 from .runtime import check_array as _check
@@ -65,6 +65,9 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "conv2d_bwd_data": ("conv2d", ("v1", "v2")),
     "conv2d_bwd_data_pool": ("conv2d", ("v1", "v2")),
     "conv2d_bwd_weight": ("conv2d", ("v1", "v2", "v3")),
+    # the routed backward of max pooling (docs/routed_backward.md)
+    "conv2d_bwd_weight_routed": ("conv2d", ("v1", "v2")),
+    "conv2d_bwd_data_routed": ("conv2d", ("v1", "v2")),
     "adam_step": ("optim", ("v1", "v2")),
     "sgd_step": ("optim", ("v1", "v2")),
     "step_advance": ("optim", ("v1",)),
@@ -75,6 +78,7 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
 MODULE_DEFINES.update(fused.DEFINES)
 #: ops whose launches fused.py makes (the rest launch through CupyBackend._launch)
 FUSED_OPS = ("conv2d_pool_fwd", "conv2d_bwd_data_pool", "head_train", "lenet_fwd")
+assert set(ROUTED_OPS) <= set(OP_KERNELS)
 
 #: The default variant per op (the fastest by design; to be confirmed by the GPU benchmarks).
 DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, (_, vs) in OP_KERNELS.items()}
@@ -86,6 +90,18 @@ SM_COUNT = DEFAULT_SM_COUNT  # planned for where no device says otherwise (H100 
 MIN_WARPS = 4  # a conv tile block aims for at least this many warps (several images packed when small)
 _TILE_THREADS = 256  # the threads a conv tile block aims for at most (more, smaller blocks fill the SMs evenly)
 _SMEM_TARGET = 32 * 1024  # shared memory a conv tile aims for (several blocks per SM)
+
+
+#: conv2d.cu's routed v2 kernels: block sizes, and the limits of their compile-time geometry (register
+#: accumulators: R*S + 1 per wgrad thread, its (R*S + 1) * 8 reduction segments within one block; C per dgrad thread)
+RT_THREADS, RT_DATA_THREADS = 256, 128
+RT_MAX_TAPS = RT_THREADS // 8 - 1
+RT_MAX_C = 16
+
+
+def routed_v2_fits(op: str, C: int, R: int, S: int) -> bool:  # noqa: N803
+    """Whether the routed v2 kernel of ``op`` compiles for this geometry (else v1 runs)."""
+    return R * S <= RT_MAX_TAPS and (op != "conv2d_bwd_data_routed" or C <= RT_MAX_C)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -247,6 +263,22 @@ def launch_plan(
         splits = max(1, min(N, ceil_div(4 * sm_count, base), (N * P * Q) // (bt * 8), 65535))
         chunk = ceil_div(N, splits)
         return Launch((ceil_div(C * R * S, jb), K, ceil_div(N, chunk)), (bt, 1, 1), 0, (chunk,))
+    if op in ("conv2d_bwd_weight_routed", "conv2d_bwd_data_routed"):
+        N, C, H, W, K, R, S = (g(k) for k in "NCHWKRS")
+        if op == "conv2d_bwd_weight_routed":
+            if variant == "v1":  # a thread per dw / db element
+                return _grid1d(K * C * R * S + K)
+            # v2 phase 0 (the partials): a block per (k, c, batch split); enough splits for ~4 blocks an SM, each
+            # thread keeping >= 4 routed windows; phase 1 (the ordered sum of the splits): routed_wgrad_reduce
+            hw = ((H - R + 1) // 2) * ((W - S + 1) // 2)
+            splits = max(1, min(N, ceil_div(4 * sm_count, K * C), (N * hw) // (RT_THREADS * 4), 65535))
+            chunk = ceil_div(N, splits)
+            return Launch((K, C, ceil_div(N, chunk)), (RT_THREADS, 1, 1), 0, (chunk, ceil_div(N, chunk), 0),
+                          (("RT_R", R), ("RT_S", S)))
+        if variant == "v1":  # a thread per gz_below element
+            return _grid1d(N * C * H * W)
+        return Launch((ceil_div(N * H * W, RT_DATA_THREADS), 1, 1), (RT_DATA_THREADS, 1, 1), 0, (),
+                      (("RT_C", C), ("RT_R", R), ("RT_S", S)))
     if op in ("pool2x2_fwd",):
         return _grid1d(g("NC") * (g("H") // 2) * (g("W") // 2))
     if op == "pool2x2_bwd":
@@ -280,6 +312,13 @@ def launch_plan(
         threads = max(32, min(THREADS, (items // sm_count) // 32 * 32))
         return Launch((max(1, min(ceil_div(items, threads), 65535)), 1, 1), (threads, 1, 1))
     raise ValueError(f"unknown op {op!r}")
+
+
+def routed_wgrad_reduce(part: Launch, K: int, C: int, R: int, S: int) -> Launch:  # noqa: N803
+    """conv2d_bwd_weight_routed_v2's second launch (phase 1): a thread per dw / db element adding the splits."""
+    chunk, splits, _ = part.extra
+    return Launch((ceil_div(K * C * R * S + K, RT_THREADS), 1, 1), (RT_THREADS, 1, 1), 0, (chunk, splits, 1),
+                  part.defines)
 
 
 def _address(arr: Any) -> int:
@@ -325,7 +364,9 @@ class CupyBackend:
             rules). Default: on, unless the environment sets LENET_GPU_CUDA_GRAPHS=0; off: ``graph``
             returns None.
         fused: offer the fused ops ``conv2d_pool_fwd``, ``conv2d_bwd_data_pool``, ``head_train`` and
-            ``lenet_fwd`` (the model then uses them: 10 launches a training step instead of 19).
+            ``lenet_fwd`` (the model then uses them: 10 launches a training step instead of 19), and the
+            routed ops ``conv2d_bwd_weight_routed`` and ``conv2d_bwd_data_routed`` (with max pooling the model
+            then takes the routed step, docs/routed_backward.md: 10 launches, no un-pooled map kept).
         variants: op → variant overriding ``DEFAULT_VARIANTS``.
         defines: kernel file stem → {NAME: value} overriding ``MODULE_DEFINES``.
         runtime: a Runtime to use instead of the one ``host`` selects (e.g. for reports, host timing).
@@ -359,7 +400,7 @@ class CupyBackend:
         self.defines = {stem: {**d, **(defines or {}).get(stem, {})} for stem, d in MODULE_DEFINES.items()}
         self._kernels: dict[tuple, Any] = {}
         self._plans: dict[tuple, _Entry] = {}
-        ops = [*OPS, *(FUSED_OPS if fused else ())]
+        ops = [*OPS, *((*FUSED_OPS, *ROUTED_OPS) if fused else ())]
         self.variants: dict[str, tuple[str, ...]] = {op: OP_KERNELS[op][1] for op in ops}
         self.default_variants: dict[str, str] = {op: DEFAULT_VARIANTS[op] for op in ops}
         for op, v in (variants or {}).items():
@@ -577,6 +618,73 @@ class CupyBackend:
             e = self._plans[key] = _Entry(self._kernel("conv2d_bwd_weight", v, plan.defines), plan, tail, expect,
                                           scratch)
         self._run(e, (x, dz, dw, db, state) if e.scratch else (x, dz, dw, db))
+
+    # ------------------------------------------------------------------ routed ops (docs/routed_backward.md)
+    def _routed_dims(self, op: str, x_shape: tuple, w_shape: tuple, gz_shape: tuple) -> tuple[int, ...]:
+        n, c, h, wd = x_shape
+        k, c2, r, s = w_shape
+        if c2 != c or h < r or wd < s:
+            raise ValueError(f"{op}: the conv input {tuple(x_shape)} and w {tuple(w_shape)} do not agree")
+        hp, wp = (h - r + 1) // 2, (wd - s + 1) // 2
+        if hp < 1 or wp < 1:
+            raise ValueError(f"{op}: the conv output {h - r + 1}x{wd - s + 1} is smaller than a 2x2 window")
+        if tuple(gz_shape) != (n, k, hp, wp):
+            raise ValueError(f"{op}: gz {tuple(gz_shape)} is not the pooled conv output {(n, k, hp, wp)}")
+        return n, c, h, wd, k, r, s
+
+    def conv2d_bwd_weight_routed(self, x, gz, argmax, dw, db, state=None, variant=None) -> None:
+        """dw, db of a conv + 2x2 max pool from the routed gradient gz (B,K,Hp,Wp) and the routes
+        (reference.conv2d_bwd_weight_routed). Overwrites dw, db. ``state`` is accepted for the protocol
+        (no launch of this op keeps a ticket)."""
+        op = "conv2d_bwd_weight_routed"
+        key = (op, variant, x.shape, dw.shape)
+        e = self._plans.get(key)
+        if e is None:
+            n, c, h, wd, k, r, s = dims = self._routed_dims(op, x.shape, dw.shape, gz.shape)
+            v = self._routed_variant(op, variant, c, r, s)
+            hp, wp = (h - r + 1) // 2, (wd - s + 1) // 2
+            expect = (_arg("x", (n, c, h, wd)), _arg("gz", (n, k, hp, wp)), _arg("argmax", (n, k, hp, wp), np.uint8),
+                      _arg("dw", (k, c, r, s)), _arg("db", (k,)))
+            if v == "v1":
+                e = self._plans[key] = (self._entry(op, v, tuple(i32(d) for d in dims), expect, N=n, C=c, H=h, W=wd,
+                                                    K=k, R=r, S=s),)
+            else:  # two launches of one kernel: the partials (phase 0), their ordered sum (phase 1)
+                part = self.plan(op, v, N=n, C=c, H=h, W=wd, K=k, R=r, S=s)
+                scratch = (self.runtime.empty((part.grid[2] * k * (c * r * s + 1),)),)  # once per shape
+                kern = self._kernel(op, v, part.defines)
+                tail = tuple(i32(d) for d in (n, c, h, wd, k))
+                e = self._plans[key] = (_Entry(kern, part, tail, expect, scratch),
+                                        _Entry(kern, routed_wgrad_reduce(part, k, c, r, s), tail, expect, scratch))
+        for entry in e:
+            self._run(entry, (x, gz, argmax, dw, db))
+
+    def _routed_variant(self, op: str, variant: str | None, c: int, r: int, s: int) -> str:
+        v = self._variant(op, variant)
+        if v == "v2" and not routed_v2_fits(op, c, r, s):
+            if variant is not None:
+                raise ValueError(f"{op}_v2: compiled for at most {RT_MAX_TAPS} filter taps"
+                                 f"{f' and {RT_MAX_C} channels' if op == 'conv2d_bwd_data_routed' else ''}; use v1")
+            v = "v1"  # the default does not fit this geometry: the baseline takes any
+        return v
+
+    def conv2d_bwd_data_routed(self, gz, w, argmax, y_below, gz_below, act, variant=None) -> None:
+        """gz_below (y_below's shape, the conv's input) = the data gradient of the scattered routed gradient
+        gz times act'(y_below): the routed gradient of the layer below (reference.conv2d_bwd_data_routed)."""
+        key = ("conv2d_bwd_data_routed", variant, y_below.shape, w.shape, act)
+        e = self._plans.get(key)
+        if e is None:
+            check_act(act)
+            n, c, h, wd, k, r, s = dims = self._routed_dims("conv2d_bwd_data_routed", y_below.shape, w.shape,
+                                                            gz.shape)
+            v = self._routed_variant("conv2d_bwd_data_routed", variant, c, r, s)
+            hp, wp = (h - r + 1) // 2, (wd - s + 1) // 2
+            expect = (_arg("gz", (n, k, hp, wp)), _arg("w", (k, c, r, s)), _arg("argmax", (n, k, hp, wp), np.uint8),
+                      _arg("y_below", (n, c, h, wd)), _arg("gz_below", (n, c, h, wd)))
+            # v2 has C, R, S compiled in (RT_C, RT_R, RT_S)
+            tail = (*(i32(d) for d in (dims if v == "v1" else (n, h, wd, k))), i32(ACT_CODES[act]))
+            e = self._plans[key] = self._entry("conv2d_bwd_data_routed", v, tail, expect, N=n, C=c, H=h, W=wd, K=k,
+                                               R=r, S=s)
+        self._run(e, (gz, w, argmax, y_below, gz_below))
 
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
         key = ("pool2x2_fwd", variant, x.shape, mode)

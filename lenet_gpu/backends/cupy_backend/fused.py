@@ -150,7 +150,9 @@ def head_train(
     """reference.head_train as one op (two launches): x (B,C,Hp,Wp) the pooled map S4 (read as (B,I)), labels (B,)
     int32; writes h1 (B,H1), h2 (B,H2), logits (B,NC); stats[STEP_IN_EPOCH mod S] = [Σ loss, correct] (S,2);
     dw1..db3 (overwritten); dz_conv (yconv's shape (B,C,H,W)) = pool2x2_bwd(dL/dx, argmax, mode) · act'(yconv).
-    argmax (B,C,Hp,Wp) uint8 for max, None for avg. state (8,) int32 (lenet_gpu.stepstate)."""
+    argmax (B,C,Hp,Wp) uint8 for max, None for avg. state (8,) int32 (lenet_gpu.stepstate).
+    yconv=None (max only: the routed step, docs/routed_backward.md): dz_conv has x's shape and gets the routed
+    gradient dL/dx · act'(x) (the kernel's null-yconv branch)."""
     v = _variant(be, "head_train", variant)
     check_act(act)
     check_mode(mode)
@@ -168,11 +170,17 @@ def head_train(
     _check(h1, "h1", (n, h1n))
     _check(h2, "h2", (n, h2n))
     _check(logits, "logits", (n, nc))
-    hc, wc = yconv.shape[2], yconv.shape[3]
-    if (hc // 2, wc // 2) != (hp, wp):
-        raise ValueError(f"head_train: yconv {tuple(yconv.shape)} does not pool to x {tuple(x.shape)}")
-    _check(yconv, "yconv", (n, c, hc, wc))
-    _check(dz_conv, "dz_conv", (n, c, hc, wc))
+    if yconv is None:
+        if mode != "max":
+            raise ValueError("head_train: yconv=None (the routed gradient) needs max pooling")
+        hc, wc = 2 * hp, 2 * wp
+        _check(dz_conv, "dz_conv", (n, c, hp, wp))
+    else:
+        hc, wc = yconv.shape[2], yconv.shape[3]
+        if (hc // 2, wc // 2) != (hp, wp):
+            raise ValueError(f"head_train: yconv {tuple(yconv.shape)} does not pool to x {tuple(x.shape)}")
+        _check(yconv, "yconv", (n, c, hc, wc))
+        _check(dz_conv, "dz_conv", (n, c, hc, wc))
     if mode == "max":
         _check(argmax, "argmax", (n, c, hp, wp), np.uint8)
     for name, a, shape in (("dw1", dw1, w1.shape), ("db1", db1, b1.shape), ("dw2", dw2, w2.shape),
