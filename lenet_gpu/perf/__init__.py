@@ -9,3 +9,7 @@ validate the same way, and the self-test can run installed, where bench/ is abse
   the float64 reference before they are timed;
 - ``model``: end-to-end forward and training-step validation and interleaved timing, epochs, counters.
 """
+
+from .model import peer_epochs
+
+__all__ = ["peer_epochs"]

@@ -431,3 +431,28 @@ class TorchEpochRunner(EpochRunner):
 
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
         return self.peer.accuracy(images, labels)
+
+
+def peer_epochs(data_dir: str, epochs: int, mode: str | None = None) -> list[dict[str, Any]]:
+    """The PyTorch peer trained on the dataset in ``data_dir`` with that dataset's own recipe (recognised by
+    its checksums: lenet_gpu.recipe) for ``epochs`` epochs: one ``{"epoch", "seconds", "test_acc"}`` per epoch,
+    seconds of training alone (evaluation excluded). Eager by default: the recipe's schedule changes the
+    learning rate every step, and the whole-step graph peer captures a fixed one (peer.TorchLeNet). What the
+    self-test's time-to-accuracy hook runs for the peer."""
+    import torch
+
+    from ..data import load_dataset
+    from ..spec import init_params
+    from .peer import TorchLeNet
+
+    ds = load_dataset(data_dir=data_dir, download=False, progress=False)
+    recipe = default_recipe(ds.name)
+    recipe["epochs"] = epochs
+    cfg = NetConfig()
+    pix = ds.train_images.astype(np.float32) / 255.0
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peer = TorchLeNet(cfg, views(init_params(cfg, int(recipe["seed"])), cfg), ds.train_images, ds.train_labels,
+                      float(pix.mean()), float(pix.std()), device=device, lr=float(recipe["lr"]), mode=mode or "eager")
+    res = epochs_to_accuracy(ds.train_images, ds.train_labels, ds.test_images, ds.test_labels,
+                             TorchEpochRunner(peer, recipe), recipe, epochs, None)
+    return [{"epoch": e["epoch"], "seconds": e["seconds"], "test_acc": e["test_acc"]} for e in res["epochs"]]

@@ -955,6 +955,9 @@ def phase_training(ctx: dict, rec: PhaseRecorder) -> None:
         if trainer is None:
             rec.note("time to accuracy of the PyTorch peer: no peer trainer in this version (the hook "
                      "phases.peer_time_to_accuracy takes one)")
+        elif importlib.util.find_spec("torch") is None:
+            rec.skip(f"torch peer data-dir {Path(ctx['data_dir']).name}", "PyTorch is not installed", kind="peer",
+                     backend="torch")
         else:
             known = ctx.get("data_dir_dataset") or "dir"
             peer_time_to_accuracy(rec, ctx, trainer, TIME_TO_ACC.get(known, DIR_TIME_TO_ACC))
