@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, get_backend
-from .backends.base import COMPILE_AHEAD
+from .backends.base import COMPILE_AHEAD, ROUTED_OPS
 from .spec import IMAGE_HW, INPUT_HW, NUM_CLASSES, NetConfig, init_params, layout_signature, param_layout, views
 from .stepstate import NO_WRAP, HostState, StepState, schedule_table
 
@@ -67,18 +67,23 @@ class DeviceData:
 
 
 class _Workspace:
-    """Every activation and gradient buffer of one batch size, allocated once."""
+    """Every activation and gradient buffer of one batch size, allocated once.
 
-    def __init__(self, be: Backend, batch: int, cfg: NetConfig) -> None:
+    In routed mode (docs/routed_backward.md) the un-pooled conv outputs C1, C3 and their dense gradients are
+    not kept: a1, a3, dz3, dp1, dz1 are None, and the routed gradients gz3 (S4's shape) and gz1 (S2's shape)
+    take their place."""
+
+    def __init__(self, be: Backend, batch: int, cfg: NetConfig, routed: bool = False) -> None:
         e = be.empty
         f6 = cfg.f6
         self.batch = batch
+        self.routed = routed
         self.x = e((batch, 1, INPUT_HW, INPUT_HW))
         self.y = e((batch,), np.int32)
-        self.a1 = e((batch, 6, 28, 28))  # C1 activated output
+        self.a1 = None if routed else e((batch, 6, 28, 28))  # C1 activated output
         self.p1 = e((batch, 6, 14, 14))  # S2
         self.m1 = e((batch, 6, 14, 14), np.uint8)  # S2 argmax
-        self.a3 = e((batch, 16, 10, 10))  # C3
+        self.a3 = None if routed else e((batch, 16, 10, 10))  # C3
         self.p3 = e((batch, 16, 5, 5))  # S4
         self.m3 = e((batch, 16, 5, 5), np.uint8)
         self.a5 = e((batch, 120))  # C5
@@ -89,9 +94,12 @@ class _Workspace:
         self.da6 = e((batch, f6))
         self.da5 = e((batch, 120))
         self.dp3 = e((batch, 16, 5, 5))
-        self.dz3 = e((batch, 16, 10, 10))
-        self.dp1 = e((batch, 6, 14, 14))
-        self.dz1 = e((batch, 6, 28, 28))
+        self.dz3 = None if routed else e((batch, 16, 10, 10))
+        self.dp1 = None if routed else e((batch, 6, 14, 14))
+        self.dz1 = None if routed else e((batch, 6, 28, 28))
+        # routed gradients: dL/d(pooled output)·act′ at S4 and S2
+        self.gz3 = e((batch, 16, 5, 5)) if routed else None
+        self.gz1 = e((batch, 6, 14, 14)) if routed else None
         # S4 flattened is C5's input (C5 is the 5×5 convolution on the 5×5 map = a dense layer)
         self.p3_flat = self.p3.reshape(batch, 400)
         self.dp3_flat = self.dp3.reshape(batch, 400)
@@ -112,7 +120,12 @@ class LeNet5:
     """LeNet-5 (DESIGN.md §1) on a backend.
 
     ``fused=False`` makes the model use only the unfused ops of the protocol even where the backend
-    offers fused ones (the readable baseline; tests compare the two). ``use_graphs=False`` never
+    offers fused ones (the readable baseline; tests compare the two). ``routed`` ("auto", True, False):
+    with max pooling, train through the routed backward (docs/routed_backward.md: the gradients at the
+    pooled size plus the routes, no un-pooled conv outputs kept) where the backend has the routed ops and
+    conv2d_pool_fwd/head_train; "auto" does so wherever it can, True insists (an error where it cannot),
+    False keeps the dense step. It gives the dense step's gradients up to float32 summation order and is
+    not stored in checkpoints. ``use_graphs=False`` never
     captures CUDA graphs; ``graph_steps`` is K, the steps per graph.
 
     >>> model = LeNet5(backend="numpy", seed=0)
@@ -140,6 +153,7 @@ class LeNet5:
         init: str = "torch",
         fused: bool = True,
         graph_steps: int = GRAPH_STEPS,
+        routed: bool | str = "auto",
     ) -> None:
         self.cfg = NetConfig(activation=activation, pool=pool, f6=f6)
         if optimizer not in OPTIMIZERS:
@@ -179,8 +193,26 @@ class LeNet5:
         self._run_batch = 0
         ops = getattr(be, "variants", {}) if fused else {}
         self.fused = {op: op in ops for op in ("conv2d_pool_fwd", "head_train", "conv2d_bwd_data_pool", "lenet_fwd")}
+        #: whether training steps take the routed backward (docs/routed_backward.md)
+        self.routed = self._use_routed(routed, ops)
         #: optimizer steps taken (Adam's t)
         self.step_count = 0
+
+    def _use_routed(self, routed: bool | str, ops: dict) -> bool:
+        if routed not in ("auto", True, False):
+            raise ValueError(f"routed must be 'auto', True or False (got {routed!r})")
+        if routed is False:
+            return False
+        need = ("conv2d_pool_fwd", "head_train", *ROUTED_OPS)
+        missing = [op for op in need if op not in ops]
+        if self.cfg.pool == "max" and not missing:
+            return True
+        if routed is True:
+            why = ("it needs max pooling" if self.cfg.pool != "max"
+                   else f"the {self.backend.name} backend lacks {', '.join(missing)}"
+                   + (" (fused=False)" if not ops else ""))
+            raise ValueError(f"routed=True: the routed step is not available here: {why}")
+        return False
 
     # ------------------------------------------------------------------ info
     @property
@@ -216,6 +248,8 @@ class LeNet5:
         """Backend op calls of one training step with the ops this model uses (a fused op may launch more
         than one kernel: head_train launches two on the GPU backends; the counters count kernels)."""
         f = self.fused
+        if self.routed:  # batch, 2 conv2d_pool_fwd, head_train, wgrad C3, dgrad C3, wgrad C1, optimizer, advance
+            return 9
         fwd = 2 if f["conv2d_pool_fwd"] else 4
         head = 1 if f["head_train"] else 8  # 3 dense_fwd, softmax_xent, 3 dense_bwd, pool2x2_bwd
         bwd_data = 1 if f["conv2d_bwd_data_pool"] else 2
@@ -225,7 +259,7 @@ class LeNet5:
     def workspace(self, batch: int) -> _Workspace:
         ws = self._ws.get(batch)
         if ws is None:
-            ws = self._ws[batch] = _Workspace(self.backend, batch, self.cfg)
+            ws = self._ws[batch] = _Workspace(self.backend, batch, self.cfg, self.routed)
         return ws
 
     # ------------------------------------------------------------------ the ops of a step
@@ -253,6 +287,10 @@ class LeNet5:
         m3 = ws.m3 if pool == "max" else None
         be.batch_prepare(data.images, data.labels, data.perm, ss.state, ws.x, ws.y, self.mean, self.std)
         self._forward_convs(ws)
+        if self.routed:
+            self._routed_backward(ws, ss)
+            self._optimizer_step(ss, ws.batch)
+            return
         if self.fused["head_train"]:
             be.head_train(ws.p3, ws.y, p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"], p["out.w"], p["out.b"],
                           ws.a5, ws.a6, ws.logits, m3, ws.a3, ws.dz3, g["c5.w"], g["c5.b"], g["f6.w"], g["f6.b"],
@@ -271,12 +309,27 @@ class LeNet5:
             be.conv2d_bwd_data(ws.dz3, p["c3.w"], ws.dp1)
             be.pool2x2_bwd(ws.dp1, m1, ws.a1, ws.dz1, pool, act)
         be.conv2d_bwd_weight(ws.x, ws.dz1, g["c1.w"], g["c1.b"], state=ss.state)
+        self._optimizer_step(ss, ws.batch)
+
+    def _routed_backward(self, ws: _Workspace, ss: StepState) -> None:
+        """The head and the routed backward of the two conv+max-pool layers (docs/routed_backward.md): the
+        gradients stay at the pooled sizes (gz3 at S4, gz1 at S2) and go through the routes m3, m1."""
+        be, p, g, act = self.backend, self._pv, self._gv, self.cfg.activation
+        be.head_train(ws.p3, ws.y, p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"], p["out.w"], p["out.b"],
+                      ws.a5, ws.a6, ws.logits, ws.m3, None, ws.gz3, g["c5.w"], g["c5.b"], g["f6.w"], g["f6.b"],
+                      g["out.w"], g["out.b"], ss.stats, ss.state, act, "max")
+        be.conv2d_bwd_weight_routed(ws.p1, ws.gz3, ws.m3, g["c3.w"], g["c3.b"], state=ss.state)
+        be.conv2d_bwd_data_routed(ws.gz3, p["c3.w"], ws.m3, ws.p1, ws.gz1, act)
+        be.conv2d_bwd_weight_routed(ws.x, ws.gz1, ws.m1, g["c1.w"], g["c1.b"], state=ss.state)
+
+    def _optimizer_step(self, ss: StepState, batch: int) -> None:
+        be = self.backend
         if self.optimizer == "adam":
             be.adam_step(self.params, self.grads, self.m, self.v, ss.sched, ss.state, self.beta1, self.beta2,
                          self.eps, self.weight_decay)
         else:
             be.sgd_step(self.params, self.grads, self.m, ss.sched, ss.state, self.momentum, self.weight_decay)
-        be.step_advance(ss.state, ws.batch)
+        be.step_advance(ss.state, batch)
 
     def _program(self, data: DeviceData, batch: int, ss: StepState) -> _Program:
         key = (id(data), batch)
@@ -535,7 +588,13 @@ class LeNet5:
         be.batch_prepare(data.images, data.labels, data.perm, self._eval.state, ws.x, ws.y, self.mean, self.std)
         self._forward_convs(ws)
         self._forward_dense(ws)
-        pairs = (("input", ws.x), ("C1", ws.a1), ("S2", ws.p1), ("C3", ws.a3), ("S4", ws.p3),
+        a1, a3 = ws.a1, ws.a3
+        if a1 is None:  # routed mode keeps no un-pooled conv outputs: compute them here, with the dense op
+            p, act = self._pv, self.cfg.activation
+            a1, a3 = be.empty((n, 6, 28, 28)), be.empty((n, 16, 10, 10))
+            be.conv2d_fwd(ws.x, p["c1.w"], p["c1.b"], a1, act)
+            be.conv2d_fwd(ws.p1, p["c3.w"], p["c3.b"], a3, act)
+        pairs = (("input", ws.x), ("C1", a1), ("S2", ws.p1), ("C3", a3), ("S4", ws.p3),
                  ("C5", ws.a5), ("F6", ws.a6), ("output", ws.logits))
         return {k: be.to_host(v) for k, v in pairs}
 

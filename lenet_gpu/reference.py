@@ -330,6 +330,62 @@ def conv2d_bwd_data_pool(
     return pool2x2_bwd(dx, argmax, mode, out_shape=yconv.shape[2:]) * activation_grad(yconv, act)
 
 
+# ------------------------------------------------------------------------- routed ops (max pooling only)
+#
+# After a 2×2 max pool the gradient into the convolution's output is nonzero only at each window's argmax
+# tap. The routed ops take that gradient at the pooled size (``gz``, already multiplied by act') with the
+# routes and touch only routed positions (docs/routed_backward.md). Written here per (tap, r, s), not
+# through the dense ops, so the tests that compare the two check one against the other.
+
+
+def _routed_shape(gz: np.ndarray, argmax: np.ndarray, h: int, w: int, r: int, s: int, op: str) -> None:
+    if argmax is None or argmax.shape != gz.shape:
+        raise ValueError(f"{op}: argmax must have gz's shape {gz.shape}")
+    if gz.shape[2] != (h - r + 1) // 2 or gz.shape[3] != (w - s + 1) // 2:
+        raise ValueError(f"{op}: gz {gz.shape} is not the pooled size of a {r}x{s} convolution of {h}x{w}")
+
+
+def conv2d_bwd_weight_routed(
+    x: np.ndarray, gz: np.ndarray, argmax: np.ndarray, r: int, s: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The weight gradient of a conv + 2×2 max pool from the routed gradient gz (N,K,Hp,Wp):
+    dw[k,c,r,s] = Σ_{n,i,j} gz[n,k,i,j]·x[n, c, 2i + a//2 + r, 2j + a%2 + s] with a = argmax[n,k,i,j];
+    db[k] = Σ gz. x (N,C,H,W) is the convolution's input. Returns (dw (K,C,R,S), db (K,))."""
+    n, c, h, w = x.shape
+    _routed_shape(gz, argmax, h, w, r, s, "conv2d_bwd_weight_routed")
+    k, hp, wp = gz.shape[1], gz.shape[2], gz.shape[3]
+    dw = np.zeros((k, c, r, s), dtype=np.result_type(x, gz))
+    for a in range(4):
+        ga = np.where(argmax == a, gz, 0)
+        for u in range(r):
+            for v in range(s):
+                i0, j0 = a // 2 + u, a % 2 + v
+                xs = x[:, :, i0 : i0 + 2 * hp : 2, j0 : j0 + 2 * wp : 2]  # (N,C,Hp,Wp)
+                dw[:, :, u, v] += np.einsum("nkij,ncij->kc", ga, xs)
+    return dw, gz.sum(axis=(0, 2, 3))
+
+
+def conv2d_bwd_data_routed(
+    gz: np.ndarray, w: np.ndarray, argmax: np.ndarray, y_below: np.ndarray, act: str
+) -> np.ndarray:
+    """The routed gradient of the layer below: y_below (N,C,H,W) is the convolution's input (the pooled,
+    activated map of the layer below); gz (N,K,Hp,Wp) the routed gradient of this layer, argmax its routes.
+    Returns gz_below (N,C,H,W) = [Σ_{k,i,j} gz[n,k,i,j]·w[k,c,r,s] at (2i + a//2 + r, 2j + a%2 + s)]·act'(y_below):
+    the data gradient of the scattered gradient times the activation derivative below."""
+    k, c, r, s = w.shape
+    n, _, h, wd = y_below.shape
+    _routed_shape(gz, argmax, h, wd, r, s, "conv2d_bwd_data_routed")
+    hp, wp = gz.shape[2], gz.shape[3]
+    dx = np.zeros(y_below.shape, dtype=np.result_type(gz, w))
+    for a in range(4):
+        ga = np.where(argmax == a, gz, 0)
+        for u in range(r):
+            for v in range(s):
+                i0, j0 = a // 2 + u, a % 2 + v
+                dx[:, :, i0 : i0 + 2 * hp : 2, j0 : j0 + 2 * wp : 2] += np.einsum("nkij,kc->ncij", ga, w[:, :, u, v])
+    return dx * activation_grad(y_below, act)
+
+
 def head_fwd(
     x: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, w3: np.ndarray,
     b3: np.ndarray, act: str,
@@ -342,7 +398,8 @@ def head_fwd(
 
 def head_train(
     x: np.ndarray, labels: np.ndarray, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray,
-    w3: np.ndarray, b3: np.ndarray, argmax: np.ndarray | None, yconv: np.ndarray, act: str, mode: str = "max",
+    w3: np.ndarray, b3: np.ndarray, argmax: np.ndarray | None, yconv: np.ndarray | None, act: str,
+    mode: str = "max",
 ) -> dict:
     """Forward, loss and backward of the dense head in one: x (N,C,Hp,Wp) is the pooled map S4 (read as
     (N, C·Hp·Wp)); yconv (N,C,H,W) and argmax (N,C,Hp,Wp) are the conv output C3 it pools and its argmax.
@@ -350,7 +407,11 @@ def head_train(
     Returns a dict: h1, h2, logits (the forward); loss_sum (Σ over rows of the per-row loss) and correct
     (rows whose first maximal logit is the label); dlogits; dw1, db1, dw2, db2, dw3, db3; dx (N,C,Hp,Wp),
     the gradient at S4; dz_conv (N,C,H,W) = pool2x2_bwd(dx) · act'(yconv), the gradient at C3's
-    pre-activation."""
+    pre-activation. With ``yconv=None`` (max mode only: the routed step, docs/routed_backward.md) dz_conv
+    instead has x's shape and holds the routed gradient gz = dx·act'(x): in max mode the pooled value is the
+    activated output at the routed tap."""
+    if yconv is None and mode != "max":
+        raise ValueError("head_train: yconv=None (the routed gradient) needs max pooling")
     n = x.shape[0]
     xf = x.reshape(n, -1)
     h1, h2, logits = head_fwd(xf, w1, b1, w2, b2, w3, b3, act)
@@ -361,7 +422,10 @@ def head_train(
     d1, dw2, db2 = dense_bwd(h1, w2, h2, d2, act)
     dxf, dw1, db1 = dense_bwd(xf, w1, h1, d1, act)
     dx = dxf.reshape(x.shape)
-    dz_conv = pool2x2_bwd(dx, argmax, mode, out_shape=yconv.shape[2:]) * activation_grad(yconv, act)
+    if yconv is None:
+        dz_conv = dx * activation_grad(x, act)
+    else:
+        dz_conv = pool2x2_bwd(dx, argmax, mode, out_shape=yconv.shape[2:]) * activation_grad(yconv, act)
     return {"h1": h1, "h2": h2, "logits": logits, "loss_sum": loss * n, "correct": correct, "dlogits": dlogits,
             "dw1": dw1, "db1": db1, "dw2": dw2, "db2": db2, "dw3": dw3, "db3": db3, "dx": dx, "dz_conv": dz_conv}
 

@@ -44,6 +44,10 @@ OPS = (
 #: down to C3's pre-activation gradient), conv2d_bwd_data_pool (conv2d_bwd_data + pool2x2_bwd) and
 #: lenet_fwd (the whole forward pass, for inference).
 OPTIONAL_OPS = ("conv2d_pool_fwd", "head_train", "conv2d_bwd_data_pool", "lenet_fwd")
+#: Optional routed ops (max pooling's sparsity, docs/routed_backward.md). A backend that lists both in
+#: ``variants`` also takes ``yconv=None`` in conv2d_pool_fwd and head_train; the model then trains with
+#: max pooling through the routed step (when the backend also has conv2d_pool_fwd and head_train).
+ROUTED_OPS = ("conv2d_bwd_weight_routed", "conv2d_bwd_data_routed")
 #: Optional hook: ``backend.compile_ahead(options, fused)``, called by the model before its first step
 #: with ``LeNet5.options()`` and whether it uses the fused ops; a backend that compiles on first use may
 #: compile that model's kernels then (the cpu backend: on two cores, cpu_backend/warm.py).
@@ -185,9 +189,19 @@ class Backend(Protocol):
     #     writes the activations h1 (B,H1), h2 (B,H2), logits (B,NC); the loss statistics into stats row
     #     STEP_IN_EPOCH as softmax_xent does; the gradients dw1..db3 (overwritten); and dz_conv (yconv's
     #     shape) = pool2x2_bwd(dL/dx, argmax, yconv, mode, act). argmax is None for avg."""
+    #     With yconv=None (max mode, a backend with ROUTED_OPS) dz_conv has x's shape and receives the routed
+    #     gradient gz = dL/dx · act'(x) (reference.head_train with yconv=None).
     # def lenet_fwd(self, images, params: dict, logits, mean, std, act, mode, variant=None) -> None:
     #     """reference.lenet_fwd: uint8 images (N,28,28) → logits (N,NC), the whole forward pass in one op
     #     (one launch per batch tile on a GPU). params maps c1.w ... out.b to device arrays."""
+    #
+    # optional routed ops (ROUTED_OPS; max pooling only; docs/routed_backward.md), gz at the pooled size:
+    # def conv2d_bwd_weight_routed(self, x, gz, argmax, dw, db, state=None, variant=None) -> None:
+    #     """dw[k,c,r,s] = Σ_{b,i,j} gz[b,k,i,j]·x[b,c,2i+a//2+r,2j+a%2+s], a = argmax[b,k,i,j]; db[k] = Σ gz.
+    #     Overwrites dw, db (reference.conv2d_bwd_weight_routed)."""
+    # def conv2d_bwd_data_routed(self, gz, w, argmax, y_below, gz_below, act, variant=None) -> None:
+    #     """gz_below (y_below's shape (B,C,H,W), the conv's input) = data gradient of the scattered gz times
+    #     act'(y_below): the routed gradient of the layer below (reference.conv2d_bwd_data_routed)."""
 
 
 class HostMemory:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..reference import augment_shift
 from ..stepstate import EPOCH, OFFSET, SCHED_BASE, SEED, SHIFT, STEP, STEP_IN_EPOCH, step_advance_words
-from .base import OPS, Counters, HostMemory, check_act, check_mode
+from .base import OPS, ROUTED_OPS, Counters, HostMemory, check_act, check_mode
 
 F32 = np.float32
 LECUN_A = F32(1.7159)
@@ -77,6 +77,93 @@ def _im2col(x: np.ndarray, r: int, s: int) -> np.ndarray:
     return cols.reshape(b, c * r * s, ho * wo)
 
 
+def _im2col_pooled(x: np.ndarray, r: int, s: int, a: int, hp: int, wp: int) -> np.ndarray:
+    """(B,C,H,W) → cols (B, C·R·S, Hp·Wp) of the conv outputs at tap ``a`` (0..3, row-major) of every 2×2
+    pooling window: row (c, r, s) holds x[b, c, 2i + a//2 + r, 2j + a%2 + s] at column (i, j)."""
+    b, c = x.shape[:2]
+    i0, j0 = a // 2, a % 2
+    cols = np.empty((b, c, r, s, hp, wp), dtype=x.dtype)
+    for i in range(r):
+        for j in range(s):
+            cols[:, :, i, j] = x[:, :, i0 + i : i0 + i + 2 * hp : 2, j0 + j : j0 + j + 2 * wp : 2]
+    return cols.reshape(b, c * r * s, hp * wp)
+
+
+def _pool_fwd(xs: np.ndarray, ys: np.ndarray, am: np.ndarray | None, mode: str) -> None:
+    """2×2/2 pooling of xs into ys (and the first maximum's tap into am for max)."""
+    ho, wo = ys.shape[2], ys.shape[3]
+    t0 = xs[:, :, 0 : 2 * ho : 2, 0 : 2 * wo : 2]
+    t1 = xs[:, :, 0 : 2 * ho : 2, 1 : 2 * wo : 2]
+    t2 = xs[:, :, 1 : 2 * ho : 2, 0 : 2 * wo : 2]
+    t3 = xs[:, :, 1 : 2 * ho : 2, 1 : 2 * wo : 2]
+    if mode == "avg":
+        np.add(t0, t1, out=ys)
+        ys += t2
+        ys += t3
+        ys *= F32(0.25)
+        return
+    np.maximum(t0, t1, out=ys)
+    np.maximum(ys, t2, out=ys)
+    np.maximum(ys, t3, out=ys)
+    # first maximum wins: the index is the number of leading taps that are not the maximum
+    miss = t0 != ys
+    np.copyto(am, miss)
+    miss &= t1 != ys
+    am += miss
+    miss &= t2 != ys
+    am += miss
+
+
+def _pool_bwd(g: np.ndarray, am: np.ndarray | None, yconv: np.ndarray, d: np.ndarray, mode: str, act: str) -> None:
+    """d (yconv's shape) = route(g) · act'(yconv)."""
+    ho, wo = g.shape[2], g.shape[3]
+    if 2 * ho != d.shape[2] or 2 * wo != d.shape[3]:
+        d[...] = 0  # the odd trailing row/column belongs to no window
+    for t, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        tap = d[:, :, i : 2 * ho : 2, j : 2 * wo : 2]
+        if mode == "max":
+            np.multiply(g, am == t, out=tap)
+        else:
+            np.multiply(g, F32(0.25), out=tap)
+    _mul_act_grad_(d, yconv, act)
+
+
+def _dense_fwd(x: np.ndarray, w: np.ndarray, b: np.ndarray, y: np.ndarray, act: str) -> None:
+    np.matmul(x, w.T, out=y)
+    y += b
+    _activate_(y, act)
+
+
+def _dense_bwd(x, w, y, dy, dx, dw, db, act: str) -> None:
+    dz = dy.copy()
+    _mul_act_grad_(dz, y, act)
+    np.matmul(dz.T, x, out=dw)
+    np.sum(dz, axis=0, out=db)
+    if dx is not None:
+        np.matmul(dz, w, out=dx)
+
+
+def _softmax_xent(logits, labels, dlogits, stats, state) -> None:
+    n = logits.shape[0]
+    rows = np.arange(n)
+    lab = labels.astype(np.intp)
+    mx = logits.max(axis=1, keepdims=True)
+    np.subtract(logits, mx, out=dlogits)
+    lse = np.log(np.exp(dlogits).sum(axis=1))  # log Σ e^(z − max)
+    loss_sum = float((lse - dlogits[rows, lab]).sum(dtype=np.float64))
+    correct = int((np.argmax(logits, axis=1) == lab).sum())
+    np.exp(dlogits, out=dlogits)
+    dlogits /= dlogits.sum(axis=1, keepdims=True)
+    dlogits[rows, lab] -= F32(1)
+    dlogits *= F32(1.0 / n)
+    stats[int(state[STEP_IN_EPOCH]) % stats.shape[0]] = (F32(loss_sum), F32(correct))
+
+
+#: The optional ops the numpy backend has beside the protocol's (each composes the code of the unfused ops,
+#: so on numpy a fused op gives the unfused ops' numbers bit for bit).
+NUMPY_OPTIONAL = ("conv2d_pool_fwd", "head_train", *ROUTED_OPS)
+
+
 def _default_threads() -> int:
     env = os.environ.get("LENET_GPU_NUM_THREADS")
     if env:
@@ -98,8 +185,8 @@ class NumpyBackend(HostMemory):
 
     def __init__(self, threads: int | None = None) -> None:
         self.counters = Counters()
-        self.variants: dict[str, tuple[str, ...]] = {op: ("v1",) for op in OPS}
-        self.default_variants: dict[str, str] = {op: "v1" for op in OPS}
+        self.variants: dict[str, tuple[str, ...]] = {op: ("v1",) for op in (*OPS, *NUMPY_OPTIONAL)}
+        self.default_variants: dict[str, str] = {op: "v1" for op in self.variants}
         self.threads = threads or _default_threads()
         self._pool = None
         if self.threads > 1:
@@ -150,18 +237,33 @@ class NumpyBackend(HostMemory):
 
     def conv2d_fwd(self, x, w, b, y, act, variant=None) -> None:
         self.counters.launches += 1
+        self._chunks(y.shape[0], lambda sl: self._conv_part(x[sl], w, b, y[sl], act))
+
+    @staticmethod
+    def _conv_part(x: np.ndarray, w: np.ndarray, b: np.ndarray, y: np.ndarray, act: str) -> None:
+        # one (K × CRS)·(CRS × HoWo) product per image, written straight into NCHW y
         k, c, r, s = w.shape
         bsz, _, ho, wo = y.shape
-        wm = w.reshape(k, c * r * s)
         ym = y.reshape(bsz, k, ho * wo)
+        np.matmul(w.reshape(k, c * r * s), _im2col(x, r, s), out=ym)
+        ym += b.reshape(1, k, 1)
+        _activate_(ym, act)
+
+    def conv2d_pool_fwd(self, x, w, b, yconv, ypool, argmax, act, mode, variant=None) -> None:
+        """conv2d_fwd then pool2x2_fwd, a chunk at a time; the conv output goes to yconv, or to a chunk-sized
+        temporary when yconv is None (the routed step does not keep it)."""
+        self.counters.launches += 1
+        check_mode(mode)
+        k, _, r, s = w.shape
+        ho, wo = x.shape[2] - r + 1, x.shape[3] - s + 1
 
         def part(sl: slice) -> None:
-            # one (K × CRS)·(CRS × HoWo) product per image, written straight into NCHW y
-            np.matmul(wm, _im2col(x[sl], r, s), out=ym[sl])
-            ym[sl] += b.reshape(1, k, 1)
-            _activate_(ym[sl], act)
+            xs = x[sl]
+            y = yconv[sl] if yconv is not None else np.empty((xs.shape[0], k, ho, wo), F32)
+            self._conv_part(xs, w, b, y, act)
+            _pool_fwd(y, ypool[sl], argmax[sl] if mode == "max" else None, mode)
 
-        self._chunks(bsz, part)
+        self._chunks(x.shape[0], part)
 
     def conv2d_bwd_weight(self, x, dz, dw, db, state=None, variant=None) -> None:
         self.counters.launches += 1
@@ -203,82 +305,97 @@ class NumpyBackend(HostMemory):
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
         self.counters.launches += 1
         check_mode(mode)
-        ho, wo = y.shape[2], y.shape[3]
-
-        def part(sl: slice) -> None:
-            xs, ys, am = x[sl], y[sl], argmax[sl]
-            t0 = xs[:, :, 0 : 2 * ho : 2, 0 : 2 * wo : 2]
-            t1 = xs[:, :, 0 : 2 * ho : 2, 1 : 2 * wo : 2]
-            t2 = xs[:, :, 1 : 2 * ho : 2, 0 : 2 * wo : 2]
-            t3 = xs[:, :, 1 : 2 * ho : 2, 1 : 2 * wo : 2]
-            if mode == "avg":
-                np.add(t0, t1, out=ys)
-                ys += t2
-                ys += t3
-                ys *= F32(0.25)
-                return
-            np.maximum(t0, t1, out=ys)
-            np.maximum(ys, t2, out=ys)
-            np.maximum(ys, t3, out=ys)
-            # first maximum wins: the index is the number of leading taps that are not the maximum
-            miss = t0 != ys
-            np.copyto(am, miss)
-            miss &= t1 != ys
-            am += miss
-            miss &= t2 != ys
-            am += miss
-
-        self._chunks(x.shape[0], part)
+        self._chunks(x.shape[0], lambda sl: _pool_fwd(x[sl], y[sl], argmax[sl] if mode == "max" else None, mode))
 
     def pool2x2_bwd(self, dy, argmax, yconv, dz, mode, act, variant=None) -> None:
         self.counters.launches += 1
         check_mode(mode)
-        ho, wo = dy.shape[2], dy.shape[3]
-
-        def part(sl: slice) -> None:
-            d, g, am = dz[sl], dy[sl], (argmax[sl] if argmax is not None else None)
-            if 2 * ho != d.shape[2] or 2 * wo != d.shape[3]:
-                d[...] = 0  # the odd trailing row/column belongs to no window
-            for t, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
-                tap = d[:, :, i : 2 * ho : 2, j : 2 * wo : 2]
-                if mode == "max":
-                    np.multiply(g, am == t, out=tap)
-                else:
-                    np.multiply(g, F32(0.25), out=tap)
-            _mul_act_grad_(d, yconv[sl], act)
-
-        self._chunks(dy.shape[0], part)
+        self._chunks(dy.shape[0], lambda sl: _pool_bwd(dy[sl], argmax[sl] if argmax is not None else None,
+                                                       yconv[sl], dz[sl], mode, act))
 
     def dense_fwd(self, x, w, b, y, act, variant=None) -> None:
         self.counters.launches += 1
-        np.matmul(x, w.T, out=y)
-        y += b
-        _activate_(y, act)
+        _dense_fwd(x, w, b, y, act)
 
     def dense_bwd(self, x, w, y, dy, dx, dw, db, act, variant=None) -> None:
         self.counters.launches += 1
-        dz = dy.copy()
-        _mul_act_grad_(dz, y, act)
-        np.matmul(dz.T, x, out=dw)
-        np.sum(dz, axis=0, out=db)
-        if dx is not None:
-            np.matmul(dz, w, out=dx)
+        _dense_bwd(x, w, y, dy, dx, dw, db, act)
 
     def softmax_xent(self, logits, labels, dlogits, stats, state, variant=None) -> None:
         self.counters.launches += 1
-        n = logits.shape[0]
-        rows = np.arange(n)
-        lab = labels.astype(np.intp)
-        mx = logits.max(axis=1, keepdims=True)
-        np.subtract(logits, mx, out=dlogits)
-        lse = np.log(np.exp(dlogits).sum(axis=1))  # log Σ e^(z − max)
-        loss_sum = float((lse - dlogits[rows, lab]).sum(dtype=np.float64))
-        correct = int((np.argmax(logits, axis=1) == lab).sum())
-        np.exp(dlogits, out=dlogits)
-        dlogits /= dlogits.sum(axis=1, keepdims=True)
-        dlogits[rows, lab] -= F32(1)
-        dlogits *= F32(1.0 / n)
-        stats[int(state[STEP_IN_EPOCH]) % stats.shape[0]] = (F32(loss_sum), F32(correct))
+        _softmax_xent(logits, labels, dlogits, stats, state)
+
+    def head_train(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
+                   dw1, db1, dw2, db2, dw3, db3, stats, state, act, mode, variant=None) -> None:
+        """reference.head_train as one op: the unfused ops' code in a row (the same numbers bit for bit).
+        yconv=None (max only): dz_conv has x's shape and gets the routed gradient dx·act'(x)."""
+        self.counters.launches += 1
+        check_mode(mode)
+        if yconv is None and mode != "max":
+            raise ValueError("head_train: yconv=None (the routed gradient) needs max pooling")
+        n = x.shape[0]
+        xf = x.reshape(n, -1)
+        _dense_fwd(xf, w1, b1, h1, act)
+        _dense_fwd(h1, w2, b2, h2, act)
+        _dense_fwd(h2, w3, b3, logits, "identity")
+        dl, d2, d1, dx = np.empty_like(logits), np.empty_like(h2), np.empty_like(h1), np.empty_like(xf)
+        _softmax_xent(logits, labels, dl, stats, state)
+        _dense_bwd(h2, w3, logits, dl, d2, dw3, db3, "identity")
+        _dense_bwd(h1, w2, h2, d2, d1, dw2, db2, act)
+        _dense_bwd(xf, w1, h1, d1, dx, dw1, db1, act)
+        dx = dx.reshape(x.shape)
+        if yconv is None:
+            dz_conv[...] = dx
+            _mul_act_grad_(dz_conv, x, act)
+        else:
+            _pool_bwd(dx, argmax, yconv, dz_conv, mode, act)
+
+    # ------------------------------------------------------------------ routed ops (docs/routed_backward.md)
+    def conv2d_bwd_weight_routed(self, x, gz, argmax, dw, db, state=None, variant=None) -> None:
+        """dw, db from the routed gradient gz (B,K,Hp,Wp): per chunk, for each window tap a, the products of
+        gz where argmax = a with the im2col of the conv outputs at tap a; chunks added in order."""
+        self.counters.launches += 1
+        k, c, r, s = dw.shape
+        bsz, _, hp, wp = gz.shape
+        gm, am = gz.reshape(bsz, k, hp * wp), argmax.reshape(bsz, k, hp * wp)
+
+        def part(sl: slice) -> tuple[np.ndarray, np.ndarray]:
+            g, m = gm[sl], am[sl]
+            acc = np.zeros((k, c * r * s), F32)
+            for a in range(4):
+                cols = _im2col_pooled(x[sl], r, s, a, hp, wp)  # (b, CRS, HpWp)
+                acc += np.matmul(g * (m == a), cols.transpose(0, 2, 1)).sum(axis=0)
+            return acc, g.sum(axis=(0, 2))
+
+        parts = self._chunks(bsz, part)
+        dwm = dw.reshape(k, c * r * s)
+        dwm[...] = parts[0][0]
+        db[...] = parts[0][1]
+        for pw, pb in parts[1:]:  # fixed order: bit-for-bit repeatable
+            dwm += pw
+            db += pb
+
+    def conv2d_bwd_data_routed(self, gz, w, argmax, y_below, gz_below, act, variant=None) -> None:
+        """gz_below = data gradient of the scattered gz, times act'(y_below): per chunk and window tap a, the
+        col2im of wᵀ·(gz where argmax = a) onto the strided positions of tap a."""
+        self.counters.launches += 1
+        k, c, r, s = w.shape
+        bsz, _, hp, wp = gz.shape
+        wt = w.reshape(k, c * r * s).T
+        gm, am = gz.reshape(bsz, k, hp * wp), argmax.reshape(bsz, k, hp * wp)
+
+        def part(sl: slice) -> None:
+            g, m, d = gm[sl], am[sl], gz_below[sl]
+            d[...] = 0
+            for a in range(4):
+                dcols = np.matmul(wt, g * (m == a)).reshape(-1, c, r, s, hp, wp)
+                i0, j0 = a // 2, a % 2
+                for i in range(r):
+                    for j in range(s):
+                        d[:, :, i0 + i : i0 + i + 2 * hp : 2, j0 + j : j0 + j + 2 * wp : 2] += dcols[:, :, i, j]
+            _mul_act_grad_(d, y_below[sl], act)
+
+        self._chunks(bsz, part)
 
     @staticmethod
     def _sched(sched, state) -> np.ndarray:
