@@ -429,6 +429,7 @@ class CpuBackend(HostMemory):
             _, C, H, W = y_below.shape
             K, _, R, S = w.shape
             pw = routed.patch_width(S, C)
+            _need(R * pw <= routed.RT_TILE, op, f"a filter of {R} rows × {S * C} floats is too big")
             plan = self._plans[key] = (routed.make_conv2d_bwd_data_routed_v1(R, pw),
                                        self._ws(self._slots, H, W * C + pw), self._ws(K, R, pw))
         fn, *ws = plan

@@ -131,13 +131,17 @@ def _bwd_data_routed_chunk(gz, wt, argmax, y_below, gzb, act_code, dxs, b0, R, P
     literally(PW)
     B, K, Hp, Wp = gz.shape
     _, C, H, W = y_below.shape
+    # the filter's rows on the stack: they alias nothing, so the row update needs no run-time overlap check
+    wk = carray(stack_tile(RT_TILE), (RT_TILE // PW, PW))
     for bb in range(b0, min(B, b0 + L)):
         for h in range(dxs.shape[0]):
             d_ = dxs[h]
             for v in range(dxs.shape[1]):
                 d_[v] = ZERO
         for k in range(K):
-            wk = wt[k]
+            for r in range(R):
+                for v in range(PW):
+                    wk[r, v] = wt[k, r, v]
             for i in range(Hp):
                 for j in range(Wp):
                     a = argmax[bb, k, i, j] & 3
@@ -146,9 +150,8 @@ def _bwd_data_routed_chunk(gz, wt, argmax, y_below, gzb, act_code, dxs, b0, R, P
                     o = np.uint64((2 * j + (a & 1)) * C)
                     for r in range(R):
                         row = dxs[h0 + r]
-                        wr = wk[r]
                         for v in range(PW):
-                            row[o + np.uint64(v)] += g * wr[v]
+                            row[o + np.uint64(v)] += g * wk[r, v]
         for c in range(C):
             for h in range(H):
                 d_ = dxs[h]
