@@ -7,16 +7,17 @@ dense ops' dz is gz scattered to those taps, 3/4 zeros. These kernels take one r
                                channels-last so that a patch row of S·C floats is contiguous (C3: 30 floats, two
                                16-float vectors); R rows × PW floats of accumulators in registers
   conv2d_bwd_weight_routed_v2  the dense kernel (conv2d_bwd_weight v2/v3) on gz scattered to a dense dz
-                               (scatter_routed_v1): for narrow patch rows (C = 1: 5 of 16 floats), where v1 lost
-                               (measured at LeNet's C1, batch 128: 4.0 ms against the dense 0.77 ms)
+                               (scatter_routed_v1): for narrow patch rows (C = 1: 5 of 16 floats), where v1 loses
+                               (LeNet's C1, batch 128, one thread: v1 took 5 to 6 times the dense kernel's time,
+                               which LLVM compiles to scalar FMAs at a 16-float row); no fewer multiply-adds
   conv2d_bwd_data_routed_v1    patch rows: dx (channels-last, per image) += gz · (the filter's rows, S·C floats),
                                then gz_below = dx · act'(y_below) back to NCHW
 
 What they improve on the dense kernels (conv2d_bwd_weight_v2/v3, conv2d_bwd_data_pool_v1): a quarter of the
-multiply-adds (LeNet's C3 data gradient and both weight gradients: ≈598K → ≈149K an image), and no dense dz, no
-yconv: the vector runs along a patch row, so the routed tap is one scalar offset (a vector over images or
-output columns would need a gather). The cost: a patch row of S·C floats is padded to PW (a multiple of the
-vector), which wastes 2/32 at C3 (C = 6) and 11/16 at C1 (C = 1).
+multiply-adds (LeNet's C3 data gradient and weight gradient: 480K → 120K an image; C1's weight gradient, 118K,
+stays dense, v2), and no dense dz, no yconv. The vector runs along a patch row, so the routed tap is one scalar
+offset (a vector over images or output columns would need a gather, or a select of 4 taps: the dense cost). The
+cost: a patch row of S·C floats is padded to PW (a multiple of the vector), which wastes 2/32 at C3 (C = 6).
 
 Every chunk of 16 images is one prange task; the weight gradient is summed per chunk, then over the chunks in
 chunk order (no result depends on the thread count); the data gradient is per image.
