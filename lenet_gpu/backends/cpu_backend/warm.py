@@ -77,7 +77,7 @@ def scratch_step(options: dict[str, Any], fused: bool, run: set[str] | None, ski
     """One training step (and one inference) of a scratch model with these options, running only the ops
     in ``run`` (None: all) and not in ``skip``: compiles their kernels into the cache."""
     from ...model import LeNet5
-    from ..base import OPS, OPTIONAL_OPS
+    from ..base import OPS, OPTIONAL_OPS, ROUTED_OPS
     from .backend import CpuBackend
 
     be = CpuBackend(threads=threads)
@@ -87,7 +87,7 @@ def scratch_step(options: dict[str, Any], fused: bool, run: set[str] | None, ski
     def skipped(*args: Any, **kwargs: Any) -> None:
         return None
 
-    for op in (*OPS, *OPTIONAL_OPS):
+    for op in (*OPS, *OPTIONAL_OPS, *ROUTED_OPS):
         if (run is not None and op not in run) or op in skip:
             setattr(be, op, skipped)
     model = LeNet5(backend=be, **options, fused=fused, use_graphs=False)
