@@ -1,7 +1,8 @@
 """The cpu backend's routed backward of max pooling (docs/routed_backward.md; cpu_backend/routed.py): each
-routed op against the float64 dense reference on the scattered gradient (all 4 activations, LeNet's C1 and C3,
-batch 1, odd batches with a partial chunk of 16, odd map sizes), head_train with yconv=None, the same bits on
-1 and 2 threads, and packed FMAs at the machine's widest vector width.
+routed op against the float64 routed reference and the dense reference on the scattered gradient (all
+activations, LeNet's C1 and C3, batch 1, odd batches with a partial chunk of 16, odd map sizes), head_train
+with yconv=None, the model's routed step against its dense step, the same bits on 1 and 2 threads, no
+allocation a step, and packed FMAs at the machine's widest vector width.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def test_conv2d_bwd_weight_routed(shape, variant):
     ref_dw, ref_db = R.conv2d_bwd(x.astype(np.float64), wt.astype(np.float64), dz, dz)[1:]
     assert_close(dw, ref_dw, *TOL["conv2d_bwd_weight"], what=f"routed dw {shape} {variant}")
     assert_close(db, ref_db, *TOL["conv2d_bwd_weight"], what=f"routed db {shape} {variant}")
+    rdw, rdb = R.conv2d_bwd_weight_routed(x.astype(np.float64), gz.astype(np.float64), am, *wt.shape[2:])
+    assert_close(dw, rdw, *TOL["conv2d_bwd_weight"], what=f"routed dw vs the routed reference {shape} {variant}")
+    assert_close(db, rdb, *TOL["conv2d_bwd_weight"], what=f"routed db vs the routed reference {shape} {variant}")
     dw2, db2 = nan_like(wt.shape), nan_like((wt.shape[0],))
     BE.conv2d_bwd_weight(x, dz.astype(np.float32), dw2, db2)  # the dense kernel on the scattered gradient
     assert_close(dw, dw2, *TOL["conv2d_bwd_weight"], what=f"routed vs dense dw {shape}")
@@ -70,6 +74,8 @@ def test_conv2d_bwd_data_routed(shape, act):
     dx = R.conv2d_bwd(x.astype(np.float64), wt.astype(np.float64), dz, dz)[0]
     ref = dx * R.activation_grad(x.astype(np.float64), act)
     assert_close(out, ref, *TOL["conv2d_bwd_data"], what=f"routed data {shape} {act}")
+    rref = R.conv2d_bwd_data_routed(gz.astype(np.float64), wt.astype(np.float64), am, x.astype(np.float64), act)
+    assert_close(out, rref, *TOL["conv2d_bwd_data"], what=f"routed data vs the routed reference {shape} {act}")
 
 
 @pytest.mark.parametrize("n", [1, 17])
