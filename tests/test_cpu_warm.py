@@ -88,11 +88,10 @@ def test_scratch_step_runs_only_its_share(monkeypatch):
         monkeypatch.setattr(cpu.CpuBackend, op, lambda self, *a, _op=op, _f=orig, **k: (calls.append(_op),
                                                                                         _f(self, *a, **k))[1])
     options = LeNet5(backend="numpy").options()
-    # the default options train through the routed step (max pooling): C1's routed weight gradient runs
-    # conv2d_bwd_weight on the scattered gradient (cpu_backend/routed.py, v2)
+    # the default options train through the routed step (max pooling, docs/routed_backward.md)
     warm.scratch_step(options, True, set(warm.HELPER_OPS), set(), 1)
-    assert sorted(set(calls)) == ["conv2d_bwd_weight", "conv2d_bwd_weight_routed", "head_train"], calls
-    assert calls.count("conv2d_bwd_weight_routed") == 2 and calls.count("conv2d_bwd_weight") == 1, calls
+    assert sorted(set(calls)) == ["conv2d_bwd_weight_routed", "head_train"], calls
+    assert calls.count("conv2d_bwd_weight_routed") == 2, calls
     calls.clear()
     warm.scratch_step(options, True, None, set(warm.HELPER_OPS), 1)
     assert set(calls) == {"batch_prepare", "conv2d_pool_fwd", "conv2d_bwd_data_routed", "adam_step", "step_advance",

@@ -14,8 +14,8 @@ Kernels (``<op>_v<N>``, the names of the GPU kernels; "auto" picks lanes or rows
   lenet_fwd_v1             lanes: the whole forward pass of 16 images in one thread's workspace
   conv2d_bwd_weight_routed_v1/v2, conv2d_bwd_data_routed_v1
                            the routed backward of max pooling (routed.py, docs/routed_backward.md): only the
-                           taps the pool chose, a patch row a vector (v2: the dense kernel on the scattered
-                           gradient, for C1's narrow rows); with head_train(yconv=None) and conv2d_pool_fwd
+                           taps the pool chose, a patch row a vector (v2: the dense rows kernel on dz rows
+                           made from the routes, for C1's narrow rows); with head_train(yconv=None) and conv2d_pool_fwd
                            without yconv, the model's routed step
   adam_step_v1, sgd_step_v1, step_advance_v1
 

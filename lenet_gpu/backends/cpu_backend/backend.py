@@ -380,11 +380,6 @@ class CpuBackend(HostMemory):
         if plan is None:
             plan = self._plans[key] = self._plan_bwd_weight_routed(variant, x, gz, argmax, dw, db)
         fn, *ws = plan
-        if variant == "v2":
-            routed.scatter_routed_v1(gz, argmax, ws[0])
-            self.conv2d_bwd_weight(x, ws[0], dw, db)
-            self.counters.launches -= 1  # one op
-            return
         fn(x, gz, argmax, dw, db, *ws)
 
     def _check_routed(self, op: str, x, gz, argmax, w) -> None:
@@ -408,8 +403,12 @@ class CpuBackend(HostMemory):
         _need(db.shape == (dw.shape[0],), op, "db must be (K,)")
         B, C, H, W = x.shape
         K, _, R, S = dw.shape
-        if v == "v2":
-            return None, self._ws(B, K, H - R + 1, W - S + 1)
+        if v == "v2":  # conv2d_bwd_weight_v3's kernel and workspaces, dz made from gz and the routes
+            kb, kp = conv2d.block_size(K, (4, 3))
+            nv = -(-(W - S + 1) // L)
+            T = self._slots
+            return (conv2d.make_conv2d_bwd_weight_routed_v2(kb), self._ws(T, L, C, H, nv * L + S - 1),
+                    self._ws(T, L, kp, H - R + 1, nv * L), self._ws(nchunks(B), K * C * R * S + K))
         pw = routed.patch_width(S, C)
         kb = routed.routed_block(K, R, pw)
         _need(kb * R * pw <= routed.RT_TILE, op, f"a patch of {R} rows × {S * C} floats is too big")

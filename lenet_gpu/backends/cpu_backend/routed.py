@@ -6,10 +6,11 @@ dense ops' dz is gz scattered to those taps, 3/4 zeros. These kernels take one r
   conv2d_bwd_weight_routed_v1  patch rows: dw[k] += gz · (the input patch at the routed tap), the input copied
                                channels-last so that a patch row of S·C floats is contiguous (C3: 30 floats, two
                                16-float vectors); R rows × PW floats of accumulators in registers
-  conv2d_bwd_weight_routed_v2  the dense kernel (conv2d_bwd_weight v2/v3) on gz scattered to a dense dz
-                               (scatter_routed_v1): for narrow patch rows (C = 1: 5 of 16 floats), where v1 loses
-                               (LeNet's C1, batch 128, one thread: v1 took 5 to 6 times the dense kernel's time,
-                               which LLVM compiles to scalar FMAs at a 16-float row); no fewer multiply-adds
+  conv2d_bwd_weight_routed_v2  conv2d.make_conv2d_bwd_weight_routed_v2: the dense rows kernel (conv2d_bwd_weight_v3)
+                               with each image's dz rows made in its workspace from gz and the routes: for narrow
+                               patch rows (C = 1: 5 of 16 floats), where v1 loses (LeNet's C1, batch 128, one
+                               thread: v1 took 5 to 6 times the dense kernel's time; LLVM compiles its 16-float
+                               row to scalar FMAs); the dense multiply-adds, no dense dz
   conv2d_bwd_data_routed_v1    patch rows: dx (channels-last, per image) += gz · (the filter's rows, S·C floats),
                                then gz_below = dx · act'(y_below) back to NCHW
 
@@ -189,21 +190,3 @@ def make_conv2d_bwd_data_routed_v1(R: int, PW: int) -> Any:
         _MADE[key] = conv2d_bwd_data_routed_v1
     return _MADE[key]
 
-
-@njit(parallel=True, **JIT)
-def scatter_routed_v1(gz, argmax, dz):
-    """dz = gz at the routed taps, 0 elsewhere (reference.pool2x2_bwd in max mode): the dense gradient for a
-    layer whose patch rows are too narrow for routed_v1 (C1: 5 floats of a 16-float vector)."""
-    B, K, Hp, Wp = gz.shape
-    Ho, Wo = dz.shape[2], dz.shape[3]
-    for ci in prange((B + L - 1) // L):
-        for bb in range(ci * L, min(B, ci * L + L)):
-            for k in range(K):
-                plane = dz[bb, k]
-                flat = plane.reshape(Ho * Wo)
-                for e in range(Ho * Wo):
-                    flat[e] = ZERO
-                for i in range(Hp):
-                    for j in range(Wp):
-                        a = argmax[bb, k, i, j] & 3
-                        plane[2 * i + (a >> 1), 2 * j + (a & 1)] = gz[bb, k, i, j]

@@ -35,7 +35,7 @@ import numpy as np
 #: one run, both variants where a step uses two): head_train 7.8 s, conv2d_bwd_weight 4.8 s,
 #: conv2d_pool_fwd 5.5 s, conv2d_bwd_data_pool 3.5 s, lenet_fwd 3 s, the rest about 1.5 s. The helper also
 #: pays for its own start (about 1.5 s), so it takes the first two and this process the rest.
-#: The routed step (max pooling) takes conv2d_bwd_weight_routed, whose C1 variant runs conv2d_bwd_weight: both here.
+#: The routed step (max pooling) takes conv2d_bwd_weight_routed in conv2d_bwd_weight's place: both here.
 HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_weight", "conv2d_bwd_weight_routed")
 #: images of the scratch step (one chunk of lanes)
 SCRATCH_BATCH = 16
