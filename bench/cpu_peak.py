@@ -5,11 +5,15 @@ of FP32 peak, the first run's compile time and a cached run's start.
     python -m bench.cpu_peak --no-startup       # skip the child processes (compiles, cached start)
     python -m bench.cpu_peak --json out.json
 
-Training step: the ops in the order of the model's fused step (batch_prepare → conv2d_pool_fwd C1 →
-conv2d_pool_fwd C3 → head_train → conv2d_bwd_weight C3 → conv2d_bwd_data_pool → conv2d_bwd_weight C1 →
-adam_step → step_advance) on mnist-sample with augmentation, against PyTorch's LeNet-5 with Adam
-(bench/peer.py: same layers, same initial parameters, same resident uint8 data). Inference: lenet_fwd on
-1,000 images against PyTorch's forward pass over the same 1,000 (gather, pad, normalise included).
+Training step: the ops in the order of the model's routed step (docs/routed_backward.md: batch_prepare →
+conv2d_pool_fwd C1, C3 without the un-pooled maps → head_train (yconv=None) → conv2d_bwd_weight_routed C3 →
+conv2d_bwd_data_routed → conv2d_bwd_weight_routed C1 → adam_step → step_advance; ``--dense``: the dense fused
+step) on mnist-sample with augmentation, against PyTorch's LeNet-5 with Adam (bench/peer.py: same layers,
+same initial parameters, same resident uint8 data). Without PyTorch installed, the peer is our own dense step
+(and our own inference, a ratio of about 1): the routed step's gain in one interleaved run. The machine's
+vector ISA (as LLVM sees it, what Numba compiles for) and the load average are printed with the figures.
+Inference: lenet_fwd on 1,000 images against PyTorch's forward pass over the same 1,000 (gather, pad,
+normalise included).
 
 Two clocks, each in alternating rounds (ours, torch, ours, torch, ...) so that both see the same load:
 - wall: both on ``--threads`` threads (default 2), images per second of wall-clock time;
@@ -124,11 +128,13 @@ def train_flops(cfg: spec.NetConfig | None = None) -> int:
 
 
 class CpuStep:
-    """The training step of the fused ops on a backend (the model's step, written out)."""
+    """The training step of the fused ops on a backend (the model's step, written out): the dense step, or
+    with ``routed`` the routed step of max pooling (docs/routed_backward.md: no C1/C3 maps, gradients at the
+    pooled sizes)."""
 
     def __init__(self, be: Any, images: np.ndarray, labels: np.ndarray, batch: int, seed: int = 0,
-                 shift: int = 2, act: str = "relu", mode: str = "max") -> None:
-        self.be, self.batch, self.act, self.mode = be, batch, act, mode
+                 shift: int = 2, act: str = "relu", mode: str = "max", routed: bool = False) -> None:
+        self.be, self.batch, self.act, self.mode, self.routed = be, batch, act, mode, routed
         cfg = spec.NetConfig(activation=act, pool=mode)
         n = images.shape[0]
         self.mean = float(images.mean() / 255.0)
@@ -151,10 +157,23 @@ class CpuStep:
         self.am1, self.am3 = be.empty((B, 6, 14, 14), np.uint8), be.empty((B, 16, 5, 5), np.uint8)
         self.h1, self.h2, self.logits = be.empty((B, 120)), be.empty((B, f6)), be.empty((B, 10))
         self.dz3, self.dz1 = be.empty((B, 16, 10, 10)), be.empty((B, 6, 28, 28))
+        self.gz3, self.gz1 = be.empty((B, 16, 5, 5)), be.empty((B, 6, 14, 14))
 
     def step(self) -> None:
         be, P, G, act, mode = self.be, self.P, self.G, self.act, self.mode
         be.batch_prepare(self.images, self.labels, self.perm, self.state, self.x, self.y, self.mean, self.std)
+        if self.routed:
+            be.conv2d_pool_fwd(self.x, P["c1.w"], P["c1.b"], None, self.s2, self.am1, act, mode)
+            be.conv2d_pool_fwd(self.s2, P["c3.w"], P["c3.b"], None, self.s4, self.am3, act, mode)
+            be.head_train(self.s4, self.y, P["c5.w"], P["c5.b"], P["f6.w"], P["f6.b"], P["out.w"], P["out.b"],
+                          self.h1, self.h2, self.logits, self.am3, None, self.gz3, G["c5.w"], G["c5.b"],
+                          G["f6.w"], G["f6.b"], G["out.w"], G["out.b"], self.stats, self.state, act, mode)
+            be.conv2d_bwd_weight_routed(self.s2, self.gz3, self.am3, G["c3.w"], G["c3.b"], self.state)
+            be.conv2d_bwd_data_routed(self.gz3, P["c3.w"], self.am3, self.s2, self.gz1, act)
+            be.conv2d_bwd_weight_routed(self.x, self.gz1, self.am1, G["c1.w"], G["c1.b"], self.state)
+            be.adam_step(self.p, self.g, self.m, self.v, self.sched, self.state, 0.9, 0.999, 1e-8, 0.0)
+            be.step_advance(self.state, self.batch)
+            return
         be.conv2d_pool_fwd(self.x, P["c1.w"], P["c1.b"], self.a1, self.s2, self.am1, act, mode)
         be.conv2d_pool_fwd(self.s2, P["c3.w"], P["c3.b"], self.a3, self.s4, self.am3, act, mode)
         be.head_train(self.s4, self.y, P["c5.w"], P["c5.b"], P["f6.w"], P["f6.b"], P["out.w"], P["out.b"],
@@ -181,7 +200,17 @@ def _set_threads(n: int, torch: Any) -> None:
     import numba
 
     numba.set_num_threads(n)
-    torch.set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
+def vector_isa() -> dict[str, Any]:
+    """The widest vector ISA of this CPU as LLVM (and so Numba) sees it, and the CPU name it compiles for."""
+    import llvmlite.binding as ll
+
+    feats = ll.get_host_cpu_features()
+    isa = "AVX-512" if feats.get("avx512f") else "AVX2" if feats.get("avx2") else "AVX" if feats.get("avx") else "SSE"
+    return {"isa": isa, "fma": bool(feats.get("fma")), "llvm_cpu": ll.get_host_cpu_name()}
 
 
 def compare(clock: str, threads: int, rounds: int, ours: Any, theirs: Any, images_per_call: int,
@@ -245,19 +274,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=20, help="training steps per round")
     ap.add_argument("--threads", type=int, default=2, help="threads of both for the wall-clock figures")
     ap.add_argument("--no-startup", action="store_true", help="skip the compile and cached-start children")
+    ap.add_argument("--dense", action="store_true", help="our dense step (not the routed step of max pooling)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    import torch
+    try:
+        import torch
+    except ImportError:  # the peer is then our own dense step (and the dense inference: the same lenet_fwd)
+        torch = None
 
-    from bench.peer import TorchLeNet
     from lenet_gpu.backends import get_backend
 
     info = cpu_info()
     peak, formula = fp32_peak(info)
     peak1, formula1 = fp32_peak(info, cores=1)
+    isa = vector_isa()
     out: dict[str, Any] = {"cpu": info["model"], "peak_formula": formula, "peak_formula_1core": formula1,
-                           "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+                           "vector_isa": isa, "load_avg_start": os.getloadavg(),
+                           "torch": torch.__version__ if torch is not None else None,
+                           "peer": "torch" if torch is not None else "ours-dense",
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    print(f"vector ISA {isa['isa']} (LLVM CPU {isa['llvm_cpu']}); peer: {out['peer']}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     ghz = measured_clock_ghz()
     out["measured_clock_ghz"] = ghz
     print(f"CPU {info['model']}; FP32 peak {formula}; measured clock {ghz:.2f} GHz "
@@ -265,32 +303,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tr_x, tr_y, te_x, _ = load_images()
     be = get_backend("cpu")
-    ours = CpuStep(be, tr_x, tr_y, args.batch)
+    ours = CpuStep(be, tr_x, tr_y, args.batch, routed=not args.dense)
     cfg = spec.NetConfig()
-    peer = TorchLeNet(cfg, spec.views(ours.init, cfg), tr_x, tr_y, ours.mean, ours.std, lr=1e-3)
-    nsteps = tr_x.shape[0] // args.batch
-    pos = {"i": 0}
-
-    def torch_step() -> None:
-        peer.train_step((pos["i"] % nsteps) * args.batch, args.batch)
-        pos["i"] += 1
-
     inf_x = te_x[: args.infer]
     logits = be.empty((inf_x.shape[0], 10))
     params = ours.P
-    peer_inf = TorchLeNet(cfg, spec.views(ours.init, cfg), inf_x, np.zeros(inf_x.shape[0], np.uint8), ours.mean,
-                          ours.std)
 
     def our_infer() -> None:
         be.lenet_fwd(inf_x, params, logits, ours.mean, ours.std, "relu", "max")
 
-    def torch_infer() -> None:
-        peer_inf.forward(0, inf_x.shape[0])
+    if torch is not None:
+        from bench.peer import TorchLeNet
+
+        peer = TorchLeNet(cfg, spec.views(ours.init, cfg), tr_x, tr_y, ours.mean, ours.std, lr=1e-3)
+        nsteps = tr_x.shape[0] // args.batch
+        pos = {"i": 0}
+
+        def torch_step() -> None:
+            peer.train_step((pos["i"] % nsteps) * args.batch, args.batch)
+            pos["i"] += 1
+
+        peer_inf = TorchLeNet(cfg, spec.views(ours.init, cfg), inf_x, np.zeros(inf_x.shape[0], np.uint8),
+                              ours.mean, ours.std)
+
+        def torch_infer() -> None:
+            peer_inf.forward(0, inf_x.shape[0])
+    else:  # no PyTorch here: our dense step as the peer (ratios: routed / dense)
+        torch_step = CpuStep(be, tr_x, tr_y, args.batch, routed=False).step
+        torch_infer = our_infer
 
     tf, ff = train_flops(cfg), spec.forward_flops(cfg)
     out["train_flops_per_image"], out["forward_flops_per_image"] = tf, ff
     results = []
-    for clock, threads in (("wall", args.threads), ("cpu", 1)):
+    for clock, threads in (("wall", args.threads), ("wall", 1), ("cpu", 1)):
         p = peak if clock == "wall" else peak1
         p = p * min(threads, info["cores"]) / (info["cores"] if clock == "wall" else 1)
         for kind, fo, ft, n_img, calls, flops in (
@@ -304,10 +349,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r["torch_peak_fraction"] = r["torch_img_s"] * flops / p
             results.append(r)
             print(f"{kind:5s} {clock:4s} {threads} thr: ours {r['ours_img_s']:9.0f} img/s "
-                  f"({100 * r['ours_peak_fraction']:4.1f}% of peak)  torch {r['torch_img_s']:9.0f} img/s "
+                  f"({100 * r['ours_peak_fraction']:4.1f}% of peak)  {out['peer']} {r['torch_img_s']:9.0f} img/s "
                   f"({100 * r['torch_peak_fraction']:4.1f}%)  ratio {r['ratio']:.2f} "
                   f"[{r['ratio_min']:.2f}..{r['ratio_max']:.2f}]")
     out["results"] = results
+    out["load_avg_end"] = os.getloadavg()
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if not args.no_startup:
         with tempfile.TemporaryDirectory() as tmp:
             out["startup"] = startup(tmp, args.batch)

@@ -414,6 +414,15 @@ def _host_has_fma() -> bool:
     return bool(feats.get("fma", False)) and bool(feats.get("avx2", False))
 
 
+def _host_has_avx512() -> bool:
+    try:
+        import llvmlite.binding as ll
+
+        return bool(ll.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 @pytest.mark.skipif(not _host_has_fma(), reason="the host CPU has no AVX2/FMA")
 @pytest.mark.parametrize("kernel", ["conv2d_pool_fwd_v1", "conv2d_pool_fwd_v2", "conv2d_bwd_weight_v2",
                                     "conv2d_bwd_weight_v3", "conv2d_bwd_data_pool_v1", "lenet_fwd_v1"])
@@ -451,6 +460,11 @@ def test_register_blocked_kernels_use_packed_fma(kernel):
              "conv2d_bwd_weight_v3": 15, "conv2d_bwd_data_pool_v1": 24, "lenet_fwd_v1": 24}[kernel]
     assert counts["fma_zmm"] + counts["fma_ymm"] >= block, counts  # one register block's FMAs at least
     assert counts["fma_scalar"] == 0, counts
+    # at the machine's widest vectors: zmm where AVX-512 is present, ymm (and no zmm) where AVX2 is the best
+    if _host_has_avx512():
+        assert counts["fma_zmm"] >= block, counts
+    else:
+        assert counts["fma_ymm"] >= block and counts["fma_zmm"] == 0, counts
 
 
 # ------------------------------------------------------------------------------------------- misc

@@ -83,16 +83,18 @@ def test_scratch_step_runs_only_its_share(monkeypatch):
 
     calls: list[str] = []
     for op in ("batch_prepare", "conv2d_pool_fwd", "head_train", "conv2d_bwd_data_pool", "conv2d_bwd_weight",
-               "adam_step", "step_advance", "lenet_fwd"):
+               "conv2d_bwd_weight_routed", "conv2d_bwd_data_routed", "adam_step", "step_advance", "lenet_fwd"):
         orig = getattr(cpu.CpuBackend, op)
         monkeypatch.setattr(cpu.CpuBackend, op, lambda self, *a, _op=op, _f=orig, **k: (calls.append(_op),
                                                                                         _f(self, *a, **k))[1])
     options = LeNet5(backend="numpy").options()
-    warm.scratch_step(scratch_step, options, True, {"head_train", "conv2d_bwd_weight"}, set(), 1)
-    assert sorted(set(calls)) == ["conv2d_bwd_weight", "head_train"] and calls.count("conv2d_bwd_weight") == 2
+    # the default options train through the routed step (max pooling, docs/routed_backward.md)
+    warm.scratch_step(scratch_step, options, True, set(warm.HELPER_OPS), set(), 1)
+    assert sorted(set(calls)) == ["conv2d_bwd_weight_routed", "head_train"], calls
+    assert calls.count("conv2d_bwd_weight_routed") == 2, calls
     calls.clear()
     warm.scratch_step(scratch_step, options, True, None, set(warm.HELPER_OPS), 1)
-    assert set(calls) == {"batch_prepare", "conv2d_pool_fwd", "conv2d_bwd_data_pool", "adam_step", "step_advance",
+    assert set(calls) == {"batch_prepare", "conv2d_pool_fwd", "conv2d_bwd_data_routed", "adam_step", "step_advance",
                           "lenet_fwd"}, calls
 
 

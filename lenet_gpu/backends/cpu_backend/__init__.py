@@ -1,5 +1,5 @@
 """The cpu backend: every op of the protocol as Numba @njit kernels on the CPU, one module per op family
-with the stems of the GPU kernels (batch, conv2d, pool2x2, dense, head, loss, optim, lenet_fwd); the
+with the stems of the GPU kernels (batch, conv2d, pool2x2, dense, head, loss, optim, lenet_fwd, routed); the
 CpuBackend class in backend.py; the lane layout, stack tiles and activations in common.py.
 
 Kernels (``<op>_v<N>``, the names of the GPU kernels; "auto" picks lanes or rows by the map's width):
@@ -12,6 +12,11 @@ Kernels (``<op>_v<N>``, the names of the GPU kernels; "auto" picks lanes or rows
   conv2d_bwd_data_pool_v1  rows: the data gradient in register blocks, routed through the pool's argmax
   head_train_v1            lanes: C5 → F6 → output → loss → backward in one op; weight gradients by rows
   lenet_fwd_v1             lanes: the whole forward pass of 16 images in one thread's workspace
+  conv2d_bwd_weight_routed_v1/v2, conv2d_bwd_data_routed_v1
+                           the routed backward of max pooling (routed.py, docs/routed_backward.md): only the
+                           taps the pool chose, a patch row a vector (v2: the dense rows kernel on dz rows
+                           made from the routes, for C1's narrow rows); with head_train(yconv=None) and conv2d_pool_fwd
+                           without yconv, the model's routed step
   adam_step_v1, sgd_step_v1, step_advance_v1
 
 Parallel over fixed chunks of 16 images (``prange``); sums over the batch per chunk, then in chunk order:

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, Counters, HostMemory, check_act, check_mode
-from . import batch, conv2d, dense, head, lenet_fwd, loss, optim, pool2x2, warm
+from . import batch, conv2d, dense, head, lenet_fwd, loss, optim, pool2x2, routed, warm
 from .common import L, nchunks
 
 F32 = np.float32
@@ -48,8 +48,12 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "head_train": ("v1",),
     "conv2d_bwd_data_pool": ("v1",),
     "lenet_fwd": ("v1",),
+    "conv2d_bwd_weight_routed": ("v1", "v2"),
+    "conv2d_bwd_data_routed": ("v1",),
 }
-assert set(OPS) | set(OPTIONAL_OPS) == set(VARIANTS)
+#: the routed backward of max pooling (docs/routed_backward.md): optional ops of this backend
+ROUTED_OPS = ("conv2d_bwd_weight_routed", "conv2d_bwd_data_routed")
+assert set(OPS) | set(OPTIONAL_OPS) <= set(VARIANTS) <= set(OPS) | set(OPTIONAL_OPS) | set(ROUTED_OPS)
 
 #: "auto": the kernel is chosen by shape: the lanes kernel for narrow maps, the rows kernel for wide ones
 DEFAULT_VARIANTS = {op: ("auto" if len(vs) > 1 else vs[0]) for op, vs in VARIANTS.items()}
@@ -367,18 +371,84 @@ class CpuBackend(HostMemory):
             ws_dz, ws_dx = self._ws(T, K, hxp + R - 1, nv2 * L + S - 1), self._ws(T, 1, cp, hxp, nv2 * L)
         return conv2d.make_conv2d_bwd_data_pool_v1(kb), ws_dz, ws_dx, self._ws(cp, K, R, S)
 
+    # ------------------------------------------------------------------ the routed backward (max pooling)
+    def conv2d_bwd_weight_routed(self, x, gz, argmax, dw, db, state=None, variant=None) -> None:
+        self.counters.launches += 1
+        if variant in (None, "auto"):  # v1 where a patch row fills at least half its vectors (C3), else v2 (C1)
+            variant = "v1" if 2 * dw.shape[1] * dw.shape[3] > routed.patch_width(dw.shape[3], dw.shape[1]) else "v2"
+        key = ("conv2d_bwd_weight_routed", variant, x.shape, gz.shape, dw.shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan_bwd_weight_routed(variant, x, gz, argmax, dw, db)
+        fn, *ws = plan
+        fn(x, gz, argmax, dw, db, *ws)
+
+    def _check_routed(self, op: str, x, gz, argmax, w) -> None:
+        """x (B,C,H,W) the conv's input, gz/argmax (B,K,Hp,Wp) at the pooled size of its output, w (K,C,R,S)."""
+        _check_f32(op, x=x, gz=gz, w=w)
+        _check_arrays(op, argmax=argmax)
+        _need(x.ndim == 4 and w.ndim == 4 and x.shape[1] == w.shape[1], op, f"x {x.shape} and w {w.shape} disagree")
+        B, C, H, W = x.shape
+        K, _, R, S = w.shape
+        Ho, Wo = H - R + 1, W - S + 1
+        want = (B, K, Ho // 2, Wo // 2)
+        _need(Ho >= 2 and Wo >= 2 and gz.shape == want, op, f"gz {gz.shape}, want {want} (the pooled size)")
+        _need(argmax is not None and argmax.shape == want and argmax.dtype == np.uint8, op,
+              f"argmax must be uint8 {want}")
+
+    def _plan_bwd_weight_routed(self, v: str, x, gz, argmax, dw, db) -> tuple:
+        op = "conv2d_bwd_weight_routed"
+        _need(v in self.variants[op], op, f"unknown variant {v!r}; have {self.variants[op]}")
+        self._check_routed(op, x, gz, argmax, dw)
+        _check_f32(op, db=db)
+        _need(db.shape == (dw.shape[0],), op, "db must be (K,)")
+        B, C, H, W = x.shape
+        K, _, R, S = dw.shape
+        if v == "v2":  # conv2d_bwd_weight_v3's kernel and workspaces, dz made from gz and the routes
+            kb, kp = conv2d.block_size(K, (4, 3))
+            nv = -(-(W - S + 1) // L)
+            T = self._slots
+            return (conv2d.make_conv2d_bwd_weight_routed_v2(kb), self._ws(T, L, C, H, nv * L + S - 1),
+                    self._ws(T, L, kp, H - R + 1, nv * L), self._ws(nchunks(B), K * C * R * S + K))
+        pw = routed.patch_width(S, C)
+        kb = routed.routed_block(K, R, pw)
+        _need(kb * R * pw <= routed.RT_TILE, op, f"a patch of {R} rows × {S * C} floats is too big")
+        fn = routed.make_conv2d_bwd_weight_routed_v1(kb, R, pw)
+        return fn, self._ws(self._slots, L, H, W * C + pw), self._ws(nchunks(B), K * C * R * S + K)
+
+    def conv2d_bwd_data_routed(self, gz, w, argmax, y_below, gz_below, act, variant=None) -> None:
+        self.counters.launches += 1
+        acode = _act(act)
+        key = ("conv2d_bwd_data_routed", gz.shape, w.shape, y_below.shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            op = "conv2d_bwd_data_routed"
+            self._check_routed(op, y_below, gz, argmax, w)
+            _check_f32(op, gz_below=gz_below)
+            _need(gz_below.shape == y_below.shape, op, "gz_below must have y_below's shape")
+            _, C, H, W = y_below.shape
+            K, _, R, S = w.shape
+            pw = routed.patch_width(S, C)
+            _need(R * pw <= routed.RT_TILE, op, f"a filter of {R} rows × {S * C} floats is too big")
+            plan = self._plans[key] = (routed.make_conv2d_bwd_data_routed_v1(R, pw),
+                                       self._ws(self._slots, H, W * C + pw), self._ws(K, R, pw))
+        fn, *ws = plan
+        fn(gz, w, argmax, y_below, gz_below, acode, *ws)
+
     def head_train(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
                    dw1, db1, dw2, db2, dw3, db3, stats, state, act, mode, variant=None) -> None:
         self.counters.launches += 1
         acode, mcode = _act(act), _mode(mode)
-        key = ("head_train", x.shape, w1.shape, w2.shape, w3.shape, yconv.shape, stats.shape, mode)
+        routed_ = yconv is None  # the routed step: dz_conv gets gz = dL/dx · act'(x) at x's shape
+        key = ("head_train", x.shape, w1.shape, w2.shape, w3.shape, None if routed_ else yconv.shape, stats.shape,
+               mode)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan_head(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax,
                                                       yconv, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, mode)
         head.head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits,
-                           argmax if argmax is not None else self._dummy_u8, yconv, dz_conv,
-                           dw1, db1, dw2, db2, dw3, db3, stats, state, acode, mcode, *plan)
+                           argmax if argmax is not None else self._dummy_u8, yconv if not routed_ else self._dummy_f,
+                           dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, state, acode, mcode, routed_, *plan)
 
     def _plan_head(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
                    dw1, db1, dw2, db2, dw3, db3, stats, mode: str) -> tuple:
@@ -395,11 +465,15 @@ class CpuBackend(HostMemory):
                               ("dw1", dw1, w1.shape), ("db1", db1, (H1,)), ("dw2", dw2, w2.shape),
                               ("db2", db2, (H2,)), ("dw3", dw3, w3.shape), ("db3", db3, (NC,))):
             _need(a.shape == want, op, f"{name} must be {want}, got {a.shape}")
-        _need(yconv.shape[:2] == (B, C) and yconv.shape[2] // 2 == Hp and yconv.shape[3] // 2 == Wp, op,
-              f"yconv {yconv.shape} is not the map x {x.shape} pools")
-        _need(dz_conv.shape == yconv.shape, op, "dz_conv must have yconv's shape")
+        if yconv is None:
+            _need(mode == "max", op, "yconv=None (the routed step) needs max pooling")
+            _need(dz_conv.shape == x.shape, op, "with yconv=None, dz_conv must have x's shape")
+        else:
+            _need(yconv.shape[:2] == (B, C) and yconv.shape[2] // 2 == Hp and yconv.shape[3] // 2 == Wp, op,
+                  f"yconv {yconv.shape} is not the map x {x.shape} pools")
+            _need(dz_conv.shape == yconv.shape, op, "dz_conv must have yconv's shape")
         _need(stats.ndim == 2 and stats.shape[1] == 2, op, "stats must be (S, 2)")
-        if mode == "max":
+        if mode == "max" and yconv is not None:
             _need(argmax is not None and argmax.shape == x.shape and argmax.dtype == np.uint8, op,
                   "max pooling needs a uint8 argmax with x's shape")
             _check_arrays(op, argmax=argmax)

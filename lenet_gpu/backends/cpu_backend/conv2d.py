@@ -9,6 +9,7 @@ chunk order, so no result depends on the thread count.
   conv2d_bwd_weight_v1   one dw element at a time: sums along each row, then over rows and images
   conv2d_bwd_weight_v2   lanes: 16 images a vector; KB filters × 5 taps of accumulators in registers
   conv2d_bwd_weight_v3   rows: 16 columns a vector (wide maps); the same blocking, images of a chunk in turn
+  conv2d_bwd_weight_routed_v2  v3 on max pooling's routed gradient (routed.py): dz rows made from gz and the routes
   conv2d_pool_fwd_v1     lanes: conv + bias + act + 2×2 pool; one pooling window × KB filters in registers
   conv2d_pool_fwd_v2     rows: 2 rows × 32 columns × KB filters in registers, pooled in the epilogue (wide maps)
   conv2d_bwd_data_pool_v1  rows: dx in blocks of 2 rows of two images (or 2 rows × 32 columns) × KB channels in
@@ -566,10 +567,6 @@ def _bwd_weight_rows_chunk(x, dz, xs, ds, p, b0, K, KB):
     literally(KB)
     B, C, H, W = x.shape
     Ho, Wo = dz.shape[2], dz.shape[3]
-    Kp = ds.shape[1]
-    NV = ds.shape[3] // L
-    R, S = H - Ho + 1, W - Wo + 1
-    ntap = R * S
     nb = min(L, B - b0)
     for e in range(nb):  # the chunk's images: x zero past column W, dz zero past column Wo and filter K
         for c in range(C):
@@ -584,6 +581,43 @@ def _bwd_weight_rows_chunk(x, dz, xs, ds, p, b0, K, KB):
                 d_ = ds[e, k, h]
                 for v in range(Wo):
                     d_[v] = s_[v]
+    _bwd_weight_rows_sums(xs, ds, p, nb, C, H, W, Ho, Wo, K, KB)
+
+
+@njit(**JIT_INNER)
+def _bwd_weight_rows_routed_chunk(x, gz, argmax, xs, ds, p, b0, Ho, Wo, K, KB):
+    """_bwd_weight_rows_chunk on the routed gradient: each image's dz rows made in the workspace from gz and
+    the routes (zeros, then gz at the routed taps) instead of copied from a dense dz."""
+    literally(KB)
+    B, C, H, W = x.shape
+    Hp, Wp = gz.shape[2], gz.shape[3]
+    nb = min(L, B - b0)
+    for e in range(nb):
+        for c in range(C):
+            for h in range(H):
+                s_ = x[b0 + e, c, h]
+                d_ = xs[e, c, h]
+                for v in range(W):
+                    d_[v] = s_[v]
+        for k in range(K):
+            for h in range(Ho):
+                d_ = ds[e, k, h]
+                for v in range(Wo):
+                    d_[v] = ZERO
+            for i in range(Hp):
+                for j in range(Wp):
+                    a = argmax[b0 + e, k, i, j] & 3
+                    ds[e, k, 2 * i + (a >> 1), 2 * j + (a & 1)] = gz[b0 + e, k, i, j]
+    _bwd_weight_rows_sums(xs, ds, p, nb, C, H, W, Ho, Wo, K, KB)
+
+
+@njit(**JIT_INNER)
+def _bwd_weight_rows_sums(xs, ds, p, nb, C, H, W, Ho, Wo, K, KB):
+    literally(KB)
+    Kp = ds.shape[1]
+    NV = ds.shape[3] // L
+    R, S = H - Ho + 1, W - Wo + 1
+    ntap = R * S
     acc = carray(stack_tile(BW_TILE), (4 * TB, L))
     for k0 in range(0, Kp, KB):
         for c in range(C):
@@ -644,6 +678,26 @@ def make_conv2d_bwd_weight_v3(KB: int) -> Any:
             _sum_parts(part, nch, dw, db)
 
         _MADE[key] = conv2d_bwd_weight_v3
+    return _MADE[key]
+
+
+def make_conv2d_bwd_weight_routed_v2(KB: int) -> Any:
+    """conv2d_bwd_weight_routed_v2 (rows, cpu_backend/routed.py): conv2d_bwd_weight_v3 on the routed gradient,
+    its dz rows made from gz and the routes in the workspace (no dense dz)."""
+    key = ("conv2d_bwd_weight_routed_v2", KB)
+    if key not in _MADE:
+
+        @njit(parallel=True, **JIT)
+        def conv2d_bwd_weight_routed_v2(x, gz, argmax, dw, db, ws_x, ws_dz, part):
+            nch = (x.shape[0] + L - 1) // L
+            Ho, Wo = x.shape[2] - dw.shape[2] + 1, x.shape[3] - dw.shape[3] + 1
+            for ci in prange(nch):
+                tid = get_thread_id()
+                _bwd_weight_rows_routed_chunk(x, gz, argmax, ws_x[tid], ws_dz[tid], part[ci], np.int64(ci) * L,
+                                              Ho, Wo, dw.shape[0], KB)
+            _sum_parts(part, nch, dw, db)
+
+        _MADE[key] = conv2d_bwd_weight_routed_v2
     return _MADE[key]
 
 

@@ -2,7 +2,9 @@
 
   head_train_v1  lanes: per chunk of 16 images (prange), C5 → F6 → output as register-blocked lane
                  kernels, the softmax and its statistics per image, the backward pass down to dS4, and the
-                 route through S4's pooling into C3's pre-activation gradient (NCHW); then the three
+                 route through S4's pooling into C3's pre-activation gradient (NCHW), or with ``routed``
+                 (yconv=None, max pooling: docs/routed_backward.md) gz = dS4 · act'(S4) at S4's shape, no
+                 route and no yconv read; then the three
                  weight gradients as row kernels over the whole batch in order (prange over blocks of 8
                  rows × ≤ 80 columns), so no weight gradient depends on the chunking or the threads
 """
@@ -34,7 +36,7 @@ def dw_tasks(shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
 
 @njit(**JIT_INNER)
 def _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, act_code, mode,
-                xt, h1t, h2t, zt, d1t, d2t, dxt, dxw, dz1r, dz2r, dz3r, b0, inv_n):
+                routed, xt, h1t, h2t, zt, d1t, d2t, dxt, dxw, dz1r, dz2r, dz3r, b0, inv_n):
     """Forward, loss and backward of images b0 .. b0+15; returns (Σ loss (float64), correct count)."""
     B, I = xf.shape
     C4, Hp, Wp = dxw.shape
@@ -72,6 +74,21 @@ def _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, ycon
         for lane in range(L):
             d1t[o, lane] = act_grad(d1t[o, lane], h1t[o, lane], act_code)
     lane_dense_t(w1, d1t, dxt)
+    if routed:  # gz = dL/dx · act'(x) at x's shape: in max mode x is the activated output at the routed tap
+        gzf = dz_conv.reshape((B, I))
+        for i in range(I):
+            for lane in range(L):
+                dxt[i, lane] = act_grad(dxt[i, lane], xt[i, lane], act_code)
+        for lane in range(nb):
+            gr = gzf[b0 + lane]
+            for i in range(I):
+                gr[i] = dxt[i, lane]
+            bb = b0 + lane
+            for o in range(H2):
+                dz2r[bb, o] = d2t[o, lane]
+            for o in range(H1):
+                dz1r[bb, o] = d1t[o, lane]
+        return s, c
     dxf = dxw.reshape((C4 * Hp * Wp,))
     for lane in range(nb):
         bb = b0 + lane
@@ -99,7 +116,7 @@ def _head_dw_task(task, xf, h1, h2, dz1r, dz2r, dz3r, dw1, db1, dw2, db2, dw3, d
 
 @njit(parallel=True, **JIT)
 def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
-                  dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode,
+                  dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode, routed,
                   ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks):
     B = x.shape[0]
     xf = x.reshape((B, x.shape[1] * x.shape[2] * x.shape[3]))
@@ -108,8 +125,8 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
     for ci in prange(nch):
         tid = get_thread_id()
         s, c = _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, act_code,
-                           mode, ws_x[tid], ws_h1[tid], ws_h2[tid], ws_z[tid], ws_d1[tid], ws_d2[tid], ws_dx[tid],
-                           ws_dxw[tid], dz1r, dz2r, dz3r, np.int64(ci) * L, inv_n)
+                           mode, routed, ws_x[tid], ws_h1[tid], ws_h2[tid], ws_z[tid], ws_d1[tid], ws_d2[tid],
+                           ws_dx[tid], ws_dxw[tid], dz1r, dz2r, dz3r, np.int64(ci) * L, inv_n)
         part[ci, 0] = s
         part[ci, 1] = c
     write_stats_row(part, nch, stats, state)

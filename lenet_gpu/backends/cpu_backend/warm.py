@@ -44,7 +44,8 @@ ScratchStep = Callable[[Any, dict, bool, int], None]
 #: one run, both variants where a step uses two): head_train 7.8 s, conv2d_bwd_weight 4.8 s,
 #: conv2d_pool_fwd 5.5 s, conv2d_bwd_data_pool 3.5 s, lenet_fwd 3 s, the rest about 1.5 s. The helper also
 #: pays for its own start (about 1.5 s), so it takes the first two and this process the rest.
-HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_weight")
+#: The routed step (max pooling) takes conv2d_bwd_weight_routed in conv2d_bwd_weight's place: both here.
+HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_weight", "conv2d_bwd_weight_routed")
 #: images of the scratch step (one chunk of lanes)
 SCRATCH_BATCH = 16
 #: seconds to wait for the helper before compiling its share here
@@ -87,7 +88,7 @@ def scratch_step(step: ScratchStep, options: dict[str, Any], fused: bool, run: s
     ``step``, running only the ops in ``run`` (None: all) and not in ``skip``: compiles their kernels into the
     cache."""
     from .. import get_backend
-    from ..base import OPS, OPTIONAL_OPS
+    from ..base import OPS, OPTIONAL_OPS, ROUTED_OPS
 
     be = get_backend("cpu", threads=threads)
     be.empty = be.zeros  # type: ignore[method-assign] - zeros wherever a skipped op would have written
@@ -96,7 +97,7 @@ def scratch_step(step: ScratchStep, options: dict[str, Any], fused: bool, run: s
     def skipped(*args: Any, **kwargs: Any) -> None:
         return None
 
-    for op in (*OPS, *OPTIONAL_OPS):
+    for op in (*OPS, *OPTIONAL_OPS, *ROUTED_OPS):
         if (run is not None and op not in run) or op in skip:
             setattr(be, op, skipped)
     step(be, options, fused, SCRATCH_BATCH)

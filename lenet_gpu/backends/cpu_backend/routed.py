@@ -1,0 +1,192 @@
+"""routed: the backward of a conv + 2×2 max pool that touches only the routed taps (docs/routed_backward.md).
+
+gz (B,K,Hp,Wp) is the routed gradient at the pooled size, argmax (B,K,Hp,Wp) the tap each window chose; the
+dense ops' dz is gz scattered to those taps, 3/4 zeros. These kernels take one routed position at a time:
+
+  conv2d_bwd_weight_routed_v1  patch rows: dw[k] += gz · (the input patch at the routed tap), the input copied
+                               channels-last so that a patch row of S·C floats is contiguous (C3: 30 floats, two
+                               16-float vectors); R rows × PW floats of accumulators in registers
+  conv2d_bwd_weight_routed_v2  conv2d.make_conv2d_bwd_weight_routed_v2: the dense rows kernel (conv2d_bwd_weight_v3)
+                               with each image's dz rows made in its workspace from gz and the routes: for narrow
+                               patch rows (C = 1: 5 of 16 floats), where v1 loses (LeNet's C1, batch 128, one
+                               thread: v1 took 5 to 6 times the dense kernel's time; LLVM compiles its 16-float
+                               row to scalar FMAs); the dense multiply-adds, no dense dz
+  conv2d_bwd_data_routed_v1    patch rows: dx (channels-last, per image) += gz · (the filter's rows, S·C floats),
+                               then gz_below = dx · act'(y_below) back to NCHW
+
+What they improve on the dense kernels (conv2d_bwd_weight_v2/v3, conv2d_bwd_data_pool_v1): a quarter of the
+multiply-adds (LeNet's C3 data gradient and weight gradient: 480K → 120K an image; C1's weight gradient, 118K,
+stays dense, v2), and no dense dz, no yconv. The vector runs along a patch row, so the routed tap is one scalar
+offset (a vector over images or output columns would need a gather, or a select of 4 taps: the dense cost). The
+cost: a patch row of S·C floats is padded to PW (a multiple of the vector), which wastes 2/32 at C3 (C = 6).
+
+Every chunk of 16 images is one prange task; the weight gradient is summed per chunk, then over the chunks in
+chunk order (no result depends on the thread count); the data gradient is per image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import carray, get_thread_id, literally, prange
+
+from .common import JIT, JIT_INNER, ZERO, L, act_grad, njit, stack_tile
+from .conv2d import _sum_parts
+
+#: the accumulator tile: up to 4 filters × 5 rows × 32 floats (KB · R · PW ≤ RT_TILE)
+RT_TILE = 4 * 5 * 32
+_MADE: dict[tuple[str, int, int, int], Any] = {}
+
+
+def patch_width(S: int, C: int, vector: int = 16) -> int:
+    """PW: a patch row of S·C floats rounded up to whole vectors (16 floats: one AVX-512 register, two AVX2)."""
+    return -(-(S * C) // vector) * vector
+
+
+def routed_block(K: int, R: int, PW: int) -> int:
+    """KB: filters a block of conv2d_bwd_weight_routed_v1. 1: its R · PW / 16 accumulators (C3: 10 vectors) stay
+    in registers; with 2 or 4 LLVM keeps the block's loop and the tile in memory (measured at LeNet's C3, batch
+    128, one thread, interleaved on a loaded machine: KB 1, 2, 4 took 1.33, 2.18, 2.36 ms, the dense v2 3.74 ms).
+    A divisor of K in any case (the kernel has no partial block)."""
+    return 1
+
+
+@njit(**JIT_INNER)
+def to_channels_last(src, bb, dst):
+    """dst[h, w·C + c] = src[bb, c, h, w] (dst (≥H, ≥W·C)); the rest of dst is left as it is (zero)."""
+    _, C, H, W = src.shape
+    for c in range(C):
+        for h in range(H):
+            s_ = src[bb, c, h]
+            d_ = dst[h]
+            for w in range(W):
+                d_[w * C + c] = s_[w]
+
+
+@njit(**JIT_INNER)
+def _bwd_weight_routed_chunk(x, gz, argmax, xs, p, b0, K, S, KB, R, PW):
+    literally(KB)
+    literally(R)
+    literally(PW)
+    B, C, H, W = x.shape
+    Hp, Wp = gz.shape[2], gz.shape[3]
+    n = K * C * R * S
+    nb = min(L, B - b0)
+    for e in range(nb):
+        to_channels_last(x, b0 + e, xs[e])
+    acc = carray(stack_tile(RT_TILE), (RT_TILE // PW, PW))
+    for k0 in range(0, K, KB):  # KB divides K
+        for t in range(KB * R):
+            for v in range(PW):
+                acc[t, v] = ZERO
+        for e in range(nb):
+            bb = b0 + e
+            xe = xs[e]
+            for i in range(Hp):
+                for j in range(Wp):
+                    for q in range(KB):
+                        k = k0 + q
+                        a = argmax[bb, k, i, j] & 3  # a corrupt argmax stays inside its window
+                        g = gz[bb, k, i, j]
+                        h0 = 2 * i + (a >> 1)
+                        o = np.uint64((2 * j + (a & 1)) * C)
+                        for r in range(R):
+                            row = xe[h0 + r]
+                            for v in range(PW):
+                                acc[q * R + r, v] += g * row[o + np.uint64(v)]
+        for q in range(KB):
+            k = k0 + q
+            for r in range(R):
+                for s in range(S):
+                    for c in range(C):
+                        p[((k * C + c) * R + r) * S + s] = acc[q * R + r, s * C + c]
+    for k in range(K):  # db: Σ gz, images in order
+        a = ZERO
+        for e in range(nb):
+            g = gz[b0 + e, k]
+            for i in range(Hp):
+                for j in range(Wp):
+                    a += g[i, j]
+        p[n + k] = a
+
+
+def make_conv2d_bwd_weight_routed_v1(KB: int, R: int, PW: int) -> Any:
+    """conv2d_bwd_weight_routed_v1 for blocks of KB filters, R patch rows of PW floats."""
+    key = ("conv2d_bwd_weight_routed_v1", KB, R, PW)
+    if key not in _MADE:
+
+        @njit(parallel=True, **JIT)
+        def conv2d_bwd_weight_routed_v1(x, gz, argmax, dw, db, ws_x, part):
+            nch = (x.shape[0] + L - 1) // L
+            for ci in prange(nch):
+                _bwd_weight_routed_chunk(x, gz, argmax, ws_x[get_thread_id()], part[ci], np.int64(ci) * L,
+                                         dw.shape[0], dw.shape[3], KB, R, PW)
+            _sum_parts(part, nch, dw, db)
+
+        _MADE[key] = conv2d_bwd_weight_routed_v1
+    return _MADE[key]
+
+
+@njit(**JIT_INNER)
+def _bwd_data_routed_chunk(gz, wt, argmax, y_below, gzb, act_code, dxs, b0, R, PW):
+    literally(R)
+    literally(PW)
+    B, K, Hp, Wp = gz.shape
+    _, C, H, W = y_below.shape
+    # the filter's rows on the stack: they alias nothing, so the row update needs no run-time overlap check
+    wk = carray(stack_tile(RT_TILE), (RT_TILE // PW, PW))
+    for bb in range(b0, min(B, b0 + L)):
+        for h in range(dxs.shape[0]):
+            d_ = dxs[h]
+            for v in range(dxs.shape[1]):
+                d_[v] = ZERO
+        for k in range(K):
+            for r in range(R):
+                for v in range(PW):
+                    wk[r, v] = wt[k, r, v]
+            for i in range(Hp):
+                for j in range(Wp):
+                    a = argmax[bb, k, i, j] & 3
+                    g = gz[bb, k, i, j]
+                    h0 = 2 * i + (a >> 1)
+                    o = np.uint64((2 * j + (a & 1)) * C)
+                    for r in range(R):
+                        row = dxs[h0 + r]
+                        for v in range(PW):
+                            row[o + np.uint64(v)] += g * wk[r, v]
+        for c in range(C):
+            for h in range(H):
+                d_ = dxs[h]
+                y_ = y_below[bb, c, h]
+                o_ = gzb[bb, c, h]
+                for w in range(W):
+                    o_[w] = act_grad(d_[w * C + c], y_[w], act_code)
+
+
+@njit(**JIT_INNER)
+def _rows_of_filters(w, wt):
+    """wt[k, r, s·C + c] = w[k, c, r, s] (the rest of wt stays zero)."""
+    K, C, R, S = w.shape
+    for k in range(K):
+        for c in range(C):
+            for r in range(R):
+                for s in range(S):
+                    wt[k, r, s * C + c] = w[k, c, r, s]
+
+
+def make_conv2d_bwd_data_routed_v1(R: int, PW: int) -> Any:
+    """conv2d_bwd_data_routed_v1 for R filter rows of PW floats."""
+    key = ("conv2d_bwd_data_routed_v1", 0, R, PW)
+    if key not in _MADE:
+
+        @njit(parallel=True, **JIT)
+        def conv2d_bwd_data_routed_v1(gz, w, argmax, y_below, gzb, act_code, ws_dx, wt):
+            _rows_of_filters(w, wt)
+            for ci in prange((gz.shape[0] + L - 1) // L):
+                _bwd_data_routed_chunk(gz, wt, argmax, y_below, gzb, act_code, ws_dx[get_thread_id()],
+                                       np.int64(ci) * L, R, PW)
+
+        _MADE[key] = conv2d_bwd_data_routed_v1
+    return _MADE[key]
+
