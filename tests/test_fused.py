@@ -322,9 +322,12 @@ def test_host_wrappers_reject_bad_arguments(hbe):
     images = d.put(np.zeros((2, 28, 28), np.uint8))
     with pytest.raises(ValueError, match="logits"):
         fused.lenet_fwd(hbe, images, params, d.put(np.zeros((3, 10), np.float32)), 0.1, 0.3, "relu", "max")
-    with pytest.raises(TypeError, match="images"):
-        fused.lenet_fwd(hbe, d.put(np.zeros((2, 28, 28), np.float32)), params, d.put(np.zeros((2, 10), np.float32)),
+    with pytest.raises(TypeError, match="images"):  # uint8 pixels or float32 normalised ones, nothing else
+        fused.lenet_fwd(hbe, d.put(np.zeros((2, 28, 28), np.int32)), params, d.put(np.zeros((2, 10), np.float32)),
                         0.1, 0.3, "relu", "max")
+    with pytest.raises(ValueError, match="v3"):  # float32 images need v3
+        fused.lenet_fwd(hbe, d.put(np.zeros((2, 28, 28), np.float32)), params, d.put(np.zeros((2, 10), np.float32)),
+                        0.1, 0.3, "relu", "max", "v2")
     with pytest.raises(ValueError, match="variant"):
         fused.lenet_fwd(hbe, images, params, d.put(np.zeros((2, 10), np.float32)), 0.1, 0.3, "relu", "max", "v9")
     with pytest.raises(ValueError, match="activation"):

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lenet_gpu import reference as ref
 from lenet_gpu.backends.base import OPTIONAL_OPS
 from lenet_gpu.backends.numpy_backend import NumpyBackend
 from lenet_gpu.parity import nan_like
@@ -68,6 +69,10 @@ class RefFused(NumpyBackend):
         self.dense_bwd(h2, w3, logits, dl, d2, dw3, db3, "identity")
         self.dense_bwd(h1, w2, h2, d2, d1, dw2, db2, act)
         self.dense_bwd(xf, w1, h1, d1, dxf, dw1, db1, act)
+        if yconv is None:  # the routed form (max pooling): the gradient at x's shape times act'(x)
+            assert mode == "max"
+            dz_conv[...] = dxf.reshape(x.shape) * ref.activation_grad(x, act)
+            return
         am = argmax if argmax is not None else np.zeros(x.shape, np.uint8)
         self.pool2x2_bwd(dxf.reshape(x.shape), am, yconv, dz_conv, mode, act)
 
@@ -98,9 +103,9 @@ def _all_pass(be, ops, profile="tiny", max_tier=1):
 
 
 def test_every_protocol_op_has_a_builder():
-    from lenet_gpu.backends.base import OPS
+    from lenet_gpu.backends.base import OPS, ROUTED_OPS
 
-    assert set(OPS) | set(OPTIONAL_OPS) <= set(KNOWN_OPS)
+    assert set(OPS) | set(OPTIONAL_OPS) | set(ROUTED_OPS) <= set(KNOWN_OPS)
 
 
 def test_numpy_backend_passes_op_parity():

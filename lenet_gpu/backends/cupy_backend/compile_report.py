@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import fused
-from .backend import C_BLOCKS, K_BLOCKS, CupyBackend
+from .backend import C_BLOCKS, K_BLOCKS, OP_KERNELS, CupyBackend
 from .runtime import Runtime, define_options, kernel_source
 
 
@@ -123,8 +123,18 @@ def module_option_sets(defines: dict[str, dict[str, int]] | None = None) -> dict
         sets = [be.options(stem)]
         for name in (k for k, v in d.items() if not v):
             sets += [be.options(stem, ((name, w),)) for w in widths[name]]
+        if stem == OP_KERNELS["conv2d_bwd_weight_routed"][0]:  # the routed v2 kernels' compile-time geometry
+            sets += [be.options(stem, extra) for extra in ROUTED_GEOMETRY]
         out[stem] = tuple(dict.fromkeys(sets))
     return out
+
+
+#: the per-launch defines of the routed v2 kernels at LeNet-5's layers (backend.plan): the weight gradient of
+#: C1 and C3 (both 5x5: RT_R, RT_S) and C3's data gradient into S2 (6 channels: RT_C)
+ROUTED_GEOMETRY: tuple[tuple[tuple[str, int], ...], ...] = (
+    (("RT_R", 5), ("RT_S", 5)),
+    (("RT_C", 6), ("RT_R", 5), ("RT_S", 5)),
+)
 
 
 class SequenceRuntime(RecordingRuntime):
