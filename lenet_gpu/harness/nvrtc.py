@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import re
 import sys
 from collections.abc import Sequence
@@ -133,6 +134,39 @@ def _clean_log(raw: bytes) -> str:
 _WARNING_LINE = re.compile(r"^(?!Remark).*\bwarning\b", re.IGNORECASE | re.MULTILINE)
 
 
+#: successful compiles of this process, by (source digest, name, options, name expressions): the test suite
+#: and the reports compile the same module with the same options several times (NVRTC takes up to ~15 s for
+#: lenet_fwd.cu); a result is the same bytes every time, and a failure is never kept
+_COMPILED: dict[tuple, tuple[str, bytes | None, str, dict[str, str]]] = {}
+_COMPILED_MAX = 128
+
+
+def _compile_program(src: str, prog_name: str, opts: list[str], name_expressions: Sequence[str],
+                     arch: str) -> tuple[str, bytes | None, str, dict[str, str]]:
+    """One NVRTC compile: (PTX, CUBIN or None, the cleaned log, lowered names). Raises NvrtcError."""
+    nvrtc = _nvrtc()
+    prog = _check(nvrtc.nvrtcCreateProgram(src.encode(), prog_name.encode(), 0, [], []), "nvrtcCreateProgram")
+    try:
+        for expr in name_expressions:
+            _check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()), f"nvrtcAddNameExpression({expr!r})")
+        encoded = [o.encode() for o in opts]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(encoded), encoded)
+        log = _clean_log(_get_bytes(prog, nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, "log"))
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise NvrtcError(f"NVRTC failed to compile {prog_name} for {arch} ({err.name}):\n{log}", log)
+        ptx = _get_bytes(prog, nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX, "PTX").rstrip(b"\x00").decode()
+        cubin = None
+        if arch.startswith("sm_"):
+            cubin = _get_bytes(prog, nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, "CUBIN")
+        lowered = {
+            expr: _check(nvrtc.nvrtcGetLoweredName(prog, expr.encode()), "nvrtcGetLoweredName").decode()
+            for expr in name_expressions
+        }
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return ptx, cubin, log, lowered
+
+
 def compile_cuda(
     src: str | None = None,
     *,
@@ -177,28 +211,16 @@ def compile_cuda(
     opts += [f"-I{d}" for d in dirs]
     opts += list(options)
 
-    nvrtc = _nvrtc()
-    prog = _check(nvrtc.nvrtcCreateProgram(src.encode(), prog_name.encode(), 0, [], []), "nvrtcCreateProgram")
-    try:
-        for expr in name_expressions:
-            _check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()), f"nvrtcAddNameExpression({expr!r})")
-        encoded = [o.encode() for o in opts]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(encoded), encoded)
-        log = _clean_log(_get_bytes(prog, nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog, "log"))
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise NvrtcError(f"NVRTC failed to compile {prog_name} for {arch} ({err.name}):\n{log}", log)
-        if warnings_as_errors and _WARNING_LINE.search(log):
-            raise NvrtcError(f"NVRTC warnings for {prog_name} ({arch}), treated as errors:\n{log}", log)
-        ptx = _get_bytes(prog, nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX, "PTX").rstrip(b"\x00").decode()
-        cubin = None
-        if arch.startswith("sm_"):
-            cubin = _get_bytes(prog, nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN, "CUBIN")
-        lowered = {
-            expr: _check(nvrtc.nvrtcGetLoweredName(prog, expr.encode()), "nvrtcGetLoweredName").decode()
-            for expr in name_expressions
-        }
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    key = (hashlib.sha256(src.encode()).hexdigest(), prog_name, tuple(opts), tuple(name_expressions))
+    hit = _COMPILED.get(key)
+    if hit is None:
+        hit = _compile_program(src, prog_name, opts, name_expressions, arch)
+        if len(_COMPILED) >= _COMPILED_MAX:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[key] = hit
+    ptx, cubin, log, lowered = hit
+    if warnings_as_errors and _WARNING_LINE.search(log):
+        raise NvrtcError(f"NVRTC warnings for {prog_name} ({arch}), treated as errors:\n{log}", log)
     kernels = parse_ptxas_log(log, arch)
     display = {mangled: expr for expr, mangled in lowered.items()}
     for k in kernels:
