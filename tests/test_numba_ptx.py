@@ -10,9 +10,11 @@ import os
 
 import pytest
 
+from tests.conftest import require
+
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("PTX checks need the real compiler (NUMBA_ENABLE_CUDASIM is set)", allow_module_level=True)
-pytest.importorskip("numba.cuda")
+require("numba.cuda")  # skips only when numba-cuda is not installed; an import error fails
 
 from lenet_gpu.backends.numba_backend import compile_report as cr  # noqa: E402
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
+
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
@@ -84,8 +86,8 @@ def readme_block_after(marker: str) -> list[str]:
 def test_readme_examples_after_training_run_as_written(tmp_path):
     """The README's evaluate / visualize / predict examples, run as written (less `uv run ...`) after a tiny
     training run in a fresh folder: they take the latest run, and the named one."""
-    pytest.importorskip("matplotlib")
-    pytest.importorskip("PIL")
+    require("matplotlib")
+    require("PIL")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", "LENET_GPU_OFFLINE": "1"}
     (tmp_path / "docs").symlink_to(ROOT / "docs")  # the README's relative docs/sample_digit.png
     train = [sys.executable, "-m", "lenet_gpu.train", "--dataset", "mnist-sample", "--backend", "numpy", "--limit",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from lenet_gpu.runs import NoRun, latest_checkpoint, new_checkpoint
+from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "mnist-sample", "--backend", "numpy", "--no-progress", "--limit", "64", "--epochs", "1",
@@ -85,11 +86,11 @@ def test_a_second_default_run_keeps_the_first_runs_files(tmp_path):
     ev = run(tmp_path, "lenet_gpu.evaluate", "--backend", "numpy", "--limit", "64", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["checkpoint"] == str(Path("runs") / "lenet5-2.npz")
-    pytest.importorskip("PIL")
+    require("PIL")
     pr = run(tmp_path, "lenet_gpu.predict", str(ROOT / "docs" / "sample_digit.png"), "--json")
     assert pr.returncode == 0, pr.stderr
     assert json.loads(pr.stdout)["file"].endswith("sample_digit.png")
-    pytest.importorskip("matplotlib")
+    require("matplotlib")
     vz = run(tmp_path, "lenet_gpu.visualize", "filters", "--out", "fig")
     assert vz.returncode == 0, vz.stderr
     assert (tmp_path / "fig" / "lenet5-2-filters.png").is_file()
