@@ -444,3 +444,77 @@ def lenet_fwd(
     a3 = conv2d_fwd(s2, p["c3.w"], p["c3.b"], act)
     s4, _ = pool2x2_fwd(a3, mode)
     return head_fwd(s4.reshape(n, -1), p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"], p["out.w"], p["out.b"], act)[2]
+
+
+# --------------------------------------------------------------- the four-kernel step (max pooling only)
+#
+# The ops of the four-kernel training step (docs/step4.md) as compositions of the ops above. Its conv weight
+# gradients travel as per-group partial sums ``gpart`` (S, conv_prefix) laid out as the first conv_prefix floats
+# of the flat parameter buffer (c1.w, c1.b, c3.w, c3.b and their alignment padding, which stays 0).
+
+
+def step_groups(batch: int, groups: int) -> list[slice]:
+    """The image groups of ``step_bwd``: chunk = ceil(batch / groups); group s = images [s·chunk, min(batch,
+    (s+1)·chunk)) (empty groups at the end when groups does not divide evenly give zero rows)."""
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1 (got {groups})")
+    chunk = -(-batch // groups)
+    return [slice(min(batch, s * chunk), min(batch, (s + 1) * chunk)) for s in range(groups)]
+
+
+def step_fwd(
+    images: np.ndarray, labels: np.ndarray, perm: np.ndarray, state: np.ndarray, sched: np.ndarray, batch: int,
+    params: dict[str, np.ndarray], mean: float, std: float, act: str, pad: int = 2,
+) -> dict:
+    """The forward half of the four-kernel step: batch_prepare (from the int32 step state's OFFSET, EPOCH, SEED,
+    SHIFT), C1 + act + 2×2 max pool, C3 + act + 2×2 max pool, and this step's schedule row.
+
+    Returns x (B,1,32,32), y (B,) int32, p1 (B,6,14,14), m1 (uint8 routes), p3 (B,16,5,5), m3 and srow (4,) =
+    sched[clamp(STEP − SCHED_BASE, 0, T − 1)] (float64 except y, the routes and srow)."""
+    from .stepstate import EPOCH, OFFSET, SCHED_BASE, SEED, SHIFT, STEP
+
+    m = perm.shape[0]
+    j = perm[(int(state[OFFSET]) + np.arange(batch)) % m]
+    x, y = batch_prepare(images, labels, j, 0, batch, mean, std, seed=int(state[SEED]), epoch=int(state[EPOCH]),
+                         max_shift=int(state[SHIFT]), pad=pad)
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    a1 = conv2d_fwd(x, p["c1.w"], p["c1.b"], act)
+    p1, m1 = pool2x2_fwd(a1, "max")
+    a3 = conv2d_fwd(p1, p["c3.w"], p["c3.b"], act)
+    p3, m3 = pool2x2_fwd(a3, "max")
+    row = min(max(int(state[STEP]) - int(state[SCHED_BASE]), 0), sched.shape[0] - 1)
+    return {"x": x, "y": y, "p1": p1, "m1": m1, "p3": p3, "m3": m3, "srow": np.array(sched[row], np.float32)}
+
+
+def step_bwd(
+    x: np.ndarray, p1: np.ndarray, gz3: np.ndarray, m3: np.ndarray, m1: np.ndarray, w3: np.ndarray, act: str,
+    groups: int,
+) -> np.ndarray:
+    """The conv backward of the four-kernel step, from the head's routed gradient gz3 (B,16,5,5): per image group
+    (``step_groups``) C3's weight and bias gradient (routed through m3), C3's routed data gradient gz1 =
+    conv2d_bwd_data_routed(gz3, w3, m3, p1, act), and C1's weight and bias gradient from gz1 (routed through m1).
+    Returns gpart (groups, conv_prefix) float64: row s holds group s's dw1, db1, dw3, db3 at their flat-layout
+    offsets (spec.param_layout), zero elsewhere."""
+    from .spec import conv_prefix, param_layout
+
+    specs = {s.name: s for s in param_layout()[0]}
+    out = np.zeros((groups, conv_prefix()), np.float64)
+    for s, g in enumerate(step_groups(x.shape[0], groups)):
+        if g.start == g.stop:
+            continue
+        dw3, db3 = conv2d_bwd_weight_routed(p1[g], gz3[g], m3[g], w3.shape[2], w3.shape[3])
+        gz1 = conv2d_bwd_data_routed(gz3[g], w3, m3[g], p1[g], act)
+        dw1, db1 = conv2d_bwd_weight_routed(x[g], gz1, m1[g], 5, 5)
+        for name, v in (("c1.w", dw1), ("c1.b", db1), ("c3.w", dw3), ("c3.b", db3)):
+            sp = specs[name]
+            out[s, sp.offset : sp.offset + sp.size] = np.ravel(v)
+    return out
+
+
+def step_reduce(gpart: np.ndarray) -> np.ndarray:
+    """The conv gradients of the step from its partials: Σ_s gpart[s], in float32 and in group order (acc = 0;
+    acc += gpart[0]; acc += gpart[1]; ...), as every backend's update adds them."""
+    acc = np.zeros(gpart.shape[1], np.float32)
+    for row in np.asarray(gpart, np.float32):
+        acc += row
+    return acc

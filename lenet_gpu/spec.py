@@ -108,6 +108,13 @@ def param_layout(cfg: NetConfig | None = None) -> tuple[list[ParamSpec], int]:
     return specs, off
 
 
+def conv_prefix() -> int:
+    """Floats of the flat buffer before c5.w: c1.w, c1.b, c3.w, c3.b and their padding (2,624). The conv layers'
+    shapes do not depend on the config, so neither does this: the row length of the four-kernel step's
+    gradient partials (docs/step4.md)."""
+    return next(s.offset for s in param_layout()[0] if s.name == "c5.w")
+
+
 def num_parameters(cfg: NetConfig | None = None) -> int:
     """Trainable parameters, without padding (61,706 for the default network)."""
     return sum(s.size for s in param_layout(cfg)[0])

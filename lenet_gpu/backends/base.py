@@ -50,6 +50,10 @@ OPTIONAL_OPS = ("conv2d_pool_fwd", "head_train", "conv2d_bwd_data_pool", "lenet_
 #: ``variants`` also takes ``yconv=None`` in conv2d_pool_fwd and head_train; the model then trains with
 #: max pooling through the routed step (when the backend also has conv2d_pool_fwd and head_train).
 ROUTED_OPS = ("conv2d_bwd_weight_routed", "conv2d_bwd_data_routed")
+#: Optional ops of the four-kernel step (docs/step4.md; max pooling only): a backend that lists all four (and the
+#: routed ops) trains with max pooling through step_fwd, head_train, step_bwd and step_adam / step_sgd.
+#: ``backend.step_groups(batch)``, where present, gives the rows of step_bwd's partials (else 1).
+STEP_OPS = ("step_fwd", "step_bwd", "step_adam", "step_sgd")
 #: Optional hook: ``backend.compile_ahead(options, fused, step)``, called by the model before its first step
 #: with ``LeNet5.options()``, whether it uses the fused ops, and the model's scratch step (a module-level
 #: ``step(backend, options, fused, batch)``: one training step and one inference of such a model on that

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ...stepstate import SCHED_COLS, STATE_WORDS
-from ..base import ACT_CODES, OPS, POOL_CODES, ROUTED_OPS, check_act, check_mode
+from ..base import ACT_CODES, OPS, POOL_CODES, ROUTED_OPS, STEP_OPS, check_act, check_mode
 from . import fused, staging
 from .runtime import DEFAULT_SM_COUNT, NULL_POINTER, CupyRuntime, HostRuntime, Runtime, define_options
 from .runtime import check_array as _check
@@ -47,6 +47,9 @@ MODULE_DEFINES: dict[str, dict[str, int]] = {
     "dense": {"TILE_O": 16, "TILE_N": 16, "RN": 4, "TILE_I": 32, "VEC": 4},
     "loss": {"LOSS_THREADS": 256},
     "optim": {},
+    "step_fwd": {},
+    "step_bwd": {},
+    "step_update": {},
 }
 #: Register-blocking widths the planner picks from when K_BLOCK / C_BLOCK are 0 (auto).
 K_BLOCKS = (8, 6, 4, 2)
@@ -71,6 +74,11 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "adam_step": ("optim", ("v1", "v2")),
     "sgd_step": ("optim", ("v1", "v2")),
     "step_advance": ("optim", ("v1",)),
+    # the four-kernel step (docs/step4.md)
+    "step_fwd": ("step_fwd", ("v1",)),
+    "step_bwd": ("step_bwd", ("v1",)),
+    "step_adam": ("step_update", ("v1",)),
+    "step_sgd": ("step_update", ("v1",)),
     # the fused ops of fused.py (two and one launches of their own; listed here for the compile checks)
     "head_train": (fused.STEMS["head_train"], fused.VARIANTS["head_train"]),
     "lenet_fwd": (fused.STEMS["lenet_fwd"], fused.VARIANTS["lenet_fwd"]),
@@ -400,7 +408,9 @@ class CupyBackend:
         self.defines = {stem: {**d, **(defines or {}).get(stem, {})} for stem, d in MODULE_DEFINES.items()}
         self._kernels: dict[tuple, Any] = {}
         self._plans: dict[tuple, _Entry] = {}
-        ops = [*OPS, *((*FUSED_OPS, *ROUTED_OPS) if fused else ())]
+        # TODO(step4 integration): list STEP_OPS unconditionally once all four methods exist
+        step_ops = tuple(op for op in STEP_OPS if hasattr(type(self), op))
+        ops = [*OPS, *((*FUSED_OPS, *ROUTED_OPS, *step_ops) if fused else ())]
         self.variants: dict[str, tuple[str, ...]] = {op: OP_KERNELS[op][1] for op in ops}
         self.default_variants: dict[str, str] = {op: DEFAULT_VARIANTS[op] for op in ops}
         for op, v in (variants or {}).items():
