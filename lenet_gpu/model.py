@@ -35,9 +35,19 @@ import numpy as np
 
 from . import arrays
 from .backends import Backend, get_backend
-from .backends.base import COMPILE_AHEAD, ROUTED_OPS
-from .spec import IMAGE_HW, INPUT_HW, NUM_CLASSES, NetConfig, init_params, layout_signature, param_layout, views
-from .stepstate import NO_WRAP, HostState, StepState, schedule_table
+from .backends.base import COMPILE_AHEAD, ROUTED_OPS, STEP_OPS
+from .spec import (
+    IMAGE_HW,
+    INPUT_HW,
+    NUM_CLASSES,
+    NetConfig,
+    conv_prefix,
+    init_params,
+    layout_signature,
+    param_layout,
+    views,
+)
+from .stepstate import NO_WRAP, SCHED_COLS, HostState, StepState, schedule_table
 
 CHECKPOINT_FORMAT = "lenet_gpu-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -72,9 +82,11 @@ class _Workspace:
 
     In routed mode (docs/routed_backward.md) the un-pooled conv outputs C1, C3 and their dense gradients are
     not kept: a1, a3, dz3, dp1, dz1 are None, and the routed gradients gz3 (S4's shape) and gz1 (S2's shape)
-    take their place."""
+    take their place. The four-kernel step (docs/step4.md) keeps no gz1 either (step_bwd holds it on chip): its
+    conv weight gradients come as per-group partials ``gpart`` (groups, spec.conv_prefix()), and ``srow`` holds
+    the step's schedule row."""
 
-    def __init__(self, be: Backend, batch: int, cfg: NetConfig, routed: bool = False) -> None:
+    def __init__(self, be: Backend, batch: int, cfg: NetConfig, routed: bool = False, step4: bool = False) -> None:
         e = be.empty
         f6 = cfg.f6
         self.batch = batch
@@ -100,7 +112,11 @@ class _Workspace:
         self.dz1 = None if routed else e((batch, 6, 28, 28))
         # routed gradients: dL/d(pooled output)·act′ at S4 and S2
         self.gz3 = e((batch, 16, 5, 5)) if routed else None
-        self.gz1 = e((batch, 6, 14, 14)) if routed else None
+        self.gz1 = e((batch, 6, 14, 14)) if routed and not step4 else None
+        # the four-kernel step: per-group conv gradient partials and this step's schedule row
+        groups = int(be.step_groups(batch)) if step4 and hasattr(be, "step_groups") else 1
+        self.gpart = e((groups, conv_prefix())) if step4 else None
+        self.srow = e((SCHED_COLS,)) if step4 else None
         # S4 flattened is C5's input (C5 is the 5×5 convolution on the 5×5 map = a dense layer)
         self.p3_flat = self.p3.reshape(batch, 400)
         self.dp3_flat = self.dp3.reshape(batch, 400)
@@ -127,6 +143,9 @@ class LeNet5:
     conv2d_pool_fwd/head_train; "auto" does so wherever it can (unless the environment sets
     LENET_GPU_ROUTED=0), True insists (an error where it cannot), False keeps the dense step. It gives
     the dense step's gradients up to float32 summation order and is not stored in checkpoints.
+    ``step4`` ("auto", True, False): run the routed step as the four-kernel step (docs/step4.md: step_fwd,
+    head_train, step_bwd, step_adam/step_sgd) where the backend has those ops; "auto" unless the environment
+    sets LENET_GPU_STEP4=0. The same mathematics, the conv gradients summed per image group; not stored either.
     ``use_graphs=False`` never captures CUDA graphs; ``graph_steps`` is K, the steps per graph.
 
     >>> model = LeNet5(backend="numpy", seed=0)
@@ -155,6 +174,7 @@ class LeNet5:
         fused: bool = True,
         graph_steps: int = GRAPH_STEPS,
         routed: bool | str = "auto",
+        step4: bool | str = "auto",
     ) -> None:
         self.cfg = NetConfig(activation=activation, pool=pool, f6=f6)
         if optimizer not in OPTIMIZERS:
@@ -196,6 +216,8 @@ class LeNet5:
         self.fused = {op: op in ops for op in ("conv2d_pool_fwd", "head_train", "conv2d_bwd_data_pool", "lenet_fwd")}
         #: whether training steps take the routed backward (docs/routed_backward.md)
         self.routed = self._use_routed(routed, ops)
+        #: whether the routed step runs as the four-kernel step (docs/step4.md)
+        self.step4 = self._use_step4(step4, ops)
         #: optimizer steps taken (Adam's t)
         self.step_count = 0
 
@@ -215,6 +237,22 @@ class LeNet5:
                    else f"the {self.backend.name} backend lacks {', '.join(missing)}"
                    + (" (fused=False)" if not ops else ""))
             raise ValueError(f"routed=True: the routed step is not available here: {why}")
+        return False
+
+    def _use_step4(self, step4: bool | str, ops: dict) -> bool:
+        if step4 not in ("auto", True, False):
+            raise ValueError(f"step4 must be 'auto', True or False (got {step4!r})")
+        if step4 == "auto" and os.environ.get("LENET_GPU_STEP4", "1") == "0":
+            step4 = False  # the nine-op routed step (A/B measurements without code changes)
+        if step4 is False:
+            return False
+        missing = [op for op in STEP_OPS if op not in ops]
+        if self.routed and not missing:
+            return True
+        if step4 is True:
+            why = ("the routed step is off (it needs max pooling and the routed ops)" if not self.routed
+                   else f"the {self.backend.name} backend lacks {', '.join(missing)}")
+            raise ValueError(f"step4=True: the four-kernel step is not available here: {why}")
         return False
 
     # ------------------------------------------------------------------ info
@@ -251,6 +289,8 @@ class LeNet5:
         """Backend op calls of one training step with the ops this model uses (a fused op may launch more
         than one kernel: head_train launches two on the GPU backends; the counters count kernels)."""
         f = self.fused
+        if self.step4:  # step_fwd, head_train, step_bwd, step_adam / step_sgd (docs/step4.md)
+            return 4
         if self.routed:  # batch, 2 conv2d_pool_fwd, head_train, wgrad C3, dgrad C3, wgrad C1, optimizer, advance
             return 9
         fwd = 2 if f["conv2d_pool_fwd"] else 4
@@ -262,7 +302,7 @@ class LeNet5:
     def workspace(self, batch: int) -> _Workspace:
         ws = self._ws.get(batch)
         if ws is None:
-            ws = self._ws[batch] = _Workspace(self.backend, batch, self.cfg, self.routed)
+            ws = self._ws[batch] = _Workspace(self.backend, batch, self.cfg, self.routed, self.step4)
         return ws
 
     # ------------------------------------------------------------------ the ops of a step
@@ -288,6 +328,9 @@ class LeNet5:
         be, p, g, act, pool = self.backend, self._pv, self._gv, self.cfg.activation, self.cfg.pool
         m1 = ws.m1 if pool == "max" else None
         m3 = ws.m3 if pool == "max" else None
+        if self.step4:
+            self._step4_ops(ws, data, ss)
+            return
         be.batch_prepare(data.images, data.labels, data.perm, ss.state, ws.x, ws.y, self.mean, self.std)
         self._forward_convs(ws)
         if self.routed:
@@ -324,6 +367,22 @@ class LeNet5:
         be.conv2d_bwd_weight_routed(ws.p1, ws.gz3, ws.m3, g["c3.w"], g["c3.b"], state=ss.state)
         be.conv2d_bwd_data_routed(ws.gz3, p["c3.w"], ws.m3, ws.p1, ws.gz1, act)
         be.conv2d_bwd_weight_routed(ws.x, ws.gz1, ws.m1, g["c1.w"], g["c1.b"], state=ss.state)
+
+    def _step4_ops(self, ws: _Workspace, data: DeviceData, ss: StepState) -> None:
+        """The four-kernel step (docs/step4.md): the routed step's mathematics in four ops."""
+        be, p, g, act = self.backend, self._pv, self._gv, self.cfg.activation
+        be.step_fwd(data.images, data.labels, data.perm, ss.state, ss.sched, ws.srow, ws.x, ws.y, p["c1.w"],
+                    p["c1.b"], ws.p1, ws.m1, p["c3.w"], p["c3.b"], ws.p3, ws.m3, self.mean, self.std, act)
+        be.head_train(ws.p3, ws.y, p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"], p["out.w"], p["out.b"],
+                      ws.a5, ws.a6, ws.logits, ws.m3, None, ws.gz3, g["c5.w"], g["c5.b"], g["f6.w"], g["f6.b"],
+                      g["out.w"], g["out.b"], ss.stats, ss.state, act, "max")
+        be.step_bwd(ws.x, ws.p1, ws.gz3, ws.m3, ws.m1, p["c3.w"], ws.gpart, act)
+        if self.optimizer == "adam":
+            be.step_adam(self.params, self.grads, ws.gpart, self.m, self.v, ws.srow, ss.state, ws.batch,
+                         self.beta1, self.beta2, self.eps, self.weight_decay)
+        else:
+            be.step_sgd(self.params, self.grads, ws.gpart, self.m, ws.srow, ss.state, ws.batch, self.momentum,
+                        self.weight_decay)
 
     def _optimizer_step(self, ss: StepState, batch: int) -> None:
         be = self.backend

@@ -45,6 +45,12 @@ TOL = {
     "conv2d_bwd_data_routed": (1e-5, 1e-5),
     # eight layers from uint8 pixels to logits: the same measure stays under 1/50 of this bound
     "lenet_fwd": (2e-5, 2e-5),
+    # the four-kernel step: step_fwd's S4 is two convolutions deep (C3 sums 150 products of S2, itself one
+    # convolution: the bound of lenet_fwd's chain); step_bwd's partials are two routed weight gradients and the
+    # routed data gradient between them (C1's weights sum products of gz1, itself ≤ 400 terms: the routed weight
+    # gradient's bound)
+    "step_fwd": (2e-5, 2e-5),
+    "step_bwd": (1e-4, 1e-5),
 }
 
 

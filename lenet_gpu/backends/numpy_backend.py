@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..reference import augment_shift
+from ..reference import augment_shift, step_groups, step_reduce
+from ..spec import conv_prefix, param_layout
 from ..stepstate import EPOCH, OFFSET, SCHED_BASE, SEED, SHIFT, STEP, STEP_IN_EPOCH, step_advance_words
-from .base import OPS, ROUTED_OPS, Counters, HostMemory, check_act, check_mode
+from .base import OPS, ROUTED_OPS, STEP_OPS, Counters, HostMemory, check_act, check_mode
 
 F32 = np.float32
 LECUN_A = F32(1.7159)
@@ -161,7 +162,7 @@ def _softmax_xent(logits, labels, dlogits, stats, state) -> None:
 
 #: The optional ops the numpy backend has beside the protocol's (each composes the code of the unfused ops,
 #: so on numpy a fused op gives the unfused ops' numbers bit for bit).
-NUMPY_OPTIONAL = ("conv2d_pool_fwd", "head_train", *ROUTED_OPS)
+NUMPY_OPTIONAL = ("conv2d_pool_fwd", "head_train", *ROUTED_OPS, *STEP_OPS)
 
 
 def _default_threads() -> int:
@@ -426,3 +427,66 @@ class NumpyBackend(HostMemory):
     def step_advance(self, state, batch, variant=None) -> None:
         self.counters.launches += 1
         step_advance_words(state, batch)
+
+    # ------------------------------------------------------------------ the four-kernel step (docs/step4.md)
+    # Compositions of the ops above (so on numpy the four-op step gives the routed step's numbers, up to the
+    # group order of step_bwd's partials); each counts as one launch.
+    def _one_launch(self, fn: Callable[[], None]) -> None:
+        before = self.counters.launches
+        fn()
+        self.counters.launches = before + 1
+
+    def step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, mean, std,
+                 act, variant=None) -> None:
+        def run() -> None:
+            self.batch_prepare(images, labels, perm, state, x, y, mean, std)
+            self.conv2d_pool_fwd(x, w1, b1, None, p1, m1, act, "max")
+            self.conv2d_pool_fwd(p1, w3, b3, None, p3, m3, act, "max")
+            srow[...] = self._sched(sched, state)
+
+        self._one_launch(run)
+
+    def step_bwd(self, x, p1, gz3, m3, m1, w3, gpart, act, variant=None) -> None:
+        check_act(act)
+        nc = conv_prefix()
+        if gpart.ndim != 2 or gpart.shape[1] != nc:
+            raise ValueError(f"step_bwd: gpart must be (groups, {nc}), got {gpart.shape}")
+        specs = {s.name: s for s in param_layout()[0]}
+
+        def view(row: np.ndarray, name: str) -> np.ndarray:
+            sp = specs[name]
+            return row[sp.offset : sp.offset + sp.size].reshape(sp.shape)
+
+        def run() -> None:
+            gpart[...] = 0
+            for s, g in enumerate(step_groups(x.shape[0], gpart.shape[0])):
+                if g.start == g.stop:
+                    continue
+                row = gpart[s]
+                self.conv2d_bwd_weight_routed(p1[g], gz3[g], m3[g], view(row, "c3.w"), view(row, "c3.b"))
+                gz1 = np.empty(p1[g].shape, F32)
+                self.conv2d_bwd_data_routed(gz3[g], w3, m3[g], p1[g], gz1, act)
+                self.conv2d_bwd_weight_routed(x[g], gz1, m1[g], view(row, "c1.w"), view(row, "c1.b"))
+
+        self._one_launch(run)
+
+    def step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay,
+                  variant=None) -> None:
+        def run() -> None:
+            g[: gpart.shape[1]] = step_reduce(gpart)
+            self.adam_step(p, g, m, v, srow.reshape(1, -1), _ROW0, beta1, beta2, eps, weight_decay)
+            self.step_advance(state, batch)
+
+        self._one_launch(run)
+
+    def step_sgd(self, p, g, gpart, m, srow, state, batch, momentum, weight_decay, variant=None) -> None:
+        def run() -> None:
+            g[: gpart.shape[1]] = step_reduce(gpart)
+            self.sgd_step(p, g, m, srow.reshape(1, -1), _ROW0, momentum, weight_decay)
+            self.step_advance(state, batch)
+
+        self._one_launch(run)
+
+
+#: a state whose STEP − SCHED_BASE is 0: row 0 of a one-row schedule (the update ops read srow, not the state)
+_ROW0 = np.zeros(8, np.int32)

@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import reference as ref
 from ..parity import TOL, error_stats, nan_like, rand
+from ..spec import conv_prefix, param_layout
 from ..stepstate import SEED, STATE_WORDS, HostState, advance, schedule_table
 
 F64 = np.float64
@@ -449,6 +450,94 @@ def _lenet_fwd(b: int, act: str, mode: str, s: int) -> Spec:
                 expect=[Expect("logits", want, *TOL["lenet_fwd"])])
 
 
+# -------------------------------------------------------------- the four-kernel step (docs/step4.md)
+def _step_params(s: int) -> dict[str, np.ndarray]:
+    return {"c1.w": rand((6, 1, 5, 5), s, 0.2), "c1.b": rand((6,), s + 1, 0.1),
+            "c3.w": rand((16, 6, 5, 5), s + 2, 1 / np.sqrt(150)), "c3.b": rand((16,), s + 3, 0.1)}
+
+
+def _step_fwd(b: int, offset: int, shift: int, act: str, s: int) -> Spec:
+    rng = np.random.default_rng(s)
+    n = b + 4
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    perm = rng.permutation(n).astype(np.int32)
+    state = _state(offset=offset, seed=s % 1000 - 500, epoch=3, shift=shift, step=12, sched_base=10)
+    sched = schedule_table(np.array([1e-3, 2e-3, 3e-3, 4e-3]), 10, 0.9, 0.999)
+    p = _step_params(s)
+    want = ref.step_fwd(images, labels, perm, state, sched, b, p, MEAN, STD, act)
+    a1 = ref.conv2d_fwd(want["x"], _d64(p["c1.w"]), _d64(p["c1.b"]), act)
+    a3 = ref.conv2d_fwd(want["p1"], _d64(p["c3.w"]), _d64(p["c3.b"]), act)
+    tol = TOL["step_fwd"]
+    return Spec(
+        args=[Arg("in", "images", images), Arg("in", "labels", labels), Arg("in", "perm", perm),
+              Arg("inout", "state", state), Arg("in", "sched", sched), Arg("out", "srow", nan_like((4,))),
+              Arg("out", "x", nan_like((b, 1, 32, 32))), Arg("out", "y", nan_like((b,), np.int32)),
+              Arg("in", "w1", p["c1.w"]), Arg("in", "b1", p["c1.b"]), Arg("out", "p1", nan_like((b, 6, 14, 14))),
+              Arg("out", "m1", nan_like((b, 6, 14, 14), np.uint8)), Arg("in", "w3", p["c3.w"]),
+              Arg("in", "b3", p["c3.b"]), Arg("out", "p3", nan_like((b, 16, 5, 5))),
+              Arg("out", "m3", nan_like((b, 16, 5, 5), np.uint8)), Arg("value", "mean", MEAN),
+              Arg("value", "std", STD), Arg("value", "act", act)],
+        expect=[Expect("x", want["x"], *TOL["batch_prepare"]), Expect("y", want["y"], exact=True),
+                Expect("srow", want["srow"], exact=True), Expect("state", state.copy(), exact=True,
+                                                                  label="state left alone"),
+                *_pool_expects("S2", "p1", "m1", a1, "max", None),
+                *[Expect(e.name, e.want, *(tol if e.name == "p3" else (e.atol, e.rtol)), exact=e.exact,
+                         label=e.label, mask=e.mask) for e in _pool_expects("S4", "p3", "m3", a3, "max", None)]],
+    )
+
+
+def _step_bwd(b: int, groups: int, act: str, s: int) -> Spec:
+    rng = np.random.default_rng(s)
+    x = rand((b, 1, 32, 32), s)
+    p1 = _activated((b, 6, 14, 14), act, s + 1)
+    gz3 = rand((b, 16, 5, 5), s + 2)
+    m3 = rng.integers(0, 4, (b, 16, 5, 5)).astype(np.uint8)
+    m1 = rng.integers(0, 4, (b, 6, 14, 14)).astype(np.uint8)
+    w3 = rand((16, 6, 5, 5), s + 3, 1 / np.sqrt(150))
+    want = ref.step_bwd(_d64(x), _d64(p1), _d64(gz3), m3, m1, _d64(w3), act, groups)
+    return Spec(args=[Arg("in", "x", x), Arg("in", "p1", p1), Arg("in", "gz3", gz3), Arg("in", "m3", m3),
+                      Arg("in", "m1", m1), Arg("in", "w3", w3), Arg("out", "gpart", nan_like((groups, conv_prefix()))),
+                      Arg("value", "act", act)],
+                expect=[Expect("gpart", want, *TOL["step_bwd"])], repeat=True)
+
+
+def _step_update(op: str, b: int, groups: int, wd: float, s: int) -> Spec:
+    size, nc = param_layout()[1], conv_prefix()
+    p, g, m = rand((size,), s), rand((size,), s + 1), rand((size,), s + 2, 0.1)
+    gpart = rand((groups, nc), s + 4, 0.5)
+    srow = np.array([2e-3, 0.19, 0.0199, 0.0], np.float32)  # lr, bc1, bc2 of some step t
+    spe = 5
+    st = HostState(step=41, sched_base=3, step_in_epoch=spe - 1, offset=(spe - 1) * b, epoch=6, steps_per_epoch=spe,
+                   seed=-7, shift=2)
+    g_want = _d64(g).copy()
+    g_want[:nc] = ref.step_reduce(gpart)  # float32, in group order: every backend adds them so
+    state_want = advance(st, b).to_array()
+    if op == "step_adam":
+        v = np.abs(rand((size,), s + 3, 0.01))
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        # Adam with srow's [lr, bc1, bc2] (reference.adam_update takes t; the update written out takes the row)
+        gg = g_want + wd * _d64(p)
+        wm = b1 * _d64(m) + (1 - b1) * gg
+        wv = b2 * _d64(v) + (1 - b2) * gg * gg
+        wp = _d64(p) - float(srow[0]) * (wm / float(srow[1])) / (np.sqrt(wv / float(srow[2])) + eps)
+        tol = TOL["adam_step"]
+        return Spec(args=[Arg("inout", "p", p), Arg("inout", "g", g), Arg("in", "gpart", gpart), Arg("inout", "m", m),
+                          Arg("inout", "v", v), Arg("in", "srow", srow), Arg("inout", "state", st.to_array()),
+                          Arg("value", "batch", b), Arg("value", "beta1", b1), Arg("value", "beta2", b2),
+                          Arg("value", "eps", eps), Arg("value", "weight_decay", wd)],
+                    expect=[Expect("g", g_want, exact=True, label="g: the partials added in group order"),
+                            Expect("p", wp, *tol), Expect("m", wm, *tol), Expect("v", wv, *tol),
+                            Expect("state", state_want, exact=True)])
+    wp, wm = ref.sgd_update(_d64(p), g_want, _d64(m), float(srow[0]), 0.9, wd)
+    tol = TOL["sgd_step"]
+    return Spec(args=[Arg("inout", "p", p), Arg("inout", "g", g), Arg("in", "gpart", gpart), Arg("inout", "m", m),
+                      Arg("in", "srow", srow), Arg("inout", "state", st.to_array()), Arg("value", "batch", b),
+                      Arg("value", "momentum", 0.9), Arg("value", "weight_decay", wd)],
+                expect=[Expect("g", g_want, exact=True, label="g: the partials added in group order"),
+                        Expect("p", wp, *tol), Expect("m", wm, *tol), Expect("state", state_want, exact=True)])
+
+
 # ------------------------------------------------------------------------------------ shapes per profile
 #: "full": LeNet-5's sizes at batch 1 and an odd batch, and odd shapes that are no multiple of any tile
 #: (on a GPU, and for the numpy debug backend); "tiny": small odd shapes for the emulators (cupy-host,
@@ -471,6 +560,9 @@ SHAPES: dict[str, dict[str, list]] = {
         "head": [(1, 16, 5, 5, 10, 10, 120, 84), (7, 16, 5, 5, 10, 10, 120, 84), (67, 16, 5, 5, 10, 10, 120, 84),
                  (3, 5, 3, 3, 7, 6, 17, 11)],
         "lenet": [1, 7, 67],
+        "step_fwd": [(1, 0, 0), (7, 95, 2), (67, 40, 2)],
+        "step_bwd": [(1, 1), (7, 3), (7, 7), (7, 9), (67, 8)],
+        "step_update": [(1, 0.0), (3, 0.0), (5, 0.01)],
     },
     "tiny": {
         "conv": [((1, 1, 8, 9), (2, 1, 3, 3)), ((2, 3, 7, 6), (3, 3, 3, 2))],
@@ -483,6 +575,9 @@ SHAPES: dict[str, dict[str, list]] = {
         "bwd_data_pool": [((1, 3, 2, 1), (3, 2, 3, 3), (1, 2, 9, 7)), ((2, 2, 2, 2), (2, 3, 2, 2), (2, 3, 6, 7))],
         "head": [(2, 2, 2, 2, 4, 5, 5, 4), (1, 2, 2, 2, 4, 4, 5, 4)],
         "lenet": [1],
+        "step_fwd": [(1, 0, 0), (3, 7, 2)],
+        "step_bwd": [(1, 1), (3, 2), (3, 5)],
+        "step_update": [(1, 0.0), (3, 0.01)],
     },
 }
 
@@ -583,6 +678,18 @@ def _sets_for(op: str, sh: dict[str, list]) -> Iterator[tuple[int, str, str | No
             if m == "max" and tier in (0, 1):  # the routed form (the routed step): gz at x's shape
                 yield tier + 2, f"x({b},{c},{hp},{wp}) yconv=None (routed) {c * hp * wp}->{h1}->{h2}->10", a, m, \
                     (lambda dims=dims, a=a: _head_train(*dims, a, "max", _seed(op, dims, a, "routed"), routed=True))
+    elif op == "step_fwd":  # max pooling only (the four-kernel step): no pool mode to vary
+        for tier, (b, off, shift), a, _ in grid(sh["step_fwd"], MODEL_ACTS, ()):
+            yield tier, f"images -> x({b},1,32,32) -> S2 -> S4 offset={off} shift={shift}", a, None, \
+                (lambda b=b, off=off, shift=shift, a=a: _step_fwd(b, off, shift, a, _seed(op, b, off, a)))
+    elif op == "step_bwd":
+        for tier, (b, groups), a, _ in grid(sh["step_bwd"], MODEL_ACTS, ()):
+            yield tier, f"batch {b} in {groups} groups -> gpart", a, None, \
+                (lambda b=b, groups=groups, a=a: _step_bwd(b, groups, a, _seed(op, b, groups, a)))
+    elif op in ("step_adam", "step_sgd"):
+        for i, (groups, wd) in enumerate(sh["step_update"]):
+            yield (0 if i == 0 else 1), f"{groups} partial rows wd={wd}", None, None, \
+                (lambda groups=groups, wd=wd: _step_update(op, 3, groups, wd, _seed(op, groups, wd)))
     elif op == "lenet_fwd":
         for tier, b, a, m in grid(sh["lenet"], MODEL_ACTS, MODES):
             yield tier, f"images({b},28,28)", a, m, (lambda b=b, a=a, m=m: _lenet_fwd(b, a, m, _seed(op, b, a, m)))
@@ -591,7 +698,8 @@ def _sets_for(op: str, sh: dict[str, list]) -> Iterator[tuple[int, str, str | No
 #: every op a builder knows
 KNOWN_OPS = ("batch_prepare", "conv2d_fwd", "conv2d_pool_fwd", "pool2x2_fwd", "pool2x2_bwd", "dense_fwd", "dense_bwd",
              "conv2d_bwd_data", "conv2d_bwd_weight", "conv2d_bwd_data_pool", "softmax_xent", "adam_step", "sgd_step",
-             "step_advance", "head_train", "lenet_fwd", "conv2d_bwd_weight_routed", "conv2d_bwd_data_routed")
+             "step_advance", "head_train", "lenet_fwd", "conv2d_bwd_weight_routed", "conv2d_bwd_data_routed",
+             "step_fwd", "step_bwd", "step_adam", "step_sgd")
 
 
 def input_sets(ops: list[str], profile: str, max_tier: int = 3) -> list[InputSet]:
