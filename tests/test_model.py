@@ -103,8 +103,8 @@ def test_device_step_makes_no_copy_alloc_or_sync():
     before = model.backend.counters.snapshot()
     model.run_steps(data, 3)
     d = model.backend.counters.since(before)
-    assert d == {"launches": 3 * 9, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
-    assert model.routed and model.ops_per_step() == 9 and model.step_count == 4  # the routed step
+    assert d == {"launches": 3 * 4, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
+    assert model.step4 and model.ops_per_step() == 4 and model.step_count == 4  # the four-kernel step
 
 
 def test_device_path_equals_host_path():
