@@ -27,8 +27,8 @@ OptionSets = dict[tuple[str, tuple[str, ...]], list[str]]
 def planned_option_sets(sm_count: int, train_batches: tuple[int, ...] = TRAIN_BATCHES,
                         infer_batches: tuple[int, ...] = INFER_BATCHES,
                         defines: dict[str, dict[str, int]] | None = None) -> OptionSets:
-    """(kernel file stem, compile options) → kernels launched with them, over every cupy variant (the routed
-    and the dense fused step, unfused, adam and sgd): one training step at each of ``train_batches`` and an
+    """(kernel file stem, compile options) → kernels launched with them, over every cupy variant (the four-kernel,
+    the nine-op routed and the dense fused step, unfused, adam and sgd): one training step at each of ``train_batches`` and an
     inference pass at each of ``infer_batches``, planned for ``sm_count`` SMs. These are the modules a run of
     the self-test builds."""
     from ..backends.cupy_backend import OP_KERNELS, CupyBackend
@@ -42,12 +42,16 @@ def planned_option_sets(sm_count: int, train_batches: tuple[int, ...] = TRAIN_BA
     labels = np.zeros(most, np.uint8)
     for i in range(depth):
         chosen = {op: vs[min(i, len(vs) - 1)] for op, (_, vs) in OP_KERNELS.items()}
-        # the routed step (max pooling's default), the dense fused step and the unfused one
-        for fused, optimizer, routed in ((True, "adam", "auto"), (True, "adam", False), (False, "sgd", False)):
+        # the four-kernel step (max pooling's default; adam and sgd), the nine-op routed step, the dense fused step
+        # and the unfused one
+        for fused, optimizer, routed, step4 in ((True, "adam", "auto", "auto"), (True, "sgd", "auto", "auto"),
+                                                (True, "adam", "auto", False), (True, "adam", False, False),
+                                                (False, "sgd", False, False)):
             be = CupyBackend(runtime=rt, fused=fused, variants=chosen, defines=defines, graphs=False,
                              sm_count=sm_count)
             for b in train_batches:
-                model = LeNet5(backend=be, optimizer=optimizer, use_graphs=False, fused=fused, routed=routed)
+                model = LeNet5(backend=be, optimizer=optimizer, use_graphs=False, fused=fused, routed=routed,
+                               step4=step4)
                 data = model.upload_dataset(images[:b], labels[:b])
                 model.begin_run(data, b, shift=2)
                 model.run_steps(data, 1)
