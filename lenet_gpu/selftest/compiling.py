@@ -28,9 +28,9 @@ def planned_option_sets(sm_count: int, train_batches: tuple[int, ...] = TRAIN_BA
                         infer_batches: tuple[int, ...] = INFER_BATCHES,
                         defines: dict[str, dict[str, int]] | None = None) -> OptionSets:
     """(kernel file stem, compile options) → kernels launched with them, over every cupy variant (the four-kernel,
-    the nine-op routed and the dense fused step, unfused, adam and sgd): one training step at each of ``train_batches`` and an
-    inference pass at each of ``infer_batches``, planned for ``sm_count`` SMs. These are the modules a run of
-    the self-test builds."""
+    the nine-op routed and the dense fused step, unfused, adam and sgd): one training step at each of
+    ``train_batches`` and an inference pass at each of ``infer_batches``, planned for ``sm_count`` SMs. These
+    are the modules a run of the self-test builds."""
     from ..backends.cupy_backend import OP_KERNELS, CupyBackend
     from ..backends.cupy_backend.compile_report import RecordingRuntime
     from ..model import LeNet5
