@@ -217,7 +217,9 @@ def test_routed_step_matches_numpy(be, act, optimizer):
     from lenet_gpu.model import LeNet5
 
     opts = dict(activation=act, seed=1, optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 1e-3)
-    cu, npm = LeNet5(backend=be, routed=True, **opts), LeNet5(backend="numpy", routed=True, **opts)
+    # the nine-op routed step (the four-kernel step: tests/test_step4.py)
+    cu, npm = (LeNet5(backend=be, routed=True, step4=False, **opts),
+               LeNet5(backend="numpy", routed=True, step4=False, **opts))
     assert cu.routed and npm.routed  # (routed vs dense steps: tests/test_routed.py, on numpy)
     datas = _start((cu, npm))
     for step in range(3):
@@ -241,7 +243,7 @@ def test_routed_step_counts_replays_and_repeats(be):
 
     runs = []
     for _ in range(2):
-        model = LeNet5(backend=be, seed=3, graph_steps=2)
+        model = LeNet5(backend=be, seed=3, graph_steps=2, step4=False)
         assert model.routed and model.ops_per_step() == 9
         ws = model.workspace(3)
         assert ws.a1 is None and ws.a3 is None and ws.gz1 is not None
