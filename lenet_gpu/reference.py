@@ -453,6 +453,13 @@ def lenet_fwd(
 # of the flat parameter buffer (c1.w, c1.b, c3.w, c3.b and their alignment padding, which stays 0).
 
 
+#: where step_bwd writes each conv gradient in a row of gpart, and the row's length: the flat parameter layout's
+#: offsets of c1.w, c1.b, c3.w, c3.b (spec.param_layout, 128-byte aligned) and of c5.w (spec.conv_prefix). Written out
+#: here because spec imports this module; tests/test_step4.py checks they equal the layout's.
+STEP_BWD_OFFSETS = {"c1.w": 0, "c1.b": 160, "c3.w": 192, "c3.b": 2592}
+STEP_BWD_WIDTH = 2624
+
+
 def step_groups(batch: int, groups: int) -> list[slice]:
     """The image groups of ``step_bwd``: chunk = ceil(batch / groups); group s = images [s·chunk, min(batch,
     (s+1)·chunk)) (empty groups at the end when groups does not divide evenly give zero rows)."""
@@ -495,10 +502,7 @@ def step_bwd(
     conv2d_bwd_data_routed(gz3, w3, m3, p1, act), and C1's weight and bias gradient from gz1 (routed through m1).
     Returns gpart (groups, conv_prefix) float64: row s holds group s's dw1, db1, dw3, db3 at their flat-layout
     offsets (spec.param_layout), zero elsewhere."""
-    from .spec import conv_prefix, param_layout
-
-    specs = {s.name: s for s in param_layout()[0]}
-    out = np.zeros((groups, conv_prefix()), np.float64)
+    out = np.zeros((groups, STEP_BWD_WIDTH), np.float64)
     for s, g in enumerate(step_groups(x.shape[0], groups)):
         if g.start == g.stop:
             continue
@@ -506,8 +510,8 @@ def step_bwd(
         gz1 = conv2d_bwd_data_routed(gz3[g], w3, m3[g], p1[g], act)
         dw1, db1 = conv2d_bwd_weight_routed(x[g], gz1, m1[g], 5, 5)
         for name, v in (("c1.w", dw1), ("c1.b", db1), ("c3.w", dw3), ("c3.b", db3)):
-            sp = specs[name]
-            out[s, sp.offset : sp.offset + sp.size] = np.ravel(v)
+            off = STEP_BWD_OFFSETS[name]
+            out[s, off : off + v.size] = np.ravel(v)
     return out
 
 

@@ -59,6 +59,8 @@ def test_conv_prefix_is_the_conv_layers_with_their_padding():
     specs = {s.name: s for s in param_layout()[0]}
     assert conv_prefix() == specs["c5.w"].offset == 2624
     assert specs["c3.b"].offset + specs["c3.b"].size <= conv_prefix()
+    assert ref.STEP_BWD_WIDTH == conv_prefix()
+    assert ref.STEP_BWD_OFFSETS == {n: specs[n].offset for n in ("c1.w", "c1.b", "c3.w", "c3.b")}
 
 
 @pytest.mark.parametrize("act", ACTS)
