@@ -811,3 +811,72 @@ class CupyBackend:
             e = self._plans[key] = self._entry("step_advance", v, (i32(batch),),
                                                (_arg("state", (STATE_WORDS,), np.int32),))
         self._run(e, (state,))
+
+    # ------------------------------------------------------------------ the four-kernel step (docs/step4.md)
+    #: step_fwd.cu's block size (SF_THREADS): a block per image
+    STEP_FWD_THREADS = 256
+
+    def step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, mean, std, act,
+                 variant=None) -> None:
+        """batch_prepare + C1 + act + 2×2 max pool + C3 + act + 2×2 max pool (LeNet-5's geometry), and this
+        step's schedule row into srow: one launch (kernels/step_fwd.cu), a block per image."""
+        key = ("step_fwd", variant, images.shape, perm.shape, sched.shape, x.shape, float(mean), float(std), act)
+        e = self._plans.get(key)
+        if e is None:
+            v = self._variant("step_fwd", variant)
+            check_act(act)
+            n = images.shape[0]
+            b = x.shape[0]
+            (m,) = perm.shape
+            if m < 1 or b < 1:
+                raise ValueError("step_fwd: empty permutation or batch")
+            if sched.ndim != 2 or sched.shape[1] != SCHED_COLS or sched.shape[0] < 1:
+                raise ValueError(f"step_fwd: sched must be (T, {SCHED_COLS}), got {tuple(sched.shape)}")
+            u8 = np.uint8
+            expect = (_arg("images", (n, 28, 28), u8), _arg("labels", (n,), u8), _arg("perm", (m,), np.int32),
+                      _arg("state", (STATE_WORDS,), np.int32), _arg("sched", tuple(sched.shape)),
+                      _arg("srow", (SCHED_COLS,)), _arg("x", (b, 1, 32, 32)), _arg("y", (b,), np.int32),
+                      _arg("w1", (6, 1, 5, 5)), _arg("b1", (6,)), _arg("p1", (b, 6, 14, 14)),
+                      _arg("m1", (b, 6, 14, 14), u8), _arg("w3", (16, 6, 5, 5)), _arg("b3", (16,)),
+                      _arg("p3", (b, 16, 5, 5)), _arg("m3", (b, 16, 5, 5), u8))
+            tail = (i32(m), i32(sched.shape[0]), i32(ACT_CODES[act]), f32(1.0 / (255.0 * std)), f32(-mean / std))
+            launch = Launch((b, 1, 1), (self.STEP_FWD_THREADS, 1, 1))
+            e = self._plans[key] = _Entry(self._kernel("step_fwd", v), launch, tail, expect)
+        self._run(e, (images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3))
+
+    def _update_entry(self, op: str, variant: str | None, names: tuple[str, ...], p: Any, gpart: Any,
+                      tail: tuple) -> _Entry:
+        v = self._variant(op, variant)
+        (size,) = p.shape
+        if gpart.ndim != 2 or gpart.shape[0] < 1:
+            raise ValueError(f"{op}: gpart must be (S >= 1, conv_prefix), got {tuple(gpart.shape)}")
+        s, nc = (int(d) for d in gpart.shape)
+        if nc % 4 or nc > size:
+            raise ValueError(f"{op}: gpart's row length {nc} must be a multiple of 4 and at most {size}")
+        expect = (_arg("p", (size,)), _arg("g", (size,)), _arg("gpart", (s, nc)),
+                  *(_arg(nm, (size,)) for nm in names), _arg("srow", (SCHED_COLS,)),
+                  _arg("state", (STATE_WORDS,), np.int32))
+        # adam_step_v2's grid (a thread per float4, the grid covering the SMs); float4 loads: 16-byte aligned
+        plan = self.plan("adam_step", "v2", n=size)
+        return _Entry(self._kernel(op, v), plan, (i32(size), i32(nc), i32(s), *tail), expect, aligned=3 + len(names))
+
+    def step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay, variant=None) -> None:
+        """g[:NC] = Σ_s gpart[s] (float32, group order), Adam with [lr, bc1, bc2] = srow[:3], step_advance: one
+        launch (kernels/step_update.cu)."""
+        key = ("step_adam", variant, p.shape, gpart.shape, int(batch), beta1, beta2, eps, weight_decay)
+        e = self._plans.get(key)
+        if e is None:
+            e = self._plans[key] = self._update_entry(
+                "step_adam", variant, ("m", "v"), p, gpart,
+                (f32(beta1), f32(beta2), f32(eps), f32(weight_decay), i32(batch)))
+        self._run(e, (p, g, gpart, m, v, srow, state))
+
+    def step_sgd(self, p, g, gpart, m, srow, state, batch, momentum, weight_decay, variant=None) -> None:
+        """g[:NC] = Σ_s gpart[s] (float32, group order), SGD with momentum with lr = srow[0], step_advance: one
+        launch (kernels/step_update.cu)."""
+        key = ("step_sgd", variant, p.shape, gpart.shape, int(batch), momentum, weight_decay)
+        e = self._plans.get(key)
+        if e is None:
+            e = self._plans[key] = self._update_entry(
+                "step_sgd", variant, ("m",), p, gpart, (f32(momentum), f32(weight_decay), i32(batch)))
+        self._run(e, (p, g, gpart, m, srow, state))
