@@ -15,9 +15,11 @@
 // ceil(B / S) (computed on the host: no index divides by a run-time value; all LeNet geometry is compile-time,
 // every tap loop unrolls, divisions by 14, 25, 150 ... are by constants).
 //
-// Accumulators and determinism. Every output has exactly one owner thread that accumulates it in a register over
-// the group's images in order n0, n0+1, ... and, per image, over its windows in a fixed order; there is no
-// cross-thread reduction, no float atomic and no ticket, so two runs agree bit for bit whatever the schedule.
+// Accumulators and determinism. Every output has exactly one owner thread that keeps it in a register: per image it
+// sums the image's windows in a fixed order from 0, then adds that to the group's total, images in order n0, n0+1,
+// ... (two short rounding chains instead of one of images x windows: at batch 64 in one group C1's weight gradient
+// is ~10x closer to the float64 reference than with a single chain). There is no cross-thread reduction, no float
+// atomic and no ticket, so two runs agree bit for bit whatever the schedule.
 //   dw3: thread t owns o = t + 256u (u = 0..9, o < 2400): 10 registers (the last only for t < 96);
 //   db3: thread t < 16 owns db3[t] (one more register);
 //   dw1 / db1: thread t < 150 owns dw1[t], 150 <= t < 156 owns db1[t-150] (one more register).
@@ -46,18 +48,22 @@
 //   Bytes from global memory per image: x 4,096 + p1 4,704 + gz3 1,600 + m3 400 + m1 1,176 = 11,976 B
 //   (+ w3 9,600 B once per block); per block out: 2,624 x 4 = 10,496 B.
 //
-// Estimated time on an H200 (132 SMs, ~1.98 GHz), ESTIMATED, NOT MEASURED. Method: shared-memory load slots
-// per SM (1 warp-wide 32-bit LDS a clock) and issue slots (4 warp-instructions a clock), counted per image:
-//   C3 wgrad 8 warps x 250 MAC x 3 LDS = 6.0 K warp-LDS; C3 dgrad 7 warps x 16 x (9 route loads + ~6.25 hits x
-//   7 loads) ~ 6.0 K; C1 wgrad 5 warps x 196 x 3 LDS = 2.9 K; staging ~0.6 K -> ~15.5 K LDS-clocks an image
-//   (issue: ~33 K warp-instructions / 4 = 8 K clocks: LDS-bound), ~ 7.8 us an image per SM when enough warps
-//   overlap.
-//   batch 4096: step_groups -> 256 groups of 16 images (2 blocks on most SMs, one wave): ~31 images an SM
-//     -> ~ 0.25 ms (about the three routed v2 launches' estimate, in one launch and without gz1's round trip).
-//   batch 64: 64 blocks of one image (one wave, one block an SM): latency-bound; the longest chain is the
-//     dgrad thread's 16 x 9 dependent (route load -> weight loads -> FMA) steps at ~40 clocks (~6 K clocks)
-//     after the dw3 phase's 25 x (off3 -> p1 -> FMA) chains interleaved over 10 independent accumulators, plus
-//     C1's 196-step FMA chain (~196 x 30 clocks = 6 K) and ~2 us of global loads: ~ 10-15 us.
+// Estimated time on an H200 (132 SMs, ~1.98 GHz): ESTIMATED, NOT MEASURED. Method: shared-memory slots per SM
+// (one warp-wide 32-bit LDS/STS a clock; bank conflicts ignored) and issue slots (4 warp-instructions a clock),
+// counted per image from the loops above:
+//   C3 wgrad: 2,400 weights x 25 windows x 3 LDS (gz3, off3, p1) / 32 = 5.6 K warp-LDS;
+//   C3 dgrad: 10,000 (position, filter) hits an image (400 routed outputs x 25 taps) x 7 LDS (gz3 + 6 weights)
+//     + 196 x 16 x ~7.4 route loads = ~3.0 K warp-LDS (7 warps: 196 threads);
+//   C1 wgrad: 150 weights x 196 windows x 3 LDS / 32 = 2.8 K (5 warps: 156 threads);  staging: ~0.3 K.
+//   -> ~11.7 K shared-memory clocks an image; issue ~27 K warp-instructions / 4 = ~7 K clocks: shared-memory
+//   bound, ~6 us an image per SM when two blocks (16 warps, the registers' limit: 128 x 256 on sm_90) overlap.
+//   batch 4096: step_groups -> 256 groups of 16 images, one wave at 2 blocks an SM: ~31 images an SM -> ~0.19 ms.
+//   batch 64: 64 blocks of one image on 64 SMs, latency-bound (one block an SM, 8 warps = 2 a scheduler):
+//     staging ~1-2 us (two dependent global round trips: w3 and the image), phase A ~1.2 K + 2.5 K instructions a
+//     dgrad thread at 2 warps a scheduler ~7 K clocks, phase B ~1 K instructions (5 warps) ~2 K clocks:
+//     ~10 K clocks = ~5 us + staging + launch ~ 8-10 us.
+//   For comparison, docs/routed_backward.md's routed v2 launches (estimates) take 5 launches at batch 64 and
+//   ~0.2 ms at 4096, plus gz1's round trip through global memory (4.7 KB an image written and read).
 #include "common.cuh"
 
 #define SB_THREADS 256
@@ -155,18 +161,20 @@ step_bwd_v1(const float* __restrict__ x, const float* __restrict__ p1, const flo
 #pragma unroll
         for (int u = 0; u < SB_U3; ++u) {
             if (u < SB_U3 - 1 || tid + SB_THREADS * u < SB_W3) {
-                float a = acc3[u];
+                float a = 0.0f;  // this image's sum, then added to the group's (shorter rounding chains)
 #pragma unroll
                 for (int e = 0; e < SB_P3HW; ++e) {
                     const int g = g3row[u] + e;
                     a = fmaf(s_gz3[g], s_p1[p1tap[u] + s_off3[g]], a);
                 }
-                acc3[u] = a;
+                acc3[u] += a;
             }
         }
         if (tid < SB_K3) {
+            float a = 0.0f;
 #pragma unroll
-            for (int e = 0; e < SB_P3HW; ++e) accb3 += s_gz3[tid * SB_P3HW + e];
+            for (int e = 0; e < SB_P3HW; ++e) a += s_gz3[tid * SB_P3HW + e];
+            accb3 += a;
         }
         // phase A.2: gz1 = C3's routed data gradient * act'(p1), at S2 position (h, v), all 6 channels
         if (tid < SB_P1HW) {
@@ -204,12 +212,16 @@ step_bwd_v1(const float* __restrict__ x, const float* __restrict__ p1, const flo
         if (tid < SB_W1) {
             const float* g = s_gz1 + k1 * SB_P1HW;
             const int* off = s_off1 + k1 * SB_P1HW;
+            float a = 0.0f;
 #pragma unroll 4
-            for (int e = 0; e < SB_P1HW; ++e) acc1 = fmaf(g[e], s_x[off[e] + x1tap], acc1);
+            for (int e = 0; e < SB_P1HW; ++e) a = fmaf(g[e], s_x[off[e] + x1tap], a);
+            acc1 += a;
         } else if (tid < SB_W1 + SB_C3) {
             const float* g = s_gz1 + k1 * SB_P1HW;
+            float a = 0.0f;
 #pragma unroll 4
-            for (int e = 0; e < SB_P1HW; ++e) acc1 += g[e];
+            for (int e = 0; e < SB_P1HW; ++e) a += g[e];
+            acc1 += a;
         }
     }
 
