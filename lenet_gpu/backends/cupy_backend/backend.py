@@ -696,6 +696,50 @@ class CupyBackend:
                                                R=r, S=s)
         self._run(e, (gz, w, argmax, y_below, gz_below))
 
+    def step_bwd(self, x, p1, gz3, m3, m1, w3, gpart, act, variant=None) -> None:
+        """The conv backward of the four-kernel step (docs/step4.md, reference.step_bwd) in one launch of
+        kernels/step_bwd.cu: a block per image group (gpart's S rows; chunk = ceil(B / S), empty groups give zero
+        rows) writes its row of C1's and C3's weight and bias gradients at their flat-layout offsets (padding 0).
+        x (B,1,32,32), p1 (B,6,14,14), gz3 (B,16,5,5) float32; m3 (B,16,5,5), m1 (B,6,14,14) uint8;
+        w3 (16,6,5,5); gpart (S, conv_prefix) float32. LeNet-5's geometry is compiled in."""
+        from ...spec import conv_prefix
+
+        op = "step_bwd"
+        key = (op, variant, x.shape, gpart.shape, act)
+        e = self._plans.get(key)
+        if e is None:
+            check_act(act)
+            v = self._variant(op, variant)
+            if len(x.shape) != 4 or len(gpart.shape) != 2:
+                raise ValueError(f"{op}: x must be (B,1,32,32) and gpart (S, {conv_prefix()}); got x {tuple(x.shape)}, "
+                                 f"gpart {tuple(gpart.shape)}")
+            b, (s, width) = int(x.shape[0]), gpart.shape
+            if tuple(x.shape[1:]) != (1, 32, 32) or b < 1:
+                raise ValueError(f"{op}: x must be (B,1,32,32) with B >= 1 (LeNet-5's C1 input); got {tuple(x.shape)}")
+            if width != conv_prefix() or s < 1:
+                raise ValueError(f"{op}: gpart must be (S, {conv_prefix()}) with S >= 1 (the flat layout's conv "
+                                 f"prefix); got {tuple(gpart.shape)}")
+            expect = (_arg("x", (b, 1, 32, 32)), _arg("p1", (b, 6, 14, 14)), _arg("gz3", (b, 16, 5, 5)),
+                      _arg("m3", (b, 16, 5, 5), np.uint8), _arg("m1", (b, 6, 14, 14), np.uint8),
+                      _arg("w3", (16, 6, 5, 5)), _arg("gpart", (s, width)))
+            chunk = ceil_div(b, s)  # on the host: the kernel divides by no run-time value
+            launch = Launch((s, 1, 1), (256, 1, 1))  # step_bwd.cu's SB_THREADS
+            e = self._plans[key] = _Entry(self._kernel(op, v), launch, (i32(b), i32(chunk), i32(ACT_CODES[act])),
+                                          expect)
+        self._run(e, (x, p1, gz3, m3, m1, w3, gpart))
+
+    def step_groups(self, batch: int) -> int:
+        """The rows S of step_bwd's partials at ``batch``: a block per group, so the grid should fill the SMs
+        and each block should get enough images to amortise staging w3 (9.6 KB) and writing its 10.5 KB row (which
+        step_adam / step_sgd then add). Up to 2 blocks per SM (the kernel's 128 registers x 256 threads allow 2 on
+        sm_90) one image each: S = batch for batch <= 2 * sm_count; beyond, groups of ceil(batch / (2 * sm_count))
+        images, S = ceil(batch / chunk) <= 2 * sm_count (one wave; no empty group). Always 1 <= S <= batch."""
+        batch = int(batch)
+        if batch < 1:
+            raise ValueError(f"step_groups: batch must be >= 1 (got {batch})")
+        chunk = ceil_div(batch, 2 * self.sm_count)
+        return ceil_div(batch, chunk)
+
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
         key = ("pool2x2_fwd", variant, x.shape, mode)
         e = self._plans.get(key)
