@@ -17,6 +17,10 @@ dz is the gradient w.r.t. the pre-activation (pool2x2_bwd has already applied ac
 The faster variants take flat arrays and int32 sizes and compute every offset in int32 (Numba widens
 integer arithmetic to int64, and 64-bit indexing took 91–121 registers; the backend checks that every
 array has fewer than 2³¹ elements). Their launches are sized from the SM count (backend.sm_count).
+conv2d_pool_fwd_v2, conv2d_bwd_data_pool_v2, conv2d_bwd_weight_v3 and the staging / accumulation helpers go
+further, as routed.py does: every index and size uint32 (common.U; a difference that could be negative is
+compared first) and block-stride loops as while loops (a range() with a run-time step divides in 64 bits for
+its trip count): no 64-bit division, no wraparound selects (sm_90: 63 → 48, 56 → 47, 64 → 44 registers).
 
 Versions:
 - conv2d_fwd_v1: one thread per output, consecutive threads → consecutive output columns (coalesced).
@@ -52,10 +56,10 @@ Versions:
 
 from __future__ import annotations
 
-from numba import cuda, float32, int32, int64, uint8
+from numba import cuda, float32, int32, int64, uint8, uint32
 
 from ...stepstate import STEP
-from .common import POOL_MAX, ZERO, act_grad, activate
+from .common import POOL_MAX, U0, U1, ZERO, U, act_grad, activate
 
 #: conv2d_fwd_v2: output channels per thread (register blocking)
 KB = 8
@@ -150,25 +154,31 @@ def conv2d_fwd_v2(xf, wf, b, yf, nb, cin, h, wd, kout, r_, s_, act, cb):
 def _stage_weights(wf, sm, k0, kb, kout, wbase, crs, span):
     """Stage, with the whole block, kb filters' taps of a channel chunk (span = channels·R·S floats per
     filter, from wf[wbase + q·crs]) into sm[0 : kb·span], filter-major; filters past kout are 0."""
-    tid = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    for e in range(tid, int32(kb * span), nthreads):
-        q = int32(e // span)
-        if k0 + q < kout:
-            sm[e] = wf[int32(wbase + q * crs + (e - q * span))]
+    tid = U(cuda.threadIdx.x)
+    nthreads = U(cuda.blockDim.x)
+    uspan = U(span)
+    e = tid
+    while e < U(U(kb) * uspan):  # uint32, a while loop: no 64-bit division (module docstring)
+        q = U(e // uspan)
+        if U(U(k0) + q) < U(kout):
+            sm[e] = wf[U(U(wbase) + q * U(crs) + (e - q * uspan))]
         else:
             sm[e] = ZERO
+        e = U(e + nthreads)
 
 
 @cuda.jit(device=True, inline="always")
 def _stage_band(xf, sm, xbase, hw, band, cn, wslot):
     """Stage, with the whole block, cn channels' bands of ``band`` contiguous input floats (from
     xf[xbase + c·hw]) into sm[wslot:], channel-major."""
-    tid = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    for e in range(tid, int32(cn * band), nthreads):
-        c = int32(e // band)
-        sm[int32(wslot + e)] = xf[int32(xbase + c * hw + (e - c * band))]
+    tid = U(cuda.threadIdx.x)
+    nthreads = U(cuda.blockDim.x)
+    uband = U(band)
+    e = tid
+    while e < U(U(cn) * uband):
+        c = U(e // uband)
+        sm[U(U(wslot) + e)] = xf[U(U(xbase) + c * U(hw) + (e - c * uband))]
+        e = U(e + nthreads)
 
 
 @cuda.jit
@@ -267,91 +277,100 @@ def conv2d_pool_fwd_v1(x, w, b, y, yp, argmax, act, mode, has_y):
 @cuda.jit
 def conv2d_pool_fwd_v2(xf, wf, b, yf, ypf, amf, nb, cin, h, wd, kout, r_, s_, act, mode, has_y, cb, wslot):
     # dynamic shared memory: [weights: PKB·cb·R·S floats (wslot)][input band: cb·rows·W floats]
+    # every index and size uint32 (common.U), the block-stride loops while loops (module docstring)
     sm = cuda.shared.array(0, float32)
     a0 = cuda.local.array(PKB, float32)  # the window's 4 taps × PKB filters
     a1 = cuda.local.array(PKB, float32)
     a2 = cuda.local.array(PKB, float32)
     a3 = cuda.local.array(PKB, float32)
-    ho = int32(h - r_ + 1)
-    wo = int32(wd - s_ + 1)
-    hp = int32(ho // 2)
-    wp = int32(wo // 2)
-    hw2 = int32((ho + 1) // 2)  # windows over y, with an odd trailing row/column (written, not pooled)
-    ww2 = int32((wo + 1) // 2)
-    plane2 = int32(hw2 * ww2)
-    rs = int32(r_ * s_)
-    crs = int32(cin * rs)
-    hw = int32(h * wd)
-    nthreads = cuda.blockDim.x
-    tid = cuda.threadIdx.x
-    nchunks = int32((plane2 + nthreads - 1) // nthreads)
-    nkg = int32((kout + PKB - 1) // PKB)
-    for item in range(cuda.blockIdx.x, int32(nb * nkg * nchunks), cuda.gridDim.x):
-        pc = int32(item % nchunks)
-        t = int32(item // nchunks)
-        k0 = int32((t % nkg) * PKB)
-        n = int32(t // nkg)
-        pos = int32(pc * nthreads + tid)
+    ur, us, uw, ucin, uk, ucb = U(r_), U(s_), U(wd), U(cin), U(kout), U(cb)
+    uwslot = U(wslot)
+    ho = U(U(h) - ur + U1)
+    wo = U(uw - us + U1)
+    hp = U(ho >> U1)
+    wp = U(wo >> U1)
+    hw2 = U(U(ho + U1) >> U1)  # windows over y, with an odd trailing row/column (written, not pooled)
+    ww2 = U(U(wo + U1) >> U1)
+    plane2 = U(hw2 * ww2)
+    rs = U(ur * us)
+    crs = U(ucin * rs)
+    hw = U(U(h) * uw)
+    nthreads = U(cuda.blockDim.x)
+    tid = U(cuda.threadIdx.x)
+    nchunks = U(U(plane2 + nthreads - U1) // nthreads)
+    nkg = U(U(uk + U(PKB - 1)) // U(PKB))
+    nitems = U(U(nb) * nkg * nchunks)
+    item = U(cuda.blockIdx.x)
+    while item < nitems:
+        t = U(item // nchunks)
+        pc = U(item - t * nchunks)
+        n = U(t // nkg)
+        k0 = U((t - n * nkg) * U(PKB))
+        pos = U(pc * nthreads + tid)
         valid = pos < plane2
-        i2 = int32(pos // ww2)
-        j2 = int32(pos - i2 * ww2)
-        row0 = int32(2 * ((pc * nthreads) // ww2))  # first conv row = first input row of the band
-        nrows = int32(min(2 * ((min(pc * nthreads + nthreads, plane2) - 1) // ww2) + 2, ho) - row0 + r_ - 1)
-        band = int32(nrows * wd)
-        down = 2 * i2 + 1 < ho  # the window's second row / column exist
-        right = 2 * j2 + 1 < wo
+        i2 = U(pos // ww2)
+        j2 = U(pos - i2 * ww2)
+        row0 = U(U(U(pc * nthreads) // ww2) << U1)  # first conv row = first input row of the band
+        nrows = U(min(U(U(U(min(U(pc * nthreads + nthreads), plane2) - U1) // ww2) << U1) + U(2), ho) - row0 + ur
+                  - U1)
+        band = U(nrows * uw)
+        down = U(i2 + i2 + U1) < ho  # the window's second row / column exist
+        right = U(j2 + j2 + U1) < wo
         for q in range(PKB):
-            bias = b[k0 + q] if k0 + q < kout else ZERO
+            bias = b[U(k0 + U(q))] if U(k0 + U(q)) < uk else ZERO
             a0[q] = bias
             a1[q] = bias
             a2[q] = bias
             a3[q] = bias
-        for c0 in range(int32(0), cin, cb):
-            cn = int32(min(cb, cin - c0))
-            span = int32(cn * rs)
+        c0 = U0
+        while c0 < ucin:
+            cn = U(min(ucb, U(ucin - c0)))
+            span = U(cn * rs)
             cuda.syncthreads()  # nobody still reads the previous chunk
-            _stage_weights(wf, sm, k0, PKB, kout, int32(k0 * crs + c0 * rs), crs, span)
-            _stage_band(xf, sm, int32((n * cin + c0) * hw + row0 * wd), hw, band, cn, wslot)
+            _stage_weights(wf, sm, k0, PKB, uk, U(k0 * crs + c0 * rs), crs, span)
+            _stage_band(xf, sm, U((n * ucin + c0) * hw + row0 * uw), hw, band, cn, uwslot)
             cuda.syncthreads()
             if valid:
                 for c in range(cn):
-                    for r in range(r_):
-                        base = int32(wslot + (c * nrows + 2 * i2 - row0 + r) * wd + 2 * j2)
-                        off0 = int32((c * r_ + r) * s_)
-                        for s in range(s_):
+                    for r in range(ur):
+                        # 2·i2 ≥ row0 for a valid position
+                        base = U(uwslot + (U(c) * nrows + i2 + i2 - row0 + U(r)) * uw + j2 + j2)
+                        off0 = U((U(c) * ur + U(r)) * us)
+                        for s in range(us):
                             # a window's missing column / row (odd conv output) reads past the band
                             # (the launch pads it): those taps are never written nor pooled
-                            x0 = sm[int32(base + s)]
-                            x1 = sm[int32(base + s + 1)]
-                            x2 = sm[int32(base + wd + s)]
-                            x3 = sm[int32(base + wd + s + 1)]
+                            x0 = sm[U(base + U(s))]
+                            x1 = sm[U(base + U(s) + U1)]
+                            x2 = sm[U(base + uw + U(s))]
+                            x3 = sm[U(base + uw + U(s) + U1)]
                             for q in range(PKB):
-                                wv = sm[int32(q * span + off0 + s)]
+                                wv = sm[U(U(q) * span + off0 + U(s))]
                                 a0[q] += x0 * wv
                                 a1[q] += x1 * wv
                                 a2[q] += x2 * wv
                                 a3[q] += x3 * wv
+            c0 = U(c0 + ucb)
         if valid:
-            i = int32(2 * i2)
-            j = int32(2 * j2)
+            i = U(i2 + i2)
+            j = U(j2 + j2)
             for q in range(PKB):
-                k = int32(k0 + q)
-                if k < kout:
+                k = U(k0 + U(q))
+                if k < uk:
                     v0 = activate(a0[q], act)
                     v1 = activate(a1[q], act)
                     v2 = activate(a2[q], act)
                     v3 = activate(a3[q], act)
                     if has_y:
-                        yo = int32(((n * kout + k) * ho + i) * wo + j)
+                        yo = U(((n * uk + k) * ho + i) * wo + j)
                         yf[yo] = v0
                         if right:
-                            yf[int32(yo + 1)] = v1
+                            yf[U(yo + U1)] = v1
                         if down:
-                            yf[int32(yo + wo)] = v2
+                            yf[U(yo + wo)] = v2
                             if right:
-                                yf[int32(yo + wo + 1)] = v3
+                                yf[U(yo + wo + U1)] = v3
                     if i2 < hp and j2 < wp:
-                        po = int32(((n * kout + k) * hp + i2) * wp + j2)
+                        po = U(((n * uk + k) * hp + i2) * wp + j2)
                         if mode == POOL_MAX:
                             best = v0
                             tap = 0
@@ -368,6 +387,7 @@ def conv2d_pool_fwd_v2(xf, wf, b, yf, ypf, amf, nb, cin, h, wd, kout, r_, s_, ac
                             amf[po] = uint8(tap)
                         else:
                             ypf[po] = (v0 + v1 + v2 + v3) * QUARTER
+        item = U(item + U(cuda.gridDim.x))
 
 
 # ----------------------------------------------------------------------------------------- bwd data
@@ -431,16 +451,19 @@ def conv2d_bwd_data_v2(dzf, wf, dxf, nb, cin, h, wd, kout, r_, s_, kb):
 def _stage_weights_t(wf, sm, c0, cin, k0, rs, span):
     """Stage, with the whole block, the taps of CB input channels c0.. of filters k0..k0+span/rs into
     sm[0 : CB·span], channel-major (w (K,C,R,S) read transposed); channels past cin are 0."""
-    tid = cuda.threadIdx.x
-    nthreads = cuda.blockDim.x
-    for e in range(tid, int32(CB * span), nthreads):
-        q = int32(e // span)
-        rem = int32(e - q * span)
-        kk = int32(rem // rs)
-        if c0 + q < cin:
-            sm[e] = wf[int32(((k0 + kk) * cin + c0 + q) * rs + rem - kk * rs)]
+    tid = U(cuda.threadIdx.x)
+    nthreads = U(cuda.blockDim.x)
+    uspan, urs = U(span), U(rs)
+    e = tid
+    while e < U(U(CB) * uspan):
+        q = U(e // uspan)
+        rem = U(e - q * uspan)
+        kk = U(rem // urs)
+        if U(U(c0) + q) < U(cin):
+            sm[e] = wf[U(((U(k0) + kk) * U(cin) + U(c0) + q) * urs + rem - kk * urs)]
         else:
             sm[e] = ZERO
+        e = U(e + nthreads)
 
 
 # --------------------------------------------------------------------------------------- bwd weight
@@ -451,28 +474,34 @@ def _accumulate_dx(dzf, wf, sw, acc, n, c0, cin, u, v, valid, kout, kb, ho, wo, 
     """acc[q] = the data gradient of channel c0 + q at (u, v) of image n: Σ_k Σ_{r,s} dz[n,k,u−r,v−s]·w[k,c,r,s],
     the filters staged in shared memory kb at a time (every thread of the block calls it: it has barriers).
     Shared by conv2d_bwd_data_v2 and conv2d_bwd_data_pool_v2."""
-    rs = int32(r_ * s_)
+    # uint32 (the callers' int32 values cast): u − r and v − s are formed only once r ≤ u, s ≤ v
+    ur, us, uk, ukb, uho, uwo, uu, uv = U(r_), U(s_), U(kout), U(kb), U(ho), U(wo), U(u), U(v)
+    rs = U(ur * us)
     for q in range(CB):
         acc[q] = ZERO
-    for k0 in range(int32(0), kout, kb):
-        kn = int32(min(kb, kout - k0))
-        span = int32(kn * rs)
+    k0 = U0
+    while k0 < uk:
+        kn = U(min(ukb, U(uk - k0)))
+        span = U(kn * rs)
         cuda.syncthreads()  # nobody still reads the previous slice
         _stage_weights_t(wf, sw, c0, cin, k0, rs, span)
         cuda.syncthreads()
         if valid:
             for kk in range(kn):
-                dzb = int32((n * kout + k0 + kk) * ho * wo)
-                for r in range(r_):
-                    i = int32(u - r)
-                    if i >= 0 and i < ho:
-                        off0 = int32((kk * r_ + r) * s_)
-                        for s in range(s_):
-                            j = int32(v - s)
-                            if j >= 0 and j < wo:
-                                g = dzf[int32(dzb + i * wo + j)]
-                                for q in range(CB):
-                                    acc[q] += g * sw[int32(q * span + off0 + s)]
+                dzb = U((U(n) * uk + k0 + U(kk)) * uho * uwo)
+                for r in range(ur):
+                    if U(r) <= uu:
+                        i = U(uu - U(r))
+                        if i < uho:
+                            off0 = U((U(kk) * ur + U(r)) * us)
+                            for s in range(us):
+                                if U(s) <= uv:
+                                    j = U(uv - U(s))
+                                    if j < uwo:
+                                        g = dzf[U(dzb + i * uwo + j)]
+                                        for q in range(CB):
+                                            acc[q] += g * sw[U(U(q) * span + off0 + U(s))]
+        k0 = U(k0 + ukb)
 
 
 @cuda.jit
@@ -585,83 +614,91 @@ def _last_arrival(tickets, item, tag, arrivals):
 def conv2d_bwd_weight_v3(xf, dzf, dw, db, partial, tickets, state, nb, cin, h, wd, kout, r_, s_, splits):
     # per-split partials of v2's (k, column chunk) items, then a fixed-order sum over the splits by the
     # item's last block (ticket): the same result whichever block arrives last. The inner loop has no
-    # branch: every column reads x at its offset, and the bias column keeps Σ dz on the side
+    # branch: every column reads x at its offset, and the bias column keeps Σ dz on the side.
+    # Every index and size uint32 (common.U), the stride loops while loops (module docstring)
     part = cuda.shared.array((BW_COLS, BW_THREADS), float32)
     last = cuda.shared.array(1, int32)
-    xoff = cuda.shared.array(BW_COLS, int32)  # the item's column offsets, read as broadcasts
+    xoff = cuda.shared.array(BW_COLS, uint32)  # the item's column offsets, read as broadcasts
     acc = cuda.local.array(BW_COLS, float32)
-    ho = int32(h - r_ + 1)
-    wo = int32(wd - s_ + 1)
-    rs = int32(r_ * s_)
-    crs = int32(cin * rs)
-    hw = int32(h * wd)
-    plane = int32(ho * wo)
-    total = int32(nb * plane)
-    per = int32((total + splits - 1) // splits)
-    nchunks = int32((crs + 1 + BW_COLS - 1) // BW_COLS)
+    ur, us, uw, ucin, uk, ns = U(r_), U(s_), U(wd), U(cin), U(kout), U(splits)
+    ho = U(U(h) - ur + U1)
+    wo = U(uw - us + U1)
+    rs = U(ur * us)
+    crs = U(ucin * rs)
+    hw = U(U(h) * uw)
+    chw = U(ucin * hw)
+    plane = U(ho * wo)
+    total = U(U(nb) * plane)
+    per = U(U(total + ns - U1) // ns)
+    nchunks = U(U(crs + U(BW_COLS)) // U(BW_COLS))  # ceil((crs + 1) / BW_COLS)
     tag = state[STEP]
-    tid = cuda.threadIdx.x
-    for work in range(cuda.blockIdx.x, int32(kout * nchunks * splits), cuda.gridDim.x):
-        item = int32(work // splits)
-        sp = int32(work - item * splits)
-        q0 = int32((item % nchunks) * BW_COLS)
-        k = int32(item // nchunks)
+    tid = U(cuda.threadIdx.x)
+    nwork = U(uk * nchunks * ns)
+    work = U(cuda.blockIdx.x)
+    while work < nwork:
+        item = U(work // ns)
+        sp = U(work - item * ns)
+        k = U(item // nchunks)
+        q0 = U((item - k * nchunks) * U(BW_COLS))
         # column q0+p reads x[n, c, i+r, j+s], at offset c·H·W + r·W + s from x[n, 0, i, j];
-        # −1 marks the bias column, −2 a column past the end
         # the bias column and columns past the end read offset 0 (their products are dropped)
-        if tid < BW_COLS:
-            q = int32(q0 + tid)
-            xoff[tid] = 0
+        if tid < U(BW_COLS):
+            q = U(q0 + tid)
+            xoff[tid] = U0
             if q < crs:
-                c = int32(q // rs)
-                t = int32(q - c * rs)
-                r = int32(t // s_)
-                xoff[tid] = int32(c * hw + r * wd + t - r * s_)
+                c = U(q // rs)
+                t = U(q - c * rs)
+                r = U(t // us)
+                xoff[tid] = U(c * hw + r * uw + t - r * us)
         for p in range(BW_COLS):
             acc[p] = ZERO
         gsum = ZERO  # Σ dz: the bias column
         cuda.syncthreads()
-        m1 = int32(min(total, sp * per + per))
-        for m in range(int32(sp * per + tid), m1, BW_THREADS):
-            n = int32(m // plane)
-            pos = int32(m - n * plane)
-            i = int32(pos // wo)
-            base = int32(n * cin * hw + i * wd + pos - i * wo)
-            g = dzf[int32((n * kout + k) * plane + pos)]
+        m1 = U(min(total, U(sp * per + per)))
+        m = U(sp * per + tid)
+        while m < m1:
+            n = U(m // plane)
+            pos = U(m - n * plane)
+            i = U(pos // wo)
+            base = U(n * chw + i * uw + pos - i * wo)
+            g = dzf[U((n * uk + k) * plane + pos)]
             gsum += g
             for p in range(BW_COLS):
-                acc[p] += g * xf[int32(base + xoff[p])]
+                acc[p] += g * xf[U(base + xoff[p])]
+            m = U(m + U(BW_THREADS))
         for p in range(BW_COLS):
-            part[p, tid] = gsum if q0 + p == crs else acc[p]
+            part[p, tid] = gsum if U(q0 + U(p)) == crs else acc[p]
         cuda.syncthreads()
-        stride = BW_THREADS // 2
-        while stride > 0:
+        stride = U(BW_THREADS // 2)
+        while stride > U0:
             if tid < stride:
                 for p in range(BW_COLS):
-                    part[p, tid] += part[p, tid + stride]
+                    part[p, tid] += part[p, U(tid + stride)]
             cuda.syncthreads()
-            stride //= 2
-        if tid < BW_COLS:
-            partial[int32((item * splits + sp) * BW_COLS + tid)] = part[tid, 0]
+            stride = U(stride >> U1)
+        if tid < U(BW_COLS):
+            partial[U((item * ns + sp) * U(BW_COLS) + tid)] = part[tid, 0]
         cuda.threadfence()  # the partials are visible before the ticket says so
         cuda.syncthreads()
-        if tid == 0:
-            last[0] = _last_arrival(tickets, item, tag, splits)
+        if tid == U0:
+            last[0] = _last_arrival(tickets, int32(item), tag, splits)
         cuda.syncthreads()
         if last[0] == 1:
             cuda.threadfence()
-            if tid < BW_COLS:
-                q = int32(q0 + tid)
+            if tid < U(BW_COLS):
+                q = U(q0 + tid)
                 s = ZERO
-                for sp2 in range(splits):  # fixed order
-                    s += partial[int32((item * splits + sp2) * BW_COLS + tid)]
+                for sp2 in range(ns):  # fixed order
+                    s += partial[U((item * ns + U(sp2)) * U(BW_COLS) + tid)]
                 if q < crs:
-                    c = int32(q // rs)
-                    t = int32(q - c * rs)
-                    dw[k, c, t // s_, t % s_] = s
+                    c = U(q // rs)
+                    t = U(q - c * rs)
+                    r = U(t // us)
+                    dw[k, c, r, U(t - r * us)] = s
                 elif q == crs:
                     db[k] = s
         cuda.syncthreads()  # part and last are reused by the block's next item
+        work = U(work + U(cuda.gridDim.x))
 
 
 # ------------------------------------------------------------------------------- bwd data + pooling
@@ -700,62 +737,68 @@ def conv2d_bwd_data_pool_v1(dz, w, argmax, yconv, dzb, mode, act):
 
 @cuda.jit
 def conv2d_bwd_data_pool_v2(dzf, wf, amf, ycf, dzbf, nb, cin, hh, ww, kout, r_, s_, mode, act, kb):
-    # flat arrays, int32 offsets; dynamic shared memory: CB·kb·R·S floats (the launch passes its size)
+    # flat arrays; dynamic shared memory: CB·kb·R·S floats (the launch passes its size); every index and size
+    # uint32 (common.U), the block-stride loop a while loop (module docstring)
     sw = cuda.shared.array(0, float32)
     acc = cuda.local.array(CB, float32)
-    hp = int32(hh // 2)
-    wp = int32(ww // 2)
-    ho = int32(hp - r_ + 1)
-    wo = int32(wp - s_ + 1)
-    pplane = int32(hp * wp)
-    total = int32(nb * pplane)
-    nthreads = cuda.blockDim.x
-    tid = cuda.threadIdx.x
-    nchunks = int32((total + nthreads - 1) // nthreads)
-    ncg = int32((cin + CB - 1) // CB)
+    ucin, uhh, uww = U(cin), U(hh), U(ww)
+    hp = U(uhh >> U1)
+    wp = U(uww >> U1)
+    ho = U(hp - U(r_) + U1)
+    wo = U(wp - U(s_) + U1)
+    pplane = U(hp * wp)
+    total = U(U(nb) * pplane)
+    nthreads = U(cuda.blockDim.x)
+    tid = U(cuda.threadIdx.x)
+    nchunks = U(U(total + nthreads - U1) // nthreads)
+    ncg = U(U(ucin + U(CB - 1)) // U(CB))
+    nitems = U(ncg * nchunks)
     # work item = (group of CB channels, chunk of blockDim pooled positions of the whole batch)
-    for item in range(cuda.blockIdx.x, int32(ncg * nchunks), cuda.gridDim.x):
-        c0 = int32((item // nchunks) * CB)
-        m = int32((item % nchunks) * nthreads + tid)
+    item = U(cuda.blockIdx.x)
+    while item < nitems:
+        cg = U(item // nchunks)
+        c0 = U(cg * U(CB))
+        m = U((item - cg * nchunks) * nthreads + tid)
         valid = m < total
-        n = int32(m // pplane)
-        pos = int32(m - n * pplane)
-        pu = int32(pos // wp)
-        pv = int32(pos - pu * wp)
+        n = U(m // pplane)
+        pos = U(m - n * pplane)
+        pu = U(pos // wp)
+        pv = U(pos - pu * wp)
         _accumulate_dx(dzf, wf, sw, acc, n, c0, cin, pu, pv, valid, kout, kb, ho, wo, r_, s_)
         if valid:
             for q in range(CB):
-                c = int32(c0 + q)
-                if c < cin:
-                    _route_window(amf, ycf, dzbf, acc[q], int32((n * cin + c) * pplane + pos),
-                                  int32((n * cin + c) * hh), pu, pv, hp, wp, hh, ww, mode, act)
+                c = U(c0 + U(q))
+                if c < ucin:
+                    _route_window(amf, ycf, dzbf, acc[q], U((n * ucin + c) * pplane + pos), U((n * ucin + c) * uhh),
+                                  pu, pv, hp, wp, uhh, uww, mode, act)
+        item = U(item + U(cuda.gridDim.x))
 
 
 @cuda.jit(device=True, inline="always")
 def _route_window(amf, ycf, dzbf, dx, pidx, plane0, pu, pv, hp, wp, hh, ww, mode, act):
     """Write the 4 taps of pooled position (pu, pv) (flat index pidx; its plane starts at row plane0 of
     dzb): dx to the argmax tap (max) or dx/4 to every tap (avg), times act'(yconv); an odd trailing
-    row / column of the plane gets 0."""
+    row / column of the plane gets 0. Offsets and sizes uint32."""
     tap = -1  # avg: every tap
     gv = dx * QUARTER
     if mode == POOL_MAX:
         tap = int32(amf[pidx])
         gv = dx
-    o = int32((plane0 + 2 * pu) * ww + 2 * pv)
+    o = U((plane0 + pu + pu) * ww + pv + pv)
     dzbf[o] = (gv if tap < 0 or tap == 0 else ZERO) * act_grad(ycf[o], act)
-    dzbf[o + 1] = (gv if tap < 0 or tap == 1 else ZERO) * act_grad(ycf[o + 1], act)
-    dzbf[o + ww] = (gv if tap < 0 or tap == 2 else ZERO) * act_grad(ycf[o + ww], act)
-    dzbf[o + ww + 1] = (gv if tap < 0 or tap == 3 else ZERO) * act_grad(ycf[o + ww + 1], act)
-    if pu == hp - 1 and hh > 2 * hp:
-        o2 = int32((plane0 + hh - 1) * ww + 2 * pv)
+    dzbf[U(o + U1)] = (gv if tap < 0 or tap == 1 else ZERO) * act_grad(ycf[U(o + U1)], act)
+    dzbf[U(o + ww)] = (gv if tap < 0 or tap == 2 else ZERO) * act_grad(ycf[U(o + ww)], act)
+    dzbf[U(o + ww + U1)] = (gv if tap < 0 or tap == 3 else ZERO) * act_grad(ycf[U(o + ww + U1)], act)
+    if U(pu + U1) == hp and hh > U(hp + hp):
+        o2 = U((plane0 + hh - U1) * ww + pv + pv)
         dzbf[o2] = ZERO
-        dzbf[o2 + 1] = ZERO
-    if pv == wp - 1 and ww > 2 * wp:
-        o2 = int32((plane0 + 2 * pu) * ww + ww - 1)
+        dzbf[U(o2 + U1)] = ZERO
+    if U(pv + U1) == wp and ww > U(wp + wp):
+        o2 = U((plane0 + pu + pu) * ww + ww - U1)
         dzbf[o2] = ZERO
-        dzbf[o2 + ww] = ZERO
-        if pu == hp - 1 and hh > 2 * hp:
-            dzbf[int32((plane0 + hh - 1) * ww + ww - 1)] = ZERO
+        dzbf[U(o2 + ww)] = ZERO
+        if U(pu + U1) == hp and hh > U(hp + hp):
+            dzbf[U((plane0 + hh - U1) * ww + ww - U1)] = ZERO
 
 
 # ------------------------------------------------------------------------------------ variant table

@@ -11,6 +11,8 @@ Versions:
   for them, one thread per output of each stage (a pooled output computes its 2×2 conv outputs). C1's and C3's
   weights and every intermediate live in dynamic shared memory: per image a region X (the padded input, then S4
   and h1) and a region Y (S2, then h2); C5's, F6's and the output's weights are read from global memory (cached).
+  Every index and size is uint32 (common.U) and the stride loops are while loops: no 64-bit division, no
+  wraparound selects (sm_90 without launch bounds: 156 → 71 registers, 15 → 0 div.s64).
 
 ``lenet_fwd(be, ...)`` is the launch wrapper with the protocol's signature (first parameter the backend).
 """
@@ -24,7 +26,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
-from .common import POOL_MAX, activate, ceil_div
+from .common import POOL_MAX, U0, U1, U, activate, ceil_div
 from .head import _check, launch_kernel
 
 QUARTER = np.float32(0.25)
@@ -38,7 +40,7 @@ WEIGHTS = 2576  # staged C1 + C3 weights and biases (150 + 6 + 2400 + 16, rounde
 SMEM_LIMIT = 48 * 1024
 MAX_IMGS = 4
 #: launch bounds of lenet_fwd_v1: 128 threads, 4 blocks an SM (what 4 images' ~45 KiB of shared memory allow):
-#: at most 128 registers, where the unrolled C3 loop would otherwise take ~150
+#: at most 128 registers (the uint32 kernel takes 71 without them; with int64 indices it took 156)
 LAUNCH_BOUNDS = {"lenet_fwd_v1": (THREADS, 4)}
 
 
@@ -70,20 +72,20 @@ def _pool(a, b, c, d, mode):
 def _conv_pool(sm, xb, xh, xw, wb, bb, cin, k, ph, pw, act, mode):
     """The pooled output (ph, pw) of filter k: the four 5×5 convolutions of its window, each + bias and
     activated, then pooled. In shared memory: the input's channel c, row y at xb + (c·xh + y)·xw, the
-    filter's weights at wb + ((k·cin + c)·RS + r)·RS + s, its bias at bb + k."""
+    filter's weights at wb + ((k·cin + c)·RS + r)·RS + s, its bias at bb + k. Every offset uint32."""
     o0 = float32(0.0)
     o1 = float32(0.0)
     o2 = float32(0.0)
     o3 = float32(0.0)
     for q in range(4):
-        oh = 2 * ph + q // 2
-        owc = 2 * pw + q % 2
-        acc = sm[bb + k]
+        oh = U(ph + ph + U(U(q) >> U1))  # 2·ph + q // 2
+        owc = U(pw + pw + U(U(q) & U1))  # 2·pw + q % 2
+        acc = sm[U(bb + k)]
         for c in range(cin):
             for r in range(RS):
                 for s in range(RS):
-                    wv = sm[wb + ((k * cin + c) * RS + r) * RS + s]
-                    acc += sm[xb + (c * xh + oh + r) * xw + owc + s] * wv
+                    wv = sm[U(wb + ((k * U(cin) + U(c)) * U(RS) + U(r)) * U(RS) + U(s))]
+                    acc += sm[U(xb + (U(c) * U(xh) + oh + U(r)) * U(xw) + owc + U(s))] * wv
         v = activate(acc, act)
         if q == 0:
             o0 = v
@@ -100,77 +102,104 @@ def _conv_pool(sm, xb, xh, xw, wb, bb, cin, k, ph, pw, act, mode):
 @(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["lenet_fwd_v1"]))
 def lenet_fwd_v1(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, act, mode, scale, shift, imgs,
                  xr, yr):
+    # every index and size uint32 (common.U); thread- and block-stride loops are while loops (a range() with a
+    # run-time step computes its trip count with a 64-bit division)
     sm = cuda.shared.array(0, float32)  # [w1 150][b1 6][w3 2400][b3 16] pad | image m: X at m*IS, Y at m*IS + xr
-    nimg = images.shape[0]
-    nh1, nh2, nc = c5w.shape[0], f6w.shape[0], ow.shape[0]
-    isz = xr + yr
-    tid, nt = cuda.threadIdx.x, cuda.blockDim.x
-    ob1, ow3, ob3 = K1 * 25, K1 * 25 + K1, K1 * 25 + K1 + K3 * K1 * 25
-    for t in range(tid, K1 * 25, nt):
-        sm[t] = c1w[t // 25, 0, (t // RS) % RS, t % RS]
-    for t in range(tid, K1, nt):
-        sm[ob1 + t] = c1b[t]
-    for t in range(tid, K3 * K1 * 25, nt):
-        sm[ow3 + t] = c3w[t // 150, (t // 25) % K1, (t // RS) % RS, t % RS]
-    for t in range(tid, K3, nt):
-        sm[ob3 + t] = c3b[t]
-    for tile in range(cuda.blockIdx.x, (nimg + imgs - 1) // imgs, cuda.gridDim.x):  # block-uniform
-        n0 = tile * imgs
-        ni = min(imgs, nimg - n0)
+    nimg = U(images.shape[0])
+    nh1, nh2, nc = U(c5w.shape[0]), U(f6w.shape[0]), U(ow.shape[0])
+    uimgs, uxr = U(imgs), U(xr)
+    isz = U(uxr + U(yr))
+    tid, nt = U(cuda.threadIdx.x), U(cuda.blockDim.x)
+    ob1, ow3, ob3 = U(K1 * 25), U(K1 * 25 + K1), U(K1 * 25 + K1 + K3 * K1 * 25)
+    t = tid
+    while t < U(K1 * 25):
+        sm[t] = c1w[U(t // U(25)), 0, U(U(t // U(RS)) % U(RS)), U(t % U(RS))]
+        t = U(t + nt)
+    t = tid
+    while t < U(K1):
+        sm[U(ob1 + t)] = c1b[t]
+        t = U(t + nt)
+    t = tid
+    while t < U(K3 * K1 * 25):
+        sm[U(ow3 + t)] = c3w[U(t // U(150)), U(U(t // U(25)) % U(K1)), U(U(t // U(RS)) % U(RS)), U(t % U(RS))]
+        t = U(t + nt)
+    t = tid
+    while t < U(K3):
+        sm[U(ob3 + t)] = c3b[t]
+        t = U(t + nt)
+    ntiles = U(U(nimg + uimgs - U1) // uimgs)
+    tile = U(cuda.blockIdx.x)
+    while tile < ntiles:  # block-uniform
+        n0 = U(tile * uimgs)
+        ni = U(min(uimgs, U(nimg - n0)))
         cuda.syncthreads()  # the weights are staged; the previous tile is done with the image regions
-        for t in range(tid, imgs * XS * XS, nt):  # the tile's images, padded and normalised (zeros past the batch)
-            m = t // (XS * XS)
-            p = t % (XS * XS)
-            ih = p // XS - PAD
-            iw = p % XS - PAD
+        t = tid
+        while t < U(uimgs * U(XS * XS)):  # the tile's images, padded and normalised (zeros past the batch)
+            m = U(t // U(XS * XS))
+            p = U(t - m * U(XS * XS))
+            ph = U(p // U(XS))  # ih + PAD
+            pw = U(p - ph * U(XS))  # iw + PAD
             pix = float32(0.0)
-            if m < ni and ih >= 0 and ih < IMAGE and iw >= 0 and iw < IMAGE:
-                pix = float32(images[n0 + m, ih, iw])
-            sm[WEIGHTS + m * isz + p] = pix * scale + shift
+            if m < ni and ph >= U(PAD) and ph < U(IMAGE + PAD) and pw >= U(PAD) and pw < U(IMAGE + PAD):
+                pix = float32(images[U(n0 + m), U(ph - U(PAD)), U(pw - U(PAD))])
+            sm[U(U(WEIGHTS) + m * isz + p)] = pix * scale + shift
+            t = U(t + nt)
         cuda.syncthreads()
-        for t in range(tid, imgs * S2, nt):  # C1 + act + pool -> S2 (Y)
-            m = t // S2
-            e = t % S2
-            k = e // (P2 * P2)
-            ph = (e // P2) % P2
-            pw = e % P2
-            sm[WEIGHTS + m * isz + xr + e] = _conv_pool(sm, WEIGHTS + m * isz, 0, XS, 0, ob1, 1, k, ph, pw, act, mode)
+        t = tid
+        while t < U(uimgs * U(S2)):  # C1 + act + pool -> S2 (Y)
+            m = U(t // U(S2))
+            e = U(t - m * U(S2))
+            k = U(e // U(P2 * P2))
+            ph = U(U(e // U(P2)) % U(P2))
+            pw = U(e % U(P2))
+            xb = U(U(WEIGHTS) + m * isz)
+            sm[U(xb + uxr + e)] = _conv_pool(sm, xb, 0, XS, U0, ob1, 1, k, ph, pw, act, mode)
+            t = U(t + nt)
         cuda.syncthreads()
-        for t in range(tid, imgs * I5, nt):  # C3 + act + pool -> S4 (X, [0, 400))
-            m = t // I5
-            e = t % I5
-            k = e // (P4 * P4)
-            ph = (e // P4) % P4
-            pw = e % P4
-            sm[WEIGHTS + m * isz + e] = _conv_pool(sm, WEIGHTS + m * isz + xr, P2, P2, ow3, ob3, K1, k, ph, pw, act,
-                                                  mode)
+        t = tid
+        while t < U(uimgs * U(I5)):  # C3 + act + pool -> S4 (X, [0, 400))
+            m = U(t // U(I5))
+            e = U(t - m * U(I5))
+            k = U(e // U(P4 * P4))
+            ph = U(U(e // U(P4)) % U(P4))
+            pw = U(e % U(P4))
+            xb = U(U(WEIGHTS) + m * isz)
+            sm[U(xb + e)] = _conv_pool(sm, U(xb + uxr), P2, P2, ow3, ob3, K1, k, ph, pw, act, mode)
+            t = U(t + nt)
         cuda.syncthreads()
-        for t in range(tid, imgs * nh1, nt):  # C5 -> h1 (X, [400, 400 + H1))
-            m = t // nh1
-            o = t % nh1
-            base = WEIGHTS + m * isz
+        t = tid
+        while t < U(uimgs * nh1):  # C5 -> h1 (X, [400, 400 + H1))
+            m = U(t // nh1)
+            o = U(t - m * nh1)
+            base = U(U(WEIGHTS) + m * isz)
             acc = c5b[o]
             for i in range(I5):
-                acc += c5w[o, i] * sm[base + i]
-            sm[base + I5 + o] = activate(acc, act)
+                acc += c5w[o, U(i)] * sm[U(base + U(i))]
+            sm[U(base + U(I5) + o)] = activate(acc, act)
+            t = U(t + nt)
         cuda.syncthreads()
-        for t in range(tid, imgs * nh2, nt):  # F6 -> h2 (Y, [0, H2))
-            m = t // nh2
-            j = t % nh2
-            base = WEIGHTS + m * isz
+        t = tid
+        while t < U(uimgs * nh2):  # F6 -> h2 (Y, [0, H2))
+            m = U(t // nh2)
+            j = U(t - m * nh2)
+            base = U(U(WEIGHTS) + m * isz)
             acc = f6b[j]
             for o in range(nh1):
-                acc += f6w[j, o] * sm[base + I5 + o]
-            sm[base + xr + j] = activate(acc, act)
+                acc += f6w[j, U(o)] * sm[U(base + U(I5) + U(o))]
+            sm[U(base + uxr + j)] = activate(acc, act)
+            t = U(t + nt)
         cuda.syncthreads()
-        for t in range(tid, ni * nc, nt):  # output -> logits
-            m = t // nc
-            c = t % nc
-            base = WEIGHTS + m * isz + xr
+        t = tid
+        while t < U(ni * nc):  # output -> logits
+            m = U(t // nc)
+            c = U(t - m * nc)
+            base = U(U(WEIGHTS) + m * isz + uxr)
             acc = ob[c]
             for j in range(nh2):
-                acc += ow[c, j] * sm[base + j]
-            logits[n0 + m, c] = acc
+                acc += ow[c, U(j)] * sm[U(base + U(j))]
+            logits[U(n0 + m), c] = acc
+            t = U(t + nt)
+        tile = U(tile + U(cuda.gridDim.x))
 
 
 # ------------------------------------------------------------------------------------ variant table
