@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     args = json.loads((argv if argv is not None else sys.argv[1:])[0])
     step = step_by_name(args["step"])
     scratch_step(step, args["options"], bool(args["fused"]), set(args["ops"]), set(), int(args["threads"]))
-    print(f"{SHARE_DONE}: {time.perf_counter() - t0:.2f} s after its imports", flush=True)
+    print(f"{SHARE_DONE}: {time.perf_counter() - t0:.2f} s after its imports, {time.process_time():.2f} s CPU",
+          flush=True)
     if args.get("later"):
         # nobody reads the pipes from now on (the first step is under way): write nowhere
         devnull = os.open(os.devnull, os.O_WRONLY)
