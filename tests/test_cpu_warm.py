@@ -27,7 +27,7 @@ FIRST_RUN = """
 import hashlib, json
 import numpy as np
 from lenet_gpu.model import LeNet5
-from lenet_gpu.backends.cpu_backend import head, routed, warm
+from lenet_gpu.backends.cpu_backend import head, lenet_fwd, routed, warm
 m = LeNet5(backend="cpu", activation="tanh", optimizer="sgd", seed=3)
 rng = np.random.default_rng(7)
 x = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
@@ -35,12 +35,17 @@ y = rng.integers(0, 10, 40).astype(np.uint8)
 loss = m.train_step(x, y)
 made = [f for key, f in routed._MADE.items() if key[0] == "conv2d_bwd_data_routed_v1"]
 helper = [head.head_train_v1, *made]  # max pooling: the routed step, conv2d_bwd_data_routed in the helper's share
+params = hashlib.sha256(m.parameters().tobytes()).hexdigest()
+# the helper compiles inference after its share, while this process goes on: wait for it, then infer
+assert warm.background is not None and warm.background.wait(timeout=300) == 0
+m.logits(x, batch_size=40)
 print(json.dumps({
     "report": warm.last_report,
+    "infer_loaded": [sum(f.stats.cache_hits.values()) for f in lenet_fwd._MADE.values()],
     "loaded": [sum(f.stats.cache_hits.values()) for f in helper],
     "compiled_here": [sum(f.stats.cache_misses.values()) for f in helper],
     "loss": loss,
-    "params": hashlib.sha256(m.parameters().tobytes()).hexdigest(),
+    "params": params,
 }))
 """
 
@@ -61,6 +66,7 @@ def test_first_run_compiles_on_two_processes_and_trains_the_same(tmp_path):
     assert report["helper"].startswith("ok"), report
     assert all(n > 0 for n in got["loaded"]), got  # the helper's kernels came from the cache it filled
     assert not any(got["compiled_here"]), got
+    assert got["infer_loaded"] and all(n > 0 for n in got["infer_loaded"]), got  # compiled by the helper
     # the same step here, with kernels compiled (or cached) by this process as usual
     m = LeNet5(backend="cpu", activation="tanh", optimizer="sgd", seed=3)
     rng = np.random.default_rng(7)

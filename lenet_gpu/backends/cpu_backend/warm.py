@@ -69,6 +69,8 @@ HELPER_TIMEOUT_S = 300.0
 
 #: what the last compile_ahead in this process did (None before it ran)
 last_report: dict[str, Any] | None = None
+#: the helper while it compiles LATER_OPS after its share (None when there is none)
+background: subprocess.Popen | None = None
 _done = False
 
 
@@ -236,9 +238,11 @@ def _in_background(helper: subprocess.Popen) -> None:
     """The helper goes on compiling LATER_OPS (inference) into the cache while this process trains; it writes
     nothing more to its pipes (closed here). Stopped when this process exits (a first run of one step need
     not wait for it: the cache then lacks what it had not finished, compiled when first used)."""
+    global background
     for pipe in (helper.stdout, helper.stderr):
         if pipe is not None:
             pipe.close()
+    background = helper
 
     def stop() -> None:
         if helper.poll() is None:
