@@ -27,20 +27,25 @@ FIRST_RUN = """
 import hashlib, json
 import numpy as np
 from lenet_gpu.model import LeNet5
-from lenet_gpu.backends.cpu_backend import conv2d, head, warm
+from lenet_gpu.backends.cpu_backend import head, lenet_fwd, routed, warm
 m = LeNet5(backend="cpu", activation="tanh", optimizer="sgd", seed=3)
 rng = np.random.default_rng(7)
 x = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
 y = rng.integers(0, 10, 40).astype(np.uint8)
 loss = m.train_step(x, y)
-made = [f for (name, _), f in conv2d._MADE.items() if name.startswith("conv2d_bwd_weight")]
-helper = [head.head_train_v1, *made]
+made = [f for key, f in routed._MADE.items() if key[0] == "conv2d_bwd_data_routed_v1"]
+helper = [head.head_train_v1, *made]  # max pooling: the routed step, conv2d_bwd_data_routed in the helper's share
+params = hashlib.sha256(m.parameters().tobytes()).hexdigest()
+# the helper compiles inference after its share, while this process goes on: wait for it, then infer
+assert warm.background is not None and warm.background.wait(timeout=300) == 0
+m.logits(x, batch_size=40)
 print(json.dumps({
     "report": warm.last_report,
+    "infer_loaded": [sum(f.stats.cache_hits.values()) for f in lenet_fwd._MADE.values()],
     "loaded": [sum(f.stats.cache_hits.values()) for f in helper],
     "compiled_here": [sum(f.stats.cache_misses.values()) for f in helper],
     "loss": loss,
-    "params": hashlib.sha256(m.parameters().tobytes()).hexdigest(),
+    "params": params,
 }))
 """
 
@@ -61,6 +66,7 @@ def test_first_run_compiles_on_two_processes_and_trains_the_same(tmp_path):
     assert report["helper"].startswith("ok"), report
     assert all(n > 0 for n in got["loaded"]), got  # the helper's kernels came from the cache it filled
     assert not any(got["compiled_here"]), got
+    assert got["infer_loaded"] and all(n > 0 for n in got["infer_loaded"]), got  # compiled by the helper
     # the same step here, with kernels compiled (or cached) by this process as usual
     m = LeNet5(backend="cpu", activation="tanh", optimizer="sgd", seed=3)
     rng = np.random.default_rng(7)
@@ -90,12 +96,15 @@ def test_scratch_step_runs_only_its_share(monkeypatch):
     options = LeNet5(backend="numpy").options()
     # the default options train through the routed step (max pooling, docs/routed_backward.md)
     warm.scratch_step(scratch_step, options, True, set(warm.HELPER_OPS), set(), 1)
-    assert sorted(set(calls)) == ["conv2d_bwd_weight_routed", "head_train"], calls
+    assert sorted(set(calls)) == ["batch_prepare", "conv2d_bwd_data_routed", "head_train"], calls
+    calls.clear()
+    # this process's share: the rest of the step, and no inference (the helper compiles it afterwards)
+    warm.scratch_step(scratch_step, options, True, None, set(warm.HELPER_OPS) | set(warm.LATER_OPS), 1)
+    assert set(calls) == {"conv2d_pool_fwd", "conv2d_bwd_weight_routed", "adam_step", "step_advance"}, calls
     assert calls.count("conv2d_bwd_weight_routed") == 2, calls
     calls.clear()
-    warm.scratch_step(scratch_step, options, True, None, set(warm.HELPER_OPS), 1)
-    assert set(calls) == {"batch_prepare", "conv2d_pool_fwd", "conv2d_bwd_data_routed", "adam_step", "step_advance",
-                          "lenet_fwd"}, calls
+    warm.scratch_step(scratch_step, options, True, set(warm.LATER_OPS), set(), 1)
+    assert set(calls) == {"lenet_fwd"}, calls
 
 
 def test_nothing_runs_twice_or_when_switched_off(monkeypatch):

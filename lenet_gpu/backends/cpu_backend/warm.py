@@ -5,7 +5,10 @@ Numba compiles one function at a time in a process (it holds a global compiler l
 compiles the step's kernels one after the other on one core: about 23 s on this project's 2-core machine.
 Before a model's first step with an empty cache, ``compile_ahead`` starts a helper Python process that
 compiles one share of the step's ops into Numba's disk cache, while this process compiles the rest; it then
-waits for the helper, and the step itself loads every kernel from the cache. Each process compiles its share
+waits for the helper's share, and the step itself loads every kernel from the cache. What the first step
+does not run (inference, LATER_OPS) neither process compiles before it: the helper compiles it into the
+cache after its share, while this process goes on with its first steps (it is stopped if this process
+exits first). Each process compiles its share
 by running one training step of a scratch model of the same options on 16 zero images, with the ops of the
 other share made no-ops (every buffer of the scratch model is zeroed, so an op that reads what a skipped op
 would have written reads zeros: valid indices, no garbage). Numba specialises kernels on argument types,
@@ -26,9 +29,11 @@ serially.
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import json
 import os
+import selectors
 import subprocess
 import sys
 import time
@@ -40,12 +45,23 @@ from typing import Any
 #: a model with these options on ``backend`` (lenet_gpu.model.scratch_step)
 ScratchStep = Callable[[Any, dict, bool, int], None]
 
-#: the helper's share, by op name. Compile times of the step's ops at the first run (2 cores, OPT_LEVEL 2,
-#: one run, both variants where a step uses two): head_train 7.8 s, conv2d_bwd_weight 4.8 s,
-#: conv2d_pool_fwd 5.5 s, conv2d_bwd_data_pool 3.5 s, lenet_fwd 3 s, the rest about 1.5 s. The helper also
-#: pays for its own start (about 1.5 s), so it takes the first two and this process the rest.
-#: The routed step (max pooling) takes conv2d_bwd_weight_routed in conv2d_bwd_weight's place: both here.
-HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_weight", "conv2d_bwd_weight_routed")
+#: the helper's share, by op name. Compile times of the routed step's ops at the first run (CPU seconds of
+#: one process compiling them all, empty cache, OPT_LEVEL 2, both variants where a step uses two; measured
+#: with bench/compile_times.py): head_train 8.6, conv2d_pool_fwd 5.6 (C1 2.5 + C3 3.1),
+#: conv2d_bwd_weight_routed 5.6 (2.8 + 2.8), batch_prepare 1.4, conv2d_bwd_data_routed 1.4, adam_step and
+#: step_advance 0.3; lenet_fwd (inference, not in the step) 4.9. The helper also pays for its start (about
+#: 0.8 s CPU), so it takes head_train, conv2d_bwd_data_routed and batch_prepare (11.4 + 0.8 s) and this
+#: process the rest (11.5 s). Measured end to end on the 2-core machine (interleaved runs): the first step
+#: after 16.1 s with head_train and conv2d_bwd_weight_routed here (and inference compiled before the first
+#: step), 12.9-13.7 s with head_train and conv2d_bwd_data_routed, this process then the longer share.
+#: The dense step (average pooling) takes conv2d_bwd_weight (4.8 s) in conv2d_bwd_weight_routed's place, and
+#: conv2d_bwd_data_pool (3.5 s) in conv2d_bwd_data_routed's: the former there, the latter here.
+HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_data_routed", "batch_prepare", "conv2d_bwd_weight")
+#: ops that the first training step does not run (inference): the helper compiles them after its share,
+#: while this process trains (see compile_ahead); a first step waits for none of them
+LATER_OPS: tuple[str, ...] = ("lenet_fwd",)
+#: the line the helper prints when its share of the step is in the cache
+SHARE_DONE = "share done"
 #: images of the scratch step (one chunk of lanes)
 SCRATCH_BATCH = 16
 #: seconds to wait for the helper before compiling its share here
@@ -53,6 +69,8 @@ HELPER_TIMEOUT_S = 300.0
 
 #: what the last compile_ahead in this process did (None before it ran)
 last_report: dict[str, Any] | None = None
+#: the helper while it compiles LATER_OPS after its share (None when there is none)
+background: subprocess.Popen | None = None
 _done = False
 
 
@@ -135,9 +153,10 @@ def compile_ahead(options: dict[str, Any], fused: bool, threads: int, step: Scra
         last_report = {"ran": False, "why": "one core: nothing to compile on in parallel"}
         return last_report
     helper = _start_helper(options, fused, threads, step_name(step))
-    report: dict[str, Any] = {"ran": True, "helper_ops": list(HELPER_OPS)}
+    report: dict[str, Any] = {"ran": True, "helper_ops": list(HELPER_OPS), "later_ops": list(LATER_OPS)}
+    skip = set(LATER_OPS) | (set(HELPER_OPS) if helper is not None else set())
     try:
-        scratch_step(step, options, fused, None, set(HELPER_OPS) if helper is not None else set(), threads)
+        scratch_step(step, options, fused, None, skip, threads)
     except BaseException:  # Ctrl-C or an error: stop the helper now rather than wait for it
         if helper is not None:
             helper.kill()
@@ -159,7 +178,7 @@ def _start_helper(options: dict[str, Any], fused: bool, threads: int, step: str)
     if numba.config.CACHE_DIR:
         env["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR
     arg = json.dumps({"options": options, "fused": fused, "threads": threads, "ops": list(HELPER_OPS),
-                      "step": step})
+                      "later": list(LATER_OPS), "step": step})
     try:
         return subprocess.Popen([sys.executable, "-m", __name__, arg], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -167,27 +186,85 @@ def _start_helper(options: dict[str, Any], fused: bool, threads: int, step: str)
         return None
 
 
+def _read_until_share_done(helper: subprocess.Popen, deadline: float) -> tuple[str | None, str, bool]:
+    """Read the helper's stdout and stderr until it prints SHARE_DONE, exits, or the deadline passes:
+    (the SHARE_DONE line or None, stderr so far, timed out)."""
+    assert helper.stdout is not None and helper.stderr is not None
+    fds = {helper.stdout.fileno(): bytearray(), helper.stderr.fileno(): bytearray()}
+    open_fds = set(fds)
+    out_fd = helper.stdout.fileno()
+    with selectors.DefaultSelector() as sel:
+        for fd in open_fds:
+            sel.register(fd, selectors.EVENT_READ)
+        while open_fds:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return None, fds[helper.stderr.fileno()].decode(errors="replace"), True
+            for key, _ in sel.select(timeout=left):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    open_fds.discard(key.fd)
+                    continue
+                fds[key.fd] += chunk
+                if key.fd == out_fd:
+                    for line in fds[out_fd].decode(errors="replace").splitlines():
+                        if line.startswith(SHARE_DONE):
+                            return line, fds[helper.stderr.fileno()].decode(errors="replace"), False
+    return None, fds[helper.stderr.fileno()].decode(errors="replace"), False
+
+
 def _wait(helper: subprocess.Popen | None) -> str:
+    """Wait for the helper's share of the step: until it prints SHARE_DONE (it then goes on to compile
+    LATER_OPS in the background, see _in_background) or exits."""
     if helper is None:
         return "not started"
-    try:
-        out, err = helper.communicate(timeout=HELPER_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
+    done, err, timed_out = _read_until_share_done(helper, time.perf_counter() + HELPER_TIMEOUT_S)
+    if timed_out:
         helper.kill()
         helper.communicate()
         return f"timed out after {HELPER_TIMEOUT_S:.0f} s"
+    if done is not None:
+        _in_background(helper)
+        return f"ok ({done})"
+    helper.wait()
     if helper.returncode != 0:
         tail = (err or "").strip().splitlines()[-1:] or [""]
         return f"failed (exit {helper.returncode}): {tail[0][:200]}"
-    return f"ok ({out.strip()})"
+    return "ok (exited)"
+
+
+def _in_background(helper: subprocess.Popen) -> None:
+    """The helper goes on compiling LATER_OPS (inference) into the cache while this process trains; it writes
+    nothing more to its pipes (closed here). Stopped when this process exits (a first run of one step need
+    not wait for it: the cache then lacks what it had not finished, compiled when first used)."""
+    global background
+    for pipe in (helper.stdout, helper.stderr):
+        if pipe is not None:
+            pipe.close()
+    background = helper
+
+    def stop() -> None:
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+
+    atexit.register(stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     args = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    scratch_step(step_by_name(args["step"]), args["options"], bool(args["fused"]), set(args["ops"]), set(),
-                 int(args["threads"]))
-    print(f"{time.perf_counter() - t0:.2f} s after its imports")
+    step = step_by_name(args["step"])
+    scratch_step(step, args["options"], bool(args["fused"]), set(args["ops"]), set(), int(args["threads"]))
+    print(f"{SHARE_DONE}: {time.perf_counter() - t0:.2f} s after its imports, {time.process_time():.2f} s CPU",
+          flush=True)
+    if args.get("later"):
+        # nobody reads the pipes from now on (the first step is under way): write nowhere
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        scratch_step(step, args["options"], bool(args["fused"]), set(args["later"]), set(), int(args["threads"]))
     return 0
 
 
