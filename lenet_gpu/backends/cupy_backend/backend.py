@@ -408,9 +408,7 @@ class CupyBackend:
         self.defines = {stem: {**d, **(defines or {}).get(stem, {})} for stem, d in MODULE_DEFINES.items()}
         self._kernels: dict[tuple, Any] = {}
         self._plans: dict[tuple, _Entry] = {}
-        # TODO(step4 integration): list STEP_OPS unconditionally once all four methods exist
-        step_ops = tuple(op for op in STEP_OPS if hasattr(type(self), op))
-        ops = [*OPS, *((*FUSED_OPS, *ROUTED_OPS, *step_ops) if fused else ())]
+        ops = [*OPS, *((*FUSED_OPS, *ROUTED_OPS, *STEP_OPS) if fused else ())]
         self.variants: dict[str, tuple[str, ...]] = {op: OP_KERNELS[op][1] for op in ops}
         self.default_variants: dict[str, str] = {op: DEFAULT_VARIANTS[op] for op in ops}
         for op, v in (variants or {}).items():
