@@ -46,10 +46,14 @@ def cupy_recorded_launches(batch: int = REPORT_BATCH, defines: dict[str, dict[st
     labels = np.zeros(2 * batch, np.uint8)
     for i in range(depth):
         chosen = {op: vs[min(i, len(vs) - 1)] for op, (_, vs) in OP_KERNELS.items()}
-        # the routed step (the default with max pooling), the dense fused step and the unfused one
-        for fused, optimizer, routed in ((True, "adam", True), (True, "adam", False), (False, "sgd", False)):
+        # the four-kernel step (the default with max pooling; adam and sgd), the nine-op routed step, the
+        # dense fused step and the unfused one
+        for fused, optimizer, routed, step4 in ((True, "adam", True, True), (True, "sgd", True, True),
+                                                (True, "adam", True, False), (True, "adam", False, False),
+                                                (False, "sgd", False, False)):
             be = CupyBackend(runtime=rt, fused=fused, variants=chosen, defines=defines, graphs=False)
-            model = LeNet5(backend=be, optimizer=optimizer, use_graphs=False, fused=fused, routed=routed)
+            model = LeNet5(backend=be, optimizer=optimizer, use_graphs=False, fused=fused, routed=routed,
+                           step4=step4)
             data = model.upload_dataset(images, labels)
             model.begin_run(data, batch, shift=2)
             model.run_steps(data, 1)
