@@ -649,8 +649,8 @@ conv2d_bwd_weight_v3(const float* __restrict__ x, const float* __restrict__ dz, 
 //                         (C3: N*25 iterations over 2,400 threads: ~ 25 us / ~ 1.6 ms). A baseline only.
 //   conv2d_bwd_data_routed_v1    one thread per gz_below element gathering over (k, r, s): the tap's conv
 //                         output (h-r, v-s) counts when it lies in a pooled window and is that window's
-//                         route. Per image (C3 of LeNet-5): 1,176 threads x 400 tap checks, 30,000 MAC.
-//                         Estimate (H200, issue slots): ~ 12 instructions a tap check -> 5.6 M thread-
+//                         route. Per image (C3 of LeNet-5): 1,176 threads x 400 tap checks, 60,000 MAC (a
+//                         quarter of dense). Estimate (H200, issue slots): ~ 12 instructions a tap check -> 5.6 M thread-
 //                         instructions = 176 K warp-instructions an image; at ~ 2 warp-instructions a clock
 //                         an SM: batch 64 ~ 45 us (1 wave of 75,264 threads), batch 4096 ~ 1.4 ms.
 // =====================================================================================================
@@ -727,7 +727,7 @@ extern "C" __global__ void conv2d_bwd_data_routed_v1(const float* __restrict__ g
 //                         filter k it visits only the <= ((RT_R+2)/2) x ((RT_S+2)/2) pooled windows whose 2x2
 //                         taps its filter can reach (9 for 5x5, instead of 25 taps) and adds gz * w[k, :, r, s]
 //                         where the window's route falls inside the filter; every channel shares the route test.
-//                         Per image (C3): 196 threads x 16 x 9 window tests, 30,000 MAC. Estimate (H200, issue
+//                         Per image (C3): 196 threads x 16 x 9 window tests, 60,000 MAC. Estimate (H200, issue
 //                         slots: ~ 2.5 K instructions a thread): batch 4096 ~ 0.15 ms, batch 64 ~ 15 us
 //                         (latency-bound: 98 blocks of 128 threads).
 #ifndef RT_R

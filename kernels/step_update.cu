@@ -27,10 +27,13 @@
 //   bytes  adam: p, m, v read and written, g read (24 + 4 = 28 B/parameter) + g written and gpart read for the
 //          conv prefix (4 + 4 S B): 1.74 MB + 10.5 S KB; sgd: 20 B/parameter: 1.25 MB + 10.5 S KB.
 //   H200   1.74 MB / 4.8 TB/s = 0.36 us of DRAM traffic (less: 1.7 MB stays in the 50 MB L2 between steps);
-//          15,456 float4 threads = 61 blocks of 256 (~half the 132 SMs, one wave) -> the launch is
-//          latency-bound: ~3-4 us (launch overhead + one dependent chain of ~4 global loads, the divides and
-//          sqrt of 4 elements, S loads of gpart) at batch 64 (S ~1-2) and at batch 4096 (S ~16: 16 extra
-//          dependent-free float4 loads per conv thread, < 1 us more). The batch enters only through S.
+//          15,456 float4 threads = 161 blocks of 96 (one wave) -> the launch is latency-bound (launch overhead
+//          + a chain of ~4 global loads, the divides and sqrt of 4 elements): ~3-4 us, plus the partial sums:
+//          the 656 conv-prefix threads (7 blocks) each load S float4 rows of gpart in group order, S = 64 at
+//          batch 64 and 256 at batch 4096 (step_groups on 132 SMs). Chain length: S / 8 rounds of L2 loads
+//          (unrolled by 8) at ~0.15-0.25 us a round -> ~1-2 us more at batch 64, ~5-8 us more at batch 4096
+//          (gpart 0.17 / 2.7 MB, from L2 where step_bwd just wrote it). Total ~4-6 us at batch 64, ~8-12 us at
+//          batch 4096.
 #include "common.cuh"
 
 __device__ __forceinline__ void adam1(float& p, float g, float& m, float& v, float lr, float beta1, float beta2,
@@ -52,6 +55,9 @@ __device__ __forceinline__ float4 su_grad4(float4* __restrict__ g4, const float4
                                            int S) {
     if (i >= NC4) return g4[i];
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    // S is 64 at batch 64 and 256 at batch 4096 on 132 SMs (step_groups): unrolled so that 8 independent loads
+    // are in flight before their adds, which stay in group order (the same bits as the plain loop)
+#pragma unroll 8
     for (int s = 0; s < S; ++s) {  // group order, from 0.0f: reference.step_reduce
         const float4 q = gpart4[(size_t)s * NC4 + i];
         acc.x += q.x;
