@@ -92,9 +92,21 @@ def write_fill(out: Path, backends: Sequence[str], batches: Sequence[int], arch:
     (out / "fill.json").write_text(json.dumps({"rows": rows, "summary": fill_summary(rows), "notes": notes},
                                               indent=1) + "\n")
     md = fill_markdown(rows, notes)
+    if "cupy" in backends:
+        md += "\n" + latency_section(sm_count)
     (out / "fill.md").write_text(md)
     print(md.split("\n\nwaves =")[0] + "\n")
     return rows
+
+
+def latency_section(sm_count: int) -> str:
+    """The default cupy training step's kernels at bench.estimates' batch sizes, each with its estimated or
+    measured µs (bench.estimates), as markdown."""
+    from .estimates import BATCHES, latency_markdown
+    from .launches import cupy_launch_sequence
+
+    seqs = {b: [launch[2] for launch in cupy_launch_sequence(b, sm_count)["train"]] for b in BATCHES}
+    return latency_markdown(seqs)
 
 
 def load_kernel_table(path: Path | None = None, build: bool = False, allow_build: bool = True) -> dict[str, Any]:

@@ -6,7 +6,8 @@ Writes reports/kernels.json (one record per backend × kernel × arch) and repor
 the fill table of both backends, reports/fill.json and reports/fill.md: every launch of one training
 step and one inference pass at batch 64, 128, 256 and 1024 with its blocks, threads, registers, shared
 memory, resident blocks per SM, theoretical occupancy and waves on 132 SMs, and per pass how many launches
-leave SMs without a block.
+leave SMs without a block; then each kernel of the default cupy training step at batch 64 and 4096 with its
+latency, estimated (the method named) or measured (the run named): bench/estimates.py.
 
     python scripts/kernel_report.py                 # both backends, sm_80 and sm_90, and the fill table
     python scripts/kernel_report.py --arch sm_90 --backend cupy
