@@ -18,6 +18,9 @@ An empty group (s*chunk >= B) writes a row of zeros.
   s < S: ... s += gridDim.x``) so a grid capped below S (NumbaBackend.max_blocks, the simulator's
   quick_simulation) still writes every row: at the backend's grid (S blocks) each block takes one group, as
   step_bwd.cu's. Every index and size is uint32 (common.U): no 64-bit or signed division, no wraparound selects.
+  One exception: gz1's gather reads a tap's 6 weights at wo + c*25 with c a compile-time constant as an int64
+  sum (the uint32 wo zero-extended, never negative: no wraparound select), which LLVM folds into the loads'
+  immediate offsets (LDS [R+0x64] ...); a uint32 sum could wrap, so it cannot (6 address computations a hit).
 
 Accumulators and determinism (as step_bwd.cu). Every output has exactly one owner thread that keeps it in a
 register: per image it sums the image's windows in a fixed order from 0, then adds that to the group's total,
@@ -40,11 +43,14 @@ Shared memory (static): w3 9,600 B + x 4,736 + p1 4,704 + gz3 1,600 + off3 1,600
 
 What Numba cannot say as the CUDA C does, and what stands in for it:
 - ``#pragma unroll`` (and ``unroll 4``): Numba has no unroll control; LLVM unrolls loops with constant trip
-  counts at its own discretion. The register arrays (cuda.local.array: the 10 dw3 accumulators, their offsets,
-  the 6 gz1 channels) are indexed only inside small constant-trip loops, innermost, so that LLVM unrolls them
-  fully and keeps the arrays in registers (no stack frame: tests/test_numba_step_bwd.py checks ptxas's report).
-  For that C3's weight gradient loops windows e outside and its weights u inside (step_bwd.cu: u outside, e
-  inside, both unrolled); each output's sum is the same chain (windows in order into a per-image partial).
+  counts at its own discretion. The register arrays (cuda.local.array: the 10 dw3 accumulators and this image's
+  10 partials, their offsets, the 6 gz1 channels) are indexed only inside small constant-trip range() loops,
+  innermost, so that LLVM unrolls them fully and keeps the arrays in registers (no stack frame:
+  tests/test_numba_step_bwd.py checks ptxas's report). For that C3's weight gradient loops windows outside and
+  its weights u inside (step_bwd.cu: u outside, windows inside, both unrolled); each output's sum is the same
+  chain (windows in order into a per-image partial). The other fixed-count loops (25 windows, 16 filters, 196
+  windows) are while loops on a uint32 counter: a range() keeps a 64-bit counter with two selects an iteration,
+  which LLVM then unrolls into every copy of the body (phase B had ~5 extra instructions a MAC that way).
 - ``__launch_bounds__(256)``: cuda.jit(launch_bounds=(256,)) (not in the simulator, whose jit takes none).
 - ``fmaf``: cuda.fma (the simulator computes it as a*b + c in float32: two roundings).
 - ``__restrict__`` / ``const``: no equivalent (Numba marks no kernel pointer noalias); loads are plain ld.global.
@@ -52,7 +58,10 @@ What Numba cannot say as the CUDA C does, and what stands in for it:
 Work and bytes per image as step_bwd.cu (149,400 MACs; 11,976 B read, + w3 9,600 B per block; 10,496 B written
 per block). Its time estimate (shared-memory bound, ~6 us an image per SM at 2 blocks an SM) is the CUDA C's
 ESTIMATE, not a measurement of this kernel; what occupancy the Numba kernel reaches depends on its registers
-(the test records them; step_bwd.cu: 128 at 2 blocks/SM on sm_90).
+(measured with compile_ptx + ptxas -v of CUDA 12.9, launch bounds (256,): 80 registers on sm_90 and on sm_80;
+no spill, no stack; 32,048 B static shared memory; so 3 blocks of 256 threads fit an SM by registers, where
+step_bwd.cu's 128 allow 2; step_groups' plan uses 2 an SM either way; tests/test_numba_step_bwd.py prints them
+and bounds them at 128).
 
 ``step_bwd(be, ...)`` is the launch wrapper with the protocol's signature (first parameter the backend), bound
 as a method by NumbaBackend; ``step_groups(batch, sm_count)`` is the group plan (CupyBackend.step_groups').
@@ -205,40 +214,47 @@ def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
             # phase A.1: C3's weight gradient, windows in order (this image's sum, then added to the group's)
             for u in range(U3):
                 img3[u] = ZERO
-            for w in range(P3HW):
+            w = U0
+            while w < U(P3HW):
                 for u in range(U3):
                     if u < U3 - 1 or has_last:
-                        g = U(g3row[u] + U(w))
+                        g = U(g3row[u] + w)
                         img3[u] = cuda.fma(s_gz3[g], s_p1[U(p1tap[u] + s_off3[g])], img3[u])
+                w = U(w + U1)
             for u in range(U3):
                 acc3[u] += img3[u]
             if tid < U(K3):
                 a3 = ZERO
-                for w in range(P3HW):
-                    a3 += s_gz3[U(tid * U(P3HW) + U(w))]
+                w = U0
+                while w < U(P3HW):
+                    a3 += s_gz3[U(tid * U(P3HW) + w)]
+                    w = U(w + U1)
                 accb3 += a3
             # phase A.2: gz1 = C3's routed data gradient * act'(p1), at S2 position (h, v), all 6 channels
             if tid < U(P1HW):
                 for c in range(C3):
                     g1[c] = ZERO
-                for k in range(K3):
-                    for di in range(3):
-                        i = U(i0 + U(di))
-                        for dj in range(3):
-                            j = U(j0 + U(dj))
-                            if i <= i1 and j <= j1:
-                                eg = U(U(k) * U(P3HW) + i * U(P3) + j)
-                                a = U(s_m3[eg])
-                                tr = U(i + i + (a >> U1))  # the routed tap's row and column in S2
-                                tc = U(j + j + (a & U1))
-                                if tr <= h and tc <= v:
-                                    r = U(h - tr)
-                                    s = U(v - tc)
-                                    if r < U(R) and s < U(R):  # the route lies under the filter
-                                        gg = s_gz3[eg]
-                                        wo = U(U(k) * U(C3 * RS) + r * U(R) + s)
-                                        for c in range(C3):
-                                            g1[c] = cuda.fma(gg, s_w3[U(wo + U(c * RS))], g1[c])
+                k = U0
+                while k < U(K3):
+                    i = i0
+                    while i <= i1:  # the <= 3 x 3 windows in order (i1 - i0 <= 2, likewise j)
+                        j = j0
+                        while j <= j1:
+                            eg = U(k * U(P3HW) + i * U(P3) + j)
+                            a = U(s_m3[eg])
+                            tr = U(i + i + (a >> U1))  # the routed tap's row and column in S2
+                            tc = U(j + j + (a & U1))
+                            if tr <= h and tc <= v:
+                                r = U(h - tr)
+                                s = U(v - tc)
+                                if r < U(R) and s < U(R):  # the route lies under the filter
+                                    gg = s_gz3[eg]
+                                    wo = U(k * U(C3 * RS) + r * U(R) + s)
+                                    for c in range(C3):  # wo + c*25 in int64: immediate offsets (header)
+                                        g1[c] = cuda.fma(gg, s_w3[wo + c * RS], g1[c])
+                            j = U(j + U1)
+                        i = U(i + U1)
+                    k = U(k + U1)
                 for c in range(C3):
                     q = U(U(c * P1HW) + tid)
                     s_gz1[q] = g1[c] * act_grad(s_p1[q], act)
@@ -247,14 +263,17 @@ def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
             # phase B: C1's weight / bias gradient from gz1, windows (i, j) of filter k1 in order
             if tid < U(W1):
                 a1 = ZERO
-                for w in range(P1HW):
-                    q = U(g1row + U(w))
+                q = g1row
+                while q < U(g1row + U(P1HW)):
                     a1 = cuda.fma(s_gz1[q], s_x[U(s_off1[q] + x1tap)], a1)
+                    q = U(q + U1)
                 acc1 += a1
             elif tid < U(W1 + C3):
                 a1 = ZERO
-                for w in range(P1HW):
-                    a1 += s_gz1[U(g1row + U(w))]
+                q = g1row
+                while q < U(g1row + U(P1HW)):
+                    a1 += s_gz1[q]
+                    q = U(q + U1)
                 acc1 += a1
             n = U(n + U1)
 
