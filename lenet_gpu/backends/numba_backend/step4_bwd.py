@@ -18,9 +18,9 @@ An empty group (s*chunk >= B) writes a row of zeros.
   s < S: ... s += gridDim.x``) so a grid capped below S (NumbaBackend.max_blocks, the simulator's
   quick_simulation) still writes every row: at the backend's grid (S blocks) each block takes one group, as
   step_bwd.cu's. Every index and size is uint32 (common.U): no 64-bit or signed division, no wraparound selects.
-  One exception: gz1's gather reads a tap's 6 weights at wo + c*25 with c a compile-time constant as an int64
-  sum (the uint32 wo zero-extended, never negative: no wraparound select), which LLVM folds into the loads'
-  immediate offsets (LDS [R+0x64] ...); a uint32 sum could wrap, so it cannot (6 address computations a hit).
+  Two exceptions, each a uint32 plus a compile-time constant summed in int64 (zero-extended, never negative: no
+  wraparound select), which LLVM folds into the loads' immediate offsets (LDS [R+0x64] ...; a uint32 sum could
+  wrap, so it cannot): the 6 weights of a tap in gz1's gather (wo + c*25) and the windows of a dw3 chain.
 
 Accumulators and determinism (as step_bwd.cu). Every output has exactly one owner thread that keeps it in a
 register: per image it sums the image's windows in a fixed order from 0, then adds that to the group's total,
@@ -42,15 +42,18 @@ Shared memory (static): w3 9,600 B + x 4,736 + p1 4,704 + gz3 1,600 + off3 1,600
 + off1 4,704 = 32,048 B per block, as step_bwd.cu's (offsets uint32 here, int there).
 
 What Numba cannot say as the CUDA C does, and what stands in for it:
-- ``#pragma unroll`` (and ``unroll 4``): Numba has no unroll control; LLVM unrolls loops with constant trip
-  counts at its own discretion. The register arrays (cuda.local.array: the 10 dw3 accumulators and this image's
-  10 partials, their offsets, the 6 gz1 channels) are indexed only inside small constant-trip range() loops,
-  innermost, so that LLVM unrolls them fully and keeps the arrays in registers (no stack frame:
-  tests/test_numba_step_bwd.py checks ptxas's report). For that C3's weight gradient loops windows outside and
-  its weights u inside (step_bwd.cu: u outside, windows inside, both unrolled); each output's sum is the same
-  chain (windows in order into a per-image partial). The other fixed-count loops (25 windows, 16 filters, 196
-  windows) are while loops on a uint32 counter: a range() keeps a 64-bit counter with two selects an iteration,
-  which LLVM then unrolls into every copy of the body (phase B had ~5 extra instructions a MAC that way).
+- ``#pragma unroll`` (and ``unroll 4``): Numba has no unroll control; LLVM unrolls a loop with a constant trip
+  count when the unrolled body is small enough, innermost loops first. So a register array (cuda.local.array:
+  the 6 gz1 channels; the dw3 accumulators, their rows and taps) is indexed only by constants or inside a small
+  constant-trip range() loop (unrolled: no stack frame; tests/test_numba_step_bwd.py checks ptxas's report), and
+  C3's weight gradient, step_bwd.cu's two nested unrolled loops (10 weights x 25 windows), is written out as 10
+  calls of the inline device function _chain3 whose 25-window loop LLVM unrolls fully (a loop of 10 around it is
+  not unrolled, which would put the 10 accumulators in local memory). Each chain keeps its window index in int64
+  (the uint32 row plus the unrolled constant), so the gz3 and route loads take immediate offsets: the phase is
+  250 FFMA + 750 LDS + ~500 integer/address instructions on sm_90, ~6.05 a MAC, as step_bwd.cu's ~6.06 (static
+  SASS counts of the ptxas output, cuobjdump -sass; with the windows in a loop of uint32 index arithmetic it
+  took ~11). The other fixed-count loops (16 filters, 196 windows) are while loops on a uint32 counter: a range()
+  keeps a 64-bit counter with two selects an iteration, which LLVM copies into every unrolled body.
 - ``__launch_bounds__(256)``: cuda.jit(launch_bounds=(256,)) (not in the simulator, whose jit takes none).
 - ``fmaf``: cuda.fma (the simulator computes it as a*b + c in float32: two roundings).
 - ``__restrict__`` / ``const``: no equivalent (Numba marks no kernel pointer noalias); loads are plain ld.global.
@@ -58,10 +61,9 @@ What Numba cannot say as the CUDA C does, and what stands in for it:
 Work and bytes per image as step_bwd.cu (149,400 MACs; 11,976 B read, + w3 9,600 B per block; 10,496 B written
 per block). Its time estimate (shared-memory bound, ~6 us an image per SM at 2 blocks an SM) is the CUDA C's
 ESTIMATE, not a measurement of this kernel; what occupancy the Numba kernel reaches depends on its registers
-(measured with compile_ptx + ptxas -v of CUDA 12.9, launch bounds (256,): 80 registers on sm_90 and on sm_80;
-no spill, no stack; 32,048 B static shared memory; so 3 blocks of 256 threads fit an SM by registers, where
-step_bwd.cu's 128 allow 2; step_groups' plan uses 2 an SM either way; tests/test_numba_step_bwd.py prints them
-and bounds them at 128).
+(measured with compile_ptx + ptxas -v of CUDA 12.9, launch bounds (256,): 128 registers on sm_90, as step_bwd.cu's,
+so 2 blocks of 256 threads an SM (step_groups' plan); 109 on sm_80; no spill, no stack; 32,048 B static shared
+memory; tests/test_numba_step_bwd.py prints them and bounds them at 128).
 
 ``step_bwd(be, ...)`` is the launch wrapper with the protocol's signature (first parameter the backend), bound
 as a method by NumbaBackend; ``step_groups(batch, sm_count)`` is the group plan (CupyBackend.step_groups').
@@ -104,6 +106,7 @@ G3 = K3 * P3HW  # 400
 G1 = C3 * P1HW  # 1176
 XBUF = XH * XS  # 1184: x staged with padded rows
 U3 = (W3 + THREADS - 1) // THREADS  # 10 dw3 registers per thread
+assert U3 == 10, "step_bwd_v1 writes its 10 dw3 chains out (phase A.1)"
 LAST3 = W3 - THREADS * (U3 - 1)  # 96: the threads that own a 10th dw3 weight
 # padding columns: [150,160) 10, [166,192) 26, [2608,2624) 16
 PA = OFF_B1 - W1
@@ -114,6 +117,24 @@ assert THREADS >= PA + PB + PC, "step_bwd: one thread per padding column"
 #: launch bounds of step_bwd_v1: 256 threads a block (step_bwd.cu's __launch_bounds__(SB_THREADS))
 LAUNCH_BOUNDS = {"step_bwd_v1": (THREADS,)}
 
+
+@cuda.jit(device=True, inline="always")
+def _chain3(s_gz3, s_p1, s_off3, row, tap):
+    """One dw3 weight's sum over an image's 25 windows in order: gz3[k, w] * p1[c, routed tap of w + (r, s)], with
+    row = k*25 and tap = c*196 + r*14 + s (uint32). The window index is an int64 sum (row zero-extended plus the
+    unrolled constant w): the loads of gz3 and of the route offsets take immediate offsets."""
+    a = ZERO
+    for w in range(P3HW):
+        g = row + w
+        a = cuda.fma(s_gz3[g], s_p1[U(tap + s_off3[g])], a)
+    return a
+
+
+
+if numba.config.ENABLE_CUDASIM:
+    # the simulator calls a device function through a context manager that rescans the module's globals (common.py):
+    # the plain function does the same arithmetic (cuda.fma is the simulator's while a kernel runs)
+    _chain3 = _chain3.py_func  # noqa: F811
 
 @(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["step_bwd_v1"]))
 def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
@@ -130,7 +151,6 @@ def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
     g3row = cuda.local.array(U3, uint32)  # registers (every index is a constant once unrolled)
     p1tap = cuda.local.array(U3, uint32)
     acc3 = cuda.local.array(U3, float32)
-    img3 = cuda.local.array(U3, float32)
     g1 = cuda.local.array(C3, float32)
 
     tid = U(cuda.threadIdx.x)
@@ -212,17 +232,18 @@ def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
             cuda.syncthreads()
 
             # phase A.1: C3's weight gradient, windows in order (this image's sum, then added to the group's)
-            for u in range(U3):
-                img3[u] = ZERO
-            w = U0
-            while w < U(P3HW):
-                for u in range(U3):
-                    if u < U3 - 1 or has_last:
-                        g = U(g3row[u] + w)
-                        img3[u] = cuda.fma(s_gz3[g], s_p1[U(p1tap[u] + s_off3[g])], img3[u])
-                w = U(w + U1)
-            for u in range(U3):
-                acc3[u] += img3[u]
+            # (the 10 chains written out: Numba cannot force an unroll, see the header)
+            acc3[0] += _chain3(s_gz3, s_p1, s_off3, g3row[0], p1tap[0])
+            acc3[1] += _chain3(s_gz3, s_p1, s_off3, g3row[1], p1tap[1])
+            acc3[2] += _chain3(s_gz3, s_p1, s_off3, g3row[2], p1tap[2])
+            acc3[3] += _chain3(s_gz3, s_p1, s_off3, g3row[3], p1tap[3])
+            acc3[4] += _chain3(s_gz3, s_p1, s_off3, g3row[4], p1tap[4])
+            acc3[5] += _chain3(s_gz3, s_p1, s_off3, g3row[5], p1tap[5])
+            acc3[6] += _chain3(s_gz3, s_p1, s_off3, g3row[6], p1tap[6])
+            acc3[7] += _chain3(s_gz3, s_p1, s_off3, g3row[7], p1tap[7])
+            acc3[8] += _chain3(s_gz3, s_p1, s_off3, g3row[8], p1tap[8])
+            if has_last:
+                acc3[9] += _chain3(s_gz3, s_p1, s_off3, g3row[9], p1tap[9])
             if tid < U(K3):
                 a3 = ZERO
                 w = U0
