@@ -355,3 +355,49 @@ def test_gpu_record_and_graph_replay_bit_for_bit():
         gpart.copy_to_device(nan_like((groups, conv_prefix())))
         g()
         assert_equal(be.to_host(gpart), eager, "graph replay")
+
+
+@pytest.mark.gpu
+def test_gpu_times_against_the_cuda_c_kernel(capsys):
+    """Device µs of one step_bwd launch (lenet_gpu.perf.timing: CUDA events, L2 flushed; median, cold and hot) on
+    the numba backend and on the cupy backend (kernels/step_bwd.cu) at batch 64, 256 and 4096 in step_groups'
+    plan, printed for the report, and how far apart their partials are (both are checked against the reference
+    above; the same sums in the same order with the same fma may agree bit for bit, which this prints, not
+    asserts)."""
+    from lenet_gpu.perf.timing import TimingConfig, make_timer, measure_us
+
+    nb = _backend()
+    try:
+        from lenet_gpu.backends.cupy_backend import CupyBackend
+
+        cu = CupyBackend()
+    except Exception as e:  # noqa: BLE001 - no cupy on this machine: the numba figures alone
+        cu = None
+        print(f"cupy backend unavailable ({type(e).__name__}: {e}): numba figures only")
+    cfg = TimingConfig(target_s=0.2)
+    for batch in (64, 256, 4096):
+        inp = step_inputs(batch, "relu", seed=batch)
+        groups = nb.step_groups(batch)
+        row = {}
+        outs = {}
+        for label, be in (("numba", nb), ("cupy", cu)):
+            if be is None:
+                continue
+            assert be.step_groups(batch) == groups
+            dev = [be.to_device(inp[k]) for k in NAMES]
+            gpart = be.to_device(nan_like((groups, conv_prefix())))
+
+            def fn(be=be, dev=dev, gpart=gpart):
+                be.step_bwd(*dev, gpart, "relu")
+
+            fn()
+            outs[label] = be.to_host(gpart)
+            t = measure_us(make_timer(be), fn, cfg)
+            row[label] = {k: round(t[k], 1) for k in ("median_us", "p20_us", "p80_us", "hot_median_us")}
+        if len(outs) == 2:
+            d = np.abs(outs["numba"].astype(F64) - outs["cupy"])
+            row["max_abs_diff"] = float(d.max())
+            row["bit_identical"] = bool(np.array_equal(outs["numba"].view(np.uint32), outs["cupy"].view(np.uint32)))
+        with capsys.disabled():
+            print(f"\nstep_bwd batch {batch} ({groups} groups): {row}")
+        assert row["numba"]["median_us"] > 0
