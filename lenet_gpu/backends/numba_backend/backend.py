@@ -31,6 +31,7 @@ from . import kernel_cache as _kernel_cache
 from . import launch as _launchmod
 from . import lenet_fwd as _lenet_fwd
 from . import routed as _routed
+from . import step4_bwd as _step4_bwd
 from ._compat import import_cuda_array_module
 from .common import ceil_div, div_magic
 
@@ -61,6 +62,10 @@ FUSED_KERNELS: dict[str, Any] = {**_head.KERNELS, **_lenet_fwd.KERNELS, **_route
 ROUTED_OPS: tuple[str, ...] = tuple(op for op in _routed.VARIANTS if op in getattr(_base, "ROUTED_OPS", ()))
 FUSED_VARIANTS: dict[str, tuple[str, ...]] = {**_head.VARIANTS, **_lenet_fwd.VARIANTS,
                                               **{op: _routed.VARIANTS[op] for op in ROUTED_OPS}}
+#: the four-kernel step's conv backward (step4_bwd.py, docs/step4.md): launched through _launch like the fused ops,
+#: advertised in ``variants`` (the model takes the four-kernel step only where all of base.STEP_OPS are)
+FUSED_KERNELS.update(_step4_bwd.KERNELS)
+FUSED_VARIANTS.update(_step4_bwd.VARIANTS)
 
 
 def all_dispatchers() -> list[Any]:
@@ -851,6 +856,14 @@ class NumbaBackend:
         self._launch("conv2d_bwd_data_routed", v, grid, block, sh, f(gz), f(w), f(argmax), f(y_below), f(gz_below),
                      *_i32(n, c, h, wd, k, r, s), np.int32(ACT_CODES[act]), np.int32(_routed.data_chunk(w.shape)),
                      *div_magic(h * wd), *div_magic(wd))
+
+    #: the four-kernel step's conv backward in one launch (step4_bwd.py; docs/step4.md)
+    step_bwd = _step4_bwd.step_bwd
+
+    def step_groups(self, batch: int) -> int:
+        """The rows S of step_bwd's partials at ``batch`` (step4_bwd.step_groups: up to 2 blocks of one image an SM,
+        then groups of ceil(batch / (2 * sm_count)) images; sm_count() is DEFAULT_SM_COUNT without a device)."""
+        return _step4_bwd.step_groups(batch, sm_count())
 
     def _argmax_arg(self, op: str, argmax: Any, mode: str, shape: tuple[int, ...]) -> Any:
         """The argmax array to launch with: checked for max pooling, a dummy when avg passes None."""
