@@ -181,11 +181,11 @@ def test_sim_act_pool_matrix(be, op):
 @sim
 def test_sim_backend_facts(be):
     from lenet_gpu.backends import get_backend
-    from lenet_gpu.backends.base import OPS, OPTIONAL_OPS, ROUTED_OPS, Backend
+    from lenet_gpu.backends.base import OPS, OPTIONAL_OPS, ROUTED_OPS, STEP_OPS, Backend
 
     assert isinstance(be, Backend)
     assert be.name == "numba" and be.is_gpu is False
-    assert set(OPS) <= set(be.variants) <= set(OPS) | set(OPTIONAL_OPS) | set(ROUTED_OPS)
+    assert set(OPS) <= set(be.variants) <= set(OPS) | set(OPTIONAL_OPS) | set(ROUTED_OPS) | set(STEP_OPS)
     assert "conv2d_pool_fwd" in be.variants  # the model fuses
     for op in OPS:
         assert be.default_variants[op] in be.variants[op]
