@@ -15,8 +15,9 @@
   local memory, no float64, no 64-bit or signed integer division, step_fwd_v1 no integer division at all,
   ≤ 64 registers; the launch plans are the CUDA C ones (cupy backend).
 
-``test_step4_fwd_simulator_suite`` runs the ``sim_*`` tests in a NUMBA_ENABLE_CUDASIM=1 child with true uint32
-scalars (LENET_GPU_SIM_UINT32=1; an overflow warning fails); ``pytest -m gpu`` runs the ``gpu_*`` tests on a device.
+``test_step4_fwd_simulator_suite`` runs the ``sim_*`` tests in NUMBA_ENABLE_CUDASIM=1 children: the ``sim_uint32_*``
+ones with true uint32 scalars (LENET_GPU_SIM_UINT32=1, ~4x slower), the others with Python ints; an overflow warning
+fails either. ``pytest -m gpu`` runs the ``gpu_*`` tests on a device.
 """
 
 from __future__ import annotations

@@ -37,10 +37,12 @@ step_fwd_v1  one block per image (the images block-stride over the grid: any gri
              What Numba cannot write as step_fwd.cu does, and the nearest equivalent here:
              - no float4 / float2 loads from a float32 array: the 6 C1 weights of a tap and the 2 C3 weights of a
                tap are scalar shared-memory loads (broadcasts);
-             - no C++ register arrays through templates: the accumulators are cuda.local.array indexed only by
-               unrolled constant loops (promoted to registers: the PTX has no local memory), and the 2-row sliding
-               window of inputs is left to the compiler (the unrolled taps' loads of the same shared address are
-               one load);
+             - no #pragma unroll (Numba leaves a range(5) tap loop a loop; a while loop is unrolled by 2) and no
+               templates: a filter row's 5 taps are written out (_c1_row, _c3_row: the 2×2 window's top and bottom
+               input rows as 12 scalars, step_fwd.cu's ra / rb), called once a row; the accumulators are
+               cuda.local.array indexed by constants only (registers: the PTX has no local memory). The compiler
+               merges the loads of an input row shared by two filter rows: C1 loads 36 inputs a thread, as
+               step_fwd.cu; C3's channel loop stays a loop (step_fwd.cu: #pragma unroll 1);
              - the two run-time moduli of the gather, without integer division: (OFFSET + n) mod M by
                common.fast_div (magic numbers from the host: exact while OFFSET + n < 2³¹, which the step state
                keeps: OFFSET < the dataset size), and the shift's two (mod 2·SHIFT + 1) of values < 2¹⁶ by a
@@ -53,8 +55,12 @@ step_sgd_v1  blocks of max(32, min(256, (⌈n/4⌉ / SMs) rounded down to warps)
              element's arithmetic is its own (the partial sum of element i is over s only), so the mapping
              changes no result, and the n % 4 tail needs no loop of its own.
 
-Cost: as step_fwd.cu's and step_update.cu's headers (the same work and traffic; more shared-memory load
-instructions for C1's weights: 6 scalar loads a tap where step_fwd.cu issues one float4 and one float2).
+Cost: the work and the memory traffic of step_fwd.cu's and step_update.cu's headers. Instructions (estimated from
+the sm_90 PTX, not measured): a C1 thread issues 600 FMA and 192 shared loads (step_fwd.cu ~92: its weights come as
+a float4 and a float2 a tap), a C3 thread 1,200 FMA and 518 shared loads (step_fwd.cu ~368): ~2,510 against ~2,260
+for the longest thread's conv loops, ~11% more issue slots in the stages that bound the batch-4096 launch.
+Registers (ptxas, sm_90 and sm_80): step_fwd_v1 64 under its launch bounds (step_fwd.cu 56; 80 without bounds), no
+spills: 4 blocks an SM, as step_fwd.cu; step_adam_v1 32 / 27, step_sgd_v1 30 / 23.
 """
 
 from __future__ import annotations
