@@ -1004,7 +1004,7 @@ class NumbaBackend:
         """g[:NC] = Σ_s gpart[s] (float32, group order), Adam with [lr, bc1, bc2] = srow[:3], step_advance: one
         launch (step4_fwd.step_adam_v1)."""
         _step4_fwd.step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay,
-                             variant=self._variant("step_adam", variant))
+                             variant=self._variant("step_adam", variant), sms=sm_count())
 
     def step_sgd(
         self, p: Any, g: Any, gpart: Any, m: Any, srow: Any, state: Any, batch: int, momentum: float,
@@ -1013,7 +1013,7 @@ class NumbaBackend:
         """g[:NC] = Σ_s gpart[s] (float32, group order), SGD with momentum with lr = srow[0], step_advance: one
         launch (step4_fwd.step_sgd_v1)."""
         _step4_fwd.step_sgd(self, p, g, gpart, m, srow, state, batch, momentum, weight_decay,
-                            variant=self._variant("step_sgd", variant))
+                            variant=self._variant("step_sgd", variant), sms=sm_count())
 
 
 class _Recorded:

@@ -87,6 +87,7 @@ from ...stepstate import (
 from ..base import ACT_CODES, check_act
 from .batch import M16, M32, SH16, epoch_hash, low32, mix32
 from .common import U0, U1, ZERO, U, activate, ceil_div, div_magic, fast_div
+from .head import launch_kernel
 
 # LeNet-5's geometry (compile-time, as step_fwd.cu's SF_* constants)
 SF_IH = 28  # image side
@@ -539,8 +540,6 @@ def _flat(be: Any, a: Any) -> Any:
 
 
 def _launch(be: Any, name: str, grid: int, block: int, *args: Any) -> None:
-    from .head import launch_kernel
-
     launch_kernel(be, name, KERNELS[name], grid, block, 0, *args)
 
 
@@ -599,19 +598,18 @@ def _update_checks(op: str, p: Any, g: Any, gpart: Any, opt: tuple[tuple[str, An
     return size, nc, s
 
 
-def _sm_count(be: Any) -> int:
-    from .backend import sm_count
-
-    return sm_count()
+#: the SM count the update grid is sized for when the caller gives none (backend.DEFAULT_SM_COUNT: an H100 / H200)
+DEFAULT_SMS = 132
 
 
 def step_adam(be: Any, p: Any, g: Any, gpart: Any, m: Any, v: Any, srow: Any, state: Any, batch: int, beta1: float,
-              beta2: float, eps: float, weight_decay: float, variant: str | None = None) -> None:
+              beta2: float, eps: float, weight_decay: float, variant: str | None = None,
+              sms: int = DEFAULT_SMS) -> None:
     """g[:NC] = Σ_s gpart[s] (float32, group order), Adam with [lr, bc1, bc2] = srow[:3], step_advance: one
-    launch (docs/step4.md)."""
+    launch (docs/step4.md); the grid is sized for ``sms`` SMs (the backend passes the device's)."""
     var = _variant(be, "step_adam", variant)
     size, nc, s = _update_checks("step_adam", p, g, gpart, (("m", m), ("v", v)), srow, state, batch)
-    blocks, threads = update_plan(size, _sm_count(be))
+    blocks, threads = update_plan(size, sms)
     f = np.float32
     _launch(be, f"step_adam_{var}", blocks, threads, p, g, _flat(be, gpart), m, v, srow, state, np.int32(size),
             np.int32(nc), np.int32(s), f(beta1), f(1.0 - beta1), f(beta2), f(1.0 - beta2), f(eps), f(weight_decay),
@@ -619,12 +617,12 @@ def step_adam(be: Any, p: Any, g: Any, gpart: Any, m: Any, v: Any, srow: Any, st
 
 
 def step_sgd(be: Any, p: Any, g: Any, gpart: Any, m: Any, srow: Any, state: Any, batch: int, momentum: float,
-             weight_decay: float, variant: str | None = None) -> None:
+             weight_decay: float, variant: str | None = None, sms: int = DEFAULT_SMS) -> None:
     """g[:NC] = Σ_s gpart[s] (float32, group order), SGD with momentum with lr = srow[0], step_advance: one
-    launch (docs/step4.md)."""
+    launch (docs/step4.md); the grid is sized for ``sms`` SMs (the backend passes the device's)."""
     var = _variant(be, "step_sgd", variant)
     size, nc, s = _update_checks("step_sgd", p, g, gpart, (("m", m),), srow, state, batch)
-    blocks, threads = update_plan(size, _sm_count(be))
+    blocks, threads = update_plan(size, sms)
     f = np.float32
     _launch(be, f"step_sgd_{var}", blocks, threads, p, g, _flat(be, gpart), m, srow, state, np.int32(size),
             np.int32(nc), np.int32(s), f(momentum), f(weight_decay), np.int32(batch))
