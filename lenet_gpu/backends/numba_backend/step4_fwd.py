@@ -274,6 +274,19 @@ def _c3_row(a3, s_p1, s_w3, o, wo):
         a3[2 * SF_KB3 + q] = c2
         a3[3 * SF_KB3 + q] = c3
 
+
+if numba.config.ENABLE_CUDASIM:
+    # The simulator calls a device function through a context manager that rescans its module's globals on every
+    # call (~150 µs; common.py): these use no cuda.* API, so the simulator runs them as the plain Python functions
+    # they are (C3 alone calls _c3_row 6,000 times an image). Compiled code inlines the decorated versions.
+    _mod_small = _mod_small.py_func
+    _window_max = _window_max.py_func
+    _c1_row = _c1_row.py_func
+    _c3_row = _c3_row.py_func
+    epoch_hash = epoch_hash.py_func
+    low32 = low32.py_func
+    mix32 = mix32.py_func
+
 @_jit("step_fwd_v1")
 def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, nb, nperm, nsched,
                 act, scale, shift, mperm, shperm):
@@ -433,6 +446,10 @@ def _grad(g, gpart, i, nc, ngroups):
     g[i] = acc
     return acc
 
+
+
+if numba.config.ENABLE_CUDASIM:
+    _grad = _grad.py_func  # as above
 
 @cuda.jit
 def step_adam_v1(p, g, gpart, m, v, srow, state, n, nc, ngroups, beta1, one_m_beta1, beta2, one_m_beta2, eps, wd,
