@@ -32,6 +32,7 @@ from . import launch as _launchmod
 from . import lenet_fwd as _lenet_fwd
 from . import routed as _routed
 from . import step4_bwd as _step4_bwd
+from . import step4_fwd as _step4_fwd
 from ._compat import import_cuda_array_module
 from .common import ceil_div, div_magic
 
@@ -57,15 +58,18 @@ DEFAULT_VARIANTS = {op: vs[-1] for op, vs in VARIANTS.items()}
 #: the fused dense head (head.py: head_train, two kernels) and the whole-network forward (lenet_fwd.py): their
 #: kernels launch through NumbaBackend._launch too, found here by name (their compile checks are their own)
 FUSED_KERNELS: dict[str, Any] = {**_head.KERNELS, **_lenet_fwd.KERNELS, **_routed.KERNELS}
+FUSED_KERNELS.update(_step4_fwd.KERNELS)  # the four-kernel step's forward and update (docs/step4.md)
 #: the routed backward (routed.py, docs/routed_backward.md): its ops are advertised in ``variants`` (so the
 #: model takes the routed step with max pooling) as the protocol names them (base.ROUTED_OPS)
 ROUTED_OPS: tuple[str, ...] = tuple(op for op in _routed.VARIANTS if op in getattr(_base, "ROUTED_OPS", ()))
 FUSED_VARIANTS: dict[str, tuple[str, ...]] = {**_head.VARIANTS, **_lenet_fwd.VARIANTS,
                                               **{op: _routed.VARIANTS[op] for op in ROUTED_OPS}}
-#: the four-kernel step's conv backward (step4_bwd.py, docs/step4.md): launched through _launch like the fused ops,
-#: advertised in ``variants`` (the model takes the four-kernel step only where all of base.STEP_OPS are)
+#: the four-kernel step's ops (docs/step4.md; step4_fwd.py: step_fwd, step_adam, step_sgd; step4_bwd.py: step_bwd):
+#: launched through _launch like the fused ops, advertised in ``variants`` as base.STEP_OPS names them (the model
+#: takes the four-kernel step only where all of them are)
 FUSED_KERNELS.update(_step4_bwd.KERNELS)
 FUSED_VARIANTS.update(_step4_bwd.VARIANTS)
+FUSED_VARIANTS.update({op: vs for op, vs in _step4_fwd.VARIANTS.items() if op in getattr(_base, "STEP_OPS", ())})
 
 
 def all_dispatchers() -> list[Any]:
@@ -994,6 +998,35 @@ class NumbaBackend:
             raise ValueError(f"step_advance: batch must be >= 1, got {batch}")
         grid, block, sh = launch_config("step_advance", v, {})
         self._launch("step_advance", v, grid, block, sh, state, np.int32(batch))
+
+    # ------------------------------------------------------------------ the four-kernel step (docs/step4.md)
+    def step_fwd(
+        self, images: Any, labels: Any, perm: Any, state: Any, sched: Any, srow: Any, x: Any, y: Any, w1: Any,
+        b1: Any, p1: Any, m1: Any, w3: Any, b3: Any, p3: Any, m3: Any, mean: float, std: float, act: str,
+        variant: str | None = None,
+    ) -> None:
+        """batch_prepare + C1 + act + 2×2 max pool + C3 + act + 2×2 max pool (LeNet-5's geometry), and this
+        step's schedule row into srow: one launch, a block per image (step4_fwd.step_fwd_v1)."""
+        _step4_fwd.step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3,
+                            mean, std, act, variant=self._variant("step_fwd", variant))
+
+    def step_adam(
+        self, p: Any, g: Any, gpart: Any, m: Any, v: Any, srow: Any, state: Any, batch: int, beta1: float,
+        beta2: float, eps: float, weight_decay: float, variant: str | None = None,
+    ) -> None:
+        """g[:NC] = Σ_s gpart[s] (float32, group order), Adam with [lr, bc1, bc2] = srow[:3], step_advance: one
+        launch (step4_fwd.step_adam_v1)."""
+        _step4_fwd.step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay,
+                             variant=self._variant("step_adam", variant), sms=sm_count())
+
+    def step_sgd(
+        self, p: Any, g: Any, gpart: Any, m: Any, srow: Any, state: Any, batch: int, momentum: float,
+        weight_decay: float, variant: str | None = None,
+    ) -> None:
+        """g[:NC] = Σ_s gpart[s] (float32, group order), SGD with momentum with lr = srow[0], step_advance: one
+        launch (step4_fwd.step_sgd_v1)."""
+        _step4_fwd.step_sgd(self, p, g, gpart, m, srow, state, batch, momentum, weight_decay,
+                            variant=self._variant("step_sgd", variant), sms=sm_count())
 
 
 class _Recorded:
