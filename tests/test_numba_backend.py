@@ -636,15 +636,18 @@ def test_sim_lenet_launch_plan_is_what_a_step_launches(monkeypatch, batch, fused
 
 
 @sim
-@pytest.mark.parametrize("batch", [3, 64])
-def test_sim_lenet_launch_plan_is_what_a_model_step_launches(monkeypatch, batch):
+@pytest.mark.parametrize("batch,step4", [(3, True), (64, True), (3, False), (64, False)])
+def test_sim_lenet_launch_plan_is_what_a_model_step_launches(monkeypatch, batch, step4):
     """With every fused op (the fused head too), the plan is what LeNet5's training step and inference pass
-    launch: 10 kernels a step, one for inference."""
+    launch: 5 kernels a step (the four-kernel step, head_train being two), 10 for the nine-op routed step
+    (step4=False), one for inference."""
     from lenet_gpu.backends.numba_backend.backend import lenet_launches
     from lenet_gpu.model import LeNet5
 
     be = NumbaBackend()
-    model = LeNet5(backend=be, use_graphs=False)
+    model = LeNet5(backend=be, use_graphs=False, step4=step4)
+    variants = be.default_variants if step4 else {k: v for k, v in be.default_variants.items()
+                                                  if k not in ("step_fwd", "step_bwd", "step_adam", "step_sgd")}
     images = np.zeros((2 * batch, 28, 28), np.uint8)
     data = model.upload_dataset(images, np.zeros(2 * batch, np.uint8))
     model.begin_run(data, batch)
@@ -652,7 +655,7 @@ def test_sim_lenet_launch_plan_is_what_a_model_step_launches(monkeypatch, batch)
     monkeypatch.setattr(NumbaBackend, "_launch", lambda self, op, v, grid, block, sh, *a: log.append(
         (op, v, grid, block, sh)))
     model._train_ops(model.workspace(batch), data, model._run)  # the step's ops, as run_steps records them
-    assert log == lenet_launches(batch, variants=be.default_variants) and len(log) == 10
+    assert log == lenet_launches(batch, variants=variants) and len(log) == (5 if step4 else 10)
     del log[:]
     be.lenet_fwd(data.images[:batch], model._pv, model.workspace(batch).logits, 0.1, 0.3, "relu", "max")
     assert log == lenet_launches(batch, training=False, variants=be.default_variants)

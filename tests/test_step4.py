@@ -21,6 +21,7 @@ from lenet_gpu.backends.numpy_backend import NumpyBackend
 from lenet_gpu.model import LeNet5
 from lenet_gpu.selftest.checks import CheckFailed, input_sets, run_case
 from lenet_gpu.spec import conv_prefix, param_layout, views
+from tests.conftest import require
 from tests.parity import assert_close
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,3 +239,37 @@ def test_cupy_host_step4():
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert re.search(r"\b2 passed", r.stdout), r.stdout[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ the numba step
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+
+
+@pytest.mark.skipif(not (IN_CHILD and SIM), reason="runs in the simulator child process of test_numba_sim_step4")
+def test_child_numba_sim_step4_matches_numpy():
+    from lenet_gpu.backends import get_backend
+
+    images, labels = batch(3, seed=13)
+    be = get_backend("numba")  # the simulator's quick plan: v1 kernels, at most 2 blocks a launch
+    kw = dict(activation="tanh", seed=4, use_graphs=False)
+    model = LeNet5(backend=be, **kw)
+    ref_model = LeNet5(backend=Grouped(be.step_groups(3)), **kw)
+    assert model.step4 and ref_model.step4
+    for step in range(2):
+        c = be.counters.launches
+        ln, lr = model.train_step(images, labels), ref_model.train_step(images, labels)
+        assert be.counters.launches - c == 5, "step_fwd, head_train (2), step_bwd, step_adam"
+        assert ln == pytest.approx(lr, rel=1e-5), step
+    assert_close(model.parameters(), ref_model.parameters(), atol=2e-6, rtol=1e-4, what="params")
+
+
+def test_numba_sim_step4():
+    """The numba backend's four-kernel step (two model steps, batch 3, tanh) in the CUDA simulator against
+    numpy's with the same groups (child process: the simulator is set before numba is imported)."""
+    require("numba")
+    env = {**os.environ, CHILD_ENV: "1", "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "child_numba", "-W", "ignore::DeprecationWarning"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert re.search(r"\b1 passed", r.stdout), r.stdout[-2000:]

@@ -25,8 +25,16 @@ The faster variants take flat arrays and int32 sizes (every offset in int32: ≤
   adam_step/sgd_step v1 one thread per parameter; lr and bias corrections from the schedule row
   step_advance       v1 one thread: the step state's counters
 
+The four-kernel step's ops (docs/step4.md), the same kernels as the CUDA C ones:
+
+  step_fwd           v1 a block per image: batch gather + C1/pool + C3/pool + the schedule row (step4_fwd.py)
+  step_bwd           v1 a block per image group: C3 wgrad, C3 routed dgrad (gz1 in shared memory), C1 wgrad,
+                     each output owned by one thread in a fixed order (step4_bwd.py)
+  step_adam/step_sgd v1 the groups' partials summed in group order + the optimizer + step_advance (step4_fwd.py)
+
 ``record(fn)`` replays a step's launches as prepared cuLaunchKernel calls; ``graph(fn, steps)`` captures
-steps of them as one CUDA graph (launch.py). A training step is 16 launches with both fused ops.
+steps of them as one CUDA graph (launch.py). A training step with max pooling is 5 launches (the four-kernel
+step; head_train is two kernels), 10 as the nine-op routed step, 16 dense with both fused ops.
 
 Under ``NUMBA_ENABLE_CUDASIM=1`` (set before Numba is imported) everything runs in Numba's CUDA
 simulator: slow, for tiny debugging runs and the CI parity tests.

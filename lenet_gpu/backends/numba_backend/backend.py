@@ -298,6 +298,20 @@ def lenet_launches(
         blocks, _, smem = _lenet_fwd.plan(b, 120, f6)
         out.append(("lenet_fwd", v["lenet_fwd"], blocks, _lenet_fwd.THREADS, smem))
         return out
+    routed = training and "head_train" in v and all(op in v for op in _routed.VARIANTS)
+    step4 = routed and all(op in v for op in getattr(_base, "STEP_OPS", ()))
+    if step4:  # the four-kernel step (docs/step4.md): step_fwd, head_train (2 kernels), step_bwd, step_adam/sgd
+        from ...spec import NetConfig, param_layout
+
+        total = 120 * 401 + f6 * 121 + 10 * (f6 + 1) + 1
+        upd = "step_adam" if optimizer == "adam" else "step_sgd"
+        ublocks, uthreads = _step4_fwd.update_plan(param_layout(NetConfig(f6=f6))[1], sm_count())
+        return [("step_fwd", v["step_fwd"], b, _step4_fwd.SF_THREADS, 0),
+                ("head_train", v["head_train"], ceil_div(b, _head.rows_per_block(b)), _head.HEAD_THREADS,
+                 _head.c5_smem(120)),
+                ("head_train_wgrad", v["head_train"], ceil_div(total, _head.WG_THREADS), _head.WG_THREADS, 0),
+                ("step_bwd", v["step_bwd"], _step4_bwd.step_groups(b, sm_count()), _step4_bwd.THREADS, 0),
+                (upd, v[upd], ublocks, uthreads, 0)]
     add("batch_prepare", x=(b, 1, 32, 32))
     for yshape, wshape in (((b, 6, 28, 28), (6, 1, 5, 5)), ((b, 16, 10, 10), (16, 6, 5, 5))):
         if "conv2d_pool_fwd" in v:
@@ -305,7 +319,6 @@ def lenet_launches(
         else:
             add("conv2d_fwd", y=yshape, w=wshape)
             add("pool2x2_fwd", y=(b, yshape[1], yshape[2] // 2, yshape[3] // 2))
-    routed = training and "head_train" in v and all(op in v for op in _routed.VARIANTS)
     if training and "head_train" in v:  # C5 → F6 → output → loss → back to C3: two kernels
         total = 120 * 401 + f6 * 121 + 10 * (f6 + 1) + 1
         out.append(("head_train", v["head_train"], ceil_div(b, _head.rows_per_block(b)), _head.HEAD_THREADS,
