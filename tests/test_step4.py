@@ -229,16 +229,40 @@ def test_child_cupy_host_step4_matches_numpy(act):
     np.testing.assert_array_equal(again.parameters(), host.parameters())
 
 
+@pytest.mark.skipif(not IN_CHILD, reason="runs in the child process of test_cupy_host_step4")
+def test_child_cupy_host_step4_run_matches_numpy():
+    """Recorded replays over two epochs (the schedule row, the epoch wrap) against numpy with the same groups."""
+    from lenet_gpu.backends.cupy_backend import CupyBackend
+
+    images, labels = batch(40, seed=3)
+    out = []
+    for be in (CupyBackend(host=True), Grouped(8)):
+        model = LeNet5(backend=be, seed=2, optimizer="sgd")
+        assert model.step4 and model.backend.step_groups(8) == 8
+        data = model.upload_dataset(images, labels)
+        model.begin_run(data, 8, shift=2)
+        for epoch in range(2):
+            model.begin_epoch(data, np.random.default_rng(epoch).permutation(40))
+            c = be.counters.launches
+            model.run_steps(data, 5)
+            if not isinstance(be, Grouped):
+                assert be.counters.launches - c == 25, "5 launches a step"
+        out.append((model.parameters(), model.step_stats(0, 5), model.backend.to_host(model._run.state)))
+    np.testing.assert_array_equal(out[0][2], out[1][2])
+    assert_close(out[0][1], out[1][1], atol=1e-5, rtol=1e-5, what="step stats")
+    assert_close(out[0][0], out[1][0], atol=2e-6, rtol=1e-4, what="params")
+
+
 def test_cupy_host_step4():
     """The whole four-kernel step on the CPU harness against numpy's (child process)."""
     be = _cupy_host_backend()
     missing = [op for op in STEP_OPS if op not in be.variants]
     assert not missing, f"cupy-host lacks {missing}"
     env = {**os.environ, CHILD_ENV: "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "child"],
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "child_cupy"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert re.search(r"\b2 passed", r.stdout), r.stdout[-2000:]
+    assert re.search(r"\b3 passed", r.stdout), r.stdout[-2000:]
 
 
 # ------------------------------------------------------------------------------------------ the numba step
