@@ -247,8 +247,8 @@ class LeNet5:
         if step4 is False:
             return False
         missing = [op for op in STEP_OPS if op not in ops]
-        if self.routed and not missing:
-            return True
+        if self.routed and not missing:  # "auto" follows the backend's preference (the cpu backend: the nine ops)
+            return step4 is True or bool(getattr(self.backend, "step4_default", True))
         if step4 is True:
             why = ("the routed step is off (it needs max pooling and the routed ops)" if not self.routed
                    else f"the {self.backend.name} backend lacks {', '.join(missing)}")

@@ -56,7 +56,10 @@ ScratchStep = Callable[[Any, dict, bool, int], None]
 #: step), 12.9-13.7 s with head_train and conv2d_bwd_data_routed, this process then the longer share.
 #: The dense step (average pooling) takes conv2d_bwd_weight (4.8 s) in conv2d_bwd_weight_routed's place, and
 #: conv2d_bwd_data_pool (3.5 s) in conv2d_bwd_data_routed's: the former there, the latter here.
-HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_data_routed", "batch_prepare", "conv2d_bwd_weight")
+#: The four-kernel step (step4=True, docs/step4.md): head_train and step_adam / step_sgd there, step_fwd and step_bwd
+#: here.
+HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_data_routed", "batch_prepare", "conv2d_bwd_weight",
+                               "step_adam", "step_sgd")
 #: ops that the first training step does not run (inference): the helper compiles them after its share,
 #: while this process trains (see compile_ahead); a first step waits for none of them
 LATER_OPS: tuple[str, ...] = ("lenet_fwd",)
@@ -106,7 +109,7 @@ def scratch_step(step: ScratchStep, options: dict[str, Any], fused: bool, run: s
     ``step``, running only the ops in ``run`` (None: all) and not in ``skip``: compiles their kernels into the
     cache."""
     from .. import get_backend
-    from ..base import OPS, OPTIONAL_OPS, ROUTED_OPS
+    from ..base import OPS, OPTIONAL_OPS, ROUTED_OPS, STEP_OPS
 
     be = get_backend("cpu", threads=threads)
     be.empty = be.zeros  # type: ignore[method-assign] - zeros wherever a skipped op would have written
@@ -115,7 +118,7 @@ def scratch_step(step: ScratchStep, options: dict[str, Any], fused: bool, run: s
     def skipped(*args: Any, **kwargs: Any) -> None:
         return None
 
-    for op in (*OPS, *OPTIONAL_OPS, *ROUTED_OPS):
+    for op in (*OPS, *OPTIONAL_OPS, *ROUTED_OPS, *STEP_OPS):
         if (run is not None and op not in run) or op in skip:
             setattr(be, op, skipped)
     step(be, options, fused, SCRATCH_BATCH)
