@@ -247,8 +247,8 @@ class LeNet5:
         if step4 is False:
             return False
         missing = [op for op in STEP_OPS if op not in ops]
-        if self.routed and not missing:  # "auto" follows the backend's preference (the cpu backend: the nine ops)
-            return step4 is True or bool(getattr(self.backend, "step4_default", True))
+        if self.routed and not missing:
+            return True
         if step4 is True:
             why = ("the routed step is off (it needs max pooling and the routed ops)" if not self.routed
                    else f"the {self.backend.name} backend lacks {', '.join(missing)}")
@@ -399,7 +399,9 @@ class LeNet5:
         if prog is None:
             ahead = getattr(self.backend, COMPILE_AHEAD, None)
             if ahead is not None and not self._programs:
-                ahead(self.options(), any(self.fused.values()), scratch_step)
+                # the step this model takes (routed, step4: not among the options a checkpoint keeps)
+                ahead({**self.options(), "routed": self.routed, "step4": self.step4}, any(self.fused.values()),
+                      scratch_step)
             ws = self.workspace(batch)
             prog = self._programs[key] = _Program(self.backend.record(lambda: self._train_ops(ws, data, ss)), batch)
             prog.data = data  # keeps id(data) from being reused while the program lives

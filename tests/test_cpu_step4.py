@@ -26,7 +26,7 @@ BE = CpuBackend()
 def test_the_cpu_backend_lists_the_step_ops():
     assert all(BE.variants[op] == ("v1",) for op in STEP_OPS)
     assert [BE.step_groups(b) for b in (1, 16, 17, 128)] == [1, 1, 2, 8]  # chunks of 16: the batch alone
-    assert not LeNet5(backend="cpu").step4 and LeNet5(backend="cpu", step4=True).step4  # step4_default: False
+    assert LeNet5(backend="cpu").step4  # the model's default wherever the routed step runs
 
 
 @pytest.mark.parametrize("op", STEP_OPS)
@@ -123,7 +123,7 @@ def test_step4_resumed_run_equals_the_uninterrupted_run(tmp_path):
     full, data = _run(True, 16, steps=6)
     part, _ = _run(True, 16, steps=3)
     path = part.save(tmp_path / "part.npz")
-    resumed = LeNet5.load(path, backend="cpu", step4=True)
+    resumed = LeNet5.load(path, backend="cpu")
     assert resumed.step4
     images, labels = _batch(100, seed=4)
     d2 = resumed.upload_dataset(images, labels)

@@ -107,9 +107,6 @@ class CpuBackend(HostMemory):
 
     name = "cpu"
     is_gpu = False
-    #: the model's step4="auto" takes the nine-op routed step here: the four-kernel step (step4.py) trains at the
-    #: same speed on the CPU and its first run compiles longer on two cores (docs/step4.md); step4=True takes it
-    step4_default = False
 
     def __init__(self, threads: int | None = None) -> None:
         self.counters = Counters()
@@ -598,13 +595,12 @@ class CpuBackend(HostMemory):
               f"gpart must be (groups, {nc}), got {gpart.shape}")
         off = {s.name: s.offset for s in param_layout()[0]}
         T = self._slots
-        # C3: conv2d_bwd_weight_routed_v1's and conv2d_bwd_data_routed_v1's chunks (patch rows of 5 × 6 floats)
-        pw = routed.patch_width(5, 6)
-        kb3 = routed.routed_block(16, 5, pw)
+        # C3: conv2d_bwd_weight_routed_v1's and conv2d_bwd_data_routed_v1's chunks (patch rows of 5 × 6 floats);
         # C1: conv2d_bwd_weight_routed_v2's chunk (rows: 28 columns, two vectors)
-        kb1, k1p = conv2d.block_size(6, (4, 3))
+        kb1, kb3, r3, pw = step4.bwd_blocks()
+        k1p = conv2d.block_size(6, (4, 3))[1]
         nv = -(-28 // L)
-        fn = step4.make_step_bwd_v1(kb1, kb3, 5, pw)
+        fn = step4.make_step_bwd_v1(kb1, kb3, r3, pw)
         return (fn, -(-B // gpart.shape[0]), (off["c1.w"], off["c1.b"], off["c3.w"], off["c3.b"]),
                 self._ws(T, L, 14, 14 * 6 + pw), self._ws(T, 14, 14 * 6 + pw), self._ws(T, L, 6, 14, 14),
                 self._ws(T, L, 1, 32, nv * L + 5 - 1), self._ws(T, L, k1p, 28, nv * L), self._ws(T, 16 * 6 * 25 + 16),

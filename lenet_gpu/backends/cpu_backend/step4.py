@@ -25,14 +25,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import get_thread_id, prange
+from numba import get_thread_id, prange, types
 
 from ...stepstate import EPOCH, OFFSET, SEED, SHIFT
 from .batch import augment_shift, mix32, step_advance_v1, word32
 from .common import JIT, JIT_EXACT, JIT_INNER, ZERO, L, njit
-from .conv2d import _bwd_weight_rows_routed_chunk, _pad_weights, _pool_fwd_lanes_chunk, _pool_fwd_rows_chunk
+from .conv2d import _bwd_weight_rows_routed_chunk, _pad_weights, _pool_fwd_lanes_chunk, _pool_fwd_rows_chunk, block_size
 from .optim import sched_index
-from .routed import _bwd_data_routed_chunk, _bwd_weight_routed_chunk, _rows_of_filters
+from .routed import _bwd_data_routed_chunk, _bwd_weight_routed_chunk, _rows_of_filters, patch_width, routed_block
 
 _MADE: dict[tuple, Any] = {}
 
@@ -108,10 +108,32 @@ def make_step_fwd_v1(KB1: int, KB3: int) -> Any:
 
 
 @njit(**JIT_INNER)
-def _add_at(row, off, part, lo, n):
-    """row[off + e] += part[lo + e] for e < n."""
-    for e in range(n):
-        row[off + e] += part[lo + e]
+def _add_at(row, off, src):
+    """row[off + e] += src[e] for every e."""
+    for e in range(src.shape[0]):
+        row[off + e] += src[e]
+
+
+def bwd_blocks() -> tuple[int, int, int, int]:
+    """(KB1, KB3, R3, PW3) of step_bwd_v1 at LeNet's shapes: C1's rows kernel in blocks of KB1 of its 6 filters
+    (conv2d_bwd_weight_routed_v2's), C3's patch rows (5 rows of 5 taps × 6 channels = 30 floats, padded to PW3 = 32)
+    in blocks of KB3 of its 16 filters (conv2d_bwd_weight_routed_v1's)."""
+    pw = patch_width(5, 6)
+    return block_size(6, (4, 3))[0], routed_block(16, 5, pw), 5, pw
+
+
+def compile_bwd_parts() -> None:
+    """Compile step_bwd_v1's chunk functions (into Numba's cache), the signatures step_bwd_v1 calls them with: what a
+    helper process compiles ahead while the first run's own process compiles step_fwd (cpu_backend/warm.py)."""
+    kb1, kb3, r3, pw3 = bwd_blocks()
+    f1, f2, f3, f4 = (types.Array(types.float32, n, "C") for n in (1, 2, 3, 4))
+    u4, i8 = types.Array(types.uint8, 4, "C"), types.int64
+    _bwd_weight_routed_chunk.compile((f4, f4, u4, f3, f1, i8, i8, i8, types.literal(kb3), types.literal(r3),
+                                      types.literal(pw3)))
+    _bwd_data_routed_chunk.compile((f4, f3, u4, f4, f4, i8, f2, i8, types.literal(r3), types.literal(pw3)))
+    _bwd_weight_rows_routed_chunk.compile((f4, f4, u4, f4, f4, f1, i8, i8, i8, i8, types.literal(kb1)))
+    _rows_of_filters.compile((f4, f3))
+    _add_at.compile((f1, i8, f1))
 
 
 def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int) -> Any:
@@ -143,8 +165,8 @@ def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int) -> Any:
                     # C3: dw3, db3 from S2 and the routed gz3
                     _bwd_weight_routed_chunk(p1[c0:c1], gz3[c0:c1], m3[c0:c1], ws_xs3[tid], part, np.int64(0), K3,
                                              w3.shape[3], KB3, R3, PW3)
-                    _add_at(row, o3w, part, 0, n3)
-                    _add_at(row, o3b, part, n3, K3)
+                    _add_at(row, o3w, part[:n3])
+                    _add_at(row, o3b, part[n3 : n3 + K3])
                     # gz1 = C3's routed data gradient · act'(S2), in this thread's workspace only
                     gz1 = ws_gz1[tid][0 : c1 - c0]
                     _bwd_data_routed_chunk(gz3[c0:c1], wt, m3[c0:c1], p1[c0:c1], gz1, act_code, ws_dx[tid],
@@ -152,8 +174,8 @@ def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int) -> Any:
                     # C1: dw1, db1 from x and gz1 routed through m1
                     _bwd_weight_rows_routed_chunk(x[c0:c1], gz1, m1[c0:c1], ws_x1[tid], ws_dz1[tid], part,
                                                   np.int64(0), Ho1, Wo1, K1, KB1)
-                    _add_at(row, o1w, part, 0, n1)
-                    _add_at(row, o1b, part, n1, K1)
+                    _add_at(row, o1w, part[:n1])
+                    _add_at(row, o1b, part[n1 : n1 + K1])
 
         _MADE[key] = step_bwd_v1
     return _MADE[key]
