@@ -58,10 +58,11 @@ ScratchStep = Callable[[Any, dict, bool, int], None]
 #: step), 12.9-13.7 s with head_train and conv2d_bwd_data_routed, this process then the longer share.
 #: The dense step (average pooling) takes conv2d_bwd_weight (4.8 s) in conv2d_bwd_weight_routed's place, and
 #: conv2d_bwd_data_pool (3.5 s) in conv2d_bwd_data_routed's: the former there, the latter here.
-#: The four-kernel step (step4=True, docs/step4.md; first run, one process, CPU s): head_train 9.3, step_bwd 7.7
+#: The four-kernel step (the default with max pooling, docs/step4.md; same measure): head_train 9.3, step_bwd 7.7
 #: (its chunk functions 2.6), step_fwd 6.2, step_adam 0.7. Whole ops would split 10.1 (+ start) against 14.6, so
 #: the helper first compiles step_bwd's chunk functions (PARTS_FIRST), then head_train: 0.8 + 2.6 + 9.3 s there,
-#: step_fwd, step_bwd's own compile (5.2 s) and step_adam here, which finds the chunk functions in the cache.
+#: step_fwd, step_bwd's own compile (5.2 s) and step_adam here, which finds the chunk functions in the cache
+#: (step_fwd comes first: the helper has cached them by then).
 HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_data_routed", "batch_prepare", "conv2d_bwd_weight")
 #: ops of this process's share whose inner functions the helper compiles before its own share, when the step runs
 #: them: op → a function that compiles them into the cache with the signatures the op's kernel calls them with
