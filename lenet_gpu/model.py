@@ -399,7 +399,9 @@ class LeNet5:
         if prog is None:
             ahead = getattr(self.backend, COMPILE_AHEAD, None)
             if ahead is not None and not self._programs:
-                ahead(self.options(), any(self.fused.values()), scratch_step)
+                # the step this model takes (routed, step4: not among the options a checkpoint keeps)
+                ahead({**self.options(), "routed": self.routed, "step4": self.step4}, any(self.fused.values()),
+                      scratch_step)
             ws = self.workspace(batch)
             prog = self._programs[key] = _Program(self.backend.record(lambda: self._train_ops(ws, data, ss)), batch)
             prog.data = data  # keeps id(data) from being reused while the program lives

@@ -27,14 +27,15 @@ FIRST_RUN = """
 import hashlib, json
 import numpy as np
 from lenet_gpu.model import LeNet5
-from lenet_gpu.backends.cpu_backend import head, lenet_fwd, routed, warm
+from lenet_gpu.backends.cpu_backend import conv2d, head, lenet_fwd, routed, warm
 m = LeNet5(backend="cpu", activation="tanh", optimizer="sgd", seed=3)
 rng = np.random.default_rng(7)
 x = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
 y = rng.integers(0, 10, 40).astype(np.uint8)
 loss = m.train_step(x, y)
-made = [f for key, f in routed._MADE.items() if key[0] == "conv2d_bwd_data_routed_v1"]
-helper = [head.head_train_v1, *made]  # max pooling: the routed step, conv2d_bwd_data_routed in the helper's share
+# max pooling: the four-kernel step; head_train in the helper's share, and step_bwd's chunk functions (PARTS_FIRST)
+helper = [head.head_train_v1, routed._bwd_weight_routed_chunk, routed._bwd_data_routed_chunk,
+          conv2d._bwd_weight_rows_routed_chunk]
 params = hashlib.sha256(m.parameters().tobytes()).hexdigest()
 # the helper compiles inference after its share, while this process goes on: wait for it, then infer
 assert warm.background is not None and warm.background.wait(timeout=300) == 0
@@ -93,8 +94,8 @@ def test_scratch_step_runs_only_its_share(monkeypatch):
         orig = getattr(cpu.CpuBackend, op)
         monkeypatch.setattr(cpu.CpuBackend, op, lambda self, *a, _op=op, _f=orig, **k: (calls.append(_op),
                                                                                         _f(self, *a, **k))[1])
-    options = LeNet5(backend="numpy").options()
-    # the default options train through the routed step (max pooling, docs/routed_backward.md)
+    # the nine-op routed step (max pooling, step4=False, docs/routed_backward.md)
+    options = {**LeNet5(backend="numpy").options(), "step4": False}
     warm.scratch_step(scratch_step, options, True, set(warm.HELPER_OPS), set(), 1)
     assert sorted(set(calls)) == ["batch_prepare", "conv2d_bwd_data_routed", "head_train"], calls
     calls.clear()
@@ -105,6 +106,30 @@ def test_scratch_step_runs_only_its_share(monkeypatch):
     calls.clear()
     warm.scratch_step(scratch_step, options, True, set(warm.LATER_OPS), set(), 1)
     assert set(calls) == {"lenet_fwd"}, calls
+    assert warm._parts_first(scratch_step, options, True, set(warm.HELPER_OPS), 1) == []
+
+
+def test_scratch_step_of_the_four_kernel_step(monkeypatch):
+    """The default options train through the four-kernel step (docs/step4.md): head_train there, step_bwd's chunk
+    functions compiled there first, the rest here."""
+    from lenet_gpu.backends.cpu_backend import backend as cpu
+
+    calls: list[str] = []
+    for op in ("head_train", "step_fwd", "step_bwd", "step_adam", "step_sgd", "lenet_fwd"):
+        orig = getattr(cpu.CpuBackend, op)
+        monkeypatch.setattr(cpu.CpuBackend, op, lambda self, *a, _op=op, _f=orig, **k: (calls.append(_op),
+                                                                                        _f(self, *a, **k))[1])
+    options = LeNet5(backend="numpy").options()
+    warm.scratch_step(scratch_step, options, True, set(warm.HELPER_OPS), set(), 1)
+    assert calls == ["head_train"], calls
+    calls.clear()
+    warm.scratch_step(scratch_step, options, True, None, set(warm.HELPER_OPS) | set(warm.LATER_OPS), 1)
+    assert calls == ["step_fwd", "step_bwd", "step_adam"], calls
+    calls.clear()
+    parts: list[str] = []
+    monkeypatch.setitem(warm.PARTS_FIRST, "step_bwd", lambda: parts.append("step_bwd"))
+    assert warm._parts_first(scratch_step, options, True, set(warm.HELPER_OPS), 1) == ["step_bwd"]
+    assert parts == ["step_bwd"] and not calls  # no op ran
 
 
 def test_nothing_runs_twice_or_when_switched_off(monkeypatch):

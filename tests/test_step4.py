@@ -140,11 +140,13 @@ def test_step4_selection():
     assert not LeNet5(backend="numpy", step4=False).step4
     assert not LeNet5(backend="numpy", pool="avg").step4
     assert not LeNet5(backend="numpy", routed=False).step4
-    assert not LeNet5(backend="cpu").step4  # no step ops there (yet): the nine-op routed step
+    assert LeNet5(backend="cpu").step4 and not LeNet5(backend="cpu", step4=False).step4
     with pytest.raises(ValueError, match="routed step is off"):
         LeNet5(backend="numpy", pool="avg", step4=True)
+    lacking = NumpyBackend(threads=1)
+    lacking.variants = {k: v for k, v in lacking.variants.items() if k != "step_fwd"}
     with pytest.raises(ValueError, match="lacks step_fwd"):
-        LeNet5(backend="cpu", step4=True)
+        LeNet5(backend=lacking, step4=True)
     with pytest.raises(ValueError, match="step4 must be"):
         LeNet5(backend="numpy", step4="yes")
     with pytest.MonkeyPatch.context() as mp:

@@ -17,6 +17,9 @@ Kernels (``<op>_v<N>``, the names of the GPU kernels; "auto" picks lanes or rows
                            taps the pool chose, a patch row a vector (v2: the dense rows kernel on dz rows
                            made from the routes, for C1's narrow rows); with head_train(yconv=None) and conv2d_pool_fwd
                            without yconv, the model's routed step
+  step_fwd_v1, step_bwd_v1, step_adam_v1, step_sgd_v1
+                           the four-kernel step of max pooling (step4.py, docs/step4.md): the routed step's
+                           chunk functions fused into one parallel region per op; the model's default step
   adam_step_v1, sgd_step_v1, step_advance_v1
 
 Parallel over fixed chunks of 16 images (``prange``); sums over the batch per chunk, then in chunk order:

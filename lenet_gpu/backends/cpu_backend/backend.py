@@ -15,15 +15,16 @@ from typing import Any
 import numba
 import numpy as np
 
-from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, Counters, HostMemory, check_act, check_mode
-from . import batch, conv2d, dense, head, lenet_fwd, loss, optim, pool2x2, routed, warm
+from ...spec import conv_prefix, param_layout
+from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, STEP_OPS, Counters, HostMemory, check_act, check_mode
+from . import batch, conv2d, dense, head, lenet_fwd, loss, optim, pool2x2, routed, step4, warm
 from .common import L, nchunks
 
 F32 = np.float32
 
 #: kernels of fixed shape, by name; the register-blocked ones are made per block size (conv2d.make_*)
 KERNELS: dict[str, Any] = {}
-for _m in (batch, loss, optim, pool2x2, dense, head):
+for _m in (batch, loss, optim, pool2x2, dense, head, step4):
     KERNELS.update(_m.KERNELS)
 KERNELS.update({
     "conv2d_fwd_v1": conv2d.conv2d_fwd_v1,
@@ -50,10 +51,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "lenet_fwd": ("v1",),
     "conv2d_bwd_weight_routed": ("v1", "v2"),
     "conv2d_bwd_data_routed": ("v1",),
+    **step4.VARIANTS,
 }
 #: the routed backward of max pooling (docs/routed_backward.md): optional ops of this backend
 ROUTED_OPS = ("conv2d_bwd_weight_routed", "conv2d_bwd_data_routed")
-assert set(OPS) | set(OPTIONAL_OPS) <= set(VARIANTS) <= set(OPS) | set(OPTIONAL_OPS) | set(ROUTED_OPS)
+assert set(OPS) | set(OPTIONAL_OPS) <= set(VARIANTS) <= set(OPS) | set(OPTIONAL_OPS) | set(ROUTED_OPS) | set(STEP_OPS)
 
 #: "auto": the kernel is chosen by shape: the lanes kernel for narrow maps, the rows kernel for wide ones
 DEFAULT_VARIANTS = {op: ("auto" if len(vs) > 1 else vs[0]) for op, vs in VARIANTS.items()}
@@ -521,3 +523,113 @@ class CpuBackend(HostMemory):
                 self._ws(T, K3 * H4 * W4, L), self._ws(T, w5.shape[0], L), self._ws(T, w6.shape[0], L),
                 self._ws(T, w7.shape[0], L), self._ws(k1p, C1, R1, S1), self._ws(k1p), self._ws(k3p, C3, R3, S3),
                 self._ws(k3p))
+
+    # ------------------------------------------------------------------ the four-kernel step (docs/step4.md)
+    def step_groups(self, batch: int) -> int:
+        """The image groups of step_bwd: one per chunk of 16 images (the routed step's chunks where 16 divides the
+        batch). A function of the batch alone: the partials, and their sum, do not depend on the thread count."""
+        return nchunks(batch)
+
+    def step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, mean, std,
+                 act, variant=None) -> None:
+        self.counters.launches += 1
+        acode = _act(act)
+        key = ("step_fwd", images.shape, perm.shape, x.shape, sched.shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan_step_fwd(images, labels, perm, state, sched, srow, x, y, w1, b1,
+                                                          p1, m1, w3, b3, p3, m3, variant)
+        fn, *ws = plan
+        fn(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, F32(1.0 / (255.0 * std)),
+           F32(-mean / std), acode, POOL_CODES["max"], False, *ws)
+
+    def _plan_step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3,
+                       variant) -> tuple:
+        op = "step_fwd"
+        _need(variant in (None, "auto", "v1"), op, f"unknown variant {variant!r}; have v1")
+        _check_arrays(op, images=images, labels=labels, perm=perm, state=state, y=y, m1=m1, m3=m3)
+        _check_f32(op, sched=sched, srow=srow, x=x, w1=w1, b1=b1, p1=p1, w3=w3, b3=b3, p3=p3)
+        _need(images.dtype == np.uint8 and labels.dtype == np.uint8 and images.ndim == 3, op,
+              "images (N,H,W) and labels must be uint8")
+        _need(perm.dtype == np.int32 and state.dtype == np.int32 and y.dtype == np.int32, op,
+              "perm, state and y must be int32")
+        B = x.shape[0]
+        for name, a, want in (("x", x, (B, 1, 32, 32)), ("y", y, (B,)), ("w1", w1, (6, 1, 5, 5)), ("b1", b1, (6,)),
+                              ("p1", p1, (B, 6, 14, 14)), ("m1", m1, (B, 6, 14, 14)), ("w3", w3, (16, 6, 5, 5)),
+                              ("b3", b3, (16,)), ("p3", p3, (B, 16, 5, 5)), ("m3", m3, (B, 16, 5, 5)),
+                              ("srow", srow, (sched.shape[1],) if sched.ndim == 2 else (-1,))):
+            _need(a.shape == want, op, f"{name} must be {want}, got {a.shape}")
+        _need(m1.dtype == np.uint8 and m3.dtype == np.uint8, op, "m1 and m3 must be uint8")
+        _need(x.shape[2] >= images.shape[1] and x.shape[3] >= images.shape[2], op, "x smaller than the images")
+        T = self._slots
+        # C1 (28 columns): conv2d_pool_fwd_v2's chunk (rows); C3 (10 columns): v1's (lanes), as "auto" picks them
+        kb1, k1p = conv2d.block_size(6)
+        kb3, k3p = conv2d.block_size(16)
+        ws1 = self._ws(T, 1, 28 + 5 - 1, 2 * L + 5 - 1)
+        ws3 = self._ws(T, 6, 14, 14, L)
+        return (step4.make_step_fwd_v1(kb1, kb3), ws1, self._ws(k1p, 1, 5, 5), self._ws(k1p), ws3,
+                self._ws(k3p, 6, 5, 5), self._ws(k3p))
+
+    def step_bwd(self, x, p1, gz3, m3, m1, w3, gpart, act, variant=None) -> None:
+        self.counters.launches += 1
+        acode = _act(act)
+        key = ("step_bwd", x.shape, gpart.shape)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan_step_bwd(x, p1, gz3, m3, m1, w3, gpart, variant)
+        fn, chunk, offs, *ws = plan
+        fn(x, p1, gz3, m3, m1, w3, gpart, acode, chunk, *offs, *ws)
+
+    def _plan_step_bwd(self, x, p1, gz3, m3, m1, w3, gpart, variant) -> tuple:
+        op = "step_bwd"
+        _need(variant in (None, "auto", "v1"), op, f"unknown variant {variant!r}; have v1")
+        _check_f32(op, x=x, p1=p1, gz3=gz3, w3=w3, gpart=gpart)
+        _check_arrays(op, m3=m3, m1=m1)
+        B = x.shape[0]
+        nc = conv_prefix()
+        for name, a, want in (("x", x, (B, 1, 32, 32)), ("p1", p1, (B, 6, 14, 14)), ("gz3", gz3, (B, 16, 5, 5)),
+                              ("m3", m3, (B, 16, 5, 5)), ("m1", m1, (B, 6, 14, 14)), ("w3", w3, (16, 6, 5, 5))):
+            _need(a.shape == want, op, f"{name} must be {want}, got {a.shape}")
+        _need(m1.dtype == np.uint8 and m3.dtype == np.uint8, op, "m1 and m3 must be uint8")
+        _need(gpart.ndim == 2 and gpart.shape[0] >= 1 and gpart.shape[1] == nc, op,
+              f"gpart must be (groups, {nc}), got {gpart.shape}")
+        off = {s.name: s.offset for s in param_layout()[0]}
+        T = self._slots
+        # C3: conv2d_bwd_weight_routed_v1's and conv2d_bwd_data_routed_v1's chunks (patch rows of 5 × 6 floats);
+        # C1: conv2d_bwd_weight_routed_v2's chunk (rows: 28 columns, two vectors)
+        kb1, kb3, r3, pw = step4.bwd_blocks()
+        k1p = conv2d.block_size(6, (4, 3))[1]
+        nv = -(-28 // L)
+        fn = step4.make_step_bwd_v1(kb1, kb3, r3, pw)
+        return (fn, -(-B // gpart.shape[0]), (off["c1.w"], off["c1.b"], off["c3.w"], off["c3.b"]),
+                self._ws(T, L, 14, 14 * 6 + pw), self._ws(T, 14, 14 * 6 + pw), self._ws(T, L, 6, 14, 14),
+                self._ws(T, L, 1, 32, nv * L + 5 - 1), self._ws(T, L, k1p, 28, nv * L), self._ws(T, 16 * 6 * 25 + 16),
+                self._ws(16, 5, pw))
+
+    def step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay, variant=None) -> None:
+        self.counters.launches += 1
+        key = ("step_adam", p.shape, gpart.shape)
+        if key not in self._plans:
+            self._check_step_update("step_adam", p, g, gpart, m, v, srow, state, variant)
+            self._plans[key] = ()
+        step4.step_adam_v1(p, g, gpart, m, v, srow, state, int(batch), F32(beta1), F32(beta2), F32(eps),
+                           F32(weight_decay), F32(1 - beta1), F32(1 - beta2))
+
+    def step_sgd(self, p, g, gpart, m, srow, state, batch, momentum, weight_decay, variant=None) -> None:
+        self.counters.launches += 1
+        key = ("step_sgd", p.shape, gpart.shape)
+        if key not in self._plans:
+            self._check_step_update("step_sgd", p, g, gpart, m, None, srow, state, variant)
+            self._plans[key] = ()
+        step4.step_sgd_v1(p, g, gpart, m, srow, state, int(batch), F32(momentum), F32(weight_decay))
+
+    def _check_step_update(self, op: str, p, g, gpart, m, v, srow, state, variant) -> None:
+        _need(variant in (None, "auto", "v1"), op, f"unknown variant {variant!r}; have v1")
+        _check_f32(op, p=p, g=g, gpart=gpart, m=m, v=v, srow=srow)
+        _check_arrays(op, state=state)
+        _need(p.ndim == 1 and p.shape == g.shape == m.shape and (v is None or v.shape == p.shape), op,
+              "p, g, m (and v) must be one flat shape")
+        _need(gpart.ndim == 2 and gpart.shape[0] >= 1 and gpart.shape[1] <= p.shape[0], op,
+              f"gpart must be (groups, n ≤ {p.shape[0]}), got {gpart.shape}")
+        _need(srow.ndim == 1 and srow.shape[0] >= 3, op, "srow must hold lr, bc1, bc2")
+        _need(state.dtype == np.int32, op, "state must be int32")

@@ -1,0 +1,233 @@
+"""step4: the four-kernel training step of max pooling (docs/step4.md) as Numba @njit kernels, by the names of the
+GPU kernels (kernels/step_fwd.cu, step_bwd.cu, step_update.cu), each one parallel region at most:
+
+  step_fwd_v1   one prange task per chunk of 16 images: batch_prepare of its images (the arithmetic of
+                batch_prepare_v1, without contraction: the same bits), C1 + act + 2×2 max pool (the chunk function
+                of conv2d_pool_fwd_v2, rows), C3 + act + 2×2 max pool (conv2d_pool_fwd_v1's, lanes), no yconv:
+                a chunk's x and S2 are read back while they are in cache; then this step's schedule row srow
+  step_bwd_v1   one prange task per image group (reference.step_groups): C3's routed weight gradient (the chunk
+                function of conv2d_bwd_weight_routed_v1), C3's routed data gradient gz1 (conv2d_bwd_data_routed_v1's)
+                into the thread's workspace, never into the batch's memory, and C1's routed weight gradient from it
+                (conv2d_bwd_weight_routed_v2's); the group's row of gpart at the flat-layout offsets, 0 elsewhere. A
+                group of more than 16 images runs in chunks of 16 whose partials are added in order
+  step_adam_v1  the partials added in group order from 0.0 (reference.step_reduce), Adam with srow's lr and bias
+  step_sgd_v1   corrections (adam_step_v1's / sgd_step_v1's arithmetic, bit for bit), then step_advance
+
+The chunk functions are the routed step's (conv2d.py, routed.py), called with the same argument types: the same
+machine code, so where a group is one chunk of 16 images (CpuBackend.step_groups: ceil(B / 16) groups, a batch
+that is a multiple of 16) the step's numbers are the nine-op routed step's bit for bit (its chunk partials are
+added in the same order; 0.0 + a partial only turns a −0.0 into +0.0). The group count depends on the batch
+alone, and every sum runs in a fixed order: no result depends on the number of threads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import get_thread_id, prange, types
+
+from ...stepstate import EPOCH, OFFSET, SEED, SHIFT
+from .batch import augment_shift, mix32, step_advance_v1, word32
+from .common import JIT, JIT_EXACT, JIT_INNER, ZERO, L, njit
+from .conv2d import _bwd_weight_rows_routed_chunk, _pad_weights, _pool_fwd_lanes_chunk, _pool_fwd_rows_chunk, block_size
+from .optim import sched_index
+from .routed import _bwd_data_routed_chunk, _bwd_weight_routed_chunk, _rows_of_filters, patch_width, routed_block
+
+_MADE: dict[tuple, Any] = {}
+
+
+# ---------------------------------------------------------------------------------------------- step_fwd
+
+
+@njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def prepare_image(images, labels, perm, x, y, r, offset, max_shift, h1, scale, shift):
+    """Row r of batch_prepare_v1: image perm[(offset + r) % M], shifted, padded and normalised into x[r], its
+    label into y[r]. A function of its own, compiled without contraction: batch_prepare_v1's bits wherever it is
+    called from."""
+    XH, XW = x.shape[2], x.shape[3]
+    _, IH, IW = images.shape
+    pad = (XH - IH) // 2
+    j = perm[(offset + r) % perm.shape[0]]
+    y[r] = labels[j]
+    dy, dx = (0, 0)
+    if max_shift > 0:
+        dy, dx = augment_shift(h1, j, max_shift)
+    h0 = pad + dy
+    v0 = pad + dx
+    img = images[j]
+    for h in range(XH):
+        xr = x[r, 0, h]
+        ih = h - h0
+        if ih < 0 or ih >= IH:
+            for v in range(XW):
+                xr[v] = shift
+        else:
+            ir = img[ih]
+            for v in range(XW):
+                iv = v - v0
+                if iv >= 0 and iv < IW:
+                    xr[v] = np.float32(ir[iv]) * scale + shift
+                else:
+                    xr[v] = shift
+
+
+def make_step_fwd_v1(KB1: int, KB3: int) -> Any:
+    """step_fwd_v1 for register blocks of KB1 filters (C1, rows) and KB3 (C3, lanes)."""
+    key = ("step_fwd_v1", KB1, KB3)
+    if key not in _MADE:
+
+        @njit(parallel=True, **JIT)
+        def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, scale, shift,
+                        act_code, mode, write_conv, ws_x1, wp1, bp1, ws_x3, wp3, bp3):
+            B = x.shape[0]
+            t = sched_index(sched, state)
+            for e in range(srow.shape[0]):
+                srow[e] = sched[t, e]
+            _pad_weights(w1, b1, wp1, bp1)
+            _pad_weights(w3, b3, wp3, bp3)
+            offset = np.int64(state[OFFSET])
+            max_shift = np.int64(state[SHIFT])
+            h1 = mix32(mix32(word32(state[SEED])) + word32(state[EPOCH]))
+            for ci in prange((B + L - 1) // L):
+                b0 = np.int64(ci) * L
+                for r in range(b0, min(B, b0 + L)):
+                    prepare_image(images, labels, perm, x, y, r, offset, max_shift, h1, scale, shift)
+                tid = get_thread_id()
+                # yconv is never written (write_conv is False): p1 and p3 stand in for it
+                _pool_fwd_rows_chunk(x, wp1, bp1, p1, p1, m1, act_code, mode, write_conv, ws_x1[tid], b0,
+                                     w1.shape[0], KB1)
+                _pool_fwd_lanes_chunk(p1, wp3, bp3, p3, p3, m3, act_code, mode, write_conv, ws_x3[tid], b0,
+                                      w3.shape[0], KB3)
+
+        _MADE[key] = step_fwd_v1
+    return _MADE[key]
+
+
+# ---------------------------------------------------------------------------------------------- step_bwd
+
+
+@njit(**JIT_INNER)
+def _add_at(row, off, src):
+    """row[off + e] += src[e] for every e."""
+    for e in range(src.shape[0]):
+        row[off + e] += src[e]
+
+
+def bwd_blocks() -> tuple[int, int, int, int]:
+    """(KB1, KB3, R3, PW3) of step_bwd_v1 at LeNet's shapes: C1's rows kernel in blocks of KB1 of its 6 filters
+    (conv2d_bwd_weight_routed_v2's), C3's patch rows (5 rows of 5 taps × 6 channels = 30 floats, padded to PW3 = 32)
+    in blocks of KB3 of its 16 filters (conv2d_bwd_weight_routed_v1's)."""
+    pw = patch_width(5, 6)
+    return block_size(6, (4, 3))[0], routed_block(16, 5, pw), 5, pw
+
+
+def compile_bwd_parts() -> None:
+    """Compile step_bwd_v1's chunk functions (into Numba's cache), the signatures step_bwd_v1 calls them with: what a
+    helper process compiles ahead while the first run's own process compiles step_fwd (cpu_backend/warm.py)."""
+    kb1, kb3, r3, pw3 = bwd_blocks()
+    f1, f2, f3, f4 = (types.Array(types.float32, n, "C") for n in (1, 2, 3, 4))
+    u4, i8 = types.Array(types.uint8, 4, "C"), types.int64
+    _bwd_weight_routed_chunk.compile((f4, f4, u4, f3, f1, i8, i8, i8, types.literal(kb3), types.literal(r3),
+                                      types.literal(pw3)))
+    _bwd_data_routed_chunk.compile((f4, f3, u4, f4, f4, i8, f2, i8, types.literal(r3), types.literal(pw3)))
+    _bwd_weight_rows_routed_chunk.compile((f4, f4, u4, f4, f4, f1, i8, i8, i8, i8, types.literal(kb1)))
+    _rows_of_filters.compile((f4, f3))
+    _add_at.compile((f1, i8, f1))
+
+
+def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int) -> Any:
+    """step_bwd_v1: C1's weight gradient in register blocks of KB1 filters (the rows kernel), C3's in blocks of KB3
+    filters × R3 patch rows of PW3 floats (the patch-row kernels)."""
+    key = ("step_bwd_v1", KB1, KB3, R3, PW3)
+    if key not in _MADE:
+
+        @njit(parallel=True, **JIT)
+        def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, act_code, chunk, o1w, o1b, o3w, o3b, ws_xs3, ws_dx, ws_gz1,
+                        ws_x1, ws_dz1, ws_part, wt):
+            B = x.shape[0]
+            K1, K3 = p1.shape[1], w3.shape[0]
+            R1, S1 = x.shape[2] - 2 * p1.shape[2] + 1, x.shape[3] - 2 * p1.shape[3] + 1
+            Ho1, Wo1 = 2 * p1.shape[2], 2 * p1.shape[3]
+            n1 = K1 * x.shape[1] * R1 * S1
+            n3 = w3.size
+            _rows_of_filters(w3, wt)
+            for s in prange(gpart.shape[0]):
+                tid = get_thread_id()
+                row = gpart[s]
+                for e in range(row.shape[0]):
+                    row[e] = ZERO
+                g0 = min(B, np.int64(s) * chunk)
+                g1 = min(B, g0 + chunk)
+                part = ws_part[tid]
+                for c0 in range(g0, g1, L):
+                    c1 = min(g1, c0 + L)
+                    # C3: dw3, db3 from S2 and the routed gz3
+                    _bwd_weight_routed_chunk(p1[c0:c1], gz3[c0:c1], m3[c0:c1], ws_xs3[tid], part, np.int64(0), K3,
+                                             w3.shape[3], KB3, R3, PW3)
+                    _add_at(row, o3w, part[:n3])
+                    _add_at(row, o3b, part[n3 : n3 + K3])
+                    # gz1 = C3's routed data gradient · act'(S2), in this thread's workspace only
+                    gz1 = ws_gz1[tid][0 : c1 - c0]
+                    _bwd_data_routed_chunk(gz3[c0:c1], wt, m3[c0:c1], p1[c0:c1], gz1, act_code, ws_dx[tid],
+                                           np.int64(0), R3, PW3)
+                    # C1: dw1, db1 from x and gz1 routed through m1
+                    _bwd_weight_rows_routed_chunk(x[c0:c1], gz1, m1[c0:c1], ws_x1[tid], ws_dz1[tid], part,
+                                                  np.int64(0), Ho1, Wo1, K1, KB1)
+                    _add_at(row, o1w, part[:n1])
+                    _add_at(row, o1b, part[n1 : n1 + K1])
+
+        _MADE[key] = step_bwd_v1
+    return _MADE[key]
+
+
+# ------------------------------------------------------------------------------------- step_adam, step_sgd
+
+
+@njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def step_reduce(gpart, g):
+    """g[i] = Σ_s gpart[s, i] for i < gpart.shape[1], in float32 and in group order from 0.0."""
+    nc = gpart.shape[1]
+    for i in range(nc):
+        g[i] = ZERO
+    for s in range(gpart.shape[0]):
+        r = gpart[s]
+        for i in range(nc):
+            g[i] += r[i]
+
+
+@njit(**JIT_EXACT)
+def step_adam_v1(p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, wd, c1, c2):
+    """c1 = float32(1 − β1), c2 = float32(1 − β2), as the numpy backend rounds them (adam_step_v1)."""
+    step_reduce(gpart, g)
+    lr = srow[0]
+    bc1 = srow[1]
+    bc2 = srow[2]
+    use_wd = wd != 0
+    for e in range(p.shape[0]):
+        gg = g[e] + wd * p[e] if use_wd else g[e]
+        me = beta1 * m[e] + c1 * gg
+        ve = beta2 * v[e] + c2 * gg * gg
+        m[e] = me
+        v[e] = ve
+        den = np.sqrt(ve / bc2) + eps
+        p[e] = p[e] - lr * (me / bc1) / den
+    step_advance_v1(state, batch)
+
+
+@njit(**JIT_EXACT)
+def step_sgd_v1(p, g, gpart, m, srow, state, batch, momentum, wd):
+    step_reduce(gpart, g)
+    lr = srow[0]
+    use_wd = wd != 0
+    for e in range(p.shape[0]):
+        me = momentum * m[e] + g[e]
+        if use_wd:
+            me = me + wd * p[e]
+        m[e] = me
+        p[e] = p[e] - lr * me
+    step_advance_v1(state, batch)
+
+
+KERNELS = {"step_adam_v1": step_adam_v1, "step_sgd_v1": step_sgd_v1}
+VARIANTS = {"step_fwd": ("v1",), "step_bwd": ("v1",), "step_adam": ("v1",), "step_sgd": ("v1",)}
