@@ -35,12 +35,38 @@
 //                          wgrad: 16x32 output tiles (bias = a column of ones) over 32-row chunks staged in shared
 //                          memory, 2x2 outputs per thread, 4 groups of threads splitting the batch (partials added
 //                          in group order); one more block sums the stats with a fixed-order tree.
+//   head_train_v3 / head_train_wgrad_v3  rows: one row of the batch a block of 512 threads, the geometry compiled in
+//                          (HEAD_C, HEAD_HP, HEAD_WP, HEAD_H, HEAD_W, HEAD_H1, HEAD_H2, HEAD_NC: every loop a constant
+//                          trip count, unrolled; no run-time integer division). x, w2 and w3 staged in shared memory
+//                          in one round trip (w2 read once, not twice); C5's forward split across 15 warps of 8
+//                          outputs, lanes along the row (104 independent coalesced loads per lane); F6 and the output
+//                          layer from shared memory the same way; the loss row; the two small backward products split
+//                          in parts of >= 8 terms per thread (partials added in part order); C5's data gradient with
+//                          the forward's warp/lane footprint of w1 (104 loads per lane), per-warp partials (over w2's
+//                          copy) added in warp order, routed into dz_conv. wgrad: v2's tiles, geometry compiled in.
+//                          The launcher uses v3's rows kernel while v2 would take one row a block (batch <= 264, one
+//                          wave at 2 blocks an SM) and its 49,040 B of shared memory fit; beyond, v2's rows kernel.
+//
+// v3's cost at LeNet-5 (ESTIMATED, NOT MEASURED; H200: 132 SMs, ~1.98 GHz; assumed L2 -> SM ~64 B/clk an SM and
+// ~5.5-7 TB/s in all):
+//   FLOPs a row: forward 58,920 MACs + backward data 58,920 = 235,680 FLOP (15.1 MFLOP at batch 64); wgrad 58,920 MACs.
+//   L2 bytes a row (= a block): w1 twice (384,000: forward and data gradient), w2 once (40,320), w3 (3,360), x and
+//   biases (2,456), writes ~3.3 KB (routed dz_conv 1,600 B): ~433 KB (v2: ~471 KB, w2 and w3 read twice).
+//   Batch 64 (64 blocks, one an SM): L2 bytes 27.7 MB / 5.5-7 TB/s = 4.0-5.0 us (per SM: 433 KB / 64 B/clk = 3.4 us);
+//   chain: 9 barriers, the staging round trip, the loss row (one thread, 10 expf) and the short shared-memory phases
+//   ~1-1.5 us; issue slots ~1.1 K instructions a thread (PTX: 2,747 static, mostly straight-line) x 16 warps / 4
+//   schedulers = ~2.2 us (overlapped with the loads). Rows kernel ~5-7 us
+//   (v2: 21.7 measured); wgrad v3 = v2's sums (3.4 us measured): head_train ~8-10 us at batch 64 (v2: 25.1).
+//   Batch 4096: v2's rows kernel at 8 rows a block (149 us measured) + wgrad v3 (v2's sums: 92 us measured): ~0.24 ms,
+//   the same as v2 (waves: 4096 rows at one a block would be 15.5 waves of 2 x 132 blocks streaming 1.77 GB from L2,
+//   ~0.3 ms: worse than v2's 8-row blocks, so not taken).
 //
 // Launch shapes (lenet_gpu/backends/cupy_backend/fused.py): rows kernels grid ceil(B/rows), block HEAD_THREADS;
 // v1 takes `rows` as an argument, v2 as the compile-time HEAD_ROWS (1, 2, 4 or 8: fewer rows per block at small
 // batches so the batch spreads over the GPU), dynamic smem HEAD_ROWS*(I + 2*H1 + 2*H2 + 2*NC) floats; wgrad v1 a
 // 1-D grid over H1*(I+1) + H2*(H1+1) + NC*(H2+1) + 1 threads, v2 one block per 16x32 tile of [dw|db] of each layer
-// + 1, block WG_THREADS (v1) / WG2_THREADS (v2).
+// + 1, block WG_THREADS (v1) / WG2_THREADS (v2). v3: rows grid B, block HEAD3_THREADS, dynamic smem
+// head3::SMEM_FLOATS floats (fused.head_v3_smem); wgrad as v2.
 #include "common.cuh"
 #include "rows_gemv.cuh"
 
