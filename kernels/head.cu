@@ -613,7 +613,7 @@ head_train_v3(const float* __restrict__ x, const int* __restrict__ labels, const
         rowstat[2 * r + 1] = hit;
     }
     __syncthreads();
-    if (t < NC) dz3[(size_t)r * NC + t] = s_d3[t];
+    for (int c = t; c < NC; c += T) dz3[(size_t)r * NC + c] = s_d3[c];
     head3_col<H2, NC>(s_w3, s_d3, s_h2, s_d2, dz2 + (size_t)r * H2, s_cp, act);  // dz2 = (dz3 w3) * act'(h2)
     __syncthreads();
     head3_col<H1, H2>(s_w2, s_d2, s_h1, s_d1, dz1 + (size_t)r * H1, s_cp, act);  // dz1 = (dz2 w2) * act'(h1)
