@@ -115,6 +115,7 @@ def test_nvrtc_no_spills_no_local_no_integer_division(arch):
     assert ks["head_train_v3"].shared_bytes + a.shared_mem <= 48 * 1024
 
 
+@parent
 def test_int_div_pattern_finds_divisions():
     """The PTX pattern above finds run-time integer division and remainder (so its silence on v3 means something)."""
     from tests.conftest import require
