@@ -549,7 +549,7 @@ __device__ __forceinline__ void head3_col(const float* s_w, const float* s_dout,
     if (t < P * O) {
         const int p = t / O, o = t - p * O;  // constant divisor
         float acc = 0.0f;
-#pragma unroll
+#pragma unroll(KC <= 32 ? KC : 8)  // LeNet-5's parts (21 terms) whole; bounded code for wide layers
         for (int kk = 0; kk < KC; ++kk) {
             const int k = p * KC + kk;
             if (K % P == 0 || k < K) acc = fmaf(s_dout[k], s_w[k * O + o], acc);

@@ -75,6 +75,7 @@ def test_plan_v3_a_row_a_block_then_v2():
         a2, _ = fused.head_plan("v2", b, 400, 120, 84, 10)
         assert a.kernel == "head_train_v2" and a.grid == a2.grid and a.shared_mem == a2.shared_mem, a
         assert dict(a.defines) == {**geom, "HEAD_ROWS": rows} and w.kernel == "head_train_wgrad_v3", a
+        assert w.options("head") == a.options("head")  # one module
     a, _ = fused.head_plan("v3", 64, 400, 120, 2000, 10)  # w2 does not fit shared memory: v2's rows kernel
     assert a.kernel == "head_train_v2" and fused.head_v3_smem(400, 120, 2000, 10) > fused.SMEM_LIMIT
     a, _ = fused.head_plan("v3", 3, 18, 9, 5, 4, (3, 2, 3, 5, 7))  # any geometry: its own defines

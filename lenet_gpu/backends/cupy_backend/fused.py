@@ -171,7 +171,8 @@ def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int,  # noqa: 
             a = head_plan("v2", B, I, H1, H2, NC)[0]
             a = FusedLaunch(a.kernel, a.grid, a.block, a.shared_mem, a.extra, a.defines + gdefs)
         tiles = sum(ceil_div(o, HEAD_WG_TO) * ceil_div(k + 1, HEAD_WG_TI) for o, k in ((H1, I), (H2, H1), (NC, H2)))
-        return a, FusedLaunch("head_train_wgrad_v3", (tiles + 1, 1, 1), (HEAD_WG_THREADS["v3"], 1, 1), 0, (), gdefs)
+        wt = HEAD_WG_THREADS["v3"]  # the rows launch's defines: one module for both kernels
+        return a, FusedLaunch("head_train_wgrad_v3", (tiles + 1, 1, 1), (wt, 1, 1), 0, (), a.defines)
     if variant == "v1":
         rows = max(1, min(8, ceil_div(B, HEAD_FILL_BLOCKS)))
         a = FusedLaunch("head_train_v1", (ceil_div(B, rows), 1, 1), (threads, 1, 1), 0, (rows,))
