@@ -35,12 +35,38 @@
 //                          wgrad: 16x32 output tiles (bias = a column of ones) over 32-row chunks staged in shared
 //                          memory, 2x2 outputs per thread, 4 groups of threads splitting the batch (partials added
 //                          in group order); one more block sums the stats with a fixed-order tree.
+//   head_train_v3 / head_train_wgrad_v3  rows: one row of the batch a block of 512 threads, the geometry compiled in
+//                          (HEAD_C, HEAD_HP, HEAD_WP, HEAD_H, HEAD_W, HEAD_H1, HEAD_H2, HEAD_NC: every loop a constant
+//                          trip count, unrolled; no run-time integer division). x, w2 and w3 staged in shared memory
+//                          in one round trip (w2 read once, not twice); C5's forward split across 15 warps of 8
+//                          outputs, lanes along the row (104 independent coalesced loads per lane); F6 and the output
+//                          layer from shared memory the same way; the loss row; the two small backward products split
+//                          in parts of >= 8 terms per thread (partials added in part order); C5's data gradient with
+//                          the forward's warp/lane footprint of w1 (104 loads per lane), per-warp partials (over w2's
+//                          copy) added in warp order, routed into dz_conv. wgrad: v2's tiles, geometry compiled in.
+//                          The launcher uses v3's rows kernel while v2 would take one row a block (batch <= 264, one
+//                          wave at 2 blocks an SM) and its 49,040 B of shared memory fit; beyond, v2's rows kernel.
+//
+// v3's cost at LeNet-5 (ESTIMATED, NOT MEASURED; H200: 132 SMs, ~1.98 GHz; assumed L2 -> SM ~64 B/clk an SM and
+// ~5.5-7 TB/s in all):
+//   FLOPs a row: forward 58,920 MACs + backward data 58,920 = 235,680 FLOP (15.1 MFLOP at batch 64); wgrad 58,920 MACs.
+//   L2 bytes a row (= a block): w1 twice (384,000: forward and data gradient), w2 once (40,320), w3 (3,360), x and
+//   biases (2,456), writes ~3.3 KB (routed dz_conv 1,600 B): ~433 KB (v2: ~471 KB, w2 and w3 read twice).
+//   Batch 64 (64 blocks, one an SM): L2 bytes 27.7 MB / 5.5-7 TB/s = 4.0-5.0 us (per SM: 433 KB / 64 B/clk = 3.4 us);
+//   chain: 9 barriers, the staging round trip, the loss row (one thread, 10 expf) and the short shared-memory phases
+//   ~1-1.5 us; issue slots ~1.1 K instructions a thread (PTX: 2,747 static, mostly straight-line) x 16 warps / 4
+//   schedulers = ~2.2 us (overlapped with the loads). Rows kernel ~5-7 us
+//   (v2: 21.7 measured); wgrad v3 = v2's sums (3.4 us measured): head_train ~8-10 us at batch 64 (v2: 25.1).
+//   Batch 4096: v2's rows kernel at 8 rows a block (149 us measured) + wgrad v3 (v2's sums: 92 us measured): ~0.24 ms,
+//   the same as v2 (waves: 4096 rows at one a block would be 15.5 waves of 2 x 132 blocks streaming 1.77 GB from L2,
+//   ~0.3 ms: worse than v2's 8-row blocks, so not taken).
 //
 // Launch shapes (lenet_gpu/backends/cupy_backend/fused.py): rows kernels grid ceil(B/rows), block HEAD_THREADS;
 // v1 takes `rows` as an argument, v2 as the compile-time HEAD_ROWS (1, 2, 4 or 8: fewer rows per block at small
 // batches so the batch spreads over the GPU), dynamic smem HEAD_ROWS*(I + 2*H1 + 2*H2 + 2*NC) floats; wgrad v1 a
 // 1-D grid over H1*(I+1) + H2*(H1+1) + NC*(H2+1) + 1 threads, v2 one block per 16x32 tile of [dw|db] of each layer
-// + 1, block WG_THREADS (v1) / WG2_THREADS (v2).
+// + 1, block WG_THREADS (v1) / WG2_THREADS (v2). v3: rows grid B, block HEAD3_THREADS, dynamic smem
+// head3::SMEM_FLOATS floats (fused.head_v3_smem); wgrad as v2.
 #include "common.cuh"
 #include "rows_gemv.cuh"
 
@@ -382,6 +408,300 @@ head_train_wgrad_v2(const float* __restrict__ x, const float* __restrict__ h1, c
     if (tile < t3) { head_wgrad_tile(dz3, h2, B, NC, H2, tile, dw3, db3, s_dz, s_a, s_part); return; }
     // the stats row: thread t sums a contiguous run of rows in order, then a fixed tree over the threads
     float* s_l = s_part;
+    float* s_h = s_part + WG2_THREADS;
+    const int tid = threadIdx.x, per = ceil_div(B, WG2_THREADS);
+    float l = 0.0f, h = 0.0f;
+    for (int b = tid * per; b < min(B, (tid + 1) * per); ++b) { l += rowstat[2 * b]; h += rowstat[2 * b + 1]; }
+    s_l[tid] = l;
+    s_h[tid] = h;
+    __syncthreads();
+    for (int half = WG2_THREADS / 2; half > 0; half >>= 1) {
+        if (tid < half) { s_l[tid] += s_l[tid + half]; s_h[tid] += s_h[tid + half]; }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        float* row = stats_row(stats, S, state);
+        row[0] = s_l[0];
+        row[1] = s_h[0];
+    }
+}
+
+// ------------------------------------------------------------------------------------------ v3: rows
+// The geometry is compiled in (the launcher sets it from the call's shapes; defaults: LeNet-5's), so every loop
+// has a constant trip count (unrolled: many loads in flight per thread) and nothing divides at run time.
+#ifndef HEAD_C
+#define HEAD_C 16  // channels of S4 (x is (B, HEAD_C, HEAD_HP, HEAD_WP))
+#endif
+#ifndef HEAD_HP
+#define HEAD_HP 5
+#endif
+#ifndef HEAD_WP
+#define HEAD_WP 5
+#endif
+#ifndef HEAD_H
+#define HEAD_H 10  // yconv's height: 2*HEAD_HP or 2*HEAD_HP + 1 (the routed form, yconv NULL: 2*HEAD_HP)
+#endif
+#ifndef HEAD_W
+#define HEAD_W 10
+#endif
+#ifndef HEAD_H1
+#define HEAD_H1 120  // C5's width
+#endif
+#ifndef HEAD_H2
+#define HEAD_H2 84  // F6's width
+#endif
+#ifndef HEAD_NC
+#define HEAD_NC 10  // classes
+#endif
+#define HEAD3_THREADS 512  // v3 rows: one row of the batch a block, 16 warps
+
+namespace head3 {
+constexpr int C = HEAD_C, HP = HEAD_HP, WP = HEAD_WP, H = HEAD_H, W = HEAD_W;
+constexpr int I = C * HP * WP, H1 = HEAD_H1, H2 = HEAD_H2, NC = HEAD_NC;
+constexpr int T = HEAD3_THREADS, NW = T / 32;
+static_assert(C >= 1 && HP >= 1 && WP >= 1 && H1 >= 1 && H2 >= 1 && NC >= 1, "head v3: a positive geometry");
+static_assert((H == 2 * HP || H == 2 * HP + 1) && (W == 2 * WP || W == 2 * WP + 1), "head v3: yconv pools to x");
+
+// Outputs a warp takes at once in a forward product of O outputs: the power of two (<= 32) that spreads O over the
+// block's warps in one round where it can.
+__host__ __device__ constexpr int group(int O) {
+    int f = 1;
+    while (f * NW < O && f < 32) f *= 2;
+    return f;
+}
+// Parts a column product of O outputs and a K-long reduction splits into (threads per output): as many as the
+// block holds, each at least 8 terms long.
+__host__ __device__ constexpr int parts(int O, int K) {
+    const int p = T / O < K / 8 ? T / O : K / 8;
+    return p < 1 ? 1 : p;
+}
+__host__ __device__ constexpr int cmax(int a, int b) { return a > b ? a : b; }
+constexpr int FW1 = group(H1), GW1 = (H1 + FW1 - 1) / FW1, PW1 = GW1 < NW ? GW1 : NW;  // C5: warps with outputs
+// shared memory (floats): x, w2 (later C5's backward partials: PW1 rows of I), w3, h1, h2, z, d3, d2, d1, col partials
+constexpr int OFF_W2 = I, OFF_W3 = OFF_W2 + cmax(H2 * H1, PW1 * I), OFF_H1 = OFF_W3 + NC * H2;
+constexpr int OFF_H2 = OFF_H1 + H1, OFF_Z = OFF_H2 + H2, OFF_D3 = OFF_Z + NC, OFF_D2 = OFF_D3 + NC;
+constexpr int OFF_D1 = OFF_D2 + H2, OFF_CP = OFF_D1 + H1, SMEM_FLOATS = OFF_CP + T;
+}  // namespace head3
+
+// out[o] = act(bias[o] + sum_k in[k] * Wt[o][k]) for o < O: warp w takes groups w, w + NW, ... of F = group(O)
+// consecutive outputs; lane l the terms k = l + 32j (every j unrolled: F * ceil(K/32) independent loads per lane, each
+// warp load one coalesced row segment), in j order; then rows_gemv.cuh's fixed transpose-reduction tree. Wt global
+// (GLOBAL: through the read-only cache) or in shared memory. Writes s_out and g_out (the row's global output).
+template <int O, int K, bool GLOBAL>
+__device__ __forceinline__ void head3_fwd(const float* Wt, const float* __restrict__ bias, const float* s_in,
+                                          float* s_out, float* __restrict__ g_out, int act) {
+    constexpr int F = head3::group(O), KJ = (K + 31) / 32, G = (O + F - 1) / F, LANES = 32 / F;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (warp >= G) return;
+    float xin[KJ];
+#pragma unroll
+    for (int j = 0; j < KJ; ++j) {
+        const int k = lane + 32 * j;
+        xin[j] = (K % 32 == 0 || k < K) ? s_in[k] : 0.0f;
+    }
+    for (int g = warp; g < G; g += head3::NW) {
+        const int o0 = g * F, o = o0 + lane / LANES;
+        const bool writer = lane % LANES == 0 && o < O;
+        const float bo = writer ? __ldg(bias + o) : 0.0f;  // issued before the loads of the sums
+        float v[F];
+#pragma unroll
+        for (int f = 0; f < F; ++f) v[f] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < KJ; ++j) {
+            const int k = lane + 32 * j;
+            if (K % 32 == 0 || j < KJ - 1 || k < K) {
+#pragma unroll
+                for (int f = 0; f < F; ++f) {
+                    const float* p = Wt + (O % F == 0 ? o0 + f : min(o0 + f, O - 1)) * K + k;  // past O: re-read
+                    v[f] = fmaf(xin[j], GLOBAL ? __ldg(p) : *p, v[f]);
+                }
+            }
+        }
+        const float sum = warp_transpose_sum<F>(v, lane);
+        if (writer) {
+            const float y = act_fwd(sum + bo, act);
+            s_out[o] = y;
+            g_out[o] = y;
+        }
+    }
+}
+
+// One dense layer's backward from shared memory: s_din[o] = g_d[o] = (sum_k s_dout[k] * s_w[k][o]) * act'(s_h[o])
+// for o < O, the layer's weights s_w (K, O) row-major (column o of it: lanes read consecutive o, conflict-free).
+// P = parts(O, K) threads per output each sum a run of KC terms in k order; their partials (s_part, P*O <= T floats)
+// are added in part order.
+template <int O, int K>
+__device__ __forceinline__ void head3_col(const float* s_w, const float* s_dout, const float* s_h, float* s_din,
+                                          float* __restrict__ g_d, float* s_part, int act) {
+    constexpr int P = head3::parts(O, K), KC = (K + P - 1) / P;
+    const int t = threadIdx.x;
+    if (P == 1) {
+        for (int o = t; o < O; o += head3::T) {
+            float acc = 0.0f;
+#pragma unroll 12
+            for (int k = 0; k < K; ++k) acc = fmaf(s_dout[k], s_w[k * O + o], acc);
+            const float d = acc * act_grad(s_h[o], act);
+            s_din[o] = d;
+            g_d[o] = d;
+        }
+        return;
+    }
+    if (t < P * O) {
+        const int p = t / O, o = t - p * O;  // constant divisor
+        float acc = 0.0f;
+#pragma unroll(KC <= 32 ? KC : 8)  // LeNet-5's parts (21 terms) whole; bounded code for wide layers
+        for (int kk = 0; kk < KC; ++kk) {
+            const int k = p * KC + kk;
+            if (K % P == 0 || k < K) acc = fmaf(s_dout[k], s_w[k * O + o], acc);
+        }
+        s_part[p * O + o] = acc;
+    }
+    __syncthreads();
+    for (int o = t; o < O; o += head3::T) {
+        float acc = s_part[o];
+#pragma unroll
+        for (int p = 1; p < P; ++p) acc += s_part[p * O + o];
+        const float d = acc * act_grad(s_h[o], act);
+        s_din[o] = d;
+        g_d[o] = d;
+    }
+}
+
+// The block's row r of the batch: forward, loss, backward; a row a block (B blocks). Phases, a barrier after each:
+// stage x, w2, w3 in shared memory | C5 (w1 from L2) | F6 | output | the loss row (one thread) | dz2 | dz1 |
+// C5's data gradient: warp w sums its C5 outputs' rows of w1 (the same elements it read in the forward) into
+// partials dx_w[i] (shared memory, over w2's no longer needed copy), added in warp order | routed into dz_conv.
+extern "C" __global__ void __launch_bounds__(HEAD3_THREADS, 2)
+head_train_v3(const float* __restrict__ x, const int* __restrict__ labels, const float* __restrict__ w1,
+              const float* __restrict__ b1, const float* __restrict__ w2, const float* __restrict__ b2,
+              const float* __restrict__ w3, const float* __restrict__ b3, float* __restrict__ h1,
+              float* __restrict__ h2, float* __restrict__ logits, const unsigned char* __restrict__ argmax,
+              const float* __restrict__ yconv, float* __restrict__ dz_conv, float* __restrict__ dz1,
+              float* __restrict__ dz2, float* __restrict__ dz3, float* __restrict__ rowstat, int B, int I_, int H1_,
+              int H2_, int NC_, int C_, int H_, int W_, int act, int mode) {
+    using namespace head3;
+    extern __shared__ float smem3[];
+    float* s_x = smem3;
+    float* s_w2 = smem3 + OFF_W2;
+    float* s_w3 = smem3 + OFF_W3;
+    float* s_h1 = smem3 + OFF_H1;
+    float* s_h2 = smem3 + OFF_H2;
+    float* s_z = smem3 + OFF_Z;
+    float* s_d3 = smem3 + OFF_D3;
+    float* s_d2 = smem3 + OFF_D2;
+    float* s_d1 = smem3 + OFF_D1;
+    float* s_cp = smem3 + OFF_CP;
+    const int r = blockIdx.x, t = threadIdx.x;
+    const int label = t == 0 ? labels[r] : 0;
+    // stage: every load of the three copies issued before the barrier (one round trip)
+#pragma unroll
+    for (int e = t; e < I; e += T) s_x[e] = x[(size_t)r * I + e];
+#pragma unroll 8
+    for (int e = t; e < H2 * H1; e += T) s_w2[e] = __ldg(w2 + e);
+#pragma unroll
+    for (int e = t; e < NC * H2; e += T) s_w3[e] = __ldg(w3 + e);
+    __syncthreads();
+    head3_fwd<H1, I, true>(w1, b1, s_x, s_h1, h1 + (size_t)r * H1, act);  // h1 = act(x w1^T + b1)
+    __syncthreads();
+    head3_fwd<H2, H1, false>(s_w2, b2, s_h1, s_h2, h2 + (size_t)r * H2, act);  // h2 = act(h1 w2^T + b2)
+    __syncthreads();
+    head3_fwd<NC, H2, false>(s_w3, b3, s_h2, s_z, logits + (size_t)r * NC, ACT_IDENTITY);  // z = h2 w3^T + b3
+    __syncthreads();
+    if (t == 0) {  // the loss row and dz3
+        float hit;
+        rowstat[2 * r] = xent_row(s_z, label, s_d3, 1, NC, 1.0f / (float)B, &hit);
+        rowstat[2 * r + 1] = hit;
+    }
+    __syncthreads();
+    for (int c = t; c < NC; c += T) dz3[(size_t)r * NC + c] = s_d3[c];
+    head3_col<H2, NC>(s_w3, s_d3, s_h2, s_d2, dz2 + (size_t)r * H2, s_cp, act);  // dz2 = (dz3 w3) * act'(h2)
+    __syncthreads();
+    head3_col<H1, H2>(s_w2, s_d2, s_h1, s_d1, dz1 + (size_t)r * H1, s_cp, act);  // dz1 = (dz2 w2) * act'(h1)
+    __syncthreads();
+    // dx = dz1 w1: warp w (< PW1) takes C5 outputs o = g*FW1 + f of its groups g = w, w + NW, ..., o in order; lane l
+    // the columns i = l + 32j
+    constexpr int KJ = (I + 31) / 32;
+    float* s_part = s_w2;  // [PW1][I]
+    const int lane = t & 31, warp = t >> 5;
+    if (warp < PW1) {
+        float acc[KJ];
+#pragma unroll
+        for (int j = 0; j < KJ; ++j) acc[j] = 0.0f;
+        for (int g = warp; g < GW1; g += NW) {
+#pragma unroll
+            for (int f = 0; f < FW1; ++f) {
+                const int o = g * FW1 + f;
+                if (H1 % FW1 == 0 || o < H1) {
+                    const float d = s_d1[o];
+#pragma unroll
+                    for (int j = 0; j < KJ; ++j) {
+                        const int i = lane + 32 * j;
+                        if (I % 32 == 0 || j < KJ - 1 || i < I) acc[j] = fmaf(d, __ldg(w1 + (size_t)o * I + i), acc[j]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < KJ; ++j) {
+            const int i = lane + 32 * j;
+            if (I % 32 == 0 || i < I) s_part[warp * I + i] = acc[j];
+        }
+    }
+    __syncthreads();
+    constexpr int PER = C * H * W;
+#pragma unroll
+    for (int i = t; i < I; i += T) {  // the sum in warp order, routed through S4's pooling into dz_conv
+        float g = s_part[i];
+#pragma unroll
+        for (int w = 1; w < PW1; ++w) g += s_part[w * I + i];
+        if (yconv == nullptr) {  // the routed gradient at S4's shape (block-uniform branch)
+            dz_conv[(size_t)r * I + i] = g * act_grad(s_x[i], act);
+        } else {
+            const int c = i / (HP * WP), rem = i - c * (HP * WP), hp = rem / WP, wp = rem - hp * WP;  // constants
+            const int tap_max = mode == POOL_MAX ? (int)argmax[(size_t)r * I + i] : -1;
+            const float* yc = yconv + (size_t)r * PER;
+            float* dz = dz_conv + (size_t)r * PER;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int idx = (c * H + 2 * hp + (q >> 1)) * W + 2 * wp + (q & 1);
+                const float v = mode == POOL_MAX ? (q == tap_max ? g : 0.0f) : 0.25f * g;
+                dz[idx] = v * act_grad(yc[idx], act);
+            }
+        }
+    }
+    if (H != 2 * HP || W != 2 * WP) {  // taps no 2x2 window covers (odd H or W): 0
+        if (yconv != nullptr)
+            for (int e = t; e < PER; e += T) {
+                const int h = (e / W) % H, w = e % W;  // constant divisors
+                if (h >= 2 * HP || w >= 2 * WP) dz_conv[(size_t)r * PER + e] = 0.0f;
+            }
+    }
+}
+
+// ------------------------------------------------------------------------------------------ v3: wgrad
+// v2's tiles and stats block with the geometry compiled in (tile counts constant, the tile index split by constant
+// divisors); the same sums in the same order as v2.
+extern "C" __global__ void __launch_bounds__(WG2_THREADS)
+head_train_wgrad_v3(const float* __restrict__ x, const float* __restrict__ h1, const float* __restrict__ h2,
+                    const float* __restrict__ dz1, const float* __restrict__ dz2, const float* __restrict__ dz3,
+                    const float* __restrict__ rowstat, float* __restrict__ dw1, float* __restrict__ db1,
+                    float* __restrict__ dw2, float* __restrict__ db2, float* __restrict__ dw3,
+                    float* __restrict__ db3, float* __restrict__ stats, const int* __restrict__ state, int B, int I_,
+                    int H1_, int H2_, int NC_, int S) {
+    using namespace head3;
+    constexpr int t1 = (H1 + WG_TO - 1) / WG_TO * ((I + WG_TI) / WG_TI);
+    constexpr int t2 = (H2 + WG_TO - 1) / WG_TO * ((H1 + WG_TI) / WG_TI);
+    constexpr int t3 = (NC + WG_TO - 1) / WG_TO * ((H2 + WG_TI) / WG_TI);
+    __shared__ __align__(16) float s_dz[WG2_GROUPS][WG_KC][WG_TO];
+    __shared__ __align__(16) float s_a[WG2_GROUPS][WG_KC][WG_TI];
+    __shared__ float s_part[(WG2_GROUPS - 1) * WG_THREADS * 4];
+    int tile = blockIdx.x;  // block-uniform branches: the barriers inside are reached by the whole block
+    if (tile < t1) { head_wgrad_tile(dz1, x, B, H1, I, tile, dw1, db1, s_dz, s_a, s_part); return; }
+    tile -= t1;
+    if (tile < t2) { head_wgrad_tile(dz2, h1, B, H2, H1, tile, dw2, db2, s_dz, s_a, s_part); return; }
+    tile -= t2;
+    if (tile < t3) { head_wgrad_tile(dz3, h2, B, NC, H2, tile, dw3, db3, s_dz, s_a, s_part); return; }
+    float* s_l = s_part;  // the stats row, as v2
     float* s_h = s_part + WG2_THREADS;
     const int tid = threadIdx.x, per = ceil_div(B, WG2_THREADS);
     float l = 0.0f, h = 0.0f;

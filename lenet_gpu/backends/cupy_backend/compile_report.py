@@ -118,6 +118,10 @@ def module_option_sets(defines: dict[str, dict[str, int]] | None = None) -> dict
             sets = [define_options(base)]
             if stem == fused.STEMS["head_train"]:
                 sets += [define_options({**base, "HEAD_ROWS": r}) for r in fused.HEAD_ROWS_CHOICES]
+                # v3: LeNet-5's geometry compiled in (head_train_v3 at one row a block, v2's rows kernel beyond)
+                geom = dict(fused.head_v3_defines(fused.HEAD_LENET_GEOM, 120, 84, 10))
+                sets += [define_options({**base, **geom})]
+                sets += [define_options({**base, **geom, "HEAD_ROWS": r}) for r in fused.HEAD_ROWS_CHOICES[1:]]
             out[stem] = tuple(dict.fromkeys(sets))
             continue
         sets = [be.options(stem)]

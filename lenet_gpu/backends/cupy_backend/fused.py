@@ -27,7 +27,7 @@ from .runtime import check_array as _check
 i32, f32 = np.int32, np.float32
 
 #: op → its variants (v1 the readable baseline); the default is the last
-VARIANTS: dict[str, tuple[str, ...]] = {"head_train": ("v1", "v2"), "lenet_fwd": ("v1", "v2", "v3")}
+VARIANTS: dict[str, tuple[str, ...]] = {"head_train": ("v1", "v2", "v3"), "lenet_fwd": ("v1", "v2", "v3")}
 DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, vs in VARIANTS.items()}
 #: op → the kernel file stem (kernels/<stem>.cu)
 STEMS: dict[str, str] = {"head_train": "head", "lenet_fwd": "lenet_fwd"}
@@ -35,7 +35,10 @@ STEMS: dict[str, str] = {"head_train": "head", "lenet_fwd": "lenet_fwd"}
 DEFINES: dict[str, dict[str, int]] = {"head": {"HEAD_THREADS": 256}, "lenet_fwd": {}}
 
 SMEM_LIMIT = 48 * 1024  # static + dynamic shared memory of a block without an opt-in
-HEAD_WG_THREADS = {"v1": 128, "v2": 512}  # head.cu WG_THREADS, WG2_THREADS
+HEAD_WG_THREADS = {"v1": 128, "v2": 512, "v3": 512}  # head.cu WG_THREADS, WG2_THREADS (v2 and v3)
+HEAD3_THREADS = 512  # head.cu HEAD3_THREADS: head_train_v3's block (one row of the batch)
+#: head.cu's compile-time geometry of v3 (HEAD_C, HEAD_HP, HEAD_WP, HEAD_H, HEAD_W): LeNet-5's S4 and C3
+HEAD_LENET_GEOM = (16, 5, 5, 10, 10)
 HEAD_WG_TO, HEAD_WG_TI = 16, 32  # head.cu wgrad v2 tile
 #: head_train v2 picks the fewest rows per block (1, 2, 4, 8) that keeps the grid within this many blocks: two
 #: blocks per SM of an H100 (132 SMs) before a block takes more rows
@@ -120,11 +123,56 @@ def head_v2_smem(rows: int, i: int, h1: int, h2: int, nc: int) -> int:
     return 4 * rows * (i + 2 * h1 + 2 * h2 + 2 * nc)
 
 
-def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int) -> tuple[FusedLaunch, FusedLaunch]:  # noqa: E741, N803
+def _pow2_group(o: int, warps: int) -> int:
+    f = 1
+    while f * warps < o and f < 32:
+        f *= 2
+    return f
+
+
+def head_v3_smem(i: int, h1: int, h2: int, nc: int) -> int:
+    """Dynamic shared memory of head_train_v3 (bytes; head.cu namespace head3's SMEM_FLOATS): x, w2 (or C5's
+    backward partials, a row of I per warp holding C5 outputs), w3, h1, h2, z, d3, d2, d1 and a column-product
+    partial per thread."""
+    warps = HEAD3_THREADS // 32
+    groups = ceil_div(h1, _pow2_group(h1, warps))
+    return 4 * (i + max(h2 * h1, min(groups, warps) * i) + nc * h2 + 2 * h1 + 2 * h2 + 2 * nc + HEAD3_THREADS)
+
+
+def head_v3_defines(geom: tuple[int, int, int, int, int], h1: int, h2: int, nc: int) -> tuple[tuple[str, int], ...]:
+    """head.cu's compile-time geometry for v3's module: geom = (C, Hp, Wp, H, W) (x (B,C,Hp,Wp), yconv (B,C,H,W);
+    H = 2·Hp, W = 2·Wp for the routed form), and the widths H1, H2, NC."""
+    c, hp, wp, h, w = geom
+    return (("HEAD_C", c), ("HEAD_H", h), ("HEAD_H1", h1), ("HEAD_H2", h2), ("HEAD_HP", hp), ("HEAD_NC", nc),
+            ("HEAD_W", w), ("HEAD_WP", wp))
+
+
+def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int,  # noqa: E741, N803
+              geom: tuple[int, int, int, int, int] | None = None) -> tuple[FusedLaunch, FusedLaunch]:
     """The two launches of head_train: (rows kernel, weight-gradient kernel). v1's rows kernel takes its rows per
     block as an argument, v2's is compiled for it (HEAD_ROWS). Raises ValueError when v2's rows do not fit shared
-    memory even one row per block (v1 needs none)."""
+    memory even one row per block (v1 needs none).
+
+    v3 is compiled for the geometry (``geom`` = (C, Hp, Wp, H, W) with C·Hp·Wp = I; default LeNet-5's when I = 400,
+    else a flat (I, 1, 1, 2, 2)): head_train_v3 (a row a block) where v2 would take one row a block (batch ≤
+    HEAD_FILL_BLOCKS) and its shared memory fits 48 KiB; otherwise v2's rows kernel at v2's rows per block (v3 has
+    no multi-row body: at large batch it stays v2's, the measured figure), in the same module; then
+    head_train_wgrad_v3."""
     threads = DEFINES["head"]["HEAD_THREADS"]
+    if variant == "v3":
+        geom = geom or (HEAD_LENET_GEOM if I == 16 * 5 * 5 else (I, 1, 1, 2, 2))
+        if geom[0] * geom[1] * geom[2] != I:
+            raise ValueError(f"head_train_v3: geometry {geom} does not give I = {I}")
+        gdefs = head_v3_defines(geom, H1, H2, NC)
+        smem = head_v3_smem(I, H1, H2, NC)
+        if head_rows_per_block(B) == 1 and smem <= SMEM_LIMIT:
+            a = FusedLaunch("head_train_v3", (B, 1, 1), (HEAD3_THREADS, 1, 1), smem, (), gdefs)
+        else:
+            a = head_plan("v2", B, I, H1, H2, NC)[0]
+            a = FusedLaunch(a.kernel, a.grid, a.block, a.shared_mem, a.extra, a.defines + gdefs)
+        tiles = sum(ceil_div(o, HEAD_WG_TO) * ceil_div(k + 1, HEAD_WG_TI) for o, k in ((H1, I), (H2, H1), (NC, H2)))
+        wt = HEAD_WG_THREADS["v3"]  # the rows launch's defines: one module for both kernels
+        return a, FusedLaunch("head_train_wgrad_v3", (tiles + 1, 1, 1), (wt, 1, 1), 0, (), a.defines)
     if variant == "v1":
         rows = max(1, min(8, ceil_div(B, HEAD_FILL_BLOCKS)))
         a = FusedLaunch("head_train_v1", (ceil_div(B, rows), 1, 1), (threads, 1, 1), 0, (rows,))
@@ -192,7 +240,7 @@ def head_train(
     if n < 1 or s < 1 or state.shape[0] < 3:
         raise ValueError("head_train: needs a batch of at least one row, one stats row and a full step state")
     try:
-        rows_launch, wgrad_launch = head_plan(v, n, i, h1n, h2n, nc)
+        rows_launch, wgrad_launch = head_plan(v, n, i, h1n, h2n, nc, (c, hp, wp, hc, wc))
     except ValueError:
         if variant is not None:
             raise

@@ -1,0 +1,244 @@
+"""head_train v3 (kernels/head.cu, launched by cupy_backend/fused.py): a row of the batch a block, the geometry
+compiled in, every product split across the warps and unrolled.
+
+- In this process: the launch plan (v3 where v2 would take a row a block and the shared memory fits, v2's rows kernel
+  beyond, wgrad v3 always, all in the module of the call's geometry); NVRTC sm_80 / sm_90 at LeNet-5's geometry (no
+  warnings, spills, stack or .local; at most 64 registers: two blocks of 512 an SM; no integer div/rem in
+  head_train_v3's PTX).
+- On the CPU harness (``cupy-host``), in a child pytest process (``LENET_HEAD_V3_HOST_CHILD=1`` runs them directly;
+  ``CUDACPU_SANITIZE=address|thread`` runs the child under that sanitizer): the routed form (yconv=None) for every
+  activation, odd batches (1, 5, 7) in both pool modes, odd yconv (a trailing row and column), v3 against v2, the
+  same bits twice, two launches a call (no allocation after the first), and that head_train_v3 is the kernel run.
+Every activation × pool mode with yconv, odd shapes, F6 4,096 wide and batches over many wgrad chunks:
+tests/test_fused.py (parametrized over fused.VARIANTS, v3 included).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lenet_gpu import reference as ref
+from lenet_gpu.backends.cupy_backend import fused
+from lenet_gpu.backends.cupy_backend.runtime import kernel_source
+from lenet_gpu.stepstate import STATE_WORDS, STEP_IN_EPOCH
+from tests import fused_helpers as F
+from tests.parity import assert_close, assert_equal, nan_like
+
+CHILD_ENV = "LENET_HEAD_V3_HOST_CHILD"
+IN_CHILD = os.environ.get(CHILD_ENV) == "1"
+ROOT = Path(__file__).resolve().parent.parent
+host = pytest.mark.skipif(not IN_CHILD, reason="runs in test_host_suite_in_subprocess's child process")
+parent = pytest.mark.skipif(IN_CHILD, reason="runs in the parent pytest process")
+ACTS = ("relu", "tanh", "lecun_tanh", "sigmoid")
+LENET = (16, 10, 10, 120, 84, 10)  # C, H, W of C3's output; H1, H2, NC
+ARCHS = ("sm_80", "sm_90")
+INT_DIV = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:div|rem)(?:\.[a-z]+)*\.[su](?:8|16|32|64)\b", re.M)
+
+
+@parent
+def test_host_suite_in_subprocess():
+    env = dict(os.environ)
+    env[CHILD_ENV] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    kind = os.environ.get("CUDACPU_SANITIZE", "")
+    if kind in ("address", "thread"):
+        from lenet_gpu.harness.cudacpu import sanitizer_env
+
+        env = sanitizer_env(kind, env)
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    out = r.stdout + r.stderr
+    print(out[-3000:])
+    assert r.returncode == 0, f"head v3 cupy-host child pytest exited with {r.returncode}:\n{out[-12000:]}"
+    assert " passed" in r.stdout and " failed" not in r.stdout, out[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def test_plan_v3_a_row_a_block_then_v2():
+    geom = dict(fused.head_v3_defines(fused.HEAD_LENET_GEOM, 120, 84, 10))
+    assert geom == {"HEAD_C": 16, "HEAD_HP": 5, "HEAD_WP": 5, "HEAD_H": 10, "HEAD_W": 10, "HEAD_H1": 120,
+                    "HEAD_H2": 84, "HEAD_NC": 10}
+    for b in (1, 7, 64, 256, 264):
+        a, w = fused.head_plan("v3", b, 400, 120, 84, 10)
+        assert a.kernel == "head_train_v3" and a.grid == (b, 1, 1) and a.block == (512, 1, 1), a
+        assert dict(a.defines) == geom and a.shared_mem == 4 * 12260 <= fused.SMEM_LIMIT, a
+        assert w.kernel == "head_train_wgrad_v3" and dict(w.defines) == geom and w.grid[0] == 8 * 13 + 6 * 4 + 3 + 1
+    for b, rows in ((265, 2), (1000, 4), (4096, 8)):  # v2's rows kernel and rows per block, in v3's module
+        a, w = fused.head_plan("v3", b, 400, 120, 84, 10)
+        a2, _ = fused.head_plan("v2", b, 400, 120, 84, 10)
+        assert a.kernel == "head_train_v2" and a.grid == a2.grid and a.shared_mem == a2.shared_mem, a
+        assert dict(a.defines) == {**geom, "HEAD_ROWS": rows} and w.kernel == "head_train_wgrad_v3", a
+        assert w.options("head") == a.options("head")  # one module
+    a, _ = fused.head_plan("v3", 64, 400, 120, 2000, 10)  # w2 does not fit shared memory: v2's rows kernel
+    assert a.kernel == "head_train_v2" and fused.head_v3_smem(400, 120, 2000, 10) > fused.SMEM_LIMIT
+    a, _ = fused.head_plan("v3", 3, 18, 9, 5, 4, (3, 2, 3, 5, 7))  # any geometry: its own defines
+    assert a.kernel == "head_train_v3" and ("HEAD_H", 5) in a.defines and ("HEAD_WP", 3) in a.defines
+    with pytest.raises(ValueError, match="geometry"):
+        fused.head_plan("v3", 3, 18, 9, 5, 4, (3, 2, 2, 4, 4))
+    assert fused.DEFAULT_VARIANTS["head_train"] == "v3"
+
+
+# ------------------------------------------------------------------------------------------------ NVRTC
+@parent
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvrtc_no_spills_no_local_no_integer_division(arch):
+    """head.cu at LeNet-5's geometry (the options v3's plan loads it with): no warnings; head_train_v3 and
+    head_train_wgrad_v3 without spills, stack or .local; head_train_v3 within __launch_bounds__(512, 2)'s 64
+    registers and without integer div/rem in its PTX (wgrad v3 keeps one: the stats row's STEP_IN_EPOCH mod S)."""
+    from tests.conftest import require
+
+    nvrtc = require("lenet_gpu.harness.nvrtc")
+    if not nvrtc.nvrtc_available():
+        pytest.skip("NVRTC (cuda-bindings with nvidia-cuda-nvrtc) is not installed")
+    a, w = fused.head_plan("v3", 64, 400, 120, 84, 10)
+    assert a.options("head") == w.options("head")  # one module for both launches
+    res = nvrtc.compile_cuda(kernel_source("head"), arch=arch, options=a.options("head"), warnings_as_errors=True)
+    ks = {k.kernel: k for k in res.kernels}
+    for name in ("head_train_v3", "head_train_wgrad_v3"):
+        k = ks[name]
+        print(name, arch, k.registers, "registers", k.shared_bytes, "static smem bytes")
+        assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
+        body = res.ptx[res.ptx.index(f".entry {name}("):]
+        body = body[: body.find(".entry", 10)] if ".entry" in body[10:] else body
+        assert ".local" not in body, name
+        assert re.search(r"\bfma\.rn\.f32\b", body) and "bar.sync" in body  # the PTX is the kernel's
+        if name == "head_train_v3":
+            assert k.registers <= 64 and k.shared_bytes == 0, k
+            assert not INT_DIV.findall(body), INT_DIV.findall(body)[:5]
+            assert "shfl.sync.bfly" in body and "ld.global.nc.f32" in body
+    assert ks["head_train_v3"].shared_bytes + a.shared_mem <= 48 * 1024
+
+
+@parent
+def test_int_div_pattern_finds_divisions():
+    """The PTX pattern above finds run-time integer division and remainder (so its silence on v3 means something)."""
+    from tests.conftest import require
+
+    nvrtc = require("lenet_gpu.harness.nvrtc")
+    if not nvrtc.nvrtc_available():
+        pytest.skip("NVRTC (cuda-bindings with nvidia-cuda-nvrtc) is not installed")
+    res = nvrtc.compile_cuda('extern "C" __global__ void k(int* a, int n) { a[0] = a[1] / n + a[2] % n; }',
+                             arch="sm_90")
+    assert len(INT_DIV.findall(res.ptx)) >= 2, res.ptx
+
+
+# ------------------------------------------------------------------------------------------------ harness
+_BE: dict = {}
+
+
+@pytest.fixture
+def hbe():
+    if "be" not in _BE:
+        from lenet_gpu.backends.cupy_backend.runtime import HostRuntime
+
+        _BE["be"] = F.RuntimeShim(HostRuntime())
+    return _BE["be"]
+
+
+def _kernels_run(be, fn):
+    """The kernels ``fn()`` launches on ``be``'s runtime, in order."""
+    names: list[str] = []
+    rt = be.runtime
+    orig = rt.get_kernel
+
+    def spy(stem, name, options=()):
+        names.append(name)
+        return orig(stem, name, options)
+
+    rt.get_kernel = spy
+    try:
+        fn()
+    finally:
+        rt.get_kernel = orig
+    return names
+
+
+def check_routed(be, b: int, act: str, seed: int) -> dict[str, np.ndarray]:
+    """head_train with yconv=None (the routed step): dz_conv at x's shape = dL/dx · act'(x), against the reference."""
+    d = F.Dev(be)
+    inp = F.head_inputs(b, *LENET, act, "max", seed)
+    want = ref.head_train(inp["x"].astype(np.float64), inp["labels"],
+                          *(inp[k].astype(np.float64) for k in ("w1", "b1", "w2", "b2", "w3", "b3")),
+                          inp["argmax"], None, act, "max")
+    out = {"h1": (b, 120), "h2": (b, 84), "logits": (b, 10), "dz_conv": inp["x"].shape, "dw1": (120, 400),
+           "db1": (120,), "dw2": (84, 120), "db2": (84,), "dw3": (10, 84), "db3": (10,)}
+    dev_out = {k: d.put(nan_like(s)) for k, s in out.items()}
+    stats = d.put(np.full((3, 2), -7.0, np.float32))
+    state_h = np.zeros(STATE_WORDS, np.int32)
+    state_h[STEP_IN_EPOCH] = 5
+    dev = {k: d.put(inp[k]) for k in ("x", "labels", "w1", "b1", "w2", "b2", "w3", "b3", "argmax")}
+    o = dev_out
+    ran = _kernels_run(be, lambda: fused.head_train(
+        be, dev["x"], dev["labels"], dev["w1"], dev["b1"], dev["w2"], dev["b2"], dev["w3"], dev["b3"], o["h1"],
+        o["h2"], o["logits"], dev["argmax"], None, o["dz_conv"], o["dw1"], o["db1"], o["dw2"], o["db2"], o["dw3"],
+        o["db3"], stats, d.put(state_h), act, "max", variant="v3"))
+    assert ran == ["head_train_v3", "head_train_wgrad_v3"], ran
+    got = {k: d.get(v) for k, v in o.items()}
+    what = f"head_train_v3 routed {act} B={b}"
+    for k in ("h1", "h2", "logits"):
+        assert_close(got[k], want[k], *F.TOL_HEAD[k], what=f"{what} {k}")
+    for k in ("dw1", "dw2", "dw3", "db1", "db2", "db3"):
+        assert_close(got[k], want[k], *F.TOL_HEAD[k[:2]], what=f"{what} {k}")
+    assert_close(got["dz_conv"], want["dz_conv"], *F.TOL_HEAD["dz_conv"], what=f"{what} dz_conv")
+    st = d.get(stats)
+    assert_close(st[5 % 3, 0], want["loss_sum"], *F.TOL_HEAD["loss_sum"], what=f"{what} loss sum")
+    assert st[5 % 3, 1] == want["correct"]
+    assert_equal(np.delete(st, 5 % 3, axis=0), np.full((2, 2), -7.0, np.float32), f"{what}: other stats rows")
+    return got
+
+
+@host
+@pytest.mark.parametrize("act", ACTS)
+def test_host_routed_every_activation(hbe, act):
+    check_routed(hbe, 5, act, seed=ACTS.index(act))
+
+
+@host
+@pytest.mark.parametrize("b", [1, 7])
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_host_odd_batches_both_modes(hbe, b, mode):
+    ran = _kernels_run(hbe, lambda: F.check_head_train(hbe, fused.head_train, "v3", b, *LENET, "lecun_tanh", mode,
+                                                       seed=b))
+    assert ran == ["head_train_v3", "head_train_wgrad_v3"], ran
+
+
+@host
+def test_host_odd_yconv_trailing_taps(hbe):
+    """yconv 11 x 9 over S4 5 x 4: a trailing row and column of taps no window covers (0 in dz_conv)."""
+    F.check_head_train(hbe, fused.head_train, "v3", 3, 4, 11, 9, 24, 20, 10, "sigmoid", "max", seed=1)
+    F.check_head_train(hbe, fused.head_train, "v3", 2, 4, 11, 9, 24, 20, 10, "relu", "avg", seed=2)
+
+
+@host
+def test_host_v3_agrees_with_v2(hbe):
+    a = F.check_head_train(hbe, fused.head_train, "v2", 4, *LENET, "tanh", "max", seed=11)
+    b = F.check_head_train(hbe, fused.head_train, "v3", 4, *LENET, "tanh", "max", seed=11)
+    for k in ("h1", "h2", "logits", "dw1", "dw2", "dw3", "dz_conv"):
+        F.assert_close(b[k], a[k].astype(np.float64), 1e-5, 1e-5, what=f"v3 vs v2 {k}")
+
+
+@host
+def test_host_repeats_bit_for_bit_two_launches():
+    """Two launches a call, the scratch allocated at the first call at a shape only, the same bits every call
+    (fixed-order sums, no atomics). A runtime of its own: the counts do not depend on other tests."""
+    from lenet_gpu.backends.cupy_backend.runtime import HostRuntime
+
+    be = F.RuntimeShim(HostRuntime())
+    first: dict = {}
+    a = F.check_head_train(be, fused.head_train, "v3", 6, *LENET, "sigmoid", "max", seed=3, used=first)
+    assert first["launches"] == 2 and first["allocs"] == 4, first
+    used: dict = {}
+    b = F.check_head_train(be, fused.head_train, "v3", 6, *LENET, "sigmoid", "max", seed=3, used=used)
+    assert used["launches"] == 2 and used["allocs"] == 0 and used["h2d"] == used["d2h"] == 0, used
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    r1, r2 = check_routed(be, 3, "relu", seed=9), check_routed(be, 3, "relu", seed=9)
+    for k in r1:
+        assert np.array_equal(r1[k], r2[k]), k
