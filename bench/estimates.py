@@ -48,6 +48,16 @@ LATENCY: dict[str, KernelLatency] = {k.kernel: k for k in (
         "head_train_wgrad_v2", "16x32 tiles, 2x2 outputs a thread, 4 batch groups",
         {64: (3.4, 3.4), 4096: (92.3, 92.3)}, _PROFILE, "kernels/head.cu"),
     KernelLatency(
+        "head_train_v3", "a row a block, 512 threads: C5 forward and data gradient split over 15 warps, 104 "
+        "unrolled loads a lane; ~1.1 K instructions a thread (from the PTX)",
+        {64: (5.0, 7.0)},
+        "estimate: L2 bytes (27.7 MB at 5.5-7 TB/s), chain length (9 barriers), issue slots; at batch > 264 the "
+        "launcher runs v2's rows kernel (its row)", "kernels/head.cu"),
+    KernelLatency(
+        "head_train_wgrad_v3", "v2's 16x32 tiles and sum order, the geometry compiled in",
+        {64: (3.0, 3.5), 4096: (88.0, 93.0)},
+        "estimate: v2's kernel (measured 3.4 / 92.3 µs) with its loops unrolled: no slower", "kernels/head.cu"),
+    KernelLatency(
         "step_bwd_v1", "~584 FMA an image a thread (149,400 MAC / 256), ~3 shared loads per wgrad FMA",
         {64: (8.0, 10.0), 4096: (180.0, 200.0)},
         "estimate: shared-memory slots (~11.7 K LDS clocks an image), issue slots, chain length at one image a "
@@ -94,7 +104,10 @@ def latency_markdown(sequences: dict[int, list[str]]) -> str:
             continue
         figs = []
         for b in BATCHES:
-            lo, hi = row.us.get(b, (float("nan"), float("nan")))
+            if b not in row.us:
+                figs.append("— (not launched)")
+                continue
+            lo, hi = row.us[b]
             figs.append(f"{lo:g}" if lo == hi else f"~{lo:g}–{hi:g}")
         lines.append(f"| {k} | {row.per_thread} | " + " | ".join(figs) + f" | {row.method} | {row.source} |")
     for b in BATCHES:
