@@ -286,8 +286,8 @@ def lenet_launches(
         out.append((op, var, grid, block, sh))
 
     if not training and "lenet_fwd" in v:  # the whole forward pass in one launch
-        blocks, _, smem = _lenet_fwd.plan(b, 120, f6)
-        out.append(("lenet_fwd", v["lenet_fwd"], blocks, _lenet_fwd.THREADS, smem))
+        blocks, threads, smem = _lenet_fwd.launch_shape(v["lenet_fwd"], b, 120, f6, sm_count())
+        out.append(("lenet_fwd", v["lenet_fwd"], blocks, threads, smem))
         return out
     add("batch_prepare", x=(b, 1, 32, 32))
     for yshape, wshape in (((b, 6, 28, 28), (6, 1, 5, 5)), ((b, 16, 10, 10), (16, 6, 5, 5))):
