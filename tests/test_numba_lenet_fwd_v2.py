@@ -71,17 +71,17 @@ def test_plan_v2_follows_cuda_c_v3():
 # partial last tile), one block taking every tile (the block-stride loop)
 CASES = [(1, 132, 1, None), (3, 1, 2, None), (7, 1, 4, 1)]
 #: two activation × pool cells a case: every activation, both pool modes
-CELLS = {1: [("relu", "max"), ("tanh", "avg")], 3: [("lecun_tanh", "max"), ("sigmoid", "avg")],
-         7: [("identity", "max"), ("relu", "avg")]}
+CELLS = {1: [("relu", "max"), ("tanh", "avg")], 3: [("lecun_tanh", "max"), ("sigmoid", "avg"), ("relu", "avg")],
+         7: [("identity", "max")]}
 
 
 @sim
 @pytest.mark.parametrize("n,sms,imgs,max_blocks", CASES)
 def test_sim_v2_matches_reference_and_v1(n, sms, imgs, max_blocks):
     """v2's logits against reference.lenet_fwd (fused_helpers.check_lenet_fwd: NaN-poisoned logits) and against
-    v1's in the first cell (the convolutions add in v1's order; the dense sums do not: equal within float32
-    rounding; measured ≤ 5.1e-7 at O(1) logits). Each case runs two activation × pool cells (every activation and
-    both modes over the three cases), F6 84 and 37."""
+    v1's in the first cell of batch 1 and 3 (the convolutions add in v1's order; the dense sums do not: equal
+    within float32 rounding; measured ≤ 5.1e-7 at O(1) logits, batch 7 too). Every activation and both pool modes
+    over the three cases; F6 84 in a case's first cell, 37 after."""
     from tests import fused_helpers as F
 
     lf = _lf()
@@ -95,7 +95,7 @@ def test_sim_v2_matches_reference_and_v1(n, sms, imgs, max_blocks):
         got = F.check_lenet_fwd(be, lf.lenet_fwd, "v2", n, act, mode, h2=h2, seed=n + i, used=used)
         assert used["launches"] == 1 and used["allocs"] == 0, used
         assert [name for name, _ in be.launch_log] == ["lenet_fwd_v2"]
-        if i == 0:  # (v1 in the simulator is the slower: one cell a case)
+        if i == 0 and n < 7:  # (v1 is the slower in the simulator: 46 s at batch 7; one cell a case, not at 7)
             v1 = F.check_lenet_fwd(be, lf.lenet_fwd, "v1", n, act, mode, h2=h2, seed=n + i)
             scale = max(1.0, float(np.abs(v1).max()))
             assert np.abs(got - v1).max() <= 4e-6 * scale, (act, mode, np.abs(got - v1).max())
@@ -108,7 +108,6 @@ def test_sim_v2_repeats_bit_for_bit():
 
     lf = _lf()
     be = F.NumbaShim()
-    be.sm_count = 1
-    a = F.check_lenet_fwd(be, lf.lenet_fwd, "v2", 2, "relu", "avg", seed=11)
-    b = F.check_lenet_fwd(be, lf.lenet_fwd, "v2", 2, "relu", "avg", seed=11)
+    a = F.check_lenet_fwd(be, lf.lenet_fwd, "v2", 1, "relu", "avg", seed=11)
+    b = F.check_lenet_fwd(be, lf.lenet_fwd, "v2", 1, "relu", "avg", seed=11)
     assert np.array_equal(a, b)

@@ -27,9 +27,9 @@ Versions:
   The tile size and F are compile-time constants (closures: one specialised body per tile size, chosen by a
   launch-uniform branch). The convolutions add in v1's order (bias, then c, r, s): S2 and S4 equal v1's; the
   dense sums add in another order (logits within float32 rounding of v1's). No fused argmax: this op's
-  signature has no ``classes`` (cupy's v3 has one). sm_90: 72 registers (64 on sm_80), no spills, no local
-  memory, no float64, no 64-bit or signed division; compiles in ~13 s of CPU (v1 ~2 s): every Numba-inlined
-  call site is a copy, so each stage has one.
+  signature has no ``classes`` (cupy's v3 has one). ptxas: sm_90 72 registers with or without the launch
+  bounds, sm_80 64 (70 under them); no spills, no local memory, no float64, no 64-bit or signed division.
+  compile_ptx takes ~15 s of CPU (v1 ~3 s): every Numba-inlined call site is a copy, so each stage has one.
 
 Cost of one image (LeNet-5: H1 120, H2 84, NC 10): 416,520 MACs (C1 117,600; C3 240,000; C5 48,000; F6 10,080;
 output 840) = 0.83 MFLOP; 784 bytes in, 40 out; the dense weights (59,134 floats, 237 KB) read once a tile (from
