@@ -1,7 +1,7 @@
 """What the Numba kernels' index arithmetic compiles to (numba.cuda.compile_ptx, sm_80/sm_90, no GPU): the hot
 kernels divide no 64-bit integers (``div``/``rem`` ``.s64``/``.u64``: what Numba makes of ``//`` and ``%`` on its
 int64-widened integers, and of a ``range`` with a run-time step), fit 64 registers on sm_90 (half of an SM's
-threads with 128-thread blocks; lenet_fwd_v1: 72, MAX_REGISTERS) without spills, and use no float64.
+threads with 128-thread blocks; lenet_fwd_v1 and _v2: 72, MAX_REGISTERS) without spills, and use no float64.
 compile_report.int_arith_stats counts the instructions; test_int_arith_stats_sees_signed_int64_division shows the
 proxy catches the int64 style."""
 
@@ -22,11 +22,13 @@ from lenet_gpu.backends.numba_backend import compile_report as cr  # noqa: E402
 #: kernels whose index arithmetic is uint32 (routed.py, head.py's head_train_v1, lenet_fwd.py, conv2d.py's hot
 #: variants: every index and size; common.U, common.fast_div)
 UINT32_KERNELS = ("conv2d_bwd_weight_routed_v2", "conv2d_bwd_data_routed_v1", "head_train_v1", "lenet_fwd_v1",
-                  "conv2d_pool_fwd_v2", "conv2d_bwd_data_pool_v2", "conv2d_bwd_weight_v3")
+                  "conv2d_pool_fwd_v2", "conv2d_bwd_data_pool_v2", "conv2d_bwd_weight_v3", "lenet_fwd_v2")
 #: sm_90 register bounds other than 64 (compiled without launch bounds, as compile_report does): lenet_fwd_v1's
 #: unrolled C3 loop takes 71 (156 with int64 indices; its launch bounds allow 128, and ptxas fits it in 64
 #: without spills when capped)
-MAX_REGISTERS = {"lenet_fwd_v1": 72}
+#: lenet_fwd_v2 takes 72 (its launch bounds, 224 threads × 4 blocks, allow 73; at 224 threads 64 and 72 registers
+#: both give 4 blocks an SM, what a 4-image tile's shared memory allows anyway)
+MAX_REGISTERS = {"lenet_fwd_v1": 72, "lenet_fwd_v2": 72}
 DIV64 = ("div.s64", "div.u64", "rem.s64", "rem.u64")
 
 

@@ -295,8 +295,8 @@ def lenet_launches(
         out.append((op, var, grid, block, sh))
 
     if not training and "lenet_fwd" in v:  # the whole forward pass in one launch
-        blocks, _, smem = _lenet_fwd.plan(b, 120, f6)
-        out.append(("lenet_fwd", v["lenet_fwd"], blocks, _lenet_fwd.THREADS, smem))
+        blocks, threads, smem = _lenet_fwd.launch_shape(v["lenet_fwd"], b, 120, f6, sm_count())
+        out.append(("lenet_fwd", v["lenet_fwd"], blocks, threads, smem))
         return out
     routed = training and "head_train" in v and all(op in v for op in _routed.VARIANTS)
     step4 = routed and all(op in v for op in getattr(_base, "STEP_OPS", ()))

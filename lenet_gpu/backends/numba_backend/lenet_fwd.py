@@ -1,5 +1,5 @@
 """lenet_fwd: the whole LeNet-5 forward pass in one launch, uint8 images → logits (the Numba face of
-kernels/lenet_fwd.cu).
+kernels/lenet_fwd.cu: v1 its v1, v2 its v3's plan without the float32 input and the fused argmax).
 
   x = pad2(image)·scale + shift (1,32,32), scale = 1/(255·std), shift = −mean/std (as batch_prepare)
   S2 = pool(act(C1(x))) (6,14,14); S4 = pool(act(C3(S2))) (16,5,5); h1 = act(C5·S4) (H1); h2 = act(F6·h1) (H2);
@@ -13,6 +13,41 @@ Versions:
   and h1) and a region Y (S2, then h2); C5's, F6's and the output's weights are read from global memory (cached).
   Every index and size is uint32 (common.U) and the stride loops are while loops: no 64-bit division, no
   wraparound selects (sm_90 without launch bounds: 156 → 71 registers, 15 → 0 div.s64).
+
+- lenet_fwd_v2 (the default): lenet_fwd.cu's v3 plan (cupy_backend/fused.py lenet_fwd_plan) with v2's register
+  blocking, 224 threads. Images a block by batch size (plan_v2): 1 while N ≤ 2·SMs (a small batch spreads over
+  the GPU), 2 up to 4·SMs, else 4. C1: a thread per (image, pooled pixel) × all 6 filters (24 accumulators; the
+  6 weights of a tap adjacent in shared memory, each input load feeding 6-12 FMAs); C3: a thread per (image,
+  pooled pixel, 4 filters) (16 accumulators: lenet_fwd.cu's LF_KB3 default; with 8: 80 registers, 8 bytes
+  spilled under the launch bounds); both slide a 2-row window of the input; C3's weights staged with coalesced
+  reads. The dense stages: one warp per F = 8/imgs outputs with the tile's images as rows (coalesced weight rows,
+  each weight feeding imgs FMAs, the k loop unrolled 4 deep), 8 partial sums a lane reduced by a
+  transpose-butterfly of 9 shuffles (rows_gemv.cuh; the simulator, which has no shuffles, exchanges through
+  shared memory).
+  The tile size and F are compile-time constants (closures: one specialised body per tile size, chosen by a
+  launch-uniform branch). The convolutions add in v1's order (bias, then c, r, s): S2 and S4 equal v1's; the
+  dense sums add in another order (logits within float32 rounding of v1's). No fused argmax: this op's
+  signature has no ``classes`` (cupy's v3 has one). ptxas: sm_90 72 registers with or without the launch
+  bounds, sm_80 64 (70 under them); no spills, no local memory, no float64, no 64-bit or signed division.
+  compile_ptx takes ~15 s of CPU (v1 ~3 s): every Numba-inlined call site is a copy, so each stage has one.
+
+Cost of one image (LeNet-5: H1 120, H2 84, NC 10): 416,520 MACs (C1 117,600; C3 240,000; C5 48,000; F6 10,080;
+output 840) = 0.83 MFLOP; 784 bytes in, 40 out; the dense weights (59,134 floats, 237 KB) read once a tile (from
+L2, or L1 when the SM's other blocks just read them), C1's and C3's (10 KB) once a block.
+
+ESTIMATED, NOT MEASURED (H200: 132 SMs, 1.98 GHz, 4 warp instructions a clock an SM):
+- batch 10,000 (4 images a block, 2,500 blocks, 4 resident an SM: 4.7 waves). Issue slots: v2 issues ~1.35
+  instructions an FMA in the convolutions (C1: 36 shared loads per 120 FMAs; C3: 26 per 80) and ~1.75 in the
+  dense stages, at ~88% lane use (C1's 784 items take 4 rounds of 224; C3's 400, 2): ~23,000 warp instructions an
+  image, 22 ns at the full issue rate; shared loads ~3,900 warp loads an image (15 ns at one a clock an SM); L2:
+  59 KB of dense weights an image, 590 MB at 10,000 (~110 µs at ~5.5 TB/s, overlapped). So ~235 µs at full issue
+  (with the waves' tail), ~400-500 µs at the 50-60% of peak such kernels reach: 20-25 M images/s, against v1's
+  measured 3,240 µs (3.1 M/s; v1 issues 2 shared loads per MAC, 22,000 warp loads an image, and reads its dense
+  weights uncoalesced, a row per thread).
+- batch 64 (a block per image, 64 blocks: half of the SMs, one block each). Chain length: staging ~1 µs, C1 one
+  round (~850 instructions a thread, 2 warps a scheduler: ~0.9 µs), C3 one round (6 × 536 instructions: ~2.5 µs),
+  C5 3 rounds of 4 unrolled trips of L2 latency (~3.6 µs), F6 ~1.2 µs, output ~0.9 µs: ~10 µs plus the launch,
+  against v1's measured 250 µs (16 blocks each running 4 images' stages one output a thread) and cupy v2's 55 µs.
 
 ``lenet_fwd(be, ...)`` is the launch wrapper with the protocol's signature (first parameter the backend).
 """
@@ -202,6 +237,328 @@ def lenet_fwd_v1(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits,
         tile = U(tile + U(cuda.gridDim.x))
 
 
+# ------------------------------------------------------------------------------------------ v2
+THREADS_V2 = 224  # lenet_fwd.cu LF_THREADS_V2: a 4-image tile's 784 C1 items take 4 rounds, its 200 C3 items one
+WEIGHTS_V2 = 2624  # [25 taps][8] + 8 + [6 channels][25 taps][16 filters] + 16 (lenet_fwd.cu LF_W_V2)
+OW3_V2, OB3_V2 = 208, 2608  # offsets of C3's staged weights and biases
+KB3 = 4  # C3 filters a thread (× a 2×2 window: 16 accumulators; lenet_fwd.cu LF_KB3, its default)
+KG3 = K3 // KB3  # C3 filter groups
+DF = 8  # dense stages: R·F partial sums a lane (R the tile's images, F = DF/R outputs a warp)
+UNROLL = 4  # dense stages: the k loop's unroll
+FULL = 0xFFFFFFFF  # a whole warp's shuffle mask
+RS1 = RS + 1  # a window's input row: 2 outputs × 5 taps
+#: launch bounds of lenet_fwd_v2: 224 threads, 4 blocks an SM (a 4-image tile's ~45 KiB of shared memory allows 4)
+LAUNCH_BOUNDS["lenet_fwd_v2"] = (THREADS_V2, 4)
+
+
+def plan_v2(n: int, h1: int, h2: int, sms: int) -> tuple[int, int, int]:
+    """(blocks, images per block, dynamic shared bytes) of lenet_fwd_v2, as lenet_fwd.cu's v3 plans
+    (cupy_backend/fused.py lenet_fwd_imgs): a block per image while N ≤ 2·SMs (a small batch spreads over the
+    GPU), 2 images up to 4·SMs, else 4 (the dense weights streamed once per 4 images); halved until 48 KiB fit."""
+    xr, yr = regions(h1, h2)
+    imgs = 1 if n <= 2 * sms else 2 if n <= 4 * sms else 4
+    while imgs > 1 and 4 * (WEIGHTS_V2 + imgs * (xr + yr)) > SMEM_LIMIT:
+        imgs //= 2
+    smem = 4 * (WEIGHTS_V2 + imgs * (xr + yr))
+    if smem > SMEM_LIMIT:
+        raise ValueError(f"lenet_fwd: one image needs {smem} bytes of shared memory (> {SMEM_LIMIT})")
+    return ceil_div(n, imgs), imgs, smem
+
+
+def launch_shape(variant: str, n: int, h1: int, h2: int, sms: int) -> tuple[int, int, int]:
+    """(grid blocks, threads a block, dynamic shared bytes) of lenet_fwd_<variant> (backend.lenet_launches)."""
+    if variant == "v1":
+        blocks, _, smem = plan(n, h1, h2)
+        return blocks, THREADS, smem
+    blocks, _, smem = plan_v2(n, h1, h2, sms)
+    return blocks, THREADS_V2, smem
+
+
+if numba.config.ENABLE_CUDASIM:
+
+    @cuda.jit(device=True)
+    def _shfl_xor(mask, v, off):
+        """The simulator's stand-in for cuda.shfl_xor_sync (it has no warp shuffles): the value of thread
+        (thread ^ off) through a shared array, between two barriers. So every thread of the block must call it
+        the same number of times: the dense stages' rounds are block-uniform (on a GPU they need only be
+        warp-uniform)."""
+        buf = cuda.shared.array(THREADS_V2, float32)
+        tid = cuda.threadIdx.x
+        buf[tid] = v
+        cuda.syncthreads()
+        got = buf[tid ^ off]
+        cuda.syncthreads()
+        return got
+else:
+    _shfl_xor = cuda.shfl_xor_sync
+
+
+@cuda.jit(device=True, inline="always")
+def _transpose_sum8(v, lane):
+    """Warp-wide sums of the DF = 8 partial sums v[0..8) of every lane (rows_gemv.cuh's warp_transpose_sum<8>):
+    returns, on lane l, the sum over the warp of value l // 4. Three transpose levels (keep half of the values,
+    send the other half to lane ^ off, add what comes back), then a butterfly over the 4 lanes that share a value;
+    a fixed tree (bit-for-bit repeatable), 7 + 2 shuffles."""
+    up = (lane & U(16)) != U0
+    for k in range(4):
+        send = v[k] if up else v[k + 4]
+        keep = v[k + 4] if up else v[k]
+        v[k] = keep + _shfl_xor(FULL, send, 16)
+    up = (lane & U(8)) != U0
+    for k in range(2):
+        send = v[k] if up else v[k + 2]
+        keep = v[k + 2] if up else v[k]
+        v[k] = keep + _shfl_xor(FULL, send, 8)
+    up = (lane & U(4)) != U0
+    send = v[0] if up else v[1]
+    keep = v[1] if up else v[0]
+    s = keep + _shfl_xor(FULL, send, 4)
+    s += _shfl_xor(FULL, s, 2)
+    s += _shfl_xor(FULL, s, 1)
+    return s
+
+
+@cuda.jit(device=True, inline="always")
+def _put_all(sm, base, plane, nk, a0, a1, a2, a3, act, mode):
+    """The nk filters' pooled outputs of the window: filter k's at sm[base + k·plane], pool(act(a0[k]), act(a1[k]),
+    act(a2[k]), act(a3[k])). The loop may stay rolled (its body is big), so it never indexes the accumulators by
+    k (a run-time index would put them in local memory): it takes element 0 and shifts the arrays down by one
+    (constant indices: they stay in registers, the shift is register moves)."""
+    for k in range(nk):
+        sm[U(base + U(k) * plane)] = _pool(activate(a0[0], act), activate(a1[0], act), activate(a2[0], act),
+                                           activate(a3[0], act), mode)
+        for j in range(nk - 1):
+            a0[j] = a0[j + 1]
+            a1[j] = a1[j + 1]
+            a2[j] = a2[j + 1]
+            a3[j] = a3[j + 1]
+
+
+def _make_dense(R: int) -> Any:
+    """The dense layer of lenet_fwd_v2 for a tile of R images (rows_gemv.cuh with F = DF/R, U = UNROLL):
+    out[r][o] = act(b[o] + Σ_k in[r][k]·W[o][k]) for r < R, o < O; W (O,K) a flat global array. A warp takes F
+    consecutive outputs a round; its lanes stride k (each weight load one coalesced row segment, feeding R FMAs);
+    each lane ends with R·F = 8 partial sums v[r·F + f], reduced by _transpose_sum8. R and F are compile-time
+    constants (closure variables), so every small loop unrolls and v, x stay in registers. The rounds are
+    block-uniform (a warp past O skips the sums but reaches every shuffle: the simulator's stand-in barriers).
+    in[r][k] = sm[ib + r·isz + k]; out: sm[ob + r·isz + o] (layers 0, 1: C5, F6) or g[(n0 + r)·O + o] for r < nr
+    (layer 2: the logits). W and b are the layer's of (w0, w1, w2), (b0, b1, b2): one call site serves the three
+    layers (every call site is a copy of the three bodies, and Numba's inlining is what makes compiling slow).
+    """
+    F = DF // R
+    FB = F.bit_length() - 1  # log2 F
+
+    @cuda.jit(device=True, inline="always")
+    def _k_step(sm, w0, w1, w2, layer, v, x, ib, isz, wrow, last, K, k):
+        for r in range(R):
+            x[r] = sm[U(ib + U(r) * isz + k)]
+        for f in range(F):
+            i = U(U(wrow + U(min(U(f), last)) * K) + k)
+            wv = w0[i] if layer == U0 else (w1[i] if layer == U1 else w2[i])
+            for r in range(R):
+                v[r * F + f] += x[r] * wv
+
+    @cuda.jit(device=True, inline="always")
+    def dense(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt):
+        lane = U(tid & U(31))
+        warp = U(tid >> U(5))
+        per = U(U(nt >> U(5)) * U(F))  # outputs a round
+        rounds = U(U(O + per - U1) // per)
+        v = cuda.local.array(DF, float32)
+        x = cuda.local.array(DF, float32)  # x[r], r < R: the rows' input at k
+        rd = U0
+        while rd < rounds:  # block-uniform
+            o0 = U(rd * per + warp * U(F))
+            for j in range(DF):
+                v[j] = float32(0.0)
+            if o0 < O:
+                last = U(O - U1 - o0)  # outputs past O re-read the last row (their sums are not written)
+                wrow = U(o0 * K)
+                k = lane
+                while U(k + U(32 * (UNROLL - 1))) < K:  # UNROLL k steps a trip: their loads in flight together
+                    for u in range(UNROLL):
+                        _k_step(sm, w0, w1, w2, layer, v, x, ib, isz, wrow, last, K, U(k + U(32 * u)))
+                    k = U(k + U(32 * UNROLL))
+                while k < K:
+                    _k_step(sm, w0, w1, w2, layer, v, x, ib, isz, wrow, last, K, k)
+                    k = U(k + U(32))
+            s = _transpose_sum8(v, lane)
+            val = U(lane >> U(2))  # the value this lane holds: row val // F, output o0 + val % F
+            r = U(val >> U(FB))
+            o = U(o0 + U(val & U(F - 1)))
+            if U(lane & U(3)) == U0 and o < O:
+                bo = b0[o] if layer == U0 else (b1[o] if layer == U1 else b2[o])
+                y = activate(s + bo, act)
+                if layer < U(2):
+                    sm[U(ob + r * isz + o)] = y
+                elif r < nr:
+                    g[U(U(n0 + r) * O + o)] = y
+            rd = U(rd + U1)
+
+    return dense
+
+
+_dense1, _dense2, _dense4 = _make_dense(1), _make_dense(2), _make_dense(4)
+
+
+@cuda.jit(device=True, inline="always")
+def _dense(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, imgs):
+    """The dense layer for the tile's imgs (1, 2 or 4: uniform over the launch) images: one specialised body runs."""
+    if imgs == U1:
+        _dense1(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt)
+    elif imgs == U(2):
+        _dense2(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt)
+    else:
+        _dense4(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt)
+
+
+# (the simulator's cuda.jit takes no launch bounds)
+@(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["lenet_fwd_v2"]))
+def lenet_fwd_v2(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, n, h1, h2, nc, act, mode, scale,
+                 shift, imgs, xr, yr):
+    # flat arrays; every index and size uint32, the stride loops while loops (as v1)
+    # sm: [w1 25 taps × 8][b1 8][w3 6 × 25 taps × 16][b3 16] | image m: X at W + m·IS, Y at W + m·IS + xr
+    sm = cuda.shared.array(0, float32)
+    nimg, nh1, nh2, unc = U(n), U(h1), U(h2), U(nc)
+    uimgs, uxr = U(imgs), U(xr)
+    isz = U(uxr + U(yr))
+    tid, nt = U(cuda.threadIdx.x), U(cuda.blockDim.x)
+    c0 = cuda.local.array(K1, float32)  # C1: the 2×2 window's four conv outputs × the 6 filters
+    c1 = cuda.local.array(K1, float32)
+    c2 = cuda.local.array(K1, float32)
+    c3 = cuda.local.array(K1, float32)
+    a0 = cuda.local.array(KB3, float32)  # C3: the window's four conv outputs × the thread's KB3 filters
+    a1 = cuda.local.array(KB3, float32)
+    a2 = cuda.local.array(KB3, float32)
+    a3 = cuda.local.array(KB3, float32)
+    ra = cuda.local.array(RS1, float32)  # two input rows of the window (6 wide: 2 outputs × 5 taps)
+    rb = cuda.local.array(RS1, float32)
+    t = tid
+    while t < U(25 * 8):  # C1 tap-major: a tap's 6 filter weights adjacent (a broadcast each)
+        tap = U(t >> U(3))
+        k = U(t & U(7))
+        sm[t] = c1w[U(k * U(25) + tap)] if k < U(K1) else float32(0.0)
+        t = U(t + nt)
+    t = tid
+    while t < U(8):
+        sm[U(U(200) + t)] = c1b[t] if t < U(K1) else float32(0.0)
+        t = U(t + nt)
+    t = tid
+    while t < U(K3 * K1 * 25):  # C3 read in its own order (coalesced), scattered to [c·25 + tap][k]
+        k = U(t // U(K1 * 25))
+        ct = U(t - k * U(K1 * 25))
+        sm[U(U(OW3_V2) + ct * U(K3) + k)] = c3w[t]
+        t = U(t + nt)
+    t = tid
+    while t < U(K3):
+        sm[U(U(OB3_V2) + t)] = c3b[t]
+        t = U(t + nt)
+    ntiles = U(U(nimg + uimgs - U1) // uimgs)
+    tile = U(cuda.blockIdx.x)
+    while tile < ntiles:  # block-uniform
+        n0 = U(tile * uimgs)
+        ni = U(min(uimgs, U(nimg - n0)))
+        cuda.syncthreads()  # the weights are staged; the previous tile is done with the image regions
+        t = tid
+        while t < U(uimgs * U(XS * XS)):  # the tile's images, padded and normalised (the border and past the
+            m = U(t // U(XS * XS))  # batch: shift, the normalised pixel 0, as v1 writes it)
+            p = U(t - m * U(XS * XS))
+            ph = U(p >> U(5))  # ih + PAD
+            pw = U(p & U(XS - 1))  # iw + PAD
+            pix = float32(0.0)
+            if m < ni and ph >= U(PAD) and ph < U(IMAGE + PAD) and pw >= U(PAD) and pw < U(IMAGE + PAD):
+                pix = float32(images[U(U(n0 + m) * U(IMAGE * IMAGE) + U(ph - U(PAD)) * U(IMAGE) + pw - U(PAD))])
+            sm[U(U(WEIGHTS_V2) + m * isz + p)] = pix * scale + shift
+            t = U(t + nt)
+        cuda.syncthreads()
+        # C1 + act + pool -> S2 (Y): a thread per (image, pooled pixel), all 6 filters, its 2×2 window of outputs
+        t = tid
+        while t < U(uimgs * U(P2 * P2)):
+            m = U(t // U(P2 * P2))
+            pp = U(t - m * U(P2 * P2))
+            ph = U(pp // U(P2))
+            pw = U(pp - ph * U(P2))
+            xb = U(U(WEIGHTS_V2) + m * isz + ph * U(2 * XS) + pw + pw)
+            for k in range(K1):
+                bias = sm[U(200 + k)]
+                c0[k] = bias
+                c1[k] = bias
+                c2[k] = bias
+                c3[k] = bias
+            for j in range(RS1):
+                ra[j] = sm[U(xb + U(j))]
+            for r in range(RS):
+                for j in range(RS1):
+                    rb[j] = sm[U(xb + U((r + 1) * XS + j))]
+                for s in range(RS):
+                    for k in range(K1):
+                        wv = sm[U((r * RS + s) * 8 + k)]
+                        c0[k] += ra[s] * wv
+                        c1[k] += ra[s + 1] * wv
+                        c2[k] += rb[s] * wv
+                        c3[k] += rb[s + 1] * wv
+                for j in range(RS1):
+                    ra[j] = rb[j]
+            ybase = U(U(WEIGHTS_V2) + m * isz + uxr + pp)
+            _put_all(sm, ybase, U(P2 * P2), K1, c0, c1, c2, c3, act, mode)
+            t = U(t + nt)
+        cuda.syncthreads()
+        # C3 + act + pool -> S4 (X, [0, 400)): a thread per (image, KB3 filters, pooled pixel)
+        t = tid
+        while t < U(uimgs * U(KG3 * P4 * P4)):
+            m = U(t // U(KG3 * P4 * P4))
+            e = U(t - m * U(KG3 * P4 * P4))
+            kg = U(e // U(P4 * P4))
+            pp = U(e - kg * U(P4 * P4))
+            ph = U(pp // U(P4))
+            pw = U(pp - ph * U(P4))
+            for k in range(KB3):
+                bias = sm[U(U(OB3_V2) + kg * U(KB3) + U(k))]
+                a0[k] = bias
+                a1[k] = bias
+                a2[k] = bias
+                a3[k] = bias
+            s2 = U(U(WEIGHTS_V2) + m * isz + uxr + ph * U(2 * P2) + pw + pw)
+            c = U0
+            while c < U(K1):
+                xb = U(s2 + c * U(P2 * P2))
+                wc = U(U(OW3_V2) + c * U(25 * K3) + kg * U(KB3))
+                for j in range(RS1):
+                    ra[j] = sm[U(xb + U(j))]
+                for r in range(RS):
+                    for j in range(RS1):
+                        rb[j] = sm[U(xb + U((r + 1) * P2 + j))]
+                    for s in range(RS):
+                        for k in range(KB3):
+                            wv = sm[U(wc + U((r * RS + s) * K3 + k))]
+                            a0[k] += ra[s] * wv
+                            a1[k] += ra[s + 1] * wv
+                            a2[k] += rb[s] * wv
+                            a3[k] += rb[s + 1] * wv
+                    for j in range(RS1):
+                        ra[j] = rb[j]
+                c = U(c + U1)
+            obase = U(U(WEIGHTS_V2) + m * isz + kg * U(KB3 * P4 * P4) + pp)
+            _put_all(sm, obase, U(P4 * P4), KB3, a0, a1, a2, a3, act, mode)
+            t = U(t + nt)
+        cuda.syncthreads()
+        # the dense stages, the tile's images as the rows (images past the batch compute on the padding, never
+        # written): C5 X[0, 400) -> X[400, 400 + H1), F6 -> Y[0, H2), the output -> logits. One call site in a
+        # loop over the layers (each call site is a copy of the three specialised bodies)
+        base = U(WEIGHTS_V2)
+        for layer in range(3):
+            if layer == 0:
+                no, nk, ib, obase, lact = nh1, U(I5), base, U(base + U(I5)), act
+            elif layer == 1:
+                no, nk, ib, obase, lact = nh2, nh1, U(base + U(I5)), U(base + uxr), act
+            else:
+                no, nk, ib, obase, lact = unc, nh2, U(base + uxr), U0, 0
+            _dense(sm, c5w, f6w, ow, c5b, f6b, ob, U(layer), logits, no, nk, ib, obase, isz, n0, ni, lact, tid, nt,
+                   uimgs)
+            cuda.syncthreads()
+        tile = U(tile + U(cuda.gridDim.x))
+
+
 # ------------------------------------------------------------------------------------ variant table
 
 _F4 = "float32[:,:,:,::1]"
@@ -210,10 +567,24 @@ _F1 = "float32[::1]"
 SIGNATURES = {
     "lenet_fwd_v1": f"void(uint8[:,:,::1], {_F4}, {_F1}, {_F4}, {_F1}, {_F2}, {_F1}, {_F2}, {_F1}, {_F2}, {_F1}, "
     f"{_F2}, int32, int32, float32, float32, int32, int32, int32)",
+    "lenet_fwd_v2": f"void(uint8[::1], {', '.join([_F1] * 11)}, {', '.join(['int32'] * 6)}, float32, float32, int32, "
+    "int32, int32)",
 }
-KERNELS = {"lenet_fwd_v1": lenet_fwd_v1}
-VARIANTS = {"lenet_fwd": ("v1",)}
-DEFAULT_VARIANTS = {"lenet_fwd": "v1"}
+KERNELS = {"lenet_fwd_v1": lenet_fwd_v1, "lenet_fwd_v2": lenet_fwd_v2}
+#: the backend's default is the last (backend.FUSED_VARIANTS)
+VARIANTS = {"lenet_fwd": ("v1", "v2")}
+DEFAULT_VARIANTS = {"lenet_fwd": "v2"}
+
+
+def _sm_count(be: Any) -> int:
+    """The SM count v2's plan is sized for: the backend's ``sm_count`` where it has an int one (a test's shim),
+    else backend.sm_count() (the device's; 132 without one)."""
+    s = getattr(be, "sm_count", None)
+    if isinstance(s, int):
+        return s
+    from .backend import sm_count
+
+    return sm_count()
 
 
 def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std: float, act: str, mode: str,
@@ -235,9 +606,22 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
     _check(logits, "logits", (n, nc))
     if n < 1:
         raise ValueError("lenet_fwd: needs at least one image")
-    blocks, imgs, smem = plan(n, nh1, nh2)
     xr, yr = regions(nh1, nh2)
+    code, pool = np.int32(ACT_CODES[act]), np.int32(POOL_CODES[mode])
+    scale, shift = np.float32(1.0 / (255.0 * std)), np.float32(-mean / std)
+    if v == "v2":
+        blocks, imgs, smem = plan_v2(n, nh1, nh2, _sm_count(be))
+
+        def flat(a: Any) -> Any:
+            return a.reshape(a.size)
+
+        launch_kernel(be, "lenet_fwd_v2", lenet_fwd_v2, blocks, THREADS_V2, smem, flat(images),
+                      *(flat(p[k]) for k in ("c1.w", "c1.b", "c3.w", "c3.b", "c5.w", "c5.b", "f6.w", "f6.b", "out.w",
+                                             "out.b")),
+                      flat(logits), *(np.int32(e) for e in (n, nh1, nh2, nc)), code, pool, scale, shift, np.int32(imgs),
+                      np.int32(xr), np.int32(yr))
+        return
+    blocks, imgs, smem = plan(n, nh1, nh2)
     launch_kernel(be, "lenet_fwd_v1", lenet_fwd_v1, blocks, THREADS, smem, images, p["c1.w"], p["c1.b"], p["c3.w"],
                   p["c3.b"], p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"], p["out.w"], p["out.b"], logits,
-                  np.int32(ACT_CODES[act]), np.int32(POOL_CODES[mode]), np.float32(1.0 / (255.0 * std)),
-                  np.float32(-mean / std), np.int32(imgs), np.int32(xr), np.int32(yr))
+                  code, pool, scale, shift, np.int32(imgs), np.int32(xr), np.int32(yr))

@@ -1,0 +1,113 @@
+"""numba lenet_fwd_v2 (lenet_gpu/backends/numba_backend/lenet_fwd.py): its launch plan (by batch size, as CUDA C's
+lenet_fwd_v3 plans in cupy_backend/fused.py) and, in a NUMBA_ENABLE_CUDASIM=1 child process, its logits against the
+float64 reference and against lenet_fwd_v1 at each tile size (1, 2 and 4 images a block: a shim with 1 SM makes
+batch 3 and 7 take the 2- and 4-image bodies), every activation and both pool modes, NaN-poisoned outputs, one
+block taking every tile. The PTX checks (registers, no spills, no 64-bit or signed division, no float64) are
+tests/test_numba_ptx.py's and test_fused.py's.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import require
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+ROOT = Path(__file__).resolve().parent.parent
+sim = pytest.mark.skipif(not SIM, reason="runs inside test_v2_simulator_suite's NUMBA_ENABLE_CUDASIM=1 subprocess")
+if SIM:
+    sys.setswitchinterval(1e-4)  # the simulator's barriers busy-poll: hand the GIL over sooner
+
+
+def _lf():
+    require("numba")
+    from lenet_gpu.backends.numba_backend import lenet_fwd
+
+    return lenet_fwd
+
+
+@pytest.mark.sim
+def test_v2_simulator_suite():
+    """Run the sim_* tests of this file in a subprocess with the CUDA simulator on."""
+    if SIM:
+        pytest.skip("this is the simulator run")
+    require("numba", "the simulator suite needs it")
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-k", "sim_",
+           "--durations=5", "-o", "addopts=", "-W", "ignore::DeprecationWarning"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    out = res.stdout[-20000:] + ("\n--- stderr ---\n" + res.stderr[-5000:] if res.stderr.strip() else "")
+    assert res.returncode == 0, f"lenet_fwd_v2 simulator suite failed (exit {res.returncode}):\n{out}"
+    assert " passed" in res.stdout and " failed" not in res.stdout, out
+    print(out)
+
+
+def test_plan_v2_follows_cuda_c_v3():
+    """Images a block by batch size as lenet_fwd.cu's v3 (1 up to 2·SMs, 2 up to 4·SMs, else 4; fewer where a
+    wide F6 does not fit 48 KiB), the same thresholds as cupy's lenet_fwd_plan("v3"), and the launch shape
+    backend.lenet_launches reports."""
+    lf = _lf()
+    from lenet_gpu.backends.cupy_backend import fused
+
+    for sms in (132, 16, 1):
+        for n in (1, 2, 3, 4, 5, 64, 2 * sms, 2 * sms + 1, 4 * sms, 4 * sms + 1, 10_000):
+            for h2 in (84, 2500, 4096):
+                blocks, imgs, smem = lf.plan_v2(n, 120, h2, sms)
+                assert (imgs,) == fused.lenet_fwd_plan("v3", n, 120, h2, sms).extra, (n, h2, sms)
+                assert blocks == -(-n // imgs) and smem <= lf.SMEM_LIMIT
+                assert lf.launch_shape("v2", n, 120, h2, sms) == (blocks, lf.THREADS_V2, smem)
+    assert lf.plan_v2(64, 120, 84, 132)[1] == 1 and lf.plan_v2(10_000, 120, 84, 132)[1] == 4
+    assert lf.launch_shape("v1", 64, 120, 84, 132) == (16, lf.THREADS, lf.plan(64, 120, 84)[2])
+    assert lf.VARIANTS["lenet_fwd"][-1] == lf.DEFAULT_VARIANTS["lenet_fwd"] == "v2"  # the backend takes the last
+
+
+# (batch, SMs the plan assumes, images a block, the grid cap): a block per image, 2- and 4-image tiles (7: a
+# partial last tile), one block taking every tile (the block-stride loop)
+CASES = [(1, 132, 1, None), (3, 1, 2, None), (7, 1, 4, 1)]
+#: two activation × pool cells a case: every activation, both pool modes
+CELLS = {1: [("relu", "max"), ("tanh", "avg")], 3: [("lecun_tanh", "max"), ("sigmoid", "avg"), ("relu", "avg")],
+         7: [("identity", "max")]}
+
+
+@sim
+@pytest.mark.parametrize("n,sms,imgs,max_blocks", CASES)
+def test_sim_v2_matches_reference_and_v1(n, sms, imgs, max_blocks):
+    """v2's logits against reference.lenet_fwd (fused_helpers.check_lenet_fwd: NaN-poisoned logits) and against
+    v1's in the first cell of batch 1 and 3 (the convolutions add in v1's order; the dense sums do not: equal
+    within float32 rounding; measured ≤ 5.1e-7 at O(1) logits, batch 7 too). Every activation and both pool modes
+    over the three cases; F6 84 in a case's first cell, 37 after."""
+    from tests import fused_helpers as F
+
+    lf = _lf()
+    assert lf.plan_v2(n, 120, 84, sms)[1] == imgs
+    for i, (act, mode) in enumerate(CELLS[n]):
+        be = F.NumbaShim(max_blocks=max_blocks)
+        be.sm_count = sms
+        be.launch_log = []
+        used: dict = {}
+        h2 = 84 if i == 0 else 37
+        got = F.check_lenet_fwd(be, lf.lenet_fwd, "v2", n, act, mode, h2=h2, seed=n + i, used=used)
+        assert used["launches"] == 1 and used["allocs"] == 0, used
+        assert [name for name, _ in be.launch_log] == ["lenet_fwd_v2"]
+        if i == 0 and n < 7:  # (v1 is the slower in the simulator: 46 s at batch 7; one cell a case, not at 7)
+            v1 = F.check_lenet_fwd(be, lf.lenet_fwd, "v1", n, act, mode, h2=h2, seed=n + i)
+            scale = max(1.0, float(np.abs(v1).max()))
+            assert np.abs(got - v1).max() <= 4e-6 * scale, (act, mode, np.abs(got - v1).max())
+
+
+@sim
+def test_sim_v2_repeats_bit_for_bit():
+    """Two launches give the same bits (fixed sum orders, no atomics)."""
+    from tests import fused_helpers as F
+
+    lf = _lf()
+    be = F.NumbaShim()
+    a = F.check_lenet_fwd(be, lf.lenet_fwd, "v2", 1, "relu", "avg", seed=11)
+    b = F.check_lenet_fwd(be, lf.lenet_fwd, "v2", 1, "relu", "avg", seed=11)
+    assert np.array_equal(a, b)
