@@ -402,15 +402,17 @@ def test_sim_head_train_repeats_and_counts():
 
 
 @sim
-@pytest.mark.parametrize("n,act,mode,h2,max_blocks", [(5, "tanh", "avg", 3, 1), (3, "sigmoid", "max", 2500, 2)])
-def test_sim_lenet_fwd(n, act, mode, h2, max_blocks):
-    """A partial tile of images, F6 narrow and wide, one and two blocks. Every activation × pool mode (one image):
+@pytest.mark.parametrize("n,act,mode,h2,max_blocks,variant", [
+    (5, "tanh", "avg", 3, 1, None), (3, "sigmoid", "max", 2500, 2, "v1"), (3, "sigmoid", "max", 300, 2, "v2")])
+def test_sim_lenet_fwd(n, act, mode, h2, max_blocks, variant):
+    """A partial tile of images, F6 narrow and wide, one and two blocks (v2, the default, at F6 300: its simulated
+    reductions take ~20 barriers a round, 2500 would take two minutes). Every activation × pool mode (one image):
     tests/test_numba_backend.py's test_sim_act_pool_matrix."""
     _, lf = _numba_fused()
     be = F.NumbaShim(max_blocks=max_blocks)
     be.launch_log = []
     used: dict = {}
-    F.check_lenet_fwd(be, lf.lenet_fwd, None, n, act, mode, h2=h2, seed=n, used=used)
+    F.check_lenet_fwd(be, lf.lenet_fwd, variant, n, act, mode, h2=h2, seed=n, used=used)
     assert used["launches"] == 1 and used["allocs"] == 0, used
     _launch_types_match(be, [lf])
 
