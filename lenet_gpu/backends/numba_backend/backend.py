@@ -393,6 +393,8 @@ class NumbaBackend:
             if not keep:  # the model uses a fused op when the backend lists it
                 del self.variants[op], self.default_variants[op]
         self.max_blocks = max_blocks
+        #: the SMs launch shapes are sized for (the device's; DEFAULT_SM_COUNT without one): lenet_fwd's plan
+        self.sm_count: int = sm_count()
         if self.simulator and quick_simulation:
             self.default_variants = {op: "v1" for op in self.default_variants}
             self.max_blocks = max_blocks or 2

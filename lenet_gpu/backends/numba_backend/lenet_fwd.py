@@ -576,15 +576,15 @@ VARIANTS = {"lenet_fwd": ("v1", "v2")}
 DEFAULT_VARIANTS = {"lenet_fwd": "v2"}
 
 
-def _sm_count(be: Any) -> int:
-    """The SM count v2's plan is sized for: the backend's ``sm_count`` where it has an int one (a test's shim),
-    else backend.sm_count() (the device's; 132 without one)."""
-    s = getattr(be, "sm_count", None)
-    if isinstance(s, int):
-        return s
-    from .backend import sm_count
+#: the SM count v2's plan is sized for where the caller has none (backend.DEFAULT_SM_COUNT: an H100 / H200)
+DEFAULT_SM_COUNT = 132
 
-    return sm_count()
+
+def _sm_count(be: Any) -> int:
+    """The SM count v2's plan is sized for: the backend's ``sm_count`` (NumbaBackend sets it from the device;
+    a test's shim may), else DEFAULT_SM_COUNT. (No import of backend.py here: it imports this module.)"""
+    s = getattr(be, "sm_count", None)
+    return s if isinstance(s, int) else DEFAULT_SM_COUNT
 
 
 def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std: float, act: str, mode: str,
