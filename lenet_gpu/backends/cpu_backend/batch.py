@@ -52,38 +52,46 @@ def augment_shift(h1, index, max_shift):
     return dy, dx
 
 
-@njit(parallel=True, **JIT_EXACT)
-def batch_prepare_v1(images, labels, perm, state, x, y, scale, shift):
-    B, _, XH, XW = x.shape
+@njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def prepare_image(images, labels, perm, x, y, r, offset, max_shift, h1, scale, shift):
+    """Row r of batch_prepare_v1 (and of step4.step_fwd_v1): image perm[(offset + r) % M], shifted, padded and
+    normalised into x[r], its label into y[r]. A function of its own, compiled without contraction: the same
+    bits wherever it is called from."""
+    XH, XW = x.shape[2], x.shape[3]
     _, IH, IW = images.shape
     pad = (XH - IH) // 2
-    m = perm.shape[0]
+    j = perm[(offset + r) % perm.shape[0]]
+    y[r] = labels[j]
+    dy, dx = (0, 0)
+    if max_shift > 0:
+        dy, dx = augment_shift(h1, j, max_shift)
+    h0 = pad + dy
+    v0 = pad + dx
+    img = images[j]
+    for h in range(XH):
+        xr = x[r, 0, h]
+        ih = h - h0
+        if ih < 0 or ih >= IH:
+            for v in range(XW):
+                xr[v] = shift
+        else:
+            ir = img[ih]
+            for v in range(XW):
+                iv = v - v0
+                if iv >= 0 and iv < IW:
+                    xr[v] = np.float32(ir[iv]) * scale + shift
+                else:
+                    xr[v] = shift
+
+
+@njit(parallel=True, **JIT_EXACT)
+def batch_prepare_v1(images, labels, perm, state, x, y, scale, shift):
+    B = x.shape[0]
     offset = np.int64(state[OFFSET])
     max_shift = np.int64(state[SHIFT])
     h1 = mix32(mix32(word32(state[SEED])) + word32(state[EPOCH]))
     for r in prange(B):
-        j = perm[(offset + r) % m]
-        y[r] = labels[j]
-        dy, dx = (0, 0)
-        if max_shift > 0:
-            dy, dx = augment_shift(h1, j, max_shift)
-        h0 = pad + dy  # the image's top-left corner on the canvas
-        v0 = pad + dx
-        img = images[j]
-        for h in range(XH):
-            xr = x[r, 0, h]
-            ih = h - h0
-            if ih < 0 or ih >= IH:
-                for v in range(XW):
-                    xr[v] = shift
-            else:
-                ir = img[ih]
-                for v in range(XW):
-                    iv = v - v0
-                    if iv >= 0 and iv < IW:
-                        xr[v] = np.float32(ir[iv]) * scale + shift
-                    else:
-                        xr[v] = shift
+        prepare_image(images, labels, perm, x, y, r, offset, max_shift, h1, scale, shift)
 
 
 @njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)

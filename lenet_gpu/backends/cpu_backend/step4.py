@@ -28,7 +28,7 @@ import numpy as np
 from numba import get_thread_id, prange, types
 
 from ...stepstate import EPOCH, OFFSET, SEED, SHIFT
-from .batch import augment_shift, mix32, step_advance_v1, word32
+from .batch import mix32, prepare_image, step_advance_v1, word32
 from .common import JIT, JIT_EXACT, JIT_INNER, ZERO, L, njit
 from .conv2d import _bwd_weight_rows_routed_chunk, _pad_weights, _pool_fwd_lanes_chunk, _pool_fwd_rows_chunk, block_size
 from .optim import sched_index
@@ -38,38 +38,6 @@ _MADE: dict[tuple, Any] = {}
 
 
 # ---------------------------------------------------------------------------------------------- step_fwd
-
-
-@njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)
-def prepare_image(images, labels, perm, x, y, r, offset, max_shift, h1, scale, shift):
-    """Row r of batch_prepare_v1: image perm[(offset + r) % M], shifted, padded and normalised into x[r], its
-    label into y[r]. A function of its own, compiled without contraction: batch_prepare_v1's bits wherever it is
-    called from."""
-    XH, XW = x.shape[2], x.shape[3]
-    _, IH, IW = images.shape
-    pad = (XH - IH) // 2
-    j = perm[(offset + r) % perm.shape[0]]
-    y[r] = labels[j]
-    dy, dx = (0, 0)
-    if max_shift > 0:
-        dy, dx = augment_shift(h1, j, max_shift)
-    h0 = pad + dy
-    v0 = pad + dx
-    img = images[j]
-    for h in range(XH):
-        xr = x[r, 0, h]
-        ih = h - h0
-        if ih < 0 or ih >= IH:
-            for v in range(XW):
-                xr[v] = shift
-        else:
-            ir = img[ih]
-            for v in range(XW):
-                iv = v - v0
-                if iv >= 0 and iv < IW:
-                    xr[v] = np.float32(ir[iv]) * scale + shift
-                else:
-                    xr[v] = shift
 
 
 def make_step_fwd_v1(KB1: int, KB3: int) -> Any:
