@@ -19,6 +19,7 @@
 //                              parameter buffer is); a scalar loop does the n % 4 tail.
 //   step_advance_v1            one thread.
 #include "common.cuh"
+#include "optim_update.cuh"
 
 // The schedule row of this step: [lr, bc1, bc2, 0].
 __device__ __forceinline__ const float* sched_row(const float* sched, int T, const int* state) {
@@ -54,13 +55,6 @@ extern "C" __global__ void sgd_step_v1(float* __restrict__ p, const float* __res
     }
 }
 
-__device__ __forceinline__ void adam1(float& p, float g, float& m, float& v, float lr, float beta1, float beta2,
-                                      float eps, float wd, float bc1, float bc2) {
-    const float gi = g + wd * p;
-    m = beta1 * m + (1.0f - beta1) * gi;
-    v = beta2 * v + (1.0f - beta2) * gi * gi;
-    p -= lr * (m / bc1) / (sqrtf(v / bc2) + eps);
-}
 
 extern "C" __global__ void adam_step_v2(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                                         float* __restrict__ v, const float* __restrict__ sched,
@@ -88,10 +82,6 @@ extern "C" __global__ void adam_step_v2(float* __restrict__ p, const float* __re
         adam1(p[i], g[i], m[i], v[i], lr, beta1, beta2, eps, wd, bc1, bc2);
 }
 
-__device__ __forceinline__ void sgd1(float& p, float g, float& m, float lr, float momentum, float wd) {
-    m = momentum * m + g + wd * p;
-    p -= lr * m;
-}
 
 extern "C" __global__ void sgd_step_v2(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                                        const float* __restrict__ sched,

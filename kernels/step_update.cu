@@ -35,19 +35,8 @@
 //          (gpart 0.17 / 2.7 MB, from L2 where step_bwd just wrote it). Total ~4-6 us at batch 64, ~8-12 us at
 //          batch 4096.
 #include "common.cuh"
+#include "optim_update.cuh"
 
-__device__ __forceinline__ void adam1(float& p, float g, float& m, float& v, float lr, float beta1, float beta2,
-                                      float eps, float wd, float bc1, float bc2) {
-    const float gi = g + wd * p;
-    m = beta1 * m + (1.0f - beta1) * gi;
-    v = beta2 * v + (1.0f - beta2) * gi * gi;
-    p -= lr * (m / bc1) / (sqrtf(v / bc2) + eps);
-}
-
-__device__ __forceinline__ void sgd1(float& p, float g, float& m, float lr, float momentum, float wd) {
-    m = momentum * m + g + wd * p;
-    p -= lr * m;
-}
 
 // g's float4 item i (elements 4i .. 4i+3): the partials' sum where 4i < NC (NC % 4 == 0: an item is all in the
 // prefix or all out of it), written back; else g as it is.
