@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from lenet_gpu.backends.cupy_backend import fused
 from lenet_gpu.backends.cupy_backend.runtime import kernel_source
 from lenet_gpu.stepstate import STATE_WORDS, STEP_IN_EPOCH
 from tests import fused_helpers as F
+from tests.host_child import run_host_child
 from tests.parity import assert_close, assert_equal, nan_like
 
 CHILD_ENV = "LENET_HEAD_V3_HOST_CHILD"
@@ -44,20 +43,7 @@ INT_DIV = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:div|rem)(?:\.[a-z]+)*\.[su](?:8|16
 
 @parent
 def test_host_suite_in_subprocess():
-    env = dict(os.environ)
-    env[CHILD_ENV] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    kind = os.environ.get("CUDACPU_SANITIZE", "")
-    if kind in ("address", "thread"):
-        from lenet_gpu.harness.cudacpu import sanitizer_env
-
-        env = sanitizer_env(kind, env)
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-    out = r.stdout + r.stderr
-    print(out[-3000:])
-    assert r.returncode == 0, f"head v3 cupy-host child pytest exited with {r.returncode}:\n{out[-12000:]}"
-    assert " passed" in r.stdout and " failed" not in r.stdout, out[-3000:]
+    run_host_child(__file__, CHILD_ENV, "head v3")
 
 
 # ------------------------------------------------------------------------------------------------ plan

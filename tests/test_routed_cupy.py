@@ -8,8 +8,6 @@ allocation counts of a step. ``pytest -m gpu tests/test_routed_cupy.py`` runs th
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import pytest
 
 from lenet_gpu import reference as ref
 from lenet_gpu.backends.cupy_backend import OP_KERNELS, CupyBackend, fused, launch_plan
+from tests.host_child import run_host_child
 from tests.parity import TOL, assert_close, assert_equal, nan_like, rand
 
 CHILD_ENV = "LENET_ROUTED_HOST_CHILD"
@@ -41,20 +40,7 @@ def be(request):
 @parent_only
 def test_host_suite_in_subprocess():
     """Every test below on the CPU harness, in a child process (a wild pointer kills the process running it)."""
-    env = dict(os.environ)
-    env[CHILD_ENV] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    kind = os.environ.get("CUDACPU_SANITIZE", "")
-    if kind in ("address", "thread"):
-        from lenet_gpu.harness.cudacpu import sanitizer_env
-
-        env = sanitizer_env(kind, env)
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-    out = r.stdout + r.stderr
-    print(out[-3000:])
-    assert r.returncode == 0, f"routed cupy-host child pytest exited with {r.returncode}:\n{out[-12000:]}"
-    assert " passed" in r.stdout and " failed" not in r.stdout, out[-3000:]
+    run_host_child(__file__, CHILD_ENV, "routed")
 
 
 # NVRTC (sm_80 / sm_90, warnings are errors, no spills) of the routed kernels and of head.cu's null-yconv branch:

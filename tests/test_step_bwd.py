@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import pytest
 from lenet_gpu import reference as ref
 from lenet_gpu.backends.cupy_backend import CupyBackend, kernel_source
 from lenet_gpu.spec import conv_prefix, param_layout
+from tests.host_child import run_host_child
 from tests.parity import TOL, assert_close, assert_equal, nan_like, rand
 
 CHILD_ENV = "LENET_STEP_BWD_HOST_CHILD"
@@ -44,20 +43,7 @@ def be(request):
 @parent_only
 def test_host_suite_in_subprocess():
     """Every backend test below on the CPU harness, in a child process (a wild pointer kills the process running it)."""
-    env = dict(os.environ)
-    env[CHILD_ENV] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    kind = os.environ.get("CUDACPU_SANITIZE", "")
-    if kind in ("address", "thread"):
-        from lenet_gpu.harness.cudacpu import sanitizer_env
-
-        env = sanitizer_env(kind, env)
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-    out = r.stdout + r.stderr
-    print(out[-3000:])
-    assert r.returncode == 0, f"step_bwd cupy-host child pytest exited with {r.returncode}:\n{out[-12000:]}"
-    assert " passed" in r.stdout and " failed" not in r.stdout, out[-3000:]
+    run_host_child(__file__, CHILD_ENV, "step_bwd")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
