@@ -31,10 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sim = pytest.mark.skipif(not SIM, reason="runs inside test_simulator_suite's NUMBA_ENABLE_CUDASIM=1 subprocess")
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
 
-if SIM:
-    # the simulator's block manager busy-polls its threads at every syncthreads; a short switch
-    # interval hands the GIL over sooner (about 2x faster kernels with barriers)
-    sys.setswitchinterval(1e-4)
 
 
 # ------------------------------------------------------------------------------------- main process

@@ -21,8 +21,6 @@ from tests.conftest import require
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 ROOT = Path(__file__).resolve().parent.parent
 sim = pytest.mark.skipif(not SIM, reason="runs inside test_v2_simulator_suite's NUMBA_ENABLE_CUDASIM=1 subprocess")
-if SIM:
-    sys.setswitchinterval(1e-4)  # the simulator's barriers busy-poll: hand the GIL over sooner
 
 
 def _lf():

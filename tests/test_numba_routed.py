@@ -24,8 +24,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sim = pytest.mark.skipif(not SIM, reason="runs inside test_routed_simulator_suite's NUMBA_ENABLE_CUDASIM=1 subprocess")
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
 ACTS = ("identity", "relu", "tanh", "lecun_tanh", "sigmoid")
-if SIM:
-    sys.setswitchinterval(1e-4)  # the simulator's barriers busy-poll: hand the GIL over sooner
 
 
 @pytest.mark.sim

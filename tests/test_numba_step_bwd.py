@@ -41,8 +41,6 @@ sim = pytest.mark.skipif(not SIM or SIM_U32, reason="runs inside test_step_bwd_s
 sim_u32 = pytest.mark.skipif(not SIM_U32, reason="runs inside test_step_bwd_simulator_suites' uint32 simulator run")
 parent = pytest.mark.skipif(SIM, reason="runs in the parent pytest process (the real compiler)")
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
-if SIM:
-    sys.setswitchinterval(1e-4)  # the simulator's barriers busy-poll: hand the GIL over sooner
 
 
 def _suite(pattern: str, extra_env: dict[str, str], warn_args: list[str]) -> str:

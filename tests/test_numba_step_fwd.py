@@ -41,8 +41,6 @@ SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 ROOT = Path(__file__).resolve().parent.parent
 sim = pytest.mark.skipif(not SIM, reason="runs inside test_step4_fwd_simulator_suite's NUMBA_ENABLE_CUDASIM=1 child")
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
-if SIM:
-    sys.setswitchinterval(1e-4)  # the simulator's barriers busy-poll: hand the GIL over sooner
 
 MEAN, STD = 0.1307, 0.3081
 HYPER_ADAM = (0.9, 0.999, 1e-8)
