@@ -4,16 +4,20 @@ of FP32 peak, the first run's compile time and a cached run's start.
     python -m bench.cpu_peak                    # everything: batch 128, 1,000-image inference, 5 rounds
     python -m bench.cpu_peak --no-startup       # skip the child processes (compiles, cached start)
     python -m bench.cpu_peak --json out.json
+    # AVX2 code on an AVX-512 CPU, both sides (Numba takes the host's features unless NUMBA_CPU_FEATURES is set):
+    NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+avx,+avx2,+fma NUMBA_CACHE_DIR=/tmp/avx2 \
+        ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m bench.cpu_peak --no-startup
 
-Training step: the ops in the order of the model's routed step (docs/routed_backward.md: batch_prepare →
-conv2d_pool_fwd C1, C3 without the un-pooled maps → head_train (yconv=None) → conv2d_bwd_weight_routed C3 →
-conv2d_bwd_data_routed → conv2d_bwd_weight_routed C1 → adam_step → step_advance; ``--dense``: the dense fused
-step) on mnist-sample with augmentation, against PyTorch's LeNet-5 with Adam (bench/peer.py: same layers,
-same initial parameters, same resident uint8 data). Without PyTorch installed, the peer is our own dense step
-(and our own inference, a ratio of about 1): the routed step's gain in one interleaved run. The machine's
-vector ISA (as LLVM sees it, what Numba compiles for) and the load average are printed with the figures.
-Inference: lenet_fwd on 1,000 images against PyTorch's forward pass over the same 1,000 (gather, pad,
-normalise included).
+Training step (``--step model``, the default): ``LeNet5(backend="cpu").train_step`` on consecutive host batches
+of mnist-sample (no augmentation), what a user calls: on cpu the four-kernel step (docs/step4.md); inference:
+``LeNet5.logits`` on 1,000 host images. The peer is PyTorch's LeNet-5 with Adam (lenet_gpu/perf/peer.py: same
+layers, same initial parameters, same resident uint8 data, gather, pad and normalise included). ``--step routed``
+times the nine-op routed step written out op by op (docs/routed_backward.md: batch_prepare → conv2d_pool_fwd C1,
+C3 without the un-pooled maps → head_train (yconv=None) → conv2d_bwd_weight_routed C3 → conv2d_bwd_data_routed →
+conv2d_bwd_weight_routed C1 → adam_step → step_advance) with augmentation, ``--step dense`` the dense fused step,
+and both time the lenet_fwd op for inference. Without PyTorch installed, the peer is our own dense step (and our
+own inference, a ratio of about 1). The machine's vector ISA (as LLVM sees it, what Numba compiles for) and the
+load average are printed with the figures.
 
 Two clocks, each in alternating rounds (ours, torch, ours, torch, ...) so that both see the same load:
 - wall: both on ``--threads`` threads (default 2), images per second of wall-clock time;
@@ -186,6 +190,26 @@ class CpuStep:
         be.step_advance(self.state, self.batch)
 
 
+class ModelStep:
+    """What a user times: ``LeNet5(backend=...).train_step`` on consecutive host batches of ``batch`` uint8 images
+    (the model's default step: on cpu the four-kernel step, docs/step4.md), and ``LeNet5.logits`` for inference.
+    The parameters start from the same initial values as the peer's (``init``)."""
+
+    def __init__(self, backend: str, images: np.ndarray, labels: np.ndarray, batch: int, init: np.ndarray) -> None:
+        from lenet_gpu.model import LeNet5
+
+        self.model = LeNet5(backend=backend)
+        self.model.set_parameters(init)
+        self.images, self.labels, self.batch = images, labels, batch
+        self.steps = images.shape[0] // batch
+        self.i = 0
+
+    def step(self) -> None:
+        o = (self.i % self.steps) * self.batch
+        self.model.train_step(self.images[o : o + self.batch], self.labels[o : o + self.batch])
+        self.i += 1
+
+
 def load_images(limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from lenet_gpu.data import load_dataset
 
@@ -205,12 +229,27 @@ def _set_threads(n: int, torch: Any) -> None:
 
 
 def vector_isa() -> dict[str, Any]:
-    """The widest vector ISA of this CPU as LLVM (and so Numba) sees it, and the CPU name it compiles for."""
+    """The vector ISA Numba compiles for here: the host's widest (as LLVM sees it), unless NUMBA_CPU_NAME /
+    NUMBA_CPU_FEATURES name another target (``NUMBA_CPU_NAME=haswell`` builds AVX2 code on an AVX-512 machine).
+    ``isa`` is read from the machine code of a small FMA loop compiled with the cpu backend's options: zmm
+    registers → AVX-512, ymm → AVX2, xmm only → SSE; ``host_isa`` is the CPU's own widest."""
     import llvmlite.binding as ll
+    import numba
+    from numba.core import config
 
     feats = ll.get_host_cpu_features()
-    isa = "AVX-512" if feats.get("avx512f") else "AVX2" if feats.get("avx2") else "AVX" if feats.get("avx") else "SSE"
-    return {"isa": isa, "fma": bool(feats.get("fma")), "llvm_cpu": ll.get_host_cpu_name()}
+    host = "AVX-512" if feats.get("avx512f") else "AVX2" if feats.get("avx2") else "AVX" if feats.get("avx") else "SSE"
+
+    @numba.njit(fastmath={"contract"}, boundscheck=False, error_model="numpy")
+    def axpy(a, b, c):  # pragma: no cover (compiled, never run)
+        for i in range(a.shape[0]):
+            a[i] += b[i] * c[i]
+
+    f1 = numba.types.Array(numba.float32, 1, "C")
+    asm = "\n".join(axpy.compile((f1, f1, f1)) and axpy.inspect_asm().values())
+    isa = "AVX-512" if "zmm" in asm else "AVX2" if "ymm" in asm else "SSE"
+    return {"isa": isa, "host_isa": host, "fma": "vfmadd" in asm,
+            "llvm_cpu": config.CPU_NAME or ll.get_host_cpu_name(), "numba_cpu_features": config.CPU_FEATURES}
 
 
 def compare(clock: str, threads: int, rounds: int, ours: Any, theirs: Any, images_per_call: int,
@@ -274,7 +313,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=20, help="training steps per round")
     ap.add_argument("--threads", type=int, default=2, help="threads of both for the wall-clock figures")
     ap.add_argument("--no-startup", action="store_true", help="skip the compile and cached-start children")
-    ap.add_argument("--dense", action="store_true", help="our dense step (not the routed step of max pooling)")
+    ap.add_argument("--step", choices=("model", "routed", "dense"), default="model",
+                    help="ours: model = LeNet5(backend=--backend).train_step and .logits, what a user calls (default); "
+                         "routed / dense = the nine-op routed or the dense fused step written out op by op, and the "
+                         "lenet_fwd op")
+    ap.add_argument("--backend", default="cpu", help="the model's backend with --step model (default cpu)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -293,8 +336,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "vector_isa": isa, "load_avg_start": os.getloadavg(),
                            "torch": torch.__version__ if torch is not None else None,
                            "peer": "torch" if torch is not None else "ours-dense",
-                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-    print(f"vector ISA {isa['isa']} (LLVM CPU {isa['llvm_cpu']}); peer: {out['peer']}; "
+                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "step": args.step}
+    print(f"vector ISA {isa['isa']} (LLVM CPU {isa['llvm_cpu']}; the CPU's own: {isa['host_isa']}); "
+          f"peer: {out['peer']}; "
           f"load average {os.getloadavg()[0]:.1f}")
     ghz = measured_clock_ghz()
     out["measured_clock_ghz"] = ghz
@@ -303,14 +347,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tr_x, tr_y, te_x, _ = load_images()
     be = get_backend("cpu")
-    ours = CpuStep(be, tr_x, tr_y, args.batch, routed=not args.dense)
+    ours = CpuStep(be, tr_x, tr_y, args.batch, routed=args.step == "routed")
     cfg = spec.NetConfig()
     inf_x = te_x[: args.infer]
     logits = be.empty((inf_x.shape[0], 10))
     params = ours.P
+    our_step = ours.step
 
     def our_infer() -> None:
         be.lenet_fwd(inf_x, params, logits, ours.mean, ours.std, "relu", "max")
+
+    if args.step == "model":
+        model = ModelStep(args.backend, tr_x, tr_y, args.batch, ours.init)
+        our_step = model.step
+        out["model_backend"] = model.model.backend.name
+
+        def our_infer() -> None:  # noqa: F811 (the model's host path: what a user calls)
+            model.model.logits(inf_x)
 
     if torch is not None:
         from bench.peer import TorchLeNet
@@ -339,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p = peak if clock == "wall" else peak1
         p = p * min(threads, info["cores"]) / (info["cores"] if clock == "wall" else 1)
         for kind, fo, ft, n_img, calls, flops in (
-            ("train", ours.step, torch_step, args.batch, args.steps, tf),
+            ("train", our_step, torch_step, args.batch, args.steps, tf),
             ("infer", our_infer, torch_infer, inf_x.shape[0], max(1, args.steps // 4), ff),
         ):
             r = compare(clock, threads, args.rounds, fo, ft, n_img, calls, torch)

@@ -265,7 +265,10 @@ def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[
     # the fused ops' and the routed ops' kernels have their own tables
     kernels = {**KERNELS, **head.KERNELS, **lenet_fwd.KERNELS, **_routed.KERNELS}
     signatures = {**SIGNATURES, **head.SIGNATURES, **lenet_fwd.SIGNATURES, **_routed.SIGNATURES}
-    ptx, _ = cuda.compile_ptx(kernels[name].py_func, signature or signatures[name], cc=cc)
+    # the launch bounds the kernel is compiled with for the GPU (its registers depend on them)
+    bounds = {**head.LAUNCH_BOUNDS, **lenet_fwd.LAUNCH_BOUNDS, **_routed.LAUNCH_BOUNDS}
+    ptx, _ = cuda.compile_ptx(kernels[name].py_func, signature or signatures[name], cc=cc,
+                              launch_bounds=bounds.get(name))
     ptxas = find_ptxas(ptx)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{name}.ptx"
