@@ -98,6 +98,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    """Start the simulator children of the selected suite tests now, in the background (tests/sim_child.py)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or session.config.option.collectonly:
+        return  # a child does not start children of its own
+    from tests import sim_child
+
+    children: list = []
+    for item in session.items:
+        for c in getattr(getattr(item, "function", None), "sim_children", ()):
+            if c not in children and not item.get_closest_marker("skip"):
+                children.append(c)
+    sim_child.start_early(children)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests import sim_child
+
+    sim_child.stop_early()
+
+
 def pytest_runtest_setup(item):
     if CUDA_STATE == "broken" and "gpu" in item.keywords:
         pytest.fail(CUDA_REASON, pytrace=False)

@@ -30,6 +30,7 @@ from lenet_gpu.backends.cupy_backend import fused
 from lenet_gpu.backends.cupy_backend.runtime import kernel_source
 from lenet_gpu.reference import ACTIVATIONS
 from tests import fused_helpers as F
+from tests import sim_child
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,12 +67,16 @@ def test_host_suite_in_subprocess():
     print(_run_child({HOST_ENV: "1"}, os.environ.get("LENET_FUSED_HOST_K", "host_"), 1200)[-3000:])
 
 
+SIM_SUITE = sim_child.Child(__file__, "sim_", args=("-rs",))
+
+
 @parent
 @pytest.mark.sim
+@sim_child.early(SIM_SUITE)
 def test_simulator_suite():
     """Every sim_* test (the Numba kernels in the CUDA simulator), in a child process."""
     require("numba", "the simulator suite needs it")
-    print(_run_child({"NUMBA_ENABLE_CUDASIM": "1"}, "sim_", 900)[-3000:])
+    print(sim_child.result(SIM_SUITE)[-3000:])
 
 
 # ------------------------------------------------------------------------------------------- launch plans

@@ -15,14 +15,13 @@ any tile or block size); every kernel loops over its work with a grid- or block-
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lenet_gpu import reference as R
+from tests import sim_child
 
 F64 = np.float64
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -36,19 +35,16 @@ pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerforma
 # ------------------------------------------------------------------------------------- main process
 
 
+SUITE = sim_child.Child(__file__, "sim_", timeout=800)
+
+
 @pytest.mark.sim
+@sim_child.early(SUITE)
 def test_simulator_suite():
     """Run the sim_* tests of this file in a subprocess with the CUDA simulator on."""
     if SIM:
         pytest.skip("this is the simulator run")
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-           "-k", "sim_", "--durations=8", "-o", "addopts=", "-W", "ignore::DeprecationWarning"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=800, check=False)
-    out = res.stdout[-30000:] + ("\n--- stderr ---\n" + res.stderr[-5000:] if res.stderr.strip() else "")
-    assert res.returncode == 0, f"simulator suite failed (exit {res.returncode}):\n{out}"
-    assert " passed" in res.stdout and " failed" not in res.stdout, out
-    print(out)
+    print(sim_child.result(SUITE))
 
 
 @pytest.mark.skipif(SIM, reason="needs the real CUDA driver check")

@@ -9,13 +9,12 @@ tests/test_numba_ptx.py's and test_fused.py's.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests import sim_child
 from tests.conftest import require
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -30,20 +29,17 @@ def _lf():
     return lenet_fwd
 
 
+SUITE = sim_child.Child(__file__, "sim_")
+
+
 @pytest.mark.sim
+@sim_child.early(SUITE)
 def test_v2_simulator_suite():
     """Run the sim_* tests of this file in a subprocess with the CUDA simulator on."""
     if SIM:
         pytest.skip("this is the simulator run")
     require("numba", "the simulator suite needs it")
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-k", "sim_",
-           "--durations=5", "-o", "addopts=", "-W", "ignore::DeprecationWarning"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
-    out = res.stdout[-20000:] + ("\n--- stderr ---\n" + res.stderr[-5000:] if res.stderr.strip() else "")
-    assert res.returncode == 0, f"lenet_fwd_v2 simulator suite failed (exit {res.returncode}):\n{out}"
-    assert " passed" in res.stdout and " failed" not in res.stdout, out
-    print(out)
+    print(sim_child.result(SUITE))
 
 
 def test_plan_v2_follows_cuda_c_v3():

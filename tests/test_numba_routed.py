@@ -11,12 +11,12 @@ LeNet-5 sizes on a device.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests import sim_child
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,21 +26,18 @@ pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerforma
 ACTS = ("identity", "relu", "tanh", "lecun_tanh", "sigmoid")
 
 
+#: true uint32 scalars in the simulated kernels (routed.py): a wraparound would show, and a uint32 overflow warning
+#: in a simulated kernel fails
+SUITE = sim_child.Child(__file__, "sim_", (("LENET_GPU_SIM_UINT32", "1"),), ("-W", "error::RuntimeWarning"), 600)
+
+
 @pytest.mark.sim
+@sim_child.early(SUITE)
 def test_routed_simulator_suite():
     """Run the sim_* tests of this file in a subprocess with the CUDA simulator on."""
     if SIM:
         pytest.skip("this is the simulator run")
-    # true uint32 scalars in the simulated kernels (routed.py): wraparound would show
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT), "LENET_GPU_SIM_UINT32": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-           "-k", "sim_", "--durations=5", "-o", "addopts=", "-W", "ignore::DeprecationWarning",
-           "-W", "error::RuntimeWarning"]  # a uint32 overflow in a simulated kernel fails
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    out = res.stdout[-20000:] + ("\n--- stderr ---\n" + res.stderr[-5000:] if res.stderr.strip() else "")
-    assert res.returncode == 0, f"routed simulator suite failed (exit {res.returncode}):\n{out}"
-    assert " passed" in res.stdout and " failed" not in res.stdout, out
-    print(out)
+    print(sim_child.result(SUITE))
 
 
 # ------------------------------------------------------------------------------------------------ checks

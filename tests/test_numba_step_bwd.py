@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import pytest
 
 from lenet_gpu import reference as ref
 from lenet_gpu.spec import conv_prefix, param_layout
+from tests import sim_child
 from tests.parity import TOL, assert_close, assert_equal, nan_like, rand
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -43,24 +43,19 @@ parent = pytest.mark.skipif(SIM, reason="runs in the parent pytest process (the 
 pytestmark = pytest.mark.filterwarnings("ignore::numba.core.errors.NumbaPerformanceWarning")
 
 
-def _suite(pattern: str, extra_env: dict[str, str], warn_args: list[str]) -> str:
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT), **extra_env}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-k", pattern,
-           "--durations=5", "-o", "addopts=", "-W", "ignore::DeprecationWarning", *warn_args]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    out = res.stdout[-20000:] + ("\n--- stderr ---\n" + res.stderr[-5000:] if res.stderr.strip() else "")
-    assert res.returncode == 0, f"step_bwd simulator run -k {pattern} failed (exit {res.returncode}):\n{out}"
-    assert " passed" in res.stdout and " failed" not in res.stdout, out
-    return out
+#: the sim_* tests (Python-int indices in the simulator: common.py's default there) and the u32_* tests (true uint32
+#: scalars: a wraparound would warn, and the warning fails)
+SUITES = (sim_child.Child(__file__, "sim_", timeout=600),
+          sim_child.Child(__file__, "u32_", (("LENET_GPU_SIM_UINT32", "1"),), ("-W", "error::RuntimeWarning"), 600))
 
 
 @pytest.mark.sim
 @parent
+@sim_child.early(*SUITES)
 def test_step_bwd_simulator_suites():
-    """The sim_* tests (Python-int indices in the simulator: common.py's default there) and the u32_* tests (true
-    uint32 scalars: a wraparound would warn, and the warning fails) in two simulator subprocesses."""
-    print(_suite("sim_", {}, []))
-    print(_suite("u32_", {"LENET_GPU_SIM_UINT32": "1"}, ["-W", "error::RuntimeWarning"]))
+    """The sim_* and u32_* tests in two simulator subprocesses (SUITES)."""
+    for suite in SUITES:
+        print(suite.name, sim_child.result(suite))
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -26,7 +26,6 @@ import functools
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ import pytest
 from lenet_gpu import reference as ref
 from lenet_gpu.spec import conv_prefix, param_layout
 from lenet_gpu.stepstate import HostState, advance
+from tests import sim_child
 from tests.parity import TOL, assert_close, assert_equal, nan_like
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -46,23 +46,21 @@ MEAN, STD = 0.1307, 0.3081
 HYPER_ADAM = (0.9, 0.999, 1e-8)
 
 
+#: sim_uint32_* with true uint32 scalars (LENET_GPU_SIM_UINT32=1: a wraparound would index out of range, an overflow
+#: warning fails; ~4x slower), the others with Python ints (common.U's simulator default)
+SUITES = {u: sim_child.Child(__file__, "sim_uint32_" if u else "sim_ and not sim_uint32_",
+                             (("LENET_GPU_SIM_UINT32", str(int(u))),), ("-W", "error::RuntimeWarning"), 600)
+          for u in (False, True)}
+
+
 @pytest.mark.sim
 @pytest.mark.parametrize("uint32", [False, True], ids=["int", "uint32"])
+@sim_child.early(*SUITES.values())
 def test_step4_fwd_simulator_suite(uint32):
-    """Run the sim_* tests of this file in a subprocess with the CUDA simulator on: the sim_uint32_* ones with true
-    uint32 scalars (LENET_GPU_SIM_UINT32=1: a wraparound would index out of range, an overflow warning fails; ~4x
-    slower), the others with Python ints (common.U's simulator default)."""
+    """Run the sim_* tests of this file in a subprocess with the CUDA simulator on (SUITES)."""
     if SIM:
         pytest.skip("this is the simulator run")
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT), "LENET_GPU_SIM_UINT32": str(int(uint32))}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-k",
-           "sim_uint32_" if uint32 else "sim_ and not sim_uint32_", "--durations=5", "-o", "addopts=", "-W",
-           "ignore::DeprecationWarning", "-W", "error::RuntimeWarning"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    out = res.stdout[-20000:] + ("\n--- stderr ---\n" + res.stderr[-5000:] if res.stderr.strip() else "")
-    assert res.returncode == 0, f"step4_fwd simulator suite failed (exit {res.returncode}):\n{out}"
-    assert " passed" in res.stdout and " failed" not in res.stdout, out
-    print(out)
+    print(sim_child.result(SUITES[uint32]))
 
 
 # ------------------------------------------------------------------------------------------- helpers

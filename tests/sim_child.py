@@ -1,0 +1,133 @@
+"""A test file's simulator tests in a child pytest process (NUMBA_ENABLE_CUDASIM=1), written once, started early.
+
+Each file with Numba kernels runs its ``sim_*`` tests in a child process with the CUDA simulator on (the simulator
+must be chosen before Numba is imported, and a kernel that writes out of bounds should take a child down, not
+pytest). A simulator run holds one core: it runs a block's threads as Python threads under one GIL. So that the
+suite does not wait for them one after another, conftest.py starts the children of every selected suite test at
+the session's start (``start_early``), one at a time on a background thread, while the main process runs its own
+tests; the suite test then takes its child's result (``result``), and fails as before on a child that failed,
+printing the child's output. A suite test whose child was not started early (a single test run by node id,
+``LENET_TESTS_EARLY_CHILDREN=0``) runs its child when it runs.
+
+    SUITE = Child(__file__, "sim_")
+
+    @sim_child.early(SUITE)
+    def test_simulator_suite():
+        print(sim_child.result(SUITE))
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+#: output kept from a child's stdout and stderr for the report
+KEEP_OUT, KEEP_ERR = 20000, 5000
+
+
+@dataclass(frozen=True)
+class Child:
+    """The child run of ``file``'s tests selected by ``-k k``, with extra environment ``env`` (pairs) and pytest
+    arguments ``args``, given ``timeout`` seconds."""
+
+    file: str
+    k: str
+    env: tuple[tuple[str, str], ...] = ()
+    args: tuple[str, ...] = ()
+    timeout: int = 900
+
+    @property
+    def name(self) -> str:
+        extra = " ".join(f"{a}={b}" for a, b in self.env)
+        return f"{Path(self.file).name} -k {self.k!r}" + (f" ({extra})" if extra else "")
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "pytest", str(self.file), "-q", "-p", "no:cacheprovider", "-k", self.k,
+                "--durations=5", "-o", "addopts=", "-W", "ignore::DeprecationWarning", *self.args]
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT), **dict(self.env)}
+
+
+def early(*children: Child) -> Callable[[Any], Any]:
+    """Mark a test as the one that checks these children: conftest starts them at the session's start."""
+
+    def mark(fn: Any) -> Any:
+        fn.sim_children = children
+        return fn
+
+    return mark
+
+
+def _run(child: Child) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(child.command(), cwd=ROOT, env=child.environ(), capture_output=True, text=True,
+                              timeout=child.timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or ""
+        return subprocess.CompletedProcess(e.cmd, -9, out, err + f"\n(killed after {child.timeout} s)")
+
+
+class _Early:
+    """The children started at the session's start, run one at a time on a background thread."""
+
+    def __init__(self) -> None:
+        self.results: dict[Child, subprocess.CompletedProcess] = {}
+        self.done: dict[Child, threading.Event] = {}
+        self.stopped = False
+        self.lock = threading.Lock()
+        self.current: subprocess.Popen | None = None
+
+    def start(self, children: list[Child]) -> None:
+        for c in children:
+            self.done[c] = threading.Event()
+        threading.Thread(target=self._worker, args=(children,), name="sim-children", daemon=True).start()
+
+    def _worker(self, children: list[Child]) -> None:
+        for c in children:
+            if self.stopped:
+                break
+            try:
+                self.results[c] = _run(c)
+            finally:
+                self.done[c].set()
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+_EARLY = _Early()
+
+
+def start_early(children: list[Child]) -> None:
+    """Start these children now, one after another in a background thread (conftest, at collection's end)."""
+    if children and os.environ.get("LENET_TESTS_EARLY_CHILDREN", "1") != "0":
+        _EARLY.start(children)
+
+
+def stop_early() -> None:
+    """Start no more children (the session ends)."""
+    _EARLY.stop()
+
+
+def result(child: Child) -> str:
+    """The child's output tail, after checking that it passed: its early run's (waiting for it), else a run now."""
+    done = _EARLY.done.get(child)
+    res = None
+    if done is not None:
+        done.wait()
+        res = _EARLY.results.get(child)
+    if res is None:
+        res = _run(child)
+    out = res.stdout[-KEEP_OUT:] + ("\n--- stderr ---\n" + res.stderr[-KEEP_ERR:] if res.stderr.strip() else "")
+    assert res.returncode == 0, f"{child.name}: the simulator child failed (exit {res.returncode}):\n{out}"
+    assert " passed" in res.stdout and " failed" not in res.stdout, out
+    return out
