@@ -18,6 +18,28 @@ Two launches, no atomics, no tickets:
   summed in input order.
 - head_train_wgrad_v1: one thread per element of [dw1|db1], [dw2|db2], [dw3|db3] (the bias = a column of ones),
   each a sum over the batch in row order; one more thread sums the per-row loss and hit in row order.
+- head_train_v2 / head_train_wgrad_v2 (kernels/head.cu's v2, kernel for kernel): rows: the block's R rows (1, 2, 4
+  or 8, compiled in: one kernel per R) and every intermediate in shared memory; the three forward products
+  warp-cooperative (rows_gemv.cuh: a warp per 4 outputs, lanes along the reduction axis, so every weight load is a
+  coalesced row segment feeding R FMAs, against v1's thread-per-output loops; a fixed transpose-butterfly of
+  the partial sums); the backward products a column a thread with R register accumulators (coalesced weight
+  reads, each weight feeding R rows). wgrad: 16×32 tiles of [dw|db] over 32-row chunks staged in shared memory,
+  2×2 outputs a thread, 4 groups of 128 threads splitting the batch (partials added in group order), against
+  v1's thread per element re-reading the batch column; one more block sums the stats with a fixed tree.
+- head_train_v3 / head_train_wgrad_v3 (head.cu's v3): rows: a row a block of 512 threads, the geometry (C, Hp, Wp,
+  H, W, H1, H2, NC) compiled in (make_v3: constant trip counts and divisors); x, w2 and w3 staged in shared
+  memory in one round trip (w2 read once, not twice as in v2); C5's forward split over 15 warps of 8 outputs,
+  lanes along the row (13 coalesced loads × 8 outputs a lane); F6 and the output layer from the staged copies;
+  the small backward products split in parts of ≥ 8 terms (partials added in part order); C5's data gradient
+  with the forward's warp/lane footprint of w1, per-warp partials added in warp order. wgrad: v2's tiles with
+  the sizes compiled in. sm_90 (compile_ptx + ptxas, no launch bounds): 64 registers, no stack, no spills.
+  head.cu's estimate for its v3 at batch 64 on an H200 (ESTIMATED there, not measured; this port unmeasured):
+  rows kernel ~5-7 µs against its v2's measured 21.7 µs.
+- The plan (``plan``): v1 this module's; v2 and v3 cupy's (cupy_backend/fused.head_plan, called, not copied):
+  v3's rows kernel while v2 would take one row a block (batch ≤ fused.HEAD_FILL_BLOCKS = 264) and its 49,040 B
+  of shared memory fit, v2's rows kernel beyond (then head_train_wgrad_v3); v2/v3 fall back to v1 where v2's
+  rows do not fit shared memory (wide F6) and no variant was named. The default is v3 (as cupy's).
+Every v2/v3 sum is in a fixed order (no atomics): the bits repeat from launch to launch and whatever the grid.
 
 ``head_train(be, ...)`` is the launch wrapper with the protocol's signature (first parameter the backend), so a
 backend binds it as a method with one line. It launches the kernel objects itself (they are not in the backend's
@@ -312,10 +334,10 @@ def head_train_wgrad_v1(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, d
 #   register arrays indexed by a loop variable stay in registers only where the loop unrolls (the compile checks
 #   assert no stack frame); v3's forward re-reads its input value from shared memory per 32-column step instead
 #   of preloading all of them into registers (a preload array would have to be indexed by the unrolled step);
-# - no __launch_bounds__ per HEAD_ROWS: one kernel (head_train_v2) holds the four row counts as specialised bodies
-#   chosen by a launch-uniform branch (lenet_fwd_v2's way), under one launch bound;
-# - no template kernels per geometry: v3's geometry is a closure constant of a kernel factory (make_v3), one
-#   dispatcher per geometry (LeNet-5's built at import: KERNELS["head_train_v3"]).
+# - no templates / -D defines: HEAD_ROWS and v3's geometry are closure constants of kernel factories (make_v2,
+#   make_v3), one dispatcher per row count (v2_bounds: head.cu's launch bounds for it) and per geometry; the tables
+#   hold the 1-row v2 and LeNet-5's v3 (built at import), the others are built at their first launch and launched
+#   with ``kernel=`` (launch_kernel). Only the tables' kernels are in the on-disk kernel cache.
 # Two additions for this backend's contract (a backend's ``max_blocks`` caps every grid): the rows kernels loop
 # over their rows (v3) / tiles (v2) with a block stride and the wgrad kernels over their tiles; on an uncapped
 # launch each block runs one iteration, as head.cu's.
@@ -332,9 +354,17 @@ WG2_THREADS = WG_THREADS * WG2_GROUPS  # 512
 WG_SDZ = WG2_GROUPS * WG_KC * WG_TO  # wgrad's shared arrays (floats): the staged dz chunks, input chunks, partials
 WG_SA = WG2_GROUPS * WG_KC * WG_TI
 WG_SPART = (WG2_GROUPS - 1) * WG_THREADS * 4
-#: launch bounds (the GPU's jit; compile_report compiles without them): head.cu's for v2 at 4 and 8 rows (768
-#: threads an SM: ≤ 85 registers) for the one kernel that holds every row count, v3's (512, 2): ≤ 64 registers
-LAUNCH_BOUNDS["head_train_v2"] = (HEAD2_THREADS, 3)
+
+
+def v2_bounds(rows: int) -> tuple[int, int]:
+    """head.cu's launch bounds of head_train_v2 at HEAD_ROWS = rows: 512 threads an SM (≤ 128 registers) at 1 or 2
+    rows, 768 (≤ 85) at 4 or 8."""
+    return HEAD2_THREADS, (512 if rows <= 2 else 768) // HEAD2_THREADS
+
+
+#: launch bounds (the GPU's jit; compile_report compiles without them): v2's table entry (1 row), v3's (512, 2):
+#: ≤ 64 registers
+LAUNCH_BOUNDS["head_train_v2"] = v2_bounds(1)
 LAUNCH_BOUNDS["head_train_wgrad_v2"] = (WG2_THREADS,)
 LAUNCH_BOUNDS["head_train_v3"] = (HEAD3_THREADS, 2)
 LAUNCH_BOUNDS["head_train_wgrad_v3"] = (WG2_THREADS,)
@@ -629,26 +659,37 @@ def _make_rows_v2(R: int) -> Any:
     return rows
 
 
-_rows_v2_1, _rows_v2_2, _rows_v2_4, _rows_v2_8 = (_make_rows_v2(r) for r in (1, 2, 4, 8))
+def make_v2(R: int) -> Any:
+    """head_train_v2 compiled for R rows a block (head.cu's HEAD_ROWS: 1, 2, 4 or 8; one dispatcher each, as
+    head.cu's one kernel per HEAD_ROWS). ``rows`` (the launch's) must equal R."""
+    if R not in (1, 2, 4, 8):
+        raise ValueError(f"head_train_v2: rows {R} is not 1, 2, 4 or 8")
+    body = _make_rows_v2(R)
+
+    def head_train_v2(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
+                      rowstat, nb, cc, hh, ww, nh1, nh2, nc, act, mode, rows):
+        # dynamic shared memory: R·(I + 2·H1 + 2·H2 + 2·NC) floats (cupy_backend/fused.head_v2_smem)
+        sm = cuda.shared.array(0, float32)
+        body(sm, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3, rowstat,
+             nb, cc, hh, ww, nh1, nh2, nc, act, mode)
+
+    return cuda.jit(head_train_v2) if SIM else cuda.jit(launch_bounds=v2_bounds(R))(head_train_v2)
 
 
-@_jit("head_train_v2")
-def head_train_v2(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3, rowstat,
-                  nb, cc, hh, ww, nh1, nh2, nc, act, mode, rows):
-    # dynamic shared memory: rows·(I + 2·H1 + 2·H2 + 2·NC) floats (cupy_backend/fused.head_v2_smem)
-    sm = cuda.shared.array(0, float32)
-    if rows == 1:  # launch-uniform: one specialised body runs
-        _rows_v2_1(sm, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
-                   rowstat, nb, cc, hh, ww, nh1, nh2, nc, act, mode)
-    elif rows == 2:
-        _rows_v2_2(sm, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
-                   rowstat, nb, cc, hh, ww, nh1, nh2, nc, act, mode)
-    elif rows == 4:
-        _rows_v2_4(sm, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
-                   rowstat, nb, cc, hh, ww, nh1, nh2, nc, act, mode)
-    else:
-        _rows_v2_8(sm, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
-                   rowstat, nb, cc, hh, ww, nh1, nh2, nc, act, mode)
+_V2: dict[int, Any] = {}
+
+
+def v2_kernel(rows: int) -> Any:
+    """head_train_v2 for ``rows`` rows a block (built at the first call; 1 row at import: KERNELS' entry)."""
+    k = _V2.get(rows)
+    if k is None:
+        k = _V2[rows] = make_v2(rows)
+    return k
+
+
+#: the table's head_train_v2 (compile checks, the kernel cache): the 1-row body (v2's kernel at batch ≤ 264); 2, 4
+#: and 8 rows: v2_kernel(rows), compiled at their first launch
+head_train_v2 = v2_kernel(1)
 
 
 # ---------------------------------------------------------------------------------------------- v2: wgrad
@@ -1102,16 +1143,16 @@ _DUMMY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def launch_kernel(be: Any, name: str, kernel: Any, grid: int, block: int, shmem: int, *args: Any) -> None:
     """Launch ``kernel`` (named ``name``) through the backend's ``_launch`` (which finds it in FUSED_KERNELS, or
-    takes it as ``kernel=`` where it is not that table's: head_train_v3 at another geometry than LeNet-5's),
+    takes it as ``kernel=`` where it is not that table's: head_train_v2 at 2, 4, 8 rows, v3 at another geometry),
     so counters, the launch log, ``record`` and ``graph`` see it like every other launch. A backend without
     ``_launch`` gets the same treatment here: the grid capped at ``be.max_blocks`` (every fused kernel loops
     over its work), the launch counted, logged when ``be.launch_log`` is a list, synchronised when ``be.debug``."""
     if hasattr(be, "_launch"):
         op, variant = name.rsplit("_", 1)
-        if KERNELS.get(name) is kernel:
-            be._launch(op, variant, grid, block, shmem, *args)
-        else:
+        if name in KERNELS and KERNELS[name] is not kernel:  # head_train_v2/_v3 built for another R / geometry
             be._launch(op, variant, grid, block, shmem, *args, kernel=kernel)
+        else:
+            be._launch(op, variant, grid, block, shmem, *args)
         return
     cap = getattr(be, "max_blocks", None)
     if cap is not None:
@@ -1184,7 +1225,9 @@ def launches(variant: str, n: int, ni: int = 400, nh1: int = 120, nh2: int = 84,
 
 
 def _kernel_for(name: str, geom: tuple[int, ...]) -> Any:
-    return v3_kernels(geom)[name.startswith("head_train_wgrad")] if name.endswith("_v3") else KERNELS[name]
+    if name.endswith("_v3"):
+        return v3_kernels(geom)[name.startswith("head_train_wgrad")]
+    return KERNELS[name]
 
 
 def head_train(
@@ -1258,7 +1301,8 @@ def head_train(
                 np.int32(rows))
     else:
         tail = (np.int32(n), np.int32(ACT_CODES[act]), mode_code)
-    launch_kernel(be, rname, _kernel_for(rname, geom), rgrid, rblock, rsmem, *arrays, *tail)
+    kernel = v2_kernel(rows) if rname == "head_train_v2" else _kernel_for(rname, geom)
+    launch_kernel(be, rname, kernel, rgrid, rblock, rsmem, *arrays, *tail)
     launch_kernel(be, wname, _kernel_for(wname, geom), wgrid, wblock, wsmem, flat(x), flat(h1), flat(h2), flat(dz1),
                   flat(dz2), flat(dz3), flat(rowstat), flat(dw1), db1, flat(dw2), db2, flat(dw3), db3, stats, state,
                   *(np.int32(v) for v in (n, ni, nh1, nh2, nc)))
