@@ -71,6 +71,7 @@ def test_plan_is_cupys(batch):
         assert got[0][:4] == (a.kernel, a.grid[0], a.block[0], a.shared_mem), (v, got)
         assert got[1][:4] == (w.kernel, w.grid[0], w.block[0], w.shared_mem), (v, got)
         assert got[0][4] == dict(a.defines).get("HEAD_ROWS", 1)
+    assert 4 * head.v3_layout(head.LENET_GEOM)["SMEM_FLOATS"] == fused.head_v3_smem(400, 120, 84, 10)
     rows = head.plan("v3", batch, 400, 120, 84, 10)[0]
     assert rows[0] == ("head_train_v3" if batch <= fused.HEAD_FILL_BLOCKS else "head_train_v2")
     assert head.DEFAULT_VARIANTS["head_train"] == "v3" == head.VARIANTS["head_train"][-1]
