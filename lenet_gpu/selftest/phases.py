@@ -416,8 +416,9 @@ def _compile_numba(label: str, rec: PhaseRecorder, deadline: float | None = None
     """On a GPU: every kernel compiled at its launch signature for the device and loaded (Dispatcher.compile
     binds it to the context). Emulated: compile_ptx for sm_90 (no device needed; the simulator cannot
     compile), in a child where NUMBA_ENABLE_CUDASIM is unset."""
-    from ..backends.numba_backend.backend import KERNELS, SIGNATURES
-    from ..backends.numba_backend.compile_report import f64_lines
+    from ..backends.numba_backend.compile_report import all_kernels, f64_lines
+
+    table = all_kernels()  # the backend's, the fused ops' (head, lenet_fwd), the routed and the step kernels
 
     on_gpu = label == "numba"
     if on_gpu:
@@ -433,7 +434,7 @@ def _compile_numba(label: str, rec: PhaseRecorder, deadline: float | None = None
                  "simulator itself compiles nothing")
     rec.data.setdefault("arch", {})[label] = f"sm_{cc[0]}{cc[1]}"
     costs = Costs()
-    for i, name in enumerate(sorted(KERNELS)):
+    for i, name in enumerate(sorted(table)):
         case = f"{label} {name}"
         need = costs.expect("kernel", 2.0)
         # the first kernel runs whenever the phase has time (the imports above may have used this share)
@@ -442,21 +443,21 @@ def _compile_numba(label: str, rec: PhaseRecorder, deadline: float | None = None
             continue
 
         def comp(name: str = name) -> dict[str, Any]:
-            sig = SIGNATURES[name]
+            kernel, sig = table[name]
             if on_gpu:
-                k = KERNELS[name].compile(sig)
+                k = kernel.compile(sig)
                 ptx = k.inspect_asm(cc)
                 facts = {"registers": k.regs_per_thread, "static_shared_bytes": k.shared_mem_per_block,
                          "local_bytes": k.local_mem_per_thread, "max_threads": k.max_threads_per_block}
             else:
-                ptx, _ = cuda.compile_ptx(KERNELS[name].py_func, sig, cc=cc)
+                ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=cc)
                 facts = {}
             f64 = f64_lines(ptx)
             facts["f64_instructions"] = len(f64)
             if f64:
                 raise AssertionError(f"{name}: {len(f64)} PTX lines use float64 in a float32 kernel, e.g. {f64[0]}")
             return facts
-        costs.observe("kernel", rec.run(case, comp, backend=label, kernel=name, signature=SIGNATURES[name]))
+        costs.observe("kernel", rec.run(case, comp, backend=label, kernel=name, signature=table[name][1]))
 
 
 #: the compile phase's time per backend, relative

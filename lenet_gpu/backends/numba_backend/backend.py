@@ -303,13 +303,10 @@ def lenet_launches(
     if step4:  # the four-kernel step (docs/step4.md): step_fwd, head_train (2 kernels), step_bwd, step_adam/sgd
         from ...spec import NetConfig, param_layout
 
-        total = 120 * 401 + f6 * 121 + 10 * (f6 + 1) + 1
         upd = "step_adam" if optimizer == "adam" else "step_sgd"
         ublocks, uthreads = _step4_fwd.update_plan(param_layout(NetConfig(f6=f6))[1], sm_count())
         return [("step_fwd", v["step_fwd"], b, _step4_fwd.SF_THREADS, 0),
-                ("head_train", v["head_train"], ceil_div(b, _head.rows_per_block(b)), _head.HEAD_THREADS,
-                 _head.c5_smem(120)),
-                ("head_train_wgrad", v["head_train"], ceil_div(total, _head.WG_THREADS), _head.WG_THREADS, 0),
+                *_head.launches(v["head_train"], b, nh2=f6),
                 ("step_bwd", v["step_bwd"], _step4_bwd.step_groups(b, sm_count()), _step4_bwd.THREADS, 0),
                 (upd, v[upd], ublocks, uthreads, 0)]
     add("batch_prepare", x=(b, 1, 32, 32))
@@ -320,10 +317,7 @@ def lenet_launches(
             add("conv2d_fwd", y=yshape, w=wshape)
             add("pool2x2_fwd", y=(b, yshape[1], yshape[2] // 2, yshape[3] // 2))
     if training and "head_train" in v:  # C5 → F6 → output → loss → back to C3: two kernels
-        total = 120 * 401 + f6 * 121 + 10 * (f6 + 1) + 1
-        out.append(("head_train", v["head_train"], ceil_div(b, _head.rows_per_block(b)), _head.HEAD_THREADS,
-                    _head.c5_smem(120)))
-        out.append(("head_train_wgrad", v["head_train"], ceil_div(total, _head.WG_THREADS), _head.WG_THREADS, 0))
+        out.extend(_head.launches(v["head_train"], b, nh2=f6))  # head.py's plan (v2, v3: cupy's)
         if routed:  # the routed step (docs/routed_backward.md): gradients at the pooled size + the routes
             add("conv2d_bwd_weight_routed", dw=(16, 6, 5, 5), gz=(b, 16, 5, 5))
             add("conv2d_bwd_data_routed", gzb=(b, 6, 14, 14), w=(16, 6, 5, 5))
@@ -457,8 +451,8 @@ class NumbaBackend:
     def _replay_fn(self, launches: list[Any]) -> Callable[[], None]:
         if not self.is_gpu:
             def replay_sim() -> None:
-                for name, grid, block, sh, args in launches:
-                    _kernel(name)[grid, block, 0, sh](*args)
+                for kernel, grid, block, sh, args in launches:
+                    kernel[grid, block, 0, sh](*args)
 
             return replay_sim
         if self._default_stream is None or self.debug:
@@ -523,11 +517,13 @@ class NumbaBackend:
             raise ValueError(f"{op}: unknown variant {v!r}; choose one of {', '.join(self.variants[op])}")
         return v
 
-    def _launch(self, op: str, variant: str, grid: int, block: Any, shmem: int, *args: Any) -> None:
+    def _launch(self, op: str, variant: str, grid: int, block: Any, shmem: int, *args: Any, kernel: Any = None) -> None:
         """Launch kernel ``<op>_<variant>`` (every launch of the backend, and of the fused-op modules, goes
         through here): eagerly through Numba; while ``record`` records, also prepared for replay; while
-        ``graph`` captures, prepared and issued onto the capturing stream."""
+        ``graph`` captures, prepared and issued onto the capturing stream. ``kernel``: the dispatcher to launch
+        where it is not the table's (head.py's head_train_v3 compiled for another geometry than LeNet-5's)."""
         name = f"{op}_{variant}"
+        k = _kernel(name) if kernel is None else kernel
         if self.max_blocks is not None:
             grid = min(grid, self.max_blocks)
         grid = max(1, grid)
@@ -535,18 +531,18 @@ class NumbaBackend:
         if self.launch_log is not None:
             self.launch_log.append((name, tuple(numba.typeof(a) for a in args)))
         if self._capture is not None:
-            prepared = _launchmod.PreparedLaunch.for_gpu(name, _kernel(name), grid, block, shmem, args)
+            prepared = _launchmod.PreparedLaunch.for_gpu(name, k, grid, block, shmem, args)
             prepared.issue(self._capture)
         else:
-            _kernel(name)[grid, block, 0, shmem](*args)
+            k[grid, block, 0, shmem](*args)
             if self.debug:
                 cuda.synchronize()
             if self._recording is None:
                 return
             if self.is_gpu:
-                prepared = _launchmod.PreparedLaunch.for_gpu(name, _kernel(name), grid, block, shmem, args)
+                prepared = _launchmod.PreparedLaunch.for_gpu(name, k, grid, block, shmem, args)
             else:
-                prepared = (name, grid, block, shmem, args)
+                prepared = (k, grid, block, shmem, args)
         if self._recording is not None:
             self._recording.append(prepared)
 
@@ -1046,7 +1042,7 @@ class NumbaBackend:
 
 class _Recorded:
     """What ``NumbaBackend.record`` returns: the first call runs fn and records its launches
-    (``launches``: launch.PreparedLaunch objects on a GPU, (name, grid, block, shmem, args) under the
+    (``launches``: launch.PreparedLaunch objects on a GPU, (kernel, grid, block, shmem, args) under the
     simulator); later calls replay them."""
 
     def __init__(self, be: NumbaBackend, fn: Callable[[], None]) -> None:

@@ -31,11 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import head as _head
 from . import routed as _routed
-from .backend import KERNELS, SIGNATURES, VARIANTS, launch_config
+from . import step4_bwd as _step4_bwd
+from . import step4_fwd as _step4_fwd
+from .backend import KERNELS, SIGNATURES, VARIANTS, launch_config, lenet_launches
 
-#: the ops the report covers: the backend's table and the routed backward (routed.py, an optional op pair)
-REPORT_VARIANTS: dict[str, tuple[str, ...]] = {**VARIANTS, **_routed.VARIANTS}
+#: the fused ops' kernels the report covers, op → variants: the dense head's two launches (head.py: the rows kernel
+#: and the weight gradients; v2's table entry is its 1-row kernel, v3's LeNet-5's geometry) and the four-kernel
+#: step's (step4_fwd.py, step4_bwd.py; docs/step4.md)
+FUSED_REPORT_VARIANTS: dict[str, tuple[str, ...]] = {
+    "head_train": _head.VARIANTS["head_train"], "head_train_wgrad": _head.VARIANTS["head_train"],
+    **_step4_fwd.VARIANTS, **_step4_bwd.VARIANTS,
+}
+#: the ops the report covers: the backend's table, the routed backward (routed.py, an optional op pair) and the
+#: fused kernels above
+REPORT_VARIANTS: dict[str, tuple[str, ...]] = {**VARIANTS, **_routed.VARIANTS, **FUSED_REPORT_VARIANTS}
 
 #: one launch of each op per LeNet-5 layer that uses it, at batch 64 (for block size and dynamic
 #: shared memory)
@@ -58,6 +69,29 @@ LENET_LAUNCHES: dict[str, list[dict[str, Any]]] = {
                                  {"dw": (6, 1, 5, 5), "gz": (64, 6, 14, 14)}],
     "conv2d_bwd_data_routed": [{"gzb": (64, 6, 14, 14), "w": (16, 6, 5, 5)}],
 }
+#: the fused kernels: their launch in a LeNet-5 training step at batch 64 (backend.lenet_launches; head_train_v1
+#: and _v2 from head.plan at batch 64, v2 its 1-row kernel; step_sgd's from the SGD step)
+LENET_LAUNCHES.update({op: [{"batch": 64}] for op in FUSED_REPORT_VARIANTS})
+
+
+def all_kernels() -> dict[str, tuple[Any, str]]:
+    """Every kernel the report covers by name: (dispatcher, the signature its launches use)."""
+    from . import lenet_fwd
+
+    kernels = {**KERNELS, **_head.KERNELS, **lenet_fwd.KERNELS, **_routed.KERNELS, **_step4_fwd.KERNELS,
+               **_step4_bwd.KERNELS}
+    signatures = {**SIGNATURES, **_head.SIGNATURES, **lenet_fwd.SIGNATURES, **_routed.SIGNATURES,
+                  **_step4_fwd.SIGNATURES, **_step4_bwd.SIGNATURES}
+    return {name: (k, signatures[name]) for name, k in kernels.items()}
+
+
+def all_launch_bounds() -> dict[str, tuple[int, ...]]:
+    """The launch bounds of every kernel that the GPU build compiles with some (by name)."""
+    from . import lenet_fwd
+
+    return {**_head.LAUNCH_BOUNDS, **lenet_fwd.LAUNCH_BOUNDS, **_routed.LAUNCH_BOUNDS, **_step4_fwd.LAUNCH_BOUNDS,
+            **_step4_bwd.LAUNCH_BOUNDS}
+
 
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
@@ -259,16 +293,10 @@ def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[
     """(PTX, ptxas -v log) of kernel ``name`` for ``arch`` (e.g. "sm_90"); cached per process."""
     from numba import cuda
 
-    from . import head, lenet_fwd
-
     cc = (int(arch[3:-1]), int(arch[-1]))
-    # the fused ops' and the routed ops' kernels have their own tables
-    kernels = {**KERNELS, **head.KERNELS, **lenet_fwd.KERNELS, **_routed.KERNELS}
-    signatures = {**SIGNATURES, **head.SIGNATURES, **lenet_fwd.SIGNATURES, **_routed.SIGNATURES}
-    # the launch bounds the kernel is compiled with for the GPU (its registers depend on them)
-    bounds = {**head.LAUNCH_BOUNDS, **lenet_fwd.LAUNCH_BOUNDS, **_routed.LAUNCH_BOUNDS}
-    ptx, _ = cuda.compile_ptx(kernels[name].py_func, signature or signatures[name], cc=cc,
-                              launch_bounds=bounds.get(name))
+    kernel, sig = all_kernels()[name]  # the fused, routed and step ops' kernels have their own tables
+    # with the launch bounds the kernel is compiled with for the GPU (its registers depend on them)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, signature or sig, cc=cc, launch_bounds=all_launch_bounds().get(name))
     ptxas = find_ptxas(ptx)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{name}.ptx"
@@ -321,6 +349,13 @@ def _occupancy_fallback(registers: int, shared_bytes: int, block_threads: int) -
 def _launch_facts(op: str, variant: str) -> tuple[int, int]:
     """(block threads, most dynamic shared bytes) over the LeNet-5 launches of op/variant."""
     threads, dyn = 0, 0
+    if op in FUSED_REPORT_VARIANTS:
+        if op.startswith("head_train"):
+            launch = _head.plan(variant, 64, 400, 120, 84, 10)[op == "head_train_wgrad"]
+            return launch[2], launch[3]
+        plan = lenet_launches(64, optimizer="sgd" if op == "step_sgd" else "adam")
+        _, _, _, block, sh = next(p for p in plan if p[0] == op)
+        return int(block), sh
     for shapes in LENET_LAUNCHES[op]:
         _, block, sh = launch_config(op, variant, shapes)
         threads = max(threads, math.prod(block) if isinstance(block, tuple) else int(block))

@@ -18,6 +18,28 @@ Two launches, no atomics, no tickets:
   summed in input order.
 - head_train_wgrad_v1: one thread per element of [dw1|db1], [dw2|db2], [dw3|db3] (the bias = a column of ones),
   each a sum over the batch in row order; one more thread sums the per-row loss and hit in row order.
+- head_train_v2 / head_train_wgrad_v2 (kernels/head.cu's v2, kernel for kernel): rows: the block's R rows (1, 2, 4
+  or 8, compiled in: one kernel per R) and every intermediate in shared memory; the three forward products
+  warp-cooperative (rows_gemv.cuh: a warp per 4 outputs, lanes along the reduction axis, so every weight load is a
+  coalesced row segment feeding R FMAs, against v1's thread-per-output loops; a fixed transpose-butterfly of
+  the partial sums); the backward products a column a thread with R register accumulators (coalesced weight
+  reads, each weight feeding R rows). wgrad: 16×32 tiles of [dw|db] over 32-row chunks staged in shared memory,
+  2×2 outputs a thread, 4 groups of 128 threads splitting the batch (partials added in group order), against
+  v1's thread per element re-reading the batch column; one more block sums the stats with a fixed tree.
+- head_train_v3 / head_train_wgrad_v3 (head.cu's v3): rows: a row a block of 512 threads, the geometry (C, Hp, Wp,
+  H, W, H1, H2, NC) compiled in (make_v3: constant trip counts and divisors); x, w2 and w3 staged in shared
+  memory in one round trip (w2 read once, not twice as in v2); C5's forward split over 15 warps of 8 outputs,
+  lanes along the row (13 coalesced loads × 8 outputs a lane); F6 and the output layer from the staged copies;
+  the small backward products split in parts of ≥ 8 terms (partials added in part order); C5's data gradient
+  with the forward's warp/lane footprint of w1, per-warp partials added in warp order. wgrad: v2's tiles with
+  the sizes compiled in. sm_90 (compile_ptx + ptxas, no launch bounds): 64 registers, no stack, no spills.
+  head.cu's estimate for its v3 at batch 64 on an H200 (ESTIMATED there, not measured; this port unmeasured):
+  rows kernel ~5-7 µs against its v2's measured 21.7 µs.
+- The plan (``plan``): v1 this module's; v2 and v3 cupy's (cupy_backend/fused.head_plan, called, not copied):
+  v3's rows kernel while v2 would take one row a block (batch ≤ fused.HEAD_FILL_BLOCKS = 264) and its 49,040 B
+  of shared memory fit, v2's rows kernel beyond (then head_train_wgrad_v3); v2/v3 fall back to v1 where v2's
+  rows do not fit shared memory (wide F6) and no variant was named. The default is v3 (as cupy's).
+Every v2/v3 sum is in a fixed order (no atomics): the bits repeat from launch to launch and whatever the grid.
 
 ``head_train(be, ...)`` is the launch wrapper with the protocol's signature (first parameter the backend), so a
 backend binds it as a method with one line. It launches the kernel objects itself (they are not in the backend's
@@ -54,6 +76,8 @@ C5_CHUNK = 32
 C5_MAX_SMEM = 48 * 1024
 #: rows per block: the fewest of 1..8 that keep the grid within this many blocks (two per SM of an H100)
 FILL_BLOCKS = 2 * 132
+#: launch bounds of the kernels that have them (the GPU's cuda.jit; compile_report compiles without them)
+LAUNCH_BOUNDS: dict[str, tuple[int, ...]] = {}
 
 # ---------------------------------------------------------------------------------------------- v1: rows
 
@@ -299,6 +323,796 @@ def head_train_wgrad_v1(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, d
         e = U(e + U(cuda.gridsize(1)))
 
 
+# ------------------------------------------------------------------------------ v2 and v3: shared pieces
+#
+# kernels/head.cu's v2 and v3, kernel for kernel (the same phases, work split, shared-memory layout, launch plans
+# and summation orders). What Numba cannot say, and what stands in for it:
+# - no __ldg / const __restrict__: plain global loads (NVVM cannot prove the weights read-only, so no ld.global.nc);
+# - no float2/float4 loads: wgrad's 2×2 outputs read their two shared-memory pairs as four scalar loads;
+# - no #pragma unroll / unroll(N): loops with compile-time trip counts (closure constants) that LLVM unrolls, and the
+#   k loops unrolled by hand (UNROLL steps a trip, then the rest) where head.cu asks for a partial unroll;
+#   register arrays indexed by a loop variable stay in registers only where the loop unrolls (the compile checks
+#   assert no stack frame); v3's forward re-reads its input value from shared memory per 32-column step instead
+#   of preloading all of them into registers (a preload array would have to be indexed by the unrolled step);
+# - no templates / -D defines: HEAD_ROWS and v3's geometry are closure constants of kernel factories (make_v2,
+#   make_v3), one dispatcher per row count (v2_bounds: head.cu's launch bounds for it) and per geometry; the tables
+#   hold the 1-row v2 and LeNet-5's v3 (built at import), the others are built at their first launch and launched
+#   with ``kernel=`` (launch_kernel). Only the tables' kernels are in the on-disk kernel cache.
+# Two additions for this backend's contract (a backend's ``max_blocks`` caps every grid): the rows kernels loop
+# over their rows (v3) / tiles (v2) with a block stride and the wgrad kernels over their tiles; on an uncapped
+# launch each block runs one iteration, as head.cu's.
+
+SIM = bool(numba.config.ENABLE_CUDASIM)
+FULL = 0xFFFFFFFF  # a whole warp's shuffle mask
+#: head.cu HEAD_F: outputs a warp takes at once in v2's forward products
+HEAD_F = 4
+#: cupy's HEAD_THREADS define for head.cu (cupy_backend/fused.DEFINES): v2's rows block
+HEAD2_THREADS = 256
+HEAD3_THREADS = 512  # head.cu HEAD3_THREADS: v3's rows block (one row of the batch, 16 warps)
+WG_TO, WG_TI, WG_KC, WG2_GROUPS = 16, 32, 32, 4  # head.cu wgrad v2 tile, chunk and batch groups
+WG2_THREADS = WG_THREADS * WG2_GROUPS  # 512
+WG_SDZ = WG2_GROUPS * WG_KC * WG_TO  # wgrad's shared arrays (floats): the staged dz chunks, input chunks, partials
+WG_SA = WG2_GROUPS * WG_KC * WG_TI
+WG_SPART = (WG2_GROUPS - 1) * WG_THREADS * 4
+
+
+def v2_bounds(rows: int) -> tuple[int, int]:
+    """head.cu's launch bounds of head_train_v2 at HEAD_ROWS = rows: 512 threads an SM (≤ 128 registers) at 1 or 2
+    rows, 768 (≤ 85) at 4 or 8."""
+    return HEAD2_THREADS, (512 if rows <= 2 else 768) // HEAD2_THREADS
+
+
+#: launch bounds (the GPU's jit; compile_report compiles without them): v2's table entry (1 row), v3's (512, 2):
+#: ≤ 64 registers
+LAUNCH_BOUNDS["head_train_v2"] = v2_bounds(1)
+LAUNCH_BOUNDS["head_train_v3"] = (HEAD3_THREADS, 2)
+# the wgrad kernels take none (head.cu: __launch_bounds__(WG2_THREADS)): with .maxntid 512 ptxas (CUDA 13, sm_90)
+# gives head_train_wgrad_v3 40 registers and an 8-byte spill; without, 48 and none (a 512-thread block allows 128)
+
+
+def _jit(name: str) -> Any:
+    """cuda.jit with the kernel's launch bounds (if any) on a GPU (the simulator's cuda.jit takes none)."""
+    return cuda.jit if SIM or name not in LAUNCH_BOUNDS else cuda.jit(launch_bounds=LAUNCH_BOUNDS[name])
+
+
+if SIM:
+
+    @cuda.jit(device=True)
+    def _shfl_xor(mask, v, off):
+        """The simulator's stand-in for cuda.shfl_xor_sync (it has none): thread (tid ^ off)'s value through shared
+        memory between two barriers, so every thread of the block calls it equally often: the simulator runs the
+        warp-uniform reductions block-uniformly (the SIM branches below)."""
+        buf = cuda.shared.array(HEAD3_THREADS, float32)
+        tid = cuda.threadIdx.x
+        buf[tid] = v
+        cuda.syncthreads()
+        got = buf[tid ^ off]
+        cuda.syncthreads()
+        return got
+else:
+    _shfl_xor = cuda.shfl_xor_sync
+
+
+def _make_level(n: int, off: int) -> Any:
+    keep_n = off * n // 32
+
+    @cuda.jit(device=True, inline="always")
+    def level(v, lane):
+        """rows_gemv.cuh transpose_level<N, OFF>: keep half of the values, send the other half to lane ^ OFF."""
+        up = (lane & U(off)) != U0
+        for k in range(keep_n):
+            send = v[k] if up else v[k + keep_n]
+            keep = v[k + keep_n] if up else v[k]
+            v[k] = keep + _shfl_xor(FULL, send, off)
+
+    return level
+
+
+def _make_tsum(n: int) -> Any:
+    """rows_gemv.cuh warp_transpose_sum<N> (N a power of two ≤ 32): returns, on lane l, the warp's sum of value
+    l·N/32; log2 N transpose levels, then a butterfly over the 32/N lanes sharing a value. A fixed tree."""
+    l16, l8, l4, l2, l1 = (_make_level(n, o) for o in (16, 8, 4, 2, 1))
+    lanes_log = (32 // n).bit_length() - 1
+
+    @cuda.jit(device=True, inline="always")
+    def tsum(v, lane):
+        if n >= 2:
+            l16(v, lane)
+        if n >= 4:
+            l8(v, lane)
+        if n >= 8:
+            l4(v, lane)
+        if n >= 16:
+            l2(v, lane)
+        if n >= 32:
+            l1(v, lane)
+        s = v[0]
+        for q in range(lanes_log):
+            s += _shfl_xor(FULL, s, (16 // n) >> q)
+        return s
+
+    return tsum
+
+
+@cuda.jit(device=True, inline="always")
+def _xent_row(z, zo, lab, d, do, ds, nc, inv_b):
+    """common.cuh xent_row: d[do + c·ds] = (softmax(z)_c − [c == lab])·inv_b for the row z[zo .. zo+nc); returns
+    (loss = logsumexp − z[lab], hit = [the first maximal logit is lab])."""
+    mx = z[zo]
+    best = U0
+    for c in range(U1, nc):
+        if z[U(zo + U(c))] > mx:
+            mx = z[U(zo + U(c))]
+            best = U(c)
+    se = ZERO
+    for c in range(nc):
+        se += math.exp(z[U(zo + U(c))] - mx)
+    inv_se = ONE / se
+    for c in range(nc):
+        p = math.exp(z[U(zo + U(c))] - mx) * inv_se
+        if U(c) == lab:
+            p -= ONE
+        d[U(do + U(c) * ds)] = p * inv_b
+    return math.log(se) - (z[U(zo + lab)] - mx), ONE if best == lab else ZERO
+
+
+@cuda.jit(device=True, inline="always")
+def _route(dz_conv, yconv, argmax, g, r, i, ni, pp, wp, cc, plane, uww, act, mode):
+    """head.cu head_route: dz_conv of pooled element i of row r's 2×2 window (c, ph, pw) = route(g) · act'(yconv):
+    max → the argmax tap gets g, avg → g/4 each tap (v3 passes its geometry as constants: no run-time division)."""
+    c = U(i // pp)
+    q = U(i - c * pp)
+    ph = U(q // wp)
+    pw = U(q - ph * wp)
+    base = U(U(U(r * cc) + c) * plane + U(ph + ph) * uww + U(pw + pw))
+    am = U(argmax[U(r * ni + i)]) if mode == POOL_MAX else U0
+    for tap in range(4):
+        o = U(base + U(tap >> 1) * uww + U(tap & 1))
+        if mode == POOL_MAX:
+            v = g if am == U(tap) else ZERO
+        else:
+            v = g * QUARTER
+        dz_conv[o] = v * act_grad(yconv[o], act)
+
+
+@cuda.jit(device=True, inline="always")
+def _zero_trailing(dz_conv, r0, nr, per, uhh, uww, hp, wp, tid, nt):
+    """head.cu head_zero_trailing: 0 in the taps of rows r0 .. r0+nr−1 that no 2×2 window covers (odd H or W)."""
+    t = tid
+    while t < U(nr * per):
+        rr = U(t // per)
+        e = U(t - rr * per)
+        e2 = U(e // uww)
+        yy = U(e2 - U(e2 // uhh) * uhh)
+        xx = U(e - e2 * uww)
+        if yy >= U(hp + hp) or xx >= U(wp + wp):
+            dz_conv[U(U(r0 + rr) * per + e)] = ZERO
+        t = U(t + nt)
+
+
+# ---------------------------------------------------------------------------------------------- v2: rows
+
+
+def _make_rows_gemv(R: int, F: int, unroll: int) -> Any:
+    """rows_gemv.cuh rows_gemv<R, F, U> over the block's R rows in shared memory: out[r][o] = act(bias[o] +
+    Σ_k in[r][k]·W[o][k]). A warp takes F consecutive outputs a round, its lanes stride k (coalesced weight rows,
+    each weight feeding R FMAs, ``unroll`` k steps a trip), R·F partial sums a lane, reduced by the transpose tree.
+    in: sm[ib + r·isz + k]; out: sm[ob + r·osz + o] and g[go + r·O + o] for r < nr."""
+    N = R * F
+    lanes = 32 // N
+    lanes_log = lanes.bit_length() - 1
+    f_log = F.bit_length() - 1
+    tsum = _make_tsum(N)
+
+    @cuda.jit(device=True, inline="always")
+    def kstep(w, sm, ib, isz, v, xin, wb, last, K, k):
+        for r in range(R):
+            xin[r] = sm[U(ib + U(r) * isz + k)]
+        for f in range(F):
+            wv = w[U(wb + U(min(U(f), last)) * K + k)]
+            for r in range(R):
+                v[r * F + f] = cuda.fma(xin[r], wv, v[r * F + f])
+
+    @cuda.jit(device=True, inline="always")
+    def gemv(w, bias, O, K, sm, ib, isz, ob, osz, g, go, nr, act, lane, warp, nwarps):
+        v = cuda.local.array(N, float32)
+        xin = cuda.local.array(R, float32)
+        per = U(nwarps * U(F))
+        base = U0
+        while base < O:  # block-uniform rounds (the simulator's shuffles are barriers)
+            o0 = U(base + warp * U(F))
+            for j in range(N):
+                v[j] = ZERO
+            active = o0 < O
+            if active:
+                wb = U(o0 * K)
+                last = U(O - U1 - o0)  # outputs past O re-read the last row (their sums are not written)
+                k = lane
+                if unroll > 1:
+                    while U(k + U(32 * (unroll - 1))) < K:
+                        for u in range(unroll):
+                            kstep(w, sm, ib, isz, v, xin, wb, last, K, U(k + U(32 * u)))
+                        k = U(k + U(32 * unroll))
+                while k < K:
+                    kstep(w, sm, ib, isz, v, xin, wb, last, K, k)
+                    k = U(k + U(32))
+            if active or SIM:
+                s = tsum(v, lane)
+                val = U(lane >> U(lanes_log))
+                r = U(val >> U(f_log))
+                o = U(o0 + U(val & U(F - 1)))
+                if U(lane & U(lanes - 1)) == U0 and o < O:
+                    y = activate(s + bias[o], act)
+                    sm[U(ob + r * osz + o)] = y
+                    if r < nr:
+                        g[U(go + r * O + o)] = y
+            base = U(base + per)
+
+    return gemv
+
+
+def _make_rows_v2(R: int) -> Any:
+    """head.cu head_rows_v2<R>: the block's R rows (tiles of R rows, block-stride) through the whole chain, every
+    operand of the block in dynamic shared memory: s_x [R][I], s_h1 [R][H1], s_h2 [R][H2], s_z [R][NC], then the
+    backward operands column-major: s_d3 [NC][R], s_d2 [H2][R], s_d1 [H1][R]."""
+    gemv = _make_rows_gemv(R, HEAD_F, 4 if R * HEAD_F * HEAD_F <= 32 else 1)
+
+    @cuda.jit(device=True, inline="always")
+    def back(sm, di, w, nout, nin, hofs, dno, dz, r0, nr, act, tid, nt):
+        """head_back_layer<R>: s_din[j][r] = dz[r0+r][j] = (Σ_o s_dout[o][r]·w[o][j])·act'(s_h[r][j]), a column j
+        a thread, the R rows in registers (coalesced weight reads)."""
+        acc = cuda.local.array(R, float32)
+        j = tid
+        while j < nin:
+            for r in range(R):
+                acc[r] = ZERO
+            for o in range(nout):
+                wv = w[U(U(o) * nin + j)]
+                for r in range(R):
+                    acc[r] = cuda.fma(sm[U(di + U(o) * U(R) + U(r))], wv, acc[r])
+            for r in range(R):
+                d = acc[r] * act_grad(sm[U(hofs + U(r) * nin + j)], act)
+                sm[U(dno + j * U(R) + U(r))] = d
+                if U(r) < nr:
+                    dz[U(U(r0 + U(r)) * nin + j)] = d
+            j = U(j + nt)
+
+    @cuda.jit(device=True, inline="always")
+    def rows(sm, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3, rowstat,
+             nb, cc, hh, ww, nh1, nh2, nc, act, mode):
+        unb, u1, u2, uc = U(nb), U(nh1), U(nh2), U(nc)
+        uhh, uww = U(hh), U(ww)
+        hp = U(uhh >> U1)
+        wp = U(uww >> U1)
+        if mode == POOL_ROUTED:  # x itself is yconv; dz_conv at x's shape gets dx·act'(x)
+            hp = uhh
+            wp = uww
+        pp = U(hp * wp)
+        ni = U(U(cc) * pp)
+        plane = U(uhh * uww)
+        per = U(U(cc) * plane)
+        o_h1 = U(U(R) * ni)
+        o_h2 = U(o_h1 + U(R) * u1)
+        o_z = U(o_h2 + U(R) * u2)
+        o_d3 = U(o_z + U(R) * uc)
+        o_d2 = U(o_d3 + uc * U(R))
+        o_d1 = U(o_d2 + u2 * U(R))
+        tid, nt = U(cuda.threadIdx.x), U(cuda.blockDim.x)
+        lane = U(tid & U(31))
+        warp = U(tid >> U(5))
+        nwarps = U(nt >> U(5))
+        inv_b = ONE / float32(nb)
+        acc = cuda.local.array(R, float32)
+        ntiles = U(U(unb + U(R - 1)) // U(R))
+        tile = U(cuda.blockIdx.x)
+        while tile < ntiles:  # block-uniform
+            r0 = U(tile * U(R))
+            nr = U(min(U(R), U(unb - r0)))
+            t = tid
+            while t < U(U(R) * ni):  # rows past the batch are zeros: every phase may run all R rows
+                sm[t] = x[U(r0 * ni + t)] if t < U(nr * ni) else ZERO
+                t = U(t + nt)
+            cuda.syncthreads()
+            gemv(w1, b1, u1, ni, sm, U0, ni, o_h1, u1, h1, U(r0 * u1), nr, act, lane, warp, nwarps)
+            cuda.syncthreads()
+            gemv(w2, b2, u2, u1, sm, o_h1, u1, o_h2, u2, h2, U(r0 * u2), nr, act, lane, warp, nwarps)
+            cuda.syncthreads()
+            gemv(w3, b3, uc, u2, sm, o_h2, u2, o_z, uc, logits, U(r0 * uc), nr, ACT_IDENTITY, lane, warp, nwarps)
+            cuda.syncthreads()
+            if tid < U(R):  # one thread a row: the loss row and dz3 (zeros for rows past the batch)
+                if tid < nr:
+                    r = U(r0 + tid)
+                    loss, hit = _xent_row(sm, U(o_z + tid * uc), U(labels[r]), sm, U(o_d3 + tid), U(R), uc, inv_b)
+                    rowstat[U(r + r)] = loss
+                    rowstat[U(r + r + U1)] = hit
+                    for c in range(uc):
+                        dz3[U(r * uc + U(c))] = sm[U(o_d3 + U(c) * U(R) + tid)]
+                else:
+                    for c in range(uc):
+                        sm[U(o_d3 + U(c) * U(R) + tid)] = ZERO
+            cuda.syncthreads()
+            back(sm, o_d3, w3, uc, u2, o_h2, o_d2, dz2, r0, nr, act, tid, nt)  # dz2 = (dz3 w3)·act'(h2)
+            cuda.syncthreads()
+            back(sm, o_d2, w2, u2, u1, o_h1, o_d1, dz1, r0, nr, act, tid, nt)  # dz1 = (dz2 w2)·act'(h1)
+            cuda.syncthreads()
+            i = tid
+            while i < ni:  # dx = dz1 w1, a column a thread, routed through S4's pooling into dz_conv
+                for r in range(R):
+                    acc[r] = ZERO
+                for o in range(u1):
+                    wv = w1[U(U(o) * ni + i)]
+                    for r in range(R):
+                        acc[r] = cuda.fma(sm[U(o_d1 + U(o) * U(R) + U(r))], wv, acc[r])
+                for r in range(R):
+                    if U(r) < nr:
+                        if mode == POOL_ROUTED:  # the routed gradient at S4's shape (launch-uniform branch)
+                            dz_conv[U(U(r0 + U(r)) * ni + i)] = acc[r] * act_grad(sm[U(U(r) * ni + i)], act)
+                        else:
+                            _route(dz_conv, yconv, argmax, acc[r], U(r0 + U(r)), i, ni, pp, wp, U(cc), plane, uww,
+                                   act, mode)
+                i = U(i + nt)
+            if mode != POOL_ROUTED and (U(hp + hp) != uhh or U(wp + wp) != uww):
+                _zero_trailing(dz_conv, r0, nr, per, uhh, uww, hp, wp, tid, nt)
+            cuda.syncthreads()  # the next tile restages s_x
+            tile = U(tile + U(cuda.gridDim.x))
+
+    return rows
+
+
+def make_v2(R: int) -> Any:
+    """head_train_v2 compiled for R rows a block (head.cu's HEAD_ROWS: 1, 2, 4 or 8; one dispatcher each, as
+    head.cu's one kernel per HEAD_ROWS). ``rows`` (the launch's) must equal R."""
+    if R not in (1, 2, 4, 8):
+        raise ValueError(f"head_train_v2: rows {R} is not 1, 2, 4 or 8")
+    body = _make_rows_v2(R)
+
+    def head_train_v2(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
+                      rowstat, nb, cc, hh, ww, nh1, nh2, nc, act, mode, rows):
+        # dynamic shared memory: R·(I + 2·H1 + 2·H2 + 2·NC) floats (cupy_backend/fused.head_v2_smem)
+        sm = cuda.shared.array(0, float32)
+        body(sm, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3, rowstat,
+             nb, cc, hh, ww, nh1, nh2, nc, act, mode)
+
+    return cuda.jit(head_train_v2) if SIM else cuda.jit(launch_bounds=v2_bounds(R))(head_train_v2)
+
+
+_V2: dict[int, Any] = {}
+
+
+def v2_kernel(rows: int) -> Any:
+    """head_train_v2 for ``rows`` rows a block (built at the first call; 1 row at import: KERNELS' entry)."""
+    k = _V2.get(rows)
+    if k is None:
+        k = _V2[rows] = make_v2(rows)
+    return k
+
+
+#: the table's head_train_v2 (compile checks, the kernel cache): the 1-row body (v2's kernel at batch ≤ 264); 2, 4
+#: and 8 rows: v2_kernel(rows), compiled at their first launch
+head_train_v2 = v2_kernel(1)
+
+
+# ---------------------------------------------------------------------------------------------- v2: wgrad
+
+
+@cuda.jit(device=True, inline="always")
+def _wg_put(s, o, i, nout, na, dw, db):
+    if o < nout and i < na:
+        dw[U(o * na + i)] = s
+    elif o < nout and i == na:
+        db[o] = s
+
+
+@cuda.jit(device=True, inline="always")
+def _wgrad_tile(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
+    """head.cu head_wgrad_tile: one WG_TO × WG_TI tile of [dw | db] (the bias: a column of ones). WG2_GROUPS groups
+    of 128 threads take chunks g, g + 4, ... of WG_KC rows (staged in shared memory), 2×2 outputs a thread, each
+    summed in row order; group 0 adds the groups' partials in group order. (v3 passes its sizes as constants.)"""
+    tiles_i = U(U(na + U(WG_TI)) // U(WG_TI))  # ⌈(A+1)/TI⌉
+    ot = U(tile // tiles_i)
+    o0 = U(ot * U(WG_TO))
+    i0 = U(U(tile - ot * tiles_i) * U(WG_TI))
+    g = U(tid >> U(7))
+    lt = U(tid & U(WG_THREADS - 1))
+    ty = U(lt >> U(4))  # WG_TI/2 = 16 columns of pairs
+    tx = U(lt & U(15))
+    a0 = ZERO
+    a1 = ZERO
+    a2 = ZERO
+    a3 = ZERO
+    nchunks = U(U(nb + U(WG_KC - 1)) // U(WG_KC))
+    rounds = U(U(nchunks + U(WG2_GROUPS - 1)) // U(WG2_GROUPS))
+    gd = U(g * U(WG_KC * WG_TO))
+    ga = U(g * U(WG_KC * WG_TI))
+    for rd in range(rounds):  # every thread runs every round: the barriers are block-wide
+        b0 = U(U(U(rd) * U(WG2_GROUPS) + g) * U(WG_KC))
+        t = lt
+        while t < U(WG_KC * WG_TO):
+            k = U(t >> U(4))
+            oo = U(t & U(WG_TO - 1))
+            o = U(o0 + oo)
+            b = U(b0 + k)
+            s_dz[U(gd + t)] = dz[U(b * nout + o)] if b < nb and o < nout else ZERO
+            t = U(t + U(WG_THREADS))
+        t = lt
+        while t < U(WG_KC * WG_TI):
+            k = U(t >> U(5))
+            i = U(i0 + U(t & U(WG_TI - 1)))
+            b = U(b0 + k)
+            val = ZERO
+            if b < nb:
+                if i < na:
+                    val = a[U(b * na + i)]
+                elif i == na:
+                    val = ONE
+            s_a[U(ga + t)] = val
+            t = U(t + U(WG_THREADS))
+        cuda.syncthreads()
+        kn = U(min(U(WG_KC), U(nb - b0))) if b0 < nb else U0
+        pd = U(gd + ty + ty)
+        pa = U(ga + tx + tx)
+        for _ in range(kn):
+            d0 = s_dz[pd]
+            d1 = s_dz[U(pd + U1)]
+            v0 = s_a[pa]
+            v1 = s_a[U(pa + U1)]
+            a0 = cuda.fma(d0, v0, a0)
+            a1 = cuda.fma(d0, v1, a1)
+            a2 = cuda.fma(d1, v0, a2)
+            a3 = cuda.fma(d1, v1, a3)
+            pd = U(pd + U(WG_TO))
+            pa = U(pa + U(WG_TI))
+        cuda.syncthreads()
+    if g > U0:
+        p = U(U(U(g - U1) * U(WG_THREADS) + lt) * U(4))
+        s_part[p] = a0
+        s_part[U(p + U1)] = a1
+        s_part[U(p + U(2))] = a2
+        s_part[U(p + U(3))] = a3
+    cuda.syncthreads()
+    if g == U0:
+        for gg in range(1, WG2_GROUPS):
+            p = U(U(U(gg - 1) * WG_THREADS + lt) * U(4))
+            a0 += s_part[p]
+            a1 += s_part[U(p + U1)]
+            a2 += s_part[U(p + U(2))]
+            a3 += s_part[U(p + U(3))]
+        o = U(o0 + ty + ty)
+        i = U(i0 + tx + tx)
+        _wg_put(a0, o, i, nout, na, dw, db)
+        _wg_put(a1, o, U(i + U1), nout, na, dw, db)
+        _wg_put(a2, U(o + U1), i, nout, na, dw, db)
+        _wg_put(a3, U(o + U1), U(i + U1), nout, na, dw, db)
+
+
+@cuda.jit(device=True, inline="always")
+def _wgrad_stats(rowstat, stats, state, nb, s_part, tid):
+    """head.cu's stats block: thread t sums a contiguous run of rows in order, then a fixed tree over the threads;
+    stats[STEP_IN_EPOCH mod S] = [Σ loss, Σ hit]."""
+    per = U(U(nb + U(WG2_THREADS - 1)) // U(WG2_THREADS))
+    lo = ZERO
+    hi = ZERO
+    b = U(tid * per)
+    end = U(min(nb, U(U(tid + U1) * per)))
+    while b < end:
+        lo += rowstat[U(b + b)]
+        hi += rowstat[U(b + b + U1)]
+        b = U(b + U1)
+    s_part[tid] = lo
+    s_part[U(tid + U(WG2_THREADS))] = hi
+    cuda.syncthreads()
+    half = U(WG2_THREADS // 2)
+    while half > U0:
+        if tid < half:
+            s_part[tid] += s_part[U(tid + half)]
+            s_part[U(tid + U(WG2_THREADS))] += s_part[U(tid + U(WG2_THREADS) + half)]
+        cuda.syncthreads()
+        half = U(half >> U1)
+    if tid == U0:
+        s = U(stats.shape[0])
+        v = state[STEP_IN_EPOCH]
+        row = U(U(v) % s) if v >= 0 else U(s - U1 - U(U(-(v + 1)) % s))  # common.cuh pos_mod
+        stats[row, 0] = s_part[0]
+        stats[row, 1] = s_part[WG2_THREADS]
+
+
+@cuda.jit(device=True, inline="always")
+def _wgrad_body(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, nb, ni, nh1, nh2, nc):
+    """The wgrad launch: block b < tiles a tile of [dw1|db1], then [dw2|db2], [dw3|db3] (row-major tiles); the
+    block after them the stats row; blocks stride over them (a capped grid)."""
+    s_dz = cuda.shared.array(WG_SDZ, float32)
+    s_a = cuda.shared.array(WG_SA, float32)
+    s_part = cuda.shared.array(WG_SPART, float32)
+    tid = U(cuda.threadIdx.x)
+    t1 = U(U(U(nh1 + U(WG_TO - 1)) // U(WG_TO)) * U(U(ni + U(WG_TI)) // U(WG_TI)))
+    t2 = U(U(U(nh2 + U(WG_TO - 1)) // U(WG_TO)) * U(U(nh1 + U(WG_TI)) // U(WG_TI)))
+    t3 = U(U(U(nc + U(WG_TO - 1)) // U(WG_TO)) * U(U(nh2 + U(WG_TI)) // U(WG_TI)))
+    tile = U(cuda.blockIdx.x)
+    while tile <= U(t1 + t2 + t3):  # block-uniform branches: the barriers inside are reached by the whole block
+        if tile < t1:
+            _wgrad_tile(dz1, x, nb, nh1, ni, tile, dw1, db1, s_dz, s_a, s_part, tid)
+        elif tile < U(t1 + t2):
+            _wgrad_tile(dz2, h1, nb, nh2, nh1, U(tile - t1), dw2, db2, s_dz, s_a, s_part, tid)
+        elif tile < U(t1 + t2 + t3):
+            _wgrad_tile(dz3, h2, nb, nc, nh2, U(tile - t1 - t2), dw3, db3, s_dz, s_a, s_part, tid)
+        else:
+            _wgrad_stats(rowstat, stats, state, nb, s_part, tid)
+        cuda.syncthreads()  # s_part is the next tile's too
+        tile = U(tile + U(cuda.gridDim.x))
+
+
+@_jit("head_train_wgrad_v2")
+def head_train_wgrad_v2(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, nb, ni, nh1,
+                        nh2, nc):
+    _wgrad_body(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, U(nb), U(ni), U(nh1),
+                U(nh2), U(nc))
+
+
+# ---------------------------------------------------------------------------------------------- v3
+
+
+def _group(o: int, nw: int) -> int:
+    """head.cu head3::group: outputs a warp takes at once, the power of two (≤ 32) spreading O over the warps."""
+    f = 1
+    while f * nw < o and f < 32:
+        f *= 2
+    return f
+
+
+def _parts(o: int, k: int, t: int) -> int:
+    """head.cu head3::parts: threads per output of a column product (as many as the block holds, ≥ 8 terms each)."""
+    return max(1, min(t // o, k // 8))
+
+
+#: head_train_v3's geometry (C, Hp, Wp, H, W, H1, H2, NC): x (B,C,Hp,Wp), yconv (B,C,H,W); LeNet-5's
+LENET_GEOM = (16, 5, 5, 10, 10, 120, 84, 10)
+
+
+def v3_layout(geom: tuple[int, ...]) -> dict[str, int]:
+    """head.cu namespace head3's shared-memory offsets (floats) for a geometry, and SMEM_FLOATS."""
+    c, hp, wp, _, _, n1, n2, nc = geom
+    i = c * hp * wp
+    nw = HEAD3_THREADS // 32
+    fw1 = _group(n1, nw)
+    pw1 = min(-(-n1 // fw1), nw)
+    off = {"W2": i}
+    off["W3"] = off["W2"] + max(n2 * n1, pw1 * i)
+    off["H1"] = off["W3"] + nc * n2
+    off["H2"] = off["H1"] + n1
+    off["Z"] = off["H2"] + n2
+    off["D3"] = off["Z"] + nc
+    off["D2"] = off["D3"] + nc
+    off["D1"] = off["D2"] + n2
+    off["CP"] = off["D1"] + n1
+    off["SMEM_FLOATS"] = off["CP"] + HEAD3_THREADS
+    return off
+
+
+def _make_fwd3(O: int, K: int) -> Any:
+    """head.cu head3_fwd<O, K>: out[o] = act(bias[o] + Σ_k in[k]·W[o][k]); warp w takes groups w, w + NW, ... of
+    F = group(O) outputs, lane l the terms k = l + 32j (j unrolled: F·⌈K/32⌉ independent coalesced loads a lane),
+    in j order; then the transpose tree. W at w[wo + o·K + k] (global, or the staged copy in shared memory).
+    Writes sm[oo + o] and g[go + o]."""
+    T = HEAD3_THREADS
+    NW = T // 32
+    F = _group(O, NW)
+    KJ = -(-K // 32)
+    G = -(-O // F)
+    ROUNDS = -(-G // NW)
+    lanes = 32 // F
+    lanes_log = lanes.bit_length() - 1
+    tsum = _make_tsum(F)
+
+    @cuda.jit(device=True, inline="always")
+    def fwd(w, wo, bias, sm, io, oo, g, go, act, lane, warp):
+        v = cuda.local.array(F, float32)
+        for rd in range(ROUNDS):
+            grp = U(U(rd * NW) + warp)
+            active = grp < U(G)
+            if active or SIM:  # warp-uniform (block-uniform in the simulator)
+                o0 = U(grp * U(F))
+                o = U(o0 + U(lane >> U(lanes_log)))
+                writer = U(lane & U(lanes - 1)) == U0 and o < U(O)
+                bo = bias[o] if writer else ZERO  # issued before the sums' loads
+                for f in range(F):
+                    v[f] = ZERO
+                if active:
+                    for j in range(KJ):
+                        k = U(lane + U(32 * j))
+                        if K % 32 == 0 or j < KJ - 1 or k < U(K):
+                            xv = sm[U(io + k)]
+                            for f in range(F):
+                                row = U(o0 + U(f)) if O % F == 0 else U(min(U(o0 + U(f)), U(O - 1)))
+                                v[f] = cuda.fma(xv, w[U(wo + row * U(K) + k)], v[f])
+                s = tsum(v, lane)
+                if writer:
+                    y = activate(s + bo, act)
+                    sm[U(oo + o)] = y
+                    g[U(go + o)] = y
+
+    return fwd
+
+
+def _make_col3(O: int, K: int) -> Any:
+    """head.cu head3_col<O, K>: sm[dn + o] = g[go + o] = (Σ_k sm[do + k]·sm[wo + k·O + o])·act'(sm[ho + o]), the
+    layer's weights (K, O) in shared memory; P = parts(O, K) threads an output each sum a run of KC terms in k order,
+    their partials (sm[po ..], P·O ≤ T floats) added in part order."""
+    T = HEAD3_THREADS
+    P = _parts(O, K, T)
+    KC = -(-K // P)
+    ROUNDS = -(-O // T)
+
+    @cuda.jit(device=True, inline="always")
+    def col(sm, wo, do, ho, dn, g, go, po, act, t):
+        if P == 1:
+            for rd in range(ROUNDS):
+                o = U(t + U(rd * T))
+                if o < U(O):
+                    acc = ZERO
+                    for k in range(K):
+                        acc = cuda.fma(sm[U(do + U(k))], sm[U(wo + U(k * O) + o)], acc)
+                    d = acc * act_grad(sm[U(ho + o)], act)
+                    sm[U(dn + o)] = d
+                    g[U(go + o)] = d
+        else:
+            if t < U(P * O):
+                p = U(t // U(O))  # a constant divisor
+                o = U(t - p * U(O))
+                acc = ZERO
+                for kk in range(KC):
+                    k = U(p * U(KC) + U(kk))
+                    if K % P == 0 or k < U(K):
+                        acc = cuda.fma(sm[U(do + k)], sm[U(wo + k * U(O) + o)], acc)
+                sm[U(po + p * U(O) + o)] = acc
+            cuda.syncthreads()
+            for rd in range(ROUNDS):
+                o = U(t + U(rd * T))
+                if o < U(O):
+                    acc = sm[U(po + o)]
+                    for p in range(1, P):
+                        acc += sm[U(po + U(p * O) + o)]
+                    d = acc * act_grad(sm[U(ho + o)], act)
+                    sm[U(dn + o)] = d
+                    g[U(go + o)] = d
+
+    return col
+
+
+def make_v3(geom: tuple[int, ...]) -> tuple[Any, Any]:
+    """(head_train_v3, head_train_wgrad_v3) compiled for ``geom`` = (C, Hp, Wp, H, W, H1, H2, NC) (head.cu's HEAD_*
+    defines): every loop a constant trip count, every divisor a constant. H = 2·Hp or 2·Hp + 1 (likewise W); the
+    routed form (mode POOL_ROUTED: dz_conv at x's shape) reads no yconv and is compiled with H = 2·Hp, W = 2·Wp."""
+    C, HP, WP, H, W, N1, N2, NC = (int(v) for v in geom)
+    if min(geom) < 1 or H not in (2 * HP, 2 * HP + 1) or W not in (2 * WP, 2 * WP + 1):
+        raise ValueError(f"head_train_v3: geometry {geom} is not (C, Hp, Wp, H, W, H1, H2, NC) with yconv pooling to x")
+    T = HEAD3_THREADS
+    NW = T // 32
+    I = C * HP * WP  # noqa: E741
+    PP = HP * WP
+    PER = C * H * W
+    lay = v3_layout(geom)
+    OW2, OW3, OH1, OH2, OZ = lay["W2"], lay["W3"], lay["H1"], lay["H2"], lay["Z"]
+    OD3, OD2, OD1, OCP = lay["D3"], lay["D2"], lay["D1"], lay["CP"]
+    FW1 = _group(N1, NW)
+    GW1 = -(-N1 // FW1)
+    PW1 = min(GW1, NW)
+    GR1 = -(-GW1 // NW)
+    KJ = -(-I // 32)
+    RI, R21, R32 = -(-I // T), -(-(N2 * N1) // T), -(-(NC * N2) // T)
+    ODD = H != 2 * HP or W != 2 * WP
+    RPER = -(-PER // T)
+    fwd1, fwd2, fwd3 = _make_fwd3(N1, I), _make_fwd3(N2, N1), _make_fwd3(NC, N2)
+    col2, col1 = _make_col3(N2, NC), _make_col3(N1, N2)
+
+    def head_train_v3(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
+                      rowstat, nb, act, mode):
+        # dynamic shared memory: SMEM_FLOATS floats (v3_layout; cupy_backend/fused.head_v3_smem)
+        sm = cuda.shared.array(0, float32)
+        t = U(cuda.threadIdx.x)
+        lane = U(t & U(31))
+        warp = U(t >> U(5))
+        unb = U(nb)
+        inv_b = ONE / float32(nb)
+        acc = cuda.local.array(KJ, float32)
+        r = U(cuda.blockIdx.x)
+        while r < unb:  # a row a block (block-stride only under a capped grid)
+            for q in range(RI):  # stage x, w2, w3: every load issued before the barrier (one round trip)
+                e = U(t + U(q * T))
+                if e < U(I):
+                    sm[e] = x[U(r * U(I) + e)]
+            for q in range(R21):
+                e = U(t + U(q * T))
+                if e < U(N2 * N1):
+                    sm[U(U(OW2) + e)] = w2[e]
+            for q in range(R32):
+                e = U(t + U(q * T))
+                if e < U(NC * N2):
+                    sm[U(U(OW3) + e)] = w3[e]
+            cuda.syncthreads()
+            fwd1(w1, U0, b1, sm, U0, U(OH1), h1, U(r * U(N1)), act, lane, warp)  # h1 = act(x w1ᵀ + b1)
+            cuda.syncthreads()
+            fwd2(sm, U(OW2), b2, sm, U(OH1), U(OH2), h2, U(r * U(N2)), act, lane, warp)  # h2 = act(h1 w2ᵀ + b2)
+            cuda.syncthreads()
+            fwd3(sm, U(OW3), b3, sm, U(OH2), U(OZ), logits, U(r * U(NC)), ACT_IDENTITY, lane, warp)  # z
+            cuda.syncthreads()
+            if t == U0:  # the loss row and dz3
+                loss, hit = _xent_row(sm, U(OZ), U(labels[r]), sm, U(OD3), U1, U(NC), inv_b)
+                rowstat[U(r + r)] = loss
+                rowstat[U(r + r + U1)] = hit
+            cuda.syncthreads()
+            if t < U(NC):
+                dz3[U(r * U(NC) + t)] = sm[U(U(OD3) + t)]
+            col2(sm, U(OW3), U(OD3), U(OH2), U(OD2), dz2, U(r * U(N2)), U(OCP), act, t)  # dz2 = (dz3 w3)·act'(h2)
+            cuda.syncthreads()
+            col1(sm, U(OW2), U(OD2), U(OH1), U(OD1), dz1, U(r * U(N1)), U(OCP), act, t)  # dz1 = (dz2 w2)·act'(h1)
+            cuda.syncthreads()
+            # dx = dz1 w1: warp w (< PW1) takes the C5 outputs of its groups (the forward's footprint of w1), lane l
+            # the columns i = l + 32j; its partials over w2's no longer needed copy, [PW1][I]
+            if warp < U(PW1):
+                for j in range(KJ):
+                    acc[j] = ZERO
+                for gi in range(GR1):
+                    grp = U(warp + U(gi * NW))
+                    if grp < U(GW1):
+                        for f in range(FW1):
+                            o = U(grp * U(FW1) + U(f))
+                            if N1 % FW1 == 0 or o < U(N1):
+                                d = sm[U(U(OD1) + o)]
+                                for j in range(KJ):
+                                    i = U(lane + U(32 * j))
+                                    if I % 32 == 0 or j < KJ - 1 or i < U(I):
+                                        acc[j] = cuda.fma(d, w1[U(o * U(I) + i)], acc[j])
+                for j in range(KJ):
+                    i = U(lane + U(32 * j))
+                    if I % 32 == 0 or i < U(I):
+                        sm[U(U(OW2) + warp * U(I) + i)] = acc[j]
+            cuda.syncthreads()
+            for q in range(RI):  # the sum in warp order, routed through S4's pooling into dz_conv
+                i = U(t + U(q * T))
+                if i < U(I):
+                    g = sm[U(U(OW2) + i)]
+                    for wq in range(1, PW1):
+                        g += sm[U(U(OW2 + wq * I) + i)]
+                    if mode == POOL_ROUTED:  # the routed gradient at S4's shape (launch-uniform branch)
+                        dz_conv[U(r * U(I) + i)] = g * act_grad(sm[i], act)
+                    else:
+                        _route(dz_conv, yconv, argmax, g, r, i, U(I), U(PP), U(WP), U(C), U(H * W), U(W), act, mode)
+            if ODD and mode != POOL_ROUTED:  # taps no 2×2 window covers: 0
+                for q in range(RPER):
+                    e = U(t + U(q * T))
+                    if e < U(PER):
+                        e2 = U(e // U(W))
+                        yy = U(e2 - U(e2 // U(H)) * U(H))
+                        xx = U(e - e2 * U(W))
+                        if yy >= U(2 * HP) or xx >= U(2 * WP):
+                            dz_conv[U(r * U(PER) + e)] = ZERO
+            cuda.syncthreads()  # the next row restages
+            r = U(r + U(cuda.gridDim.x))
+
+    def head_train_wgrad_v3(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, nb, ni,
+                            nh1, nh2, nc):
+        # v2's tiles and stats block with the sizes compiled in (ni .. nc: the launch's, unused)
+        _wgrad_body(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, U(nb), U(I), U(N1),
+                    U(N2), U(NC))
+
+    return _jit("head_train_v3")(head_train_v3), _jit("head_train_wgrad_v3")(head_train_wgrad_v3)
+
+
+_V3: dict[tuple[int, ...], tuple[Any, Any]] = {}
+
+
+def v3_kernels(geom: tuple[int, ...]) -> tuple[Any, Any]:
+    """head_train_v3's two kernels for a geometry (built at the first call; LeNet-5's at import)."""
+    geom = tuple(int(v) for v in geom)
+    k = _V3.get(geom)
+    if k is None:
+        k = _V3[geom] = make_v3(geom)
+    return k
+
+
+head_train_v3, head_train_wgrad_v3 = v3_kernels(LENET_GEOM)
+
+
 # ------------------------------------------------------------------------------------ variant table
 
 _F2 = "float32[:,::1]"
@@ -310,10 +1124,16 @@ SIGNATURES = {
     "head_train_wgrad_v1": f"void({_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, {_F1}, "
     f"{_F1}, {_F1}, {_F2}, int32[::1], int32, int32, int32, int32, int32)",
 }
-KERNELS = {"head_train_v1": head_train_v1, "head_train_wgrad_v1": head_train_wgrad_v1}
-LAUNCH_BOUNDS: dict[str, tuple[int, ...]] = {}
-VARIANTS = {"head_train": ("v1",)}
-DEFAULT_VARIANTS = {"head_train": "v1"}
+_ROWS_ARRAYS = SIGNATURES["head_train_v1"].split(", int32, ")[0]  # the 18 arrays of every rows kernel
+SIGNATURES["head_train_v2"] = f"{_ROWS_ARRAYS}, {', '.join(['int32'] * 10)})"
+SIGNATURES["head_train_v3"] = f"{_ROWS_ARRAYS}, int32, int32, int32)"
+SIGNATURES["head_train_wgrad_v2"] = SIGNATURES["head_train_wgrad_v3"] = SIGNATURES["head_train_wgrad_v1"]
+KERNELS = {"head_train_v1": head_train_v1, "head_train_wgrad_v1": head_train_wgrad_v1,
+           "head_train_v2": head_train_v2, "head_train_wgrad_v2": head_train_wgrad_v2,
+           "head_train_v3": head_train_v3, "head_train_wgrad_v3": head_train_wgrad_v3}
+#: the backend's default is the last (backend.FUSED_VARIANTS), as cupy's (cupy_backend/fused.VARIANTS)
+VARIANTS = {"head_train": ("v1", "v2", "v3")}
+DEFAULT_VARIANTS = {"head_train": "v3"}
 
 # ------------------------------------------------------------------------------------------ launch wrapper
 
@@ -322,13 +1142,17 @@ _DUMMY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def launch_kernel(be: Any, name: str, kernel: Any, grid: int, block: int, shmem: int, *args: Any) -> None:
-    """Launch ``kernel`` (named ``name``) through the backend's ``_launch`` (which finds it in FUSED_KERNELS),
+    """Launch ``kernel`` (named ``name``) through the backend's ``_launch`` (which finds it in FUSED_KERNELS, or
+    takes it as ``kernel=`` where it is not that table's: head_train_v2 at 2, 4, 8 rows, v3 at another geometry),
     so counters, the launch log, ``record`` and ``graph`` see it like every other launch. A backend without
     ``_launch`` gets the same treatment here: the grid capped at ``be.max_blocks`` (every fused kernel loops
     over its work), the launch counted, logged when ``be.launch_log`` is a list, synchronised when ``be.debug``."""
     if hasattr(be, "_launch"):
         op, variant = name.rsplit("_", 1)
-        be._launch(op, variant, grid, block, shmem, *args)
+        if name in KERNELS and KERNELS[name] is not kernel:  # head_train_v2/_v3 built for another R / geometry
+            be._launch(op, variant, grid, block, shmem, *args, kernel=kernel)
+        else:
+            be._launch(op, variant, grid, block, shmem, *args)
         return
     cap = getattr(be, "max_blocks", None)
     if cap is not None:
@@ -364,6 +1188,46 @@ def c5_smem(nh1: int) -> int:
 def rows_per_block(batch: int) -> int:
     """Rows a block of head_train_v1 owns: 1 until the grid reaches FILL_BLOCKS blocks, then more (at most 8)."""
     return max(1, min(8, ceil_div(batch, FILL_BLOCKS)))
+
+
+def plan(variant: str, n: int, ni: int, nh1: int, nh2: int, nc: int,
+         geom: tuple[int, int, int, int, int] | None = None) -> tuple[tuple[str, int, int, int, int], ...]:
+    """The two launches of head_train_<variant>: (kernel name, grid, block, dynamic shared bytes, rows a block).
+    v1: this module's plan (rows_per_block, HEAD_THREADS, c5_smem). v2 and v3: cupy's (cupy_backend/fused.head_plan,
+    reused, not copied: the same grids, blocks, shared memory and batch rule): v3's rows kernel (a row a block)
+    while v2 would take one row a block (batch ≤ fused.HEAD_FILL_BLOCKS) and its shared memory fits, else v2's
+    rows kernel; ValueError where v2's rows do not fit shared memory (v1 needs none). ``geom`` = (C, Hp, Wp, H, W)
+    (default as cupy's: LeNet-5's at I = 400, else (I, 1, 1, 2, 2))."""
+    if variant == "v1":
+        rows = rows_per_block(n)
+        total = nh1 * (ni + 1) + nh2 * (nh1 + 1) + nc * (nh2 + 1) + 1
+        return (("head_train_v1", ceil_div(n, rows), HEAD_THREADS, c5_smem(nh1), rows),
+                ("head_train_wgrad_v1", ceil_div(total, WG_THREADS), WG_THREADS, 0, 0))
+    from ..cupy_backend import fused
+
+    a, w = fused.head_plan(variant, n, ni, nh1, nh2, nc, geom)
+    rows = dict(a.defines).get("HEAD_ROWS", 1)
+    return ((a.kernel, a.grid[0], a.block[0], a.shared_mem, rows), (w.kernel, w.grid[0], w.block[0], w.shared_mem, 0))
+
+
+def launches(variant: str, n: int, ni: int = 400, nh1: int = 120, nh2: int = 84, nc: int = 10,
+             explicit: bool = False) -> list[tuple[str, str, int, int, int]]:
+    """head_train's two launches as the backend logs them, (op, variant, grid, block, dynamic shared bytes), at
+    LeNet-5's geometry with F6 ``nh2`` (backend.lenet_launches); where the variant does not fit shared memory and
+    was not asked for by name, v1's (as head_train falls back)."""
+    try:
+        p = plan(variant, n, ni, nh1, nh2, nc)
+    except ValueError:
+        if explicit:
+            raise
+        p = plan("v1", n, ni, nh1, nh2, nc)
+    return [(*name.rsplit("_", 1), grid, block, smem) for name, grid, block, smem, _ in p]
+
+
+def _kernel_for(name: str, geom: tuple[int, ...]) -> Any:
+    if name.endswith("_v3"):
+        return v3_kernels(geom)[name.startswith("head_train_wgrad")]
+    return KERNELS[name]
 
 
 def head_train(
@@ -415,18 +1279,30 @@ def head_train(
     if ws is None:  # dz1, dz2, dz3 and the per-row [loss, hit]: allocated at the first call at a shape
         ws = per_be[key] = (be.empty((n, nh1)), be.empty((n, nh2)), be.empty((n, nc)), be.empty((n, 2)))
     dz1, dz2, dz3, rowstat = ws
-    rows = rows_per_block(n)
+    geom = (c, hp, wp, 2 * hp if routed else hc, 2 * wp if routed else wc, nh1, nh2, nc)  # v3's (cupy's for routed)
+    try:
+        (rname, rgrid, rblock, rsmem, rows), (wname, wgrid, wblock, wsmem, _) = plan(v, n, ni, nh1, nh2, nc, geom[:5])
+    except ValueError:
+        if variant is not None:
+            raise
+        (rname, rgrid, rblock, rsmem, rows), (wname, wgrid, wblock, wsmem, _) = plan("v1", n, ni, nh1, nh2, nc)
 
     def flat(a: Any) -> Any:
         return a.reshape(a.size)
 
-    smem = c5_smem(nh1)
-    launch_kernel(be, "head_train_v1", head_train_v1, ceil_div(n, rows), HEAD_THREADS, smem, flat(x), labels, flat(w1),
-                  b1, flat(w2), b2, flat(w3), b3, flat(h1), flat(h2), flat(logits), am1, flat(yconv), flat(dz_conv),
-                  flat(dz1), flat(dz2), flat(dz3), flat(rowstat), *(np.int32(v) for v in (n, c, hc, wc, nh1, nh2, nc)),
-                  np.int32(ACT_CODES[act]), np.int32(POOL_ROUTED if routed else POOL_CODES[mode]), np.int32(rows),
-                  np.int32(smem > 0))
-    total = nh1 * (ni + 1) + nh2 * (nh1 + 1) + nc * (nh2 + 1) + 1
-    launch_kernel(be, "head_train_wgrad_v1", head_train_wgrad_v1, ceil_div(total, WG_THREADS), WG_THREADS, 0, flat(x),
-                  flat(h1), flat(h2), flat(dz1), flat(dz2), flat(dz3), flat(rowstat), flat(dw1), db1, flat(dw2), db2,
-                  flat(dw3), db3, stats, state, *(np.int32(v) for v in (n, ni, nh1, nh2, nc)))
+    mode_code = np.int32(POOL_ROUTED if routed else POOL_CODES[mode])
+    arrays = (flat(x), labels, flat(w1), b1, flat(w2), b2, flat(w3), b3, flat(h1), flat(h2), flat(logits), am1,
+              flat(yconv), flat(dz_conv), flat(dz1), flat(dz2), flat(dz3), flat(rowstat))
+    if rname == "head_train_v1":
+        tail: tuple[Any, ...] = (*(np.int32(v) for v in (n, c, hc, wc, nh1, nh2, nc)), np.int32(ACT_CODES[act]),
+                                 mode_code, np.int32(rows), np.int32(rsmem > 0))
+    elif rname == "head_train_v2":
+        tail = (*(np.int32(v) for v in (n, c, hc, wc, nh1, nh2, nc)), np.int32(ACT_CODES[act]), mode_code,
+                np.int32(rows))
+    else:
+        tail = (np.int32(n), np.int32(ACT_CODES[act]), mode_code)
+    kernel = v2_kernel(rows) if rname == "head_train_v2" else _kernel_for(rname, geom)
+    launch_kernel(be, rname, kernel, rgrid, rblock, rsmem, *arrays, *tail)
+    launch_kernel(be, wname, _kernel_for(wname, geom), wgrid, wblock, wsmem, flat(x), flat(h1), flat(h2), flat(dz1),
+                  flat(dz2), flat(dz3), flat(rowstat), flat(dw1), db1, flat(dw2), db2, flat(dw3), db3, stats, state,
+                  *(np.int32(v) for v in (n, ni, nh1, nh2, nc)))
