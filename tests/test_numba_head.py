@@ -14,14 +14,13 @@ The register / spill / float64 checks of the compiled kernels: tests/test_numba_
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests import fused_helpers as F
+from tests import sim_child
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,20 +36,17 @@ def _head():
     return head
 
 
+SUITE = sim_child.Child(__file__, "sim_", timeout=600)
+
+
 @pytest.mark.sim
+@sim_child.early(SUITE)
 def test_simulator_suite():
     """Run this file's sim_* tests in a child process with the CUDA simulator on."""
     if SIM:
         pytest.skip("this is the simulator run")
     require("numba")
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-k", "sim_",
-           "--durations=5", "-o", "addopts=", "-W", "ignore::DeprecationWarning"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    out = res.stdout[-20000:] + ("\n--- stderr ---\n" + res.stderr[-4000:] if res.stderr.strip() else "")
-    assert res.returncode == 0, f"simulator suite failed (exit {res.returncode}):\n{out}"
-    assert " passed" in res.stdout and " failed" not in res.stdout, out
-    print(out)
+    print(sim_child.result(SUITE))
 
 
 # ------------------------------------------------------------------------------------ the plan (this process)
