@@ -436,6 +436,8 @@ def test_numba_compile_ptx_no_f64_no_spills(arch):
         cr.ptxas_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
+    # both archs' builds at once, on this machine's cores (compile_report.prefetch)
+    cr.prefetch([(name, a) for mod in (head, lf) for name in mod.SIGNATURES for a in ARCHS])
     for mod in (head, lf):
         for name in mod.SIGNATURES:
             # compile_report's compile (each kernel's signature and launch bounds, ptxas -v): cached per process,

@@ -288,9 +288,50 @@ def int_arith_stats(ptx: str) -> dict[str, int]:
     return out
 
 
-@functools.cache
+#: compile_kernel's results in this process, by (name, arch, signature)
+_COMPILED: dict[tuple[str, str, str | None], tuple[str, str]] = {}
+#: the kernels that take longest to compile (5 to 13 s each on the 2-core machine, 2026-12-05), started first by
+#: prefetch so that the pool's workers finish together
+SLOW_FIRST = ("head_train_v2", "lenet_fwd_v2", "head_train_wgrad_v2", "head_train_wgrad_v3", "step_fwd_v1",
+              "head_train_v3", "step_bwd_v1", "head_train_v1")
+
+
 def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[str, str]:
-    """(PTX, ptxas -v log) of kernel ``name`` for ``arch`` (e.g. "sm_90"); cached per process."""
+    """(PTX, ptxas -v log) of kernel ``name`` for ``arch`` (e.g. "sm_90"); cached per process (and filled ahead by
+    ``prefetch``)."""
+    key = (name, arch, signature)
+    if key not in _COMPILED:
+        _COMPILED[key] = _compile_kernel(name, arch, signature)
+    return _COMPILED[key]
+
+
+def prefetch(pairs: Sequence[tuple[str, str]], workers: int | None = None) -> None:
+    """Compile these (kernel, arch) pairs into compile_kernel's cache on ``workers`` processes (default: this
+    process's cores, at most 8). Numba compiles one kernel at a time in a process (a global compiler lock), and a
+    compile is seconds of one core (NVVM), so a report of 38 kernels × 2 archs on one core takes about 150 s.
+    With one worker, or one pair to do, it compiles here. A worker's failure is raised here as it would be by
+    compile_kernel."""
+    todo = [(n, a) for n, a in dict.fromkeys(pairs) if (n, a, None) not in _COMPILED]
+    if workers is None:
+        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if workers <= 1 or len(todo) <= 1:
+        for n, a in todo:
+            compile_kernel(n, a)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    rank = {n: i for i, n in enumerate(SLOW_FIRST)}
+    todo.sort(key=lambda p: rank.get(p[0], len(SLOW_FIRST)))
+    # spawn: a worker starts clean (no threads, no CUDA state of this process), imports this module, compiles
+    with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_compile_kernel, n, a, None): (n, a) for n, a in todo}
+        for f in cf.as_completed(futures):
+            n, a = futures[f]
+            _COMPILED[(n, a, None)] = f.result()
+
+
+def _compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[str, str]:
     from numba import cuda
 
     cc = (int(arch[3:-1]), int(arch[-1]))
@@ -366,6 +407,7 @@ def _launch_facts(op: str, variant: str) -> tuple[int, int]:
 def compile_report(archs: Sequence[str] = ("sm_80", "sm_90"), include_ptx: bool = False) -> list[dict]:
     """One record per kernel × arch (see the module docstring). ``include_ptx`` adds the PTX text."""
     records = []
+    prefetch([(f"{op}_{v}", arch) for op, vs in REPORT_VARIANTS.items() for v in vs for arch in archs])
     for op, variants in REPORT_VARIANTS.items():
         for variant in variants:
             name = f"{op}_{variant}"
