@@ -625,3 +625,32 @@ def test_train_cli_interrupt_and_resume_are_bit_exact(tmp_path):
     r = run("lenet_gpu.train", "--resume", str(part), "--backend", "cpu", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert_equal(read_checkpoint(part)["params"], read_checkpoint(full)["params"], what="resumed vs uninterrupted")
+
+
+def test_block_size_follows_the_vector_width():
+    """AVX-512 code: the first size dividing n (else 2, n padded); AVX2 code: one filter a block."""
+    from lenet_gpu.backends.cpu_backend import common, conv2d
+
+    assert conv2d.block_size(6, wide=True) == (6, 6) and conv2d.block_size(16, wide=True) == (4, 16)
+    assert conv2d.block_size(6, (4, 3), wide=True) == (3, 6) and conv2d.block_size(7, (4, 3), wide=True) == (2, 8)
+    assert conv2d.block_size(6, wide=False) == (1, 6) and conv2d.block_size(16, (4, 3), wide=False) == (1, 16)
+    assert conv2d.block_size(16) == conv2d.block_size(16, wide=common.WIDE_VECTORS)
+
+
+@pytest.mark.parametrize("act,pool", [("relu", "max"), ("tanh", "avg")])
+def test_narrow_vector_blocks_give_the_same_bits(monkeypatch, act, pool):
+    """The register blocks of AVX2 code (one filter a block, conv2d.block_size) on this CPU: a training step and
+    inference give the bits of the AVX-512 blocks (a block changes which filters share a pass, not any output's
+    order of sums)."""
+    from lenet_gpu import LeNet5
+    from lenet_gpu.backends.cpu_backend import conv2d
+
+    images, labels = _batch(35, seed=6)
+    out = {}
+    for wide in (True, False):
+        monkeypatch.setattr(conv2d, "WIDE_VECTORS", wide)
+        m = LeNet5(backend="cpu", activation=act, pool=pool, seed=4)
+        loss = m.train_step(images, labels)
+        out[wide] = (loss, m.parameters(), m.logits(images))
+    assert out[True][0] == out[False][0]
+    assert np.array_equal(out[True][1], out[False][1]) and np.array_equal(out[True][2], out[False][2])

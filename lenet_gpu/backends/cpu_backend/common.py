@@ -98,6 +98,24 @@ def njit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
     return wrap
 
 
+def wide_vectors() -> bool:
+    """Whether Numba compiles these kernels with AVX-512: 32 vector registers of 16 floats, so a chunk's 16 lanes
+    are one register. Without it (AVX2: 16 registers of 8 floats) the lanes take two registers and the register
+    blocks must be smaller (conv2d.block_size). NUMBA_CPU_FEATURES, where set, is what Numba compiles for; else the
+    host's features (Numba takes the host's features also when only NUMBA_CPU_NAME is set)."""
+    if config.CPU_FEATURES:
+        return "+avx512f" in config.CPU_FEATURES.replace(" ", "").split(",")
+    try:
+        import llvmlite.binding as ll
+
+        return bool(ll.get_host_cpu_features().get("avx512f"))
+    except Exception:  # noqa: BLE001 - features unreadable: the narrower blocks are safe everywhere
+        return False
+
+
+#: AVX-512 code (see wide_vectors), fixed for the process (the kernels' register blocks follow it)
+WIDE_VECTORS = wide_vectors()
+
 F32 = np.float32
 ZERO = F32(0.0)
 ONE = F32(1.0)
