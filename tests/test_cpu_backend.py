@@ -654,3 +654,39 @@ def test_narrow_vector_blocks_give_the_same_bits(monkeypatch, act, pool):
         out[wide] = (loss, m.parameters(), m.logits(images))
     assert out[True][0] == out[False][0]
     assert np.array_equal(out[True][1], out[False][1]) and np.array_equal(out[True][2], out[False][2])
+
+
+def test_dense_lane_blocks_of_4_and_8_give_the_same_bits(monkeypatch):
+    """The dense lane kernels compiled with AVX2 code's block (dense.OB = 4 outputs) and AVX-512's (8) give the same
+    bits: a block changes which outputs share a pass, not any output's order of sums. Counts that are not multiples
+    of either block (10 outputs, 84 inputs) give both a partial last block, and rows_dw an overlapping last vector."""
+    from lenet_gpu.backends.cpu_backend import common, dense
+
+    rng = np.random.default_rng(5)
+    O, I, B = 10, 84, 21
+    w = rng.standard_normal((O, I)).astype(np.float32)
+    b = rng.standard_normal(O).astype(np.float32)
+    xt = rng.standard_normal((I, common.L)).astype(np.float32)
+    dt = rng.standard_normal((O, common.L)).astype(np.float32)
+    dzr = np.zeros((B, O + 8), np.float32)  # columns up to o0 + OB, zero past O (rows_dw's contract)
+    dzr[:, :O] = rng.standard_normal((B, O))
+    xr = rng.standard_normal((B, I)).astype(np.float32)
+    out = {}
+    for ob in (4, 8):
+        monkeypatch.setattr(dense, "OB", ob)
+        monkeypatch.setattr(dense, "OB_TILE", ob * common.L)
+        fresh = {name: common.njit(**dict(common.JIT, cache=False))(getattr(dense, name).py_func)
+                 for name in ("lane_dense", "lane_dense_t", "rows_dw")}
+        yt = np.full((O, common.L), np.nan, np.float32)
+        fresh["lane_dense"](w, b, xt, yt, common.TANH)
+        gt = np.full((I, common.L), np.nan, np.float32)
+        fresh["lane_dense_t"](w, dt, gt)
+        dw = np.full((O, I), np.nan, np.float32)
+        db = np.full(O, np.nan, np.float32)
+        for o0 in range(0, O, ob):
+            fresh["rows_dw"](dzr, xr, dw, db, o0, 0, I, B)
+        out[ob] = (yt, gt, dw, db)
+        assert not any(np.isnan(a).any() for a in out[ob]), ob
+    for a4, a8 in zip(out[4], out[8], strict=True):
+        assert np.array_equal(a4, a8)
+    assert np.allclose(out[8][0], np.tanh(w.astype(np.float64) @ xt + b[:, None]), rtol=1e-5, atol=1e-6)

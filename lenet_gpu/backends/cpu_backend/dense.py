@@ -6,8 +6,8 @@ whole-network forward pass are made of.
                 images), dw rows as sums of x rows over the batch in order (prange over outputs), db likewise
 
 Lane kernels (16 images a vector, see common.py): ``lane_dense`` y = act(w·x + b) and ``lane_dense_t``
-y = wᵀ·d with 8 outputs × 16 images of accumulators in registers, and ``rows_dw`` (dw = Σ_b dz_bᵀ x_b over
-the batch in order, 8 rows × 16 columns in registers).
+y = wᵀ·d with OB outputs (8 with AVX-512 code, 4 with AVX2) × 16 images of accumulators in registers, and
+``rows_dw`` (dw = Σ_b dz_bᵀ x_b over the batch in order, OB rows × 16 columns in registers).
 """
 
 from __future__ import annotations
@@ -15,10 +15,16 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, prange
 
-from .common import JIT, JIT_INNER, ZERO, L, act, act_grad, njit, stack_tile
+from .common import JIT, JIT_INNER, WIDE_VECTORS, ZERO, L, act, act_grad, njit, stack_tile
 
-#: outputs per register block of the lane kernels
-OB = 8
+#: outputs per register block of the lane kernels. 8 outputs × 16 lanes are 8 of AVX-512's 32 zmm registers; with AVX2
+#: code (a lane vector is two of 16 ymm registers) 8 outputs would take all 16 and spill, so AVX2 takes 4. Measured on
+#: the 2-core AMD Zen 4 (2026-12-05, CPU time of one thread, batch 128, two interleaved rounds each): with AVX2 code
+#: (NUMBA_CPU_FEATURES=+avx,+avx2,+fma) head_train 0.67-0.69 ms a step with 4 against 1.49-1.50 with 8 (1.17 with 6),
+#: the training step 5.24-5.30 against 6.30-6.45 ms, lenet_fwd on 1,000 images 15.0 against 17.2-18.4 ms; with
+#: AVX-512 code 8 stays (head_train 0.62-0.63 ms against 0.67-0.68 with 4). No output's order of sums depends on it
+#: (tests/test_cpu_backend.py checks the bits)
+OB = 8 if WIDE_VECTORS else 4
 OB_TILE = OB * L
 
 
@@ -71,7 +77,7 @@ def dense_bwd_v1(x, w, y, dy, dx, dw, db, act_code, want_dx):
 
 @njit(**JIT_INNER)
 def lane_dense(w, b, xt, yt, act_code):
-    """yt (O, L) = act(w (O, I) · xt (I, L) + b) in blocks of 8 outputs; the last block repeats row O − 1
+    """yt (O, L) = act(w (O, I) · xt (I, L) + b) in blocks of OB outputs; the last block repeats row O − 1
     where it runs past O (every block is the same vector code) and stores only the rows that exist."""
     O, I = w.shape
     acc = carray(stack_tile(OB_TILE), (OB, L))
@@ -94,7 +100,7 @@ def lane_dense(w, b, xt, yt, act_code):
 
 @njit(**JIT_INNER)
 def lane_dense_t(w, dt, yt):
-    """yt (I, L) = wᵀ (I, O) · dt (O, L): the input gradient of a dense layer, in blocks of 8 inputs (the
+    """yt (I, L) = wᵀ (I, O) · dt (O, L): the input gradient of a dense layer, in blocks of OB inputs (the
     last block as in lane_dense)."""
     O, I = w.shape
     acc = carray(stack_tile(OB_TILE), (OB, L))
@@ -116,8 +122,8 @@ def lane_dense_t(w, dt, yt):
 
 @njit(**JIT_INNER)
 def rows_dw(dzr, xr, dw, db, o0, i0, i1, B):
-    """dw[o0:o0+8, i0:i1] = Σ_b dzr[b, o0:o0+8]ᵀ · xr[b, i0:i1] (b in order), and db[o0:o0+8] = Σ_b dzr[b]
-    when i0 == 0. Rows past dw's end are dropped: dzr must have columns up to o0 + 8 (zero past O). The
+    """dw[o0:o0+OB, i0:i1] = Σ_b dzr[b, o0:o0+OB]ᵀ · xr[b, i0:i1] (b in order), and db[o0:o0+OB] = Σ_b dzr[b]
+    when i0 == 0. Rows past dw's end are dropped: dzr must have columns up to o0 + OB (zero past O). The
     columns past the last whole vector are one more vector ending at i1 (overlapping the one before it;
     only its new columns are stored), or scalar sums where the matrix is narrower than a vector."""
     O, I = dw.shape

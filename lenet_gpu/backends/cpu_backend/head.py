@@ -5,7 +5,7 @@
                  route through S4's pooling into C3's pre-activation gradient (NCHW), or with ``routed``
                  (yconv=None, max pooling: docs/routed_backward.md) gz = dS4 · act'(S4) at S4's shape, no
                  route and no yconv read; then the three
-                 weight gradients as row kernels over the whole batch in order (prange over blocks of 8
+                 weight gradients as row kernels over the whole batch in order (prange over blocks of dense.OB
                  rows × ≤ 80 columns), so no weight gradient depends on the chunking or the threads
 """
 
