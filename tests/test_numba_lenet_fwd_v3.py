@@ -49,6 +49,29 @@ def test_v3_is_the_default_with_v2s_plan():
     assert lf.lenet_fwd.features == ("float32", "classes")
 
 
+def test_lenet_eval_compiles_without_spills_or_64bit_division():
+    """lenet_eval_v1 for sm_80 and sm_90 (compile_report's compile: compile_ptx + ptxas -v): no spills, no stack,
+    no 64-bit or signed division, ≤ 64 registers; float64 it uses by contract (its sums and exp/log). lenet_fwd_v3's
+    checks: tests/test_numba_ptx.py (UINT32_KERNELS, SM90_ONLY) and test_fused.py (SIGNATURES)."""
+    if SIM:
+        pytest.skip("compile checks need the real compiler")
+    require("numba.cuda")
+    from lenet_gpu.backends.numba_backend import compile_report as cr
+
+    try:
+        cr.ptxas_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    for arch in ("sm_80", "sm_90"):
+        ptx, log = cr.compile_kernel("lenet_eval_v1", arch)
+        res = cr.parse_ptxas(log)
+        assert res["spill_stores"] == 0 and res["spill_loads"] == 0 and res["stack_bytes"] == 0, (arch, res)
+        assert 0 < res["registers"] <= 64, (arch, res)
+        stats = cr.int_arith_stats(ptx)
+        assert all(stats[k] == 0 for k in ("div.s64", "div.u64", "rem.s64", "rem.u64", "div.s32", "rem.s32")), stats
+        assert cr.f64_lines(ptx)  # the double sums are there (the contract)
+
+
 def _inputs(n: int, seed: int):
     """uint8 images and LeNet-5 parameters whose output rows 3 and 7 are equal and biased high: logits 3 and 7
     are the same bits and the maximum of every image (np.argmax: 3)."""
@@ -95,7 +118,13 @@ def test_sim_v3_argmax_and_float32_input():
     lf32 = d.put(F.nan_like((n, 10)))
     lf.lenet_fwd(be, d.put(x), dpar, lf32, MEAN, STD, "relu", "max")  # float32 selects v3 by itself
     np.testing.assert_array_equal(d.get(lf32), got)
+    # the launches' argument types are the declared signatures (what compile_ptx checks): uint8, then float32
+    from numba.core import sigutils
+
+    want = [sigutils.normalize_signature(sig)[0] for sig in (lf.SIGNATURES["lenet_fwd_v3"],
+                                                              lf.REPORT_SIGNATURES["lenet_fwd_f32_v3"])]
     assert [name for name, _ in be.launch_log] == ["lenet_fwd_v3", "lenet_fwd_v3"]
+    assert [tuple(t) for _, t in be.launch_log] == [tuple(w) for w in want]
 
 
 def _eval_want(z: np.ndarray, y: np.ndarray) -> tuple[float, int]:

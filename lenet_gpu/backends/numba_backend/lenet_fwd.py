@@ -1,5 +1,6 @@
 """lenet_fwd: the whole LeNet-5 forward pass in one launch, uint8 images → logits (the Numba face of
-kernels/lenet_fwd.cu: v1 its v1, v2 its v3's plan without the float32 input and the fused argmax).
+kernels/lenet_fwd.cu: v1 its v1, v2 its v3's plan without the float32 input and the fused argmax, v3 its v3);
+and lenet_eval, evaluation's device reduction over the logits (lenet_fwd.cu's lenet_eval_v1).
 
   x = pad2(image)·scale + shift (1,32,32), scale = 1/(255·std), shift = −mean/std (as batch_prepare)
   S2 = pool(act(C1(x))) (6,14,14); S4 = pool(act(C3(S2))) (16,5,5); h1 = act(C5·S4) (H1); h2 = act(F6·h1) (H2);
@@ -14,7 +15,7 @@ Versions:
   Every index and size is uint32 (common.U) and the stride loops are while loops: no 64-bit division, no
   wraparound selects (sm_90 without launch bounds: 156 → 71 registers, 15 → 0 div.s64).
 
-- lenet_fwd_v2 (the default): lenet_fwd.cu's v3 plan (cupy_backend/fused.py lenet_fwd_plan) with v2's register
+- lenet_fwd_v2: lenet_fwd.cu's v3 plan (cupy_backend/fused.py lenet_fwd_plan) with v2's register
   blocking, 224 threads. Images a block by batch size (plan_v2): 1 while N ≤ 2·SMs (a small batch spreads over
   the GPU), 2 up to 4·SMs, else 4. C1: a thread per (image, pooled pixel) × all 6 filters (24 accumulators; the
   6 weights of a tap adjacent in shared memory, each input load feeding 6-12 FMAs); C3: a thread per (image,
@@ -26,10 +27,34 @@ Versions:
   shared memory).
   The tile size and F are compile-time constants (closures: one specialised body per tile size, chosen by a
   launch-uniform branch). The convolutions add in v1's order (bias, then c, r, s): S2 and S4 equal v1's; the
-  dense sums add in another order (logits within float32 rounding of v1's). No fused argmax: this op's
-  signature has no ``classes`` (cupy's v3 has one). ptxas: sm_90 72 registers with or without the launch
+  dense sums add in another order (logits within float32 rounding of v1's). uint8 images and logits only
+  (v3 adds float32 input and the fused argmax). ptxas: sm_90 72 registers with or without the launch
   bounds, sm_80 64 (70 under them); no spills, no local memory, no float64, no 64-bit or signed division.
   compile_ptx takes ~15 s of CPU (v1 ~3 s): every Numba-inlined call site is a copy, so each stage has one.
+
+- lenet_fwd_v3 (the default): v2 (the same plan, launch bounds, body and sum orders) with what lenet_fwd.cu's v3
+  adds over its v2: float32 input already normalised (the border −mean/std: ``pad``; scale 1 and shift 0, exact)
+  beside uint8 pixels, and the argmax fused: with ``classes`` (N,) int64 the output layer also writes its logits
+  to shared memory (X[0, NC), S4's place, free after C5) and one thread per image writes the first maximal class
+  (as np.argmax, a NaN wins); ``logits`` may be None (none written). Where Numba cannot do what CUDA C does:
+  - no ``void*`` with a run-time dtype switch: uint8 and float32 images are two specialisations of one dispatcher
+    (Numba types the argument; compile_ptx builds each: SIGNATURES "lenet_fwd_v3", REPORT_SIGNATURES
+    "lenet_fwd_f32_v3"; the on-disk kernel cache keys them by signature);
+  - no null array: an absent output is a 1-element stand-in (logits NaN-poisoned; ``_dummies``, one pair a
+    backend) and the launch-uniform ``outs`` (OUT_GLOBAL | OUT_SHARED) says what is written. The outputs are
+    run-time switches, not compile-time ones (closures of a kernel factory would share one on-disk cache entry
+    per signature: the factory's kernels have one source line and one signature), tested in the output layer's
+    epilogue (a lane's one store) and once a tile for the argmax: with uint8 images and logits, v3's logits are
+    v2's bit for bit (tests/test_numba_lenet_fwd_v2.py) and ptxas gives it v2's registers (72 on sm_90, 72 on
+    sm_80 under the launch bounds), no spills, no local memory, no float64, no 64-bit or signed division;
+  - as in v2: no float4/float2 vector loads of shared memory (a tap's weights are scalar broadcasts), no warp
+    shuffles in the simulator (shared-memory stand-ins), no ``__ldg``/``__restrict__`` (the dense weights are read
+    through the ordinary path), and every Numba-inlined call site is a copy (compile_ptx ~15 s a specialisation).
+- lenet_eval_v1: out (2,) float64 = [Σ softmax cross-entropy, correct count] of logits (N,NC) and uint8 labels:
+  one block of 256 threads, thread t takes rows t, t + 256, ... in turn, then a fixed tree over the threads
+  (double accumulation; float64 by contract, its only float64 kernel here), no launch bounds (lenet_fwd.cu's:
+  with them ptxas spilled the double exp/log temporaries there). An evaluation: one lenet_fwd launch, one
+  lenet_eval launch, one 16-byte copy back.
 
 Cost of one image (LeNet-5: H1 120, H2 84, NC 10): 416,520 MACs (C1 117,600; C3 240,000; C5 48,000; F6 10,080;
 output 840) = 0.83 MFLOP; 784 bytes in, 40 out; the dense weights (59,134 floats, 237 KB) read once a tile (from
@@ -798,7 +823,6 @@ SIGNATURES = {
     f"{_F2}, int32, int32, float32, float32, int32, int32, int32)",
     "lenet_fwd_v2": f"void(uint8[::1], {', '.join([_F1] * 11)}, {', '.join(['int32'] * 6)}, float32, float32, int32, "
     "int32, int32)",
-    "lenet_eval_v1": "void(float32[::1], uint8[::1], int32, int32, float64[::1])",
 }
 
 
@@ -810,10 +834,12 @@ def _v3_signature(images: str) -> str:
 SIGNATURES["lenet_fwd_v3"] = _v3_signature("uint8")
 KERNELS = {"lenet_fwd_v1": lenet_fwd_v1, "lenet_fwd_v2": lenet_fwd_v2, "lenet_fwd_v3": lenet_fwd_v3,
            "lenet_eval_v1": lenet_eval_v1}
-#: lenet_fwd_v3's other specialisation (float32 images: the same dispatcher, typed by the argument), named for the
-#: compile report (compile_report.all_kernels), which compiles it beside the uint8 one
+#: the compile report's other entries (compile_report.all_kernels; SIGNATURES holds the float32-free kernels):
+#: lenet_fwd_v3's float32-image specialisation (the same dispatcher, typed by the argument) and lenet_eval_v1
+#: (float64 by contract)
 REPORT_KERNELS = {"lenet_fwd_f32_v3": lenet_fwd_v3}
-SIGNATURES["lenet_fwd_f32_v3"] = _v3_signature("float32")
+REPORT_SIGNATURES = {"lenet_fwd_f32_v3": _v3_signature("float32"),
+                     "lenet_eval_v1": "void(float32[::1], uint8[::1], int32, int32, float64[::1])"}
 LAUNCH_BOUNDS["lenet_fwd_f32_v3"] = LAUNCH_BOUNDS["lenet_fwd_v3"]
 #: the backend's default is the last (backend.FUSED_VARIANTS); lenet_eval is lenet_fwd's companion (one variant,
 #: not an op of the protocol's variant table)
