@@ -40,8 +40,8 @@ Versions:
   - no ``void*`` with a run-time dtype switch: uint8 and float32 images are two specialisations of one dispatcher
     (Numba types the argument; compile_ptx builds each: SIGNATURES "lenet_fwd_v3", REPORT_SIGNATURES
     "lenet_fwd_f32_v3"; the on-disk kernel cache keys them by signature);
-  - no null array: an absent output is a 1-element stand-in (logits NaN-poisoned; ``_dummies``, one pair a
-    backend) and the launch-uniform ``outs`` (OUT_GLOBAL | OUT_SHARED) says what is written. The outputs are
+  - no null pointer argument: an absent output is a zero-size array (``_absent``: Numba passes a null pointer and
+    allocates nothing) and the launch-uniform ``outs`` (OUT_GLOBAL | OUT_SHARED) says what is written. The outputs are
     run-time switches, not compile-time ones (closures of a kernel factory would share one on-disk cache entry
     per signature: the factory's kernels have one source line and one signature), tested in the output layer's
     epilogue (a lane's one store) and once a tile for the argmax: with uint8 images and logits, v3's logits are
@@ -80,7 +80,6 @@ ESTIMATED, NOT MEASURED (H200: 132 SMs, 1.98 GHz, 4 warp instructions a clock an
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any
 
 import numba
@@ -858,16 +857,15 @@ def _sm_count(be: Any) -> int:
     return s if isinstance(s, int) else DEFAULT_SM_COUNT
 
 
-_DUMMIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _dummies(be: Any) -> tuple[Any, Any]:
-    """lenet_fwd_v3's stand-ins for an absent output, one pair a backend: logits (1,) float32 NaN-poisoned, classes
-    (1,) int64 (the kernel's ``outs`` keeps it from touching them; Numba has no null array)."""
-    d = _DUMMIES.get(be)
-    if d is None:
-        d = _DUMMIES[be] = (be.to_device(np.full((1,), np.nan, np.float32)), be.to_device(np.full((1,), -1, np.int64)))
-    return d
+def _absent(dtype: Any) -> Any:
+    """lenet_fwd_v3's stand-in for an absent output: a zero-size device array, Numba's null pointer (no device
+    memory, nothing allocated; the simulator bounds-checks it, so a write to it fails there). The kernel's ``outs``
+    keeps it untouched. Typed as a C-contiguous 1-d array, as the outputs it stands for (the launch takes the
+    declared signature's specialisation): the simulator types a zero-size array 'A', so there it is a zero-length
+    slice of a 1-element one (host memory)."""
+    if numba.config.ENABLE_CUDASIM:
+        return cuda.device_array((1,), dtype)[:0]
+    return cuda.device_array((0,), dtype)
 
 
 def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std: float, act: str, mode: str,
@@ -923,9 +921,9 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
         if in_f32:
             scale, shift = np.float32(1.0), np.float32(0.0)
         outs = (OUT_GLOBAL if logits is not None else 0) | (OUT_SHARED if classes is not None else 0)
-        dl, dc = _dummies(be) if logits is None or classes is None else (None, None)
         launch_kernel(be, "lenet_fwd_v3", lenet_fwd_v3, blocks, THREADS_V2, smem, flat(images), *weights,
-                      flat(logits) if logits is not None else dl, classes if classes is not None else dc, *dims,
+                      flat(logits) if logits is not None else _absent(np.float32),
+                      classes if classes is not None else _absent(np.int64), *dims,
                       code, pool, scale, shift, pad, np.int32(imgs), np.int32(xr), np.int32(yr), np.int32(outs))
         return
     if v == "v2":
