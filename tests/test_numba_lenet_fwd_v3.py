@@ -150,8 +150,8 @@ def test_sim_lenet_eval_against_float64():
     z = (rng.standard_normal((n, 10)) * 30).astype(np.float32)
     z[:40, 5] = z[:40, 2] = z[:40].max(axis=1) + 1  # a tie: np.argmax says 2
     y = rng.integers(0, 10, n).astype(np.uint8)
-    y[:20] = 2
-    y[20:40] = 5  # the tie's second class: not a hit
+    y[:30] = 2
+    y[30:40] = 5  # the tie's second class: not a hit (30 hits there; the last maximum would give 10)
     out = d.put(np.full((2,), np.nan))
     lf.lenet_eval(be, d.put(z), d.put(y), out)
     loss, hits = d.get(out)
