@@ -696,8 +696,7 @@ class LeNet5:
         ``logits`` takes (both on the host, or both on the model's device). On a device with lenet_eval (cupy,
         numba): one forward launch, one lenet_eval launch summing in double in a fixed order, one 16-byte copy
         back (non-uint8 labels are converted on the device: one documented copy; a Numba device array, which has
-        no astype, through the host). On the host: the logits of
-        ``logits`` summed in float64 on the host."""
+        no astype, through the host). On the host: the logits of ``logits`` summed in float64 on the host."""
         inc = self._incoming(images)
         lab = arrays.classify_labels(labels, inc.n, inc)
         if inc.where == "host":
