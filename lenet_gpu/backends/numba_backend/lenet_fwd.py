@@ -419,10 +419,13 @@ def _make_dense(R: int) -> Any:
             if U(lane & U(3)) == U0 and o < O:
                 bo = b0[o] if layer == U0 else (b1[o] if layer == U1 else b2[o])
                 y = activate(s + bo, act)
-                if layer < U(2) or U(outs & OUT_SHARED) != U0:
+                if layer < U(2):
                     sm[U(ob + r * isz + o)] = y
-                if layer == U(2) and U(outs & OUT_GLOBAL) != U0 and r < nr:
-                    g[U(U(n0 + r) * O + o)] = y
+                else:  # the output layer (v2: OUT_GLOBAL, a constant: the branches fold to v2's own store)
+                    if U(outs & U(OUT_SHARED)) != U0:
+                        sm[U(ob + r * isz + o)] = y
+                    if U(outs & U(OUT_GLOBAL)) != U0 and r < nr:
+                        g[U(U(n0 + r) * O + o)] = y
             rd = U(rd + U1)
 
     return dense
