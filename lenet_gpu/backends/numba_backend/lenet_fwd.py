@@ -45,8 +45,9 @@ Versions:
     run-time switches, not compile-time ones (closures of a kernel factory would share one on-disk cache entry
     per signature: the factory's kernels have one source line and one signature), tested in the output layer's
     epilogue (a lane's one store) and once a tile for the argmax: with uint8 images and logits, v3's logits are
-    v2's bit for bit (tests/test_numba_lenet_fwd_v2.py) and ptxas gives it v2's registers (72 on sm_90, 72 on
-    sm_80 under the launch bounds), no spills, no local memory, no float64, no 64-bit or signed division;
+    v2's bit for bit (tests/test_numba_lenet_fwd_v2.py); ptxas: 72 registers on sm_90 (v2 72) and on sm_80 under
+    the launch bounds (v2 70: both allow 4 blocks of 224 an SM), the float32 specialisation the same; no spills, no
+    local memory, no float64, no 64-bit or signed division (v2's own PTX is unchanged by v3's switches);
   - as in v2: no float4/float2 vector loads of shared memory (a tap's weights are scalar broadcasts), no warp
     shuffles in the simulator (shared-memory stand-ins), no ``__ldg``/``__restrict__`` (the dense weights are read
     through the ordinary path), and every Numba-inlined call site is a copy (compile_ptx ~15 s a specialisation).
