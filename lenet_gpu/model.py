@@ -554,7 +554,7 @@ class LeNet5:
     def evaluate(self, data: DeviceData, batch_size: int = 1000) -> tuple[float, int]:
         """(loss sum, correct count) over a device-resident dataset in its stored order.
 
-        Where the backend has lenet_fwd and lenet_eval (cupy), the whole set runs on the device: one lenet_fwd
+        Where the backend has lenet_fwd and lenet_eval (cupy, numba), the whole set runs on the device: one lenet_fwd
         launch into a logits buffer kept per size, one lenet_eval launch that sums the loss and the correct
         count in double in a fixed order, one 16-byte copy back (``batch_size`` is not used). Elsewhere the
         logits come from the backend ``batch_size`` images at a time and are summed on the host in float64.
@@ -685,18 +685,18 @@ class LeNet5:
             fwd(x, self._pv, out, self.mean, self.std, self.cfg.activation, self.cfg.pool)
         else:
             raise arrays.ArrayInputError(
-                f"images: {inc.dtype} device arrays need the fused lenet_fwd of the cupy backend; "
-                f"{be.name} has {'no lenet_fwd' if fwd is None else 'a uint8-only lenet_fwd'}")
+                f"images: {inc.dtype} device arrays need a fused lenet_fwd that takes them (the cupy and numba "
+                f"backends'); {be.name} has {'no lenet_fwd' if fwd is None else 'a uint8-only lenet_fwd'}")
         if classes:
             return _device_argmax(out)
         return out
 
     def score(self, images: Any, labels: Any, batch_size: int | None = None) -> tuple[float, int]:
         """(Σ softmax cross-entropy, correct count) of images and their labels (N,) class ids, of any kind
-        ``logits`` takes (both on the host, or both on the model's device). On a device with lenet_eval (cupy):
-        one forward launch, one lenet_eval launch summing in double in a fixed order, one 16-byte copy back
-        (non-uint8 labels are converted on the device: one documented copy). On the host: the logits of
-        ``logits`` summed in float64 on the host."""
+        ``logits`` takes (both on the host, or both on the model's device). On a device with lenet_eval (cupy,
+        numba): one forward launch, one lenet_eval launch summing in double in a fixed order, one 16-byte copy
+        back (non-uint8 labels are converted on the device: one documented copy; a Numba device array, which has
+        no astype, through the host). On the host: the logits of ``logits`` summed in float64 on the host."""
         inc = self._incoming(images)
         lab = arrays.classify_labels(labels, inc.n, inc)
         if inc.where == "host":
@@ -711,8 +711,8 @@ class LeNet5:
         ev = getattr(be, "lenet_eval", None)
         if ev is None:  # no device reduction on this backend: the logits come back once
             return _loss_and_correct(be.to_host(logits), be.to_host(y))
-        if y.dtype != np.uint8:
-            y = y.astype(np.uint8)  # one device-side conversion (class ids 0..9 fit)
+        if y.dtype != np.uint8:  # one conversion (class ids 0..9 fit): on the device, or (Numba) via the host
+            y = y.astype(np.uint8) if hasattr(y, "astype") else be.to_device(be.to_host(y).astype(np.uint8))
         out = getattr(self, "_score_out", None)
         if out is None:
             out = self._score_out = be.empty((2,), np.float64)

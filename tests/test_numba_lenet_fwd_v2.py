@@ -2,7 +2,8 @@
 lenet_fwd_v3 plans in cupy_backend/fused.py) and, in a NUMBA_ENABLE_CUDASIM=1 child process, its logits against the
 float64 reference and against lenet_fwd_v1 at each tile size (1, 2 and 4 images a block: a shim with 1 SM makes
 batch 3 and 7 take the 2- and 4-image bodies), every activation and both pool modes, NaN-poisoned outputs, one
-block taking every tile. The PTX checks (registers, no spills, no 64-bit or signed division, no float64) are
+block taking every tile; v3's logits (uint8 images) equal v2's bit for bit at batch 1 (v3's own tests:
+tests/test_numba_lenet_fwd_v3.py). The PTX checks (registers, no spills, no 64-bit or signed division, no float64) are
 tests/test_numba_ptx.py's and test_fused.py's.
 """
 
@@ -58,7 +59,7 @@ def test_plan_v2_follows_cuda_c_v3():
                 assert lf.launch_shape("v2", n, 120, h2, sms) == (blocks, lf.THREADS_V2, smem)
     assert lf.plan_v2(64, 120, 84, 132)[1] == 1 and lf.plan_v2(10_000, 120, 84, 132)[1] == 4
     assert lf.launch_shape("v1", 64, 120, 84, 132) == (16, lf.THREADS, lf.plan(64, 120, 84)[2])
-    assert lf.VARIANTS["lenet_fwd"][-1] == lf.DEFAULT_VARIANTS["lenet_fwd"] == "v2"  # the backend takes the last
+    assert lf.VARIANTS["lenet_fwd"][-1] == lf.DEFAULT_VARIANTS["lenet_fwd"] == "v3"  # the backend takes the last
 
 
 # (batch, SMs the plan assumes, images a block, the grid cap): a block per image, 2- and 4-image tiles (7: a
@@ -93,6 +94,9 @@ def test_sim_v2_matches_reference_and_v1(n, sms, imgs, max_blocks):
             v1 = F.check_lenet_fwd(be, lf.lenet_fwd, "v1", n, act, mode, h2=h2, seed=n + i)
             scale = max(1.0, float(np.abs(v1).max()))
             assert np.abs(got - v1).max() <= 4e-6 * scale, (act, mode, np.abs(got - v1).max())
+            # v3 (uint8 images, logits only) is v2's body with its output switches: the same bits
+            v3 = F.check_lenet_fwd(be, lf.lenet_fwd, "v3", n, act, mode, h2=h2, seed=n + i)
+            assert np.array_equal(got, v3), (act, mode, np.abs(got - v3).max())
 
 
 @sim

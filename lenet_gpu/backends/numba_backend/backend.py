@@ -626,9 +626,11 @@ class NumbaBackend:
         else:
             self._launch("conv2d_fwd", v, grid, block, sh, *args, np.int32(wslot))
 
-    #: the fused dense head and the whole-network forward pass (head.py, lenet_fwd.py)
+    #: the fused dense head and the whole-network forward pass (head.py, lenet_fwd.py: v3 also takes float32
+    #: images and fuses the argmax, ``lenet_fwd.features``), and evaluation's device reduction (lenet_eval)
     head_train = _head.head_train
     lenet_fwd = _lenet_fwd.lenet_fwd
+    lenet_eval = _lenet_fwd.lenet_eval
 
     def conv2d_pool_fwd(
         self, x: Any, w: Any, b: Any, yconv: Any | None, ypool: Any, argmax: Any | None, act: str, mode: str,

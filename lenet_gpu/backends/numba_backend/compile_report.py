@@ -78,10 +78,10 @@ def all_kernels() -> dict[str, tuple[Any, str]]:
     """Every kernel the report covers by name: (dispatcher, the signature its launches use)."""
     from . import lenet_fwd
 
-    kernels = {**KERNELS, **_head.KERNELS, **lenet_fwd.KERNELS, **_routed.KERNELS, **_step4_fwd.KERNELS,
-               **_step4_bwd.KERNELS}
-    signatures = {**SIGNATURES, **_head.SIGNATURES, **lenet_fwd.SIGNATURES, **_routed.SIGNATURES,
-                  **_step4_fwd.SIGNATURES, **_step4_bwd.SIGNATURES}
+    kernels = {**KERNELS, **_head.KERNELS, **lenet_fwd.KERNELS, **lenet_fwd.REPORT_KERNELS, **_routed.KERNELS,
+               **_step4_fwd.KERNELS, **_step4_bwd.KERNELS}
+    signatures = {**SIGNATURES, **_head.SIGNATURES, **lenet_fwd.SIGNATURES, **lenet_fwd.REPORT_SIGNATURES,
+                  **_routed.SIGNATURES, **_step4_fwd.SIGNATURES, **_step4_bwd.SIGNATURES}
     return {name: (k, signatures[name]) for name, k in kernels.items()}
 
 
@@ -292,8 +292,8 @@ def int_arith_stats(ptx: str) -> dict[str, int]:
 _COMPILED: dict[tuple[str, str, str | None], tuple[str, str]] = {}
 #: the kernels that take longest to compile (5 to 13 s each on the 2-core machine, 2026-12-05), started first by
 #: prefetch so that the pool's workers finish together
-SLOW_FIRST = ("head_train_v2", "lenet_fwd_v2", "head_train_wgrad_v2", "head_train_wgrad_v3", "step_fwd_v1",
-              "head_train_v3", "step_bwd_v1", "head_train_v1")
+SLOW_FIRST = ("head_train_v2", "lenet_fwd_v2", "lenet_fwd_v3", "lenet_fwd_f32_v3", "head_train_wgrad_v2",
+              "head_train_wgrad_v3", "step_fwd_v1", "head_train_v3", "step_bwd_v1", "head_train_v1")
 
 
 def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[str, str]:

@@ -1,5 +1,6 @@
 """lenet_fwd: the whole LeNet-5 forward pass in one launch, uint8 images → logits (the Numba face of
-kernels/lenet_fwd.cu: v1 its v1, v2 its v3's plan without the float32 input and the fused argmax).
+kernels/lenet_fwd.cu: v1 its v1, v2 its v3's plan without the float32 input and the fused argmax, v3 its v3);
+and lenet_eval, evaluation's device reduction over the logits (lenet_fwd.cu's lenet_eval_v1).
 
   x = pad2(image)·scale + shift (1,32,32), scale = 1/(255·std), shift = −mean/std (as batch_prepare)
   S2 = pool(act(C1(x))) (6,14,14); S4 = pool(act(C3(S2))) (16,5,5); h1 = act(C5·S4) (H1); h2 = act(F6·h1) (H2);
@@ -14,7 +15,7 @@ Versions:
   Every index and size is uint32 (common.U) and the stride loops are while loops: no 64-bit division, no
   wraparound selects (sm_90 without launch bounds: 156 → 71 registers, 15 → 0 div.s64).
 
-- lenet_fwd_v2 (the default): lenet_fwd.cu's v3 plan (cupy_backend/fused.py lenet_fwd_plan) with v2's register
+- lenet_fwd_v2: lenet_fwd.cu's v3 plan (cupy_backend/fused.py lenet_fwd_plan) with v2's register
   blocking, 224 threads. Images a block by batch size (plan_v2): 1 while N ≤ 2·SMs (a small batch spreads over
   the GPU), 2 up to 4·SMs, else 4. C1: a thread per (image, pooled pixel) × all 6 filters (24 accumulators; the
   6 weights of a tap adjacent in shared memory, each input load feeding 6-12 FMAs); C3: a thread per (image,
@@ -26,10 +27,35 @@ Versions:
   shared memory).
   The tile size and F are compile-time constants (closures: one specialised body per tile size, chosen by a
   launch-uniform branch). The convolutions add in v1's order (bias, then c, r, s): S2 and S4 equal v1's; the
-  dense sums add in another order (logits within float32 rounding of v1's). No fused argmax: this op's
-  signature has no ``classes`` (cupy's v3 has one). ptxas: sm_90 72 registers with or without the launch
+  dense sums add in another order (logits within float32 rounding of v1's). uint8 images and logits only
+  (v3 adds float32 input and the fused argmax). ptxas: sm_90 72 registers with or without the launch
   bounds, sm_80 64 (70 under them); no spills, no local memory, no float64, no 64-bit or signed division.
   compile_ptx takes ~15 s of CPU (v1 ~3 s): every Numba-inlined call site is a copy, so each stage has one.
+
+- lenet_fwd_v3 (the default): v2 (the same plan, launch bounds, body and sum orders) with what lenet_fwd.cu's v3
+  adds over its v2: float32 input already normalised (the border −mean/std: ``pad``; scale 1 and shift 0, exact)
+  beside uint8 pixels, and the argmax fused: with ``classes`` (N,) int64 the output layer also writes its logits
+  to shared memory (X[0, NC), S4's place, free after C5) and one thread per image writes the first maximal class
+  (as np.argmax, a NaN wins); ``logits`` may be None (none written). Where Numba cannot do what CUDA C does:
+  - no ``void*`` with a run-time dtype switch: uint8 and float32 images are two specialisations of one dispatcher
+    (Numba types the argument; compile_ptx builds each: SIGNATURES "lenet_fwd_v3", REPORT_SIGNATURES
+    "lenet_fwd_f32_v3"; the on-disk kernel cache keys them by signature);
+  - no null pointer argument: an absent output is a zero-size array (``_absent``: Numba passes a null pointer and
+    allocates nothing) and the launch-uniform ``outs`` (OUT_GLOBAL | OUT_SHARED) says what is written. The outputs are
+    run-time switches, not compile-time ones (closures of a kernel factory would share one on-disk cache entry
+    per signature: the factory's kernels have one source line and one signature), tested in the output layer's
+    epilogue (a lane's one store) and once a tile for the argmax: with uint8 images and logits, v3's logits are
+    v2's bit for bit (tests/test_numba_lenet_fwd_v2.py); ptxas: 72 registers on sm_90 (v2 72) and on sm_80 under
+    the launch bounds (v2 70: both allow 4 blocks of 224 an SM), the float32 specialisation the same; no spills, no
+    local memory, no float64, no 64-bit or signed division (v2's own PTX is unchanged by v3's switches);
+  - as in v2: no float4/float2 vector loads of shared memory (a tap's weights are scalar broadcasts), no warp
+    shuffles in the simulator (shared-memory stand-ins), no ``__ldg``/``__restrict__`` (the dense weights are read
+    through the ordinary path), and every Numba-inlined call site is a copy (compile_ptx ~15 s a specialisation).
+- lenet_eval_v1: out (2,) float64 = [Σ softmax cross-entropy, correct count] of logits (N,NC) and uint8 labels:
+  one block of 256 threads, thread t takes rows t, t + 256, ... in turn, then a fixed tree over the threads
+  (double accumulation; float64 by contract, its only float64 kernel here), no launch bounds (lenet_fwd.cu's:
+  with them ptxas spilled the double exp/log temporaries there). An evaluation: one lenet_fwd launch, one
+  lenet_eval launch, one 16-byte copy back.
 
 Cost of one image (LeNet-5: H1 120, H2 84, NC 10): 416,520 MACs (C1 117,600; C3 240,000; C5 48,000; F6 10,080;
 output 840) = 0.83 MFLOP; 784 bytes in, 40 out; the dense weights (59,134 floats, 237 KB) read once a tile (from
@@ -54,11 +80,12 @@ ESTIMATED, NOT MEASURED (H200: 132 SMs, 1.98 GHz, 4 warp instructions a clock an
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numba
 import numpy as np
-from numba import cuda, float32
+from numba import cuda, float32, float64
 
 from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
 from .common import POOL_MAX, U0, U1, U, activate, ceil_div
@@ -247,8 +274,10 @@ DF = 8  # dense stages: R·F partial sums a lane (R the tile's images, F = DF/R 
 UNROLL = 4  # dense stages: the k loop's unroll
 FULL = 0xFFFFFFFF  # a whole warp's shuffle mask
 RS1 = RS + 1  # a window's input row: 2 outputs × 5 taps
+OUT_GLOBAL, OUT_SHARED = 1, 2  # where the output layer writes (lenet_fwd_v3's ``outs``: the logits, the argmax)
 #: launch bounds of lenet_fwd_v2: 224 threads, 4 blocks an SM (a 4-image tile's ~45 KiB of shared memory allows 4)
 LAUNCH_BOUNDS["lenet_fwd_v2"] = (THREADS_V2, 4)
+LAUNCH_BOUNDS["lenet_fwd_v3"] = (THREADS_V2, 4)  # v2's plan
 
 
 def plan_v2(n: int, h1: int, h2: int, sms: int) -> tuple[int, int, int]:
@@ -270,7 +299,7 @@ def launch_shape(variant: str, n: int, h1: int, h2: int, sms: int) -> tuple[int,
     if variant == "v1":
         blocks, _, smem = plan(n, h1, h2)
         return blocks, THREADS, smem
-    blocks, _, smem = plan_v2(n, h1, h2, sms)
+    blocks, _, smem = plan_v2(n, h1, h2, sms)  # v2 and v3
     return blocks, THREADS_V2, smem
 
 
@@ -342,8 +371,10 @@ def _make_dense(R: int) -> Any:
     constants (closure variables), so every small loop unrolls and v, x stay in registers. The rounds are
     block-uniform (a warp past O skips the sums but reaches every shuffle: the simulator's stand-in barriers).
     in[r][k] = sm[ib + r·isz + k]; out: sm[ob + r·isz + o] (layers 0, 1: C5, F6) or g[(n0 + r)·O + o] for r < nr
-    (layer 2: the logits). W and b are the layer's of (w0, w1, w2), (b0, b1, b2): one call site serves the three
-    layers (every call site is a copy of the three bodies, and Numba's inlining is what makes compiling slow).
+    (layer 2: the logits; ``outs`` says where layer 2 writes: OUT_GLOBAL g, OUT_SHARED sm[ob + r·isz + o] as the
+    other layers, or both; v2 passes the constant OUT_GLOBAL, which folds away). W and b are the layer's of
+    (w0, w1, w2), (b0, b1, b2): one call site serves the three layers (every call site is a copy of the three
+    bodies, and Numba's inlining is what makes compiling slow).
     """
     F = DF // R
     FB = F.bit_length() - 1  # log2 F
@@ -359,7 +390,7 @@ def _make_dense(R: int) -> Any:
                 v[r * F + f] += x[r] * wv
 
     @cuda.jit(device=True, inline="always")
-    def dense(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt):
+    def dense(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, outs):
         lane = U(tid & U(31))
         warp = U(tid >> U(5))
         per = U(U(nt >> U(5)) * U(F))  # outputs a round
@@ -391,8 +422,11 @@ def _make_dense(R: int) -> Any:
                 y = activate(s + bo, act)
                 if layer < U(2):
                     sm[U(ob + r * isz + o)] = y
-                elif r < nr:
-                    g[U(U(n0 + r) * O + o)] = y
+                else:  # the output layer (v2: OUT_GLOBAL, a constant: the branches fold to v2's own store)
+                    if U(outs & U(OUT_SHARED)) != U0:
+                        sm[U(ob + r * isz + o)] = y
+                    if U(outs & U(OUT_GLOBAL)) != U0 and r < nr:
+                        g[U(U(n0 + r) * O + o)] = y
             rd = U(rd + U1)
 
     return dense
@@ -402,14 +436,14 @@ _dense1, _dense2, _dense4 = _make_dense(1), _make_dense(2), _make_dense(4)
 
 
 @cuda.jit(device=True, inline="always")
-def _dense(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, imgs):
+def _dense(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, imgs, outs):
     """The dense layer for the tile's imgs (1, 2 or 4: uniform over the launch) images: one specialised body runs."""
     if imgs == U1:
-        _dense1(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt)
+        _dense1(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, outs)
     elif imgs == U(2):
-        _dense2(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt)
+        _dense2(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, outs)
     else:
-        _dense4(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt)
+        _dense4(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, outs)
 
 
 # (the simulator's cuda.jit takes no launch bounds)
@@ -554,9 +588,232 @@ def lenet_fwd_v2(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits,
             else:
                 no, nk, ib, obase, lact = unc, nh2, U(base + uxr), U0, 0
             _dense(sm, c5w, f6w, ow, c5b, f6b, ob, U(layer), logits, no, nk, ib, obase, isz, n0, ni, lact, tid, nt,
-                   uimgs)
+                   uimgs, U(OUT_GLOBAL))
             cuda.syncthreads()
         tile = U(tile + U(cuda.gridDim.x))
+
+
+# (the simulator's cuda.jit takes no launch bounds)
+@(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["lenet_fwd_v3"]))
+def lenet_fwd_v3(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, classes, n, h1, h2, nc, act, mode,
+                 scale, shift, pad, imgs, xr, yr, outs):
+    # v2's body with: images uint8 or float32 (one specialisation each: Numba types the argument), the border
+    # `pad`; the output layer written where ``outs`` says (OUT_GLOBAL: logits, OUT_SHARED: X[0, NC) for the
+    # argmax), then, with OUT_SHARED, classes[n] = the first maximal logit. logits and classes are flat arrays
+    # (a 1-element dummy where absent: never touched then). Every index and size uint32 (as v1 and v2)
+    # sm: [w1 25 taps × 8][b1 8][w3 6 × 25 taps × 16][b3 16] | image m: X at W + m·IS, Y at W + m·IS + xr
+    sm = cuda.shared.array(0, float32)
+    nimg, nh1, nh2, unc, uouts = U(n), U(h1), U(h2), U(nc), U(outs)
+    uimgs, uxr = U(imgs), U(xr)
+    isz = U(uxr + U(yr))
+    tid, nt = U(cuda.threadIdx.x), U(cuda.blockDim.x)
+    c0 = cuda.local.array(K1, float32)  # C1: the 2×2 window's four conv outputs × the 6 filters
+    c1 = cuda.local.array(K1, float32)
+    c2 = cuda.local.array(K1, float32)
+    c3 = cuda.local.array(K1, float32)
+    a0 = cuda.local.array(KB3, float32)  # C3: the window's four conv outputs × the thread's KB3 filters
+    a1 = cuda.local.array(KB3, float32)
+    a2 = cuda.local.array(KB3, float32)
+    a3 = cuda.local.array(KB3, float32)
+    ra = cuda.local.array(RS1, float32)  # two input rows of the window (6 wide: 2 outputs × 5 taps)
+    rb = cuda.local.array(RS1, float32)
+    t = tid
+    while t < U(25 * 8):  # C1 tap-major: a tap's 6 filter weights adjacent (a broadcast each)
+        tap = U(t >> U(3))
+        k = U(t & U(7))
+        sm[t] = c1w[U(k * U(25) + tap)] if k < U(K1) else float32(0.0)
+        t = U(t + nt)
+    t = tid
+    while t < U(8):
+        sm[U(U(200) + t)] = c1b[t] if t < U(K1) else float32(0.0)
+        t = U(t + nt)
+    t = tid
+    while t < U(K3 * K1 * 25):  # C3 read in its own order (coalesced), scattered to [c·25 + tap][k]
+        k = U(t // U(K1 * 25))
+        ct = U(t - k * U(K1 * 25))
+        sm[U(U(OW3_V2) + ct * U(K3) + k)] = c3w[t]
+        t = U(t + nt)
+    t = tid
+    while t < U(K3):
+        sm[U(U(OB3_V2) + t)] = c3b[t]
+        t = U(t + nt)
+    ntiles = U(U(nimg + uimgs - U1) // uimgs)
+    tile = U(cuda.blockIdx.x)
+    while tile < ntiles:  # block-uniform
+        n0 = U(tile * uimgs)
+        ni = U(min(uimgs, U(nimg - n0)))
+        cuda.syncthreads()  # the weights are staged; the previous tile is done with the image regions
+        t = tid
+        while t < U(uimgs * U(XS * XS)):  # the tile's images, padded and normalised (the border and past the
+            m = U(t // U(XS * XS))  # batch: pad, the normalised pixel 0; uint8: pad = shift, as v1 and v2 write it)
+            p = U(t - m * U(XS * XS))
+            ph = U(p >> U(5))  # ih + PAD
+            pw = U(p & U(XS - 1))  # iw + PAD
+            pix = pad
+            if m < ni and ph >= U(PAD) and ph < U(IMAGE + PAD) and pw >= U(PAD) and pw < U(IMAGE + PAD):
+                # uint8: the pixel · scale + shift; float32 already normalised: scale 1, shift 0 (exact)
+                pix = float32(images[U(U(n0 + m) * U(IMAGE * IMAGE) + U(ph - U(PAD)) * U(IMAGE) + pw - U(PAD))]) \
+                    * scale + shift
+            sm[U(U(WEIGHTS_V2) + m * isz + p)] = pix
+            t = U(t + nt)
+        cuda.syncthreads()
+        # C1 + act + pool -> S2 (Y): a thread per (image, pooled pixel), all 6 filters, its 2×2 window of outputs
+        t = tid
+        while t < U(uimgs * U(P2 * P2)):
+            m = U(t // U(P2 * P2))
+            pp = U(t - m * U(P2 * P2))
+            ph = U(pp // U(P2))
+            pw = U(pp - ph * U(P2))
+            xb = U(U(WEIGHTS_V2) + m * isz + ph * U(2 * XS) + pw + pw)
+            for k in range(K1):
+                bias = sm[U(200 + k)]
+                c0[k] = bias
+                c1[k] = bias
+                c2[k] = bias
+                c3[k] = bias
+            for j in range(RS1):
+                ra[j] = sm[U(xb + U(j))]
+            for r in range(RS):
+                for j in range(RS1):
+                    rb[j] = sm[U(xb + U((r + 1) * XS + j))]
+                for s in range(RS):
+                    for k in range(K1):
+                        wv = sm[U((r * RS + s) * 8 + k)]
+                        c0[k] += ra[s] * wv
+                        c1[k] += ra[s + 1] * wv
+                        c2[k] += rb[s] * wv
+                        c3[k] += rb[s + 1] * wv
+                for j in range(RS1):
+                    ra[j] = rb[j]
+            ybase = U(U(WEIGHTS_V2) + m * isz + uxr + pp)
+            _put_all(sm, ybase, U(P2 * P2), K1, c0, c1, c2, c3, act, mode)
+            t = U(t + nt)
+        cuda.syncthreads()
+        # C3 + act + pool -> S4 (X, [0, 400)): a thread per (image, KB3 filters, pooled pixel)
+        t = tid
+        while t < U(uimgs * U(KG3 * P4 * P4)):
+            m = U(t // U(KG3 * P4 * P4))
+            e = U(t - m * U(KG3 * P4 * P4))
+            kg = U(e // U(P4 * P4))
+            pp = U(e - kg * U(P4 * P4))
+            ph = U(pp // U(P4))
+            pw = U(pp - ph * U(P4))
+            for k in range(KB3):
+                bias = sm[U(U(OB3_V2) + kg * U(KB3) + U(k))]
+                a0[k] = bias
+                a1[k] = bias
+                a2[k] = bias
+                a3[k] = bias
+            s2 = U(U(WEIGHTS_V2) + m * isz + uxr + ph * U(2 * P2) + pw + pw)
+            c = U0
+            while c < U(K1):
+                xb = U(s2 + c * U(P2 * P2))
+                wc = U(U(OW3_V2) + c * U(25 * K3) + kg * U(KB3))
+                for j in range(RS1):
+                    ra[j] = sm[U(xb + U(j))]
+                for r in range(RS):
+                    for j in range(RS1):
+                        rb[j] = sm[U(xb + U((r + 1) * P2 + j))]
+                    for s in range(RS):
+                        for k in range(KB3):
+                            wv = sm[U(wc + U((r * RS + s) * K3 + k))]
+                            a0[k] += ra[s] * wv
+                            a1[k] += ra[s + 1] * wv
+                            a2[k] += rb[s] * wv
+                            a3[k] += rb[s + 1] * wv
+                    for j in range(RS1):
+                        ra[j] = rb[j]
+                c = U(c + U1)
+            obase = U(U(WEIGHTS_V2) + m * isz + kg * U(KB3 * P4 * P4) + pp)
+            _put_all(sm, obase, U(P4 * P4), KB3, a0, a1, a2, a3, act, mode)
+            t = U(t + nt)
+        cuda.syncthreads()
+        # the dense stages, the tile's images as the rows (images past the batch compute on the padding, never
+        # written): C5 X[0, 400) -> X[400, 400 + H1), F6 -> Y[0, H2), the output -> logits and/or X[0, NC) (S4's
+        # place, free after C5). One call site in a loop over the layers (each call site is a copy of the three
+        # specialised bodies)
+        base = U(WEIGHTS_V2)
+        for layer in range(3):
+            if layer == 0:
+                no, nk, ib, obase, lact = nh1, U(I5), base, U(base + U(I5)), act
+            elif layer == 1:
+                no, nk, ib, obase, lact = nh2, nh1, U(base + U(I5)), U(base + uxr), act
+            else:
+                no, nk, ib, obase, lact = unc, nh2, U(base + uxr), base, 0
+            _dense(sm, c5w, f6w, ow, c5b, f6b, ob, U(layer), logits, no, nk, ib, obase, isz, n0, ni, lact, tid, nt,
+                   uimgs, uouts)
+            cuda.syncthreads()
+        if U(uouts & U(OUT_SHARED)) != U0 and tid < ni:  # the argmax: a thread per image of the tile
+            z = U(base + tid * isz)
+            bv = sm[z]
+            best = U0
+            c = U1
+            while c < unc:
+                v = sm[U(z + c)]
+                if v > bv or (v != v and bv == bv):  # as np.argmax: the first maximum, the first NaN wins
+                    bv = v
+                    best = c
+                c = U(c + U1)
+            classes[U(n0 + tid)] = numba.int64(best)
+        # (the next tile's first barrier keeps its staging from X until every argmax has read it)
+        tile = U(tile + U(cuda.gridDim.x))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+EVAL_THREADS = 256  # lenet_fwd.cu LF_EVAL_THREADS: lenet_eval_v1's one block
+
+
+# (no launch bounds, as lenet_fwd.cu's lenet_eval_v1: with them ptxas spilled its double temporaries there)
+@cuda.jit
+def lenet_eval_v1(logits, labels, n, nc, out):
+    """out[0] = Σ_n softmax cross-entropy of logits[n] (flat (N·NC,)) against labels[n] (uint8), out[1] = the rows
+    whose first maximal logit (as np.argmax) is the label; both float64, in a fixed order: thread t takes rows
+    t, t + T, ... in turn, then a fixed tree over the block's threads (lenet_fwd.cu's lenet_eval_v1). One block of
+    EVAL_THREADS: an evaluation ends with one launch and one 16-byte copy back. float64 by contract."""
+    s_loss = cuda.shared.array(EVAL_THREADS, float64)
+    s_hit = cuda.shared.array(EVAL_THREADS, float64)
+    tid, nt = U(cuda.threadIdx.x), U(cuda.blockDim.x)
+    un, unc = U(n), U(nc)
+    loss = float64(0.0)
+    hit = float64(0.0)
+    r = tid
+    while r < un:
+        z = U(r * unc)
+        bv = logits[z]
+        best = U0
+        m = float64(bv)
+        c = U1
+        while c < unc:
+            v = logits[U(z + c)]
+            if v > bv or (v != v and bv == bv):  # as np.argmax: the first maximum, the first NaN wins
+                bv = v
+                best = c
+            dv = float64(v)
+            if m != m or dv > m:  # fmax(m, v): a NaN operand loses
+                m = dv
+            c = U(c + U1)
+        s = float64(0.0)
+        c = U0
+        while c < unc:
+            s += math.exp(float64(logits[U(z + c)]) - m)
+            c = U(c + U1)
+        y = U(labels[r])
+        loss += math.log(s) + m - float64(logits[U(z + y)])
+        hit += float64(1.0) if best == y else float64(0.0)
+        r = U(r + nt)
+    s_loss[tid] = loss
+    s_hit[tid] = hit
+    cuda.syncthreads()
+    h = U(EVAL_THREADS // 2)
+    while h > U0:
+        if tid < h:
+            s_loss[tid] += s_loss[U(tid + h)]
+            s_hit[tid] += s_hit[U(tid + h)]
+        cuda.syncthreads()
+        h = U(h >> U1)
+    if tid == U0:
+        out[0] = s_loss[0]
+        out[1] = s_hit[0]
 
 
 # ------------------------------------------------------------------------------------ variant table
@@ -570,10 +827,27 @@ SIGNATURES = {
     "lenet_fwd_v2": f"void(uint8[::1], {', '.join([_F1] * 11)}, {', '.join(['int32'] * 6)}, float32, float32, int32, "
     "int32, int32)",
 }
-KERNELS = {"lenet_fwd_v1": lenet_fwd_v1, "lenet_fwd_v2": lenet_fwd_v2}
-#: the backend's default is the last (backend.FUSED_VARIANTS)
-VARIANTS = {"lenet_fwd": ("v1", "v2")}
-DEFAULT_VARIANTS = {"lenet_fwd": "v2"}
+
+
+def _v3_signature(images: str) -> str:
+    return (f"void({images}[::1], {', '.join([_F1] * 11)}, int64[::1], {', '.join(['int32'] * 6)}, float32, float32, "
+            "float32, int32, int32, int32, int32)")
+
+
+SIGNATURES["lenet_fwd_v3"] = _v3_signature("uint8")
+KERNELS = {"lenet_fwd_v1": lenet_fwd_v1, "lenet_fwd_v2": lenet_fwd_v2, "lenet_fwd_v3": lenet_fwd_v3,
+           "lenet_eval_v1": lenet_eval_v1}
+#: the compile report's other entries (compile_report.all_kernels; SIGNATURES holds the float32-free kernels):
+#: lenet_fwd_v3's float32-image specialisation (the same dispatcher, typed by the argument) and lenet_eval_v1
+#: (float64 by contract)
+REPORT_KERNELS = {"lenet_fwd_f32_v3": lenet_fwd_v3}
+REPORT_SIGNATURES = {"lenet_fwd_f32_v3": _v3_signature("float32"),
+                     "lenet_eval_v1": "void(float32[::1], uint8[::1], int32, int32, float64[::1])"}
+LAUNCH_BOUNDS["lenet_fwd_f32_v3"] = LAUNCH_BOUNDS["lenet_fwd_v3"]
+#: the backend's default is the last (backend.FUSED_VARIANTS); lenet_eval is lenet_fwd's companion (one variant,
+#: not an op of the protocol's variant table)
+VARIANTS = {"lenet_fwd": ("v1", "v2", "v3")}
+DEFAULT_VARIANTS = {"lenet_fwd": "v3"}
 
 
 #: the SM count v2's plan is sized for where the caller has none (backend.DEFAULT_SM_COUNT: an H100 / H200)
@@ -587,41 +861,99 @@ def _sm_count(be: Any) -> int:
     return s if isinstance(s, int) else DEFAULT_SM_COUNT
 
 
+def _absent(dtype: Any) -> Any:
+    """lenet_fwd_v3's stand-in for an absent output: a zero-size device array, Numba's null pointer (no device
+    memory, nothing allocated; the simulator bounds-checks it, so a write to it fails there). The kernel's ``outs``
+    keeps it untouched. Typed as a C-contiguous 1-d array, as the outputs it stands for (the launch takes the
+    declared signature's specialisation): the simulator types a zero-size array 'A', so there it is a zero-length
+    slice of a 1-element one (host memory)."""
+    if numba.config.ENABLE_CUDASIM:
+        return cuda.device_array((1,), dtype)[:0]
+    return cuda.device_array((0,), dtype)
+
+
 def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std: float, act: str, mode: str,
-              variant: str | None = None) -> None:
-    """reference.lenet_fwd in one launch; the protocol's optional op (lenet_gpu.backends.base)."""
+              variant: str | None = None, classes: Any = None) -> None:
+    """reference.lenet_fwd in one launch; the protocol's optional op (lenet_gpu.backends.base), with cupy's
+    extensions (cupy_backend/fused.lenet_fwd): images (N,28,28) uint8 pixels, normalised as batch_prepare does
+    (pixel·scale + shift, scale = 1/(255·std), shift = −mean/std in float32, the border the normalised pixel 0),
+    or, v3, float32 already normalised (the border −mean/std); logits (N,NC) float32 and/or, v3, classes (N,)
+    int64 (the first maximal logit, as np.argmax; logits may then be None: no logits written). Without a
+    ``variant``, float32 images, classes and logits=None take v3."""
     v = variant or getattr(be, "default_variants", {}).get("lenet_fwd") or DEFAULT_VARIANTS["lenet_fwd"]
     if v not in VARIANTS["lenet_fwd"]:
         raise ValueError(f"lenet_fwd: unknown variant {v!r}; choose one of {', '.join(VARIANTS['lenet_fwd'])}")
     check_act(act)
     check_mode(mode)
+    dt = getattr(images, "dtype", None)
+    if dt not in (np.dtype(np.uint8), np.dtype(np.float32)):
+        raise TypeError(f"lenet_fwd: images dtype {dt}; expected uint8 pixels or float32 normalised images")
+    in_f32 = dt == np.float32
+    if (in_f32 or classes is not None or logits is None) and v != "v3":
+        if variant is not None:
+            raise ValueError(f"lenet_fwd_{v}: float32 images, classes and logits=None need v3")
+        v = "v3"
     n = images.shape[0]
-    _check(images, "images", (n, IMAGE, IMAGE), np.uint8)
+    _check(images, "images", (n, IMAGE, IMAGE), dt)
     p = params
     nh1, nh2, nc = p["c5.w"].shape[0], p["f6.w"].shape[0], p["out.w"].shape[0]
     for name, shape in (("c1.w", (K1, 1, RS, RS)), ("c1.b", (K1,)), ("c3.w", (K3, K1, RS, RS)), ("c3.b", (K3,)),
                         ("c5.w", (nh1, I5)), ("c5.b", (nh1,)), ("f6.w", (nh2, nh1)), ("f6.b", (nh2,)),
                         ("out.w", (nc, nh2)), ("out.b", (nc,))):
         _check(p[name], name, shape)
-    _check(logits, "logits", (n, nc))
+    if logits is None and classes is None:
+        raise ValueError("lenet_fwd: give logits, classes or both")
+    if logits is not None:
+        _check(logits, "logits", (n, nc))
+    if classes is not None:
+        _check(classes, "classes", (n,), np.int64)
     if n < 1:
         raise ValueError("lenet_fwd: needs at least one image")
     xr, yr = regions(nh1, nh2)
     code, pool = np.int32(ACT_CODES[act]), np.int32(POOL_CODES[mode])
     scale, shift = np.float32(1.0 / (255.0 * std)), np.float32(-mean / std)
+
+    def flat(a: Any) -> Any:
+        return a.reshape(a.size)
+
+    weights = tuple(flat(p[k]) for k in ("c1.w", "c1.b", "c3.w", "c3.b", "c5.w", "c5.b", "f6.w", "f6.b", "out.w",
+                                        "out.b"))
+    dims = tuple(np.int32(e) for e in (n, nh1, nh2, nc))
+    if v == "v3":
+        blocks, imgs, smem = plan_v2(n, nh1, nh2, _sm_count(be))
+        pad = shift  # the normalised pixel 0
+        if in_f32:
+            scale, shift = np.float32(1.0), np.float32(0.0)
+        outs = (OUT_GLOBAL if logits is not None else 0) | (OUT_SHARED if classes is not None else 0)
+        launch_kernel(be, "lenet_fwd_v3", lenet_fwd_v3, blocks, THREADS_V2, smem, flat(images), *weights,
+                      flat(logits) if logits is not None else _absent(np.float32),
+                      classes if classes is not None else _absent(np.int64), *dims,
+                      code, pool, scale, shift, pad, np.int32(imgs), np.int32(xr), np.int32(yr), np.int32(outs))
+        return
     if v == "v2":
         blocks, imgs, smem = plan_v2(n, nh1, nh2, _sm_count(be))
-
-        def flat(a: Any) -> Any:
-            return a.reshape(a.size)
-
-        launch_kernel(be, "lenet_fwd_v2", lenet_fwd_v2, blocks, THREADS_V2, smem, flat(images),
-                      *(flat(p[k]) for k in ("c1.w", "c1.b", "c3.w", "c3.b", "c5.w", "c5.b", "f6.w", "f6.b", "out.w",
-                                             "out.b")),
-                      flat(logits), *(np.int32(e) for e in (n, nh1, nh2, nc)), code, pool, scale, shift, np.int32(imgs),
-                      np.int32(xr), np.int32(yr))
+        launch_kernel(be, "lenet_fwd_v2", lenet_fwd_v2, blocks, THREADS_V2, smem, flat(images), *weights,
+                      flat(logits), *dims, code, pool, scale, shift, np.int32(imgs), np.int32(xr), np.int32(yr))
         return
     blocks, imgs, smem = plan(n, nh1, nh2)
     launch_kernel(be, "lenet_fwd_v1", lenet_fwd_v1, blocks, THREADS, smem, images, p["c1.w"], p["c1.b"], p["c3.w"],
                   p["c3.b"], p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"], p["out.w"], p["out.b"], logits,
                   code, pool, scale, shift, np.int32(imgs), np.int32(xr), np.int32(yr))
+
+
+#: what the model may ask of this lenet_fwd beyond the protocol (LeNet5.forward_device reads it), as cupy's
+lenet_fwd.features = ("float32", "classes")  # type: ignore[attr-defined]
+
+
+def lenet_eval(be: Any, logits: Any, labels: Any, out: Any) -> None:
+    """out (2,) float64 = [Σ softmax cross-entropy of logits (N,NC) against labels (N,) uint8, the rows whose first
+    maximal logit is the label], summed in double on the device in a fixed order (one launch, one block): cupy's
+    lenet_eval (cupy_backend/fused.py), the same contract and checks."""
+    n, nc = logits.shape
+    _check(logits, "logits", (n, nc))
+    _check(labels, "labels", (n,), np.uint8)
+    _check(out, "out", (2,), np.float64)
+    if n < 1:
+        raise ValueError("lenet_eval: needs at least one row")
+    launch_kernel(be, "lenet_eval_v1", lenet_eval_v1, 1, EVAL_THREADS, 0, logits.reshape(logits.size), labels,
+                  np.int32(n), np.int32(nc), out)
