@@ -447,8 +447,10 @@ def test_numba_compile_ptx_no_f64_no_spills(arch):
         cr.ptxas_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    # both archs' builds at once, on this machine's cores (compile_report.prefetch)
-    cr.prefetch([(name, a) for mod in (head, lf) for name in mod.SIGNATURES for a in ARCHS])
+    # both archs' builds at once, on this machine's cores (compile_report.prefetch), and the float32 lenet_fwd_v3 that
+    # test_numba_ptx checks on sm_90 (in the same pool, rather than 14 s alone there)
+    cr.prefetch([(name, a) for mod in (head, lf) for name in mod.SIGNATURES for a in ARCHS]
+                + [("lenet_fwd_f32_v3", "sm_90")])
     for mod in (head, lf):
         for name in mod.SIGNATURES:
             # compile_report's compile (each kernel's signature and launch bounds, ptxas -v): cached per process,
