@@ -422,9 +422,9 @@ def test_sim_head_train_repeats_and_counts():
     (3, "tanh", "avg", 3, 1, None), (3, "sigmoid", "max", 2500, 2, "v1"), (3, "sigmoid", "max", 130, 2, "v2")])
 def test_sim_lenet_fwd(n, act, mode, h2, max_blocks, variant):
     """Three images on one block (the default variant, v3 since 2026-12-05, with v2's plan: a block-stride loop over
-    one-image tiles), F6 narrow and wide, one and two blocks (v2 at F6 130, three rounds of its reductions: simulated, a round takes ~20 barriers, and
-    2500 would take two minutes; v1 at 2500). Every activation × pool mode (one image):
-    tests/test_numba_backend.py's test_sim_act_pool_matrix."""
+    one-image tiles), F6 narrow and wide, one and two blocks (v2 at F6 130, three rounds of its reductions:
+    simulated, a round takes ~20 barriers, and 2500 would take two minutes; v1 at 2500). Every activation × pool
+    mode (one image): tests/test_numba_backend.py's test_sim_act_pool_matrix."""
     _, lf = _numba_fused()
     be = F.NumbaShim(max_blocks=max_blocks)
     be.launch_log = []
