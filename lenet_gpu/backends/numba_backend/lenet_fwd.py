@@ -80,6 +80,7 @@ ESTIMATED, NOT MEASURED (H200: 132 SMs, 1.98 GHz, 4 warp instructions a clock an
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -861,12 +862,13 @@ def _sm_count(be: Any) -> int:
     return s if isinstance(s, int) else DEFAULT_SM_COUNT
 
 
+@functools.cache
 def _absent(dtype: Any) -> Any:
     """lenet_fwd_v3's stand-in for an absent output: a zero-size device array, Numba's null pointer (no device
     memory, nothing allocated; the simulator bounds-checks it, so a write to it fails there). The kernel's ``outs``
     keeps it untouched. Typed as a C-contiguous 1-d array, as the outputs it stands for (the launch takes the
     declared signature's specialisation): the simulator types a zero-size array 'A', so there it is a zero-length
-    slice of a 1-element one (host memory)."""
+    slice of a 1-element one (host memory). Made once per dtype (it points at nothing), not per launch."""
     if numba.config.ENABLE_CUDASIM:
         return cuda.device_array((1,), dtype)[:0]
     return cuda.device_array((0,), dtype)
