@@ -34,7 +34,7 @@ x = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
 y = rng.integers(0, 10, 40).astype(np.uint8)
 loss = m.train_step(x, y)
 # max pooling: the four-kernel step; head_train in the helper's share, and step_bwd's chunk functions (PARTS_FIRST)
-helper = [head.head_train_v1, routed._bwd_weight_routed_chunk, routed._bwd_data_routed_chunk,
+helper = [head.make_head_train_v1(True), routed._bwd_weight_routed_chunk, routed._bwd_data_routed_chunk,
           conv2d._bwd_weight_rows_routed_chunk]
 params = hashlib.sha256(m.parameters().tobytes()).hexdigest()
 # the helper compiles inference after its share, while this process goes on: wait for it, then infer

@@ -448,9 +448,10 @@ class CpuBackend(HostMemory):
         if plan is None:
             plan = self._plans[key] = self._plan_head(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax,
                                                       yconv, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, mode)
-        head.head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits,
-                           argmax if argmax is not None else self._dummy_u8, yconv if not routed_ else self._dummy_f,
-                           dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, state, acode, mcode, routed_, *plan)
+        head.make_head_train_v1(routed_)(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits,
+                                         argmax if argmax is not None else self._dummy_u8,
+                                         yconv if not routed_ else self._dummy_f, dz_conv, dw1, db1, dw2, db2, dw3,
+                                         db3, stats, state, acode, mcode, *plan)
 
     def _plan_head(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
                    dw1, db1, dw2, db2, dw3, db3, stats, mode: str) -> tuple:

@@ -6,10 +6,14 @@
                  (yconv=None, max pooling: docs/routed_backward.md) gz = dS4 · act'(S4) at S4's shape, no
                  route and no yconv read; then the three
                  weight gradients as row kernels over the whole batch in order (prange over blocks of dense.OB
-                 rows × ≤ 80 columns), so no weight gradient depends on the chunking or the threads
+                 rows × ≤ 80 columns), so no weight gradient depends on the chunking or the threads.
+                 ``make_head_train_v1(routed)``: the routed and the dense step's kernel are two specialisations,
+                 each compiling only its own end of a chunk (_head_tail_routed, _head_tail_route)
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 from numba import get_thread_id, prange
@@ -21,6 +25,8 @@ from .loss import softmax_row, write_stats_row
 
 #: columns per weight-gradient task (a multiple of 16): tasks of about equal work for the threads
 TASK_COLS = 80
+
+_MADE: dict[tuple, Any] = {}
 
 
 def dw_tasks(shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -35,11 +41,11 @@ def dw_tasks(shapes: tuple[tuple[int, int], ...]) -> np.ndarray:
 
 
 @njit(**JIT_INNER)
-def _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, act_code, mode,
-                routed, xt, h1t, h2t, zt, d1t, d2t, dxt, dxw, dz1r, dz2r, dz3r, b0, inv_n):
-    """Forward, loss and backward of images b0 .. b0+15; returns (Σ loss (float64), correct count)."""
+def _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, act_code, xt, h1t, h2t, zt, d1t, d2t, dxt,
+                dz3r, b0, inv_n):
+    """Forward, loss and backward of images b0 .. b0+15 down to dL/dx (dxt, lanes); returns (Σ loss (float64),
+    correct count)."""
     B, I = xf.shape
-    C4, Hp, Wp = dxw.shape
     H1, H2, NC = w1.shape[0], w2.shape[0], w3.shape[0]
     nb = min(L, B - b0)
     for lane in range(nb):
@@ -74,21 +80,39 @@ def _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, ycon
         for lane in range(L):
             d1t[o, lane] = act_grad(d1t[o, lane], h1t[o, lane], act_code)
     lane_dense_t(w1, d1t, dxt)
-    if routed:  # gz = dL/dx · act'(x) at x's shape: in max mode x is the activated output at the routed tap
-        gzf = dz_conv.reshape((B, I))
+    return s, c
+
+
+@njit(**JIT_INNER)
+def _head_tail_routed(xf, dz_conv, act_code, xt, d1t, d2t, dxt, dz1r, dz2r, b0):
+    """The routed step's end of a chunk: gz = dL/dx · act'(x) at x's shape (in max mode x is the activated output at
+    the routed tap) into dz_conv, and the chunk's rows of dz1r, dz2r."""
+    B, I = xf.shape
+    H1, H2 = d1t.shape[0], d2t.shape[0]
+    nb = min(L, B - b0)
+    gzf = dz_conv.reshape((B, I))
+    for i in range(I):
+        for lane in range(L):
+            dxt[i, lane] = act_grad(dxt[i, lane], xt[i, lane], act_code)
+    for lane in range(nb):
+        gr = gzf[b0 + lane]
         for i in range(I):
-            for lane in range(L):
-                dxt[i, lane] = act_grad(dxt[i, lane], xt[i, lane], act_code)
-        for lane in range(nb):
-            gr = gzf[b0 + lane]
-            for i in range(I):
-                gr[i] = dxt[i, lane]
-            bb = b0 + lane
-            for o in range(H2):
-                dz2r[bb, o] = d2t[o, lane]
-            for o in range(H1):
-                dz1r[bb, o] = d1t[o, lane]
-        return s, c
+            gr[i] = dxt[i, lane]
+        bb = b0 + lane
+        for o in range(H2):
+            dz2r[bb, o] = d2t[o, lane]
+        for o in range(H1):
+            dz1r[bb, o] = d1t[o, lane]
+
+
+@njit(**JIT_INNER)
+def _head_tail_route(xf, argmax, yconv, dz_conv, act_code, mode, d1t, d2t, dxt, dxw, dz1r, dz2r, b0):
+    """The dense step's end of a chunk: dL/dx routed through S4's pooling into C3's pre-activation gradient (NCHW,
+    dz_conv), and the chunk's rows of dz1r, dz2r."""
+    B, I = xf.shape
+    C4, Hp, Wp = dxw.shape
+    H1, H2 = d1t.shape[0], d2t.shape[0]
+    nb = min(L, B - b0)
     dxf = dxw.reshape((C4 * Hp * Wp,))
     for lane in range(nb):
         bb = b0 + lane
@@ -99,7 +123,6 @@ def _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, ycon
         for i in range(I):
             dxf[i] = dxt[i, lane]
         _route(dxw, argmax, yconv, dz_conv, bb, C4, Hp, Wp, yconv.shape[2], yconv.shape[3], mode, act_code)
-    return s, c
 
 
 @njit(**JIT_INNER)
@@ -114,26 +137,43 @@ def _head_dw_task(task, xf, h1, h2, dz1r, dz2r, dz3r, dw1, db1, dw2, db2, dw3, d
     rows_dw(dzr, xr, dw, db, task[1], task[2], task[3], xf.shape[0])
 
 
-@njit(parallel=True, **JIT)
-def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
-                  dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode, routed,
-                  ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks):
-    B = x.shape[0]
-    xf = x.reshape((B, x.shape[1] * x.shape[2] * x.shape[3]))
-    inv_n = np.float32(1.0 / B)
-    nch = (B + L - 1) // L
-    for ci in prange(nch):
-        tid = get_thread_id()
-        s, c = _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, act_code,
-                           mode, routed, ws_x[tid], ws_h1[tid], ws_h2[tid], ws_z[tid], ws_d1[tid], ws_d2[tid],
-                           ws_dx[tid], ws_dxw[tid], dz1r, dz2r, dz3r, np.int64(ci) * L, inv_n)
-        part[ci, 0] = s
-        part[ci, 1] = c
-    write_stats_row(part, nch, stats, state)
-    # weight gradients over the whole batch, b in order
-    for t in prange(tasks.shape[0]):
-        _head_dw_task(tasks[t], xf, h1, h2, dz1r, dz2r, dz3r, dw1, db1, dw2, db2, dw3, db3)
+def make_head_train_v1(routed: bool) -> Any:
+    """head_train_v1 for the routed step (``routed``: yconv=None, gz at S4's shape) or the dense one (the route
+    through S4's pooling). A constant of the kernel, not an argument: each compiles only its own end of a chunk
+    (a first run of the default step does not compile the dense one's route)."""
+    key = ("head_train_v1", routed)
+    if key not in _MADE:
+
+        @njit(parallel=True, **JIT)
+        def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
+                          dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode,
+                          ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks):
+            B = x.shape[0]
+            xf = x.reshape((B, x.shape[1] * x.shape[2] * x.shape[3]))
+            inv_n = np.float32(1.0 / B)
+            nch = (B + L - 1) // L
+            for ci in prange(nch):
+                tid = get_thread_id()
+                b0 = np.int64(ci) * L
+                s, c = _head_chunk(xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, act_code, ws_x[tid],
+                                   ws_h1[tid], ws_h2[tid], ws_z[tid], ws_d1[tid], ws_d2[tid], ws_dx[tid], dz3r, b0,
+                                   inv_n)
+                if routed:
+                    _head_tail_routed(xf, dz_conv, act_code, ws_x[tid], ws_d1[tid], ws_d2[tid], ws_dx[tid], dz1r,
+                                      dz2r, b0)
+                else:
+                    _head_tail_route(xf, argmax, yconv, dz_conv, act_code, mode, ws_d1[tid], ws_d2[tid], ws_dx[tid],
+                                     ws_dxw[tid], dz1r, dz2r, b0)
+                part[ci, 0] = s
+                part[ci, 1] = c
+            write_stats_row(part, nch, stats, state)
+            # weight gradients over the whole batch, b in order
+            for t in prange(tasks.shape[0]):
+                _head_dw_task(tasks[t], xf, h1, h2, dz1r, dz2r, dz3r, dw1, db1, dw2, db2, dw3, db3)
+
+        _MADE[key] = head_train_v1
+    return _MADE[key]
 
 
-KERNELS = {"head_train_v1": head_train_v1}
+KERNELS: dict[str, Any] = {}
 VARIANTS = {"head_train": ("v1",)}

@@ -65,7 +65,10 @@ ScratchStep = Callable[[Any, dict, bool, int], None]
 #: (step_fwd comes first: the helper has cached them by then). Measured, 12 interleaved pairs of first runs on the
 #: 2-core machine under heavy load from other jobs (load average 50 to 700, so wall times say little): the larger of
 #: the two processes' CPU times, median 13.97 s against the nine-op routed step's 14.74 s (per-pair ratio median 0.96,
-#: 0.72 to 1.09).
+#: 0.72 to 1.09). Since 2026-12-06 (head_train specialised on the routed step, parallel kernels at -O1 with prange
+#: passes only: common.PARALLEL_OPT_LEVEL) the same serial compile takes 19.2 s instead of 22-23 s: head_train 6.3,
+#: step_bwd 6.3 (its chunk functions 2.5), step_fwd 5.8, step_adam 0.3; the shares stay as they are (helper 0.8 +
+#: 2.5 + 6.3 s, this process 5.8 + 3.7 + 0.3 s after its imports).
 HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_data_routed", "batch_prepare", "conv2d_bwd_weight")
 #: ops of this process's share whose inner functions the helper compiles before its own share, when the step runs
 #: them: op → a function that compiles them into the cache with the signatures the op's kernel calls them with
@@ -99,16 +102,18 @@ def _cores() -> int:
 
 
 def cache_is_cold() -> bool:
-    """Whether Numba's cache has no usable entry for the head kernel (the largest of a step): a first
-    run, or the first after the kernels' source changed. False where the cache cannot be read."""
+    """Whether Numba's cache has no usable entry for the head kernel of the default step (routed; the largest
+    kernel of a step): a first run, or the first after the kernels' source changed. False where the cache cannot
+    be read."""
     try:
         from numba.core.registry import cpu_target
 
-        from .head import head_train_v1
+        from .head import make_head_train_v1
 
-        magic = cpu_target.target_context.codegen().magic_tuple()
-        index = head_train_v1._cache._cache_file._load_index()
-        return not any(key[1] == magic for key in index)
+        codegen = cpu_target.target_context.codegen()
+        cache = make_head_train_v1(True)._cache
+        index = cache._cache_file._load_index()
+        return not any(key == cache._index_key(key[0], codegen) for key in index)
     except Exception:  # noqa: BLE001 - Numba's cache internals differ: assume warm, compile as usual
         return False
 
