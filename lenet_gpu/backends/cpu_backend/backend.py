@@ -488,7 +488,8 @@ class CpuBackend(HostMemory):
         return (self._ws(T, I, L), self._ws(T, H1, L), self._ws(T, H2, L), self._ws(T, NC, L),
                 self._ws(T, H1, L), self._ws(T, H2, L), self._ws(T, I, L), self._ws(T, C, Hp, Wp),
                 self._ws(B, pad8(H1)), self._ws(B, pad8(H2)), self._ws(B, pad8(NC)),
-                self._ws(nchunks(B), 2, dtype=np.float64), head.dw_tasks(((H1, I), (H2, H1), (NC, H2))))
+                self._ws(nchunks(B), 2, dtype=np.float64), head.dw_tasks(((H1, I), (H2, H1), (NC, H2))),
+                *head.parts(yconv is None))
 
     def lenet_fwd(self, images, params: dict, logits, mean, std, act, mode, variant=None) -> None:
         self.counters.launches += 1
@@ -569,7 +570,7 @@ class CpuBackend(HostMemory):
         ws1 = self._ws(T, 1, 28 + 5 - 1, 2 * L + 5 - 1)
         ws3 = self._ws(T, 6, 14, 14, L)
         return (step4.make_step_fwd_v1(kb1, kb3), ws1, self._ws(k1p, 1, 5, 5), self._ws(k1p), ws3,
-                self._ws(k3p, 6, 5, 5), self._ws(k3p))
+                self._ws(k3p, 6, 5, 5), self._ws(k3p), *step4.fwd_parts(kb1, kb3))
 
     def step_bwd(self, x, p1, gz3, m3, m1, w3, gpart, act, variant=None) -> None:
         self.counters.launches += 1
@@ -605,7 +606,7 @@ class CpuBackend(HostMemory):
         return (fn, -(-B // gpart.shape[0]), (off["c1.w"], off["c1.b"], off["c3.w"], off["c3.b"]),
                 self._ws(T, L, 14, 14 * 6 + pw), self._ws(T, 14, 14 * 6 + pw), self._ws(T, L, 6, 14, 14),
                 self._ws(T, L, 1, 32, nv * L + 5 - 1), self._ws(T, L, k1p, 28, nv * L), self._ws(T, 16 * 6 * 25 + 16),
-                self._ws(16, 5, pw))
+                self._ws(16, 5, pw), *step4.bwd_parts())
 
     def step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay, variant=None) -> None:
         self.counters.launches += 1

@@ -13,11 +13,17 @@ GPU kernels (kernels/step_fwd.cu, step_bwd.cu, step_update.cu), each one paralle
   step_adam_v1  the partials added in group order from 0.0 (reference.step_reduce), Adam with srow's lr and bias
   step_sgd_v1   corrections (adam_step_v1's / sgd_step_v1's arithmetic, bit for bit), then step_advance
 
-The chunk functions are the routed step's (conv2d.py, routed.py), called with the same argument types: the same
-machine code, so where a group is one chunk of 16 images (CpuBackend.step_groups: ceil(B / 16) groups, a batch
-that is a multiple of 16) the step's numbers are the nine-op routed step's bit for bit (its chunk partials are
-added in the same order; 0.0 + a partial only turns a −0.0 into +0.0). The group count depends on the batch
-alone, and every sum runs in a fixed order: no result depends on the number of threads.
+The chunk functions are the routed step's (conv2d.py, routed.py), called with the same argument types, so where a
+group is one chunk of 16 images (CpuBackend.step_groups: ceil(B / 16) groups, a batch that is a multiple of 16) the
+step's numbers are the nine-op routed step's bit for bit (its chunk partials are added in the same order; 0.0 + a
+partial only turns a −0.0 into +0.0; tests/test_cpu_step4.py). The group count depends on the batch alone, and every
+sum runs in a fixed order: no result depends on the number of threads.
+
+step_fwd_v1 and step_bwd_v1 call their chunk functions through the addresses of their compiled code, given as
+arguments (native.py; fwd_parts, bwd_parts): each chunk function compiles once, not again into each of the four
+modules Numba makes of a parallel kernel. The default step's first compile (bench/compile_times.py, one process,
+empty cache, 2026-12-06): 19.2 s of CPU with every chunk function linked into its kernels, 12.1 s with step_fwd's,
+step_bwd's and head_train's called through addresses (16.8 s with step_bwd's alone).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 from numba import get_thread_id, prange, types
 
 from ...stepstate import EPOCH, OFFSET, SEED, SHIFT
+from . import native
 from .batch import mix32, prepare_image, step_advance_v1, word32
 from .common import JIT, JIT_EXACT, JIT_INNER, ZERO, L, njit
 from .conv2d import _bwd_weight_rows_routed_chunk, _pad_weights, _pool_fwd_lanes_chunk, _pool_fwd_rows_chunk, block_size
@@ -40,6 +47,20 @@ _MADE: dict[tuple, Any] = {}
 # ---------------------------------------------------------------------------------------------- step_fwd
 
 
+_call_fwd1 = native.caller(_pool_fwd_rows_chunk)
+_call_fwd3 = native.caller(_pool_fwd_lanes_chunk)
+
+
+def fwd_parts(KB1: int, KB3: int) -> tuple[int, int]:
+    """step_fwd_v1's chunk functions compiled (or loaded from Numba's cache) with the argument types step_fwd_v1
+    passes them: their addresses (native.py), step_fwd_v1's arguments a_c1, a_c3."""
+    f1, f3, f4 = (types.Array(types.float32, n, "C") for n in (1, 3, 4))
+    u4, i8, b = types.Array(types.uint8, 4, "C"), types.int64, types.boolean
+    return (native.address(_pool_fwd_rows_chunk, (f4, f4, f1, f4, f4, u4, i8, i8, b, f3, i8, i8, types.literal(KB1))),
+            native.address(_pool_fwd_lanes_chunk, (f4, f4, f1, f4, f4, u4, i8, i8, b, f4, i8, i8,
+                                                   types.literal(KB3))))
+
+
 def make_step_fwd_v1(KB1: int, KB3: int) -> Any:
     """step_fwd_v1 for register blocks of KB1 filters (C1, rows) and KB3 (C3, lanes)."""
     key = ("step_fwd_v1", KB1, KB3)
@@ -47,7 +68,7 @@ def make_step_fwd_v1(KB1: int, KB3: int) -> Any:
 
         @njit(parallel=True, **JIT)
         def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, scale, shift,
-                        act_code, mode, write_conv, ws_x1, wp1, bp1, ws_x3, wp3, bp3):
+                        act_code, mode, write_conv, ws_x1, wp1, bp1, ws_x3, wp3, bp3, a_c1, a_c3):
             B = x.shape[0]
             t = sched_index(sched, state)
             for e in range(srow.shape[0]):
@@ -63,10 +84,10 @@ def make_step_fwd_v1(KB1: int, KB3: int) -> Any:
                     prepare_image(images, labels, perm, x, y, r, offset, max_shift, h1, scale, shift)
                 tid = get_thread_id()
                 # yconv is never written (write_conv is False): p1 and p3 stand in for it
-                _pool_fwd_rows_chunk(x, wp1, bp1, p1, p1, m1, act_code, mode, write_conv, ws_x1[tid], b0,
-                                     w1.shape[0], KB1)
-                _pool_fwd_lanes_chunk(p1, wp3, bp3, p3, p3, m3, act_code, mode, write_conv, ws_x3[tid], b0,
-                                      w3.shape[0], KB3)
+                _call_fwd1(a_c1, (x, wp1, bp1, p1, p1, m1, act_code, mode, write_conv, ws_x1[tid], b0, w1.shape[0],
+                                  KB1))
+                _call_fwd3(a_c3, (p1, wp3, bp3, p3, p3, m3, act_code, mode, write_conv, ws_x3[tid], b0, w3.shape[0],
+                                  KB3))
 
         _MADE[key] = step_fwd_v1
     return _MADE[key]
@@ -90,18 +111,31 @@ def bwd_blocks() -> tuple[int, int, int, int]:
     return block_size(6, (4, 3))[0], routed_block(16, 5, pw), 5, pw
 
 
-def compile_bwd_parts() -> None:
-    """Compile step_bwd_v1's chunk functions (into Numba's cache), the signatures step_bwd_v1 calls them with: what a
-    helper process compiles ahead while the first run's own process compiles step_fwd (cpu_backend/warm.py)."""
+#: step_bwd_v1's chunk functions, called through their addresses (native.py: each compiles once, not into every
+#: module of the parallel kernel)
+_call_weight3 = native.caller(_bwd_weight_routed_chunk)
+_call_data3 = native.caller(_bwd_data_routed_chunk)
+_call_weight1 = native.caller(_bwd_weight_rows_routed_chunk)
+
+
+def bwd_parts() -> tuple[int, int, int]:
+    """step_bwd_v1's chunk functions compiled (or loaded from Numba's cache) with the argument types step_bwd_v1
+    passes them: their addresses, step_bwd_v1's arguments a_w3, a_d3, a_w1. A helper process calls this to compile
+    them ahead while the first run's own process compiles step_fwd (cpu_backend/warm.py)."""
     kb1, kb3, r3, pw3 = bwd_blocks()
     f1, f2, f3, f4 = (types.Array(types.float32, n, "C") for n in (1, 2, 3, 4))
     u4, i8 = types.Array(types.uint8, 4, "C"), types.int64
-    _bwd_weight_routed_chunk.compile((f4, f4, u4, f3, f1, i8, i8, i8, types.literal(kb3), types.literal(r3),
-                                      types.literal(pw3)))
-    _bwd_data_routed_chunk.compile((f4, f3, u4, f4, f4, i8, f2, i8, types.literal(r3), types.literal(pw3)))
-    _bwd_weight_rows_routed_chunk.compile((f4, f4, u4, f4, f4, f1, i8, i8, i8, i8, types.literal(kb1)))
-    _rows_of_filters.compile((f4, f3))
-    _add_at.compile((f1, i8, f1))
+    return (native.address(_bwd_weight_routed_chunk, (f4, f4, u4, f3, f1, i8, i8, i8, types.literal(kb3),
+                                                      types.literal(r3), types.literal(pw3))),
+            native.address(_bwd_data_routed_chunk, (f4, f3, u4, f4, f4, i8, f2, i8, types.literal(r3),
+                                                    types.literal(pw3))),
+            native.address(_bwd_weight_rows_routed_chunk, (f4, f4, u4, f4, f4, f1, i8, i8, i8, i8,
+                                                           types.literal(kb1))))
+
+
+def compile_bwd_parts() -> None:
+    """bwd_parts, for warm.PARTS_FIRST."""
+    bwd_parts()
 
 
 def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int) -> Any:
@@ -112,7 +146,7 @@ def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int) -> Any:
 
         @njit(parallel=True, **JIT)
         def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, act_code, chunk, o1w, o1b, o3w, o3b, ws_xs3, ws_dx, ws_gz1,
-                        ws_x1, ws_dz1, ws_part, wt):
+                        ws_x1, ws_dz1, ws_part, wt, a_w3, a_d3, a_w1):
             B = x.shape[0]
             K1, K3 = p1.shape[1], w3.shape[0]
             R1, S1 = x.shape[2] - 2 * p1.shape[2] + 1, x.shape[3] - 2 * p1.shape[3] + 1
@@ -131,17 +165,17 @@ def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int) -> Any:
                 for c0 in range(g0, g1, L):
                     c1 = min(g1, c0 + L)
                     # C3: dw3, db3 from S2 and the routed gz3
-                    _bwd_weight_routed_chunk(p1[c0:c1], gz3[c0:c1], m3[c0:c1], ws_xs3[tid], part, np.int64(0), K3,
-                                             w3.shape[3], KB3, R3, PW3)
+                    _call_weight3(a_w3, (p1[c0:c1], gz3[c0:c1], m3[c0:c1], ws_xs3[tid], part, np.int64(0), K3,
+                                         w3.shape[3], KB3, R3, PW3))
                     _add_at(row, o3w, part[:n3])
                     _add_at(row, o3b, part[n3 : n3 + K3])
                     # gz1 = C3's routed data gradient · act'(S2), in this thread's workspace only
                     gz1 = ws_gz1[tid][0 : c1 - c0]
-                    _bwd_data_routed_chunk(gz3[c0:c1], wt, m3[c0:c1], p1[c0:c1], gz1, act_code, ws_dx[tid],
-                                           np.int64(0), R3, PW3)
+                    _call_data3(a_d3, (gz3[c0:c1], wt, m3[c0:c1], p1[c0:c1], gz1, act_code, ws_dx[tid],
+                                       np.int64(0), R3, PW3))
                     # C1: dw1, db1 from x and gz1 routed through m1
-                    _bwd_weight_rows_routed_chunk(x[c0:c1], gz1, m1[c0:c1], ws_x1[tid], ws_dz1[tid], part,
-                                                  np.int64(0), Ho1, Wo1, K1, KB1)
+                    _call_weight1(a_w1, (x[c0:c1], gz1, m1[c0:c1], ws_x1[tid], ws_dz1[tid], part, np.int64(0), Ho1,
+                                         Wo1, K1, KB1))
                     _add_at(row, o1w, part[:n1])
                     _add_at(row, o1b, part[n1 : n1 + K1])
 

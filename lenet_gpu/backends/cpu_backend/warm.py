@@ -65,10 +65,11 @@ ScratchStep = Callable[[Any, dict, bool, int], None]
 #: (step_fwd comes first: the helper has cached them by then). Measured, 12 interleaved pairs of first runs on the
 #: 2-core machine under heavy load from other jobs (load average 50 to 700, so wall times say little): the larger of
 #: the two processes' CPU times, median 13.97 s against the nine-op routed step's 14.74 s (per-pair ratio median 0.96,
-#: 0.72 to 1.09). Since 2026-12-06 (head_train specialised on the routed step, parallel kernels at -O1 with prange
-#: passes only: common.PARALLEL_OPT_LEVEL) the same serial compile takes 19.2 s instead of 22-23 s: head_train 6.3,
-#: step_bwd 6.3 (its chunk functions 2.5), step_fwd 5.8, step_adam 0.3; the shares stay as they are (helper 0.8 +
-#: 2.5 + 6.3 s, this process 5.8 + 3.7 + 0.3 s after its imports).
+#: 0.72 to 1.09). Since 2026-12-06 the same serial compile takes 12.5 s instead of 22-23 s (head_train specialised on
+#: the routed step; parallel kernels at -O1 with prange passes only, common.PARALLEL_OPT_LEVEL; chunk functions called
+#: through their addresses, native.py): head_train 3.8 (its functions 2.3), step_fwd 4.2 (its chunk functions 2.5),
+#: step_bwd 3.6 (its chunk functions 2.2), step_adam 0.3. The shares stay as they are: the helper 0.8 + 2.2 + 3.8 s,
+#: this process about 0.9 s of imports, then 4.2 + 1.4 + 0.3 s.
 HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_data_routed", "batch_prepare", "conv2d_bwd_weight")
 #: ops of this process's share whose inner functions the helper compiles before its own share, when the step runs
 #: them: op → a function that compiles them into the cache with the signatures the op's kernel calls them with

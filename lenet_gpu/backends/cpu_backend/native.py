@@ -1,0 +1,90 @@
+"""Calling a kernel's chunk function through its address, given at run time: the function compiles once.
+
+Numba links every function a kernel calls into the kernel's own code. A parallel kernel (``prange``) is four
+modules, each linking its loop body's callees again: the loop body (Numba's gufunc), two wrappers and the kernel;
+LLVM optimises each module and generates its machine code, so a chunk function of a few hundred lines is optimised
+and compiled to machine code five times (its own library and four copies). On the project's 2-core machine that was
+about half of a first run's compile (bench/compile_times.py: the top-level kernels' own "excl" time).
+
+``caller(fn)`` makes an intrinsic ``call(addr, (args...))`` that calls ``fn``'s compiled code at ``addr`` with
+Numba's own calling convention: the kernel's modules hold a call through a pointer, not a copy. ``address(fn,
+argtypes)`` compiles ``fn`` for exactly these argument types (or loads it from Numba's disk cache) and returns the
+address of its code, which the kernel takes as an int64 argument. No address is ever compiled into a kernel, so the
+kernel stays cacheable: a later process passes the address of its own copy of ``fn``.
+
+The types must agree: the intrinsic types a call against ``fn``'s overloads already compiled (never compiling one
+itself), and takes the one overload whose argument types the call's match (the same types, an integer for an
+integer, a C-contiguous array where the overload takes one: ``matches``); none, or more than one, is a typing
+error. So the caller compiles ``fn`` with ``address`` first, with the types that the kernel passes. The call
+cannot be inlined; what it calls is a whole chunk of work (thousands of vector FMAs), so the call costs nothing
+measurable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from numba import types
+from numba.core import cgutils
+from numba.core.errors import TypingError
+from numba.extending import intrinsic
+
+
+def matches(given: Sequence[Any], declared: Sequence[Any]) -> bool:
+    """Whether a call with argument types ``given`` may call an overload compiled for ``declared``."""
+    if len(given) != len(declared):
+        return False
+    for a, b in zip(given, declared):
+        if a == b:
+            continue
+        if isinstance(b, types.Literal):
+            return False  # a literal (a block size) selects its own specialisation
+        a = types.unliteral(a)
+        if a == b:
+            continue
+        if isinstance(a, types.Integer) and isinstance(b, types.Integer):
+            continue
+        if isinstance(a, types.Array) and isinstance(b, types.Array) and a.dtype == b.dtype and a.ndim == b.ndim \
+                and b.layout == "C" and a.layout == "C" and a.mutable == b.mutable:
+            continue
+        return False
+    return True
+
+
+def caller(fn: Any) -> Any:
+    """An intrinsic ``call(addr, args)``: ``fn(*args)`` through the address ``addr`` (int64) of its compiled code
+    for the overload that ``args`` match (see the module docstring); returns what ``fn`` returns."""
+
+    @intrinsic
+    def call(typingctx: Any, addr: Any, args: Any) -> Any:
+        if not isinstance(addr, types.Integer) or not isinstance(args, types.BaseTuple):
+            return None
+        given = tuple(args)
+        found = [cres.signature for sig, cres in fn.overloads.items() if matches(given, sig)]
+        if len(found) != 1:
+            have = "; ".join(str(s) for s in fn.overloads) or "none"
+            raise TypingError(f"native call of {fn.py_func.__name__}{given}: {len(found)} compiled overloads match "
+                              f"(compiled: {have}); compile it with native.address first")
+        sig = found[0]
+
+        def codegen(context: Any, builder: Any, signature: Any, llargs: Any) -> Any:
+            fnty = context.call_conv.get_function_type(sig.return_type, sig.args)
+            ptr = builder.inttoptr(llargs[0], fnty.as_pointer())
+            vals = cgutils.unpack_tuple(builder, llargs[1], len(given))
+            vals = [context.cast(builder, v, a, b) for v, a, b in zip(vals, given, sig.args)]
+            _, res = context.call_conv.call_function(builder, ptr, sig.return_type, sig.args, vals)
+            return res
+
+        return sig.return_type(addr, args), codegen
+
+    return call
+
+
+def address(fn: Any, argtypes: Sequence[Any]) -> int:
+    """The address of ``fn``'s compiled code for exactly ``argtypes`` (compiled now, or loaded from the cache)."""
+    argtypes = tuple(argtypes)
+    if argtypes not in fn.overloads:
+        fn.compile(argtypes)
+    cres = fn.overloads[argtypes]
+    return int(cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name))
