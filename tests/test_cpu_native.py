@@ -104,3 +104,20 @@ def test_no_compiled_overload_is_a_typing_error():
 def test_matches(given, declared, ok):
     assert native.matches(given, declared) is ok
 
+
+
+def test_the_callees_signatures_are_in_the_kernels_cache_key():
+    """A kernel cached against other signatures of the functions it calls through addresses is not loaded: the
+    signatures (native.Parts.abi) are in the kernel's closure, which Numba's cache key hashes."""
+    from numba.core.registry import cpu_target
+
+    from lenet_gpu.backends.cpu_backend import step4
+
+    abi = step4.bwd_parts().abi
+    assert "_bwd_weight_routed_chunk(" in abi and "-> none" in abi
+    blocks = step4.bwd_blocks()
+    a, b = step4.make_step_bwd_v1(*blocks, abi), step4.make_step_bwd_v1(*blocks, abi + " (edited)")
+    codegen = cpu_target.target_context.codegen()
+    sig = (types.int64,)
+    assert a._cache._index_key(sig, codegen) != b._cache._index_key(sig, codegen)
+    assert step4.make_step_bwd_v1(*blocks, abi) is a

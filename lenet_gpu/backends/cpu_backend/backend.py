@@ -448,10 +448,10 @@ class CpuBackend(HostMemory):
         if plan is None:
             plan = self._plans[key] = self._plan_head(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax,
                                                       yconv, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, mode)
-        head.make_head_train_v1(routed_)(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits,
-                                         argmax if argmax is not None else self._dummy_u8,
-                                         yconv if not routed_ else self._dummy_f, dz_conv, dw1, db1, dw2, db2, dw3,
-                                         db3, stats, state, acode, mcode, *plan)
+        fn, *ws = plan
+        fn(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax if argmax is not None else self._dummy_u8,
+           yconv if not routed_ else self._dummy_f, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, state, acode, mcode,
+           *ws)
 
     def _plan_head(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
                    dw1, db1, dw2, db2, dw3, db3, stats, mode: str) -> tuple:
@@ -485,11 +485,12 @@ class CpuBackend(HostMemory):
         def pad8(n: int) -> int:
             return -(-n // dense.OB) * dense.OB
 
-        return (self._ws(T, I, L), self._ws(T, H1, L), self._ws(T, H2, L), self._ws(T, NC, L),
-                self._ws(T, H1, L), self._ws(T, H2, L), self._ws(T, I, L), self._ws(T, C, Hp, Wp),
-                self._ws(B, pad8(H1)), self._ws(B, pad8(H2)), self._ws(B, pad8(NC)),
+        parts = head.parts(yconv is None)
+        return (head.make_head_train_v1(yconv is None, parts.abi), self._ws(T, I, L), self._ws(T, H1, L),
+                self._ws(T, H2, L), self._ws(T, NC, L), self._ws(T, H1, L), self._ws(T, H2, L), self._ws(T, I, L),
+                self._ws(T, C, Hp, Wp), self._ws(B, pad8(H1)), self._ws(B, pad8(H2)), self._ws(B, pad8(NC)),
                 self._ws(nchunks(B), 2, dtype=np.float64), head.dw_tasks(((H1, I), (H2, H1), (NC, H2))),
-                *head.parts(yconv is None))
+                *parts.addresses)
 
     def lenet_fwd(self, images, params: dict, logits, mean, std, act, mode, variant=None) -> None:
         self.counters.launches += 1
@@ -569,8 +570,9 @@ class CpuBackend(HostMemory):
         kb3, k3p = conv2d.block_size(16)
         ws1 = self._ws(T, 1, 28 + 5 - 1, 2 * L + 5 - 1)
         ws3 = self._ws(T, 6, 14, 14, L)
-        return (step4.make_step_fwd_v1(kb1, kb3), ws1, self._ws(k1p, 1, 5, 5), self._ws(k1p), ws3,
-                self._ws(k3p, 6, 5, 5), self._ws(k3p), *step4.fwd_parts(kb1, kb3))
+        parts = step4.fwd_parts(kb1, kb3)
+        return (step4.make_step_fwd_v1(kb1, kb3, parts.abi), ws1, self._ws(k1p, 1, 5, 5), self._ws(k1p), ws3,
+                self._ws(k3p, 6, 5, 5), self._ws(k3p), *parts.addresses)
 
     def step_bwd(self, x, p1, gz3, m3, m1, w3, gpart, act, variant=None) -> None:
         self.counters.launches += 1
@@ -602,11 +604,12 @@ class CpuBackend(HostMemory):
         kb1, kb3, r3, pw = step4.bwd_blocks()
         k1p = conv2d.block_size(6, (4, 3))[1]
         nv = -(-28 // L)
-        fn = step4.make_step_bwd_v1(kb1, kb3, r3, pw)
+        parts = step4.bwd_parts()
+        fn = step4.make_step_bwd_v1(kb1, kb3, r3, pw, parts.abi)
         return (fn, -(-B // gpart.shape[0]), (off["c1.w"], off["c1.b"], off["c3.w"], off["c3.b"]),
                 self._ws(T, L, 14, 14 * 6 + pw), self._ws(T, 14, 14 * 6 + pw), self._ws(T, L, 6, 14, 14),
                 self._ws(T, L, 1, 32, nv * L + 5 - 1), self._ws(T, L, k1p, 28, nv * L), self._ws(T, 16 * 6 * 25 + 16),
-                self._ws(16, 5, pw), *step4.bwd_parts())
+                self._ws(16, 5, pw), *parts.addresses)
 
     def step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay, variant=None) -> None:
         self.counters.launches += 1

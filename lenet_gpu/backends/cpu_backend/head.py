@@ -146,28 +146,30 @@ _call_tail_route = native.caller(_head_tail_route)
 _call_dw_task = native.caller(_head_dw_task)
 
 
-def parts(routed: bool) -> tuple[int, int, int]:
+def parts(routed: bool) -> native.Parts:
     """head_train_v1's functions compiled (or loaded from Numba's cache) with the argument types the kernel passes
-    them: the addresses of the chunk, the chunk's end (routed or not) and the weight-gradient task (native.py), its
-    arguments a_chunk, a_tail, a_dw."""
+    them (native.py): the addresses of the chunk, the chunk's end (routed or not) and the weight-gradient task are
+    its arguments a_chunk, a_tail, a_dw."""
     f1, f2, f3, f4 = (types.Array(types.float32, n, "C") for n in (1, 2, 3, 4))
     u4, i4, i8 = types.Array(types.uint8, 4, "C"), types.Array(types.int32, 1, "C"), types.int64
-    chunk = native.address(_head_chunk, (f2, i4, f2, f1, f2, f1, f2, f1, f2, f2, f2, i8, f2, f2, f2, f2, f2, f2, f2,
-                                         f2, i8, types.float32))
+    chunk = (_head_chunk, (f2, i4, f2, f1, f2, f1, f2, f1, f2, f2, f2, i8, f2, f2, f2, f2, f2, f2, f2, f2, i8,
+                           types.float32))
     if routed:
-        tail = native.address(_head_tail_routed, (f2, f4, i8, f2, f2, f2, f2, f2, f2, i8))
+        tail = (_head_tail_routed, (f2, f4, i8, f2, f2, f2, f2, f2, f2, i8))
     else:
-        tail = native.address(_head_tail_route, (f2, u4, f4, f4, i8, i8, f2, f2, f2, f3, f2, f2, i8))
-    dw = native.address(_head_dw_task, (types.Array(types.int64, 1, "C"), f2, f2, f2, f2, f2, f2, f2, f1, f2, f1,
-                                        f2, f1))
-    return chunk, tail, dw
+        tail = (_head_tail_route, (f2, u4, f4, f4, i8, i8, f2, f2, f2, f3, f2, f2, i8))
+    dw = (_head_dw_task, (types.Array(types.int64, 1, "C"), f2, f2, f2, f2, f2, f2, f2, f1, f2, f1, f2, f1))
+    return native.Parts(chunk, tail, dw)
 
 
-def make_head_train_v1(routed: bool) -> Any:
+def make_head_train_v1(routed: bool, ABI: str | None = None) -> Any:
     """head_train_v1 for the routed step (``routed``: yconv=None, gz at S4's shape) or the dense one (the route
     through S4's pooling). A constant of the kernel, not an argument: each compiles only its own end of a chunk
-    (a first run of the default step does not compile the dense one's route)."""
-    key = ("head_train_v1", routed)
+    (a first run of the default step does not compile the dense one's route). ABI: parts(routed).abi (None: made
+    here, which compiles the parts)."""
+    if ABI is None:
+        ABI = parts(routed).abi
+    key = ("head_train_v1", routed, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
@@ -175,6 +177,7 @@ def make_head_train_v1(routed: bool) -> Any:
                           dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode,
                           ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks,
                           a_chunk, a_tail, a_dw):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             B = x.shape[0]
             xf = x.reshape((B, x.shape[1] * x.shape[2] * x.shape[3]))
             inv_n = np.float32(1.0 / B)

@@ -10,7 +10,8 @@ about half of a first run's compile (bench/compile_times.py: the top-level kerne
 Numba's own calling convention: the kernel's modules hold a call through a pointer, not a copy. ``address(fn,
 argtypes)`` compiles ``fn`` for exactly these argument types (or loads it from Numba's disk cache) and returns the
 address of its code, which the kernel takes as an int64 argument. No address is ever compiled into a kernel, so the
-kernel stays cacheable: a later process passes the address of its own copy of ``fn``.
+kernel stays cacheable: a later process passes the address of its own copy of ``fn``. ``Parts`` does both for a
+kernel's functions and names their signatures for the kernel's cache key.
 
 The types must agree: the intrinsic types a call against ``fn``'s overloads already compiled (never compiling one
 itself), and takes the one overload whose argument types the call's match (the same types, an integer for an
@@ -79,6 +80,19 @@ def caller(fn: Any) -> Any:
         return sig.return_type(addr, args), codegen
 
     return call
+
+
+class Parts:
+    """A kernel's functions called through addresses: each ``(fn, argtypes)`` compiled (or loaded from the cache).
+    ``addresses``: the kernel's address arguments, in order. ``abi``: the compiled signatures (argument and return
+    types), a constant that the kernel's factory puts in the kernel's closure, so that Numba's cache key (which
+    hashes a closure's contents) holds it: a kernel cached against other signatures of its functions (a function
+    edited in another file, which Numba's cache does not see) is not loaded, but compiled again."""
+
+    def __init__(self, *parts: tuple[Any, Sequence[Any]]) -> None:
+        self.addresses = tuple(address(fn, argtypes) for fn, argtypes in parts)
+        self.abi = "; ".join(f"{fn.py_func.__module__}.{fn.py_func.__qualname__}"
+                             f"{fn.overloads[tuple(argtypes)].signature}" for fn, argtypes in parts)
 
 
 def address(fn: Any, argtypes: Sequence[Any]) -> int:

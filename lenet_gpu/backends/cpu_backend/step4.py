@@ -51,24 +51,24 @@ _call_fwd1 = native.caller(_pool_fwd_rows_chunk)
 _call_fwd3 = native.caller(_pool_fwd_lanes_chunk)
 
 
-def fwd_parts(KB1: int, KB3: int) -> tuple[int, int]:
+def fwd_parts(KB1: int, KB3: int) -> native.Parts:
     """step_fwd_v1's chunk functions compiled (or loaded from Numba's cache) with the argument types step_fwd_v1
-    passes them: their addresses (native.py), step_fwd_v1's arguments a_c1, a_c3."""
+    passes them (native.py): their addresses are step_fwd_v1's arguments a_c1, a_c3."""
     f1, f3, f4 = (types.Array(types.float32, n, "C") for n in (1, 3, 4))
     u4, i8, b = types.Array(types.uint8, 4, "C"), types.int64, types.boolean
-    return (native.address(_pool_fwd_rows_chunk, (f4, f4, f1, f4, f4, u4, i8, i8, b, f3, i8, i8, types.literal(KB1))),
-            native.address(_pool_fwd_lanes_chunk, (f4, f4, f1, f4, f4, u4, i8, i8, b, f4, i8, i8,
-                                                   types.literal(KB3))))
+    return native.Parts((_pool_fwd_rows_chunk, (f4, f4, f1, f4, f4, u4, i8, i8, b, f3, i8, i8, types.literal(KB1))),
+                        (_pool_fwd_lanes_chunk, (f4, f4, f1, f4, f4, u4, i8, i8, b, f4, i8, i8, types.literal(KB3))))
 
 
-def make_step_fwd_v1(KB1: int, KB3: int) -> Any:
-    """step_fwd_v1 for register blocks of KB1 filters (C1, rows) and KB3 (C3, lanes)."""
-    key = ("step_fwd_v1", KB1, KB3)
+def make_step_fwd_v1(KB1: int, KB3: int, ABI: str) -> Any:
+    """step_fwd_v1 for register blocks of KB1 filters (C1, rows) and KB3 (C3, lanes); ABI: fwd_parts(...).abi."""
+    key = ("step_fwd_v1", KB1, KB3, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
         def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, scale, shift,
                         act_code, mode, write_conv, ws_x1, wp1, bp1, ws_x3, wp3, bp3, a_c1, a_c3):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             B = x.shape[0]
             t = sched_index(sched, state)
             for e in range(srow.shape[0]):
@@ -118,19 +118,18 @@ _call_data3 = native.caller(_bwd_data_routed_chunk)
 _call_weight1 = native.caller(_bwd_weight_rows_routed_chunk)
 
 
-def bwd_parts() -> tuple[int, int, int]:
+def bwd_parts() -> native.Parts:
     """step_bwd_v1's chunk functions compiled (or loaded from Numba's cache) with the argument types step_bwd_v1
-    passes them: their addresses, step_bwd_v1's arguments a_w3, a_d3, a_w1. A helper process calls this to compile
-    them ahead while the first run's own process compiles step_fwd (cpu_backend/warm.py)."""
+    passes them (native.py): their addresses are step_bwd_v1's arguments a_w3, a_d3, a_w1. A helper process calls
+    this to compile them ahead while the first run's own process compiles step_fwd (cpu_backend/warm.py)."""
     kb1, kb3, r3, pw3 = bwd_blocks()
     f1, f2, f3, f4 = (types.Array(types.float32, n, "C") for n in (1, 2, 3, 4))
     u4, i8 = types.Array(types.uint8, 4, "C"), types.int64
-    return (native.address(_bwd_weight_routed_chunk, (f4, f4, u4, f3, f1, i8, i8, i8, types.literal(kb3),
-                                                      types.literal(r3), types.literal(pw3))),
-            native.address(_bwd_data_routed_chunk, (f4, f3, u4, f4, f4, i8, f2, i8, types.literal(r3),
-                                                    types.literal(pw3))),
-            native.address(_bwd_weight_rows_routed_chunk, (f4, f4, u4, f4, f4, f1, i8, i8, i8, i8,
-                                                           types.literal(kb1))))
+    return native.Parts(
+        (_bwd_weight_routed_chunk, (f4, f4, u4, f3, f1, i8, i8, i8, types.literal(kb3), types.literal(r3),
+                                    types.literal(pw3))),
+        (_bwd_data_routed_chunk, (f4, f3, u4, f4, f4, i8, f2, i8, types.literal(r3), types.literal(pw3))),
+        (_bwd_weight_rows_routed_chunk, (f4, f4, u4, f4, f4, f1, i8, i8, i8, i8, types.literal(kb1))))
 
 
 def compile_bwd_parts() -> None:
@@ -138,15 +137,16 @@ def compile_bwd_parts() -> None:
     bwd_parts()
 
 
-def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int) -> Any:
+def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int, ABI: str) -> Any:
     """step_bwd_v1: C1's weight gradient in register blocks of KB1 filters (the rows kernel), C3's in blocks of KB3
-    filters × R3 patch rows of PW3 floats (the patch-row kernels)."""
-    key = ("step_bwd_v1", KB1, KB3, R3, PW3)
+    filters × R3 patch rows of PW3 floats (the patch-row kernels); ABI: bwd_parts().abi."""
+    key = ("step_bwd_v1", KB1, KB3, R3, PW3, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
         def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, act_code, chunk, o1w, o1b, o3w, o3b, ws_xs3, ws_dx, ws_gz1,
                         ws_x1, ws_dz1, ws_part, wt, a_w3, a_d3, a_w1):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             B = x.shape[0]
             K1, K3 = p1.shape[1], w3.shape[0]
             R1, S1 = x.shape[2] - 2 * p1.shape[2] + 1, x.shape[3] - 2 * p1.shape[3] + 1

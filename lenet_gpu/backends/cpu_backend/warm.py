@@ -103,16 +103,15 @@ def _cores() -> int:
 
 
 def cache_is_cold() -> bool:
-    """Whether Numba's cache has no usable entry for the head kernel of the default step (routed; the largest
-    kernel of a step): a first run, or the first after the kernels' source changed. False where the cache cannot
-    be read."""
+    """Whether Numba's cache has no usable entry for the head's chunk function (the largest function of a step): a
+    first run, or the first after head.py changed. False where the cache cannot be read."""
     try:
         from numba.core.registry import cpu_target
 
-        from .head import make_head_train_v1
+        from .head import _head_chunk
 
         codegen = cpu_target.target_context.codegen()
-        cache = make_head_train_v1(True)._cache
+        cache = _head_chunk._cache
         index = cache._cache_file._load_index()
         return not any(key == cache._index_key(key[0], codegen) for key in index)
     except Exception:  # noqa: BLE001 - Numba's cache internals differ: assume warm, compile as usual
