@@ -522,10 +522,11 @@ class CpuBackend(HostMemory):
         kb1, k1p = conv2d.block_size(K1)
         kb3, k3p = conv2d.block_size(K3)
         T = self._slots
-        return (lenet_fwd.make_lenet_fwd_v1(kb1, kb3), self._ws(T, 1, XH, XW, L), self._ws(T, K1, H2, W2, L),
-                self._ws(T, K3 * H4 * W4, L), self._ws(T, w5.shape[0], L), self._ws(T, w6.shape[0], L),
-                self._ws(T, w7.shape[0], L), self._ws(k1p, C1, R1, S1), self._ws(k1p), self._ws(k3p, C3, R3, S3),
-                self._ws(k3p))
+        parts = lenet_fwd.parts(kb1, kb3)
+        return (lenet_fwd.make_lenet_fwd_v1(kb1, kb3, parts.abi), self._ws(T, 1, XH, XW, L),
+                self._ws(T, K1, H2, W2, L), self._ws(T, K3 * H4 * W4, L), self._ws(T, w5.shape[0], L),
+                self._ws(T, w6.shape[0], L), self._ws(T, w7.shape[0], L), self._ws(k1p, C1, R1, S1), self._ws(k1p),
+                self._ws(k3p, C3, R3, S3), self._ws(k3p), *parts.addresses)
 
     # ------------------------------------------------------------------ the four-kernel step (docs/step4.md)
     def step_groups(self, batch: int) -> int:

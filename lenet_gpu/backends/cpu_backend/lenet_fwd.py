@@ -4,7 +4,8 @@
                 workspace: normalise onto the canvas (the bits of batch_prepare), C1 + act + S2 and C3 + act + S4
                 as register-blocked
                 pooling windows (only the pooled maps are kept), then C5 → F6 → output as lane kernels;
-                the logits are the only output written
+                the logits are the only output written. The chunk runs through the address of its compiled code
+                (native.py): it compiles once, not into each module of the parallel kernel
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import carray, get_thread_id, literally, prange
+from numba import carray, get_thread_id, literally, prange, types
 
+from . import native
 from .batch import canvas_lane
 from .common import IDENTITY, JIT, JIT_INLINE, JIT_INNER, L, act, njit, stack_tile
 from .conv2d import KB_MAX, W_TILE, _pad_weights, bias_init, pool4, window_lanes
 from .dense import lane_dense
 
-_MADE: dict[tuple[int, int], Any] = {}
+_MADE: dict[tuple[int, int, str], Any] = {}
 
 
 @njit(**JIT_INLINE)
@@ -69,20 +71,34 @@ def _lenet_chunk(images, wp1, bp1, wp3, bp3, w5, b5, w6, b6, w7, b7, logits, sca
             logits[b0 + lane, o] = zt[o, lane]
 
 
-def make_lenet_fwd_v1(KB1: int, KB3: int) -> Any:
-    """lenet_fwd_v1 for blocks of KB1 filters in C1 and KB3 in C3."""
-    if (KB1, KB3) not in _MADE:
+_call_chunk = native.caller(_lenet_chunk)
+
+
+def parts(KB1: int, KB3: int) -> native.Parts:
+    """lenet_fwd_v1's chunk function compiled (or loaded from Numba's cache) with the argument types the kernel passes
+    it (native.py): its address is the kernel's argument a_chunk."""
+    f1, f2, f4 = (types.Array(types.float32, n, "C") for n in (1, 2, 4))
+    u3, i8, f = types.Array(types.uint8, 3, "C"), types.int64, types.float32
+    return native.Parts((_lenet_chunk, (u3, f4, f1, f4, f1, f2, f1, f2, f1, f2, f1, f2, f, f, i8, i8, f4, f4, f2, f2,
+                                        f2, f2, i8, i8, i8, types.literal(KB1), types.literal(KB3))))
+
+
+def make_lenet_fwd_v1(KB1: int, KB3: int, ABI: str) -> Any:
+    """lenet_fwd_v1 for blocks of KB1 filters in C1 and KB3 in C3; ABI: parts(KB1, KB3).abi."""
+    key = (KB1, KB3, ABI)
+    if key not in _MADE:
 
         @njit(parallel=True, **JIT)
         def lenet_fwd_v1(images, w1, b1, w3, b3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
-                         ws_x, ws_s2, ws_s4, ws_h1, ws_h2, ws_z, wp1, bp1, wp3, bp3):
+                         ws_x, ws_s2, ws_s4, ws_h1, ws_h2, ws_z, wp1, bp1, wp3, bp3, a_chunk):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             _pad_weights(w1, b1, wp1, bp1)
             _pad_weights(w3, b3, wp3, bp3)
             for ci in prange((images.shape[0] + L - 1) // L):
                 tid = get_thread_id()
-                _lenet_chunk(images, wp1, bp1, wp3, bp3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code,
-                             mode, ws_x[tid], ws_s2[tid], ws_s4[tid], ws_h1[tid], ws_h2[tid], ws_z[tid],
-                             np.int64(ci) * L, w1.shape[0], w3.shape[0], KB1, KB3)
+                _call_chunk(a_chunk, (images, wp1, bp1, wp3, bp3, w5, b5, w6, b6, w7, b7, logits, scale, shift,
+                                      act_code, mode, ws_x[tid], ws_s2[tid], ws_s4[tid], ws_h1[tid], ws_h2[tid],
+                                      ws_z[tid], np.int64(ci) * L, w1.shape[0], w3.shape[0], KB1, KB3))
 
-        _MADE[(KB1, KB3)] = lenet_fwd_v1
-    return _MADE[(KB1, KB3)]
+        _MADE[key] = lenet_fwd_v1
+    return _MADE[key]
