@@ -121,3 +121,25 @@ def test_the_callees_signatures_are_in_the_kernels_cache_key():
     sig = (types.int64,)
     assert a._cache._index_key(sig, codegen) != b._cache._index_key(sig, codegen)
     assert step4.make_step_bwd_v1(*blocks, abi) is a
+
+
+def test_an_error_in_the_called_function_propagates():
+    @njit(no_cpython_wrapper=True, no_cfunc_wrapper=True)
+    def checked(a, i):
+        if i >= a.shape[0]:
+            raise IndexError("past the end")
+        a[i] = 1.0
+
+    call = native.caller(checked)
+
+    @njit
+    def kernel(addr, a, i):
+        call(addr, (a, i))
+        a[0] = 7.0
+
+    a = np.zeros(3, np.float32)
+    addr = native.address(checked, (F1, I8))
+    kernel(addr, a, 2)
+    assert a.tolist() == [7.0, 0.0, 1.0]
+    with pytest.raises(IndexError, match="past the end"):
+        kernel(addr, a, 3)

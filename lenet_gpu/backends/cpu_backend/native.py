@@ -16,7 +16,8 @@ kernel's functions and names their signatures for the kernel's cache key.
 The types must agree: the intrinsic types a call against ``fn``'s overloads already compiled (never compiling one
 itself), and takes the one overload whose argument types the call's match (the same types, an integer for an
 integer, a C-contiguous array where the overload takes one: ``matches``); none, or more than one, is a typing
-error. So the caller compiles ``fn`` with ``address`` first, with the types that the kernel passes. The call
+error. So the caller compiles ``fn`` with ``address`` first, with the types that the kernel passes. An exception
+raised in ``fn`` propagates as from a direct call. The call
 cannot be inlined; what it calls is a whole chunk of work (thousands of vector FMAs), so the call costs nothing
 measurable.
 """
@@ -74,7 +75,9 @@ def caller(fn: Any) -> Any:
             ptr = builder.inttoptr(llargs[0], fnty.as_pointer())
             vals = cgutils.unpack_tuple(builder, llargs[1], len(given))
             vals = [context.cast(builder, v, a, b) for v, a, b in zip(vals, given, sig.args)]
-            _, res = context.call_conv.call_function(builder, ptr, sig.return_type, sig.args, vals)
+            status, res = context.call_conv.call_function(builder, ptr, sig.return_type, sig.args, vals)
+            with cgutils.if_unlikely(builder, status.is_error):  # as Numba's own calls do (an error propagates)
+                context.call_conv.return_status_propagate(builder, status)
             return res
 
         return sig.return_type(addr, args), codegen
