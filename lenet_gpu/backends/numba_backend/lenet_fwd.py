@@ -92,7 +92,7 @@ import numba
 import numpy as np
 from numba import cuda, float32, float64
 
-from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
+from ..base import ACT_CODES, POOL_CODES, check_act, check_lenet_fwd_outputs, check_mode
 from .common import POOL_MAX, U0, U1, U, activate, ceil_div
 from .head import _check, launch_kernel
 
@@ -796,14 +796,7 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
                         ("c5.w", (nh1, I5)), ("c5.b", (nh1,)), ("f6.w", (nh2, nh1)), ("f6.b", (nh2,)),
                         ("out.w", (nc, nh2)), ("out.b", (nc,))):
         _check(p[name], name, shape)
-    if logits is None and classes is None:
-        raise ValueError("lenet_fwd: give logits, classes or both")
-    if logits is not None:
-        _check(logits, "logits", (n, nc))
-    if classes is not None:
-        _check(classes, "classes", (n,), np.int64)
-    if n < 1:
-        raise ValueError("lenet_fwd: needs at least one image")
+    check_lenet_fwd_outputs(logits, classes, n, nc, _check)
     xr, yr = regions(nh1, nh2)
     code, pool = np.int32(ACT_CODES[act]), np.int32(POOL_CODES[mode])
     scale, shift = np.float32(1.0 / (255.0 * std)), np.float32(-mean / std)
