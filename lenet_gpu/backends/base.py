@@ -259,6 +259,22 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"unknown pool mode {mode!r}; expected 'max' or 'avg'")
 
 
+def check_lenet_fwd_outputs(logits: Any, classes: Any, n: int, nc: int,
+                            check_array: Callable[[Any, str, tuple[int, ...], Any], None]) -> None:
+    """The output checks of a GPU backend's lenet_fwd (cupy's and numba's, the same contract): logits (n, nc) float32
+    and/or classes (n,) int64, at least one of them given (ValueError), each given one checked by the backend's own
+    ``check_array(array, name, shape, dtype)`` (present, shape, dtype, C-contiguous: its messages and exception
+    types), and at least one image (ValueError)."""
+    if logits is None and classes is None:
+        raise ValueError("lenet_fwd: give logits, classes or both")
+    if logits is not None:
+        check_array(logits, "logits", (n, nc), np.float32)
+    if classes is not None:
+        check_array(classes, "classes", (n,), np.int64)
+    if n < 1:
+        raise ValueError("lenet_fwd: needs at least one image")
+
+
 #: Integer codes the kernels of every GPU backend use for the string options.
 ACT_CODES = {"identity": 0, "relu": 1, "tanh": 2, "lecun_tanh": 3, "sigmoid": 4}
 POOL_CODES = {"max": 0, "avg": 1}

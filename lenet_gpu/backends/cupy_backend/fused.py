@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
+from ..base import ACT_CODES, POOL_CODES, check_act, check_lenet_fwd_outputs, check_mode
 from .runtime import DEFAULT_SM_COUNT, define_options
 from .runtime import check_array as _check
 
@@ -322,14 +322,7 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
     _check(params["f6.b"], "f6.b", (h2n,))
     _check(params["out.w"], "out.w", (nc, h2n))
     _check(params["out.b"], "out.b", (nc,))
-    if logits is None and classes is None:
-        raise ValueError("lenet_fwd: give logits, classes or both")
-    if logits is not None:
-        _check(logits, "logits", (n, nc))
-    if classes is not None:
-        _check(classes, "classes", (n,), np.int64)
-    if n < 1:
-        raise ValueError("lenet_fwd: needs at least one image")
+    check_lenet_fwd_outputs(logits, classes, n, nc, _check)
     scale, shift = f32(1.0 / (255.0 * std)), f32(-mean / std)
     plan = lenet_fwd_plan(v, n, h1n, h2n, getattr(be, "sm_count", None))
     p = params

@@ -31,23 +31,27 @@ Versions:
   (v3 adds float32 input and the fused argmax). ptxas: sm_90 72 registers with or without the launch
   bounds, sm_80 64 (70 under them); no spills, no local memory, no float64, no 64-bit or signed division.
   compile_ptx takes ~15 s of CPU (v1 ~3 s): every Numba-inlined call site is a copy, so each stage has one.
+  v2's and v3's body is written once, as three device functions both kernels call in their tile loop
+  (_setup_v2, _convs_v2, _dense_layers), not as one holding the whole loop: Numba inlines a function by
+  deep-copying its IR block by block, each block with the function's whole scope, and one such function, the
+  dense stages' three copies inlined in it, made a kernel's compile_ptx ~25 s; these cost ~1-2 s.
 
-- lenet_fwd_v3 (the default): v2 (the same plan, launch bounds, body and sum orders) with what lenet_fwd.cu's v3
-  adds over its v2: float32 input already normalised (the border −mean/std: ``pad``; scale 1 and shift 0, exact)
-  beside uint8 pixels, and the argmax fused: with ``classes`` (N,) int64 the output layer also writes its logits
-  to shared memory (X[0, NC), S4's place, free after C5) and one thread per image writes the first maximal class
-  (as np.argmax, a NaN wins); ``logits`` may be None (none written). Where Numba cannot do what CUDA C does:
+- lenet_fwd_v3 (the default): v2 (the same plan, launch bounds, device functions and sum orders) with what
+  lenet_fwd.cu's v3 adds over its v2: float32 input already normalised (the border −mean/std: ``pad``; scale 1 and
+  shift 0, exact) beside uint8 pixels, and the argmax fused: with ``classes`` (N,) int64 the output layer also writes
+  its logits to shared memory (X[0, NC), S4's place, free after C5) and one thread per image writes the first maximal
+  class (as np.argmax, a NaN wins); ``logits`` may be None (none written). Where Numba cannot do what CUDA C does:
   - no ``void*`` with a run-time dtype switch: uint8 and float32 images are two specialisations of one dispatcher
     (Numba types the argument; compile_ptx builds each: SIGNATURES "lenet_fwd_v3", REPORT_SIGNATURES
     "lenet_fwd_f32_v3"; the on-disk kernel cache keys them by signature);
   - no null pointer argument: an absent output is a zero-size array (``_absent``: Numba passes a null pointer and
     allocates nothing) and the launch-uniform ``outs`` (OUT_GLOBAL | OUT_SHARED) says what is written. The outputs are
-    run-time switches, not compile-time ones (closures of a kernel factory would share one on-disk cache entry
-    per signature: the factory's kernels have one source line and one signature), tested in the output layer's
-    epilogue (a lane's one store) and once a tile for the argmax: with uint8 images and logits, v3's logits are
-    v2's bit for bit (tests/test_numba_lenet_fwd_v2.py); ptxas: 72 registers on sm_90 (v2 72) and on sm_80 under
-    the launch bounds (v2 70: both allow 4 blocks of 224 an SM), the float32 specialisation the same; no spills, no
-    local memory, no float64, no 64-bit or signed division (v2's own PTX is unchanged by v3's switches);
+    run-time switches, not compile-time ones (closures of a kernel factory would share one on-disk cache entry per
+    signature: the factory's kernels have one source line and one signature), tested in the output layer's epilogue (a
+    lane's one store) and once a tile for the argmax: with uint8 images and logits, v3's logits are v2's bit for bit
+    (tests/test_numba_lenet_fwd_v2.py); ptxas: 72 registers on sm_90 (v2 72) and on sm_80 under the launch bounds (v2
+    70: both allow 4 blocks of 224 an SM), the float32 specialisation the same; no spills, no local memory, no
+    float64, no 64-bit or signed division (v2 passes the constant OUT_GLOBAL: its switches fold away);
   - as in v2: no float4/float2 vector loads of shared memory (a tap's weights are scalar broadcasts), no warp
     shuffles in the simulator (shared-memory stand-ins), no ``__ldg``/``__restrict__`` (the dense weights are read
     through the ordinary path), and every Numba-inlined call site is a copy (compile_ptx ~15 s a specialisation).
@@ -88,7 +92,7 @@ import numba
 import numpy as np
 from numba import cuda, float32, float64
 
-from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
+from ..base import ACT_CODES, POOL_CODES, check_act, check_lenet_fwd_outputs, check_mode
 from .common import POOL_MAX, U0, U1, U, activate, ceil_div
 from .head import _check, launch_kernel
 
@@ -437,37 +441,41 @@ _dense1, _dense2, _dense4 = _make_dense(1), _make_dense(2), _make_dense(4)
 
 
 @cuda.jit(device=True, inline="always")
-def _dense(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, imgs, outs):
-    """The dense layer for the tile's imgs (1, 2 or 4: uniform over the launch) images: one specialised body runs."""
-    if imgs == U1:
-        _dense1(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, outs)
-    elif imgs == U(2):
-        _dense2(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, outs)
-    else:
-        _dense4(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, outs)
+def _dense_layers(sm, c5w, f6w, ow, c5b, f6b, ob, logits, n0, ni, nh1, nh2, unc, uxr, isz, act, tid, nt, uimgs, outs):
+    """The tile's dense stages, its images as the rows (images past the batch compute on the padding, never
+    written): C5 X[0, 400) -> X[400, 400 + H1), F6 -> Y[0, H2), the output -> logits (OUT_GLOBAL) and/or X[0, NC)
+    (OUT_SHARED: S4's place, free after C5), each stage followed by a barrier. One call site of the dense layer in a
+    loop over the layers, and in it one specialised body per tile size (uimgs 1, 2 or 4: uniform over the launch):
+    every call site is a copy of the three bodies."""
+    base = U(WEIGHTS_V2)
+    for layer in range(3):
+        if layer == 0:
+            no, nk, ib, obase, lact = nh1, U(I5), base, U(base + U(I5)), act
+        elif layer == 1:
+            no, nk, ib, obase, lact = nh2, nh1, U(base + U(I5)), U(base + uxr), act
+        else:
+            no, nk, ib, obase, lact = unc, nh2, U(base + uxr), base, 0
+        if uimgs == U1:
+            _dense1(sm, c5w, f6w, ow, c5b, f6b, ob, U(layer), logits, no, nk, ib, obase, isz, n0, ni, lact, tid, nt,
+                    outs)
+        elif uimgs == U(2):
+            _dense2(sm, c5w, f6w, ow, c5b, f6b, ob, U(layer), logits, no, nk, ib, obase, isz, n0, ni, lact, tid, nt,
+                    outs)
+        else:
+            _dense4(sm, c5w, f6w, ow, c5b, f6b, ob, U(layer), logits, no, nk, ib, obase, isz, n0, ni, lact, tid, nt,
+                    outs)
+        cuda.syncthreads()
 
 
-# (the simulator's cuda.jit takes no launch bounds)
-@(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["lenet_fwd_v2"]))
-def lenet_fwd_v2(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, n, h1, h2, nc, act, mode, scale,
-                 shift, imgs, xr, yr):
-    # flat arrays; every index and size uint32, the stride loops while loops (as v1)
-    # sm: [w1 25 taps × 8][b1 8][w3 6 × 25 taps × 16][b3 16] | image m: X at W + m·IS, Y at W + m·IS + xr
+@cuda.jit(device=True, inline="always")
+def _setup_v2(c1w, c1b, c3w, c3b, n, imgs, xr, yr):
+    """The start of lenet_fwd_v2 and _v3: stages C1's and C3's weights and biases in the block's dynamic shared
+    memory and returns (sm, tid, nt, nimg, uimgs, uxr, isz, ntiles), every size uint32.
+    sm: [w1 25 taps × 8][b1 8][w3 6 × 25 taps × 16][b3 16] | image m: X at W + m·IS, Y at W + m·IS + xr."""
     sm = cuda.shared.array(0, float32)
-    nimg, nh1, nh2, unc = U(n), U(h1), U(h2), U(nc)
-    uimgs, uxr = U(imgs), U(xr)
+    nimg, uimgs, uxr = U(n), U(imgs), U(xr)
     isz = U(uxr + U(yr))
     tid, nt = U(cuda.threadIdx.x), U(cuda.blockDim.x)
-    c0 = cuda.local.array(K1, float32)  # C1: the 2×2 window's four conv outputs × the 6 filters
-    c1 = cuda.local.array(K1, float32)
-    c2 = cuda.local.array(K1, float32)
-    c3 = cuda.local.array(K1, float32)
-    a0 = cuda.local.array(KB3, float32)  # C3: the window's four conv outputs × the thread's KB3 filters
-    a1 = cuda.local.array(KB3, float32)
-    a2 = cuda.local.array(KB3, float32)
-    a3 = cuda.local.array(KB3, float32)
-    ra = cuda.local.array(RS1, float32)  # two input rows of the window (6 wide: 2 outputs × 5 taps)
-    rb = cuda.local.array(RS1, float32)
     t = tid
     while t < U(25 * 8):  # C1 tap-major: a tap's 6 filter weights adjacent (a broadcast each)
         tap = U(t >> U(3))
@@ -488,109 +496,129 @@ def lenet_fwd_v2(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits,
     while t < U(K3):
         sm[U(U(OB3_V2) + t)] = c3b[t]
         t = U(t + nt)
-    ntiles = U(U(nimg + uimgs - U1) // uimgs)
-    tile = U(cuda.blockIdx.x)
-    while tile < ntiles:  # block-uniform
-        n0 = U(tile * uimgs)
-        ni = U(min(uimgs, U(nimg - n0)))
-        cuda.syncthreads()  # the weights are staged; the previous tile is done with the image regions
-        t = tid
-        while t < U(uimgs * U(XS * XS)):  # the tile's images, padded and normalised (the border and past the
-            m = U(t // U(XS * XS))  # batch: shift, the normalised pixel 0, as v1 writes it)
-            p = U(t - m * U(XS * XS))
-            ph = U(p >> U(5))  # ih + PAD
-            pw = U(p & U(XS - 1))  # iw + PAD
-            pix = float32(0.0)
-            if m < ni and ph >= U(PAD) and ph < U(IMAGE + PAD) and pw >= U(PAD) and pw < U(IMAGE + PAD):
-                pix = float32(images[U(U(n0 + m) * U(IMAGE * IMAGE) + U(ph - U(PAD)) * U(IMAGE) + pw - U(PAD))])
-            sm[U(U(WEIGHTS_V2) + m * isz + p)] = pix * scale + shift
-            t = U(t + nt)
-        cuda.syncthreads()
-        # C1 + act + pool -> S2 (Y): a thread per (image, pooled pixel), all 6 filters, its 2×2 window of outputs
-        t = tid
-        while t < U(uimgs * U(P2 * P2)):
-            m = U(t // U(P2 * P2))
-            pp = U(t - m * U(P2 * P2))
-            ph = U(pp // U(P2))
-            pw = U(pp - ph * U(P2))
-            xb = U(U(WEIGHTS_V2) + m * isz + ph * U(2 * XS) + pw + pw)
-            for k in range(K1):
-                bias = sm[U(200 + k)]
-                c0[k] = bias
-                c1[k] = bias
-                c2[k] = bias
-                c3[k] = bias
+    return sm, tid, nt, nimg, uimgs, uxr, isz, U(U(nimg + uimgs - U1) // uimgs)
+
+
+@cuda.jit(device=True, inline="always")
+def _convs_v2(sm, images, tile, nimg, uimgs, uxr, isz, act, mode, scale, shift, pad, tid, nt):
+    """The convolution stages of tile ``tile``; returns (n0, ni), its first image and its image count. A barrier
+    (the weights are staged; the previous tile is done with the image regions), the tile's images padded and
+    normalised into X (pixel·scale + shift; the border and past the batch ``pad``, the normalised pixel 0), a
+    barrier, C1 + act + pool -> S2 (Y), a barrier, C3 + act + pool -> S4 (X[0, 400)), a barrier."""
+    c0 = cuda.local.array(K1, float32)  # C1: the 2×2 window's four conv outputs × the 6 filters
+    c1 = cuda.local.array(K1, float32)
+    c2 = cuda.local.array(K1, float32)
+    c3 = cuda.local.array(K1, float32)
+    a0 = cuda.local.array(KB3, float32)  # C3: the window's four conv outputs × the thread's KB3 filters
+    a1 = cuda.local.array(KB3, float32)
+    a2 = cuda.local.array(KB3, float32)
+    a3 = cuda.local.array(KB3, float32)
+    ra = cuda.local.array(RS1, float32)  # two input rows of the window (6 wide: 2 outputs × 5 taps)
+    rb = cuda.local.array(RS1, float32)
+    n0 = U(tile * uimgs)
+    ni = U(min(uimgs, U(nimg - n0)))
+    cuda.syncthreads()  # the weights are staged; the previous tile is done with the image regions
+    t = tid
+    while t < U(uimgs * U(XS * XS)):  # the tile's images, padded and normalised (the border and past the
+        m = U(t // U(XS * XS))  # batch: pad, the normalised pixel 0; uint8: pad = shift, as v1 writes it)
+        p = U(t - m * U(XS * XS))
+        ph = U(p >> U(5))  # ih + PAD
+        pw = U(p & U(XS - 1))  # iw + PAD
+        pix = pad
+        if m < ni and ph >= U(PAD) and ph < U(IMAGE + PAD) and pw >= U(PAD) and pw < U(IMAGE + PAD):
+            # uint8: the pixel · scale + shift; float32 already normalised: scale 1, shift 0 (exact)
+            pix = float32(images[U(U(n0 + m) * U(IMAGE * IMAGE) + U(ph - U(PAD)) * U(IMAGE) + pw - U(PAD))]) \
+                * scale + shift
+        sm[U(U(WEIGHTS_V2) + m * isz + p)] = pix
+        t = U(t + nt)
+    cuda.syncthreads()
+    # C1 + act + pool -> S2 (Y): a thread per (image, pooled pixel), all 6 filters, its 2×2 window of outputs
+    t = tid
+    while t < U(uimgs * U(P2 * P2)):
+        m = U(t // U(P2 * P2))
+        pp = U(t - m * U(P2 * P2))
+        ph = U(pp // U(P2))
+        pw = U(pp - ph * U(P2))
+        xb = U(U(WEIGHTS_V2) + m * isz + ph * U(2 * XS) + pw + pw)
+        for k in range(K1):
+            bias = sm[U(200 + k)]
+            c0[k] = bias
+            c1[k] = bias
+            c2[k] = bias
+            c3[k] = bias
+        for j in range(RS1):
+            ra[j] = sm[U(xb + U(j))]
+        for r in range(RS):
+            for j in range(RS1):
+                rb[j] = sm[U(xb + U((r + 1) * XS + j))]
+            for s in range(RS):
+                for k in range(K1):
+                    wv = sm[U((r * RS + s) * 8 + k)]
+                    c0[k] += ra[s] * wv
+                    c1[k] += ra[s + 1] * wv
+                    c2[k] += rb[s] * wv
+                    c3[k] += rb[s + 1] * wv
+            for j in range(RS1):
+                ra[j] = rb[j]
+        ybase = U(U(WEIGHTS_V2) + m * isz + uxr + pp)
+        _put_all(sm, ybase, U(P2 * P2), K1, c0, c1, c2, c3, act, mode)
+        t = U(t + nt)
+    cuda.syncthreads()
+    # C3 + act + pool -> S4 (X, [0, 400)): a thread per (image, KB3 filters, pooled pixel)
+    t = tid
+    while t < U(uimgs * U(KG3 * P4 * P4)):
+        m = U(t // U(KG3 * P4 * P4))
+        e = U(t - m * U(KG3 * P4 * P4))
+        kg = U(e // U(P4 * P4))
+        pp = U(e - kg * U(P4 * P4))
+        ph = U(pp // U(P4))
+        pw = U(pp - ph * U(P4))
+        for k in range(KB3):
+            bias = sm[U(U(OB3_V2) + kg * U(KB3) + U(k))]
+            a0[k] = bias
+            a1[k] = bias
+            a2[k] = bias
+            a3[k] = bias
+        s2 = U(U(WEIGHTS_V2) + m * isz + uxr + ph * U(2 * P2) + pw + pw)
+        c = U0
+        while c < U(K1):
+            xb = U(s2 + c * U(P2 * P2))
+            wc = U(U(OW3_V2) + c * U(25 * K3) + kg * U(KB3))
             for j in range(RS1):
                 ra[j] = sm[U(xb + U(j))]
             for r in range(RS):
                 for j in range(RS1):
-                    rb[j] = sm[U(xb + U((r + 1) * XS + j))]
+                    rb[j] = sm[U(xb + U((r + 1) * P2 + j))]
                 for s in range(RS):
-                    for k in range(K1):
-                        wv = sm[U((r * RS + s) * 8 + k)]
-                        c0[k] += ra[s] * wv
-                        c1[k] += ra[s + 1] * wv
-                        c2[k] += rb[s] * wv
-                        c3[k] += rb[s + 1] * wv
+                    for k in range(KB3):
+                        wv = sm[U(wc + U((r * RS + s) * K3 + k))]
+                        a0[k] += ra[s] * wv
+                        a1[k] += ra[s + 1] * wv
+                        a2[k] += rb[s] * wv
+                        a3[k] += rb[s + 1] * wv
                 for j in range(RS1):
                     ra[j] = rb[j]
-            ybase = U(U(WEIGHTS_V2) + m * isz + uxr + pp)
-            _put_all(sm, ybase, U(P2 * P2), K1, c0, c1, c2, c3, act, mode)
-            t = U(t + nt)
-        cuda.syncthreads()
-        # C3 + act + pool -> S4 (X, [0, 400)): a thread per (image, KB3 filters, pooled pixel)
-        t = tid
-        while t < U(uimgs * U(KG3 * P4 * P4)):
-            m = U(t // U(KG3 * P4 * P4))
-            e = U(t - m * U(KG3 * P4 * P4))
-            kg = U(e // U(P4 * P4))
-            pp = U(e - kg * U(P4 * P4))
-            ph = U(pp // U(P4))
-            pw = U(pp - ph * U(P4))
-            for k in range(KB3):
-                bias = sm[U(U(OB3_V2) + kg * U(KB3) + U(k))]
-                a0[k] = bias
-                a1[k] = bias
-                a2[k] = bias
-                a3[k] = bias
-            s2 = U(U(WEIGHTS_V2) + m * isz + uxr + ph * U(2 * P2) + pw + pw)
-            c = U0
-            while c < U(K1):
-                xb = U(s2 + c * U(P2 * P2))
-                wc = U(U(OW3_V2) + c * U(25 * K3) + kg * U(KB3))
-                for j in range(RS1):
-                    ra[j] = sm[U(xb + U(j))]
-                for r in range(RS):
-                    for j in range(RS1):
-                        rb[j] = sm[U(xb + U((r + 1) * P2 + j))]
-                    for s in range(RS):
-                        for k in range(KB3):
-                            wv = sm[U(wc + U((r * RS + s) * K3 + k))]
-                            a0[k] += ra[s] * wv
-                            a1[k] += ra[s + 1] * wv
-                            a2[k] += rb[s] * wv
-                            a3[k] += rb[s + 1] * wv
-                    for j in range(RS1):
-                        ra[j] = rb[j]
-                c = U(c + U1)
-            obase = U(U(WEIGHTS_V2) + m * isz + kg * U(KB3 * P4 * P4) + pp)
-            _put_all(sm, obase, U(P4 * P4), KB3, a0, a1, a2, a3, act, mode)
-            t = U(t + nt)
-        cuda.syncthreads()
-        # the dense stages, the tile's images as the rows (images past the batch compute on the padding, never
-        # written): C5 X[0, 400) -> X[400, 400 + H1), F6 -> Y[0, H2), the output -> logits. One call site in a
-        # loop over the layers (each call site is a copy of the three specialised bodies)
-        base = U(WEIGHTS_V2)
-        for layer in range(3):
-            if layer == 0:
-                no, nk, ib, obase, lact = nh1, U(I5), base, U(base + U(I5)), act
-            elif layer == 1:
-                no, nk, ib, obase, lact = nh2, nh1, U(base + U(I5)), U(base + uxr), act
-            else:
-                no, nk, ib, obase, lact = unc, nh2, U(base + uxr), U0, 0
-            _dense(sm, c5w, f6w, ow, c5b, f6b, ob, U(layer), logits, no, nk, ib, obase, isz, n0, ni, lact, tid, nt,
-                   uimgs, U(OUT_GLOBAL))
-            cuda.syncthreads()
+            c = U(c + U1)
+        obase = U(U(WEIGHTS_V2) + m * isz + kg * U(KB3 * P4 * P4) + pp)
+        _put_all(sm, obase, U(P4 * P4), KB3, a0, a1, a2, a3, act, mode)
+        t = U(t + nt)
+    cuda.syncthreads()
+    return n0, ni
+
+
+# (the simulator's cuda.jit takes no launch bounds)
+@(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["lenet_fwd_v2"]))
+def lenet_fwd_v2(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, n, h1, h2, nc, act, mode, scale,
+                 shift, imgs, xr, yr):
+    # flat arrays; every index and size uint32, the stride loops while loops (as v1). v3's body (_setup_v2,
+    # _convs_v2, _dense_layers) with uint8 images, the border the normalised pixel 0 (pad = shift: 0·scale + shift,
+    # as v1 writes it) and the logits only (outs the constant OUT_GLOBAL: the output layer's switches fold away)
+    sm, tid, nt, nimg, uimgs, uxr, isz, ntiles = _setup_v2(c1w, c1b, c3w, c3b, n, imgs, xr, yr)
+    tile = U(cuda.blockIdx.x)
+    while tile < ntiles:  # block-uniform
+        n0, ni = _convs_v2(sm, images, tile, nimg, uimgs, uxr, isz, act, mode, scale, shift, shift, tid, nt)
+        _dense_layers(sm, c5w, f6w, ow, c5b, f6b, ob, logits, n0, ni, U(h1), U(h2), U(nc), uxr, isz, act, tid, nt,
+                      uimgs, U(OUT_GLOBAL))
         tile = U(tile + U(cuda.gridDim.x))
 
 
@@ -598,154 +626,19 @@ def lenet_fwd_v2(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits,
 @(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["lenet_fwd_v3"]))
 def lenet_fwd_v3(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, classes, n, h1, h2, nc, act, mode,
                  scale, shift, pad, imgs, xr, yr, outs):
-    # v2's body with: images uint8 or float32 (one specialisation each: Numba types the argument), the border
-    # `pad`; the output layer written where ``outs`` says (OUT_GLOBAL: logits, OUT_SHARED: X[0, NC) for the
-    # argmax), then, with OUT_SHARED, classes[n] = the first maximal logit. logits and classes are flat arrays
-    # (a 1-element dummy where absent: never touched then). Every index and size uint32 (as v1 and v2)
-    # sm: [w1 25 taps × 8][b1 8][w3 6 × 25 taps × 16][b3 16] | image m: X at W + m·IS, Y at W + m·IS + xr
-    sm = cuda.shared.array(0, float32)
-    nimg, nh1, nh2, unc, uouts = U(n), U(h1), U(h2), U(nc), U(outs)
-    uimgs, uxr = U(imgs), U(xr)
-    isz = U(uxr + U(yr))
-    tid, nt = U(cuda.threadIdx.x), U(cuda.blockDim.x)
-    c0 = cuda.local.array(K1, float32)  # C1: the 2×2 window's four conv outputs × the 6 filters
-    c1 = cuda.local.array(K1, float32)
-    c2 = cuda.local.array(K1, float32)
-    c3 = cuda.local.array(K1, float32)
-    a0 = cuda.local.array(KB3, float32)  # C3: the window's four conv outputs × the thread's KB3 filters
-    a1 = cuda.local.array(KB3, float32)
-    a2 = cuda.local.array(KB3, float32)
-    a3 = cuda.local.array(KB3, float32)
-    ra = cuda.local.array(RS1, float32)  # two input rows of the window (6 wide: 2 outputs × 5 taps)
-    rb = cuda.local.array(RS1, float32)
-    t = tid
-    while t < U(25 * 8):  # C1 tap-major: a tap's 6 filter weights adjacent (a broadcast each)
-        tap = U(t >> U(3))
-        k = U(t & U(7))
-        sm[t] = c1w[U(k * U(25) + tap)] if k < U(K1) else float32(0.0)
-        t = U(t + nt)
-    t = tid
-    while t < U(8):
-        sm[U(U(200) + t)] = c1b[t] if t < U(K1) else float32(0.0)
-        t = U(t + nt)
-    t = tid
-    while t < U(K3 * K1 * 25):  # C3 read in its own order (coalesced), scattered to [c·25 + tap][k]
-        k = U(t // U(K1 * 25))
-        ct = U(t - k * U(K1 * 25))
-        sm[U(U(OW3_V2) + ct * U(K3) + k)] = c3w[t]
-        t = U(t + nt)
-    t = tid
-    while t < U(K3):
-        sm[U(U(OB3_V2) + t)] = c3b[t]
-        t = U(t + nt)
-    ntiles = U(U(nimg + uimgs - U1) // uimgs)
+    # v2 (the same device functions) with: images uint8 or float32 (one specialisation each: Numba types the
+    # argument), the border ``pad``; the output layer written where ``outs`` says (OUT_GLOBAL: logits, OUT_SHARED:
+    # X[0, NC) for the argmax), then, with OUT_SHARED, classes[n] = the first maximal logit. logits and classes are
+    # flat arrays (zero-size where absent: never touched then). Every index and size uint32 (as v1 and v2)
+    sm, tid, nt, nimg, uimgs, uxr, isz, ntiles = _setup_v2(c1w, c1b, c3w, c3b, n, imgs, xr, yr)
+    unc, uouts = U(nc), U(outs)
     tile = U(cuda.blockIdx.x)
     while tile < ntiles:  # block-uniform
-        n0 = U(tile * uimgs)
-        ni = U(min(uimgs, U(nimg - n0)))
-        cuda.syncthreads()  # the weights are staged; the previous tile is done with the image regions
-        t = tid
-        while t < U(uimgs * U(XS * XS)):  # the tile's images, padded and normalised (the border and past the
-            m = U(t // U(XS * XS))  # batch: pad, the normalised pixel 0; uint8: pad = shift, as v1 and v2 write it)
-            p = U(t - m * U(XS * XS))
-            ph = U(p >> U(5))  # ih + PAD
-            pw = U(p & U(XS - 1))  # iw + PAD
-            pix = pad
-            if m < ni and ph >= U(PAD) and ph < U(IMAGE + PAD) and pw >= U(PAD) and pw < U(IMAGE + PAD):
-                # uint8: the pixel · scale + shift; float32 already normalised: scale 1, shift 0 (exact)
-                pix = float32(images[U(U(n0 + m) * U(IMAGE * IMAGE) + U(ph - U(PAD)) * U(IMAGE) + pw - U(PAD))]) \
-                    * scale + shift
-            sm[U(U(WEIGHTS_V2) + m * isz + p)] = pix
-            t = U(t + nt)
-        cuda.syncthreads()
-        # C1 + act + pool -> S2 (Y): a thread per (image, pooled pixel), all 6 filters, its 2×2 window of outputs
-        t = tid
-        while t < U(uimgs * U(P2 * P2)):
-            m = U(t // U(P2 * P2))
-            pp = U(t - m * U(P2 * P2))
-            ph = U(pp // U(P2))
-            pw = U(pp - ph * U(P2))
-            xb = U(U(WEIGHTS_V2) + m * isz + ph * U(2 * XS) + pw + pw)
-            for k in range(K1):
-                bias = sm[U(200 + k)]
-                c0[k] = bias
-                c1[k] = bias
-                c2[k] = bias
-                c3[k] = bias
-            for j in range(RS1):
-                ra[j] = sm[U(xb + U(j))]
-            for r in range(RS):
-                for j in range(RS1):
-                    rb[j] = sm[U(xb + U((r + 1) * XS + j))]
-                for s in range(RS):
-                    for k in range(K1):
-                        wv = sm[U((r * RS + s) * 8 + k)]
-                        c0[k] += ra[s] * wv
-                        c1[k] += ra[s + 1] * wv
-                        c2[k] += rb[s] * wv
-                        c3[k] += rb[s + 1] * wv
-                for j in range(RS1):
-                    ra[j] = rb[j]
-            ybase = U(U(WEIGHTS_V2) + m * isz + uxr + pp)
-            _put_all(sm, ybase, U(P2 * P2), K1, c0, c1, c2, c3, act, mode)
-            t = U(t + nt)
-        cuda.syncthreads()
-        # C3 + act + pool -> S4 (X, [0, 400)): a thread per (image, KB3 filters, pooled pixel)
-        t = tid
-        while t < U(uimgs * U(KG3 * P4 * P4)):
-            m = U(t // U(KG3 * P4 * P4))
-            e = U(t - m * U(KG3 * P4 * P4))
-            kg = U(e // U(P4 * P4))
-            pp = U(e - kg * U(P4 * P4))
-            ph = U(pp // U(P4))
-            pw = U(pp - ph * U(P4))
-            for k in range(KB3):
-                bias = sm[U(U(OB3_V2) + kg * U(KB3) + U(k))]
-                a0[k] = bias
-                a1[k] = bias
-                a2[k] = bias
-                a3[k] = bias
-            s2 = U(U(WEIGHTS_V2) + m * isz + uxr + ph * U(2 * P2) + pw + pw)
-            c = U0
-            while c < U(K1):
-                xb = U(s2 + c * U(P2 * P2))
-                wc = U(U(OW3_V2) + c * U(25 * K3) + kg * U(KB3))
-                for j in range(RS1):
-                    ra[j] = sm[U(xb + U(j))]
-                for r in range(RS):
-                    for j in range(RS1):
-                        rb[j] = sm[U(xb + U((r + 1) * P2 + j))]
-                    for s in range(RS):
-                        for k in range(KB3):
-                            wv = sm[U(wc + U((r * RS + s) * K3 + k))]
-                            a0[k] += ra[s] * wv
-                            a1[k] += ra[s + 1] * wv
-                            a2[k] += rb[s] * wv
-                            a3[k] += rb[s + 1] * wv
-                    for j in range(RS1):
-                        ra[j] = rb[j]
-                c = U(c + U1)
-            obase = U(U(WEIGHTS_V2) + m * isz + kg * U(KB3 * P4 * P4) + pp)
-            _put_all(sm, obase, U(P4 * P4), KB3, a0, a1, a2, a3, act, mode)
-            t = U(t + nt)
-        cuda.syncthreads()
-        # the dense stages, the tile's images as the rows (images past the batch compute on the padding, never
-        # written): C5 X[0, 400) -> X[400, 400 + H1), F6 -> Y[0, H2), the output -> logits and/or X[0, NC) (S4's
-        # place, free after C5). One call site in a loop over the layers (each call site is a copy of the three
-        # specialised bodies)
-        base = U(WEIGHTS_V2)
-        for layer in range(3):
-            if layer == 0:
-                no, nk, ib, obase, lact = nh1, U(I5), base, U(base + U(I5)), act
-            elif layer == 1:
-                no, nk, ib, obase, lact = nh2, nh1, U(base + U(I5)), U(base + uxr), act
-            else:
-                no, nk, ib, obase, lact = unc, nh2, U(base + uxr), base, 0
-            _dense(sm, c5w, f6w, ow, c5b, f6b, ob, U(layer), logits, no, nk, ib, obase, isz, n0, ni, lact, tid, nt,
-                   uimgs, uouts)
-            cuda.syncthreads()
+        n0, ni = _convs_v2(sm, images, tile, nimg, uimgs, uxr, isz, act, mode, scale, shift, pad, tid, nt)
+        _dense_layers(sm, c5w, f6w, ow, c5b, f6b, ob, logits, n0, ni, U(h1), U(h2), unc, uxr, isz, act, tid, nt,
+                      uimgs, uouts)
         if U(uouts & U(OUT_SHARED)) != U0 and tid < ni:  # the argmax: a thread per image of the tile
-            z = U(base + tid * isz)
+            z = U(U(WEIGHTS_V2) + tid * isz)
             bv = sm[z]
             best = U0
             c = U1
@@ -903,14 +796,7 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
                         ("c5.w", (nh1, I5)), ("c5.b", (nh1,)), ("f6.w", (nh2, nh1)), ("f6.b", (nh2,)),
                         ("out.w", (nc, nh2)), ("out.b", (nc,))):
         _check(p[name], name, shape)
-    if logits is None and classes is None:
-        raise ValueError("lenet_fwd: give logits, classes or both")
-    if logits is not None:
-        _check(logits, "logits", (n, nc))
-    if classes is not None:
-        _check(classes, "classes", (n,), np.int64)
-    if n < 1:
-        raise ValueError("lenet_fwd: needs at least one image")
+    check_lenet_fwd_outputs(logits, classes, n, nc, _check)
     xr, yr = regions(nh1, nh2)
     code, pool = np.int32(ACT_CODES[act]), np.int32(POOL_CODES[mode])
     scale, shift = np.float32(1.0 / (255.0 * std)), np.float32(-mean / std)
