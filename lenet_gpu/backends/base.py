@@ -275,6 +275,20 @@ def check_lenet_fwd_outputs(logits: Any, classes: Any, n: int, nc: int,
         raise ValueError("lenet_fwd: needs at least one image")
 
 
+def check_lenet_eval_args(logits: Any, labels: Any, out: Any,
+                          check_array: Callable[[Any, str, tuple[int, ...], Any], None]) -> tuple[int, int]:
+    """The argument checks of a GPU backend's lenet_eval (cupy's and numba's): logits (N, NC) float32, labels (N,)
+    uint8, out (2,) float64, each checked by the backend's own ``check_array`` (see check_lenet_fwd_outputs), and
+    at least one row (ValueError). Returns (N, NC)."""
+    n, nc = logits.shape
+    check_array(logits, "logits", (n, nc), np.float32)
+    check_array(labels, "labels", (n,), np.uint8)
+    check_array(out, "out", (2,), np.float64)
+    if n < 1:
+        raise ValueError("lenet_eval: needs at least one row")
+    return n, nc
+
+
 #: Integer codes the kernels of every GPU backend use for the string options.
 ACT_CODES = {"identity": 0, "relu": 1, "tanh": 2, "lecun_tanh": 3, "sigmoid": 4}
 POOL_CODES = {"max": 0, "avg": 1}

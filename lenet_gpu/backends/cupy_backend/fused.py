@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..base import ACT_CODES, POOL_CODES, check_act, check_lenet_fwd_outputs, check_mode
+from ..base import ACT_CODES, POOL_CODES, check_act, check_lenet_eval_args, check_lenet_fwd_outputs, check_mode
 from .runtime import DEFAULT_SM_COUNT, define_options
 from .runtime import check_array as _check
 
@@ -348,11 +348,6 @@ LF_EVAL_THREADS = 256  # lenet_fwd.cu LF_EVAL_THREADS
 def lenet_eval(be: Any, logits: Any, labels: Any, out: Any) -> None:
     """out (2,) float64 = [Σ softmax cross-entropy of logits (N,NC) against labels (N,) uint8, the rows whose first
     maximal logit is the label], summed in double on the device in a fixed order (one launch, one block)."""
-    n, nc = logits.shape
-    _check(logits, "logits", (n, nc))
-    _check(labels, "labels", (n,), np.uint8)
-    _check(out, "out", (2,), np.float64)
-    if n < 1:
-        raise ValueError("lenet_eval: needs at least one row")
+    n, nc = check_lenet_eval_args(logits, labels, out, _check)
     _launch(be, "lenet_fwd", FusedLaunch("lenet_eval_v1", (1, 1, 1), (LF_EVAL_THREADS, 1, 1)),
             (logits, labels, i32(n), i32(nc), out))

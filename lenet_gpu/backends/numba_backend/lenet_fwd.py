@@ -92,7 +92,7 @@ import numba
 import numpy as np
 from numba import cuda, float32, float64
 
-from ..base import ACT_CODES, POOL_CODES, check_act, check_lenet_fwd_outputs, check_mode
+from ..base import ACT_CODES, POOL_CODES, check_act, check_lenet_eval_args, check_lenet_fwd_outputs, check_mode
 from .common import POOL_MAX, U0, U1, U, activate, ceil_div
 from .head import _check, launch_kernel
 
@@ -837,11 +837,6 @@ def lenet_eval(be: Any, logits: Any, labels: Any, out: Any) -> None:
     """out (2,) float64 = [Σ softmax cross-entropy of logits (N,NC) against labels (N,) uint8, the rows whose first
     maximal logit is the label], summed in double on the device in a fixed order (one launch, one block): cupy's
     lenet_eval (cupy_backend/fused.py), the same contract and checks."""
-    n, nc = logits.shape
-    _check(logits, "logits", (n, nc))
-    _check(labels, "labels", (n,), np.uint8)
-    _check(out, "out", (2,), np.float64)
-    if n < 1:
-        raise ValueError("lenet_eval: needs at least one row")
+    n, nc = check_lenet_eval_args(logits, labels, out, _check)
     launch_kernel(be, "lenet_eval_v1", lenet_eval_v1, 1, EVAL_THREADS, 0, logits.reshape(logits.size), labels,
                   np.int32(n), np.int32(nc), out)
