@@ -421,8 +421,9 @@ class CpuBackend(HostMemory):
         pw = routed.patch_width(S, C)
         kb = routed.routed_block(K, R, pw)
         _need(kb * R * pw <= routed.RT_TILE, op, f"a patch of {R} rows × {S * C} floats is too big")
-        fn = routed.make_conv2d_bwd_weight_routed_v1(kb, R, pw)
-        return fn, self._ws(self._slots, L, H, W * C + pw), self._ws(nchunks(B), K * C * R * S + K)
+        parts = routed.bwd_weight_parts(kb, R, pw)
+        fn = routed.make_conv2d_bwd_weight_routed_v1(kb, R, pw, parts.abi)
+        return fn, self._ws(self._slots, L, H, W * C + pw), self._ws(nchunks(B), K * C * R * S + K), *parts.addresses
 
     def conv2d_bwd_data_routed(self, gz, w, argmax, y_below, gz_below, act, variant=None) -> None:
         self.counters.launches += 1
@@ -438,8 +439,9 @@ class CpuBackend(HostMemory):
             K, _, R, S = w.shape
             pw = routed.patch_width(S, C)
             _need(R * pw <= routed.RT_TILE, op, f"a filter of {R} rows × {S * C} floats is too big")
-            plan = self._plans[key] = (routed.make_conv2d_bwd_data_routed_v1(R, pw),
-                                       self._ws(self._slots, H, W * C + pw), self._ws(K, R, pw))
+            parts = routed.bwd_data_parts(R, pw)
+            plan = self._plans[key] = (routed.make_conv2d_bwd_data_routed_v1(R, pw, parts.abi),
+                                       self._ws(self._slots, H, W * C + pw), self._ws(K, R, pw), *parts.addresses)
         fn, *ws = plan
         fn(gz, w, argmax, y_below, gz_below, acode, *ws)
 
