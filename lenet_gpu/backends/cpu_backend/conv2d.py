@@ -812,7 +812,7 @@ def _bwd_data_pool_chunk(dz, wf, argmax, yconv, dzb, mode, act_code, dzp, dxw, b
     else:
         # wide maps: 2 rows × 32 columns of one image
         for bb in range(b0, b1):
-            _frame(dz[bb], dzp, 0, R, S)
+            _frame(dz[bb], dzp, np.int64(0), R, S)  # not a literal 0: the narrow maps' specialisation
             for i0 in range(0, Hx, 2):
                 r_lo, r_hi = max(0, R - 2 - i0), min(R, R - 1 + Ho - i0)
                 for j0 in range(0, Wx, 2 * L):
