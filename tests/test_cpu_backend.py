@@ -423,13 +423,28 @@ def _host_has_avx512() -> bool:
         return False
 
 
+def fresh_at(chunk, addr: int):
+    """``chunk`` compiled afresh (serially, no cache, at the backend's OPT_LEVEL) for the signature of its overload
+    whose compiled code is at ``addr``: the function a kernel calls through that address (native.py)."""
+    from lenet_gpu.backends.cpu_backend import native
+
+    sigs = [sig for sig in chunk.overloads if native.address(chunk, sig) == addr]
+    assert len(sigs) == 1, (chunk.py_func.__name__, list(chunk.overloads))
+    fresh = common.njit(**dict(common.JIT_INNER, cache=False))(chunk.py_func)
+    fresh.compile(sigs[0])
+    return fresh
+
+
 @pytest.mark.skipif(not _host_has_fma(), reason="the host CPU has no AVX2/FMA")
 @pytest.mark.parametrize("kernel", ["conv2d_pool_fwd_v1", "conv2d_pool_fwd_v2", "conv2d_bwd_weight_v2",
                                     "conv2d_bwd_weight_v3", "conv2d_bwd_data_pool_v1", "lenet_fwd_v1"])
 def test_register_blocked_kernels_use_packed_fma(kernel):
-    """The register-blocked kernels, compiled afresh (serially, no cache, at the backend's optimisation level)
-    with the arguments a training step gives them, hold packed FMAs and no scalar ones: the lane loops
-    vectorised and the accumulator tiles became registers."""
+    """The register-blocked kernels' chunk functions, which the kernels call through the addresses of their
+    compiled code (native.py), compiled afresh (serially, no cache, at the backend's optimisation level) with the
+    signature the kernel calls when a training step gives it its arguments, hold packed FMAs and no scalar ones:
+    the lane loops vectorised and the accumulator tiles became registers."""
+    from lenet_gpu.backends.cpu_backend import conv2d, lenet_fwd
+
     be = CpuBackend()
     s = Step(be, batch=3)
     s.step()  # every buffer holds what a step leaves there; the plans exist
@@ -453,18 +468,11 @@ def test_register_blocked_kernels_use_packed_fma(kernel):
             be._plans[key] = (lambda *a, _fn=fn: (seen.append(a), _fn(*a))[1], *plan[1:])
     calls[kernel]()
     assert seen, f"{kernel} was not called"
-    if kernel == "lenet_fwd_v1":  # its chunk function, which it calls through an address (native.py), is compiled
-        from lenet_gpu.backends.cpu_backend import conv2d, lenet_fwd
-
-        sigs = list(lenet_fwd._lenet_chunk.overloads)
-        lits = (numba.types.literal(conv2d.block_size(6)[0]), numba.types.literal(conv2d.block_size(16)[0]))
-        assert len(sigs) == 1 and sigs[0][-2:] == lits, sigs  # the signature the kernel calls
-        fresh = common.njit(**dict(common.JIT_INNER, cache=False))(lenet_fwd._lenet_chunk.py_func)
-        fresh.compile(sigs[0])
-    else:
-        fresh = common.njit(**dict(common.JIT, cache=False))(fn.py_func)  # at the backend's OPT_LEVEL
-        fresh(*seen[0])
-    counts = common.inspect_fma(fresh)
+    chunk = {"conv2d_pool_fwd_v1": conv2d._pool_fwd_lanes_chunk, "conv2d_pool_fwd_v2": conv2d._pool_fwd_rows_chunk,
+             "conv2d_bwd_weight_v2": conv2d._bwd_weight_lanes_chunk,
+             "conv2d_bwd_weight_v3": conv2d._bwd_weight_rows_chunk,
+             "conv2d_bwd_data_pool_v1": conv2d._bwd_data_pool_chunk, "lenet_fwd_v1": lenet_fwd._lenet_chunk}
+    counts = common.inspect_fma(fresh_at(chunk[kernel], seen[0][-1]))  # the kernel's last argument: its address
     block = {"conv2d_pool_fwd_v1": 16, "conv2d_pool_fwd_v2": 24, "conv2d_bwd_weight_v2": 20,
              "conv2d_bwd_weight_v3": 15, "conv2d_bwd_data_pool_v1": 24, "lenet_fwd_v1": 24}[kernel]
     assert counts["fma_zmm"] + counts["fma_ymm"] >= block, counts  # one register block's FMAs at least

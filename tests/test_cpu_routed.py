@@ -168,26 +168,20 @@ HAS_AVX2_ONLY = bool(FEATS.get("avx2") and FEATS.get("fma")) and not HAS_AVX512
 
 
 def _fresh_fma_counts() -> dict[str, dict[str, int]]:
-    """The routed kernels at LeNet's C3, compiled afresh (no cache, at the backend's OPT_LEVEL) with a training
-    step's argument types: their packed and scalar FMAs."""
+    """The routed kernels' chunk functions at LeNet's C3, compiled afresh (no cache, at the backend's OPT_LEVEL) with
+    the signature the kernels call them with (through the address of their compiled code, the plans' last argument):
+    their packed and scalar FMAs."""
     from lenet_gpu.backends.cpu_backend import common
 
+    from .test_cpu_backend import fresh_at
+
     x, wt, gz, am, _ = routed_case((3, 6, 14, 14, 16, 5, 5), "relu")
-    pw = RT.patch_width(5, 6)
-    wfn = RT.make_conv2d_bwd_weight_routed_v1(RT.routed_block(16, 5, pw), 5, pw)
-    dfn = RT.make_conv2d_bwd_data_routed_v1(5, pw)
-    out = {}
-    for name, fn, args in (
-        ("weight", wfn, (x, gz, am, nan_like(wt.shape), nan_like((16,)), np.zeros((numba.config.NUMBA_NUM_THREADS, 16,
-                                                                                      14, 14 * 6 + pw), np.float32),
-                         np.zeros((1, wt.size + 16), np.float32))),
-        ("data", dfn, (gz, wt, am, x, nan_like(x.shape), 1, np.zeros((numba.config.NUMBA_NUM_THREADS, 14, 14 * 6 + pw),
-                                                                     np.float32), np.zeros((16, 5, pw), np.float32))),
-    ):
-        fresh = common.njit(**dict(common.JIT, cache=False))(fn.py_func)
-        fresh(*args)
-        out[name] = common.inspect_fma(fresh)
-    return out
+    be = CpuBackend()
+    be.conv2d_bwd_weight_routed(x, gz, am, nan_like(wt.shape), nan_like((16,)), variant="v1")
+    be.conv2d_bwd_data_routed(gz, wt, am, x, nan_like(x.shape), "relu")
+    plans = {key[0]: plan for key, plan in be._plans.items() if plan}
+    return {"weight": common.inspect_fma(fresh_at(RT._bwd_weight_routed_chunk, plans["conv2d_bwd_weight_routed"][-1])),
+            "data": common.inspect_fma(fresh_at(RT._bwd_data_routed_chunk, plans["conv2d_bwd_data_routed"][-1]))}
 
 
 @pytest.mark.skipif(not HAS_AVX512, reason="the host CPU has no AVX-512 (see the AVX2 test)")

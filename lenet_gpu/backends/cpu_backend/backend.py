@@ -246,12 +246,13 @@ class CpuBackend(HostMemory):
             return conv2d.conv2d_bwd_weight_v1, part
         kb, kp = conv2d.block_size(K, (4, 3))
         T = self._slots
+        parts = conv2d.bwd_weight_parts(v, kb)
         if v == "v2":
-            fn = conv2d.make_conv2d_bwd_weight_v2(kb)
-            return fn, self._ws(T, C, H, W, L), self._ws(T, kp, Ho, Wo, L), part
+            fn = conv2d.make_conv2d_bwd_weight_v2(kb, parts.abi)
+            return fn, self._ws(T, C, H, W, L), self._ws(T, kp, Ho, Wo, L), part, *parts.addresses
         nv = -(-Wo // L)
-        fn = conv2d.make_conv2d_bwd_weight_v3(kb)
-        return fn, self._ws(T, L, C, H, nv * L + S - 1), self._ws(T, L, kp, Ho, nv * L), part
+        fn = conv2d.make_conv2d_bwd_weight_v3(kb, parts.abi)
+        return fn, self._ws(T, L, C, H, nv * L + S - 1), self._ws(T, L, kp, Ho, nv * L), part, *parts.addresses
 
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
         self.counters.launches += 1
@@ -334,10 +335,13 @@ class CpuBackend(HostMemory):
         kb, kp = conv2d.block_size(K)
         T = self._slots
         wp, bp = self._ws(kp, C, R, S), self._ws(kp)
+        parts = conv2d.pool_fwd_parts(v, kb)
         if v == "v1":
-            return conv2d.make_conv2d_pool_fwd_v1(kb), self._ws(T, C, H + Ho % 2, W + Wo % 2, L), wp, bp
+            return (conv2d.make_conv2d_pool_fwd_v1(kb, parts.abi), self._ws(T, C, H + Ho % 2, W + Wo % 2, L), wp, bp,
+                    *parts.addresses)
         nvp = -(-Wo // (2 * L))
-        return conv2d.make_conv2d_pool_fwd_v2(kb), self._ws(T, C, Ho + Ho % 2 + R - 1, nvp * 2 * L + S - 1), wp, bp
+        return (conv2d.make_conv2d_pool_fwd_v2(kb, parts.abi), self._ws(T, C, Ho + Ho % 2 + R - 1, nvp * 2 * L + S - 1),
+                wp, bp, *parts.addresses)
 
     def conv2d_bwd_data_pool(self, dz, w, argmax, yconv, dz_below, mode, act, variant=None) -> None:
         self.counters.launches += 1
@@ -371,7 +375,8 @@ class CpuBackend(HostMemory):
         else:
             nv2 = 2 * -(-Wx // (2 * L))
             ws_dz, ws_dx = self._ws(T, K, hxp + R - 1, nv2 * L + S - 1), self._ws(T, 1, cp, hxp, nv2 * L)
-        return conv2d.make_conv2d_bwd_data_pool_v1(kb), ws_dz, ws_dx, self._ws(cp, K, R, S)
+        parts = conv2d.bwd_data_pool_parts(kb)
+        return conv2d.make_conv2d_bwd_data_pool_v1(kb, parts.abi), ws_dz, ws_dx, self._ws(cp, K, R, S), *parts.addresses
 
     # ------------------------------------------------------------------ the routed backward (max pooling)
     def conv2d_bwd_weight_routed(self, x, gz, argmax, dw, db, state=None, variant=None) -> None:
@@ -410,13 +415,15 @@ class CpuBackend(HostMemory):
             kb, kp = conv2d.block_size(K, (4, 3))
             nv = -(-(W - S + 1) // L)
             T = self._slots
-            return (conv2d.make_conv2d_bwd_weight_routed_v2(kb), self._ws(T, L, C, H, nv * L + S - 1),
-                    self._ws(T, L, kp, H - R + 1, nv * L), self._ws(nchunks(B), K * C * R * S + K))
+            parts = conv2d.bwd_weight_parts("routed_v2", kb)
+            return (conv2d.make_conv2d_bwd_weight_routed_v2(kb, parts.abi), self._ws(T, L, C, H, nv * L + S - 1),
+                    self._ws(T, L, kp, H - R + 1, nv * L), self._ws(nchunks(B), K * C * R * S + K), *parts.addresses)
         pw = routed.patch_width(S, C)
         kb = routed.routed_block(K, R, pw)
         _need(kb * R * pw <= routed.RT_TILE, op, f"a patch of {R} rows × {S * C} floats is too big")
-        fn = routed.make_conv2d_bwd_weight_routed_v1(kb, R, pw)
-        return fn, self._ws(self._slots, L, H, W * C + pw), self._ws(nchunks(B), K * C * R * S + K)
+        parts = routed.bwd_weight_parts(kb, R, pw)
+        fn = routed.make_conv2d_bwd_weight_routed_v1(kb, R, pw, parts.abi)
+        return fn, self._ws(self._slots, L, H, W * C + pw), self._ws(nchunks(B), K * C * R * S + K), *parts.addresses
 
     def conv2d_bwd_data_routed(self, gz, w, argmax, y_below, gz_below, act, variant=None) -> None:
         self.counters.launches += 1
@@ -432,8 +439,9 @@ class CpuBackend(HostMemory):
             K, _, R, S = w.shape
             pw = routed.patch_width(S, C)
             _need(R * pw <= routed.RT_TILE, op, f"a filter of {R} rows × {S * C} floats is too big")
-            plan = self._plans[key] = (routed.make_conv2d_bwd_data_routed_v1(R, pw),
-                                       self._ws(self._slots, H, W * C + pw), self._ws(K, R, pw))
+            parts = routed.bwd_data_parts(R, pw)
+            plan = self._plans[key] = (routed.make_conv2d_bwd_data_routed_v1(R, pw, parts.abi),
+                                       self._ws(self._slots, H, W * C + pw), self._ws(K, R, pw), *parts.addresses)
         fn, *ws = plan
         fn(gz, w, argmax, y_below, gz_below, acode, *ws)
 

@@ -91,7 +91,8 @@ def batch_prepare_v1(images, labels, perm, state, x, y, scale, shift):
     max_shift = np.int64(state[SHIFT])
     h1 = mix32(mix32(word32(state[SEED])) + word32(state[EPOCH]))
     for r in prange(B):
-        prepare_image(images, labels, perm, x, y, r, offset, max_shift, h1, scale, shift)
+        # r as int64 also in the loop body (Numba's gufunc), whose index is uint64: one specialisation, not two
+        prepare_image(images, labels, perm, x, y, np.int64(r), offset, max_shift, h1, scale, shift)
 
 
 @njit(**JIT_EXACT, no_cpython_wrapper=True, no_cfunc_wrapper=True)

@@ -18,7 +18,8 @@ chunk order, so no result depends on the thread count.
 "Lanes" kernels transpose their inputs into a per-thread workspace (C, H, W, 16) and scatter their
 outputs back to NCHW; "rows" kernels read NCHW directly and waste the columns a vector runs past the
 map's edge. Lanes suit small maps (C3: 10×10), rows wide ones (C1: 28×28): the backend picks by shape.
-The register-blocked kernels are made per block size KB by ``make_*(KB)`` (a closure, cached per KB).
+The register-blocked kernels are made per block size KB by ``make_*(KB, ABI)`` (a closure, cached per KB); each
+calls its chunk function through the address of its compiled code (native.py: ``*_parts``), so it compiles once.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import carray, get_thread_id, literally, prange
+from numba import carray, get_thread_id, literally, prange, types
 
+from . import native
 from .common import (
     AVG,
     JIT,
@@ -311,18 +313,24 @@ def block_size(n: int, sizes: tuple[int, ...] = (6, 4), wide: bool | None = None
 
 # ------------------------------------------------------------------------ conv2d_pool_fwd: lanes and rows
 #
-# Each fast kernel is a small parallel function (``make_*(KB)``, a closure over the block size, cached per
+# Each fast kernel is a small parallel function (``make_*(KB, ABI)``, a closure over the block size, cached per
 # KB) whose prange body calls the serial chunk function below with KB; the chunk function asks for KB as a
 # literal (``literally``), so its loops over the block are unrolled and its accumulator tile becomes
 # registers. Keeping the parallel function small keeps Numba's parfor passes cheap: compile time is mostly
-# the chunk functions', compiled once per KB.
+# the chunk functions', compiled once per KB. The kernel calls the chunk function through the address of its
+# compiled code (native.py), its last argument a_chunk, so the chunk compiles once, not again into each of the
+# kernel's four modules; ``*_parts(...)`` compiles it with the argument types the kernel passes, ABI is its .abi.
 
 #: the largest register block: accumulator tiles are sized for it (the unused part is optimised away)
 KB_MAX = 6
 W_TILE = 4 * KB_MAX * L  # a window's four pixels × KB filters × 16 lanes
 P_TILE = 2 * KB_MAX * L
 BW_TILE = 4 * TB * L  # the weight-gradient block: up to 4 filters × TB taps
-_MADE: dict[tuple[str, int], Any] = {}
+_MADE: dict[tuple[str, int, str], Any] = {}
+
+#: the argument types the kernels pass their chunk functions (native.Parts): C-contiguous arrays, int64 for ints
+F1, F2, F3, F4 = (types.Array(types.float32, n, "C") for n in (1, 2, 3, 4))
+U4, I8, BOOL = types.Array(types.uint8, 4, "C"), types.int64, types.boolean
 
 
 @njit(**JIT_INNER)
@@ -386,18 +394,29 @@ def _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write
                                 af[op] = np.uint8(pt[2 * q + 1, lane])
 
 
-def make_conv2d_pool_fwd_v1(KB: int) -> Any:
-    """conv2d_pool_fwd_v1 (lanes) for blocks of KB filters."""
-    key = ("conv2d_pool_fwd_v1", KB)
+_call_pool_lanes = native.caller(_pool_fwd_lanes_chunk)
+
+
+def pool_fwd_parts(v: str, KB: int) -> native.Parts:
+    """conv2d_pool_fwd_<v>'s chunk function (v1: lanes, v2: rows) compiled for the argument types its kernel (and
+    step4.step_fwd_v1) passes it: its address is the kernel's argument a_chunk."""
+    fn, ws = (_pool_fwd_lanes_chunk, F4) if v == "v1" else (_pool_fwd_rows_chunk, F3)
+    return native.Parts((fn, (F4, F4, F1, F4, F4, U4, I8, I8, BOOL, ws, I8, I8, types.literal(KB))))
+
+
+def make_conv2d_pool_fwd_v1(KB: int, ABI: str) -> Any:
+    """conv2d_pool_fwd_v1 (lanes) for blocks of KB filters; ABI: pool_fwd_parts("v1", KB).abi."""
+    key = ("conv2d_pool_fwd_v1", KB, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
-        def conv2d_pool_fwd_v1(x, w, b, yconv, ypool, argmax, act_code, mode, write_conv, ws_x, wp, bp):
+        def conv2d_pool_fwd_v1(x, w, b, yconv, ypool, argmax, act_code, mode, write_conv, ws_x, wp, bp, a_chunk):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             B = x.shape[0]
             _pad_weights(w, b, wp, bp)
             for ci in prange((B + L - 1) // L):
-                _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv,
-                                      ws_x[get_thread_id()], np.int64(ci) * L, w.shape[0], KB)
+                _call_pool_lanes(a_chunk, (x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv,
+                                           ws_x[get_thread_id()], np.int64(ci) * L, w.shape[0], KB))
 
         _MADE[key] = conv2d_pool_fwd_v1
     return _MADE[key]
@@ -460,18 +479,22 @@ def _pool_fwd_rows_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_
                                     pr[m] = v
 
 
-def make_conv2d_pool_fwd_v2(KB: int) -> Any:
-    """conv2d_pool_fwd_v2 (rows) for blocks of KB filters."""
-    key = ("conv2d_pool_fwd_v2", KB)
+_call_pool_rows = native.caller(_pool_fwd_rows_chunk)
+
+
+def make_conv2d_pool_fwd_v2(KB: int, ABI: str) -> Any:
+    """conv2d_pool_fwd_v2 (rows) for blocks of KB filters; ABI: pool_fwd_parts("v2", KB).abi."""
+    key = ("conv2d_pool_fwd_v2", KB, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
-        def conv2d_pool_fwd_v2(x, w, b, yconv, ypool, argmax, act_code, mode, write_conv, ws_x, wp, bp):
+        def conv2d_pool_fwd_v2(x, w, b, yconv, ypool, argmax, act_code, mode, write_conv, ws_x, wp, bp, a_chunk):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             B = x.shape[0]
             _pad_weights(w, b, wp, bp)
             for ci in prange((B + L - 1) // L):
-                _pool_fwd_rows_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv,
-                                     ws_x[get_thread_id()], np.int64(ci) * L, w.shape[0], KB)
+                _call_pool_rows(a_chunk, (x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv,
+                                          ws_x[get_thread_id()], np.int64(ci) * L, w.shape[0], KB))
 
         _MADE[key] = conv2d_pool_fwd_v2
     return _MADE[key]
@@ -536,17 +559,22 @@ def _bwd_weight_lanes_chunk(x, dz, xt, dzt, p, b0, K, KB):
     _store_bias(dzt, p, K * C * ntap, K, Ho, Wo)
 
 
-def make_conv2d_bwd_weight_v2(KB: int) -> Any:
-    """conv2d_bwd_weight_v2 (lanes) for blocks of KB filters × TB taps."""
-    key = ("conv2d_bwd_weight_v2", KB)
+_call_weight_lanes = native.caller(_bwd_weight_lanes_chunk)
+
+
+def make_conv2d_bwd_weight_v2(KB: int, ABI: str) -> Any:
+    """conv2d_bwd_weight_v2 (lanes) for blocks of KB filters × TB taps; ABI: bwd_weight_parts("v2", KB).abi."""
+    key = ("conv2d_bwd_weight_v2", KB, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
-        def conv2d_bwd_weight_v2(x, dz, dw, db, ws_x, ws_dz, part):
+        def conv2d_bwd_weight_v2(x, dz, dw, db, ws_x, ws_dz, part, a_chunk):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             nch = (x.shape[0] + L - 1) // L
             for ci in prange(nch):
                 tid = get_thread_id()
-                _bwd_weight_lanes_chunk(x, dz, ws_x[tid], ws_dz[tid], part[ci], np.int64(ci) * L, dw.shape[0], KB)
+                _call_weight_lanes(a_chunk, (x, dz, ws_x[tid], ws_dz[tid], part[ci], np.int64(ci) * L, dw.shape[0],
+                                             KB))
             _sum_parts(part, nch, dw, db)
 
         _MADE[key] = conv2d_bwd_weight_v2
@@ -687,37 +715,56 @@ def _bwd_weight_rows_sums(xs, ds, p, nb, C, H, W, Ho, Wo, K, KB):
         p[K * C * ntap + k] = a
 
 
-def make_conv2d_bwd_weight_v3(KB: int) -> Any:
-    """conv2d_bwd_weight_v3 (rows) for blocks of KB filters × TB taps."""
-    key = ("conv2d_bwd_weight_v3", KB)
+_call_weight_rows = native.caller(_bwd_weight_rows_chunk)
+_call_weight_rows_routed = native.caller(_bwd_weight_rows_routed_chunk)
+
+
+def bwd_weight_parts(v: str, KB: int) -> native.Parts:
+    """conv2d_bwd_weight_<v>'s chunk function (v2: lanes, v3: rows, routed_v2: rows on the routed gradient, as
+    step4.step_bwd_v1 calls it too) compiled for the argument types its kernel passes it: its address is the
+    kernel's argument a_chunk."""
+    if v == "routed_v2":
+        return native.Parts((_bwd_weight_rows_routed_chunk, (F4, F4, U4, F4, F4, F1, I8, I8, I8, I8,
+                                                             types.literal(KB))))
+    fn = _bwd_weight_lanes_chunk if v == "v2" else _bwd_weight_rows_chunk
+    return native.Parts((fn, (F4, F4, F4, F4, F1, I8, I8, types.literal(KB))))
+
+
+def make_conv2d_bwd_weight_v3(KB: int, ABI: str) -> Any:
+    """conv2d_bwd_weight_v3 (rows) for blocks of KB filters × TB taps; ABI: bwd_weight_parts("v3", KB).abi."""
+    key = ("conv2d_bwd_weight_v3", KB, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
-        def conv2d_bwd_weight_v3(x, dz, dw, db, ws_x, ws_dz, part):
+        def conv2d_bwd_weight_v3(x, dz, dw, db, ws_x, ws_dz, part, a_chunk):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             nch = (x.shape[0] + L - 1) // L
             for ci in prange(nch):
                 tid = get_thread_id()
-                _bwd_weight_rows_chunk(x, dz, ws_x[tid], ws_dz[tid], part[ci], np.int64(ci) * L, dw.shape[0], KB)
+                _call_weight_rows(a_chunk, (x, dz, ws_x[tid], ws_dz[tid], part[ci], np.int64(ci) * L, dw.shape[0],
+                                            KB))
             _sum_parts(part, nch, dw, db)
 
         _MADE[key] = conv2d_bwd_weight_v3
     return _MADE[key]
 
 
-def make_conv2d_bwd_weight_routed_v2(KB: int) -> Any:
+def make_conv2d_bwd_weight_routed_v2(KB: int, ABI: str) -> Any:
     """conv2d_bwd_weight_routed_v2 (rows, cpu_backend/routed.py): conv2d_bwd_weight_v3 on the routed gradient,
-    its dz rows made from gz and the routes in the workspace (no dense dz)."""
-    key = ("conv2d_bwd_weight_routed_v2", KB)
+    its dz rows made from gz and the routes in the workspace (no dense dz); ABI: bwd_weight_parts("routed_v2",
+    KB).abi."""
+    key = ("conv2d_bwd_weight_routed_v2", KB, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
-        def conv2d_bwd_weight_routed_v2(x, gz, argmax, dw, db, ws_x, ws_dz, part):
+        def conv2d_bwd_weight_routed_v2(x, gz, argmax, dw, db, ws_x, ws_dz, part, a_chunk):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             nch = (x.shape[0] + L - 1) // L
             Ho, Wo = x.shape[2] - dw.shape[2] + 1, x.shape[3] - dw.shape[3] + 1
             for ci in prange(nch):
                 tid = get_thread_id()
-                _bwd_weight_rows_routed_chunk(x, gz, argmax, ws_x[tid], ws_dz[tid], part[ci], np.int64(ci) * L,
-                                              Ho, Wo, dw.shape[0], KB)
+                _call_weight_rows_routed(a_chunk, (x, gz, argmax, ws_x[tid], ws_dz[tid], part[ci], np.int64(ci) * L,
+                                                   Ho, Wo, dw.shape[0], KB))
             _sum_parts(part, nch, dw, db)
 
         _MADE[key] = conv2d_bwd_weight_routed_v2
@@ -765,7 +812,7 @@ def _bwd_data_pool_chunk(dz, wf, argmax, yconv, dzb, mode, act_code, dzp, dxw, b
     else:
         # wide maps: 2 rows × 32 columns of one image
         for bb in range(b0, b1):
-            _frame(dz[bb], dzp, 0, R, S)
+            _frame(dz[bb], dzp, np.int64(0), R, S)  # not a literal 0: the narrow maps' specialisation
             for i0 in range(0, Hx, 2):
                 r_lo, r_hi = max(0, R - 2 - i0), min(R, R - 1 + Ho - i0)
                 for j0 in range(0, Wx, 2 * L):
@@ -795,18 +842,28 @@ def _frame(g, dzp, h0, R, S):
                 d_[S - 1 + v] = s_[v]
 
 
-def make_conv2d_bwd_data_pool_v1(KB: int) -> Any:
-    """conv2d_bwd_data_pool_v1 (rows) for blocks of KB channels."""
-    key = ("conv2d_bwd_data_pool_v1", KB)
+_call_data_pool = native.caller(_bwd_data_pool_chunk)
+
+
+def bwd_data_pool_parts(KB: int) -> native.Parts:
+    """conv2d_bwd_data_pool_v1's chunk function compiled for the argument types the kernel passes it: its address is
+    the kernel's argument a_chunk."""
+    return native.Parts((_bwd_data_pool_chunk, (F4, F4, U4, F4, F4, I8, I8, F3, F4, I8, I8, types.literal(KB))))
+
+
+def make_conv2d_bwd_data_pool_v1(KB: int, ABI: str) -> Any:
+    """conv2d_bwd_data_pool_v1 (rows) for blocks of KB channels; ABI: bwd_data_pool_parts(KB).abi."""
+    key = ("conv2d_bwd_data_pool_v1", KB, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
-        def conv2d_bwd_data_pool_v1(dz, w, argmax, yconv, dzb, mode, act_code, ws_dz, ws_dx, wf):
+        def conv2d_bwd_data_pool_v1(dz, w, argmax, yconv, dzb, mode, act_code, ws_dz, ws_dx, wf, a_chunk):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             _flip_weights(w, wf)
             for ci in prange((dz.shape[0] + L - 1) // L):
                 tid = get_thread_id()
-                _bwd_data_pool_chunk(dz, wf, argmax, yconv, dzb, mode, act_code, ws_dz[tid], ws_dx[tid],
-                                     np.int64(ci) * L, w.shape[1], KB)
+                _call_data_pool(a_chunk, (dz, wf, argmax, yconv, dzb, mode, act_code, ws_dz[tid], ws_dx[tid],
+                                          np.int64(ci) * L, w.shape[1], KB))
 
         _MADE[key] = conv2d_bwd_data_pool_v1
     return _MADE[key]

@@ -21,7 +21,8 @@ offset (a vector over images or output columns would need a gather, or a select 
 cost: a patch row of S·C floats is padded to PW (a multiple of the vector), which wastes 2/32 at C3 (C = 6).
 
 Every chunk of 16 images is one prange task; the weight gradient is summed per chunk, then over the chunks in
-chunk order (no result depends on the thread count); the data gradient is per image.
+chunk order (no result depends on the thread count); the data gradient is per image. A kernel calls its chunk
+function through the address of its compiled code (native.py; ``*_parts``, ABI), so the chunk compiles once.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import carray, get_thread_id, literally, prange
+from numba import carray, get_thread_id, literally, prange, types
 
+from . import native
 from .common import JIT, JIT_INNER, ZERO, L, act_grad, njit, stack_tile
-from .conv2d import _sum_parts
+from .conv2d import F1, F2, F3, F4, I8, U4, _sum_parts
 
 #: the accumulator tile: up to 4 filters × 5 rows × 32 floats (KB · R · PW ≤ RT_TILE)
 RT_TILE = 4 * 5 * 32
-_MADE: dict[tuple[str, int, int, int], Any] = {}
+_MADE: dict[tuple[str, int, int, int, str], Any] = {}
 
 
 def patch_width(S: int, C: int, vector: int = 16) -> int:
@@ -111,17 +113,29 @@ def _bwd_weight_routed_chunk(x, gz, argmax, xs, p, b0, K, S, KB, R, PW):
         p[n + k] = a
 
 
-def make_conv2d_bwd_weight_routed_v1(KB: int, R: int, PW: int) -> Any:
-    """conv2d_bwd_weight_routed_v1 for blocks of KB filters, R patch rows of PW floats."""
-    key = ("conv2d_bwd_weight_routed_v1", KB, R, PW)
+_call_weight = native.caller(_bwd_weight_routed_chunk)
+
+
+def bwd_weight_parts(KB: int, R: int, PW: int) -> native.Parts:
+    """conv2d_bwd_weight_routed_v1's chunk function compiled for the argument types its kernel (and
+    step4.step_bwd_v1) passes it: its address is the kernel's argument a_chunk."""
+    return native.Parts((_bwd_weight_routed_chunk, (F4, F4, U4, F3, F1, I8, I8, I8, types.literal(KB),
+                                                    types.literal(R), types.literal(PW))))
+
+
+def make_conv2d_bwd_weight_routed_v1(KB: int, R: int, PW: int, ABI: str) -> Any:
+    """conv2d_bwd_weight_routed_v1 for blocks of KB filters, R patch rows of PW floats; ABI: bwd_weight_parts(KB, R,
+    PW).abi."""
+    key = ("conv2d_bwd_weight_routed_v1", KB, R, PW, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
-        def conv2d_bwd_weight_routed_v1(x, gz, argmax, dw, db, ws_x, part):
+        def conv2d_bwd_weight_routed_v1(x, gz, argmax, dw, db, ws_x, part, a_chunk):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             nch = (x.shape[0] + L - 1) // L
             for ci in prange(nch):
-                _bwd_weight_routed_chunk(x, gz, argmax, ws_x[get_thread_id()], part[ci], np.int64(ci) * L,
-                                         dw.shape[0], dw.shape[3], KB, R, PW)
+                _call_weight(a_chunk, (x, gz, argmax, ws_x[get_thread_id()], part[ci], np.int64(ci) * L, dw.shape[0],
+                                       dw.shape[3], KB, R, PW))
             _sum_parts(part, nch, dw, db)
 
         _MADE[key] = conv2d_bwd_weight_routed_v1
@@ -175,17 +189,28 @@ def _rows_of_filters(w, wt):
                     wt[k, r, s * C + c] = w[k, c, r, s]
 
 
-def make_conv2d_bwd_data_routed_v1(R: int, PW: int) -> Any:
-    """conv2d_bwd_data_routed_v1 for R filter rows of PW floats."""
-    key = ("conv2d_bwd_data_routed_v1", 0, R, PW)
+_call_data = native.caller(_bwd_data_routed_chunk)
+
+
+def bwd_data_parts(R: int, PW: int) -> native.Parts:
+    """conv2d_bwd_data_routed_v1's chunk function compiled for the argument types its kernel (and step4.step_bwd_v1)
+    passes it: its address is the kernel's argument a_chunk."""
+    return native.Parts((_bwd_data_routed_chunk, (F4, F3, U4, F4, F4, I8, F2, I8, types.literal(R),
+                                                  types.literal(PW))))
+
+
+def make_conv2d_bwd_data_routed_v1(R: int, PW: int, ABI: str) -> Any:
+    """conv2d_bwd_data_routed_v1 for R filter rows of PW floats; ABI: bwd_data_parts(R, PW).abi."""
+    key = ("conv2d_bwd_data_routed_v1", 0, R, PW, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
-        def conv2d_bwd_data_routed_v1(gz, w, argmax, y_below, gzb, act_code, ws_dx, wt):
+        def conv2d_bwd_data_routed_v1(gz, w, argmax, y_below, gzb, act_code, ws_dx, wt, a_chunk):
+            _ = ABI  # in the closure: Numba's cache key (native.Parts)
             _rows_of_filters(w, wt)
             for ci in prange((gz.shape[0] + L - 1) // L):
-                _bwd_data_routed_chunk(gz, wt, argmax, y_below, gzb, act_code, ws_dx[get_thread_id()],
-                                       np.int64(ci) * L, R, PW)
+                _call_data(a_chunk, (gz, wt, argmax, y_below, gzb, act_code, ws_dx[get_thread_id()], np.int64(ci) * L,
+                                     R, PW))
 
         _MADE[key] = conv2d_bwd_data_routed_v1
     return _MADE[key]
