@@ -38,7 +38,10 @@ helper = [head.make_head_train_v1(True), routed._bwd_weight_routed_chunk, routed
           conv2d._bwd_weight_rows_routed_chunk]
 params = hashlib.sha256(m.parameters().tobytes()).hexdigest()
 # the helper compiles inference after its share, while this process goes on: wait for it, then infer
-assert warm.background is not None and warm.background.wait(timeout=300) == 0
+if warm.background is None or warm.background.wait(timeout=300) != 0:
+    log = open(warm.background_log).read()[-2000:] if warm.background_log else "(no log)"
+    rc = None if warm.background is None else warm.background.returncode
+    raise SystemExit(f"the background helper: {warm.last_report}, exit {rc}, its output: {log}")
 m.logits(x, batch_size=40)
 print(json.dumps({
     "report": warm.last_report,
@@ -82,6 +85,25 @@ def test_a_failing_helper_is_reported_and_not_fatal():
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert warm._wait(bad) == "failed (exit 3): boom"
     assert warm._wait(None) == "not started"
+
+
+def test_a_failed_background_helper_keeps_its_log_and_says_where(tmp_path, capsys):
+    """What the helper prints after its share goes to a log: removed at exit when it succeeded or was stopped,
+    kept and named on stderr when it failed."""
+    for code, kept in ((0, False), (3, True)):
+        log = tmp_path / f"helper-{code}.log"
+        log.write_text("")
+        with open(log, "a") as out:
+            helper = subprocess.Popen([sys.executable, "-c", f"import sys; print('compiling'); sys.exit({code})"],
+                                      stdout=out, stderr=out)
+        helper.log = str(log)
+        helper.wait()
+        warm._stop_background(helper)
+        assert log.exists() is kept
+        err = capsys.readouterr().err
+        assert (f"failed (exit 3); its output: {log}" in err) is kept
+        if kept:
+            assert log.read_text() == "compiling\n"
 
 
 def test_scratch_step_runs_only_its_share(monkeypatch):

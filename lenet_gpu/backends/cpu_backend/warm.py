@@ -36,6 +36,7 @@ import os
 import selectors
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -88,6 +89,8 @@ HELPER_TIMEOUT_S = 300.0
 last_report: dict[str, Any] | None = None
 #: the helper while it compiles LATER_OPS after its share (None when there is none)
 background: subprocess.Popen | None = None
+#: where that helper writes what it prints from then on (kept, and named on stderr, when it fails)
+background_log: str | None = None
 _done = False
 
 
@@ -183,6 +186,7 @@ def compile_ahead(options: dict[str, Any], fused: bool, threads: int, step: Scra
         if helper is not None:
             helper.kill()
             helper.communicate()
+            _remove_log(helper)
         raise
     report["own_share_s"] = round(time.perf_counter() - t0, 2)
     report["helper"] = _wait(helper)
@@ -199,13 +203,18 @@ def _start_helper(options: dict[str, Any], fused: bool, threads: int, step: str)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     if numba.config.CACHE_DIR:
         env["NUMBA_CACHE_DIR"] = numba.config.CACHE_DIR
+    fd, log = tempfile.mkstemp(prefix="lenet_gpu_compile_helper_", suffix=".log")
+    os.close(fd)
     arg = json.dumps({"options": options, "fused": fused, "threads": threads, "ops": list(HELPER_OPS),
-                      "later": list(LATER_OPS), "step": step})
+                      "later": list(LATER_OPS), "step": step, "log": log})
     try:
-        return subprocess.Popen([sys.executable, "-m", __name__, arg], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        helper = subprocess.Popen([sys.executable, "-m", __name__, arg], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
     except OSError:
+        os.unlink(log)
         return None
+    helper.log = log  # type: ignore[attr-defined]
+    return helper
 
 
 def _read_until_share_done(helper: subprocess.Popen, deadline: float) -> tuple[str | None, str, bool]:
@@ -245,11 +254,13 @@ def _wait(helper: subprocess.Popen | None) -> str:
     if timed_out:
         helper.kill()
         helper.communicate()
+        _remove_log(helper)
         return f"timed out after {HELPER_TIMEOUT_S:.0f} s"
     if done is not None:
         _in_background(helper)
         return f"ok ({done})"
     helper.wait()
+    _remove_log(helper)
     if helper.returncode != 0:
         tail = (err or "").strip().splitlines()[-1:] or [""]
         return f"failed (exit {helper.returncode}): {tail[0][:200]}"
@@ -258,20 +269,35 @@ def _wait(helper: subprocess.Popen | None) -> str:
 
 def _in_background(helper: subprocess.Popen) -> None:
     """The helper goes on compiling LATER_OPS (inference) into the cache while this process trains; it writes
-    nothing more to its pipes (closed here). Stopped when this process exits (a first run of one step need
-    not wait for it: the cache then lacks what it had not finished, compiled when first used)."""
-    global background
+    nothing more to its pipes (closed here), but to its log. Stopped when this process exits (a first run of one
+    step need not wait for it: the cache then lacks what it had not finished, compiled when first used). Its log is
+    removed then, unless it had failed: then it is kept and named on stderr (a failure costs only time: what it
+    did not compile compiles when first used)."""
+    global background, background_log
     for pipe in (helper.stdout, helper.stderr):
         if pipe is not None:
             pipe.close()
     background = helper
+    background_log = getattr(helper, "log", None)
+    atexit.register(_stop_background, helper)
 
-    def stop() -> None:
-        if helper.poll() is None:
-            helper.kill()
-            helper.wait()
 
-    atexit.register(stop)
+def _stop_background(helper: subprocess.Popen) -> None:
+    """At exit: stop the helper if it still compiles; keep its log and name it if it failed, else remove it."""
+    if helper.poll() is None:
+        helper.kill()
+        helper.wait()
+    elif helper.returncode != 0 and getattr(helper, "log", None) is not None:
+        print(f"lenet_gpu: the background compile helper failed (exit {helper.returncode}); its output: "
+              f"{helper.log}", file=sys.stderr)  # type: ignore[attr-defined]
+        return
+    _remove_log(helper)
+
+
+def _remove_log(helper: subprocess.Popen | None) -> None:
+    log = getattr(helper, "log", None)
+    if log is not None and os.path.exists(log):
+        os.unlink(log)
 
 
 def _parts_first(step: ScratchStep, options: dict[str, Any], fused: bool, share: set[str], threads: int) -> list[str]:
@@ -294,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{SHARE_DONE}: {time.perf_counter() - t0:.2f} s after its imports, {time.process_time():.2f} s CPU",
           flush=True)
     if args.get("later"):
-        # nobody reads the pipes from now on (the first step is under way): write nowhere
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
+        # nobody reads the pipes from now on (the first step is under way): write to the log
+        log = os.open(args["log"], os.O_WRONLY | os.O_APPEND) if args.get("log") else os.open(os.devnull, os.O_WRONLY)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
         scratch_step(step, args["options"], bool(args["fused"]), set(args["later"]), set(), int(args["threads"]))
     return 0
 
