@@ -37,6 +37,10 @@ import os
 # Set OMP_WAIT_POLICY yourself to choose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from . import cachelock  # noqa: E402
 from .backend import DEFAULT_VARIANTS, KERNELS, VARIANTS, CpuBackend  # noqa: E402
+
+# one writer at a time in a function's cache entry, across processes (a first run compiles in two: warm.py)
+cachelock.install()
 
 __all__ = ["DEFAULT_VARIANTS", "KERNELS", "VARIANTS", "CpuBackend"]
