@@ -143,3 +143,13 @@ def test_an_error_in_the_called_function_propagates():
     assert a.tolist() == [7.0, 0.0, 1.0]
     with pytest.raises(IndexError, match="past the end"):
         kernel(addr, a, 3)
+
+
+def test_parts_add_up_in_order():
+    """step4's kernels call the chunk functions of several ops: Parts + Parts keeps each one's address and
+    signature, in order."""
+    a = native.Parts((_row, (F2, F1, I8, types.float32, types.literal(3))))
+    b = native.Parts((_row, (F2, F1, I8, types.float32, types.literal(5))))
+    ab = a + b
+    assert ab.addresses == a.addresses + b.addresses and ab.abi == f"{a.abi}; {b.abi}"
+    assert "Literal[int](3)" in ab.abi.split("; ")[0] and "Literal[int](5)" in ab.abi.split("; ")[1]

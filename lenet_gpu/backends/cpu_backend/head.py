@@ -22,7 +22,7 @@ from numba import get_thread_id, prange, types
 
 from . import native
 from .common import IDENTITY, JIT, JIT_INNER, L, act_grad, njit
-from .conv2d import _route
+from .conv2d import F1, F2, F3, F4, I8, U4, _route
 from .dense import OB, lane_dense, lane_dense_t, rows_dw
 from .loss import softmax_row, write_stats_row
 
@@ -150,15 +150,14 @@ def parts(routed: bool) -> native.Parts:
     """head_train_v1's functions compiled (or loaded from Numba's cache) with the argument types the kernel passes
     them (native.py): the addresses of the chunk, the chunk's end (routed or not) and the weight-gradient task are
     its arguments a_chunk, a_tail, a_dw."""
-    f1, f2, f3, f4 = (types.Array(types.float32, n, "C") for n in (1, 2, 3, 4))
-    u4, i4, i8 = types.Array(types.uint8, 4, "C"), types.Array(types.int32, 1, "C"), types.int64
-    chunk = (_head_chunk, (f2, i4, f2, f1, f2, f1, f2, f1, f2, f2, f2, i8, f2, f2, f2, f2, f2, f2, f2, f2, i8,
+    i4 = types.Array(types.int32, 1, "C")
+    chunk = (_head_chunk, (F2, i4, F2, F1, F2, F1, F2, F1, F2, F2, F2, I8, F2, F2, F2, F2, F2, F2, F2, F2, I8,
                            types.float32))
     if routed:
-        tail = (_head_tail_routed, (f2, f4, i8, f2, f2, f2, f2, f2, f2, i8))
+        tail = (_head_tail_routed, (F2, F4, I8, F2, F2, F2, F2, F2, F2, I8))
     else:
-        tail = (_head_tail_route, (f2, u4, f4, f4, i8, i8, f2, f2, f2, f3, f2, f2, i8))
-    dw = (_head_dw_task, (types.Array(types.int64, 1, "C"), f2, f2, f2, f2, f2, f2, f2, f1, f2, f1, f2, f1))
+        tail = (_head_tail_route, (F2, U4, F4, F4, I8, I8, F2, F2, F2, F3, F2, F2, I8))
+    dw = (_head_dw_task, (types.Array(types.int64, 1, "C"), F2, F2, F2, F2, F2, F2, F2, F1, F2, F1, F2, F1))
     return native.Parts(chunk, tail, dw)
 
 

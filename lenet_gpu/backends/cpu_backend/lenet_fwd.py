@@ -18,7 +18,7 @@ from numba import carray, get_thread_id, literally, prange, types
 from . import native
 from .batch import canvas_lane
 from .common import IDENTITY, JIT, JIT_INLINE, JIT_INNER, L, act, njit, stack_tile
-from .conv2d import KB_MAX, W_TILE, _pad_weights, bias_init, pool4, window_lanes
+from .conv2d import F1, F2, F4, I8, KB_MAX, W_TILE, _pad_weights, bias_init, pool4, window_lanes
 from .dense import lane_dense
 
 _MADE: dict[tuple[int, int, str], Any] = {}
@@ -77,10 +77,9 @@ _call_chunk = native.caller(_lenet_chunk)
 def parts(KB1: int, KB3: int) -> native.Parts:
     """lenet_fwd_v1's chunk function compiled (or loaded from Numba's cache) with the argument types the kernel passes
     it (native.py): its address is the kernel's argument a_chunk."""
-    f1, f2, f4 = (types.Array(types.float32, n, "C") for n in (1, 2, 4))
-    u3, i8, f = types.Array(types.uint8, 3, "C"), types.int64, types.float32
-    return native.Parts((_lenet_chunk, (u3, f4, f1, f4, f1, f2, f1, f2, f1, f2, f1, f2, f, f, i8, i8, f4, f4, f2, f2,
-                                        f2, f2, i8, i8, i8, types.literal(KB1), types.literal(KB3))))
+    u3, f = types.Array(types.uint8, 3, "C"), types.float32
+    return native.Parts((_lenet_chunk, (u3, F4, F1, F4, F1, F2, F1, F2, F1, F2, F1, F2, f, f, I8, I8, F4, F4, F2, F2,
+                                        F2, F2, I8, I8, I8, types.literal(KB1), types.literal(KB3))))
 
 
 def make_lenet_fwd_v1(KB1: int, KB3: int, ABI: str) -> Any:

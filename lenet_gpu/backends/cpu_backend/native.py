@@ -97,6 +97,13 @@ class Parts:
         self.abi = "; ".join(f"{fn.py_func.__module__}.{fn.py_func.__qualname__}"
                              f"{fn.overloads[tuple(argtypes)].signature}" for fn, argtypes in parts)
 
+    def __add__(self, other: Parts) -> Parts:
+        """The functions of both, in order: a kernel that calls the chunk functions of several ops."""
+        joined = Parts()
+        joined.addresses = self.addresses + other.addresses
+        joined.abi = "; ".join(a for a in (self.abi, other.abi) if a)
+        return joined
+
 
 def address(fn: Any, argtypes: Sequence[Any]) -> int:
     """The address of ``fn``'s compiled code for exactly ``argtypes`` (compiled now, or loaded from the cache)."""

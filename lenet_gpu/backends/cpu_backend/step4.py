@@ -31,10 +31,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import get_thread_id, prange, types
+from numba import get_thread_id, prange
 
 from ...stepstate import EPOCH, OFFSET, SEED, SHIFT
-from . import native
+from . import conv2d, native, routed
 from .batch import mix32, prepare_image, step_advance_v1, word32
 from .common import JIT, JIT_EXACT, JIT_INNER, ZERO, L, njit
 from .conv2d import _bwd_weight_rows_routed_chunk, _pad_weights, _pool_fwd_lanes_chunk, _pool_fwd_rows_chunk, block_size
@@ -52,12 +52,10 @@ _call_fwd3 = native.caller(_pool_fwd_lanes_chunk)
 
 
 def fwd_parts(KB1: int, KB3: int) -> native.Parts:
-    """step_fwd_v1's chunk functions compiled (or loaded from Numba's cache) with the argument types step_fwd_v1
-    passes them (native.py): their addresses are step_fwd_v1's arguments a_c1, a_c3."""
-    f1, f3, f4 = (types.Array(types.float32, n, "C") for n in (1, 3, 4))
-    u4, i8, b = types.Array(types.uint8, 4, "C"), types.int64, types.boolean
-    return native.Parts((_pool_fwd_rows_chunk, (f4, f4, f1, f4, f4, u4, i8, i8, b, f3, i8, i8, types.literal(KB1))),
-                        (_pool_fwd_lanes_chunk, (f4, f4, f1, f4, f4, u4, i8, i8, b, f4, i8, i8, types.literal(KB3))))
+    """step_fwd_v1's chunk functions, conv2d_pool_fwd_v2's (rows, C1) and v1's (lanes, C3), compiled (or loaded from
+    Numba's cache) with the argument types both kernels pass them (native.py): their addresses are step_fwd_v1's
+    arguments a_c1, a_c3."""
+    return conv2d.pool_fwd_parts("v2", KB1) + conv2d.pool_fwd_parts("v1", KB3)
 
 
 def make_step_fwd_v1(KB1: int, KB3: int, ABI: str) -> Any:
@@ -119,17 +117,14 @@ _call_weight1 = native.caller(_bwd_weight_rows_routed_chunk)
 
 
 def bwd_parts() -> native.Parts:
-    """step_bwd_v1's chunk functions compiled (or loaded from Numba's cache) with the argument types step_bwd_v1
-    passes them (native.py): their addresses are step_bwd_v1's arguments a_w3, a_d3, a_w1. A helper process calls
-    this to compile them ahead while the first run's own process compiles step_fwd (cpu_backend/warm.py)."""
+    """step_bwd_v1's chunk functions, those of conv2d_bwd_weight_routed_v1, conv2d_bwd_data_routed_v1 (C3) and
+    conv2d_bwd_weight_routed_v2 (C1), compiled (or loaded from Numba's cache) with the argument types those kernels
+    and step_bwd_v1 pass them (native.py): their addresses are step_bwd_v1's arguments a_w3, a_d3, a_w1. A helper
+    process calls this to compile them ahead while the first run's own process compiles step_fwd
+    (cpu_backend/warm.py)."""
     kb1, kb3, r3, pw3 = bwd_blocks()
-    f1, f2, f3, f4 = (types.Array(types.float32, n, "C") for n in (1, 2, 3, 4))
-    u4, i8 = types.Array(types.uint8, 4, "C"), types.int64
-    return native.Parts(
-        (_bwd_weight_routed_chunk, (f4, f4, u4, f3, f1, i8, i8, i8, types.literal(kb3), types.literal(r3),
-                                    types.literal(pw3))),
-        (_bwd_data_routed_chunk, (f4, f3, u4, f4, f4, i8, f2, i8, types.literal(r3), types.literal(pw3))),
-        (_bwd_weight_rows_routed_chunk, (f4, f4, u4, f4, f4, f1, i8, i8, i8, i8, types.literal(kb1))))
+    return (routed.bwd_weight_parts(kb3, r3, pw3) + routed.bwd_data_parts(r3, pw3)
+            + conv2d.bwd_weight_parts("routed_v2", kb1))
 
 
 def compile_bwd_parts() -> None:
