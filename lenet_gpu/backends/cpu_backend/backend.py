@@ -126,7 +126,7 @@ class CpuBackend(HostMemory):
         """A line for the user when the first step will compile the kernels (an empty Numba cache)."""
         if not warm.cache_is_cold():
             return None
-        took = "about 12 s on 2 cores, compiling on two" if warm.enabled() else "about 23 s on one core"
+        took = "about 8 s on 2 cores, compiling on two" if warm.enabled() else "about 14 s on one core"
         return (f"first run: the first step compiles the cpu kernels into Numba's cache ({took}); later runs "
                 "load them in under a second")
 
