@@ -2,7 +2,8 @@
 a helper process.
 
 Numba compiles one function at a time in a process (it holds a global compiler lock), so a first run
-compiles the step's kernels one after the other on one core: about 14 s on this project's 2-core machine (23 s before 2026-12-06).
+compiles the step's kernels one after the other on one core: about 14 s on this project's 2-core machine (23 s
+before 2026-12-06).
 Before a model's first step with an empty cache, ``compile_ahead`` starts a helper Python process that
 compiles one share of the step's ops into Numba's disk cache, while this process compiles the rest; it then
 waits for the helper's share, and the step itself loads every kernel from the cache. What the first step
