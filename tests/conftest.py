@@ -33,6 +33,12 @@ if str(ROOT) not in sys.path:
 SIM_SWITCH_INTERVAL = 1e-3
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     sys.setswitchinterval(SIM_SWITCH_INTERVAL)
+#: a child started early in the background (tests/sim_child.py) runs at the lowest priority, so that it takes only the
+#: cores the main process leaves idle. At equal priority, the CUDA C harness's tests (one OS thread per CUDA thread,
+#: barriers that yield) gave their core away on every yield: the cupy host suite ran in 267 s beside one busy core at
+#: nice 0, 59 s beside it at nice 19, 48 s alone (2026-12-06, 2 cores).
+if os.environ.get("LENET_TESTS_CHILD_NICE") and hasattr(os, "nice"):
+    os.nice(int(os.environ["LENET_TESTS_CHILD_NICE"]))
 
 NO_DEVICE_ERRORS = ("cudaErrorNoDevice", "cudaErrorInsufficientDriver")
 #: Numba's driver-init messages that mean "no driver / no device"

@@ -7,7 +7,8 @@ suite does not wait for them one after another, conftest.py starts the children 
 the session's start (``start_early``), one at a time on a background thread, while the main process runs its own
 tests; the suite test then takes its child's result (``result``), and fails as before on a child that failed,
 printing the child's output. A suite test whose child was not started early (a single test run by node id,
-``LENET_TESTS_EARLY_CHILDREN=0``) runs its child when it runs.
+``LENET_TESTS_EARLY_CHILDREN=0``) runs its child when it runs. A child started early runs at the lowest priority
+(nice 19): it uses the cores the main process leaves idle, and gives way to the main process's own threads.
 
     SUITE = Child(__file__, "sim_")
 
@@ -66,9 +67,16 @@ def early(*children: Child) -> Callable[[Any], Any]:
     return mark
 
 
-def _run(child: Child) -> subprocess.CompletedProcess:
+#: the niceness of a child started early, in the background (conftest.py applies it in the child)
+BACKGROUND_NICE = 19
+
+
+def _run(child: Child, background: bool = False) -> subprocess.CompletedProcess:
+    env = child.environ()
+    if background:
+        env["LENET_TESTS_CHILD_NICE"] = str(BACKGROUND_NICE)
     try:
-        return subprocess.run(child.command(), cwd=ROOT, env=child.environ(), capture_output=True, text=True,
+        return subprocess.run(child.command(), cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=child.timeout, check=False)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""
@@ -96,7 +104,7 @@ class _Early:
             if self.stopped:
                 break
             try:
-                self.results[c] = _run(c)
+                self.results[c] = _run(c, background=True)
             finally:
                 self.done[c].set()
 
