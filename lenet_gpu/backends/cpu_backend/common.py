@@ -179,6 +179,22 @@ def act(z: float, code: int) -> float:
     return z
 
 
+@njit(**JIT_INLINE)
+def act_lanes(src, dst, code):
+    """dst[l] = act(src[l], code) for the L lanes of a row, the switch on ``code`` outside the loop: relu and
+    identity become vector instructions (act called per lane keeps its switch in the loop, and the loop scalar)."""
+    if code == RELU:
+        for lane in range(L):
+            z = src[lane]
+            dst[lane] = z if z > ZERO else ZERO
+    elif code == IDENTITY:
+        for lane in range(L):
+            dst[lane] = src[lane]
+    else:
+        for lane in range(L):
+            dst[lane] = act(src[lane], code)
+
+
 @njit(**JIT_INNER)
 def act_grad(d: float, y: float, code: int) -> float:
     """d · act'(z) with the derivative written through the activated output y."""
@@ -198,11 +214,12 @@ def nchunks(n: int) -> int:
 
 
 def inspect_fma(fn: Any) -> dict[str, int]:
-    """Count packed FMAs (zmm, ymm), scalar FMAs and stack loads/stores in the machine code of every
-    compiled signature of ``fn``: the register-blocked kernels must show packed FMAs."""
+    """Count packed FMAs (zmm, ymm), scalar FMAs, and packed maxima (vmaxps: a relu or a max pool in vector code)
+    in the machine code of every compiled signature of ``fn``: the register-blocked kernels must show packed FMAs."""
     asm = "\n".join(fn.inspect_asm().values())
     return {
         "fma_zmm": len(re.findall(r"vfmadd\w*ps\s[^\n]*zmm", asm)),
         "fma_ymm": len(re.findall(r"vfmadd\w*ps\s[^\n]*ymm", asm)),
         "fma_scalar": len(re.findall(r"vfmadd\w*ss\s", asm)),
+        "max_packed": len(re.findall(r"vmaxps\s[^\n]*[yz]mm", asm)),
     }

@@ -42,6 +42,7 @@ from .common import (
     L,
     act,
     act_grad,
+    act_lanes,
     njit,
     stack_tile,
 )
@@ -357,18 +358,20 @@ def _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write
                 bias_init(acc, bp, k0, KB)
                 window_lanes(xt, wp, k0, i, j, acc, KB)
                 for q in range(KB):
-                    for lane in range(L):
-                        y0 = act(acc[4 * q, lane], act_code)
-                        y1 = act(acc[4 * q + 1, lane], act_code)
-                        y2 = act(acc[4 * q + 2, lane], act_code)
-                        y3 = act(acc[4 * q + 3, lane], act_code)
-                        vt[4 * q, lane] = y0
-                        vt[4 * q + 1, lane] = y1
-                        vt[4 * q + 2, lane] = y2
-                        vt[4 * q + 3, lane] = y3
-                        m, a = pool4(y0, y1, y2, y3, mode)
-                        pt[2 * q, lane] = m
-                        pt[2 * q + 1, lane] = a
+                    for t in range(4):
+                        act_lanes(acc[4 * q + t], vt[4 * q + t], act_code)
+                    if mode == MAX:  # the mode a constant in each loop: both loops are vector code
+                        for lane in range(L):
+                            m, a = pool4(vt[4 * q, lane], vt[4 * q + 1, lane], vt[4 * q + 2, lane],
+                                         vt[4 * q + 3, lane], MAX)
+                            pt[2 * q, lane] = m
+                            pt[2 * q + 1, lane] = a
+                    else:
+                        for lane in range(L):
+                            m, _ = pool4(vt[4 * q, lane], vt[4 * q + 1, lane], vt[4 * q + 2, lane],
+                                         vt[4 * q + 3, lane], AVG)
+                            pt[2 * q, lane] = m
+                            pt[2 * q + 1, lane] = ZERO
                 pooled = wi < Hp and wj < Wp
                 full = j + 1 < Wo and i + 1 < Ho
                 for q in range(min(KB, K - k0)):
@@ -448,11 +451,10 @@ def _pool_fwd_rows_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_
                     bias_init(acc, bp, k0, KB)
                     window_rows(xp, wp, k0, i, j0, 0, 0, 0, L, 1, 0, 1, L, 0, R, acc, KB)
                     for q in range(KB):
-                        for lane in range(L):
-                            vt[q, 0, lane] = act(acc[4 * q, lane], act_code)
-                            vt[q, 0, L + lane] = act(acc[4 * q + 1, lane], act_code)
-                            vt[q, 1, lane] = act(acc[4 * q + 2, lane], act_code)
-                            vt[q, 1, L + lane] = act(acc[4 * q + 3, lane], act_code)
+                        act_lanes(acc[4 * q], vt[q, 0, :L], act_code)
+                        act_lanes(acc[4 * q + 1], vt[q, 0, L:], act_code)
+                        act_lanes(acc[4 * q + 2], vt[q, 1, :L], act_code)
+                        act_lanes(acc[4 * q + 3], vt[q, 1, L:], act_code)
                     for q in range(min(KB, K - k0)):
                         k = k0 + q
                         r0 = vt[q, 0]

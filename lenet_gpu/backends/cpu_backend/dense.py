@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, prange
 
-from .common import JIT, JIT_INNER, WIDE_VECTORS, ZERO, L, act, act_grad, njit, stack_tile
+from .common import JIT, JIT_INNER, WIDE_VECTORS, ZERO, L, act, act_grad, act_lanes, njit, stack_tile
 
 #: outputs per register block of the lane kernels. 8 outputs × 16 lanes are 8 of AVX-512's 32 zmm registers; with AVX2
 #: code (a lane vector is two of 16 ymm registers) 8 outputs would take all 16 and spill, so AVX2 takes 4. Measured on
@@ -93,9 +93,7 @@ def lane_dense(w, b, xt, yt, act_code):
                 for q in range(OB):
                     acc[q, lane] += w[min(o0 + q, O - 1), i] * v
         for q in range(min(OB, O - o0)):
-            yr = yt[o0 + q]
-            for lane in range(L):
-                yr[lane] = act(acc[q, lane], act_code)
+            act_lanes(acc[q], yt[o0 + q], act_code)
 
 
 @njit(**JIT_INNER)

@@ -17,7 +17,7 @@ from numba import carray, get_thread_id, literally, prange, types
 
 from . import native
 from .batch import canvas_lane
-from .common import IDENTITY, JIT, JIT_INLINE, JIT_INNER, L, act, njit, stack_tile
+from .common import IDENTITY, JIT, JIT_INLINE, JIT_INNER, MAX, RELU, ZERO, L, act, njit, stack_tile
 from .conv2d import F1, F2, F4, I8, KB_MAX, W_TILE, _pad_weights, bias_init, pool4, window_lanes
 from .dense import lane_dense
 
@@ -28,6 +28,7 @@ _MADE: dict[tuple[int, int, str], Any] = {}
 def _pool_layer(xt, wp, bp, K, Hp, Wp, out, act_code, mode, acc, KB):
     """out[k, i, j] (a (K, Hp, Wp, L) view or the flat (K·Hp·Wp, L) one, via index) = pool(act(conv))."""
     Kp = wp.shape[0]
+    relu_max = act_code == RELU and mode == MAX
     for wi in range(Hp):
         for wj in range(Wp):
             for k0 in range(0, Kp, KB):
@@ -36,11 +37,22 @@ def _pool_layer(xt, wp, bp, K, Hp, Wp, out, act_code, mode, acc, KB):
                 for q in range(KB):
                     if k0 + q < K:
                         o = out[((k0 + q) * Hp + wi) * Wp + wj]
-                        for lane in range(L):
-                            m, _ = pool4(act(acc[4 * q, lane], act_code), act(acc[4 * q + 1, lane], act_code),
-                                         act(acc[4 * q + 2, lane], act_code), act(acc[4 * q + 3, lane], act_code),
-                                         mode)
-                            o[lane] = m
+                        if relu_max:
+                            # max(relu(a0..a3)) as max(0, a0..a3): the same bits (NaN and -0 included, since
+                            # relu(NaN) = relu(-0) = +0 and the comparisons are strict), in vector instructions; the
+                            # general loop below calls act per lane and stays scalar
+                            for lane in range(L):
+                                m = ZERO
+                                for t in range(4):
+                                    a = acc[4 * q + t, lane]
+                                    m = a if a > m else m
+                                o[lane] = m
+                        else:
+                            for lane in range(L):
+                                m, _ = pool4(act(acc[4 * q, lane], act_code), act(acc[4 * q + 1, lane], act_code),
+                                             act(acc[4 * q + 2, lane], act_code),
+                                             act(acc[4 * q + 3, lane], act_code), mode)
+                                o[lane] = m
 
 
 @njit(**JIT_INNER)
