@@ -5,8 +5,9 @@ must be chosen before Numba is imported, and a kernel that writes out of bounds 
 pytest). A simulator run holds one core: it runs a block's threads as Python threads under one GIL. So that the
 suite does not wait for them one after another, conftest.py starts the children of every selected suite test at
 the session's start (``start_early``), one at a time on a background thread, while the main process runs its own
-tests; the suite test then takes its child's result (``result``), and fails as before on a child that failed,
-printing the child's output. A suite test whose child was not started early (a single test run by node id,
+tests; the suite test then takes its child's result (``result``), or runs the child itself if the background thread
+has not started it yet (so that two children run while the main process waits), and fails as before on a child
+that failed, printing the child's output. A suite test whose child was not started early (a single test run by node id,
 ``LENET_TESTS_EARLY_CHILDREN=0``) runs its child when it runs. A child started early runs at the lowest priority
 (nice 19): it uses the cores the main process leaves idle, and gives way to the main process's own threads.
 
@@ -85,31 +86,45 @@ def _run(child: Child, background: bool = False) -> subprocess.CompletedProcess:
 
 
 class _Early:
-    """The children started at the session's start, run one at a time on a background thread."""
+    """The children started at the session's start, run one at a time on a background thread. A suite test that
+    comes to a child still waiting in the queue takes it out and runs it itself (at normal priority), beside the one
+    the background thread runs: the main process would otherwise wait with a core idle."""
 
     def __init__(self) -> None:
         self.results: dict[Child, subprocess.CompletedProcess] = {}
         self.done: dict[Child, threading.Event] = {}
+        self.pending: list[Child] = []
         self.stopped = False
         self.lock = threading.Lock()
-        self.current: subprocess.Popen | None = None
 
     def start(self, children: list[Child]) -> None:
         for c in children:
             self.done[c] = threading.Event()
-        threading.Thread(target=self._worker, args=(children,), name="sim-children", daemon=True).start()
+        self.pending = list(children)
+        threading.Thread(target=self._worker, name="sim-children", daemon=True).start()
 
-    def _worker(self, children: list[Child]) -> None:
-        for c in children:
-            if self.stopped:
-                break
+    def _worker(self) -> None:
+        while True:
+            with self.lock:
+                if self.stopped or not self.pending:
+                    return
+                c = self.pending.pop(0)
             try:
                 self.results[c] = _run(c, background=True)
             finally:
                 self.done[c].set()
 
+    def take(self, child: Child) -> bool:
+        """True if ``child`` was still waiting in the queue: it is now the caller's to run."""
+        with self.lock:
+            if child in self.pending:
+                self.pending.remove(child)
+                return True
+        return False
+
     def stop(self) -> None:
-        self.stopped = True
+        with self.lock:
+            self.stopped = True
 
 
 _EARLY = _Early()
@@ -130,7 +145,7 @@ def result(child: Child) -> str:
     """The child's output tail, after checking that it passed: its early run's (waiting for it), else a run now."""
     done = _EARLY.done.get(child)
     res = None
-    if done is not None:
+    if done is not None and not _EARLY.take(child):
         done.wait()
         res = _EARLY.results.get(child)
     if res is None:
