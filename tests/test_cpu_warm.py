@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -101,9 +102,55 @@ def test_a_failed_background_helper_keeps_its_log_and_says_where(tmp_path, capsy
         warm._stop_background(helper)
         assert log.exists() is kept
         err = capsys.readouterr().err
-        assert (f"failed (exit 3); its output: {log}" in err) is kept
+        assert (f"failed (exit 3); its output: {log}\n  compiling" in err) is kept  # its last lines quoted
         if kept:
             assert log.read_text() == "compiling\n"
+
+
+def test_share_done_is_taken_as_a_whole_line_only():
+    """The parent closes the helper's pipes once it reads SHARE_DONE: it must wait for the line's end, or a helper
+    that writes the text and its newline apart (print where stdout is unbuffered) dies writing the newline."""
+    code = (f"import sys, time; sys.stdout.write({warm.SHARE_DONE!r} + ': 1 s'); sys.stdout.flush(); "
+            "time.sleep(0.3); sys.stdout.write('\\n'); sys.stdout.flush(); time.sleep(0.3)")
+    helper = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    line, _, timed_out = warm._read_until_share_done(helper, time.perf_counter() + 60)
+    assert line == f"{warm.SHARE_DONE}: 1 s" and not timed_out
+    helper.stdout.close()  # what _in_background does next
+    helper.stderr.close()
+    assert helper.wait(timeout=60) == 0  # its newline was read, not written into a closed pipe
+
+
+HELPER_LATER = """
+import json, os, signal, sys
+from lenet_gpu.backends.cpu_backend import warm
+warm.step_by_name = lambda name: None
+warm._parts_first = lambda *a: []
+def fake(step, options, fused, run, skip, threads, called=None):
+    if run == {"lenet_fwd"}:  # the later phase
+        if sys.argv[2] == "raise":
+            raise RuntimeError("later boom")
+        os.kill(os.getpid(), signal.SIGSEGV)
+warm.scratch_step = fake
+sys.exit(warm.main([json.dumps({"options": {}, "fused": False, "threads": 1, "ops": ["head_train"],
+                                "later": ["lenet_fwd"], "step": "x", "log": sys.argv[1]})]))
+"""
+
+
+@pytest.mark.parametrize("how", ["raise", "crash"])
+def test_a_helper_that_fails_after_its_share_says_why_in_its_log(tmp_path, how):
+    """After its share, nobody reads the helper's pipes: an exception (its traceback) or a crash (faulthandler's
+    report) in the later phase is written to its log, after a line that says the phase began."""
+    log = tmp_path / "helper.log"
+    log.write_text("")
+    res = subprocess.run([sys.executable, "-c", HELPER_LATER, str(log), how], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert warm.SHARE_DONE in res.stdout, res
+    text = log.read_text()
+    assert text.startswith("compiling lenet_fwd after the share\n"), text
+    if how == "raise":
+        assert res.returncode == 1 and "RuntimeError: later boom" in text, (res, text)
+    else:
+        assert res.returncode == -signal.SIGSEGV and "Segmentation fault" in text, (res, text)
 
 
 def test_scratch_step_runs_only_its_share(monkeypatch):

@@ -31,6 +31,7 @@ serially.
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import importlib
 import json
 import os
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -240,7 +242,11 @@ def _read_until_share_done(helper: subprocess.Popen, deadline: float) -> tuple[s
                     continue
                 fds[key.fd] += chunk
                 if key.fd == out_fd:
-                    for line in fds[out_fd].decode(errors="replace").splitlines():
+                    # whole lines only: the pipes are closed once SHARE_DONE is read, and a helper whose stdout is
+                    # unbuffered (PYTHONUNBUFFERED=1) writes print's text and its newline in two writes; the newline
+                    # then met a closed pipe, and the helper died of BrokenPipeError (exit 1, its log empty)
+                    whole = fds[out_fd][: fds[out_fd].rfind(b"\n") + 1]
+                    for line in whole.decode(errors="replace").splitlines():
                         if line.startswith(SHARE_DONE):
                             return line, fds[helper.stderr.fileno()].decode(errors="replace"), False
     return None, fds[helper.stderr.fileno()].decode(errors="replace"), False
@@ -261,9 +267,10 @@ def _wait(helper: subprocess.Popen | None) -> str:
         _in_background(helper)
         return f"ok ({done})"
     helper.wait()
+    logged = _log_tail(helper)  # a crash in its share: faulthandler wrote it to the log, not to the pipes
     _remove_log(helper)
     if helper.returncode != 0:
-        tail = (err or "").strip().splitlines()[-1:] or [""]
+        tail = (err or "").strip().splitlines()[-1:] or logged[-1:] or [""]
         return f"failed (exit {helper.returncode}): {tail[0][:200]}"
     return "ok (exited)"
 
@@ -289,10 +296,24 @@ def _stop_background(helper: subprocess.Popen) -> None:
         helper.kill()
         helper.wait()
     elif helper.returncode != 0 and getattr(helper, "log", None) is not None:
+        tail = _log_tail(helper)
+        said = "\n  ".join(tail) if tail else "(empty: it wrote nothing after its share)"
         print(f"lenet_gpu: the background compile helper failed (exit {helper.returncode}); its output: "
-              f"{helper.log}", file=sys.stderr)  # type: ignore[attr-defined]
+              f"{helper.log}\n  {said}", file=sys.stderr)  # type: ignore[attr-defined]
         return
     _remove_log(helper)
+
+
+def _log_tail(helper: subprocess.Popen, lines: int = 3) -> list[str]:
+    """The last lines of the helper's log ([] if it has none, or it is empty)."""
+    log = getattr(helper, "log", None)
+    if log is None:
+        return []
+    try:
+        with open(log, errors="replace") as f:
+            return f.read().strip().splitlines()[-lines:]
+    except OSError as e:
+        return [f"(cannot read {log}: {e})"]
 
 
 def _remove_log(helper: subprocess.Popen | None) -> None:
@@ -315,17 +336,30 @@ def _parts_first(step: ScratchStep, options: dict[str, Any], fused: bool, share:
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     args = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    # the log, open from the start: a crash (a signal, a fatal error) is written there by faulthandler, whichever
+    # phase it comes in, rather than to pipes that nobody reads after the share
+    log = open(args["log"], "a", buffering=1) if args.get("log") else None  # noqa: SIM115 (open until exit)
+    if log is not None:
+        faulthandler.enable(file=log)
     step = step_by_name(args["step"])
     _parts_first(step, args["options"], bool(args["fused"]), set(args["ops"]), int(args["threads"]))
     scratch_step(step, args["options"], bool(args["fused"]), set(args["ops"]), set(), int(args["threads"]))
-    print(f"{SHARE_DONE}: {time.perf_counter() - t0:.2f} s after its imports, {time.process_time():.2f} s CPU",
-          flush=True)
+    # one write of the whole line (print writes its end separately where stdout is unbuffered)
+    sys.stdout.write(f"{SHARE_DONE}: {time.perf_counter() - t0:.2f} s after its imports, "
+                     f"{time.process_time():.2f} s CPU\n")
+    sys.stdout.flush()
     if args.get("later"):
         # nobody reads the pipes from now on (the first step is under way): write to the log
-        log = os.open(args["log"], os.O_WRONLY | os.O_APPEND) if args.get("log") else os.open(os.devnull, os.O_WRONLY)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        scratch_step(step, args["options"], bool(args["fused"]), set(args["later"]), set(), int(args["threads"]))
+        fd = log.fileno() if log is not None else os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        print(f"compiling {', '.join(args['later'])} after the share", flush=True)
+        try:
+            scratch_step(step, args["options"], bool(args["fused"]), set(args["later"]), set(), int(args["threads"]))
+        except BaseException:
+            traceback.print_exc(file=log if log is not None else sys.stderr)
+            return 1
+        print("done", flush=True)
     return 0
 
 
