@@ -473,9 +473,15 @@ def test_register_blocked_kernels_use_packed_fma(kernel):
              "conv2d_bwd_weight_v3": conv2d._bwd_weight_rows_chunk,
              "conv2d_bwd_data_pool_v1": conv2d._bwd_data_pool_chunk, "lenet_fwd_v1": lenet_fwd._lenet_chunk}
     counts = common.inspect_fma(fresh_at(chunk[kernel], seen[0][-1]))  # the kernel's last argument: its address
-    block = {"conv2d_pool_fwd_v1": 16, "conv2d_pool_fwd_v2": 24, "conv2d_bwd_weight_v2": 20,
-             "conv2d_bwd_weight_v3": 15, "conv2d_bwd_data_pool_v1": 24, "lenet_fwd_v1": 24}[kernel]
-    assert counts["fma_zmm"] + counts["fma_ymm"] >= block, counts  # one register block's FMAs at least
+    # one register block's FMAs at least: (FMAs a filter or channel takes per 16-lane vector) × the planner's block
+    # × the registers a 16-lane vector takes (one zmm in AVX-512 code; two ymm in AVX2 code, on a host without
+    # AVX-512, where the blocks are 1: conv2d.block_size)
+    per, n, sizes = {"conv2d_pool_fwd_v1": (4, 16, (6, 4)), "conv2d_pool_fwd_v2": (4, 6, (6, 4)),
+                     "conv2d_bwd_weight_v2": (5, 16, (4, 3)), "conv2d_bwd_weight_v3": (5, 6, (4, 3)),
+                     "conv2d_bwd_data_pool_v1": (4, 6, (6, 4)), "lenet_fwd_v1": (4, 6, (6, 4))}[kernel]
+    block = per * conv2d.block_size(n, sizes)[0] * (1 if common.WIDE_VECTORS else 2)
+    assert counts["fma_zmm"] + counts["fma_ymm"] >= block, (counts, block)
+    assert counts["fma_zmm" if common.WIDE_VECTORS else "fma_ymm"] > 0, counts  # the code's own vector width
     assert counts["fma_scalar"] == 0, counts
     if kernel in ("conv2d_pool_fwd_v1", "conv2d_pool_fwd_v2", "lenet_fwd_v1"):
         # the epilogue's relu (and lenet_fwd's max pool) in vector code: act_lanes and lenet_fwd's relu_max loop

@@ -84,6 +84,29 @@ def test_report_records_have_the_documented_fields(report):
         assert report[(k, "sm_90")]["shared_bytes"] > 0, k
 
 
+def _normalised(ptx: str) -> str:
+    """PTX less what differs between two compiles of the same code: the mangled names (with a per-compile
+    counter) and the numbered shared-memory symbols."""
+    import re
+
+    return re.sub(r"_cudapy_smem_\d+", "SMEM", re.sub(r"_ZN\w+", "NAME", ptx))
+
+
+@pytest.mark.parametrize("kernel", ["dense_fwd_v2", "conv2d_pool_fwd_v2"])
+def test_shared_lowering_gives_compile_ptx_code(report, kernel):
+    """compile_report lowers a kernel once and asks its library for each arch's PTX (_lowered): for sm_90 that is
+    compile_ptx's code for sm_90 (its own lowering), instruction for instruction."""
+    from numba import cuda
+
+    k, sig = cr.all_kernels()[kernel]
+    lib = cr._lowered(kernel, None, (8, 0))
+    assert lib is not None  # this numba-cuda has the internal call (else compile_report falls back to compile_ptx)
+    ref, _ = cuda.compile_ptx(k.py_func, sig, cc=(9, 0), launch_bounds=cr.all_launch_bounds().get(kernel))
+    assert ".target sm_90" in ref
+    assert _normalised(lib.get_asm_str(cc=(9, 0))) == _normalised(ref)
+    assert _normalised(report[(kernel, "sm_90")]["ptx"]) == _normalised(ref)  # the report's, made by its workers
+
+
 def test_f64_lint_catches_a_float64_kernel():
     """The lint has teeth: a bare Python float literal promotes float32 arithmetic to float64."""
     from numba import cuda

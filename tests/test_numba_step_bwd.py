@@ -19,8 +19,6 @@ kernels/step_bwd.cu; docs/step4.md): the four-kernel step's conv backward in one
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -265,8 +263,6 @@ def test_compile_ptx_no_spills_no_local_no_f64_no_division(arch):
     from tests.conftest import require
 
     require("numba.cuda")
-    from numba import cuda
-
     from lenet_gpu.backends.numba_backend import compile_report as cr
     from lenet_gpu.backends.numba_backend import step4_bwd as m
 
@@ -275,8 +271,7 @@ def test_compile_ptx_no_spills_no_local_no_f64_no_division(arch):
     except FileNotFoundError as e:
         pytest.skip(str(e))
     name = "step_bwd_v1"
-    cc = (int(arch[3]), int(arch[4]))
-    ptx, _ = cuda.compile_ptx(m.KERNELS[name].py_func, m.SIGNATURES[name], cc=cc, launch_bounds=m.LAUNCH_BOUNDS[name])
+    ptx, log = cr.compile_kernel(name, arch)  # the backend's build (its signature, launch bounds), one lowering
     assert f".target {arch}" in ptx and ".entry" in ptx
     bad = cr.f64_lines(ptx)
     assert not bad, f"{name} ({arch}) has float64 in its PTX:\n" + "\n".join(bad[:10])
@@ -285,14 +280,7 @@ def test_compile_ptx_no_spills_no_local_no_f64_no_division(arch):
     divs = {k: n for k, n in stats.items() if k.startswith(("div.", "rem.")) and n}
     assert not divs, f"{name} ({arch}) divides integers: {stats}"
     assert "fma.rn.f32" in ptx  # cuda.fma: fmaf's single rounding
-    ptxas = cr.find_ptxas(ptx)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / f"{name}.ptx"
-        src.write_text(ptx)
-        r = subprocess.run([ptxas.path, f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                           capture_output=True, text=True, check=False)
-    assert r.returncode == 0, r.stderr
-    res = cr.parse_ptxas(r.stderr)
+    res = cr.parse_ptxas(log)
     print(f"{name} {arch}: {res}")
     assert res["spill_stores"] == 0 and res["spill_loads"] == 0 and res["stack_bytes"] == 0, res
     assert res["shared_bytes"] == 32048, res

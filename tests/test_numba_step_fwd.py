@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -373,25 +372,13 @@ INT_DIV = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:div|rem)(?:\.[a-z]+)*\.[su](?:32|6
 
 @functools.cache
 def _compiled(name: str, arch: str) -> tuple[str, dict]:
-    """(PTX, ptxas -v figures) of a kernel as the backend builds it (step_fwd_v1 with its launch bounds)."""
-    import tempfile
-
-    from numba import cuda
-
+    """(PTX, ptxas -v figures) of a kernel as the backend builds it (its signature, step_fwd_v1 with its launch
+    bounds): compile_report's build, which lowers a kernel once for both archs."""
     from lenet_gpu.backends.numba_backend import compile_report as cr
-    from lenet_gpu.backends.numba_backend import step4_fwd as S
 
-    cc = (int(arch[3:-1]), int(arch[-1]))
-    ptx, _ = cuda.compile_ptx(S.KERNELS[name].py_func, S.SIGNATURES[name], cc=cc,
-                              launch_bounds=S.LAUNCH_BOUNDS.get(name))
-    exe = cr.find_ptxas(ptx)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / f"{name}.ptx"
-        src.write_text(ptx)
-        res = subprocess.run([exe.path, f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=False)
-    assert res.returncode == 0, res.stderr
-    return ptx, cr.parse_ptxas(res.stderr)
+    ptx, log = cr.compile_kernel(name, arch)
+    assert f".target {arch}" in ptx
+    return ptx, cr.parse_ptxas(log)
 
 
 @pytest.mark.skipif(SIM, reason="PTX checks need the real compiler")

@@ -324,20 +324,61 @@ def prefetch(pairs: Sequence[tuple[str, str]], workers: int | None = None) -> No
     rank = {n: i for i, n in enumerate(SLOW_FIRST)}
     todo.sort(key=lambda p: rank.get(p[0], len(SLOW_FIRST)))
     # spawn: a worker starts clean (no threads, no CUDA state of this process), imports this module, compiles
-    with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_compile_kernel, n, a, None): (n, a) for n, a in todo}
+    # a worker takes a kernel's archs together: one lowering, one NVVM + ptxas per arch (_lowered)
+    archs: dict[str, list[str]] = {}
+    for n, a in todo:
+        archs.setdefault(n, []).append(a)
+    with cf.ProcessPoolExecutor(min(workers, len(archs)), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_compile_archs, n, tuple(a)): n for n, a in archs.items()}
         for f in cf.as_completed(futures):
-            n, a = futures[f]
-            _COMPILED[(n, a, None)] = f.result()
+            for a, built in f.result().items():
+                _COMPILED[(futures[f], a, None)] = built
+
+
+def _compile_archs(name: str, archs: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """prefetch's work item: kernel ``name`` for each of ``archs``, in one worker (one lowering)."""
+    return {a: _compile_kernel(name, a) for a in archs}
+
+
+#: kernels lowered in this process (Numba's typing and LLVM lowering, ~95% of a compile: 10 s of 10.5 for
+#: head_train_v3, 29 of 30.5 for lenet_fwd_v3 on the 2-core machine, 2026-12-06), by (name, signature, whether the arch
+#: is sm_75 or later): NVVM makes each arch's PTX from the same library, so a second arch costs its NVVM and ptxas
+#: (1 to 2 s), not a second lowering. numba-cuda's lowering reads the arch only at two thresholds, 6.0 (float64
+#: atomics) and 7.5 (fastmath tanh), and these kernels use neither below them: sm_80 and sm_90 lower alike
+#: (test_numba_compile's test_shared_lowering_gives_compile_ptx_code checks it against compile_ptx)
+_LIBS: dict[tuple[str, str | None, bool], Any] = {}
+
+
+def _lowered(name: str, signature: str | None, cc: tuple[int, int]) -> Any:
+    """The code library of kernel ``name`` (its signature, its launch bounds) lowered for ``cc``'s class; None where
+    this numba-cuda has no _compile_pyfunc_with_fixup (compile_ptx then lowers once per arch)."""
+    key = (name, signature, cc >= (7, 5))
+    if key not in _LIBS:
+        try:
+            from numba.cuda.compiler import _compile_pyfunc_with_fixup
+        except ImportError:
+            _LIBS[key] = None
+        else:
+            kernel, sig = all_kernels()[name]
+            # compile_ptx's own call for a kernel (numba-cuda 0.2x), less its last step (the library's PTX for cc)
+            _LIBS[key], _ = _compile_pyfunc_with_fixup(
+                kernel.py_func, signature or sig, debug=False, lineinfo=False, device=False, fastmath=False, cc=cc,
+                opt=None, abi="numba", abi_info=None, forceinline=False, launch_bounds=all_launch_bounds().get(name),
+                lto=False)
+    return _LIBS[key]
 
 
 def _compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[str, str]:
     from numba import cuda
 
     cc = (int(arch[3:-1]), int(arch[-1]))
-    kernel, sig = all_kernels()[name]  # the fused, routed and step ops' kernels have their own tables
-    # with the launch bounds the kernel is compiled with for the GPU (its registers depend on them)
-    ptx, _ = cuda.compile_ptx(kernel.py_func, signature or sig, cc=cc, launch_bounds=all_launch_bounds().get(name))
+    lib = _lowered(name, signature, cc)
+    if lib is not None:
+        ptx = lib.get_asm_str(cc=cc)
+    else:
+        kernel, sig = all_kernels()[name]  # the fused, routed and step ops' kernels have their own tables
+        # with the launch bounds the kernel is compiled with for the GPU (its registers depend on them)
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature or sig, cc=cc, launch_bounds=all_launch_bounds().get(name))
     ptxas = find_ptxas(ptx)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / f"{name}.ptx"
