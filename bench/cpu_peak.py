@@ -307,10 +307,11 @@ def startup(tmp: str, batch: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--infer", type=int, default=1000, help="images per inference call")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=20, help="training steps per round")
+    ap.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
+    ap.add_argument("--infer", type=int, default=1000, help="images per inference call (default 1000)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds, ours and PyTorch alternating in each; figures are the median round (default 5)")
+    ap.add_argument("--steps", type=int, default=20, help="training steps per round (default 20)")
     ap.add_argument("--threads", type=int, default=2, help="threads of both for the wall-clock figures")
     ap.add_argument("--no-startup", action="store_true", help="skip the compile and cached-start children")
     ap.add_argument("--step", choices=("model", "routed", "dense"), default="model",
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "routed / dense = the nine-op routed or the dense fused step written out op by op, and the "
                          "lenet_fwd op")
     ap.add_argument("--backend", default="cpu", help="the model's backend with --step model (default cpu)")
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, metavar="PATH", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
     try:
