@@ -341,18 +341,18 @@ def _compile_archs(name: str, archs: tuple[str, ...]) -> dict[str, tuple[str, st
 
 
 #: kernels lowered in this process (Numba's typing and LLVM lowering, ~95% of a compile: 10 s of 10.5 for
-#: head_train_v3, 29 of 30.5 for lenet_fwd_v3 on the 2-core machine, 2026-12-06), by (name, signature, whether the arch
-#: is sm_75 or later): NVVM makes each arch's PTX from the same library, so a second arch costs its NVVM and ptxas
-#: (1 to 2 s), not a second lowering. numba-cuda's lowering reads the arch only at two thresholds, 6.0 (float64
-#: atomics) and 7.5 (fastmath tanh), and these kernels use neither below them: sm_80 and sm_90 lower alike
-#: (test_numba_compile's test_shared_lowering_gives_compile_ptx_code checks it against compile_ptx)
-_LIBS: dict[tuple[str, str | None, bool], Any] = {}
+#: head_train_v3, 29 of 30.5 for lenet_fwd_v3 on the 2-core machine, 2026-12-06), by (name, signature, which side of
+#: numba-cuda's two arch thresholds the arch is on): NVVM makes each arch's PTX from the same library, so a second arch
+#: costs its NVVM and ptxas (1 to 2 s), not a second lowering. numba-cuda's lowering reads the arch only at 6.0
+#: (float64 atomics) and 7.5 (fastmath tanh), so sm_80 and sm_90 lower alike (test_numba_compile's
+#: test_shared_lowering_gives_compile_ptx_code checks it against compile_ptx)
+_LIBS: dict[tuple[str, str | None, bool, bool], Any] = {}
 
 
 def _lowered(name: str, signature: str | None, cc: tuple[int, int]) -> Any:
     """The code library of kernel ``name`` (its signature, its launch bounds) lowered for ``cc``'s class; None where
     this numba-cuda has no _compile_pyfunc_with_fixup (compile_ptx then lowers once per arch)."""
-    key = (name, signature, cc >= (7, 5))
+    key = (name, signature, cc >= (6, 0), cc >= (7, 5))
     if key not in _LIBS:
         try:
             from numba.cuda.compiler import _compile_pyfunc_with_fixup
