@@ -370,7 +370,6 @@ KERNELS = ("step_fwd_v1", "step_adam_v1", "step_sgd_v1")
 INT_DIV = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:div|rem)(?:\.[a-z]+)*\.[su](?:32|64)\b", re.M)
 
 
-@functools.cache
 def _compiled(name: str, arch: str) -> tuple[str, dict]:
     """(PTX, ptxas -v figures) of a kernel as the backend builds it (its signature, step_fwd_v1 with its launch
     bounds): compile_report's build, which lowers a kernel once for both archs."""

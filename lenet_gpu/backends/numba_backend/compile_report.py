@@ -360,9 +360,10 @@ def _lowered(name: str, signature: str | None, cc: tuple[int, int]) -> Any:
             _LIBS[key] = None
         else:
             kernel, sig = all_kernels()[name]
-            # compile_ptx's own call for a kernel (numba-cuda 0.2x), less its last step (the library's PTX for cc)
+            # compile_ptx's own call for a kernel, with its defaults (numba-cuda 0.30), less its last step (the
+            # library's PTX for cc)
             _LIBS[key], _ = _compile_pyfunc_with_fixup(
-                kernel.py_func, signature or sig, debug=False, lineinfo=False, device=False, fastmath=False, cc=cc,
+                kernel.py_func, signature or sig, debug=None, lineinfo=False, device=False, fastmath=False, cc=cc,
                 opt=None, abi="numba", abi_info=None, forceinline=False, launch_bounds=all_launch_bounds().get(name),
                 lto=False)
     return _LIBS[key]
