@@ -1,8 +1,9 @@
 """conftest's CUDA detection: "no device" skips the gpu tests, a CUDA stack that is there but broken fails them;
-``require`` skips only for a package that is not installed."""
+``require`` skips only for a package that is not installed; a simulator child's time limit (tests/sim_child.py)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 
@@ -63,3 +64,31 @@ def test_require_skips_only_what_is_not_installed():
     with pytest.raises(pytest.skip.Exception, match="not installed"):
         conftest.require("no_such_package_lenet_gpu_xyz")
     assert conftest.require("numpy").__name__ == "numpy"
+
+
+class _Script:
+    """A stand-in for a simulator child: ``python -c code`` with the child's limit (tests/sim_child.py's _run)."""
+
+    def __init__(self, code: str, timeout: int) -> None:
+        self.code, self.timeout = code, timeout
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-c", self.code]
+
+    def environ(self) -> dict[str, str]:
+        return dict(os.environ)
+
+
+def test_background_child_limit_counts_cpu_time_not_waiting():
+    """A child started in the background waits for a core without being timed out (its limit counts CPU time, with
+    three times the limit as a wall bound); a child that uses its CPU time past the limit is killed, either way."""
+    from tests import sim_child
+
+    waits = _Script("import time; time.sleep(2.5); print('done')", timeout=1)
+    r = sim_child._run(waits, background=True)  # type: ignore[arg-type]
+    assert r.returncode == 0 and r.stdout.strip() == "done", r
+    r = sim_child._run(waits)  # type: ignore[arg-type]
+    assert r.returncode == -9 and "killed after 1 s" in r.stderr, r
+    spins = _Script("while True: pass", timeout=1)
+    r = sim_child._run(spins, background=True)  # type: ignore[arg-type]
+    assert r.returncode == -9 and "s of CPU time" in r.stderr, r

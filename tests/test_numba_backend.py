@@ -389,6 +389,51 @@ def test_sim_shared_array_is_one_per_block(fixed):
     assert distinct == 1 if fixed else distinct > 1, distinct
 
 
+
+@sim
+def test_sim_barrier_patch_is_on():
+    """The simulator runs a block's threads as greenlets (_compat.fix_simulator_barriers); greenlet is a test
+    dependency, so the suite never falls back to the simulator's own OS threads without saying so."""
+    from numba.cuda.simulator import kernel
+
+    from lenet_gpu.backends.numba_backend import _compat
+
+    assert getattr(kernel.BlockManager.run, "_lenet_gpu_fixed", False)
+    assert _compat.SIMULATOR_BLOCK_RUN is not None and _compat.fix_simulator_barriers() is True
+
+
+@sim
+def test_sim_barrier_orders_writes_before_reads():
+    """With the barrier every thread reads its neighbours' indices; without it many readers run before their writer
+    on either side (the phase order changes from phase to phase), so the planted bug shows in both directions."""
+    blocks, n = 3, 37
+    idx = np.arange(n, dtype=np.float32)
+    want = np.stack([(idx - 1) % n, (idx + 1) % n], axis=-1)[None] + 100.0 * np.arange(blocks)[:, None, None]
+    from tests.sim_barrier_kernels import NEIGHBOURS, NEIGHBOURS_NO_BARRIER
+
+    out = np.zeros((blocks, n, 2), np.float32)
+    NEIGHBOURS[blocks, n](out)
+    np.testing.assert_array_equal(out, want)
+    NEIGHBOURS_NO_BARRIER[blocks, n](out)
+    stale = out == -1.0
+    # either side: a quarter or more of the threads read the old value of the neighbour on their left, and of the
+    # one on their right (in thread order only the right-hand reads, but thread 0's, would be stale)
+    assert (stale.mean(axis=(0, 1)) > 0.25).all(), stale.mean(axis=(0, 1))
+    assert ((out == want) | stale).all()  # nothing but the old value or the new one
+
+
+@sim
+def test_sim_barrier_counts_threads_still_alive_and_reports_the_failing_thread():
+    """Threads that return early do not hold the barrier (the simulator's own rule), syncthreads_count counts the
+    block, and an error in one thread names that thread and block."""
+    from tests.sim_barrier_kernels import EARLY_RETURN as k
+
+    out = np.zeros((2, 8), np.int32)
+    k[2, 8](out, np.array([-1], np.int32))
+    np.testing.assert_array_equal(out[:, :5], 3)  # threads 0, 2, 4 of the five alive
+    with pytest.raises(IndexError, match=r"tid=\[3, 0, 0\] ctaid=\[1, 0, 0\]"):
+        k[2, 8](out, np.array([1], np.int32))
+
 @sim
 @pytest.mark.parametrize("shapes", [((2, 2, 5, 6), (3, 2, 2, 3)), ((1, 1, 6, 7), (2, 1, 3, 3))])
 @pytest.mark.parametrize("variant", ["v1", "v2"])

@@ -22,7 +22,7 @@ import numpy as np
 from numba import cuda, uint32, uint64
 
 from ..base import ACT_CODES, POOL_CODES
-from ._compat import fix_simulator_shared_arrays
+from ._compat import fix_simulator_barriers, fix_simulator_shared_arrays
 
 ACT_IDENTITY = 0
 ACT_RELU = 1
@@ -105,6 +105,7 @@ def fast_div(x, m, sh):
 
 if numba.config.ENABLE_CUDASIM:
     fix_simulator_shared_arrays()  # one shared array per block, whatever the thread interleaving
+    fix_simulator_barriers()  # syncthreads as a blocking barrier, not a polled one (see _compat)
     # The simulator calls a device function through a context manager that rescans its module's
     # globals on every call (~150 µs, the main cost of a simulated step). These two use no cuda.*
     # API, so the simulator may run them as the plain Python functions they are; compiled code
