@@ -199,3 +199,46 @@ def fix_simulator_barriers() -> bool:
     run._lenet_gpu_fixed = True  # type: ignore[attr-defined]
     manager.run = run
     return True
+
+
+#: the compute capability a device function is compiled for where no device answers. numba-cuda's lowering reads
+#: it only at 6.0 (float64 atomics) and 7.5 (fast tanh), and every arch the project builds (sm_80, sm_90) is past
+#: both, so the code is the same for each; the kernel's own compile_ptx cc picks the arch NVVM builds for.
+NO_DEVICE_CC = (8, 0)
+
+
+class _NoDevice:
+    """The stand-in device: all numba-cuda's device-function compile asks of it is its compute capability."""
+
+    compute_capability = NO_DEVICE_CC
+
+
+def compile_device_functions_without_a_device() -> bool:
+    """Let ``compile_ptx`` compile kernels whose device functions are ``forceinline`` on a machine with no GPU.
+
+    numba-cuda (0.30.x) compiles a non-inlined device function for ``get_current_device().compute_capability``,
+    which initialises the driver: without one, ``compile_ptx`` of a kernel that calls such a function raises
+    ``CudaSupportError`` ("CUDA driver library cannot be found"), although it needs no device otherwise. Where the
+    driver raises that, the dispatcher's device query returns ``_NoDevice`` (``NO_DEVICE_CC``); with a device it
+    answers as before. Launching still needs a device: this changes nothing there.
+
+    Returns True when the dispatcher's device query is the patched one.
+    """
+    try:
+        from numba.cuda import dispatcher
+        from numba.cuda.cudadrv.error import CudaSupportError
+    except ImportError:  # another numba-cuda layout: compile_ptx then needs a device for such kernels
+        return False
+    real = dispatcher.get_current_device
+    if getattr(real, "_lenet_gpu_fixed", False):
+        return True
+
+    def get_current_device() -> Any:
+        try:
+            return real()
+        except CudaSupportError:
+            return _NoDevice()
+
+    get_current_device._lenet_gpu_fixed = True  # type: ignore[attr-defined]
+    dispatcher.get_current_device = get_current_device
+    return True

@@ -29,6 +29,7 @@ import numpy as np
 from numba import cuda, float32, int32, int64, uint64
 
 from ...stepstate import EPOCH, OFFSET, SEED, SHIFT, STEP, STEP_IN_EPOCH, STEPS_PER_EPOCH
+from .common import device_function
 
 M32 = np.uint64(0xFFFFFFFF)
 M16 = np.uint64(0xFFFF)
@@ -38,7 +39,7 @@ SH15 = np.uint64(15)
 SH16 = np.uint64(16)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def mix32(x):
     """reference.mix32 on a uint64 holding a 32-bit value."""
     x = x ^ (x >> SH16)
@@ -48,19 +49,19 @@ def mix32(x):
     return x ^ (x >> SH16)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def low32(v):
     """The low 32 bits of a signed integer (two's complement) as a uint64."""
     return uint64(int64(v) & int64(0xFFFFFFFF))
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def epoch_hash(seed, epoch):
     """h1 = mix32(mix32(seed) + epoch): the part of reference.augment_shift shared by an epoch's samples."""
     return mix32((mix32(low32(seed)) + low32(epoch)) & M32)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def sample_shift(h1, j, max_shift):
     """(dy, dx) of sample j (reference.augment_shift), given the epoch's h1; (0, 0) when max_shift is 0."""
     if max_shift <= 0:

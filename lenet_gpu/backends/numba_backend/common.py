@@ -6,8 +6,11 @@ CUDA C shared header).
 - Every derivative is written through the activated output y (docs/DESIGN.md §3).
 - float32 only: every constant is a float32 so nothing is promoted to float64 (the compile tests grep
   the PTX for ``.f64``).
-- Device functions are ``inline="always"``: inlined at compile time, so ``compile_ptx`` never needs a
-  device to compile them lazily (shared/HARNESS.md).
+- Device functions are ``device_function``s: compiled once each and inlined by NVVM (``forceinline``, LLVM's
+  ``alwaysinline``), not by Numba, whose ``inline="always"`` deep-copies the callee's IR into every call site (the
+  fused kernels' compile_ptx took 30-36 s for that; 4-7 s so, with the same instructions). numba-cuda compiles such
+  a function for the current device's compute capability; where no device answers (compile_ptx on a machine
+  without a GPU) ``_compat.compile_device_functions_without_a_device`` gives it a stand-in.
 - Kernels walk their work with grid-stride (or block-stride) loops, so any grid size is correct: the
   backend launches enough blocks to cover the work on a GPU and may cap the grid (the simulator).
 """
@@ -22,7 +25,7 @@ import numpy as np
 from numba import cuda, uint32, uint64
 
 from ..base import ACT_CODES, POOL_CODES
-from ._compat import fix_simulator_barriers, fix_simulator_shared_arrays
+from ._compat import compile_device_functions_without_a_device, fix_simulator_barriers, fix_simulator_shared_arrays
 
 ACT_IDENTITY = 0
 ACT_RELU = 1
@@ -41,8 +44,15 @@ LECUN_S_OVER_A = np.float32((2.0 / 3.0) / 1.7159)
 ZERO = np.float32(0.0)
 ONE = np.float32(1.0)
 
+#: the decorator of every device function of the backend (see the module's docstring); the simulator's cuda.jit has
+#: no ``forceinline`` and runs device functions as Python
+device_function = (cuda.jit(device=True) if numba.config.ENABLE_CUDASIM
+                   else cuda.jit(device=True, forceinline=True))
+if not numba.config.ENABLE_CUDASIM:
+    compile_device_functions_without_a_device()
 
-@cuda.jit(device=True, inline="always")
+
+@device_function
 def activate(z, act):
     """act(z) for a float32 z and an activation code."""
     if act == ACT_RELU:
@@ -60,7 +70,7 @@ def activate(z, act):
     return z
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def act_grad(y, act):
     """d act/dz written through the activated output y."""
     if act == ACT_RELU:
@@ -97,7 +107,7 @@ def div_magic(d: int) -> tuple[np.uint32, np.uint32]:
     return np.uint32(-(-(1 << (31 + lg)) // d)), np.uint32(31 + lg)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def fast_div(x, m, sh):
     """x // d for a uint32 x < 2³¹ and (m, sh) = div_magic(d) (uint32): mul.wide.u32 and a shift."""
     return uint32((uint64(x) * uint64(m)) >> uint64(sh))
@@ -105,11 +115,11 @@ def fast_div(x, m, sh):
 
 if numba.config.ENABLE_CUDASIM:
     fix_simulator_shared_arrays()  # one shared array per block, whatever the thread interleaving
-    fix_simulator_barriers()  # syncthreads as a blocking barrier, not a polled one (see _compat)
+    fix_simulator_barriers()  # a block's threads as greenlets, syncthreads a switch (see _compat)
     # The simulator calls a device function through a context manager that rescans its module's
     # globals on every call (~150 µs, the main cost of a simulated step). These two use no cuda.*
     # API, so the simulator may run them as the plain Python functions they are; compiled code
-    # (GPU, compile_ptx) always inlines the decorated versions above.
+    # (GPU, compile_ptx) always inlines the decorated versions above (NVVM).
     activate = activate.py_func  # noqa: F811
     act_grad = act_grad.py_func  # noqa: F811
     fast_div = fast_div.py_func  # noqa: F811

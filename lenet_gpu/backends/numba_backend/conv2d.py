@@ -59,7 +59,7 @@ from __future__ import annotations
 from numba import cuda, float32, int32, int64, uint8, uint32
 
 from ...stepstate import STEP
-from .common import POOL_MAX, U0, U1, ZERO, U, act_grad, activate
+from .common import POOL_MAX, U0, U1, ZERO, U, act_grad, activate, device_function
 
 #: conv2d_fwd_v2: output channels per thread (register blocking)
 KB = 8
@@ -150,7 +150,7 @@ def conv2d_fwd_v2(xf, wf, b, yf, nb, cin, h, wd, kout, r_, s_, act, cb):
                     yf[int32(((n * kout + k0 + q) * ho + i) * wo + j)] = activate(acc[q], act)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _stage_weights(wf, sm, k0, kb, kout, wbase, crs, span):
     """Stage, with the whole block, kb filters' taps of a channel chunk (span = channels·R·S floats per
     filter, from wf[wbase + q·crs]) into sm[0 : kb·span], filter-major; filters past kout are 0."""
@@ -167,7 +167,7 @@ def _stage_weights(wf, sm, k0, kb, kout, wbase, crs, span):
         e = U(e + nthreads)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _stage_band(xf, sm, xbase, hw, band, cn, wslot):
     """Stage, with the whole block, cn channels' bands of ``band`` contiguous input floats (from
     xf[xbase + c·hw]) into sm[wslot:], channel-major."""
@@ -447,7 +447,7 @@ def conv2d_bwd_data_v2(dzf, wf, dxf, nb, cin, h, wd, kout, r_, s_, kb):
                     dxf[int32(((n * cin + c0 + q) * h + u) * wd + v)] = acc[q]
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _stage_weights_t(wf, sm, c0, cin, k0, rs, span):
     """Stage, with the whole block, the taps of CB input channels c0.. of filters k0..k0+span/rs into
     sm[0 : CB·span], channel-major (w (K,C,R,S) read transposed); channels past cin are 0."""
@@ -469,7 +469,7 @@ def _stage_weights_t(wf, sm, c0, cin, k0, rs, span):
 # --------------------------------------------------------------------------------------- bwd weight
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _accumulate_dx(dzf, wf, sw, acc, n, c0, cin, u, v, valid, kout, kb, ho, wo, r_, s_):
     """acc[q] = the data gradient of channel c0 + q at (u, v) of image n: Σ_k Σ_{r,s} dz[n,k,u−r,v−s]·w[k,c,r,s],
     the filters staged in shared memory kb at a time (every thread of the block calls it: it has barriers).
@@ -592,7 +592,7 @@ def conv2d_bwd_weight_v2(xf, dz, dw, db):
         cuda.syncthreads()  # part is reused by the block's next item
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _last_arrival(tickets, item, tag, arrivals):
     """Count this block's arrival at work item ``item`` and return 1 for the last of ``arrivals``. The
     ticket word is (tag << 32) | count, tag = the step state's STEP: a word with another tag (left by an
@@ -774,7 +774,7 @@ def conv2d_bwd_data_pool_v2(dzf, wf, amf, ycf, dzbf, nb, cin, hh, ww, kout, r_, 
         item = U(item + U(cuda.gridDim.x))
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _route_window(amf, ycf, dzbf, dx, pidx, plane0, pu, pv, hp, wp, hh, ww, mode, act):
     """Write the 4 taps of pooled position (pu, pv) (flat index pidx; its plane starts at row plane0 of
     dzb): dx to the argmax tap (max) or dx/4 to every tap (avg), times act'(yconv); an odd trailing

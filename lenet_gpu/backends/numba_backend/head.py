@@ -59,7 +59,7 @@ from numba import cuda, float32
 from ...stepstate import STEP_IN_EPOCH
 from ..base import ACT_CODES, POOL_CODES, check_act, check_mode
 from ._compat import import_cuda_array_module
-from .common import ACT_IDENTITY, ONE, POOL_MAX, U0, U1, ZERO, U, act_grad, activate, ceil_div
+from .common import ACT_IDENTITY, ONE, POOL_MAX, U0, U1, ZERO, U, act_grad, activate, ceil_div, device_function
 
 if not numba.config.ENABLE_CUDASIM:
     import_cuda_array_module()  # before the first compile (NumPy 2.5 with numba-cuda 0.30: see _compat)
@@ -82,7 +82,7 @@ LAUNCH_BOUNDS: dict[str, tuple[int, ...]] = {}
 # ---------------------------------------------------------------------------------------------- v1: rows
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _fwd_layer(a, w, b, out, r0, nr, nout, nin, act, tid, nt):
     """out[r, o] = act(Σ_i a[r, i] w[o, i] + b[o]) for o < nout, i < nin and the tile's rows r0 .. r0+nr−1,
     threads striding (flat row-major arrays, uint32 offsets)."""
@@ -100,7 +100,7 @@ def _fwd_layer(a, w, b, out, r0, nr, nout, nin, act, tid, nt):
         t = U(t + nt)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _fwd_layer_staged(a, w, b, out, sw, r0, nr, nout, nin, act, tid, nt):
     """_fwd_layer with w read coalesced (C5: lanes of the plain loop read w 400 floats apart): chunks of C5_CHUNK
     columns of w are staged in shared memory by consecutive threads (row o at o·(C5_CHUNK+1): the padding keeps
@@ -145,7 +145,7 @@ def _fwd_layer_staged(a, w, b, out, sw, r0, nr, nout, nin, act, tid, nt):
         t = U(t + nt)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _back_layer(dz, w, h, dz_below, r0, nr, nout, nin, act, tid, nt):
     """dz_below[r, i] = (Σ_o dz[r, o] w[o, i]) · act'(h[r, i]) for o < nout, i < nin and the tile's rows,
     threads striding (consecutive threads: consecutive i, so the w reads coalesce)."""
@@ -270,7 +270,7 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
 # ---------------------------------------------------------------------------------------------- v1: wgrad
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _wgrad_elem(dz, a, o, i, dw, db, nb, nout, na):
     """dw[o, i] = Σ_b dz[b, o] a[b, i] (i < na), or db[o] = Σ_b dz[b, o] (i == na), rows in order (flat arrays,
     uint32 offsets walked by adding the row lengths)."""
@@ -396,7 +396,7 @@ else:
 def _make_level(n: int, off: int) -> Any:
     keep_n = off * n // 32
 
-    @cuda.jit(device=True, inline="always")
+    @device_function
     def level(v, lane):
         """rows_gemv.cuh transpose_level<N, OFF>: keep half of the values, send the other half to lane ^ OFF."""
         up = (lane & U(off)) != U0
@@ -414,7 +414,7 @@ def _make_tsum(n: int) -> Any:
     l16, l8, l4, l2, l1 = (_make_level(n, o) for o in (16, 8, 4, 2, 1))
     lanes_log = (32 // n).bit_length() - 1
 
-    @cuda.jit(device=True, inline="always")
+    @device_function
     def tsum(v, lane):
         if n >= 2:
             l16(v, lane)
@@ -434,7 +434,7 @@ def _make_tsum(n: int) -> Any:
     return tsum
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _xent_row(z, zo, lab, d, do, ds, nc, inv_b):
     """common.cuh xent_row: d[do + c·ds] = (softmax(z)_c − [c == lab])·inv_b for the row z[zo .. zo+nc); returns
     (loss = logsumexp − z[lab], hit = [the first maximal logit is lab])."""
@@ -456,7 +456,7 @@ def _xent_row(z, zo, lab, d, do, ds, nc, inv_b):
     return math.log(se) - (z[U(zo + lab)] - mx), ONE if best == lab else ZERO
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _route(dz_conv, yconv, argmax, g, r, i, ni, pp, wp, cc, plane, uww, act, mode):
     """head.cu head_route: dz_conv of pooled element i of row r's 2×2 window (c, ph, pw) = route(g) · act'(yconv):
     max → the argmax tap gets g, avg → g/4 each tap (v3 passes its geometry as constants: no run-time division)."""
@@ -475,7 +475,7 @@ def _route(dz_conv, yconv, argmax, g, r, i, ni, pp, wp, cc, plane, uww, act, mod
         dz_conv[o] = v * act_grad(yconv[o], act)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _zero_trailing(dz_conv, r0, nr, per, uhh, uww, hp, wp, tid, nt):
     """head.cu head_zero_trailing: 0 in the taps of rows r0 .. r0+nr−1 that no 2×2 window covers (odd H or W)."""
     t = tid
@@ -504,7 +504,7 @@ def _make_rows_gemv(R: int, F: int, unroll: int) -> Any:
     f_log = F.bit_length() - 1
     tsum = _make_tsum(N)
 
-    @cuda.jit(device=True, inline="always")
+    @device_function
     def kstep(w, sm, ib, isz, v, xin, wb, last, K, k):
         for r in range(R):
             xin[r] = sm[U(ib + U(r) * isz + k)]
@@ -513,7 +513,7 @@ def _make_rows_gemv(R: int, F: int, unroll: int) -> Any:
             for r in range(R):
                 v[r * F + f] = cuda.fma(xin[r], wv, v[r * F + f])
 
-    @cuda.jit(device=True, inline="always")
+    @device_function
     def gemv(w, bias, O, K, sm, ib, isz, ob, osz, g, go, nr, act, lane, warp, nwarps):
         v = cuda.local.array(N, float32)
         xin = cuda.local.array(R, float32)
@@ -557,7 +557,7 @@ def _make_rows_v2(R: int) -> Any:
     backward operands column-major: s_d3 [NC][R], s_d2 [H2][R], s_d1 [H1][R]."""
     gemv = _make_rows_gemv(R, HEAD_F, 4 if R * HEAD_F * HEAD_F <= 32 else 1)
 
-    @cuda.jit(device=True, inline="always")
+    @device_function
     def back(sm, di, w, nout, nin, hofs, dno, dz, r0, nr, act, tid, nt):
         """head_back_layer<R>: s_din[j][r] = dz[r0+r][j] = (Σ_o s_dout[o][r]·w[o][j])·act'(s_h[r][j]), a column j
         a thread, the R rows in registers (coalesced weight reads)."""
@@ -577,7 +577,7 @@ def _make_rows_v2(R: int) -> Any:
                     dz[U(U(r0 + U(r)) * nin + j)] = d
             j = U(j + nt)
 
-    @cuda.jit(device=True, inline="always")
+    @device_function
     def rows(sm, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3, rowstat,
              nb, cc, hh, ww, nh1, nh2, nc, act, mode):
         unb, u1, u2, uc = U(nb), U(nh1), U(nh2), U(nc)
@@ -695,7 +695,7 @@ head_train_v2 = v2_kernel(1)
 # ---------------------------------------------------------------------------------------------- v2: wgrad
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _wg_put(s, o, i, nout, na, dw, db):
     if o < nout and i < na:
         dw[U(o * na + i)] = s
@@ -703,7 +703,7 @@ def _wg_put(s, o, i, nout, na, dw, db):
         db[o] = s
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _wgrad_tile(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
     """head.cu head_wgrad_tile: one WG_TO × WG_TI tile of [dw | db] (the bias: a column of ones). WG2_GROUPS groups
     of 128 threads take chunks g, g + 4, ... of WG_KC rows (staged in shared memory), 2×2 outputs a thread, each
@@ -785,7 +785,7 @@ def _wgrad_tile(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
         _wg_put(a3, U(o + U1), U(i + U1), nout, na, dw, db)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _wgrad_stats(rowstat, stats, state, nb, s_part, tid):
     """head.cu's stats block: thread t sums a contiguous run of rows in order, then a fixed tree over the threads;
     stats[STEP_IN_EPOCH mod S] = [Σ loss, Σ hit]."""
@@ -816,7 +816,7 @@ def _wgrad_stats(rowstat, stats, state, nb, s_part, tid):
         stats[row, 1] = s_part[WG2_THREADS]
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _wgrad_body(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, nb, ni, nh1, nh2, nc):
     """The wgrad launch: block b < tiles a tile of [dw1|db1], then [dw2|db2], [dw3|db3] (row-major tiles); the
     block after them the stats row; blocks stride over them (a capped grid)."""
@@ -903,7 +903,7 @@ def _make_fwd3(O: int, K: int) -> Any:
     lanes_log = lanes.bit_length() - 1
     tsum = _make_tsum(F)
 
-    @cuda.jit(device=True, inline="always")
+    @device_function
     def fwd(w, wo, bias, sm, io, oo, g, go, act, lane, warp):
         v = cuda.local.array(F, float32)
         for rd in range(ROUNDS):
@@ -942,7 +942,7 @@ def _make_col3(O: int, K: int) -> Any:
     KC = -(-K // P)
     ROUNDS = -(-O // T)
 
-    @cuda.jit(device=True, inline="always")
+    @device_function
     def col(sm, wo, do, ho, dn, g, go, po, act, t):
         if P == 1:
             for rd in range(ROUNDS):

@@ -30,11 +30,12 @@ Versions:
   dense sums add in another order (logits within float32 rounding of v1's). uint8 images and logits only
   (v3 adds float32 input and the fused argmax). ptxas: sm_90 72 registers with or without the launch
   bounds, sm_80 64 (70 under them); no spills, no local memory, no float64, no 64-bit or signed division.
-  compile_ptx takes ~15 s of CPU (v1 ~3 s): every Numba-inlined call site is a copy, so each stage has one.
-  v2's and v3's body is written once, as three device functions both kernels call in their tile loop
-  (_setup_v2, _convs_v2, _dense_layers), not as one holding the whole loop: Numba inlines a function by
-  deep-copying its IR block by block, each block with the function's whole scope, and one such function, the
-  dense stages' three copies inlined in it, made a kernel's compile_ptx ~25 s; these cost ~1-2 s.
+  compile_ptx takes ~7 s of CPU for v2 (v1 ~3 s; v3 ~2 s more once v2's device functions are compiled; 2026-12-07,
+  the AVX2-only machine). v2's and
+  v3's body is written once, as three device functions both kernels call in their tile loop (_setup_v2, _convs_v2,
+  _dense_layers). Device functions are compiled once each and inlined by NVVM (common.device_function): when Numba
+  inlined them (``inline="always"``) it deep-copied a callee's IR into every call site, and compile_ptx took
+  33-36 s a specialisation, for the same instructions.
 
 - lenet_fwd_v3 (the default): v2 (the same plan, launch bounds, device functions and sum orders) with what
   lenet_fwd.cu's v3 adds over its v2: float32 input already normalised (the border −mean/std: ``pad``; scale 1 and
@@ -54,7 +55,7 @@ Versions:
     float64, no 64-bit or signed division (v2 passes the constant OUT_GLOBAL: its switches fold away);
   - as in v2: no float4/float2 vector loads of shared memory (a tap's weights are scalar broadcasts), no warp
     shuffles in the simulator (shared-memory stand-ins), no ``__ldg``/``__restrict__`` (the dense weights are read
-    through the ordinary path), and every Numba-inlined call site is a copy (compile_ptx ~15 s a specialisation).
+    through the ordinary path).
 - lenet_eval_v1: out (2,) float64 = [Σ softmax cross-entropy, correct count] of logits (N,NC) and uint8 labels:
   one block of 256 threads, thread t takes rows t, t + 256, ... in turn, then a fixed tree over the threads
   (double accumulation; float64 by contract, its only float64 kernel here), no launch bounds (lenet_fwd.cu's:
@@ -93,7 +94,7 @@ import numpy as np
 from numba import cuda, float32, float64
 
 from ..base import ACT_CODES, POOL_CODES, check_act, check_lenet_eval_args, check_lenet_fwd_outputs, check_mode
-from .common import POOL_MAX, U0, U1, U, activate, ceil_div
+from .common import POOL_MAX, U0, U1, U, activate, ceil_div, device_function
 from .head import _check, launch_kernel
 
 QUARTER = np.float32(0.25)
@@ -128,14 +129,14 @@ def plan(n: int, h1: int, h2: int) -> tuple[int, int, int]:
     return ceil_div(n, imgs), imgs, smem
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _pool(a, b, c, d, mode):
     if mode == POOL_MAX:
         return max(max(a, b), max(c, d))
     return (a + b + c + d) * QUARTER
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _conv_pool(sm, xb, xh, xw, wb, bb, cin, k, ph, pw, act, mode):
     """The pooled output (ph, pw) of filter k: the four 5×5 convolutions of its window, each + bias and
     activated, then pooled. In shared memory: the input's channel c, row y at xb + (c·xh + y)·xw, the
@@ -327,7 +328,7 @@ else:
     _shfl_xor = cuda.shfl_xor_sync
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _transpose_sum8(v, lane):
     """Warp-wide sums of the DF = 8 partial sums v[0..8) of every lane (rows_gemv.cuh's warp_transpose_sum<8>):
     returns, on lane l, the sum over the warp of value l // 4. Three transpose levels (keep half of the values,
@@ -352,7 +353,7 @@ def _transpose_sum8(v, lane):
     return s
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _put_all(sm, base, plane, nk, a0, a1, a2, a3, act, mode):
     """The nk filters' pooled outputs of the window: filter k's at sm[base + k·plane], pool(act(a0[k]), act(a1[k]),
     act(a2[k]), act(a3[k])). The loop may stay rolled (its body is big), so it never indexes the accumulators by
@@ -384,7 +385,7 @@ def _make_dense(R: int) -> Any:
     F = DF // R
     FB = F.bit_length() - 1  # log2 F
 
-    @cuda.jit(device=True, inline="always")
+    @device_function
     def _k_step(sm, w0, w1, w2, layer, v, x, ib, isz, wrow, last, K, k):
         for r in range(R):
             x[r] = sm[U(ib + U(r) * isz + k)]
@@ -394,7 +395,7 @@ def _make_dense(R: int) -> Any:
             for r in range(R):
                 v[r * F + f] += x[r] * wv
 
-    @cuda.jit(device=True, inline="always")
+    @device_function
     def dense(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, ob, isz, n0, nr, act, tid, nt, outs):
         lane = U(tid & U(31))
         warp = U(tid >> U(5))
@@ -440,7 +441,7 @@ def _make_dense(R: int) -> Any:
 _dense1, _dense2, _dense4 = _make_dense(1), _make_dense(2), _make_dense(4)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _dense_layers(sm, c5w, f6w, ow, c5b, f6b, ob, logits, n0, ni, nh1, nh2, unc, uxr, isz, act, tid, nt, uimgs, outs):
     """The tile's dense stages, its images as the rows (images past the batch compute on the padding, never
     written): C5 X[0, 400) -> X[400, 400 + H1), F6 -> Y[0, H2), the output -> logits (OUT_GLOBAL) and/or X[0, NC)
@@ -467,7 +468,7 @@ def _dense_layers(sm, c5w, f6w, ow, c5b, f6b, ob, logits, n0, ni, nh1, nh2, unc,
         cuda.syncthreads()
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _setup_v2(c1w, c1b, c3w, c3b, n, imgs, xr, yr):
     """The start of lenet_fwd_v2 and _v3: stages C1's and C3's weights and biases in the block's dynamic shared
     memory and returns (sm, tid, nt, nimg, uimgs, uxr, isz, ntiles), every size uint32.
@@ -499,7 +500,7 @@ def _setup_v2(c1w, c1b, c3w, c3b, n, imgs, xr, yr):
     return sm, tid, nt, nimg, uimgs, uxr, isz, U(U(nimg + uimgs - U1) // uimgs)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _convs_v2(sm, images, tile, nimg, uimgs, uxr, isz, act, mode, scale, shift, pad, tid, nt):
     """The convolution stages of tile ``tile``; returns (n0, ni), its first image and its image count. A barrier
     (the weights are staged; the previous tile is done with the image regions), the tile's images padded and

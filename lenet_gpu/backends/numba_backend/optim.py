@@ -20,9 +20,10 @@ import math
 from numba import cuda
 
 from ...stepstate import SCHED_BASE, STEP
+from .common import device_function
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def sched_row(sched, state):
     """The schedule row of the state's step: clamp(STEP − SCHED_BASE, 0, T − 1)."""
     i = state[STEP] - state[SCHED_BASE]

@@ -35,7 +35,7 @@ from __future__ import annotations
 from numba import cuda, float32, int32, uint32
 
 from ...stepstate import STEP
-from .common import U0, U1, ZERO, U, act_grad, fast_div
+from .common import U0, U1, ZERO, U, act_grad, device_function, fast_div
 from .conv2d import _last_arrival
 
 #: conv2d_bwd_weight_routed_v2: threads per block (RW_GROUPS groups of RW_COLS threads in the reduction)
@@ -183,7 +183,7 @@ def conv2d_bwd_weight_routed_v2(xf, gzf, amf, dw, db, partial, tickets, state, n
         work = U(work + U(cuda.gridDim.x))
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _store_column(dw, db, q, crs, k, v):
     """dw's column q of filter k (flat over c·r·s), or db[k] for the bias column q == crs."""
     if q < crs:

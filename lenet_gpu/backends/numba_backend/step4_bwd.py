@@ -78,7 +78,7 @@ import numpy as np
 from numba import cuda, float32, uint8, uint32
 
 from ..base import ACT_CODES, check_act
-from .common import U0, U1, ZERO, U, act_grad, ceil_div
+from .common import U0, U1, ZERO, U, act_grad, ceil_div, device_function
 from .head import _check, launch_kernel
 
 THREADS = 256  # step_bwd.cu's SB_THREADS
@@ -118,7 +118,7 @@ assert THREADS >= PA + PB + PC, "step_bwd: one thread per padding column"
 LAUNCH_BOUNDS = {"step_bwd_v1": (THREADS,)}
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _chain3(s_gz3, s_p1, s_off3, row, tap):
     """One dw3 weight's sum over an image's 25 windows in order: gz3[k, w] * p1[c, routed tap of w + (r, s)], with
     row = k*25 and tap = c*196 + r*14 + s (uint32). The window index is an int64 sum (row zero-extended plus the

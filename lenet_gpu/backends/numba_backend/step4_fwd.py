@@ -86,7 +86,7 @@ from ...stepstate import (
 )
 from ..base import ACT_CODES, check_act
 from .batch import M16, M32, SH16, epoch_hash, low32, mix32
-from .common import U0, U1, ZERO, U, activate, ceil_div, div_magic, fast_div
+from .common import U0, U1, ZERO, U, activate, ceil_div, device_function, div_magic, fast_div
 from .head import launch_kernel
 
 # LeNet-5's geometry (compile-time, as step_fwd.cu's SF_* constants)
@@ -137,7 +137,7 @@ def _jit(name: str) -> Any:
 # ---------------------------------------------------------------------------------------------- step_fwd
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _mod_small(a, m):
     """a mod m for 0 ≤ a < 2¹⁶ and m ≥ 1 without integer division: q = trunc(a / m) in float32 (a exact, the
     quotient off by at most one), then corrected. step_fwd.cu's sf_mod, in float32 (no float64 here)."""
@@ -150,7 +150,7 @@ def _mod_small(a, m):
     return int32(r)
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _window_max(v0, v1, v2, v3):
     """The first maximum of a 2×2 window's activated outputs (row-major taps) and its tap."""
     best = v0
@@ -167,7 +167,7 @@ def _window_max(v0, v1, v2, v3):
     return best, tap
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _c1_row(a1, s_x, s_w1, o, wo):
     """C1, one filter row for a thread's 2×2 window: the window's top and bottom input rows (6 columns of x at o
     and o + 32: step_fwd.cu's ra / rb) × the row's 5 taps, in column order, × the 6 filters (tap s's weights at
@@ -222,7 +222,7 @@ def _c1_row(a1, s_x, s_w1, o, wo):
         a1[3 * SF_K1 + k] = c3
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _c3_row(a3, s_p1, s_w3, o, wo):
     """C3, one filter row of one channel for a thread's 2×2 window (6 columns of p1 at o and o + 14) × the row's 5
     taps, in column order, × the thread's 2 filters (tap s's weights at wo + 16·s, + 1). Written out as _c1_row."""
@@ -416,7 +416,7 @@ def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, 
 # ---------------------------------------------------------------------------------------------- update
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _advance(state, batch):
     """The state's advance (batch.py's step_advance_v1), by thread 0 of block 0 of the launch."""
     if cuda.threadIdx.x == 0 and cuda.blockIdx.x == 0:
@@ -430,7 +430,7 @@ def _advance(state, batch):
         state[STEP_IN_EPOCH] = k
 
 
-@cuda.jit(device=True, inline="always")
+@device_function
 def _grad(g, gpart, i, nc, ngroups):
     """g[i]: the partials' sum where i < NC (float32, group order, from 0.0: reference.step_reduce), written
     back; else g[i] as it is."""
