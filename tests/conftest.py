@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-#: CUDA runtime errors that mean "no device here" (the rest mean a CUDA stack that is present but broken)
-#: the GIL switch interval of a simulator run (NUMBA_ENABLE_CUDASIM=1). The simulator runs a block's threads as
-#: Python threads, and its barriers busy-poll them, so the interval sets how long a thread that waits holds the GIL;
-#: too short and the threads spend their time switching. Measured on the 2-core machine (2026-12-05, one lenet_fwd
+#: the GIL switch interval of a simulator run (NUMBA_ENABLE_CUDASIM=1), for numba-cuda's own block runner (one
+#: Python thread per CUDA thread, barriers that busy-poll them): the interval sets how long a thread that waits holds
+#: the GIL; too short and the threads spend their time switching. With greenlet installed (the test group) the
+#: backend runs a block's threads as greenlets on one thread instead (numba_backend/_compat.py) and the interval
+#: hardly matters. Measured with the OS threads on the 2-core machine (2026-12-05, one lenet_fwd
 #: matrix cell, seconds v1 / v2): 1e-4 9.2 / 2.2, 5e-4 3.1 / 2.0, 1e-3 2.3 / 2.2, 2e-3 2.0 / 2.9, Python's default
 #: 5e-3 1.9 / 5.6.
 SIM_SWITCH_INTERVAL = 1e-3
@@ -40,6 +41,7 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 if os.environ.get("LENET_TESTS_CHILD_NICE") and hasattr(os, "nice"):
     os.nice(int(os.environ["LENET_TESTS_CHILD_NICE"]))
 
+#: CUDA runtime errors that mean "no device here" (the rest mean a CUDA stack that is present but broken)
 NO_DEVICE_ERRORS = ("cudaErrorNoDevice", "cudaErrorInsufficientDriver")
 #: Numba's driver-init messages that mean "no driver / no device"
 NUMBA_NO_DEVICE = ("CUDA driver library cannot be found", "no CUDA-capable device", "CUDA_ERROR_NO_DEVICE")

@@ -29,6 +29,19 @@ def import_cuda_array_module() -> None:
         delattr(np, "row_stack")
 
 
+def _fixed(fn: Any) -> bool:
+    """Whether ``fn`` is one of this module's replacements (``_install`` marks them), so a fix is applied once."""
+    return getattr(fn, "_lenet_gpu_fixed", False)
+
+
+def _install(owner: Any, attr: str, new: Any) -> Any:
+    """Replace ``owner.attr`` by ``new``, marked as this module's; returns what it replaced."""
+    old = getattr(owner, attr)
+    new._lenet_gpu_fixed = True
+    setattr(owner, attr, new)
+    return old
+
+
 #: the simulator's own FakeCUDAShared.array, kept when fix_simulator_shared_arrays replaces it (its test
 #: shows the race on it)
 SIMULATOR_SHARED_ARRAY: Any = None
@@ -59,9 +72,8 @@ def fix_simulator_shared_arrays() -> bool:
 
     global SIMULATOR_SHARED_ARRAY
     shared = kernelapi.FakeCUDAShared
-    if getattr(shared.array, "_lenet_gpu_fixed", False):
+    if _fixed(shared.array):
         return True
-    SIMULATOR_SHARED_ARRAY = shared.array
 
     def array(self, shape, dtype, alignment=None):  # type: ignore[no-untyped-def]
         if alignment is not None:
@@ -78,13 +90,11 @@ def fix_simulator_shared_arrays() -> bool:
             hit = self._allocations.setdefault(key, np.empty(shape, dtype))
         return hit
 
-    array._lenet_gpu_fixed = True  # type: ignore[attr-defined]
-    shared.array = array
+    SIMULATOR_SHARED_ARRAY = _install(shared, "array", array)
     return True
 
 
-
-#: the simulator's own BlockManager.run, kept when fix_simulator_barriers replaces it (its test compares them)
+#: the simulator's own BlockManager.run, kept when fix_simulator_barriers replaces it
 SIMULATOR_BLOCK_RUN: Any = None
 
 
@@ -101,7 +111,7 @@ def _phase_order(n: int, block: tuple[int, ...], phase: int) -> list[int]:
 
 class _SimThread:
     """One CUDA thread of a simulated block, run as a greenlet: what the simulator's API reads from
-    ``threading.current_thread()`` (indices, ``syncthreads*``, the abort flag)."""
+    ``threading.current_thread()`` (indices, ``syncthreads*``)."""
 
     def __init__(self, manager: Any, block: Any, thread: Any, hub: Any, dim3: Any) -> None:
         self._manager = manager
@@ -110,8 +120,6 @@ class _SimThread:
         bx, by, _ = manager._block_dim
         self.thread_id = self.threadIdx.x + bx * (self.threadIdx.y + by * self.threadIdx.z)
         self.hub = hub
-        self.abort = False
-        self.exception = None
 
     def syncthreads(self) -> None:
         self.hub.switch()  # back to the block's scheduler, which resumes us when every live thread is here
@@ -147,9 +155,8 @@ def fix_simulator_barriers() -> bool:
 
     global SIMULATOR_BLOCK_RUN
     manager = kernel.BlockManager
-    if getattr(manager.run, "_lenet_gpu_fixed", False):
+    if _fixed(manager.run):
         return True
-    SIMULATOR_BLOCK_RUN = manager.run
 
     for name in ("syncthreads_count", "syncthreads_and", "syncthreads_or"):  # they call self.syncthreads()
         setattr(_SimThread, name, getattr(kernel.BlockThread, name))
@@ -196,8 +203,7 @@ def fix_simulator_barriers() -> bool:
             live = [g for g in live if not g.dead]
             phase += 1
 
-    run._lenet_gpu_fixed = True  # type: ignore[attr-defined]
-    manager.run = run
+    SIMULATOR_BLOCK_RUN = _install(manager, "run", run)
     return True
 
 
@@ -230,7 +236,7 @@ def compile_device_functions_without_a_device() -> bool:
     except ImportError:  # another numba-cuda layout: compile_ptx then needs a device for such kernels
         return False
     real = dispatcher.get_current_device
-    if getattr(real, "_lenet_gpu_fixed", False):
+    if _fixed(real):
         return True
 
     def get_current_device() -> Any:
@@ -239,6 +245,5 @@ def compile_device_functions_without_a_device() -> bool:
         except CudaSupportError:
             return _NoDevice()
 
-    get_current_device._lenet_gpu_fixed = True  # type: ignore[attr-defined]
-    dispatcher.get_current_device = get_current_device
+    _install(dispatcher, "get_current_device", get_current_device)
     return True
