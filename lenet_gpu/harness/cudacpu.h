@@ -3,9 +3,11 @@
 // This header is included (by the Python side, lenet_gpu/harness/cudacpu.py) before the kernel
 // source. It maps the CUDA C device dialect onto C++:
 //   * qualifiers (__global__, __device__, ...) expand to nothing or to GCC attributes;
-//   * blocks run one at a time, the threads of a block are real OS threads from a persistent pool
-//     (cudacpu_runtime.h), so `__shared__` becomes `static`: one copy is "the block's" shared memory;
-//   * threadIdx/blockIdx are thread_local, blockDim/gridDim are per-launch globals;
+//   * blocks run one at a time, the threads of a block are fibers on one runner thread (or OS
+//     threads from a persistent pool: cudacpu_runtime.h), so `__shared__` becomes `static`: one
+//     copy is "the block's" shared memory;
+//   * threadIdx/blockIdx are thread_local (a fiber sets them again when it resumes), blockDim/gridDim
+//     are per-launch globals;
 //   * __syncthreads is a block barrier, warp intrinsics use a per-warp barrier and an exchange
 //     buffer with the PTX shfl.sync lane rules, atomics use std::atomic_ref.
 // The one source rewrite (done in Python) turns `extern __shared__ T name[];` into a pointer to the
@@ -109,6 +111,9 @@ struct LaunchConfig {
     double timeout_s;                   // per-block watchdog
     void (*thread_fn)(void* ctx, uint3 thread, uint3 block);
     void* ctx;
+    // Sets the module's threadIdx/blockIdx: a fiber that resumes after a barrier calls it, since
+    // the fibers of a block share one OS thread and so its thread-locals.
+    void (*enter)(uint3 thread, uint3 block);
 };
 
 CUDACPU_API int run_grid(const LaunchConfig& cfg);  // 0 on success, else see last_error()
@@ -380,6 +385,10 @@ int launch(void (*kernel)(A...), const char* name, const unsigned* grid, const u
         blockDim = c->block;
         gridDim = c->grid;
         invoke(c->kernel, c->args, std::index_sequence_for<A...>{});
+    };
+    cfg.enter = [](uint3 thread, uint3 block_index) {
+        threadIdx = thread;
+        blockIdx = block_index;
     };
     return run_grid(cfg);
 }

@@ -16,7 +16,11 @@ Environment:
     CUDACPU_CACHE     build cache folder (default: a per-user folder in the temp dir)
     CUDACPU_SANITIZE  default sanitizer: ``address``, ``thread`` or ``undefined``
     CUDACPU_STRICT    ``0`` turns off divergent-barrier / exited-lane checks (default on)
-    CUDACPU_TIMEOUT   per-block watchdog in seconds (default 10) that turns a deadlock into an error
+    CUDACPU_THREADS   ``os`` runs a block's threads as OS threads from a pool; the default on x86-64 runs them
+                      as fibers on one runner thread (user-space switches at barriers, in an order that
+                      changes from sweep to sweep). ASan and TSan builds always use OS threads.
+    CUDACPU_TIMEOUT   per-block watchdog in seconds (default 10) that turns a hang (a spin loop, or with OS
+                      threads a deadlock) into an error; fibers report a deadlock as soon as no thread can go on
     CXX               the C++ compiler (default ``g++``; needs g++ >= 12: C++20, libstdc++ >= 12);
                       without one, :class:`CompilerUnavailable` (a ``BackendUnavailable``) in one line
 
@@ -652,6 +656,14 @@ class CpuModule:
         addr = fn(ctypes.byref(size))
         raw = np.ctypeslib.as_array((ctypes.c_uint8 * size.value).from_address(addr))
         return raw.view(dtype)
+
+    @property
+    def block_threads(self) -> str:
+        """How the runtime runs a block's threads: ``"fibers"`` (one runner thread, user-space switches at
+        barriers) or ``"os"`` (a pool of OS threads: ``CUDACPU_THREADS=os``, and every ASan/TSan build)."""
+        fn = self._lib.cudacpu_block_threads  # the runtime library's, found through the module's dependencies
+        fn.restype = ctypes.c_char_p
+        return fn().decode()
 
     def last_error(self) -> str:
         return (self._lib.cudacpu_last_error() or b"").decode(errors="replace")

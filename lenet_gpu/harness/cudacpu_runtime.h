@@ -1,18 +1,28 @@
 // cudacpu_runtime.h -- the runtime behind cudacpu.h: thread pool, barriers, warp exchange, watchdog.
 //
 // Compiled once per set of compiler flags into a shared library (cudacpu_rt_<hash>.so) that every
-// kernel module of the process links against, so one pool of worker threads serves all modules.
-// Launches are serialised; the blocks of a grid run one after another; the threads of a block are
-// pool workers (one OS thread per CUDA thread, up to 1024).
+// kernel module of the process links against, so one runtime serves all modules. Launches are
+// serialised; the blocks of a grid run one after another. The threads of a block run in one of two ways:
+//  * fibers (the default on x86-64 outside ASan/TSan builds): every CUDA thread of the block is a
+//    fiber with its own stack on one runner thread. A thread runs until it waits at a barrier (or
+//    returns), then the runner switches to the next one that can go on, in an order fixed by the
+//    block and the sweep (a permutation that changes from sweep to sweep), so a read of another
+//    thread's write that lacks its barrier sees the old value whichever thread is the reader. No
+//    system call per barrier: 256 threads meeting at __syncthreads cost 512 user-space switches,
+//    where OS threads cost as many futex waits and wakes.
+//  * OS threads (`CUDACPU_THREADS=os`, and always under AddressSanitizer/ThreadSanitizer, which
+//    need real threads to tell CUDA threads apart): pool workers, one per CUDA thread, up to 1024.
 //
 // Semantics worth knowing:
 //  * A thread that returns leaves the block barrier and its warp (like an exited warp on the GPU),
 //    so an early return before __syncthreads does not hang; strict mode reports it afterwards
 //    (threads of a block executed different numbers of barriers: undefined behaviour in CUDA).
 //  * Warp intrinsics need every live lane of the warp (full-mask participation only).
-//  * A block that does not finish within the timeout (a deadlock: lanes waiting in a shuffle while
-//    others wait at __syncthreads, or a spin loop) is aborted and reported as a launch error. If
-//    threads are stuck outside any barrier, the pool is marked broken and later launches fail.
+//  * A deadlock (lanes waiting in a shuffle while others wait at __syncthreads) is aborted and
+//    reported as a launch error: at once with fibers (no thread can go on), after the per-block
+//    timeout with OS threads. A block that does not finish within the timeout (a spin loop) is
+//    reported the same way; if threads are stuck outside any barrier, the pool is marked broken and
+//    later launches fail.
 //  * Outside sanitizer builds a SIGSEGV/SIGBUS in a kernel thread prints the thread and block
 //    coordinates to stderr before the process dies.
 #pragma once
@@ -33,6 +43,13 @@
 #include <string>
 #include <thread>
 
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#define CUDACPU_HAVE_FIBERS 1
+#include <sys/mman.h>
+#else
+#define CUDACPU_HAVE_FIBERS 0
+#endif
+
 namespace cudacpu {
 namespace {
 
@@ -46,6 +63,15 @@ struct DeviceError : std::runtime_error {
 
 std::atomic<bool> g_abort{false};
 std::atomic<int> g_strict{1};
+
+// Fibers unless CUDACPU_THREADS=os or the build cannot have them (read once, at the first launch).
+bool fibers_chosen() {
+    const char* v = std::getenv("CUDACPU_THREADS");
+    return CUDACPU_HAVE_FIBERS && !(v && std::string(v) == "os");
+}
+const bool g_use_fibers = fibers_chosen();
+
+void fiber_wait(const std::atomic<std::uint32_t>& gen, std::uint32_t seen);  // below: back to the runner
 
 // Barrier with drop (exited threads stop counting) and abort. Lock-free: the arrival counter and
 // the expected count share one 64-bit atomic; waiters sleep on a generation counter (C++20 wait).
@@ -63,6 +89,13 @@ class Barrier {
         const std::uint64_t s = state_.fetch_add(1, std::memory_order_acq_rel) + 1;
         if ((s & 0xffffffffu) == (s >> 32)) {
             release(s >> 32);
+            return;
+        }
+        if (g_use_fibers) {
+            fiber_wait(gen_, g);  // resumed once the generation moved on (a release or an abort)
+            if (g_abort.load(std::memory_order_relaxed)) {
+                throw KernelAbort{};
+            }
             return;
         }
         for (int spin = 0; spin < 64 && gen_.load(std::memory_order_acquire) == g; ++spin) {
@@ -87,20 +120,35 @@ class Barrier {
     }
     void wake() {
         gen_.fetch_add(1, std::memory_order_release);
-        gen_.notify_all();
+        if (!g_use_fibers) {
+            gen_.notify_all();
+        }
     }
 
   private:
     void release(std::uint64_t expected) {
         state_.store(expected << 32, std::memory_order_relaxed);
         gen_.fetch_add(1, std::memory_order_release);
-        gen_.notify_all();
+        if (!g_use_fibers) {  // a fiber's runner looks at the generation itself: no system call
+            gen_.notify_all();
+        }
     }
     std::atomic<std::uint64_t> state_{0};  // high 32 bits: expected, low 32 bits: arrived
     std::atomic<std::uint32_t> gen_{0};
 };
 
-enum ThreadState : int { kRunning = 0, kAtSync = 1, kAtWarp = 2, kExited = 3 };
+enum ThreadState : int { kRunning = 0, kAtSync = 1, kAtWarp = 2, kExited = 3, kNotStarted = 4 };
+
+// What a stuck block's threads are doing, for the error: "16 threads waiting in __syncthreads, ...".
+std::string census(const int* count) {
+    std::string m = std::to_string(count[kAtSync]) + " threads waiting in __syncthreads, " +
+                    std::to_string(count[kAtWarp]) + " in warp intrinsics, " + std::to_string(count[kRunning]) +
+                    " running, " + std::to_string(count[kExited]) + " exited";
+    if (count[kNotStarted]) {  // fibers start in turn: a spinning one keeps those after it from starting
+        m += ", " + std::to_string(count[kNotStarted]) + " not started";
+    }
+    return m;
+}
 
 struct Warp {
     Barrier bar;
@@ -168,6 +216,9 @@ void check_exited(unsigned mask) {  // after the exchange barrier: did a named l
 }
 
 // ---------------------------------------------------------------------------- thread pool
+void run_fiber_block(int n);  // below: the runner's scheduler
+void fiber_runner_init();
+
 struct alignas(64) WakeWord {
     // (generation << 6) | number of lanes of this warp group that run the current block
     std::atomic<std::uint32_t> v{0};
@@ -176,6 +227,14 @@ struct alignas(64) WakeWord {
 class Pool {
   public:
     void ensure(int n) {
+        if (g_use_fibers) {  // one runner thread runs every block's fibers
+            if (started_ == 0) {
+                const std::uint32_t seen = groups_[0].v.load(std::memory_order_acquire);
+                std::thread([this, seen] { fiber_runner(seen); }).detach();
+                started_ = 1;
+            }
+            return;
+        }
         for (; started_ < n; ++started_) {
             const int id = started_;
             const std::uint32_t seen = groups_[id >> 5].v.load(std::memory_order_acquire);
@@ -187,6 +246,9 @@ class Pool {
     bool run_block(int n, double timeout_s) {
         remaining_.store(n, std::memory_order_relaxed);
         for (int g = 0; g * 32 < n; ++g) {
+            if (g_use_fibers && g > 0) {
+                break;  // the runner (word 0) reads the block's size from remaining_
+            }
             const std::uint32_t lanes = static_cast<std::uint32_t>(std::min(32, n - 32 * g));
             const std::uint32_t old = groups_[g].v.load(std::memory_order_relaxed);
             groups_[g].v.store((((old >> 6) + 1) << 6) | lanes, std::memory_order_release);
@@ -217,6 +279,10 @@ class Pool {
     }
     // Only read by the fault handler: a plain scan, entries of threads not yet started are 0.
     bool is_worker(pthread_t self, int* id) const {
+        if (g_use_fibers) {
+            *id = g_fiber_current.load(std::memory_order_relaxed);
+            return started_ && pthread_equal(tids_[0], self) && *id >= 0;
+        }
         for (int i = 0; i < kMaxThreads; ++i) {
             if (pthread_equal(tids_[i], self)) {
                 *id = i;
@@ -227,8 +293,21 @@ class Pool {
     }
 
     bool broken = false;
+    //: the fiber running now on the runner thread (-1: the scheduler), for the fault handler
+    std::atomic<int> g_fiber_current{-1};
 
   private:
+    void fiber_runner(std::uint32_t seen) {
+        tids_[0] = pthread_self();
+        fiber_runner_init();
+        for (;;) {
+            groups_[0].v.wait(seen, std::memory_order_acquire);
+            seen = groups_[0].v.load(std::memory_order_acquire);
+            run_fiber_block(remaining_.load(std::memory_order_acquire));
+            done_.release();
+        }
+    }
+
     void worker(int id, std::uint32_t seen) {
         tids_[id] = pthread_self();
         WakeWord& w = groups_[id >> 5];
@@ -245,12 +324,14 @@ class Pool {
         }
     }
 
+  public:
     void run_thread(int id) {
         const uint3 t = thread_coords(id);
         t_tid = id;
         t_lane = id & 31;
         t_redphase = 0;
         t_warp = &g_block.warps[id >> 5];
+        g_block.state[id] = kRunning;
         try {
             g_cur.cfg->thread_fn(g_cur.cfg->ctx, t, g_cur.block);
         } catch (KernelAbort&) {
@@ -267,6 +348,8 @@ class Pool {
         g_block.bar.drop();
     }
 
+  private:
+
     WakeWord groups_[kMaxWarps];
     std::atomic<int> remaining_{0};
     std::binary_semaphore done_{0};
@@ -277,6 +360,193 @@ class Pool {
 };
 
 Pool* g_pool = new Pool;  // leaked on purpose: detached workers live until the process exits
+
+// ---------------------------------------------------------------------------- fibers
+#if CUDACPU_HAVE_FIBERS
+// cudacpu_fiber_switch(&save, to): saves the callee-saved registers, MXCSR and the x87 control word
+// on the current stack, stores the stack pointer in *save, and resumes the context saved at `to`.
+// A new fiber's stack is laid out as if it had switched away just before cudacpu_fiber_start,
+// which calls r13(r12) (the entry function, the fiber) and never returns.
+extern "C" void cudacpu_fiber_switch(void** save, void* to);
+extern "C" void cudacpu_fiber_start();
+asm(R"(
+    .text
+    .p2align 4
+    .globl cudacpu_fiber_switch
+    .hidden cudacpu_fiber_switch
+    .type cudacpu_fiber_switch, @function
+cudacpu_fiber_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cudacpu_fiber_switch, .-cudacpu_fiber_switch
+    .p2align 4
+    .globl cudacpu_fiber_start
+    .hidden cudacpu_fiber_start
+    .type cudacpu_fiber_start, @function
+cudacpu_fiber_start:
+    movq %r12, %rdi
+    callq *%r13
+    ud2
+    .size cudacpu_fiber_start, .-cudacpu_fiber_start
+)");
+
+// 1 MiB of stack per CUDA thread (an OS thread has 8; a GPU allows 512 KiB of local memory per
+// thread), reserved once per thread index and kept;
+// only the pages a kernel touches are ever backed. A guard page below each turns an overflow
+// into a SIGSEGV reported with the thread's coordinates (the runner handles signals on an
+// alternate stack).
+constexpr std::size_t kFiberStack = std::size_t{1} << 20;
+constexpr std::size_t kGuard = 4096;
+
+struct Fiber {
+    void* sp = nullptr;
+    unsigned char* stack = nullptr;  // lowest address of the mapping (the guard page)
+    const std::atomic<std::uint32_t>* waits_on = nullptr;  // a barrier's generation, or null
+    std::uint32_t seen = 0;  // the generation it arrived in
+    bool done = false;
+};
+Fiber g_fibers[kMaxThreads];
+void* g_runner_sp = nullptr;
+
+void fiber_main(Fiber* f) {
+    g_pool->run_thread(static_cast<int>(f - g_fibers));
+    f->done = true;
+    cudacpu_fiber_switch(&f->sp, g_runner_sp);
+    __builtin_trap();  // a finished fiber is never resumed
+}
+
+void fiber_reset(Fiber& f) {
+    if (!f.stack) {
+        void* m = mmap(nullptr, kFiberStack + kGuard, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+        if (m == MAP_FAILED) {
+            throw std::runtime_error("cudacpu: cannot map a fiber stack");
+        }
+        f.stack = static_cast<unsigned char*>(m);
+        mprotect(f.stack, kGuard, PROT_NONE);
+    }
+    auto top = reinterpret_cast<std::uintptr_t>(f.stack + kGuard + kFiberStack) & ~std::uintptr_t{15};
+    auto* sp = reinterpret_cast<std::uint64_t*>(top - 80);  // 16-aligned: cudacpu_fiber_start calls aligned
+    std::uint32_t mxcsr;
+    std::uint16_t fpcw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpcw));
+    sp[0] = mxcsr | (static_cast<std::uint64_t>(fpcw) << 32);
+    sp[1] = sp[2] = 0;                                          // r15, r14
+    sp[3] = reinterpret_cast<std::uint64_t>(&fiber_main);      // r13: the entry
+    sp[4] = reinterpret_cast<std::uint64_t>(&f);               // r12: its argument
+    sp[5] = sp[6] = 0;                                          // rbx, rbp
+    sp[7] = reinterpret_cast<std::uint64_t>(&cudacpu_fiber_start);
+    f.sp = sp;
+    f.waits_on = nullptr;
+    f.done = false;
+}
+
+void fiber_runner_init() {
+    static thread_local unsigned char altstack[64 * 1024];
+    stack_t ss{};
+    ss.ss_sp = altstack;
+    ss.ss_size = sizeof altstack;
+    sigaltstack(&ss, nullptr);
+}
+
+// The order of one sweep over the block's n threads: a permutation drawn from the block's
+// coordinates and the sweep's number (the same run after run, different from sweep to sweep).
+void sweep_order(int* order, int n, uint3 b, unsigned sweep) {
+    std::uint64_t h = (static_cast<std::uint64_t>(b.x) << 40) ^ (static_cast<std::uint64_t>(b.y) << 20) ^ b.z ^
+                      (static_cast<std::uint64_t>(sweep) * 0x9E3779B97F4A7C15ull);
+    for (int i = 0; i < n; ++i) {
+        order[i] = i;
+    }
+    for (int i = n - 1; i > 0; --i) {  // Fisher-Yates with splitmix64
+        h += 0x9E3779B97F4A7C15ull;
+        std::uint64_t z = h;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        std::swap(order[i], order[static_cast<int>(z % static_cast<std::uint64_t>(i + 1))]);
+    }
+}
+
+//: set when no thread of the block could go on (what each one waited in is in g_block.state)
+int g_deadlock_counts[5];
+bool g_deadlocked = false;
+
+void run_fiber_block(int n) {
+    for (int i = 0; i < n; ++i) {
+        fiber_reset(g_fibers[i]);
+    }
+    g_deadlocked = false;
+    int live = n;
+    for (unsigned sweep = 0; live > 0; ++sweep) {
+        static int order[kMaxThreads];
+        sweep_order(order, n, g_cur.block, sweep);
+        bool moved = false;
+        for (int k = 0; k < n; ++k) {
+            Fiber& f = g_fibers[order[k]];
+            if (f.done || (f.waits_on && f.waits_on->load(std::memory_order_relaxed) == f.seen)) {
+                continue;
+            }
+            f.waits_on = nullptr;
+            g_pool->g_fiber_current.store(static_cast<int>(&f - g_fibers), std::memory_order_relaxed);
+            cudacpu_fiber_switch(&g_runner_sp, f.sp);
+            g_pool->g_fiber_current.store(-1, std::memory_order_relaxed);
+            moved = true;
+            live -= f.done;
+        }
+        if (!moved) {  // every live thread waits for one that never comes: abort them all
+            for (int& c : g_deadlock_counts) {
+                c = 0;
+            }
+            for (int i = 0; i < n; ++i) {
+                g_deadlock_counts[g_block.state[i].load()]++;
+            }
+            g_deadlocked = true;
+            g_pool->abort_block();  // every barrier's generation moves on: each waiter resumes and unwinds
+        }
+    }
+}
+
+void fiber_wait(const std::atomic<std::uint32_t>& gen, std::uint32_t seen) {
+    const int me = t_tid;
+    const int phase = t_redphase;
+    Fiber& f = g_fibers[me];
+    f.waits_on = &gen;
+    f.seen = seen;
+    cudacpu_fiber_switch(&f.sp, g_runner_sp);
+    // back on this fiber: the runner's thread-locals and the module's threadIdx are ours again
+    t_tid = me;
+    t_lane = me & 31;
+    t_warp = &g_block.warps[me >> 5];
+    t_redphase = phase;
+    g_cur.cfg->enter(thread_coords(me), g_cur.block);
+}
+#else
+bool g_deadlocked = false;
+int g_deadlock_counts[5];
+void run_fiber_block(int) { __builtin_trap(); }
+void fiber_runner_init() {}
+void fiber_wait(const std::atomic<std::uint32_t>&, std::uint32_t) { __builtin_trap(); }
+#endif
 
 // ---------------------------------------------------------------------------- fault reporting
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
@@ -349,7 +619,7 @@ void install_fault_handler() {
     installed = true;
     struct sigaction sa {};
     sa.sa_sigaction = fault_handler;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;  // a fiber's overflow: the runner's alternate stack
     sigemptyset(&sa.sa_mask);
     sigaction(SIGSEGV, &sa, &g_old_segv);
     sigaction(SIGBUS, &sa, &g_old_bus);
@@ -367,6 +637,7 @@ int fail_launch(const std::string& m) {
 
 // ---------------------------------------------------------------------------- exported entry points
 CUDACPU_API const char* last_error() { return t_last_error.c_str(); }
+extern "C" CUDACPU_API const char* cudacpu_block_threads() { return g_use_fibers ? "fibers" : "os"; }
 
 CUDACPU_API void syncthreads() {
     ++g_block.sync_count[t_tid];
@@ -528,7 +799,7 @@ CUDACPU_API int run_grid(const LaunchConfig& cfg) {
                 }
                 for (long i = 0; i < n; ++i) {
                     g_block.sync_count[i] = 0;
-                    g_block.state[i] = kRunning;
+                    g_block.state[i] = kNotStarted;
                 }
                 for (auto& r : g_block.red) {
                     r = 0;
@@ -541,7 +812,7 @@ CUDACPU_API int run_grid(const LaunchConfig& cfg) {
                                 static_cast<std::size_t>(cfg.static_smem_end - cfg.static_smem_begin));
                 }
                 if (!pool.run_block(static_cast<int>(n), cfg.timeout_s)) {
-                    int count[4] = {0, 0, 0, 0};
+                    int count[5] = {0, 0, 0, 0, 0};
                     for (long i = 0; i < n; ++i) {
                         count[g_block.state[i].load()]++;
                     }
@@ -550,10 +821,7 @@ CUDACPU_API int run_grid(const LaunchConfig& cfg) {
                     std::snprintf(secs, sizeof secs, "%g", cfg.timeout_s);
                     std::string m = "deadlock or timeout (no progress in " + std::string(secs) + " s) in block (" +
                                     std::to_string(bx) + "," + std::to_string(by) + "," + std::to_string(bz) +
-                                    "): " + std::to_string(count[kAtSync]) + " threads waiting in __syncthreads, " +
-                                    std::to_string(count[kAtWarp]) + " in warp intrinsics, " +
-                                    std::to_string(count[kRunning]) + " running, " +
-                                    std::to_string(count[kExited]) + " exited";
+                                    "): " + census(count);
                     if (!pool.wait_done(2.0)) {
                         pool.broken = true;
                         return fail_launch(m + " (threads are stuck outside any barrier: the pool is broken, "
@@ -564,6 +832,11 @@ CUDACPU_API int run_grid(const LaunchConfig& cfg) {
                 std::string err = pool.take_error();
                 if (!err.empty()) {
                     return fail_launch(err);
+                }
+                if (g_use_fibers && g_deadlocked) {
+                    return fail_launch("deadlock (no thread can go on) in block (" + std::to_string(bx) + "," +
+                                       std::to_string(by) + "," + std::to_string(bz) + "): " +
+                                       census(g_deadlock_counts));
                 }
                 if (cfg.strict) {
                     int lo = g_block.sync_count[0];

@@ -3,7 +3,12 @@ launch configurations, divergent barriers, deadlocks, traps, wild pointers."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,6 +125,7 @@ def test_divergent_barrier_is_reported_in_strict_mode() -> None:
 
 
 def test_deadlock_becomes_an_error_within_the_timeout() -> None:
+    # fibers report it as soon as no thread can go on, OS threads after the timeout
     mod = CpuModule(BAD_CU, timeout=1.0)
     out = np.zeros(32, f32)
     t0 = time.perf_counter()
@@ -131,6 +137,62 @@ def test_deadlock_becomes_an_error_within_the_timeout() -> None:
     res = np.zeros(4, np.uint32)
     ok((1,), (32,), (res,))
     assert res[1] == 10
+
+
+# ------------------------------------------------------------------------------------ how a block's threads run
+
+
+def _expected_block_threads() -> str:
+    if os.environ.get("CUDACPU_THREADS") == "os" or os.environ.get("CUDACPU_SANITIZE") in ("address", "thread"):
+        return "os"
+    return "fibers" if platform.machine() == "x86_64" else "os"
+
+
+def test_block_threads_are_fibers_where_the_build_can_have_them(ok_module: CpuModule) -> None:
+    assert ok_module.block_threads == _expected_block_threads()
+
+
+needs_fibers = pytest.mark.skipif(_expected_block_threads() != "fibers",
+                                  reason="fibers only: x86-64, no CUDACPU_THREADS=os, no ASan/TSan build")
+
+
+@needs_fibers
+def test_fiber_order_exposes_a_missing_barrier_from_both_sides() -> None:
+    """Threads run in an order that changes from block to block, so a read that lacks its barrier finds the
+    neighbour's value missing in some places and present in others (in thread order it is always missing)."""
+    blocks, threads = 16, 128
+    x = np.arange(blocks * threads, dtype=f32)
+    out = np.zeros_like(x)
+    CpuModule(BAD_CU).get_function("neighbour_without_barrier")((blocks,), (threads,), (x, out))
+    want = (x.reshape(blocks, threads)[:, (np.arange(threads) + 1) % threads]).ravel()
+    stale = np.isnan(out)
+    assert np.array_equal(out[~stale], want[~stale])
+    assert 0.25 < stale.mean() < 0.75, stale.mean()
+
+
+@needs_fibers
+def test_fiber_order_breaks_a_matmul_missing_its_second_barrier() -> None:
+    """The write-after-read race of matmul_missing_sync: the next tile overwrites what slower threads still read.
+    OS threads on the CPU often get it right; fibers resumed in a shuffled order do not."""
+    rng = np.random.default_rng(0)
+    m, n, k = 32, 32, 64
+    a, b = rng.standard_normal((m, k)).astype(f32), rng.standard_normal((k, n)).astype(f32)
+    c = np.zeros((m, n), f32)
+    CpuModule(BAD_CU).get_function("matmul_missing_sync")((2, 2), (16, 16), (a, b, c, i32(m), i32(n), i32(k)))
+    assert not np.allclose(c, a @ b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(os.environ.get("CUDACPU_THREADS") == "os", reason="already the OS-thread run")
+def test_os_threads_pass_the_harness_tests() -> None:
+    """The OS-thread pool (sanitizer builds, ``CUDACPU_THREADS=os``) passes this file and test_cudacpu.py too."""
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "CUDACPU_SANITIZE"}
+    env["CUDACPU_THREADS"] = "os"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                        str(here / "test_cudacpu.py"), str(here / "test_cudacpu_errors.py")],
+                       capture_output=True, text=True, env=env, cwd=here.parents[1], timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
 
 
 def test_trap_reports_thread_and_block(ok_module: CpuModule) -> None:

@@ -31,6 +31,17 @@ extern "C" __global__ void matmul_missing_sync(const float* A, const float* B, f
     if (row < M && col < N) C[row * N + col] = acc;
 }
 
+// Every thread reads its right neighbour's shared value with no barrier between the write and the
+// read: the neighbour may not have written yet (the poison then shows as NaN).
+extern "C" __global__ void neighbour_without_barrier(const float* in, float* out) {
+    __shared__ float s[256];
+    const int t = threadIdx.x;
+    const int i = blockIdx.x * blockDim.x + t;
+    s[t] = in[i];
+    // __syncthreads();   <- missing
+    out[i] = s[(t + 1) % blockDim.x];
+}
+
 // Full-mask shuffle in a branch that half the warp takes, then a block barrier: the two halves wait
 // for each other forever (a hang on the GPU); the watchdog turns it into a launch error.
 extern "C" __global__ void divergent_shuffle(float* out) {
