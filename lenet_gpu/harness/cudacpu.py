@@ -447,6 +447,15 @@ def _build(so: Path, cpp_text: str, cmd_prefix: list[str], cmd_suffix: list[str]
         return r.stderr
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory where it lies under it (``kernels/conv2d.cu`` from the
+    repository's root), else as given: what compiler messages and device asserts name."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _digest(*parts: str | bytes) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -580,7 +589,7 @@ class CpuModule:
 
     def _generated_source(self) -> str:
         """The translation unit g++ compiles: header, rewritten source, exported wrappers."""
-        source_name = str(self.path) if self.path is not None else "<cudacpu-code>"
+        source_name = _shown_path(self.path) if self.path is not None else "<cudacpu-code>"
         gen = [
             f'#include "{HEADER}"',
             f'#line 1 "{source_name}"',
@@ -609,14 +618,16 @@ class CpuModule:
         text = self._generated_source()
         cxx = _cxx()
         runtime = _runtime_library(san_flags)
+        # the key names files as the build shows them (relative to the working directory where they lie under it),
+        # so that another checkout of the same sources run from its root finds the same builds
         key = _digest(
-            text,
+            text.replace(str(HEADER), HEADER.name),
             HEADER.read_bytes(),
             RUNTIME_HEADER.read_bytes(),
-            " ".join(flags),
+            " ".join(f"-I{_shown_path(Path(f[2:]))}" if f.startswith("-I") else f for f in flags),
             _compiler_id(cxx),
             runtime.name,
-            *(f"{d}\n{t}" for d, t in deps.items()),
+            *(f"{_shown_path(d)}\n{t}" for d, t in deps.items()),
         )
         self.so_path = cache_dir() / f"k_{key}.so"
         self.build_log = _build(self.so_path, text, [cxx, *flags, "-shared"], [str(runtime), "-Wl,-rpath,$ORIGIN"])

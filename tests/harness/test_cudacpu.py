@@ -170,3 +170,22 @@ def test_launch_counters(ok_module: CpuModule) -> None:
         k((1,), (32,), (out,))
     assert k.launches == before_k + 3
     assert ok_module.launches == before_m + 3
+
+
+def test_a_build_is_found_from_another_checkout(tmp_path, monkeypatch) -> None:
+    """The build cache is keyed by content and by paths as seen from the working directory: a second clone of the
+    same sources, run from its root, finds the first one's builds (CI's fresh clone finds the developer's)."""
+    from .helpers import OK_CU
+
+    paths = []
+    for name in ("one", "two"):
+        root = tmp_path / name
+        (root / "kernels").mkdir(parents=True)
+        for f in OK_CU.parent.iterdir():
+            (root / "kernels" / f.name).write_bytes(f.read_bytes())
+        monkeypatch.chdir(root)
+        paths.append(CpuModule(root / "kernels" / OK_CU.name).so_path)
+    assert paths[0] == paths[1]
+    common = tmp_path / "two" / "kernels" / "harness_common.cuh"
+    common.write_text("// changed\n" + common.read_text())
+    assert CpuModule(tmp_path / "two" / "kernels" / OK_CU.name).so_path != paths[0]
