@@ -280,7 +280,7 @@ class Pool {
     // Only read by the fault handler: a plain scan, entries of threads not yet started are 0.
     bool is_worker(pthread_t self, int* id) const {
         if (g_use_fibers) {
-            *id = g_fiber_current.load(std::memory_order_relaxed);
+            *id = fiber_now.load(std::memory_order_relaxed);
             return started_ && pthread_equal(tids_[0], self) && *id >= 0;
         }
         for (int i = 0; i < kMaxThreads; ++i) {
@@ -294,7 +294,7 @@ class Pool {
 
     bool broken = false;
     //: the fiber running now on the runner thread (-1: the scheduler), for the fault handler
-    std::atomic<int> g_fiber_current{-1};
+    std::atomic<int> fiber_now{-1};
 
   private:
     void fiber_runner(std::uint32_t seen) {
@@ -303,7 +303,11 @@ class Pool {
         for (;;) {
             groups_[0].v.wait(seen, std::memory_order_acquire);
             seen = groups_[0].v.load(std::memory_order_acquire);
-            run_fiber_block(remaining_.load(std::memory_order_acquire));
+            try {
+                run_fiber_block(remaining_.load(std::memory_order_acquire));
+            } catch (std::exception& e) {  // no stack for a fiber: the launch fails, the process goes on
+                fail(e.what());
+            }
             done_.release();
         }
     }
@@ -461,8 +465,8 @@ void fiber_reset(Fiber& f) {
     f.done = false;
 }
 
-void fiber_runner_init() {
-    static thread_local unsigned char altstack[64 * 1024];
+void fiber_runner_init() {  // on the one runner thread of the process
+    static unsigned char altstack[64 * 1024];
     stack_t ss{};
     ss.ss_sp = altstack;
     ss.ss_size = sizeof altstack;
@@ -507,9 +511,9 @@ void run_fiber_block(int n) {
                 continue;
             }
             f.waits_on = nullptr;
-            g_pool->g_fiber_current.store(static_cast<int>(&f - g_fibers), std::memory_order_relaxed);
+            g_pool->fiber_now.store(static_cast<int>(&f - g_fibers), std::memory_order_relaxed);
             cudacpu_fiber_switch(&g_runner_sp, f.sp);
-            g_pool->g_fiber_current.store(-1, std::memory_order_relaxed);
+            g_pool->fiber_now.store(-1, std::memory_order_relaxed);
             moved = true;
             live -= f.done;
         }

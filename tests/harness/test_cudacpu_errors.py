@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -180,6 +181,31 @@ def test_fiber_order_breaks_a_matmul_missing_its_second_barrier() -> None:
     c = np.zeros((m, n), f32)
     CpuModule(BAD_CU).get_function("matmul_missing_sync")((2, 2), (16, 16), (a, b, c, i32(m), i32(n), i32(k)))
     assert not np.allclose(c, a @ b, rtol=1e-4, atol=1e-4)
+
+
+@needs_fibers
+def test_fiber_stack_overflow_names_the_thread() -> None:
+    """A fiber has 1 MiB of stack (a GPU thread at most 512 KiB of local memory) above a guard page: an overflow is
+    a SIGSEGV reported, on the runner's alternate signal stack, with the thread's coordinates."""
+    kernel = (
+        'extern "C" __global__ void deep(float* out) {\n'
+        "    volatile float big[1 << 19];  // 2 MiB\n"
+        "    for (int i = 0; i < (1 << 19); i += 1024) big[i] = i;\n"
+        "    out[threadIdx.x] = big[threadIdx.x * 1024];\n"
+        "}\n"
+    )
+    r = run_python(
+        f"""
+        import numpy as np
+        from lenet_gpu.harness.cudacpu import CpuModule
+        m = CpuModule(code={kernel!r})
+        m.get_function("deep")((1,), (4,), (np.zeros(4, np.float32),))
+        print("FINISHED")
+        """
+    )
+    assert r.returncode != 0 and "FINISHED" not in r.stdout
+    assert re.search(r"illegal memory access \(SIGSEGV at 0x[0-9a-f]+\) in kernel 'deep', thread \([0-3],0,0\) of "
+                     r"block \(0,0,0\)", r.stderr), r.stderr
 
 
 @pytest.mark.skipif(os.environ.get("CUDACPU_THREADS") == "os", reason="already the OS-thread run")
