@@ -49,7 +49,7 @@ def routed_case(shape, act, seed=11):
 
 
 @pytest.mark.parametrize("shape", ROUTED_SHAPES)
-@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("variant", ["v1", "v2", "v3"])
 def test_conv2d_bwd_weight_routed(shape, variant):
     x, wt, gz, am, dz = routed_case(shape, "relu")
     dw, db = nan_like(wt.shape), nan_like((wt.shape[0],))
@@ -180,8 +180,13 @@ def _fresh_fma_counts() -> dict[str, dict[str, int]]:
     be.conv2d_bwd_weight_routed(x, gz, am, nan_like(wt.shape), nan_like((16,)), variant="v1")
     be.conv2d_bwd_data_routed(gz, wt, am, x, nan_like(x.shape), "relu")
     plans = {key[0]: plan for key, plan in be._plans.items() if plan}
+    x1, wt1, gz1, am1, _ = routed_case((3, 1, 32, 32, 6, 5, 5), "relu")  # v3 at C1
+    be1 = CpuBackend()
+    be1.conv2d_bwd_weight_routed(x1, gz1, am1, nan_like(wt1.shape), nan_like((6,)), variant="v3")
+    (plan1,) = [plan for plan in be1._plans.values() if plan]
     return {"weight": common.inspect_fma(fresh_at(RT._bwd_weight_routed_chunk, plans["conv2d_bwd_weight_routed"][-1])),
-            "data": common.inspect_fma(fresh_at(RT._bwd_data_routed_chunk, plans["conv2d_bwd_data_routed"][-1]))}
+            "data": common.inspect_fma(fresh_at(RT._bwd_data_routed_chunk, plans["conv2d_bwd_data_routed"][-1])),
+            "stack": common.inspect_fma(fresh_at(RT._bwd_weight_stack_chunk, plan1[-1]))}
 
 
 @pytest.mark.skipif(not HAS_AVX512, reason="the host CPU has no AVX-512 (see the AVX2 test)")
@@ -191,6 +196,7 @@ def test_routed_kernels_use_zmm_fma_on_avx512():
     counts = _fresh_fma_counts()
     assert counts["weight"]["fma_zmm"] >= 10 and counts["weight"]["fma_scalar"] == 0, counts  # 5 rows × 2
     assert counts["data"]["fma_zmm"] >= 10 and counts["data"]["fma_scalar"] == 0, counts
+    assert counts["stack"]["fma_zmm"] >= 4 and counts["stack"]["fma_scalar"] == 0, counts  # 32 floats × 2 sets
 
 
 @pytest.mark.skipif(not HAS_AVX2_ONLY, reason="AVX2 is not the best this CPU has (AVX-512 present, or no AVX2/FMA)")
@@ -200,3 +206,5 @@ def test_routed_kernels_use_ymm_fma_on_avx2():
     for name in ("weight", "data"):
         c = counts[name]
         assert c["fma_ymm"] >= 20 and c["fma_zmm"] == 0 and c["fma_scalar"] == 0, (name, counts)
+    c = counts["stack"]  # v3 at C1: a patch of 32 floats is four ymm, in two accumulator sets
+    assert c["fma_ymm"] >= 8 and c["fma_zmm"] == 0 and c["fma_scalar"] == 0, counts

@@ -28,7 +28,7 @@ FIRST_RUN = """
 import hashlib, json
 import numpy as np
 from lenet_gpu.model import LeNet5
-from lenet_gpu.backends.cpu_backend import conv2d, head, lenet_fwd, routed, warm
+from lenet_gpu.backends.cpu_backend import head, lenet_fwd, routed, warm
 m = LeNet5(backend="cpu", activation="tanh", optimizer="sgd", seed=3)
 rng = np.random.default_rng(7)
 x = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
@@ -36,7 +36,7 @@ y = rng.integers(0, 10, 40).astype(np.uint8)
 loss = m.train_step(x, y)
 # max pooling: the four-kernel step; head_train in the helper's share, and step_bwd's chunk functions (PARTS_FIRST)
 helper = [head.make_head_train_v1(True), routed._bwd_weight_routed_chunk, routed._bwd_data_routed_chunk,
-          conv2d._bwd_weight_rows_routed_chunk]
+          routed._bwd_weight_stack_chunk]
 params = hashlib.sha256(m.parameters().tobytes()).hexdigest()
 # the helper compiles inference after its share, while this process goes on: wait for it, then infer
 if warm.background is None or warm.background.wait(timeout=300) != 0:

@@ -12,10 +12,11 @@ Kernels (``<op>_v<N>``, the names of the GPU kernels; "auto" picks lanes or rows
   conv2d_bwd_data_pool_v1  rows: the data gradient in register blocks, routed through the pool's argmax
   head_train_v1            lanes: C5 → F6 → output → loss → backward in one op; weight gradients by rows
   lenet_fwd_v1             lanes: the whole forward pass of 16 images in one thread's workspace
-  conv2d_bwd_weight_routed_v1/v2, conv2d_bwd_data_routed_v1
+  conv2d_bwd_weight_routed_v1/v2/v3, conv2d_bwd_data_routed_v1
                            the routed backward of max pooling (routed.py, docs/routed_backward.md): only the
                            taps the pool chose, a patch row a vector (v2: the dense rows kernel on dz rows
-                           made from the routes, for C1's narrow rows); with head_train(yconv=None) and conv2d_pool_fwd
+                           made from the routes; v3: a whole patch of a 1-channel input, 25 of 32 floats, from
+                           a row stack: C1's weight gradient, routed); with head_train(yconv=None) and conv2d_pool_fwd
                            without yconv, the model's routed step
   step_fwd_v1, step_bwd_v1, step_adam_v1, step_sgd_v1
                            the four-kernel step of max pooling (step4.py, docs/step4.md): the routed step's

@@ -49,7 +49,7 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "head_train": ("v1",),
     "conv2d_bwd_data_pool": ("v1",),
     "lenet_fwd": ("v1",),
-    "conv2d_bwd_weight_routed": ("v1", "v2"),
+    "conv2d_bwd_weight_routed": ("v1", "v2", "v3"),
     "conv2d_bwd_data_routed": ("v1",),
     **step4.VARIANTS,
 }
@@ -381,8 +381,10 @@ class CpuBackend(HostMemory):
     # ------------------------------------------------------------------ the routed backward (max pooling)
     def conv2d_bwd_weight_routed(self, x, gz, argmax, dw, db, state=None, variant=None) -> None:
         self.counters.launches += 1
-        if variant in (None, "auto"):  # v1 where a patch row fills at least half its vectors (C3), else v2 (C1)
-            variant = "v1" if 2 * dw.shape[1] * dw.shape[3] > routed.patch_width(dw.shape[3], dw.shape[1]) else "v2"
+        if variant in (None, "auto"):  # v3 where a whole patch fits two AVX-512 vectors (C1), else v1 (C3) or v2
+            K, C, R, S = dw.shape
+            variant = ("v3" if routed.stack_width(R, S, C) <= 32
+                       else "v1" if 2 * C * S > routed.patch_width(S, C) else "v2")
         key = ("conv2d_bwd_weight_routed", variant, x.shape, gz.shape, dw.shape)
         plan = self._plans.get(key)
         if plan is None:
@@ -418,6 +420,15 @@ class CpuBackend(HostMemory):
             parts = conv2d.bwd_weight_parts("routed_v2", kb)
             return (conv2d.make_conv2d_bwd_weight_routed_v2(kb, parts.abi), self._ws(T, L, C, H, nv * L + S - 1),
                     self._ws(T, L, kp, H - R + 1, nv * L), self._ws(nchunks(B), K * C * R * S + K), *parts.addresses)
+        if v == "v3":  # whole patches from a row stack (Ho rows of W·C·R floats and a margin), per-filter sums
+            pv = routed.stack_width(R, S, C)
+            _need(pv <= routed.PV_MAX, op, f"a patch of {R * S * C} floats is too big for v3 (at most "
+                                           f"{routed.PV_MAX})")
+            parts = routed.bwd_weight_stack_parts(pv)
+            fn = routed.make_conv2d_bwd_weight_routed_v3(pv, parts.abi)
+            Hs = 2 * gz.shape[2]
+            return (fn, self._ws(self._slots, Hs, W * C * R + pv), self._ws(self._slots, K, pv),
+                    self._ws(nchunks(B), K * C * R * S + K), *parts.addresses)
         pw = routed.patch_width(S, C)
         kb = routed.routed_block(K, R, pw)
         _need(kb * R * pw <= routed.RT_TILE, op, f"a patch of {R} rows × {S * C} floats is too big")
@@ -609,15 +620,13 @@ class CpuBackend(HostMemory):
         off = {s.name: s.offset for s in param_layout()[0]}
         T = self._slots
         # C3: conv2d_bwd_weight_routed_v1's and conv2d_bwd_data_routed_v1's chunks (patch rows of 5 × 6 floats);
-        # C1: conv2d_bwd_weight_routed_v2's chunk (rows: 28 columns, two vectors)
-        kb1, kb3, r3, pw = step4.bwd_blocks()
-        k1p = conv2d.block_size(6, (4, 3))[1]
-        nv = -(-28 // L)
+        # C1: conv2d_bwd_weight_routed_v3's chunk (whole patches of 25 floats from a row stack of 28 rows)
+        pv1, kb3, r3, pw = step4.bwd_blocks()
         parts = step4.bwd_parts()
-        fn = step4.make_step_bwd_v1(kb1, kb3, r3, pw, parts.abi)
+        fn = step4.make_step_bwd_v1(pv1, kb3, r3, pw, parts.abi)
         return (fn, -(-B // gpart.shape[0]), (off["c1.w"], off["c1.b"], off["c3.w"], off["c3.b"]),
                 self._ws(T, L, 14, 14 * 6 + pw), self._ws(T, 14, 14 * 6 + pw), self._ws(T, L, 6, 14, 14),
-                self._ws(T, L, 1, 32, nv * L + 5 - 1), self._ws(T, L, k1p, 28, nv * L), self._ws(T, 16 * 6 * 25 + 16),
+                self._ws(T, 28, 32 * 5 + pv1), self._ws(T, 6, pv1), self._ws(T, 16 * 6 * 25 + 16),
                 self._ws(16, 5, pw), *parts.addresses)
 
     def step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay, variant=None) -> None:

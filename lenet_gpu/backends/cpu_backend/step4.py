@@ -8,8 +8,9 @@ GPU kernels (kernels/step_fwd.cu, step_bwd.cu, step_update.cu), each one paralle
   step_bwd_v1   one prange task per image group (reference.step_groups): C3's routed weight gradient (the chunk
                 function of conv2d_bwd_weight_routed_v1), C3's routed data gradient gz1 (conv2d_bwd_data_routed_v1's)
                 into the thread's workspace, never into the batch's memory, and C1's routed weight gradient from it
-                (conv2d_bwd_weight_routed_v2's); the group's row of gpart at the flat-layout offsets, 0 elsewhere. A
-                group of more than 16 images runs in chunks of 16 whose partials are added in order
+                (conv2d_bwd_weight_routed_v3's: whole patches from a row stack); the group's row of gpart at the
+                flat-layout offsets, 0 elsewhere. A group of more than 16 images runs in chunks of 16 whose partials
+                are added in order
   step_adam_v1  the partials added in group order from 0.0 (reference.step_reduce), Adam with srow's lr and bias
   step_sgd_v1   corrections (adam_step_v1's / sgd_step_v1's arithmetic, bit for bit), then step_advance
 
@@ -37,9 +38,17 @@ from ...stepstate import EPOCH, OFFSET, SEED, SHIFT
 from . import conv2d, native, routed
 from .batch import mix32, prepare_image, step_advance_v1, word32
 from .common import JIT, JIT_EXACT, JIT_INNER, ZERO, L, njit
-from .conv2d import _bwd_weight_rows_routed_chunk, _pad_weights, _pool_fwd_lanes_chunk, _pool_fwd_rows_chunk, block_size
+from .conv2d import _pad_weights, _pool_fwd_lanes_chunk, _pool_fwd_rows_chunk
 from .optim import sched_index
-from .routed import _bwd_data_routed_chunk, _bwd_weight_routed_chunk, _rows_of_filters, patch_width, routed_block
+from .routed import (
+    _bwd_data_routed_chunk,
+    _bwd_weight_routed_chunk,
+    _bwd_weight_stack_chunk,
+    _rows_of_filters,
+    patch_width,
+    routed_block,
+    stack_width,
+)
 
 _MADE: dict[tuple, Any] = {}
 
@@ -102,29 +111,29 @@ def _add_at(row, off, src):
 
 
 def bwd_blocks() -> tuple[int, int, int, int]:
-    """(KB1, KB3, R3, PW3) of step_bwd_v1 at LeNet's shapes: C1's rows kernel in blocks of KB1 of its 6 filters
-    (conv2d_bwd_weight_routed_v2's), C3's patch rows (5 rows of 5 taps × 6 channels = 30 floats, padded to PW3 = 32)
+    """(PV1, KB3, R3, PW3) of step_bwd_v1 at LeNet's shapes: C1's whole patches of 25 floats padded to PV1 = 32
+    (conv2d_bwd_weight_routed_v3's), C3's patch rows (5 rows of 5 taps × 6 channels = 30 floats, padded to PW3 = 32)
     in blocks of KB3 of its 16 filters (conv2d_bwd_weight_routed_v1's)."""
     pw = patch_width(5, 6)
-    return block_size(6, (4, 3))[0], routed_block(16, 5, pw), 5, pw
+    return stack_width(5, 5, 1), routed_block(16, 5, pw), 5, pw
 
 
 #: step_bwd_v1's chunk functions, called through their addresses (native.py: each compiles once, not into every
 #: module of the parallel kernel)
 _call_weight3 = native.caller(_bwd_weight_routed_chunk)
 _call_data3 = native.caller(_bwd_data_routed_chunk)
-_call_weight1 = native.caller(_bwd_weight_rows_routed_chunk)
+_call_weight1 = native.caller(_bwd_weight_stack_chunk)
 
 
 def bwd_parts() -> native.Parts:
     """step_bwd_v1's chunk functions, those of conv2d_bwd_weight_routed_v1, conv2d_bwd_data_routed_v1 (C3) and
-    conv2d_bwd_weight_routed_v2 (C1), compiled (or loaded from Numba's cache) with the argument types those kernels
+    conv2d_bwd_weight_routed_v3 (C1), compiled (or loaded from Numba's cache) with the argument types those kernels
     and step_bwd_v1 pass them (native.py): their addresses are step_bwd_v1's arguments a_w3, a_d3, a_w1. A helper
     process calls this to compile them ahead while the first run's own process compiles step_fwd
     (cpu_backend/warm.py)."""
-    kb1, kb3, r3, pw3 = bwd_blocks()
+    pv1, kb3, r3, pw3 = bwd_blocks()
     return (routed.bwd_weight_parts(kb3, r3, pw3) + routed.bwd_data_parts(r3, pw3)
-            + conv2d.bwd_weight_parts("routed_v2", kb1))
+            + routed.bwd_weight_stack_parts(pv1))
 
 
 def compile_bwd_parts() -> None:
@@ -132,20 +141,19 @@ def compile_bwd_parts() -> None:
     bwd_parts()
 
 
-def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int, ABI: str) -> Any:
-    """step_bwd_v1: C1's weight gradient in register blocks of KB1 filters (the rows kernel), C3's in blocks of KB3
+def make_step_bwd_v1(PV1: int, KB3: int, R3: int, PW3: int, ABI: str) -> Any:
+    """step_bwd_v1: C1's weight gradient by whole patches of PV1 floats (the row-stack kernel), C3's in blocks of KB3
     filters × R3 patch rows of PW3 floats (the patch-row kernels); ABI: bwd_parts().abi."""
-    key = ("step_bwd_v1", KB1, KB3, R3, PW3, ABI)
+    key = ("step_bwd_v1", PV1, KB3, R3, PW3, ABI)
     if key not in _MADE:
 
         @njit(parallel=True, **JIT)
         def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, act_code, chunk, o1w, o1b, o3w, o3b, ws_xs3, ws_dx, ws_gz1,
-                        ws_x1, ws_dz1, ws_part, wt, a_w3, a_d3, a_w1):
+                        ws_zs1, ws_acc1, ws_part, wt, a_w3, a_d3, a_w1):
             _ = ABI  # in the closure: Numba's cache key (native.Parts)
             B = x.shape[0]
             K1, K3 = p1.shape[1], w3.shape[0]
             R1, S1 = x.shape[2] - 2 * p1.shape[2] + 1, x.shape[3] - 2 * p1.shape[3] + 1
-            Ho1, Wo1 = 2 * p1.shape[2], 2 * p1.shape[3]
             n1 = K1 * x.shape[1] * R1 * S1
             n3 = w3.size
             _rows_of_filters(w3, wt)
@@ -169,8 +177,8 @@ def make_step_bwd_v1(KB1: int, KB3: int, R3: int, PW3: int, ABI: str) -> Any:
                     _call_data3(a_d3, (gz3[c0:c1], wt, m3[c0:c1], p1[c0:c1], gz1, act_code, ws_dx[tid],
                                        np.int64(0), R3, PW3))
                     # C1: dw1, db1 from x and gz1 routed through m1
-                    _call_weight1(a_w1, (x[c0:c1], gz1, m1[c0:c1], ws_x1[tid], ws_dz1[tid], part, np.int64(0), Ho1,
-                                         Wo1, K1, KB1))
+                    _call_weight1(a_w1, (x[c0:c1], gz1, m1[c0:c1], ws_zs1[tid], ws_acc1[tid], part, np.int64(0),
+                                         R1, S1, PV1))
                     _add_at(row, o1w, part[:n1])
                     _add_at(row, o1b, part[n1 : n1 + K1])
 
