@@ -17,7 +17,8 @@ dense ops' dz is gz scattered to those taps, 3/4 zeros. These kernels take one r
                                PV (C1: 25 of 32 floats, two AVX-512 or four AVX2 vectors against v1's 5 rows of
                                16); two accumulator sets (even and odd window columns) against the FMA latency.
                                For C = 1 (LeNet's C1) where v2 runs the dense multiply-adds: routed, C1's weight
-                               gradient takes 30K multiply-adds an image instead of 118K (measured below)
+                               gradient takes 30K multiply-adds an image instead of 118K (batch 128, two
+                               threads, AVX2 machine, 2026-12-07: 0.65 ms against v2's 1.40-1.69 ms)
   conv2d_bwd_data_routed_v1    patch rows: dx (channels-last, per image) += gz · (the filter's rows, S·C floats),
                                then gz_below = dx · act'(y_below) back to NCHW
 
