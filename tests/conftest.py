@@ -34,10 +34,10 @@ if str(ROOT) not in sys.path:
 SIM_SWITCH_INTERVAL = 1e-3
 if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     sys.setswitchinterval(SIM_SWITCH_INTERVAL)
-#: a child started early in the background (tests/sim_child.py) runs at the lowest priority, so that it takes only the
-#: cores the main process leaves idle. At equal priority, the CUDA C harness's tests (one OS thread per CUDA thread,
-#: barriers that yield) gave their core away on every yield: the cupy host suite ran in 267 s beside one busy core at
-#: nice 0, 59 s beside it at nice 19, 48 s alone (2026-12-06, 2 cores).
+#: a child started early in the background (tests/sim_child.py: the simulator suites and, since the CUDA C harness
+#: runs a block's threads as fibers, its host suites) runs at the lowest priority, so that it takes only the cores the
+#: main process leaves idle. When the harness still ran OS threads whose barriers yield, the cupy host suite took 267 s
+#: beside one busy core at nice 0, 59 s beside it at nice 19, 48 s alone (2026-12-06, 2 cores).
 if os.environ.get("LENET_TESTS_CHILD_NICE") and hasattr(os, "nice"):
     os.nice(int(os.environ["LENET_TESTS_CHILD_NICE"]))
 
@@ -108,7 +108,8 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     """Start the simulator children of the selected suite tests now, in the background (tests/sim_child.py)."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or session.config.option.collectonly:
+    if (os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" or os.environ.get("LENET_TESTS_CHILD") == "1"
+            or session.config.option.collectonly):
         return  # a child does not start children of its own
     from tests import sim_child
 

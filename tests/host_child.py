@@ -9,7 +9,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import sim_child
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def host_suite(test_file: str | Path, child_env: str, k: str = "") -> sim_child.Child | None:
+    """``test_file``'s cupy-host child as a child that conftest starts early, in the background (tests/sim_child.py:
+    since the harness runs a block's threads as fibers, such a child is one busy core, like a simulator child), or
+    None under ``CUDACPU_SANITIZE=address|thread``, whose child needs the sanitizer's runtime preloaded
+    (run_host_child). ``k``: pytest's -k in the child (empty: every test)."""
+    if os.environ.get("CUDACPU_SANITIZE", "") in ("address", "thread"):
+        return None
+    return sim_child.Child(str(test_file), k, env=((child_env, "1"),), args=("-rs",), sim=False)
+
+
+def check_host_suite(suite: sim_child.Child | None, test_file: str | Path, child_env: str, what: str) -> str:
+    """The suite test's body: the early child's result, or (sanitizers) a run now."""
+    if suite is None:
+        return run_host_child(test_file, child_env, what)
+    out = sim_child.result(suite)
+    print(out[-3000:])
+    return out
 
 
 def run_host_child(test_file: str | Path, child_env: str, what: str, timeout: int = 900) -> str:

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+#: set in every child: a child starts no children of its own (conftest.py)
+CHILD_ENV = "LENET_TESTS_CHILD"
 #: output kept from a child's stdout and stderr for the report
 KEEP_OUT, KEEP_ERR = 20000, 5000
 
@@ -46,6 +48,8 @@ class Child:
     env: tuple[tuple[str, str], ...] = ()
     args: tuple[str, ...] = ()
     timeout: int = 900
+    #: run with the CUDA simulator on (False: a CUDA C harness child, tests/host_child.py)
+    sim: bool = True
 
     @property
     def name(self) -> str:
@@ -53,11 +57,13 @@ class Child:
         return f"{Path(self.file).name} -k {self.k!r}" + (f" ({extra})" if extra else "")
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "pytest", str(self.file), "-q", "-p", "no:cacheprovider", "-k", self.k,
+        k = ["-k", self.k] if self.k else []
+        return [sys.executable, "-m", "pytest", str(self.file), "-q", "-p", "no:cacheprovider", *k,
                 "--durations=5", "-o", "addopts=", "-W", "ignore::DeprecationWarning", *self.args]
 
     def environ(self) -> dict[str, str]:
-        return {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT), **dict(self.env)}
+        sim = {"NUMBA_ENABLE_CUDASIM": "1"} if self.sim else {}
+        return {**os.environ, **sim, "PYTHONPATH": str(ROOT), CHILD_ENV: "1", **dict(self.env)}
 
 
 def early(*children: Child) -> Callable[[Any], Any]:
@@ -191,6 +197,7 @@ def result(child: Child) -> str:
     if res is None:
         res = _run(child)
     out = res.stdout[-KEEP_OUT:] + ("\n--- stderr ---\n" + res.stderr[-KEEP_ERR:] if res.stderr.strip() else "")
-    assert res.returncode == 0, f"{child.name}: the simulator child failed (exit {res.returncode}):\n{out}"
+    what = "simulator" if child.sim else "CUDA C harness"
+    assert res.returncode == 0, f"{child.name}: the {what} child failed (exit {res.returncode}):\n{out}"
     assert " passed" in res.stdout and " failed" not in res.stdout, out
     return out

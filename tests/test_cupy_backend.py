@@ -30,6 +30,8 @@ from lenet_gpu.backends.cupy_backend import DEFAULT_VARIANTS, OP_KERNELS, CupyBa
 from lenet_gpu.backends.cupy_backend.fused import VARIANTS as FUSED_VARIANTS
 from lenet_gpu.reference import ACTIVATIONS
 from tests import cupy_helpers as H
+from tests import sim_child
+from tests.host_child import host_suite
 from tests.matrix import check_matrix, matrix_ops
 
 CHILD_ENV = "LENET_CUPY_HOST_CHILD"
@@ -57,9 +59,17 @@ def be(request):
 
 
 # ------------------------------------------------------------------------------------ the child process
+HOST_SUITE = host_suite(__file__, CHILD_ENV, os.environ.get("LENET_CUPY_HOST_K", ""))
+
+
 @parent_only
+@sim_child.early(*filter(None, [HOST_SUITE]))
 def test_host_suite_in_subprocess():
-    """Run every cupy-host test in a child process, so a crash in a kernel is a reported failure."""
+    """Run every cupy-host test in a child process, so a crash in a kernel is a reported failure (started early, in
+    the background; under a sanitizer, now)."""
+    if HOST_SUITE is not None:
+        print(sim_child.result(HOST_SUITE)[-4000:])
+        return
     env = dict(os.environ)
     env[CHILD_ENV] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))

@@ -32,6 +32,7 @@ from lenet_gpu.reference import ACTIVATIONS
 from tests import fused_helpers as F
 from tests import sim_child
 from tests.conftest import require
+from tests.host_child import host_suite
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST_ENV = "LENET_FUSED_HOST_CHILD"
@@ -61,10 +62,17 @@ def _run_child(env_extra: dict[str, str], select: str, timeout: int) -> str:
     return out
 
 
+HOST_SUITE = host_suite(__file__, HOST_ENV, os.environ.get("LENET_FUSED_HOST_K", "host_"))
+
+
 @parent
+@sim_child.early(*filter(None, [HOST_SUITE]))
 def test_host_suite_in_subprocess():
     """Every host_* test (the CUDA C kernels on the CPU harness), in a child process."""
-    print(_run_child({HOST_ENV: "1"}, os.environ.get("LENET_FUSED_HOST_K", "host_"), 1200)[-3000:])
+    if HOST_SUITE is None:  # under a sanitizer
+        print(_run_child({HOST_ENV: "1"}, os.environ.get("LENET_FUSED_HOST_K", "host_"), 1200)[-3000:])
+    else:
+        print(sim_child.result(HOST_SUITE)[-3000:])
 
 
 SIM_SUITE = sim_child.Child(__file__, "sim_", args=("-rs",))

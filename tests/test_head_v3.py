@@ -27,7 +27,8 @@ from lenet_gpu.backends.cupy_backend import fused
 from lenet_gpu.backends.cupy_backend.runtime import kernel_source
 from lenet_gpu.stepstate import STATE_WORDS, STEP_IN_EPOCH
 from tests import fused_helpers as F
-from tests.host_child import run_host_child
+from tests import sim_child
+from tests.host_child import check_host_suite, host_suite
 from tests.parity import assert_close, assert_equal, nan_like
 
 CHILD_ENV = "LENET_HEAD_V3_HOST_CHILD"
@@ -41,9 +42,13 @@ ARCHS = ("sm_80", "sm_90")
 INT_DIV = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:div|rem)(?:\.[a-z]+)*\.[su](?:8|16|32|64)\b", re.M)
 
 
+HOST_SUITE = host_suite(__file__, CHILD_ENV)
+
+
 @parent
+@sim_child.early(*filter(None, [HOST_SUITE]))
 def test_host_suite_in_subprocess():
-    run_host_child(__file__, CHILD_ENV, "head v3")
+    check_host_suite(HOST_SUITE, __file__, CHILD_ENV, "head v3")
 
 
 # ------------------------------------------------------------------------------------------------ plan

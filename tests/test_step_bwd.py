@@ -18,7 +18,8 @@ import pytest
 from lenet_gpu import reference as ref
 from lenet_gpu.backends.cupy_backend import CupyBackend, kernel_source
 from lenet_gpu.spec import conv_prefix, param_layout
-from tests.host_child import run_host_child
+from tests import sim_child
+from tests.host_child import check_host_suite, host_suite
 from tests.parity import TOL, assert_close, assert_equal, nan_like, rand
 
 CHILD_ENV = "LENET_STEP_BWD_HOST_CHILD"
@@ -40,10 +41,14 @@ def be(request):
     return _BACKENDS[request.param]
 
 
+HOST_SUITE = host_suite(__file__, CHILD_ENV)
+
+
 @parent_only
+@sim_child.early(*filter(None, [HOST_SUITE]))
 def test_host_suite_in_subprocess():
     """Every backend test below on the CPU harness, in a child process (a wild pointer kills the process running it)."""
-    run_host_child(__file__, CHILD_ENV, "step_bwd")
+    check_host_suite(HOST_SUITE, __file__, CHILD_ENV, "step_bwd")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
