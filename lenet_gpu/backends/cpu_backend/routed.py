@@ -75,6 +75,20 @@ def to_channels_last(src, bb, dst):
 
 
 @njit(**JIT_INNER)
+def _bias_sums(gz, p, b0, nb, off):
+    """p[off + k] = db[k] = Σ gz[b0 … b0+nb−1, k], images in order (the routed weight gradients' chunks)."""
+    Hp, Wp = gz.shape[2], gz.shape[3]
+    for k in range(gz.shape[1]):
+        a = ZERO
+        for e in range(nb):
+            g = gz[b0 + e, k]
+            for i in range(Hp):
+                for j in range(Wp):
+                    a += g[i, j]
+        p[off + k] = a
+
+
+@njit(**JIT_INNER)
 def _bwd_weight_routed_chunk(x, gz, argmax, xs, p, b0, K, S, KB, R, PW):
     literally(KB)
     literally(R)
@@ -111,14 +125,7 @@ def _bwd_weight_routed_chunk(x, gz, argmax, xs, p, b0, K, S, KB, R, PW):
                 for s in range(S):
                     for c in range(C):
                         p[((k * C + c) * R + r) * S + s] = acc[q * R + r, s * C + c]
-    for k in range(K):  # db: Σ gz, images in order
-        a = ZERO
-        for e in range(nb):
-            g = gz[b0 + e, k]
-            for i in range(Hp):
-                for j in range(Wp):
-                    a += g[i, j]
-        p[n + k] = a
+    _bias_sums(gz, p, b0, nb, n)
 
 
 _call_weight = native.caller(_bwd_weight_routed_chunk)
@@ -300,14 +307,7 @@ def _bwd_weight_stack_chunk(x, gz, argmax, zs, accw, p, b0, R, S, PV):
             for r in range(R):
                 for s_ in range(S):
                     p[((k * C + c) * R + r) * S + s_] = accw[k, (s_ * C + c) * R + r]
-    for k in range(K):  # db: Σ gz, images in order
-        a = ZERO
-        for e in range(nb):
-            g = gz[b0 + e, k]
-            for i in range(Hp):
-                for j in range(Wp):
-                    a += g[i, j]
-        p[K * C * R * S + k] = a
+    _bias_sums(gz, p, b0, nb, K * C * R * S)
 
 
 _call_stack = native.caller(_bwd_weight_stack_chunk)
