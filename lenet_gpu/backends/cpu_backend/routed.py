@@ -231,7 +231,6 @@ def make_conv2d_bwd_data_routed_v1(R: int, PW: int, ABI: str) -> Any:
     return _MADE[key]
 
 
-
 # ------------------------------------------------------------------------------ conv2d_bwd_weight_routed_v3
 
 #: the accumulators of conv2d_bwd_weight_routed_v3: a whole patch of R·S·C floats, padded to a multiple of 16
