@@ -483,7 +483,7 @@ def test_register_blocked_kernels_use_packed_fma(kernel):
     assert counts["fma_zmm"] + counts["fma_ymm"] >= block, (counts, block)
     assert counts["fma_scalar"] == 0, counts
     if kernel in ("conv2d_pool_fwd_v1", "conv2d_pool_fwd_v2", "lenet_fwd_v1"):
-        # the epilogue's relu (and lenet_fwd's max pool) in vector code: act_lanes and lenet_fwd's relu_max loop
+        # the epilogue's relu (and lenet_fwd's max pool) in vector code: act_tile and lenet_fwd's relu_max loop
         # (act called per lane keeps its switch inside the loop, and the loop scalar)
         assert counts["max_packed"] >= 1, counts
     # at the machine's widest vectors: zmm where AVX-512 is present, ymm (and no zmm) where AVX2 is the best

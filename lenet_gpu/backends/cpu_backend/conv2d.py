@@ -42,7 +42,7 @@ from .common import (
     L,
     act,
     act_grad,
-    act_lanes,
+    act_tile,
     njit,
     stack_tile,
 )
@@ -357,9 +357,8 @@ def _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write
             for k0 in range(0, Kp, KB):
                 bias_init(acc, bp, k0, KB)
                 window_lanes(xt, wp, k0, i, j, acc, KB)
+                act_tile(acc, vt, 4 * KB, act_code)
                 for q in range(KB):
-                    for t in range(4):
-                        act_lanes(acc[4 * q + t], vt[4 * q + t], act_code)
                     if mode == MAX:  # the mode a constant in each loop: both loops are vector code
                         for lane in range(L):
                             m, a = pool4(vt[4 * q, lane], vt[4 * q + 1, lane], vt[4 * q + 2, lane],
@@ -434,7 +433,11 @@ def _pool_fwd_rows_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_
     Hp, Wp = Ho // 2, Wo // 2
     Kp = wp.shape[0]
     acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
-    vt = carray(stack_tile(W_TILE), (KB_MAX, 2, 2 * L))
+    # the activated tile: by the accumulators' rows (act_tile) and by the map's rows (KB filters × 2 rows × 32
+    # columns, for the pooling)
+    vtile = stack_tile(W_TILE)
+    va = carray(vtile, (4 * KB_MAX, L))
+    vt = carray(vtile, (KB_MAX, 2, 2 * L))
     for bb in range(b0, min(B, b0 + L)):
         for c in range(C):
             for h in range(H):
@@ -450,11 +453,7 @@ def _pool_fwd_rows_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_
                 for k0 in range(0, Kp, KB):
                     bias_init(acc, bp, k0, KB)
                     window_rows(xp, wp, k0, i, j0, 0, 0, 0, L, 1, 0, 1, L, 0, R, acc, KB)
-                    for q in range(KB):
-                        act_lanes(acc[4 * q], vt[q, 0, :L], act_code)
-                        act_lanes(acc[4 * q + 1], vt[q, 0, L:], act_code)
-                        act_lanes(acc[4 * q + 2], vt[q, 1, :L], act_code)
-                        act_lanes(acc[4 * q + 3], vt[q, 1, L:], act_code)
+                    act_tile(acc, va, 4 * KB, act_code)
                     for q in range(min(KB, K - k0)):
                         k = k0 + q
                         r0 = vt[q, 0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import carray, prange
 
-from .common import JIT, JIT_INNER, WIDE_VECTORS, ZERO, L, act, act_grad, act_lanes, njit, stack_tile
+from .common import JIT, JIT_INNER, WIDE_VECTORS, ZERO, L, act, act_grad, act_tile, njit, stack_tile
 
 #: outputs per register block of the lane kernels. 8 outputs × 16 lanes are 8 of AVX-512's 32 zmm registers; with AVX2
 #: code (a lane vector is two of 16 ymm registers) 8 outputs would take all 16 and spill, so AVX2 takes 4. Measured on
@@ -81,6 +81,7 @@ def lane_dense(w, b, xt, yt, act_code):
     where it runs past O (every block is the same vector code) and stores only the rows that exist."""
     O, I = w.shape
     acc = carray(stack_tile(OB_TILE), (OB, L))
+    vt = carray(stack_tile(OB_TILE), (OB, L))
     for o0 in range(0, O, OB):
         for q in range(OB):
             bq = b[min(o0 + q, O - 1)]
@@ -92,8 +93,11 @@ def lane_dense(w, b, xt, yt, act_code):
                 v = xv[lane]
                 for q in range(OB):
                     acc[q, lane] += w[min(o0 + q, O - 1), i] * v
+        act_tile(acc, vt, OB, act_code)  # the tile read at constant rows only: it stays in registers
         for q in range(min(OB, O - o0)):
-            act_lanes(acc[q], yt[o0 + q], act_code)
+            yr = yt[o0 + q]
+            for lane in range(L):
+                yr[lane] = vt[q, lane]
 
 
 @njit(**JIT_INNER)
