@@ -237,6 +237,9 @@ def vector_isa() -> dict[str, Any]:
     import numba
     from numba.core import config
 
+    # first: the backend gives Numba its features before anything is compiled (cpu_backend/target.py)
+    from lenet_gpu.backends.cpu_backend import common, target
+
     feats = ll.get_host_cpu_features()
     host = "AVX-512" if feats.get("avx512f") else "AVX2" if feats.get("avx2") else "AVX" if feats.get("avx") else "SSE"
 
@@ -247,9 +250,10 @@ def vector_isa() -> dict[str, Any]:
 
     f1 = numba.types.Array(numba.float32, 1, "C")
     asm = "\n".join(axpy.compile((f1, f1, f1)) and axpy.inspect_asm().values())
-    isa = "AVX-512" if "zmm" in asm else "AVX2" if "ymm" in asm else "SSE"
+    isa = "AVX-512" if "%zmm" in asm else "AVX2" if "%ymm" in asm else "SSE"
     return {"isa": isa, "host_isa": host, "fma": "vfmadd" in asm,
-            "llvm_cpu": config.CPU_NAME or ll.get_host_cpu_name(), "numba_cpu_features": config.CPU_FEATURES}
+            "llvm_cpu": config.CPU_NAME or ll.get_host_cpu_name(), "numba_cpu_features": config.CPU_FEATURES,
+            "wide_code": target.WIDE_CODE, "blocks_for": "AVX-512" if common.WIDE_VECTORS else "AVX2"}
 
 
 def compare(clock: str, threads: int, rounds: int, ours: Any, theirs: Any, images_per_call: int,
@@ -338,7 +342,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "torch": torch.__version__ if torch is not None else None,
                            "peer": "torch" if torch is not None else "ours-dense",
                            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "step": args.step}
-    print(f"vector ISA {isa['isa']} (LLVM CPU {isa['llvm_cpu']}; the CPU's own: {isa['host_isa']}); "
+    print(f"vector ISA {isa['isa']} (LLVM CPU {isa['llvm_cpu']}; the CPU's own: {isa['host_isa']}; register blocks "
+          f"for {isa['blocks_for']}; 512-bit preference: {isa['wide_code']}); "
           f"peer: {out['peer']}; "
           f"load average {os.getloadavg()[0]:.1f}")
     ghz = measured_clock_ghz()

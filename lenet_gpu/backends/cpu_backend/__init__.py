@@ -38,6 +38,8 @@ import os
 # Set OMP_WAIT_POLICY yourself to choose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# before the first @njit function: 512-bit code on AVX-512 CPUs, Intel's included (target.py)
+from . import target  # noqa: E402, F401, I001
 from . import cachelock  # noqa: E402
 from .backend import DEFAULT_VARIANTS, KERNELS, VARIANTS, CpuBackend  # noqa: E402
 

@@ -117,19 +117,44 @@ def njit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
     return wrap
 
 
-def wide_vectors() -> bool:
-    """Whether Numba compiles these kernels with AVX-512: 32 vector registers of 16 floats, so a chunk's 16 lanes
-    are one register. Without it (AVX2: 16 registers of 8 floats) the lanes take two registers and the register
-    blocks must be smaller (conv2d.block_size). NUMBA_CPU_FEATURES, where set, is what Numba compiles for; else the
-    host's features (Numba takes the host's features also when only NUMBA_CPU_NAME is set)."""
-    if config.CPU_FEATURES:
-        return "+avx512f" in config.CPU_FEATURES.replace(" ", "").split(",")
-    try:
-        import llvmlite.binding as ll
+def zmm_probe() -> bool:
+    """Whether Numba's target machine generates zmm code for a 16-float lane loop of FMAs (a probe compiled now,
+    not cached: about 0.2 s)."""
 
-        return bool(ll.get_host_cpu_features().get("avx512f"))
-    except Exception:  # noqa: BLE001 - features unreadable: the narrower blocks are safe everywhere
-        return False
+    @numba.njit(fastmath=FASTMATH, boundscheck=False, error_model="numpy")
+    def probe(a, b, c):  # pragma: no cover (compiled, never run)
+        for i in range(a.shape[0]):
+            a[i] += b[i] * c[i]
+
+    f1 = types.Array(types.float32, 1, "C")
+    probe.compile((f1, f1, f1))
+    return "%zmm" in "\n".join(probe.inspect_asm().values())  # a register, not a name
+
+
+def wide_vectors() -> bool:
+    """Whether Numba compiles these kernels to 512-bit code: 32 vector registers of 16 floats, so a chunk's 16 lanes
+    are one register. Without it (AVX2, or AVX-512 compiled to 256-bit vectors: 16 registers of 8 floats) the lanes
+    take two registers and the register blocks must be smaller (conv2d.block_size). Where target.py gave Numba its
+    features (an AVX-512 CPU), yes. Else, without AVX-512 in what Numba compiles for (NUMBA_CPU_FEATURES where set,
+    else the host's features; Numba takes the host's features also when only NUMBA_CPU_NAME is set), no. Else the
+    CPU's tuning decides (LLVM prefers 256-bit vectors on Intel's AVX-512 cores), so a probe is compiled and its
+    machine code read."""
+    from . import target
+
+    if target.WIDE_CODE == "set":
+        return True
+    if config.CPU_FEATURES:
+        if "+avx512f" not in config.CPU_FEATURES.replace(" ", "").split(","):
+            return False
+    else:
+        try:
+            import llvmlite.binding as ll
+
+            if not ll.get_host_cpu_features().get("avx512f"):
+                return False
+        except Exception:  # noqa: BLE001 - features unreadable: the narrower blocks are safe everywhere
+            return False
+    return zmm_probe()
 
 
 #: AVX-512 code (see wide_vectors), fixed for the process (the kernels' register blocks follow it)
