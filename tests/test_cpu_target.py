@@ -39,6 +39,10 @@ ll.get_host_cpu_features = features
 if sys.argv[1] == "user":  # the user's own NUMBA_CPU_FEATURES: the same features, the CPU's tuning left on
     os.environ["NUMBA_CPU_FEATURES"] = features().flatten()
 from numba.core import config
+if sys.argv[1] == "before":  # the user's own @njit function, made before the backend is imported
+    import numba
+    numba.njit(lambda a: a + 1)
+
 from lenet_gpu.backends.cpu_backend import common, conv2d, target
 
 kb, _ = conv2d.block_size(16)
@@ -77,3 +81,11 @@ def test_with_the_cpus_tuning_the_blocks_follow_the_256_bit_code(tmp_path: Path)
     assert "-prefer-256-bit" not in out["features"], out
     assert out["zmm"] == 0 and out["ymm"] >= 8, out  # the 256-bit code that the first test avoids
     assert out["wide"] is False and out["kb"] == 1, out
+
+
+def test_a_target_machine_made_before_the_backend_is_found_out(tmp_path: Path) -> None:
+    """An @njit function made before the backend is imported fixes Numba's target machine with the CPU's tuning: the
+    backend says so, and its blocks follow the 256-bit code (the probe), as in the control above."""
+    out = _child("before", tmp_path)
+    assert out["wide_code"] == "Numba's target machine was made before the cpu backend was imported", out
+    assert out["zmm"] == 0 and out["wide"] is False and out["kb"] == 1, out
