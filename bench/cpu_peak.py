@@ -27,9 +27,10 @@ Ratios are taken per round (ours/torch) and their median reported. OMP_WAIT_POLI
 (see below); the peak fractions use the nominal clock, and ``measured_clock_ghz`` says how fast the core
 really ran.
 
-FP32 peak = cores × FMA units × SIMD lanes × 2 × clock (``fp32_peak``): the flags and clock from
-/proc/cpuinfo, two FMA units a core (every x86 core with FMA since Haswell and Zen), 16 lanes with a
-512-bit datapath, 8 with AVX2 or with AVX-512 on AMD Zen 4 (family 0x19: 512-bit ops run on 256-bit units).
+FP32 peak = cores × FMA units × SIMD lanes × 2 × clock (``fp32_peak``, lenet_gpu.perf.timing.cpu_fp32_peak at the
+nominal clock): the flags and clock from /proc/cpuinfo, two FMA units a core (every x86 core with FMA since Haswell and
+Zen), 16 lanes with a 512-bit datapath, 8 with AVX2 or with AVX-512 on AMD Zen 4 (512-bit ops run on 256-bit units),
+4 with AVX2 on Zen 1 and Zen+ (256-bit ops run on 128-bit units).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from lenet_gpu import spec
+from lenet_gpu.perf.timing import cpu_fp32_peak, fma_latency_cycles
 from lenet_gpu.stepstate import HostState, schedule_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +68,8 @@ def cpu_info() -> dict[str, Any]:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
-    for line in text.split("\n\n")[0].splitlines():
+    info["text"] = text.split("\n\n")[0]
+    for line in info["text"].splitlines():
         key, _, val = line.partition(":")
         key, val = key.strip(), val.strip()
         if key == "model name":
@@ -84,24 +87,23 @@ def cpu_info() -> dict[str, Any]:
 
 
 def fp32_peak(info: dict[str, Any], cores: int | None = None) -> tuple[float, str]:
-    """(FLOP/s, the formula with its numbers): cores × FMA units × SIMD lanes × 2 × clock."""
-    flags = info["flags"]
-    units = 2 if "fma" in flags else 1
-    if "avx512f" in flags and not (info["vendor"] == "AuthenticAMD" and info["family"] == 0x19):
-        lanes = 16
-    elif "avx2" in flags or "avx" in flags:
-        lanes = 8
-    else:
-        lanes = 4
-    n = cores or info["cores"]
-    ghz = info["mhz"] / 1000.0
-    peak = n * units * lanes * 2 * ghz * 1e9
-    return peak, f"{n} cores × {units} FMA units × {lanes} lanes × 2 × {ghz:.3f} GHz = {peak / 1e9:.1f} GFLOP/s"
+    """(FLOP/s, the formula with its numbers): lenet_gpu.perf.timing.cpu_fp32_peak's estimate (cores × FMA units ×
+    SIMD lanes × 2 × clock) at the nominal clock of /proc/cpuinfo, on ``cores`` (default: the usable CPUs)."""
+    p = cpu_fp32_peak(info["text"], usable_cpus=cores or info["cores"], max_ghz=info["mhz"] / 1000.0)
+    if p is None:
+        return 0.0, "no estimate (/proc/cpuinfo lacks the flags or the clock)"
+    return p["flops"], p["formula"]
 
 
-def measured_clock_ghz(n: int = 20_000_000) -> float:
-    """The core clock while busy, from a chain of n dependent FMAs (4 cycles each on Zen 4 and on Intel cores
-    since Skylake): /proc/cpuinfo gives the nominal clock, and a boosting core runs faster."""
+def measured_clock_ghz(n: int = 20_000_000, latency: int | None = None) -> float:
+    """The core clock while busy, from a chain of n dependent FMAs of ``latency`` cycles each (default: this CPU's,
+    lenet_gpu.perf.timing.fma_latency_cycles: 4 on Zen 3 and 4 and on Intel since Skylake, 5 on Zen 1 and 2):
+    /proc/cpuinfo gives the nominal clock, and a boosting core runs faster."""
+    if latency is None:
+        try:
+            latency = fma_latency_cycles(Path("/proc/cpuinfo").read_text())
+        except OSError:
+            latency = 4
     from numba import njit
 
     @njit(fastmath={"contract"}, cache=False)
@@ -116,7 +118,7 @@ def measured_clock_ghz(n: int = 20_000_000) -> float:
         t0 = time.perf_counter()
         chain(np.float32(1.0), np.float32(0.5), np.float32(0.25), n)
         best = min(best, time.perf_counter() - t0)
-    return 4 * n / best / 1e9
+    return latency * n / best / 1e9
 
 
 def train_flops(cfg: spec.NetConfig | None = None) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from bench import report
-from lenet_gpu.perf.timing import cpu_fp32_peak, load_verdict
+from lenet_gpu.perf.timing import cpu_fp32_peak, fma_latency_cycles, load_verdict
 
 CPUINFO = """processor\t: 0
 vendor_id\t: {vendor}
+cpu family\t: {family}
+model\t\t: {model}
 model name\t: Some CPU
 cpu MHz\t\t: 2500.000
 siblings\t: {siblings}
@@ -20,8 +22,9 @@ cpu MHz\t\t: 3000.000
 """
 
 
-def info(vendor: str = "GenuineIntel", flags: str = "avx avx2 fma", siblings: int = 2, cores: int = 2) -> str:
-    return CPUINFO.format(vendor=vendor, flags=flags, siblings=siblings, cores=cores)
+def info(vendor: str = "GenuineIntel", flags: str = "avx avx2 fma", siblings: int = 2, cores: int = 2,
+         family: int = 6, model: int = 85) -> str:
+    return CPUINFO.format(vendor=vendor, flags=flags, siblings=siblings, cores=cores, family=family, model=model)
 
 
 @pytest.mark.parametrize(
@@ -33,6 +36,9 @@ def info(vendor: str = "GenuineIntel", flags: str = "avx avx2 fma", siblings: in
         ({"flags": "avx"}, 1, 1, 8, 1 * 1 * 8 * 2 * 3.0),  # no FMA: a mul and an add pipe
         ({"flags": ""}, 1, 1, 4, 1 * 1 * 4 * 2 * 3.0),  # SSE
         ({"siblings": 4, "cores": 2}, 4, 2, 8, 2 * 2 * 8 * 2 * 3.0),  # SMT: 4 logical CPUs are 2 cores
+        # Zen 1 (family 23 model 1, this project's AVX2 machine): 256-bit operations on 128-bit units
+        ({"vendor": "AuthenticAMD", "family": 23, "model": 1}, 2, 2, 4, 2 * 2 * 4 * 2 * 3.0),
+        ({"vendor": "AuthenticAMD", "family": 23, "model": 49}, 2, 2, 8, 2 * 2 * 8 * 2 * 3.0),  # Zen 2: 256-bit
     ],
 )
 def test_cpu_peak_formula(kw: dict, cpus: int, units: int, lanes: int, gflops: float) -> None:
@@ -148,3 +154,15 @@ def test_failures_head_the_report() -> None:
     top = md.split("- date")[0]
     assert "**FAILED: 1 failure**" in top and "ops numpy adam_step params v1: crashed: TypeError: bad call" in top
     assert "## Failures" in md and "Traceback ..." in md
+
+
+@pytest.mark.parametrize(("kw", "cycles"), [
+    ({}, 4),  # Skylake-SP (family 6 model 85)
+    ({"model": 0x3F}, 5),  # Haswell-EP
+    ({"vendor": "AuthenticAMD", "family": 23, "model": 1}, 5),  # Zen 1
+    ({"vendor": "AuthenticAMD", "family": 25, "model": 17}, 4),  # Zen 4
+])
+def test_fma_latency_by_cpu(kw: dict, cycles: int) -> None:
+    """The FMA chain's cycles that bench.cpu_peak turns into a clock (a chain of 2.04 ns an FMA on the Zen 1 machine
+    is 2.45 GHz at 5 cycles, which a chain of dependent integer adds confirmed at 2.34-2.45 GHz; at 4 it read 1.96)."""
+    assert fma_latency_cycles(info(**kw)) == cycles

@@ -421,6 +421,38 @@ def _cpuinfo_fields(text: str) -> dict[str, list[str]]:
     return fields
 
 
+def _cpu_id(cpuinfo: str) -> tuple[str, int, int]:
+    """(vendor, family, model) of the first CPU in /proc/cpuinfo's text."""
+    f = _cpuinfo_fields(cpuinfo)
+
+    def num(key: str) -> int:
+        try:
+            return int((f.get(key) or ["0"])[0], 0)
+        except ValueError:
+            return 0
+
+    return (f.get("vendor_id") or [""])[0], num("cpu family"), num("model")
+
+
+def zen1_datapath(cpuinfo: str) -> bool:
+    """AMD Zen 1 or Zen+ (family 0x17 below model 0x30; Hygon Dhyana, family 0x18): 128-bit FP units, which split each
+    256-bit operation into two halves. Zen 2 (family 0x17 from model 0x30) has 256-bit units."""
+    vendor, family, model = _cpu_id(cpuinfo)
+    return (vendor == "AuthenticAMD" and family == 0x17 and model < 0x30) or (vendor == "HygonGenuine"
+                                                                              and family == 0x18)
+
+
+def fma_latency_cycles(cpuinfo: str) -> int:
+    """The latency of a dependent FP32 FMA in cycles: 5 on AMD family 0x17 (Zen 1, Zen+, Zen 2), Hygon and Intel's
+    Haswell and Broadwell; 4 on Zen 3 and 4 and on Intel since Skylake (the published figures)."""
+    vendor, family, model = _cpu_id(cpuinfo)
+    if vendor in ("AuthenticAMD", "HygonGenuine") and family in (0x17, 0x18):
+        return 5
+    if vendor == "GenuineIntel" and family == 6 and model in (0x3C, 0x3F, 0x45, 0x46, 0x3D, 0x47, 0x4F, 0x56):
+        return 5
+    return 4
+
+
 def _max_freq_ghz() -> tuple[float | None, str]:
     """The highest clock the kernel reports (cpufreq's cpuinfo_max_freq), if it reports one."""
     try:
@@ -441,7 +473,9 @@ def cpu_fp32_peak(
     - SIMD lanes: 16 with ``avx512f``, 8 with ``avx``/``avx2``, 4 with SSE;
     - FMA units: 2 where there is ``fma`` (Intel since Haswell, AMD Zen); AMD's 512-bit operations issue
       on its two 256-bit units together (Zen 4), counted as 16 lanes × 1 unit; without ``fma``, 1 (an
-      add and a multiply pipe, the same 2 FLOPs a cycle);
+      add and a multiply pipe, the same 2 FLOPs a cycle); AMD Zen 1 and Zen+ (``zen1_datapath``: family 0x17
+      below model 0x30, and Hygon's family 0x18) split a 256-bit operation into two halves on 128-bit units,
+      counted as 4 lanes;
     - GHz: cpufreq's maximum when the kernel exposes it, else the highest ``cpu MHz`` (the current
       clock: turbo above it is not counted).
 
@@ -471,6 +505,8 @@ def cpu_fp32_peak(
         isa, lanes, units = "AVX-512", 16, (1 if amd else 2)
     elif "avx" in flags or "avx2" in flags:
         isa, lanes, units = ("AVX2" if "avx2" in flags else "AVX"), 8, (2 if "fma" in flags else 1)
+        if zen1_datapath(cpuinfo):
+            isa, lanes = isa + " on 128-bit units", 4
     else:
         isa, lanes, units = "SSE", 4, 1
     if "fma" not in flags and isa != "SSE":
