@@ -11,10 +11,12 @@ and 16 with the tuning turned off (tests/test_cpu_target.py). Not timed on such 
 Numba makes its target machine once a process, from ``numba.config.CPU_FEATURES`` (NUMBA_CPU_FEATURES) or else
 the host's features, when the first @njit function of the process is made. ``prefer_wide_vectors`` runs when the
 cpu backend is imported, before its first @njit function: on a CPU with AVX-512, where the user has not set
-NUMBA_CPU_FEATURES, it sets the host's features plus "-prefer-256-bit". Numba's cache keys include the features, so
-these builds never mix with builds made without it. Where it cannot (the user's NUMBA_CPU_FEATURES, or a target
-machine already made by an earlier @njit function in the process), common.wide_vectors compiles a probe and reads
-its machine code, so the register blocks always follow the code that is really generated.
+NUMBA_CPU_FEATURES, it sets the host's features plus "-prefer-256-bit". That holds for every @njit function of the
+process, the user's own included (only the width LLVM prefers changes, never what the code computes). Numba's cache
+keys include the features, so these builds never mix with builds made without it. Where it cannot set them (the
+user's NUMBA_CPU_FEATURES, or a target machine already made by an earlier @njit function in the process),
+common.wide_vectors compiles a probe and reads its machine code, so the register blocks always follow the code that
+is really generated.
 """
 
 from __future__ import annotations
