@@ -5,9 +5,9 @@ floats is one of 32 zmm registers, and a lane kernel keeps 4 pixels × 6 filters
 (conv2d.block_size). LLVM's tuning for Intel's AVX-512 cores (skylake-avx512, cascadelake, icelake-server,
 sapphirerapids and later) prefers 256-bit vectors ("prefer-256-bit"): with Numba's defaults those CPUs get ymm code,
 so the same tile needs up to 48 ymm registers of the 16 there are and spills, and no zmm FMA is left (Zen 4 has no
-such tuning). Seen
-in the machine code of conv2d_pool_fwd's chunk functions compiled for those CPU names on 2026-12-07: 0 zmm FMAs; 24
-and 16 with the tuning turned off (tests/test_cpu_target.py). Not timed on such a CPU: none was available.
+such tuning). Seen in the machine code of conv2d_pool_fwd's chunk functions compiled for those CPU names on
+2026-12-07: 0 zmm FMAs; 24 and 16 with the tuning turned off (tests/test_cpu_target.py). Not timed on such a CPU:
+none was available.
 
 Numba makes its target machine once a process, from ``numba.config.CPU_FEATURES`` (NUMBA_CPU_FEATURES) or else
 the host's features, when the first @njit function of the process is made. ``prefer_wide_vectors`` runs when the
