@@ -118,8 +118,8 @@ def njit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
 
 
 def zmm_probe() -> bool:
-    """Whether Numba's target machine generates zmm code for a 16-float lane loop of FMAs (a probe compiled now,
-    not cached: about 0.2 s)."""
+    """Whether Numba's target machine generates zmm code for a loop of FP32 FMAs (a probe compiled now, not cached;
+    only where AVX-512 is present and target.py did not set Numba's features)."""
 
     @numba.njit(fastmath=FASTMATH, boundscheck=False, error_model="numpy")
     def probe(a, b, c):  # pragma: no cover (compiled, never run)

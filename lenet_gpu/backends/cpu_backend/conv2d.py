@@ -433,8 +433,8 @@ def _pool_fwd_rows_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_
     Hp, Wp = Ho // 2, Wo // 2
     Kp = wp.shape[0]
     acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
-    # the activated tile: by the accumulators' rows (act_tile) and by the map's rows (KB filters × 2 rows × 32
-    # columns, for the pooling)
+    # the activated tile, two views: by the accumulators' rows (va, for act_tile) and by the map's rows (vt, for the
+    # pooling): va[4q + t] is vt[q, t // 2, (t % 2)·16 : +16], filter q's row i + t // 2, columns (t % 2)·16 …
     vtile = stack_tile(W_TILE)
     va = carray(vtile, (4 * KB_MAX, L))
     vt = carray(vtile, (KB_MAX, 2, 2 * L))
