@@ -25,7 +25,8 @@ Two clocks, each in alternating rounds (ours, torch, ours, torch, ...) so that b
   else the machine runs).
 Ratios are taken per round (ours/torch) and their median reported. OMP_WAIT_POLICY defaults to PASSIVE here
 (see below); the peak fractions use the nominal clock, and ``measured_clock_ghz`` says how fast the core
-really ran.
+really ran. Both sides' training fractions count the dense step's FLOPs (``train_flops``); the routed step does a
+quarter of the backward convolutions' multiply-adds, so ours is an effective rate, above the arithmetic it does.
 
 FP32 peak = cores × FMA units × SIMD lanes × 2 × clock (``fp32_peak``, lenet_gpu.perf.timing.cpu_fp32_peak at the
 nominal clock): the flags and clock from /proc/cpuinfo, two FMA units a core (every x86 core with FMA since Haswell and
@@ -62,8 +63,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cpu_info() -> dict[str, Any]:
-    """Model, vendor, family, clock (MHz), flags of the first CPU in /proc/cpuinfo, and the usable cores."""
-    info: dict[str, Any] = {"model": "unknown", "vendor": "", "family": 0, "mhz": 0.0, "flags": set()}
+    """The first CPU of /proc/cpuinfo: its text (what lenet_gpu.perf.timing's estimates read), model name and clock
+    (MHz), and the usable cores."""
+    info: dict[str, Any] = {"model": "unknown", "mhz": 0.0}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -74,14 +76,8 @@ def cpu_info() -> dict[str, Any]:
         key, val = key.strip(), val.strip()
         if key == "model name":
             info["model"] = val
-        elif key == "vendor_id":
-            info["vendor"] = val
-        elif key == "cpu family":
-            info["family"] = int(val)
         elif key == "cpu MHz":
             info["mhz"] = float(val)
-        elif key == "flags":
-            info["flags"] = set(val.split())
     info["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return info
 
@@ -95,15 +91,12 @@ def fp32_peak(info: dict[str, Any], cores: int | None = None) -> tuple[float, st
     return p["flops"], p["formula"]
 
 
-def measured_clock_ghz(n: int = 20_000_000, latency: int | None = None) -> float:
-    """The core clock while busy, from a chain of n dependent FMAs of ``latency`` cycles each (default: this CPU's,
-    lenet_gpu.perf.timing.fma_latency_cycles: 4 on Zen 3 and 4 and on Intel since Skylake, 5 on Zen 1 and 2):
-    /proc/cpuinfo gives the nominal clock, and a boosting core runs faster."""
-    if latency is None:
-        try:
-            latency = fma_latency_cycles(Path("/proc/cpuinfo").read_text())
-        except OSError:
-            latency = 4
+def measured_clock_ghz(cpuinfo: str = "", n: int = 20_000_000) -> float:
+    """The core clock while busy, from a chain of n dependent FMAs of the latency of the CPU that ``cpuinfo`` (the
+    text of cpu_info) describes (lenet_gpu.perf.timing.fma_latency_cycles: 4 on Zen 3 and 4 and on Intel since
+    Skylake, 5 on Zen 1 and 2; 4 where it says nothing): /proc/cpuinfo gives the nominal clock, and a boosting core
+    runs faster."""
+    latency = fma_latency_cycles(cpuinfo)
     from numba import njit
 
     @njit(fastmath={"contract"}, cache=False)
@@ -123,7 +116,8 @@ def measured_clock_ghz(n: int = 20_000_000, latency: int | None = None) -> float
 
 def train_flops(cfg: spec.NetConfig | None = None) -> int:
     """FLOPs of one training step per image: the forward pass, then the weight gradients of every layer and
-    the data gradients of all but C1 (which needs none)."""
+    the data gradients of all but C1 (which needs none), dense (what PyTorch computes; the routed step skips the
+    taps that max pooling zeroes)."""
     f6 = (cfg or spec.NetConfig()).f6
     c1, c3 = 6 * 28 * 28 * 25, 16 * 10 * 10 * 150
     dense = 400 * 120 + 120 * f6 + f6 * spec.NUM_CLASSES
@@ -348,10 +342,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"for {isa['blocks_for']}; 512-bit preference: {isa['wide_code']}); "
           f"peer: {out['peer']}; "
           f"load average {os.getloadavg()[0]:.1f}")
-    ghz = measured_clock_ghz()
+    ghz = measured_clock_ghz(info["text"])
     out["measured_clock_ghz"] = ghz
     print(f"CPU {info['model']}; FP32 peak {formula}; measured clock {ghz:.2f} GHz "
-          f"(peak at that clock {peak * ghz / (info['mhz'] / 1000) / 1e9:.0f} GFLOP/s)")
+          f"(peak at that clock {peak * ghz / (info['mhz'] / 1000) / 1e9 if info['mhz'] else float('nan'):.0f} "
+          "GFLOP/s)")
 
     tr_x, tr_y, te_x, _ = load_images()
     be = get_backend("cpu")
@@ -406,8 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = compare(clock, threads, args.rounds, fo, ft, n_img, calls, torch)
             r["kind"] = kind
             r["batch"] = n_img
-            r["ours_peak_fraction"] = r["ours_img_s"] * flops / p
-            r["torch_peak_fraction"] = r["torch_img_s"] * flops / p
+            r["ours_peak_fraction"] = r["ours_img_s"] * flops / p if p else float("nan")  # nan: no estimate
+            r["torch_peak_fraction"] = r["torch_img_s"] * flops / p if p else float("nan")
             results.append(r)
             print(f"{kind:5s} {clock:4s} {threads} thr: ours {r['ours_img_s']:9.0f} img/s "
                   f"({100 * r['ours_peak_fraction']:4.1f}% of peak)  {out['peer']} {r['torch_img_s']:9.0f} img/s "
