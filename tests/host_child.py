@@ -24,18 +24,19 @@ def host_suite(test_file: str | Path, child_env: str, k: str = "") -> sim_child.
     return sim_child.Child(str(test_file), k, env=((child_env, "1"),), args=("-rs",), sim=False)
 
 
-def check_host_suite(suite: sim_child.Child | None, test_file: str | Path, child_env: str, what: str) -> str:
-    """The suite test's body: the early child's result, or (sanitizers) a run now."""
+def check_host_suite(suite: sim_child.Child | None, test_file: str | Path, child_env: str, what: str, k: str = "",
+                     timeout: int = 900) -> str:
+    """The suite test's body: the early child's result, or (sanitizers) a run now, with pytest's -k ``k``."""
     if suite is None:
-        return run_host_child(test_file, child_env, what)
+        return run_host_child(test_file, child_env, what, timeout, k)
     out = sim_child.result(suite)
     print(out[-3000:])
     return out
 
 
-def run_host_child(test_file: str | Path, child_env: str, what: str, timeout: int = 900) -> str:
-    """Run ``test_file`` in a child pytest with ``child_env=1``; fail unless it exits 0 with tests passed and none
-    failed. Returns the child's output."""
+def run_host_child(test_file: str | Path, child_env: str, what: str, timeout: int = 900, k: str = "") -> str:
+    """Run ``test_file`` in a child pytest with ``child_env=1`` (and -k ``k`` where given); fail unless it exits 0
+    with tests passed and none failed. Returns the child's output."""
     env = dict(os.environ)
     env[child_env] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
@@ -44,7 +45,8 @@ def run_host_child(test_file: str | Path, child_env: str, what: str, timeout: in
         from lenet_gpu.harness.cudacpu import sanitizer_env
 
         env = sanitizer_env(kind, env)
-    cmd = [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider", "-o", "addopts="]
+    cmd = [sys.executable, "-m", "pytest", str(test_file), "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           *(["-k", k] if k else [])]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     out = r.stdout + r.stderr
     print(out[-3000:])

@@ -18,7 +18,6 @@ Where the tests run:
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from lenet_gpu.backends.cupy_backend.fused import VARIANTS as FUSED_VARIANTS
 from lenet_gpu.reference import ACTIVATIONS
 from tests import cupy_helpers as H
 from tests import sim_child
-from tests.host_child import host_suite
+from tests.host_child import check_host_suite, host_suite
 from tests.matrix import check_matrix, matrix_ops
 
 CHILD_ENV = "LENET_CUPY_HOST_CHILD"
@@ -59,7 +58,8 @@ def be(request):
 
 
 # ------------------------------------------------------------------------------------ the child process
-HOST_SUITE = host_suite(__file__, CHILD_ENV, os.environ.get("LENET_CUPY_HOST_K", ""))
+HOST_K = os.environ.get("LENET_CUPY_HOST_K", "")
+HOST_SUITE = host_suite(__file__, CHILD_ENV, HOST_K)
 
 
 @parent_only
@@ -67,24 +67,7 @@ HOST_SUITE = host_suite(__file__, CHILD_ENV, os.environ.get("LENET_CUPY_HOST_K",
 def test_host_suite_in_subprocess():
     """Run every cupy-host test in a child process, so a crash in a kernel is a reported failure (started early, in
     the background; under a sanitizer, now)."""
-    if HOST_SUITE is not None:
-        print(sim_child.result(HOST_SUITE)[-4000:])
-        return
-    env = dict(os.environ)
-    env[CHILD_ENV] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    kind = os.environ.get("CUDACPU_SANITIZE", "")
-    if kind in ("address", "thread"):
-        from lenet_gpu.harness.cudacpu import sanitizer_env
-
-        env = sanitizer_env(kind, env)
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-o", "addopts="]
-    if os.environ.get("LENET_CUPY_HOST_K"):
-        cmd += ["-k", os.environ["LENET_CUPY_HOST_K"]]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    out = r.stdout + r.stderr
-    print(out[-4000:])
-    assert r.returncode == 0, f"cupy-host child pytest exited with {r.returncode}:\n{out[-12000:]}"
+    check_host_suite(HOST_SUITE, __file__, CHILD_ENV, "cupy backend", HOST_K, timeout=1200)
 
 
 # ------------------------------------------------------------------ the activation × pool-mode matrix
