@@ -126,7 +126,9 @@ class CpuBackend(HostMemory):
         """A line for the user when the first step will compile the kernels (an empty Numba cache)."""
         if not warm.cache_is_cold():
             return None
-        took = "about 8 s on 2 cores, compiling on two" if warm.enabled() else "about 14 s on one core"
+        # measured with bench.cpu_peak's first-run children: 8-9 s on two cores of an AVX-512 Zen 4, 15.6 s on a 2-core
+        # Zen 1 (2026-12-06/07); serially 13-14 s and 27-29 s
+        took = "8-16 s on 2 cores, compiling on two" if warm.enabled() else "13-29 s on one core"
         return (f"first run: the first step compiles the cpu kernels into Numba's cache ({took}); later runs "
                 "load them in under a second")
 
