@@ -104,6 +104,8 @@ def _bwd_weight_routed_chunk(x, gz, argmax, xs, p, b0, K, S, KB, R, PW):
         for t in range(KB * R):
             for v in range(PW):
                 acc[t, v] = ZERO
+        for q in range(KB):
+            p[n + k0 + q] = ZERO
         for e in range(nb):
             bb = b0 + e
             xe = xs[e]
@@ -113,6 +115,7 @@ def _bwd_weight_routed_chunk(x, gz, argmax, xs, p, b0, K, S, KB, R, PW):
                         k = k0 + q
                         a = argmax[bb, k, i, j] & 3  # a corrupt argmax stays inside its window
                         g = gz[bb, k, i, j]
+                        p[n + k] += g  # db[k] in _bias_sums's order (images, rows, columns): the same bits
                         h0 = 2 * i + (a >> 1)
                         o = np.uint64((2 * j + (a & 1)) * C)
                         for r in range(R):
@@ -125,7 +128,6 @@ def _bwd_weight_routed_chunk(x, gz, argmax, xs, p, b0, K, S, KB, R, PW):
                 for s in range(S):
                     for c in range(C):
                         p[((k * C + c) * R + r) * S + s] = acc[q * R + r, s * C + c]
-    _bias_sums(gz, p, b0, nb, n)
 
 
 _call_weight = native.caller(_bwd_weight_routed_chunk)
