@@ -75,20 +75,6 @@ def to_channels_last(src, bb, dst):
 
 
 @njit(**JIT_INNER)
-def _bias_sums(gz, p, b0, nb, off):
-    """p[off + k] = db[k] = Σ gz[b0 … b0+nb−1, k], images in order (the routed weight gradients' chunks)."""
-    Hp, Wp = gz.shape[2], gz.shape[3]
-    for k in range(gz.shape[1]):
-        a = ZERO
-        for e in range(nb):
-            g = gz[b0 + e, k]
-            for i in range(Hp):
-                for j in range(Wp):
-                    a += g[i, j]
-        p[off + k] = a
-
-
-@njit(**JIT_INNER)
 def _bwd_weight_routed_chunk(x, gz, argmax, xs, p, b0, K, S, KB, R, PW):
     literally(KB)
     literally(R)
@@ -115,7 +101,7 @@ def _bwd_weight_routed_chunk(x, gz, argmax, xs, p, b0, K, S, KB, R, PW):
                         k = k0 + q
                         a = argmax[bb, k, i, j] & 3  # a corrupt argmax stays inside its window
                         g = gz[bb, k, i, j]
-                        p[n + k] += g  # db[k] in _bias_sums's order (images, rows, columns): the same bits
+                        p[n + k] += g  # db[k], summed images, rows, columns in order
                         h0 = 2 * i + (a >> 1)
                         o = np.uint64((2 * j + (a & 1)) * C)
                         for r in range(R):
@@ -249,9 +235,9 @@ def _bwd_weight_stack_chunk(x, gz, argmax, zs, accw, p, b0, R, S, PV):
     """dw, db of images b0 … b0+15 into p = [dw (flat, K·C·R·S) | db (K)]: per image the row stack zs (Ho rows of
     W·C·R floats and a margin of PV), then per filter every routed tap's g × its patch, the window columns of one
     row alternating between two accumulator sets; accw[k] carries filter k's sums from image to image. db[k] is summed
-    in the same loop, in _bias_sums's order (images, rows, columns: the same bits), where its adds overlap the
-    multiply-adds (a separate _bias_sums pass took 0.18 of 1.23 ms: C1, batch 128, one thread, AVX2 machine,
-    2026-12-07; 1.05 ms now). R, S: the filter's size."""
+    in the same loop (images, rows, columns in order, as a separate pass over gz summed them: the same bits), where its
+    adds overlap the multiply-adds (that separate pass took 0.18 of 1.23 ms: C1, batch 128, one thread, AVX2 machine,
+    2026-12-07; 1.05 ms without it). R, S: the filter's size."""
     literally(PV)
     B, C, H, W = x.shape
     K, Hp, Wp = gz.shape[1], gz.shape[2], gz.shape[3]
@@ -284,7 +270,7 @@ def _bwd_weight_stack_chunk(x, gz, argmax, zs, accw, p, b0, R, S, PV):
             for v in range(PV):
                 t0[v] = accw[k, v]
                 t1[v] = ZERO
-            bs = p[nw + k]  # db[k]: this filter's g summed in _bias_sums's order (images, rows, columns)
+            bs = p[nw + k]  # db[k]: this filter's g summed images, rows, columns in order
             for i in range(Hp):
                 for j in range(0, Wp - 1, 2):
                     a = argmax[bb, k, i, j] & 3  # a corrupt argmax stays inside its window
