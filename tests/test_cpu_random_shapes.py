@@ -1,8 +1,13 @@
 """The cpu backend's convolution ops on random shapes: every variant of conv2d_fwd, conv2d_bwd_data,
-conv2d_bwd_weight, conv2d_pool_fwd (max and avg, with and without yconv) and the routed backward (weight and data)
-against the float64 reference, on shapes drawn from a fixed seed (batches that leave partial chunks of 16, odd maps,
-non-square filters, every activation). test_cpu_backend.py covers LeNet's shapes and chosen odd ones; this file
-covers the shapes nobody chose.
+conv2d_bwd_weight, conv2d_pool_fwd (max and avg, with and without yconv), conv2d_bwd_data_pool (max and avg) and the
+routed backward (weight and data) against the float64 reference, on shapes drawn from a fixed seed (batches that leave
+partial chunks of 16, odd maps, non-square filters, every activation). test_cpu_backend.py covers LeNet's shapes and
+chosen odd ones; this file covers the shapes nobody chose.
+
+Both register blockings run on every CPU: AVX2 code's (one filter a block) and AVX-512 code's (blocks of 6, 4, 3 or 2
+filters, K padded to even where no size divides it: conv2d.block_size). The blocks follow conv2d.WIDE_VECTORS when a
+plan is made, so a fresh backend with it set compiles the other machine's blocks here (the kernels then run in ymm
+code, with the other machine's blocks); without that, a CPU would only ever run its own.
 
 A variant that cannot take a shape must say so (a ValueError naming the op and why, as v3 of the routed weight
 gradient does for a patch of more than 160 floats), and "auto" must then take it.
@@ -14,11 +19,10 @@ import numpy as np
 import pytest
 
 from lenet_gpu import reference as R
-from lenet_gpu.backends import get_backend
+from lenet_gpu.backends.cpu_backend import CpuBackend, conv2d
 
 from .parity import TOL, assert_close, assert_equal
 
-BE = get_backend("cpu")
 ACTS = R.ACTIVATIONS
 #: a seed whose shapes cover the edges (test_cases_cover_the_edges)
 SEED = 20261359
@@ -51,11 +55,18 @@ def f32(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def run_variants(op: str, call) -> list[str]:
+@pytest.fixture(params=[False, True], ids=["avx2-blocks", "avx512-blocks"])
+def be(request, monkeypatch):
+    """A fresh cpu backend whose plans take AVX2 code's register blocks, or AVX-512 code's."""
+    monkeypatch.setattr(conv2d, "WIDE_VECTORS", request.param)
+    return CpuBackend()
+
+
+def run_variants(be, op: str, call) -> list[str]:
     """call(variant) for every variant of op and "auto"; the variants that refused the shape with a ValueError
     naming op. "auto" may not refuse."""
     refused = []
-    for v in (*BE.variants[op], "auto"):
+    for v in (*be.variants[op], "auto"):
         try:
             call(v)
         except ValueError as e:
@@ -75,7 +86,7 @@ def case(request):
     return rng, x, w, b, ACTS[a]
 
 
-def test_conv2d(case):
+def test_conv2d(be, case):
     rng, x, w, b, act = case
     B, C, H, W = x.shape
     K, _, Rr, S = w.shape
@@ -84,7 +95,7 @@ def test_conv2d(case):
 
     def fwd(v):
         y = np.full(yref.shape, np.nan, np.float32)
-        BE.conv2d_fwd(x, w, b, y, act, variant=v)
+        be.conv2d_fwd(x, w, b, y, act, variant=v)
         assert_close(y, yref, *TOL["conv2d_fwd"], what=f"conv2d_fwd {v}")
 
     dz = f32(rng.standard_normal(yref.shape))
@@ -92,23 +103,23 @@ def test_conv2d(case):
 
     def data(v):
         dx = np.full(x.shape, np.nan, np.float32)
-        BE.conv2d_bwd_data(dz, w, dx, variant=v)
+        be.conv2d_bwd_data(dz, w, dx, variant=v)
         assert_close(dx, dx_ref, *TOL["conv2d_bwd_data"], what=f"conv2d_bwd_data {v}")
 
     def weight(v):
         dw = np.full(w.shape, np.nan, np.float32)
         db = np.full(b.shape, np.nan, np.float32)
-        BE.conv2d_bwd_weight(x, dz, dw, db, variant=v)
+        be.conv2d_bwd_weight(x, dz, dw, db, variant=v)
         assert_close(dw, dw_ref, *TOL["conv2d_bwd_weight"], what=f"conv2d_bwd_weight dw {v}")
         assert_close(db, db_ref, *TOL["conv2d_bwd_weight"], what=f"conv2d_bwd_weight db {v}")
 
-    assert run_variants("conv2d_fwd", fwd) == []
-    assert run_variants("conv2d_bwd_data", data) == []
-    assert run_variants("conv2d_bwd_weight", weight) == []
+    assert run_variants(be, "conv2d_fwd", fwd) == []
+    assert run_variants(be, "conv2d_bwd_data", data) == []
+    assert run_variants(be, "conv2d_bwd_weight", weight) == []
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
-def test_conv2d_pool_fwd(case, mode):
+def test_conv2d_pool_fwd(be, case, mode):
     _, x, w, b, act = case
     yref = R.conv2d_fwd(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), act)
     if min(yref.shape[2:]) < 2:
@@ -119,20 +130,41 @@ def test_conv2d_pool_fwd(case, mode):
         yc = np.full(yref.shape, np.nan, np.float32)
         yp = np.full(yp_ref.shape, np.nan, np.float32)
         am = np.zeros(yp_ref.shape, np.uint8)
-        BE.conv2d_pool_fwd(x, w, b, yc, yp, am, act, mode, variant=v)
+        be.conv2d_pool_fwd(x, w, b, yc, yp, am, act, mode, variant=v)
         assert_close(yc, yref, *TOL["conv2d_fwd"], what=f"conv2d_pool_fwd yconv {v}")
         assert_close(yp, yp_ref, *TOL["conv2d_fwd"], what=f"conv2d_pool_fwd ypool {v}")
         yp2 = np.full(yp_ref.shape, np.nan, np.float32)
         am2 = np.zeros(yp_ref.shape, np.uint8)
-        BE.conv2d_pool_fwd(x, w, b, None, yp2, am2, act, mode, variant=v)  # no yconv: the same pooled bits
+        be.conv2d_pool_fwd(x, w, b, None, yp2, am2, act, mode, variant=v)  # no yconv: the same pooled bits
         assert_equal(yp2, yp, what=f"conv2d_pool_fwd ypool without yconv {v}")
         if mode == "max":
             assert_equal(am2, am, what=f"conv2d_pool_fwd argmax without yconv {v}")
 
-    assert run_variants("conv2d_pool_fwd", fused) == []
+    assert run_variants(be, "conv2d_pool_fwd", fused) == []
 
 
-def test_routed_backward(case):
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_conv2d_bwd_data_pool(be, case, mode):
+    """The data gradient of a conv whose input x was pooled from yconv (2H or 2H + 1 rows: odd maps too), through
+    the pooling and act'(yconv)."""
+    rng, x, w, b, act = case
+    B, C, H, W = x.shape
+    K, _, Rr, S = w.shape
+    yconv = f32(R.activate(rng.standard_normal((B, C, 2 * H + (B + K) % 2, 2 * W + (C + Rr) % 2)), act))
+    _, am = R.pool2x2_fwd(yconv.astype(np.float64), "max")
+    am = am if mode == "max" else None
+    dz = f32(rng.standard_normal((B, K, H - Rr + 1, W - S + 1)))
+    ref = R.conv2d_bwd_data_pool(dz.astype(np.float64), w.astype(np.float64), am, yconv.astype(np.float64), mode, act)
+
+    def fused(v):
+        out = np.full(yconv.shape, np.nan, np.float32)
+        be.conv2d_bwd_data_pool(dz, w, am, yconv, out, mode, act, variant=v)
+        assert_close(out, ref, *TOL["conv2d_bwd_data"], what=f"conv2d_bwd_data_pool {v}")
+
+    assert run_variants(be, "conv2d_bwd_data_pool", fused) == []
+
+
+def test_routed_backward(be, case):
     rng, x, w, b, act = case
     B, C, H, W = x.shape
     K, _, Rr, S = w.shape
@@ -149,7 +181,7 @@ def test_routed_backward(case):
     def weight(v):
         dw = np.full(w.shape, np.nan, np.float32)
         db = np.full(b.shape, np.nan, np.float32)
-        BE.conv2d_bwd_weight_routed(x, gz, am, dw, db, variant=v)
+        be.conv2d_bwd_weight_routed(x, gz, am, dw, db, variant=v)
         assert_close(dw, rdw, *TOL["conv2d_bwd_weight"], what=f"conv2d_bwd_weight_routed dw {v}")
         assert_close(db, rdb, *TOL["conv2d_bwd_weight"], what=f"conv2d_bwd_weight_routed db {v}")
 
@@ -159,12 +191,12 @@ def test_routed_backward(case):
 
     def data(v):
         out = np.full(x.shape, np.nan, np.float32)
-        BE.conv2d_bwd_data_routed(gz, w, am, y_below, out, act, variant=v)
+        be.conv2d_bwd_data_routed(gz, w, am, y_below, out, act, variant=v)
         assert_close(out, rref, *TOL["conv2d_bwd_data"], what=f"conv2d_bwd_data_routed {v}")
 
-    refused = run_variants("conv2d_bwd_weight_routed", weight)
+    refused = run_variants(be, "conv2d_bwd_weight_routed", weight)
     assert all(r.startswith("v3: ") and "too big for v3" in r for r in refused), refused
-    assert run_variants("conv2d_bwd_data_routed", data) == []
+    assert run_variants(be, "conv2d_bwd_data_routed", data) == []
 
 
 def test_cases_cover_the_edges():
