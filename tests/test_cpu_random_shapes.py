@@ -10,7 +10,8 @@ plan is made, so a fresh backend with it set compiles the other machine's blocks
 code, with the other machine's blocks); without that, a CPU would only ever run its own.
 
 A variant that cannot take a shape must say so (a ValueError naming the op and why, as v3 of the routed weight
-gradient does for a patch of more than 160 floats), and "auto" must then take it.
+gradient does for a patch of more than 160 floats), and "auto" must then take it. A conv output with no 2×2 window
+(one row or column) is refused by every pooling op, "auto" included.
 """
 
 from __future__ import annotations
@@ -122,8 +123,13 @@ def test_conv2d(be, case):
 def test_conv2d_pool_fwd(be, case, mode):
     _, x, w, b, act = case
     yref = R.conv2d_fwd(x.astype(np.float64), w.astype(np.float64), b.astype(np.float64), act)
-    if min(yref.shape[2:]) < 2:
-        pytest.skip(f"a {yref.shape[2]}×{yref.shape[3]} output has no 2×2 window")
+    if min(yref.shape[2:]) < 2:  # nothing to pool: every variant says so
+        B, K, Ho, Wo = yref.shape
+        yp = np.zeros((B, K, Ho // 2, Wo // 2), np.float32)
+        for v in (*be.variants["conv2d_pool_fwd"], "auto"):
+            with pytest.raises(ValueError, match=r"^conv2d_pool_fwd: .* has no 2×2 window"):
+                be.conv2d_pool_fwd(x, w, b, None, yp, yp.astype(np.uint8), act, mode, variant=v)
+        return
     yp_ref, _ = R.pool2x2_fwd(yref, mode)
 
     def fused(v):
@@ -169,8 +175,14 @@ def test_routed_backward(be, case):
     B, C, H, W = x.shape
     K, _, Rr, S = w.shape
     Ho, Wo = H - Rr + 1, W - S + 1
-    if min(Ho, Wo) < 2:
-        pytest.skip(f"a {Ho}×{Wo} output has no 2×2 window")
+    if min(Ho, Wo) < 2:  # nothing was pooled: both ops say so
+        gz = np.zeros((B, K, Ho // 2, Wo // 2), np.float32)
+        for v in (*be.variants["conv2d_bwd_weight_routed"], "auto"):
+            with pytest.raises(ValueError, match=r"^conv2d_bwd_weight_routed: .* has no 2×2 window"):
+                be.conv2d_bwd_weight_routed(x, gz, gz.astype(np.uint8), np.zeros_like(w), np.zeros_like(b), variant=v)
+        with pytest.raises(ValueError, match=r"^conv2d_bwd_data_routed: .* has no 2×2 window"):
+            be.conv2d_bwd_data_routed(gz, w, gz.astype(np.uint8), x, np.zeros_like(x), act)
+        return
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
     # the routes of a max pool over the float32 activated conv output
     yc = f32(R.conv2d_fwd(x64, w64, b.astype(np.float64), act))
@@ -197,6 +209,26 @@ def test_routed_backward(be, case):
     refused = run_variants(be, "conv2d_bwd_weight_routed", weight)
     assert all(r.startswith("v3: ") and "too big for v3" in r for r in refused), refused
     assert run_variants(be, "conv2d_bwd_data_routed", data) == []
+
+
+def test_an_unknown_variant_is_an_error():
+    """Ops of one variant refuse another name, as the ops of several do; a refused call counts no launch."""
+    be = CpuBackend()
+    x, w, b = np.zeros((1, 1, 6, 6), np.float32), np.zeros((2, 1, 3, 3), np.float32), np.zeros(2, np.float32)
+    y, yp, am = np.zeros((1, 2, 4, 4), np.float32), np.zeros((1, 2, 2, 2), np.float32), np.zeros((1, 2, 2, 2), np.uint8)
+    dw = np.zeros_like(w)
+    for op, call in (("conv2d_fwd", lambda v: be.conv2d_fwd(x, w, b, y, "relu", variant=v)),
+                     ("conv2d_bwd_weight", lambda v: be.conv2d_bwd_weight(x, y, dw, b.copy(), variant=v)),
+                     ("conv2d_bwd_weight_routed", lambda v: be.conv2d_bwd_weight_routed(x, yp, am, dw, b.copy(),
+                                                                                        variant=v)),
+                     ("conv2d_bwd_data", lambda v: be.conv2d_bwd_data(y, w, x, variant=v)),
+                     ("conv2d_pool_fwd", lambda v: be.conv2d_pool_fwd(x, w, b, None, yp, am, "relu", "max",
+                                                                      variant=v))):
+        call("auto")
+        call(be.variants[op][0])
+        with pytest.raises(ValueError, match=rf"^{op}: unknown variant 'v9'"):
+            call("v9")
+    assert be.counters.launches == 10
 
 
 def test_cases_cover_the_edges():

@@ -151,8 +151,15 @@ class CpuBackend(HostMemory):
             raise ValueError(f"{op}: unknown variant {v!r}; expected one of {', '.join(self.variants[op])} or auto")
         return v
 
+    def _single(self, op: str, variant: str | None) -> None:
+        """None, "auto" and the op's variants run; another name is an error (before anything is counted or run)."""
+        if variant is not None and variant != "auto" and variant not in self.variants[op]:
+            have = ", ".join(self.variants[op])
+            raise ValueError(f"{op}: unknown variant {variant!r}; expected one of {have} or auto")
+
     # ------------------------------------------------------------------ ops: batch, loss, optimizers
     def batch_prepare(self, images, labels, perm, state, x, y, mean, std, variant=None) -> None:
+        self._single("batch_prepare", variant)
         self.counters.launches += 1
         key = ("batch_prepare", images.shape, perm.shape, x.shape, y.shape)
         if key not in self._plans:
@@ -168,10 +175,12 @@ class CpuBackend(HostMemory):
         batch.batch_prepare_v1(images, labels, perm, state, x, y, F32(1.0 / (255.0 * std)), F32(-mean / std))
 
     def step_advance(self, state, batch_size, variant=None) -> None:
+        self._single("step_advance", variant)
         self.counters.launches += 1
         batch.step_advance_v1(state, batch_size)
 
     def softmax_xent(self, logits, labels, dlogits, stats, state, variant=None) -> None:
+        self._single("softmax_xent", variant)
         self.counters.launches += 1
         key = ("softmax_xent", logits.shape, stats.shape)
         plan = self._plans.get(key)
@@ -183,6 +192,7 @@ class CpuBackend(HostMemory):
         loss.softmax_xent_v1(logits, labels, dlogits, stats, state, plan[0])
 
     def adam_step(self, p, g, m, v, sched, state, beta1, beta2, eps, weight_decay, variant=None) -> None:
+        self._single("adam_step", variant)
         self.counters.launches += 1
         key = ("adam_step", p.shape)
         if key not in self._plans:
@@ -193,6 +203,7 @@ class CpuBackend(HostMemory):
                            F32(1 - beta1), F32(1 - beta2))
 
     def sgd_step(self, p, g, m, sched, state, momentum, weight_decay, variant=None) -> None:
+        self._single("sgd_step", variant)
         self.counters.launches += 1
         key = ("sgd_step", p.shape)
         if key not in self._plans:
@@ -203,19 +214,21 @@ class CpuBackend(HostMemory):
 
     # ------------------------------------------------------------------ ops: unfused layers (v1)
     def conv2d_fwd(self, x, w, b, y, act, variant=None) -> None:
+        self._single("conv2d_fwd", variant)
         self.counters.launches += 1
         code = _act(act)
         self._check_conv("conv2d_fwd", x, w, y, b=b)
         conv2d.conv2d_fwd_v1(x, w, b, y, code)
 
     def conv2d_bwd_data(self, dz, w, dx, variant=None) -> None:
+        self._single("conv2d_bwd_data", variant)
         self.counters.launches += 1
         self._check_conv("conv2d_bwd_data", dx, w, dz)
         conv2d.conv2d_bwd_data_v1(dz, w, dx)
 
     def conv2d_bwd_weight(self, x, dz, dw, db, state=None, variant=None) -> None:
-        self.counters.launches += 1
         v = self._variant("conv2d_bwd_weight", variant, dz.shape[3])
+        self.counters.launches += 1
         key = ("conv2d_bwd_weight", v, x.shape, dz.shape, dw.shape)
         plan = self._plans.get(key)
         if plan is None:
@@ -257,12 +270,14 @@ class CpuBackend(HostMemory):
         return fn, self._ws(T, L, C, H, nv * L + S - 1), self._ws(T, L, kp, Ho, nv * L), part, *parts.addresses
 
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
+        self._single("pool2x2_fwd", variant)
         self.counters.launches += 1
         code = _mode(mode)
         self._check_pool("pool2x2_fwd", x, y, argmax, mode)
         pool2x2.pool2x2_fwd_v1(x, y, argmax if argmax is not None else self._dummy_u8, code)
 
     def pool2x2_bwd(self, dy, argmax, yconv, dz, mode, act, variant=None) -> None:
+        self._single("pool2x2_bwd", variant)
         self.counters.launches += 1
         code, acode = _mode(mode), _act(act)
         self._check_pool("pool2x2_bwd", yconv, dy, argmax, mode)
@@ -283,12 +298,14 @@ class CpuBackend(HostMemory):
         self._plans[key] = ()
 
     def dense_fwd(self, x, w, b, y, act, variant=None) -> None:
+        self._single("dense_fwd", variant)
         self.counters.launches += 1
         code = _act(act)
         self._check_dense("dense_fwd", x, w, y, b=b)
         dense.dense_fwd_v1(x, w, b, y, code)
 
     def dense_bwd(self, x, w, y, dy, dx, dw, db, act, variant=None) -> None:
+        self._single("dense_bwd", variant)
         self.counters.launches += 1
         code = _act(act)
         self._check_dense("dense_bwd", x, w, y, dy=dy, dx=dx, dw=dw, db=db)
@@ -308,9 +325,9 @@ class CpuBackend(HostMemory):
 
     # ------------------------------------------------------------------ fused ops
     def conv2d_pool_fwd(self, x, w, b, yconv, ypool, argmax, act, mode, variant=None) -> None:
+        v = self._variant("conv2d_pool_fwd", variant, x.shape[3] - w.shape[3] + 1)
         self.counters.launches += 1
         acode, mcode = _act(act), _mode(mode)
-        v = self._variant("conv2d_pool_fwd", variant, x.shape[3] - w.shape[3] + 1)
         key = ("conv2d_pool_fwd", v, x.shape, w.shape, ypool.shape, yconv is None, mode)
         plan = self._plans.get(key)
         if plan is None:
@@ -321,12 +338,12 @@ class CpuBackend(HostMemory):
 
     def _plan_conv_pool(self, v: str, x, w, b, yconv, ypool, argmax, mode: str) -> tuple:
         op = "conv2d_pool_fwd"
+        _check_f32(op, x=x, w=w, b=b, yconv=yconv, ypool=ypool)
+        _need(x.ndim == 4 and w.ndim == 4 and x.shape[1] == w.shape[1], op, f"x {x.shape} and w {w.shape} disagree")
         B, C, H, W = x.shape
         K, _, R, S = w.shape
         Ho, Wo = H - R + 1, W - S + 1
-        _check_f32(op, x=x, w=w, b=b, yconv=yconv, ypool=ypool)
-        _need(x.ndim == 4 and w.ndim == 4 and C == w.shape[1] and Ho >= 2 and Wo >= 2, op,
-              f"x {x.shape} and w {w.shape} disagree")
+        _need(Ho >= 2 and Wo >= 2, op, f"the conv output of x {x.shape} and w {w.shape} ({Ho}×{Wo}) has no 2×2 window")
         _need(b.shape == (K,), op, "b must be (K,)")
         _need(yconv is None or yconv.shape == (B, K, Ho, Wo), op, f"yconv must be {(B, K, Ho, Wo)}")
         _need(ypool.shape == (B, K, Ho // 2, Wo // 2), op, f"ypool must be {(B, K, Ho // 2, Wo // 2)}")
@@ -346,6 +363,7 @@ class CpuBackend(HostMemory):
                 wp, bp, *parts.addresses)
 
     def conv2d_bwd_data_pool(self, dz, w, argmax, yconv, dz_below, mode, act, variant=None) -> None:
+        self._single("conv2d_bwd_data_pool", variant)
         self.counters.launches += 1
         acode, mcode = _act(act), _mode(mode)
         key = ("conv2d_bwd_data_pool", dz.shape, w.shape, yconv.shape, mode)
@@ -382,6 +400,8 @@ class CpuBackend(HostMemory):
 
     # ------------------------------------------------------------------ the routed backward (max pooling)
     def conv2d_bwd_weight_routed(self, x, gz, argmax, dw, db, state=None, variant=None) -> None:
+        if variant not in (None, "auto"):
+            self._single("conv2d_bwd_weight_routed", variant)
         self.counters.launches += 1
         if variant in (None, "auto"):  # v3 where a whole patch fits two AVX-512 vectors (C1), else v1 (C3) or v2
             K, C, R, S = dw.shape
@@ -402,8 +422,9 @@ class CpuBackend(HostMemory):
         B, C, H, W = x.shape
         K, _, R, S = w.shape
         Ho, Wo = H - R + 1, W - S + 1
+        _need(Ho >= 2 and Wo >= 2, op, f"the conv output of {x.shape} and w {w.shape} ({Ho}×{Wo}) has no 2×2 window")
         want = (B, K, Ho // 2, Wo // 2)
-        _need(Ho >= 2 and Wo >= 2 and gz.shape == want, op, f"gz {gz.shape}, want {want} (the pooled size)")
+        _need(gz.shape == want, op, f"gz {gz.shape}, want {want} (the pooled size)")
         _need(argmax is not None and argmax.shape == want and argmax.dtype == np.uint8, op,
               f"argmax must be uint8 {want}")
 
@@ -439,6 +460,7 @@ class CpuBackend(HostMemory):
         return fn, self._ws(self._slots, L, H, W * C + pw), self._ws(nchunks(B), K * C * R * S + K), *parts.addresses
 
     def conv2d_bwd_data_routed(self, gz, w, argmax, y_below, gz_below, act, variant=None) -> None:
+        self._single("conv2d_bwd_data_routed", variant)
         self.counters.launches += 1
         acode = _act(act)
         key = ("conv2d_bwd_data_routed", gz.shape, w.shape, y_below.shape)
@@ -460,6 +482,7 @@ class CpuBackend(HostMemory):
 
     def head_train(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
                    dw1, db1, dw2, db2, dw3, db3, stats, state, act, mode, variant=None) -> None:
+        self._single("head_train", variant)
         self.counters.launches += 1
         acode, mcode = _act(act), _mode(mode)
         routed_ = yconv is None  # the routed step: dz_conv gets gz = dL/dx · act'(x) at x's shape
@@ -514,6 +537,7 @@ class CpuBackend(HostMemory):
                 *parts.addresses)
 
     def lenet_fwd(self, images, params: dict, logits, mean, std, act, mode, variant=None) -> None:
+        self._single("lenet_fwd", variant)
         self.counters.launches += 1
         acode, mcode = _act(act), _mode(mode)
         p = [params[k] for k in ("c1.w", "c1.b", "c3.w", "c3.b", "c5.w", "c5.b", "f6.w", "f6.b", "out.w", "out.b")]
