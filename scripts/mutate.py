@@ -81,6 +81,23 @@ MUTATIONS = [
         ["tests/test_bench_ops.py"],
         why="the benchmark's op case calls an op with an argument list it no longer takes",
     ),
+    Mutation(
+        "a block's biases rotated (AVX-512 blocks only)",
+        "lenet_gpu/backends/cpu_backend/conv2d.py",
+        "        bq = bp[k0 + q]\n",
+        "        bq = bp[k0 + (q + 1) % KB]\n",
+        ["tests/test_cpu_random_shapes.py", "-k", "avx512-blocks and pool_fwd"],
+        why="the cpu conv+pool kernels give each filter of a register block its neighbour's bias: a no-op with AVX2 "
+            "code's blocks of one filter, so only the AVX-512 blocks, forced on any CPU, can catch it",
+    ),
+    Mutation(
+        "routed v3's db drops the odd columns",
+        "lenet_gpu/backends/cpu_backend/routed.py",
+        "                    bs += g2\n",
+        "",
+        ["tests/test_cpu_random_shapes.py", "-k", "routed_backward"],
+        why="conv2d_bwd_weight_routed_v3 (C1's weight gradient) sums db over the even pooled columns only",
+    ),
 ]
 
 
