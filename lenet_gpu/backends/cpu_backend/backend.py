@@ -400,8 +400,7 @@ class CpuBackend(HostMemory):
 
     # ------------------------------------------------------------------ the routed backward (max pooling)
     def conv2d_bwd_weight_routed(self, x, gz, argmax, dw, db, state=None, variant=None) -> None:
-        if variant not in (None, "auto"):
-            self._single("conv2d_bwd_weight_routed", variant)
+        self._single("conv2d_bwd_weight_routed", variant)
         self.counters.launches += 1
         if variant in (None, "auto"):  # v3 where a whole patch fits two AVX-512 vectors (C1), else v1 (C3) or v2
             K, C, R, S = dw.shape
