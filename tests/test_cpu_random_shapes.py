@@ -231,6 +231,22 @@ def test_an_unknown_variant_is_an_error():
     assert be.counters.launches == 10
 
 
+def test_every_op_checks_its_variant_first():
+    """Every op of the backend, the four-kernel step's included, refuses an unknown variant on every call (not only
+    when its plan is made), before it reads an argument or counts a launch: None stands in for every argument."""
+    import inspect
+
+    be = CpuBackend()
+    assert len(be.variants) >= 20
+    for op in be.variants:
+        fn = getattr(be, op)
+        n = sum(1 for p in inspect.signature(fn).parameters.values()
+                if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD)
+        with pytest.raises(ValueError, match=rf"^{op}: unknown variant 'v9'"):
+            fn(*([None] * n), variant="v9")
+    assert be.counters.launches == 0
+
+
 def test_cases_cover_the_edges():
     """The drawn shapes hold what they are for: a batch that leaves a partial chunk, several chunks, maps too small
     to pool, a patch too big for the routed v3, and every activation."""

@@ -143,23 +143,24 @@ class CpuBackend(HostMemory):
         self.counters.allocs += 1
         return np.zeros(shape, dtype=dtype)
 
-    def _variant(self, op: str, variant: str | None, width: int) -> str:
-        v = variant or self.default_variants[op]
-        if v == "auto":
-            return self.variants[op][-1] if width >= ROWS_MIN_WIDTH else self.variants[op][-2]
-        if v not in self.variants[op]:
-            raise ValueError(f"{op}: unknown variant {v!r}; expected one of {', '.join(self.variants[op])} or auto")
-        return v
-
-    def _single(self, op: str, variant: str | None) -> None:
-        """None, "auto" and the op's variants run; another name is an error (before anything is counted or run)."""
+    def _check_variant(self, op: str, variant: str | None) -> None:
+        """Every op's first line: None, "auto" and the op's variants run; another name is an error, before anything
+        is counted or run."""
         if variant is not None and variant != "auto" and variant not in self.variants[op]:
             have = ", ".join(self.variants[op])
             raise ValueError(f"{op}: unknown variant {variant!r}; expected one of {have} or auto")
 
+    def _variant(self, op: str, variant: str | None, width: int) -> str:
+        """The variant an op of two or more runs (its name checked already): "auto" (or None, where it is the
+        default) by the output width."""
+        v = variant or self.default_variants[op]
+        if v == "auto":
+            return self.variants[op][-1] if width >= ROWS_MIN_WIDTH else self.variants[op][-2]
+        return v
+
     # ------------------------------------------------------------------ ops: batch, loss, optimizers
     def batch_prepare(self, images, labels, perm, state, x, y, mean, std, variant=None) -> None:
-        self._single("batch_prepare", variant)
+        self._check_variant("batch_prepare", variant)
         self.counters.launches += 1
         key = ("batch_prepare", images.shape, perm.shape, x.shape, y.shape)
         if key not in self._plans:
@@ -175,12 +176,12 @@ class CpuBackend(HostMemory):
         batch.batch_prepare_v1(images, labels, perm, state, x, y, F32(1.0 / (255.0 * std)), F32(-mean / std))
 
     def step_advance(self, state, batch_size, variant=None) -> None:
-        self._single("step_advance", variant)
+        self._check_variant("step_advance", variant)
         self.counters.launches += 1
         batch.step_advance_v1(state, batch_size)
 
     def softmax_xent(self, logits, labels, dlogits, stats, state, variant=None) -> None:
-        self._single("softmax_xent", variant)
+        self._check_variant("softmax_xent", variant)
         self.counters.launches += 1
         key = ("softmax_xent", logits.shape, stats.shape)
         plan = self._plans.get(key)
@@ -192,7 +193,7 @@ class CpuBackend(HostMemory):
         loss.softmax_xent_v1(logits, labels, dlogits, stats, state, plan[0])
 
     def adam_step(self, p, g, m, v, sched, state, beta1, beta2, eps, weight_decay, variant=None) -> None:
-        self._single("adam_step", variant)
+        self._check_variant("adam_step", variant)
         self.counters.launches += 1
         key = ("adam_step", p.shape)
         if key not in self._plans:
@@ -203,7 +204,7 @@ class CpuBackend(HostMemory):
                            F32(1 - beta1), F32(1 - beta2))
 
     def sgd_step(self, p, g, m, sched, state, momentum, weight_decay, variant=None) -> None:
-        self._single("sgd_step", variant)
+        self._check_variant("sgd_step", variant)
         self.counters.launches += 1
         key = ("sgd_step", p.shape)
         if key not in self._plans:
@@ -214,19 +215,20 @@ class CpuBackend(HostMemory):
 
     # ------------------------------------------------------------------ ops: unfused layers (v1)
     def conv2d_fwd(self, x, w, b, y, act, variant=None) -> None:
-        self._single("conv2d_fwd", variant)
+        self._check_variant("conv2d_fwd", variant)
         self.counters.launches += 1
         code = _act(act)
         self._check_conv("conv2d_fwd", x, w, y, b=b)
         conv2d.conv2d_fwd_v1(x, w, b, y, code)
 
     def conv2d_bwd_data(self, dz, w, dx, variant=None) -> None:
-        self._single("conv2d_bwd_data", variant)
+        self._check_variant("conv2d_bwd_data", variant)
         self.counters.launches += 1
         self._check_conv("conv2d_bwd_data", dx, w, dz)
         conv2d.conv2d_bwd_data_v1(dz, w, dx)
 
     def conv2d_bwd_weight(self, x, dz, dw, db, state=None, variant=None) -> None:
+        self._check_variant("conv2d_bwd_weight", variant)
         v = self._variant("conv2d_bwd_weight", variant, dz.shape[3])
         self.counters.launches += 1
         key = ("conv2d_bwd_weight", v, x.shape, dz.shape, dw.shape)
@@ -270,14 +272,14 @@ class CpuBackend(HostMemory):
         return fn, self._ws(T, L, C, H, nv * L + S - 1), self._ws(T, L, kp, Ho, nv * L), part, *parts.addresses
 
     def pool2x2_fwd(self, x, y, argmax, mode, variant=None) -> None:
-        self._single("pool2x2_fwd", variant)
+        self._check_variant("pool2x2_fwd", variant)
         self.counters.launches += 1
         code = _mode(mode)
         self._check_pool("pool2x2_fwd", x, y, argmax, mode)
         pool2x2.pool2x2_fwd_v1(x, y, argmax if argmax is not None else self._dummy_u8, code)
 
     def pool2x2_bwd(self, dy, argmax, yconv, dz, mode, act, variant=None) -> None:
-        self._single("pool2x2_bwd", variant)
+        self._check_variant("pool2x2_bwd", variant)
         self.counters.launches += 1
         code, acode = _mode(mode), _act(act)
         self._check_pool("pool2x2_bwd", yconv, dy, argmax, mode)
@@ -298,14 +300,14 @@ class CpuBackend(HostMemory):
         self._plans[key] = ()
 
     def dense_fwd(self, x, w, b, y, act, variant=None) -> None:
-        self._single("dense_fwd", variant)
+        self._check_variant("dense_fwd", variant)
         self.counters.launches += 1
         code = _act(act)
         self._check_dense("dense_fwd", x, w, y, b=b)
         dense.dense_fwd_v1(x, w, b, y, code)
 
     def dense_bwd(self, x, w, y, dy, dx, dw, db, act, variant=None) -> None:
-        self._single("dense_bwd", variant)
+        self._check_variant("dense_bwd", variant)
         self.counters.launches += 1
         code = _act(act)
         self._check_dense("dense_bwd", x, w, y, dy=dy, dx=dx, dw=dw, db=db)
@@ -325,6 +327,7 @@ class CpuBackend(HostMemory):
 
     # ------------------------------------------------------------------ fused ops
     def conv2d_pool_fwd(self, x, w, b, yconv, ypool, argmax, act, mode, variant=None) -> None:
+        self._check_variant("conv2d_pool_fwd", variant)
         v = self._variant("conv2d_pool_fwd", variant, x.shape[3] - w.shape[3] + 1)
         self.counters.launches += 1
         acode, mcode = _act(act), _mode(mode)
@@ -363,7 +366,7 @@ class CpuBackend(HostMemory):
                 wp, bp, *parts.addresses)
 
     def conv2d_bwd_data_pool(self, dz, w, argmax, yconv, dz_below, mode, act, variant=None) -> None:
-        self._single("conv2d_bwd_data_pool", variant)
+        self._check_variant("conv2d_bwd_data_pool", variant)
         self.counters.launches += 1
         acode, mcode = _act(act), _mode(mode)
         key = ("conv2d_bwd_data_pool", dz.shape, w.shape, yconv.shape, mode)
@@ -400,7 +403,7 @@ class CpuBackend(HostMemory):
 
     # ------------------------------------------------------------------ the routed backward (max pooling)
     def conv2d_bwd_weight_routed(self, x, gz, argmax, dw, db, state=None, variant=None) -> None:
-        self._single("conv2d_bwd_weight_routed", variant)
+        self._check_variant("conv2d_bwd_weight_routed", variant)
         self.counters.launches += 1
         if variant in (None, "auto"):  # v3 where a whole patch fits two AVX-512 vectors (C1), else v1 (C3) or v2
             K, C, R, S = dw.shape
@@ -429,7 +432,6 @@ class CpuBackend(HostMemory):
 
     def _plan_bwd_weight_routed(self, v: str, x, gz, argmax, dw, db) -> tuple:
         op = "conv2d_bwd_weight_routed"
-        _need(v in self.variants[op], op, f"unknown variant {v!r}; have {self.variants[op]}")
         self._check_routed(op, x, gz, argmax, dw)
         _check_f32(op, db=db)
         _need(db.shape == (dw.shape[0],), op, "db must be (K,)")
@@ -459,7 +461,7 @@ class CpuBackend(HostMemory):
         return fn, self._ws(self._slots, L, H, W * C + pw), self._ws(nchunks(B), K * C * R * S + K), *parts.addresses
 
     def conv2d_bwd_data_routed(self, gz, w, argmax, y_below, gz_below, act, variant=None) -> None:
-        self._single("conv2d_bwd_data_routed", variant)
+        self._check_variant("conv2d_bwd_data_routed", variant)
         self.counters.launches += 1
         acode = _act(act)
         key = ("conv2d_bwd_data_routed", gz.shape, w.shape, y_below.shape)
@@ -481,7 +483,7 @@ class CpuBackend(HostMemory):
 
     def head_train(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
                    dw1, db1, dw2, db2, dw3, db3, stats, state, act, mode, variant=None) -> None:
-        self._single("head_train", variant)
+        self._check_variant("head_train", variant)
         self.counters.launches += 1
         acode, mcode = _act(act), _mode(mode)
         routed_ = yconv is None  # the routed step: dz_conv gets gz = dL/dx · act'(x) at x's shape
@@ -536,7 +538,7 @@ class CpuBackend(HostMemory):
                 *parts.addresses)
 
     def lenet_fwd(self, images, params: dict, logits, mean, std, act, mode, variant=None) -> None:
-        self._single("lenet_fwd", variant)
+        self._check_variant("lenet_fwd", variant)
         self.counters.launches += 1
         acode, mcode = _act(act), _mode(mode)
         p = [params[k] for k in ("c1.w", "c1.b", "c3.w", "c3.b", "c5.w", "c5.b", "f6.w", "f6.b", "out.w", "out.b")]
@@ -580,21 +582,21 @@ class CpuBackend(HostMemory):
 
     def step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, mean, std,
                  act, variant=None) -> None:
+        self._check_variant("step_fwd", variant)
         self.counters.launches += 1
         acode = _act(act)
         key = ("step_fwd", images.shape, perm.shape, x.shape, sched.shape)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan_step_fwd(images, labels, perm, state, sched, srow, x, y, w1, b1,
-                                                          p1, m1, w3, b3, p3, m3, variant)
+                                                          p1, m1, w3, b3, p3, m3)
         fn, *ws = plan
         fn(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, F32(1.0 / (255.0 * std)),
            F32(-mean / std), acode, POOL_CODES["max"], False, *ws)
 
-    def _plan_step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3,
-                       variant) -> tuple:
+    def _plan_step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3,
+                       m3) -> tuple:
         op = "step_fwd"
-        _need(variant in (None, "auto", "v1"), op, f"unknown variant {variant!r}; have v1")
         _check_arrays(op, images=images, labels=labels, perm=perm, state=state, y=y, m1=m1, m3=m3)
         _check_f32(op, sched=sched, srow=srow, x=x, w1=w1, b1=b1, p1=p1, w3=w3, b3=b3, p3=p3)
         _need(images.dtype == np.uint8 and labels.dtype == np.uint8 and images.ndim == 3, op,
@@ -620,18 +622,18 @@ class CpuBackend(HostMemory):
                 self._ws(k3p, 6, 5, 5), self._ws(k3p), *parts.addresses)
 
     def step_bwd(self, x, p1, gz3, m3, m1, w3, gpart, act, variant=None) -> None:
+        self._check_variant("step_bwd", variant)
         self.counters.launches += 1
         acode = _act(act)
         key = ("step_bwd", x.shape, gpart.shape)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._plan_step_bwd(x, p1, gz3, m3, m1, w3, gpart, variant)
+            plan = self._plans[key] = self._plan_step_bwd(x, p1, gz3, m3, m1, w3, gpart)
         fn, chunk, offs, *ws = plan
         fn(x, p1, gz3, m3, m1, w3, gpart, acode, chunk, *offs, *ws)
 
-    def _plan_step_bwd(self, x, p1, gz3, m3, m1, w3, gpart, variant) -> tuple:
+    def _plan_step_bwd(self, x, p1, gz3, m3, m1, w3, gpart) -> tuple:
         op = "step_bwd"
-        _need(variant in (None, "auto", "v1"), op, f"unknown variant {variant!r}; have v1")
         _check_f32(op, x=x, p1=p1, gz3=gz3, w3=w3, gpart=gpart)
         _check_arrays(op, m3=m3, m1=m1)
         B = x.shape[0]
@@ -655,24 +657,25 @@ class CpuBackend(HostMemory):
                 self._ws(16, 5, pw), *parts.addresses)
 
     def step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay, variant=None) -> None:
+        self._check_variant("step_adam", variant)
         self.counters.launches += 1
         key = ("step_adam", p.shape, gpart.shape)
         if key not in self._plans:
-            self._check_step_update("step_adam", p, g, gpart, m, v, srow, state, variant)
+            self._check_step_update("step_adam", p, g, gpart, m, v, srow, state)
             self._plans[key] = ()
         step4.step_adam_v1(p, g, gpart, m, v, srow, state, int(batch), F32(beta1), F32(beta2), F32(eps),
                            F32(weight_decay), F32(1 - beta1), F32(1 - beta2))
 
     def step_sgd(self, p, g, gpart, m, srow, state, batch, momentum, weight_decay, variant=None) -> None:
+        self._check_variant("step_sgd", variant)
         self.counters.launches += 1
         key = ("step_sgd", p.shape, gpart.shape)
         if key not in self._plans:
-            self._check_step_update("step_sgd", p, g, gpart, m, None, srow, state, variant)
+            self._check_step_update("step_sgd", p, g, gpart, m, None, srow, state)
             self._plans[key] = ()
         step4.step_sgd_v1(p, g, gpart, m, srow, state, int(batch), F32(momentum), F32(weight_decay))
 
-    def _check_step_update(self, op: str, p, g, gpart, m, v, srow, state, variant) -> None:
-        _need(variant in (None, "auto", "v1"), op, f"unknown variant {variant!r}; have v1")
+    def _check_step_update(self, op: str, p, g, gpart, m, v, srow, state) -> None:
         _check_f32(op, p=p, g=g, gpart=gpart, m=m, v=v, srow=srow)
         _check_arrays(op, state=state)
         _need(p.ndim == 1 and p.shape == g.shape == m.shape and (v is None or v.shape == p.shape), op,
