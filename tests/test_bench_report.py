@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bench import report
@@ -166,3 +168,29 @@ def test_fma_latency_by_cpu(kw: dict, cycles: int) -> None:
     """The FMA chain's cycles that bench.cpu_peak turns into a clock (a chain of 2.04 ns an FMA on the Zen 1 machine
     is 2.45 GHz at 5 cycles, which a chain of dependent integer adds confirmed at 2.34-2.45 GHz; at 4 it read 1.96)."""
     assert fma_latency_cycles(info(**kw)) == cycles
+
+
+def test_cpu_peak_startup_reports_the_median_first_run_each_on_an_empty_cache(monkeypatch, tmp_path) -> None:
+    """bench.cpu_peak.startup: every first run gets a cache of its own, the cached run reuses the first one's, the
+    serial run compiles with LENET_GPU_COMPILE_AHEAD=0, and the figure reported is the median first run."""
+    import json
+    import subprocess
+
+    from bench import cpu_peak
+
+    walls = iter([12.0, 0.7, 9.0, 10.5, 20.0])  # first0, cached, first1, first2, serial
+    seen = []
+
+    def fake_run(cmd, env, **kw):
+        seen.append((os.path.basename(env["NUMBA_CACHE_DIR"]), env["LENET_GPU_COMPILE_AHEAD"]))
+        wall = next(walls)
+        return subprocess.CompletedProcess(cmd, 0, stdout="noise\n" + json.dumps([wall, wall / 2, {"ran": True}]))
+
+    monkeypatch.setattr(cpu_peak.subprocess, "run", fake_run)
+    out = cpu_peak.startup(str(tmp_path), 128, runs=3)
+    assert seen == [("first0", "1"), ("first0", "1"), ("first1", "1"), ("first2", "1"), ("serial", "0")]
+    assert out["first_runs_s"] == [12.0, 9.0, 10.5]
+    assert out["first_run_to_first_step_s"] == 10.5
+    assert out["first_run_cpu_s"] == 5.25
+    assert out["cached_run_to_first_step_s"] == 0.7
+    assert out["first_run_serial_to_first_step_s"] == 20.0
