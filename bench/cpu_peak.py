@@ -64,7 +64,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cpu_info() -> dict[str, Any]:
-    """The first CPU of /proc/cpuinfo: its text (what lenet_gpu.perf.timing's estimates read), model name and clock
+    """The first CPU of /proc/cpuinfo: its text (what lenet_gpu.perf.timing's estimates read), model name, family and
+    model numbers (a VM's name may say only "AMD EPYC": family 23 model 1 is a Zen 1, 25 model 1 a Zen 3), clock
     (MHz), and the usable cores."""
     info: dict[str, Any] = {"model": "unknown", "mhz": 0.0}
     try:
@@ -79,6 +80,8 @@ def cpu_info() -> dict[str, Any]:
             info["model"] = val
         elif key == "cpu MHz":
             info["mhz"] = float(val)
+        elif key in ("cpu family", "model") and val.isdigit():
+            info["family" if key == "cpu family" else "model_number"] = int(val)
     info["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return info
 
@@ -360,7 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak, formula = fp32_peak(info)
     peak1, formula1 = fp32_peak(info, cores=1)
     isa = vector_isa()
-    out: dict[str, Any] = {"cpu": info["model"], "peak_formula": formula, "peak_formula_1core": formula1,
+    family = f" (family {info['family']} model {info['model_number']})" if "family" in info else ""
+    out: dict[str, Any] = {"cpu": info["model"] + family, "peak_formula": formula, "peak_formula_1core": formula1,
                            "vector_isa": isa, "load_avg_start": os.getloadavg(),
                            "torch": torch.__version__ if torch is not None else None,
                            "peer": "torch" if torch is not None else "ours-dense",
@@ -371,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"load average {os.getloadavg()[0]:.1f}")
     ghz = measured_clock_ghz(info["text"])
     out["measured_clock_ghz"] = ghz
-    print(f"CPU {info['model']}; FP32 peak {formula}; measured clock {ghz:.2f} GHz "
+    print(f"CPU {out['cpu']}; FP32 peak {formula}; measured clock {ghz:.2f} GHz "
           f"(peak at that clock {peak * ghz / (info['mhz'] / 1000) / 1e9 if info['mhz'] else float('nan'):.0f} "
           "GFLOP/s)")
 
