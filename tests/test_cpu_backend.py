@@ -8,6 +8,8 @@ The first run compiles every kernel (minutes on a busy machine); later runs load
 
 from __future__ import annotations
 
+import inspect
+
 import numba
 import numpy as np
 import pytest
@@ -462,9 +464,11 @@ def test_register_blocked_kernels_use_packed_fma(kernel):
     }
     calls[kernel]()  # makes the plan
     seen = []
+    chunk_caller = []
     for key, plan in be._plans.items():  # wrap the planned kernel to catch its arguments
         if plan and getattr(plan[0], "py_func", None) is not None and plan[0].py_func.__name__ == kernel:
             fn = plan[0]
+            chunk_caller.append(fn)
             be._plans[key] = (lambda *a, _fn=fn: (seen.append(a), _fn(*a))[1], *plan[1:])
     calls[kernel]()
     assert seen, f"{kernel} was not called"
@@ -472,7 +476,11 @@ def test_register_blocked_kernels_use_packed_fma(kernel):
              "conv2d_bwd_weight_v2": conv2d._bwd_weight_lanes_chunk,
              "conv2d_bwd_weight_v3": conv2d._bwd_weight_rows_chunk,
              "conv2d_bwd_data_pool_v1": conv2d._bwd_data_pool_chunk, "lenet_fwd_v1": lenet_fwd._lenet_chunk}
-    counts = common.inspect_fma(fresh_at(chunk[kernel], seen[0][-1]))  # the kernel's last argument: its address
+    names = list(inspect.signature(chunk_caller[0].py_func).parameters)
+    # the chunk's address: the kernel's argument a_chunk where it has one (lenet_fwd_v1, whose last two are its task's
+    # and launch.par_tasks's addresses), else its last argument
+    addr = seen[0][names.index("a_chunk")] if "a_chunk" in names else seen[0][-1]
+    counts = common.inspect_fma(fresh_at(chunk[kernel], addr))
     # one register block's FMAs at least: (FMAs a filter or channel takes per 16-lane vector) × the planner's block
     # × the registers a 16-lane vector takes (one zmm in AVX-512 code; two ymm in AVX2 code, on a host without
     # AVX-512, where the blocks are 1: conv2d.block_size)

@@ -20,10 +20,11 @@ Kernels (``<op>_v<N>``, the names of the GPU kernels; "auto" picks lanes or rows
                            without yconv, the model's routed step
   step_fwd_v1, step_bwd_v1, step_adam_v1, step_sgd_v1
                            the four-kernel step of max pooling (step4.py, docs/step4.md): the routed step's
-                           chunk functions fused into one parallel region per op; the model's default step
+                           chunk functions fused into one parallel loop per op; the model's default step
   adam_step_v1, sgd_step_v1, step_advance_v1
 
-Parallel over fixed chunks of 16 images (``prange``); sums over the batch per chunk, then in chunk order:
+Parallel over fixed chunks of 16 images (``prange``; the step's ops and lenet_fwd through the one parallel kernel of
+launch.py); sums over the batch per chunk, then in chunk order:
 results repeat bit for bit whatever the number of threads. Compiled with ``cache=True`` at LLVM -O2
 (common.OPT_LEVEL: the speed of -O3 in two thirds of the compile time): the first run compiles, on two
 cores when it can (warm.py: a helper process compiles part of the step into the cache), and later runs

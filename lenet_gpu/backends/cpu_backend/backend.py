@@ -17,7 +17,7 @@ import numpy as np
 
 from ...spec import conv_prefix, param_layout
 from ..base import ACT_CODES, OPS, OPTIONAL_OPS, POOL_CODES, STEP_OPS, Counters, HostMemory, check_act, check_mode
-from . import batch, conv2d, dense, head, lenet_fwd, loss, optim, pool2x2, routed, step4, warm
+from . import batch, conv2d, dense, head, launch, lenet_fwd, loss, native, optim, pool2x2, routed, step4, warm
 from .common import L, nchunks
 
 F32 = np.float32
@@ -492,14 +492,14 @@ class CpuBackend(HostMemory):
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan_head(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax,
-                                                      yconv, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, mode)
+                                                      yconv, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, state, mode)
         fn, *ws = plan
         fn(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax if argmax is not None else self._dummy_u8,
            yconv if not routed_ else self._dummy_f, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, state, acode, mcode,
            *ws)
 
     def _plan_head(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
-                   dw1, db1, dw2, db2, dw3, db3, stats, mode: str) -> tuple:
+                   dw1, db1, dw2, db2, dw3, db3, stats, state, mode: str) -> tuple:
         op = "head_train"
         _check_f32(op, x=x, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3, b3=b3, h1=h1, h2=h2, logits=logits, yconv=yconv,
                    dz_conv=dz_conv, dw1=dw1, db1=db1, dw2=dw2, db2=db2, dw3=dw3, db3=db3, stats=stats)
@@ -530,12 +530,19 @@ class CpuBackend(HostMemory):
         def pad8(n: int) -> int:
             return -(-n // dense.OB) * dense.OB
 
-        parts = head.parts(yconv is None)
-        return (head.make_head_train_v1(yconv is None, parts.abi), self._ws(T, I, L), self._ws(T, H1, L),
-                self._ws(T, H2, L), self._ws(T, NC, L), self._ws(T, H1, L), self._ws(T, H2, L), self._ws(T, I, L),
-                self._ws(T, C, Hp, Wp), self._ws(B, pad8(H1)), self._ws(B, pad8(H2)), self._ws(B, pad8(NC)),
-                self._ws(nchunks(B), 2, dtype=np.float64), head.dw_tasks(((H1, I), (H2, H1), (NC, H2))),
-                *parts.addresses)
+        routed_ = yconv is None
+        parts = head.parts(routed_)
+        ws = (self._ws(T, I, L), self._ws(T, H1, L), self._ws(T, H2, L), self._ws(T, NC, L), self._ws(T, H1, L),
+              self._ws(T, H2, L), self._ws(T, I, L), self._ws(T, C, Hp, Wp), self._ws(B, pad8(H1)),
+              self._ws(B, pad8(H2)), self._ws(B, pad8(NC)), self._ws(nchunks(B), 2, dtype=np.float64),
+              head.dw_tasks(((H1, I), (H2, H1), (NC, H2))), *parts.addresses)
+        # the kernel's arguments as head_train passes them (values aside): the type of the tuple its tasks read
+        am = argmax if argmax is not None else self._dummy_u8
+        yc = yconv if not routed_ else self._dummy_f
+        tt = launch.task_type((x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, am, yc, dz_conv, dw1, db1, dw2, db2,
+                               dw3, db3, stats, state, 0, 0, *ws, 0, 0, 0))
+        tasks = [native.address(t, launch.TASK_ARGS) for t in head.make_head_tasks(routed_, tt)]
+        return (head.make_head_train_v1(routed_, parts.abi), *ws, *tasks, launch.par_address())
 
     def lenet_fwd(self, images, params: dict, logits, mean, std, act, mode, variant=None) -> None:
         self._check_variant("lenet_fwd", variant)
@@ -569,10 +576,13 @@ class CpuBackend(HostMemory):
         kb3, k3p = conv2d.block_size(K3)
         T = self._slots
         parts = lenet_fwd.parts(kb1, kb3)
-        return (lenet_fwd.make_lenet_fwd_v1(kb1, kb3, parts.abi), self._ws(T, 1, XH, XW, L),
-                self._ws(T, K1, H2, W2, L), self._ws(T, K3 * H4 * W4, L), self._ws(T, w5.shape[0], L),
-                self._ws(T, w6.shape[0], L), self._ws(T, w7.shape[0], L), self._ws(k1p, C1, R1, S1), self._ws(k1p),
-                self._ws(k3p, C3, R3, S3), self._ws(k3p), *parts.addresses)
+        ws = (self._ws(T, 1, XH, XW, L), self._ws(T, K1, H2, W2, L), self._ws(T, K3 * H4 * W4, L),
+              self._ws(T, w5.shape[0], L), self._ws(T, w6.shape[0], L), self._ws(T, w7.shape[0], L),
+              self._ws(k1p, C1, R1, S1), self._ws(k1p), self._ws(k3p, C3, R3, S3), self._ws(k3p), *parts.addresses)
+        # the kernel's arguments as lenet_fwd passes them (values aside): the type of the tuple its task reads
+        tt = launch.task_type((images, *p, logits, F32(0), F32(0), 0, 0, *ws, 0, 0))
+        a_task = native.address(lenet_fwd.make_lenet_fwd_task(kb1, kb3, tt), launch.TASK_ARGS)
+        return (lenet_fwd.make_lenet_fwd_v1(kb1, kb3, parts.abi), *ws, a_task, launch.par_address())
 
     # ------------------------------------------------------------------ the four-kernel step (docs/step4.md)
     def step_groups(self, batch: int) -> int:
@@ -618,8 +628,13 @@ class CpuBackend(HostMemory):
         ws1 = self._ws(T, 1, 28 + 5 - 1, 2 * L + 5 - 1)
         ws3 = self._ws(T, 6, 14, 14, L)
         parts = step4.fwd_parts(kb1, kb3)
-        return (step4.make_step_fwd_v1(kb1, kb3, parts.abi), ws1, self._ws(k1p, 1, 5, 5), self._ws(k1p), ws3,
-                self._ws(k3p, 6, 5, 5), self._ws(k3p), *parts.addresses)
+        ws = (ws1, self._ws(k1p, 1, 5, 5), self._ws(k1p), ws3, self._ws(k3p, 6, 5, 5), self._ws(k3p),
+              *parts.addresses)
+        # the kernel's arguments as step_fwd passes them (values aside): the type of the tuple its task reads
+        tt = launch.task_type((images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, F32(0),
+                               F32(0), 0, 0, False, *ws, 0, 0))
+        a_task = native.address(step4.make_step_fwd_task(kb1, kb3, tt), launch.TASK_ARGS)
+        return (step4.make_step_fwd_v1(kb1, kb3, parts.abi), *ws, a_task, launch.par_address())
 
     def step_bwd(self, x, p1, gz3, m3, m1, w3, gpart, act, variant=None) -> None:
         self._check_variant("step_bwd", variant)
@@ -651,10 +666,15 @@ class CpuBackend(HostMemory):
         pv1, kb3, r3, pw = step4.bwd_blocks()
         parts = step4.bwd_parts()
         fn = step4.make_step_bwd_v1(pv1, kb3, r3, pw, parts.abi)
-        return (fn, -(-B // gpart.shape[0]), (off["c1.w"], off["c1.b"], off["c3.w"], off["c3.b"]),
-                self._ws(T, L, 14, 14 * 6 + pw), self._ws(T, 14, 14 * 6 + pw), self._ws(T, L, 6, 14, 14),
-                self._ws(T, 28, 32 * 5 + pv1), self._ws(T, 6, pv1), self._ws(T, 16 * 6 * 25 + 16),
-                self._ws(16, 5, pw), *parts.addresses)
+        chunk = -(-B // gpart.shape[0])
+        offs = (off["c1.w"], off["c1.b"], off["c3.w"], off["c3.b"])
+        ws = (self._ws(T, L, 14, 14 * 6 + pw), self._ws(T, 14, 14 * 6 + pw), self._ws(T, L, 6, 14, 14),
+              self._ws(T, 28, 32 * 5 + pv1), self._ws(T, 6, pv1), self._ws(T, 16 * 6 * 25 + 16), self._ws(16, 5, pw),
+              *parts.addresses)
+        # the kernel's arguments as step_bwd passes them (values aside): the type of the tuple its task reads
+        tt = launch.task_type((x, p1, gz3, m3, m1, w3, gpart, 0, chunk, *offs, *ws, 0, 0))
+        a_task = native.address(step4.make_step_bwd_task(pv1, kb3, r3, pw, tt), launch.TASK_ARGS)
+        return (fn, chunk, offs, *ws, a_task, launch.par_address())
 
     def step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay, variant=None) -> None:
         self._check_variant("step_adam", variant)

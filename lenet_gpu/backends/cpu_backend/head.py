@@ -1,11 +1,11 @@
 """head: the dense head's forward, loss and backward in one op (reference.head_train).
 
-  head_train_v1  lanes: per chunk of 16 images (prange), C5 → F6 → output as register-blocked lane
+  head_train_v1  lanes: per chunk of 16 images (a task of launch.par_tasks), C5 → F6 → output as register-blocked lane
                  kernels, the softmax and its statistics per image, the backward pass down to dS4, and the
                  route through S4's pooling into C3's pre-activation gradient (NCHW), or with ``routed``
                  (yconv=None, max pooling: docs/routed_backward.md) gz = dS4 · act'(S4) at S4's shape, no
                  route and no yconv read; then the three
-                 weight gradients as row kernels over the whole batch in order (prange over blocks of dense.OB
+                 weight gradients as row kernels over the whole batch in order (tasks over blocks of dense.OB
                  rows × ≤ 80 columns), so no weight gradient depends on the chunking or the threads.
                  ``make_head_train_v1(routed)``: the routed and the dense step's kernel are two specialisations,
                  each compiling only its own end of a chunk (_head_tail_routed, _head_tail_route). The kernel calls
@@ -18,9 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import get_thread_id, prange, types
+from numba import types
 
-from . import native
+from . import launch, native
 from .common import IDENTITY, JIT, JIT_INNER, L, act_grad, njit
 from .conv2d import F1, F2, F3, F4, I8, U4, _route
 from .dense import OB, lane_dense, lane_dense_t, rows_dw
@@ -165,42 +165,73 @@ def make_head_train_v1(routed: bool, ABI: str | None = None) -> Any:
     """head_train_v1 for the routed step (``routed``: yconv=None, gz at S4's shape) or the dense one (the route
     through S4's pooling). A constant of the kernel, not an argument: each compiles only its own end of a chunk
     (a first run of the default step does not compile the dense one's route). ABI: parts(routed).abi (None: made
-    here, which compiles the parts)."""
+    here, which compiles the parts). A serial kernel with two parallel loops, each run by launch.par_tasks (a_par):
+    the chunks (``make_head_tasks``'s first function, a_task1), then the weight gradients' tasks (its second,
+    a_task2)."""
     if ABI is None:
         ABI = parts(routed).abi
     key = ("head_train_v1", routed, ABI)
     if key not in _MADE:
 
-        @njit(parallel=True, **JIT)
+        @njit(**JIT)
         def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
                           dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode,
                           ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks,
-                          a_chunk, a_tail, a_dw):
+                          a_chunk, a_tail, a_dw, a_task1, a_task2, a_par):
             _ = ABI  # in the closure: Numba's cache key (native.Parts)
+            nch = (x.shape[0] + L - 1) // L
+            args = (x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
+                    dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode,
+                    ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks,
+                    a_chunk, a_tail, a_dw, a_task1, a_task2, a_par)
+            p = launch.stash(args)
+            launch.run(a_par, a_task1, p, nch)
+            write_stats_row(part, nch, stats, state)
+            # weight gradients over the whole batch, b in order
+            launch.run(a_par, a_task2, p, tasks.shape[0])
+
+        _MADE[key] = head_train_v1
+    return _MADE[key]
+
+
+def make_head_tasks(routed: bool, TT: str) -> tuple[Any, Any]:
+    """head_train_v1's two tasks, from the kernel's arguments (their tuple's type named TT: launch.task_type):
+    chunk ci of 16 images on thread tid (forward, loss, the backward to the conv map), and weight-gradient task t."""
+    key = ("head_tasks", routed, TT)
+    if key not in _MADE:
+
+        @njit(**launch.JIT_TASK)
+        def head_chunk_task(p, ci, tid):
+            (x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
+             dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode,
+             ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks,
+             a_chunk, a_tail, a_dw, a_task1, a_task2, a_par) = launch.unstash(p, TT)
             B = x.shape[0]
             xf = x.reshape((B, x.shape[1] * x.shape[2] * x.shape[3]))
             inv_n = np.float32(1.0 / B)
-            nch = (B + L - 1) // L
-            for ci in prange(nch):
-                tid = get_thread_id()
-                b0 = np.int64(ci) * L
-                s, c = _call_chunk(a_chunk, (xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, act_code, ws_x[tid],
-                                             ws_h1[tid], ws_h2[tid], ws_z[tid], ws_d1[tid], ws_d2[tid], ws_dx[tid],
-                                             dz3r, b0, inv_n))
-                if routed:
-                    _call_tail_routed(a_tail, (xf, dz_conv, act_code, ws_x[tid], ws_d1[tid], ws_d2[tid], ws_dx[tid],
-                                               dz1r, dz2r, b0))
-                else:
-                    _call_tail_route(a_tail, (xf, argmax, yconv, dz_conv, act_code, mode, ws_d1[tid], ws_d2[tid],
-                                              ws_dx[tid], ws_dxw[tid], dz1r, dz2r, b0))
-                part[ci, 0] = s
-                part[ci, 1] = c
-            write_stats_row(part, nch, stats, state)
-            # weight gradients over the whole batch, b in order
-            for t in prange(tasks.shape[0]):
-                _call_dw_task(a_dw, (tasks[t], xf, h1, h2, dz1r, dz2r, dz3r, dw1, db1, dw2, db2, dw3, db3))
+            b0 = ci * L
+            s, c = _call_chunk(a_chunk, (xf, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, act_code, ws_x[tid],
+                                         ws_h1[tid], ws_h2[tid], ws_z[tid], ws_d1[tid], ws_d2[tid], ws_dx[tid],
+                                         dz3r, b0, inv_n))
+            if routed:
+                _call_tail_routed(a_tail, (xf, dz_conv, act_code, ws_x[tid], ws_d1[tid], ws_d2[tid], ws_dx[tid],
+                                           dz1r, dz2r, b0))
+            else:
+                _call_tail_route(a_tail, (xf, argmax, yconv, dz_conv, act_code, mode, ws_d1[tid], ws_d2[tid],
+                                          ws_dx[tid], ws_dxw[tid], dz1r, dz2r, b0))
+            part[ci, 0] = s
+            part[ci, 1] = c
 
-        _MADE[key] = head_train_v1
+        @njit(**launch.JIT_TASK)
+        def head_dw_task(p, t, tid):
+            (x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
+             dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode,
+             ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks,
+             a_chunk, a_tail, a_dw, a_task1, a_task2, a_par) = launch.unstash(p, TT)
+            xf = x.reshape((x.shape[0], x.shape[1] * x.shape[2] * x.shape[3]))
+            _call_dw_task(a_dw, (tasks[t], xf, h1, h2, dz1r, dz2r, dz3r, dw1, db1, dw2, db2, dw3, db3))
+
+        _MADE[key] = (head_chunk_task, head_dw_task)
     return _MADE[key]
 
 

@@ -1,21 +1,19 @@
 """lenet_fwd: the whole forward pass, uint8 images → logits, in one op (reference.lenet_fwd).
 
-  lenet_fwd_v1  lanes: per chunk of 16 images (prange), everything in the lane layout of one thread's
-                workspace: normalise onto the canvas (the bits of batch_prepare), C1 + act + S2 and C3 + act + S4
-                as register-blocked
-                pooling windows (only the pooled maps are kept), then C5 → F6 → output as lane kernels;
-                the logits are the only output written. The chunk runs through the address of its compiled code
-                (native.py): it compiles once, not into each module of the parallel kernel
+  lenet_fwd_v1  lanes: per chunk of 16 images (a task of launch.par_tasks), everything in the lane layout of one
+                thread's workspace: normalise onto the canvas (the bits of batch_prepare), C1 + act + S2 and C3 + act
+                + S4 as register-blocked pooling windows (only the pooled maps are kept), then C5 → F6 → output as
+                lane kernels; the logits are the only output written. The chunk runs through the address of its
+                compiled code (native.py): it compiles once, not into the task's code
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-from numba import carray, get_thread_id, literally, prange, types
+from numba import carray, literally, types
 
-from . import native
+from . import launch, native
 from .batch import canvas_lane
 from .common import IDENTITY, JIT, JIT_INLINE, JIT_INNER, MAX, RELU, ZERO, L, act, njit, stack_tile
 from .conv2d import F1, F2, F4, I8, KB_MAX, W_TILE, _pad_weights, bias_init, pool4, window_lanes
@@ -95,21 +93,38 @@ def parts(KB1: int, KB3: int) -> native.Parts:
 
 
 def make_lenet_fwd_v1(KB1: int, KB3: int, ABI: str) -> Any:
-    """lenet_fwd_v1 for blocks of KB1 filters in C1 and KB3 in C3; ABI: parts(KB1, KB3).abi."""
+    """lenet_fwd_v1 for blocks of KB1 filters in C1 and KB3 in C3; ABI: parts(KB1, KB3).abi. A serial kernel: its
+    chunks run as tasks of launch.par_tasks (a_par), each task ``make_lenet_fwd_task``'s function (a_task)."""
     key = (KB1, KB3, ABI)
     if key not in _MADE:
 
-        @njit(parallel=True, **JIT)
+        @njit(**JIT)
         def lenet_fwd_v1(images, w1, b1, w3, b3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
-                         ws_x, ws_s2, ws_s4, ws_h1, ws_h2, ws_z, wp1, bp1, wp3, bp3, a_chunk):
+                         ws_x, ws_s2, ws_s4, ws_h1, ws_h2, ws_z, wp1, bp1, wp3, bp3, a_chunk, a_task, a_par):
             _ = ABI  # in the closure: Numba's cache key (native.Parts)
             _pad_weights(w1, b1, wp1, bp1)
             _pad_weights(w3, b3, wp3, bp3)
-            for ci in prange((images.shape[0] + L - 1) // L):
-                tid = get_thread_id()
-                _call_chunk(a_chunk, (images, wp1, bp1, wp3, bp3, w5, b5, w6, b6, w7, b7, logits, scale, shift,
-                                      act_code, mode, ws_x[tid], ws_s2[tid], ws_s4[tid], ws_h1[tid], ws_h2[tid],
-                                      ws_z[tid], np.int64(ci) * L, w1.shape[0], w3.shape[0], KB1, KB3))
+            args = (images, w1, b1, w3, b3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
+                    ws_x, ws_s2, ws_s4, ws_h1, ws_h2, ws_z, wp1, bp1, wp3, bp3, a_chunk, a_task, a_par)
+            launch.run(a_par, a_task, launch.stash(args), (images.shape[0] + L - 1) // L)
 
         _MADE[key] = lenet_fwd_v1
+    return _MADE[key]
+
+
+def make_lenet_fwd_task(KB1: int, KB3: int, TT: str) -> Any:
+    """lenet_fwd_v1's task: chunk ci of 16 images on thread tid, from the kernel's arguments (their tuple's type named
+    TT: launch.task_type)."""
+    key = ("task", KB1, KB3, TT)
+    if key not in _MADE:
+
+        @njit(**launch.JIT_TASK)
+        def lenet_fwd_task(p, ci, tid):
+            (images, w1, b1, w3, b3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
+             ws_x, ws_s2, ws_s4, ws_h1, ws_h2, ws_z, wp1, bp1, wp3, bp3, a_chunk, a_task, a_par) = launch.unstash(p, TT)
+            _call_chunk(a_chunk, (images, wp1, bp1, wp3, bp3, w5, b5, w6, b6, w7, b7, logits, scale, shift,
+                                  act_code, mode, ws_x[tid], ws_s2[tid], ws_s4[tid], ws_h1[tid], ws_h2[tid],
+                                  ws_z[tid], ci * L, w1.shape[0], w3.shape[0], KB1, KB3))
+
+        _MADE[key] = lenet_fwd_task
     return _MADE[key]

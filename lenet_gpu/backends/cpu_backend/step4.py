@@ -1,11 +1,11 @@
 """step4: the four-kernel training step of max pooling (docs/step4.md) as Numba @njit kernels, by the names of the
 GPU kernels (kernels/step_fwd.cu, step_bwd.cu, step_update.cu), each one parallel region at most:
 
-  step_fwd_v1   one prange task per chunk of 16 images: batch_prepare of its images (the arithmetic of
+  step_fwd_v1   one task per chunk of 16 images: batch_prepare of its images (the arithmetic of
                 batch_prepare_v1, without contraction: the same bits), C1 + act + 2×2 max pool (the chunk function
                 of conv2d_pool_fwd_v2, rows), C3 + act + 2×2 max pool (conv2d_pool_fwd_v1's, lanes), no yconv:
                 a chunk's x and S2 are read back while they are in cache; then this step's schedule row srow
-  step_bwd_v1   one prange task per image group (reference.step_groups): C3's routed weight gradient (the chunk
+  step_bwd_v1   one task per image group (reference.step_groups): C3's routed weight gradient (the chunk
                 function of conv2d_bwd_weight_routed_v1), C3's routed data gradient gz1 (conv2d_bwd_data_routed_v1's)
                 into the thread's workspace, never into the batch's memory, and C1's routed weight gradient from it
                 (conv2d_bwd_weight_routed_v3's: whole patches from a row stack); the group's row of gpart at the
@@ -24,7 +24,9 @@ step_fwd_v1 and step_bwd_v1 call their chunk functions through the addresses of 
 arguments (native.py; fwd_parts, bwd_parts): each chunk function compiles once, not again into each of the four
 modules Numba makes of a parallel kernel. The default step's first compile (bench/compile_times.py, one process,
 empty cache, 2026-12-06): 19.2 s of CPU with every chunk function linked into its kernels, 12.1 s with step_fwd's,
-step_bwd's and head_train's called through addresses (16.8 s with step_bwd's alone).
+step_bwd's and head_train's called through addresses (16.8 s with step_bwd's alone). Since 2026-12-07 the kernels
+are serial and their loops run as tasks of launch.par_tasks, the one parallel kernel (launch.py: a task per chunk
+or group, ``make_step_fwd_task``, ``make_step_bwd_task``), so no op compiles Numba's parfor passes of its own.
 """
 
 from __future__ import annotations
@@ -32,10 +34,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import get_thread_id, prange
 
 from ...stepstate import EPOCH, OFFSET, SEED, SHIFT
-from . import conv2d, native, routed
+from . import conv2d, launch, native, routed
 from .batch import mix32, prepare_image, step_advance_v1, word32
 from .common import JIT, JIT_EXACT, JIT_INNER, ZERO, L, njit
 from .conv2d import _pad_weights, _pool_fwd_lanes_chunk, _pool_fwd_rows_chunk
@@ -68,35 +69,53 @@ def fwd_parts(KB1: int, KB3: int) -> native.Parts:
 
 
 def make_step_fwd_v1(KB1: int, KB3: int, ABI: str) -> Any:
-    """step_fwd_v1 for register blocks of KB1 filters (C1, rows) and KB3 (C3, lanes); ABI: fwd_parts(...).abi."""
+    """step_fwd_v1 for register blocks of KB1 filters (C1, rows) and KB3 (C3, lanes); ABI: fwd_parts(...).abi. A
+    serial kernel whose chunks run as tasks of launch.par_tasks (a_par), each ``make_step_fwd_task``'s (a_task)."""
     key = ("step_fwd_v1", KB1, KB3, ABI)
     if key not in _MADE:
 
-        @njit(parallel=True, **JIT)
+        @njit(**JIT)
         def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, scale, shift,
-                        act_code, mode, write_conv, ws_x1, wp1, bp1, ws_x3, wp3, bp3, a_c1, a_c3):
+                        act_code, mode, write_conv, ws_x1, wp1, bp1, ws_x3, wp3, bp3, a_c1, a_c3, a_task, a_par):
             _ = ABI  # in the closure: Numba's cache key (native.Parts)
-            B = x.shape[0]
             t = sched_index(sched, state)
             for e in range(srow.shape[0]):
                 srow[e] = sched[t, e]
             _pad_weights(w1, b1, wp1, bp1)
             _pad_weights(w3, b3, wp3, bp3)
+            args = (images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, scale, shift,
+                    act_code, mode, write_conv, ws_x1, wp1, bp1, ws_x3, wp3, bp3, a_c1, a_c3, a_task, a_par)
+            launch.run(a_par, a_task, launch.stash(args), (x.shape[0] + L - 1) // L)
+
+        _MADE[key] = step_fwd_v1
+    return _MADE[key]
+
+
+def make_step_fwd_task(KB1: int, KB3: int, TT: str) -> Any:
+    """step_fwd_v1's task: chunk ci of 16 images on thread tid (prepare, C1, C3), from the kernel's arguments (their
+    tuple's type named TT: launch.task_type)."""
+    key = ("step_fwd_task", KB1, KB3, TT)
+    if key not in _MADE:
+
+        @njit(**launch.JIT_TASK)
+        def step_fwd_task(p, ci, tid):
+            (images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, scale, shift,
+             act_code, mode, write_conv, ws_x1, wp1, bp1, ws_x3, wp3, bp3, a_c1, a_c3, a_task, a_par) = \
+                launch.unstash(p, TT)
+            B = x.shape[0]
             offset = np.int64(state[OFFSET])
             max_shift = np.int64(state[SHIFT])
             h1 = mix32(mix32(word32(state[SEED])) + word32(state[EPOCH]))
-            for ci in prange((B + L - 1) // L):
-                b0 = np.int64(ci) * L
-                for r in range(b0, min(B, b0 + L)):
-                    prepare_image(images, labels, perm, x, y, r, offset, max_shift, h1, scale, shift)
-                tid = get_thread_id()
-                # yconv is never written (write_conv is False): p1 and p3 stand in for it
-                _call_fwd1(a_c1, (x, wp1, bp1, p1, p1, m1, act_code, mode, write_conv, ws_x1[tid], b0, w1.shape[0],
-                                  KB1))
-                _call_fwd3(a_c3, (p1, wp3, bp3, p3, p3, m3, act_code, mode, write_conv, ws_x3[tid], b0, w3.shape[0],
-                                  KB3))
+            b0 = ci * L
+            for r in range(b0, min(B, b0 + L)):
+                prepare_image(images, labels, perm, x, y, r, offset, max_shift, h1, scale, shift)
+            # yconv is never written (write_conv is False): p1 and p3 stand in for it
+            _call_fwd1(a_c1, (x, wp1, bp1, p1, p1, m1, act_code, mode, write_conv, ws_x1[tid], b0, w1.shape[0],
+                              KB1))
+            _call_fwd3(a_c3, (p1, wp3, bp3, p3, p3, m3, act_code, mode, write_conv, ws_x3[tid], b0, w3.shape[0],
+                              KB3))
 
-        _MADE[key] = step_fwd_v1
+        _MADE[key] = step_fwd_task
     return _MADE[key]
 
 
@@ -118,8 +137,8 @@ def bwd_blocks() -> tuple[int, int, int, int]:
     return stack_width(5, 5, 1), routed_block(16, 5, pw), 5, pw
 
 
-#: step_bwd_v1's chunk functions, called through their addresses (native.py: each compiles once, not into every
-#: module of the parallel kernel)
+#: step_bwd_v1's chunk functions, called through their addresses (native.py: each compiles once, not into the
+#: task's code)
 _call_weight3 = native.caller(_bwd_weight_routed_chunk)
 _call_data3 = native.caller(_bwd_data_routed_chunk)
 _call_weight1 = native.caller(_bwd_weight_stack_chunk)
@@ -143,46 +162,63 @@ def compile_bwd_parts() -> None:
 
 def make_step_bwd_v1(PV1: int, KB3: int, R3: int, PW3: int, ABI: str) -> Any:
     """step_bwd_v1: C1's weight gradient by whole patches of PV1 floats (the row-stack kernel), C3's in blocks of KB3
-    filters × R3 patch rows of PW3 floats (the patch-row kernels); ABI: bwd_parts().abi."""
+    filters × R3 patch rows of PW3 floats (the patch-row kernels); ABI: bwd_parts().abi. A serial kernel whose image
+    groups run as tasks of launch.par_tasks (a_par), each ``make_step_bwd_task``'s (a_task)."""
     key = ("step_bwd_v1", PV1, KB3, R3, PW3, ABI)
     if key not in _MADE:
 
-        @njit(parallel=True, **JIT)
+        @njit(**JIT)
         def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, act_code, chunk, o1w, o1b, o3w, o3b, ws_xs3, ws_dx, ws_gz1,
-                        ws_zs1, ws_acc1, ws_part, wt, a_w3, a_d3, a_w1):
+                        ws_zs1, ws_acc1, ws_part, wt, a_w3, a_d3, a_w1, a_task, a_par):
             _ = ABI  # in the closure: Numba's cache key (native.Parts)
+            _rows_of_filters(w3, wt)
+            args = (x, p1, gz3, m3, m1, w3, gpart, act_code, chunk, o1w, o1b, o3w, o3b, ws_xs3, ws_dx, ws_gz1,
+                    ws_zs1, ws_acc1, ws_part, wt, a_w3, a_d3, a_w1, a_task, a_par)
+            launch.run(a_par, a_task, launch.stash(args), gpart.shape[0])
+
+        _MADE[key] = step_bwd_v1
+    return _MADE[key]
+
+
+def make_step_bwd_task(PV1: int, KB3: int, R3: int, PW3: int, TT: str) -> Any:
+    """step_bwd_v1's task: image group s on thread tid, from the kernel's arguments (their tuple's type named TT:
+    launch.task_type)."""
+    key = ("step_bwd_task", PV1, KB3, R3, PW3, TT)
+    if key not in _MADE:
+
+        @njit(**launch.JIT_TASK)
+        def step_bwd_task(p, s, tid):
+            (x, p1, gz3, m3, m1, w3, gpart, act_code, chunk, o1w, o1b, o3w, o3b, ws_xs3, ws_dx, ws_gz1,
+             ws_zs1, ws_acc1, ws_part, wt, a_w3, a_d3, a_w1, a_task, a_par) = launch.unstash(p, TT)
             B = x.shape[0]
             K1, K3 = p1.shape[1], w3.shape[0]
             R1, S1 = x.shape[2] - 2 * p1.shape[2] + 1, x.shape[3] - 2 * p1.shape[3] + 1
             n1 = K1 * x.shape[1] * R1 * S1
             n3 = w3.size
-            _rows_of_filters(w3, wt)
-            for s in prange(gpart.shape[0]):
-                tid = get_thread_id()
-                row = gpart[s]
-                for e in range(row.shape[0]):
-                    row[e] = ZERO
-                g0 = min(B, np.int64(s) * chunk)
-                g1 = min(B, g0 + chunk)
-                part = ws_part[tid]
-                for c0 in range(g0, g1, L):
-                    c1 = min(g1, c0 + L)
-                    # C3: dw3, db3 from S2 and the routed gz3
-                    _call_weight3(a_w3, (p1[c0:c1], gz3[c0:c1], m3[c0:c1], ws_xs3[tid], part, np.int64(0), K3,
-                                         w3.shape[3], KB3, R3, PW3))
-                    _add_at(row, o3w, part[:n3])
-                    _add_at(row, o3b, part[n3 : n3 + K3])
-                    # gz1 = C3's routed data gradient · act'(S2), in this thread's workspace only
-                    gz1 = ws_gz1[tid][0 : c1 - c0]
-                    _call_data3(a_d3, (gz3[c0:c1], wt, m3[c0:c1], p1[c0:c1], gz1, act_code, ws_dx[tid],
-                                       np.int64(0), R3, PW3))
-                    # C1: dw1, db1 from x and gz1 routed through m1
-                    _call_weight1(a_w1, (x[c0:c1], gz1, m1[c0:c1], ws_zs1[tid], ws_acc1[tid], part, np.int64(0),
-                                         R1, S1, PV1))
-                    _add_at(row, o1w, part[:n1])
-                    _add_at(row, o1b, part[n1 : n1 + K1])
+            row = gpart[s]
+            for e in range(row.shape[0]):
+                row[e] = ZERO
+            g0 = min(B, s * chunk)
+            g1 = min(B, g0 + chunk)
+            part = ws_part[tid]
+            for c0 in range(g0, g1, L):
+                c1 = min(g1, c0 + L)
+                # C3: dw3, db3 from S2 and the routed gz3
+                _call_weight3(a_w3, (p1[c0:c1], gz3[c0:c1], m3[c0:c1], ws_xs3[tid], part, np.int64(0), K3,
+                                     w3.shape[3], KB3, R3, PW3))
+                _add_at(row, o3w, part[:n3])
+                _add_at(row, o3b, part[n3 : n3 + K3])
+                # gz1 = C3's routed data gradient · act'(S2), in this thread's workspace only
+                gz1 = ws_gz1[tid][0 : c1 - c0]
+                _call_data3(a_d3, (gz3[c0:c1], wt, m3[c0:c1], p1[c0:c1], gz1, act_code, ws_dx[tid],
+                                   np.int64(0), R3, PW3))
+                # C1: dw1, db1 from x and gz1 routed through m1
+                _call_weight1(a_w1, (x[c0:c1], gz1, m1[c0:c1], ws_zs1[tid], ws_acc1[tid], part, np.int64(0),
+                                     R1, S1, PV1))
+                _add_at(row, o1w, part[:n1])
+                _add_at(row, o1b, part[n1 : n1 + K1])
 
-        _MADE[key] = step_bwd_v1
+        _MADE[key] = step_bwd_task
     return _MADE[key]
 
 

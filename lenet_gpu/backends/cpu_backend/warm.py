@@ -73,7 +73,11 @@ ScratchStep = Callable[[Any, dict, bool, int], None]
 #: the routed step; parallel kernels at -O1 with prange passes only, common.PARALLEL_OPT_LEVEL; chunk functions called
 #: through their addresses, native.py): head_train 3.8 (its functions 2.3), step_fwd 4.2 (its chunk functions 2.5),
 #: step_bwd 3.6 (its chunk functions 2.2), step_adam 0.3. The shares stay as they are: the helper 0.8 + 2.2 + 3.8 s,
-#: this process about 0.9 s of imports, then 4.2 + 1.4 + 0.3 s.
+#: this process about 0.9 s of imports, then 4.2 + 1.4 + 0.3 s. Since 2026-12-07 step_fwd, step_bwd and head_train are
+#: serial kernels whose loops run as tasks of launch.par_tasks, the one parallel kernel (each process compiles it once,
+#: 0.4 s, instead of Numba's parfor passes for every op: step_fwd_v1 2.4 s, step_bwd_v1 2.1, head_train_v1 2.4 before,
+#: against 0.7-0.8 s each for the serial kernel and its task): on the 2-vCPU Zen 3 VM (Numba's compile events timed in
+#: both processes) this process's share took 7.2 s and the helper's 7.6 s after its imports.
 HELPER_OPS: tuple[str, ...] = ("head_train", "conv2d_bwd_data_routed", "batch_prepare", "conv2d_bwd_weight")
 #: ops of this process's share whose inner functions the helper compiles before its own share, when the step runs
 #: them: op → a function that compiles them into the cache with the signatures the op's kernel calls them with
