@@ -119,5 +119,7 @@ def test_the_step_kernels_are_serial_and_par_tasks_is_the_only_parallel_one() ->
 
     kernels = [step4.make_step_fwd_v1(1, 1, "abi"), step4.make_step_bwd_v1(*step4.bwd_blocks(), "abi"),
                head.make_head_train_v1(True, "abi"), lenet_fwd.make_lenet_fwd_v1(1, 1, "abi")]
-    assert all(not k.targetoptions.get("parallel") for k in kernels)
-    assert launch.par_tasks.targetoptions.get("parallel")
+    # "parallel" is set for a parallel kernel (Numba empties its dict of passes when it compiles, so only its presence
+    # says anything)
+    assert all("parallel" not in k.targetoptions for k in kernels)
+    assert "parallel" in launch.par_tasks.targetoptions
