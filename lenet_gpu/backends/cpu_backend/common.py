@@ -96,9 +96,13 @@ PARALLEL: dict[str, bool] = {"prange": True, "comprehension": False, "reduction"
 def njit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
     """``numba.njit(**options)`` whose compiles run at OPT_LEVEL, or with ``parallel=True`` at PARALLEL_OPT_LEVEL
     and with the PARALLEL passes only. A kernel's compile also compiles its parallel loops' bodies in the same scope;
-    the functions it calls compile in their own (their dispatchers are made here too)."""
+    the functions it calls compile in their own (their dispatchers are made here too). ``loop_control=True`` (not a
+    Numba option): a serial function that is only control around calls through addresses (launch.py's op kernels
+    and tasks), at PARALLEL_OPT_LEVEL too."""
 
     level = OPT_LEVEL
+    if options.pop("loop_control", False):
+        level = PARALLEL_OPT_LEVEL
     if options.get("parallel") is True:
         level = PARALLEL_OPT_LEVEL
         options = {**options, "parallel": dict(PARALLEL)}  # Numba empties the dict it is given

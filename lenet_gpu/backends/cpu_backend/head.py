@@ -21,7 +21,7 @@ import numpy as np
 from numba import types
 
 from . import launch, native
-from .common import IDENTITY, JIT, JIT_INNER, L, act_grad, njit
+from .common import IDENTITY, JIT_INNER, L, act_grad, njit
 from .conv2d import F1, F2, F3, F4, I8, U4, _route
 from .dense import OB, lane_dense, lane_dense_t, rows_dw
 from .loss import softmax_row, write_stats_row
@@ -173,7 +173,7 @@ def make_head_train_v1(routed: bool, ABI: str | None = None) -> Any:
     key = ("head_train_v1", routed, ABI)
     if key not in _MADE:
 
-        @njit(**JIT)
+        @njit(**launch.JIT_OP)
         def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
                           dw1, db1, dw2, db2, dw3, db3, stats, state, act_code, mode,
                           ws_x, ws_h1, ws_h2, ws_z, ws_d1, ws_d2, ws_dx, ws_dxw, dz1r, dz2r, dz3r, part, tasks,

@@ -41,8 +41,11 @@ from .common import JIT, JIT_INNER, njit
 TASK_ARGS = (types.int64, types.int64, types.int64)
 #: par_tasks's arguments: the task's address, the address of the op's argument tuple, the number of tasks
 PAR_ARGS = (types.int64, types.int64, types.int64)
-#: a task function's options: called only through its address (no Python or C entry point)
-JIT_TASK: dict[str, Any] = dict(JIT_INNER)
+#: a task function's options: called only through its address (no Python or C entry point); compiled at the parallel
+#: kernels' level (common.PARALLEL_OPT_LEVEL, -O1), since it is control around calls of chunk functions compiled at -O2
+JIT_TASK: dict[str, Any] = {**JIT_INNER, "loop_control": True}
+#: an op kernel's options: the same level, for the same reason (a prologue, then launch.run)
+JIT_OP: dict[str, Any] = {**JIT, "loop_control": True}
 
 
 def fixed_caller(argtypes: Sequence[Any]) -> Any:

@@ -15,7 +15,7 @@ from numba import carray, literally, types
 
 from . import launch, native
 from .batch import canvas_lane
-from .common import IDENTITY, JIT, JIT_INLINE, JIT_INNER, MAX, RELU, ZERO, L, act, njit, stack_tile
+from .common import IDENTITY, JIT_INLINE, JIT_INNER, MAX, RELU, ZERO, L, act, njit, stack_tile
 from .conv2d import F1, F2, F4, I8, KB_MAX, W_TILE, _pad_weights, bias_init, pool4, window_lanes
 from .dense import lane_dense
 
@@ -98,7 +98,7 @@ def make_lenet_fwd_v1(KB1: int, KB3: int, ABI: str) -> Any:
     key = (KB1, KB3, ABI)
     if key not in _MADE:
 
-        @njit(**JIT)
+        @njit(**launch.JIT_OP)
         def lenet_fwd_v1(images, w1, b1, w3, b3, w5, b5, w6, b6, w7, b7, logits, scale, shift, act_code, mode,
                          ws_x, ws_s2, ws_s4, ws_h1, ws_h2, ws_z, wp1, bp1, wp3, bp3, a_chunk, a_task, a_par):
             _ = ABI  # in the closure: Numba's cache key (native.Parts)

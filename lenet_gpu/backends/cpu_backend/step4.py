@@ -38,7 +38,7 @@ import numpy as np
 from ...stepstate import EPOCH, OFFSET, SEED, SHIFT
 from . import conv2d, launch, native, routed
 from .batch import mix32, prepare_image, step_advance_v1, word32
-from .common import JIT, JIT_EXACT, JIT_INNER, ZERO, L, njit
+from .common import JIT_EXACT, JIT_INNER, ZERO, L, njit
 from .conv2d import _pad_weights, _pool_fwd_lanes_chunk, _pool_fwd_rows_chunk
 from .optim import sched_index
 from .routed import (
@@ -74,7 +74,7 @@ def make_step_fwd_v1(KB1: int, KB3: int, ABI: str) -> Any:
     key = ("step_fwd_v1", KB1, KB3, ABI)
     if key not in _MADE:
 
-        @njit(**JIT)
+        @njit(**launch.JIT_OP)
         def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, scale, shift,
                         act_code, mode, write_conv, ws_x1, wp1, bp1, ws_x3, wp3, bp3, a_c1, a_c3, a_task, a_par):
             _ = ABI  # in the closure: Numba's cache key (native.Parts)
@@ -167,7 +167,7 @@ def make_step_bwd_v1(PV1: int, KB3: int, R3: int, PW3: int, ABI: str) -> Any:
     key = ("step_bwd_v1", PV1, KB3, R3, PW3, ABI)
     if key not in _MADE:
 
-        @njit(**JIT)
+        @njit(**launch.JIT_OP)
         def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, act_code, chunk, o1w, o1b, o3w, o3b, ws_xs3, ws_dx, ws_gz1,
                         ws_zs1, ws_acc1, ws_part, wt, a_w3, a_d3, a_w1, a_task, a_par):
             _ = ABI  # in the closure: Numba's cache key (native.Parts)
