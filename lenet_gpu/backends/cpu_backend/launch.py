@@ -1,21 +1,21 @@
 """One parallel kernel for every op: an op's parallel loop as a serial kernel, a task function and ``par_tasks``.
 
 Numba compiles each ``prange`` kernel through its parfor passes into four modules (the loop body as a gufunc, two
-wrappers, the kernel), about 1.4-2.4 s a kernel on this project's 2-core machine even when the body only calls a
-chunk function through its address (native.py), against 0.3-0.5 s for the same code as a serial function. A first
+wrappers, the kernel), 1.4-2.4 s a kernel on this project's 2-vCPU machines even when the body only calls a chunk
+function through its address (native.py); the same op as a serial kernel and a task compiles in 0.7-1.6 s. A first
 run compiled three of them before its first step (step_fwd_v1, step_bwd_v1, head_train_v1). Here the parallel loop
 is compiled once, for all ops, and cached:
 
     par_tasks(a_task, p, n):  for i in prange(n): task(p, i, get_thread_id())   # through the address a_task
 
-An op is then a serial kernel (its prologue, say padding the weights) that ends with ``run(a_par, a_task, args, n)``:
-it puts its arguments, a tuple, on its own stack (``stash``), and calls ``par_tasks`` through its address ``a_par``
-with the address of that tuple; ``par_tasks`` calls the op's task function (the former loop body) for every i,
-in parallel, through the address ``a_task``. The task takes its arguments back from the tuple (``unstash``, at the
-tuple's type, named by a constant of the task made from the types of the op's arguments, ``task_type``), and runs as the
-loop body ran: the same chunk functions, the same chunks, the same thread ids (workspaces are per thread), so the
-same bits on any number of threads. The stack tuple lives until ``run`` returns (par_tasks returns when every task
-has finished).
+An op is then a serial kernel (its prologue, say padding the weights) that ends with ``run(a_par, a_task,
+stash(args), n)``: it puts its arguments, a tuple, on its own stack (``stash``), and calls ``par_tasks`` through its
+address ``a_par`` with the address of that tuple; ``par_tasks`` calls the op's task function (the former loop body)
+for every i, in parallel, through the address ``a_task``. The task takes its arguments back from the tuple
+(``unstash``, at the tuple's type, named by a constant of the task made from the types of the op's arguments,
+``task_type``), and runs as the loop body ran: the same chunk functions, the same chunks, the same thread ids
+(workspaces are per thread), so the same bits on any number of threads. The stack tuple lives until ``run`` returns
+(par_tasks returns when every task has finished).
 
 A task function is compiled for exactly ``TASK_ARGS`` (native.address) and made per op by a factory that closes
 over the name of the tuple's type (``task_type``): Numba's cache key hashes a closure's contents, so a task cached
