@@ -478,7 +478,10 @@ def test_emulate_end_to_end(tmp_path):
         assert ph["status"] in (("PASS",) if name in ("environment", "compile", "op_parity") else ("PASS", "SKIP")), \
             (name, ph.get("counts"), ph.get("crash"), ph.get("killed"))
         assert ph["counts"]["fail"] == 0 and ph["done"] and not ph.get("killed")
-        skips = [c["reason"] for c in ph["cases"] if c["status"] == "skip"]
+        # skips for time or graphs only; and the PyTorch peer's, which the test group does not install (reached or not
+        # by how much of the benchmark's budget is left: a fast machine reaches it)
+        skips = [c["reason"] for c in ph["cases"] if c["status"] == "skip"
+                 and not (c.get("kind") == "peer" and c["reason"] == "PyTorch is not installed")]
         assert all(r.startswith(("out of time", "no graphs")) for r in skips), (name, skips)
     assert res["phases"]["summary"]["status"] == "PASS" and not res["phases"]["summary"]["failures"]
     for name, label in (("environment", "cupy-host"), ("environment", "numba-sim"), ("compile", "cupy-host"),
