@@ -48,33 +48,8 @@ JIT_TASK: dict[str, Any] = {**JIT_INNER, "loop_control": True}
 JIT_OP: dict[str, Any] = {**JIT, "loop_control": True}
 
 
-def fixed_caller(argtypes: Sequence[Any]) -> Any:
-    """An intrinsic ``call(addr, (a, b, ...))`` of the function at ``addr`` (int64) that takes ``argtypes`` (all
-    int64 here) and returns nothing, with Numba's calling convention (an exception in it propagates)."""
-    argtypes = tuple(argtypes)
-
-    @intrinsic
-    def call(typingctx: Any, addr: Any, args: Any) -> Any:
-        if not isinstance(addr, types.Integer) or not isinstance(args, types.BaseTuple) or len(args) != len(argtypes):
-            return None
-
-        def codegen(context: Any, builder: Any, signature: Any, llargs: Any) -> Any:
-            fnty = context.call_conv.get_function_type(types.none, argtypes)
-            ptr = builder.inttoptr(llargs[0], fnty.as_pointer())
-            vals = cgutils.unpack_tuple(builder, llargs[1], len(argtypes))
-            vals = [context.cast(builder, v, a, b) for v, a, b in zip(vals, signature.args[1], argtypes)]
-            status, _ = context.call_conv.call_function(builder, ptr, types.none, argtypes, vals)
-            with cgutils.if_unlikely(builder, status.is_error):
-                context.call_conv.return_status_propagate(builder, status)
-            return context.get_dummy_value()
-
-        return types.none(addr, args), codegen
-
-    return call
-
-
-call_task = fixed_caller(TASK_ARGS)
-call_par = fixed_caller(PAR_ARGS)
+call_task = native.fixed_caller(TASK_ARGS)
+call_par = native.fixed_caller(PAR_ARGS)
 
 
 def canonical(ty: Any) -> Any:
@@ -165,3 +140,4 @@ def task_type(args: Sequence[Any]) -> str:
     name = str(ty)
     _TYPES[name] = ty
     return name
+

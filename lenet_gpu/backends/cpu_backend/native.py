@@ -69,20 +69,41 @@ def caller(fn: Any) -> Any:
             raise TypingError(f"native call of {fn.py_func.__name__}{given}: {len(found)} compiled overloads match "
                               f"(compiled: {have}); compile it with native.address first")
         sig = found[0]
-
-        def codegen(context: Any, builder: Any, signature: Any, llargs: Any) -> Any:
-            fnty = context.call_conv.get_function_type(sig.return_type, sig.args)
-            ptr = builder.inttoptr(llargs[0], fnty.as_pointer())
-            vals = cgutils.unpack_tuple(builder, llargs[1], len(given))
-            vals = [context.cast(builder, v, a, b) for v, a, b in zip(vals, given, sig.args)]
-            status, res = context.call_conv.call_function(builder, ptr, sig.return_type, sig.args, vals)
-            with cgutils.if_unlikely(builder, status.is_error):  # as Numba's own calls do (an error propagates)
-                context.call_conv.return_status_propagate(builder, status)
-            return res
-
-        return sig.return_type(addr, args), codegen
+        return sig.return_type(addr, args), _codegen(given, sig.args, sig.return_type)
 
     return call
+
+
+def fixed_caller(argtypes: Sequence[Any]) -> Any:
+    """An intrinsic ``call(addr, (a, b, ...))`` of the function at ``addr`` (int64) that takes exactly ``argtypes``
+    and returns nothing: a function compiled for a signature fixed in advance (launch.py's tasks and par_tasks),
+    with no overloads to look up. The call's arguments are cast to ``argtypes``."""
+    argtypes = tuple(argtypes)
+
+    @intrinsic
+    def call(typingctx: Any, addr: Any, args: Any) -> Any:
+        if not isinstance(addr, types.Integer) or not isinstance(args, types.BaseTuple) or len(args) != len(argtypes):
+            return None
+        return types.none(addr, args), _codegen(tuple(args), argtypes, types.none)
+
+    return call
+
+
+def _codegen(given: Sequence[Any], argtypes: Sequence[Any], restype: Any) -> Any:
+    """The code of a call through an address (the intrinsic's first argument) of a function that takes ``argtypes``
+    and returns ``restype``, with the tuple (its second argument) of ``given`` types cast to them."""
+
+    def codegen(context: Any, builder: Any, signature: Any, llargs: Any) -> Any:
+        fnty = context.call_conv.get_function_type(restype, argtypes)
+        ptr = builder.inttoptr(llargs[0], fnty.as_pointer())
+        vals = cgutils.unpack_tuple(builder, llargs[1], len(given))
+        vals = [context.cast(builder, v, a, b) for v, a, b in zip(vals, given, argtypes)]
+        status, res = context.call_conv.call_function(builder, ptr, restype, argtypes, vals)
+        with cgutils.if_unlikely(builder, status.is_error):  # as Numba's own calls do (an error propagates)
+            context.call_conv.return_status_propagate(builder, status)
+        return res
+
+    return codegen
 
 
 class Parts:
