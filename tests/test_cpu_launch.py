@@ -123,3 +123,14 @@ def test_the_step_kernels_are_serial_and_par_tasks_is_the_only_parallel_one() ->
     # says anything)
     assert all("parallel" not in k.targetoptions for k in kernels)
     assert "parallel" in launch.par_tasks.targetoptions
+
+
+def test_a_plan_whose_argument_types_differ_from_the_call_is_an_error() -> None:
+    """check_args, at a plan's first call: the planner's view of the arguments must make the task's tuple type."""
+    out, ids, src = np.zeros(4, np.float32), np.zeros(4, np.int64), np.zeros(3, np.float32)
+    planned = launch.task_type((out, ids, src, np.float32(1), 0, 0))
+    launch.check_args("op", planned, (out, ids, src, np.float32(2), 5, 7))  # other values, the same types
+    with pytest.raises(RuntimeError, match="op: the task was planned for"):
+        launch.check_args("op", planned, (out, ids, src, 1.0, 5, 7))  # a float64 where float32 was planned
+    with pytest.raises(RuntimeError, match="op: the task was planned for"):
+        launch.check_args("op", planned, (out, src, ids, np.float32(1), 5, 7))  # two arrays swapped

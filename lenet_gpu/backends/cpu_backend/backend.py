@@ -490,13 +490,17 @@ class CpuBackend(HostMemory):
         key = ("head_train", x.shape, w1.shape, w2.shape, w3.shape, None if routed_ else yconv.shape, stats.shape,
                mode)
         plan = self._plans.get(key)
-        if plan is None:
+        fresh = plan is None
+        if fresh:
             plan = self._plans[key] = self._plan_head(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax,
                                                       yconv, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, state, mode)
-        fn, *ws = plan
-        fn(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax if argmax is not None else self._dummy_u8,
-           yconv if not routed_ else self._dummy_f, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, state, acode, mcode,
-           *ws)
+        fn, tt, *ws = plan
+        args = (x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax if argmax is not None else self._dummy_u8,
+                yconv if not routed_ else self._dummy_f, dz_conv, dw1, db1, dw2, db2, dw3, db3, stats, state, acode,
+                mcode, *ws)
+        if fresh:
+            launch.check_args("head_train", tt, args)
+        fn(*args)
 
     def _plan_head(self, x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv,
                    dw1, db1, dw2, db2, dw3, db3, stats, state, mode: str) -> tuple:
@@ -542,7 +546,7 @@ class CpuBackend(HostMemory):
         tt = launch.task_type((x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, am, yc, dz_conv, dw1, db1, dw2, db2,
                                dw3, db3, stats, state, 0, 0, *ws, 0, 0, 0))
         tasks = [native.address(t, launch.TASK_ARGS) for t in head.make_head_tasks(routed_, tt)]
-        return (head.make_head_train_v1(routed_, parts.abi), *ws, *tasks, launch.par_address())
+        return (head.make_head_train_v1(routed_, parts.abi), tt, *ws, *tasks, launch.par_address())
 
     def lenet_fwd(self, images, params: dict, logits, mean, std, act, mode, variant=None) -> None:
         self._check_variant("lenet_fwd", variant)
@@ -551,10 +555,14 @@ class CpuBackend(HostMemory):
         p = [params[k] for k in ("c1.w", "c1.b", "c3.w", "c3.b", "c5.w", "c5.b", "f6.w", "f6.b", "out.w", "out.b")]
         key = ("lenet_fwd", images.shape, p[0].shape, p[2].shape, p[6].shape, logits.shape)
         plan = self._plans.get(key)
-        if plan is None:
+        fresh = plan is None
+        if fresh:
             plan = self._plans[key] = self._plan_lenet_fwd(images, p, logits)
-        fn, *ws = plan
-        fn(images, *p, logits, F32(1.0 / (255.0 * std)), F32(-mean / std), acode, mcode, *ws)
+        fn, tt, *ws = plan
+        args = (images, *p, logits, F32(1.0 / (255.0 * std)), F32(-mean / std), acode, mcode, *ws)
+        if fresh:
+            launch.check_args("lenet_fwd", tt, args)
+        fn(*args)
 
     def _plan_lenet_fwd(self, images, p: list, logits) -> tuple:
         op = "lenet_fwd"
@@ -582,7 +590,7 @@ class CpuBackend(HostMemory):
         # the kernel's arguments as lenet_fwd passes them (values aside): the type of the tuple its task reads
         tt = launch.task_type((images, *p, logits, F32(0), F32(0), 0, 0, *ws, 0, 0))
         a_task = native.address(lenet_fwd.make_lenet_fwd_task(kb1, kb3, tt), launch.TASK_ARGS)
-        return (lenet_fwd.make_lenet_fwd_v1(kb1, kb3, parts.abi), *ws, a_task, launch.par_address())
+        return (lenet_fwd.make_lenet_fwd_v1(kb1, kb3, parts.abi), tt, *ws, a_task, launch.par_address())
 
     # ------------------------------------------------------------------ the four-kernel step (docs/step4.md)
     def step_groups(self, batch: int) -> int:
@@ -597,12 +605,16 @@ class CpuBackend(HostMemory):
         acode = _act(act)
         key = ("step_fwd", images.shape, perm.shape, x.shape, sched.shape)
         plan = self._plans.get(key)
-        if plan is None:
+        fresh = plan is None
+        if fresh:
             plan = self._plans[key] = self._plan_step_fwd(images, labels, perm, state, sched, srow, x, y, w1, b1,
                                                           p1, m1, w3, b3, p3, m3)
-        fn, *ws = plan
-        fn(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, F32(1.0 / (255.0 * std)),
-           F32(-mean / std), acode, POOL_CODES["max"], False, *ws)
+        fn, tt, *ws = plan
+        args = (images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3,
+                F32(1.0 / (255.0 * std)), F32(-mean / std), acode, POOL_CODES["max"], False, *ws)
+        if fresh:
+            launch.check_args("step_fwd", tt, args)
+        fn(*args)
 
     def _plan_step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3,
                        m3) -> tuple:
@@ -634,7 +646,7 @@ class CpuBackend(HostMemory):
         tt = launch.task_type((images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, F32(0),
                                F32(0), 0, 0, False, *ws, 0, 0))
         a_task = native.address(step4.make_step_fwd_task(kb1, kb3, tt), launch.TASK_ARGS)
-        return (step4.make_step_fwd_v1(kb1, kb3, parts.abi), *ws, a_task, launch.par_address())
+        return (step4.make_step_fwd_v1(kb1, kb3, parts.abi), tt, *ws, a_task, launch.par_address())
 
     def step_bwd(self, x, p1, gz3, m3, m1, w3, gpart, act, variant=None) -> None:
         self._check_variant("step_bwd", variant)
@@ -642,10 +654,14 @@ class CpuBackend(HostMemory):
         acode = _act(act)
         key = ("step_bwd", x.shape, gpart.shape)
         plan = self._plans.get(key)
-        if plan is None:
+        fresh = plan is None
+        if fresh:
             plan = self._plans[key] = self._plan_step_bwd(x, p1, gz3, m3, m1, w3, gpart)
-        fn, chunk, offs, *ws = plan
-        fn(x, p1, gz3, m3, m1, w3, gpart, acode, chunk, *offs, *ws)
+        fn, tt, chunk, offs, *ws = plan
+        args = (x, p1, gz3, m3, m1, w3, gpart, acode, chunk, *offs, *ws)
+        if fresh:
+            launch.check_args("step_bwd", tt, args)
+        fn(*args)
 
     def _plan_step_bwd(self, x, p1, gz3, m3, m1, w3, gpart) -> tuple:
         op = "step_bwd"
@@ -674,7 +690,7 @@ class CpuBackend(HostMemory):
         # the kernel's arguments as step_bwd passes them (values aside): the type of the tuple its task reads
         tt = launch.task_type((x, p1, gz3, m3, m1, w3, gpart, 0, chunk, *offs, *ws, 0, 0))
         a_task = native.address(step4.make_step_bwd_task(pv1, kb3, r3, pw, tt), launch.TASK_ARGS)
-        return (fn, chunk, offs, *ws, a_task, launch.par_address())
+        return (fn, tt, chunk, offs, *ws, a_task, launch.par_address())
 
     def step_adam(self, p, g, gpart, m, v, srow, state, batch, beta1, beta2, eps, weight_decay, variant=None) -> None:
         self._check_variant("step_adam", variant)

@@ -141,3 +141,11 @@ def task_type(args: Sequence[Any]) -> str:
     _TYPES[name] = ty
     return name
 
+
+def check_args(op: str, name: str, args: Sequence[Any]) -> None:
+    """At a plan's first call: the tuple type the op's task was compiled for (``name``, from the planner's view of the
+    arguments) is the one the call's ``args`` make. A task that read its tuple at another type would read garbage;
+    this makes a planner that lists the arguments otherwise than the call an error instead."""
+    got = task_type(args)
+    if got != name:
+        raise RuntimeError(f"{op}: the task was planned for arguments {name}, the kernel is called with {got}")
