@@ -103,6 +103,9 @@ def _fail(msg: str, code: int = EXIT_USAGE) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command-line program; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.checkpoint is None and len(args.images) == 1 and args.images[0].lower().endswith(".npz"):
+        # one argument, a checkpoint: argparse hands it to IMAGE (CHECKPOINT is optional, IMAGE is not)
+        return _fail(f"no image given after the checkpoint {args.images[0]} (usage: CHECKPOINT IMAGE [IMAGE ...])")
     if args.checkpoint is not None and not args.checkpoint.lower().endswith(".npz"):
         args.images.insert(0, args.checkpoint)  # pictures only: the latest run classifies them
         args.checkpoint = None

@@ -301,8 +301,9 @@ def test_cli_bad_arguments(checkpoint: Path, tmp_path: Path) -> None:
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], r.stderr
-    r = _run(str(checkpoint))  # no image: argparse usage error
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = _run(str(checkpoint))  # a checkpoint and no image: a usage error, whether or not runs/ has a checkpoint
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "no image given" in r.stderr, r.stderr
 
 
 def test_cli_without_pillow(checkpoint: Path, tmp_path: Path) -> None:
