@@ -376,6 +376,36 @@ def test_training_step_allocates_nothing_after_warmup():
     assert np.all(np.isfinite(s.p)) and np.all(np.isfinite(s.stats))
 
 
+def test_host_arrays_and_workspaces_are_aligned():
+    """Every array the host backends make (empty, zeros, to_device, the cpu backend's float workspaces) starts on a
+    64-byte boundary: a lane vector of 16 floats is then one cache line, not two (base.HOST_ALIGN)."""
+    from lenet_gpu.backends.base import HOST_ALIGN, aligned_empty
+
+    assert HOST_ALIGN == 64
+    for shape, dt in (((3, 5), np.float32), ((7,), np.uint8), ((0, 4), np.float32), ((2, 3, 5), np.int64)):
+        for zero in (False, True):
+            a = aligned_empty(shape, dt, zero=zero)
+            assert a.shape == shape and a.dtype == dt and a.flags.c_contiguous and a.flags.writeable
+            assert a.ctypes.data % HOST_ALIGN == 0 or a.size == 0
+            if zero:
+                assert not a.any()
+    for be in (CpuBackend(), NumpyBackend(threads=1)):
+        made = [be.empty((3, 5)), be.zeros((1, 17), np.uint8), be.to_device(np.arange(10.0)[::2])]
+        assert np.array_equal(made[2], np.arange(10.0)[::2])
+        assert all(a.ctypes.data % 64 == 0 for a in made), [a.ctypes.data % 64 for a in made]
+    be = CpuBackend()
+    model_images = np.zeros((20, 28, 28), np.uint8)
+    from lenet_gpu.model import LeNet5
+
+    m = LeNet5(backend=be)
+    m.logits(model_images)
+    m.train_step(model_images[:16], np.zeros(16, np.uint8))
+    ws = [a for plan in be._plans.values() for a in (plan if isinstance(plan, tuple) else (plan,))
+          if isinstance(a, np.ndarray) and a.dtype.kind == "f"]  # (head_train's int64 task list is no vector data)
+    assert len(ws) > 10
+    assert [a.shape for a in ws if a.ctypes.data % 64] == []
+
+
 def _state_of(s: Step) -> list[np.ndarray]:
     return [a.copy() for a in (s.p, s.g, s.m, s.v, s.stats, s.state, s.dz1, s.dz3, s.a1, s.logits)]
 

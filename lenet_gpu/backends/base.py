@@ -208,24 +208,47 @@ class Backend(Protocol):
     #     act'(y_below): the routed gradient of the layer below (reference.conv2d_bwd_data_routed)."""
 
 
+#: the alignment of every host "device" array (bytes): a cache line, and one AVX-512 vector. NumPy's own
+#: allocations are only 16-byte aligned, so a 16-float lane vector (64 bytes) of a kernel's workspace straddled
+#: two cache lines: every second 32-byte AVX2 load, and every 64-byte AVX-512 load, read two lines. Measured on
+#: a Zen 3 (AVX2), lenet_fwd on one thread, 1,000 images, 4 interleaved pairs of processes (2026-12-07): the
+#: fastest call 16.0–17.8 ms with NumPy's alignment, 14.7–14.8 ms at 64 bytes.
+HOST_ALIGN = 64
+
+
+def aligned_empty(shape: tuple[int, ...] | int, dtype: Any = np.float32, zero: bool = False) -> np.ndarray:
+    """A C-contiguous array whose data starts at a multiple of HOST_ALIGN bytes (a view into a slightly larger
+    byte buffer, which it keeps alive); zeroed with ``zero``."""
+    dt = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    raw = (np.zeros if zero else np.empty)(nbytes + HOST_ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % HOST_ALIGN
+    return raw[off : off + nbytes].view(dt).reshape(shape)
+
+
 class HostMemory:
     """The memory half of the protocol for the CPU backends (numpy, cpu): "device" arrays are NumPy arrays,
-    and every allocation, copy and synchronisation is counted in ``self.counters`` as on a GPU."""
+    each aligned to HOST_ALIGN bytes, and every allocation, copy and synchronisation is counted in
+    ``self.counters`` as on a GPU."""
 
     counters: Counters
 
     def empty(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
         self.counters.allocs += 1
-        return np.empty(shape, dtype=dtype)
+        return aligned_empty(shape, dtype)
 
     def zeros(self, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
         self.counters.allocs += 1
-        return np.zeros(shape, dtype=dtype)
+        return aligned_empty(shape, dtype, zero=True)
 
     def to_device(self, host: np.ndarray) -> np.ndarray:
         self.counters.allocs += 1
         self.counters.h2d += 1
-        return np.array(host, copy=True, order="C")
+        host = np.asarray(host)
+        out = aligned_empty(host.shape, host.dtype)
+        out[...] = host
+        return out
 
     def upload(self, dst: np.ndarray, host: np.ndarray) -> None:
         if dst.shape != np.shape(host):

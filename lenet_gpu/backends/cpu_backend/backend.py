@@ -139,9 +139,8 @@ class CpuBackend(HostMemory):
         warm.compile_ahead(options, fused, self.threads, step)
 
     def _ws(self, *shape: int, dtype: Any = np.float32) -> np.ndarray:
-        """A zeroed workspace (counted as an allocation; made once per plan)."""
-        self.counters.allocs += 1
-        return np.zeros(shape, dtype=dtype)
+        """A zeroed workspace, 64-byte aligned (counted as an allocation; made once per plan)."""
+        return self.zeros(shape, dtype)
 
     def _check_variant(self, op: str, variant: str | None) -> None:
         """Every op's first line: None, "auto" and the op's variants run; another name is an error, before anything
