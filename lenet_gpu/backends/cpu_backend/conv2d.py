@@ -37,6 +37,7 @@ from .common import (
     JIT_INNER,
     MAX,
     QUARTER,
+    RELU,
     WIDE_VECTORS,
     ZERO,
     L,
@@ -335,6 +336,54 @@ U4, I8, BOOL = types.Array(types.uint8, 4, "C"), types.int64, types.boolean
 
 
 @njit(**JIT_INNER)
+def _pool_lanes_relu_max(xt, wp, bp, pf, af, b0, nb, K, Hp, Wp, KB):
+    """The pooled maps and routes of relu + 2×2 max pooling, no un-pooled map: pf, af (the flat (B, K, Hp, Wp) ypool
+    and argmax) for the nb images of the chunk at b0 in xt's lanes. The bits of the general loop (act_tile, then
+    pool4: the first maximum wins, relu(NaN) = +0). A function of its own, for the default step's speed: inside the
+    general chunk function, whose loops also hold act's calls and the un-pooled map's stores, LLVM spilled the loop
+    state and kept the accumulators in memory (lenet_fwd.py measured the same split: C1 47 against 80 µs, C3 85
+    against 112 µs for 16 images)."""
+    literally(KB)
+    Kp = wp.shape[0]
+    acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
+    pt = carray(stack_tile(P_TILE), (2 * KB_MAX, L))
+    for wi in range(Hp):
+        for wj in range(Wp):
+            for k0 in range(0, Kp, KB):
+                bias_init(acc, bp, k0, KB)
+                window_lanes(xt, wp, k0, 2 * wi, 2 * wj, acc, KB)
+                for q in range(KB):
+                    for lane in range(L):
+                        z0 = acc[4 * q, lane]
+                        z1 = acc[4 * q + 1, lane]
+                        z2 = acc[4 * q + 2, lane]
+                        z3 = acc[4 * q + 3, lane]
+                        y0 = z0 if z0 > ZERO else ZERO
+                        y1 = z1 if z1 > ZERO else ZERO
+                        y2 = z2 if z2 > ZERO else ZERO
+                        y3 = z3 if z3 > ZERO else ZERO
+                        m = y0
+                        a = ZERO
+                        if y1 > m:
+                            m = y1
+                            a = np.float32(1.0)
+                        if y2 > m:
+                            m = y2
+                            a = np.float32(2.0)
+                        if y3 > m:
+                            m = y3
+                            a = np.float32(3.0)
+                        pt[2 * q, lane] = m
+                        pt[2 * q + 1, lane] = a
+                for q in range(min(KB, K - k0)):
+                    k = k0 + q
+                    for lane in range(nb):
+                        op = np.uint64((((b0 + lane) * K + k) * Hp + wi) * Wp + wj)
+                        pf[op] = pt[2 * q, lane]
+                        af[op] = np.uint8(pt[2 * q + 1, lane])
+
+
+@njit(**JIT_INNER)
 def _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write_conv, xt, b0, K, KB):
     literally(KB)
     B, C, H, W = x.shape
@@ -347,6 +396,9 @@ def _pool_fwd_lanes_chunk(x, wp, bp, yconv, ypool, argmax, act_code, mode, write
     yf = yconv.reshape(yconv.size)
     pf = ypool.reshape(ypool.size)
     af = argmax.reshape(argmax.size)
+    if act_code == RELU and mode == MAX and not write_conv:
+        _pool_lanes_relu_max(xt, wp, bp, pf, af, b0, nb, K, Hp, Wp, KB)
+        return
     acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
     vt = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
     pt = carray(stack_tile(P_TILE), (2 * KB_MAX, L))
