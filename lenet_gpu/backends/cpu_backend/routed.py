@@ -41,7 +41,7 @@ import numpy as np
 from numba import carray, get_thread_id, literally, prange, types
 
 from . import native
-from .common import JIT, JIT_INNER, ZERO, L, act_grad, njit, stack_tile
+from .common import JIT, JIT_INNER, RELU, ZERO, L, act_grad, njit, stack_tile
 from .conv2d import F1, F2, F3, F4, I8, U4, _sum_parts
 
 #: the accumulator tile: up to 4 filters × 5 rows × 32 floats (KB · R · PW ≤ RT_TILE)
@@ -172,13 +172,23 @@ def _bwd_data_routed_chunk(gz, wt, argmax, y_below, gzb, act_code, dxs, b0, R, P
                         row = dxs[h0 + r]
                         for v in range(PW):
                             row[o + np.uint64(v)] += g * wk[r, v]
-        for c in range(C):
-            for h in range(H):
-                d_ = dxs[h]
-                y_ = y_below[bb, c, h]
-                o_ = gzb[bb, c, h]
-                for w in range(W):
-                    o_[w] = act_grad(d_[w * C + c], y_[w], act_code)
+        if act_code == RELU:  # the default: no switch on the activation per element (act_grad's), unsigned indices
+            for c in range(C):
+                for h in range(H):
+                    d_ = dxs[h]
+                    y_ = y_below[bb, c, h]
+                    o_ = gzb[bb, c, h]
+                    for w in range(W):
+                        d = d_[np.uint64(w * C + c)]
+                        o_[w] = d if y_[w] > ZERO else ZERO
+        else:
+            for c in range(C):
+                for h in range(H):
+                    d_ = dxs[h]
+                    y_ = y_below[bb, c, h]
+                    o_ = gzb[bb, c, h]
+                    for w in range(W):
+                        o_[w] = act_grad(d_[w * C + c], y_[w], act_code)
 
 
 @njit(**JIT_INNER)
