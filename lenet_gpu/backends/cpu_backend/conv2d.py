@@ -362,17 +362,7 @@ def _pool_lanes_relu_max(xt, wp, bp, pf, af, b0, nb, K, Hp, Wp, KB):
                         y1 = z1 if z1 > ZERO else ZERO
                         y2 = z2 if z2 > ZERO else ZERO
                         y3 = z3 if z3 > ZERO else ZERO
-                        m = y0
-                        a = ZERO
-                        if y1 > m:
-                            m = y1
-                            a = np.float32(1.0)
-                        if y2 > m:
-                            m = y2
-                            a = np.float32(2.0)
-                        if y3 > m:
-                            m = y3
-                            a = np.float32(3.0)
+                        m, a = pool4(y0, y1, y2, y3, MAX)
                         pt[2 * q, lane] = m
                         pt[2 * q + 1, lane] = a
                 for q in range(min(KB, K - k0)):
