@@ -531,6 +531,31 @@ def test_register_blocked_kernels_use_packed_fma(kernel):
         assert counts["fma_ymm"] >= block and counts["fma_zmm"] == 0, counts
 
 
+@pytest.mark.skipif(not _host_has_fma(), reason="the host CPU has no AVX2/FMA")
+def test_the_relu_max_functions_are_vector_code():
+    """The default path's functions of their own (lenet_fwd._pool_relu_max: inference's C1 and C3;
+    conv2d._pool_lanes_relu_max: the training step's C3), compiled afresh with the argument types their callers pass
+    and the LeNet layers' register blocks: packed FMAs at the machine's widest vectors, no scalar FMA, the pooling in
+    packed maxima. (tests/test_cpu_target.py checks their zmm code for an AVX-512 CPU.)"""
+    from numba import types
+
+    from lenet_gpu.backends.cpu_backend import conv2d, lenet_fwd
+
+    f4, f2, f1, i8 = conv2d.F4, conv2d.F2, conv2d.F1, conv2d.I8
+    u1 = types.Array(types.uint8, 1, "C")
+    kb1, kb3 = conv2d.block_size(6)[0], conv2d.block_size(16)[0]
+    sigs = {lenet_fwd._pool_relu_max: [(f4, f4, f1, i8, i8, i8, f2, types.literal(kb)) for kb in {kb1, kb3}],
+            conv2d._pool_lanes_relu_max: [(f4, f4, f1, f1, u1, i8, i8, i8, i8, i8, types.literal(kb3))]}
+    for fn, fn_sigs in sigs.items():
+        fresh = common.njit(**dict(common.JIT_INNER, cache=False))(fn.py_func)
+        for sig in fn_sigs:
+            fresh.compile(sig)
+        counts = common.inspect_fma(fresh)
+        wide = "fma_zmm" if _host_has_avx512() else "fma_ymm"
+        assert counts[wide] >= 8 and counts["fma_scalar"] == 0, (fn.py_func.__name__, counts)
+        assert counts["max_packed"] >= 1, (fn.py_func.__name__, counts)
+
+
 # ------------------------------------------------------------------------------------------- misc
 
 

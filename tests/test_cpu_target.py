@@ -45,12 +45,23 @@ if sys.argv[1] == "before":  # the user's own @njit function, made before the ba
 
 from lenet_gpu.backends.cpu_backend import common, conv2d, target
 
+from lenet_gpu.backends.cpu_backend import lenet_fwd
+
 kb, _ = conv2d.block_size(16)
+kb1, _ = conv2d.block_size(6)
 conv2d.pool_fwd_parts("v1", kb)  # compiled, never run
+lenet_fwd.parts(kb1, kb)
 asm = "\n".join(conv2d._pool_fwd_lanes_chunk.inspect_asm().values())
+# the default path's functions of their own (relu + max pooling): the training step's C3, inference's C1 and C3
+fast = {f.py_func.__name__: "\n".join(f.inspect_asm().values())
+        for f in (conv2d._pool_lanes_relu_max, lenet_fwd._pool_relu_max)}
 print(json.dumps({"wide_code": target.WIDE_CODE, "features": config.CPU_FEATURES, "wide": common.WIDE_VECTORS,
-                  "kb": kb, "zmm": len(re.findall(r"vfmadd\w*ps\s[^\n]*zmm", asm)),
-                  "ymm": len(re.findall(r"vfmadd\w*ps\s[^\n]*ymm", asm))}))
+                  "kb": kb, "kb1": kb1, "zmm": len(re.findall(r"vfmadd\w*ps\s[^\n]*zmm", asm)),
+                  "ymm": len(re.findall(r"vfmadd\w*ps\s[^\n]*ymm", asm)),
+                  "fast": {k: {"zmm": len(re.findall(r"vfmadd\w*ps\s[^\n]*zmm", a)),
+                               "ymm": len(re.findall(r"vfmadd\w*ps\s[^\n]*ymm", a)),
+                               "scalar": len(re.findall(r"vfmadd\w*ss\s", a)),
+                               "max_zmm": len(re.findall(r"vmaxps\s[^\n]*zmm", a))} for k, a in fast.items()}}))
 """
 
 
@@ -70,6 +81,11 @@ def test_an_intel_avx512_cpu_gets_zmm_code(tmp_path: Path) -> None:
     assert out["features"].endswith(",-prefer-256-bit") and "+avx512f" in out["features"], out
     assert out["wide"] is True and out["kb"] > 1, out
     assert out["zmm"] >= 4 * out["kb"], out
+    # the relu-max functions (a block of 4 pixels × KB filters; lenet_fwd's compiled for C1's block and C3's): zmm
+    # FMAs, no scalar ones, the pooling in zmm maxima
+    for name, c in out["fast"].items():
+        assert c["zmm"] >= 4 * min(out["kb"], out["kb1"]) and c["ymm"] == 0 and c["scalar"] == 0, (name, c)
+        assert c["max_zmm"] >= 1, (name, c)
 
 
 def test_with_the_cpus_tuning_the_blocks_follow_the_256_bit_code(tmp_path: Path) -> None:
