@@ -633,10 +633,10 @@ class CpuBackend(HostMemory):
         _need(m1.dtype == np.uint8 and m3.dtype == np.uint8, op, "m1 and m3 must be uint8")
         _need(x.shape[2] >= images.shape[1] and x.shape[3] >= images.shape[2], op, "x smaller than the images")
         T = self._slots
-        # C1 (28 columns): conv2d_pool_fwd_v2's chunk (rows); C3 (10 columns): v1's (lanes), as "auto" picks them
+        # C1 and C3: conv2d_pool_fwd_v1's chunk (lanes), whose relu-max path is a function of its own
         kb1, k1p = conv2d.block_size(6)
         kb3, k3p = conv2d.block_size(16)
-        ws1 = self._ws(T, 1, 28 + 5 - 1, 2 * L + 5 - 1)
+        ws1 = self._ws(T, 1, 32, 32, L)
         ws3 = self._ws(T, 6, 14, 14, L)
         parts = step4.fwd_parts(kb1, kb3)
         ws = (ws1, self._ws(k1p, 1, 5, 5), self._ws(k1p), ws3, self._ws(k3p, 6, 5, 5), self._ws(k3p),
