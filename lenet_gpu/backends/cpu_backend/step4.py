@@ -112,9 +112,9 @@ def make_step_fwd_task(KB1: int, KB3: int, TT: str) -> Any:
                 prepare_image(images, labels, perm, x, y, r, offset, max_shift, h1, scale, shift)
             # yconv is never written (write_conv is False): p1 and p3 stand in for it
             _call_fwd(a_c1, (x, wp1, bp1, p1, p1, m1, act_code, mode, write_conv, ws_x1[tid], b0, w1.shape[0],
-                              KB1))
+                             KB1))
             _call_fwd(a_c3, (p1, wp3, bp3, p3, p3, m3, act_code, mode, write_conv, ws_x3[tid], b0, w3.shape[0],
-                              KB3))
+                             KB3))
 
         _MADE[key] = step_fwd_task
     return _MADE[key]
