@@ -335,14 +335,35 @@ F1, F2, F3, F4 = (types.Array(types.float32, n, "C") for n in (1, 2, 3, 4))
 U4, I8, BOOL = types.Array(types.uint8, 4, "C"), types.int64, types.boolean
 
 
+@njit(**JIT_INLINE)
+def window_relu_max(xt, wp, bp, k0, wi, wj, acc, pt, KB):
+    """Window (wi, wj) of filters k0 … k0+KB−1 in xt's lanes, relu + 2×2 max pooling: pt[2q] = the pooled value,
+    pt[2q + 1] = its route (pool4: the first maximum wins; relu(NaN) = relu(−0) = +0), the same bits as the general
+    loop's act_tile then pool4. The accumulators are read at constant indices only (they stay in registers)."""
+    bias_init(acc, bp, k0, KB)
+    window_lanes(xt, wp, k0, 2 * wi, 2 * wj, acc, KB)
+    for q in range(KB):
+        for lane in range(L):
+            z0 = acc[4 * q, lane]
+            z1 = acc[4 * q + 1, lane]
+            z2 = acc[4 * q + 2, lane]
+            z3 = acc[4 * q + 3, lane]
+            y0 = z0 if z0 > ZERO else ZERO
+            y1 = z1 if z1 > ZERO else ZERO
+            y2 = z2 if z2 > ZERO else ZERO
+            y3 = z3 if z3 > ZERO else ZERO
+            m, a = pool4(y0, y1, y2, y3, MAX)
+            pt[2 * q, lane] = m
+            pt[2 * q + 1, lane] = a
+
+
 @njit(**JIT_INNER)
 def _pool_lanes_relu_max(xt, wp, bp, pf, af, b0, nb, K, Hp, Wp, KB):
     """The pooled maps and routes of relu + 2×2 max pooling, no un-pooled map: pf, af (the flat (B, K, Hp, Wp) ypool
-    and argmax) for the nb images of the chunk at b0 in xt's lanes. The bits of the general loop (act_tile, then
-    pool4: the first maximum wins, relu(NaN) = +0). A function of its own, for the default step's speed: inside the
-    general chunk function, whose loops also hold act's calls and the un-pooled map's stores, LLVM spilled the loop
-    state and kept the accumulators in memory (lenet_fwd.py measured the same split: C1 47 against 80 µs, C3 85
-    against 112 µs for 16 images)."""
+    and argmax) for the nb images of the chunk at b0 in xt's lanes. A function of its own, for the default step's
+    speed: inside the general chunk function, whose loops also hold act's calls and the un-pooled map's stores, LLVM
+    spilled the loop state and kept the accumulators in memory (lenet_fwd.py measured the same split: C1 47 against
+    80 µs, C3 85 against 112 µs for 16 images)."""
     literally(KB)
     Kp = wp.shape[0]
     acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
@@ -350,21 +371,7 @@ def _pool_lanes_relu_max(xt, wp, bp, pf, af, b0, nb, K, Hp, Wp, KB):
     for wi in range(Hp):
         for wj in range(Wp):
             for k0 in range(0, Kp, KB):
-                bias_init(acc, bp, k0, KB)
-                window_lanes(xt, wp, k0, 2 * wi, 2 * wj, acc, KB)
-                for q in range(KB):
-                    for lane in range(L):
-                        z0 = acc[4 * q, lane]
-                        z1 = acc[4 * q + 1, lane]
-                        z2 = acc[4 * q + 2, lane]
-                        z3 = acc[4 * q + 3, lane]
-                        y0 = z0 if z0 > ZERO else ZERO
-                        y1 = z1 if z1 > ZERO else ZERO
-                        y2 = z2 if z2 > ZERO else ZERO
-                        y3 = z3 if z3 > ZERO else ZERO
-                        m, a = pool4(y0, y1, y2, y3, MAX)
-                        pt[2 * q, lane] = m
-                        pt[2 * q + 1, lane] = a
+                window_relu_max(xt, wp, bp, k0, wi, wj, acc, pt, KB)
                 for q in range(min(KB, K - k0)):
                     k = k0 + q
                     for lane in range(nb):

@@ -15,8 +15,21 @@ from numba import carray, literally, types
 
 from . import launch, native
 from .batch import canvas_lane
-from .common import IDENTITY, JIT_INLINE, JIT_INNER, MAX, RELU, ZERO, L, act, njit, stack_tile
-from .conv2d import F1, F2, F4, I8, KB_MAX, P_TILE, W_TILE, _pad_weights, bias_init, pool4, window_lanes
+from .common import IDENTITY, JIT_INLINE, JIT_INNER, MAX, RELU, L, act, njit, stack_tile
+from .conv2d import (
+    F1,
+    F2,
+    F4,
+    I8,
+    KB_MAX,
+    P_TILE,
+    W_TILE,
+    _pad_weights,
+    bias_init,
+    pool4,
+    window_lanes,
+    window_relu_max,
+)
 from .dense import lane_dense
 
 _MADE: dict[tuple[int, int, str], Any] = {}
@@ -24,11 +37,9 @@ _MADE: dict[tuple[int, int, str], Any] = {}
 
 @njit(**JIT_INNER)
 def _pool_relu_max(xt, wp, bp, K, Hp, Wp, out, KB):
-    """out[(k·Hp + i)·Wp + j] (a (K·Hp·Wp, L) array) = max(relu(conv)) over each 2×2 window: max(relu(a0..a3)) as
-    max(0, a0..a3), the same bits (NaN and -0 included, since relu(NaN) = relu(-0) = +0 and the comparisons are
-    strict). The window's maxima go to a stack tile (KB rows of 16 lanes) and then to out, by 2-D index:
-    written in the loop that reads the accumulators, LLVM kept the epilogue scalar (a vmaxss a lane and pixel), and
-    a row view of out costs a reference count taken and dropped (two calls of Numba's runtime) a window."""
+    """out[(k·Hp + i)·Wp + j] (a (K·Hp·Wp, L) array) = max(relu(conv)) over each 2×2 window (conv2d.window_relu_max,
+    whose routes are not kept here), written by 2-D index: a row view of out costs a reference count taken and
+    dropped (two calls of Numba's runtime) a window."""
     literally(KB)
     acc = carray(stack_tile(W_TILE), (4 * KB_MAX, L))
     pt = carray(stack_tile(P_TILE), (2 * KB_MAX, L))
@@ -36,24 +47,12 @@ def _pool_relu_max(xt, wp, bp, K, Hp, Wp, out, KB):
     for wi in range(Hp):
         for wj in range(Wp):
             for k0 in range(0, Kp, KB):
-                bias_init(acc, bp, k0, KB)
-                window_lanes(xt, wp, k0, 2 * wi, 2 * wj, acc, KB)
-                for q in range(KB):
-                    for lane in range(L):
-                        a0 = acc[4 * q, lane]
-                        a1 = acc[4 * q + 1, lane]
-                        a2 = acc[4 * q + 2, lane]
-                        a3 = acc[4 * q + 3, lane]
-                        m = a0 if a0 > ZERO else ZERO
-                        m = a1 if a1 > m else m
-                        m = a2 if a2 > m else m
-                        m = a3 if a3 > m else m
-                        pt[q, lane] = m
+                window_relu_max(xt, wp, bp, k0, wi, wj, acc, pt, KB)
                 for q in range(KB):
                     if k0 + q < K:
                         row = ((k0 + q) * Hp + wi) * Wp + wj
                         for lane in range(L):
-                            out[row, lane] = pt[q, lane]
+                            out[row, lane] = pt[2 * q, lane]
 
 
 @njit(**JIT_INLINE)
