@@ -172,21 +172,16 @@ def _bwd_data_routed_chunk(gz, wt, argmax, y_below, gzb, act_code, dxs, b0, R, P
                         row = dxs[h0 + r]
                         for v in range(PW):
                             row[o + np.uint64(v)] += g * wk[r, v]
-        if act_code == RELU:  # the default: no switch on the activation per element (act_grad's), unsigned indices
-            for c in range(C):
-                for h in range(H):
-                    d_ = dxs[h]
-                    y_ = y_below[bb, c, h]
-                    o_ = gzb[bb, c, h]
+        for c in range(C):
+            for h in range(H):
+                d_ = dxs[h]
+                y_ = y_below[bb, c, h]
+                o_ = gzb[bb, c, h]
+                if act_code == RELU:  # the default: no switch on the activation an element (act_grad's)
                     for w in range(W):
                         d = d_[np.uint64(w * C + c)]
                         o_[w] = d if y_[w] > ZERO else ZERO
-        else:
-            for c in range(C):
-                for h in range(H):
-                    d_ = dxs[h]
-                    y_ = y_below[bb, c, h]
-                    o_ = gzb[bb, c, h]
+                else:
                     for w in range(W):
                         o_[w] = act_grad(d_[w * C + c], y_[w], act_code)
 
