@@ -338,21 +338,17 @@ U4, I8, BOOL = types.Array(types.uint8, 4, "C"), types.int64, types.boolean
 @njit(**JIT_INLINE)
 def window_relu_max(xt, wp, bp, k0, wi, wj, acc, pt, KB):
     """Window (wi, wj) of filters k0 … k0+KB−1 in xt's lanes, relu + 2×2 max pooling: pt[2q] = the pooled value,
-    pt[2q + 1] = its route (pool4: the first maximum wins; relu(NaN) = relu(−0) = +0), the same bits as the general
-    loop's act_tile then pool4. The accumulators are read at constant indices only (they stay in registers)."""
+    pt[2q + 1] = its route (pool4: the first maximum wins), the same bits as the general loop's act_tile then pool4.
+    Only the first pixel goes through relu: from a running maximum m ≥ +0, z > m holds exactly when relu(z) > m
+    (relu(NaN) = relu(−0) = +0 never exceed it), so relu on the other three changes neither value nor route. The
+    accumulators are read at constant indices only (they stay in registers)."""
     bias_init(acc, bp, k0, KB)
     window_lanes(xt, wp, k0, 2 * wi, 2 * wj, acc, KB)
     for q in range(KB):
         for lane in range(L):
             z0 = acc[4 * q, lane]
-            z1 = acc[4 * q + 1, lane]
-            z2 = acc[4 * q + 2, lane]
-            z3 = acc[4 * q + 3, lane]
-            y0 = z0 if z0 > ZERO else ZERO
-            y1 = z1 if z1 > ZERO else ZERO
-            y2 = z2 if z2 > ZERO else ZERO
-            y3 = z3 if z3 > ZERO else ZERO
-            m, a = pool4(y0, y1, y2, y3, MAX)
+            m, a = pool4(z0 if z0 > ZERO else ZERO, acc[4 * q + 1, lane], acc[4 * q + 2, lane], acc[4 * q + 3, lane],
+                         MAX)
             pt[2 * q, lane] = m
             pt[2 * q + 1, lane] = a
 
