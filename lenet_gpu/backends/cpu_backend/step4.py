@@ -16,7 +16,9 @@ GPU kernels (kernels/step_fwd.cu, step_bwd.cu, step_update.cu), each one paralle
   step_adam_v1  the partials added in group order from 0.0 (reference.step_reduce), Adam with srow's lr and bias
   step_sgd_v1   corrections (adam_step_v1's / sgd_step_v1's arithmetic, bit for bit), then step_advance
 
-The chunk functions are the routed step's (conv2d.py, routed.py), called with the same argument types, so where a
+The chunk functions are the routed step's (conv2d.py, routed.py), called with the same argument types, except C1's
+forward: the nine-op step's "auto" runs the rows kernel there, this step the lanes kernel, and both add each output's
+taps in the same order (bias, then channels, rows, columns), so their values and routes are the same bits. So where a
 group is one chunk of 16 images (CpuBackend.step_groups: ceil(B / 16) groups, a batch that is a multiple of 16) the
 step's numbers are the nine-op routed step's bit for bit (its chunk partials are added in the same order; 0.0 + a
 partial only turns a −0.0 into +0.0; tests/test_cpu_step4.py). The group count depends on the batch alone, and every
