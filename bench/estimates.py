@@ -3,8 +3,9 @@ mixed up. The fill table (``scripts/kernel_report.py``) prints it beside each la
 
 An estimate names its method (issue slots, shared-memory slots, DRAM/L2 bytes, chain length, waves) and the
 kernel header where its count is written out; a measurement names the run it comes from. No GPU has run the
-four-kernel step's kernels yet (2026-12-05): their rows are estimates. head_train's two kernels ran inside the
-graphed step of 2026-12-04 (a CUPTI profile on an H200), so theirs are measurements.
+four-kernel step's kernels yet (2026-12-05), nor head_train_v4 (2026-12-07): their rows are estimates.
+head_train_v2's two kernels ran inside the graphed step of 2026-12-04 (a CUPTI profile on an H200), so theirs are
+measurements.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ LATENCY: dict[str, KernelLatency] = {k.kernel: k for k in (
         {64: (5.0, 7.0)},
         "estimate: L2 bytes (27.7 MB at 5.5-7 TB/s), chain length (9 barriers), issue slots; at batch > 264 the "
         "launcher runs v2's rows kernel (its row)", "kernels/head.cu"),
+    KernelLatency(
+        "head_train_v4", "16 rows a block, a warp per 4 rows: 4 x 4 (C5, dz1) and 4 x 7 (dx) register tiles; ~24.5 K "
+        "instructions a thread (kernels/head.cu)",
+        {4096: (31.0, 50.0)},
+        "estimate: issue slots (1,024 warps, ~2 a scheduler, 49 K instructions each at 0.5-0.8 a clock), L2 bytes "
+        "(~120 MB at 5.5-7 TB/s, overlapped); the default plan runs it from batch 1,049 (v3's rows kernel at 64)",
+        "kernels/head.cu"),
     KernelLatency(
         "head_train_wgrad_v3", "v2's 16x32 tiles and sum order, the geometry compiled in",
         {64: (3.0, 3.5), 4096: (88.0, 93.0)},

@@ -45,7 +45,11 @@
 //                          the forward's warp/lane footprint of w1 (104 loads per lane), per-warp partials (over w2's
 //                          copy) added in warp order, routed into dz_conv. wgrad: v2's tiles, geometry compiled in.
 //                          The launcher uses v3's rows kernel while v2 would take one row a block (batch <= 264, one
-//                          wave at 2 blocks an SM) and its 49,040 B of shared memory fit; beyond, v2's rows kernel.
+//                          wave at 2 blocks an SM) and its 49,040 B of shared memory fit; beyond, v4's rows kernel
+//                          where its 8-row blocks fill the SMs (batch >= 1,049), else v2's.
+//   head_train_v4          rows, large batch: 8, 16 or 32 rows a block (HEAD4_ROWS), a warp per 4 rows; every product
+//                          a register-tiled GEMM (4 rows x 4 or 7 columns of 32 a thread) instead of v2's warp per
+//                          output / thread per column; the geometry compiled in as v3's; wgrad v3. Below.
 //
 // v3's cost at LeNet-5 (ESTIMATED, NOT MEASURED; H200: 132 SMs, ~1.98 GHz; assumed L2 -> SM ~64 B/clk an SM and
 // ~5.5-7 TB/s in all):
@@ -717,5 +721,250 @@ head_train_wgrad_v3(const float* __restrict__ x, const float* __restrict__ h1, c
         float* row = stats_row(stats, S, state);
         row[0] = s_l[0];
         row[1] = s_h[0];
+    }
+}
+
+// ------------------------------------------------------------------------------------------ v4: rows, large batch
+// HEAD4_ROWS rows of the batch a block (8, 16 or 32), a warp per 4 of them (HEAD4_THREADS = 8 * HEAD4_ROWS), the
+// geometry compiled in as v3's (head3's constants). Every product is a register-tiled GEMM over the block's rows:
+// thread (warp w, lane l) owns rows 4w..4w+3 x columns l + 32j, so each operand it loads feeds 4 or JP FMAs:
+//   C5, F6 forward  K in chunks of HEAD4_KC: the rows' chunk staged as [k][row] (a float4 of 4 rows a load), the
+//                   weights' chunk transposed to [k][column] (lanes read consecutive columns, conflict-free); the
+//                   epilogue act(acc + bias) into shared memory and h1 / h2;
+//   output, loss    a thread per (row, class), then a thread per row (xent_row);
+//   dz2             a thread per (row, column), NC terms, in place over h2 (act'(h2) read by the same thread);
+//   dz1, dx         W read from L2 along its rows (w2 (H2,H1), w1 (H1,I): lanes consecutive columns, coalesced), the
+//                   rows' gradient broadcast from shared memory; dz1 in place over h1; dx routed into dz_conv as v3.
+// Each output's sum runs over k in order from 0 (bias added last, as v3's forward): deterministic, no atomics.
+//
+// Registers: __launch_bounds__(HEAD4_THREADS, 512 / HEAD4_THREADS), <= 128 a thread: a warp per 4 rows gives only
+// B / 4 warps (batch 4096: 1,024, ~7.8 an SM whatever the rows a block), so latency is hidden by each thread's
+// loads in flight (the backward tiles' k loop unrolled by 4: 44 loads issued before their 112 FMAs), not by warps.
+// NVRTC 12 (sm_80, sm_90): no spills at 8, 16 and 32 rows (the test_head_v4 NVRTC test).
+//
+// Cost at LeNet-5, batch 4096, HEAD4_ROWS 16 (ESTIMATED, NOT MEASURED; H200 132 SMs, ~1.98 GHz, 4 schedulers an SM):
+// a thread issues ~24.5 K instructions (C5 400 x (5 shared loads + 16 FMA) + 20 chunk stagings ~9.8 K, F6 ~2.2 K,
+// output + loss + dz2 ~0.9 K, dz1 84 x 24 ~2 K, dx 2 passes x 120 x (4 + 7 loads + 28 FMA) ~9.4 K); 1,024 warps =
+// ~2 a scheduler = ~49 K instructions a scheduler, at an issue rate of 0.5-0.8 a clock (2 warps with independent
+// loads and FMAs) 61-98 K clocks: ~31-50 us (v2's rows kernel: 149 us measured at 8 rows a block). L2 bytes: a
+// block reads w1 twice and w2 twice (~0.46 MB): 256 blocks ~120 MB, ~17-22 us at 5.5-7 TB/s (overlapped).
+#ifndef HEAD4_ROWS
+#define HEAD4_ROWS 16
+#endif
+static_assert(HEAD4_ROWS == 8 || HEAD4_ROWS == 16 || HEAD4_ROWS == 32, "HEAD4_ROWS: 8, 16 or 32");
+#define HEAD4_THREADS (8 * HEAD4_ROWS)  // a warp per 4 rows
+#define HEAD4_KC 20                      // forward products: K staged in chunks of this many terms
+#define HEAD4_JMAX 7                     // backward products: columns a lane per pass, in units of 32 (registers)
+
+namespace head4 {
+constexpr int C = head3::C, HP = head3::HP, WP = head3::WP, H = head3::H, W = head3::W;
+constexpr int I = head3::I, H1 = head3::H1, H2 = head3::H2, NC = head3::NC;
+constexpr int R = HEAD4_ROWS, T = HEAD4_THREADS, KC = HEAD4_KC, RA = R + 4;  // RA: s_a's row (16-byte aligned)
+// forward products: columns a lane per pass (in 32s), at most 4
+__host__ __device__ constexpr int jp(int O) { return (O + 31) / 32 < 4 ? (O + 31) / 32 : 4; }
+constexpr int BW = 32 * (jp(H1) > jp(H2) ? jp(H1) : jp(H2)) + 1;  // s_b's row: odd, so the staging stores spread
+// shared memory (floats): h1 (then dz1) [R][H1], h2 (then dz2) [R][H2], z [R][NC], d3 [NC][R], a chunk [KC][RA],
+// a weight chunk [KC][BW]; the launcher checks the sum against its limit (fused.head_v4_smem)
+constexpr int OFF_H2 = R * H1, OFF_Z = OFF_H2 + R * H2, OFF_D3 = OFF_Z + R * NC, OFF_A = (OFF_D3 + NC * R + 3) / 4 * 4;
+constexpr int OFF_B = OFF_A + KC * RA, SMEM_FLOATS = OFF_B + KC * BW;
+}  // namespace head4
+
+// s_out[r][o] = act(bias[o] + sum_k a[r][k] * Wt[o][k]) for the block's R rows and o < O; a: rows of K floats, lda
+// apart (global or shared), rows >= nr read as 0; Wt (O, K) row-major. The nr real rows also go to g_out (row O).
+template <int O, int K>
+__device__ __forceinline__ void head4_fwd(const float* a, int lda, int nr, const float* __restrict__ Wt,
+                                          const float* __restrict__ bias, float* s_a, float* s_b, float* s_out,
+                                          float* __restrict__ g_out, int act) {
+    using namespace head4;
+    constexpr int JP = jp(O), OP = 32 * JP;
+    const int t = threadIdx.x, lane = t & 31, rb = (t >> 5) * 4;
+#pragma unroll 1
+    for (int o0 = 0; o0 < O; o0 += OP) {
+        float acc[4][JP];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+            for (int j = 0; j < JP; ++j) acc[u][j] = 0.0f;
+#pragma unroll 1
+        for (int k0 = 0; k0 < K; k0 += KC) {
+            for (int e = t; e < R * KC; e += T) {
+                const int r = e / KC, kk = e - r * KC, k = k0 + kk;  // constant divisor
+                s_a[kk * RA + r] = (r < nr && k < K) ? a[r * lda + k] : 0.0f;
+            }
+            for (int e = t; e < OP * KC; e += T) {
+                const int oc = e / KC, kk = e - oc * KC, o = o0 + oc, k = k0 + kk;
+                s_b[kk * BW + oc] = (o < O && k < K) ? __ldg(Wt + (size_t)o * K + k) : 0.0f;
+            }
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < KC; ++kk) {
+                const float4 av = *reinterpret_cast<const float4*>(s_a + kk * RA + rb);
+                const float ar[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+                for (int j = 0; j < JP; ++j) {
+                    const float wv = s_b[kk * BW + lane + 32 * j];
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) acc[u][j] = fmaf(ar[u], wv, acc[u][j]);
+                }
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int j = 0; j < JP; ++j) {
+            const int o = o0 + lane + 32 * j;
+            if (o < O) {
+                const float bo = __ldg(bias + o);
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const float y = act_fwd(acc[u][j] + bo, act);
+                    s_out[(rb + u) * O + o] = y;
+                    if (rb + u < nr) g_out[(size_t)(rb + u) * O + o] = y;
+                }
+            }
+        }
+    }
+}
+
+// acc[u][j] = sum_k s_d[(rb + u) * K + k] * W[k][n0 + lane + 32 j] for k in order from 0 (W (K, N) row-major, from
+// L2 along its rows; columns >= N read as 0): one pass of a backward product's register tile.
+template <int K, int N, int JN>
+__device__ __forceinline__ void head4_bwd_tile(const float* s_d, const float* __restrict__ Wm, int n0, int rb,
+                                               int lane, float (&acc)[4][JN]) {
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int j = 0; j < JN; ++j) acc[u][j] = 0.0f;
+#pragma unroll 4
+    for (int k = 0; k < K; ++k) {
+        float d[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) d[u] = s_d[(rb + u) * K + k];
+#pragma unroll
+        for (int j = 0; j < JN; ++j) {
+            const int n = n0 + lane + 32 * j;
+            const float wv = n < N ? __ldg(Wm + (size_t)k * N + n) : 0.0f;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) acc[u][j] = fmaf(d[u], wv, acc[u][j]);
+        }
+    }
+}
+
+// The block's HEAD4_ROWS rows: forward, loss, backward. Phases, a barrier after each: C5 | F6 | output | the loss
+// rows | dz2 | dz1 | dx routed into dz_conv (then the taps no window covers, odd yconv only).
+extern "C" __global__ void __launch_bounds__(HEAD4_THREADS, 512 / HEAD4_THREADS)
+head_train_v4(const float* __restrict__ x, const int* __restrict__ labels, const float* __restrict__ w1,
+              const float* __restrict__ b1, const float* __restrict__ w2, const float* __restrict__ b2,
+              const float* __restrict__ w3, const float* __restrict__ b3, float* __restrict__ h1,
+              float* __restrict__ h2, float* __restrict__ logits, const unsigned char* __restrict__ argmax,
+              const float* __restrict__ yconv, float* __restrict__ dz_conv, float* __restrict__ dz1,
+              float* __restrict__ dz2, float* __restrict__ dz3, float* __restrict__ rowstat, int B, int I_, int H1_,
+              int H2_, int NC_, int C_, int H_, int W_, int act, int mode) {
+    using namespace head4;
+    __shared__ __align__(16) float smem4[SMEM_FLOATS];
+    float* s_h1 = smem4;
+    float* s_h2 = smem4 + OFF_H2;
+    float* s_z = smem4 + OFF_Z;
+    float* s_d3 = smem4 + OFF_D3;
+    float* s_a = smem4 + OFF_A;
+    float* s_b = smem4 + OFF_B;
+    const int r0 = blockIdx.x * R, nr = min(R, B - r0), t = threadIdx.x, lane = t & 31, rb = (t >> 5) * 4;
+    head4_fwd<H1, I>(x + (size_t)r0 * I, I, nr, w1, b1, s_a, s_b, s_h1, h1 + (size_t)r0 * H1, act);
+    __syncthreads();
+    head4_fwd<H2, H1>(s_h1, H1, nr, w2, b2, s_a, s_b, s_h2, h2 + (size_t)r0 * H2, act);
+    __syncthreads();
+    for (int e = t; e < R * NC; e += T) {  // z = h2 w3^T + b3
+        const int r = e / NC, c = e - r * NC;
+        float acc = 0.0f;
+#pragma unroll 4
+        for (int k = 0; k < H2; ++k) acc = fmaf(s_h2[r * H2 + k], __ldg(w3 + (size_t)c * H2 + k), acc);
+        const float z = act_fwd(acc + __ldg(b3 + c), ACT_IDENTITY);
+        s_z[r * NC + c] = z;
+        if (r < nr) logits[(size_t)(r0 + r) * NC + c] = z;
+    }
+    __syncthreads();
+    if (t < R) {  // one thread per row: the loss row and dz3 (zeros for rows past the batch)
+        if (t < nr) {
+            float hit;
+            const float loss = xent_row(s_z + t * NC, labels[r0 + t], s_d3 + t, R, NC, 1.0f / (float)B, &hit);
+            rowstat[2 * (r0 + t)] = loss;
+            rowstat[2 * (r0 + t) + 1] = hit;
+            for (int c = 0; c < NC; ++c) dz3[(size_t)(r0 + t) * NC + c] = s_d3[c * R + t];
+        } else {
+            for (int c = 0; c < NC; ++c) s_d3[c * R + t] = 0.0f;
+        }
+    }
+    __syncthreads();
+    for (int e = t; e < R * H2; e += T) {  // dz2 = (dz3 w3) * act'(h2), in place over h2
+        const int r = e / H2, j = e - r * H2;
+        float acc = 0.0f;
+#pragma unroll
+        for (int c = 0; c < NC; ++c) acc = fmaf(s_d3[c * R + r], __ldg(w3 + (size_t)c * H2 + j), acc);
+        const float d = acc * act_grad(s_h2[e], act);
+        s_h2[e] = d;
+        if (r < nr) dz2[(size_t)r0 * H2 + e] = d;
+    }
+    __syncthreads();
+    {  // dz1 = (dz2 w2) * act'(h1), in place over h1 (each element read and written by its own thread)
+        constexpr int J = (H1 + 31) / 32 < HEAD4_JMAX ? (H1 + 31) / 32 : HEAD4_JMAX;
+#pragma unroll 1
+        for (int n0 = 0; n0 < H1; n0 += 32 * J) {
+            float acc[4][J];
+            head4_bwd_tile<H2, H1, J>(s_h2, w2, n0, rb, lane, acc);
+#pragma unroll
+            for (int j = 0; j < J; ++j) {
+                const int n = n0 + lane + 32 * j;
+                if (n < H1) {
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        const int r = rb + u;
+                        const float d = acc[u][j] * act_grad(s_h1[r * H1 + n], act);
+                        s_h1[r * H1 + n] = d;
+                        if (r < nr) dz1[(size_t)(r0 + r) * H1 + n] = d;
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    {  // dx = dz1 w1, routed through S4's pooling into dz_conv
+        constexpr int J = (I + 31) / 32 < HEAD4_JMAX ? (I + 31) / 32 : HEAD4_JMAX, PER = C * H * W;
+#pragma unroll 1
+        for (int n0 = 0; n0 < I; n0 += 32 * J) {
+            float acc[4][J];
+            head4_bwd_tile<H1, I, J>(s_h1, w1, n0, rb, lane, acc);
+#pragma unroll
+            for (int j = 0; j < J; ++j) {
+                const int i = n0 + lane + 32 * j;
+                if (i >= I) continue;
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const int r = r0 + rb + u;
+                    if (rb + u >= nr) continue;
+                    const float g = acc[u][j];
+                    if (yconv == nullptr) {  // the routed gradient at S4's shape (block-uniform branch)
+                        dz_conv[(size_t)r * I + i] = g * act_grad(x[(size_t)r * I + i], act);
+                    } else {
+                        const int c = i / (HP * WP), rem = i - c * (HP * WP), hp = rem / WP, wp = rem - hp * WP;
+                        const int tap_max = mode == POOL_MAX ? (int)argmax[(size_t)r * I + i] : -1;
+                        const float* yc = yconv + (size_t)r * PER;
+                        float* dz = dz_conv + (size_t)r * PER;
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) {
+                            const int idx = (c * H + 2 * hp + (q >> 1)) * W + 2 * wp + (q & 1);
+                            const float v = mode == POOL_MAX ? (q == tap_max ? g : 0.0f) : 0.25f * g;
+                            dz[idx] = v * act_grad(yc[idx], act);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if (H != 2 * HP || W != 2 * WP) {  // taps no 2x2 window covers (odd H or W): 0
+        constexpr int PER = C * H * W;
+        if (yconv != nullptr)
+            for (int e = t; e < nr * PER; e += T) {
+                const int h = (e / W) % H, w = e % W;  // constant divisors
+                if (h >= 2 * HP || w >= 2 * WP) dz_conv[(size_t)r0 * PER + e] = 0.0f;
+            }
     }
 }

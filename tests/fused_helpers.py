@@ -157,6 +157,62 @@ def check_head_train(
     return got
 
 
+def kernels_run(be: Any, fn: Callable[[], Any]) -> list[str]:
+    """The kernels ``fn()`` launches on ``be``'s runtime, in order."""
+    names: list[str] = []
+    rt = be.runtime
+    orig = rt.get_kernel
+
+    def spy(stem, name, options=()):
+        names.append(name)
+        return orig(stem, name, options)
+
+    rt.get_kernel = spy
+    try:
+        fn()
+    finally:
+        rt.get_kernel = orig
+    return names
+
+
+def check_routed(be: Any, variant: str, b: int, act: str, seed: int,
+                 kernels: tuple[str, str] | None = None) -> dict[str, np.ndarray]:
+    """head_train ``variant`` with yconv=None (the routed step): dz_conv at x's shape = dL/dx · act'(x), against the
+    reference; ``kernels`` (default head_train_<variant> and head_train_wgrad_v3): the two kernels it must run."""
+    from lenet_gpu.backends.cupy_backend import fused
+
+    d = Dev(be)
+    inp = head_inputs(b, 16, 10, 10, 120, 84, 10, act, "max", seed)
+    want = ref.head_train(inp["x"].astype(np.float64), inp["labels"],
+                          *(inp[k].astype(np.float64) for k in ("w1", "b1", "w2", "b2", "w3", "b3")),
+                          inp["argmax"], None, act, "max")
+    out = {"h1": (b, 120), "h2": (b, 84), "logits": (b, 10), "dz_conv": inp["x"].shape, "dw1": (120, 400),
+           "db1": (120,), "dw2": (84, 120), "db2": (84,), "dw3": (10, 84), "db3": (10,)}
+    dev_out = {k: d.put(nan_like(s)) for k, s in out.items()}
+    stats = d.put(np.full((3, 2), -7.0, np.float32))
+    state_h = np.zeros(STATE_WORDS, np.int32)
+    state_h[STEP_IN_EPOCH] = 5
+    dev = {k: d.put(inp[k]) for k in ("x", "labels", "w1", "b1", "w2", "b2", "w3", "b3", "argmax")}
+    o = dev_out
+    ran = kernels_run(be, lambda: fused.head_train(
+        be, dev["x"], dev["labels"], dev["w1"], dev["b1"], dev["w2"], dev["b2"], dev["w3"], dev["b3"], o["h1"],
+        o["h2"], o["logits"], dev["argmax"], None, o["dz_conv"], o["dw1"], o["db1"], o["dw2"], o["db2"], o["dw3"],
+        o["db3"], stats, d.put(state_h), act, "max", variant=variant))
+    assert ran == list(kernels or (f"head_train_{variant}", "head_train_wgrad_v3")), ran
+    got = {k: d.get(v) for k, v in o.items()}
+    what = f"head_train_{variant} routed {act} B={b}"
+    for k in ("h1", "h2", "logits"):
+        assert_close(got[k], want[k], *TOL_HEAD[k], what=f"{what} {k}")
+    for k in ("dw1", "dw2", "dw3", "db1", "db2", "db3"):
+        assert_close(got[k], want[k], *TOL_HEAD[k[:2]], what=f"{what} {k}")
+    assert_close(got["dz_conv"], want["dz_conv"], *TOL_HEAD["dz_conv"], what=f"{what} dz_conv")
+    st = d.get(stats)
+    assert_close(st[5 % 3, 0], want["loss_sum"], *TOL_HEAD["loss_sum"], what=f"{what} loss sum")
+    assert st[5 % 3, 1] == want["correct"]
+    assert_equal(np.delete(st, 5 % 3, axis=0), np.full((2, 2), -7.0, np.float32), f"{what}: other stats rows")
+    return got
+
+
 def lenet_params(h2: int, seed: int = 0, h1: int = 120, nc: int = 10) -> dict[str, np.ndarray]:
     """Seeded float32 LeNet-5 parameters with F6 width h2: uniform ±sqrt(3/fan_in) (unit variance per input, so
     activations and logits stay O(1) through the five stages; PyTorch's ±1/sqrt(fan_in) gives logits ~0.1)."""

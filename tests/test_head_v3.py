@@ -22,14 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lenet_gpu import reference as ref
 from lenet_gpu.backends.cupy_backend import fused
 from lenet_gpu.backends.cupy_backend.runtime import kernel_source
-from lenet_gpu.stepstate import STATE_WORDS, STEP_IN_EPOCH
 from tests import fused_helpers as F
 from tests import sim_child
 from tests.host_child import check_host_suite, host_suite
-from tests.parity import assert_close, assert_equal, nan_like
 
 CHILD_ENV = "LENET_HEAD_V3_HOST_CHILD"
 IN_CHILD = os.environ.get(CHILD_ENV) == "1"
@@ -61,8 +58,8 @@ def test_plan_v3_a_row_a_block_then_v2():
         assert a.kernel == "head_train_v3" and a.grid == (b, 1, 1) and a.block == (512, 1, 1), a
         assert dict(a.defines) == geom and a.shared_mem == 4 * 12260 <= fused.SMEM_LIMIT, a
         assert w.kernel == "head_train_wgrad_v3" and dict(w.defines) == geom and w.grid[0] == 8 * 13 + 6 * 4 + 3 + 1
-    for b, rows in ((265, 2), (1000, 4), (4096, 8)):  # v2's rows kernel and rows per block, in v3's module
-        a, w = fused.head_plan("v3", b, 400, 120, 84, 10)
+    for b, rows, tiled in ((265, 2, True), (1000, 4, True), (4096, 8, False)):  # v2's rows kernel, in v3's module
+        a, w = fused.head_plan("v3", b, 400, 120, 84, 10, tiled=tiled)
         a2, _ = fused.head_plan("v2", b, 400, 120, 84, 10)
         assert a.kernel == "head_train_v2" and a.grid == a2.grid and a.shared_mem == a2.shared_mem, a
         assert dict(a.defines) == {**geom, "HEAD_ROWS": rows} and w.kernel == "head_train_wgrad_v3", a
@@ -133,69 +130,17 @@ def hbe():
     return _BE["be"]
 
 
-def _kernels_run(be, fn):
-    """The kernels ``fn()`` launches on ``be``'s runtime, in order."""
-    names: list[str] = []
-    rt = be.runtime
-    orig = rt.get_kernel
-
-    def spy(stem, name, options=()):
-        names.append(name)
-        return orig(stem, name, options)
-
-    rt.get_kernel = spy
-    try:
-        fn()
-    finally:
-        rt.get_kernel = orig
-    return names
-
-
-def check_routed(be, b: int, act: str, seed: int) -> dict[str, np.ndarray]:
-    """head_train with yconv=None (the routed step): dz_conv at x's shape = dL/dx · act'(x), against the reference."""
-    d = F.Dev(be)
-    inp = F.head_inputs(b, *LENET, act, "max", seed)
-    want = ref.head_train(inp["x"].astype(np.float64), inp["labels"],
-                          *(inp[k].astype(np.float64) for k in ("w1", "b1", "w2", "b2", "w3", "b3")),
-                          inp["argmax"], None, act, "max")
-    out = {"h1": (b, 120), "h2": (b, 84), "logits": (b, 10), "dz_conv": inp["x"].shape, "dw1": (120, 400),
-           "db1": (120,), "dw2": (84, 120), "db2": (84,), "dw3": (10, 84), "db3": (10,)}
-    dev_out = {k: d.put(nan_like(s)) for k, s in out.items()}
-    stats = d.put(np.full((3, 2), -7.0, np.float32))
-    state_h = np.zeros(STATE_WORDS, np.int32)
-    state_h[STEP_IN_EPOCH] = 5
-    dev = {k: d.put(inp[k]) for k in ("x", "labels", "w1", "b1", "w2", "b2", "w3", "b3", "argmax")}
-    o = dev_out
-    ran = _kernels_run(be, lambda: fused.head_train(
-        be, dev["x"], dev["labels"], dev["w1"], dev["b1"], dev["w2"], dev["b2"], dev["w3"], dev["b3"], o["h1"],
-        o["h2"], o["logits"], dev["argmax"], None, o["dz_conv"], o["dw1"], o["db1"], o["dw2"], o["db2"], o["dw3"],
-        o["db3"], stats, d.put(state_h), act, "max", variant="v3"))
-    assert ran == ["head_train_v3", "head_train_wgrad_v3"], ran
-    got = {k: d.get(v) for k, v in o.items()}
-    what = f"head_train_v3 routed {act} B={b}"
-    for k in ("h1", "h2", "logits"):
-        assert_close(got[k], want[k], *F.TOL_HEAD[k], what=f"{what} {k}")
-    for k in ("dw1", "dw2", "dw3", "db1", "db2", "db3"):
-        assert_close(got[k], want[k], *F.TOL_HEAD[k[:2]], what=f"{what} {k}")
-    assert_close(got["dz_conv"], want["dz_conv"], *F.TOL_HEAD["dz_conv"], what=f"{what} dz_conv")
-    st = d.get(stats)
-    assert_close(st[5 % 3, 0], want["loss_sum"], *F.TOL_HEAD["loss_sum"], what=f"{what} loss sum")
-    assert st[5 % 3, 1] == want["correct"]
-    assert_equal(np.delete(st, 5 % 3, axis=0), np.full((2, 2), -7.0, np.float32), f"{what}: other stats rows")
-    return got
-
-
 @host
 @pytest.mark.parametrize("act", ACTS)
 def test_host_routed_every_activation(hbe, act):
-    check_routed(hbe, 5, act, seed=ACTS.index(act))
+    F.check_routed(hbe, "v3", 5, act, seed=ACTS.index(act))
 
 
 @host
 @pytest.mark.parametrize("b", [1, 7])
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_host_odd_batches_both_modes(hbe, b, mode):
-    ran = _kernels_run(hbe, lambda: F.check_head_train(hbe, fused.head_train, "v3", b, *LENET, "lecun_tanh", mode,
+    ran = F.kernels_run(hbe, lambda: F.check_head_train(hbe, fused.head_train, "v3", b, *LENET, "lecun_tanh", mode,
                                                        seed=b))
     assert ran == ["head_train_v3", "head_train_wgrad_v3"], ran
 
@@ -230,6 +175,6 @@ def test_host_repeats_bit_for_bit_two_launches():
     assert used["launches"] == 2 and used["allocs"] == 0 and used["h2d"] == used["d2h"] == 0, used
     for k in a:
         assert np.array_equal(a[k], b[k]), k
-    r1, r2 = check_routed(be, 3, "relu", seed=9), check_routed(be, 3, "relu", seed=9)
+    r1, r2 = F.check_routed(be, "v3", 3, "relu", seed=9), F.check_routed(be, "v3", 3, "relu", seed=9)
     for k in r1:
         assert np.array_equal(r1[k], r2[k]), k

@@ -79,7 +79,7 @@ def report():
 
 def test_report_covers_every_kernel(report):
     want = {f"{op}_{v}" for op, (_, vs) in OP_KERNELS.items() for v in vs}
-    want |= {f"head_train_wgrad_{v}" for v in OP_KERNELS["head_train"][1]}  # head_train's second kernel
+    want |= {f"head_train_wgrad_{v}" for v in OP_KERNELS["head_train"][1] if v != "v4"}  # its second (v4: v3's)
     for arch in ARCHS:
         assert {r["kernel"] for r in report if r["arch"] == arch} == want
 

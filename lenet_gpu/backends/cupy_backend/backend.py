@@ -91,6 +91,7 @@ assert set(ROUTED_OPS) <= set(OP_KERNELS)
 #: The default variant per op (the fastest by design; to be confirmed by the GPU benchmarks).
 DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, (_, vs) in OP_KERNELS.items()}
 DEFAULT_VARIANTS["dense_fwd"] = "v2"  # v3 (warp per output) only pays off at batch ≲ 16
+DEFAULT_VARIANTS.update(fused.DEFAULT_VARIANTS)  # head_train: v3's plan (v4's rows kernel at large batch)
 
 THREADS = 256  # block size of the 1-D elementwise kernels
 SMEM_LIMIT = 48 * 1024  # dynamic + static shared memory per block without an opt-in

@@ -122,6 +122,8 @@ def module_option_sets(defines: dict[str, dict[str, int]] | None = None) -> dict
                 geom = dict(fused.head_v3_defines(fused.HEAD_LENET_GEOM, 120, 84, 10))
                 sets += [define_options({**base, **geom})]
                 sets += [define_options({**base, **geom, "HEAD_ROWS": r}) for r in fused.HEAD_ROWS_CHOICES[1:]]
+                # v4's rows kernel (v3's plan at large batches, v4 by name) at each rows a block
+                sets += [define_options({**base, **geom, "HEAD4_ROWS": r}) for r in fused.HEAD4_ROWS_CHOICES]
             out[stem] = tuple(dict.fromkeys(sets))
             continue
         sets = [be.options(stem)]

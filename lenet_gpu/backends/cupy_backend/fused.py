@@ -27,15 +27,18 @@ from .runtime import check_array as _check
 i32, f32 = np.int32, np.float32
 
 #: op → its variants (v1 the readable baseline); the default is the last
-VARIANTS: dict[str, tuple[str, ...]] = {"head_train": ("v1", "v2", "v3"), "lenet_fwd": ("v1", "v2", "v3")}
+VARIANTS: dict[str, tuple[str, ...]] = {"head_train": ("v1", "v2", "v3", "v4"), "lenet_fwd": ("v1", "v2", "v3")}
 DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, vs in VARIANTS.items()}
+#: head_train's default is v3's plan, which runs v4's rows kernel at large batches (head_plan); "v4" by name runs
+#: v4's rows kernel at every batch
+DEFAULT_VARIANTS["head_train"] = "v3"
 #: op → the kernel file stem (kernels/<stem>.cu)
 STEMS: dict[str, str] = {"head_train": "head", "lenet_fwd": "lenet_fwd"}
 #: compile-time parameters per kernel file (the #ifndef defaults of each .cu, made explicit)
 DEFINES: dict[str, dict[str, int]] = {"head": {"HEAD_THREADS": 256}, "lenet_fwd": {}}
 
 SMEM_LIMIT = 48 * 1024  # static + dynamic shared memory of a block without an opt-in
-HEAD_WG_THREADS = {"v1": 128, "v2": 512, "v3": 512}  # head.cu WG_THREADS, WG2_THREADS (v2 and v3)
+HEAD_WG_THREADS = {"v1": 128, "v2": 512, "v3": 512, "v4": 512}  # head.cu WG_THREADS, WG2_THREADS (v2 to v4)
 HEAD3_THREADS = 512  # head.cu HEAD3_THREADS: head_train_v3's block (one row of the batch)
 #: head.cu's compile-time geometry of v3 (HEAD_C, HEAD_HP, HEAD_WP, HEAD_H, HEAD_W): LeNet-5's S4 and C3
 HEAD_LENET_GEOM = (16, 5, 5, 10, 10)
@@ -43,6 +46,11 @@ HEAD_WG_TO, HEAD_WG_TI = 16, 32  # head.cu wgrad v2 tile
 #: head_train v2 picks the fewest rows per block (1, 2, 4, 8) that keeps the grid within this many blocks: two
 #: blocks per SM of an H100 (132 SMs) before a block takes more rows
 HEAD_FILL_BLOCKS = 2 * 132
+#: head_train v4 (head.cu HEAD4_ROWS, HEAD4_KC, HEAD4_THREADS = 8 rows): rows a block, most first; v3's plan takes
+#: v4's rows kernel where blocks of its fewest rows still give a block to every SM (⌈B/8⌉ >= this)
+HEAD4_ROWS_CHOICES = (32, 16, 8)
+HEAD4_KC = 20
+HEAD4_FILL_BLOCKS = DEFAULT_SM_COUNT
 
 # lenet_fwd.cu's fixed LeNet-5 geometry and tile parameters
 LF_IMAGE = 28  # input images 28 x 28, padded by 2 to 32 x 32
@@ -147,8 +155,27 @@ def head_v3_defines(geom: tuple[int, int, int, int, int], h1: int, h2: int, nc: 
             ("HEAD_W", w), ("HEAD_WP", wp))
 
 
+def head4_rows(batch: int, fill_blocks: int | None = None) -> int:
+    """head_train v4: rows per block, the most of HEAD4_ROWS_CHOICES that still gives ``fill_blocks`` blocks (default
+    HEAD4_FILL_BLOCKS: one an SM), else the fewest."""
+    fill_blocks = HEAD4_FILL_BLOCKS if fill_blocks is None else fill_blocks
+    for r in HEAD4_ROWS_CHOICES:
+        if ceil_div(batch, r) >= fill_blocks:
+            return r
+    return HEAD4_ROWS_CHOICES[-1]
+
+
+def head_v4_smem(rows: int, h1: int, h2: int, nc: int) -> int:
+    """Static shared memory of head_train_v4 (bytes; head.cu namespace head4's SMEM_FLOATS): h1 and h2 of the block's
+    rows, z, d3, a chunk of the rows ([KC][rows + 4]) and of the weights ([KC][32 * columns a lane + 1])."""
+    jp = max(min(ceil_div(h1, 32), 4), min(ceil_div(h2, 32), 4))
+    off_a = _round4(rows * (h1 + h2 + 2 * nc))
+    return 4 * (off_a + HEAD4_KC * (rows + 4) + HEAD4_KC * (32 * jp + 1))
+
+
 def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int,  # noqa: E741, N803
-              geom: tuple[int, int, int, int, int] | None = None) -> tuple[FusedLaunch, FusedLaunch]:
+              geom: tuple[int, int, int, int, int] | None = None,
+              tiled: bool = True) -> tuple[FusedLaunch, FusedLaunch]:
     """The two launches of head_train: (rows kernel, weight-gradient kernel). v1's rows kernel takes its rows per
     block as an argument, v2's is compiled for it (HEAD_ROWS). Raises ValueError when v2's rows do not fit shared
     memory even one row per block (v1 needs none).
@@ -156,22 +183,32 @@ def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int,  # noqa: 
     v3 is compiled for the geometry (``geom`` = (C, Hp, Wp, H, W) with C·Hp·Wp = I; default LeNet-5's when I = 400,
     else a flat (I, 1, 1, 2, 2)): head_train_v3 (a row a block) where v2 would take one row a block (batch ≤
     HEAD_FILL_BLOCKS) and its shared memory fits 48 KiB; otherwise v2's rows kernel at v2's rows per block (v3 has
-    no multi-row body: at large batch it stays v2's, the measured figure), in the same module; then
-    head_train_wgrad_v3."""
+    no multi-row body), in the same module; then head_train_wgrad_v3. Beyond v3's batches, where ``tiled`` and
+    v4's 8-row blocks fill the SMs (⌈B/8⌉ ≥ HEAD4_FILL_BLOCKS: B ≥ 1,049) and its shared memory fits, v3's plan
+    takes v4's rows kernel (register-tiled products over head4_rows(B) rows a block) instead of v2's.
+    ``tiled=False``: v3's plan without v4 (a backend that has no v4 kernel: numba).
+
+    v4 by name: head_train_v4's rows kernel at every batch (head4_rows(B) rows a block) where its shared memory fits,
+    else v2's rows kernel as v3's plan; head_train_wgrad_v3; one module (the geometry's and HEAD4_ROWS)."""
     threads = DEFINES["head"]["HEAD_THREADS"]
-    if variant == "v3":
+    if variant in ("v3", "v4"):
         geom = geom or (HEAD_LENET_GEOM if I == 16 * 5 * 5 else (I, 1, 1, 2, 2))
         if geom[0] * geom[1] * geom[2] != I:
-            raise ValueError(f"head_train_v3: geometry {geom} does not give I = {I}")
+            raise ValueError(f"head_train_{variant}: geometry {geom} does not give I = {I}")
         gdefs = head_v3_defines(geom, H1, H2, NC)
         smem = head_v3_smem(I, H1, H2, NC)
-        if head_rows_per_block(B) == 1 and smem <= SMEM_LIMIT:
+        rows4 = head4_rows(B)
+        v4_fits = head_v4_smem(rows4, H1, H2, NC) <= SMEM_LIMIT
+        if variant == "v3" and head_rows_per_block(B) == 1 and smem <= SMEM_LIMIT:
             a = FusedLaunch("head_train_v3", (B, 1, 1), (HEAD3_THREADS, 1, 1), smem, (), gdefs)
+        elif v4_fits and (variant == "v4" or (tiled and ceil_div(B, HEAD4_ROWS_CHOICES[-1]) >= HEAD4_FILL_BLOCKS)):
+            a = FusedLaunch("head_train_v4", (ceil_div(B, rows4), 1, 1), (8 * rows4, 1, 1), 0, (),
+                            gdefs + (("HEAD4_ROWS", rows4),))
         else:
             a = head_plan("v2", B, I, H1, H2, NC)[0]
             a = FusedLaunch(a.kernel, a.grid, a.block, a.shared_mem, a.extra, a.defines + gdefs)
         tiles = sum(ceil_div(o, HEAD_WG_TO) * ceil_div(k + 1, HEAD_WG_TI) for o, k in ((H1, I), (H2, H1), (NC, H2)))
-        wt = HEAD_WG_THREADS["v3"]  # the rows launch's defines: one module for both kernels
+        wt = HEAD_WG_THREADS[variant]  # the rows launch's defines: one module for both kernels
         return a, FusedLaunch("head_train_wgrad_v3", (tiles + 1, 1, 1), (wt, 1, 1), 0, (), a.defines)
     if variant == "v1":
         rows = max(1, min(8, ceil_div(B, HEAD_FILL_BLOCKS)))

@@ -1205,7 +1205,7 @@ def plan(variant: str, n: int, ni: int, nh1: int, nh2: int, nc: int,
                 ("head_train_wgrad_v1", ceil_div(total, WG_THREADS), WG_THREADS, 0, 0))
     from ..cupy_backend import fused
 
-    a, w = fused.head_plan(variant, n, ni, nh1, nh2, nc, geom)
+    a, w = fused.head_plan(variant, n, ni, nh1, nh2, nc, geom, tiled=False)  # no numba head_train_v4 (yet)
     rows = dict(a.defines).get("HEAD_ROWS", 1)
     return ((a.kernel, a.grid[0], a.block[0], a.shared_mem, rows), (w.kernel, w.grid[0], w.block[0], w.shared_mem, 0))
 
