@@ -3,7 +3,7 @@ mixed up. The fill table (``scripts/kernel_report.py``) prints it beside each la
 
 An estimate names its method (issue slots, shared-memory slots, DRAM/L2 bytes, chain length, waves) and the
 kernel header where its count is written out; a measurement names the run it comes from. No GPU has run the
-four-kernel step's kernels yet (2026-12-05), nor head_train_v4 (2026-12-07): their rows are estimates.
+four-kernel step's kernels yet (2026-12-05), nor step_fwd_v2 and head_train_v4 (2026-12-07): their rows are estimates.
 head_train_v2's two kernels ran inside the graphed step of 2026-12-04 (a CUPTI profile on an H200), so theirs are
 measurements.
 """
@@ -42,6 +42,12 @@ LATENCY: dict[str, KernelLatency] = {k.kernel: k for k in (
         {64: (5.0, 6.0), 4096: (70.0, 90.0)},
         "estimate: issue slots (~17 K warp-instructions an image, 4 a clock an SM), DRAM bytes (12.8 KB an image), "
         "latency at 64 blocks on 132 SMs", "kernels/step_fwd.cu"),
+    KernelLatency(
+        "step_fwd_v2", "two images a block: C1 as v1's in two rounds, C3 4 filters x 4 outputs a thread (a float4 of "
+        "weights feeding 16 FMAs)",
+        {4096: (60.0, 80.0)},
+        "estimate: issue slots (~15.8 K warp-instructions an image against v1's ~17.5 K); the default runs it from "
+        "batch 1,055 (2 images a block, 4 blocks an SM)", "kernels/step_fwd.cu"),
     KernelLatency(
         "head_train_v2", "rows: C5/F6/out forward warp-cooperative, backward one thread per column x rows",
         {64: (21.7, 21.7), 4096: (148.6, 148.6)}, _PROFILE, "kernels/head.cu"),

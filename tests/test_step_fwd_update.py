@@ -66,10 +66,10 @@ def _fwd_outputs(be, batch: int) -> dict:
     return {k: be.to_device(nan_like(s, dt)) for k, (s, dt) in shapes.items()}
 
 
-def _run_fwd(be, dev: dict, out: dict, act: str) -> None:
+def _run_fwd(be, dev: dict, out: dict, act: str, variant: str | None = None) -> None:
     be.step_fwd(dev["images"], dev["labels"], dev["perm"], dev["state"], dev["sched"], out["srow"], out["x"],
                 out["y"], dev["c1.w"], dev["c1.b"], out["p1"], out["m1"], dev["c3.w"], dev["c3.b"], out["p3"],
-                out["m3"], MEAN, STD, act)
+                out["m3"], MEAN, STD, act, variant=variant)
 
 
 def _device(be, images, labels, perm, state, sched, params) -> dict:
@@ -87,13 +87,15 @@ def _routes_where_clear(route, conv, want, margin: float, what: str) -> None:
     assert_equal(np.asarray(route)[clear], np.asarray(want)[clear], what)
 
 
+@pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("act", ACTS)
-def test_step_fwd_matches_reference(be, act, batch):
+def test_step_fwd_matches_reference(be, act, batch, variant):
+    """Odd batches: v2's last block holds one image."""
     images, labels, perm, state, sched, params = _fwd_inputs(batch, seed=batch)
     dev = _device(be, images, labels, perm, state, sched, params)
     out = _fwd_outputs(be, batch)
-    _run_fwd(be, dev, out, act)
+    _run_fwd(be, dev, out, act, variant)
     got = {k: be.to_host(v) for k, v in out.items()}
     r = ref.step_fwd(images, labels, perm, state, sched, batch, params, MEAN, STD, act)
     assert_close(got["x"], r["x"], *TOL["batch_prepare"], what="x")
@@ -112,15 +114,17 @@ def test_step_fwd_matches_reference(be, act, batch):
         assert (int(state[3]) + batch) > perm.shape[0]
 
 
+@pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("act", ACTS)
-def test_step_fwd_equals_composition(be, act):
+def test_step_fwd_equals_composition(be, act, variant):
     """batch_prepare + conv2d_pool_fwd (v2) x 2 on the same backend: the same float32 expressions in the same order
-    (acc = 0; acc += x*w over channel, tap row, tap column; act(acc + b); first maximum), so bit for bit."""
+    (acc = 0; acc += x*w over channel, tap row, tap column; act(acc + b); first maximum), so bit for bit; v2's
+    register tiles of 4 filters and two images a block keep every output's order, so v2 too."""
     batch = 3
     images, labels, perm, state, sched, params = _fwd_inputs(batch, seed=10 + batch)
     dev = _device(be, images, labels, perm, state, sched, params)
     out = _fwd_outputs(be, batch)
-    _run_fwd(be, dev, out, act)
+    _run_fwd(be, dev, out, act, variant)
     comp = _fwd_outputs(be, batch)
     be.batch_prepare(dev["images"], dev["labels"], dev["perm"], dev["state"], comp["x"], comp["y"], MEAN, STD)
     be.conv2d_pool_fwd(comp["x"], dev["c1.w"], dev["c1.b"], None, comp["p1"], comp["m1"], act, "max", variant="v2")
@@ -129,14 +133,43 @@ def test_step_fwd_equals_composition(be, act):
         assert_equal(be.to_host(out[k]), be.to_host(comp[k]), k)
 
 
-def test_step_fwd_schedule_row_clamps(be):
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_step_fwd_schedule_row_clamps(be, variant):
     images, labels, perm, _, sched, params = _fwd_inputs(1, seed=3)
     for step, base, row in ((2, 5, 0), (4, 1, 3), (100, 0, 5)):
         state = HostState(step=step, sched_base=base, offset=0, shift=0).to_array()
         dev = _device(be, images, labels, perm, state, sched, params)
         out = _fwd_outputs(be, 1)
-        _run_fwd(be, dev, out, "relu")
+        _run_fwd(be, dev, out, "relu", variant)
         assert_equal(be.to_host(out["srow"]), sched[row], f"srow at step {step}, base {base}")
+
+
+def test_step_fwd_default_takes_v2_once_its_blocks_fill_the_sms():
+    """The default runs v2's kernel where ⌈B/2⌉ blocks give every SM its four (batch >= 1,055 on 132 SMs); a
+    variant by name runs its own kernel at every batch."""
+    be = CupyBackend(host=True)
+    assert be.sm_count == 132 and be.default_variants["step_fwd"] == "v1"
+    for b, want in ((64, "v1"), (1054, "v1"), (1055, "v2"), (4096, "v2")):
+        assert be.step_fwd_kernel(None, b) == want, b
+    assert be.step_fwd_kernel("v1", 4096) == "v1" and be.step_fwd_kernel("v2", 1) == "v2"
+
+
+def test_step_fwd_default_runs_v2_on_a_small_gpu():
+    """On a one-SM device the default takes v2 from batch 7 (⌈7/2⌉ = 4 blocks): the launch is v2's (grid 4) and
+    gives v1's bits."""
+    be = CupyBackend(host=True, sm_count=1)
+    batch = 7
+    images, labels, perm, state, sched, params = _fwd_inputs(batch, seed=31)
+    dev = _device(be, images, labels, perm, state, sched, params)
+    got = {}
+    for variant in (None, "v1"):
+        out = _fwd_outputs(be, batch)
+        _run_fwd(be, dev, out, "sigmoid", variant)
+        got[variant] = {k: be.to_host(v) for k, v in out.items()}
+    (entry,) = [e for k, e in be._plans.items() if k[0] == "step_fwd" and k[1] is None]
+    assert entry.launch.grid == (4, 1, 1), entry.launch
+    for k in got["v1"]:
+        assert_equal(got[None][k], got["v1"][k], f"default (v2) vs v1: {k}")
 
 
 def test_step_fwd_checks_shapes(be):
@@ -252,8 +285,11 @@ def test_one_launch_each_and_no_allocation(be):
 
 def test_variants_listed():
     be = CupyBackend(host=True)
+    assert be.variants["step_fwd"] == ("v1", "v2")
+    for op in ("step_adam", "step_sgd"):
+        assert be.variants[op] == ("v1",)
     for op in ("step_fwd", "step_adam", "step_sgd"):
-        assert be.variants[op] == ("v1",) and be.default_variants[op] == "v1"
+        assert be.default_variants[op] == "v1"
 
 
 # ------------------------------------------------------------------------------------------- NVRTC
@@ -269,14 +305,14 @@ def test_nvrtc_no_spills(stem, arch):
     from lenet_gpu.harness import nvrtc
 
     res = nvrtc.compile_cuda(kernel_source(stem), arch=arch, warnings_as_errors=True)
-    want = {"step_fwd": {"step_fwd_v1"}, "step_update": {"step_adam_v1", "step_sgd_v1"}}[stem]
+    want = {"step_fwd": {"step_fwd_v1", "step_fwd_v2"}, "step_update": {"step_adam_v1", "step_sgd_v1"}}[stem]
     assert want <= {k.kernel for k in res.kernels}
     for k in res.kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, f"{k.kernel} on {arch}: {k}"
     assert ".local" not in res.ptx and "ld.local" not in res.ptx and "st.local" not in res.ptx
     if stem == "step_fwd":
-        (k,) = [k for k in res.kernels if k.kernel == "step_fwd_v1"]
-        assert k.registers <= 64, k  # __launch_bounds__(256, 4)
+        for k in res.kernels:
+            assert k.registers <= 64, k  # __launch_bounds__(256, 4)
         bad = INT_DIV.findall(res.ptx)
         assert not bad, f"integer div/rem in step_fwd's PTX ({arch}): {bad[:5]}"
 

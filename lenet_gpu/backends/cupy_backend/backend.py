@@ -75,7 +75,7 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sgd_step": ("optim", ("v1", "v2")),
     "step_advance": ("optim", ("v1",)),
     # the four-kernel step (docs/step4.md)
-    "step_fwd": ("step_fwd", ("v1",)),
+    "step_fwd": ("step_fwd", ("v1", "v2")),
     "step_bwd": ("step_bwd", ("v1",)),
     "step_adam": ("step_update", ("v1",)),
     "step_sgd": ("step_update", ("v1",)),
@@ -92,6 +92,7 @@ assert set(ROUTED_OPS) <= set(OP_KERNELS)
 DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, (_, vs) in OP_KERNELS.items()}
 DEFAULT_VARIANTS["dense_fwd"] = "v2"  # v3 (warp per output) only pays off at batch ≲ 16
 DEFAULT_VARIANTS.update(fused.DEFAULT_VARIANTS)  # head_train: v3's plan (v4's rows kernel at large batch)
+DEFAULT_VARIANTS["step_fwd"] = "v1"  # the default runs step_fwd_v2 at large batch (CupyBackend.step_fwd_kernel)
 
 THREADS = 256  # block size of the 1-D elementwise kernels
 SMEM_LIMIT = 48 * 1024  # dynamic + static shared memory per block without an opt-in
@@ -856,17 +857,30 @@ class CupyBackend:
         self._run(e, (state,))
 
     # ------------------------------------------------------------------ the four-kernel step (docs/step4.md)
-    #: step_fwd.cu's block size (SF_THREADS): a block per image
+    #: step_fwd.cu's block size (SF_THREADS): a block per image (v1), per SF2_IMGS images (v2)
     STEP_FWD_THREADS = 256
+    STEP_FWD_V2_IMGS = 2
+    #: blocks of step_fwd.cu an SM holds (SF_MIN_BLOCKS: its registers allow 4 x 256 threads)
+    STEP_FWD_BLOCKS_PER_SM = 4
+
+    def step_fwd_kernel(self, variant: str | None, batch: int) -> str:
+        """The kernel a step_fwd call runs: a variant by name always; the default (variant None, the backend's
+        default v1) takes v2's kernel (two images a block) where its blocks still fill every SM's four slots once
+        (⌈B/2⌉ ≥ 4 · SMs: batch ≥ 1,055 on 132 SMs), else v1's block per image (more blocks for a latency-bound
+        small batch)."""
+        v = self._variant("step_fwd", variant)
+        fills = ceil_div(batch, self.STEP_FWD_V2_IMGS) >= self.STEP_FWD_BLOCKS_PER_SM * self.sm_count
+        return "v2" if variant is None and v == "v1" and "v2" in self.variants["step_fwd"] and fills else v
 
     def step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, mean, std, act,
                  variant=None) -> None:
         """batch_prepare + C1 + act + 2×2 max pool + C3 + act + 2×2 max pool (LeNet-5's geometry), and this
-        step's schedule row into srow: one launch (kernels/step_fwd.cu), a block per image."""
+        step's schedule row into srow: one launch (kernels/step_fwd.cu), a block per image (v1) or per two
+        images (v2: ``step_fwd_kernel``)."""
         key = ("step_fwd", variant, images.shape, perm.shape, sched.shape, x.shape, float(mean), float(std), act)
         e = self._plans.get(key)
         if e is None:
-            v = self._variant("step_fwd", variant)
+            v = self.step_fwd_kernel(variant, x.shape[0])
             check_act(act)
             n = images.shape[0]
             b = x.shape[0]
@@ -883,7 +897,10 @@ class CupyBackend:
                       _arg("m1", (b, 6, 14, 14), u8), _arg("w3", (16, 6, 5, 5)), _arg("b3", (16,)),
                       _arg("p3", (b, 16, 5, 5)), _arg("m3", (b, 16, 5, 5), u8))
             tail = (i32(m), i32(sched.shape[0]), i32(ACT_CODES[act]), f32(1.0 / (255.0 * std)), f32(-mean / std))
-            launch = Launch((b, 1, 1), (self.STEP_FWD_THREADS, 1, 1))
+            if v == "v2":
+                tail += (i32(b),)
+            grid = b if v == "v1" else ceil_div(b, self.STEP_FWD_V2_IMGS)
+            launch = Launch((grid, 1, 1), (self.STEP_FWD_THREADS, 1, 1))
             e = self._plans[key] = _Entry(self._kernel("step_fwd", v), launch, tail, expect)
         self._run(e, (images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3))
 
