@@ -183,3 +183,27 @@ def test_host_repeats_bit_for_bit_two_launches():
     r1, r2 = F.check_routed(be, "v4", 9, "relu", seed=9), F.check_routed(be, "v4", 9, "relu", seed=9)
     for k in r1:
         assert np.array_equal(r1[k], r2[k]), k
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.fixture(scope="module")
+def gpu_cupy():
+    from lenet_gpu.backends.cupy_backend.runtime import CupyRuntime
+
+    return F.RuntimeShim(CupyRuntime(graphs=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,rows", [(1049, 8), (4096, 16), (4500, 32)])
+def test_gpu_default_plan_at_large_batches(gpu_cupy, b, rows):
+    """On a device: the default plan's v4 rows kernel at each rows a block (a partial last block at 1,049 and
+    4,500) against the reference, routed and with yconv, and the same bits twice."""
+    assert dict(fused.head_plan("v3", b, 400, 120, 84, 10)[0].defines)["HEAD4_ROWS"] == rows
+    ran = F.kernels_run(gpu_cupy, lambda: F.check_head_train(gpu_cupy, fused.head_train, None, b, *LENET, "relu",
+                                                             "max", seed=b))
+    assert ran == KERNELS, ran
+    F.check_head_train(gpu_cupy, fused.head_train, None, b, *LENET, "tanh", "avg", seed=b + 1)
+    r1 = F.check_routed(gpu_cupy, "v4", b, "relu", seed=b + 2)
+    r2 = F.check_routed(gpu_cupy, "v4", b, "relu", seed=b + 2)
+    for k in r1:
+        assert np.array_equal(r1[k], r2[k]), k
