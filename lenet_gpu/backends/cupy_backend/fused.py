@@ -186,7 +186,7 @@ def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int,  # noqa: 
     no multi-row body), in the same module; then head_train_wgrad_v3. Beyond v3's batches, where ``tiled`` and
     v4's 8-row blocks fill the SMs (⌈B/8⌉ ≥ HEAD4_FILL_BLOCKS: B ≥ 1,049) and its shared memory fits, v3's plan
     takes v4's rows kernel (register-tiled products over head4_rows(B) rows a block) instead of v2's.
-    ``tiled=False``: v3's plan without v4 (a backend that has no v4 kernel: numba).
+    ``tiled=False``: v3's plan without v4 (for a backend that has no v4 kernel; numba has one since 2026-12-07).
 
     v4 by name: head_train_v4's rows kernel at every batch (head4_rows(B) rows a block) where its shared memory fits,
     else v2's rows kernel as v3's plan; head_train_wgrad_v3; one module (the geometry's and HEAD4_ROWS)."""

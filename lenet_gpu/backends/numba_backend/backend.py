@@ -70,6 +70,11 @@ FUSED_VARIANTS: dict[str, tuple[str, ...]] = {**_head.VARIANTS, **_lenet_fwd.VAR
 FUSED_KERNELS.update(_step4_bwd.KERNELS)
 FUSED_VARIANTS.update(_step4_bwd.VARIANTS)
 FUSED_VARIANTS.update({op: vs for op, vs in _step4_fwd.VARIANTS.items() if op in getattr(_base, "STEP_OPS", ())})
+#: their defaults, as each module names them (not always its last variant: head_train's is v3, whose plan runs v4's
+#: rows kernel at large batches; step_fwd's is v1, whose default plan runs v2's kernel there)
+FUSED_DEFAULTS: dict[str, str] = {op: vs[-1] for op, vs in FUSED_VARIANTS.items()}
+for _m in (_head, _lenet_fwd, _routed, _step4_bwd, _step4_fwd):
+    FUSED_DEFAULTS.update({op: v for op, v in _m.DEFAULT_VARIANTS.items() if op in FUSED_VARIANTS})
 
 
 def all_dispatchers() -> list[Any]:
@@ -280,8 +285,7 @@ def lenet_launches(
     the three dense layers), as the wrappers launch them with ``variants`` (op → variant; default: every
     op of the backend with its default; an optional op missing from it is not fused). Grids before any
     cap. The simulator tests compare this plan with the launches a step makes."""
-    v = dict({**DEFAULT_VARIANTS, **{op: vs[-1] for op, vs in FUSED_VARIANTS.items()}} if variants is None
-             else variants)
+    v = dict({**DEFAULT_VARIANTS, **FUSED_DEFAULTS} if variants is None else variants)
     b = batch
     out: list[tuple[str, str, int, Any, int]] = []
 
@@ -305,7 +309,8 @@ def lenet_launches(
 
         upd = "step_adam" if optimizer == "adam" else "step_sgd"
         ublocks, uthreads = _step4_fwd.update_plan(param_layout(NetConfig(f6=f6))[1], sm_count())
-        return [("step_fwd", v["step_fwd"], b, _step4_fwd.SF_THREADS, 0),
+        sk = _step4_fwd.step_fwd_kernel(None, b, sm_count(), default=v["step_fwd"])  # the op's default plan
+        return [("step_fwd", sk, _step4_fwd.step_fwd_grid(sk, b), _step4_fwd.SF_THREADS, 0),
                 *_head.launches(v["head_train"], b, nh2=f6),
                 ("step_bwd", v["step_bwd"], _step4_bwd.step_groups(b, sm_count()), _step4_bwd.THREADS, 0),
                 (upd, v[upd], ublocks, uthreads, 0)]
@@ -381,8 +386,7 @@ class NumbaBackend:
         self.cached_kernels = _kernel_cache.enable(all_dispatchers()) if self.is_gpu else 0
         self.counters = Counters()
         self.variants: dict[str, tuple[str, ...]] = {**VARIANTS, **FUSED_VARIANTS}
-        self.default_variants: dict[str, str] = {**DEFAULT_VARIANTS,
-                                                 **{op: vs[-1] for op, vs in FUSED_VARIANTS.items()}}
+        self.default_variants: dict[str, str] = {**DEFAULT_VARIANTS, **FUSED_DEFAULTS}
         for op, keep in (("conv2d_pool_fwd", fuse_conv_pool), ("conv2d_bwd_data_pool", fuse_bwd_data_pool)):
             if not keep:  # the model uses a fused op when the backend lists it
                 del self.variants[op], self.default_variants[op]
@@ -1019,9 +1023,11 @@ class NumbaBackend:
         variant: str | None = None,
     ) -> None:
         """batch_prepare + C1 + act + 2×2 max pool + C3 + act + 2×2 max pool (LeNet-5's geometry), and this
-        step's schedule row into srow: one launch, a block per image (step4_fwd.step_fwd_v1)."""
+        step's schedule row into srow: one launch, a block per image (step4_fwd.step_fwd_v1), or per two images
+        (step_fwd_v2: by name, or the default at large batch, step4_fwd.step_fwd_kernel)."""
+        self._variant("step_fwd", variant)  # a variant this backend lists; None (its default) goes through as None
         _step4_fwd.step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3,
-                            mean, std, act, variant=self._variant("step_fwd", variant))
+                            mean, std, act, variant=variant)
 
     def step_adam(
         self, p: Any, g: Any, gpart: Any, m: Any, v: Any, srow: Any, state: Any, batch: int, beta1: float,

@@ -38,10 +38,12 @@ from . import step4_fwd as _step4_fwd
 from .backend import KERNELS, SIGNATURES, VARIANTS, launch_config, lenet_launches
 
 #: the fused ops' kernels the report covers, op → variants: the dense head's two launches (head.py: the rows kernel
-#: and the weight gradients; v2's table entry is its 1-row kernel, v3's LeNet-5's geometry) and the four-kernel
-#: step's (step4_fwd.py, step4_bwd.py; docs/step4.md)
+#: and the weight gradients; v2's table entry is its 1-row kernel, v3's and v4's LeNet-5's geometry, v4 its 8-row
+#: kernel and "v4_r16", "v4_r32" its 16- and 32-row kernels (head.REPORT_KERNELS); v4 has no wgrad kernel of its
+#: own: head_train_wgrad_v3) and the four-kernel step's (step4_fwd.py, step4_bwd.py; docs/step4.md)
 FUSED_REPORT_VARIANTS: dict[str, tuple[str, ...]] = {
-    "head_train": _head.VARIANTS["head_train"], "head_train_wgrad": _head.VARIANTS["head_train"],
+    "head_train": (*_head.VARIANTS["head_train"], *(n[len("head_train_"):] for n in _head.REPORT_KERNELS)),
+    "head_train_wgrad": tuple(v for v in _head.VARIANTS["head_train"] if v != "v4"),
     **_step4_fwd.VARIANTS, **_step4_bwd.VARIANTS,
 }
 #: the ops the report covers: the backend's table, the routed backward (routed.py, an optional op pair) and the
@@ -78,10 +80,11 @@ def all_kernels() -> dict[str, tuple[Any, str]]:
     """Every kernel the report covers by name: (dispatcher, the signature its launches use)."""
     from . import lenet_fwd
 
-    kernels = {**KERNELS, **_head.KERNELS, **lenet_fwd.KERNELS, **lenet_fwd.REPORT_KERNELS, **_routed.KERNELS,
-               **_step4_fwd.KERNELS, **_step4_bwd.KERNELS}
-    signatures = {**SIGNATURES, **_head.SIGNATURES, **lenet_fwd.SIGNATURES, **lenet_fwd.REPORT_SIGNATURES,
-                  **_routed.SIGNATURES, **_step4_fwd.SIGNATURES, **_step4_bwd.SIGNATURES}
+    kernels = {**KERNELS, **_head.KERNELS, **_head.REPORT_KERNELS, **lenet_fwd.KERNELS, **lenet_fwd.REPORT_KERNELS,
+               **_routed.KERNELS, **_step4_fwd.KERNELS, **_step4_bwd.KERNELS}
+    signatures = {**SIGNATURES, **_head.SIGNATURES, **_head.REPORT_SIGNATURES, **lenet_fwd.SIGNATURES,
+                  **lenet_fwd.REPORT_SIGNATURES, **_routed.SIGNATURES, **_step4_fwd.SIGNATURES,
+                  **_step4_bwd.SIGNATURES}
     return {name: (k, signatures[name]) for name, k in kernels.items()}
 
 
@@ -292,8 +295,9 @@ def int_arith_stats(ptx: str) -> dict[str, int]:
 _COMPILED: dict[tuple[str, str, str | None], tuple[str, str]] = {}
 #: the kernels that take longest to compile (5 to 13 s each on the 2-core machine, 2026-12-05), started first by
 #: prefetch so that the pool's workers finish together
-SLOW_FIRST = ("head_train_v2", "lenet_fwd_v2", "lenet_fwd_v3", "lenet_fwd_f32_v3", "head_train_wgrad_v2",
-              "head_train_wgrad_v3", "step_fwd_v1", "head_train_v3", "step_bwd_v1", "head_train_v1")
+SLOW_FIRST = ("head_train_v4_r32", "head_train_v4_r16", "head_train_v4", "head_train_v2", "lenet_fwd_v2",
+              "lenet_fwd_v3", "lenet_fwd_f32_v3", "head_train_wgrad_v2", "head_train_wgrad_v3", "step_fwd_v1",
+              "head_train_v3", "step_bwd_v1", "head_train_v1")
 
 
 def compile_kernel(name: str, arch: str, signature: str | None = None) -> tuple[str, str]:
@@ -434,6 +438,8 @@ def _launch_facts(op: str, variant: str) -> tuple[int, int]:
     """(block threads, most dynamic shared bytes) over the LeNet-5 launches of op/variant."""
     threads, dyn = 0, 0
     if op in FUSED_REPORT_VARIANTS:
+        if f"{op}_{variant}" in _head.REPORT_KERNELS:  # v4's 16- and 32-row kernels: static shared memory only
+            return _head.V4_REPORT_ROWS[f"{op}_{variant}"] * 8, 0
         if op.startswith("head_train"):
             launch = _head.plan(variant, 64, 400, 120, 84, 10)[op == "head_train_wgrad"]
             return launch[2], launch[3]

@@ -35,11 +35,22 @@ Two launches, no atomics, no tickets:
   the sizes compiled in. sm_90 (compile_ptx + ptxas, no launch bounds): 64 registers, no stack, no spills.
   head.cu's estimate for its v3 at batch 64 on an H200 (ESTIMATED there, not measured; this port unmeasured):
   rows kernel ~5-7 µs against its v2's measured 21.7 µs.
-- The plan (``plan``): v1 this module's; v2 and v3 cupy's (cupy_backend/fused.head_plan, called, not copied):
-  v3's rows kernel while v2 would take one row a block (batch ≤ fused.HEAD_FILL_BLOCKS = 264) and its 49,040 B
-  of shared memory fit, v2's rows kernel beyond (then head_train_wgrad_v3); v2/v3 fall back to v1 where v2's
-  rows do not fit shared memory (wide F6) and no variant was named. The default is v3 (as cupy's).
-Every v2/v3 sum is in a fixed order (no atomics): the bits repeat from launch to launch and whatever the grid.
+- head_train_v4 (head.cu's v4, "rows, large batch"; wgrad: head_train_wgrad_v3): 8, 16 or 32 rows a block
+  (HEAD4_ROWS, compiled in with the geometry: make_v4, one kernel per rows value and geometry), 8·rows threads, a
+  warp per 4 rows; every product a register-tiled GEMM (4 rows × up to 4 columns of 32 a thread in C5/F6, K staged
+  in chunks of 20 in shared memory; 4 × up to 7 in dz1/dx, w2/w1 read from global memory along their rows) instead
+  of v2's warp per output / thread per column; the output layer, the loss rows and dz2 a thread per element;
+  dz1 in place over h1, dz2 over h2; dx routed into dz_conv. Static shared memory (fused.head_v4_smem), launch
+  bounds (8·rows, 512/(8·rows)): sm_80/sm_90 (compile_ptx + ptxas) ≤ 128 registers, no stack, no spills.
+  head.cu's estimate at batch 4096, 16 rows (ESTIMATED, not measured; this port unmeasured): ~31-50 µs against
+  v2's rows kernel's measured 149 µs.
+- The plan (``plan``): v1 this module's; v2, v3 and v4 cupy's (cupy_backend/fused.head_plan, called, not copied,
+  with v4: ``tiled=True``): v3's rows kernel while v2 would take one row a block (batch ≤ fused.HEAD_FILL_BLOCKS
+  = 264) and its 49,040 B of shared memory fit; beyond, v4's rows kernel once its 8-row blocks fill the SMs (batch
+  ≥ 1,049; fused.head4_rows rows a block), else v2's rows kernel (then head_train_wgrad_v3); v4 by name: v4's rows
+  kernel at every batch; v2/v3/v4 fall back to v1 where v2's rows do not fit shared memory (wide F6) and no
+  variant was named. The default is v3 (as cupy's).
+Every v2/v3/v4 sum is in a fixed order (no atomics): the bits repeat from launch to launch and whatever the grid.
 
 ``head_train(be, ...)`` is the launch wrapper with the protocol's signature (first parameter the backend), so a
 backend binds it as a method with one line. It launches the kernel objects itself (they are not in the backend's
@@ -1113,6 +1124,346 @@ def v3_kernels(geom: tuple[int, ...]) -> tuple[Any, Any]:
 head_train_v3, head_train_wgrad_v3 = v3_kernels(LENET_GEOM)
 
 
+# ---------------------------------------------------------------------------------------------- v4
+#
+# head.cu's head_train_v4 ("v4: rows, large batch"), kernel for kernel: HEAD4_ROWS rows of the batch a block (8, 16
+# or 32), 8·rows threads, a warp per 4 rows; every product a register-tiled GEMM over the block's rows (thread (warp
+# w, lane l): rows 4w .. 4w+3 × columns l + 32j): C5 and F6 4 × jp(O) tiles over K chunks of HEAD4_KC staged in shared
+# memory; dz1 and dx 4 × J tiles with w2 / w1 read from global memory along their rows. One static shared array laid
+# out as head.cu's namespace head4 (v4_layout: 4·SMEM_FLOATS bytes = fused.head_v4_smem). Every output summed over k
+# in order from 0, the bias added last (head.cu's order; the same sums, not necessarily the same bits: FMA contraction
+# and the order of the activations' float ops are the compilers'). What Numba cannot say (see also v2/v3's notes):
+# - no float4: s_a's four rows of a k step are four scalar shared loads (head.cu: one float4 load; NVVM fuses none
+#   into ld.shared.v4); no __ldg: plain global loads (ld.global, not .nc);
+# - no #pragma unroll: the tiles' u (4) and j (JP, J) loops have closure-constant trip counts that LLVM unrolls (the
+#   tiles stay in registers: the compile checks assert no stack frame); the KC k steps of a chunk are unrolled 4 a
+#   trip by hand (head.cu: all 20; NVVM unrolled them by 2 by itself), the backward tiles' k loop 4 a trip by hand
+#   (head.cu: #pragma unroll 4: 4·(4 + J) loads issued before their 16·J FMAs), then K % 4 steps; head.cu's
+#   "#pragma unroll 1" loops (the column passes, the K chunks) are loops;
+# - dx's epilogue (7 columns × 4 rows, each routed through S4's pooling) is too big for LLVM to unroll, and a read of
+#   tile[u·J + j] at a run-time j would put the whole tile in local memory (a 112-byte stack): each column is read at
+#   j = 0 and the tile then shifted one column (constant indices: register moves);
+# - backward tiles' columns ≥ N re-read column N − 1 instead of loading 0 under a condition (their sums are never
+#   stored): a conditional load is a branch in NVVM's output, which kept the step's loads from issuing together.
+# The tile loop: a block takes tiles blockIdx.x, + gridDim.x, ... (a capped grid; one tile a block uncapped, as
+# head.cu); no barrier between two tiles (the next tile's first shared-memory writes, the chunk staging, come after
+# the barrier that ended the last chunk's reads, and its h1 after a barrier that every thread reaches only once done
+# with this tile).
+
+
+def v4_bounds(rows: int) -> tuple[int, int]:
+    """head.cu's launch bounds of head_train_v4 at HEAD4_ROWS = rows: __launch_bounds__(8·rows, 512 / (8·rows)),
+    512 threads an SM, so ≤ 128 registers a thread."""
+    return 8 * rows, 512 // (8 * rows)
+
+
+#: head.cu HEAD4_ROWS (cupy_backend/fused.HEAD4_ROWS_CHOICES), HEAD4_KC (forward products: K staged in chunks of
+#: this many terms), HEAD4_JMAX (backward products: columns of 32 a lane per pass)
+HEAD4_ROWS_CHOICES = (8, 16, 32)
+HEAD4_KC = 20
+HEAD4_JMAX = 7
+#: v4's LeNet-5 rows kernels in the compile report, name → rows: the table's (8 rows) and REPORT_KERNELS' (16, 32)
+V4_REPORT_ROWS = {"head_train_v4": 8, "head_train_v4_r16": 16, "head_train_v4_r32": 32}
+LAUNCH_BOUNDS.update({name: v4_bounds(rows) for name, rows in V4_REPORT_ROWS.items()})
+
+
+def _jp(o: int) -> int:
+    """head.cu head4::jp: columns of 32 a lane takes per pass of a forward product (at most 4)."""
+    return min(-(-o // 32), 4)
+
+
+def v4_layout(geom: tuple[int, ...], rows: int) -> dict[str, int]:
+    """head.cu namespace head4's shared-memory layout (floats) for a geometry and HEAD4_ROWS: h1 (then dz1) [R][H1],
+    h2 (then dz2) [R][H2], z [R][NC], d3 [NC][R], a chunk of the rows [KC][RA] (RA = R + 4, 16-byte aligned), a
+    chunk of the weights [KC][BW] (BW = 32·max(jp(H1), jp(H2)) + 1, odd); SMEM_FLOATS in all."""
+    n1, n2, nc = (int(v) for v in geom[5:])
+    off = {"H1": 0, "H2": rows * n1}
+    off["Z"] = off["H2"] + rows * n2
+    off["D3"] = off["Z"] + rows * nc
+    off["A"] = (off["D3"] + nc * rows + 3) // 4 * 4
+    off["RA"] = rows + 4
+    off["BW"] = 32 * max(_jp(n1), _jp(n2)) + 1
+    off["B"] = off["A"] + HEAD4_KC * off["RA"]
+    off["SMEM_FLOATS"] = off["B"] + HEAD4_KC * off["BW"]
+    return off
+
+
+def _make_fwd4(R: int, O: int, K: int, lay: dict[str, int], OO: int) -> Any:
+    """head.cu head4_fwd<O, K>: sm[OO + r·O + o] = act(bias[o] + Σ_k a[ao + r·K + k]·w[o·K + k]) for the block's R
+    rows (rows ≥ nr read as 0) and o < O; the nr real rows also to g[go + r·O + o]. Passes of OP = 32·jp(O) columns;
+    K in chunks of KC: the rows' chunk staged as [k][row] (s_a), the weights' transposed to [k][column] (s_b), then
+    each thread's 4 × JP tile: a k step's 4 row values and JP weights feed 4·JP FMAs. Sums in k order from 0, the
+    bias added last."""
+    T = 8 * R
+    KC = HEAD4_KC
+    JP = _jp(O)
+    OP = 32 * JP
+    NO = -(-O // OP)
+    NK = -(-K // KC)
+    SA = -(-(R * KC) // T)
+    SB = -(-(OP * KC) // T)
+    TILE = 4 * JP  # the register tile's size (local arrays need a constant)
+    OA, OB, RA, BW = lay["A"], lay["B"], lay["RA"], lay["BW"]
+    assert KC % 4 == 0
+
+    @device_function
+    def kstep(sm, acc, lane, rb, kk):
+        """One k step of the tile: 4 rows' values (s_a[kk][rb ..]) and JP weights (s_b[kk][lane + 32j]), 4·JP FMAs."""
+        av = cuda.local.array(4, float32)
+        pa = U(U(U(OA) + kk * U(RA)) + rb)
+        for u in range(4):
+            av[u] = sm[U(pa + U(u))]
+        pb = U(U(U(OB) + kk * U(BW)) + lane)
+        for j in range(JP):
+            wv = sm[U(pb + U(32 * j))]
+            for u in range(4):
+                acc[u * JP + j] = cuda.fma(av[u], wv, acc[u * JP + j])
+
+    @device_function
+    def fwd(a, ao, nr, w, bias, sm, g, go, act, t, lane, rb):
+        acc = cuda.local.array(TILE, float32)
+        for p in range(NO):
+            o0 = U(p * OP)
+            for q in range(TILE):
+                acc[q] = ZERO
+            for c in range(NK):
+                k0 = U(c * KC)
+                for q in range(SA):  # the rows' chunk, [kk][r] (head.cu: constant divisor)
+                    e = U(t + U(q * T))
+                    if (R * KC) % T == 0 or e < U(R * KC):
+                        r = U(e // U(KC))
+                        kk = U(e - r * U(KC))
+                        k = U(k0 + kk)
+                        v = ZERO
+                        if r < nr and (K % KC == 0 or k < U(K)):
+                            v = a[U(ao + U(r * U(K)) + k)]
+                        sm[U(U(OA) + U(kk * U(RA)) + r)] = v
+                for q in range(SB):  # the weights' chunk transposed, [kk][column]
+                    e = U(t + U(q * T))
+                    if (OP * KC) % T == 0 or e < U(OP * KC):
+                        oc = U(e // U(KC))
+                        kk = U(e - oc * U(KC))
+                        o = U(o0 + oc)
+                        k = U(k0 + kk)
+                        v = ZERO
+                        if (O % OP == 0 or o < U(O)) and (K % KC == 0 or k < U(K)):
+                            v = w[U(U(o * U(K)) + k)]
+                        sm[U(U(OB) + U(kk * U(BW)) + oc)] = v
+                cuda.syncthreads()
+                for kq in range(KC // 4):  # the register tile, 4 rows × JP columns: k steps 4 a trip, by hand
+                    kk = U(kq * 4)
+                    kstep(sm, acc, lane, rb, kk)
+                    kstep(sm, acc, lane, rb, U(kk + U1))
+                    kstep(sm, acc, lane, rb, U(kk + U(2)))
+                    kstep(sm, acc, lane, rb, U(kk + U(3)))
+                cuda.syncthreads()
+            for j in range(JP):  # the epilogue: act(acc + bias) into shared memory and the global rows
+                o = U(U(o0 + U(32 * j)) + lane)
+                if o < U(O):
+                    bo = bias[o]
+                    for u in range(4):
+                        r = U(rb + U(u))
+                        y = activate(acc[u * JP + j] + bo, act)
+                        sm[U(U(OO) + U(r * U(O)) + o)] = y
+                        if r < nr:
+                            g[U(go + U(r * U(O)) + o)] = y
+
+    return fwd
+
+
+def _make_bwd4(K: int, N: int, JN: int) -> Any:
+    """head.cu head4_bwd_tile<K, N, JN>: acc[u·JN + j] = Σ_k sm[db + u·K + k]·w[k·N + n0 + lane + 32j] for k in order
+    from 0 (w (K, N) row-major from global memory along its rows: lanes read consecutive columns; db = the thread's
+    first row of the operand in shared memory). Columns ≥ N re-read column N − 1 (head.cu reads 0): their sums are
+    never stored, and the loads stay unconditional (a conditional load here is a branch, which keeps the step's loads
+    from being issued together). The k loop unrolled by 4 by hand (head.cu: #pragma unroll 4): 4·(4 + JN) loads
+    before their 16·JN FMAs."""
+    KU = K // 4
+    KR = K - 4 * KU
+    TILE = 4 * JN
+    EXACT = N % (32 * JN) == 0  # every pass's columns < N: no clamp
+
+    @device_function
+    def step(sm, db, w, n0, lane, acc, k):
+        d = cuda.local.array(4, float32)
+        for u in range(4):
+            d[u] = sm[U(U(db + U(u * K)) + k)]
+        for j in range(JN):
+            n = U(U(n0 + U(32 * j)) + lane)
+            if not EXACT:
+                n = U(min(n, U(N - 1)))
+            wv = w[U(U(k * U(N)) + n)]
+            for u in range(4):
+                acc[u * JN + j] = cuda.fma(d[u], wv, acc[u * JN + j])
+
+    @device_function
+    def tile(sm, db, w, n0, lane, acc):
+        for q in range(TILE):
+            acc[q] = ZERO
+        for kq in range(KU):  # 4 steps a trip, by hand
+            k = U(kq * 4)
+            step(sm, db, w, n0, lane, acc, k)
+            step(sm, db, w, n0, lane, acc, U(k + U1))
+            step(sm, db, w, n0, lane, acc, U(k + U(2)))
+            step(sm, db, w, n0, lane, acc, U(k + U(3)))
+        for s in range(KR):
+            step(sm, db, w, n0, lane, acc, U(4 * KU + s))
+
+    return tile
+
+
+def make_v4(geom: tuple[int, ...], R: int) -> Any:
+    """head_train_v4 compiled for ``geom`` = (C, Hp, Wp, H, W, H1, H2, NC) (head.cu's HEAD_* defines, as make_v3) and
+    R = HEAD4_ROWS rows a block (8, 16 or 32): block 8·R threads, grid ⌈B/R⌉ (cupy_backend/fused.head_plan), static
+    shared memory v4_layout's SMEM_FLOATS floats, launch bounds v4_bounds(R). Phases, a barrier after each: C5 | F6 |
+    output | the loss rows | dz2 | dz1 | dx routed into dz_conv (then the taps no window covers, odd yconv only)."""
+    C, HP, WP, H, W, N1, N2, NC = (int(v) for v in geom)
+    if min(geom) < 1 or H not in (2 * HP, 2 * HP + 1) or W not in (2 * WP, 2 * WP + 1):
+        raise ValueError(f"head_train_v4: geometry {geom} is not (C, Hp, Wp, H, W, H1, H2, NC) with yconv pooling to x")
+    if R not in HEAD4_ROWS_CHOICES:
+        raise ValueError(f"head_train_v4: rows {R} is not one of {HEAD4_ROWS_CHOICES}")
+    T = 8 * R
+    I = C * HP * WP  # noqa: E741
+    PP = HP * WP
+    PER = C * H * W
+    lay = v4_layout(geom, R)
+    OH1, OH2, OZ, OD3, SMEM = lay["H1"], lay["H2"], lay["Z"], lay["D3"], lay["SMEM_FLOATS"]
+    J1 = min(-(-N1 // 32), HEAD4_JMAX)  # dz1: columns of 32 a lane per pass, passes
+    NP1 = -(-N1 // (32 * J1))
+    JX = min(-(-I // 32), HEAD4_JMAX)  # dx
+    NPX = -(-I // (32 * JX))
+    RZ, R2 = -(-(R * NC) // T), -(-(R * N2) // T)
+    TILE1, TILEX, JX1 = 4 * J1, 4 * JX, JX - 1  # the backward register tiles' sizes
+    ODD = H != 2 * HP or W != 2 * WP
+    fwd1, fwd2 = _make_fwd4(R, N1, I, lay, OH1), _make_fwd4(R, N2, N1, lay, OH2)
+    bwd1, bwdx = _make_bwd4(N2, N1, J1), _make_bwd4(N1, I, JX)
+
+    def head_train_v4(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yconv, dz_conv, dz1, dz2, dz3,
+                      rowstat, nb, act, mode):
+        sm = cuda.shared.array(SMEM, float32)
+        t = U(cuda.threadIdx.x)
+        lane = U(t & U(31))
+        rb = U(U(t >> U(5)) * U(4))  # the warp's first row
+        unb = U(nb)
+        inv_b = ONE / float32(nb)
+        acc1 = cuda.local.array(TILE1, float32)
+        accx = cuda.local.array(TILEX, float32)
+        ntiles = U(U(unb + U(R - 1)) // U(R))
+        tile = U(cuda.blockIdx.x)
+        while tile < ntiles:  # a tile of R rows a block (block-stride only under a capped grid)
+            r0 = U(tile * U(R))
+            nr = U(min(U(R), U(unb - r0)))
+            fwd1(x, U(r0 * U(I)), nr, w1, b1, sm, h1, U(r0 * U(N1)), act, t, lane, rb)  # h1 = act(x w1ᵀ + b1)
+            cuda.syncthreads()
+            fwd2(sm, U(OH1), nr, w2, b2, sm, h2, U(r0 * U(N2)), act, t, lane, rb)  # h2 = act(h1 w2ᵀ + b2)
+            cuda.syncthreads()
+            for q in range(RZ):  # z = h2 w3ᵀ + b3, a thread per (row, class)
+                e = U(t + U(q * T))
+                if (R * NC) % T == 0 or e < U(R * NC):
+                    r = U(e // U(NC))
+                    c = U(e - r * U(NC))
+                    acc = ZERO
+                    for k in range(N2):
+                        acc = cuda.fma(sm[U(U(OH2 + k) + U(r * U(N2)))], w3[U(U(c * U(N2)) + U(k))], acc)
+                    z = acc + b3[c]
+                    sm[U(U(OZ) + e)] = z
+                    if r < nr:
+                        logits[U(U(U(r0 + r) * U(NC)) + c)] = z
+            cuda.syncthreads()
+            if t < U(R):  # a thread a row: the loss row and dz3 (zeros for rows past the batch)
+                if t < nr:
+                    r = U(r0 + t)
+                    loss, hit = _xent_row(sm, U(U(OZ) + U(t * U(NC))), U(labels[r]), sm, U(U(OD3) + t), U(R), U(NC),
+                                          inv_b)
+                    rowstat[U(r + r)] = loss
+                    rowstat[U(r + r + U1)] = hit
+                    for c in range(NC):
+                        dz3[U(U(r * U(NC)) + U(c))] = sm[U(U(OD3 + c * R) + t)]
+                else:
+                    for c in range(NC):
+                        sm[U(U(OD3 + c * R) + t)] = ZERO
+            cuda.syncthreads()
+            for q in range(R2):  # dz2 = (dz3 w3)·act'(h2), a thread per (row, column), in place over h2
+                e = U(t + U(q * T))
+                if (R * N2) % T == 0 or e < U(R * N2):
+                    r = U(e // U(N2))
+                    j = U(e - r * U(N2))
+                    acc = ZERO
+                    for c in range(NC):
+                        acc = cuda.fma(sm[U(U(OD3 + c * R) + r)], w3[U(U(c * N2) + j)], acc)
+                    d = acc * act_grad(sm[U(U(OH2) + e)], act)
+                    sm[U(U(OH2) + e)] = d
+                    if r < nr:
+                        dz2[U(U(r0 * U(N2)) + e)] = d
+            cuda.syncthreads()
+            for p in range(NP1):  # dz1 = (dz2 w2)·act'(h1), 4 × J1 tiles, in place over h1 (each element its thread's)
+                n0 = U(p * 32 * J1)
+                bwd1(sm, U(U(OH2) + U(rb * U(N2))), w2, n0, lane, acc1)
+                for j in range(J1):
+                    n = U(U(n0 + U(32 * j)) + lane)
+                    if n < U(N1):
+                        for u in range(4):
+                            r = U(rb + U(u))
+                            e = U(U(OH1) + U(r * U(N1)) + n)
+                            d = acc1[u * J1 + j] * act_grad(sm[e], act)
+                            sm[e] = d
+                            if r < nr:
+                                dz1[U(U(U(r0 + r) * U(N1)) + n)] = d
+            cuda.syncthreads()
+            for p in range(NPX):  # dx = dz1 w1, 4 × JX tiles, routed through S4's pooling into dz_conv
+                n0 = U(p * 32 * JX)
+                bwdx(sm, U(U(OH1) + U(rb * U(N1))), w1, n0, lane, accx)
+                for j in range(JX):  # column j's 4 values are accx[u·JX] (see the shift below)
+                    i = U(U(n0 + U(32 * j)) + lane)
+                    if i < U(I):
+                        for u in range(4):
+                            rr = U(rb + U(u))
+                            if rr < nr:
+                                r = U(r0 + rr)
+                                g = accx[u * JX]
+                                if mode == POOL_ROUTED:  # the routed gradient at S4's shape (launch-uniform)
+                                    dz_conv[U(U(r * U(I)) + i)] = g * act_grad(x[U(U(r * U(I)) + i)], act)
+                                else:
+                                    _route(dz_conv, yconv, argmax, g, r, i, U(I), U(PP), U(WP), U(C), U(H * W), U(W),
+                                           act, mode)
+                    # the next column to the front: this loop's body (the routing) is too big for LLVM to unroll
+                    # (head.cu: #pragma unroll), so a read of accx[u·JX + j] would be a dynamic index and put the
+                    # tile in local memory; the shift's indices are constants (register moves)
+                    for u in range(4):
+                        for jj in range(JX1):
+                            accx[u * JX + jj] = accx[u * JX + jj + 1]
+            if ODD and mode != POOL_ROUTED:  # taps no 2×2 window covers: 0
+                e = t
+                while e < U(nr * U(PER)):
+                    e2 = U(e // U(W))
+                    yy = U(e2 - U(e2 // U(H)) * U(H))
+                    xx = U(e - e2 * U(W))
+                    if yy >= U(2 * HP) or xx >= U(2 * WP):
+                        dz_conv[U(U(r0 * U(PER)) + e)] = ZERO
+                    e = U(e + U(T))
+            tile = U(tile + U(cuda.gridDim.x))
+
+    return cuda.jit(head_train_v4) if SIM else cuda.jit(launch_bounds=v4_bounds(R))(head_train_v4)
+
+
+_V4: dict[tuple[tuple[int, ...], int], Any] = {}
+
+
+def v4_kernel(geom: tuple[int, ...], rows: int) -> Any:
+    """head_train_v4 for a geometry and rows a block (built at the first call; LeNet-5's at 8, 16, 32 at import)."""
+    key = (tuple(int(v) for v in geom), int(rows))
+    k = _V4.get(key)
+    if k is None:
+        k = _V4[key] = make_v4(*key)
+    return k
+
+
+#: the table's head_train_v4: LeNet-5's at 8 rows (what v4's plan takes at batch 64 and v3's from batch 1,049); 16
+#: and 32 rows: REPORT_KERNELS (the compile report), launched with ``kernel=`` (launch_kernel)
+head_train_v4 = v4_kernel(LENET_GEOM, 8)
+REPORT_KERNELS = {name: v4_kernel(LENET_GEOM, rows) for name, rows in V4_REPORT_ROWS.items() if rows != 8}
+
+
 # ------------------------------------------------------------------------------------ variant table
 
 _F2 = "float32[:,::1]"
@@ -1126,13 +1477,18 @@ SIGNATURES = {
 }
 _ROWS_ARRAYS = SIGNATURES["head_train_v1"].split(", int32, ")[0]  # the 18 arrays of every rows kernel
 SIGNATURES["head_train_v2"] = f"{_ROWS_ARRAYS}, {', '.join(['int32'] * 10)})"
-SIGNATURES["head_train_v3"] = f"{_ROWS_ARRAYS}, int32, int32, int32)"
+SIGNATURES["head_train_v3"] = SIGNATURES["head_train_v4"] = f"{_ROWS_ARRAYS}, int32, int32, int32)"
 SIGNATURES["head_train_wgrad_v2"] = SIGNATURES["head_train_wgrad_v3"] = SIGNATURES["head_train_wgrad_v1"]
 KERNELS = {"head_train_v1": head_train_v1, "head_train_wgrad_v1": head_train_wgrad_v1,
            "head_train_v2": head_train_v2, "head_train_wgrad_v2": head_train_wgrad_v2,
-           "head_train_v3": head_train_v3, "head_train_wgrad_v3": head_train_wgrad_v3}
-#: the backend's default is the last (backend.FUSED_VARIANTS), as cupy's (cupy_backend/fused.VARIANTS)
-VARIANTS = {"head_train": ("v1", "v2", "v3")}
+           "head_train_v3": head_train_v3, "head_train_wgrad_v3": head_train_wgrad_v3,
+           "head_train_v4": head_train_v4}
+#: the compile report's v4 rows kernels at 16 and 32 rows (REPORT_KERNELS; compile_report.all_kernels)
+REPORT_SIGNATURES = {name: SIGNATURES["head_train_v4"] for name in REPORT_KERNELS}
+#: the default (backend.FUSED_DEFAULTS takes it from here): v3, as cupy's default (cupy_backend/fused.DEFAULT_VARIANTS:
+#: v3's plan, which runs v4's rows kernel at large batches); v4 by name runs v4's rows kernel at every batch. v4 has
+#: no wgrad kernel of its own (head_train_wgrad_v3).
+VARIANTS = {"head_train": ("v1", "v2", "v3", "v4")}
 DEFAULT_VARIANTS = {"head_train": "v3"}
 
 # ------------------------------------------------------------------------------------------ launch wrapper
@@ -1143,13 +1499,14 @@ _DUMMY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def launch_kernel(be: Any, name: str, kernel: Any, grid: int, block: int, shmem: int, *args: Any) -> None:
     """Launch ``kernel`` (named ``name``) through the backend's ``_launch`` (which finds it in FUSED_KERNELS, or
-    takes it as ``kernel=`` where it is not that table's: head_train_v2 at 2, 4, 8 rows, v3 at another geometry),
-    so counters, the launch log, ``record`` and ``graph`` see it like every other launch. A backend without
+    takes it as ``kernel=`` where it is not that table's: head_train_v2 at 2, 4, 8 rows, v3 at another geometry, v4
+    at 16 or 32 rows or another geometry), so counters, the launch log, ``record`` and ``graph`` see it like every
+    other launch. A backend without
     ``_launch`` gets the same treatment here: the grid capped at ``be.max_blocks`` (every fused kernel loops
     over its work), the launch counted, logged when ``be.launch_log`` is a list, synchronised when ``be.debug``."""
     if hasattr(be, "_launch"):
         op, variant = name.rsplit("_", 1)
-        if name in KERNELS and KERNELS[name] is not kernel:  # head_train_v2/_v3 built for another R / geometry
+        if name in KERNELS and KERNELS[name] is not kernel:  # head_train_v2/_v3/_v4 built for another R / geometry
             be._launch(op, variant, grid, block, shmem, *args, kernel=kernel)
         else:
             be._launch(op, variant, grid, block, shmem, *args)
@@ -1193,11 +1550,14 @@ def rows_per_block(batch: int) -> int:
 def plan(variant: str, n: int, ni: int, nh1: int, nh2: int, nc: int,
          geom: tuple[int, int, int, int, int] | None = None) -> tuple[tuple[str, int, int, int, int], ...]:
     """The two launches of head_train_<variant>: (kernel name, grid, block, dynamic shared bytes, rows a block).
-    v1: this module's plan (rows_per_block, HEAD_THREADS, c5_smem). v2 and v3: cupy's (cupy_backend/fused.head_plan,
-    reused, not copied: the same grids, blocks, shared memory and batch rule): v3's rows kernel (a row a block)
-    while v2 would take one row a block (batch ≤ fused.HEAD_FILL_BLOCKS) and its shared memory fits, else v2's
-    rows kernel; ValueError where v2's rows do not fit shared memory (v1 needs none). ``geom`` = (C, Hp, Wp, H, W)
-    (default as cupy's: LeNet-5's at I = 400, else (I, 1, 1, 2, 2))."""
+    v1: this module's plan (rows_per_block, HEAD_THREADS, c5_smem). v2, v3 and v4: cupy's (cupy_backend/fused.head_plan
+    with its default ``tiled=True``, reused, not copied: the same grids, blocks, shared memory and batch rule): v3's
+    rows kernel (a row a block) while v2 would take one row a block (batch ≤ fused.HEAD_FILL_BLOCKS) and its shared
+    memory fits; beyond, v4's rows kernel (fused.head4_rows(n) rows a block: the ``rows`` field) once its 8-row
+    blocks fill the SMs (⌈n/8⌉ ≥ fused.HEAD4_FILL_BLOCKS: n ≥ 1,049) and its shared memory fits, else v2's rows
+    kernel; v4 by name: v4's rows kernel at every batch (v2's where its shared memory does not fit); ValueError where
+    v2's rows do not fit shared memory (v1 needs none). ``geom`` = (C, Hp, Wp, H, W) (default as cupy's: LeNet-5's
+    at I = 400, else (I, 1, 1, 2, 2))."""
     if variant == "v1":
         rows = rows_per_block(n)
         total = nh1 * (ni + 1) + nh2 * (nh1 + 1) + nc * (nh2 + 1) + 1
@@ -1205,8 +1565,9 @@ def plan(variant: str, n: int, ni: int, nh1: int, nh2: int, nc: int,
                 ("head_train_wgrad_v1", ceil_div(total, WG_THREADS), WG_THREADS, 0, 0))
     from ..cupy_backend import fused
 
-    a, w = fused.head_plan(variant, n, ni, nh1, nh2, nc, geom, tiled=False)  # no numba head_train_v4 (yet)
-    rows = dict(a.defines).get("HEAD_ROWS", 1)
+    a, w = fused.head_plan(variant, n, ni, nh1, nh2, nc, geom)  # tiled: cupy's plan, v4's rows kernel included
+    defines = dict(a.defines)
+    rows = defines["HEAD4_ROWS"] if a.kernel == "head_train_v4" else defines.get("HEAD_ROWS", 1)
     return ((a.kernel, a.grid[0], a.block[0], a.shared_mem, rows), (w.kernel, w.grid[0], w.block[0], w.shared_mem, 0))
 
 
@@ -1224,7 +1585,9 @@ def launches(variant: str, n: int, ni: int = 400, nh1: int = 120, nh2: int = 84,
     return [(*name.rsplit("_", 1), grid, block, smem) for name, grid, block, smem, _ in p]
 
 
-def _kernel_for(name: str, geom: tuple[int, ...]) -> Any:
+def _kernel_for(name: str, geom: tuple[int, ...], rows: int = 1) -> Any:
+    if name == "head_train_v4":
+        return v4_kernel(geom, rows)
     if name.endswith("_v3"):
         return v3_kernels(geom)[name.startswith("head_train_wgrad")]
     return KERNELS[name]
@@ -1301,7 +1664,7 @@ def head_train(
                 np.int32(rows))
     else:
         tail = (np.int32(n), np.int32(ACT_CODES[act]), mode_code)
-    kernel = v2_kernel(rows) if rname == "head_train_v2" else _kernel_for(rname, geom)
+    kernel = v2_kernel(rows) if rname == "head_train_v2" else _kernel_for(rname, geom, rows)
     launch_kernel(be, rname, kernel, rgrid, rblock, rsmem, *arrays, *tail)
     launch_kernel(be, wname, _kernel_for(wname, geom), wgrid, wblock, wsmem, flat(x), flat(h1), flat(h2), flat(dz1),
                   flat(dz2), flat(dz3), flat(rowstat), flat(dw1), db1, flat(dw2), db2, flat(dw3), db3, stats, state,

@@ -1,5 +1,5 @@
 """step4_fwd: the forward op and the update ops of the four-kernel training step (docs/step4.md), the Numba face
-of kernels/step_fwd.cu (step_fwd_v1) and kernels/step_update.cu (step_adam_v1, step_sgd_v1).
+of kernels/step_fwd.cu (step_fwd_v1, step_fwd_v2) and kernels/step_update.cu (step_adam_v1, step_sgd_v1).
 
   step_fwd   batch_prepare  j = perm[(OFFSET + n) mod M]; (dy, dx) = the shift of sample j in epoch EPOCH
                             (batch.py's hash); x[n,0,h,v] = pix·scale + shift, pix = images[j, h−2−dy, v−2−dx]
@@ -17,7 +17,8 @@ Bit parity is with this backend's own ops, not with the CUDA C kernels:
   inside) and of conv2d.py's conv2d_pool_fwd (each conv output: acc = bias; acc += x·w over (channel, tap row,
   tap column) in that order; act(acc); the first maximum in row-major tap order wins), so its outputs equal
   batch_prepare + 2 × conv2d_pool_fwd(yconv=None) of this backend bit for bit. (step_fwd.cu starts its sums at
-  0.0 and adds the bias last, as the CUDA C conv kernels do: the two backends round differently.)
+  0.0 and adds the bias last, as the CUDA C conv kernels do: the two backends round differently.) step_fwd_v2 sums
+  each output as v1 does (the same device functions), so its outputs equal v1's bit for bit.
 - step_adam / step_sgd use optim.py's expressions (adam: 1 − β passed from the host as float32; sgd:
   m = μ·m + (g + wd·p)), so with the same g they equal adam_step / sgd_step of this backend bit for bit.
 
@@ -47,7 +48,28 @@ step_fwd_v1  one block per image (the images block-stride over the grid: any gri
                common.fast_div (magic numbers from the host: exact while OFFSET + n < 2³¹, which the step state
                keeps: OFFSET < the dataset size), and the shift's two (mod 2·SHIFT + 1) of values < 2¹⁶ by a
                float32 quotient (exact operands; off by at most one) corrected to exact, where step_fwd.cu uses
-               a double quotient (no float64 here).
+               a double quotient (no float64 here);
+             - the stages are device functions shared with v2 (_stage_weights, _gather, _c1, and C3's _c3 / _c3_4
+               from one factory, _c3_stage: no templates, the filters a thread a closure constant). Their callers
+               compute the shared and global offsets: a _c1 that derived them from its pixel index made NVVM keep
+               C1's input addresses in 64 bits (v1: 96 B of spills on sm_80, 40 on sm_90).
+step_fwd_v2  large batch (step_fwd.cu's v2): two images a block (SF2_IMGS; the pairs block-stride over the grid, so
+             any grid is correct), 256 threads, launch bounds (256, 4): ≤ 64 registers. The weights are staged once
+             for both images (half v1's staging an image); then the gather of both images (a loop: step_fwd.cu
+             #pragma unroll 1) into x[2][32×32]; C1 over both images' 392 pooled pixels (item = image · 196 +
+             pixel) in C1_ROUNDS = 2 rounds of the block, a barrier at the top of every round and every thread in
+             every round (step_fwd.cu: it keeps NVVM from hoisting C1's 150 shared weights into registers across
+             rounds); C3 a thread per (image, 4 filters, pooled pixel): a 4 × 4 register tile (4 window outputs ×
+             4 filters: 16 accumulators), 200 items in one round. A pair of one image (an odd batch's last) leaves
+             its second image's items idle (block-uniform: every thread still meets every barrier). Shared memory
+             (static): 28,088 B, as step_fwd.cu (v1's weights and biases, two images' x and p1). Barriers: 3 a pair
+             (the next pair's gather waits for nobody, as v1's next image).
+             Numba's limits are v1's: C3's 4 weights a tap are 4 scalar shared loads (step_fwd.cu: one float4
+             feeding 16 FMAs), so the tile saves fewer issue slots here than in step_fwd.cu.
+             The plan (step_fwd_kernel: CupyBackend.step_fwd_kernel's): a variant by name runs its own kernel at
+             every batch; the default (variant None, the backend's default v1) runs v2's kernel where its ⌈B/2⌉
+             blocks fill every SM's 4 slots once (⌈B/2⌉ ≥ 4 · SMs: batch ≥ 1,055 on 132 SMs), v1's below. Grid
+             (step_fwd_grid): B for v1, ⌈B/2⌉ for v2.
 step_adam_v1 step_update.cu's launch plan (CupyBackend.step_adam: adam_step v2's grid): a thread per 4 elements,
 step_sgd_v1  blocks of max(32, min(256, (⌈n/4⌉ / SMs) rounded down to warps)) threads, grid-stride. Numba has no
              float4 loads, so a thread's 4 elements are a block's width apart (a tile of 4·blockDim elements a
@@ -58,9 +80,13 @@ step_sgd_v1  blocks of max(32, min(256, (⌈n/4⌉ / SMs) rounded down to warps)
 Cost: the work and the memory traffic of step_fwd.cu's and step_update.cu's headers. Instructions (estimated from
 the sm_90 PTX, not measured): a C1 thread issues 600 FMA and 192 shared loads (step_fwd.cu ~92: its weights come as
 a float4 and a float2 a tap), a C3 thread 1,200 FMA and 518 shared loads (step_fwd.cu ~368): ~2,510 against ~2,260
-for the longest thread's conv loops, ~11% more issue slots in the stages that bound the batch-4096 launch.
-Registers (ptxas, sm_90 and sm_80): step_fwd_v1 64 under its launch bounds (step_fwd.cu 56; 80 without bounds), no
-spills: 4 blocks an SM, as step_fwd.cu; step_adam_v1 32 / 27, step_sgd_v1 30 / 23.
+for the longest thread's conv loops, ~11% more issue slots in the stages that bound the batch-4096 launch. v2's
+C3 thread issues 2,400 FMA and 820 shared loads (step_fwd.cu ~370): by warp-instructions an image, C1 ~5.1K (13
+warp-rounds a pair; v1 7 warps: ~5.5K) and C3 ~11.3K (7 warps a pair; v1 ~12.0K), the staging halved: ~7% fewer
+issue slots than v1 at batch 4096 (step_fwd.cu's v2 against its v1: ~10%).
+Registers (ptxas, sm_90 and sm_80): step_fwd_v1 64 under its launch bounds (step_fwd.cu 56; 80 without bounds),
+step_fwd_v2 64 (step_fwd.cu 64; 71 without bounds), no spills, no local memory: 4 blocks an SM, as step_fwd.cu;
+step_adam_v1 32 / 27, step_sgd_v1 30 / 23.
 """
 
 from __future__ import annotations
@@ -119,9 +145,18 @@ A3 = 4 * SF_KB3  # C3's accumulators
 assert SF_C1 == SF_X - SF_R + 1 and SF_P2 * 2 == SF_C1, "C1 geometry"
 assert SF_C3 == SF_P2 - SF_R + 1 and SF_P4 * 2 == SF_C3, "C3 geometry"
 assert PL2 <= SF_THREADS and KG * PL4 <= SF_THREADS, "one round a stage"
+# step_fwd_v2 (step_fwd.cu's SF2_* section)
+SF2_IMGS = 2  # images a block
+SF2_KB3 = 4  # C3 filters a thread: the 4 × 4 register tile (4 window outputs × 4 filters)
+KG2 = SF_K3 // SF2_KB3  # 4 C3 filter groups
+A3V2 = 4 * SF2_KB3  # C3's accumulators (16)
+XPL2 = SF2_IMGS * XPL  # the block's images x (shared)
+S2V2 = SF2_IMGS * S2  # their p1 (shared)
+C1_ROUNDS = -(-SF2_IMGS * PL2 // SF_THREADS)  # 2 rounds of the block over both images' 392 pooled pixels
+assert SF_K3 % SF2_KB3 == 0 and SF2_IMGS * KG2 * PL4 <= SF_THREADS, "C3: one round of the block"
 
 #: launch bounds (threads, blocks an SM): step_fwd.cu's __launch_bounds__(SF_THREADS, SF_MIN_BLOCKS)
-LAUNCH_BOUNDS = {"step_fwd_v1": (SF_THREADS, SF_MIN_BLOCKS)}
+LAUNCH_BOUNDS = {"step_fwd_v1": (SF_THREADS, SF_MIN_BLOCKS), "step_fwd_v2": (SF_THREADS, SF_MIN_BLOCKS)}
 #: step_adam_v1 / step_sgd_v1: elements a thread (step_update.cu's float4)
 SU_VEC = 4
 SU_MAX_THREADS = 256
@@ -222,93 +257,114 @@ def _c1_row(a1, s_x, s_w1, o, wo):
         a1[3 * SF_K1 + k] = c3
 
 
+def _c3_stage(kb: int) -> tuple[Any, Any]:
+    """C3's row and stage device functions for ``kb`` filters a thread (v1: 2, v2: 4): Numba has no templates, so a
+    factory; kb is a closure constant (Numba freezes it), so the filter loops unroll and every accumulator index is a
+    constant. Returns (row, stage)."""
+
+    def c3_row(a3, s_p1, s_w3, o, wo):
+        """C3, one filter row of one channel for a thread's 2×2 window (6 columns of p1 at o and o + 14) × the row's
+        5 taps, in column order, × the thread's kb filters (tap s's weights at wo + 16·s + q, q < kb: kb scalar
+        shared loads a tap where step_fwd.cu loads a float2 / float4). Written out as _c1_row."""
+        t0 = s_p1[o]
+        t1 = s_p1[U(o + U1)]
+        t2 = s_p1[U(o + U(2))]
+        t3 = s_p1[U(o + U(3))]
+        t4 = s_p1[U(o + U(4))]
+        t5 = s_p1[U(o + U(5))]
+        ob = U(o + U(SF_P2))
+        u0 = s_p1[ob]
+        u1 = s_p1[U(ob + U1)]
+        u2 = s_p1[U(ob + U(2))]
+        u3 = s_p1[U(ob + U(3))]
+        u4 = s_p1[U(ob + U(4))]
+        u5 = s_p1[U(ob + U(5))]
+        for q in range(kb):
+            c0 = a3[q]
+            c1 = a3[kb + q]
+            c2 = a3[2 * kb + q]
+            c3 = a3[3 * kb + q]
+            w = s_w3[U(wo + U(q))]
+            c0 += t0 * w
+            c1 += t1 * w
+            c2 += u0 * w
+            c3 += u1 * w
+            w = s_w3[U(wo + U(SF_K3 + q))]
+            c0 += t1 * w
+            c1 += t2 * w
+            c2 += u1 * w
+            c3 += u2 * w
+            w = s_w3[U(wo + U(2 * SF_K3 + q))]
+            c0 += t2 * w
+            c1 += t3 * w
+            c2 += u2 * w
+            c3 += u3 * w
+            w = s_w3[U(wo + U(3 * SF_K3 + q))]
+            c0 += t3 * w
+            c1 += t4 * w
+            c2 += u3 * w
+            c3 += u4 * w
+            w = s_w3[U(wo + U(4 * SF_K3 + q))]
+            c0 += t4 * w
+            c1 += t5 * w
+            c2 += u4 * w
+            c3 += u5 * w
+            a3[q] = c0
+            a3[kb + q] = c1
+            a3[2 * kb + q] = c2
+            a3[3 * kb + q] = c3
+
+    # the simulator runs both as the Python functions they are (see below); compiled code inlines them (NVVM)
+    row = c3_row if numba.config.ENABLE_CUDASIM else device_function(c3_row)
+
+    def c3(a3, s_p1, xb, s_w3, s_b3, act, k0, p3, m3, po):
+        """C3 + act + pool of one pooled pixel and filters k0 .. k0 + kb − 1: its 2×2 window's input at s_p1[xb]
+        (channel 0's top left p1), each output from its bias, then (channel, tap row, tap column) in that order;
+        the S4 values into p3[po + q·25], the routes into m3 alike. a3: 4·kb accumulators [window tap][filter]. The
+        caller computes the offsets (as _c1's)."""
+        for q in range(kb):
+            bq = s_b3[U(k0 + U(q))]
+            a3[q] = bq
+            a3[kb + q] = bq
+            a3[2 * kb + q] = bq
+            a3[3 * kb + q] = bq
+        c = U0
+        while c < U(SF_K1):  # a loop (step_fwd.cu: #pragma unroll 1)
+            xc = U(xb + c * U(PL2))
+            wc = U(c * U(SF_TAPS * SF_K3) + k0)
+            row(a3, s_p1, s_w3, xc, wc)
+            row(a3, s_p1, s_w3, U(xc + U(SF_P2)), U(wc + U(SF_R * SF_K3)))
+            row(a3, s_p1, s_w3, U(xc + U(2 * SF_P2)), U(wc + U(2 * SF_R * SF_K3)))
+            row(a3, s_p1, s_w3, U(xc + U(3 * SF_P2)), U(wc + U(3 * SF_R * SF_K3)))
+            row(a3, s_p1, s_w3, U(xc + U(4 * SF_P2)), U(wc + U(4 * SF_R * SF_K3)))
+            c = U(c + U1)
+        for q in range(kb):
+            best, tap = _window_max(activate(a3[q], act), activate(a3[kb + q], act),
+                                    activate(a3[2 * kb + q], act), activate(a3[3 * kb + q], act))
+            p3[U(po + U(q * PL4))] = best
+            m3[U(po + U(q * PL4))] = uint8(tap)
+
+    return row, device_function(c3)
+
+
+_c3_row, _c3 = _c3_stage(SF_KB3)  # v1: 2 filters a thread (8 accumulators)
+_c3_row4, _c3_4 = _c3_stage(SF2_KB3)  # v2: 4 filters a thread (the 4 × 4 register tile)
+
+
 @device_function
-def _c3_row(a3, s_p1, s_w3, o, wo):
-    """C3, one filter row of one channel for a thread's 2×2 window (6 columns of p1 at o and o + 14) × the row's 5
-    taps, in column order, × the thread's 2 filters (tap s's weights at wo + 16·s, + 1). Written out as _c1_row."""
-    t0 = s_p1[o]
-    t1 = s_p1[U(o + U1)]
-    t2 = s_p1[U(o + U(2))]
-    t3 = s_p1[U(o + U(3))]
-    t4 = s_p1[U(o + U(4))]
-    t5 = s_p1[U(o + U(5))]
-    ob = U(o + U(SF_P2))
-    u0 = s_p1[ob]
-    u1 = s_p1[U(ob + U1)]
-    u2 = s_p1[U(ob + U(2))]
-    u3 = s_p1[U(ob + U(3))]
-    u4 = s_p1[U(ob + U(4))]
-    u5 = s_p1[U(ob + U(5))]
-    for q in range(SF_KB3):
-        c0 = a3[q]
-        c1 = a3[SF_KB3 + q]
-        c2 = a3[2 * SF_KB3 + q]
-        c3 = a3[3 * SF_KB3 + q]
-        w = s_w3[U(wo + U(q))]
-        c0 += t0 * w
-        c1 += t1 * w
-        c2 += u0 * w
-        c3 += u1 * w
-        w = s_w3[U(wo + U(SF_K3 + q))]
-        c0 += t1 * w
-        c1 += t2 * w
-        c2 += u1 * w
-        c3 += u2 * w
-        w = s_w3[U(wo + U(2 * SF_K3 + q))]
-        c0 += t2 * w
-        c1 += t3 * w
-        c2 += u2 * w
-        c3 += u3 * w
-        w = s_w3[U(wo + U(3 * SF_K3 + q))]
-        c0 += t3 * w
-        c1 += t4 * w
-        c2 += u3 * w
-        c3 += u4 * w
-        w = s_w3[U(wo + U(4 * SF_K3 + q))]
-        c0 += t4 * w
-        c1 += t5 * w
-        c2 += u4 * w
-        c3 += u5 * w
-        a3[q] = c0
-        a3[SF_KB3 + q] = c1
-        a3[2 * SF_KB3 + q] = c2
-        a3[3 * SF_KB3 + q] = c3
+def _sched_row(state, sched, srow, nsched):
+    """This step's schedule row into srow (the update reads it: it never reads the counter); the caller's thread 0
+    of block 0."""
+    i = int64(state[STEP]) - int64(state[SCHED_BASE])
+    i = min(max(i, int64(0)), int64(nsched) - int64(1))
+    for c in range(SCHED_COLS):
+        srow[c] = sched[U(U(i) * U(SCHED_COLS) + U(c))]
 
 
-if numba.config.ENABLE_CUDASIM:
-    # The simulator calls a device function through a context manager that rescans its module's globals on every
-    # call (~150 µs; common.py): these use no cuda.* API, so the simulator runs them as the plain Python functions
-    # they are (C3 alone calls _c3_row 6,000 times an image). Compiled code inlines the decorated versions.
-    _mod_small = _mod_small.py_func
-    _window_max = _window_max.py_func
-    _c1_row = _c1_row.py_func
-    _c3_row = _c3_row.py_func
-    epoch_hash = epoch_hash.py_func
-    low32 = low32.py_func
-    mix32 = mix32.py_func
-
-@_jit("step_fwd_v1")
-def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, nb, nperm, nsched,
-                act, scale, shift, mperm, shperm):
-    # (mperm, shperm): common.div_magic(M); every array flat, every index uint32 (module docstring)
-    s_w1 = cuda.shared.array(W1S, float32)  # [tap][8]: 6 filters, 2 zeros
-    s_w3 = cuda.shared.array(W3, float32)  # [channel][tap][filter]
-    s_b1 = cuda.shared.array(SF_K1, float32)
-    s_b3 = cuda.shared.array(SF_K3, float32)
-    s_x = cuda.shared.array(XPL, float32)
-    s_p1 = cuda.shared.array(S2, float32)
-    a1 = cuda.local.array(A1, float32)  # C1: [window tap][filter] (registers: constant indices only)
-    a3 = cuda.local.array(A3, float32)  # C3: [window tap][filter of the pair]
-    tid = U(cuda.threadIdx.x)
-    blk = U(cuda.blockIdx.x)
-
-    if blk == U0 and tid == U0:  # this step's schedule row (the update reads it: it never reads the counter)
-        i = int64(state[STEP]) - int64(state[SCHED_BASE])
-        i = min(max(i, int64(0)), int64(nsched) - int64(1))
-        for c in range(SCHED_COLS):
-            srow[c] = sched[U(U(i) * U(SCHED_COLS) + U(c))]
-
-    # the weights, once a block: C1's as [tap][8]; C3's read in their own order (coalesced) and scattered
+@device_function
+def _stage_weights(w1, b1, w3, b3, s_w1, s_b1, s_w3, s_b3, tid):
+    """The weights into shared memory, threads tid, tid + 256, ...: C1's as [tap][8]; C3's read in their own order
+    (coalesced) and scattered to [channel·tap][filter]; the biases."""
     t = tid
     while t < U(W1S):
         k = U(t & U(SF_W1 - 1))
@@ -324,93 +380,178 @@ def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, 
     if tid < U(SF_K3):
         s_b3[tid] = b3[tid]
 
+
+@device_function
+def _gather(images, labels, perm, x, y, s_x, xs, n, tid, offset, nperm, mperm, shperm, max_shift, h1, scale, shift):
+    """Batch row n (batch.py's arithmetic) into s_x[xs : xs + 1024] and x[n], y[n], threads tid, tid + 256, ...:
+    every thread computes the image's sample and shift (h1: the step's epoch_hash)."""
+    a = U(offset + n)
+    j = U(perm[U(a - fast_div(a, mperm, shperm) * U(nperm))])
+    dy = int32(0)
+    dx = int32(0)
+    if max_shift > 0:
+        span = U(U(max_shift) + U(max_shift) + U1)
+        hh = mix32((h1 + low32(j)) & M32)
+        dy = int32(_mod_small(uint32(hh & M16), span) - max_shift)
+        dx = int32(_mod_small(uint32(hh >> SH16), span) - max_shift)
+    img = U(j * U(IMG))
+    xo = U(n * U(XPL))
+    t = tid
+    while t < U(XPL):
+        ih = int32(int32(t >> U(5)) - int32(SF_PAD) - dy)  # t // 32 − pad − dy
+        iw = int32(int32(t & U(SF_X - 1)) - int32(SF_PAD) - dx)
+        v = shift
+        if ih >= 0 and ih < SF_IH and iw >= 0 and iw < SF_IH:
+            v = float32(images[U(img + U(ih) * U(SF_IH) + U(iw))]) * scale + shift
+        s_x[U(xs + t)] = v
+        x[U(xo + t)] = v
+        t = U(t + U(SF_THREADS))
+    if tid == U0:
+        y[n] = int32(labels[j])
+
+
+@device_function
+def _c1(a1, s_x, xb, s_w1, s_b1, act, s_p1, so, p1, m1, po):
+    """C1 + act + pool of one pooled pixel, all 6 filters: its 2×2 window's input at s_x[xb] (the window's top left
+    x), each output from its bias, then (tap row, tap column); the S2 values into s_p1[so + k·196] (for C3) and
+    p1[po + k·196], the routes into m1 alike. a1: 24 accumulators [window tap][filter]. The caller computes the
+    offsets (_c1_at)."""
+    for k in range(SF_K1):
+        bk = s_b1[U(k)]
+        a1[k] = bk
+        a1[SF_K1 + k] = bk
+        a1[2 * SF_K1 + k] = bk
+        a1[3 * SF_K1 + k] = bk
+    # the 25 taps written out (Numba unrolls no loop of that size): row r's taps read x rows 2·ph + r and
+    # 2·ph + r + 1, so the unrolled loads of the same address are one load (step_fwd.cu's sliding window)
+    _c1_row(a1, s_x, s_w1, xb, U0)
+    _c1_row(a1, s_x, s_w1, U(xb + U(SF_X)), U(SF_R * SF_W1))
+    _c1_row(a1, s_x, s_w1, U(xb + U(2 * SF_X)), U(2 * SF_R * SF_W1))
+    _c1_row(a1, s_x, s_w1, U(xb + U(3 * SF_X)), U(3 * SF_R * SF_W1))
+    _c1_row(a1, s_x, s_w1, U(xb + U(4 * SF_X)), U(4 * SF_R * SF_W1))
+    for k in range(SF_K1):
+        best, tap = _window_max(activate(a1[k], act), activate(a1[SF_K1 + k], act),
+                                activate(a1[2 * SF_K1 + k], act), activate(a1[3 * SF_K1 + k], act))
+        s_p1[U(so + U(k * PL2))] = best
+        p1[U(po + U(k * PL2))] = best
+        m1[U(po + U(k * PL2))] = uint8(tap)
+
+
+if numba.config.ENABLE_CUDASIM:
+    # The simulator calls a device function through a context manager that rescans its module's globals on every
+    # call (~150 µs; common.py): these use no cuda.* API, so the simulator runs them as the plain Python functions
+    # they are (C3 alone calls _c3_row 6,000 times an image). Compiled code inlines the decorated versions.
+    _mod_small = _mod_small.py_func
+    _window_max = _window_max.py_func
+    _c1_row = _c1_row.py_func
+    _c3 = _c3.py_func
+    _c3_4 = _c3_4.py_func
+    _sched_row = _sched_row.py_func
+    _stage_weights = _stage_weights.py_func
+    _gather = _gather.py_func
+    _c1 = _c1.py_func
+    epoch_hash = epoch_hash.py_func
+    low32 = low32.py_func
+    mix32 = mix32.py_func
+
+
+@_jit("step_fwd_v1")
+def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, nb, nperm, nsched,
+                act, scale, shift, mperm, shperm):
+    # (mperm, shperm): common.div_magic(M); every array flat, every index uint32 (module docstring)
+    s_w1 = cuda.shared.array(W1S, float32)  # [tap][8]: 6 filters, 2 zeros
+    s_w3 = cuda.shared.array(W3, float32)  # [channel][tap][filter]
+    s_b1 = cuda.shared.array(SF_K1, float32)
+    s_b3 = cuda.shared.array(SF_K3, float32)
+    s_x = cuda.shared.array(XPL, float32)
+    s_p1 = cuda.shared.array(S2, float32)
+    a1 = cuda.local.array(A1, float32)  # C1: [window tap][filter] (registers: constant indices only)
+    a3 = cuda.local.array(A3, float32)  # C3: [window tap][filter of the pair]
+    tid = U(cuda.threadIdx.x)
+    blk = U(cuda.blockIdx.x)
+    if blk == U0 and tid == U0:
+        _sched_row(state, sched, srow, nsched)
+    _stage_weights(w1, b1, w3, b3, s_w1, s_b1, s_w3, s_b3, tid)  # once a block
     offset = U(state[OFFSET])
     max_shift = int32(state[SHIFT])
     h1 = epoch_hash(state[SEED], state[EPOCH])  # the same for every image of the step
     n = blk
     while n < U(nb):  # block-stride over the images (block-uniform)
-        # the gather (batch.py's arithmetic): every thread computes the image's sample and shift
-        a = U(offset + n)
-        j = U(perm[U(a - fast_div(a, mperm, shperm) * U(nperm))])
-        dy = int32(0)
-        dx = int32(0)
-        if max_shift > 0:
-            span = U(U(max_shift) + U(max_shift) + U1)
-            hh = mix32((h1 + low32(j)) & M32)
-            dy = int32(_mod_small(uint32(hh & M16), span) - max_shift)
-            dx = int32(_mod_small(uint32(hh >> SH16), span) - max_shift)
-        img = U(j * U(IMG))
-        xo = U(n * U(XPL))
-        t = tid
-        while t < U(XPL):
-            ih = int32(int32(t >> U(5)) - int32(SF_PAD) - dy)  # t // 32 − pad − dy
-            iw = int32(int32(t & U(SF_X - 1)) - int32(SF_PAD) - dx)
-            v = shift
-            if ih >= 0 and ih < SF_IH and iw >= 0 and iw < SF_IH:
-                v = float32(images[U(img + U(ih) * U(SF_IH) + U(iw))]) * scale + shift
-            s_x[t] = v
-            x[U(xo + t)] = v
-            t = U(t + U(SF_THREADS))
-        if tid == U0:
-            y[n] = int32(labels[j])
+        _gather(images, labels, perm, x, y, s_x, U0, n, tid, offset, nperm, mperm, shperm, max_shift, h1, scale,
+                shift)
         cuda.syncthreads()  # x staged (and, the first time, the weights)
-
         # C1 + act + pool -> p1 (shared and global), m1: a thread per pooled pixel, all 6 filters
         if tid < U(PL2):
             ph = U(tid // U(SF_P2))
-            xb = U(ph * U(2 * SF_X) + U(tid - ph * U(SF_P2)) * U(2))
-            for k in range(SF_K1):
-                bk = s_b1[U(k)]
-                a1[k] = bk
-                a1[SF_K1 + k] = bk
-                a1[2 * SF_K1 + k] = bk
-                a1[3 * SF_K1 + k] = bk
-            # the 25 taps written out (Numba unrolls no loop of that size): row r's taps read x rows 2·ph + r and
-            # 2·ph + r + 1, so the unrolled loads of the same address are one load (step_fwd.cu's sliding window)
-            _c1_row(a1, s_x, s_w1, xb, U0)
-            _c1_row(a1, s_x, s_w1, U(xb + U(SF_X)), U(SF_R * SF_W1))
-            _c1_row(a1, s_x, s_w1, U(xb + U(2 * SF_X)), U(2 * SF_R * SF_W1))
-            _c1_row(a1, s_x, s_w1, U(xb + U(3 * SF_X)), U(3 * SF_R * SF_W1))
-            _c1_row(a1, s_x, s_w1, U(xb + U(4 * SF_X)), U(4 * SF_R * SF_W1))
-            po = U(n * U(S2) + tid)
-            for k in range(SF_K1):
-                best, tap = _window_max(activate(a1[k], act), activate(a1[SF_K1 + k], act),
-                                        activate(a1[2 * SF_K1 + k], act), activate(a1[3 * SF_K1 + k], act))
-                s_p1[U(U(k * PL2) + tid)] = best
-                p1[U(po + U(k * PL2))] = best
-                m1[U(po + U(k * PL2))] = uint8(tap)
+            _c1(a1, s_x, U(ph * U(2 * SF_X) + U(tid - ph * U(SF_P2)) * U(2)), s_w1, s_b1, act, s_p1, tid, p1, m1,
+                U(n * U(S2) + tid))
         cuda.syncthreads()  # p1 staged
-
         # C3 + act + pool -> p3, m3: a thread per (2 filters, pooled pixel)
         if tid < U(KG * PL4):
             kg = U(tid // U(PL4))
             pp = U(tid - kg * U(PL4))
             ph = U(pp // U(SF_P4))
             k0 = U(kg * U(SF_KB3))
-            xb = U(ph * U(2 * SF_P2) + U(pp - ph * U(SF_P4)) * U(2))
-            for q in range(SF_KB3):
-                bq = s_b3[U(k0 + U(q))]
-                a3[q] = bq
-                a3[SF_KB3 + q] = bq
-                a3[2 * SF_KB3 + q] = bq
-                a3[3 * SF_KB3 + q] = bq
-            c = U0
-            while c < U(SF_K1):  # a loop (step_fwd.cu: #pragma unroll 1)
-                xc = U(xb + c * U(PL2))
-                wc = U(c * U(SF_TAPS * SF_K3) + k0)
-                _c3_row(a3, s_p1, s_w3, xc, wc)
-                _c3_row(a3, s_p1, s_w3, U(xc + U(SF_P2)), U(wc + U(SF_R * SF_K3)))
-                _c3_row(a3, s_p1, s_w3, U(xc + U(2 * SF_P2)), U(wc + U(2 * SF_R * SF_K3)))
-                _c3_row(a3, s_p1, s_w3, U(xc + U(3 * SF_P2)), U(wc + U(3 * SF_R * SF_K3)))
-                _c3_row(a3, s_p1, s_w3, U(xc + U(4 * SF_P2)), U(wc + U(4 * SF_R * SF_K3)))
-                c = U(c + U1)
-            po = U((n * U(SF_K3) + k0) * U(PL4) + pp)
-            for q in range(SF_KB3):
-                best, tap = _window_max(activate(a3[q], act), activate(a3[SF_KB3 + q], act),
-                                        activate(a3[2 * SF_KB3 + q], act), activate(a3[3 * SF_KB3 + q], act))
-                p3[U(po + U(q * PL4))] = best
-                m3[U(po + U(q * PL4))] = uint8(tap)
+            _c3(a3, s_p1, U(ph * U(2 * SF_P2) + U(pp - ph * U(SF_P4)) * U(2)), s_w3, s_b3, act, k0, p3, m3,
+                U((n * U(SF_K3) + k0) * U(PL4) + pp))
         n = U(n + U(cuda.gridDim.x))
+
+
+@_jit("step_fwd_v2")
+def step_fwd_v2(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, nb, nperm, nsched,
+                act, scale, shift, mperm, shperm):
+    # step_fwd_v1's arguments (nb: step_fwd.cu v2's B); two images a block (module docstring)
+    s_w1 = cuda.shared.array(W1S, float32)
+    s_w3 = cuda.shared.array(W3, float32)
+    s_b1 = cuda.shared.array(SF_K1, float32)
+    s_b3 = cuda.shared.array(SF_K3, float32)
+    s_x = cuda.shared.array(XPL2, float32)  # [image][32×32]
+    s_p1 = cuda.shared.array(S2V2, float32)  # [image][6×14×14]
+    a1 = cuda.local.array(A1, float32)
+    a3 = cuda.local.array(A3V2, float32)  # C3: [window tap][filter of the 4]: the 4 × 4 register tile
+    tid = U(cuda.threadIdx.x)
+    blk = U(cuda.blockIdx.x)
+    if blk == U0 and tid == U0:
+        _sched_row(state, sched, srow, nsched)
+    _stage_weights(w1, b1, w3, b3, s_w1, s_b1, s_w3, s_b3, tid)  # once a block, for all its images
+    offset = U(state[OFFSET])
+    max_shift = int32(state[SHIFT])
+    h1 = epoch_hash(state[SEED], state[EPOCH])
+    npairs = U(U(U(nb) + U(SF2_IMGS - 1)) // U(SF2_IMGS))
+    pr = blk
+    while pr < npairs:  # block-stride over the image pairs (block-uniform)
+        n0 = U(pr * U(SF2_IMGS))
+        ni = min(U(U(nb) - n0), U(SF2_IMGS))  # images in this pair: 1 in an odd batch's last (block-uniform)
+        im = U0
+        while im < ni:  # the gather of each image (step_fwd.cu: #pragma unroll 1)
+            _gather(images, labels, perm, x, y, s_x, U(im * U(XPL)), U(n0 + im), tid, offset, nperm, mperm, shperm,
+                    max_shift, h1, scale, shift)
+            im = U(im + U1)
+        # C1: items it = image · 196 + pooled pixel, in rounds of the block; every thread runs every round
+        rnd = U0
+        while rnd < U(C1_ROUNDS):
+            cuda.syncthreads()  # round 0: the gather's; then: keeps the weights' loads inside the round
+            it = U(rnd * U(SF_THREADS) + tid)
+            im = U(it // U(PL2))  # a constant divisor: a multiply
+            if it < U(SF2_IMGS * PL2) and im < ni:
+                px = U(it - im * U(PL2))
+                ph = U(px // U(SF_P2))
+                _c1(a1, s_x, U(im * U(XPL) + ph * U(2 * SF_X) + U(px - ph * U(SF_P2)) * U(2)), s_w1, s_b1, act, s_p1,
+                    U(im * U(S2) + px), p1, m1, U((n0 + im) * U(S2) + px))
+            rnd = U(rnd + U1)
+        cuda.syncthreads()  # p1 staged
+        # C3: items (image, filter group of 4, pooled pixel): 200, one round
+        if tid < U(SF2_IMGS * KG2 * PL4):
+            im = U(tid // U(KG2 * PL4))
+            r = U(tid - im * U(KG2 * PL4))
+            kg = U(r // U(PL4))
+            if im < ni:
+                pp = U(r - kg * U(PL4))
+                ph = U(pp // U(SF_P4))
+                k0 = U(kg * U(SF2_KB3))
+                _c3_4(a3, s_p1, U(im * U(S2) + ph * U(2 * SF_P2) + U(pp - ph * U(SF_P4)) * U(2)), s_w3, s_b3, act, k0,
+                      p3, m3, U((U(n0 + im) * U(SF_K3) + k0) * U(PL4) + pp))
+        pr = U(pr + U(cuda.gridDim.x))
 
 
 # ---------------------------------------------------------------------------------------------- update
@@ -502,16 +643,21 @@ def step_sgd_v1(p, g, gpart, m, srow, state, n, nc, ngroups, momentum, wd, batch
 _F = "float32[::1]"
 _U8 = "uint8[::1]"
 _I = "int32[::1]"
+#: step_fwd_v1's and step_fwd_v2's (v2 needs no argument more: nb is step_fwd.cu v2's B)
+_FWD = (f"void({_U8}, {_U8}, {_I}, {_I}, {_F}, {_F}, {_F}, {_I}, {_F}, {_F}, {_F}, {_U8}, {_F}, {_F}, {_F}, {_U8}, "
+        "int32, int32, int32, int32, float32, float32, uint32, uint32)")
 SIGNATURES = {
-    "step_fwd_v1": f"void({_U8}, {_U8}, {_I}, {_I}, {_F}, {_F}, {_F}, {_I}, {_F}, {_F}, {_F}, {_U8}, {_F}, {_F}, {_F}, "
-    f"{_U8}, int32, int32, int32, int32, float32, float32, uint32, uint32)",
+    "step_fwd_v1": _FWD,
+    "step_fwd_v2": _FWD,
     "step_adam_v1": f"void({_F}, {_F}, {_F}, {_F}, {_F}, {_F}, {_I}, int32, int32, int32, "
     + ", ".join(["float32"] * 6) + ", int32)",
     "step_sgd_v1": f"void({_F}, {_F}, {_F}, {_F}, {_F}, {_I}, int32, int32, int32, float32, float32, int32)",
 }
-KERNELS = {"step_fwd_v1": step_fwd_v1, "step_adam_v1": step_adam_v1, "step_sgd_v1": step_sgd_v1}
-VARIANTS = {"step_fwd": ("v1",), "step_adam": ("v1",), "step_sgd": ("v1",)}
+KERNELS = {"step_fwd_v1": step_fwd_v1, "step_fwd_v2": step_fwd_v2, "step_adam_v1": step_adam_v1,
+           "step_sgd_v1": step_sgd_v1}
+VARIANTS = {"step_fwd": ("v1", "v2"), "step_adam": ("v1",), "step_sgd": ("v1",)}
 DEFAULT_VARIANTS = {op: vs[-1] for op, vs in VARIANTS.items()}
+DEFAULT_VARIANTS["step_fwd"] = "v1"  # the default runs step_fwd_v2's kernel at large batch (step_fwd_kernel)
 
 
 # ------------------------------------------------------------------------------------ launch helpers
@@ -528,6 +674,30 @@ def update_plan(n: int, sm_count: int) -> tuple[int, int]:
     """(blocks, threads) of step_adam_v1 / step_sgd_v1 for a buffer of n floats."""
     threads = update_threads(n, sm_count)
     return max(1, min(ceil_div(ceil_div(n, SU_VEC), threads), 65535)), threads
+
+
+def step_fwd_kernel(variant: str | None, batch: int, sm_count: int, default: str = DEFAULT_VARIANTS["step_fwd"],
+                    variants: tuple[str, ...] = VARIANTS["step_fwd"]) -> str:
+    """The kernel a step_fwd call runs (CupyBackend.step_fwd_kernel's plan): a variant by name always; the default
+    (variant None, the backend's default ``default`` being v1) takes v2's kernel (two images a block) where its
+    ⌈B/2⌉ blocks still fill every SM's four slots once (⌈B/2⌉ ≥ 4 · SMs: batch ≥ 1,055 on 132 SMs), else v1's
+    block per image (more blocks for a latency-bound small batch)."""
+    v = variant or default
+    fills = ceil_div(batch, SF2_IMGS) >= SF_MIN_BLOCKS * int(sm_count)
+    return "v2" if variant is None and v == "v1" and "v2" in variants and fills else v
+
+
+def step_fwd_grid(kernel: str, batch: int) -> int:
+    """step_fwd's grid (cupy's): a block per image (v1) or per SF2_IMGS images (v2). Both kernels block-stride over
+    their images (pairs), so a capped grid is correct too."""
+    return int(batch) if kernel == "v1" else ceil_div(batch, SF2_IMGS)
+
+
+def _sm_count(be: Any) -> int:
+    """The SMs step_fwd's plan is sized for: the backend's ``sm_count`` (NumbaBackend sets it from the device; a
+    test may set it), else DEFAULT_SMS."""
+    s = getattr(be, "sm_count", None)
+    return s if isinstance(s, int) and s > 0 else DEFAULT_SMS
 
 
 def _variant(be: Any, op: str, variant: str | None) -> str:
@@ -564,7 +734,8 @@ def step_fwd(be: Any, images: Any, labels: Any, perm: Any, state: Any, sched: An
              w1: Any, b1: Any, p1: Any, m1: Any, w3: Any, b3: Any, p3: Any, m3: Any, mean: float, std: float,
              act: str, variant: str | None = None) -> None:
     """batch_prepare + C1 + act + 2×2 max pool + C3 + act + 2×2 max pool (LeNet-5's geometry), and this step's
-    schedule row into srow: one launch, a block per image (docs/step4.md)."""
+    schedule row into srow: one launch (docs/step4.md), a block per image (v1) or per two images (v2); variant
+    None: the backend's default, which runs v2's kernel at large batch (step_fwd_kernel)."""
     v = _variant(be, "step_fwd", variant)
     check_act(act)
     if getattr(images, "ndim", 0) != 3 or getattr(x, "ndim", 0) != 4 or getattr(perm, "ndim", 0) != 1:
@@ -588,9 +759,12 @@ def step_fwd(be: Any, images: Any, labels: Any, perm: Any, state: Any, sched: An
     if images.size >= 2**31 or x.size >= 2**31 or m >= 2**31:
         raise ValueError("step_fwd: an array has 2³¹ elements or more (the kernel's offsets are uint32 < 2³¹)")
     f = lambda a: _flat(be, a)  # noqa: E731
-    _launch(be, f"step_fwd_{v}", b, SF_THREADS, f(images), labels, perm, state, f(sched), srow, f(x), y, f(w1), b1,
-            f(p1), f(m1), f(w3), b3, f(p3), f(m3), np.int32(b), np.int32(m), np.int32(sched.shape[0]),
-            np.int32(ACT_CODES[act]), np.float32(1.0 / (255.0 * std)), np.float32(-mean / std), *div_magic(m))
+    k = step_fwd_kernel(variant, b, _sm_count(be), default=v,
+                        variants=getattr(be, "variants", {}).get("step_fwd", VARIANTS["step_fwd"]))
+    _launch(be, f"step_fwd_{k}", step_fwd_grid(k, b), SF_THREADS, f(images), labels, perm, state, f(sched), srow,
+            f(x), y, f(w1), b1, f(p1), f(m1), f(w3), b3, f(p3), f(m3), np.int32(b), np.int32(m),
+            np.int32(sched.shape[0]), np.int32(ACT_CODES[act]), np.float32(1.0 / (255.0 * std)),
+            np.float32(-mean / std), *div_magic(m))
 
 
 def _update_checks(op: str, p: Any, g: Any, gpart: Any, opt: tuple[tuple[str, Any], ...], srow: Any, state: Any,
