@@ -487,6 +487,42 @@ constexpr int OFF_H2 = OFF_H1 + H1, OFF_Z = OFF_H2 + H2, OFF_D3 = OFF_Z + NC, OF
 constexpr int OFF_D1 = OFF_D2 + H2, OFF_CP = OFF_D1 + H1, SMEM_FLOATS = OFF_CP + T;
 }  // namespace head3
 
+// dz_conv of S4 element i of row r, from g = dL/dS4[r][i] (head3's compile-time geometry): yconv null (the routed
+// form), g * act'(*xv) at S4's shape (*xv = x[r][i]: read only there); else through the 2x2 window of C3's output,
+// max -> the argmax tap, avg -> g/4 to each, times act'(yconv) at the tap
+__device__ __forceinline__ void head3_route(float g, const float* xv, int r, int i,
+                                            const unsigned char* __restrict__ argmax, const float* __restrict__ yconv,
+                                            float* __restrict__ dz_conv, int act, int mode) {
+    using namespace head3;
+    constexpr int PER = C * H * W;
+    if (yconv == nullptr) {  // block-uniform
+        dz_conv[(size_t)r * I + i] = g * act_grad(*xv, act);
+        return;
+    }
+    const int c = i / (HP * WP), rem = i - c * (HP * WP), hp = rem / WP, wp = rem - hp * WP;  // constant divisors
+    const int tap_max = mode == POOL_MAX ? (int)argmax[(size_t)r * I + i] : -1;
+    const float* yc = yconv + (size_t)r * PER;
+    float* dz = dz_conv + (size_t)r * PER;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int idx = (c * H + 2 * hp + (q >> 1)) * W + 2 * wp + (q & 1);
+        const float v = mode == POOL_MAX ? (q == tap_max ? g : 0.0f) : 0.25f * g;
+        dz[idx] = v * act_grad(yc[idx], act);
+    }
+}
+
+// The taps of rows [r0, r0 + nr) of dz_conv that no 2x2 window covers (odd H or W, with yconv): 0; threads t, t + nt
+__device__ __forceinline__ void head3_zero_trailing(float* __restrict__ dz_conv, const float* yconv, int r0, int nr,
+                                                    int t, int nt) {
+    using namespace head3;
+    constexpr int PER = C * H * W;
+    if ((H != 2 * HP || W != 2 * WP) && yconv != nullptr)
+        for (int e = t; e < nr * PER; e += nt) {
+            const int h = (e / W) % H, w = e % W;  // constant divisors
+            if (h >= 2 * HP || w >= 2 * WP) dz_conv[(size_t)r0 * PER + e] = 0.0f;
+        }
+}
+
 // out[o] = act(bias[o] + sum_k in[k] * Wt[o][k]) for o < O: warp w takes groups w, w + NW, ... of F = group(O)
 // consecutive outputs; lane l the terms k = l + 32j (every j unrolled: F * ceil(K/32) independent loads per lane, each
 // warp load one coalesced row segment), in j order; then rows_gemv.cuh's fixed transpose-reduction tree. Wt global
@@ -652,34 +688,14 @@ head_train_v3(const float* __restrict__ x, const int* __restrict__ labels, const
         }
     }
     __syncthreads();
-    constexpr int PER = C * H * W;
 #pragma unroll
     for (int i = t; i < I; i += T) {  // the sum in warp order, routed through S4's pooling into dz_conv
         float g = s_part[i];
 #pragma unroll
         for (int w = 1; w < PW1; ++w) g += s_part[w * I + i];
-        if (yconv == nullptr) {  // the routed gradient at S4's shape (block-uniform branch)
-            dz_conv[(size_t)r * I + i] = g * act_grad(s_x[i], act);
-        } else {
-            const int c = i / (HP * WP), rem = i - c * (HP * WP), hp = rem / WP, wp = rem - hp * WP;  // constants
-            const int tap_max = mode == POOL_MAX ? (int)argmax[(size_t)r * I + i] : -1;
-            const float* yc = yconv + (size_t)r * PER;
-            float* dz = dz_conv + (size_t)r * PER;
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int idx = (c * H + 2 * hp + (q >> 1)) * W + 2 * wp + (q & 1);
-                const float v = mode == POOL_MAX ? (q == tap_max ? g : 0.0f) : 0.25f * g;
-                dz[idx] = v * act_grad(yc[idx], act);
-            }
-        }
+        head3_route(g, s_x + i, r, i, argmax, yconv, dz_conv, act, mode);
     }
-    if (H != 2 * HP || W != 2 * WP) {  // taps no 2x2 window covers (odd H or W): 0
-        if (yconv != nullptr)
-            for (int e = t; e < PER; e += T) {
-                const int h = (e / W) % H, w = e % W;  // constant divisors
-                if (h >= 2 * HP || w >= 2 * WP) dz_conv[(size_t)r * PER + e] = 0.0f;
-            }
-    }
+    head3_zero_trailing(dz_conv, yconv, r, 1, t, T);
 }
 
 // ------------------------------------------------------------------------------------------ v3: wgrad
@@ -927,7 +943,7 @@ head_train_v4(const float* __restrict__ x, const int* __restrict__ labels, const
     }
     __syncthreads();
     {  // dx = dz1 w1, routed through S4's pooling into dz_conv
-        constexpr int J = (I + 31) / 32 < HEAD4_JMAX ? (I + 31) / 32 : HEAD4_JMAX, PER = C * H * W;
+        constexpr int J = (I + 31) / 32 < HEAD4_JMAX ? (I + 31) / 32 : HEAD4_JMAX;
 #pragma unroll 1
         for (int n0 = 0; n0 < I; n0 += 32 * J) {
             float acc[4][J];
@@ -939,32 +955,11 @@ head_train_v4(const float* __restrict__ x, const int* __restrict__ labels, const
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
                     const int r = r0 + rb + u;
-                    if (rb + u >= nr) continue;
-                    const float g = acc[u][j];
-                    if (yconv == nullptr) {  // the routed gradient at S4's shape (block-uniform branch)
-                        dz_conv[(size_t)r * I + i] = g * act_grad(x[(size_t)r * I + i], act);
-                    } else {
-                        const int c = i / (HP * WP), rem = i - c * (HP * WP), hp = rem / WP, wp = rem - hp * WP;
-                        const int tap_max = mode == POOL_MAX ? (int)argmax[(size_t)r * I + i] : -1;
-                        const float* yc = yconv + (size_t)r * PER;
-                        float* dz = dz_conv + (size_t)r * PER;
-#pragma unroll
-                        for (int q = 0; q < 4; ++q) {
-                            const int idx = (c * H + 2 * hp + (q >> 1)) * W + 2 * wp + (q & 1);
-                            const float v = mode == POOL_MAX ? (q == tap_max ? g : 0.0f) : 0.25f * g;
-                            dz[idx] = v * act_grad(yc[idx], act);
-                        }
-                    }
+                    if (rb + u < nr)
+                        head3_route(acc[u][j], x + (size_t)r * I + i, r, i, argmax, yconv, dz_conv, act, mode);
                 }
             }
         }
     }
-    if (H != 2 * HP || W != 2 * WP) {  // taps no 2x2 window covers (odd H or W): 0
-        constexpr int PER = C * H * W;
-        if (yconv != nullptr)
-            for (int e = t; e < nr * PER; e += T) {
-                const int h = (e / W) % H, w = e % W;  // constant divisors
-                if (h >= 2 * HP || w >= 2 * WP) dz_conv[(size_t)r0 * PER + e] = 0.0f;
-            }
-    }
+    head3_zero_trailing(dz_conv, yconv, r0, nr, t, T);
 }

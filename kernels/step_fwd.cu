@@ -305,7 +305,8 @@ step_fwd_v1(const unsigned char* __restrict__ images, const unsigned char* __res
 // Cost per image (estimated, not measured; H200 as v1): ~15.8 K warp-instructions (v1 ~17.5 K): C3 7 warps x ~2.9 K
 // for two images (~10.1 K an image, v1 ~11.2 K), C1 13 warp-rounds x ~790 for two (~5.1 K, v1 ~5.5 K), staging
 // ~0.6 K (v1 ~0.8 K). Batch 4096: 2,048 blocks, 4 an SM by registers: ~60-80 us (v1 ~70-90 us) by issue slots.
-// Shared memory (static): v1's weights + 2 images' x and p1: 28,088 B. NVRTC 12 (sm_80, sm_90): 64 registers, no spills.
+// Shared memory (static): v1's weights + 2 images' x and p1: 28,088 B. NVRTC 12 (sm_80, sm_90): 64 registers,
+// no spills.
 #define SF2_IMGS 2
 static_assert(SF2_IMGS * SF_P2 * SF_P2 <= 2 * SF_THREADS, "C1: two rounds of the block");
 static_assert(SF2_IMGS * (SF_K3 / 4) * SF_P4 * SF_P4 <= SF_THREADS, "C3: one round of the block");
