@@ -118,6 +118,24 @@ __device__ __forceinline__ void head_zero_trailing(float* __restrict__ dz_conv, 
     }
 }
 
+// The loss rows of a block of R rows (s_z [R][NC]): thread t < nr takes row r0 + t: its loss and hit into rowstat, dz3
+// = (softmax - onehot) / B into s_d3 [NC][R] and dz3; threads nr <= t < R zero their column of s_d3 (rows past the
+// batch get no gradient)
+__device__ __forceinline__ void head_loss_rows(const float* s_z, const int* __restrict__ labels, float* s_d3,
+                                              float* __restrict__ rowstat, float* __restrict__ dz3, int r0, int nr,
+                                              int R, int NC, int B, int t) {
+    if (t >= R) return;
+    if (t < nr) {
+        float hit;
+        const float loss = xent_row(s_z + t * NC, labels[r0 + t], s_d3 + t, R, NC, 1.0f / (float)B, &hit);
+        rowstat[2 * (r0 + t)] = loss;
+        rowstat[2 * (r0 + t) + 1] = hit;
+        for (int c = 0; c < NC; ++c) dz3[(size_t)(r0 + t) * NC + c] = s_d3[c * R + t];
+    } else {
+        for (int c = 0; c < NC; ++c) s_d3[c * R + t] = 0.0f;
+    }
+}
+
 // ------------------------------------------------------------------------------------------ v1: rows
 extern "C" __global__ void __launch_bounds__(HEAD_THREADS)
 head_train_v1(const float* __restrict__ x, const int* __restrict__ labels, const float* __restrict__ w1,
@@ -281,17 +299,7 @@ __device__ __forceinline__ void head_rows_v2(const float* __restrict__ x, const 
     __syncthreads();
     rows_gemv<R, HEAD_F>(w3, b3, NC, H2, s_h2, H2, s_z, NC, logits + (size_t)r0 * NC, nr, ACT_IDENTITY);
     __syncthreads();
-    if (tid < R) {  // one thread per row: the loss row and dz3 (zeros for rows past the batch)
-        if (tid < nr) {
-            float hit;
-            const float loss = xent_row(s_z + tid * NC, labels[r0 + tid], s_d3 + tid, R, NC, 1.0f / (float)B, &hit);
-            rowstat[2 * (r0 + tid)] = loss;
-            rowstat[2 * (r0 + tid) + 1] = hit;
-            for (int c = 0; c < NC; ++c) dz3[(size_t)(r0 + tid) * NC + c] = s_d3[c * R + tid];
-        } else {
-            for (int c = 0; c < NC; ++c) s_d3[c * R + tid] = 0.0f;
-        }
-    }
+    head_loss_rows(s_z, labels, s_d3, rowstat, dz3, r0, nr, R, NC, B, tid);  // one thread per row: loss and dz3
     __syncthreads();
     head_back_layer<R>(s_d3, w3, NC, H2, s_h2, s_d2, dz2, r0, nr, act, tid, nt);  // dz2 = (dz3 w3) * act'(h2)
     __syncthreads();
@@ -898,17 +906,7 @@ head_train_v4(const float* __restrict__ x, const int* __restrict__ labels, const
         if (r < nr) logits[(size_t)(r0 + r) * NC + c] = z;
     }
     __syncthreads();
-    if (t < R) {  // one thread per row: the loss row and dz3 (zeros for rows past the batch)
-        if (t < nr) {
-            float hit;
-            const float loss = xent_row(s_z + t * NC, labels[r0 + t], s_d3 + t, R, NC, 1.0f / (float)B, &hit);
-            rowstat[2 * (r0 + t)] = loss;
-            rowstat[2 * (r0 + t) + 1] = hit;
-            for (int c = 0; c < NC; ++c) dz3[(size_t)(r0 + t) * NC + c] = s_d3[c * R + t];
-        } else {
-            for (int c = 0; c < NC; ++c) s_d3[c * R + t] = 0.0f;
-        }
-    }
+    head_loss_rows(s_z, labels, s_d3, rowstat, dz3, r0, nr, R, NC, B, t);  // one thread per row: loss and dz3
     __syncthreads();
     for (int e = t; e < R * H2; e += T) {  // dz2 = (dz3 w3) * act'(h2), in place over h2
         const int r = e / H2, j = e - r * H2;
