@@ -151,6 +151,27 @@ def test_host_default_plan_runs_v4(hbe, monkeypatch):
 
 
 @host
+def test_host_plan_once_per_shape(hbe, monkeypatch):
+    """head_train plans a call shape once (a training step repeats its shapes), and again when a fill target
+    changes (it is part of the plan's key)."""
+    calls: list[tuple] = []
+    real = fused.head_plan
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fused, "head_plan", counting)
+    for _ in range(2):
+        F.check_head_train(hbe, fused.head_train, "v4", 13, *LENET, "relu", "max", seed=4)
+    assert len(calls) == 1, calls
+    monkeypatch.setattr(fused, "HEAD4_FILL_BLOCKS", 1)
+    ran = F.kernels_run(hbe, lambda: F.check_head_train(hbe, fused.head_train, "v4", 13, *LENET, "relu", "max",
+                                                        seed=4))
+    assert len(calls) == 2 and ran == KERNELS, (calls, ran)
+
+
+@host
 def test_host_odd_yconv_trailing_taps(hbe):
     """yconv 11 x 9 over S4 5 x 4: a trailing row and column of taps no window covers (0 in dz_conv)."""
     F.check_head_train(hbe, fused.head_train, "v4", 3, 4, 11, 9, 24, 20, 10, "sigmoid", "max", seed=1)

@@ -870,7 +870,7 @@ class CupyBackend:
         small batch)."""
         v = self._variant("step_fwd", variant)
         fills = ceil_div(batch, self.STEP_FWD_V2_IMGS) >= self.STEP_FWD_BLOCKS_PER_SM * self.sm_count
-        return "v2" if variant is None and v == "v1" and "v2" in self.variants["step_fwd"] and fills else v
+        return "v2" if variant is None and v == "v1" and fills else v
 
     def step_fwd(self, images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, mean, std, act,
                  variant=None) -> None:
