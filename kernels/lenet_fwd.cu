@@ -197,31 +197,24 @@ __device__ __forceinline__ void lf_store_pooled(float* out, int plane, const flo
                                  act_fwd(acc[3][k], act), mode);
 }
 
-// v2's and v3's tile: NI images, the dense stages F outputs a warp with their k loop unrolled U deep; T the input
-// type (unsigned char pixels, or float already normalised); V3: C3's weights staged with coalesced reads, and the
-// fused argmax (classes not null: logits kept in shared memory, classes[n] written; logits written unless null).
-template <int NI, int F, int U, typename T, bool V3>
-__device__ __forceinline__ void lenet_fwd_tile(const T* __restrict__ images, const float* __restrict__ c1w,
-                                               const float* __restrict__ c1b, const float* __restrict__ c3w,
-                                               const float* __restrict__ c3b, const float* __restrict__ c5w,
-                                               const float* __restrict__ c5b, const float* __restrict__ f6w,
-                                               const float* __restrict__ f6b, const float* __restrict__ ow,
-                                               const float* __restrict__ ob, float* __restrict__ logits,
-                                               long long* __restrict__ classes, int N, int H1, int H2, int NC,
-                                               int act, int mode, float scale, float shift, float pad, float* smem) {
-    float* s_w1 = smem;                    // [25 taps][8]: the 6 filters' weights of a tap, then 2 zeros
-    float* s_b1 = s_w1 + 25 * 8;           // [8]
-    float* s_w3 = s_b1 + 8;                // [6 channels][25 taps][16 filters]
-    float* s_b3 = s_w3 + LF_K1 * 25 * LF_K3;  // [16]
-    float* s_img = smem + LF_W_V2;
-    const int XR = lf_region_x(H1), YR = lf_region_y(H2), IS = XR + YR;
-    const int n0 = blockIdx.x * NI, ni = min(NI, N - n0), tid = threadIdx.x, nt = blockDim.x;
+// C1's and C3's weights and biases into shared memory (LF_W_V2 floats at smem): C1 as [25 taps][8] (the 6 filters'
+// weights of a tap, then 2 zeros) + 8 biases, C3 as [6 channels][25 taps][16 filters] + 16 biases. V3 reads c3.w in
+// its own order (coalesced) and scatters; v2 gathers.
+template <bool V3>
+__device__ __forceinline__ void lf_stage_weights(const float* __restrict__ c1w, const float* __restrict__ c1b,
+                                                 const float* __restrict__ c3w, const float* __restrict__ c3b,
+                                                 float* smem) {
+    float* s_w1 = smem;
+    float* s_b1 = s_w1 + 25 * 8;
+    float* s_w3 = s_b1 + 8;
+    float* s_b3 = s_w3 + LF_K1 * 25 * LF_K3;
+    const int tid = threadIdx.x, nt = blockDim.x;
     for (int t = tid; t < 25 * 8; t += nt) {
         const int tap = t / 8, k = t % 8;
         s_w1[t] = k < LF_K1 ? c1w[k * 25 + tap] : 0.0f;
     }
     for (int t = tid; t < 8; t += nt) s_b1[t] = t < LF_K1 ? c1b[t] : 0.0f;
-    if constexpr (V3) {  // read c3.w in its own order (coalesced), scatter to [ct][k]
+    if constexpr (V3) {
         for (int t = tid; t < LF_K1 * 25 * LF_K3; t += nt) {
             const int k = t / (LF_K1 * 25), ct = t - k * (LF_K1 * 25);
             s_w3[ct * LF_K3 + k] = c3w[t];
@@ -233,9 +226,19 @@ __device__ __forceinline__ void lenet_fwd_tile(const T* __restrict__ images, con
         }
     }
     for (int t = tid; t < LF_K3; t += nt) s_b3[t] = c3b[t];
-    lf_stage_input<T>(images, s_img, IS, n0, ni, NI, scale, shift, pad);
-    __syncthreads();
+}
 
+// The convolutions of NI staged images (image m's padded input at s_img + m * IS, its Y region at + XR): C1 + act +
+// pool -> S2 (Y), a barrier, C3 + act + pool -> S4, image m's 400 floats at s4 + m * s4s. No barrier after C3 (the
+// caller's next barrier orders S4's readers; C3 reads only Y, so the X regions may be restaged before it).
+template <int NI>
+__device__ __forceinline__ void lf_conv(const float* smem, float* s_img, int IS, int XR, float* s4, int s4s, int act,
+                                        int mode) {
+    const float* s_w1 = smem;
+    const float* s_b1 = s_w1 + 25 * 8;
+    const float* s_w3 = s_b1 + 8;
+    const float* s_b3 = s_w3 + LF_K1 * 25 * LF_K3;
+    const int tid = threadIdx.x, nt = blockDim.x;
     // C1 + act + pool -> S2 (Y): a thread per (image, pooled pixel), all 6 filters, its 2x2 window of conv outputs
     for (int it = tid; it < NI * LF_P2 * LF_P2; it += nt) {
         const int m = it / (LF_P2 * LF_P2), pp = it % (LF_P2 * LF_P2), ph = pp / LF_P2, pw = pp % LF_P2;
@@ -302,9 +305,60 @@ __device__ __forceinline__ void lenet_fwd_tile(const T* __restrict__ images, con
                 for (int j = 0; j <= LF_R; ++j) ra[j] = rb[j];
             }
         }
-        float* s4 = s_img + m * IS + LF_KB3 * kg * LF_P4 * LF_P4 + pp;
-        lf_store_pooled<LF_KB3>(s4, LF_P4 * LF_P4, acc, act, mode);
+        float* s4o = s4 + m * s4s + LF_KB3 * kg * LF_P4 * LF_P4 + pp;
+        lf_store_pooled<LF_KB3>(s4o, LF_P4 * LF_P4, acc, act, mode);
     }
+}
+
+// The output layer over the tile's NI rows of h2 (s_h2, row stride h2s): logits (N,NC) written unless null; with
+// V3 and classes not null, the logits also go to shared memory (s_z, row stride zs, free by now) and one thread per
+// image writes the first maximal class (as np.argmax: the first maximum, the first NaN wins).
+template <int NI, int F, int U, bool V3>
+__device__ __forceinline__ void lf_output(const float* __restrict__ ow, const float* __restrict__ ob, int NC, int H2,
+                                          const float* s_h2, int h2s, float* s_z, int zs, float* __restrict__ logits,
+                                          long long* __restrict__ classes, int n0, int ni) {
+    float* g_logits = logits != nullptr ? logits + (size_t)n0 * NC : nullptr;
+    if (!V3 || classes == nullptr) {
+        rows_gemv<NI, F, U>(ow, ob, NC, H2, s_h2, h2s, nullptr, 0, g_logits, ni, ACT_IDENTITY);
+        return;
+    }
+    rows_gemv<NI, F, U>(ow, ob, NC, H2, s_h2, h2s, s_z, zs, g_logits, ni, ACT_IDENTITY);
+    __syncthreads();
+    const int tid = threadIdx.x;
+    if (tid < ni) {
+        const float* z = s_z + tid * zs;
+        int best = 0;
+        float bv = z[0];
+        for (int c = 1; c < NC; ++c) {
+            const float v = z[c];
+            if (v > bv || (v != v && bv == bv)) {
+                bv = v;
+                best = c;
+            }
+        }
+        classes[n0 + tid] = best;
+    }
+}
+
+// v2's and v3's tile: NI images, the dense stages F outputs a warp with their k loop unrolled U deep; T the input
+// type (unsigned char pixels, or float already normalised); V3: C3's weights staged with coalesced reads, and the
+// fused argmax (classes not null: logits kept in shared memory, classes[n] written; logits written unless null).
+template <int NI, int F, int U, typename T, bool V3>
+__device__ __forceinline__ void lenet_fwd_tile(const T* __restrict__ images, const float* __restrict__ c1w,
+                                               const float* __restrict__ c1b, const float* __restrict__ c3w,
+                                               const float* __restrict__ c3b, const float* __restrict__ c5w,
+                                               const float* __restrict__ c5b, const float* __restrict__ f6w,
+                                               const float* __restrict__ f6b, const float* __restrict__ ow,
+                                               const float* __restrict__ ob, float* __restrict__ logits,
+                                               long long* __restrict__ classes, int N, int H1, int H2, int NC,
+                                               int act, int mode, float scale, float shift, float pad, float* smem) {
+    float* s_img = smem + LF_W_V2;
+    const int XR = lf_region_x(H1), YR = lf_region_y(H2), IS = XR + YR;
+    const int n0 = blockIdx.x * NI, ni = min(NI, N - n0);
+    lf_stage_weights<V3>(c1w, c1b, c3w, c3b, smem);
+    lf_stage_input<T>(images, s_img, IS, n0, ni, NI, scale, shift, pad);
+    __syncthreads();
+    lf_conv<NI>(smem, s_img, IS, XR, s_img, IS, act, mode);  // S4 into X[0, 400)
     __syncthreads();
 
     // the dense stages: the tile's images are the rows (images past the batch compute on zeros, never written)
@@ -312,27 +366,8 @@ __device__ __forceinline__ void lenet_fwd_tile(const T* __restrict__ images, con
     __syncthreads();
     rows_gemv<NI, F, U>(f6w, f6b, H2, H1, s_img + LF_I5, IS, s_img + XR, IS, nullptr, ni, act);
     __syncthreads();
-    float* g_logits = logits != nullptr ? logits + (size_t)n0 * NC : nullptr;
-    if (!V3 || classes == nullptr) {
-        rows_gemv<NI, F, U>(ow, ob, NC, H2, s_img + XR, IS, nullptr, 0, g_logits, ni, ACT_IDENTITY);
-        return;
-    }
-    // the logits into X[0, NC) (S4's place, free after C5), then the first maximal class of each image
-    rows_gemv<NI, F, U>(ow, ob, NC, H2, s_img + XR, IS, s_img, IS, g_logits, ni, ACT_IDENTITY);
-    __syncthreads();
-    if (tid < ni) {
-        const float* z = s_img + tid * IS;
-        int best = 0;
-        float bv = z[0];
-        for (int c = 1; c < NC; ++c) {
-            const float v = z[c];
-            if (v > bv || (v != v && bv == bv)) {  // as np.argmax: the first maximum, the first NaN wins
-                bv = v;
-                best = c;
-            }
-        }
-        classes[n0 + tid] = best;
-    }
+    // the logits (for the argmax) into X[0, NC): S4's place, free after C5
+    lf_output<NI, F, U, V3>(ow, ob, NC, H2, s_img + XR, IS, s_img, IS, logits, classes, n0, ni);
 }
 
 // `imgs` (1, 2 or 4) is uniform over the launch: one specialised body runs.
@@ -387,6 +422,100 @@ lenet_fwd_v3(const void* __restrict__ images, int in_f32, const float* __restric
         }
     }
 #undef LF_V3
+#undef LF_ARGS
+}
+
+// ------------------------------------------------------------------------------------------ v4: large batches
+// A block of NI = 8 or 16 images (`imgs`) runs the convolutions LF4_G images at a time through v3's code (the
+// same C1, C3 and sums: S4 identical), keeping every image's S4 in a rows region [NI][SR]; then the dense stages
+// once over all NI rows (rows_gemv, F = 32 / NI outputs a warp: a lane holds NI x F = 32 partial sums, each dense
+// weight it loads feeds NI FMAs). A dense weight is read once per NI images (v3: per 4), so the 236 KB of C5, F6
+// and output weights cost ~15 KB an image of L2 traffic at NI = 16 (v3: ~59 KB).
+//
+// Same bits as v3: every output of a dense layer is the same sum in the same order whatever the rows and outputs
+// a warp holds (a lane's k = lane, lane + 32, ... chain from 0, then the butterfly over lane bits 16, 8, 4, 2, 1 of
+// warp_transpose_sum, whose adds are commutative), and the conv stages are v3's. tests/test_lenet_fwd_v4.py checks it.
+//
+// Shared memory (floats): C1/C3 weights LF_W_V2 | conv scratch: LF4_G images' X (1024) and Y (1176), later h1
+// [NI][round4(H1)] and h2 [NI][round4(H2)] (the larger of the two uses) | rows [NI][SR], SR = round4(max(400, NC)):
+// S4, later the logits for the argmax. At LeNet-5 sizes, NI = 16, G = 2: 13,424 floats = 53,696 B, more than the
+// 48 KiB a block gets without an opt-in: the launcher raises the kernel's cudaFuncAttributeMaxDynamicSharedMemorySize
+// (Runtime.launch). 4 blocks of 224 threads an SM (by registers, <= 72; and by shared memory: 4 x 53.7 KB on an
+// H100's 228 KB) as v3's 4 blocks of 45.7 KB.
+//
+// The conv groups: stage the group's images (X) | barrier | C1 (X -> Y) | barrier | C3 (Y -> rows), and the next
+// group's staging overlaps C3 (it writes only X, which C3 does not read; the barrier after it orders C1's writes to
+// Y after C3's reads). Groups past the batch compute on the border value (finite; never written).
+//
+// Cost at LeNet-5, batch 10,000 (ESTIMATED, NOT MEASURED; H200 132 SMs at ~1.98 GHz): FMAs 0.41 M an image
+// (C1 117.6 K, C3 240 K, dense 59 K MAC) = 12.9 K warp-FMA an image; at 4 a clock an SM, 76 images an SM:
+// ~250 K clocks = ~125 us if FMA-bound (80M img/s, the FP32 limit). Shared loads ~2.6 K warp-loads an image (1 a
+// clock an SM): ~100 us, overlapped. Dense weights from L2: 625 blocks x 236 KB = 148 MB, ~21-27 us at 5.5-7 TB/s
+// (v3 at 4 images: 590 MB, 84-107 us). v3's kernel measured 487.6 us at 10,000 (20.5M img/s, CUPTI 2026-12-04);
+// this one removes ~3/4 of its dense L2 traffic and keeps its conv stages: estimated 300-400 us (25-33M img/s).
+#ifndef LF4_G
+#define LF4_G 2  // images a conv group (the X/Y scratch holds this many)
+#endif
+#ifndef LF4_U
+#define LF4_U 1  // v4: the dense stages' k-loop unroll (NI x F = 32 accumulators and NI loads a step already)
+#endif
+
+__device__ __forceinline__ int lf4_rows_stride(int NC) { return lf_round4(max(LF_I5, NC)); }
+__device__ __forceinline__ int lf4_scratch(int NI, int H1, int H2) {
+    return max(LF4_G * (LF_X * LF_X + LF_S2), NI * (lf_round4(H1) + lf_round4(H2)));
+}
+
+template <int NI, typename T>
+__device__ __forceinline__ void lenet_fwd_tile4(const T* __restrict__ images, const float* __restrict__ c1w,
+                                                const float* __restrict__ c1b, const float* __restrict__ c3w,
+                                                const float* __restrict__ c3b, const float* __restrict__ c5w,
+                                                const float* __restrict__ c5b, const float* __restrict__ f6w,
+                                                const float* __restrict__ f6b, const float* __restrict__ ow,
+                                                const float* __restrict__ ob, float* __restrict__ logits,
+                                                long long* __restrict__ classes, int N, int H1, int H2, int NC,
+                                                int act, int mode, float scale, float shift, float pad, float* smem) {
+    constexpr int G = LF4_G, F = 32 / NI, IS = LF_X * LF_X + LF_S2, XR = LF_X * LF_X;
+    static_assert(NI % G == 0, "LF4_G must divide the images a block");
+    float* s_img = smem + LF_W_V2;                     // G images' X | Y, later h1 and h2
+    float* s_rows = s_img + lf4_scratch(NI, H1, H2);   // [NI][SR]: S4, later the logits
+    const int SR = lf4_rows_stride(NC), H1S = lf_round4(H1), H2S = lf_round4(H2);
+    float* s_h1 = s_img;
+    float* s_h2 = s_img + NI * H1S;
+    const int n0 = blockIdx.x * NI, ni = min(NI, N - n0);
+    lf_stage_weights<true>(c1w, c1b, c3w, c3b, smem);
+#pragma unroll 1
+    for (int g = 0; g < NI; g += G) {
+        lf_stage_input<T>(images, s_img, IS, n0 + g, ni - g, G, scale, shift, pad);
+        __syncthreads();
+        lf_conv<G>(smem, s_img, IS, XR, s_rows + g * SR, SR, act, mode);
+    }
+    __syncthreads();
+    rows_gemv<NI, F, LF4_U>(c5w, c5b, H1, LF_I5, s_rows, SR, s_h1, H1S, nullptr, ni, act);
+    __syncthreads();
+    rows_gemv<NI, F, LF4_U>(f6w, f6b, H2, H1, s_h1, H1S, s_h2, H2S, nullptr, ni, act);
+    __syncthreads();
+    lf_output<NI, F, LF4_U, true>(ow, ob, NC, H2, s_h2, H2S, s_rows, SR, logits, classes, n0, ni);
+}
+
+// `imgs` (8 or 16) and `in_f32` are uniform over the launch: one of four specialised bodies runs. The arguments are
+// v3's.
+extern "C" __global__ void __launch_bounds__(LF_THREADS_V2, LF_MIN_BLOCKS)
+lenet_fwd_v4(const void* __restrict__ images, int in_f32, const float* __restrict__ c1w,
+             const float* __restrict__ c1b, const float* __restrict__ c3w, const float* __restrict__ c3b,
+             const float* __restrict__ c5w, const float* __restrict__ c5b, const float* __restrict__ f6w,
+             const float* __restrict__ f6b, const float* __restrict__ ow, const float* __restrict__ ob,
+             float* __restrict__ logits, long long* __restrict__ classes, int N, int H1, int H2, int NC, int act,
+             int mode, float scale, float shift, float pad, int imgs) {
+    extern __shared__ float smem[];
+#define LF_ARGS(T) static_cast<const T*>(images), c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, classes, N, \
+                   H1, H2, NC, act, mode, scale, shift, pad, smem
+    if (in_f32) {
+        if (imgs == 8) lenet_fwd_tile4<8, float>(LF_ARGS(float));
+        else lenet_fwd_tile4<16, float>(LF_ARGS(float));
+    } else {
+        if (imgs == 8) lenet_fwd_tile4<8, unsigned char>(LF_ARGS(unsigned char));
+        else lenet_fwd_tile4<16, unsigned char>(LF_ARGS(unsigned char));
+    }
 #undef LF_ARGS
 }
 

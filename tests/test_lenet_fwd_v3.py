@@ -22,9 +22,12 @@ MEAN, STD = 0.1307, 0.3081
 
 
 def test_plan_by_batch_size():
-    for n, imgs in ((1, 1), (64, 1), (264, 1), (265, 2), (528, 2), (529, 4), (10_000, 4)):
+    for n, imgs in ((1, 1), (64, 1), (264, 1), (265, 2), (528, 2), (529, 4), (3_160, 4)):
         p = fused.lenet_fwd_plan("v3", n, 120, 84)
+        assert p.kernel == "lenet_fwd_v3", (n, p)
         assert p.extra == (imgs,) and p.grid[0] == -(-n // imgs) and p.shared_mem <= fused.SMEM_LIMIT, (n, p)
+    assert fused.lenet_fwd_plan("v3", 10_000, 120, 84).kernel == "lenet_fwd_v4"  # tests/test_lenet_fwd_v4.py
+    assert fused.lenet_fwd_tile_plan("v3", 10_000, 120, 84).extra == (4,)
     assert fused.lenet_fwd_plan("v3", 64, 120, 84, sm_count=16).extra == (2,)
     assert fused.lenet_fwd_plan("v3", 10_000, 120, 4096).extra == (1,)  # a wide F6: what fits 48 KiB
     assert fused.lenet_fwd_plan("v2", 64, 120, 84).extra == (4,)  # v2 keeps its fixed tile

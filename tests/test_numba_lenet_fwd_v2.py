@@ -45,8 +45,8 @@ def test_v2_simulator_suite():
 
 def test_plan_v2_follows_cuda_c_v3():
     """Images a block by batch size as lenet_fwd.cu's v3 (1 up to 2·SMs, 2 up to 4·SMs, else 4; fewer where a
-    wide F6 does not fit 48 KiB), the same thresholds as cupy's lenet_fwd_plan("v3"), and the launch shape
-    backend.lenet_launches reports."""
+    wide F6 does not fit 48 KiB), the same thresholds as cupy's lenet_fwd_tile_plan("v3") (v3's own tiles; at large
+    batches cupy's plan runs v4), and the launch shape backend.lenet_launches reports."""
     lf = _lf()
     from lenet_gpu.backends.cupy_backend import fused
 
@@ -54,7 +54,7 @@ def test_plan_v2_follows_cuda_c_v3():
         for n in (1, 2, 3, 4, 5, 64, 2 * sms, 2 * sms + 1, 4 * sms, 4 * sms + 1, 10_000):
             for h2 in (84, 2500, 4096):
                 blocks, imgs, smem = lf.plan_v2(n, 120, h2, sms)
-                assert (imgs,) == fused.lenet_fwd_plan("v3", n, 120, h2, sms).extra, (n, h2, sms)
+                assert (imgs,) == fused.lenet_fwd_tile_plan("v3", n, 120, h2, sms).extra, (n, h2, sms)
                 assert blocks == -(-n // imgs) and smem <= lf.SMEM_LIMIT
                 assert lf.launch_shape("v2", n, 120, h2, sms) == (blocks, lf.THREADS_V2, smem)
     assert lf.plan_v2(64, 120, 84, 132)[1] == 1 and lf.plan_v2(10_000, 120, 84, 132)[1] == 4

@@ -27,7 +27,7 @@ from .runtime import check_array as _check
 i32, f32 = np.int32, np.float32
 
 #: op → its variants (v1 the readable baseline); the default is the last
-VARIANTS: dict[str, tuple[str, ...]] = {"head_train": ("v1", "v2", "v3", "v4"), "lenet_fwd": ("v1", "v2", "v3")}
+VARIANTS: dict[str, tuple[str, ...]] = {"head_train": ("v1", "v2", "v3", "v4"), "lenet_fwd": ("v1", "v2", "v3", "v4")}
 DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, vs in VARIANTS.items()}
 #: head_train's default is v3's plan, which runs v4's rows kernel at large batches (head_plan); "v4" by name runs
 #: v4's rows kernel at every batch
@@ -56,9 +56,18 @@ HEAD4_FILL_BLOCKS = DEFAULT_SM_COUNT
 LF_IMAGE = 28  # input images 28 x 28, padded by 2 to 32 x 32
 LF_SHAPES = {"c1.w": (6, 1, 5, 5), "c1.b": (6,), "c3.w": (16, 6, 5, 5), "c3.b": (16,)}
 LF_I5 = 16 * 5 * 5  # S4 flattened: the input width of C5
-LF_THREADS = {"v1": 256, "v2": 224, "v3": 224}  # lenet_fwd.cu LF_THREADS_V1 / LF_THREADS_V2
-LF_WEIGHT_FLOATS = {"v1": 2576, "v2": 2624, "v3": 2624}  # C1 + C3 weights and biases as staged (LF_W_V1 / LF_W_V2)
-LF_MAX_IMGS = 4  # images per block at most (the v2 kernel is specialised for 1, 2, 4)
+LF_THREADS = {"v1": 256, "v2": 224, "v3": 224, "v4": 224}  # lenet_fwd.cu LF_THREADS_V1 / LF_THREADS_V2
+#: C1 + C3 weights and biases as staged (LF_W_V1 / LF_W_V2)
+LF_WEIGHT_FLOATS = {"v1": 2576, "v2": 2624, "v3": 2624, "v4": 2624}
+LF_MAX_IMGS = 4  # images per block at most in v1-v3 (the v2 kernel is specialised for 1, 2, 4)
+#: lenet_fwd v4 (large batches): images a block, most first; v3's plan takes v4 where the grid of its blocks still
+#: gives LF4_BLOCKS_PER_SM blocks to every SM; LF4_G images a conv group (lenet_fwd.cu LF4_G)
+LF4_IMGS_CHOICES = (16, 8)
+LF4_BLOCKS_PER_SM = 3
+LF4_G = 2
+#: v4's dynamic shared memory goes past the 48 KiB a block gets by default (the runtime opts the kernel in); the
+#: plan keeps it within the smallest opt-in limit of the GPUs it may run on (sm_86 / sm_89: 99 KiB a block)
+LF4_SMEM_MAX = 99 * 1024
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -320,18 +329,57 @@ def lenet_fwd_smem(variant: str, imgs: int, h1: int, h2: int) -> int:
 
 
 def lenet_fwd_imgs(variant: str, N: int, sm_count: int | None = None) -> int:  # noqa: N803
-    """Images per block before the shared-memory limit: v1 and v2 always 4; v3 by batch size: 1 while N is at most
-    2 x SMs (a block per image: a small batch spreads over the GPU), 2 up to 4 x SMs, else 4 (the dense weights
-    streamed once per 4 images)."""
+    """Images per block of v1-v3 before the shared-memory limit: v1 and v2 always 4; v3 by batch size: 1 while N is
+    at most 2 x SMs (a block per image: a small batch spreads over the GPU), 2 up to 4 x SMs, else 4 (the dense
+    weights streamed once per 4 images). At large N v3's plan runs v4 instead (``lenet_fwd_v4_imgs``)."""
     if variant != "v3":
         return LF_MAX_IMGS
     sms = sm_count or DEFAULT_SM_COUNT
     return 1 if N <= 2 * sms else 2 if N <= 4 * sms else 4
 
 
-def lenet_fwd_plan(variant: str, N: int, H1: int, H2: int, sm_count: int | None = None) -> FusedLaunch:  # noqa: N803
-    """The one launch of lenet_fwd: a block per tile of ``imgs`` images (``lenet_fwd_imgs``, halved until the tile
-    fits 48 KiB of shared memory)."""
+def lenet_fwd_v4_smem(imgs: int, h1: int, h2: int, nc: int) -> int:
+    """lenet_fwd_v4's dynamic shared memory in bytes (lenet_fwd.cu lf4_scratch, lf4_rows_stride): the staged conv
+    weights, the scratch of LF4_G images' X and Y (later h1 and h2 of every image), and [imgs][max(400, NC)] rows
+    (S4, later the logits)."""
+    scratch = max(LF4_G * (32 * 32 + 6 * 14 * 14), imgs * (_round4(h1) + _round4(h2)))
+    return 4 * (LF_WEIGHT_FLOATS["v4"] + scratch + imgs * _round4(max(LF_I5, nc)))
+
+
+def lenet_fwd_v4_imgs(N: int, sm_count: int | None = None) -> int | None:  # noqa: N803
+    """v4's images a block at batch N: the most of 16, 8 whose grid still gives LF4_BLOCKS_PER_SM blocks to every SM
+    (on 132 SMs: 16 from N = 6,321, 8 from 3,161); None below that (v3's tiles fill the GPU better)."""
+    sms = sm_count or DEFAULT_SM_COUNT
+    for imgs in LF4_IMGS_CHOICES:
+        if ceil_div(N, imgs) >= LF4_BLOCKS_PER_SM * sms:
+            return imgs
+    return None
+
+
+def lenet_fwd_plan(variant: str, N: int, H1: int, H2: int, sm_count: int | None = None,  # noqa: N803
+                   NC: int = 10) -> FusedLaunch:  # noqa: N803
+    """The one launch of lenet_fwd. v1-v3: ``lenet_fwd_tile_plan``. v3 (the default) runs v4's kernel at large batches
+    (``lenet_fwd_v4_imgs``: 8 or 16 images a block, > 48 KiB of shared memory) where its shared memory fits
+    LF4_SMEM_MAX; "v4" by name runs v4 at every batch (8 images a block below v3's threshold). Where v4's rows do
+    not fit (an F6 of ~2,400 or wider), both run v3's tiles, which give the same bits."""
+    if variant in ("v3", "v4"):
+        imgs4 = lenet_fwd_v4_imgs(N, sm_count)
+        if variant == "v4" or imgs4 is not None:
+            imgs4 = imgs4 or LF4_IMGS_CHOICES[-1]
+            smem = lenet_fwd_v4_smem(imgs4, H1, H2, NC)
+            if smem <= LF4_SMEM_MAX:
+                return FusedLaunch("lenet_fwd_v4", (ceil_div(N, imgs4), 1, 1), (LF_THREADS["v4"], 1, 1), smem,
+                                   (imgs4,))
+    # below v4's threshold, or an F6 too wide for v4's rows: v3's tiles (for "v4" by name too: same bits)
+    return lenet_fwd_tile_plan("v3" if variant == "v4" else variant, N, H1, H2, sm_count)
+
+
+def lenet_fwd_tile_plan(variant: str, N: int, H1: int, H2: int,  # noqa: N803
+                        sm_count: int | None = None) -> FusedLaunch:
+    """v1-v3's launch: a block per tile of ``imgs`` images (``lenet_fwd_imgs``, halved until the tile fits 48 KiB
+    of shared memory); what v3's plan runs below v4's threshold."""
+    if variant not in ("v1", "v2", "v3"):
+        raise ValueError(f"lenet_fwd_tile_plan: v1, v2 or v3, not {variant!r}")
     imgs = lenet_fwd_imgs(variant, N, sm_count)
     while imgs > 1 and lenet_fwd_smem(variant, imgs, H1, H2) > SMEM_LIMIT:
         imgs //= 2
@@ -347,17 +395,17 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
     """reference.lenet_fwd in one launch: images (N,28,28) → logits (N,NC) and/or classes (N,) int64 (the first
     maximal logit, as np.argmax). params maps c1.w, c1.b, c3.w, c3.b, c5.w (H1,400), c5.b, f6.w (H2,H1), f6.b,
     out.w (NC,H2), out.b to device arrays. uint8 images are normalised as batch_prepare does: pixel·scale + shift
-    with scale = 1/(255·std), shift = −mean/std in float32, the border the normalised pixel 0. v3 also takes float32
-    images already normalised (the border −mean/std), and ``classes`` (the argmax fused; ``logits`` may then be
-    None: no logits written); v1 and v2 take uint8 and logits only."""
+    with scale = 1/(255·std), shift = −mean/std in float32, the border the normalised pixel 0. v3 and v4 also take
+    float32 images already normalised (the border −mean/std), and ``classes`` (the argmax fused; ``logits`` may then
+    be None: no logits written); v1 and v2 take uint8 and logits only. The launch: ``lenet_fwd_plan``."""
     v = _variant(be, "lenet_fwd", variant)
     check_act(act)
     check_mode(mode)
     n = images.shape[0]
     in_f32 = images.dtype == np.float32
-    if (in_f32 or classes is not None or logits is None) and v != "v3":
+    if (in_f32 or classes is not None or logits is None) and v in ("v1", "v2"):
         if variant is not None:
-            raise ValueError(f"lenet_fwd_{v}: float32 images, classes and logits=None need v3")
+            raise ValueError(f"lenet_fwd_{v}: float32 images, classes and logits=None need v3 or v4")
         v = "v3"
     _check(images, "images", (n, LF_IMAGE, LF_IMAGE), np.float32 if in_f32 else np.uint8)
     for k, shape in LF_SHAPES.items():
@@ -371,12 +419,12 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
     _check(params["out.b"], "out.b", (nc,))
     check_lenet_fwd_outputs(logits, classes, n, nc, _check)
     scale, shift = f32(1.0 / (255.0 * std)), f32(-mean / std)
-    plan = lenet_fwd_plan(v, n, h1n, h2n, getattr(be, "sm_count", None))
+    plan = lenet_fwd_plan(v, n, h1n, h2n, getattr(be, "sm_count", None), nc)
     p = params
     weights = (p["c1.w"], p["c1.b"], p["c3.w"], p["c3.b"], p["c5.w"], p["c5.b"], p["f6.w"], p["f6.b"], p["out.w"],
                p["out.b"])
     tail = (i32(n), i32(h1n), i32(h2n), i32(nc), i32(ACT_CODES[act]), i32(POOL_CODES[mode]))
-    if v != "v3":
+    if v in ("v1", "v2"):
         _launch(be, "lenet_fwd", plan, (images, *weights, logits, *tail, scale, shift))
         return
     if in_f32:

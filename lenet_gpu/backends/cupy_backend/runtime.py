@@ -35,6 +35,7 @@ from ..base import BackendUnavailable, Counters
 
 #: The SM count assumed where there is no device (an H100 SXM / H200 has 132).
 DEFAULT_SM_COUNT = 132
+DEFAULT_DYNAMIC_SHARED = 48 * 1024  # dynamic shared memory a block gets without an opt-in (allow_shared)
 #: The repository's kernels/ dir (the fallback when the package resources are not installed).
 _REPO_KERNELS = Path(__file__).resolve().parents[3] / "kernels"
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
@@ -146,7 +147,17 @@ class Runtime:
         # an absent optional pointer (None) goes as a null pointer value, as CuPy and the harness take it
         if has_null:
             args = tuple(NULL_POINTER if a is None else a for a in args)
+        if shared_mem > DEFAULT_DYNAMIC_SHARED:
+            self.allow_shared(kernel, int(shared_mem))
         self.issue(kernel, grid, block, args, int(shared_mem))
+
+    @staticmethod
+    def allow_shared(kernel: Any, nbytes: int) -> None:
+        """Opt ``kernel`` in to ``nbytes`` of dynamic shared memory (cudaFuncAttributeMaxDynamicSharedMemorySize:
+        past 48 KiB a launch fails without it). The attribute stays with the kernel: set once, before the first
+        launch that needs it (so before any recording or graph capture of that launch)."""
+        if kernel.max_dynamic_shared_size_bytes < nbytes:
+            kernel.max_dynamic_shared_size_bytes = nbytes
 
     def issue(self, kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int) -> None:
         """``launch`` without its checks, for callers whose arguments are already final (typed scalars, no
