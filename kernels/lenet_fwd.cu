@@ -451,8 +451,11 @@ lenet_fwd_v3(const void* __restrict__ images, int in_f32, const float* __restric
 // (C1 117.6 K, C3 240 K, dense 59 K MAC) = 12.9 K warp-FMA an image; at 4 a clock an SM, 76 images an SM:
 // ~250 K clocks = ~125 us if FMA-bound (80M img/s, the FP32 limit). Shared loads ~2.6 K warp-loads an image (1 a
 // clock an SM): ~100 us, overlapped. Dense weights from L2: 625 blocks x 236 KB = 148 MB, ~21-27 us at 5.5-7 TB/s
-// (v3 at 4 images: 590 MB, 84-107 us). v3's kernel measured 487.6 us at 10,000 (20.5M img/s, CUPTI 2026-12-04);
-// this one removes ~3/4 of its dense L2 traffic and keeps its conv stages: estimated 300-400 us (25-33M img/s).
+// (v3 at 4 images: 590 MB, 84-107 us). v2's kernel (v3's at 4 images but for the dense unroll) measured 487.6 us
+// at 10,000 (20.5M img/s, CUPTI 2026-12-04), ~1.6 instructions a clock an SM of ~20 K issue slots an image: v4
+// keeps the conv stages' instructions (~85 % of them) and removes ~3/4 of the dense L2 traffic (63-80 us of L2
+// time) and part of the dense stage's load latency (a weight load feeds 16 FMAs, not 4): estimated 350-425 us
+// (23.5-28.5M img/s). Not measured; the issue's 30M img/s needs the conv stages faster too.
 #ifndef LF4_G
 #define LF4_G 2  // images a conv group (the X/Y scratch holds this many)
 #endif

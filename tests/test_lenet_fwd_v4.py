@@ -200,3 +200,12 @@ def test_gpu_default_plan_at_large_batches(gpu_cupy, n, imgs):
     want, _ = _run(be, None, images, params)
     be.sm_count = None
     np.testing.assert_array_equal(got, want)
+
+
+def test_the_default_is_v3s_plan():
+    """The backend's default lenet_fwd is v3's plan (v3's tiles at small batches, v4 from its threshold), not v4 by
+    name (8-image blocks at every batch: a batch of 64 would take 8 blocks of 132 SMs)."""
+    from lenet_gpu.backends.cupy_backend import DEFAULT_VARIANTS
+
+    assert fused.DEFAULT_VARIANTS["lenet_fwd"] == DEFAULT_VARIANTS["lenet_fwd"] == "v3"
+    assert fused.lenet_fwd_plan(DEFAULT_VARIANTS["lenet_fwd"], 64, 120, 84).kernel == "lenet_fwd_v3"

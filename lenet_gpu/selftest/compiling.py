@@ -17,8 +17,9 @@ import numpy as np
 
 #: training batch sizes the self-test runs (whole steps: 2, 33, 64, 128; training 64; benchmark 64 .. 4096)
 TRAIN_BATCHES = (2, 33, 64, 128, 256, 1024, 4096)
-#: inference batch sizes (evaluation: 1000, the trainer's default; logits: 1024; the benchmark's batches)
-INFER_BATCHES = (2, 64, 256, 1000, 1024, 4096)
+#: inference batch sizes (evaluation: 1000, the trainer's default; logits: 1024; the benchmark's batches; 10,000:
+#: the test set, where lenet_fwd's plan takes v4's 16-image blocks)
+INFER_BATCHES = (2, 64, 256, 1000, 1024, 4096, 10_000)
 
 
 OptionSets = dict[tuple[str, tuple[str, ...]], list[str]]

@@ -23,6 +23,8 @@ from .runtime import Runtime, define_options, kernel_source
 class _RecordedKernel:
     def __init__(self, stem: str, name: str, options: tuple[str, ...]) -> None:
         self.stem, self.name, self.options = stem, name, options
+        #: as a CuPy kernel's: Runtime.allow_shared raises it for a launch past 48 KiB (lenet_fwd_v4)
+        self.max_dynamic_shared_size_bytes = 48 * 1024
 
 
 class RecordingRuntime(Runtime):

@@ -32,6 +32,8 @@ DEFAULT_VARIANTS: dict[str, str] = {op: vs[-1] for op, vs in VARIANTS.items()}
 #: head_train's default is v3's plan, which runs v4's rows kernel at large batches (head_plan); "v4" by name runs
 #: v4's rows kernel at every batch
 DEFAULT_VARIANTS["head_train"] = "v3"
+#: lenet_fwd's too: v3's plan runs v4's kernel at large batches (lenet_fwd_plan), v3's tiles below
+DEFAULT_VARIANTS["lenet_fwd"] = "v3"
 #: op → the kernel file stem (kernels/<stem>.cu)
 STEMS: dict[str, str] = {"head_train": "head", "lenet_fwd": "lenet_fwd"}
 #: compile-time parameters per kernel file (the #ifndef defaults of each .cu, made explicit)
