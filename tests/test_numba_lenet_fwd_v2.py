@@ -59,7 +59,8 @@ def test_plan_v2_follows_cuda_c_v3():
                 assert lf.launch_shape("v2", n, 120, h2, sms) == (blocks, lf.THREADS_V2, smem)
     assert lf.plan_v2(64, 120, 84, 132)[1] == 1 and lf.plan_v2(10_000, 120, 84, 132)[1] == 4
     assert lf.launch_shape("v1", 64, 120, 84, 132) == (16, lf.THREADS, lf.plan(64, 120, 84)[2])
-    assert lf.VARIANTS["lenet_fwd"][-1] == lf.DEFAULT_VARIANTS["lenet_fwd"] == "v3"  # the backend takes the last
+    # v3 is the default, not the last (v4): the backend takes the module's DEFAULT_VARIANTS (backend.FUSED_DEFAULTS)
+    assert lf.VARIANTS["lenet_fwd"][-1] == "v4" and lf.DEFAULT_VARIANTS["lenet_fwd"] == "v3"
 
 
 # (batch, SMs the plan assumes, images a block, the grid cap): a block per image, 2- and 4-image tiles (7: a

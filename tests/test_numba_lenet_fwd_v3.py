@@ -42,11 +42,16 @@ def test_v3_simulator_suite():
 
 
 def test_v3_is_the_default_with_v2s_plan():
+    """v3 (the default, not the last variant) has v2's plan below v4's threshold; at large batches its plan runs
+    lenet_fwd_v4 (tests/test_numba_lenet_fwd_v4.py), as lenet_fwd.cu's v3 plan does."""
     lf = _lf()
-    assert lf.VARIANTS["lenet_fwd"] == ("v1", "v2", "v3") and lf.DEFAULT_VARIANTS["lenet_fwd"] == "v3"
+    assert lf.VARIANTS["lenet_fwd"] == ("v1", "v2", "v3", "v4") and lf.DEFAULT_VARIANTS["lenet_fwd"] == "v3"
     assert lf.LAUNCH_BOUNDS["lenet_fwd_v3"] == lf.LAUNCH_BOUNDS["lenet_fwd_v2"]
-    for n in (1, 64, 300, 10_000):
+    for n in (1, 64, 300, 3_000):
         assert lf.launch_shape("v3", n, 120, 84, 132) == lf.launch_shape("v2", n, 120, 84, 132)
+        assert lf.launch_kernel_name("v3", n, 120, 84, 132) == "lenet_fwd_v3"
+    assert lf.launch_kernel_name("v3", 10_000, 120, 84, 132) == "lenet_fwd_v4"
+    assert lf.launch_shape("v3", 10_000, 120, 84, 132) == (625, lf.THREADS_V2, lf.v4_smem(16, 120, 84, 10))
     assert lf.lenet_fwd.features == ("float32", "classes")
 
 

@@ -1,5 +1,6 @@
 """lenet_fwd: the whole LeNet-5 forward pass in one launch, uint8 images → logits (the Numba face of
-kernels/lenet_fwd.cu: v1 its v1, v2 its v3's plan without the float32 input and the fused argmax, v3 its v3);
+kernels/lenet_fwd.cu: v1 its v1, v2 its v3's plan without the float32 input and the fused argmax, v3 its v3, v4 its
+v4);
 and lenet_eval, evaluation's device reduction over the logits (lenet_fwd.cu's lenet_eval_v1).
 
   x = pad2(image)·scale + shift (1,32,32), scale = 1/(255·std), shift = −mean/std (as batch_prepare)
@@ -56,6 +57,37 @@ Versions:
   - as in v2: no float4/float2 vector loads of shared memory (a tap's weights are scalar broadcasts), no warp
     shuffles in the simulator (shared-memory stand-ins), no ``__ldg``/``__restrict__`` (the dense weights are read
     through the ordinary path).
+- lenet_fwd_v4 (large batches; v3's plan, the default, runs it): lenet_fwd.cu's v4. A block holds NI = 8 or 16
+  images (``imgs``) and runs the convolutions LF4_G = 2 images at a time through v3's exact conv code (``_convs``,
+  the body of v2/v3's ``_convs_v2``, which now takes the images' first index and count and where S4 goes: image m's
+  at s4b + m·s4s); S4 of image g + m goes to a rows region [NI][SR], SR = round4(max(400, NC)); the next group's
+  staging overlaps C3 (it writes X only). Then the dense stages once over all NI rows (h1 and h2 in the conv
+  scratch, free by then), then the output layer (logits global and/or into the rows region for the fused argmax, one
+  thread per image). Shared memory (floats): the C1/C3 weights (2624) | scratch max(2·2200, NI·(round4(H1) +
+  round4(H2))) | rows NI·SR: 53,696 B at LeNet-5 sizes and 16 images, past the 48 KiB a block gets by default.
+  Plan (``plan_v4``, cupy's fused.lenet_fwd_plan exactly): v3 takes v4 where ⌈N/NI⌉ ≥ 3·SMs for NI = 16 or 8 (132 SMs:
+  16 from 6,321, 8 from 3,161) and its shared memory fits LF4_SMEM_MAX (99 KiB), else v3's tiles; "v4" by name runs
+  it at every batch (8 images below v3's threshold), v3's tiles where its rows do not fit (F6 ≳ 2,400). Same
+  arguments as v3 but (imgs, scratch, sr) for (imgs, xr, yr).
+  The dense stage (``_make_dense_v4``): a lane holds 16 partial sums in two groups of 8: at 8 rows a warp takes
+  F = 2 outputs (a group each), at 16 rows F = 1 (rows 0-7, 8-15): each weight load feeds 16 FMAs (CUDA C's
+  rows_gemv<NI, 32/NI> feeds NI, with 32 sums a lane and a 5-level transpose); each group is reduced by v3's
+  ``_transpose_sum8``. So v4 gives v3's bits exactly: every output is the same chain per lane over k = lane,
+  lane + 32, ... from 0, then the butterfly over lane bits 16, 8, 4, 2, 1 (float adds commute: how many rows or
+  outputs a warp holds does not change a sum), + bias, then the activation; the convolutions are v3's code
+  (tests/test_numba_lenet_fwd_v4.py: bit for bit with v3 under the simulator, uint8 and float32 images). k loop
+  not unrolled (UNROLL4 = 1, as lenet_fwd.cu's LF4_U). Where Numba cannot do what CUDA C does:
+  - the opt-in past 48 KiB: numba-cuda 0.30.4 has no API for cudaFuncAttributeMaxDynamicSharedMemorySize;
+    ``allow_shared`` sets CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES on the compiled overload's cufunc with
+    numba's ``driver.cuKernelSetAttribute`` (the pattern of CudaPythonFunction.set_shared_memory_carveout), once
+    per specialisation before its first launch past 48 KiB (NumbaBackend._launch, head.launch_kernel); recorded
+    launches and graphs reuse the cufunc, so the attribute holds for them. Under the simulator it is a no-op (the
+    simulator has no such limit). Not yet run on a GPU (no device in the session that wrote it, 2026-12-07);
+  - the rest as v3 (two specialisations by image dtype, ``_absent`` outputs and ``outs``, no float4 loads, the
+    simulator's shuffle stand-in: the dense rounds are block-uniform).
+  ptxas (compile_ptx, launch bounds (224, 4), 2026-12-07): 72 registers on sm_80 and sm_90, uint8 and float32
+  images alike; no spills, no local memory, no float64, no 64-bit or signed division. v2's and v3's registers are
+  unchanged by the refactor of their conv stage (sm_80 71, sm_90 72).
 - lenet_eval_v1: out (2,) float64 = [Σ softmax cross-entropy, correct count] of logits (N,NC) and uint8 labels:
   one block of 256 threads, thread t takes rows t, t + 256, ... in turn, then a fixed tree over the threads
   (double accumulation; float64 by contract, its only float64 kernel here), no launch bounds (lenet_fwd.cu's:
@@ -300,13 +332,25 @@ def plan_v2(n: int, h1: int, h2: int, sms: int) -> tuple[int, int, int]:
     return ceil_div(n, imgs), imgs, smem
 
 
-def launch_shape(variant: str, n: int, h1: int, h2: int, sms: int) -> tuple[int, int, int]:
-    """(grid blocks, threads a block, dynamic shared bytes) of lenet_fwd_<variant> (backend.lenet_launches)."""
+def launch_shape(variant: str, n: int, h1: int, h2: int, sms: int, nc: int = 10) -> tuple[int, int, int]:
+    """(grid blocks, threads a block, dynamic shared bytes) of lenet_fwd's launch with ``variant``
+    (backend.lenet_launches; v3 and v4: plan_v4, whose kernel ``launch_kernel_name`` names)."""
     if variant == "v1":
         blocks, _, smem = plan(n, h1, h2)
         return blocks, THREADS, smem
-    blocks, _, smem = plan_v2(n, h1, h2, sms)  # v2 and v3
+    if variant in ("v3", "v4"):
+        _, blocks, _, smem = plan_v4(variant, n, h1, h2, sms, nc)
+        return blocks, THREADS_V2, smem
+    blocks, _, smem = plan_v2(n, h1, h2, sms)
     return blocks, THREADS_V2, smem
+
+
+def launch_kernel_name(variant: str, n: int, h1: int, h2: int, sms: int, nc: int = 10) -> str:
+    """The kernel lenet_fwd launches with ``variant`` (v3's plan runs lenet_fwd_v4 at large batches, "v4" falls
+    back to lenet_fwd_v3's tiles where its rows do not fit)."""
+    if variant in ("v3", "v4"):
+        return plan_v4(variant, n, h1, h2, sms, nc)[0]
+    return f"lenet_fwd_{variant}"
 
 
 if numba.config.ENABLE_CUDASIM:
@@ -503,9 +547,24 @@ def _setup_v2(c1w, c1b, c3w, c3b, n, imgs, xr, yr):
 @device_function
 def _convs_v2(sm, images, tile, nimg, uimgs, uxr, isz, act, mode, scale, shift, pad, tid, nt):
     """The convolution stages of tile ``tile``; returns (n0, ni), its first image and its image count. A barrier
-    (the weights are staged; the previous tile is done with the image regions), the tile's images padded and
-    normalised into X (pixel·scale + shift; the border and past the batch ``pad``, the normalised pixel 0), a
-    barrier, C1 + act + pool -> S2 (Y), a barrier, C3 + act + pool -> S4 (X[0, 400)), a barrier."""
+    (the weights are staged; the previous tile is done with the image regions), ``_convs`` over the tile's images
+    (S4 into X[0, 400) of each: base W, stride isz), a barrier."""
+    n0 = U(tile * uimgs)
+    ni = U(min(uimgs, U(nimg - n0)))
+    cuda.syncthreads()  # the weights are staged; the previous tile is done with the image regions
+    _convs(sm, images, n0, ni, uimgs, uxr, isz, U(WEIGHTS_V2), isz, act, mode, scale, shift, pad, tid, nt)
+    cuda.syncthreads()
+    return n0, ni
+
+
+@device_function
+def _convs(sm, images, n0, ni, uimgs, uxr, isz, s4b, s4s, act, mode, scale, shift, pad, tid, nt):
+    """The convolutions of ``uimgs`` images from image n0 of the batch (ni of them real: the others compute on
+    ``pad``), lenet_fwd.cu's lf_conv: the images padded and normalised into X of image region m (sm[W + m·isz]:
+    pixel·scale + shift; the border and past the batch ``pad``, the normalised pixel 0), a barrier, C1 + act +
+    pool -> S2 (Y: + uxr), a barrier, C3 + act + pool -> S4, image m's 400 floats at sm[s4b + m·s4s]. No barrier
+    before the staging or after C3 (the callers': v2/v3 put one on each side; v4 stages its next group while C3
+    runs, as C3 reads only Y)."""
     c0 = cuda.local.array(K1, float32)  # C1: the 2×2 window's four conv outputs × the 6 filters
     c1 = cuda.local.array(K1, float32)
     c2 = cuda.local.array(K1, float32)
@@ -516,9 +575,6 @@ def _convs_v2(sm, images, tile, nimg, uimgs, uxr, isz, act, mode, scale, shift, 
     a3 = cuda.local.array(KB3, float32)
     ra = cuda.local.array(RS1, float32)  # two input rows of the window (6 wide: 2 outputs × 5 taps)
     rb = cuda.local.array(RS1, float32)
-    n0 = U(tile * uimgs)
-    ni = U(min(uimgs, U(nimg - n0)))
-    cuda.syncthreads()  # the weights are staged; the previous tile is done with the image regions
     t = tid
     while t < U(uimgs * U(XS * XS)):  # the tile's images, padded and normalised (the border and past the
         m = U(t // U(XS * XS))  # batch: pad, the normalised pixel 0; uint8: pad = shift, as v1 writes it)
@@ -600,11 +656,9 @@ def _convs_v2(sm, images, tile, nimg, uimgs, uxr, isz, act, mode, scale, shift, 
                 for j in range(RS1):
                     ra[j] = rb[j]
             c = U(c + U1)
-        obase = U(U(WEIGHTS_V2) + m * isz + kg * U(KB3 * P4 * P4) + pp)
+        obase = U(s4b + m * s4s + kg * U(KB3 * P4 * P4) + pp)
         _put_all(sm, obase, U(P4 * P4), KB3, a0, a1, a2, a3, act, mode)
         t = U(t + nt)
-    cuda.syncthreads()
-    return n0, ni
 
 
 # (the simulator's cuda.jit takes no launch bounds)
@@ -651,6 +705,217 @@ def lenet_fwd_v3(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits,
                 c = U(c + U1)
             classes[U(n0 + tid)] = numba.int64(best)
         # (the next tile's first barrier keeps its staging from X until every argmax has read it)
+        tile = U(tile + U(cuda.gridDim.x))
+
+
+# ------------------------------------------------------------------------------------------ v4: large batches
+#: lenet_fwd.cu's v4 (cupy_backend/fused.py LF4_*): images a block, most first; v3's plan takes v4 where its grid still
+#: gives LF4_BLOCKS_PER_SM blocks to every SM; LF4_G images a conv group; the plan keeps v4's shared memory within
+#: LF4_SMEM_MAX (the smallest opt-in limit of the GPUs it may run on: sm_86 / sm_89, 99 KiB a block)
+LF4_IMGS_CHOICES = (16, 8)
+LF4_BLOCKS_PER_SM = 3
+LF4_G = 2
+LF4_SMEM_MAX = 99 * 1024
+UNROLL4 = 1  # v4's dense stages: the k loop's unroll (16 partial sums, 8-16 loads a step; lenet_fwd.cu LF4_U)
+DF2 = 2 * DF  # v4: partial sums a lane (two groups of DF), rows at most
+LAUNCH_BOUNDS["lenet_fwd_v4"] = (THREADS_V2, 4)  # 4 blocks an SM: by registers (<= 72) and 4 × 53.7 KB of shared
+
+
+def _round4(n: int) -> int:
+    return ceil_div(n, 4) * 4
+
+
+def v4_rows_stride(nc: int) -> int:
+    """Floats of an image's row in v4's rows region (S4, later the logits): round4(max(400, NC))."""
+    return _round4(max(I5, nc))
+
+
+def v4_scratch(imgs: int, h1: int, h2: int) -> int:
+    """Floats of v4's conv scratch: LF4_G images' X (1024) and Y (1176), later h1 [imgs][round4(H1)] and h2
+    [imgs][round4(H2)] (the larger of the two uses)."""
+    return max(LF4_G * (XS * XS + S2), imgs * (_round4(h1) + _round4(h2)))
+
+
+def v4_smem(imgs: int, h1: int, h2: int, nc: int) -> int:
+    """lenet_fwd_v4's dynamic shared memory in bytes (fused.lenet_fwd_v4_smem): the staged conv weights, the
+    scratch, the rows [imgs][v4_rows_stride(NC)]. LeNet-5 at 16 images: 53,696 B (past 48 KiB: ``allow_shared``)."""
+    return 4 * (WEIGHTS_V2 + v4_scratch(imgs, h1, h2) + imgs * v4_rows_stride(nc))
+
+
+def v4_imgs(n: int, sms: int) -> int | None:
+    """v4's images a block at batch n (fused.lenet_fwd_v4_imgs): the most of 16, 8 whose grid still gives
+    LF4_BLOCKS_PER_SM blocks to every SM (132 SMs: 16 from n = 6,321, 8 from 3,161); None below (v3's tiles)."""
+    for imgs in LF4_IMGS_CHOICES:
+        if ceil_div(n, imgs) >= LF4_BLOCKS_PER_SM * (sms or DEFAULT_SM_COUNT):
+            return imgs
+    return None
+
+
+def plan_v4(variant: str, n: int, h1: int, h2: int, sms: int, nc: int = 10) -> tuple[str, int, int, int]:
+    """(kernel, blocks, images a block, dynamic shared bytes) of lenet_fwd "v3" or "v4", as cupy's
+    fused.lenet_fwd_plan: v3 (the default) runs lenet_fwd_v4 where ``v4_imgs`` gives 8 or 16 images a block and
+    v4's shared memory fits LF4_SMEM_MAX, else v3's tiles (plan_v2); "v4" by name runs lenet_fwd_v4 at every batch
+    (8 images a block below v3's threshold), v3's tiles where its rows do not fit (an F6 of ~2,400 or wider). v3
+    and v4 give the same bits."""
+    if variant not in ("v3", "v4"):
+        raise ValueError(f"plan_v4: v3 or v4, not {variant!r}")
+    imgs4 = v4_imgs(n, sms)
+    if variant == "v4" or imgs4 is not None:
+        imgs4 = imgs4 or LF4_IMGS_CHOICES[-1]
+        smem = v4_smem(imgs4, h1, h2, nc)
+        if smem <= LF4_SMEM_MAX:
+            return "lenet_fwd_v4", ceil_div(n, imgs4), imgs4, smem
+    blocks, imgs, smem = plan_v2(n, h1, h2, sms)
+    return "lenet_fwd_v3", blocks, imgs, smem
+
+
+def _make_dense_v4(RB: int) -> Any:
+    """v4's dense layer for R = 8·RB rows (8 or 16 images): out[r][o] = act(b[o] + Σ_k in[r][k]·W[o][k]), W (O,K)
+    flat global. A lane holds 16 partial sums in two groups of 8 (va, vb): at 8 rows a warp takes F = 2 outputs
+    a round (va output o0, vb o0 + 1, the 8 rows each), at 16 rows F = 1 (va rows 0-7, vb rows 8-15): each weight
+    load feeds 16 FMAs either way (lenet_fwd.cu's rows_gemv<NI, 32/NI> feeds NI). Each group is reduced by
+    _transpose_sum8 (lane l gets row l // 4 of it), as v3's one group: every output is the same sum as v3's (a
+    lane's chain over k = lane, lane + 32, ... from 0, then the butterfly over lane bits 16, 8, 4, 2, 1; float
+    adds commute), so v4's bits are v3's. in[r][k] = sm[ib + r·istr + k]; out to sm[ob + r·ostr + o] (layers 0,
+    1; layer 2 where ``outs`` has OUT_SHARED) and g[(n0 + r)·O + o] for r < nr (layer 2, OUT_GLOBAL). Rounds
+    block-uniform (the simulator's shuffle stand-in is a barrier)."""
+    F = 2 // RB
+
+    @device_function
+    def _k_step(sm, w0, w1, w2, layer, va, vb, x, ib, istr, wrow, last, K, k):
+        for r in range(8 * RB):
+            x[r] = sm[U(ib + U(r) * istr + k)]
+        i = U(wrow + k)
+        wa = w0[i] if layer == U0 else (w1[i] if layer == U1 else w2[i])
+        if F == 2:
+            i = U(U(wrow + U(min(U1, last)) * K) + k)
+            wb = w0[i] if layer == U0 else (w1[i] if layer == U1 else w2[i])
+            for r in range(8):
+                va[r] += x[r] * wa
+                vb[r] += x[r] * wb
+        else:
+            for r in range(8):
+                va[r] += x[r] * wa
+                vb[r] += x[r + 8] * wa
+
+    @device_function
+    def _emit(sm, g, b0, b1, b2, layer, s, r, o, O, ob, ostr, n0, nr, act, outs):
+        if o < O:
+            bo = b0[o] if layer == U0 else (b1[o] if layer == U1 else b2[o])
+            y = activate(s + bo, act)
+            if layer < U(2) or U(outs & U(OUT_SHARED)) != U0:
+                sm[U(ob + r * ostr + o)] = y
+            if layer == U(2) and U(outs & U(OUT_GLOBAL)) != U0 and r < nr:
+                g[U(U(n0 + r) * O + o)] = y
+
+    @device_function
+    def dense(sm, w0, w1, w2, b0, b1, b2, layer, g, O, K, ib, istr, ob, ostr, n0, nr, act, tid, nt, outs):
+        lane = U(tid & U(31))
+        warp = U(tid >> U(5))
+        per = U(U(nt >> U(5)) * U(F))  # outputs a round
+        rounds = U(U(O + per - U1) // per)
+        va = cuda.local.array(DF, float32)
+        vb = cuda.local.array(DF, float32)
+        x = cuda.local.array(DF2, float32)  # x[r], r < R: the rows' input at k
+        rd = U0
+        while rd < rounds:  # block-uniform
+            o0 = U(rd * per + warp * U(F))
+            for j in range(DF):
+                va[j] = float32(0.0)
+                vb[j] = float32(0.0)
+            if o0 < O:
+                last = U(O - U1 - o0)  # an output past O re-reads the last row (its sums are not written)
+                wrow = U(o0 * K)
+                k = lane
+                while U(k + U(32 * (UNROLL4 - 1))) < K:
+                    for u in range(UNROLL4):
+                        _k_step(sm, w0, w1, w2, layer, va, vb, x, ib, istr, wrow, last, K, U(k + U(32 * u)))
+                    k = U(k + U(32 * UNROLL4))
+                while k < K:
+                    _k_step(sm, w0, w1, w2, layer, va, vb, x, ib, istr, wrow, last, K, k)
+                    k = U(k + U(32))
+            sa = _transpose_sum8(va, lane)
+            sb = _transpose_sum8(vb, lane)
+            r = U(lane >> U(2))  # the row this lane holds (of its group)
+            if U(lane & U(3)) == U0:
+                _emit(sm, g, b0, b1, b2, layer, sa, r, o0, O, ob, ostr, n0, nr, act, outs)
+                if F == 2:
+                    _emit(sm, g, b0, b1, b2, layer, sb, r, U(o0 + U1), O, ob, ostr, n0, nr, act, outs)
+                else:
+                    _emit(sm, g, b0, b1, b2, layer, sb, U(r + U(8)), o0, O, ob, ostr, n0, nr, act, outs)
+            rd = U(rd + U1)
+
+    return dense
+
+
+_dense_r8, _dense_r16 = _make_dense_v4(1), _make_dense_v4(2)
+
+
+@device_function
+def _dense_layers_v4(sm, c5w, f6w, ow, c5b, f6b, ob, logits, n0, ni, nh1, nh2, unc, rows, usr, act, tid, nt, uimgs,
+                     outs):
+    """v4's dense stages over the block's uimgs (8 or 16) rows (images past the batch compute on the border value,
+    never written): C5 rows [uimgs][usr] (S4) -> h1 (the scratch: sm[W + r·H1S]), F6 -> h2 (sm[W + uimgs·H1S +
+    r·H2S]), the output -> logits (OUT_GLOBAL) and/or the rows (OUT_SHARED, for the argmax); a barrier after each.
+    One call site of the layer, its body specialised by the launch-uniform uimgs (as v3's _dense_layers)."""
+    h1s = U(U(nh1 + U(3)) & U(0xFFFFFFFC))
+    h2s = U(U(nh2 + U(3)) & U(0xFFFFFFFC))
+    s_h1 = U(WEIGHTS_V2)
+    s_h2 = U(s_h1 + uimgs * h1s)
+    for layer in range(3):
+        if layer == 0:
+            no, nk, ib, istr, obase, ostr, lact = nh1, U(I5), rows, usr, s_h1, h1s, act
+        elif layer == 1:
+            no, nk, ib, istr, obase, ostr, lact = nh2, nh1, s_h1, h1s, s_h2, h2s, act
+        else:
+            no, nk, ib, istr, obase, ostr, lact = unc, nh2, s_h2, h2s, rows, usr, 0
+        if uimgs == U(8):
+            _dense_r8(sm, c5w, f6w, ow, c5b, f6b, ob, U(layer), logits, no, nk, ib, istr, obase, ostr, n0, ni, lact,
+                      tid, nt, outs)
+        else:
+            _dense_r16(sm, c5w, f6w, ow, c5b, f6b, ob, U(layer), logits, no, nk, ib, istr, obase, ostr, n0, ni, lact,
+                       tid, nt, outs)
+        cuda.syncthreads()
+
+
+# (the simulator's cuda.jit takes no launch bounds)
+@(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["lenet_fwd_v4"]))
+def lenet_fwd_v4(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, classes, n, h1, h2, nc, act, mode,
+                 scale, shift, pad, imgs, scratch, sr, outs):
+    # v3's arguments, but (imgs, scratch, sr) for (imgs, xr, yr): imgs 8 or 16 images a block, scratch the floats of
+    # the conv scratch (v4_scratch), sr the rows' stride (v4_rows_stride). sm: the staged C1/C3 weights (W floats) |
+    # scratch: LF4_G images' X | Y (isz = 2200 floats each), later h1 and h2 | rows [imgs][sr]: S4, later the logits
+    sm, tid, nt, nimg, uimgs, uxr, isz, ntiles = _setup_v2(c1w, c1b, c3w, c3b, n, imgs, XS * XS, S2)
+    unc, uouts, usr = U(nc), U(outs), U(sr)
+    rows = U(U(WEIGHTS_V2) + U(scratch))
+    tile = U(cuda.blockIdx.x)
+    while tile < ntiles:  # block-uniform
+        n0 = U(tile * uimgs)
+        ni = U(min(uimgs, U(nimg - n0)))
+        g = U0
+        while g < uimgs:  # the conv groups: LF4_G images each through v3's conv code, S4 of image g + m to row g + m
+            # (no barrier before the staging: it writes X only, which the previous group's C3 does not read; the
+            # barrier after it orders this group's C1 after that C3's reads of Y)
+            gi = U(ni - g) if ni > g else U0
+            _convs(sm, images, U(n0 + g), gi, U(LF4_G), uxr, isz, U(rows + g * usr), usr, act, mode, scale, shift,
+                   pad, tid, nt)
+            g = U(g + U(LF4_G))
+        cuda.syncthreads()
+        _dense_layers_v4(sm, c5w, f6w, ow, c5b, f6b, ob, logits, n0, ni, U(h1), U(h2), unc, rows, usr, act, tid, nt,
+                         uimgs, uouts)
+        if U(uouts & U(OUT_SHARED)) != U0 and tid < ni:  # the argmax: a thread per image of the tile
+            z = U(rows + tid * usr)
+            bv = sm[z]
+            best = U0
+            c = U1
+            while c < unc:
+                v = sm[U(z + c)]
+                if v > bv or (v != v and bv == bv):  # as np.argmax: the first maximum, the first NaN wins
+                    bv = v
+                    best = c
+                c = U(c + U1)
+            classes[U(n0 + tid)] = numba.int64(best)
+        # (a next tile's C3 writes the rows two barriers after its staging: the argmax has read them by then)
         tile = U(tile + U(cuda.gridDim.x))
 
 
@@ -730,18 +995,21 @@ def _v3_signature(images: str) -> str:
 
 
 SIGNATURES["lenet_fwd_v3"] = _v3_signature("uint8")
+SIGNATURES["lenet_fwd_v4"] = _v3_signature("uint8")  # v3's types: (imgs, scratch, sr, outs) for (imgs, xr, yr, outs)
 KERNELS = {"lenet_fwd_v1": lenet_fwd_v1, "lenet_fwd_v2": lenet_fwd_v2, "lenet_fwd_v3": lenet_fwd_v3,
-           "lenet_eval_v1": lenet_eval_v1}
+           "lenet_fwd_v4": lenet_fwd_v4, "lenet_eval_v1": lenet_eval_v1}
 #: the compile report's other entries (compile_report.all_kernels; SIGNATURES holds the float32-free kernels):
-#: lenet_fwd_v3's float32-image specialisation (the same dispatcher, typed by the argument) and lenet_eval_v1
-#: (float64 by contract)
-REPORT_KERNELS = {"lenet_fwd_f32_v3": lenet_fwd_v3}
-REPORT_SIGNATURES = {"lenet_fwd_f32_v3": _v3_signature("float32"),
+#: lenet_fwd_v3's and _v4's float32-image specialisations (the same dispatchers, typed by the argument) and
+#: lenet_eval_v1 (float64 by contract)
+REPORT_KERNELS = {"lenet_fwd_f32_v3": lenet_fwd_v3, "lenet_fwd_f32_v4": lenet_fwd_v4}
+REPORT_SIGNATURES = {"lenet_fwd_f32_v3": _v3_signature("float32"), "lenet_fwd_f32_v4": _v3_signature("float32"),
                      "lenet_eval_v1": "void(float32[::1], uint8[::1], int32, int32, float64[::1])"}
 LAUNCH_BOUNDS["lenet_fwd_f32_v3"] = LAUNCH_BOUNDS["lenet_fwd_v3"]
-#: the backend's default is the last (backend.FUSED_VARIANTS); lenet_eval is lenet_fwd's companion (one variant,
-#: not an op of the protocol's variant table)
-VARIANTS = {"lenet_fwd": ("v1", "v2", "v3")}
+LAUNCH_BOUNDS["lenet_fwd_f32_v4"] = LAUNCH_BOUNDS["lenet_fwd_v4"]
+#: lenet_eval is lenet_fwd's companion (one variant, not an op of the protocol's variant table). The default is v3
+#: (not the last): its plan runs lenet_fwd_v4 at large batches (plan_v4), as lenet_fwd.cu's; "v4" by name runs v4
+#: at every batch
+VARIANTS = {"lenet_fwd": ("v1", "v2", "v3", "v4")}
 DEFAULT_VARIANTS = {"lenet_fwd": "v3"}
 
 
@@ -754,6 +1022,38 @@ def _sm_count(be: Any) -> int:
     a test's shim may), else DEFAULT_SM_COUNT. (No import of backend.py here: it imports this module.)"""
     s = getattr(be, "sm_count", None)
     return s if isinstance(s, int) else DEFAULT_SM_COUNT
+
+
+#: allow_shared's opt-ins: id(cufunc) -> (the cufunc, the bytes it is opted in to)
+_SHARED_OPT_INS: dict[int, tuple[Any, int]] = {}
+
+
+def allow_shared(dispatcher: Any, args: tuple, nbytes: int) -> bool:
+    """Opt the compiled specialisation of ``dispatcher`` for ``args`` in to ``nbytes`` of dynamic shared memory
+    (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: past 48 KiB a launch fails without it; the CUDA C side's
+    Runtime.allow_shared). numba-cuda 0.30.4 has no public API for it: this is the pattern of its
+    CudaPythonFunction.set_shared_memory_carveout (``driver.cuKernelSetAttribute(attr, value, handle, device)``) on
+    the overload's cufunc (compiled here if the launch has not yet). The attribute stays with the cufunc, which
+    recorded launches and graphs (launch.PreparedLaunch) reuse: set once per specialisation (and device), before
+    its first launch past 48 KiB. Returns whether it set the attribute: not at 48 KiB or less, not when already
+    done, never under the simulator (it has no such limit: a no-op)."""
+    if numba.config.ENABLE_CUDASIM or nbytes <= SMEM_LIMIT:
+        return False
+    argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
+    kernel = dispatcher.overloads.get(argtypes)
+    if kernel is None:
+        kernel = dispatcher.compile(argtypes)
+    cufunc = kernel._codelibrary.get_cufunc()
+    done = _SHARED_OPT_INS.get(id(cufunc))
+    if done is not None and done[0] is cufunc and done[1] >= nbytes:
+        return False
+    from cuda.bindings import driver as binding
+    from numba.cuda.cudadrv.driver import driver
+
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, int(nbytes), cufunc.handle, cufunc.device.id)
+    _SHARED_OPT_INS[id(cufunc)] = (cufunc, int(nbytes))
+    return True
 
 
 @functools.cache
@@ -773,9 +1073,10 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
     """reference.lenet_fwd in one launch; the protocol's optional op (lenet_gpu.backends.base), with cupy's
     extensions (cupy_backend/fused.lenet_fwd): images (N,28,28) uint8 pixels, normalised as batch_prepare does
     (pixel·scale + shift, scale = 1/(255·std), shift = −mean/std in float32, the border the normalised pixel 0),
-    or, v3, float32 already normalised (the border −mean/std); logits (N,NC) float32 and/or, v3, classes (N,)
-    int64 (the first maximal logit, as np.argmax; logits may then be None: no logits written). Without a
-    ``variant``, float32 images, classes and logits=None take v3."""
+    or, v3 and v4, float32 already normalised (the border −mean/std); logits (N,NC) float32 and/or, v3 and v4,
+    classes (N,) int64 (the first maximal logit, as np.argmax; logits may then be None: no logits written). Without
+    a ``variant``, float32 images, classes and logits=None take v3. v3 and v4 launch what plan_v4 says: v3's tiles
+    or lenet_fwd_v4 (the same bits)."""
     v = variant or getattr(be, "default_variants", {}).get("lenet_fwd") or DEFAULT_VARIANTS["lenet_fwd"]
     if v not in VARIANTS["lenet_fwd"]:
         raise ValueError(f"lenet_fwd: unknown variant {v!r}; choose one of {', '.join(VARIANTS['lenet_fwd'])}")
@@ -785,9 +1086,9 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
     if dt not in (np.dtype(np.uint8), np.dtype(np.float32)):
         raise TypeError(f"lenet_fwd: images dtype {dt}; expected uint8 pixels or float32 normalised images")
     in_f32 = dt == np.float32
-    if (in_f32 or classes is not None or logits is None) and v != "v3":
+    if (in_f32 or classes is not None or logits is None) and v not in ("v3", "v4"):
         if variant is not None:
-            raise ValueError(f"lenet_fwd_{v}: float32 images, classes and logits=None need v3")
+            raise ValueError(f"lenet_fwd_{v}: float32 images, classes and logits=None need v3 or v4")
         v = "v3"
     n = images.shape[0]
     _check(images, "images", (n, IMAGE, IMAGE), dt)
@@ -808,16 +1109,21 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
     weights = tuple(flat(p[k]) for k in ("c1.w", "c1.b", "c3.w", "c3.b", "c5.w", "c5.b", "f6.w", "f6.b", "out.w",
                                         "out.b"))
     dims = tuple(np.int32(e) for e in (n, nh1, nh2, nc))
-    if v == "v3":
-        blocks, imgs, smem = plan_v2(n, nh1, nh2, _sm_count(be))
+    if v in ("v3", "v4"):
+        kname, blocks, imgs, smem = plan_v4(v, n, nh1, nh2, _sm_count(be), nc)
         pad = shift  # the normalised pixel 0
         if in_f32:
             scale, shift = np.float32(1.0), np.float32(0.0)
         outs = (OUT_GLOBAL if logits is not None else 0) | (OUT_SHARED if classes is not None else 0)
-        launch_kernel(be, "lenet_fwd_v3", lenet_fwd_v3, blocks, THREADS_V2, smem, flat(images), *weights,
-                      flat(logits) if logits is not None else _absent(np.float32),
-                      classes if classes is not None else _absent(np.int64), *dims,
-                      code, pool, scale, shift, pad, np.int32(imgs), np.int32(xr), np.int32(yr), np.int32(outs))
+        lg = flat(logits) if logits is not None else _absent(np.float32)
+        cl = classes if classes is not None else _absent(np.int64)
+        if kname == "lenet_fwd_v4":  # > 48 KiB at 16 images: the launch opts the kernel in (allow_shared)
+            launch_kernel(be, kname, lenet_fwd_v4, blocks, THREADS_V2, smem, flat(images), *weights, lg, cl, *dims,
+                          code, pool, scale, shift, pad, np.int32(imgs), np.int32(v4_scratch(imgs, nh1, nh2)),
+                          np.int32(v4_rows_stride(nc)), np.int32(outs))
+        else:
+            launch_kernel(be, kname, lenet_fwd_v3, blocks, THREADS_V2, smem, flat(images), *weights, lg, cl, *dims,
+                          code, pool, scale, shift, pad, np.int32(imgs), np.int32(xr), np.int32(yr), np.int32(outs))
         return
     if v == "v2":
         blocks, imgs, smem = plan_v2(n, nh1, nh2, _sm_count(be))
