@@ -3,7 +3,8 @@ mixed up. The fill table (``scripts/kernel_report.py``) prints it beside each la
 
 An estimate names its method (issue slots, shared-memory slots, DRAM/L2 bytes, chain length, waves) and the
 kernel header where its count is written out; a measurement names the run it comes from. No GPU has run the
-four-kernel step's kernels yet (2026-12-05), nor step_fwd_v2 and head_train_v4 (2026-12-07): their rows are estimates.
+four-kernel step's kernels yet (2026-12-05), nor step_fwd_v2, head_train_v4 and step_bwd_v2 (2026-12-07): their rows are
+estimates.
 head_train_v2's two kernels ran inside the graphed step of 2026-12-04 (a CUPTI profile on an H200), so theirs are
 measurements.
 """
@@ -76,6 +77,12 @@ LATENCY: dict[str, KernelLatency] = {k.kernel: k for k in (
         {64: (8.0, 10.0), 4096: (180.0, 200.0)},
         "estimate: shared-memory slots (~11.7 K LDS clocks an image), issue slots, chain length at one image a "
         "block (batch 64), one wave of 256 groups at 2 blocks an SM (batch 4096)", "kernels/step_bwd.cu"),
+    KernelLatency(
+        "step_bwd_v2", "v1's sums; a thread owns one filter's 10 C3 weights: a window's gz3 and route loaded once "
+        "for its 10 FMAs (~1.2 shared loads a C3 wgrad MAC, v1 3); 80 registers, 3 blocks an SM",
+        {64: (6.0, 8.0), 4096: (130.0, 150.0)},
+        "estimate: shared-memory slots (~8.4 K LDS clocks an image against v1's ~11.7 K), issue slots, chain length "
+        "(batch 64: phase A.1 25 windows x 12 loads a thread, not 10 x 25 x 3)", "kernels/step_bwd.cu"),
     KernelLatency(
         "step_adam_v1", "4 parameters (float4) a thread; the 656 conv-prefix threads add S rows of partials",
         {64: (4.0, 6.0), 4096: (8.0, 12.0)},

@@ -93,11 +93,30 @@ constexpr int SB_U3 = (SB_W3 + SB_THREADS - 1) / SB_THREADS;  // 10 dw3 register
 static_assert(SB_THREADS >= SB_P1HW && SB_THREADS >= SB_W1 + SB_C3, "step_bwd: one thread per S2 position / C1 output");
 static_assert(SB_THREADS >= (SB_OFF_B1 - SB_W1) + (SB_OFF_W3 - SB_OFF_B1 - SB_C3) + (SB_PREFIX - SB_OFF_B3 - SB_K3),
               "step_bwd: one thread per padding column");
+constexpr int SB_V2_PER_K = SB_W1 / SB_U3;             // v2: 15 threads a filter, 10 weights each
+constexpr int SB_V2_THREADS = SB_K3 * SB_V2_PER_K;     // 240
+static_assert(SB_V2_PER_K * SB_U3 == SB_W1 && SB_V2_THREADS <= SB_THREADS, "step_bwd v2: 15 x 10 weights a filter");
 
-extern "C" __global__ void __launch_bounds__(SB_THREADS)
-step_bwd_v1(const float* __restrict__ x, const float* __restrict__ p1, const float* __restrict__ gz3,
-            const unsigned char* __restrict__ m3, const unsigned char* __restrict__ m1, const float* __restrict__ w3,
-            float* __restrict__ gpart, int B, int chunk, int act) {
+// thread t's u-th dw3 weight (flat (k, c, r, s) index): v1 t + 256u; v2 k*150 + l + 15u for t = 15k + l (t < 240)
+template <bool V2>
+__device__ __forceinline__ unsigned int sb_w3_index(unsigned int t, int u) {
+    if constexpr (V2) return (t / SB_V2_PER_K) * SB_W1 + t % SB_V2_PER_K + SB_V2_PER_K * u;
+    return t + SB_THREADS * u;
+}
+
+// v2 (V2 = true): thread t < 240 owns the 10 weights o = k*150 + l + 15u (k = t / 15, l = t % 15, u = 0..9) of ONE
+// filter k, so a window's gz3 and route (2 shared loads) serve its 10 FMAs: C3's weight gradient takes 1.2 shared
+// loads a MAC instead of v1's 3 (v1: o = t + 256u, 10 weights of up to 10 filters, each window's gz3 and route loaded
+// per weight). Each weight's sum is v1's (windows in order from 0 for the image, then added to the group's total):
+// the same bits as v1 (tests/test_step_bwd.py). Estimate (ESTIMATED, NOT MEASURED; the method above): C3 wgrad
+// 2,400 x 25 x 1.2 / 32 = 2.25 K warp-LDS an image (v1 5.6 K): ~8.4 K shared-memory clocks an image (v1 ~11.7 K),
+// batch 4096 ~0.13-0.15 ms (v1 ~0.18-0.20); batch 64 ~6-8 us (phase A.1's chain is 25 windows x (2 + 10) loads, not
+// 10 x 25 x 3). Threads 240..255 idle in that phase, as v1's last 160 slots of 2,560.
+template <bool V2>
+__device__ __forceinline__ void step_bwd_body(const float* __restrict__ x, const float* __restrict__ p1,
+                                              const float* __restrict__ gz3, const unsigned char* __restrict__ m3,
+                                              const unsigned char* __restrict__ m1, const float* __restrict__ w3,
+                                              float* __restrict__ gpart, int B, int chunk, int act) {
     __shared__ float s_w3[SB_W3];
     __shared__ float s_x[SB_XH * SB_XS];
     __shared__ float s_p1[SB_G1];
@@ -112,12 +131,13 @@ step_bwd_v1(const float* __restrict__ x, const float* __restrict__ p1, const flo
 
     for (unsigned int e = tid; e < SB_W3; e += SB_THREADS) s_w3[e] = w3[e];
 
-    // this thread's dw3 weights: o = tid + 256 u -> (k, c, r, s); gz3 row k*25, p1 tap c*196 + r*14 + s
+    // this thread's dw3 weights: o = tid + 256 u (v2: k*150 + l + 15 u) -> (k, c, r, s); gz3 row k*25, p1 tap
+    // c*196 + r*14 + s
     int g3row[SB_U3], p1tap[SB_U3];
     float acc3[SB_U3];
 #pragma unroll
     for (int u = 0; u < SB_U3; ++u) {
-        const unsigned int o = min(tid + SB_THREADS * u, (unsigned int)SB_W3 - 1);
+        const unsigned int o = min(sb_w3_index<V2>(tid, u), (unsigned int)SB_W3 - 1);
         const unsigned int k = o / (SB_C3 * SB_RS), t = o % (SB_C3 * SB_RS);
         const unsigned int c = t / SB_RS, rs = t % SB_RS;
         g3row[u] = k * SB_P3HW;
@@ -158,16 +178,34 @@ step_bwd_v1(const float* __restrict__ x, const float* __restrict__ p1, const flo
         __syncthreads();
 
         // phase A.1: C3's weight gradient, windows (i, j) in order
+        if constexpr (V2) {  // one filter's 10 weights: a window's gz3 and route loaded once for them
+            if (tid < SB_V2_THREADS) {
+                float a[SB_U3];  // this image's sums, then added to the group's (shorter rounding chains)
 #pragma unroll
-        for (int u = 0; u < SB_U3; ++u) {
-            if (u < SB_U3 - 1 || tid + SB_THREADS * u < SB_W3) {
-                float a = 0.0f;  // this image's sum, then added to the group's (shorter rounding chains)
-#pragma unroll
+                for (int u = 0; u < SB_U3; ++u) a[u] = 0.0f;
+#pragma unroll 5
                 for (int e = 0; e < SB_P3HW; ++e) {
-                    const int g = g3row[u] + e;
-                    a = fmaf(s_gz3[g], s_p1[p1tap[u] + s_off3[g]], a);
+                    const int g = g3row[0] + e;
+                    const float gz = s_gz3[g];
+                    const int off = s_off3[g];
+#pragma unroll
+                    for (int u = 0; u < SB_U3; ++u) a[u] = fmaf(gz, s_p1[p1tap[u] + off], a[u]);
                 }
-                acc3[u] += a;
+#pragma unroll
+                for (int u = 0; u < SB_U3; ++u) acc3[u] += a[u];
+            }
+        } else {
+#pragma unroll
+            for (int u = 0; u < SB_U3; ++u) {
+                if (u < SB_U3 - 1 || tid + SB_THREADS * u < SB_W3) {
+                    float a = 0.0f;  // this image's sum, then added to the group's (shorter rounding chains)
+#pragma unroll
+                    for (int e = 0; e < SB_P3HW; ++e) {
+                        const int g = g3row[u] + e;
+                        a = fmaf(s_gz3[g], s_p1[p1tap[u] + s_off3[g]], a);
+                    }
+                    acc3[u] += a;
+                }
             }
         }
         if (tid < SB_K3) {
@@ -229,8 +267,8 @@ step_bwd_v1(const float* __restrict__ x, const float* __restrict__ p1, const flo
     float* row = gpart + (size_t)blockIdx.x * SB_PREFIX;
 #pragma unroll
     for (int u = 0; u < SB_U3; ++u) {
-        const unsigned int o = tid + SB_THREADS * u;
-        if (o < SB_W3) row[SB_OFF_W3 + o] = acc3[u];
+        const unsigned int o = sb_w3_index<V2>(tid, u);
+        if (o < SB_W3 && (!V2 || tid < SB_V2_THREADS)) row[SB_OFF_W3 + o] = acc3[u];
     }
     if (tid < SB_K3) row[SB_OFF_B3 + tid] = accb3;
     if (tid < SB_W1) row[SB_OFF_W1 + tid] = acc1;
@@ -240,4 +278,19 @@ step_bwd_v1(const float* __restrict__ x, const float* __restrict__ p1, const flo
     if (tid < PA) row[SB_W1 + tid] = 0.0f;
     else if (tid < PA + PB) row[SB_OFF_B1 + SB_C3 + tid - PA] = 0.0f;
     else if (tid < PA + PB + PC) row[SB_OFF_B3 + SB_K3 + tid - PA - PB] = 0.0f;
+}
+
+extern "C" __global__ void __launch_bounds__(SB_THREADS)
+step_bwd_v1(const float* __restrict__ x, const float* __restrict__ p1, const float* __restrict__ gz3,
+            const unsigned char* __restrict__ m3, const unsigned char* __restrict__ m1, const float* __restrict__ w3,
+            float* __restrict__ gpart, int B, int chunk, int act) {
+    step_bwd_body<false>(x, p1, gz3, m3, m1, w3, gpart, B, chunk, act);
+}
+
+// 3 blocks an SM (80 registers on sm_80 / sm_90, no spills; at 4, 64 registers, ptxas spills 36-44 bytes)
+extern "C" __global__ void __launch_bounds__(SB_THREADS, 3)
+step_bwd_v2(const float* __restrict__ x, const float* __restrict__ p1, const float* __restrict__ gz3,
+            const unsigned char* __restrict__ m3, const unsigned char* __restrict__ m1, const float* __restrict__ w3,
+            float* __restrict__ gpart, int B, int chunk, int act) {
+    step_bwd_body<true>(x, p1, gz3, m3, m1, w3, gpart, B, chunk, act);
 }

@@ -72,10 +72,10 @@ def step_inputs(b: int, act: str, seed: int) -> dict[str, np.ndarray]:
 NAMES = ("x", "p1", "gz3", "m3", "m1", "w3")
 
 
-def run_step_bwd(be, inp: dict, groups: int, act: str) -> np.ndarray:
+def run_step_bwd(be, inp: dict, groups: int, act: str, variant: str | None = None) -> np.ndarray:
     dev = [be.to_device(inp[k]) for k in NAMES]
     gpart = be.to_device(nan_like((groups, conv_prefix())))  # unwritten columns stay NaN and fail
-    be.step_bwd(*dev, gpart, act)
+    be.step_bwd(*dev, gpart, act, variant)
     return be.to_host(gpart)
 
 
@@ -115,6 +115,18 @@ def test_step_bwd_matches_reference(be, act):
         for s, g in enumerate(ref.step_groups(b, groups)):
             if g.start == g.stop:
                 assert_equal(got[s], np.zeros(conv_prefix(), np.float32), f"empty group {s} row")
+
+
+def test_v2_is_the_default_and_gives_v1s_bits(be):
+    """v2 (a thread owns one filter's 10 weights, a window's gz3 and route loaded once for them) sums every weight
+    as v1 does: the same bits, with several images a group, several groups and an empty one, every activation's
+    act' in gz1 (relu's zeros included)."""
+    assert be.default_variants["step_bwd"] == "v2" and be.variants["step_bwd"] == ("v1", "v2")
+    for act, b, groups in (("relu", 9, 4), ("tanh", 5, 7), ("sigmoid", 64, 1)):
+        inp = step_inputs(b, act, seed=20 + b)
+        v1 = run_step_bwd(be, inp, groups, act, "v1")
+        assert_equal(run_step_bwd(be, inp, groups, act, "v2"), v1, f"step_bwd v2 vs v1 {act} B={b} S={groups}")
+        check_rows(v1, reference(inp, groups, act), f"step_bwd v1 {act} B={b} S={groups}")
 
 
 def test_rows_sum_to_the_routed_ops(be):
@@ -187,20 +199,24 @@ def test_step_groups(be):
 @parent_only
 @pytest.mark.parametrize("arch", ARCHS)
 def test_nvrtc_no_spills_no_local_no_integer_division(arch):
-    """step_bwd.cu compiles without warnings; step_bwd_v1 keeps everything in registers and shared memory (no spill,
-    no stack, no .local), fits 48 KB of static shared memory and 2 blocks of 256 threads an SM's registers, and its
-    PTX has no integer div./rem. (the LeNet geometry is compiled in; chunk comes from the host)."""
+    """step_bwd.cu compiles without warnings; step_bwd_v1 and _v2 keep everything in registers and shared memory (no
+    spill, no stack, no .local), fit 48 KB of static shared memory and 2 (v1) / 3 (v2) blocks of 256 threads an SM's
+    registers, and their PTX has no integer div./rem. (the LeNet geometry is compiled in; chunk comes from the
+    host)."""
     from tests.conftest import require
 
     nvrtc = require("lenet_gpu.harness.nvrtc")
     if not nvrtc.nvrtc_available():
         pytest.skip("NVRTC (cuda-bindings with nvidia-cuda-nvrtc) is not installed")
     res = nvrtc.compile_cuda(kernel_source("step_bwd"), arch=arch, warnings_as_errors=True)
-    (k,) = [k for k in res.kernels if k.kernel == "step_bwd_v1"]
-    assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
-    assert k.shared_bytes <= 48 * 1024 and k.registers * 256 * 2 <= 65536, k
-    body = res.ptx[res.ptx.index(".entry step_bwd_v1") :]
-    assert ".local" not in body
-    int_div = [ln for ln in body.splitlines() if re.search(r"\b(div|rem)\.(s|u)(8|16|32|64)\b", ln)]
-    assert not int_div, int_div[:5]
-    assert re.search(r"\bfma\.rn\.f32\b", body) and "bar.sync" in body  # the PTX is the kernel's
+    entries = [res.ptx.index(f".entry step_bwd_{v}") for v in ("v1", "v2")]
+    for v, blocks in (("v1", 2), ("v2", 3)):
+        (k,) = [k for k in res.kernels if k.kernel == f"step_bwd_{v}"]
+        assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
+        assert k.shared_bytes <= 48 * 1024 and k.registers * 256 * blocks <= 65536, k
+        start = res.ptx.index(f".entry step_bwd_{v}")
+        body = res.ptx[start : min([e for e in entries if e > start], default=len(res.ptx))]
+        assert ".local" not in body
+        int_div = [ln for ln in body.splitlines() if re.search(r"\b(div|rem)\.(s|u)(8|16|32|64)\b", ln)]
+        assert not int_div, int_div[:5]
+        assert re.search(r"\bfma\.rn\.f32\b", body) and "bar.sync" in body  # the PTX is the kernel's

@@ -76,7 +76,7 @@ OP_KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "step_advance": ("optim", ("v1",)),
     # the four-kernel step (docs/step4.md)
     "step_fwd": ("step_fwd", ("v1", "v2")),
-    "step_bwd": ("step_bwd", ("v1",)),
+    "step_bwd": ("step_bwd", ("v1", "v2")),
     "step_adam": ("step_update", ("v1",)),
     "step_sgd": ("step_update", ("v1",)),
     # the fused ops of fused.py (two and one launches of their own; listed here for the compile checks)
@@ -731,9 +731,10 @@ class CupyBackend:
     def step_groups(self, batch: int) -> int:
         """The rows S of step_bwd's partials at ``batch``: a block per group, so the grid should fill the SMs
         and each block should get enough images to amortise staging w3 (9.6 KB) and writing its 10.5 KB row (which
-        step_adam / step_sgd then add). Up to 2 blocks per SM (the kernel's 128 registers x 256 threads allow 2 on
-        sm_90) one image each: S = batch for batch <= 2 * sm_count; beyond, groups of ceil(batch / (2 * sm_count))
-        images, S = ceil(batch / chunk) <= 2 * sm_count (one wave; no empty group). Always 1 <= S <= batch."""
+        step_adam / step_sgd then add). Up to 2 blocks per SM (v1's 128 registers x 256 threads allow 2 on sm_90;
+        v2's 80 would allow 3: the groups stay v1's, so both variants write the same rows) one image each:
+        S = batch for batch <= 2 * sm_count; beyond, groups of ceil(batch / (2 * sm_count)) images,
+        S = ceil(batch / chunk) <= 2 * sm_count (one wave; no empty group). Always 1 <= S <= batch."""
         batch = int(batch)
         if batch < 1:
             raise ValueError(f"step_groups: batch must be >= 1 (got {batch})")
