@@ -60,6 +60,31 @@ def test_simulator_suite():
 
 
 @pytest.mark.skipif(SIM, reason="plain Python: the parent process")
+def test_plan_once_per_shape_and_fill_target(monkeypatch):
+    """head.plan asks cupy's head_plan once per call shape, and again when a fill target changes."""
+    head = _head()
+    from lenet_gpu.backends.cupy_backend import fused
+
+    calls = []
+    real = fused.head_plan
+
+    def counting(*a, **k):
+        calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fused, "head_plan", counting)
+    monkeypatch.setattr(head, "_PLANS", {})
+    first = head.plan("v3", 77, 400, 120, 84, 10)
+    n = len(calls)
+    assert n >= 1 and head.plan("v3", 77, 400, 120, 84, 10) == first and len(calls) == n  # (head_plan may recurse)
+    head.plan("v3", 78, 400, 120, 84, 10)
+    assert len(calls) > n
+    n = len(calls)
+    monkeypatch.setattr(fused, "HEAD_FILL_BLOCKS", 8)  # 77 rows now take v2's rows kernel
+    assert head.plan("v3", 77, 400, 120, 84, 10)[0][0] == "head_train_v2" != first[0][0] and len(calls) > n
+
+
+@pytest.mark.skipif(SIM, reason="plain Python: the parent process")
 @pytest.mark.parametrize("batch", [1, 64, 264, 265, 1048, 1049, 2097, 4096, 4193])
 def test_plan_is_cupys(batch):
     """v2, v3 and v4 launch as cupy launches head.cu's (grid, block, dynamic shared memory, rows a block): cupy's
