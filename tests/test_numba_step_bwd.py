@@ -1,14 +1,16 @@
 """step_bwd on the numba backend (lenet_gpu/backends/numba_backend/step4_bwd.py, the Numba port of
 kernels/step_bwd.cu; docs/step4.md): the four-kernel step's conv backward in one launch.
 
-- In this process (the real compiler, no GPU): compile_ptx for sm_80 / sm_90 with the launch's signature and launch
-  bounds, then ptxas -v: no spills, no stack frame or .local, no float64, no integer division at all (64-bit,
-  signed or by a run-time value), the 32,048 B of static shared memory, and registers that keep 2 blocks of 256
-  threads an SM (step_bwd.cu's 128 at 2 blocks/SM).
+- In this process (the real compiler, no GPU): compile_ptx of step_bwd_v1 and step_bwd_v2 for sm_80 / sm_90 with the
+  launch's signature and launch bounds, then ptxas -v: no spills, no stack frame or .local, no float64, no integer
+  division at all (64-bit, signed or by a run-time value), the 32,048 B of static shared memory, and registers that
+  keep 2 blocks of 256 threads an SM for v1 (step_bwd.cu's 128 at 2 blocks/SM) and 3 for v2 (at most 80, its
+  launch bounds (256, 3), as step_bwd.cu's).
 - In Numba's CUDA simulator (``test_step_bwd_simulator_suites`` re-runs the ``sim_*`` tests of this file in a
   subprocess with NUMBA_ENABLE_CUDASIM=1, and the ``u32_*`` tests in another with true uint32 scalars and
-  overflow warnings as errors): parity against reference.step_bwd (float64) for two activations at batch 1 and 5
-  with S = 1, 2, B, and S > B (empty groups: zero rows), padding columns exactly 0; the rows summed against the
+  overflow warnings as errors): parity against reference.step_bwd (float64), v1 and v2, for two activations at
+  batch 1 and 5 with S = 1, 2, B, and S > B (empty groups: zero rows), padding columns exactly 0; v2's partials bit
+  for bit equal to v1's (several images in a group, several groups, an empty group); the rows summed against the
   numba routed ops on the whole batch (the nine-op routed step's C3 weight gradient, gz1, C1 weight gradient); a
   grid capped at one block (the block-stride walk over the groups); a recorded replay bit for bit equal to the
   eager launch, one launch and no allocation a call, with the argument types of the declared signature; shape
@@ -82,10 +84,10 @@ def reference(inp: dict, groups: int, act: str) -> np.ndarray:
     return ref.step_bwd(*(inp[k].astype(F64) if inp[k].dtype == np.float32 else inp[k] for k in NAMES), act, groups)
 
 
-def run_step_bwd(be, inp: dict, groups: int, act: str) -> np.ndarray:
+def run_step_bwd(be, inp: dict, groups: int, act: str, variant: str | None = None) -> np.ndarray:
     dev = [be.to_device(inp[k]) for k in NAMES]
     gpart = be.to_device(nan_like((groups, conv_prefix())))  # unwritten columns stay NaN and fail
-    be.step_bwd(*dev, gpart, act)
+    be.step_bwd(*dev, gpart, act, variant=variant)
     return be.to_host(gpart)
 
 
@@ -104,10 +106,10 @@ def check_rows(got: np.ndarray, want: np.ndarray, what: str) -> None:
     assert_equal(got[:, pad], np.zeros_like(got[:, pad]), f"{what} padding columns")
 
 
-def check_parity(be, b: int, groups: int, act: str, seed: int) -> np.ndarray:
+def check_parity(be, b: int, groups: int, act: str, seed: int, variant: str | None = None) -> np.ndarray:
     inp = step_inputs(b, act, seed)
-    got = run_step_bwd(be, inp, groups, act)
-    check_rows(got, reference(inp, groups, act), f"numba step_bwd {act} B={b} S={groups}")
+    got = run_step_bwd(be, inp, groups, act, variant)
+    check_rows(got, reference(inp, groups, act), f"numba step_bwd {variant or 'default'} {act} B={b} S={groups}")
     for s, g in enumerate(ref.step_groups(b, groups)):
         if g.start == g.stop:
             assert_equal(got[s], np.zeros(conv_prefix(), np.float32), f"empty group {s} row")
@@ -143,14 +145,33 @@ def _backend(max_blocks=None):
 
 
 @sim
+@pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("act,cases", [
     ("relu", ((1, 1), (5, 1), (5, 2), (5, 5))),  # batch 1; batch 5 in 1, 2 (3 + 2 images) and B groups
     ("lecun_tanh", ((1, 1), (5, 2), (2, 3))),  # S > B: chunk 1, group 2 empty (a zero row)
 ])
-def test_sim_step_bwd_matches_reference(act, cases):
+def test_sim_step_bwd_matches_reference(act, cases, variant):
     be = _backend()
     for b, groups in cases:
-        check_parity(be, b, groups, act, seed=b + 3 * groups)
+        check_parity(be, b, groups, act, seed=b + 3 * groups, variant=variant)
+
+
+@sim
+@pytest.mark.parametrize("b,groups,act", [
+    (4, 1, "tanh"),  # 4 images in one group: each weight's per-image sums added in turn
+    (5, 3, "relu"),  # 3 groups of 2, 2, 1 images
+    (2, 3, "sigmoid"),  # S > B: an empty group (a zero row in both)
+])
+def test_sim_step_bwd_v2_same_bits_as_v1(b, groups, act):
+    """v2 changes only which thread owns which dw3 weight (one filter's 10 weights a thread, a window's gz3 and route
+    loaded once for them); each weight's sum is v1's, windows in order from 0 for each image, then added to the
+    group's total: the partials are v1's bit for bit (every column, padding and the other gradients included)."""
+    be = _backend()
+    inp = step_inputs(b, act, seed=19 + b)
+    v1 = run_step_bwd(be, inp, groups, act, "v1")
+    v2 = run_step_bwd(be, inp, groups, act, "v2")
+    check_rows(v2, reference(inp, groups, act), f"numba step_bwd v2 {act} B={b} S={groups}")
+    assert_equal(v2.view(np.uint32), v1.view(np.uint32), f"step_bwd v2 vs v1 bits, B={b} S={groups}")
 
 
 @sim
@@ -191,8 +212,8 @@ def test_sim_record_replays_bit_for_bit_one_launch_no_allocation():
         outs.append(be.to_host(gpart))
     assert_equal(outs[0], outs[1], "step_bwd: recorded replay vs eager launch")
     check_rows(outs[0], reference(inp, 2, "tanh"), "numba step_bwd record")
-    assert [n for n, _ in be.launch_log] == ["step_bwd_v1"], be.launch_log
-    want, _ = sigutils.normalize_signature(step4_bwd.SIGNATURES["step_bwd_v1"])
+    assert [n for n, _ in be.launch_log] == ["step_bwd_v2"], be.launch_log  # the default variant
+    want, _ = sigutils.normalize_signature(step4_bwd.SIGNATURES["step_bwd_v2"])
     assert tuple(be.launch_log[0][1]) == tuple(want), be.launch_log[0][1]
 
 
@@ -201,8 +222,9 @@ def test_sim_backend_lists_step_bwd_and_its_groups():
     from lenet_gpu.backends.numba_backend import backend as B
 
     be = _backend()
-    assert be.variants["step_bwd"] == ("v1",) and be.default_variants["step_bwd"] == "v1"
+    assert be.variants["step_bwd"] == ("v1", "v2") and be.default_variants["step_bwd"] == "v2"
     assert B.FUSED_KERNELS["step_bwd_v1"] is B._step4_bwd.step_bwd_v1
+    assert B.FUSED_KERNELS["step_bwd_v2"] is B._step4_bwd.step_bwd_v2
     assert B.sm_count() == B.DEFAULT_SM_COUNT == 132  # the simulator asks no device
     for batch, want in ((1, 1), (5, 5), (64, 64), (264, 264), (265, 133), (4096, 256), (60000, 264)):
         got = be.step_groups(batch)
@@ -244,22 +266,30 @@ def test_sim_step_bwd_refuses_bad_arguments():
 
 
 @sim_u32
-def test_u32_step_bwd_one_block_two_groups():
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_u32_step_bwd_one_block_two_groups(variant):
     """True uint32 scalars in the simulated kernel (common.U): any index that wrapped around would warn (an error
     here). Batch 1 in 2 groups on one block: the image's group and an empty one."""
-    check_parity(_backend(max_blocks=1), 1, 2, "lecun_tanh", seed=2)
+    check_parity(_backend(max_blocks=1), 1, 2, "lecun_tanh", seed=2, variant=variant)
 
 
 # --------------------------------------------------------------------------------------- compile checks
 
 
+#: kernel -> (most registers, blocks of 256 threads an SM on sm_90 at those registers): v1 at launch bounds (256,)
+#: (step_bwd.cu: 128 at 2 blocks/SM), v2 at (256, 3) (step_bwd.cu: 80 at 3 blocks/SM)
+REGISTER_BOUNDS = {"step_bwd_v1": (128, 2), "step_bwd_v2": (80, 3)}
+
+
 @parent
+@pytest.mark.parametrize("name", sorted(REGISTER_BOUNDS))
 @pytest.mark.parametrize("arch", ARCHS)
-def test_compile_ptx_no_spills_no_local_no_f64_no_division(arch):
-    """step_bwd_v1 as launched (its signature, launch bounds (256,)): every array in registers or shared memory
-    (ptxas: no spill, no stack frame; no .local in the PTX), no float64, no integer division or remainder of any
-    width or sign (LeNet's geometry is compiled in: every division is by a constant), 32,048 B of static shared
-    memory, and at most 128 registers, so 2 blocks of 256 threads fit an SM (step_bwd.cu: 128 at 2 blocks/SM)."""
+def test_compile_ptx_no_spills_no_local_no_f64_no_division(arch, name):
+    """step_bwd_v1 / _v2 as launched (their signature and launch bounds: (256,) / (256, 3)): every array in registers
+    or shared memory (ptxas: no spill, no stack frame; no .local in the PTX), no float64, no integer division or
+    remainder of any width or sign (LeNet's geometry is compiled in: every division is by a constant), 32,048 B of
+    static shared memory, and at most 128 registers for v1, so 2 blocks of 256 threads fit an SM (step_bwd.cu: 128
+    at 2 blocks/SM), at most 80 for v2, so 3 fit (step_bwd.cu's v2: 80 at 3 blocks/SM)."""
     from tests.conftest import require
 
     require("numba.cuda")
@@ -270,7 +300,6 @@ def test_compile_ptx_no_spills_no_local_no_f64_no_division(arch):
         cr.ptxas_path()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    name = "step_bwd_v1"
     ptx, log = cr.compile_kernel(name, arch)  # the backend's build (its signature, launch bounds), one lowering
     assert f".target {arch}" in ptx and ".entry" in ptx
     bad = cr.f64_lines(ptx)
@@ -284,22 +313,37 @@ def test_compile_ptx_no_spills_no_local_no_f64_no_division(arch):
     print(f"{name} {arch}: {res}")
     assert res["spill_stores"] == 0 and res["spill_loads"] == 0 and res["stack_bytes"] == 0, res
     assert res["shared_bytes"] == 32048, res
-    assert 0 < res["registers"] <= 128, res
+    regs, blocks = REGISTER_BOUNDS[name]
+    assert cr.all_launch_bounds()[name] == m.LAUNCH_BOUNDS[name] == ((m.THREADS,) if blocks == 2 else (m.THREADS, 3))
+    assert 0 < res["registers"] <= regs, res
     if arch == "sm_90":
         occ = cr._occupancy(res["registers"], res["shared_bytes"], m.THREADS, arch)
-        assert occ >= 0.25, f"{name}: occupancy {occ} (< 2 blocks of 256 threads an SM)"
+        assert occ >= blocks * m.THREADS / 2048, f"{name}: occupancy {occ} (< {blocks} blocks of 256 threads an SM)"
 
 
 # ------------------------------------------------------------------------------------------------- GPU
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("act", ["relu", "tanh", "lecun_tanh", "sigmoid"])
-def test_gpu_step_bwd_matches_reference(act):
+def test_gpu_step_bwd_matches_reference(act, variant):
     """Batch 1, 5 (S = 1, 2, 5, 7), 64 in one group (the longest chains) and 257 in step_groups' plan."""
     be = _backend()
     for b, groups in ((1, 1), (5, 1), (5, 2), (5, 5), (5, 7), (64, 1), (257, be.step_groups(257))):
-        check_parity(be, b, groups, act, seed=b + groups)
+        check_parity(be, b, groups, act, seed=b + groups, variant=variant)
+
+
+@pytest.mark.gpu
+def test_gpu_step_bwd_v2_same_bits_as_v1():
+    """On the device (fma.rn.f32: one rounding) v2's partials are v1's bit for bit: 64 images in one group, 257 and
+    4096 in step_groups' plan, 5 in 7 groups (empty ones)."""
+    be = _backend()
+    for b, groups, act in ((64, 1, "lecun_tanh"), (257, be.step_groups(257), "relu"),
+                           (4096, be.step_groups(4096), "sigmoid"), (5, 7, "tanh")):
+        inp = step_inputs(b, act, seed=b)
+        v1, v2 = (run_step_bwd(be, inp, groups, act, v) for v in ("v1", "v2"))
+        assert_equal(v2.view(np.uint32), v1.view(np.uint32), f"step_bwd v2 vs v1 bits on the GPU, B={b} S={groups}")
 
 
 @pytest.mark.gpu
@@ -341,10 +385,10 @@ def test_gpu_record_and_graph_replay_bit_for_bit():
 @pytest.mark.gpu
 def test_gpu_times_against_the_cuda_c_kernel(capsys):
     """Device µs of one step_bwd launch (lenet_gpu.perf.timing: CUDA events, L2 flushed; median, cold and hot) on
-    the numba backend and on the cupy backend (kernels/step_bwd.cu) at batch 64, 256 and 4096 in step_groups'
-    plan, printed for the report, and how far apart their partials are (both are checked against the reference
-    above; the same sums in the same order with the same fma may agree bit for bit, which this prints, not
-    asserts)."""
+    the numba backend (its default, v2, and v1) and on the cupy backend (kernels/step_bwd.cu, its default) at batch
+    64, 256 and 4096 in step_groups' plan, printed for the report, and how far apart their partials are (both are
+    checked against the reference above; the same sums in the same order with the same fma may agree bit for bit,
+    which this prints, not asserts)."""
     from lenet_gpu.perf.timing import TimingConfig, make_timer, measure_us
 
     nb = _backend()
@@ -361,21 +405,22 @@ def test_gpu_times_against_the_cuda_c_kernel(capsys):
         groups = nb.step_groups(batch)
         row = {}
         outs = {}
-        for label, be in (("numba", nb), ("cupy", cu)):
+        for label, be, variant in (("numba", nb, None), ("numba_v1", nb, "v1"), ("cupy", cu, None)):
             if be is None:
                 continue
             assert be.step_groups(batch) == groups
             dev = [be.to_device(inp[k]) for k in NAMES]
             gpart = be.to_device(nan_like((groups, conv_prefix())))
+            kw = {} if variant is None else {"variant": variant}
 
-            def fn(be=be, dev=dev, gpart=gpart):
-                be.step_bwd(*dev, gpart, "relu")
+            def fn(be=be, dev=dev, gpart=gpart, kw=kw):
+                be.step_bwd(*dev, gpart, "relu", **kw)
 
             fn()
             outs[label] = be.to_host(gpart)
             t = measure_us(make_timer(be), fn, cfg)
             row[label] = {k: round(t[k], 1) for k in ("median_us", "p20_us", "p80_us", "hot_median_us")}
-        if len(outs) == 2:
+        if "cupy" in outs:
             d = np.abs(outs["numba"].astype(F64) - outs["cupy"])
             row["max_abs_diff"] = float(d.max())
             row["bit_identical"] = bool(np.array_equal(outs["numba"].view(np.uint32), outs["cupy"].view(np.uint32)))

@@ -21,12 +21,26 @@ An empty group (s*chunk >= B) writes a row of zeros.
   Two exceptions, each a uint32 plus a compile-time constant summed in int64 (zero-extended, never negative: no
   wraparound select), which LLVM folds into the loads' immediate offsets (LDS [R+0x64] ...; a uint32 sum could
   wrap, so it cannot): the 6 weights of a tap in gz1's gather (wo + c*25) and the windows of a dw3 chain.
+- step_bwd_v2 (the default; step_bwd.cu's step_bwd_v2): v1 but for which thread owns which of C3's 2,400 weight
+  gradients in phase A.1 and in the row's write. Thread t < 240 owns the 10 weights o = k*150 + l + 15u
+  (k = t // 15, l = t % 15, u = 0..9; _w3_index, step_bwd.cu's sb_w3_index<true>) of ONE filter k, so per window
+  it loads gz3[k*25 + w] and the route off3[k*25 + w] once and makes its 10 FMAs (_filter3: 12 shared loads for 10
+  MACs, v1 30); threads 240..255 add no dw3 and write none (their o is >= 2400). Each weight's sum is v1's
+  (windows in order from 0 for the image, then added to the group's total), so v2 writes v1's bits exactly
+  (tests/test_numba_step_bwd.py checks it in the simulator and, with -m gpu, on a device). Everything else
+  (staging, db3, phase A.2, phase B, padding, launch shape) is v1's. Launch bounds (256, 3), as step_bwd.cu's.
+  Both kernels are one body (_body(..., v2), step_bwd.cu's step_bwd_body<V2>): each passes a constant bool, which
+  Numba types as a literal (Literal[bool](False) / (True) in the mangled name), so it compiles a body for each and
+  prunes the other variant's branches; v1's PTX is the one it had as its own kernel, instruction for instruction
+  (only the unused environment globals of the new device functions are added), and ptxas gives it the same
+  registers.
 
 Accumulators and determinism (as step_bwd.cu). Every output has exactly one owner thread that keeps it in a
 register: per image it sums the image's windows in a fixed order from 0, then adds that to the group's total,
 images in order n0, n0+1, ... There is no cross-thread reduction, no float atomic and no ticket, so two runs
 agree bit for bit whatever the schedule.
-  dw3: thread t owns o = t + 256u (u = 0..9, o < 2400): 10 registers (the last only for t < 96);
+  dw3: thread t owns o = t + 256u (u = 0..9, o < 2400): 10 registers (the last only for t < 96); v2: thread
+       t < 240 owns o = k*150 + l + 15u (t = 15k + l, u = 0..9): 10 registers, one filter's weights;
   db3: thread t < 16 owns db3[t]; dw1 / db1: thread t < 150 owns dw1[t], 150 <= t < 156 owns db1[t-150].
 The products are cuda.fma (fma.rn.f32: fmaf's single rounding); the sums as step_bwd.cu's.
 
@@ -34,7 +48,8 @@ Per image (shared memory staged once per image, after a barrier that protects th
   stage: x (1x32x32, rows padded to XS = 37 floats: the 25 taps of C1's weight gradient fall in 25 different
          banks), p1 (6x14x14), gz3 and m3 (16x5x5), m3's routed offsets into a p1 plane (off3) and m1's routed
          offsets into x (off1). w3 (16x6x5x5) is staged once per block.
-  phase A (one barrier): C3's weight gradient (every thread, its <= 10 weights over the 25 windows); threads
+  phase A (one barrier): C3's weight gradient (v1: every thread, its <= 10 weights over the 25 windows, a chain
+         each; v2: threads t < 240, one filter's 10 weights, the 25 windows in a loop of 10 FMAs each); threads
          t < 16 add db3; threads t < 196 = (h, v) of S2 compute gz1[:, h, v] (6 channel accumulators, the
          <= 3x3 pooled C3 windows within the filter's reach, k = 0..15 in order) into shared memory.
   phase B (one barrier): threads t < 156 add dw1 / db1 over the 196 windows of their filter.
@@ -54,7 +69,12 @@ What Numba cannot say as the CUDA C does, and what stands in for it:
   SASS counts of the ptxas output, cuobjdump -sass; with the windows in a loop of uint32 index arithmetic it
   took ~11). The other fixed-count loops (16 filters, 196 windows) are while loops on a uint32 counter: a range()
   keeps a 64-bit counter with two selects an iteration, which LLVM copies into every unrolled body.
-- ``__launch_bounds__(256)``: cuda.jit(launch_bounds=(256,)) (not in the simulator, whose jit takes none).
+- ``__launch_bounds__(256)``: cuda.jit(launch_bounds=(256,)) (not in the simulator, whose jit takes none); v2's
+  ``__launch_bounds__(256, 3)``: launch_bounds=(256, 3) (LAUNCH_BOUNDS).
+- ``template <bool V2>``: _body's bool argument, a literal at each kernel's call (see step_bwd_v2 above).
+- v2's ``#pragma unroll 5`` over the 25 windows: a while loop on a uint32 window index (a range() here kept an
+  int64 index with selects and a negative-index wraparound in every load's address); LLVM peels the first window
+  and unrolls the rest by 2, the 10 weights unrolled inside (10 FFMA + 12 LDS a window).
 - ``fmaf``: cuda.fma (the simulator computes it as a*b + c in float32: two roundings).
 - ``__restrict__`` / ``const``: no equivalent (Numba marks no kernel pointer noalias); loads are plain ld.global.
 
@@ -63,7 +83,12 @@ per block). Its time estimate (shared-memory bound, ~6 us an image per SM at 2 b
 ESTIMATE, not a measurement of this kernel; what occupancy the Numba kernel reaches depends on its registers
 (measured with compile_ptx + ptxas -v of CUDA 12.9, launch bounds (256,): 128 registers on sm_90, as step_bwd.cu's,
 so 2 blocks of 256 threads an SM (step_groups' plan); 109 on sm_80; no spill, no stack; 32,048 B static shared
-memory; tests/test_numba_step_bwd.py prints them and bounds them at 128).
+memory; tests/test_numba_step_bwd.py prints them and bounds them at 128). step_bwd_v2 at launch bounds (256, 3):
+80 registers on sm_90 (step_bwd.cu's v2: 80), 79 on sm_80, no spill, no stack, so 3 blocks an SM fit (the
+test bounds it at 80); without launch bounds 96 registers; at (256,) or (256, 4) ptxas takes 64 registers and
+spills 16 B on sm_80 (none on sm_90). step_bwd.cu's v2 estimate (ESTIMATED, NOT MEASURED: C3's weight gradient
+1.2 shared loads a MAC instead of 3, ~0.13-0.15 ms at batch 4096 against v1's ~0.18-0.20) is likewise the CUDA
+C's, not this kernel's.
 
 ``step_bwd(be, ...)`` is the launch wrapper with the protocol's signature (first parameter the backend), bound
 as a method by NumbaBackend; ``step_groups(batch, sm_count)`` is the group plan (CupyBackend.step_groups').
@@ -114,8 +139,17 @@ PB = OFF_W3 - OFF_B1 - C3
 PC = PREFIX - OFF_B3 - K3
 assert THREADS >= P1HW and THREADS >= W1 + C3, "step_bwd: one thread per S2 position / C1 output"
 assert THREADS >= PA + PB + PC, "step_bwd: one thread per padding column"
-#: launch bounds of step_bwd_v1: 256 threads a block (step_bwd.cu's __launch_bounds__(SB_THREADS))
-LAUNCH_BOUNDS = {"step_bwd_v1": (THREADS,)}
+V2_PER_K = W1 // U3  # v2: 15 threads a filter, 10 weights each (step_bwd.cu's SB_V2_PER_K)
+V2_THREADS = K3 * V2_PER_K  # 240: the threads that own dw3 weights in v2
+assert V2_PER_K * U3 == W1 and V2_THREADS <= THREADS, "step_bwd v2: 15 x 10 weights a filter"
+#: launch bounds: 256 threads a block (step_bwd.cu's __launch_bounds__(SB_THREADS)); v2 at 3 blocks an SM
+#: (step_bwd.cu's __launch_bounds__(SB_THREADS, 3))
+LAUNCH_BOUNDS = {"step_bwd_v1": (THREADS,), "step_bwd_v2": (THREADS, 3)}
+
+
+def _jit(name: str) -> Any:
+    """cuda.jit with the kernel's launch bounds (the simulator's cuda.jit takes none)."""
+    return cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS[name])
 
 
 @device_function
@@ -130,14 +164,39 @@ def _chain3(s_gz3, s_p1, s_off3, row, tap):
     return a
 
 
+@device_function
+def _filter3(s_gz3, s_p1, s_off3, row, p1tap, acc3):
+    """v2's phase A.1: one filter's 10 dw3 weights (row = k*25; p1tap[u] = c*196 + r*14 + s of weight u) over an
+    image's 25 windows in order: a window's gz3 and route are loaded once for its 10 FMAs. Each weight's sum is
+    _chain3's (windows in order from 0, then added to acc3[u]): the same bits as v1."""
+    a = cuda.local.array(U3, float32)
+    for u in range(U3):
+        a[u] = ZERO
+    g = row
+    while g < U(row + U(P3HW)):  # a uint32 counter (a range() keeps an int64 one, with selects; see the header)
+        gz = s_gz3[g]
+        off = s_off3[g]
+        for u in range(U3):
+            a[u] = cuda.fma(gz, s_p1[U(p1tap[u] + off)], a[u])
+        g = U(g + U1)
+    for u in range(U3):
+        acc3[u] += a[u]
 
-if numba.config.ENABLE_CUDASIM:
-    # the simulator calls a device function through a context manager that rescans the module's globals (common.py):
-    # the plain function does the same arithmetic (cuda.fma is the simulator's while a kernel runs)
-    _chain3 = _chain3.py_func  # noqa: F811
 
-@(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["step_bwd_v1"]))
-def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
+@device_function
+def _w3_index(tid, u, v2):
+    """Thread tid's u-th dw3 weight (flat (k, c, r, s) index; step_bwd.cu's sb_w3_index): v1 tid + 256u; v2
+    k*150 + l + 15u for tid = 15k + l (>= 2400 for tid >= 240, which own none)."""
+    if v2:
+        k = U(tid // U(V2_PER_K))
+        return U(k * U(W1 - V2_PER_K) + tid + U(V2_PER_K * u))  # k*150 + (tid - 15k) + 15u
+    return U(tid + U(THREADS * u))
+
+
+def _body(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act, v2):
+    """step_bwd_v1 (v2 False) and step_bwd_v2 (v2 True), as step_bwd.cu's step_bwd_body<V2>: each kernel calls it
+    with a constant v2, which Numba types as a literal: one body compiled for each, the other's branches pruned
+    (then inlined by NVVM: a device_function outside the simulator, the plain function in it)."""
     # every array flat; every index uint32 (common.U); stride loops are while loops (a range() with a run-time
     # step computes its trip count with a 64-bit division)
     s_w3 = cuda.shared.array(W3, float32)
@@ -163,9 +222,10 @@ def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
         s_w3[e] = w3[e]
         e = U(e + U(THREADS))
 
-    # this thread's dw3 weights: o = tid + 256u -> (k, c, r, s); gz3 row k*25, p1 tap c*196 + r*14 + s
+    # this thread's dw3 weights: o = tid + 256u (v2: k*150 + l + 15u) -> (k, c, r, s); gz3 row k*25, p1 tap
+    # c*196 + r*14 + s
     for u in range(U3):
-        o = U(min(U(tid + U(THREADS * u)), U(W3 - 1)))
+        o = U(min(_w3_index(tid, u, v2), U(W3 - 1)))
         k = U(o // U(C3 * RS))
         t = U(o - k * U(C3 * RS))
         c = U(t // U(RS))
@@ -232,18 +292,21 @@ def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
             cuda.syncthreads()
 
             # phase A.1: C3's weight gradient, windows in order (this image's sum, then added to the group's)
-            # (the 10 chains written out: Numba cannot force an unroll, see the header)
-            acc3[0] += _chain3(s_gz3, s_p1, s_off3, g3row[0], p1tap[0])
-            acc3[1] += _chain3(s_gz3, s_p1, s_off3, g3row[1], p1tap[1])
-            acc3[2] += _chain3(s_gz3, s_p1, s_off3, g3row[2], p1tap[2])
-            acc3[3] += _chain3(s_gz3, s_p1, s_off3, g3row[3], p1tap[3])
-            acc3[4] += _chain3(s_gz3, s_p1, s_off3, g3row[4], p1tap[4])
-            acc3[5] += _chain3(s_gz3, s_p1, s_off3, g3row[5], p1tap[5])
-            acc3[6] += _chain3(s_gz3, s_p1, s_off3, g3row[6], p1tap[6])
-            acc3[7] += _chain3(s_gz3, s_p1, s_off3, g3row[7], p1tap[7])
-            acc3[8] += _chain3(s_gz3, s_p1, s_off3, g3row[8], p1tap[8])
-            if has_last:
-                acc3[9] += _chain3(s_gz3, s_p1, s_off3, g3row[9], p1tap[9])
+            if v2:  # one filter's 10 weights: a window's gz3 and route loaded once for them
+                if tid < U(V2_THREADS):
+                    _filter3(s_gz3, s_p1, s_off3, g3row[0], p1tap, acc3)
+            else:  # the 10 chains written out: Numba cannot force an unroll, see the header
+                acc3[0] += _chain3(s_gz3, s_p1, s_off3, g3row[0], p1tap[0])
+                acc3[1] += _chain3(s_gz3, s_p1, s_off3, g3row[1], p1tap[1])
+                acc3[2] += _chain3(s_gz3, s_p1, s_off3, g3row[2], p1tap[2])
+                acc3[3] += _chain3(s_gz3, s_p1, s_off3, g3row[3], p1tap[3])
+                acc3[4] += _chain3(s_gz3, s_p1, s_off3, g3row[4], p1tap[4])
+                acc3[5] += _chain3(s_gz3, s_p1, s_off3, g3row[5], p1tap[5])
+                acc3[6] += _chain3(s_gz3, s_p1, s_off3, g3row[6], p1tap[6])
+                acc3[7] += _chain3(s_gz3, s_p1, s_off3, g3row[7], p1tap[7])
+                acc3[8] += _chain3(s_gz3, s_p1, s_off3, g3row[8], p1tap[8])
+                if has_last:
+                    acc3[9] += _chain3(s_gz3, s_p1, s_off3, g3row[9], p1tap[9])
             if tid < U(K3):
                 a3 = ZERO
                 w = U0
@@ -301,8 +364,8 @@ def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
         # the group's row: every column written once (padding 0)
         rb = U(grp * U(PREFIX))
         for u in range(U3):
-            o = U(tid + U(THREADS * u))
-            if o < U(W3):
+            o = _w3_index(tid, u, v2)
+            if o < U(W3):  # v2: false for every u of threads 240..255 (o >= 2400)
                 gpart[U(rb + U(OFF_W3) + o)] = acc3[u]
         if tid < U(K3):
             gpart[U(rb + U(OFF_B3) + tid)] = accb3
@@ -319,15 +382,34 @@ def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
         grp = U(grp + U(cuda.gridDim.x))
 
 
+if numba.config.ENABLE_CUDASIM:
+    # the simulator calls a device function through a context manager that rescans the module's globals (common.py):
+    # the plain functions do the same arithmetic (cuda.fma and cuda.shared are the simulator's while a kernel runs)
+    _chain3 = _chain3.py_func  # noqa: F811
+    _filter3 = _filter3.py_func  # noqa: F811
+    _w3_index = _w3_index.py_func  # noqa: F811
+else:
+    _body = device_function(_body)
+
+
+@_jit("step_bwd_v1")
+def step_bwd_v1(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
+    _body(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act, False)
+
+
+@_jit("step_bwd_v2")
+def step_bwd_v2(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act):
+    _body(x, p1, gz3, m3, m1, w3, gpart, nb, chunk, ngroups, act, True)
+
+
 # ------------------------------------------------------------------------------------ variant table
 
 _F = "float32[::1]"
-SIGNATURES = {
-    "step_bwd_v1": f"void({_F}, {_F}, {_F}, uint8[::1], uint8[::1], {_F}, {_F}, int32, int32, int32, int32)",
-}
-KERNELS = {"step_bwd_v1": step_bwd_v1}
-VARIANTS = {"step_bwd": ("v1",)}
-DEFAULT_VARIANTS = {"step_bwd": "v1"}
+_SIG = f"void({_F}, {_F}, {_F}, uint8[::1], uint8[::1], {_F}, {_F}, int32, int32, int32, int32)"
+SIGNATURES = {"step_bwd_v1": _SIG, "step_bwd_v2": _SIG}
+KERNELS = {"step_bwd_v1": step_bwd_v1, "step_bwd_v2": step_bwd_v2}
+VARIANTS = {"step_bwd": ("v1", "v2")}
+DEFAULT_VARIANTS = {"step_bwd": "v2"}
 
 
 # ------------------------------------------------------------------------------------------ launch wrappers
@@ -347,9 +429,10 @@ def step_groups(batch: int, sm_count: int) -> int:
 
 def step_bwd(be: Any, x: Any, p1: Any, gz3: Any, m3: Any, m1: Any, w3: Any, gpart: Any, act: str,
              variant: str | None = None) -> None:
-    """The conv backward of the four-kernel step (docs/step4.md, reference.step_bwd) in one launch of step_bwd_v1:
-    a block per image group (gpart's S rows; chunk = ceil(B / S), empty groups give zero rows) writes its row of
-    C1's and C3's weight and bias gradients at their flat-layout offsets (padding 0). x (B,1,32,32), p1
+    """The conv backward of the four-kernel step (docs/step4.md, reference.step_bwd) in one launch of step_bwd_v1 or
+    step_bwd_v2 (``variant``; by default the backend's, v2; both write the same bits): a block per image group
+    (gpart's S rows; chunk = ceil(B / S), empty groups give zero rows) writes its row of C1's and C3's weight and
+    bias gradients at their flat-layout offsets (padding 0). x (B,1,32,32), p1
     (B,6,14,14), gz3 (B,16,5,5) float32; m3 (B,16,5,5), m1 (B,6,14,14) uint8; w3 (16,6,5,5); gpart
     (S, conv_prefix) float32. LeNet-5's geometry is compiled in."""
     op = "step_bwd"
