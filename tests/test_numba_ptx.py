@@ -23,7 +23,7 @@ from lenet_gpu.backends.numba_backend import compile_report as cr  # noqa: E402
 #: variants: every index and size; common.U, common.fast_div)
 UINT32_KERNELS = ("conv2d_bwd_weight_routed_v2", "conv2d_bwd_data_routed_v1", "head_train_v1", "lenet_fwd_v1",
                   "conv2d_pool_fwd_v2", "conv2d_bwd_data_pool_v2", "conv2d_bwd_weight_v3", "lenet_fwd_v2",
-                  "lenet_fwd_v3", "lenet_fwd_v4")
+                  "lenet_fwd_v3")
 #: sm_90 register bounds other than 64 (compiled without launch bounds, as compile_report does): lenet_fwd_v1's
 #: unrolled C3 loop takes 71 (156 with int64 indices; its launch bounds allow 128, and ptxas fits it in 64
 #: without spills when capped)
@@ -31,8 +31,7 @@ UINT32_KERNELS = ("conv2d_bwd_weight_routed_v2", "conv2d_bwd_data_routed_v1", "h
 #: both give 4 blocks an SM, what a 4-image tile's shared memory allows anyway)
 #: lenet_fwd_v3 (v2 + its output switches and the argmax): v2's 72 (sm_80 under the launch bounds: 72, v2 70), its
 #: float32-image specialisation too
-#: lenet_fwd_v4 (v3's conv device functions, the dense stages over 8 or 16 rows): v3's 72, sm_80 and sm_90
-MAX_REGISTERS = {"lenet_fwd_v1": 72, "lenet_fwd_v2": 72, "lenet_fwd_v3": 72, "lenet_fwd_f32_v3": 72, "lenet_fwd_v4": 72}
+MAX_REGISTERS = {"lenet_fwd_v1": 72, "lenet_fwd_v2": 72, "lenet_fwd_v3": 72, "lenet_fwd_f32_v3": 72}
 #: head.py's default head_train rows kernel (v3, LeNet-5's geometry: 64 registers, as head.cu's v3 manages under
 #: its launch bounds): sm_90 only (~6 s of compile_ptx); its wgrad's and v2's spills, stack and float64 on both
 #: archs: tests/test_numba_compile.py (the report covers every head_train kernel)

@@ -34,7 +34,7 @@ from . import routed as _routed
 from . import step4_bwd as _step4_bwd
 from . import step4_fwd as _step4_fwd
 from ._compat import import_cuda_array_module
-from .common import ceil_div, div_magic
+from .common import allow_shared, ceil_div, div_magic
 
 if not numba.config.ENABLE_CUDASIM:
     import_cuda_array_module()  # before the first compile: NumPy 2.5 and numba-cuda 0.30 (see _compat)
@@ -536,7 +536,7 @@ class NumbaBackend:
         if self.launch_log is not None:
             self.launch_log.append((name, tuple(numba.typeof(a) for a in args)))
         if shmem > MAX_DYNAMIC_SMEM:  # lenet_fwd_v4 at 16 images: the kernel opted in first (once; simulated: no-op)
-            _lenet_fwd.allow_shared(k, args, shmem)
+            allow_shared(k, args, shmem)
         if self._capture is not None:
             prepared = _launchmod.PreparedLaunch.for_gpu(name, k, grid, block, shmem, args)
             prepared.issue(self._capture)

@@ -1519,7 +1519,7 @@ def launch_kernel(be: Any, name: str, kernel: Any, grid: int, block: int, shmem:
     if log is not None:
         log.append((name, tuple(numba.typeof(a) for a in args)))
     if shmem > 48 * 1024:  # lenet_fwd_v4 at 16 images: opted in to its shared memory first (a no-op simulated)
-        from .lenet_fwd import allow_shared
+        from .common import allow_shared
 
         allow_shared(kernel, args, shmem)
     kernel[max(1, grid), block, 0, shmem](*args)

@@ -1024,36 +1024,6 @@ def _sm_count(be: Any) -> int:
     return s if isinstance(s, int) else DEFAULT_SM_COUNT
 
 
-#: allow_shared's opt-ins: id(cufunc) -> (the cufunc, the bytes it is opted in to)
-_SHARED_OPT_INS: dict[int, tuple[Any, int]] = {}
-
-
-def allow_shared(dispatcher: Any, args: tuple, nbytes: int) -> bool:
-    """Opt the compiled specialisation of ``dispatcher`` for ``args`` in to ``nbytes`` of dynamic shared memory
-    (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: past 48 KiB a launch fails without it; the CUDA C side's
-    Runtime.allow_shared). numba-cuda 0.30.4 has no public API for it: this is the pattern of its
-    CudaPythonFunction.set_shared_memory_carveout (``driver.cuKernelSetAttribute(attr, value, handle, device)``) on
-    the overload's cufunc (compiled here if the launch has not yet). The attribute stays with the cufunc, which
-    recorded launches and graphs (launch.PreparedLaunch) reuse: set once per specialisation (and device), before
-    its first launch past 48 KiB. Returns whether it set the attribute: not at 48 KiB or less, not when already
-    done, never under the simulator (it has no such limit: a no-op)."""
-    if numba.config.ENABLE_CUDASIM or nbytes <= SMEM_LIMIT:
-        return False
-    argtypes = tuple(dispatcher.typeof_pyval(a) for a in args)
-    kernel = dispatcher.overloads.get(argtypes)
-    if kernel is None:
-        kernel = dispatcher.compile(argtypes)
-    cufunc = kernel._codelibrary.get_cufunc()
-    done = _SHARED_OPT_INS.get(id(cufunc))
-    if done is not None and done[0] is cufunc and done[1] >= nbytes:
-        return False
-    from cuda.bindings import driver as binding
-    from numba.cuda.cudadrv.driver import driver
-
-    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    driver.cuKernelSetAttribute(attr, int(nbytes), cufunc.handle, cufunc.device.id)
-    _SHARED_OPT_INS[id(cufunc)] = (cufunc, int(nbytes))
-    return True
 
 
 @functools.cache
