@@ -129,6 +129,9 @@ OPTION_SETS = [
     ("lenet_fwd", fused.DEFINES["lenet_fwd"]),
     ("lenet_fwd", {"LF_KB3": 8, "LF_F": 8, "LF_MIN_BLOCKS": 3}),
 ]
+#: the builds compiled: every option set on both archs but the alternative tuning (sm_90 only: lenet_fwd.cu takes
+#: ~24 s a build since v4, 2026-12-07, and the wrappers never launch that tuning)
+BUILDS = [(st, d, a) for st, d in OPTION_SETS for a in ARCHS if not (d is OPTION_SETS[-1][1] and a == "sm_80")]
 
 
 def _nvrtc_or_skip():
@@ -146,14 +149,14 @@ _COMPILED: dict[tuple, object] = {}
 
 def _compile(stem: str, defines: dict[str, int] | tuple[str, ...], arch: str):
     """NVRTC's result for kernels/<stem>.cu (cached per process: a compile takes seconds). The first call compiles
-    every OPTION_SETS × ARCHS build on two threads (NVRTC releases the GIL: lenet_fwd's two 15 s builds took 17 s
+    every BUILDS build on two threads (NVRTC releases the GIL: lenet_fwd's two 15 s builds took 17 s
     together on the 2-core machine)."""
     key = (stem, defines if isinstance(defines, tuple) else _options(defines), arch)
     if not _COMPILED:
         from concurrent.futures import ThreadPoolExecutor
 
         nv = _nvrtc_or_skip()
-        keys = [(st, _options(d), a) for st, d in OPTION_SETS for a in ARCHS]
+        keys = [(st, _options(d), a) for st, d, a in BUILDS]
         with ThreadPoolExecutor(2) as ex:
             done = ex.map(lambda k: nv.compile_cuda(kernel_source(k[0]), arch=k[2], options=k[1],
                                                     warnings_as_errors=True), keys)
@@ -165,8 +168,7 @@ def _compile(stem: str, defines: dict[str, int] | tuple[str, ...], arch: str):
 
 
 @parent
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("stem,defines", OPTION_SETS, ids=lambda v: v if isinstance(v, str) else str(v))
+@pytest.mark.parametrize("stem,defines,arch", BUILDS, ids=lambda v: v if isinstance(v, str) else str(v))
 def test_nvrtc_compiles_without_spills(stem, defines, arch):
     res = _compile(stem, defines, arch)
     names = {k.kernel for k in res.kernels}

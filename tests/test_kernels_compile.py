@@ -119,7 +119,7 @@ def test_fill_table():
     train = [r for r in rows if r["pass"] == "train"]
     assert [r["index"] for r in train] == list(range(len(train)))
     # the default step with max pooling: the four-kernel step (docs/step4.md), head_train being two kernels
-    assert [r["kernel"] for r in train] == ["step_fwd_v1", "head_train_v3", "head_train_wgrad_v3", "step_bwd_v1",
+    assert [r["kernel"] for r in train] == ["step_fwd_v1", "head_train_v3", "head_train_wgrad_v3", "step_bwd_v2",
                                             "step_adam_v1"]
     assert {r["pass"] for r in rows} == {"train", "infer"}
     for r in rows:
