@@ -397,16 +397,19 @@ lenet_fwd_v2(const unsigned char* __restrict__ images, const float* __restrict__
 
 // `imgs` (1, 2 or 4) and `in_f32` are uniform over the launch: one of six specialised bodies runs. images: (N,28,28)
 // uint8 (in_f32 = 0) or float32 (in_f32 = 1); logits (N,NC) or null; classes (N,) int64 or null (not both null).
-extern "C" __global__ void __launch_bounds__(LF_THREADS_V2, LF_MIN_BLOCKS)
-lenet_fwd_v3(const void* __restrict__ images, int in_f32, const float* __restrict__ c1w,
-             const float* __restrict__ c1b, const float* __restrict__ c3w, const float* __restrict__ c3b,
-             const float* __restrict__ c5w, const float* __restrict__ c5b, const float* __restrict__ f6w,
-             const float* __restrict__ f6b, const float* __restrict__ ow, const float* __restrict__ ob,
-             float* __restrict__ logits, long long* __restrict__ classes, int N, int H1, int H2, int NC, int act,
-             int mode, float scale, float shift, float pad, int imgs) {
-    extern __shared__ float smem[];
+// v3's and v4's parameters, and the arguments their tile functions take (images cast to the input type T)
+#define LF_V3_PARAMS                                                                                                  \
+    const void* __restrict__ images, int in_f32, const float* __restrict__ c1w, const float* __restrict__ c1b,       \
+        const float* __restrict__ c3w, const float* __restrict__ c3b, const float* __restrict__ c5w,                  \
+        const float* __restrict__ c5b, const float* __restrict__ f6w, const float* __restrict__ f6b,                  \
+        const float* __restrict__ ow, const float* __restrict__ ob, float* __restrict__ logits,                       \
+        long long* __restrict__ classes, int N, int H1, int H2, int NC, int act, int mode, float scale, float shift, \
+        float pad, int imgs
 #define LF_ARGS(T) static_cast<const T*>(images), c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, classes, N, \
                    H1, H2, NC, act, mode, scale, shift, pad, smem
+
+extern "C" __global__ void __launch_bounds__(LF_THREADS_V2, LF_MIN_BLOCKS) lenet_fwd_v3(LF_V3_PARAMS) {
+    extern __shared__ float smem[];
 #define LF_V3(NI, T) lenet_fwd_tile<NI, 8 / NI, LF_U3, T, true>(LF_ARGS(T))
     if (in_f32) {
         switch (imgs) {
@@ -422,7 +425,6 @@ lenet_fwd_v3(const void* __restrict__ images, int in_f32, const float* __restric
         }
     }
 #undef LF_V3
-#undef LF_ARGS
 }
 
 // ------------------------------------------------------------------------------------------ v4: large batches
@@ -502,16 +504,8 @@ __device__ __forceinline__ void lenet_fwd_tile4(const T* __restrict__ images, co
 
 // `imgs` (8 or 16) and `in_f32` are uniform over the launch: one of four specialised bodies runs. The arguments are
 // v3's.
-extern "C" __global__ void __launch_bounds__(LF_THREADS_V2, LF_MIN_BLOCKS)
-lenet_fwd_v4(const void* __restrict__ images, int in_f32, const float* __restrict__ c1w,
-             const float* __restrict__ c1b, const float* __restrict__ c3w, const float* __restrict__ c3b,
-             const float* __restrict__ c5w, const float* __restrict__ c5b, const float* __restrict__ f6w,
-             const float* __restrict__ f6b, const float* __restrict__ ow, const float* __restrict__ ob,
-             float* __restrict__ logits, long long* __restrict__ classes, int N, int H1, int H2, int NC, int act,
-             int mode, float scale, float shift, float pad, int imgs) {
+extern "C" __global__ void __launch_bounds__(LF_THREADS_V2, LF_MIN_BLOCKS) lenet_fwd_v4(LF_V3_PARAMS) {
     extern __shared__ float smem[];
-#define LF_ARGS(T) static_cast<const T*>(images), c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, classes, N, \
-                   H1, H2, NC, act, mode, scale, shift, pad, smem
     if (in_f32) {
         if (imgs == 8) lenet_fwd_tile4<8, float>(LF_ARGS(float));
         else lenet_fwd_tile4<16, float>(LF_ARGS(float));
@@ -519,8 +513,9 @@ lenet_fwd_v4(const void* __restrict__ images, int in_f32, const float* __restric
         if (imgs == 8) lenet_fwd_tile4<8, unsigned char>(LF_ARGS(unsigned char));
         else lenet_fwd_tile4<16, unsigned char>(LF_ARGS(unsigned char));
     }
-#undef LF_ARGS
 }
+#undef LF_ARGS
+#undef LF_V3_PARAMS
 
 // ------------------------------------------------------------------------------------------ evaluation
 // lenet_eval_v1: out[0] = sum over n of the softmax cross-entropy of logits[n] (N,NC) against labels[n] (uint8),

@@ -661,6 +661,21 @@ def _convs(sm, images, n0, ni, uimgs, uxr, isz, s4b, s4s, act, mode, scale, shif
         t = U(t + nt)
 
 
+@device_function
+def _argmax(sm, z, unc):
+    """The first maximal of the unc logits at sm[z:] (as np.argmax: the first maximum, the first NaN wins)."""
+    bv = sm[z]
+    best = U0
+    c = U1
+    while c < unc:
+        v = sm[U(z + c)]
+        if v > bv or (v != v and bv == bv):
+            bv = v
+            best = c
+        c = U(c + U1)
+    return best
+
+
 # (the simulator's cuda.jit takes no launch bounds)
 @(cuda.jit if numba.config.ENABLE_CUDASIM else cuda.jit(launch_bounds=LAUNCH_BOUNDS["lenet_fwd_v2"]))
 def lenet_fwd_v2(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits, n, h1, h2, nc, act, mode, scale,
@@ -693,17 +708,7 @@ def lenet_fwd_v3(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits,
         _dense_layers(sm, c5w, f6w, ow, c5b, f6b, ob, logits, n0, ni, U(h1), U(h2), unc, uxr, isz, act, tid, nt,
                       uimgs, uouts)
         if U(uouts & U(OUT_SHARED)) != U0 and tid < ni:  # the argmax: a thread per image of the tile
-            z = U(U(WEIGHTS_V2) + tid * isz)
-            bv = sm[z]
-            best = U0
-            c = U1
-            while c < unc:
-                v = sm[U(z + c)]
-                if v > bv or (v != v and bv == bv):  # as np.argmax: the first maximum, the first NaN wins
-                    bv = v
-                    best = c
-                c = U(c + U1)
-            classes[U(n0 + tid)] = numba.int64(best)
+            classes[U(n0 + tid)] = numba.int64(_argmax(sm, U(U(WEIGHTS_V2) + tid * isz), unc))
         # (the next tile's first barrier keeps its staging from X until every argmax has read it)
         tile = U(tile + U(cuda.gridDim.x))
 
@@ -904,17 +909,7 @@ def lenet_fwd_v4(images, c1w, c1b, c3w, c3b, c5w, c5b, f6w, f6b, ow, ob, logits,
         _dense_layers_v4(sm, c5w, f6w, ow, c5b, f6b, ob, logits, n0, ni, U(h1), U(h2), unc, rows, usr, act, tid, nt,
                          uimgs, uouts)
         if U(uouts & U(OUT_SHARED)) != U0 and tid < ni:  # the argmax: a thread per image of the tile
-            z = U(rows + tid * usr)
-            bv = sm[z]
-            best = U0
-            c = U1
-            while c < unc:
-                v = sm[U(z + c)]
-                if v > bv or (v != v and bv == bv):  # as np.argmax: the first maximum, the first NaN wins
-                    bv = v
-                    best = c
-                c = U(c + U1)
-            classes[U(n0 + tid)] = numba.int64(best)
+            classes[U(n0 + tid)] = numba.int64(_argmax(sm, U(rows + tid * usr), unc))
         # (a next tile's C3 writes the rows two barriers after its staging: the argmax has read them by then)
         tile = U(tile + U(cuda.gridDim.x))
 
