@@ -340,18 +340,21 @@ __device__ __forceinline__ void lf_output(const float* __restrict__ ow, const fl
     }
 }
 
+// the tile functions' parameters (v2's, v3's and v4's): the input images as T, the weights, the outputs (classes
+// may be null), the sizes, the activation and pool codes, the normalisation, the block's shared memory
+#define LF_TILE_PARAMS                                                                                                \
+    const T *__restrict__ images, const float *__restrict__ c1w, const float *__restrict__ c1b,                      \
+        const float *__restrict__ c3w, const float *__restrict__ c3b, const float *__restrict__ c5w,                  \
+        const float *__restrict__ c5b, const float *__restrict__ f6w, const float *__restrict__ f6b,                  \
+        const float *__restrict__ ow, const float *__restrict__ ob, float *__restrict__ logits,                       \
+        long long *__restrict__ classes, int N, int H1, int H2, int NC, int act, int mode, float scale, float shift, \
+        float pad, float *smem
+
 // v2's and v3's tile: NI images, the dense stages F outputs a warp with their k loop unrolled U deep; T the input
 // type (unsigned char pixels, or float already normalised); V3: C3's weights staged with coalesced reads, and the
 // fused argmax (classes not null: logits kept in shared memory, classes[n] written; logits written unless null).
 template <int NI, int F, int U, typename T, bool V3>
-__device__ __forceinline__ void lenet_fwd_tile(const T* __restrict__ images, const float* __restrict__ c1w,
-                                               const float* __restrict__ c1b, const float* __restrict__ c3w,
-                                               const float* __restrict__ c3b, const float* __restrict__ c5w,
-                                               const float* __restrict__ c5b, const float* __restrict__ f6w,
-                                               const float* __restrict__ f6b, const float* __restrict__ ow,
-                                               const float* __restrict__ ob, float* __restrict__ logits,
-                                               long long* __restrict__ classes, int N, int H1, int H2, int NC,
-                                               int act, int mode, float scale, float shift, float pad, float* smem) {
+__device__ __forceinline__ void lenet_fwd_tile(LF_TILE_PARAMS) {
     float* s_img = smem + LF_W_V2;
     const int XR = lf_region_x(H1), YR = lf_region_y(H2), IS = XR + YR;
     const int n0 = blockIdx.x * NI, ni = min(NI, N - n0);
@@ -471,14 +474,7 @@ __device__ __forceinline__ int lf4_scratch(int NI, int H1, int H2) {
 }
 
 template <int NI, typename T>
-__device__ __forceinline__ void lenet_fwd_tile4(const T* __restrict__ images, const float* __restrict__ c1w,
-                                                const float* __restrict__ c1b, const float* __restrict__ c3w,
-                                                const float* __restrict__ c3b, const float* __restrict__ c5w,
-                                                const float* __restrict__ c5b, const float* __restrict__ f6w,
-                                                const float* __restrict__ f6b, const float* __restrict__ ow,
-                                                const float* __restrict__ ob, float* __restrict__ logits,
-                                                long long* __restrict__ classes, int N, int H1, int H2, int NC,
-                                                int act, int mode, float scale, float shift, float pad, float* smem) {
+__device__ __forceinline__ void lenet_fwd_tile4(LF_TILE_PARAMS) {
     constexpr int G = LF4_G, F = 32 / NI, IS = LF_X * LF_X + LF_S2, XR = LF_X * LF_X;
     static_assert(NI % G == 0, "LF4_G must divide the images a block");
     float* s_img = smem + LF_W_V2;                     // G images' X | Y, later h1 and h2
@@ -516,6 +512,7 @@ extern "C" __global__ void __launch_bounds__(LF_THREADS_V2, LF_MIN_BLOCKS) lenet
 }
 #undef LF_ARGS
 #undef LF_V3_PARAMS
+#undef LF_TILE_PARAMS
 
 // ------------------------------------------------------------------------------------------ evaluation
 // lenet_eval_v1: out[0] = sum over n of the softmax cross-entropy of logits[n] (N,NC) against labels[n] (uint8),
