@@ -40,7 +40,7 @@ log "selftest rc $?"
 TESTS="tests/test_step_fwd_update.py tests/test_step_bwd.py tests/test_head_v3.py tests/test_step4.py
 tests/test_numba_step_fwd.py tests/test_numba_step_bwd.py tests/test_numba_head.py tests/test_numba_lenet_fwd_v2.py
 tests/test_numba_backend.py tests/test_infer_api.py tests/test_head_v4.py
-tests/test_lenet_fwd_v4.py"
+tests/test_lenet_fwd_v4.py tests/test_numba_lenet_fwd_v4.py"
 if "$PY" -c "import pytest" 2>/dev/null; then
     # shellcheck disable=SC2086
     timeout "$PYTEST_S" "$PY" -m pytest -m gpu -q -p no:cacheprovider --durations=15 $TESTS > "$W/pytest-gpu.log" 2>&1

@@ -273,3 +273,25 @@ def test_sim_v4_argmax_logits_none_and_float32_bits():
     log = [(name, tuple(t)) for name, t in be.launch_log if name == "lenet_fwd_v4"]
     assert [name for name, _ in be.launch_log] == ["lenet_fwd_v4", "lenet_fwd_v4", "lenet_fwd_v3", "lenet_fwd_v4"]
     assert [t for _, t in log] == want_types
+
+
+# ------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, imgs", [(4_000, 8), (10_000, 16)])
+def test_gpu_default_plan_at_large_batches(n, imgs):
+    """On a device, through NumbaBackend's launch path: v3's plan runs lenet_fwd_v4 (at 16 images the launch
+    needs the > 48 KiB opt-in, allow_shared through Numba's driver) against the reference, and gives v3's own
+    tiles' bits (those run when the backend plans for more SMs than the batch fills)."""
+    from lenet_gpu.backends.numba_backend import NumbaBackend
+    from tests import fused_helpers as F
+
+    lf = _lf()
+    be = NumbaBackend()
+    be.sm_count = 132
+    be.launch_log = []
+    assert lf.plan_v4("v3", n, 120, 84, 132)[:3] == ("lenet_fwd_v4", -(-n // imgs), imgs)
+    got = F.check_lenet_fwd(be, lf.lenet_fwd, None, n, "relu", "max", seed=n)
+    be.sm_count = 100_000
+    want = F.check_lenet_fwd(be, lf.lenet_fwd, None, n, "relu", "max", seed=n)
+    assert [name for name, _ in be.launch_log][-2:] == ["lenet_fwd_v4", "lenet_fwd_v3"]
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
