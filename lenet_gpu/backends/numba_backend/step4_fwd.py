@@ -39,7 +39,7 @@ step_fwd_v1  one block per image (the images block-stride over the grid: any gri
              - no float4 / float2 loads from a float32 array: the 6 C1 weights of a tap and the 2 C3 weights of a
                tap are scalar shared-memory loads (broadcasts);
              - no #pragma unroll (Numba leaves a range(5) tap loop a loop; a while loop is unrolled by 2) and no
-               templates: a filter row's 5 taps are written out (_c1_row, _c3_row: the 2×2 window's top and bottom
+               templates: a filter row's 5 taps are written out (_window_row, C1 and C3: the 2×2 window's top and bottom
                input rows as 12 scalars, step_fwd.cu's ra / rb), called once a row; the accumulators are
                cuda.local.array indexed by constants only (registers: the PTX has no local memory). The compiler
                merges the loads of an input row shared by two filter rows: C1 loads 36 inputs a thread, as
@@ -202,59 +202,69 @@ def _window_max(v0, v1, v2, v3):
     return best, tap
 
 
-@device_function
-def _c1_row(a1, s_x, s_w1, o, wo):
-    """C1, one filter row for a thread's 2×2 window: the window's top and bottom input rows (6 columns of x at o
-    and o + 32: step_fwd.cu's ra / rb) × the row's 5 taps, in column order, × the 6 filters (tap s's weights at
-    wo + 8·s). Written out: Numba's loops of this size are not unrolled, and the accumulators must stay in
-    registers."""
-    t0 = s_x[o]
-    t1 = s_x[U(o + U1)]
-    t2 = s_x[U(o + U(2))]
-    t3 = s_x[U(o + U(3))]
-    t4 = s_x[U(o + U(4))]
-    t5 = s_x[U(o + U(5))]
-    ob = U(o + U(SF_X))
-    u0 = s_x[ob]
-    u1 = s_x[U(ob + U1)]
-    u2 = s_x[U(ob + U(2))]
-    u3 = s_x[U(ob + U(3))]
-    u4 = s_x[U(ob + U(4))]
-    u5 = s_x[U(ob + U(5))]
-    for k in range(SF_K1):
-        c0 = a1[k]
-        c1 = a1[SF_K1 + k]
-        c2 = a1[2 * SF_K1 + k]
-        c3 = a1[3 * SF_K1 + k]
-        w = s_w1[U(wo + U(k))]
-        c0 += t0 * w
-        c1 += t1 * w
-        c2 += u0 * w
-        c3 += u1 * w
-        w = s_w1[U(wo + U(SF_W1 + k))]
-        c0 += t1 * w
-        c1 += t2 * w
-        c2 += u1 * w
-        c3 += u2 * w
-        w = s_w1[U(wo + U(2 * SF_W1 + k))]
-        c0 += t2 * w
-        c1 += t3 * w
-        c2 += u2 * w
-        c3 += u3 * w
-        w = s_w1[U(wo + U(3 * SF_W1 + k))]
-        c0 += t3 * w
-        c1 += t4 * w
-        c2 += u3 * w
-        c3 += u4 * w
-        w = s_w1[U(wo + U(4 * SF_W1 + k))]
-        c0 += t4 * w
-        c1 += t5 * w
-        c2 += u4 * w
-        c3 += u5 * w
-        a1[k] = c0
-        a1[SF_K1 + k] = c1
-        a1[2 * SF_K1 + k] = c2
-        a1[3 * SF_K1 + k] = c3
+def _window_row(nk: int, xs: int, ws: int) -> Any:
+    """One filter row for a thread's 2×2 window, for C1 (nk = 6 filters, x rows xs = 32 apart, a tap's weights
+    ws = 8 apart) and C3 (nk = kb filters, p1 rows 14 apart, 16 apart): the window's top and bottom input rows
+    (6 columns at o and o + xs: step_fwd.cu's ra / rb) × the row's 5 taps, in column order, × the nk filters (tap
+    s's weights at wo + ws·s + q; C3 loads kb scalars a tap where step_fwd.cu loads a float2 / float4). Numba has
+    no templates: nk, xs and ws are closure constants (Numba freezes them), so the filter loop unrolls and every
+    accumulator index is a constant; written out, since Numba's loops of this size are not unrolled and the
+    accumulators must stay in registers. acc: 4·nk accumulators [window tap][filter]. The simulator runs it as
+    the plain Python function it is (see below); compiled code inlines it (NVVM)."""
+
+    def row(acc, src, w_s, o, wo):
+        t0 = src[o]
+        t1 = src[U(o + U1)]
+        t2 = src[U(o + U(2))]
+        t3 = src[U(o + U(3))]
+        t4 = src[U(o + U(4))]
+        t5 = src[U(o + U(5))]
+        ob = U(o + U(xs))
+        u0 = src[ob]
+        u1 = src[U(ob + U1)]
+        u2 = src[U(ob + U(2))]
+        u3 = src[U(ob + U(3))]
+        u4 = src[U(ob + U(4))]
+        u5 = src[U(ob + U(5))]
+        for q in range(nk):
+            c0 = acc[q]
+            c1 = acc[nk + q]
+            c2 = acc[2 * nk + q]
+            c3 = acc[3 * nk + q]
+            w = w_s[U(wo + U(q))]
+            c0 += t0 * w
+            c1 += t1 * w
+            c2 += u0 * w
+            c3 += u1 * w
+            w = w_s[U(wo + U(ws + q))]
+            c0 += t1 * w
+            c1 += t2 * w
+            c2 += u1 * w
+            c3 += u2 * w
+            w = w_s[U(wo + U(2 * ws + q))]
+            c0 += t2 * w
+            c1 += t3 * w
+            c2 += u2 * w
+            c3 += u3 * w
+            w = w_s[U(wo + U(3 * ws + q))]
+            c0 += t3 * w
+            c1 += t4 * w
+            c2 += u3 * w
+            c3 += u4 * w
+            w = w_s[U(wo + U(4 * ws + q))]
+            c0 += t4 * w
+            c1 += t5 * w
+            c2 += u4 * w
+            c3 += u5 * w
+            acc[q] = c0
+            acc[nk + q] = c1
+            acc[2 * nk + q] = c2
+            acc[3 * nk + q] = c3
+
+    return row if numba.config.ENABLE_CUDASIM else device_function(row)
+
+
+_c1_row = _window_row(SF_K1, SF_X, SF_W1)  # C1: the 6 filters, x rows 32 apart, a tap's weights 8 apart
 
 
 def _c3_stage(kb: int) -> tuple[Any, Any]:
@@ -262,60 +272,7 @@ def _c3_stage(kb: int) -> tuple[Any, Any]:
     factory; kb is a closure constant (Numba freezes it), so the filter loops unroll and every accumulator index is a
     constant. Returns (row, stage)."""
 
-    def c3_row(a3, s_p1, s_w3, o, wo):
-        """C3, one filter row of one channel for a thread's 2×2 window (6 columns of p1 at o and o + 14) × the row's
-        5 taps, in column order, × the thread's kb filters (tap s's weights at wo + 16·s + q, q < kb: kb scalar
-        shared loads a tap where step_fwd.cu loads a float2 / float4). Written out as _c1_row."""
-        t0 = s_p1[o]
-        t1 = s_p1[U(o + U1)]
-        t2 = s_p1[U(o + U(2))]
-        t3 = s_p1[U(o + U(3))]
-        t4 = s_p1[U(o + U(4))]
-        t5 = s_p1[U(o + U(5))]
-        ob = U(o + U(SF_P2))
-        u0 = s_p1[ob]
-        u1 = s_p1[U(ob + U1)]
-        u2 = s_p1[U(ob + U(2))]
-        u3 = s_p1[U(ob + U(3))]
-        u4 = s_p1[U(ob + U(4))]
-        u5 = s_p1[U(ob + U(5))]
-        for q in range(kb):
-            c0 = a3[q]
-            c1 = a3[kb + q]
-            c2 = a3[2 * kb + q]
-            c3 = a3[3 * kb + q]
-            w = s_w3[U(wo + U(q))]
-            c0 += t0 * w
-            c1 += t1 * w
-            c2 += u0 * w
-            c3 += u1 * w
-            w = s_w3[U(wo + U(SF_K3 + q))]
-            c0 += t1 * w
-            c1 += t2 * w
-            c2 += u1 * w
-            c3 += u2 * w
-            w = s_w3[U(wo + U(2 * SF_K3 + q))]
-            c0 += t2 * w
-            c1 += t3 * w
-            c2 += u2 * w
-            c3 += u3 * w
-            w = s_w3[U(wo + U(3 * SF_K3 + q))]
-            c0 += t3 * w
-            c1 += t4 * w
-            c2 += u3 * w
-            c3 += u4 * w
-            w = s_w3[U(wo + U(4 * SF_K3 + q))]
-            c0 += t4 * w
-            c1 += t5 * w
-            c2 += u4 * w
-            c3 += u5 * w
-            a3[q] = c0
-            a3[kb + q] = c1
-            a3[2 * kb + q] = c2
-            a3[3 * kb + q] = c3
-
-    # the simulator runs both as the Python functions they are (see below); compiled code inlines them (NVVM)
-    row = c3_row if numba.config.ENABLE_CUDASIM else device_function(c3_row)
+    row = _window_row(kb, SF_P2, SF_K3)  # p1 rows 14 apart, a tap's 16 filters' weights
 
     def c3(a3, s_p1, xb, s_w3, s_b3, act, k0, p3, m3, po):
         """C3 + act + pool of one pooled pixel and filters k0 .. k0 + kb − 1: its 2×2 window's input at s_p1[xb]
@@ -443,7 +400,6 @@ if numba.config.ENABLE_CUDASIM:
     # they are (C3 alone calls _c3_row 6,000 times an image). Compiled code inlines the decorated versions.
     _mod_small = _mod_small.py_func
     _window_max = _window_max.py_func
-    _c1_row = _c1_row.py_func
     _c3 = _c3.py_func
     _c3_4 = _c3_4.py_func
     _sched_row = _sched_row.py_func
