@@ -615,18 +615,23 @@ __device__ __forceinline__ void head3_col(const float* s_w, const float* s_dout,
     }
 }
 
+// v3's and v4's rows kernels take the same parameters (v2's, the geometry compiled in: I_ .. W_ unused but kept,
+// so every rows kernel launches with the same argument list)
+#define HEAD3_ROWS_PARAMS                                                                                            \
+    const float *__restrict__ x, const int *__restrict__ labels, const float *__restrict__ w1,                       \
+        const float *__restrict__ b1, const float *__restrict__ w2, const float *__restrict__ b2,                    \
+        const float *__restrict__ w3, const float *__restrict__ b3, float *__restrict__ h1, float *__restrict__ h2,  \
+        float *__restrict__ logits, const unsigned char *__restrict__ argmax, const float *__restrict__ yconv,       \
+        float *__restrict__ dz_conv, float *__restrict__ dz1, float *__restrict__ dz2, float *__restrict__ dz3,      \
+        float *__restrict__ rowstat, int B, int I_, int H1_, int H2_, int NC_, int C_, int H_, int W_, int act,     \
+        int mode
+
 // The block's row r of the batch: forward, loss, backward; a row a block (B blocks). Phases, a barrier after each:
 // stage x, w2, w3 in shared memory | C5 (w1 from L2) | F6 | output | the loss row (one thread) | dz2 | dz1 |
 // C5's data gradient: warp w sums its C5 outputs' rows of w1 (the same elements it read in the forward) into
 // partials dx_w[i] (shared memory, over w2's no longer needed copy), added in warp order | routed into dz_conv.
 extern "C" __global__ void __launch_bounds__(HEAD3_THREADS, 2)
-head_train_v3(const float* __restrict__ x, const int* __restrict__ labels, const float* __restrict__ w1,
-              const float* __restrict__ b1, const float* __restrict__ w2, const float* __restrict__ b2,
-              const float* __restrict__ w3, const float* __restrict__ b3, float* __restrict__ h1,
-              float* __restrict__ h2, float* __restrict__ logits, const unsigned char* __restrict__ argmax,
-              const float* __restrict__ yconv, float* __restrict__ dz_conv, float* __restrict__ dz1,
-              float* __restrict__ dz2, float* __restrict__ dz3, float* __restrict__ rowstat, int B, int I_, int H1_,
-              int H2_, int NC_, int C_, int H_, int W_, int act, int mode) {
+head_train_v3(HEAD3_ROWS_PARAMS) {
     using namespace head3;
     extern __shared__ float smem3[];
     float* s_x = smem3;
@@ -876,13 +881,7 @@ __device__ __forceinline__ void head4_bwd_tile(const float* s_d, const float* __
 // The block's HEAD4_ROWS rows: forward, loss, backward. Phases, a barrier after each: C5 | F6 | output | the loss
 // rows | dz2 | dz1 | dx routed into dz_conv (then the taps no window covers, odd yconv only).
 extern "C" __global__ void __launch_bounds__(HEAD4_THREADS, 512 / HEAD4_THREADS)
-head_train_v4(const float* __restrict__ x, const int* __restrict__ labels, const float* __restrict__ w1,
-              const float* __restrict__ b1, const float* __restrict__ w2, const float* __restrict__ b2,
-              const float* __restrict__ w3, const float* __restrict__ b3, float* __restrict__ h1,
-              float* __restrict__ h2, float* __restrict__ logits, const unsigned char* __restrict__ argmax,
-              const float* __restrict__ yconv, float* __restrict__ dz_conv, float* __restrict__ dz1,
-              float* __restrict__ dz2, float* __restrict__ dz3, float* __restrict__ rowstat, int B, int I_, int H1_,
-              int H2_, int NC_, int C_, int H_, int W_, int act, int mode) {
+head_train_v4(HEAD3_ROWS_PARAMS) {
     using namespace head4;
     __shared__ __align__(16) float smem4[SMEM_FLOATS];
     float* s_h1 = smem4;
