@@ -76,6 +76,17 @@ def test_plan_v4_follows_cupy_lenet_fwd_plan():
         lf.plan_v4("v2", 3, 120, 84, 132)
 
 
+def test_plan_within_default_shared_is_v4_at_8_images_else_v3_tiles():
+    """The plan where the opt-in failed: lenet_fwd_v4 at 8 images a block while that fits 48 KiB (LeNet-5: 40,896 B),
+    else v3's tiles (a wide F6), whatever the batch; never past 48 KiB."""
+    lf = _lf()
+    for n in (1, 100, 3_161, 10_000):
+        assert lf.plan_within_default_shared(n, 120, 84, 132) == ("lenet_fwd_v4", -(-n // 8), 8, 40_896)
+        kname, blocks, imgs, smem = lf.plan_within_default_shared(n, 120, 1000, 132)
+        assert kname == "lenet_fwd_v3" and (blocks, imgs, smem) == lf.plan_v2(n, 120, 1000, 132)
+        assert smem <= 48 * 1024
+
+
 def test_v4_tables_and_backend_defaults():
     """v4 is a variant, v3 stays the default (its plan dispatches to v4, as on the CUDA C side); both v4
     specialisations (uint8, float32 images) are in the compile tables with v3's launch bounds; the backend's
@@ -231,6 +242,46 @@ def test_sim_v4_16_images_default_plan_and_v3_bits(monkeypatch):
 
 
 @sim
+def test_sim_v4_falls_back_within_48k_when_the_opt_in_fails(monkeypatch):
+    """Where the opt-in past 48 KiB fails (numba-cuda internals moved; here allow_shared raises), the default plan's
+    16-image launch becomes lenet_fwd_v4 at 8 images a block (40,896 B: no opt-in needed), with one RuntimeWarning
+    that names the cause; later calls plan so without trying again. The logits are the 16-image plan's bits."""
+    from lenet_gpu.backends.numba_backend import common
+    from tests import fused_helpers as F
+
+    lf = _lf()
+    n = 16
+    monkeypatch.setattr(lf, "LF4_BLOCKS_PER_SM", 1)
+    monkeypatch.setattr(lf, "OPT_IN_FAILURE", [])
+    monkeypatch.setattr(lf, "_OPTED_IN", set())
+    be = F.NumbaShim(max_blocks=2)
+    be.sm_count = 1
+    want = F.check_lenet_fwd(be, lf.lenet_fwd, None, n, "relu", "avg", h2=84, seed=4)  # 16 images, opted in (no-op)
+    calls, launches = [], []
+
+    def broken(*a):
+        calls.append(a)
+        raise AttributeError("'CUDACodeLibrary' object has no attribute 'get_cufunc'")
+
+    def spy(be_, name, kernel, grid, block, smem, *args):
+        launches.append((name, grid, smem, int(args[-4])))  # args[-4]: imgs
+        return launch(be_, name, kernel, grid, block, smem, *args)
+
+    launch = lf.launch_kernel
+    assert lf._OPTED_IN == {("|u1", 53_696)}  # the first call's opt-in (a no-op here) is not repeated ...
+    lf._OPTED_IN.clear()  # ... so forget it: the next call tries again, and fails
+    monkeypatch.setattr(common, "allow_shared", broken)
+    monkeypatch.setattr(lf, "launch_kernel", spy)
+    with pytest.warns(RuntimeWarning, match="opt-in to 53696 bytes .* failed .*get_cufunc.*8 images a block"):
+        got = F.check_lenet_fwd(be, lf.lenet_fwd, None, n, "relu", "avg", h2=84, seed=4)
+    assert launches == [("lenet_fwd_v4", 2, lf.v4_smem(8, 120, 84, 10), 8)] and len(calls) == 1
+    assert lf.v4_smem(8, 120, 84, 10) <= 48 * 1024 and lf.OPT_IN_FAILURE
+    assert np.array_equal(got, want), np.abs(got - want).max()
+    again = F.check_lenet_fwd(be, lf.lenet_fwd, None, n, "relu", "avg", h2=84, seed=4)  # no second try
+    assert len(calls) == 1 and launches[-1] == launches[0] and np.array_equal(again, want)
+
+
+@sim
 def test_sim_v4_argmax_logits_none_and_float32_bits():
     """v4 at 8 images, batch 8 (one tile): uint8 images → logits + classes; → classes only (logits=None: a
     zero-size stand-in the simulator bounds-checks); float32 images normalised as the kernel normalises uint8 →
@@ -291,6 +342,7 @@ def test_gpu_default_plan_at_large_batches(n, imgs):
     be.launch_log = []
     assert lf.plan_v4("v3", n, 120, 84, 132)[:3] == ("lenet_fwd_v4", -(-n // imgs), imgs)
     got = F.check_lenet_fwd(be, lf.lenet_fwd, None, n, "relu", "max", seed=n)
+    assert not lf.OPT_IN_FAILURE, f"the opt-in past 48 KiB failed (8 images a block instead): {lf.OPT_IN_FAILURE}"
     be.sm_count = 100_000
     want = F.check_lenet_fwd(be, lf.lenet_fwd, None, n, "relu", "max", seed=n)
     assert [name for name, _ in be.launch_log][-2:] == ["lenet_fwd_v4", "lenet_fwd_v3"]

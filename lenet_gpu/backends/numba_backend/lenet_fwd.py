@@ -82,7 +82,10 @@ Versions:
     numba's ``driver.cuKernelSetAttribute`` (the pattern of CudaPythonFunction.set_shared_memory_carveout), once
     per specialisation before its first launch past 48 KiB (NumbaBackend._launch, head.launch_kernel); recorded
     launches and graphs reuse the cufunc, so the attribute holds for them. Under the simulator it is a no-op (the
-    simulator has no such limit). Not yet run on a GPU (no device in the session that wrote it, 2026-12-07);
+    simulator has no such limit). Not yet run on a GPU (no device in the session that wrote it, 2026-12-07).
+    Since the path is numba-cuda's internals, ``lenet_fwd`` tries the opt-in itself (``_opt_in``) and, where it
+    fails, warns once and plans within 48 KiB (``plan_within_default_shared``: v4 at 8 images a block, the same
+    bits) instead of failing the inference; the GPU test asserts that it did not fail;
   - the rest as v3 (two specialisations by image dtype, ``_absent`` outputs and ``outs``, no float4 loads, the
     simulator's shuffle stand-in: the dense rounds are block-uniform).
   ptxas (compile_ptx, launch bounds (224, 4), 2026-12-07): 72 registers on sm_80 and sm_90, uint8 and float32
@@ -774,6 +777,52 @@ def plan_v4(variant: str, n: int, h1: int, h2: int, sms: int, nc: int = 10) -> t
     return "lenet_fwd_v3", blocks, imgs, smem
 
 
+def plan_within_default_shared(n: int, h1: int, h2: int, sms: int, nc: int = 10) -> tuple[str, int, int, int]:
+    """plan_v4's fallback where the opt-in past 48 KiB failed (``_opt_in``): lenet_fwd_v4 at the fewest images a
+    block (8) where that fits 48 KiB, else v3's tiles (plan_v2). Both give plan_v4's bits (v3 and v4 at any images a
+    block are the same sums); only the speed differs."""
+    imgs = LF4_IMGS_CHOICES[-1]
+    smem = v4_smem(imgs, h1, h2, nc)
+    if smem <= SMEM_LIMIT:
+        return "lenet_fwd_v4", ceil_div(n, imgs), imgs, smem
+    blocks, imgs, smem = plan_v2(n, h1, h2, sms)
+    return "lenet_fwd_v3", blocks, imgs, smem
+
+
+#: why the opt-in past 48 KiB failed in this process (empty: it has not): lenet_fwd then plans within 48 KiB
+OPT_IN_FAILURE: list[str] = []
+#: (image dtype, bytes) that _opt_in has done: the specialisation is the image dtype's (every other argument's type
+#: is fixed), so later calls skip it (NumbaBackend._launch's own allow_shared still checks the device's cufunc)
+_OPTED_IN: set[tuple[str, int]] = set()
+
+
+def _opt_in(args: tuple, smem: int) -> bool:
+    """Opt lenet_fwd_v4's specialisation for ``args`` in to ``smem`` bytes of dynamic shared memory (common.
+    allow_shared, through numba-cuda internals that a version may move: ``_codelibrary.get_cufunc``,
+    ``driver.cuKernelSetAttribute``). True when done (or already done); False, with one RuntimeWarning a process
+    naming the cause, where it fails: the caller then plans within 48 KiB (plan_within_default_shared), so an
+    inference never fails for want of the opt-in, and gives the same bits."""
+    if OPT_IN_FAILURE:
+        return False
+    key = (args[0].dtype.str, int(smem))
+    if key in _OPTED_IN:
+        return True
+    from .common import allow_shared
+
+    try:
+        allow_shared(lenet_fwd_v4, args, smem)
+    except Exception as e:  # noqa: BLE001 - any failure of the private path means: stay within 48 KiB
+        import warnings
+
+        OPT_IN_FAILURE.append(f"{type(e).__name__}: {e}")
+        warnings.warn(f"lenet_fwd_v4: the opt-in to {smem} bytes of shared memory failed ({OPT_IN_FAILURE[0]}); "
+                      "inference plans within 48 KiB from now on (8 images a block: the same results, slower)",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    _OPTED_IN.add(key)
+    return True
+
+
 def _make_dense_v4(RB: int) -> Any:
     """v4's dense layer for R = 8·RB rows (8 or 16 images): out[r][o] = act(b[o] + Σ_k in[r][k]·W[o][k]), W (O,K)
     flat global. A lane holds 16 partial sums in two groups of 8 (va, vb): at 8 rows a warp takes F = 2 outputs
@@ -1082,10 +1131,16 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
         outs = (OUT_GLOBAL if logits is not None else 0) | (OUT_SHARED if classes is not None else 0)
         lg = flat(logits) if logits is not None else _absent(np.float32)
         cl = classes if classes is not None else _absent(np.int64)
-        if kname == "lenet_fwd_v4":  # > 48 KiB at 16 images: the launch opts the kernel in (allow_shared)
-            launch_kernel(be, kname, lenet_fwd_v4, blocks, THREADS_V2, smem, flat(images), *weights, lg, cl, *dims,
-                          code, pool, scale, shift, pad, np.int32(imgs), np.int32(v4_scratch(imgs, nh1, nh2)),
-                          np.int32(v4_rows_stride(nc)), np.int32(outs))
+        head = (flat(images), *weights, lg, cl, *dims, code, pool, scale, shift, pad)
+
+        def v4_args(imgs: int) -> tuple:
+            return (*head, np.int32(imgs), np.int32(v4_scratch(imgs, nh1, nh2)), np.int32(v4_rows_stride(nc)),
+                    np.int32(outs))
+
+        if kname == "lenet_fwd_v4" and smem > SMEM_LIMIT and not _opt_in(v4_args(imgs), smem):
+            kname, blocks, imgs, smem = plan_within_default_shared(n, nh1, nh2, _sm_count(be), nc)
+        if kname == "lenet_fwd_v4":  # > 48 KiB at 16 images: opted in above (allow_shared)
+            launch_kernel(be, kname, lenet_fwd_v4, blocks, THREADS_V2, smem, *v4_args(imgs))
         else:
             launch_kernel(be, kname, lenet_fwd_v3, blocks, THREADS_V2, smem, flat(images), *weights, lg, cl, *dims,
                           code, pool, scale, shift, pad, np.int32(imgs), np.int32(xr), np.int32(yr), np.int32(outs))
