@@ -63,12 +63,37 @@ HOT_KERNELS = ("conv2d_fwd_v3", "conv2d_pool_fwd_v2", "conv2d_bwd_data_v2", "con
                "conv2d_bwd_data_pool_v2", "conv2d_bwd_weight_routed_v2", "conv2d_bwd_data_routed_v1")
 
 
-@pytest.mark.parametrize("kernel", HOT_KERNELS)
+#: the default four-kernel step's kernels (docs/step4.md) that meet the same bound: the forward at both batch plans,
+#: the head's small-batch kernel and its weight gradients, the update
+STEP4_HOT_KERNELS = ("step_fwd_v1", "step_fwd_v2", "head_train_v3", "head_train_wgrad_v3", "step_adam_v1")
+#: the step's kernels that do not, by design, with their register budget on sm_90 and why (issue #19's target of 64
+#: is not met by these two):
+#: - head_train_v4 (the head at batch ≥ 1,049): 4 rows × up to 7 columns of accumulators a thread and 4 k steps of
+#:   loads in flight; at 64 registers ptxas spills 84-100 bytes. Its occupancy is bounded by its grid, not its
+#:   registers, up to batch ~8,400 (a warp per 4 rows: 1,024 warps at batch 4,096, ~8 an SM, where 128 registers
+#:   allow 16), so per-thread ILP is what hides latency there. A 64-register build that does not spill exists (4
+#:   columns a lane, 2 k steps unrolled, the staging loops strided at run time), but it issues ~27% more
+#:   instructions in dx and keeps a third of the loads in flight a warp: slower by that count at the batches it runs.
+#: - step_bwd_v2: 80 registers (3 blocks an SM); the plan (step_groups) gives 2 blocks an SM and the kernel is
+#:   bound by shared-memory loads (its header), so 64 registers (which Numba reaches without spills at launch
+#:   bounds (256, 4), CUDA C not) would change nothing at today's plan.
+STEP4_REGISTER_BUDGETS = {"head_train_v4": 128, "head_train_v4_r16": 128, "head_train_v4_r32": 128, "step_bwd_v2": 80}
+
+
+@pytest.mark.parametrize("kernel", HOT_KERNELS + STEP4_HOT_KERNELS)
 def test_hot_kernels_fit_64_registers_and_half_occupancy_on_sm90(report, kernel):
     arch = "sm_90"
     r = report[(kernel, arch)]
     assert r["registers"] <= 64, f"{kernel} ({arch}): {r['registers']} registers"
     assert r["occupancy"] >= 0.5, f"{kernel} ({arch}): occupancy {r['occupancy']}"
+
+
+@pytest.mark.parametrize("kernel", sorted(STEP4_REGISTER_BUDGETS))
+def test_step4_kernels_past_64_registers_stay_within_their_budget(report, kernel):
+    """The exceptions above: no more registers than their documented budget (a growth is a regression), and each
+    still past 64 (once one fits, it belongs in STEP4_HOT_KERNELS)."""
+    r = report[(kernel, "sm_90")]
+    assert 64 < r["registers"] <= STEP4_REGISTER_BUDGETS[kernel], (kernel, r["registers"])
 
 
 def test_report_records_have_the_documented_fields(report):

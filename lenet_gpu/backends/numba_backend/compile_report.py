@@ -46,9 +46,17 @@ FUSED_REPORT_VARIANTS: dict[str, tuple[str, ...]] = {
     "head_train_wgrad": tuple(v for v in _head.VARIANTS["head_train"] if v != "v4"),
     **_step4_fwd.VARIANTS, **_step4_bwd.VARIANTS,
 }
-#: the ops the report covers: the backend's table, the routed backward (routed.py, an optional op pair) and the
-#: fused kernels above
-REPORT_VARIANTS: dict[str, tuple[str, ...]] = {**VARIANTS, **_routed.VARIANTS, **FUSED_REPORT_VARIANTS}
+#: the inference kernel (lenet_fwd.py): v1-v4 (uint8 images) and v3's and v4's float32-image specialisations
+#: ("f32_v3", "f32_v4": lenet_fwd.REPORT_KERNELS). lenet_eval_v1 is left out: float64 by contract (its sums in
+#: double), which this report flags
+INFER_REPORT_VARIANTS: dict[str, tuple[str, ...]] = {"lenet_fwd": ("v1", "v2", "v3", "v4", "f32_v3", "f32_v4")}
+#: the batch whose launch gives lenet_fwd's block and dynamic shared memory in the report: the largest tiles each
+#: kernel runs (v1 4 images a block; v2 and v3's tiles 4; v4 16 images, past 48 KiB)
+INFER_REPORT_BATCH = 10_000
+#: the ops the report covers: the backend's table, the routed backward (routed.py, an optional op pair), the fused
+#: kernels above and the inference kernel
+REPORT_VARIANTS: dict[str, tuple[str, ...]] = {**VARIANTS, **_routed.VARIANTS, **FUSED_REPORT_VARIANTS,
+                                               **INFER_REPORT_VARIANTS}
 
 #: one launch of each op per LeNet-5 layer that uses it, at batch 64 (for block size and dynamic
 #: shared memory)
@@ -437,6 +445,15 @@ def _occupancy_fallback(registers: int, shared_bytes: int, block_threads: int) -
 def _launch_facts(op: str, variant: str) -> tuple[int, int]:
     """(block threads, most dynamic shared bytes) over the LeNet-5 launches of op/variant."""
     threads, dyn = 0, 0
+    if op in INFER_REPORT_VARIANTS:
+        from . import lenet_fwd
+
+        v = variant.removeprefix("f32_")
+        n, sms = INFER_REPORT_BATCH, lenet_fwd.DEFAULT_SM_COUNT
+        if v == "v3":  # lenet_fwd_v3's own tiles (v3's plan runs lenet_fwd_v4 at this batch)
+            return lenet_fwd.THREADS_V2, lenet_fwd.plan_v2(n, 120, 84, sms)[2]
+        _, block, sh = lenet_fwd.launch_shape(v, n, 120, 84, sms)
+        return block, sh
     if op in FUSED_REPORT_VARIANTS:
         if f"{op}_{variant}" in _head.REPORT_KERNELS:  # v4's 16- and 32-row kernels: static shared memory only
             return _head.V4_REPORT_ROWS[f"{op}_{variant}"] * 8, 0
