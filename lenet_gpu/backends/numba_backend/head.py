@@ -211,24 +211,9 @@ def head_train_v1(x, labels, w1, b1, w2, b2, w3, b3, h1, h2, logits, argmax, yco
         r = U(r0 + tid)
         while r < U(r0 + nr):  # the loss row and dz3 = dlogits
             lb = U(r * uc)
-            mx = logits[lb]
-            best = U0
-            for c in range(U1, uc):
-                if logits[U(lb + U(c))] > mx:
-                    mx = logits[U(lb + U(c))]
-                    best = U(c)
-            se = ZERO
-            for c in range(uc):
-                se += math.exp(logits[U(lb + U(c))] - mx)
-            lab = U(labels[r])
-            inv_se = ONE / se
-            for c in range(uc):
-                p = math.exp(logits[U(lb + U(c))] - mx) * inv_se
-                if U(c) == lab:
-                    p -= ONE
-                dz3[U(lb + U(c))] = p * inv_b
-            rowstat[U(r + r)] = math.log(se) - (logits[U(lb + lab)] - mx)
-            rowstat[U(r + r + U1)] = ONE if best == lab else ZERO
+            loss, hit = _xent_row(logits, lb, U(labels[r]), dz3, lb, U1, uc, inv_b)
+            rowstat[U(r + r)] = loss
+            rowstat[U(r + r + U1)] = hit
             r = U(r + nt)
         cuda.syncthreads()
         _back_layer(dz3, w3, h2, dz2, r0, nr, uc, u2, act, tid, nt)  # dz2 = (dz3 w3)·act'(h2)
