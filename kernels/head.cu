@@ -400,6 +400,31 @@ __device__ __forceinline__ void head_wgrad_tile(const float* __restrict__ dz, co
     }
 }
 
+// The wgrad kernels' last block: this step's stats row (loss sum, correct count) from the rows' (loss, hit) pairs.
+// Thread t sums a contiguous run of rows in order, then a fixed tree over the WG2_THREADS threads (s_part holds
+// 2 * WG2_THREADS floats); thread 0 writes the row.
+static_assert((WG2_GROUPS - 1) * WG_THREADS * 4 >= 2 * WG2_THREADS, "head_wgrad_stats: s_part holds both columns");
+__device__ __forceinline__ void head_wgrad_stats(const float* __restrict__ rowstat, float* __restrict__ stats,
+                                                 const int* __restrict__ state, int B, int S, float* s_part) {
+    float* s_l = s_part;
+    float* s_h = s_part + WG2_THREADS;
+    const int tid = threadIdx.x, per = ceil_div(B, WG2_THREADS);
+    float l = 0.0f, h = 0.0f;
+    for (int b = tid * per; b < min(B, (tid + 1) * per); ++b) { l += rowstat[2 * b]; h += rowstat[2 * b + 1]; }
+    s_l[tid] = l;
+    s_h[tid] = h;
+    __syncthreads();
+    for (int half = WG2_THREADS / 2; half > 0; half >>= 1) {
+        if (tid < half) { s_l[tid] += s_l[tid + half]; s_h[tid] += s_h[tid + half]; }
+        __syncthreads();
+    }
+    if (tid == 0) {
+        float* row = stats_row(stats, S, state);
+        row[0] = s_l[0];
+        row[1] = s_h[0];
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(WG2_THREADS)
 head_train_wgrad_v2(const float* __restrict__ x, const float* __restrict__ h1, const float* __restrict__ h2,
                     const float* __restrict__ dz1, const float* __restrict__ dz2, const float* __restrict__ dz3,
@@ -418,24 +443,7 @@ head_train_wgrad_v2(const float* __restrict__ x, const float* __restrict__ h1, c
     if (tile < t2) { head_wgrad_tile(dz2, h1, B, H2, H1, tile, dw2, db2, s_dz, s_a, s_part); return; }
     tile -= t2;
     if (tile < t3) { head_wgrad_tile(dz3, h2, B, NC, H2, tile, dw3, db3, s_dz, s_a, s_part); return; }
-    // the stats row: thread t sums a contiguous run of rows in order, then a fixed tree over the threads
-    float* s_l = s_part;
-    float* s_h = s_part + WG2_THREADS;
-    const int tid = threadIdx.x, per = ceil_div(B, WG2_THREADS);
-    float l = 0.0f, h = 0.0f;
-    for (int b = tid * per; b < min(B, (tid + 1) * per); ++b) { l += rowstat[2 * b]; h += rowstat[2 * b + 1]; }
-    s_l[tid] = l;
-    s_h[tid] = h;
-    __syncthreads();
-    for (int half = WG2_THREADS / 2; half > 0; half >>= 1) {
-        if (tid < half) { s_l[tid] += s_l[tid + half]; s_h[tid] += s_h[tid + half]; }
-        __syncthreads();
-    }
-    if (tid == 0) {
-        float* row = stats_row(stats, S, state);
-        row[0] = s_l[0];
-        row[1] = s_h[0];
-    }
+    head_wgrad_stats(rowstat, stats, state, B, S, s_part);
 }
 
 // ------------------------------------------------------------------------------------------ v3: rows
@@ -734,23 +742,7 @@ head_train_wgrad_v3(const float* __restrict__ x, const float* __restrict__ h1, c
     if (tile < t2) { head_wgrad_tile(dz2, h1, B, H2, H1, tile, dw2, db2, s_dz, s_a, s_part); return; }
     tile -= t2;
     if (tile < t3) { head_wgrad_tile(dz3, h2, B, NC, H2, tile, dw3, db3, s_dz, s_a, s_part); return; }
-    float* s_l = s_part;  // the stats row, as v2
-    float* s_h = s_part + WG2_THREADS;
-    const int tid = threadIdx.x, per = ceil_div(B, WG2_THREADS);
-    float l = 0.0f, h = 0.0f;
-    for (int b = tid * per; b < min(B, (tid + 1) * per); ++b) { l += rowstat[2 * b]; h += rowstat[2 * b + 1]; }
-    s_l[tid] = l;
-    s_h[tid] = h;
-    __syncthreads();
-    for (int half = WG2_THREADS / 2; half > 0; half >>= 1) {
-        if (tid < half) { s_l[tid] += s_l[tid + half]; s_h[tid] += s_h[tid + half]; }
-        __syncthreads();
-    }
-    if (tid == 0) {
-        float* row = stats_row(stats, S, state);
-        row[0] = s_l[0];
-        row[1] = s_h[0];
-    }
+    head_wgrad_stats(rowstat, stats, state, B, S, s_part);  // the stats row, as v2
 }
 
 // ------------------------------------------------------------------------------------------ v4: rows, large batch
