@@ -872,6 +872,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # a checkpoint is an .npz (a zip archive); np.load would take anything else for a pickle
+        what = "it is empty" if not magic else "it is not an .npz archive"
+        raise CheckpointError(f"{path}: not a lenet_gpu checkpoint ({what})")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

@@ -110,3 +110,17 @@ def test_an_npz_that_is_no_checkpoint_is_one_line(tmp_path):
     plain = tmp_path / "plain.npz"
     np.savez(plain, a=np.zeros(3))
     one_line_error(run(tmp_path, "lenet_gpu.evaluate", str(plain)), "plain.npz: not a lenet_gpu checkpoint")
+
+
+def test_a_file_that_is_no_npz_is_named_so(tmp_path):
+    """A text file, an .npy and an empty file are not archives: the line says so (np.load would call them pickles)."""
+    from lenet_gpu.model import CheckpointError, read_checkpoint
+
+    text, npy, empty = tmp_path / "notes.npz", tmp_path / "array.npz", tmp_path / "empty.npz"
+    text.write_text("garbage\n")
+    with open(npy, "wb") as f:
+        np.save(f, np.zeros(3))
+    empty.write_bytes(b"")
+    for path, why in ((text, "it is not an .npz archive"), (npy, "it is not an .npz archive"), (empty, "it is empty")):
+        with pytest.raises(CheckpointError, match=f"not a lenet_gpu checkpoint \\({why}\\)"):
+            read_checkpoint(path)
