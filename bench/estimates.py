@@ -73,6 +73,14 @@ LATENCY: dict[str, KernelLatency] = {k.kernel: k for k in (
         {64: (3.0, 3.5), 4096: (88.0, 93.0)},
         "estimate: v2's kernel (measured 3.4 / 92.3 µs) with its loops unrolled: no slower", "kernels/head.cu"),
     KernelLatency(
+        "head_train_wgrad_v4", "v3's tiles and sums; the next 32-row chunk (4 + 8 values a thread) fetched into "
+        "registers before this chunk's 32 unrolled k steps (2 LDS.64 + 4 FMA each)",
+        {64: (3.0, 3.5), 4096: (25.0, 45.0)},
+        "estimate: issue slots (~270 instructions a thread a round, 4 warps a scheduler: ~0.55 µs a round) against "
+        "an L2 round trip of ~0.5-0.8 µs that v4 overlaps and v3 adds, 32 rounds at 4096; v3's measured 92 µs "
+        "exceeds that count for v3 too (~40-48 µs), so the range keeps some of the unexplained rest; batch 64 is one "
+        "round (nothing to overlap: v3's figure)", "kernels/head.cu"),
+    KernelLatency(
         "step_bwd_v1", "~584 FMA an image a thread (149,400 MAC / 256), ~3 shared loads per wgrad FMA",
         {64: (8.0, 10.0), 4096: (180.0, 200.0)},
         "estimate: shared-memory slots (~11.7 K LDS clocks an image), issue slots, chain length at one image a "

@@ -49,7 +49,10 @@
 //                          where its 8-row blocks fill the SMs (batch >= 1,049), else v2's.
 //   head_train_v4          rows, large batch: 8, 16 or 32 rows a block (HEAD4_ROWS), a warp per 4 rows; every product
 //                          a register-tiled GEMM (4 rows x 4 or 7 columns of 32 a thread) instead of v2's warp per
-//                          output / thread per column; the geometry compiled in as v3's; wgrad v3. Below.
+//                          output / thread per column; the geometry compiled in as v3's. Below.
+//   head_train_wgrad_v4    the weight gradients of v3's and v4's plans (since 2026-12-07): v3's tiles and sums (the
+//                          same bits) with the chunk staging pipelined: the next chunk's loads are in flight during
+//                          this chunk's unrolled k steps. Below.
 //
 // v3's cost at LeNet-5 (ESTIMATED, NOT MEASURED; H200: 132 SMs, ~1.98 GHz; assumed L2 -> SM ~64 B/clk an SM and
 // ~5.5-7 TB/s in all):
@@ -351,6 +354,26 @@ head_train_v2(const float* __restrict__ x, const int* __restrict__ labels, const
 // the staging loads is hidden with one block per SM.)
 #define WG2_GROUPS 4
 #define WG2_THREADS (WG_THREADS * WG2_GROUPS)
+// A wgrad tile's end: groups 1..3 leave their 2x2 partials in shared memory, group 0 adds them to its own in group
+// order and writes the thread's outputs (o, i) .. (o + 1, i + 1) of [dw | db] (column A: the bias).
+__device__ __forceinline__ void head_wgrad_finish(const float (&acc)[4], int g, int lt, int o, int i, int O, int A,
+                                                  float* __restrict__ dw, float* __restrict__ db, float* s_part) {
+    if (g > 0) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) s_part[((g - 1) * WG_THREADS + lt) * 4 + q] = acc[q];
+    }
+    __syncthreads();
+    if (g == 0) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float sum = acc[q];
+            for (int gg = 1; gg < WG2_GROUPS; ++gg) sum += s_part[((gg - 1) * WG_THREADS + lt) * 4 + q];
+            const int oq = o + (q >> 1), iq = i + (q & 1);
+            if (oq < O && iq < A) dw[(size_t)oq * A + iq] = sum;
+            else if (oq < O && iq == A) db[oq] = sum;
+        }
+    }
+}
 __device__ __forceinline__ void head_wgrad_tile(const float* __restrict__ dz, const float* __restrict__ a, int B, int O,
                                                 int A, int tile, float* __restrict__ dw, float* __restrict__ db,
                                                 float (*s_dz)[WG_KC][WG_TO], float (*s_a)[WG_KC][WG_TI],
@@ -383,21 +406,7 @@ __device__ __forceinline__ void head_wgrad_tile(const float* __restrict__ dz, co
         }
         __syncthreads();
     }
-    if (g > 0) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) s_part[((g - 1) * WG_THREADS + lt) * 4 + q] = acc[q];
-    }
-    __syncthreads();
-    if (g == 0) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            float sum = acc[q];
-            for (int gg = 1; gg < WG2_GROUPS; ++gg) sum += s_part[((gg - 1) * WG_THREADS + lt) * 4 + q];
-            const int o = o0 + 2 * ty + (q >> 1), i = i0 + 2 * tx + (q & 1);
-            if (o < O && i < A) dw[(size_t)o * A + i] = sum;
-            else if (o < O && i == A) db[o] = sum;
-        }
-    }
+    head_wgrad_finish(acc, g, lt, o0 + 2 * ty, i0 + 2 * tx, O, A, dw, db, s_part);
 }
 
 // The wgrad kernels' last block: this step's stats row (loss sum, correct count) from the rows' (loss, hit) pairs.
@@ -742,6 +751,105 @@ head_train_wgrad_v3(const float* __restrict__ x, const float* __restrict__ h1, c
     if (tile < t2) { head_wgrad_tile(dz2, h1, B, H2, H1, tile, dw2, db2, s_dz, s_a, s_part); return; }
     tile -= t2;
     if (tile < t3) { head_wgrad_tile(dz3, h2, B, NC, H2, tile, dw3, db3, s_dz, s_a, s_part); return; }
+    head_wgrad_stats(rowstat, stats, state, B, S, s_part);  // the stats row, as v2
+}
+
+// ------------------------------------------------------------------------------------------ v4: wgrad
+// v3's tiles, batch groups, chunk order and sums, with the chunk staging pipelined. v3 (as v2) runs a round as: load
+// the chunk from global memory, store it to shared memory, barrier, its k steps, barrier; the whole block waits for
+// the loads every round (16 warps, one block an SM: its grid is 132 blocks at LeNet-5's sizes), and its k loop runs
+// to a run-time bound. v4 keeps the next round's chunk in registers (4 dz and 8 input values a thread, __ldg) and
+// issues those loads right after the barrier that publishes this round's chunk, before this round's k steps, so
+// their latency overlaps the FMAs; the k loop runs all WG_KC steps, unrolled (rows past the batch are zeros in both
+// operands: each adds exactly +0 to a sum that starts at +0 and so is never -0, which leaves every bit as v3's).
+// Sizes are template constants (head3's geometry). The same bits as v3 (the harness test compares them).
+//
+// Cost at LeNet-5, batch 4096 (ESTIMATED, NOT MEASURED; H200, 132 SMs, 1.98 GHz): 132 blocks, 32 rounds each. A
+// round issues ~270 instructions a thread (12 stores, 12 loads and their indices, 32 x (2 LDS.64 + 4 FMA)): 4 warps
+// a scheduler, ~1.1 K clocks (0.55 us), against an L2 round trip of ~0.5-0.8 us that v4 overlaps and v3 adds. So
+// ~0.6-0.9 us a round, ~20-30 us in all, where v3 by the same count takes ~1.2-1.5 us a round (~40-48 us) but
+// was measured at 92 us (2026-12-04, as v2's sums): what else bounds v3 is not known without a profile, so v4's
+// gain is taken as that latency only: ~25-45 us at 4096. At batch 64 one round a group: no overlap to win (v3
+// measured 3.4 us).
+template <int O, int A>
+__device__ __forceinline__ void head_wgrad_fetch(const float* __restrict__ dz, const float* __restrict__ a, int B,
+                                                 int b0, int o0, int i0, int lt, float (&pd)[WG_KC * WG_TO / WG_THREADS],
+                                                 float (&pa)[WG_KC * WG_TI / WG_THREADS]) {
+#pragma unroll
+    for (int j = 0; j < WG_KC * WG_TO / WG_THREADS; ++j) {
+        const int t = lt + j * WG_THREADS, b = b0 + t / WG_TO, o = o0 + t % WG_TO;
+        pd[j] = (b < B && o < O) ? __ldg(dz + (size_t)b * O + o) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < WG_KC * WG_TI / WG_THREADS; ++j) {
+        const int t = lt + j * WG_THREADS, b = b0 + t / WG_TI, i = i0 + t % WG_TI;
+        pa[j] = b < B ? (i < A ? __ldg(a + (size_t)b * A + i) : (i == A ? 1.0f : 0.0f)) : 0.0f;
+    }
+}
+
+template <int O, int A>
+__device__ __forceinline__ void head_wgrad_tile_v4(const float* __restrict__ dz, const float* __restrict__ a, int B,
+                                                   int tile, float* __restrict__ dw, float* __restrict__ db,
+                                                   float (*s_dz)[WG_KC][WG_TO], float (*s_a)[WG_KC][WG_TI],
+                                                   float* s_part) {
+    constexpr int TILES_I = (A + WG_TI) / WG_TI;  // ceil((A + 1) / WG_TI): the bias column included
+    constexpr int ND = WG_KC * WG_TO / WG_THREADS, NA = WG_KC * WG_TI / WG_THREADS;
+    static_assert(ND * WG_THREADS == WG_KC * WG_TO && NA * WG_THREADS == WG_KC * WG_TI, "wgrad v4: whole chunks");
+    const int o0 = (tile / TILES_I) * WG_TO, i0 = (tile % TILES_I) * WG_TI;
+    const int g = threadIdx.x / WG_THREADS, lt = threadIdx.x % WG_THREADS;
+    const int ty = lt / (WG_TI / 2), tx = lt % (WG_TI / 2);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float pd[ND], pa[NA];
+    const int rounds = ceil_div(ceil_div(B, WG_KC), WG2_GROUPS);
+    head_wgrad_fetch<O, A>(dz, a, B, g * WG_KC, o0, i0, lt, pd, pa);
+    for (int rd = 0; rd < rounds; ++rd) {  // every thread runs every round: the barriers are block-wide
+#pragma unroll
+        for (int j = 0; j < ND; ++j) {
+            const int t = lt + j * WG_THREADS;
+            s_dz[g][t / WG_TO][t % WG_TO] = pd[j];
+        }
+#pragma unroll
+        for (int j = 0; j < NA; ++j) {
+            const int t = lt + j * WG_THREADS;
+            s_a[g][t / WG_TI][t % WG_TI] = pa[j];
+        }
+        __syncthreads();
+        if (rd + 1 < rounds)  // the next round's chunk, in flight during this round's k steps
+            head_wgrad_fetch<O, A>(dz, a, B, ((rd + 1) * WG2_GROUPS + g) * WG_KC, o0, i0, lt, pd, pa);
+#pragma unroll
+        for (int k = 0; k < WG_KC; ++k) {
+            const float2 d = *reinterpret_cast<const float2*>(&s_dz[g][k][2 * ty]);
+            const float2 v = *reinterpret_cast<const float2*>(&s_a[g][k][2 * tx]);
+            acc[0] = fmaf(d.x, v.x, acc[0]);
+            acc[1] = fmaf(d.x, v.y, acc[1]);
+            acc[2] = fmaf(d.y, v.x, acc[2]);
+            acc[3] = fmaf(d.y, v.y, acc[3]);
+        }
+        __syncthreads();
+    }
+    head_wgrad_finish(acc, g, lt, o0 + 2 * ty, i0 + 2 * tx, O, A, dw, db, s_part);
+}
+
+extern "C" __global__ void __launch_bounds__(WG2_THREADS)
+head_train_wgrad_v4(const float* __restrict__ x, const float* __restrict__ h1, const float* __restrict__ h2,
+                    const float* __restrict__ dz1, const float* __restrict__ dz2, const float* __restrict__ dz3,
+                    const float* __restrict__ rowstat, float* __restrict__ dw1, float* __restrict__ db1,
+                    float* __restrict__ dw2, float* __restrict__ db2, float* __restrict__ dw3,
+                    float* __restrict__ db3, float* __restrict__ stats, const int* __restrict__ state, int B, int I_,
+                    int H1_, int H2_, int NC_, int S) {
+    using namespace head3;
+    constexpr int t1 = (H1 + WG_TO - 1) / WG_TO * ((I + WG_TI) / WG_TI);
+    constexpr int t2 = (H2 + WG_TO - 1) / WG_TO * ((H1 + WG_TI) / WG_TI);
+    constexpr int t3 = (NC + WG_TO - 1) / WG_TO * ((H2 + WG_TI) / WG_TI);
+    __shared__ __align__(16) float s_dz[WG2_GROUPS][WG_KC][WG_TO];
+    __shared__ __align__(16) float s_a[WG2_GROUPS][WG_KC][WG_TI];
+    __shared__ float s_part[(WG2_GROUPS - 1) * WG_THREADS * 4];
+    int tile = blockIdx.x;  // block-uniform branches: the barriers inside are reached by the whole block
+    if (tile < t1) { head_wgrad_tile_v4<H1, I>(dz1, x, B, tile, dw1, db1, s_dz, s_a, s_part); return; }
+    tile -= t1;
+    if (tile < t2) { head_wgrad_tile_v4<H2, H1>(dz2, h1, B, tile, dw2, db2, s_dz, s_a, s_part); return; }
+    tile -= t2;
+    if (tile < t3) { head_wgrad_tile_v4<NC, H2>(dz3, h2, B, tile, dw3, db3, s_dz, s_a, s_part); return; }
     head_wgrad_stats(rowstat, stats, state, B, S, s_part);  // the stats row, as v2
 }
 

@@ -178,7 +178,7 @@ def kernels_run(be: Any, fn: Callable[[], Any]) -> list[str]:
 def check_routed(be: Any, variant: str, b: int, act: str, seed: int,
                  kernels: tuple[str, str] | None = None) -> dict[str, np.ndarray]:
     """head_train ``variant`` with yconv=None (the routed step): dz_conv at x's shape = dL/dx · act'(x), against the
-    reference; ``kernels`` (default head_train_<variant> and head_train_wgrad_v3): the two kernels it must run."""
+    reference; ``kernels`` (default head_train_<variant> and head_train_wgrad_v4): the two kernels it must run."""
     from lenet_gpu.backends.cupy_backend import fused
 
     d = Dev(be)
@@ -198,7 +198,7 @@ def check_routed(be: Any, variant: str, b: int, act: str, seed: int,
         be, dev["x"], dev["labels"], dev["w1"], dev["b1"], dev["w2"], dev["b2"], dev["w3"], dev["b3"], o["h1"],
         o["h2"], o["logits"], dev["argmax"], None, o["dz_conv"], o["dw1"], o["db1"], o["dw2"], o["db2"], o["dw3"],
         o["db3"], stats, d.put(state_h), act, "max", variant=variant))
-    assert ran == list(kernels or (f"head_train_{variant}", "head_train_wgrad_v3")), ran
+    assert ran == list(kernels or (f"head_train_{variant}", "head_train_wgrad_v4")), ran
     got = {k: d.get(v) for k, v in o.items()}
     what = f"head_train_{variant} routed {act} B={b}"
     for k in ("h1", "h2", "logits"):

@@ -57,12 +57,12 @@ def test_plan_v3_a_row_a_block_then_v2():
         a, w = fused.head_plan("v3", b, 400, 120, 84, 10)
         assert a.kernel == "head_train_v3" and a.grid == (b, 1, 1) and a.block == (512, 1, 1), a
         assert dict(a.defines) == geom and a.shared_mem == 4 * 12260 <= fused.SMEM_LIMIT, a
-        assert w.kernel == "head_train_wgrad_v3" and dict(w.defines) == geom and w.grid[0] == 8 * 13 + 6 * 4 + 3 + 1
+        assert w.kernel == "head_train_wgrad_v4" and dict(w.defines) == geom and w.grid[0] == 8 * 13 + 6 * 4 + 3 + 1
     for b, rows, tiled in ((265, 2, True), (1000, 4, True), (4096, 8, False)):  # v2's rows kernel, in v3's module
         a, w = fused.head_plan("v3", b, 400, 120, 84, 10, tiled=tiled)
         a2, _ = fused.head_plan("v2", b, 400, 120, 84, 10)
         assert a.kernel == "head_train_v2" and a.grid == a2.grid and a.shared_mem == a2.shared_mem, a
-        assert dict(a.defines) == {**geom, "HEAD_ROWS": rows} and w.kernel == "head_train_wgrad_v3", a
+        assert dict(a.defines) == {**geom, "HEAD_ROWS": rows} and w.kernel == "head_train_wgrad_v4", a
         assert w.options("head") == a.options("head")  # one module
     a, _ = fused.head_plan("v3", 64, 400, 120, 2000, 10)  # w2 does not fit shared memory: v2's rows kernel
     assert a.kernel == "head_train_v2" and fused.head_v3_smem(400, 120, 2000, 10) > fused.SMEM_LIMIT
@@ -77,9 +77,10 @@ def test_plan_v3_a_row_a_block_then_v2():
 @parent
 @pytest.mark.parametrize("arch", ARCHS)
 def test_nvrtc_no_spills_no_local_no_integer_division(arch):
-    """head.cu at LeNet-5's geometry (the options v3's plan loads it with): no warnings; head_train_v3 and
-    head_train_wgrad_v3 without spills, stack or .local; head_train_v3 within __launch_bounds__(512, 2)'s 64
-    registers and without integer div/rem in its PTX (wgrad v3 keeps one: the stats row's STEP_IN_EPOCH mod S)."""
+    """head.cu at LeNet-5's geometry (the options v3's plan loads it with): no warnings; head_train_v3,
+    head_train_wgrad_v3 and _v4 (the plan's) without spills, stack or .local; head_train_v3 within
+    __launch_bounds__(512, 2)'s 64 registers and without integer div/rem in its PTX (wgrad v3 and v4 keep one: the
+    stats row's STEP_IN_EPOCH mod S)."""
     from tests.conftest import require
 
     nvrtc = require("lenet_gpu.harness.nvrtc")
@@ -89,7 +90,7 @@ def test_nvrtc_no_spills_no_local_no_integer_division(arch):
     assert a.options("head") == w.options("head")  # one module for both launches
     res = nvrtc.compile_cuda(kernel_source("head"), arch=arch, options=a.options("head"), warnings_as_errors=True)
     ks = {k.kernel: k for k in res.kernels}
-    for name in ("head_train_v3", "head_train_wgrad_v3"):
+    for name in ("head_train_v3", "head_train_wgrad_v3", "head_train_wgrad_v4"):
         k = ks[name]
         print(name, arch, k.registers, "registers", k.shared_bytes, "static smem bytes")
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
@@ -142,7 +143,7 @@ def test_host_routed_every_activation(hbe, act):
 def test_host_odd_batches_both_modes(hbe, b, mode):
     ran = F.kernels_run(hbe, lambda: F.check_head_train(hbe, fused.head_train, "v3", b, *LENET, "lecun_tanh", mode,
                                                        seed=b))
-    assert ran == ["head_train_v3", "head_train_wgrad_v3"], ran
+    assert ran == ["head_train_v3", "head_train_wgrad_v4"], ran
 
 
 @host
@@ -158,6 +159,33 @@ def test_host_v3_agrees_with_v2(hbe):
     b = F.check_head_train(hbe, fused.head_train, "v3", 4, *LENET, "tanh", "max", seed=11)
     for k in ("h1", "h2", "logits", "dw1", "dw2", "dw3", "dz_conv"):
         F.assert_close(b[k], a[k].astype(np.float64), 1e-5, 1e-5, what=f"v3 vs v2 {k}")
+
+
+@host
+@pytest.mark.parametrize("b", [3, 300])
+def test_host_wgrad_v4_gives_wgrad_v3s_bits(hbe, monkeypatch, b):
+    """head_train_wgrad_v4 (the plan's: the chunk staging pipelined, every k step run) against head_train_wgrad_v3
+    on the same rows: every output and the stats row bit for bit, at one round (batch 3: a partial chunk) and at
+    three (batch 300: 10 chunks over 4 groups, the last partial)."""
+    import dataclasses
+
+    got: dict = {}
+    ran = F.kernels_run(hbe, lambda: got.update(
+        v4=F.check_head_train(hbe, fused.head_train, "v3", b, *LENET, "lecun_tanh", "max", seed=b)))
+    assert ran[-1] == "head_train_wgrad_v4", ran
+    plan = fused.head_plan
+
+    def plan_with_wgrad_v3(*args, **kwargs):
+        a, w = plan(*args, **kwargs)
+        return a, dataclasses.replace(w, kernel="head_train_wgrad_v3")
+
+    monkeypatch.setattr(fused, "head_plan", plan_with_wgrad_v3)
+    monkeypatch.setattr(fused, "_HEAD_PLANS", {})
+    ran = F.kernels_run(hbe, lambda: got.update(
+        v3=F.check_head_train(hbe, fused.head_train, "v3", b, *LENET, "lecun_tanh", "max", seed=b)))
+    assert ran[-1] == "head_train_wgrad_v3", ran
+    for k in got["v4"]:
+        assert np.array_equal(got["v4"][k].view(np.uint32), got["v3"][k].view(np.uint32)), k
 
 
 @host

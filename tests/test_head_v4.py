@@ -36,7 +36,7 @@ ACTS = ("relu", "tanh", "lecun_tanh", "sigmoid")
 LENET = (16, 10, 10, 120, 84, 10)  # C, H, W of C3's output; H1, H2, NC
 ARCHS = ("sm_80", "sm_90")
 INT_DIV = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:div|rem)(?:\.[a-z]+)*\.[su](?:8|16|32|64)\b", re.M)
-KERNELS = ["head_train_v4", "head_train_wgrad_v3"]
+KERNELS = ["head_train_v4", "head_train_wgrad_v4"]
 
 HOST_SUITE = host_suite(__file__, CHILD_ENV)
 
@@ -56,7 +56,7 @@ def test_plan_default_takes_v4_once_its_blocks_fill_the_sms():
         a, w = fused.head_plan("v3", b, 400, 120, 84, 10)
         assert a.kernel == "head_train_v4" and a.grid == (-(-b // rows), 1, 1) and a.block == (8 * rows, 1, 1), a
         assert a.shared_mem == 0 and dict(a.defines) == {**geom, "HEAD4_ROWS": rows}, a
-        assert w.kernel == "head_train_wgrad_v3" and w.options("head") == a.options("head")  # one module
+        assert w.kernel == "head_train_wgrad_v4" and w.options("head") == a.options("head")  # one module
         a2, _ = fused.head_plan("v3", b, 400, 120, 84, 10, tiled=False)  # a backend without v4: v2's rows
         assert a2.kernel == "head_train_v2", a2
     for b in (265, 1000, 1048):  # below one 8-row block an SM: v2's rows kernel
@@ -69,7 +69,7 @@ def test_plan_v4_by_name_at_every_batch():
     for b, rows in ((1, 8), (37, 8), (64, 8), (4096, 16)):
         a, w = fused.head_plan("v4", b, 400, 120, 84, 10)
         assert a.kernel == "head_train_v4" and dict(a.defines)["HEAD4_ROWS"] == rows, a
-        assert w.kernel == "head_train_wgrad_v3" and w.block == (fused.HEAD_WG_THREADS["v4"], 1, 1), w
+        assert w.kernel == "head_train_wgrad_v4" and w.block == (fused.HEAD_WG_THREADS["v4"], 1, 1), w
     # F6 4,096 wide: 8 rows of h2 alone are 128 KiB; v2's rows kernel (one row a block) in v4's module
     a, _ = fused.head_plan("v4", 2, 400, 7, 4096, 10)
     assert a.kernel == "head_train_v2" and fused.head_v4_smem(8, 7, 4096, 10) > fused.SMEM_LIMIT

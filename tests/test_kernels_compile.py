@@ -79,7 +79,9 @@ def report():
 
 def test_report_covers_every_kernel(report):
     want = {f"{op}_{v}" for op, (_, vs) in OP_KERNELS.items() for v in vs}
-    want |= {f"head_train_wgrad_{v}" for v in OP_KERNELS["head_train"][1] if v != "v4"}  # its second (v4: v3's)
+    # head_train's second kernel: v1's and v2's own; v3's and v4's plans launch wgrad v4 (wgrad v3, v3's bits, is in no
+    # plan since 2026-12-07: compiled and checked above with its module, and in tests/test_head_v3.py)
+    want |= {f"head_train_wgrad_{'v4' if v in ('v3', 'v4') else v}" for v in OP_KERNELS["head_train"][1]}
     for arch in ARCHS:
         assert {r["kernel"] for r in report if r["arch"] == arch} == want
 
@@ -119,7 +121,7 @@ def test_fill_table():
     train = [r for r in rows if r["pass"] == "train"]
     assert [r["index"] for r in train] == list(range(len(train)))
     # the default step with max pooling: the four-kernel step (docs/step4.md), head_train being two kernels
-    assert [r["kernel"] for r in train] == ["step_fwd_v1", "head_train_v3", "head_train_wgrad_v3", "step_bwd_v2",
+    assert [r["kernel"] for r in train] == ["step_fwd_v1", "head_train_v3", "head_train_wgrad_v4", "step_bwd_v2",
                                             "step_adam_v1"]
     assert {r["pass"] for r in rows} == {"train", "infer"}
     for r in rows:

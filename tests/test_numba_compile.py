@@ -65,7 +65,7 @@ HOT_KERNELS = ("conv2d_fwd_v3", "conv2d_pool_fwd_v2", "conv2d_bwd_data_v2", "con
 
 #: the default four-kernel step's kernels (docs/step4.md) that meet the same bound: the forward at both batch plans,
 #: the head's small-batch kernel and its weight gradients, the update
-STEP4_HOT_KERNELS = ("step_fwd_v1", "step_fwd_v2", "head_train_v3", "head_train_wgrad_v3", "step_adam_v1")
+STEP4_HOT_KERNELS = ("step_fwd_v1", "step_fwd_v2", "head_train_v3", "head_train_wgrad_v4", "step_adam_v1")
 #: the step's kernels that do not, by design, with their register budget on sm_90 and why (issue #19's target of 64
 #: is not met by these two):
 #: - head_train_v4 (the head at batch ≥ 1,049): 4 rows × up to 7 columns of accumulators a thread and 4 k steps of

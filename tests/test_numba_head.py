@@ -110,7 +110,7 @@ def test_plan_is_cupys(batch):
     if want == "head_train_v4":
         assert rows[2:] == (8 * fused.head4_rows(batch), 0, fused.head4_rows(batch)), rows
     v4 = head.plan("v4", batch, 400, 120, 84, 10)
-    assert v4[0][0] == "head_train_v4" and v4[1][0] == "head_train_wgrad_v3", v4
+    assert v4[0][0] == "head_train_v4" and v4[1][0] == "head_train_wgrad_v4", v4
     assert head.DEFAULT_VARIANTS["head_train"] == "v3" and head.VARIANTS["head_train"] == ("v1", "v2", "v3", "v4")
     from lenet_gpu.backends.numba_backend.backend import FUSED_DEFAULTS
 
@@ -222,7 +222,46 @@ def test_sim_head_train_v3(act, mode, shape):
     be = F.NumbaShim()
     be.launch_log = []
     F.check_head_train(be, head.head_train, "v3", *shape, act, mode, seed=len(act) + shape[0])
-    assert _names(be) == ["head_train_v3", "head_train_wgrad_v3"]
+    assert _names(be) == ["head_train_v3", "head_train_wgrad_v4"]
+
+
+@sim
+def test_sim_wgrad_v4_gives_wgrad_v3s_bits():
+    """head_train_wgrad_v4 (the plan's: the next chunk fetched into registers, every k step run) against
+    head_train_wgrad_v3 on the same random operands, at a small geometry (one tile a layer: 4 blocks) and batch 130
+    (5 chunks of 32 over 4 groups: group 0 runs two rounds, the last chunk partial): every weight and bias gradient
+    and the stats row bit for bit; a negative-zero operand among them (a sum must never turn into -0)."""
+    from numba import cuda
+
+    head = _head()
+    geom = (1, 2, 2, 4, 4, 5, 4, 3)  # C, Hp, Wp, H, W, H1, H2, NC: I = 4
+    _, wg3, wg4 = head.v3_kernels(geom)
+    b, i, n1, n2, nc = 130, 4, 5, 4, 3
+    rng = np.random.default_rng(130)
+    shapes = {"x": (b, i), "h1": (b, n1), "h2": (b, n2), "dz1": (b, n1), "dz2": (b, n2), "dz3": (b, nc),
+              "rowstat": (b, 2)}
+    inp = {k: rng.standard_normal(sh).astype(np.float32).ravel() for k, sh in shapes.items()}
+    inp["dz1"][:n1] = -0.0  # row 0's dz1: negative zeros
+    state = np.zeros(8, np.int32)
+    state[head.STEP_IN_EPOCH] = 3
+    tiles = sum(-(-o // head.WG_TO) * -(-(k + 1) // head.WG_TI) for o, k in ((n1, i), (n2, n1), (nc, n2)))
+    out = {}
+    for name, kernel in (("head_train_wgrad_v3", wg3), ("head_train_wgrad_v4", wg4)):
+        be = F.NumbaShim()
+        be.launch_log = []
+        res = {k: cuda.to_device(np.full(n, np.nan, np.float32)) for k, n in (
+            ("dw1", n1 * i), ("db1", n1), ("dw2", n2 * n1), ("db2", n2), ("dw3", nc * n2), ("db3", nc))}
+        stats = cuda.to_device(np.full((2, 2), -7.0, np.float32))
+        args = [cuda.to_device(inp[k]) for k in shapes]
+        head.launch_kernel(be, name, kernel, tiles + 1, head.WG2_THREADS, 0, *args, res["dw1"], res["db1"],
+                           res["dw2"], res["db2"], res["dw3"], res["db3"], stats, cuda.to_device(state),
+                           *(np.int32(v) for v in (b, i, n1, n2, nc)))
+        assert [n for n, _ in be.launch_log] == [name]
+        out[name] = {k: v.copy_to_host() for k, v in res.items()} | {"stats": stats.copy_to_host()}
+    want = np.asarray(inp["dz1"], np.float64).reshape(b, n1).T @ np.asarray(inp["x"], np.float64).reshape(b, i)
+    np.testing.assert_allclose(out["head_train_wgrad_v4"]["dw1"].reshape(n1, i), want, rtol=1e-4, atol=1e-4)
+    for k, v in out["head_train_wgrad_v3"].items():
+        assert np.array_equal(out["head_train_wgrad_v4"][k].view(np.uint32), v.view(np.uint32)), k
 
 
 @sim
@@ -233,7 +272,7 @@ def test_sim_head_train_v3_routed():
     be = _Shim("v3")
     be.launch_log = []
     check_head_train_routed(be, 1, 2, 4, 6, 5, 4, 3, "sigmoid", seed=5)
-    assert _names(be) == ["head_train_v3", "head_train_wgrad_v3"]
+    assert _names(be) == ["head_train_v3", "head_train_wgrad_v4"]
 
 
 @sim
@@ -270,7 +309,7 @@ def test_sim_head_train_v3_capped_grid_and_repeats():
 # head_train_v4's block is 8 simulated threads a row (64 at 8 rows), so these run at small geometries: x (B,C,Hp,Wp)
 # of 12 to 256 features; a few cross HEAD4_KC (the forward products' K chunks) and 32·7 (the data gradient's column
 # passes), so that every loop of the kernel runs more than once somewhere.
-V4 = ["head_train_v4", "head_train_wgrad_v3"]
+V4 = ["head_train_v4", "head_train_wgrad_v4"]
 
 
 @sim

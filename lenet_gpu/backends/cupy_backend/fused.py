@@ -194,13 +194,14 @@ def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int,  # noqa: 
     v3 is compiled for the geometry (``geom`` = (C, Hp, Wp, H, W) with C·Hp·Wp = I; default LeNet-5's when I = 400,
     else a flat (I, 1, 1, 2, 2)): head_train_v3 (a row a block) where v2 would take one row a block (batch ≤
     HEAD_FILL_BLOCKS) and its shared memory fits 48 KiB; otherwise v2's rows kernel at v2's rows per block (v3 has
-    no multi-row body), in the same module; then head_train_wgrad_v3. Beyond v3's batches, where ``tiled`` and
+    no multi-row body), in the same module; then head_train_wgrad_v4 (wgrad v3's sums and bits, its chunk staging
+    pipelined; until 2026-12-07 the plan took head_train_wgrad_v3). Beyond v3's batches, where ``tiled`` and
     v4's 8-row blocks fill the SMs (⌈B/8⌉ ≥ HEAD4_FILL_BLOCKS: B ≥ 1,049) and its shared memory fits, v3's plan
     takes v4's rows kernel (register-tiled products over head4_rows(B) rows a block) instead of v2's.
     ``tiled=False``: v3's plan without v4 (for a backend that has no v4 kernel; numba has one since 2026-12-07).
 
     v4 by name: head_train_v4's rows kernel at every batch (head4_rows(B) rows a block) where its shared memory fits,
-    else v2's rows kernel as v3's plan; head_train_wgrad_v3; one module (the geometry's and HEAD4_ROWS)."""
+    else v2's rows kernel as v3's plan; head_train_wgrad_v4; one module (the geometry's and HEAD4_ROWS)."""
     threads = DEFINES["head"]["HEAD_THREADS"]
     if variant in ("v3", "v4"):
         geom = geom or (HEAD_LENET_GEOM if I == 16 * 5 * 5 else (I, 1, 1, 2, 2))
@@ -220,7 +221,7 @@ def head_plan(variant: str, B: int, I: int, H1: int, H2: int, NC: int,  # noqa: 
             a = FusedLaunch(a.kernel, a.grid, a.block, a.shared_mem, a.extra, a.defines + gdefs)
         tiles = sum(ceil_div(o, HEAD_WG_TO) * ceil_div(k + 1, HEAD_WG_TI) for o, k in ((H1, I), (H2, H1), (NC, H2)))
         wt = HEAD_WG_THREADS[variant]  # the rows launch's defines: one module for both kernels
-        return a, FusedLaunch("head_train_wgrad_v3", (tiles + 1, 1, 1), (wt, 1, 1), 0, (), a.defines)
+        return a, FusedLaunch("head_train_wgrad_v4", (tiles + 1, 1, 1), (wt, 1, 1), 0, (), a.defines)
     if variant == "v1":
         rows = max(1, min(8, ceil_div(B, HEAD_FILL_BLOCKS)))
         a = FusedLaunch("head_train_v1", (ceil_div(B, rows), 1, 1), (threads, 1, 1), 0, (rows,))

@@ -39,11 +39,11 @@ from .backend import KERNELS, SIGNATURES, VARIANTS, launch_config, lenet_launche
 
 #: the fused ops' kernels the report covers, op → variants: the dense head's two launches (head.py: the rows kernel
 #: and the weight gradients; v2's table entry is its 1-row kernel, v3's and v4's LeNet-5's geometry, v4 its 8-row
-#: kernel and "v4_r16", "v4_r32" its 16- and 32-row kernels (head.REPORT_KERNELS); v4 has no wgrad kernel of its
-#: own: head_train_wgrad_v3) and the four-kernel step's (step4_fwd.py, step4_bwd.py; docs/step4.md)
+#: kernel and "v4_r16", "v4_r32" its 16- and 32-row kernels (head.REPORT_KERNELS); wgrad v4, the plan's for v3 and
+#: v4: v3's sums, the staging pipelined) and the four-kernel step's (step4_fwd.py, step4_bwd.py; docs/step4.md)
 FUSED_REPORT_VARIANTS: dict[str, tuple[str, ...]] = {
     "head_train": (*_head.VARIANTS["head_train"], *(n[len("head_train_"):] for n in _head.REPORT_KERNELS)),
-    "head_train_wgrad": tuple(v for v in _head.VARIANTS["head_train"] if v != "v4"),
+    "head_train_wgrad": _head.VARIANTS["head_train"],
     **_step4_fwd.VARIANTS, **_step4_bwd.VARIANTS,
 }
 #: the inference kernel (lenet_fwd.py): v1-v4 (uint8 images) and v3's and v4's float32-image specialisations

@@ -35,7 +35,13 @@ Two launches, no atomics, no tickets:
   the sizes compiled in. sm_90 (compile_ptx + ptxas, no launch bounds): 64 registers, no stack, no spills.
   head.cu's estimate for its v3 at batch 64 on an H200 (ESTIMATED there, not measured; this port unmeasured):
   rows kernel ~5-7 µs against its v2's measured 21.7 µs.
-- head_train_v4 (head.cu's v4, "rows, large batch"; wgrad: head_train_wgrad_v3): 8, 16 or 32 rows a block
+- head_train_wgrad_v4 (head.cu's v4 wgrad, the plan's for v3 and v4 since 2026-12-07): v3's tiles, groups, chunk
+  order and sums with the staging pipelined: the next round's chunk is fetched into registers (4 dz and 8 input
+  values a thread, _wgrad_fetch) right after the barrier that publishes this round's, so its loads are in flight
+  during this round's k steps, and the k loop runs all 32 steps (zero rows past the batch add exactly +0): v3's
+  bits (the simulator test). head.cu's estimate at batch 4096 (ESTIMATED, not measured): ~25-45 µs against v3's
+  sums' measured 92 µs (as v2, 2026-12-04); this port unmeasured.
+- head_train_v4 (head.cu's v4, "rows, large batch"; wgrad: head_train_wgrad_v4): 8, 16 or 32 rows a block
   (HEAD4_ROWS, compiled in with the geometry: make_v4, one kernel per rows value and geometry), 8·rows threads, a
   warp per 4 rows; every product a register-tiled GEMM (4 rows × up to 4 columns of 32 a thread in C5/F6, K staged
   in chunks of 20 in shared memory; 4 × up to 7 in dz1/dx, w2/w1 read from global memory along their rows) instead
@@ -47,7 +53,7 @@ Two launches, no atomics, no tickets:
 - The plan (``plan``): v1 this module's; v2, v3 and v4 cupy's (cupy_backend/fused.head_plan, called, not copied,
   with v4: ``tiled=True``): v3's rows kernel while v2 would take one row a block (batch ≤ fused.HEAD_FILL_BLOCKS
   = 264) and its 49,040 B of shared memory fit; beyond, v4's rows kernel once its 8-row blocks fill the SMs (batch
-  ≥ 1,049; fused.head4_rows rows a block), else v2's rows kernel (then head_train_wgrad_v3); v4 by name: v4's rows
+  ≥ 1,049; fused.head4_rows rows a block), else v2's rows kernel (then head_train_wgrad_v4); v4 by name: v4's rows
   kernel at every batch; v2/v3/v4 fall back to v1 where v2's rows do not fit shared memory (wide F6) and no
   variant was named. The default is v3 (as cupy's).
 Every v2/v3/v4 sum is in a fixed order (no atomics): the bits repeat from launch to launch and whatever the grid.
@@ -759,6 +765,13 @@ def _wgrad_tile(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
             pd = U(pd + U(WG_TO))
             pa = U(pa + U(WG_TI))
         cuda.syncthreads()
+    _wgrad_finish(a0, a1, a2, a3, g, lt, U(o0 + ty + ty), U(i0 + tx + tx), nout, na, dw, db, s_part)
+
+
+@device_function
+def _wgrad_finish(a0, a1, a2, a3, g, lt, o, i, nout, na, dw, db, s_part):
+    """head.cu head_wgrad_finish: groups 1..3 leave their 2×2 partials in shared memory, group 0 adds them to its own
+    in group order and writes the thread's outputs (o, i) .. (o + 1, i + 1) of [dw | db] (column na: the bias)."""
     if g > U0:
         p = U(U(U(g - U1) * U(WG_THREADS) + lt) * U(4))
         s_part[p] = a0
@@ -773,12 +786,88 @@ def _wgrad_tile(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
             a1 += s_part[U(p + U1)]
             a2 += s_part[U(p + U(2))]
             a3 += s_part[U(p + U(3))]
-        o = U(o0 + ty + ty)
-        i = U(i0 + tx + tx)
         _wg_put(a0, o, i, nout, na, dw, db)
         _wg_put(a1, o, U(i + U1), nout, na, dw, db)
         _wg_put(a2, U(o + U1), i, nout, na, dw, db)
         _wg_put(a3, U(o + U1), U(i + U1), nout, na, dw, db)
+
+
+#: wgrad v4: a thread's share of a group's chunk, dz values and input values (head.cu's ND, NA)
+WG_ND = WG_KC * WG_TO // WG_THREADS  # 4
+WG_NA = WG_KC * WG_TI // WG_THREADS  # 8
+assert WG_ND * WG_THREADS == WG_KC * WG_TO and WG_NA * WG_THREADS == WG_KC * WG_TI, "wgrad v4: whole chunks"
+
+
+@device_function
+def _wgrad_fetch(dz, a, nb, nout, na, b0, o0, i0, lt, pd, pa):
+    """head.cu head_wgrad_fetch: the thread's share of the chunk of rows b0 .. b0 + WG_KC into registers: pd[j] =
+    dz element t = lt + 128·j of the [k][WG_TO] chunk, pa[j] = input element t of the [k][WG_TI] chunk (column na: 1,
+    the bias; rows past the batch: 0), as _wgrad_tile stages them."""
+    for j in range(WG_ND):
+        t = U(lt + U(j * WG_THREADS))
+        b = U(b0 + U(t >> U(4)))
+        o = U(o0 + U(t & U(WG_TO - 1)))
+        pd[j] = dz[U(b * nout + o)] if b < nb and o < nout else ZERO
+    for j in range(WG_NA):
+        t = U(lt + U(j * WG_THREADS))
+        b = U(b0 + U(t >> U(5)))
+        i = U(i0 + U(t & U(WG_TI - 1)))
+        val = ZERO
+        if b < nb:
+            if i < na:
+                val = a[U(b * na + i)]
+            elif i == na:
+                val = ONE
+        pa[j] = val
+
+
+@device_function
+def _wgrad_tile_v4(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
+    """head.cu head_wgrad_tile_v4: _wgrad_tile's tile, groups, chunk order and sums with the staging pipelined: the
+    next round's chunk is fetched into registers (_wgrad_fetch: 4 + 8 a thread) right after the barrier that
+    publishes this round's, so its loads are in flight during this round's k steps; the k loop runs all WG_KC steps
+    (rows past the batch are zeros in both operands: each adds exactly +0 to a sum that is never −0), so every sum
+    is v3's, bit for bit. (v4 passes its sizes as constants, as v3.)"""
+    tiles_i = U(U(na + U(WG_TI)) // U(WG_TI))  # ⌈(A+1)/TI⌉
+    ot = U(tile // tiles_i)
+    o0 = U(ot * U(WG_TO))
+    i0 = U(U(tile - ot * tiles_i) * U(WG_TI))
+    g = U(tid >> U(7))
+    lt = U(tid & U(WG_THREADS - 1))
+    ty = U(lt >> U(4))  # WG_TI/2 = 16 columns of pairs
+    tx = U(lt & U(15))
+    a0 = ZERO
+    a1 = ZERO
+    a2 = ZERO
+    a3 = ZERO
+    pd = cuda.local.array(WG_ND, float32)
+    pa = cuda.local.array(WG_NA, float32)
+    nchunks = U(U(nb + U(WG_KC - 1)) // U(WG_KC))
+    rounds = U(U(nchunks + U(WG2_GROUPS - 1)) // U(WG2_GROUPS))
+    gd = U(g * U(WG_KC * WG_TO))
+    ga = U(g * U(WG_KC * WG_TI))
+    _wgrad_fetch(dz, a, nb, nout, na, U(g * U(WG_KC)), o0, i0, lt, pd, pa)
+    for rd in range(rounds):  # every thread runs every round: the barriers are block-wide
+        for j in range(WG_ND):
+            s_dz[U(gd + U(lt + U(j * WG_THREADS)))] = pd[j]
+        for j in range(WG_NA):
+            s_a[U(ga + U(lt + U(j * WG_THREADS)))] = pa[j]
+        cuda.syncthreads()
+        if U(rd + 1) < rounds:  # the next round's chunk, in flight during this round's k steps
+            _wgrad_fetch(dz, a, nb, nout, na, U(U(U(U(rd + 1) * U(WG2_GROUPS)) + g) * U(WG_KC)), o0, i0, lt, pd, pa)
+        pdz = U(gd + ty + ty)
+        pax = U(ga + tx + tx)
+        for k in range(WG_KC):
+            d0 = s_dz[U(pdz + U(k * WG_TO))]
+            d1 = s_dz[U(pdz + U(k * WG_TO + 1))]
+            v0 = s_a[U(pax + U(k * WG_TI))]
+            v1 = s_a[U(pax + U(k * WG_TI + 1))]
+            a0 = cuda.fma(d0, v0, a0)
+            a1 = cuda.fma(d0, v1, a1)
+            a2 = cuda.fma(d1, v0, a2)
+            a3 = cuda.fma(d1, v1, a3)
+        cuda.syncthreads()
+    _wgrad_finish(a0, a1, a2, a3, g, lt, U(o0 + ty + ty), U(i0 + tx + tx), nout, na, dw, db, s_part)
 
 
 @device_function
@@ -812,29 +901,38 @@ def _wgrad_stats(rowstat, stats, state, nb, s_part, tid):
         stats[row, 1] = s_part[WG2_THREADS]
 
 
-@device_function
-def _wgrad_body(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, nb, ni, nh1, nh2, nc):
-    """The wgrad launch: block b < tiles a tile of [dw1|db1], then [dw2|db2], [dw3|db3] (row-major tiles); the
-    block after them the stats row; blocks stride over them (a capped grid)."""
-    s_dz = cuda.shared.array(WG_SDZ, float32)
-    s_a = cuda.shared.array(WG_SA, float32)
-    s_part = cuda.shared.array(WG_SPART, float32)
-    tid = U(cuda.threadIdx.x)
-    t1 = U(U(U(nh1 + U(WG_TO - 1)) // U(WG_TO)) * U(U(ni + U(WG_TI)) // U(WG_TI)))
-    t2 = U(U(U(nh2 + U(WG_TO - 1)) // U(WG_TO)) * U(U(nh1 + U(WG_TI)) // U(WG_TI)))
-    t3 = U(U(U(nc + U(WG_TO - 1)) // U(WG_TO)) * U(U(nh2 + U(WG_TI)) // U(WG_TI)))
-    tile = U(cuda.blockIdx.x)
-    while tile <= U(t1 + t2 + t3):  # block-uniform branches: the barriers inside are reached by the whole block
-        if tile < t1:
-            _wgrad_tile(dz1, x, nb, nh1, ni, tile, dw1, db1, s_dz, s_a, s_part, tid)
-        elif tile < U(t1 + t2):
-            _wgrad_tile(dz2, h1, nb, nh2, nh1, U(tile - t1), dw2, db2, s_dz, s_a, s_part, tid)
-        elif tile < U(t1 + t2 + t3):
-            _wgrad_tile(dz3, h2, nb, nc, nh2, U(tile - t1 - t2), dw3, db3, s_dz, s_a, s_part, tid)
-        else:
-            _wgrad_stats(rowstat, stats, state, nb, s_part, tid)
-        cuda.syncthreads()  # s_part is the next tile's too
-        tile = U(tile + U(cuda.gridDim.x))
+def _make_wgrad_body(tile_fn: Any) -> Any:
+    """The wgrad launch with ``tile_fn`` for its tiles (_wgrad_tile: v2 and v3; _wgrad_tile_v4: v4): block b < tiles
+    a tile of [dw1|db1], then [dw2|db2], [dw3|db3] (row-major tiles); the block after them the stats row; blocks
+    stride over them (a capped grid)."""
+
+    @device_function
+    def body(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, nb, ni, nh1, nh2, nc):
+        s_dz = cuda.shared.array(WG_SDZ, float32)
+        s_a = cuda.shared.array(WG_SA, float32)
+        s_part = cuda.shared.array(WG_SPART, float32)
+        tid = U(cuda.threadIdx.x)
+        t1 = U(U(U(nh1 + U(WG_TO - 1)) // U(WG_TO)) * U(U(ni + U(WG_TI)) // U(WG_TI)))
+        t2 = U(U(U(nh2 + U(WG_TO - 1)) // U(WG_TO)) * U(U(nh1 + U(WG_TI)) // U(WG_TI)))
+        t3 = U(U(U(nc + U(WG_TO - 1)) // U(WG_TO)) * U(U(nh2 + U(WG_TI)) // U(WG_TI)))
+        tile = U(cuda.blockIdx.x)
+        while tile <= U(t1 + t2 + t3):  # block-uniform branches: the barriers inside are reached by the whole block
+            if tile < t1:
+                tile_fn(dz1, x, nb, nh1, ni, tile, dw1, db1, s_dz, s_a, s_part, tid)
+            elif tile < U(t1 + t2):
+                tile_fn(dz2, h1, nb, nh2, nh1, U(tile - t1), dw2, db2, s_dz, s_a, s_part, tid)
+            elif tile < U(t1 + t2 + t3):
+                tile_fn(dz3, h2, nb, nc, nh2, U(tile - t1 - t2), dw3, db3, s_dz, s_a, s_part, tid)
+            else:
+                _wgrad_stats(rowstat, stats, state, nb, s_part, tid)
+            cuda.syncthreads()  # s_part is the next tile's too
+            tile = U(tile + U(cuda.gridDim.x))
+
+    return body
+
+
+_wgrad_body = _make_wgrad_body(_wgrad_tile)
+_wgrad_body_v4 = _make_wgrad_body(_wgrad_tile_v4)
 
 
 @_jit("head_train_wgrad_v2")
@@ -974,10 +1072,11 @@ def _make_col3(O: int, K: int) -> Any:
     return col
 
 
-def make_v3(geom: tuple[int, ...]) -> tuple[Any, Any]:
-    """(head_train_v3, head_train_wgrad_v3) compiled for ``geom`` = (C, Hp, Wp, H, W, H1, H2, NC) (head.cu's HEAD_*
-    defines): every loop a constant trip count, every divisor a constant. H = 2·Hp or 2·Hp + 1 (likewise W); the
-    routed form (mode POOL_ROUTED: dz_conv at x's shape) reads no yconv and is compiled with H = 2·Hp, W = 2·Wp."""
+def make_v3(geom: tuple[int, ...]) -> tuple[Any, Any, Any]:
+    """(head_train_v3, head_train_wgrad_v3, head_train_wgrad_v4) compiled for ``geom`` = (C, Hp, Wp, H, W, H1, H2,
+    NC) (head.cu's HEAD_* defines): every loop a constant trip count, every divisor a constant. H = 2·Hp or 2·Hp + 1
+    (likewise W); the routed form (mode POOL_ROUTED: dz_conv at x's shape) reads no yconv and is compiled with
+    H = 2·Hp, W = 2·Wp."""
     C, HP, WP, H, W, N1, N2, NC = (int(v) for v in geom)
     if min(geom) < 1 or H not in (2 * HP, 2 * HP + 1) or W not in (2 * WP, 2 * WP + 1):
         raise ValueError(f"head_train_v3: geometry {geom} is not (C, Hp, Wp, H, W, H1, H2, NC) with yconv pooling to x")
@@ -1091,14 +1190,22 @@ def make_v3(geom: tuple[int, ...]) -> tuple[Any, Any]:
         _wgrad_body(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, U(nb), U(I), U(N1),
                     U(N2), U(NC))
 
-    return _jit("head_train_v3")(head_train_v3), _jit("head_train_wgrad_v3")(head_train_wgrad_v3)
+    def head_train_wgrad_v4(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, nb, ni,
+                            nh1, nh2, nc):
+        # v3's tiles, sums and stats block, the chunk staging pipelined (_wgrad_tile_v4)
+        _wgrad_body_v4(x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, U(nb), U(I),
+                       U(N1), U(N2), U(NC))
+
+    return (_jit("head_train_v3")(head_train_v3), _jit("head_train_wgrad_v3")(head_train_wgrad_v3),
+            _jit("head_train_wgrad_v4")(head_train_wgrad_v4))
 
 
-_V3: dict[tuple[int, ...], tuple[Any, Any]] = {}
+_V3: dict[tuple[int, ...], tuple[Any, Any, Any]] = {}
 
 
-def v3_kernels(geom: tuple[int, ...]) -> tuple[Any, Any]:
-    """head_train_v3's two kernels for a geometry (built at the first call; LeNet-5's at import)."""
+def v3_kernels(geom: tuple[int, ...]) -> tuple[Any, Any, Any]:
+    """head_train_v3's kernels for a geometry (built at the first call; LeNet-5's at import): the rows kernel, wgrad
+    v3 and wgrad v4 (the plan's since 2026-12-07: v3's bits, the staging pipelined)."""
     geom = tuple(int(v) for v in geom)
     k = _V3.get(geom)
     if k is None:
@@ -1106,7 +1213,7 @@ def v3_kernels(geom: tuple[int, ...]) -> tuple[Any, Any]:
     return k
 
 
-head_train_v3, head_train_wgrad_v3 = v3_kernels(LENET_GEOM)
+head_train_v3, head_train_wgrad_v3, head_train_wgrad_v4 = v3_kernels(LENET_GEOM)
 
 
 # ---------------------------------------------------------------------------------------------- v4
@@ -1464,15 +1571,16 @@ _ROWS_ARRAYS = SIGNATURES["head_train_v1"].split(", int32, ")[0]  # the 18 array
 SIGNATURES["head_train_v2"] = f"{_ROWS_ARRAYS}, {', '.join(['int32'] * 10)})"
 SIGNATURES["head_train_v3"] = SIGNATURES["head_train_v4"] = f"{_ROWS_ARRAYS}, int32, int32, int32)"
 SIGNATURES["head_train_wgrad_v2"] = SIGNATURES["head_train_wgrad_v3"] = SIGNATURES["head_train_wgrad_v1"]
+SIGNATURES["head_train_wgrad_v4"] = SIGNATURES["head_train_wgrad_v1"]
 KERNELS = {"head_train_v1": head_train_v1, "head_train_wgrad_v1": head_train_wgrad_v1,
            "head_train_v2": head_train_v2, "head_train_wgrad_v2": head_train_wgrad_v2,
            "head_train_v3": head_train_v3, "head_train_wgrad_v3": head_train_wgrad_v3,
-           "head_train_v4": head_train_v4}
+           "head_train_v4": head_train_v4, "head_train_wgrad_v4": head_train_wgrad_v4}
 #: the compile report's v4 rows kernels at 16 and 32 rows (REPORT_KERNELS; compile_report.all_kernels)
 REPORT_SIGNATURES = {name: SIGNATURES["head_train_v4"] for name in REPORT_KERNELS}
 #: the default (backend.FUSED_DEFAULTS takes it from here): v3, as cupy's default (cupy_backend/fused.DEFAULT_VARIANTS:
-#: v3's plan, which runs v4's rows kernel at large batches); v4 by name runs v4's rows kernel at every batch. v4 has
-#: no wgrad kernel of its own (head_train_wgrad_v3).
+#: v3's plan, which runs v4's rows kernel at large batches); v4 by name runs v4's rows kernel at every batch. Both
+#: plans' weight gradients: head_train_wgrad_v4 (v3's sums and bits, the chunk staging pipelined; since 2026-12-07).
 VARIANTS = {"head_train": ("v1", "v2", "v3", "v4")}
 DEFAULT_VARIANTS = {"head_train": "v3"}
 
@@ -1589,6 +1697,8 @@ def launches(variant: str, n: int, ni: int = 400, nh1: int = 120, nh2: int = 84,
 def _kernel_for(name: str, geom: tuple[int, ...], rows: int = 1) -> Any:
     if name == "head_train_v4":
         return v4_kernel(geom, rows)
+    if name == "head_train_wgrad_v4":
+        return v3_kernels(geom)[2]
     if name.endswith("_v3"):
         return v3_kernels(geom)[name.startswith("head_train_wgrad")]
     return KERNELS[name]
