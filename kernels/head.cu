@@ -730,14 +730,26 @@ head_train_v3(HEAD3_ROWS_PARAMS) {
 
 // ------------------------------------------------------------------------------------------ v3: wgrad
 // v2's tiles and stats block with the geometry compiled in (tile counts constant, the tile index split by constant
-// divisors); the same sums in the same order as v2.
-extern "C" __global__ void __launch_bounds__(WG2_THREADS)
-head_train_wgrad_v3(const float* __restrict__ x, const float* __restrict__ h1, const float* __restrict__ h2,
-                    const float* __restrict__ dz1, const float* __restrict__ dz2, const float* __restrict__ dz3,
-                    const float* __restrict__ rowstat, float* __restrict__ dw1, float* __restrict__ db1,
-                    float* __restrict__ dw2, float* __restrict__ db2, float* __restrict__ dw3,
-                    float* __restrict__ db3, float* __restrict__ stats, const int* __restrict__ state, int B, int I_,
-                    int H1_, int H2_, int NC_, int S) {
+// divisors); the same sums in the same order as v2. v4 (below) is the same body with its tiles pipelined.
+#define HEAD_WGRAD_PARAMS                                                                                             \
+    const float* __restrict__ x, const float* __restrict__ h1, const float* __restrict__ h2,                         \
+        const float* __restrict__ dz1, const float* __restrict__ dz2, const float* __restrict__ dz3,                 \
+        const float* __restrict__ rowstat, float* __restrict__ dw1, float* __restrict__ db1, float* __restrict__ dw2, \
+        float* __restrict__ db2, float* __restrict__ dw3, float* __restrict__ db3, float* __restrict__ stats,         \
+        const int* __restrict__ state, int B, int I_, int H1_, int H2_, int NC_, int S
+#define HEAD_WGRAD_ARGS \
+    x, h1, h2, dz1, dz2, dz3, rowstat, dw1, db1, dw2, db2, dw3, db3, stats, state, B, I_, H1_, H2_, NC_, S
+
+template <int O, int A>
+__device__ __forceinline__ void head_wgrad_tile_v4(const float* __restrict__ dz, const float* __restrict__ a, int B,
+                                                   int tile, float* __restrict__ dw, float* __restrict__ db,
+                                                   float (*s_dz)[WG_KC][WG_TO], float (*s_a)[WG_KC][WG_TI],
+                                                   float* s_part);
+
+// The wgrad launch at head3's geometry: block b < tiles a tile of [dw1|db1], then [dw2|db2], [dw3|db3] (row-major
+// tiles), the block after them the stats row. V4: the tiles pipelined (head_wgrad_tile_v4), else v3's.
+template <bool V4>
+__device__ __forceinline__ void head_wgrad3_body(HEAD_WGRAD_PARAMS) {
     using namespace head3;
     constexpr int t1 = (H1 + WG_TO - 1) / WG_TO * ((I + WG_TI) / WG_TI);
     constexpr int t2 = (H2 + WG_TO - 1) / WG_TO * ((H1 + WG_TI) / WG_TI);
@@ -746,12 +758,28 @@ head_train_wgrad_v3(const float* __restrict__ x, const float* __restrict__ h1, c
     __shared__ __align__(16) float s_a[WG2_GROUPS][WG_KC][WG_TI];
     __shared__ float s_part[(WG2_GROUPS - 1) * WG_THREADS * 4];
     int tile = blockIdx.x;  // block-uniform branches: the barriers inside are reached by the whole block
-    if (tile < t1) { head_wgrad_tile(dz1, x, B, H1, I, tile, dw1, db1, s_dz, s_a, s_part); return; }
+    if (tile < t1) {
+        if constexpr (V4) head_wgrad_tile_v4<H1, I>(dz1, x, B, tile, dw1, db1, s_dz, s_a, s_part);
+        else head_wgrad_tile(dz1, x, B, H1, I, tile, dw1, db1, s_dz, s_a, s_part);
+        return;
+    }
     tile -= t1;
-    if (tile < t2) { head_wgrad_tile(dz2, h1, B, H2, H1, tile, dw2, db2, s_dz, s_a, s_part); return; }
+    if (tile < t2) {
+        if constexpr (V4) head_wgrad_tile_v4<H2, H1>(dz2, h1, B, tile, dw2, db2, s_dz, s_a, s_part);
+        else head_wgrad_tile(dz2, h1, B, H2, H1, tile, dw2, db2, s_dz, s_a, s_part);
+        return;
+    }
     tile -= t2;
-    if (tile < t3) { head_wgrad_tile(dz3, h2, B, NC, H2, tile, dw3, db3, s_dz, s_a, s_part); return; }
+    if (tile < t3) {
+        if constexpr (V4) head_wgrad_tile_v4<NC, H2>(dz3, h2, B, tile, dw3, db3, s_dz, s_a, s_part);
+        else head_wgrad_tile(dz3, h2, B, NC, H2, tile, dw3, db3, s_dz, s_a, s_part);
+        return;
+    }
     head_wgrad_stats(rowstat, stats, state, B, S, s_part);  // the stats row, as v2
+}
+
+extern "C" __global__ void __launch_bounds__(WG2_THREADS) head_train_wgrad_v3(HEAD_WGRAD_PARAMS) {
+    head_wgrad3_body<false>(HEAD_WGRAD_ARGS);
 }
 
 // ------------------------------------------------------------------------------------------ v4: wgrad
@@ -830,27 +858,8 @@ __device__ __forceinline__ void head_wgrad_tile_v4(const float* __restrict__ dz,
     head_wgrad_finish(acc, g, lt, o0 + 2 * ty, i0 + 2 * tx, O, A, dw, db, s_part);
 }
 
-extern "C" __global__ void __launch_bounds__(WG2_THREADS)
-head_train_wgrad_v4(const float* __restrict__ x, const float* __restrict__ h1, const float* __restrict__ h2,
-                    const float* __restrict__ dz1, const float* __restrict__ dz2, const float* __restrict__ dz3,
-                    const float* __restrict__ rowstat, float* __restrict__ dw1, float* __restrict__ db1,
-                    float* __restrict__ dw2, float* __restrict__ db2, float* __restrict__ dw3,
-                    float* __restrict__ db3, float* __restrict__ stats, const int* __restrict__ state, int B, int I_,
-                    int H1_, int H2_, int NC_, int S) {
-    using namespace head3;
-    constexpr int t1 = (H1 + WG_TO - 1) / WG_TO * ((I + WG_TI) / WG_TI);
-    constexpr int t2 = (H2 + WG_TO - 1) / WG_TO * ((H1 + WG_TI) / WG_TI);
-    constexpr int t3 = (NC + WG_TO - 1) / WG_TO * ((H2 + WG_TI) / WG_TI);
-    __shared__ __align__(16) float s_dz[WG2_GROUPS][WG_KC][WG_TO];
-    __shared__ __align__(16) float s_a[WG2_GROUPS][WG_KC][WG_TI];
-    __shared__ float s_part[(WG2_GROUPS - 1) * WG_THREADS * 4];
-    int tile = blockIdx.x;  // block-uniform branches: the barriers inside are reached by the whole block
-    if (tile < t1) { head_wgrad_tile_v4<H1, I>(dz1, x, B, tile, dw1, db1, s_dz, s_a, s_part); return; }
-    tile -= t1;
-    if (tile < t2) { head_wgrad_tile_v4<H2, H1>(dz2, h1, B, tile, dw2, db2, s_dz, s_a, s_part); return; }
-    tile -= t2;
-    if (tile < t3) { head_wgrad_tile_v4<NC, H2>(dz3, h2, B, tile, dw3, db3, s_dz, s_a, s_part); return; }
-    head_wgrad_stats(rowstat, stats, state, B, S, s_part);  // the stats row, as v2
+extern "C" __global__ void __launch_bounds__(WG2_THREADS) head_train_wgrad_v4(HEAD_WGRAD_PARAMS) {
+    head_wgrad3_body<true>(HEAD_WGRAD_ARGS);
 }
 
 // ------------------------------------------------------------------------------------------ v4: rows, large batch

@@ -706,18 +706,22 @@ def _wg_put(s, o, i, nout, na, dw, db):
 
 
 @device_function
+def _wgrad_coords(tile, na, tid):
+    """A wgrad tile's first output row o0 and column i0 (tiles row-major over [dw | db], ⌈(A+1)/TI⌉ a row) and the
+    thread's group g, its index lt in the group, its pair of rows ty and of columns tx (2×2 outputs a thread)."""
+    tiles_i = U(U(na + U(WG_TI)) // U(WG_TI))  # ⌈(A+1)/TI⌉
+    ot = U(tile // tiles_i)
+    lt = U(tid & U(WG_THREADS - 1))
+    return (U(ot * U(WG_TO)), U(U(tile - ot * tiles_i) * U(WG_TI)), U(tid >> U(7)), lt, U(lt >> U(4)),  # TI/2 = 16
+            U(lt & U(15)))
+
+
+@device_function
 def _wgrad_tile(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
     """head.cu head_wgrad_tile: one WG_TO × WG_TI tile of [dw | db] (the bias: a column of ones). WG2_GROUPS groups
     of 128 threads take chunks g, g + 4, ... of WG_KC rows (staged in shared memory), 2×2 outputs a thread, each
     summed in row order; group 0 adds the groups' partials in group order. (v3 passes its sizes as constants.)"""
-    tiles_i = U(U(na + U(WG_TI)) // U(WG_TI))  # ⌈(A+1)/TI⌉
-    ot = U(tile // tiles_i)
-    o0 = U(ot * U(WG_TO))
-    i0 = U(U(tile - ot * tiles_i) * U(WG_TI))
-    g = U(tid >> U(7))
-    lt = U(tid & U(WG_THREADS - 1))
-    ty = U(lt >> U(4))  # WG_TI/2 = 16 columns of pairs
-    tx = U(lt & U(15))
+    o0, i0, g, lt, ty, tx = _wgrad_coords(tile, na, tid)
     a0 = ZERO
     a1 = ZERO
     a2 = ZERO
@@ -828,14 +832,7 @@ def _wgrad_tile_v4(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
     publishes this round's, so its loads are in flight during this round's k steps; the k loop runs all WG_KC steps
     (rows past the batch are zeros in both operands: each adds exactly +0 to a sum that is never −0), so every sum
     is v3's, bit for bit. (v4 passes its sizes as constants, as v3.)"""
-    tiles_i = U(U(na + U(WG_TI)) // U(WG_TI))  # ⌈(A+1)/TI⌉
-    ot = U(tile // tiles_i)
-    o0 = U(ot * U(WG_TO))
-    i0 = U(U(tile - ot * tiles_i) * U(WG_TI))
-    g = U(tid >> U(7))
-    lt = U(tid & U(WG_THREADS - 1))
-    ty = U(lt >> U(4))  # WG_TI/2 = 16 columns of pairs
-    tx = U(lt & U(15))
+    o0, i0, g, lt, ty, tx = _wgrad_coords(tile, na, tid)
     a0 = ZERO
     a1 = ZERO
     a2 = ZERO
