@@ -354,6 +354,16 @@ head_train_v2(const float* __restrict__ x, const int* __restrict__ labels, const
 // the staging loads is hidden with one block per SM.)
 #define WG2_GROUPS 4
 #define WG2_THREADS (WG_THREADS * WG2_GROUPS)
+// One k step of a wgrad thread's 2x2 outputs: rows 2ty, 2ty + 1 of the chunk's dz row times columns 2tx, 2tx + 1 of
+// its input row (one float2 each).
+__device__ __forceinline__ void head_wgrad_kstep(float (&acc)[4], const float* dzk, const float* ak, int ty, int tx) {
+    const float2 d = *reinterpret_cast<const float2*>(dzk + 2 * ty);
+    const float2 v = *reinterpret_cast<const float2*>(ak + 2 * tx);
+    acc[0] = fmaf(d.x, v.x, acc[0]);
+    acc[1] = fmaf(d.x, v.y, acc[1]);
+    acc[2] = fmaf(d.y, v.x, acc[2]);
+    acc[3] = fmaf(d.y, v.y, acc[3]);
+}
 // A wgrad tile's end: groups 1..3 leave their 2x2 partials in shared memory, group 0 adds them to its own in group
 // order and writes the thread's outputs (o, i) .. (o + 1, i + 1) of [dw | db] (column A: the bias).
 __device__ __forceinline__ void head_wgrad_finish(const float (&acc)[4], int g, int lt, int o, int i, int O, int A,
@@ -397,12 +407,7 @@ __device__ __forceinline__ void head_wgrad_tile(const float* __restrict__ dz, co
         __syncthreads();
         const int kn = max(0, min(WG_KC, B - b0));
         for (int k = 0; k < kn; ++k) {
-            const float2 d = *reinterpret_cast<const float2*>(&s_dz[g][k][2 * ty]);
-            const float2 v = *reinterpret_cast<const float2*>(&s_a[g][k][2 * tx]);
-            acc[0] = fmaf(d.x, v.x, acc[0]);
-            acc[1] = fmaf(d.x, v.y, acc[1]);
-            acc[2] = fmaf(d.y, v.x, acc[2]);
-            acc[3] = fmaf(d.y, v.y, acc[3]);
+            head_wgrad_kstep(acc, s_dz[g][k], s_a[g][k], ty, tx);
         }
         __syncthreads();
     }
@@ -846,12 +851,7 @@ __device__ __forceinline__ void head_wgrad_tile_v4(const float* __restrict__ dz,
             head_wgrad_fetch<O, A>(dz, a, B, ((rd + 1) * WG2_GROUPS + g) * WG_KC, o0, i0, lt, pd, pa);
 #pragma unroll
         for (int k = 0; k < WG_KC; ++k) {
-            const float2 d = *reinterpret_cast<const float2*>(&s_dz[g][k][2 * ty]);
-            const float2 v = *reinterpret_cast<const float2*>(&s_a[g][k][2 * tx]);
-            acc[0] = fmaf(d.x, v.x, acc[0]);
-            acc[1] = fmaf(d.x, v.y, acc[1]);
-            acc[2] = fmaf(d.y, v.x, acc[2]);
-            acc[3] = fmaf(d.y, v.y, acc[3]);
+            head_wgrad_kstep(acc, s_dz[g][k], s_a[g][k], ty, tx);
         }
         __syncthreads();
     }

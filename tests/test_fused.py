@@ -175,7 +175,8 @@ def test_nvrtc_compiles_without_spills(stem, defines, arch):
     op = {"head": "head_train", "lenet_fwd": "lenet_fwd"}[stem]
     want = {f"{op}_{v}" for v in fused.VARIANTS[op]}
     if stem == "head":
-        want |= {fused.head_plan(v, 64, 400, 120, 84, 10)[1].kernel for v in fused.VARIANTS[op]}  # v4: wgrad v3
+        want |= {fused.head_plan(v, 64, 400, 120, 84, 10)[1].kernel for v in fused.VARIANTS[op]}  # v3, v4: wgrad v4
+        want.add("head_train_wgrad_v3")  # in no plan since 2026-12-07 (wgrad v4 has its bits): compiled, checked here
     else:
         want |= {"lenet_eval_v1"}  # evaluation's reduction lives in lenet_fwd.cu
     assert want == names, names

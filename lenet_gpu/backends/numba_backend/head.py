@@ -706,6 +706,19 @@ def _wg_put(s, o, i, nout, na, dw, db):
 
 
 @device_function
+def _wg_input(a, b, i, nb, na):
+    """Element (b, i) of a wgrad operand as the tiles stage it: a[b, i] (a (B, A) flat), 1 in column A (the bias), 0
+    past the batch."""
+    val = ZERO
+    if b < nb:
+        if i < na:
+            val = a[U(b * na + i)]
+        elif i == na:
+            val = ONE
+    return val
+
+
+@device_function
 def _wgrad_coords(tile, na, tid):
     """A wgrad tile's first output row o0 and column i0 (tiles row-major over [dw | db], ⌈(A+1)/TI⌉ a row) and the
     thread's group g, its index lt in the group, its pair of rows ty and of columns tx (2×2 outputs a thread)."""
@@ -745,13 +758,7 @@ def _wgrad_tile(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
             k = U(t >> U(5))
             i = U(i0 + U(t & U(WG_TI - 1)))
             b = U(b0 + k)
-            val = ZERO
-            if b < nb:
-                if i < na:
-                    val = a[U(b * na + i)]
-                elif i == na:
-                    val = ONE
-            s_a[U(ga + t)] = val
+            s_a[U(ga + t)] = _wg_input(a, b, i, nb, na)
             t = U(t + U(WG_THREADS))
         cuda.syncthreads()
         kn = U(min(U(WG_KC), U(nb - b0))) if b0 < nb else U0
@@ -816,13 +823,7 @@ def _wgrad_fetch(dz, a, nb, nout, na, b0, o0, i0, lt, pd, pa):
         t = U(lt + U(j * WG_THREADS))
         b = U(b0 + U(t >> U(5)))
         i = U(i0 + U(t & U(WG_TI - 1)))
-        val = ZERO
-        if b < nb:
-            if i < na:
-                val = a[U(b * na + i)]
-            elif i == na:
-                val = ONE
-        pa[j] = val
+        pa[j] = _wg_input(a, b, i, nb, na)
 
 
 @device_function
