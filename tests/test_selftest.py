@@ -491,3 +491,20 @@ def test_emulate_end_to_end(tmp_path):
     for i, title in enumerate(report.TITLES.values(), 1):
         assert re.search(rf"^\| {i}\. {re.escape(title)} \| (PASS|SKIP) \|", md, re.M), title
     assert "## Failures" not in md and "## 3. Op parity against the float64 reference — PASS" in md
+
+
+def test_benchmark_notes_numba_lenet_fwd_falling_back(tmp_path, monkeypatch):
+    """Where numba's lenet_fwd_v4 could not opt in past 48 KiB (and ran 8 images a block), the benchmark phase says
+    so in its notes, with the cause; where it could, nothing is said."""
+    require("numba")
+    from lenet_gpu.backends.numba_backend import lenet_fwd
+    from lenet_gpu.selftest.phases import note_plan_fallbacks
+
+    rec = PhaseRecorder("benchmark", tmp_path / "b.json", budget_s=1.0)
+    monkeypatch.setattr(lenet_fwd, "OPT_IN_FAILURE", [])
+    note_plan_fallbacks(rec)
+    assert rec.notes == []
+    monkeypatch.setattr(lenet_fwd, "OPT_IN_FAILURE", ["CUDA_ERROR_INVALID_VALUE: no such attribute\nmore"])
+    note_plan_fallbacks(rec)
+    assert len(rec.notes) == 1 and "CUDA_ERROR_INVALID_VALUE: no such attribute" in rec.notes[0], rec.notes
+    assert "8 images a block instead of 16" in rec.notes[0] and "more" not in rec.notes[0]

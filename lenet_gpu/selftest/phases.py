@@ -1231,6 +1231,20 @@ def phase_benchmark(ctx: dict, rec: PhaseRecorder) -> None:
     _bench_peer(batches, px, py, rec, on_gpu=not emulate, quick=quick or emulate)
     if not emulate:
         _bench_profile(rec, bes, train_x, train_y, [b for b in PROFILE_BATCHES if b in batches] or [max(batches)])
+    note_plan_fallbacks(rec)
+
+
+def note_plan_fallbacks(rec: PhaseRecorder) -> None:
+    """Say in the phase's notes where a backend left its plan during the run, so no figure is read as the planned
+    kernel's: numba's lenet_fwd_v4 runs 8 images a block instead of 16 where its opt-in past 48 KiB of shared memory
+    failed (numba_backend/lenet_fwd.py OPT_IN_FAILURE)."""
+    lf = sys.modules.get("lenet_gpu.backends.numba_backend.lenet_fwd")
+    failed = getattr(lf, "OPT_IN_FAILURE", None)
+    if failed:
+        cause = failed[0].strip().splitlines()[0]
+        rec.note(f"numba lenet_fwd_v4: the opt-in past 48 KiB of shared memory failed ({cause}); "
+                 "its large-batch inference ran 8 images a block instead of 16 (the same results, not the planned "
+                 "kernel's speed)")
 
 
 #: batch sizes of the per-kernel profile
