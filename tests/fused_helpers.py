@@ -157,6 +157,29 @@ def check_head_train(
     return got
 
 
+def check_head_repeats(variant: str, b: int, routed_b: int) -> None:
+    """head_train ``variant`` on a CUDA C harness runtime of its own (so the counts do not depend on other tests): two
+    launches a call, the scratch allocated at the first call at a shape only, no copy, and the same bits every call
+    (fixed-order sums, no atomics), at batch ``b`` and in the routed form at ``routed_b``."""
+    from lenet_gpu.backends.cupy_backend import fused
+    from lenet_gpu.backends.cupy_backend.runtime import HostRuntime
+
+    be = RuntimeShim(HostRuntime())
+    first: dict = {}
+    a = check_head_train(be, fused.head_train, variant, b, 16, 10, 10, 120, 84, 10, "sigmoid", "max", seed=3,
+                         used=first)
+    assert first["launches"] == 2 and first["allocs"] == 4, first
+    used: dict = {}
+    c = check_head_train(be, fused.head_train, variant, b, 16, 10, 10, 120, 84, 10, "sigmoid", "max", seed=3,
+                         used=used)
+    assert used["launches"] == 2 and used["allocs"] == 0 and used["h2d"] == used["d2h"] == 0, used
+    for k in a:
+        assert np.array_equal(a[k], c[k]), k
+    r1, r2 = check_routed(be, variant, routed_b, "relu", seed=9), check_routed(be, variant, routed_b, "relu", seed=9)
+    for k in r1:
+        assert np.array_equal(r1[k], r2[k]), k
+
+
 def kernels_run(be: Any, fn: Callable[[], Any]) -> list[str]:
     """The kernels ``fn()`` launches on ``be``'s runtime, in order."""
     names: list[str] = []

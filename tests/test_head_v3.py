@@ -190,19 +190,5 @@ def test_host_wgrad_v4_gives_wgrad_v3s_bits(hbe, monkeypatch, b):
 
 @host
 def test_host_repeats_bit_for_bit_two_launches():
-    """Two launches a call, the scratch allocated at the first call at a shape only, the same bits every call
-    (fixed-order sums, no atomics). A runtime of its own: the counts do not depend on other tests."""
-    from lenet_gpu.backends.cupy_backend.runtime import HostRuntime
-
-    be = F.RuntimeShim(HostRuntime())
-    first: dict = {}
-    a = F.check_head_train(be, fused.head_train, "v3", 6, *LENET, "sigmoid", "max", seed=3, used=first)
-    assert first["launches"] == 2 and first["allocs"] == 4, first
-    used: dict = {}
-    b = F.check_head_train(be, fused.head_train, "v3", 6, *LENET, "sigmoid", "max", seed=3, used=used)
-    assert used["launches"] == 2 and used["allocs"] == 0 and used["h2d"] == used["d2h"] == 0, used
-    for k in a:
-        assert np.array_equal(a[k], b[k]), k
-    r1, r2 = F.check_routed(be, "v3", 3, "relu", seed=9), F.check_routed(be, "v3", 3, "relu", seed=9)
-    for k in r1:
-        assert np.array_equal(r1[k], r2[k]), k
+    """Two launches a call, the scratch allocated once, the same bits every call (fused_helpers.check_head_repeats)."""
+    F.check_head_repeats("v3", 6, 3)
