@@ -157,6 +157,26 @@ def check_head_train(
     return got
 
 
+def harness_backend(cache: dict) -> Any:
+    """A RuntimeShim over the CUDA C harness (HostRuntime), made once per ``cache`` (a test module's), with its
+    ``sm_count`` reset to None (the plan's default) for each test; a skip, with the reason, where the harness is
+    unavailable (no g++ >= 12: a named missing capability, not any error)."""
+    import pytest
+
+    from lenet_gpu.errors import BackendUnavailable
+
+    if "be" not in cache:
+        from lenet_gpu.backends.cupy_backend.runtime import HostRuntime
+
+        try:
+            cache["be"] = RuntimeShim(HostRuntime())
+        except BackendUnavailable as e:
+            pytest.skip(f"CPU harness unavailable: {e}")
+    be = cache["be"]
+    be.sm_count = None
+    return be
+
+
 def check_head_repeats(variant: str, b: int, routed_b: int) -> None:
     """head_train ``variant`` on a CUDA C harness runtime of its own (so the counts do not depend on other tests): two
     launches a call, the scratch allocated at the first call at a shape only, no copy, and the same bits every call

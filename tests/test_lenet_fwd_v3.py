@@ -12,7 +12,6 @@ import pytest
 
 from lenet_gpu import reference as ref
 from lenet_gpu.backends.cupy_backend import fused
-from lenet_gpu.errors import BackendUnavailable
 from lenet_gpu.reference import ACTIVATIONS
 from tests import fused_helpers as F
 from tests.parity import assert_close
@@ -38,17 +37,7 @@ _BE: dict = {}
 
 @pytest.fixture
 def hbe():
-    if "be" not in _BE:
-        from lenet_gpu.backends.cupy_backend.runtime import HostRuntime
-
-        try:
-            be = F.RuntimeShim(HostRuntime())
-        except BackendUnavailable as e:  # a named missing capability (no g++ >= 12), not any error
-            pytest.skip(f"CPU harness unavailable: {e}")
-        _BE["be"] = be
-    be = _BE["be"]
-    be.sm_count = None
-    return be
+    return F.harness_backend(_BE)
 
 
 @pytest.mark.parametrize("act", ACTS)
