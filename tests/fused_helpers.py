@@ -157,6 +157,24 @@ def check_head_train(
     return got
 
 
+def step_bwd_inputs(b: int, act: str, seed: int) -> dict[str, np.ndarray]:
+    """step_bwd's inputs at batch ``b`` (both backends' tests): x, p1 (an activated S2 map), gz3 (a routed gradient:
+    times act' of an activated S4 map), random routes m3 / m1, w3."""
+    rng = np.random.default_rng(seed)
+    p1 = ref.activate(rand((b, 6, 14, 14), seed), act).astype(np.float32)
+    if act == "relu":
+        p1[:, :, ::3, ::2] = 0.0  # act' = 0 there
+    p3 = ref.activate(rand((b, 16, 5, 5), seed + 1).astype(np.float64), act)
+    return {
+        "x": rand((b, 1, 32, 32), seed + 2),
+        "p1": p1,
+        "gz3": (rand((b, 16, 5, 5), seed + 3) * ref.activation_grad(p3, act)).astype(np.float32),
+        "m3": rng.integers(0, 4, (b, 16, 5, 5)).astype(np.uint8),
+        "m1": rng.integers(0, 4, (b, 6, 14, 14)).astype(np.uint8),
+        "w3": rand((16, 6, 5, 5), seed + 4, float(1 / np.sqrt(150))),
+    }
+
+
 def harness_backend(cache: dict) -> Any:
     """A RuntimeShim over the CUDA C harness (HostRuntime), made once per ``cache`` (a test module's), with its
     ``sm_count`` reset to None (the plan's default) for each test; a skip, with the reason, where the harness is

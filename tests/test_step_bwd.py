@@ -18,9 +18,10 @@ import pytest
 from lenet_gpu import reference as ref
 from lenet_gpu.backends.cupy_backend import CupyBackend, kernel_source
 from lenet_gpu.spec import conv_prefix, param_layout
+from tests import fused_helpers as F
 from tests import sim_child
 from tests.host_child import check_host_suite, host_suite
-from tests.parity import TOL, assert_close, assert_equal, nan_like, rand
+from tests.parity import TOL, assert_close, assert_equal, nan_like
 
 CHILD_ENV = "LENET_STEP_BWD_HOST_CHILD"
 IN_CHILD = os.environ.get(CHILD_ENV) == "1"
@@ -52,21 +53,7 @@ def test_host_suite_in_subprocess():
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def step_inputs(b: int, act: str, seed: int) -> dict[str, np.ndarray]:
-    """x, p1 (an activated S2 map), gz3 (a routed gradient: times act' of an activated S4 map), random routes, w3."""
-    rng = np.random.default_rng(seed)
-    p1 = ref.activate(rand((b, 6, 14, 14), seed), act).astype(np.float32)
-    if act == "relu":
-        p1[:, :, ::3, ::2] = 0.0  # act' = 0 there
-    p3 = ref.activate(rand((b, 16, 5, 5), seed + 1).astype(F64), act)
-    return {
-        "x": rand((b, 1, 32, 32), seed + 2),
-        "p1": p1,
-        "gz3": (rand((b, 16, 5, 5), seed + 3) * ref.activation_grad(p3, act)).astype(np.float32),
-        "m3": rng.integers(0, 4, (b, 16, 5, 5)).astype(np.uint8),
-        "m1": rng.integers(0, 4, (b, 6, 14, 14)).astype(np.uint8),
-        "w3": rand((16, 6, 5, 5), seed + 4, float(1 / np.sqrt(150))),
-    }
+step_inputs = F.step_bwd_inputs  # x, p1, gz3, routes m3 / m1, w3 (shared with the other backend's tests)
 
 
 NAMES = ("x", "p1", "gz3", "m3", "m1", "w3")
