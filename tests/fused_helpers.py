@@ -175,6 +175,27 @@ def step_bwd_inputs(b: int, act: str, seed: int) -> dict[str, np.ndarray]:
     }
 
 
+def step_update_inputs(n: int, nc: int, groups: int, seed: int, wrap: bool = True) -> tuple[np.ndarray, ...]:
+    """step_adam / step_sgd's inputs (both backends' tests): p, g (its conv prefix NaN: the update writes it), gpart
+    (groups, nc) with signed zeros, Adam's m and v, the schedule row of step 12 and the state; ``wrap``: the last step
+    of an epoch, so the advance starts the next (STEP_IN_EPOCH, OFFSET back to 0, EPOCH + 1)."""
+    from lenet_gpu.stepstate import HostState
+
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32) * 0.1
+    g[:nc] = np.nan  # the conv prefix is the update's to write
+    gpart = (rng.standard_normal((groups, nc)) * 0.05).astype(np.float32)
+    gpart[:, 1::7] = -0.0  # signed zeros: the sum starts from +0.0 as step_reduce's does
+    m = rng.standard_normal(n).astype(np.float32) * 0.01
+    v = np.abs(rng.standard_normal(n)).astype(np.float32) * 1e-4
+    t = 12
+    srow = np.array([1e-3, 1 - 0.9**t, 1 - 0.999**t, 0.0], np.float32)
+    state = HostState(step=t - 1, sched_base=0, step_in_epoch=4, offset=40, epoch=2, steps_per_epoch=5 if wrap else 9,
+                      seed=3, shift=1).to_array()
+    return p, g, gpart, m, v, srow, state
+
+
 def harness_backend(cache: dict) -> Any:
     """A RuntimeShim over the CUDA C harness (HostRuntime), made once per ``cache`` (a test module's), with its
     ``sm_count`` reset to None (the plan's default) for each test; a skip, with the reason, where the harness is

@@ -37,6 +37,7 @@ import pytest
 from lenet_gpu import reference as ref
 from lenet_gpu.spec import conv_prefix, param_layout
 from lenet_gpu.stepstate import HostState, advance
+from tests import fused_helpers as F
 from tests import sim_child
 from tests.parity import TOL, assert_close, assert_equal, nan_like
 
@@ -197,21 +198,7 @@ def check_v2_equals_v1(be, batch: int, act: str, data_seed: int, row: int, **sta
     _assert_same_outputs(got, want, f"step_fwd_v2 vs step_fwd_v1, batch={batch} {act}")
 
 
-def _update_inputs(n: int, nc: int, groups: int, seed: int, wrap: bool):
-    rng = np.random.default_rng(seed)
-    p = rng.standard_normal(n).astype(np.float32)
-    g = rng.standard_normal(n).astype(np.float32) * 0.1
-    g[:nc] = np.nan  # the conv prefix is the update's to write
-    gpart = (rng.standard_normal((groups, nc)) * 0.05).astype(np.float32)
-    gpart[:, 1::7] = -0.0  # signed zeros: the sum starts from +0.0 as step_reduce's does
-    m = rng.standard_normal(n).astype(np.float32) * 0.01
-    v = np.abs(rng.standard_normal(n)).astype(np.float32) * 1e-4
-    t = 12
-    srow = np.array([1e-3, 1 - 0.9**t, 1 - 0.999**t, 0.0], np.float32)
-    # wrap: the last step of an epoch, the advance starts the next (STEP_IN_EPOCH, OFFSET back to 0, EPOCH + 1)
-    state = HostState(step=t - 1, sched_base=0, step_in_epoch=4, offset=40, epoch=2, steps_per_epoch=5 if wrap else 9,
-                      seed=3, shift=1).to_array()
-    return p, g, gpart, m, v, srow, state
+_update_inputs = F.step_update_inputs  # p, g, gpart, m, v, the schedule row, the state (both backends)
 
 
 def check_step_update(be, opt: str, n: int, nc: int, groups: int, wd: float, wrap: bool, seed: int) -> None:
