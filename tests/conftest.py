@@ -138,3 +138,19 @@ def require(module: str, why: str = "") -> object:
     if not _installed(module):
         pytest.skip(f"{module} is not installed{': ' + why if why else ''}", allow_module_level=True)
     return importlib.import_module(module)
+
+
+def numba_compile_report() -> object:
+    """lenet_gpu.backends.numba_backend.compile_report where Numba's real compiler and a ptxas of its CUDA are here
+    (the compile checks need both); else a skip with the reason: the simulator is on, numba-cuda is not installed,
+    or no ptxas is found (compile_report.ptxas_path says where it looked)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("compile checks need the real compiler")
+    require("numba.cuda")
+    from lenet_gpu.backends.numba_backend import compile_report as cr
+
+    try:
+        cr.ptxas_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return cr

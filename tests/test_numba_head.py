@@ -28,7 +28,7 @@ import pytest
 
 from tests import fused_helpers as F
 from tests import sim_child
-from tests.conftest import require
+from tests.conftest import numba_compile_report, require
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -153,15 +153,7 @@ V4_COMPILED = tuple(f"head_train_v4{'' if r == 8 else f'_r{r}'}" for r in (8, 16
 def v4_compiled():
     """head_train_v4's three LeNet-5 kernels (8, 16, 32 rows), each arch, compiled once (compile_report's cache:
     what tests/test_numba_compile's report built in this process already is not built again)."""
-    if SIM:
-        pytest.skip("compile checks need the real compiler")
-    require("numba.cuda")
-    from lenet_gpu.backends.numba_backend import compile_report as cr
-
-    try:
-        cr.ptxas_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    cr = numba_compile_report()
     cr.prefetch([(n, a) for n in V4_COMPILED for a in V4_ARCHS])
     return cr
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests import sim_child
-from tests.conftest import require
+from tests.conftest import numba_compile_report, require
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 sim = pytest.mark.skipif(not SIM, reason="runs inside test_v3_simulator_suite's NUMBA_ENABLE_CUDASIM=1 subprocess")
@@ -59,15 +59,7 @@ def test_lenet_eval_compiles_without_spills_or_64bit_division():
     """lenet_eval_v1 for sm_80 and sm_90 (compile_report's compile: compile_ptx + ptxas -v): no spills, no stack,
     no 64-bit or signed division, ≤ 64 registers; float64 it uses by contract (its sums and exp/log). lenet_fwd_v3's
     checks: tests/test_numba_ptx.py (UINT32_KERNELS, SM90_ONLY) and test_fused.py (SIGNATURES)."""
-    if SIM:
-        pytest.skip("compile checks need the real compiler")
-    require("numba.cuda")
-    from lenet_gpu.backends.numba_backend import compile_report as cr
-
-    try:
-        cr.ptxas_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    cr = numba_compile_report()
     for arch in ("sm_80", "sm_90"):
         ptx, log = cr.compile_kernel("lenet_eval_v1", arch)
         res = cr.parse_ptxas(log)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tests import sim_child
-from tests.conftest import require
+from tests.conftest import numba_compile_report, require
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 sim = pytest.mark.skipif(not SIM, reason="runs inside test_v4_simulator_suite's NUMBA_ENABLE_CUDASIM=1 subprocess")
@@ -157,15 +157,7 @@ def test_v4_compiles_within_72_registers_without_spills(arch):
     """lenet_fwd_v4 (uint8 and float32 images) under its launch bounds (224 × 4): ≤ 72 registers, no spills, no
     stack (local memory), no float64, no 64-bit or signed division (compile_report's compile: compile_ptx +
     ptxas -v). Measured 2026-12-07: 72 registers on sm_80 and sm_90, both specialisations."""
-    if SIM:
-        pytest.skip("compile checks need the real compiler")
-    require("numba.cuda")
-    from lenet_gpu.backends.numba_backend import compile_report as cr
-
-    try:
-        cr.ptxas_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    cr = numba_compile_report()
     names = ("lenet_fwd_v4", "lenet_fwd_f32_v4")
     cr.prefetch([(name, arch) for name in names])
     for name in names:

@@ -277,16 +277,11 @@ def test_compile_ptx_no_spills_no_local_no_f64_no_division(arch, name):
     remainder of any width or sign (LeNet's geometry is compiled in: every division is by a constant), 32,048 B of
     static shared memory, and at most 128 registers for v1, so 2 blocks of 256 threads fit an SM (step_bwd.cu: 128
     at 2 blocks/SM), at most 80 for v2, so 3 fit (step_bwd.cu's v2: 80 at 3 blocks/SM)."""
-    from tests.conftest import require
+    from tests.conftest import numba_compile_report
 
-    require("numba.cuda")
-    from lenet_gpu.backends.numba_backend import compile_report as cr
+    cr = numba_compile_report()
     from lenet_gpu.backends.numba_backend import step4_bwd as m
 
-    try:
-        cr.ptxas_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
     ptx, log = cr.compile_kernel(name, arch)  # the backend's build (its signature, launch bounds), one lowering
     assert f".target {arch}" in ptx and ".entry" in ptx
     bad = cr.f64_lines(ptx)
