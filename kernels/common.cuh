@@ -19,6 +19,22 @@
 
 __host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// N (even) consecutive floats of shared memory at p, 8-byte aligned, into v as N/2 64-bit loads (LDS.64). The
+// 2x2-pooled convolutions read a row of their window this way (6 floats from an even column of an even-pitched
+// plane): half the load instructions of N 32-bit loads, and fewer shared-memory wavefronts. A warp's stride-2
+// windows start on only 16 of the 32 banks, so the 32-bit loads replay 2-3 ways each; the 64-bit loads cover
+// both banks of each pair, and cost at most as many wavefronts as one 32-bit load of the row.
+template <int N>
+__device__ __forceinline__ void load_row2(const float* p, float (&v)[N]) {
+    static_assert(N % 2 == 0, "load_row2: an even number of floats");
+#pragma unroll
+    for (int j = 0; j < N; j += 2) {
+        const float2 t = *reinterpret_cast<const float2*>(p + j);
+        v[j] = t.x;
+        v[j + 1] = t.y;
+    }
+}
+
 // act(z) for an activation code (block-uniform, so the switch does not diverge).
 __device__ __forceinline__ float act_fwd(float z, int act) {
     switch (act) {

@@ -247,12 +247,10 @@ __device__ __forceinline__ void lf_conv(const float* smem, float* s_img, int IS,
 #pragma unroll
         for (int k = 0; k < LF_K1; ++k) acc[0][k] = acc[1][k] = acc[2][k] = acc[3][k] = s_b1[k];
         float ra[LF_R + 1], rb[LF_R + 1];  // two input rows of the window (6 wide: 2 outputs x 5 taps)
-#pragma unroll
-        for (int j = 0; j <= LF_R; ++j) ra[j] = xin[j];
+        load_row2(xin, ra);  // 8-byte aligned: even column, even pitch (LF_X, IS) and base
 #pragma unroll
         for (int r = 0; r < LF_R; ++r) {
-#pragma unroll
-            for (int j = 0; j <= LF_R; ++j) rb[j] = xin[(r + 1) * LF_X + j];
+            load_row2(xin + (r + 1) * LF_X, rb);
 #pragma unroll
             for (int s = 0; s < LF_R; ++s) {
                 const float4 wa = *reinterpret_cast<const float4*>(s_w1 + (r * LF_R + s) * 8);
@@ -282,12 +280,10 @@ __device__ __forceinline__ void lf_conv(const float* smem, float* s_img, int IS,
             const float* xin = s2 + c * LF_P2 * LF_P2;
             const float* wc = s_w3 + c * 25 * LF_K3 + LF_KB3 * kg;
             float ra[LF_R + 1], rb[LF_R + 1];
-#pragma unroll
-            for (int j = 0; j <= LF_R; ++j) ra[j] = xin[j];
+            load_row2(xin, ra);  // 8-byte aligned: even column, even pitches (LF_P2, the planes, XR, IS)
 #pragma unroll
             for (int r = 0; r < LF_R; ++r) {
-#pragma unroll
-                for (int j = 0; j <= LF_R; ++j) rb[j] = xin[(r + 1) * LF_P2 + j];
+                load_row2(xin + (r + 1) * LF_P2, rb);
 #pragma unroll
                 for (int s = 0; s < LF_R; ++s) {
                     float w[LF_KB3];
@@ -454,13 +450,16 @@ extern "C" __global__ void __launch_bounds__(LF_THREADS_V2, LF_MIN_BLOCKS) lenet
 //
 // Cost at LeNet-5, batch 10,000 (ESTIMATED, NOT MEASURED; H200 132 SMs at ~1.98 GHz): FMAs 0.41 M an image
 // (C1 117.6 K, C3 240 K, dense 59 K MAC) = 12.9 K warp-FMA an image; at 4 a clock an SM, 76 images an SM:
-// ~250 K clocks = ~125 us if FMA-bound (80M img/s, the FP32 limit). Shared loads ~2.6 K warp-loads an image (1 a
-// clock an SM): ~100 us, overlapped. Dense weights from L2: 625 blocks x 236 KB = 148 MB, ~21-27 us at 5.5-7 TB/s
+// ~250 K clocks = ~125 us if FMA-bound (80M img/s, the FP32 limit). Shared loads ~2.1 K warp-loads an image (1 a
+// clock an SM, overlapped): the convolutions' window rows are 64-bit loads (load_row2, 2026-12-07), 495 loads and
+// ~2.1 K wavefronts an image where six 32-bit loads a row took 990 and ~2.9 K (bench/smem_banks.py's bank model:
+// the stride-2 windows still replay C3's loads ~4 ways of a 2-way minimum). Dense weights from L2: 625 blocks x 236 KB = 148 MB, ~21-27 us at 5.5-7 TB/s
 // (v3 at 4 images: 590 MB, 84-107 us). v2's kernel (v3's at 4 images but for the dense unroll) measured 487.6 us
 // at 10,000 (20.5M img/s, CUPTI 2026-12-04), ~1.6 instructions a clock an SM of ~20 K issue slots an image: v4
 // keeps the conv stages' instructions (~85 % of them) and removes ~3/4 of the dense L2 traffic (63-80 us of L2
 // time) and part of the dense stage's load latency (a weight load feeds 16 FMAs, not 4): estimated 350-425 us
-// (23.5-28.5M img/s). Not measured; the issue's 30M img/s needs the conv stages faster too.
+// (23.5-28.5M img/s); the 64-bit window rows take ~2.5 % of the issue slots off (495 of ~20 K): 340-415 us
+// (24-29.4M img/s). Not measured; the issue's 30M img/s needs the conv stages faster still.
 #ifndef LF4_G
 #define LF4_G 2  // images a conv group (the X/Y scratch holds this many)
 #endif

@@ -40,7 +40,9 @@
 //          (10.3 KB a block) come from L2 (resident after the first blocks).
 //   H200   (132 SMs, 4 warp-instructions/clock/SM, ~1.98 GHz; 4.8 TB/s) by issue slots: per thread C1 600 FMA +
 //          ~86 shared loads, C3 1,200 FMA + ~370 shared loads; 7 warps busy in each stage -> ~17K
-//          warp-instructions an image (C1 ~4.9K, C3 ~11K, staging ~1.2K).
+//          warp-instructions an image (C1 ~4.9K, C3 ~11K, staging ~1.2K). Since 2026-12-07 a window row is three
+//          64-bit loads (load_row2): ~68 and ~260 shared loads, ~0.9K fewer warp-instructions an image (~16.2K),
+//          and the window reads' wavefronts 5.0K -> 3.6K an image (bench/smem_banks.py).
 //          batch 4096: 4096 x 17K = 70M warp-instructions / (132 x 4 x 1.98e9 /s) = ~67 us at full issue (4
 //            blocks an SM by registers: 32 warps, 7.8 waves); DRAM 52 MB / 4.8 TB/s = 11 us: issue-bound,
 //            ~70-90 us.
@@ -180,12 +182,10 @@ __device__ __forceinline__ void sf_c1(const float* s_x, int it, const float* s_w
 #pragma unroll
     for (int k = 0; k < SF_K1; ++k) acc[0][k] = acc[1][k] = acc[2][k] = acc[3][k] = 0.0f;
     float ra[SF_R + 1], rb[SF_R + 1];
-#pragma unroll
-    for (int c = 0; c <= SF_R; ++c) ra[c] = xin[c];
+    load_row2(xin, ra);  // 8-byte aligned: even column and pitch, s_x 16-byte aligned
 #pragma unroll
     for (int r = 0; r < SF_R; ++r) {
-#pragma unroll
-        for (int c = 0; c <= SF_R; ++c) rb[c] = xin[(r + 1) * SF_X + c];
+        load_row2(xin + (r + 1) * SF_X, rb);
 #pragma unroll
         for (int s = 0; s < SF_R; ++s) {
             const float4 wa = *reinterpret_cast<const float4*>(s_w1 + (r * SF_R + s) * 8);
@@ -233,12 +233,10 @@ __device__ __forceinline__ void sf_c3(const float* s_p1, int kg, int pp, const f
         const float* xin = s2 + c * PL2;
         const float* wc = s_w3 + c * SF_TAPS * SF_K3 + KB * kg;
         float ra[SF_R + 1], rb[SF_R + 1];
-#pragma unroll
-        for (int q = 0; q <= SF_R; ++q) ra[q] = xin[q];
+        load_row2(xin, ra);  // 8-byte aligned: even column, even pitch and planes, s_p1 16-byte aligned
 #pragma unroll
         for (int r = 0; r < SF_R; ++r) {
-#pragma unroll
-            for (int q = 0; q <= SF_R; ++q) rb[q] = xin[(r + 1) * SF_P2 + q];
+            load_row2(xin + (r + 1) * SF_P2, rb);
 #pragma unroll
             for (int s = 0; s < SF_R; ++s) {
                 float w[KB];
@@ -273,8 +271,8 @@ step_fwd_v1(const unsigned char* __restrict__ images, const unsigned char* __res
     __shared__ __align__(16) float s_w3[SF_K1 * SF_TAPS * SF_K3];  // [channel][tap][filter]
     __shared__ float s_b1[SF_K1];
     __shared__ float s_b3[SF_K3];
-    __shared__ float s_x[SF_X * SF_X];
-    __shared__ float s_p1[SF_K1 * SF_P2 * SF_P2];
+    __shared__ __align__(16) float s_x[SF_X * SF_X];
+    __shared__ __align__(16) float s_p1[SF_K1 * SF_P2 * SF_P2];
     const int n = blockIdx.x, tid = threadIdx.x;
     if (n == 0 && tid == 0) sf_sched_row(state, sched, srow, T);
     sf_stage_weights(w1, b1, w3, b3, s_w1, s_b1, s_w3, s_b3, tid, SF_THREADS);
@@ -304,7 +302,8 @@ step_fwd_v1(const unsigned char* __restrict__ images, const unsigned char* __res
 // first maximum), so the same bits. Grid ceil(B / SF2_IMGS); a last block of one image leaves its second idle.
 // Cost per image (estimated, not measured; H200 as v1): ~15.8 K warp-instructions (v1 ~17.5 K): C3 7 warps x ~2.9 K
 // for two images (~10.1 K an image, v1 ~11.2 K), C1 13 warp-rounds x ~790 for two (~5.1 K, v1 ~5.5 K), staging
-// ~0.6 K (v1 ~0.8 K). Batch 4096: 2,048 blocks, 4 an SM by registers: ~60-80 us (v1 ~70-90 us) by issue slots.
+// ~0.6 K (v1 ~0.8 K); the 64-bit window rows take ~0.5 K off (~15.3 K). Batch 4096: 2,048 blocks, 4 an SM by
+// registers: ~60-80 us (v1 ~70-90 us) by issue slots.
 // Shared memory (static): v1's weights + 2 images' x and p1: 28,088 B. NVRTC 12 (sm_80, sm_90): 64 registers,
 // no spills.
 #define SF2_IMGS 2
@@ -322,8 +321,8 @@ step_fwd_v2(const unsigned char* __restrict__ images, const unsigned char* __res
     __shared__ __align__(16) float s_w3[SF_K1 * SF_TAPS * SF_K3];
     __shared__ float s_b1[SF_K1];
     __shared__ float s_b3[SF_K3];
-    __shared__ float s_x[SF2_IMGS][SF_X * SF_X];
-    __shared__ float s_p1[SF2_IMGS][SF_K1 * SF_P2 * SF_P2];
+    __shared__ __align__(16) float s_x[SF2_IMGS][SF_X * SF_X];
+    __shared__ __align__(16) float s_p1[SF2_IMGS][SF_K1 * SF_P2 * SF_P2];
     constexpr int PL2 = SF_P2 * SF_P2, PL4 = SF_P4 * SF_P4;
     const int n0 = blockIdx.x * SF2_IMGS, tid = threadIdx.x;
     const int ni = B - n0 < SF2_IMGS ? B - n0 : SF2_IMGS;  // images in this block (block-uniform)
