@@ -54,9 +54,15 @@ Versions:
     (tests/test_numba_lenet_fwd_v2.py); ptxas: 72 registers on sm_90 (v2 72) and on sm_80 under the launch bounds (v2
     70: both allow 4 blocks of 224 an SM), the float32 specialisation the same; no spills, no local memory, no
     float64, no 64-bit or signed division (v2 passes the constant OUT_GLOBAL: its switches fold away);
-  - as in v2: no float4/float2 vector loads of shared memory (a tap's weights are scalar broadcasts), no warp
-    shuffles in the simulator (shared-memory stand-ins), no ``__ldg``/``__restrict__`` (the dense weights are read
-    through the ordinary path).
+  - as in v2: no float4/float2 vector loads of shared memory: since 2026-12-07 the convolutions (_convs, every
+    version from v2) read a window row (6 floats) and a tap's weights (C1 6, C3 4) as 64-bit loads of the dynamic
+    shared memory viewed as int64 (_ld2: ld.shared.u64, the halves reinterpreted), where lenet_fwd.cu uses float2 /
+    float4 loads. A thread's window loads: C1 36 → 18, C3 216 → 108; C3's weights 600 → 300 (C1's constant-offset
+    weights ptxas had already merged into 128/64-bit loads). v3 on sm_90 (nvdisasm of ptxas's code): 32-bit LDS 46
+    → 22, LDS.64 6 → 18, LDS.128 12 → 12 in the code, 3,160 → 3,104 instructions. The same values, so the same
+    bits; 72 registers still, no spills (the simulator views its bytes as float32 instead); no warp shuffles in the
+    simulator (shared-memory stand-ins), no ``__ldg``/``__restrict__`` (the dense weights are read through the
+    ordinary path).
 - lenet_fwd_v4 (large batches; v3's plan, the default, runs it): lenet_fwd.cu's v4. A block holds NI = 8 or 16
   images (``imgs``) and runs the convolutions LF4_G = 2 images at a time through v3's exact conv code (``_convs``,
   the body of v2/v3's ``_convs_v2``, which now takes the images' first index and count and where S4 goes: image m's
@@ -126,7 +132,8 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba import cuda, float32, float64
+from numba import cuda, float32, float64, int32, int64
+from numba.cuda import libdevice
 
 from ..base import ACT_CODES, POOL_CODES, check_act, check_lenet_eval_args, check_lenet_fwd_outputs, check_mode
 from .common import POOL_MAX, U0, U1, U, activate, ceil_div, device_function
@@ -375,6 +382,25 @@ else:
     _shfl_xor = cuda.shfl_xor_sync
 
 
+if numba.config.ENABLE_CUDASIM:
+
+    def _ld2(sm64, i):
+        """The simulator's _ld2: words 2i and 2i + 1 of the block's dynamic shared memory, its bytes viewed as two
+        float32 (little-endian, as on a GPU)."""
+        v = sm64[i:i + 1].view(np.float32)
+        return v[0], v[1]
+else:
+
+    @device_function
+    def _ld2(sm64, i):
+        """Words 2i and 2i + 1 of the block's dynamic shared memory as float32, in one 64-bit load: sm64 is the
+        dynamic shared array as int64 (every dynamic shared array of a block aliases the same bytes), the low word
+        the first float. ld.shared.u64, and the halves reinterpreted (int_as_float: a register move); Numba has
+        no float2 load, which lenet_fwd.cu's load_row2 and its float4 weight reads are."""
+        v = sm64[i]
+        return libdevice.int_as_float(int32(v & 0xFFFFFFFF)), libdevice.int_as_float(int32(v >> 32))
+
+
 @device_function
 def _transpose_sum8(v, lane):
     """Warp-wide sums of the DF = 8 partial sums v[0..8) of every lane (rows_gemv.cuh's warp_transpose_sum<8>):
@@ -578,6 +604,8 @@ def _convs(sm, images, n0, ni, uimgs, uxr, isz, s4b, s4s, act, mode, scale, shif
     a3 = cuda.local.array(KB3, float32)
     ra = cuda.local.array(RS1, float32)  # two input rows of the window (6 wide: 2 outputs × 5 taps)
     rb = cuda.local.array(RS1, float32)
+    wk = cuda.local.array(K1, float32)  # a tap's weights (C1: 6 filters, C3: KB3)
+    sm64 = cuda.shared.array(0, int64)  # the same bytes as sm: its 64-bit loads (_ld2)
     t = tid
     while t < U(uimgs * U(XS * XS)):  # the tile's images, padded and normalised (the border and past the
         m = U(t // U(XS * XS))  # batch: pad, the normalised pixel 0; uint8: pad = shift, as v1 writes it)
@@ -606,14 +634,17 @@ def _convs(sm, images, n0, ni, uimgs, uxr, isz, s4b, s4s, act, mode, scale, shif
             c1[k] = bias
             c2[k] = bias
             c3[k] = bias
-        for j in range(RS1):
-            ra[j] = sm[U(xb + U(j))]
+        xh = U(xb >> U1)  # xb is even (the window's column, XS, isz and WEIGHTS_V2 are): 64-bit loads
+        for j in range(RS1 // 2):
+            ra[2 * j], ra[2 * j + 1] = _ld2(sm64, U(xh + U(j)))
         for r in range(RS):
-            for j in range(RS1):
-                rb[j] = sm[U(xb + U((r + 1) * XS + j))]
+            for j in range(RS1 // 2):
+                rb[2 * j], rb[2 * j + 1] = _ld2(sm64, U(xh + U((r + 1) * (XS // 2) + j)))
             for s in range(RS):
+                for j in range(K1 // 2):  # the tap's 6 weights, 3 64-bit loads (lenet_fwd.cu: a float4 + a float2)
+                    wk[2 * j], wk[2 * j + 1] = _ld2(sm64, U((r * RS + s) * 4 + j))
                 for k in range(K1):
-                    wv = sm[U((r * RS + s) * 8 + k)]
+                    wv = wk[k]
                     c0[k] += ra[s] * wv
                     c1[k] += ra[s + 1] * wv
                     c2[k] += rb[s] * wv
@@ -642,16 +673,18 @@ def _convs(sm, images, n0, ni, uimgs, uxr, isz, s4b, s4s, act, mode, scale, shif
         s2 = U(U(WEIGHTS_V2) + m * isz + uxr + ph * U(2 * P2) + pw + pw)
         c = U0
         while c < U(K1):
-            xb = U(s2 + c * U(P2 * P2))
-            wc = U(U(OW3_V2) + c * U(25 * K3) + kg * U(KB3))
-            for j in range(RS1):
-                ra[j] = sm[U(xb + U(j))]
+            xh = U(U(s2 + c * U(P2 * P2)) >> U1)  # even, as C1's
+            wh = U(U(U(OW3_V2) + c * U(25 * K3) + kg * U(KB3)) >> U1)  # even (16-byte aligned)
+            for j in range(RS1 // 2):
+                ra[2 * j], ra[2 * j + 1] = _ld2(sm64, U(xh + U(j)))
             for r in range(RS):
-                for j in range(RS1):
-                    rb[j] = sm[U(xb + U((r + 1) * P2 + j))]
+                for j in range(RS1 // 2):
+                    rb[2 * j], rb[2 * j + 1] = _ld2(sm64, U(xh + U((r + 1) * (P2 // 2) + j)))
                 for s in range(RS):
+                    for j in range(KB3 // 2):  # the tap's KB3 weights as 64-bit loads (lenet_fwd.cu: a float4)
+                        wk[2 * j], wk[2 * j + 1] = _ld2(sm64, U(wh + U((r * RS + s) * (K3 // 2) + j)))
                     for k in range(KB3):
-                        wv = sm[U(wc + U((r * RS + s) * K3 + k))]
+                        wv = wk[k]
                         a0[k] += ra[s] * wv
                         a1[k] += ra[s + 1] * wv
                         a2[k] += rb[s] * wv
