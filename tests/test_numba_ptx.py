@@ -65,7 +65,7 @@ def test_no_int64_division_in_uint32_kernels(ptxas, kernel, arch):
 @pytest.mark.parametrize("kernel", ["lenet_fwd_v2", "lenet_fwd_v3", "lenet_fwd_v4"])
 def test_lenet_fwd_convolutions_read_shared_memory_64_bits_at_a_time(ptxas, kernel):
     """lenet_fwd.py's _convs reads each window row (6 floats) and each tap's weights (C1: 6, C3: KB3 = 4) as 64-bit
-    shared loads (_ld2: ld.shared.u64 of the dynamic shared memory viewed as int64, the halves reinterpreted), as
+    shared loads (ld_pair: ld.shared.u64 of the dynamic shared memory viewed as int64, the halves reinterpreted), as
     lenet_fwd.cu reads them with float2/float4 loads. 37 such loads in the PTX: C1's first row 3 + its tap-row loop
     (3 + 5 taps × 3) and C3's first row 3 + its tap-row loop (3 + 5 × 2); NVVM keeps the 5-row loops rolled. A
     return to one scalar load a float, or to a float64 reassembly, fails here."""

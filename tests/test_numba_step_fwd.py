@@ -481,15 +481,20 @@ def test_backend_step4_plan_takes_v2_at_large_batch():
     from lenet_gpu.backends.numba_backend import backend as B
 
     assert B.sm_count() == 132
-    assert B.lenet_launches(64)[0] == ("step_fwd", "v1", 64, 256, 0)
-    assert B.lenet_launches(4096)[0] == ("step_fwd", "v2", 2048, 256, 0)
+    assert B.lenet_launches(64)[0] == ("step_fwd", "v1", 64, 256, STEP_FWD_SHARED["step_fwd_v1"])
+    assert B.lenet_launches(4096)[0] == ("step_fwd", "v2", 2048, 256, STEP_FWD_SHARED["step_fwd_v2"])
 
 
 # ------------------------------------------------------------------------------------------- PTX (no device)
 ARCHS = ("sm_80", "sm_90")
 KERNELS = ("step_fwd_v1", "step_fwd_v2", "step_adam_v1", "step_sgd_v1")
-#: step_fwd.cu's static shared memory (v1: the weights, x, p1; v2: the weights and two images' x and p1)
-STEP_FWD_SHARED = {"step_fwd_v1": 19288, "step_fwd_v2": 28088}
+#: the kernels' dynamic shared memory: step_fwd.cu's static arrays (v1: the weights, x, p1; v2: the weights and two
+#: images' x and p1: 19,288 and 28,088 B) as 16-byte-aligned regions of one block, C1's 6 biases padded to 8 (+8 B)
+STEP_FWD_SHARED = {"step_fwd_v1": 19296, "step_fwd_v2": 28096}
+#: 64-bit shared loads (common.ld_pair) in the PTX: the window rows and the weights of every conv row call (5 C1
+#: rows: 3 + 3 input + 15 weight loads; 5 C3 rows: 3 + 3 input + 5·kb/2 weight loads), less the input rows NVVM
+#: loads once for two row calls (a row's bottom is the next row's top)
+STEP_FWD_PAIR_LOADS = {"step_fwd_v1": 136, "step_fwd_v2": 161}
 #: integer division or remainder in PTX (any width and sign)
 INT_DIV = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:div|rem)(?:\.[a-z]+)*\.[su](?:32|64)\b", re.M)
 
@@ -525,7 +530,11 @@ def test_ptx_no_spills_no_local_no_f64_no_division(kernel, arch):
     assert res["registers"] <= 64, f"{kernel} ({arch}): {res['registers']} registers"
     if kernel in STEP_FWD_SHARED:
         assert not INT_DIV.findall(ptx), INT_DIV.findall(ptx)[:5]  # step_fwd.cu's test: no integer div/rem at all
-        assert res["shared_bytes"] == STEP_FWD_SHARED[kernel], res
+        from lenet_gpu.backends.numba_backend import step4_fwd as S
+
+        assert res["shared_bytes"] == 0, res  # all dynamic: an int64 view of it gives the 64-bit loads
+        assert S.step_fwd_smem(kernel.removeprefix("step_fwd_")) == STEP_FWD_SHARED[kernel]
+        assert ptx.count("ld.shared.u64") == STEP_FWD_PAIR_LOADS[kernel], ptx.count("ld.shared.u64")
 
 
 # ------------------------------------------------------------------------------------------- GPU

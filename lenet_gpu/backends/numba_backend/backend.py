@@ -311,7 +311,7 @@ def lenet_launches(
         upd = "step_adam" if optimizer == "adam" else "step_sgd"
         ublocks, uthreads = _step4_fwd.update_plan(param_layout(NetConfig(f6=f6))[1], sm_count())
         sk = _step4_fwd.step_fwd_kernel(None, b, sm_count(), default=v["step_fwd"])  # the op's default plan
-        return [("step_fwd", sk, _step4_fwd.step_fwd_grid(sk, b), _step4_fwd.SF_THREADS, 0),
+        return [("step_fwd", sk, _step4_fwd.step_fwd_grid(sk, b), _step4_fwd.SF_THREADS, _step4_fwd.step_fwd_smem(sk)),
                 *_head.launches(v["head_train"], b, nh2=f6),
                 ("step_bwd", v["step_bwd"], _step4_bwd.step_groups(b, sm_count()), _step4_bwd.THREADS, 0),
                 (upd, v[upd], ublocks, uthreads, 0)]

@@ -23,7 +23,8 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba import cuda, uint32, uint64
+from numba import cuda, int32, uint32, uint64
+from numba.cuda import libdevice
 
 from ..base import ACT_CODES, POOL_CODES
 from ._compat import compile_device_functions_without_a_device, fix_simulator_barriers, fix_simulator_shared_arrays
@@ -51,6 +52,25 @@ device_function = (cuda.jit(device=True) if numba.config.ENABLE_CUDASIM
                    else cuda.jit(device=True, forceinline=True))
 if not numba.config.ENABLE_CUDASIM:
     compile_device_functions_without_a_device()
+
+if numba.config.ENABLE_CUDASIM:
+
+    def ld_pair(sm64, i):
+        """The simulator's ld_pair: words 2i and 2i + 1 of the block's dynamic shared memory, its bytes viewed as two
+        float32 (little-endian, as on a GPU). A plain function: it uses no cuda.* API."""
+        v = sm64[i:i + 1].view(np.float32)
+        return v[0], v[1]
+else:
+
+    @device_function
+    def ld_pair(sm64, i):
+        """Words 2i and 2i + 1 of the block's dynamic shared memory as two float32, in one 64-bit load (the CUDA C
+        kernels' float2 load; Numba has no vector loads): ``sm64`` is the dynamic shared memory as int64 (every
+        dynamic shared array of a block aliases the same bytes: ``cuda.shared.array(0, int64)`` beside the float32
+        one), the low word the first float. ld.shared.u64, the halves reinterpreted (int_as_float: register
+        moves, no arithmetic)."""
+        v = sm64[i]
+        return libdevice.int_as_float(int32(v & 0xFFFFFFFF)), libdevice.int_as_float(int32(v >> 32))
 
 
 @device_function

@@ -56,7 +56,7 @@ Versions:
     float64, no 64-bit or signed division (v2 passes the constant OUT_GLOBAL: its switches fold away);
   - as in v2: no float4/float2 vector loads of shared memory: since 2026-12-07 the convolutions (_convs, every
     version from v2) read a window row (6 floats) and a tap's weights (C1 6, C3 4) as 64-bit loads of the dynamic
-    shared memory viewed as int64 (_ld2: ld.shared.u64, the halves reinterpreted), where lenet_fwd.cu uses float2 /
+    shared memory viewed as int64 (ld_pair: ld.shared.u64, the halves reinterpreted), where lenet_fwd.cu uses float2 /
     float4 loads. A thread's window loads: C1 36 → 18, C3 216 → 108; C3's weights 600 → 300 (C1's constant-offset
     weights ptxas had already merged into 128/64-bit loads). v3 on sm_90 (nvdisasm of ptxas's code): 32-bit LDS 46
     → 22, LDS.64 6 → 18, LDS.128 12 → 12 in the code, 3,160 → 3,104 instructions. The same values, so the same
@@ -132,11 +132,10 @@ from typing import Any
 
 import numba
 import numpy as np
-from numba import cuda, float32, float64, int32, int64
-from numba.cuda import libdevice
+from numba import cuda, float32, float64, int64
 
 from ..base import ACT_CODES, POOL_CODES, check_act, check_lenet_eval_args, check_lenet_fwd_outputs, check_mode
-from .common import POOL_MAX, U0, U1, U, activate, ceil_div, device_function
+from .common import POOL_MAX, U0, U1, U, activate, ceil_div, device_function, ld_pair
 from .head import _check, launch_kernel
 
 QUARTER = np.float32(0.25)
@@ -382,25 +381,6 @@ else:
     _shfl_xor = cuda.shfl_xor_sync
 
 
-if numba.config.ENABLE_CUDASIM:
-
-    def _ld2(sm64, i):
-        """The simulator's _ld2: words 2i and 2i + 1 of the block's dynamic shared memory, its bytes viewed as two
-        float32 (little-endian, as on a GPU)."""
-        v = sm64[i:i + 1].view(np.float32)
-        return v[0], v[1]
-else:
-
-    @device_function
-    def _ld2(sm64, i):
-        """Words 2i and 2i + 1 of the block's dynamic shared memory as float32, in one 64-bit load: sm64 is the
-        dynamic shared array as int64 (every dynamic shared array of a block aliases the same bytes), the low word
-        the first float. ld.shared.u64, and the halves reinterpreted (int_as_float: a register move); Numba has
-        no float2 load, which lenet_fwd.cu's load_row2 and its float4 weight reads are."""
-        v = sm64[i]
-        return libdevice.int_as_float(int32(v & 0xFFFFFFFF)), libdevice.int_as_float(int32(v >> 32))
-
-
 @device_function
 def _transpose_sum8(v, lane):
     """Warp-wide sums of the DF = 8 partial sums v[0..8) of every lane (rows_gemv.cuh's warp_transpose_sum<8>):
@@ -605,7 +585,7 @@ def _convs(sm, images, n0, ni, uimgs, uxr, isz, s4b, s4s, act, mode, scale, shif
     ra = cuda.local.array(RS1, float32)  # two input rows of the window (6 wide: 2 outputs × 5 taps)
     rb = cuda.local.array(RS1, float32)
     wk = cuda.local.array(K1, float32)  # a tap's weights (C1: 6 filters, C3: KB3)
-    sm64 = cuda.shared.array(0, int64)  # the same bytes as sm: its 64-bit loads (_ld2)
+    sm64 = cuda.shared.array(0, int64)  # the same bytes as sm: its 64-bit loads (ld_pair)
     t = tid
     while t < U(uimgs * U(XS * XS)):  # the tile's images, padded and normalised (the border and past the
         m = U(t // U(XS * XS))  # batch: pad, the normalised pixel 0; uint8: pad = shift, as v1 writes it)
@@ -636,13 +616,13 @@ def _convs(sm, images, n0, ni, uimgs, uxr, isz, s4b, s4s, act, mode, scale, shif
             c3[k] = bias
         xh = U(xb >> U1)  # xb is even (the window's column, XS, isz and WEIGHTS_V2 are): 64-bit loads
         for j in range(RS1 // 2):
-            ra[2 * j], ra[2 * j + 1] = _ld2(sm64, U(xh + U(j)))
+            ra[2 * j], ra[2 * j + 1] = ld_pair(sm64, U(xh + U(j)))
         for r in range(RS):
             for j in range(RS1 // 2):
-                rb[2 * j], rb[2 * j + 1] = _ld2(sm64, U(xh + U((r + 1) * (XS // 2) + j)))
+                rb[2 * j], rb[2 * j + 1] = ld_pair(sm64, U(xh + U((r + 1) * (XS // 2) + j)))
             for s in range(RS):
                 for j in range(K1 // 2):  # the tap's 6 weights, 3 64-bit loads (lenet_fwd.cu: a float4 + a float2)
-                    wk[2 * j], wk[2 * j + 1] = _ld2(sm64, U((r * RS + s) * 4 + j))
+                    wk[2 * j], wk[2 * j + 1] = ld_pair(sm64, U((r * RS + s) * 4 + j))
                 for k in range(K1):
                     wv = wk[k]
                     c0[k] += ra[s] * wv
@@ -676,13 +656,13 @@ def _convs(sm, images, n0, ni, uimgs, uxr, isz, s4b, s4s, act, mode, scale, shif
             xh = U(U(s2 + c * U(P2 * P2)) >> U1)  # even, as C1's
             wh = U(U(U(OW3_V2) + c * U(25 * K3) + kg * U(KB3)) >> U1)  # even (16-byte aligned)
             for j in range(RS1 // 2):
-                ra[2 * j], ra[2 * j + 1] = _ld2(sm64, U(xh + U(j)))
+                ra[2 * j], ra[2 * j + 1] = ld_pair(sm64, U(xh + U(j)))
             for r in range(RS):
                 for j in range(RS1 // 2):
-                    rb[2 * j], rb[2 * j + 1] = _ld2(sm64, U(xh + U((r + 1) * (P2 // 2) + j)))
+                    rb[2 * j], rb[2 * j + 1] = ld_pair(sm64, U(xh + U((r + 1) * (P2 // 2) + j)))
                 for s in range(RS):
                     for j in range(KB3 // 2):  # the tap's KB3 weights as 64-bit loads (lenet_fwd.cu: a float4)
-                        wk[2 * j], wk[2 * j + 1] = _ld2(sm64, U(wh + U((r * RS + s) * (K3 // 2) + j)))
+                        wk[2 * j], wk[2 * j + 1] = ld_pair(sm64, U(wh + U((r * RS + s) * (K3 // 2) + j)))
                     for k in range(KB3):
                         wv = wk[k]
                         a0[k] += ra[s] * wv

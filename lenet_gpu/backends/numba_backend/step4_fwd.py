@@ -25,19 +25,24 @@ Bit parity is with this backend's own ops, not with the CUDA C kernels:
 Every index and size is uint32 (common.U), the stride loops are while loops, LeNet-5's geometry is compile-time
 (the module constants): no 64-bit or signed division, no integer division by a run-time value at all.
 
-step_fwd_v1  one block per image (the images block-stride over the grid: any grid is correct, the simulator caps
-             it), SF_THREADS = 256 threads, launch bounds (256, 4): ≤ 64 registers. Shared memory (static, 19,288
-             B, as step_fwd.cu): C1's weights as [25 taps][8] (6 filters + 2 zeros), C3's as [6 channels][25
-             taps][16 filters] (read from global memory in their own order, coalesced, and scattered), the biases,
-             the image x (32×32) and p1 (6×14×14), which C3 reads from shared memory. The block stages the weights
-             once (before its first image). Register blocking as step_fwd.cu: C1 a thread per pooled pixel × all 6
-             filters (its 2×2 window: 24 accumulators; 196 items), C3 a thread per pooled pixel × 2 filters (8
-             accumulators; 200 items), each stage one round of the block. Barriers: 2 an image (after the gather,
-             after C1; the next image's gather waits for nobody: C1 is done with x, and the next C1 writes p1 only
-             after the barrier every C3 thread reaches first).
+step_fwd_v1  one block per image (the images block-stride over the grid: any grid is correct, the simulator caps it),
+             SF_THREADS = 256 threads, launch bounds (256, 4): ≤ 64 registers. Shared memory (dynamic, 19,296 B,
+             step_fwd.cu's static arrays as regions of one block: SM_*, step_fwd_smem): C1's weights as [25 taps][8] (6
+             filters + 2 zeros), C3's as [6 channels][25 taps][16 filters] (read from global memory in their own order,
+             coalesced, and scattered), the biases, the image x (32×32) and p1 (6×14×14), which C3 reads from shared
+             memory. The block stages the weights once (before its first image). Register blocking as step_fwd.cu: C1 a
+             thread per pooled pixel × all 6 filters (its 2×2 window: 24 accumulators; 196 items), C3 a thread per
+             pooled pixel × 2 filters (8 accumulators; 200 items), each stage one round of the block. Barriers: 2 an
+             image (after the gather, after C1; the next image's gather waits for nobody: C1 is done with x, and the
+             next C1 writes p1 only after the barrier every C3 thread reaches first).
              What Numba cannot write as step_fwd.cu does, and the nearest equivalent here:
-             - no float4 / float2 loads from a float32 array: the 6 C1 weights of a tap and the 2 C3 weights of a
-               tap are scalar shared-memory loads (broadcasts);
+             - no float4 / float2 loads from a float32 array: since 2026-12-07 the shared memory is dynamic, so an
+               int64 array aliases it and the convolutions read a window row as 3 and a tap's weights for a pair
+               of filters as one 64-bit load (common.ld_pair; step_fwd.cu: float2 rows, a float4 + float2 / a
+               float2 / float4 of weights). ptxas had already merged many of the old scalar loads of the static
+               arrays into 64/128-bit ones, so the gain is modest: on sm_90 (nvdisasm) v1 5,072 → 4,968
+               instructions in the code (LDS 132 → 114, none 32-bit), v2 6,336 → 6,176 (LDS 137 → 114);
+               step_fwd.cu's v1 has 3,960, v2 5,056;
              - no #pragma unroll (Numba leaves a range(5) tap loop a loop; a while loop is unrolled by 2) and no
                templates: a filter row's 5 taps are written out (_window_row, C1 and C3: the 2×2 window's top and bottom
                input rows as 12 scalars, step_fwd.cu's ra / rb), called once a row; the accumulators are
@@ -60,12 +65,12 @@ step_fwd_v2  large batch (step_fwd.cu's v2): two images a block (SF2_IMGS; the p
              pixel) in C1_ROUNDS = 2 rounds of the block, a barrier at the top of every round and every thread in
              every round (step_fwd.cu: it keeps NVVM from hoisting C1's 150 shared weights into registers across
              rounds); C3 a thread per (image, 4 filters, pooled pixel): a 4 × 4 register tile (4 window outputs ×
-             4 filters: 16 accumulators), 200 items in one round. A pair of one image (an odd batch's last) leaves
-             its second image's items idle (block-uniform: every thread still meets every barrier). Shared memory
-             (static): 28,088 B, as step_fwd.cu (v1's weights and biases, two images' x and p1). Barriers: 3 a pair
+             4 filters: 16 accumulators), 200 items in one round. A pair of one image (an odd batch's last) leaves its
+             second image's items idle (block-uniform: every thread still meets every barrier). Shared memory (dynamic):
+             28,096 B (step_fwd.cu's static 28,088: v1's weights and biases, two images' x and p1). Barriers: 3 a pair
              (the next pair's gather waits for nobody, as v1's next image).
-             Numba's limits are v1's: C3's 4 weights a tap are 4 scalar shared loads (step_fwd.cu: one float4
-             feeding 16 FMAs), so the tile saves fewer issue slots here than in step_fwd.cu.
+             Numba's limits are v1's: C3's 4 weights a tap are 2 64-bit shared loads (step_fwd.cu: one float4
+             feeding 16 FMAs).
              The plan (step_fwd_kernel: CupyBackend.step_fwd_kernel's): a variant by name runs its own kernel at
              every batch; the default (variant None, the backend's default v1) runs v2's kernel where its ⌈B/2⌉
              blocks fill every SM's 4 slots once (⌈B/2⌉ ≥ 4 · SMs: batch ≥ 1,055 on 132 SMs), v1's below. Grid
@@ -77,13 +82,13 @@ step_sgd_v1  blocks of max(32, min(256, (⌈n/4⌉ / SMs) rounded down to warps)
              element's arithmetic is its own (the partial sum of element i is over s only), so the mapping
              changes no result, and the n % 4 tail needs no loop of its own.
 
-Cost: the work and the memory traffic of step_fwd.cu's and step_update.cu's headers. Instructions (estimated from
-the sm_90 PTX, not measured): a C1 thread issues 600 FMA and 192 shared loads (step_fwd.cu ~92: its weights come as
-a float4 and a float2 a tap), a C3 thread 1,200 FMA and 518 shared loads (step_fwd.cu ~368): ~2,510 against ~2,260
-for the longest thread's conv loops, ~11% more issue slots in the stages that bound the batch-4096 launch. v2's
-C3 thread issues 2,400 FMA and 820 shared loads (step_fwd.cu ~370): by warp-instructions an image, C1 ~5.1K (13
-warp-rounds a pair; v1 7 warps: ~5.5K) and C3 ~11.3K (7 warps a pair; v1 ~12.0K), the staging halved: ~7% fewer
-issue slots than v1 at batch 4096 (step_fwd.cu's v2 against its v1: ~10%).
+Cost: the work and the memory traffic of step_fwd.cu's and step_update.cu's headers. Instructions (estimated from the
+sm_90 PTX before the 64-bit loads, not measured; ptxas merged part of these loads, see above): a C1 thread issues 600
+FMA and 192 shared loads (step_fwd.cu ~92: its weights come as a float4 and a float2 a tap), a C3 thread 1,200 FMA and
+518 shared loads (step_fwd.cu ~368): ~2,510 against ~2,260 for the longest thread's conv loops, ~11% more issue slots in
+the stages that bound the batch-4096 launch. v2's C3 thread issues 2,400 FMA and 820 shared loads (step_fwd.cu ~370): by
+warp-instructions an image, C1 ~5.1K (13 warp-rounds a pair; v1 7 warps: ~5.5K) and C3 ~11.3K (7 warps a pair; v1
+~12.0K), the staging halved: ~7% fewer issue slots than v1 at batch 4096 (step_fwd.cu's v2 against its v1: ~10%).
 Registers (ptxas, sm_90 and sm_80): step_fwd_v1 64 under its launch bounds (step_fwd.cu 56; 80 without bounds),
 step_fwd_v2 64 (step_fwd.cu 64; 71 without bounds), no spills, no local memory: 4 blocks an SM, as step_fwd.cu;
 step_adam_v1 32 / 27, step_sgd_v1 30 / 23.
@@ -112,7 +117,7 @@ from ...stepstate import (
 )
 from ..base import ACT_CODES, check_act
 from .batch import M16, M32, SH16, epoch_hash, low32, mix32
-from .common import U0, U1, ZERO, U, activate, ceil_div, device_function, div_magic, fast_div
+from .common import U0, U1, ZERO, U, activate, ceil_div, device_function, div_magic, fast_div, ld_pair
 from .head import launch_kernel
 
 # LeNet-5's geometry (compile-time, as step_fwd.cu's SF_* constants)
@@ -151,9 +156,20 @@ SF2_KB3 = 4  # C3 filters a thread: the 4 × 4 register tile (4 window outputs �
 KG2 = SF_K3 // SF2_KB3  # 4 C3 filter groups
 A3V2 = 4 * SF2_KB3  # C3's accumulators (16)
 XPL2 = SF2_IMGS * XPL  # the block's images x (shared)
-S2V2 = SF2_IMGS * S2  # their p1 (shared)
 C1_ROUNDS = -(-SF2_IMGS * PL2 // SF_THREADS)  # 2 rounds of the block over both images' 392 pooled pixels
 assert SF_K3 % SF2_KB3 == 0 and SF2_IMGS * KG2 * PL4 <= SF_THREADS, "C3: one round of the block"
+# The block's dynamic shared memory (floats), step_fwd.cu's static arrays one after another: C1's weights [25 taps][8],
+# C1's biases (8, 6 used), C3's weights [channel][tap][filter], C3's biases, then the images' x (imgs × 32×32) and
+# their p1 (imgs × 6×14×14). Every region starts on 16 bytes, and every window row, tap and filter pair the
+# convolutions read sits at an even float offset: they read them as 64-bit loads (common.ld_pair).
+SM_W1 = 0
+SM_B1 = SM_W1 + W1S  # 200
+SM_W3 = SM_B1 + 8  # 208
+SM_B3 = SM_W3 + W3  # 2608
+SM_X = SM_B3 + SF_K3  # 2624
+SM_P1_V1 = SM_X + XPL  # one image (v1)
+SM_P1_V2 = SM_X + XPL2  # two images (v2)
+assert all(o % 4 == 0 for o in (SM_B1, SM_W3, SM_B3, SM_X, SM_P1_V1, SM_P1_V2, XPL, S2)), "16-byte regions"
 
 #: launch bounds (threads, blocks an SM): step_fwd.cu's __launch_bounds__(SF_THREADS, SF_MIN_BLOCKS)
 LAUNCH_BOUNDS = {"step_fwd_v1": (SF_THREADS, SF_MIN_BLOCKS), "step_fwd_v2": (SF_THREADS, SF_MIN_BLOCKS)}
@@ -205,61 +221,67 @@ def _window_max(v0, v1, v2, v3):
 def _window_row(nk: int, xs: int, ws: int) -> Any:
     """One filter row for a thread's 2×2 window, for C1 (nk = 6 filters, x rows xs = 32 apart, a tap's weights
     ws = 8 apart) and C3 (nk = kb filters, p1 rows 14 apart, 16 apart): the window's top and bottom input rows
-    (6 columns at o and o + xs: step_fwd.cu's ra / rb) × the row's 5 taps, in column order, × the nk filters (tap
-    s's weights at wo + ws·s + q; C3 loads kb scalars a tap where step_fwd.cu loads a float2 / float4). Numba has
+    (6 columns at float offset 2·oh and 2·oh + xs: step_fwd.cu's ra / rb) × the row's 5 taps, in column order, ×
+    the nk filters (tap s's weights at 2·wh + ws·s + q). oh and wh are offsets of float pairs in the block's dynamic
+    shared memory, read through sm64 (the same bytes as int64) as 64-bit loads (common.ld_pair): an input row is 3
+    loads, a tap's weights for a pair of filters one (step_fwd.cu: float2 rows, a float2 / float4 of a tap's
+    weights). The callers pass oh as (the window's pair offset) + a constant a row, so row r's bottom loads and
+    row r + 1's top loads are one expression, and NVVM loads each input row once. Numba has
     no templates: nk, xs and ws are closure constants (Numba freezes them), so the filter loop unrolls and every
     accumulator index is a constant; written out, since Numba's loops of this size are not unrolled and the
-    accumulators must stay in registers. acc: 4·nk accumulators [window tap][filter]. The simulator runs it as
-    the plain Python function it is (see below); compiled code inlines it (NVVM)."""
+    accumulators must stay in registers. acc: 4·nk accumulators [window tap][filter]; each accumulator adds its 5
+    taps in column order, as before the pair loads. The simulator runs it as the plain Python function it is (see
+    below); compiled code inlines it (NVVM)."""
 
-    def row(acc, src, w_s, o, wo):
-        t0 = src[o]
-        t1 = src[U(o + U1)]
-        t2 = src[U(o + U(2))]
-        t3 = src[U(o + U(3))]
-        t4 = src[U(o + U(4))]
-        t5 = src[U(o + U(5))]
-        ob = U(o + U(xs))
-        u0 = src[ob]
-        u1 = src[U(ob + U1)]
-        u2 = src[U(ob + U(2))]
-        u3 = src[U(ob + U(3))]
-        u4 = src[U(ob + U(4))]
-        u5 = src[U(ob + U(5))]
-        for q in range(nk):
-            c0 = acc[q]
-            c1 = acc[nk + q]
-            c2 = acc[2 * nk + q]
-            c3 = acc[3 * nk + q]
-            w = w_s[U(wo + U(q))]
-            c0 += t0 * w
-            c1 += t1 * w
-            c2 += u0 * w
-            c3 += u1 * w
-            w = w_s[U(wo + U(ws + q))]
-            c0 += t1 * w
-            c1 += t2 * w
-            c2 += u1 * w
-            c3 += u2 * w
-            w = w_s[U(wo + U(2 * ws + q))]
-            c0 += t2 * w
-            c1 += t3 * w
-            c2 += u2 * w
-            c3 += u3 * w
-            w = w_s[U(wo + U(3 * ws + q))]
-            c0 += t3 * w
-            c1 += t4 * w
-            c2 += u3 * w
-            c3 += u4 * w
-            w = w_s[U(wo + U(4 * ws + q))]
-            c0 += t4 * w
-            c1 += t5 * w
-            c2 += u4 * w
-            c3 += u5 * w
-            acc[q] = c0
-            acc[nk + q] = c1
-            acc[2 * nk + q] = c2
-            acc[3 * nk + q] = c3
+    def taps(acc, q, w0, w1, w2, w3, w4, t0, t1, t2, t3, t4, t5, u0, u1, u2, u3, u4, u5):
+        """filter q's 5 taps (weights w0..w4) into its 4 accumulators"""
+        c0 = acc[q]
+        c1 = acc[nk + q]
+        c2 = acc[2 * nk + q]
+        c3 = acc[3 * nk + q]
+        c0 += t0 * w0
+        c1 += t1 * w0
+        c2 += u0 * w0
+        c3 += u1 * w0
+        c0 += t1 * w1
+        c1 += t2 * w1
+        c2 += u1 * w1
+        c3 += u2 * w1
+        c0 += t2 * w2
+        c1 += t3 * w2
+        c2 += u2 * w2
+        c3 += u3 * w2
+        c0 += t3 * w3
+        c1 += t4 * w3
+        c2 += u3 * w3
+        c3 += u4 * w3
+        c0 += t4 * w4
+        c1 += t5 * w4
+        c2 += u4 * w4
+        c3 += u5 * w4
+        acc[q] = c0
+        acc[nk + q] = c1
+        acc[2 * nk + q] = c2
+        acc[3 * nk + q] = c3
+
+    taps = taps if numba.config.ENABLE_CUDASIM else device_function(taps)
+
+    def row(acc, sm64, oh, wh):
+        t0, t1 = ld_pair(sm64, oh)
+        t2, t3 = ld_pair(sm64, U(oh + U1))
+        t4, t5 = ld_pair(sm64, U(oh + U(2)))
+        bh = U(oh + U(xs // 2))
+        u0, u1 = ld_pair(sm64, bh)
+        u2, u3 = ld_pair(sm64, U(bh + U1))
+        u4, u5 = ld_pair(sm64, U(bh + U(2)))
+        for h in range(nk // 2):  # a pair of filters: each tap's two weights in one load
+            a0, b0 = ld_pair(sm64, U(wh + U(h)))
+            a1, b1 = ld_pair(sm64, U(wh + U(ws // 2 + h)))
+            a2, b2 = ld_pair(sm64, U(wh + U(ws + h)))
+            a3, b3 = ld_pair(sm64, U(wh + U(3 * ws // 2 + h)))
+            a4, b4 = ld_pair(sm64, U(wh + U(2 * ws + h)))
+            taps(acc, 2 * h, a0, a1, a2, a3, a4, t0, t1, t2, t3, t4, t5, u0, u1, u2, u3, u4, u5)
+            taps(acc, 2 * h + 1, b0, b1, b2, b3, b4, t0, t1, t2, t3, t4, t5, u0, u1, u2, u3, u4, u5)
 
     return row if numba.config.ENABLE_CUDASIM else device_function(row)
 
@@ -274,26 +296,28 @@ def _c3_stage(kb: int) -> tuple[Any, Any]:
 
     row = _window_row(kb, SF_P2, SF_K3)  # p1 rows 14 apart, a tap's 16 filters' weights
 
-    def c3(a3, s_p1, xb, s_w3, s_b3, act, k0, p3, m3, po):
-        """C3 + act + pool of one pooled pixel and filters k0 .. k0 + kb − 1: its 2×2 window's input at s_p1[xb]
-        (channel 0's top left p1), each output from its bias, then (channel, tap row, tap column) in that order;
-        the S4 values into p3[po + q·25], the routes into m3 alike. a3: 4·kb accumulators [window tap][filter]. The
-        caller computes the offsets (as _c1's)."""
+    def c3(a3, sm, sm64, xb, act, k0, p3, m3, po):
+        """C3 + act + pool of one pooled pixel and filters k0 .. k0 + kb − 1: its 2×2 window's input at sm[xb]
+        (channel 0's top left p1; sm64 the same shared memory as int64), each output from its bias, then (channel,
+        tap row, tap column) in that order; the S4 values into p3[po + q·25], the routes into m3 alike. a3: 4·kb
+        accumulators [window tap][filter]. The caller computes the offsets (as _c1's)."""
         for q in range(kb):
-            bq = s_b3[U(k0 + U(q))]
+            bq = sm[U(U(SM_B3) + k0 + U(q))]
             a3[q] = bq
             a3[kb + q] = bq
             a3[2 * kb + q] = bq
             a3[3 * kb + q] = bq
+        xh = U(xb >> U1)
+        kh = U(k0 >> U1)  # k0 = kb·kg, kb even
         c = U0
         while c < U(SF_K1):  # a loop (step_fwd.cu: #pragma unroll 1)
-            xc = U(xb + c * U(PL2))
-            wc = U(c * U(SF_TAPS * SF_K3) + k0)
-            row(a3, s_p1, s_w3, xc, wc)
-            row(a3, s_p1, s_w3, U(xc + U(SF_P2)), U(wc + U(SF_R * SF_K3)))
-            row(a3, s_p1, s_w3, U(xc + U(2 * SF_P2)), U(wc + U(2 * SF_R * SF_K3)))
-            row(a3, s_p1, s_w3, U(xc + U(3 * SF_P2)), U(wc + U(3 * SF_R * SF_K3)))
-            row(a3, s_p1, s_w3, U(xc + U(4 * SF_P2)), U(wc + U(4 * SF_R * SF_K3)))
+            xc = U(xh + c * U(PL2 // 2))  # pairs: xb, PL2 and every row offset are even
+            wc = U(U(SM_W3 // 2) + c * U(SF_TAPS * SF_K3 // 2) + kh)
+            row(a3, sm64, xc, wc)
+            row(a3, sm64, U(xc + U(SF_P2 // 2)), U(wc + U(SF_R * SF_K3 // 2)))
+            row(a3, sm64, U(xc + U(2 * SF_P2 // 2)), U(wc + U(2 * SF_R * SF_K3 // 2)))
+            row(a3, sm64, U(xc + U(3 * SF_P2 // 2)), U(wc + U(3 * SF_R * SF_K3 // 2)))
+            row(a3, sm64, U(xc + U(4 * SF_P2 // 2)), U(wc + U(4 * SF_R * SF_K3 // 2)))
             c = U(c + U1)
         for q in range(kb):
             best, tap = _window_max(activate(a3[q], act), activate(a3[kb + q], act),
@@ -319,28 +343,28 @@ def _sched_row(state, sched, srow, nsched):
 
 
 @device_function
-def _stage_weights(w1, b1, w3, b3, s_w1, s_b1, s_w3, s_b3, tid):
-    """The weights into shared memory, threads tid, tid + 256, ...: C1's as [tap][8]; C3's read in their own order
-    (coalesced) and scattered to [channel·tap][filter]; the biases."""
+def _stage_weights(w1, b1, w3, b3, sm, tid):
+    """The weights into the block's shared memory (the SM_* regions), threads tid, tid + 256, ...: C1's as [tap][8];
+    C3's read in their own order (coalesced) and scattered to [channel·tap][filter]; the biases."""
     t = tid
     while t < U(W1S):
         k = U(t & U(SF_W1 - 1))
-        s_w1[t] = w1[U(k * U(SF_TAPS) + (t >> U(3)))] if k < U(SF_K1) else ZERO
+        sm[U(U(SM_W1) + t)] = w1[U(k * U(SF_TAPS) + (t >> U(3)))] if k < U(SF_K1) else ZERO
         t = U(t + U(SF_THREADS))
     t = tid
     while t < U(W3):
         k = U(t // U(SF_K1 * SF_TAPS))  # a constant divisor: a multiply
-        s_w3[U((t - k * U(SF_K1 * SF_TAPS)) * U(SF_K3) + k)] = w3[t]
+        sm[U(U(SM_W3) + (t - k * U(SF_K1 * SF_TAPS)) * U(SF_K3) + k)] = w3[t]
         t = U(t + U(SF_THREADS))
     if tid < U(SF_K1):
-        s_b1[tid] = b1[tid]
+        sm[U(U(SM_B1) + tid)] = b1[tid]
     if tid < U(SF_K3):
-        s_b3[tid] = b3[tid]
+        sm[U(U(SM_B3) + tid)] = b3[tid]
 
 
 @device_function
-def _gather(images, labels, perm, x, y, s_x, xs, n, tid, offset, nperm, mperm, shperm, max_shift, h1, scale, shift):
-    """Batch row n (batch.py's arithmetic) into s_x[xs : xs + 1024] and x[n], y[n], threads tid, tid + 256, ...:
+def _gather(images, labels, perm, x, y, sm, xs, n, tid, offset, nperm, mperm, shperm, max_shift, h1, scale, shift):
+    """Batch row n (batch.py's arithmetic) into sm[xs : xs + 1024] and x[n], y[n], threads tid, tid + 256, ...:
     every thread computes the image's sample and shift (h1: the step's epoch_hash)."""
     a = U(offset + n)
     j = U(perm[U(a - fast_div(a, mperm, shperm) * U(nperm))])
@@ -360,7 +384,7 @@ def _gather(images, labels, perm, x, y, s_x, xs, n, tid, offset, nperm, mperm, s
         v = shift
         if ih >= 0 and ih < SF_IH and iw >= 0 and iw < SF_IH:
             v = float32(images[U(img + U(ih) * U(SF_IH) + U(iw))]) * scale + shift
-        s_x[U(xs + t)] = v
+        sm[U(xs + t)] = v
         x[U(xo + t)] = v
         t = U(t + U(SF_THREADS))
     if tid == U0:
@@ -368,28 +392,29 @@ def _gather(images, labels, perm, x, y, s_x, xs, n, tid, offset, nperm, mperm, s
 
 
 @device_function
-def _c1(a1, s_x, xb, s_w1, s_b1, act, s_p1, so, p1, m1, po):
-    """C1 + act + pool of one pooled pixel, all 6 filters: its 2×2 window's input at s_x[xb] (the window's top left
-    x), each output from its bias, then (tap row, tap column); the S2 values into s_p1[so + k·196] (for C3) and
-    p1[po + k·196], the routes into m1 alike. a1: 24 accumulators [window tap][filter]. The caller computes the
-    offsets (_c1_at)."""
+def _c1(a1, sm, sm64, xb, act, so, p1, m1, po):
+    """C1 + act + pool of one pooled pixel, all 6 filters: its 2×2 window's input at sm[xb] (the window's top left
+    x; sm64 the same shared memory as int64), each output from its bias, then (tap row, tap column); the S2 values
+    into sm[so + k·196] (p1 in shared memory, for C3) and p1[po + k·196], the routes into m1 alike. a1: 24
+    accumulators [window tap][filter]. The caller computes the offsets."""
     for k in range(SF_K1):
-        bk = s_b1[U(k)]
+        bk = sm[U(U(SM_B1) + U(k))]
         a1[k] = bk
         a1[SF_K1 + k] = bk
         a1[2 * SF_K1 + k] = bk
         a1[3 * SF_K1 + k] = bk
     # the 25 taps written out (Numba unrolls no loop of that size): row r's taps read x rows 2·ph + r and
     # 2·ph + r + 1, so the unrolled loads of the same address are one load (step_fwd.cu's sliding window)
-    _c1_row(a1, s_x, s_w1, xb, U0)
-    _c1_row(a1, s_x, s_w1, U(xb + U(SF_X)), U(SF_R * SF_W1))
-    _c1_row(a1, s_x, s_w1, U(xb + U(2 * SF_X)), U(2 * SF_R * SF_W1))
-    _c1_row(a1, s_x, s_w1, U(xb + U(3 * SF_X)), U(3 * SF_R * SF_W1))
-    _c1_row(a1, s_x, s_w1, U(xb + U(4 * SF_X)), U(4 * SF_R * SF_W1))
+    xh = U(xb >> U1)  # float pairs: xb, SF_X and SM_W1 are even
+    _c1_row(a1, sm64, xh, U(SM_W1 // 2))
+    _c1_row(a1, sm64, U(xh + U(SF_X // 2)), U((SM_W1 + SF_R * SF_W1) // 2))
+    _c1_row(a1, sm64, U(xh + U(2 * SF_X // 2)), U((SM_W1 + 2 * SF_R * SF_W1) // 2))
+    _c1_row(a1, sm64, U(xh + U(3 * SF_X // 2)), U((SM_W1 + 3 * SF_R * SF_W1) // 2))
+    _c1_row(a1, sm64, U(xh + U(4 * SF_X // 2)), U((SM_W1 + 4 * SF_R * SF_W1) // 2))
     for k in range(SF_K1):
         best, tap = _window_max(activate(a1[k], act), activate(a1[SF_K1 + k], act),
                                 activate(a1[2 * SF_K1 + k], act), activate(a1[3 * SF_K1 + k], act))
-        s_p1[U(so + U(k * PL2))] = best
+        sm[U(so + U(k * PL2))] = best
         p1[U(po + U(k * PL2))] = best
         m1[U(po + U(k * PL2))] = uint8(tap)
 
@@ -415,32 +440,28 @@ if numba.config.ENABLE_CUDASIM:
 def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, nb, nperm, nsched,
                 act, scale, shift, mperm, shperm):
     # (mperm, shperm): common.div_magic(M); every array flat, every index uint32 (module docstring)
-    s_w1 = cuda.shared.array(W1S, float32)  # [tap][8]: 6 filters, 2 zeros
-    s_w3 = cuda.shared.array(W3, float32)  # [channel][tap][filter]
-    s_b1 = cuda.shared.array(SF_K1, float32)
-    s_b3 = cuda.shared.array(SF_K3, float32)
-    s_x = cuda.shared.array(XPL, float32)
-    s_p1 = cuda.shared.array(S2, float32)
+    sm = cuda.shared.array(0, float32)  # the SM_* regions (dynamic: step_fwd_smem("v1") bytes)
+    sm64 = cuda.shared.array(0, int64)  # the same bytes: the convolutions' 64-bit loads (ld_pair)
     a1 = cuda.local.array(A1, float32)  # C1: [window tap][filter] (registers: constant indices only)
     a3 = cuda.local.array(A3, float32)  # C3: [window tap][filter of the pair]
     tid = U(cuda.threadIdx.x)
     blk = U(cuda.blockIdx.x)
     if blk == U0 and tid == U0:
         _sched_row(state, sched, srow, nsched)
-    _stage_weights(w1, b1, w3, b3, s_w1, s_b1, s_w3, s_b3, tid)  # once a block
+    _stage_weights(w1, b1, w3, b3, sm, tid)  # once a block
     offset = U(state[OFFSET])
     max_shift = int32(state[SHIFT])
     h1 = epoch_hash(state[SEED], state[EPOCH])  # the same for every image of the step
     n = blk
     while n < U(nb):  # block-stride over the images (block-uniform)
-        _gather(images, labels, perm, x, y, s_x, U0, n, tid, offset, nperm, mperm, shperm, max_shift, h1, scale,
+        _gather(images, labels, perm, x, y, sm, U(SM_X), n, tid, offset, nperm, mperm, shperm, max_shift, h1, scale,
                 shift)
         cuda.syncthreads()  # x staged (and, the first time, the weights)
         # C1 + act + pool -> p1 (shared and global), m1: a thread per pooled pixel, all 6 filters
         if tid < U(PL2):
             ph = U(tid // U(SF_P2))
-            _c1(a1, s_x, U(ph * U(2 * SF_X) + U(tid - ph * U(SF_P2)) * U(2)), s_w1, s_b1, act, s_p1, tid, p1, m1,
-                U(n * U(S2) + tid))
+            _c1(a1, sm, sm64, U(U(SM_X) + ph * U(2 * SF_X) + U(tid - ph * U(SF_P2)) * U(2)), act,
+                U(U(SM_P1_V1) + tid), p1, m1, U(n * U(S2) + tid))
         cuda.syncthreads()  # p1 staged
         # C3 + act + pool -> p3, m3: a thread per (2 filters, pooled pixel)
         if tid < U(KG * PL4):
@@ -448,7 +469,7 @@ def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, 
             pp = U(tid - kg * U(PL4))
             ph = U(pp // U(SF_P4))
             k0 = U(kg * U(SF_KB3))
-            _c3(a3, s_p1, U(ph * U(2 * SF_P2) + U(pp - ph * U(SF_P4)) * U(2)), s_w3, s_b3, act, k0, p3, m3,
+            _c3(a3, sm, sm64, U(U(SM_P1_V1) + ph * U(2 * SF_P2) + U(pp - ph * U(SF_P4)) * U(2)), act, k0, p3, m3,
                 U((n * U(SF_K3) + k0) * U(PL4) + pp))
         n = U(n + U(cuda.gridDim.x))
 
@@ -457,19 +478,15 @@ def step_fwd_v1(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, 
 def step_fwd_v2(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, w3, b3, p3, m3, nb, nperm, nsched,
                 act, scale, shift, mperm, shperm):
     # step_fwd_v1's arguments (nb: step_fwd.cu v2's B); two images a block (module docstring)
-    s_w1 = cuda.shared.array(W1S, float32)
-    s_w3 = cuda.shared.array(W3, float32)
-    s_b1 = cuda.shared.array(SF_K1, float32)
-    s_b3 = cuda.shared.array(SF_K3, float32)
-    s_x = cuda.shared.array(XPL2, float32)  # [image][32×32]
-    s_p1 = cuda.shared.array(S2V2, float32)  # [image][6×14×14]
+    sm = cuda.shared.array(0, float32)  # the SM_* regions, x and p1 for two images (step_fwd_smem("v2") bytes)
+    sm64 = cuda.shared.array(0, int64)
     a1 = cuda.local.array(A1, float32)
     a3 = cuda.local.array(A3V2, float32)  # C3: [window tap][filter of the 4]: the 4 × 4 register tile
     tid = U(cuda.threadIdx.x)
     blk = U(cuda.blockIdx.x)
     if blk == U0 and tid == U0:
         _sched_row(state, sched, srow, nsched)
-    _stage_weights(w1, b1, w3, b3, s_w1, s_b1, s_w3, s_b3, tid)  # once a block, for all its images
+    _stage_weights(w1, b1, w3, b3, sm, tid)  # once a block, for all its images
     offset = U(state[OFFSET])
     max_shift = int32(state[SHIFT])
     h1 = epoch_hash(state[SEED], state[EPOCH])
@@ -480,8 +497,8 @@ def step_fwd_v2(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, 
         ni = min(U(U(nb) - n0), U(SF2_IMGS))  # images in this pair: 1 in an odd batch's last (block-uniform)
         im = U0
         while im < ni:  # the gather of each image (step_fwd.cu: #pragma unroll 1)
-            _gather(images, labels, perm, x, y, s_x, U(im * U(XPL)), U(n0 + im), tid, offset, nperm, mperm, shperm,
-                    max_shift, h1, scale, shift)
+            _gather(images, labels, perm, x, y, sm, U(U(SM_X) + im * U(XPL)), U(n0 + im), tid, offset, nperm, mperm,
+                    shperm, max_shift, h1, scale, shift)
             im = U(im + U1)
         # C1: items it = image · 196 + pooled pixel, in rounds of the block; every thread runs every round
         rnd = U0
@@ -492,8 +509,8 @@ def step_fwd_v2(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, 
             if it < U(SF2_IMGS * PL2) and im < ni:
                 px = U(it - im * U(PL2))
                 ph = U(px // U(SF_P2))
-                _c1(a1, s_x, U(im * U(XPL) + ph * U(2 * SF_X) + U(px - ph * U(SF_P2)) * U(2)), s_w1, s_b1, act, s_p1,
-                    U(im * U(S2) + px), p1, m1, U((n0 + im) * U(S2) + px))
+                _c1(a1, sm, sm64, U(U(SM_X) + im * U(XPL) + ph * U(2 * SF_X) + U(px - ph * U(SF_P2)) * U(2)), act,
+                    U(U(SM_P1_V2) + im * U(S2) + px), p1, m1, U((n0 + im) * U(S2) + px))
             rnd = U(rnd + U1)
         cuda.syncthreads()  # p1 staged
         # C3: items (image, filter group of 4, pooled pixel): 200, one round
@@ -505,8 +522,8 @@ def step_fwd_v2(images, labels, perm, state, sched, srow, x, y, w1, b1, p1, m1, 
                 pp = U(r - kg * U(PL4))
                 ph = U(pp // U(SF_P4))
                 k0 = U(kg * U(SF2_KB3))
-                _c3_4(a3, s_p1, U(im * U(S2) + ph * U(2 * SF_P2) + U(pp - ph * U(SF_P4)) * U(2)), s_w3, s_b3, act, k0,
-                      p3, m3, U((U(n0 + im) * U(SF_K3) + k0) * U(PL4) + pp))
+                _c3_4(a3, sm, sm64, U(U(SM_P1_V2) + im * U(S2) + ph * U(2 * SF_P2) + U(pp - ph * U(SF_P4)) * U(2)),
+                      act, k0, p3, m3, U((U(n0 + im) * U(SF_K3) + k0) * U(PL4) + pp))
         pr = U(pr + U(cuda.gridDim.x))
 
 
@@ -643,6 +660,12 @@ def step_fwd_kernel(variant: str | None, batch: int, sm_count: int, default: str
     return "v2" if variant is None and v == "v1" and "v2" in variants and fills else v
 
 
+def step_fwd_smem(kernel: str) -> int:
+    """step_fwd's dynamic shared memory in bytes (the SM_* regions): v1 19,296 (one image), v2 28,096 (two)."""
+    imgs = 1 if kernel == "v1" else SF2_IMGS
+    return 4 * (SM_X + imgs * (XPL + S2))
+
+
 def step_fwd_grid(kernel: str, batch: int) -> int:
     """step_fwd's grid (cupy's): a block per image (v1) or per SF2_IMGS images (v2). Both kernels block-stride over
     their images (pairs), so a capped grid is correct too."""
@@ -682,8 +705,8 @@ def _flat(be: Any, a: Any) -> Any:
     return f(a) if f is not None else a.reshape(a.size)
 
 
-def _launch(be: Any, name: str, grid: int, block: int, *args: Any) -> None:
-    launch_kernel(be, name, KERNELS[name], grid, block, 0, *args)
+def _launch(be: Any, name: str, grid: int, block: int, *args: Any, shmem: int = 0) -> None:
+    launch_kernel(be, name, KERNELS[name], grid, block, shmem, *args)
 
 
 def step_fwd(be: Any, images: Any, labels: Any, perm: Any, state: Any, sched: Any, srow: Any, x: Any, y: Any,
@@ -720,7 +743,7 @@ def step_fwd(be: Any, images: Any, labels: Any, perm: Any, state: Any, sched: An
     _launch(be, f"step_fwd_{k}", step_fwd_grid(k, b), SF_THREADS, f(images), labels, perm, state, f(sched), srow,
             f(x), y, f(w1), b1, f(p1), f(m1), f(w3), b3, f(p3), f(m3), np.int32(b), np.int32(m),
             np.int32(sched.shape[0]), np.int32(ACT_CODES[act]), np.float32(1.0 / (255.0 * std)),
-            np.float32(-mean / std), *div_magic(m))
+            np.float32(-mean / std), *div_magic(m), shmem=step_fwd_smem(k))
 
 
 def _update_checks(op: str, p: Any, g: Any, gpart: Any, opt: tuple[tuple[str, Any], ...], srow: Any, state: Any,
