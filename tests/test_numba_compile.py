@@ -109,6 +109,17 @@ def test_report_records_have_the_documented_fields(report):
         assert report[(k, "sm_90")]["shared_bytes"] > 0, k
 
 
+def test_step_fwd_reports_its_own_dynamic_shared_memory(report):
+    """step_fwd's shared memory is dynamic (step4_fwd.step_fwd_smem): each variant's record has its own launch's
+    bytes (v2 two images' x and p1), not batch 64's plan's (which runs v1)."""
+    from lenet_gpu.backends.numba_backend import step4_fwd
+
+    for v, want in (("v1", 19296), ("v2", 28096)):
+        assert step4_fwd.step_fwd_smem(v) == want
+        for arch in ARCHS:
+            assert report[(f"step_fwd_{v}", arch)]["shared_bytes"] == want, (v, arch)
+
+
 def _normalised(ptx: str) -> str:
     """PTX less what differs between two compiles of the same code: the mangled names (with a per-compile
     counter) and the numbered shared-memory symbols."""

@@ -460,6 +460,10 @@ def _launch_facts(op: str, variant: str) -> tuple[int, int]:
         if op.startswith("head_train"):
             launch = _head.plan(variant, 64, 400, 120, 84, 10)[op == "head_train_wgrad"]
             return launch[2], launch[3]
+        if op == "step_fwd":  # the variant's own block (batch 64's plan runs v1 only)
+            from . import step4_fwd
+
+            return step4_fwd.SF_THREADS, step4_fwd.step_fwd_smem(variant)
         plan = lenet_launches(64, optimizer="sgd" if op == "step_sgd" else "adam")
         _, _, _, block, sh = next(p for p in plan if p[0] == op)
         return int(block), sh
