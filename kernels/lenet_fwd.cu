@@ -228,6 +228,11 @@ __device__ __forceinline__ void lf_stage_weights(const float* __restrict__ c1w, 
     for (int t = tid; t < LF_K3; t += nt) s_b3[t] = c3b[t];
 }
 
+// lf_conv reads window rows with load_row2 (64-bit loads): every pitch and offset into them must be even (the
+// run-time ones, IS and XR, are multiples of 4: lf_round4)
+static_assert(LF_X % 2 == 0 && LF_P2 % 2 == 0 && (LF_P2 * LF_P2) % 2 == 0 && LF_W_V2 % 4 == 0,
+              "load_row2 needs even pitches");
+
 // The convolutions of NI staged images (image m's padded input at s_img + m * IS, its Y region at + XR): C1 + act +
 // pool -> S2 (Y), a barrier, C3 + act + pool -> S4, image m's 400 floats at s4 + m * s4s. No barrier after C3 (the
 // caller's next barrier orders S4's readers; C3 reads only Y, so the X regions may be restaged before it).

@@ -171,6 +171,8 @@ __device__ __forceinline__ void sf_stage_weights(const float* __restrict__ w1, c
     if (tid < SF_K3) s_b3[tid] = b3[tid];
 }
 
+static_assert(SF_X % 2 == 0 && SF_P2 % 2 == 0 && (SF_P2 * SF_P2) % 2 == 0, "load_row2 needs even pitches");
+
 // C1 + act + pool of pooled pixel `it` (< 14*14) of one image, all 6 filters: s_x the image (32x32), s_p1 and p1o /
 // m1o its S2 planes (shared and global), a 2-row window of the input slid down the 5 tap rows
 __device__ __forceinline__ void sf_c1(const float* s_x, int it, const float* s_w1, const float* s_b1, int act,

@@ -157,3 +157,26 @@ def test_production_kernels_under_sanitizer(kind: str, tmp_path: Path) -> None:
     assert r.returncode == 0, out[-6000:]
     assert "1 passed" in out, out[-3000:]
     assert "Sanitizer" not in out, out[-6000:]
+
+
+def test_vector_loads_of_the_convolutions_are_aligned_under_ubsan() -> None:
+    """The convolutions read shared memory as float2 / float4 (load_row2's window rows, the weights): on a GPU a
+    misaligned one is a fault ("misaligned address"); on the CPU a g++ float2 has alignof 8 (cudacpu.h), so UBSan's
+    alignment check sees the same fault. lenet_fwd (v3 and v4 through lf_conv: run-time image pitches) and
+    step_fwd v1/v2 (static arrays) run clean under -fsanitize=undefined; a window read one float off
+    (``load_row2(xin + 1, ...)``) reports "load of misaligned address" here (checked 2026-12-07)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "CUDACPU_SANITIZE": "undefined", "PYTHONPATH": str(root)}
+    # -s: UBSan writes its reports to fd 2 from inside the harness; pytest's capture would keep them to itself
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-o", "addopts=",
+           str(root / "tests" / "test_lenet_fwd_v4.py"), str(root / "tests" / "test_step_fwd_update.py"),
+           "-k", "(same_bits and 13) or (equals_composition and relu)"]
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900, check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    assert "3 passed" in out, out[-3000:]
+    assert "runtime error" not in out, out[-6000:]
