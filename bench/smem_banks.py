@@ -18,7 +18,8 @@ six 14x14 planes). The kernels read a row as three 64-bit loads (``load_row2`` i
 start on 16 of the 32 banks and span 2-3 rows of pixels, so some conflict remains: C3's 14-wide S2 planes put
 three of a half-warp's pixels on one bank pair.
 
-``python -m bench.smem_banks`` prints the table (per image: warp-instructions and wavefronts).
+``python -m bench.smem_banks`` prints the table (per image: warp-instructions and wavefronts);
+``python scripts/kernel_report.py`` writes it to reports/smem_banks.md.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 BANKS = 32
 WARP = 32
@@ -153,6 +155,16 @@ def table() -> str:
         i2, w2 = p.cost(2)
         rows.append(f"| {p.name} | {i1:,.0f} / {w1:,.0f} | {i2:,.0f} / {w2:,.0f} | {1 - w2 / w1:.0%} |")
     return "\n".join(rows)
+
+
+def write_markdown(out_dir: Path) -> Path:
+    """The table as ``out_dir/smem_banks.md`` (scripts/kernel_report.py writes it beside the fill table)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "smem_banks.md"
+    path.write_text("# Shared-memory wavefronts of the convolutions' window reads\n\n"
+                    "Estimated, not measured: bench/smem_banks.py's bank model (a 32-bit load: the most distinct "
+                    "words a bank delivers; a 64-bit load: per half-warp). Per image.\n\n" + table() + "\n")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,8 @@ the fill table of both backends, reports/fill.json and reports/fill.md: every la
 step and one inference pass at batch 64, 128, 256 and 1024 with its blocks, threads, registers, shared
 memory, resident blocks per SM, theoretical occupancy and waves on 132 SMs, and per pass how many launches
 leave SMs without a block; then each kernel of the default cupy training step at batch 64 and 4096 with its
-latency, estimated (the method named) or measured (the run named): bench/estimates.py.
+latency, estimated (the method named) or measured (the run named): bench/estimates.py; and reports/smem_banks.md,
+the shared-memory wavefronts of the convolutions' window reads (bench/smem_banks.py's bank model).
 
     python scripts/kernel_report.py                 # both backends, sm_80 and sm_90, and the fill table
     python scripts/kernel_report.py --arch sm_90 --backend cupy
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import smem_banks  # noqa: E402
 from bench.kernels import BACKEND_MODULES, collect, markdown, write_fill  # noqa: E402
 
 
@@ -47,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.fill_batches:
         write_fill(args.out, args.backend, args.fill_batches, args.fill_arch, args.sm_count)
+        smem_banks.write_markdown(args.out)  # the convolutions' shared-memory wavefronts (a model, no compile)
     records, notes = collect(args.backend, args.arch)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "kernels.json").write_text(json.dumps(records, indent=1) + "\n")

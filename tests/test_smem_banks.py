@@ -78,3 +78,10 @@ def test_cli_prints_the_table(capsys):
         sb.main(["--help"])
     assert e.value.code == 0
     assert "bank model" in capsys.readouterr().out
+
+
+def test_the_kernel_report_writes_the_table(tmp_path):
+    path = sb.write_markdown(tmp_path / "reports")
+    text = path.read_text()
+    assert path.name == "smem_banks.md" and "Estimated, not measured" in text and sb.table() in text
+    assert "smem_banks.write_markdown" in (ROOT / "scripts" / "kernel_report.py").read_text()
