@@ -39,16 +39,19 @@ _PROFILE = ("measured: CUPTI profile of the graphed cupy step, H200, 2026-12-04 
 
 LATENCY: dict[str, KernelLatency] = {k.kernel: k for k in (
     KernelLatency(
-        "step_fwd_v1", "C1 600 FMA + ~86 shared loads, C3 1,200 FMA + ~370 shared loads (a block of 256 per image)",
+        "step_fwd_v1", "C1 600 FMA + ~68 shared loads, C3 1,200 FMA + ~260 shared loads (window rows as 64-bit "
+        "loads; a block of 256 per image)",
         {64: (5.0, 6.0), 4096: (70.0, 90.0)},
-        "estimate: issue slots (~17 K warp-instructions an image, 4 a clock an SM), DRAM bytes (12.8 KB an image), "
-        "latency at 64 blocks on 132 SMs", "kernels/step_fwd.cu"),
+        "estimate: issue slots (~16.2 K warp-instructions an image, 4 a clock an SM; ~17.5 K before the 64-bit "
+        "window rows, a shift inside this range), DRAM bytes (12.8 KB an image), latency at 64 blocks on 132 SMs",
+        "kernels/step_fwd.cu"),
     KernelLatency(
         "step_fwd_v2", "two images a block: C1 as v1's in two rounds, C3 4 filters x 4 outputs a thread (a float4 of "
         "weights feeding 16 FMAs)",
         {4096: (60.0, 80.0)},
-        "estimate: issue slots (~15.8 K warp-instructions an image against v1's ~17.5 K); the default runs it from "
-        "batch 1,055 (2 images a block, 4 blocks an SM)", "kernels/step_fwd.cu"),
+        "estimate: issue slots (~15.3 K warp-instructions an image against v1's ~16.2 K, both with 64-bit window "
+        "rows; ~15.8 K before them); the default runs it from batch 1,055 (2 images a block, 4 blocks an SM)",
+        "kernels/step_fwd.cu"),
     KernelLatency(
         "head_train_v2", "rows: C5/F6/out forward warp-cooperative, backward one thread per column x rows",
         {64: (21.7, 21.7), 4096: (148.6, 148.6)}, _PROFILE, "kernels/head.cu"),
