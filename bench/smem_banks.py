@@ -58,8 +58,8 @@ def wavefronts(addresses: Sequence[int | None], words: int) -> int:
 @dataclass(frozen=True)
 class Pattern:
     """A stage's window reads: ``items`` work items of ``threads``-thread rounds (item = round * threads + tid);
-    ``address(item, row, col)`` the word a thread reads at window (row, col); ``passes`` the times each item reads
-    a window (C3: one per input channel, with the channel in ``address``'s row)."""
+    ``address(item, row, col)`` the word a thread reads at window (row, col), ``rows`` × ``cols`` of them (C3: 6
+    channels × 6 rows, the channel in ``address``'s row); ``images`` the images the items cover."""
 
     name: str
     items: int
@@ -74,9 +74,8 @@ class Pattern:
         ins = wf = 0
         for base in range(0, self.items, self.threads):
             for w0 in range(0, self.threads, WARP):
-                lanes = [base + w0 + lane for lane in range(WARP)]
-                active = [it if it < self.items and base + w0 + lane < base + self.threads else None
-                          for lane, it in enumerate(lanes)]
+                active = [it if it < self.items and w0 + lane < self.threads else None
+                          for lane, it in enumerate(range(base + w0, base + w0 + WARP))]
                 if all(a is None for a in active):
                     continue
                 for r in range(self.rows):
@@ -128,16 +127,16 @@ def step_fwd_c1(imgs: int) -> Pattern:
 
 
 def step_fwd_c3(imgs: int) -> Pattern:
-    kg = 8 if imgs == 1 else 4  # v1: SF_KB3 = 2 filters a thread; v2: 4
+    groups = 8 if imgs == 1 else 4  # filter groups: v1 SF_KB3 = 2 filters a thread, v2 4
 
     def address(it: int, r: int, c: int) -> int:
-        m, rest = divmod(it, kg * 25)
+        m, rest = divmod(it, groups * 25)
         pp = rest % 25
         ph, pw = divmod(pp, 5)
         ch, row = divmod(r, 6)
         return m * 1176 + ch * 196 + 2 * ph * 14 + 2 * pw + row * 14 + c
 
-    return Pattern(f"step_fwd_v{imgs} C3", imgs * kg * 25, SF_THREADS, address, rows=6 * 6, images=imgs)
+    return Pattern(f"step_fwd_v{imgs} C3", imgs * groups * 25, SF_THREADS, address, rows=6 * 6, images=imgs)
 
 
 def patterns() -> list[Pattern]:

@@ -845,14 +845,15 @@ def _wgrad_tile_v4(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
     gd = U(g * U(WG_KC * WG_TO))
     ga = U(g * U(WG_KC * WG_TI))
     _wgrad_fetch(dz, a, nb, nout, na, U(g * U(WG_KC)), o0, i0, lt, pd, pa)
-    for rd in range(rounds):  # every thread runs every round: the barriers are block-wide
+    rd = U0
+    while rd < rounds:  # every thread runs every round: the barriers are block-wide (uint32, as every stride loop)
         for j in range(WG_ND):
             s_dz[U(gd + U(lt + U(j * WG_THREADS)))] = pd[j]
         for j in range(WG_NA):
             s_a[U(ga + U(lt + U(j * WG_THREADS)))] = pa[j]
         cuda.syncthreads()
-        if U(rd + 1) < rounds:  # the next round's chunk, in flight during this round's k steps
-            _wgrad_fetch(dz, a, nb, nout, na, U(U(U(U(rd + 1) * U(WG2_GROUPS)) + g) * U(WG_KC)), o0, i0, lt, pd, pa)
+        if U(rd + U1) < rounds:  # the next round's chunk, in flight during this round's k steps
+            _wgrad_fetch(dz, a, nb, nout, na, U(U(U(U(rd + U1) * U(WG2_GROUPS)) + g) * U(WG_KC)), o0, i0, lt, pd, pa)
         pdz = U(gd + ty + ty)
         pax = U(ga + tx + tx)
         for k in range(WG_KC):
@@ -865,6 +866,7 @@ def _wgrad_tile_v4(dz, a, nb, nout, na, tile, dw, db, s_dz, s_a, s_part, tid):
             a2 = cuda.fma(d1, v0, a2)
             a3 = cuda.fma(d1, v1, a3)
         cuda.syncthreads()
+        rd = U(rd + U1)
     _wgrad_finish(a0, a1, a2, a3, g, lt, U(o0 + ty + ty), U(i0 + tx + tx), nout, na, dw, db, s_part)
 
 

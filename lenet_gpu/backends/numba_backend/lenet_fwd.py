@@ -1155,8 +1155,8 @@ def lenet_fwd(be: Any, images: Any, params: dict, logits: Any, mean: float, std:
         if kname == "lenet_fwd_v4":  # > 48 KiB at 16 images: opted in above (allow_shared)
             launch_kernel(be, kname, lenet_fwd_v4, blocks, THREADS_V2, smem, *v4_args(imgs))
         else:
-            launch_kernel(be, kname, lenet_fwd_v3, blocks, THREADS_V2, smem, flat(images), *weights, lg, cl, *dims,
-                          code, pool, scale, shift, pad, np.int32(imgs), np.int32(xr), np.int32(yr), np.int32(outs))
+            launch_kernel(be, kname, lenet_fwd_v3, blocks, THREADS_V2, smem, *head, np.int32(imgs), np.int32(xr),
+                          np.int32(yr), np.int32(outs))
         return
     if v == "v2":
         blocks, imgs, smem = plan_v2(n, nh1, nh2, _sm_count(be))
