@@ -346,12 +346,14 @@ def bench_ops(
     for op in op_names:
         site_list = opsmod.sites(op, cfg)
         if not site_list:
-            skipped.append({"op": op, "reason": "no benchmark case is defined for this op (lenet_gpu/perf/ops.py)"})
+            why = (f"the op runs with max pooling only (this run: {cfg.pool})" if op in opsmod.MAX_ONLY_OPS
+                   else "no benchmark case is defined for this op (lenet_gpu/perf/ops.py)")
+            skipped.append({"op": op, "reason": why})
             continue
         op_batches: list[int | None] = [None] if op in opsmod.PER_STEP_OPS else list(batches)
         for site in site_list:
             for batch in op_batches:
-                spec = None
+                specs: dict[int, Any] = {}  # by the backend's partial rows (opsmod.op_groups), made once each
                 for name, be in backends.items():
                     for variant in be.variants.get(op, ()):
                         key = (name, op, site, variant)
@@ -361,9 +363,10 @@ def bench_ops(
                             skipped.append({**where, "reason": why})
                             continue
                         try:
-                            if spec is None:
-                                spec = opsmod.make_spec(op, site, batch or 1, cfg)
-                            case = opsmod.build_case(be, op, site, batch, variant, cfg, spec)
+                            groups = opsmod.op_groups(be, op, batch or 1)
+                            if groups not in specs:
+                                specs[groups] = opsmod.make_spec(op, site, batch or 1, cfg, groups)
+                            case = opsmod.build_case(be, op, site, batch, variant, cfg, specs[groups])
                             t0 = time.perf_counter()
                             case.validate()
                             t_val = time.perf_counter() - t0

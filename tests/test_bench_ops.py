@@ -7,10 +7,12 @@ on the numpy backend.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from lenet_gpu.backends.base import OPS, OPTIONAL_OPS
+from lenet_gpu.backends.base import OPS, OPTIONAL_OPS, ROUTED_OPS, STEP_OPS
 from lenet_gpu.backends.numpy_backend import NumpyBackend
 from lenet_gpu.perf import model as e2e
 from lenet_gpu.perf import ops as opsmod
@@ -28,12 +30,72 @@ def _cases(be: NumpyBackend, batch: int) -> list[tuple[str, str, str, int | None
     return out
 
 
-def test_every_protocol_op_has_a_case() -> None:
-    """Every op of the protocol has a benchmark case; optional fused ops without one are listed here."""
-    missing = [op for op in OPS if not opsmod.sites(op, CFG)]
-    assert missing == []
-    without_case = [op for op in OPTIONAL_OPS if not opsmod.sites(op, CFG)]
-    assert without_case == ["head_train"]
+def test_every_op_has_a_case() -> None:
+    """Every op of the protocol, the optional fused ops, the routed ops and the four-kernel step's ops has a
+    benchmark case at LeNet-5's shapes (the default step's kernels are timed per op too); with average pooling
+    the max-only ops have none, and the head keeps its dense form only."""
+    every = (*OPS, *OPTIONAL_OPS, *ROUTED_OPS, *STEP_OPS)
+    assert [op for op in every if not opsmod.sites(op, CFG)] == []
+    avg = NetConfig(pool="avg")
+    assert [op for op in every if not opsmod.sites(op, avg)] == list(opsmod.MAX_ONLY_OPS)
+    assert set(opsmod.MAX_ONLY_OPS) == {*ROUTED_OPS, *STEP_OPS}
+    assert opsmod.sites("head_train", CFG) == ["C5..loss..dS4", "C5..loss..gS4 routed"]
+    assert opsmod.sites("head_train", avg) == ["C5..loss..dS4"]
+
+
+def test_the_fused_costs_count_the_routed_work() -> None:
+    """The routed ops and step_bwd count the multiply-adds of the routed windows only (docs/routed_backward.md:
+    149,400 an image), and the costs that depend on the partial rows grow with them."""
+    assert opsmod.op_cost("conv2d_bwd_weight_routed", "C3", 1, CFG).flops == 2 * 60_000 + 400
+    assert opsmod.op_cost("conv2d_bwd_weight_routed", "C1", 1, CFG).flops == 2 * 29_400 + 1176
+    assert opsmod.op_cost("conv2d_bwd_data_routed", "C3->S2", 1, CFG).flops == 2 * 60_000 + 1176  # relu' 1 FLOP
+    assert opsmod.op_cost("step_bwd", "S4..C3..C1", 2, CFG).flops == 2 * (2 * 149_400 + 1176 + 400 + 1176)
+    one, eight = (opsmod.op_cost("step_bwd", "S4..C3..C1", 64, CFG, g) for g in (1, 8))
+    assert eight.bytes - one.bytes == 7 * 2624 * 4 and eight.flops == one.flops
+    a1, a8 = (opsmod.op_cost("step_adam", "gpart+params", 64, CFG, g) for g in (1, 8))
+    assert a8.flops - a1.flops == 7 * 2624 and a8.bytes - a1.bytes == 7 * 2624 * 4
+    # the routed head writes S4's gradient (400 a row); the dense one reads C3's output and writes its gradient
+    routed = opsmod.op_cost("head_train", "C5..loss..gS4 routed", 10, CFG)
+    dense = opsmod.op_cost("head_train", "C5..loss..dS4", 10, CFG)
+    assert dense.bytes - routed.bytes == 10 * (4 * 1600 + 400 + 4 * 1600 - 4 * 400)
+
+
+def test_the_self_tests_lenet_sets_cover_every_op() -> None:
+    """The self-test's per-op timings (and the fused benchmark cases) have an input set for every op it knows at
+    max pooling, with step_bwd's partial rows as asked; under avg the max-only ops have none."""
+    from lenet_gpu.selftest.checks import KNOWN_OPS, lenet_sets
+
+    assert [op for op in KNOWN_OPS if not lenet_sets(op, 3, 2)] == []
+    assert [op for op in KNOWN_OPS if not lenet_sets(op, 3, 2, mode="avg")] == list(opsmod.MAX_ONLY_OPS)
+    (_, iset), = lenet_sets("step_bwd", 3, 2)
+    assert [a.value.shape for a in iset.spec().args if a.name == "gpart"] == [(2, 2624)]
+    (_, iset), = lenet_sets("dense_fwd", 3, f6=60)[1:2]
+    assert [a.value.shape for a in iset.spec().args if a.name == "w"] == [(60, 120)]
+
+
+class Grouped(NumpyBackend):
+    """The numpy backend with step_bwd's partials in ``groups`` rows (as a GPU backend plans them)."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def step_groups(self, batch: int) -> int:
+        return self.groups
+
+
+@pytest.mark.parametrize("op", ["step_bwd", "step_adam", "step_sgd"])
+def test_the_step_cases_take_the_backends_partial_rows(op: str) -> None:
+    """step_bwd writes, and step_adam / step_sgd add, as many partial rows as the backend's step_groups plans."""
+    be = Grouped(5)
+    assert opsmod.op_groups(be, op, 7) == 5 and opsmod.op_groups(NumpyBackend(), op, 7) == 1
+    assert opsmod.op_groups(be, "head_train", 7) == 1
+    case = opsmod.build_case(be, op, "gpart+params" if op != "step_bwd" else "S4..C3..C1", 7, "v1", CFG)
+    case.validate()
+    assert case.cost == opsmod.op_cost(op, case.site, 7, CFG, 5)
+    if op == "step_bwd":
+        spec = opsmod.make_spec(op, case.site, 7, CFG, 5)
+        assert spec.outputs["gpart"][0] == (5, 2624)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -62,6 +124,28 @@ def test_validation_catches_a_wrong_output() -> None:
     case = opsmod.build_case(be, "dense_fwd", "C5", 2, "v1", CFG, spec)
     with pytest.raises(AssertionError, match="dense_fwd C5"):
         case.validate()
+
+
+@pytest.mark.parametrize(("op", "site", "out"), [("step_bwd", "S4..C3..C1", "gpart"),
+                                                 ("head_train", "C5..loss..gS4 routed", "dz_conv"),
+                                                 ("step_fwd", "input..S4", "m3"),
+                                                 ("step_adam", "gpart+params", "state"),
+                                                 ("conv2d_bwd_data_routed", "C3->S2", "gz_below")])
+def test_validation_of_the_fused_cases_catches_a_wrong_output(op: str, site: str, out: str) -> None:
+    """A fused case validates through the self-test's comparison: one wrong element of one output fails it."""
+    be = NumpyBackend()
+    spec = opsmod.make_spec(op, site, 3, CFG)
+    opsmod.build_case(be, op, site, 3, "v1", CFG, spec).validate()  # the right op passes
+    call = spec.call
+
+    def wrong(b, a, v):  # noqa: ANN001, ANN202
+        call(b, a, v)
+        flat = a[out].reshape(-1)
+        flat[-1] = flat[-1] + (1 if flat.dtype.kind in "iu" else 1e-2)
+
+    spec.call = wrong
+    with pytest.raises(AssertionError, match=re.escape(f"{op} {site}")):
+        opsmod.build_case(be, op, site, 3, "v1", CFG, spec).validate()
 
 
 def _data() -> e2e.BenchData:
@@ -130,10 +214,15 @@ def test_every_op_case_binds_to_each_backends_signature(module: str, cls: str) -
     class Binder:
         def __getattr__(self, op: str):  # noqa: ANN204
             sig = inspect.signature(getattr(klass, op))
-            return lambda *a, **k: sig.bind(None, *a, **k)
+
+            def bind(*a, **k):  # noqa: ANN002, ANN003, ANN202
+                return sig.bind(None, *a, **k)
+
+            bind.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])  # type: ignore[attr-defined]
+            return bind
 
     checked = []
-    for op in (*OPS, *OPTIONAL_OPS):
+    for op in (*OPS, *OPTIONAL_OPS, *ROUTED_OPS, *STEP_OPS):
         if not hasattr(klass, op):
             continue
         for site in opsmod.sites(op, CFG):

@@ -30,6 +30,12 @@ call site (C1, C3, S2, ...), allocates the outputs on the backend, and returns a
 ``validate()`` re-uploads the inputs, poisons the outputs with NaN, launches once and compares every
 output with the float64 reference (tests/parity.py's tolerances), and whose ``launch()`` is the bare
 launch that gets timed. Sites are where the model calls the op in a training step.
+
+The fused ops of the routed and four-kernel steps (head_train in both forms, the routed ops, step_fwd, step_bwd,
+step_adam, step_sgd: the kernels of the default step) take their inputs and their comparison from the self-test's
+builders at the same LeNet shapes (``lenet_gpu.selftest.checks.lenet_sets``), so the benchmark and the self-test's
+per-op timings launch the same cases. step_bwd writes, and step_adam / step_sgd add up, the partial rows the
+backend plans for the batch (``op_groups``: its ``step_groups``), as the model's workspace holds them.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from .. import reference as ref
 from ..backends.base import OPS, OPTIONAL_OPS
 from ..model import MNIST_MEAN, MNIST_STD
 from ..parity import TOL, assert_close, assert_equal, nan_like
+from ..selftest import checks
 from ..spec import NetConfig, init_params, param_layout, views
 from ..stepstate import HostState, advance, schedule_table
 
@@ -226,6 +233,90 @@ def conv2d_pool_fwd_cost(b: int, c: int, h: int, w: int, k: int, r: int, s: int,
     return Cost(conv.flops + pool.flops, conv.bytes + pool.bytes - F4 * b * k * ho * wo)
 
 
+def conv2d_bwd_weight_routed_cost(b: int, c: int, h: int, k: int, r: int) -> Cost:
+    """The weight gradient from the routed gradient gz (B,K,Hp,Wp) of a conv + 2×2 max pool: each routed window
+    meets its C·R·S taps once (a quarter of the dense op's windows).
+
+    FLOPs = 2·B·K·Hp·Wp·C·R·S + B·K·Hp·Wp (db). C3: 2·B·16·25·150 = 120,000·B + 400·B; C1: 2·B·6·196·25 = 58,800·B
+    + 1,176·B. Bytes = 4·B·C·H·H (x) + 5·B·K·Hp·Wp (gz and its uint8 route) + 4·(K·C·R·S + K) (dw, db written).
+    """
+    hp = (h - r + 1) // 2
+    g = b * k * hp * hp
+    return Cost(2 * g * c * r * r + g, F4 * b * c * h * h + (F4 + 1) * g + F4 * (k * c * r * r + k))
+
+
+def conv2d_bwd_data_routed_cost(b: int, c: int, h: int, k: int, r: int, act: str) -> Cost:
+    """The routed gradient of the layer below, gz_below (B,C,H,H) = data gradient of the scattered gz · act'(y_below).
+
+    FLOPs = 2·B·K·Hp·Wp·C·R·S (each routed output feeds its C·R·S taps: C3 60,000 MACs an image, a quarter of the
+    dense 240,000) + B·C·H·H·act_bwd. Bytes = 5·B·K·Hp·Wp (gz, route) + 4·K·C·R·S (w) + 4·B·C·H·H (y_below read)
+    + 4·B·C·H·H (gz_below written)."""
+    hp = (h - r + 1) // 2
+    g = b * k * hp * hp
+    below = b * c * h * h
+    return Cost(2 * g * c * r * r + below * ACT_BWD_FLOPS[act], (F4 + 1) * g + F4 * k * c * r * r + 2 * F4 * below)
+
+
+def head_train_cost(b: int, cfg: NetConfig, routed: bool) -> Cost:
+    """C5 → F6 → output → softmax cross-entropy → their backward → S4's gradient, in one op.
+
+    FLOPs = the three dense layers forward and backward (dx included down to S4), the loss, and the gradient
+    routed into the conv below: routed (yconv None) B·400·act_bwd (gz = dx·act'(S4)); dense, pool2x2_bwd's at S4.
+    Bytes (compulsory): S4 4·400·B and the labels 4·B read; the head's weights read and their gradients written
+    (4·2·(48,120 + (120 + 1)·F6 + (F6 + 1)·10)); h1, h2 and the logits written 4·B·(120 + F6 + 10); the loss row 8;
+    the gradient into the conv: routed 4·400·B written; dense the conv output (4·1,600·B) and the routes (400·B)
+    read and 4·1,600·B written."""
+    act, f6 = cfg.activation, cfg.f6
+    layers = ((400, 120, act), (120, f6, act), (f6, 10, "identity"))
+    flops = sum(dense_fwd_cost(b, i, o, a).flops + dense_bwd_cost(b, i, o, a).flops for i, o, a in layers)
+    flops += softmax_xent_cost(b).flops
+    weights = sum(o * i + o for i, o, _ in layers)
+    nbytes = F4 * 400 * b + F4 * b + 2 * F4 * weights + F4 * b * (120 + f6 + 10) + 2 * F4
+    if routed:
+        return Cost(flops + b * 400 * ACT_BWD_FLOPS[act], nbytes + F4 * 400 * b)
+    route = pool2x2_bwd_cost(b, 16, 10, 10, cfg.pool, act)
+    return Cost(flops + route.flops, nbytes + route.bytes - F4 * 400 * b)  # dS4 stays on chip
+
+
+def step_fwd_cost(b: int, cfg: NetConfig) -> Cost:
+    """The four-kernel step's forward: batch_prepare (gather, shift, pad, normalise) → C1 → act → max pool → C3 →
+    act → max pool, in one op.
+
+    FLOPs = batch_prepare's 2·B·1,024 + C1 + S2 + C3 + S4 (conv2d_pool_fwd's). Bytes: the gathered pixels
+    784·B, labels B and perm entries 4·B read; the conv weights 4·(156 + 2,416) read; x 4·1,024·B and y 4·B
+    written (step_bwd reads x); S2 and its routes 5·1,176·B, S4 and its routes 5·400·B written; the step state,
+    schedule row and srow ≈ 64 (the un-pooled conv outputs never reach memory)."""
+    act = cfg.activation
+    flops = (2 * b * 32 * 32 + conv2d_pool_fwd_cost(b, 1, 32, 32, 6, 5, 5, act, "max").flops
+             + conv2d_pool_fwd_cost(b, 6, 14, 14, 16, 5, 5, act, "max").flops)
+    nbytes = (b * 28 * 28 + b + F4 * b + F4 * (156 + 2416) + F4 * b * 1024 + F4 * b
+              + (F4 + 1) * b * 1176 + (F4 + 1) * b * 400 + 64)
+    return Cost(flops, nbytes)
+
+
+def step_bwd_cost(b: int, groups: int, act: str) -> Cost:
+    """The four-kernel step's conv backward, from S4's routed gradient: C3's routed weight gradient (60,000 MACs an
+    image), C3's routed data gradient (60,000) times act'(S2), C1's routed weight gradient (29,400), and the two
+    bias sums, into ``groups`` partial rows of 2,624 floats.
+
+    FLOPs = 2·149,400·B + B·1,176·act_bwd + B·(400 + 1,176) (db3, db1). Bytes: x 4·1,024·B, S2 4·1,176·B, gz3
+    4·400·B and the routes 400·B + 1,176·B read; w3 4·2,400; the partials 4·2,624·groups written."""
+    flops = 2 * 149_400 * b + b * 1176 * ACT_BWD_FLOPS[act] + b * (400 + 1176)
+    nbytes = b * (F4 * 1024 + F4 * 1176 + F4 * 400 + 400 + 1176) + F4 * 2400 + F4 * 2624 * groups
+    return Cost(flops, nbytes)
+
+
+def step_update_cost(op: str, groups: int, n: int) -> Cost:
+    """The four-kernel step's update: the conv gradients' partial rows added in group order into g's first 2,624
+    entries, then Adam (or SGD) over the n parameters and step_advance, in one op.
+
+    FLOPs = 2,624·groups (the sum) + the optimizer's + step_advance's 7. Bytes = 4·2,624·groups (the partials
+    read) + 4·2,624 (g's conv prefix written) + the optimizer's + the schedule row 16 + the state 2·32."""
+    opt = adam_step_cost(n) if op == "step_adam" else sgd_step_cost(n)
+    adv = step_advance_cost()
+    return Cost(2624 * groups + opt.flops + adv.flops, F4 * 2624 * groups + F4 * 2624 + opt.bytes + 16 + adv.bytes)
+
+
 # ------------------------------------------------------------------------------------------ sites
 
 
@@ -268,12 +359,46 @@ def sites(op: str, cfg: NetConfig) -> list[str]:
         "step_advance": ["state"],
         "conv2d_bwd_data_pool": ["C3+S2"],
         "lenet_fwd": ["network"],
-    }.get(op, [])
+    }.get(op) or [label for label, _ in checks.lenet_sets(op, 1, 1, cfg.activation, cfg.pool, cfg.f6)
+                  if op in FUSED_FROM_CHECKS]
 
 
-def op_cost(op: str, site: str, batch: int, cfg: NetConfig) -> Cost:
-    """FLOPs and bytes of one call of ``op`` at ``site`` (batch ignored for the optimizer ops)."""
+#: ops cased through the self-test's builders (lenet_gpu.selftest.checks.lenet_sets) at LeNet-5's shapes: the
+#: routed ops, the routed head and the four-kernel step's ops (all for max pooling only), and head_train
+FUSED_FROM_CHECKS = ("head_train", "conv2d_bwd_weight_routed", "conv2d_bwd_data_routed", "step_fwd", "step_bwd",
+                     "step_adam", "step_sgd")
+#: ops whose partial rows depend on the backend's plan (``backend.step_groups(batch)``)
+GROUPED_OPS = ("step_bwd", "step_adam", "step_sgd")
+#: ops that exist for max pooling only (no case under avg)
+MAX_ONLY_OPS = ("conv2d_bwd_weight_routed", "conv2d_bwd_data_routed", "step_fwd", "step_bwd", "step_adam",
+                "step_sgd")
+
+
+def op_groups(backend: Any, op: str, batch: int) -> int:
+    """The partial rows ``op`` works on at ``batch`` on ``backend`` (its ``step_groups``, as the model's
+    workspace), 1 for an op without partials."""
+    if op in GROUPED_OPS and hasattr(backend, "step_groups"):
+        return int(backend.step_groups(batch))
+    return 1
+
+
+def op_cost(op: str, site: str, batch: int, cfg: NetConfig, groups: int = 1) -> Cost:
+    """FLOPs and bytes of one call of ``op`` at ``site`` (batch ignored for the optimizer ops; ``groups``: the
+    partial rows of the four-kernel step's ops)."""
     act, mode = cfg.activation, cfg.pool
+    if op == "head_train":
+        return head_train_cost(batch, cfg, routed=site.endswith("routed"))
+    if op == "conv2d_bwd_weight_routed":
+        cs = CONV_SITES[site]
+        return conv2d_bwd_weight_routed_cost(batch, cs.c, cs.h, cs.k, cs.r)
+    if op == "conv2d_bwd_data_routed":
+        return conv2d_bwd_data_routed_cost(batch, 6, 14, 16, 5, act)
+    if op == "step_fwd":
+        return step_fwd_cost(batch, cfg)
+    if op == "step_bwd":
+        return step_bwd_cost(batch, groups, act)
+    if op in ("step_adam", "step_sgd"):
+        return step_update_cost(op, groups, param_layout(cfg)[1])
     if op == "batch_prepare":
         return batch_prepare_cost(batch)
     if op in ("conv2d_fwd", "conv2d_bwd_data", "conv2d_bwd_weight", "conv2d_pool_fwd"):
@@ -330,6 +455,8 @@ class Spec:
     call: Callable[[Any, dict[str, Any], str], None]
     tol: dict[str, tuple[float, float]] = field(default_factory=dict)
     exact: tuple[str, ...] = ()  # outputs compared for equality
+    #: where set, the validation instead: check(outputs read back by name, what) raises AssertionError
+    check: Callable[[dict[str, np.ndarray], str], None] | None = None
 
 
 def _rng(op: str, site: str, batch: int | None) -> np.random.Generator:
@@ -345,8 +472,38 @@ def _f64(a: np.ndarray) -> np.ndarray:
     return a.astype(np.float64)
 
 
-def make_spec(op: str, site: str, batch: int, cfg: NetConfig) -> Spec:
-    """Seeded inputs at the LeNet shape of ``site`` and the float64 reference answer."""
+def _spec_from_checks(op: str, site: str, batch: int, cfg: NetConfig, groups: int) -> Spec:
+    """The self-test's input set of ``op`` at ``site`` (lenet_gpu.selftest.checks.lenet_sets), as a case: its
+    arrays uploaded by name, its call bound positionally, its own comparison as the validation."""
+    found = [iset for label, iset in checks.lenet_sets(op, batch, groups, cfg.activation, cfg.pool, cfg.f6)
+             if label == site]
+    if not found:
+        raise KeyError(f"no benchmark case for op {op!r} at site {site!r} ({cfg.pool} pooling)")
+    cs = found[0].spec()
+    inputs = {a.name: a.value for a in cs.args if a.kind in ("in", "inout")}
+    outputs = {a.name: (a.value.shape, a.value.dtype) for a in cs.args if a.kind == "out"}
+    if cs.state_kw is not None:
+        inputs["state_kw"] = cs.state_kw
+
+    def call(be: Any, arrs: dict[str, Any], variant: str) -> None:
+        args = [arrs[a.name] if a.kind in ("in", "out", "inout") else None if a.kind == "none" else a.value
+                for a in cs.args]
+        kwargs = dict(cs.kwargs)
+        if cs.state_kw is not None and checks.accepts(getattr(be, op), "state"):
+            kwargs["state"] = arrs["state_kw"]
+        getattr(be, op)(*args, variant=variant, **kwargs)
+
+    def check(got: dict[str, np.ndarray], what: str) -> None:
+        checks.check_outputs(cs, got, what)
+
+    return Spec(inputs, outputs, {}, call, check=check)
+
+
+def make_spec(op: str, site: str, batch: int, cfg: NetConfig, groups: int = 1) -> Spec:
+    """Seeded inputs at the LeNet shape of ``site`` and the float64 reference answer (``groups``: the partial rows
+    of the four-kernel step's ops, ``op_groups``)."""
+    if op in FUSED_FROM_CHECKS:
+        return _spec_from_checks(op, site, batch, cfg, groups)
     rng = _rng(op, site, batch)
     act, mode, b = cfg.activation, cfg.pool, batch
     t = TOL.get(op, (1e-5, 1e-5))
@@ -559,9 +716,11 @@ class OpCase:
 def build_case(
     backend: Any, op: str, site: str, batch: int | None, variant: str, cfg: NetConfig, spec: Spec | None = None
 ) -> OpCase:
-    """Upload ``spec``'s inputs (``make_spec`` when not given), allocate outputs, bind the launch."""
+    """Upload ``spec``'s inputs (``make_spec`` when not given), allocate outputs, bind the launch. A given spec
+    must have been made with this backend's ``op_groups``."""
     b = 1 if batch is None else batch
-    spec = spec or make_spec(op, site, b, cfg)
+    groups = op_groups(backend, op, b)
+    spec = spec or make_spec(op, site, b, cfg, groups)
     be = backend
     arrays: dict[str, Any] = {k: be.to_device(v) for k, v in spec.inputs.items()}
     for name, (shape, dtype) in spec.outputs.items():
@@ -578,6 +737,9 @@ def build_case(
         launch()
         be.synchronize()
         where = f"{be.name} {op} {site} batch {batch} variant {variant}"
+        if spec.check is not None:
+            names = [*(k for k in spec.inputs if k != "state_kw"), *spec.outputs]
+            spec.check({k: be.to_host(arrays[k]) for k in names}, where)
         for name, want in spec.expect.items():
             got = be.to_host(arrays[name])
             if name in spec.exact:
@@ -586,4 +748,4 @@ def build_case(
                 atol, rtol = spec.tol.get(name, TOL.get(op, (1e-5, 1e-5)))
                 assert_close(got, want, atol, rtol, f"{where}: {name}")
 
-    return OpCase(op, site, batch, variant, op_cost(op, site, b, cfg), launch, validate)
+    return OpCase(op, site, batch, variant, op_cost(op, site, b, cfg, groups), launch, validate)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import reference as ref
 from ..parity import TOL, error_stats, nan_like, rand
-from ..spec import conv_prefix, param_layout
+from ..spec import NetConfig, conv_prefix, param_layout
 from ..stepstate import SEED, STATE_WORDS, HostState, advance, schedule_table
 
 F64 = np.float64
@@ -309,20 +309,21 @@ def _conv2d_bwd_data_pool(dzs: tuple, ws: tuple, ys: tuple, act: str, mode: str,
                 expect=[Expect("dz_below", want, *TOL["conv2d_bwd_data_pool"])])
 
 
-def _routed_inputs(xs: tuple, ws: tuple, s: int) -> tuple[tuple, np.ndarray, np.ndarray]:
-    """The routed gradient gz (N,K,Hp,Wp) of a conv of ``xs`` by ``ws`` + 2x2 max pool, and random routes."""
+def _routed_inputs(xs: tuple, ws: tuple, s: int, gscale: float = 0.1) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """The routed gradient gz (N,K,Hp,Wp) of a conv of ``xs`` by ``ws`` + 2x2 max pool (standard normal times
+    ``gscale``), and random routes."""
     n, _, h, wd = xs
     k, _, r, q = ws
     gs = (n, k, (h - r + 1) // 2, (wd - q + 1) // 2)
-    gz = rand(gs, s + 1, 0.1)
+    gz = rand(gs, s + 1, gscale)
     am = np.random.default_rng(s + 2).integers(0, 4, size=gs).astype(np.uint8)
     return gs, gz, am
 
 
-def _conv2d_bwd_weight_routed(xs: tuple, ws: tuple, s: int) -> Spec:
+def _conv2d_bwd_weight_routed(xs: tuple, ws: tuple, s: int, gscale: float = 0.1) -> Spec:
     k, _, r, q = ws
     x = rand(xs, s)
-    _, gz, am = _routed_inputs(xs, ws, s)
+    _, gz, am = _routed_inputs(xs, ws, s, gscale)
     wdw, wdb = ref.conv2d_bwd_weight_routed(_d64(x), _d64(gz), am, r, q)
     tol = TOL["conv2d_bwd_weight_routed"]
     return Spec(args=[Arg("in", "x", x), Arg("in", "gz", gz), Arg("in", "argmax", am), Arg("out", "dw", nan_like(ws)),
@@ -331,8 +332,8 @@ def _conv2d_bwd_weight_routed(xs: tuple, ws: tuple, s: int) -> Spec:
                 state_kw=_state(step=7), repeat=True)
 
 
-def _conv2d_bwd_data_routed(xs: tuple, ws: tuple, act: str, s: int) -> Spec:
-    _, gz, am = _routed_inputs(xs, ws, s)
+def _conv2d_bwd_data_routed(xs: tuple, ws: tuple, act: str, s: int, gscale: float = 0.1) -> Spec:
+    _, gz, am = _routed_inputs(xs, ws, s, gscale)
     w = rand(ws, s + 3, _wscale(ws))
     y_below = _activated(xs, act, s + 4)
     want = ref.conv2d_bwd_data_routed(_d64(gz), _d64(w), am, _d64(y_below), act)
@@ -438,7 +439,7 @@ def _head_train(b: int, c: int, hp: int, wp: int, h: int, w: int, h1: int, h2: i
 
 
 def _lenet_fwd(b: int, act: str, mode: str, s: int) -> Spec:
-    from ..spec import NetConfig, init_params, views
+    from ..spec import init_params, views
 
     cfg = NetConfig(activation=act, pool=mode)
     params = {k: np.ascontiguousarray(v) for k, v in views(init_params(cfg, s % 1000), cfg).items()}
@@ -487,11 +488,11 @@ def _step_fwd(b: int, offset: int, shift: int, act: str, s: int) -> Spec:
     )
 
 
-def _step_bwd(b: int, groups: int, act: str, s: int) -> Spec:
+def _step_bwd(b: int, groups: int, act: str, s: int, gscale: float = 1.0) -> Spec:
     rng = np.random.default_rng(s)
     x = rand((b, 1, 32, 32), s)
     p1 = _activated((b, 6, 14, 14), act, s + 1)
-    gz3 = rand((b, 16, 5, 5), s + 2)
+    gz3 = rand((b, 16, 5, 5), s + 2, gscale)
     m3 = rng.integers(0, 4, (b, 16, 5, 5)).astype(np.uint8)
     m1 = rng.integers(0, 4, (b, 6, 14, 14)).astype(np.uint8)
     w3 = rand((16, 6, 5, 5), s + 3, 1 / np.sqrt(150))
@@ -502,8 +503,9 @@ def _step_bwd(b: int, groups: int, act: str, s: int) -> Spec:
                 expect=[Expect("gpart", want, *TOL["step_bwd"])], repeat=True)
 
 
-def _step_update(op: str, b: int, groups: int, wd: float, s: int) -> Spec:
-    size, nc = param_layout()[1], conv_prefix()
+def _step_update(op: str, b: int, groups: int, wd: float, s: int, size: int | None = None) -> Spec:
+    """``size``: the flat parameter buffer's (default: LeNet-5's at F6 = 84)."""
+    size, nc = size or param_layout()[1], conv_prefix()
     p, g, m = rand((size,), s), rand((size,), s + 1), rand((size,), s + 2, 0.1)
     gpart = rand((groups, nc), s + 4, 0.5)
     srow = np.array([2e-3, 0.19, 0.0199, 0.0], np.float32)  # lr, bc1, bc2 of some step t
@@ -711,7 +713,8 @@ def input_sets(ops: list[str], profile: str, max_tier: int = 3) -> list[InputSet
 
 
 # ------------------------------------------------------------------------------------ running a case
-def _accepts(fn: Callable, name: str) -> bool:
+def accepts(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes a parameter called ``name`` (False where its signature cannot be read)."""
     try:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -734,7 +737,7 @@ def _launch(be: Any, op: str, variant: str, spec: Spec) -> dict[str, Any]:
             args.append(a.value)
     fn = getattr(be, op)
     kwargs = dict(spec.kwargs)
-    if spec.state_kw is not None and _accepts(fn, "state"):
+    if spec.state_kw is not None and accepts(fn, "state"):
         kwargs["state"] = be.to_device(spec.state_kw)
     fn(*args, variant=variant, **kwargs)
     return dev
@@ -825,49 +828,70 @@ def timing_call(be: Any, op: str, variant: str, iset: InputSet) -> Callable[[], 
             args.append(a.value)
     fn = getattr(be, op)
     kwargs = dict(spec.kwargs, variant=variant)
-    if spec.state_kw is not None and _accepts(fn, "state"):
+    if spec.state_kw is not None and accepts(fn, "state"):
         kwargs["state"] = be.to_device(spec.state_kw)
     return lambda: fn(*args, **kwargs)
 
 
 #: the op shapes of one LeNet-5 training step at batch B (for per-op timings): op → [(label, input set)]
-def lenet_sets(op: str, batch: int) -> list[tuple[str, InputSet]]:
-    b = batch
-    P = 61888  # the flat parameter buffer of LeNet-5 (F6 = 84), padded
+def lenet_sets(op: str, batch: int, groups: int = 1, act: str = "relu", mode: str = "max",
+               f6: int = 84) -> list[tuple[str, InputSet]]:
+    """The input sets of ``op`` where a training step of LeNet-5 calls it, at ``batch``: the self-test's per-op
+    timings and the benchmark's cases of the fused ops (lenet_gpu.perf.ops). ``groups`` is the backend's
+    ``step_groups(batch)`` (the rows of step_bwd's partials, which step_adam / step_sgd add up); ``act``, ``mode``
+    and ``f6`` the network's. The gradients that enter a weight gradient carry the 1/B of the mean loss, as in
+    training, so a batch-long sum stays O(1) and the tolerances hold at every batch size. The routed ops, the
+    routed head and the four-kernel step's ops exist for max pooling only: with ``mode="avg"`` they have no set."""
+    b, m, mx = batch, mode, mode == "max"
+    P = param_layout(NetConfig(activation=act, pool=mode, f6=f6))[1]  # the flat parameter buffer, padded
     table: dict[str, list[tuple[str, Callable[[], Spec]]]] = {
         "batch_prepare": [("input", lambda: _batch_prepare(max(b, 100), b, 0, 2, 0, 0, 1))],
-        "conv2d_fwd": [("C1", lambda: _conv2d_fwd((b, 1, 32, 32), (6, 1, 5, 5), "relu", 1)),
-                       ("C3", lambda: _conv2d_fwd((b, 6, 14, 14), (16, 6, 5, 5), "relu", 2))],
-        "conv2d_pool_fwd": [("C1+S2", lambda: _conv2d_pool_fwd((b, 1, 32, 32), (6, 1, 5, 5), "relu", "max", True, 1)),
-                            ("C3+S4", lambda: _conv2d_pool_fwd((b, 6, 14, 14), (16, 6, 5, 5), "relu", "max", True, 2))],
-        "pool2x2_fwd": [("S2", lambda: _pool2x2_fwd((b, 6, 28, 28), "max", 1)),
-                        ("S4", lambda: _pool2x2_fwd((b, 16, 10, 10), "max", 2))],
-        "pool2x2_bwd": [("S2", lambda: _pool2x2_bwd((b, 6, 28, 28), "max", "relu", 1)),
-                        ("S4", lambda: _pool2x2_bwd((b, 16, 10, 10), "max", "relu", 2))],
-        "dense_fwd": [("C5", lambda: _dense_fwd(b, 400, 120, "relu", 1)),
-                      ("F6", lambda: _dense_fwd(b, 120, 84, "relu", 2)),
-                      ("out", lambda: _dense_fwd(b, 84, 10, "identity", 3))],
-        "dense_bwd": [("C5", lambda: _dense_bwd(b, 400, 120, "relu", True, 1)),
-                      ("F6", lambda: _dense_bwd(b, 120, 84, "relu", True, 2)),
-                      ("out", lambda: _dense_bwd(b, 84, 10, "identity", True, 3))],
+        "conv2d_fwd": [("C1", lambda: _conv2d_fwd((b, 1, 32, 32), (6, 1, 5, 5), act, 1)),
+                       ("C3", lambda: _conv2d_fwd((b, 6, 14, 14), (16, 6, 5, 5), act, 2))],
+        "conv2d_pool_fwd": [("C1+S2", lambda: _conv2d_pool_fwd((b, 1, 32, 32), (6, 1, 5, 5), act, m, True, 1)),
+                            ("C3+S4", lambda: _conv2d_pool_fwd((b, 6, 14, 14), (16, 6, 5, 5), act, m, True, 2))],
+        "pool2x2_fwd": [("S2", lambda: _pool2x2_fwd((b, 6, 28, 28), m, 1)),
+                        ("S4", lambda: _pool2x2_fwd((b, 16, 10, 10), m, 2))],
+        "pool2x2_bwd": [("S2", lambda: _pool2x2_bwd((b, 6, 28, 28), m, act, 1)),
+                        ("S4", lambda: _pool2x2_bwd((b, 16, 10, 10), m, act, 2))],
+        "dense_fwd": [("C5", lambda: _dense_fwd(b, 400, 120, act, 1)),
+                      ("F6", lambda: _dense_fwd(b, 120, f6, act, 2)),
+                      ("out", lambda: _dense_fwd(b, f6, 10, "identity", 3))],
+        "dense_bwd": [("C5", lambda: _dense_bwd(b, 400, 120, act, True, 1)),
+                      ("F6", lambda: _dense_bwd(b, 120, f6, act, True, 2)),
+                      ("out", lambda: _dense_bwd(b, f6, 10, "identity", True, 3))],
         "conv2d_bwd_data": [("C3", lambda: _conv2d_bwd_data((b, 6, 14, 14), (16, 6, 5, 5), 1))],
         "conv2d_bwd_weight": [("C1", lambda: _conv2d_bwd_weight((b, 1, 32, 32), (6, 1, 5, 5), 1)),
                               ("C3", lambda: _conv2d_bwd_weight((b, 6, 14, 14), (16, 6, 5, 5), 2))],
         "conv2d_bwd_data_pool": [("C3->S2->C1", lambda: _conv2d_bwd_data_pool((b, 16, 10, 10), (16, 6, 5, 5),
-                                                                              (b, 6, 28, 28), "relu", "max", 1))],
+                                                                              (b, 6, 28, 28), act, m, 1))],
         "conv2d_bwd_weight_routed": [
-            ("C1", lambda: _conv2d_bwd_weight_routed((b, 1, 32, 32), (6, 1, 5, 5), 1)),
-            ("C3", lambda: _conv2d_bwd_weight_routed((b, 6, 14, 14), (16, 6, 5, 5), 2))],
+            ("C1", lambda: _conv2d_bwd_weight_routed((b, 1, 32, 32), (6, 1, 5, 5), 1, 1.0 / b)),
+            ("C3", lambda: _conv2d_bwd_weight_routed((b, 6, 14, 14), (16, 6, 5, 5), 2, 1.0 / b))] if mx else [],
         "conv2d_bwd_data_routed": [
-            ("C3->S2", lambda: _conv2d_bwd_data_routed((b, 6, 14, 14), (16, 6, 5, 5), "relu", 1))],
+            ("C3->S2", lambda: _conv2d_bwd_data_routed((b, 6, 14, 14), (16, 6, 5, 5), act, 1, 1.0 / b))] if mx else [],
         "softmax_xent": [("loss", lambda: _softmax_xent(b, 10, 1))],
         "adam_step": [("params", lambda: _adam_step(P, 0.0, False, 1))],
         "sgd_step": [("params", lambda: _sgd_step(P, 0.0, False, 1))],
         "step_advance": [("state", lambda: _step_advance(b, False))],
-        "head_train": [("C5..loss..dS4", lambda: _head_train(b, 16, 5, 5, 10, 10, 120, 84, "relu", "max", 1))],
-        "lenet_fwd": [("network", lambda: _lenet_fwd(b, "relu", "max", 1))],
+        "head_train": [("C5..loss..dS4", lambda: _head_train(b, 16, 5, 5, 10, 10, 120, f6, act, m, 1)),
+                       *([("C5..loss..gS4 routed",
+                           lambda: _head_train(b, 16, 5, 5, 10, 10, 120, f6, act, m, 2, routed=True))] if mx else [])],
+        "lenet_fwd": [("network", lambda: _lenet_fwd(b, act, m, 1))],
+        # the four-kernel step (max pooling only)
+        "step_fwd": [("input..S4", lambda: _step_fwd(b, 0, 2, act, 1))] if mx else [],
+        "step_bwd": [("S4..C3..C1", lambda: _step_bwd(b, groups, act, 1, 1.0 / b))] if mx else [],
+        "step_adam": [("gpart+params", lambda: _step_update("step_adam", b, groups, 0.0, 1, P))] if mx else [],
+        "step_sgd": [("gpart+params", lambda: _step_update("step_sgd", b, groups, 0.0, 1, P))] if mx else [],
     }
-    return [(label, InputSet(op, 0, f"{label} batch {b}", None, None, build)) for label, build in table.get(op, [])]
+    return [(label, InputSet(op, 0, f"{label} batch {b}", act, mode, build)) for label, build in table.get(op, [])]
 
 
-__all__ = ["KNOWN_OPS", "SHAPES", "CheckFailed", "InputSet", "input_sets", "lenet_sets", "run_case", "timing_call"]
+def check_outputs(spec: Spec, got: dict[str, np.ndarray], what: str) -> dict[str, Any]:
+    """Every Expect of ``spec`` against the outputs read back (``got``: name → host array); raises CheckFailed
+    (an AssertionError) naming the bad outputs. Returns the per-output error statistics."""
+    return _compare(spec, got, what)
+
+
+__all__ = ["KNOWN_OPS", "SHAPES", "CheckFailed", "InputSet", "accepts", "check_outputs", "input_sets", "lenet_sets",
+           "run_case", "timing_call"]

@@ -1086,12 +1086,13 @@ def _bench_ops(label: str, be: Any, batch: int, rec: PhaseRecorder, default_only
     tcfg = TimingConfig(target_s=0.1) if be.is_gpu else TimingConfig(
         warmup_s=0.0, min_warmup=1, min_samples=1, max_samples=1, target_s=0.0, min_sample_s=0.0)
     ops = ordered_ops({label: be})
+    groups = int(be.step_groups(batch)) if hasattr(be, "step_groups") else 1  # step_bwd's rows, as the model's
     for op in ops:
         variants = be.variants[op]
         if default_only:
             variants = (getattr(be, "default_variants", {}).get(op, variants[-1]),)
         for v in variants:
-            for layer, iset in lenet_sets(op, batch):
+            for layer, iset in lenet_sets(op, batch, groups):
                 name = f"{label} {op}_{v} {layer} batch {batch}"
                 if rec.out_of_time(5 if be.is_gpu else max(5.0, 0.15 * rec.budget_s)):
                     rec.skip(name, "out of time", backend=label, kind="op", op=op, variant=v, layer=layer)
