@@ -287,7 +287,11 @@ step_bwd_v1(const float* __restrict__ x, const float* __restrict__ p1, const flo
     step_bwd_body<false>(x, p1, gz3, m3, m1, w3, gpart, B, chunk, act);
 }
 
-// 3 blocks an SM (80 registers on sm_80 / sm_90, no spills; at 4, 64 registers, ptxas spills 36-44 bytes)
+// 3 blocks an SM (80 registers on sm_80 / sm_90, no spills; at 4, 64 registers, ptxas spills 36-44 bytes). Tried
+// 2026-12-08 (NVRTC 12, ptxas): a shared table of the 150 taps, loaded into registers at the start of phase A.1 of each
+// image (so they are not live across A.2 and B), takes sm_90 to 64 registers with no spill at an A.1 unroll of 1 or 2
+// (8 B spilled at 5); sm_80 still spills 28-32 B. Not adopted: the plan (step_groups) launches at most ~2 blocks an SM
+// (reports/fill.md: <= 0.65 waves at every batch), so a 4th resident block would have nothing to run.
 extern "C" __global__ void __launch_bounds__(SB_THREADS, 3)
 step_bwd_v2(const float* __restrict__ x, const float* __restrict__ p1, const float* __restrict__ gz3,
             const unsigned char* __restrict__ m3, const unsigned char* __restrict__ m1, const float* __restrict__ w3,
