@@ -69,3 +69,78 @@ def test_kernel_profile_rendering_and_reasons() -> None:
     md = "\n".join(report._bench_section({"cases": cases, "data": {}}))
     assert "kernels 40 µs of device time per step against 50 µs of wall time (0.8 of it)" in md
     assert "| conv_fwd | 1 | 30 |" in md and "profile numba train batch 64: SKIP (no torch)" in md
+
+
+def _net(be: object, pool: str = "max") -> object:
+    from lenet_gpu.perf.model import BenchData, OurNet
+    from lenet_gpu.spec import NetConfig
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (32, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 32, dtype=np.uint8)
+    return OurNet(be, NetConfig(pool=pool), BenchData.from_dataset(images, labels, 32))
+
+
+def test_record_calls_sees_a_steps_ops_once_each_and_unwraps() -> None:
+    """The recorded op calls of a step are the model's path, in order, with the variant that ran and the launches
+    it made; an op a host backend composes of other ops is recorded once; the backend is left unwrapped."""
+    from lenet_gpu.perf.profile import record_calls
+
+    be = NumpyBackend()
+    net = _net(be)
+    # numpy's step_fwd, step_bwd and step_adam call its batch_prepare, conv and optimizer ops inside themselves:
+    # those inner calls are not recorded
+    calls = net.record_step(4)
+    assert [c.op for c in calls] == ["step_fwd", "head_train", "step_bwd", "step_adam"]
+    assert all(c.variant == be.default_variants[c.op] and c.launches == 1 for c in calls)
+    assert [c.label for c in calls][0] == "step_fwd_v1"
+    assert not any(op in vars(be) for op in be.variants)  # unwrapped
+    dense = _net(NumpyBackend(), pool="avg")
+    ops = [c.op for c in dense.record_step(4)]
+    assert ops[0] == "batch_prepare" and ops[-2:] == ["adam_step", "step_advance"] and "head_train" in ops
+    infer = [c.op for c in record_calls(net.backend, lambda: net.forward(4))]
+    want = ["lenet_fwd"] if net.model.fused["lenet_fwd"] else \
+        ["batch_prepare", "conv2d_pool_fwd", "conv2d_pool_fwd", "dense_fwd", "dense_fwd", "dense_fwd", "step_advance"]
+    assert infer == want
+
+
+def test_replay_profile_without_torch_times_every_recorded_call() -> None:
+    """Without PyTorch the profile replays each recorded op call of the step and times it (the CPU clock on a host
+    backend, CUDA events on a GPU): a row per op, each > 0, their sum beside the step's wall time, in the rows the
+    report renders."""
+    from lenet_gpu.perf.profile import profile_net
+    from lenet_gpu.perf.timing import TimingConfig
+
+    tcfg = TimingConfig(warmup_s=0.0, min_samples=2, max_samples=3, target_s=0.0, min_sample_s=0.0)
+    prof = profile_net(_net(NumpyBackend()), "train", 4, None, tcfg)
+    assert [k["kernel"] for k in sorted(prof["kernels"], key=lambda k: k["kernel"])] == \
+        ["head_train_v1", "step_adam_v1", "step_bwd_v1", "step_fwd_v1"]
+    assert all(k["device_us"] > 0 and k["calls"] == 1 and k["launches"] == 1 for k in prof["kernels"])
+    assert prof["device_us_sum"] == round(sum(k["device_us"] for k in prof["kernels"]), 3)
+    assert prof["wall_us"] > 0 and prof["launches"] == 4 and "replayed" in prof["source"]
+    assert prof["top3"].startswith(prof["kernels"][0]["kernel"])
+    infer = profile_net(_net(NumpyBackend(), pool="avg"), "infer", 4, None, tcfg)
+    assert infer["kernels"] and infer["wall_us"] > 0
+    cases = [{"name": "profile numpy train batch 4", "status": PASS, "kind": "profile", "what": "train", **prof}]
+    md = "\n".join(report._bench_section({"cases": cases, "data": {}}))
+    assert "per step against" in md and "| step_bwd_v1 | 1 |" in md
+
+
+def test_the_benchmark_phase_profiles_without_torch_by_replay(monkeypatch) -> None:
+    """Without PyTorch the phase's per-kernel profile is no longer a skip: each GPU backend's step and inference
+    pass are profiled by replaying their recorded op calls (a numpy backend posing as a GPU one here: its timer
+    falls back to the CPU clock, as gpu_library finds no CUDA arrays)."""
+    from lenet_gpu.perf import peer
+
+    class Posing(NumpyBackend):
+        is_gpu = True
+
+    monkeypatch.setattr(peer, "torch_or_none", lambda: None)
+    rec = PhaseRecorder("benchmark", None, 120)
+    rng = np.random.default_rng(2)
+    images, labels = rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), rng.integers(0, 10, 16, dtype=np.uint8)
+    P._bench_profile(rec, {"numpy": Posing(), "host": NumpyBackend()}, images, labels, [4])
+    assert [(c["status"], c["what"]) for c in rec.cases] == [(PASS, "train"), (PASS, "infer")], rec.cases
+    assert all("replayed" in c["source"] and c["kernels"] and c["top3"] for c in rec.cases)
+    assert {k["kernel"] for k in rec.cases[0]["kernels"]} == {"step_fwd_v1", "head_train_v1", "step_bwd_v1",
+                                                              "step_adam_v1"}

@@ -28,6 +28,7 @@ from ..model import LeNet5
 from ..schedule import lr_at
 from ..spec import NetConfig, views
 from ..stepstate import HostState, StepState
+from .profile import OpCall, record_calls
 from .timing import RATIO_MAX_SPREAD, now, spread
 
 #: whole-network checks: float32 against float64 through 8 layers (relative to the largest value)
@@ -175,6 +176,14 @@ class OurNet:
     def train_step(self, batch: int) -> None:
         """One timed call: ``steps_per_call`` steps."""
         self.train_steps(batch, self.steps_per_call)
+
+    def record_step(self, batch: int) -> list[OpCall]:
+        """The op calls of one training step at ``batch`` (issued eagerly, each op wrapped while it runs: see
+        ``perf.profile.record_calls``), for replaying one at a time. The step is a real one: the run moves on."""
+        m = self.model
+        self._begin(batch, m.lr)
+        ws = m.workspace(batch)
+        return record_calls(self.backend, lambda: m._train_ops(ws, self.data, m._run))
 
     def synchronize(self) -> None:
         self.backend.synchronize()

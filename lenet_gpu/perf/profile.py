@@ -3,24 +3,27 @@
 time (the rest is launch gaps and host work the device waits for).
 
 CUPTI's activity records cover every kernel of the process (CuPy's, Numba's and PyTorch's alike), kernels
-inside CUDA graphs included. Without PyTorch there is no profile (``unavailable`` says so): the fallback the
-design names (CUDA events around each recorded launch in a replay) is not written.
-
-GPU only; not run on a machine without one.
+inside CUDA graphs included (``kernel_profile``; GPU only). Without PyTorch, ``replay_profile`` is the fallback: the
+op calls of one training step are recorded (each op of the backend wrapped for one eager step), then each call is
+replayed on its own and timed, with CUDA events on a GPU (``perf.timing.make_timer``: the L2 flushed before each
+sample, and back to back) and with the CPU clock on a host backend. Its rows are ops, not kernels: an op of the
+fused steps launches one or two kernels (``launches``), and the events time them together.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 
 def unavailable(torch: Any) -> str | None:
-    """Why no kernel profile can be taken here (None: it can)."""
+    """Why no CUPTI kernel profile can be taken here (None: it can; else ``replay_profile`` is the fallback)."""
     if torch is None:
-        return ("PyTorch is not installed: the per-kernel profile reads CUPTI through torch.profiler (a CUDA-event "
-                "fallback per recorded launch is not written)")
+        return "PyTorch is not installed: the per-kernel profile reads CUPTI through torch.profiler"
     if not torch.cuda.is_available():
         return "torch.cuda is not available"
     return None
@@ -69,3 +72,116 @@ def top(profile: dict[str, Any], n: int = 3) -> str:
     parts = [f"{r['kernel'][:60]} {r['device_us']:.1f} µs ({r['device_us'] / total:.0%})" if total else r["kernel"]
              for r in profile.get("kernels", [])[:n]]
     return "; ".join(parts)
+
+
+# ------------------------------------------------------------------------ the fallback: recorded op calls, replayed
+@dataclass
+class OpCall:
+    """One op call of a recorded step: the backend method, its arguments, the variant that ran (the call's, else the
+    backend's default) and the kernel launches it made (the backend's counters)."""
+
+    op: str
+    args: tuple
+    kwargs: dict
+    variant: str
+    launches: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.op}_{self.variant}"
+
+
+def record_calls(backend: Any, fn: Callable[[], None]) -> list[OpCall]:
+    """The op calls ``fn`` makes on ``backend``, in order: every op in ``backend.variants`` is wrapped on the instance
+    while fn runs once (eagerly: a replayed CUDA graph or recorded launch list calls no op), then unwrapped. An op
+    that an op calls inside itself (a host backend's fused op composed of its unfused ones) is not recorded again."""
+    calls: list[OpCall] = []
+    depth = [0]
+    wrapped: list[str] = []
+    counters = getattr(backend, "counters", None)
+
+    def wrap(op: str, orig: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if depth[0]:
+                return orig(*args, **kwargs)
+            before = counters.launches if counters is not None else 0
+            depth[0] += 1
+            try:
+                return orig(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                after = counters.launches if counters is not None else 0
+                variant = kwargs.get("variant") or getattr(backend, "default_variants", {}).get(op, "?")
+                calls.append(OpCall(op, args, kwargs, str(variant), after - before))
+        return call
+
+    for op in backend.variants:
+        if op in vars(backend):  # already shadowed on the instance: leave it be
+            continue
+        setattr(backend, op, wrap(op, getattr(backend, op)))
+        wrapped.append(op)
+    try:
+        fn()
+    finally:
+        for op in wrapped:
+            delattr(backend, op)
+    return calls
+
+
+def replay_profile(backend: Any, calls: list[OpCall], step: Callable[[], None], tcfg: Any,
+                   units_per_step: int = 1) -> dict[str, Any]:
+    """Each recorded call replayed on its own and timed (``perf.timing.make_timer(backend)``: CUDA events on a GPU,
+    the L2 flushed before each cold sample; the CPU clock otherwise); ``step`` (one timed call of the real step, warm:
+    ``units_per_step`` steps) timed as well. Rows in the format of ``kernel_profile``: a row per distinct op call
+    label, ``device_us`` per step (cold; ``hot_us`` back to back on a GPU), most first, their sum against the wall
+    time per step. A replay repeats an op on the step's own arrays (the optimizer moves the parameters on): run it
+    on a model kept for profiling."""
+    from .timing import CpuTimer, GpuEventTimer, make_timer
+
+    timer = make_timer(backend)
+    per: dict[str, dict[str, Any]] = {}
+    for c in calls:
+        fn = getattr(backend, c.op)
+
+        def one(fn: Callable[..., Any] = fn, c: OpCall = c) -> None:
+            fn(*c.args, **c.kwargs)
+
+        if isinstance(timer, GpuEventTimer):
+            cold, hot = timer.measure(one, tcfg)
+            us, hot_us = cold.median * 1e6, hot.median * 1e6
+        else:
+            us = timer.measure(one, tcfg).median * 1e6
+            hot_us = us
+        r = per.setdefault(c.label, {"kernel": c.label, "calls": 0, "device_us": 0.0, "hot_us": 0.0, "launches": 0})
+        r["calls"] += 1
+        r["device_us"] += us
+        r["hot_us"] += hot_us
+        r["launches"] += c.launches
+    # the step's wall time as kernel_profile takes it: the CPU clock around calls, synchronized at the end
+    wall_us = CpuTimer(backend.synchronize).measure(step, tcfg).median * 1e6 / max(1, units_per_step)
+    rows = [{**r, "device_us": round(r["device_us"], 3), "hot_us": round(r["hot_us"], 3)} for r in per.values()]
+    rows.sort(key=lambda r: -r["device_us"])
+    total = float(np.sum([r["device_us"] for r in rows]))
+    return {"kernels": rows, "device_us_sum": round(total, 3), "wall_us": round(wall_us, 3),
+            "device_fraction": round(total / wall_us, 4) if wall_us > 0 else None, "units": 1,
+            "launches": sum(r["launches"] for r in rows),
+            "source": ("CUDA events around each recorded op call, replayed one at a time (no CUPTI)"
+                       if isinstance(timer, GpuEventTimer) else "the CPU clock around each recorded op call, replayed")}
+
+
+def profile_net(net: Any, what: str, batch: int, torch: Any, tcfg: Any) -> dict[str, Any]:
+    """The per-kernel profile of an ``OurNet`` (``perf.model``) at ``batch``: a training step (``what="train"``, one
+    timed call = ``net.steps_per_call`` steps) or an inference pass (``"infer"``). CUPTI (``kernel_profile``) where
+    ``unavailable(torch)`` is None, else the recorded op calls replayed (``replay_profile``). Adds ``top3``."""
+    if what not in ("train", "infer"):
+        raise ValueError(f"what must be 'train' or 'infer' (got {what!r})")
+    run = (lambda: net.train_step(batch)) if what == "train" else (lambda: net.forward(batch))
+    units = net.steps_per_call if what == "train" else 1
+    if unavailable(torch) is None:
+        prof = kernel_profile(torch, run, net.synchronize, 3 if what == "train" else 20, units)
+    else:
+        run()  # warm: compiled, planned, captured
+        net.synchronize()
+        calls = net.record_step(batch) if what == "train" else record_calls(net.backend, run)
+        prof = replay_profile(net.backend, calls, run, tcfg, units)
+    return {**prof, "top3": top(prof)}

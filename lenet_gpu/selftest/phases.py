@@ -1255,15 +1255,16 @@ PROFILE_BATCHES = (64, 4096)
 def _bench_profile(rec: PhaseRecorder, bes: dict[str, Any], images: np.ndarray, labels: np.ndarray,
                    batches: list[int]) -> None:
     """Device µs per kernel inside the graphed training step and the inference pass of each GPU backend (CUPTI
-    through torch.profiler, lenet_gpu.perf.profile), their sum against the wall time per step; the top 3
-    kernels of each go into the phase's notes."""
+    through torch.profiler, lenet_gpu.perf.profile; without PyTorch, each recorded op call of the step replayed
+    and timed with CUDA events), their sum against the wall time per step; the top 3 of each go into the phase's
+    notes."""
     from ..perf.model import BenchData, OurNet
     from ..perf.peer import torch_or_none
-    from ..perf.profile import kernel_profile, top, unavailable
+    from ..perf.profile import profile_net
+    from ..perf.timing import TimingConfig
     from ..spec import NetConfig
 
     torch = torch_or_none()
-    why = unavailable(torch)
     for label, be in bes.items():
         if not be.is_gpu:
             continue
@@ -1271,20 +1272,15 @@ def _bench_profile(rec: PhaseRecorder, bes: dict[str, Any], images: np.ndarray, 
             nets: dict[str, Any] = {}
             for what in ("train", "infer"):
                 name = f"profile {label} {what} batch {b}"
-                if why or rec.out_of_time(20):
-                    rec.skip(name, why or "out of time", kind="profile", backend=label, what=what, batch=b)
+                if rec.out_of_time(20):
+                    rec.skip(name, "out of time", kind="profile", backend=label, what=what, batch=b)
                     continue
 
                 def one(be: Any = be, b: int = b, what: str = what, nets: dict = nets) -> dict[str, Any]:
                     if "net" not in nets:
                         x, y = tiled(images, labels, max(images.shape[0], 8 * b))
                         nets["net"] = OurNet(be, NetConfig(), BenchData.from_dataset(x, y, x.shape[0]))
-                    net = nets["net"]
-                    if what == "train":
-                        prof = kernel_profile(torch, lambda: net.train_step(b), net.synchronize, 3, net.steps_per_call)
-                    else:
-                        prof = kernel_profile(torch, lambda: net.forward(b), net.synchronize, 20)
-                    return {**prof, "top3": top(prof)}
+                    return profile_net(nets["net"], what, b, torch, TimingConfig(target_s=0.1))
                 case = rec.run(name, one, kind="profile", backend=label, what=what, batch=b)
                 if case.get("top3"):
                     rec.note(f"{name}: top kernels {case['top3']}")
