@@ -334,6 +334,23 @@ def markdown(res: dict[str, Any]) -> str:
         for sk in cnt.get("skipped", []):
             s.append(f"- {sk['backend']}: skipped ({sk['reason']})\n")
 
+    if res.get("profile"):
+        s.append("\n## Where a training step's time goes\n\n")
+        s.append("Per backend and training batch: the kernels inside the graphed step from CUPTI (a GPU with PyTorch), "
+                 "or each op call of the step recorded once and replayed on its own (CUDA events on a GPU, the CPU "
+                 "clock on a host backend; the rows are then ops, an op of the fused steps being one or two "
+                 "kernels), their sum against the wall time of a step. A sum above the step's time means the "
+                 "replayed calls ran slower alone (cold caches, a CPU backend's threads) than inside the step.\n")
+        for r in res["profile"]:
+            s.append(f"\n### {r['backend']}, batch {r['batch']} ({r.get('source')})\n\n")
+            s.append(f"{_t(r['device_us_sum'] * 1e-6)} in the rows against {_t(r['wall_us'] * 1e-6)} a step "
+                     f"(their sum is {r['device_fraction']:.0%} of it).\n\n" if r.get("device_fraction") is not None
+                     else "\n")
+            total = r["device_us_sum"] or 1.0
+            s.append(_table(["kernel or op", "calls", "launches", "time a step", "share"],
+                            [[k["kernel"], f"{k['calls']:g}", str(k.get("launches", "—")), _t(k["device_us"] * 1e-6),
+                              f"{k['device_us'] / total:.0%}"] for k in r["kernels"][:12]]))
+
     if res.get("ops"):
         s.append("\n## Per-op kernels\n\n")
         s.append("Each op at each LeNet call site (C1 … OUT), validated against the float64 reference before "

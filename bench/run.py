@@ -47,7 +47,8 @@ from . import kernels as kernels_mod
 from .report import write_all
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("ops", "forward", "infer-host", "infer-device", "train", "epoch", "counters", "kernels", "host")
+SECTIONS = ("ops", "forward", "infer-host", "infer-device", "train", "epoch", "counters", "profile", "kernels",
+            "host")
 FULL = {
     "batches": [1, 64, 256, 1024, 4096],
     "train_batches": [64, 128, 256],
@@ -672,6 +673,40 @@ def bench_counters(nets: dict[str, e2e.OurNet], batch: int, budget: Budget) -> d
     return out
 
 
+def bench_profile(nets: dict[str, e2e.OurNet], batches: list[int], torch: Any, tcfg: TimingConfig,
+                  budget: Budget) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Where a training step's time goes, per backend and training batch (lenet_gpu.perf.profile.profile_net):
+    CUPTI's device µs per kernel inside the graphed step on a GPU with PyTorch, else each op call of the step
+    recorded once and replayed on its own (CUDA events on a GPU, the CPU clock on a host backend), summed against
+    the step's wall time. A replay repeats the optimizer on the net's parameters: it runs after the sections that
+    time training. A backend whose step is estimated past the budget is skipped."""
+    from lenet_gpu.perf.profile import profile_net
+
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    lenient = Budget(max(30.0, 3 * budget.max_case_s))
+    lenient.last = budget.last
+    for name, net in nets.items():
+        for b in batches:
+            where = {"section": "profile", "backend": name, "batch": b}
+            why = lenient.too_long(("train", name), b, 30)  # ~10 timed calls of each of a step's ops, and the step
+            if why:
+                skipped.append({**where, "reason": why})
+                continue
+            try:
+                prof = profile_net(net, "train", b, torch, tcfg)
+            except Exception as e:  # noqa: BLE001 - a crash is a failure of the run, listed with the others
+                failed.append({**where, "error": f"crashed: {type(e).__name__}: {e}",
+                               "traceback": traceback.format_exc()})
+                log(f"  profile {name} b={b}: CRASHED: {type(e).__name__}: {e}")
+                continue
+            rows.append({"backend": name, "batch": b, **prof})
+            log(f"  profile {name:9s} b={b:<5d} {prof['device_us_sum']:10.1f} µs in the rows, a step "
+                f"{prof['wall_us']:.1f} µs; top: {prof['top3']}")
+    return rows, skipped, failed
+
+
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -783,6 +818,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["counters"] = bench_counters(nets, min(settings["train_batches"]), budget)
         results["errors"] += [{"section": "counters", **f} for f in results["counters"].pop("failed")]
 
+    def do_profile() -> None:
+        need_nets()
+        rows, skipped, failed = bench_profile(nets, settings["train_batches"], torch, tcfg, budget)
+        results["profile"] = rows
+        results["skipped"] += skipped
+        results["errors"] += failed
+
     def do_epochs() -> None:
         need_nets()
         if ds is None:
@@ -809,6 +851,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     section("infer-device", lambda: do_e2e("infer-device"))
     section("train", lambda: do_e2e("train"))
     section("counters", do_counters)
+    section("profile", do_profile)
     section("epoch", do_epochs)
     section("kernels", do_kernels)
     section("host", lambda: results.__setitem__("host", host_mod.bench_host(quick=args.quick)))

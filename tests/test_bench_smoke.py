@@ -141,8 +141,8 @@ def test_bench_quick_numpy_runs_every_case(tmp_path: Path) -> None:
 
     out = tmp_path / "bench"
     rc = main(["--quick", "--backends", "numpy", "--batches", "1,2", "--train-batches", "2,3", "--rounds", "2",
-               "--min-samples", "2", "--sections", "ops,forward,infer-host,infer-device,train,counters", "--no-plots",
-               "--out", str(out)])
+               "--min-samples", "2", "--sections", "ops,forward,infer-host,infer-device,train,counters,profile",
+               "--no-plots", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert rc == 0, res["errors"]
     assert res["errors"] == []
@@ -156,6 +156,12 @@ def test_bench_quick_numpy_runs_every_case(tmp_path: Path) -> None:
     assert not res.get("infer-device") and any("no device arrays" in s.get("reason", "") for s in res["skipped"])
     assert all(r["validation_rel_err"] < 1e-4 and r["images_per_s"] > 0 for r in res["infer-host"])
     assert "## Inference through the API from host arrays" in (out / "report.md").read_text()
+    # where a step's time goes: numpy's four-kernel step, each recorded op call replayed and timed
+    assert [(r["backend"], r["batch"]) for r in res["profile"]] == [("numpy", 2), ("numpy", 3)]
+    for r in res["profile"]:
+        assert {k["kernel"] for k in r["kernels"]} == {"step_fwd_v1", "head_train_v1", "step_bwd_v1", "step_adam_v1"}
+        assert r["wall_us"] > 0 and r["device_us_sum"] > 0 and "replayed" in r["source"]
+    assert "## Where a training step's time goes" in (out / "report.md").read_text()
 
 
 def test_bench_fails_loudly_on_a_crashed_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
