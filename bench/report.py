@@ -337,10 +337,10 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("profile"):
         s.append("\n## Where a training step's time goes\n\n")
         s.append("Per backend and training batch: the kernels inside the graphed step from CUPTI (a GPU with PyTorch), "
-                 "or each op call of the step recorded once and replayed on its own (CUDA events on a GPU, the CPU "
-                 "clock on a host backend; the rows are then ops, an op of the fused steps being one or two "
-                 "kernels), their sum against the wall time of a step. A sum above the step's time means the "
-                 "replayed calls ran slower alone (cold caches, a CPU backend's threads) than inside the step.\n")
+                 "or each kernel launch of the step recorded once and replayed on its own (CUDA events on a GPU, "
+                 "the CPU clock on a host backend; numpy and cpu list no launches, so their rows are op calls), "
+                 "their sum against the wall time of a step. A sum above the step's time means the replayed "
+                 "launches ran slower alone (cold caches, a CPU backend's threads) than inside the step.\n")
         for r in res["profile"]:
             s.append(f"\n### {r['backend']}, batch {r['batch']} ({r.get('source')})\n\n")
             s.append(f"{_t(r['device_us_sum'] * 1e-6)} in the rows against {_t(r['wall_us'] * 1e-6)} a step "

@@ -492,6 +492,19 @@ def test_step_counters(be, fused, expected, optimizer):
         assert delta == {"launches": expected * count, "h2d": 0, "d2h": 0, "allocs": 0, "syncs": 0}
 
 
+def test_launch_list_issues_each_recorded_launch_on_its_own(be):
+    """launch_list(fn): fn runs once, and each of its launches comes back with its kernel's name as a callable that
+    issues that one launch again (the self-test's per-kernel profile without CUPTI times them so)."""
+    state = be.to_device(H.state_array(steps_per_epoch=100))
+    before = be.counters.launches
+    listed = be.launch_list(lambda: (be.step_advance(state, 2), be.step_advance(state, 3)))
+    assert [name for name, _ in listed] == ["step_advance_v1", "step_advance_v1"]
+    assert be.counters.launches - before == 2
+    listed[1][1]()  # the second launch alone, again: one more step of 3
+    got = be.to_host(state)
+    assert got[0] == 3 and got[3] == 2 + 3 + 3
+
+
 class _Unrecorded(CupyBackend):
     def record(self, fn):
         return fn

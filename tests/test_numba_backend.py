@@ -645,6 +645,19 @@ def test_sim_record_replays_the_eager_steps_bit_for_bit():
 
 
 @sim
+def test_sim_launch_list_issues_each_recorded_launch_on_its_own():
+    """launch_list(fn): fn runs once, and each of its launches comes back with its kernel's name as a callable that
+    issues that one launch again (the self-test's per-kernel profile without CUPTI times them so)."""
+    be = _sim_backend()
+    state = be.to_device(H.state_array(steps_per_epoch=100))
+    listed = be.launch_list(lambda: (be.step_advance(state, 2), be.step_advance(state, 3)))
+    assert len(listed) == 2 and all("step_advance" in name for name, _ in listed), listed
+    listed[1][1]()  # the second launch alone, again: one more step of 3
+    got = be.to_host(state)
+    assert got[0] == 3 and got[3] == 2 + 3 + 3
+
+
+@sim
 def test_sim_record_nested_and_reentrant():
     """A recorded callable replayed inside another recording becomes part of it."""
     be = _sim_backend()

@@ -144,3 +144,23 @@ def test_the_benchmark_phase_profiles_without_torch_by_replay(monkeypatch) -> No
     assert all("replayed" in c["source"] and c["kernels"] and c["top3"] for c in rec.cases)
     assert {k["kernel"] for k in rec.cases[0]["kernels"]} == {"step_fwd_v1", "head_train_v1", "step_bwd_v1",
                                                               "step_adam_v1"}
+
+
+def test_profile_net_replays_launch_by_launch_where_the_backend_lists_them() -> None:
+    """A backend with ``launch_list`` (the GPU backends, cupy-host) is profiled launch by launch, rows named by
+    kernel: here a numpy backend whose 'launches' are its op calls, each named as a kernel would be."""
+    from lenet_gpu.perf.profile import profile_net, record_calls
+    from lenet_gpu.perf.timing import TimingConfig
+
+    class Listing(NumpyBackend):
+        def launch_list(self, fn):  # noqa: ANN001, ANN201
+            out = []
+            for c in record_calls(self, fn):
+                out.append((f"{c.op}_kernel", lambda c=c: getattr(self, c.op)(*c.args, **c.kwargs)))
+            return out
+
+    tcfg = TimingConfig(warmup_s=0.0, min_samples=2, max_samples=3, target_s=0.0, min_sample_s=0.0)
+    prof = profile_net(_net(Listing()), "train", 4, None, tcfg)
+    assert {k["kernel"] for k in prof["kernels"]} == {"step_fwd_kernel", "head_train_kernel", "step_bwd_kernel",
+                                                      "step_adam_kernel"}
+    assert "kernel launch" in prof["source"] and prof["launches"] == 4

@@ -60,6 +60,10 @@ STEP_OPS = ("step_fwd", "step_bwd", "step_adam", "step_sgd")
 #: backend); a backend that compiles on first use may compile that model's kernels then, knowing nothing of
 #: the model (the cpu backend: on two cores, cpu_backend/warm.py).
 COMPILE_AHEAD = "compile_ahead"
+#: Optional hook: ``backend.launch_list(fn)`` runs fn once and returns its kernel launches, each as (kernel name, a
+#: callable that issues that one launch again): the per-kernel profile without CUPTI (lenet_gpu.perf.profile) times
+#: them one at a time. The GPU backends (and cupy-host) have it; a backend without it is profiled op call by op call.
+LAUNCH_LIST = "launch_list"
 
 
 @dataclass

@@ -185,6 +185,14 @@ class OurNet:
         ws = m.workspace(batch)
         return record_calls(self.backend, lambda: m._train_ops(ws, self.data, m._run))
 
+    def record_launches(self, batch: int) -> list[tuple[str, Callable[[], None]]]:
+        """The kernel launches of one training step at ``batch``, each as (kernel name, a callable that issues it
+        again), on a backend that lists them (``backend.launch_list``). The step is a real one: the run moves on."""
+        m = self.model
+        self._begin(batch, m.lr)
+        ws = m.workspace(batch)
+        return self.backend.launch_list(lambda: m._train_ops(ws, self.data, m._run))
+
     def synchronize(self) -> None:
         self.backend.synchronize()
 

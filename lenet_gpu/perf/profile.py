@@ -3,11 +3,12 @@
 time (the rest is launch gaps and host work the device waits for).
 
 CUPTI's activity records cover every kernel of the process (CuPy's, Numba's and PyTorch's alike), kernels
-inside CUDA graphs included (``kernel_profile``; GPU only). Without PyTorch, ``replay_profile`` is the fallback: the
-op calls of one training step are recorded (each op of the backend wrapped for one eager step), then each call is
-replayed on its own and timed, with CUDA events on a GPU (``perf.timing.make_timer``: the L2 flushed before each
-sample, and back to back) and with the CPU clock on a host backend. Its rows are ops, not kernels: an op of the
-fused steps launches one or two kernels (``launches``), and the events time them together.
+inside CUDA graphs included (``kernel_profile``; GPU only). Without PyTorch, ``replay_profile`` is the fallback:
+the kernel launches of one training step are recorded (``backend.launch_list``: cupy, cupy-host and numba list
+theirs), then each launch is replayed on its own and timed, with CUDA events on a GPU (``perf.timing.make_timer``:
+the L2 flushed before each sample, and back to back) and with the CPU clock on a host backend: rows per kernel, as
+CUPTI's. A backend that lists no launches (numpy, cpu) is replayed op call by op call (``record_calls``: each op of
+the backend wrapped for one eager step): rows per op.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ..backends.base import LAUNCH_LIST
 
 
 def unavailable(torch: Any) -> str | None:
@@ -128,60 +131,71 @@ def record_calls(backend: Any, fn: Callable[[], None]) -> list[OpCall]:
     return calls
 
 
-def replay_profile(backend: Any, calls: list[OpCall], step: Callable[[], None], tcfg: Any,
-                   units_per_step: int = 1) -> dict[str, Any]:
-    """Each recorded call replayed on its own and timed (``perf.timing.make_timer(backend)``: CUDA events on a GPU,
-    the L2 flushed before each cold sample; the CPU clock otherwise); ``step`` (one timed call of the real step, warm:
-    ``units_per_step`` steps) timed as well. Rows in the format of ``kernel_profile``: a row per distinct op call
-    label, ``device_us`` per step (cold; ``hot_us`` back to back on a GPU), most first, their sum against the wall
-    time per step. A replay repeats an op on the step's own arrays (the optimizer moves the parameters on): run it
-    on a model kept for profiling."""
+def replay_profile(backend: Any, items: list[tuple[str, Callable[[], None], int]], step: Callable[[], None],
+                   tcfg: Any, units_per_step: int = 1, what: str = "op call") -> dict[str, Any]:
+    """Each recorded item (label, a callable that issues it again, the kernel launches it makes) replayed on its own
+    and timed (``perf.timing.make_timer(backend)``: CUDA events on a GPU, the L2 flushed before each cold sample; the
+    CPU clock otherwise); ``step`` (one timed call of the real step, warm: ``units_per_step`` steps) timed as well.
+    Rows in the format of ``kernel_profile``: a row per label, ``device_us`` per step (cold; ``hot_us`` back to back on
+    a GPU), most first, their sum against the wall time per step. ``what`` names an item in ``source``. A replay
+    repeats a launch on the step's own arrays (the optimizer moves the parameters on): run it on a model kept for
+    profiling."""
     from .timing import CpuTimer, GpuEventTimer, make_timer
 
     timer = make_timer(backend)
     per: dict[str, dict[str, Any]] = {}
-    for c in calls:
-        fn = getattr(backend, c.op)
-
-        def one(fn: Callable[..., Any] = fn, c: OpCall = c) -> None:
-            fn(*c.args, **c.kwargs)
-
+    for label, fn, launches in items:
         if isinstance(timer, GpuEventTimer):
-            cold, hot = timer.measure(one, tcfg)
+            cold, hot = timer.measure(fn, tcfg)
             us, hot_us = cold.median * 1e6, hot.median * 1e6
         else:
-            us = timer.measure(one, tcfg).median * 1e6
+            us = timer.measure(fn, tcfg).median * 1e6
             hot_us = us
-        r = per.setdefault(c.label, {"kernel": c.label, "calls": 0, "device_us": 0.0, "hot_us": 0.0, "launches": 0})
+        r = per.setdefault(label, {"kernel": label, "calls": 0, "device_us": 0.0, "hot_us": 0.0, "launches": 0})
         r["calls"] += 1
         r["device_us"] += us
         r["hot_us"] += hot_us
-        r["launches"] += c.launches
+        r["launches"] += launches
     # the step's wall time as kernel_profile takes it: the CPU clock around calls, synchronized at the end
     wall_us = CpuTimer(backend.synchronize).measure(step, tcfg).median * 1e6 / max(1, units_per_step)
     rows = [{**r, "device_us": round(r["device_us"], 3), "hot_us": round(r["hot_us"], 3)} for r in per.values()]
     rows.sort(key=lambda r: -r["device_us"])
     total = float(np.sum([r["device_us"] for r in rows]))
+    clock = "CUDA events" if isinstance(timer, GpuEventTimer) else "the CPU clock"
     return {"kernels": rows, "device_us_sum": round(total, 3), "wall_us": round(wall_us, 3),
             "device_fraction": round(total / wall_us, 4) if wall_us > 0 else None, "units": 1,
             "launches": sum(r["launches"] for r in rows),
-            "source": ("CUDA events around each recorded op call, replayed one at a time (no CUPTI)"
-                       if isinstance(timer, GpuEventTimer) else "the CPU clock around each recorded op call, replayed")}
+            "source": f"{clock} around each recorded {what}, replayed one at a time (no CUPTI)"}
+
+
+def op_items(backend: Any, calls: list[OpCall]) -> list[tuple[str, Callable[[], None], int]]:
+    """Recorded op calls as replay items (label ``op_variant``)."""
+    def again(c: OpCall) -> Callable[[], None]:
+        fn = getattr(backend, c.op)
+        return lambda: fn(*c.args, **c.kwargs)
+
+    return [(c.label, again(c), c.launches) for c in calls]
 
 
 def profile_net(net: Any, what: str, batch: int, torch: Any, tcfg: Any) -> dict[str, Any]:
     """The per-kernel profile of an ``OurNet`` (``perf.model``) at ``batch``: a training step (``what="train"``, one
     timed call = ``net.steps_per_call`` steps) or an inference pass (``"infer"``). CUPTI (``kernel_profile``) where
-    ``unavailable(torch)`` is None, else the recorded op calls replayed (``replay_profile``). Adds ``top3``."""
+    ``unavailable(torch)`` is None. Else a replay: of each recorded kernel launch where the backend lists its launches
+    (``backend.launch_list``: the GPU backends and cupy-host), of each recorded op call otherwise. Adds ``top3``."""
     if what not in ("train", "infer"):
         raise ValueError(f"what must be 'train' or 'infer' (got {what!r})")
     run = (lambda: net.train_step(batch)) if what == "train" else (lambda: net.forward(batch))
     units = net.steps_per_call if what == "train" else 1
     if unavailable(torch) is None:
         prof = kernel_profile(torch, run, net.synchronize, 3 if what == "train" else 20, units)
+        return {**prof, "top3": top(prof)}
+    run()  # warm: compiled, planned, captured, scratch allocated
+    net.synchronize()
+    be = net.backend
+    if hasattr(be, LAUNCH_LIST):
+        launches = net.record_launches(batch) if what == "train" else be.launch_list(run)
+        prof = replay_profile(be, [(name, fn, 1) for name, fn in launches], run, tcfg, units, "kernel launch")
     else:
-        run()  # warm: compiled, planned, captured
-        net.synchronize()
-        calls = net.record_step(batch) if what == "train" else record_calls(net.backend, run)
-        prof = replay_profile(net.backend, calls, run, tcfg, units)
+        calls = net.record_step(batch) if what == "train" else record_calls(be, run)
+        prof = replay_profile(be, op_items(be, calls), run, tcfg, units, "op call")
     return {**prof, "top3": top(prof)}

@@ -1255,9 +1255,9 @@ PROFILE_BATCHES = (64, 4096)
 def _bench_profile(rec: PhaseRecorder, bes: dict[str, Any], images: np.ndarray, labels: np.ndarray,
                    batches: list[int]) -> None:
     """Device µs per kernel inside the graphed training step and the inference pass of each GPU backend (CUPTI
-    through torch.profiler, lenet_gpu.perf.profile; without PyTorch, each recorded op call of the step replayed
-    and timed with CUDA events), their sum against the wall time per step; the top 3 of each go into the phase's
-    notes."""
+    through torch.profiler, lenet_gpu.perf.profile; without PyTorch, each recorded kernel launch of the step
+    replayed and timed with CUDA events), their sum against the wall time per step; the top 3 of each go into the
+    phase's notes."""
     from ..perf.model import BenchData, OurNet
     from ..perf.peer import torch_or_none
     from ..perf.profile import profile_net

@@ -295,8 +295,8 @@ def _headline(model: list[dict], peers: list[dict]) -> list[str]:
 
 
 def _profile_lines(cases: list[dict]) -> list[str]:
-    """Device µs per kernel inside a step (CUPTI via torch.profiler; without PyTorch, per recorded op call replayed
-    with CUDA events: the rows are then ops): the sum against the wall time, the top 10."""
+    """Device µs per kernel inside a step (CUPTI via torch.profiler; without PyTorch, each recorded kernel launch
+    replayed between CUDA events): the sum against the wall time, the top 10."""
     lines: list[str] = []
     for c in cases:
         if c["status"] != PASS:

@@ -442,6 +442,11 @@ class CupyBackend:
         replayed as they are on later calls: no checks, plans or conversions."""
         return self.runtime.record(fn)
 
+    def launch_list(self, fn: Callable[[], None]) -> list[tuple[str, Callable[[], None]]]:
+        """fn's kernel launches, run once and recorded, each as (kernel name, a callable that issues that one launch
+        again): the self-test's per-kernel profile without CUPTI times them one at a time."""
+        return self.runtime.launch_list(fn)
+
     def graph(self, fn: Callable[[], None], steps: int = 1) -> Callable[[], None] | None:
         """``steps`` consecutive calls of fn as one CUDA graph, captured at the first call and replayed after
         (fn already warmed up); None when graphs are off. On the CPU harness: fn under the capture rules."""

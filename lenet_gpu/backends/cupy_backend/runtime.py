@@ -103,6 +103,8 @@ class Runtime:
         self.counters = Counters()
         self._modules: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._kernels: dict[tuple[str, tuple[str, ...], str], Any] = {}
+        #: id(kernel) -> its name (a CuPy function object does not carry it)
+        self._kernel_names: dict[int, str] = {}
         #: set while a graph is being captured: allocations, copies and syncs raise (as under CUDA capture)
         self.capturing = False
         #: the launches of the ``record`` call in progress (None when not recording)
@@ -130,7 +132,12 @@ class Runtime:
         k = self._kernels.get(key)
         if k is None:
             k = self._kernels[key] = self.load_module(stem, options).get_function(name)
+            self._kernel_names[id(k)] = name
         return k
+
+    def kernel_name(self, kernel: Any) -> str:
+        """The name ``kernel`` was loaded by (``get_kernel``)."""
+        return self._kernel_names.get(id(kernel)) or str(getattr(kernel, "name", kernel))
 
     def launch(
         self, kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], args: tuple, shared_mem: int = 0
@@ -198,6 +205,11 @@ class Runtime:
         if outer is not None:
             outer.extend(entries)
         return entries
+
+    def launch_list(self, fn: Callable[[], None]) -> list[tuple[str, Callable[[], None]]]:
+        """fn's kernel launches (``record_launches``), each as (kernel name, a callable that issues that one launch
+        again): for timing the launches of a step one at a time."""
+        return [(self.kernel_name(e[0]), lambda e=e: self.replay((e,))) for e in self.record_launches(fn)]
 
     def replay(self, entries: Sequence[tuple]) -> None:
         """Launch recorded (kernel, grid, block, args, shared_mem) tuples as they are: no checks."""

@@ -453,6 +453,21 @@ class NumbaBackend:
         The counters count every replayed launch."""
         return _Recorded(self, fn)
 
+    def launch_list(self, fn: Callable[[], None]) -> list[tuple[str, Callable[[], None]]]:
+        """fn's kernel launches, run once and recorded (as ``record`` does), each as (kernel name, a callable that
+        issues that one launch again): the self-test's per-kernel profile without CUPTI times them one at a time."""
+        rec = _Recorded(self, fn)
+        rec()
+        out = []
+        for launch in rec.launches or []:
+            if self.is_gpu:
+                name = launch.name
+            else:  # the simulator: (kernel, grid, block, shmem, args)
+                k = launch[0]
+                name = getattr(k, "__name__", None) or getattr(getattr(k, "fn", None), "__name__", None) or str(k)
+            out.append((str(name), self._replay_fn([launch])))
+        return out
+
     def _replay_fn(self, launches: list[Any]) -> Callable[[], None]:
         if not self.is_gpu:
             def replay_sim() -> None:
