@@ -164,3 +164,25 @@ def test_profile_net_replays_launch_by_launch_where_the_backend_lists_them() -> 
     assert {k["kernel"] for k in prof["kernels"]} == {"step_fwd_kernel", "head_train_kernel", "step_bwd_kernel",
                                                       "step_adam_kernel"}
     assert "kernel launch" in prof["source"] and prof["launches"] == 4
+
+
+def test_with_cupti_the_phase_also_profiles_the_replay_beside_it(monkeypatch) -> None:
+    """Where CUPTI is there, the phase profiles the step with it and, beside it, by replaying the recorded launches
+    (the fallback checked against CUPTI on the same device). CUPTI is faked here: a profile with one kernel."""
+    from lenet_gpu.perf import peer, profile
+
+    class Posing(NumpyBackend):
+        is_gpu = True
+
+    fake = {"kernels": [{"kernel": "k", "calls": 1.0, "device_us": 5.0}], "device_us_sum": 5.0, "wall_us": 6.0,
+            "device_fraction": 0.83, "units": 1, "source": "CUPTI via torch.profiler"}
+    monkeypatch.setattr(peer, "torch_or_none", lambda: object())
+    monkeypatch.setattr(profile, "unavailable", lambda torch: None if torch is not None else "no torch")
+    monkeypatch.setattr(profile, "kernel_profile", lambda *a, **k: dict(fake))
+    rec = PhaseRecorder("benchmark", None, 120)
+    rng = np.random.default_rng(3)
+    images, labels = rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), rng.integers(0, 10, 16, dtype=np.uint8)
+    P._bench_profile(rec, {"numpy": Posing()}, images, labels, [4])
+    got = [(c["status"], c["what"], c["replay_beside_cupti"], c["source"].split(" ")[0]) for c in rec.cases]
+    assert got == [(PASS, "train", False, "CUPTI"), (PASS, "infer", False, "CUPTI"), (PASS, "train", True, "the")], got
+    assert "replayed" in rec.cases[2]["source"] and "beside CUPTI" in rec.cases[2]["name"]

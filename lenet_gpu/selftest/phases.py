@@ -1257,31 +1257,37 @@ def _bench_profile(rec: PhaseRecorder, bes: dict[str, Any], images: np.ndarray, 
     """Device µs per kernel inside the graphed training step and the inference pass of each GPU backend (CUPTI
     through torch.profiler, lenet_gpu.perf.profile; without PyTorch, each recorded kernel launch of the step
     replayed and timed with CUDA events), their sum against the wall time per step; the top 3 of each go into the
-    phase's notes."""
+    phase's notes. Where CUPTI is there, the step's replayed launches are profiled too, beside it: the fallback
+    checked against CUPTI on the same device."""
     from ..perf.model import BenchData, OurNet
     from ..perf.peer import torch_or_none
-    from ..perf.profile import profile_net
+    from ..perf.profile import profile_net, unavailable
     from ..perf.timing import TimingConfig
     from ..spec import NetConfig
 
     torch = torch_or_none()
+    cupti = unavailable(torch) is None
+    # (what, the torch module profile_net gets: None replays the recorded launches)
+    runs: list[tuple[str, Any]] = [("train", torch), ("infer", torch)] + ([("train", None)] if cupti else [])
     for label, be in bes.items():
         if not be.is_gpu:
             continue
         for b in batches:
             nets: dict[str, Any] = {}
-            for what in ("train", "infer"):
-                name = f"profile {label} {what} batch {b}"
+            for what, tch in runs:
+                beside = cupti and tch is None
+                name = f"profile {label} {what} batch {b}" + (" (replayed launches, beside CUPTI)" if beside else "")
                 if rec.out_of_time(20):
                     rec.skip(name, "out of time", kind="profile", backend=label, what=what, batch=b)
                     continue
 
-                def one(be: Any = be, b: int = b, what: str = what, nets: dict = nets) -> dict[str, Any]:
+                def one(be: Any = be, b: int = b, what: str = what, nets: dict = nets,
+                        tch: Any = tch) -> dict[str, Any]:
                     if "net" not in nets:
                         x, y = tiled(images, labels, max(images.shape[0], 8 * b))
                         nets["net"] = OurNet(be, NetConfig(), BenchData.from_dataset(x, y, x.shape[0]))
-                    return profile_net(nets["net"], what, b, torch, TimingConfig(target_s=0.1))
-                case = rec.run(name, one, kind="profile", backend=label, what=what, batch=b)
+                    return profile_net(nets["net"], what, b, tch, TimingConfig(target_s=0.1))
+                case = rec.run(name, one, kind="profile", backend=label, what=what, batch=b, replay_beside_cupti=beside)
                 if case.get("top3"):
                     rec.note(f"{name}: top kernels {case['top3']}")
 
