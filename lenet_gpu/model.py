@@ -35,7 +35,7 @@ import numpy as np
 
 from . import arrays
 from .backends import Backend, get_backend
-from .backends.base import COMPILE_AHEAD, ROUTED_OPS, STEP_OPS
+from .backends.base import COMPILE_AHEAD, ROUTED_OPS, STEP_OPS, step_groups_of
 from .spec import (
     IMAGE_HW,
     INPUT_HW,
@@ -114,7 +114,7 @@ class _Workspace:
         self.gz3 = e((batch, 16, 5, 5)) if routed else None
         self.gz1 = e((batch, 6, 14, 14)) if routed and not step4 else None
         # the four-kernel step: per-group conv gradient partials and this step's schedule row
-        groups = int(be.step_groups(batch)) if step4 and hasattr(be, "step_groups") else 1
+        groups = step_groups_of(be, batch) if step4 else 1
         self.gpart = e((groups, conv_prefix())) if step4 else None
         self.srow = e((SCHED_COLS,)) if step4 else None
         # S4 flattened is C5's input (C5 is the 5×5 convolution on the 5×5 map = a dense layer)

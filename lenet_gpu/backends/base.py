@@ -54,6 +54,13 @@ ROUTED_OPS = ("conv2d_bwd_weight_routed", "conv2d_bwd_data_routed")
 #: routed ops) trains with max pooling through step_fwd, head_train, step_bwd and step_adam / step_sgd.
 #: ``backend.step_groups(batch)``, where present, gives the rows of step_bwd's partials (else 1).
 STEP_OPS = ("step_fwd", "step_bwd", "step_adam", "step_sgd")
+
+
+def step_groups_of(backend: Any, batch: int) -> int:
+    """The rows of step_bwd's partials at ``batch`` on ``backend``: its ``step_groups(batch)``, else 1."""
+    planner = getattr(backend, "step_groups", None)
+    return int(planner(batch)) if planner is not None else 1
+
 #: Optional hook: ``backend.compile_ahead(options, fused, step)``, called by the model before its first step
 #: with ``LeNet5.options()``, whether it uses the fused ops, and the model's scratch step (a module-level
 #: ``step(backend, options, fused, batch)``: one training step and one inference of such a model on that

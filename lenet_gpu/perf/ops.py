@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from .. import reference as ref
-from ..backends.base import OPS, OPTIONAL_OPS
+from ..backends.base import OPS, OPTIONAL_OPS, step_groups_of
 from ..model import MNIST_MEAN, MNIST_STD
 from ..parity import TOL, assert_close, assert_equal, nan_like
 from ..selftest import checks
@@ -377,9 +377,7 @@ MAX_ONLY_OPS = ("conv2d_bwd_weight_routed", "conv2d_bwd_data_routed", "step_fwd"
 def op_groups(backend: Any, op: str, batch: int) -> int:
     """The partial rows ``op`` works on at ``batch`` on ``backend`` (its ``step_groups``, as the model's
     workspace), 1 for an op without partials."""
-    if op in GROUPED_OPS and hasattr(backend, "step_groups"):
-        return int(backend.step_groups(batch))
-    return 1
+    return step_groups_of(backend, batch) if op in GROUPED_OPS else 1
 
 
 def op_cost(op: str, site: str, batch: int, cfg: NetConfig, groups: int = 1) -> Cost:

@@ -18,8 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from ..backends.base import LAUNCH_LIST
 
 
@@ -160,7 +158,7 @@ def replay_profile(backend: Any, items: list[tuple[str, Callable[[], None], int]
     wall_us = CpuTimer(backend.synchronize).measure(step, tcfg).median * 1e6 / max(1, units_per_step)
     rows = [{**r, "device_us": round(r["device_us"], 3), "hot_us": round(r["hot_us"], 3)} for r in per.values()]
     rows.sort(key=lambda r: -r["device_us"])
-    total = float(np.sum([r["device_us"] for r in rows]))
+    total = sum(r["device_us"] for r in rows)
     clock = "CUDA events" if isinstance(timer, GpuEventTimer) else "the CPU clock"
     return {"kernels": rows, "device_us_sum": round(total, 3), "wall_us": round(wall_us, 3),
             "device_fraction": round(total / wall_us, 4) if wall_us > 0 else None, "units": 1,

@@ -1077,6 +1077,7 @@ HOST_DEVICE_API = "no device arrays on a host backend"
 
 
 def _bench_ops(label: str, be: Any, batch: int, rec: PhaseRecorder, default_only: bool) -> None:
+    from ..backends.base import step_groups_of
     from ..perf.timing import TimingConfig, make_timer, measure_us
     from .checks import lenet_sets, timing_call
 
@@ -1086,7 +1087,7 @@ def _bench_ops(label: str, be: Any, batch: int, rec: PhaseRecorder, default_only
     tcfg = TimingConfig(target_s=0.1) if be.is_gpu else TimingConfig(
         warmup_s=0.0, min_warmup=1, min_samples=1, max_samples=1, target_s=0.0, min_sample_s=0.0)
     ops = ordered_ops({label: be})
-    groups = int(be.step_groups(batch)) if hasattr(be, "step_groups") else 1  # step_bwd's rows, as the model's
+    groups = step_groups_of(be, batch)  # step_bwd's rows, as the model's workspace holds them
     for op in ops:
         variants = be.variants[op]
         if default_only:

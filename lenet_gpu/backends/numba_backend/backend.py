@@ -460,11 +460,8 @@ class NumbaBackend:
         rec()
         out = []
         for launch in rec.launches or []:
-            if self.is_gpu:
-                name = launch.name
-            else:  # the simulator: (kernel, grid, block, shmem, args)
-                k = launch[0]
-                name = getattr(k, "__name__", None) or getattr(getattr(k, "fn", None), "__name__", None) or str(k)
+            # a PreparedLaunch on a GPU; (kernel, grid, block, shmem, args) under the simulator
+            name = launch.name if self.is_gpu else getattr(launch[0], "__name__", str(launch[0]))
             out.append((str(name), self._replay_fn([launch])))
         return out
 
